@@ -1,0 +1,72 @@
+"""Atomic outputs: write to a temporary sibling, then rename into place.
+
+A reader never sees a half-written product: until the rename, the final path either does not
+exist or still holds the previous complete version.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from .errors import OutputExistsError
+
+__all__ = ["atomic_file", "atomic_directory"]
+
+TEMP_PREFIX = ".kspec-tmp-"
+
+
+@contextlib.contextmanager
+def atomic_file(path, overwrite=False):
+    """Yield a temporary path next to ``path``; rename it to ``path`` on success.
+
+    Parameters
+    ----------
+    path : path-like
+        Final destination.
+    overwrite : bool
+        Replace an existing file; otherwise :class:`OutputExistsError` is raised before
+        anything is written.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=TEMP_PREFIX + path.name + ".", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+@contextlib.contextmanager
+def atomic_directory(path, overwrite=False):
+    """Yield a temporary directory next to ``path``; move it to ``path`` on success.
+
+    An existing directory is moved aside first and removed only once the new one is in
+    place, so an interruption leaves either the old or the new complete version.
+    """
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise OutputExistsError(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX + path.name + ".", dir=path.parent))
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = path.with_name(f"{TEMP_PREFIX}{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,296 @@
+"""One calibration per exposure: per-star vectors combined, smoothed, and applied to every
+fiber with variance propagation.
+
+Combination
+-----------
+Per-star vectors differ by grey factors (each fiber loses its own share of the star's light)
+and agree in shape. Each star's grey level ``g_s`` is its median ratio to the median of all
+stars; the shapes ``cal_s / g_s`` are averaged with inverse-variance weights and iterative
+per-wavelength sigma clipping (or their median is taken), and the result is put back on the
+mean level of the stars (weighted by their photometric scale errors). Masked pixels therefore
+never make steps in the combined vector. A star whose shape (median fractional deviation)
+or level (|ln ratio|) is far from the others' is rejected first, when there are 3 or more.
+
+Smoothing
+---------
+Outside telluric bands the combined vector is fitted by a cubic B-spline in ln(lambda) with
+knots every ``smooth_scale`` Angstrom (at the middle of the range), weighted by inverse
+variance; masked gaps (line cores, bad pixels) are bridged by the spline. Inside telluric
+bands the absorption is kept: the smooth curve is interpolated across the band and multiplied
+by the band's unsmoothed transmission (combined / smooth curve). A Savitzky-Golay filter is
+the alternative. Without smoothing, gaps are bridged by linear interpolation.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import scipy.interpolate
+import scipy.signal
+import xarray as xr
+
+from .config import Config
+from .constants import CAL_UNIT, FLUX_UNIT
+from .errors import CalibrationError, FluxCalWarning
+from .exposure import add_history
+from .masks import region_mask
+
+__all__ = ["combine_vectors", "apply_calibration"]
+
+
+def _star_label(stars, s):
+    name = str(stars["fiber_name"].values[s]) if "fiber_name" in stars.coords else ""
+    return f"fiber {int(stars['fiber'].values[s])}" + (f" ({name})" if name else "") + \
+        f" objid {int(stars['objid'].values[s])}"
+
+
+def _grey_levels(cal, mask):
+    ref = np.nanmedian(np.where(mask, cal, np.nan), axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.where(mask, cal / ref, np.nan)
+    return np.nanmedian(ratio, axis=1)
+
+
+def combine_vectors(stars, method=None, sigma_clip=None, smooth=None, *, config=None):
+    """Combine per-star calibration vectors into the exposure's calibration.
+
+    Parameters
+    ----------
+    stars : xarray.Dataset
+        From :func:`kspec_fluxcal.fit_standards`.
+    method : {'weighted_mean', 'median'}, optional
+    sigma_clip : float, optional
+        Per-wavelength clipping threshold, sigma.
+    smooth : bool, optional
+        Smooth outside telluric bands (see the module docstring).
+    config : Config, optional
+        Other options ([combine], [masks]); explicit arguments win.
+
+    Returns
+    -------
+    xarray.Dataset
+        Along ``wavelength``: ``cal``, ``cal_variance``, ``cal_mask`` (True where measured,
+        False where bridged); along ``star``: ``star_status`` (the fit's status, or why the
+        combination rejected the star), ``grey_level`` and ``used``. Attrs ``fcalnstr``,
+        ``fcalrms`` (robust fractional scatter between the stars' shapes; NaN for one star),
+        ``single_star`` and a history entry.
+
+    Raises
+    ------
+    CalibrationError
+        When no star is usable; the message gives each star's reason.
+    """
+    config = Config() if config is None else config
+    opts = config.combine
+    method = opts.method if method is None else method
+    sigma_clip = opts.sigma_clip if sigma_clip is None else sigma_clip
+    smooth = opts.smooth if smooth is None else smooth
+    if method not in ("weighted_mean", "median"):
+        raise ValueError(f"method must be 'weighted_mean' or 'median', not {method!r}")
+    stars = stars.compute()
+    status = np.array(stars["status"].values, dtype=object)
+    nstar = status.size
+    if nstar == 0:
+        raise CalibrationError("no standard-star fiber (TYPE 'C') in the exposure")
+    wave = stars["wavelength"].values
+    cal = stars["cal"].values
+    var = stars["cal_variance"].values
+    mask = stars["cal_mask"].values & np.isfinite(cal) & np.isfinite(var) & (var > 0)
+    use = np.array([s == "ok" for s in status])
+    if not use.any():
+        raise CalibrationError("no usable standard star",
+                               {_star_label(stars, s): status[s] for s in range(nstar)})
+
+    # Whole-star rejection, worst first, while a majority can outvote one star.
+    grey = np.full(nstar, np.nan)
+    while use.sum() >= 3:
+        idx = np.flatnonzero(use)
+        g = _grey_levels(cal[idx], mask[idx])
+        shapes = cal[idx] / g[:, None]
+        dev_shape = np.empty(idx.size)
+        for k in range(idx.size):  # leave-one-out, over a handful of stars
+            others = np.nanmedian(np.where(mask[np.delete(idx, k)], np.delete(shapes, k, 0), np.nan),
+                                  axis=0)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                dev_shape[k] = np.nanmedian(np.abs(np.where(mask[idx[k]], shapes[k] / others, np.nan)
+                                                   - 1.0))
+        dev_level = np.abs(np.log(g / np.median(g)))
+        bad = (dev_shape > opts.star_deviation) | (dev_level > opts.star_level)
+        if not bad.any():
+            break
+        worst = np.argmax(np.where(bad, np.maximum(dev_shape / opts.star_deviation,
+                                                   dev_level / opts.star_level), -np.inf))
+        s = idx[worst]
+        status[s] = (f"rejected in combination: shape deviates {100 * dev_shape[worst]:.1f}%, "
+                     f"level {100 * np.expm1(dev_level[worst]):+.0f}% from the others")
+        use[s] = False
+    idx = np.flatnonzero(use)
+    if idx.size == 2:
+        g = _grey_levels(cal[idx], mask[idx])
+        if abs(np.log(g[0] / g[1])) > 2 * opts.star_level:
+            reasons = {_star_label(stars, s): f"level ratio {g[0] / g[1]:.3g}" for s in idx}
+            raise CalibrationError("the two usable standards disagree in level by more than "
+                                   "aperture losses allow (wrong photometry for one of them?)",
+                                   reasons)
+
+    g = _grey_levels(cal[idx], mask[idx])
+    grey[idx] = g
+    shapes = cal[idx] / g[:, None]
+    svar = var[idx] / g[:, None] ** 2
+    m = mask[idx].copy()
+    for _ in range(opts.iterations if idx.size >= 3 else 0):
+        w = np.where(m, 1.0 / svar, 0.0)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = np.nansum(w * np.nan_to_num(shapes), 0) / w.sum(0)
+        new = m & (np.abs(shapes - mean) <= sigma_clip * np.sqrt(svar))
+        if np.array_equal(new, m):
+            break
+        m = new
+    w = np.where(m, 1.0 / svar, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if method == "median":
+            comb = np.nanmedian(np.where(m, shapes, np.nan), axis=0)
+            # Variance of a median: (pi/2) times that of the mean.
+            comb_var = np.pi / 2 / w.sum(0)
+        else:
+            comb = np.nansum(w * np.nan_to_num(shapes), 0) / w.sum(0)
+            comb_var = 1.0 / w.sum(0)
+    measured = m.any(axis=0) & np.isfinite(comb)
+
+    # Level: mean grey level, weighted by each star's photometric scale error.
+    rel = np.nan_to_num(stars["scale_err"].values[idx] / stars["scale"].values[idx], nan=0.05)
+    lw = 1.0 / np.maximum(rel, 1e-3) ** 2
+    level = np.sum(lw * g) / lw.sum()
+    level_var = 1.0 / lw.sum() if idx.size == 1 else max(1.0 / lw.sum(),
+                                                         np.var(g, ddof=1) / idx.size)
+
+    telluric = ~region_mask(wave, config.masks.telluric)
+    if smooth:
+        curve, curve_var = _smooth(wave, comb, comb_var, measured, telluric, opts)
+    else:
+        curve, curve_var = _bridge(wave, comb, comb_var, measured)
+    final = level * curve
+    final_var = level**2 * curve_var + level_var * curve**2
+
+    if idx.size >= 2:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            dev = np.where(m, shapes / comb - 1.0, np.nan)
+        fcalrms = float(1.4826 * np.nanmedian(np.abs(dev)) * np.sqrt(idx.size / (idx.size - 1)))
+    else:
+        fcalrms = np.nan
+        warnings.warn(f"{stars.attrs.get('expid', 'exposure')}: one usable standard star "
+                      f"({_star_label(stars, idx[0])}); no combination, no scatter estimate",
+                      FluxCalWarning, stacklevel=2)
+    out = xr.Dataset(
+        {
+            "cal": ("wavelength", final, {"units": CAL_UNIT}),
+            "cal_variance": ("wavelength", final_var, {"units": f"({CAL_UNIT})**2"}),
+            "cal_mask": ("wavelength", measured,
+                         {"description": "True = measured, False = bridged over a gap"}),
+            "star_status": ("star", status.astype(str)),
+            "grey_level": ("star", grey / level),
+            "used": ("star", use),
+        },
+        coords={"wavelength": stars["wavelength"], "star": np.arange(nstar),
+                "fiber": ("star", stars["fiber"].values), "objid": ("star", stars["objid"].values)},
+        attrs={"fcalnstr": int(idx.size), "fcalrms": fcalrms, "single_star": int(idx.size == 1),
+               "method": method, "smooth": int(bool(smooth)), "history": []},
+    )
+    add_history(out, f"combined {idx.size} of {nstar} standard(s) ({method}, "
+                f"clip {sigma_clip:g} sigma"
+                + (f", B-spline knots {opts.smooth_scale:g} A" if smooth and
+                   opts.smooth_method == "bspline" else
+                   f", Savitzky-Golay {opts.smooth_scale:g} A" if smooth else ", unsmoothed")
+                + f"); rms between standards {fcalrms:.4f}")
+    return out
+
+
+def _bridge(wave, values, variance, measured):
+    x = np.log(wave)
+    if measured.sum() < 2:
+        return np.full(wave.size, np.nan), np.full(wave.size, np.nan)
+    curve = np.interp(x, x[measured], values[measured])
+    var = np.interp(x, x[measured], variance[measured])
+    return curve, var
+
+
+def _smooth(wave, values, variance, measured, telluric, opts):
+    x = np.log(wave)
+    fit = measured & ~telluric
+    if fit.sum() < 10:
+        return _bridge(wave, values, variance, measured)
+    if opts.smooth_method == "savgol":
+        base, base_var = _bridge(wave, values, variance, fit)
+        step = np.median(np.diff(wave))
+        window = max(5, int(round(opts.smooth_scale / step)) | 1)
+        window = min(window, (wave.size - 1) | 1 if wave.size % 2 == 0 else wave.size)
+        smooth = scipy.signal.savgol_filter(base, window, 3, mode="interp")
+        smooth_var = base_var * 1.0 / max(window / 2.0, 1.0)
+    else:
+        mid = np.median(wave)
+        dlog = opts.smooth_scale / mid
+        nseg = max(1, int(np.ceil((x[-1] - x[0]) / dlog)))
+        inner = np.linspace(x[0], x[-1], nseg + 1)
+        k = 3
+        knots = np.concatenate([[x[0]] * k, inner, [x[-1]] * k])
+        basis = scipy.interpolate.BSpline.design_matrix(x, knots, k).toarray()
+        w = np.where(fit, 1.0 / variance, 0.0)
+        normal = basis.T @ (w[:, None] * basis)
+        # A light second-difference penalty bridges knot intervals without data.
+        diff = np.diff(np.eye(basis.shape[1]), n=2, axis=0)
+        normal += 1e-6 * np.trace(normal) / basis.shape[1] * diff.T @ diff
+        cov = np.linalg.pinv(normal)
+        coef = cov @ (basis.T @ (w * np.nan_to_num(values)))
+        smooth = basis @ coef
+        smooth_var = np.einsum("pi,ij,pj->p", basis, cov, basis)
+    # Telluric bands keep their (unsmoothed) absorption on top of the smooth curve.
+    with np.errstate(invalid="ignore", divide="ignore"):
+        trans = np.where(telluric & measured, values / smooth, np.nan)
+    have = np.isfinite(trans)
+    trans_full = np.ones(wave.size)
+    if have.any():
+        filled = np.interp(x, x[have], trans[have])
+        trans_full = np.where(telluric, filled, 1.0)
+    out = smooth * trans_full
+    out_var = np.where(telluric & measured, variance, smooth_var * trans_full**2)
+    return out, out_var
+
+
+def apply_calibration(exposure, calibration):
+    """Calibrate every fiber: flux x Cal, variance x Cal^2 + flux^2 x var(Cal). Lazy.
+
+    Parameters
+    ----------
+    exposure : xarray.Dataset
+        From :func:`kspec_fluxcal.open_exposure` (counts); may be Dask-backed.
+    calibration : xarray.Dataset
+        From :func:`combine_vectors`: ``cal``, ``cal_variance``, ``cal_mask`` on the
+        exposure's wavelengths.
+
+    Returns
+    -------
+    xarray.Dataset
+        The exposure with ``flux``/``variance`` in flux density (FLUX_UNIT), the calibration
+        variables added, attrs ``fcalnstr``, ``fcalrms``, ``fcalsrc`` and the history.
+    """
+    with xr.set_options(arithmetic_join="exact", keep_attrs=True):
+        cal = calibration["cal"]
+        cal_var = calibration["cal_variance"]
+        flux = exposure["flux"].astype(np.float64)
+        out = exposure.copy()
+        out["flux"] = (flux * cal).astype(np.float32).assign_attrs(units=FLUX_UNIT)
+        out["variance"] = (exposure["variance"] * cal**2 + flux**2 * cal_var).astype(
+            np.float32).assign_attrs(units=f"({FLUX_UNIT})**2")
+    out["cal"] = cal
+    out["cal_variance"] = cal_var
+    out["cal_mask"] = calibration["cal_mask"]
+    out.attrs = dict(exposure.attrs)
+    out.attrs["history"] = list(exposure.attrs.get("history", [])) + list(
+        calibration.attrs.get("history", []))
+    out.attrs.update({"fcalnstr": calibration.attrs.get("fcalnstr", 0),
+                      "fcalrms": calibration.attrs.get("fcalrms", np.nan),
+                      "fcalsrc": calibration.attrs.get("fcalsrc", "standards")})
+    add_history(out, f"flux calibrated all {exposure.sizes['fiber']} fibers: flux x Cal, "
+                "variance x Cal^2 + flux^2 x var(Cal); BUNIT " + FLUX_UNIT)
+    return out

@@ -1,0 +1,236 @@
+"""The standard-star catalog (ATLAS Refcat2 CSV, formats contract section 2) as xarray, and
+the matching of standard-star fibers to it."""
+
+from __future__ import annotations
+
+import csv
+import os
+import warnings
+
+import numpy as np
+import xarray as xr
+
+from .constants import (
+    BANDS,
+    CATALOG_COLUMNS,
+    MAG_ERR_SENTINEL,
+    MAG_SENTINEL,
+    POSITION_MATCH_ARCSEC,
+    STANDARD_TYPE,
+    VEGA_TO_AB,
+)
+from .errors import CatalogError, FluxCalWarning
+
+__all__ = ["read_catalog", "match_standards", "query_photometry"]
+
+_REQUIRED = ("objid", "RA", "Dec")
+_OPTIONAL = {"Teff": "teff_catalog", "AGaia": "a_gaia", "Ag": "a_g"}
+
+
+def _numeric(values, path, column, rows):
+    """Convert a column of strings to float64 ('' -> NaN), naming the first bad row."""
+    arr = np.asarray(values, dtype=object)
+    arr = np.where(np.char.strip(arr.astype(str)) == "", "nan", arr)
+    try:
+        return arr.astype(np.float64)
+    except ValueError:
+        for i, v in enumerate(arr):
+            try:
+                float(v)
+            except ValueError:
+                raise CatalogError(path, f"column {column} row {rows[i]}",
+                                   f"value {v!r} is not a number") from None
+        raise
+
+
+def read_catalog(path, bands=BANDS):
+    """Read a standard-star catalog in the ATLAS Refcat2 CSV layout.
+
+    Parameters
+    ----------
+    path : path-like
+        CSV file with a header line (column order free, extra columns ignored).
+    bands : sequence of str
+        Bands to read, by speclite filter name (default: every band of the catalog).
+
+    Returns
+    -------
+    xarray.Dataset
+        Dims (star, band): ``mag`` (AB: the contract's Vega-to-AB offsets applied to Gaia and
+        2MASS) and ``mag_err``, NaN where not measured (mag >= 99, error >= 9.9 or empty);
+        per-star coordinates ``objid`` (indexed: ``sel(objid=...)`` works), ``ra``, ``dec``
+        (deg), ``teff_catalog`` (K, NaN when 0 or empty), ``a_gaia``, ``a_g`` (mag).
+
+    Raises
+    ------
+    CatalogError
+        Unreadable file, missing required columns, non-numeric values, duplicate objids.
+    """
+    path = os.fspath(path)
+    bands = [b for b in bands if b in CATALOG_COLUMNS]
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            header = next(reader, None)
+            rows = [r for r in reader if r and any(f.strip() for f in r)]
+    except FileNotFoundError:
+        raise CatalogError(path, None, "no such file") from None
+    except (OSError, UnicodeDecodeError, csv.Error) as err:
+        raise CatalogError(path, None, f"not a readable CSV file ({err})") from None
+    if not header:
+        raise CatalogError(path, "header line", "empty file")
+    header = [h.strip() for h in header]
+    needed = [*_REQUIRED, *(c for b in bands for c in CATALOG_COLUMNS[b])]
+    missing = [c for c in needed if c not in header]
+    if missing:
+        raise CatalogError(path, "header line", f"missing required column(s) {', '.join(missing)}")
+    if not rows:
+        raise CatalogError(path, None, "no stars (only a header line)")
+    short = [i for i, r in enumerate(rows) if len(r) < len(header)]
+    if short:
+        raise CatalogError(path, f"row {short[0] + 2}",
+                           f"has {len(rows[short[0]])} fields, the header has {len(header)}")
+    line_numbers = np.arange(len(rows)) + 2  # as an editor shows them (header is line 1)
+    table = np.array([r[: len(header)] for r in rows], dtype=object)
+    col = {name: table[:, i] for i, name in enumerate(header)}
+
+    objid_f = _numeric(col["objid"], path, "objid", line_numbers)
+    if np.any(~np.isfinite(objid_f)):
+        bad = int(np.flatnonzero(~np.isfinite(objid_f))[0])
+        raise CatalogError(path, f"column objid row {line_numbers[bad]}", "objid is empty")
+    try:
+        objid = np.array([int(str(v).strip().split(".")[0]) for v in col["objid"]], dtype=np.int64)
+    except ValueError:
+        raise CatalogError(path, "column objid", "objids must be integers") from None
+    uniq, counts = np.unique(objid, return_counts=True)
+    if np.any(counts > 1):
+        dup = uniq[counts > 1][0]
+        where = ", ".join(str(n) for n in line_numbers[objid == dup])
+        raise CatalogError(path, "column objid", f"objid {dup} appears more than once (rows {where})")
+
+    mags, errs = [], []
+    for band in bands:
+        mcol, ecol = CATALOG_COLUMNS[band]
+        m = _numeric(col[mcol], path, mcol, line_numbers)
+        e = _numeric(col[ecol], path, ecol, line_numbers)
+        missing_value = ~np.isfinite(m) | ~np.isfinite(e) | (m >= MAG_SENTINEL) | (e >= MAG_ERR_SENTINEL)
+        m = np.where(missing_value, np.nan, m + VEGA_TO_AB.get(band, 0.0))
+        e = np.where(missing_value, np.nan, e)
+        mags.append(m)
+        errs.append(e)
+    coords = {
+        "objid": ("star", objid),
+        "ra": ("star", _numeric(col["RA"], path, "RA", line_numbers), {"units": "deg"}),
+        "dec": ("star", _numeric(col["Dec"], path, "Dec", line_numbers), {"units": "deg"}),
+        "band": ("band", list(bands)),
+        "vega_to_ab": ("band", [VEGA_TO_AB.get(b, 0.0) for b in bands],
+                       {"description": "offset added to the catalog magnitude (contract §2)"}),
+    }
+    for column, name in _OPTIONAL.items():
+        values = (_numeric(col[column], path, column, line_numbers) if column in col
+                  else np.full(len(rows), np.nan))
+        if column == "Teff":
+            values = np.where(values > 0, values, np.nan)
+        coords[name] = ("star", values, {"units": "K" if column == "Teff" else "mag"})
+    ds = xr.Dataset(
+        {
+            "mag": (("star", "band"), np.stack(mags, axis=1), {"units": "mag", "system": "AB"}),
+            "mag_err": (("star", "band"), np.stack(errs, axis=1), {"units": "mag"}),
+        },
+        coords=coords,
+        attrs={"source": path, "format": "ATLAS Refcat2 CSV"},
+    )
+    return ds.set_xindex("objid")
+
+
+def match_standards(exposure, catalog, *, radius_arcsec=POSITION_MATCH_ARCSEC):
+    """Find the catalog entry of every standard-star fiber (TYPE 'C') of an exposure.
+
+    Matching is by OBJID; fibers with OBJID -1 are matched by position, to the nearest
+    catalog star within ``radius_arcsec``. A standard with no catalog entry is kept with
+    ``match = 'none'`` (and a warning), so that it can be reported; it is never guessed.
+
+    Parameters
+    ----------
+    exposure : xarray.Dataset
+        From :func:`kspec_fluxcal.open_exposure`.
+    catalog : xarray.Dataset
+        From :func:`read_catalog`.
+    radius_arcsec : float
+        Positional matching radius.
+
+    Returns
+    -------
+    xarray.Dataset
+        Dim ``star`` (one per standard fiber) with coordinates ``fiber``, ``fiber_name``,
+        ``objid`` (the catalog's, -1 when unmatched), ``match`` ('objid', 'position' or
+        'none'), ``separation`` (arcsec), ``teff_catalog``, ``a_gaia``, ``a_g``; and the
+        catalog photometry ``mag``, ``mag_err`` (star, band), NaN when unmatched.
+    """
+    from astropy import units as u
+    from astropy.coordinates import SkyCoord
+
+    std = exposure.coords["fiber_type"].values == STANDARD_TYPE
+    fibers = exposure["fiber"].values[std]
+    fib_objid = exposure["objid"].values[std]
+    fib_ra = exposure["ra"].values[std]
+    fib_dec = exposure["dec"].values[std]
+    cat_objid = catalog["objid"].values
+    lookup = {int(o): i for i, o in enumerate(cat_objid)}
+    index = np.full(fibers.size, -1)
+    how = np.full(fibers.size, "none", dtype="<U8")
+    sep = np.full(fibers.size, np.nan)
+    by_id = fib_objid != -1
+    for k in np.flatnonzero(by_id):
+        index[k] = lookup.get(int(fib_objid[k]), -1)
+    how[by_id & (index >= 0)] = "objid"
+    by_pos = ~by_id & np.isfinite(fib_ra) & np.isfinite(fib_dec)
+    if by_pos.any() and catalog.sizes["star"]:
+        fib_c = SkyCoord(fib_ra[by_pos] * u.deg, fib_dec[by_pos] * u.deg)
+        cat_c = SkyCoord(catalog["ra"].values * u.deg, catalog["dec"].values * u.deg)
+        idx, d2d, _ = fib_c.match_to_catalog_sky(cat_c)
+        close = d2d.to_value(u.arcsec) <= radius_arcsec
+        pos = np.flatnonzero(by_pos)
+        index[pos[close]] = idx[close]
+        how[pos[close]] = "position"
+        sep[pos] = d2d.to_value(u.arcsec)
+    sep[how == "objid"] = 0.0
+    unmatched = how == "none"
+    if unmatched.any():
+        names = exposure["fiber_name"].values[std][unmatched]
+        labels = ", ".join(f"fiber {f} ({n or 'no name'}, OBJID {o})"
+                           for f, n, o in zip(fibers[unmatched], names, fib_objid[unmatched]))
+        warnings.warn(f"{exposure.attrs.get('expid', '')}: no catalog entry for standard(s) "
+                      f"{labels}; skipped", FluxCalWarning, stacklevel=2)
+    take = np.where(index >= 0, index, 0)
+    sub = catalog.drop_indexes("objid").isel(star=take)
+    sub = sub.where(xr.DataArray(index >= 0, dims="star"))  # NaN photometry when unmatched
+    sub = sub.assign_coords(
+        objid=("star", np.where(index >= 0, cat_objid[take], -1)),
+        teff_catalog=("star", np.where(index >= 0, catalog["teff_catalog"].values[take], np.nan)),
+        a_gaia=("star", np.where(index >= 0, catalog["a_gaia"].values[take], np.nan)),
+        a_g=("star", np.where(index >= 0, catalog["a_g"].values[take], np.nan)),
+        ra=("star", fib_ra, {"units": "deg"}),
+        dec=("star", fib_dec, {"units": "deg"}),
+        fiber=("star", fibers),
+        fiber_name=("star", exposure["fiber_name"].values[std]),
+        match=("star", how),
+        separation=("star", sep, {"units": "arcsec"}),
+    )
+    return sub.drop_vars("star", errors="ignore")
+
+
+def query_photometry(ra, dec, radius_arcsec=POSITION_MATCH_ARCSEC, catalog="refcat2"):
+    """Query photometry of stars near a position from an online catalog (not implemented).
+
+    Raises
+    ------
+    NotImplementedError
+        Always: prepare a Refcat2 CSV extract (formats contract section 2) and pass it to
+        :func:`read_catalog` instead.
+    """
+    raise NotImplementedError(
+        f"online catalog queries ({catalog}) are not implemented; extract the stars around "
+        f"RA={ra}, Dec={dec} from ATLAS Refcat2 (e.g. with its refcat command-line tool or "
+        "VizieR J/ApJ/867/105) into a CSV in the Refcat2 layout and use read_catalog()"
+    )

@@ -1,0 +1,286 @@
+"""Command line: a thin layer over the library. Errors become one line on stderr."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from pathlib import Path
+
+from . import __version__
+from .errors import FluxCalError, FluxCalWarning
+
+__all__ = ["main", "build_parser"]
+
+PROG = "kspec-fluxcal"
+
+
+def _note(text):
+    print(f"  note: {text}", file=sys.stderr)
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def _cmd_info(args):
+    from .exposure import exposure_setup, open_exposure
+
+    for path in args.files:
+        ds = open_exposure(path)
+        types = ds["fiber_type"].values
+        counts = ", ".join(f"{t}:{int((types == t).sum())}" for t in sorted(set(types)))
+        wave = ds["wavelength"].values
+        good = ds["good"].values.mean(axis=1)
+        print(f"{path}: EXPID {ds.attrs['expid']}, MJD {ds.attrs['mjd']:.5f}, "
+              f"EXPTIME {ds.attrs['exptime']:g} s, {ds.sizes['fiber']} fibers ({counts}), "
+              f"{ds.sizes['wavelength']} pixels {wave[0]:.1f}-{wave[-1]:.1f} A (air), "
+              f"LSF {ds.attrs['lsf_source']} {ds.attrs['lsf_fwhm_coeffs']}, "
+              f"setup {exposure_setup(ds)}, dead fibers {int((good == 0).sum())}")
+    return 0
+
+
+def _cmd_grid_build(args):
+    from .grid import build_grid
+
+    build_grid(args.bosz_dir, args.out, wave_min=args.wave_min, wave_max=args.wave_max,
+               resolution=args.resolution, workers=args.workers, progress=not args.quiet,
+               overwrite=args.overwrite)
+    return 0
+
+
+def _cmd_grid_download(args):
+    from .download import download_grid
+
+    summary = download_grid(args.out, resolution=args.resolution, dry_run=args.dry_run,
+                            force=args.force, workers=args.workers, progress=not args.quiet)
+    print(summary)
+    return 1 if summary.errors else 0
+
+
+def _cmd_grid_synth(args):
+    from .synthgrid import write_synthetic_grid
+
+    path = write_synthetic_grid(args.out, small=args.small, workers=args.workers,
+                                overwrite=args.overwrite, progress=not args.quiet)
+    print(f"wrote a SYNTHETIC BOSZ-layout grid (not real BOSZ spectra) to {path}")
+    return 0
+
+
+def _cmd_simulate(args):
+    from .simulate import simulate_survey
+
+    out = simulate_survey(args.outdir, exposures=args.exposures, nights=args.nights,
+                          seed=args.seed, fibers=args.fibers, pixels=args.pixels,
+                          grid=args.grid, progress=not args.quiet)
+    print(f"wrote a simulated survey to {out}")
+    return 0
+
+
+def _cmd_calibrate(args):
+    from .catalog import read_catalog
+    from .config import load_config
+    from .grid import open_grid
+    from .pipeline import calibrate_exposure
+
+    if args.in_place and args.out:
+        raise FluxCalError("--in-place and --out exclude each other")
+    if not args.in_place and not args.out:
+        raise FluxCalError("give --out OUTDIR (or --in-place to replace the input files)")
+    config = load_config(args.config)
+    catalog = read_catalog(args.catalog)
+    grid = open_grid(args.grid)
+    failed = 0
+    for path in args.files:
+        try:
+            qc_dir = None
+            if args.qc:
+                qc_dir = Path(args.out or Path(path).parent) / "qc" / Path(path).stem
+            result = calibrate_exposure(path, catalog, grid, None if args.in_place else args.out,
+                                        config=config, overwrite=args.overwrite,
+                                        in_place=args.in_place, cache_dir=args.cache,
+                                        qc_dir=qc_dir)
+        except FluxCalError as err:
+            failed += 1
+            print(f"{path}: FAILED: {err}", file=sys.stderr)
+            continue
+        print(f"{result.summary()} -> {result.path}")
+        for note in result.warnings:
+            _note(note)
+    if len(args.files) > 1:
+        print(f"{len(args.files) - failed} of {len(args.files)} exposure(s) calibrated")
+    return 1 if failed else 0
+
+
+def _cmd_qc(args):
+    from .qc import qc_from_file
+
+    for path in args.files:
+        written = qc_from_file(path, args.out)
+        print(f"{path}: wrote {len(written)} QC file(s) to {args.out}")
+    return 0
+
+
+def _cmd_survey(args):
+    from .survey import run_survey
+
+    report = run_survey(args.lake, catalog=args.catalog, grid=args.grid, out=args.out,
+                        config=args.config, scheduler=args.scheduler, workers=args.workers,
+                        threads_per_worker=args.threads_per_worker,
+                        performance_report=args.performance_report, resume=args.resume,
+                        pattern=args.pattern, progress=not args.quiet)
+    return 0 if report.ok else 1
+
+
+def _cmd_archive_plot(args):
+    from .archive import open_archive, plot_archive
+
+    written = plot_archive(open_archive(args.archive), args.out)
+    for path in written:
+        print(f"wrote {path}")
+    return 0
+
+
+def _cmd_demo(args):
+    from .demo import run_demo
+
+    return run_demo(args.out, exposures=args.exposures, nights=args.nights, workers=args.workers,
+                    seed=args.seed)
+
+
+# ----------------------------------------------------------------------------- parser
+
+
+def build_parser():
+    """The argument parser of the ``kspec-fluxcal`` command."""
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Spectrophotometric flux calibration of K-SPEC fiber spectra with the "
+                    "standard stars observed in each exposure.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("demo", help="the embedded default: synthetic grid, simulated survey, "
+                       "survey calibration on a LocalCluster, QC and accuracy summary")
+    p.add_argument("--out", default="store/demo", help="working directory (default %(default)s)")
+    p.add_argument("--exposures", type=int, default=20)
+    p.add_argument("--nights", type=int, default=4)
+    p.add_argument("--workers", type=int, default=None, help="LocalCluster workers (default: "
+                   "one per core)")
+    p.add_argument("--seed", type=int, default=1)
+    p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("calibrate", help="flux-calibrate RED files")
+    p.add_argument("files", nargs="+", metavar="RED.fits")
+    p.add_argument("--catalog", required=True, help="standard-star catalog (Refcat2 CSV)")
+    p.add_argument("--grid", required=True, help="template grid Zarr store")
+    p.add_argument("--out", help="output directory (<name>_fluxcal.fits)")
+    p.add_argument("--config", help="TOML configuration (default: the package defaults)")
+    p.add_argument("--qc", action="store_true", help="also write QC plots under OUT/qc/")
+    p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    p.add_argument("--in-place", action="store_true", help="replace each input file atomically")
+    p.add_argument("--cache", help="directory for cached prepared template cubes")
+    p.set_defaults(func=_cmd_calibrate)
+
+    p = sub.add_parser("qc", help="QC plots and summary of calibrated files")
+    p.add_argument("files", nargs="+", metavar="CALIBRATED.fits")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=_cmd_qc)
+
+    p = sub.add_parser("survey", help="re-calibrate a whole survey on a Dask cluster")
+    p.add_argument("lake", metavar="LAKE_DIR")
+    p.add_argument("--catalog", required=True)
+    p.add_argument("--grid", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--config")
+    p.add_argument("--scheduler", help="address of an existing scheduler (tcp://HOST:PORT)")
+    p.add_argument("--workers", type=int, help="LocalCluster workers (default: one per core)")
+    p.add_argument("--threads-per-worker", type=int, default=1)
+    p.add_argument("--performance-report", metavar="HTML")
+    p.add_argument("--resume", action="store_true",
+                   help="skip exposures already archived with the same inputs")
+    p.add_argument("--pattern", help="glob of RED files under LAKE_DIR (default from config)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_survey)
+
+    p = sub.add_parser("simulate", help="write a simulated survey with known truth")
+    p.add_argument("outdir")
+    p.add_argument("--exposures", type=int, default=20)
+    p.add_argument("--nights", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--fibers", type=int, default=14)
+    p.add_argument("--pixels", type=int, default=4096)
+    p.add_argument("--grid", help="BOSZ-layout directory to draw stars from (default: a "
+                   "synthetic grid written under OUTDIR)")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_simulate)
+
+    grid = sub.add_parser("grid", help="template grid: download, synthesise, build")
+    gsub = grid.add_subparsers(dest="grid_command", metavar="ACTION")
+    gsub.required = True
+    p = gsub.add_parser("build", help="convert a BOSZ-layout directory into the Zarr cube")
+    p.add_argument("bosz_dir")
+    p.add_argument("--out", default="store/templates/bosz2024_r10000.zarr")
+    p.add_argument("--wave-min", type=float, default=3000.0)
+    p.add_argument("--wave-max", type=float, default=11000.0)
+    p.add_argument("--resolution", help="resolution tag, when the directory holds several")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_grid_build)
+    p = gsub.add_parser("download", help="download the BOSZ 2024 subgrid from MAST")
+    p.add_argument("--out", required=True)
+    p.add_argument("--resolution", default="r10000")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--force", action="store_true")
+    p.add_argument("--workers", type=int, default=8)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_grid_download)
+    p = gsub.add_parser("synth", help="write a SYNTHETIC BOSZ-layout grid (tests, demo)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--small", action="store_true", help="a tiny grid for tests")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=_cmd_grid_synth)
+
+    archive = sub.add_parser("archive", help="the calibration archive")
+    asub = archive.add_subparsers(dest="archive_command", metavar="ACTION")
+    asub.required = True
+    p = asub.add_parser("plot", help="throughput vs time and a wavelength x time image")
+    p.add_argument("archive")
+    p.add_argument("--out", required=True)
+    p.set_defaults(func=_cmd_archive_plot)
+
+    p = sub.add_parser("info", help="summarise RED files (checks them against the contract)")
+    p.add_argument("files", nargs="+", metavar="RED.fits")
+    p.set_defaults(func=_cmd_info)
+    return parser
+
+
+def main(argv=None):
+    """Run the command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("default", FluxCalWarning)
+            warnings.showwarning = _show_warning
+            return int(args.func(args) or 0)
+    except FluxCalError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    if issubclass(category, FluxCalWarning):
+        _note(str(message))
+    else:
+        print(f"{PROG}: warning: {category.__name__}: {message}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,299 @@
+"""Configuration: a validated TOML file of options, with documented defaults.
+
+The schema below is the single source of the options, their defaults, valid values and
+documentation; ``configs/default.toml`` is generated from it (:meth:`Config.to_toml`) and a
+test keeps the two identical.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from .constants import BANDS, CATALOG_COLUMNS
+from .errors import ConfigError
+
+__all__ = ["Config", "load_config", "SCHEMA"]
+
+
+@dataclass(frozen=True)
+class Option:
+    """One configuration option: default, type, valid values and documentation."""
+
+    default: object
+    doc: str
+    choices: tuple | None = None
+    min: float | None = None
+    max: float | None = None
+
+    def validate(self, value, where, source):
+        kind = type(self.default)
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            raise ConfigError(source, where, f"expected {kind.__name__}, got {value!r}")
+        if kind is list:
+            bad = [v for v in value if self.choices and v not in self.choices]
+            if bad or not all(isinstance(v, str) for v in value):
+                raise ConfigError(source, where, f"invalid value(s) {bad or value!r}; valid: "
+                                  f"{', '.join(map(str, self.choices or ()))}")
+            return list(value)
+        if self.choices is not None and value not in self.choices:
+            raise ConfigError(source, where, f"{value!r} is not one of "
+                              f"{', '.join(map(repr, self.choices))}")
+        if self.min is not None and value < self.min:
+            raise ConfigError(source, where, f"{value!r} is below the minimum {self.min}")
+        if self.max is not None and value > self.max:
+            raise ConfigError(source, where, f"{value!r} is above the maximum {self.max}")
+        return value
+
+
+SCHEMA = {
+    "instrument": {
+        "fwhm": Option(0.0, "Line-spread FWHM override, Angstrom, constant over the spectrum "
+                       "(kspecdr's CALIBFLUX_FWHM); 0 = use the exposure's SPECFWHM/FWHMPCk.",
+                       min=0.0, max=100.0),
+    },
+    "photometry": {
+        "bands": Option([b for b in BANDS if b in CATALOG_COLUMNS],
+                        "Catalog bands used to scale templates and fit reddening.",
+                        choices=tuple(b for b in BANDS if b in CATALOG_COLUMNS)),
+        "min_bands": Option(2, "A star needs at least this many valid bands.", min=1, max=10),
+        "error_floor": Option(0.01, "Added in quadrature to catalog magnitude errors (zero-point "
+                              "and filter-curve systematics), mag.", min=0.0, max=1.0),
+        "outlier_sigma": Option(5.0, "A band is dropped when its residual exceeds this many "
+                                "sigma ...", min=1.0),
+        "outlier_mag": Option(0.1, "... and this many magnitudes.", min=0.0),
+        "max_rms": Option(0.1, "Reject a star whose photometric residual rms exceeds this, mag.",
+                          min=0.0),
+    },
+    "masks": {
+        "telluric": Option("telluric_default", "Telluric regions (packaged name or file): masked "
+                           "for template matching only, kept in calibration vectors."),
+        "lines": Option("stellar_lines", "Stellar-line cores (packaged name or file): masked in "
+                        "calibration vectors."),
+        "extra": Option([], "More region files, masked everywhere."),
+    },
+    "continuum": {
+        "method": Option("bspline", "Pseudo-continuum of observed and template spectra.",
+                         choices=("bspline", "polynomial", "running_median")),
+        "knot_spacing": Option(400.0, "B-spline interior knot spacing, Angstrom.", min=20.0),
+        "degree": Option(3, "B-spline degree.", min=1, max=5),
+        "poly_degree": Option(8, "Polynomial degree (method = 'polynomial'), in normalised "
+                              "wavelength.", min=1, max=30),
+        "window": Option(151, "Running-median window, pixels (method = 'running_median').",
+                         min=5),
+        "sigma_low": Option(1.5, "Lower clipping threshold, sigma (rejects absorption lines).",
+                            min=0.5),
+        "sigma_high": Option(4.0, "Upper clipping threshold, sigma.", min=0.5),
+        "iterations": Option(5, "Clipping iterations.", min=0, max=50),
+    },
+    "fit": {
+        "metric": Option("chi2", "Template score: chi2, or huber (robust to sky residuals).",
+                         choices=("chi2", "huber")),
+        "huber_delta": Option(3.0, "Huber threshold, in sigma.", min=0.5),
+        "correction_knots": Option(400.0, "Knot spacing (Angstrom) of the smooth multiplicative "
+                                   "correction fitted with each template when scoring; 0 = a "
+                                   "single amplitude.", min=0.0),
+        "teff_window": Option(750.0, "Half width of the colour-Teff search window, K.", min=0.0),
+        "rv_max": Option(500.0, "Radial-velocity search range, +/- km/s.", min=10.0, max=3000.0),
+        "refine": Option(True, "Refine parameters between grid points (interpolation)."),
+        "reddening": Option(True, "Fit E(B-V) with the flux scale (False: no reddening)."),
+        "extinction_law": Option("F99", "Reddening law (R_V = 3.1); the grid stores each law's "
+                                 "band coefficients.", choices=("F99", "CCM89")),
+        "ebv_prior_sigma": Option(0.05, "Width of the Gaussian prior on E(B-V) around the "
+                                  "catalog's extinction, mag; 0 = no prior.", min=0.0),
+        "ebv_max": Option(1.0, "Largest E(B-V) fitted, mag.", min=0.0, max=5.0),
+        "max_chi2_dof": Option(10.0, "Reject a star whose best template has a larger chi2/dof.",
+                               min=0.1),
+        "min_snr": Option(5.0, "Reject a star with a lower median S/N per pixel.", min=0.0),
+    },
+    "combine": {
+        "method": Option("weighted_mean", "Combination of per-star vectors.",
+                         choices=("weighted_mean", "median")),
+        "sigma_clip": Option(3.0, "Per-wavelength clipping threshold, sigma.", min=1.0),
+        "iterations": Option(5, "Clipping iterations.", min=0, max=50),
+        "star_deviation": Option(0.05, "Reject a whole star whose vector's shape deviates from "
+                                 "the others' by more than this (median fraction).", min=0.0),
+        "star_level": Option(0.4, "... or whose grey level deviates by more than this (|ln "
+                             "ratio|; fiber aperture losses make levels differ).", min=0.0),
+        "smooth": Option(True, "Smooth the combined vector outside telluric bands."),
+        "smooth_method": Option("bspline", "Smoothing: B-spline in ln(lambda) or Savitzky-Golay.",
+                                choices=("bspline", "savgol")),
+        "smooth_scale": Option(100.0, "Knot spacing (bspline) or window (savgol), Angstrom.",
+                               min=5.0),
+    },
+    "survey": {
+        "pattern": Option("**/*.fits", "Glob of RED files under the lake directory."),
+        "fallback": Option(False, "Calibrate exposures without a usable standard from the "
+                           "archive (nearest exposures of the same setup); FCALSRC='archive'."),
+        "fallback_window": Option(3.0, "Time window for the archive fallback, days.", min=0.0),
+    },
+}
+
+
+class _Section(Mapping):
+    def __init__(self, values):
+        self._values = values
+
+    def __getitem__(self, key):
+        return self._values[key]
+
+    def __getattr__(self, key):
+        try:
+            return self._values[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self):
+        return len(self._values)
+
+    def __repr__(self):
+        return repr(self._values)
+
+
+class Config(Mapping):
+    """Validated options, by section: ``config.fit.metric`` or ``config["fit"]["metric"]``.
+
+    Parameters
+    ----------
+    values : mapping, optional
+        ``{section: {option: value}}``; missing options take their defaults.
+    source : str, optional
+        Where the values came from (named in error messages).
+    """
+
+    def __init__(self, values=None, source=None):
+        values = values or {}
+        self.source = source
+        unknown = [s for s in values if s not in SCHEMA]
+        if unknown:
+            raise ConfigError(source, f"section [{unknown[0]}]",
+                              f"unknown section; valid sections: {', '.join(SCHEMA)}")
+        merged = {}
+        for section, options in SCHEMA.items():
+            given = values.get(section, {})
+            if not isinstance(given, Mapping):
+                raise ConfigError(source, f"[{section}]", "must be a table of options")
+            extra = [k for k in given if k not in options]
+            if extra:
+                raise ConfigError(source, f"[{section}] {extra[0]}",
+                                  f"unknown option; valid options: {', '.join(options)}")
+            merged[section] = {
+                name: opt.validate(given[name], f"[{section}] {name}", source)
+                if name in given else (list(opt.default) if isinstance(opt.default, list)
+                                       else opt.default)
+                for name, opt in options.items()
+            }
+        self._values = merged
+
+    def __getitem__(self, key):
+        return _Section(self._values[key])
+
+    def __getattr__(self, key):
+        if key.startswith("_"):
+            raise AttributeError(key)
+        try:
+            return self[key]
+        except KeyError:
+            raise AttributeError(key) from None
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self):
+        return len(self._values)
+
+    def __eq__(self, other):
+        return isinstance(other, Config) and self._values == other._values
+
+    def __repr__(self):
+        return f"Config({self._values!r})"
+
+    def to_dict(self):
+        """A plain nested dict of the values."""
+        return {s: dict(o) for s, o in self._values.items()}
+
+    def replace(self, **options):
+        """A copy with options changed, named ``section__option`` or by a unique name.
+
+        ``config.replace(metric="huber", combine__smooth=False)``.
+        """
+        values = self.to_dict()
+        for key, value in options.items():
+            if "__" in key:
+                section, name = key.split("__", 1)
+            else:
+                owners = [s for s, opts in SCHEMA.items() if key in opts]
+                if len(owners) != 1:
+                    valid = sorted({k for opts in SCHEMA.values() for k in opts})
+                    problem = (f"ambiguous option (in {', '.join(owners)}); write section__{key}"
+                               if owners else f"unknown option; valid: {', '.join(valid)}")
+                    raise ConfigError(self.source, key, problem)
+                section, name = owners[0], key
+            if section not in values or name not in SCHEMA[section]:
+                raise ConfigError(self.source, key, "unknown option")
+            values[section][name] = value
+        return Config(values, source=self.source)
+
+    def to_toml(self):
+        """The configuration as a documented TOML document."""
+        lines = ["# kspec-fluxcal configuration. Every option is listed with its default;",
+                 "# unknown sections or options are rejected.", ""]
+        for section, options in SCHEMA.items():
+            lines.append(f"[{section}]")
+            for name, opt in options.items():
+                doc = opt.doc
+                if opt.choices and not isinstance(opt.default, list):
+                    doc += f" Choices: {', '.join(map(str, opt.choices))}."
+                lines.append(f"# {doc}")
+                lines.append(f"{name} = {_toml_value(self._values[section][name])}")
+            lines.append("")
+        return "\n".join(lines)
+
+
+def _toml_value(value):
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+def load_config(path=None, **overrides):
+    """Read a TOML configuration (defaults for what it omits) and apply overrides.
+
+    Parameters
+    ----------
+    path : path-like, optional
+        TOML file; None gives the defaults.
+    **overrides
+        Options as for :meth:`Config.replace`.
+
+    Raises
+    ------
+    ConfigError
+        Unreadable file, TOML syntax error, unknown section or option, wrong type or value.
+    """
+    if path is None:
+        config = Config()
+    else:
+        path = os.fspath(path)
+        try:
+            values = tomllib.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise ConfigError(path, None, "no such file") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(path, None, f"unreadable ({err})") from None
+        except tomllib.TOMLDecodeError as err:
+            raise ConfigError(path, None, f"not valid TOML ({err})") from None
+        config = Config(values, source=path)
+    return config.replace(**overrides) if overrides else config

@@ -1,0 +1,127 @@
+"""Physical constants and instrument/catalog facts, each with its source.
+
+Numbers that are facts of physics, of a photometric system or of the formats contract live
+here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import math
+
+#: Speed of light, km/s (exact, SI definition of the metre).
+SPEED_OF_LIGHT_KMS = 299792.458
+#: Speed of light, Angstrom/s.
+SPEED_OF_LIGHT_AAS = SPEED_OF_LIGHT_KMS * 1e13
+
+#: AB magnitude reference flux density, erg/s/cm^2/Hz: 3631 Jy (Oke & Gunn 1983, ApJ 266, 713;
+#: the value speclite uses).
+AB_REFERENCE_FNU = 3631.0e-23
+
+#: FWHM of a Gaussian in units of its sigma, 2 sqrt(2 ln 2).
+FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
+
+#: Wavelength unit of the FWHMPCk polynomial: FWHM(lambda) = sum_k FWHMPCk (lambda / 10000 A)^k
+#: (formats contract, section 1).
+LSF_REFERENCE_WAVELENGTH = 10000.0
+
+#: Flux-density unit of calibrated products (formats contract, section 4).
+FLUX_UNIT = "1e-17 erg/(s cm2 Angstrom)"
+#: erg/s/cm^2/A per unit of FLUX_UNIT.
+FLUX_UNIT_SCALE = 1e-17
+#: Unit of a calibration factor: flux unit per count.
+CAL_UNIT = "1e-17 erg/(s cm2 Angstrom) / count"
+
+#: Fiber TYPE letters of the FIBRES table (formats contract, section 1).
+FIBER_TYPES = {
+    "P": "program target",
+    "S": "sky",
+    "C": "spectrophotometric standard star",
+    "U": "unallocated",
+    "N": "not in use",
+    "F": "fiducial",
+    "D": "dead",
+}
+#: TYPE letter of standard-star fibers.
+STANDARD_TYPE = "C"
+
+#: Radius for matching standard-star fibers to the catalog by position, arcsec (contract §1).
+POSITION_MATCH_ARCSEC = 2.0
+
+#: Catalog sentinels: a magnitude >= 99 or an error >= 9.9 means "not measured" (contract §2).
+MAG_SENTINEL = 99.0
+MAG_ERR_SENTINEL = 9.9
+
+#: Photometric bands we use, by speclite filter name, in wavelength order.
+BANDS = (
+    "gaiadr2-BP",
+    "panstarrs-g",
+    "panstarrs-r",
+    "gaiadr2-G",
+    "panstarrs-i",
+    "gaiadr2-RP",
+    "panstarrs-z",
+    "panstarrs-y",
+    "twomass-J",
+    "twomass-H",
+    "twomass-Ks",
+)
+
+#: Refcat2 catalog columns (magnitude, error) of each band (contract §2). PS1 y is not in
+#: Refcat2 but is a supported band of the template grid.
+CATALOG_COLUMNS = {
+    "gaiadr2-G": ("Gaia", "dGaia"),
+    "gaiadr2-BP": ("BP", "dBP"),
+    "gaiadr2-RP": ("RP", "dRP"),
+    "panstarrs-g": ("g", "dg"),
+    "panstarrs-r": ("r", "dr"),
+    "panstarrs-i": ("i", "di"),
+    "panstarrs-z": ("z", "dz"),
+    "twomass-J": ("J", "dJ"),
+    "twomass-H": ("H", "dH"),
+    "twomass-Ks": ("K", "dK"),
+}
+
+#: Vega-to-AB offsets, m_AB = m_Vega + offset (formats contract, section 2): Gaia DR2 from the
+#: differences of the DR2 AB and Vega zero points (Evans et al. 2018, as revised on the Gaia DR2
+#: documentation pages); 2MASS from Blanton & Roweis 2007, AJ 133, 734. Pan-STARRS1 is AB.
+VEGA_TO_AB = {
+    "gaiadr2-G": 0.1020,
+    "gaiadr2-BP": 0.0292,
+    "gaiadr2-RP": 0.3542,
+    "twomass-J": 0.91,
+    "twomass-H": 1.39,
+    "twomass-Ks": 1.85,
+}
+
+#: Extinction-to-reddening ratios used to turn the catalog's extinction estimates into an
+#: E(B-V) prior: A_G/E(B-V) = 2.740 for Gaia DR2 G (Casagrande & VandenBerg 2018, MNRAS 479,
+#: L102) and A_g/E(B-V) = 3.172 for PS1 g (Schlafly & Finkbeiner 2011, ApJ 737, 103, Table 6,
+#: R_V = 3.1).
+A_GAIA_G_PER_EBV = 2.740
+A_PS1_G_PER_EBV = 3.172
+
+#: Ratio of total to selective extinction of the diffuse Milky Way ISM (Cardelli et al. 1989;
+#: Fitzpatrick 1999).
+DEFAULT_RV = 3.1
+
+#: BOSZ 2024 wavelengths are in air above this wavelength and in vacuum below (contract §3;
+#: Meszaros et al. 2024, A&A 688, A197).
+BOSZ_AIR_ABOVE = 2000.0
+
+#: Resolution tags of BOSZ 2024 and their resolving power; 'rorig' is the native sampling,
+#: taken as R = 300000 (Meszaros et al. 2024, section 2).
+BOSZ_RESOLUTIONS = {
+    "r500": 500.0,
+    "r1000": 1000.0,
+    "r2000": 2000.0,
+    "r5000": 5000.0,
+    "r10000": 10000.0,
+    "r20000": 20000.0,
+    "r50000": 50000.0,
+    "rorig": 300000.0,
+}
+
+#: Colour excess per unit E(B-V): E(BP-RP) = (3.374 - 2.035) E(B-V) for Gaia DR2 (Casagrande
+#: & VandenBerg 2018, MNRAS 479, L102) and E(g-r) = (3.172 - 2.271) E(B-V) for PS1
+#: (Schlafly & Finkbeiner 2011, ApJ 737, 103, Table 6, R_V = 3.1).
+COLOUR_EXCESS_PER_EBV = {"bp_rp": 1.339, "g_r": 0.901}

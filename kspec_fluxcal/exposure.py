@@ -1,0 +1,655 @@
+"""Reduced exposures (RED files, formats contract section 1) as xarray Datasets, and the
+calibrated products (section 4).
+
+An exposure is a Dataset with dims (fiber, wavelength): ``flux`` (counts), ``variance``,
+``good`` (finite and variance > 0), a 1-D ``wavelength`` coordinate in Angstrom in air, and
+per-fiber coordinates ``fiber_name``, ``fiber_type``, ``ra``, ``dec``, ``objid``.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+from astropy.io import fits
+
+from . import __version__
+from ._atomic import atomic_file
+from .constants import CAL_UNIT, FIBER_TYPES, FLUX_UNIT
+from .errors import ExposureError
+from .lsf import LineSpread
+from .wavelength import resample_conserving, vacuum_to_air
+
+__all__ = [
+    "open_exposure",
+    "read_exposure_info",
+    "write_calibrated",
+    "red_hdulist",
+    "exposure_setup",
+    "add_history",
+]
+
+FIBRES_EXTNAMES = ("FIBRES", "FIBRES_IFU")
+_ANGSTROM_UNITS = {"angstrom", "angstroms", "a", "aa", "0.1 nm"}
+_NM_UNITS = {"nm", "nanometer", "nanometers", "nanometre", "nanometres"}
+# A calibrated spectrum covering less than this, or reaching beyond, is not in Angstrom.
+_PLAUSIBLE_RANGE = (1000.0, 30000.0)
+# Per-fiber wavelength rows that agree to this fraction of a pixel are one solution.
+_SAME_SOLUTION_PIXELS = 0.01
+# Known FIBRES columns and their coordinate names.
+_FIBRES_COLUMNS = {"NAME": "fiber_name", "TYPE": "fiber_type", "RA": "ra", "DEC": "dec",
+                   "OBJID": "objid"}
+_WCS_KEYS = ("CRVAL1", "CDELT1", "CD1_1", "CRPIX1", "CUNIT1", "CTYPE1")
+
+
+def add_history(ds, text):
+    """Append a timestamped HISTORY entry to ``ds.attrs['history']`` (in place) and return ds."""
+    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    ds.attrs["history"] = [*ds.attrs.get("history", []), f"{stamp} kspec-fluxcal {__version__}: {text}"]
+    return ds
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def _open_hdulist(path):
+    try:
+        hdul = fits.open(path, memmap=False, lazy_load_hdus=False)
+    except FileNotFoundError:
+        raise ExposureError(path, None, "no such file") from None
+    except Exception as err:  # astropy raises OSError, ValueError, TypeError... on garbage
+        raise ExposureError(path, None, f"not a readable FITS file ({err})") from None
+    return hdul
+
+
+def _find_hdu(hdul, path, names, required=True):
+    for hdu in hdul[1:]:
+        if hdu.name.upper() in names:
+            return hdu
+    if required:
+        present = ", ".join(h.name or "(unnamed)" for h in hdul[1:]) or "none"
+        raise ExposureError(path, f"HDU {names[0]}", f"missing (extensions present: {present})")
+    return None
+
+
+def _data(hdu, path, label):
+    try:
+        data = hdu.data
+    except Exception as err:  # a truncated file fails here, not at open
+        raise ExposureError(path, f"HDU {label}", f"data unreadable ({err}); truncated file?") from None
+    if data is None:
+        raise ExposureError(path, f"HDU {label}", "has no data")
+    return data
+
+
+def _header_value(header, keys, path, required, kind=float):
+    for key in keys:
+        if key in header and header[key] not in (None, ""):
+            try:
+                return kind(header[key])
+            except (TypeError, ValueError):
+                raise ExposureError(path, f"primary header {key}",
+                                    f"value {header[key]!r} is not a {kind.__name__}") from None
+    if required:
+        raise ExposureError(path, "primary header",
+                            f"missing {' (or '.join(keys)}{')' * (len(keys) - 1)}")
+    return None
+
+
+def _line_spread(header, path):
+    coeffs = []
+    while f"FWHMPC{len(coeffs)}" in header:
+        key = f"FWHMPC{len(coeffs)}"
+        try:
+            coeffs.append(float(header[key]))
+        except (TypeError, ValueError):
+            raise ExposureError(path, f"primary header {key}",
+                                f"value {header[key]!r} is not a number") from None
+    if coeffs:
+        return LineSpread(tuple(coeffs), "FWHMPC")
+    if "SPECFWHM" in header:
+        fwhm = _header_value(header, ("SPECFWHM",), path, True)
+        return LineSpread.constant(fwhm, "SPECFWHM")
+    raise ExposureError(path, "primary header",
+                        "no line-spread description: neither SPECFWHM nor FWHMPC0 is present")
+
+
+def _unit_factor(unit, path, where):
+    u = str(unit).strip().lower()
+    if u in _ANGSTROM_UNITS or u == "":
+        return 1.0
+    if u in _NM_UNITS:
+        return 10.0
+    raise ExposureError(path, where, f"unexpected wavelength unit {unit!r} "
+                        "(expected 'Angstrom' or 'nm')")
+
+
+def _medium(primary, wavela, path):
+    value = None
+    for hdr, where in ((wavela, "WAVELA header"), (primary, "primary header")):
+        if hdr is not None and "AIRORVAC" in hdr:
+            value, at = str(hdr["AIRORVAC"]).strip().lower(), where
+            break
+    if value in (None, "", "air"):
+        return "air"
+    if value in ("vac", "vacuum"):
+        return "vac"
+    raise ExposureError(path, f"{at} AIRORVAC", f"value {value!r} is neither 'air' nor 'vac'")
+
+
+def _wcs_wavelength(header, nspec, path):
+    if "CRVAL1" not in header:
+        raise ExposureError(path, "HDU WAVELA",
+                            "missing, and the primary header has no linear wavelength solution "
+                            "(CRVAL1, CDELT1 or CD1_1, CRPIX1)")
+    ctype = str(header.get("CTYPE1", "Wavelength")).strip().upper()
+    if ctype not in ("WAVELENGTH", "WAVE", "AWAV", "LINEAR", ""):
+        raise ExposureError(path, "primary header CTYPE1",
+                            f"{ctype!r} is not a linear wavelength axis ('Wavelength')")
+    delta = header.get("CDELT1", header.get("CD1_1"))
+    if delta is None:
+        raise ExposureError(path, "primary header", "CRVAL1 present but neither CDELT1 nor CD1_1")
+    crpix = float(header.get("CRPIX1", 1.0))
+    factor = _unit_factor(header.get("CUNIT1", "Angstrom"), path, "primary header CUNIT1")
+    pix = np.arange(nspec, dtype=np.float64) + 1.0
+    return factor * (float(header["CRVAL1"]) + (pix - crpix) * float(delta))
+
+
+def _check_wavelength(wave, path, where):
+    finite = np.isfinite(wave)
+    if not finite.any():
+        raise ExposureError(path, where, "no finite wavelength")
+    w = wave[finite]
+    if np.any(np.diff(w) <= 0):
+        raise ExposureError(path, where, "wavelengths do not increase along the pixel axis")
+    lo, hi = _PLAUSIBLE_RANGE
+    if w[0] < lo or w[-1] > hi:
+        hint = " (values look like nm labelled as Angstrom)" if w[-1] < lo else ""
+        raise ExposureError(path, where, f"wavelengths {w[0]:.6g}-{w[-1]:.6g} Angstrom are "
+                            f"outside the plausible {lo:.0f}-{hi:.0f} Angstrom{hint}")
+
+
+def _fibres(hdu, nfib, path):
+    data = _data(hdu, path, hdu.name)
+    where = f"HDU {hdu.name}"
+    if len(data) != nfib:
+        raise ExposureError(path, where, f"has {len(data)} rows but the primary has {nfib} fibers")
+    names = {c.name.upper(): c for c in hdu.columns}
+    if "TYPE" not in names:
+        raise ExposureError(path, f"{where} column TYPE", "missing")
+    coords = {}
+    types = np.char.strip(np.asarray(data[names["TYPE"].name]).astype(str))
+    unknown = ~np.isin(types, list(FIBER_TYPES))
+    if unknown.any():
+        row = int(np.flatnonzero(unknown)[0])
+        raise ExposureError(path, f"{where} column TYPE row {row}",
+                            f"unknown fiber type {str(types[row])!r} (valid: {', '.join(FIBER_TYPES)})")
+    coords["fiber_type"] = types.astype("<U1")
+    if "NAME" in names:
+        coords["fiber_name"] = np.char.strip(np.asarray(data[names["NAME"].name]).astype(str))
+    else:
+        coords["fiber_name"] = np.full(nfib, "")
+    for key in ("RA", "DEC"):
+        if key in names:
+            col = names[key]
+            try:
+                values = np.asarray(data[col.name], dtype=np.float64)
+            except (TypeError, ValueError):
+                raise ExposureError(path, f"{where} column {key}", "is not numeric") from None
+            if str(col.unit or "").strip().lower() in ("rad", "radian", "radians"):
+                values = np.degrees(values)
+            coords[key.lower()] = values
+        else:
+            coords[key.lower()] = np.full(nfib, np.nan)
+    if "OBJID" in names:
+        try:
+            coords["objid"] = np.asarray(data[names["OBJID"].name]).astype(np.int64)
+        except (TypeError, ValueError):
+            raise ExposureError(path, f"{where} column OBJID", "is not an integer") from None
+    else:
+        coords["objid"] = np.full(nfib, -1, dtype=np.int64)
+    result = {}
+    for key, name in _FIBRES_COLUMNS.items():
+        result[name] = xr.Variable("fiber", coords[name], {"fits_column": key})
+    result["ra"].attrs["units"] = "deg"
+    result["dec"].attrs["units"] = "deg"
+    # Keep every other scalar column so the calibrated file carries the table unchanged.
+    for col in hdu.columns:
+        if col.name.upper() in _FIBRES_COLUMNS:
+            continue
+        values = np.asarray(data[col.name])
+        if values.ndim != 1:
+            continue
+        if values.dtype.kind in "SU":
+            values = np.char.strip(values.astype(str))
+        attrs = {"fits_column": col.name}
+        if col.unit:
+            attrs["units"] = str(col.unit)
+        result[f"fibres_{col.name.lower()}"] = xr.Variable("fiber", values, attrs)
+    return result
+
+
+def _read(path):
+    """Read and validate a RED file; return plain arrays and metadata."""
+    path = os.fspath(path)
+    # Astropy warns about damaged files before failing; the failure becomes our error.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fits.verify.VerifyWarning)
+        return _read_hdus(path)
+
+
+def _read_hdus(path):
+    with _open_hdulist(path) as hdul:
+        primary = hdul[0]
+        flux = _data(primary, path, "PRIMARY")
+        if flux.ndim != 2:
+            raise ExposureError(path, "HDU PRIMARY",
+                                f"expected a 2-D (fiber, pixel) image, got shape {flux.shape}")
+        nfib, nspec = flux.shape
+        var_hdu = _find_hdu(hdul, path, ("VARIANCE",))
+        variance = _data(var_hdu, path, "VARIANCE")
+        if variance.shape != flux.shape:
+            raise ExposureError(path, "HDU VARIANCE",
+                                f"shape {variance.shape} differs from the primary's {flux.shape}")
+        header = primary.header
+        wave_hdu = _find_hdu(hdul, path, ("WAVELA",), required=False)
+        medium = _medium(header, None if wave_hdu is None else wave_hdu.header, path)
+        if wave_hdu is not None:
+            wave = np.asarray(_data(wave_hdu, path, "WAVELA"), dtype=np.float64)
+            if wave.shape not in ((nspec,), (1, nspec), (nfib, nspec)):
+                raise ExposureError(path, "HDU WAVELA", f"shape {wave.shape} matches neither "
+                                    f"({nspec},) nor the primary's {flux.shape}")
+            wave = wave * _unit_factor(wave_hdu.header.get("BUNIT", "Angstrom"), path,
+                                       "HDU WAVELA BUNIT")
+            source = "WAVELA"
+        else:
+            wave = _wcs_wavelength(header, nspec, path)
+            source = "primary header WCS"
+        fib_hdu = _find_hdu(hdul, path, FIBRES_EXTNAMES)
+        fibres = _fibres(fib_hdu, nfib, path)
+        meta = {
+            "expid": str(header.get("EXPID", "") or Path(path).name.split(".")[0]),
+            "exptime": _header_value(header, ("EXPTIME", "EXPOSED"), path, True),
+            "mjd": _header_value(header, ("MJD-OBS", "UTMJD"), path, True),
+            "airmass": _header_value(header, ("AIRMASS",), path, False),
+            "bunit": str(header.get("BUNIT", "counts")),
+            "lsf": _line_spread(header, path),
+            "fibres_extname": fib_hdu.name,
+            "wavelength_source": source,
+            "medium_in": medium,
+            "fits_header": header.tostring(sep="\n"),
+        }
+        cal = None
+        cal_hdu = _find_hdu(hdul, path, ("FLUXCAL",), required=False)
+        if cal_hdu is not None:
+            cal = _data(cal_hdu, path, "FLUXCAL")
+            cal = {name: np.asarray(cal[name]) for name in cal.columns.names}
+            meta["fluxcal"] = {k: header.get(k) for k in ("FCALNSTR", "FCALRMS", "FCALVER",
+                                                         "FCALSRC")}
+        return np.asarray(flux), np.asarray(variance), wave, fibres, meta, cal
+
+
+def _common_grid(wave, flux, variance, path, history):
+    """Bring per-fiber wavelength rows onto one grid; return (wave_1d, flux, variance)."""
+    if wave.ndim == 1 or wave.shape[0] == 1:
+        wave = wave.reshape(-1)
+        _check_wavelength(wave, path, "HDU WAVELA")
+        return wave, flux, variance
+    rows_ok = np.all(np.isfinite(wave), axis=1) & np.all(wave > 0, axis=1)
+    if not rows_ok.any():
+        raise ExposureError(path, "HDU WAVELA", "no fiber has a finite wavelength solution")
+    for row in np.flatnonzero(rows_ok):
+        _check_wavelength(wave[row], path, f"HDU WAVELA row {row}")
+    common = np.median(wave[rows_ok], axis=0)
+    step = np.abs(np.gradient(common))
+    if np.all(np.abs(wave[rows_ok] - common) <= _SAME_SOLUTION_PIXELS * step):
+        flux = np.where(rows_ok[:, None], flux, np.nan)
+        return common, flux, variance
+    new_flux = np.full(flux.shape, np.nan)
+    new_var = np.full(flux.shape, np.nan)
+    new_flux[rows_ok], new_var[rows_ok] = resample_conserving(
+        wave[rows_ok], flux[rows_ok], variance[rows_ok], common)
+    history.append(f"resampled {int(rows_ok.sum())} fibers from per-fiber WAVELA solutions onto "
+                   "their median solution (flux-conserving, variance propagated)")
+    return common, new_flux, new_var
+
+
+def open_exposure(path, *, chunks=None):
+    """Open a RED file (formats contract section 1) as an xarray Dataset.
+
+    Parameters
+    ----------
+    path : path-like
+        The FITS file.
+    chunks : dict or None
+        If given, the data variables are Dask arrays with these chunks (e.g.
+        ``{"fiber": 4}``); the file is read once, eagerly, before chunking.
+
+    Returns
+    -------
+    xarray.Dataset
+        Dims (fiber, wavelength): ``flux`` (counts), ``variance`` (counts^2), ``good``
+        (bool: finite flux, finite variance > 0); coordinate ``wavelength`` (Angstrom, air,
+        from WAVELA or the primary header's linear WCS; vacuum and nm converted); per-fiber
+        ``fiber_name``, ``fiber_type``, ``ra``, ``dec`` (deg), ``objid``; attrs ``expid``,
+        ``exptime``, ``mjd``, ``airmass``, the line-spread description (``lsf_fwhm_coeffs``)
+        and ``history``. A calibrated file (section 4) also gives ``cal``, ``cal_variance``
+        and ``cal_mask`` along wavelength.
+
+    Raises
+    ------
+    ExposureError
+        When the file does not follow the contract; the message names the file, the HDU,
+        column or keyword, and the problem.
+    """
+    flux, variance, wave, fibres, meta, cal = _read(path)
+    history = []
+    flux = flux.astype(np.float64)
+    variance = variance.astype(np.float64)
+    wave, flux, variance = _common_grid(wave, flux, variance, path, history)
+    if meta["medium_in"] == "vac":
+        wave = vacuum_to_air(wave)
+        history.append("converted vacuum wavelengths to air (Morton 2000)")
+    good = np.isfinite(flux) & np.isfinite(variance) & (variance > 0)
+    if not good.any():
+        raise ExposureError(path, "HDU PRIMARY/VARIANCE",
+                            "no valid pixel (every flux is NaN or every variance <= 0)")
+    lsf = meta["lsf"]
+    fwhm = lsf.fwhm(wave[[0, -1]])
+    if np.any(~np.isfinite(fwhm)) or np.any(fwhm <= 0):
+        raise ExposureError(path, f"primary header {lsf.source}",
+                            f"line-spread FWHM is not positive over {wave[0]:.0f}-{wave[-1]:.0f} A")
+    units = "count" if meta["bunit"].strip().lower() in ("counts", "count", "adu", "") else meta["bunit"]
+    var_units = "count2" if units == "count" else f"({units})**2"
+    ds = xr.Dataset(
+        {
+            "flux": (("fiber", "wavelength"), flux.astype(np.float32), {"units": units}),
+            "variance": (("fiber", "wavelength"), variance.astype(np.float32), {"units": var_units}),
+            "good": (("fiber", "wavelength"), good,
+                     {"description": "finite flux and finite variance > 0"}),
+        },
+        coords={
+            "fiber": ("fiber", np.arange(flux.shape[0]), {"description": "row of the primary image"}),
+            "wavelength": ("wavelength", wave, {"units": "Angstrom", "medium": "air",
+                                                "source": meta["wavelength_source"]}),
+            **fibres,
+        },
+    )
+    ds.attrs.update({
+        "source": os.fspath(path),
+        "expid": meta["expid"],
+        "exptime": meta["exptime"],
+        "mjd": meta["mjd"],
+        "airmass": np.nan if meta["airmass"] is None else meta["airmass"],
+        **lsf.to_attrs(),
+        "wavelength_source": meta["wavelength_source"],
+        "medium_in": meta["medium_in"],
+        "fibres_extname": meta["fibres_extname"],
+        "fits_header": meta["fits_header"],
+        "history": [],
+    })
+    for text in history:
+        add_history(ds, text)
+    if cal is not None:
+        _attach_calibration(ds, cal, meta["fluxcal"], path)
+    if chunks is not None:
+        ds = ds.chunk(chunks)
+    return ds
+
+
+def _attach_calibration(ds, cal, keys, path):
+    needed = ("WAVELENGTH", "CAL_FACTOR", "CAL_VARIANCE", "MASK")
+    missing = [c for c in needed if c not in cal]
+    if missing:
+        raise ExposureError(path, "HDU FLUXCAL", f"missing column(s) {', '.join(missing)}")
+    if len(cal["WAVELENGTH"]) != ds.sizes["wavelength"]:
+        raise ExposureError(path, "HDU FLUXCAL", f"has {len(cal['WAVELENGTH'])} rows, expected "
+                            f"{ds.sizes['wavelength']} (one per pixel)")
+    ds["cal"] = ("wavelength", cal["CAL_FACTOR"].astype(np.float64), {"units": CAL_UNIT})
+    ds["cal_variance"] = ("wavelength", cal["CAL_VARIANCE"].astype(np.float64),
+                          {"units": f"({CAL_UNIT})**2"})
+    ds["cal_mask"] = ("wavelength", cal["MASK"].astype(bool), {"description": "True = reliable"})
+    ds.attrs.update({"fluxcal": True, "fcalnstr": keys.get("FCALNSTR"),
+                     "fcalrms": keys.get("FCALRMS"), "fcalver": keys.get("FCALVER"),
+                     "fcalsrc": keys.get("FCALSRC") or "standards"})
+
+
+def read_exposure_info(path):
+    """Read what is needed to plan work on an exposure, without its flux.
+
+    Parameters
+    ----------
+    path : path-like
+        A RED file.
+
+    Returns
+    -------
+    dict
+        ``expid``, ``mjd``, ``exptime``, ``airmass``, ``lsf`` (:class:`LineSpread`),
+        ``nfiber``, ``npixel`` and ``setup``: a key shared by every exposure with the same
+        wavelength grid and line-spread function.
+    """
+    path = os.fspath(path)
+    with _open_hdulist(path) as hdul:
+        header = hdul[0].header
+        if header.get("NAXIS", 0) != 2:
+            raise ExposureError(path, "HDU PRIMARY", "expected a 2-D (fiber, pixel) image")
+        nfib, nspec = header["NAXIS2"], header["NAXIS1"]
+        wave_hdu = _find_hdu(hdul, path, ("WAVELA",), required=False)
+        medium = _medium(header, None if wave_hdu is None else wave_hdu.header, path)
+        if wave_hdu is not None:
+            wave = np.asarray(_data(wave_hdu, path, "WAVELA"), dtype=np.float64)
+            wave = wave * _unit_factor(wave_hdu.header.get("BUNIT", "Angstrom"), path,
+                                       "HDU WAVELA BUNIT")
+            wave = wave.reshape(-1, nspec)
+            wave = np.nanmedian(wave, axis=0) if wave.shape[0] > 1 else wave[0]
+        else:
+            wave = _wcs_wavelength(header, nspec, path)
+        _check_wavelength(wave, path, "wavelength solution")
+        if medium == "vac":
+            wave = vacuum_to_air(wave)
+        lsf = _line_spread(header, path)
+        info = {
+            "path": path,
+            "expid": str(header.get("EXPID", "") or Path(path).name.split(".")[0]),
+            "mjd": _header_value(header, ("MJD-OBS", "UTMJD"), path, True),
+            "exptime": _header_value(header, ("EXPTIME", "EXPOSED"), path, True),
+            "airmass": _header_value(header, ("AIRMASS",), path, False),
+            "lsf": lsf,
+            "nfiber": int(nfib),
+            "npixel": int(nspec),
+        }
+    info["setup"] = setup_key(wave, lsf)
+    return info
+
+
+def setup_key(wavelength, lsf):
+    """A short key naming an instrument setup: wavelength grid (to 1e-3 A) and LSF."""
+    wave = np.round(np.asarray(wavelength, dtype=np.float64), 3)
+    digest = hashlib.sha1(wave.tobytes() + lsf.key().encode()).hexdigest()[:10]
+    return f"n{wave.size}-{digest}"
+
+
+def exposure_setup(ds):
+    """The setup key of an opened exposure (see :func:`read_exposure_info`)."""
+    return setup_key(ds["wavelength"].values, LineSpread.from_attrs(ds.attrs))
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def red_hdulist(flux, variance, fibres, header=None, *, wavelength=None, wavelength_header=None,
+                fibres_extname="FIBRES"):
+    """Assemble a RED-file HDU list (formats contract section 1) from plain arrays.
+
+    Parameters
+    ----------
+    flux, variance : numpy.ndarray, shape (nfib, nspec)
+        Primary image and VARIANCE, written as float32.
+    fibres : dict of str to array or astropy.table.Table
+        FIBRES columns (NAME, TYPE, RA, DEC, OBJID, ...), one row per fiber; a dict value
+        may be an :class:`astropy.io.fits.Column` to control format and unit.
+    header : dict or astropy.io.fits.Header, optional
+        Primary header keywords (EXPTIME, MJD-OBS, SPECFWHM or FWHMPCk, WCS, ...).
+    wavelength : numpy.ndarray, optional
+        WAVELA data, (nspec,) or (nfib, nspec); omitted when the header carries a WCS.
+    wavelength_header : dict, optional
+        WAVELA header keywords (BUNIT, AIRORVAC).
+    fibres_extname : str
+        'FIBRES' or 'FIBRES_IFU'.
+
+    Returns
+    -------
+    astropy.io.fits.HDUList
+    """
+    primary = fits.PrimaryHDU(np.asarray(flux, dtype=np.float32),
+                              header=fits.Header(header) if header is not None else None)
+    hdus = [primary, fits.ImageHDU(np.asarray(variance, dtype=np.float32), name="VARIANCE")]
+    if wavelength is not None:
+        wave_hdu = fits.ImageHDU(np.asarray(wavelength, dtype=np.float64), name="WAVELA")
+        for key, value in (wavelength_header or {"BUNIT": "Angstrom"}).items():
+            wave_hdu.header[key] = value
+        hdus.append(wave_hdu)
+    if isinstance(fibres, fits.BinTableHDU):
+        table = fibres
+        table.name = fibres_extname
+    elif hasattr(fibres, "columns") and not isinstance(fibres, dict):
+        table = fits.table_to_hdu(fibres)
+        table.name = fibres_extname
+    else:
+        cols = [v if isinstance(v, fits.Column) else _column(k, np.asarray(v))
+                for k, v in fibres.items()]
+        table = fits.BinTableHDU.from_columns(cols, name=fibres_extname)
+    hdus.append(table)
+    return fits.HDUList(hdus)
+
+
+def _column(name, values, unit=None):
+    kind = values.dtype.kind
+    if kind in "SUO":
+        values = values.astype(str)
+        width = max(1, int(np.char.str_len(values).max(initial=1)))
+        return fits.Column(name=name, format=f"{width}A", array=values, unit=unit)
+    if kind == "b":
+        return fits.Column(name=name, format="L", array=values, unit=unit)
+    if kind in "iu":
+        return fits.Column(name=name, format="K", array=values.astype(np.int64), unit=unit)
+    return fits.Column(name=name, format="D", array=values.astype(np.float64), unit=unit)
+
+
+def _fibres_table(ds):
+    cols = []
+    for name, coord in ds.coords.items():
+        if coord.dims != ("fiber",) or "fits_column" not in coord.attrs:
+            continue
+        cols.append(_column(coord.attrs["fits_column"], np.asarray(coord.values),
+                            coord.attrs.get("units")))
+    return fits.BinTableHDU.from_columns(cols, name=ds.attrs.get("fibres_extname", "FIBRES"))
+
+
+def _primary_header(ds):
+    text = ds.attrs.get("fits_header")
+    header = fits.Header.fromstring(text, sep="\n") if text else fits.Header()
+    for key in ("SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND"):
+        header.remove(key, ignore_missing=True)
+    if ds.attrs.get("medium_in") == "vac" or ds["wavelength"].attrs.get("source") != "primary header WCS":
+        # The written WAVELA is the wavelength solution; a stale linear WCS would contradict it.
+        for key in _WCS_KEYS:
+            header.remove(key, ignore_missing=True)
+    header["AIRORVAC"] = ("air", "wavelengths in air (kspec-fluxcal)")
+    return header
+
+
+def write_calibrated(ds, path, *, overwrite=False, stars=None):
+    """Write a calibrated exposure (formats contract section 4), atomically.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        A calibrated exposure as returned by :func:`kspec_fluxcal.apply_calibration`: ``flux``
+        and ``variance`` in flux density, ``cal``, ``cal_variance``, ``cal_mask`` along
+        wavelength, attrs ``fcalnstr``, ``fcalrms``, ``history``, plus the attrs of
+        :func:`open_exposure`.
+    path : path-like
+        Output FITS file.
+    overwrite : bool
+        Replace an existing file (atomically); otherwise refuse.
+    stars : xarray.Dataset, optional
+        Per-star results of :func:`kspec_fluxcal.fit_standards`, written as the extra binary
+        table FCALSTAR (one row per standard star) for quality control.
+
+    Raises
+    ------
+    OutputExistsError
+        When ``path`` exists and ``overwrite`` is false.
+    ValueError
+        When ``ds`` carries no calibration.
+    """
+    missing = [v for v in ("flux", "variance", "cal", "cal_variance", "cal_mask") if v not in ds]
+    if missing:
+        raise ValueError(f"dataset has no {', '.join(missing)}: calibrate it first "
+                         "(kspec_fluxcal.apply_calibration)")
+    ds = ds.compute()
+    header = _primary_header(ds)
+    header["BUNIT"] = FLUX_UNIT
+    header["FLUXCAL"] = (True, "flux calibrated by kspec-fluxcal")
+    header["FCALNSTR"] = (int(ds.attrs.get("fcalnstr", 0)), "standard stars used")
+    rms = ds.attrs.get("fcalrms", np.nan)
+    header["FCALRMS"] = (float(rms) if np.isfinite(rms) else -1.0,
+                         "fractional rms between standards (-1: n/a)")
+    header["FCALVER"] = (__version__, "kspec-fluxcal version")
+    header["FCALSRC"] = (str(ds.attrs.get("fcalsrc", "standards")), "origin of the calibration")
+    for text in ds.attrs.get("history", []):
+        header.add_history(text)
+    primary = fits.PrimaryHDU(ds["flux"].values.astype(np.float32), header=header)
+    var = fits.ImageHDU(ds["variance"].values.astype(np.float32), name="VARIANCE")
+    var.header["BUNIT"] = f"({FLUX_UNIT})**2"
+    wave = fits.ImageHDU(ds["wavelength"].values.astype(np.float64), name="WAVELA")
+    wave.header["BUNIT"] = "Angstrom"
+    wave.header["AIRORVAC"] = "air"
+    cal = fits.BinTableHDU.from_columns([
+        fits.Column("WAVELENGTH", "D", unit="Angstrom", array=ds["wavelength"].values),
+        fits.Column("CAL_FACTOR", "D", unit=CAL_UNIT, array=ds["cal"].values),
+        fits.Column("CAL_VARIANCE", "D", unit=f"({CAL_UNIT})**2", array=ds["cal_variance"].values),
+        fits.Column("MASK", "I", array=ds["cal_mask"].values.astype(np.int16)),
+    ], name="FLUXCAL")
+    cal.header["COMMENT"] = "MASK: 1 = reliable, 0 = interpolated over a gap or unconstrained"
+    hdus = [primary, var, wave, _fibres_table(ds), cal]
+    if stars is not None:
+        hdus.append(star_table(stars))
+    with atomic_file(path, overwrite=overwrite) as tmp:
+        fits.HDUList(hdus).writeto(tmp, overwrite=True, output_verify="exception")
+    return Path(path)
+
+
+def star_table(stars):
+    """Per-star results as the FCALSTAR binary table (one row per standard star).
+
+    Scalar per-star variables become columns; (star, wavelength) variables become vector
+    columns; (star, band) variables become vector columns with the band names in the header.
+    """
+    stars = stars.compute()
+    nwave = stars.sizes.get("wavelength", 0)
+    cols = []
+    for name, var in {**stars.coords, **stars.data_vars}.items():
+        if name in ("star", "wavelength", "band") or "star" not in var.dims:
+            continue
+        values = np.asarray(var.transpose("star", ...).values)
+        fits_name = name.upper()
+        if values.ndim == 1:
+            cols.append(_column(fits_name, values, var.attrs.get("units")))
+        elif values.ndim == 2 and values.dtype.kind in "fiub":
+            fmt = "L" if values.dtype.kind == "b" else "D"
+            cols.append(fits.Column(fits_name, f"{values.shape[1]}{fmt}",
+                                    array=values if fmt == "L" else values.astype(np.float64),
+                                    unit=var.attrs.get("units")))
+    table = fits.BinTableHDU.from_columns(cols, name="FCALSTAR")
+    if "band" in stars.dims:
+        table.header["BANDS"] = ",".join(str(b) for b in stars["band"].values)
+    table.header["NWAVE"] = nwave
+    return table

@@ -1,0 +1,633 @@
+"""The stellar template grid: BOSZ 2024 files (formats contract section 3) converted once
+into a labelled Zarr v3 cube with dims (teff, logg, feh, alpha, wavelength), and read back
+lazily.
+
+Store layout
+------------
+``flux``, ``continuum`` (float32, erg/s/cm^2/A surface flux, NaN where the grid point does not
+exist), ``exists`` (bool), ``synth_mag`` (teff, logg, feh, alpha, band: AB magnitudes of the
+surface flux, computed on the full wavelength range before trimming) and ``ext_coeff``
+(..., law, band: A_band / E(B-V) of each template's own spectrum, so photometric fits with
+reddening never re-integrate spectra).
+
+Chunks: one Teff value per chunk, every (logg, feh, alpha), and 8192 wavelengths. A Teff
+window of the template search reads only its slabs; a wavelength window (an exposure's range)
+reads only the chunks it overlaps; a chunk of the reference subgrid is ~1.8 MB, in the range
+where Zarr reads and Dask task overheads are both small.
+
+Consolidated metadata is not written: it is not part of the Zarr v3 specification yet, and a
+grid has few arrays, so opening costs a handful of small reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as _dt
+import gzip
+import hashlib
+import json
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from . import __version__
+from ._atomic import TEMP_PREFIX
+from ._zarr import strings_as_object, strings_as_unicode
+from .constants import BANDS, BOSZ_RESOLUTIONS
+from .errors import FluxCalWarning, GridError
+from .photometry import band_weights
+from .reddening import LAWS, extinction_per_ebv
+
+__all__ = [
+    "parse_bosz_filename",
+    "scan_bosz",
+    "read_bosz_spectrum",
+    "build_grid",
+    "open_grid",
+    "TemplateGrid",
+    "PARAMS",
+    "interpolation_weights",
+]
+
+#: The grid's parameter dims, in storage order.
+PARAMS = ("teff", "logg", "feh", "alpha")
+
+BOSZ_NAME = re.compile(
+    r"^bosz2024_(?P<atmos>[a-z]{2})_t(?P<teff>\d+)_g(?P<logg>[+-]\d+(?:\.\d+)?)"
+    r"_m(?P<feh>[+-]\d+(?:\.\d+)?)_a(?P<alpha>[+-]\d+(?:\.\d+)?)_c(?P<carbon>[+-]\d+(?:\.\d+)?)"
+    r"_v(?P<vmicro>\d+(?:\.\d+)?)_(?P<resolution>r\d+|rorig)_resam\.txt\.gz$"
+)
+WAVE_NAME = re.compile(r"^bosz2024_wave_(?P<resolution>r\d+|rorig)\.txt$")
+
+CHUNK_WAVELENGTH = 8192
+#: Reference E(B-V) at which band extinction coefficients are measured (small: linear regime).
+EBV_REFERENCE = 0.05
+#: The choice among several files at the same (teff, logg, feh, alpha).
+POLICY = {
+    "atmosphere": "prefer MARCS ('mp') over ATLAS9 ('ap')",
+    "vmicro": "closest to 1 km/s, the lower on ties",
+    "carbon": "closest to [C/M] = 0",
+}
+_ATMOS_RANK = {"mp": 0, "ap": 1}
+
+
+def parse_bosz_filename(name):
+    """Parameters encoded in a BOSZ 2024 spectrum file name, or None if it is not one.
+
+    Returns
+    -------
+    dict or None
+        ``atmos``, ``teff``, ``logg``, ``feh``, ``alpha``, ``carbon``, ``vmicro`` (floats but
+        atmos) and ``resolution`` (the tag, e.g. 'r10000').
+    """
+    m = BOSZ_NAME.match(Path(name).name)
+    if m is None:
+        return None
+    out = {k: float(v) for k, v in m.groupdict().items() if k not in ("atmos", "resolution")}
+    out["atmos"] = m["atmos"]
+    out["resolution"] = m["resolution"]
+    return out
+
+
+def scan_bosz(bosz_dir, resolution=None):
+    """Index a BOSZ-layout directory from file names alone (no file is opened).
+
+    Parameters
+    ----------
+    bosz_dir : path-like
+        Directory with ``bosz2024_wave_r{R}.txt`` and ``r{R}/m*/bosz2024_*.txt.gz``.
+    resolution : str, optional
+        Resolution tag to use; needed only when several wavelength files are present.
+
+    Returns
+    -------
+    dict
+        ``wave_file`` (Path), ``resolution`` (tag), ``models`` (one dict per chosen file,
+        with ``path`` and the parameters), ``skipped`` (list of (path, reason): malformed
+        names, other resolutions, and files not chosen by :data:`POLICY`).
+    """
+    root = Path(bosz_dir)
+    if not root.is_dir():
+        raise GridError(root, None, "no such directory")
+    waves = {m["resolution"]: p for p in sorted(root.glob("bosz2024_wave_*.txt"))
+             if (m := WAVE_NAME.match(p.name))}
+    if resolution is None:
+        if not waves:
+            raise GridError(root, None, "no wavelength file bosz2024_wave_r{R}.txt")
+        if len(waves) > 1:
+            raise GridError(root, None, f"several wavelength files ({', '.join(sorted(waves))}); "
+                            "choose one with --resolution")
+        resolution = next(iter(waves))
+    if resolution not in BOSZ_RESOLUTIONS:
+        raise GridError(root, None, f"unknown resolution {resolution!r}; valid: "
+                        f"{', '.join(BOSZ_RESOLUTIONS)}")
+    if resolution not in waves:
+        raise GridError(root, None, f"no wavelength file bosz2024_wave_{resolution}.txt")
+    skipped, candidates = [], {}
+    for path in sorted(root.rglob("*.txt.gz")):
+        params = parse_bosz_filename(path.name)
+        if params is None:
+            skipped.append((path, "file name does not follow the BOSZ 2024 pattern"))
+            continue
+        if params["resolution"] != resolution:
+            skipped.append((path, f"resolution {params['resolution']}, building {resolution}"))
+            continue
+        key = tuple(params[p] for p in PARAMS)
+        candidates.setdefault(key, []).append({"path": path, **params})
+    models = []
+    for key in sorted(candidates):
+        ranked = sorted(candidates[key], key=lambda m: (
+            _ATMOS_RANK.get(m["atmos"], 9), abs(m["vmicro"] - 1.0), m["vmicro"],
+            abs(m["carbon"]), m["path"].name))
+        models.append(ranked[0])
+        for other in ranked[1:]:
+            skipped.append((other["path"], f"not chosen at {key} (policy: {ranked[0]['path'].name})"))
+    if not models:
+        raise GridError(root, None, f"no BOSZ 2024 spectrum files for {resolution} "
+                        f"(expected {resolution}/m*/bosz2024_*_{resolution}_resam.txt.gz)")
+    return {"wave_file": waves[resolution], "resolution": resolution, "models": models,
+            "skipped": skipped}
+
+
+def _read_wavelength(path):
+    try:
+        wave = np.array(Path(path).read_bytes().split(), dtype=np.float64)
+    except ValueError as err:
+        raise GridError(path, None, f"not a list of numbers ({err})") from None
+    if wave.size < 2 or np.any(np.diff(wave) <= 0):
+        raise GridError(path, None, "wavelengths must increase")
+    return wave
+
+
+def read_bosz_spectrum(path, nwave):
+    """Read one BOSZ 2024 spectrum file: surface flux 4*pi*H and continuum 4*pi*C.
+
+    Parameters
+    ----------
+    path : path-like
+        A ``.txt.gz`` file with two columns, H and C, one row per grid wavelength.
+    nwave : int
+        Number of rows expected (the wavelength file's length).
+
+    Returns
+    -------
+    flux, continuum : numpy.ndarray (float64)
+    """
+    try:
+        with gzip.open(path, "rb") as fh:
+            text = fh.read()
+    except (OSError, EOFError, gzip.BadGzipFile) as err:
+        raise GridError(path, None, f"not a readable gzip file ({err})") from None
+    try:
+        values = np.array(text.split(), dtype=np.float64)
+    except ValueError as err:
+        raise GridError(path, None, f"non-numeric value ({err})") from None
+    if values.size != 2 * nwave:
+        # Slow path, only to say what is wrong.
+        lines = [ln for ln in text.splitlines() if ln.strip()]
+        if len(lines) != nwave:
+            raise GridError(path, None, f"has {len(lines)} rows, the wavelength file has {nwave}")
+        row = next(i for i, ln in enumerate(lines) if len(ln.split()) != 2)
+        raise GridError(path, f"row {row + 1}",
+                        f"has {len(lines[row].split())} columns, expected 2 (H and C)")
+    values = values.reshape(nwave, 2)
+    if not np.all(np.isfinite(values)):
+        row = int(np.flatnonzero(~np.all(np.isfinite(values), axis=1))[0])
+        raise GridError(path, f"row {row + 1}", "non-finite value (NaN or inf)")
+    return 4.0 * np.pi * values[:, 0], 4.0 * np.pi * values[:, 1]
+
+
+def _template_products(path, nwave, trim, weights, reddened):
+    """Everything the store needs from one file (runs in a worker)."""
+    flux, cont = read_bosz_spectrum(path, nwave)
+    maggies = weights @ flux
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mag = np.where(maggies > 0, -2.5 * np.log10(maggies), np.nan)
+        red = np.stack([-2.5 * np.log10(w @ flux) for w in reddened])  # (law, band)
+        coeff = (red - mag[None, :]) / EBV_REFERENCE
+    return (flux[trim].astype(np.float32), cont[trim].astype(np.float32), mag, coeff)
+
+
+def _plan_hash(scan, wave_min, wave_max):
+    h = hashlib.sha1()
+    h.update(f"{__version__}|{scan['resolution']}|{wave_min}|{wave_max}|{BANDS}|{LAWS}".encode())
+    for m in scan["models"]:
+        st = m["path"].stat()
+        h.update(f"{m['path'].name}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _empty_store(partial, axes, wave, attrs):
+    import dask.array as da
+
+    shape = tuple(len(axes[p]) for p in PARAMS)
+    chunks = (1, *shape[1:])
+    nw = wave.size
+    cw = min(CHUNK_WAVELENGTH, nw)
+    units = "erg/(s cm2 Angstrom)"
+    ds = xr.Dataset(
+        {
+            "flux": (PARAMS + ("wavelength",),
+                     da.full(shape + (nw,), np.nan, dtype=np.float32, chunks=chunks + (cw,)),
+                     {"units": units, "description": "surface flux F = 4 pi H"}),
+            "continuum": (PARAMS + ("wavelength",),
+                          da.full(shape + (nw,), np.nan, dtype=np.float32, chunks=chunks + (cw,)),
+                          {"units": units, "description": "continuum 4 pi C"}),
+            "exists": (PARAMS, da.zeros(shape, dtype=bool, chunks=chunks),
+                       {"description": "the grid point was in the source directory"}),
+            "synth_mag": (PARAMS + ("band",),
+                          da.full(shape + (len(BANDS),), np.nan, chunks=chunks + (len(BANDS),)),
+                          {"units": "mag", "system": "AB",
+                           "description": "synthetic magnitude of the surface flux, full range"}),
+            "ext_coeff": (PARAMS + ("law", "band"),
+                          da.full(shape + (len(LAWS), len(BANDS)), np.nan,
+                                  chunks=chunks + (len(LAWS), len(BANDS))),
+                          {"units": "mag", "description": "A_band / E(B-V) of the template, "
+                           f"measured at E(B-V) = {EBV_REFERENCE}, R_V = 3.1"}),
+        },
+        coords={
+            **{p: (p, np.asarray(axes[p], dtype=np.float64)) for p in PARAMS},
+            "wavelength": ("wavelength", wave, {"units": "Angstrom",
+                                                "medium": "air (vacuum below 2000 A)"}),
+            "band": ("band", list(BANDS)),
+            "law": ("law", list(LAWS)),
+        },
+        attrs=attrs,
+    )
+    for p, unit in zip(PARAMS, ("K", "dex (cgs)", "dex", "dex")):
+        ds[p].attrs["units"] = unit
+    encoding = {name: {"chunks": (len(ds[name]),)} for name in (*PARAMS, "wavelength", "band", "law")}
+    ds = strings_as_object(ds)
+    ds.to_zarr(partial, mode="w", compute=False, consolidated=False, encoding=encoding)
+
+
+def _state_path(partial):
+    # Beside the store, not inside: Zarr warns about foreign files in a hierarchy.
+    return Path(partial).with_name(Path(partial).name + ".state.json")
+
+
+def _load_state(partial):
+    try:
+        return json.loads(_state_path(partial).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _save_state(partial, state):
+    tmp = _state_path(partial).with_suffix(".tmp")
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, _state_path(partial))
+
+
+def build_grid(bosz_dir, out, *, wave_min=3000.0, wave_max=11000.0, resolution=None,
+               workers=1, progress=True, overwrite=False):
+    """Convert a BOSZ-layout directory into the labelled Zarr cube (see module docstring).
+
+    The build goes into a hidden ``<out>.partial`` store next to ``out``, one Teff slab at a
+    time, recording finished slabs; it is renamed to ``out`` only when complete. Re-running
+    an interrupted build resumes it (same files, same options); re-running a finished one
+    with the same inputs leaves the store as it is.
+
+    Parameters
+    ----------
+    bosz_dir : path-like
+        BOSZ 2024 layout (formats contract section 3); malformed file names are skipped with
+        a warning.
+    out : path-like
+        Zarr store to create.
+    wave_min, wave_max : float
+        Wavelength range kept in the cube, Angstrom (synthetic magnitudes use the full range).
+    resolution : str, optional
+        Resolution tag, when the directory holds several.
+    workers : int
+        Processes reading files (one Dask task per file).
+    progress : bool
+        Show a progress bar and messages on stdout.
+    overwrite : bool
+        Rebuild even when a complete store from other inputs exists.
+
+    Returns
+    -------
+    pathlib.Path
+        ``out``.
+    """
+    import dask
+    from dask.diagnostics import ProgressBar
+
+    out = Path(out)
+    scan = scan_bosz(bosz_dir, resolution)
+    for path, reason in scan["skipped"]:
+        if "not chosen" not in reason:
+            warnings.warn(f"{path}: skipped: {reason}", FluxCalWarning, stacklevel=2)
+    plan = _plan_hash(scan, wave_min, wave_max)
+    if out.exists():
+        try:
+            existing = xr.open_zarr(out, consolidated=False).attrs.get("build_plan")
+        except Exception:
+            existing = None
+        if existing == plan and not overwrite:
+            if progress:
+                print(f"{out}: up to date ({len(scan['models'])} templates); nothing to do")
+            return out
+        if not overwrite:
+            raise GridError(out, None, "exists and was built from other inputs or options; "
+                            "pass overwrite=True (CLI: --overwrite) to rebuild it")
+
+    wave_full = _read_wavelength(scan["wave_file"])
+    trim = np.flatnonzero((wave_full >= wave_min) & (wave_full <= wave_max))
+    if trim.size < 2:
+        raise GridError(scan["wave_file"], None, f"no wavelengths in {wave_min}-{wave_max} A")
+    trim = slice(int(trim[0]), int(trim[-1]) + 1)
+    wave = wave_full[trim]
+    models = scan["models"]
+    axes = {p: sorted({m[p] for m in models}) for p in PARAMS}
+    weights = band_weights(list(BANDS), wave_full).fillna(0.0).values
+    reddened = [weights * 10.0 ** (-0.4 * EBV_REFERENCE * extinction_per_ebv(wave_full, law))
+                for law in LAWS]
+    synthetic = any(Path(bosz_dir).glob("SYNTHETIC_GRID*"))
+    attrs = {
+        "title": "BOSZ 2024 stellar template grid" + (" (SYNTHETIC stand-in)" if synthetic else ""),
+        "synthetic": int(synthetic),
+        "source_directory": str(Path(bosz_dir).resolve()),
+        "resolution": scan["resolution"],
+        "resolving_power": BOSZ_RESOLUTIONS[scan["resolution"]],
+        "n_files": len(models),
+        "n_skipped": len(scan["skipped"]),
+        "wave_min": float(wave[0]),
+        "wave_max": float(wave[-1]),
+        "policy": json.dumps(POLICY),
+        "chosen_atmospheres": json.dumps(sorted({m["atmos"] for m in models})),
+        "chosen_vmicro": json.dumps(sorted({m["vmicro"] for m in models})),
+        "chosen_carbon": json.dumps(sorted({m["carbon"] for m in models})),
+        "reference": "Meszaros et al. 2024, A&A 688, A197 (BOSZ 2024)",
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "kspec_fluxcal_version": __version__,
+        "build_plan": plan,
+        "complete": 0,
+    }
+
+    partial = out.with_name(f"{TEMP_PREFIX}{out.name}.partial")
+    state = _load_state(partial) if partial.exists() else None
+    if state is None or state.get("plan") != plan:
+        if partial.exists():
+            shutil.rmtree(partial)
+        _empty_store(partial, axes, wave, attrs)
+        state = {"plan": plan, "done": []}
+        _save_state(partial, state)
+    elif progress:
+        print(f"resuming an interrupted build: {len(state['done'])}/{len(axes['teff'])} Teff "
+              "slabs already written")
+
+    index = {p: {v: i for i, v in enumerate(axes[p])} for p in PARAMS}
+    nb, nl = len(BANDS), len(LAWS)
+    todo = [t for t in axes["teff"] if t not in state["done"]]
+    read = dask.delayed(_template_products, pure=True)
+    batch = max(1, 2 * max(1, workers))  # slabs per compute: bounded memory, steady workers
+    scheduler = {"scheduler": "processes", "num_workers": workers} if workers > 1 else {
+        "scheduler": "synchronous"}
+    if progress and todo:
+        print(f"reading {sum(m['teff'] in todo for m in models)} template files "
+              f"({len(todo)} Teff slabs) with {workers} worker(s)")
+    for start in range(0, len(todo), batch):
+        slabs = todo[start:start + batch]
+        jobs = {t: [(m, read(m["path"], wave_full.size, trim, weights, reddened,
+                             dask_key_name=f"read-{m['path'].name}"))
+                    for m in models if m["teff"] == t] for t in slabs}
+        ctx = ProgressBar() if progress else contextlib.nullcontext()
+        with ctx:
+            results = dask.compute(jobs, **scheduler)[0]
+        for t in slabs:
+            shape = tuple(len(axes[p]) for p in PARAMS[1:])
+            flux = np.full(shape + (wave.size,), np.nan, np.float32)
+            cont = np.full_like(flux, np.nan)
+            exists = np.zeros(shape, bool)
+            mags = np.full(shape + (nb,), np.nan)
+            coeff = np.full(shape + (nl, nb), np.nan)
+            for m, (f, c, mag, co) in results[t]:
+                at = tuple(index[p][m[p]] for p in PARAMS[1:])
+                flux[at], cont[at], exists[at], mags[at], coeff[at] = f, c, True, mag, co
+            i = index["teff"][t]
+            slab = xr.Dataset({
+                "flux": (PARAMS + ("wavelength",), flux[None]),
+                "continuum": (PARAMS + ("wavelength",), cont[None]),
+                "exists": (PARAMS, exists[None]),
+                "synth_mag": (PARAMS + ("band",), mags[None]),
+                "ext_coeff": (PARAMS + ("law", "band"), coeff[None]),
+            })
+            slab.to_zarr(partial, region={"teff": slice(i, i + 1)}, consolidated=False)
+            state["done"].append(t)
+            _save_state(partial, state)
+
+    import zarr
+
+    group = zarr.open_group(partial, mode="r+")
+    group.attrs["complete"] = 1
+    _state_path(partial).unlink()
+    if out.exists():
+        old = out.with_name(f"{TEMP_PREFIX}{out.name}.old")
+        os.replace(out, old)
+        os.replace(partial, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(partial, out)
+    if progress:
+        print(f"wrote {out}: {len(models)} templates, {wave.size} wavelengths "
+              f"{wave[0]:.1f}-{wave[-1]:.1f} A, {len(scan['skipped'])} files skipped")
+    return out
+
+
+def open_grid(path, *, chunks=None):
+    """Open a template cube written by :func:`build_grid`, lazily.
+
+    Parameters
+    ----------
+    path : path-like
+        The Zarr store.
+    chunks : dict, optional
+        Dask chunks (default: the store's own).
+
+    Returns
+    -------
+    xarray.Dataset
+        Dask-backed; see the module docstring for its variables.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise GridError(path, None, "no such template grid store (build it with "
+                        "'kspec-fluxcal grid build')")
+    try:
+        ds = xr.open_zarr(path, consolidated=False, chunks={} if chunks is None else chunks)
+    except Exception as err:
+        raise GridError(path, None, f"not a readable Zarr store ({err})") from None
+    missing = [v for v in ("flux", "exists", "synth_mag") if v not in ds]
+    if missing:
+        raise GridError(path, None, f"not a template grid (missing {', '.join(missing)})")
+    if not ds.attrs.get("complete"):
+        raise GridError(path, None, "incomplete template grid (an interrupted build?); rebuild it")
+    ds = strings_as_unicode(ds)
+    ds.attrs["store"] = str(path)
+    return ds
+
+
+@xr.register_dataset_accessor("templates")
+class TemplateGrid:
+    """Grid look-ups on a template cube: ``grid.templates.nearest(...)`` etc.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        A cube from :func:`open_grid` (or a prepared cube with the same parameter dims).
+    """
+
+    def __init__(self, ds):
+        self._ds = ds
+
+    @property
+    def resolving_power(self):
+        """Resolving power of the grid's spectra (FWHM = lambda / R)."""
+        return float(self._ds.attrs["resolving_power"])
+
+    @property
+    def axes(self):
+        """The parameter axes, as a dict of numpy arrays."""
+        return {p: self._ds[p].values for p in PARAMS}
+
+    def existing(self):
+        """The existing grid points stacked along ``template`` (NaN holes dropped)."""
+        stacked = self._ds.stack(template=PARAMS)
+        return stacked.isel(template=np.flatnonzero(stacked["exists"].values))
+
+    def nearest(self, teff, logg, feh, alpha=None):
+        """The nearest existing grid point (distance in grid steps).
+
+        Parameters
+        ----------
+        teff, logg, feh : float
+            Parameters.
+        alpha : float, optional
+            [alpha/M]; default: any (nearest in the other parameters, then lowest |alpha|).
+        """
+        axes = self.axes
+        exists = self._ds["exists"].values
+        idx = np.array(np.nonzero(exists)).T
+        steps = {p: np.median(np.diff(axes[p])) if axes[p].size > 1 else 1.0 for p in PARAMS}
+        target = {"teff": teff, "logg": logg, "feh": feh, "alpha": 0.0 if alpha is None else alpha}
+        dist = sum(((axes[p][idx[:, k]] - target[p]) / steps[p]) ** 2
+                   for k, p in enumerate(PARAMS) if p != "alpha" or alpha is not None)
+        if alpha is None:
+            dist = dist + 1e-6 * np.abs(axes["alpha"][idx[:, 3]])
+        best = idx[int(np.argmin(dist))]
+        return self._ds.isel({p: int(best[k]) for k, p in enumerate(PARAMS)})
+
+    def box(self, **ranges):
+        """The sub-grid with parameters inside ranges, e.g. ``box(teff=(5500, 6500))``."""
+        unknown = [k for k in ranges if k not in PARAMS]
+        if unknown:
+            raise ValueError(f"unknown parameter(s) {unknown}; valid: {', '.join(PARAMS)}")
+        sel = {}
+        for p, (lo, hi) in ranges.items():
+            values = self._ds[p].values
+            sel[p] = np.flatnonzero((values >= lo) & (values <= hi))
+        return self._ds.isel(sel)
+
+    def interpolation_weights(self, teff, logg, feh, alpha=None):
+        """Corners and weights of multilinear interpolation; see :func:`interpolation_weights`."""
+        return interpolation_weights(self.axes, self._ds["exists"].values, teff, logg, feh, alpha)
+
+    def interpolate(self, teff, logg, feh, alpha=None, variables=("flux", "continuum", "synth_mag")):
+        """Spectra (and magnitudes) interpolated multilinearly in (teff, logg, feh).
+
+        Returns
+        -------
+        xarray.Dataset
+            The requested variables with a leading ``point`` dim (one per input point), and
+            coordinates with the requested parameters.
+        """
+        index, weight = self.interpolation_weights(teff, logg, feh, alpha)
+        out = {}
+        for name in variables:
+            if name not in self._ds:
+                continue
+            var = self._ds[name]
+            rest = [d for d in var.dims if d not in PARAMS]
+            picked = var.isel({p: xr.DataArray(index[..., k], dims=("point", "corner"))
+                               for k, p in enumerate(PARAMS)})
+            w = xr.DataArray(weight, dims=("point", "corner"))
+            # Zero-weight corners may be NaN holes: drop them before summing. Magnitudes are
+            # interpolated as fluxes, consistently with the spectra.
+            if name == "synth_mag":
+                picked = 10.0 ** (-0.4 * picked)
+            values = xr.where(w > 0, picked, 0.0).astype(np.float64)
+            out[name] = (values * w).sum("corner").transpose("point", *rest)
+            if name == "synth_mag":
+                out[name] = -2.5 * np.log10(out[name])
+            out[name].attrs = dict(var.attrs)
+        ds = xr.Dataset(out)
+        t, g, m = np.broadcast_arrays(teff, logg, feh)
+        alphas = self.axes["alpha"][index[:, 0, 3]]
+        return ds.assign_coords(teff=("point", np.atleast_1d(t).astype(float)),
+                                logg=("point", np.atleast_1d(g).astype(float)),
+                                feh=("point", np.atleast_1d(m).astype(float)),
+                                alpha=("point", alphas))
+
+
+def interpolation_weights(axes, exists, teff, logg, feh, alpha=None):
+    """Corners and weights of multilinear interpolation in (teff, logg, feh).
+
+    Vectorised over points (arrays broadcast together). [alpha/M] is taken at the nearest
+    grid value (the given one, or 0). Missing corners get zero weight and the others are
+    renormalised; points outside the grid are clipped to its edge.
+
+    Parameters
+    ----------
+    axes : dict
+        Grid axes by parameter name (:data:`PARAMS`).
+    exists : numpy.ndarray of bool
+        Which grid points exist, shape of the axes.
+    teff, logg, feh : array_like
+        Parameters of the points.
+    alpha : array_like, optional
+        [alpha/M] of the points (default 0).
+
+    Returns
+    -------
+    index : numpy.ndarray, int, shape (npoint, 8, 4)
+        Grid indices (teff, logg, feh, alpha) of the corners.
+    weight : numpy.ndarray, shape (npoint, 8)
+        Weights summing to 1 (NaN for a point with no existing corner).
+    """
+    t, g, m = (np.atleast_1d(np.asarray(v, dtype=np.float64))
+               for v in np.broadcast_arrays(teff, logg, feh))
+    a = np.broadcast_to(0.0 if alpha is None else alpha, t.shape).astype(np.float64)
+    lows, fracs = [], []
+    for p, x in zip(PARAMS[:3], (t, g, m)):
+        ax = np.asarray(axes[p], dtype=np.float64)
+        if ax.size == 1:
+            lows.append(np.zeros(x.shape, int))
+            fracs.append(np.zeros(x.shape))
+            continue
+        xc = np.clip(x, ax[0], ax[-1])
+        lo = np.clip(np.searchsorted(ax, xc, side="right") - 1, 0, ax.size - 2)
+        lows.append(lo)
+        fracs.append((xc - ax[lo]) / (ax[lo + 1] - ax[lo]))
+    ia = np.abs(np.asarray(axes["alpha"])[None, :] - a[:, None]).argmin(axis=1)
+    corners = np.array([(i, j, k) for i in (0, 1) for j in (0, 1) for k in (0, 1)])
+    index = np.zeros(t.shape + (8, 4), int)
+    weight = np.ones(t.shape + (8,))
+    for c, bits in enumerate(corners):
+        for d in range(3):
+            size = len(axes[PARAMS[d]])
+            index[:, c, d] = np.minimum(lows[d] + bits[d], size - 1)
+            weight[:, c] *= fracs[d] if bits[d] else 1.0 - fracs[d]
+        index[:, c, 3] = ia
+    present = np.asarray(exists)[tuple(index[..., d] for d in range(4))]
+    weight = np.where(present, weight, 0.0)
+    total = weight.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore"):
+        weight = weight / np.where(total > 0, total, np.nan)
+    return index, weight

@@ -1,0 +1,97 @@
+"""Wavelength-region masks: telluric bands and stellar-line cores, as package data files."""
+
+from __future__ import annotations
+
+import functools
+import os
+from importlib import resources
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from .errors import ConfigError
+
+__all__ = ["load_regions", "region_mask", "mask_coverage_fraction", "MASKS"]
+
+#: Masks shipped with the package, by name.
+MASKS = ("telluric_default", "stellar_lines")
+
+
+@functools.cache
+def _parse(text, source):
+    regions = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        fields = line.split()
+        try:
+            lo, hi = float(fields[0]), float(fields[1])
+        except (IndexError, ValueError):
+            raise ConfigError(source, f"line {number}",
+                              "expected 'lo hi [name]' (wavelengths in Angstrom)") from None
+        if not hi > lo:
+            raise ConfigError(source, f"line {number}", f"region {lo}-{hi} is empty")
+        regions.append((lo, hi))
+    return tuple(sorted(regions))
+
+
+def load_regions(mask):
+    """Wavelength regions ``((lo, hi), ...)`` in Angstrom (air) from a mask name or file.
+
+    Parameters
+    ----------
+    mask : str or path-like
+        A packaged mask name (see :data:`MASKS`) or the path of a file with one
+        ``lo hi [name]`` region per line ('#' starts a comment).
+    """
+    name = os.fspath(mask)
+    if name in MASKS:
+        text = resources.files("kspec_fluxcal").joinpath(f"data/{name}.dat").read_text()
+        return _parse(text, f"kspec_fluxcal/data/{name}.dat")
+    path = Path(name)
+    if not path.is_file():
+        raise ConfigError(name, None, f"no such mask file (packaged masks: {', '.join(MASKS)})")
+    return _parse(path.read_text(), name)
+
+
+def region_mask(wavelength, regions, *, pad=0.0):
+    """Good-pixel mask of a wavelength axis: False inside any region.
+
+    Parameters
+    ----------
+    wavelength : xarray.DataArray or array_like
+        Wavelengths, Angstrom (air).
+    regions : str, path-like or sequence of (lo, hi)
+        Regions, or a mask name/file for :func:`load_regions`.
+    pad : float or array_like
+        Widen every region by this much on each side (e.g. one resolution element), Angstrom.
+
+    Returns
+    -------
+    xarray.DataArray or numpy.ndarray
+        Boolean, True = good; a DataArray when ``wavelength`` is one.
+    """
+    if isinstance(regions, (str, os.PathLike)):
+        regions = load_regions(regions)
+    wave = np.asarray(wavelength, dtype=np.float64)
+    bounds = np.asarray(regions, dtype=np.float64).reshape(-1, 2)
+    pad = np.asarray(pad, dtype=np.float64)
+    inside = ((wave[..., None] >= bounds[:, 0] - pad[..., None])
+              & (wave[..., None] <= bounds[:, 1] + pad[..., None])).any(axis=-1)
+    good = ~inside
+    if isinstance(wavelength, xr.DataArray):
+        return xr.DataArray(good, dims=wavelength.dims, coords=wavelength.coords,
+                            attrs={"description": "True outside the masked regions"})
+    return good
+
+
+def mask_coverage_fraction(wavelength, regions):
+    """Fraction of the pixels of ``wavelength`` inside the regions.
+
+    A telluric mask covering none or nearly all of an optical spectrum points to a unit
+    error (nm read as Angstrom) or a wrong mask.
+    """
+    good = np.asarray(region_mask(wavelength, regions))
+    return float(1.0 - good.mean()) if good.size else 0.0

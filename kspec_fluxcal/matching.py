@@ -1,0 +1,474 @@
+"""Template matching: radial velocities, template scores over the whole prepared cube in
+one vectorised pass, and refinement of the parameters between grid points.
+
+Observed spectra stay on their pixels; templates are moved to each star's velocity with a
+Lanczos (a = 4, 8-tap windowed sinc) shift applied as a sparse matrix: the prepared templates
+are band-limited (>= 2 pixels per FWHM), where a windowed sinc is nearly exact, while a
+cubic (4-tap) kernel biased velocities by ~1/40 pixel (5 km/s at 3.7 A/pixel). Shifting the
+noiseless templates keeps the observed noise uncorrelated.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse
+import xarray as xr
+
+from .constants import SPEED_OF_LIGHT_KMS
+
+__all__ = [
+    "shift_matrix",
+    "shift_spectra",
+    "cross_correlate_rv",
+    "refine_rv",
+    "score_templates",
+    "score_star",
+    "fit_corrected",
+    "refine_parameters",
+    "quadratic_minimum",
+]
+
+
+# ----------------------------------------------------------------------------- shifts
+
+
+_LANCZOS_A = 4
+_TAPS = np.arange(-_LANCZOS_A + 1, _LANCZOS_A + 1)
+
+
+def _kernel_weights(frac):
+    """Lanczos weights of the taps around a position (``frac`` past the left pixel),
+    normalised to unit sum so a constant stays constant."""
+    t = frac[..., None] - _TAPS
+    w = np.sinc(t) * np.sinc(t / _LANCZOS_A)
+    return w / w.sum(axis=-1, keepdims=True)
+
+
+def _positions(wavelength, rv):
+    """Fractional pixel positions (in the rest-frame spectrum) of each observed pixel."""
+    wave = np.asarray(wavelength, dtype=np.float64)
+    z = np.asarray(rv, dtype=np.float64)[..., None] / SPEED_OF_LIGHT_KMS
+    return np.interp(wave / (1.0 + z), wave, np.arange(wave.size), left=-np.inf, right=np.inf)
+
+
+def shift_matrix(wavelength, rv):
+    """Sparse (npix, npix) operator moving a rest-frame spectrum to radial velocity ``rv``.
+
+    The result samples ``f(lambda / (1 + rv/c))`` at each pixel (the flux-density factor
+    1/(1 + z), <= 0.2 % for |rv| <= 500 km/s, is left to the photometric scale). Rows of
+    pixels whose source falls outside the spectrum are empty.
+    """
+    pos = _positions(wavelength, rv)
+    n = pos.size
+    inside = np.isfinite(pos)
+    base = np.floor(np.where(inside, pos, 0.0)).astype(int)
+    weights = _kernel_weights(np.where(inside, pos, 0.0) - base)
+    cols = np.clip(base[:, None] + _TAPS[None, :], 0, n - 1)
+    weights = np.where(inside[:, None], weights, 0.0)
+    rows = np.broadcast_to(np.arange(n)[:, None], cols.shape)
+    return scipy.sparse.csr_matrix((weights.ravel(), (rows.ravel(), cols.ravel())), shape=(n, n))
+
+
+def shift_spectra(spectra, wavelength, rv):
+    """Shift spectra (..., npix) to radial velocity ``rv`` (km/s, scalar); NaN beyond the edges."""
+    matrix = shift_matrix(wavelength, rv)
+    flat = np.asarray(spectra, dtype=np.float64).reshape(-1, len(wavelength))
+    out = (matrix @ flat.T).T
+    empty = np.asarray(matrix.getnnz(axis=1)) == 0
+    out[:, empty] = np.nan
+    return out.reshape(np.shape(spectra))
+
+
+def _edge_margin(wavelength, rv):
+    pos = _positions(wavelength, rv)
+    shift = np.nanmax(np.abs(np.where(np.isfinite(pos), pos - np.arange(pos.shape[-1]), np.nan)))
+    return int(np.ceil(shift)) + _LANCZOS_A + 1
+
+
+# ----------------------------------------------------------------------------- radial velocity
+
+
+def cross_correlate_rv(obs_norm, obs_weight, template_norm, wavelength, *, rv_max=500.0,
+                       oversample=4):
+    """Radial velocities by FFT cross-correlation in ln(lambda), vectorised over stars.
+
+    Parameters
+    ----------
+    obs_norm : numpy.ndarray, shape (nstar, npix)
+        Continuum-normalised observed spectra.
+    obs_weight : numpy.ndarray, shape (nstar, npix)
+        Weights; 0 marks masked pixels (bad, telluric).
+    template_norm : numpy.ndarray, shape (nstar, npix)
+        A normalised rest-frame template per star, on the same pixels.
+    wavelength : numpy.ndarray, shape (npix,)
+    rv_max : float
+        Search range, +/- km/s.
+    oversample : int
+        Oversampling of the ln(lambda) grid relative to the pixels.
+
+    Returns
+    -------
+    rv : numpy.ndarray, shape (nstar,)
+        km/s, with sub-pixel refinement of the peak (Gaussian through three points).
+    peak : numpy.ndarray, shape (nstar,)
+        Normalised correlation at the peak (a quality indicator, <= 1).
+    """
+    wave = np.asarray(wavelength, dtype=np.float64)
+    ln = np.log(wave)
+    n = oversample * wave.size
+    grid = np.linspace(ln[0], ln[-1], n)
+    step = grid[1] - grid[0]
+    use = (obs_weight > 0) & np.isfinite(obs_norm)
+
+    def resample(values, mask):
+        sig = np.where(mask, 1.0 - values, 0.0)
+        idx = np.interp(grid, ln, np.arange(wave.size))
+        lo = np.clip(np.floor(idx).astype(int), 0, wave.size - 2)
+        t = idx - lo
+        out = sig[:, lo] * (1 - t) + sig[:, lo + 1] * t
+        m = (mask[:, lo] & mask[:, lo + 1]).astype(float)
+        mean = (out * m).sum(1, keepdims=True) / np.maximum(m.sum(1, keepdims=True), 1)
+        return (out - mean) * m
+
+    taper = np.ones(n)
+    edge = max(1, n // 20)
+    taper[:edge] = taper[-edge:][::-1] = 0.5 - 0.5 * np.cos(np.pi * np.arange(edge) / edge)
+    so = resample(obs_norm, use) * taper
+    st = resample(template_norm, np.broadcast_to(np.isfinite(template_norm), use.shape) & use) * taper
+    nfft = 2 * n
+    ccf = np.fft.irfft(np.fft.rfft(so, nfft) * np.conj(np.fft.rfft(st, nfft)), nfft)
+    norm = np.sqrt((so**2).sum(1) * (st**2).sum(1))
+    ccf = ccf / np.where(norm > 0, norm, np.inf)[:, None]
+    kmax = int(np.ceil(np.log1p(rv_max / SPEED_OF_LIGHT_KMS) / step))
+    lags = np.arange(-kmax, kmax + 1)
+    window = ccf[:, lags % nfft]
+    k = np.argmax(window, axis=1)
+    k = np.clip(k, 1, lags.size - 2)
+    rows = np.arange(window.shape[0])
+    c0, cm, cp = window[rows, k], window[rows, k - 1], window[rows, k + 1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        positive = (c0 > 0) & (cm > 0) & (cp > 0)
+        lm, l0, lp = np.log(np.where(positive, cm, 1)), np.log(np.where(positive, c0, 1)), np.log(
+            np.where(positive, cp, 1))
+        gauss = 0.5 * (lm - lp) / (lm - 2 * l0 + lp)
+        para = 0.5 * (cm - cp) / (cm - 2 * c0 + cp)
+        delta = np.where(positive, gauss, para)
+    delta = np.clip(np.nan_to_num(delta), -1, 1)
+    lag = lags[k] + delta
+    rv = SPEED_OF_LIGHT_KMS * np.expm1(lag * step)
+    return rv, c0
+
+
+def refine_rv(obs_norm, obs_weight, template_norm, wavelength, rv0, *, half_width=None,
+              nstep=41, knot_spacing=None):
+    """Radial velocities refined by a chi^2 scan against each star's best template.
+
+    The chi^2 of the template (with the smooth multiplicative correction of
+    :func:`score_star`) is evaluated on a grid of velocities around ``rv0``, all trial
+    velocities of a star at once; a parabola through the lowest points gives the velocity
+    and its 1-sigma error (delta chi^2 = 1).
+
+    Parameters
+    ----------
+    obs_norm, obs_weight : numpy.ndarray, shape (nstar, npix)
+        Normalised observed spectra and their inverse variances (0 = masked).
+    template_norm : numpy.ndarray, shape (nstar, npix)
+        Normalised rest-frame templates, one per star.
+    wavelength : numpy.ndarray, shape (npix,)
+    rv0 : numpy.ndarray, shape (nstar,)
+        Starting velocities, km/s.
+    half_width : float, optional
+        Scan half width, km/s (default: 1.5 pixels).
+    knot_spacing : float, optional
+        Knot spacing of the multiplicative correction, Angstrom.
+
+    Returns
+    -------
+    rv, rv_err : numpy.ndarray, shape (nstar,)
+    """
+    wave = np.asarray(wavelength, dtype=np.float64)
+    pix_kms = SPEED_OF_LIGHT_KMS * np.median(np.diff(np.log(wave)))
+    half_width = 1.5 * pix_kms if half_width is None else half_width
+    offsets = np.linspace(-half_width, half_width, nstep)
+    rv0 = np.asarray(rv0, dtype=np.float64)
+    trial = rv0[:, None] + offsets[None, :]  # (S, V)
+    pos = _positions(wave, trial)  # (S, V, P)
+    inside = np.isfinite(pos)
+    base = np.floor(np.where(inside, pos, 0.0)).astype(int)
+    kw = _kernel_weights(np.where(inside, pos, 0.0) - base)  # (S, V, P, taps)
+    cols = np.clip(base[..., None] + _TAPS, 0, wave.size - 1)
+    tmpl = np.nan_to_num(np.asarray(template_norm, dtype=np.float64))
+    rows = np.arange(tmpl.shape[0])[:, None, None, None]
+    shifted = np.sum(tmpl[rows, cols] * kw, axis=-1)  # (S, V, P)
+    w = np.where(inside & np.isfinite(obs_norm)[:, None, :], obs_weight[:, None, :], 0.0)
+    margin = _edge_margin(wave, trial)
+    w[..., :margin] = 0
+    w[..., -margin:] = 0
+    f = np.nan_to_num(obs_norm)
+    chi2 = np.stack([np.sum(w[s] * (f[s] - fit_corrected(f[s], w[s], shifted[s], wave,
+                                                           knot_spacing)) ** 2, axis=1)
+                     for s in range(f.shape[0])])  # stars: a few; velocities vectorised
+    best = np.clip(np.argmin(chi2, axis=1), 2, nstep - 3)
+    # Least-squares parabola through the 5 points u = -2..2 around the minimum (closed form).
+    u = np.arange(-2, 3)
+    y = np.take_along_axis(chi2, best[:, None] + u, axis=1)
+    h = offsets[1] - offsets[0]
+    b = (y * u).sum(1) / 10.0
+    a = ((y * u**2).sum(1) - 2.0 * y.sum(1)) / 14.0
+    ok = a > 0
+    vertex = offsets[best] + h * np.where(ok, -b / (2 * np.where(ok, a, 1)), 0.0)
+    vertex = np.clip(vertex, -half_width, half_width)
+    err = np.where(ok, h / np.sqrt(np.where(ok, a, 1)), np.nan)
+    return rv0 + vertex, err
+
+
+# ----------------------------------------------------------------------------- scores
+
+
+def _correction_basis(wavelength, knot_spacing):
+    """Basis of the smooth multiplicative correction (a constant when no knot spacing)."""
+    from .continuum import spline_basis
+
+    if knot_spacing:
+        return spline_basis(wavelength, knot_spacing)
+    basis = scipy.sparse.csr_matrix(np.ones((len(wavelength), 1)))
+    return basis, basis.T.tocsr(), basis.T.tocsr(), np.zeros((1, 1))
+
+
+def fit_corrected(flux, weights, templates, wavelength, knot_spacing):
+    """Least-squares fits ``flux ~ templates * correction`` for many templates at once.
+
+    Parameters
+    ----------
+    flux : numpy.ndarray, shape (P,)
+    weights : numpy.ndarray, shape (P,) or (N, P)
+        Inverse variances (0 = masked), shared or per template.
+    templates : numpy.ndarray, shape (N, P)
+        Templates on the spectrum's pixels (already shifted).
+    knot_spacing : float or None
+        Knot spacing of the cubic B-spline correction (None: a constant amplitude).
+
+    Returns
+    -------
+    numpy.ndarray, shape (N, P)
+        The fitted models.
+    """
+    basis, outer_t, basis_t, penalty = _correction_basis(wavelength, knot_spacing)
+    nb = basis.shape[1]
+    weights = np.broadcast_to(weights, templates.shape)
+    normal = (outer_t @ np.ascontiguousarray((weights * templates**2).T)).T.reshape(-1, nb, nb)
+    rhs = (basis_t @ np.ascontiguousarray((weights * flux * templates).T)).T
+    scale = np.trace(normal, axis1=1, axis2=2) / nb
+    scale = np.where(scale > 0, scale, 1.0)
+    # A light smoothness penalty (and a tiny ridge) keeps empty knot intervals determined.
+    normal = normal + 1e-6 * scale[:, None, None] * penalty[None]
+    normal[:, range(nb), range(nb)] += 1e-12 * scale[:, None]
+    coef = np.linalg.solve(normal, rhs[..., None])[..., 0]
+    return np.asarray((basis @ coef.T).T) * templates
+
+
+def score_star(obs, ivar, templates, rv, wavelength, metric="chi2", delta=3.0, knot_spacing=None):
+    """Scores of many rest-frame templates (N, P) against one star (P,) at velocity ``rv``.
+
+    Each template is fitted to the star times a smooth multiplicative correction (a cubic
+    B-spline with knots every ``knot_spacing`` Angstrom; None: a single free amplitude). The
+    correction absorbs what independent continuum normalisations of star and template leave
+    (most at the ends of the spectrum and around strong blends) without touching line
+    profiles. chi^2 is exact linear least squares for all templates at once; Huber uses
+    iteratively reweighted least squares and is scaled to equal chi^2 for small residuals.
+    Rows of ``templates`` with a NaN score NaN. float64 throughout.
+    """
+    tmpl = np.asarray(templates, dtype=np.float64)
+    missing = ~np.all(np.isfinite(tmpl), axis=1)
+    tmpl = np.where(missing[:, None], 0.0, tmpl)
+    shifted = (shift_matrix(wavelength, rv) @ tmpl.T).T  # (N, P)
+    w = np.where(np.isfinite(obs) & (ivar > 0), ivar, 0.0)
+    margin = _edge_margin(wavelength, rv)
+    w[:margin] = 0
+    w[-margin:] = 0
+    f = np.nan_to_num(obs)
+    model = fit_corrected(f, w, shifted, wavelength, knot_spacing)
+    usable = (shifted**2) @ w > 0
+    if metric == "chi2":
+        score = np.sum(w * (f - model) ** 2, axis=1)
+    else:
+        sw = np.sqrt(w)
+        for _ in range(3):  # iteratively reweighted least squares
+            r = (f - model) * sw
+            hw = w * np.minimum(1.0, delta / np.maximum(np.abs(r), 1e-12))
+            model = fit_corrected(f, hw, shifted, wavelength, knot_spacing)
+        r = np.abs((f - model) * sw)
+        score = 2.0 * np.sum(np.where(r <= delta, 0.5 * r**2, delta * (r - 0.5 * delta)), axis=1)
+    return np.where(missing | ~usable, np.nan, score)
+
+
+def _score_block(obs, ivar, templates, rv, wavelength, metric, delta, knot_spacing):
+    """Scores of every (star, template): obs (S,1,P), ivar (S,1,P), templates ([1,]N,P), rv (S,1)."""
+    obs, ivar, rv = obs[:, 0, :], ivar[:, 0, :], rv[:, 0]
+    # Sums in float64: float32 picked the wrong template for a quarter of stars (stack notes).
+    tmpl = np.asarray(templates, dtype=np.float64).reshape(-1, templates.shape[-1])
+    # Stars: a few per exposure, each with its own velocity; templates are vectorised.
+    return np.stack([score_star(obs[s], ivar[s], tmpl, rv[s], wavelength, metric, delta,
+                                knot_spacing)
+                     for s in range(obs.shape[0])]).reshape(obs.shape[0], tmpl.shape[0])
+
+
+def score_templates(obs_norm, obs_ivar, templates_norm, rv, *, metric="chi2", huber_delta=3.0,
+                    knot_spacing=None, dim="wavelength", template_dim="template"):
+    """Score every template against every star in one vectorised pass (lazy with Dask).
+
+    Parameters
+    ----------
+    obs_norm, obs_ivar : xarray.DataArray
+        Normalised observed spectra (``star``, ``dim``) and inverse variances (0 = masked).
+    templates_norm : xarray.DataArray
+        Normalised rest-frame templates (``template_dim``, ``dim``), NaN for missing grid
+        points; may be Dask-chunked along ``template_dim`` (``dim`` in one chunk).
+    rv : xarray.DataArray
+        Radial velocity of each star, km/s.
+    metric : {'chi2', 'huber'}
+        chi^2 with a free amplitude, or the Huber loss (threshold ``huber_delta`` sigma;
+        robust to sky-subtraction residual spikes), scaled to equal chi^2 for small residuals.
+    knot_spacing : float, optional
+        Knot spacing (Angstrom) of the smooth multiplicative correction fitted with each
+        template (see :func:`score_star`); None for a single amplitude.
+
+    Returns
+    -------
+    xarray.DataArray
+        Scores (``star``, ``template_dim``), float64; NaN for missing templates.
+    """
+    if metric not in ("chi2", "huber"):
+        raise ValueError(f"metric must be 'chi2' or 'huber', not {metric!r}")
+    wave = obs_norm[dim].values
+    with xr.set_options(arithmetic_join="exact"):
+        xr.align(obs_norm, templates_norm, join="exact", exclude=[template_dim, "star"])
+    out = xr.apply_ufunc(
+        _score_block, obs_norm, obs_ivar, templates_norm, rv,
+        kwargs={"wavelength": wave, "metric": metric, "delta": huber_delta,
+                "knot_spacing": knot_spacing},
+        input_core_dims=[[dim], [dim], [dim], []],
+        dask="parallelized", output_dtypes=[np.float64],
+    )
+    out.attrs = {"metric": metric, "description": f"{metric} of the normalised spectra"}
+    return out.transpose("star", ...)
+
+
+# ----------------------------------------------------------------------------- refinement
+
+
+def quadratic_minimum(x, y):
+    """Minimum of a full quadratic fitted to scores ``y`` (S, K) at points ``x`` (S, K, d).
+
+    Returns
+    -------
+    xmin : numpy.ndarray, shape (S, d)
+        Stationary point (NaN where the fit is not a bowl).
+    cov : numpy.ndarray, shape (S, d, d)
+        ``2 H^-1``: the covariance for delta chi^2 = 1.
+    """
+    nstar, _, d = x.shape
+    pairs = [(i, j) for i in range(d) for j in range(i, d)]
+    design = np.concatenate([np.ones(x.shape[:2] + (1,)), x,
+                             np.stack([x[..., i] * x[..., j] for i, j in pairs], axis=-1)], -1)
+    ok = np.isfinite(y)
+    design = np.where(ok[..., None], design, 0.0)
+    normal = np.einsum("ski,skj->sij", design, design)
+    rhs = np.einsum("ski,sk->si", design, np.where(ok, y, 0.0))
+    coef = (np.linalg.pinv(normal) @ rhs[..., None])[..., 0]
+    grad = coef[:, 1:1 + d]
+    hess = np.zeros((nstar, d, d))
+    for k, (i, j) in enumerate(pairs):
+        c = coef[:, 1 + d + k]
+        if i == j:
+            hess[:, i, i] = 2 * c
+        else:
+            hess[:, i, j] = hess[:, j, i] = c
+    bowl = np.all(np.linalg.eigvalsh(hess) > 0, axis=1) & (ok.sum(1) > design.shape[-1])
+    xmin = np.full((nstar, d), np.nan)
+    cov = np.full((nstar, d, d), np.nan)
+    if bowl.any():
+        xmin[bowl] = -np.linalg.solve(hess[bowl], grad[bowl][..., None])[..., 0]
+        cov[bowl] = 2.0 * np.linalg.inv(hess[bowl])
+    return xmin, cov
+
+
+def refine_parameters(obs_norm, obs_ivar, templates_norm, template_index, axes, start, rv,
+                      wavelength, *, metric="chi2", delta=3.0, knot_spacing=None,
+                      levels=((7, 1.0), (5, 1.0 / 3))):
+    """Refine (teff, logg, [M/H]) between grid points by a lattice search on interpolated
+    templates, then a quadratic fit of the scores for the minimum and its errors.
+
+    Each level scores a lattice of n^3 parameter sets spanning +/- ``half`` grid steps around
+    the current best, with templates interpolated multilinearly from the grid (one sparse
+    matrix product for the whole lattice), vectorised over lattice points and templates.
+
+    Parameters
+    ----------
+    obs_norm, obs_ivar : numpy.ndarray, shape (nstar, npix)
+    templates_norm : numpy.ndarray, shape (ntemplate, npix)
+        Normalised templates of the existing grid points.
+    template_index : numpy.ndarray of int, shape of the grid axes
+        Position along ``templates_norm`` of each grid point, -1 when missing.
+    axes : dict
+        Grid axes (teff, logg, feh, alpha).
+    start : dict of numpy.ndarray
+        Starting parameters (the best grid point) of each star, including alpha.
+    rv : numpy.ndarray, shape (nstar,)
+
+    Returns
+    -------
+    params : dict of numpy.ndarray
+        Refined teff, logg, feh (alpha unchanged).
+    errors : dict of numpy.ndarray
+        1-sigma errors (delta chi^2 = 1, inflated by sqrt(chi^2/dof) when above 1).
+    """
+    from .grid import PARAMS, interpolation_weights
+
+    names = PARAMS[:3]
+    nstar = obs_norm.shape[0]
+    steps = np.array([np.median(np.diff(axes[p])) if len(axes[p]) > 1 else 0.0 for p in names])
+    lo = np.array([axes[p][0] for p in names])
+    hi = np.array([axes[p][-1] for p in names])
+    centre = np.stack([np.asarray(start[p], dtype=float) for p in names], axis=1)  # (S, 3)
+    exists = template_index >= 0
+    ntemplate = templates_norm.shape[0]
+    for n, half in levels:
+        u = np.linspace(-half, half, n)
+        grid = np.array(np.meshgrid(u, u, u, indexing="ij")).reshape(3, -1).T  # (K, 3)
+        points = np.clip(centre[:, None, :] + grid[None] * steps, lo, hi)  # (S, K, 3)
+        k = points.shape[1]
+        flat = points.reshape(-1, 3)
+        alpha = np.repeat(np.asarray(start["alpha"], dtype=float), k)
+        index, weight = interpolation_weights(axes, exists, flat[:, 0], flat[:, 1], flat[:, 2],
+                                              alpha)
+        cols = template_index[tuple(index[..., d] for d in range(4))]
+        weight = np.where(cols >= 0, np.nan_to_num(weight), 0.0)
+        rows = np.repeat(np.arange(flat.shape[0]), 8)
+        matrix = scipy.sparse.csr_matrix((weight.ravel(), (rows, np.maximum(cols, 0).ravel())),
+                                         shape=(flat.shape[0], ntemplate))
+        models = (matrix @ templates_norm.astype(np.float64)).reshape(nstar, k, -1)
+        scores = np.stack([score_star(obs_norm[s], obs_ivar[s], models[s], rv[s], wavelength,
+                                      metric, delta, knot_spacing) for s in range(nstar)])
+        best = np.nanargmin(np.where(np.isfinite(scores), scores, np.inf), axis=1)
+        centre = points[np.arange(nstar), best]
+    # Quadratic through the last lattice, in grid steps around its best point.
+    free = steps > 0
+    x = (points - centre[:, None, :])[..., free] / steps[free]
+    xmin, cov = quadratic_minimum(x, scores)
+    inside = np.all(np.abs(xmin) <= half, axis=1)
+    params = dict(start)
+    errors = {}
+    npix = (obs_ivar > 0).sum(axis=1)
+    dof_scale = np.sqrt(np.maximum(np.nanmin(scores, axis=1) / np.maximum(npix - 1, 1), 1.0))
+    j = 0
+    for i, p in enumerate(names):
+        if not free[i]:
+            params[p] = centre[:, i]
+            errors[p] = np.full(nstar, np.nan)
+            continue
+        refined = np.where(inside, centre[:, i] + xmin[:, j] * steps[i], centre[:, i])
+        params[p] = np.clip(refined, lo[i], hi[i])
+        errors[p] = np.sqrt(np.abs(cov[:, j, j])) * steps[i] * dof_scale
+        j += 1
+    return params, errors

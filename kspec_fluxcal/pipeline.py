@@ -1,0 +1,132 @@
+"""Calibrate one exposure end to end: fit the standards, combine, apply, write, QC."""
+
+from __future__ import annotations
+
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import xarray as xr
+
+from .calibration import apply_calibration, combine_vectors
+from .catalog import read_catalog
+from .config import Config, load_config
+from .errors import FluxCalWarning
+from .exposure import open_exposure, write_calibrated
+from .grid import open_grid
+from .standards import fit_standards
+
+__all__ = ["calibrate_exposure", "CalibrationResult", "output_name"]
+
+
+@dataclass
+class CalibrationResult:
+    """What :func:`calibrate_exposure` produced for one exposure."""
+
+    calibrated: xr.Dataset
+    stars: xr.Dataset
+    calibration: xr.Dataset
+    path: Path | None = None
+    warnings: tuple[str, ...] = ()
+
+    def summary(self):
+        """One line: stars used/rejected and the scatter between them."""
+        status = self.calibration["star_status"].values
+        used = int(self.calibration.attrs["fcalnstr"])
+        rejected = [f"fiber {int(f)}: {s}" for f, s, u in zip(
+            self.calibration["fiber"].values, status, self.calibration["used"].values) if not u]
+        rms = self.calibration.attrs.get("fcalrms")
+        rms_text = "n/a (one star)" if rms is None or rms != rms else f"{100 * rms:.2f}%"
+        text = (f"{self.calibrated.attrs.get('expid')}: {used} standard(s) used, "
+                f"{len(rejected)} rejected, rms between standards {rms_text}")
+        if rejected:
+            text += " [" + "; ".join(rejected) + "]"
+        return text
+
+
+def output_name(path):
+    """``<name>_fluxcal.fits`` for a RED file ``<name>.fits`` (or .fit, .fits.gz)."""
+    name = Path(path).name
+    for suffix in (".fits.gz", ".fits", ".fit", ".fts"):
+        if name.lower().endswith(suffix):
+            name = name[: -len(suffix)]
+            break
+    return f"{name}_fluxcal.fits"
+
+
+def calibrate_exposure(path, catalog, grid, out=None, *, config=None, overwrite=False,
+                       in_place=False, cache_dir=None, qc_dir=None, **options):
+    """Flux-calibrate one RED file: what ``kspec-fluxcal calibrate`` does for one file.
+
+    Parameters
+    ----------
+    path : path-like
+        The RED file (formats contract section 1). It is never modified, unless
+        ``in_place``.
+    catalog : path-like or xarray.Dataset
+        Standard-star catalog (Refcat2 CSV) or its :func:`read_catalog` result.
+    grid : path-like or xarray.Dataset
+        Template grid store, :func:`open_grid` result or a prepared setup.
+    out : path-like, optional
+        Output directory (the file is ``<name>_fluxcal.fits`` in it) or ``.fits`` path;
+        None: nothing is written.
+    config : Config or path-like, optional
+        Options (default: the package defaults).
+    overwrite : bool
+        Replace an existing output.
+    in_place : bool
+        Replace the input file with the calibrated one (atomically).
+    cache_dir : path-like, optional
+        Zarr cache of prepared template cubes.
+    qc_dir : path-like, optional
+        Write the QC plots and summary there.
+    **options
+        Configuration overrides, e.g. ``metric="huber"``, ``smooth=False``.
+
+    Returns
+    -------
+    CalibrationResult
+
+    Raises
+    ------
+    FluxCalError
+        Bad input (file, catalog, grid, config) or no usable standard star.
+    """
+    if not isinstance(config, Config):
+        config = load_config(config)
+    if options:
+        config = config.replace(**options)
+    if not isinstance(catalog, xr.Dataset):
+        catalog = read_catalog(catalog)
+    if not isinstance(grid, xr.Dataset):
+        grid = open_grid(grid)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FluxCalWarning)
+        exposure = open_exposure(path)
+        stars = fit_standards(exposure, catalog, grid, config, cache_dir=cache_dir)
+        calibration = combine_vectors(stars, config=config)
+        calibrated = apply_calibration(exposure, calibration)
+    notes = tuple(str(w.message) for w in caught if issubclass(w.category, FluxCalWarning))
+    for w in caught:
+        if not issubclass(w.category, FluxCalWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    calibrated.attrs["history"] = [*calibrated.attrs["history"], *(f"note: {n}" for n in notes)]
+    stars = stars.assign(star_status=("star", calibration["star_status"].values))
+    target = None
+    if in_place:
+        target = Path(path)
+        overwrite = True
+    elif out is not None:
+        out = Path(out)
+        target = out if out.suffix.lower() in (".fits", ".fit") else out / output_name(path)
+    if target is not None:
+        if target.exists() and os.path.samefile(target, path) and not in_place:
+            raise ValueError(f"{target}: refusing to overwrite the input; use in_place=True")
+        write_calibrated(calibrated, target, overwrite=overwrite, stars=stars)
+    result = CalibrationResult(calibrated, stars, calibration, target, notes)
+    if qc_dir is not None:
+        from .qc import write_qc
+
+        write_qc(result, qc_dir)
+    return result

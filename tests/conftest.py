@@ -1,0 +1,128 @@
+"""Shared fixtures: small RED files and catalogs built in memory, a compute-counting scheduler."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import dask
+import numpy as np
+import pytest
+
+from kspec_fluxcal.exposure import red_hdulist
+
+SHARED_REAL = Path(__file__).resolve().parents[2] / "shared" / "real"
+requires_shared = pytest.mark.skipif(not SHARED_REAL.is_dir(),
+                                     reason="../shared/real (real spectra) is not present")
+
+
+@pytest.fixture(autouse=True)
+def _synchronous_dask():
+    """Deterministic Dask in tests (one thread), as xarray's and flox's test suites do."""
+    with dask.config.set(scheduler="synchronous"):
+        yield
+
+
+class _RaiseOnCompute:
+    """A Dask scheduler that raises when called: proves a function stays lazy."""
+
+    def __init__(self, max_computes=0):
+        self.max_computes = max_computes
+        self.total_computes = 0
+
+    def __call__(self, dsk, keys, **kwargs):
+        self.total_computes += 1
+        if self.total_computes > self.max_computes:
+            raise RuntimeError(f"Too many computes: {self.total_computes} > {self.max_computes}")
+        return dask.get(dsk, keys, **kwargs)
+
+
+@pytest.fixture
+def raise_if_computes():
+    """Context factory: ``with raise_if_computes(): ...`` fails on any Dask compute."""
+
+    def factory(max_computes=0):
+        return dask.config.set(scheduler=_RaiseOnCompute(max_computes))
+
+    return factory
+
+
+def fibres_columns(nfib, types=None, objid=None, ra=None, dec=None):
+    types = types or (["C", "C"] + ["P"] * (nfib - 4) + ["S", "S"])[:nfib]
+    return {
+        "NAME": np.array([f"fib{i:02d}" for i in range(nfib)]),
+        "TYPE": np.array(types),
+        "RA": np.asarray(ra if ra is not None else 150.0 + 0.01 * np.arange(nfib), dtype=float),
+        "DEC": np.asarray(dec if dec is not None else 2.0 + 0.01 * np.arange(nfib), dtype=float),
+        "OBJID": np.asarray(objid if objid is not None else 1000 + np.arange(nfib), dtype=np.int64),
+    }
+
+
+@pytest.fixture
+def red_file(tmp_path):
+    """Factory writing a small valid RED file; keyword arguments change parts of it.
+
+    Returns the path. ``header`` updates the primary header, ``drop`` removes keywords,
+    ``wavelength`` replaces WAVELA (None: write a linear WCS instead), ``fibres`` replaces
+    columns, ``flux``/``variance`` replace the arrays.
+    """
+    counter = iter(range(10_000))
+
+    def make(nfib=6, npix=200, *, name=None, header=None, drop=(), wavelength="default",
+             wavelength_header=None, fibres=None, flux=None, variance=None, seed=0):
+        rng = np.random.default_rng(seed)
+        wave = np.linspace(4000.0, 8000.0, npix)
+        if flux is None:
+            flux = 1000.0 + 100.0 * rng.standard_normal((nfib, npix))
+        if variance is None:
+            variance = np.full((nfib, npix), 100.0)
+        hdr = {"EXPTIME": 900.0, "MJD-OBS": 61000.25, "EXPID": "E0001", "AIRMASS": 1.2,
+               "SPECFWHM": 8.0}
+        if isinstance(wavelength, str) and wavelength == "default":
+            wavelength = wave
+        if wavelength is None:
+            step = wave[1] - wave[0]
+            hdr.update({"CRVAL1": wave[0], "CDELT1": step, "CRPIX1": 1.0, "CUNIT1": "Angstroms",
+                        "CTYPE1": "Wavelength"})
+        hdr.update(header or {})
+        for key in drop:
+            hdr.pop(key, None)
+        cols = fibres_columns(nfib)
+        cols.update(fibres or {})
+        hdul = red_hdulist(flux, variance, cols, hdr, wavelength=wavelength,
+                           wavelength_header=wavelength_header)
+        path = tmp_path / (name or f"red{next(counter):03d}.fits")
+        hdul.writeto(path)
+        return path
+
+    return make
+
+
+CATALOG_HEADER = ("dstDegrees,objid,RA,Dec,plx,dplx,pmra,dpmra,pmdec,dpmdec,Gaia,dGaia,BP,dBP,RP,"
+                  "dRP,Teff,AGaia,dupvar,Ag,rp1,r1,r10,g,dg,gchi,gcontrib,r,dr,rchi,rcontrib,i,di,"
+                  "ichi,icontrib,z,dz,zchi,zcontrib,nstat,J,dJ,H,dH,K,dK").split(",")
+
+
+def catalog_row(objid, ra, dec, **values):
+    """One Refcat2 row as a dict with plausible defaults for a G dwarf."""
+    row = dict.fromkeys(CATALOG_HEADER, "0")
+    row.update({"objid": objid, "RA": ra, "Dec": dec, "Gaia": 15.0, "dGaia": 0.002,
+                "BP": 15.35, "dBP": 0.005, "RP": 14.5, "dRP": 0.004, "Teff": 5900, "AGaia": 0.1,
+                "Ag": 0.12, "g": 15.4, "dg": 0.01, "r": 15.0, "dr": 0.01, "i": 14.9, "di": 0.01,
+                "z": 14.85, "dz": 0.01, "J": 14.0, "dJ": 0.03, "H": 13.7, "dH": 0.03,
+                "K": 13.65, "dK": 0.04})
+    row.update(values)
+    return row
+
+
+@pytest.fixture
+def catalog_file(tmp_path):
+    """Factory writing a Refcat2 CSV from row dicts (see :func:`catalog_row`)."""
+
+    def make(rows, name="catalog.csv", header=CATALOG_HEADER):
+        path = tmp_path / name
+        lines = [",".join(header)]
+        lines += [",".join(str(r.get(c, "")) for c in header) for r in rows]
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    return make

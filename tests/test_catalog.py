@@ -1,0 +1,97 @@
+import numpy as np
+import pytest
+from conftest import CATALOG_HEADER, catalog_row
+
+from kspec_fluxcal.catalog import match_standards, query_photometry, read_catalog
+from kspec_fluxcal.errors import CatalogError, FluxCalWarning
+from kspec_fluxcal.exposure import open_exposure
+
+
+def test_vega_to_ab_offsets_of_the_contract(catalog_file):
+    cat = read_catalog(catalog_file([catalog_row(1, 10.0, 20.0, Gaia=15.0, RP=15.0, BP=15.0,
+                                                 J=12.0, H=12.0, K=12.0, g=16.0)]))
+    mag = cat["mag"].sel(objid=1)
+    assert mag.sel(band="gaiadr2-G") == pytest.approx(15.1020, abs=1e-9)
+    assert mag.sel(band="gaiadr2-RP") == pytest.approx(15.3542, abs=1e-9)
+    assert mag.sel(band="gaiadr2-BP") == pytest.approx(15.0292, abs=1e-9)
+    assert mag.sel(band="twomass-J") == pytest.approx(12.91)
+    assert mag.sel(band="twomass-H") == pytest.approx(13.39)
+    assert mag.sel(band="twomass-Ks") == pytest.approx(13.85)
+    assert mag.sel(band="panstarrs-g") == pytest.approx(16.0)  # PS1 is AB already
+    assert cat["mag"].dims == ("star", "band")
+
+
+def test_sentinels_become_nan(catalog_file):
+    rows = [catalog_row(1, 10, 20, g=99.9), catalog_row(2, 10, 21, dr=9.99),
+            catalog_row(3, 10, 22, i="", Teff=0, AGaia="")]
+    cat = read_catalog(catalog_file(rows))
+    assert np.isnan(cat["mag"].sel(objid=1, band="panstarrs-g"))
+    assert np.isnan(cat["mag"].sel(objid=2, band="panstarrs-r"))
+    assert np.isnan(cat["mag_err"].sel(objid=2, band="panstarrs-r"))
+    assert np.isnan(cat["mag"].sel(objid=3, band="panstarrs-i"))
+    assert np.isnan(cat["teff_catalog"].sel(objid=3)) and np.isnan(cat["a_gaia"].sel(objid=3))
+    assert cat["teff_catalog"].sel(objid=1) == 5900
+    assert int(np.isfinite(cat["mag"]).sum()) == 3 * 10 - 3
+
+
+def test_missing_columns(catalog_file):
+    header = [c for c in CATALOG_HEADER if c not in ("dRP", "objid")]
+    with pytest.raises(CatalogError, match=r"header line: missing required column\(s\) objid, dRP"):
+        read_catalog(catalog_file([catalog_row(1, 1, 1)], header=header))
+
+
+def test_non_numeric_value_named(catalog_file):
+    path = catalog_file([catalog_row(1, 1, 1), catalog_row(2, 1, 2, r="bright")])
+    with pytest.raises(CatalogError, match=r"column r row 3: value 'bright' is not a number"):
+        read_catalog(path)
+
+
+def test_duplicate_objid(catalog_file):
+    path = catalog_file([catalog_row(7, 1, 1), catalog_row(8, 1, 2), catalog_row(7, 1, 3)])
+    with pytest.raises(CatalogError, match=r"objid 7 appears more than once \(rows 2, 4\)"):
+        read_catalog(path)
+
+
+def test_unreadable(tmp_path):
+    with pytest.raises(CatalogError, match="no such file"):
+        read_catalog(tmp_path / "none.csv")
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(CatalogError, match="empty file"):
+        read_catalog(empty)
+    binary = tmp_path / "binary.csv"
+    binary.write_bytes(b"\xff\xfe\x00\x01" * 50)
+    with pytest.raises(CatalogError, match=str(binary.name)):
+        read_catalog(binary)
+
+
+def test_match_by_objid_and_position(red_file, catalog_file):
+    # Fibers 0 and 1 are standards: fiber 0 by OBJID, fiber 1 (OBJID -1) by position.
+    ds = open_exposure(red_file(fibres={"OBJID": np.array([55, -1, 3, 4, 5, 6])}))
+    ra1, dec1 = ds["ra"].values[1], ds["dec"].values[1]
+    rows = [catalog_row(55, 0.0, 0.0, Gaia=14.0),  # far away: only the OBJID matches it
+            catalog_row(77, ra1 + 1.0 / 3600 / np.cos(np.radians(dec1)), dec1, Gaia=13.0),
+            catalog_row(88, ra1 + 10.0 / 3600, dec1)]
+    matched = match_standards(ds, read_catalog(catalog_file(rows)))
+    assert matched.sizes["star"] == 2
+    assert list(matched["fiber"].values) == [0, 1]
+    assert list(matched["objid"].values) == [55, 77]
+    assert list(matched["match"].values) == ["objid", "position"]
+    assert matched["separation"].values[1] == pytest.approx(1.0, abs=0.01)
+    assert matched["mag"].sel(band="gaiadr2-G").values == pytest.approx([14.102, 13.102])
+
+
+def test_unmatched_standard_reported_not_guessed(red_file, catalog_file):
+    ds = open_exposure(red_file(fibres={"OBJID": np.array([999, -1, 3, 4, 5, 6])}))
+    # Star 1000 sits exactly at fiber 0's position but fiber 0 asks for OBJID 999: no guess.
+    rows = [catalog_row(1000, ds["ra"].values[0], ds["dec"].values[0])]
+    with pytest.warns(FluxCalWarning, match=r"no catalog entry for standard\(s\) fiber 0 .*OBJID 999"):
+        matched = match_standards(ds, read_catalog(catalog_file(rows)))
+    assert list(matched["match"].values) == ["none", "none"]
+    assert np.isnan(matched["mag"].values).all()
+    assert list(matched["objid"].values) == [-1, -1]
+
+
+def test_query_photometry_placeholder():
+    with pytest.raises(NotImplementedError, match="Refcat2"):
+        query_photometry(10.0, 20.0)

@@ -1,0 +1,273 @@
+import os
+
+import numpy as np
+import pytest
+import xarray as xr
+from astropy.io import fits
+
+from kspec_fluxcal.constants import FLUX_UNIT
+from kspec_fluxcal.errors import ExposureError, OutputExistsError
+from kspec_fluxcal.exposure import open_exposure, read_exposure_info, write_calibrated
+from kspec_fluxcal.wavelength import air_to_vacuum, resample_conserving, vacuum_to_air
+
+
+def test_open_exposure_layout(red_file):
+    ds = open_exposure(red_file())
+    assert ds["flux"].dims == ("fiber", "wavelength")
+    assert ds.sizes == {"fiber": 6, "wavelength": 200}
+    assert ds["wavelength"].attrs["units"] == "Angstrom"
+    assert ds["wavelength"].attrs["medium"] == "air"
+    assert list(ds["fiber_type"].values) == ["C", "C", "P", "P", "S", "S"]
+    assert ds["objid"].dtype == np.int64 and ds["objid"].values[0] == 1000
+    assert ds.attrs["exptime"] == 900.0 and ds.attrs["mjd"] == 61000.25
+    assert ds.attrs["expid"] == "E0001" and ds.attrs["airmass"] == 1.2
+    assert ds.attrs["lsf_fwhm_coeffs"] == [8.0]
+    assert ds["good"].all()
+
+
+def test_fwhm_polynomial_takes_precedence(red_file):
+    ds = open_exposure(red_file(header={"FWHMPC0": 5.0, "FWHMPC1": 4.0}))
+    assert ds.attrs["lsf_fwhm_coeffs"] == [5.0, 4.0]
+    assert ds.attrs["lsf_source"] == "FWHMPC"
+
+
+def test_linear_wcs_when_wavela_missing(red_file):
+    ds = open_exposure(red_file(wavelength=None))
+    np.testing.assert_allclose(ds["wavelength"].values, np.linspace(4000, 8000, 200), rtol=1e-12)
+    assert ds["wavelength"].attrs["source"] == "primary header WCS"
+
+
+def test_nm_and_vacuum_converted(red_file):
+    wave_vac = np.linspace(4000.0, 8000.0, 200)
+    ds = open_exposure(red_file(wavelength=wave_vac / 10.0,
+                                wavelength_header={"BUNIT": "nm", "AIRORVAC": "vac"}))
+    np.testing.assert_allclose(ds["wavelength"].values, vacuum_to_air(wave_vac))
+    # Air is ~1.1 A bluer than vacuum at 4000 A.
+    assert 1.0 < wave_vac[0] - ds["wavelength"].values[0] < 1.3
+    assert any("vacuum" in h for h in ds.attrs["history"])
+
+
+def test_air_vacuum_roundtrip():
+    wave = np.linspace(2000.0, 25000.0, 1000)
+    np.testing.assert_allclose(vacuum_to_air(air_to_vacuum(wave)), wave, atol=1e-8)
+    # Standard value: H-alpha 6564.61 A in vacuum is 6562.80 A in air.
+    assert vacuum_to_air(6564.61) == pytest.approx(6562.80, abs=0.01)
+
+
+def test_radians_converted(red_file):
+    ra = np.radians(np.full(6, 150.0))
+    col = fits.Column("RA", "D", unit="radians", array=ra)
+    ds = open_exposure(red_file(fibres={"RA": col}))
+    np.testing.assert_allclose(ds["ra"].values, 150.0)
+
+
+def test_extra_fibres_columns_survive(red_file):
+    ds = open_exposure(red_file(fibres={"PIVOT": np.arange(6) + 1}))
+    np.testing.assert_array_equal(ds["fibres_pivot"].values, np.arange(6) + 1)
+
+
+def test_identical_wavela_rows_used_as_is(red_file):
+    wave = np.tile(np.linspace(4000.0, 8000.0, 200), (6, 1))
+    wave[3] += 0.001  # far below 1 % of a 20 A pixel
+    ds = open_exposure(red_file(wavelength=wave))
+    assert not ds.attrs["history"]
+    flux = fits.getdata(red_file(wavelength=wave, name="again.fits"))
+    np.testing.assert_allclose(ds["flux"].values, flux)
+
+
+def test_per_fiber_wavelengths_resampled_flux_conserving(red_file):
+    npix = 400
+    base = np.linspace(4000.0, 8000.0, npix)
+    step = base[1] - base[0]
+    shifts = np.array([0.0, 0.3, -0.2, 0.45, 0.0, -0.4]) * step  # median 0
+    wave = base[None, :] + shifts[:, None]
+    # A smooth spectrum in counts per pixel: a ramp plus a broad Gaussian feature.
+    def density(w):
+        return 1.0 + (w - 4000.0) / 4000.0 + 0.5 * np.exp(-0.5 * ((w - 6000.0) / 80.0) ** 2)
+    flux = density(wave) * step * 100.0
+    variance = np.full_like(flux, 4.0)
+    ds = open_exposure(red_file(npix=npix, wavelength=wave, flux=flux, variance=variance))
+    assert any("resampled 6 fibers" in h for h in ds.attrs["history"])
+    common = ds["wavelength"].values
+    np.testing.assert_allclose(common, np.median(wave, axis=0))
+    inner = slice(5, -5)
+    expected = density(common[inner]) * step * 100.0
+    np.testing.assert_allclose(ds["flux"].values[:, inner], np.broadcast_to(expected, (6, npix - 10)),
+                               rtol=2e-3)
+    # Total counts conserved on the common range.
+    for f in range(6):
+        assert ds["flux"].values[f, inner].sum() == pytest.approx(expected.sum(), rel=1e-3)
+    # Variance propagated with squared fractions: a shifted fiber's variance drops below 4.
+    assert np.all(ds["variance"].values[3, inner] < 4.0)
+    np.testing.assert_allclose(ds["variance"].values[0, inner], 4.0)
+
+
+def test_resample_conserving_marks_bad_pixels():
+    wave = np.linspace(1.0, 100.0, 100)[None, :]
+    flux = np.ones((1, 100))
+    flux[0, 50] = np.nan
+    out, var = resample_conserving(wave + 0.5, flux, np.ones((1, 100)), wave[0])
+    assert np.isnan(out[0, 50]) and np.isnan(out[0, 51])
+    assert np.isnan(out[0, 0])  # beyond the input grid
+    assert np.isfinite(out[0, 10]) and out[0, 10] == pytest.approx(1.0)
+    assert var[0, 10] == pytest.approx(0.5)  # two halves: 0.25 + 0.25
+
+
+def test_dead_fiber_is_not_an_error(red_file):
+    flux = np.ones((6, 200))
+    flux[2] = np.nan
+    ds = open_exposure(red_file(flux=flux))
+    assert not ds["good"].values[2].any()
+    assert ds["good"].values[0].all()
+
+
+def test_chunks_give_dask(red_file):
+    ds = open_exposure(red_file(), chunks={"fiber": 2})
+    assert ds["flux"].chunks == ((2, 2, 2), (200,))
+
+
+def test_read_exposure_info(red_file):
+    a = read_exposure_info(red_file())
+    b = read_exposure_info(red_file(wavelength=None))
+    c = read_exposure_info(red_file(header={"SPECFWHM": 6.0}))
+    assert a["expid"] == "E0001" and a["nfiber"] == 6 and a["npixel"] == 200
+    assert a["setup"] == b["setup"]  # same grid, whether from WAVELA or the WCS
+    assert a["setup"] != c["setup"]  # another line-spread function
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def _rewrite(path, edit):
+    with fits.open(path) as hdul:
+        hdus = fits.HDUList([h.copy() for h in hdul])
+    edit(hdus)
+    os.remove(path)
+    hdus.writeto(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "make_kwargs, edit, match",
+    [
+        ({}, lambda h: h.pop(1), r"HDU VARIANCE: missing"),
+        ({}, lambda h: h.pop(3), r"HDU FIBRES: missing"),
+        ({}, lambda h: setattr(h[1], "name", "VARIANCES"), r"HDU VARIANCE: missing"),
+        ({}, lambda h: setattr(h[1], "data", np.ones((6, 199), np.float32)), r"HDU VARIANCE: shape"),
+        ({}, lambda h: setattr(h[2], "data", np.linspace(4000, 8000, 150)), r"HDU WAVELA: shape"),
+        ({"drop": ("EXPTIME",)}, None, r"primary header: missing EXPTIME \(or EXPOSED\)"),
+        ({"drop": ("MJD-OBS",)}, None, r"missing MJD-OBS \(or UTMJD\)"),
+        ({"drop": ("SPECFWHM",)}, None, r"neither SPECFWHM nor FWHMPC0"),
+        ({"header": {"EXPTIME": "long"}}, None, r"EXPTIME: value 'long' is not a float"),
+        ({"wavelength": np.linspace(8000, 4000, 200)}, None, r"HDU WAVELA: wavelengths do not increase"),
+        ({"wavelength": np.linspace(400, 800, 200)}, None, r"look like nm"),
+        ({"wavelength_header": {"BUNIT": "um"}}, None, r"unexpected wavelength unit 'um'"),
+        ({"wavelength_header": {"AIRORVAC": "water"}}, None, r"AIRORVAC: value 'water'"),
+        ({"fibres": {"TYPE": np.array(["C", "C", "P", "X", "S", "S"])}}, None,
+         r"column TYPE row 3: unknown fiber type 'X'"),
+        ({"flux": np.full((6, 200), np.nan)}, None, r"no valid pixel"),
+        ({"variance": np.full((6, 200), -1.0)}, None, r"no valid pixel"),
+        ({"header": {"SPECFWHM": -3.0}}, None, r"FWHM is not positive"),
+    ],
+)
+def test_bad_red_files(red_file, make_kwargs, edit, match):
+    path = red_file(**make_kwargs)
+    if edit is not None:
+        _rewrite(path, edit)
+    with pytest.raises(ExposureError, match=match) as info:
+        open_exposure(path)
+    assert str(path) in str(info.value)
+
+
+def test_fibres_rows_mismatch(red_file):
+    path = red_file(fibres={k: v[:5] for k, v in __import__("conftest").fibres_columns(6).items()})
+    with pytest.raises(ExposureError, match=r"HDU FIBRES: has 5 rows but the primary has 6"):
+        open_exposure(path)
+
+
+def test_no_wavelength_at_all(red_file):
+    path = _rewrite(red_file(), lambda h: h.pop(2))
+    with pytest.raises(ExposureError, match=r"HDU WAVELA: missing, and the primary header has no"):
+        open_exposure(path)
+
+
+def test_unreadable_and_truncated(tmp_path, red_file):
+    garbage = tmp_path / "garbage.fits"
+    garbage.write_bytes(b"this is not a FITS file at all" * 100)
+    with pytest.raises(ExposureError, match="not a readable FITS file"):
+        open_exposure(garbage)
+    path = red_file()
+    data = path.read_bytes()
+    truncated = tmp_path / "truncated.fits"
+    truncated.write_bytes(data[: len(data) // 3])
+    with pytest.raises(ExposureError, match=r"truncated\.fits"):
+        open_exposure(truncated)
+    with pytest.raises(ExposureError, match="no such file"):
+        open_exposure(tmp_path / "absent.fits")
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+def _calibrated(ds):
+    out = ds.copy()
+    cal = np.linspace(1.0, 2.0, ds.sizes["wavelength"])
+    out["flux"] = (ds["flux"] * cal).astype(np.float32).assign_attrs(units=FLUX_UNIT)
+    out["variance"] = (ds["variance"] * cal**2).astype(np.float32)
+    out["cal"] = ("wavelength", cal)
+    out["cal_variance"] = ("wavelength", np.full(cal.size, 1e-4))
+    out["cal_mask"] = ("wavelength", np.arange(cal.size) % 7 != 0)
+    out.attrs.update(fcalnstr=2, fcalrms=0.012)
+    return out
+
+
+def test_write_calibrated_roundtrip(red_file, tmp_path):
+    ds = open_exposure(red_file(fibres={"PIVOT": np.arange(6) + 1}, wavelength=None))
+    cal = _calibrated(ds)
+    out = write_calibrated(cal, tmp_path / "out" / "x_fluxcal.fits")
+    back = open_exposure(out)
+    np.testing.assert_allclose(back["flux"].values, cal["flux"].values)
+    np.testing.assert_allclose(back["variance"].values, cal["variance"].values)
+    np.testing.assert_allclose(back["wavelength"].values, ds["wavelength"].values)
+    np.testing.assert_array_equal(back["cal_mask"].values, cal["cal_mask"].values)
+    np.testing.assert_allclose(back["cal"].values, cal["cal"].values)
+    for name in ("fiber_type", "fiber_name", "objid", "ra", "dec", "fibres_pivot"):
+        np.testing.assert_array_equal(back[name].values, ds[name].values)
+    assert back["flux"].attrs["units"] == FLUX_UNIT
+    assert back.attrs["fcalnstr"] == 2 and back.attrs["fcalrms"] == pytest.approx(0.012)
+    header = fits.getheader(out)
+    assert header["FLUXCAL"] is True and header["BUNIT"] == FLUX_UNIT
+    assert header["FCALVER"] and header["EXPTIME"] == 900.0
+    table = fits.getdata(out, "FLUXCAL")
+    assert table.columns.names == ["WAVELENGTH", "CAL_FACTOR", "CAL_VARIANCE", "MASK"]
+    assert len(table) == ds.sizes["wavelength"]
+
+
+def test_write_calibrated_refuses_overwrite_and_leaves_no_temp(red_file, tmp_path):
+    cal = _calibrated(open_exposure(red_file()))
+    path = tmp_path / "x.fits"
+    write_calibrated(cal, path)
+    before = path.read_bytes()
+    with pytest.raises(OutputExistsError, match="overwrite"):
+        write_calibrated(cal, path)
+    assert path.read_bytes() == before
+    broken = cal.copy()
+    broken["cal_variance"] = ("wavelength", np.array(["x"] * cal.sizes["wavelength"]))
+    with pytest.raises(Exception):
+        write_calibrated(broken, path, overwrite=True)
+    assert path.read_bytes() == before  # the failed write did not touch the old file
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".kspec")) == []
+    write_calibrated(cal, path, overwrite=True)
+
+
+def test_write_calibrated_needs_calibration(red_file, tmp_path):
+    with pytest.raises(ValueError, match="calibrate it first"):
+        write_calibrated(open_exposure(red_file()), tmp_path / "x.fits")
+
+
+def test_lazy_exposure_written(red_file, tmp_path):
+    ds = open_exposure(red_file(), chunks={"fiber": 3})
+    cal = _calibrated(ds)
+    assert isinstance(cal["flux"].data, type(ds["flux"].data))
+    back = open_exposure(write_calibrated(cal, tmp_path / "lazy.fits"))
+    xr.testing.assert_allclose(back["flux"], cal["flux"].compute(), rtol=1e-6)

@@ -1,0 +1,99 @@
+import numpy as np
+import pytest
+import xarray as xr
+
+from kspec_fluxcal.constants import FWHM_PER_SIGMA
+from kspec_fluxcal.errors import FluxCalWarning, GridError
+from kspec_fluxcal.lsf import LineSpread
+from kspec_fluxcal.templates import (
+    clear_cache,
+    convolution_matrix,
+    prepare_templates,
+    prepared_templates,
+)
+
+R_GRID = 20000.0
+LINES = (3600.0, 6000.0, 8400.0)
+
+
+def _grid(nteff=3, chunked=False):
+    """A tiny in-memory cube: lines of the grid's own width (FWHM = lambda/R) on a flat continuum."""
+    wave = np.exp(np.arange(np.log(3000.0), np.log(9500.0), 1.0 / (2.3 * R_GRID)))
+    prof = sum(0.5 * np.exp(-0.5 * ((wave - c) / (c / R_GRID / FWHM_PER_SIGMA)) ** 2) for c in LINES)
+    base = 1.0 - prof
+    flux = np.stack([base * (1 + 0.1 * k) for k in range(nteff)])[:, None, None, None, :]
+    ds = xr.Dataset(
+        {"flux": (("teff", "logg", "feh", "alpha", "wavelength"), flux.astype(np.float32)),
+         "continuum": (("teff", "logg", "feh", "alpha", "wavelength"),
+                       np.ones_like(flux, dtype=np.float32)),
+         "exists": (("teff", "logg", "feh", "alpha"), np.ones((nteff, 1, 1, 1), bool))},
+        coords={"teff": 5000.0 + 500 * np.arange(nteff), "logg": [4.5], "feh": [0.0],
+                "alpha": [0.0], "wavelength": wave},
+        attrs={"resolving_power": R_GRID, "build_plan": f"test-{nteff}"},
+    )
+    return ds.chunk({"teff": 1}) if chunked else ds
+
+
+def _fwhm(wave, depth):
+    """FWHM from the second moment of an absorption profile."""
+    w = np.clip(depth, 0, None)
+    mean = np.sum(w * wave) / w.sum()
+    return np.sqrt(np.sum(w * (wave - mean) ** 2) / w.sum()) * FWHM_PER_SIGMA
+
+
+@pytest.mark.parametrize("centre", LINES)
+def test_line_broadened_to_wavelength_dependent_fwhm(centre):
+    lsf = LineSpread((3.0, 6.0), "FWHMPC")  # 5.2 A at 3600 A, 8.0 A at 8400 A
+    grid = _grid(1)
+    out = np.arange(centre - 40, centre + 40, 0.2)
+    matrix, sharper = convolution_matrix(grid["wavelength"].values, out, lsf, R_GRID)
+    assert sharper == 0
+    result = matrix @ grid["flux"].values[0, 0, 0, 0].astype(float)
+    measured = _fwhm(out, 1.0 - result)
+    assert measured == pytest.approx(float(lsf.fwhm(centre)), rel=0.02)
+    assert np.asarray(matrix.sum(axis=1)).ravel() == pytest.approx(1.0)
+
+
+def test_prepare_is_lazy_and_matches_eager(raise_if_computes):
+    lsf = LineSpread.constant(7.0)
+    wave = np.linspace(3500, 9000, 1500)
+    with raise_if_computes():
+        lazy = prepare_templates(_grid(3, chunked=True), wave, lsf)
+    assert lazy["flux"].chunks is not None
+    eager = prepare_templates(_grid(3), wave, lsf)
+    xr.testing.assert_allclose(lazy["flux"].compute(), eager["flux"], rtol=1e-6)
+    assert eager["flux"].dims == ("teff", "logg", "feh", "alpha", "wavelength")
+    np.testing.assert_array_equal(eager["wavelength"].values, wave)
+    assert eager.attrs["lsf_fwhm_coeffs"] == [7.0]
+    # Away from lines the flat continuum is preserved exactly (rows sum to one).
+    flat = (wave > 4000) & (wave < 5000)
+    np.testing.assert_allclose(eager["flux"].values[1, 0, 0, 0, flat], 1.1, rtol=1e-5)
+
+
+def test_grid_must_cover_exposure():
+    with pytest.raises(GridError, match=r"the grid covers 3000-9500 A but the exposure needs"):
+        prepare_templates(_grid(1), np.linspace(3005, 9000, 500), LineSpread.constant(8.0))
+
+
+def test_instrument_sharper_than_grid_warns():
+    grid = _grid(1).assign_attrs(resolving_power=500.0)
+    with pytest.warns(FluxCalWarning, match="sharper than the grid's resolution R = 500"):
+        prepare_templates(grid, np.linspace(4000, 8000, 800), LineSpread.constant(2.0))
+
+
+def test_cache_reuses_in_memory_and_on_disk(tmp_path):
+    clear_cache()
+    grid = _grid(2)
+    wave = np.linspace(3500, 9000, 800)
+    lsf = LineSpread.constant(8.0)
+    a = prepared_templates(grid, wave, lsf, cache_dir=tmp_path)
+    b = prepared_templates(grid, wave, lsf, cache_dir=tmp_path)
+    assert a is b
+    stores = list(tmp_path.glob("prepared-*.zarr"))
+    assert len(stores) == 1
+    clear_cache()
+    c = prepared_templates(grid, wave, lsf, cache_dir=tmp_path)  # read back from Zarr
+    xr.testing.assert_allclose(a["flux"], c["flux"])
+    other = prepared_templates(grid, wave, LineSpread.constant(6.0), cache_dir=tmp_path)
+    assert len(list(tmp_path.glob("prepared-*.zarr"))) == 2
+    assert not np.allclose(other["flux"].values, a["flux"].values)
