@@ -19,6 +19,17 @@ __all__ = ["atomic_file", "atomic_directory"]
 TEMP_PREFIX = ".kspec-tmp-"
 
 
+def _umask():
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _publish_mode(path, directory=False):
+    # mkstemp/mkdtemp create owner-only entries; outputs get the usual permissions.
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 @contextlib.contextmanager
 def atomic_file(path, overwrite=False):
     """Yield a temporary path next to ``path``; rename it to ``path`` on success.
@@ -40,6 +51,7 @@ def atomic_file(path, overwrite=False):
     tmp = Path(tmp)
     try:
         yield tmp
+        _publish_mode(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -60,6 +72,7 @@ def atomic_directory(path, overwrite=False):
     tmp = Path(tempfile.mkdtemp(prefix=TEMP_PREFIX + path.name + ".", dir=path.parent))
     try:
         yield tmp
+        _publish_mode(tmp, directory=True)
         old = None
         if path.exists():
             old = path.with_name(f"{TEMP_PREFIX}{path.name}.old-{os.getpid()}")

@@ -45,11 +45,18 @@ def _star_label(stars, s):
         f" objid {int(stars['objid'].values[s])}"
 
 
+def _nanmedian(values, axis):
+    """np.nanmedian without the warning for all-NaN slices (gaps are expected here)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmedian(values, axis=axis)
+
+
 def _grey_levels(cal, mask):
-    ref = np.nanmedian(np.where(mask, cal, np.nan), axis=0)
+    ref = _nanmedian(np.where(mask, cal, np.nan), axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = np.where(mask, cal / ref, np.nan)
-    return np.nanmedian(ratio, axis=1)
+    return _nanmedian(ratio, axis=1)
 
 
 def combine_vectors(stars, method=None, sigma_clip=None, smooth=None, *, config=None):
@@ -110,11 +117,11 @@ def combine_vectors(stars, method=None, sigma_clip=None, smooth=None, *, config=
         shapes = cal[idx] / g[:, None]
         dev_shape = np.empty(idx.size)
         for k in range(idx.size):  # leave-one-out, over a handful of stars
-            others = np.nanmedian(np.where(mask[np.delete(idx, k)], np.delete(shapes, k, 0), np.nan),
-                                  axis=0)
+            others = _nanmedian(np.where(mask[np.delete(idx, k)], np.delete(shapes, k, 0), np.nan),
+                                axis=0)
             with np.errstate(invalid="ignore", divide="ignore"):
-                dev_shape[k] = np.nanmedian(np.abs(np.where(mask[idx[k]], shapes[k] / others, np.nan)
-                                                   - 1.0))
+                dev_shape[k] = _nanmedian(np.abs(np.where(mask[idx[k]], shapes[k] / others, np.nan)
+                                                 - 1.0), axis=None)
         dev_level = np.abs(np.log(g / np.median(g)))
         bad = (dev_shape > opts.star_deviation) | (dev_level > opts.star_level)
         if not bad.any():
@@ -150,7 +157,7 @@ def combine_vectors(stars, method=None, sigma_clip=None, smooth=None, *, config=
     w = np.where(m, 1.0 / svar, 0.0)
     with np.errstate(invalid="ignore", divide="ignore"):
         if method == "median":
-            comb = np.nanmedian(np.where(m, shapes, np.nan), axis=0)
+            comb = _nanmedian(np.where(m, shapes, np.nan), axis=0)
             # Variance of a median: (pi/2) times that of the mean.
             comb_var = np.pi / 2 / w.sum(0)
         else:
@@ -176,7 +183,8 @@ def combine_vectors(stars, method=None, sigma_clip=None, smooth=None, *, config=
     if idx.size >= 2:
         with np.errstate(invalid="ignore", divide="ignore"):
             dev = np.where(m, shapes / comb - 1.0, np.nan)
-        fcalrms = float(1.4826 * np.nanmedian(np.abs(dev)) * np.sqrt(idx.size / (idx.size - 1)))
+        fcalrms = float(1.4826 * _nanmedian(np.abs(dev), axis=None)
+                        * np.sqrt(idx.size / (idx.size - 1)))
     else:
         fcalrms = np.nan
         warnings.warn(f"{stars.attrs.get('expid', 'exposure')}: one usable standard star "

@@ -131,6 +131,9 @@ SCHEMA = {
         "fallback": Option(False, "Calibrate exposures without a usable standard from the "
                            "archive (nearest exposures of the same setup); FCALSRC='archive'."),
         "fallback_window": Option(3.0, "Time window for the archive fallback, days.", min=0.0),
+        "utc_offset": Option(9.0, "Site clock in hours from UT (Korea: 9), to name observing "
+                             "nights in the archive (local date of the evening).",
+                             min=-12.0, max=14.0),
     },
 }
 

@@ -51,10 +51,10 @@ POSITION_MATCH_ARCSEC = 2.0
 MAG_SENTINEL = 99.0
 MAG_ERR_SENTINEL = 9.9
 
-#: Photometric bands we use, by speclite filter name, in wavelength order.
+#: Photometric bands we use, by speclite filter name, in order of effective wavelength.
 BANDS = (
-    "gaiadr2-BP",
     "panstarrs-g",
+    "gaiadr2-BP",
     "panstarrs-r",
     "gaiadr2-G",
     "panstarrs-i",

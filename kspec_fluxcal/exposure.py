@@ -29,6 +29,7 @@ __all__ = [
     "open_exposure",
     "read_exposure_info",
     "write_calibrated",
+    "read_standard_stars",
     "red_hdulist",
     "exposure_setup",
     "add_history",
@@ -597,6 +598,8 @@ def write_calibrated(ds, path, *, overwrite=False, stars=None):
     ds = ds.compute()
     header = _primary_header(ds)
     header["BUNIT"] = FLUX_UNIT
+    if ds.attrs.get("expid"):
+        header["EXPID"] = str(ds.attrs["expid"])
     header["FLUXCAL"] = (True, "flux calibrated by kspec-fluxcal")
     header["FCALNSTR"] = (int(ds.attrs.get("fcalnstr", 0)), "standard stars used")
     rms = ds.attrs.get("fcalrms", np.nan)
@@ -653,3 +656,47 @@ def star_table(stars):
         table.header["BANDS"] = ",".join(str(b) for b in stars["band"].values)
     table.header["NWAVE"] = nwave
     return table
+
+
+def read_standard_stars(path):
+    """Read the per-star results (FCALSTAR table) of a calibrated file written by
+    :func:`write_calibrated`, as a Dataset like :func:`kspec_fluxcal.fit_standards` returns.
+
+    Returns
+    -------
+    xarray.Dataset or None
+        None when the file has no FCALSTAR extension.
+    """
+    path = os.fspath(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fits.verify.VerifyWarning)
+        with _open_hdulist(path) as hdul:
+            hdu = _find_hdu(hdul, path, ("FCALSTAR",), required=False)
+            if hdu is None:
+                return None
+            data = _data(hdu, path, "FCALSTAR")
+            header = hdu.header
+            wave = hdul["WAVELA"].data if "WAVELA" in hdul else None
+            bands = [b for b in str(header.get("BANDS", "")).split(",") if b]
+            nwave = int(header.get("NWAVE", 0))
+            variables, coords = {}, {}
+            for col in hdu.columns:
+                values = np.asarray(data[col.name])
+                name = col.name.lower()
+                attrs = {"units": str(col.unit)} if col.unit else {}
+                if values.ndim == 1:
+                    if values.dtype.kind in "SU":
+                        values = np.char.strip(values.astype(str))
+                    coords[name] = ("star", values, attrs)
+                elif values.shape[1] == nwave and nwave != len(bands):
+                    variables[name] = (("star", "wavelength"), values, attrs)
+                elif values.shape[1] == len(bands):
+                    variables[name] = (("star", "band"), values, attrs)
+                else:
+                    variables[name] = (("star", "wavelength"), values, attrs)
+    ds = xr.Dataset(variables, coords=coords)
+    if wave is not None and "wavelength" in ds.dims:
+        ds = ds.assign_coords(wavelength=np.asarray(wave, dtype=np.float64).reshape(-1))
+    if bands:
+        ds = ds.assign_coords(band=bands)
+    return ds

@@ -64,9 +64,10 @@ def shift_matrix(wavelength, rv):
     base = np.floor(np.where(inside, pos, 0.0)).astype(int)
     weights = _kernel_weights(np.where(inside, pos, 0.0) - base)
     cols = np.clip(base[:, None] + _TAPS[None, :], 0, n - 1)
-    weights = np.where(inside[:, None], weights, 0.0)
     rows = np.broadcast_to(np.arange(n)[:, None], cols.shape)
-    return scipy.sparse.csr_matrix((weights.ravel(), (rows.ravel(), cols.ravel())), shape=(n, n))
+    # Rows whose source is off the spectrum stay empty (no stored zeros), so callers can tell.
+    keep = np.broadcast_to(inside[:, None], cols.shape)
+    return scipy.sparse.csr_matrix((weights[keep], (rows[keep], cols[keep])), shape=(n, n))
 
 
 def shift_spectra(spectra, wavelength, rv):

@@ -12,12 +12,12 @@ import xarray as xr
 from .calibration import apply_calibration, combine_vectors
 from .catalog import read_catalog
 from .config import Config, load_config
-from .errors import FluxCalWarning
+from .errors import FluxCalError, FluxCalWarning
 from .exposure import open_exposure, write_calibrated
 from .grid import open_grid
 from .standards import fit_standards
 
-__all__ = ["calibrate_exposure", "CalibrationResult", "output_name"]
+__all__ = ["calibrate", "calibrate_exposure", "CalibrationResult", "output_name"]
 
 
 @dataclass
@@ -53,6 +53,42 @@ def output_name(path):
             name = name[: -len(suffix)]
             break
     return f"{name}_fluxcal.fits"
+
+
+def calibrate(exposure, catalog, grid, config=None, *, cache_dir=None):
+    """Fit the standards of an opened exposure, combine them and calibrate every fiber.
+
+    Parameters
+    ----------
+    exposure : xarray.Dataset
+        From :func:`kspec_fluxcal.open_exposure`.
+    catalog : xarray.Dataset
+        From :func:`kspec_fluxcal.read_catalog`.
+    grid : xarray.Dataset
+        Opened template grid, or a prepared setup (:func:`kspec_fluxcal.prepare_setup`).
+    config : Config, optional
+
+    Returns
+    -------
+    CalibrationResult
+        Not written anywhere (``path`` is None). The package's warnings (skipped stars, a
+        single usable star...) are collected in ``warnings`` and the history.
+    """
+    config = Config() if config is None else config
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", FluxCalWarning)
+        stars = fit_standards(exposure, catalog, grid, config, cache_dir=cache_dir)
+        calibration = combine_vectors(stars, config=config)
+        calibrated = apply_calibration(exposure, calibration)
+    notes = tuple(str(w.message) for w in caught if issubclass(w.category, FluxCalWarning))
+    for w in caught:
+        if not issubclass(w.category, FluxCalWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    calibrated.attrs["history"] = [*calibrated.attrs["history"], *(f"note: {n}" for n in notes)]
+    stars = stars.assign(star_status=("star", calibration["star_status"].values),
+                         grey_level=("star", calibration["grey_level"].values),
+                         used=("star", calibration["used"].values))
+    return CalibrationResult(calibrated, stars, calibration, None, notes)
 
 
 def calibrate_exposure(path, catalog, grid, out=None, *, config=None, overwrite=False,
@@ -101,18 +137,7 @@ def calibrate_exposure(path, catalog, grid, out=None, *, config=None, overwrite=
         catalog = read_catalog(catalog)
     if not isinstance(grid, xr.Dataset):
         grid = open_grid(grid)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", FluxCalWarning)
-        exposure = open_exposure(path)
-        stars = fit_standards(exposure, catalog, grid, config, cache_dir=cache_dir)
-        calibration = combine_vectors(stars, config=config)
-        calibrated = apply_calibration(exposure, calibration)
-    notes = tuple(str(w.message) for w in caught if issubclass(w.category, FluxCalWarning))
-    for w in caught:
-        if not issubclass(w.category, FluxCalWarning):
-            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-    calibrated.attrs["history"] = [*calibrated.attrs["history"], *(f"note: {n}" for n in notes)]
-    stars = stars.assign(star_status=("star", calibration["star_status"].values))
+    result = calibrate(open_exposure(path), catalog, grid, config, cache_dir=cache_dir)
     target = None
     if in_place:
         target = Path(path)
@@ -122,11 +147,12 @@ def calibrate_exposure(path, catalog, grid, out=None, *, config=None, overwrite=
         target = out if out.suffix.lower() in (".fits", ".fit") else out / output_name(path)
     if target is not None:
         if target.exists() and os.path.samefile(target, path) and not in_place:
-            raise ValueError(f"{target}: refusing to overwrite the input; use in_place=True")
-        write_calibrated(calibrated, target, overwrite=overwrite, stars=stars)
-    result = CalibrationResult(calibrated, stars, calibration, target, notes)
+            raise FluxCalError(f"{target}: is the input file; refusing to overwrite it "
+                               "(use in_place=True, CLI --in-place)")
+        write_calibrated(result.calibrated, target, overwrite=overwrite, stars=result.stars)
+    result.path = target
     if qc_dir is not None:
         from .qc import write_qc
 
-        write_qc(result, qc_dir)
+        write_qc(result, qc_dir, telluric=config.masks.telluric)
     return result

@@ -43,6 +43,7 @@ from .lsf import LineSpread
 from .masks import load_regions, region_mask
 from .matching import (
     cross_correlate_rv,
+    fit_corrected,
     refine_parameters,
     refine_rv,
     score_star,
@@ -328,7 +329,7 @@ def _output_template(std, matched):
         dtype = np.float64 if name in spectra else bool
         data[name] = (("star", "wavelength"), da.empty((nstar, nwave), dtype=dtype,
                                                        chunks=(nstar, nwave)))
-    for name in ("mag_obs", "mag_model", "phot_resid", "band_used"):
+    for name in ("mag_obs", "mag_err", "mag_model", "phot_resid", "band_used"):
         dtype = bool if name == "band_used" else np.float64
         data[name] = (("star", "band"), da.empty((nstar, bands.size), dtype=dtype,
                                                  chunks=(nstar, bands.size)))
@@ -455,8 +456,14 @@ def _fit(std, matched, setup, lsf, config):
     # 8. Calibration vector.
     model_obs = np.stack([shift_spectra(model[s], wave, rv[s]) for s in range(nstar)]) if nstar \
         else np.zeros((0, wave.size))
-    model_nobs = np.stack([shift_spectra(model_n[s], wave, rv[s]) for s in range(nstar)]) if nstar \
-        else np.zeros((0, wave.size))
+    # The normalised model as compared with the star: shifted, with its smooth correction.
+    model_nobs = np.zeros((nstar, wave.size))
+    for s in range(nstar):  # a few stars
+        shifted = shift_spectra(model_n[s], wave, rv[s])
+        w = np.where(np.isfinite(shifted), obs_ivar[s], 0.0)
+        model_nobs[s] = fit_corrected(np.nan_to_num(obs_norm[s]), w, np.nan_to_num(shifted)[None],
+                                      wave, knots)[0]
+        model_nobs[s][~np.isfinite(shifted)] = np.nan
     a_lambda = extinction_per_ebv(wave, fit.extinction_law)
     model_flux = (scale[:, None] * model_obs * 10.0 ** (-0.4 * pf["ebv"][:, None] * a_lambda)
                   / FLUX_UNIT_SCALE)
@@ -470,6 +477,7 @@ def _fit(std, matched, setup, lsf, config):
     cal_mask = cal_ok & line_good & extra_good
     cal = np.where(cal_ok, cal, np.nan)
     cal_var = np.where(cal_ok, cal_var, np.nan)
+    expid = str(std.attrs.get("expid", ""))
 
     status = _status(matched, pf, snr, usable, chi2_dof, config)
     dropped = [",".join(np.asarray(bands)[row]) for row in pf["dropped"]]
@@ -502,6 +510,7 @@ def _fit(std, matched, setup, lsf, config):
             "match_mask": (("star", "wavelength"), obs_ivar > 0,
                            {"description": "pixels used for template matching"}),
             "mag_obs": (("star", "band"), mag_obs, {"units": "mag", "system": "AB"}),
+            "mag_err": (("star", "band"), matched["mag_err"].values, {"units": "mag"}),
             "mag_model": (("star", "band"), mag_model - 2.5 * np.log10(scale)[:, None]
                           + ext * pf["ebv"][:, None], {"units": "mag", "system": "AB"}),
             "phot_resid": (("star", "band"), pf["resid"], {"units": "mag",
@@ -509,7 +518,7 @@ def _fit(std, matched, setup, lsf, config):
             "band_used": (("star", "band"), pf["used"]),
         },
         coords=coords,
-        attrs={"metric": fit.metric, "extinction_law": fit.extinction_law,
+        attrs={"expid": expid, "metric": fit.metric, "extinction_law": fit.extinction_law,
                "grid": str(setup.attrs.get("source_directory", "")),
                "grid_synthetic": int(setup.attrs.get("synthetic", 0)),
                "lsf_fwhm_coeffs": list(lsf.coeffs)},

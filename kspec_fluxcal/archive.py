@@ -1,0 +1,358 @@
+"""The calibration archive: every exposure's calibration on one survey-wide wavelength grid,
+in a Zarr v3 store written incrementally, for studying the instrument over time.
+
+Layout
+------
+Dims (exposure, wavelength) for ``cal``, ``cal_variance``, ``cal_mask``, and (exposure, star)
+for the standard-star summaries; per-exposure coordinates expid, mjd, night, airmass,
+exptime, setup, n_stars_used, fcalrms, fcalsrc, source, input_hash, dispersion.
+
+One grid for the whole survey
+    Exposures of different setups are comparable only on a shared grid: ``wavelength`` is
+    uniform in ln(lambda) from 3000 to 11000 A with steps of 2e-4 (60 km/s, 1.2 A at 6000 A,
+    finer than any K-SPEC pixel), in air. Calibrations are linearly interpolated onto it and
+    are NaN (mask False) outside an exposure's range.
+Per Angstrom, not per pixel
+    A calibration factor per count per pixel depends on the pixel width. The archive stores
+    ``cal`` = CAL_FACTOR x pixel width: flux density per (count per Angstrom), the same for
+    any setup. The throughput in counts/s/A per unit flux density is ``1 / (cal * exptime)``.
+
+Crash safety
+------------
+Rows are only ever appended; a re-calibrated exposure gets a new row and the group attribute
+``index`` (expid -> current row) moves to it. Data are written first, then ``rows`` and
+``index`` in one atomic metadata write (Zarr's local store writes each key through a temporary
+file): a job killed at any point leaves the previous committed state, and :func:`open_archive`
+shows only committed rows. Arrays grow in blocks of rows (capacity), so readers never depend
+on the arrays' lengths agreeing.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from . import __version__
+from .constants import CAL_UNIT, FLUX_UNIT
+
+__all__ = ["ARCHIVE_GRID", "archive_grid", "ArchiveWriter", "open_archive", "archive_record",
+           "plot_archive", "MAX_STARS"]
+
+#: The survey-wide grid: ln-uniform, 3000-11000 A, step 2e-4.
+ARCHIVE_GRID = {"wave_min": 3000.0, "wave_max": 11000.0, "dlnlambda": 2e-4}
+#: Standard-star slots per exposure in the archive.
+MAX_STARS = 32
+_BLOCK = 64  # rows added to the arrays' capacity at a time
+_ROW_CHUNK = 16
+_STAR_FIELDS = {
+    "star_objid": (np.int64, -1), "star_fiber": (np.int64, -1), "star_teff": (np.float64, np.nan),
+    "star_logg": (np.float64, np.nan), "star_feh": (np.float64, np.nan),
+    "star_rv": (np.float64, np.nan), "star_ebv": (np.float64, np.nan),
+    "star_snr": (np.float64, np.nan), "star_status": (str, ""),
+}
+_ROW_FIELDS = {
+    "expid": (str, ""), "mjd": (np.float64, np.nan), "night": (str, ""),
+    "airmass": (np.float64, np.nan), "exptime": (np.float64, np.nan), "setup": (str, ""),
+    "n_stars_used": (np.int64, 0), "fcalrms": (np.float64, np.nan), "fcalsrc": (str, ""),
+    "source": (str, ""), "input_hash": (str, ""), "dispersion": (np.float64, np.nan),
+    "calibrated_at": (str, ""),
+}
+
+
+def archive_grid():
+    """The survey-wide archive wavelength grid (Angstrom, air)."""
+    g = ARCHIVE_GRID
+    n = int(np.floor(np.log(g["wave_max"] / g["wave_min"]) / g["dlnlambda"])) + 1
+    return g["wave_min"] * np.exp(g["dlnlambda"] * np.arange(n))
+
+
+def night_of(mjd, utc_offset=9.0):
+    """The observing night of an MJD: the local date of the evening (YYYYMMDD).
+
+    The local clock is UT + ``utc_offset`` hours; a night runs from local noon to local noon,
+    so it is named by the date of local time minus 12 hours.
+    """
+    t = _dt.datetime(1858, 11, 17) + _dt.timedelta(days=float(mjd) + utc_offset / 24.0 - 0.5)
+    return t.strftime("%Y%m%d")
+
+
+def archive_record(calibrated, stars, calibration, *, source="", input_hash="", utc_offset=9.0):
+    """One archive row (plain numpy) from a calibrated exposure and its standards.
+
+    Parameters
+    ----------
+    calibrated : xarray.Dataset
+        From :func:`kspec_fluxcal.apply_calibration` (cal, cal_variance, cal_mask, attrs).
+    stars : xarray.Dataset or None
+        From :func:`kspec_fluxcal.fit_standards` (None for an archive-based calibration).
+    calibration : xarray.Dataset or None
+        From :func:`kspec_fluxcal.combine_vectors` (which stars were used).
+    source, input_hash : str
+        The RED file and the hash of everything the calibration depended on.
+    utc_offset : float
+        Site clock, hours from UT, to name nights (see :func:`night_of`).
+    """
+    wave = calibrated["wavelength"].values
+    grid = archive_grid()
+    width = np.gradient(wave)
+    inside = (grid >= wave[0]) & (grid <= wave[-1])
+    per_aa = calibrated["cal"].values * width
+    cal = np.where(inside, np.interp(grid, wave, per_aa), np.nan)
+    var = np.where(inside, np.interp(grid, wave, calibrated["cal_variance"].values * width**2),
+                   np.nan)
+    mask_src = calibrated["cal_mask"].values.astype(float)
+    mask = inside & (np.interp(grid, wave, mask_src) > 0.999)
+    attrs = calibrated.attrs
+    row = {
+        "expid": str(attrs.get("expid", "")), "mjd": float(attrs.get("mjd", np.nan)),
+        "night": night_of(attrs.get("mjd", 0.0), utc_offset), "airmass": float(attrs.get("airmass", np.nan)),
+        "exptime": float(attrs.get("exptime", np.nan)), "setup": str(attrs.get("setup", "")),
+        "n_stars_used": int(attrs.get("fcalnstr", 0)),
+        "fcalrms": float(attrs.get("fcalrms", np.nan)),
+        "fcalsrc": str(attrs.get("fcalsrc", "standards")), "source": str(source),
+        "input_hash": str(input_hash), "dispersion": float(np.median(width)),
+        "calibrated_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
+    star = {name: np.full(MAX_STARS, fill, dtype=object if dtype is str else dtype)
+            for name, (dtype, fill) in _STAR_FIELDS.items()}
+    if stars is not None and stars.sizes.get("star", 0):
+        n = min(stars.sizes["star"], MAX_STARS)
+        status = (calibration["star_status"].values if calibration is not None
+                  else stars["status"].values)
+        for name, src in (("star_objid", "objid"), ("star_fiber", "fiber"), ("star_teff", "teff"),
+                          ("star_logg", "logg"), ("star_feh", "feh"), ("star_rv", "rv"),
+                          ("star_ebv", "ebv"), ("star_snr", "snr")):
+            star[name][:n] = stars[src].values[:n]
+        star["star_status"][:n] = [str(s) for s in status[:n]]
+    return {"row": row, "star": star, "cal": cal.astype(np.float32),
+            "cal_variance": var.astype(np.float32), "cal_mask": mask}
+
+
+class ArchiveWriter:
+    """Appends calibrations to the archive; used by one process (the survey's client).
+
+    Parameters
+    ----------
+    path : path-like
+        The Zarr store; created when absent.
+    """
+
+    def __init__(self, path):
+        import zarr
+
+        self.path = Path(path)
+        self._zarr = zarr
+        if self.path.exists():
+            self.group = zarr.open_group(self.path, mode="r+")
+            self._repair()
+        else:
+            self.group = self._create()
+        self.rows = int(self.group.attrs["rows"])
+        self.index = dict(self.group.attrs["index"])
+        self.hashes = {}
+        if self.index:
+            hashes = self.group["input_hash"][: self.rows]
+            self.hashes = {e: str(hashes[r]) for e, r in self.index.items()}
+
+    def _create(self):
+        grid = archive_grid()
+        group = self._zarr.open_group(self.path, mode="w")
+
+        def create(name, dims, shape, chunks, dtype, fill):
+            return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype,
+                                      fill_value=fill, dimension_names=list(dims))
+
+        wave = create("wavelength", ("wavelength",), (grid.size,), (grid.size,), "f8", np.nan)
+        wave[:] = grid
+        wave.attrs.update({"units": "Angstrom", "medium": "air",
+                           "definition": json.dumps(ARCHIVE_GRID)})
+        for name, dtype, fill in (("cal", "f4", np.nan), ("cal_variance", "f4", np.nan),
+                                  ("cal_mask", "bool", False)):
+            create(name, ("exposure", "wavelength"), (0, grid.size), (_ROW_CHUNK, grid.size),
+                   dtype, fill)
+        for name, (dtype, fill) in _ROW_FIELDS.items():
+            create(name, ("exposure",), (0,), (_BLOCK,), str if dtype is str else dtype, fill)
+        for name, (dtype, fill) in _STAR_FIELDS.items():
+            create(name, ("exposure", "star"), (0, MAX_STARS), (_BLOCK, MAX_STARS),
+                   str if dtype is str else dtype, fill)
+        group["cal"].attrs.update({"units": f"{FLUX_UNIT} / (count/Angstrom)",
+                                   "description": "CAL_FACTOR x pixel width: flux density per "
+                                   "count per Angstrom; throughput = 1 / (cal * exptime)"})
+        group["cal_variance"].attrs["units"] = f"({FLUX_UNIT} / (count/Angstrom))**2"
+        group["cal_mask"].attrs["description"] = "True = measured (not bridged, inside range)"
+        group.attrs.update({"rows": 0, "index": {}, "title": "kspec-fluxcal calibration archive",
+                            "kspec_fluxcal_version": __version__, "cal_factor_units": CAL_UNIT,
+                            "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")})
+        return group
+
+    def _arrays(self):
+        return [a for _, a in self.group.arrays() if a.metadata.dimension_names
+                and a.metadata.dimension_names[0] == "exposure"]
+
+    def _repair(self):
+        """Bring every row array to the same capacity (a killed resize may have left some)."""
+        arrays = self._arrays()
+        capacity = max(a.shape[0] for a in arrays)
+        for a in arrays:
+            if a.shape[0] != capacity:
+                a.resize((capacity,) + a.shape[1:])
+
+    def is_current(self, expid, input_hash):
+        """True when ``expid`` is archived with the same inputs."""
+        return bool(input_hash) and self.hashes.get(expid) == input_hash
+
+    def append(self, records):
+        """Write records (from :func:`archive_record`) as new rows, then commit them."""
+        if not records:
+            return
+        start, n = self.rows, len(records)
+        need = start + n
+        arrays = self._arrays()
+        capacity = arrays[0].shape[0]
+        if need > capacity:
+            new = int(np.ceil(need / _BLOCK)) * _BLOCK
+            for a in arrays:
+                a.resize((new,) + a.shape[1:])
+        rows = slice(start, need)
+        for name in ("cal", "cal_variance", "cal_mask"):
+            self.group[name][rows] = np.stack([r[name] for r in records])
+        for name, (dtype, _) in _ROW_FIELDS.items():
+            values = [r["row"][name] for r in records]
+            self.group[name][rows] = np.array(values, dtype=object if dtype is str else dtype)
+        for name, (dtype, _) in _STAR_FIELDS.items():
+            self.group[name][rows] = np.stack([r["star"][name] for r in records]).astype(
+                object if dtype is str else dtype)
+        for k, r in enumerate(records):
+            self.index[r["row"]["expid"]] = start + k
+            self.hashes[r["row"]["expid"]] = r["row"]["input_hash"]
+        self.rows = need
+        # The commit: one atomic write of the group metadata.
+        self.group.attrs.update({"rows": self.rows, "index": self.index})
+
+
+def open_archive(path):
+    """Open the calibration archive as a lazy Dataset of its current, committed rows.
+
+    Parameters
+    ----------
+    path : path-like
+        ``archive.zarr`` written by the survey job.
+
+    Returns
+    -------
+    xarray.Dataset
+        Dims (exposure, wavelength, star), Dask-backed, sorted by MJD; the exposure index
+        is ``expid``.
+    """
+    import dask.array as da
+    import zarr
+
+    from .errors import InputError
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(path, None, "no such archive")
+    try:
+        group = zarr.open_group(path, mode="r")
+        rows = int(group.attrs["rows"])
+        index = dict(group.attrs["index"])
+    except Exception as err:
+        raise InputError(path, None, f"not a calibration archive ({err})") from None
+    order = np.array(sorted(index.values()), dtype=int)
+    variables, coords = {}, {}
+    for name, array in group.arrays():
+        dims = tuple(array.metadata.dimension_names or ())
+        if dims and dims[0] == "exposure":
+            data = da.from_zarr(array)[:rows]
+            data = data[order] if order.size else data[:0]
+            if array.dtype.kind in "TO" or name in _ROW_FIELDS or name in _STAR_FIELDS:
+                data = np.asarray(data.compute())
+                if data.dtype.kind in "TO":
+                    data = np.array(data.tolist(), dtype=str).reshape(data.shape)
+                coords[name] = (dims, data, dict(array.attrs))
+            else:
+                variables[name] = (dims, data, dict(array.attrs))
+        elif name == "wavelength":
+            coords[name] = (dims, array[:], dict(array.attrs))
+    ds = xr.Dataset(variables, coords=coords, attrs=dict(group.attrs))
+    ds.attrs.pop("index", None)
+    if ds.sizes.get("exposure", 0):
+        ds = ds.sortby("mjd")
+    return ds.set_xindex("expid")
+
+
+def plot_archive(archive, out_dir, bands=((4000, 5000), (5000, 6000), (6000, 7000), (7000, 8000))):
+    """Throughput versus time and a wavelength x time image of an archive.
+
+    Parameters
+    ----------
+    archive : xarray.Dataset
+        From :func:`open_archive`.
+    out_dir : path-like
+        Where the PNGs go.
+    bands : sequence of (lo, hi)
+        Wavelength windows (Angstrom) for the throughput curves.
+
+    Returns
+    -------
+    list of pathlib.Path
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from ._atomic import atomic_file
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ds = archive.where(archive["cal_mask"])
+    throughput = 1.0 / (ds["cal"] * ds["exptime"])
+    written = []
+
+    fig = Figure(figsize=(10, 5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    for lo, hi in bands:
+        t = throughput.sel(wavelength=slice(lo, hi)).mean("wavelength").compute()
+        ax.plot(ds["mjd"].values, t.values, "o-", ms=4, label=f"{lo}-{hi} A")
+    ax.set_xlabel("MJD")
+    ax.set_ylabel(f"throughput [counts/s/A per {FLUX_UNIT}]")
+    ax.set_title(f"Throughput vs time ({ds.sizes['exposure']} exposures, "
+                 f"{len(np.unique(ds['night'].values))} nights)")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    path = out_dir / "throughput_vs_time.png"
+    with atomic_file(path, overwrite=True) as tmp:
+        fig.savefig(tmp, format="png")
+    written.append(path)
+
+    fig = Figure(figsize=(10, 6), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    order = np.argsort(ds["mjd"].values)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns outside the range
+        rel = (throughput / throughput.median("exposure")).isel(exposure=order).compute()
+    finite = rel.values[np.isfinite(rel.values)]
+    lo, hi = np.percentile(finite, [2, 98]) if finite.size else (0.9, 1.1)
+    if hi - lo < 1e-3:  # identical exposures: show a +/-1 % scale rather than noise
+        lo, hi = lo - 0.01, hi + 0.01
+    # pcolormesh, not imshow: the grid is uniform in ln(lambda), not in lambda.
+    image = ax.pcolormesh(ds["wavelength"].values, np.arange(rel.sizes["exposure"]), rel.values,
+                          cmap="RdBu_r", vmin=lo, vmax=hi, shading="nearest")
+    inside = np.isfinite(rel.values).any(axis=0)
+    if inside.any():
+        ax.set_xlim(ds["wavelength"].values[inside][[0, -1]])
+    ax.set_xlabel("wavelength [Angstrom, air]")
+    ax.set_ylabel("exposure (in time order)")
+    ax.set_title("Throughput relative to the survey median")
+    fig.colorbar(image, ax=ax, label="throughput / median")
+    path = out_dir / "throughput_image.png"
+    with atomic_file(path, overwrite=True) as tmp:
+        fig.savefig(tmp, format="png")
+    written.append(path)
+    return written

@@ -1,0 +1,124 @@
+import numpy as np
+import pytest
+import xarray as xr
+
+from kspec_fluxcal.archive import (
+    MAX_STARS,
+    ArchiveWriter,
+    archive_grid,
+    archive_record,
+    night_of,
+    open_archive,
+    plot_archive,
+)
+from kspec_fluxcal.errors import InputError
+
+
+def _calibrated(expid, mjd, level=1.0, wave=None):
+    wave = np.linspace(3600.0, 8400.0, 800) if wave is None else wave
+    cal = level * (1 + 0.2 * np.sin(wave / 700.0))
+    return xr.Dataset(
+        {"cal": ("wavelength", cal), "cal_variance": ("wavelength", (0.01 * cal) ** 2),
+         "cal_mask": ("wavelength", np.ones(wave.size, bool))},
+        coords={"wavelength": wave},
+        attrs={"expid": expid, "mjd": mjd, "airmass": 1.2, "exptime": 600.0, "fcalnstr": 2,
+               "fcalrms": 0.01, "setup": "s1"},
+    )
+
+
+def _stars(n=2):
+    return xr.Dataset(coords={
+        "objid": ("star", np.arange(n) + 10), "fiber": ("star", np.arange(n)),
+        "teff": ("star", np.full(n, 6000.0)), "logg": ("star", np.full(n, 4.2)),
+        "feh": ("star", np.full(n, -0.3)), "rv": ("star", np.full(n, 12.0)),
+        "ebv": ("star", np.full(n, 0.03)), "snr": ("star", np.full(n, 80.0)),
+        "status": ("star", ["ok"] * n)})
+
+
+def test_record_is_per_angstrom_on_the_common_grid():
+    wave = np.linspace(3600.0, 8400.0, 800)
+    rec = archive_record(_calibrated("A", 61000.6, wave=wave), _stars(), None)
+    grid = archive_grid()
+    assert rec["cal"].shape == grid.shape
+    assert grid[0] == 3000.0 and grid[-1] <= 11000.0
+    assert np.allclose(np.diff(np.log(grid)), 2e-4)
+    inside = (grid > 3700) & (grid < 8300)
+    width = wave[1] - wave[0]
+    expected = np.interp(grid[inside], wave, (1 + 0.2 * np.sin(wave / 700.0)) * width)
+    np.testing.assert_allclose(rec["cal"][inside], expected, rtol=1e-5)
+    assert np.isnan(rec["cal"][grid < 3590]).all() and not rec["cal_mask"][grid < 3590].any()
+    assert rec["star"]["star_teff"][0] == 6000.0 and np.isnan(rec["star"]["star_teff"][2])
+    assert rec["star"]["star_status"].shape == (MAX_STARS,)
+
+
+def test_night_names():
+    # 2026-11-01 22:00 KST = 13:00 UT is MJD 61345.5417; 04:00 KST next morning is the same night.
+    assert night_of(61345.5417, 9.0) == "20261101"
+    assert night_of(61345.5417 + 6 / 24, 9.0) == "20261101"
+    assert night_of(61345.5417 + 16 / 24, 9.0) == "20261102"
+
+
+def test_append_replace_and_reopen(tmp_path):
+    path = tmp_path / "archive.zarr"
+    writer = ArchiveWriter(path)
+    records = [archive_record(_calibrated(f"E{i}", 61000.2 + i), _stars(), None, input_hash=f"h{i}")
+               for i in range(70)]  # more than one block of capacity
+    writer.append(records[:40])
+    writer.append(records[40:])
+    ds = open_archive(path)
+    assert ds.sizes["exposure"] == 70
+    assert ds["cal"].chunks is not None  # lazy
+    assert list(ds["expid"].values[:3]) == ["E0", "E1", "E2"]
+    assert ds["star_teff"].shape == (70, MAX_STARS)
+    # Replace E5 with a new calibration: still one row for E5, with the new values.
+    again = ArchiveWriter(path)
+    assert again.is_current("E5", "h5") and not again.is_current("E5", "other")
+    again.append([archive_record(_calibrated("E5", 61005.2, level=2.0), _stars(), None,
+                                 input_hash="new")])
+    ds = open_archive(path)
+    assert ds.sizes["exposure"] == 70
+    assert int((ds["expid"].values == "E5").sum()) == 1
+    row = ds.sel(expid="E5")
+    assert float(row["cal"].max()) == pytest.approx(2 * float(open_archive(path).sel(
+        expid="E6")["cal"].max()), rel=1e-3)
+    assert ArchiveWriter(path).is_current("E5", "new")
+
+
+def test_uncommitted_rows_are_invisible_and_repaired(tmp_path):
+    path = tmp_path / "archive.zarr"
+    writer = ArchiveWriter(path)
+    writer.append([archive_record(_calibrated(f"E{i}", 61000.2 + i), _stars(), None)
+                   for i in range(3)])
+    # A job killed mid-append: data of a 4th row written and one array resized, no commit.
+    writer.group["cal"][3] = np.ones(archive_grid().size, np.float32)
+    writer.group["mjd"].resize((200,))
+    ds = open_archive(path)
+    assert ds.sizes["exposure"] == 3
+    ArchiveWriter(path).append([archive_record(_calibrated("E9", 61010.0), _stars(), None)])
+    ds = open_archive(path)
+    assert list(ds["expid"].values) == ["E0", "E1", "E2", "E9"]
+    assert np.isfinite(ds.sel(expid="E9")["mjd"].values)
+
+
+def test_open_archive_errors(tmp_path):
+    with pytest.raises(InputError, match="no such archive"):
+        open_archive(tmp_path / "none.zarr")
+    (tmp_path / "x.zarr").mkdir()
+    with pytest.raises(InputError, match="not a calibration archive"):
+        open_archive(tmp_path / "x.zarr")
+
+
+def test_groupby_night_and_plots(tmp_path):
+    path = tmp_path / "archive.zarr"
+    writer = ArchiveWriter(path)
+    writer.append([archive_record(_calibrated(f"E{i}", 61000.5 + 0.05 * (i % 3) + (i // 3),
+                                              level=1 + 0.05 * (i // 3)), _stars(), None)
+                   for i in range(9)])
+    ds = open_archive(path)
+    band = (1 / (ds["cal"] * ds["exptime"])).sel(wavelength=slice(5000, 6000)).mean("wavelength")
+    per_night = band.groupby("night").mean().compute()
+    assert per_night.sizes["night"] == 3
+    assert per_night.values[0] > per_night.values[1] > per_night.values[2]  # throughput drops
+    written = plot_archive(ds, tmp_path / "plots")
+    assert [p.name for p in written] == ["throughput_vs_time.png", "throughput_image.png"]
+    assert all(p.stat().st_size > 10_000 for p in written)

@@ -1,0 +1,186 @@
+import numpy as np
+import pytest
+import xarray as xr
+
+from kspec_fluxcal.calibration import apply_calibration, combine_vectors
+from kspec_fluxcal.config import Config
+from kspec_fluxcal.constants import FLUX_UNIT
+from kspec_fluxcal.errors import CalibrationError, FluxCalWarning
+from kspec_fluxcal.masks import region_mask
+from kspec_fluxcal.standards import fit_photometry
+
+WAVE = np.linspace(3600.0, 8600.0, 1200)
+
+
+def _truth():
+    smooth = 0.05 * (1 + 0.8 * np.exp(-0.5 * ((WAVE - 6000) / 1800) ** 2)) * (WAVE / 6000) ** -1
+    tell = np.ones_like(WAVE)
+    a_band = (WAVE > 7590) & (WAVE < 7700)
+    tell[a_band] = 0.6
+    return smooth / tell, smooth
+
+
+def _stars(n=3, grey=(1.0, 0.93, 1.05), noise=0.01, seed=0, status=None, deviant=None):
+    rng = np.random.default_rng(seed)
+    cal_true, _ = _truth()
+    cal = np.stack([cal_true * grey[s] * (1 + noise * rng.standard_normal(WAVE.size))
+                    for s in range(n)])
+    if deviant is not None:
+        cal[deviant] *= 1 + 0.15 * (WAVE - 6000) / 2500  # a tilted, wrong star
+    mask = np.ones_like(cal, bool)
+    mask &= region_mask(WAVE, "stellar_lines")[None, :]
+    cal[:, ~region_mask(WAVE, "stellar_lines")] *= 1.3  # line cores: garbage, masked
+    return xr.Dataset(
+        {"cal": (("star", "wavelength"), cal),
+         "cal_variance": (("star", "wavelength"), (noise * cal) ** 2),
+         "cal_mask": (("star", "wavelength"), mask)},
+        coords={"wavelength": WAVE, "fiber": ("star", np.arange(n) * 2),
+                "objid": ("star", 100 + np.arange(n)), "fiber_name": ("star", [f"s{i}" for i in range(n)]),
+                "status": ("star", np.array(status or ["ok"] * n, dtype=object)),
+                "scale": ("star", np.ones(n)), "scale_err": ("star", np.full(n, 0.01))},
+    )
+
+
+def test_combination_recovers_shape_level_and_tellurics():
+    stars = _stars()
+    comb = combine_vectors(stars)
+    cal_true, _ = _truth()
+    ratio = comb["cal"].values / cal_true
+    # Level: the mean grey level of the stars (1.0, 0.93, 1.05 -> 0.993).
+    assert np.median(ratio) == pytest.approx(np.mean([1.0, 0.93, 1.05]), rel=0.005)
+    shape = ratio / np.median(ratio)
+    outside = region_mask(WAVE, "telluric_default")
+    assert np.std(shape[outside]) < 0.003  # smoothing beats 1 % pixel noise / sqrt(3)
+    # The telluric band is kept in the vector (not smoothed away): Cal is ~1/0.6 higher there.
+    band = (WAVE > 7610) & (WAVE < 7680)
+    assert np.median(shape[band]) == pytest.approx(1.0, abs=0.01)
+    # Line cores are bridged: never zero or NaN, flagged as not measured.
+    cores = ~region_mask(WAVE, "stellar_lines")
+    assert np.all(np.isfinite(comb["cal"].values)) and np.all(comb["cal"].values > 0)
+    assert not comb["cal_mask"].values[cores].any()
+    assert np.median(shape[cores]) == pytest.approx(1.0, abs=0.01)
+    assert comb.attrs["fcalnstr"] == 3
+    assert 0.005 < comb.attrs["fcalrms"] < 0.02
+
+
+def test_unsmoothed_and_median_options():
+    stars = _stars()
+    raw = combine_vectors(stars, smooth=False)
+    med = combine_vectors(stars, method="median", smooth=False)
+    cal_true, _ = _truth()
+    for comb in (raw, med):
+        shape = comb["cal"].values / cal_true
+        shape /= np.median(shape)
+        assert 0.003 < np.std(shape) < 0.02  # pixel noise remains without smoothing
+    with pytest.raises(ValueError, match="weighted_mean"):
+        combine_vectors(stars, method="mean")
+
+
+def test_savgol_smoothing():
+    comb = combine_vectors(_stars(), config=Config().replace(smooth_method="savgol"))
+    cal_true, _ = _truth()
+    shape = comb["cal"].values / cal_true
+    outside = region_mask(WAVE, "telluric_default") & region_mask(WAVE, "stellar_lines")
+    assert np.std(shape[outside] / np.median(shape)) < 0.005
+
+
+def test_deviant_star_rejected_with_reason():
+    stars = _stars(n=4, grey=(1.0, 0.95, 1.02, 0.98), deviant=2)
+    comb = combine_vectors(stars)
+    assert comb.attrs["fcalnstr"] == 3
+    assert list(comb["used"].values) == [True, True, False, True]
+    assert "shape deviates" in comb["star_status"].values[2]
+
+
+def test_wrong_photometry_star_rejected_by_level():
+    stars = _stars(n=3, grey=(1.0, 0.95, 1e4))  # 10 mag off: another star's photometry
+    comb = combine_vectors(stars)
+    assert not comb["used"].values[2] and "level" in comb["star_status"].values[2]
+
+
+def test_two_stars_disagreeing_in_level_is_an_error():
+    with pytest.raises(CalibrationError, match="disagree in level"):
+        combine_vectors(_stars(n=2, grey=(1.0, 1e4)))
+
+
+def test_single_star_passes_through_with_warning():
+    stars = _stars(n=3, status=["ok", "S/N 2.0 < 5", "no catalog match"])
+    with pytest.warns(FluxCalWarning, match="one usable standard star"):
+        comb = combine_vectors(stars)
+    assert comb.attrs["fcalnstr"] == 1 and comb.attrs["single_star"] == 1
+    assert np.isnan(comb.attrs["fcalrms"])
+    cal_true, _ = _truth()
+    assert np.median(comb["cal"].values / cal_true) == pytest.approx(1.0, rel=0.01)
+
+
+def test_zero_stars_error_names_every_reason():
+    stars = _stars(n=2, status=["S/N 2.0 < 5", "no catalog match"])
+    with pytest.raises(CalibrationError) as info:
+        combine_vectors(stars)
+    message = str(info.value)
+    assert "fiber 0 (s0) objid 100: S/N 2.0 < 5" in message
+    assert "fiber 2 (s1) objid 101: no catalog match" in message
+
+
+def test_apply_calibration_propagates_variance_lazily(raise_if_computes):
+    comb = combine_vectors(_stars())
+    rng = np.random.default_rng(0)
+    flux = rng.uniform(100, 1000, (5, WAVE.size))
+    exposure = xr.Dataset(
+        {"flux": (("fiber", "wavelength"), flux.astype(np.float32), {"units": "count"}),
+         "variance": (("fiber", "wavelength"), flux.astype(np.float32), {"units": "count2"})},
+        coords={"wavelength": WAVE, "fiber": np.arange(5)},
+        attrs={"expid": "X", "history": ["read"]},
+    ).chunk({"fiber": 2})
+    with raise_if_computes():
+        out = apply_calibration(exposure, comb)
+    assert out["flux"].chunks is not None
+    out = out.compute()
+    cal, cal_var = comb["cal"].values, comb["cal_variance"].values
+    np.testing.assert_allclose(out["flux"].values, flux * cal, rtol=1e-6)
+    np.testing.assert_allclose(out["variance"].values, flux * cal**2 + flux**2 * cal_var, rtol=1e-5)
+    assert out["flux"].attrs["units"] == FLUX_UNIT
+    assert out.attrs["fcalnstr"] == 3
+    assert out.attrs["history"][0] == "read" and "flux calibrated" in out.attrs["history"][-1]
+
+
+def test_apply_needs_the_same_wavelengths():
+    comb = combine_vectors(_stars())
+    exposure = xr.Dataset({"flux": (("fiber", "wavelength"), np.ones((1, WAVE.size))),
+                           "variance": (("fiber", "wavelength"), np.ones((1, WAVE.size)))},
+                          coords={"wavelength": WAVE + 0.01})
+    with pytest.raises(ValueError):
+        apply_calibration(exposure, comb)
+
+
+def test_fit_photometry_recovers_scale_and_reddening():
+    rng = np.random.default_rng(1)
+    nstar, nband = 50, 10
+    ext = np.tile(np.linspace(3.8, 0.35, nband), (nstar, 1))  # A_b/E(B-V), blue to infrared
+    model = rng.uniform(-40, -38, (nstar, nband))
+    mu, ebv = rng.uniform(50, 55, nstar), rng.uniform(0.0, 0.2, nstar)
+    err = np.full((nstar, nband), 0.01)
+    obs = model + mu[:, None] + ext * ebv[:, None] + rng.normal(0, 0.01, (nstar, nband))
+    # A biased-high prior (dust maps) must not drag the answer far.
+    res = fit_photometry(obs, err, model, ext, ebv_prior=1.3 * ebv, ebv_prior_sigma=0.05,
+                         error_floor=0.0)
+    assert np.std(res["ebv"] - ebv) < 0.01
+    assert np.abs(np.mean(res["ebv"] - ebv)) < 0.005
+    assert np.std(res["mu"] - mu) < 0.02
+    assert np.all(res["n_bands"] == nband)
+    off = fit_photometry(obs, err, model, ext, reddening=False)
+    assert np.all(off["ebv"] == 0)
+
+
+def test_fit_photometry_drops_outlier_band_and_counts_valid():
+    ext = np.array([[3.5, 3.0, 2.5, 2.0, 1.5]])
+    model = np.zeros((1, 5))
+    obs = 10 + ext * 0.05
+    obs[0, 2] += 0.5  # a bad band
+    err = np.full((1, 5), 0.01)
+    res = fit_photometry(obs, err, model, ext, error_floor=0.0)
+    assert res["dropped"][0, 2] and not res["used"][0, 2]
+    assert res["n_bands"][0] == 4 and res["ebv"][0] == pytest.approx(0.05, abs=1e-3)
+    nan_obs = obs.copy()
+    nan_obs[0, :4] = np.nan
+    assert fit_photometry(nan_obs, err, model, ext)["n_bands"][0] == 1

@@ -1,0 +1,163 @@
+import numpy as np
+import pytest
+import xarray as xr
+
+from kspec_fluxcal.constants import SPEED_OF_LIGHT_KMS
+from kspec_fluxcal.continuum import fit_continuum, normalize_continuum
+from kspec_fluxcal.matching import (
+    cross_correlate_rv,
+    quadratic_minimum,
+    refine_rv,
+    score_star,
+    score_templates,
+    shift_spectra,
+)
+
+WAVE = np.linspace(3800.0, 8200.0, 1600)
+SIGMA_PIX = 1.0  # line sigma in pixels (FWHM ~2.4 pixels, like K-SPEC)
+
+
+def _lines(depths, centres, wave=WAVE, rv=0.0):
+    step = wave[1] - wave[0]
+    z = 1 + rv / SPEED_OF_LIGHT_KMS
+    spec = np.ones_like(wave)
+    for d, c in zip(depths, centres):
+        spec -= d * np.exp(-0.5 * ((wave - c * z) / (SIGMA_PIX * step)) ** 2)
+    return spec
+
+
+RNG = np.random.default_rng(3)
+CENTRES = np.sort(RNG.uniform(3900, 8100, 120))
+BASE_DEPTHS = RNG.uniform(0.05, 0.6, 120)
+
+
+def _templates(n=9):
+    """A family of templates whose line depths scale smoothly with a parameter."""
+    scales = np.linspace(0.6, 1.4, n)
+    return scales, np.stack([_lines(BASE_DEPTHS * s, CENTRES) for s in scales])
+
+
+def test_continuum_recovers_smooth_shape_under_lines():
+    shape = 1.0 + 0.5 * np.sin((WAVE - 3800) / 1500.0)
+    flux = shape * _lines(BASE_DEPTHS, CENTRES)
+    cont = fit_continuum(flux[None], WAVE)[0]
+    line_free = _lines(BASE_DEPTHS, CENTRES) > 0.999
+    np.testing.assert_allclose(cont[line_free], shape[line_free], rtol=0.01)
+
+
+def test_continuum_ignores_masked_and_nonpositive_pixels():
+    flux = np.ones((2, WAVE.size)) * 5.0
+    flux[0, 100:200] = -3.0  # non-positive: never used, never divided by
+    mask = np.ones(WAVE.size, bool)
+    mask[500:600] = False
+    flux[1, 500:600] = 100.0  # masked garbage
+    cont = fit_continuum(flux, WAVE, mask)
+    np.testing.assert_allclose(cont, 5.0, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["bspline", "polynomial", "running_median"])
+def test_normalize_methods_and_laziness(method, raise_if_computes):
+    flux = xr.DataArray(np.stack([3.0 * _lines(BASE_DEPTHS, CENTRES)] * 4),
+                        dims=("star", "wavelength"), coords={"wavelength": WAVE})
+    with raise_if_computes():
+        norm, cont = normalize_continuum(flux.chunk({"star": 2}), method=method)
+    assert norm.chunks is not None
+    norm = norm.compute()
+    assert np.nanmedian(norm.values) == pytest.approx(1.0, abs=0.02)
+
+
+@pytest.mark.parametrize("rv", [-187.0, -33.3, 0.0, 41.5, 260.0])
+def test_rv_cross_correlation_and_refinement(rv):
+    template = _lines(BASE_DEPTHS, CENTRES)
+    obs = _lines(BASE_DEPTHS, CENTRES, rv=rv)
+    noise = 0.01
+    obs = obs + np.random.default_rng(1).normal(0, noise, WAVE.size)
+    weight = np.full(WAVE.size, 1 / noise**2)
+    rv0, peak = cross_correlate_rv(obs[None], weight[None], template[None], WAVE, rv_max=500)
+    pix_kms = SPEED_OF_LIGHT_KMS * np.log(WAVE[1] / WAVE[0])
+    assert abs(rv0[0] - rv) < 0.3 * pix_kms  # sub-pixel from the cross-correlation alone
+    assert peak[0] > 0.8
+    rv1, err = refine_rv(obs[None], weight[None], template[None], WAVE, rv0)
+    assert abs(rv1[0] - rv) < 3.0  # km/s; pixels are ~160 km/s here
+    assert 0 < err[0] < 3.0
+
+
+def test_shift_matches_analytic_shift():
+    rv = 57.0
+    shifted = shift_spectra(_lines(BASE_DEPTHS, CENTRES), WAVE, rv)
+    expected = _lines(BASE_DEPTHS, CENTRES, rv=rv)
+    inner = slice(20, -20)
+    # Lines of sigma = 1 pixel are not fully band-limited: ~1% of the depth is the limit.
+    np.testing.assert_allclose(shifted[inner], expected[inner], atol=1e-2)
+    assert np.sqrt(np.mean((shifted - expected)[inner] ** 2)) < 2e-3
+
+
+def test_scores_pick_the_right_template_and_are_lazy(raise_if_computes):
+    scales, templates = _templates()
+    truth = 5
+    rv = np.array([30.0, -80.0])
+    rng = np.random.default_rng(0)
+    obs = np.stack([_lines(BASE_DEPTHS * scales[truth], CENTRES, rv=v) for v in rv])
+    obs += rng.normal(0, 0.01, obs.shape)
+    ivar = np.full(obs.shape, 1e4)
+    ivar[:, 700:720] = 0  # a masked region
+    args = (xr.DataArray(obs, dims=("star", "wavelength"), coords={"wavelength": WAVE}),
+            xr.DataArray(ivar, dims=("star", "wavelength"), coords={"wavelength": WAVE}),
+            xr.DataArray(templates, dims=("template", "wavelength"), coords={"wavelength": WAVE}),
+            xr.DataArray(rv, dims="star"))
+    eager = score_templates(*args)
+    assert eager.dims == ("star", "template")
+    assert list(eager.argmin("template").values) == [truth, truth]
+    npix = (ivar[0] > 0).sum()
+    assert eager.values[0, truth] / npix == pytest.approx(1.0, abs=0.15)  # chi2/dof of the truth
+    lazy_templates = args[2].chunk({"template": 3})
+    with raise_if_computes():
+        lazy = score_templates(args[0], args[1], lazy_templates, args[3], knot_spacing=400.0)
+    assert lazy.chunks is not None
+    assert list(lazy.compute().argmin("template").values) == [truth, truth]
+
+
+def test_scores_are_float64_even_for_float32_templates():
+    scales, templates = _templates()
+    obs = templates[4] + np.random.default_rng(2).normal(0, 0.003, WAVE.size)
+    s32 = score_star(obs, np.full(WAVE.size, 1 / 0.003**2), templates.astype(np.float32), 0.0, WAVE)
+    s64 = score_star(obs, np.full(WAVE.size, 1 / 0.003**2), templates, 0.0, WAVE)
+    assert s32.dtype == np.float64
+    assert np.argmin(s32) == np.argmin(s64) == 4
+
+
+def test_huber_resists_sky_residual_spikes():
+    scales, templates = _templates()
+    truth = 3
+    obs = templates[truth] + np.random.default_rng(5).normal(0, 0.01, WAVE.size)
+    spikes = np.random.default_rng(6).choice(WAVE.size, 25, replace=False)
+    obs[spikes] += 0.5  # sky residuals: not in the variance
+    ivar = np.full(WAVE.size, 1e4)
+    chi2 = score_star(obs, ivar, templates, 0.0, WAVE, metric="chi2")
+    huber = score_star(obs, ivar, templates, 0.0, WAVE, metric="huber", delta=3.0)
+    assert np.argmin(huber) == truth
+    # Huber's contrast between the truth and its neighbours is not drowned by the spikes.
+    assert (huber[truth + 1] - huber[truth]) / huber[truth] > (chi2[truth + 1] - chi2[truth]) / chi2[truth]
+
+
+def test_multiplicative_correction_absorbs_smooth_continuum_errors():
+    scales, templates = _templates()
+    tilt = 1.0 + 0.08 * np.sin((WAVE - 3800) / 900.0)  # a normalisation mismatch
+    obs = templates[6] * tilt + np.random.default_rng(7).normal(0, 0.005, WAVE.size)
+    ivar = np.full(WAVE.size, 1 / 0.005**2)
+    plain = score_star(obs, ivar, templates, 0.0, WAVE)
+    corrected = score_star(obs, ivar, templates, 0.0, WAVE, knot_spacing=400.0)
+    assert corrected[6] / WAVE.size < 1.3 < plain[6] / WAVE.size
+    assert np.argmin(corrected) == 6
+
+
+def test_quadratic_minimum():
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1, 1, (2, 40, 3))
+    centre = np.array([[0.2, -0.3, 0.1], [-0.5, 0.4, 0.0]])
+    h = np.array([[4.0, 0.5, 0.0], [0.5, 2.0, 0.3], [0.0, 0.3, 1.0]])
+    d = x - centre[:, None, :]
+    y = 10 + 0.5 * np.einsum("ski,ij,skj->sk", d, h, d)
+    xmin, cov = quadratic_minimum(x, y)
+    np.testing.assert_allclose(xmin, centre, atol=1e-8)
+    np.testing.assert_allclose(cov[0], 2 * np.linalg.inv(h), rtol=1e-6)
