@@ -1,0 +1,1502 @@
+"""Demo survey simulator: RED files, a Refcat2 catalog and the truth behind them.
+
+Everything is written in exactly the formats of the contract (``formats.md``): RED files
+(section 1), the ATLAS Refcat2 CSV catalog (section 2), with a BOSZ-layout template grid
+(section 3) as the source of the stellar spectra. The truth of every exposure is saved next to
+it, so that tests, the demo and the accuracy benchmark can compare a calibration with what it
+should have returned. Every number is drawn from one seed: the same arguments give the same
+bytes.
+
+Model of one exposure
+---------------------
+Wavelengths are in Angstrom, in air; flux densities in units of 1e-17 erg/s/cm2/A
+(:data:`~kspec_fluxcal.constants.FLUX_UNIT_SCALE`).
+
+1. *Stars* are BOSZ-layout spectra interpolated multilinearly in (Teff, log g, [M/H]) at
+   off-grid parameters (:class:`GridStars`), Doppler shifted on the native grid with a cubic
+   spline in ln(lambda), ``f(lambda) = f_rest(lambda / (1 + v/c))`` without the 1/(1+z) flux
+   factor (it is absorbed in the photometric scale), reddened with Fitzpatrick (1999)
+   ``R_V = 3.1`` and scaled by the dilution (R/D)^2 to their Gaia G magnitude. Their catalog
+   photometry is the synthetic photometry of that spectrum over the grid's full range.
+2. *Science targets*: grid stars anywhere in the grid, an old-population galaxy (a cool,
+   metal-rich grid star standing in for the continuum, velocity broadened and redshifted,
+   plus [O II], H-beta, [O III], H-alpha, [N II], [S II] emission lines) and a quasar (a power
+   law with broad lines and the mean Lyman-alpha forest). Sky fibers have no target; a dead
+   fiber (TYPE 'D') is all NaN.
+3. The *truth* ``true_flux`` is each target's spectrum convolved with the line-spread function
+   and sampled at the pixel centres with :func:`kspec_fluxcal.templates.convolution_matrix`
+   (the operator the fitter uses), i.e. the flux above the atmosphere that a perfect
+   calibration returns for a fiber with no aperture loss.
+4. The *response* (counts per pixel per flux unit) is exposure time x collecting area x
+   transparency x instrument throughput x atmospheric transmission 10^(-0.4 k(lambda) X)
+   x telluric transmission x pixel width x lambda / (h c). Fibers lose a grey fraction of a
+   point source's light (``aperture``, 0.85-0.95, independent per fiber), so
+   ``counts_noiseless = true_flux * response * aperture[:, None]`` exactly.
+5. *Noise*: Poisson counts of signal plus sky (gain 1 e-/count), minus the sky, plus 4 e-
+   read noise. The VARIANCE extension is the model variance signal + sky + read noise^2.
+   Sky-subtraction residuals at bright sky lines (a few % of the sky line, P-Cygni-like) are
+   in the counts but not in the variance; one to four pixels per fiber are NaN (masked
+   cosmic rays).
+
+Standard stars get magnitudes such that their median S/N per pixel lands in ``snr_range``;
+when the exposure cannot reach it within Gaia G 13.5-16.5, the exposure's transparency (an
+overall efficiency scale, recorded in the truth) is changed instead.
+
+The tellurics are a fixed, seeded forest of unresolved lines inside the five regions of the
+``telluric_default`` mask (10 A inside their edges), so the transmission is 1 outside them to
+better than 1e-4 for both preset setups (LSF FWHM 2.5-9 A), at airmass 2 and high water.
+
+The catalog holds every observed star (standards and science stars) and decoys that are not
+observed: a neighbour 3-10 arcsec from each standard and a few field stars, so that matching
+by OBJID or position matters. Its AGaia and Ag are biased high (1.3 x the truth + noise), as a
+dust map integrated through the whole Galaxy would be.
+
+Truth file (``truth/<EXPID>.npz``)
+----------------------------------
+``wavelength`` (npix; air, Angstrom: the grid ``open_exposure`` returns), ``true_flux``,
+``counts_noiseless``, ``sky_counts`` (fiber, wavelength), ``response``, ``throughput``,
+``atmosphere``, ``telluric`` (wavelength), ``aperture``, ``fiber_kind``, ``redshift``
+(fiber), per standard star ``std_fiber, std_objid, std_position_only`` (OBJID -1 in FIBRES),
+``std_teff, std_logg, std_feh, std_alpha, std_rv`` (km/s), ``std_ebv``, ``std_snr`` (median S/N
+per pixel of the written counts, before any resampling by the reader), ``std_gmag`` (Gaia G,
+Vega, noiseless), ``std_dilution`` ((R/D)^2) and ``std_mag`` (star, band; AB, noiseless, over
+``bands``); scalars ``airmass, exptime, mjd, transparency, pwv, aerosol, night, expid, setup,
+setup_key, wavelength_format, wavelength_unit, medium``. Dead fibers have NaN ``true_flux`` and
+``counts_noiseless``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import functools
+import json
+import shutil
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+import xarray as xr
+from astropy.io import fits
+from scipy.interpolate import CubicSpline
+
+from . import __version__
+from ._atomic import atomic_directory, atomic_file
+from .constants import (
+    A_GAIA_G_PER_EBV,
+    A_PS1_G_PER_EBV,
+    BANDS,
+    BOSZ_RESOLUTIONS,
+    CATALOG_COLUMNS,
+    FLUX_UNIT_SCALE,
+    FWHM_PER_SIGMA,
+    LSF_REFERENCE_WAVELENGTH,
+    SPEED_OF_LIGHT_AAS,
+    SPEED_OF_LIGHT_KMS,
+    VEGA_TO_AB,
+)
+from .errors import GridError, OutputExistsError
+from .exposure import red_hdulist, setup_key
+from .grid import PARAMS, _read_wavelength, interpolation_weights, read_bosz_spectrum, scan_bosz
+from .lsf import LineSpread
+from .masks import load_regions
+from .photometry import ab_to_flam, synthetic_mag
+from .reddening import extinction_per_ebv
+from .templates import convolution_matrix
+from .wavelength import air_to_vacuum
+
+__all__ = [
+    "Setup",
+    "DEFAULT_SETUP",
+    "ISOPLANE_SETUP",
+    "GridStars",
+    "SimulatedExposure",
+    "simulate_exposure",
+    "simulate_survey",
+    "doppler_shift",
+    "atmospheric_extinction",
+    "telluric_transmission",
+    "CATALOG_HEADER",
+]
+
+#: Refcat2 columns in the order of the formats contract (section 2).
+CATALOG_HEADER = (
+    "dstDegrees", "objid", "RA", "Dec", "plx", "dplx", "pmra", "dpmra", "pmdec", "dpmdec",
+    "Gaia", "dGaia", "BP", "dBP", "RP", "dRP", "Teff", "AGaia", "dupvar", "Ag", "rp1", "r1",
+    "r10", "g", "dg", "gchi", "gcontrib", "r", "dr", "rchi", "rcontrib", "i", "di", "ichi",
+    "icontrib", "z", "dz", "zchi", "zcontrib", "nstat", "J", "dJ", "H", "dH", "K", "dK",
+)
+
+# ----------------------------------------------------------------------------- instrument
+# Nominal numbers for a demo, not K-SPEC's measured values.
+
+#: Planck constant times c, erg Angstrom (h exact since the 2019 SI).
+_HC_ERG_AA = 6.62607015e-27 * SPEED_OF_LIGHT_AAS
+#: Collecting area, cm^2: a 1.6 m primary with 25% of its area lost to the central obstruction.
+_COLLECTING_AREA_CM2 = np.pi * 80.0**2 * 0.75
+#: Peak end-to-end throughput (atmosphere excluded): telescope, fiber, spectrograph, CCD.
+_PEAK_THROUGHPUT = 0.22
+#: CCD gain (e-/count) and read noise (e-), typical of a scientific CCD.
+_GAIN = 1.0
+_READ_NOISE = 4.0
+#: Fiber grey aperture losses for point sources (seeing, positioning): uniform in this range,
+#: independent per fiber. Extended sky fills the fiber and has none.
+_APERTURE_RANGE = (0.85, 0.95)
+#: Exposure time range, s, and airmass range.
+_EXPTIME_RANGE = (600.0, 1800.0)
+_AIRMASS_RANGE = (1.0, 2.0)
+#: Night-to-night throughput drift: grey and tilt terms, 1-sigma.
+_DRIFT_SIGMA = (0.02, 0.015)
+#: Masked cosmic rays per fiber (NaN pixels), inclusive range.
+_COSMICS_PER_FIBER = (1, 4)
+#: Sub-pixel shifts of per-fiber wavelength solutions (2-D WAVELA), pixels.
+_FIBER_SHIFT_PIXELS = 0.35
+
+# ----------------------------------------------------------------------------- atmosphere
+#: Rayleigh scattering, mag/airmass: 0.0088 lambda_um^-4.05 (within 7% of Hansen & Travis
+#: 1974's optical depth 0.00857 lambda^-4 (1 + 0.0113 lambda^-2), times 1.086 mag, at sea level).
+_RAYLEIGH = (0.0088, 4.05)
+#: Aerosol extinction, mag/airmass at 1 um and its power (a typical clear-site Angstrom
+#: exponent); the nightly value is this times a factor drawn in _AEROSOL_NIGHT.
+_AEROSOL = (0.05, 1.3)
+_AEROSOL_NIGHT = (0.6, 1.6)
+#: Ozone Chappuis band: peak cross-section ~4.7e-21 cm^2 near 6000 A (Burrows et al. 1999,
+#: JQSRT 61, 509) times a 300 DU column (8.07e18 cm^-2) gives 0.038 optical depth, 0.04 mag;
+#: modelled as a Gaussian of this sigma (A).
+_OZONE = (0.04, 6000.0, 650.0)
+#: Telluric absorption bands: (name, lo, hi, species, total equivalent width at airmass 1 and
+#: water factor 1 in A, number of lines). Lines are kept 10 A inside the region of the
+#: telluric_default mask that holds the band.
+_TELLURIC_BANDS = (
+    ("O2 B", 6867.0, 6920.0, "O2", 8.0, 40),
+    ("H2O", 7160.0, 7340.0, "H2O", 10.0, 90),
+    ("O2 A", 7594.0, 7700.0, "O2", 30.0, 60),
+    ("H2O", 8120.0, 8350.0, "H2O", 12.0, 100),
+    ("H2O", 8950.0, 9200.0, "H2O", 25.0, 100),
+)
+_TELLURIC_INSET = 10.0
+_TELLURIC_SEED = 7594
+#: Equivalent widths of saturated telluric lines grow as (airmass x column)^0.55 (the A-band
+#: law of Wade & Horne 1988, ApJ 324, 411).
+_TELLURIC_POWER = 0.55
+#: Precipitable-water factor (1 = the column of the _TELLURIC_BANDS widths), per exposure.
+_PWV_RANGE = (0.4, 2.5)
+#: Grey transparency (thin cloud) per exposure.
+_TRANSPARENCY_RANGE = (0.8, 1.0)
+
+# ----------------------------------------------------------------------------- sky
+#: Dark-sky continuum, V mag/arcsec^2 (a dark site, e.g. Benn & Ellison 1998, La Palma 21.9),
+#: through a fiber of 3 arcsec diameter (7.07 arcsec^2); V (Vega) ~ AB to 0.02 mag.
+_SKY_V_AB = 21.5 - 2.5 * np.log10(np.pi * 1.5**2)
+#: Moonlight: sky continuum x (1 + moon (lambda / 5500 A)^-2), moon drawn per night.
+_MOON_RANGE = (0.0, 2.0)
+#: Bright night-sky lines, air wavelengths (Osterbrock et al. 1996, PASP 108, 277), and their
+#: equivalent widths against the dark-sky continuum, A. The dark V = 21.5 mag/arcsec^2 sky is
+#: ~1.3 R/A, so a 200 R [O I] 5577 line has ~150 A; OH lines of 50-150 R, 40-110 A (rough).
+_SKY_LINES = (
+    (5577.34, 150.0), (5889.95, 15.0), (5895.92, 12.0), (6300.30, 60.0), (6363.78, 20.0),
+    (6863.96, 40.0), (7276.41, 40.0), (7316.28, 60.0), (7340.89, 60.0), (7750.64, 50.0),
+    (7794.11, 50.0), (7821.50, 40.0), (7913.71, 60.0), (7993.33, 80.0), (8344.60, 110.0),
+    (8399.17, 80.0), (8430.17, 80.0), (8827.10, 120.0), (8885.85, 100.0),
+)
+#: Sky-subtraction residuals: amplitudes (fraction of the sky line) of the scale error and of
+#: the shift (derivative) term, each of random sign and size uniform in this range, per fiber
+#: and line.
+_SKY_RESIDUAL = (0.02, 0.06)
+
+# ----------------------------------------------------------------------------- targets
+#: Standard stars: F/G dwarfs (parameters clipped to the grid, with a margin).
+_STANDARD_RANGES = {"teff": (5500.0, 7000.0), "logg": (3.8, 4.6), "feh": (-0.9, 0.2)}
+_STANDARD_G = (13.5, 16.5)
+_RV_RANGE = (-200.0, 200.0)
+_EBV_RANGE = (0.01, 0.12)
+#: Science targets: stars (Gaia G, Vega), galaxies and quasars (AB mag of the mean flux
+#: density over the exposure's range, at its central wavelength).
+_SCIENCE_STAR_G = (15.0, 18.0)
+_GALAXY_MAG = (17.0, 19.5)
+_GALAXY_Z = (0.02, 0.25)
+_GALAXY_SIGMA_KMS = (120.0, 250.0)
+_GAS_SIGMA_KMS = 60.0
+_QSO_MAG = (17.5, 19.5)
+_QSO_Z = (0.3, 2.2)
+_QSO_FWHM_KMS = (3000.0, 6000.0)
+#: Quasar continuum f_lambda ~ lambda^(-2 - alpha_nu) with alpha_nu = -0.44 and broad-line
+#: fluxes relative to Lyman-alpha (= 100), roughly after the SDSS composite of Vanden Berk
+#: et al. 2001, AJ 122, 549 (Lyman-alpha rest equivalent width ~90 A). Rest wavelengths:
+#: vacuum in the UV, air in the optical.
+_QSO_SLOPE = -1.56
+_QSO_LYA_EW = 90.0
+_QSO_LINES = ((1215.67, 100.0), (1549.06, 25.0), (1908.73, 16.0), (2798.75, 14.0),
+              (4340.47, 3.0), (4861.33, 9.0), (6562.80, 30.0))
+#: Mean Lyman-alpha forest transmission exp(-0.0018 (1 + z)^3.92) (Faucher-Giguere et al.
+#: 2008, ApJ 681, 831).
+_LYA_FOREST = (0.0018, 3.92)
+#: Galaxy emission lines, air rest wavelengths, and ratios: H-beta = H-alpha / 2.86 (case B,
+#: Osterbrock & Ferland 2006), [O III] 4959 = 5007 / 2.98 and [N II] 6548 = 6583 / 3.05
+#: (Storey & Zeippen 2000, MNRAS 312, 813).
+_HALPHA_EW = (5.0, 40.0)
+
+# ----------------------------------------------------------------------------- catalog
+#: Catalog magnitude errors (mag): (error at the bright end, at the faint end, bright mag,
+#: faint mag), linear in between; the brief's typical values per survey.
+_MAG_ERRORS = {
+    "gaiadr2-G": (0.002, 0.004, 13.5, 17.0),
+    "gaiadr2-BP": (0.003, 0.006, 13.5, 17.0),
+    "gaiadr2-RP": (0.003, 0.006, 13.0, 16.5),
+    "panstarrs-g": (0.008, 0.02, 14.0, 18.0),
+    "panstarrs-r": (0.008, 0.02, 14.0, 18.0),
+    "panstarrs-i": (0.008, 0.02, 14.0, 18.0),
+    "panstarrs-z": (0.008, 0.02, 13.5, 17.5),
+    "twomass-J": (0.02, 0.05, 12.0, 15.5),
+    "twomass-H": (0.02, 0.05, 11.5, 15.0),
+    "twomass-Ks": (0.02, 0.05, 11.5, 15.0),
+}
+#: Dust-map-like extinction columns are biased high: A = 1.3 A_true + N(0, 0.02 mag).
+_EXTINCTION_BIAS = 1.3
+_EXTINCTION_NOISE = 0.02
+#: Catalog Teff: N(0, 150 K) errors; this fraction of stars has Teff = 0 (unknown).
+_TEFF_SIGMA = 150.0
+_TEFF_UNKNOWN = 0.2
+#: Fractions of catalog stars without 2MASS, with one PS1 band missing (99.999 / 9.999) and
+#: with one empty error field.
+_P_NO_2MASS = 0.08
+_P_PS1_MISSING = 0.08
+_P_EMPTY_FIELD = 0.05
+#: Decoy (unobserved) catalog stars per exposure: one close neighbour per standard at this
+#: separation (arcsec) and this many field stars.
+_NEIGHBOUR_ARCSEC = (3.0, 10.0)
+_FIELD_DECOYS = 4
+#: Fiber-to-catalog offsets, arcsec: 1-sigma per coordinate, and the cap for standards matched
+#: by position (the contract's 2 arcsec match radius; the brief asks for 0.5).
+_FIBER_OFFSET_ARCSEC = 0.12
+_POSITION_ONLY_MAX_ARCSEC = 0.45
+#: Probability that a standard has OBJID -1 in the FIBRES table (matched by position).
+_P_POSITION_ONLY = 0.3
+#: Probability of a dead fiber in an exposure.
+_P_DEAD = 0.3
+
+# ----------------------------------------------------------------------------- survey
+#: First night of the simulated survey and the local evening start (KST 20:00 = 11:00 UT).
+_FIRST_NIGHT = _dt.date(2026, 11, 1)
+_NIGHT_START_UT_HOURS = 11.0
+_MJD_EPOCH = _dt.date(1858, 11, 17)
+#: Exposure spacing: at least 20 minutes, or the exposure time plus 2 minutes of overhead.
+_SPACING_MIN_S = 1200.0
+_OVERHEAD_S = 120.0
+#: The synthetic grid written when none is given: small enough to write in ~30 s on 2 cores.
+_DEMO_GRID = {
+    "resolution": 5000,
+    "teffs": tuple(range(5250, 7251, 250)),
+    "loggs": (3.5, 4.0, 4.5),
+    "fehs": (-1.0, -0.75, -0.5, -0.25, 0.0, 0.25),
+    "wave_min": 2500.0,
+    "wave_max": 26000.0,
+}
+#: Wavelength-solution varieties: (format, unit, medium). The first three together cover
+#: 1-D and 2-D WAVELA, the WCS-only form, nm and vacuum; every survey of >= 3 exposures has them.
+_VARIETIES = (
+    ("wavela", "nm", "air"),
+    ("wavela2d", "Angstrom", "vac"),
+    ("wcs", "Angstroms", "air"),
+    ("wavela", "Angstrom", "vac"),
+    ("wavela2d", "nm", "air"),
+    ("wavela", "Angstrom", "air"),
+)
+
+
+# ============================================================================= setups
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """An instrument setup: pixel grid, fibers and line-spread function.
+
+    Parameters
+    ----------
+    name : str
+        Label (recorded in the truth and the manifest).
+    pixels : int
+        Pixels per spectrum, linear in wavelength from ``wave_min`` to ``wave_max``.
+    fibers : int
+        Fibers per exposure (at least 6: up to 3 standards, sky, one science target).
+    wave_min, wave_max : float
+        Wavelength range, Angstrom, air.
+    fwhm_pixels : tuple of 3 float
+        LSF FWHM in pixels at the blue end, the centre and the red end; the quadratic through
+        them is written as FWHMPC0..2 (FWHM in Angstrom, x = lambda / 10000 A).
+    """
+
+    name: str = "default"
+    pixels: int = 4096
+    fibers: int = 14
+    wave_min: float = 3500.0
+    wave_max: float = 8500.0
+    fwhm_pixels: tuple[float, float, float] = (2.4, 2.05, 2.35)
+
+    def __post_init__(self):
+        object.__setattr__(self, "fwhm_pixels", tuple(float(f) for f in self.fwhm_pixels))
+        if int(self.pixels) != self.pixels or self.pixels < 64:
+            raise ValueError(f"pixels={self.pixels!r}: need an integer >= 64")
+        if int(self.fibers) != self.fibers or self.fibers < 6:
+            raise ValueError(f"fibers={self.fibers!r}: need an integer >= 6 (up to 3 "
+                             "standards, sky fibers and at least one science target)")
+        if not 1000.0 < self.wave_min < self.wave_max < 30000.0:
+            raise ValueError(f"wave_min={self.wave_min!r}, wave_max={self.wave_max!r}: need "
+                             "1000 < wave_min < wave_max < 30000 Angstrom")
+        if len(self.fwhm_pixels) != 3 or min(self.fwhm_pixels) <= 0:
+            raise ValueError(f"fwhm_pixels={self.fwhm_pixels!r}: need 3 positive values")
+        for name in ("pixels", "fibers"):
+            object.__setattr__(self, name, int(getattr(self, name)))
+        for name in ("wave_min", "wave_max"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+
+    @property
+    def dispersion(self):
+        """Angstrom per pixel."""
+        return (self.wave_max - self.wave_min) / (self.pixels - 1)
+
+    @property
+    def wavelength(self):
+        """Pixel centres, Angstrom, air (linear)."""
+        return np.linspace(self.wave_min, self.wave_max, self.pixels)
+
+    @property
+    def lsf(self):
+        """The line-spread function, exactly as written in FWHMPC0..2."""
+        x = np.array([self.wave_min, 0.5 * (self.wave_min + self.wave_max), self.wave_max])
+        x = x / LSF_REFERENCE_WAVELENGTH
+        fwhm = np.asarray(self.fwhm_pixels) * self.dispersion
+        coeffs = np.linalg.solve(np.polynomial.polynomial.polyvander(x, 2), fwhm)
+        return LineSpread(tuple(float(c) for c in coeffs), "FWHMPC")
+
+
+#: The issue's default: 4096 pixels over 3500-8500 A (1.22 A/pixel), 14 fibers.
+DEFAULT_SETUP = Setup()
+#: IsoPlane-320-like: 1340 pixels over 3500-8500 A (3.73 A/pixel), 14 fibers.
+ISOPLANE_SETUP = Setup("isoplane", pixels=1340)
+
+
+def _as_setup(value):
+    if isinstance(value, Setup):
+        return value
+    if isinstance(value, Mapping):
+        return Setup(**value)
+    raise TypeError(f"a setup must be a Setup or a dict of its fields, not {type(value).__name__}")
+
+
+# ============================================================================= grid stars
+
+
+class GridStars:
+    """Spectra of a BOSZ-layout directory, read once, interpolated at off-grid parameters.
+
+    Files are read on first use and kept in memory (float64 surface flux over the file's full
+    wavelength range); the grid is small. Interpolation is multilinear in (Teff, log g,
+    [M/H]) at the nearest [alpha/M], with :func:`kspec_fluxcal.grid.interpolation_weights`.
+
+    Parameters
+    ----------
+    bosz_dir : path-like
+        Directory in the BOSZ 2024 layout (formats contract section 3).
+    resolution : str, optional
+        Resolution tag, when the directory holds several.
+
+    Attributes
+    ----------
+    wavelength : numpy.ndarray
+        The grid's wavelengths, Angstrom (air above 2000 A).
+    resolving_power : float
+        R of the spectra (Gaussian FWHM = lambda / R).
+    axes : dict of str to numpy.ndarray
+        Parameter values of the grid, by name (``teff``, ``logg``, ``feh``, ``alpha``).
+    exists : numpy.ndarray of bool
+        Which grid points have a file, shaped like the axes.
+    """
+
+    def __init__(self, bosz_dir, resolution=None):
+        scan = scan_bosz(bosz_dir, resolution)
+        self.path = Path(bosz_dir)
+        self.resolution = scan["resolution"]
+        self.resolving_power = BOSZ_RESOLUTIONS[self.resolution]
+        self.wavelength = _read_wavelength(scan["wave_file"])
+        self.axes = {p: np.array(sorted({m[p] for m in scan["models"]})) for p in PARAMS}
+        self.exists = np.zeros(tuple(a.size for a in self.axes.values()), bool)
+        self._files = {}
+        for m in scan["models"]:
+            index = tuple(int(np.searchsorted(self.axes[p], m[p])) for p in PARAMS)
+            self.exists[index] = True
+            self._files[index] = m["path"]
+        self._flux = {}
+        self.synthetic = any(self.path.glob("SYNTHETIC_GRID*"))
+
+    def _read(self, index):
+        if index not in self._flux:
+            self._flux[index] = read_bosz_spectrum(self._files[index], self.wavelength.size)[0]
+        return self._flux[index]
+
+    @property
+    def files_read(self):
+        """Number of spectrum files read so far (each is read once)."""
+        return len(self._flux)
+
+    def spectrum(self, teff, logg, feh, alpha=None):
+        """Surface flux (erg/s/cm^2/A) interpolated at the given parameters, full range.
+
+        Parameters
+        ----------
+        teff, logg, feh : float or array_like
+            Parameters (broadcast together).
+        alpha : float or array_like, optional
+            [alpha/M] (nearest grid value; default 0).
+
+        Returns
+        -------
+        numpy.ndarray
+            Shape (npoint, nwave); (nwave,) when every parameter is a scalar.
+
+        Raises
+        ------
+        ValueError
+            When a point has no existing corner.
+        """
+        scalar = all(np.ndim(v) == 0 for v in (teff, logg, feh, alpha))
+        index, weight = interpolation_weights(self.axes, self.exists, teff, logg, feh, alpha)
+        if not np.all(np.isfinite(weight)):
+            raise ValueError("no grid spectrum around the requested parameters")
+        out = np.zeros((weight.shape[0], self.wavelength.size))
+        for k in range(weight.shape[0]):  # a few stars, 8 corners each
+            for c in np.flatnonzero(weight[k] > 0):
+                out[k] += weight[k, c] * self._read(tuple(index[k, c]))
+        return out[0] if scalar else out
+
+    def complete(self, teff, logg, feh, alpha=None):
+        """True where every corner with a non-zero interpolation weight exists (no hole)."""
+        everywhere = np.ones_like(self.exists)
+        index, raw = interpolation_weights(self.axes, everywhere, teff, logg, feh, alpha)
+        present = self.exists[tuple(index[..., d] for d in range(len(PARAMS)))]
+        return np.all(present | (raw == 0), axis=1)
+
+    def alpha_for(self, feh):
+        """[alpha/M] of stars of metallicity ``feh``, following the grid's convention.
+
+        Galactic chemistry: +0.25 below [M/H] = -0.5 (thick disk, halo), else 0; taken at the
+        nearest [alpha/M] that exists at both bracketing [M/H] nodes, so interpolation in
+        [M/H] never mixes alpha values.
+        """
+        feh = np.atleast_1d(np.asarray(feh, dtype=np.float64))
+        fehs, alphas = self.axes["feh"], self.axes["alpha"]
+        have = self.exists.any(axis=(0, 1))  # (feh, alpha)
+        out = np.empty(feh.shape)
+        for k, value in enumerate(feh):
+            lo = int(np.clip(np.searchsorted(fehs, value, side="right") - 1, 0, fehs.size - 1))
+            hi = min(lo + 1, fehs.size - 1)
+            both = have[lo] & have[hi]
+            target = 0.25 if value < -0.5 else 0.0
+            choices = alphas[both] if both.any() else alphas[have[lo]]
+            out[k] = choices[np.argmin(np.abs(choices - target))]
+        return out
+
+    def parameter_range(self, name, margin=0.1):
+        """(lo, hi) of parameter ``name`` inside the grid, ``margin`` of a step from the edges."""
+        ax = self.axes[name]
+        if ax.size == 1:
+            return float(ax[0]), float(ax[0])
+        return (float(ax[0] + margin * (ax[1] - ax[0])),
+                float(ax[-1] - margin * (ax[-1] - ax[-2])))
+
+    def sample(self, rng, n, ranges=None, *, margin=0.1, node_distance=0.02):
+        """Draw ``n`` stars at off-grid parameters inside the grid.
+
+        Parameters
+        ----------
+        rng : numpy.random.Generator
+        n : int
+        ranges : dict, optional
+            ``{'teff': (lo, hi), 'logg': ..., 'feh': ...}``, intersected with the grid's range
+            shrunk by ``margin`` of a step; default the grid's range.
+        margin : float
+            Distance from the grid's edges, in steps.
+        node_distance : float
+            Minimum distance of each parameter from a grid node, in local steps (so no star is
+            exactly on a node); axes with a single value are exempt.
+
+        Returns
+        -------
+        dict of str to numpy.ndarray
+            ``teff``, ``logg``, ``feh``, ``alpha``; every interpolation corner exists.
+        """
+        ranges = dict(ranges or {})
+        bounds = {}
+        for p in PARAMS[:3]:
+            lo, hi = self.parameter_range(p, margin)
+            want = ranges.get(p, (lo, hi))
+            lo, hi = max(lo, want[0]), min(hi, want[1])
+            if lo > hi:
+                raise ValueError(f"the grid's {p} range {self.axes[p][0]:g}-{self.axes[p][-1]:g} "
+                                 f"does not overlap the requested {want[0]:g}-{want[1]:g}")
+            bounds[p] = (lo, hi)
+        chosen = {p: [] for p in PARAMS}
+        count = 0
+        for _ in range(200):
+            m = max(16, 4 * n)
+            cand = {p: rng.uniform(*bounds[p], m) for p in PARAMS[:3]}
+            cand["alpha"] = self.alpha_for(cand["feh"])
+            ok = self.complete(cand["teff"], cand["logg"], cand["feh"], cand["alpha"])
+            for p in PARAMS[:3]:
+                ax = self.axes[p]
+                if ax.size > 1:
+                    step = np.gradient(ax)
+                    near = np.abs(cand[p][:, None] - ax[None, :]) / step[None, :]
+                    ok &= near.min(axis=1) > node_distance
+            for p in PARAMS:
+                chosen[p].append(cand[p][ok])
+            count += int(ok.sum())
+            if count >= n:
+                break
+        else:
+            raise ValueError(f"could not draw {n} off-grid stars with complete interpolation "
+                             f"corners in {bounds} (grid holes?)")
+        return {p: np.concatenate(v)[:n] for p, v in chosen.items()}
+
+
+# ============================================================================= spectra
+
+
+def doppler_shift(wavelength, flux, velocity):
+    """Doppler shift spectra: ``f(lambda) = f_rest(lambda / (1 + v/c))``.
+
+    A cubic spline in ln(lambda) on the native grid; outside the grid the edge values are
+    used. The 1/(1+z) flux factor is not applied (a photometric scale absorbs it).
+
+    Parameters
+    ----------
+    wavelength : numpy.ndarray
+        Increasing wavelengths, Angstrom.
+    flux : numpy.ndarray
+        Spectra on ``wavelength``, shape (nwave,) or (nspec, nwave).
+    velocity : float or array_like
+        Radial velocities, km/s (one per spectrum).
+
+    Returns
+    -------
+    numpy.ndarray
+        Shifted spectra, shaped like ``flux``.
+    """
+    flux = np.asarray(flux, dtype=np.float64)
+    rows = np.atleast_2d(flux)
+    v = np.broadcast_to(np.asarray(velocity, dtype=np.float64), (rows.shape[0],))
+    ln_w = np.log(np.asarray(wavelength, dtype=np.float64))
+    out = np.empty_like(rows)
+    for k in range(rows.shape[0]):  # one spline per spectrum; a handful per exposure
+        x = np.clip(ln_w - np.log1p(v[k] / SPEED_OF_LIGHT_KMS), ln_w[0], ln_w[-1])
+        out[k] = CubicSpline(ln_w, rows[k])(x)
+    return out.reshape(flux.shape)
+
+
+def _gaussian(x, centre, sigma):
+    return np.exp(-0.5 * ((x - centre) / sigma) ** 2) / (np.sqrt(2.0 * np.pi) * sigma)
+
+
+def _reddening(wavelength, ebv):
+    curve = extinction_per_ebv(wavelength, "F99")
+    return 10.0 ** (-0.4 * np.asarray(ebv, dtype=np.float64)[..., None] * curve)
+
+
+def _magnitudes(wavelength, flux):
+    """AB magnitudes (nspec, nband) in :data:`BANDS` of f_lambda spectra (any constant unit)."""
+    da = xr.DataArray(np.atleast_2d(flux), dims=("spec", "wavelength"),
+                      coords={"wavelength": wavelength})
+    return synthetic_mag(da, list(BANDS)).transpose("spec", "band").values
+
+
+def _galaxy(rng, stars, wave, window, centre_flux, resolving_power):
+    """An old-population galaxy on wave[window], mean flux density ``centre_flux``."""
+    teff, feh = stars.axes["teff"], stars.axes["feh"]
+    ranges = {"teff": (teff[0], teff[0] + 0.35 * (teff[-1] - teff[0])),
+              "feh": (feh[-1] - 0.5 * (feh[-1] - feh[0]), feh[-1])}
+    p = stars.sample(rng, 1, ranges)
+    rest = stars.spectrum(p["teff"], p["logg"], p["feh"], p["alpha"])[0]
+    w = wave[window]
+    z_max = max(min(_GALAXY_Z[1], w[0] / wave[0] - 1.01), 0.0)  # rest frame inside the grid
+    z = rng.uniform(min(_GALAXY_Z[0], z_max), z_max)
+    continuum = doppler_shift(wave, rest, SPEED_OF_LIGHT_KMS * z)[window]
+    sigma = rng.uniform(*_GALAXY_SIGMA_KMS)
+    broaden = LineSpread((0.0, FWHM_PER_SIGMA * sigma / SPEED_OF_LIGHT_KMS
+                          * LSF_REFERENCE_WAVELENGTH), "velocity dispersion")
+    continuum = convolution_matrix(w, w, broaden)[0] @ continuum
+    continuum *= centre_flux / continuum.mean()
+    halpha_ew = rng.uniform(*_HALPHA_EW) * (1.0 + z)
+    halpha = halpha_ew * np.interp(6562.80 * (1.0 + z), w, continuum)
+    hbeta = halpha / 2.86
+    oiii = hbeta * rng.uniform(0.3, 3.0)
+    nii = halpha * rng.uniform(0.2, 0.5)
+    lines = ((3726.03, hbeta * 0.8), (3728.82, hbeta * 1.0), (4861.33, hbeta),
+             (4958.91, oiii / 2.98), (5006.84, oiii), (6548.05, nii / 3.05),
+             (6562.80, halpha), (6583.45, nii), (6716.44, halpha * 0.15),
+             (6730.82, halpha * 0.11))
+    # Lines carry the grid's resolution too, as the continuum does, so the LSF convolution
+    # (which removes it in quadrature) leaves their intrinsic width.
+    sigma_v = np.hypot(_GAS_SIGMA_KMS, SPEED_OF_LIGHT_KMS / (resolving_power * FWHM_PER_SIGMA))
+    spec = continuum.copy()
+    for rest_wave, flux in lines:
+        centre = rest_wave * (1.0 + z)
+        spec += flux * _gaussian(w, centre, centre * sigma_v / SPEED_OF_LIGHT_KMS)
+    return spec, z
+
+
+def _quasar(rng, wave, window, centre_flux, resolving_power):
+    """A quasar on wave[window], mean flux density ``centre_flux``."""
+    w = wave[window]
+    z = rng.uniform(*_QSO_Z)
+    rest = w / (1.0 + z)
+    continuum = (rest / 1450.0) ** _QSO_SLOPE
+    fwhm = rng.uniform(*_QSO_FWHM_KMS)
+    sigma_v = np.hypot(fwhm / FWHM_PER_SIGMA,
+                       SPEED_OF_LIGHT_KMS / (resolving_power * FWHM_PER_SIGMA))
+    lya_flux = _QSO_LYA_EW * (1215.67 / 1450.0) ** _QSO_SLOPE
+    spec = continuum.copy()
+    for line, relative in _QSO_LINES:
+        spec += (lya_flux * relative / 100.0
+                 * _gaussian(rest, line, line * sigma_v / SPEED_OF_LIGHT_KMS))
+    z_abs = w / 1215.67 - 1.0
+    forest = np.where(z_abs < z, np.exp(-_LYA_FOREST[0] * (1.0 + z_abs) ** _LYA_FOREST[1]), 1.0)
+    spec *= forest
+    return spec * centre_flux / spec.mean(), z
+
+
+# ============================================================================= atmosphere
+
+
+def atmospheric_extinction(wavelength, aerosol=_AEROSOL[0]):
+    """Extinction coefficient k(lambda), mag per airmass: Rayleigh + aerosol + ozone.
+
+    Parameters
+    ----------
+    wavelength : array_like
+        Angstrom.
+    aerosol : float
+        Aerosol extinction at 1 micron, mag/airmass.
+    """
+    um = np.asarray(wavelength, dtype=np.float64) / 1e4
+    rayleigh = _RAYLEIGH[0] * um ** -_RAYLEIGH[1]
+    dust = aerosol * um ** -_AEROSOL[1]
+    ozone = _OZONE[0] * np.exp(-0.5 * ((um * 1e4 - _OZONE[1]) / _OZONE[2]) ** 2)
+    return rayleigh + dust + ozone
+
+
+@functools.cache
+def _telluric_lines():
+    """The fixed telluric line list: (wavelength, equivalent width at X = 1, is water)."""
+    rng = np.random.default_rng(_TELLURIC_SEED)
+    regions = load_regions("telluric_default")
+    waves, widths, water = [], [], []
+    for _name, lo, hi, species, total, n in _TELLURIC_BANDS:
+        holder = [r for r in regions if r[0] < hi and r[1] > lo]
+        if holder:
+            lo = max(lo, holder[0][0] + _TELLURIC_INSET)
+            hi = min(hi, holder[0][1] - _TELLURIC_INSET)
+        w = np.sort(rng.uniform(lo, hi, n))
+        # Band envelope falling to zero at the ends, so no line sits at a region edge.
+        envelope = np.sqrt(np.sin(np.pi * (w - lo) / (hi - lo)))
+        strength = rng.exponential(1.0, n) * envelope
+        waves.append(w)
+        widths.append(total * strength / strength.sum())
+        water.append(np.full(n, species == "H2O"))
+    return np.concatenate(waves), np.concatenate(widths), np.concatenate(water)
+
+
+def telluric_transmission(wavelength, lsf, airmass=1.0, pwv=1.0):
+    """Telluric transmission seen through the line-spread function.
+
+    A forest of unresolved lines: the absorption ``exp(-sum_i W_i G(lambda - lambda_i))``
+    with G the LSF (a Gaussian normalised to unit area) and W_i equivalent widths scaling as
+    (airmass x column)^0.55; the column is ``pwv`` for water, 1 for O2.
+
+    Parameters
+    ----------
+    wavelength : array_like
+        Pixel centres, Angstrom (air), any shape.
+    lsf : LineSpread
+        Instrument line-spread function.
+    airmass, pwv : float
+        Airmass and precipitable-water factor.
+
+    Returns
+    -------
+    numpy.ndarray
+        Transmission, shaped like ``wavelength``; 1 away from the bands.
+    """
+    lines, width1, water = _telluric_lines()
+    width = width1 * np.where(water, airmass * pwv, airmass) ** _TELLURIC_POWER
+    sigma = lsf.sigma(lines)
+    wave = np.asarray(wavelength, dtype=np.float64)
+    flat = wave.ravel()
+    reach = 8.0 * sigma.max()
+    near = np.flatnonzero((flat > lines[0] - reach) & (flat < lines[-1] + reach))
+    tau = np.zeros(flat.size)
+    for chunk in np.array_split(near, max(1, near.size // 4096)):
+        tau[chunk] = _gaussian(flat[chunk, None], lines[None, :], sigma[None, :]) @ width
+    return np.exp(-tau).reshape(wave.shape)
+
+
+def _throughput(wavelength, drift=(0.0, 0.0)):
+    """End-to-end instrument throughput (atmosphere excluded), with a night's drift."""
+    lam = np.asarray(wavelength, dtype=np.float64)
+    bell = np.exp(-0.5 * (np.log(lam / 6000.0) / 0.36) ** 2)
+    slope = 1.0 + 0.08 * (lam - 6000.0) / 2500.0
+    ripple = 1.0 + 0.03 * np.sin(2.0 * np.pi * (lam - 3500.0) / 1400.0)  # coatings, 1400 A
+    dip = 1.0 - 0.05 * np.exp(-0.5 * ((lam - 5600.0) / 150.0) ** 2)  # a dichroic-like dip
+    night = 1.0 + drift[0] + drift[1] * (lam - 6000.0) / 2500.0
+    return _PEAK_THROUGHPUT * bell * slope * ripple * dip * night
+
+
+def _instrument_counts(wavelength, pixel_width, exptime, drift):
+    """Counts per pixel per flux unit above the instrument (no atmosphere, no cloud)."""
+    return (exptime * _COLLECTING_AREA_CM2 * _throughput(wavelength, drift) * pixel_width
+            * wavelength / _HC_ERG_AA * FLUX_UNIT_SCALE / _GAIN)
+
+
+def _sky(wavelength, lsf, moon):
+    """Sky flux density (flux units) in one fiber: continuum and one profile per line."""
+    dark = ab_to_flam(_SKY_V_AB, 5500.0) / FLUX_UNIT_SCALE
+    shape = (wavelength / 5500.0) ** 0.3
+    continuum = dark * shape * (1.0 + moon * (wavelength / 5500.0) ** -2)
+    centres = np.array([c for c, _ in _SKY_LINES])
+    ew = np.array([e for _, e in _SKY_LINES]) * dark * (centres / 5500.0) ** 0.3
+    sigma = lsf.sigma(centres)
+    profiles = ew[:, None] * _gaussian(wavelength[None, :], centres[:, None], sigma[:, None])
+    offsets = (wavelength[None, :] - centres[:, None]) / sigma[:, None]
+    return continuum, profiles, offsets
+
+
+# ============================================================================= one exposure
+
+
+class SimulatedExposure(NamedTuple):
+    """What :func:`simulate_exposure` returns."""
+
+    #: The RED file as an HDU list (formats contract section 1).
+    hdulist: fits.HDUList
+    #: The truth, as written to ``truth/<EXPID>.npz`` (see the module docstring).
+    truth: dict
+    #: Catalog rows: dicts of Refcat2 column to text (:data:`CATALOG_HEADER`), plus '_role'
+    #: ('standard', 'star' or 'decoy') and '_fiber' (-1 for decoys), which are not written.
+    catalog: list
+
+
+def _draw(rng, value, bounds):
+    return float(rng.uniform(*bounds)) if value is None else float(value)
+
+
+def _objid(ra, dec):
+    """A position-encoded 64-bit object id, in the spirit of PS1's (not its exact formula)."""
+    return (np.round((np.asarray(dec) + 90.0) * 1e5).astype(np.int64) * 10**9
+            + np.round(np.asarray(ra) * 1e6).astype(np.int64) % 10**9)
+
+
+def _offset(ra, dec, dra_arcsec, ddec_arcsec):
+    dec2 = dec + ddec_arcsec / 3600.0
+    ra2 = (ra + dra_arcsec / 3600.0 / np.cos(np.radians(dec))) % 360.0
+    return ra2, dec2
+
+
+def _separation_deg(ra1, dec1, ra2, dec2):
+    r1, d1, r2, d2 = (np.radians(v) for v in (ra1, dec1, ra2, dec2))
+    cos = np.sin(d1) * np.sin(d2) + np.cos(d1) * np.cos(d2) * np.cos(r1 - r2)
+    return np.degrees(np.arccos(np.clip(cos, -1.0, 1.0)))
+
+
+def _mag_error(band, mag):
+    lo, hi, bright, faint = _MAG_ERRORS[band]
+    return lo + (hi - lo) * np.clip((mag - bright) / (faint - bright), 0.0, 1.0)
+
+
+def _catalog_row(rng, objid, ra, dec, centre, mag_ab, teff, ebv, role, fiber):
+    """One Refcat2 row (text) from true AB magnitudes (dict band -> mag, NaN = not covered)."""
+    row = dict.fromkeys(CATALOG_HEADER, "0")
+    plx = rng.uniform(0.2, 3.0)
+    row.update({
+        "dstDegrees": f"{float(_separation_deg(ra, dec, *centre)):.6f}",
+        "objid": str(int(objid)), "RA": f"{ra:.7f}", "Dec": f"{dec:.7f}",
+        "plx": f"{plx:.3f}", "dplx": f"{rng.uniform(0.02, 0.06):.3f}",
+        "pmra": f"{rng.normal(0.0, 8.0):.3f}", "dpmra": f"{rng.uniform(0.03, 0.1):.3f}",
+        "pmdec": f"{rng.normal(0.0, 8.0):.3f}", "dpmdec": f"{rng.uniform(0.03, 0.1):.3f}",
+        "dupvar": "0", "nstat": "0",
+    })
+    rp1 = rng.uniform(3.0, 36.0)
+    r1 = rng.uniform(rp1, 36.0)
+    row.update({"rp1": f"{rp1:.1f}", "r1": f"{r1:.1f}", "r10": f"{rng.uniform(r1, 36.0):.1f}"})
+    for band, (mcol, ecol) in CATALOG_COLUMNS.items():
+        mag = mag_ab.get(band, np.nan) - VEGA_TO_AB.get(band, 0.0)
+        if not np.isfinite(mag):
+            row[mcol], row[ecol] = "99.999", "9.999"
+            continue
+        err = float(_mag_error(band, mag))
+        row[mcol], row[ecol] = f"{mag + rng.normal(0.0, err):.3f}", f"{err:.3f}"
+    for band in ("g", "r", "i", "z"):
+        row[f"{band}chi"] = f"{rng.uniform(0.2, 2.0):.2f}"
+        row[f"{band}contrib"] = str(int(rng.integers(1, 32)))
+    unknown = rng.random() < _TEFF_UNKNOWN
+    row["Teff"] = "0" if unknown else f"{teff + rng.normal(0.0, _TEFF_SIGMA):.0f}"
+    for col, per_ebv in (("AGaia", A_GAIA_G_PER_EBV), ("Ag", A_PS1_G_PER_EBV)):
+        value = _EXTINCTION_BIAS * per_ebv * ebv + rng.normal(0.0, _EXTINCTION_NOISE)
+        row[col] = f"{max(value, 0.0):.3f}"
+    # Missing values, as Refcat2 has them.
+    if rng.random() < _P_NO_2MASS:
+        _drop_2mass(row)
+    if rng.random() < _P_PS1_MISSING:
+        _drop_band(row, ("g", "r", "i", "z")[int(rng.integers(4))])
+    if rng.random() < _P_EMPTY_FIELD:
+        row[("dBP", "dRP", "dz", "dJ")[int(rng.integers(4))]] = ""
+    row["_role"], row["_fiber"] = role, int(fiber)
+    return row
+
+
+def _drop_2mass(row):
+    for col in ("J", "H", "K"):
+        _drop_band(row, col)
+
+
+def _drop_band(row, col):
+    row[col], row[f"d{col}"] = "99.999", "9.999"
+
+
+def _plan_fibers(rng, nfib, n_standards, dead):
+    n_sky = 2 if nfib >= 8 else 1
+    n_sci = nfib - n_standards - n_sky - int(dead)
+    if n_sci < 1:
+        raise ValueError(f"{nfib} fibers cannot hold {n_standards} standards, {n_sky} sky "
+                         f"{'and a dead fiber ' if dead else ''}and one science target")
+    order = list(rng.permutation(["star", "galaxy", "qso"]))
+    science = [order[k % 3] for k in range(n_sci)]
+    kinds = ["standard"] * n_standards + ["sky"] * n_sky + ["dead"] * int(dead) + science
+    return np.array(kinds)[rng.permutation(nfib)]
+
+
+def _snr_curves(unit_counts, noise_var):
+    """Median S/N per pixel (G, star) for a G (Vega) grid; counts are given at G = 15."""
+    mags = np.linspace(8.0, 24.0, 321)
+    scale = 10.0 ** (-0.4 * (mags - 15.0))
+    signal = scale[:, None, None] * unit_counts[None]
+    snr = np.nanmedian(signal / np.sqrt(signal + noise_var[None]), axis=2)
+    return mags, snr
+
+
+def _solve_magnitudes(rng, unit_counts, noise_var, snr_range, transparency):
+    """Gaia G of each standard for a target S/N in ``snr_range``; the transparency changes
+    only when no G in 13.5-16.5 can reach the range."""
+    lo, hi = snr_range
+    mags, snr = _snr_curves(unit_counts, noise_var)  # S/N decreases with G
+    g_lo, g_hi = _STANDARD_G
+
+    def snr_at(g, k, q):  # S/N of star k at magnitude g when the counts are scaled by q
+        return np.interp(g - 2.5 * np.log10(q), mags, snr[:, k])
+
+    def mag_at(target, k):  # magnitude of star k giving S/N ``target`` at q = 1
+        return np.interp(target, snr[::-1, k], mags[::-1])
+
+    def interval(k, q):  # reachable S/N inside the range, kept 2% away from its ends
+        return max(lo, snr_at(g_hi, k, q)) * 1.02, min(hi, snr_at(g_lo, k, q)) / 1.02
+
+    nstar = snr.shape[1]
+    q = 1.0
+    if any(a >= b for a, b in (interval(k, q) for k in range(nstar))):
+        # Put the middle of the range (in log) at the middle magnitude for the median star.
+        g_mid = float(np.median([mag_at(np.sqrt(lo * hi), k) for k in range(nstar)]))
+        q = 10.0 ** (0.4 * (0.5 * (g_lo + g_hi) - g_mid))
+    gmag = np.empty(nstar)
+    for k in range(nstar):
+        a, b = interval(k, q)
+        if a < b:
+            target = np.exp(rng.uniform(np.log(a), np.log(b)))
+            gmag[k] = mag_at(target, k) + 2.5 * np.log10(q)
+        else:  # out of reach for this star: the nearest magnitude
+            gmag[k] = g_lo if snr_at(g_lo, k, q) < lo else g_hi
+    return gmag, transparency * q
+
+
+def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_format="wavela",
+                      wavelength_unit="Angstrom", medium="air", position_only=None,
+                      dead_fiber=False, snr_range=(30.0, 150.0), airmass=None, exptime=None,
+                      mjd=61345.4583, night="20261101", expid="KS20261101_0001",
+                      conditions=None, field=None):
+    """Simulate one exposure: its RED file, its truth and its catalog rows.
+
+    Parameters
+    ----------
+    rng : numpy.random.Generator or int or numpy.random.SeedSequence
+        Source of every random number (an int is a seed).
+    stars : GridStars or path-like
+        The stellar grid (a directory is loaded; pass a :class:`GridStars` to reuse one).
+    setup : Setup or dict, optional
+        Pixels, fibers, range and LSF (default :data:`DEFAULT_SETUP`).
+    n_standards : int
+        Standard stars (TYPE 'C'), 1-3 in a real K-SPEC exposure.
+    wavelength_format : {'wavela', 'wavela2d', 'wcs'}
+        1-D WAVELA; per-fiber 2-D WAVELA with sub-pixel shifts (the reader resamples); or
+        only the primary header's linear WCS.
+    wavelength_unit : str
+        BUNIT of WAVELA ('Angstrom' or 'nm'), or CUNIT1 of the WCS ('Angstroms', 'nm').
+    medium : {'air', 'vac'}
+        Medium of the written wavelengths (WAVELA only): the pixels are the same, their
+        vacuum wavelengths are written with AIRORVAC = 'vac'.
+    position_only : sequence of bool, optional
+        Per standard: write OBJID -1 (matched by position). Default: random, 30%.
+    dead_fiber : bool
+        Include one dead fiber (TYPE 'D', all NaN).
+    snr_range : (float, float)
+        Median S/N per pixel of the standards.
+    airmass, exptime : float, optional
+        Default: uniform in 1.0-2.0 and 600-1800 s.
+    mjd : float
+        MJD at the start of the exposure.
+    night, expid : str
+        Night (YYYYMMDD) and exposure id (EXPID).
+    conditions : dict, optional
+        Night-level conditions, drawn when absent: ``aerosol`` (mag/airmass at 1 um),
+        ``drift`` (grey, tilt throughput drift), ``moon`` (sky brightening factor);
+        exposure-level: ``pwv`` (water factor), ``transparency``.
+    field : (float, float), optional
+        Field centre RA, Dec in degrees (default random).
+
+    Returns
+    -------
+    SimulatedExposure
+        ``hdulist``, ``truth`` (dict of arrays) and ``catalog`` (list of row dicts).
+    """
+    rng = np.random.default_rng(rng)
+    setup = DEFAULT_SETUP if setup is None else _as_setup(setup)
+    stars = stars if isinstance(stars, GridStars) else GridStars(stars)
+    if wavelength_format not in ("wavela", "wavela2d", "wcs"):
+        raise ValueError(f"wavelength_format={wavelength_format!r}: use 'wavela', 'wavela2d' "
+                         "or 'wcs'")
+    if medium not in ("air", "vac"):
+        raise ValueError(f"medium={medium!r}: use 'air' or 'vac'")
+    if medium == "vac" and wavelength_format == "wcs":
+        raise ValueError("a vacuum solution needs WAVELA: a linear WCS in vacuum would put the "
+                         "pixels on another air grid than the setup's")
+    unit_factor = {"angstrom": 1.0, "angstroms": 1.0, "nm": 10.0}.get(wavelength_unit.lower())
+    if unit_factor is None:
+        raise ValueError(f"wavelength_unit={wavelength_unit!r}: use 'Angstrom(s)' or 'nm'")
+    if not 1 <= n_standards <= setup.fibers - 3:
+        raise ValueError(f"n_standards={n_standards!r}: need 1 to {setup.fibers - 3}")
+    lo_snr, hi_snr = (float(v) for v in snr_range)
+    if not 0 < lo_snr < hi_snr:
+        raise ValueError(f"snr_range={snr_range!r}: need 0 < low < high")
+    if position_only is None:
+        position_only = rng.random(n_standards) < _P_POSITION_ONLY
+    position_only = np.broadcast_to(np.asarray(position_only, bool), (n_standards,))
+
+    cond = dict(conditions or {})
+    if "aerosol" in cond:
+        aerosol = float(cond["aerosol"])
+    else:
+        aerosol = _AEROSOL[0] * float(rng.uniform(*_AEROSOL_NIGHT))
+    drift = tuple(cond["drift"]) if "drift" in cond else tuple(rng.normal(0.0, _DRIFT_SIGMA))
+    moon = _draw(rng, cond.get("moon"), _MOON_RANGE)
+    pwv = _draw(rng, cond.get("pwv"), _PWV_RANGE)
+    transparency = _draw(rng, cond.get("transparency"), _TRANSPARENCY_RANGE)
+    airmass = round(_draw(rng, airmass, _AIRMASS_RANGE), 4)  # as written in the header
+    exptime = float(np.round(_draw(rng, exptime, _EXPTIME_RANGE)))
+    if field is None:
+        field = (float(rng.uniform(0.0, 360.0)), float(np.degrees(np.arcsin(
+            rng.uniform(np.sin(np.radians(-30.0)), np.sin(np.radians(60.0)))))))
+
+    # ---- pixels: every fiber's air wavelengths; their median is the common grid
+    nfib, npix = setup.fibers, setup.pixels
+    lsf = setup.lsf
+    base = setup.wavelength
+    shifts = np.zeros(nfib)
+    if wavelength_format == "wavela2d":
+        shifts = rng.uniform(-_FIBER_SHIFT_PIXELS, _FIBER_SHIFT_PIXELS, nfib)
+        shifts -= np.median(shifts)
+    rows = base[None, :] + shifts[:, None] * setup.dispersion
+    per_fiber = wavelength_format == "wavela2d"
+
+    # ---- native grid window: the pixels plus the LSF wings
+    wave = stars.wavelength
+    sigma_max = float(np.max(lsf.sigma(base)))
+    need = (rows.min() - 6.0 * sigma_max - 10.0, rows.max() + 6.0 * sigma_max + 10.0)
+    if wave[0] > need[0] or wave[-1] < need[1]:
+        raise GridError(stars.path, "wavelength", f"the grid covers {wave[0]:.0f}-"
+                        f"{wave[-1]:.0f} A; the setup needs {need[0]:.0f}-{need[1]:.0f} A")
+    first = max(int(np.searchsorted(wave, need[0])) - 1, 0)
+    window = slice(first, int(np.searchsorted(wave, need[1])) + 1)
+    w_win = wave[window]
+    resolving_power = stars.resolving_power
+    matrix, sharper = convolution_matrix(w_win, base, lsf, resolving_power)
+    if sharper > 0:
+        raise ValueError(f"setup {setup.name!r}: the LSF is sharper than the grid's R = "
+                         f"{resolving_power:g} on {100 * sharper:.0f}% of the pixels; use "
+                         "fewer pixels or a higher-resolution grid")
+
+    # ---- targets
+    kinds = _plan_fibers(rng, nfib, n_standards, dead_fiber)
+    std_fibers = np.flatnonzero(kinds == "standard")
+    sci_star_fibers = np.flatnonzero(kinds == "star")
+    star_fibers = np.concatenate([std_fibers, sci_star_fibers])
+    params = stars.sample(rng, std_fibers.size, _STANDARD_RANGES)
+    if sci_star_fibers.size:
+        sci = stars.sample(rng, sci_star_fibers.size)
+        params = {p: np.concatenate([params[p], sci[p]]) for p in PARAMS}
+    nstar = star_fibers.size
+    rv = rng.uniform(*_RV_RANGE, nstar)
+    ebv = rng.uniform(*_EBV_RANGE, nstar)
+    surface = stars.spectrum(params["teff"], params["logg"], params["feh"], params["alpha"])
+    observed = doppler_shift(wave, surface, rv) * _reddening(wave, ebv)
+    mags0 = _magnitudes(wave, observed)  # AB, at the dilution 1
+    g_index = BANDS.index("gaiadr2-G")
+    # Standards at G = 15 for now (their magnitude follows from the S/N); others final.
+    gmag = np.concatenate([np.full(std_fibers.size, 15.0),
+                           rng.uniform(*_SCIENCE_STAR_G, sci_star_fibers.size)])
+    dilution = 10.0 ** (-0.4 * (gmag + VEGA_TO_AB["gaiadr2-G"] - mags0[:, g_index]))
+    native = np.zeros((nfib, w_win.size))
+    native[star_fibers] = observed[:, window] * (dilution / FLUX_UNIT_SCALE)[:, None]
+    redshift = np.full(nfib, np.nan)
+    redshift[star_fibers] = rv / SPEED_OF_LIGHT_KMS
+    centre = 0.5 * (base[0] + base[-1])
+    for f in np.flatnonzero(kinds == "galaxy"):
+        level = ab_to_flam(rng.uniform(*_GALAXY_MAG), centre) / FLUX_UNIT_SCALE
+        native[f], redshift[f] = _galaxy(rng, stars, wave, window, level, resolving_power)
+    for f in np.flatnonzero(kinds == "qso"):
+        level = ab_to_flam(rng.uniform(*_QSO_MAG), centre) / FLUX_UNIT_SCALE
+        native[f], redshift[f] = _quasar(rng, wave, window, level, resolving_power)
+
+    # ---- convolution to the LSF at the pixel centres: the common grid, and each fiber's
+    true_flux = (matrix @ native.T).T
+    if per_fiber:
+        true_rows = np.stack([convolution_matrix(w_win, rows[f], lsf, resolving_power)[0]
+                              @ native[f] for f in range(nfib)])
+    else:
+        true_rows = true_flux.copy()
+
+    # ---- response, sky, apertures
+    def response_of(w):
+        width = np.gradient(w, axis=-1)
+        instrument = _instrument_counts(w, width, exptime, drift)
+        atmosphere = 10.0 ** (-0.4 * atmospheric_extinction(w, aerosol) * airmass)
+        telluric = telluric_transmission(w, lsf, airmass, pwv)
+        return instrument, atmosphere, telluric
+
+    instrument, atmosphere, telluric = response_of(base)
+    if per_fiber:
+        inst_rows, atm_rows, tell_rows = response_of(rows)
+    else:
+        inst_rows, atm_rows, tell_rows = (np.broadcast_to(a, (nfib, npix))
+                                          for a in (instrument, atmosphere, telluric))
+    aperture = rng.uniform(*_APERTURE_RANGE, nfib)
+    sky_counts = np.empty((nfib, npix))
+    residual = np.zeros((nfib, npix))
+    nlines = len(_SKY_LINES)
+    coef_scale, coef_shift = (rng.choice([-1.0, 1.0], (nfib, nlines))
+                              * rng.uniform(*_SKY_RESIDUAL, (nfib, nlines)) for _ in range(2))
+    sky_shared = None if per_fiber else _sky(base, lsf, moon)
+    for f in range(nfib):  # per fiber: its own wavelengths and residual coefficients
+        cont, profiles, offsets = sky_shared or _sky(rows[f], lsf, moon)
+        lines = profiles * inst_rows[f]
+        sky_counts[f] = cont * inst_rows[f] + lines.sum(axis=0)
+        residual[f] = coef_scale[f] @ lines + coef_shift[f] @ (lines * offsets)
+    noise_var = sky_counts + _READ_NOISE**2
+
+    # ---- standards: magnitudes for S/N in range (the transparency changes only if needed)
+    def response_rows(q):
+        return inst_rows * q * atm_rows * tell_rows
+
+    unit = true_rows[std_fibers] * response_rows(transparency)[std_fibers] \
+        * aperture[std_fibers, None]
+    g_std, transparency = _solve_magnitudes(rng, unit, noise_var[std_fibers],
+                                            (lo_snr, hi_snr), transparency)
+    scale = 10.0 ** (-0.4 * (g_std - 15.0))
+    gmag[: std_fibers.size] = g_std
+    dilution[: std_fibers.size] *= scale
+    true_flux[std_fibers] *= scale[:, None]
+    true_rows[std_fibers] *= scale[:, None]
+    response = instrument * transparency * atmosphere * telluric
+    signal = true_rows * response_rows(transparency) * aperture[:, None]
+
+    # ---- noise: Poisson (signal + sky) - sky + read noise, residuals, cosmic rays
+    counts = (rng.poisson(signal + sky_counts) - sky_counts
+              + rng.normal(0.0, _READ_NOISE, (nfib, npix)) + residual)
+    variance = signal + noise_var
+    ncosmic = rng.integers(_COSMICS_PER_FIBER[0], _COSMICS_PER_FIBER[1] + 1, nfib)
+    for f in range(nfib):
+        hit = rng.choice(npix, ncosmic[f], replace=False)
+        counts[f, hit] = np.nan
+        variance[f, hit] = np.nan
+    dead = kinds == "dead"
+    counts[dead] = np.nan
+    variance[dead] = np.nan
+    true_flux[dead] = np.nan
+    counts_noiseless = true_flux * response[None, :] * aperture[:, None]
+    with np.errstate(invalid="ignore"):
+        std_snr = np.nanmedian(signal[std_fibers] / np.sqrt(variance[std_fibers]), axis=1)
+
+    # ---- positions, ids, catalog rows
+    ra = np.full(nfib, np.nan)
+    dec = np.full(nfib, np.nan)
+    radius = np.degrees(np.arccos(1.0 - rng.random(nfib) * (1.0 - np.cos(np.radians(0.5)))))
+    angle = rng.uniform(0.0, 2.0 * np.pi, nfib)
+    cat_ra, cat_dec = _offset(field[0], field[1], 3600.0 * radius * np.sin(angle),
+                              3600.0 * radius * np.cos(angle))
+    live = ~dead
+    ra[live], dec[live] = cat_ra[live], cat_dec[live]
+    # Fibers sit a fraction of an arcsec from their catalog star.
+    off = rng.normal(0.0, _FIBER_OFFSET_ARCSEC, (2, nfib))
+    std_pos = std_fibers[position_only]
+    cap = np.hypot(*off[:, std_pos]) / _POSITION_ONLY_MAX_ARCSEC
+    off[:, std_pos] /= np.maximum(cap, 1.0)
+    ra[live], dec[live] = _offset(ra[live], dec[live], off[0, live], off[1, live])
+    objid = np.full(nfib, -1, dtype=np.int64)
+    star_objid = _objid(cat_ra[star_fibers], cat_dec[star_fibers])
+    objid[star_fibers] = star_objid
+    objid[std_pos] = -1
+
+    mag_true = mags0 + (gmag + VEGA_TO_AB["gaiadr2-G"] - mags0[:, g_index])[:, None]
+    catalog = []
+    for k, f in enumerate(star_fibers):
+        role = "standard" if kinds[f] == "standard" else "star"
+        catalog.append(_catalog_row(rng, star_objid[k], cat_ra[f], cat_dec[f], field,
+                                    dict(zip(BANDS, mag_true[k], strict=True)),
+                                    params["teff"][k], ebv[k], role, f))
+    catalog += _decoys(rng, stars, cat_ra[std_fibers], cat_dec[std_fibers], field)
+
+    # ---- FIBRES table, header, WAVELA
+    names = np.array([f"{kind}{f:02d}" if kind not in ("dead",) else "" for f, kind
+                      in enumerate(kinds)])
+    types = np.array([{"standard": "C", "sky": "S", "dead": "D"}.get(k, "P") for k in kinds])
+    fibres = {"NAME": names, "TYPE": types, "RA": ra, "DEC": dec, "OBJID": objid}
+    header = fits.Header()
+    header["EXPTIME"] = (exptime, "exposure time, s")
+    header["MJD-OBS"] = (float(mjd), "MJD at exposure start")
+    header["EXPID"] = (expid, "exposure id")
+    header["AIRMASS"] = (airmass, "airmass at mid-exposure")
+    for k, c in enumerate(lsf.coeffs):
+        header[f"FWHMPC{k}"] = (c, "LSF FWHM polynomial, A")
+    header["BUNIT"] = "counts"
+    header["NIGHT"] = (night, "observing night (local date of the evening)")
+    header["RACEN"] = (round(field[0], 6), "field centre RA, deg")
+    header["DECCEN"] = (round(field[1], 6), "field centre Dec, deg")
+    header["SETUP"] = (setup.name, "instrument setup (simulation)")
+    header["SIMULATE"] = (True, "simulated by kspec_fluxcal.simulate")
+    wave_out, wave_header = None, None
+    written = air_to_vacuum(rows) if medium == "vac" else rows
+    if wavelength_format == "wcs":
+        header["CRVAL1"] = base[0] / unit_factor
+        header["CDELT1"] = setup.dispersion / unit_factor
+        header["CRPIX1"] = 1.0
+        header["CUNIT1"] = wavelength_unit
+        header["CTYPE1"] = "Wavelength"
+    else:
+        wave_out = (written if per_fiber else written[0]) / unit_factor
+        wave_header = {"BUNIT": wavelength_unit}
+        if medium == "vac":
+            # 1-D: the WAVELA header says it; 2-D: the primary header (both are contract).
+            if per_fiber:
+                header["AIRORVAC"] = ("vac", "wavelength solution in vacuum")
+            else:
+                wave_header["AIRORVAC"] = "vac"
+    hdulist = red_hdulist(counts, variance, fibres, header, wavelength=wave_out,
+                          wavelength_header=wave_header)
+
+    truth = {
+        "wavelength": base,
+        "true_flux": true_flux,
+        "response": response,
+        "telluric": telluric,
+        "atmosphere": atmosphere,
+        "throughput": _throughput(base, drift),
+        "aperture": aperture,
+        "counts_noiseless": counts_noiseless,
+        "sky_counts": sky_counts,
+        "fiber_kind": kinds.astype("<U8"),
+        "redshift": redshift,
+        "std_fiber": std_fibers,
+        "std_objid": star_objid[: std_fibers.size],
+        "std_position_only": position_only.copy(),
+        "std_teff": params["teff"][: std_fibers.size],
+        "std_logg": params["logg"][: std_fibers.size],
+        "std_feh": params["feh"][: std_fibers.size],
+        "std_alpha": params["alpha"][: std_fibers.size],
+        "std_rv": rv[: std_fibers.size],
+        "std_ebv": ebv[: std_fibers.size],
+        "std_snr": std_snr,
+        "std_gmag": g_std,
+        "std_dilution": dilution[: std_fibers.size],
+        "std_mag": mag_true[: std_fibers.size],
+        "bands": np.array(BANDS),
+        "airmass": np.float64(airmass),
+        "exptime": np.float64(exptime),
+        "mjd": np.float64(mjd),
+        "transparency": np.float64(transparency),
+        "pwv": np.float64(pwv),
+        "aerosol": np.float64(aerosol),
+        "night": np.str_(night),
+        "expid": np.str_(expid),
+        "setup": np.str_(setup.name),
+        "setup_key": np.str_(setup_key(base, lsf)),
+        "wavelength_format": np.str_(wavelength_format),
+        "wavelength_unit": np.str_(wavelength_unit),
+        "medium": np.str_(medium),
+    }
+    return SimulatedExposure(hdulist, truth, catalog)
+
+
+def _decoys(rng, stars, std_ra, std_dec, field):
+    """Catalog stars that are not observed: a close neighbour of each standard (beyond the
+    2 arcsec match radius) and a few field stars."""
+    n_near, n_field = std_ra.size, _FIELD_DECOYS
+    n = n_near + n_field
+    p = stars.sample(rng, n)
+    ebv = rng.uniform(*_EBV_RANGE, n)
+    observed = stars.spectrum(p["teff"], p["logg"], p["feh"], p["alpha"]) \
+        * _reddening(stars.wavelength, ebv)
+    mags0 = _magnitudes(stars.wavelength, observed)
+    g = rng.uniform(12.0, 19.0, n)
+    mags = mags0 + (g + VEGA_TO_AB["gaiadr2-G"] - mags0[:, BANDS.index("gaiadr2-G")])[:, None]
+    sep = rng.uniform(*_NEIGHBOUR_ARCSEC, n_near)
+    angle = rng.uniform(0.0, 2.0 * np.pi, n)
+    ra_near, dec_near = _offset(std_ra, std_dec, sep * np.sin(angle[:n_near]),
+                                sep * np.cos(angle[:n_near]))
+    radius = 3600.0 * 0.5 * np.sqrt(rng.random(n_field))
+    ra_f, dec_f = _offset(np.full(n_field, field[0]), np.full(n_field, field[1]),
+                          radius * np.sin(angle[n_near:]), radius * np.cos(angle[n_near:]))
+    ra, dec = np.concatenate([ra_near, ra_f]), np.concatenate([dec_near, dec_f])
+    ids = _objid(ra, dec)
+    return [_catalog_row(rng, ids[k], ra[k], dec[k], field, dict(zip(BANDS, mags[k], strict=True)),
+                         p["teff"][k], ebv[k], "decoy", -1) for k in range(n)]
+
+
+# ============================================================================= survey
+
+
+def _mjd(date):
+    return float((date - _MJD_EPOCH).days)
+
+
+def _plan(rng, exposures, nights, setups):
+    """Per-exposure plan: night, setup, variety, standards, OBJID -1 flags, dead fiber."""
+    nights = max(1, min(nights, exposures))
+    per_night = np.array_split(np.arange(exposures), nights)
+    varieties = [_VARIETIES[k] for k in rng.permutation(3)]
+    varieties += [_VARIETIES[k] for k in rng.integers(0, len(_VARIETIES), max(0, exposures - 3))]
+    n_std = list(rng.permutation([1, 2, 3]))
+    n_std += list(rng.integers(1, 4, max(0, exposures - 3)))
+    n_std = n_std[:exposures]
+    position_only = [rng.random(n) < _P_POSITION_ONLY for n in n_std]
+    if not any(p.any() for p in position_only):
+        position_only[int(rng.integers(exposures))][0] = True
+    dead = rng.random(exposures) < _P_DEAD
+    if exposures >= 3 and not dead.any():
+        dead[int(rng.integers(exposures))] = True
+    exptime = np.round(rng.uniform(*_EXPTIME_RANGE, exposures))
+    plan = []
+    for night_index, members in enumerate(per_night):
+        date = _FIRST_NIGHT + _dt.timedelta(days=night_index)
+        start = _mjd(date) + _NIGHT_START_UT_HOURS / 24.0 + rng.uniform(0.0, 0.02)
+        for seq, i in enumerate(members, start=1):
+            night = date.strftime("%Y%m%d")
+            fmt, unit, medium = varieties[i]
+            setup = setups[i % len(setups)]
+            plan.append({
+                "index": int(i), "night": night, "night_index": night_index,
+                "expid": f"KS{night}_{seq:04d}", "setup": setup,
+                "wavelength_format": fmt, "wavelength_unit": unit, "medium": medium,
+                "n_standards": int(n_std[i]), "position_only": position_only[i],
+                "dead_fiber": bool(dead[i]), "exptime": float(exptime[i]),
+                "mjd": round(start, 6),
+            })
+            start += (max(_SPACING_MIN_S, exptime[i] + _OVERHEAD_S)
+                      + rng.uniform(0.0, 180.0)) / 86400.0
+    return plan
+
+
+def _ensure_catalog_variety(rng, rows):
+    """Make sure the catalog has a star without 2MASS, a PS1 sentinel and an empty field
+    (among the observed standards, so the fitter meets them)."""
+    std = [r for r in rows if r["_role"] == "standard"]
+    if not std:
+        return
+    if not any(r["J"] == "99.999" for r in std):
+        _drop_2mass(std[int(rng.integers(len(std)))])
+    if not any(r[b] == "99.999" for r in std for b in ("g", "r", "i", "z")):
+        _drop_band(std[int(rng.integers(len(std)))], "z")
+    if not any(r[c] == "" for r in rows for c in CATALOG_HEADER):
+        std[int(rng.integers(len(std)))]["dBP"] = ""
+
+
+def _write_catalog(path, rows):
+    lines = [",".join(CATALOG_HEADER)]
+    lines += [",".join(str(r[c]) for c in CATALOG_HEADER) for r in rows]
+    with atomic_file(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+
+
+def _write_truth(path, truth):
+    # numpy.savez gives its members the fixed zip date 1980-01-01: the bytes depend on the
+    # arrays only (checked by the determinism test).
+    with atomic_file(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez_compressed(fh, **truth)
+
+
+def _demo_grid(directory, previous, workers):
+    """Write the demo's synthetic grid (reusing complete files of a previous run)."""
+    from .synthgrid import write_synthetic_grid
+
+    if previous is not None and previous.is_dir():
+        shutil.copytree(previous, directory)
+    try:
+        write_synthetic_grid(directory, workers=workers, **_DEMO_GRID)
+    except GridError:
+        shutil.rmtree(directory, ignore_errors=True)
+        write_synthetic_grid(directory, workers=workers, **_DEMO_GRID)
+
+
+def simulate_survey(outdir, *, exposures=20, nights=4, seed=0, fibers=14, pixels=4096,
+                    grid=None, snr_range=(30, 150), setups=None, progress=False,
+                    overwrite=False, workers=2):
+    """Write a small simulated survey with known truth, in the formats of the contract.
+
+    Layout of ``outdir``::
+
+        lake/<YYYYMMDD>/<EXPID>.fits   RED files (formats contract section 1)
+        catalog.csv                    Refcat2 catalog (section 2): standards, other stars
+                                       of the fields and decoys
+        truth/<EXPID>.npz              the truth of each exposure (module docstring)
+        survey.json                    manifest: seed, options, exposures
+        grid/                          the synthetic BOSZ-layout grid, when ``grid`` is None
+
+    The exposures vary deterministically with the seed: 1-D WAVELA, per-fiber 2-D WAVELA
+    (resampled by the reader), WCS-only; nm and vacuum solutions; standards matched by
+    position (OBJID -1); dead fibers; 1, 2 and 3 standards (a survey of at least 3 exposures
+    has each of these).
+
+    Parameters
+    ----------
+    outdir : path-like
+        Output directory; must not exist or be empty, unless ``overwrite``.
+    exposures, nights : int
+        Number of exposures, spread over consecutive nights from 2026-11-01.
+    seed : int
+        Seed of everything.
+    fibers, pixels : int
+        Fibers per exposure and pixels per spectrum (3500-8500 A) of the default setup.
+    grid : path-like, optional
+        BOSZ-layout directory; default: write a synthetic one to ``outdir/grid``
+        (R = 5000, 2500-26000 A, Teff 5250-7250 K, log g 3.5-4.5, [M/H] -1.0 to +0.25).
+    snr_range : (float, float)
+        Median S/N per pixel of the standard stars.
+    setups : sequence of Setup or dict, optional
+        Setups used in turn by successive exposures (default: one, from ``fibers`` and
+        ``pixels``).
+    progress : bool
+        Report progress and timings on stderr.
+    overwrite : bool
+        Replace an existing non-empty ``outdir`` (atomically).
+    workers : int
+        Threads writing the synthetic grid.
+
+    Returns
+    -------
+    pathlib.Path
+        ``outdir``.
+
+    Raises
+    ------
+    OutputExistsError
+        When ``outdir`` is not empty and ``overwrite`` is false.
+    """
+    outdir = Path(outdir)
+    if exposures < 1 or nights < 1:
+        raise ValueError(f"exposures={exposures!r}, nights={nights!r}: need at least 1 each")
+    if outdir.exists() and any(outdir.iterdir()) and not overwrite:
+        raise OutputExistsError(outdir)
+    setups = [Setup(pixels=pixels, fibers=fibers)] if setups is None \
+        else [_as_setup(s) for s in setups]
+    if not setups:
+        raise ValueError("setups is empty")
+    if len({s.name for s in setups}) != len(setups):
+        raise ValueError("setups must have distinct names")
+
+    def say(text):
+        if progress:
+            print(text, file=sys.stderr, flush=True)
+
+    plan_seed, night_seed, catalog_seed, *exposure_seeds = \
+        np.random.SeedSequence(seed).spawn(3 + exposures)
+    night_rng = np.random.default_rng(night_seed)
+    t_start = time.perf_counter()
+    # An empty existing directory is replaced like a stale one: the new survey appears whole.
+    with atomic_directory(outdir, overwrite=True) as tmp:
+        if grid is None:
+            t0 = time.perf_counter()
+            previous = outdir / "grid" if outdir.exists() else None
+            _demo_grid(tmp / "grid", previous, workers)
+            say(f"synthetic grid: {time.perf_counter() - t0:.1f} s")
+            grid_dir, grid_label = tmp / "grid", "grid"
+        else:
+            grid_dir, grid_label = Path(grid), str(Path(grid).resolve())
+        stars = GridStars(grid_dir)
+        plan = _plan(np.random.default_rng(plan_seed), exposures, nights, setups)
+        night_conditions = [{
+            "aerosol": _AEROSOL[0] * night_rng.uniform(*_AEROSOL_NIGHT),
+            "drift": tuple(float(d) for d in night_rng.normal(0.0, _DRIFT_SIGMA)),
+            "moon": float(night_rng.uniform(*_MOON_RANGE)),
+        } for _ in range(max(p["night_index"] for p in plan) + 1)]
+        rows, manifest = [], []
+        for p, exp_seed in zip(plan, exposure_seeds, strict=True):
+            t0 = time.perf_counter()
+            sim = simulate_exposure(
+                np.random.default_rng(exp_seed), stars, setup=p["setup"],
+                n_standards=p["n_standards"], wavelength_format=p["wavelength_format"],
+                wavelength_unit=p["wavelength_unit"], medium=p["medium"],
+                position_only=p["position_only"], dead_fiber=p["dead_fiber"],
+                snr_range=snr_range, exptime=p["exptime"], mjd=p["mjd"], night=p["night"],
+                expid=p["expid"], conditions=night_conditions[p["night_index"]])
+            rel = Path("lake") / p["night"] / f"{p['expid']}.fits"
+            with atomic_file(tmp / rel) as path:
+                sim.hdulist.writeto(path, overwrite=True, output_verify="exception")
+            truth_rel = Path("truth") / f"{p['expid']}.npz"
+            _write_truth(tmp / truth_rel, sim.truth)
+            rows += sim.catalog
+            manifest.append({
+                "path": rel.as_posix(), "truth": truth_rel.as_posix(), "night": p["night"],
+                "expid": p["expid"], "setup": p["setup"].name,
+                "setup_key": str(sim.truth["setup_key"]), "n_standards": p["n_standards"],
+                "wavelength_format": p["wavelength_format"],
+                "wavelength_unit": p["wavelength_unit"], "medium": p["medium"],
+                "position_only": int(np.sum(p["position_only"])),
+                "dead_fiber": p["dead_fiber"], "mjd": p["mjd"], "exptime": p["exptime"],
+                "airmass": float(sim.truth["airmass"]),
+            })
+            say(f"[{len(manifest)}/{exposures}] {rel.as_posix()}: {p['n_standards']} standard(s), "
+                f"{p['wavelength_format']} {p['wavelength_unit']} {p['medium']}, "
+                f"{time.perf_counter() - t0:.2f} s")
+        _ensure_catalog_variety(np.random.default_rng(catalog_seed), rows)
+        ids = [r["objid"] for r in rows]
+        if len(set(ids)) != len(ids):  # position-encoded ids collide only for coincident stars
+            raise RuntimeError("duplicate catalog objids; try another seed")
+        _write_catalog(tmp / "catalog.csv", rows)
+        info = {
+            "title": "kspec-fluxcal simulated survey (SYNTHETIC data)",
+            "generator": f"kspec_fluxcal.simulate {__version__}",
+            "seed": int(seed),
+            "options": {
+                "exposures": exposures, "nights": nights, "fibers": fibers, "pixels": pixels,
+                "snr_range": [float(v) for v in snr_range], "grid": grid_label,
+                "setups": [dataclasses.asdict(s) for s in setups],
+            },
+            "grid": {"path": grid_label, "resolution": stars.resolution,
+                     "synthetic": bool(stars.synthetic), "files_read": stars.files_read},
+            "catalog": "catalog.csv",
+            "n_catalog_rows": len(rows),
+            "exposures": manifest,
+        }
+        with atomic_file(tmp / "survey.json") as path:
+            path.write_text(json.dumps(info, indent=1) + "\n")
+    say(f"survey: {exposures} exposures in {time.perf_counter() - t_start:.1f} s -> {outdir}")
+    return outdir
+

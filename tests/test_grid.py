@@ -1,0 +1,202 @@
+import gzip
+import shutil
+
+import numpy as np
+import pytest
+import xarray as xr
+from conftest import SHARED_REAL, requires_shared
+
+from kspec_fluxcal.constants import BANDS
+from kspec_fluxcal.errors import FluxCalWarning, GridError
+from kspec_fluxcal.grid import (
+    build_grid,
+    open_grid,
+    parse_bosz_filename,
+    read_bosz_spectrum,
+    scan_bosz,
+)
+from kspec_fluxcal.photometry import synthetic_mag
+from kspec_fluxcal.synthgrid import write_synthetic_grid
+
+
+@pytest.fixture(scope="module")
+def bosz_dir(tmp_path_factory):
+    return write_synthetic_grid(tmp_path_factory.mktemp("bosz") / "bosz", small=True, workers=2)
+
+
+@pytest.fixture(scope="module")
+def cube(bosz_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cube") / "grid.zarr"
+    build_grid(bosz_dir, out, wave_min=3000, wave_max=11000, progress=False)
+    return out
+
+
+def test_parse_names():
+    p = parse_bosz_filename("bosz2024_mp_t6000_g+4.0_m-0.25_a+0.25_c+0.00_v1_r10000_resam.txt.gz")
+    assert p == {"teff": 6000.0, "logg": 4.0, "feh": -0.25, "alpha": 0.25, "carbon": 0.0,
+                 "vmicro": 1.0, "atmos": "mp", "resolution": "r10000"}
+    assert parse_bosz_filename("bosz2024_ap_t7500_g+4.5_m+0.00_a+0.00_c+0.00_v2_rorig_resam.txt.gz")[
+        "resolution"] == "rorig"
+    assert parse_bosz_filename("bosz2024_mp_t6000_g4.0_m+0.00.txt.gz") is None
+
+
+def test_cube_layout_holes_policy_and_provenance(cube, bosz_dir):
+    ds = open_grid(cube)
+    assert ds["flux"].dims == ("teff", "logg", "feh", "alpha", "wavelength")
+    assert ds["flux"].dtype == np.float32 and ds["flux"].chunks is not None
+    assert ds["flux"].attrs["units"] == "erg/(s cm2 Angstrom)"
+    assert list(ds["teff"].values) == [5500, 6000, 6500, 7000, 7500]
+    exists = ds["exists"].values
+    assert exists.sum() == 16 and not exists.all()  # the synthetic grid leaves holes
+    hole = np.argwhere(~exists)[0]
+    assert np.isnan(ds["flux"].values[tuple(hole)]).all()
+    assert np.isnan(ds["synth_mag"].values[tuple(hole)]).all()
+    assert list(ds["band"].values) == list(BANDS)
+    assert ds["wavelength"].values[0] >= 3000 and ds["wavelength"].values[-1] <= 11000
+    attrs = ds.attrs
+    assert attrs["synthetic"] == 1 and "SYNTHETIC" in attrs["title"]
+    assert attrs["n_files"] == 16 and attrs["resolution"] == "r5000"
+    assert attrs["resolving_power"] == 5000.0 and attrs["kspec_fluxcal_version"]
+    assert "MARCS" in attrs["policy"] and attrs["chosen_atmospheres"] == '["mp"]'
+    # 7500 K has both 'mp' and 'ap' files: the MARCS one was chosen.
+    scan = scan_bosz(bosz_dir)
+    assert any("not chosen" in reason and "_ap_" in str(path) for path, reason in scan["skipped"])
+
+
+def test_synthetic_mags_equal_direct_computation(cube, bosz_dir):
+    ds = open_grid(cube)
+    point = dict(teff=6000.0, logg=4.5, feh=-0.5, alpha=0.0)
+    scan = scan_bosz(bosz_dir)
+    model = next(m for m in scan["models"] if all(m[k] == v for k, v in point.items()))
+    wave = np.array(scan["wave_file"].read_bytes().split(), dtype=float)
+    flux, _ = read_bosz_spectrum(model["path"], wave.size)
+    direct = synthetic_mag(xr.DataArray(flux, dims="wavelength", coords={"wavelength": wave}),
+                           list(BANDS))
+    stored = ds["synth_mag"].sel(**point)
+    np.testing.assert_allclose(stored.values, direct.values, atol=1e-10)
+    assert np.isfinite(stored.sel(band="twomass-Ks"))  # from the untrimmed range
+    # Reddening coefficients: larger in the blue than in the infrared, of the usual size.
+    coeff = ds["ext_coeff"].sel(**point, law="F99")
+    assert 3.0 < float(coeff.sel(band="panstarrs-g")) < 4.0
+    assert 0.2 < float(coeff.sel(band="twomass-Ks")) < 0.5
+
+
+def test_rebuild_is_idempotent_and_resumes(bosz_dir, tmp_path, capsys):
+    out = tmp_path / "g.zarr"
+    build_grid(bosz_dir, out, progress=True)
+    first = open_grid(out)["flux"].values
+    build_grid(bosz_dir, out, progress=True)
+    assert "up to date" in capsys.readouterr().out
+    # An interrupted build: the partial store and its state survive, the final store is absent.
+    out2 = tmp_path / "h.zarr"
+    calls = {"n": 0}
+    import kspec_fluxcal.grid as gridmod
+
+    original = gridmod._save_state
+
+    def crash_after_two(partial, state):
+        original(partial, state)
+        calls["n"] += 1
+        if calls["n"] == 3:  # the initial state, then two slabs
+            raise KeyboardInterrupt
+
+    gridmod._save_state = crash_after_two
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            build_grid(bosz_dir, out2, progress=False)
+    finally:
+        gridmod._save_state = original
+    assert not out2.exists()
+    with pytest.raises(GridError, match="no such template grid"):
+        open_grid(out2)
+    build_grid(bosz_dir, out2, progress=True)
+    assert "resuming an interrupted build: 2/5" in capsys.readouterr().out
+    np.testing.assert_array_equal(open_grid(out2)["flux"].values, first)
+
+
+def test_other_inputs_need_overwrite(bosz_dir, cube, tmp_path):
+    with pytest.raises(GridError, match="built from other inputs"):
+        build_grid(bosz_dir, cube, wave_min=3500, wave_max=9000, progress=False)
+
+
+def test_malformed_names_skipped_with_warning(bosz_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(bosz_dir, copy)
+    bad = copy / "r5000" / "m+0.00" / "bosz2024_mp_t6000_gX_broken.txt.gz"
+    bad.write_bytes(b"")
+    with pytest.warns(FluxCalWarning, match="does not follow the BOSZ 2024 pattern"):
+        build_grid(copy, tmp_path / "g.zarr", progress=False)
+
+
+@pytest.mark.parametrize("damage, match", [
+    ("three_columns", r"row 1: has 3 columns, expected 2"),
+    ("nan", r"row 5: non-finite value"),
+    ("short", r"has 9 rows, the wavelength file has 10"),
+    ("garbage", "not a readable gzip file"),
+])
+def test_bad_spectrum_files(tmp_path, damage, match):
+    path = tmp_path / "f.txt.gz"
+    rows = ["1.0e+00 2.0e+00"] * 10
+    if damage == "three_columns":
+        rows[0] = "1 2 3"
+    elif damage == "nan":
+        rows[4] = "nan 1.0"
+    elif damage == "short":
+        rows = rows[:9]
+    if damage == "garbage":
+        path.write_bytes(b"not gzip")
+    else:
+        path.write_bytes(gzip.compress("\n".join(rows).encode()))
+    with pytest.raises(GridError, match=match):
+        read_bosz_spectrum(path, 10)
+
+
+def test_bad_directories(tmp_path):
+    with pytest.raises(GridError, match="no such directory"):
+        scan_bosz(tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(GridError, match="no wavelength file"):
+        scan_bosz(tmp_path / "empty")
+    only_wave = tmp_path / "only"
+    only_wave.mkdir()
+    (only_wave / "bosz2024_wave_r5000.txt").write_text("1000\n2000\n")
+    with pytest.raises(GridError, match="no BOSZ 2024 spectrum files for r5000"):
+        scan_bosz(only_wave)
+
+
+def test_template_grid_accessor(cube):
+    ds = open_grid(cube)
+    near = ds.templates.nearest(6120, 4.4, -0.4)
+    assert (float(near.teff), float(near.logg), float(near.feh)) == (6000.0, 4.5, -0.5)
+    box = ds.templates.box(teff=(5900, 7100), logg=(4.5, 4.5))
+    assert list(box.teff.values) == [6000, 6500, 7000] and box.sizes["logg"] == 1
+    # Linear interpolation: halfway in Teff is the mean of the two spectra.
+    mid = ds.templates.interpolate(6250.0, 4.5, 0.0).compute()
+    a = ds["flux"].sel(teff=6000, logg=4.5, feh=0.0, alpha=0.0).values.astype(float)
+    b = ds["flux"].sel(teff=6500, logg=4.5, feh=0.0, alpha=0.0).values.astype(float)
+    np.testing.assert_allclose(mid["flux"].values[0], 0.5 * (a + b), rtol=1e-6)
+    assert mid["synth_mag"].dims == ("point", "band")
+    with pytest.raises(ValueError, match="unknown parameter"):
+        ds.templates.box(mass=(1, 2))
+
+
+@requires_shared
+def test_real_bosz_files_read_exactly(tmp_path):
+    real = SHARED_REAL / "bosz2024_r5000"
+    scan = scan_bosz(real)
+    assert scan["resolution"] == "r5000" and len(scan["models"]) == 2
+    wave = np.array(scan["wave_file"].read_bytes().split(), dtype=float)
+    assert wave.size == 75000
+    model = next(m for m in scan["models"] if m["teff"] == 6000)
+    flux, cont = read_bosz_spectrum(model["path"], wave.size)
+    with gzip.open(model["path"], "rt") as fh:
+        first = fh.readline().split()
+    assert flux[0] == 0.0 and cont[0] == pytest.approx(4 * np.pi * float(first[1]))
+    assert cont[0] == pytest.approx(4 * np.pi)  # continuum column 1.0 where the flux is 0
+    # Energy: 4 pi integral H = sigma T^4 within 1 % (real BOSZ).
+    sigma_t4 = 5.670374419e-5 * 6000.0**4
+    assert np.trapezoid(flux, wave) == pytest.approx(sigma_t4, rel=0.01)
+    out = build_grid(real, tmp_path / "real.zarr", progress=False)
+    ds = open_grid(out)
+    assert ds.attrs["synthetic"] == 0 and ds.attrs["chosen_vmicro"] == "[2.0]"
+    assert int(ds["exists"].sum()) == 2
