@@ -10,6 +10,8 @@ noiseless templates keeps the observed noise uncorrelated.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import scipy.sparse
 import xarray as xr
@@ -24,6 +26,7 @@ __all__ = [
     "score_templates",
     "score_star",
     "fit_corrected",
+    "star_correction",
     "refine_parameters",
     "quadratic_minimum",
 ]
@@ -40,7 +43,11 @@ def _kernel_weights(frac):
     """Lanczos weights of the taps around a position (``frac`` past the left pixel),
     normalised to unit sum so a constant stays constant."""
     t = frac[..., None] - _TAPS
-    w = np.sinc(t) * np.sinc(t / _LANCZOS_A)
+    # sinc(t) sinc(t/a) with sin(pi t) = (-1)^k sin(pi frac): one sine per tap, not two.
+    sign = np.where(_TAPS % 2 == 0, 1.0, -1.0)
+    num = _LANCZOS_A * sign * np.sin(np.pi * frac)[..., None] * np.sin(np.pi * t / _LANCZOS_A)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        w = np.where(np.abs(t) < 1e-9, 1.0, num / (np.pi**2 * t * t))
     return w / w.sum(axis=-1, keepdims=True)
 
 
@@ -56,8 +63,16 @@ def shift_matrix(wavelength, rv):
 
     The result samples ``f(lambda / (1 + rv/c))`` at each pixel (the flux-density factor
     1/(1 + z), <= 0.2 % for |rv| <= 500 km/s, is left to the photometric scale). Rows of
-    pixels whose source falls outside the spectrum are empty.
+    pixels whose source falls outside the spectrum are empty. Matrices are cached: a star's
+    velocity is reused by every scoring pass.
     """
+    wave = np.ascontiguousarray(wavelength, dtype=np.float64)
+    return _shift_matrix_cached(wave.tobytes(), float(rv))
+
+
+@functools.lru_cache(maxsize=64)
+def _shift_matrix_cached(wave_bytes, rv):
+    wavelength = np.frombuffer(wave_bytes, dtype=np.float64)
     pos = _positions(wavelength, rv)
     n = pos.size
     inside = np.isfinite(pos)
@@ -161,7 +176,7 @@ def cross_correlate_rv(obs_norm, obs_weight, template_norm, wavelength, *, rv_ma
 
 
 def refine_rv(obs_norm, obs_weight, template_norm, wavelength, rv0, *, half_width=None,
-              nstep=41, knot_spacing=None):
+              nstep=15, knot_spacing=None):
     """Radial velocities refined by a chi^2 scan against each star's best template.
 
     The chi^2 of the template (with the smooth multiplicative correction of
@@ -179,7 +194,7 @@ def refine_rv(obs_norm, obs_weight, template_norm, wavelength, rv0, *, half_widt
     rv0 : numpy.ndarray, shape (nstar,)
         Starting velocities, km/s.
     half_width : float, optional
-        Scan half width, km/s (default: 1.5 pixels).
+        Scan half width, km/s (default: one pixel).
     knot_spacing : float, optional
         Knot spacing of the multiplicative correction, Angstrom.
 
@@ -189,7 +204,7 @@ def refine_rv(obs_norm, obs_weight, template_norm, wavelength, rv0, *, half_widt
     """
     wave = np.asarray(wavelength, dtype=np.float64)
     pix_kms = SPEED_OF_LIGHT_KMS * np.median(np.diff(np.log(wave)))
-    half_width = 1.5 * pix_kms if half_width is None else half_width
+    half_width = pix_kms if half_width is None else half_width
     offsets = np.linspace(-half_width, half_width, nstep)
     rv0 = np.asarray(rv0, dtype=np.float64)
     trial = rv0[:, None] + offsets[None, :]  # (S, V)
@@ -236,6 +251,22 @@ def _correction_basis(wavelength, knot_spacing):
     return basis, basis.T.tocsr(), basis.T.tocsr(), np.zeros((1, 1))
 
 
+def _corrections(flux, weights, templates, wavelength, knot_spacing):
+    """Least-squares smooth corrections c such that ``flux ~ c * templates`` (N, P)."""
+    basis, outer_t, basis_t, penalty = _correction_basis(wavelength, knot_spacing)
+    nb = basis.shape[1]
+    weights = np.broadcast_to(weights, templates.shape)
+    normal = (outer_t @ np.ascontiguousarray((weights * templates**2).T)).T.reshape(-1, nb, nb)
+    rhs = (basis_t @ np.ascontiguousarray((weights * flux * templates).T)).T
+    scale = np.trace(normal, axis1=1, axis2=2) / nb
+    scale = np.where(scale > 0, scale, 1.0)
+    # A light smoothness penalty (and a tiny ridge) keeps empty knot intervals determined.
+    normal = normal + 1e-6 * scale[:, None, None] * penalty[None]
+    normal[:, range(nb), range(nb)] += 1e-12 * scale[:, None]
+    coef = np.linalg.solve(normal, rhs[..., None])[..., 0]
+    return np.asarray((basis @ coef.T).T)
+
+
 def fit_corrected(flux, weights, templates, wavelength, knot_spacing):
     """Least-squares fits ``flux ~ templates * correction`` for many templates at once.
 
@@ -254,21 +285,24 @@ def fit_corrected(flux, weights, templates, wavelength, knot_spacing):
     numpy.ndarray, shape (N, P)
         The fitted models.
     """
-    basis, outer_t, basis_t, penalty = _correction_basis(wavelength, knot_spacing)
-    nb = basis.shape[1]
-    weights = np.broadcast_to(weights, templates.shape)
-    normal = (outer_t @ np.ascontiguousarray((weights * templates**2).T)).T.reshape(-1, nb, nb)
-    rhs = (basis_t @ np.ascontiguousarray((weights * flux * templates).T)).T
-    scale = np.trace(normal, axis1=1, axis2=2) / nb
-    scale = np.where(scale > 0, scale, 1.0)
-    # A light smoothness penalty (and a tiny ridge) keeps empty knot intervals determined.
-    normal = normal + 1e-6 * scale[:, None, None] * penalty[None]
-    normal[:, range(nb), range(nb)] += 1e-12 * scale[:, None]
-    coef = np.linalg.solve(normal, rhs[..., None])[..., 0]
-    return np.asarray((basis @ coef.T).T) * templates
+    return _corrections(flux, weights, templates, wavelength, knot_spacing) * templates
 
 
-def score_star(obs, ivar, templates, rv, wavelength, metric="chi2", delta=3.0, knot_spacing=None):
+def star_correction(obs, ivar, template, rv, wavelength, knot_spacing):
+    """The smooth correction of one template (P,) at velocity ``rv`` fitted to a star.
+
+    Templates close to this one need nearly the same correction: dividing the star by it and
+    scoring them with a single amplitude is much cheaper than a correction per template.
+    """
+    shifted = shift_spectra(np.nan_to_num(template), wavelength, rv)
+    w = np.where(np.isfinite(obs) & np.isfinite(shifted) & (ivar > 0), ivar, 0.0)
+    corr = _corrections(np.nan_to_num(obs), w, np.nan_to_num(shifted)[None], wavelength,
+                        knot_spacing)[0]
+    return np.where(corr > 0, corr, np.nan)
+
+
+def score_star(obs, ivar, templates, rv, wavelength, metric="chi2", delta=3.0, knot_spacing=None,
+               correction=None):
     """Scores of many rest-frame templates (N, P) against one star (P,) at velocity ``rv``.
 
     Each template is fitted to the star times a smooth multiplicative correction (a cubic
@@ -277,6 +311,8 @@ def score_star(obs, ivar, templates, rv, wavelength, metric="chi2", delta=3.0, k
     (most at the ends of the spectrum and around strong blends) without touching line
     profiles. chi^2 is exact linear least squares for all templates at once; Huber uses
     iteratively reweighted least squares and is scaled to equal chi^2 for small residuals.
+    With a fixed ``correction`` (P,) (see :func:`star_correction`), the star is divided by it
+    and each template gets a single amplitude: the fast mode used to scan many templates.
     Rows of ``templates`` with a NaN score NaN. float64 throughout.
     """
     tmpl = np.asarray(templates, dtype=np.float64)
@@ -284,12 +320,22 @@ def score_star(obs, ivar, templates, rv, wavelength, metric="chi2", delta=3.0, k
     tmpl = np.where(missing[:, None], 0.0, tmpl)
     shifted = (shift_matrix(wavelength, rv) @ tmpl.T).T  # (N, P)
     w = np.where(np.isfinite(obs) & (ivar > 0), ivar, 0.0)
+    f = np.nan_to_num(obs)
+    if correction is not None:
+        ok = np.isfinite(correction)
+        f = np.where(ok, f / np.where(ok, correction, 1.0), 0.0)
+        w = np.where(ok, w * np.where(ok, correction, 0.0) ** 2, 0.0)
+        knot_spacing = None
     margin = _edge_margin(wavelength, rv)
     w[:margin] = 0
     w[-margin:] = 0
-    f = np.nan_to_num(obs)
-    model = fit_corrected(f, w, shifted, wavelength, knot_spacing)
     usable = (shifted**2) @ w > 0
+    if knot_spacing is None and metric == "chi2":
+        sft = shifted @ (w * f)
+        stt = (shifted**2) @ w
+        score = np.sum(w * f**2) - sft**2 / np.where(stt > 0, stt, np.inf)
+        return np.where(missing | ~usable, np.nan, score)
+    model = fit_corrected(f, w, shifted, wavelength, knot_spacing)
     if metric == "chi2":
         score = np.sum(w * (f - model) ** 2, axis=1)
     else:
@@ -303,19 +349,21 @@ def score_star(obs, ivar, templates, rv, wavelength, metric="chi2", delta=3.0, k
     return np.where(missing | ~usable, np.nan, score)
 
 
-def _score_block(obs, ivar, templates, rv, wavelength, metric, delta, knot_spacing):
-    """Scores of every (star, template): obs (S,1,P), ivar (S,1,P), templates ([1,]N,P), rv (S,1)."""
+def _score_block(obs, ivar, templates, rv, *correction, wavelength, metric, delta, knot_spacing):
+    """Scores of every (star, template): obs (S,1,P), ivar (S,1,P), templates ([1,]N,P), rv (S,1),
+    optional correction (S,1,P)."""
     obs, ivar, rv = obs[:, 0, :], ivar[:, 0, :], rv[:, 0]
+    corr = correction[0][:, 0, :] if correction else [None] * obs.shape[0]
     # Sums in float64: float32 picked the wrong template for a quarter of stars (stack notes).
     tmpl = np.asarray(templates, dtype=np.float64).reshape(-1, templates.shape[-1])
     # Stars: a few per exposure, each with its own velocity; templates are vectorised.
     return np.stack([score_star(obs[s], ivar[s], tmpl, rv[s], wavelength, metric, delta,
-                                knot_spacing)
+                                knot_spacing, corr[s])
                      for s in range(obs.shape[0])]).reshape(obs.shape[0], tmpl.shape[0])
 
 
 def score_templates(obs_norm, obs_ivar, templates_norm, rv, *, metric="chi2", huber_delta=3.0,
-                    knot_spacing=None, dim="wavelength", template_dim="template"):
+                    knot_spacing=None, correction=None, dim="wavelength", template_dim="template"):
     """Score every template against every star in one vectorised pass (lazy with Dask).
 
     Parameters
@@ -344,11 +392,14 @@ def score_templates(obs_norm, obs_ivar, templates_norm, rv, *, metric="chi2", hu
     wave = obs_norm[dim].values
     with xr.set_options(arithmetic_join="exact"):
         xr.align(obs_norm, templates_norm, join="exact", exclude=[template_dim, "star"])
+    args = [obs_norm, obs_ivar, templates_norm, rv]
+    if correction is not None:
+        args.append(correction)
     out = xr.apply_ufunc(
-        _score_block, obs_norm, obs_ivar, templates_norm, rv,
+        _score_block, *args,
         kwargs={"wavelength": wave, "metric": metric, "delta": huber_delta,
                 "knot_spacing": knot_spacing},
-        input_core_dims=[[dim], [dim], [dim], []],
+        input_core_dims=[[dim], [dim], [dim], []] + [[dim]] * (correction is not None),
         dask="parallelized", output_dtypes=[np.float64],
     )
     out.attrs = {"metric": metric, "description": f"{metric} of the normalised spectra"}
@@ -396,7 +447,8 @@ def quadratic_minimum(x, y):
 
 def refine_parameters(obs_norm, obs_ivar, templates_norm, template_index, axes, start, rv,
                       wavelength, *, metric="chi2", delta=3.0, knot_spacing=None,
-                      levels=((7, 1.0), (5, 1.0 / 3))):
+                      spec_scale=None, extra_score=None, correction=None,
+                      levels=((5, 1.0), (5, 1.0 / 3))):
     """Refine (teff, logg, [M/H]) between grid points by a lattice search on interpolated
     templates, then a quadratic fit of the scores for the minimum and its errors.
 
@@ -416,6 +468,15 @@ def refine_parameters(obs_norm, obs_ivar, templates_norm, template_index, axes, 
     start : dict of numpy.ndarray
         Starting parameters (the best grid point) of each star, including alpha.
     rv : numpy.ndarray, shape (nstar,)
+    spec_scale : numpy.ndarray, shape (nstar,), optional
+        Divide each star's spectral scores by this (e.g. its best chi^2/dof, so that template
+        mismatch does not outweigh the other terms).
+    correction : numpy.ndarray, shape (nstar, npix), optional
+        Fixed smooth corrections (fast mode of :func:`score_star`).
+    extra_score : callable, optional
+        ``extra_score(star, weights)`` -> scores (K,) added to the spectral ones, where
+        ``weights`` (K, ntemplate) is the sparse interpolation matrix of the lattice (the
+        photometric chi^2 of the interpolated models, for example).
 
     Returns
     -------
@@ -423,6 +484,8 @@ def refine_parameters(obs_norm, obs_ivar, templates_norm, template_index, axes, 
         Refined teff, logg, feh (alpha unchanged).
     errors : dict of numpy.ndarray
         1-sigma errors (delta chi^2 = 1, inflated by sqrt(chi^2/dof) when above 1).
+    score : numpy.ndarray, shape (nstar,)
+        The best score found (to compare refinements started from different points).
     """
     from .grid import PARAMS, interpolation_weights
 
@@ -450,7 +513,14 @@ def refine_parameters(obs_norm, obs_ivar, templates_norm, template_index, axes, 
                                          shape=(flat.shape[0], ntemplate))
         models = (matrix @ templates_norm.astype(np.float64)).reshape(nstar, k, -1)
         scores = np.stack([score_star(obs_norm[s], obs_ivar[s], models[s], rv[s], wavelength,
-                                      metric, delta, knot_spacing) for s in range(nstar)])
+                                      metric, delta, knot_spacing,
+                                      None if correction is None else correction[s])
+                           for s in range(nstar)])
+        if spec_scale is not None:
+            scores = scores / np.asarray(spec_scale, dtype=float)[:, None]
+        if extra_score is not None:
+            scores = scores + np.stack([extra_score(s, matrix[s * k:(s + 1) * k])
+                                        for s in range(nstar)])
         best = np.nanargmin(np.where(np.isfinite(scores), scores, np.inf), axis=1)
         centre = points[np.arange(nstar), best]
     # Quadratic through the last lattice, in grid steps around its best point.
@@ -461,7 +531,8 @@ def refine_parameters(obs_norm, obs_ivar, templates_norm, template_index, axes, 
     params = dict(start)
     errors = {}
     npix = (obs_ivar > 0).sum(axis=1)
-    dof_scale = np.sqrt(np.maximum(np.nanmin(scores, axis=1) / np.maximum(npix - 1, 1), 1.0))
+    dof_scale = np.ones(nstar) if spec_scale is not None else np.sqrt(
+        np.maximum(np.nanmin(scores, axis=1) / np.maximum(npix - 1, 1), 1.0))
     j = 0
     for i, p in enumerate(names):
         if not free[i]:
@@ -472,4 +543,4 @@ def refine_parameters(obs_norm, obs_ivar, templates_norm, template_index, axes, 
         params[p] = np.clip(refined, lo[i], hi[i])
         errors[p] = np.sqrt(np.abs(cov[:, j, j])) * steps[i] * dof_scale
         j += 1
-    return params, errors
+    return params, errors, np.nanmin(scores, axis=1)

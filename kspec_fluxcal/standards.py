@@ -49,6 +49,7 @@ from .matching import (
     score_star,
     score_templates,
     shift_spectra,
+    star_correction,
 )
 from .photometry import teff_from_color
 from .reddening import extinction_per_ebv
@@ -198,7 +199,8 @@ def fit_photometry(mag_obs, mag_err, mag_model, ext_coeff, *, ebv_prior=None, eb
     -------
     dict of numpy.ndarray
         ``mu``, ``mu_err``, ``ebv``, ``ebv_err``, ``resid`` (nstar, nband; NaN for unused
-        bands), ``used`` (bool), ``dropped`` (bool), ``n_bands``, ``rms``.
+        bands), ``used`` (bool), ``dropped`` (bool), ``n_bands``, ``rms`` and ``chi2`` (of the
+        used bands, with the prior's term).
     """
     nstar, nband = mag_obs.shape
     d = mag_obs - mag_model
@@ -238,7 +240,9 @@ def fit_photometry(mag_obs, mag_err, mag_model, ext_coeff, *, ebv_prior=None, eb
         used[np.flatnonzero(drop), worst[drop]] = False
         dropped[np.flatnonzero(drop), worst[drop]] = True
     with np.errstate(divide="ignore", invalid="ignore"):
+        chi2 = np.nansum(np.where(used, resid**2 / sigma2, 0.0), axis=1)
         if reddening:
+            chi2 = chi2 + prior_w * (ebv - prior_mean) ** 2
             # Covariance of (mu, E): the inverse of the 2x2 normal matrix.
             mu_err = np.sqrt(a11 / det)
             ebv_err = np.sqrt(s0 / det)
@@ -248,7 +252,7 @@ def fit_photometry(mag_obs, mag_err, mag_model, ext_coeff, *, ebv_prior=None, eb
         n_bands = used.sum(1)
         rms = np.sqrt(np.nanmean(np.where(used, resid, np.nan) ** 2, axis=1))
     return {"mu": mu, "mu_err": mu_err, "ebv": ebv, "ebv_err": ebv_err, "resid": resid,
-            "used": used, "dropped": dropped, "n_bands": n_bands, "rms": rms}
+            "used": used, "dropped": dropped, "n_bands": n_bands, "rms": rms, "chi2": chi2}
 
 
 # ----------------------------------------------------------------------------- the fit
@@ -392,37 +396,103 @@ def _fit(std, matched, setup, lsf, config):
     rv0, _ = cross_correlate_rv(obs_norm, obs_ivar, norm_t[ref], wave, rv_max=fit.rv_max)
 
     # 4-5. Scores of every template; velocity refined on the best; scores again; parameters.
-    def scores_at(rv):
-        s = score_templates(
+    candidates = np.flatnonzero(in_window.any(axis=0))  # only what some star's window holds
+
+    def corrections(template_index, rv):
+        """Per star, the smooth correction of one of its templates (see star_correction)."""
+        if not knots:
+            return None
+        return np.stack([star_correction(obs_norm[s], obs_ivar[s], norm_t[template_index[s]],
+                                         rv[s], wave, knots) for s in range(nstar)])
+
+    def scores_at(rv, correction):
+        s = np.full(in_window.shape, np.nan)
+        s[:, candidates] = score_templates(
             xr.DataArray(obs_norm, dims=("star", "wavelength")),
             xr.DataArray(obs_ivar, dims=("star", "wavelength")),
-            xr.DataArray(norm_t, dims=("template", "wavelength")),
+            xr.DataArray(norm_t[candidates], dims=("template", "wavelength")),
             xr.DataArray(rv, dims="star"), metric=fit.metric, huber_delta=fit.huber_delta,
-            knot_spacing=knots,
+            correction=None if correction is None else xr.DataArray(
+                correction, dims=("star", "wavelength")),
         ).values
         return np.where(in_window, s, np.nan)
 
-    scores = scores_at(rv0)
+    scores = scores_at(rv0, corrections(ref, rv0))
     usable = np.isfinite(scores).any(axis=1)
     best = np.where(usable, np.nanargmin(np.where(np.isfinite(scores), scores, np.inf), axis=1), 0)
     rv, rv_err = refine_rv(obs_norm, obs_ivar, norm_t[best], wave, rv0, knot_spacing=knots)
     rv = np.where(usable, rv, rv0)
-    scores = scores_at(rv)
+    spec = scores_at(rv, corrections(best, rv))
+
+    # The spectrum alone leaves Teff, log g and [M/H] partly degenerate (stronger lines from a
+    # cooler or a more metal-rich star); the photometry of the scaled, reddened model breaks
+    # the tie. Spectral chi^2 is divided by the best chi^2/dof so that template mismatch
+    # does not outweigh the photometry.
+    mag_obs, mag_err = matched["mag"].values, matched["mag_err"].values
+    maggies_t = 10.0 ** (-0.4 * setup["synth_mag"].sel(band=bands).values)  # (T, B)
+    ext_t = setup["ext_coeff"].sel(law=fit.extinction_law, band=bands).values
+    phot_options = {"ebv_prior_sigma": fit.ebv_prior_sigma, "reddening": fit.reddening,
+                    "ebv_max": fit.ebv_max, "error_floor": phot.error_floor,
+                    "outlier_sigma": phot.outlier_sigma, "outlier_mag": phot.outlier_mag,
+                    "min_bands": phot.min_bands}
+
+    def phot_chi2(star, maggies, ext):
+        """Photometric chi^2 of models with (K, B) maggies and extinction coefficients."""
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mags = np.where(maggies > 0, -2.5 * np.log10(maggies), np.nan)
+        k = mags.shape[0]
+        res = fit_photometry(np.broadcast_to(mag_obs[star], mags.shape),
+                             np.broadcast_to(mag_err[star], mags.shape), mags, ext,
+                             ebv_prior=np.full(k, ebv_catalog[star]), **phot_options)
+        return np.where(res["n_bands"] >= phot.min_bands, res["chi2"], 0.0)
+
+    nfree = _n_correction(wave, knots)
+    npix = (obs_ivar > 0).sum(axis=1)
+    spec_scale = np.maximum(np.nanmin(np.where(np.isfinite(spec), spec, np.inf), axis=1)
+                            / np.maximum(npix - nfree, 1), 1.0)
+    scores = spec / spec_scale[:, None]
+    if fit.use_photometry:
+        scores = scores + np.stack([phot_chi2(s, maggies_t, ext_t) for s in range(nstar)])
     best = np.where(usable, np.nanargmin(np.where(np.isfinite(scores), scores, np.inf), axis=1), 0)
 
     params = {p: setup[f"template_{p}"].values[best] for p in PARAMS}
     errors = {p: np.full(nstar, np.nan) for p in PARAMS[:3]}
     axes = {p: setup[p].values for p in PARAMS}
     if fit.refine and usable.any():
+        # Refine from the best few grid points, not only the best one: between nodes the
+        # scores are not convex, and the best node can sit in the wrong valley.
         ok = np.flatnonzero(usable)
-        refined, refined_err = refine_parameters(
-            obs_norm[ok], obs_ivar[ok], norm_t, setup["template_index"].values, axes,
-            {p: v[ok] for p, v in params.items()}, rv[ok], wave, metric=fit.metric,
-            delta=fit.huber_delta, knot_spacing=knots)
+        nstart = min(fit.refine_starts, scores.shape[1])
+        starts = _distinct_starts(setup, scores[ok], nstart)  # (n_ok, nstart) templates
+        star_of = np.repeat(ok, nstart)
+        safe_maggies = np.nan_to_num(maggies_t)
+        safe_weighted = np.nan_to_num(maggies_t * ext_t)
+
+        def extra(row, weights):
+            maggies = np.asarray(weights @ safe_maggies)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ext = np.asarray(weights @ safe_weighted) / maggies
+            return phot_chi2(star_of[row], maggies, ext)
+
+        start_corr = None
+        if knots:  # each start's own correction, so that valleys compete fairly
+            start_corr = np.stack([star_correction(obs_norm[s], obs_ivar[s], norm_t[t], rv[s],
+                                                   wave, knots)
+                                   for s, t in zip(star_of, starts.ravel())])
+        refined, refined_err, final = refine_parameters(
+            obs_norm[star_of], obs_ivar[star_of], norm_t, setup["template_index"].values, axes,
+            {p: setup[f"template_{p}"].values[starts.ravel()] for p in PARAMS}, rv[star_of],
+            wave, metric=fit.metric, delta=fit.huber_delta, correction=start_corr,
+            spec_scale=spec_scale[star_of], extra_score=extra if fit.use_photometry else None)
+        pick = np.nanargmin(np.where(np.isfinite(final), final, np.inf).reshape(ok.size, nstart),
+                            axis=1)
+        rows = np.arange(ok.size) * nstart + pick
+        params["alpha"] = params["alpha"].astype(float)
+        params["alpha"][ok] = setup["template_alpha"].values[starts.ravel()[rows]]
         for p in PARAMS[:3]:
             params[p] = params[p].astype(float)
-            params[p][ok] = refined[p]
-            errors[p][ok] = refined_err[p]
+            params[p][ok] = refined[p][rows]
+            errors[p][ok] = refined_err[p][rows]
 
     # 6-7. Model at the refined parameters; reddening and scale from photometry.
     exists = setup["template_index"].values >= 0
@@ -444,7 +514,6 @@ def _fit(std, matched, setup, lsf, config):
         maggies > 0, maggies, np.nan)
     with np.errstate(divide="ignore", invalid="ignore"):
         mag_model = np.where(maggies > 0, -2.5 * np.log10(maggies), np.nan)
-    mag_obs = matched["mag"].values
     pf = fit_photometry(mag_obs, matched["mag_err"].values, mag_model, ext,
                         ebv_prior=ebv_catalog, ebv_prior_sigma=fit.ebv_prior_sigma,
                         reddening=fit.reddening, ebv_max=fit.ebv_max,
@@ -541,11 +610,47 @@ def _reference_templates(setup, teff):
     return np.argmin(dist, axis=1)
 
 
-def _chi2_dof(obs, ivar, models, wave, rv, knot_spacing):
-    """chi^2/dof of each star against its final (interpolated) model, as scored."""
+def _distinct_starts(setup, scores, n):
+    """Per star, ``n`` good templates, spread over [alpha/M] values and grid valleys.
+
+    For each [alpha/M] of the grid, candidates are taken in order of score and kept only when
+    they differ from every kept one by two or more steps in Teff, log g or [M/H]. Spreading
+    matters: at grid points an alpha-enhanced metal-poor model can mimic a solar one, and the
+    refinement (which keeps [alpha/M]) must also start in the other valley. Short lists are
+    padded with the best template.
+    """
+    index = np.stack([np.searchsorted(setup[p].values, setup[f"template_{p}"].values)
+                      for p in PARAMS[:3]], axis=1)  # (T, 3) grid indices
+    alphas = setup["template_alpha"].values
+    groups = [np.flatnonzero(alphas == a) for a in np.unique(alphas)]
+    per_group = int(np.ceil(n / len(groups)))
+    finite = np.where(np.isfinite(scores), scores, np.inf)
+    starts = np.repeat(np.argmin(finite, axis=1)[:, None], n, axis=1)
+    for s in range(scores.shape[0]):  # a few stars; candidates are scanned until enough
+        kept = []
+        for group in groups:
+            mine = []
+            for t in group[np.argsort(finite[s, group])]:
+                if len(mine) == per_group or not np.isfinite(finite[s, t]):
+                    break
+                if not mine or np.all(np.max(np.abs(index[mine] - index[t]), axis=1) >= 2):
+                    mine.append(t)
+            kept += mine
+        kept = sorted(kept, key=lambda t: finite[s, t])[:n]
+        starts[s, :len(kept)] = kept
+    return starts
+
+
+def _n_correction(wave, knot_spacing):
+    """Free parameters of the smooth multiplicative correction fitted with each template."""
     from .continuum import spline_basis
 
-    nfree = spline_basis(wave, knot_spacing)[0].shape[1] if knot_spacing else 1
+    return spline_basis(wave, knot_spacing)[0].shape[1] if knot_spacing else 1
+
+
+def _chi2_dof(obs, ivar, models, wave, rv, knot_spacing):
+    """chi^2/dof of each star against its final (interpolated) model, as scored."""
+    nfree = _n_correction(wave, knot_spacing)
     npix = (ivar > 0).sum(axis=1)
     chi2 = np.array([score_star(obs[s], ivar[s], models[s][None], rv[s], wave, "chi2",
                                 knot_spacing=knot_spacing or None)[0]
