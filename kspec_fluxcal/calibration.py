@@ -27,6 +27,7 @@ import warnings
 
 import numpy as np
 import scipy.interpolate
+import scipy.ndimage
 import scipy.signal
 import xarray as xr
 
@@ -36,13 +37,29 @@ from .errors import CalibrationError, FluxCalWarning
 from .exposure import add_history
 from .masks import region_mask
 
-__all__ = ["combine_vectors", "apply_calibration"]
+__all__ = ["combine_vectors", "apply_calibration", "running_median"]
 
 
 def _star_label(stars, s):
     name = str(stars["fiber_name"].values[s]) if "fiber_name" in stars.coords else ""
     return f"fiber {int(stars['fiber'].values[s])}" + (f" ({name})" if name else "") + \
         f" objid {int(stars['objid'].values[s])}"
+
+
+def running_median(values, wavelength, window=100.0):
+    """Running median over ``window`` Angstrom along the last axis; NaN gaps are bridged
+    linearly first (a median filter cannot skip them)."""
+    step = float(np.median(np.diff(wavelength)))
+    size = max(3, int(round(window / step)) | 1)
+    filled = np.array(values, dtype=np.float64)
+    rows = filled.reshape(-1, filled.shape[-1])
+    idx = np.arange(rows.shape[1])
+    for row in rows:  # a few spectra
+        ok = np.isfinite(row)
+        if 2 <= ok.sum() < row.size:
+            row[~ok] = np.interp(idx[~ok], idx[ok], row[ok])
+    return scipy.ndimage.median_filter(filled, size=(1,) * (filled.ndim - 1) + (size,),
+                                       mode="nearest")
 
 
 def _nanmedian(values, axis):
@@ -80,7 +97,8 @@ def combine_vectors(stars, method=None, sigma_clip=None, smooth=None, *, config=
         Along ``wavelength``: ``cal``, ``cal_variance``, ``cal_mask`` (True where measured,
         False where bridged); along ``star``: ``star_status`` (the fit's status, or why the
         combination rejected the star), ``grey_level`` and ``used``. Attrs ``fcalnstr``,
-        ``fcalrms`` (robust fractional scatter between the stars' shapes; NaN for one star),
+        ``fcalrms`` (robust fractional scatter between the stars' shapes, after a running
+        median over the smoothing scale; NaN for one star),
         ``single_star`` and a history entry.
 
     Raises
@@ -181,8 +199,11 @@ def combine_vectors(stars, method=None, sigma_clip=None, smooth=None, *, config=
     final_var = level**2 * curve_var + level_var * curve**2
 
     if idx.size >= 2:
+        # Scatter of the stars' shapes about the combination on the smoothing scale (pixel
+        # noise averaged out): how well the standards agree on the calibration itself.
         with np.errstate(invalid="ignore", divide="ignore"):
-            dev = np.where(m, shapes / comb - 1.0, np.nan)
+            dev = np.where(m, shapes / comb, np.nan)
+        dev = np.where(m, running_median(dev, wave, max(opts.smooth_scale, 50.0)) - 1.0, np.nan)
         fcalrms = float(1.4826 * _nanmedian(np.abs(dev), axis=None)
                         * np.sqrt(idx.size / (idx.size - 1)))
     else:

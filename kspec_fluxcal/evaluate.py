@@ -22,30 +22,14 @@ Per standard: fitted minus true Teff, log g, [M/H], RV and E(B-V).
 from __future__ import annotations
 
 import numpy as np
-import scipy.ndimage
 
+from .calibration import running_median
 from .exposure import open_exposure, read_standard_stars
 from .masks import region_mask
 
 __all__ = ["compare_with_truth", "running_median"]
 
 SCIENCE_KINDS = ("star", "galaxy", "qso")
-
-
-def running_median(values, wavelength, window=100.0):
-    """Running median over ``window`` Angstrom (NaN ignored by filling), along the last axis."""
-    step = float(np.median(np.diff(wavelength)))
-    size = max(3, int(round(window / step)) | 1)
-    filled = np.array(values, dtype=np.float64)
-    bad = ~np.isfinite(filled)
-    if bad.any():
-        idx = np.arange(filled.shape[-1])
-        for row in np.atleast_2d(filled):  # a few fibers
-            ok = np.isfinite(row)
-            if ok.sum() >= 2:
-                row[~ok] = np.interp(idx[~ok], idx[ok], row[ok])
-    return scipy.ndimage.median_filter(filled, size=(1,) * (filled.ndim - 1) + (size,),
-                                       mode="nearest")
 
 
 def _shape_rms(ratio, wave, use, window):

@@ -399,7 +399,8 @@ def open_exposure(path, *, chunks=None):
     if cal is not None:
         _attach_calibration(ds, cal, meta["fluxcal"], path)
     if chunks is not None:
-        ds = ds.chunk(chunks)
+        # Only the data: per-fiber metadata stays in memory, read without computing anything.
+        ds = ds.assign({name: ds[name].chunk(chunks) for name in ds.data_vars})
     return ds
 
 

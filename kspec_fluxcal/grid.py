@@ -21,7 +21,6 @@ grid has few arrays, so opening costs a handful of small reads.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import gzip
 import hashlib
@@ -29,6 +28,7 @@ import json
 import os
 import re
 import shutil
+import time
 import warnings
 from pathlib import Path
 
@@ -317,8 +317,6 @@ def build_grid(bosz_dir, out, *, wave_min=3000.0, wave_max=11000.0, resolution=N
         ``out``.
     """
     import dask
-    from dask.diagnostics import ProgressBar
-
     out = Path(out)
     scan = scan_bosz(bosz_dir, resolution)
     for path, reason in scan["skipped"]:
@@ -385,6 +383,7 @@ def build_grid(bosz_dir, out, *, wave_min=3000.0, wave_max=11000.0, resolution=N
 
     index = {p: {v: i for i, v in enumerate(axes[p])} for p in PARAMS}
     nb, nl = len(BANDS), len(LAWS)
+    started = time.time()
     todo = [t for t in axes["teff"] if t not in state["done"]]
     read = dask.delayed(_template_products, pure=True)
     batch = max(1, 2 * max(1, workers))  # slabs per compute: bounded memory, steady workers
@@ -398,9 +397,7 @@ def build_grid(bosz_dir, out, *, wave_min=3000.0, wave_max=11000.0, resolution=N
         jobs = {t: [(m, read(m["path"], wave_full.size, trim, weights, reddened,
                              dask_key_name=f"read-{m['path'].name}"))
                     for m in models if m["teff"] == t] for t in slabs}
-        ctx = ProgressBar() if progress else contextlib.nullcontext()
-        with ctx:
-            results = dask.compute(jobs, **scheduler)[0]
+        results = dask.compute(jobs, **scheduler)[0]
         for t in slabs:
             shape = tuple(len(axes[p]) for p in PARAMS[1:])
             flux = np.full(shape + (wave.size,), np.nan, np.float32)
@@ -422,6 +419,10 @@ def build_grid(bosz_dir, out, *, wave_min=3000.0, wave_max=11000.0, resolution=N
             slab.to_zarr(partial, region={"teff": slice(i, i + 1)}, consolidated=False)
             state["done"].append(t)
             _save_state(partial, state)
+        if progress:
+            done = sum(m["teff"] in state["done"] for m in models)
+            print(f"  {done}/{len(models)} files, {len(state['done'])}/{len(axes['teff'])} Teff "
+                  f"slabs written ({time.time() - started:.0f} s)", flush=True)
 
     import zarr
 

@@ -120,6 +120,7 @@ __all__ = [
     "atmospheric_extinction",
     "telluric_transmission",
     "CATALOG_HEADER",
+    "write_catalog",
 ]
 
 #: Refcat2 columns in the order of the formats contract (section 2).
@@ -1327,7 +1328,8 @@ def _ensure_catalog_variety(rng, rows):
         std[int(rng.integers(len(std)))]["dBP"] = ""
 
 
-def _write_catalog(path, rows):
+def write_catalog(path, rows):
+    """Write catalog rows (dicts of Refcat2 column -> value) as a Refcat2 CSV, atomically."""
     lines = [",".join(CATALOG_HEADER)]
     lines += [",".join(str(r[c]) for c in CATALOG_HEADER) for r in rows]
     with atomic_file(path) as tmp:
@@ -1479,7 +1481,7 @@ def simulate_survey(outdir, *, exposures=20, nights=4, seed=0, fibers=14, pixels
         ids = [r["objid"] for r in rows]
         if len(set(ids)) != len(ids):  # position-encoded ids collide only for coincident stars
             raise RuntimeError("duplicate catalog objids; try another seed")
-        _write_catalog(tmp / "catalog.csv", rows)
+        write_catalog(tmp / "catalog.csv", rows)
         info = {
             "title": "kspec-fluxcal simulated survey (SYNTHETIC data)",
             "generator": f"kspec_fluxcal.simulate {__version__}",

@@ -185,7 +185,7 @@ def fit_photometry(mag_obs, mag_err, mag_model, ext_coeff, *, ebv_prior=None, eb
     ``mag_obs_b = mag_model_b + mu + R_b * E`` with ``scale = 10**(-0.4 mu)``, a Gaussian
     prior ``E ~ N(ebv_prior, ebv_prior_sigma)`` and ``0 <= E <= ebv_max``; a band whose
     residual exceeds both ``outlier_sigma`` sigma and ``outlier_mag`` is dropped (the worst
-    first) and the fit repeated.
+    first, at most a third of the valid bands) and the fit repeated.
 
     Parameters
     ----------
@@ -232,7 +232,9 @@ def fit_photometry(mag_obs, mag_err, mag_model, ext_coeff, *, ebv_prior=None, eb
             mu = (b0 - s1 * ebv) / s0
         resid = np.where(used, d - mu[:, None] - ext_coeff * ebv[:, None], np.nan)
         bad = used & (np.abs(resid) > outlier_sigma * np.sqrt(sigma2)) & (np.abs(resid) > outlier_mag)
-        can_drop = used.sum(1) > min_bands
+        # Drop a few outlier bands at most: photometry that disagrees in many bands is the
+        # wrong star or the wrong model, and must show in the rms, not be pruned away.
+        can_drop = (used.sum(1) > min_bands) & (dropped.sum(1) < np.maximum(1, valid.sum(1) // 3))
         worst = np.nanargmax(np.where(bad, np.abs(resid), -np.inf), axis=1)
         drop = bad.any(1) & can_drop
         if not drop.any():
@@ -250,7 +252,7 @@ def fit_photometry(mag_obs, mag_err, mag_model, ext_coeff, *, ebv_prior=None, eb
             mu_err = np.sqrt(1.0 / s0)
             ebv_err = np.full(nstar, np.nan)
         n_bands = used.sum(1)
-        rms = np.sqrt(np.nanmean(np.where(used, resid, np.nan) ** 2, axis=1))
+        rms = np.sqrt(np.sum(np.where(used, resid, 0.0) ** 2, axis=1) / n_bands)
     return {"mu": mu, "mu_err": mu_err, "ebv": ebv, "ebv_err": ebv_err, "resid": resid,
             "used": used, "dropped": dropped, "n_bands": n_bands, "rms": rms, "chi2": chi2}
 

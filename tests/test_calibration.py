@@ -60,7 +60,17 @@ def test_combination_recovers_shape_level_and_tellurics():
     assert not comb["cal_mask"].values[cores].any()
     assert np.median(shape[cores]) == pytest.approx(1.0, abs=0.01)
     assert comb.attrs["fcalnstr"] == 3
-    assert 0.005 < comb.attrs["fcalrms"] < 0.02
+    # Stars that agree in shape: only smoothed pixel noise is left in FCALRMS.
+    assert comb.attrs["fcalrms"] < 0.004
+
+
+def test_fcalrms_measures_disagreement_in_shape():
+    stars = _stars()
+    tilt = 1 + 0.03 * (WAVE - 6000) / 2500  # +-3 %: within the rejection threshold
+    stars["cal"] = stars["cal"].where(stars["star"] != 1, stars["cal"] * tilt)
+    comb = combine_vectors(stars)
+    assert comb.attrs["fcalnstr"] == 3
+    assert comb.attrs["fcalrms"] > 0.006
 
 
 def test_unsmoothed_and_median_options():

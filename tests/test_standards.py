@@ -1,0 +1,183 @@
+"""Standard-star fitting and per-star calibration vectors on simulated exposures."""
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from kspec_fluxcal.calibration import combine_vectors
+from kspec_fluxcal.catalog import read_catalog
+from kspec_fluxcal.config import Config
+from kspec_fluxcal.evaluate import running_median
+from kspec_fluxcal.exposure import open_exposure
+from kspec_fluxcal.grid import build_grid, open_grid
+from kspec_fluxcal.masks import region_mask
+from kspec_fluxcal.simulate import GridStars, Setup, simulate_exposure, write_catalog
+from kspec_fluxcal.standards import exposure_lsf, fit_standards, prepare_setup
+from kspec_fluxcal.synthgrid import write_synthetic_grid
+
+SETUP = Setup(name="test", pixels=2048, fibers=8)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """A small synthetic grid, its cube, and a star sampler."""
+    root = tmp_path_factory.mktemp("standards")
+    bosz = write_synthetic_grid(root / "bosz", small=True, workers=2)
+    cube = build_grid(bosz, root / "grid.zarr", progress=False)
+    return {"root": root, "stars": GridStars(bosz), "grid": open_grid(cube)}
+
+
+def _exposure(world, seed, tmp_path, n_standards=3, snr=(60, 100), **kwargs):
+    sim = simulate_exposure(seed, world["stars"], setup=SETUP, n_standards=n_standards,
+                            snr_range=snr, **kwargs)
+    red = tmp_path / f"red{seed}.fits"
+    sim.hdulist.writeto(red)
+    cat = tmp_path / f"cat{seed}.csv"
+    write_catalog(cat, sim.catalog)
+    return open_exposure(red), read_catalog(cat), sim.truth, sim.catalog
+
+
+@pytest.fixture(scope="module")
+def fitted(world, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fitted")
+    exposure, catalog, truth, rows = _exposure(world, 11, tmp)
+    config = Config()
+    setup = prepare_setup(world["grid"], exposure["wavelength"].values,
+                          exposure_lsf(exposure, config), config)
+    return {"exposure": exposure, "catalog": catalog, "truth": truth, "rows": rows,
+            "setup": setup, "stars": fit_standards(exposure, catalog, setup, config)}
+
+
+def _vector_error(stars, truth, s):
+    """Shape rms of Cal_star / (true Cal / aperture) after a 100 A running median."""
+    wave = stars["wavelength"].values
+    fiber = int(stars["fiber"].values[s])
+    true_cal = 1.0 / (truth["response"] * truth["aperture"][fiber])
+    ratio = np.where(stars["cal_mask"].values[s], stars["cal"].values[s] / true_cal, np.nan)
+    smooth = running_median(ratio, wave, 100.0)
+    use = (wave > 4000) & (wave < 8400) & stars["cal_mask"].values[s]
+    rel = smooth[use] / np.median(smooth[use]) - 1
+    return float(np.sqrt(np.mean(rel**2))), float(np.median(smooth[use]) - 1)
+
+
+def test_output_structure(fitted):
+    stars = fitted["stars"]
+    assert stars["cal"].dims == ("star", "wavelength")
+    assert stars.sizes["star"] == 3
+    for name in ("cal", "cal_variance", "cal_mask", "model_flux", "mag_obs", "phot_resid"):
+        assert name in stars
+    for name in ("fiber", "objid", "teff", "logg", "feh", "alpha", "ebv", "rv", "scale",
+                 "chi2_dof", "phot_rms", "status", "teff_err", "rv_err", "ebv_catalog"):
+        assert name in stars.coords
+    assert stars["cal"].attrs["units"] == "1e-17 erg/(s cm2 Angstrom) / count"
+    assert list(stars["status"].values) == ["ok"] * 3
+
+
+def test_parameters_recovered(fitted):
+    stars, truth = fitted["stars"], fitted["truth"]
+    for k, fiber in enumerate(truth["std_fiber"]):
+        s = list(stars["fiber"].values).index(fiber)
+        assert abs(stars["teff"].values[s] - truth["std_teff"][k]) < 150
+        assert abs(stars["rv"].values[s] - truth["std_rv"][k]) < 5
+        assert abs(stars["ebv"].values[s] - truth["std_ebv"][k]) < 0.02
+        assert 0.5 < stars["chi2_dof"].values[s] < 2.0
+        assert stars["phot_rms"].values[s] < 0.05
+        assert np.isfinite(stars["teff_err"].values[s]) and stars["rv_err"].values[s] < 5
+
+
+def test_star_vectors_match_the_true_response(fitted):
+    stars, truth = fitted["stars"], fitted["truth"]
+    for s in range(stars.sizes["star"]):
+        shape, level = _vector_error(stars, truth, s)
+        assert shape < 0.01
+        assert abs(level) < 0.02  # the photometric scale
+    # Telluric bands are in the vector (not masked): Cal is higher in the O2 A band.
+    wave = stars["wavelength"].values
+    a_band = (wave > 7600) & (wave < 7690)
+    assert stars["cal_mask"].values[0, a_band].all()
+    # Line cores are masked.
+    assert not stars["cal_mask"].values[0, ~region_mask(wave, "stellar_lines")].any()
+
+
+def test_no_reddening_is_worse(world, fitted):
+    config = Config().replace(reddening=False)
+    plain = fit_standards(fitted["exposure"], fitted["catalog"], fitted["setup"], config)
+    with_red = [_vector_error(fitted["stars"], fitted["truth"], s)[0] for s in range(3)]
+    without = [_vector_error(plain, fitted["truth"], s)[0] for s in range(3)]
+    assert np.all(plain["ebv"].values == 0)
+    # The stars are reddened by E(B-V) 0.01-0.12: ignoring it tilts the vectors.
+    assert max(without) > 0.01 > max(with_red)
+    assert np.mean(without) > 2 * np.mean(with_red)
+
+
+def test_combined_calibration(fitted):
+    comb = combine_vectors(fitted["stars"])
+    truth = fitted["truth"]
+    std = truth["std_fiber"]
+    true_cal = 1.0 / truth["response"] / np.mean(truth["aperture"][std])
+    wave = comb["wavelength"].values
+    smooth = running_median(comb["cal"].values / true_cal, wave)
+    use = (wave > 4000) & (wave < 8400) & region_mask(wave, "telluric_default")
+    assert np.std(smooth[use] / np.median(smooth[use])) < 0.006
+    assert abs(np.median(smooth[use]) - 1) < 0.02
+
+
+def test_lazy_when_the_exposure_is_lazy(fitted, raise_if_computes):
+    exposure = fitted["exposure"]
+    lazy = exposure.assign({v: exposure[v].chunk({"fiber": 4}) for v in exposure.data_vars})
+    with raise_if_computes():
+        out = fit_standards(lazy, fitted["catalog"], fitted["setup"])
+    assert out["cal"].chunks is not None
+    xr.testing.assert_allclose(out["cal"].compute(), fitted["stars"]["cal"])
+
+
+def test_rejection_reasons(world, tmp_path, fitted):
+    exposure, catalog, truth, rows = fitted["exposure"], None, fitted["truth"], fitted["rows"]
+    std_rows = [r for r in rows if r["_role"] == "standard"]
+    # Star 0: no catalog entry. Star 1: one valid band. Star 2: photometry of another star.
+    rows2 = [r for r in rows if r is not std_rows[0]]
+    one_band = dict(std_rows[1])
+    for col in ("Gaia", "BP", "RP", "g", "r", "i", "z", "J", "H", "K"):
+        if col != "r":
+            one_band[col] = "99.999"
+    rows2[rows2.index(std_rows[1])] = one_band
+    wrong = dict(std_rows[2])
+    for col, err in (("g", "dg"), ("r", "dr"), ("i", "di"), ("z", "dz")):
+        wrong[col] = f"{float(wrong[col]) + (0.3 if col in 'gi' else -0.3):.3f}"
+    rows2[rows2.index(std_rows[2])] = wrong
+    write_catalog(tmp_path / "c.csv", rows2)
+    with pytest.warns(UserWarning, match="no catalog entry"):
+        stars = fit_standards(exposure, read_catalog(tmp_path / "c.csv"), fitted["setup"])
+    status = dict(zip(stars["objid"].values, stars["status"].values))
+    by_fiber = dict(zip(stars["fiber"].values, stars["status"].values))
+    assert by_fiber[int(std_rows[0]["_fiber"])] == "no catalog match"
+    assert by_fiber[int(std_rows[1]["_fiber"])] == "fewer than 2 valid bands (1)"
+    assert by_fiber[int(std_rows[2]["_fiber"])].startswith("photometric rms")
+    assert len(status) == 3
+
+
+def test_low_snr_and_chi2_bound(fitted):
+    noisy = fitted["exposure"].copy()
+    fiber = int(fitted["stars"]["fiber"].values[0])
+    noisy["variance"] = noisy["variance"].where(noisy["fiber"] != fiber,
+                                                noisy["variance"] * 1e4)
+    stars = fit_standards(noisy, fitted["catalog"], fitted["setup"])
+    assert stars["status"].values[0].startswith("S/N ") and stars["status"].values[0].endswith("< 5")
+    strict = fit_standards(fitted["exposure"], fitted["catalog"], fitted["setup"],
+                           Config().replace(max_chi2_dof=0.2))
+    assert all(s.startswith("chi2/dof") for s in strict["status"].values)
+
+
+def test_huber_resists_sky_residuals(world, tmp_path, fitted):
+    spiky = fitted["exposure"].copy(deep=True)
+    rng = np.random.default_rng(3)
+    flux = spiky["flux"].values
+    for fiber in fitted["stars"]["fiber"].values:
+        pix = rng.choice(flux.shape[1], 30, replace=False)
+        flux[fiber, pix] += 0.5 * np.nanmedian(flux[fiber])  # not in the variance
+    stars = fit_standards(spiky, fitted["catalog"], fitted["setup"],
+                          Config().replace(metric="huber"))
+    truth = fitted["truth"]
+    for k, fiber in enumerate(truth["std_fiber"]):
+        s = list(stars["fiber"].values).index(fiber)
+        assert abs(stars["teff"].values[s] - truth["std_teff"][k]) < 200
