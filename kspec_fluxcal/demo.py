@@ -114,11 +114,15 @@ def accuracy_table(rows):
         def stat(key, absolute=False):
             values = np.array([r[key] for r in rows], dtype=float)
             values = np.abs(values) if absolute else values
+            if not np.isfinite(values).any():
+                return np.nan, np.nan
             return 100 * np.nanmedian(values), 100 * np.nanpercentile(values, 90)
 
         lines.append("")
         for key, label, absolute in (("cal_shape", "calibration shape error", False),
                                      ("shape", "science-fiber shape error", False),
+                                     ("shape_bright", "science-fiber shape error, S/N >= 30",
+                                      False),
                                      ("level_cal", "calibration level error |.|", True),
                                      ("level", "science-fiber level error |.| (incl. aperture "
                                       "losses)", True),

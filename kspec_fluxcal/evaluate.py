@@ -8,7 +8,9 @@ Metrics, per exposure
     measure (4000-8400 A by default): the calibration's own shape error.
 ``shape``
     the same for the calibrated science spectra (stars, galaxies, quasars): calibrated / true
-    flux, the median over science fibers (target noise included).
+    flux, the median over science fibers (target noise included: faint targets dominate).
+``shape_bright``
+    ``shape`` over the science fibers with a median S/N >= 30 per pixel.
 ``level``
     median(calibrated / true) - 1 of science fibers (median over fibers): the absolute error,
     which includes each fiber's own aperture loss.
@@ -89,6 +91,10 @@ def compare_with_truth(calibrated, truth, *, window=100.0, wave_range=(4000.0, 8
         ratio = np.where(true_flux > 0.05 * np.nanmedian(true_flux, axis=-1, keepdims=True),
                          flux / true_flux, np.nan)
     shape, _ = _shape_rms(ratio, wave, use[None, :], window)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        snr = np.nanmedian(calibrated["flux"].values[science]
+                           / np.sqrt(calibrated["variance"].values[science]), axis=-1)
+    bright = snr >= 30
     level = np.nanmedian(np.where(use, running_median(ratio, wave, window), np.nan), axis=-1) - 1
 
     out = {
@@ -99,6 +105,8 @@ def compare_with_truth(calibrated, truth, *, window=100.0, wave_range=(4000.0, 8
         "level_cal": float(np.nanmedian(np.where(use, cal_ratio, np.nan)) - 1.0),
         "telluric": tell,
         "shape": float(np.nanmedian(shape)) if shape.size else np.nan,
+        "shape_bright": float(np.nanmedian(shape[bright])) if bright.any() else np.nan,
+        "n_bright": int(bright.sum()),
         "level": float(np.nanmedian(level)) if level.size else np.nan,
         "science_fibers": int(science.size),
         "stars": [],
