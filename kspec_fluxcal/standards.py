@@ -303,6 +303,8 @@ def fit_standards(exposure, catalog, grid, config=None, *, cache_dir=None):
     matched = match_standards(exposure, catalog.sel(band=bands))
     std = exposure.isel(fiber=matched["fiber"].values)[["flux", "variance", "good"]]
     kwargs = {"matched": matched, "setup": setup, "lsf": lsf, "config": config}
+    if not matched.sizes["star"]:
+        return _output_template(std, matched, lazy=False)
     if std["flux"].chunks is None:
         return _fit(std, **kwargs)
     template = _output_template(std, matched)
@@ -322,10 +324,13 @@ _STAR_VARS = {  # name: (dtype, units)
 }
 
 
-def _output_template(std, matched):
-    """An empty result with the right structure (for xr.map_blocks)."""
+def _output_template(std, matched, lazy=True):
+    """A result with the right structure and no values: the template of xr.map_blocks, or
+    (``lazy=False``, numpy) the answer for an exposure without standard-star fibers."""
     import dask.array as da
 
+    empty = (lambda shape, dtype, chunks: da.empty(shape, dtype=dtype, chunks=chunks)) if lazy \
+        else (lambda shape, dtype, chunks: np.empty(shape, dtype=dtype))
     nstar, nwave = std.sizes["fiber"], std.sizes["wavelength"]
     bands = matched["band"].values
     spectra = {"cal", "cal_variance", "model_flux", "obs_norm", "model_norm"}
@@ -333,12 +338,10 @@ def _output_template(std, matched):
     for name in ("cal", "cal_variance", "model_flux", "obs_norm", "model_norm", "cal_mask",
                  "match_mask"):
         dtype = np.float64 if name in spectra else bool
-        data[name] = (("star", "wavelength"), da.empty((nstar, nwave), dtype=dtype,
-                                                       chunks=(nstar, nwave)))
+        data[name] = (("star", "wavelength"), empty((nstar, nwave), dtype, (nstar, nwave)))
     for name in ("mag_obs", "mag_err", "mag_model", "phot_resid", "band_used"):
         dtype = bool if name == "band_used" else np.float64
-        data[name] = (("star", "band"), da.empty((nstar, bands.size), dtype=dtype,
-                                                 chunks=(nstar, bands.size)))
+        data[name] = (("star", "band"), empty((nstar, bands.size), dtype, (nstar, bands.size)))
     coords = {name: ("star", np.empty(nstar, dtype=dtype)) for name, (dtype, _) in _STAR_VARS.items()}
     coords.update(fiber=("star", matched["fiber"].values), objid=("star", matched["objid"].values),
                   fiber_name=("star", matched["fiber_name"].values),
