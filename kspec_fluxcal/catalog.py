@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import os
+import re
 import warnings
 
 import numpy as np
@@ -25,6 +26,11 @@ __all__ = ["read_catalog", "match_standards", "query_photometry"]
 
 _REQUIRED = ("objid", "RA", "Dec")
 _OPTIONAL = {"Teff": "teff_catalog", "AGaia": "a_gaia", "Ag": "a_g"}
+# An objid is an integer; '123.0' is accepted (a spreadsheet's rewrite), '1.04e16' is not (its
+# last digits are lost, and with them the match).
+_INTEGER = re.compile(r"^[+-]?\d+(\.0*)?$")
+# Valid positions, deg: (lowest, highest) of RA and Dec. NaN means 'no position'.
+_POSITION_RANGE = {"RA": (0.0, 360.0), "Dec": (-90.0, 90.0)}
 
 
 def _numeric(values, path, column, rows):
@@ -41,6 +47,34 @@ def _numeric(values, path, column, rows):
                 raise CatalogError(path, f"column {column} row {rows[i]}",
                                    f"value {v!r} is not a number") from None
         raise
+
+
+def _objids(values, path, rows):
+    """Parse the objid column exactly (int64), naming the first bad row."""
+    text = [str(v).strip() for v in values]
+    for i, t in enumerate(text):
+        where = f"column objid row {rows[i]}"
+        if not t:
+            raise CatalogError(path, where, "objid is empty")
+        if not _INTEGER.match(t):
+            raise CatalogError(path, where, f"value {t!r} is not an integer objid (a value "
+                               "written as a float, e.g. 1.04e16, has lost its last digits)")
+    try:
+        return np.array([int(t.split(".")[0]) for t in text], dtype=np.int64)
+    except OverflowError:
+        raise CatalogError(path, "column objid", "an objid does not fit in 64 bits") from None
+
+
+def _position(values, path, column, rows):
+    """RA or Dec in degrees, NaN where empty; out-of-range values name their row."""
+    lo, hi = _POSITION_RANGE[column]
+    deg = _numeric(values, path, column, rows)
+    bad = ~np.isnan(deg) & ~((deg >= lo) & (deg <= hi))
+    if bad.any():
+        i = int(np.flatnonzero(bad)[0])
+        raise CatalogError(path, f"column {column} row {rows[i]}",
+                           f"value {float(deg[i])!r} is outside {lo:g}..{hi:g} deg")
+    return deg
 
 
 def read_catalog(path, bands=BANDS):
@@ -86,42 +120,39 @@ def read_catalog(path, bands=BANDS):
         raise CatalogError(path, "header line", f"missing required column(s) {', '.join(missing)}")
     if not rows:
         raise CatalogError(path, None, "no stars (only a header line)")
-    short = [i for i, r in enumerate(rows) if len(r) < len(header)]
-    if short:
-        raise CatalogError(path, f"row {short[0] + 2}",
-                           f"has {len(rows[short[0]])} fields, the header has {len(header)}")
+    # A row with more fields than the header is as wrong as a shorter one: an unquoted comma
+    # shifts every later value into the wrong column.
+    ragged = [i for i, r in enumerate(rows) if len(r) != len(header)]
+    if ragged:
+        raise CatalogError(path, f"row {ragged[0] + 2}",
+                           f"has {len(rows[ragged[0]])} fields, the header has {len(header)}")
     line_numbers = np.arange(len(rows)) + 2  # as an editor shows them (header is line 1)
     table = np.array([r[: len(header)] for r in rows], dtype=object)
     col = {name: table[:, i] for i, name in enumerate(header)}
 
-    objid_f = _numeric(col["objid"], path, "objid", line_numbers)
-    if np.any(~np.isfinite(objid_f)):
-        bad = int(np.flatnonzero(~np.isfinite(objid_f))[0])
-        raise CatalogError(path, f"column objid row {line_numbers[bad]}", "objid is empty")
-    try:
-        objid = np.array([int(str(v).strip().split(".")[0]) for v in col["objid"]], dtype=np.int64)
-    except ValueError:
-        raise CatalogError(path, "column objid", "objids must be integers") from None
+    objid = _objids(col["objid"], path, line_numbers)
     uniq, counts = np.unique(objid, return_counts=True)
     if np.any(counts > 1):
         dup = uniq[counts > 1][0]
         where = ", ".join(str(n) for n in line_numbers[objid == dup])
-        raise CatalogError(path, "column objid", f"objid {dup} appears more than once (rows {where})")
+        raise CatalogError(path, "column objid",
+                           f"objid {dup} appears more than once (rows {where})")
 
     mags, errs = [], []
     for band in bands:
         mcol, ecol = CATALOG_COLUMNS[band]
         m = _numeric(col[mcol], path, mcol, line_numbers)
         e = _numeric(col[ecol], path, ecol, line_numbers)
-        missing_value = ~np.isfinite(m) | ~np.isfinite(e) | (m >= MAG_SENTINEL) | (e >= MAG_ERR_SENTINEL)
+        missing_value = (~np.isfinite(m) | ~np.isfinite(e) | (m >= MAG_SENTINEL)
+                         | (e >= MAG_ERR_SENTINEL))
         m = np.where(missing_value, np.nan, m + VEGA_TO_AB.get(band, 0.0))
         e = np.where(missing_value, np.nan, e)
         mags.append(m)
         errs.append(e)
     coords = {
         "objid": ("star", objid),
-        "ra": ("star", _numeric(col["RA"], path, "RA", line_numbers), {"units": "deg"}),
-        "dec": ("star", _numeric(col["Dec"], path, "Dec", line_numbers), {"units": "deg"}),
+        "ra": ("star", _position(col["RA"], path, "RA", line_numbers), {"units": "deg"}),
+        "dec": ("star", _position(col["Dec"], path, "Dec", line_numbers), {"units": "deg"}),
         "band": ("band", list(bands)),
         "vega_to_ab": ("band", [VEGA_TO_AB.get(b, 0.0) for b in bands],
                        {"description": "offset added to the catalog magnitude (contract §2)"}),
@@ -185,10 +216,14 @@ def match_standards(exposure, catalog, *, radius_arcsec=POSITION_MATCH_ARCSEC):
         index[k] = lookup.get(int(fib_objid[k]), -1)
     how[by_id & (index >= 0)] = "objid"
     by_pos = ~by_id & np.isfinite(fib_ra) & np.isfinite(fib_dec)
-    if by_pos.any() and catalog.sizes["star"]:
+    # Catalog stars without a position can still be matched by objid, never by position.
+    placed = np.flatnonzero(np.isfinite(catalog["ra"].values) & np.isfinite(catalog["dec"].values))
+    if by_pos.any() and placed.size:
         fib_c = SkyCoord(fib_ra[by_pos] * u.deg, fib_dec[by_pos] * u.deg)
-        cat_c = SkyCoord(catalog["ra"].values * u.deg, catalog["dec"].values * u.deg)
+        cat_c = SkyCoord(catalog["ra"].values[placed] * u.deg,
+                         catalog["dec"].values[placed] * u.deg)
         idx, d2d, _ = fib_c.match_to_catalog_sky(cat_c)
+        idx = placed[idx]
         close = d2d.to_value(u.arcsec) <= radius_arcsec
         pos = np.flatnonzero(by_pos)
         index[pos[close]] = idx[close]
@@ -199,14 +234,16 @@ def match_standards(exposure, catalog, *, radius_arcsec=POSITION_MATCH_ARCSEC):
     if unmatched.any():
         names = exposure["fiber_name"].values[std][unmatched]
         labels = ", ".join(f"fiber {f} ({n or 'no name'}, OBJID {o})"
-                           for f, n, o in zip(fibers[unmatched], names, fib_objid[unmatched]))
+                           for f, n, o in zip(fibers[unmatched], names, fib_objid[unmatched],
+                                              strict=True))
         warnings.warn(f"{exposure.attrs.get('expid', '')}: no catalog entry for standard(s) "
                       f"{labels}; skipped", FluxCalWarning, stacklevel=2)
     take = np.where(index >= 0, index, 0)
     sub = catalog.drop_indexes("objid").isel(star=take)
     sub = sub.where(xr.DataArray(index >= 0, dims="star"))  # NaN photometry when unmatched
     sub = sub.assign_coords(
-        objid=("star", np.where(index >= 0, cat_objid[take], -1)),
+        # Unmatched: the OBJID the fiber asked for (-1 for positional matching), for reports.
+        objid=("star", np.where(index >= 0, cat_objid[take], fib_objid)),
         teff_catalog=("star", np.where(index >= 0, catalog["teff_catalog"].values[take], np.nan)),
         a_gaia=("star", np.where(index >= 0, catalog["a_gaia"].values[take], np.nan)),
         a_g=("star", np.where(index >= 0, catalog["a_g"].values[take], np.nan)),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
@@ -19,13 +20,37 @@ def _note(text):
     print(f"  note: {text}", file=sys.stderr)
 
 
+def _each_file(args, work):
+    """Run ``work(path)`` for every input file; a failure is one line and the next file goes on.
+
+    Returns the number of failures. The package's errors say what is wrong with the input; an
+    OSError (permissions, a full disk) is the system's; anything else is a bug, reported as
+    such (``--traceback`` shows where).
+    """
+    failed = 0
+    for path in args.files:
+        try:
+            work(path)
+        except Exception as err:
+            failed += 1
+            detail = (str(err) if isinstance(err, (FluxCalError, OSError)) else
+                      f"internal error ({type(err).__name__}: {err}); please report it with "
+                      "the output of --traceback")
+            # The line names the file once; errors about other files (catalog, grid) keep theirs.
+            detail = detail.removeprefix(f"{path}: ")
+            print(f"{path}: FAILED: {detail}", file=sys.stderr)
+            if args.traceback:
+                traceback.print_exc()
+    return failed
+
+
 # ----------------------------------------------------------------------------- commands
 
 
 def _cmd_info(args):
     from .exposure import exposure_setup, open_exposure
 
-    for path in args.files:
+    def info(path):
         ds = open_exposure(path)
         types = ds["fiber_type"].values
         counts = ", ".join(f"{t}:{int((types == t).sum())}" for t in sorted(set(types)))
@@ -36,7 +61,8 @@ def _cmd_info(args):
               f"{ds.sizes['wavelength']} pixels {wave[0]:.1f}-{wave[-1]:.1f} A (air), "
               f"LSF {ds.attrs['lsf_source']} {ds.attrs['lsf_fwhm_coeffs']}, "
               f"setup {exposure_setup(ds)}, dead fibers {int((good == 0).sum())}")
-    return 0
+
+    return 1 if _each_file(args, info) else 0
 
 
 def _cmd_grid_build(args):
@@ -86,38 +112,54 @@ def _cmd_calibrate(args):
         raise FluxCalError("--in-place and --out exclude each other")
     if not args.in_place and not args.out:
         raise FluxCalError("give --out OUTDIR (or --in-place to replace the input files)")
+    _check_distinct_outputs(args)
     config = load_config(args.config)
     catalog = read_catalog(args.catalog)
     grid = open_grid(args.grid)
-    failed = 0
-    for path in args.files:
-        try:
-            qc_dir = None
-            if args.qc:
-                qc_dir = Path(args.out or Path(path).parent) / "qc" / Path(path).stem
-            result = calibrate_exposure(path, catalog, grid, None if args.in_place else args.out,
-                                        config=config, overwrite=args.overwrite,
-                                        in_place=args.in_place, cache_dir=args.cache,
-                                        qc_dir=qc_dir)
-        except FluxCalError as err:
-            failed += 1
-            print(f"{path}: FAILED: {err}", file=sys.stderr)
-            continue
+
+    def calibrate(path):
+        qc_dir = None
+        if args.qc:
+            qc_dir = Path(args.out or Path(path).parent) / "qc" / Path(path).stem
+        result = calibrate_exposure(path, catalog, grid, None if args.in_place else args.out,
+                                    config=config, overwrite=args.overwrite,
+                                    in_place=args.in_place, cache_dir=args.cache, qc_dir=qc_dir)
         print(f"{result.summary()} -> {result.path}")
         for note in result.warnings:
             _note(note)
+
+    failed = _each_file(args, calibrate)
     if len(args.files) > 1:
         print(f"{len(args.files) - failed} of {len(args.files)} exposure(s) calibrated")
     return 1 if failed else 0
 
 
+def _check_distinct_outputs(args):
+    """Refuse, before any work, inputs that would write the same output (the second would
+    replace the first with --overwrite, or fail without it after the first was done)."""
+    from .pipeline import output_name
+
+    seen = {}
+    for path in args.files:
+        key = Path(path).resolve() if args.in_place else output_name(path)
+        if key in seen:
+            what = "the same file" if args.in_place else f"the same output {key}"
+            raise FluxCalError(f"{seen[key]} and {path} would both write {what}; "
+                               "give each input once, and inputs with distinct names")
+        seen[key] = path
+    if args.out and Path(args.out).suffix.lower() in (".fits", ".fit") and len(args.files) > 1:
+        raise FluxCalError(f"--out {args.out} names one file but {len(args.files)} inputs were "
+                           "given; give an output directory")
+
+
 def _cmd_qc(args):
     from .qc import qc_from_file
 
-    for path in args.files:
+    def qc(path):
         written = qc_from_file(path, args.out)
         print(f"{path}: wrote {len(written)} QC file(s) to {args.out}")
-    return 0
+
+    return 1 if _each_file(args, qc) else 0
 
 
 def _cmd_survey(args):
@@ -157,6 +199,8 @@ def build_parser():
         description="Spectrophotometric flux calibration of K-SPEC fiber spectra with the "
                     "standard stars observed in each exposure.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--traceback", action="store_true",
+                        help="show the Python traceback of errors (for bug reports)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
@@ -267,7 +311,9 @@ def main(argv=None):
             warnings.simplefilter("default", FluxCalWarning)
             warnings.showwarning = _show_warning
             return int(args.func(args) or 0)
-    except FluxCalError as err:
+    except (FluxCalError, OSError) as err:
+        if args.traceback:
+            traceback.print_exc()
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -7,6 +7,7 @@ test keeps the two identical.
 
 from __future__ import annotations
 
+import math
 import os
 import tomllib
 from collections.abc import Mapping
@@ -35,6 +36,9 @@ class Option:
             value = float(value)
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise ConfigError(source, where, f"expected {kind.__name__}, got {value!r}")
+        if kind is float and not math.isfinite(value):
+            # TOML has nan and inf; every comparison with NaN is false, so no bound stops it.
+            raise ConfigError(source, where, f"{value!r} is not a finite number")
         if kind is list:
             bad = [v for v in value if self.choices and v not in self.choices]
             if bad or not all(isinstance(v, str) for v in value):
@@ -199,6 +203,7 @@ class Config(Mapping):
                                        else opt.default)
                 for name, opt in options.items()
             }
+        _check_consistency(merged, source)
         self._values = merged
 
     def __getitem__(self, key):
@@ -264,6 +269,25 @@ class Config(Mapping):
                 lines.append(f"{name} = {_toml_value(self._values[section][name])}")
             lines.append("")
         return "\n".join(lines)
+
+
+def _check_consistency(values, source):
+    """Checks across options, and of mask names, at load time rather than mid-calibration."""
+    from .masks import load_regions
+
+    phot = values["photometry"]
+    if len(phot["bands"]) < phot["min_bands"]:
+        raise ConfigError(source, "[photometry] bands",
+                          f"{len(phot['bands'])} band(s) given but min_bands = "
+                          f"{phot['min_bands']}: every star would be rejected")
+    masks = values["masks"]
+    for name, value in (("telluric", masks["telluric"]), ("lines", masks["lines"]),
+                        *(("extra", v) for v in masks["extra"])):
+        try:
+            load_regions(value)
+        except ConfigError as err:
+            detail = err.problem if err.where is None else f"{err.where}: {err.problem}"
+            raise ConfigError(source, f"[masks] {name}", f"{value!r}: {detail}") from None
 
 
 def _toml_value(value):

@@ -47,6 +47,11 @@ class InputError(FluxCalError, ValueError):
         parts = [p for p in (self.path, where) if p]
         super().__init__(": ".join([*parts, problem]))
 
+    def __reduce__(self):
+        # Rebuilt from its parts, so that it survives pickling (Dask process and distributed
+        # workers send exceptions back to the client this way).
+        return type(self), (self.path, self.where, self.problem)
+
 
 class ExposureError(InputError):
     """A RED file (contract section 1) cannot be read or is inconsistent."""
@@ -76,11 +81,15 @@ class CalibrationError(FluxCalError):
     """
 
     def __init__(self, message, reasons=None):
+        self.message = message
         self.reasons = dict(reasons or {})
         if self.reasons:
             detail = "; ".join(f"{k}: {v}" for k, v in self.reasons.items())
             message = f"{message} ({detail})"
         super().__init__(message)
+
+    def __reduce__(self):
+        return type(self), (self.message, self.reasons)
 
 
 class OutputExistsError(FluxCalError, FileExistsError):
@@ -88,7 +97,11 @@ class OutputExistsError(FluxCalError, FileExistsError):
 
     def __init__(self, path):
         self.path = os.fspath(path)
-        super().__init__(f"{self.path}: exists; pass overwrite=True (CLI: --overwrite) to replace it")
+        super().__init__(f"{self.path}: exists; pass overwrite=True (CLI: --overwrite) to "
+                         "replace it")
+
+    def __reduce__(self):
+        return type(self), (self.path,)
 
 
 class DownloadError(FluxCalError):

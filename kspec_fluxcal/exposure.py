@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 from astropy.io import fits
+from astropy.utils.exceptions import AstropyUserWarning
 
 from . import __version__
 from ._atomic import atomic_file
@@ -51,7 +52,8 @@ _WCS_KEYS = ("CRVAL1", "CDELT1", "CD1_1", "CRPIX1", "CUNIT1", "CTYPE1")
 def add_history(ds, text):
     """Append a timestamped HISTORY entry to ``ds.attrs['history']`` (in place) and return ds."""
     stamp = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%S")
-    ds.attrs["history"] = [*ds.attrs.get("history", []), f"{stamp} kspec-fluxcal {__version__}: {text}"]
+    entry = f"{stamp} kspec-fluxcal {__version__}: {text}"
+    ds.attrs["history"] = [*ds.attrs.get("history", []), entry]
     return ds
 
 
@@ -60,12 +62,42 @@ def add_history(ds, text):
 
 def _open_hdulist(path):
     try:
-        hdul = fits.open(path, memmap=False, lazy_load_hdus=False)
+        # Astropy's truncation warnings are replaced by the check below, which is an error.
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", AstropyUserWarning)
+            hdul = fits.open(path, memmap=False, lazy_load_hdus=False)
     except FileNotFoundError:
         raise ExposureError(path, None, "no such file") from None
     except Exception as err:  # astropy raises OSError, ValueError, TypeError... on garbage
         raise ExposureError(path, None, f"not a readable FITS file ({err})") from None
+    try:
+        _check_complete(hdul, path)
+    except ExposureError:
+        hdul.close()
+        raise
     return hdul
+
+
+def _check_complete(hdul, path):
+    """A file cut short (an interrupted copy) must not pass for a smaller valid one.
+
+    Astropy reads what it can: a file cut inside an extension's header silently loses that
+    extension, and one cut inside the data only fails when the data are read. The file size
+    must be where the last HDU's data (padded to 2880 bytes) end.
+    """
+    with open(path, "rb") as fh:
+        if fh.read(2) in (b"\x1f\x8b", b"BZ", b"PK"):
+            return  # compressed: the sizes are those of the decompressed stream
+    info = hdul.fileinfo(len(hdul) - 1)
+    end = info["datLoc"] + info["datSpan"]
+    size = os.path.getsize(path)
+    if size < end:
+        raise ExposureError(path, None, f"truncated: {size} bytes, but its HDUs need {end} "
+                            "(an interrupted copy or write?)")
+    if size > end:
+        raise ExposureError(path, f"after HDU {hdul[-1].name or len(hdul) - 1}",
+                            f"{size - end} bytes that are no complete HDU: a truncated or "
+                            "damaged extension")
 
 
 def _find_hdu(hdul, path, names, required=True):
@@ -82,20 +114,30 @@ def _data(hdu, path, label):
     try:
         data = hdu.data
     except Exception as err:  # a truncated file fails here, not at open
-        raise ExposureError(path, f"HDU {label}", f"data unreadable ({err}); truncated file?") from None
+        raise ExposureError(path, f"HDU {label}",
+                            f"data unreadable ({err}); truncated file?") from None
     if data is None:
         raise ExposureError(path, f"HDU {label}", "has no data")
     return data
 
 
-def _header_value(header, keys, path, required, kind=float):
+def _header_value(header, keys, path, required, kind=float, positive=False):
     for key in keys:
         if key in header and header[key] not in (None, ""):
+            value = header[key]
+            # FITS logicals are Python bools, which float() would silently turn into 0 or 1.
             try:
-                return kind(header[key])
+                if isinstance(value, bool):
+                    raise TypeError
+                value = kind(value)
             except (TypeError, ValueError):
                 raise ExposureError(path, f"primary header {key}",
                                     f"value {header[key]!r} is not a {kind.__name__}") from None
+            if kind is float and not np.isfinite(value):
+                raise ExposureError(path, f"primary header {key}", f"value {value!r} is not finite")
+            if positive and not value > 0:
+                raise ExposureError(path, f"primary header {key}", f"value {value!r} is not > 0")
+            return value
     if required:
         raise ExposureError(path, "primary header",
                             f"missing {' (or '.join(keys)}{')' * (len(keys) - 1)}")
@@ -106,11 +148,13 @@ def _line_spread(header, path):
     coeffs = []
     while f"FWHMPC{len(coeffs)}" in header:
         key = f"FWHMPC{len(coeffs)}"
-        try:
-            coeffs.append(float(header[key]))
-        except (TypeError, ValueError):
-            raise ExposureError(path, f"primary header {key}",
-                                f"value {header[key]!r} is not a number") from None
+        coeffs.append(_header_value(header, (key,), path, True))
+    # A coefficient beyond a gap would be silently ignored: a truncated polynomial.
+    orders = sorted(int(k[6:]) for k in header if k.startswith("FWHMPC") and k[6:].isdigit())
+    if orders and orders[-1] >= len(coeffs):
+        raise ExposureError(path, f"primary header FWHMPC{orders[-1]}",
+                            f"present but FWHMPC{len(coeffs)} is missing (the FWHM polynomial "
+                            "needs every coefficient FWHMPC0..FWHMPCn)")
     if coeffs:
         return LineSpread(tuple(coeffs), "FWHMPC")
     if "SPECFWHM" in header:
@@ -152,20 +196,27 @@ def _wcs_wavelength(header, nspec, path):
     if ctype not in ("WAVELENGTH", "WAVE", "AWAV", "LINEAR", ""):
         raise ExposureError(path, "primary header CTYPE1",
                             f"{ctype!r} is not a linear wavelength axis ('Wavelength')")
-    delta = header.get("CDELT1", header.get("CD1_1"))
-    if delta is None:
+    delta_key = "CDELT1" if "CDELT1" in header else "CD1_1"
+    if delta_key not in header:
         raise ExposureError(path, "primary header", "CRVAL1 present but neither CDELT1 nor CD1_1")
-    crpix = float(header.get("CRPIX1", 1.0))
+    crval = _header_value(header, ("CRVAL1",), path, True)
+    delta = _header_value(header, (delta_key,), path, True)
+    crpix = _header_value(header, ("CRPIX1",), path, False)
+    crpix = 1.0 if crpix is None else crpix
     factor = _unit_factor(header.get("CUNIT1", "Angstrom"), path, "primary header CUNIT1")
     pix = np.arange(nspec, dtype=np.float64) + 1.0
-    return factor * (float(header["CRVAL1"]) + (pix - crpix) * float(delta))
+    return factor * (crval + (pix - crpix) * delta)
 
 
 def _check_wavelength(wave, path, where):
     finite = np.isfinite(wave)
     if not finite.any():
         raise ExposureError(path, where, "no finite wavelength")
-    w = wave[finite]
+    if not finite.all():
+        # One solution for every fiber: a pixel without a wavelength cannot be placed.
+        raise ExposureError(path, where, f"wavelength of pixel {int(np.flatnonzero(~finite)[0])} "
+                            "is not finite (NaN or inf)")
+    w = wave
     if np.any(np.diff(w) <= 0):
         raise ExposureError(path, where, "wavelengths do not increase along the pixel axis")
     lo, hi = _PLAUSIBLE_RANGE
@@ -176,8 +227,11 @@ def _check_wavelength(wave, path, where):
 
 
 def _fibres(hdu, nfib, path):
-    data = _data(hdu, path, hdu.name)
     where = f"HDU {hdu.name}"
+    if not isinstance(hdu, (fits.BinTableHDU, fits.TableHDU)):
+        raise ExposureError(path, where, f"is not a table ({type(hdu).__name__}); expected a "
+                            "binary table with one row per fiber")
+    data = _data(hdu, path, hdu.name)
     if len(data) != nfib:
         raise ExposureError(path, where, f"has {len(data)} rows but the primary has {nfib} fibers")
     names = {c.name.upper(): c for c in hdu.columns}
@@ -189,7 +243,8 @@ def _fibres(hdu, nfib, path):
     if unknown.any():
         row = int(np.flatnonzero(unknown)[0])
         raise ExposureError(path, f"{where} column TYPE row {row}",
-                            f"unknown fiber type {str(types[row])!r} (valid: {', '.join(FIBER_TYPES)})")
+                            f"unknown fiber type {str(types[row])!r} "
+                            f"(valid: {', '.join(FIBER_TYPES)})")
     coords["fiber_type"] = types.astype("<U1")
     if "NAME" in names:
         coords["fiber_name"] = np.char.strip(np.asarray(data[names["NAME"].name]).astype(str))
@@ -204,14 +259,22 @@ def _fibres(hdu, nfib, path):
                 raise ExposureError(path, f"{where} column {key}", "is not numeric") from None
             if str(col.unit or "").strip().lower() in ("rad", "radian", "radians"):
                 values = np.degrees(values)
+            # NaN means 'no position'; anything else must be a real sky position, or the
+            # positional match of the standards fails far from here.
+            limit = 90.0 if key == "DEC" else 360.0
+            low = -90.0 if key == "DEC" else 0.0
+            bad = ~np.isnan(values) & ~((values >= low) & (values <= limit))
+            if bad.any():
+                row = int(np.flatnonzero(bad)[0])
+                raise ExposureError(path, f"{where} column {key} row {row}",
+                                    f"value {float(values[row])!r} is outside {low:g}..{limit:g} "
+                                    "deg")
             coords[key.lower()] = values
         else:
             coords[key.lower()] = np.full(nfib, np.nan)
     if "OBJID" in names:
-        try:
-            coords["objid"] = np.asarray(data[names["OBJID"].name]).astype(np.int64)
-        except (TypeError, ValueError):
-            raise ExposureError(path, f"{where} column OBJID", "is not an integer") from None
+        coords["objid"] = _objid_column(np.asarray(data[names["OBJID"].name]), path,
+                                        f"{where} column OBJID")
     else:
         coords["objid"] = np.full(nfib, -1, dtype=np.int64)
     result = {}
@@ -233,6 +296,22 @@ def _fibres(hdu, nfib, path):
             attrs["units"] = str(col.unit)
         result[f"fibres_{col.name.lower()}"] = xr.Variable("fiber", values, attrs)
     return result
+
+
+def _objid_column(values, path, where):
+    """OBJIDs as int64; floats must be whole (a NaN or 12.5 is no catalog objid)."""
+    if values.dtype.kind in "iub":
+        return values.astype(np.int64)
+    if values.dtype.kind == "f":
+        bad = ~np.isfinite(values) | (values != np.round(values))
+    else:
+        text = np.char.strip(values.astype(str))
+        bad = ~np.char.isdigit(np.char.lstrip(text, "+-")) | (np.char.str_len(text) == 0)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ExposureError(path, f"{where} row {row}",
+                            f"value {values[row].item()!r} is not an integer (use -1 for none)")
+    return values.astype(np.int64) if values.dtype.kind == "f" else text.astype(np.int64)
 
 
 def _read(path):
@@ -275,7 +354,7 @@ def _read_hdus(path):
         fibres = _fibres(fib_hdu, nfib, path)
         meta = {
             "expid": str(header.get("EXPID", "") or Path(path).name.split(".")[0]),
-            "exptime": _header_value(header, ("EXPTIME", "EXPOSED"), path, True),
+            "exptime": _header_value(header, ("EXPTIME", "EXPOSED"), path, True, positive=True),
             "mjd": _header_value(header, ("MJD-OBS", "UTMJD"), path, True),
             "airmass": _header_value(header, ("AIRMASS",), path, False),
             "bunit": str(header.get("BUNIT", "counts")),
@@ -295,11 +374,11 @@ def _read_hdus(path):
         return np.asarray(flux), np.asarray(variance), wave, fibres, meta, cal
 
 
-def _common_grid(wave, flux, variance, path, history):
+def _common_grid(wave, flux, variance, path, history, source="WAVELA"):
     """Bring per-fiber wavelength rows onto one grid; return (wave_1d, flux, variance)."""
     if wave.ndim == 1 or wave.shape[0] == 1:
         wave = wave.reshape(-1)
-        _check_wavelength(wave, path, "HDU WAVELA")
+        _check_wavelength(wave, path, "HDU WAVELA" if source == "WAVELA" else source)
         return wave, flux, variance
     rows_ok = np.all(np.isfinite(wave), axis=1) & np.all(wave > 0, axis=1)
     if not rows_ok.any():
@@ -334,13 +413,13 @@ def open_exposure(path, *, chunks=None):
     Returns
     -------
     xarray.Dataset
-        Dims (fiber, wavelength): ``flux`` (counts), ``variance`` (counts^2), ``good``
-        (bool: finite flux, finite variance > 0); coordinate ``wavelength`` (Angstrom, air,
-        from WAVELA or the primary header's linear WCS; vacuum and nm converted); per-fiber
-        ``fiber_name``, ``fiber_type``, ``ra``, ``dec`` (deg), ``objid``; attrs ``expid``,
-        ``exptime``, ``mjd``, ``airmass``, the line-spread description (``lsf_fwhm_coeffs``)
-        and ``history``. A calibrated file (section 4) also gives ``cal``, ``cal_variance``
-        and ``cal_mask`` along wavelength.
+        Dims (fiber, wavelength): ``flux`` (counts), ``variance`` (counts^2; NaN where the
+        file says bad, NaN or <= 0), ``good`` (bool: finite flux, finite variance > 0);
+        coordinate ``wavelength`` (Angstrom, air, from WAVELA or the primary header's linear
+        WCS; vacuum and nm converted); per-fiber ``fiber_name``, ``fiber_type``, ``ra``,
+        ``dec`` (deg), ``objid``; attrs ``expid``, ``exptime``, ``mjd``, ``airmass``, the
+        line-spread description (``lsf_fwhm_coeffs``) and ``history``. A calibrated file
+        (section 4) also gives ``cal``, ``cal_variance`` and ``cal_mask`` along wavelength.
 
     Raises
     ------
@@ -352,30 +431,38 @@ def open_exposure(path, *, chunks=None):
     history = []
     flux = flux.astype(np.float64)
     variance = variance.astype(np.float64)
-    wave, flux, variance = _common_grid(wave, flux, variance, path, history)
+    wave, flux, variance = _common_grid(wave, flux, variance, path, history,
+                                        meta["wavelength_source"])
     if meta["medium_in"] == "vac":
         wave = vacuum_to_air(wave)
         history.append("converted vacuum wavelengths to air (Morton 2000)")
     good = np.isfinite(flux) & np.isfinite(variance) & (variance > 0)
+    # A bad pixel's variance (<= 0 in the file) becomes NaN: arithmetic on it (calibration
+    # adds a positive term) must not turn it into a plausible value and the pixel into a good one.
+    with np.errstate(invalid="ignore"):
+        variance = np.where(variance > 0, variance, np.nan)
     if not good.any():
         raise ExposureError(path, "HDU PRIMARY/VARIANCE",
                             "no valid pixel (every flux is NaN or every variance <= 0)")
     lsf = meta["lsf"]
-    fwhm = lsf.fwhm(wave[[0, -1]])
+    fwhm = lsf.fwhm(wave)  # every pixel: a polynomial can dip below zero between the ends
     if np.any(~np.isfinite(fwhm)) or np.any(fwhm <= 0):
         raise ExposureError(path, f"primary header {lsf.source}",
                             f"line-spread FWHM is not positive over {wave[0]:.0f}-{wave[-1]:.0f} A")
-    units = "count" if meta["bunit"].strip().lower() in ("counts", "count", "adu", "") else meta["bunit"]
+    counts = meta["bunit"].strip().lower() in ("counts", "count", "adu", "")
+    units = "count" if counts else meta["bunit"]
     var_units = "count2" if units == "count" else f"({units})**2"
     ds = xr.Dataset(
         {
             "flux": (("fiber", "wavelength"), flux.astype(np.float32), {"units": units}),
-            "variance": (("fiber", "wavelength"), variance.astype(np.float32), {"units": var_units}),
+            "variance": (("fiber", "wavelength"), variance.astype(np.float32),
+                         {"units": var_units}),
             "good": (("fiber", "wavelength"), good,
                      {"description": "finite flux and finite variance > 0"}),
         },
         coords={
-            "fiber": ("fiber", np.arange(flux.shape[0]), {"description": "row of the primary image"}),
+            "fiber": ("fiber", np.arange(flux.shape[0]),
+                      {"description": "row of the primary image"}),
             "wavelength": ("wavelength", wave, {"units": "Angstrom", "medium": "air",
                                                 "source": meta["wavelength_source"]}),
             **fibres,
@@ -446,10 +533,18 @@ def read_exposure_info(path):
         medium = _medium(header, None if wave_hdu is None else wave_hdu.header, path)
         if wave_hdu is not None:
             wave = np.asarray(_data(wave_hdu, path, "WAVELA"), dtype=np.float64)
+            if wave.shape not in ((nspec,), (1, nspec), (nfib, nspec)):
+                raise ExposureError(path, "HDU WAVELA", f"shape {wave.shape} matches neither "
+                                    f"({nspec},) nor the primary's {(nfib, nspec)}")
             wave = wave * _unit_factor(wave_hdu.header.get("BUNIT", "Angstrom"), path,
                                        "HDU WAVELA BUNIT")
             wave = wave.reshape(-1, nspec)
-            wave = np.nanmedian(wave, axis=0) if wave.shape[0] > 1 else wave[0]
+            if wave.shape[0] > 1:
+                with warnings.catch_warnings():  # an all-NaN column is reported just below
+                    warnings.simplefilter("ignore", RuntimeWarning)
+                    wave = np.nanmedian(wave, axis=0)
+            else:
+                wave = wave[0]
         else:
             wave = _wcs_wavelength(header, nspec, path)
         _check_wavelength(wave, path, "wavelength solution")
@@ -460,7 +555,7 @@ def read_exposure_info(path):
             "path": path,
             "expid": str(header.get("EXPID", "") or Path(path).name.split(".")[0]),
             "mjd": _header_value(header, ("MJD-OBS", "UTMJD"), path, True),
-            "exptime": _header_value(header, ("EXPTIME", "EXPOSED"), path, True),
+            "exptime": _header_value(header, ("EXPTIME", "EXPOSED"), path, True, positive=True),
             "airmass": _header_value(header, ("AIRMASS",), path, False),
             "lsf": lsf,
             "nfiber": int(nfib),
@@ -546,7 +641,7 @@ def _column(name, values, unit=None):
 
 def _fibres_table(ds):
     cols = []
-    for name, coord in ds.coords.items():
+    for coord in ds.coords.values():
         if coord.dims != ("fiber",) or "fits_column" not in coord.attrs:
             continue
         cols.append(_column(coord.attrs["fits_column"], np.asarray(coord.values),
@@ -559,7 +654,8 @@ def _primary_header(ds):
     header = fits.Header.fromstring(text, sep="\n") if text else fits.Header()
     for key in ("SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND"):
         header.remove(key, ignore_missing=True)
-    if ds.attrs.get("medium_in") == "vac" or ds["wavelength"].attrs.get("source") != "primary header WCS":
+    from_wcs = ds["wavelength"].attrs.get("source") == "primary header WCS"
+    if ds.attrs.get("medium_in") == "vac" or not from_wcs:
         # The written WAVELA is the wavelength solution; a stale linear WCS would contradict it.
         for key in _WCS_KEYS:
             header.remove(key, ignore_missing=True)

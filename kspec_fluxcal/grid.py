@@ -159,6 +159,9 @@ def _read_wavelength(path):
         wave = np.array(Path(path).read_bytes().split(), dtype=np.float64)
     except ValueError as err:
         raise GridError(path, None, f"not a list of numbers ({err})") from None
+    if not np.all(np.isfinite(wave)):
+        row = int(np.flatnonzero(~np.isfinite(wave))[0])
+        raise GridError(path, f"line {row + 1}", "non-finite wavelength (NaN or inf)")
     if wave.size < 2 or np.any(np.diff(wave) <= 0):
         raise GridError(path, None, "wavelengths must increase")
     return wave
@@ -461,6 +464,11 @@ def open_grid(path, *, chunks=None):
     if not path.exists():
         raise GridError(path, None, "no such template grid store (build it with "
                         "'kspec-fluxcal grid build')")
+    if path.is_dir() and any(path.glob("bosz2024_wave_*.txt")):
+        # The commonest mistake: the BOSZ directory itself instead of the cube built from it.
+        raise GridError(path, None, "is a BOSZ-layout directory, not a template grid store; "
+                        f"convert it once with 'kspec-fluxcal grid build {path} --out STORE' "
+                        "and pass STORE")
     try:
         ds = xr.open_zarr(path, consolidated=False, chunks={} if chunks is None else chunks)
     except Exception as err:

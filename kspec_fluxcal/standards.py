@@ -553,7 +553,8 @@ def _fit(std, matched, setup, lsf, config):
     cal_var = np.where(cal_ok, cal_var, np.nan)
     expid = str(std.attrs.get("expid", ""))
 
-    status = _status(matched, pf, snr, usable, chi2_dof, config)
+    status = _status(matched, pf, snr, usable, chi2_dof, config, params["teff"], teff_colour,
+                     (setup["teff"].values[0], setup["teff"].values[-1]))
     dropped = [",".join(np.asarray(bands)[row]) for row in pf["dropped"]]
     coords = {
         "fiber": ("star", matched["fiber"].values),
@@ -663,7 +664,13 @@ def _chi2_dof(obs, ivar, models, wave, rv, knot_spacing):
     return chi2 / np.maximum(npix - nfree, 1)
 
 
-def _status(matched, pf, snr, usable, chi2_dof, config):
+def _status(matched, pf, snr, usable, chi2_dof, config, teff, teff_colour, teff_range):
+    # A fit pinned at the grid's Teff edge while the colours say the star lies beyond it is
+    # extrapolation: the vector's slope would be wrong by the missing temperature.
+    lo, hi = teff_range
+    window = config.fit.teff_window / 3
+    edge = (((teff <= lo + 1) & (teff_colour < lo - window))
+            | ((teff >= hi - 1) & (teff_colour > hi + window)))
     out = []
     for s in range(len(snr)):
         if matched["match"].values[s] == "none":
@@ -671,6 +678,8 @@ def _status(matched, pf, snr, usable, chi2_dof, config):
         elif pf["n_bands"][s] < config.photometry.min_bands:
             out.append(f"fewer than {config.photometry.min_bands} valid bands "
                        f"({int(pf['n_bands'][s])})")
+        elif not np.isfinite(snr[s]):
+            out.append("no valid pixel")
         elif not snr[s] >= config.fit.min_snr:
             out.append(f"S/N {snr[s]:.1f} < {config.fit.min_snr:g}")
         elif not usable[s]:
@@ -679,6 +688,9 @@ def _status(matched, pf, snr, usable, chi2_dof, config):
             out.append(f"chi2/dof {chi2_dof[s]:.2f} > {config.fit.max_chi2_dof:g}")
         elif not pf["rms"][s] <= config.photometry.max_rms:
             out.append(f"photometric rms {pf['rms'][s]:.3f} > {config.photometry.max_rms:g} mag")
+        elif edge[s]:
+            out.append(f"outside the grid: colour Teff {teff_colour[s]:.0f} K, fit pinned at "
+                       f"the grid's edge ({teff[s]:.0f} K)")
         else:
             out.append("ok")
     return out

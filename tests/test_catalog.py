@@ -89,7 +89,7 @@ def test_unmatched_standard_reported_not_guessed(red_file, catalog_file):
         matched = match_standards(ds, read_catalog(catalog_file(rows)))
     assert list(matched["match"].values) == ["none", "none"]
     assert np.isnan(matched["mag"].values).all()
-    assert list(matched["objid"].values) == [-1, -1]
+    assert list(matched["objid"].values) == [999, -1]  # what each fiber asked for
 
 
 def test_query_photometry_placeholder():

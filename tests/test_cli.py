@@ -1,0 +1,334 @@
+"""The command line, through its entry point ``kspec_fluxcal.cli.main``: the help, each
+command's success path, and failures as one line on stderr with a non-zero exit (issue 8).
+
+The module's grid is made by the CLI itself (``grid synth --small``, then ``grid build``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from astropy.io import fits
+from test_bad_input import build_base, write_catalog
+
+from kspec_fluxcal import __version__
+from kspec_fluxcal.cli import main
+from kspec_fluxcal.grid import open_grid
+
+SUBCOMMANDS = ("demo", "calibrate", "qc", "survey", "simulate", "grid", "archive", "info")
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory):
+    """Grid synthesised and built through the CLI; the exposures of test_bad_input."""
+    root = tmp_path_factory.mktemp("cli")
+    outputs = {}
+    for name, argv in {
+        "synth": ["grid", "synth", "--small", "--out", str(root / "bosz"), "--workers", "2",
+                  "--quiet"],
+        "build": ["grid", "build", str(root / "bosz"), "--out", str(root / "grid.zarr"),
+                  "--quiet"],
+    }.items():
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            status = main(argv)
+        outputs[name] = (status, out.getvalue(), err.getvalue())
+    base = build_base(root, bosz=root / "bosz", store=root / "grid.zarr")
+    return base, outputs
+
+
+@pytest.fixture
+def files(made, tmp_path):
+    """A factory of input files in ``tmp_path``: RED files (valid unless ``raw``) and the
+    catalog; returns paths as strings, as a shell would pass them."""
+    base, _ = made
+
+    def make(*names, raw=None):
+        paths = []
+        for name in names:
+            path = tmp_path / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(base.red[2] if raw is None else raw)
+            paths.append(str(path))
+        return paths
+
+    make.catalog = str(write_catalog(tmp_path / "catalog.csv", base.rows[2]))
+    make.grid = str(base.store)
+    return make
+
+
+def cli(capsys, *argv):
+    """Run the command; returns (exit status, stdout lines, stderr lines)."""
+    status = main([str(a) for a in argv])
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err
+    return status, captured.out.splitlines(), captured.err.splitlines()
+
+
+def problems(lines):
+    """stderr lines other than notes (the package's warnings about skipped stars etc.)."""
+    return [line for line in lines if not line.startswith("  note:")]
+
+
+# ----------------------------------------------------------------------------- help
+
+
+def test_help_lists_the_subcommands(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    text = capsys.readouterr().out
+    for name in SUBCOMMANDS:
+        assert f"    {name} " in text or f"    {name}\n" in text, name
+    with pytest.raises(SystemExit):
+        main(["grid", "--help"])
+    text = capsys.readouterr().out
+    assert all(f"    {name}" in text for name in ("build", "download", "synth"))
+
+
+def test_version_and_usage_errors(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"kspec-fluxcal {__version__}"
+    with pytest.raises(SystemExit) as info:
+        main(["calibrate", "x.fits"])  # no --catalog / --grid
+    assert info.value.code == 2
+    assert "the following arguments are required: --catalog, --grid" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- grid
+
+
+def test_grid_synth_and_build(made):
+    _, outputs = made
+    status, out, err = outputs["synth"]
+    assert status == 0 and "Traceback" not in err
+    assert out.startswith("wrote a SYNTHETIC BOSZ-layout grid (not real BOSZ spectra) to ")
+    status, out, err = outputs["build"]
+    assert status == 0 and out == "" and "Traceback" not in err  # --quiet
+    assert open_grid(made[0].store).attrs["synthetic"] == 1
+
+
+def test_grid_build_bad_directory(capsys, tmp_path):
+    (tmp_path / "empty").mkdir()
+    status, out, err = cli(capsys, "grid", "build", tmp_path / "empty", "--out",
+                           tmp_path / "g.zarr", "--quiet")
+    assert status == 1 and out == []
+    assert err == [f"kspec-fluxcal: error: {tmp_path / 'empty'}: no wavelength file "
+                   "bosz2024_wave_r{R}.txt"]
+    assert not (tmp_path / "g.zarr").exists()
+
+
+# ----------------------------------------------------------------------------- calibrate
+
+
+def test_calibrate_one_file(capsys, files, tmp_path):
+    (red,) = files("red.fits")
+    before = (Path(red).read_bytes(), os.stat(red).st_mtime_ns)
+    status, out, err = cli(capsys, "calibrate", red, "--catalog", files.catalog, "--grid",
+                           files.grid, "--out", tmp_path / "out")
+    assert status == 0 and problems(err) == []
+    target = tmp_path / "out" / "red_fluxcal.fits"
+    assert out == [f"KS20261101_0001: 2 standard(s) used, 0 rejected, rms between standards "
+                   f"{out[0].split('rms between standards ')[1].split(' ')[0]} -> {target}"]
+    assert fits.getheader(target)["FLUXCAL"] is True
+    assert (Path(red).read_bytes(), os.stat(red).st_mtime_ns) == before  # input untouched
+
+
+def test_calibrate_batch_goes_on_after_a_bad_file(capsys, files, made, tmp_path):
+    """`calibrate a.fits bad.fits c.fits`: a and c are calibrated, bad is one line, exit 1."""
+    a, c = files("a.fits", "c.fits")
+    (bad,) = files("bad.fits", raw=made[0].red[2][:50_000])
+    status, out, err = cli(capsys, "calibrate", a, bad, c, "--catalog", files.catalog,
+                           "--grid", files.grid, "--out", tmp_path / "out")
+    assert status == 1
+    assert len(problems(err)) == 1
+    assert re.fullmatch(rf"{re.escape(bad)}: FAILED: truncated: 50000 bytes, but its HDUs need "
+                        r"\d+ \(an interrupted copy or write\?\)", problems(err)[0])
+    assert out[-1] == "2 of 3 exposure(s) calibrated"
+    assert [line.rsplit(" -> ", 1)[1] for line in out[:-1]] == [
+        str(tmp_path / "out" / "a_fluxcal.fits"), str(tmp_path / "out" / "c_fluxcal.fits")]
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["a_fluxcal.fits",
+                                                                     "c_fluxcal.fits"]
+
+
+def test_calibrate_refuses_to_overwrite(capsys, files, tmp_path):
+    (red,) = files("red.fits")
+    argv = ["calibrate", red, "--catalog", files.catalog, "--grid", files.grid, "--out",
+            tmp_path / "out"]
+    assert cli(capsys, *argv)[0] == 0
+    target = tmp_path / "out" / "red_fluxcal.fits"
+    first = (target.read_bytes(), os.stat(target).st_ino)
+    status, out, err = cli(capsys, *argv)
+    assert status == 1 and out == []
+    assert problems(err) == [f"{red}: FAILED: {target}: exists; pass overwrite=True (CLI: "
+                             "--overwrite) to replace it"]
+    assert (target.read_bytes(), os.stat(target).st_ino) == first
+    assert cli(capsys, *argv, "--overwrite")[0] == 0
+    assert os.stat(target).st_ino != first[1]  # replaced by a rename, not rewritten in place
+
+
+def test_calibrate_in_place(capsys, files, tmp_path):
+    (red,) = files("night/red.fits")
+    inode = os.stat(red).st_ino
+    status, out, err = cli(capsys, "calibrate", red, "--in-place", "--catalog", files.catalog,
+                           "--grid", files.grid)
+    assert status == 0 and out[0].endswith(f" -> {red}")
+    assert fits.getheader(red)["FLUXCAL"] is True
+    assert os.stat(red).st_ino != inode  # atomic: a new file renamed over the old one
+    assert os.listdir(Path(red).parent) == ["red.fits"]  # no temporary left behind
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--in-place", "--out", "x"], "--in-place and --out exclude each other"),
+    ([], r"give --out OUTDIR (or --in-place to replace the input files)"),
+])
+def test_calibrate_output_options(capsys, files, options, message):
+    (red,) = files("red.fits")
+    status, out, err = cli(capsys, "calibrate", red, *options, "--catalog", files.catalog,
+                           "--grid", files.grid)
+    assert (status, out, err) == (1, [], [f"kspec-fluxcal: error: {message}"])
+
+
+def test_calibrate_two_inputs_one_output_name(capsys, files, tmp_path):
+    """a/red.fits and b/red.fits would both be out/red_fluxcal.fits: refused before any work
+    (with --overwrite the second would silently replace the first)."""
+    a, b = files("a/red.fits", "b/red.fits")
+    status, out, err = cli(capsys, "calibrate", a, b, "--catalog", files.catalog, "--grid",
+                           files.grid, "--out", tmp_path / "out", "--overwrite")
+    assert (status, out) == (1, [])
+    assert err == [f"kspec-fluxcal: error: {a} and {b} would both write the same output "
+                   "red_fluxcal.fits; give each input once, and inputs with distinct names"]
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("names, options, message", [
+    (["red.fits", "red.fits"], ["--in-place"], "{0} and {1} would both write the same file"),
+    (["a.fits", "c.fits"], ["--out", "x_fluxcal.fits"],
+     "--out x_fluxcal.fits names one file but 2 inputs were given; give an output directory"),
+], ids=["in-place-twice", "many-inputs-one-output-file"])
+def test_calibrate_outputs_must_be_distinct(capsys, files, names, options, message):
+    paths = files(*dict.fromkeys(names))
+    paths = paths * (len(names) // len(paths))
+    status, out, err = cli(capsys, "calibrate", *paths, *options, "--catalog", files.catalog,
+                           "--grid", files.grid)
+    assert (status, out, len(err)) == (1, [], 1)
+    assert err[0].startswith("kspec-fluxcal: error: " + message.format(*paths))
+    assert fits.getheader(paths[0]).get("FLUXCAL") is None  # the input was not calibrated
+
+
+@pytest.mark.parametrize("make_catalog, make_grid, message", [
+    (lambda t: t / "none.csv", None, r"{catalog}: no such file"),
+    (None, lambda base, t: base.bosz, r"{grid}: is a BOSZ-layout directory, not a template "
+                                      r"grid store; convert it once with"),
+    (None, lambda base, t: t / "none.zarr", r"{grid}: no such template grid store"),
+], ids=["catalog-missing", "grid-is-bosz-directory", "grid-missing"])
+def test_calibrate_bad_shared_inputs(capsys, files, made, tmp_path, make_catalog, make_grid,
+                                     message):
+    (red,) = files("red.fits")
+    catalog = make_catalog(tmp_path) if make_catalog else files.catalog
+    grid = make_grid(made[0], tmp_path) if make_grid else files.grid
+    status, out, err = cli(capsys, "calibrate", red, "--catalog", catalog, "--grid", grid,
+                           "--out", tmp_path / "out")
+    assert (status, out, len(err)) == (1, [], 1)
+    assert err[0].startswith("kspec-fluxcal: error: " + message.format(catalog=catalog,
+                                                                        grid=grid))
+    assert not (tmp_path / "out").exists()
+
+
+CONFIG_CASES = [
+    ("unknown-section", "[fitt]\nmetric = 'chi2'\n",
+     r"section [fitt]: unknown section; valid sections: instrument, photometry, masks, "),
+    ("unknown-option", "[fit]\nmetrik = 'chi2'\n",
+     r"[fit] metrik: unknown option; valid options: metric, "),
+    ("bad-choice", "[fit]\nmetric = 'l1'\n", r"[fit] metric: 'l1' is not one of 'chi2', 'huber'"),
+    ("bad-choice-2", "[combine]\nmethod = 'mean'\n",
+     r"[combine] method: 'mean' is not one of 'weighted_mean', 'median'"),
+    ("above-maximum", "[fit]\nrv_max = 5000\n",
+     r"[fit] rv_max: 5000.0 is above the maximum 3000.0"),
+    ("below-minimum", "[continuum]\ndegree = 0\n", r"[continuum] degree: 0 is below the minimum 1"),
+    ("nan", "[fit]\nmin_snr = nan\n", r"[fit] min_snr: nan is not a finite number"),
+    ("wrong-type", "[fit]\nrefine = 'yes'\n", r"[fit] refine: expected bool, got 'yes'"),
+    ("too-few-bands", "[photometry]\nbands = ['gaiadr2-G']\n",
+     r"[photometry] bands: 1 band(s) given but min_bands = 2: every star would be rejected"),
+    ("unknown-mask", "[masks]\ntelluric = 'telluric_strong'\n",
+     r"[masks] telluric: 'telluric_strong': no such mask file (packaged masks: "
+     r"telluric_default, stellar_lines)"),
+    ("section-not-a-table", "fit = 3\n", r"[fit]: must be a table of options"),
+]
+
+
+@pytest.mark.parametrize("text, message", [c[1:] for c in CONFIG_CASES],
+                         ids=[c[0] for c in CONFIG_CASES])
+def test_calibrate_bad_config(capsys, files, tmp_path, text, message):
+    """Unknown keys and out-of-range values are refused before any work, naming the valid
+    choices, the bounds or what is wrong."""
+    (red,) = files("red.fits")
+    config = tmp_path / "bad.toml"
+    config.write_text(text)
+    status, out, err = cli(capsys, "calibrate", red, "--config", config, "--catalog",
+                           files.catalog, "--grid", files.grid, "--out", tmp_path / "out")
+    assert (status, out, len(err)) == (1, [], 1)
+    assert err[0].startswith(f"kspec-fluxcal: error: {config}: {message}")
+    assert not (tmp_path / "out").exists()
+
+
+def test_unexpected_error_is_one_line_and_the_batch_goes_on(capsys, files, tmp_path,
+                                                            monkeypatch):
+    """A bug (not a bad input) in one exposure: one line asking for a report, the other
+    exposures calibrated; --traceback shows where it happened."""
+    import kspec_fluxcal.pipeline as pipeline
+
+    real = pipeline.calibrate_exposure
+
+    def flaky(path, *args, **kwargs):
+        if Path(path).name == "b.fits":
+            raise KeyError("boom")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "calibrate_exposure", flaky)
+    a, b = files("a.fits", "b.fits")
+    argv = ["calibrate", a, b, "--catalog", files.catalog, "--grid", files.grid, "--out",
+            tmp_path / "out"]
+    status, out, err = cli(capsys, *argv)
+    assert status == 1 and out[-1] == "1 of 2 exposure(s) calibrated"
+    assert problems(err) == [f"{b}: FAILED: internal error (KeyError: 'boom'); please report it "
+                             "with the output of --traceback"]
+    assert main(["--traceback", *map(str, argv), "--overwrite"]) == 1
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- info, qc
+
+
+def test_info(capsys, files):
+    good, other = files("a.fits", "c.fits")
+    (bad,) = files("bad.fits", raw=b"SIMPLE  =                    T" + b" " * 50)
+    status, out, err = cli(capsys, "info", good, bad, other)
+    assert status == 1 and len(out) == 2
+    assert out[0].startswith(f"{good}: EXPID KS20261101_0001, MJD 61345.45830, ")
+    assert "8 fibers (C:2, P:4, S:2), 1000 pixels 4000.0-8000.0 A (air)" in out[0]
+    assert err == [f"{bad}: FAILED: not a readable FITS file (Empty or corrupt FITS "
+                   "file)"]
+
+
+def test_qc(capsys, files, tmp_path):
+    (red,) = files("red.fits")
+    assert cli(capsys, "calibrate", red, "--catalog", files.catalog, "--grid", files.grid,
+               "--out", tmp_path / "out")[0] == 0
+    calibrated = tmp_path / "out" / "red_fluxcal.fits"
+    status, out, err = cli(capsys, "qc", calibrated, red, "--out", tmp_path / "qc")
+    assert status == 1
+    written = sorted(p.name for p in (tmp_path / "qc").iterdir())
+    assert out == [f"{calibrated}: wrote {len(written)} QC file(s) to {tmp_path / 'qc'}"]
+    assert len(written) >= 2
+    assert problems(err) == [f"{red}: FAILED: HDU FLUXCAL: missing: not a calibrated "
+                             "file (run 'kspec-fluxcal calibrate' first)"]
+    shutil.rmtree(tmp_path / "qc")
