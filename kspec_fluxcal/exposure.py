@@ -323,6 +323,26 @@ def _read(path):
         return _read_hdus(path)
 
 
+def _raw_wavelength(hdul, path, nfib, nspec):
+    """The wavelength solution as written: (wave in Angstrom, source, medium).
+
+    From WAVELA, shape (nspec,), (1, nspec) or (nfib, nspec), else from the primary header's
+    linear WCS; not yet checked, resampled or converted to air.
+    """
+    header = hdul[0].header
+    wave_hdu = _find_hdu(hdul, path, ("WAVELA",), required=False)
+    medium = _medium(header, None if wave_hdu is None else wave_hdu.header, path)
+    if wave_hdu is None:
+        return _wcs_wavelength(header, nspec, path), "primary header WCS", medium
+    wave = np.asarray(_data(wave_hdu, path, "WAVELA"), dtype=np.float64)
+    if wave.shape not in ((nspec,), (1, nspec), (nfib, nspec)):
+        raise ExposureError(path, "HDU WAVELA", f"shape {wave.shape} matches neither "
+                            f"({nspec},) nor the primary's {(nfib, nspec)}")
+    wave = wave * _unit_factor(wave_hdu.header.get("BUNIT", "Angstrom"), path,
+                               "HDU WAVELA BUNIT")
+    return wave, "WAVELA", medium
+
+
 def _read_hdus(path):
     with _open_hdulist(path) as hdul:
         primary = hdul[0]
@@ -337,19 +357,7 @@ def _read_hdus(path):
             raise ExposureError(path, "HDU VARIANCE",
                                 f"shape {variance.shape} differs from the primary's {flux.shape}")
         header = primary.header
-        wave_hdu = _find_hdu(hdul, path, ("WAVELA",), required=False)
-        medium = _medium(header, None if wave_hdu is None else wave_hdu.header, path)
-        if wave_hdu is not None:
-            wave = np.asarray(_data(wave_hdu, path, "WAVELA"), dtype=np.float64)
-            if wave.shape not in ((nspec,), (1, nspec), (nfib, nspec)):
-                raise ExposureError(path, "HDU WAVELA", f"shape {wave.shape} matches neither "
-                                    f"({nspec},) nor the primary's {flux.shape}")
-            wave = wave * _unit_factor(wave_hdu.header.get("BUNIT", "Angstrom"), path,
-                                       "HDU WAVELA BUNIT")
-            source = "WAVELA"
-        else:
-            wave = _wcs_wavelength(header, nspec, path)
-            source = "primary header WCS"
+        wave, source, medium = _raw_wavelength(hdul, path, nfib, nspec)
         fib_hdu = _find_hdu(hdul, path, FIBRES_EXTNAMES)
         fibres = _fibres(fib_hdu, nfib, path)
         meta = {
@@ -529,15 +537,8 @@ def read_exposure_info(path):
         if header.get("NAXIS", 0) != 2:
             raise ExposureError(path, "HDU PRIMARY", "expected a 2-D (fiber, pixel) image")
         nfib, nspec = header["NAXIS2"], header["NAXIS1"]
-        wave_hdu = _find_hdu(hdul, path, ("WAVELA",), required=False)
-        medium = _medium(header, None if wave_hdu is None else wave_hdu.header, path)
-        if wave_hdu is not None:
-            wave = np.asarray(_data(wave_hdu, path, "WAVELA"), dtype=np.float64)
-            if wave.shape not in ((nspec,), (1, nspec), (nfib, nspec)):
-                raise ExposureError(path, "HDU WAVELA", f"shape {wave.shape} matches neither "
-                                    f"({nspec},) nor the primary's {(nfib, nspec)}")
-            wave = wave * _unit_factor(wave_hdu.header.get("BUNIT", "Angstrom"), path,
-                                       "HDU WAVELA BUNIT")
+        wave, source, medium = _raw_wavelength(hdul, path, nfib, nspec)
+        if source == "WAVELA":
             wave = wave.reshape(-1, nspec)
             if wave.shape[0] > 1:
                 with warnings.catch_warnings():  # an all-NaN column is reported just below
@@ -545,8 +546,6 @@ def read_exposure_info(path):
                     wave = np.nanmedian(wave, axis=0)
             else:
                 wave = wave[0]
-        else:
-            wave = _wcs_wavelength(header, nspec, path)
         _check_wavelength(wave, path, "wavelength solution")
         if medium == "vac":
             wave = vacuum_to_air(wave)
