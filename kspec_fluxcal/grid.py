@@ -21,15 +21,18 @@ grid has few arrays, so opening costs a handful of small reads.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import gzip
 import hashlib
 import json
+import multiprocessing
 import os
 import re
 import shutil
 import time
 import warnings
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -182,15 +185,20 @@ def read_bosz_spectrum(path, nwave):
     flux, continuum : numpy.ndarray (float64)
     """
     try:
+        # numpy's C parser given the path (it decompresses .gz itself): ~35% faster than
+        # split() + float(), and much faster than given a gzip file object.
+        values = np.loadtxt(path, dtype=np.float64, comments=None, ndmin=2)
+    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
+        raise GridError(path, None, f"not a readable gzip file ({err})") from None
+    except ValueError:
+        values = np.zeros(0)  # a malformed row: diagnosed below
+    if values.size != 2 * nwave:
         with gzip.open(path, "rb") as fh:
             text = fh.read()
-    except (OSError, EOFError, gzip.BadGzipFile) as err:
-        raise GridError(path, None, f"not a readable gzip file ({err})") from None
-    try:
-        values = np.array(text.split(), dtype=np.float64)
-    except ValueError as err:
-        raise GridError(path, None, f"non-numeric value ({err})") from None
-    if values.size != 2 * nwave:
+        try:
+            np.array(text.split(), dtype=np.float64)
+        except ValueError as err:
+            raise GridError(path, None, f"non-numeric value ({err})") from None
         # Slow path, only to say what is wrong.
         lines = [ln for ln in text.splitlines() if ln.strip()]
         if len(lines) != nwave:
@@ -214,6 +222,18 @@ def _template_products(path, nwave, trim, weights, reddened):
         red = np.stack([-2.5 * np.log10(w @ flux) for w in reddened])  # (law, band)
         coeff = (red - mag[None, :]) / EBV_REFERENCE
     return (flux[trim].astype(np.float32), cont[trim].astype(np.float32), mag, coeff)
+
+
+_WORKER = {}
+
+
+def _init_products(weights, reddened):
+    """Band weights for :func:`_products` (a process pool's initializer: once per worker)."""
+    _WORKER["weights"], _WORKER["reddened"] = weights, reddened
+
+
+def _products(path, nwave, trim):
+    return _template_products(path, nwave, trim, _WORKER["weights"], _WORKER["reddened"])
 
 
 def _plan_hash(scan, wave_min, wave_max):
@@ -308,7 +328,7 @@ def build_grid(bosz_dir, out, *, wave_min=3000.0, wave_max=11000.0, resolution=N
     resolution : str, optional
         Resolution tag, when the directory holds several.
     workers : int
-        Processes reading files (one Dask task per file).
+        Processes reading files (a pool spawned once per build; 1 = in this process).
     progress : bool
         Show a progress bar and messages on stdout.
     overwrite : bool
@@ -319,7 +339,6 @@ def build_grid(bosz_dir, out, *, wave_min=3000.0, wave_max=11000.0, resolution=N
     pathlib.Path
         ``out``.
     """
-    import dask
     out = Path(out)
     scan = scan_bosz(bosz_dir, resolution)
     for path, reason in scan["skipped"]:
@@ -388,44 +407,52 @@ def build_grid(bosz_dir, out, *, wave_min=3000.0, wave_max=11000.0, resolution=N
     nb, nl = len(BANDS), len(LAWS)
     started = time.time()
     todo = [t for t in axes["teff"] if t not in state["done"]]
-    read = dask.delayed(_template_products, pure=True)
-    batch = max(1, 2 * max(1, workers))  # slabs per compute: bounded memory, steady workers
-    scheduler = {"scheduler": "processes", "num_workers": workers} if workers > 1 else {
-        "scheduler": "synchronous"}
+    batch = max(1, 2 * max(1, workers))  # slabs per round: bounded memory, steady workers
     if progress and todo:
         print(f"reading {sum(m['teff'] in todo for m in models)} template files "
               f"({len(todo)} Teff slabs) with {workers} worker(s)")
-    for start in range(0, len(todo), batch):
-        slabs = todo[start:start + batch]
-        jobs = {t: [(m, read(m["path"], wave_full.size, trim, weights, reddened,
-                             dask_key_name=f"read-{m['path'].name}"))
-                    for m in models if m["teff"] == t] for t in slabs}
-        results = dask.compute(jobs, **scheduler)[0]
-        for t in slabs:
-            shape = tuple(len(axes[p]) for p in PARAMS[1:])
-            flux = np.full(shape + (wave.size,), np.nan, np.float32)
-            cont = np.full_like(flux, np.nan)
-            exists = np.zeros(shape, bool)
-            mags = np.full(shape + (nb,), np.nan)
-            coeff = np.full(shape + (nl, nb), np.nan)
-            for m, (f, c, mag, co) in results[t]:
-                at = tuple(index[p][m[p]] for p in PARAMS[1:])
-                flux[at], cont[at], exists[at], mags[at], coeff[at] = f, c, True, mag, co
-            i = index["teff"][t]
-            slab = xr.Dataset({
-                "flux": (PARAMS + ("wavelength",), flux[None]),
-                "continuum": (PARAMS + ("wavelength",), cont[None]),
-                "exists": (PARAMS, exists[None]),
-                "synth_mag": (PARAMS + ("band",), mags[None]),
-                "ext_coeff": (PARAMS + ("law", "band"), coeff[None]),
-            })
-            slab.to_zarr(partial, region={"teff": slice(i, i + 1)}, consolidated=False)
-            state["done"].append(t)
-            _save_state(partial, state)
-        if progress:
-            done = sum(m["teff"] in state["done"] for m in models)
-            print(f"  {done}/{len(models)} files, {len(state['done'])}/{len(axes['teff'])} Teff "
-                  f"slabs written ({time.time() - started:.0f} s)", flush=True)
+    # One process pool for the whole build, the band weights (~40 MB) sent to each worker once:
+    # Dask's process scheduler pickled them into every file's task (3-6x slower than 1 worker).
+    _init_products(weights, reddened)
+    pool = contextlib.nullcontext() if workers <= 1 or not todo else ProcessPoolExecutor(
+        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_products,
+        initargs=(weights, reddened))
+    with pool:
+        for start in range(0, len(todo), batch):
+            slabs = todo[start:start + batch]
+            chosen = [m for m in models if m["teff"] in slabs]
+            args = ([m["path"] for m in chosen], [wave_full.size] * len(chosen),
+                    [trim] * len(chosen))
+            products = (map(_products, *args) if workers <= 1 or not todo
+                        else pool.map(_products, *args, chunksize=4))
+            results = {t: [] for t in slabs}
+            for m, product in zip(chosen, products, strict=True):
+                results[m["teff"]].append((m, product))
+            for t in slabs:
+                shape = tuple(len(axes[p]) for p in PARAMS[1:])
+                flux = np.full(shape + (wave.size,), np.nan, np.float32)
+                cont = np.full_like(flux, np.nan)
+                exists = np.zeros(shape, bool)
+                mags = np.full(shape + (nb,), np.nan)
+                coeff = np.full(shape + (nl, nb), np.nan)
+                for m, (f, c, mag, co) in results[t]:
+                    at = tuple(index[p][m[p]] for p in PARAMS[1:])
+                    flux[at], cont[at], exists[at], mags[at], coeff[at] = f, c, True, mag, co
+                i = index["teff"][t]
+                slab = xr.Dataset({
+                    "flux": (PARAMS + ("wavelength",), flux[None]),
+                    "continuum": (PARAMS + ("wavelength",), cont[None]),
+                    "exists": (PARAMS, exists[None]),
+                    "synth_mag": (PARAMS + ("band",), mags[None]),
+                    "ext_coeff": (PARAMS + ("law", "band"), coeff[None]),
+                })
+                slab.to_zarr(partial, region={"teff": slice(i, i + 1)}, consolidated=False)
+                state["done"].append(t)
+                _save_state(partial, state)
+            if progress:
+                done = sum(m["teff"] in state["done"] for m in models)
+                print(f"  {done}/{len(models)} files, {len(state['done'])}/{len(axes['teff'])} "
+                      f"Teff slabs written ({time.time() - started:.0f} s)", flush=True)
 
     import zarr
 
