@@ -24,7 +24,8 @@ Rows are only ever appended; a re-calibrated exposure gets a new row and the gro
 ``index`` in one atomic metadata write (Zarr's local store writes each key through a temporary
 file): a job killed at any point leaves the previous committed state, and :func:`open_archive`
 shows only committed rows. Arrays grow in blocks of rows (capacity), so readers never depend
-on the arrays' lengths agreeing.
+on the arrays' lengths agreeing. A new archive is built in a temporary directory and renamed
+into place, so a job killed while creating it leaves none rather than an unreadable one.
 """
 
 from __future__ import annotations
@@ -110,7 +111,8 @@ def archive_record(calibrated, stars, calibration, *, source="", input_hash="", 
     attrs = calibrated.attrs
     row = {
         "expid": str(attrs.get("expid", "")), "mjd": float(attrs.get("mjd", np.nan)),
-        "night": night_of(attrs.get("mjd", 0.0), utc_offset), "airmass": float(attrs.get("airmass", np.nan)),
+        "night": night_of(attrs.get("mjd", 0.0), utc_offset),
+        "airmass": float(attrs.get("airmass", np.nan)),
         "exptime": float(attrs.get("exptime", np.nan)), "setup": str(attrs.get("setup", "")),
         "n_stars_used": int(attrs.get("fcalnstr", 0)),
         "fcalrms": float(attrs.get("fcalrms", np.nan)),
@@ -145,23 +147,34 @@ class ArchiveWriter:
     def __init__(self, path):
         import zarr
 
+        from .errors import InputError
+
         self.path = Path(path)
         self._zarr = zarr
-        if self.path.exists():
+        if not self.path.exists():
+            self._create()
+        try:
             self.group = zarr.open_group(self.path, mode="r+")
-            self._repair()
-        else:
-            self.group = self._create()
-        self.rows = int(self.group.attrs["rows"])
-        self.index = dict(self.group.attrs["index"])
+            self.rows = int(self.group.attrs["rows"])
+            self.index = dict(self.group.attrs["index"])
+        except Exception as err:
+            raise InputError(self.path, None, f"not a calibration archive ({err})") from None
+        self._repair()
         self.hashes = {}
         if self.index:
             hashes = self.group["input_hash"][: self.rows]
             self.hashes = {e: str(hashes[r]) for e, r in self.index.items()}
 
     def _create(self):
+        # Built in a temporary directory and renamed: a job killed while creating the arrays
+        # leaves no half-made archive that later runs could not open.
+        from ._atomic import atomic_directory
+
+        with atomic_directory(self.path) as tmp:
+            self._populate(self._zarr.open_group(tmp, mode="w"))
+
+    def _populate(self, group):
         grid = archive_grid()
-        group = self._zarr.open_group(self.path, mode="w")
 
         def create(name, dims, shape, chunks, dtype, fill):
             return group.create_array(name, shape=shape, chunks=chunks, dtype=dtype,
@@ -188,7 +201,6 @@ class ArchiveWriter:
         group.attrs.update({"rows": 0, "index": {}, "title": "kspec-fluxcal calibration archive",
                             "kspec_fluxcal_version": __version__, "cal_factor_units": CAL_UNIT,
                             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")})
-        return group
 
     def _arrays(self):
         return [a for _, a in self.group.arrays() if a.metadata.dimension_names
@@ -227,12 +239,14 @@ class ArchiveWriter:
         for name, (dtype, _) in _STAR_FIELDS.items():
             self.group[name][rows] = np.stack([r["star"][name] for r in records]).astype(
                 object if dtype is str else dtype)
+        index = dict(self.index)
         for k, r in enumerate(records):
-            self.index[r["row"]["expid"]] = start + k
-            self.hashes[r["row"]["expid"]] = r["row"]["input_hash"]
-        self.rows = need
-        # The commit: one atomic write of the group metadata.
-        self.group.attrs.update({"rows": self.rows, "index": self.index})
+            index[r["row"]["expid"]] = start + k
+        # The commit: one atomic write of the group metadata. The writer's own state follows
+        # only once it is done, so an interrupted append can simply be repeated.
+        self.group.attrs.update({"rows": need, "index": index})
+        self.rows, self.index = need, index
+        self.hashes.update({r["row"]["expid"]: r["row"]["input_hash"] for r in records})
 
 
 def open_archive(path):

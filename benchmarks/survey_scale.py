@@ -1,0 +1,319 @@
+"""Survey job throughput on a LocalCluster: 1 worker versus 2, worker memory, graph size.
+
+    python benchmarks/survey_scale.py [--exposures 200] [--profile-only]
+
+A simulated survey (default 200 exposures, 14 fibers, 4096 pixels, the demo's synthetic
+grid; cached under store/bench/) is calibrated by :func:`kspec_fluxcal.run_survey` on a
+LocalCluster of 1 and then 2 single-threaded worker processes. Printed:
+
+- exposures per minute, over the whole job and after the cube is prepared (from the task
+  stream: first calibrate start after the last prepare task, to the last calibrate end);
+- speedup (2-worker rate / 1-worker rate; target >= 1.6 on 2 cores) and scaling efficiency
+  (speedup / 2; 0.8 is the same target); exposures per minute per core (target >= 200
+  after the cube is prepared);
+- peak RSS per worker after 50 exposures and at the end (it must not grow with the number
+  of exposures), sampled every 0.5 s with ``client.run``;
+- the graph: tasks per exposure, and the sizes of what is shipped to the workers;
+- where a calibrate task's time goes (one exposure in this process, stages and profile).
+
+Issue 6's targets; the machine may be shared, so rates are indicative.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+import argparse  # noqa: E402
+import json  # noqa: E402
+import pickle  # noqa: E402
+import shutil  # noqa: E402
+import threading  # noqa: E402
+import warnings  # noqa: E402
+
+import numpy as np  # noqa: E402
+from _common import CACHE, Timer, demo_cube, demo_grid, peak_rss_mb, profile_top  # noqa: E402
+
+#: Package modules in profiles (pstats strips directories).
+_PACKAGE_MODULES = (r"(matching|standards|photometry|continuum|templates|calibration|reddening"
+                    r"|catalog|exposure)\.py")
+
+
+def survey_lake(exposures, workers=2):
+    """The cached simulated survey: ``exposures`` x 14 fibers x 4096 pixels."""
+    from kspec_fluxcal.simulate import simulate_survey
+
+    out = CACHE / f"survey_{exposures}x14x4096"
+    if not (out / "survey.json").exists():
+        with Timer() as t:
+            simulate_survey(out, exposures=exposures, nights=max(1, exposures // 20), seed=0,
+                            fibers=14, pixels=4096, grid=demo_grid(workers), overwrite=True)
+        print(f"simulated {exposures} exposures in {t.seconds:.0f} s -> {out}")
+    return out
+
+
+def _cpu_seconds():
+    """(CPU seconds of the whole machine, of this process and its children) so far."""
+    import psutil
+
+    t = psutil.cpu_times()
+    machine = sum(getattr(t, f, 0.0) for f in ("user", "nice", "system", "irq", "softirq",
+                                                "steal"))
+    me = psutil.Process()
+    ours = 0.0
+    for proc in (me, *me.children(recursive=True)):
+        try:
+            c = proc.cpu_times()
+            ours += c.user + c.system
+        except psutil.Error:
+            continue
+    return machine, ours
+
+
+def _own_cpu():
+    import psutil
+
+    c = psutil.Process().cpu_times()
+    return c.user + c.system
+
+
+def _rss():
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+class MemorySampler(threading.Thread):
+    """Samples every worker's RSS and the number of calibrated files, every ``period`` s."""
+
+    def __init__(self, address, out, period=0.5):
+        super().__init__(daemon=True)
+        from distributed import Client
+
+        self.client = Client(address, set_as_default=False)
+        self.out, self.period = out, period
+        self.samples = []  # (files done, {worker: rss})
+        self.stop = threading.Event()
+
+    def run(self):
+        while not self.stop.is_set():
+            try:
+                rss = self.client.run(_rss)
+            except Exception:  # a worker restarting: skip the sample
+                rss = {}
+            done = sum(1 for _ in self.out.rglob("*_fluxcal.fits")) if self.out.exists() else 0
+            self.samples.append((done, rss))
+            self.stop.wait(self.period)
+
+    def peak(self, upto=None):
+        """Peak RSS (MB) of each worker over the samples taken with at most ``upto`` done."""
+        peaks = {}
+        for done, rss in self.samples:
+            if upto is not None and done > upto:
+                continue
+            for worker, value in rss.items():
+                peaks[worker] = max(peaks.get(worker, 0), value / 2**20)
+        return peaks
+
+    def trajectory(self, marks=(10, 25, 50, 100, 150, 200, 400, 800)):
+        """Mean worker RSS (MB) at the first sample with at least each mark done."""
+        out = []
+        for mark in marks:
+            hit = next((r for d, r in self.samples if d >= mark and r), None)
+            if hit:
+                out.append((mark, sum(hit.values()) / len(hit) / 2**20))
+        return out
+
+    def close(self):
+        self.stop.set()
+        self.join()
+        self.client.close()
+
+
+def run_once(lake, cube, n_workers, out):
+    """One survey run on a fresh LocalCluster; returns its figures."""
+    from distributed import Client, get_task_stream
+
+    from kspec_fluxcal.survey import local_cluster, run_survey
+
+    shutil.rmtree(out, ignore_errors=True)
+    # What run_survey starts itself (one process per worker, one thread each).
+    with local_cluster(n_workers, 1, "127.0.0.1:0") as cluster, \
+            Client(cluster, set_as_default=False) as client:
+        sampler = MemorySampler(cluster.scheduler_address, out)
+        sampler.start()
+        machine0, ours0 = _cpu_seconds()
+        workers0, client0 = client.run(_own_cpu), _own_cpu()
+        try:
+            with get_task_stream(client=client) as stream, Timer() as wall:
+                report = run_survey(lake / "lake", catalog=lake / "catalog.csv", grid=cube,
+                                    out=out, client=client, progress=False)
+            machine1, ours1 = _cpu_seconds()
+            workers1, client1 = client.run(_own_cpu), _own_cpu()
+        finally:
+            sampler.close()
+    shutil.rmtree(out, ignore_errors=True)  # ~2 MB per exposure, not needed afterwards
+    tasks = stream.data
+    calibrate = [t for t in tasks if str(t["key"]).startswith("calibrate-")]
+    prepare = [t for t in tasks if str(t["key"]).startswith("prepare-")]
+
+    def compute(t, edge):
+        spans = [s for s in t["startstops"] if s["action"] == "compute"]
+        return spans[0][edge] if edge == "start" else spans[-1][edge]
+
+    prepared_at = max(compute(t, "stop") for t in prepare)
+    after = [t for t in calibrate if compute(t, "start") >= prepared_at]
+    span = max(compute(t, "stop") for t in after) - min(compute(t, "start") for t in after)
+    durations = np.array([compute(t, "stop") - compute(t, "start") for t in calibrate])
+    n = len(report.calibrated) + len(report.failed)
+    return {
+        "workers": n_workers, "exposures": n, "failed": len(report.failed),
+        "wall": wall.seconds, "rate_total": 60.0 * n / wall.seconds,
+        "rate_after": 60.0 * len(after) / span, "n_after": len(after),
+        "prepare_s": [compute(t, "stop") - compute(t, "start") for t in prepare],
+        "task_median": float(np.median(durations)), "task_mean": float(durations.mean()),
+        "tasks": len(tasks), "calibrate_tasks": len(calibrate), "prepare_tasks": len(prepare),
+        "peak50": sampler.peak(50), "peak": sampler.peak(), "samples": len(sampler.samples),
+        "trajectory": sampler.trajectory(),
+        "first_sample": min((sum(r.values()) / max(len(r), 1) / 2**20 for d, r in
+                             sampler.samples if r), default=float("nan")),
+        "per_worker": {w: sum(1 for t in calibrate if t["worker"] == w)
+                       for w in {t["worker"] for t in calibrate}},
+        "client_peak_rss": peak_rss_mb(),
+        "ours_cores": (ours1 - ours0) / wall.seconds,
+        "worker_cpu": sum(workers1[w] - workers0[w] for w in workers1) / n,
+        "client_cpu": (client1 - client0) / n,
+        "other_cores": max(0.0, (machine1 - machine0) - (ours1 - ours0)) / wall.seconds,
+    }
+
+
+def profile_exposure(lake, cube, repeat=5):
+    """Stage times of a calibrate task for a few exposures, and a profile of fit_standards."""
+    import dask
+
+    from kspec_fluxcal.archive import archive_record
+    from kspec_fluxcal.calibration import apply_calibration, combine_vectors
+    from kspec_fluxcal.catalog import read_catalog
+    from kspec_fluxcal.config import Config
+    from kspec_fluxcal.exposure import open_exposure, write_calibrated
+    from kspec_fluxcal.grid import open_grid
+    from kspec_fluxcal.standards import exposure_lsf, fit_standards, prepare_setup
+    from kspec_fluxcal.survey import _setup_for
+
+    manifest = json.loads((lake / "survey.json").read_text())
+    config = Config()
+    catalog = read_catalog(lake / "catalog.csv")
+    paths = [lake / e["path"] for e in manifest["exposures"][:repeat]]
+    stages = {k: [] for k in ("open", "fit_standards", "combine", "apply", "write", "record")}
+    out = CACHE / "survey_scale_profile"
+    out.mkdir(parents=True, exist_ok=True)
+    with dask.config.set(scheduler="synchronous"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        first = open_exposure(paths[0])
+        with Timer() as tp:
+            setup = prepare_setup(open_grid(cube), first["wavelength"].values,
+                                  exposure_lsf(first, config), config)
+        nstars = []
+        for path in paths:
+            with Timer() as t:
+                exposure = open_exposure(path)
+            stages["open"].append(t.seconds)
+            grid = _setup_for(setup, exposure, cube)  # as the survey's calibrate task does
+            with Timer() as t:
+                stars = fit_standards(exposure, catalog, grid, config)
+            stages["fit_standards"].append(t.seconds)
+            nstars.append(stars.sizes["star"])
+            with Timer() as t:
+                calibration = combine_vectors(stars, config=config)
+            stages["combine"].append(t.seconds)
+            with Timer() as t:
+                calibrated = apply_calibration(exposure, calibration)
+            stages["apply"].append(t.seconds)
+            with Timer() as t:
+                write_calibrated(calibrated, out / f"{path.stem}_fluxcal.fits", overwrite=True,
+                                 stars=stars)
+            stages["write"].append(t.seconds)
+            with Timer() as t:
+                archive_record(calibrated, stars, calibration)
+            stages["record"].append(t.seconds)
+        exposure = open_exposure(paths[0])
+        text = profile_top(lambda: fit_standards(exposure, catalog, setup, config), n=14,
+                           sort="cumtime", restrict=_PACKAGE_MODULES)
+        tottime = profile_top(lambda: fit_standards(exposure, catalog, setup, config), n=12)
+    shutil.rmtree(out, ignore_errors=True)
+    return {"prepare": tp.seconds, "setup_mb": setup.nbytes / 1e6, "stages": stages,
+            "nstars": nstars, "profile": text, "tottime": tottime,
+            "catalog_mb": catalog.nbytes / 1e6,
+            "config_bytes": len(pickle.dumps(config))}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--exposures", type=int, default=200)
+    parser.add_argument("--profile-only", action="store_true")
+    args = parser.parse_args()
+
+    lake = survey_lake(args.exposures)
+    cube = demo_cube()
+    print(f"survey: {lake} ({args.exposures} exposures, 14 fibers, 4096 pixels); "
+          f"grid {cube}; {os.cpu_count()} cores")
+
+    prof = profile_exposure(lake, cube)
+    total = sum(np.mean(v) for v in prof["stages"].values())
+    print(f"\none exposure in this process (mean of {len(prof['nstars'])}, standards "
+          f"{prof['nstars']}): {total:.3f} s -> {60 / total:.0f} exposures/min/core")
+    for name, values in prof["stages"].items():
+        print(f"  {name:<14} {np.mean(values):.3f} s  ({100 * np.mean(values) / total:4.1f} %)")
+    print(f"  (prepare_setup once per setup: {prof['prepare']:.2f} s, cube "
+          f"{prof['setup_mb']:.1f} MB; catalog {prof['catalog_mb']:.2f} MB scattered once; "
+          f"config {prof['config_bytes']} bytes per task)")
+    print("\nfit_standards, cumulative time by kspec_fluxcal function:")
+    print(prof["profile"])
+    print("\nfit_standards, own time (top 12):")
+    print(prof["tottime"])
+    if args.profile_only:
+        return
+
+    results = []
+    for n_workers in (1, 2):
+        r = run_once(lake, cube, n_workers, CACHE / "survey_scale_out" / f"w{n_workers}")
+        results.append(r)
+        print(f"\n{n_workers} worker(s): {r['exposures']} exposures ({r['failed']} failed) in "
+              f"{r['wall']:.1f} s = {r['rate_total']:.0f} exposures/min overall; "
+              f"{r['rate_after']:.0f} exposures/min after the cube was prepared "
+              f"({r['n_after']} tasks), {r['rate_after'] / n_workers:.0f}/min/core")
+        print(f"  prepare task(s): {', '.join(f'{s:.2f} s' for s in r['prepare_s'])}; "
+              f"calibrate task median {r['task_median']:.3f} s, mean {r['task_mean']:.3f} s; "
+              f"per worker {sorted(r['per_worker'].values())}")
+        print(f"  graph: {r['tasks']} tasks ({r['prepare_tasks']} prepare + "
+              f"{r['calibrate_tasks']} calibrate) = {r['tasks'] / r['exposures']:.3f} "
+              "tasks/exposure, + 1 scattered catalog")
+        print("  worker RSS (MB, mean over workers) by exposures done: " + ", ".join(
+            f"{d}: {m:.0f}" for d, m in r["trajectory"]))
+        for worker in sorted(r["peak"]):
+            print(f"  worker {worker}: peak RSS {r['peak50'].get(worker, float('nan')):.0f} MB "
+                  f"after <= 50 exposures, {r['peak'][worker]:.0f} MB after all "
+                  f"{r['exposures']} ({r['samples']} samples)")
+        print(f"  client (planning + archive writes) peak RSS {r['client_peak_rss']:.0f} MB")
+        print(f"  CPU: this job {r['ours_cores']:.2f} cores on average (client, scheduler, "
+              f"workers); other processes {r['other_cores']:.2f} cores (a shared machine "
+              "makes the rates low)")
+        print(f"  CPU per exposure: workers {r['worker_cpu']:.3f} s "
+              f"(= {60 / r['worker_cpu']:.0f} exposures/min per free core), client + "
+              f"scheduler {r['client_cpu']:.3f} s")
+    one, two = results
+    for label, key in (("overall", "rate_total"), ("after prepare", "rate_after")):
+        speedup = two[key] / one[key]
+        print(f"\nscaling {label}: speedup {speedup:.2f} (target >= 1.6), efficiency "
+              f"{speedup / 2:.2f} (2-worker rate / (2 x 1-worker rate))")
+    print(f"throughput after prepare: {one['rate_after']:.0f} exposures/min on 1 core, "
+          f"{two['rate_after'] / 2:.0f} per core on 2 (target >= 200/min/core)")
+    if max(one["other_cores"], two["other_cores"]) > 0.2:
+        print("NOTE: other processes used the machine during the runs (see CPU lines): the "
+              "wall-clock rates and the speedup are understated; CPU per exposure is not.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,608 @@
+"""The survey job on a real dask.distributed LocalCluster (2 worker processes, loopback).
+
+One cluster, one small simulated lake (8 exposures of two setups, 1024 and 1340 pixels, 8
+fibers) and one uninterrupted reference run are shared by the module; every other run is
+compared with the reference, bit for bit (archive arrays and calibrated FITS data; only
+timestamps may differ).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+from astropy.io import fits
+from distributed import Client
+from distributed.diagnostics.plugin import SchedulerPlugin
+
+from kspec_fluxcal import cli
+from kspec_fluxcal.archive import ArchiveWriter, open_archive
+from kspec_fluxcal.config import Config
+from kspec_fluxcal.errors import InputError
+from kspec_fluxcal.evaluate import compare_with_truth
+from kspec_fluxcal.exposure import open_exposure
+from kspec_fluxcal.grid import build_grid
+from kspec_fluxcal.simulate import Setup, simulate_survey
+from kspec_fluxcal.survey import WORKER_MALLOC_ENV, discover, local_cluster, run_survey
+from kspec_fluxcal.synthgrid import write_synthetic_grid
+
+#: Seed of the kill points of the interrupted-job test.
+KILL_SEED = 20261101
+N_EXPOSURES = 8
+#: Archive columns that legitimately differ between runs of the same inputs.
+VOLATILE = ("calibrated_at", "source")
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+class GraphRecorder(SchedulerPlugin):
+    """Records, on the scheduler, what the survey's graph looked like when it ran."""
+
+    name = "kspec-test-graph-recorder"
+
+    def __init__(self, scheduler):
+        self.scheduler = scheduler  # LocalCluster: the scheduler lives in this process
+        self.dependencies = {}  # key -> keys it depended on
+        self.processing_on = {}  # key -> workers it was sent to, in order
+        self.holders = {}  # dependency key -> workers holding it when a task was sent
+        self.computed = set()  # keys run by a worker (not scattered)
+
+    def transition(self, key, start, finish, *args, **kwargs):
+        ts = self.scheduler.tasks.get(key)
+        if ts is None or finish != "processing":
+            return
+        self.computed.add(key if isinstance(key, str) else repr(key))
+        self.dependencies[key] = {d.key for d in ts.dependencies}
+        self.processing_on.setdefault(key, []).append(ts.processing_on.address)
+        for dep in ts.dependencies:
+            self.holders.setdefault(dep.key, set()).update(w.address for w in dep.who_has)
+
+
+@pytest.fixture(scope="module")
+def bosz(tmp_path_factory):
+    return write_synthetic_grid(tmp_path_factory.mktemp("bosz") / "bosz", small=True, workers=2)
+
+
+@pytest.fixture(scope="module")
+def cube(bosz, tmp_path_factory):
+    return build_grid(bosz, tmp_path_factory.mktemp("cube") / "grid.zarr", progress=False)
+
+
+@pytest.fixture(scope="module")
+def survey(bosz, tmp_path_factory):
+    """The simulated lake: two setups in turn, so both prepare tasks are exercised."""
+    out = simulate_survey(tmp_path_factory.mktemp("survey") / "sv", exposures=N_EXPOSURES,
+                          nights=2, seed=3, grid=bosz,
+                          setups=[Setup("a", pixels=1024, fibers=8),
+                                  Setup("b", pixels=1340, fibers=8)])
+    return out, json.loads((out / "survey.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    # LocalCluster(n_workers=2, threads_per_worker=1, dashboard_address="127.0.0.1:0",
+    # processes=True), with the survey's malloc settings for the workers.
+    with local_cluster(2, 1, "127.0.0.1:0") as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    # Not the default scheduler: other tests keep their synchronous one.
+    with Client(cluster, set_as_default=False) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def reference(survey, cube, cluster, client, tmp_path_factory):
+    """An uninterrupted run, with the scheduler's view of its graph recorded."""
+    sv, _ = survey
+    out = tmp_path_factory.mktemp("reference") / "out"
+    recorder = GraphRecorder(cluster.scheduler)
+    cluster.scheduler.add_plugin(recorder)
+    try:
+        report = run_survey(sv / "lake", catalog=sv / "catalog.csv", grid=cube, out=out,
+                            client=client, progress=False)
+    finally:
+        cluster.scheduler.remove_plugin(name=recorder.name)
+    return out, report, recorder
+
+
+@pytest.fixture
+def workers_back(client):
+    """Tests that kill workers leave the cluster with its two workers again."""
+    yield
+    client.wait_for_workers(2, timeout=60)
+
+
+def _run(survey, cube, out, client, **kwargs):
+    sv, _ = survey
+    kwargs.setdefault("progress", False)
+    return run_survey(kwargs.pop("lake", sv / "lake"), catalog=sv / "catalog.csv", grid=cube,
+                      out=out, client=client, **kwargs)
+
+
+def _survey_args(survey, cube, out, *extra, lake=None):
+    sv, _ = survey
+    return ["survey", str(lake or sv / "lake"), "--catalog", str(sv / "catalog.csv"),
+            "--grid", str(cube), "--out", str(out), *extra]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _raw_rows(out):
+    """Rows ever committed to the archive (a duplicate append would show here)."""
+    return int(ArchiveWriter(out / "archive.zarr").rows)
+
+
+def _archive_table(out):
+    """The archive's current rows as numpy arrays by column, sorted by EXPID."""
+    ds = open_archive(out / "archive.zarr").compute()
+    order = np.argsort(ds["expid"].values)
+    return {name: np.asarray(ds[name].values)[order]
+            for name in [*ds.data_vars, *ds.coords] if ds[name].dims[:1] == ("exposure",)}
+
+
+def _assert_rows_equal(table, ref, expids=None):
+    """Bitwise equality of archive rows (NaN == NaN), except timestamps and source paths."""
+    pick = slice(None) if expids is None else np.isin(ref["expid"], list(expids))
+    mine = slice(None) if expids is None else np.isin(table["expid"], list(expids))
+    for name, values in ref.items():
+        if name in VOLATILE:
+            continue
+        a, b = table[name][mine], values[pick]
+        if a.dtype.kind == "f":
+            np.testing.assert_array_equal(a, b, err_msg=name)  # NaN-aware, exact
+        else:
+            assert np.array_equal(a, b), name
+
+
+def _outputs(out):
+    return sorted(p.relative_to(out) for p in out.rglob("*_fluxcal.fits")
+                  if not p.name.startswith("."))
+
+
+def _assert_fits_equal(a, b):
+    """Every HDU's data and header identical, HISTORY timestamps aside."""
+    diff = fits.FITSDiff(str(a), str(b), ignore_keywords=["HISTORY"])
+    assert diff.identical, diff.report()
+    with fits.open(a) as ha, fits.open(b) as hb:
+        # HISTORY cards start with a timestamp (add_history): compare the text after it.
+        history = [[str(c)[20:] for c in h[0].header.get("HISTORY", [])] for h in (ha, hb)]
+        assert history[0] == history[1]
+
+
+def _modified_copy(src, dst, expid, *, lose_standards=False, header=None):
+    """A copy of a RED file with another EXPID (and header changes, or unmatched standards)."""
+    Path(dst).parent.mkdir(parents=True, exist_ok=True)
+    with fits.open(src) as hdul:
+        hdul[0].header["EXPID"] = expid
+        for key, value in (header or {}).items():
+            hdul[0].header[key] = value
+        if lose_standards:  # ids absent from the catalog, positions 1 degree away
+            table = hdul["FIBRES"].data
+            standard = np.char.strip(table["TYPE"].astype(str)) == "C"
+            table["OBJID"][standard] = 1 + np.arange(standard.sum())
+            table["RA"][standard] += 1.0
+        hdul.writeto(dst)
+    return Path(dst)
+
+
+def _lake_file(survey, expid):
+    sv, manifest = survey
+    entry = next(e for e in manifest["exposures"] if e["expid"] == expid)
+    return sv / entry["path"], entry
+
+
+def _expids(survey, setup=None):
+    _, manifest = survey
+    return [e["expid"] for e in manifest["exposures"] if setup in (None, e["setup"])]
+
+
+# ----------------------------------------------------------------------------- plain runs
+
+
+def test_discover_skips_hidden_files_and_the_output_directory(tmp_path):
+    for rel in ("n1/a.fits", "n1/.b.fits", ".hidden/c.fits", "out/d_fluxcal.fits", "e.txt"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text("x")
+    found = discover(tmp_path, "**/*.fits", exclude=(tmp_path / "out",))
+    assert [p.relative_to(tmp_path).as_posix() for p in found] == ["n1/a.fits"]
+    with pytest.raises(InputError, match="no such lake"):
+        discover(tmp_path / "none")
+
+
+def test_a_directory_that_is_not_an_archive_is_refused(tmp_path):
+    (tmp_path / "archive.zarr").mkdir()
+    with pytest.raises(InputError, match="not a calibration archive"):
+        ArchiveWriter(tmp_path / "archive.zarr")
+
+
+@pytest.mark.cluster
+def test_survey_on_local_cluster(survey, reference, client):
+    """Every exposure calibrated once, archived once, and calibrated correctly."""
+    sv, manifest = survey
+    out, report, _ = reference
+    # One prepared cube per setup in each worker's cache: exposures whose wavelengths differ
+    # from their setup's by float noise (nm, vacuum, WCS) reuse it instead of re-preparing.
+    cached = client.run(lambda: len(__import__("kspec_fluxcal.standards",
+                                               fromlist=["_SETUPS"])._SETUPS))
+    assert all(n <= 2 for n in cached.values()), cached
+    # The workers run with the survey's malloc settings (set before they were spawned).
+    env = client.run(lambda: {k: os.environ.get(k) for k in WORKER_MALLOC_ENV})
+    assert all(e == WORKER_MALLOC_ENV for e in env.values()), env
+    expids = _expids(survey)
+    assert report.ok, report.failed
+    assert sorted(report.calibrated) == sorted(expids)
+    assert report.skipped == [] and report.fallback == []
+    assert report.dashboard and report.dashboard.startswith("http://127.0.0.1:")
+    assert _raw_rows(out) == N_EXPOSURES
+    table = _archive_table(out)
+    assert list(table["expid"]) == sorted(expids)
+    assert set(table["fcalsrc"]) == {"standards"}
+    setups = {e["expid"]: e["setup_key"] for e in manifest["exposures"]}
+    assert [setups[e] for e in table["expid"]] == list(table["setup"])
+    assert len(set(table["setup"])) == 2
+    assert np.all(table["n_stars_used"] >= 1)
+    # Per-Angstrom calibrations of both setups land on the same archive grid.
+    inside = np.all(table["cal_mask"], axis=0)
+    assert inside.sum() > 1000 and np.all(np.isfinite(table["cal"][:, inside]))
+    assert _outputs(out) == sorted(Path(e["path"]).relative_to("lake").with_name(
+        f"{e['expid']}_fluxcal.fits") for e in manifest["exposures"])
+    for entry in manifest["exposures"]:
+        rel = Path(entry["path"]).relative_to("lake")
+        metrics = compare_with_truth(out / rel.with_name(f"{entry['expid']}_fluxcal.fits"),
+                                     sv / entry["truth"])
+        assert abs(metrics["level_cal"]) < 0.02 and metrics["cal_shape"] < 0.02, metrics
+
+
+@pytest.mark.cluster
+def test_graph_has_named_tasks_a_scattered_catalog_and_prepared_cube_futures(survey,
+                                                                              reference):
+    _, manifest = survey
+    _, _, graph = reference
+    setups = sorted({e["setup_key"] for e in manifest["exposures"]})
+    prepare = sorted(k for k in graph.computed if k.startswith("prepare-"))
+    calibrate = sorted(k for k in graph.computed if k.startswith("calibrate-"))
+    # One prepare task per setup (two pixel counts), one calibrate task per exposure.
+    assert [k.rsplit("-", 1)[0] for k in prepare] == [f"prepare-{s}" for s in setups]
+    assert [k.rsplit("-", 1)[0] for k in calibrate] == sorted(
+        f"calibrate-{e}" for e in _expids(survey))
+    assert graph.computed == set(prepare) | set(calibrate), graph.computed
+    print(f"graph: {len(graph.computed)} tasks for {N_EXPOSURES} exposures "
+          f"({len(graph.computed) / N_EXPOSURES:.2f} per exposure) + the scattered catalog")
+    # Each calibrate task depends on its setup's prepared cube and the one scattered catalog:
+    # both are futures, not data embedded in the task.
+    setup_of = {e["expid"]: e["setup_key"] for e in manifest["exposures"]}
+    catalogs = set()
+    for key in calibrate:
+        expid = key[len("calibrate-"):].rsplit("-", 1)[0]
+        deps = graph.dependencies[key]
+        assert len(deps) == 2
+        (mine,) = [d for d in deps if d.startswith(f"prepare-{setup_of[expid]}-")]
+        catalogs |= deps - {mine}
+    (catalog,) = catalogs
+    assert catalog not in graph.computed  # scattered, never a task
+    assert len(graph.holders[catalog]) == 2  # broadcast to both workers up front
+    # Both workers calibrated exposures.
+    assert len({graph.processing_on[k][-1] for k in calibrate}) == 2
+
+
+@pytest.mark.cluster
+def test_worker_killed_mid_task_is_retried_elsewhere(survey, cube, reference, cluster,
+                                                     client, tmp_path, workers_back):
+    """SIGKILL a worker while it runs a calibrate task, after the first results are in: the
+    nanny restarts it, the task runs again on a live worker, and the results equal the
+    undisturbed run's, every exposure archived exactly once."""
+    ref_out = reference[0]
+    out = tmp_path / "out"
+    pids = client.run(os.getpid)
+    killed = {}
+
+    def killer():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not killed:
+            if len(_outputs(out)) >= 2:
+                busy = {w: [k for k in keys if str(k).startswith("calibrate-")]
+                        for w, keys in client.processing().items()}
+                victim = next((w for w, keys in busy.items() if keys and w in pids), None)
+                if victim is not None:
+                    os.kill(pids[victim], signal.SIGKILL)
+                    killed.update(worker=victim, keys=busy[victim])
+                    return
+            time.sleep(0.005)
+
+    recorder = GraphRecorder(cluster.scheduler)
+    cluster.scheduler.add_plugin(recorder)
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        report = _run(survey, cube, out, client)
+    finally:
+        thread.join()
+        cluster.scheduler.remove_plugin(name=recorder.name)
+    assert killed, "the run finished before a worker could be killed"
+    assert report.ok, report.failed
+    assert sorted(report.calibrated) == sorted(_expids(survey))
+    # Tasks the dead worker held were sent again, to a live worker, and finished.
+    retried = [k for k in killed["keys"] if len(recorder.processing_on.get(k, ())) > 1]
+    assert retried, (killed, recorder.processing_on)
+    for key in retried:
+        assert recorder.processing_on[key][0] == killed["worker"]
+        assert recorder.processing_on[key][-1] != killed["worker"]
+    assert _raw_rows(out) == N_EXPOSURES
+    _assert_rows_equal(_archive_table(out), _archive_table(ref_out))
+    assert _outputs(out) == _outputs(ref_out)
+    for rel in _outputs(ref_out):
+        _assert_fits_equal(out / rel, ref_out / rel)
+
+
+def test_bad_exposures_are_reported_and_do_not_stop_the_others(survey, cube, reference,
+                                                               client, tmp_path, capsys):
+    """Through the CLI: files truncated inside the data and inside the headers (refused at
+    planning), one without its FIBRES table (fails in its task, on a worker; first of its
+    setup, so also skipped by the prepare task), one whose
+    standards are not in the catalog and a duplicate EXPID are each reported with their
+    reason; the good exposures are calibrated and archived as in the reference; exit
+    status 1."""
+    ref_out = reference[0]
+    lake = tmp_path / "lake"
+    good = _expids(survey)[:2]
+    for expid in good:
+        src, entry = _lake_file(survey, expid)
+        dst = lake / Path(entry["path"]).relative_to("lake")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, dst)
+    src, _ = _lake_file(survey, good[0])
+    bad = lake / "bad"
+    data = _modified_copy(src, tmp_path / "tmp" / "a.fits", "BAD_TRUNC").read_bytes()
+    bad.mkdir()
+    (bad / "trunc_data.fits").write_bytes(data[: int(0.6 * len(data))])
+    (bad / "trunc_head.fits").write_bytes(data[:2880])
+    _modified_copy(src, bad / "nostd.fits", "BAD_NO_STD", lose_standards=True)
+    # First of its setup in the lake: the prepare task must skip it for the next file.
+    with fits.open(_modified_copy(src, tmp_path / "tmp" / "b.fits", "BAD_NO_FIBRES")) as hdul:
+        del hdul["FIBRES"]
+        (lake / "00first").mkdir()
+        hdul.writeto(lake / "00first" / "no_fibres.fits")
+    shutil.copy(src, bad / "duplicate.fits")
+
+    code = cli.main(_survey_args(survey, cube, tmp_path / "out", "--scheduler",
+                                 client.scheduler.address, lake=lake))
+    text = capsys.readouterr().out
+    assert code == 1
+    assert ("7 RED files, 4 to calibrate, 0 up to date, 3 refused (unreadable or duplicate); "
+            "2 setup(s)") in text
+    assert "2 calibrated (0 from the archive), 0 skipped as up to date, 5 failed" in text
+    failed = {line.split(":", 1)[0].split()[-1]: line for line in text.splitlines()
+              if line.strip().startswith("FAILED")}
+    assert set(failed) == {"bad/trunc_data.fits", "bad/trunc_head.fits", "BAD_NO_STD",
+                           "BAD_NO_FIBRES", "bad/duplicate.fits"}
+    assert "truncated" in failed["bad/trunc_data.fits"]
+    assert "truncated" in failed["bad/trunc_head.fits"]
+    assert "FIBRES" in failed["BAD_NO_FIBRES"]
+    assert "no usable standard star" in failed["BAD_NO_STD"]
+    assert "no catalog match" in failed["BAD_NO_STD"]
+    assert f"duplicate EXPID {good[0]}" in failed["bad/duplicate.fits"]
+    # Non-TTY progress: whole lines, no carriage returns.
+    assert "\r" not in text
+    assert "4/4 exposures done (2 failed)" in text
+    table = _archive_table(tmp_path / "out")
+    assert sorted(table["expid"]) == sorted(good)
+    _assert_rows_equal(table, _archive_table(ref_out), good)
+
+
+def test_archive_fallback_for_an_exposure_without_usable_standards(survey, cube, reference,
+                                                                  client, tmp_path):
+    """[survey] fallback = true: an exposure whose standards are not in the catalog gets
+    FCALSRC='archive', calibrated from the median of the archived calibrations of its setup
+    within the window; one too far in time from any is still reported as failed."""
+    ref_out = reference[0]
+    out = tmp_path / "out"
+    shutil.copytree(ref_out, out)
+    src, entry = _lake_file(survey, _expids(survey, "a")[0])
+    lake = tmp_path / "lake"
+    _modified_copy(src, lake / "near.fits", "FALLBACK_NEAR", lose_standards=True)
+    _modified_copy(src, lake / "far.fits", "FALLBACK_FAR", lose_standards=True,
+                   header={"MJD-OBS": entry["mjd"] + 30.0})
+    config = Config().replace(survey__fallback=True)
+    report = _run(survey, cube, out, client, lake=lake, config=config)
+    assert report.calibrated == ["FALLBACK_NEAR"] and report.fallback == ["FALLBACK_NEAR"]
+    assert list(report.failed) == ["FALLBACK_FAR"]
+    assert "no usable standard star" in report.failed["FALLBACK_FAR"]
+    assert "no archived calibration of setup" in report.failed["FALLBACK_FAR"]
+
+    table = _archive_table(out)
+    assert _raw_rows(out) == N_EXPOSURES + 1
+    row = list(table["expid"]).index("FALLBACK_NEAR")
+    assert table["fcalsrc"][row] == "archive" and table["n_stars_used"][row] == 0
+    assert table["setup"][row] == entry["setup_key"]
+    # Expected: the median over the setup's standards rows of cal x exptime (per Angstrom,
+    # on the archive grid), brought to this exposure's pixels and exposure time.
+    same = (table["setup"] == entry["setup_key"]) & (table["fcalsrc"] == "standards")
+    assert same.sum() == len(_expids(survey, "a"))
+    curve = np.median(table["cal"][same] * table["exptime"][same, None], axis=0)
+    calibrated = open_exposure(out / "near_fluxcal.fits")
+    wave = calibrated["wavelength"].values
+    expected = np.interp(wave, open_archive(out / "archive.zarr")["wavelength"].values, curve)
+    expected /= calibrated.attrs["exptime"] * np.gradient(wave)
+    inside = np.isfinite(expected)
+    assert inside.sum() > 0.99 * wave.size
+    np.testing.assert_allclose(calibrated["cal"].values[inside], expected[inside], rtol=1e-9)
+    # Its archive row is that calibration again (interpolated back onto the archive grid).
+    ratio = table["cal"][row] / (curve / table["exptime"][row])
+    assert abs(np.nanmedian(ratio) - 1) < 1e-3 and np.nanmax(np.abs(ratio - 1)) < 0.05
+    with fits.open(out / "near_fluxcal.fits") as hdul:
+        header = hdul[0].header
+        assert header["FCALSRC"] == "archive" and header["FCALNSTR"] == 0
+        assert any("archived calibration" in str(h) for h in header["HISTORY"])
+
+
+def test_resume_skips_current_exposures_and_recalibrates_changed_ones(survey, cube, reference,
+                                                                     client, tmp_path, capsys):
+    """Resume works from the input hash (file content, not its path); without --resume every
+    exposure is recalibrated and its row replaced, one current row per EXPID throughout."""
+    sv, _ = survey
+    ref_out = reference[0]
+    lake, out = tmp_path / "lake", tmp_path / "out"
+    shutil.copytree(sv / "lake", lake)  # moved lake, same contents: still up to date
+    shutil.copytree(ref_out, out)
+    ref = _archive_table(ref_out)
+
+    assert cli.main(_survey_args(survey, cube, out, "--resume", lake=lake)) == 0
+    text = capsys.readouterr().out
+    assert "8 RED files, 0 to calibrate, 8 up to date" in text
+    assert "0 calibrated (0 from the archive), 8 skipped as up to date, 0 failed" in text
+    assert "dashboard" not in text  # nothing to compute: no cluster started
+    assert _raw_rows(out) == N_EXPOSURES
+
+    changed, lost = _expids(survey)[0], _expids(survey)[1]
+    path = lake / Path(_lake_file(survey, changed)[1]["path"]).relative_to("lake")
+    with fits.open(path, mode="update") as hdul:
+        hdul[0].header["AIRMASS"] = 1.7
+    rel = Path(_lake_file(survey, lost)[1]["path"]).relative_to("lake")
+    (out / rel.with_name(f"{lost}_fluxcal.fits")).unlink()
+    report = _run(survey, cube, out, client, lake=lake, resume=True)
+    assert sorted(report.calibrated) == sorted([changed, lost])
+    assert sorted(report.skipped) == sorted(set(_expids(survey)) - {changed, lost})
+    assert _raw_rows(out) == N_EXPOSURES + 2
+    table = _archive_table(out)
+    assert sorted(table["expid"]) == sorted(_expids(survey))  # one current row per EXPID
+    row = list(table["expid"]).index(changed)
+    assert table["airmass"][row] == 1.7 and table["input_hash"][row] != ref["input_hash"][row]
+    _assert_rows_equal(table, ref, set(_expids(survey)) - {changed})
+
+    report = _run(survey, cube, out, client, lake=lake,  # no resume: everything again
+                  performance_report=tmp_path / "perf.html")
+    assert sorted(report.calibrated) == sorted(_expids(survey)) and report.skipped == []
+    assert (tmp_path / "perf.html").stat().st_size > 10_000
+    assert _raw_rows(out) == 2 * N_EXPOSURES + 2
+    again = _archive_table(out)
+    assert sorted(again["expid"]) == sorted(_expids(survey))
+    _assert_rows_equal(again, table)
+    assert np.all(again["calibrated_at"] >= table["calibrated_at"])
+
+
+def test_archive_plot_command(reference, tmp_path, capsys):
+    out = reference[0]
+    assert cli.main(["archive", "plot", str(out / "archive.zarr"), "--out",
+                     str(tmp_path / "plots")]) == 0
+    assert capsys.readouterr().out.count("wrote ") == 2
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
+        "throughput_image.png", "throughput_vs_time.png"]
+
+
+# ----------------------------------------------------------------------------- killed jobs
+
+
+def _group_alive(pgid):
+    """Live (non-zombie) processes of a process group."""
+    alive = []
+    for proc in psutil.process_iter(["pid", "status"]):
+        try:
+            if os.getpgid(proc.pid) == pgid and proc.info["status"] != psutil.STATUS_ZOMBIE:
+                alive.append(proc.pid)
+        except (ProcessLookupError, psutil.Error):
+            continue
+    return alive
+
+
+def _kill_group(proc):
+    """SIGKILL the job and its LocalCluster (its own session), and wait until all are gone."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 20
+    while _group_alive(proc.pid):
+        assert time.monotonic() < deadline, f"orphans left: {_group_alive(proc.pid)}"
+        time.sleep(0.1)
+
+
+def _new_outputs(out, since):
+    return [p for p in out.rglob("*_fluxcal.fits")
+            if not p.name.startswith(".") and p.stat().st_mtime_ns > since]
+
+
+def _check_partial_archive(out, ref_out, ref):
+    """A killed job's archive: readable, and only complete exposures, equal to the reference."""
+    if not (out / "archive.zarr").exists():
+        return 0
+    table = _archive_table(out)
+    # Rows are committed once each: runs after the first resume, so nothing is replaced.
+    assert _raw_rows(out) == len(set(table["expid"])) == len(table["expid"])
+    _assert_rows_equal(table, ref, set(table["expid"]))
+    for expid in table["expid"]:
+        rel = next(r for r in _outputs(ref_out) if r.name == f"{expid}_fluxcal.fits")
+        _assert_fits_equal(out / rel, ref_out / rel)
+    return len(table["expid"])
+
+
+@pytest.mark.cluster
+def test_killed_job_resumes_to_identical_results(survey, cube, reference, client, tmp_path,
+                                                 capsys):
+    """The CLI job (with its own LocalCluster) SIGKILLed three times at seeded points, each
+    time after some calibrated files appeared, plus a seeded delay that lands the kill in a
+    task, a transfer or an archive commit; the first run is a plain one, the next ones use
+    --resume. After each kill the archive is readable and holds only complete exposures,
+    identical to the reference; a last --resume finishes the survey, each exposure
+    archived exactly once, archive and files bitwise equal to the uninterrupted run."""
+    ref_out = reference[0]
+    ref = _archive_table(ref_out)
+    out = tmp_path / "out"
+    rng = np.random.default_rng(KILL_SEED)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    log = []
+    for attempt in range(3):
+        archived = _check_partial_archive(out, ref_out, ref)
+        todo = N_EXPOSURES - archived
+        # Kill after `after` new files (0: during start-up), then `delay` seconds more.
+        after = int(rng.integers(1, todo)) if todo > 1 else 0
+        delay = float(rng.uniform(0.0, 0.3))
+        since = time.time_ns()
+        extra = ["--workers", "2", "--quiet"] + (["--resume"] if attempt else [])
+        with open(tmp_path / f"run{attempt}.log", "w") as stream:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "kspec_fluxcal", *_survey_args(survey, cube, out, *extra)],
+                stdout=stream, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+            try:
+                deadline = time.monotonic() + 120
+                while len(_new_outputs(out, since)) < after and proc.poll() is None:
+                    assert time.monotonic() < deadline, "the job made no progress"
+                    time.sleep(0.005)
+                time.sleep(delay if after else 3.0 + delay)
+                finished = proc.poll() is not None
+            finally:
+                _kill_group(proc)
+        assert not finished, (tmp_path / f"run{attempt}.log").read_text()
+        committed = _check_partial_archive(out, ref_out, ref)
+        log.append(f"kill {attempt + 1}: after {after} new file(s) + {delay:.3f} s -> "
+                   f"{committed}/{N_EXPOSURES} archived, {len(_outputs(out))} files")
+
+    capsys.readouterr()
+    code = cli.main(_survey_args(survey, cube, out, "--resume", "--scheduler",
+                                 client.scheduler.address))
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "0 failed" in text and "skipped as up to date" in text
+    assert _raw_rows(out) == N_EXPOSURES  # each exposure committed exactly once overall
+    table = _archive_table(out)
+    _assert_rows_equal(table, ref)
+    assert _outputs(out) == _outputs(ref_out)
+    for rel in _outputs(ref_out):
+        _assert_fits_equal(out / rel, ref_out / rel)
+    with capsys.disabled():
+        print("\n" + "\n".join(log))
