@@ -25,6 +25,12 @@ __all__ = ["fit_continuum", "normalize_continuum", "spline_basis"]
 _PENALTY = 1e-4
 
 
+def _key(x):
+    """Cache key of normalised wavelengths: rounded, so that exposures of one setup, whose
+    wavelengths differ by ~1e-11 A after unit and air/vacuum conversions, share entries."""
+    return np.ascontiguousarray(np.round(x, 12)).tobytes()
+
+
 @functools.lru_cache(maxsize=32)
 def _basis(npix, x_bytes, method, spacing, degree):
     """Sparse design matrix (npix, nbasis), and the transposes of its row-wise outer products
@@ -60,7 +66,7 @@ def spline_basis(wavelength, knot_spacing, degree=3):
     """
     wave = np.asarray(wavelength, dtype=np.float64)
     x = (wave - wave[0]) / (wave[-1] - wave[0])
-    return _basis(x.size, x.tobytes(), "bspline", knot_spacing / (wave[-1] - wave[0]), degree)
+    return _basis(x.size, _key(x), "bspline", knot_spacing / (wave[-1] - wave[0]), degree)
 
 
 def _row_nanmedian(values):
@@ -123,7 +129,7 @@ def fit_continuum(flux, wavelength, mask=None, *, method="bspline", knot_spacing
         cont = _running_median(y, use, window, sigma_low, sigma_high, iterations)
     else:
         spacing = knot_spacing / (wave[-1] - wave[0])
-        basis, outer_t, basis_t, penalty = _basis(x.size, x.tobytes(), method, spacing,
+        basis, outer_t, basis_t, penalty = _basis(x.size, _key(x), method, spacing,
                                        degree if method == "bspline" else poly_degree)
         nb = basis.shape[1]
         active = use.copy()

@@ -735,10 +735,13 @@ def star_table(stars):
     stars = stars.compute()
     nwave = stars.sizes.get("wavelength", 0)
     cols = []
-    for name, var in {**stars.coords, **stars.data_vars}.items():
+    # Variables, not DataArrays: building a DataArray per column costs more than the file.
+    for name, var in stars.variables.items():
         if name in ("star", "wavelength", "band") or "star" not in var.dims:
             continue
-        values = np.asarray(var.transpose("star", ...).values)
+        if var.dims[0] != "star":
+            var = var.transpose("star", ...)
+        values = np.asarray(var.values)
         fits_name = name.upper()
         if values.ndim == 1:
             cols.append(_column(fits_name, values, var.attrs.get("units")))

@@ -66,8 +66,10 @@ def shift_matrix(wavelength, rv):
     pixels whose source falls outside the spectrum are empty. Matrices are cached: a star's
     velocity is reused by every scoring pass.
     """
-    wave = np.ascontiguousarray(wavelength, dtype=np.float64)
-    return _shift_matrix_cached(wave.tobytes(), float(rv))
+    # Keyed on wavelengths rounded to 1e-6 A: exposures of one setup differ by ~1e-11 A
+    # (unit and air/vacuum conversions) and must share cache entries.
+    wave = np.ascontiguousarray(np.round(np.asarray(wavelength, dtype=np.float64), 6))
+    return _shift_matrix_cached(wave.tobytes(), round(float(rv), 9))
 
 
 @functools.lru_cache(maxsize=64)
