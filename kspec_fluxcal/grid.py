@@ -149,7 +149,8 @@ def scan_bosz(bosz_dir, resolution=None):
             abs(m["carbon"]), m["path"].name))
         models.append(ranked[0])
         for other in ranked[1:]:
-            skipped.append((other["path"], f"not chosen at {key} (policy: {ranked[0]['path'].name})"))
+            skipped.append((other["path"],
+                            f"not chosen at {key} (policy: {ranked[0]['path'].name})"))
     if not models:
         raise GridError(root, None, f"no BOSZ 2024 spectrum files for {resolution} "
                         f"(expected {resolution}/m*/bosz2024_*_{resolution}_resam.txt.gz)")
@@ -282,9 +283,10 @@ def _empty_store(partial, axes, wave, attrs):
         },
         attrs=attrs,
     )
-    for p, unit in zip(PARAMS, ("K", "dex (cgs)", "dex", "dex")):
+    for p, unit in zip(PARAMS, ("K", "dex (cgs)", "dex", "dex"), strict=True):
         ds[p].attrs["units"] = unit
-    encoding = {name: {"chunks": (len(ds[name]),)} for name in (*PARAMS, "wavelength", "band", "law")}
+    encoding = {name: {"chunks": (len(ds[name]),)}
+                for name in (*PARAMS, "wavelength", "band", "law")}
     ds = strings_as_object(ds)
     ds.to_zarr(partial, mode="w", compute=False, consolidated=False, encoding=encoding)
 
@@ -575,7 +577,8 @@ class TemplateGrid:
         """Corners and weights of multilinear interpolation; see :func:`interpolation_weights`."""
         return interpolation_weights(self.axes, self._ds["exists"].values, teff, logg, feh, alpha)
 
-    def interpolate(self, teff, logg, feh, alpha=None, variables=("flux", "continuum", "synth_mag")):
+    def interpolate(self, teff, logg, feh, alpha=None,
+                    variables=("flux", "continuum", "synth_mag")):
         """Spectra (and magnitudes) interpolated multilinearly in (teff, logg, feh).
 
         Returns
@@ -641,7 +644,7 @@ def interpolation_weights(axes, exists, teff, logg, feh, alpha=None):
                for v in np.broadcast_arrays(teff, logg, feh))
     a = np.broadcast_to(0.0 if alpha is None else alpha, t.shape).astype(np.float64)
     lows, fracs = [], []
-    for p, x in zip(PARAMS[:3], (t, g, m)):
+    for p, x in zip(PARAMS[:3], (t, g, m), strict=True):
         ax = np.asarray(axes[p], dtype=np.float64)
         if ax.size == 1:
             lows.append(np.zeros(x.shape, int))

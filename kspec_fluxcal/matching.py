@@ -152,7 +152,8 @@ def cross_correlate_rv(obs_norm, obs_weight, template_norm, wavelength, *, rv_ma
     edge = max(1, n // 20)
     taper[:edge] = taper[-edge:][::-1] = 0.5 - 0.5 * np.cos(np.pi * np.arange(edge) / edge)
     so = resample(obs_norm, use) * taper
-    st = resample(template_norm, np.broadcast_to(np.isfinite(template_norm), use.shape) & use) * taper
+    template_ok = np.broadcast_to(np.isfinite(template_norm), use.shape) & use
+    st = resample(template_norm, template_ok) * taper
     nfft = 2 * n
     ccf = np.fft.irfft(np.fft.rfft(so, nfft) * np.conj(np.fft.rfft(st, nfft)), nfft)
     norm = np.sqrt((so**2).sum(1) * (st**2).sum(1))

@@ -66,7 +66,7 @@ def fnu_to_ab(fnu, fnu_err=None):
 
 
 def ab_to_flam(mag, wavelength, mag_err=None):
-    """AB magnitude to f_lambda (erg/s/cm^2/A) at ``wavelength`` (A): f_lambda = f_nu c / lambda^2."""
+    """AB magnitude to f_lambda (erg/s/cm^2/A) at ``wavelength`` (A): f_nu c / lambda^2."""
     out = ab_to_fnu(mag, mag_err)
     factor = SPEED_OF_LIGHT_AAS / np.asarray(wavelength, dtype=np.float64) ** 2
     if mag_err is None:

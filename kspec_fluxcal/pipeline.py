@@ -35,7 +35,8 @@ class CalibrationResult:
         status = self.calibration["star_status"].values
         used = int(self.calibration.attrs["fcalnstr"])
         rejected = [f"fiber {int(f)}: {s}" for f, s, u in zip(
-            self.calibration["fiber"].values, status, self.calibration["used"].values) if not u]
+            self.calibration["fiber"].values, status, self.calibration["used"].values,
+            strict=True) if not u]
         rms = self.calibration.attrs.get("fcalrms")
         rms_text = "n/a (one star)" if rms is None or rms != rms else f"{100 * rms:.2f}%"
         text = (f"{self.calibrated.attrs.get('expid')}: {used} standard(s) used, "

@@ -231,7 +231,8 @@ def fit_photometry(mag_obs, mag_err, mag_model, ext_coeff, *, ebv_prior=None, eb
         with np.errstate(divide="ignore", invalid="ignore"):
             mu = (b0 - s1 * ebv) / s0
         resid = np.where(used, d - mu[:, None] - ext_coeff * ebv[:, None], np.nan)
-        bad = used & (np.abs(resid) > outlier_sigma * np.sqrt(sigma2)) & (np.abs(resid) > outlier_mag)
+        bad = (used & (np.abs(resid) > outlier_sigma * np.sqrt(sigma2))
+               & (np.abs(resid) > outlier_mag))
         # Drop a few outlier bands at most: photometry that disagrees in many bands is the
         # wrong star or the wrong model, and must show in the rms, not be pruned away.
         can_drop = (used.sum(1) > min_bands) & (dropped.sum(1) < np.maximum(1, valid.sum(1) // 3))
@@ -342,7 +343,8 @@ def _output_template(std, matched, lazy=True):
     for name in ("mag_obs", "mag_err", "mag_model", "phot_resid", "band_used"):
         dtype = bool if name == "band_used" else np.float64
         data[name] = (("star", "band"), empty((nstar, bands.size), dtype, (nstar, bands.size)))
-    coords = {name: ("star", np.empty(nstar, dtype=dtype)) for name, (dtype, _) in _STAR_VARS.items()}
+    coords = {name: ("star", np.empty(nstar, dtype=dtype))
+              for name, (dtype, _) in _STAR_VARS.items()}
     coords.update(fiber=("star", matched["fiber"].values), objid=("star", matched["objid"].values),
                   fiber_name=("star", matched["fiber_name"].values),
                   wavelength=std["wavelength"].variable, band=("band", bands))
@@ -483,7 +485,7 @@ def _fit(std, matched, setup, lsf, config):
         if knots:  # each start's own correction, so that valleys compete fairly
             start_corr = np.stack([star_correction(obs_norm[s], obs_ivar[s], norm_t[t], rv[s],
                                                    wave, knots)
-                                   for s, t in zip(star_of, starts.ravel())])
+                                   for s, t in zip(star_of, starts.ravel(), strict=True)])
         refined, refined_err, final = refine_parameters(
             obs_norm[star_of], obs_ivar[star_of], norm_t, setup["template_index"].values, axes,
             {p: setup[f"template_{p}"].values[starts.ravel()] for p in PARAMS}, rv[star_of],
@@ -567,7 +569,8 @@ def _fit(std, matched, setup, lsf, config):
         "rv": ("star", rv), "rv_err": ("star", rv_err), "scale": ("star", scale),
         "scale_err": ("star", scale_err), "chi2_dof": ("star", chi2_dof),
         "phot_rms": ("star", pf["rms"]), "snr": ("star", snr),
-        "good_fraction": ("star", good_fraction), "n_bands": ("star", pf["n_bands"].astype(np.int64)),
+        "good_fraction": ("star", good_fraction),
+        "n_bands": ("star", pf["n_bands"].astype(np.int64)),
         "dropped_bands": ("star", np.array(dropped, dtype=object)),
         "status": ("star", np.array(status, dtype=object)),
         "wavelength": ("wavelength", wave, {"units": "Angstrom", "medium": "air"}),

@@ -35,7 +35,8 @@ def _stars(n=3, grey=(1.0, 0.93, 1.05), noise=0.01, seed=0, status=None, deviant
          "cal_variance": (("star", "wavelength"), (noise * cal) ** 2),
          "cal_mask": (("star", "wavelength"), mask)},
         coords={"wavelength": WAVE, "fiber": ("star", np.arange(n) * 2),
-                "objid": ("star", 100 + np.arange(n)), "fiber_name": ("star", [f"s{i}" for i in range(n)]),
+                "objid": ("star", 100 + np.arange(n)),
+                "fiber_name": ("star", [f"s{i}" for i in range(n)]),
                 "status": ("star", np.array(status or ["ok"] * n, dtype=object)),
                 "scale": ("star", np.ones(n)), "scale_err": ("star", np.full(n, 0.01))},
     )

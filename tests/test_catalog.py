@@ -85,7 +85,8 @@ def test_unmatched_standard_reported_not_guessed(red_file, catalog_file):
     ds = open_exposure(red_file(fibres={"OBJID": np.array([999, -1, 3, 4, 5, 6])}))
     # Star 1000 sits exactly at fiber 0's position but fiber 0 asks for OBJID 999: no guess.
     rows = [catalog_row(1000, ds["ra"].values[0], ds["dec"].values[0])]
-    with pytest.warns(FluxCalWarning, match=r"no catalog entry for standard\(s\) fiber 0 .*OBJID 999"):
+    with pytest.warns(FluxCalWarning,
+                      match=r"no catalog entry for standard\(s\) fiber 0 .*OBJID 999"):
         matched = match_standards(ds, read_catalog(catalog_file(rows)))
     assert list(matched["match"].values) == ["none", "none"]
     assert np.isnan(matched["mag"].values).all()

@@ -26,12 +26,14 @@ def test_values_and_overrides(tmp_path):
 @pytest.mark.parametrize(
     "text, match",
     [
-        ("[fitt]\nmetric='chi2'\n", r"section \[fitt\]: unknown section; valid sections: instrument"),
+        ("[fitt]\nmetric='chi2'\n",
+         r"section \[fitt\]: unknown section; valid sections: instrument"),
         ("[fit]\nmetrik='chi2'\n", r"\[fit\] metrik: unknown option; valid options: metric"),
         ("[fit]\nmetric='l1'\n", r"\[fit\] metric: 'l1' is not one of 'chi2', 'huber'"),
         ("[fit]\nrv_max=-5\n", r"\[fit\] rv_max: -5.0 is below the minimum 10.0"),
         ("[fit]\nrefine='yes'\n", r"\[fit\] refine: expected bool"),
-        ("[photometry]\nbands=['gaiadr2-G','sdss-u']\n", r"invalid value\(s\) \['sdss-u'\]; valid: panstarrs-g, gaiadr2-BP"),
+        ("[photometry]\nbands=['gaiadr2-G','sdss-u']\n",
+         r"invalid value\(s\) \['sdss-u'\]; valid: panstarrs-g, gaiadr2-BP"),
         ("[fit\nmetric=1\n", "not valid TOML"),
     ],
 )

@@ -35,8 +35,8 @@ def test_parse_names():
     p = parse_bosz_filename("bosz2024_mp_t6000_g+4.0_m-0.25_a+0.25_c+0.00_v1_r10000_resam.txt.gz")
     assert p == {"teff": 6000.0, "logg": 4.0, "feh": -0.25, "alpha": 0.25, "carbon": 0.0,
                  "vmicro": 1.0, "atmos": "mp", "resolution": "r10000"}
-    assert parse_bosz_filename("bosz2024_ap_t7500_g+4.5_m+0.00_a+0.00_c+0.00_v2_rorig_resam.txt.gz")[
-        "resolution"] == "rorig"
+    name = "bosz2024_ap_t7500_g+4.5_m+0.00_a+0.00_c+0.00_v2_rorig_resam.txt.gz"
+    assert parse_bosz_filename(name)["resolution"] == "rorig"
     assert parse_bosz_filename("bosz2024_mp_t6000_g4.0_m+0.00.txt.gz") is None
 
 

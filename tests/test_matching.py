@@ -21,7 +21,7 @@ def _lines(depths, centres, wave=WAVE, rv=0.0):
     step = wave[1] - wave[0]
     z = 1 + rv / SPEED_OF_LIGHT_KMS
     spec = np.ones_like(wave)
-    for d, c in zip(depths, centres):
+    for d, c in zip(depths, centres, strict=True):
         spec -= d * np.exp(-0.5 * ((wave - c * z) / (SIGMA_PIX * step)) ** 2)
     return spec
 
@@ -137,7 +137,8 @@ def test_huber_resists_sky_residual_spikes():
     huber = score_star(obs, ivar, templates, 0.0, WAVE, metric="huber", delta=3.0)
     assert np.argmin(huber) == truth
     # Huber's contrast between the truth and its neighbours is not drowned by the spikes.
-    assert (huber[truth + 1] - huber[truth]) / huber[truth] > (chi2[truth + 1] - chi2[truth]) / chi2[truth]
+    contrast_huber = (huber[truth + 1] - huber[truth]) / huber[truth]
+    assert contrast_huber > (chi2[truth + 1] - chi2[truth]) / chi2[truth]
 
 
 def test_multiplicative_correction_absorbs_smooth_continuum_errors():

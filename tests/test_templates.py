@@ -17,9 +17,10 @@ LINES = (3600.0, 6000.0, 8400.0)
 
 
 def _grid(nteff=3, chunked=False):
-    """A tiny in-memory cube: lines of the grid's own width (FWHM = lambda/R) on a flat continuum."""
+    """A tiny in-memory cube: lines of the grid's own width (FWHM = lambda/R), flat continuum."""
     wave = np.exp(np.arange(np.log(3000.0), np.log(9500.0), 1.0 / (2.3 * R_GRID)))
-    prof = sum(0.5 * np.exp(-0.5 * ((wave - c) / (c / R_GRID / FWHM_PER_SIGMA)) ** 2) for c in LINES)
+    prof = sum(0.5 * np.exp(-0.5 * ((wave - c) / (c / R_GRID / FWHM_PER_SIGMA)) ** 2)
+               for c in LINES)
     base = 1.0 - prof
     flux = np.stack([base * (1 + 0.1 * k) for k in range(nteff)])[:, None, None, None, :]
     ds = xr.Dataset(

@@ -24,7 +24,8 @@ def main(ck04_dir):
             teff = float(hdul[0].header["TEFF"])
             data = hdul[1].data
             flux = xr.DataArray(np.asarray(data["g45"], dtype=np.float64), dims="wavelength",
-                                coords={"wavelength": np.asarray(data["WAVELENGTH"], dtype=np.float64)})
+                                coords={"wavelength": np.asarray(data["WAVELENGTH"],
+                                                                 dtype=np.float64)})
         mags = synthetic_mag(flux, ["gaiadr2-BP", "gaiadr2-RP", "panstarrs-g", "panstarrs-r"],
                              medium="vacuum").values
         rows.append((teff, mags[0] - mags[1], mags[2] - mags[3]))
