@@ -340,8 +340,9 @@ def score_star(obs, ivar, templates, rv, wavelength, metric="chi2", delta=3.0, k
     Rows of ``templates`` with a NaN score NaN. float64 throughout.
     """
     tmpl = np.asarray(templates, dtype=np.float64)
-    missing = ~np.all(np.isfinite(tmpl), axis=1)
-    tmpl = np.where(missing[:, None], 0.0, tmpl)
+    missing = ~np.isfinite(tmpl.sum(axis=1))  # one pass; a NaN anywhere makes the sum NaN
+    if missing.any():
+        tmpl = np.where(missing[:, None], 0.0, tmpl)
     w = np.where(np.isfinite(obs) & (ivar > 0), ivar, 0.0)
     f = np.nan_to_num(obs)
     if correction is not None:
@@ -360,11 +361,11 @@ def score_star(obs, ivar, templates, rv, wavelength, metric="chi2", delta=3.0, k
         margin = _edge_margin(wavelength, rv)
         w[:margin] = 0
         w[-margin:] = 0
-    usable = (shifted**2) @ w > 0
+    stt = (shifted**2) @ w
+    usable = stt > 0
     if knot_spacing is None and metric == "chi2":
         sft = shifted @ (w * f)
-        stt = (shifted**2) @ w
-        score = np.sum(w * f**2) - sft**2 / np.where(stt > 0, stt, np.inf)
+        score = np.sum(w * f**2) - sft**2 / np.where(usable, stt, np.inf)
         return np.where(missing | ~usable, np.nan, score)
     model = fit_corrected(f, w, shifted, wavelength, knot_spacing)
     if metric == "chi2":
