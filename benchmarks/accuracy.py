@@ -119,35 +119,6 @@ def _opened(key, opener, path):
     return _OPENED[(key, path)]
 
 
-def science_fibers(result_path, red_path, truth, window=100.0, wave_range=(4000.0, 8400.0)):
-    """Per science fiber: the target's median S/N per pixel and its shape error (as
-    compare_with_truth computes ``shape``, fiber by fiber)."""
-    from kspec_fluxcal.evaluate import SCIENCE_KINDS, running_median
-    from kspec_fluxcal.exposure import open_exposure
-    from kspec_fluxcal.masks import region_mask
-
-    cal = open_exposure(result_path)
-    red = open_exposure(red_path)
-    wave = cal["wavelength"].values
-    use = (wave >= wave_range[0]) & (wave <= wave_range[1]) & region_mask(wave, "telluric_default")
-    kinds = np.asarray(truth["fiber_kind"]).astype(str)
-    science = np.flatnonzero(np.isin(kinds, SCIENCE_KINDS))
-    true_flux = np.asarray(truth["true_flux"], dtype=float)[science]
-    flux = cal["flux"].values[science].astype(float)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        ratio = np.where(true_flux > 0.05 * np.nanmedian(true_flux, axis=-1, keepdims=True),
-                         flux / true_flux, np.nan)
-        snr_pix = (np.asarray(truth["counts_noiseless"], dtype=float)[science]
-                   / np.sqrt(red["variance"].values[science]))
-    smooth = running_median(ratio, wave, window)
-    level = np.nanmedian(np.where(use, smooth, np.nan), axis=-1, keepdims=True)
-    rel = smooth / level - 1.0
-    shape = np.sqrt(np.nanmean(np.where(use, rel, np.nan) ** 2, axis=-1))
-    snr = np.nanmedian(np.where(use, snr_pix, np.nan), axis=-1)
-    return [(str(kinds[f]), float(s), float(r))
-            for f, s, r in zip(science, snr, shape, strict=True)]
-
-
 def calibrate_one(root, entry, cube):
     """Calibrate one exposure and compare it with its truth (runs in a worker)."""
     import kspec_fluxcal as kf
@@ -169,7 +140,7 @@ def calibrate_one(root, entry, cube):
     row["seconds"] = time.perf_counter() - t0
     truth = dict(np.load(truth_path))
     row["metrics"] = compare_with_truth(result.path, truth)
-    row["science"] = science_fibers(result.path, red, truth)
+    row["science"] = row["metrics"]["fibers"]
     stars = result.stars
     fitted = []
     for k in range(stars.sizes["star"]):

@@ -33,6 +33,7 @@ import xarray as xr
 
 from .config import Config
 from .constants import CAL_UNIT, FLUX_UNIT
+from .continuum import _fill_gaps
 from .errors import CalibrationError, FluxCalWarning
 from .exposure import add_history
 from .masks import region_mask
@@ -51,15 +52,13 @@ def running_median(values, wavelength, window=100.0):
     linearly first (a median filter cannot skip them)."""
     step = float(np.median(np.diff(wavelength)))
     size = max(3, int(round(window / step)) | 1)
-    filled = np.array(values, dtype=np.float64)
-    rows = filled.reshape(-1, filled.shape[-1])
-    idx = np.arange(rows.shape[1])
-    for row in rows:  # a few spectra
-        ok = np.isfinite(row)
-        if 2 <= ok.sum() < row.size:
-            row[~ok] = np.interp(idx[~ok], idx[ok], row[ok])
-    return scipy.ndimage.median_filter(filled, size=(1,) * (filled.ndim - 1) + (size,),
-                                       mode="nearest")
+    values = np.asarray(values, dtype=np.float64)
+    rows = values.reshape(-1, values.shape[-1])
+    ok = np.isfinite(rows)
+    filled = _fill_gaps(np.where(ok, rows, 0.0), ok)
+    filled[~ok.any(axis=1)] = np.nan  # nothing to bridge from
+    return scipy.ndimage.median_filter(filled.reshape(values.shape),
+                                       size=(1,) * (values.ndim - 1) + (size,), mode="nearest")
 
 
 def _nanmedian(values, axis):

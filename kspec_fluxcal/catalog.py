@@ -207,13 +207,15 @@ def match_standards(exposure, catalog, *, radius_arcsec=POSITION_MATCH_ARCSEC):
     fib_ra = exposure["ra"].values[std]
     fib_dec = exposure["dec"].values[std]
     cat_objid = catalog["objid"].values
-    lookup = {int(o): i for i, o in enumerate(cat_objid)}
+    order = np.argsort(cat_objid)
     index = np.full(fibers.size, -1)
     how = np.full(fibers.size, "none", dtype="<U8")
     sep = np.full(fibers.size, np.nan)
     by_id = fib_objid != -1
-    for k in np.flatnonzero(by_id):
-        index[k] = lookup.get(int(fib_objid[k]), -1)
+    if cat_objid.size:  # OBJID lookup for all fibers at once (catalog objids are unique)
+        pos = np.clip(np.searchsorted(cat_objid[order], fib_objid), 0, cat_objid.size - 1)
+        found = by_id & (cat_objid[order][pos] == fib_objid)
+        index[found] = order[pos[found]]
     how[by_id & (index >= 0)] = "objid"
     by_pos = ~by_id & np.isfinite(fib_ra) & np.isfinite(fib_dec)
     # Catalog stars without a position can still be matched by objid, never by position.

@@ -29,16 +29,18 @@ from .calibration import running_median
 from .exposure import open_exposure, read_standard_stars
 from .masks import region_mask
 
-__all__ = ["compare_with_truth", "running_median"]
+__all__ = ["compare_with_truth"]
 
 SCIENCE_KINDS = ("star", "galaxy", "qso")
 
 
 def _shape_rms(ratio, wave, use, window):
+    """rms of the smoothed ratio about its median level; also the level and the smoothed
+    ratio relative to it."""
     smooth = running_median(ratio, wave, window)
     level = np.nanmedian(np.where(use, smooth, np.nan), axis=-1, keepdims=True)
     rel = smooth / level - 1.0
-    return np.sqrt(np.nanmean(np.where(use, rel, np.nan) ** 2, axis=-1)), rel
+    return np.sqrt(np.nanmean(np.where(use, rel, np.nan) ** 2, axis=-1)), level[..., 0], rel
 
 
 def compare_with_truth(calibrated, truth, *, window=100.0, wave_range=(4000.0, 8400.0),
@@ -55,8 +57,9 @@ def compare_with_truth(calibrated, truth, *, window=100.0, wave_range=(4000.0, 8
     Returns
     -------
     dict
-        The metrics of the module docstring, plus ``stars`` (a list of dicts of fitted minus
-        true parameters) and ``n_standards``.
+        The metrics of the module docstring, plus ``fibers`` (kind, median S/N per pixel and
+        shape error of each science fiber), ``stars`` (a list of dicts of fitted minus true
+        parameters) and ``n_standards``.
     """
     stars = None
     if not hasattr(calibrated, "data_vars"):
@@ -80,7 +83,7 @@ def compare_with_truth(calibrated, truth, *, window=100.0, wave_range=(4000.0, 8
     cal_true = 1.0 / np.asarray(truth["response"], dtype=float)
     cal = calibrated["cal"].values
     cal_ratio = cal * mean_aperture / cal_true
-    cal_shape, cal_rel = _shape_rms(cal_ratio, wave, use, window)
+    cal_shape, _, cal_rel = _shape_rms(cal_ratio, wave, use, window)
     band = inside & ~clear
     tell = float(np.sqrt(np.nanmean(cal_rel[band] ** 2))) if band.any() else np.nan
 
@@ -90,12 +93,12 @@ def compare_with_truth(calibrated, truth, *, window=100.0, wave_range=(4000.0, 8
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = np.where(true_flux > 0.05 * np.nanmedian(true_flux, axis=-1, keepdims=True),
                          flux / true_flux, np.nan)
-    shape, _ = _shape_rms(ratio, wave, use[None, :], window)
+    shape, level, _ = _shape_rms(ratio, wave, use[None, :], window)
+    level = level - 1.0
     with np.errstate(invalid="ignore", divide="ignore"):
-        snr = np.nanmedian(calibrated["flux"].values[science]
-                           / np.sqrt(calibrated["variance"].values[science]), axis=-1)
+        snr = np.nanmedian(np.where(use, flux / np.sqrt(
+            calibrated["variance"].values[science]), np.nan), axis=-1)
     bright = snr >= 30
-    level = np.nanmedian(np.where(use, running_median(ratio, wave, window), np.nan), axis=-1) - 1
 
     out = {
         "expid": str(calibrated.attrs.get("expid")),
@@ -109,6 +112,8 @@ def compare_with_truth(calibrated, truth, *, window=100.0, wave_range=(4000.0, 8
         "n_bright": int(bright.sum()),
         "level": float(np.nanmedian(level)) if level.size else np.nan,
         "science_fibers": int(science.size),
+        "fibers": [(str(kinds[f]), float(n), float(r))
+                   for f, n, r in zip(science, snr, shape, strict=True)],
         "stars": [],
     }
     if stars is not None and "std_fiber" in truth:

@@ -9,7 +9,6 @@ __all__ = [
     "air_to_vacuum",
     "pixel_edges",
     "resample_conserving",
-    "log_uniform_grid",
 ]
 
 
@@ -149,21 +148,3 @@ def resample_conserving(wave_in, flux, variance, wave_out):
     out_f[bad] = np.nan
     out_v[bad] = np.nan
     return out_f, out_v
-
-
-def log_uniform_grid(wave_min, wave_max, step):
-    """Wavelengths uniform in ln(lambda) from ``wave_min`` to at least ``wave_max``.
-
-    Parameters
-    ----------
-    wave_min, wave_max : float
-        Range, Angstrom.
-    step : float
-        Step in ln(lambda) (velocity step / c).
-
-    Returns
-    -------
-    numpy.ndarray
-    """
-    n = int(np.ceil(np.log(wave_max / wave_min) / step)) + 1
-    return wave_min * np.exp(step * np.arange(n))

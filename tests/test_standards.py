@@ -5,10 +5,9 @@ import pytest
 import xarray as xr
 from conftest import SHARED_REAL, requires_shared
 
-from kspec_fluxcal.calibration import combine_vectors
+from kspec_fluxcal.calibration import combine_vectors, running_median
 from kspec_fluxcal.catalog import read_catalog
 from kspec_fluxcal.config import Config
-from kspec_fluxcal.evaluate import running_median
 from kspec_fluxcal.exposure import open_exposure
 from kspec_fluxcal.grid import build_grid, open_grid
 from kspec_fluxcal.masks import region_mask
