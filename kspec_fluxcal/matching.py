@@ -339,34 +339,17 @@ def score_star(obs, ivar, templates, rv, wavelength, metric="chi2", delta=3.0, k
     and each template gets a single amplitude: the fast mode used to scan many templates.
     Rows of ``templates`` with a NaN score NaN. float64 throughout.
     """
-    tmpl = np.asarray(templates, dtype=np.float64)
-    missing = ~np.isfinite(tmpl.sum(axis=1))  # one pass; a NaN anywhere makes the sum NaN
-    if missing.any():
-        tmpl = np.where(missing[:, None], 0.0, tmpl)
-    w = np.where(np.isfinite(obs) & (ivar > 0), ivar, 0.0)
-    f = np.nan_to_num(obs)
+    tmpl, missing = _clean_templates(templates)
+    f, w = _star_arrays(obs, ivar, correction)
     if correction is not None:
-        ok = np.isfinite(correction)
-        f = np.where(ok, f / np.where(ok, correction, 1.0), 0.0)
-        w = np.where(ok, w * np.where(ok, correction, 0.0) ** 2, 0.0)
         knot_spacing = None
     if knot_spacing is None and metric == "chi2":
-        # Fast mode: the star goes to the rest frame once (one spectrum shifted instead of
-        # N templates); its pixels' noise correlation, the same for every template, does not
-        # change their ranking.
-        f, w = _to_rest_frame(f, w, wavelength, rv)
-        shifted = tmpl
-    else:
-        shifted = (shift_matrix(wavelength, rv) @ tmpl.T).T  # (N, P)
-        margin = _edge_margin(wavelength, rv)
-        w[:margin] = 0
-        w[-margin:] = 0
-    stt = (shifted**2) @ w
-    usable = stt > 0
-    if knot_spacing is None and metric == "chi2":
-        sft = shifted @ (w * f)
-        score = np.sum(w * f**2) - sft**2 / np.where(usable, stt, np.inf)
-        return np.where(missing | ~usable, np.nan, score)
+        return _fast_chi2(*_to_rest_frame(f, w, wavelength, rv), tmpl, missing)
+    shifted = (shift_matrix(wavelength, rv) @ tmpl.T).T  # (N, P)
+    margin = _edge_margin(wavelength, rv)
+    w[:margin] = 0
+    w[-margin:] = 0
+    usable = (shifted**2) @ w > 0
     model = fit_corrected(f, w, shifted, wavelength, knot_spacing)
     if metric == "chi2":
         score = np.sum(w * (f - model) ** 2, axis=1)
@@ -381,14 +364,58 @@ def score_star(obs, ivar, templates, rv, wavelength, metric="chi2", delta=3.0, k
     return np.where(missing | ~usable, np.nan, score)
 
 
+def _clean_templates(templates):
+    """Templates as float64 (N, P), NaN rows zeroed, and which rows were NaN.
+
+    Sums in float64: float32 picked the wrong template for a quarter of stars (stack notes).
+    """
+    tmpl = np.asarray(templates, dtype=np.float64)
+    tmpl = tmpl.reshape(-1, tmpl.shape[-1])
+    missing = ~np.isfinite(tmpl.sum(axis=1))  # one pass; a NaN anywhere makes the sum NaN
+    if missing.any():
+        tmpl = np.where(missing[:, None], 0.0, tmpl)
+    return tmpl, missing
+
+
+def _star_arrays(obs, ivar, correction=None):
+    """A star's flux and weights with masked pixels zeroed, divided by a fixed correction."""
+    w = np.where(np.isfinite(obs) & (ivar > 0), ivar, 0.0)
+    f = np.nan_to_num(obs)
+    if correction is not None:
+        ok = np.isfinite(correction)
+        f = np.where(ok, f / np.where(ok, correction, 1.0), 0.0)
+        w = np.where(ok, w * np.where(ok, correction, 0.0) ** 2, 0.0)
+    return f, w
+
+
+def _fast_chi2(flux, weight, tmpl, missing):
+    """chi^2 with a free amplitude of every template against rest-frame stars, in two matrix
+    products: flux, weight (..., P) and tmpl (N, P) give (..., N).
+
+    The stars go to the rest frame once (one spectrum shifted each instead of N templates);
+    their pixels' noise correlation, the same for every template, does not change the ranking.
+    """
+    stt = weight @ (tmpl**2).T
+    sft = (weight * flux) @ tmpl.T
+    usable = stt > 0
+    score = np.sum(weight * flux**2, axis=-1)[..., None] - sft**2 / np.where(usable, stt, np.inf)
+    return np.where(missing | ~usable, np.nan, score)
+
+
 def _score_block(obs, ivar, templates, rv, *correction, wavelength, metric, delta, knot_spacing):
     """Scores of every (star, template): obs (S,1,P), ivar (S,1,P), templates ([1,]N,P), rv (S,1),
     optional correction (S,1,P)."""
     obs, ivar, rv = obs[:, 0, :], ivar[:, 0, :], rv[:, 0]
     corr = correction[0][:, 0, :] if correction else [None] * obs.shape[0]
-    # Sums in float64: float32 picked the wrong template for a quarter of stars (stack notes).
+    if correction and metric == "chi2":
+        # Fast mode: every star in its rest frame, then all stars x all templates at once.
+        tmpl, missing = _clean_templates(templates)
+        rest = [_to_rest_frame(*_star_arrays(obs[s], ivar[s], corr[s]), wavelength, rv[s])
+                for s in range(obs.shape[0])]  # one spectrum per star
+        return _fast_chi2(np.stack([f for f, _ in rest]), np.stack([w for _, w in rest]), tmpl,
+                          missing)
     tmpl = np.asarray(templates, dtype=np.float64).reshape(-1, templates.shape[-1])
-    # Stars: a few per exposure, each with its own velocity; templates are vectorised.
+    # Stars with their own fitted corrections: each star's velocity shifts the templates.
     return np.stack([score_star(obs[s], ivar[s], tmpl, rv[s], wavelength, metric, delta,
                                 knot_spacing, corr[s])
                      for s in range(obs.shape[0])]).reshape(obs.shape[0], tmpl.shape[0])

@@ -577,11 +577,7 @@ def _run_graph(client, todo, examples, catalog_ds, grid_path, grid_plan, config,
         for future, result in _as_completed_pairs(client, futures):
             entry = by_key[future.key]
             expid = entry["info"]["expid"]
-            if future.status != "finished":  # could not run at all (e.g. workers kept dying)
-                result = {"expid": expid, "status": "failed", "reason": _task_failure(result)}
-            future.release()
-            if result.get("notes"):
-                report.notes[expid] = result["notes"]
+            result = _outcome(future, result, expid, report)
             if result["status"] == "ok":
                 pending.append(result["record"])
                 report.calibrated.append(expid)
@@ -598,6 +594,17 @@ def _run_graph(client, todo, examples, catalog_ds, grid_path, grid_plan, config,
         # Also on Ctrl-C or a lost scheduler: keep what has finished.
         batch, pending = pending, []
         writer.append(batch)
+
+
+def _outcome(future, result, expid, report):
+    """A finished task's result dict (a failure when the task could not run at all, e.g.
+    workers kept dying); its notes go to the report and the future is released."""
+    if future.status != "finished":
+        result = {"expid": expid, "status": "failed", "reason": _task_failure(result)}
+    future.release()
+    if result.get("notes"):
+        report.notes[expid] = result["notes"]
+    return result
 
 
 def _run_fallback(client, todo, writer, report, config, utc, progress):
@@ -619,11 +626,7 @@ def _run_fallback(client, todo, writer, report, config, utc, progress):
     try:
         for future, result in _as_completed_pairs(client, futures):
             expid = futures[future]["info"]["expid"]
-            if future.status != "finished":
-                result = {"expid": expid, "status": "failed", "reason": _task_failure(result)}
-            future.release()
-            if result.get("notes"):
-                report.notes[expid] = result["notes"]
+            result = _outcome(future, result, expid, report)
             if result["status"] == "ok":
                 records.append(result["record"])
                 report.failed.pop(expid, None)
