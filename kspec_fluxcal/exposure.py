@@ -391,7 +391,13 @@ def _common_grid(wave, flux, variance, path, history, source="WAVELA"):
     rows_ok = np.all(np.isfinite(wave), axis=1) & np.all(wave > 0, axis=1)
     if not rows_ok.any():
         raise ExposureError(path, "HDU WAVELA", "no fiber has a finite wavelength solution")
-    for row in np.flatnonzero(rows_ok):
+    # All rows at once; the first offending row is checked alone for its message.
+    good_rows = wave[rows_ok]
+    lo, hi = _PLAUSIBLE_RANGE
+    bad = (np.any(np.diff(good_rows, axis=1) <= 0, axis=1)
+           | (good_rows[:, 0] < lo) | (good_rows[:, -1] > hi))
+    if bad.any():
+        row = int(np.flatnonzero(rows_ok)[np.argmax(bad)])
         _check_wavelength(wave[row], path, f"HDU WAVELA row {row}")
     common = np.median(wave[rows_ok], axis=0)
     step = np.abs(np.gradient(common))

@@ -53,7 +53,7 @@ from .matching import (
 )
 from .photometry import teff_from_color
 from .reddening import extinction_per_ebv
-from .templates import prepared_templates
+from .templates import prepare_templates, prepared_templates
 
 __all__ = ["fit_standards", "prepare_setup", "exposure_lsf", "fit_photometry"]
 
@@ -115,7 +115,11 @@ def prepare_setup(grid, wavelength, lsf, config=None, *, cache_dir=None):
         if key in _SETUPS:
             _SETUPS.move_to_end(key)
             return _SETUPS[key]
-    cube = prepared_templates(grid, wave, lsf, cache_dir=cache_dir, variables=("flux",))
+    # The setup itself is cached below: keep the prepared cube in memory only through it, and
+    # use the cube cache just for its Zarr copies on disk.
+    cube = (prepared_templates(grid, wave, lsf, cache_dir=cache_dir, variables=("flux",))
+            if cache_dir is not None else prepare_templates(grid, wave, lsf,
+                                                             variables=("flux",)).load())
     stacked = cube.stack(template=PARAMS)
     exists = cube["exists"].values
     keep = np.flatnonzero(stacked["exists"].values)
