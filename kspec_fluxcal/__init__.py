@@ -35,8 +35,8 @@ from .masks import load_regions, region_mask
 from .matching import cross_correlate_rv, score_templates
 from .photometry import synthetic_mag, teff_from_color
 from .pipeline import CalibrationResult, calibrate_exposure
-from .standards import fit_standards, prepare_setup
-from .templates import prepare_templates, prepared_templates
+from .standards import fit_standards, template_library
+from .templates import prepare_library, prepare_templates, prepared_templates
 
 __all__ = [
     "__version__",
@@ -53,7 +53,8 @@ __all__ = [
     "TemplateGrid",
     "prepare_templates",
     "prepared_templates",
-    "prepare_setup",
+    "prepare_library",
+    "template_library",
     "LineSpread",
     # photometry, masks, continuum, matching
     "synthetic_mag",

@@ -25,7 +25,9 @@ from .errors import CatalogError, FluxCalWarning
 __all__ = ["read_catalog", "match_standards", "query_photometry"]
 
 _REQUIRED = ("objid", "RA", "Dec")
-_OPTIONAL = {"Teff": "teff_catalog", "AGaia": "a_gaia", "Ag": "a_g"}
+_OPTIONAL = {"Teff": "teff_catalog", "AGaia": "a_gaia", "Ag": "a_g", "plx": "parallax",
+             "dplx": "parallax_err"}
+_OPTIONAL_UNITS = {"Teff": "K", "AGaia": "mag", "Ag": "mag", "plx": "mas", "dplx": "mas"}
 # An objid is an integer; '123.0' is accepted (a spreadsheet's rewrite), '1.04e16' is not (its
 # last digits are lost, and with them the match).
 _INTEGER = re.compile(r"^[+-]?\d+(\.0*)?$")
@@ -93,7 +95,9 @@ def read_catalog(path, bands=BANDS):
         Dims (star, band): ``mag`` (AB: the contract's Vega-to-AB offsets applied to Gaia and
         2MASS) and ``mag_err``, NaN where not measured (mag >= 99, error >= 9.9 or empty);
         per-star coordinates ``objid`` (indexed: ``sel(objid=...)`` works), ``ra``, ``dec``
-        (deg), ``teff_catalog`` (K, NaN when 0 or empty), ``a_gaia``, ``a_g`` (mag).
+        (deg), ``teff_catalog`` (K, NaN when 0 or empty), ``a_gaia``, ``a_g`` (mag),
+        ``parallax`` and ``parallax_err`` (mas, as the catalog gives them: Gaia DR2, zero
+        point not corrected; NaN when empty, an error of 0 means unknown).
 
     Raises
     ------
@@ -160,9 +164,9 @@ def read_catalog(path, bands=BANDS):
     for column, name in _OPTIONAL.items():
         values = (_numeric(col[column], path, column, line_numbers) if column in col
                   else np.full(len(rows), np.nan))
-        if column == "Teff":
+        if column in ("Teff", "dplx"):  # 0 = unknown (a parallax of 0 or less is a value)
             values = np.where(values > 0, values, np.nan)
-        coords[name] = ("star", values, {"units": "K" if column == "Teff" else "mag"})
+        coords[name] = ("star", values, {"units": _OPTIONAL_UNITS[column]})
     ds = xr.Dataset(
         {
             "mag": (("star", "band"), np.stack(mags, axis=1), {"units": "mag", "system": "AB"}),
@@ -195,7 +199,8 @@ def match_standards(exposure, catalog, *, radius_arcsec=POSITION_MATCH_ARCSEC):
     xarray.Dataset
         Dim ``star`` (one per standard fiber) with coordinates ``fiber``, ``fiber_name``,
         ``objid`` (the catalog's, -1 when unmatched), ``match`` ('objid', 'position' or
-        'none'), ``separation`` (arcsec), ``teff_catalog``, ``a_gaia``, ``a_g``; and the
+        'none'), ``separation`` (arcsec), ``teff_catalog``, ``a_gaia``, ``a_g``,
+        ``parallax``, ``parallax_err`` (mas); and the
         catalog photometry ``mag``, ``mag_err`` (star, band), NaN when unmatched.
     """
     from astropy import units as u
@@ -249,6 +254,10 @@ def match_standards(exposure, catalog, *, radius_arcsec=POSITION_MATCH_ARCSEC):
         teff_catalog=("star", np.where(index >= 0, catalog["teff_catalog"].values[take], np.nan)),
         a_gaia=("star", np.where(index >= 0, catalog["a_gaia"].values[take], np.nan)),
         a_g=("star", np.where(index >= 0, catalog["a_g"].values[take], np.nan)),
+        parallax=("star", np.where(index >= 0, catalog["parallax"].values[take], np.nan),
+                  {"units": "mas"}),
+        parallax_err=("star", np.where(index >= 0, catalog["parallax_err"].values[take], np.nan),
+                      {"units": "mas"}),
         ra=("star", fib_ra, {"units": "deg"}),
         dec=("star", fib_dec, {"units": "deg"}),
         fiber=("star", fibers),

@@ -17,7 +17,7 @@ from pathlib import Path
 from .constants import BANDS, CATALOG_COLUMNS
 from .errors import ConfigError
 
-__all__ = ["Config", "load_config", "SCHEMA"]
+__all__ = ["Config", "load_config", "SCHEMA", "continuum_options"]
 
 
 @dataclass(frozen=True)
@@ -116,9 +116,18 @@ SCHEMA = {
         "ebv_prior_sigma": Option(0.05, "Width of the Gaussian prior on E(B-V) around the "
                                   "catalog's extinction, mag; 0 = no prior.", min=0.0),
         "ebv_max": Option(1.0, "Largest E(B-V) fitted, mag.", min=0.0, max=5.0),
-        "max_chi2_dof": Option(10.0, "Reject a star whose best template has a larger chi2/dof.",
-                               min=0.1),
+        "spectral_dof": Option(200, "Weight of a star's spectrum against its photometry and "
+                               "priors when choosing templates: the best spectral chi^2 counts "
+                               "as this many independent measurements (template mismatch "
+                               "makes pixel residuals correlated); 0 = the number of pixels.",
+                               min=0),
+        "max_model_error": Option(0.1, "Reject a star whose model error (fractional per-pixel "
+                                  "mismatch of its best model) is larger: not a star like the "
+                                  "templates. Smaller mismatch only lowers the star's weight.",
+                                  min=0.0),
         "min_snr": Option(5.0, "Reject a star with a lower median S/N per pixel.", min=0.0),
+        "min_good_fraction": Option(0.5, "Reject a star with a smaller fraction of good pixels.",
+                                    min=0.0, max=1.0),
     },
     "combine": {
         "method": Option("weighted_mean", "Combination of per-star vectors.",
@@ -145,6 +154,14 @@ SCHEMA = {
                              min=-12.0, max=14.0),
     },
 }
+
+
+def continuum_options(config):
+    """Keyword arguments of :func:`kspec_fluxcal.fit_continuum` from a configuration."""
+    c = config.continuum
+    return {"method": c.method, "knot_spacing": c.knot_spacing, "degree": c.degree,
+            "poly_degree": c.poly_degree, "window": c.window, "sigma_low": c.sigma_low,
+            "sigma_high": c.sigma_high, "iterations": c.iterations}
 
 
 class _Section(Mapping):

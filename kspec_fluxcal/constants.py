@@ -125,3 +125,18 @@ BOSZ_RESOLUTIONS = {
 #: & VandenBerg 2018, MNRAS 479, L102) and E(g-r) = (3.172 - 2.271) E(B-V) for PS1
 #: (Schlafly & Finkbeiner 2011, ApJ 737, 103, Table 6, R_V = 3.1).
 COLOUR_EXCESS_PER_EBV = {"bp_rp": 1.339, "g_r": 0.901}
+
+#: Nominal solar mass parameter G M_sun, cm^3 s^-2 (IAU 2015 Resolution B3).
+GM_SUN_CGS = 1.3271244e26
+#: The parsec, cm (IAU 2015 Resolution B2: 648000/pi au, au = 1.495978707e13 cm).
+PARSEC_CM = 3.0856775814913673e18
+#: Gaia DR2 global parallax zero point, mas: DR2 parallaxes are on average 0.029 mas too small
+#: (Lindegren et al. 2018, A&A 616, A2, from quasars); the true parallax is plx - (-0.029).
+GAIA_DR2_PARALLAX_ZEROPOINT_MAS = -0.029
+#: Mass of spectrophotometric standards, Msun (mean, sigma), for log g from a parallax: F/G
+#: dwarfs, turnoff stars and metal-poor subdwarfs span ~0.7-1.4 Msun (e.g. Casagrande et al.
+#: 2011, A&A 530, A138, Geneva-Copenhagen survey masses).
+STANDARD_MASS_PRIOR = (1.0, 0.3)
+#: Smallest parallax signal-to-noise for which a parallax constrains log g (below it the
+#: inverse parallax is a biased distance).
+MIN_PARALLAX_SNR = 5.0

@@ -534,7 +534,8 @@ def read_exposure_info(path):
     -------
     dict
         ``expid``, ``mjd``, ``exptime``, ``airmass``, ``lsf`` (:class:`LineSpread`),
-        ``nfiber``, ``npixel`` and ``setup``: a key shared by every exposure with the same
+        ``nfiber``, ``npixel``, ``wave_range`` (first and last wavelength of the median
+        solution, Angstrom, air) and ``setup``: a key shared by every exposure with the same
         wavelength grid and line-spread function.
     """
     path = os.fspath(path)
@@ -565,6 +566,7 @@ def read_exposure_info(path):
             "lsf": lsf,
             "nfiber": int(nfib),
             "npixel": int(nspec),
+            "wave_range": (float(wave[0]), float(wave[-1])),
         }
     info["setup"] = setup_key(wave, lsf)
     return info

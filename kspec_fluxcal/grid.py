@@ -607,20 +607,20 @@ class TemplateGrid:
                 out[name] = -2.5 * np.log10(out[name])
             out[name].attrs = dict(var.attrs)
         ds = xr.Dataset(out)
-        t, g, m = np.broadcast_arrays(teff, logg, feh)
-        alphas = self.axes["alpha"][index[:, 0, 3]]
+        t, g, m, a = np.broadcast_arrays(teff, logg, feh, 0.0 if alpha is None else alpha)
         return ds.assign_coords(teff=("point", np.atleast_1d(t).astype(float)),
                                 logg=("point", np.atleast_1d(g).astype(float)),
                                 feh=("point", np.atleast_1d(m).astype(float)),
-                                alpha=("point", alphas))
+                                alpha=("point", np.atleast_1d(a).astype(float)))
 
 
 def interpolation_weights(axes, exists, teff, logg, feh, alpha=None):
-    """Corners and weights of multilinear interpolation in (teff, logg, feh).
+    """Corners and weights of multilinear interpolation in (teff, logg, feh, alpha).
 
-    Vectorised over points (arrays broadcast together). [alpha/M] is taken at the nearest
-    grid value (the given one, or 0). Missing corners get zero weight and the others are
-    renormalised; points outside the grid are clipped to its edge.
+    Vectorised over points (arrays broadcast together). Missing corners get zero weight and
+    the others are renormalised; points outside the grid are clipped to its edge. A point on
+    a node of an axis takes that node only, so grids with one [alpha/M] (or points given at
+    its nodes) interpolate in (teff, logg, feh) alone.
 
     Parameters
     ----------
@@ -635,16 +635,16 @@ def interpolation_weights(axes, exists, teff, logg, feh, alpha=None):
 
     Returns
     -------
-    index : numpy.ndarray, int, shape (npoint, 8, 4)
+    index : numpy.ndarray, int, shape (npoint, 16, 4)
         Grid indices (teff, logg, feh, alpha) of the corners.
-    weight : numpy.ndarray, shape (npoint, 8)
+    weight : numpy.ndarray, shape (npoint, 16)
         Weights summing to 1 (NaN for a point with no existing corner).
     """
-    t, g, m = (np.atleast_1d(np.asarray(v, dtype=np.float64))
-               for v in np.broadcast_arrays(teff, logg, feh))
-    a = np.broadcast_to(0.0 if alpha is None else alpha, t.shape).astype(np.float64)
+    a = 0.0 if alpha is None else alpha
+    values = [np.atleast_1d(np.asarray(v, dtype=np.float64))
+              for v in np.broadcast_arrays(teff, logg, feh, a)]
     lows, fracs = [], []
-    for p, x in zip(PARAMS[:3], (t, g, m), strict=True):
+    for p, x in zip(PARAMS, values, strict=True):
         ax = np.asarray(axes[p], dtype=np.float64)
         if ax.size == 1:
             lows.append(np.zeros(x.shape, int))
@@ -654,16 +654,16 @@ def interpolation_weights(axes, exists, teff, logg, feh, alpha=None):
         lo = np.clip(np.searchsorted(ax, xc, side="right") - 1, 0, ax.size - 2)
         lows.append(lo)
         fracs.append((xc - ax[lo]) / (ax[lo + 1] - ax[lo]))
-    ia = np.abs(np.asarray(axes["alpha"])[None, :] - a[:, None]).argmin(axis=1)
-    corners = np.array([(i, j, k) for i in (0, 1) for j in (0, 1) for k in (0, 1)])
-    index = np.zeros(t.shape + (8, 4), int)
-    weight = np.ones(t.shape + (8,))
+    corners = np.array([(i, j, k, m) for i in (0, 1) for j in (0, 1) for k in (0, 1)
+                        for m in (0, 1)])
+    npoint = values[0].shape
+    index = np.zeros(npoint + (corners.shape[0], 4), int)
+    weight = np.ones(npoint + (corners.shape[0],))
     for c, bits in enumerate(corners):
-        for d in range(3):
+        for d in range(4):
             size = len(axes[PARAMS[d]])
             index[:, c, d] = np.minimum(lows[d] + bits[d], size - 1)
             weight[:, c] *= fracs[d] if bits[d] else 1.0 - fracs[d]
-        index[:, c, 3] = ia
     present = np.asarray(exists)[tuple(index[..., d] for d in range(4))]
     weight = np.where(present, weight, 0.0)
     total = weight.sum(axis=1, keepdims=True)

@@ -53,6 +53,13 @@ class LineSpread:
             "lsf_definition": "FWHM(lambda) = sum_k lsf_fwhm_coeffs[k] * (lambda / 10000 A)**k, A",
         }
 
+    def scaled(self, factor):
+        """This LSF with every FWHM multiplied by ``factor`` (e.g. a fitted width correction)."""
+        factor = float(factor)
+        if factor == 1.0:
+            return self
+        return LineSpread(tuple(c * factor for c in self.coeffs), f"{self.source} x {factor:.4f}")
+
     @property
     def is_constant(self):
         """True when the FWHM does not depend on wavelength."""

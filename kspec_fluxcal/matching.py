@@ -28,6 +28,7 @@ __all__ = [
     "fit_corrected",
     "star_correction",
     "refine_parameters",
+    "score_points",
     "quadratic_minimum",
 ]
 
@@ -51,54 +52,81 @@ def _kernel_weights(frac):
     return w / w.sum(axis=-1, keepdims=True)
 
 
-def _positions(wavelength, rv):
-    """Fractional pixel positions (in the rest-frame spectrum) of each observed pixel."""
+def _positions(wavelength, rv, source=None):
+    """Fractional pixel positions, in a rest-frame spectrum sampled on ``source`` (default:
+    ``wavelength``), of the points ``wavelength`` seen at radial velocity ``rv``.
+
+    ``wavelength`` (..., P) and ``rv`` (...) broadcast (e.g. per-star pixels and trial
+    velocities); ``source`` is one 1-D grid."""
     wave = np.asarray(wavelength, dtype=np.float64)
+    src = wave if source is None else np.asarray(source, dtype=np.float64)
+    if src.ndim != 1:
+        raise ValueError("source wavelengths must be 1-D")
     z = np.asarray(rv, dtype=np.float64)[..., None] / SPEED_OF_LIGHT_KMS
-    return np.interp(wave / (1.0 + z), wave, np.arange(wave.size), left=-np.inf, right=np.inf)
+    return np.interp(wave / (1.0 + z), src, np.arange(src.size), left=-np.inf, right=np.inf)
 
 
-def shift_matrix(wavelength, rv):
-    """Sparse (npix, npix) operator moving a rest-frame spectrum to radial velocity ``rv``.
+def _key(wavelength):
+    # Rounded to 1e-6 A: exposures of one setup differ by ~1e-11 A (unit and air/vacuum
+    # conversions) and must share cache entries.
+    return np.ascontiguousarray(np.round(np.asarray(wavelength, dtype=np.float64), 6)).tobytes()
 
-    The result samples ``f(lambda / (1 + rv/c))`` at each pixel (the flux-density factor
-    1/(1 + z), <= 0.2 % for |rv| <= 500 km/s, is left to the photometric scale). Rows of
-    pixels whose source falls outside the spectrum are empty. Matrices are cached: a star's
-    velocity is reused by every scoring pass.
+
+def shift_matrix(wavelength, rv, source=None):
+    """Sparse operator moving a rest-frame spectrum to radial velocity ``rv``.
+
+    Parameters
+    ----------
+    wavelength : array_like, shape (P,)
+        The pixels to sample (e.g. a star's own wavelength solution).
+    rv : float
+        km/s.
+    source : array_like, shape (Q,), optional
+        The rest-frame spectrum's wavelengths (default: ``wavelength``).
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix, shape (P, Q)
+        Samples ``f(lambda / (1 + rv/c))`` at each pixel (the flux-density factor
+        1/(1 + z), <= 0.2 % for |rv| <= 500 km/s, is left to the photometric scale). Rows of
+        pixels whose source falls outside the spectrum are empty. Matrices are cached: a
+        star's velocity is reused by every scoring pass.
     """
-    # Keyed on wavelengths rounded to 1e-6 A: exposures of one setup differ by ~1e-11 A
-    # (unit and air/vacuum conversions) and must share cache entries.
-    wave = np.ascontiguousarray(np.round(np.asarray(wavelength, dtype=np.float64), 6))
-    return _shift_matrix_cached(wave.tobytes(), round(float(rv), 9))
+    source = wavelength if source is None else source
+    return _shift_matrix_cached(_key(wavelength), _key(source), round(float(rv), 9))
 
 
 @functools.lru_cache(maxsize=64)
-def _shift_matrix_cached(wave_bytes, rv):
+def _shift_matrix_cached(wave_bytes, source_bytes, rv):
     wavelength = np.frombuffer(wave_bytes, dtype=np.float64)
-    pos = _positions(wavelength, rv)
-    n = pos.size
+    source = np.frombuffer(source_bytes, dtype=np.float64)
+    pos = _positions(wavelength, rv, source)
+    n = source.size
     inside = np.isfinite(pos)
     base = np.floor(np.where(inside, pos, 0.0)).astype(int)
     weights = _kernel_weights(np.where(inside, pos, 0.0) - base)
     cols = np.clip(base[:, None] + _TAPS[None, :], 0, n - 1)
-    rows = np.broadcast_to(np.arange(n)[:, None], cols.shape)
+    rows = np.broadcast_to(np.arange(pos.size)[:, None], cols.shape)
     # Rows whose source is off the spectrum stay empty (no stored zeros), so callers can tell.
     keep = np.broadcast_to(inside[:, None], cols.shape)
-    return scipy.sparse.csr_matrix((weights[keep], (rows[keep], cols[keep])), shape=(n, n))
+    return scipy.sparse.csr_matrix((weights[keep], (rows[keep], cols[keep])),
+                                   shape=(pos.size, n))
 
 
-def shift_spectra(spectra, wavelength, rv):
-    """Shift spectra (..., npix) to radial velocity ``rv`` (km/s, scalar); NaN beyond the edges."""
-    matrix = shift_matrix(wavelength, rv)
-    flat = np.asarray(spectra, dtype=np.float64).reshape(-1, len(wavelength))
+def shift_spectra(spectra, wavelength, rv, source=None):
+    """Shift spectra (..., Q) on ``source`` (default ``wavelength``) to radial velocity ``rv``
+    (km/s, scalar), sampled at ``wavelength`` (P,); NaN beyond the edges."""
+    matrix = shift_matrix(wavelength, rv, source)
+    flat = np.asarray(spectra, dtype=np.float64).reshape(-1, matrix.shape[1])
     out = (matrix @ flat.T).T
     empty = np.asarray(matrix.getnnz(axis=1)) == 0
     out[:, empty] = np.nan
-    return out.reshape(np.shape(spectra))
+    return out.reshape(np.shape(spectra)[:-1] + (matrix.shape[0],))
 
 
-def _edge_margin(wavelength, rv):
-    pos = _positions(wavelength, rv)
+def _edge_margin(wavelength, rv, source=None):
+    """Pixels at each end whose shifted value leans on extrapolated taps."""
+    pos = _positions(wavelength, rv, source)
     shift = np.nanmax(np.abs(np.where(np.isfinite(pos), pos - np.arange(pos.shape[-1]), np.nan)))
     return int(np.ceil(shift)) + _LANCZOS_A + 1
 
@@ -107,7 +135,7 @@ def _edge_margin(wavelength, rv):
 
 
 def cross_correlate_rv(obs_norm, obs_weight, template_norm, wavelength, *, rv_max=500.0,
-                       oversample=4):
+                       oversample=4, star_wavelength=None):
     """Radial velocities by FFT cross-correlation in ln(lambda), vectorised over stars.
 
     Parameters
@@ -117,12 +145,15 @@ def cross_correlate_rv(obs_norm, obs_weight, template_norm, wavelength, *, rv_ma
     obs_weight : numpy.ndarray, shape (nstar, npix)
         Weights; 0 marks masked pixels (bad, telluric).
     template_norm : numpy.ndarray, shape (nstar, npix)
-        A normalised rest-frame template per star, on the same pixels.
+        A normalised rest-frame template per star, on ``wavelength``.
     wavelength : numpy.ndarray, shape (npix,)
+        The templates' pixels.
     rv_max : float
         Search range, +/- km/s.
     oversample : int
         Oversampling of the ln(lambda) grid relative to the pixels.
+    star_wavelength : numpy.ndarray, shape (nstar, npix) or (npix,), optional
+        Each star's own pixels (default: ``wavelength``).
 
     Returns
     -------
@@ -133,27 +164,35 @@ def cross_correlate_rv(obs_norm, obs_weight, template_norm, wavelength, *, rv_ma
     """
     wave = np.asarray(wavelength, dtype=np.float64)
     ln = np.log(wave)
+    ln_star = np.broadcast_to(ln if star_wavelength is None else np.log(star_wavelength),
+                              np.shape(obs_norm))
     n = oversample * wave.size
     grid = np.linspace(ln[0], ln[-1], n)
     step = grid[1] - grid[0]
     use = (obs_weight > 0) & np.isfinite(obs_norm)
 
-    def resample(values, mask):
-        sig = np.where(mask, 1.0 - values, 0.0)
-        idx = np.interp(grid, ln, np.arange(wave.size))
+    def resample(values, mask, ln_rows):
+        # Each star on its own pixels: one interpolation per star (a handful).
+        idx = np.stack([np.interp(grid, row, np.arange(row.size)) for row in ln_rows])
         lo = np.clip(np.floor(idx).astype(int), 0, wave.size - 2)
         t = idx - lo
-        out = sig[:, lo] * (1 - t) + sig[:, lo + 1] * t
-        m = (mask[:, lo] & mask[:, lo + 1]).astype(float)
+        rows = np.arange(values.shape[0])[:, None]
+        sig = np.where(mask, 1.0 - values, 0.0)
+        out = sig[rows, lo] * (1 - t) + sig[rows, lo + 1] * t
+        m = (mask[rows, lo] & mask[rows, lo + 1]).astype(float)
         mean = (out * m).sum(1, keepdims=True) / np.maximum(m.sum(1, keepdims=True), 1)
         return (out - mean) * m
 
     taper = np.ones(n)
     edge = max(1, n // 20)
     taper[:edge] = taper[-edge:][::-1] = 0.5 - 0.5 * np.cos(np.pi * np.arange(edge) / edge)
-    so = resample(obs_norm, use) * taper
-    template_ok = np.broadcast_to(np.isfinite(template_norm), use.shape) & use
-    st = resample(template_norm, template_ok) * taper
+    so = resample(obs_norm, use, ln_star) * taper
+    # The template only where the star has data (its pixels mapped onto the template's).
+    star_ok = np.stack([np.interp(ln, row, m.astype(float)) > 0.999 for row, m
+                        in zip(ln_star, use, strict=True)])
+    template_ok = np.isfinite(np.broadcast_to(template_norm, use.shape)) & star_ok
+    st = resample(np.broadcast_to(template_norm, use.shape), template_ok,
+                  np.broadcast_to(ln, use.shape)) * taper
     nfft = 2 * n
     ccf = np.fft.irfft(np.fft.rfft(so, nfft) * np.conj(np.fft.rfft(st, nfft)), nfft)
     norm = np.sqrt((so**2).sum(1) * (st**2).sum(1))
@@ -179,7 +218,7 @@ def cross_correlate_rv(obs_norm, obs_weight, template_norm, wavelength, *, rv_ma
 
 
 def refine_rv(obs_norm, obs_weight, template_norm, wavelength, rv0, *, half_width=None,
-              nstep=9, knot_spacing=None):
+              nstep=9, knot_spacing=None, star_wavelength=None):
     """Radial velocities refined by a chi^2 scan against each star's best template.
 
     The chi^2 of the template (with the smooth multiplicative correction of
@@ -194,24 +233,29 @@ def refine_rv(obs_norm, obs_weight, template_norm, wavelength, rv0, *, half_widt
     template_norm : numpy.ndarray, shape (nstar, npix)
         Normalised rest-frame templates, one per star.
     wavelength : numpy.ndarray, shape (npix,)
+        The templates' pixels.
     rv0 : numpy.ndarray, shape (nstar,)
         Starting velocities, km/s.
     half_width : float, optional
         Scan half width, km/s (default: one pixel).
     knot_spacing : float, optional
         Knot spacing of the multiplicative correction, Angstrom.
+    star_wavelength : numpy.ndarray, shape (nstar, npix) or (npix,), optional
+        Each star's own pixels (default: ``wavelength``).
 
     Returns
     -------
     rv, rv_err : numpy.ndarray, shape (nstar,)
     """
     wave = np.asarray(wavelength, dtype=np.float64)
+    star_wave = np.broadcast_to(wave if star_wavelength is None else star_wavelength,
+                                np.shape(obs_norm))
     pix_kms = SPEED_OF_LIGHT_KMS * np.median(np.diff(np.log(wave)))
     half_width = pix_kms if half_width is None else half_width
     offsets = np.linspace(-half_width, half_width, nstep)
     rv0 = np.asarray(rv0, dtype=np.float64)
     trial = rv0[:, None] + offsets[None, :]  # (S, V)
-    pos = _positions(wave, trial)  # (S, V, P)
+    pos = _positions(star_wave[:, None, :], trial, wave)  # (S, V, P)
     inside = np.isfinite(pos)
     base = np.floor(np.where(inside, pos, 0.0)).astype(int)
     kw = _kernel_weights(np.where(inside, pos, 0.0) - base)  # (S, V, P, taps)
@@ -220,11 +264,11 @@ def refine_rv(obs_norm, obs_weight, template_norm, wavelength, rv0, *, half_widt
     rows = np.arange(tmpl.shape[0])[:, None, None, None]
     shifted = np.sum(tmpl[rows, cols] * kw, axis=-1)  # (S, V, P)
     w = np.where(inside & np.isfinite(obs_norm)[:, None, :], obs_weight[:, None, :], 0.0)
-    margin = _edge_margin(wave, trial)
+    margin = _edge_margin(star_wave[:, None, :], trial, wave)
     w[..., :margin] = 0
     w[..., -margin:] = 0
     f = np.nan_to_num(obs_norm)
-    chi2 = np.stack([np.sum(w[s] * (f[s] - fit_corrected(f[s], w[s], shifted[s], wave,
+    chi2 = np.stack([np.sum(w[s] * (f[s] - fit_corrected(f[s], w[s], shifted[s], star_wave[s],
                                                            knot_spacing)) ** 2, axis=1)
                      for s in range(f.shape[0])])  # stars: a few; velocities vectorised
     best = np.clip(np.argmin(chi2, axis=1), 2, nstep - 3)
@@ -291,14 +335,15 @@ def fit_corrected(flux, weights, templates, wavelength, knot_spacing):
     return _corrections(flux, weights, templates, wavelength, knot_spacing) * templates
 
 
-def _to_rest_frame(flux, weight, wavelength, rv):
-    """A star's spectrum and weights moved to the rest frame (velocity ``rv`` removed).
+def _to_rest_frame(flux, weight, wavelength, rv, star_wavelength=None):
+    """A star's spectrum and weights moved to the rest frame (velocity ``rv`` removed) and
+    onto the templates' pixels ``wavelength`` (from its own, ``star_wavelength``).
 
     Pixels fed by a masked or off-range pixel get zero weight; the weights follow the
     interpolation (squared kernel) so that noise stays correctly weighted to first order.
     """
     back = SPEED_OF_LIGHT_KMS * (1.0 / (1.0 + rv / SPEED_OF_LIGHT_KMS) - 1.0)
-    matrix = shift_matrix(wavelength, back)
+    matrix = shift_matrix(wavelength, back, star_wavelength)
     var = np.where(weight > 0, 1.0 / np.where(weight > 0, weight, 1.0), 0.0)
     bad = (weight <= 0).astype(float)
     f = matrix @ np.where(weight > 0, flux, 0.0)
@@ -306,27 +351,29 @@ def _to_rest_frame(flux, weight, wavelength, rv):
     touched = np.abs(matrix) @ bad
     empty = np.asarray(matrix.getnnz(axis=1)) == 0
     w = np.where((touched < 1e-3) & ~empty & (v > 0), 1.0 / np.where(v > 0, v, 1.0), 0.0)
-    margin = _edge_margin(wavelength, rv)
+    margin = _edge_margin(wavelength, back, star_wavelength)
     w[:margin] = 0
     w[-margin:] = 0
     return np.where(w > 0, f, 0.0), w
 
 
-def star_correction(obs, ivar, template, rv, wavelength, knot_spacing):
-    """The smooth correction of one template (P,) at velocity ``rv`` fitted to a star.
+def star_correction(obs, ivar, template, rv, wavelength, knot_spacing, star_wavelength=None):
+    """The smooth correction of one template (P,) at velocity ``rv`` fitted to a star (on its
+    own pixels ``star_wavelength``, default ``wavelength``).
 
     Templates close to this one need nearly the same correction: dividing the star by it and
     scoring them with a single amplitude is much cheaper than a correction per template.
     """
-    shifted = shift_spectra(np.nan_to_num(template), wavelength, rv)
+    star_wave = wavelength if star_wavelength is None else star_wavelength
+    shifted = shift_spectra(np.nan_to_num(template), star_wave, rv, wavelength)
     w = np.where(np.isfinite(obs) & np.isfinite(shifted) & (ivar > 0), ivar, 0.0)
-    corr = _corrections(np.nan_to_num(obs), w, np.nan_to_num(shifted)[None], wavelength,
+    corr = _corrections(np.nan_to_num(obs), w, np.nan_to_num(shifted)[None], star_wave,
                         knot_spacing)[0]
     return np.where(corr > 0, corr, np.nan)
 
 
 def score_star(obs, ivar, templates, rv, wavelength, metric="chi2", delta=3.0, knot_spacing=None,
-               correction=None):
+               correction=None, star_wavelength=None):
     """Scores of many rest-frame templates (N, P) against one star (P,) at velocity ``rv``.
 
     Each template is fitted to the star times a smooth multiplicative correction (a cubic
@@ -337,20 +384,22 @@ def score_star(obs, ivar, templates, rv, wavelength, metric="chi2", delta=3.0, k
     iteratively reweighted least squares and is scaled to equal chi^2 for small residuals.
     With a fixed ``correction`` (P,) (see :func:`star_correction`), the star is divided by it
     and each template gets a single amplitude: the fast mode used to scan many templates.
-    Rows of ``templates`` with a NaN score NaN. float64 throughout.
+    The templates are on ``wavelength``, the star on its own pixels ``star_wavelength``
+    (default: the same). Rows of ``templates`` with a NaN score NaN. float64 throughout.
     """
     tmpl, missing = _clean_templates(templates)
     f, w = _star_arrays(obs, ivar, correction)
     if correction is not None:
         knot_spacing = None
     if knot_spacing is None and metric == "chi2":
-        return _fast_chi2(*_to_rest_frame(f, w, wavelength, rv), tmpl, missing)
-    shifted = (shift_matrix(wavelength, rv) @ tmpl.T).T  # (N, P)
-    margin = _edge_margin(wavelength, rv)
+        return _fast_chi2(*_to_rest_frame(f, w, wavelength, rv, star_wavelength), tmpl, missing)
+    star_wave = wavelength if star_wavelength is None else star_wavelength
+    shifted = (shift_matrix(star_wave, rv, wavelength) @ tmpl.T).T  # (N, P)
+    margin = _edge_margin(star_wave, rv, wavelength)
     w[:margin] = 0
     w[-margin:] = 0
     usable = (shifted**2) @ w > 0
-    model = fit_corrected(f, w, shifted, wavelength, knot_spacing)
+    model = fit_corrected(f, w, shifted, star_wave, knot_spacing)
     if metric == "chi2":
         score = np.sum(w * (f - model) ** 2, axis=1)
     else:
@@ -358,7 +407,7 @@ def score_star(obs, ivar, templates, rv, wavelength, metric="chi2", delta=3.0, k
         for _ in range(3):  # iteratively reweighted least squares
             r = (f - model) * sw
             hw = w * np.minimum(1.0, delta / np.maximum(np.abs(r), 1e-12))
-            model = fit_corrected(f, hw, shifted, wavelength, knot_spacing)
+            model = fit_corrected(f, hw, shifted, star_wave, knot_spacing)
         r = np.abs((f - model) * sw)
         score = 2.0 * np.sum(np.where(r <= delta, 0.5 * r**2, delta * (r - 0.5 * delta)), axis=1)
     return np.where(missing | ~usable, np.nan, score)
@@ -402,27 +451,30 @@ def _fast_chi2(flux, weight, tmpl, missing):
     return np.where(missing | ~usable, np.nan, score)
 
 
-def _score_block(obs, ivar, templates, rv, *correction, wavelength, metric, delta, knot_spacing):
-    """Scores of every (star, template): obs (S,1,P), ivar (S,1,P), templates ([1,]N,P), rv (S,1),
-    optional correction (S,1,P)."""
-    obs, ivar, rv = obs[:, 0, :], ivar[:, 0, :], rv[:, 0]
+def _score_block(obs, ivar, templates, rv, star_wave, *correction, wavelength, metric, delta,
+                 knot_spacing):
+    """Scores of every (star, template): obs, ivar, star_wave (S,1,P), templates ([1,]N,P),
+    rv (S,1), optional correction (S,1,P)."""
+    obs, ivar, rv, star_wave = obs[:, 0, :], ivar[:, 0, :], rv[:, 0], star_wave[:, 0, :]
     corr = correction[0][:, 0, :] if correction else [None] * obs.shape[0]
     if correction and metric == "chi2":
         # Fast mode: every star in its rest frame, then all stars x all templates at once.
         tmpl, missing = _clean_templates(templates)
-        rest = [_to_rest_frame(*_star_arrays(obs[s], ivar[s], corr[s]), wavelength, rv[s])
+        rest = [_to_rest_frame(*_star_arrays(obs[s], ivar[s], corr[s]), wavelength, rv[s],
+                               star_wave[s])
                 for s in range(obs.shape[0])]  # one spectrum per star
         return _fast_chi2(np.stack([f for f, _ in rest]), np.stack([w for _, w in rest]), tmpl,
                           missing)
     tmpl = np.asarray(templates, dtype=np.float64).reshape(-1, templates.shape[-1])
     # Stars with their own fitted corrections: each star's velocity shifts the templates.
     return np.stack([score_star(obs[s], ivar[s], tmpl, rv[s], wavelength, metric, delta,
-                                knot_spacing, corr[s])
+                                knot_spacing, corr[s], star_wave[s])
                      for s in range(obs.shape[0])]).reshape(obs.shape[0], tmpl.shape[0])
 
 
 def score_templates(obs_norm, obs_ivar, templates_norm, rv, *, metric="chi2", huber_delta=3.0,
-                    knot_spacing=None, correction=None, dim="wavelength", template_dim="template"):
+                    knot_spacing=None, correction=None, star_wavelength=None, dim="wavelength",
+                    template_dim="template"):
     """Score every template against every star in one vectorised pass (lazy with Dask).
 
     Parameters
@@ -440,6 +492,11 @@ def score_templates(obs_norm, obs_ivar, templates_norm, rv, *, metric="chi2", hu
     knot_spacing : float, optional
         Knot spacing (Angstrom) of the smooth multiplicative correction fitted with each
         template (see :func:`score_star`); None for a single amplitude.
+    correction : xarray.DataArray, optional
+        Fixed smooth corrections (``star``, ``dim``): the fast mode of :func:`score_star`.
+    star_wavelength : xarray.DataArray, optional
+        Each star's own pixel wavelengths (``star``, ``dim``); default: the ``dim``
+        coordinate, on which the templates are.
 
     Returns
     -------
@@ -451,14 +508,16 @@ def score_templates(obs_norm, obs_ivar, templates_norm, rv, *, metric="chi2", hu
     wave = obs_norm[dim].values
     with xr.set_options(arithmetic_join="exact"):
         xr.align(obs_norm, templates_norm, join="exact", exclude=[template_dim, "star"])
-    args = [obs_norm, obs_ivar, templates_norm, rv]
+    if star_wavelength is None:
+        star_wavelength = obs_norm[dim].broadcast_like(obs_norm).drop_vars(dim)
+    args = [obs_norm, obs_ivar, templates_norm, rv, star_wavelength]
     if correction is not None:
         args.append(correction)
     out = xr.apply_ufunc(
         _score_block, *args,
         kwargs={"wavelength": wave, "metric": metric, "delta": huber_delta,
                 "knot_spacing": knot_spacing},
-        input_core_dims=[[dim], [dim], [dim], []] + [[dim]] * (correction is not None),
+        input_core_dims=[[dim], [dim], [dim], [], [dim]] + [[dim]] * (correction is not None),
         dask="parallelized", output_dtypes=[np.float64],
     )
     out.attrs = {"metric": metric, "description": f"{metric} of the normalised spectra"}
@@ -504,49 +563,97 @@ def quadratic_minimum(x, y):
     return xmin, cov
 
 
-def refine_parameters(obs_norm, obs_ivar, templates_norm, template_index, axes, start, rv,
-                      wavelength, *, metric="chi2", delta=3.0, knot_spacing=None,
-                      spec_scale=None, extra_score=None, correction=None,
-                      levels=((5, 1.0), (5, 1.0 / 3))):
-    """Refine (teff, logg, [M/H]) between grid points by a lattice search on interpolated
-    templates, then a quadratic fit of the scores for the minimum and its errors.
-
-    Each level scores a lattice of n^3 parameter sets spanning +/- ``half`` grid steps around
-    the current best, with templates interpolated multilinearly from the grid (one sparse
-    matrix product for the whole lattice), vectorised over lattice points and templates.
+def score_points(obs_norm, obs_ivar, templates, template_index, axes, points, rv, wavelength,
+                 *, metric="chi2", delta=3.0, knot_spacing=None, spec_scale=None,
+                 extra_score=None, correction=None, star_wavelength=None):
+    """Scores of models interpolated at parameter points, vectorised over points.
 
     Parameters
     ----------
     obs_norm, obs_ivar : numpy.ndarray, shape (nstar, npix)
-    templates_norm : numpy.ndarray, shape (ntemplate, npix)
-        Normalised templates of the existing grid points.
+    templates : numpy.ndarray (ntemplate, npix) or callable
+        Normalised templates of the existing grid points on ``wavelength``, or a function
+        returning the rows of given template positions (only the corners used are asked for).
     template_index : numpy.ndarray of int, shape of the grid axes
-        Position along ``templates_norm`` of each grid point, -1 when missing.
+        Position of each grid point along the templates, -1 when missing.
     axes : dict
         Grid axes (teff, logg, feh, alpha).
-    start : dict of numpy.ndarray
-        Starting parameters (the best grid point) of each star, including alpha.
+    points : numpy.ndarray, shape (nstar, K, 4)
+        (teff, logg, feh, alpha) of each star's K points.
     rv : numpy.ndarray, shape (nstar,)
     spec_scale : numpy.ndarray, shape (nstar,), optional
-        Divide each star's spectral scores by this (e.g. its best chi^2/dof, so that template
-        mismatch does not outweigh the other terms).
+        Divide each star's spectral scores by this.
+    extra_score : callable, optional
+        ``extra_score(star, weights, points)`` -> scores (K,) added to the spectral ones,
+        where ``weights`` (K, ntemplate) is the sparse interpolation matrix of the star's
+        points (K, 4) (e.g. the photometric chi^2 of the interpolated models).
     correction : numpy.ndarray, shape (nstar, npix), optional
         Fixed smooth corrections (fast mode of :func:`score_star`).
-    extra_score : callable, optional
-        ``extra_score(star, weights)`` -> scores (K,) added to the spectral ones, where
-        ``weights`` (K, ntemplate) is the sparse interpolation matrix of the lattice (the
-        photometric chi^2 of the interpolated models, for example).
+    star_wavelength : numpy.ndarray, shape (nstar, npix), optional
+        Each star's own pixels.
+
+    Returns
+    -------
+    numpy.ndarray, shape (nstar, K)
+    """
+    from .grid import interpolation_weights
+
+    nstar, k = points.shape[:2]
+    flat = points.reshape(-1, 4)
+    index, weight = interpolation_weights(axes, template_index >= 0, *flat.T)
+    cols = template_index[tuple(index[..., d] for d in range(4))]
+    weight = np.where(cols >= 0, np.nan_to_num(weight), 0.0)
+    used = weight > 0
+    ids = np.unique(cols[used])
+    rows = np.repeat(np.arange(flat.shape[0]), index.shape[1])
+    ntemplate = int(template_index.max()) + 1
+    full = scipy.sparse.csr_matrix((weight[used], (rows[used.ravel()], cols[used])),
+                                   shape=(flat.shape[0], ntemplate))
+    data = templates(ids) if callable(templates) else np.asarray(templates)[ids]
+    models = (full[:, ids] @ np.asarray(data, dtype=np.float64)).reshape(nstar, k, -1)
+    star_wave = [None] * nstar if star_wavelength is None else star_wavelength
+    scores = np.stack([score_star(obs_norm[s], obs_ivar[s], models[s], rv[s], wavelength,
+                                  metric, delta, knot_spacing,
+                                  None if correction is None else correction[s], star_wave[s])
+                       for s in range(nstar)])
+    if spec_scale is not None:
+        scores = scores / np.asarray(spec_scale, dtype=float)[:, None]
+    if extra_score is not None:
+        scores = scores + np.stack([extra_score(s, full[s * k:(s + 1) * k], points[s])
+                                    for s in range(nstar)])
+    return scores
+
+
+def refine_parameters(obs_norm, obs_ivar, templates, template_index, axes, start, rv,
+                      wavelength, *, levels=((5, 1.0), (5, 1.0 / 3)), **options):
+    """Refine (teff, logg, [M/H]) between grid points by a lattice search on interpolated
+    templates, then a quadratic fit of the scores for the minimum and its errors.
+
+    Each level scores a lattice of n^3 parameter sets spanning +/- ``half`` grid steps around
+    the current best (at the start's [alpha/M]) with :func:`score_points`, vectorised over
+    lattice points.
+
+    Parameters
+    ----------
+    obs_norm, obs_ivar, templates, template_index, axes, rv, wavelength
+        As for :func:`score_points`.
+    start : dict of numpy.ndarray
+        Starting parameters (the best grid point) of each star, including alpha.
+    **options
+        ``metric``, ``delta``, ``knot_spacing``, ``spec_scale``, ``extra_score``,
+        ``correction``, ``star_wavelength``: see :func:`score_points`.
 
     Returns
     -------
     params : dict of numpy.ndarray
         Refined teff, logg, feh (alpha unchanged).
     errors : dict of numpy.ndarray
-        1-sigma errors (delta chi^2 = 1, inflated by sqrt(chi^2/dof) when above 1).
+        1-sigma errors (delta score = 1, inflated by sqrt(chi^2/dof) when above 1 and no
+        ``spec_scale`` is given).
     score : numpy.ndarray, shape (nstar,)
         The best score found (to compare refinements started from different points).
     """
-    from .grid import PARAMS, interpolation_weights
+    from .grid import PARAMS
 
     names = PARAMS[:3]
     nstar = obs_norm.shape[0]
@@ -554,32 +661,15 @@ def refine_parameters(obs_norm, obs_ivar, templates_norm, template_index, axes, 
     lo = np.array([axes[p][0] for p in names])
     hi = np.array([axes[p][-1] for p in names])
     centre = np.stack([np.asarray(start[p], dtype=float) for p in names], axis=1)  # (S, 3)
-    exists = template_index >= 0
-    ntemplate = templates_norm.shape[0]
+    alpha = np.asarray(start["alpha"], dtype=float)
     for n, half in levels:
         u = np.linspace(-half, half, n)
         grid = np.array(np.meshgrid(u, u, u, indexing="ij")).reshape(3, -1).T  # (K, 3)
         points = np.clip(centre[:, None, :] + grid[None] * steps, lo, hi)  # (S, K, 3)
-        k = points.shape[1]
-        flat = points.reshape(-1, 3)
-        alpha = np.repeat(np.asarray(start["alpha"], dtype=float), k)
-        index, weight = interpolation_weights(axes, exists, flat[:, 0], flat[:, 1], flat[:, 2],
-                                              alpha)
-        cols = template_index[tuple(index[..., d] for d in range(4))]
-        weight = np.where(cols >= 0, np.nan_to_num(weight), 0.0)
-        rows = np.repeat(np.arange(flat.shape[0]), 8)
-        matrix = scipy.sparse.csr_matrix((weight.ravel(), (rows, np.maximum(cols, 0).ravel())),
-                                         shape=(flat.shape[0], ntemplate))
-        models = (matrix @ templates_norm.astype(np.float64)).reshape(nstar, k, -1)
-        scores = np.stack([score_star(obs_norm[s], obs_ivar[s], models[s], rv[s], wavelength,
-                                      metric, delta, knot_spacing,
-                                      None if correction is None else correction[s])
-                           for s in range(nstar)])
-        if spec_scale is not None:
-            scores = scores / np.asarray(spec_scale, dtype=float)[:, None]
-        if extra_score is not None:
-            scores = scores + np.stack([extra_score(s, matrix[s * k:(s + 1) * k])
-                                        for s in range(nstar)])
+        full = np.concatenate([points, np.broadcast_to(alpha[:, None, None],
+                                                       points.shape[:2] + (1,))], axis=2)
+        scores = score_points(obs_norm, obs_ivar, templates, template_index, axes, full, rv,
+                              wavelength, **options)
         best = np.nanargmin(np.where(np.isfinite(scores), scores, np.inf), axis=1)
         centre = points[np.arange(nstar), best]
     # Quadratic through the last lattice, in grid steps around its best point.
@@ -590,7 +680,7 @@ def refine_parameters(obs_norm, obs_ivar, templates_norm, template_index, axes, 
     params = dict(start)
     errors = {}
     npix = (obs_ivar > 0).sum(axis=1)
-    dof_scale = np.ones(nstar) if spec_scale is not None else np.sqrt(
+    dof_scale = np.ones(nstar) if options.get("spec_scale") is not None else np.sqrt(
         np.maximum(np.nanmin(scores, axis=1) / np.maximum(npix - 1, 1), 1.0))
     j = 0
     for i, p in enumerate(names):

@@ -9,7 +9,17 @@ from importlib import resources
 import numpy as np
 import xarray as xr
 
-from .constants import AB_REFERENCE_FNU, BANDS, COLOUR_EXCESS_PER_EBV, SPEED_OF_LIGHT_AAS
+from .constants import (
+    AB_REFERENCE_FNU,
+    BANDS,
+    COLOUR_EXCESS_PER_EBV,
+    GAIA_DR2_PARALLAX_ZEROPOINT_MAS,
+    GM_SUN_CGS,
+    MIN_PARALLAX_SNR,
+    PARSEC_CM,
+    SPEED_OF_LIGHT_AAS,
+    STANDARD_MASS_PRIOR,
+)
 from .wavelength import air_to_vacuum
 
 __all__ = [
@@ -22,6 +32,8 @@ __all__ = [
     "synthetic_mag",
     "teff_from_color",
     "colour_teff_table",
+    "fit_photometry",
+    "logg_from_parallax",
 ]
 
 # Planck constant times c, erg Angstrom, as speclite computes it (photon weighting).
@@ -289,3 +301,122 @@ def teff_from_color(mag, *, ebv=0.0, table=None, window=750.0, extinction=None):
         "teff_method": xr.apply_ufunc(lambda m: names[m], method, dask="parallelized",
                                       output_dtypes=[names.dtype]),
     })
+
+
+# ----------------------------------------------------------------------------- model fits
+
+
+def fit_photometry(mag_obs, mag_err, mag_model, ext_coeff, *, ebv_prior=None, ebv_prior_sigma=0.05,
+                   reddening=True, ebv_max=1.0, error_floor=0.01, outlier_sigma=5.0,
+                   outlier_mag=0.1, min_bands=2):
+    """Flux scale and E(B-V) of model spectra from catalog photometry, vectorised over stars.
+
+    Solves, by weighted least squares over the valid bands b,
+    ``mag_obs_b = mag_model_b + mu + R_b * E`` with ``scale = 10**(-0.4 mu)``, a Gaussian
+    prior ``E ~ N(ebv_prior, ebv_prior_sigma)`` and ``0 <= E <= ebv_max``; a band whose
+    residual exceeds both ``outlier_sigma`` sigma and ``outlier_mag`` is dropped (the worst
+    first, at most a third of the valid bands) and the fit repeated.
+
+    Parameters
+    ----------
+    mag_obs, mag_err, mag_model, ext_coeff : numpy.ndarray, shape (nstar, nband)
+        Catalog AB magnitudes and errors (NaN = not measured), model synthetic magnitudes and
+        band extinction coefficients A_b / E(B-V).
+    ebv_prior : numpy.ndarray, shape (nstar,), optional
+        Prior mean of E(B-V) (NaN: no catalog value, then a prior of 0 +/- 0.1).
+
+    Returns
+    -------
+    dict of numpy.ndarray
+        ``mu``, ``mu_err``, ``ebv``, ``ebv_err``, ``resid`` (nstar, nband; NaN for unused
+        bands), ``used`` (bool), ``dropped`` (bool), ``n_bands``, ``rms`` and ``chi2`` (of the
+        used bands, with the prior's term).
+    """
+    nstar, nband = mag_obs.shape
+    d = mag_obs - mag_model
+    valid = np.isfinite(d) & np.isfinite(mag_err) & np.isfinite(ext_coeff)
+    sigma2 = np.where(valid, mag_err**2 + error_floor**2, np.inf)
+    if ebv_prior is None:
+        ebv_prior = np.full(nstar, np.nan)
+    prior_mean = np.where(np.isfinite(ebv_prior), ebv_prior, 0.0)
+    prior_sig = np.where(np.isfinite(ebv_prior), ebv_prior_sigma, 0.1)
+    prior_w = np.where(prior_sig > 0, 1.0 / np.maximum(prior_sig, 1e-12) ** 2, 0.0)
+    used = valid.copy()
+    dropped = np.zeros_like(valid)
+    for _ in range(nband):
+        w = np.where(used, 1.0 / sigma2, 0.0)
+        r_ = np.where(used, ext_coeff, 0.0)
+        d_ = np.where(used, d, 0.0)
+        s0, s1, s2 = w.sum(1), (w * r_).sum(1), (w * r_**2).sum(1)
+        b0, b1 = (w * d_).sum(1), (w * r_ * d_).sum(1)
+        if reddening:
+            a11 = s2 + prior_w
+            det = s0 * a11 - s1**2
+            with np.errstate(divide="ignore", invalid="ignore"):
+                ebv = (s0 * (b1 + prior_w * prior_mean) - s1 * b0) / det
+            ebv = np.clip(np.nan_to_num(ebv), 0.0, ebv_max)
+        else:
+            ebv = np.zeros(nstar)
+            a11 = det = np.full(nstar, np.nan)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mu = (b0 - s1 * ebv) / s0
+        resid = np.where(used, d - mu[:, None] - ext_coeff * ebv[:, None], np.nan)
+        bad = (used & (np.abs(resid) > outlier_sigma * np.sqrt(sigma2))
+               & (np.abs(resid) > outlier_mag))
+        # Drop a few outlier bands at most: photometry that disagrees in many bands is the
+        # wrong star or the wrong model, and must show in the rms, not be pruned away.
+        can_drop = (used.sum(1) > min_bands) & (dropped.sum(1) < np.maximum(1, valid.sum(1) // 3))
+        worst = np.nanargmax(np.where(bad, np.abs(resid), -np.inf), axis=1)
+        drop = bad.any(1) & can_drop
+        if not drop.any():
+            break
+        used[np.flatnonzero(drop), worst[drop]] = False
+        dropped[np.flatnonzero(drop), worst[drop]] = True
+    with np.errstate(divide="ignore", invalid="ignore"):
+        chi2 = np.nansum(np.where(used, resid**2 / sigma2, 0.0), axis=1)
+        if reddening:
+            chi2 = chi2 + prior_w * (ebv - prior_mean) ** 2
+            # Covariance of (mu, E): the inverse of the 2x2 normal matrix.
+            mu_err = np.sqrt(a11 / det)
+            ebv_err = np.sqrt(s0 / det)
+        else:
+            mu_err = np.sqrt(1.0 / s0)
+            ebv_err = np.full(nstar, np.nan)
+        n_bands = used.sum(1)
+        rms = np.sqrt(np.sum(np.where(used, resid, 0.0) ** 2, axis=1) / n_bands)
+    return {"mu": mu, "mu_err": mu_err, "ebv": ebv, "ebv_err": ebv_err, "resid": resid,
+            "used": used, "dropped": dropped, "n_bands": n_bands, "rms": rms, "chi2": chi2}
+
+
+def logg_from_parallax(scale, parallax, parallax_err, mass=STANDARD_MASS_PRIOR):
+    """Surface gravity implied by a model's flux scale and the star's parallax.
+
+    A template's surface flux times ``scale`` = (R/D)^2 matches the star's photometry; the
+    parallax gives D, hence the radius R, and a mass prior gives log g = log10(G M / R^2).
+    Standards include metal-poor subdwarfs, so no dwarf sequence is assumed: only the mass.
+
+    Parameters
+    ----------
+    scale : array_like
+        Dilution factors (R/D)^2 of the models (surface flux to flux at Earth).
+    parallax, parallax_err : array_like
+        Catalog parallax and its error, mas (Gaia DR2: the global zero point
+        :data:`~kspec_fluxcal.constants.GAIA_DR2_PARALLAX_ZEROPOINT_MAS` is removed).
+    mass : (float, float)
+        Mean and sigma of the mass prior, Msun.
+
+    Returns
+    -------
+    logg, logg_err : numpy.ndarray
+        cgs dex; NaN where the parallax is missing or below
+        :data:`~kspec_fluxcal.constants.MIN_PARALLAX_SNR` sigma.
+    """
+    plx = np.asarray(parallax, dtype=np.float64) - GAIA_DR2_PARALLAX_ZEROPOINT_MAS
+    err = np.asarray(parallax_err, dtype=np.float64)
+    good = np.isfinite(plx) & np.isfinite(err) & (err > 0) & (plx > MIN_PARALLAX_SNR * err)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        distance = PARSEC_CM * 1000.0 / np.where(good, plx, np.nan)
+        radius2 = distance**2 * np.asarray(scale, dtype=np.float64)
+        logg = np.log10(GM_SUN_CGS * mass[0] / radius2)
+        logg_err = np.hypot(mass[1] / mass[0], 2.0 * err / plx) / np.log(10.0)
+    return np.where(good, logg, np.nan), np.where(good, logg_err, np.nan)

@@ -1,35 +1,45 @@
-"""Standard-star fitting: template, radial velocity, reddening and flux scale of every
-standard star (TYPE 'C') of an exposure, and its calibration vector
+"""Standard-star fitting: template, radial velocity, line spread, reddening and flux scale of
+every standard star (TYPE 'C') of an exposure, and its calibration vector
 Cal_star(lambda) = F_model(lambda) / counts(lambda).
 
-Steps (reference design sections 3 and 7-10, with the improvements of issue 4):
+The fit is a sequence of named steps (:func:`_fit` composes them), each on plain arrays:
 
-1. Teff from the Gaia BP-RP colour (else PS1 g-r), dereddened with the catalog's extinction,
-   read off the template grid's own synthetic colours; it bounds the search.
-2. Radial velocity by cross-correlation in ln(lambda) against a template near that Teff.
-3. Observed and template spectra continuum-normalised the same way (tellurics, bad pixels
-   and non-positive pixels masked).
-4. Every template scored in one vectorised pass (chi^2 or Huber, float64 sums).
-5. The velocity refined against the best template, the scores recomputed there, and
-   (teff, logg, [M/H]) refined by a quadratic fit of the scores around the best grid point.
-6-7. The interpolated model reddened and scaled: E(B-V) and the flux scale from all valid
-   bands by weighted least squares, with the catalog extinction as a Gaussian prior,
-   using the grid's precomputed synthetic magnitudes and band extinction coefficients.
-8. Cal_star with variance and a mask (bad pixels and strong stellar-line cores; telluric
-   bands are kept: the model has none, so the vector carries the atmosphere, which every
-   fiber of the exposure shares).
+1. :func:`_observed` -- the standards on their own pixels, continuum-normalised (tellurics,
+   bad and non-positive pixels masked), their S/N.
+2. :func:`_priors` -- Teff window from the Gaia BP-RP colour (else PS1 g-r) dereddened with
+   the catalog's extinction and read off the templates' own synthetic colours; the catalog's
+   E(B-V); the parallax.
+3. :func:`_initial_rv` -- velocity by cross-correlation against a template near that Teff.
+4. :func:`_scan` -- every template of the windows scored in one vectorised pass (chi^2 or
+   Huber, float64, each with a smooth multiplicative correction), the velocity refined on the
+   best and the templates scored again.
+5. :func:`_fit_lsf_scale` -- the width of the line spread the stars show, relative to the
+   header's (FWHMPCk measured on arcs differ from the stars' by pixel response, focus drift,
+   the library's own resolution): a chi^2 parabola in the width of the best models, pooled
+   over the stars; templates re-prepared and re-scanned at that width.
+6. :func:`_choose` -- spectral scores (per effective degree of freedom) plus the photometric
+   chi^2 of each scaled, reddened model (E(B-V) with the catalog's as a prior) plus a log g
+   prior from the parallax: the choice of grid points; then :func:`_refine` -- lattice
+   refinement between grid points from several starts, then [alpha/M] between its nodes.
+7. :func:`_final_model` -- the interpolated model, its velocity once more, its photometric
+   scale and E(B-V), and the model error: the fractional mismatch per pixel that makes
+   chi^2/dof = 1 (every real grid is 1-3 % from real stars).
+8. :func:`_vectors` -- Cal_star with variance (photon noise, model error, scale error) and a
+   mask (bad pixels and strong-line cores; telluric bands are kept: every fiber shares the
+   atmosphere).
+9. :func:`_acceptance` -- a star is rejected only for what makes it wrong for calibration
+   (see :func:`_acceptance`); template mismatch is a quality figure, not a reason.
 """
 
 from __future__ import annotations
 
-import collections
-import threading
+from types import SimpleNamespace
 
 import numpy as np
 import xarray as xr
 
 from .catalog import match_standards
-from .config import Config
+from .config import Config, continuum_options
 from .constants import (
     A_GAIA_G_PER_EBV,
     A_PS1_G_PER_EBV,
@@ -37,7 +47,7 @@ from .constants import (
     FLUX_UNIT,
     FLUX_UNIT_SCALE,
 )
-from .continuum import fit_continuum
+from .continuum import fit_continuum, spline_basis
 from .grid import PARAMS, interpolation_weights
 from .lsf import LineSpread
 from .masks import load_regions, region_mask
@@ -46,18 +56,29 @@ from .matching import (
     fit_corrected,
     refine_parameters,
     refine_rv,
+    score_points,
     score_star,
     score_templates,
     shift_spectra,
     star_correction,
 )
-from .photometry import teff_from_color
+from .photometry import fit_photometry, logg_from_parallax, teff_from_color
 from .reddening import extinction_per_ebv
-from .templates import prepare_templates, prepared_templates
+from .templates import (
+    check_coverage,
+    is_library,
+    library_range,
+    library_spectra,
+    prepare_library,
+)
 
-__all__ = ["fit_standards", "prepare_setup", "exposure_lsf", "fit_photometry"]
+__all__ = ["fit_standards", "exposure_lsf", "fit_photometry", "template_library"]
 
 _LN10_04 = 0.4 * np.log(10.0)
+#: Trial widths of the line spread, relative to the current one (step 5).
+_LSF_TRIALS = np.array([0.9, 1.0, 1.1])
+#: A fitted width closer to 1 than this is not applied (the re-scan would change nothing).
+_LSF_MIN_CHANGE = 0.005
 
 
 def exposure_lsf(exposure, config):
@@ -67,206 +88,19 @@ def exposure_lsf(exposure, config):
     return LineSpread.from_attrs(exposure.attrs)
 
 
-def _continuum_options(config):
-    c = config.continuum
-    return {"method": c.method, "knot_spacing": c.knot_spacing, "degree": c.degree,
-            "poly_degree": c.poly_degree, "window": c.window, "sigma_low": c.sigma_low,
-            "sigma_high": c.sigma_high, "iterations": c.iterations}
-
-
-# ----------------------------------------------------------------------------- setups
-
-_SETUPS = collections.OrderedDict()
-_SETUPS_LOCK = threading.Lock()
-
-
-def prepare_setup(grid, wavelength, lsf, config=None, *, cache_dir=None):
-    """Everything template matching needs for one instrument setup, computed once.
-
-    Parameters
-    ----------
-    grid : xarray.Dataset
-        A cube from :func:`kspec_fluxcal.open_grid`.
-    wavelength : array_like
-        The setup's wavelengths (Angstrom, air).
-    lsf : LineSpread
-        The setup's line-spread function.
-    config : Config, optional
-        Continuum options are taken from it.
-    cache_dir : path-like, optional
-        Where prepared cubes are cached as Zarr stores.
-
-    Returns
-    -------
-    xarray.Dataset
-        In memory. Dim ``template`` (existing grid points only) with ``flux`` (prepared,
-        erg/s/cm^2/A), ``norm`` (continuum-normalised), ``synth_mag``, ``ext_coeff`` and
-        per-template coordinates ``template_teff`` ... ``template_alpha``; and
-        ``template_index`` (teff, logg, feh, alpha): position along ``template``, -1 for
-        missing grid points. Small enough (~10-30 MB) to scatter to every worker.
-    """
+def template_library(grid, exposure, config=None, *, cache_dir=None):
+    """The template library (:func:`kspec_fluxcal.templates.prepare_library`) serving an
+    exposure: ``grid`` itself when it already is one covering the exposure."""
     config = Config() if config is None else config
-    wave = np.asarray(wavelength, dtype=np.float64)
-    options = _continuum_options(config)
-    key = (str(grid.attrs.get("build_plan")), str(grid.attrs.get("store")),
-           wave.size, float(wave[0]), float(wave[-1]), hash(wave.tobytes()), lsf.key(),
-           tuple(sorted(options.items())))
-    with _SETUPS_LOCK:
-        if key in _SETUPS:
-            _SETUPS.move_to_end(key)
-            return _SETUPS[key]
-    # The setup itself is cached below: keep the prepared cube in memory only through it, and
-    # use the cube cache just for its Zarr copies on disk.
-    cube = (prepared_templates(grid, wave, lsf, cache_dir=cache_dir, variables=("flux",))
-            if cache_dir is not None else prepare_templates(grid, wave, lsf,
-                                                             variables=("flux",)).load())
-    stacked = cube.stack(template=PARAMS)
-    exists = cube["exists"].values
-    keep = np.flatnonzero(stacked["exists"].values)
-    stacked = stacked.isel(template=keep)
-    flux = stacked["flux"].transpose("template", "wavelength").values
-    norm = flux / fit_continuum(flux, wave, **options)
-    template_index = np.full(exists.shape, -1, dtype=np.int64)
-    template_index[exists] = np.arange(keep.size)
-    setup = xr.Dataset(
-        {
-            "flux": (("template", "wavelength"), flux.astype(np.float32),
-                     {"units": "erg/(s cm2 Angstrom)"}),
-            "norm": (("template", "wavelength"), norm.astype(np.float32)),
-            "synth_mag": (("template", "band"),
-                          stacked["synth_mag"].transpose("template", "band").values),
-            "ext_coeff": (("template", "law", "band"),
-                          stacked["ext_coeff"].transpose("template", "law", "band").values),
-            "template_index": (PARAMS, template_index),
-        },
-        coords={
-            "wavelength": ("wavelength", wave, {"units": "Angstrom", "medium": "air"}),
-            "band": ("band", cube["band"].values),
-            "law": ("law", cube["law"].values),
-            **{p: (p, cube[p].values) for p in PARAMS},
-            **{f"template_{p}": ("template", stacked[p].values) for p in PARAMS},
-        },
-        attrs={**{k: v for k, v in cube.attrs.items()}, "continuum": str(options)},
-    )
-    with _SETUPS_LOCK:
-        _SETUPS[key] = setup
-        while len(_SETUPS) > 4:
-            _SETUPS.popitem(last=False)
-    return setup
+    if is_library(grid):
+        return grid
+    wave = exposure["wavelength"].values
+    lsf = exposure_lsf(exposure, config)
+    check_coverage(grid, wave, lsf)
+    return prepare_library(grid, library_range(wave, lsf), config, cache_dir=cache_dir)
 
 
-def _colour_table(setup):
-    """Teff vs synthetic BP-RP and g-r of the grid's dwarfs (logg ~ 4.5, [M/H] ~ 0)."""
-    t = setup["template_teff"].values
-    g = setup["template_logg"].values
-    m = setup["template_feh"].values
-    a = setup["template_alpha"].values
-    best_g = setup["logg"].values[np.argmin(np.abs(setup["logg"].values - 4.5))]
-    best_m = setup["feh"].values[np.argmin(np.abs(setup["feh"].values))]
-    best_a = setup["alpha"].values[np.argmin(np.abs(setup["alpha"].values))]
-    sel = (g == best_g) & (m == best_m) & (a == best_a)
-    if sel.sum() < 2:
-        return None
-    mag = setup["synth_mag"].isel(template=np.flatnonzero(sel))
-    order = np.argsort(t[sel])
-    table = xr.Dataset(coords={"teff": t[sel][order]})
-    for name, blue, red in (("bp_rp", "gaiadr2-BP", "gaiadr2-RP"), ("g_r", "panstarrs-g",
-                                                                   "panstarrs-r")):
-        colour = (mag.sel(band=blue) - mag.sel(band=red)).values[order]
-        table[name] = ("teff", colour)
-    return table
-
-
-# ----------------------------------------------------------------------------- photometry
-
-
-def fit_photometry(mag_obs, mag_err, mag_model, ext_coeff, *, ebv_prior=None, ebv_prior_sigma=0.05,
-                   reddening=True, ebv_max=1.0, error_floor=0.01, outlier_sigma=5.0,
-                   outlier_mag=0.1, min_bands=2):
-    """Flux scale and E(B-V) of model spectra from catalog photometry, vectorised over stars.
-
-    Solves, by weighted least squares over the valid bands b,
-    ``mag_obs_b = mag_model_b + mu + R_b * E`` with ``scale = 10**(-0.4 mu)``, a Gaussian
-    prior ``E ~ N(ebv_prior, ebv_prior_sigma)`` and ``0 <= E <= ebv_max``; a band whose
-    residual exceeds both ``outlier_sigma`` sigma and ``outlier_mag`` is dropped (the worst
-    first, at most a third of the valid bands) and the fit repeated.
-
-    Parameters
-    ----------
-    mag_obs, mag_err, mag_model, ext_coeff : numpy.ndarray, shape (nstar, nband)
-        Catalog AB magnitudes and errors (NaN = not measured), model synthetic magnitudes and
-        band extinction coefficients A_b / E(B-V).
-    ebv_prior : numpy.ndarray, shape (nstar,), optional
-        Prior mean of E(B-V) (NaN: no catalog value, then a prior of 0 +/- 0.1).
-
-    Returns
-    -------
-    dict of numpy.ndarray
-        ``mu``, ``mu_err``, ``ebv``, ``ebv_err``, ``resid`` (nstar, nband; NaN for unused
-        bands), ``used`` (bool), ``dropped`` (bool), ``n_bands``, ``rms`` and ``chi2`` (of the
-        used bands, with the prior's term).
-    """
-    nstar, nband = mag_obs.shape
-    d = mag_obs - mag_model
-    valid = np.isfinite(d) & np.isfinite(mag_err) & np.isfinite(ext_coeff)
-    sigma2 = np.where(valid, mag_err**2 + error_floor**2, np.inf)
-    if ebv_prior is None:
-        ebv_prior = np.full(nstar, np.nan)
-    prior_mean = np.where(np.isfinite(ebv_prior), ebv_prior, 0.0)
-    prior_sig = np.where(np.isfinite(ebv_prior), ebv_prior_sigma, 0.1)
-    prior_w = np.where(prior_sig > 0, 1.0 / np.maximum(prior_sig, 1e-12) ** 2, 0.0)
-    used = valid.copy()
-    dropped = np.zeros_like(valid)
-    for _ in range(nband):
-        w = np.where(used, 1.0 / sigma2, 0.0)
-        r_ = np.where(used, ext_coeff, 0.0)
-        d_ = np.where(used, d, 0.0)
-        s0, s1, s2 = w.sum(1), (w * r_).sum(1), (w * r_**2).sum(1)
-        b0, b1 = (w * d_).sum(1), (w * r_ * d_).sum(1)
-        if reddening:
-            a11 = s2 + prior_w
-            det = s0 * a11 - s1**2
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ebv = (s0 * (b1 + prior_w * prior_mean) - s1 * b0) / det
-            ebv = np.clip(np.nan_to_num(ebv), 0.0, ebv_max)
-        else:
-            ebv = np.zeros(nstar)
-            a11 = det = np.full(nstar, np.nan)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            mu = (b0 - s1 * ebv) / s0
-        resid = np.where(used, d - mu[:, None] - ext_coeff * ebv[:, None], np.nan)
-        bad = (used & (np.abs(resid) > outlier_sigma * np.sqrt(sigma2))
-               & (np.abs(resid) > outlier_mag))
-        # Drop a few outlier bands at most: photometry that disagrees in many bands is the
-        # wrong star or the wrong model, and must show in the rms, not be pruned away.
-        can_drop = (used.sum(1) > min_bands) & (dropped.sum(1) < np.maximum(1, valid.sum(1) // 3))
-        worst = np.nanargmax(np.where(bad, np.abs(resid), -np.inf), axis=1)
-        drop = bad.any(1) & can_drop
-        if not drop.any():
-            break
-        used[np.flatnonzero(drop), worst[drop]] = False
-        dropped[np.flatnonzero(drop), worst[drop]] = True
-    with np.errstate(divide="ignore", invalid="ignore"):
-        chi2 = np.nansum(np.where(used, resid**2 / sigma2, 0.0), axis=1)
-        if reddening:
-            chi2 = chi2 + prior_w * (ebv - prior_mean) ** 2
-            # Covariance of (mu, E): the inverse of the 2x2 normal matrix.
-            mu_err = np.sqrt(a11 / det)
-            ebv_err = np.sqrt(s0 / det)
-        else:
-            mu_err = np.sqrt(1.0 / s0)
-            ebv_err = np.full(nstar, np.nan)
-        n_bands = used.sum(1)
-        rms = np.sqrt(np.sum(np.where(used, resid, 0.0) ** 2, axis=1) / n_bands)
-    return {"mu": mu, "mu_err": mu_err, "ebv": ebv, "ebv_err": ebv_err, "resid": resid,
-            "used": used, "dropped": dropped, "n_bands": n_bands, "rms": rms, "chi2": chi2}
-
-
-# ----------------------------------------------------------------------------- the fit
-
-
-def _is_setup(obj):
-    return isinstance(obj, xr.Dataset) and "norm" in obj and "template_index" in obj
+# ----------------------------------------------------------------------------- entry point
 
 
 def fit_standards(exposure, catalog, grid, config=None, *, cache_dir=None):
@@ -279,12 +113,12 @@ def fit_standards(exposure, catalog, grid, config=None, *, cache_dir=None):
     catalog : xarray.Dataset
         From :func:`kspec_fluxcal.read_catalog`.
     grid : xarray.Dataset
-        The opened template grid (prepared for the exposure's setup through the cache), or a
-        setup from :func:`prepare_setup`.
+        The opened template grid, or a library from :func:`template_library` /
+        :func:`kspec_fluxcal.templates.prepare_library` (what a survey passes around).
     config : Config, optional
         Options (default: ``configs/default.toml``'s values).
     cache_dir : path-like, optional
-        Zarr cache of prepared cubes.
+        Where template libraries are cached as Zarr stores.
 
     Returns
     -------
@@ -294,20 +128,18 @@ def fit_standards(exposure, catalog, grid, config=None, *, cache_dir=None):
         (normalised spectra compared), ``match_mask``, ``mag_obs``, ``mag_model``,
         ``phot_resid``, ``band_used``; per-star coordinates fiber, objid, teff, logg, feh,
         alpha (+ ``_err``), teff_colour, ebv, ebv_err, ebv_catalog, rv, rv_err, scale,
-        scale_err, chi2_dof, phot_rms, snr, good_fraction, n_bands, dropped_bands and
-        status ('ok' or the reason for rejection). Lazy when the exposure is Dask-backed.
+        scale_err, chi2_dof, model_error, lsf_scale (+ ``_err``), logg_parallax
+        (+ ``_err``), phot_rms, snr, good_fraction, n_bands, dropped_bands, flags and
+        status ('ok' or the reason for rejection). Attr ``lsf_scale``: the width correction
+        applied (pooled over the stars). Lazy when the exposure is Dask-backed.
     """
     config = Config() if config is None else config
     lsf = exposure_lsf(exposure, config)
-    setup = grid if _is_setup(grid) else prepare_setup(
-        grid, exposure["wavelength"].values, lsf, config, cache_dir=cache_dir)
-    if not np.array_equal(setup["wavelength"].values, exposure["wavelength"].values):
-        raise ValueError("the prepared setup's wavelengths differ from the exposure's; "
-                         "prepare it with prepare_setup(grid, exposure.wavelength, ...)")
+    library = template_library(grid, exposure, config, cache_dir=cache_dir)
     bands = [b for b in config.photometry.bands if b in catalog["band"].values]
     matched = match_standards(exposure, catalog.sel(band=bands))
     std = exposure.isel(fiber=matched["fiber"].values)[["flux", "variance", "good"]]
-    kwargs = {"matched": matched, "setup": setup, "lsf": lsf, "config": config}
+    kwargs = {"matched": matched, "library": library, "lsf": lsf, "config": config}
     if not matched.sizes["star"]:
         return _output_template(std, matched, lazy=False)
     if std["flux"].chunks is None:
@@ -323,9 +155,12 @@ _STAR_VARS = {  # name: (dtype, units)
     "alpha": (np.float64, "dex"), "teff_colour": (np.float64, "K"), "ebv": (np.float64, "mag"),
     "ebv_err": (np.float64, "mag"), "ebv_catalog": (np.float64, "mag"),
     "rv": (np.float64, "km/s"), "rv_err": (np.float64, "km/s"), "scale": (np.float64, "1"),
-    "scale_err": (np.float64, "1"), "chi2_dof": (np.float64, "1"), "phot_rms": (np.float64, "mag"),
+    "scale_err": (np.float64, "1"), "chi2_dof": (np.float64, "1"),
+    "model_error": (np.float64, "1"), "lsf_scale": (np.float64, "1"),
+    "lsf_scale_err": (np.float64, "1"), "logg_parallax": (np.float64, "dex"),
+    "logg_parallax_err": (np.float64, "dex"), "phot_rms": (np.float64, "mag"),
     "snr": (np.float64, "1"), "good_fraction": (np.float64, "1"), "n_bands": (np.int64, "1"),
-    "dropped_bands": (object, ""), "status": (object, ""),
+    "dropped_bands": (object, ""), "flags": (object, ""), "status": (object, ""),
 }
 
 
@@ -352,289 +187,478 @@ def _output_template(std, matched, lazy=True):
     coords.update(fiber=("star", matched["fiber"].values), objid=("star", matched["objid"].values),
                   fiber_name=("star", matched["fiber_name"].values),
                   wavelength=std["wavelength"].variable, band=("band", bands))
-    return xr.Dataset(data, coords=coords)
+    return xr.Dataset(data, coords=coords, attrs={"lsf_scale": 1.0})
 
 
-def _fit(std, matched, setup, lsf, config):
-    """The fit on in-memory arrays (one exposure's standards)."""
-    fit = config.fit
-    phot = config.photometry
+def _fit(std, matched, library, lsf, config):
+    """The fit on in-memory arrays (one exposure's standards): the steps in order."""
+    obs = _observed(std, config)
+    prior = _priors(matched, library, config)
+    tm = _Templates(library, obs.wave, lsf, prior.candidates)
+    rv = _initial_rv(obs, prior, tm, config)
+    scan = _scan(obs, tm, prior, rv, config)
+    phot = _PhotometricScore(matched, library, prior, config)
+    params, errors = _choose(obs, tm, scan, phot, prior, config)
+    lsf_fit = _fit_lsf_scale(obs, tm, scan, params)
+    if abs(lsf_fit.scale - 1.0) > _LSF_MIN_CHANGE:
+        # Templates at the stars' own line spread; the refinement restarts where it ended
+        # (a width change of a few % moves the parameters, not the choice of valley).
+        tm = _Templates(library, obs.wave, lsf.scaled(lsf_fit.scale), [])
+        params, errors = _choose(obs, tm, scan, phot, prior, config, start=params)
+    model = _final_model(obs, tm, scan, params, matched, prior, config)
+    vectors = _vectors(obs, model, config, tm.lsf)
+    status = _acceptance(obs, prior, scan, model, params, matched, library, config)
+    return _result(std, obs, prior, scan, lsf_fit, params, errors, model, vectors, status,
+                   matched, library, tm.lsf, config)
+
+
+# ----------------------------------------------------------------------------- 1. observed
+
+
+def _observed(std, config):
+    """The standards as the fit needs them: own pixels, masks, normalised spectra, S/N."""
     wave = std["wavelength"].values
     nstar = std.sizes["fiber"]
+    star_wave = (std["fiber_wavelength"].values if "fiber_wavelength" in std.coords
+                 else np.broadcast_to(wave, (nstar, wave.size)))
     flux = std["flux"].values.astype(np.float64)
     var = std["variance"].values.astype(np.float64)
     good = std["good"].values
-    bands = list(matched["band"].values)
-
-    telluric_good = region_mask(wave, config.masks.telluric)
-    extra_good = np.ones(wave.size, bool)
+    extra_good = np.ones(star_wave.shape, bool)
     for extra in config.masks.extra:
-        extra_good &= region_mask(wave, extra)
-    match_mask = good & telluric_good & extra_good & (flux > 0)
+        extra_good &= region_mask(star_wave, extra)
+    match_mask = good & region_mask(star_wave, config.masks.telluric) & extra_good & (flux > 0)
     with np.errstate(invalid="ignore", divide="ignore"):
         snr_pix = np.where(good, flux / np.sqrt(var), np.nan)
-    snr = np.nanmedian(np.where(good, snr_pix, np.nan), axis=1) if nstar else np.zeros(0)
-    good_fraction = good.mean(axis=1) if nstar else np.zeros(0)
-
-    # 3. Continuum normalisation of the observed spectra.
-    cont = fit_continuum(flux, wave, match_mask, **_continuum_options(config))
+        snr = np.nanmedian(snr_pix, axis=1) if nstar else np.zeros(0)
+    # The continuum's basis is on the reference pixels: per-fiber solutions differ by a
+    # fraction of a pixel, nothing on its 400 A scale.
+    cont = fit_continuum(flux, wave, match_mask, **continuum_options(config))
     with np.errstate(invalid="ignore", divide="ignore"):
-        obs_norm = flux / cont
-        obs_ivar = np.where(match_mask & np.isfinite(obs_norm), cont**2 / var, 0.0)
+        norm = flux / cont
+        ivar = np.where(match_mask & np.isfinite(norm), cont**2 / var, 0.0)
+    return SimpleNamespace(wave=wave, star_wave=np.ascontiguousarray(star_wave), flux=flux,
+                           var=var, good=good, extra_good=extra_good, norm=norm, ivar=ivar,
+                           snr=snr, good_fraction=good.mean(axis=1) if nstar else np.zeros(0),
+                           nstar=nstar)
 
-    # 1. Teff from colours, dereddened with the catalog's extinction.
+
+# ----------------------------------------------------------------------------- 2. priors
+
+
+def _colour_table(library):
+    """Teff vs synthetic BP-RP and g-r of the templates' dwarfs (logg ~ 4.5, [M/H] ~ 0)."""
+    t = library["template_teff"].values
+    g = library["template_logg"].values
+    m = library["template_feh"].values
+    a = library["template_alpha"].values
+    best_g = library["logg"].values[np.argmin(np.abs(library["logg"].values - 4.5))]
+    best_m = library["feh"].values[np.argmin(np.abs(library["feh"].values))]
+    best_a = library["alpha"].values[np.argmin(np.abs(library["alpha"].values))]
+    sel = (g == best_g) & (m == best_m) & (a == best_a)
+    if sel.sum() < 2:
+        return None
+    mag = library["synth_mag"].isel(template=np.flatnonzero(sel))
+    order = np.argsort(t[sel])
+    table = xr.Dataset(coords={"teff": t[sel][order]})
+    for name, blue, red in (("bp_rp", "gaiadr2-BP", "gaiadr2-RP"), ("g_r", "panstarrs-g",
+                                                                   "panstarrs-r")):
+        colour = (mag.sel(band=blue) - mag.sel(band=red)).values[order]
+        table[name] = ("teff", colour)
+    return table
+
+
+def _priors(matched, library, config):
+    """What the catalog says before the spectra: reddening, colour Teff window, parallax."""
     a_gaia, a_g = matched["a_gaia"].values, matched["a_g"].values
     ebv_catalog = np.where(np.isfinite(a_gaia), a_gaia / A_GAIA_G_PER_EBV, a_g / A_PS1_G_PER_EBV)
-    table = _colour_table(setup)
-    est = teff_from_color(matched["mag"], ebv=xr.DataArray(np.nan_to_num(ebv_catalog), dims="star"),
-                          table=table, window=fit.teff_window)
+    est = teff_from_color(matched["mag"], ebv=xr.DataArray(np.nan_to_num(ebv_catalog),
+                                                             dims="star"),
+                          table=_colour_table(library), window=config.fit.teff_window)
     teff_colour = est["teff"].values
-    t_templates = setup["template_teff"].values
+    t_templates = library["template_teff"].values
     lo = np.where(np.isfinite(teff_colour), est["teff_min"].values, -np.inf)
     hi = np.where(np.isfinite(teff_colour), est["teff_max"].values, np.inf)
-    in_window = (t_templates[None, :] >= lo[:, None]) & (t_templates[None, :] <= hi[:, None])
+    window = (t_templates[None, :] >= lo[:, None]) & (t_templates[None, :] <= hi[:, None])
     # A window between grid points still needs candidates: take the nearest Teff values.
-    empty = ~in_window.any(axis=1)
+    empty = ~window.any(axis=1)
     if empty.any():
         nearest = np.abs(t_templates[None, :] - teff_colour[:, None])
-        in_window[empty] = nearest[empty] <= np.nanmin(nearest[empty], axis=1, keepdims=True) + 1
-        in_window[empty & ~np.isfinite(teff_colour)] = True
-
-    # 2. Radial velocity against a template near the colour Teff.
-    norm_t = setup["norm"].values
-    knots = fit.correction_knots or None
-    ref = _reference_templates(setup, teff_colour)
-    rv0, _ = cross_correlate_rv(obs_norm, obs_ivar, norm_t[ref], wave, rv_max=fit.rv_max)
-
-    # 4-5. Scores of every template; velocity refined on the best; scores again; parameters.
-    candidates = np.flatnonzero(in_window.any(axis=0))  # only what some star's window holds
-
-    def corrections(template_index, rv):
-        """Per star, the smooth correction of one of its templates (see star_correction)."""
-        if not knots:
-            return None
-        return np.stack([star_correction(obs_norm[s], obs_ivar[s], norm_t[template_index[s]],
-                                         rv[s], wave, knots) for s in range(nstar)])
-
-    def scores_at(rv, correction):
-        s = np.full(in_window.shape, np.nan)
-        s[:, candidates] = score_templates(
-            xr.DataArray(obs_norm, dims=("star", "wavelength")),
-            xr.DataArray(obs_ivar, dims=("star", "wavelength")),
-            xr.DataArray(norm_t[candidates], dims=("template", "wavelength")),
-            xr.DataArray(rv, dims="star"), metric=fit.metric, huber_delta=fit.huber_delta,
-            correction=None if correction is None else xr.DataArray(
-                correction, dims=("star", "wavelength")),
-        ).values
-        return np.where(in_window, s, np.nan)
-
-    scores = scores_at(rv0, corrections(ref, rv0))
-    usable = np.isfinite(scores).any(axis=1)
-    best = np.where(usable, np.nanargmin(np.where(np.isfinite(scores), scores, np.inf), axis=1), 0)
-    rv, rv_err = refine_rv(obs_norm, obs_ivar, norm_t[best], wave, rv0, knot_spacing=knots)
-    rv = np.where(usable, rv, rv0)
-    spec = scores_at(rv, corrections(best, rv))
-
-    # The spectrum alone leaves Teff, log g and [M/H] partly degenerate (stronger lines from a
-    # cooler or a more metal-rich star); the photometry of the scaled, reddened model breaks
-    # the tie. Spectral chi^2 is divided by the best chi^2/dof so that template mismatch
-    # does not outweigh the photometry.
-    mag_obs, mag_err = matched["mag"].values, matched["mag_err"].values
-    maggies_t = 10.0 ** (-0.4 * setup["synth_mag"].sel(band=bands).values)  # (T, B)
-    ext_t = setup["ext_coeff"].sel(law=fit.extinction_law, band=bands).values
-    phot_options = {"ebv_prior_sigma": fit.ebv_prior_sigma, "reddening": fit.reddening,
-                    "ebv_max": fit.ebv_max, "error_floor": phot.error_floor,
-                    "outlier_sigma": phot.outlier_sigma, "outlier_mag": phot.outlier_mag,
-                    "min_bands": phot.min_bands}
-
-    def phot_chi2(star, maggies, ext):
-        """Photometric chi^2 of models with (K, B) maggies and extinction coefficients."""
-        with np.errstate(divide="ignore", invalid="ignore"):
-            mags = np.where(maggies > 0, -2.5 * np.log10(maggies), np.nan)
-        k = mags.shape[0]
-        res = fit_photometry(np.broadcast_to(mag_obs[star], mags.shape),
-                             np.broadcast_to(mag_err[star], mags.shape), mags, ext,
-                             ebv_prior=np.full(k, ebv_catalog[star]), **phot_options)
-        return np.where(res["n_bands"] >= phot.min_bands, res["chi2"], 0.0)
-
-    nfree = _n_correction(wave, knots)
-    npix = (obs_ivar > 0).sum(axis=1)
-    spec_scale = np.maximum(np.nanmin(np.where(np.isfinite(spec), spec, np.inf), axis=1)
-                            / np.maximum(npix - nfree, 1), 1.0)
-    scores = spec / spec_scale[:, None]
-    if fit.use_photometry:
-        scores = scores + np.stack([phot_chi2(s, maggies_t, ext_t) for s in range(nstar)])
-    best = np.where(usable, np.nanargmin(np.where(np.isfinite(scores), scores, np.inf), axis=1), 0)
-
-    params = {p: setup[f"template_{p}"].values[best] for p in PARAMS}
-    errors = {p: np.full(nstar, np.nan) for p in PARAMS[:3]}
-    axes = {p: setup[p].values for p in PARAMS}
-    if fit.refine and usable.any():
-        # Refine from the best few grid points, not only the best one: between nodes the
-        # scores are not convex, and the best node can sit in the wrong valley.
-        ok = np.flatnonzero(usable)
-        nstart = min(fit.refine_starts, scores.shape[1])
-        starts = _distinct_starts(setup, scores[ok], nstart)  # (n_ok, nstart) templates
-        star_of = np.repeat(ok, nstart)
-        safe_maggies = np.nan_to_num(maggies_t)
-        safe_weighted = np.nan_to_num(maggies_t * ext_t)
-
-        def extra(row, weights):
-            maggies = np.asarray(weights @ safe_maggies)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ext = np.asarray(weights @ safe_weighted) / maggies
-            return phot_chi2(star_of[row], maggies, ext)
-
-        start_corr = None
-        if knots:  # each start's own correction, so that valleys compete fairly
-            start_corr = np.stack([star_correction(obs_norm[s], obs_ivar[s], norm_t[t], rv[s],
-                                                   wave, knots)
-                                   for s, t in zip(star_of, starts.ravel(), strict=True)])
-        refined, refined_err, final = refine_parameters(
-            obs_norm[star_of], obs_ivar[star_of], norm_t, setup["template_index"].values, axes,
-            {p: setup[f"template_{p}"].values[starts.ravel()] for p in PARAMS}, rv[star_of],
-            wave, metric=fit.metric, delta=fit.huber_delta, correction=start_corr,
-            spec_scale=spec_scale[star_of], extra_score=extra if fit.use_photometry else None)
-        pick = np.nanargmin(np.where(np.isfinite(final), final, np.inf).reshape(ok.size, nstart),
-                            axis=1)
-        rows = np.arange(ok.size) * nstart + pick
-        params["alpha"] = params["alpha"].astype(float)
-        params["alpha"][ok] = setup["template_alpha"].values[starts.ravel()[rows]]
-        for p in PARAMS[:3]:
-            params[p] = params[p].astype(float)
-            params[p][ok] = refined[p][rows]
-            errors[p][ok] = refined_err[p][rows]
-
-    # 6-7. Model at the refined parameters; reddening and scale from photometry.
-    exists = setup["template_index"].values >= 0
-    index, weight = interpolation_weights(axes, exists, params["teff"], params["logg"],
-                                          params["feh"], params["alpha"])
-    tpos = setup["template_index"].values[tuple(index[..., k] for k in range(4))]  # (S, 8)
-    weight = np.nan_to_num(weight)
-    model = np.einsum("sc,scp->sp", weight, setup["flux"].values[tpos].astype(np.float64))
-    model_n = np.einsum("sc,scp->sp", weight, norm_t[tpos].astype(np.float64))
-    if usable.any():  # the velocity once more, against the final model
-        ok = np.flatnonzero(usable)
-        rv[ok], rv_err[ok] = refine_rv(obs_norm[ok], obs_ivar[ok], model_n[ok], wave, rv[ok],
-                                       knot_spacing=knots)
-    chi2_dof = _chi2_dof(obs_norm, obs_ivar, model_n, wave, rv, knots)
-    maggies_c = 10.0 ** (-0.4 * setup["synth_mag"].sel(band=bands).values[tpos])  # (S, 8, B)
-    maggies = np.einsum("sc,scb->sb", weight, np.nan_to_num(maggies_c))
-    law = setup["ext_coeff"].sel(law=fit.extinction_law, band=bands).values[tpos]
-    ext = np.einsum("sc,scb->sb", weight, np.nan_to_num(maggies_c * law)) / np.where(
-        maggies > 0, maggies, np.nan)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mag_model = np.where(maggies > 0, -2.5 * np.log10(maggies), np.nan)
-    pf = fit_photometry(mag_obs, matched["mag_err"].values, mag_model, ext,
-                        ebv_prior=ebv_catalog, ebv_prior_sigma=fit.ebv_prior_sigma,
-                        reddening=fit.reddening, ebv_max=fit.ebv_max,
-                        error_floor=phot.error_floor, outlier_sigma=phot.outlier_sigma,
-                        outlier_mag=phot.outlier_mag, min_bands=phot.min_bands)
-    scale = 10.0 ** (-0.4 * pf["mu"])
-    scale_err = scale * _LN10_04 * pf["mu_err"]
-
-    # 8. Calibration vector.
-    model_obs = np.stack([shift_spectra(model[s], wave, rv[s]) for s in range(nstar)]) if nstar \
-        else np.zeros((0, wave.size))
-    # The normalised model as compared with the star: shifted, with its smooth correction.
-    model_nobs = np.zeros((nstar, wave.size))
-    for s in range(nstar):  # a few stars
-        shifted = shift_spectra(model_n[s], wave, rv[s])
-        w = np.where(np.isfinite(shifted), obs_ivar[s], 0.0)
-        model_nobs[s] = fit_corrected(np.nan_to_num(obs_norm[s]), w, np.nan_to_num(shifted)[None],
-                                      wave, knots)[0]
-        model_nobs[s][~np.isfinite(shifted)] = np.nan
-    a_lambda = extinction_per_ebv(wave, fit.extinction_law)
-    model_flux = (scale[:, None] * model_obs * 10.0 ** (-0.4 * pf["ebv"][:, None] * a_lambda)
-                  / FLUX_UNIT_SCALE)
-    fwhm = lsf.fwhm(wave)
-    line_good = region_mask(wave, load_regions(config.masks.lines), pad=0.5 * fwhm)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cal = model_flux / flux
-        rel_scale = np.nan_to_num(scale_err / scale)
-        cal_var = cal**2 * (var / flux**2 + rel_scale[:, None] ** 2)
-    cal_ok = good & (flux > 0) & np.isfinite(cal) & np.isfinite(model_flux)
-    cal_mask = cal_ok & line_good & extra_good
-    cal = np.where(cal_ok, cal, np.nan)
-    cal_var = np.where(cal_ok, cal_var, np.nan)
-    expid = str(std.attrs.get("expid", ""))
-
-    status = _status(matched, pf, snr, usable, chi2_dof, config, params["teff"], teff_colour,
-                     (setup["teff"].values[0], setup["teff"].values[-1]))
-    dropped = [",".join(np.asarray(bands)[row]) for row in pf["dropped"]]
-    coords = {
-        "fiber": ("star", matched["fiber"].values),
-        "objid": ("star", matched["objid"].values),
-        "fiber_name": ("star", matched["fiber_name"].values),
-        **{p: ("star", np.asarray(params[p], dtype=np.float64)) for p in PARAMS},
-        **{f"{p}_err": ("star", errors[p]) for p in PARAMS[:3]},
-        "teff_colour": ("star", teff_colour), "ebv": ("star", pf["ebv"]),
-        "ebv_err": ("star", pf["ebv_err"]), "ebv_catalog": ("star", ebv_catalog),
-        "rv": ("star", rv), "rv_err": ("star", rv_err), "scale": ("star", scale),
-        "scale_err": ("star", scale_err), "chi2_dof": ("star", chi2_dof),
-        "phot_rms": ("star", pf["rms"]), "snr": ("star", snr),
-        "good_fraction": ("star", good_fraction),
-        "n_bands": ("star", pf["n_bands"].astype(np.int64)),
-        "dropped_bands": ("star", np.array(dropped, dtype=object)),
-        "status": ("star", np.array(status, dtype=object)),
-        "wavelength": ("wavelength", wave, {"units": "Angstrom", "medium": "air"}),
-        "band": ("band", np.asarray(bands)),
-    }
-    ds = xr.Dataset(
-        {
-            "cal": (("star", "wavelength"), cal, {"units": CAL_UNIT}),
-            "cal_variance": (("star", "wavelength"), cal_var, {"units": f"({CAL_UNIT})**2"}),
-            "cal_mask": (("star", "wavelength"), cal_mask,
-                         {"description": "True = reliable (not a bad pixel or line core)"}),
-            "model_flux": (("star", "wavelength"), model_flux, {"units": FLUX_UNIT}),
-            "obs_norm": (("star", "wavelength"), obs_norm),
-            "model_norm": (("star", "wavelength"), model_nobs),
-            "match_mask": (("star", "wavelength"), obs_ivar > 0,
-                           {"description": "pixels used for template matching"}),
-            "mag_obs": (("star", "band"), mag_obs, {"units": "mag", "system": "AB"}),
-            "mag_err": (("star", "band"), matched["mag_err"].values, {"units": "mag"}),
-            "mag_model": (("star", "band"), mag_model - 2.5 * np.log10(scale)[:, None]
-                          + ext * pf["ebv"][:, None], {"units": "mag", "system": "AB"}),
-            "phot_resid": (("star", "band"), pf["resid"], {"units": "mag",
-                                                           "description": "catalog - model"}),
-            "band_used": (("star", "band"), pf["used"]),
-        },
-        coords=coords,
-        attrs={"expid": expid, "metric": fit.metric, "extinction_law": fit.extinction_law,
-               "grid": str(setup.attrs.get("source_directory", "")),
-               "grid_synthetic": int(setup.attrs.get("synthetic", 0)),
-               "lsf_fwhm_coeffs": list(lsf.coeffs)},
-    )
-    for name, (_, units) in _STAR_VARS.items():
-        if units:
-            ds[name].attrs["units"] = units
-    return ds
+        window[empty] = nearest[empty] <= np.nanmin(nearest[empty], axis=1, keepdims=True) + 1
+        window[empty & ~np.isfinite(teff_colour)] = True
+    return SimpleNamespace(ebv_catalog=ebv_catalog, teff_colour=teff_colour, window=window,
+                           candidates=np.flatnonzero(window.any(axis=0)),
+                           parallax=matched["parallax"].values,
+                           parallax_err=matched["parallax_err"].values)
 
 
-def _reference_templates(setup, teff):
+class _Templates:
+    """Library templates at the exposure's pixels and line spread, prepared on demand (the
+    candidates of the Teff windows at once, corners of interpolated models as needed)."""
+
+    def __init__(self, library, wave, lsf, candidates):
+        self.library, self.wave, self.lsf = library, wave, lsf
+        self._rows = {}
+        self.fetch(candidates)
+
+    def fetch(self, ids):
+        """Normalised templates (len(ids), P) at the exposure's pixels."""
+        ids = np.asarray(ids, dtype=np.int64)
+        missing = np.setdiff1d(ids, np.fromiter(self._rows, np.int64, len(self._rows)))
+        if missing.size:
+            new = library_spectra(self.library, self.wave, self.lsf, _as_index(missing))
+            self._rows.update(zip(missing.tolist(), new, strict=True))
+        return np.stack([self._rows[i] for i in ids.tolist()]) if ids.size else \
+            np.zeros((0, self.wave.size))
+
+    __call__ = fetch
+
+    def flux(self, ids):
+        """Surface fluxes (len(ids), P) at the exposure's pixels (erg/s/cm^2/A)."""
+        return library_spectra(self.library, self.wave, self.lsf, np.asarray(ids), kind="flux")
+
+
+def _as_index(ids):
+    """A slice when the ids are consecutive (a view of the library, no copy)."""
+    if ids.size and ids[-1] - ids[0] + 1 == ids.size:
+        return slice(int(ids[0]), int(ids[-1]) + 1)
+    return ids
+
+
+# ----------------------------------------------------------------------------- 3-4. RV, scan
+
+
+def _reference_templates(library, teff):
     """Per star, the template nearest (teff, logg 4.5, [M/H] 0, alpha 0); median Teff if NaN."""
-    t = setup["template_teff"].values
-    g = setup["template_logg"].values
-    m = setup["template_feh"].values
-    a = setup["template_alpha"].values
+    t = library["template_teff"].values
+    g = library["template_logg"].values
+    m = library["template_feh"].values
+    a = library["template_alpha"].values
     target = np.where(np.isfinite(teff), teff, np.median(t))
     dist = (((t[None, :] - target[:, None]) / 250.0) ** 2 + ((g - 4.5) / 0.5) ** 2
             + (m / 0.25) ** 2 + (a / 0.25) ** 2)
     return np.argmin(dist, axis=1)
 
 
-def _distinct_starts(setup, scores, n):
+def _initial_rv(obs, prior, tm, config):
+    """Velocities by cross-correlation against a template near each star's colour Teff."""
+    ref = _reference_templates(tm.library, prior.teff_colour)
+    rv, _ = cross_correlate_rv(obs.norm, obs.ivar, tm.fetch(ref), obs.wave,
+                               rv_max=config.fit.rv_max, star_wavelength=obs.star_wave)
+    return rv
+
+
+def _scan(obs, tm, prior, rv0, config):
+    """Spectral scores of every candidate (S, T_library), velocities refined on the best.
+
+    Each star is scored in the fast mode: divided by the smooth correction of one template
+    (its reference, then its best), every template with a single amplitude.
+    """
+    fit = config.fit
+    knots = fit.correction_knots or None
+    cand = prior.candidates
+    norm_c = tm.fetch(cand)
+
+    def scores_at(template_ids, rv):
+        corr = None
+        if knots:
+            corr = np.stack([star_correction(obs.norm[s], obs.ivar[s], tm.fetch([t])[0], rv[s],
+                                             obs.wave, knots, obs.star_wave[s])
+                             for s, t in enumerate(template_ids)])  # a few stars
+        out = np.full(prior.window.shape, np.nan)
+        out[:, cand] = score_templates(
+            xr.DataArray(obs.norm, dims=("star", "wavelength"),
+                         coords={"wavelength": obs.wave}),
+            xr.DataArray(obs.ivar, dims=("star", "wavelength")),
+            xr.DataArray(norm_c, dims=("template", "wavelength"),
+                         coords={"wavelength": obs.wave}),
+            xr.DataArray(rv, dims="star"), metric=fit.metric, huber_delta=fit.huber_delta,
+            correction=None if corr is None else xr.DataArray(corr, dims=("star", "wavelength")),
+            star_wavelength=xr.DataArray(obs.star_wave, dims=("star", "wavelength")),
+        ).values
+        return np.where(prior.window, out, np.nan)
+
+    ref = _reference_templates(tm.library, prior.teff_colour)
+    spec = scores_at(ref, rv0)
+    usable = np.isfinite(spec).any(axis=1)
+    best = np.where(usable, np.nanargmin(np.where(np.isfinite(spec), spec, np.inf), axis=1), 0)
+    rv, rv_err = refine_rv(obs.norm, obs.ivar, tm.fetch(best), obs.wave, rv0,
+                           knot_spacing=knots, star_wavelength=obs.star_wave)
+    rv = np.where(usable, rv, rv0)
+    spec = scores_at(best, rv)
+    best = np.where(usable, np.nanargmin(np.where(np.isfinite(spec), spec, np.inf), axis=1), 0)
+    npix = (obs.ivar > 0).sum(axis=1)
+    dof = np.maximum(npix - _n_correction(obs.wave, knots), 1)
+    chi2_dof_best = np.nanmin(np.where(np.isfinite(spec), spec, np.inf), axis=1) / dof
+    return SimpleNamespace(spec=spec, best=best, rv=rv, rv_err=rv_err, usable=usable, dof=dof,
+                           chi2_dof_best=chi2_dof_best, knots=knots)
+
+
+def _n_correction(wave, knot_spacing):
+    """Free parameters of the smooth multiplicative correction fitted with each template."""
+    return spline_basis(wave, knot_spacing)[0].shape[1] if knot_spacing else 1
+
+
+# ----------------------------------------------------------------------------- 5. line spread
+
+
+def _fit_lsf_scale(obs, tm, scan, params):
+    """The stars' line-spread width relative to ``tm.lsf``: per star a parabola through the
+    chi^2 of its refined model at trial widths; pooled (inverse-variance) over the stars.
+
+    The refined (interpolated) model matters: a neighbouring grid point's lines differ in
+    depth, which a width change partly mimics."""
+    corners, weight = _interpolated(tm.library, params)
+    ids, inverse = np.unique(corners, return_inverse=True)
+    inverse = inverse.reshape(corners.shape)
+    chi2 = np.full((obs.nstar, _LSF_TRIALS.size), np.nan)
+    for k, factor in enumerate(_LSF_TRIALS):
+        norm = library_spectra(tm.library, obs.wave, tm.lsf.scaled(factor), ids)
+        models = np.einsum("sc,scp->sp", weight, norm[inverse])
+        for s in np.flatnonzero(scan.usable):  # a few stars
+            chi2[s, k] = score_star(obs.norm[s], obs.ivar[s], models[s][None], scan.rv[s],
+                                    obs.wave, "chi2", knot_spacing=scan.knots,
+                                    star_wavelength=obs.star_wave[s])[0]
+    x = _LSF_TRIALS - 1.0
+    coef = np.polynomial.polynomial.polyfit(x, np.nan_to_num(chi2.T, nan=0.0), 2)  # (3, S)
+    a, b = coef[2], coef[1]
+    # Errors on the chi^2 scale inflated by chi^2/dof: mismatch widens the minimum.
+    inflate = np.maximum(scan.chi2_dof_best, 1.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        vertex = np.where(a > 0, -b / (2 * a), np.nan)
+        err = np.where(a > 0, np.sqrt(inflate / a), np.nan)
+    ok = scan.usable & np.isfinite(vertex) & (np.abs(vertex) <= 0.25)
+    star_scale = np.where(ok, 1.0 + vertex, np.nan)
+    star_err = np.where(ok, err, np.nan)
+    if ok.any():
+        w = 1.0 / star_err[ok] ** 2
+        scale = float(np.sum(w * star_scale[ok]) / w.sum())
+        scale_err = float(1.0 / np.sqrt(w.sum()))
+    else:
+        scale, scale_err = 1.0, np.nan
+    return SimpleNamespace(scale=scale, err=scale_err, star=star_scale, star_err=star_err)
+
+
+# ----------------------------------------------------------------------------- 6. choice
+
+
+class _PhotometricScore:
+    """Photometric chi^2 of scaled, reddened models plus the parallax's log g prior.
+
+    The spectrum alone leaves Teff, log g and [M/H] partly degenerate (stronger lines from a
+    cooler or a more metal-rich star), and a template family that does not match the star
+    trades them against each other; the photometry of the scaled, reddened model (E(B-V)
+    with the catalog's as a prior) and the parallax (radius from the scale, hence log g for
+    a mass prior) hold them near the truth.
+    """
+
+    def __init__(self, matched, library, prior, config):
+        fit, phot = config.fit, config.photometry
+        bands = list(matched["band"].values)
+        self.mag_obs, self.mag_err = matched["mag"].values, matched["mag_err"].values
+        self.maggies = np.nan_to_num(10.0 ** (-0.4 * library["synth_mag"].sel(band=bands).values))
+        self.ext = library["ext_coeff"].sel(law=fit.extinction_law, band=bands).values
+        self.weighted_ext = np.nan_to_num(self.maggies * self.ext)
+        self.template_logg = library["template_logg"].values
+        self.prior = prior
+        self.min_bands = phot.min_bands
+        self.options = {"ebv_prior_sigma": fit.ebv_prior_sigma, "reddening": fit.reddening,
+                        "ebv_max": fit.ebv_max, "error_floor": phot.error_floor,
+                        "outlier_sigma": phot.outlier_sigma, "outlier_mag": phot.outlier_mag,
+                        "min_bands": phot.min_bands}
+
+    def fit(self, star, weights):
+        """fit_photometry of the models ``weights @ templates`` (K models, sparse weights)."""
+        maggies = np.asarray(weights @ self.maggies)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            ext = np.asarray(weights @ self.weighted_ext) / maggies
+            mags = np.where(maggies > 0, -2.5 * np.log10(maggies), np.nan)
+        k = mags.shape[0]
+        return fit_photometry(np.broadcast_to(self.mag_obs[star], mags.shape),
+                              np.broadcast_to(self.mag_err[star], mags.shape), mags, ext,
+                              ebv_prior=np.full(k, self.prior.ebv_catalog[star]), **self.options)
+
+    def __call__(self, star, weights, points):
+        """Scores (K,) of models at ``points`` (K, 4): photometric chi^2 + log g prior."""
+        res = self.fit(star, weights)
+        chi2 = np.where(res["n_bands"] >= self.min_bands, res["chi2"], 0.0)
+        logg_p, logg_err = logg_from_parallax(10.0 ** (-0.4 * res["mu"]),
+                                              self.prior.parallax[star],
+                                              self.prior.parallax_err[star])
+        penalty = np.where(np.isfinite(logg_p), ((points[:, 1] - logg_p) / logg_err) ** 2, 0.0)
+        return chi2 + penalty
+
+    def nodes(self, star, ids):
+        """Scores of grid templates ``ids``."""
+        import scipy.sparse
+
+        weights = scipy.sparse.csr_matrix((np.ones(len(ids)), (np.arange(len(ids)), ids)),
+                                          shape=(len(ids), self.maggies.shape[0]))
+        points = np.zeros((len(ids), 4))
+        points[:, 1] = self.template_logg[ids]
+        return self(star, weights, points)
+
+
+def _spectral_weight(scan, config):
+    """Divisor of each star's spectral chi^2: its best chi^2 per effective degree of freedom.
+
+    Template mismatch makes residuals correlated: the spectral chi^2 is scaled so that its
+    best value counts as ``spectral_dof`` independent measurements (or the pixels' dof),
+    not as thousands of pixels outweighing the photometry.
+    """
+    neff = config.fit.spectral_dof or scan.dof
+    best = np.nanmin(np.where(np.isfinite(scan.spec), scan.spec, np.inf), axis=1)
+    return np.maximum(best / np.minimum(neff, scan.dof), 1.0)
+
+
+def _choose(obs, tm, scan, phot, prior, config, start=None):
+    """Grid points by spectral + photometric + prior scores, refined between nodes; or, from
+    ``start`` (parameters of a previous pass), a short refinement around them."""
+    fit = config.fit
+    library = tm.library
+    spec_scale = _spectral_weight(scan, config)
+    if start is not None:
+        return _refine_from(obs, tm, scan, phot if fit.use_photometry else None, start,
+                            spec_scale, config)
+    scores = scan.spec / spec_scale[:, None]
+    if fit.use_photometry:
+        cand = prior.candidates
+        extra = np.stack([phot.nodes(s, cand) for s in range(obs.nstar)]) if obs.nstar else \
+            np.zeros((0, cand.size))
+        scores[:, cand] = scores[:, cand] + extra
+    finite = np.where(np.isfinite(scores), scores, np.inf)
+    best = np.where(scan.usable, np.argmin(finite, axis=1), 0)
+    params = {p: library[f"template_{p}"].values[best].astype(float) for p in PARAMS}
+    errors = {p: np.full(obs.nstar, np.nan) for p in PARAMS}
+    if not (fit.refine and scan.usable.any()):
+        return params, errors
+    ok = np.flatnonzero(scan.usable)
+    refined, refined_err = _refine(obs, tm, scan, phot if fit.use_photometry else None,
+                                   scores[ok], ok, spec_scale[ok], config)
+    for p in PARAMS:
+        params[p][ok] = refined[p]
+        errors[p][ok] = refined_err[p]
+    return params, errors
+
+
+def _refine(obs, tm, scan, phot, scores, ok, spec_scale, config):
+    """Lattice refinement in (teff, logg, [M/H]) from several starts (the best kept), then
+    [alpha/M] between its nodes, for the stars ``ok``."""
+    fit = config.fit
+    library = tm.library
+    axes = {p: library[p].values for p in PARAMS}
+    template_index = library["template_index"].values
+    nstart = min(fit.refine_starts, scores.shape[1])
+    starts = _distinct_starts(library, scores, nstart)  # (n_ok, nstart) templates
+    star_of = np.repeat(ok, nstart)
+    corr = None
+    if scan.knots:  # each start's own correction, so that valleys compete fairly
+        corr = np.stack([star_correction(obs.norm[s], obs.ivar[s], tm.fetch([t])[0],
+                                         scan.rv[s], obs.wave, scan.knots, obs.star_wave[s])
+                         for s, t in zip(star_of, starts.ravel(), strict=True)])
+    options = {"metric": fit.metric, "delta": fit.huber_delta, "correction": corr,
+               "spec_scale": np.repeat(spec_scale, nstart),
+               "star_wavelength": obs.star_wave[star_of],
+               "extra_score": None if phot is None else
+               (lambda row, weights, points: phot(star_of[row], weights, points))}
+    start = {p: library[f"template_{p}"].values[starts.ravel()] for p in PARAMS}
+    refined, refined_err, final = refine_parameters(
+        obs.norm[star_of], obs.ivar[star_of], tm, template_index, axes, start, scan.rv[star_of],
+        obs.wave, **options)
+    pick = np.nanargmin(np.where(np.isfinite(final), final, np.inf).reshape(ok.size, nstart),
+                        axis=1)
+    rows = np.arange(ok.size) * nstart + pick
+    params = {p: np.asarray(refined[p], dtype=float)[rows] for p in PARAMS}
+    errors = {p: (np.asarray(refined_err[p])[rows] if p in refined_err
+                  else np.full(rows.size, np.nan)) for p in PARAMS}
+    if axes["alpha"].size > 1:
+        chosen = star_of[rows]
+        alpha_options = {
+            "metric": fit.metric, "delta": fit.huber_delta,
+            "correction": None if corr is None else corr[rows],
+            "spec_scale": spec_scale, "star_wavelength": obs.star_wave[chosen],
+            "extra_score": None if phot is None else
+            (lambda row, weights, points: phot(chosen[row], weights, points))}
+        params["alpha"], errors["alpha"] = _refine_alpha(obs, tm, scan, params, chosen,
+                                                         alpha_options, axes, template_index)
+    return params, errors
+
+
+def _refine_from(obs, tm, scan, phot, start, spec_scale, config):
+    """A lattice of a third of a grid step around ``start`` (and [alpha/M] again)."""
+    fit = config.fit
+    library = tm.library
+    axes = {p: library[p].values for p in PARAMS}
+    template_index = library["template_index"].values
+    ok = np.flatnonzero(scan.usable)
+    params = {p: np.array(start[p], dtype=float) for p in PARAMS}
+    errors = {p: np.full(obs.nstar, np.nan) for p in PARAMS}
+    if not ok.size:
+        return params, errors
+    corr = None
+    if scan.knots:
+        corners, weight = _interpolated(library, {p: params[p][ok] for p in PARAMS})
+        ids, inverse = np.unique(corners, return_inverse=True)
+        models = np.einsum("sc,scp->sp", weight, tm.fetch(ids)[inverse.reshape(corners.shape)])
+        corr = np.stack([star_correction(obs.norm[s], obs.ivar[s], models[k], scan.rv[s],
+                                         obs.wave, scan.knots, obs.star_wave[s])
+                         for k, s in enumerate(ok)])
+    options = {"metric": fit.metric, "delta": fit.huber_delta, "correction": corr,
+               "spec_scale": spec_scale[ok], "star_wavelength": obs.star_wave[ok],
+               "extra_score": None if phot is None else
+               (lambda row, weights, points: phot(ok[row], weights, points))}
+    refined, refined_err, _ = refine_parameters(
+        obs.norm[ok], obs.ivar[ok], tm, template_index, axes,
+        {p: params[p][ok] for p in PARAMS}, scan.rv[ok], obs.wave, levels=((5, 1.0 / 3),),
+        **options)
+    for p in PARAMS[:3]:
+        params[p][ok], errors[p][ok] = refined[p], refined_err[p]
+    if axes["alpha"].size > 1:
+        params["alpha"][ok], errors["alpha"][ok] = _refine_alpha(
+            obs, tm, scan, {p: params[p][ok] for p in PARAMS}, ok, options, axes,
+            template_index)
+    return params, errors
+
+
+def _refine_alpha(obs, tm, scan, params, ok, options, axes, template_index):
+    """[alpha/M] between the grid's nodes: scores on a line of alpha at the refined
+    (teff, logg, [M/H]), a parabola through the best points."""
+    alphas = axes["alpha"]
+    trial = np.linspace(alphas[0], alphas[-1], 2 * (alphas.size - 1) * 2 + 1)
+    points = np.zeros((ok.size, trial.size, 4))
+    for d, p in enumerate(PARAMS[:3]):
+        points[..., d] = params[p][:, None]
+    points[..., 3] = trial
+    scores = score_points(obs.norm[ok], obs.ivar[ok], tm, template_index, axes, points,
+                          scan.rv[ok], obs.wave, **options)
+    finite = np.where(np.isfinite(scores), scores, np.inf)
+    k = np.argmin(finite, axis=1)
+    best = trial[k]
+    # Parabola through the best point and its neighbours (not at the ends of the range).
+    inner = (k > 0) & (k < trial.size - 1)
+    rows = np.arange(ok.size)
+    km, kp = np.clip(k - 1, 0, None), np.clip(k + 1, None, trial.size - 1)
+    y0, ym, yp = finite[rows, k], finite[rows, km], finite[rows, kp]
+    h = trial[1] - trial[0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        curv = (ym - 2 * y0 + yp) / h**2
+        shift = np.where(inner & (curv > 0), -0.5 * h * (yp - ym) / (ym - 2 * y0 + yp), 0.0)
+        err = np.where(inner & (curv > 0), np.sqrt(2.0 / curv), np.nan)
+    return np.clip(best + np.clip(shift, -h, h), alphas[0], alphas[-1]), err
+
+
+def _distinct_starts(library, scores, n):
     """Per star, ``n`` good templates, spread over [alpha/M] values and grid valleys.
 
     For each [alpha/M] of the grid, candidates are taken in order of score and kept only when
     they differ from every kept one by two or more steps in Teff, log g or [M/H]. Spreading
     matters: at grid points an alpha-enhanced metal-poor model can mimic a solar one, and the
-    refinement (which keeps [alpha/M]) must also start in the other valley. Short lists are
-    padded with the best template.
+    lattice refinement (which keeps [alpha/M]) must also start in the other valley. Short
+    lists are padded with the best template.
     """
-    index = np.stack([np.searchsorted(setup[p].values, setup[f"template_{p}"].values)
+    index = np.stack([np.searchsorted(library[p].values, library[f"template_{p}"].values)
                       for p in PARAMS[:3]], axis=1)  # (T, 3) grid indices
-    alphas = setup["template_alpha"].values
+    alphas = library["template_alpha"].values
     groups = [np.flatnonzero(alphas == a) for a in np.unique(alphas)]
     per_group = int(np.ceil(n / len(groups)))
     finite = np.where(np.isfinite(scores), scores, np.inf)
@@ -654,50 +678,247 @@ def _distinct_starts(setup, scores, n):
     return starts
 
 
-def _n_correction(wave, knot_spacing):
-    """Free parameters of the smooth multiplicative correction fitted with each template."""
-    from .continuum import spline_basis
-
-    return spline_basis(wave, knot_spacing)[0].shape[1] if knot_spacing else 1
+# ----------------------------------------------------------------------------- 7. final model
 
 
-def _chi2_dof(obs, ivar, models, wave, rv, knot_spacing):
-    """chi^2/dof of each star against its final (interpolated) model, as scored."""
-    nfree = _n_correction(wave, knot_spacing)
-    npix = (ivar > 0).sum(axis=1)
-    chi2 = np.array([score_star(obs[s], ivar[s], models[s][None], rv[s], wave, "chi2",
-                                knot_spacing=knot_spacing or None)[0]
-                     for s in range(obs.shape[0])])  # a few stars
-    return chi2 / np.maximum(npix - nfree, 1)
+def _interpolated(library, params):
+    """Corners (S, 16) of the models at ``params`` and their weights."""
+    axes = {p: library[p].values for p in PARAMS}
+    template_index = library["template_index"].values
+    index, weight = interpolation_weights(axes, template_index >= 0, *(params[p] for p in PARAMS))
+    corners = template_index[tuple(index[..., k] for k in range(4))]
+    weight = np.where(corners >= 0, np.nan_to_num(weight), 0.0)
+    return np.maximum(corners, 0), weight
 
 
-def _status(matched, pf, snr, usable, chi2_dof, config, teff, teff_colour, teff_range):
-    # A fit pinned at the grid's Teff edge while the colours say the star lies beyond it is
-    # extrapolation: the vector's slope would be wrong by the missing temperature.
-    lo, hi = teff_range
-    window = config.fit.teff_window / 3
-    edge = (((teff <= lo + 1) & (teff_colour < lo - window))
-            | ((teff >= hi - 1) & (teff_colour > hi + window)))
+def _final_model(obs, tm, scan, params, matched, prior, config):
+    """The model at the refined parameters: velocity, chi^2, model error, photometry."""
+    import scipy.sparse
+
+    fit = config.fit
+    corners, weight = _interpolated(tm.library, params)
+    ids, inverse = np.unique(corners, return_inverse=True)
+    inverse = inverse.reshape(corners.shape)
+    nstar = obs.nstar
+    flux_c, norm_c = tm.flux(ids), tm.fetch(ids)
+    model = np.einsum("sc,scp->sp", weight, flux_c[inverse])
+    model_n = np.einsum("sc,scp->sp", weight, norm_c[inverse])
+    rv, rv_err = scan.rv.copy(), scan.rv_err.copy()
+    ok = np.flatnonzero(scan.usable)
+    if ok.size:  # the velocity once more, against the final model
+        rv[ok], rv_err[ok] = refine_rv(obs.norm[ok], obs.ivar[ok], model_n[ok], obs.wave, rv[ok],
+                                       knot_spacing=scan.knots, star_wavelength=obs.star_wave[ok])
+    model_nobs = np.full((nstar, obs.wave.size), np.nan)
+    for s in range(nstar):  # a few stars: the normalised model as compared with the star
+        shifted = shift_spectra(model_n[s], obs.star_wave[s], rv[s], obs.wave)
+        w = np.where(np.isfinite(shifted), obs.ivar[s], 0.0)
+        model_nobs[s] = fit_corrected(np.nan_to_num(obs.norm[s]), w, np.nan_to_num(shifted)[None],
+                                      obs.star_wave[s], scan.knots)[0]
+        model_nobs[s][~np.isfinite(shifted)] = np.nan
+    chi2_dof, model_error = _model_error(obs, model_nobs, scan)
+    rows = np.repeat(np.arange(nstar), corners.shape[1])
+    weights = scipy.sparse.csr_matrix((weight.ravel(), (rows, corners.ravel())),
+                                      shape=(nstar, tm.library.sizes["template"]))
+    phot = _PhotometricScore(matched, tm.library, prior, config)
+    pf = {k: v for k, v in _photometry_rows(phot, weights).items()}
+    scale = 10.0 ** (-0.4 * pf["mu"])
+    logg_p, logg_p_err = logg_from_parallax(scale, prior.parallax, prior.parallax_err)
+    model_obs = np.stack([shift_spectra(model[s], obs.star_wave[s], rv[s], obs.wave)
+                          for s in range(nstar)]) if nstar else np.zeros((0, obs.wave.size))
+    a_lambda = extinction_per_ebv(obs.star_wave, fit.extinction_law)
+    model_flux = (scale[:, None] * model_obs * 10.0 ** (-0.4 * pf["ebv"][:, None] * a_lambda)
+                  / FLUX_UNIT_SCALE)
+    return SimpleNamespace(rv=rv, rv_err=rv_err, model_nobs=model_nobs, chi2_dof=chi2_dof,
+                           model_error=model_error, phot=pf, scale=scale,
+                           scale_err=scale * _LN10_04 * pf["mu_err"], model_flux=model_flux,
+                           logg_parallax=logg_p, logg_parallax_err=logg_p_err)
+
+
+def _photometry_rows(phot, weights):
+    """fit_photometry of each star's own model (row s of ``weights``)."""
+    rows = [phot.fit(s, weights[s]) for s in range(weights.shape[0])]
+    if not rows:
+        empty = np.zeros(0)
+        return {"mu": empty, "mu_err": empty, "ebv": empty, "ebv_err": empty,
+                "resid": np.zeros((0, phot.maggies.shape[1])), "used": np.zeros((0, 0), bool),
+                "dropped": np.zeros((0, phot.maggies.shape[1]), bool), "n_bands": empty,
+                "rms": empty, "chi2": empty}
+    return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+
+
+def _model_error(obs, model_nobs, scan):
+    """chi^2/dof of each star against its final model, and the model error: the fractional
+    per-pixel mismatch sigma_m with sum r^2 / (var + (sigma_m model)^2) = dof (0 when the
+    model fits within the noise), by bisection in log sigma_m for all stars at once."""
+    w = np.where(np.isfinite(model_nobs) & np.isfinite(obs.norm), obs.ivar, 0.0)
+    resid2 = np.where(w > 0, (np.nan_to_num(obs.norm) - np.nan_to_num(model_nobs)) ** 2, 0.0)
+    dof = np.maximum((w > 0).sum(axis=1) - _n_correction(obs.wave, scan.knots), 1)
+    chi2_dof = np.sum(w * resid2, axis=1) / dof
+    var = np.where(w > 0, 1.0 / np.where(w > 0, w, 1.0), np.inf)
+    m2 = np.nan_to_num(model_nobs) ** 2
+    lo, hi = np.full(obs.nstar, -5.0), np.full(obs.nstar, 0.0)  # log10 sigma_m
+    for _ in range(40):  # bisection to 1e-12 dex: chi^2 falls with sigma_m
+        mid = 0.5 * (lo + hi)
+        chi2 = np.sum(resid2 / (var + (10.0 ** mid[:, None]) ** 2 * m2), axis=1) / dof
+        above = chi2 > 1.0
+        lo, hi = np.where(above, mid, lo), np.where(above, hi, mid)
+    sigma = np.where(chi2_dof > 1.0, 10.0 ** (0.5 * (lo + hi)), 0.0)
+    return chi2_dof, np.where((w > 0).any(axis=1), sigma, np.nan)
+
+
+# ----------------------------------------------------------------------------- 8. vectors
+
+
+def _vectors(obs, model, config, lsf):
+    """Cal_star = model at Earth / counts, with variance and the reliability mask."""
+    line_good = region_mask(obs.star_wave, load_regions(config.masks.lines),
+                            pad=0.5 * lsf.fwhm(obs.star_wave))
+    rel_scale = np.nan_to_num(model.scale_err / model.scale)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cal = model.model_flux / obs.flux
+        # Photon noise, the model's per-pixel mismatch and the photometric scale.
+        cal_var = cal**2 * (obs.var / obs.flux**2 + np.nan_to_num(model.model_error)[:, None] ** 2
+                            + rel_scale[:, None] ** 2)
+    cal_ok = obs.good & (obs.flux > 0) & np.isfinite(cal) & np.isfinite(model.model_flux)
+    return SimpleNamespace(cal=np.where(cal_ok, cal, np.nan),
+                           cal_var=np.where(cal_ok, cal_var, np.nan),
+                           cal_mask=cal_ok & line_good & obs.extra_good)
+
+
+# ----------------------------------------------------------------------------- 9. acceptance
+
+
+def _acceptance(obs, prior, scan, model, params, matched, library, config):
+    """Why each star cannot calibrate, or 'ok'.
+
+    Rejected for: no catalog entry or too few bands; too few good pixels or too low S/N; no
+    template; photometry that disagrees with the spectrum's model (another star, a blend or a
+    variable: residual rms beyond ``max_rms``); an unphysical velocity or reddening (pinned
+    at the search limits); a model error beyond ``max_model_error`` (not a star like the
+    templates); a fit pinned at the grid's Teff edge while the colours put the star beyond it
+    (the vector's slope would be wrong by the missing temperature). Template mismatch below
+    ``max_model_error`` is a quality figure (``model_error``), carried into the star's weight.
+    """
+    fit, phot = config.fit, config.photometry
+    pf = model.phot
+    teff = params["teff"]
+    lo, hi = library["teff"].values[0], library["teff"].values[-1]
+    edge_window = fit.teff_window / 3
+    edge = (((teff <= lo + 1) & (prior.teff_colour < lo - edge_window))
+            | ((teff >= hi - 1) & (prior.teff_colour > hi + edge_window)))
     out = []
-    for s in range(len(snr)):
+    for s in range(obs.nstar):
         if matched["match"].values[s] == "none":
             out.append("no catalog match")
-        elif pf["n_bands"][s] < config.photometry.min_bands:
-            out.append(f"fewer than {config.photometry.min_bands} valid bands "
-                       f"({int(pf['n_bands'][s])})")
-        elif not np.isfinite(snr[s]):
+        elif pf["n_bands"][s] < phot.min_bands:
+            out.append(f"fewer than {phot.min_bands} valid bands ({int(pf['n_bands'][s])})")
+        elif not np.isfinite(obs.snr[s]):
             out.append("no valid pixel")
-        elif not snr[s] >= config.fit.min_snr:
-            out.append(f"S/N {snr[s]:.1f} < {config.fit.min_snr:g}")
-        elif not usable[s]:
+        elif obs.good_fraction[s] < fit.min_good_fraction:
+            out.append(f"only {100 * obs.good_fraction[s]:.0f}% good pixels "
+                       f"(< {100 * fit.min_good_fraction:g}%)")
+        elif not obs.snr[s] >= fit.min_snr:
+            out.append(f"S/N {obs.snr[s]:.1f} < {fit.min_snr:g}")
+        elif not scan.usable[s]:
             out.append("no usable template")
-        elif not chi2_dof[s] <= config.fit.max_chi2_dof:
-            out.append(f"chi2/dof {chi2_dof[s]:.2f} > {config.fit.max_chi2_dof:g}")
-        elif not pf["rms"][s] <= config.photometry.max_rms:
-            out.append(f"photometric rms {pf['rms'][s]:.3f} > {config.photometry.max_rms:g} mag")
+        elif not pf["rms"][s] <= phot.max_rms:
+            out.append(f"photometry disagrees with the spectrum: rms {pf['rms'][s]:.3f} mag > "
+                       f"{phot.max_rms:g} over {int(pf['n_bands'][s])} bands (another star, a "
+                       "blend or a variable?)")
+        elif abs(model.rv[s]) >= 0.98 * fit.rv_max:
+            out.append(f"RV {model.rv[s]:+.0f} km/s at the search limit (+/-{fit.rv_max:g})")
+        elif fit.reddening and pf["ebv"][s] >= fit.ebv_max - 1e-6:
+            out.append(f"E(B-V) pinned at its limit {fit.ebv_max:g} mag")
+        elif not model.model_error[s] <= fit.max_model_error:
+            out.append(f"model error {100 * model.model_error[s]:.1f}% > "
+                       f"{100 * fit.max_model_error:g}% (not a star like the templates?)")
         elif edge[s]:
-            out.append(f"outside the grid: colour Teff {teff_colour[s]:.0f} K, fit pinned at "
-                       f"the grid's edge ({teff[s]:.0f} K)")
+            out.append(f"outside the grid: colour Teff {prior.teff_colour[s]:.0f} K, fit pinned "
+                       f"at the grid's edge ({teff[s]:.0f} K)")
         else:
             out.append("ok")
     return out
+
+
+def _flags(params, library, lsf_fit, prior, model):
+    """Notes on accepted fits: parameters at a grid edge, no parallax."""
+    out = []
+    for s in range(len(params["teff"])):
+        notes = []
+        for p in PARAMS:
+            ax = library[p].values
+            # [alpha/M] = 0, the lowest node, is where most stars belong: no note.
+            low = p != "alpha" and params[p][s] <= ax[0] + 1e-6
+            if ax.size > 1 and (low or params[p][s] >= ax[-1] - 1e-6):
+                notes.append(f"{p} at grid edge")
+        if not np.isfinite(model.logg_parallax[s]):
+            notes.append("no parallax prior")
+        out.append(", ".join(notes))
+    return out
+
+
+# ----------------------------------------------------------------------------- result
+
+
+def _result(std, obs, prior, scan, lsf_fit, params, errors, model, vectors, status, matched,
+            library, lsf, config):
+    pf = model.phot
+    bands = list(matched["band"].values)
+    dropped = [",".join(np.asarray(bands)[row]) for row in pf["dropped"]] if obs.nstar else []
+    ext = library["ext_coeff"].sel(law=config.fit.extinction_law, band=bands)
+    corners, weight = _interpolated(library, params)
+    maggies = np.einsum("sc,scb->sb", weight, np.nan_to_num(
+        10.0 ** (-0.4 * library["synth_mag"].sel(band=bands).values[corners])))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ext_s = np.einsum("sc,scb->sb", weight, np.nan_to_num(
+            10.0 ** (-0.4 * library["synth_mag"].sel(band=bands).values[corners])
+            * ext.values[corners])) / maggies
+        mag_model = (np.where(maggies > 0, -2.5 * np.log10(maggies), np.nan)
+                     - 2.5 * np.log10(model.scale)[:, None] + ext_s * pf["ebv"][:, None])
+    per_star = {
+        **{p: params[p] for p in PARAMS}, **{f"{p}_err": errors[p] for p in PARAMS[:3]},
+        "teff_colour": prior.teff_colour, "ebv": pf["ebv"], "ebv_err": pf["ebv_err"],
+        "ebv_catalog": prior.ebv_catalog, "rv": model.rv, "rv_err": model.rv_err,
+        "scale": model.scale, "scale_err": model.scale_err, "chi2_dof": model.chi2_dof,
+        "model_error": model.model_error, "lsf_scale": lsf_fit.star,
+        "lsf_scale_err": lsf_fit.star_err, "logg_parallax": model.logg_parallax,
+        "logg_parallax_err": model.logg_parallax_err, "phot_rms": pf["rms"], "snr": obs.snr,
+        "good_fraction": obs.good_fraction, "n_bands": pf["n_bands"],
+        "dropped_bands": dropped, "flags": _flags(params, library, lsf_fit, prior, model),
+        "status": status,
+    }
+    coords = {name: ("star", np.asarray(per_star[name], dtype=dtype),
+                     {"units": units} if units else {})
+              for name, (dtype, units) in _STAR_VARS.items()}
+    coords.update(fiber=("star", matched["fiber"].values), objid=("star", matched["objid"].values),
+                  fiber_name=("star", matched["fiber_name"].values),
+                  wavelength=("wavelength", obs.wave, {"units": "Angstrom", "medium": "air"}),
+                  band=("band", np.asarray(bands)))
+    spectra = (("star", "wavelength"))
+    return xr.Dataset(
+        {
+            "cal": (spectra, vectors.cal, {"units": CAL_UNIT}),
+            "cal_variance": (spectra, vectors.cal_var, {"units": f"({CAL_UNIT})**2"}),
+            "cal_mask": (spectra, vectors.cal_mask,
+                         {"description": "True = reliable (not a bad pixel or line core)"}),
+            "model_flux": (spectra, model.model_flux, {"units": FLUX_UNIT}),
+            "obs_norm": (spectra, obs.norm),
+            "model_norm": (spectra, model.model_nobs),
+            "match_mask": (spectra, obs.ivar > 0,
+                           {"description": "pixels used for template matching"}),
+            "mag_obs": (("star", "band"), matched["mag"].values, {"units": "mag",
+                                                                  "system": "AB"}),
+            "mag_err": (("star", "band"), matched["mag_err"].values, {"units": "mag"}),
+            "mag_model": (("star", "band"), mag_model, {"units": "mag", "system": "AB"}),
+            "phot_resid": (("star", "band"), pf["resid"], {"units": "mag",
+                                                           "description": "catalog - model"}),
+            "band_used": (("star", "band"), pf["used"]),
+        },
+        coords=coords,
+        attrs={"expid": str(std.attrs.get("expid", "")), "metric": config.fit.metric,
+               "extinction_law": config.fit.extinction_law,
+               "grid": str(library.attrs.get("source_directory", "")),
+               "grid_synthetic": int(library.attrs.get("synthetic", 0)),
+               "lsf_fwhm_coeffs": list(lsf.coeffs), "lsf_scale": lsf_fit.scale,
+               "lsf_scale_err": lsf_fit.err},
+    )

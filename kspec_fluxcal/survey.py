@@ -1,10 +1,13 @@
 """Survey-wide recalibration as one Dask graph on dask.distributed.
 
 Plan (client side, headers only): discover the RED files, read what each needs for planning
-(EXPID, MJD, setup = wavelength grid + line-spread function), hash its inputs, and group the
-exposures by setup. Graph: one ``prepare-<setup>`` task per setup (the prepared template
-cube, ~10-30 MB, computed once, for the setup's first file in the lake, and moved to the
-workers that need it by the scheduler), the catalog scattered once to every worker, and one
+(EXPID, MJD, wavelength range and line spread), hash its inputs, and group the exposures by
+the template library that serves them (:func:`kspec_fluxcal.templates.library_range`: their
+wavelength range plus the LSF's wings, rounded outward to 500 A, so that every exposure of
+an instrument configuration shares one whatever its exact wavelength solution and line
+spread). Graph: one ``library-<range>`` task per configuration (the template library,
+~10-100 MB, computed once and moved to the workers that need it by the scheduler), the
+catalog scattered once to every worker, and one
 ``calibrate-<EXPID>`` task per exposure that fits, combines, applies and writes the
 calibrated FITS file atomically and returns a small archive record: ~1 task per exposure.
 The client commits records to ``archive.zarr`` in batches as tasks finish (at least every
@@ -13,7 +16,7 @@ skips exposures archived with the same inputs. A failing exposure is reported wi
 reason and never stops the others; a worker that dies is replaced and its tasks retried
 elsewhere. Warnings raised in a task are returned in the report, not printed by workers.
 
-Task keys are ``prepare-<setup>-<token>`` and ``calibrate-<EXPID>-<token>``, the token a
+Task keys are ``library-<range>-<token>`` and ``calibrate-<EXPID>-<token>``, the token a
 hash of everything the task's result depends on (inputs, configuration, output path). Two
 jobs sharing a scheduler (``--scheduler``), or a job resubmitted while a killed one's tasks
 are still known to the scheduler, would otherwise be handed each other's results under a bare
@@ -181,58 +184,29 @@ def _internal_error(err):
             f"({Path(where.filename).name}:{where.lineno})")
 
 
-#: Largest wavelength difference (Angstrom) for which an exposure uses its setup's prepared
-#: cube as it is: 1e-6 pixel at K-SPEC dispersions, far below any effect on the fit.
-SAME_WAVELENGTH = 1e-6
-
-
-def _setup_for(setup, exposure, grid_path):
-    """The prepared cube to fit ``exposure`` with.
-
-    Exposures of one setup key share wavelengths to 1e-3 A, but rarely bit for bit: nm or
-    vacuum solutions converted on reading, or a WCS evaluated, differ by ~1e-11 A. The
-    cube prepared for the setup's first file then applies as it is, relabelled with the
-    exposure's own wavelengths (fit_standards checks that they are identical); re-preparing
-    it for every such exposure would cost as much as the fit itself. Larger differences
-    (up to the key's 1e-3 A) get a cube prepared on the worker, through its cache.
-    """
-    from .grid import open_grid
-
-    wave, ref = exposure["wavelength"].values, setup["wavelength"].values
-    if np.array_equal(ref, wave):
-        return setup
-    if ref.shape == wave.shape and np.max(np.abs(ref - wave)) <= SAME_WAVELENGTH:
-        return setup.assign_coords(wavelength=("wavelength", wave,
-                                               setup["wavelength"].attrs))
-    return open_grid(grid_path)
-
-
-def _prepare_task(grid_path, example_paths, config):
-    """The setup's prepared cube, for the wavelengths of the first of ``example_paths`` that
-    opens (a file that cannot be opened must not take its whole setup down with it)."""
+def _library_task(grid_path, wave_range, config):
+    """The template library of a configuration (see :func:`kspec_fluxcal.prepare_library`)."""
     import dask
 
-    from .exposure import open_exposure
     from .grid import open_grid
-    from .standards import exposure_lsf, prepare_setup
+    from .templates import prepare_library
 
     # Synchronous inside a task: by default, Dask code running in a worker submits its
     # graph back to the cluster (here, the grid's chunks as tasks on other workers), which
-    # costs transfers and can stall when every worker thread is busy preparing a setup.
+    # costs transfers and can stall when every worker thread is busy preparing a library.
     with dask.config.set(scheduler="synchronous"):
-        for k, path in enumerate(example_paths):
-            try:
-                exposure = open_exposure(path)
-                break
-            except FluxCalError:
-                if k == len(example_paths) - 1:
-                    raise
-        lsf = exposure_lsf(exposure, config)
-        return prepare_setup(open_grid(grid_path), exposure["wavelength"].values, lsf, config)
+        return prepare_library(open_grid(grid_path), wave_range, config)
 
 
-def _calibrate_task(path, out_path, catalog, setup, grid_path, config, setup_key, input_hash,
-                    utc_offset, expid):
+def _configuration(info):
+    """The library range serving an exposure (from its header information)."""
+    from .templates import library_range
+
+    return library_range(info["wave_range"], info["lsf"])
+
+
+def _calibrate_task(path, out_path, catalog, library, config, setup_key, input_hash, utc_offset,
+                    expid):
     """Calibrate one exposure; never raises for bad data: returns a status dict."""
     import dask
 
@@ -246,8 +220,7 @@ def _calibrate_task(path, out_path, catalog, setup, grid_path, config, setup_key
                 warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             exposure = open_exposure(path)
-            result = calibrate(exposure, catalog, _setup_for(setup, exposure, grid_path),
-                               config)
+            result = calibrate(exposure, catalog, library, config)
             result.calibrated.attrs["setup"] = setup_key
             write_calibrated(result.calibrated, out_path, overwrite=True, stars=result.stars)
             record = archive_record(result.calibrated, result.stars, result.calibration,
@@ -487,11 +460,6 @@ def run_survey(lake, *, catalog, grid, out, config=None, scheduler=None, workers
     out.mkdir(parents=True, exist_ok=True)
     writer = ArchiveWriter(out / "archive.zarr")
     report = SurveyReport(failed=dict(failed), archive=writer.path)
-    # Each setup's cube is prepared for its first (readable) file in the lake, whatever
-    # remains to do: a resumed run then fits with the very same cube as an uninterrupted one.
-    examples = {}
-    for entry in entries:
-        examples.setdefault(entry["info"]["setup"], []).append(entry)
     todo = []
     for entry in entries:
         target = out / Path(entry["rel"]).parent / output_name(entry["rel"])
@@ -502,9 +470,10 @@ def run_survey(lake, *, catalog, grid, out, config=None, scheduler=None, workers
         else:
             todo.append(entry)
     if progress:
-        setups = len({e["info"]["setup"] for e in todo})
+        configurations = len({_configuration(e["info"]) for e in todo})
         print(f"{len(paths)} RED files, {len(todo)} to calibrate, {len(report.skipped)} up to "
-              f"date, {len(failed)} refused (unreadable or duplicate); {setups} setup(s)",
+              f"date, {len(failed)} refused (unreadable or duplicate); {configurations} "
+              "instrument configuration(s)",
               flush=True)
     if todo:
         utc = config.survey.utc_offset
@@ -522,8 +491,8 @@ def run_survey(lake, *, catalog, grid, out, config=None, scheduler=None, workers
             # as_current: the performance report finds its client through Client.current(),
             # and a caller's client need not be the default one.
             with client.as_current(), ctx:
-                _run_graph(client, todo, examples, catalog_ds, grid, grid_plan, config, writer,
-                           report, utc, progress, flush_every, flush_interval)
+                _run_graph(client, todo, catalog_ds, grid, grid_plan, config, writer, report,
+                           utc, progress, flush_every, flush_interval)
                 if config.survey.fallback:
                     _run_fallback(client, todo, writer, report, config, utc, progress)
         finally:
@@ -544,32 +513,25 @@ def _task_failure(result):
     return f"task failed: {type(err).__name__}: {err}"
 
 
-#: Files of a setup the prepare task tries, in lake order, until one opens.
-_EXAMPLES = 4
-
-
-def _run_graph(client, todo, examples, catalog_ds, grid_path, grid_plan, config, writer, report,
-               utc, progress, flush_every, flush_interval):
+def _run_graph(client, todo, catalog_ds, grid_path, grid_plan, config, writer, report, utc,
+               progress, flush_every, flush_interval):
     settings = json.dumps(config.to_dict(), sort_keys=True)
-    by_setup = {}
+    by_range = {}
     for entry in todo:
-        by_setup.setdefault(entry["info"]["setup"], []).append(entry)
+        by_range.setdefault(_configuration(entry["info"]), []).append(entry)
     # Once, to every worker; a restarted worker gets it from a peer.
     catalog_future = client.scatter(catalog_ds, broadcast=True)
     futures, by_key = [], {}
-    for setup_key, group in by_setup.items():
-        candidates = examples[setup_key][:_EXAMPLES]
-        token = _token(Path(grid_path).resolve(), grid_plan, settings,
-                       *(e["content_hash"] for e in candidates))
-        prepared = client.submit(_prepare_task, str(grid_path), [e["path"] for e in candidates],
-                                 config, retries=2, key=f"prepare-{setup_key}-{token}")
+    for wave_range, group in by_range.items():
+        token = _token(Path(grid_path).resolve(), grid_plan, settings)
+        library = client.submit(_library_task, str(grid_path), wave_range, config, retries=2,
+                                key=f"library-{wave_range[0]:.0f}-{wave_range[1]:.0f}-{token}")
         for entry in group:
             expid = entry["info"]["expid"]
             key = f"calibrate-{expid}-{_token(entry['input_hash'], Path(entry['out']).resolve())}"
             futures.append(client.submit(
-                _calibrate_task, entry["path"], entry["out"], catalog_future, prepared,
-                str(grid_path), config, setup_key, entry["input_hash"], utc, expid,
-                key=key, retries=2))
+                _calibrate_task, entry["path"], entry["out"], catalog_future, library, config,
+                entry["info"]["setup"], entry["input_hash"], utc, expid, key=key, retries=2))
             by_key[key] = entry
     bar = _Progress(len(futures), progress)
     pending, last = [], time.monotonic()

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import json
 import threading
 import warnings
 from pathlib import Path
@@ -33,14 +34,17 @@ import scipy.sparse
 import xarray as xr
 
 from ._atomic import atomic_directory
-from ._zarr import strings_as_object
+from ._zarr import strings_as_object, strings_as_unicode
+from .config import Config, continuum_options
 from .constants import FWHM_PER_SIGMA
 from .errors import FluxCalWarning, GridError
 from .exposure import setup_key
 from .grid import PARAMS
 from .lsf import LineSpread
 
-__all__ = ["convolution_matrix", "prepare_templates", "prepared_templates", "clear_cache"]
+__all__ = ["convolution_matrix", "prepare_templates", "prepared_templates", "clear_cache",
+           "prepare_library", "library_spectra", "library_range", "is_library",
+           "check_coverage"]
 
 _NSIGMA = 5.0
 
@@ -98,6 +102,25 @@ def _apply(block, matrix):
     return out.reshape(block.shape[:-1] + (matrix.shape[0],)).astype(np.float32)
 
 
+def check_coverage(templates, wavelength, lsf, what="grid"):
+    """The range (Angstrom) an exposure needs of templates: its own plus the LSF's wings.
+
+    Raises
+    ------
+    GridError
+        When ``templates`` (a grid or a library) do not cover it.
+    """
+    wave_in = templates["wavelength"].values
+    wave = np.asarray(wavelength, dtype=np.float64)
+    margin = _NSIGMA * np.max(_as_lsf(lsf).sigma(wave[[0, -1]]))
+    need = (wave[0] - margin, wave[-1] + margin)
+    if wave_in[0] > need[0] or wave_in[-1] < need[1]:
+        raise GridError(templates.attrs.get("store"), "wavelength",
+                        f"the {what} covers {wave_in[0]:.0f}-{wave_in[-1]:.0f} A but the exposure "
+                        f"needs {need[0]:.0f}-{need[1]:.0f} A (its range plus the LSF wings)")
+    return need
+
+
 def _as_lsf(lsf):
     if isinstance(lsf, LineSpread):
         return lsf
@@ -136,12 +159,7 @@ def prepare_templates(grid, wavelength, lsf, *, variables=("flux", "continuum"))
     wave_out = np.asarray(wavelength, dtype=np.float64)
     wave_in = grid["wavelength"].values
     resolving_power = float(grid.attrs.get("resolving_power", np.inf))
-    margin = _NSIGMA * np.max(lsf.sigma(wave_out[[0, -1]]))
-    need = (wave_out[0] - margin, wave_out[-1] + margin)
-    if wave_in[0] > need[0] or wave_in[-1] < need[1]:
-        raise GridError(grid.attrs.get("store"), "wavelength",
-                        f"the grid covers {wave_in[0]:.0f}-{wave_in[-1]:.0f} A but the exposure "
-                        f"needs {need[0]:.0f}-{need[1]:.0f} A (its range plus the LSF wings)")
+    need = check_coverage(grid, wave_out, lsf)
     keep = np.flatnonzero((wave_in >= need[0]) & (wave_in <= need[1]))
     keep = slice(max(int(keep[0]) - 1, 0), int(keep[-1]) + 2)
     sub = grid.isel(wavelength=keep)
@@ -241,3 +259,233 @@ def prepared_templates(grid, wavelength, lsf, *, cache_dir=None, variables=("flu
 def clear_cache():
     """Forget the prepared cubes held in memory."""
     _CACHE.clear()
+
+
+# ----------------------------------------------------------------------------- libraries
+#
+# A template library is the grid prepared once for a wavelength range (an instrument
+# configuration), independently of any exposure's wavelength solution and line spread: the
+# existing templates, stacked along ``template``, on the grid's own sampling (pre-convolved
+# when the grid is much sharper than any K-SPEC setup needs), with their pseudo-continua
+# fitted once. An exposure then costs one sparse product for the templates it can select:
+# convolution to its own LSF (times a fitted width correction) and sampling at its pixels,
+# the operator built once per (pixels, LSF) and cached.
+
+#: Grids sharper than this are pre-convolved to it when a library is prepared: K-SPEC setups
+#: are far coarser (lambda/FWHM ~ 3000 at 4096 pixels, ~ 600 for the IsoPlane-320), and the
+#: library's memory grows with the grid's sampling.
+LIBRARY_MAX_RESOLVING_POWER = 20000.0
+#: Samples per FWHM of a pre-convolved library (band-limited sampling, with margin).
+_SAMPLES_PER_FWHM = 2.5
+#: Library ranges are rounded outward to multiples of this (Angstrom), so that exposures of
+#: one configuration, whose wavelength solutions differ a little, share one library.
+LIBRARY_RANGE_STEP = 500.0
+#: Largest LSF width correction a library's range allows for (wings of 5 sigma at this scale).
+LIBRARY_MAX_LSF_SCALE = 1.5
+#: Templates whose continuum is fitted at once (bounds the fit's temporary memory).
+_CONTINUUM_BLOCK = 64
+
+
+def _wing(wavelength, lsf, scale=LIBRARY_MAX_LSF_SCALE):
+    return _NSIGMA * scale * float(np.max(lsf.sigma(np.asarray(wavelength)[[0, -1]])))
+
+
+def library_range(wavelength, lsf):
+    """The wavelength range (Angstrom) of the library serving an exposure.
+
+    The exposure's range plus the LSF's wings (at up to :data:`LIBRARY_MAX_LSF_SCALE` times
+    its width), rounded outward to :data:`LIBRARY_RANGE_STEP`.
+    """
+    wave = np.asarray(wavelength, dtype=np.float64)
+    wing = _wing([np.min(wave), np.max(wave)], _as_lsf(lsf)) + 10.0
+    step = LIBRARY_RANGE_STEP
+    return (float(np.floor((np.min(wave) - wing) / step) * step),
+            float(np.ceil((np.max(wave) + wing) / step) * step))
+
+
+def is_library(obj):
+    """True for a Dataset made by :func:`prepare_library`."""
+    return isinstance(obj, xr.Dataset) and obj.attrs.get("kind") == "template library"
+
+
+_LIBRARIES = collections.OrderedDict()
+_LIBRARIES_LOCK = threading.Lock()
+#: Libraries kept in memory per process (each ~10-100 MB).
+_LIBRARIES_SIZE = 3
+
+
+def prepare_library(grid, wave_range, config=None, *, cache_dir=None,
+                    max_resolving_power=LIBRARY_MAX_RESOLVING_POWER):
+    """The template library of a grid for a wavelength range, computed once per process.
+
+    Parameters
+    ----------
+    grid : xarray.Dataset
+        A cube from :func:`kspec_fluxcal.open_grid`.
+    wave_range : (float, float)
+        Range to cover, Angstrom (see :func:`library_range`); clipped to the grid's.
+    config : Config, optional
+        Continuum options ([continuum]) are taken from it.
+    cache_dir : path-like, optional
+        Where libraries are kept as Zarr stores for other processes and later runs.
+    max_resolving_power : float
+        Sharper grids are pre-convolved to this resolving power first.
+
+    Returns
+    -------
+    xarray.Dataset
+        In memory. Dims (``template``, ``wavelength``): ``flux`` (surface flux,
+        erg/s/cm^2/A) and ``norm`` (flux over its pseudo-continuum, fitted as observed
+        spectra are), float32; per template ``synth_mag``, ``ext_coeff`` and coordinates
+        ``template_teff`` ... ``template_alpha`` (existing grid points only, in the grid's
+        order: Teff slowest); ``template_index`` (teff, logg, feh, alpha): position along
+        ``template``, -1 where the grid has a hole. Attrs: ``resolving_power`` of the library
+        and the grid's identity.
+    """
+    config = Config() if config is None else config
+    options = continuum_options(config)
+    wave_in = grid["wavelength"].values
+    lo, hi = max(float(wave_range[0]), float(wave_in[0])), min(float(wave_range[1]),
+                                                               float(wave_in[-1]))
+    ident = f"{grid.attrs.get('build_plan') or id(grid)}|{grid.attrs.get('store', '')}"
+    key = hashlib.sha1(f"{ident}|{lo:.1f}|{hi:.1f}|{sorted(options.items())}|"
+                       f"{max_resolving_power}".encode()).hexdigest()[:16]
+    with _LIBRARIES_LOCK:
+        if key in _LIBRARIES:
+            _LIBRARIES.move_to_end(key)
+            return _LIBRARIES[key]
+    path = None if cache_dir is None else Path(cache_dir) / f"library-{key}.zarr"
+    if path is not None and path.exists():
+        library = strings_as_unicode(xr.open_zarr(path, consolidated=False).load())
+    else:
+        library = _build_library(grid, lo, hi, options, max_resolving_power)
+        library.attrs["library_key"] = key
+        if path is not None:
+            with atomic_directory(path, overwrite=True) as tmp:
+                strings_as_object(library).to_zarr(tmp, mode="w", consolidated=False)
+    with _LIBRARIES_LOCK:
+        _LIBRARIES[key] = library
+        while len(_LIBRARIES) > _LIBRARIES_SIZE:
+            _LIBRARIES.popitem(last=False)
+    return library
+
+
+def _build_library(grid, lo, hi, options, max_resolving_power):
+    from .continuum import fit_continuum
+
+    wave_in = grid["wavelength"].values
+    keep = np.flatnonzero((wave_in >= lo) & (wave_in <= hi))
+    keep = slice(max(int(keep[0]) - 1, 0), int(keep[-1]) + 2)
+    stacked = grid.isel(wavelength=keep).stack(template=PARAMS)
+    exists = grid["exists"].values
+    present = np.flatnonzero(stacked["exists"].values)
+    stacked = stacked.isel(template=present)
+    wave = stacked["wavelength"].values
+    flux = stacked["flux"].transpose("template", "wavelength").values.astype(np.float64)
+    resolving_power = float(grid.attrs.get("resolving_power", np.inf))
+    if resolving_power > max_resolving_power:
+        # Pre-convolved to max_resolving_power (FWHM = lambda / R) on a uniform ln grid.
+        step = 1.0 / (max_resolving_power * _SAMPLES_PER_FWHM)
+        new = np.exp(np.arange(np.log(wave[0]) + 6 * step, np.log(wave[-1]) - 6 * step, step))
+        matrix, _ = convolution_matrix(
+            wave, new, LineSpread((0.0, 1e4 / max_resolving_power), "library"),
+            None if not np.isfinite(resolving_power) else resolving_power)
+        flux = np.asarray((matrix @ flux.T).T)
+        wave, resolving_power = new, max_resolving_power
+    norm = np.empty(flux.shape, dtype=np.float32)
+    for start in range(0, flux.shape[0], _CONTINUUM_BLOCK):
+        block = flux[start:start + _CONTINUUM_BLOCK]
+        with np.errstate(invalid="ignore", divide="ignore"):
+            norm[start:start + _CONTINUUM_BLOCK] = block / fit_continuum(block, wave, **options)
+    template_index = np.full(exists.shape, -1, dtype=np.int64)
+    template_index[exists] = np.arange(present.size)
+    return xr.Dataset(
+        {
+            "flux": (("template", "wavelength"), flux.astype(np.float32),
+                     {"units": "erg/(s cm2 Angstrom)", "description": "surface flux"}),
+            "norm": (("template", "wavelength"), norm,
+                     {"units": "1", "description": "flux / pseudo-continuum"}),
+            "synth_mag": (("template", "band"),
+                          stacked["synth_mag"].transpose("template", "band").values,
+                          {"units": "mag", "system": "AB"}),
+            "ext_coeff": (("template", "law", "band"),
+                          stacked["ext_coeff"].transpose("template", "law", "band").values),
+            "template_index": (PARAMS, template_index),
+        },
+        coords={
+            "wavelength": ("wavelength", wave, {"units": "Angstrom", "medium": "air"}),
+            "band": ("band", np.asarray(grid["band"].values).astype(str)),
+            "law": ("law", np.asarray(grid["law"].values).astype(str)),
+            **{p: (p, grid[p].values) for p in PARAMS},
+            **{f"template_{p}": ("template", stacked[p].values) for p in PARAMS},
+        },
+        attrs={**{k: v for k, v in grid.attrs.items() if k != "complete"},
+               "kind": "template library", "resolving_power": resolving_power,
+               "continuum": json.dumps(options), "wave_min": float(wave[0]),
+               "wave_max": float(wave[-1])},
+    )
+
+
+class _MatrixCache:
+    """Library-to-exposure operators, by (library, pixels, LSF): a few, with their memory."""
+
+    def __init__(self, size=16):
+        self.size = size
+        self._items = collections.OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, library, wavelength, lsf):
+        wave = np.ascontiguousarray(np.round(np.asarray(wavelength, dtype=np.float64), 6))
+        key = (library.attrs.get("library_key", id(library)), wave.tobytes(), lsf.key())
+        with self._lock:
+            if key in self._items:
+                self._items.move_to_end(key)
+                return self._items[key]
+        check_coverage(library, wave, lsf, "library")
+        matrix, sharper = convolution_matrix(library["wavelength"].values, wave, lsf,
+                                             float(library.attrs["resolving_power"]))
+        item = (matrix.astype(np.float32).tocsr(), sharper)
+        with self._lock:
+            self._items[key] = item
+            while len(self._items) > self.size:
+                self._items.popitem(last=False)
+        return item
+
+
+_MATRICES = _MatrixCache()
+
+
+def library_spectra(library, wavelength, lsf, templates=None, *, kind="norm"):
+    """Templates of a library convolved to an LSF and sampled at an exposure's pixels.
+
+    Parameters
+    ----------
+    library : xarray.Dataset
+        From :func:`prepare_library`.
+    wavelength : array_like
+        Pixel centres, Angstrom (air), increasing.
+    lsf : LineSpread
+        The line spread to convolve to (the library's own resolution is removed in
+        quadrature; where the instrument is sharper, the templates are only interpolated and
+        a :class:`FluxCalWarning` says so).
+    templates : array_like of int or slice, optional
+        Positions along ``template`` (default: all).
+    kind : {'norm', 'flux'}
+        Normalised spectra or surface fluxes.
+
+    Returns
+    -------
+    numpy.ndarray, shape (ntemplate, npix)
+        float64.
+    """
+    lsf = _as_lsf(lsf)
+    matrix, sharper = _MATRICES.get(library, wavelength, lsf)
+    if sharper > 0:
+        warnings.warn(f"the line spread ({lsf.coeffs}) is sharper than the templates' "
+                      f"resolution R = {library.attrs['resolving_power']:g} on "
+                      f"{100 * sharper:.0f}% of the pixels: templates there are only "
+                      "interpolated, not convolved", FluxCalWarning, stacklevel=2)
+    data = library[kind].values
+    if templates is not None:
+        data = data[templates]
+    return np.asarray(matrix @ np.ascontiguousarray(data.T), dtype=np.float64).T

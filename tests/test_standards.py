@@ -12,7 +12,7 @@ from kspec_fluxcal.exposure import open_exposure
 from kspec_fluxcal.grid import build_grid, open_grid
 from kspec_fluxcal.masks import region_mask
 from kspec_fluxcal.simulate import GridStars, Setup, simulate_exposure, write_catalog
-from kspec_fluxcal.standards import exposure_lsf, fit_standards, prepare_setup
+from kspec_fluxcal.standards import fit_standards, template_library
 from kspec_fluxcal.synthgrid import write_synthetic_grid
 
 SETUP = Setup(name="test", pixels=2048, fibers=8)
@@ -42,8 +42,7 @@ def fitted(world, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fitted")
     exposure, catalog, truth, rows = _exposure(world, 11, tmp)
     config = Config()
-    setup = prepare_setup(world["grid"], exposure["wavelength"].values,
-                          exposure_lsf(exposure, config), config)
+    setup = template_library(world["grid"], exposure, config)
     return {"exposure": exposure, "catalog": catalog, "truth": truth, "rows": rows,
             "setup": setup, "stars": fit_standards(exposure, catalog, setup, config)}
 
@@ -151,11 +150,12 @@ def test_rejection_reasons(world, tmp_path, fitted):
     by_fiber = dict(zip(stars["fiber"].values, stars["status"].values, strict=True))
     assert by_fiber[int(std_rows[0]["_fiber"])] == "no catalog match"
     assert by_fiber[int(std_rows[1]["_fiber"])] == "fewer than 2 valid bands (1)"
-    assert by_fiber[int(std_rows[2]["_fiber"])].startswith("photometric rms")
+    assert by_fiber[int(std_rows[2]["_fiber"])].startswith("photometry disagrees with the "
+                                                          "spectrum: rms")
     assert len(by_fiber) == 3
 
 
-def test_low_snr_and_chi2_bound(fitted):
+def test_low_snr_and_model_error_bound(fitted):
     noisy = fitted["exposure"].copy()
     fiber = int(fitted["stars"]["fiber"].values[0])
     noisy["variance"] = noisy["variance"].where(noisy["fiber"] != fiber,
@@ -164,8 +164,8 @@ def test_low_snr_and_chi2_bound(fitted):
     status = stars["status"].values[0]
     assert status.startswith("S/N ") and status.endswith("< 5")
     strict = fit_standards(fitted["exposure"], fitted["catalog"], fitted["setup"],
-                           Config().replace(max_chi2_dof=0.2))
-    assert all(s.startswith("chi2/dof") for s in strict["status"].values)
+                           Config().replace(max_model_error=1e-4))
+    assert all(s.startswith("model error") for s in strict["status"].values)
 
 
 def test_huber_resists_sky_residuals(world, tmp_path, fitted):

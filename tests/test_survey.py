@@ -235,11 +235,11 @@ def test_survey_on_local_cluster(survey, reference, client):
     """Every exposure calibrated once, archived once, and calibrated correctly."""
     sv, manifest = survey
     out, report, _ = reference
-    # One prepared cube per setup in each worker's cache: exposures whose wavelengths differ
-    # from their setup's by float noise (nm, vacuum, WCS) reuse it instead of re-preparing.
-    cached = client.run(lambda: len(__import__("kspec_fluxcal.standards",
-                                               fromlist=["_SETUPS"])._SETUPS))
-    assert all(n <= 2 for n in cached.values()), cached
+    # Both setups cover 3500-8500 A: one template library serves them, prepared by one task
+    # (on one worker) and passed to the others, never re-prepared per exposure or setup.
+    cached = client.run(lambda: len(__import__("kspec_fluxcal.templates",
+                                               fromlist=["_LIBRARIES"])._LIBRARIES))
+    assert sum(cached.values()) == 1, cached
     # The workers run with the survey's malloc settings (set before they were spawned).
     env = client.run(lambda: {k: os.environ.get(k) for k in WORKER_MALLOC_ENV})
     assert all(e == WORKER_MALLOC_ENV for e in env.values()), env
@@ -269,29 +269,25 @@ def test_survey_on_local_cluster(survey, reference, client):
 
 
 @pytest.mark.cluster
-def test_graph_has_named_tasks_a_scattered_catalog_and_prepared_cube_futures(survey,
-                                                                              reference):
-    _, manifest = survey
+def test_graph_has_named_tasks_a_scattered_catalog_and_library_futures(survey, reference):
     _, _, graph = reference
-    setups = sorted({e["setup_key"] for e in manifest["exposures"]})
-    prepare = sorted(k for k in graph.computed if k.startswith("prepare-"))
+    prepare = sorted(k for k in graph.computed if k.startswith("library-"))
     calibrate = sorted(k for k in graph.computed if k.startswith("calibrate-"))
-    # One prepare task per setup (two pixel counts), one calibrate task per exposure.
-    assert [k.rsplit("-", 1)[0] for k in prepare] == [f"prepare-{s}" for s in setups]
+    # One library task for the configuration (both setups: 3500-8500 A, served by the
+    # 3000-9000 A library), one calibrate task per exposure.
+    assert [k.rsplit("-", 1)[0] for k in prepare] == ["library-3000-9000"]
     assert [k.rsplit("-", 1)[0] for k in calibrate] == sorted(
         f"calibrate-{e}" for e in _expids(survey))
     assert graph.computed == set(prepare) | set(calibrate), graph.computed
     print(f"graph: {len(graph.computed)} tasks for {N_EXPOSURES} exposures "
           f"({len(graph.computed) / N_EXPOSURES:.2f} per exposure) + the scattered catalog")
-    # Each calibrate task depends on its setup's prepared cube and the one scattered catalog:
-    # both are futures, not data embedded in the task.
-    setup_of = {e["expid"]: e["setup_key"] for e in manifest["exposures"]}
+    # Each calibrate task depends on the library and the one scattered catalog: both are
+    # futures, not data embedded in the task.
     catalogs = set()
     for key in calibrate:
-        expid = key[len("calibrate-"):].rsplit("-", 1)[0]
         deps = graph.dependencies[key]
         assert len(deps) == 2
-        (mine,) = [d for d in deps if d.startswith(f"prepare-{setup_of[expid]}-")]
+        (mine,) = [d for d in deps if d.startswith("library-")]
         catalogs |= deps - {mine}
     (catalog,) = catalogs
     assert catalog not in graph.computed  # scattered, never a task
@@ -352,8 +348,8 @@ def test_worker_killed_mid_task_is_retried_elsewhere(survey, cube, reference, cl
 def test_bad_exposures_are_reported_and_do_not_stop_the_others(survey, cube, reference,
                                                                client, tmp_path, capsys):
     """Through the CLI: files truncated inside the data and inside the headers (refused at
-    planning), one without its FIBRES table (fails in its task, on a worker; first of its
-    setup, so also skipped by the prepare task), one whose
+    planning), one without its FIBRES table (fails in its task, on a worker, without taking
+    the library task down: that task reads no exposure), one whose
     standards are not in the catalog and a duplicate EXPID are each reported with their
     reason; the good exposures are calibrated and archived as in the reference; exit
     status 1."""
@@ -372,7 +368,6 @@ def test_bad_exposures_are_reported_and_do_not_stop_the_others(survey, cube, ref
     (bad / "trunc_data.fits").write_bytes(data[: int(0.6 * len(data))])
     (bad / "trunc_head.fits").write_bytes(data[:2880])
     _modified_copy(src, bad / "nostd.fits", "BAD_NO_STD", lose_standards=True)
-    # First of its setup in the lake: the prepare task must skip it for the next file.
     with fits.open(_modified_copy(src, tmp_path / "tmp" / "b.fits", "BAD_NO_FIBRES")) as hdul:
         del hdul["FIBRES"]
         (lake / "00first").mkdir()
@@ -384,7 +379,7 @@ def test_bad_exposures_are_reported_and_do_not_stop_the_others(survey, cube, ref
     text = capsys.readouterr().out
     assert code == 1
     assert ("7 RED files, 4 to calibrate, 0 up to date, 3 refused (unreadable or duplicate); "
-            "2 setup(s)") in text
+            "1 instrument configuration(s)") in text
     assert "2 calibrated (0 from the archive), 0 skipped as up to date, 5 failed" in text
     failed = {line.split(":", 1)[0].split()[-1]: line for line in text.splitlines()
               if line.strip().startswith("FAILED")}
