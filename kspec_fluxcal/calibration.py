@@ -38,7 +38,8 @@ from .errors import CalibrationError, FluxCalWarning
 from .exposure import add_history
 from .masks import region_mask
 
-__all__ = ["combine_vectors", "apply_calibration", "running_median"]
+__all__ = ["combine_vectors", "apply_calibration", "running_median", "quality_grade",
+           "QUALITY_GRADES"]
 
 
 def _star_label(stars, s):
@@ -97,8 +98,10 @@ def combine_vectors(stars, method=None, sigma_clip=None, smooth=None, *, config=
         False where bridged); along ``star``: ``star_status`` (the fit's status, or why the
         combination rejected the star), ``grey_level`` and ``used``. Attrs ``fcalnstr``,
         ``fcalrms`` (robust fractional scatter between the stars' shapes, after a running
-        median over the smoothing scale; NaN for one star),
-        ``single_star`` and a history entry.
+        median over the smoothing scale; NaN for one star), ``fcalqual`` (quality grade,
+        :data:`QUALITY_GRADES`), ``fcalmerr`` (median model error of the stars used),
+        ``fcallsf`` (the stars' fitted line-spread width), ``single_star`` and a history
+        entry.
 
     Raises
     ------
@@ -147,7 +150,10 @@ def combine_vectors(stars, method=None, sigma_clip=None, smooth=None, *, config=
                                                    dev_level / opts.star_level), -np.inf))
         s = idx[worst]
         status[s] = (f"rejected in combination: shape deviates {100 * dev_shape[worst]:.1f}%, "
-                     f"level {100 * np.expm1(dev_level[worst]):+.0f}% from the others")
+                     f"level {100 * np.expm1(dev_level[worst]):+.0f}% from the others"
+                     + (" (photometry of another star, or a blend?)"
+                        if dev_level[worst] / opts.star_level > dev_shape[worst]
+                        / opts.star_deviation else ""))
         use[s] = False
     idx = np.flatnonzero(use)
     if idx.size == 2:
@@ -210,6 +216,9 @@ def combine_vectors(stars, method=None, sigma_clip=None, smooth=None, *, config=
         warnings.warn(f"{stars.attrs.get('expid', 'exposure')}: one usable standard star "
                       f"({_star_label(stars, idx[0])}); no combination, no scatter estimate",
                       FluxCalWarning, stacklevel=2)
+    merr = _per_star(stars, "model_error", idx)
+    fcalmerr = float(np.nanmedian(merr)) if np.isfinite(merr).any() else np.nan
+    fcalqual = quality_grade(stars, idx, fcalrms, fcalmerr)
     out = xr.Dataset(
         {
             "cal": ("wavelength", final, {"units": CAL_UNIT}),
@@ -223,6 +232,8 @@ def combine_vectors(stars, method=None, sigma_clip=None, smooth=None, *, config=
         coords={"wavelength": stars["wavelength"], "star": np.arange(nstar),
                 "fiber": ("star", stars["fiber"].values), "objid": ("star", stars["objid"].values)},
         attrs={"fcalnstr": int(idx.size), "fcalrms": fcalrms, "single_star": int(idx.size == 1),
+               "fcalqual": fcalqual, "fcalmerr": fcalmerr,
+               "fcallsf": float(stars.attrs.get("lsf_scale", np.nan)),
                "method": method, "smooth": int(bool(smooth)), "history": []},
     )
     add_history(out, f"combined {idx.size} of {nstar} standard(s) ({method}, "
@@ -230,8 +241,48 @@ def combine_vectors(stars, method=None, sigma_clip=None, smooth=None, *, config=
                 + (f", B-spline knots {opts.smooth_scale:g} A" if smooth and
                    opts.smooth_method == "bspline" else
                    f", Savitzky-Golay {opts.smooth_scale:g} A" if smooth else ", unsmoothed")
-                + f"); rms between standards {fcalrms:.4f}")
+                + f"); rms between standards {fcalrms:.4f}; quality {fcalqual}")
     return out
+
+
+#: Quality grades (header FCALQUAL), from the standards used: (grade, meaning).
+QUALITY_GRADES = {
+    "A": "two or more standards that agree (FCALRMS <= 2 %), fitted within 3 % (FCALMERR), "
+         "S/N >= 20",
+    "B": "two or more standards agreeing within 5 %, or one standard of S/N >= 30 fitted "
+         "within 3 % whose photometry agrees within 0.05 mag",
+    "C": "one standard (noisy, or a model error of 3-10 %), or standards disagreeing by more "
+         "than 5 %",
+    "D": "calibrated, but flagged: not from the exposure's own standards, or an implausible "
+         "throughput",
+}
+#: Thresholds of the grades: FCALRMS (A, B), model error, S/N (A, single star), photometry.
+_GRADE_LIMITS = {"rms_a": 0.02, "rms_b": 0.05, "model_error": 0.03, "snr_a": 20.0,
+                 "snr_single": 30.0, "phot_rms": 0.05}
+
+
+def quality_grade(stars, used, fcalrms, fcalmerr):
+    """The quality grade of a calibration from the standards ``used`` (indices); see
+    :data:`QUALITY_GRADES`."""
+    lim = _GRADE_LIMITS
+    # What the fit did not record (NaN) does not lower the grade.
+    snr = _per_star(stars, "snr", used)
+    phot = _per_star(stars, "phot_rms", used)
+    fitted_well = not (fcalmerr > lim["model_error"])
+    if len(used) >= 2:
+        if fcalrms <= lim["rms_a"] and fitted_well and not np.any(snr < lim["snr_a"]):
+            return "A"
+        return "B" if fcalrms <= lim["rms_b"] else "C"
+    if not snr[0] < lim["snr_single"] and fitted_well and not phot[0] > lim["phot_rms"]:
+        return "B"
+    return "C"
+
+
+def _per_star(stars, name, index):
+    """A per-star coordinate at ``index``, NaN where the fit did not record it."""
+    if name in stars.coords or name in stars:
+        return np.asarray(stars[name].values, dtype=float)[index]
+    return np.full(np.size(index), np.nan)
 
 
 def _bridge(wave, values, variance, measured):
@@ -319,6 +370,9 @@ def apply_calibration(exposure, calibration):
     out.attrs.update({"fcalnstr": calibration.attrs.get("fcalnstr", 0),
                       "fcalrms": calibration.attrs.get("fcalrms", np.nan),
                       "fcalsrc": calibration.attrs.get("fcalsrc", "standards")})
+    for name in ("fcalqual", "fcalmerr", "fcallsf"):
+        if name in calibration.attrs:
+            out.attrs[name] = calibration.attrs[name]
     add_history(out, f"flux calibrated all {exposure.sizes['fiber']} fibers: flux x Cal, "
                 "variance x Cal^2 + flux^2 x var(Cal); BUNIT " + FLUX_UNIT)
     return out

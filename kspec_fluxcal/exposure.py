@@ -47,6 +47,18 @@ _SAME_SOLUTION_PIXELS = 0.01
 _FIBRES_COLUMNS = {"NAME": "fiber_name", "TYPE": "fiber_type", "RA": "ra", "DEC": "dec",
                    "OBJID": "objid"}
 _WCS_KEYS = ("CRVAL1", "CDELT1", "CD1_1", "CRPIX1", "CUNIT1", "CTYPE1")
+#: Primary-header keywords of calibrated products, by the attribute that carries them:
+#: (keyword, type, comment). FCALNSTR and FCALRMS are the contract's (with FLUXCAL and
+#: FCALVER); FCALSRC, FCALQUAL, FCALMERR and FCALLSF are ours, documented in the README.
+#: A float that is not available (NaN) is written as -1.
+CALIBRATION_KEYWORDS = {
+    "fcalnstr": ("FCALNSTR", int, "standard stars used"),
+    "fcalrms": ("FCALRMS", float, "fractional rms between standards (-1: n/a)"),
+    "fcalsrc": ("FCALSRC", str, "origin of the calibration"),
+    "fcalqual": ("FCALQUAL", str, "quality grade A (best) to D (see README)"),
+    "fcalmerr": ("FCALMERR", float, "median model error of standards used (-1: n/a)"),
+    "fcallsf": ("FCALLSF", float, "stars' LSF width / header FWHM (fitted)"),
+}
 
 
 def add_history(ds, text):
@@ -377,8 +389,8 @@ def _read_hdus(path):
         if cal_hdu is not None:
             cal = _data(cal_hdu, path, "FLUXCAL")
             cal = {name: np.asarray(cal[name]) for name in cal.columns.names}
-            meta["fluxcal"] = {k: header.get(k) for k in ("FCALNSTR", "FCALRMS", "FCALVER",
-                                                         "FCALSRC")}
+            meta["fluxcal"] = {k: header.get(k) for k in
+                               ("FCALVER", *(v[0] for v in CALIBRATION_KEYWORDS.values()))}
         return np.asarray(flux), np.asarray(variance), wave, fibres, meta, cal
 
 
@@ -517,9 +529,13 @@ def _attach_calibration(ds, cal, keys, path):
     ds["cal_variance"] = ("wavelength", cal["CAL_VARIANCE"].astype(np.float64),
                           {"units": f"({CAL_UNIT})**2"})
     ds["cal_mask"] = ("wavelength", cal["MASK"].astype(bool), {"description": "True = reliable"})
-    ds.attrs.update({"fluxcal": True, "fcalnstr": keys.get("FCALNSTR"),
-                     "fcalrms": keys.get("FCALRMS"), "fcalver": keys.get("FCALVER"),
-                     "fcalsrc": keys.get("FCALSRC") or "standards"})
+    ds.attrs.update({"fluxcal": True, "fcalver": keys.get("FCALVER")})
+    for attr, (key, kind, _) in CALIBRATION_KEYWORDS.items():
+        value = keys.get(key)
+        if kind is float and value is not None and value == -1:
+            value = np.nan
+        ds.attrs[attr] = value
+    ds.attrs["fcalsrc"] = ds.attrs.get("fcalsrc") or "standards"
 
 
 def read_exposure_info(path):
@@ -705,12 +721,16 @@ def write_calibrated(ds, path, *, overwrite=False, stars=None):
     if ds.attrs.get("expid"):
         header["EXPID"] = str(ds.attrs["expid"])
     header["FLUXCAL"] = (True, "flux calibrated by kspec-fluxcal")
-    header["FCALNSTR"] = (int(ds.attrs.get("fcalnstr", 0)), "standard stars used")
-    rms = ds.attrs.get("fcalrms", np.nan)
-    header["FCALRMS"] = (float(rms) if np.isfinite(rms) else -1.0,
-                         "fractional rms between standards (-1: n/a)")
     header["FCALVER"] = (__version__, "kspec-fluxcal version")
-    header["FCALSRC"] = (str(ds.attrs.get("fcalsrc", "standards")), "origin of the calibration")
+    defaults = {"fcalnstr": 0, "fcalrms": np.nan, "fcalsrc": "standards"}
+    for attr, (key, kind, comment) in CALIBRATION_KEYWORDS.items():
+        value = ds.attrs.get(attr, defaults.get(attr))
+        if value is None:
+            continue
+        value = kind(value)
+        if kind is float and not np.isfinite(value):
+            value = -1.0
+        header[key] = (value, comment)
     for text in ds.attrs.get("history", []):
         header.add_history(text)
     primary = fits.PrimaryHDU(ds["flux"].values.astype(np.float32), header=header)

@@ -31,7 +31,7 @@ class CalibrationResult:
     warnings: tuple[str, ...] = ()
 
     def summary(self):
-        """One line: stars used/rejected and the scatter between them."""
+        """One line: stars used/rejected, the scatter between them, the quality grade."""
         status = self.calibration["star_status"].values
         used = int(self.calibration.attrs["fcalnstr"])
         rejected = [f"fiber {int(f)}: {s}" for f, s, u in zip(
@@ -39,8 +39,10 @@ class CalibrationResult:
             strict=True) if not u]
         rms = self.calibration.attrs.get("fcalrms")
         rms_text = "n/a (one star)" if rms is None or rms != rms else f"{100 * rms:.2f}%"
+        quality = self.calibration.attrs.get("fcalqual")
         text = (f"{self.calibrated.attrs.get('expid')}: {used} standard(s) used, "
-                f"{len(rejected)} rejected, rms between standards {rms_text}")
+                f"{len(rejected)} rejected, rms between standards {rms_text}"
+                + (f", quality {quality}" if quality else ""))
         if rejected:
             text += " [" + "; ".join(rejected) + "]"
         return text

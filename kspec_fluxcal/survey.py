@@ -60,6 +60,9 @@ class SurveyReport:
     notes : dict of str to list of str
         Warnings raised while calibrating an exposure (skipped stars, numerical warnings),
         collected in the workers so that they reach the report rather than a worker's stderr.
+    quality : dict of str to dict
+        Per calibrated EXPID: ``grade`` (FCALQUAL), ``used`` and ``standards`` (stars used,
+        standard fibers), ``fcalrms``, ``fcalmerr``, ``fcallsf``.
     archive : pathlib.Path
     dashboard : str or None
         Link to the Dask dashboard (None when nothing had to be computed).
@@ -72,24 +75,65 @@ class SurveyReport:
     fallback: list = field(default_factory=list)
     failed: dict = field(default_factory=dict)
     notes: dict = field(default_factory=dict)
+    quality: dict = field(default_factory=dict)
     archive: Path | None = None
     dashboard: str | None = None
     elapsed: float = 0.0
 
     @property
     def ok(self):
-        """True when no exposure failed."""
+        """True when every exposure was calibrated or deliberately skipped (up to date)."""
         return not self.failed
 
+    #: Exposures listed one per line in :meth:`summary` up to this many.
+    LISTED = 50
+
     def summary(self):
-        """A short multi-line summary."""
+        """A short multi-line summary: counts, quality grades, failures."""
         lines = [f"{len(self.calibrated)} calibrated ({len(self.fallback)} from the archive), "
                  f"{len(self.skipped)} skipped as up to date, {len(self.failed)} failed, "
                  f"in {self.elapsed:.1f} s"]
+        grades = [q["grade"] for q in self.quality.values()]
+        if grades:
+            lines.append("  quality: " + ", ".join(f"{g} {grades.count(g)}"
+                                                   for g in sorted(set(grades))))
+        if len(self.quality) <= self.LISTED:
+            lines += [f"  {expid}: {_quality_text(q)}" for expid, q in sorted(self.quality.items())]
         if self.notes:
             lines.append(f"  {len(self.notes)} exposure(s) with notes (SurveyReport.notes)")
         lines += [f"  FAILED {name}: {reason}" for name, reason in sorted(self.failed.items())]
         return "\n".join(lines)
+
+    def write_quality(self, path):
+        """Write the per-exposure quality table (CSV) atomically."""
+        from ._atomic import atomic_file
+
+        rows = ["expid,status,quality,used,standards,fcalrms,fcalmerr,fcallsf,reason"]
+        for expid, q in sorted(self.quality.items()):
+            rows.append(f"{expid},calibrated,{q['grade']},{q['used']},{q['standards']},"
+                        f"{q['fcalrms']:.5f},{q['fcalmerr']:.5f},{q['fcallsf']:.4f},")
+        for name, reason in sorted(self.failed.items()):
+            text = reason.replace('"', "'")
+            rows.append(f'{name},failed,,,,,,,"{text}"')
+        with atomic_file(path, overwrite=True) as tmp:
+            Path(tmp).write_text("\n".join(rows) + "\n")
+        return Path(path)
+
+
+def _quality_text(q):
+    rms = "n/a" if not np.isfinite(q["fcalrms"]) else f"{100 * q['fcalrms']:.2f}%"
+    return (f"quality {q['grade']}, {q['used']}/{q['standards']} standards, rms {rms}, "
+            f"model error {100 * q['fcalmerr']:.1f}%, LSF x{q['fcallsf']:.3f}")
+
+
+def _quality(result):
+    """The quality record of a calibrated exposure (see :attr:`SurveyReport.quality`)."""
+    attrs = result.calibration.attrs
+    return {"grade": str(attrs.get("fcalqual", "")), "used": int(attrs.get("fcalnstr", 0)),
+            "standards": int(result.stars.sizes.get("star", 0)),
+            "fcalrms": float(attrs.get("fcalrms", np.nan)),
+            "fcalmerr": float(attrs.get("fcalmerr", np.nan)),
+            "fcallsf": float(attrs.get("fcallsf", np.nan))}
 
 
 def discover(lake, pattern="**/*.fits", *, exclude=()):
@@ -228,7 +272,7 @@ def _calibrate_task(path, out_path, catalog, library, config, setup_key, input_h
                                     utc_offset=utc_offset)
         return {"expid": expid, "status": "ok", "record": record,
                 "notes": _notes(result.warnings, caught),
-                "nstar": int(result.calibration.attrs["fcalnstr"])}
+                "nstar": int(result.calibration.attrs["fcalnstr"]), "quality": _quality(result)}
     except CalibrationError as err:
         return {"expid": expid, "status": "no standards", "reason": str(err)}
     except FluxCalError as err:
@@ -265,7 +309,8 @@ def _fallback_task(path, out_path, reference, config, setup_key, input_hash, utc
                 {"cal": ("wavelength", cal), "cal_variance": ("wavelength", cal_var),
                  "cal_mask": ("wavelength", np.zeros(wave.size, bool))},
                 coords={"wavelength": exposure["wavelength"]},
-                attrs={"fcalnstr": 0, "fcalrms": rms, "fcalsrc": "archive", "history": []})
+                attrs={"fcalnstr": 0, "fcalrms": rms, "fcalsrc": "archive", "fcalqual": "D",
+                       "history": []})
             add_history(calibration, f"no usable standard star: calibrated from the median of "
                         f"{n} archived calibration(s) of setup {setup_key} within {span:.2f} d "
                         "(scaled by exposure time; airmass differences not corrected)")
@@ -274,8 +319,10 @@ def _fallback_task(path, out_path, reference, config, setup_key, input_hash, utc
             write_calibrated(calibrated, out_path, overwrite=True)
             record = archive_record(calibrated, None, None, source=str(path),
                                     input_hash=input_hash, utc_offset=utc_offset)
+        quality = {"grade": "D", "used": 0, "standards": 0, "fcalrms": rms,
+                   "fcalmerr": np.nan, "fcallsf": np.nan}
         return {"expid": expid, "status": "ok", "record": record, "notes": _notes((), caught),
-                "nstar": 0}
+                "nstar": 0, "quality": quality}
     except FluxCalError as err:
         return {"expid": expid, "status": "failed", "reason": str(err)}
     except Exception as err:
@@ -501,9 +548,10 @@ def run_survey(lake, *, catalog, grid, out, config=None, scheduler=None, workers
                 if cluster is not None:
                     cluster.close()
     report.elapsed = time.time() - start
+    quality = report.write_quality(out / "quality.csv")
     if progress:
         print(report.summary(), flush=True)
-        print(f"archive: {writer.path}", flush=True)
+        print(f"archive: {writer.path}\nper-exposure quality: {quality}", flush=True)
     return report
 
 
@@ -543,6 +591,7 @@ def _run_graph(client, todo, catalog_ds, grid_path, grid_plan, config, writer, r
             if result["status"] == "ok":
                 pending.append(result["record"])
                 report.calibrated.append(expid)
+                report.quality[expid] = result["quality"]
             else:
                 entry["failure"] = result
                 report.failed[expid] = result["reason"]
@@ -591,6 +640,7 @@ def _run_fallback(client, todo, writer, report, config, utc, progress):
             result = _outcome(future, result, expid, report)
             if result["status"] == "ok":
                 records.append(result["record"])
+                report.quality[expid] = result["quality"]
                 report.failed.pop(expid, None)
                 report.calibrated.append(expid)
                 report.fallback.append(expid)

@@ -136,8 +136,10 @@ def test_calibrate_one_file(capsys, files, tmp_path):
                            files.grid, "--out", tmp_path / "out")
     assert status == 0 and problems(err) == []
     target = tmp_path / "out" / "red_fluxcal.fits"
+    rms = out[0].split("rms between standards ")[1].split(",")[0]
     assert out == [f"KS20261101_0001: 2 standard(s) used, 0 rejected, rms between standards "
-                   f"{out[0].split('rms between standards ')[1].split(' ')[0]} -> {target}"]
+                   f"{rms}, quality {fits.getheader(target)['FCALQUAL']} -> {target}"]
+    assert fits.getheader(target)["FCALQUAL"] in "AB"  # two good standards
     assert fits.getheader(target)["FLUXCAL"] is True
     assert (Path(red).read_bytes(), os.stat(red).st_mtime_ns) == before  # input untouched
 
