@@ -156,13 +156,23 @@ def combine_vectors(stars, method=None, sigma_clip=None, smooth=None, *, config=
                         / opts.star_deviation else ""))
         use[s] = False
     idx = np.flatnonzero(use)
+    level_conflict = False
     if idx.size == 2:
         g = _grey_levels(cal[idx], mask[idx])
         if abs(np.log(g[0] / g[1])) > 2 * opts.star_level:
-            reasons = {_star_label(stars, s): f"level ratio {g[0] / g[1]:.3g}" for s in idx}
-            raise CalibrationError("the two usable standards disagree in level by more than "
-                                   "aperture losses allow (wrong photometry for one of them?)",
-                                   reasons)
+            # More than aperture losses allow: one star's photometry is wrong. The one whose
+            # implied throughput the instrument cannot have goes; if neither (or both) can
+            # be told, both stay and the grade says how little the level is worth.
+            odd = [k for k in range(2) if "implied throughput" in str(_per_star_text(
+                stars, "flags", idx[k]))]
+            if len(odd) == 1:
+                s = idx[odd[0]]
+                status[s] = (f"rejected in combination: level ratio {g[odd[0]] / g[1 - odd[0]]:.3g}"
+                             " to the other standard, and an implausible implied throughput")
+                use[s] = False
+                idx = np.flatnonzero(use)
+            else:
+                level_conflict = True
 
     g = _grey_levels(cal[idx], mask[idx])
     grey[idx] = g
@@ -219,6 +229,11 @@ def combine_vectors(stars, method=None, sigma_clip=None, smooth=None, *, config=
     merr = _per_star(stars, "model_error", idx)
     fcalmerr = float(np.nanmedian(merr)) if np.isfinite(merr).any() else np.nan
     fcalqual = quality_grade(stars, idx, fcalrms, fcalmerr)
+    if level_conflict:
+        fcalqual = max(fcalqual, "C")  # the grades are ordered A < B < C < D
+        warnings.warn(f"{stars.attrs.get('expid', 'exposure')}: the two standards disagree in "
+                      "level by more than aperture losses allow (wrong photometry for one of "
+                      "them?); their mean level is used", FluxCalWarning, stacklevel=2)
     out = xr.Dataset(
         {
             "cal": ("wavelength", final, {"units": CAL_UNIT}),
@@ -265,6 +280,9 @@ def quality_grade(stars, used, fcalrms, fcalmerr):
     """The quality grade of a calibration from the standards ``used`` (indices); see
     :data:`QUALITY_GRADES`."""
     lim = _GRADE_LIMITS
+    flags = stars["flags"].values[used] if "flags" in stars.coords else []
+    if any("throughput" in str(f) for f in flags):
+        return "D"
     # What the fit did not record (NaN) does not lower the grade.
     snr = _per_star(stars, "snr", used)
     phot = _per_star(stars, "phot_rms", used)
@@ -276,6 +294,11 @@ def quality_grade(stars, used, fcalrms, fcalmerr):
     if not snr[0] < lim["snr_single"] and fitted_well and not phot[0] > lim["phot_rms"]:
         return "B"
     return "C"
+
+
+def _per_star_text(stars, name, index):
+    """A per-star text coordinate at ``index`` ('' where the fit did not record it)."""
+    return str(stars[name].values[index]) if name in stars.coords else ""
 
 
 def _per_star(stars, name, index):

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from .constants import BANDS, CATALOG_COLUMNS
+from .constants import BANDS, CATALOG_COLUMNS, KSPEC_COLLECTING_AREA_CM2
 from .errors import ConfigError
 
 __all__ = ["Config", "load_config", "SCHEMA", "continuum_options"]
@@ -60,6 +60,17 @@ SCHEMA = {
         "fwhm": Option(0.0, "Line-spread FWHM override, Angstrom, constant over the spectrum "
                        "(kspecdr's CALIBFLUX_FWHM); 0 = use the exposure's SPECFWHM/FWHMPCk.",
                        min=0.0, max=100.0),
+        "collecting_area": Option(round(KSPEC_COLLECTING_AREA_CM2, 1),
+                                  "Telescope collecting area, cm^2 (for the implied throughput "
+                                  "of each standard).", min=1.0),
+        "throughput_min": Option(0.02, "Lowest plausible end-to-end throughput (atmosphere, "
+                                 "telescope, fiber, spectrograph, detector) at its peak.",
+                                 min=0.0, max=1.0),
+        "throughput_max": Option(0.6, "Highest plausible peak throughput.", min=0.0, max=1.0),
+        "throughput_margin": Option(3.0, "A standard implying a throughput outside the range "
+                                    "by up to this factor calibrates with grade D and a flag; "
+                                    "beyond it, it is refused (its photometry is another "
+                                    "star's?).", min=1.0),
     },
     "photometry": {
         "bands": Option([b for b in BANDS if b in CATALOG_COLUMNS],
@@ -297,6 +308,11 @@ def _check_consistency(values, source):
         raise ConfigError(source, "[photometry] bands",
                           f"{len(phot['bands'])} band(s) given but min_bands = "
                           f"{phot['min_bands']}: every star would be rejected")
+    inst = values["instrument"]
+    if not inst["throughput_min"] < inst["throughput_max"]:
+        raise ConfigError(source, "[instrument] throughput_min",
+                          f"{inst['throughput_min']} is not below throughput_max "
+                          f"{inst['throughput_max']}")
     masks = values["masks"]
     for name, value in (("telluric", masks["telluric"]), ("lines", masks["lines"]),
                         *(("extra", v) for v in masks["extra"])):

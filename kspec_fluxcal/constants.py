@@ -140,3 +140,10 @@ STANDARD_MASS_PRIOR = (1.0, 0.3)
 #: Smallest parallax signal-to-noise for which a parallax constrains log g (below it the
 #: inverse parallax is a biased distance).
 MIN_PARALLAX_SNR = 5.0
+
+#: Planck constant times the speed of light, erg Angstrom (h exact since the 2019 SI).
+HC_ERG_AA = 6.62607015e-27 * SPEED_OF_LIGHT_AAS
+#: Nominal collecting area of the K-SPEC telescope, cm^2: a 1.6 m primary with a quarter of
+#: its area lost to the central obstruction. A nominal number (the simulator's), not a
+#: measured one: set the real value in the configuration ([instrument] collecting_area).
+KSPEC_COLLECTING_AREA_CM2 = math.pi * 80.0**2 * 0.75

@@ -15,6 +15,7 @@ from .constants import (
     COLOUR_EXCESS_PER_EBV,
     GAIA_DR2_PARALLAX_ZEROPOINT_MAS,
     GM_SUN_CGS,
+    HC_ERG_AA,
     MIN_PARALLAX_SNR,
     PARSEC_CM,
     SPEED_OF_LIGHT_AAS,
@@ -36,8 +37,6 @@ __all__ = [
     "logg_from_parallax",
 ]
 
-# Planck constant times c, erg Angstrom, as speclite computes it (photon weighting).
-_HC_ERG_AA = 6.62607015e-27 * SPEED_OF_LIGHT_AAS
 _MAG_PER_LN = 2.5 / np.log(10.0)
 
 
@@ -133,7 +132,7 @@ def _speclite_weights(filt, wave):
     tau = np.zeros(quad.size)
     tau[:-1] += 0.5 * dx
     tau[1:] += 0.5 * dx
-    coef = tau * (quad / _HC_ERG_AA) * rsp
+    coef = tau * (quad / HC_ERG_AA) * rsp
     weights = np.zeros(w.size)
     np.add.at(weights, left, coef * (1.0 - frac))
     np.add.at(weights, np.minimum(left + 1, w.size - 1), coef * frac)

@@ -46,6 +46,7 @@ from .constants import (
     CAL_UNIT,
     FLUX_UNIT,
     FLUX_UNIT_SCALE,
+    HC_ERG_AA,
 )
 from .continuum import fit_continuum, spline_basis
 from .grid import PARAMS, interpolation_weights
@@ -129,7 +130,8 @@ def fit_standards(exposure, catalog, grid, config=None, *, cache_dir=None):
         ``phot_resid``, ``band_used``; per-star coordinates fiber, objid, teff, logg, feh,
         alpha (+ ``_err``), teff_colour, ebv, ebv_err, ebv_catalog, rv, rv_err, scale,
         scale_err, chi2_dof, model_error, lsf_scale (+ ``_err``), logg_parallax
-        (+ ``_err``), phot_rms, snr, good_fraction, n_bands, dropped_bands, flags and
+        (+ ``_err``), throughput (implied peak), phot_rms, snr, good_fraction, n_bands,
+        dropped_bands, flags and
         status ('ok' or the reason for rejection). Attr ``lsf_scale``: the width correction
         applied (pooled over the stars). Lazy when the exposure is Dask-backed.
     """
@@ -160,6 +162,7 @@ _STAR_VARS = {  # name: (dtype, units)
     "lsf_scale_err": (np.float64, "1"), "logg_parallax": (np.float64, "dex"),
     "logg_parallax_err": (np.float64, "dex"), "phot_rms": (np.float64, "mag"),
     "snr": (np.float64, "1"), "good_fraction": (np.float64, "1"), "n_bands": (np.int64, "1"),
+    "throughput": (np.float64, "1"),
     "dropped_bands": (object, ""), "flags": (object, ""), "status": (object, ""),
 }
 
@@ -207,6 +210,7 @@ def _fit(std, matched, library, lsf, config):
         params, errors = _choose(obs, tm, scan, phot, prior, config, start=params)
     model = _final_model(obs, tm, scan, params, matched, prior, config)
     vectors = _vectors(obs, model, config, tm.lsf)
+    model.throughput = _implied_throughput(obs, model, vectors, config)
     status = _acceptance(obs, prior, scan, model, params, matched, library, config)
     return _result(std, obs, prior, scan, lsf_fit, params, errors, model, vectors, status,
                    matched, library, tm.lsf, config)
@@ -240,7 +244,7 @@ def _observed(std, config):
     return SimpleNamespace(wave=wave, star_wave=np.ascontiguousarray(star_wave), flux=flux,
                            var=var, good=good, extra_good=extra_good, norm=norm, ivar=ivar,
                            snr=snr, good_fraction=good.mean(axis=1) if nstar else np.zeros(0),
-                           nstar=nstar)
+                           nstar=nstar, exptime=float(std.attrs.get("exptime", np.nan)))
 
 
 # ----------------------------------------------------------------------------- 2. priors
@@ -785,6 +789,32 @@ def _vectors(obs, model, config, lsf):
                            cal_mask=cal_ok & line_good & obs.extra_good)
 
 
+def _implied_throughput(obs, model, vectors, config):
+    """Each star's end-to-end peak throughput implied by its counts and its scaled model:
+    counts per pixel / (photons per pixel above the atmosphere), 90th percentile over its
+    reliable pixels (gain taken as 1 e-/count). Photometry of another star shows here: 1 mag
+    too faint implies 2.5 times the instrument's throughput."""
+    width = np.gradient(obs.star_wave, axis=1)
+    photons = (model.model_flux * FLUX_UNIT_SCALE * obs.exptime
+               * config.instrument.collecting_area * width * obs.star_wave / HC_ERG_AA)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.where(vectors.cal_mask & (photons > 0), obs.flux / photons, np.nan)
+        ok = np.isfinite(ratio).any(axis=1)
+        peak = np.full(obs.nstar, np.nan)
+        if ok.any():
+            peak[ok] = np.nanpercentile(ratio[ok], 90, axis=1)
+    return peak
+
+
+def _throughput_verdict(value, config):
+    """'ok', 'flag' (outside the plausible range, within the margin) or 'refuse'."""
+    inst = config.instrument
+    lo, hi, margin = inst.throughput_min, inst.throughput_max, inst.throughput_margin
+    if not np.isfinite(value) or lo <= value <= hi:
+        return "ok"
+    return "flag" if lo / margin <= value <= hi * margin else "refuse"
+
+
 # ----------------------------------------------------------------------------- 9. acceptance
 
 
@@ -829,6 +859,11 @@ def _acceptance(obs, prior, scan, model, params, matched, library, config):
             out.append(f"RV {model.rv[s]:+.0f} km/s at the search limit (+/-{fit.rv_max:g})")
         elif fit.reddening and pf["ebv"][s] >= fit.ebv_max - 1e-6:
             out.append(f"E(B-V) pinned at its limit {fit.ebv_max:g} mag")
+        elif _throughput_verdict(model.throughput[s], config) == "refuse":
+            inst = config.instrument
+            out.append(f"implied throughput {model.throughput[s]:.3g} is impossible for the "
+                       f"instrument ({inst.throughput_min:g}-{inst.throughput_max:g}, x/ "
+                       f"{inst.throughput_margin:g}): photometry of another star?")
         elif not model.model_error[s] <= fit.max_model_error:
             out.append(f"model error {100 * model.model_error[s]:.1f}% > "
                        f"{100 * fit.max_model_error:g}% (not a star like the templates?)")
@@ -840,11 +875,16 @@ def _acceptance(obs, prior, scan, model, params, matched, library, config):
     return out
 
 
-def _flags(params, library, lsf_fit, prior, model):
-    """Notes on accepted fits: parameters at a grid edge, no parallax."""
+def _flags(params, library, lsf_fit, prior, model, config):
+    """Notes on accepted fits: parameters at a grid edge, no parallax, a throughput outside
+    the instrument's plausible range (within the margin)."""
     out = []
     for s in range(len(params["teff"])):
         notes = []
+        if _throughput_verdict(model.throughput[s], config) == "flag":
+            notes.append(f"implied throughput {model.throughput[s]:.3g} outside "
+                         f"{config.instrument.throughput_min:g}-"
+                         f"{config.instrument.throughput_max:g}")
         for p in PARAMS:
             ax = library[p].values
             # [alpha/M] = 0, the lowest node, is where most stars belong: no note.
@@ -884,7 +924,9 @@ def _result(std, obs, prior, scan, lsf_fit, params, errors, model, vectors, stat
         "lsf_scale_err": lsf_fit.star_err, "logg_parallax": model.logg_parallax,
         "logg_parallax_err": model.logg_parallax_err, "phot_rms": pf["rms"], "snr": obs.snr,
         "good_fraction": obs.good_fraction, "n_bands": pf["n_bands"],
-        "dropped_bands": dropped, "flags": _flags(params, library, lsf_fit, prior, model),
+        "dropped_bands": dropped,
+        "flags": _flags(params, library, lsf_fit, prior, model, config),
+        "throughput": model.throughput,
         "status": status,
     }
     coords = {name: ("star", np.asarray(per_star[name], dtype=dtype),

@@ -109,9 +109,22 @@ def test_wrong_photometry_star_rejected_by_level():
     assert not comb["used"].values[2] and "level" in comb["star_status"].values[2]
 
 
-def test_two_stars_disagreeing_in_level_is_an_error():
-    with pytest.raises(CalibrationError, match="disagree in level"):
-        combine_vectors(_stars(n=2, grey=(1.0, 1e4)))
+def test_two_stars_disagreeing_in_level_calibrate_with_a_low_grade():
+    """Which of two standards 10 mag apart is wrong cannot be told from the vectors alone
+    (the fit's implied throughput usually tells, see test_standards): both are used, with a
+    warning and grade C."""
+    with pytest.warns(FluxCalWarning, match="disagree in level"):
+        comb = combine_vectors(_stars(n=2, grey=(1.0, 1e4)))
+    assert comb.attrs["fcalnstr"] == 2 and comb.attrs["fcalqual"] == "C"
+
+
+def test_of_two_disagreeing_stars_the_implausible_one_goes():
+    stars = _stars(n=2, grey=(1.0, 1e4)).assign_coords(
+        flags=("star", np.array(["", "implied throughput 1.5e3 outside 0.02-0.6"], object)))
+    with pytest.warns(FluxCalWarning, match="one usable standard star"):
+        comb = combine_vectors(stars)
+    assert list(comb["used"].values) == [True, False]
+    assert "implausible implied throughput" in comb["star_status"].values[1]
 
 
 def test_single_star_passes_through_with_warning():

@@ -1,5 +1,7 @@
 """Standard-star fitting and per-star calibration vectors on simulated exposures."""
 
+import re
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -8,6 +10,7 @@ from conftest import SHARED_REAL, requires_shared
 from kspec_fluxcal.calibration import combine_vectors, running_median
 from kspec_fluxcal.catalog import read_catalog
 from kspec_fluxcal.config import Config
+from kspec_fluxcal.errors import CalibrationError, FluxCalWarning
 from kspec_fluxcal.exposure import open_exposure
 from kspec_fluxcal.grid import build_grid, open_grid
 from kspec_fluxcal.masks import region_mask
@@ -227,7 +230,9 @@ def test_real_calspec_star_through_a_simulated_instrument(tmp_path, name):
         cat[err] = "0.01"
     write_catalog(tmp_path / "cat.csv", [cat])
     grid = build_grid(SHARED_REAL / "bosz2024_r5000", tmp_path / "bosz.zarr", progress=False)
-    result = calibrate_exposure(red, tmp_path / "cat.csv", grid, out=tmp_path / "out")
+    # The made-up response has no physical scale: no throughput check.
+    result = calibrate_exposure(red, tmp_path / "cat.csv", grid, out=tmp_path / "out",
+                                throughput_min=0.0, throughput_max=1.0)
     assert any("one usable standard star" in w for w in result.warnings)
     stars = result.stars
     assert stars["status"].values[0] == "ok"
@@ -238,3 +243,140 @@ def test_real_calspec_star_through_a_simulated_instrument(tmp_path, name):
     shape = np.std(ratio[use] / np.median(ratio[use]))
     assert shape < 0.03  # two templates only: mismatch with a real star, still a few %
     assert abs(np.median(ratio[use]) - 1) < 0.02
+
+
+# ----------------------------------------------------------------------------- acceptance
+
+
+def _mismatched(exposure, fiber, level, snr_gain=1.0, seed=5):
+    """``exposure`` with a template mismatch of ``level`` (fractional rms, structure on a few
+    pixels like line-strength errors, not in the variance) in one fiber's counts, and that
+    fiber's noise lowered ``snr_gain`` times (its counts' noise is kept: only the variance
+    the fit weights by shrinks, as for a brighter star whose residual is the mismatch)."""
+    out = exposure.copy(deep=True)
+    rng = np.random.default_rng(seed)
+    pattern = np.convolve(rng.standard_normal(out.sizes["wavelength"] + 4), np.ones(5) / 5,
+                          mode="valid")
+    pattern *= level / pattern.std()
+    out["flux"].values[fiber] *= 1.0 + pattern
+    out["variance"].values[fiber] /= snr_gain**2
+    return out
+
+
+def test_bright_star_with_a_template_mismatch_is_accepted_and_used(fitted):
+    """2 % mismatch at S/N ~200: chi2/dof ~ 1 + (0.02 x 200)^2 ~ 17, which a chi2/dof limit
+    (the old rule: 10) rejected; it is a quality figure, carried into the star's weight."""
+    fiber = int(fitted["stars"]["fiber"].values[0])
+    exposure = _mismatched(fitted["exposure"], fiber, 0.02, snr_gain=2.5)
+    stars = fit_standards(exposure, fitted["catalog"], fitted["setup"])
+    s = list(stars["fiber"].values).index(fiber)
+    assert stars["chi2_dof"].values[s] > 10
+    assert stars["status"].values[s] == "ok"
+    assert stars["model_error"].values[s] == pytest.approx(0.02, rel=0.3)
+    others = [k for k in range(3) if k != s]
+    assert np.all(stars["model_error"].values[others] < 0.01)
+    comb = combine_vectors(stars)
+    assert comb["used"].values.all() and comb.attrs["fcalnstr"] == 3
+    # Its weight: the model error caps the star's per-pixel S/N at ~1/0.02 = 50.
+    rel = np.sqrt(stars["cal_variance"].values[s]) / stars["cal"].values[s]
+    assert np.nanmedian(rel) > 0.018
+    assert comb.attrs["fcalmerr"] < 0.01  # the median of the stars used
+
+
+def test_wrong_star_photometry_one_mag_grey_is_rejected_with_that_reason(fitted, tmp_path):
+    """One standard of three with photometry 1 mag too faint in every band (another star's):
+    its colours fit, its level cannot (a factor 2.5, beyond any aperture loss)."""
+    rows = [dict(r) for r in fitted["rows"]]
+    std_rows = [r for r in rows if r["_role"] == "standard"]
+    for col in ("Gaia", "BP", "RP", "g", "r", "i", "z", "J", "H", "K"):
+        if std_rows[1][col] != "99.999":
+            std_rows[1][col] = f"{float(std_rows[1][col]) + 1.0:.3f}"
+    write_catalog(tmp_path / "c.csv", rows)
+    stars = fit_standards(fitted["exposure"], read_catalog(tmp_path / "c.csv"), fitted["setup"])
+    comb = combine_vectors(stars)
+    s = list(comb["fiber"].values).index(int(std_rows[1]["_fiber"]))
+    assert not comb["used"].values[s]
+    assert re.match(r"rejected in combination: .*level \+1\d\d% from the others \(photometry "
+                    r"of another star, or a blend\?\)", str(comb["star_status"].values[s]))
+    assert comb.attrs["fcalnstr"] == 2
+
+
+def test_one_bad_star_among_three_is_rejected_as_an_outlier(fitted):
+    """A standard whose counts are tilted by 15 % across the range (a bad extraction): its
+    vector's shape disagrees with the two others'."""
+    exposure = fitted["exposure"].copy(deep=True)
+    fiber = int(fitted["stars"]["fiber"].values[2])
+    wave = exposure["wavelength"].values
+    exposure["flux"].values[fiber] *= 1 + 0.15 * (wave - 6000) / 2500
+    stars = fit_standards(exposure, fitted["catalog"], fitted["setup"])
+    comb = combine_vectors(stars)
+    s = list(comb["fiber"].values).index(fiber)
+    assert not comb["used"].values[s]
+    assert str(comb["star_status"].values[s]).startswith("rejected in combination: shape")
+    assert comb.attrs["fcalnstr"] == 2
+
+
+def test_only_standard_with_a_poor_fit_still_calibrates_with_a_low_grade(fitted):
+    """One standard left (the others are program targets) with a 5 % model error: the
+    exposure calibrates, graded C, the star's mismatch in FCALMERR."""
+    exposure = fitted["exposure"].copy(deep=True)
+    std = list(fitted["stars"]["fiber"].values)
+    types = exposure["fiber_type"].values.copy()
+    types[std[1:]] = "P"
+    exposure = exposure.assign_coords(fiber_type=("fiber", types))
+    exposure = _mismatched(exposure, std[0], 0.05)
+    stars = fit_standards(exposure, fitted["catalog"], fitted["setup"])
+    assert list(stars["status"].values) == ["ok"]
+    with pytest.warns(FluxCalWarning, match="one usable standard star"):
+        comb = combine_vectors(stars)
+    assert comb.attrs["fcalnstr"] == 1
+    assert comb.attrs["fcalqual"] == "C"
+    assert comb.attrs["fcalmerr"] == pytest.approx(0.05, rel=0.3)
+
+
+def _single_standard(fitted, tmp_path, mag_offset):
+    """The fixture exposure with one standard left, its photometry ``mag_offset`` too faint."""
+    exposure = fitted["exposure"].copy(deep=True)
+    std = list(fitted["stars"]["fiber"].values)
+    types = exposure["fiber_type"].values.copy()
+    types[std[1:]] = "P"
+    exposure = exposure.assign_coords(fiber_type=("fiber", types))
+    rows = [dict(r) for r in fitted["rows"]]
+    (row,) = [r for r in rows if r["_fiber"] == std[0]]
+    for col in ("Gaia", "BP", "RP", "g", "r", "i", "z", "J", "H", "K"):
+        if row[col] != "99.999":
+            row[col] = f"{float(row[col]) + mag_offset:.3f}"
+    path = tmp_path / f"c{mag_offset:+.1f}.csv"
+    write_catalog(path, rows)
+    return exposure, read_catalog(path)
+
+
+def test_photometry_of_another_star_is_refused_by_the_implied_throughput(fitted, tmp_path):
+    """The only standard's magnitudes 10 mag too faint: its counts would need 10^4 times the
+    instrument's throughput. Refused with that reason, not calibrated 10^-4 too low."""
+    exposure, catalog = _single_standard(fitted, tmp_path, 10.0)
+    stars = fit_standards(exposure, catalog, fitted["setup"])
+    (status,) = stars["status"].values
+    assert stars["throughput"].values[0] > 1000  # 10^4 x a plausible ~0.15
+    assert re.match(r"implied throughput [\d.e+]+ is impossible for the instrument "
+                    r"\(0\.02-0\.6, x/ 3\): photometry of another star\?", status), status
+    with pytest.raises(CalibrationError, match="implied throughput"):
+        combine_vectors(stars)
+
+
+def test_implausible_but_possible_throughput_calibrates_with_grade_d(fitted, tmp_path):
+    """2 mag too faint: a throughput of ~1, outside 0.02-0.6 but within the margin (x3):
+    calibrated, flagged, grade D."""
+    exposure, catalog = _single_standard(fitted, tmp_path, 2.0)
+    stars = fit_standards(exposure, catalog, fitted["setup"])
+    assert list(stars["status"].values) == ["ok"]
+    assert 0.6 < stars["throughput"].values[0] < 1.8
+    assert "implied throughput" in stars["flags"].values[0]
+    with pytest.warns(FluxCalWarning, match="one usable standard star"):
+        comb = combine_vectors(stars)
+    assert comb.attrs["fcalqual"] == "D"
+    # Without the error, the same star gives a plausible throughput and a better grade.
+    exposure, catalog = _single_standard(fitted, tmp_path, 0.0)
+    plain = fit_standards(exposure, catalog, fitted["setup"])
+    assert 0.02 < plain["throughput"].values[0] < 0.6 and plain["flags"].values[0] == \
+        plain["flags"].values[0].replace("implied throughput", "")
