@@ -38,8 +38,8 @@ from .errors import CalibrationError, FluxCalWarning
 from .exposure import add_history
 from .masks import region_mask
 
-__all__ = ["combine_vectors", "apply_calibration", "running_median", "quality_grade",
-           "QUALITY_GRADES"]
+__all__ = ["combine_vectors", "apply_calibration", "calibration_factor", "running_median",
+           "quality_grade", "QUALITY_GRADES"]
 
 
 def _star_label(stars, s):
@@ -359,33 +359,77 @@ def _smooth(wave, values, variance, measured, telluric, opts):
     return out, out_var
 
 
+def calibration_factor(calibration, fiber_wavelength):
+    """The calibration evaluated on each fiber's own pixels (no pixel is resampled).
+
+    Parameters
+    ----------
+    calibration : xarray.Dataset
+        From :func:`combine_vectors`: ``cal``, ``cal_variance`` on the reference grid.
+    fiber_wavelength : xarray.DataArray
+        (fiber, wavelength): each fiber's pixel wavelengths, Angstrom (air); NaN where a
+        pixel has none.
+
+    Returns
+    -------
+    factor, variance : xarray.DataArray
+        (fiber, wavelength), flux unit per count; NaN where a pixel has no wavelength or lies
+        beyond the reference grid. Where the fibers share the reference grid, ``cal`` itself.
+    """
+    ref = np.log(calibration["wavelength"].values)
+    values = np.stack([calibration["cal"].values, calibration["cal_variance"].values])
+
+    def kernel(wave):
+        out = np.full((2,) + wave.shape, np.nan)
+        ok = np.isfinite(wave) & (wave > 0)
+        x = np.log(np.where(ok, wave, 1.0))
+        inside = ok & (x >= ref[0]) & (x <= ref[-1])
+        for k in range(2):  # factor and variance: one interpolation each over all pixels
+            out[k][inside] = np.interp(x[inside], ref, values[k])
+        return out[0], out[1]
+
+    factor, variance = xr.apply_ufunc(
+        kernel, fiber_wavelength, output_core_dims=[[], []], dask="parallelized",
+        output_dtypes=[np.float64, np.float64])
+    factor.attrs = {"units": CAL_UNIT, "description": "factor applied to each pixel"}
+    variance.attrs = {"units": f"({CAL_UNIT})**2"}
+    return factor, variance
+
+
 def apply_calibration(exposure, calibration):
-    """Calibrate every fiber: flux x Cal, variance x Cal^2 + flux^2 x var(Cal). Lazy.
+    """Calibrate every fiber on its own pixels: flux x F, variance x F^2 + flux^2 x var(F),
+    with F the calibration evaluated at each pixel's wavelength. Lazy.
 
     Parameters
     ----------
     exposure : xarray.Dataset
-        From :func:`kspec_fluxcal.open_exposure` (counts); may be Dask-backed.
+        From :func:`kspec_fluxcal.open_exposure` (counts); may be Dask-backed. Without a
+        ``fiber_wavelength`` coordinate every fiber is on the ``wavelength`` grid.
     calibration : xarray.Dataset
         From :func:`combine_vectors`: ``cal``, ``cal_variance``, ``cal_mask`` on the
-        exposure's wavelengths.
+        exposure's reference wavelengths.
 
     Returns
     -------
     xarray.Dataset
-        The exposure with ``flux``/``variance`` in flux density (FLUX_UNIT), the calibration
-        variables added, attrs ``fcalnstr``, ``fcalrms``, ``fcalsrc`` and the history.
+        The exposure with ``flux``/``variance`` in flux density (FLUX_UNIT) on the same
+        pixels, ``cal_factor`` and ``cal_factor_variance`` (fiber, wavelength: what was
+        applied), the calibration variables (reference grid), attrs ``fcalnstr``,
+        ``fcalrms``, ``fcalsrc``, ``fcalqual``, ... and the history.
     """
+    fiber_wave = (exposure["fiber_wavelength"] if "fiber_wavelength" in exposure.coords
+                  else exposure["wavelength"].broadcast_like(exposure["flux"]))
+    factor, factor_var = calibration_factor(calibration, fiber_wave)
     with xr.set_options(arithmetic_join="exact", keep_attrs=True):
-        cal = calibration["cal"]
-        cal_var = calibration["cal_variance"]
         flux = exposure["flux"].astype(np.float64)
         out = exposure.copy()
-        out["flux"] = (flux * cal).astype(np.float32).assign_attrs(units=FLUX_UNIT)
-        out["variance"] = (exposure["variance"] * cal**2 + flux**2 * cal_var).astype(
+        out["flux"] = (flux * factor).astype(np.float32).assign_attrs(units=FLUX_UNIT)
+        out["variance"] = (exposure["variance"] * factor**2 + flux**2 * factor_var).astype(
             np.float32).assign_attrs(units=f"({FLUX_UNIT})**2")
-    out["cal"] = cal
-    out["cal_variance"] = cal_var
+    out["cal_factor"] = factor
+    out["cal_factor_variance"] = factor_var
+    out["cal"] = calibration["cal"]
+    out["cal_variance"] = calibration["cal_variance"]
     out["cal_mask"] = calibration["cal_mask"]
     out.attrs = dict(exposure.attrs)
     out.attrs["history"] = list(exposure.attrs.get("history", [])) + list(
@@ -396,6 +440,14 @@ def apply_calibration(exposure, calibration):
     for name in ("fcalqual", "fcalmerr", "fcallsf"):
         if name in calibration.attrs:
             out.attrs[name] = calibration.attrs[name]
-    add_history(out, f"flux calibrated all {exposure.sizes['fiber']} fibers: flux x Cal, "
-                "variance x Cal^2 + flux^2 x var(Cal); BUNIT " + FLUX_UNIT)
+    add_history(out, f"flux calibrated all {exposure.sizes['fiber']} fibers on their own "
+                "pixels: flux x F, variance x F^2 + flux^2 x var(F), F the calibration at "
+                "each pixel's wavelength (extension FCALFAC); BUNIT " + FLUX_UNIT)
+    unsolved = exposure.attrs.get("unsolved") or {}
+    out.attrs["fcalunsl"] = int(sum(unsolved.values()))
+    if unsolved:
+        text = ", ".join(f"fiber {f}: {n}" for f, n in sorted(unsolved.items()))
+        add_history(out, f"pixels without a wavelength solution, left uncalibrated (NaN): {text}")
+        warnings.warn(f"{exposure.attrs.get('expid', 'exposure')}: pixels without a wavelength "
+                      f"solution left uncalibrated ({text})", FluxCalWarning, stacklevel=2)
     return out

@@ -24,7 +24,7 @@ from ._atomic import atomic_file
 from .constants import CAL_UNIT, FIBER_TYPES, FLUX_UNIT
 from .errors import ExposureError
 from .lsf import LineSpread
-from .wavelength import resample_conserving, vacuum_to_air
+from .wavelength import air_to_vacuum, vacuum_to_air
 
 __all__ = [
     "open_exposure",
@@ -41,8 +41,6 @@ _ANGSTROM_UNITS = {"angstrom", "angstroms", "a", "aa", "0.1 nm"}
 _NM_UNITS = {"nm", "nanometer", "nanometers", "nanometre", "nanometres"}
 # A calibrated spectrum covering less than this, or reaching beyond, is not in Angstrom.
 _PLAUSIBLE_RANGE = (1000.0, 30000.0)
-# Per-fiber wavelength rows that agree to this fraction of a pixel are one solution.
-_SAME_SOLUTION_PIXELS = 0.01
 # Known FIBRES columns and their coordinate names.
 _FIBRES_COLUMNS = {"NAME": "fiber_name", "TYPE": "fiber_type", "RA": "ra", "DEC": "dec",
                    "OBJID": "objid"}
@@ -58,6 +56,7 @@ CALIBRATION_KEYWORDS = {
     "fcalqual": ("FCALQUAL", str, "quality grade A (best) to D (see README)"),
     "fcalmerr": ("FCALMERR", float, "median model error of standards used (-1: n/a)"),
     "fcallsf": ("FCALLSF", float, "stars' LSF width / header FWHM (fitted)"),
+    "fcalunsl": ("FCALUNSL", int, "pixels without a wavelength solution (NaN)"),
 }
 
 
@@ -336,23 +335,25 @@ def _read(path):
 
 
 def _raw_wavelength(hdul, path, nfib, nspec):
-    """The wavelength solution as written: (wave in Angstrom, source, medium).
+    """The wavelength solution as written: (wave in Angstrom, source, medium, raw).
 
     From WAVELA, shape (nspec,), (1, nspec) or (nfib, nspec), else from the primary header's
-    linear WCS; not yet checked, resampled or converted to air.
+    linear WCS; not yet checked or converted to air. ``raw`` is None for a WCS, else
+    (the WAVELA data as in the file, its header as text), so that products keep them.
     """
     header = hdul[0].header
     wave_hdu = _find_hdu(hdul, path, ("WAVELA",), required=False)
     medium = _medium(header, None if wave_hdu is None else wave_hdu.header, path)
     if wave_hdu is None:
-        return _wcs_wavelength(header, nspec, path), "primary header WCS", medium
-    wave = np.asarray(_data(wave_hdu, path, "WAVELA"), dtype=np.float64)
+        return _wcs_wavelength(header, nspec, path), "primary header WCS", medium, None
+    data = np.asarray(_data(wave_hdu, path, "WAVELA"))
+    wave = data.astype(np.float64)
     if wave.shape not in ((nspec,), (1, nspec), (nfib, nspec)):
         raise ExposureError(path, "HDU WAVELA", f"shape {wave.shape} matches neither "
                             f"({nspec},) nor the primary's {(nfib, nspec)}")
     wave = wave * _unit_factor(wave_hdu.header.get("BUNIT", "Angstrom"), path,
                                "HDU WAVELA BUNIT")
-    return wave, "WAVELA", medium
+    return wave, "WAVELA", medium, (data.copy(), wave_hdu.header.tostring(sep="\n"))
 
 
 def _read_hdus(path):
@@ -369,7 +370,7 @@ def _read_hdus(path):
             raise ExposureError(path, "HDU VARIANCE",
                                 f"shape {variance.shape} differs from the primary's {flux.shape}")
         header = primary.header
-        wave, source, medium = _raw_wavelength(hdul, path, nfib, nspec)
+        wave, source, medium, raw = _raw_wavelength(hdul, path, nfib, nspec)
         fib_hdu = _find_hdu(hdul, path, FIBRES_EXTNAMES)
         fibres = _fibres(fib_hdu, nfib, path)
         meta = {
@@ -382,6 +383,7 @@ def _read_hdus(path):
             "fibres_extname": fib_hdu.name,
             "wavelength_source": source,
             "medium_in": medium,
+            "wavela": raw,
             "fits_header": header.tostring(sep="\n"),
         }
         cal = None
@@ -389,40 +391,59 @@ def _read_hdus(path):
         if cal_hdu is not None:
             cal = _data(cal_hdu, path, "FLUXCAL")
             cal = {name: np.asarray(cal[name]) for name in cal.columns.names}
+            for name in ("FCALFAC", "FCALFVAR"):
+                hdu = _find_hdu(hdul, path, (name,), required=False)
+                if hdu is not None:
+                    cal[name] = np.asarray(_data(hdu, path, name), dtype=np.float64)
             meta["fluxcal"] = {k: header.get(k) for k in
                                ("FCALVER", *(v[0] for v in CALIBRATION_KEYWORDS.values()))}
         return np.asarray(flux), np.asarray(variance), wave, fibres, meta, cal
 
 
-def _common_grid(wave, flux, variance, path, history, source="WAVELA"):
-    """Bring per-fiber wavelength rows onto one grid; return (wave_1d, flux, variance)."""
+def _fiber_wavelengths(wave, nfib, path, source="WAVELA"):
+    """Each fiber's own pixel wavelengths (nfib, nspec) and the reference grid (nspec,).
+
+    A 1-D solution (or a WCS) is every fiber's. Per-fiber rows are kept as they are (no
+    pixel is resampled); a pixel without a wavelength (NaN) is a pixel without data, a row
+    without any a fiber without a solution. The reference grid, on which the calibration
+    vector is given, is the median of the rows; it needs a wavelength at every pixel.
+    """
+    where = "HDU WAVELA" if source == "WAVELA" else source
     if wave.ndim == 1 or wave.shape[0] == 1:
         wave = wave.reshape(-1)
-        _check_wavelength(wave, path, "HDU WAVELA" if source == "WAVELA" else source)
-        return wave, flux, variance
-    rows_ok = np.all(np.isfinite(wave), axis=1) & np.all(wave > 0, axis=1)
-    if not rows_ok.any():
-        raise ExposureError(path, "HDU WAVELA", "no fiber has a finite wavelength solution")
-    # All rows at once; the first offending row is checked alone for its message.
-    good_rows = wave[rows_ok]
+        _check_wavelength(wave, path, where)
+        return np.broadcast_to(wave, (nfib, wave.size)).copy(), wave
+    finite = np.isfinite(wave)
+    if np.any(finite & ~(wave > 0)):
+        row, col = (int(i[0]) for i in np.nonzero(finite & ~(wave > 0)))
+        raise ExposureError(path, f"{where} row {row}",
+                            f"wavelength {wave[row, col]!r} of pixel {col} is not positive")
+    rows = np.flatnonzero(finite.any(axis=1))
+    if not rows.size:
+        raise ExposureError(path, where, "no fiber has a finite wavelength solution")
+    # Each row's finite pixels must increase and lie in the plausible range: all rows at
+    # once, the first offending row checked alone for its message.
     lo, hi = _PLAUSIBLE_RANGE
-    bad = (np.any(np.diff(good_rows, axis=1) <= 0, axis=1)
-           | (good_rows[:, 0] < lo) | (good_rows[:, -1] > hi))
+    filled = np.where(finite, wave, np.nan)
+    step = np.diff(filled, axis=1)
+    bad = (np.any(step <= 0, axis=1) | (np.nanmin(np.where(finite, wave, np.inf), axis=1) < lo)
+           | (np.nanmax(np.where(finite, wave, -np.inf), axis=1) > hi))
+    bad &= finite.any(axis=1)
     if bad.any():
-        row = int(np.flatnonzero(rows_ok)[np.argmax(bad)])
-        _check_wavelength(wave[row], path, f"HDU WAVELA row {row}")
-    common = np.median(wave[rows_ok], axis=0)
-    step = np.abs(np.gradient(common))
-    if np.all(np.abs(wave[rows_ok] - common) <= _SAME_SOLUTION_PIXELS * step):
-        flux = np.where(rows_ok[:, None], flux, np.nan)
-        return common, flux, variance
-    new_flux = np.full(flux.shape, np.nan)
-    new_var = np.full(flux.shape, np.nan)
-    new_flux[rows_ok], new_var[rows_ok] = resample_conserving(
-        wave[rows_ok], flux[rows_ok], variance[rows_ok], common)
-    history.append(f"resampled {int(rows_ok.sum())} fibers from per-fiber WAVELA solutions onto "
-                   "their median solution (flux-conserving, variance propagated)")
-    return common, new_flux, new_var
+        row = int(np.argmax(bad))
+        _check_wavelength(wave[row][finite[row]], path, f"{where} row {row}")
+    with warnings.catch_warnings():  # all-NaN columns are reported just below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        reference = np.nanmedian(wave[rows], axis=0)
+    _check_wavelength(reference, path, f"{where} (median of the rows)")
+    return np.where(finite, wave, np.nan), reference
+
+
+def _unsolved(fiber_wave, fiber_type):
+    """Fibers (not dead or unused) with pixels that have no wavelength: {fiber: pixels}."""
+    missing = (~np.isfinite(fiber_wave)).sum(axis=1)
+    live = ~np.isin(fiber_type, ("D", "N", "U"))
+    return {int(f): int(missing[f]) for f in np.flatnonzero((missing > 0) & live)}
 
 
 def open_exposure(path, *, chunks=None):
@@ -441,11 +462,17 @@ def open_exposure(path, *, chunks=None):
     xarray.Dataset
         Dims (fiber, wavelength): ``flux`` (counts), ``variance`` (counts^2; NaN where the
         file says bad, NaN or <= 0), ``good`` (bool: finite flux, finite variance > 0);
-        coordinate ``wavelength`` (Angstrom, air, from WAVELA or the primary header's linear
-        WCS; vacuum and nm converted); per-fiber ``fiber_name``, ``fiber_type``, ``ra``,
+        coordinates ``fiber_wavelength`` (fiber, wavelength: each fiber's own pixels, from
+        WAVELA or the primary header's linear WCS, in Angstrom and air, vacuum and nm
+        converted; NaN where the file gives no wavelength, which makes the pixel bad) and
+        ``wavelength`` (the reference grid: the median of the fibers' solutions, on which
+        calibration vectors are given); per-fiber ``fiber_name``, ``fiber_type``, ``ra``,
         ``dec`` (deg), ``objid``; attrs ``expid``, ``exptime``, ``mjd``, ``airmass``, the
-        line-spread description (``lsf_fwhm_coeffs``) and ``history``. A calibrated file
-        (section 4) also gives ``cal``, ``cal_variance`` and ``cal_mask`` along wavelength.
+        line-spread description (``lsf_fwhm_coeffs``), ``wavelength_layout`` ('shared',
+        'per-fiber' or 'wcs'), ``unsolved`` ({fiber: pixels without a wavelength}) and
+        ``history``. No pixel is resampled. A calibrated file (section 4) also gives
+        ``cal``, ``cal_variance`` and ``cal_mask`` along wavelength, and ``cal_factor``,
+        ``cal_factor_variance`` (fiber, wavelength): the factor applied to each pixel.
 
     Raises
     ------
@@ -457,12 +484,13 @@ def open_exposure(path, *, chunks=None):
     history = []
     flux = flux.astype(np.float64)
     variance = variance.astype(np.float64)
-    wave, flux, variance = _common_grid(wave, flux, variance, path, history,
-                                        meta["wavelength_source"])
+    fiber_wave, wave = _fiber_wavelengths(wave, flux.shape[0], path, meta["wavelength_source"])
     if meta["medium_in"] == "vac":
-        wave = vacuum_to_air(wave)
+        wave, fiber_wave = vacuum_to_air(wave), vacuum_to_air(fiber_wave)
         history.append("converted vacuum wavelengths to air (Morton 2000)")
-    good = np.isfinite(flux) & np.isfinite(variance) & (variance > 0)
+    unsolved = _unsolved(fiber_wave, fibres["fiber_type"].values)
+    good = (np.isfinite(flux) & np.isfinite(variance) & (variance > 0)
+            & np.isfinite(fiber_wave))
     # A bad pixel's variance (<= 0 in the file) becomes NaN: arithmetic on it (calibration
     # adds a positive term) must not turn it into a plausible value and the pixel into a good one.
     with np.errstate(invalid="ignore"):
@@ -490,7 +518,13 @@ def open_exposure(path, *, chunks=None):
             "fiber": ("fiber", np.arange(flux.shape[0]),
                       {"description": "row of the primary image"}),
             "wavelength": ("wavelength", wave, {"units": "Angstrom", "medium": "air",
-                                                "source": meta["wavelength_source"]}),
+                                                "source": meta["wavelength_source"],
+                                                "description": "reference pixel grid: the "
+                                                "median of the fibers' solutions"}),
+            "fiber_wavelength": (("fiber", "wavelength"), fiber_wave,
+                                 {"units": "Angstrom", "medium": "air",
+                                  "description": "each fiber's own pixel wavelengths (NaN: "
+                                  "no solution)"}),
             **fibres,
         },
     )
@@ -502,6 +536,11 @@ def open_exposure(path, *, chunks=None):
         "airmass": np.nan if meta["airmass"] is None else meta["airmass"],
         **lsf.to_attrs(),
         "wavelength_source": meta["wavelength_source"],
+        "wavelength_layout": ("wcs" if meta["wavela"] is None else
+                              "per-fiber" if np.ndim(meta["wavela"][0]) == 2
+                              and meta["wavela"][0].shape[0] > 1 else "shared"),
+        "wavela": meta["wavela"],
+        "unsolved": unsolved,
         "medium_in": meta["medium_in"],
         "fibres_extname": meta["fibres_extname"],
         "fits_header": meta["fits_header"],
@@ -529,6 +568,12 @@ def _attach_calibration(ds, cal, keys, path):
     ds["cal_variance"] = ("wavelength", cal["CAL_VARIANCE"].astype(np.float64),
                           {"units": f"({CAL_UNIT})**2"})
     ds["cal_mask"] = ("wavelength", cal["MASK"].astype(bool), {"description": "True = reliable"})
+    for name, var in (("FCALFAC", "cal_factor"), ("FCALFVAR", "cal_factor_variance")):
+        if name in cal:
+            if cal[name].shape != ds["flux"].shape:
+                raise ExposureError(path, f"HDU {name}", f"shape {cal[name].shape} differs from "
+                                    f"the primary's {ds['flux'].shape}")
+            ds[var] = (("fiber", "wavelength"), cal[name])
     ds.attrs.update({"fluxcal": True, "fcalver": keys.get("FCALVER")})
     for attr, (key, kind, _) in CALIBRATION_KEYWORDS.items():
         value = keys.get(key)
@@ -560,7 +605,7 @@ def read_exposure_info(path):
         if header.get("NAXIS", 0) != 2:
             raise ExposureError(path, "HDU PRIMARY", "expected a 2-D (fiber, pixel) image")
         nfib, nspec = header["NAXIS2"], header["NAXIS1"]
-        wave, source, medium = _raw_wavelength(hdul, path, nfib, nspec)
+        wave, source, medium, _ = _raw_wavelength(hdul, path, nfib, nspec)
         if source == "WAVELA":
             wave = wave.reshape(-1, nspec)
             if wave.shape[0] > 1:
@@ -673,17 +718,69 @@ def _fibres_table(ds):
 
 
 def _primary_header(ds):
+    """The input's primary header (its WCS and AIRORVAC as they were), data keywords removed."""
     text = ds.attrs.get("fits_header")
     header = fits.Header.fromstring(text, sep="\n") if text else fits.Header()
     for key in ("SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND"):
         header.remove(key, ignore_missing=True)
-    from_wcs = ds["wavelength"].attrs.get("source") == "primary header WCS"
-    if ds.attrs.get("medium_in") == "vac" or not from_wcs:
-        # The written WAVELA is the wavelength solution; a stale linear WCS would contradict it.
-        for key in _WCS_KEYS:
-            header.remove(key, ignore_missing=True)
-    header["AIRORVAC"] = ("air", "wavelengths in air (kspec-fluxcal)")
     return header
+
+
+def _wavelength_hdu(ds):
+    """The WAVELA extension of a product: the input's, as it was (values, unit, medium);
+    None when the input had only a linear WCS (kept in the primary header)."""
+    layout = ds.attrs.get("wavelength_layout")
+    if layout == "wcs":
+        return None
+    raw = ds.attrs.get("wavela")
+    if raw is not None:
+        data, text = raw
+        hdu = fits.ImageHDU(np.asarray(data), name="WAVELA")
+        for card in fits.Header.fromstring(text, sep="\n").cards:
+            if card.keyword not in hdu.header and card.keyword not in (
+                    "XTENSION", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "PCOUNT", "GCOUNT"):
+                hdu.header.append(card)
+        return hdu
+    # Built in memory: each fiber's wavelengths (air), 1-D when they are all the same.
+    fiber_wave = ds["fiber_wavelength"].values if "fiber_wavelength" in ds.coords else None
+    same = fiber_wave is None or np.array_equal(
+        fiber_wave, np.broadcast_to(ds["wavelength"].values, fiber_wave.shape))
+    hdu = fits.ImageHDU(ds["wavelength"].values if same else fiber_wave, name="WAVELA")
+    hdu.header["BUNIT"] = "Angstrom"
+    hdu.header["AIRORVAC"] = "air"
+    return hdu
+
+
+def _calibration_table(ds):
+    """The contract's FLUXCAL table: the vector on the reference grid, in the input's medium."""
+    wave = ds["wavelength"].values
+    medium = ds.attrs.get("medium_in", "air")
+    if medium == "vac":
+        wave = air_to_vacuum(wave)
+    cal = fits.BinTableHDU.from_columns([
+        fits.Column("WAVELENGTH", "D", unit="Angstrom", array=wave),
+        fits.Column("CAL_FACTOR", "D", unit=CAL_UNIT, array=ds["cal"].values),
+        fits.Column("CAL_VARIANCE", "D", unit=f"({CAL_UNIT})**2", array=ds["cal_variance"].values),
+        fits.Column("MASK", "I", array=ds["cal_mask"].values.astype(np.int16)),
+    ], name="FLUXCAL")
+    cal.header["AIRORVAC"] = (medium, "medium of WAVELENGTH (the input's)")
+    cal.header["COMMENT"] = ("The vector on the reference grid (the median of the fibers' "
+                             "wavelength solutions); each fiber's own factor is in FCALFAC.")
+    cal.header["COMMENT"] = "MASK: 1 = reliable, 0 = interpolated over a gap or unconstrained"
+    return cal
+
+
+def _factor_hdus(ds):
+    """FCALFAC and FCALFVAR: the factor applied to every pixel of every fiber, its variance."""
+    factor = fits.ImageHDU(ds["cal_factor"].values.astype(np.float64), name="FCALFAC")
+    factor.header["BUNIT"] = CAL_UNIT
+    factor.header["COMMENT"] = ("Calibrated flux = counts x FCALFAC, pixel by pixel, each fiber "
+                                "on its own wavelengths (HDU WAVELA or the primary WCS).")
+    variance = fits.ImageHDU(ds["cal_factor_variance"].values.astype(np.float64),
+                             name="FCALFVAR")
+    variance.header["BUNIT"] = f"({CAL_UNIT})**2"
+    variance.header["COMMENT"] = "Variance of FCALFAC."
+    return [factor, variance]
 
 
 def write_calibrated(ds, path, *, overwrite=False, stars=None):
@@ -733,20 +830,16 @@ def write_calibrated(ds, path, *, overwrite=False, stars=None):
         header[key] = (value, comment)
     for text in ds.attrs.get("history", []):
         header.add_history(text)
+    header["COMMENT"] = ("Calibrated on each fiber's own pixels; factors in HDU FCALFAC, "
+                         "variance FCALFVAR; per-star fits in FCALSTAR (kspec-fluxcal README)")
     primary = fits.PrimaryHDU(ds["flux"].values.astype(np.float32), header=header)
     var = fits.ImageHDU(ds["variance"].values.astype(np.float32), name="VARIANCE")
     var.header["BUNIT"] = f"({FLUX_UNIT})**2"
-    wave = fits.ImageHDU(ds["wavelength"].values.astype(np.float64), name="WAVELA")
-    wave.header["BUNIT"] = "Angstrom"
-    wave.header["AIRORVAC"] = "air"
-    cal = fits.BinTableHDU.from_columns([
-        fits.Column("WAVELENGTH", "D", unit="Angstrom", array=ds["wavelength"].values),
-        fits.Column("CAL_FACTOR", "D", unit=CAL_UNIT, array=ds["cal"].values),
-        fits.Column("CAL_VARIANCE", "D", unit=f"({CAL_UNIT})**2", array=ds["cal_variance"].values),
-        fits.Column("MASK", "I", array=ds["cal_mask"].values.astype(np.int16)),
-    ], name="FLUXCAL")
-    cal.header["COMMENT"] = "MASK: 1 = reliable, 0 = interpolated over a gap or unconstrained"
-    hdus = [primary, var, wave, _fibres_table(ds), cal]
+    wave = _wavelength_hdu(ds)
+    hdus = [primary, var, *([wave] if wave is not None else []), _fibres_table(ds),
+            _calibration_table(ds)]
+    if "cal_factor" in ds:
+        hdus += _factor_hdus(ds)
     if stars is not None:
         hdus.append(star_table(stars))
     with atomic_file(path, overwrite=overwrite) as tmp:
@@ -803,7 +896,6 @@ def read_standard_stars(path):
                 return None
             data = _data(hdu, path, "FCALSTAR")
             header = hdu.header
-            wave = hdul["WAVELA"].data if "WAVELA" in hdul else None
             bands = [b for b in str(header.get("BANDS", "")).split(",") if b]
             nwave = int(header.get("NWAVE", 0))
             variables, coords = {}, {}
@@ -822,8 +914,8 @@ def read_standard_stars(path):
                 else:
                     variables[name] = (("star", "wavelength"), values, attrs)
     ds = xr.Dataset(variables, coords=coords)
-    if wave is not None and "wavelength" in ds.dims:
-        ds = ds.assign_coords(wavelength=np.asarray(wave, dtype=np.float64).reshape(-1))
+    if "wavelength" in ds.dims:  # the reference grid (air) the vectors are on
+        ds = ds.assign_coords(wavelength=open_exposure(path)["wavelength"].values)
     if bands:
         ds = ds.assign_coords(band=bands)
     return ds

@@ -1,4 +1,4 @@
-"""Wavelength axes: air/vacuum conversion, pixel edges and flux-conserving resampling."""
+"""Wavelength axes: air/vacuum conversion and pixel edges."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ __all__ = [
     "vacuum_to_air",
     "air_to_vacuum",
     "pixel_edges",
-    "resample_conserving",
 ]
 
 
@@ -83,68 +82,3 @@ def pixel_edges(centres, axis=-1):
     first = c[..., :1] - (mid[..., :1] - c[..., :1])
     last = c[..., -1:] + (c[..., -1:] - mid[..., -1:])
     return np.moveaxis(np.concatenate([first, mid, last], axis=-1), -1, axis)
-
-
-def resample_conserving(wave_in, flux, variance, wave_out):
-    """Resample per-pixel counts onto a new pixel grid, conserving flux, with variance.
-
-    Each output pixel receives the fraction of every input pixel that it overlaps (counts per
-    pixel are integrals over the pixel), so the total is conserved; variances are propagated
-    with the squared fractions (covariance between output pixels is ignored). An output pixel
-    touching a bad input pixel (NaN flux, variance not > 0) or reaching beyond the input grid
-    is NaN.
-
-    Parameters
-    ----------
-    wave_in : numpy.ndarray, shape (nrow, n)
-        Increasing pixel-centre wavelengths of every input row.
-    flux, variance : numpy.ndarray, shape (nrow, n)
-        Counts per pixel and their variance.
-    wave_out : numpy.ndarray, shape (m,)
-        Increasing pixel-centre wavelengths of the output grid, shared by every row.
-
-    Returns
-    -------
-    flux_out, variance_out : numpy.ndarray, shape (nrow, m)
-    """
-    wave_in = np.atleast_2d(np.asarray(wave_in, dtype=np.float64))
-    flux = np.atleast_2d(np.asarray(flux, dtype=np.float64))
-    variance = np.atleast_2d(np.asarray(variance, dtype=np.float64))
-    nrow, n = flux.shape
-    e_in = pixel_edges(np.broadcast_to(wave_in, (nrow, n)))
-    e_out = pixel_edges(np.asarray(wave_out, dtype=np.float64))
-    lo, hi = e_out[:-1], e_out[1:]
-
-    # One searchsorted for all rows: shift each row by a constant larger than any span so
-    # the concatenated edges stay sorted.
-    span = max(np.nanmax(e_in), e_out[-1]) - min(np.nanmin(e_in), e_out[0]) + 1.0
-    shift = span * np.arange(nrow)[:, None]
-    flat = (e_in + shift).ravel()
-    first = np.searchsorted(flat, (lo[None, :] + shift).ravel(), side="right").reshape(nrow, -1)
-    last = np.searchsorted(flat, (hi[None, :] + shift).ravel(), side="left").reshape(nrow, -1)
-    base = np.arange(nrow)[:, None] * (n + 1)
-    first = first - base - 1  # index of the input pixel holding the output's lower edge
-    last = last - base - 1  # ... and its upper edge
-    covered = (first >= 0) & (last <= n - 1)
-    first_c = np.clip(first, 0, n - 1)
-    nmax = int(np.max(np.clip(last, 0, n - 1) - first_c)) + 1
-
-    good_in = np.isfinite(flux) & np.isfinite(variance) & (variance > 0)
-    f0 = np.where(good_in, flux, 0.0)
-    v0 = np.where(good_in, variance, 0.0)
-    width = np.diff(e_in, axis=-1)
-    rows = np.arange(nrow)[:, None]
-    out_f = np.zeros((nrow, lo.size))
-    out_v = np.zeros((nrow, lo.size))
-    bad = ~covered
-    for k in range(nmax):  # a handful of overlapping input pixels per output pixel
-        idx = np.clip(first_c + k, 0, n - 1)
-        use = (first_c + k) <= last
-        overlap = np.minimum(hi, e_in[rows, idx + 1]) - np.maximum(lo, e_in[rows, idx])
-        frac = np.where(use, np.clip(overlap, 0.0, None) / width[rows, idx], 0.0)
-        out_f += frac * f0[rows, idx]
-        out_v += frac**2 * v0[rows, idx]
-        bad |= (frac > 0) & ~good_in[rows, idx]
-    out_f[bad] = np.nan
-    out_v[bad] = np.nan
-    return out_f, out_v

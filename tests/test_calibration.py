@@ -168,13 +168,24 @@ def test_apply_calibration_propagates_variance_lazily(raise_if_computes):
     assert out.attrs["history"][0] == "read" and "flux calibrated" in out.attrs["history"][-1]
 
 
-def test_apply_needs_the_same_wavelengths():
+def test_apply_evaluates_the_calibration_on_each_fibers_own_pixels():
+    """Fibers shifted from the reference grid get the calibration at their own wavelengths
+    (interpolated in ln lambda), nothing beyond the grid; their counts are not resampled."""
     comb = combine_vectors(_stars())
-    exposure = xr.Dataset({"flux": (("fiber", "wavelength"), np.ones((1, WAVE.size))),
-                           "variance": (("fiber", "wavelength"), np.ones((1, WAVE.size)))},
-                          coords={"wavelength": WAVE + 0.01})
-    with pytest.raises(ValueError):
-        apply_calibration(exposure, comb)
+    shifts = np.array([0.0, 1.5, -2.0])[:, None]
+    fiber_wave = WAVE[None, :] + shifts
+    exposure = xr.Dataset({"flux": (("fiber", "wavelength"), np.full((3, WAVE.size), 2.0)),
+                           "variance": (("fiber", "wavelength"), np.ones((3, WAVE.size)))},
+                          coords={"wavelength": WAVE,
+                                  "fiber_wavelength": (("fiber", "wavelength"), fiber_wave)})
+    out = apply_calibration(exposure, comb)
+    np.testing.assert_array_equal(out["cal_factor"].values[0], comb["cal"].values)
+    expected = np.interp(np.log(fiber_wave[1, :-1]), np.log(WAVE), comb["cal"].values)
+    np.testing.assert_allclose(out["cal_factor"].values[1, :-1], expected, rtol=1e-12)
+    assert np.isnan(out["cal_factor"].values[1, -1])  # beyond the reference grid
+    assert np.isnan(out["cal_factor"].values[2, 0])
+    np.testing.assert_array_equal(out["flux"].values,
+                                  (2.0 * out["cal_factor"].values).astype(np.float32))
 
 
 def test_fit_photometry_recovers_scale_and_reddening():

@@ -8,7 +8,7 @@ from astropy.io import fits
 from kspec_fluxcal.constants import FLUX_UNIT
 from kspec_fluxcal.errors import ExposureError, OutputExistsError
 from kspec_fluxcal.exposure import open_exposure, read_exposure_info, write_calibrated
-from kspec_fluxcal.wavelength import air_to_vacuum, resample_conserving, vacuum_to_air
+from kspec_fluxcal.wavelength import air_to_vacuum, vacuum_to_air
 
 
 def test_open_exposure_layout(red_file):
@@ -66,52 +66,37 @@ def test_extra_fibres_columns_survive(red_file):
     np.testing.assert_array_equal(ds["fibres_pivot"].values, np.arange(6) + 1)
 
 
-def test_identical_wavela_rows_used_as_is(red_file):
-    wave = np.tile(np.linspace(4000.0, 8000.0, 200), (6, 1))
-    wave[3] += 0.001  # far below 1 % of a 20 A pixel
-    ds = open_exposure(red_file(wavelength=wave))
-    assert not ds.attrs["history"]
-    flux = fits.getdata(red_file(wavelength=wave, name="again.fits"))
-    np.testing.assert_allclose(ds["flux"].values, flux)
-
-
-def test_per_fiber_wavelengths_resampled_flux_conserving(red_file):
+def test_per_fiber_wavelengths_keep_every_fiber_on_its_own_pixels(red_file):
+    """No pixel is resampled: each fiber's counts stay as extracted, with its own wavelengths;
+    the reference grid (for the calibration vector) is the median of the rows."""
     npix = 400
     base = np.linspace(4000.0, 8000.0, npix)
     step = base[1] - base[0]
     shifts = np.array([0.0, 0.3, -0.2, 0.45, 0.0, -0.4]) * step  # median 0
     wave = base[None, :] + shifts[:, None]
-    # A smooth spectrum in counts per pixel: a ramp plus a broad Gaussian feature.
-    def density(w):
-        return 1.0 + (w - 4000.0) / 4000.0 + 0.5 * np.exp(-0.5 * ((w - 6000.0) / 80.0) ** 2)
-    flux = density(wave) * step * 100.0
-    variance = np.full_like(flux, 4.0)
-    ds = open_exposure(red_file(npix=npix, wavelength=wave, flux=flux, variance=variance))
-    assert any("resampled 6 fibers" in h for h in ds.attrs["history"])
-    common = ds["wavelength"].values
-    np.testing.assert_allclose(common, np.median(wave, axis=0))
-    inner = slice(5, -5)
-    expected = density(common[inner]) * step * 100.0
-    np.testing.assert_allclose(ds["flux"].values[:, inner],
-                               np.broadcast_to(expected, (6, npix - 10)),
-                               rtol=2e-3)
-    # Total counts conserved on the common range.
-    for f in range(6):
-        assert ds["flux"].values[f, inner].sum() == pytest.approx(expected.sum(), rel=1e-3)
-    # Variance propagated with squared fractions: a shifted fiber's variance drops below 4.
-    assert np.all(ds["variance"].values[3, inner] < 4.0)
-    np.testing.assert_allclose(ds["variance"].values[0, inner], 4.0)
+    flux = np.random.default_rng(1).uniform(50, 150, (6, npix))
+    ds = open_exposure(red_file(npix=npix, wavelength=wave, flux=flux))
+    assert ds.attrs["wavelength_layout"] == "per-fiber"
+    np.testing.assert_array_equal(ds["flux"].values, flux.astype(np.float32))
+    np.testing.assert_allclose(ds["fiber_wavelength"].values, wave)
+    np.testing.assert_allclose(ds["wavelength"].values, np.median(wave, axis=0))
+    assert not ds.attrs["history"] and ds.attrs["unsolved"] == {}
+    shared = open_exposure(red_file(npix=npix, wavelength=base, flux=flux, name="shared.fits"))
+    assert shared.attrs["wavelength_layout"] == "shared"
+    np.testing.assert_array_equal(shared["fiber_wavelength"].values,
+                                  np.broadcast_to(base, (6, npix)))
 
 
-def test_resample_conserving_marks_bad_pixels():
-    wave = np.linspace(1.0, 100.0, 100)[None, :]
-    flux = np.ones((1, 100))
-    flux[0, 50] = np.nan
-    out, var = resample_conserving(wave + 0.5, flux, np.ones((1, 100)), wave[0])
-    assert np.isnan(out[0, 50]) and np.isnan(out[0, 51])
-    assert np.isnan(out[0, 0])  # beyond the input grid
-    assert np.isfinite(out[0, 10]) and out[0, 10] == pytest.approx(1.0)
-    assert var[0, 10] == pytest.approx(0.5)  # two halves: 0.25 + 0.25
+def test_nan_wavelengths_make_bad_pixels_not_a_bad_fiber(red_file):
+    """A few NaN WAVELA pixels of a science fiber: those pixels have no data, the rest of the
+    fiber stays good, and the exposure says which fiber lacks how many."""
+    wave = np.tile(np.linspace(4000.0, 8000.0, 200), (6, 1))
+    wave[2, 10:13] = np.nan
+    ds = open_exposure(red_file(wavelength=wave))
+    assert ds.attrs["unsolved"] == {2: 3}
+    assert not ds["good"].values[2, 10:13].any()
+    assert ds["good"].values[2, :10].all() and ds["good"].values[2, 13:].all()
+    np.testing.assert_allclose(ds["wavelength"].values, np.linspace(4000.0, 8000.0, 200))
 
 
 def test_dead_fiber_is_not_an_error(red_file):
