@@ -107,3 +107,32 @@ def test_in_place_and_overwrite(world, tmp_path):
     calibrate_exposure(red, cat, world["grid"], out=out, overwrite=True)
     calibrate_exposure(red, cat, world["grid"], in_place=True)
     assert fits.getheader(red)["FLUXCAL"] is True
+
+
+@pytest.mark.parametrize("layout", [("wavela2d", "nm", "vac"), ("wcs", "Angstroms", "air")])
+def test_product_keeps_the_input_layout(world, tmp_path, layout):
+    """Per-fiber WAVELA (in nm, vacuum) or a linear WCS: the product has the input's shape,
+    its WAVELA/WCS and AIRORVAC as they were, and calibrated/input per pixel is exactly the
+    factor of the FCALFAC extension (no pixel resampled)."""
+    fmt, unit, medium = layout
+    red, cat, _, _ = _simulate(world, tmp_path, 23, 2, wavelength_format=fmt,
+                               wavelength_unit=unit, medium=medium)
+    result = calibrate_exposure(red, cat, world["grid"], out=tmp_path / "out")
+    with fits.open(red) as raw, fits.open(result.path) as out:
+        counts = raw[0].data.astype(np.float64)
+        assert out[0].data.shape == counts.shape == out["VARIANCE"].data.shape
+        factor = out["FCALFAC"].data
+        assert factor.shape == counts.shape and out["FCALFVAR"].data.shape == counts.shape
+        np.testing.assert_array_equal(out[0].data, (counts * factor).astype(np.float32))
+        if fmt == "wcs":
+            assert "WAVELA" not in out
+            for key in ("CRVAL1", "CDELT1", "CRPIX1", "CUNIT1", "CTYPE1"):
+                assert out[0].header[key] == raw[0].header[key]
+        else:
+            np.testing.assert_array_equal(out["WAVELA"].data, raw["WAVELA"].data)
+            assert out["WAVELA"].header["BUNIT"] == raw["WAVELA"].header["BUNIT"] == "nm"
+            assert out[0].header["AIRORVAC"] == raw[0].header["AIRORVAC"] == "vac"
+            # Fibers' solutions differ: their factors are the calibration at their own pixels.
+            assert not np.allclose(factor[0], factor[1], rtol=1e-6, equal_nan=True)
+        assert len(out["FLUXCAL"].data) == counts.shape[1]
+        assert out["FLUXCAL"].header["AIRORVAC"] == medium
