@@ -24,6 +24,8 @@ the alternative. Without smoothing, gaps are bridged by linear interpolation.
 from __future__ import annotations
 
 import warnings
+from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 import scipy.interpolate
@@ -36,7 +38,9 @@ from .constants import CAL_UNIT, FLUX_UNIT
 from .continuum import _fill_gaps
 from .errors import CalibrationError, FluxCalWarning
 from .exposure import add_history
+from .lsf import LineSpread
 from .masks import region_mask
+from .telluric import fit_telluric, transmission
 
 __all__ = ["combine_vectors", "apply_calibration", "calibration_factor", "running_median",
            "quality_grade", "QUALITY_GRADES"]
@@ -87,21 +91,25 @@ def combine_vectors(stars, method=None, sigma_clip=None, smooth=None, *, config=
     sigma_clip : float, optional
         Per-wavelength clipping threshold, sigma.
     smooth : bool, optional
-        Smooth outside telluric bands (see the module docstring).
+        Fit the smooth response (see the module docstring).
     config : Config, optional
-        Other options ([combine], [masks]); explicit arguments win.
+        Other options ([combine], [masks], [telluric]); explicit arguments win.
 
     Returns
     -------
     xarray.Dataset
-        Along ``wavelength``: ``cal``, ``cal_variance``, ``cal_mask`` (True where measured,
-        False where bridged); along ``star``: ``star_status`` (the fit's status, or why the
-        combination rejected the star), ``grey_level`` and ``used``. Attrs ``fcalnstr``,
-        ``fcalrms`` (robust fractional scatter between the stars' shapes, after a running
-        median over the smoothing scale; NaN for one star), ``fcalqual`` (quality grade,
+        Along ``wavelength`` (the reference grid): ``cal`` (= ``cal_smooth`` / ``transmission``),
+        ``cal_variance``, ``cal_mask`` (True where measured, False where bridged),
+        ``cal_smooth`` (the smooth response and its ``cal_smooth_variance``) and
+        ``transmission`` (the telluric model at the exposure's line spread, 1 where none);
+        along ``star``: ``star_status`` (the fit's status, or why the combination rejected
+        the star), ``grey_level`` and ``used``. Attrs ``fcalnstr``, ``fcalrms`` (robust
+        fractional scatter between the stars' shapes, after a running median over the
+        smoothing scale; NaN for one star), ``fcalqual`` (quality grade,
         :data:`QUALITY_GRADES`), ``fcalmerr`` (median model error of the stars used),
-        ``fcallsf`` (the stars' fitted line-spread width), ``single_star`` and a history
-        entry.
+        ``fcallsf`` (the stars' fitted line-spread width), ``fcalo2``, ``fcalh2o`` (fitted
+        telluric columns, with ``_err``; NaN without a telluric model), the line spread
+        (``lsf_fwhm_coeffs``), ``single_star`` and a history entry.
 
     Raises
     ------
@@ -117,31 +125,102 @@ def combine_vectors(stars, method=None, sigma_clip=None, smooth=None, *, config=
         raise ValueError(f"method must be 'weighted_mean' or 'median', not {method!r}")
     stars = stars.compute()
     status = np.array(stars["status"].values, dtype=object)
-    nstar = status.size
-    if nstar == 0:
+    if status.size == 0:
         raise CalibrationError("no standard-star fiber (TYPE 'C') in the exposure")
-    wave = stars["wavelength"].values
-    cal = stars["cal"].values
-    var = stars["cal_variance"].values
-    mask = stars["cal_mask"].values & np.isfinite(cal) & np.isfinite(var) & (var > 0)
+    vec = _StarVectors(stars)
     use = np.array([s == "ok" for s in status])
     if not use.any():
         raise CalibrationError("no usable standard star",
-                               {_star_label(stars, s): status[s] for s in range(nstar)})
+                               {_star_label(stars, s): status[s] for s in range(status.size)})
+    level_conflict = _reject_stars(stars, vec, use, status, opts)
+    idx = np.flatnonzero(use)
+    stack = _stack(vec, idx, sigma_clip, opts)
+    comb, comb_var = _mean_shape(stack, method)
+    measured = stack.m.any(axis=0) & np.isfinite(comb)
+    level, level_var = _level(stars, idx, stack.g)
+    resp = _response(stars, vec, idx, stack, comb, comb_var, measured, smooth, config)
+    fcalrms = _scatter(vec.wave, stack, comb, opts)
+    if idx.size == 1:
+        warnings.warn(f"{stars.attrs.get('expid', 'exposure')}: one usable standard star "
+                      f"({_star_label(stars, idx[0])}); no combination, no scatter estimate",
+                      FluxCalWarning, stacklevel=2)
+    merr = _per_star(stars, "model_error", idx)
+    fcalmerr = float(np.nanmedian(merr)) if np.isfinite(merr).any() else np.nan
+    fcalqual = quality_grade(stars, idx, fcalrms, fcalmerr)
+    if level_conflict:
+        fcalqual = max(fcalqual, "C")  # the grades are ordered A < B < C < D
+        warnings.warn(f"{stars.attrs.get('expid', 'exposure')}: the two standards disagree in "
+                      "level by more than aperture losses allow (wrong photometry for one of "
+                      "them?); their mean level is used", FluxCalWarning, stacklevel=2)
+    grey = np.full(status.size, np.nan)
+    grey[idx] = stack.g / level
+    final = level * resp.curve
+    out = xr.Dataset(
+        {
+            "cal": ("wavelength", final, {"units": CAL_UNIT}),
+            "cal_variance": ("wavelength", level**2 * resp.curve_var + level_var * resp.curve**2,
+                             {"units": f"({CAL_UNIT})**2"}),
+            "cal_mask": ("wavelength", measured,
+                         {"description": "True = measured, False = bridged over a gap"}),
+            "cal_smooth": ("wavelength", level * resp.smooth,
+                           {"units": CAL_UNIT, "description": "smooth response (no tellurics)"}),
+            "cal_smooth_variance": ("wavelength", level**2 * resp.smooth_var
+                                    + level_var * resp.smooth**2, {"units": f"({CAL_UNIT})**2"}),
+            "transmission": ("wavelength", resp.transmission,
+                             {"units": "1", "description": "telluric model at the exposure's "
+                              "line spread (1: none)"}),
+            "star_status": ("star", status.astype(str)),
+            "grey_level": ("star", grey),
+            "used": ("star", use),
+        },
+        coords={"wavelength": stars["wavelength"], "star": np.arange(status.size),
+                "fiber": ("star", stars["fiber"].values), "objid": ("star", stars["objid"].values)},
+        attrs={"fcalnstr": int(idx.size), "fcalrms": fcalrms, "single_star": int(idx.size == 1),
+               "fcalqual": fcalqual, "fcalmerr": fcalmerr,
+               "fcallsf": float(stars.attrs.get("lsf_scale", np.nan)),
+               **resp.telluric, "lsf_fwhm_coeffs": list(stars.attrs.get("lsf_fwhm_coeffs", [])),
+               "method": method, "smooth": int(bool(smooth)), "history": []},
+    )
+    add_history(out, f"combined {idx.size} of {status.size} standard(s) ({method}, "
+                f"clip {sigma_clip:g} sigma"
+                + (f", B-spline knots {opts.smooth_scale:g} A" if smooth and
+                   opts.smooth_method == "bspline" else
+                   f", Savitzky-Golay {opts.smooth_scale:g} A" if smooth else ", unsmoothed")
+                + f"); rms between standards {fcalrms:.4f}; quality {fcalqual}"
+                + (f"; telluric columns O2 {resp.telluric['fcalo2']:.3f}, H2O "
+                   f"{resp.telluric['fcalh2o']:.3f}" if resp.fitted else ""))
+    return out
 
-    # Whole-star rejection, worst first, while a majority can outvote one star.
-    grey = np.full(nstar, np.nan)
+
+class _StarVectors:
+    """The stars' vectors as arrays: reference and own wavelengths, values, masks."""
+
+    def __init__(self, stars):
+        self.wave = stars["wavelength"].values
+        self.star_wave = (stars["star_wavelength"].values if "star_wavelength" in stars.coords
+                          else np.broadcast_to(self.wave, stars["cal"].shape))
+        self.cal = stars["cal"].values
+        self.var = stars["cal_variance"].values
+        self.mask = (stars["cal_mask"].values & np.isfinite(self.cal) & np.isfinite(self.var)
+                     & (self.var > 0))
+
+
+def _reject_stars(stars, vec, use, status, opts):
+    """Whole stars rejected (``use`` and ``status`` updated in place), worst first, while a
+    majority can outvote one: shape or grey level far from the others'. Of two standards
+    whose levels disagree beyond aperture losses, the one implying an implausible throughput
+    goes. Returns True when two remain in such disagreement."""
     while use.sum() >= 3:
         idx = np.flatnonzero(use)
-        g = _grey_levels(cal[idx], mask[idx])
-        shapes = cal[idx] / g[:, None]
+        g = _grey_levels(vec.cal[idx], vec.mask[idx])
+        shapes = vec.cal[idx] / g[:, None]
         dev_shape = np.empty(idx.size)
         for k in range(idx.size):  # leave-one-out, over a handful of stars
-            others = _nanmedian(np.where(mask[np.delete(idx, k)], np.delete(shapes, k, 0), np.nan),
-                                axis=0)
+            others = _nanmedian(np.where(vec.mask[np.delete(idx, k)], np.delete(shapes, k, 0),
+                                         np.nan), axis=0)
             with np.errstate(invalid="ignore", divide="ignore"):
-                dev_shape[k] = _nanmedian(np.abs(np.where(mask[idx[k]], shapes[k] / others, np.nan)
-                                                 - 1.0), axis=None)
+                dev_shape[k] = _nanmedian(np.abs(np.where(vec.mask[idx[k]], shapes[k] / others,
+                                                          np.nan) - 1.0), axis=None)
         dev_level = np.abs(np.log(g / np.median(g)))
         bad = (dev_shape > opts.star_deviation) | (dev_level > opts.star_level)
         if not bad.any():
@@ -156,29 +235,30 @@ def combine_vectors(stars, method=None, sigma_clip=None, smooth=None, *, config=
                         / opts.star_deviation else ""))
         use[s] = False
     idx = np.flatnonzero(use)
-    level_conflict = False
-    if idx.size == 2:
-        g = _grey_levels(cal[idx], mask[idx])
-        if abs(np.log(g[0] / g[1])) > 2 * opts.star_level:
-            # More than aperture losses allow: one star's photometry is wrong. The one whose
-            # implied throughput the instrument cannot have goes; if neither (or both) can
-            # be told, both stay and the grade says how little the level is worth.
-            odd = [k for k in range(2) if "implied throughput" in str(_per_star_text(
-                stars, "flags", idx[k]))]
-            if len(odd) == 1:
-                s = idx[odd[0]]
-                status[s] = (f"rejected in combination: level ratio {g[odd[0]] / g[1 - odd[0]]:.3g}"
-                             " to the other standard, and an implausible implied throughput")
-                use[s] = False
-                idx = np.flatnonzero(use)
-            else:
-                level_conflict = True
+    if idx.size != 2:
+        return False
+    g = _grey_levels(vec.cal[idx], vec.mask[idx])
+    if abs(np.log(g[0] / g[1])) <= 2 * opts.star_level:
+        return False
+    # More than aperture losses allow: one star's photometry is wrong. The one whose implied
+    # throughput the instrument cannot have goes; if neither (or both) can be told, both stay
+    # and the grade says how little the level is worth.
+    odd = [k for k in range(2) if "implied throughput" in _per_star_text(stars, "flags", idx[k])]
+    if len(odd) != 1:
+        return True
+    s = idx[odd[0]]
+    status[s] = (f"rejected in combination: level ratio {g[odd[0]] / g[1 - odd[0]]:.3g} to the "
+                 "other standard, and an implausible implied throughput")
+    use[s] = False
+    return False
 
-    g = _grey_levels(cal[idx], mask[idx])
-    grey[idx] = g
-    shapes = cal[idx] / g[:, None]
-    svar = var[idx] / g[:, None] ** 2
-    m = mask[idx].copy()
+
+def _stack(vec, idx, sigma_clip, opts):
+    """The used stars' shapes (grey levels removed), variances and clipped masks."""
+    g = _grey_levels(vec.cal[idx], vec.mask[idx])
+    shapes = vec.cal[idx] / g[:, None]
+    svar = vec.var[idx] / g[:, None] ** 2
+    m = vec.mask[idx].copy()
     for _ in range(opts.iterations if idx.size >= 3 else 0):
         w = np.where(m, 1.0 / svar, 0.0)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -187,77 +267,42 @@ def combine_vectors(stars, method=None, sigma_clip=None, smooth=None, *, config=
         if np.array_equal(new, m):
             break
         m = new
-    w = np.where(m, 1.0 / svar, 0.0)
+    return SimpleNamespace(g=g, shapes=shapes, svar=svar, m=m,
+                           star_wave=vec.star_wave[idx])
+
+
+def _mean_shape(stack, method, shapes=None):
+    """Weighted mean (or median) of the stars' shapes per pixel, and its variance."""
+    shapes = stack.shapes if shapes is None else shapes
+    w = np.where(stack.m, 1.0 / stack.svar, 0.0)
     with np.errstate(invalid="ignore", divide="ignore"):
         if method == "median":
-            comb = _nanmedian(np.where(m, shapes, np.nan), axis=0)
             # Variance of a median: (pi/2) times that of the mean.
-            comb_var = np.pi / 2 / w.sum(0)
-        else:
-            comb = np.nansum(w * np.nan_to_num(shapes), 0) / w.sum(0)
-            comb_var = 1.0 / w.sum(0)
-    measured = m.any(axis=0) & np.isfinite(comb)
+            return _nanmedian(np.where(stack.m, shapes, np.nan), axis=0), np.pi / 2 / w.sum(0)
+        return np.nansum(w * np.nan_to_num(shapes), 0) / w.sum(0), 1.0 / w.sum(0)
 
-    # Level: mean grey level, weighted by each star's photometric scale error.
+
+def _level(stars, idx, g):
+    """Mean grey level, weighted by each star's photometric scale error, and its variance."""
     rel = np.nan_to_num(stars["scale_err"].values[idx] / stars["scale"].values[idx], nan=0.05)
     lw = 1.0 / np.maximum(rel, 1e-3) ** 2
     level = np.sum(lw * g) / lw.sum()
     level_var = 1.0 / lw.sum() if idx.size == 1 else max(1.0 / lw.sum(),
                                                          np.var(g, ddof=1) / idx.size)
+    return level, level_var
 
-    telluric = ~region_mask(wave, config.masks.telluric)
-    if smooth:
-        curve, curve_var = _smooth(wave, comb, comb_var, measured, telluric, opts)
-    else:
-        curve, curve_var = _bridge(wave, comb, comb_var, measured)
-    final = level * curve
-    final_var = level**2 * curve_var + level_var * curve**2
 
-    if idx.size >= 2:
-        # Scatter of the stars' shapes about the combination on the smoothing scale (pixel
-        # noise averaged out): how well the standards agree on the calibration itself.
-        with np.errstate(invalid="ignore", divide="ignore"):
-            dev = np.where(m, shapes / comb, np.nan)
-        dev = np.where(m, running_median(dev, wave, max(opts.smooth_scale, 50.0)) - 1.0, np.nan)
-        fcalrms = float(1.4826 * _nanmedian(np.abs(dev), axis=None)
-                        * np.sqrt(idx.size / (idx.size - 1)))
-    else:
-        fcalrms = np.nan
-        warnings.warn(f"{stars.attrs.get('expid', 'exposure')}: one usable standard star "
-                      f"({_star_label(stars, idx[0])}); no combination, no scatter estimate",
-                      FluxCalWarning, stacklevel=2)
-    merr = _per_star(stars, "model_error", idx)
-    fcalmerr = float(np.nanmedian(merr)) if np.isfinite(merr).any() else np.nan
-    fcalqual = quality_grade(stars, idx, fcalrms, fcalmerr)
-    if level_conflict:
-        fcalqual = max(fcalqual, "C")  # the grades are ordered A < B < C < D
-        warnings.warn(f"{stars.attrs.get('expid', 'exposure')}: the two standards disagree in "
-                      "level by more than aperture losses allow (wrong photometry for one of "
-                      "them?); their mean level is used", FluxCalWarning, stacklevel=2)
-    out = xr.Dataset(
-        {
-            "cal": ("wavelength", final, {"units": CAL_UNIT}),
-            "cal_variance": ("wavelength", final_var, {"units": f"({CAL_UNIT})**2"}),
-            "cal_mask": ("wavelength", measured,
-                         {"description": "True = measured, False = bridged over a gap"}),
-            "star_status": ("star", status.astype(str)),
-            "grey_level": ("star", grey / level),
-            "used": ("star", use),
-        },
-        coords={"wavelength": stars["wavelength"], "star": np.arange(nstar),
-                "fiber": ("star", stars["fiber"].values), "objid": ("star", stars["objid"].values)},
-        attrs={"fcalnstr": int(idx.size), "fcalrms": fcalrms, "single_star": int(idx.size == 1),
-               "fcalqual": fcalqual, "fcalmerr": fcalmerr,
-               "fcallsf": float(stars.attrs.get("lsf_scale", np.nan)),
-               "method": method, "smooth": int(bool(smooth)), "history": []},
-    )
-    add_history(out, f"combined {idx.size} of {nstar} standard(s) ({method}, "
-                f"clip {sigma_clip:g} sigma"
-                + (f", B-spline knots {opts.smooth_scale:g} A" if smooth and
-                   opts.smooth_method == "bspline" else
-                   f", Savitzky-Golay {opts.smooth_scale:g} A" if smooth else ", unsmoothed")
-                + f"); rms between standards {fcalrms:.4f}; quality {fcalqual}")
-    return out
+def _scatter(wave, stack, comb, opts):
+    """FCALRMS: the stars' shapes about the combination on the smoothing scale (pixel noise
+    averaged out), robust; NaN for one star."""
+    n = stack.shapes.shape[0]
+    if n < 2:
+        return np.nan
+    with np.errstate(invalid="ignore", divide="ignore"):
+        dev = np.where(stack.m, stack.shapes / comb, np.nan)
+    dev = np.where(stack.m, running_median(dev, wave, max(opts.smooth_scale, 50.0)) - 1.0,
+                   np.nan)
+    return float(1.4826 * _nanmedian(np.abs(dev), axis=None) * np.sqrt(n / (n - 1)))
 
 
 #: Quality grades (header FCALQUAL), from the standards used: (grade, meaning).
@@ -308,6 +353,9 @@ def _per_star(stars, name, index):
     return np.full(np.size(index), np.nan)
 
 
+# ----------------------------------------------------------------------------- response
+
+
 def _bridge(wave, values, variance, measured):
     x = np.log(wave)
     if measured.sum() < 2:
@@ -317,79 +365,160 @@ def _bridge(wave, values, variance, measured):
     return curve, var
 
 
-def _smooth(wave, values, variance, measured, telluric, opts):
+def _fit_smooth(wave, values, variance, fit, opts):
+    """The smooth curve through ``values`` at pixels ``fit``, bridging the others: a cubic
+    B-spline in ln(lambda) (knots every ``smooth_scale`` A at mid-range, weighted) or a
+    Savitzky-Golay filter; and its variance."""
     x = np.log(wave)
-    fit = measured & ~telluric
     if fit.sum() < 10:
-        return _bridge(wave, values, variance, measured)
+        return _bridge(wave, values, variance, fit)
     if opts.smooth_method == "savgol":
         base, base_var = _bridge(wave, values, variance, fit)
         step = np.median(np.diff(wave))
         window = max(5, int(round(opts.smooth_scale / step)) | 1)
         window = min(window, (wave.size - 1) | 1 if wave.size % 2 == 0 else wave.size)
-        smooth = scipy.signal.savgol_filter(base, window, 3, mode="interp")
-        smooth_var = base_var * 1.0 / max(window / 2.0, 1.0)
-    else:
-        mid = np.median(wave)
-        dlog = opts.smooth_scale / mid
-        nseg = max(1, int(np.ceil((x[-1] - x[0]) / dlog)))
-        inner = np.linspace(x[0], x[-1], nseg + 1)
-        k = 3
-        knots = np.concatenate([[x[0]] * k, inner, [x[-1]] * k])
-        basis = scipy.interpolate.BSpline.design_matrix(x, knots, k).toarray()
-        w = np.where(fit, 1.0 / variance, 0.0)
-        normal = basis.T @ (w[:, None] * basis)
-        # A light second-difference penalty bridges knot intervals without data.
-        diff = np.diff(np.eye(basis.shape[1]), n=2, axis=0)
-        normal += 1e-6 * np.trace(normal) / basis.shape[1] * diff.T @ diff
-        cov = np.linalg.pinv(normal)
-        coef = cov @ (basis.T @ (w * np.nan_to_num(values)))
-        smooth = basis @ coef
-        smooth_var = np.einsum("pi,ij,pj->p", basis, cov, basis)
-    # Telluric bands keep their (unsmoothed) absorption on top of the smooth curve.
+        return (scipy.signal.savgol_filter(base, window, 3, mode="interp"),
+                base_var / max(window / 2.0, 1.0))
+    nseg = max(1, int(np.ceil((x[-1] - x[0]) / (opts.smooth_scale / np.median(wave)))))
+    knots = np.concatenate([[x[0]] * 3, np.linspace(x[0], x[-1], nseg + 1), [x[-1]] * 3])
+    basis = scipy.interpolate.BSpline.design_matrix(x, knots, 3).toarray()
+    w = np.where(fit, 1.0 / variance, 0.0)
+    normal = basis.T @ (w[:, None] * basis)
+    # A light second-difference penalty bridges knot intervals without data.
+    diff = np.diff(np.eye(basis.shape[1]), n=2, axis=0)
+    normal += 1e-6 * np.trace(normal) / basis.shape[1] * diff.T @ diff
+    cov = np.linalg.pinv(normal)
+    coef = cov @ (basis.T @ (w * np.nan_to_num(values)))
+    return basis @ coef, np.einsum("pi,ij,pj->p", basis, cov, basis)
+
+
+def _response(stars, vec, idx, stack, comb, comb_var, measured, smooth, config):
+    """The calibration's shape: curve = smooth response / telluric transmission.
+
+    With the telluric model (``[telluric] model``, bands in range): the response is first
+    smoothed outside the bands; the stars' observed transmissions (response / shape, each on
+    its own pixels) give the columns (o2, h2o); the stars' shapes times their model
+    transmission are combined again and smoothed everywhere, bands included; twice. Without
+    it, the bands keep the combined vector's own (unsmoothed) absorption.
+    """
+    opts = config.combine
+    wave = vec.wave
+    bands = ~region_mask(wave, config.masks.telluric)
+    none = {"fcalo2": np.nan, "fcalo2_err": np.nan, "fcalh2o": np.nan, "fcalh2o_err": np.nan}
+    if not smooth:
+        curve, var = _bridge(wave, comb, comb_var, measured)
+        return _Response(curve, var, curve, var, np.ones(wave.size), none, False)
+    lsf = LineSpread(tuple(stars.attrs["lsf_fwhm_coeffs"])) if stars.attrs.get(
+        "lsf_fwhm_coeffs") else None
+    smooth_curve, smooth_var = _fit_smooth(wave, comb, comb_var, measured & ~bands, opts)
+    band_pixels = stack.m & ~region_mask(stack.star_wave, config.masks.telluric)
+    if not (config.telluric.model and lsf is not None and band_pixels.any()):
+        return _copied_bands(wave, comb, comb_var, measured, bands, smooth_curve, smooth_var)
+    airmass = float(stars.attrs.get("airmass", np.nan))
+    start = (airmass, airmass) if np.isfinite(airmass) and airmass >= 1 else (1.0, 1.0)
+    scale = _per_star(stars, "fiber_lsf_scale", idx)
+    scale = np.where(np.isfinite(scale), scale, 1.0)
+    x = np.log(wave)
+    for _ in range(2):
+        expected = np.interp(np.log(stack.star_wave), x, smooth_curve)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            observed = expected / stack.shapes
+            weight = np.where(band_pixels, stack.shapes**4 / (expected**2 * stack.svar), 0.0)
+        fit = fit_telluric(stack.star_wave, observed, np.nan_to_num(weight), lsf, start=start,
+                           scale=scale, source=config.telluric.lines)
+        if not np.isfinite([fit["o2"], fit["h2o"]]).any():
+            return _copied_bands(wave, comb, comb_var, measured, bands, smooth_curve, smooth_var)
+        start = tuple(np.nan_to_num([fit["o2"], fit["h2o"]], nan=0.0))
+        corrected, corrected_var = _mean_shape(stack, "weighted_mean", stack.shapes * fit["model"])
+        smooth_curve, smooth_var = _fit_smooth(wave, corrected, corrected_var, measured, opts)
+    trans = transmission(wave, lsf, *start, source=config.telluric.lines)
+    telluric = {"fcalo2": float(fit["o2"]), "fcalo2_err": float(fit["o2_err"]),
+                "fcalh2o": float(fit["h2o"]), "fcalh2o_err": float(fit["h2o_err"]),
+                "telluric_lines": str(config.telluric.lines)}
+    return _Response(smooth_curve / trans, smooth_var / trans**2, smooth_curve, smooth_var,
+                     trans, telluric, True)
+
+
+class _Response(NamedTuple):
+    curve: np.ndarray
+    curve_var: np.ndarray
+    smooth: np.ndarray
+    smooth_var: np.ndarray
+    transmission: np.ndarray
+    telluric: dict
+    fitted: bool
+
+
+def _copied_bands(wave, comb, comb_var, measured, bands, smooth_curve, smooth_var):
+    """Telluric bands keep the combined vector's own absorption on top of the smooth curve."""
+    x = np.log(wave)
     with np.errstate(invalid="ignore", divide="ignore"):
-        trans = np.where(telluric & measured, values / smooth, np.nan)
+        trans = np.where(bands & measured, smooth_curve / comb, np.nan)
     have = np.isfinite(trans)
     trans_full = np.ones(wave.size)
     if have.any():
-        filled = np.interp(x, x[have], trans[have])
-        trans_full = np.where(telluric, filled, 1.0)
-    out = smooth * trans_full
-    out_var = np.where(telluric & measured, variance, smooth_var * trans_full**2)
-    return out, out_var
+        trans_full = np.where(bands, np.interp(x, x[have], trans[have]), 1.0)
+    none = {"fcalo2": np.nan, "fcalo2_err": np.nan, "fcalh2o": np.nan, "fcalh2o_err": np.nan}
+    curve_var = np.where(bands & measured, comb_var, smooth_var / trans_full**2)
+    return _Response(smooth_curve / trans_full, curve_var, smooth_curve, smooth_var,
+                     trans_full, none, False)
 
 
-def calibration_factor(calibration, fiber_wavelength):
+# ----------------------------------------------------------------------------- application
+
+
+def calibration_factor(calibration, fiber_wavelength, fiber_lsf_scale=None):
     """The calibration evaluated on each fiber's own pixels (no pixel is resampled).
+
+    With a telluric model (attrs ``fcalo2``/``fcalh2o``): the smooth response interpolated
+    at each pixel (in ln lambda) over the model transmission at the pixel, seen through the
+    fiber's own line spread (the exposure's, times ``fiber_lsf_scale``). Without one: the
+    vector ``cal`` interpolated at each pixel.
 
     Parameters
     ----------
     calibration : xarray.Dataset
-        From :func:`combine_vectors`: ``cal``, ``cal_variance`` on the reference grid.
+        From :func:`combine_vectors`, on the reference grid.
     fiber_wavelength : xarray.DataArray
         (fiber, wavelength): each fiber's pixel wavelengths, Angstrom (air); NaN where a
         pixel has none.
+    fiber_lsf_scale : array_like, shape (fiber,), optional
+        Each fiber's line-spread width relative to the exposure's (FIBRES column LSF_SCALE).
 
     Returns
     -------
     factor, variance : xarray.DataArray
         (fiber, wavelength), flux unit per count; NaN where a pixel has no wavelength or lies
-        beyond the reference grid. Where the fibers share the reference grid, ``cal`` itself.
+        beyond the reference grid.
     """
+    attrs = calibration.attrs
+    model = np.isfinite([attrs.get("fcalo2", np.nan), attrs.get("fcalh2o", np.nan)]).any()
+    names = ("cal_smooth", "cal_smooth_variance") if model else ("cal", "cal_variance")
     ref = np.log(calibration["wavelength"].values)
-    values = np.stack([calibration["cal"].values, calibration["cal_variance"].values])
+    values = np.stack([calibration[n].values for n in names])
+    columns = np.nan_to_num([attrs.get("fcalo2", np.nan), attrs.get("fcalh2o", np.nan)])
+    errors = np.nan_to_num([attrs.get("fcalo2_err", np.nan), attrs.get("fcalh2o_err", np.nan)])
 
     def kernel(wave):
         out = np.full((2,) + wave.shape, np.nan)
         ok = np.isfinite(wave) & (wave > 0)
         x = np.log(np.where(ok, wave, 1.0))
         inside = ok & (x >= ref[0]) & (x <= ref[-1])
-        for k in range(2):  # factor and variance: one interpolation each over all pixels
+        for k in range(2):  # value and variance: one interpolation each over all pixels
             out[k][inside] = np.interp(x[inside], ref, values[k])
+        if model:
+            lsf = LineSpread(tuple(attrs["lsf_fwhm_coeffs"]))
+            trans, d_o2, d_h2o = transmission(
+                np.where(inside, wave, np.nan), lsf, *columns, scale=fiber_lsf_scale,
+                source=attrs.get("telluric_lines", "telluric_lines"), derivatives=True)
+            var_t = (d_o2 * errors[0]) ** 2 + (d_h2o * errors[1]) ** 2
+            out[1] = out[1] / trans**2 + out[0] ** 2 * var_t / trans**4
+            out[0] = out[0] / trans
         return out[0], out[1]
 
     factor, variance = xr.apply_ufunc(
-        kernel, fiber_wavelength, output_core_dims=[[], []], dask="parallelized",
+        kernel, fiber_wavelength, input_core_dims=[["fiber", "wavelength"]],
+        output_core_dims=[["fiber", "wavelength"]] * 2, dask="parallelized",
         output_dtypes=[np.float64, np.float64])
     factor.attrs = {"units": CAL_UNIT, "description": "factor applied to each pixel"}
     variance.attrs = {"units": f"({CAL_UNIT})**2"}
@@ -419,7 +548,10 @@ def apply_calibration(exposure, calibration):
     """
     fiber_wave = (exposure["fiber_wavelength"] if "fiber_wavelength" in exposure.coords
                   else exposure["wavelength"].broadcast_like(exposure["flux"]))
-    factor, factor_var = calibration_factor(calibration, fiber_wave)
+    scale = (exposure["fibres_lsf_scale"].values if "fibres_lsf_scale" in exposure.coords
+             else None)
+    factor, factor_var = calibration_factor(calibration, fiber_wave.transpose("fiber", ...),
+                                            scale)
     with xr.set_options(arithmetic_join="exact", keep_attrs=True):
         flux = exposure["flux"].astype(np.float64)
         out = exposure.copy()
@@ -437,7 +569,8 @@ def apply_calibration(exposure, calibration):
     out.attrs.update({"fcalnstr": calibration.attrs.get("fcalnstr", 0),
                       "fcalrms": calibration.attrs.get("fcalrms", np.nan),
                       "fcalsrc": calibration.attrs.get("fcalsrc", "standards")})
-    for name in ("fcalqual", "fcalmerr", "fcallsf"):
+    for name in ("fcalqual", "fcalmerr", "fcallsf", "fcalo2", "fcalo2_err", "fcalh2o",
+                 "fcalh2o_err"):
         if name in calibration.attrs:
             out.attrs[name] = calibration.attrs[name]
     add_history(out, f"flux calibrated all {exposure.sizes['fiber']} fibers on their own "

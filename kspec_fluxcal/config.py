@@ -155,6 +155,13 @@ SCHEMA = {
         "smooth_scale": Option(100.0, "Knot spacing (bspline) or window (savgol), Angstrom.",
                                min=5.0),
     },
+    "telluric": {
+        "model": Option(True, "Model the O2 and H2O bands (two columns fitted from the "
+                        "exposure's standards jointly, evaluated on each fiber's own pixels and "
+                        "line spread); false: the standards' band absorption is copied."),
+        "lines": Option("telluric_lines", "Telluric line list (packaged name or CSV file: "
+                        "wavelength, species, ew, hwhm; see the README)."),
+    },
     "survey": {
         "pattern": Option("**/*.fits", "Glob of RED files under the lake directory."),
         "fallback": Option(False, "Calibrate exposures without a usable standard from the "
@@ -313,6 +320,13 @@ def _check_consistency(values, source):
         raise ConfigError(source, "[instrument] throughput_min",
                           f"{inst['throughput_min']} is not below throughput_max "
                           f"{inst['throughput_max']}")
+    from .telluric import telluric_lines
+
+    try:
+        telluric_lines(values["telluric"]["lines"])
+    except ConfigError as err:
+        raise ConfigError(source, "[telluric] lines",
+                          f"{values['telluric']['lines']!r}: {err.problem}") from None
     masks = values["masks"]
     for name, value in (("telluric", masks["telluric"]), ("lines", masks["lines"]),
                         *(("extra", v) for v in masks["extra"])):

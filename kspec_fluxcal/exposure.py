@@ -57,6 +57,8 @@ CALIBRATION_KEYWORDS = {
     "fcalmerr": ("FCALMERR", float, "median model error of standards used (-1: n/a)"),
     "fcallsf": ("FCALLSF", float, "stars' LSF width / header FWHM (fitted)"),
     "fcalunsl": ("FCALUNSL", int, "pixels without a wavelength solution (NaN)"),
+    "fcalo2": ("FCALO2", float, "telluric O2 column, airmasses (fitted; -1: n/a)"),
+    "fcalh2o": ("FCALH2O", float, "telluric H2O column, ref. columns (-1: n/a)"),
 }
 
 

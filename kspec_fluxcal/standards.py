@@ -189,7 +189,9 @@ def _output_template(std, matched, lazy=True):
               for name, (dtype, _) in _STAR_VARS.items()}
     coords.update(fiber=("star", matched["fiber"].values), objid=("star", matched["objid"].values),
                   fiber_name=("star", matched["fiber_name"].values),
-                  wavelength=std["wavelength"].variable, band=("band", bands))
+                  wavelength=std["wavelength"].variable, band=("band", bands),
+                  star_wavelength=(("star", "wavelength"), np.empty((nstar, nwave))),
+                  fiber_lsf_scale=("star", np.empty(nstar)))
     return xr.Dataset(data, coords=coords, attrs={"lsf_scale": 1.0})
 
 
@@ -244,7 +246,9 @@ def _observed(std, config):
     return SimpleNamespace(wave=wave, star_wave=np.ascontiguousarray(star_wave), flux=flux,
                            var=var, good=good, extra_good=extra_good, norm=norm, ivar=ivar,
                            snr=snr, good_fraction=good.mean(axis=1) if nstar else np.zeros(0),
-                           nstar=nstar, exptime=float(std.attrs.get("exptime", np.nan)))
+                           nstar=nstar, exptime=float(std.attrs.get("exptime", np.nan)),
+                           lsf_scale=(std["fibres_lsf_scale"].values.astype(float)
+                                      if "fibres_lsf_scale" in std.coords else np.ones(nstar)))
 
 
 # ----------------------------------------------------------------------------- 2. priors
@@ -935,6 +939,10 @@ def _result(std, obs, prior, scan, lsf_fit, params, errors, model, vectors, stat
     coords.update(fiber=("star", matched["fiber"].values), objid=("star", matched["objid"].values),
                   fiber_name=("star", matched["fiber_name"].values),
                   wavelength=("wavelength", obs.wave, {"units": "Angstrom", "medium": "air"}),
+                  star_wavelength=(("star", "wavelength"), obs.star_wave,
+                                   {"units": "Angstrom", "medium": "air",
+                                    "description": "each star's own pixels"}),
+                  fiber_lsf_scale=("star", obs.lsf_scale),
                   band=("band", np.asarray(bands)))
     spectra = (("star", "wavelength"))
     return xr.Dataset(
@@ -962,5 +970,6 @@ def _result(std, obs, prior, scan, lsf_fit, params, errors, model, vectors, stat
                "grid": str(library.attrs.get("source_directory", "")),
                "grid_synthetic": int(library.attrs.get("synthetic", 0)),
                "lsf_fwhm_coeffs": list(lsf.coeffs), "lsf_scale": lsf_fit.scale,
-               "lsf_scale_err": lsf_fit.err},
+               "lsf_scale_err": lsf_fit.err,
+               "airmass": float(std.attrs.get("airmass", np.nan))},
     )
