@@ -16,7 +16,8 @@ The interface (duck-typed)
     varies otherwise; ``native_fwhm(wavelength)`` gives the FWHM in Angstrom either way.
 ``sample(rng, n, ranges=None)`` -> dict
     ``n`` stars: arrays ``teff``, ``logg``, ``feh``, ``alpha`` (NaN where unknown), and
-    optionally ``ebv_reference`` (reddening already in the spectrum) and ``name``.
+    optionally ``ebv_reference`` (reddening already in the spectrum), ``rv_reference`` (the
+    star's own velocity already in it; NaN = unknown) and ``name``.
 ``spectra(drawn)`` -> numpy.ndarray (n, nwave)
     Surface flux F (erg/s/cm^2/A, integral sigma Teff^4) of the drawn stars, times the
     reddening of ``ebv_reference`` if any: the flux at Earth is dilution (R/D)^2 x this.
@@ -330,7 +331,7 @@ class ModelStars:
         return tuple(float(v) for v in self.ranges[name])
 
     def _one(self, teff, logg, feh, alpha):
-        key = tuple(round(float(v), 9) for v in (teff, logg, feh, alpha))
+        key = tuple(float(v) for v in (teff, logg, feh, alpha))
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
@@ -562,13 +563,14 @@ class CalspecStars:
         -------
         dict of str to numpy.ndarray
             Reference ``teff``, ``logg``, ``feh`` (NaN where unknown), ``alpha`` (NaN),
-            ``ebv_reference``, ``name`` and ``index`` (row in the list).
+            ``ebv_reference``, ``rv_reference`` (NaN: the star's own velocity is in its
+            spectrum but not known here), ``name`` and ``index`` (row in the list).
         """
         index = rng.choice(self.names.size, n, replace=n > self.names.size)
         return {"teff": self.reference["teff"][index], "logg": self.reference["logg"][index],
                 "feh": self.reference["feh"][index], "alpha": np.full(n, np.nan),
-                "ebv_reference": self.reference["ebv"][index], "name": self.names[index],
-                "index": index}
+                "ebv_reference": self.reference["ebv"][index], "rv_reference": np.full(n, np.nan),
+                "name": self.names[index], "index": index}
 
     def spectra(self, params):
         """Surface fluxes times the reference reddening of the drawn stars, (nstar, nwave)."""
