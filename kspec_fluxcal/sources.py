@@ -76,7 +76,20 @@ def off_nodes(values, nodes, distance):
     return near.min(axis=1) > distance
 
 
-class GridStars:
+class _Parametric:
+    """What sources with spectra at any parameters (:meth:`spectrum`) share."""
+
+    def native_fwhm(self, wavelength):
+        """FWHM of the spectra's own resolution, Angstrom: lambda / R."""
+        return np.asarray(wavelength, dtype=np.float64) / self.resolving_power
+
+    def spectra(self, params):
+        """Surface fluxes of drawn stars (a :meth:`sample` result), (nstar, nwave)."""
+        return np.atleast_2d(self.spectrum(params["teff"], params["logg"], params["feh"],
+                                           params["alpha"]))
+
+
+class GridStars(_Parametric):
     """Spectra of a BOSZ-layout directory, read once, interpolated at off-grid parameters.
 
     Files are read on first use and kept in memory (float64 surface flux over the file's full
@@ -122,15 +135,6 @@ class GridStars:
         self.synthetic = any(self.path.glob("SYNTHETIC_GRID*"))
         ck04 = (self.path / CK04_MARKER).exists()
         self.label = "grid:synthetic" if self.synthetic else "grid:ck04" if ck04 else "grid:bosz"
-
-    def native_fwhm(self, wavelength):
-        """FWHM of the spectra's own resolution, Angstrom: lambda / R."""
-        return np.asarray(wavelength, dtype=np.float64) / self.resolving_power
-
-    def spectra(self, params):
-        """Surface fluxes of drawn stars (a :meth:`sample` result), (nstar, nwave)."""
-        return np.atleast_2d(self.spectrum(params["teff"], params["logg"], params["feh"],
-                                           params["alpha"]))
 
     def describe(self):
         """What to record in a survey manifest."""
@@ -244,25 +248,34 @@ class GridStars:
                 raise ValueError(f"the grid's {p} range {self.axes[p][0]:g}-{self.axes[p][-1]:g} "
                                  f"does not overlap the requested {want[0]:g}-{want[1]:g}")
             bounds[p] = (lo, hi)
-        chosen = {p: [] for p in PARAMS}
-        count = 0
-        for _ in range(200):
-            m = max(16, 4 * n)
+
+        def propose(m):
             cand = {p: rng.uniform(*bounds[p], m) for p in PARAMS[:3]}
             cand["alpha"] = self.alpha_for(cand["feh"])
             ok = self.complete(cand["teff"], cand["logg"], cand["feh"], cand["alpha"])
             for p in PARAMS[:3]:
                 ok &= off_nodes(cand[p], self.axes[p], node_distance)
-            for p in PARAMS:
-                chosen[p].append(cand[p][ok])
-            count += int(ok.sum())
-            if count >= n:
-                break
-        else:
-            raise ValueError(f"could not draw {n} off-grid stars with complete interpolation "
-                             f"corners in {bounds} (grid holes?)")
-        return {p: np.concatenate(v)[:n] for p, v in chosen.items()}
+            return cand, ok
 
+        return _accepted(n, propose, f"could not draw {n} off-grid stars with complete "
+                         f"interpolation corners in {bounds} (grid holes?)")
+
+
+
+def _accepted(n, propose, failure):
+    """``n`` accepted candidates: batches of max(16, 4 n) from ``propose(m)``, which returns
+    (candidates by parameter, accepted mask), until enough are accepted (200 batches at most).
+    """
+    chosen = {p: [] for p in PARAMS}
+    count = 0
+    for _ in range(200):
+        cand, ok = propose(max(16, 4 * n))
+        for p in PARAMS:
+            chosen[p].append(cand[p][ok])
+        count += int(ok.sum())
+        if count >= n:
+            return {p: np.concatenate(v)[:n] for p, v in chosen.items()}
+    raise ValueError(failure)
 
 
 # ============================================================================= model stars
@@ -272,7 +285,7 @@ class GridStars:
 _MODEL_RANGES = {"teff": (4500.0, 8000.0), "logg": (3.0, 5.0), "feh": (-2.5, 0.5)}
 
 
-class ModelStars:
+class ModelStars(_Parametric):
     """Spectra of the synthetic stellar model computed at the drawn parameters (no grid).
 
     Every star is :func:`kspec_fluxcal.synthgrid.synthetic_spectrum` at its own parameters,
@@ -321,10 +334,6 @@ class ModelStars:
         self._cache_size = int(cache_size)
         self.computed = 0
 
-    def native_fwhm(self, wavelength):
-        """FWHM of the spectra's own resolution, Angstrom: lambda / R."""
-        return np.asarray(wavelength, dtype=np.float64) / self.resolving_power
-
     def parameter_range(self, name, margin=0.0):
         """(lo, hi) of parameter ``name`` in the source's box (``margin`` is ignored: the model
         has no grid edges to keep away from)."""
@@ -364,11 +373,6 @@ class ModelStars:
         out = np.stack([self._one(*p) for p in zip(t, g, m, a, strict=True)])  # a few stars
         return out[0] if scalar else out
 
-    def spectra(self, params):
-        """Surface fluxes of drawn stars (a :meth:`sample` result), (nstar, nwave)."""
-        return self.spectrum(np.atleast_1d(params["teff"]), params["logg"], params["feh"],
-                             params["alpha"])
-
     def sample(self, rng, n, ranges=None, **_):
         """Draw ``n`` stars uniformly in the box (intersected with ``ranges``), off ``nodes``.
 
@@ -387,25 +391,18 @@ class ModelStars:
             if bounds[p][0] > bounds[p][1]:
                 raise ValueError(f"{self.label}: the {p} range {lo:g}-{hi:g} does not overlap "
                                  f"the requested {want[0]:g}-{want[1]:g}")
-        chosen = {p: [] for p in PARAMS}
-        count = 0
-        for _ in range(200):
-            m = max(16, 4 * n)
+
+        def propose(m):
             cand = {p: rng.uniform(*bounds[p], m) for p in names}
             if "alpha" not in cand:
                 cand["alpha"] = galactic_alpha(cand["feh"])
             ok = np.ones(m, bool)
             for p, nodes in self.nodes.items():
                 ok &= off_nodes(cand[p], nodes, self.node_distance)
-            for p in PARAMS:
-                chosen[p].append(cand[p][ok])
-            count += int(ok.sum())
-            if count >= n:
-                break
-        else:
-            raise ValueError(f"{self.label}: could not draw {n} stars in {bounds} away from the "
-                             f"nodes {self.nodes}")
-        return {p: np.concatenate(v)[:n] for p, v in chosen.items()}
+            return cand, ok
+
+        return _accepted(n, propose, f"{self.label}: could not draw {n} stars in {bounds} away "
+                         f"from the nodes {self.nodes}")
 
     def describe(self):
         """What to record in a survey manifest."""

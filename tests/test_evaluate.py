@@ -8,7 +8,6 @@ import xarray as xr
 from kspec_fluxcal.evaluate import compare_with_truth, star_summary
 from kspec_fluxcal.masks import load_regions
 from kspec_fluxcal.simulate import GridStars, Setup, simulate_exposure
-from kspec_fluxcal.synthgrid import write_synthetic_grid
 
 SETUP = Setup("eval", pixels=1500, fibers=12)
 #: A known calibration error: a 1 % sine of period 1500 A (rms 0.71 % after the 100 A median),
@@ -17,9 +16,8 @@ SINE, PERIOD, TELLURIC_EXCESS = 0.01, 1500.0, 0.03
 
 
 @pytest.fixture(scope="module")
-def truths(tmp_path_factory):
-    grid = write_synthetic_grid(tmp_path_factory.mktemp("grid"), small=True, workers=2)
-    stars = GridStars(grid)
+def truths(small_grid):
+    stars = GridStars(small_grid)
     return {fmt: simulate_exposure(8, stars, setup=SETUP, n_standards=2, wavelength_format=fmt,
                                    dead_fiber=True).truth for fmt in ("wavela", "wavela2d")}
 

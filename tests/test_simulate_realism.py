@@ -16,7 +16,7 @@ from kspec_fluxcal.simulate import (
     simulate_exposure,
     simulate_survey,
 )
-from kspec_fluxcal.synthgrid import bosz_wavelength_grid, write_synthetic_grid
+from kspec_fluxcal.synthgrid import bosz_wavelength_grid
 
 #: 1 A pixels, FWHM 2 pixels: the pixel box widens a line's sigma by ~6 %.
 LINE_SETUP = Setup("line", pixels=2000, fibers=8, wave_min=5000.0, wave_max=7000.0,
@@ -51,13 +51,8 @@ class _LineStar:
 
 
 @pytest.fixture(scope="module")
-def grid_dir(tmp_path_factory):
-    return write_synthetic_grid(tmp_path_factory.mktemp("grid"), small=True, workers=2)
-
-
-@pytest.fixture(scope="module")
-def stars(grid_dir):
-    return GridStars(grid_dir)
+def stars(small_grid):
+    return GridStars(small_grid)
 
 
 def _line_sigma(truth):
@@ -137,10 +132,10 @@ def test_exposure_without_standards(stars, tmp_path):
         simulate_exposure(7, stars, setup=Setup("t", pixels=600), n_standards=-1)
 
 
-def test_isoplane_and_mixed_setups_survey(grid_dir, tmp_path):
+def test_isoplane_and_mixed_setups_survey(small_grid, tmp_path):
     small_default = Setup("default-small", pixels=700)
     large = Setup("large-small", pixels=512, fibers=LARGE_SETUP.fibers)
-    out = simulate_survey(tmp_path / "mixed", exposures=4, nights=2, seed=3, grid=grid_dir,
+    out = simulate_survey(tmp_path / "mixed", exposures=4, nights=2, seed=3, grid=small_grid,
                           setups=[ISOPLANE_SETUP, small_default, large], n_standards=(0, 3),
                           snr_range=(20.0, 300.0), lsf_scale=(1.0, 1.05),
                           fiber_lsf_scatter=0.02)

@@ -22,7 +22,7 @@ from kspec_fluxcal.simulate import (
     write_catalog,
 )
 from kspec_fluxcal.sources import CalspecStars, ModelStars
-from kspec_fluxcal.synthgrid import synthetic_spectrum, write_synthetic_grid
+from kspec_fluxcal.synthgrid import synthetic_spectrum
 from kspec_fluxcal.templates import prepare_templates
 from kspec_fluxcal.wavelength import vacuum_to_air
 
@@ -33,10 +33,9 @@ INSIDE_SMALL_GRID = {"teff": (5700.0, 7200.0), "logg": (4.05, 4.45), "feh": (-0.
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sources")
-    bosz = write_synthetic_grid(root / "bosz", small=True, workers=2)
-    return {"root": root, "bosz": bosz, "stars": GridStars(bosz)}
+def world(tmp_path_factory, small_grid):
+    return {"root": tmp_path_factory.mktemp("sources"), "bosz": small_grid,
+            "stars": GridStars(small_grid)}
 
 
 # ----------------------------------------------------------------------------- model stars
