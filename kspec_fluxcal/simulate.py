@@ -1711,31 +1711,39 @@ def simulate_survey(outdir, *, exposures=20, nights=4, seed=0, fibers=14, pixels
         if len(set(ids)) != len(ids):  # position-encoded ids collide only for coincident stars
             raise RuntimeError("duplicate catalog objids; try another seed")
         write_catalog(tmp / "catalog.csv", rows)
-        info = {
-            "title": "kspec-fluxcal simulated survey (SYNTHETIC data)",
-            "generator": f"kspec_fluxcal.simulate {__version__}",
-            "seed": int(seed),
-            "options": {
-                "exposures": exposures, "nights": nights, "fibers": fibers, "pixels": pixels,
-                "snr_range": [float(v) for v in snr_range], "grid": grid_label,
-                "setups": [dataclasses.asdict(s) for s in setups],
-                "n_standards": [int(v) for v in n_standards],
-                "standard_source": (stars if standard_source is None
-                                    else standard_source).describe(),
-                "lsf_scale": np.asarray(lsf_scale, dtype=float).tolist(),
-                "pixel_integration": bool(pixel_integration),
-                "fiber_lsf_scatter": float(fiber_lsf_scatter),
-            },
-            "grid": {"path": grid_label, "resolution": stars.resolution,
-                     "synthetic": bool(stars.synthetic), "files_read": stars.files_read},
-            "catalog": "catalog.csv",
-            "n_catalog_rows": len(rows),
-            "exposures": manifest,
-        }
+        recorded = {**options, "exposures": exposures, "nights": nights, "fibers": fibers,
+                    "pixels": pixels, "grid": grid_label, "setups": setups,
+                    "n_standards": n_standards}
+        info = _survey_info(seed, recorded, stars, len(rows), manifest)
         with atomic_file(tmp / "survey.json") as path:
             path.write_text(json.dumps(info, indent=1) + "\n")
     say(f"survey: {exposures} exposures in {time.perf_counter() - t_start:.1f} s -> {outdir}")
     return outdir
+
+
+def _survey_info(seed, options, stars, n_rows, manifest):
+    """The survey manifest (survey.json)."""
+    source = options["standard_source"] or stars
+    return {
+        "title": "kspec-fluxcal simulated survey (SYNTHETIC data)",
+        "generator": f"kspec_fluxcal.simulate {__version__}",
+        "seed": int(seed),
+        "options": {
+            **{k: options[k] for k in ("exposures", "nights", "fibers", "pixels")},
+            "snr_range": [float(v) for v in options["snr_range"]], "grid": options["grid"],
+            "setups": [dataclasses.asdict(s) for s in options["setups"]],
+            "n_standards": [int(v) for v in options["n_standards"]],
+            "standard_source": source.describe(),
+            "lsf_scale": np.asarray(options["lsf_scale"], dtype=float).tolist(),
+            "pixel_integration": bool(options["pixel_integration"]),
+            "fiber_lsf_scatter": float(options["fiber_lsf_scatter"]),
+        },
+        "grid": {"path": options["grid"], "resolution": stars.resolution,
+                 "synthetic": bool(stars.synthetic), "files_read": stars.files_read},
+        "catalog": "catalog.csv",
+        "n_catalog_rows": n_rows,
+        "exposures": manifest,
+    }
 
 
 def _survey_exposure(tmp, p, rng, stars, conditions, options):
