@@ -872,9 +872,10 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
         exposure-level: ``pwv`` (water factor), ``transparency``.
     field : (float, float), optional
         Field centre RA, Dec in degrees (default random).
-    standard_source : star source, optional
+    standard_source : star source or path-like, optional
         Where the standard stars come from (:mod:`kspec_fluxcal.sources`: a grid, the model
-        of another family, CALSPEC stars); default ``stars``.
+        of another family, CALSPEC stars; a directory is loaded as :class:`GridStars`);
+        default ``stars``.
     lsf_scale : float or (float, float)
         True LSF FWHM over the header's FWHMPCk (the header is unchanged); a range is drawn
         from uniformly. 1: the header is right.
@@ -895,7 +896,9 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
     aux = rng.spawn(1)[0]
     setup = DEFAULT_SETUP if setup is None else _as_setup(setup)
     stars = _as_source(stars)
-    std_source = stars if standard_source is None else standard_source
+    std_source = stars if standard_source is None else \
+        GridStars(standard_source) if isinstance(standard_source, (str, Path)) \
+        else standard_source
     unit_factor = _check_options(setup, n_standards, wavelength_format, wavelength_unit, medium,
                                  snr_range, stars)
     if position_only is None:

@@ -516,9 +516,7 @@ class CalspecStars:
         self.path = Path(directory)
         rows = _calspec_index(self.path)
         if names is not None:
-            wanted = {n.strip().lower() for n in names}
-            rows = [r for r in rows if {r["name"].lower(), r["targetid"].lower(),
-                                        r["file"].lower()} & wanted]
+            rows = self._named(rows, names)
         else:
             rows = [r for r in rows if _spectral_class(r["sptype"]) in classes
                     and teff_range[0] <= _number(r["model_teff"]) <= teff_range[1]]
@@ -546,6 +544,20 @@ class CalspecStars:
             fwhm.append(np.interp(self.wavelength, wave, width))
         self._flux = np.stack(spectra)
         self._fwhm = np.median(np.stack(fwhm), axis=0)
+
+    def _named(self, rows, names):
+        """The INDEX rows of the named stars; an error names those missing or unusable."""
+        wanted = {n.strip().lower() for n in names}
+        keys = [{r["name"].lower(), r["targetid"].lower(), r["file"].lower()} for r in rows]
+        chosen = [r for r, k in zip(rows, keys, strict=True) if k & wanted]
+        unknown = wanted - set().union(*(k for k in keys if k & wanted))
+        unusable = [r["name"] for r in chosen if not (np.isfinite(_number(r["model_teff"]))
+                                                      and np.isfinite(_number(r["model_logg"])))]
+        if unknown or unusable:
+            raise InputError(self.path / "INDEX.csv", None,
+                             f"unknown stars {sorted(unknown)}; without a reference Teff and "
+                             f"log g (no surface-flux normalisation): {unusable}")
+        return chosen
 
     def native_fwhm(self, wavelength):
         """FWHM of the spectra's own resolution at ``wavelength``, Angstrom (median over the

@@ -9,7 +9,7 @@ from conftest import SHARED_REAL, requires_shared
 from kspec_fluxcal.ck04 import convert_ck04, read_ck04_file
 from kspec_fluxcal.config import Config
 from kspec_fluxcal.constants import STEFAN_BOLTZMANN
-from kspec_fluxcal.errors import FluxCalWarning
+from kspec_fluxcal.errors import FluxCalWarning, InputError
 from kspec_fluxcal.evaluate import compare_with_truth
 from kspec_fluxcal.grid import build_grid, open_grid, read_bosz_spectrum, scan_bosz
 from kspec_fluxcal.pipeline import calibrate_exposure
@@ -217,6 +217,11 @@ def test_calspec_selection_and_surface_flux(calspec):
     assert 0.96 < total < 1.0
     fwhm = calspec.native_fwhm(np.array([4500.0, 7000.0]))
     np.testing.assert_allclose(fwhm, [5.5, 9.8], atol=0.1)
+    # KF06T2's FWHM column holds flux-like numbers: the STIS resolution stands in.
+    giant = CalspecStars(SHARED_REAL / "calspec", names=["KF06T2"])
+    np.testing.assert_allclose(giant.native_fwhm(np.array([4500.0, 7000.0])), [5.5, 9.8])
+    with pytest.raises(InputError, match=r"without a reference Teff.*HD209458"):
+        CalspecStars(SHARED_REAL / "calspec", names=["HD209458"])
 
 
 @requires_shared
