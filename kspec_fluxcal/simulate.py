@@ -900,7 +900,7 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
         GridStars(standard_source) if isinstance(standard_source, (str, Path)) \
         else standard_source
     unit_factor = _check_options(setup, n_standards, wavelength_format, wavelength_unit, medium,
-                                 snr_range, stars)
+                                 snr_range)
     if position_only is None:
         position_only = rng.random(n_standards) < _P_POSITION_ONLY
     position_only = np.broadcast_to(np.asarray(position_only, bool), (n_standards,))
@@ -909,7 +909,7 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
     optics = _true_lsfs(aux, setup, lsf_scale, pixel_integration, fiber_lsf_scatter)
     kinds = _plan_fibers(rng, setup.fibers, n_standards, dead_fiber)
     targets = _targets(rng, aux, stars, std_source, kinds, pixels, optics)
-    light = _light(rng, cond, pixels, optics, kinds)
+    light = _light(rng, cond, pixels, optics)
     counts = _expose(rng, targets, light, kinds, snr_range, cond["transparency"])
     catalog, fibres = _catalog(rng, aux, stars, targets, kinds, position_only, cond["field"])
     if fiber_lsf_scatter > 0:
@@ -926,8 +926,8 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
         "true_flux_fiber": targets.true_rows,
         **_standard_truth(targets, counts, catalog, position_only),
         "bands": np.array(BANDS),
-        **{k: np.float64(cond[k]) for k in ("airmass", "exptime", "transparency", "pwv",
-                                            "aerosol")},
+        **{k: np.float64(cond[k]) for k in ("airmass", "exptime", "pwv", "aerosol")},
+        "transparency": np.float64(counts.transparency),
         "mjd": np.float64(mjd), "night": np.str_(night), "expid": np.str_(expid),
         "setup": np.str_(setup.name), "setup_key": np.str_(setup_key(pixels.base, setup.lsf)),
         "wavelength_format": np.str_(wavelength_format),
@@ -936,7 +936,6 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
         "pixel_integration": np.bool_(pixel_integration),
         "field_source": np.str_(stars.label), "source_sharper": np.float64(targets.sharper),
     }
-    truth["transparency"] = np.float64(counts.transparency)
     return SimulatedExposure(hdulist, truth, catalog.rows)
 
 
@@ -950,8 +949,7 @@ def _as_source(stars):
     return stars
 
 
-def _check_options(setup, n_standards, wavelength_format, wavelength_unit, medium, snr_range,
-                   stars):
+def _check_options(setup, n_standards, wavelength_format, wavelength_unit, medium, snr_range):
     """Validate the options of :func:`simulate_exposure`; return the wavelength unit factor."""
     if wavelength_format not in ("wavela", "wavela2d", "wcs"):
         raise ValueError(f"wavelength_format={wavelength_format!r}: use 'wavela', 'wavela2d' "
@@ -1233,7 +1231,7 @@ class _Light(NamedTuple):
     noise_var: np.ndarray
 
 
-def _light(rng, cond, pixels, optics, kinds):
+def _light(rng, cond, pixels, optics):
     """Response terms, apertures, sky and sky-subtraction residuals of every fiber."""
     nfib, npix = pixels.rows.shape
 
@@ -1355,8 +1353,19 @@ def parallax(mass, logg, dilution):
 
 
 def gaia_parallax_error(gmag):
-    """Median Gaia DR2 parallax uncertainty (mas) at Gaia G (Vega), log-linear between the
-    anchors of :data:`~kspec_fluxcal.constants.GAIA_DR2_PARALLAX_ERROR` (flat brightwards)."""
+    """Median Gaia DR2 parallax uncertainty at a Gaia G magnitude.
+
+    Parameters
+    ----------
+    gmag : float or array_like
+        Gaia G, Vega.
+
+    Returns
+    -------
+    float or numpy.ndarray
+        mas: log-linear between the anchors of
+        :data:`~kspec_fluxcal.constants.GAIA_DR2_PARALLAX_ERROR`, flat beyond them.
+    """
     g, err = (np.array(v) for v in zip(*GAIA_DR2_PARALLAX_ERROR, strict=True))
     return 10.0 ** np.interp(gmag, g, np.log10(err))
 

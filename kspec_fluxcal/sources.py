@@ -50,10 +50,28 @@ from .wavelength import vacuum_to_air
 __all__ = ["GridStars", "ModelStars", "CalspecStars", "galactic_alpha", "off_nodes"]
 
 
+#: [alpha/M] of thick-disk and halo stars, and the [M/H] below which stars have it (thin-disk
+#: stars have 0): the convention of the BOSZ reference subgrid (alpha-enhanced models below
+#: [M/H] = -0.5), a step standing in for the Galactic [alpha/Fe] plateau of ~+0.3 (e.g.
+#: Bensby et al. 2014, A&A 562, A71).
+ALPHA_ENHANCED, ALPHA_ENHANCED_BELOW = 0.25, -0.5
+
+
 def galactic_alpha(feh):
-    """[alpha/M] of Galactic stars of metallicity ``feh``: +0.25 below [M/H] = -0.5 (thick
-    disk, halo), else 0 (thin disk); the convention of the BOSZ reference subgrid."""
-    return np.where(np.asarray(feh, dtype=np.float64) < -0.5, 0.25, 0.0)[()]
+    """[alpha/M] of Galactic stars of metallicity ``feh``.
+
+    Parameters
+    ----------
+    feh : float or array_like
+        [M/H].
+
+    Returns
+    -------
+    float or numpy.ndarray
+        :data:`ALPHA_ENHANCED` below [M/H] = :data:`ALPHA_ENHANCED_BELOW`, else 0.
+    """
+    feh = np.asarray(feh, dtype=np.float64)
+    return np.where(feh < ALPHA_ENHANCED_BELOW, ALPHA_ENHANCED, 0.0)[()]
 
 
 def off_nodes(values, nodes, distance):
