@@ -371,19 +371,18 @@ class ModelStars(_Parametric):
         return flux
 
     def spectrum(self, teff, logg, feh, alpha=None):
-        """Surface flux (erg/s/cm^2/A) at the given parameters, on :attr:`wavelength`.
+        """Surface flux (erg/s/cm^2/A) of the model at the given parameters.
 
         Parameters
         ----------
-        teff, logg, feh : float or array_like
-            Parameters (broadcast together).
-        alpha : float or array_like, optional
-            [alpha/M] (default: :func:`galactic_alpha` of ``feh``).
+        teff, logg, feh, alpha : float or array_like
+            Teff, log g, [M/H] and [alpha/M], broadcast together; ``alpha`` None follows
+            :func:`galactic_alpha` of ``feh``.
 
         Returns
         -------
         numpy.ndarray
-            Shape (npoint, nwave); (nwave,) when every parameter is a scalar.
+            On :attr:`wavelength`: (npoint, nwave), or (nwave,) for scalar parameters.
         """
         scalar = all(np.ndim(v) == 0 for v in (teff, logg, feh, alpha))
         alpha = galactic_alpha(feh) if alpha is None else alpha
