@@ -150,3 +150,27 @@ def demo_cube(workers=2):
 
     return build_grid(demo_grid(workers), CACHE / "demo_grid.zarr", workers=workers,
                       progress=False)
+
+
+#: The real spectra (CALSPEC, CK04) beside the repository (never copied into it); the
+#: environment variable KSPEC_SHARED_REAL overrides it.
+SHARED_REAL = Path(os.environ.get("KSPEC_SHARED_REAL", ROOT.parent / "shared" / "real"))
+#: The CK04 box converted for the benchmarks: F/G/K dwarfs and subgiants, every metallicity.
+CK04_BOX = {"teff_range": (4500.0, 7500.0), "loggs": (3.0, 3.5, 4.0, 4.5, 5.0)}
+
+
+def ck04_grid():
+    """The CK04 grid of :data:`CK04_BOX` in the BOSZ layout (converted once, cached)."""
+    from kspec_fluxcal.ck04 import CK04_MARKER, convert_ck04
+
+    out = CACHE / "ck04_bosz"
+    if (out / CK04_MARKER).exists():
+        return out
+    return convert_ck04(SHARED_REAL / "ck04", out, overwrite=True, **CK04_BOX)
+
+
+def ck04_cube(workers=2):
+    """The Zarr cube of :func:`ck04_grid` (cached)."""
+    from kspec_fluxcal.grid import build_grid
+
+    return build_grid(ck04_grid(), CACHE / "ck04.zarr", workers=workers, progress=False)

@@ -1,43 +1,48 @@
 """Accuracy of the calibration on simulated surveys: simulate -> calibrate -> compare with the
-truth, per exposure and as survey medians and 90th percentiles, and scanned against the
-standard stars' S/N and their number.
+truth. Cross-model surveys first (standards NOT from the templates' model: the real accuracy),
+then the self-consistency ones (standards from the template grid itself).
 
-    python benchmarks/accuracy.py            # ~5-10 minutes on 2 cores
-    python benchmarks/accuracy.py --quick    # fewer exposures, to try it out
+    python benchmarks/accuracy.py            # ~10-15 minutes on 2 cores (first run longer)
+    python benchmarks/accuracy.py --quick    # 8 exposures per survey, no S/N scan
 
 Targets (issue 7): shape error < 1 % and absolute error < 2 % at standard-star S/N >= 30,
-against the anchors SDSS ~4 % rms and BOSS ~6 %.
+against the anchors SDSS ~4 % rms and BOSS ~6 %. Issue 11: measure them cross-model.
+
+Cross-model surveys (issue 11), >= 20 exposures each, standards' S/N 20-300, 1-3 standards:
+
+(a)  ``calspec-ck04``: real CALSPEC F/G stars (and BD+26 2606, "A5", fitted at 6590 K) with
+     the CK04 templates, on the IsoPlane setup (~10 A FWHM, WCS only): the only instrument
+     where CK04's 20 A sampling and CALSPEC's R ~ 800 are meaningful.
+(a') ``calspec-synth``: the same simulated exposures with the synthetic (demo) templates.
+(b)  ``modelB-ck04``: stars of the second synthetic model family (computed at their own,
+     off-grid parameters) with CK04 templates, IsoPlane. Family B rather than A, so that the
+     same star population also feeds (d) and (e), where the templates are family A.
+(c)  ``alpha-beyond``: family-A model stars with [alpha/M] 0.3-0.5 (the demo grid stops at
+     +0.25) and Teff, log g, [M/H] all at least a quarter step from the grid's nodes, with the
+     demo templates, default setup (4096 pixels).
+(d)  ``isoplane``: family-B stars, demo templates, the IsoPlane setup with instrument realism:
+     true LSF 1.00-1.05 x the header's, a 2 % per-fiber FWHM scatter (FIBRES LSF_SCALE) and
+     the pixel box on top of the Gaussian.
+(e)  ``mixed``: as (d), with the IsoPlane, default (4096 px) and large (30 fibers x 2048 px)
+     setups in turn.
+
+Self-consistency (what earlier versions printed): the demo-like synthetic grid (R = 5000,
+Teff 5250-7250 K, log g 3.5-4.5, [M/H] -1.0 to +0.25) as both stars and templates, 4096
+pixels, 14 fibers: a ``main`` survey (standards' S/N 30-150), then one survey per S/N bin.
 
 Metrics (``kspec_fluxcal.evaluate.compare_with_truth``; outside telluric bands, 4000-8400 A,
-after a 100 A running median):
+after a 100 A running median): ``shape_snr10`` (science fibers with S/N > 10: the headline),
+``cal_shape`` (the calibration's own shape error), ``level_cal`` (its level error),
+``telluric_science`` (the telluric bands as science targets see them), the standards'
+fitted minus true parameters; failures with their reasons grouped.
 
-``cal_shape``
-    rms of Cal / Cal_true - 1 after removing its median level: the calibration's own shape
-    error, free of any science target's noise.
-``shape``
-    the same for the calibrated science spectra (calibrated / true flux), median over the
-    exposure's science fibers. It adds each target's own photon noise (and sky residuals) to
-    the calibration's error: faint galaxies and quasars stay noise-dominated even after the
-    100 A median, so ``shape`` is an upper bound of the calibration's error, reached only by
-    bright targets. Printed also for fibers whose target has a median S/N >= 30 per pixel
-    (noiseless counts of the truth over the square root of the file's variance).
-``level``
-    median(calibrated / true) - 1 of the science fibers: the absolute error a user sees. It
-    includes each fiber's own grey aperture loss (0.85-0.95, independent per fiber, relative
-    to the mean of the standards'), which no calibration from other fibers can know.
-``level_cal``
-    the calibration's own level error: Cal x <aperture of the used standards> / Cal_true - 1.
-``telluric``
-    rms of the smoothed calibration error inside the telluric bands.
-Standard stars: fitted minus true Teff, log g, [M/H], RV and E(B-V).
+Surveys are simulated once and cached under store/bench/accuracy (KSPEC_BENCH_DIR overrides;
+the CALSPEC and CK04 files are read from ../shared/real, KSPEC_SHARED_REAL overrides); the
+calibrations are redone on every run, two exposures at a time (one process per core), with
+the package's default settings. An exposure that raises anything is reported, not fatal.
 
-Surveys: the default demo-like synthetic grid (what ``simulate_survey(grid=None)`` writes:
-R = 5000, Teff 5250-7250 K, log g 3.5-4.5, [M/H] -1.0 to +0.25; written once and reused),
-4096 pixels, 14 fibers. A main survey with the default standard S/N range (30-150), then one
-survey per S/N bin of the standards, grouped by the number of standards (1, 2 or 3; the
-simulator draws it per exposure). Surveys are cached under store/bench/accuracy
-(KSPEC_BENCH_DIR overrides); the calibrations are redone on every run, two exposures at a time
-(one process per core).
+Importable: :func:`surveys` returns the survey definitions, :func:`run_survey` simulates
+(cached) and calibrates one and returns its rows, :func:`report` prints a cross-model block.
 """
 
 from __future__ import annotations
@@ -50,31 +55,79 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import multiprocessing  # noqa: E402
+import re  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
+import traceback  # noqa: E402
 import warnings  # noqa: E402
+from collections import Counter  # noqa: E402
 from concurrent.futures import ProcessPoolExecutor  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
-from _common import CACHE, demo_cube, demo_grid, load_note  # noqa: E402
+from _common import CACHE, SHARED_REAL, ck04_cube, demo_cube, demo_grid, load_note  # noqa: E402
 
-MAIN = {"name": "main", "snr_range": (30.0, 150.0), "exposures": 30, "seed": 101}
 SNR_BINS = ((15.0, 30.0), (30.0, 60.0), (60.0, 120.0), (120.0, 250.0))
 SCAN_EXPOSURES = 24
 TARGET_SNR = 30.0
 PARAMS = ("teff", "logg", "feh", "rv", "ebv")
 UNITS = {"teff": "K", "logg": "dex", "feh": "dex", "rv": "km/s", "ebv": "mag"}
 LABELS = {"teff": "Teff", "logg": "logg", "feh": "[M/H]", "rv": "RV", "ebv": "E(B-V)"}
+#: Instrument realism of surveys (d) and (e).
+REALISM = {"lsf_scale": (1.0, 1.05), "fiber_lsf_scatter": 0.02, "pixel_integration": True}
+#: Demo-grid nodes that survey (c)'s stars keep a quarter step away from.
+DEMO_NODES = {"teff": list(range(5250, 7251, 250)), "logg": [3.5, 4.0, 4.5],
+              "feh": [-1.0, -0.75, -0.5, -0.25, 0.0, 0.25]}
+CROSS = {"snr_range": (20.0, 300.0), "n_standards": (1, 3), "nights": 4}
 
 
-def configurations(quick):
-    scale = 0.35 if quick else 1.0
-    main = dict(MAIN, exposures=max(6, int(MAIN["exposures"] * scale)))
-    scan = [{"name": f"snr{int(lo)}-{int(hi)}", "snr_range": (lo, hi),
-             "exposures": max(6, int(SCAN_EXPOSURES * scale)), "seed": 201 + k}
-            for k, (lo, hi) in enumerate(SNR_BINS)]
-    return [main, *scan]
+def surveys(quick=False):
+    """The benchmark's surveys, cross-model first.
+
+    Each is a dict: ``name``, ``label``, ``sim`` (name of the simulated survey; two surveys
+    may share one), ``templates`` ('ck04' or 'demo'), ``cross`` (cross-model or not) and the
+    simulation's ``exposures``, ``seed``, ``setups`` (names), ``standards`` (a source spec for
+    :func:`make_source`), ``snr_range``, ``n_standards``, ``options``.
+    """
+    n = 8 if quick else 20
+    cross = [
+        {"name": "calspec-ck04", "label": "(a) CALSPEC F/G stars, CK04 templates, IsoPlane",
+         "sim": "calspec-isoplane", "templates": "ck04", "setups": ["isoplane"],
+         "standards": {"kind": "calspec"}, "seed": 1101},
+        {"name": "calspec-synth", "label": "(a') CALSPEC F/G stars, synthetic templates, IsoPlane",
+         "sim": "calspec-isoplane", "templates": "demo", "setups": ["isoplane"],
+         "standards": {"kind": "calspec"}, "seed": 1101},
+        {"name": "modelB-ck04", "label": "(b) model-B stars (off-grid), CK04 templates, IsoPlane",
+         "sim": "modelB-isoplane", "templates": "ck04", "setups": ["isoplane"],
+         "standards": {"kind": "model", "family": "B"}, "seed": 1102},
+        {"name": "alpha-beyond", "label": "(c) model-A stars, [alpha/M] 0.3-0.5 and between "
+         "nodes, synthetic templates, 4096 px", "sim": "alpha-beyond", "templates": "demo",
+         "setups": ["default"], "standards": {"kind": "model", "family": "A",
+                                              "ranges": {"alpha": (0.3, 0.5)},
+                                              "nodes": DEMO_NODES, "node_distance": 0.25},
+         "seed": 1103},
+        {"name": "isoplane", "label": "(d) model-B stars, synthetic templates, IsoPlane (WCS "
+         "only), LSF x1.00-1.05, fiber LSF 2 %, pixel box", "sim": "isoplane-real",
+         "templates": "demo", "setups": ["isoplane"], "options": REALISM,
+         "standards": {"kind": "model", "family": "B"}, "seed": 1104},
+        {"name": "mixed", "label": "(e) model-B stars, synthetic templates, IsoPlane + 4096 px "
+         "+ 30x2048 px setups, same realism", "sim": "mixed-real", "templates": "demo",
+         "setups": ["isoplane", "default", "large"], "options": REALISM,
+         "standards": {"kind": "model", "family": "B"}, "seed": 1105},
+    ]
+    for conf in cross:
+        conf.update(CROSS, exposures=n, cross=True)
+        conf.setdefault("options", {})
+    base = {"templates": "demo", "setups": ["default"], "standards": {"kind": "grid"},
+            "options": {}, "n_standards": (1, 3), "nights": 4, "cross": False}
+    main = {**base, "name": "main", "label": "main (self-model: demo grid stars and templates)",
+            "sim": "main", "snr_range": (30.0, 150.0), "exposures": 10 if quick else 30,
+            "seed": 101}
+    scan = [] if quick else [
+        {**base, "name": f"snr{int(lo)}-{int(hi)}", "label": f"S/N bin {lo:g}-{hi:g}",
+         "sim": f"snr{int(lo)}-{int(hi)}", "snr_range": (lo, hi), "exposures": SCAN_EXPOSURES,
+         "seed": 201 + k} for k, (lo, hi) in enumerate(SNR_BINS)]
+    return [*cross, main, *scan]
 
 
 # ----------------------------------------------------------------------------- workers
@@ -87,25 +140,50 @@ def _init_worker():
     dask.config.set(scheduler="synchronous")  # one core per worker process
 
 
+def make_source(spec):
+    """A star source from a spec of :func:`surveys` (None: the grid itself)."""
+    from kspec_fluxcal.sources import CalspecStars, ModelStars
+
+    if spec["kind"] == "grid":
+        return None
+    if spec["kind"] == "calspec":
+        return CalspecStars(SHARED_REAL / "calspec")
+    return ModelStars(spec["family"], ranges=spec.get("ranges"), nodes=spec.get("nodes"),
+                      node_distance=spec.get("node_distance", 0.2))
+
+
+def _setups(names):
+    from kspec_fluxcal.simulate import DEFAULT_SETUP, ISOPLANE_SETUP, LARGE_SETUP
+
+    table = {"isoplane": ISOPLANE_SETUP, "default": DEFAULT_SETUP, "large": LARGE_SETUP}
+    return [table[n] for n in names]
+
+
+def _signature(conf, grid_dir):
+    keys = ("exposures", "seed", "setups", "standards", "snr_range", "n_standards", "options",
+            "nights")
+    sig = {k: conf[k] for k in keys}
+    sig["grid"] = str(Path(grid_dir).resolve())
+    return json.loads(json.dumps(sig))  # tuples -> lists, as read back
+
+
 def simulate(conf, grid_dir):
-    """Simulate one survey unless a cached one has the same options; returns its directory."""
+    """Simulate one survey unless a cached one has the same definition; returns its directory."""
     from kspec_fluxcal.simulate import simulate_survey
 
-    root = CACHE / "accuracy" / conf["name"]
-    manifest = root / "survey.json"
-    if manifest.exists():
-        info = json.loads(manifest.read_text())
-        opts = info["options"]
-        if (info["seed"] == conf["seed"] and opts["exposures"] == conf["exposures"]
-                and opts["snr_range"] == list(conf["snr_range"])
-                and opts["grid"] == str(Path(grid_dir).resolve())
-                and opts["pixels"] == 4096 and opts["fibers"] == 14):
-            return root
+    root = CACHE / "accuracy" / conf["sim"]
+    stamp = root / "bench.json"
+    signature = _signature(conf, grid_dir)
+    if stamp.exists() and json.loads(stamp.read_text()) == signature:
+        return root
     t0 = time.perf_counter()
-    simulate_survey(root, exposures=conf["exposures"], nights=4, seed=conf["seed"], fibers=14,
-                    pixels=4096, grid=grid_dir, snr_range=conf["snr_range"], overwrite=True,
-                    workers=1)
-    print(f"  simulated {conf['name']}: {conf['exposures']} exposures in "
+    simulate_survey(root, exposures=conf["exposures"], nights=conf["nights"], seed=conf["seed"],
+                    grid=grid_dir, snr_range=conf["snr_range"], setups=_setups(conf["setups"]),
+                    standard_source=make_source(conf["standards"]),
+                    n_standards=conf["n_standards"], overwrite=True, workers=1,
+                    **conf["options"])
+    stamp.write_text(json.dumps(signature))
+    print(f"  simulated {conf['sim']}: {conf['exposures']} exposures in "
           f"{time.perf_counter() - t0:.0f} s", flush=True)
     return root
 
@@ -119,44 +197,72 @@ def _opened(key, opener, path):
     return _OPENED[(key, path)]
 
 
-def calibrate_one(root, entry, cube):
-    """Calibrate one exposure and compare it with its truth (runs in a worker)."""
+def _failure(row, err):
+    """Record why an exposure failed: the per-star reasons of a CalibrationError, else the
+    exception's type and message."""
+    import kspec_fluxcal as kf
+
+    row["error"] = f"{type(err).__name__}: {err}"
+    if isinstance(err, kf.CalibrationError) and err.reasons:
+        row["reasons"] = [str(v) for v in err.reasons.values()]
+    elif isinstance(err, kf.FluxCalError):
+        row["reasons"] = [str(err).split(" (")[0]]
+    else:
+        row["reasons"] = [f"{type(err).__name__} (unexpected)"]
+        row["traceback"] = traceback.format_exc(limit=4)
+    return row
+
+
+def calibrate_one(name, root, entry, cube):
+    """Calibrate one exposure and compare it with its truth (runs in a worker); never raises."""
     import kspec_fluxcal as kf
     from kspec_fluxcal.evaluate import compare_with_truth
 
     root = Path(root)
-    grid = _opened("grid", kf.open_grid, str(cube))
-    catalog = _opened("catalog", kf.read_catalog, str(root / "catalog.csv"))
-    out = root.parent / (root.name + "_out")
-    red = root / entry["path"]
-    truth_path = root / entry["truth"]
-    row = {"survey": root.name, "expid": entry["expid"], "n_observed": entry["n_standards"]}
+    row = {"survey": name, "expid": entry["expid"], "n_observed": entry["n_standards"],
+           "setup": entry["setup"]}
     t0 = time.perf_counter()
     try:
-        result = kf.calibrate_exposure(red, catalog, grid, out=out, overwrite=True)
-    except kf.FluxCalError as err:
-        row["error"] = str(err)
-        return row
+        grid = _opened("grid", kf.open_grid, str(cube))
+        catalog = _opened("catalog", kf.read_catalog, str(root / "catalog.csv"))
+        out = root.parent / f"{root.name}_out_{name}"
+        result = kf.calibrate_exposure(root / entry["path"], catalog, grid, out=out,
+                                       overwrite=True)
+        truth = dict(np.load(root / entry["truth"]))
+        row["metrics"] = compare_with_truth(result.path, truth)
+    except Exception as err:  # the benchmark reports every failure, it never stops on one
+        return _failure(row, err)
     row["seconds"] = time.perf_counter() - t0
-    truth = dict(np.load(truth_path))
-    row["metrics"] = compare_with_truth(result.path, truth)
     row["science"] = row["metrics"]["fibers"]
-    stars = result.stars
-    fitted = []
-    for k in range(stars.sizes["star"]):
-        fiber = int(stars["fiber"].values[k])
-        j = np.flatnonzero(np.asarray(truth["std_fiber"]) == fiber)
-        if not j.size:
-            continue
-        j = int(j[0])
-        fitted.append({
-            "fiber": fiber, "status": str(stars["star_status"].values[k]),
-            "used": bool(stars["used"].values[k]), "snr": float(truth["std_snr"][j]),
-            **{f"fit_{p}": float(stars[p].values[k]) for p in PARAMS},
-            **{f"true_{p}": float(truth[f"std_{p}"][j]) for p in PARAMS},
-        })
-    row["stars"] = fitted
+    names = truth.get("std_name", np.full(len(truth["std_fiber"]), ""))
+    used = dict(zip(result.stars["fiber"].values.tolist(),
+                    np.asarray(result.stars["used"].values, bool).tolist(), strict=True))
+    row["stars"] = [{**s, "used": used.get(s["fiber"], False),
+                     "name": str(names[list(truth["std_fiber"]).index(s["fiber"])])}
+                    for s in row["metrics"]["stars"]]
     return row
+
+
+def run_survey(conf, pool=None, workers=2):
+    """Simulate (cached) and calibrate every exposure of one survey; returns its rows.
+
+    Parameters
+    ----------
+    conf : dict
+        One of :func:`surveys`.
+    pool : concurrent.futures.Executor, optional
+        Where to calibrate (default: a new pool of ``workers`` spawned processes).
+    """
+    grid_dir, cube = demo_grid(), {"demo": demo_cube, "ck04": ck04_cube}[conf["templates"]]()
+    root = simulate(conf, grid_dir)
+    entries = json.loads((root / "survey.json").read_text())["exposures"]
+    if pool is None:
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as own:
+            return run_survey(conf, own)
+    futures = [pool.submit(calibrate_one, conf["name"], str(root), e, str(cube))
+               for e in entries]
+    return [f.result() for f in futures]
 
 
 # ----------------------------------------------------------------------------- reporting
@@ -173,6 +279,22 @@ def pc(value, width):
     return f"{100 * value:{width}.2f}%" if np.isfinite(value) else f"{'-':>{width + 1}}"
 
 
+def reason_group(text):
+    """A rejection reason without the star's own numbers: 'chi2/dof 12.3 > 10' ->
+    'chi2/dof > 10'; '... colour Teff 7612 K ... (7250 K)' -> '... # K ... (# K)'."""
+    text = re.sub(r"(\S) [-+]?\d[\d.]* ([<>]) ", r"\1 \2 ", str(text))
+    return re.sub(r"[-+]?\d+(\.\d+)? K\b", "# K", text)
+
+
+def failure_counts(rows):
+    """Counter of grouped reasons: why exposures failed (each star's reason), and why the
+    standards of calibrated exposures were not used."""
+    failed = Counter(reason_group(r) for row in rows if "error" in row for r in row["reasons"])
+    rejected = Counter(reason_group(s["status"]) for row in rows
+                       for s in row.get("stars", []) if s["status"] != "ok")
+    return failed, rejected
+
+
 def star_errors(rows, only_ok=True):
     """|fitted - true| of every standard star of the rows (fitted with status 'ok')."""
     out = {p: [] for p in PARAMS}
@@ -181,185 +303,167 @@ def star_errors(rows, only_ok=True):
             if only_ok and s["status"] != "ok":
                 continue
             for p in PARAMS:
-                out[p].append(abs(s[f"fit_{p}"] - s[f"true_{p}"]))
+                out[p].append(abs(s[f"d_{p}"]))
     return {p: np.array(v) for p, v in out.items()}
 
 
-def summary(rows, label):
+def metric(rows, key):
+    return np.array([r["metrics"][key] for r in rows if "metrics" in r], dtype=float)
+
+
+def report(conf, rows):
+    """The cross-model block of one survey (also used for the self-consistency ones)."""
     ok = [r for r in rows if "metrics" in r]
-    m = {k: np.array([r["metrics"][k] for r in ok]) for k in
-         ("cal_shape", "shape", "level", "level_cal", "telluric")}
+    failed, rejected = failure_counts(rows)
+    print(f"{conf['label']}")
+    print(f"  exposures: {len(ok)} calibrated, {len(rows) - len(ok)} failed"
+          + (f"  [failures, per star: {', '.join(f'{v} x {k}' for k, v in failed.most_common())}]"
+             if failed else ""))
+    if rejected:
+        print(f"  standards not used in calibrated exposures: "
+              f"{', '.join(f'{v} x {k}' for k, v in rejected.most_common())}")
+    if not ok:
+        return
+    med90 = {k: (pct(metric(ok, k), 50), pct(metric(ok, k), 90))
+             for k in ("shape_snr10", "cal_shape", "telluric_science")}
+    lc = np.abs(metric(ok, "level_cal"))
+    print("  shape_snr10 {} / {}   cal_shape {} / {}   |level_cal| {} (p90 {})   "
+          "telluric_science {} / {}   (median / p90)".format(
+              *(pc(v, 5) for v in (*med90["shape_snr10"], *med90["cal_shape"])),
+              pc(pct(lc, 50), 5), pc(pct(lc, 90), 5), *(pc(v, 5) for v in
+                                                        med90["telluric_science"])))
+    err = star_errors(ok)
+    chi2 = [s["chi2_dof"] for r in ok for s in r["stars"]]
+    print(f"  standards ok {err['teff'].size} of {len(chi2)} (chi2/dof median / p90 "
+          f"{pct(chi2, 50):.2f} / {pct(chi2, 90):.2f}): |dTeff| median / p90 "
+          f"{pct(err['teff'], 50):.0f} / {pct(err['teff'], 90):.0f} K, |dlogg| "
+          f"{pct(err['logg'], 50):.2f} / {pct(err['logg'], 90):.2f}, |d[M/H]| "
+          f"{pct(err['feh'], 50):.2f} / {pct(err['feh'], 90):.2f}; Teff bias (median "
+          f"fitted - true, all fits) "
+          f"{pct([s['d_teff'] for r in ok for s in r['stars']], 50):+.0f} K")
+    if conf["standards"]["kind"] == "calspec":
+        calspec_table(ok)
+
+
+def calspec_table(rows):
+    """Fitted Teff, log g, [M/H] against the CALSPEC reference, per star (all fits)."""
+    by_star = {}
+    for r in rows:
+        for s in r["stars"]:
+            by_star.setdefault(s["name"], []).append(s)
+    print(f"    {'star':<11} {'n':>2} {'ref Teff':>8} {'fit-ref':>7} {'ref logg':>8} {'fit-ref':>7}"
+          f" {'ref[M/H]':>8} {'fit-ref':>7}  statuses")
+    for name in sorted(by_star):
+        fits_ = by_star[name]
+        statuses = Counter(reason_group(s["status"]) for s in fits_)
+        print(f"    {name:<11} {len(fits_):>2} {fits_[0]['true_teff']:8.0f} "
+              f"{np.median([s['d_teff'] for s in fits_]):+7.0f} {fits_[0]['true_logg']:8.2f} "
+              f"{np.median([s['d_logg'] for s in fits_]):+7.2f} {fits_[0]['true_feh']:8.2f} "
+              f"{np.median([s['d_feh'] for s in fits_]):+7.2f}  "
+              + ", ".join(f"{v} {k}" for k, v in statuses.most_common()))
+
+
+def summary(rows, label):
+    """The self-consistency block of earlier versions (main survey, S/N bins)."""
+    ok = [r for r in rows if "metrics" in r]
     sci = [s for r in ok for s in r["science"]]
     bright = np.array([shape for _, snr, shape in sci if snr >= TARGET_SNR])
-    faint = np.array([shape for _, snr, shape in sci if snr < TARGET_SNR])
-    per_exp_bright = np.array([np.median([sh for _, sn, sh in r["science"] if sn >= TARGET_SNR])
-                               for r in ok if any(sn >= TARGET_SNR for _, sn, _ in r["science"])])
-    n_fail = len(rows) - len(ok)
+    level = metric(ok, "level")
     print(f"{label}: {len(ok)} exposures calibrated"
-          + (f", {n_fail} FAILED" if n_fail else "") + "; median / 90th percentile:")
-    print(f"  cal_shape (calibration's own shape)   {100 * pct(m['cal_shape'], 50):5.2f}% / "
-          f"{100 * pct(m['cal_shape'], 90):5.2f}%   (target < 1%)")
-    print(f"  shape (science fibers, all)           {100 * pct(m['shape'], 50):5.2f}% / "
-          f"{100 * pct(m['shape'], 90):5.2f}%")
-    print(f"  shape (science, target S/N >= {TARGET_SNR:g})     "
-          f"{100 * pct(bright, 50):5.2f}% / {100 * pct(bright, 90):5.2f}%   over {bright.size} "
-          f"fibers (per-exposure medians: {100 * pct(per_exp_bright, 50):.2f}% / "
-          f"{100 * pct(per_exp_bright, 90):.2f}%)")
-    print(f"  shape (science, target S/N < {TARGET_SNR:g})      "
-          f"{100 * pct(faint, 50):5.2f}% / {100 * pct(faint, 90):5.2f}%   over {faint.size} fibers")
-    print(f"  |level| (science, incl. aperture loss) {100 * pct(np.abs(m['level']), 50):5.2f}% / "
-          f"{100 * pct(np.abs(m['level']), 90):5.2f}%   (signed median "
-          f"{100 * pct(m['level'], 50):+.2f}%)")
-    lc = np.abs(m["level_cal"])
-    print(f"  |level_cal| (calibration's own level)  {100 * pct(lc, 50):5.2f}% / "
-          f"{100 * pct(lc, 90):5.2f}%   (target < 2%; signed median "
-          f"{100 * pct(m['level_cal'], 50):+.2f}%)")
-    print(f"  telluric bands (calibration)          {100 * pct(m['telluric'], 50):5.2f}% / "
-          f"{100 * pct(m['telluric'], 90):5.2f}%")
+          + (f", {len(rows) - len(ok)} FAILED" if len(rows) > len(ok) else "")
+          + "; median / 90th percentile:")
+    print(f"  shape (science fibers, all)           {pc(pct(metric(ok, 'shape'), 50), 5)} / "
+          f"{pc(pct(metric(ok, 'shape'), 90), 5)}")
+    print(f"  shape (science, target S/N >= {TARGET_SNR:g})     {pc(pct(bright, 50), 5)} / "
+          f"{pc(pct(bright, 90), 5)}   over {bright.size} fibers")
+    print(f"  |level| (science, incl. aperture loss) {pc(pct(np.abs(level), 50), 5)} / "
+          f"{pc(pct(np.abs(level), 90), 5)}   (signed median {100 * pct(level, 50):+.2f}%)")
+    print(f"  telluric bands (calibration)          {pc(pct(metric(ok, 'telluric'), 50), 5)} / "
+          f"{pc(pct(metric(ok, 'telluric'), 90), 5)}")
     err = star_errors(ok)
-    nstars = sum(len(r["stars"]) for r in ok)
-    print(f"  standards (status ok: {err['teff'].size} of {nstars}), |fitted - true| median / "
-          "90th percentile:")
-    print("    " + "; ".join(f"{LABELS[p]} {pct(err[p], 50):.3g} / {pct(err[p], 90):.3g} {UNITS[p]}"
-                             for p in PARAMS))
+    print("  standards, |fitted - true| median / p90: "
+          + "; ".join(f"{LABELS[p]} {pct(err[p], 50):.3g} / {pct(err[p], 90):.3g} {UNITS[p]}"
+                      for p in PARAMS))
 
 
 def verdict(rows):
     """The targets, checked on the 90th percentiles (the medians are well inside)."""
     ok = [r for r in rows if "metrics" in r]
-    cs = pct([r["metrics"]["cal_shape"] for r in ok], 90)
+    cs = pct(metric(ok, "cal_shape"), 90)
     br = pct([s for r in ok for _, sn, s in r["science"] if sn >= TARGET_SNR], 90)
-    lc = pct([abs(r["metrics"]["level_cal"]) for r in ok], 90)
-    lv = pct([abs(r["metrics"]["level"]) for r in ok], 90)
+    lc = pct(np.abs(metric(ok, "level_cal")), 90)
     yes = {True: "met", False: "NOT met"}
     print(f"  shape < 1%: calibration p90 {100 * cs:.2f}% {yes[bool(cs < 0.01)]}; science targets "
-          f"with S/N >= {TARGET_SNR:g}, p90 {100 * br:.2f}% {yes[bool(br < 0.01)]}")
-    print(f"  absolute < 2%: calibration's level p90 {100 * lc:.2f}% {yes[bool(lc < 0.02)]}; "
-          f"science level incl. per-fiber aperture loss p90 {100 * lv:.2f}% "
-          f"{yes[bool(lv < 0.02)]} (aperture losses are 0.85-0.95 per fiber, independent)")
-
-
-def exposure_line(r):
-    if "metrics" not in r:
-        return f"{r['expid']} n={r['n_observed']} FAILED: {r['error']}"
-    m = r["metrics"]
-    stars = " ".join(
-        f"[dT{s['fit_teff'] - s['true_teff']:+.0f} dg{s['fit_logg'] - s['true_logg']:+.2f} "
-        f"dm{s['fit_feh'] - s['true_feh']:+.2f} dv{s['fit_rv'] - s['true_rv']:+.1f} "
-        f"dE{s['fit_ebv'] - s['true_ebv']:+.3f} sn{s['snr']:.0f}"
-        f"{'' if s['status'] == 'ok' and s['used'] else ' ' + s['status'][:24]}]"
-        for s in r["stars"])
-    return (f"{r['expid']} n={r['n_observed']}/{m['n_standards']} cal_shape "
-            f"{100 * m['cal_shape']:.2f}% shape {100 * m['shape']:.2f}% level "
-            f"{100 * m['level']:+.2f}% level_cal {100 * m['level_cal']:+.2f}% tell "
-            f"{100 * m['telluric']:.2f}% {stars}")
+          f"with S/N >= {TARGET_SNR:g}, p90 {100 * br:.2f}% {yes[bool(br < 0.01)]}; absolute "
+          f"< 2%: calibration's level p90 {100 * lc:.2f}% {yes[bool(lc < 0.02)]}")
 
 
 def scan_table(rows_by_bin):
     head = (f"{'standards S/N':>13} {'n_std':>5} {'N':>3} {'cal_shape med/p90':>18} "
-            f"{'shape med':>9} {'shape S/N>=30':>13} {'|level| med':>11} "
-            f"{'|level_cal| med/p90':>19} {'tell med':>8} {'|dTeff| med':>11} {'|d[M/H]| med':>12}")
+            f"{'shape_snr10':>11} {'|level_cal| med/p90':>19} {'|dTeff| med':>11} "
+            f"{'|d[M/H]| med':>12}")
     print(head)
     for name, rows in rows_by_bin:
         for n in (1, 2, 3, None):
             sel = [r for r in rows if "metrics" in r and (n is None or r["n_observed"] == n)]
             if not sel:
                 continue
-            cs = [r["metrics"]["cal_shape"] for r in sel]
-            sh = [r["metrics"]["shape"] for r in sel]
-            br = [s for r in sel for _, sn, s in r["science"] if sn >= TARGET_SNR]
-            lv = [abs(r["metrics"]["level"]) for r in sel]
-            lc = [abs(r["metrics"]["level_cal"]) for r in sel]
-            te = [r["metrics"]["telluric"] for r in sel]
+            cs, lc = metric(sel, "cal_shape"), np.abs(metric(sel, "level_cal"))
             err = star_errors(sel)
             print(f"{name:>13} {'all' if n is None else n:>5} {len(sel):>3} "
                   f"{100 * pct(cs, 50):7.2f}% /{100 * pct(cs, 90):6.2f}% "
-                  f"{100 * pct(sh, 50):8.2f}% {pc(pct(br, 50), 12)} "
-                  f"{100 * pct(lv, 50):10.2f}% "
+                  f"{pc(pct(metric(sel, 'shape_snr10'), 50), 10)} "
                   f"{100 * pct(lc, 50):8.2f}% /{100 * pct(lc, 90):6.2f}% "
-                  f"{100 * pct(te, 50):7.2f}% {pct(err['teff'], 50):9.0f} K "
-                  f"{pct(err['feh'], 50):10.3f}")
+                  f"{pct(err['teff'], 50):9.0f} K {pct(err['feh'], 50):10.3f}")
 
 
-def outliers(rows, limit=0.01):
-    bad = [r for r in rows if "metrics" in r and r["metrics"]["cal_shape"] > limit]
-    failed = [r for r in rows if "metrics" not in r]
-    print(f"exposures with cal_shape > {100 * limit:g}%: {len(bad)} of "
-          f"{sum('metrics' in r for r in rows)}" + (f"; failed: {len(failed)}" if failed else ""))
-    for r in failed:
-        print(f"  {r['survey']}/{r['expid']}: FAILED: {r['error']}")
-    rejected = [(r, s) for r in rows for s in r.get("stars", []) if s["status"] != "ok"]
-    print(f"standards not used (status other than 'ok'): {len(rejected)} of "
-          f"{sum(len(r.get('stars', [])) for r in rows)}")
-    for r, s in rejected:
-        print(f"  {r['survey']}/{r['expid']} fiber {s['fiber']:2d} S/N {s['snr']:5.1f}: "
-              f"{s['status']}; " + ", ".join(f"{LABELS[p]} {s[f'fit_{p}']:.4g} "
-                                            f"(true {s[f'true_{p}']:.4g})" for p in PARAMS))
-    for r in bad:
-        m = r["metrics"]
-        print(f"  {r['survey']}/{r['expid']}: cal_shape {100 * m['cal_shape']:.2f}%, level_cal "
-              f"{100 * m['level_cal']:+.2f}%, {m['n_standards']} of {r['n_observed']} standards "
-              "used")
-        for s in r["stars"]:
-            print(f"    fiber {s['fiber']:2d} S/N {s['snr']:5.1f} {s['status'][:40]:<12} "
-                  f"{'used' if s['used'] else 'not used'}: "
-                  + ", ".join(f"{LABELS[p]} {s[f'fit_{p}']:.4g} (true {s[f'true_{p}']:.4g})"
-                              for p in PARAMS))
+def unexpected(rows):
+    """Exposures that raised something else than a FluxCalError (bugs, not fits)."""
+    for r in rows:
+        if "traceback" in r:
+            print(f"  {r['survey']}/{r['expid']}: {r['error']}\n{r['traceback']}")
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="about a third of the exposures")
+    parser.add_argument("--quick", action="store_true", help="8 exposures per survey, no scan")
     parser.add_argument("--workers", type=int, default=2, help="processes (default 2)")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     t_start = time.perf_counter()
-    grid_dir = demo_grid()
-    cube = demo_cube()
-    confs = configurations(args.quick)
-    print(f"grid: {grid_dir} (demo-like synthetic, R = 5000) -> {cube}")
-    print("setup: 4096 pixels, 14 fibers; surveys: "
-          + ", ".join(f"{c['name']} (standards S/N {c['snr_range'][0]:g}-{c['snr_range'][1]:g}, "
-                      f"{c['exposures']} exposures)" for c in confs), flush=True)
+    confs = surveys(args.quick)
+    demo_grid()
+    cubes = {"demo": demo_cube(), "ck04": ck04_cube()}
+    print(f"templates: demo (synthetic, R = 5000) {cubes['demo']}; CK04 {cubes['ck04']}")
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(args.workers, mp_context=ctx, initializer=_init_worker) as pool:
-        roots = list(pool.map(simulate, confs, [grid_dir] * len(confs)))
+        unique = {c["sim"]: c for c in confs}
+        list(pool.map(simulate, unique.values(), [demo_grid()] * len(unique)))
         t_sim = time.perf_counter() - t_start
-        jobs = []
-        for conf, root in zip(confs, roots, strict=True):
-            info = json.loads((root / "survey.json").read_text())
-            jobs += [(conf["name"], pool.submit(calibrate_one, str(root), e, str(cube)))
-                     for e in info["exposures"]]
-        rows = {c["name"]: [] for c in confs}
-        for name, fut in jobs:
-            rows[name].append(fut.result())
+        rows = {c["name"]: run_survey(c, pool) for c in confs}
     t_all = time.perf_counter() - t_start
     seconds = [r["seconds"] for rs in rows.values() for r in rs if "seconds" in r]
 
-    main_rows = rows[confs[0]["name"]]
+    print("\n=== cross-model surveys (standards not from the templates' model) ===")
+    for c in confs:
+        if c["cross"]:
+            report(c, rows[c["name"]])
+    print("\n=== self-consistency (standards from the template grid itself) ===")
+    for c in confs:
+        if not c["cross"]:
+            report(c, rows[c["name"]])
+    main_conf = next(c for c in confs if c["name"] == "main")
     print()
-    print(f"=== main survey: standards S/N {confs[0]['snr_range'][0]:g}-"
-          f"{confs[0]['snr_range'][1]:g}, per exposure (n = observed/used standards; "
-          "d = fitted - true per standard) ===")
-    for r in main_rows:
-        print(exposure_line(r))
-    print()
-    summary(main_rows, "main survey")
-    print("  anchors: SDSS ~4% rms, BOSS ~6%; targets < 1% shape, < 2% absolute at S/N >= 30")
-    verdict(main_rows)
-    print()
-    print("=== scan: standards' S/N bin x number of standards (medians; shape S/N>=30 pools the "
-          "science fibers with target S/N >= 30) ===")
-    scan_table([(c["name"].replace("snr", ""), rows[c["name"]]) for c in confs[1:]])
-    print()
-    for c in confs[1:]:
-        summary(rows[c["name"]], f"S/N bin {c['snr_range'][0]:g}-{c['snr_range'][1]:g}")
-    print()
-    outliers([r for rs in rows.values() for r in rs])
-    print()
-    print(f"time: {t_all:.0f} s total on {args.workers} processes (simulation {t_sim:.0f} s, "
+    summary(rows["main"], "main survey (details)")
+    verdict(rows["main"])
+    scan = [c for c in confs if c["name"].startswith("snr")]
+    if scan:
+        print("\n=== scan: standards' S/N bin x number of standards (medians) ===")
+        scan_table([(c["name"].replace("snr", ""), rows[c["name"]]) for c in scan])
+    unexpected([r for rs in rows.values() for r in rs])
+    print(f"\ntime: {t_all:.0f} s total on {args.workers} processes (simulation {t_sim:.0f} s, "
           f"cached surveys are reused); calibrate_exposure median {np.median(seconds):.2f} s "
-          f"per exposure; {load_note()}")
+          f"per exposure; {main_conf['exposures']} main exposures; {load_note()}")
     sys.stdout.flush()
 
 

@@ -126,13 +126,25 @@ BOSZ_RESOLUTIONS = {
 #: (Schlafly & Finkbeiner 2011, ApJ 737, 103, Table 6, R_V = 3.1).
 COLOUR_EXCESS_PER_EBV = {"bp_rp": 1.339, "g_r": 0.901}
 
-#: Nominal solar mass parameter G M_sun, cm^3 s^-2 (IAU 2015 Resolution B3).
-GM_SUN_CGS = 1.3271244e26
-#: The parsec, cm (IAU 2015 Resolution B2: 648000/pi au, au = 1.495978707e13 cm).
-PARSEC_CM = 3.0856775814913673e18
-#: Gaia DR2 global parallax zero point, mas: DR2 parallaxes are on average 0.029 mas too small
-#: (Lindegren et al. 2018, A&A 616, A2, from quasars); the true parallax is plx - (-0.029).
-GAIA_DR2_PARALLAX_ZEROPOINT_MAS = -0.029
+# ----------------------------------------------------------------------------- stars, Gaia
+#: Nominal solar mass parameter G M_sun, cm^3 s^-2 (IAU 2015 Resolution B3:
+#: 1.3271244e20 m^3 s^-2).
+GM_SUN = 1.3271244e26
+#: Nominal solar radius, cm (IAU 2015 Resolution B3: 6.957e8 m).
+R_SUN = 6.957e10
+#: Astronomical unit, cm (IAU 2012 Resolution B2, exact), and the parsec, 648000/pi au
+#: (IAU 2015 Resolution B2), cm.
+AU = 1.495978707e13
+PARSEC = 648000.0 / math.pi * AU
+#: Stefan-Boltzmann constant, erg/s/cm^2/K^4 (CODATA 2018, exact from h, k and c).
+STEFAN_BOLTZMANN = 5.670374419e-5
+#: Global zero point of Gaia DR2 parallaxes, mas: catalogue parallax minus true parallax,
+#: from quasars (Lindegren et al. 2018, A&A 616, A2, section 5.2).
+GAIA_DR2_PARALLAX_ZERO_POINT = -0.029
+#: Median Gaia DR2 parallax uncertainty against G, (G, mas): 0.04 mas for G < 14, 0.1 mas at
+#: G = 17 and 0.7 mas at G = 20 (Lindegren et al. 2018, A&A 616, A2, abstract); interpolate
+#: log-linearly in between.
+GAIA_DR2_PARALLAX_ERROR = ((14.0, 0.04), (17.0, 0.1), (20.0, 0.7))
 #: Mass of spectrophotometric standards, Msun (mean, sigma), for log g from a parallax: F/G
 #: dwarfs, turnoff stars and metal-poor subdwarfs span ~0.7-1.4 Msun (e.g. Casagrande et al.
 #: 2011, A&A 530, A138, Geneva-Copenhagen survey masses).

@@ -309,6 +309,19 @@ def _save_state(partial, state):
     os.replace(tmp, _state_path(partial))
 
 
+def _provenance(bosz_dir):
+    """(title, reference, synthetic) of a BOSZ-layout directory, from its marker files."""
+    from .ck04 import CK04_MARKER
+
+    bosz = "Meszaros et al. 2024, A&A 688, A197 (BOSZ 2024)"
+    if any(Path(bosz_dir).glob("SYNTHETIC_GRID*")):
+        return "BOSZ 2024 stellar template grid (SYNTHETIC stand-in)", bosz, True
+    if (Path(bosz_dir) / CK04_MARKER).exists():
+        return ("Castelli & Kurucz 2004 (ATLAS9 ODFNEW) stellar template grid, BOSZ layout",
+                "Castelli & Kurucz 2003, IAU Symp. 210, A20 (CK04)", False)
+    return "BOSZ 2024 stellar template grid", bosz, False
+
+
 def build_grid(bosz_dir, out, *, wave_min=3000.0, wave_max=11000.0, resolution=None,
                workers=1, progress=True, overwrite=False):
     """Convert a BOSZ-layout directory into the labelled Zarr cube (see module docstring).
@@ -371,9 +384,9 @@ def build_grid(bosz_dir, out, *, wave_min=3000.0, wave_max=11000.0, resolution=N
     weights = band_weights(list(BANDS), wave_full).fillna(0.0).values
     reddened = [weights * 10.0 ** (-0.4 * EBV_REFERENCE * extinction_per_ebv(wave_full, law))
                 for law in LAWS]
-    synthetic = any(Path(bosz_dir).glob("SYNTHETIC_GRID*"))
+    title, reference, synthetic = _provenance(bosz_dir)
     attrs = {
-        "title": "BOSZ 2024 stellar template grid" + (" (SYNTHETIC stand-in)" if synthetic else ""),
+        "title": title,
         "synthetic": int(synthetic),
         "source_directory": str(Path(bosz_dir).resolve()),
         "resolution": scan["resolution"],
@@ -386,7 +399,7 @@ def build_grid(bosz_dir, out, *, wave_min=3000.0, wave_max=11000.0, resolution=N
         "chosen_atmospheres": json.dumps(sorted({m["atmos"] for m in models})),
         "chosen_vmicro": json.dumps(sorted({m["vmicro"] for m in models})),
         "chosen_carbon": json.dumps(sorted({m["carbon"] for m in models})),
-        "reference": "Meszaros et al. 2024, A&A 688, A197 (BOSZ 2024)",
+        "reference": reference,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "kspec_fluxcal_version": __version__,
         "build_plan": plan,

@@ -13,11 +13,11 @@ from .constants import (
     AB_REFERENCE_FNU,
     BANDS,
     COLOUR_EXCESS_PER_EBV,
-    GAIA_DR2_PARALLAX_ZEROPOINT_MAS,
-    GM_SUN_CGS,
+    GAIA_DR2_PARALLAX_ZERO_POINT,
+    GM_SUN,
     HC_ERG_AA,
     MIN_PARALLAX_SNR,
-    PARSEC_CM,
+    PARSEC,
     SPEED_OF_LIGHT_AAS,
     STANDARD_MASS_PRIOR,
 )
@@ -400,7 +400,7 @@ def logg_from_parallax(scale, parallax, parallax_err, mass=STANDARD_MASS_PRIOR):
         Dilution factors (R/D)^2 of the models (surface flux to flux at Earth).
     parallax, parallax_err : array_like
         Catalog parallax and its error, mas (Gaia DR2: the global zero point
-        :data:`~kspec_fluxcal.constants.GAIA_DR2_PARALLAX_ZEROPOINT_MAS` is removed).
+        :data:`~kspec_fluxcal.constants.GAIA_DR2_PARALLAX_ZERO_POINT` is removed).
     mass : (float, float)
         Mean and sigma of the mass prior, Msun.
 
@@ -410,12 +410,12 @@ def logg_from_parallax(scale, parallax, parallax_err, mass=STANDARD_MASS_PRIOR):
         cgs dex; NaN where the parallax is missing or below
         :data:`~kspec_fluxcal.constants.MIN_PARALLAX_SNR` sigma.
     """
-    plx = np.asarray(parallax, dtype=np.float64) - GAIA_DR2_PARALLAX_ZEROPOINT_MAS
+    plx = np.asarray(parallax, dtype=np.float64) - GAIA_DR2_PARALLAX_ZERO_POINT
     err = np.asarray(parallax_err, dtype=np.float64)
     good = np.isfinite(plx) & np.isfinite(err) & (err > 0) & (plx > MIN_PARALLAX_SNR * err)
     with np.errstate(divide="ignore", invalid="ignore"):
-        distance = PARSEC_CM * 1000.0 / np.where(good, plx, np.nan)
+        distance = PARSEC * 1000.0 / np.where(good, plx, np.nan)
         radius2 = distance**2 * np.asarray(scale, dtype=np.float64)
-        logg = np.log10(GM_SUN_CGS * mass[0] / radius2)
+        logg = np.log10(GM_SUN * mass[0] / radius2)
         logg_err = np.hypot(mass[1] / mass[0], 2.0 * err / plx) / np.log(10.0)
     return np.where(good, logg, np.nan), np.where(good, logg_err, np.nan)

@@ -1,37 +1,47 @@
-"""Demo survey simulator: RED files, a Refcat2 catalog and the truth behind them.
+"""Survey simulator: RED files, a Refcat2 catalog and the truth behind them.
 
 Everything is written in exactly the formats of the contract (``formats.md``): RED files
 (section 1), the ATLAS Refcat2 CSV catalog (section 2), with a BOSZ-layout template grid
-(section 3) as the source of the stellar spectra. The truth of every exposure is saved next to
-it, so that tests, the demo and the accuracy benchmark can compare a calibration with what it
-should have returned. Every number is drawn from one seed: the same arguments give the same
-bytes.
+(section 3) as the default source of the stellar spectra. The truth of every exposure is saved
+next to it, so that tests, the demo and the accuracy benchmark can compare a calibration with
+what it should have returned. Every number is drawn from one seed: the same arguments give the
+same bytes.
 
 Model of one exposure
 ---------------------
 Wavelengths are in Angstrom, in air; flux densities in units of 1e-17 erg/s/cm2/A
 (:data:`~kspec_fluxcal.constants.FLUX_UNIT_SCALE`).
 
-1. *Stars* are BOSZ-layout spectra interpolated multilinearly in (Teff, log g, [M/H]) at
-   off-grid parameters (:class:`GridStars`), Doppler shifted on the native grid with a cubic
-   spline in ln(lambda), ``f(lambda) = f_rest(lambda / (1 + v/c))`` without the 1/(1+z) flux
-   factor (it is absorbed in the photometric scale), reddened with Fitzpatrick (1999)
-   ``R_V = 3.1`` and scaled by the dilution (R/D)^2 to their Gaia G magnitude. Their catalog
-   photometry is the synthetic photometry of that spectrum over the grid's full range.
-2. *Science targets*: grid stars anywhere in the grid, an old-population galaxy (a cool,
-   metal-rich grid star standing in for the continuum, velocity broadened and redshifted,
-   plus [O II], H-beta, [O III], H-alpha, [N II], [S II] emission lines) and a quasar (a power
-   law with broad lines and the mean Lyman-alpha forest). Sky fibers have no target; a dead
-   fiber (TYPE 'D') is all NaN.
-3. The *truth* ``true_flux`` is each target's spectrum convolved with the line-spread function
-   and sampled at the pixel centres with :func:`kspec_fluxcal.templates.convolution_matrix`
-   (the operator the fitter uses), i.e. the flux above the atmosphere that a perfect
-   calibration returns for a fiber with no aperture loss.
+1. *Stars* come from a star source (:mod:`kspec_fluxcal.sources`): BOSZ-layout spectra
+   interpolated multilinearly in (Teff, log g, [M/H]) at off-grid parameters
+   (:class:`GridStars`; a synthetic grid, a converted CK04 grid or BOSZ), the synthetic model
+   computed at the drawn parameters, of either model family (:class:`ModelStars`), or real
+   CALSPEC stars (:class:`CalspecStars`). The field (science stars, galaxy continua, catalog
+   decoys) uses ``stars``; the standards ``standard_source`` (default the same), so that
+   standards can come from another model than the templates: cross-model tests. Spectra are
+   Doppler shifted on the native grid with a cubic spline in ln(lambda),
+   ``f(lambda) = f_rest(lambda / (1 + v/c))`` without the 1/(1+z) flux factor (it is absorbed
+   in the photometric scale), reddened with Fitzpatrick (1999) ``R_V = 3.1`` and scaled by the
+   dilution (R/D)^2 to their Gaia G magnitude. Their catalog photometry is the synthetic
+   photometry of that spectrum over the source's full range.
+2. *Science targets*: field stars, an old-population galaxy (a cool, metal-rich field star
+   standing in for the continuum, velocity broadened and redshifted, plus [O II], H-beta,
+   [O III], H-alpha, [N II], [S II] emission lines) and a quasar (a power law with broad lines
+   and the mean Lyman-alpha forest). Sky fibers have no target; a dead fiber (TYPE 'D') is all
+   NaN.
+3. The *truth* ``true_flux`` is each target's spectrum convolved with the true line-spread
+   function and sampled at the pixel centres with
+   :func:`kspec_fluxcal.templates.convolution_matrix` (the operator the fitter uses), with the
+   source's own resolution removed in quadrature (where the source is broader than the
+   instrument, e.g. CK04's 20 A sampling or CALSPEC's 9.8 A FWHM, it is only sampled, and
+   ``source_sharper`` records on which fraction of the pixels): the flux above the atmosphere
+   that a perfect calibration returns for a fiber with no aperture loss.
 4. The *response* (counts per pixel per flux unit) is exposure time x collecting area x
    transparency x instrument throughput x atmospheric transmission 10^(-0.4 k(lambda) X)
    x telluric transmission x pixel width x lambda / (h c). Fibers lose a grey fraction of a
    point source's light (``aperture``, 0.85-0.95, independent per fiber), so
-   ``counts_noiseless = true_flux * response * aperture[:, None]`` exactly.
+   ``counts_noiseless = true_flux * response * aperture[:, None]`` exactly (on the common
+   grid; with per-fiber wavelengths or line-spreads the counts follow each fiber's own).
 5. *Noise*: Poisson counts of signal plus sky (gain 1 e-/count), minus the sky, plus 4 e-
    read noise. The VARIANCE extension is the model variance signal + sky + read noise^2.
    Sky-subtraction residuals at bright sky lines (a few % of the sky line, P-Cygni-like) are
@@ -40,29 +50,53 @@ Wavelengths are in Angstrom, in air; flux densities in units of 1e-17 erg/s/cm2/
 
 Standard stars get magnitudes such that their median S/N per pixel lands in ``snr_range``;
 when the exposure cannot reach it within Gaia G 13.5-16.5, the exposure's transparency (an
-overall efficiency scale, recorded in the truth) is changed instead.
+overall efficiency scale, recorded in the truth) is changed instead. An exposure may have no
+standard star (``n_standards=0``).
+
+Line-spread function. The header's FWHMPCk is the nominal LSF (Gaussian). The light meets a
+true one that can differ, as the fitter must cope with: FWHM x ``lsf_scale`` (per exposure,
+unknown to the pipeline), x each fiber's own scale (``fiber_lsf_scatter``), and optionally
+integrated over the pixel (``pixel_integration``: a one-pixel box on top of the Gaussian).
+Stars, sky lines and tellurics all go through the true LSF; the default is the header's.
 
 The tellurics are a fixed, seeded forest of unresolved lines inside the five regions of the
 ``telluric_default`` mask (10 A inside their edges), so the transmission is 1 outside them to
-better than 1e-4 for both preset setups (LSF FWHM 2.5-9 A), at airmass 2 and high water.
+better than 1e-4 for the preset setups (LSF FWHM 2.5-10 A), at airmass 2 and high water. The
+water column (``pwv``) is drawn per exposure, so it changes within a night; airmass 1-2.
+
+Optional FIBRES column ``LSF_SCALE`` (float; written when ``fiber_lsf_scatter`` > 0): the
+FWHM of this fiber's line-spread function over the header's FWHM (FWHMPCk), as arc lines
+would measure it. The stars' true FWHM is that times the exposure's ``lsf_scale``.
 
 The catalog holds every observed star (standards and science stars) and decoys that are not
 observed: a neighbour 3-10 arcsec from each standard and a few field stars, so that matching
 by OBJID or position matters. Its AGaia and Ag are biased high (1.3 x the truth + noise), as a
-dust map integrated through the whole Galaxy would be.
+dust map integrated through the whole Galaxy would be. Parallaxes follow each star: a mass
+drawn in 0.75-1.3 M_sun and its log g give the radius R = sqrt(G M / g), the dilution the
+distance D = R / sqrt((R/D)^2), and the catalog has 1000 / D[pc] plus the Gaia DR2 zero point
+(-0.029 mas) plus noise of the DR2 error at that G (:func:`gaia_parallax_error`).
 
 Truth file (``truth/<EXPID>.npz``)
 ----------------------------------
 ``wavelength`` (npix; air, Angstrom: the grid ``open_exposure`` returns), ``true_flux``,
 ``counts_noiseless``, ``sky_counts`` (fiber, wavelength), ``response``, ``throughput``,
 ``atmosphere``, ``telluric`` (wavelength), ``aperture``, ``fiber_kind``, ``redshift``
-(fiber), per standard star ``std_fiber, std_objid, std_position_only`` (OBJID -1 in FIBRES),
-``std_teff, std_logg, std_feh, std_alpha, std_rv`` (km/s), ``std_ebv``, ``std_snr`` (median S/N
-per pixel of the written counts, before any resampling by the reader), ``std_gmag`` (Gaia G,
-Vega, noiseless), ``std_dilution`` ((R/D)^2) and ``std_mag`` (star, band; AB, noiseless, over
-``bands``); scalars ``airmass, exptime, mjd, transparency, pwv, aerosol, night, expid, setup,
-setup_key, wavelength_format, wavelength_unit, medium``. Dead fibers have NaN ``true_flux`` and
-``counts_noiseless``.
+(fiber); per-fiber wavelength solutions: ``fiber_wavelength`` (fiber, pixel; air, each
+fiber's own pixel centres) and ``true_flux_fiber`` (the truth on them; equal to the
+common-grid ones for 1-D files); per standard star ``std_fiber, std_objid,
+std_position_only`` (OBJID -1 in FIBRES), ``std_teff, std_logg, std_feh, std_alpha`` (NaN
+where the source does not know them), ``std_rv`` (km/s; the star's total, NaN when its own is
+unknown, as for CALSPEC) and ``std_rv_extra`` (the applied shift), ``std_ebv`` (reference +
+extra), ``std_ebv_extra`` (applied by the simulator) and ``std_ebv_reference`` (already in the
+source's spectrum, CALSPEC's), ``std_snr`` (median S/N per pixel of the written counts,
+before any resampling by the reader), ``std_gmag`` (Gaia G, Vega, noiseless),
+``std_dilution`` ((R/D)^2), ``std_mag`` (star, band; AB, noiseless, over ``bands``),
+``std_source`` (the source's label, e.g. ``grid:synthetic``, ``model:B``, ``calspec``),
+``std_name`` (CALSPEC name, else ''), ``std_mass`` (M_sun), ``std_radius`` (R_sun),
+``std_plx`` (true parallax, mas); ``fiber_lsf_scale`` (fiber); scalars ``airmass, exptime,
+mjd, transparency, pwv, aerosol, night, expid, setup, setup_key, wavelength_format,
+wavelength_unit, medium, lsf_scale, pixel_integration, field_source, source_sharper``. Dead
+fibers have NaN ``true_flux``, ``true_flux_fiber`` and ``counts_noiseless``.
 """
 
 from __future__ import annotations
@@ -79,9 +113,11 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
+import scipy.sparse
 import xarray as xr
 from astropy.io import fits
 from scipy.interpolate import CubicSpline
+from scipy.special import ndtri
 
 from . import __version__
 from ._atomic import atomic_directory, atomic_file
@@ -89,22 +125,29 @@ from .constants import (
     A_GAIA_G_PER_EBV,
     A_PS1_G_PER_EBV,
     BANDS,
-    BOSZ_RESOLUTIONS,
     CATALOG_COLUMNS,
     FLUX_UNIT_SCALE,
     FWHM_PER_SIGMA,
+    GAIA_DR2_PARALLAX_ERROR,
+    GAIA_DR2_PARALLAX_ZERO_POINT,
+    GM_SUN,
+    HC_ERG_AA,
+    KSPEC_COLLECTING_AREA_CM2,
     LSF_REFERENCE_WAVELENGTH,
+    PARSEC,
+    R_SUN,
     SPEED_OF_LIGHT_AAS,
     SPEED_OF_LIGHT_KMS,
     VEGA_TO_AB,
 )
 from .errors import GridError, OutputExistsError
 from .exposure import red_hdulist, setup_key
-from .grid import PARAMS, _read_wavelength, interpolation_weights, read_bosz_spectrum, scan_bosz
+from .grid import PARAMS
 from .lsf import LineSpread
 from .masks import load_regions
 from .photometry import ab_to_flam, synthetic_mag
 from .reddening import extinction_per_ebv
+from .sources import CalspecStars, GridStars, ModelStars
 from .templates import convolution_matrix
 from .wavelength import air_to_vacuum
 
@@ -112,13 +155,18 @@ __all__ = [
     "Setup",
     "DEFAULT_SETUP",
     "ISOPLANE_SETUP",
+    "LARGE_SETUP",
     "GridStars",
+    "ModelStars",
+    "CalspecStars",
     "SimulatedExposure",
     "simulate_exposure",
     "simulate_survey",
     "doppler_shift",
     "atmospheric_extinction",
     "telluric_transmission",
+    "parallax",
+    "gaia_parallax_error",
     "CATALOG_HEADER",
     "write_catalog",
 ]
@@ -134,10 +182,6 @@ CATALOG_HEADER = (
 # ----------------------------------------------------------------------------- instrument
 # Nominal numbers for a demo, not K-SPEC's measured values.
 
-#: Planck constant times c, erg Angstrom (h exact since the 2019 SI).
-_HC_ERG_AA = 6.62607015e-27 * SPEED_OF_LIGHT_AAS
-#: Collecting area, cm^2: a 1.6 m primary with 25% of its area lost to the central obstruction.
-_COLLECTING_AREA_CM2 = np.pi * 80.0**2 * 0.75
 #: Peak end-to-end throughput (atmosphere excluded): telescope, fiber, spectrograph, CCD.
 _PEAK_THROUGHPUT = 0.22
 #: CCD gain (e-/count) and read noise (e-), typical of a scientific CCD.
@@ -155,6 +199,12 @@ _DRIFT_SIGMA = (0.02, 0.015)
 _COSMICS_PER_FIBER = (1, 4)
 #: Sub-pixel shifts of per-fiber wavelength solutions (2-D WAVELA), pixels.
 _FIBER_SHIFT_PIXELS = 0.35
+#: Sub-pixel samples of the box integral over a pixel (``pixel_integration``): the midpoint
+#: rule on a box convolved with a Gaussian of FWHM >= 2 pixels is exact to ~1e-4.
+_PIXEL_SUBSAMPLES = 5
+#: Bounds of a fiber's FWHM scale (``fiber_lsf_scatter``): a few % scatter, never a fiber twice
+#: as sharp or blurred.
+_FIBER_LSF_CLIP = (0.8, 1.25)
 
 # ----------------------------------------------------------------------------- atmosphere
 #: Rayleigh scattering, mag/airmass: 0.0088 lambda_um^-4.05 (within 7% of Hansen & Travis
@@ -212,6 +262,11 @@ _SKY_RESIDUAL = (0.02, 0.06)
 #: Standard stars: F/G dwarfs (parameters clipped to the grid, with a margin).
 _STANDARD_RANGES = {"teff": (5500.0, 7000.0), "logg": (3.8, 4.6), "feh": (-0.9, 0.2)}
 _STANDARD_G = (13.5, 16.5)
+#: Stellar masses, M_sun, uniform: F/G dwarfs and subdwarfs, from halo subdwarfs (~0.75) to
+#: F dwarfs (~1.3; masses against spectral type of detached eclipsing binaries, Torres,
+#: Andersen & Gimenez 2010, A&ARv 18, 67). With log g they give radii, with the dilution
+#: distances, and so parallaxes consistent with each star.
+_STAR_MASS_MSUN = (0.75, 1.3)
 _RV_RANGE = (-200.0, 200.0)
 _EBV_RANGE = (0.01, 0.12)
 #: Science targets: stars (Gaia G, Vega), galaxies and quasars (AB mag of the mean flux
@@ -260,6 +315,11 @@ _EXTINCTION_BIAS = 1.3
 _EXTINCTION_NOISE = 0.02
 #: Catalog Teff: N(0, 150 K) errors; this fraction of stars has Teff = 0 (unknown).
 _TEFF_SIGMA = 150.0
+#: A catalog parallax error is the median Gaia DR2 one at the star's G
+#: (:func:`gaia_parallax_error`) times a factor uniform in this range: at a given G the errors
+#: vary with the scanning law's coverage of the sky (Lindegren et al. 2018, A&A 616, A2,
+#: section 5); the catalog parallax is the true one + the DR2 zero point + N(0, dplx).
+_PLX_ERROR_SPREAD = (0.8, 1.25)
 _TEFF_UNKNOWN = 0.2
 #: Fractions of catalog stars without 2MASS, with one PS1 band missing (99.999 / 9.999) and
 #: with one empty error field.
@@ -328,6 +388,10 @@ class Setup:
     fwhm_pixels : tuple of 3 float
         LSF FWHM in pixels at the blue end, the centre and the red end; the quadratic through
         them is written as FWHMPC0..2 (FWHM in Angstrom, x = lambda / 10000 A).
+    formats : tuple of (str, str, str), optional
+        The wavelength solutions its files are written with in a survey, as
+        (format, unit, medium) of :func:`simulate_exposure` (e.g. a WCS only); default: the
+        survey's mix of every kind.
     """
 
     name: str = "default"
@@ -336,9 +400,13 @@ class Setup:
     wave_min: float = 3500.0
     wave_max: float = 8500.0
     fwhm_pixels: tuple[float, float, float] = (2.4, 2.05, 2.35)
+    formats: tuple | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "fwhm_pixels", tuple(float(f) for f in self.fwhm_pixels))
+        if self.formats is not None:
+            object.__setattr__(self, "formats", tuple(tuple(str(v) for v in f)
+                                                      for f in self.formats))
         if int(self.pixels) != self.pixels or self.pixels < 64:
             raise ValueError(f"pixels={self.pixels!r}: need an integer >= 64")
         if int(self.fibers) != self.fibers or self.fibers < 6:
@@ -376,8 +444,14 @@ class Setup:
 
 #: The issue's default: 4096 pixels over 3500-8500 A (1.22 A/pixel), 14 fibers.
 DEFAULT_SETUP = Setup()
-#: IsoPlane-320-like: 1340 pixels over 3500-8500 A (3.73 A/pixel), 14 fibers.
-ISOPLANE_SETUP = Setup("isoplane", pixels=1340)
+#: The IsoPlane-320 commissioning setup: 14 fibers, 1340 pixels over 3500-8500 A
+#: (3.73 A/pixel), LSF FWHM 2.7 pixels (~10 A); its files carry a linear WCS only (no
+#: WAVELA), in air.
+ISOPLANE_SETUP = Setup("isoplane", pixels=1340, fwhm_pixels=(2.7, 2.7, 2.7),
+                       formats=(("wcs", "Angstroms", "air"),))
+#: A later, larger K-SPEC configuration (a stand-in, not a design value): 30 fibers, 2048
+#: pixels over 3500-8500 A (2.44 A/pixel).
+LARGE_SETUP = Setup("large", pixels=2048, fibers=30, fwhm_pixels=(2.4, 2.2, 2.4))
 
 
 def _as_setup(value):
@@ -386,181 +460,6 @@ def _as_setup(value):
     if isinstance(value, Mapping):
         return Setup(**value)
     raise TypeError(f"a setup must be a Setup or a dict of its fields, not {type(value).__name__}")
-
-
-# ============================================================================= grid stars
-
-
-class GridStars:
-    """Spectra of a BOSZ-layout directory, read once, interpolated at off-grid parameters.
-
-    Files are read on first use and kept in memory (float64 surface flux over the file's full
-    wavelength range); the grid is small. Interpolation is multilinear in (Teff, log g,
-    [M/H]) at the nearest [alpha/M], with :func:`kspec_fluxcal.grid.interpolation_weights`.
-
-    Parameters
-    ----------
-    bosz_dir : path-like
-        Directory in the BOSZ 2024 layout (formats contract section 3).
-    resolution : str, optional
-        Resolution tag, when the directory holds several.
-
-    Attributes
-    ----------
-    wavelength : numpy.ndarray
-        The grid's wavelengths, Angstrom (air above 2000 A).
-    resolving_power : float
-        R of the spectra (Gaussian FWHM = lambda / R).
-    axes : dict of str to numpy.ndarray
-        Parameter values of the grid, by name (``teff``, ``logg``, ``feh``, ``alpha``).
-    exists : numpy.ndarray of bool
-        Which grid points have a file, shaped like the axes.
-    """
-
-    def __init__(self, bosz_dir, resolution=None):
-        scan = scan_bosz(bosz_dir, resolution)
-        self.path = Path(bosz_dir)
-        self.resolution = scan["resolution"]
-        self.resolving_power = BOSZ_RESOLUTIONS[self.resolution]
-        self.wavelength = _read_wavelength(scan["wave_file"])
-        self.axes = {p: np.array(sorted({m[p] for m in scan["models"]})) for p in PARAMS}
-        self.exists = np.zeros(tuple(a.size for a in self.axes.values()), bool)
-        self._files = {}
-        for m in scan["models"]:
-            index = tuple(int(np.searchsorted(self.axes[p], m[p])) for p in PARAMS)
-            self.exists[index] = True
-            self._files[index] = m["path"]
-        self._flux = {}
-        self.synthetic = any(self.path.glob("SYNTHETIC_GRID*"))
-
-    def _read(self, index):
-        if index not in self._flux:
-            self._flux[index] = read_bosz_spectrum(self._files[index], self.wavelength.size)[0]
-        return self._flux[index]
-
-    @property
-    def files_read(self):
-        """Number of spectrum files read so far (each is read once)."""
-        return len(self._flux)
-
-    def spectrum(self, teff, logg, feh, alpha=None):
-        """Surface flux (erg/s/cm^2/A) interpolated at the given parameters, full range.
-
-        Parameters
-        ----------
-        teff, logg, feh : float or array_like
-            Parameters (broadcast together).
-        alpha : float or array_like, optional
-            [alpha/M] (nearest grid value; default 0).
-
-        Returns
-        -------
-        numpy.ndarray
-            Shape (npoint, nwave); (nwave,) when every parameter is a scalar.
-
-        Raises
-        ------
-        ValueError
-            When a point has no existing corner.
-        """
-        scalar = all(np.ndim(v) == 0 for v in (teff, logg, feh, alpha))
-        index, weight = interpolation_weights(self.axes, self.exists, teff, logg, feh, alpha)
-        if not np.all(np.isfinite(weight)):
-            raise ValueError("no grid spectrum around the requested parameters")
-        out = np.zeros((weight.shape[0], self.wavelength.size))
-        for k in range(weight.shape[0]):  # a few stars, 8 corners each
-            for c in np.flatnonzero(weight[k] > 0):
-                out[k] += weight[k, c] * self._read(tuple(index[k, c]))
-        return out[0] if scalar else out
-
-    def complete(self, teff, logg, feh, alpha=None):
-        """True where every corner with a non-zero interpolation weight exists (no hole)."""
-        everywhere = np.ones_like(self.exists)
-        index, raw = interpolation_weights(self.axes, everywhere, teff, logg, feh, alpha)
-        present = self.exists[tuple(index[..., d] for d in range(len(PARAMS)))]
-        return np.all(present | (raw == 0), axis=1)
-
-    def alpha_for(self, feh):
-        """[alpha/M] of stars of metallicity ``feh``, following the grid's convention.
-
-        Galactic chemistry: +0.25 below [M/H] = -0.5 (thick disk, halo), else 0; taken at the
-        nearest [alpha/M] that exists at both bracketing [M/H] nodes, so interpolation in
-        [M/H] never mixes alpha values.
-        """
-        feh = np.atleast_1d(np.asarray(feh, dtype=np.float64))
-        fehs, alphas = self.axes["feh"], self.axes["alpha"]
-        have = self.exists.any(axis=(0, 1))  # (feh, alpha)
-        out = np.empty(feh.shape)
-        for k, value in enumerate(feh):
-            lo = int(np.clip(np.searchsorted(fehs, value, side="right") - 1, 0, fehs.size - 1))
-            hi = min(lo + 1, fehs.size - 1)
-            both = have[lo] & have[hi]
-            target = 0.25 if value < -0.5 else 0.0
-            choices = alphas[both] if both.any() else alphas[have[lo]]
-            out[k] = choices[np.argmin(np.abs(choices - target))]
-        return out
-
-    def parameter_range(self, name, margin=0.1):
-        """(lo, hi) of parameter ``name`` inside the grid, ``margin`` of a step from the edges."""
-        ax = self.axes[name]
-        if ax.size == 1:
-            return float(ax[0]), float(ax[0])
-        return (float(ax[0] + margin * (ax[1] - ax[0])),
-                float(ax[-1] - margin * (ax[-1] - ax[-2])))
-
-    def sample(self, rng, n, ranges=None, *, margin=0.1, node_distance=0.02):
-        """Draw ``n`` stars at off-grid parameters inside the grid.
-
-        Parameters
-        ----------
-        rng : numpy.random.Generator
-        n : int
-        ranges : dict, optional
-            ``{'teff': (lo, hi), 'logg': ..., 'feh': ...}``, intersected with the grid's range
-            shrunk by ``margin`` of a step; default the grid's range.
-        margin : float
-            Distance from the grid's edges, in steps.
-        node_distance : float
-            Minimum distance of each parameter from a grid node, in local steps (so no star is
-            exactly on a node); axes with a single value are exempt.
-
-        Returns
-        -------
-        dict of str to numpy.ndarray
-            ``teff``, ``logg``, ``feh``, ``alpha``; every interpolation corner exists.
-        """
-        ranges = dict(ranges or {})
-        bounds = {}
-        for p in PARAMS[:3]:
-            lo, hi = self.parameter_range(p, margin)
-            want = ranges.get(p, (lo, hi))
-            lo, hi = max(lo, want[0]), min(hi, want[1])
-            if lo > hi:
-                raise ValueError(f"the grid's {p} range {self.axes[p][0]:g}-{self.axes[p][-1]:g} "
-                                 f"does not overlap the requested {want[0]:g}-{want[1]:g}")
-            bounds[p] = (lo, hi)
-        chosen = {p: [] for p in PARAMS}
-        count = 0
-        for _ in range(200):
-            m = max(16, 4 * n)
-            cand = {p: rng.uniform(*bounds[p], m) for p in PARAMS[:3]}
-            cand["alpha"] = self.alpha_for(cand["feh"])
-            ok = self.complete(cand["teff"], cand["logg"], cand["feh"], cand["alpha"])
-            for p in PARAMS[:3]:
-                ax = self.axes[p]
-                if ax.size > 1:
-                    step = np.gradient(ax)
-                    near = np.abs(cand[p][:, None] - ax[None, :]) / step[None, :]
-                    ok &= near.min(axis=1) > node_distance
-            for p in PARAMS:
-                chosen[p].append(cand[p][ok])
-            count += int(ok.sum())
-            if count >= n:
-                break
-        else:
-            raise ValueError(f"could not draw {n} off-grid stars with complete interpolation "
-                             f"corners in {bounds} (grid holes?)")
-        return {p: np.concatenate(v)[:n] for p, v in chosen.items()}
 
 
 # ============================================================================= spectra
@@ -615,9 +514,8 @@ def _magnitudes(wavelength, flux):
 
 def _galaxy(rng, stars, wave, window, centre_flux, resolving_power):
     """An old-population galaxy on wave[window], mean flux density ``centre_flux``."""
-    teff, feh = stars.axes["teff"], stars.axes["feh"]
-    ranges = {"teff": (teff[0], teff[0] + 0.35 * (teff[-1] - teff[0])),
-              "feh": (feh[-1] - 0.5 * (feh[-1] - feh[0]), feh[-1])}
+    (t0, t1), (f0, f1) = (stars.parameter_range(p, 0.0) for p in ("teff", "feh"))
+    ranges = {"teff": (t0, t0 + 0.35 * (t1 - t0)), "feh": (f1 - 0.5 * (f1 - f0), f1)}
     p = stars.sample(rng, 1, ranges)
     rest = stars.spectrum(p["teff"], p["logg"], p["feh"], p["alpha"])[0]
     w = wave[window]
@@ -756,8 +654,8 @@ def _throughput(wavelength, drift=(0.0, 0.0)):
 
 def _instrument_counts(wavelength, pixel_width, exptime, drift):
     """Counts per pixel per flux unit above the instrument (no atmosphere, no cloud)."""
-    return (exptime * _COLLECTING_AREA_CM2 * _throughput(wavelength, drift) * pixel_width
-            * wavelength / _HC_ERG_AA * FLUX_UNIT_SCALE / _GAIN)
+    return (exptime * KSPEC_COLLECTING_AREA_CM2 * _throughput(wavelength, drift) * pixel_width
+            * wavelength / HC_ERG_AA * FLUX_UNIT_SCALE / _GAIN)
 
 
 def _sky(wavelength, lsf, moon):
@@ -815,14 +713,20 @@ def _mag_error(band, mag):
     return lo + (hi - lo) * np.clip((mag - bright) / (faint - bright), 0.0, 1.0)
 
 
-def _catalog_row(rng, objid, ra, dec, centre, mag_ab, teff, ebv, role, fiber):
-    """One Refcat2 row (text) from true AB magnitudes (dict band -> mag, NaN = not covered)."""
+def _catalog_row(rng, objid, ra, dec, centre, mag_ab, teff, ebv, plx_true, role, fiber):
+    """One Refcat2 row (text) from true AB magnitudes (dict band -> mag, NaN = not covered)
+    and the true parallax (mas)."""
     row = dict.fromkeys(CATALOG_HEADER, "0")
-    plx = rng.uniform(0.2, 3.0)
+    # One uniform draw each for the parallax noise (by the inverse normal CDF) and the error
+    # spread: the draws the catalog made before parallaxes followed the stars.
+    noise = float(ndtri(np.clip(rng.uniform(), 1e-12, 1.0 - 1e-12)))
+    dplx = float(gaia_parallax_error(mag_ab["gaiadr2-G"] - VEGA_TO_AB["gaiadr2-G"])
+                 * rng.uniform(*_PLX_ERROR_SPREAD))
+    plx = plx_true + GAIA_DR2_PARALLAX_ZERO_POINT + dplx * noise
     row.update({
         "dstDegrees": f"{float(_separation_deg(ra, dec, *centre)):.6f}",
         "objid": str(int(objid)), "RA": f"{ra:.7f}", "Dec": f"{dec:.7f}",
-        "plx": f"{plx:.3f}", "dplx": f"{rng.uniform(0.02, 0.06):.3f}",
+        "plx": f"{plx:.3f}", "dplx": f"{dplx:.3f}",
         "pmra": f"{rng.normal(0.0, 8.0):.3f}", "dpmra": f"{rng.uniform(0.03, 0.1):.3f}",
         "pmdec": f"{rng.normal(0.0, 8.0):.3f}", "dpmdec": f"{rng.uniform(0.03, 0.1):.3f}",
         "dupvar": "0", "nstat": "0",
@@ -923,19 +827,23 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
                       wavelength_unit="Angstrom", medium="air", position_only=None,
                       dead_fiber=False, snr_range=(30.0, 150.0), airmass=None, exptime=None,
                       mjd=61345.4583, night="20261101", expid="KS20261101_0001",
-                      conditions=None, field=None):
+                      conditions=None, field=None, standard_source=None, lsf_scale=1.0,
+                      pixel_integration=False, fiber_lsf_scatter=0.0):
     """Simulate one exposure: its RED file, its truth and its catalog rows.
 
     Parameters
     ----------
     rng : numpy.random.Generator or int or numpy.random.SeedSequence
         Source of every random number (an int is a seed).
-    stars : GridStars or path-like
-        The stellar grid (a directory is loaded; pass a :class:`GridStars` to reuse one).
+    stars : GridStars, ModelStars or path-like
+        The source of the field: science stars, galaxy continua, catalog decoys, and the
+        standard stars unless ``standard_source`` is given (a directory is loaded as
+        :class:`GridStars`; pass a source object to reuse one).
     setup : Setup or dict, optional
         Pixels, fibers, range and LSF (default :data:`DEFAULT_SETUP`).
     n_standards : int
-        Standard stars (TYPE 'C'), 1-3 in a real K-SPEC exposure.
+        Standard stars (TYPE 'C'), 1-3 in a real K-SPEC exposure; 0 for an exposure without
+        any (to be calibrated from a survey-wide model).
     wavelength_format : {'wavela', 'wavela2d', 'wcs'}
         1-D WAVELA; per-fiber 2-D WAVELA with sub-pixel shifts (the reader resamples); or
         only the primary header's linear WCS.
@@ -962,6 +870,18 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
         exposure-level: ``pwv`` (water factor), ``transparency``.
     field : (float, float), optional
         Field centre RA, Dec in degrees (default random).
+    standard_source : star source or path-like, optional
+        Where the standard stars come from (:mod:`kspec_fluxcal.sources`: a grid, the model
+        of another family, CALSPEC stars; a directory is loaded as :class:`GridStars`);
+        default ``stars``.
+    lsf_scale : float or (float, float)
+        True LSF FWHM over the header's FWHMPCk (the header is unchanged); a range is drawn
+        from uniformly. 1: the header is right.
+    pixel_integration : bool
+        Integrate the light over each pixel (a one-pixel box on top of the Gaussian LSF).
+    fiber_lsf_scatter : float
+        Fractional rms scatter of the fibers' FWHM about the header's; written as the FIBRES
+        column ``LSF_SCALE`` when > 0.
 
     Returns
     -------
@@ -969,8 +889,66 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
         ``hdulist``, ``truth`` (dict of arrays) and ``catalog`` (list of row dicts).
     """
     rng = np.random.default_rng(rng)
+    # New kinds of draws come from a child generator, so that the main stream (and every
+    # exposure simulated before these options existed) stays as it was.
+    aux = rng.spawn(1)[0]
     setup = DEFAULT_SETUP if setup is None else _as_setup(setup)
-    stars = stars if isinstance(stars, GridStars) else GridStars(stars)
+    stars = _as_source(stars)
+    std_source = stars if standard_source is None else \
+        GridStars(standard_source) if isinstance(standard_source, (str, Path)) \
+        else standard_source
+    unit_factor = _check_options(setup, n_standards, wavelength_format, wavelength_unit, medium,
+                                 snr_range)
+    if position_only is None:
+        position_only = rng.random(n_standards) < _P_POSITION_ONLY
+    position_only = np.broadcast_to(np.asarray(position_only, bool), (n_standards,))
+    cond = _conditions(rng, conditions, airmass, exptime, field)
+    pixels = _pixels(rng, setup, wavelength_format)
+    optics = _true_lsfs(aux, setup, lsf_scale, pixel_integration, fiber_lsf_scatter)
+    kinds = _plan_fibers(rng, setup.fibers, n_standards, dead_fiber)
+    targets = _targets(rng, aux, stars, std_source, kinds, pixels, optics)
+    light = _light(rng, cond, pixels, optics)
+    counts = _expose(rng, targets, light, kinds, snr_range, cond["transparency"])
+    catalog, fibres = _catalog(rng, aux, stars, targets, kinds, position_only, cond["field"])
+    if fiber_lsf_scatter > 0:
+        fibres["LSF_SCALE"] = optics.fiber_scale
+    hdulist = _red_file(counts, fibres, pixels, cond, wavelength_format, unit_factor,
+                        wavelength_unit, medium, mjd, night, expid)
+    truth = {
+        "wavelength": pixels.base, "true_flux": targets.true_flux,
+        "response": counts.response, "telluric": light.telluric,
+        "atmosphere": light.atmosphere, "throughput": _throughput(pixels.base, cond["drift"]),
+        "aperture": light.aperture, "counts_noiseless": counts.noiseless,
+        "sky_counts": light.sky_counts, "fiber_kind": kinds.astype("<U8"),
+        "redshift": targets.redshift, "fiber_wavelength": pixels.rows,
+        "true_flux_fiber": targets.true_rows,
+        **_standard_truth(targets, counts, catalog, position_only),
+        "bands": np.array(BANDS),
+        **{k: np.float64(cond[k]) for k in ("airmass", "exptime", "pwv", "aerosol")},
+        "transparency": np.float64(counts.transparency),
+        "mjd": np.float64(mjd), "night": np.str_(night), "expid": np.str_(expid),
+        "setup": np.str_(setup.name), "setup_key": np.str_(setup_key(pixels.base, setup.lsf)),
+        "wavelength_format": np.str_(wavelength_format),
+        "wavelength_unit": np.str_(wavelength_unit), "medium": np.str_(medium),
+        "lsf_scale": np.float64(optics.scale), "fiber_lsf_scale": optics.fiber_scale,
+        "pixel_integration": np.bool_(pixel_integration),
+        "field_source": np.str_(stars.label), "source_sharper": np.float64(targets.sharper),
+    }
+    return SimulatedExposure(hdulist, truth, catalog.rows)
+
+
+def _as_source(stars):
+    if isinstance(stars, (str, Path)):
+        return GridStars(stars)
+    if not hasattr(stars, "spectrum"):
+        raise TypeError(f"{type(stars).__name__} cannot be the field's source (science stars, "
+                        "galaxies, decoys need parameters on demand): use a GridStars or a "
+                        "ModelStars, and pass other sources as standard_source")
+    return stars
+
+
+def _check_options(setup, n_standards, wavelength_format, wavelength_unit, medium, snr_range):
+    """Validate the options of :func:`simulate_exposure`; return the wavelength unit factor."""
     if wavelength_format not in ("wavela", "wavela2d", "wcs"):
         raise ValueError(f"wavelength_format={wavelength_format!r}: use 'wavela', 'wavela2d' "
                          "or 'wcs'")
@@ -982,83 +960,253 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
     unit_factor = {"angstrom": 1.0, "angstroms": 1.0, "nm": 10.0}.get(wavelength_unit.lower())
     if unit_factor is None:
         raise ValueError(f"wavelength_unit={wavelength_unit!r}: use 'Angstrom(s)' or 'nm'")
-    if not 1 <= n_standards <= setup.fibers - 3:
-        raise ValueError(f"n_standards={n_standards!r}: need 1 to {setup.fibers - 3}")
+    if not 0 <= n_standards <= setup.fibers - 3:
+        raise ValueError(f"n_standards={n_standards!r}: need 0 to {setup.fibers - 3}")
     lo_snr, hi_snr = (float(v) for v in snr_range)
     if not 0 < lo_snr < hi_snr:
         raise ValueError(f"snr_range={snr_range!r}: need 0 < low < high")
-    if position_only is None:
-        position_only = rng.random(n_standards) < _P_POSITION_ONLY
-    position_only = np.broadcast_to(np.asarray(position_only, bool), (n_standards,))
+    return unit_factor
 
+
+def _conditions(rng, conditions, airmass, exptime, field):
+    """Night and exposure conditions: given ones kept, the others drawn (in a fixed order)."""
     cond = dict(conditions or {})
     if "aerosol" in cond:
         aerosol = float(cond["aerosol"])
     else:
         aerosol = _AEROSOL[0] * float(rng.uniform(*_AEROSOL_NIGHT))
     drift = tuple(cond["drift"]) if "drift" in cond else tuple(rng.normal(0.0, _DRIFT_SIGMA))
-    moon = _draw(rng, cond.get("moon"), _MOON_RANGE)
-    pwv = _draw(rng, cond.get("pwv"), _PWV_RANGE)
-    transparency = _draw(rng, cond.get("transparency"), _TRANSPARENCY_RANGE)
-    airmass = round(_draw(rng, airmass, _AIRMASS_RANGE), 4)  # as written in the header
-    exptime = float(np.round(_draw(rng, exptime, _EXPTIME_RANGE)))
+    out = {"aerosol": aerosol, "drift": drift,
+           "moon": _draw(rng, cond.get("moon"), _MOON_RANGE),
+           "pwv": _draw(rng, cond.get("pwv"), _PWV_RANGE),
+           "transparency": _draw(rng, cond.get("transparency"), _TRANSPARENCY_RANGE)}
+    out["airmass"] = round(_draw(rng, airmass, _AIRMASS_RANGE), 4)  # as written in the header
+    out["exptime"] = float(np.round(_draw(rng, exptime, _EXPTIME_RANGE)))
     if field is None:
         field = (float(rng.uniform(0.0, 360.0)), float(np.degrees(np.arcsin(
             rng.uniform(np.sin(np.radians(-30.0)), np.sin(np.radians(60.0)))))))
+    out["field"] = field
+    return out
 
-    # ---- pixels: every fiber's air wavelengths; their median is the common grid
-    nfib, npix = setup.fibers, setup.pixels
-    lsf = setup.lsf
+
+class _Pixels(NamedTuple):
+    setup: Setup
+    base: np.ndarray  # the common grid (npix,), air
+    rows: np.ndarray  # every fiber's air wavelengths (nfib, npix)
+    per_fiber: bool  # rows differ from base (2-D WAVELA)
+
+
+def _pixels(rng, setup, wavelength_format):
+    """Every fiber's air wavelengths; their median is the common grid."""
     base = setup.wavelength
-    shifts = np.zeros(nfib)
+    shifts = np.zeros(setup.fibers)
     if wavelength_format == "wavela2d":
-        shifts = rng.uniform(-_FIBER_SHIFT_PIXELS, _FIBER_SHIFT_PIXELS, nfib)
+        shifts = rng.uniform(-_FIBER_SHIFT_PIXELS, _FIBER_SHIFT_PIXELS, setup.fibers)
         shifts -= np.median(shifts)
     rows = base[None, :] + shifts[:, None] * setup.dispersion
-    per_fiber = wavelength_format == "wavela2d"
+    return _Pixels(setup, base, rows, wavelength_format == "wavela2d")
 
-    # ---- native grid window: the pixels plus the LSF wings
-    wave = stars.wavelength
-    sigma_max = float(np.max(lsf.sigma(base)))
-    need = (rows.min() - 6.0 * sigma_max - 10.0, rows.max() + 6.0 * sigma_max + 10.0)
+
+# ----------------------------------------------------------------------------- line spread
+
+
+class _TrueLSF(NamedTuple):
+    """The line-spread function the light meets: a Gaussian ``core`` (the header's, scaled)
+    and, when ``pixel`` > 0, a box of that width (Angstrom) for the integration over a pixel."""
+
+    core: LineSpread
+    pixel: float = 0.0
+
+    def sigma(self, wavelength):
+        """Gaussian-equivalent sigma, Angstrom (for unresolved sky and telluric lines)."""
+        core = self.core.sigma(wavelength)
+        return np.sqrt(core**2 + self.pixel**2 / 12.0) if self.pixel else core
+
+
+class _Optics(NamedTuple):
+    scale: float  # exposure's true FWHM / header FWHM
+    fiber_scale: np.ndarray  # per fiber FWHM / header FWHM (FIBRES LSF_SCALE)
+    exposure: _TrueLSF  # the exposure's true LSF (every fiber's, without per-fiber scatter)
+    fibers: list | None  # per-fiber true LSFs, or None when they all equal ``exposure``
+
+    def all(self):
+        return [self.exposure] if self.fibers is None else [self.exposure, *self.fibers]
+
+    def fiber(self, f):
+        return self.exposure if self.fibers is None else self.fibers[f]
+
+
+def _true_lsfs(aux, setup, lsf_scale, pixel_integration, fiber_lsf_scatter):
+    """The true line-spread functions of an exposure (its own and per fiber)."""
+    if np.ndim(lsf_scale) == 0:
+        scale = float(lsf_scale)
+    else:
+        scale = float(aux.uniform(*lsf_scale))
+    if not scale > 0 or fiber_lsf_scatter < 0:
+        raise ValueError(f"lsf_scale={lsf_scale!r}, fiber_lsf_scatter={fiber_lsf_scatter!r}: "
+                         "need a positive scale and a scatter >= 0")
+    nominal = setup.lsf
+    pixel = setup.dispersion if pixel_integration else 0.0
+
+    def true(s):  # the header's own object when unchanged: the default stays bit-identical
+        core = nominal if s == 1.0 else LineSpread(tuple(c * s for c in nominal.coeffs), "true")
+        return _TrueLSF(core, pixel)
+
+    fiber_scale = np.ones(setup.fibers)
+    fibers = None
+    if fiber_lsf_scatter > 0:
+        # Rounded as written in FIBRES LSF_SCALE, so the file states the truth exactly.
+        fiber_scale = np.round(np.clip(aux.normal(1.0, fiber_lsf_scatter, setup.fibers),
+                                       _FIBER_LSF_CLIP[0], _FIBER_LSF_CLIP[1]), 4)
+        fibers = [true(scale * s) for s in fiber_scale]
+    return _Optics(scale, fiber_scale, true(scale), fibers)
+
+
+class _ExcessLSF(NamedTuple):
+    """The instrument's FWHM with a source's own resolution removed in quadrature (zero where
+    the source is the broader: the spectrum is then only sampled)."""
+
+    core: LineSpread
+    source_fwhm: object
+
+    def fwhm(self, wavelength):
+        excess = self.core.fwhm(wavelength) ** 2 - self.source_fwhm(wavelength) ** 2
+        return np.sqrt(np.maximum(excess, 0.0))
+
+
+def _source_matrix(source, wave_in, wave_out, lsf):
+    """Operator from a source's native spectra on ``wave_in`` to the light seen through the
+    true ``lsf`` at the pixel centres ``wave_out``; and the fraction of pixels where the
+    instrument is sharper than the source (those are sampled, not convolved)."""
+    n = wave_out.size
+    if lsf.pixel:
+        offsets = (np.arange(_PIXEL_SUBSAMPLES) + 0.5) / _PIXEL_SUBSAMPLES - 0.5
+        wave_out = (wave_out[:, None] + offsets[None, :] * np.gradient(wave_out)[:, None]).ravel()
+    if source.resolving_power is not None:
+        matrix, sharper = convolution_matrix(wave_in, wave_out, lsf.core, source.resolving_power)
+    else:
+        matrix, sharper = convolution_matrix(wave_in, wave_out,
+                                             _ExcessLSF(lsf.core, source.native_fwhm))
+    if lsf.pixel:
+        # Mean over the sub-pixel samples: the box integral (midpoint rule).
+        box = np.full((1, _PIXEL_SUBSAMPLES), 1.0 / _PIXEL_SUBSAMPLES)
+        matrix = scipy.sparse.kron(scipy.sparse.eye(n), box, format="csr") @ matrix
+    return matrix, sharper
+
+
+def _convolve(source, wave_in, native, fibers, pixels, optics):
+    """The native spectra of ``fibers`` (rows of ``native``) seen through each fiber's true LSF:
+    on the common grid, on each fiber's own pixels, and the source's sharper fraction."""
+    if optics.fibers is None:
+        matrix, sharper = _source_matrix(source, wave_in, pixels.base, optics.exposure)
+        true = (matrix @ native.T).T
+        if not pixels.per_fiber:
+            return true, true.copy(), sharper
+        rows = np.stack([_source_matrix(source, wave_in, pixels.rows[f], optics.exposure)[0]
+                         @ native[k] for k, f in enumerate(fibers)])
+        return true, rows, sharper
+    true = np.empty((len(fibers), pixels.base.size))
+    rows = np.empty_like(true)
+    sharper = 0.0
+    for k, f in enumerate(fibers):  # one operator per fiber: a few dozen fibers
+        matrix, frac = _source_matrix(source, wave_in, pixels.base, optics.fibers[f])
+        true[k] = matrix @ native[k]
+        rows[k] = (_source_matrix(source, wave_in, pixels.rows[f], optics.fibers[f])[0]
+                   @ native[k]) if pixels.per_fiber else true[k]
+        sharper = max(sharper, frac)
+    return true, rows, sharper
+
+
+def _window(source, pixels, optics):
+    """The part of a source's native grid under the pixels plus the LSF wings."""
+    wave = source.wavelength
+    sigma_max = max(float(np.max(lsf.sigma(pixels.base))) for lsf in optics.all())
+    need = (pixels.rows.min() - 6.0 * sigma_max - 10.0, pixels.rows.max() + 6.0 * sigma_max + 10.0)
     if wave[0] > need[0] or wave[-1] < need[1]:
-        raise GridError(stars.path, "wavelength", f"the grid covers {wave[0]:.0f}-"
-                        f"{wave[-1]:.0f} A; the setup needs {need[0]:.0f}-{need[1]:.0f} A")
+        raise GridError(getattr(source, "path", source.label), "wavelength",
+                        f"the source covers {wave[0]:.0f}-{wave[-1]:.0f} A; the setup needs "
+                        f"{need[0]:.0f}-{need[1]:.0f} A")
     first = max(int(np.searchsorted(wave, need[0])) - 1, 0)
-    window = slice(first, int(np.searchsorted(wave, need[1])) + 1)
-    w_win = wave[window]
-    resolving_power = stars.resolving_power
-    matrix, sharper = convolution_matrix(w_win, base, lsf, resolving_power)
-    if sharper > 0:
-        raise ValueError(f"setup {setup.name!r}: the LSF is sharper than the grid's R = "
-                         f"{resolving_power:g} on {100 * sharper:.0f}% of the pixels; use "
-                         "fewer pixels or a higher-resolution grid")
+    return slice(first, int(np.searchsorted(wave, need[1])) + 1)
 
-    # ---- targets
-    kinds = _plan_fibers(rng, nfib, n_standards, dead_fiber)
+
+# ----------------------------------------------------------------------------- targets
+
+
+class _Targets(NamedTuple):
+    std_fibers: np.ndarray
+    star_fibers: np.ndarray  # standards first, then science stars
+    std: dict  # the standards' drawn parameters (the source's sample)
+    params: dict  # teff, logg, feh, alpha of every star (standards first)
+    source: np.ndarray  # label of each star's source
+    rv: np.ndarray  # applied Doppler shift, km/s
+    ebv: np.ndarray  # applied (extra) reddening
+    mass: np.ndarray  # M_sun
+    mags0: np.ndarray  # (star, band) AB at dilution 1
+    gmag: np.ndarray  # Gaia G (Vega); the standards' is final after _expose
+    dilution: np.ndarray
+    true_flux: np.ndarray  # (fiber, pixel) on the common grid
+    true_rows: np.ndarray  # (fiber, pixel) on each fiber's pixels
+    redshift: np.ndarray
+    sharper: float
+
+
+def _observed(source, params, rv, ebv):
+    """Spectra of drawn stars at the dilution 1 (Doppler shifted, reddened) and their AB
+    magnitudes."""
+    observed = doppler_shift(source.wavelength, source.spectra(params), rv) \
+        * _reddening(source.wavelength, ebv)
+    return observed, _magnitudes(source.wavelength, observed)
+
+
+def _targets(rng, aux, stars, std_source, kinds, pixels, optics):
+    """Draw the stars, galaxies and quasars and convolve them to each fiber's true LSF."""
     std_fibers = np.flatnonzero(kinds == "standard")
-    sci_star_fibers = np.flatnonzero(kinds == "star")
-    star_fibers = np.concatenate([std_fibers, sci_star_fibers])
-    params = stars.sample(rng, std_fibers.size, _STANDARD_RANGES)
-    if sci_star_fibers.size:
-        sci = stars.sample(rng, sci_star_fibers.size)
-        params = {p: np.concatenate([params[p], sci[p]]) for p in PARAMS}
-    nstar = star_fibers.size
+    sci_fibers = np.flatnonzero(kinds == "star")
+    nstd, nsci = std_fibers.size, sci_fibers.size
+    std = std_source.sample(rng, nstd, _STANDARD_RANGES)
+    sci = stars.sample(rng, nsci) if nsci else {p: np.zeros(0) for p in PARAMS}
+    params = {p: np.concatenate([std[p], sci[p]]) for p in PARAMS}
+    nstar = nstd + nsci
     rv = rng.uniform(*_RV_RANGE, nstar)
     ebv = rng.uniform(*_EBV_RANGE, nstar)
-    surface = stars.spectrum(params["teff"], params["logg"], params["feh"], params["alpha"])
-    observed = doppler_shift(wave, surface, rv) * _reddening(wave, ebv)
-    mags0 = _magnitudes(wave, observed)  # AB, at the dilution 1
-    g_index = BANDS.index("gaiadr2-G")
+    same = std_source is stars
+    groups = [(stars, slice(0, nstar), params)] if same else \
+        [(std_source, slice(0, nstd), std), (stars, slice(nstd, nstar), sci)]
+    observed, mags0 = [], np.zeros((nstar, len(BANDS)))
+    for source, part, p in groups:
+        obs, mags0[part] = _observed(source, p, rv[part], ebv[part])
+        observed.append(obs)
     # Standards at G = 15 for now (their magnitude follows from the S/N); others final.
-    gmag = np.concatenate([np.full(std_fibers.size, 15.0),
-                           rng.uniform(*_SCIENCE_STAR_G, sci_star_fibers.size)])
-    dilution = 10.0 ** (-0.4 * (gmag + VEGA_TO_AB["gaiadr2-G"] - mags0[:, g_index]))
-    native = np.zeros((nfib, w_win.size))
-    native[star_fibers] = observed[:, window] * (dilution / FLUX_UNIT_SCALE)[:, None]
-    redshift = np.full(nfib, np.nan)
+    gmag = np.concatenate([np.full(nstd, 15.0), rng.uniform(*_SCIENCE_STAR_G, nsci)])
+    dilution = 10.0 ** (-0.4 * (gmag + VEGA_TO_AB["gaiadr2-G"]
+                                - mags0[:, BANDS.index("gaiadr2-G")]))
+    window = _window(stars, pixels, optics)
+    native = np.zeros((kinds.size, stars.wavelength[window].size))
+    star_fibers = np.concatenate([std_fibers, sci_fibers])
+    for (source, part, _), obs in zip(groups, observed, strict=True):
+        if source is stars:
+            native[star_fibers[part]] = obs[:, window] * (dilution[part] / FLUX_UNIT_SCALE)[:, None]
+    redshift = np.full(kinds.size, np.nan)
     redshift[star_fibers] = rv / SPEED_OF_LIGHT_KMS
+    _add_extragalactic(rng, stars, window, kinds, native, redshift, pixels.base)
+    true_flux, true_rows, sharper = _convolve(stars, stars.wavelength[window], native,
+                                              np.arange(kinds.size), pixels, optics)
+    if not same and nstd:
+        win = _window(std_source, pixels, optics)
+        native_std = observed[0][:, win] * (dilution[:nstd] / FLUX_UNIT_SCALE)[:, None]
+        true_flux[std_fibers], true_rows[std_fibers], sharper = _convolve(
+            std_source, std_source.wavelength[win], native_std, std_fibers, pixels, optics)
+    labels = np.array([std_source.label] * nstd + [stars.label] * nsci, dtype="<U32")
+    mass = aux.uniform(*_STAR_MASS_MSUN, nstar)
+    return _Targets(std_fibers, star_fibers, std, params, labels, rv, ebv, mass, mags0, gmag,
+                    dilution, true_flux, true_rows, redshift, float(sharper))
+
+
+def _add_extragalactic(rng, stars, window, kinds, native, redshift, base):
+    """Galaxies and quasars on the field source's native grid (in place)."""
     centre = 0.5 * (base[0] + base[-1])
+    wave, resolving_power = stars.wavelength, stars.resolving_power
     for f in np.flatnonzero(kinds == "galaxy"):
         level = ab_to_flam(rng.uniform(*_GALAXY_MAG), centre) / FLUX_UNIT_SCALE
         native[f], redshift[f] = _galaxy(rng, stars, wave, window, level, resolving_power)
@@ -1066,76 +1214,165 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
         level = ab_to_flam(rng.uniform(*_QSO_MAG), centre) / FLUX_UNIT_SCALE
         native[f], redshift[f] = _quasar(rng, wave, window, level, resolving_power)
 
-    # ---- convolution to the LSF at the pixel centres: the common grid, and each fiber's
-    true_flux = (matrix @ native.T).T
-    if per_fiber:
-        true_rows = np.stack([convolution_matrix(w_win, rows[f], lsf, resolving_power)[0]
-                              @ native[f] for f in range(nfib)])
-    else:
-        true_rows = true_flux.copy()
 
-    # ---- response, sky, apertures
-    def response_of(w):
-        width = np.gradient(w, axis=-1)
-        instrument = _instrument_counts(w, width, exptime, drift)
-        atmosphere = 10.0 ** (-0.4 * atmospheric_extinction(w, aerosol) * airmass)
-        telluric = telluric_transmission(w, lsf, airmass, pwv)
-        return instrument, atmosphere, telluric
+# ----------------------------------------------------------------------------- light, counts
 
-    instrument, atmosphere, telluric = response_of(base)
-    if per_fiber:
-        inst_rows, atm_rows, tell_rows = response_of(rows)
+
+class _Light(NamedTuple):
+    instrument: np.ndarray  # (pixel,) common grid, at transparency 1
+    atmosphere: np.ndarray
+    telluric: np.ndarray
+    rows: tuple  # (instrument, atmosphere, telluric) on each fiber's pixels (fiber, pixel)
+    aperture: np.ndarray
+    sky_counts: np.ndarray
+    residual: np.ndarray
+    noise_var: np.ndarray
+
+
+def _light(rng, cond, pixels, optics):
+    """Response terms, apertures, sky and sky-subtraction residuals of every fiber."""
+    nfib, npix = pixels.rows.shape
+
+    def response_of(w, lsf):
+        instrument = _instrument_counts(w, np.gradient(w, axis=-1), cond["exptime"],
+                                        cond["drift"])
+        atmosphere = 10.0 ** (-0.4 * atmospheric_extinction(w, cond["aerosol"]) * cond["airmass"])
+        return instrument, atmosphere, telluric_transmission(w, lsf, cond["airmass"], cond["pwv"])
+
+    common = response_of(pixels.base, optics.exposure)
+    if pixels.per_fiber:
+        rows = response_of(pixels.rows, optics.exposure)
     else:
-        inst_rows, atm_rows, tell_rows = (np.broadcast_to(a, (nfib, npix))
-                                          for a in (instrument, atmosphere, telluric))
+        rows = tuple(np.broadcast_to(a, (nfib, npix)) for a in common)
+    if optics.fibers is not None:
+        rows = (*rows[:2], np.stack([telluric_transmission(pixels.rows[f], optics.fibers[f],
+                                                           cond["airmass"], cond["pwv"])
+                                     for f in range(nfib)]))
     aperture = rng.uniform(*_APERTURE_RANGE, nfib)
     sky_counts = np.empty((nfib, npix))
     residual = np.zeros((nfib, npix))
     nlines = len(_SKY_LINES)
     coef_scale, coef_shift = (rng.choice([-1.0, 1.0], (nfib, nlines))
                               * rng.uniform(*_SKY_RESIDUAL, (nfib, nlines)) for _ in range(2))
-    sky_shared = None if per_fiber else _sky(base, lsf, moon)
-    for f in range(nfib):  # per fiber: its own wavelengths and residual coefficients
-        cont, profiles, offsets = sky_shared or _sky(rows[f], lsf, moon)
-        lines = profiles * inst_rows[f]
-        sky_counts[f] = cont * inst_rows[f] + lines.sum(axis=0)
+    shared = not pixels.per_fiber and optics.fibers is None
+    sky_shared = _sky(pixels.base, optics.exposure, cond["moon"]) if shared else None
+    for f in range(nfib):  # per fiber: its own wavelengths, LSF and residual coefficients
+        cont, profiles, offsets = sky_shared or _sky(pixels.rows[f], optics.fiber(f), cond["moon"])
+        lines = profiles * rows[0][f]
+        sky_counts[f] = cont * rows[0][f] + lines.sum(axis=0)
         residual[f] = coef_scale[f] @ lines + coef_shift[f] @ (lines * offsets)
-    noise_var = sky_counts + _READ_NOISE**2
+    return _Light(*common, rows, aperture, sky_counts, residual, sky_counts + _READ_NOISE**2)
 
-    # ---- standards: magnitudes for S/N in range (the transparency changes only if needed)
+
+class _Counts(NamedTuple):
+    counts: np.ndarray
+    variance: np.ndarray
+    noiseless: np.ndarray
+    response: np.ndarray
+    transparency: float
+    std_snr: np.ndarray
+
+
+def _expose(rng, targets, light, kinds, snr_range, transparency):
+    """Standards' magnitudes for their S/N (the transparency changes only if needed), then the
+    noisy counts: Poisson (signal + sky) - sky + read noise + residuals, cosmic rays."""
+    std = targets.std_fibers
+    inst_rows, atm_rows, tell_rows = light.rows
+
     def response_rows(q):
         return inst_rows * q * atm_rows * tell_rows
 
-    unit = true_rows[std_fibers] * response_rows(transparency)[std_fibers] \
-        * aperture[std_fibers, None]
-    g_std, transparency = _solve_magnitudes(rng, unit, noise_var[std_fibers],
-                                            (lo_snr, hi_snr), transparency)
+    unit = targets.true_rows[std] * response_rows(transparency)[std] * light.aperture[std, None]
+    lo, hi = (float(v) for v in snr_range)
+    g_std, transparency = _solve_magnitudes(rng, unit, light.noise_var[std], (lo, hi),
+                                            transparency)
     scale = 10.0 ** (-0.4 * (g_std - 15.0))
-    gmag[: std_fibers.size] = g_std
-    dilution[: std_fibers.size] *= scale
-    true_flux[std_fibers] *= scale[:, None]
-    true_rows[std_fibers] *= scale[:, None]
-    response = instrument * transparency * atmosphere * telluric
-    signal = true_rows * response_rows(transparency) * aperture[:, None]
-
-    # ---- noise: Poisson (signal + sky) - sky + read noise, residuals, cosmic rays
-    counts = (rng.poisson(signal + sky_counts) - sky_counts
-              + rng.normal(0.0, _READ_NOISE, (nfib, npix)) + residual)
-    variance = signal + noise_var
+    targets.gmag[: std.size] = g_std
+    targets.dilution[: std.size] *= scale
+    targets.true_flux[std] *= scale[:, None]
+    targets.true_rows[std] *= scale[:, None]
+    response = light.instrument * transparency * light.atmosphere * light.telluric
+    signal = targets.true_rows * response_rows(transparency) * light.aperture[:, None]
+    nfib, npix = signal.shape
+    counts = (rng.poisson(signal + light.sky_counts) - light.sky_counts
+              + rng.normal(0.0, _READ_NOISE, (nfib, npix)) + light.residual)
+    variance = signal + light.noise_var
     ncosmic = rng.integers(_COSMICS_PER_FIBER[0], _COSMICS_PER_FIBER[1] + 1, nfib)
     for f in range(nfib):
         hit = rng.choice(npix, ncosmic[f], replace=False)
         counts[f, hit] = np.nan
         variance[f, hit] = np.nan
     dead = kinds == "dead"
-    counts[dead] = np.nan
-    variance[dead] = np.nan
-    true_flux[dead] = np.nan
-    counts_noiseless = true_flux * response[None, :] * aperture[:, None]
+    for array in (counts, variance, targets.true_flux, targets.true_rows):
+        array[dead] = np.nan
+    noiseless = targets.true_flux * response[None, :] * light.aperture[:, None]
     with np.errstate(invalid="ignore"):
-        std_snr = np.nanmedian(signal[std_fibers] / np.sqrt(variance[std_fibers]), axis=1)
+        std_snr = np.nanmedian(signal[std] / np.sqrt(variance[std]), axis=1)
+    return _Counts(counts, variance, noiseless, response, transparency, std_snr)
 
-    # ---- positions, ids, catalog rows
+
+# ----------------------------------------------------------------------------- catalog
+
+
+class _Catalog(NamedTuple):
+    rows: list  # catalog rows (standards, science stars, decoys)
+    std_objid: np.ndarray
+    mag_true: np.ndarray  # (star, band) AB, noiseless
+    plx: np.ndarray  # true parallax, mas
+    radius: np.ndarray  # R_sun
+
+
+def parallax(mass, logg, dilution):
+    """True parallax and radius of stars of given mass, gravity and dilution.
+
+    The radius is R = sqrt(G M / g); the dilution (R/D)^2 (flux at Earth over surface flux)
+    gives the distance D = R / sqrt(dilution).
+
+    Parameters
+    ----------
+    mass : array_like
+        Solar masses.
+    logg : array_like
+        log10 surface gravity, cgs.
+    dilution : array_like
+        (R/D)^2.
+
+    Returns
+    -------
+    plx : numpy.ndarray
+        Parallax, mas (1000 / D in pc).
+    radius : numpy.ndarray
+        Radius, solar radii.
+    """
+    radius = np.sqrt(GM_SUN * np.asarray(mass, dtype=np.float64)
+                     / 10.0 ** np.asarray(logg, dtype=np.float64))
+    distance = radius / np.sqrt(np.asarray(dilution, dtype=np.float64))
+    return 1000.0 * PARSEC / distance, radius / R_SUN
+
+
+def gaia_parallax_error(gmag):
+    """Median Gaia DR2 parallax uncertainty at a Gaia G magnitude.
+
+    Parameters
+    ----------
+    gmag : float or array_like
+        Gaia G, Vega.
+
+    Returns
+    -------
+    float or numpy.ndarray
+        mas: log-linear between the anchors of
+        :data:`~kspec_fluxcal.constants.GAIA_DR2_PARALLAX_ERROR`, flat beyond them.
+    """
+    g, err = (np.array(v) for v in zip(*GAIA_DR2_PARALLAX_ERROR, strict=True))
+    return 10.0 ** np.interp(gmag, g, np.log10(err))
+
+
+def _catalog(rng, aux, stars, targets, kinds, position_only, field):
+    """Fiber positions and ids, catalog rows of the observed stars and of decoys."""
+    nfib = kinds.size
+    std_fibers, star_fibers = targets.std_fibers, targets.star_fibers
+    dead = kinds == "dead"
     ra = np.full(nfib, np.nan)
     dec = np.full(nfib, np.nan)
     radius = np.degrees(np.arccos(1.0 - rng.random(nfib) * (1.0 - np.cos(np.radians(0.5)))))
@@ -1155,97 +1392,95 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
     objid[star_fibers] = star_objid
     objid[std_pos] = -1
 
-    mag_true = mags0 + (gmag + VEGA_TO_AB["gaiadr2-G"] - mags0[:, g_index])[:, None]
-    catalog = []
+    g_index = BANDS.index("gaiadr2-G")
+    mag_true = targets.mags0 + (targets.gmag + VEGA_TO_AB["gaiadr2-G"]
+                                - targets.mags0[:, g_index])[:, None]
+    plx, star_radius = parallax(targets.mass, targets.params["logg"], targets.dilution)
+    ebv_catalog = targets.ebv + np.nan_to_num(_std_column(targets, "ebv_reference", 0.0))
+    rows = []
     for k, f in enumerate(star_fibers):
         role = "standard" if kinds[f] == "standard" else "star"
-        catalog.append(_catalog_row(rng, star_objid[k], cat_ra[f], cat_dec[f], field,
-                                    dict(zip(BANDS, mag_true[k], strict=True)),
-                                    params["teff"][k], ebv[k], role, f))
-    catalog += _decoys(rng, stars, cat_ra[std_fibers], cat_dec[std_fibers], field)
-
-    # ---- FIBRES table, header, WAVELA
+        rows.append(_catalog_row(rng, star_objid[k], cat_ra[f], cat_dec[f], field,
+                                 dict(zip(BANDS, mag_true[k], strict=True)),
+                                 targets.params["teff"][k], ebv_catalog[k], plx[k], role, f))
+    rows += _decoys(rng, aux, stars, cat_ra[std_fibers], cat_dec[std_fibers], field)
     names = np.array([f"{kind}{f:02d}" if kind not in ("dead",) else "" for f, kind
                       in enumerate(kinds)])
     types = np.array([{"standard": "C", "sky": "S", "dead": "D"}.get(k, "P") for k in kinds])
     fibres = {"NAME": names, "TYPE": types, "RA": ra, "DEC": dec, "OBJID": objid}
+    return _Catalog(rows, star_objid[: std_fibers.size], mag_true, plx, star_radius), fibres
+
+
+def _std_column(targets, key, default):
+    """A per-star value that only some sources give (e.g. CALSPEC's reference reddening):
+    the standards' own, ``default`` for science stars and sources without it."""
+    nstar = targets.star_fibers.size
+    out = np.full(nstar, default, dtype=object if isinstance(default, str) else np.float64)
+    if key in targets.std:
+        out[: targets.std_fibers.size] = targets.std[key]
+    return out
+
+
+def _standard_truth(targets, counts, catalog, position_only):
+    """The truth's per-standard entries (module docstring)."""
+    n = targets.std_fibers.size
+    ebv_ref = _std_column(targets, "ebv_reference", 0.0)[:n]
+    rv_ref = _std_column(targets, "rv_reference", 0.0)[:n]
+    return {
+        "std_fiber": targets.std_fibers, "std_objid": catalog.std_objid,
+        "std_position_only": position_only.copy(),
+        **{f"std_{p}": targets.params[p][:n] for p in PARAMS},
+        "std_rv": rv_ref + targets.rv[:n], "std_rv_extra": targets.rv[:n],
+        "std_ebv": ebv_ref + targets.ebv[:n], "std_ebv_extra": targets.ebv[:n],
+        "std_ebv_reference": ebv_ref,
+        "std_snr": counts.std_snr, "std_gmag": targets.gmag[:n],
+        "std_dilution": targets.dilution[:n], "std_mag": catalog.mag_true[:n],
+        "std_source": targets.source[:n],
+        "std_name": np.asarray(_std_column(targets, "name", "")[:n], dtype="<U32"),
+        "std_mass": targets.mass[:n], "std_radius": catalog.radius[:n],
+        "std_plx": catalog.plx[:n],
+    }
+
+
+def _red_file(counts, fibres, pixels, cond, wavelength_format, unit_factor, wavelength_unit,
+              medium, mjd, night, expid):
+    """The RED file: counts, variance, FIBRES, the header (nominal LSF) and WAVELA or WCS."""
+    setup = pixels.setup
     header = fits.Header()
-    header["EXPTIME"] = (exptime, "exposure time, s")
+    header["EXPTIME"] = (cond["exptime"], "exposure time, s")
     header["MJD-OBS"] = (float(mjd), "MJD at exposure start")
     header["EXPID"] = (expid, "exposure id")
-    header["AIRMASS"] = (airmass, "airmass at mid-exposure")
-    for k, c in enumerate(lsf.coeffs):
+    header["AIRMASS"] = (cond["airmass"], "airmass at mid-exposure")
+    for k, c in enumerate(setup.lsf.coeffs):
         header[f"FWHMPC{k}"] = (c, "LSF FWHM polynomial, A")
     header["BUNIT"] = "counts"
     header["NIGHT"] = (night, "observing night (local date of the evening)")
-    header["RACEN"] = (round(field[0], 6), "field centre RA, deg")
-    header["DECCEN"] = (round(field[1], 6), "field centre Dec, deg")
+    header["RACEN"] = (round(cond["field"][0], 6), "field centre RA, deg")
+    header["DECCEN"] = (round(cond["field"][1], 6), "field centre Dec, deg")
     header["SETUP"] = (setup.name, "instrument setup (simulation)")
     header["SIMULATE"] = (True, "simulated by kspec_fluxcal.simulate")
     wave_out, wave_header = None, None
-    written = air_to_vacuum(rows) if medium == "vac" else rows
+    written = air_to_vacuum(pixels.rows) if medium == "vac" else pixels.rows
     if wavelength_format == "wcs":
-        header["CRVAL1"] = base[0] / unit_factor
+        header["CRVAL1"] = pixels.base[0] / unit_factor
         header["CDELT1"] = setup.dispersion / unit_factor
         header["CRPIX1"] = 1.0
         header["CUNIT1"] = wavelength_unit
         header["CTYPE1"] = "Wavelength"
     else:
-        wave_out = (written if per_fiber else written[0]) / unit_factor
+        wave_out = (written if pixels.per_fiber else written[0]) / unit_factor
         wave_header = {"BUNIT": wavelength_unit}
         if medium == "vac":
             # 1-D: the WAVELA header says it; 2-D: the primary header (both are contract).
-            if per_fiber:
+            if pixels.per_fiber:
                 header["AIRORVAC"] = ("vac", "wavelength solution in vacuum")
             else:
                 wave_header["AIRORVAC"] = "vac"
-    hdulist = red_hdulist(counts, variance, fibres, header, wavelength=wave_out,
-                          wavelength_header=wave_header)
-
-    truth = {
-        "wavelength": base,
-        "true_flux": true_flux,
-        "response": response,
-        "telluric": telluric,
-        "atmosphere": atmosphere,
-        "throughput": _throughput(base, drift),
-        "aperture": aperture,
-        "counts_noiseless": counts_noiseless,
-        "sky_counts": sky_counts,
-        "fiber_kind": kinds.astype("<U8"),
-        "redshift": redshift,
-        "std_fiber": std_fibers,
-        "std_objid": star_objid[: std_fibers.size],
-        "std_position_only": position_only.copy(),
-        "std_teff": params["teff"][: std_fibers.size],
-        "std_logg": params["logg"][: std_fibers.size],
-        "std_feh": params["feh"][: std_fibers.size],
-        "std_alpha": params["alpha"][: std_fibers.size],
-        "std_rv": rv[: std_fibers.size],
-        "std_ebv": ebv[: std_fibers.size],
-        "std_snr": std_snr,
-        "std_gmag": g_std,
-        "std_dilution": dilution[: std_fibers.size],
-        "std_mag": mag_true[: std_fibers.size],
-        "bands": np.array(BANDS),
-        "airmass": np.float64(airmass),
-        "exptime": np.float64(exptime),
-        "mjd": np.float64(mjd),
-        "transparency": np.float64(transparency),
-        "pwv": np.float64(pwv),
-        "aerosol": np.float64(aerosol),
-        "night": np.str_(night),
-        "expid": np.str_(expid),
-        "setup": np.str_(setup.name),
-        "setup_key": np.str_(setup_key(base, lsf)),
-        "wavelength_format": np.str_(wavelength_format),
-        "wavelength_unit": np.str_(wavelength_unit),
-        "medium": np.str_(medium),
-    }
-    return SimulatedExposure(hdulist, truth, catalog)
+    return red_hdulist(counts.counts, counts.variance, fibres, header, wavelength=wave_out,
+                       wavelength_header=wave_header)
 
 
-def _decoys(rng, stars, std_ra, std_dec, field):
+def _decoys(rng, aux, stars, std_ra, std_dec, field):
     """Catalog stars that are not observed: a close neighbour of each standard (beyond the
     2 arcsec match radius) and a few field stars."""
     n_near, n_field = std_ra.size, _FIELD_DECOYS
@@ -1256,7 +1491,9 @@ def _decoys(rng, stars, std_ra, std_dec, field):
         * _reddening(stars.wavelength, ebv)
     mags0 = _magnitudes(stars.wavelength, observed)
     g = rng.uniform(12.0, 19.0, n)
-    mags = mags0 + (g + VEGA_TO_AB["gaiadr2-G"] - mags0[:, BANDS.index("gaiadr2-G")])[:, None]
+    shift = g + VEGA_TO_AB["gaiadr2-G"] - mags0[:, BANDS.index("gaiadr2-G")]
+    mags = mags0 + shift[:, None]
+    plx = parallax(aux.uniform(*_STAR_MASS_MSUN, n), p["logg"], 10.0 ** (-0.4 * shift))[0]
     sep = rng.uniform(*_NEIGHBOUR_ARCSEC, n_near)
     angle = rng.uniform(0.0, 2.0 * np.pi, n)
     ra_near, dec_near = _offset(std_ra, std_dec, sep * np.sin(angle[:n_near]),
@@ -1267,7 +1504,7 @@ def _decoys(rng, stars, std_ra, std_dec, field):
     ra, dec = np.concatenate([ra_near, ra_f]), np.concatenate([dec_near, dec_f])
     ids = _objid(ra, dec)
     return [_catalog_row(rng, ids[k], ra[k], dec[k], field, dict(zip(BANDS, mags[k], strict=True)),
-                         p["teff"][k], ebv[k], "decoy", -1) for k in range(n)]
+                         p["teff"][k], ebv[k], plx[k], "decoy", -1) for k in range(n)]
 
 
 # ============================================================================= survey
@@ -1277,18 +1514,20 @@ def _mjd(date):
     return float((date - _MJD_EPOCH).days)
 
 
-def _plan(rng, exposures, nights, setups):
+def _plan(rng, exposures, nights, setups, n_standards=(1, 3)):
     """Per-exposure plan: night, setup, variety, standards, OBJID -1 flags, dead fiber."""
     nights = max(1, min(nights, exposures))
     per_night = np.array_split(np.arange(exposures), nights)
     varieties = [_VARIETIES[k] for k in rng.permutation(3)]
     varieties += [_VARIETIES[k] for k in rng.integers(0, len(_VARIETIES), max(0, exposures - 3))]
-    n_std = list(rng.permutation([1, 2, 3]))
-    n_std += list(rng.integers(1, 4, max(0, exposures - 3)))
+    lo, hi = n_standards
+    n_std = list(rng.permutation(np.arange(lo, hi + 1)))
+    n_std += list(rng.integers(lo, hi + 1, max(0, exposures - (hi - lo + 1))))
     n_std = n_std[:exposures]
     position_only = [rng.random(n) < _P_POSITION_ONLY for n in n_std]
-    if not any(p.any() for p in position_only):
-        position_only[int(rng.integers(exposures))][0] = True
+    with_std = [k for k, n in enumerate(n_std) if n > 0]
+    if with_std and not any(p.any() for p in position_only):
+        position_only[with_std[int(rng.integers(len(with_std)))]][0] = True
     dead = rng.random(exposures) < _P_DEAD
     if exposures >= 3 and not dead.any():
         dead[int(rng.integers(exposures))] = True
@@ -1299,8 +1538,9 @@ def _plan(rng, exposures, nights, setups):
         start = _mjd(date) + _NIGHT_START_UT_HOURS / 24.0 + rng.uniform(0.0, 0.02)
         for seq, i in enumerate(members, start=1):
             night = date.strftime("%Y%m%d")
-            fmt, unit, medium = varieties[i]
             setup = setups[i % len(setups)]
+            fmt, unit, medium = varieties[i] if setup.formats is None \
+                else setup.formats[i % len(setup.formats)]
             plan.append({
                 "index": int(i), "night": night, "night_index": night_index,
                 "expid": f"KS{night}_{seq:04d}", "setup": setup,
@@ -1359,7 +1599,8 @@ def _demo_grid(directory, previous, workers):
 
 def simulate_survey(outdir, *, exposures=20, nights=4, seed=0, fibers=14, pixels=4096,
                     grid=None, snr_range=(30, 150), setups=None, progress=False,
-                    overwrite=False, workers=2):
+                    overwrite=False, workers=2, standard_source=None, n_standards=(1, 3),
+                    lsf_scale=1.0, pixel_integration=False, fiber_lsf_scatter=0.0):
     """Write a small simulated survey with known truth, in the formats of the contract.
 
     Layout of ``outdir``::
@@ -1374,7 +1615,8 @@ def simulate_survey(outdir, *, exposures=20, nights=4, seed=0, fibers=14, pixels
     The exposures vary deterministically with the seed: 1-D WAVELA, per-fiber 2-D WAVELA
     (resampled by the reader), WCS-only; nm and vacuum solutions; standards matched by
     position (OBJID -1); dead fibers; 1, 2 and 3 standards (a survey of at least 3 exposures
-    has each of these).
+    has each of these). A setup with ``formats`` (e.g. :data:`ISOPLANE_SETUP`: a WCS only)
+    is always written that way.
 
     Parameters
     ----------
@@ -1387,7 +1629,8 @@ def simulate_survey(outdir, *, exposures=20, nights=4, seed=0, fibers=14, pixels
     fibers, pixels : int
         Fibers per exposure and pixels per spectrum (3500-8500 A) of the default setup.
     grid : path-like, optional
-        BOSZ-layout directory; default: write a synthetic one to ``outdir/grid``
+        BOSZ-layout directory, the source of the field (and of the standards unless
+        ``standard_source``); default: write a synthetic one to ``outdir/grid``
         (R = 5000, 2500-26000 A, Teff 5250-7250 K, log g 3.5-4.5, [M/H] -1.0 to +0.25).
     snr_range : (float, float)
         Median S/N per pixel of the standard stars.
@@ -1400,6 +1643,15 @@ def simulate_survey(outdir, *, exposures=20, nights=4, seed=0, fibers=14, pixels
         Replace an existing non-empty ``outdir`` (atomically).
     workers : int
         Threads writing the synthetic grid.
+    standard_source : star source, optional
+        Source of the standard stars (:mod:`kspec_fluxcal.sources`), e.g. ``ModelStars("B")``
+        or ``CalspecStars(...)`` for cross-model surveys; default the grid.
+    n_standards : (int, int)
+        Inclusive range of standards per exposure (each value appears once in the first
+        exposures, then they are drawn); (0, 3) allows exposures without any.
+    lsf_scale, pixel_integration, fiber_lsf_scatter
+        Instrument realism, passed to every :func:`simulate_exposure` (a range of
+        ``lsf_scale`` is drawn from per exposure).
 
     Returns
     -------
@@ -1414,6 +1666,8 @@ def simulate_survey(outdir, *, exposures=20, nights=4, seed=0, fibers=14, pixels
     outdir = Path(outdir)
     if exposures < 1 or nights < 1:
         raise ValueError(f"exposures={exposures!r}, nights={nights!r}: need at least 1 each")
+    if not 0 <= n_standards[0] <= n_standards[1]:
+        raise ValueError(f"n_standards={n_standards!r}: need 0 <= low <= high")
     if outdir.exists() and any(outdir.iterdir()) and not overwrite:
         raise OutputExistsError(outdir)
     setups = [Setup(pixels=pixels, fibers=fibers)] if setups is None \
@@ -1422,6 +1676,9 @@ def simulate_survey(outdir, *, exposures=20, nights=4, seed=0, fibers=14, pixels
         raise ValueError("setups is empty")
     if len({s.name for s in setups}) != len(setups):
         raise ValueError("setups must have distinct names")
+    options = {"snr_range": snr_range, "standard_source": standard_source,
+               "lsf_scale": lsf_scale, "pixel_integration": pixel_integration,
+               "fiber_lsf_scatter": fiber_lsf_scatter}
 
     def say(text):
         if progress:
@@ -1442,7 +1699,8 @@ def simulate_survey(outdir, *, exposures=20, nights=4, seed=0, fibers=14, pixels
         else:
             grid_dir, grid_label = Path(grid), str(Path(grid).resolve())
         stars = GridStars(grid_dir)
-        plan = _plan(np.random.default_rng(plan_seed), exposures, nights, setups)
+        plan = _plan(np.random.default_rng(plan_seed), exposures, nights, setups,
+                     tuple(n_standards))
         night_conditions = [{
             "aerosol": _AEROSOL[0] * night_rng.uniform(*_AEROSOL_NIGHT),
             "drift": tuple(float(d) for d in night_rng.normal(0.0, _DRIFT_SIGMA)),
@@ -1451,54 +1709,76 @@ def simulate_survey(outdir, *, exposures=20, nights=4, seed=0, fibers=14, pixels
         rows, manifest = [], []
         for p, exp_seed in zip(plan, exposure_seeds, strict=True):
             t0 = time.perf_counter()
-            sim = simulate_exposure(
-                np.random.default_rng(exp_seed), stars, setup=p["setup"],
-                n_standards=p["n_standards"], wavelength_format=p["wavelength_format"],
-                wavelength_unit=p["wavelength_unit"], medium=p["medium"],
-                position_only=p["position_only"], dead_fiber=p["dead_fiber"],
-                snr_range=snr_range, exptime=p["exptime"], mjd=p["mjd"], night=p["night"],
-                expid=p["expid"], conditions=night_conditions[p["night_index"]])
-            rel = Path("lake") / p["night"] / f"{p['expid']}.fits"
-            with atomic_file(tmp / rel) as path:
-                sim.hdulist.writeto(path, overwrite=True, output_verify="exception")
-            truth_rel = Path("truth") / f"{p['expid']}.npz"
-            _write_truth(tmp / truth_rel, sim.truth)
-            rows += sim.catalog
-            manifest.append({
-                "path": rel.as_posix(), "truth": truth_rel.as_posix(), "night": p["night"],
-                "expid": p["expid"], "setup": p["setup"].name,
-                "setup_key": str(sim.truth["setup_key"]), "n_standards": p["n_standards"],
-                "wavelength_format": p["wavelength_format"],
-                "wavelength_unit": p["wavelength_unit"], "medium": p["medium"],
-                "position_only": int(np.sum(p["position_only"])),
-                "dead_fiber": p["dead_fiber"], "mjd": p["mjd"], "exptime": p["exptime"],
-                "airmass": float(sim.truth["airmass"]),
-            })
-            say(f"[{len(manifest)}/{exposures}] {rel.as_posix()}: {p['n_standards']} standard(s), "
-                f"{p['wavelength_format']} {p['wavelength_unit']} {p['medium']}, "
+            entry, catalog = _survey_exposure(tmp, p, np.random.default_rng(exp_seed), stars,
+                                              night_conditions[p["night_index"]], options)
+            rows += catalog
+            manifest.append(entry)
+            say(f"[{len(manifest)}/{exposures}] {entry['path']}: {p['n_standards']} "
+                f"standard(s), {p['wavelength_format']} {p['wavelength_unit']} {p['medium']}, "
                 f"{time.perf_counter() - t0:.2f} s")
         _ensure_catalog_variety(np.random.default_rng(catalog_seed), rows)
         ids = [r["objid"] for r in rows]
         if len(set(ids)) != len(ids):  # position-encoded ids collide only for coincident stars
             raise RuntimeError("duplicate catalog objids; try another seed")
         write_catalog(tmp / "catalog.csv", rows)
-        info = {
-            "title": "kspec-fluxcal simulated survey (SYNTHETIC data)",
-            "generator": f"kspec_fluxcal.simulate {__version__}",
-            "seed": int(seed),
-            "options": {
-                "exposures": exposures, "nights": nights, "fibers": fibers, "pixels": pixels,
-                "snr_range": [float(v) for v in snr_range], "grid": grid_label,
-                "setups": [dataclasses.asdict(s) for s in setups],
-            },
-            "grid": {"path": grid_label, "resolution": stars.resolution,
-                     "synthetic": bool(stars.synthetic), "files_read": stars.files_read},
-            "catalog": "catalog.csv",
-            "n_catalog_rows": len(rows),
-            "exposures": manifest,
-        }
+        recorded = {**options, "exposures": exposures, "nights": nights, "fibers": fibers,
+                    "pixels": pixels, "grid": grid_label, "setups": setups,
+                    "n_standards": n_standards}
+        info = _survey_info(seed, recorded, stars, len(rows), manifest)
         with atomic_file(tmp / "survey.json") as path:
             path.write_text(json.dumps(info, indent=1) + "\n")
     say(f"survey: {exposures} exposures in {time.perf_counter() - t_start:.1f} s -> {outdir}")
     return outdir
 
+
+def _survey_info(seed, options, stars, n_rows, manifest):
+    """The survey manifest (survey.json)."""
+    source = options["standard_source"] or stars
+    return {
+        "title": "kspec-fluxcal simulated survey (SYNTHETIC data)",
+        "generator": f"kspec_fluxcal.simulate {__version__}",
+        "seed": int(seed),
+        "options": {
+            **{k: options[k] for k in ("exposures", "nights", "fibers", "pixels")},
+            "snr_range": [float(v) for v in options["snr_range"]], "grid": options["grid"],
+            "setups": [dataclasses.asdict(s) for s in options["setups"]],
+            "n_standards": [int(v) for v in options["n_standards"]],
+            "standard_source": source.describe(),
+            "lsf_scale": np.asarray(options["lsf_scale"], dtype=float).tolist(),
+            "pixel_integration": bool(options["pixel_integration"]),
+            "fiber_lsf_scatter": float(options["fiber_lsf_scatter"]),
+        },
+        "grid": {"path": options["grid"], "resolution": stars.resolution,
+                 "synthetic": bool(stars.synthetic), "files_read": stars.files_read},
+        "catalog": "catalog.csv",
+        "n_catalog_rows": n_rows,
+        "exposures": manifest,
+    }
+
+
+def _survey_exposure(tmp, p, rng, stars, conditions, options):
+    """Simulate and write one planned exposure of a survey; its manifest entry and catalog
+    rows."""
+    sim = simulate_exposure(
+        rng, stars, setup=p["setup"], n_standards=p["n_standards"],
+        wavelength_format=p["wavelength_format"], wavelength_unit=p["wavelength_unit"],
+        medium=p["medium"], position_only=p["position_only"], dead_fiber=p["dead_fiber"],
+        exptime=p["exptime"], mjd=p["mjd"], night=p["night"], expid=p["expid"],
+        conditions=conditions, **options)
+    rel = Path("lake") / p["night"] / f"{p['expid']}.fits"
+    with atomic_file(tmp / rel) as path:
+        sim.hdulist.writeto(path, overwrite=True, output_verify="exception")
+    truth_rel = Path("truth") / f"{p['expid']}.npz"
+    _write_truth(tmp / truth_rel, sim.truth)
+    t = sim.truth
+    entry = {
+        "path": rel.as_posix(), "truth": truth_rel.as_posix(), "night": p["night"],
+        "expid": p["expid"], "setup": p["setup"].name, "setup_key": str(t["setup_key"]),
+        "n_standards": p["n_standards"], "wavelength_format": p["wavelength_format"],
+        "wavelength_unit": p["wavelength_unit"], "medium": p["medium"],
+        "position_only": int(np.sum(p["position_only"])), "dead_fiber": p["dead_fiber"],
+        "mjd": p["mjd"], "exptime": p["exptime"], "airmass": float(t["airmass"]),
+        "pwv": float(t["pwv"]), "lsf_scale": float(t["lsf_scale"]),
+        "std_source": [str(v) for v in t["std_source"]],
+    }
+    return entry, sim.catalog

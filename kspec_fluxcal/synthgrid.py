@@ -40,6 +40,7 @@ equivalent widths); see the comments next to each constant.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import sys
@@ -62,6 +63,10 @@ __all__ = [
     "LINE_LIST_SEED",
     "LineList",
     "DEFAULT_LINES",
+    "ModelFamily",
+    "FAMILY_A",
+    "FAMILY_B",
+    "MODEL_FAMILIES",
     "line_list",
     "synthetic_spectrum",
     "bosz_wavelength_grid",
@@ -485,6 +490,68 @@ _HAZE, _HAZE_DT, _HAZE_POWER, _HAZE_UV = 1.51, 1214.0, 5.77, 3263.0
 _TAU_CUT = 3e-4
 
 
+@dataclasses.dataclass(frozen=True)
+class ModelFamily:
+    """Free constants of the synthetic model: one set per model "family".
+
+    The default values are the model of the module docstring (family ``"A"``, the one every
+    synthetic grid is written with). Another family changes the model in form, not only in its
+    parameters: stars of one family fitted with templates of another meet a template mismatch,
+    as real stars do with any model grid (cross-model tests).
+
+    Parameters
+    ----------
+    name : str
+        Label (recorded by the simulator as the stars' source).
+    line_seed : int
+        Seed of the pseudo-random metal-line list (another line list: other weak lines).
+    metal_log_tau_shift : float
+        Added to log10 tau of the pseudo-random metal lines, dex (oscillator strengths of
+        another line list).
+    hminus_ff : float
+        Weight of the H- free-free opacity (sets the near-infrared continuum slope).
+    gamma_cool, gamma_hot : float
+        Weights of the Eddington-Barbier temperature excursion of cool and hot models (the
+        temperature gradient of the atmosphere: the continuum's colour at a given Teff).
+    balmer_depth : float
+        Scale of the Balmer (and Paschen) jump depth.
+    mg_k : float
+        Strength of the Mg I bound-free edge and near-UV metal opacity.
+    h_wing_beta : float
+        Stark-wing constant of the hydrogen lines (H-beta at the peak strength).
+    haze : float
+        Strength of the haze of unresolved weak lines.
+    """
+
+    name: str = "A"
+    line_seed: int = LINE_LIST_SEED
+    metal_log_tau_shift: float = 0.0
+    hminus_ff: float = _HMINUS_FF
+    gamma_cool: float = _GAMMA_COOL
+    gamma_hot: float = _GAMMA_HOT
+    balmer_depth: float = _BALMER_DEPTH
+    mg_k: float = _MG_K
+    h_wing_beta: float = _H_WING_BETA
+    haze: float = _HAZE
+
+
+#: The model of the module docstring: every synthetic grid is written with it.
+FAMILY_A = ModelFamily()
+#: A second model family, differing from A as two real model grids differ (each change is
+#: within the spread of published physics): another weak-line list (seed) with oscillator
+#: strengths 0.1 dex larger; H- free-free opacity +8 % (John 1988 vs Bell & Berrington 1987
+#: cross-sections differ by a few %); a shallower temperature gradient (gamma -6 % cool,
+#: +17 % hot: convection / mixing-length choices); Balmer jump 8 % shallower; Mg I
+#: bound-free +20 % (photoionisation cross-sections are uncertain by 20-30 %); Stark wings
+#: 10 % weaker (VCS vs Stehle-Hutcheon profiles); 11 % less unresolved-line haze ("missing
+#: opacity").
+FAMILY_B = ModelFamily(name="B", line_seed=LINE_LIST_SEED + 1, metal_log_tau_shift=0.1,
+                       hminus_ff=0.072, gamma_cool=1.6, gamma_hot=0.35, balmer_depth=0.57,
+                       mg_k=0.36, h_wing_beta=140.0, haze=1.35)
+#: The model families by name.
+MODEL_FAMILIES = {f.name: f for f in (FAMILY_A, FAMILY_B)}
+
+
 def _logistic(x):
     return 0.5 * (1.0 + np.tanh(0.5 * np.asarray(x, dtype=float)))
 
@@ -502,9 +569,9 @@ def _planck_surface(wave: np.ndarray, temp) -> np.ndarray:
     return _PLANCK_C1 / wave**5 / np.expm1(x)
 
 
-def _hminus_shape(wave: np.ndarray, teff: float) -> np.ndarray:
+def _hminus_shape(wave: np.ndarray, teff: float, family: ModelFamily = FAMILY_A) -> np.ndarray:
     lam = wave * 1e-4
-    ff = _HMINUS_FF * (teff / 6000.0) ** _HMINUS_FF_POWER
+    ff = family.hminus_ff * (teff / 6000.0) ** _HMINUS_FF_POWER
     edge = np.clip(1.0 / lam - 1.0 / _HMINUS_THRESHOLD_UM, 0.0, None)
     kappa = lam**3 * edge**1.5 + ff * lam**2
     lam0 = _HMINUS_NORM_UM
@@ -512,9 +579,9 @@ def _hminus_shape(wave: np.ndarray, teff: float) -> np.ndarray:
     return kappa / norm
 
 
-def _balmer_depth(teff: float, logg: float) -> float:
+def _balmer_depth(teff: float, logg: float, family: ModelFamily = FAMILY_A) -> float:
     raw = (
-        _BALMER_DEPTH
+        family.balmer_depth
         * _logistic((teff - 7000.0) / 700.0)
         * _logistic((11500.0 - teff) / 1500.0)
         * math.exp(-0.15 * (logg - 4.0))
@@ -522,32 +589,35 @@ def _balmer_depth(teff: float, logg: float) -> float:
     return float(0.9 * np.tanh(raw / 0.9))
 
 
-def _continuum_opacity(wave: np.ndarray, teff: float, feh: float) -> np.ndarray:
+def _continuum_opacity(wave: np.ndarray, teff: float, feh: float,
+                       family: ModelFamily = FAMILY_A) -> np.ndarray:
     """Continuum opacity relative to its mean (1 near 8500 A): H-, UV metals, Mg I edge."""
     metals = 10.0 ** (0.5 * feh)
     return (
-        _hminus_shape(wave, teff)
+        _hminus_shape(wave, teff, family)
         + _UV_K
         * math.exp(-(teff - 6000.0) / _UV_DT)
         * metals
         * _logistic((_UV_EDGE - wave) / _UV_EDGE_WIDTH)
         * (2500.0 / wave) ** _UV_POWER
-        + _MG_K
+        + family.mg_k
         * metals
         * _logistic((_MG_T - teff) / 500.0)
         * _logistic((_MG_EDGE - wave) / _MG_EDGE_WIDTH)
     )
 
 
-def _continuum(wave: np.ndarray, teff: float, logg: float, feh: float) -> np.ndarray:
+def _continuum(wave: np.ndarray, teff: float, logg: float, feh: float,
+               family: ModelFamily = FAMILY_A) -> np.ndarray:
     """Unnormalised surface continuum flux, erg/s/cm2/A (see the module docstring)."""
-    gamma = _GAMMA_HOT + (_GAMMA_COOL - _GAMMA_HOT) * _logistic((_GAMMA_T0 - teff) / _GAMMA_DT)
-    kappa = _continuum_opacity(wave, teff, feh)
+    hot, cool = family.gamma_hot, family.gamma_cool
+    gamma = hot + (cool - hot) * _logistic((_GAMMA_T0 - teff) / _GAMMA_DT)
+    kappa = _continuum_opacity(wave, teff, feh, family)
     # Eddington-Barbier: the continuum forms at tau_Ross = 2/3 * kbar / kappa_lambda
     t4 = 1.0 + 0.5 * gamma * (1.0 / kappa - 1.0)
     temp = teff * t4**0.25
     cont = _planck_surface(wave, temp)
-    d_balmer = _balmer_depth(teff, logg)
+    d_balmer = _balmer_depth(teff, logg, family)
     cont *= 1.0 - d_balmer * _logistic((_BALMER_EDGE - wave) / _BALMER_EDGE_WIDTH)
     cont *= 1.0 - _PASCHEN_TO_BALMER * d_balmer * _logistic(
         (_PASCHEN_EDGE - wave) / _PASCHEN_EDGE_WIDTH
@@ -555,8 +625,8 @@ def _continuum(wave: np.ndarray, teff: float, logg: float, feh: float) -> np.nda
     return cont
 
 
-def _haze(wave: np.ndarray, teff: float, feh: float) -> np.ndarray:
-    strength = _HAZE * 10.0**feh * math.exp(-(teff - 5000.0) / _HAZE_DT)
+def _haze(wave: np.ndarray, teff: float, feh: float, family: ModelFamily = FAMILY_A) -> np.ndarray:
+    strength = family.haze * 10.0**feh * math.exp(-(teff - 5000.0) / _HAZE_DT)
     return np.exp(-strength * (3500.0 / wave) ** _HAZE_POWER / (1.0 + (_HAZE_UV / wave) ** 8))
 
 
@@ -575,7 +645,8 @@ def _doppler_kms(teff: float, mass) -> np.ndarray:
     return np.sqrt(2.0 * _K * teff / (np.asarray(mass) * _AMU) * 1e-10 + _VMICRO**2)
 
 
-def _metal_log_tau(lines: LineList, teff, logg, feh, alpha) -> np.ndarray:
+def _metal_log_tau(lines: LineList, teff, logg, feh, alpha,
+                   family: ModelFamily = FAMILY_A) -> np.ndarray:
     return (
         lines.log_tau
         + feh
@@ -584,7 +655,7 @@ def _metal_log_tau(lines: LineList, teff, logg, feh, alpha) -> np.ndarray:
         - np.where(lines.ion, (logg - 4.0) / 3.0, 0.0)
         # a line's depth is set by line over continuum opacity: lines are stronger in the
         # continuum-opacity windows (the blue, 1.6 um)
-        - np.log10(_continuum_opacity(lines.wavelength, teff, feh))
+        - np.log10(_continuum_opacity(lines.wavelength, teff, feh, family))
     )
 
 
@@ -596,7 +667,8 @@ def _h_strength(teff: float, logg: float) -> float:
     )
 
 
-def _h_line_constants(lines: LineList, teff: float, logg: float):
+def _h_line_constants(lines: LineList, teff: float, logg: float,
+                      family: ModelFamily = FAMILY_A):
     """Core optical depth and wing constant C_w (A^2.5) of each hydrogen line."""
     n_lo, n_up = lines.n_lower, lines.n_upper
     e_lo = 13.598 * (1.0 - 1.0 / n_lo**2) - 13.598 * 0.75  # eV above n = 2
@@ -607,7 +679,7 @@ def _h_line_constants(lines: LineList, teff: float, logg: float):
     strength = _h_strength(teff, logg) * pop * dissolve * series
     f_beta, lam_beta = 0.1193, 4861.33
     wing = (
-        _H_WING_BETA
+        family.h_wing_beta
         * strength
         * (lines.wavelength / lam_beta) ** 1.5
         * np.sqrt(lines.f_value / f_beta)
@@ -624,13 +696,12 @@ def _window_ceil(x: np.ndarray, lo: int = 8, hi: int = 2**15) -> np.ndarray:
     return np.ceil(2.0 ** (np.ceil(2.0 * np.log2(x)) / 2.0)).astype(np.int64)
 
 
-def _line_windows() -> np.ndarray:
+def _line_windows(lines: LineList = DEFAULT_LINES, family: ModelFamily = FAMILY_A) -> np.ndarray:
     """Half-widths (internal pixels) of the wing window of each line, fixed for all parameters.
 
     Sized for the strongest case (Teff 4000 K, log g 5, [M/H] and [alpha/M] = +0.5) so that the
     wing optical depth at the window edge is below _TAU_CUT.
     """
-    lines = DEFAULT_LINES
     is_h = lines.kind == "H"
     half_kms = np.zeros(len(lines))
     # metals: wing tau0 a / (sqrt(pi) v^2) = _TAU_CUT, v in Doppler widths
@@ -646,12 +717,26 @@ def _line_windows() -> np.ndarray:
     # hydrogen: the largest wing constant over Teff at log g 5; C_w / dlambda^2.5 = _TAU_CUT
     temps = np.linspace(*_PARAM_RANGE["teff"], 116)
     hyd = _subset(lines, is_h)
-    wing_max = np.max([_h_line_constants(hyd, t, 5.0)[1] for t in temps], axis=0)
+    wing_max = np.max([_h_line_constants(hyd, t, 5.0, family)[1] for t in temps], axis=0)
     half_kms[is_h] = (wing_max / _TAU_CUT) ** 0.4 / hyd.wavelength * SPEED_OF_LIGHT_KMS
     return _window_ceil(half_kms / _FINE_KMS)
 
 
 _WINDOWS = _line_windows()
+
+
+@functools.cache
+def _family_lines(family: ModelFamily) -> tuple[LineList, np.ndarray]:
+    """The line list of a model family and its line windows (computed once per family)."""
+    if family == FAMILY_A:
+        return DEFAULT_LINES, _WINDOWS
+    lines = _build_line_list(family.line_seed)
+    if family.metal_log_tau_shift:
+        cols = {f.name: getattr(lines, f.name) for f in dataclasses.fields(lines)}
+        shifted = lines.log_tau + np.where(lines.kind == "metal", family.metal_log_tau_shift, 0.0)
+        shifted.setflags(write=False)
+        lines = LineList(**{**cols, "log_tau": shifted})
+    return lines, _line_windows(lines, family)
 
 
 def _windows(centre_px: np.ndarray, half: int) -> tuple[np.ndarray, np.ndarray]:
@@ -672,14 +757,14 @@ def _sum_on_grid(pieces: list[tuple[np.ndarray, np.ndarray]], n: int) -> np.ndar
     return np.bincount(idx, weights=vals, minlength=n)
 
 
-def _line_optical_depths(teff, logg, feh, alpha):
+def _line_optical_depths(teff, logg, feh, alpha, family: ModelFamily = FAMILY_A):
     """Hydrogen and metal optical depths on the internal grid.
 
     Profiles are split into a Gaussian core, evaluated within 6 Doppler widths, and a
     Lorentzian (metals) or Holtsmark-like (hydrogen) wing, evaluated over each line's fixed
     window; lines with equal windows are evaluated together.
     """
-    lines = DEFAULT_LINES
+    lines, windows = _family_lines(family)
     n = _FINE_WAVE.size
     centre = (np.log(lines.wavelength) - _FINE_LN0) / _FINE_STEP
     is_h = lines.kind == "H"
@@ -687,11 +772,11 @@ def _line_optical_depths(teff, logg, feh, alpha):
     # metals: tau0 (exp(-v^2) + a / sqrt(pi) / (1 + v^2)), v = dlambda / Doppler width
     m = ~is_h
     # (no line is dropped when weak: the spectra stay smooth in the parameters)
-    tau0 = 10.0 ** _metal_log_tau(_subset(lines, m), teff, logg, feh, alpha)
+    tau0 = 10.0 ** _metal_log_tau(_subset(lines, m), teff, logg, feh, alpha, family)
     damp = lines.damping[m] * 10.0 ** (0.3 * (logg - 4.0)) / _SQRT_PI
     b = _doppler_kms(teff, lines.mass[m]) / _FINE_KMS  # in internal pixels
     c_m = centre[m]
-    half_m = _WINDOWS[m]
+    half_m = windows[m]
     idx, dx = _windows(c_m, int(math.ceil(6.0 * b.max())))
     pieces = [(idx, tau0[:, None] * np.exp(-((dx / b[:, None]) ** 2)))]
     wing_ok = damp > 0
@@ -703,12 +788,12 @@ def _line_optical_depths(teff, logg, feh, alpha):
     tau_m = _sum_on_grid(pieces, n)
 
     # hydrogen: core exp(-v^2) + wing C_w / (Gamma^2 + dlambda^2)^1.25
-    core, wing = _h_line_constants(_subset(lines, is_h), teff, logg)
+    core, wing = _h_line_constants(_subset(lines, is_h), teff, logg, family)
     b_h = float(_doppler_kms(teff, 1.008)) / _FINE_KMS
     c_h = centre[is_h]
     px_a = lines.wavelength[is_h] * _FINE_STEP  # Angstrom per fine pixel at each line
     gamma2 = (2.0 * b_h * px_a) ** 2
-    half_h = _WINDOWS[is_h]
+    half_h = windows[is_h]
     idx, dx = _windows(c_h, int(math.ceil(6.0 * b_h)))
     pieces = [(idx, core[:, None] * np.exp(-((dx / b_h) ** 2)))]
     for half in np.unique(half_h):
@@ -726,10 +811,11 @@ def _transmission(tau: np.ndarray, depth: float, beta: float) -> np.ndarray:
     return resid + (1.0 - resid) * np.exp(-tau)
 
 
-def _smooth_part(wave: np.ndarray, teff, logg, feh) -> tuple[np.ndarray, np.ndarray]:
+def _smooth_part(wave: np.ndarray, teff, logg, feh,
+                 family: ModelFamily = FAMILY_A) -> tuple[np.ndarray, np.ndarray]:
     """Unnormalised (flux, continuum) where there are no lines: continuum times the haze."""
-    cont = _continuum(wave, teff, logg, feh)
-    return cont * _haze(wave, teff, feh), cont
+    cont = _continuum(wave, teff, logg, feh, family)
+    return cont * _haze(wave, teff, feh, family), cont
 
 
 #: Quadrature grids (ln-uniform) for the energy integral outside the internal grid; the flux
@@ -737,11 +823,11 @@ def _smooth_part(wave: np.ndarray, teff, logg, feh) -> tuple[np.ndarray, np.ndar
 _OUTER_WAVE = (np.geomspace(50.0, _FINE_RANGE[0], 3000), np.geomspace(_FINE_RANGE[1], 3e6, 3000))
 
 
-def _intrinsic_spectrum(teff, logg, feh, alpha):
+def _intrinsic_spectrum(teff, logg, feh, alpha, family: ModelFamily = FAMILY_A):
     """Flux and continuum on the internal grid before the LSF, normalised to sigma Teff^4."""
     wave = _FINE_WAVE
-    flux, cont = _smooth_part(wave, teff, logg, feh)
-    tau_h, tau_m = _line_optical_depths(teff, logg, feh, alpha)
+    flux, cont = _smooth_part(wave, teff, logg, feh, family)
+    tau_h, tau_m = _line_optical_depths(teff, logg, feh, alpha, family)
     trans = _transmission(tau_h, _H_DEPTH, _H_BETA) * _transmission(
         tau_m, _METAL_DEPTH, _METAL_BETA
     )
@@ -749,7 +835,7 @@ def _intrinsic_spectrum(teff, logg, feh, alpha):
     # energy conservation: int F dlambda = sigma Teff^4 (back-warming by the blanketed flux)
     total = float(np.dot(flux, wave)) * _FINE_STEP
     for outer in _OUTER_WAVE:
-        f_out = _smooth_part(outer, teff, logg, feh)[0]
+        f_out = _smooth_part(outer, teff, logg, feh, family)[0]
         total += float(np.trapezoid(f_out * outer, np.log(outer)))
     scale = _SIGMA_SB * teff**4 / total
     return flux * scale, cont * scale, scale
@@ -778,6 +864,7 @@ def synthetic_spectrum(
     feh: float,
     alpha: float = 0.0,
     resolution: float = 10000.0,
+    family: ModelFamily | str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Surface flux and continuum of the synthetic stellar model.
 
@@ -797,6 +884,9 @@ def synthetic_spectrum(
     resolution : float, optional
         Resolving power R: the spectrum is convolved with a Gaussian of FWHM = lambda / R
         (100-50000).
+    family : ModelFamily or str, optional
+        The model's free constants, or a family name of :data:`MODEL_FAMILIES` (default
+        :data:`FAMILY_A`, the model every synthetic grid is written with).
 
     Returns
     -------
@@ -831,7 +921,8 @@ def synthetic_spectrum(
     if not np.all(np.isfinite(wave) & (wave > 0)):
         raise ValueError("wavelength: every value must be finite and > 0 (Angstrom)")
     teff, logg, feh, alpha = float(teff), float(logg), float(feh), float(alpha)
-    flux_i, cont_i, scale = _intrinsic_spectrum(teff, logg, feh, alpha)
+    family = _as_family(family)
+    flux_i, cont_i, scale = _intrinsic_spectrum(teff, logg, feh, alpha, family)
     flat = wave.ravel()
     flux = np.empty_like(flat)
     cont = np.empty_like(flat)
@@ -842,7 +933,7 @@ def synthetic_spectrum(
         flux[inside] = np.interp(ln_w, ln_grid, flux_c)
         cont[inside] = np.interp(ln_w, ln_grid, cont_c)
     if not inside.all():
-        f_out, c_out = _smooth_part(flat[~inside], teff, logg, feh)
+        f_out, c_out = _smooth_part(flat[~inside], teff, logg, feh, family)
         flux[~inside] = f_out * scale
         cont[~inside] = c_out * scale
     return flux.reshape(wave.shape), cont.reshape(wave.shape)
@@ -851,6 +942,16 @@ def synthetic_spectrum(
 # ============================================================================================
 # BOSZ layout
 # ============================================================================================
+
+
+def _as_family(family) -> ModelFamily:
+    if family is None:
+        return FAMILY_A
+    if isinstance(family, ModelFamily):
+        return family
+    if family in MODEL_FAMILIES:
+        return MODEL_FAMILIES[family]
+    raise ValueError(f"family={family!r}: use a ModelFamily or one of {sorted(MODEL_FAMILIES)}")
 
 
 def _resolution_tag(resolution: float) -> int:

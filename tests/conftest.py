@@ -9,10 +9,18 @@ import numpy as np
 import pytest
 
 from kspec_fluxcal.exposure import red_hdulist
+from kspec_fluxcal.synthgrid import write_synthetic_grid
 
 SHARED_REAL = Path(__file__).resolve().parents[2] / "shared" / "real"
 requires_shared = pytest.mark.skipif(not SHARED_REAL.is_dir(),
                                      reason="../shared/real (real spectra) is not present")
+
+
+@pytest.fixture(scope="session")
+def small_grid(tmp_path_factory):
+    """The small synthetic grid (``write_synthetic_grid(small=True)``), written once for every
+    module that only reads it."""
+    return write_synthetic_grid(tmp_path_factory.mktemp("small_grid"), small=True, workers=2)
 
 
 @pytest.fixture(autouse=True)

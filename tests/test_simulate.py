@@ -29,7 +29,6 @@ from kspec_fluxcal.simulate import (
     simulate_survey,
     telluric_transmission,
 )
-from kspec_fluxcal.synthgrid import write_synthetic_grid
 
 # The Refcat2 columns, in the order of formats contract section 2.
 CONTRACT_COLUMNS = (
@@ -40,8 +39,8 @@ SNR_RANGE = (30.0, 150.0)
 
 
 @pytest.fixture(scope="module")
-def grid_dir(tmp_path_factory):
-    return write_synthetic_grid(tmp_path_factory.mktemp("grid"), small=True, workers=2)
+def grid_dir(small_grid):
+    return small_grid
 
 
 @pytest.fixture(scope="module")
