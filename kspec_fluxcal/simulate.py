@@ -59,10 +59,14 @@ unknown to the pipeline), x each fiber's own scale (``fiber_lsf_scatter``), and 
 integrated over the pixel (``pixel_integration``: a one-pixel box on top of the Gaussian).
 Stars, sky lines and tellurics all go through the true LSF; the default is the header's.
 
-The tellurics are a fixed, seeded forest of unresolved lines inside the five regions of the
-``telluric_default`` mask (10 A inside their edges), so the transmission is 1 outside them to
-better than 1e-4 for the preset setups (LSF FWHM 2.5-10 A), at airmass 2 and high water. The
-water column (``pwv``) is drawn per exposure, so it changes within a night; airmass 1-2.
+The tellurics are the package's telluric line list (:mod:`kspec_fluxcal.telluric`) at high
+resolution, in the five regions of the ``telluric_default`` mask: Beer's law in the O2
+(airmass) and H2O (airmass x ``pwv``) columns, line strengths that follow the night's
+``temperature`` through each line's lower-state energy, water widths that change per exposure
+(``water_width``), the transmission convolved with each fiber's true line spread. The
+pipeline models them with two columns and fixed optical depths: a different form, as the real
+atmosphere's would be. The water column (``pwv``) is drawn per exposure, so it changes within
+a night; airmass 1-2.
 
 Optional FIBRES column ``LSF_SCALE`` (float; written when ``fiber_lsf_scatter`` > 0): the
 FWHM of this fiber's line-spread function over the header's FWHM (FWHMPCk), as arc lines
@@ -136,7 +140,6 @@ from .constants import (
     LSF_REFERENCE_WAVELENGTH,
     PARSEC,
     R_SUN,
-    SPEED_OF_LIGHT_AAS,
     SPEED_OF_LIGHT_KMS,
     VEGA_TO_AB,
 )
@@ -144,10 +147,15 @@ from .errors import GridError, OutputExistsError
 from .exposure import red_hdulist, setup_key
 from .grid import PARAMS
 from .lsf import LineSpread
-from .masks import load_regions
 from .photometry import ab_to_flam, synthetic_mag
 from .reddening import extinction_per_ebv
 from .sources import CalspecStars, GridStars, ModelStars
+from .telluric import (
+    high_resolution_grid,
+    line_optical_depth,
+    sample_transmission,
+    telluric_lines,
+)
 from .templates import convolution_matrix
 from .wavelength import air_to_vacuum
 
@@ -218,22 +226,23 @@ _AEROSOL_NIGHT = (0.6, 1.6)
 #: JQSRT 61, 509) times a 300 DU column (8.07e18 cm^-2) gives 0.038 optical depth, 0.04 mag;
 #: modelled as a Gaussian of this sigma (A).
 _OZONE = (0.04, 6000.0, 650.0)
-#: Telluric absorption bands: (name, lo, hi, species, total equivalent width at airmass 1 and
-#: water factor 1 in A, number of lines). Lines are kept 10 A inside the region of the
-#: telluric_default mask that holds the band.
-_TELLURIC_BANDS = (
-    ("O2 B", 6867.0, 6920.0, "O2", 8.0, 40),
-    ("H2O", 7160.0, 7340.0, "H2O", 10.0, 90),
-    ("O2 A", 7594.0, 7700.0, "O2", 30.0, 60),
-    ("H2O", 8120.0, 8350.0, "H2O", 12.0, 100),
-    ("H2O", 8950.0, 9200.0, "H2O", 25.0, 100),
-)
-_TELLURIC_INSET = 10.0
+#: Telluric truth: the package's line list (``kspec_fluxcal.telluric.telluric_lines``) at high
+#: resolution, Beer's law in the column (airmass for O2, airmass x water factor for H2O), the
+#: transmission convolved with each fiber's true line spread. Deliberately richer than the
+#: pipeline's two-column model: every line's strength follows the night's temperature through
+#: its lower-state energy E'' (drawn once per line, exponential, mean 300 cm^-1: the
+#: rotational populations of O2 and H2O at ~270 K), S(T) = S(T0) (T0/T)^q exp(-c2 E''
+#: (1/T - 1/T0)), q = 1 for O2 (linear molecule) and 1.5 for H2O, c2 = hc/k; and the water
+#: lines' pressure widths change per exposure with the water's mean altitude.
+_TELLURIC_T0 = 270.0
+_TELLURIC_TEMPERATURE = (255.0, 285.0)
+_TELLURIC_ELOWER = 300.0
 _TELLURIC_SEED = 7594
-#: Equivalent widths of saturated telluric lines grow as (airmass x column)^0.55 (the A-band
-#: law of Wade & Horne 1988, ApJ 324, 411).
-_TELLURIC_POWER = 0.55
-#: Precipitable-water factor (1 = the column of the _TELLURIC_BANDS widths), per exposure.
+#: Second radiation constant hc/k, cm K (CODATA 2018, exact).
+_C2_CM_K = 1.438776877
+#: Water-line width factor per exposure (pressure at the water's mean altitude).
+_WATER_WIDTH = (0.85, 1.15)
+#: Precipitable-water factor (1 = the column of the line list's equivalent widths), per exposure.
 _PWV_RANGE = (0.4, 2.5)
 #: Grey transparency (thin cloud) per exposure.
 _TRANSPARENCY_RANGE = (0.8, 1.0)
@@ -587,58 +596,58 @@ def atmospheric_extinction(wavelength, aerosol=_AEROSOL[0]):
 
 
 @functools.cache
-def _telluric_lines():
-    """The fixed telluric line list: (wavelength, equivalent width at X = 1, is water)."""
-    rng = np.random.default_rng(_TELLURIC_SEED)
-    regions = load_regions("telluric_default")
-    waves, widths, water = [], [], []
-    for _name, lo, hi, species, total, n in _TELLURIC_BANDS:
-        holder = [r for r in regions if r[0] < hi and r[1] > lo]
-        if holder:
-            lo = max(lo, holder[0][0] + _TELLURIC_INSET)
-            hi = min(hi, holder[0][1] - _TELLURIC_INSET)
-        w = np.sort(rng.uniform(lo, hi, n))
-        # Band envelope falling to zero at the ends, so no line sits at a region edge.
-        envelope = np.sqrt(np.sin(np.pi * (w - lo) / (hi - lo)))
-        strength = rng.exponential(1.0, n) * envelope
-        waves.append(w)
-        widths.append(total * strength / strength.sum())
-        water.append(np.full(n, species == "H2O"))
-    return np.concatenate(waves), np.concatenate(widths), np.concatenate(water)
+def _lower_state_energies():
+    """E'' of every line of the telluric line list, cm^-1 (drawn once, seeded)."""
+    lines = telluric_lines()
+    return np.random.default_rng(_TELLURIC_SEED).exponential(_TELLURIC_ELOWER,
+                                                             lines["wavelength"].size)
 
 
-def telluric_transmission(wavelength, lsf, airmass=1.0, pwv=1.0):
-    """Telluric transmission seen through the line-spread function.
+@functools.lru_cache(maxsize=16)
+def _telluric_hr(airmass, pwv, temperature, water_width):
+    """The high-resolution truth transmission (grid, transmission) for the conditions."""
+    lines = telluric_lines()
+    power = np.where(lines["water"], 1.5, 1.0)
+    factor = ((_TELLURIC_T0 / temperature) ** power
+              * np.exp(-_C2_CM_K * _lower_state_energies() * (1.0 / temperature
+                                                              - 1.0 / _TELLURIC_T0)))
+    hwhm = lines["hwhm"] * np.where(lines["water"], water_width, 1.0)
+    wave = high_resolution_grid()
+    tau = line_optical_depth(wave, lines["wavelength"], lines["strength"] * factor, hwhm,
+                             lines["water"])
+    return wave, np.exp(-airmass * tau[0] - airmass * pwv * tau[1])
 
-    A forest of unresolved lines: the absorption ``exp(-sum_i W_i G(lambda - lambda_i))``
-    with G the LSF (a Gaussian normalised to unit area) and W_i equivalent widths scaling as
-    (airmass x column)^0.55; the column is ``pwv`` for water, 1 for O2.
+
+def telluric_transmission(wavelength, lsf, airmass=1.0, pwv=1.0, temperature=_TELLURIC_T0,
+                          water_width=1.0):
+    """Telluric transmission seen through a line-spread function (the simulator's truth).
+
+    The line list at high resolution with temperature-dependent strengths and
+    altitude-dependent water widths (see the constants above), Beer's law in the columns,
+    convolved with the line spread and sampled at the pixels.
 
     Parameters
     ----------
     wavelength : array_like
         Pixel centres, Angstrom (air), any shape.
-    lsf : LineSpread
-        Instrument line-spread function.
+    lsf : LineSpread or line spread with a ``sigma(wavelength)`` method
+        The true line-spread function.
     airmass, pwv : float
         Airmass and precipitable-water factor.
+    temperature : float
+        The atmosphere's temperature, K.
+    water_width : float
+        Water lines' pressure-width factor.
 
     Returns
     -------
     numpy.ndarray
         Transmission, shaped like ``wavelength``; 1 away from the bands.
     """
-    lines, width1, water = _telluric_lines()
-    width = width1 * np.where(water, airmass * pwv, airmass) ** _TELLURIC_POWER
-    sigma = lsf.sigma(lines)
+    wave_hr, hr = _telluric_hr(float(airmass), float(pwv), float(temperature),
+                               float(water_width))
     wave = np.asarray(wavelength, dtype=np.float64)
-    flat = wave.ravel()
-    reach = 8.0 * sigma.max()
-    near = np.flatnonzero((flat > lines[0] - reach) & (flat < lines[-1] + reach))
-    tau = np.zeros(flat.size)
-    for chunk in np.array_split(near, max(1, near.size // 4096)):
-        tau[chunk] = _gaussian(flat[chunk, None], lines[None, :], sigma[None, :]) @ width
-    return np.exp(-tau).reshape(wave.shape)
+    return sample_transmission(wave_hr, hr, wave, lsf.sigma(wave))
 
 
 def _throughput(wavelength, drift=(0.0, 0.0)):
@@ -903,6 +912,10 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
         position_only = rng.random(n_standards) < _P_POSITION_ONLY
     position_only = np.broadcast_to(np.asarray(position_only, bool), (n_standards,))
     cond = _conditions(rng, conditions, airmass, exptime, field)
+    sky_rng = rng.spawn(1)[0]  # the atmosphere's own draws (the other streams unchanged)
+    cond["temperature"] = _draw(sky_rng, (conditions or {}).get("temperature"),
+                                _TELLURIC_TEMPERATURE)
+    cond["water_width"] = _draw(sky_rng, (conditions or {}).get("water_width"), _WATER_WIDTH)
     pixels = _pixels(rng, setup, wavelength_format)
     optics = _true_lsfs(aux, setup, lsf_scale, pixel_integration, fiber_lsf_scatter)
     kinds = _plan_fibers(rng, setup.fibers, n_standards, dead_fiber)
@@ -921,10 +934,11 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
         "aperture": light.aperture, "counts_noiseless": counts.noiseless,
         "sky_counts": light.sky_counts, "fiber_kind": kinds.astype("<U8"),
         "redshift": targets.redshift, "fiber_wavelength": pixels.rows,
-        "true_flux_fiber": targets.true_rows,
+        "true_flux_fiber": targets.true_rows, "response_fiber": counts.response_fiber,
         **_standard_truth(targets, counts, catalog, position_only),
         "bands": np.array(BANDS),
-        **{k: np.float64(cond[k]) for k in ("airmass", "exptime", "pwv", "aerosol")},
+        **{k: np.float64(cond[k]) for k in ("airmass", "exptime", "pwv", "aerosol",
+                                            "temperature", "water_width")},
         "transparency": np.float64(counts.transparency),
         "mjd": np.float64(mjd), "night": np.str_(night), "expid": np.str_(expid),
         "setup": np.str_(setup.name), "setup_key": np.str_(setup_key(pixels.base, setup.lsf)),
@@ -1229,6 +1243,10 @@ class _Light(NamedTuple):
     noise_var: np.ndarray
 
 
+def _telluric_conditions(cond):
+    return cond["airmass"], cond["pwv"], cond["temperature"], cond["water_width"]
+
+
 def _light(rng, cond, pixels, optics):
     """Response terms, apertures, sky and sky-subtraction residuals of every fiber."""
     nfib, npix = pixels.rows.shape
@@ -1237,7 +1255,7 @@ def _light(rng, cond, pixels, optics):
         instrument = _instrument_counts(w, np.gradient(w, axis=-1), cond["exptime"],
                                         cond["drift"])
         atmosphere = 10.0 ** (-0.4 * atmospheric_extinction(w, cond["aerosol"]) * cond["airmass"])
-        return instrument, atmosphere, telluric_transmission(w, lsf, cond["airmass"], cond["pwv"])
+        return instrument, atmosphere, telluric_transmission(w, lsf, *_telluric_conditions(cond))
 
     common = response_of(pixels.base, optics.exposure)
     if pixels.per_fiber:
@@ -1246,7 +1264,7 @@ def _light(rng, cond, pixels, optics):
         rows = tuple(np.broadcast_to(a, (nfib, npix)) for a in common)
     if optics.fibers is not None:
         rows = (*rows[:2], np.stack([telluric_transmission(pixels.rows[f], optics.fibers[f],
-                                                           cond["airmass"], cond["pwv"])
+                                                           *_telluric_conditions(cond))
                                      for f in range(nfib)]))
     aperture = rng.uniform(*_APERTURE_RANGE, nfib)
     sky_counts = np.empty((nfib, npix))
@@ -1271,6 +1289,7 @@ class _Counts(NamedTuple):
     response: np.ndarray
     transparency: float
     std_snr: np.ndarray
+    response_fiber: np.ndarray  # (fiber, pixel): the response on each fiber's own pixels
 
 
 def _expose(rng, targets, light, kinds, snr_range, transparency):
@@ -1308,7 +1327,8 @@ def _expose(rng, targets, light, kinds, snr_range, transparency):
     noiseless = targets.true_flux * response[None, :] * light.aperture[:, None]
     with np.errstate(invalid="ignore"):
         std_snr = np.nanmedian(signal[std] / np.sqrt(variance[std]), axis=1)
-    return _Counts(counts, variance, noiseless, response, transparency, std_snr)
+    return _Counts(counts, variance, noiseless, response, transparency, std_snr,
+                   np.ascontiguousarray(response_rows(transparency)))
 
 
 # ----------------------------------------------------------------------------- catalog
@@ -1706,6 +1726,10 @@ def simulate_survey(outdir, *, exposures=20, nights=4, seed=0, fibers=14, pixels
             "drift": tuple(float(d) for d in night_rng.normal(0.0, _DRIFT_SIGMA)),
             "moon": float(night_rng.uniform(*_MOON_RANGE)),
         } for _ in range(max(p["night_index"] for p in plan) + 1)]
+        # The atmosphere's temperature per night, from its own stream.
+        sky_rng = night_rng.spawn(1)[0]
+        for night in night_conditions:
+            night["temperature"] = float(sky_rng.uniform(*_TELLURIC_TEMPERATURE))
         rows, manifest = [], []
         for p, exp_seed in zip(plan, exposure_seeds, strict=True):
             t0 = time.perf_counter()

@@ -31,8 +31,8 @@ import scipy.special
 from .constants import FWHM_PER_SIGMA
 from .errors import ConfigError
 
-__all__ = ["telluric_lines", "optical_depths", "transmission", "fit_telluric",
-           "TELLURIC_LINES"]
+__all__ = ["telluric_lines", "optical_depths", "line_optical_depth", "high_resolution_grid",
+           "sample_transmission", "transmission", "fit_telluric", "TELLURIC_LINES"]
 
 #: Line lists shipped with the package, by name.
 TELLURIC_LINES = ("telluric_lines",)
@@ -105,6 +105,43 @@ def _lorentz_strength(ew, hwhm):
     return 2.0 * np.pi * hwhm * np.exp(0.5 * (lo + hi))
 
 
+def line_optical_depth(wavelength, centre, strength, hwhm, water):
+    """Optical depths of Lorentzian lines on a uniform grid, O2 and H2O apart.
+
+    Parameters
+    ----------
+    wavelength : numpy.ndarray
+        Uniform grid, Angstrom.
+    centre, strength, hwhm : numpy.ndarray
+        Line centres, integrated optical depths and Lorentzian half widths, Angstrom.
+    water : numpy.ndarray of bool
+        Which lines are H2O (the others O2).
+
+    Returns
+    -------
+    numpy.ndarray, shape (2, n)
+        O2 and H2O optical depths (each line summed within :data:`_WING` of its centre).
+    """
+    step = wavelength[1] - wavelength[0]
+    tau = np.zeros((2, wavelength.size))
+    half = int(round(_WING / step))
+    offsets = np.arange(-half, half + 1)
+    nearest = np.round((centre - wavelength[0]) / step).astype(int)
+    cols = np.clip(nearest[:, None] + offsets[None, :], 0, wavelength.size - 1)  # (lines, window)
+    dx = wavelength[cols] - centre[:, None]
+    g = hwhm[:, None]
+    profile = strength[:, None] * (g / np.pi) / (dx**2 + g**2)
+    for k, species in enumerate((~water, water)):
+        np.add.at(tau[k], cols[species].ravel(), profile[species].ravel())
+    return tau
+
+
+def high_resolution_grid(source="telluric_lines"):
+    """The uniform high-resolution grid spanning a line list (Angstrom, step :data:`_STEP`)."""
+    lines = telluric_lines(source)
+    return np.arange(lines["wavelength"][0] - _WING, lines["wavelength"][-1] + _WING, _STEP)
+
+
 @functools.lru_cache(maxsize=8)
 def optical_depths(source="telluric_lines"):
     """High-resolution optical depths at unit column over the line list's span.
@@ -117,32 +154,26 @@ def optical_depths(source="telluric_lines"):
         O2 and H2O optical depths.
     """
     lines = telluric_lines(source)
-    wave = np.arange(lines["wavelength"][0] - _WING, lines["wavelength"][-1] + _WING, _STEP)
-    tau = np.zeros((2, wave.size))
-    half = int(round(_WING / _STEP))
-    offsets = np.arange(-half, half + 1)
-    centre = np.round((lines["wavelength"] - wave[0]) / _STEP).astype(int)
-    cols = np.clip(centre[:, None] + offsets[None, :], 0, wave.size - 1)  # (lines, window)
-    dx = wave[cols] - lines["wavelength"][:, None]
-    g = lines["hwhm"][:, None]
-    profile = lines["strength"][:, None] * (g / np.pi) / (dx**2 + g**2)
-    for k, species in enumerate((~lines["water"], lines["water"])):
-        np.add.at(tau[k], cols[species].ravel(), profile[species].ravel())
-    return wave, tau
+    wave = high_resolution_grid(source)
+    return wave, line_optical_depth(wave, lines["wavelength"], lines["strength"],
+                                    lines["hwhm"], lines["water"])
 
 
 def _kernel_matrix(wave_in, wave_out, sigma_out):
-    """Sparse (len(wave_out), len(wave_in)) Gaussian kernels, unit sum, for any (unsorted)
-    output points, each with its own sigma (Angstrom) on the uniform input grid."""
+    """Sparse (len(wave_out), len(wave_in)) Gaussian kernels for any (unsorted) output points,
+    each with its own sigma (Angstrom) on the uniform input grid. A kernel's weights sum to
+    one over the whole Gaussian: near the grid's ends the part beyond it is missing (the
+    caller adds the value there)."""
     step = wave_in[1] - wave_in[0]
-    half = int(np.ceil(_NSIGMA * np.max(sigma_out) / step))
+    half = int(np.ceil(_NSIGMA * np.max(sigma_out, initial=step) / step))
     centre = np.round((wave_out - wave_in[0]) / step).astype(int)
     cols = centre[:, None] + np.arange(-half, half + 1)[None, :]
     inside = (cols >= 0) & (cols < wave_in.size)
-    cols = np.clip(cols, 0, wave_in.size - 1)
-    u = (wave_in[cols] - wave_out[:, None]) / sigma_out[:, None]
-    vals = np.where(inside & (np.abs(u) <= _NSIGMA), np.exp(-0.5 * u**2), 0.0)
+    u = (wave_in[0] + cols * step - wave_out[:, None]) / sigma_out[:, None]
+    vals = np.where(np.abs(u) <= _NSIGMA, np.exp(-0.5 * u**2), 0.0)
     vals /= np.maximum(vals.sum(axis=1, keepdims=True), 1e-300)
+    vals = np.where(inside, vals, 0.0)
+    cols = np.clip(cols, 0, wave_in.size - 1)
     rows = np.broadcast_to(np.arange(wave_out.size)[:, None], cols.shape)
     keep = vals > 0
     return scipy.sparse.csr_matrix((vals[keep], (rows[keep], cols[keep])),
@@ -150,45 +181,66 @@ def _kernel_matrix(wave_in, wave_out, sigma_out):
 
 
 class _Sampler:
-    """The high-resolution model sampled at given pixels: which pixels the bands reach, and
-    the kernel matrix from the box-averaged high-resolution grid to them."""
+    """High-resolution spectra sampled at pixels through Gaussian line spreads: which pixels
+    the absorption reaches, and the kernel matrix from the box-averaged grid to them."""
 
-    def __init__(self, wavelength, lsf, scale, source):
-        hr_wave, tau = optical_depths(source)
+    def __init__(self, hr_wave, active, wavelength, sigma):
         n = hr_wave.size // _BOX * _BOX
-        self.tau = tau[:, :n]
+        self.n = n
         box_wave = hr_wave[:n].reshape(-1, _BOX).mean(axis=1)
         # Only boxes with absorption are computed (the rest transmit 1).
-        self.active = (self.tau.sum(axis=0).reshape(-1, _BOX).max(axis=1) > 1e-9)
+        self.active = active[:n].reshape(-1, _BOX).any(axis=1)
+        self.hr_active = np.repeat(self.active, _BOX)
         wave = np.asarray(wavelength, dtype=np.float64)
         self.shape = wave.shape
-        scale = np.ones(wave.shape[:-1]) if scale is None else np.asarray(scale, np.float64)
-        sflat = np.broadcast_to(scale[..., None], wave.shape).ravel()
-        flat = wave.ravel()
-        ok = np.isfinite(flat)
-        fwhm = np.broadcast_to(lsf.fwhm(np.where(ok, flat, 1.0)), flat.shape)
-        sigma = np.where(ok, fwhm * sflat / FWHM_PER_SIGMA, 1.0)
-        reach = _NSIGMA * sigma
+        flat, sig = wave.ravel(), np.broadcast_to(sigma, wave.shape).ravel()
+        ok = np.isfinite(flat) & np.isfinite(sig)
+        reach = np.where(ok, _NSIGMA * sig, 0.0)
         lo = np.searchsorted(box_wave, np.where(ok, flat - reach, np.inf))
         hi = np.searchsorted(box_wave, np.where(ok, flat + reach, -np.inf))
         touched = np.concatenate([[0], np.cumsum(self.active)])
         self.index = np.flatnonzero(ok & (hi > lo) & (touched[np.clip(hi, 0, None)]
                                                       > touched[np.clip(lo, 0, None)]))
-        self.matrix = _kernel_matrix(box_wave, flat[self.index], sigma[self.index])
-        self.hr_active = np.repeat(self.active, _BOX)
+        self.matrix = _kernel_matrix(box_wave, flat[self.index], sig[self.index])
+        self.weight = np.asarray(self.matrix.sum(axis=1)).ravel()  # < 1 near the grid's ends
+
+    def sample(self, values, outside):
+        """``values`` (on the active high-resolution points) seen at the pixels; ``outside``
+        where the absorption does not reach."""
+        boxed = np.full(self.active.size, outside)
+        boxed[self.active] = values.reshape(-1, _BOX).mean(axis=1)
+        full = np.full(int(np.prod(self.shape)), outside)
+        full[self.index] = self.matrix @ boxed + (1.0 - self.weight) * outside
+        return full.reshape(self.shape)
+
+
+def sample_transmission(hr_wave, hr_transmission, wavelength, sigma):
+    """A high-resolution transmission (uniform grid) seen at pixels through Gaussian line
+    spreads of ``sigma`` (Angstrom, per pixel or one); 1 where it is 1 within reach."""
+    active = hr_transmission < 1.0
+    sampler = _Sampler(hr_wave, active, wavelength, sigma)
+    return sampler.sample(hr_transmission[:sampler.n][sampler.hr_active], 1.0)
+
+
+class _Model:
+    """The telluric model of a line list at given pixels and line spreads."""
+
+    def __init__(self, wavelength, lsf, scale, source):
+        self.hr_wave, tau = optical_depths(source)
+        wave = np.asarray(wavelength, dtype=np.float64)
+        scale = np.ones(wave.shape[:-1]) if scale is None else np.asarray(scale, np.float64)
+        fwhm = lsf.fwhm(np.where(np.isfinite(wave), wave, 1.0))
+        sigma = np.where(np.isfinite(wave), fwhm * scale[..., None] / FWHM_PER_SIGMA, np.nan)
+        self.sampler = _Sampler(self.hr_wave, tau.sum(axis=0) > 1e-9, wave, sigma)
+        self.tau = tau[:, :self.sampler.n][:, self.sampler.hr_active]
 
     def __call__(self, o2, h2o, derivatives=False):
-        tau = self.tau[:, self.hr_active]
-        hr = np.exp(-o2 * tau[0] - h2o * tau[1])
-        parts = [hr] + ([-tau[0] * hr, -tau[1] * hr] if derivatives else [])
-        result = []
-        for k, values in enumerate(parts):
-            boxed = np.full(self.active.size, 1.0 if k == 0 else 0.0)
-            boxed[self.active] = values.reshape(-1, _BOX).mean(axis=1)
-            full = np.full(int(np.prod(self.shape)), 1.0 if k == 0 else 0.0)
-            full[self.index] = self.matrix @ boxed
-            result.append(full.reshape(self.shape))
-        return result if derivatives else result[0]
+        hr = np.exp(-o2 * self.tau[0] - h2o * self.tau[1])
+        out = self.sampler.sample(hr, 1.0)
+        if not derivatives:
+            return out
+        return [out, self.sampler.sample(-self.tau[0] * hr, 0.0),
+                self.sampler.sample(-self.tau[1] * hr, 0.0)]
 
 
 def transmission(wavelength, lsf, o2, h2o, *, scale=None, source="telluric_lines",
@@ -214,7 +266,7 @@ def transmission(wavelength, lsf, o2, h2o, *, scale=None, source="telluric_lines
     -------
     numpy.ndarray, shaped like ``wavelength`` (or a list of three).
     """
-    return _Sampler(wavelength, lsf, scale, source)(o2, h2o, derivatives)
+    return _Model(wavelength, lsf, scale, source)(o2, h2o, derivatives)
 
 
 def fit_telluric(wavelength, observed, weight, lsf, *, start=(1.0, 1.0), scale=None,
@@ -242,7 +294,7 @@ def fit_telluric(wavelength, observed, weight, lsf, *, start=(1.0, 1.0), scale=N
         ``o2_err``, ``h2o_err`` (inflated by sqrt(chi^2/dof) when above 1), ``chi2_dof``
         and ``model`` (S, P): the fitted transmission at every pixel.
     """
-    sample = _Sampler(wavelength, lsf, scale, source)
+    sample = _Model(wavelength, lsf, scale, source)
     y = np.nan_to_num(observed, nan=1.0)
     w = np.where(np.isfinite(observed), weight, 0.0)
     params = np.array(start, dtype=np.float64)

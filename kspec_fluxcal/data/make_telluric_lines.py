@@ -16,11 +16,12 @@ reference water column (Angstrom), Lorentzian half width (Angstrom).
 import numpy as np
 
 #: (species, lo, hi, total equivalent width at airmass 1 (A), lines). Lines are kept 10 A
-#: inside the mask region holding the band.
+#: inside the mask region holding the band, so that no absorption reaches beyond it by more
+#: than a line spread.
 BANDS = (
-    ("O2", 6867.0, 6950.0, 8.0, 40),
+    ("O2", 6870.0, 6920.0, 8.0, 40),
     ("H2O", 7160.0, 7330.0, 10.0, 90),
-    ("O2", 7594.0, 7690.0, 30.0, 60),
+    ("O2", 7600.0, 7690.0, 30.0, 60),
     ("H2O", 8120.0, 8350.0, 12.0, 100),
     ("H2O", 8950.0, 9190.0, 25.0, 100),
 )
