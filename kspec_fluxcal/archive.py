@@ -218,10 +218,22 @@ class ArchiveWriter:
         """True when ``expid`` is archived with the same inputs."""
         return bool(input_hash) and self.hashes.get(expid) == input_hash
 
+    def _check_no_other_writer(self):
+        """Refuse to write over rows committed by another writer since this one opened the
+        archive (the survey's lock prevents it; this catches writers that bypass it)."""
+        from .errors import InputError
+
+        stored = int(self._zarr.open_group(self.path, mode="r").attrs["rows"])
+        if stored != self.rows:
+            raise InputError(self.path, None, f"another writer committed {stored - self.rows} "
+                             "row(s) since this one opened it; one writer at a time (is another "
+                             "survey job writing to this archive?)")
+
     def append(self, records):
         """Write records (from :func:`archive_record`) as new rows, then commit them."""
         if not records:
             return
+        self._check_no_other_writer()
         start, n = self.rows, len(records)
         need = start + n
         arrays = self._arrays()

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from ._lock import exclusive
 from .config import Config, load_config
 from .errors import CalibrationError, FluxCalError, FluxCalWarning, InputError
 
@@ -465,16 +466,33 @@ def run_survey(lake, *, catalog, grid, out, config=None, scheduler=None, workers
     -------
     SurveyReport
     """
-    from distributed import performance_report as perf_report
+    start = time.time()
+    config = config if isinstance(config, Config) else load_config(config)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    # One job per output directory: two would both commit at the archive's row count and
+    # one job's rows would be lost.
+    with exclusive(out):
+        report = _survey(Path(lake), out, config, catalog=catalog, grid=grid, resume=resume,
+                         pattern=pattern, progress=progress, flush=(flush_every, flush_interval),
+                         cluster=dict(client=client, scheduler=scheduler, workers=workers,
+                                      threads_per_worker=threads_per_worker,
+                                      dashboard_address=dashboard_address,
+                                      performance_report=performance_report))
+    report.elapsed = time.time() - start
+    if progress:
+        print(report.summary(), flush=True)
+        print(f"archive: {report.archive}", flush=True)
+    return report
 
+
+def _survey(lake, out, config, *, catalog, grid, resume, pattern, progress, flush, cluster):
+    """The job of :func:`run_survey`, under its lock: plan, then compute what is to do."""
     from .archive import ArchiveWriter
     from .catalog import read_catalog
     from .grid import open_grid
     from .pipeline import output_name
 
-    start = time.time()
-    config = config if isinstance(config, Config) else load_config(config)
-    lake, out = Path(lake), Path(out)
     catalog_path = Path(catalog)
     catalog_ds = read_catalog(catalog_path)
     grid_ds = open_grid(grid)
@@ -484,7 +502,6 @@ def run_survey(lake, *, catalog, grid, out, config=None, scheduler=None, workers
         raise InputError(lake, None, f"no RED file matches {pattern or config.survey.pattern!r}")
     entries, failed = plan_survey(paths, lake=lake, catalog_hash=_file_hash(catalog_path),
                                   grid_plan=grid_plan, config=config)
-    out.mkdir(parents=True, exist_ok=True)
     writer = ArchiveWriter(out / "archive.zarr")
     report = SurveyReport(failed=dict(failed), archive=writer.path)
     # Each setup's cube is prepared for its first (readable) file in the lake, whatever
@@ -506,36 +523,45 @@ def run_survey(lake, *, catalog, grid, out, config=None, scheduler=None, workers
         print(f"{len(paths)} RED files, {len(todo)} to calibrate, {len(report.skipped)} up to "
               f"date, {len(failed)} refused (unreadable or duplicate); {setups} setup(s)",
               flush=True)
-    if todo:
+
+    def work(client):
         utc = config.survey.utc_offset
-        owns_client = client is None
-        cluster = None
-        if owns_client:
-            client, cluster = _start_client(scheduler, workers, threads_per_worker,
-                                            dashboard_address)
-        report.dashboard = client.dashboard_link
-        try:
-            if progress:
-                print(f"dashboard: {client.dashboard_link}", flush=True)
-            ctx = (perf_report(filename=str(performance_report)) if performance_report
-                   else contextlib.nullcontext())
-            # as_current: the performance report finds its client through Client.current(),
-            # and a caller's client need not be the default one.
-            with client.as_current(), ctx:
-                _run_graph(client, todo, examples, catalog_ds, grid, grid_plan, config, writer,
-                           report, utc, progress, flush_every, flush_interval)
-                if config.survey.fallback:
-                    _run_fallback(client, todo, writer, report, config, utc, progress)
-        finally:
-            if owns_client:
-                client.close()
-                if cluster is not None:
-                    cluster.close()
-    report.elapsed = time.time() - start
-    if progress:
-        print(report.summary(), flush=True)
-        print(f"archive: {writer.path}", flush=True)
+        _run_graph(client, todo, examples, catalog_ds, grid, grid_plan, config, writer, report,
+                   utc, progress, *flush)
+        if config.survey.fallback:
+            _run_fallback(client, todo, writer, report, config, utc, progress)
+
+    if todo:
+        report.dashboard = _on_cluster(work, progress=progress, **cluster)
     return report
+
+
+def _on_cluster(work, *, client, scheduler, workers, threads_per_worker, dashboard_address,
+                performance_report, progress):
+    """Run ``work(client)`` on the caller's client, or on one started (and closed) here;
+    returns the dashboard link."""
+    from distributed import performance_report as perf_report
+
+    owns_client = client is None
+    cluster = None
+    if owns_client:
+        client, cluster = _start_client(scheduler, workers, threads_per_worker,
+                                        dashboard_address)
+    try:
+        if progress:
+            print(f"dashboard: {client.dashboard_link}", flush=True)
+        ctx = (perf_report(filename=str(performance_report)) if performance_report
+               else contextlib.nullcontext())
+        # as_current: the performance report finds its client through Client.current(),
+        # and a caller's client need not be the default one.
+        with client.as_current(), ctx:
+            work(client)
+        return client.dashboard_link
+    finally:
+        if owns_client:
+            client.close()
+            if cluster is not None:
+                cluster.close()
 
 
 def _task_failure(result):

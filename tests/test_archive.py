@@ -122,3 +122,18 @@ def test_groupby_night_and_plots(tmp_path):
     written = plot_archive(ds, tmp_path / "plots")
     assert [p.name for p in written] == ["throughput_vs_time.png", "throughput_image.png"]
     assert all(p.stat().st_size > 10_000 for p in written)
+
+
+def test_a_second_writer_cannot_overwrite_committed_rows(tmp_path):
+    """Issue 16: two writers on one archive each appended at the row count they had read,
+    the later commit silently replacing the earlier one's rows and index. The second writer
+    now refuses to commit over rows it did not write; the first writer's rows stay."""
+    path = tmp_path / "archive.zarr"
+    first, second = ArchiveWriter(path), ArchiveWriter(path)
+    first.append([archive_record(_calibrated("A1", 61000.2), _stars(), None)])
+    with pytest.raises(InputError, match=r"archive\.zarr: another writer committed 1 row\(s\) "
+                                         r"since this one opened it"):
+        second.append([archive_record(_calibrated("B1", 61000.3), _stars(), None)])
+    ds = open_archive(path)
+    assert list(ds["expid"].values) == ["A1"]
+    assert float(ds["mjd"].values[0]) == 61000.2

@@ -8,10 +8,12 @@ timestamps may differ).
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,9 +28,10 @@ from distributed import Client
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from kspec_fluxcal import cli
+from kspec_fluxcal._lock import exclusive
 from kspec_fluxcal.archive import ArchiveWriter, open_archive
 from kspec_fluxcal.config import Config
-from kspec_fluxcal.errors import InputError
+from kspec_fluxcal.errors import FluxCalError, FluxCalWarning, InputError
 from kspec_fluxcal.evaluate import compare_with_truth
 from kspec_fluxcal.exposure import open_exposure
 from kspec_fluxcal.grid import build_grid
@@ -606,3 +609,98 @@ def test_killed_job_resumes_to_identical_results(survey, cube, reference, client
         _assert_fits_equal(out / rel, ref_out / rel)
     with capsys.disabled():
         print("\n" + "\n".join(log))
+
+
+# ----------------------------------------------------------------------------- one writer
+
+
+def _lock_of(pid, started):
+    return json.dumps({"host": socket.gethostname(), "pid": pid, "started": started,
+                       "command": "kspec-fluxcal survey (another job)"})
+
+
+def _now():
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+@pytest.fixture
+def other_process():
+    """A live process that is not this one (the owner of another job's lock)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def test_a_live_lock_refuses_a_second_writer(survey, cube, reference, client, tmp_path, capsys,
+                                             other_process):
+    """Issue 16: two jobs on one --out lost archive rows. A job finding the lock of a live
+    process refuses before any work, with one line naming the lock and its owner."""
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / "survey.lock"
+    started = _now()
+    lock.write_text(_lock_of(other_process.pid, started))
+    code = cli.main(_survey_args(survey, cube, out, "--scheduler", client.scheduler.address))
+    captured = capsys.readouterr()
+    assert code == 1 and captured.out == ""
+    assert captured.err.splitlines() == [
+        f"kspec-fluxcal: error: {lock}: another survey job is writing to {out}: pid "
+        f"{other_process.pid} on this host ({socket.gethostname()}), started {started} "
+        "(kspec-fluxcal survey (another job)); wait for it to "
+        "finish (a lock left by a job that died is taken over automatically)"]
+    assert sorted(p.name for p in out.iterdir()) == ["survey.lock"]  # nothing written
+    assert json.loads(lock.read_text())["pid"] == other_process.pid  # its lock untouched
+    # The same pid, but the lock is older than the process: the pid was reused, the job that
+    # wrote the lock is gone.
+    lock.write_text(_lock_of(other_process.pid, "2026-01-01T00:00:00+00:00"))
+    with pytest.warns(FluxCalWarning, match="took over the lock"), exclusive(out) as held:
+        assert json.loads(held.read_text())["pid"] == os.getpid()
+    assert not lock.exists()
+
+
+def test_a_stale_lock_is_taken_over_with_a_note_and_released(survey, cube, reference, client,
+                                                            tmp_path):
+    """A lock left by a job that died (same host, no such process) is taken over, with a
+    note; the run ends without a lock, also when it fails."""
+    out = tmp_path / "out"
+    shutil.copytree(reference[0], out)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / "survey.lock").write_text(_lock_of(dead.pid, _now()))
+    with pytest.warns(FluxCalWarning, match=rf"took over the lock {out / 'survey.lock'} of "
+                                            rf"pid {dead.pid} .*no longer running"):
+        report = _run(survey, cube, out, client, resume=True)
+    assert report.ok and len(report.skipped) == N_EXPOSURES
+    assert not (out / "survey.lock").exists()
+    with pytest.raises(InputError, match="no RED file matches"):
+        _run(survey, cube, out, client, pattern="*.none")
+    assert not (out / "survey.lock").exists()
+
+
+def test_two_concurrent_jobs_lose_no_rows(survey, cube, reference, client, tmp_path):
+    """Two jobs started together on the same --out: one runs, the other is refused; every
+    exposure the running one reports calibrated is archived."""
+    out = tmp_path / "out"
+    outcomes = [None, None]
+    gate = threading.Barrier(2)
+
+    def job(k):
+        gate.wait()
+        try:
+            outcomes[k] = _run(survey, cube, out, client)
+        except FluxCalError as err:
+            outcomes[k] = err
+
+    threads = [threading.Thread(target=job, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    refused = [o for o in outcomes if isinstance(o, FluxCalError)]
+    reports = [o for o in outcomes if not isinstance(o, FluxCalError)]
+    assert len(refused) == 1 and len(reports) == 1, outcomes
+    assert "another survey job is writing to" in str(refused[0])
+    table = _archive_table(out)
+    assert sorted(table["expid"]) == sorted(reports[0].calibrated) == sorted(_expids(survey))
+    assert _raw_rows(out) == N_EXPOSURES
