@@ -34,6 +34,7 @@ __all__ = [
     "red_hdulist",
     "exposure_setup",
     "add_history",
+    "calibration_marks",
 ]
 
 FIBRES_EXTNAMES = ("FIBRES", "FIBRES_IFU")
@@ -520,6 +521,43 @@ def _attach_calibration(ds, cal, keys, path):
     ds.attrs.update({"fluxcal": True, "fcalnstr": keys.get("FCALNSTR"),
                      "fcalrms": keys.get("FCALRMS"), "fcalver": keys.get("FCALVER"),
                      "fcalsrc": keys.get("FCALSRC") or "standards"})
+
+
+# Words that make a BUNIT a flux density (astropy does not parse every spelling in use:
+# 'erg/s/cm^2/A' reads as per Ampere).
+_FLUX_WORDS = ("erg", "jy", "jansky", "watt", "w/m", "w m-2", "w/(m")
+
+
+def _is_flux_unit(text):
+    text = str(text).strip().lower()
+    return bool(text) and any(word in text for word in _FLUX_WORDS)
+
+
+def calibration_marks(ds):
+    """What says that an opened exposure is already flux-calibrated (contract section 4).
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        From :func:`open_exposure`.
+
+    Returns
+    -------
+    list of (str, str)
+        (place, what) for each mark found: the FLUXCAL table, ``FLUXCAL = T`` and a BUNIT in
+        flux-density units; empty for a RED file. A product stripped of one mark keeps the
+        others.
+    """
+    header = fits.Header.fromstring(ds.attrs.get("fits_header", ""), sep="\n")
+    marks = []
+    if "cal" in ds:
+        marks.append(("HDU FLUXCAL", "FLUXCAL table present"))
+    if header.get("FLUXCAL") is True:
+        marks.append(("primary header FLUXCAL", "FLUXCAL = T"))
+    if _is_flux_unit(header.get("BUNIT", "")):
+        marks.append(("primary header BUNIT", f"BUNIT = {str(header['BUNIT']).strip()!r} "
+                      "(a flux density, not counts)"))
+    return marks
 
 
 def read_exposure_info(path):

@@ -13,7 +13,7 @@ from .calibration import apply_calibration, combine_vectors
 from .catalog import read_catalog
 from .config import Config, load_config
 from .errors import ExposureError, FluxCalError, FluxCalWarning
-from .exposure import open_exposure, write_calibrated
+from .exposure import calibration_marks, open_exposure, write_calibrated
 from .grid import open_grid
 from .standards import fit_standards
 
@@ -76,11 +76,12 @@ def calibrate(exposure, catalog, grid, config=None, *, cache_dir=None):
         single usable star...) are collected in ``warnings`` and the history.
     """
     config = Config() if config is None else config
-    if exposure.attrs.get("fluxcal"):
+    marks = calibration_marks(exposure)
+    if marks:
         # A product given as input: its calibration vector would be replaced by one of ~1.
-        raise ExposureError(exposure.attrs.get("source"), "HDU FLUXCAL",
-                            "already flux-calibrated (FLUXCAL = T); calibrate the RED file it "
-                            "was made from")
+        raise ExposureError(exposure.attrs.get("source"), marks[0][0],
+                            f"already flux-calibrated ({'; '.join(m for _, m in marks)}); "
+                            "calibrate the RED file it was made from")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FluxCalWarning)
         stars = fit_standards(exposure, catalog, grid, config, cache_dir=cache_dir)

@@ -398,6 +398,39 @@ def test_calibrated_file_is_not_calibrated_again(base, tmp_path):
     assert not (tmp_path / "again").exists()
 
 
+def _strip(hdul, *, keyword=True, bunit=None):
+    """A calibrated product stripped of its FLUXCAL table (and FCALSTAR), as a user's tool
+    that keeps only images might leave it."""
+    for name in ("FLUXCAL", "FCALSTAR"):
+        del hdul[name]
+    if not keyword:
+        del hdul[0].header["FLUXCAL"]
+    if bunit is not None:
+        hdul[0].header["BUNIT"] = bunit
+
+
+@pytest.mark.parametrize("strip, where, what", [
+    ({}, "primary header FLUXCAL", r"FLUXCAL = T"),
+    ({"keyword": False}, "primary header BUNIT",
+     r"BUNIT = '1e-17 erg/\(s cm2 Angstrom\)' \(a flux density, not counts\)"),
+    ({"bunit": "counts"}, "primary header FLUXCAL", r"FLUXCAL = T"),
+    ({"keyword": False, "bunit": "erg/s/cm^2/A"}, "primary header BUNIT", r"BUNIT = "),
+], ids=["keyword-and-bunit", "bunit-only", "keyword-only", "bunit-other-spelling"])
+def test_stripped_product_is_not_calibrated_again(base, tmp_path, strip, where, what):
+    """Issue 16: only the FLUXCAL table was looked for, so a product without it (FLUXCAL = T
+    or BUNIT in flux units left) was calibrated a second time."""
+    first = run(base, tmp_path / "first")
+    stripped = tmp_path / "stripped.fits"
+    with fits.open(first.path) as hdul:
+        _strip(hdul, **strip)
+        hdul.writeto(stripped)
+    with pytest.raises(ExposureError, match=rf"stripped\.fits: {where}: already "
+                                            rf"flux-calibrated \({what}"):
+        calibrate_exposure(stripped, tmp_path / "first" / "catalog.csv", base.grid,
+                           tmp_path / "again")
+    assert not (tmp_path / "again").exists()
+
+
 # ----------------------------------------------------------------------------- catalog
 
 
