@@ -398,6 +398,46 @@ def test_calibrated_file_is_not_calibrated_again(base, tmp_path):
     assert not (tmp_path / "again").exists()
 
 
+def _duplicate_standard(base, by):
+    """Copy the first standard's spectrum and FIBRES row over a program fiber; ``by``
+    'objid' keeps its OBJID, 'position' sets it to -1 (matched by position)."""
+    source = base.std_fiber[2][0]
+
+    def edit(hdul):
+        table = hdul["FIBRES"].data
+        target = int(np.flatnonzero(np.char.strip(table["TYPE"].astype(str)) == "P")[-1])
+        for hdu in (hdul[0], hdul["VARIANCE"]):
+            hdu.data[target] = hdu.data[source]
+        table[target] = table[source]
+        if by == "position":
+            table["OBJID"][target] = -1
+        edit.target = target
+    return edit
+
+
+@pytest.mark.parametrize("by", ["objid", "position"])
+def test_duplicated_standard_counts_once(base, tmp_path, by):
+    """Issue 16: a standard-star fiber row duplicated in the file (same star by OBJID or by
+    position) was fitted twice: FCALNSTR 3 instead of 2, FCALRMS lowered. One star, one vote:
+    the duplicate is skipped with a note naming both fibers, and the calibration equals the
+    one without the duplicate."""
+    clean = run(base, tmp_path / "clean")
+    edit = _duplicate_standard(base, by)
+    result = run(base, tmp_path / "dup", edit=edit)
+    source = base.std_fiber[2][0]
+    assert result.calibration.attrs["fcalnstr"] == 2
+    assert list(result.stars["fiber"].values) == list(clean.stars["fiber"].values)
+    np.testing.assert_array_equal(result.calibration["cal"].values,
+                                  clean.calibration["cal"].values)
+    assert result.calibration.attrs["fcalrms"] == clean.calibration.attrs["fcalrms"]
+    objid = base.std_objid[2][0]
+    note = (f"fibers {source} and {edit.target} are the same catalog star (objid {objid}, "
+            f"{'same OBJID' if by == 'objid' else 'matched by OBJID and by position'}): kept "
+            f"fiber {source}")
+    assert any(note in w for w in result.warnings), result.warnings
+    assert any(note in h for h in result.calibrated.attrs["history"])
+
+
 def _strip(hdul, *, keyword=True, bunit=None):
     """A calibrated product stripped of its FLUXCAL table (and FCALSTAR), as a user's tool
     that keeps only images might leave it."""
