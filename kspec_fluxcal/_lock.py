@@ -1,6 +1,7 @@
 """One writer per output directory: a lock file naming its owner (host, pid, start time).
 
-The file is created with O_EXCL, so of two jobs starting together exactly one gets it. A lock
+The file is created by a hard link (atomic, and safe on NFS), so of two jobs starting
+together exactly one gets it, and nobody reads it half-written. A lock
 whose owner is gone (same host, no such process, or the pid now belongs to a process started
 after the lock) is stale: a job that was killed could not remove it. It is taken over with a
 warning. A lock held on another host cannot be checked from here and is always refused.
@@ -14,6 +15,7 @@ import json
 import os
 import socket
 import sys
+import threading
 import warnings
 from pathlib import Path
 
@@ -75,9 +77,14 @@ def _describe(owner):
 
 
 def _create(path, text):
-    fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
+    """Create ``path`` holding ``text``, or raise FileExistsError: written aside, then
+    hard-linked into place, so that no reader ever sees it empty or half-written."""
+    aside = Path(f"{path}.new-{os.getpid()}-{threading.get_ident()}")
+    aside.write_text(text)
+    try:
+        os.link(aside, path)
+    finally:
+        aside.unlink()
 
 
 def _take_over(path, seen):
