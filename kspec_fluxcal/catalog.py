@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 import xarray as xr
 
+from ._atomic import check_regular_file
 from .constants import (
     BANDS,
     CATALOG_COLUMNS,
@@ -102,6 +103,7 @@ def read_catalog(path, bands=BANDS):
     """
     path = os.fspath(path)
     bands = [b for b in bands if b in CATALOG_COLUMNS]
+    check_regular_file(path, CatalogError)
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.reader(fh)

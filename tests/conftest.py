@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 from pathlib import Path
 
 import dask
@@ -44,6 +46,21 @@ def raise_if_computes():
         return dask.config.set(scheduler=_RaiseOnCompute(max_computes))
 
     return factory
+
+
+@contextlib.contextmanager
+def time_limit(seconds):
+    """Fail (TimeoutError) instead of hanging when the block runs longer than ``seconds``."""
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s: a hang")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def fibres_columns(nfib, types=None, objid=None, ra=None, dec=None):

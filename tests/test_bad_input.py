@@ -270,7 +270,8 @@ RED_CASES = [
     ("wcs-decreasing", _wcs_instead_of_wavela(CRVAL1=8000.0, CDELT1=-4.0),
      r"primary header WCS: wavelengths do not increase along the pixel axis"),
     # Keywords.
-    ("exptime-zero", _set_header(EXPTIME=0.0), r"primary header EXPTIME: value 0.0 is not > 0"),
+    ("exptime-zero", _set_header(EXPTIME=0.0),
+     r"primary header EXPTIME: value 0\.0 s is outside the plausible range \(0, 100000\] s"),
     ("exptime-logical", _set_header(EXPTIME=True),
      r"primary header EXPTIME: value True is not a float"),
     ("exposed-text", lambda h: (_drop_header("EXPTIME")(h), _set_header(EXPOSED="long")(h)),
@@ -316,7 +317,7 @@ def test_truncated_red_file(base, tmp_path, cut):
 def test_directory_instead_of_file(base, tmp_path):
     target = tmp_path / "night"
     target.mkdir()
-    with pytest.raises(ExposureError, match=r"night: not a readable FITS file .*Is a directory"):
+    with pytest.raises(ExposureError, match=r"night: not a regular file \(a directory\)"):
         calibrate_exposure(target, write_catalog(tmp_path / "c.csv", base.rows[2]), base.grid,
                            tmp_path / "out")
     assert not (tmp_path / "out").exists()

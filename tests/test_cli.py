@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from astropy.io import fits
+from conftest import time_limit
 from test_bad_input import build_base, write_catalog
 
 from kspec_fluxcal import __version__
@@ -317,6 +318,26 @@ def test_info(capsys, files):
     assert "8 fibers (C:2, P:4, S:2), 1000 pixels 4000.0-8000.0 A (air)" in out[0]
     assert err == [f"{bad}: FAILED: not a readable FITS file (Empty or corrupt FITS "
                    "file)"]
+
+
+@pytest.mark.parametrize("command", ["info", "calibrate"])
+def test_fifo_inputs_are_refused_not_waited_on(capsys, files, tmp_path, command):
+    """Issue 16: a FIFO named .fits hung `calibrate` and `info`; a FIFO catalog would too."""
+    fifo = tmp_path / "pipe.fits"
+    os.mkfifo(fifo)
+    (red,) = files("red.fits")
+    options = [] if command == "info" else ["--catalog", files.catalog, "--grid", files.grid,
+                                            "--out", tmp_path / "out"]
+    with time_limit(20):
+        status, out, err = cli(capsys, command, fifo, red, *options)
+    assert (status, len(out)) == (1, 1 if command == "info" else 2)
+    assert problems(err) == [f"{fifo}: FAILED: not a regular file (a FIFO)"]
+    if command == "calibrate":
+        with time_limit(20):
+            status, out, err = cli(capsys, command, red, "--catalog", fifo, "--grid",
+                                   files.grid, "--out", tmp_path / "out2")
+        assert (status, err) == (1, [f"kspec-fluxcal: error: {fifo}: not a regular file "
+                                     "(a FIFO)"])
 
 
 def test_qc(capsys, files, tmp_path):
