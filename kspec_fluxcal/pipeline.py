@@ -119,7 +119,8 @@ def calibrate_exposure(path, catalog, grid, out=None, *, config=None, overwrite=
     overwrite : bool
         Replace an existing output.
     in_place : bool
-        Replace the input file with the calibrated one (atomically).
+        Replace the input file with the calibrated one (atomically); for a symbolic link,
+        the file it points at (the link stays).
     cache_dir : path-like, optional
         Zarr cache of prepared template cubes.
     qc_dir : path-like, optional
@@ -147,7 +148,9 @@ def calibrate_exposure(path, catalog, grid, out=None, *, config=None, overwrite=
     result = calibrate(open_exposure(path), catalog, grid, config, cache_dir=cache_dir)
     target = None
     if in_place:
-        target = Path(path)
+        # Through a symlink, the file it points at is the one calibrated: replacing the link
+        # itself would leave that file (in the lake) uncalibrated.
+        target = Path(os.path.realpath(path))
         overwrite = True
     elif out is not None:
         out = Path(out)

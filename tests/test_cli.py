@@ -187,6 +187,24 @@ def test_calibrate_in_place(capsys, files, tmp_path):
     assert os.listdir(Path(red).parent) == ["red.fits"]  # no temporary left behind
 
 
+def test_calibrate_in_place_through_a_symlink_replaces_the_target(capsys, files, tmp_path):
+    """Issue 16: --in-place on a symlink replaced the link with a file (the lake's file was
+    left uncalibrated). The link's target is replaced, atomically; the link stays."""
+    (red,) = files("lake/red.fits")
+    link = tmp_path / "links" / "red.fits"
+    link.parent.mkdir()
+    link.symlink_to(red)
+    inode = os.stat(red).st_ino
+    status, out, err = cli(capsys, "calibrate", link, "--in-place", "--catalog", files.catalog,
+                           "--grid", files.grid)
+    assert status == 0 and problems(err) == []
+    assert link.is_symlink() and link.resolve() == Path(red)
+    assert fits.getheader(red)["FLUXCAL"] is True and os.stat(red).st_ino != inode
+    assert out[0].endswith(f" -> {red}")
+    assert os.listdir(link.parent) == ["red.fits"] and os.listdir(Path(red).parent) == [
+        "red.fits"]
+
+
 @pytest.mark.parametrize("options, message", [
     (["--in-place", "--out", "x"], "--in-place and --out exclude each other"),
     ([], r"give --out OUTDIR (or --in-place to replace the input files)"),
