@@ -14,9 +14,9 @@ import stat
 import tempfile
 from pathlib import Path
 
-from .errors import OutputExistsError
+from .errors import FluxCalError, OutputExistsError
 
-__all__ = ["atomic_file", "atomic_directory", "check_regular_file"]
+__all__ = ["atomic_file", "atomic_directory", "check_regular_file", "check_output_directory"]
 
 TEMP_PREFIX = ".kspec-tmp-"
 
@@ -109,3 +109,30 @@ def check_regular_file(path, error):
     if not stat.S_ISREG(mode):
         kind = next((text for test, text in _FILE_KINDS if test(mode)), "a special file")
         raise error(path, None, f"not a regular file ({kind})")
+
+
+def check_output_directory(path, label="", *, for_file=False):
+    """Raise :class:`FluxCalError` unless ``path`` is, or can be created as, a writable
+    directory (with ``for_file``: unless the file ``path`` can be written there); checked
+    before the work, not found out after it.
+
+    Parameters
+    ----------
+    path : path-like
+        The output directory, or with ``for_file`` the output file.
+    label : str
+        How the user gave it (e.g. ``"--out"``), put before the path in the message.
+    for_file : bool
+        ``path`` is a file to be written (its directory is checked).
+    """
+    path = Path(path)
+    name = f"{label} {path}".strip()
+    if not for_file and path.exists() and not path.is_dir():
+        raise FluxCalError(f"{name}: is a file, not a directory")
+    start = path.parent if for_file else path
+    existing = next(p for p in (start, *start.parents) if p.exists())
+    where = "" if existing == path else f"cannot be created: {existing} "
+    if not existing.is_dir():
+        raise FluxCalError(f"{name}: {where}is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FluxCalError(f"{name}: {where}is not writable")

@@ -113,6 +113,7 @@ def _cmd_calibrate(args):
     if not args.in_place and not args.out:
         raise FluxCalError("give --out OUTDIR (or --in-place to replace the input files)")
     _check_distinct_outputs(args)
+    _check_out(args.out)
     config = load_config(args.config)
     catalog = read_catalog(args.catalog)
     grid = open_grid(args.grid)
@@ -150,6 +151,17 @@ def _check_distinct_outputs(args):
     if args.out and Path(args.out).suffix.lower() in (".fits", ".fit") and len(args.files) > 1:
         raise FluxCalError(f"--out {args.out} names one file but {len(args.files)} inputs were "
                            "given; give an output directory")
+
+
+def _check_out(out):
+    """--out (a directory, or a .fits file) can be written: checked before any work."""
+    from ._atomic import check_output_directory
+
+    if out is None:
+        return
+    out = Path(out)
+    one_file = out.suffix.lower() in (".fits", ".fit") and not out.is_dir()
+    check_output_directory(out, "--out", for_file=one_file)
 
 
 def _cmd_qc(args):

@@ -12,7 +12,8 @@ import xarray as xr
 from .calibration import apply_calibration, combine_vectors
 from .catalog import read_catalog
 from .config import Config, load_config
-from .errors import ExposureError, FluxCalError, FluxCalWarning
+from ._atomic import check_output_directory
+from .errors import ExposureError, FluxCalError, FluxCalWarning, OutputExistsError
 from .exposure import calibration_marks, open_exposure, write_calibrated
 from .grid import open_grid
 from .standards import fit_standards
@@ -54,6 +55,28 @@ def output_name(path):
             name = name[: -len(suffix)]
             break
     return f"{name}_fluxcal.fits"
+
+
+def _output_target(path, out, in_place):
+    """Where the product of ``path`` goes (None: nowhere)."""
+    if in_place:
+        # Through a symlink, the file it points at is the one calibrated: replacing the link
+        # itself would leave that file (in the lake) uncalibrated.
+        return Path(os.path.realpath(path))
+    if out is None:
+        return None
+    out = Path(out)
+    return out if out.suffix.lower() in (".fits", ".fit") else out / output_name(path)
+
+
+def _check_target(target, path, overwrite, in_place):
+    """Refuse, before the fit, an output that could not be written after it."""
+    if target.exists() and not in_place and os.path.samefile(target, path):
+        raise FluxCalError(f"{target}: is the input file; refusing to overwrite it "
+                           "(use in_place=True, CLI --in-place)")
+    if target.exists() and not overwrite:
+        raise OutputExistsError(target)
+    check_output_directory(target, for_file=True)
 
 
 def calibrate(exposure, catalog, grid, config=None, *, cache_dir=None):
@@ -145,20 +168,14 @@ def calibrate_exposure(path, catalog, grid, out=None, *, config=None, overwrite=
         catalog = read_catalog(catalog)
     if not isinstance(grid, xr.Dataset):
         grid = open_grid(grid)
-    result = calibrate(open_exposure(path), catalog, grid, config, cache_dir=cache_dir)
-    target = None
-    if in_place:
-        # Through a symlink, the file it points at is the one calibrated: replacing the link
-        # itself would leave that file (in the lake) uncalibrated.
-        target = Path(os.path.realpath(path))
-        overwrite = True
-    elif out is not None:
-        out = Path(out)
-        target = out if out.suffix.lower() in (".fits", ".fit") else out / output_name(path)
+    target = _output_target(path, out, in_place)
     if target is not None:
-        if target.exists() and os.path.samefile(target, path) and not in_place:
-            raise FluxCalError(f"{target}: is the input file; refusing to overwrite it "
-                               "(use in_place=True, CLI --in-place)")
+        overwrite = overwrite or in_place
+        _check_target(target, path, overwrite, in_place)
+    if qc_dir is not None:
+        check_output_directory(qc_dir)
+    result = calibrate(open_exposure(path), catalog, grid, config, cache_dir=cache_dir)
+    if target is not None:
         write_calibrated(result.calibrated, target, overwrite=overwrite, stars=result.stars)
     result.path = target
     if qc_dir is not None:

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from ._atomic import check_output_directory
 from ._lock import exclusive
 from .config import Config, load_config
 from .errors import CalibrationError, FluxCalError, FluxCalWarning, InputError
@@ -469,6 +470,7 @@ def run_survey(lake, *, catalog, grid, out, config=None, scheduler=None, workers
     start = time.time()
     config = config if isinstance(config, Config) else load_config(config)
     out = Path(out)
+    check_output_directory(out)
     out.mkdir(parents=True, exist_ok=True)
     # One job per output directory: two would both commit at the archive's row count and
     # one job's rows would be lost.

@@ -187,6 +187,68 @@ def test_calibrate_in_place(capsys, files, tmp_path):
     assert os.listdir(Path(red).parent) == ["red.fits"]  # no temporary left behind
 
 
+@pytest.fixture
+def no_fit(monkeypatch):
+    """Fail the test if a fit starts: checks must come before the work."""
+    import kspec_fluxcal.pipeline as pipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the fit ran before the outputs were checked")
+
+    monkeypatch.setattr(pipeline, "calibrate", refuse)
+
+
+@pytest.mark.parametrize("make_out, problem", [
+    (lambda t: t / "notes.txt", "is a file, not a directory"),
+    (lambda t: t / "notes.txt" / "sub", "cannot be created: {t}/notes.txt is a file, not a "
+                                        "directory"),
+    (lambda t: t / "notes.txt" / "x.fits", "cannot be created: {t}/notes.txt is a file, not a "
+                                           "directory"),
+], ids=["file", "under-a-file", "fits-under-a-file"])
+def test_calibrate_output_checked_before_the_work(capsys, files, tmp_path, no_fit, make_out,
+                                                  problem):
+    """Issue 16: a file-valued --out failed only after the whole fit, naming the input file."""
+    (red,) = files("red.fits")
+    (tmp_path / "notes.txt").write_text("mine")
+    out = make_out(tmp_path)
+    status, stdout, err = cli(capsys, "calibrate", red, "--catalog", files.catalog, "--grid",
+                              files.grid, "--out", out)
+    assert (status, stdout) == (1, [])
+    assert err == [f"kspec-fluxcal: error: --out {out}: {problem.format(t=tmp_path)}"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_survey_output_checked_before_the_work(capsys, files, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    status, stdout, err = cli(capsys, "survey", tmp_path, "--catalog", files.catalog, "--grid",
+                              files.grid, "--out", tmp_path / "notes.txt")
+    assert (status, stdout) == (1, [])
+    assert err == [f"kspec-fluxcal: error: {tmp_path / 'notes.txt'}: is a file, not a "
+                   "directory"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_calibrate_unwritable_output_checked_before_the_work(capsys, files, tmp_path, no_fit):
+    (red,) = files("red.fits")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    status, stdout, err = cli(capsys, "calibrate", red, "--catalog", files.catalog, "--grid",
+                              files.grid, "--out", locked / "out")
+    assert err == [f"kspec-fluxcal: error: --out {locked / 'out'}: cannot be created: "
+                   f"{locked} is not writable"]
+
+
+def test_existing_output_refused_before_the_work(capsys, files, tmp_path, no_fit):
+    (red,) = files("red.fits")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "red_fluxcal.fits").write_text("an earlier product")
+    status, stdout, err = cli(capsys, "calibrate", red, "--catalog", files.catalog, "--grid",
+                              files.grid, "--out", tmp_path / "out")
+    assert (status, stdout) == (1, [])
+    assert problems(err) == [f"{red}: FAILED: {tmp_path / 'out' / 'red_fluxcal.fits'}: exists; "
+                             "pass overwrite=True (CLI: --overwrite) to replace it"]
+
+
 def test_calibrate_in_place_through_a_symlink_replaces_the_target(capsys, files, tmp_path):
     """Issue 16: --in-place on a symlink replaced the link with a file (the lake's file was
     left uncalibrated). The link's target is replaced, atomically; the link stays."""
