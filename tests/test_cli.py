@@ -6,6 +6,7 @@ The module's grid is made by the CLI itself (``grid synth --small``, then ``grid
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import os
@@ -19,7 +20,7 @@ from conftest import time_limit
 from test_bad_input import build_base, write_catalog
 
 from kspec_fluxcal import __version__
-from kspec_fluxcal.cli import main
+from kspec_fluxcal.cli import build_parser, main
 from kspec_fluxcal.grid import open_grid
 
 SUBCOMMANDS = ("demo", "calibrate", "qc", "survey", "simulate", "grid", "archive", "info")
@@ -91,6 +92,33 @@ def test_help_lists_the_subcommands(capsys):
         main(["grid", "--help"])
     text = capsys.readouterr().out
     assert all(f"    {name}" in text for name in ("build", "download", "synth"))
+
+
+def _subparsers(parser, prefix=()):
+    """(command words, parser) of every command and subcommand."""
+    yield prefix, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _subparsers(sub, (*prefix, name))
+
+
+def test_every_option_has_a_help_text():
+    """Issue 16: survey --catalog/--grid/--out/..., demo --exposures/..., the grid
+    subcommands and archive plot --out had none."""
+    missing = [" ".join([*words, action.dest]) for words, parser in _subparsers(build_parser())
+               for action in parser._actions
+               if not isinstance(action, argparse._SubParsersAction) and not action.help]
+    assert missing == []
+
+
+def test_calibrate_usage_shows_out_or_in_place_as_required(capsys):
+    """Issue 16: --out was shown as optional, but it (or --in-place) is required."""
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--help"])
+    usage = " ".join(capsys.readouterr().out.split("\n\n")[0].split())
+    assert "(--out OUTDIR | --in-place)" in usage
+    assert "[--out" not in usage and "[--in-place]" not in usage
 
 
 def test_version_and_usage_errors(capsys):
@@ -268,14 +296,15 @@ def test_calibrate_in_place_through_a_symlink_replaces_the_target(capsys, files,
 
 
 @pytest.mark.parametrize("options, message", [
-    (["--in-place", "--out", "x"], "--in-place and --out exclude each other"),
-    ([], r"give --out OUTDIR (or --in-place to replace the input files)"),
+    (["--in-place", "--out", "x"], "argument --out: not allowed with argument --in-place"),
+    ([], "one of the arguments --out --in-place is required"),
 ])
 def test_calibrate_output_options(capsys, files, options, message):
     (red,) = files("red.fits")
-    status, out, err = cli(capsys, "calibrate", red, *options, "--catalog", files.catalog,
-                           "--grid", files.grid)
-    assert (status, out, err) == (1, [], [f"kspec-fluxcal: error: {message}"])
+    with pytest.raises(SystemExit) as info:
+        main(["calibrate", red, *options, "--catalog", files.catalog, "--grid", files.grid])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"kspec-fluxcal calibrate: error: {message}"
 
 
 def test_calibrate_two_inputs_one_output_name(capsys, files, tmp_path):
