@@ -636,10 +636,10 @@ def read_exposure_info(path):
             raise ExposureError(path, "HDU PRIMARY", "expected a 2-D (fiber, pixel) image")
         nfib, nspec = header["NAXIS2"], header["NAXIS1"]
         _check_width(path, nspec)
-        # The extensions are looked up as open_exposure does: an ambiguous file is refused
-        # when the survey is planned, not later on a worker.
+        # An ambiguous file (two VARIANCE or FIBRES extensions) is refused when the survey is
+        # planned, not later on a worker.
         for names in (("VARIANCE",), FIBRES_EXTNAMES):
-            _find_hdu(hdul, path, names)
+            _find_hdu(hdul, path, names, required=False)
         wave, source, medium = _raw_wavelength(hdul, path, nfib, nspec)
         if source == "WAVELA":
             wave = wave.reshape(-1, nspec)

@@ -42,7 +42,7 @@ from .config import Config, load_config
 from .errors import CalibrationError, FluxCalError, FluxCalWarning, InputError
 
 __all__ = ["discover", "plan_survey", "run_survey", "SurveyReport", "local_cluster",
-           "WORKER_MALLOC_ENV"]
+           "write_notes", "WORKER_MALLOC_ENV"]
 
 
 @dataclass
@@ -60,6 +60,8 @@ class SurveyReport:
         Warnings raised while calibrating an exposure (skipped stars, numerical warnings),
         collected in the workers so that they reach the report rather than a worker's stderr.
     archive : pathlib.Path
+    notes_file : pathlib.Path or None
+        ``OUT/notes.json``, where the notes and failures are kept (see :func:`write_notes`).
     dashboard : str or None
         Link to the Dask dashboard (None when nothing had to be computed).
     elapsed : float
@@ -72,6 +74,7 @@ class SurveyReport:
     failed: dict = field(default_factory=dict)
     notes: dict = field(default_factory=dict)
     archive: Path | None = None
+    notes_file: Path | None = None
     dashboard: str | None = None
     elapsed: float = 0.0
 
@@ -85,10 +88,44 @@ class SurveyReport:
         lines = [f"{len(self.calibrated)} calibrated ({len(self.fallback)} from the archive), "
                  f"{len(self.skipped)} skipped as up to date, {len(self.failed)} failed, "
                  f"in {self.elapsed:.1f} s"]
-        if self.notes:
-            lines.append(f"  {len(self.notes)} exposure(s) with notes (SurveyReport.notes)")
+        if self.notes or self.notes_file:
+            where = f"; notes and failures: {self.notes_file}" if self.notes_file else ""
+            lines.append(f"  {len(self.notes)} exposure(s) with notes{where}")
         lines += [f"  FAILED {name}: {reason}" for name, reason in sorted(self.failed.items())]
         return "\n".join(lines)
+
+
+def write_notes(out, report):
+    """Keep the notes and failures of a run in ``out/notes.json``, atomically.
+
+    The file maps EXPID (or, for files that could not be planned, their path under the
+    lake) to notes (``"notes"``) and to the reason of a failure (``"failed"``). Exposures
+    calibrated or failed in this run replace their entries; the others (skipped as up to
+    date) keep theirs from earlier runs.
+
+    Returns
+    -------
+    pathlib.Path
+        The file; also set as ``report.notes_file``.
+    """
+    from ._atomic import atomic_file
+
+    path = Path(out) / "notes.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        saved = {}
+    done = set(report.calibrated) | set(report.failed)
+    kept = {key: {k: v for k, v in saved.get(key, {}).items() if k not in done}
+            for key in ("notes", "failed")}
+    kept["notes"].update(report.notes)
+    kept["failed"].update(report.failed)
+    text = json.dumps({"updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **kept}, indent=1,
+                      sort_keys=True)
+    with atomic_file(path, overwrite=True) as tmp:
+        Path(tmp).write_text(text + "\n")
+    report.notes_file = path
+    return path
 
 
 def discover(lake, pattern="**/*.fits", *, exclude=()):
@@ -481,6 +518,7 @@ def run_survey(lake, *, catalog, grid, out, config=None, scheduler=None, workers
                                       threads_per_worker=threads_per_worker,
                                       dashboard_address=dashboard_address,
                                       performance_report=performance_report))
+        write_notes(out, report)
     report.elapsed = time.time() - start
     if progress:
         print(report.summary(), flush=True)

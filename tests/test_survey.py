@@ -36,7 +36,14 @@ from kspec_fluxcal.evaluate import compare_with_truth
 from kspec_fluxcal.exposure import open_exposure
 from kspec_fluxcal.grid import build_grid
 from kspec_fluxcal.simulate import Setup, simulate_survey
-from kspec_fluxcal.survey import WORKER_MALLOC_ENV, discover, local_cluster, run_survey
+from kspec_fluxcal.survey import (
+    WORKER_MALLOC_ENV,
+    SurveyReport,
+    discover,
+    local_cluster,
+    run_survey,
+    write_notes,
+)
 from kspec_fluxcal.synthgrid import write_synthetic_grid
 
 #: Seed of the kill points of the interrupted-job test.
@@ -399,6 +406,10 @@ def test_bad_exposures_are_reported_and_do_not_stop_the_others(survey, cube, ref
     assert "no usable standard star" in failed["BAD_NO_STD"]
     assert "no catalog match" in failed["BAD_NO_STD"]
     assert f"duplicate EXPID {good[0]}" in failed["bad/duplicate.fits"]
+    # Failures (and notes) are also in OUT/notes.json, named in the summary.
+    saved = json.loads((tmp_path / "out" / "notes.json").read_text())
+    assert set(saved["failed"]) == set(failed)
+    assert f"notes and failures: {tmp_path / 'out' / 'notes.json'}" in text
     # Non-TTY progress: whole lines, no carriage returns.
     assert "\r" not in text
     assert "4/4 exposures done (2 failed)" in text
@@ -609,6 +620,23 @@ def test_killed_job_resumes_to_identical_results(survey, cube, reference, client
         _assert_fits_equal(out / rel, ref_out / rel)
     with capsys.disabled():
         print("\n" + "\n".join(log))
+
+
+def test_notes_go_to_a_file_named_in_the_summary(tmp_path):
+    """Issue 16: the summary said '(SurveyReport.notes)', which a CLI user cannot read.
+    Notes and failures are kept in OUT/notes.json, per EXPID, across runs: an exposure
+    calibrated again gets its new notes, one skipped keeps its old ones."""
+    first = SurveyReport(calibrated=["E1", "E2"], failed={"E3": "no usable standard star"},
+                         notes={"E1": ["fiber 3 skipped"], "E2": ["a note"]})
+    path = write_notes(tmp_path, first)
+    assert path == tmp_path / "notes.json"
+    assert "2 exposure(s) with notes; notes and failures: " + str(path) in first.summary()
+    assert "SurveyReport.notes" not in first.summary()
+    second = SurveyReport(calibrated=["E2", "E3"], skipped=["E1"], notes={"E3": ["other"]})
+    write_notes(tmp_path, second)
+    saved = json.loads(path.read_text())
+    assert saved["notes"] == {"E1": ["fiber 3 skipped"], "E3": ["other"]}
+    assert saved["failed"] == {}
 
 
 # ----------------------------------------------------------------------------- one writer
