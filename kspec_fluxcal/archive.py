@@ -135,6 +135,27 @@ def archive_record(calibrated, stars, calibration, *, source="", input_hash="", 
             "cal_variance": var.astype(np.float32), "cal_mask": mask}
 
 
+_WHAT_IS_EXPECTED = "expected the archive.zarr a survey job writes in its --out directory"
+
+
+def _open_group(path, mode):
+    """The archive's Zarr group, committed row count and index (expid -> row)."""
+    import zarr
+
+    from .errors import InputError
+
+    try:
+        group = zarr.open_group(path, mode=mode)
+    except Exception:  # zarr's errors name its store classes, not what the user gave
+        raise InputError(path, None, "not a calibration archive: not a Zarr store (no "
+                         f"zarr.json); {_WHAT_IS_EXPECTED}") from None
+    try:
+        return group, int(group.attrs["rows"]), dict(group.attrs["index"])
+    except (KeyError, TypeError, ValueError):
+        raise InputError(path, None, "not a calibration archive: a Zarr store without the "
+                         f"archive's attributes (rows, index); {_WHAT_IS_EXPECTED}") from None
+
+
 class ArchiveWriter:
     """Appends calibrations to the archive; used by one process (the survey's client).
 
@@ -147,18 +168,11 @@ class ArchiveWriter:
     def __init__(self, path):
         import zarr
 
-        from .errors import InputError
-
         self.path = Path(path)
         self._zarr = zarr
         if not self.path.exists():
             self._create()
-        try:
-            self.group = zarr.open_group(self.path, mode="r+")
-            self.rows = int(self.group.attrs["rows"])
-            self.index = dict(self.group.attrs["index"])
-        except Exception as err:
-            raise InputError(self.path, None, f"not a calibration archive ({err})") from None
+        self.group, self.rows, self.index = _open_group(self.path, "r+")
         self._repair()
         self.hashes = {}
         if self.index:
@@ -276,19 +290,13 @@ def open_archive(path):
         is ``expid``.
     """
     import dask.array as da
-    import zarr
 
     from .errors import InputError
 
     path = Path(path)
     if not path.exists():
         raise InputError(path, None, "no such archive")
-    try:
-        group = zarr.open_group(path, mode="r")
-        rows = int(group.attrs["rows"])
-        index = dict(group.attrs["index"])
-    except Exception as err:
-        raise InputError(path, None, f"not a calibration archive ({err})") from None
+    group, rows, index = _open_group(path, "r")
     order = np.array(sorted(index.values()), dtype=int)
     variables, coords = {}, {}
     for name, array in group.arrays():

@@ -71,6 +71,9 @@ def _open_hdulist(path):
     except FileNotFoundError:
         raise ExposureError(path, None, "no such file") from None
     except Exception as err:  # astropy raises OSError, ValueError, TypeError... on garbage
+        if "SIMPLE" in str(err):  # its advice (ignore_missing_simple=True) is not for users
+            raise ExposureError(path, None, "not a FITS file (it does not start with "
+                                "SIMPLE = T)") from None
         raise ExposureError(path, None, f"not a readable FITS file ({err})") from None
     try:
         _check_complete(hdul, path)

@@ -1,6 +1,7 @@
 import numpy as np
 import pytest
 import xarray as xr
+import zarr
 
 from kspec_fluxcal.archive import (
     MAX_STARS,
@@ -101,11 +102,20 @@ def test_uncommitted_rows_are_invisible_and_repaired(tmp_path):
 
 
 def test_open_archive_errors(tmp_path):
+    """Issue 16: `archive plot` on a non-archive said "not a calibration archive ('rows')"."""
     with pytest.raises(InputError, match="no such archive"):
         open_archive(tmp_path / "none.zarr")
     (tmp_path / "x.zarr").mkdir()
-    with pytest.raises(InputError, match="not a calibration archive"):
+    with pytest.raises(InputError, match=r"x\.zarr: not a calibration archive: not a Zarr "
+                                         r"store \(no zarr\.json\); expected the archive\.zarr "
+                                         r"a survey job writes in its --out directory$"):
         open_archive(tmp_path / "x.zarr")
+    zarr.open_group(tmp_path / "other.zarr", mode="w").attrs["title"] = "someone else's"
+    for opener in (open_archive, ArchiveWriter):
+        with pytest.raises(InputError, match=r"other\.zarr: not a calibration archive: a Zarr "
+                                             r"store without the archive's attributes \(rows, "
+                                             r"index\); expected the archive\.zarr"):
+            opener(tmp_path / "other.zarr")
 
 
 def test_groupby_night_and_plots(tmp_path):
