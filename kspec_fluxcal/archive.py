@@ -42,7 +42,7 @@ from . import __version__
 from .constants import CAL_UNIT, FLUX_UNIT
 
 __all__ = ["ARCHIVE_GRID", "archive_grid", "ArchiveWriter", "open_archive", "archive_record",
-           "plot_archive", "MAX_STARS"]
+           "plot_archive", "throughput", "MAX_STARS", "THROUGHPUT_UNIT"]
 
 #: The survey-wide grid: ln-uniform, 3000-11000 A, step 2e-4.
 ARCHIVE_GRID = {"wave_min": 3000.0, "wave_max": 11000.0, "dlnlambda": 2e-4}
@@ -63,6 +63,38 @@ _ROW_FIELDS = {
     "source": (str, ""), "input_hash": (str, ""), "dispersion": (np.float64, np.nan),
     "calibrated_at": (str, ""),
 }
+
+
+#: Units of the per-exposure coordinates (the others are labels or counts).
+_ROW_UNITS = {"mjd": "d", "airmass": "1", "exptime": "s", "fcalrms": "1",
+              "dispersion": "Angstrom"}
+#: What ``throughput`` is in: counts per second per Angstrom per unit of flux density.
+THROUGHPUT_UNIT = f"count/(s Angstrom) / ({FLUX_UNIT})"
+_HOW_TO_READ = (
+    "open with kspec_fluxcal.archive.open_archive(path): the arrays' rows past the group "
+    "attribute 'rows' are pre-allocated (empty), and rows not in 'index' (expid -> row) are "
+    "superseded by a later calibration of the same exposure; xarray.open_zarr shows them all")
+
+
+def throughput(ds):
+    """Throughput of archived calibrations: ``1 / (cal * exptime)``, with its units.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        From :func:`open_archive` (or a selection of it).
+
+    Returns
+    -------
+    xarray.DataArray
+        Counts per second per Angstrom per unit of flux density (:data:`THROUGHPUT_UNIT`),
+        dims of ``cal``; lazy when ``cal`` is.
+    """
+    out = 1.0 / (ds["cal"] * ds["exptime"])
+    # Not cal's attrs (arithmetic keeps them): their units are the inverse of these.
+    out.attrs = {"units": THROUGHPUT_UNIT,
+                 "long_name": "throughput (counts/s/A per unit flux density)"}
+    return out.rename("throughput")
 
 
 def archive_grid():
@@ -212,7 +244,10 @@ class ArchiveWriter:
                                    "count per Angstrom; throughput = 1 / (cal * exptime)"})
         group["cal_variance"].attrs["units"] = f"({FLUX_UNIT} / (count/Angstrom))**2"
         group["cal_mask"].attrs["description"] = "True = measured (not bridged, inside range)"
+        for name, units in _ROW_UNITS.items():
+            group[name].attrs["units"] = units
         group.attrs.update({"rows": 0, "index": {}, "title": "kspec-fluxcal calibration archive",
+                            "how_to_read": _HOW_TO_READ,
                             "kspec_fluxcal_version": __version__, "cal_factor_units": CAL_UNIT,
                             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")})
 
@@ -314,7 +349,11 @@ def open_archive(path):
         elif name == "wavelength":
             coords[name] = (dims, array[:], dict(array.attrs))
     ds = xr.Dataset(variables, coords=coords, attrs=dict(group.attrs))
-    ds.attrs.pop("index", None)
+    for name in ("index", "how_to_read"):  # bookkeeping of the store, not true of ds
+        ds.attrs.pop(name, None)
+    for name, units in _ROW_UNITS.items():  # archives written before units were stored
+        if name in ds.coords:
+            ds[name].attrs.setdefault("units", units)
     if ds.sizes.get("exposure", 0):
         ds = ds.sortby("mjd")
     return ds.set_xindex("expid")
@@ -344,14 +383,14 @@ def plot_archive(archive, out_dir, bands=((4000, 5000), (5000, 6000), (6000, 700
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ds = archive.where(archive["cal_mask"])
-    throughput = 1.0 / (ds["cal"] * ds["exptime"])
+    measured = throughput(ds)
     written = []
 
     fig = Figure(figsize=(10, 5), dpi=100)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     for lo, hi in bands:
-        t = throughput.sel(wavelength=slice(lo, hi)).mean("wavelength").compute()
+        t = measured.sel(wavelength=slice(lo, hi)).mean("wavelength").compute()
         ax.plot(ds["mjd"].values, t.values, "o-", ms=4, label=f"{lo}-{hi} A")
     ax.set_xlabel("MJD")
     ax.set_ylabel(f"throughput [counts/s/A per {FLUX_UNIT}]")
@@ -370,7 +409,7 @@ def plot_archive(archive, out_dir, bands=((4000, 5000), (5000, 6000), (6000, 700
     order = np.argsort(ds["mjd"].values)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns outside the range
-        rel = (throughput / throughput.median("exposure")).isel(exposure=order).compute()
+        rel = (measured / measured.median("exposure")).isel(exposure=order).compute()
     finite = rel.values[np.isfinite(rel.values)]
     lo, hi = np.percentile(finite, [2, 98]) if finite.size else (0.9, 1.1)
     if hi - lo < 1e-3:  # identical exposures: show a +/-1 % scale rather than noise

@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -147,3 +149,45 @@ def test_a_second_writer_cannot_overwrite_committed_rows(tmp_path):
     ds = open_archive(path)
     assert list(ds["expid"].values) == ["A1"]
     assert float(ds["mjd"].values[0]) == 61000.2
+
+
+def _readme_block(title):
+    """The first python block after the README heading ``title``."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index(f"## {title}"):]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_throughput_example_has_units(tmp_path, monkeypatch):
+    """Issue 16: the README's throughput kept cal's units attr (the inverse of a throughput)
+    and exptime had none. Run the README's example on a small archive."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    path = tmp_path / "archive.zarr"
+    ArchiveWriter(path).append([archive_record(_calibrated(f"KS2026110{1 + i // 2}_000{i}",
+                                                           61345.5 + i * 0.4), _stars(), None)
+                                for i in range(4)])
+    code = _readme_block("Throughput over time").replace(
+        "store/demo/calibrated/archive.zarr", str(path))
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
+    ds, throughput = namespace["ds"], namespace["tput"]
+    assert ds["exptime"].attrs["units"] == "s"
+    assert ds["cal"].attrs["units"] == "1e-17 erg/(s cm2 Angstrom) / (count/Angstrom)"
+    assert throughput.attrs["units"] == "count/(s Angstrom) / (1e-17 erg/(s cm2 Angstrom))"
+    assert "throughput" in throughput.attrs["long_name"]
+    expected = 1 / (ds["cal"] * ds["exptime"])
+    xr.testing.assert_allclose(throughput, expected)
+
+
+def test_plain_xarray_users_are_told_to_use_open_archive(tmp_path):
+    """Issue 16: xr.open_zarr shows pre-allocated empty rows and superseded ones; the store
+    says so, and how to read it, where plain xarray shows it (its attrs)."""
+    path = tmp_path / "archive.zarr"
+    ArchiveWriter(path).append([archive_record(_calibrated("E1", 61000.2), _stars(), None)])
+    raw = xr.open_zarr(path, consolidated=False)
+    assert raw.sizes["exposure"] == 64  # the capacity, not the one row
+    assert "kspec_fluxcal.archive.open_archive" in raw.attrs["how_to_read"]
+    assert "pre-allocated" in raw.attrs["how_to_read"]
+    assert "how_to_read" not in open_archive(path).attrs  # not true of the opened dataset
