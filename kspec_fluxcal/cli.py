@@ -58,11 +58,36 @@ def _cmd_info(args):
         good = ds["good"].values.mean(axis=1)
         print(f"{path}: EXPID {ds.attrs['expid']}, MJD {ds.attrs['mjd']:.5f}, "
               f"EXPTIME {ds.attrs['exptime']:g} s, {ds.sizes['fiber']} fibers ({counts}), "
-              f"{ds.sizes['wavelength']} pixels {wave[0]:.1f}-{wave[-1]:.1f} A (air), "
-              f"LSF {ds.attrs['lsf_source']} {ds.attrs['lsf_fwhm_coeffs']}, "
-              f"setup {exposure_setup(ds)}, dead fibers {int((good == 0).sum())}")
+              f"{ds.sizes['wavelength']} pixels {wave[0]:.1f}-{wave[-1]:.1f} A in air "
+              f"({_frame_read(ds)}), LSF {ds.attrs['lsf_source']} "
+              f"{ds.attrs['lsf_fwhm_coeffs']}, setup {exposure_setup(ds)}, "
+              f"dead fibers {int((good == 0).sum())}; {_calibration_state(ds)}")
 
     return 1 if _each_file(args, info) else 0
+
+
+def _frame_read(ds):
+    """The wavelength frame as the file gives it (the reader converts vacuum to air)."""
+    medium = {"vac": "vacuum", "air": "air"}[ds.attrs["medium_in"]]
+    converted = "; converted to air" if medium == "vacuum" else ""
+    return f"as read: {medium}, {ds.attrs['wavelength_source']}{converted}"
+
+
+def _calibration_state(ds):
+    """What the primary header says about flux calibration: FLUXCAL, BUNIT, every FCAL*
+    keyword (FCALNSTR, FCALRMS, a quality grade FCALQUAL when the fitter writes one)."""
+    from astropy.io import fits
+
+    from .exposure import calibration_marks
+
+    header = fits.Header.fromstring(ds.attrs.get("fits_header", ""), sep="\n")
+    bunit = f"BUNIT {str(header.get('BUNIT', 'counts')).strip()!r}"
+    if not calibration_marks(ds):
+        return f"{bunit}: not flux-calibrated"
+    fluxcal = "T" if header.get("FLUXCAL") is True else "absent"
+    keys = [f"{k} = {header[k]!r}" if isinstance(header[k], str) else f"{k} = {header[k]:.4g}"
+            for k in header if k.startswith("FCAL")]
+    return ", ".join([f"calibrated: FLUXCAL = {fluxcal}", bunit, *keys])
 
 
 def _cmd_grid_build(args):

@@ -424,9 +424,36 @@ def test_info(capsys, files):
     status, out, err = cli(capsys, "info", good, bad, other)
     assert status == 1 and len(out) == 2
     assert out[0].startswith(f"{good}: EXPID KS20261101_0001, MJD 61345.45830, ")
-    assert "8 fibers (C:2, P:4, S:2), 1000 pixels 4000.0-8000.0 A (air)" in out[0]
+    assert "8 fibers (C:2, P:4, S:2), 1000 pixels 4000.0-8000.0 A in air (as read: air, " \
+           "WAVELA)" in out[0]
+    assert out[0].endswith("; BUNIT 'counts': not flux-calibrated")
     assert err == [f"{bad}: FAILED: not a readable FITS file (Empty or corrupt FITS "
                    "file)"]
+
+
+def test_info_shows_the_frame_read_and_what_a_product_is(capsys, files, tmp_path):
+    """Issue 16: `info` said '(air)' for a file whose WAVELA says vacuum, and printed the same
+    line for a RED file and its calibrated product."""
+    red, vac = files("red.fits", "vac.fits")
+    with fits.open(vac, mode="update") as hdul:
+        hdul["WAVELA"].header["AIRORVAC"] = "vac"
+    assert cli(capsys, "calibrate", red, "--catalog", files.catalog, "--grid", files.grid,
+               "--out", tmp_path / "out")[0] == 0
+    product = tmp_path / "out" / "red_fluxcal.fits"
+    with fits.open(product, mode="update") as hdul:  # as the reworked fitter will write it
+        hdul[0].header["FCALQUAL"] = ("B", "quality grade")
+    status, out, err = cli(capsys, "info", red, vac, product)
+    assert status == 0 and len(out) == 3
+    assert "A in air (as read: vacuum, WAVELA; converted to air)" in out[1]
+    assert "3998.9-7997.8 A" in out[1]
+    calibrated = out[2].split("; ", 1)[1]
+    rms = fits.getheader(product)["FCALRMS"]
+    assert calibrated == (f"calibrated: FLUXCAL = T, BUNIT '1e-17 erg/(s cm2 Angstrom)', "
+                          f"FCALNSTR = 2, FCALRMS = {rms:.4g}, FCALVER = '{__version__}', "
+                          "FCALSRC = 'standards', FCALQUAL = 'B'")
+    # The data are described alike; what differs is said after them.
+    assert out[0].split("; ")[0].replace(str(red), "") == out[2].split("; ")[0].replace(
+        str(product), "")
 
 
 @pytest.mark.parametrize("command", ["info", "calibrate"])
