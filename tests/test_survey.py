@@ -639,6 +639,38 @@ def test_notes_go_to_a_file_named_in_the_summary(tmp_path):
     assert saved["failed"] == {}
 
 
+def _comm_sizeof_warnings():
+    """Warnings distributed logs when it cannot size a message (as for the deeply nested
+    profile data a performance report fetches), in the process this runs in."""
+    import logging
+
+    from distributed.sizeof import safe_sizeof
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("distributed.sizeof")
+    logger.addHandler(handler)
+    try:
+        nested = {}
+        for _ in range(500):
+            nested = {"children": nested}
+        assert safe_sizeof(nested, default_size=-1) == -1  # sizeof recursed too deep
+    finally:
+        logger.removeHandler(handler)
+    return len(records)
+
+
+@pytest.mark.cluster
+def test_no_sizeof_warning_from_message_sizes(client):
+    """Issue 16: 'distributed.sizeof - WARNING - Sizeof calculation for object of type 'dict'
+    failed. Defaulting to -1 B' in every demo run: distributed's harmless estimate of a
+    message's size (it then serializes it off the event loop), silenced in the workers of
+    the survey's LocalCluster and in the process that runs its scheduler."""
+    assert set(client.run(_comm_sizeof_warnings).values()) == {0}
+    assert _comm_sizeof_warnings() == 0
+
+
 # ----------------------------------------------------------------------------- one writer
 
 
