@@ -17,6 +17,24 @@ requires_shared = pytest.mark.skipif(not SHARED_REAL.is_dir(),
                                      reason="../shared/real (real spectra) is not present")
 
 
+#: Lines reported at the end of the run: statistics and progress of long tests.
+_REPORT = []
+
+
+@pytest.fixture(scope="session")
+def report_line():
+    """``report_line(text)``: show ``text`` in the run's summary, with ``-v`` or ``-s`` only
+    (``pytest -q`` stays quiet)."""
+    return _REPORT.append
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if _REPORT and (config.getoption("verbose") > 0 or config.getoption("capture") == "no"):
+        terminalreporter.section("kspec-fluxcal test report")
+        for line in _REPORT:
+            terminalreporter.write_line(line)
+
+
 @pytest.fixture(autouse=True)
 def _synchronous_dask():
     """Deterministic Dask in tests (one thread), as xarray's and flox's test suites do."""

@@ -567,7 +567,7 @@ def _check_partial_archive(out, ref_out, ref):
 
 @pytest.mark.cluster
 def test_killed_job_resumes_to_identical_results(survey, cube, reference, client, tmp_path,
-                                                 capsys):
+                                                 capsys, report_line):
     """The CLI job (with its own LocalCluster) SIGKILLed three times at seeded points, each
     time after some calibrated files appeared, plus a seeded delay that lands the kill in a
     task, a transfer or an archive commit; the first run is a plain one, the next ones use
@@ -618,8 +618,8 @@ def test_killed_job_resumes_to_identical_results(survey, cube, reference, client
     assert _outputs(out) == _outputs(ref_out)
     for rel in _outputs(ref_out):
         _assert_fits_equal(out / rel, ref_out / rel)
-    with capsys.disabled():
-        print("\n" + "\n".join(log))
+    for line in log:
+        report_line(f"{Path(__file__).name}: {line}")
 
 
 def test_notes_go_to_a_file_named_in_the_summary(tmp_path):
