@@ -132,6 +132,7 @@ def _cmd_calibrate(args):
     from .config import load_config
     from .grid import open_grid
     from .pipeline import calibrate_exposure
+    from .qc import qc_directory
 
     _check_distinct_outputs(args)
     _check_out(args.out)
@@ -142,7 +143,9 @@ def _cmd_calibrate(args):
     def calibrate(path):
         qc_dir = None
         if args.qc:
-            qc_dir = Path(args.out or Path(path).parent) / "qc" / Path(path).stem
+            out = Path(args.out) if args.out else Path(path).parent
+            qc_dir = qc_directory(out.parent if out.suffix.lower() in (".fits", ".fit")
+                                  else out)
         result = calibrate_exposure(path, catalog, grid, None if args.in_place else args.out,
                                     config=config, overwrite=args.overwrite,
                                     in_place=args.in_place, cache_dir=args.cache, qc_dir=qc_dir)

@@ -147,7 +147,8 @@ def calibrate_exposure(path, catalog, grid, out=None, *, config=None, overwrite=
     cache_dir : path-like, optional
         Zarr cache of prepared template cubes.
     qc_dir : path-like, optional
-        Write the QC plots and summary there.
+        Write the QC plots and summary there: drawn from the written product (as
+        :func:`kspec_fluxcal.qc.qc_from_file` does), or from the result when nothing is written.
     **options
         Configuration overrides, e.g. ``metric="huber"``, ``smooth=False``.
 
@@ -179,7 +180,12 @@ def calibrate_exposure(path, catalog, grid, out=None, *, config=None, overwrite=
         write_calibrated(result.calibrated, target, overwrite=overwrite, stars=result.stars)
     result.path = target
     if qc_dir is not None:
-        from .qc import write_qc
+        from .qc import qc_from_file, write_qc
 
-        write_qc(result, qc_dir, telluric=config.masks.telluric)
+        # From the written product when there is one: the same plots as `kspec-fluxcal qc`
+        # and the demo draw from files.
+        if target is not None:
+            qc_from_file(target, qc_dir, telluric=config.masks.telluric)
+        else:
+            write_qc(result, qc_dir, telluric=config.masks.telluric)
     return result

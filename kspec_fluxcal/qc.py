@@ -34,7 +34,7 @@ from .errors import ExposureError, FluxCalWarning
 from .exposure import open_exposure, read_standard_stars
 from .masks import load_regions
 
-__all__ = ["write_qc", "qc_from_file", "QC_PLOTS"]
+__all__ = ["write_qc", "qc_from_file", "qc_directory", "QC_PLOTS"]
 
 #: Plot kinds, in the order they are written; each file is ``<expid>_<kind>.png``.
 QC_PLOTS = ("calibration", "residuals", "template_match", "photometry", "spectrum")
@@ -80,6 +80,12 @@ class _QCData:
 
 
 # ----------------------------------------------------------------------------- public API
+
+
+def qc_directory(calibrated_dir):
+    """Where the QC of the calibrated files in ``calibrated_dir`` goes: ``<dir>/qc``, files
+    ``<expid>_<kind>.png`` (the one layout of ``calibrate --qc``, the survey and the demo)."""
+    return Path(calibrated_dir) / "qc"
 
 
 def write_qc(result, out_dir, *, telluric="telluric_default"):

@@ -476,6 +476,23 @@ def test_fifo_inputs_are_refused_not_waited_on(capsys, files, tmp_path, command)
                                      "(a FIFO)"])
 
 
+def test_calibrate_qc_has_the_layout_of_the_qc_command(capsys, files, tmp_path):
+    """Issue 16: one QC layout. `calibrate --qc` wrote OUT/qc/<input stem>/..., drawn from
+    memory; the demo and `kspec-fluxcal qc` write <dir>/<expid>_<kind>.png from the file. Now
+    OUT/qc/<expid>_<kind>.png, drawn from the written product: the same files."""
+    (red,) = files("red.fits")
+    assert cli(capsys, "calibrate", red, "--catalog", files.catalog, "--grid", files.grid,
+               "--out", tmp_path / "out", "--qc")[0] == 0
+    product = tmp_path / "out" / "red_fluxcal.fits"
+    assert cli(capsys, "qc", product, "--out", tmp_path / "qc")[0] == 0
+    mine = sorted(p.name for p in (tmp_path / "out" / "qc").iterdir())
+    theirs = sorted(p.name for p in (tmp_path / "qc").iterdir())
+    assert mine == theirs and "KS20261101_0001_calibration.png" in mine
+    summary = "KS20261101_0001_summary.txt"
+    assert (tmp_path / "out" / "qc" / summary).read_text() == (tmp_path / "qc" /
+                                                                summary).read_text()
+
+
 def test_qc(capsys, files, tmp_path):
     (red,) = files("red.fits")
     assert cli(capsys, "calibrate", red, "--catalog", files.catalog, "--grid", files.grid,
