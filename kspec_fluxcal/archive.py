@@ -42,7 +42,7 @@ from . import __version__
 from .constants import CAL_UNIT, FLUX_UNIT
 
 __all__ = ["ARCHIVE_GRID", "archive_grid", "ArchiveWriter", "open_archive", "archive_record",
-           "plot_archive", "throughput", "MAX_STARS", "THROUGHPUT_UNIT"]
+           "plot_archive", "archive_figures", "throughput", "MAX_STARS", "THROUGHPUT_UNIT"]
 
 #: The survey-wide grid: ln-uniform, 3000-11000 A, step 2e-4.
 ARCHIVE_GRID = {"wave_min": 3000.0, "wave_max": 11000.0, "dlnlambda": 2e-4}
@@ -360,7 +360,7 @@ def open_archive(path):
 
 
 def plot_archive(archive, out_dir, bands=((4000, 5000), (5000, 6000), (6000, 7000), (7000, 8000))):
-    """Throughput versus time and a wavelength x time image of an archive.
+    """Throughput versus time and a wavelength x time image of an archive, as PNG files.
 
     Parameters
     ----------
@@ -374,58 +374,135 @@ def plot_archive(archive, out_dir, bands=((4000, 5000), (5000, 6000), (6000, 700
     Returns
     -------
     list of pathlib.Path
+        ``throughput_vs_time.png`` and ``throughput_image.png`` (see :func:`archive_figures`).
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     from ._atomic import atomic_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ds = archive.where(archive["cal_mask"])
-    measured = throughput(ds)
     written = []
+    for name, fig in archive_figures(archive, bands).items():
+        path = out_dir / f"{name}.png"
+        with atomic_file(path, overwrite=True) as tmp:
+            fig.savefig(tmp, format="png")
+        written.append(path)
+    return written
 
-    fig = Figure(figsize=(10, 5), dpi=100)
+
+#: Largest MJD step within one run of exposures: a larger one (a day) breaks the curves.
+_SAME_RUN_DAYS = 0.5
+#: Exposures labelled one by one on the image's axis, up to this many; nights beyond.
+_LABEL_EACH = 40
+
+
+def archive_figures(archive, bands=((4000, 5000), (5000, 6000), (6000, 7000), (7000, 8000))):
+    """The archive's plots as matplotlib figures (Agg canvas, no pyplot).
+
+    Returns
+    -------
+    dict of str to matplotlib.figure.Figure
+        ``throughput_vs_time``: mean throughput in ``bands`` against UT date, curves broken
+        between nights; ``throughput_image``: throughput relative to the survey median,
+        wavelength x exposure (time order, labelled by EXPID or night), colour scale centred
+        on 1, grey where there is no measurement.
+    """
+    ds = archive.where(archive["cal_mask"]).isel(exposure=np.argsort(archive["mjd"].values))
+    measured = throughput(ds)
+    return {"throughput_vs_time": _throughput_figure(ds, measured, bands),
+            "throughput_image": _throughput_image(ds, measured)}
+
+
+def _figure(height):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, height), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    return fig, fig.add_subplot()
+
+
+def _dates(mjd):
+    """UT datetimes of MJDs (matplotlib dates read them without an offset)."""
+    epoch = np.datetime64("1858-11-17T00:00:00")
+    return epoch + np.round(np.asarray(mjd, dtype=float) * 86400e3).astype("timedelta64[ms]")
+
+
+def _broken(x, y, gaps):
+    """x and y with a NaN inserted after each index in ``gaps``: a line breaks there."""
+    return np.insert(x, gaps + 1, x[gaps]), np.insert(y.astype(float), gaps + 1, np.nan)
+
+
+def _throughput_figure(ds, measured, bands):
+    import matplotlib.dates as mdates
+
+    fig, ax = _figure(5)
+    mjd = ds["mjd"].values
+    when = _dates(mjd)
+    gaps = np.flatnonzero(np.diff(mjd) > _SAME_RUN_DAYS)
     for lo, hi in bands:
-        t = measured.sel(wavelength=slice(lo, hi)).mean("wavelength").compute()
-        ax.plot(ds["mjd"].values, t.values, "o-", ms=4, label=f"{lo}-{hi} A")
-    ax.set_xlabel("MJD")
+        t = measured.sel(wavelength=slice(lo, hi)).mean("wavelength").compute().values
+        ax.plot(*_broken(when, t, gaps), "o-", ms=4, label=f"{lo}-{hi} A")
+    locator = mdates.AutoDateLocator()
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+    nights = ds["night"].values
+    for night in np.unique(nights):  # the observers' name of each group of points
+        at = when[nights == night]
+        ax.annotate(f"night {night}", (at[0] + (at[-1] - at[0]) / 2, 1.0),
+                    xycoords=("data", "axes fraction"), xytext=(0, -3),
+                    textcoords="offset points", ha="center", va="top", fontsize="small")
+    ax.margins(y=0.12)  # room for the night names at the top
+    ax.set_xlabel("time (UT); curves break between nights")
     ax.set_ylabel(f"throughput [counts/s/A per {FLUX_UNIT}]")
     ax.set_title(f"Throughput vs time ({ds.sizes['exposure']} exposures, "
                  f"{len(np.unique(ds['night'].values))} nights)")
     ax.legend()
     ax.grid(alpha=0.3)
-    path = out_dir / "throughput_vs_time.png"
-    with atomic_file(path, overwrite=True) as tmp:
-        fig.savefig(tmp, format="png")
-    written.append(path)
+    return fig
 
-    fig = Figure(figsize=(10, 6), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    order = np.argsort(ds["mjd"].values)
+
+def _throughput_image(ds, measured):
+    import matplotlib as mpl
+    from matplotlib.patches import Patch
+
+    fig, ax = _figure(6)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns outside the range
-        rel = (measured / measured.median("exposure")).isel(exposure=order).compute()
-    finite = rel.values[np.isfinite(rel.values)]
-    lo, hi = np.percentile(finite, [2, 98]) if finite.size else (0.9, 1.1)
-    if hi - lo < 1e-3:  # identical exposures: show a +/-1 % scale rather than noise
-        lo, hi = lo - 0.01, hi + 0.01
+        rel = (measured / measured.median("exposure")).compute().values
+    finite = rel[np.isfinite(rel)]
+    lo, hi = np.percentile(finite, [2, 98]) if finite.size else (0.99, 1.01)
+    half = max(abs(lo - 1.0), abs(hi - 1.0), 0.01)  # identical exposures: +/-1 %, not noise
+    cmap = mpl.colormaps["RdBu_r"].with_extremes(bad="0.75")
+    wave = ds["wavelength"].values
+    rows = np.arange(rel.shape[0])
     # pcolormesh, not imshow: the grid is uniform in ln(lambda), not in lambda.
-    image = ax.pcolormesh(ds["wavelength"].values, np.arange(rel.sizes["exposure"]), rel.values,
-                          cmap="RdBu_r", vmin=lo, vmax=hi, shading="nearest")
-    inside = np.isfinite(rel.values).any(axis=0)
+    image = ax.pcolormesh(wave, rows, rel, cmap=cmap, vmin=1.0 - half, vmax=1.0 + half,
+                          shading="nearest")
+    inside = np.isfinite(rel).any(axis=0)
     if inside.any():
-        ax.set_xlim(ds["wavelength"].values[inside][[0, -1]])
+        ax.set_xlim(wave[inside][[0, -1]])
+    _label_exposures(ax, ds, rows)
     ax.set_xlabel("wavelength [Angstrom, air]")
-    ax.set_ylabel("exposure (in time order)")
     ax.set_title("Throughput relative to the survey median")
+    fig.legend(handles=[Patch(color=cmap.get_bad(), label="no measurement: outside the "
+                              "exposure's range, or masked in its calibration (stellar line "
+                              "cores, bridged gaps)")],
+               loc="outside lower left", fontsize="small", frameon=False)
     fig.colorbar(image, ax=ax, label="throughput / median")
-    path = out_dir / "throughput_image.png"
-    with atomic_file(path, overwrite=True) as tmp:
-        fig.savefig(tmp, format="png")
-    written.append(path)
-    return written
+    return fig
+
+
+def _label_exposures(ax, ds, rows):
+    """One tick per exposure with its EXPID (few exposures) or one per night, and lines
+    between nights."""
+    nights = ds["night"].values
+    first = np.flatnonzero(np.r_[True, nights[1:] != nights[:-1]])
+    for row in first[1:]:
+        ax.axhline(row - 0.5, color="k", lw=0.6)
+    if rows.size <= _LABEL_EACH:
+        ax.set_yticks(rows, [f"{e} ({n})" for e, n in zip(ds["expid"].values, nights,
+                                                           strict=True)], fontsize="small")
+        ax.set_ylabel("exposure (night), in time order")
+    else:
+        ax.set_yticks(first, nights[first])
+        ax.set_ylabel("night (first exposure), exposures in time order")

@@ -8,6 +8,7 @@ import zarr
 from kspec_fluxcal.archive import (
     MAX_STARS,
     ArchiveWriter,
+    archive_figures,
     archive_grid,
     archive_record,
     night_of,
@@ -191,3 +192,51 @@ def test_plain_xarray_users_are_told_to_use_open_archive(tmp_path):
     assert "kspec_fluxcal.archive.open_archive" in raw.attrs["how_to_read"]
     assert "pre-allocated" in raw.attrs["how_to_read"]
     assert "how_to_read" not in open_archive(path).attrs  # not true of the opened dataset
+
+
+@pytest.fixture
+def three_nights(tmp_path):
+    """Nine exposures on three nights, each night's throughput lower; one setup covers less
+    of the archive grid (NaN columns at its ends)."""
+    path = tmp_path / "archive.zarr"
+    ArchiveWriter(path).append([archive_record(
+        _calibrated(f"E{i}", 61000.5 + 0.05 * (i % 3) + (i // 3), level=1 + 0.05 * (i // 3)),
+        _stars(), None) for i in range(9)])
+    return open_archive(path)
+
+
+def test_throughput_plot_has_dates_and_no_lines_across_nights(three_nights):
+    """Issue 16: the MJD axis had a '+6.134e4' offset, and lines joined points across the
+    day gaps."""
+    import matplotlib.dates as mdates
+
+    fig = archive_figures(three_nights)["throughput_vs_time"]
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    assert isinstance(ax.xaxis.get_major_formatter(), mdates.ConciseDateFormatter)
+    assert "e4" not in ax.xaxis.get_offset_text().get_text()
+    assert "UT" in ax.get_xlabel()
+    assert sorted(t.get_text() for t in ax.texts) == [
+        f"night {n}" for n in np.unique(three_nights["night"].values)]
+    lines = [line for line in ax.get_lines() if line.get_label().endswith(" A")]
+    assert len(lines) == 4
+    for line in lines:
+        y = np.asarray(line.get_ydata(), dtype=float)
+        assert np.isnan(y).sum() == 2 and y.size == 9 + 2  # a break between nights
+
+
+def test_throughput_image_is_labelled_and_centred_on_one(three_nights):
+    """Issue 16: fractional exposure ticks with no EXPID or night, a colour scale not centred
+    on 1, NaN stripes left unexplained."""
+    fig = archive_figures(three_nights)["throughput_image"]
+    ax = fig.axes[0]
+    ticks = ax.get_yticks()
+    assert np.array_equal(ticks, np.round(ticks)) and len(ticks) == 9
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels[0].startswith("E0") and all(labels)
+    assert "night" in ax.get_ylabel()
+    (image,) = ax.collections
+    assert image.norm.vmin + image.norm.vmax == pytest.approx(2.0)
+    assert image.cmap.get_bad()[3] == 1.0  # an opaque colour for 'no measurement'
+    assert any("no measurement" in t.get_text() for legend in fig.legends
+               for t in legend.get_texts())
