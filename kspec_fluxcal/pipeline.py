@@ -9,10 +9,10 @@ from pathlib import Path
 
 import xarray as xr
 
+from ._atomic import check_output_directory
 from .calibration import apply_calibration, combine_vectors
 from .catalog import read_catalog
 from .config import Config, load_config
-from ._atomic import check_output_directory
 from .errors import ExposureError, FluxCalError, FluxCalWarning, OutputExistsError
 from .exposure import calibration_marks, open_exposure, write_calibrated
 from .grid import open_grid

@@ -108,9 +108,9 @@ def test_two_fibers_on_one_star_keep_the_higher_snr(red_file, catalog_file):
         "RA": np.array([150.0, 150.0, 151, 152, 153, 154]),
         "DEC": np.array([2.0, 2.0, 3, 4, 5, 6])}))
     rows = [catalog_row(55, 150.0, 2.0)]
-    with pytest.warns(FluxCalWarning, match=r"E0001: fibers 0 and 1 are the same catalog star "
-                                            r"\(objid 55, matched by OBJID and by position\): "
-                                            r"kept fiber 1 \(the highest median S/N, S/N 9\d\.\d\)"):
+    note = (r"E0001: fibers 0 and 1 are the same catalog star \(objid 55, matched by OBJID and "
+            r"by position\): kept fiber 1 \(the highest median S/N, S/N 9\d\.\d\)")
+    with pytest.warns(FluxCalWarning, match=note):
         matched = match_standards(ds, read_catalog(catalog_file(rows)))
     assert list(matched["fiber"].values) == [1]
     assert list(matched["objid"].values) == [55]
