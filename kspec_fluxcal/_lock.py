@@ -19,13 +19,9 @@ import threading
 import warnings
 from pathlib import Path
 
-from .errors import FluxCalError, FluxCalWarning
+from .errors import FluxCalWarning, OutputLockedError
 
 __all__ = ["exclusive"]
-
-
-class LockedError(FluxCalError):
-    """Another live job holds the lock."""
 
 
 def _owner_record():
@@ -120,16 +116,17 @@ def _acquire(path, what):
             continue  # released meanwhile: try again
         owner = _parse(seen)
         if owner is None:
-            raise LockedError(f"{path}: unreadable lock file of another job writing to {what}; "
-                              "if no job is running, remove it")
+            raise OutputLockedError(f"{path}: unreadable lock file of another job writing to "
+                                    f"{what}; if no job is running, remove it")
         if not _is_stale(owner):
-            raise LockedError(f"{path}: another survey job is writing to {what}: "
-                              f"{_describe(owner)}; wait for it to finish (a lock left by a "
-                              "job that died is taken over automatically)")
+            raise OutputLockedError(f"{path}: another survey job is writing to {what}: "
+                                    f"{_describe(owner)}; wait for it to finish (a lock left by "
+                                    "a job that died is taken over automatically)")
         if _take_over(path, seen):
             warnings.warn(f"took over the lock {path} of {_describe(owner)}, which is no "
                           "longer running (a killed job?)", FluxCalWarning, stacklevel=4)
-    raise LockedError(f"{path}: could not take the lock of {what}: other jobs keep taking it")
+    raise OutputLockedError(f"{path}: could not take the lock of {what}: other jobs keep "
+                            "taking it")
 
 
 @contextlib.contextmanager
@@ -145,7 +142,7 @@ def exclusive(directory, name="survey.lock"):
 
     Raises
     ------
-    LockedError
+    OutputLockedError
         When a live job (or one on another host) holds the lock; the message names the lock
         file and its owner.
     """

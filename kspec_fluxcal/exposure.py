@@ -175,7 +175,7 @@ def _in_range(value, key, bounds, path, unit="", open_low=False):
 def _exposure_keywords(header, path):
     """EXPTIME, MJD-OBS and AIRMASS (None when absent), checked for plausibility."""
     exptime = _header_value(header, ("EXPTIME", "EXPOSED"), path, True)
-    key = "EXPTIME" if "EXPTIME" in header else "EXPOSED"
+    key = next(k for k in ("EXPTIME", "EXPOSED") if header.get(k) not in (None, ""))
     _in_range(exptime, key, EXPTIME_RANGE, path, " s", open_low=True)
     airmass = _header_value(header, ("AIRMASS",), path, False)
     if airmass is not None:
