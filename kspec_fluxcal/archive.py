@@ -398,6 +398,13 @@ _LABEL_EACH = 40
 def archive_figures(archive, bands=((4000, 5000), (5000, 6000), (6000, 7000), (7000, 8000))):
     """The archive's plots as matplotlib figures (Agg canvas, no pyplot).
 
+    Parameters
+    ----------
+    archive : xarray.Dataset
+        From :func:`open_archive`.
+    bands : sequence of (lo, hi)
+        Wavelength windows (Angstrom) for the throughput curves.
+
     Returns
     -------
     dict of str to matplotlib.figure.Figure

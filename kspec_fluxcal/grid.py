@@ -505,7 +505,17 @@ class _CheckedChunks:
 
 def check_chunks(path, names=STORE_VARIABLES, hint=REBUILD_HINT):
     """Raise :class:`GridError` unless every chunk of ``names`` is stored in the Zarr store
-    ``path`` (a listing of keys; nothing is read), naming the first missing chunk."""
+    ``path`` (a listing of keys; nothing is read), naming the first missing chunk.
+
+    Parameters
+    ----------
+    path : path-like
+        A local Zarr v3 store (a directory).
+    names : sequence of str
+        Variables to check (absent ones are skipped).
+    hint : str
+        How to repair the store, appended to the message ('' for none).
+    """
     import zarr
 
     group = zarr.open_group(path, mode="r")

@@ -84,7 +84,17 @@ class _QCData:
 
 def qc_directory(calibrated_dir):
     """Where the QC of the calibrated files in ``calibrated_dir`` goes: ``<dir>/qc``, files
-    ``<expid>_<kind>.png`` (the one layout of ``calibrate --qc``, the survey and the demo)."""
+    ``<expid>_<kind>.png`` (the one layout of ``calibrate --qc`` and the demo).
+
+    Parameters
+    ----------
+    calibrated_dir : path-like
+        The directory of the calibrated files.
+
+    Returns
+    -------
+    pathlib.Path
+    """
     return Path(calibrated_dir) / "qc"
 
 

@@ -104,6 +104,13 @@ def write_notes(out, report):
     calibrated or failed in this run replace their entries; the others (skipped as up to
     date) keep theirs from earlier runs.
 
+    Parameters
+    ----------
+    out : path-like
+        The survey's output directory.
+    report : SurveyReport
+        The run's report.
+
     Returns
     -------
     pathlib.Path
@@ -437,7 +444,13 @@ def quiet_message_sizes():
 
 
 def dask_setup(worker):
-    """Preload hook of the workers :func:`local_cluster` starts (``distributed.worker.preload``)."""
+    """Preload hook of the workers :func:`local_cluster` starts (``distributed.worker.preload``).
+
+    Parameters
+    ----------
+    worker : distributed.Worker
+        The starting worker (unused: the filter is per process).
+    """
     quiet_message_sizes()
 
 
