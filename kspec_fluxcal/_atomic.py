@@ -1,7 +1,8 @@
 """Atomic outputs: write to a temporary sibling, then rename into place.
 
 A reader never sees a half-written product: until the rename, the final path either does not
-exist or still holds the previous complete version.
+exist or still holds the previous complete version. Also the file checks done at the
+boundary before any work: inputs are regular files, outputs can be written.
 """
 
 from __future__ import annotations
@@ -9,12 +10,13 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
-from .errors import OutputExistsError
+from .errors import FluxCalError, OutputExistsError
 
-__all__ = ["atomic_file", "atomic_directory"]
+__all__ = ["atomic_file", "atomic_directory", "check_regular_file", "check_output_directory"]
 
 TEMP_PREFIX = ".kspec-tmp-"
 
@@ -83,3 +85,54 @@ def atomic_directory(path, overwrite=False):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+               (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+               (stat.S_ISBLK, "a block device"))
+
+
+def check_regular_file(path, error):
+    """Raise ``error(path, None, problem)`` unless ``path`` is a regular file (or a link to
+    one): reading a FIFO or a device would wait for data that never come.
+
+    Parameters
+    ----------
+    path : path-like
+    error : type
+        An :class:`~kspec_fluxcal.errors.InputError` subclass (the kind of input).
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        raise error(path, None, "no such file") from None
+    if not stat.S_ISREG(mode):
+        kind = next((text for test, text in _FILE_KINDS if test(mode)), "a special file")
+        raise error(path, None, f"not a regular file ({kind})")
+
+
+def check_output_directory(path, label="", *, for_file=False):
+    """Raise :class:`FluxCalError` unless ``path`` is, or can be created as, a writable
+    directory (with ``for_file``: unless the file ``path`` can be written there); checked
+    before the work, not found out after it.
+
+    Parameters
+    ----------
+    path : path-like
+        The output directory, or with ``for_file`` the output file.
+    label : str
+        How the user gave it (e.g. ``"--out"``), put before the path in the message.
+    for_file : bool
+        ``path`` is a file to be written (its directory is checked).
+    """
+    path = Path(path)
+    name = f"{label} {path}".strip()
+    if not for_file and path.exists() and not path.is_dir():
+        raise FluxCalError(f"{name}: is a file, not a directory")
+    start = path.parent if for_file else path
+    existing = next(p for p in (start, *start.parents) if p.exists())
+    where = "" if existing == path else f"cannot be created: {existing} "
+    if not existing.is_dir():
+        raise FluxCalError(f"{name}: {where}is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise FluxCalError(f"{name}: {where}is not writable")

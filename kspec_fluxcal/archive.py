@@ -42,7 +42,7 @@ from . import __version__
 from .constants import CAL_UNIT, FLUX_UNIT
 
 __all__ = ["ARCHIVE_GRID", "archive_grid", "ArchiveWriter", "open_archive", "archive_record",
-           "plot_archive", "MAX_STARS"]
+           "plot_archive", "archive_figures", "throughput", "MAX_STARS", "THROUGHPUT_UNIT"]
 
 #: The survey-wide grid: ln-uniform, 3000-11000 A, step 2e-4.
 ARCHIVE_GRID = {"wave_min": 3000.0, "wave_max": 11000.0, "dlnlambda": 2e-4}
@@ -63,6 +63,38 @@ _ROW_FIELDS = {
     "source": (str, ""), "input_hash": (str, ""), "dispersion": (np.float64, np.nan),
     "calibrated_at": (str, ""),
 }
+
+
+#: Units of the per-exposure coordinates (the others are labels or counts).
+_ROW_UNITS = {"mjd": "d", "airmass": "1", "exptime": "s", "fcalrms": "1",
+              "dispersion": "Angstrom"}
+#: What ``throughput`` is in: counts per second per Angstrom per unit of flux density.
+THROUGHPUT_UNIT = f"count/(s Angstrom) / ({FLUX_UNIT})"
+_HOW_TO_READ = (
+    "open with kspec_fluxcal.archive.open_archive(path): the arrays' rows past the group "
+    "attribute 'rows' are pre-allocated (empty), and rows not in 'index' (expid -> row) are "
+    "superseded by a later calibration of the same exposure; xarray.open_zarr shows them all")
+
+
+def throughput(ds):
+    """Throughput of archived calibrations: ``1 / (cal * exptime)``, with its units.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        From :func:`open_archive` (or a selection of it).
+
+    Returns
+    -------
+    xarray.DataArray
+        Counts per second per Angstrom per unit of flux density (:data:`THROUGHPUT_UNIT`),
+        dims of ``cal``; lazy when ``cal`` is.
+    """
+    out = 1.0 / (ds["cal"] * ds["exptime"])
+    # Not cal's attrs (arithmetic keeps them): their units are the inverse of these.
+    out.attrs = {"units": THROUGHPUT_UNIT,
+                 "long_name": "throughput (counts/s/A per unit flux density)"}
+    return out.rename("throughput")
 
 
 def archive_grid():
@@ -135,6 +167,27 @@ def archive_record(calibrated, stars, calibration, *, source="", input_hash="", 
             "cal_variance": var.astype(np.float32), "cal_mask": mask}
 
 
+_WHAT_IS_EXPECTED = "expected the archive.zarr a survey job writes in its --out directory"
+
+
+def _open_group(path, mode):
+    """The archive's Zarr group, committed row count and index (expid -> row)."""
+    import zarr
+
+    from .errors import InputError
+
+    try:
+        group = zarr.open_group(path, mode=mode)
+    except Exception:  # zarr's errors name its store classes, not what the user gave
+        raise InputError(path, None, "not a calibration archive: not a Zarr store (no "
+                         f"zarr.json); {_WHAT_IS_EXPECTED}") from None
+    try:
+        return group, int(group.attrs["rows"]), dict(group.attrs["index"])
+    except (KeyError, TypeError, ValueError):
+        raise InputError(path, None, "not a calibration archive: a Zarr store without the "
+                         f"archive's attributes (rows, index); {_WHAT_IS_EXPECTED}") from None
+
+
 class ArchiveWriter:
     """Appends calibrations to the archive; used by one process (the survey's client).
 
@@ -147,18 +200,11 @@ class ArchiveWriter:
     def __init__(self, path):
         import zarr
 
-        from .errors import InputError
-
         self.path = Path(path)
         self._zarr = zarr
         if not self.path.exists():
             self._create()
-        try:
-            self.group = zarr.open_group(self.path, mode="r+")
-            self.rows = int(self.group.attrs["rows"])
-            self.index = dict(self.group.attrs["index"])
-        except Exception as err:
-            raise InputError(self.path, None, f"not a calibration archive ({err})") from None
+        self.group, self.rows, self.index = _open_group(self.path, "r+")
         self._repair()
         self.hashes = {}
         if self.index:
@@ -198,7 +244,10 @@ class ArchiveWriter:
                                    "count per Angstrom; throughput = 1 / (cal * exptime)"})
         group["cal_variance"].attrs["units"] = f"({FLUX_UNIT} / (count/Angstrom))**2"
         group["cal_mask"].attrs["description"] = "True = measured (not bridged, inside range)"
+        for name, units in _ROW_UNITS.items():
+            group[name].attrs["units"] = units
         group.attrs.update({"rows": 0, "index": {}, "title": "kspec-fluxcal calibration archive",
+                            "how_to_read": _HOW_TO_READ,
                             "kspec_fluxcal_version": __version__, "cal_factor_units": CAL_UNIT,
                             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")})
 
@@ -218,10 +267,22 @@ class ArchiveWriter:
         """True when ``expid`` is archived with the same inputs."""
         return bool(input_hash) and self.hashes.get(expid) == input_hash
 
+    def _check_no_other_writer(self):
+        """Refuse to write over rows committed by another writer since this one opened the
+        archive (the survey's lock prevents it; this catches writers that bypass it)."""
+        from .errors import InputError
+
+        stored = int(self._zarr.open_group(self.path, mode="r").attrs["rows"])
+        if stored != self.rows:
+            raise InputError(self.path, None, f"another writer committed {stored - self.rows} "
+                             "row(s) since this one opened it; one writer at a time (is another "
+                             "survey job writing to this archive?)")
+
     def append(self, records):
         """Write records (from :func:`archive_record`) as new rows, then commit them."""
         if not records:
             return
+        self._check_no_other_writer()
         start, n = self.rows, len(records)
         need = start + n
         arrays = self._arrays()
@@ -264,19 +325,13 @@ def open_archive(path):
         is ``expid``.
     """
     import dask.array as da
-    import zarr
 
     from .errors import InputError
 
     path = Path(path)
     if not path.exists():
         raise InputError(path, None, "no such archive")
-    try:
-        group = zarr.open_group(path, mode="r")
-        rows = int(group.attrs["rows"])
-        index = dict(group.attrs["index"])
-    except Exception as err:
-        raise InputError(path, None, f"not a calibration archive ({err})") from None
+    group, rows, index = _open_group(path, "r")
     order = np.array(sorted(index.values()), dtype=int)
     variables, coords = {}, {}
     for name, array in group.arrays():
@@ -294,14 +349,18 @@ def open_archive(path):
         elif name == "wavelength":
             coords[name] = (dims, array[:], dict(array.attrs))
     ds = xr.Dataset(variables, coords=coords, attrs=dict(group.attrs))
-    ds.attrs.pop("index", None)
+    for name in ("index", "how_to_read"):  # bookkeeping of the store, not true of ds
+        ds.attrs.pop(name, None)
+    for name, units in _ROW_UNITS.items():  # archives written before units were stored
+        if name in ds.coords:
+            ds[name].attrs.setdefault("units", units)
     if ds.sizes.get("exposure", 0):
         ds = ds.sortby("mjd")
     return ds.set_xindex("expid")
 
 
 def plot_archive(archive, out_dir, bands=((4000, 5000), (5000, 6000), (6000, 7000), (7000, 8000))):
-    """Throughput versus time and a wavelength x time image of an archive.
+    """Throughput versus time and a wavelength x time image of an archive, as PNG files.
 
     Parameters
     ----------
@@ -315,58 +374,142 @@ def plot_archive(archive, out_dir, bands=((4000, 5000), (5000, 6000), (6000, 700
     Returns
     -------
     list of pathlib.Path
+        ``throughput_vs_time.png`` and ``throughput_image.png`` (see :func:`archive_figures`).
     """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     from ._atomic import atomic_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    ds = archive.where(archive["cal_mask"])
-    throughput = 1.0 / (ds["cal"] * ds["exptime"])
     written = []
+    for name, fig in archive_figures(archive, bands).items():
+        path = out_dir / f"{name}.png"
+        with atomic_file(path, overwrite=True) as tmp:
+            fig.savefig(tmp, format="png")
+        written.append(path)
+    return written
 
-    fig = Figure(figsize=(10, 5), dpi=100)
+
+#: Largest MJD step within one run of exposures: a larger one (a day) breaks the curves.
+_SAME_RUN_DAYS = 0.5
+#: Exposures labelled one by one on the image's axis, up to this many; nights beyond.
+_LABEL_EACH = 40
+
+
+def archive_figures(archive, bands=((4000, 5000), (5000, 6000), (6000, 7000), (7000, 8000))):
+    """The archive's plots as matplotlib figures (Agg canvas, no pyplot).
+
+    Parameters
+    ----------
+    archive : xarray.Dataset
+        From :func:`open_archive`.
+    bands : sequence of (lo, hi)
+        Wavelength windows (Angstrom) for the throughput curves.
+
+    Returns
+    -------
+    dict of str to matplotlib.figure.Figure
+        ``throughput_vs_time``: mean throughput in ``bands`` against UT date, curves broken
+        between nights; ``throughput_image``: throughput relative to the survey median,
+        wavelength x exposure (time order, labelled by EXPID or night), colour scale centred
+        on 1, grey where there is no measurement.
+    """
+    ds = archive.where(archive["cal_mask"]).isel(exposure=np.argsort(archive["mjd"].values))
+    measured = throughput(ds)
+    return {"throughput_vs_time": _throughput_figure(ds, measured, bands),
+            "throughput_image": _throughput_image(ds, measured)}
+
+
+def _figure(height):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, height), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
+    return fig, fig.add_subplot()
+
+
+def _dates(mjd):
+    """UT datetimes of MJDs (matplotlib dates read them without an offset)."""
+    epoch = np.datetime64("1858-11-17T00:00:00")
+    return epoch + np.round(np.asarray(mjd, dtype=float) * 86400e3).astype("timedelta64[ms]")
+
+
+def _broken(x, y, gaps):
+    """x and y with a NaN inserted after each index in ``gaps``: a line breaks there."""
+    return np.insert(x, gaps + 1, x[gaps]), np.insert(y.astype(float), gaps + 1, np.nan)
+
+
+def _throughput_figure(ds, measured, bands):
+    import matplotlib.dates as mdates
+
+    fig, ax = _figure(5)
+    mjd = ds["mjd"].values
+    when = _dates(mjd)
+    gaps = np.flatnonzero(np.diff(mjd) > _SAME_RUN_DAYS)
     for lo, hi in bands:
-        t = throughput.sel(wavelength=slice(lo, hi)).mean("wavelength").compute()
-        ax.plot(ds["mjd"].values, t.values, "o-", ms=4, label=f"{lo}-{hi} A")
-    ax.set_xlabel("MJD")
+        t = measured.sel(wavelength=slice(lo, hi)).mean("wavelength").compute().values
+        ax.plot(*_broken(when, t, gaps), "o-", ms=4, label=f"{lo}-{hi} A")
+    locator = mdates.AutoDateLocator()
+    ax.xaxis.set_major_locator(locator)
+    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
+    nights = ds["night"].values
+    for night in np.unique(nights):  # the observers' name of each group of points
+        at = when[nights == night]
+        ax.annotate(f"night {night}", (at[0] + (at[-1] - at[0]) / 2, 1.0),
+                    xycoords=("data", "axes fraction"), xytext=(0, -3),
+                    textcoords="offset points", ha="center", va="top", fontsize="small")
+    ax.margins(y=0.12)  # room for the night names at the top
+    ax.set_xlabel("time (UT); curves break between nights")
     ax.set_ylabel(f"throughput [counts/s/A per {FLUX_UNIT}]")
     ax.set_title(f"Throughput vs time ({ds.sizes['exposure']} exposures, "
                  f"{len(np.unique(ds['night'].values))} nights)")
     ax.legend()
     ax.grid(alpha=0.3)
-    path = out_dir / "throughput_vs_time.png"
-    with atomic_file(path, overwrite=True) as tmp:
-        fig.savefig(tmp, format="png")
-    written.append(path)
+    return fig
 
-    fig = Figure(figsize=(10, 6), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot()
-    order = np.argsort(ds["mjd"].values)
+
+def _throughput_image(ds, measured):
+    import matplotlib as mpl
+    from matplotlib.patches import Patch
+
+    fig, ax = _figure(6)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns outside the range
-        rel = (throughput / throughput.median("exposure")).isel(exposure=order).compute()
-    finite = rel.values[np.isfinite(rel.values)]
-    lo, hi = np.percentile(finite, [2, 98]) if finite.size else (0.9, 1.1)
-    if hi - lo < 1e-3:  # identical exposures: show a +/-1 % scale rather than noise
-        lo, hi = lo - 0.01, hi + 0.01
+        rel = (measured / measured.median("exposure")).compute().values
+    finite = rel[np.isfinite(rel)]
+    lo, hi = np.percentile(finite, [2, 98]) if finite.size else (0.99, 1.01)
+    half = max(abs(lo - 1.0), abs(hi - 1.0), 0.01)  # identical exposures: +/-1 %, not noise
+    cmap = mpl.colormaps["RdBu_r"].with_extremes(bad="0.75")
+    wave = ds["wavelength"].values
+    rows = np.arange(rel.shape[0])
     # pcolormesh, not imshow: the grid is uniform in ln(lambda), not in lambda.
-    image = ax.pcolormesh(ds["wavelength"].values, np.arange(rel.sizes["exposure"]), rel.values,
-                          cmap="RdBu_r", vmin=lo, vmax=hi, shading="nearest")
-    inside = np.isfinite(rel.values).any(axis=0)
+    image = ax.pcolormesh(wave, rows, rel, cmap=cmap, vmin=1.0 - half, vmax=1.0 + half,
+                          shading="nearest")
+    inside = np.isfinite(rel).any(axis=0)
     if inside.any():
-        ax.set_xlim(ds["wavelength"].values[inside][[0, -1]])
+        ax.set_xlim(wave[inside][[0, -1]])
+    _label_exposures(ax, ds, rows)
     ax.set_xlabel("wavelength [Angstrom, air]")
-    ax.set_ylabel("exposure (in time order)")
     ax.set_title("Throughput relative to the survey median")
+    fig.legend(handles=[Patch(color=cmap.get_bad(), label="no measurement: outside the "
+                              "exposure's range, or masked in its calibration (stellar line "
+                              "cores, bridged gaps)")],
+               loc="outside lower left", fontsize="small", frameon=False)
     fig.colorbar(image, ax=ax, label="throughput / median")
-    path = out_dir / "throughput_image.png"
-    with atomic_file(path, overwrite=True) as tmp:
-        fig.savefig(tmp, format="png")
-    written.append(path)
-    return written
+    return fig
+
+
+def _label_exposures(ax, ds, rows):
+    """One tick per exposure with its EXPID (few exposures) or one per night, and lines
+    between nights."""
+    nights = ds["night"].values
+    first = np.flatnonzero(np.r_[True, nights[1:] != nights[:-1]])
+    for row in first[1:]:
+        ax.axhline(row - 0.5, color="k", lw=0.6)
+    if rows.size <= _LABEL_EACH:
+        ax.set_yticks(rows, [f"{e} ({n})" for e, n in zip(ds["expid"].values, nights,
+                                                           strict=True)], fontsize="small")
+        ax.set_ylabel("exposure (night), in time order")
+    else:
+        ax.set_yticks(first, nights[first])
+        ax.set_ylabel("night (first exposure), exposures in time order")

@@ -11,6 +11,7 @@ import warnings
 import numpy as np
 import xarray as xr
 
+from ._atomic import check_regular_file
 from .constants import (
     BANDS,
     CATALOG_COLUMNS,
@@ -106,6 +107,7 @@ def read_catalog(path, bands=BANDS):
     """
     path = os.fspath(path)
     bands = [b for b in bands if b in CATALOG_COLUMNS]
+    check_regular_file(path, CatalogError)
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.reader(fh)
@@ -237,9 +239,13 @@ def match_standards(exposure, catalog, *, radius_arcsec=POSITION_MATCH_ARCSEC):
         how[pos[close]] = "position"
         sep[pos] = d2d.to_value(u.arcsec)
     sep[how == "objid"] = 0.0
+    keep = _one_fiber_per_star(exposure, fibers, index, how, cat_objid)
+    fibers, fib_objid, fib_ra, fib_dec = (a[keep] for a in (fibers, fib_objid, fib_ra, fib_dec))
+    index, how, sep = index[keep], how[keep], sep[keep]
+    fiber_names = exposure["fiber_name"].values[std][keep]
     unmatched = how == "none"
     if unmatched.any():
-        names = exposure["fiber_name"].values[std][unmatched]
+        names = fiber_names[unmatched]
         labels = ", ".join(f"fiber {f} ({n or 'no name'}, OBJID {o})"
                            for f, n, o in zip(fibers[unmatched], names, fib_objid[unmatched],
                                               strict=True))
@@ -261,11 +267,47 @@ def match_standards(exposure, catalog, *, radius_arcsec=POSITION_MATCH_ARCSEC):
         ra=("star", fib_ra, {"units": "deg"}),
         dec=("star", fib_dec, {"units": "deg"}),
         fiber=("star", fibers),
-        fiber_name=("star", exposure["fiber_name"].values[std]),
+        fiber_name=("star", fiber_names),
         match=("star", how),
         separation=("star", sep, {"units": "arcsec"}),
     )
     return sub.drop_vars("star", errors="ignore")
+
+
+def _median_snr(exposure, fibers):
+    """Median S/N over the good pixels of each of ``fibers`` (rows of the exposure)."""
+    one = exposure.isel(fiber=list(fibers))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        snr = (one["flux"] / np.sqrt(one["variance"])).where(one["good"]).values
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a dead fiber: all-NaN
+        return np.nan_to_num(np.nanmedian(snr, axis=1), nan=-np.inf)
+
+
+def _one_fiber_per_star(exposure, fibers, index, how, cat_objid):
+    """Keep one fiber per catalog star: the highest median S/N, the first on ties.
+
+    Two fibers matched to the same catalog entry (a duplicated FIBRES row, or a position
+    given twice) would otherwise be fitted twice and vote twice in the combination. Each
+    skipped fiber is named in a warning (a note in the history).
+    """
+    keep = np.ones(fibers.size, dtype=bool)
+    stars, counts = np.unique(index[index >= 0], return_counts=True)
+    for star in stars[counts > 1]:
+        group = np.flatnonzero(index == star)
+        snr = _median_snr(exposure, fibers[group])
+        best = group[int(np.argmax(snr))]  # argmax: the first of equal values
+        keep[group] = group == best
+        ways = set(how[group])
+        same = {"objid": "same OBJID", "position": "same position"}.get(
+            ways.pop() if len(ways) == 1 else "", "matched by OBJID and by position")
+        listed = [str(f) for f in fibers[group]]
+        why = ("the highest median S/N" if np.ptp(snr) > 0 else "equal S/N: the first")
+        warnings.warn(f"{exposure.attrs.get('expid', '')}: fibers {', '.join(listed[:-1])} and "
+                      f"{listed[-1]} are the same catalog star (objid {cat_objid[star]}, {same}): "
+                      f"kept fiber {fibers[best]} ({why}, S/N {snr[group == best][0]:.1f}); "
+                      "one star, one vote", FluxCalWarning, stacklevel=3)
+    return keep
 
 
 def query_photometry(ra, dec, radius_arcsec=POSITION_MATCH_ARCSEC, catalog="refcat2"):

@@ -58,11 +58,36 @@ def _cmd_info(args):
         good = ds["good"].values.mean(axis=1)
         print(f"{path}: EXPID {ds.attrs['expid']}, MJD {ds.attrs['mjd']:.5f}, "
               f"EXPTIME {ds.attrs['exptime']:g} s, {ds.sizes['fiber']} fibers ({counts}), "
-              f"{ds.sizes['wavelength']} pixels {wave[0]:.1f}-{wave[-1]:.1f} A (air), "
-              f"LSF {ds.attrs['lsf_source']} {ds.attrs['lsf_fwhm_coeffs']}, "
-              f"setup {exposure_setup(ds)}, dead fibers {int((good == 0).sum())}")
+              f"{ds.sizes['wavelength']} pixels {wave[0]:.1f}-{wave[-1]:.1f} A in air "
+              f"({_frame_read(ds)}), LSF {ds.attrs['lsf_source']} "
+              f"{ds.attrs['lsf_fwhm_coeffs']}, setup {exposure_setup(ds)}, "
+              f"dead fibers {int((good == 0).sum())}; {_calibration_state(ds)}")
 
     return 1 if _each_file(args, info) else 0
+
+
+def _frame_read(ds):
+    """The wavelength frame as the file gives it (the reader converts vacuum to air)."""
+    medium = {"vac": "vacuum", "air": "air"}[ds.attrs["medium_in"]]
+    converted = "; converted to air" if medium == "vacuum" else ""
+    return f"as read: {medium}, {ds.attrs['wavelength_source']}{converted}"
+
+
+def _calibration_state(ds):
+    """What the primary header says about flux calibration: FLUXCAL, BUNIT, every FCAL*
+    keyword (FCALNSTR, FCALRMS, a quality grade FCALQUAL when the fitter writes one)."""
+    from astropy.io import fits
+
+    from .exposure import calibration_marks
+
+    header = fits.Header.fromstring(ds.attrs.get("fits_header", ""), sep="\n")
+    bunit = f"BUNIT {str(header.get('BUNIT', 'counts')).strip()!r}"
+    if not calibration_marks(ds):
+        return f"{bunit}: not flux-calibrated"
+    fluxcal = "T" if header.get("FLUXCAL") is True else "absent"
+    keys = [f"{k} = {header[k]!r}" if isinstance(header[k], str) else f"{k} = {header[k]:.4g}"
+            for k in header if k.startswith("FCAL")]
+    return ", ".join([f"calibrated: FLUXCAL = {fluxcal}", bunit, *keys])
 
 
 def _cmd_grid_build(args):
@@ -107,12 +132,10 @@ def _cmd_calibrate(args):
     from .config import load_config
     from .grid import open_grid
     from .pipeline import calibrate_exposure
+    from .qc import qc_directory
 
-    if args.in_place and args.out:
-        raise FluxCalError("--in-place and --out exclude each other")
-    if not args.in_place and not args.out:
-        raise FluxCalError("give --out OUTDIR (or --in-place to replace the input files)")
     _check_distinct_outputs(args)
+    _check_out(args.out)
     config = load_config(args.config)
     catalog = read_catalog(args.catalog)
     grid = open_grid(args.grid)
@@ -120,7 +143,9 @@ def _cmd_calibrate(args):
     def calibrate(path):
         qc_dir = None
         if args.qc:
-            qc_dir = Path(args.out or Path(path).parent) / "qc" / Path(path).stem
+            out = Path(args.out) if args.out else Path(path).parent
+            qc_dir = qc_directory(out.parent if out.suffix.lower() in (".fits", ".fit")
+                                  else out)
         result = calibrate_exposure(path, catalog, grid, None if args.in_place else args.out,
                                     config=config, overwrite=args.overwrite,
                                     in_place=args.in_place, cache_dir=args.cache, qc_dir=qc_dir)
@@ -150,6 +175,17 @@ def _check_distinct_outputs(args):
     if args.out and Path(args.out).suffix.lower() in (".fits", ".fit") and len(args.files) > 1:
         raise FluxCalError(f"--out {args.out} names one file but {len(args.files)} inputs were "
                            "given; give an output directory")
+
+
+def _check_out(out):
+    """--out (a directory, or a .fits file) can be written: checked before any work."""
+    from ._atomic import check_output_directory
+
+    if out is None:
+        return
+    out = Path(out)
+    one_file = out.suffix.lower() in (".fits", ".fit") and not out.is_dir()
+    check_output_directory(out, "--out", for_file=one_file)
 
 
 def _cmd_qc(args):
@@ -207,97 +243,126 @@ def build_parser():
     p = sub.add_parser("demo", help="the embedded default: synthetic grid, simulated survey, "
                        "survey calibration on a LocalCluster, QC and accuracy summary")
     p.add_argument("--out", default="store/demo", help="working directory (default %(default)s)")
-    p.add_argument("--exposures", type=int, default=20)
-    p.add_argument("--nights", type=int, default=4)
+    p.add_argument("--exposures", type=int, default=20,
+                   help="exposures in the simulated survey (default %(default)s)")
+    p.add_argument("--nights", type=int, default=4,
+                   help="nights they are spread over (default %(default)s)")
     p.add_argument("--workers", type=int, default=None, help="LocalCluster workers (default: "
                    "one per core)")
-    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--seed", type=int, default=1,
+                   help="random seed of the simulated survey (default %(default)s)")
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("calibrate", help="flux-calibrate RED files")
-    p.add_argument("files", nargs="+", metavar="RED.fits")
+    p.add_argument("files", nargs="+", metavar="RED.fits", help="reduced exposures (kspecdr)")
     p.add_argument("--catalog", required=True, help="standard-star catalog (Refcat2 CSV)")
     p.add_argument("--grid", required=True, help="template grid Zarr store")
-    p.add_argument("--out", help="output directory (<name>_fluxcal.fits)")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--out", metavar="OUTDIR", help="output directory (<name>_fluxcal.fits "
+                       "in it), or one .fits file for one input")
+    where.add_argument("--in-place", action="store_true",
+                       help="replace each input file atomically (through a symbolic link: the "
+                       "file it points at)")
     p.add_argument("--config", help="TOML configuration (default: the package defaults)")
-    p.add_argument("--qc", action="store_true", help="also write QC plots under OUT/qc/")
+    p.add_argument("--qc", action="store_true",
+                   help="also write QC plots and a summary under OUTDIR/qc/ (with --in-place: "
+                   "next to each input)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    p.add_argument("--in-place", action="store_true", help="replace each input file atomically")
     p.add_argument("--cache", help="directory for cached prepared template cubes")
     p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("qc", help="QC plots and summary of calibrated files")
-    p.add_argument("files", nargs="+", metavar="CALIBRATED.fits")
+    p.add_argument("files", nargs="+", metavar="CALIBRATED.fits",
+                   help="calibrated files (kspec-fluxcal calibrate or survey)")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=_cmd_qc)
 
     p = sub.add_parser("survey", help="re-calibrate a whole survey on a Dask cluster")
-    p.add_argument("lake", metavar="LAKE_DIR")
-    p.add_argument("--catalog", required=True)
-    p.add_argument("--grid", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--config")
+    p.add_argument("lake", metavar="LAKE_DIR", help="directory searched for RED files")
+    p.add_argument("--catalog", required=True, help="standard-star catalog (Refcat2 CSV)")
+    p.add_argument("--grid", required=True, help="template grid Zarr store")
+    p.add_argument("--out", required=True,
+                   help="output directory: calibrated files mirroring the lake's tree, "
+                   "archive.zarr, notes.json; one job at a time (survey.lock)")
+    p.add_argument("--config", help="TOML configuration (default: the package defaults)")
     p.add_argument("--scheduler", help="address of an existing scheduler (tcp://HOST:PORT)")
     p.add_argument("--workers", type=int, help="LocalCluster workers (default: one per core)")
-    p.add_argument("--threads-per-worker", type=int, default=1)
-    p.add_argument("--performance-report", metavar="HTML")
+    p.add_argument("--threads-per-worker", type=int, default=1,
+                   help="threads of each LocalCluster worker (default %(default)s)")
+    p.add_argument("--performance-report", metavar="HTML",
+                   help="save Dask's performance report there")
     p.add_argument("--resume", action="store_true",
                    help="skip exposures already archived with the same inputs")
     p.add_argument("--pattern", help="glob of RED files under LAKE_DIR (default from config)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true",
+                   help="no plan, progress or summary on stdout (errors still on stderr)")
     p.set_defaults(func=_cmd_survey)
 
     p = sub.add_parser("simulate", help="write a simulated survey with known truth")
-    p.add_argument("outdir")
-    p.add_argument("--exposures", type=int, default=20)
-    p.add_argument("--nights", type=int, default=4)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--fibers", type=int, default=14)
-    p.add_argument("--pixels", type=int, default=4096)
+    p.add_argument("outdir", help="directory to write (lake/, catalog.csv, truth, survey.json)")
+    p.add_argument("--exposures", type=int, default=20, help="exposures (default %(default)s)")
+    p.add_argument("--nights", type=int, default=4,
+                   help="nights they are spread over (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    p.add_argument("--fibers", type=int, default=14, help="fibers per exposure (default "
+                   "%(default)s)")
+    p.add_argument("--pixels", type=int, default=4096, help="pixels per spectrum (default "
+                   "%(default)s)")
     p.add_argument("--grid", help="BOSZ-layout directory to draw stars from (default: a "
                    "synthetic grid written under OUTDIR)")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--quiet", action="store_true", help="no progress on stdout")
     p.set_defaults(func=_cmd_simulate)
 
     grid = sub.add_parser("grid", help="template grid: download, synthesise, build")
     gsub = grid.add_subparsers(dest="grid_command", metavar="ACTION")
     gsub.required = True
     p = gsub.add_parser("build", help="convert a BOSZ-layout directory into the Zarr cube")
-    p.add_argument("bosz_dir")
-    p.add_argument("--out", default="store/templates/bosz2024_r10000.zarr")
-    p.add_argument("--wave-min", type=float, default=3000.0)
-    p.add_argument("--wave-max", type=float, default=11000.0)
+    p.add_argument("bosz_dir", help="BOSZ 2024 layout directory (grid download or synth)")
+    p.add_argument("--out", default="store/templates/bosz2024_r10000.zarr",
+                   help="Zarr store to write (default %(default)s)")
+    p.add_argument("--wave-min", type=float, default=3000.0,
+                   help="shortest wavelength kept, Angstrom (default %(default)s)")
+    p.add_argument("--wave-max", type=float, default=11000.0,
+                   help="longest wavelength kept, Angstrom (default %(default)s)")
     p.add_argument("--resolution", help="resolution tag, when the directory holds several")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes reading files (default %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="rebuild a store built from other inputs or options")
+    p.add_argument("--quiet", action="store_true", help="no progress on stdout")
     p.set_defaults(func=_cmd_grid_build)
     p = gsub.add_parser("download", help="download the BOSZ 2024 subgrid from MAST")
-    p.add_argument("--out", required=True)
-    p.add_argument("--resolution", default="r10000")
-    p.add_argument("--dry-run", action="store_true")
-    p.add_argument("--force", action="store_true")
-    p.add_argument("--workers", type=int, default=8)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--out", required=True, help="directory to download into (BOSZ layout)")
+    p.add_argument("--resolution", default="r10000",
+                   help="resolution tag to download (default %(default)s)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="list what would be downloaded, download nothing")
+    p.add_argument("--force", action="store_true",
+                   help="download again files that are already present")
+    p.add_argument("--workers", type=int, default=8,
+                   help="parallel downloads (default %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress on stdout")
     p.set_defaults(func=_cmd_grid_download)
     p = gsub.add_parser("synth", help="write a SYNTHETIC BOSZ-layout grid (tests, demo)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", required=True, help="directory to write (BOSZ layout)")
     p.add_argument("--small", action="store_true", help="a tiny grid for tests")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--workers", type=int, default=1,
+                   help="processes writing files (default %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing grid")
+    p.add_argument("--quiet", action="store_true", help="no progress on stdout")
     p.set_defaults(func=_cmd_grid_synth)
 
     archive = sub.add_parser("archive", help="the calibration archive")
     asub = archive.add_subparsers(dest="archive_command", metavar="ACTION")
     asub.required = True
     p = asub.add_parser("plot", help="throughput vs time and a wavelength x time image")
-    p.add_argument("archive")
-    p.add_argument("--out", required=True)
+    p.add_argument("archive", help="archive.zarr written by the survey job")
+    p.add_argument("--out", required=True, help="directory for the PNG files")
     p.set_defaults(func=_cmd_archive_plot)
 
-    p = sub.add_parser("info", help="summarise RED files (checks them against the contract)")
-    p.add_argument("files", nargs="+", metavar="RED.fits")
+    p = sub.add_parser("info", help="summarise RED files and calibrated products (checks them "
+                       "against the contract)")
+    p.add_argument("files", nargs="+", metavar="RED.fits", help="RED files or calibrated files")
     p.set_defaults(func=_cmd_info)
     return parser
 

@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ._atomic import check_regular_file
 from .constants import BANDS, CATALOG_COLUMNS, KSPEC_COLLECTING_AREA_CM2
 from .errors import ConfigError
 
@@ -366,10 +367,9 @@ def load_config(path=None, **overrides):
         config = Config()
     else:
         path = os.fspath(path)
+        check_regular_file(path, ConfigError)
         try:
             values = tomllib.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise ConfigError(path, None, "no such file") from None
         except (OSError, UnicodeDecodeError) as err:
             raise ConfigError(path, None, f"unreadable ({err})") from None
         except tomllib.TOMLDecodeError as err:

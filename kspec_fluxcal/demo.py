@@ -38,7 +38,7 @@ def run_demo(out="store/demo", *, exposures=20, nights=4, workers=None, seed=1,
     from .evaluate import compare_with_truth
     from .grid import build_grid
     from .pipeline import output_name
-    from .qc import qc_from_file
+    from .qc import qc_directory, qc_from_file
     from .simulate import simulate_survey
     from .survey import run_survey
 
@@ -69,7 +69,7 @@ def run_demo(out="store/demo", *, exposures=20, nights=4, workers=None, seed=1,
                         performance_report=out / "dask-report.html")
 
     _step("4/5 QC plots")
-    qc_dir = out / "qc"
+    qc_dir = qc_directory(calibrated)  # the layout of `calibrate --qc`
     entries = json.loads(manifest.read_text())["exposures"]
     done = set(report.calibrated)
     shown = [e for e in entries if e["expid"] in done][:2]
@@ -102,14 +102,31 @@ def run_demo(out="store/demo", *, exposures=20, nights=4, workers=None, seed=1,
     return 0 if report.ok else 1
 
 
+#: The accuracy table's columns, as printed under it (see kspec_fluxcal.evaluate).
+ACCURACY_COLUMNS = (
+    ("n_std", "standard stars used (FCALNSTR)"),
+    ("cal_shape%", "rms shape error of the calibration vector (its level removed, 100 A "
+     "running median, outside telluric bands, 4000-8400 A)"),
+    ("shape%", "the same for the calibrated science spectra (median over science fibers, "
+     "their noise included)"),
+    ("level%", "median level error of the science spectra (includes each fiber's aperture "
+     "loss)"),
+    ("level_cal%", "level error of the calibration vector alone"),
+    ("telluric%", "rms error of the calibration inside telluric bands, relative to outside"),
+)
+
+
 def accuracy_table(rows):
-    """Per-exposure accuracy lines and survey medians / 90th percentiles (percent)."""
+    """Per-exposure accuracy lines, their columns explained, and survey medians / 90th
+    percentiles (percent)."""
     lines = [f"{'EXPID':<18} {'n_std':>5} {'cal_shape%':>10} {'shape%':>8} {'level%':>8} "
              f"{'level_cal%':>10} {'telluric%':>9}"]
     for r in rows:
         lines.append(f"{r['expid']:<18} {r['n_standards']:>5d} {100 * r['cal_shape']:>10.2f} "
                      f"{100 * r['shape']:>8.2f} {100 * r['level']:>+8.2f} "
                      f"{100 * r['level_cal']:>+10.2f} {100 * r['telluric']:>9.2f}")
+    lines += ["", "Columns, in percent, against the simulation's truth:"]
+    lines += [f"  {name}: {text}" for name, text in ACCURACY_COLUMNS]
     if rows:
         def stat(key, absolute=False):
             values = np.array([r[key] for r in rows], dtype=float)

@@ -18,6 +18,7 @@ __all__ = [
     "ConfigError",
     "CalibrationError",
     "OutputExistsError",
+    "OutputLockedError",
     "DownloadError",
     "FluxCalWarning",
 ]
@@ -102,6 +103,10 @@ class OutputExistsError(FluxCalError, FileExistsError):
 
     def __reduce__(self):
         return type(self), (self.path,)
+
+
+class OutputLockedError(FluxCalError):
+    """Another job is writing to the same output directory (it holds the lock file)."""
 
 
 class DownloadError(FluxCalError):

@@ -20,7 +20,7 @@ from astropy.io import fits
 from astropy.utils.exceptions import AstropyUserWarning
 
 from . import __version__
-from ._atomic import atomic_file
+from ._atomic import atomic_file, check_regular_file
 from .constants import CAL_UNIT, FIBER_TYPES, FLUX_UNIT
 from .errors import ExposureError
 from .lsf import LineSpread
@@ -34,6 +34,7 @@ __all__ = [
     "red_hdulist",
     "exposure_setup",
     "add_history",
+    "calibration_marks",
 ]
 
 FIBRES_EXTNAMES = ("FIBRES", "FIBRES_IFU")
@@ -74,6 +75,7 @@ def add_history(ds, text):
 
 
 def _open_hdulist(path):
+    check_regular_file(path, ExposureError)
     try:
         # Astropy's truncation warnings are replaced by the check below, which is an error.
         with warnings.catch_warnings():
@@ -82,6 +84,9 @@ def _open_hdulist(path):
     except FileNotFoundError:
         raise ExposureError(path, None, "no such file") from None
     except Exception as err:  # astropy raises OSError, ValueError, TypeError... on garbage
+        if "SIMPLE" in str(err):  # its advice (ignore_missing_simple=True) is not for users
+            raise ExposureError(path, None, "not a FITS file (it does not start with "
+                                "SIMPLE = T)") from None
         raise ExposureError(path, None, f"not a readable FITS file ({err})") from None
     try:
         _check_complete(hdul, path)
@@ -114,9 +119,16 @@ def _check_complete(hdul, path):
 
 
 def _find_hdu(hdul, path, names, required=True):
-    for hdu in hdul[1:]:
-        if hdu.name.upper() in names:
-            return hdu
+    found = [k for k, hdu in enumerate(hdul) if k and hdu.name.upper() in names]
+    if len(found) > 1:
+        # Which one kspecdr meant cannot be told; the first would be used silently.
+        which = " and ".join(str(k) for k in found)
+        kinds = sorted({hdul[k].name.upper() for k in found})
+        listed = f": {', '.join(kinds)}" if len(kinds) > 1 else ""
+        raise ExposureError(path, f"HDU {names[0]}", f"{len(found)} extensions have this name "
+                            f"(HDUs {which}{listed}); expected one")
+    if found:
+        return hdul[found[0]]
     if required:
         present = ", ".join(h.name or "(unnamed)" for h in hdul[1:]) or "none"
         raise ExposureError(path, f"HDU {names[0]}", f"missing (extensions present: {present})")
@@ -134,7 +146,7 @@ def _data(hdu, path, label):
     return data
 
 
-def _header_value(header, keys, path, required, kind=float, positive=False):
+def _header_value(header, keys, path, required, kind=float):
     for key in keys:
         if key in header and header[key] not in (None, ""):
             value = header[key]
@@ -148,13 +160,47 @@ def _header_value(header, keys, path, required, kind=float, positive=False):
                                     f"value {header[key]!r} is not a {kind.__name__}") from None
             if kind is float and not np.isfinite(value):
                 raise ExposureError(path, f"primary header {key}", f"value {value!r} is not finite")
-            if positive and not value > 0:
-                raise ExposureError(path, f"primary header {key}", f"value {value!r} is not > 0")
             return value
     if required:
         raise ExposureError(path, "primary header",
                             f"missing {' (or '.join(keys)}{')' * (len(keys) - 1)}")
     return None
+
+
+#: Plausible exposure times (s): a K-SPEC exposure is seconds to hours; 1e30 is a bad header.
+EXPTIME_RANGE = (0.0, 1.0e5)
+#: Plausible airmasses: 1 at the zenith; > 10 is within a degree or two of the horizon.
+AIRMASS_RANGE = (1.0, 10.0)
+#: Fewest pixels of a spectrum: fewer is a cut or transposed image, not a K-SPEC spectrum.
+MIN_PIXELS = 16
+
+
+def _in_range(value, key, bounds, path, unit="", open_low=False):
+    lo, hi = bounds
+    inside = (lo < value if open_low else lo <= value) and value <= hi
+    if not inside:
+        shown = f"{'(' if open_low else '['}{lo:g}, {hi:g}]"
+        raise ExposureError(path, f"primary header {key}", f"value {value!r}{unit} is outside "
+                            f"the plausible range {shown}{unit}")
+    return value
+
+
+def _exposure_keywords(header, path):
+    """EXPTIME, MJD-OBS and AIRMASS (None when absent), checked for plausibility."""
+    exptime = _header_value(header, ("EXPTIME", "EXPOSED"), path, True)
+    key = next(k for k in ("EXPTIME", "EXPOSED") if header.get(k) not in (None, ""))
+    _in_range(exptime, key, EXPTIME_RANGE, path, " s", open_low=True)
+    airmass = _header_value(header, ("AIRMASS",), path, False)
+    if airmass is not None:
+        _in_range(airmass, "AIRMASS", AIRMASS_RANGE, path)
+    return {"exptime": exptime, "mjd": _header_value(header, ("MJD-OBS", "UTMJD"), path, True),
+            "airmass": airmass}
+
+
+def _check_width(path, nspec):
+    if nspec < MIN_PIXELS:
+        raise ExposureError(path, "HDU PRIMARY", f"image is {nspec} pixel{'s' * (nspec != 1)} "
+                            f"wide; a spectrum needs at least {MIN_PIXELS}")
 
 
 def _line_spread(header, path):
@@ -187,17 +233,30 @@ def _unit_factor(unit, path, where):
                         "(expected 'Angstrom' or 'nm')")
 
 
+_MEDIA = {"": "air", "air": "air", "vac": "vac", "vacuum": "vac"}
+
+
 def _medium(primary, wavela, path):
-    value = None
+    """'air' or 'vac' from AIRORVAC of the WAVELA and primary headers (absent: air).
+
+    Both headers are checked: a bad value in either, or two that disagree, is an error, not
+    a silent choice of one frame.
+    """
+    found = {}
     for hdr, where in ((wavela, "WAVELA header"), (primary, "primary header")):
-        if hdr is not None and "AIRORVAC" in hdr:
-            value, at = str(hdr["AIRORVAC"]).strip().lower(), where
-            break
-    if value in (None, "", "air"):
-        return "air"
-    if value in ("vac", "vacuum"):
-        return "vac"
-    raise ExposureError(path, f"{at} AIRORVAC", f"value {value!r} is neither 'air' nor 'vac'")
+        if hdr is None or "AIRORVAC" not in hdr:
+            continue
+        value = str(hdr["AIRORVAC"]).strip().lower()
+        if value not in _MEDIA:
+            raise ExposureError(path, f"{where} AIRORVAC",
+                                f"value {value!r} is neither 'air' nor 'vac'")
+        found[where] = value
+    media = {_MEDIA[v] for v in found.values()}
+    if len(media) > 1:
+        raise ExposureError(path, "primary header AIRORVAC",
+                            f"{found['primary header']!r} contradicts the WAVELA header's "
+                            f"AIRORVAC {found['WAVELA header']!r}")
+    return media.pop() if media else "air"
 
 
 def _wcs_wavelength(header, nspec, path):
@@ -366,6 +425,7 @@ def _read_hdus(path):
             raise ExposureError(path, "HDU PRIMARY",
                                 f"expected a 2-D (fiber, pixel) image, got shape {flux.shape}")
         nfib, nspec = flux.shape
+        _check_width(path, nspec)
         var_hdu = _find_hdu(hdul, path, ("VARIANCE",))
         variance = _data(var_hdu, path, "VARIANCE")
         if variance.shape != flux.shape:
@@ -377,9 +437,7 @@ def _read_hdus(path):
         fibres = _fibres(fib_hdu, nfib, path)
         meta = {
             "expid": str(header.get("EXPID", "") or Path(path).name.split(".")[0]),
-            "exptime": _header_value(header, ("EXPTIME", "EXPOSED"), path, True, positive=True),
-            "mjd": _header_value(header, ("MJD-OBS", "UTMJD"), path, True),
-            "airmass": _header_value(header, ("AIRMASS",), path, False),
+            **_exposure_keywords(header, path),
             "bunit": str(header.get("BUNIT", "counts")),
             "lsf": _line_spread(header, path),
             "fibres_extname": fib_hdu.name,
@@ -585,6 +643,43 @@ def _attach_calibration(ds, cal, keys, path):
     ds.attrs["fcalsrc"] = ds.attrs.get("fcalsrc") or "standards"
 
 
+# Words that make a BUNIT a flux density (astropy does not parse every spelling in use:
+# 'erg/s/cm^2/A' reads as per Ampere).
+_FLUX_WORDS = ("erg", "jy", "jansky", "watt", "w/m", "w m-2", "w/(m")
+
+
+def _is_flux_unit(text):
+    text = str(text).strip().lower()
+    return bool(text) and any(word in text for word in _FLUX_WORDS)
+
+
+def calibration_marks(ds):
+    """What says that an opened exposure is already flux-calibrated (contract section 4).
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        From :func:`open_exposure`.
+
+    Returns
+    -------
+    list of (str, str)
+        (place, what) for each mark found: the FLUXCAL table, ``FLUXCAL = T`` and a BUNIT in
+        flux-density units; empty for a RED file. A product stripped of one mark keeps the
+        others.
+    """
+    header = fits.Header.fromstring(ds.attrs.get("fits_header", ""), sep="\n")
+    marks = []
+    if "cal" in ds:
+        marks.append(("HDU FLUXCAL", "FLUXCAL table present"))
+    if header.get("FLUXCAL") is True:
+        marks.append(("primary header FLUXCAL", "FLUXCAL = T"))
+    if _is_flux_unit(header.get("BUNIT", "")):
+        marks.append(("primary header BUNIT", f"BUNIT = {str(header['BUNIT']).strip()!r} "
+                      "(a flux density, not counts)"))
+    return marks
+
+
 def read_exposure_info(path):
     """Read what is needed to plan work on an exposure, without its flux.
 
@@ -607,6 +702,11 @@ def read_exposure_info(path):
         if header.get("NAXIS", 0) != 2:
             raise ExposureError(path, "HDU PRIMARY", "expected a 2-D (fiber, pixel) image")
         nfib, nspec = header["NAXIS2"], header["NAXIS1"]
+        _check_width(path, nspec)
+        # An ambiguous file (two VARIANCE or FIBRES extensions) is refused when the survey is
+        # planned, not later on a worker.
+        for names in (("VARIANCE",), FIBRES_EXTNAMES):
+            _find_hdu(hdul, path, names, required=False)
         wave, source, medium, _ = _raw_wavelength(hdul, path, nfib, nspec)
         if source == "WAVELA":
             wave = wave.reshape(-1, nspec)
@@ -623,9 +723,7 @@ def read_exposure_info(path):
         info = {
             "path": path,
             "expid": str(header.get("EXPID", "") or Path(path).name.split(".")[0]),
-            "mjd": _header_value(header, ("MJD-OBS", "UTMJD"), path, True),
-            "exptime": _header_value(header, ("EXPTIME", "EXPOSED"), path, True, positive=True),
-            "airmass": _header_value(header, ("AIRMASS",), path, False),
+            **_exposure_keywords(header, path),
             "lsf": lsf,
             "nfiber": int(nfib),
             "npixel": int(nspec),

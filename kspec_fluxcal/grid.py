@@ -461,7 +461,10 @@ def build_grid(bosz_dir, out, *, wave_min=3000.0, wave_max=11000.0, resolution=N
                     "synth_mag": (PARAMS + ("band",), mags[None]),
                     "ext_coeff": (PARAMS + ("law", "band"), coeff[None]),
                 })
-                slab.to_zarr(partial, region={"teff": slice(i, i + 1)}, consolidated=False)
+                # Every chunk written, even all-NaN ones: a store's chunks are then all
+                # present, and a missing one means damage (check_chunks).
+                slab.to_zarr(partial, region={"teff": slice(i, i + 1)}, consolidated=False,
+                             write_empty_chunks=True)
                 state["done"].append(t)
                 _save_state(partial, state)
             if progress:
@@ -487,6 +490,106 @@ def build_grid(bosz_dir, out, *, wave_min=3000.0, wave_max=11000.0, resolution=N
     return out
 
 
+#: Variables of a template store whose every chunk must be present: Zarr reads a missing
+#: chunk as its fill value, i.e. as NaN spectra or templates that do not exist.
+STORE_VARIABLES = ("flux", "continuum", "exists", "synth_mag", "ext_coeff")
+REBUILD_HINT = "rebuild with `kspec-fluxcal grid build`"
+
+
+class _CheckedChunks:
+    """A Zarr array read by Dask chunk by chunk; a chunk that does not decode is a GridError
+    naming the store, the variable and the chunk (not a codec's bare message)."""
+
+    def __init__(self, array, store, name, hint):
+        self.array, self.store, self.name, self.hint = array, str(store), name, hint
+        self.shape, self.dtype, self.ndim = array.shape, array.dtype, array.ndim
+
+    def __getitem__(self, key):
+        try:
+            return self.array[key]
+        except Exception as err:  # codecs raise RuntimeError, ValueError, TypeError...
+            first = tuple((k.start or 0) // c if isinstance(k, slice) else 0
+                          for k, c in zip(key, self.array.chunks, strict=False))
+            chunk = self.array.metadata.encode_chunk_key(first)
+            raise GridError(self.store, f"variable {self.name} chunk {chunk}",
+                            f"unreadable ({type(err).__name__}: {err})"
+                            + (f"; {self.hint}" if self.hint else "")) from None
+
+
+def check_chunks(path, names=STORE_VARIABLES, hint=REBUILD_HINT):
+    """Raise :class:`GridError` unless every chunk of ``names`` is stored in the Zarr store
+    ``path`` (a listing of keys; nothing is read), naming the first missing chunk.
+
+    Parameters
+    ----------
+    path : path-like
+        A local Zarr v3 store (a directory).
+    names : sequence of str
+        Variables to check (absent ones are skipped).
+    hint : str
+        How to repair the store, appended to the message ('' for none).
+    """
+    import zarr
+
+    group = zarr.open_group(path, mode="r")
+    for name in names:
+        if name not in group:
+            continue
+        array = group[name]
+        folder = Path(path) / name
+        stored = {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+        for coords in np.ndindex(*array.cdata_shape):
+            key = array.metadata.encode_chunk_key(coords)
+            if key not in stored:
+                raise GridError(path, f"variable {name} chunk {key}",
+                                "missing (a damaged or partly copied store)"
+                                + (f"; {hint}" if hint else ""))
+
+
+def open_checked_store(path, names=STORE_VARIABLES, *, chunks=None, hint=REBUILD_HINT):
+    """Open a Zarr store of templates lazily, ``names`` read through :class:`_CheckedChunks`
+    (see also :func:`check_chunks`).
+
+    Parameters
+    ----------
+    path : path-like
+        A local Zarr v3 store (a directory).
+    names : sequence of str
+        Variables to check.
+    chunks : dict, optional
+        Dask chunks (default: the store's own).
+    hint : str
+        How to repair the store, appended to error messages.
+
+    Returns
+    -------
+    xarray.Dataset
+
+    Raises
+    ------
+    GridError
+        When the store cannot be opened, or (when it is read) a chunk does not decode.
+    """
+    import dask.array as da
+    import zarr
+    from dask.base import tokenize
+
+    try:
+        ds = xr.open_zarr(path, consolidated=False, chunks={} if chunks is None else chunks)
+        group = zarr.open_group(path, mode="r")
+    except Exception as err:
+        raise GridError(path, None, f"not a readable Zarr store ({err})") from None
+    for name in names:
+        if name not in ds:
+            continue
+        reader = _CheckedChunks(group[name], path, name, hint)
+        data = da.from_array(reader, chunks=ds[name].chunks, asarray=True, lock=False,
+                             fancy=False, meta=np.empty((0,) * reader.ndim, reader.dtype),
+                             name=f"store-{name}-{tokenize(str(path), ds[name].chunks)}")
+        ds[name] = ds[name].copy(data=data)
+    return ds
+
+
 def open_grid(path, *, chunks=None):
     """Open a template cube written by :func:`build_grid`, lazily.
 
@@ -501,6 +604,12 @@ def open_grid(path, *, chunks=None):
     -------
     xarray.Dataset
         Dask-backed; see the module docstring for its variables.
+
+    Raises
+    ------
+    GridError
+        Not a complete template store, or a chunk of one of :data:`STORE_VARIABLES` missing
+        (checked here, by listing keys); when the data are read, a chunk that does not decode.
     """
     path = Path(path)
     if not path.exists():
@@ -511,15 +620,13 @@ def open_grid(path, *, chunks=None):
         raise GridError(path, None, "is a BOSZ-layout directory, not a template grid store; "
                         f"convert it once with 'kspec-fluxcal grid build {path} --out STORE' "
                         "and pass STORE")
-    try:
-        ds = xr.open_zarr(path, consolidated=False, chunks={} if chunks is None else chunks)
-    except Exception as err:
-        raise GridError(path, None, f"not a readable Zarr store ({err})") from None
+    ds = open_checked_store(path, chunks=chunks)
     missing = [v for v in ("flux", "exists", "synth_mag") if v not in ds]
     if missing:
         raise GridError(path, None, f"not a template grid (missing {', '.join(missing)})")
     if not ds.attrs.get("complete"):
         raise GridError(path, None, "incomplete template grid (an interrupted build?); rebuild it")
+    check_chunks(path)
     ds = strings_as_unicode(ds)
     ds.attrs["store"] = str(path)
     return ds

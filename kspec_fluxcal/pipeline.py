@@ -9,11 +9,12 @@ from pathlib import Path
 
 import xarray as xr
 
+from ._atomic import check_output_directory
 from .calibration import apply_calibration, combine_vectors
 from .catalog import read_catalog
 from .config import Config, load_config
-from .errors import ExposureError, FluxCalError, FluxCalWarning
-from .exposure import open_exposure, write_calibrated
+from .errors import ExposureError, FluxCalError, FluxCalWarning, OutputExistsError
+from .exposure import calibration_marks, open_exposure, write_calibrated
 from .grid import open_grid
 from .standards import fit_standards
 
@@ -58,6 +59,28 @@ def output_name(path):
     return f"{name}_fluxcal.fits"
 
 
+def _output_target(path, out, in_place):
+    """Where the product of ``path`` goes (None: nowhere)."""
+    if in_place:
+        # Through a symlink, the file it points at is the one calibrated: replacing the link
+        # itself would leave that file (in the lake) uncalibrated.
+        return Path(os.path.realpath(path))
+    if out is None:
+        return None
+    out = Path(out)
+    return out if out.suffix.lower() in (".fits", ".fit") else out / output_name(path)
+
+
+def _check_target(target, path, overwrite, in_place):
+    """Refuse, before the fit, an output that could not be written after it."""
+    if target.exists() and not in_place and os.path.samefile(target, path):
+        raise FluxCalError(f"{target}: is the input file; refusing to overwrite it "
+                           "(use in_place=True, CLI --in-place)")
+    if target.exists() and not overwrite:
+        raise OutputExistsError(target)
+    check_output_directory(target, for_file=True)
+
+
 def calibrate(exposure, catalog, grid, config=None, *, cache_dir=None):
     """Fit the standards of an opened exposure, combine them and calibrate every fiber.
 
@@ -78,11 +101,12 @@ def calibrate(exposure, catalog, grid, config=None, *, cache_dir=None):
         single usable star...) are collected in ``warnings`` and the history.
     """
     config = Config() if config is None else config
-    if exposure.attrs.get("fluxcal"):
+    marks = calibration_marks(exposure)
+    if marks:
         # A product given as input: its calibration vector would be replaced by one of ~1.
-        raise ExposureError(exposure.attrs.get("source"), "HDU FLUXCAL",
-                            "already flux-calibrated (FLUXCAL = T); calibrate the RED file it "
-                            "was made from")
+        raise ExposureError(exposure.attrs.get("source"), marks[0][0],
+                            f"already flux-calibrated ({'; '.join(m for _, m in marks)}); "
+                            "calibrate the RED file it was made from")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FluxCalWarning)
         stars = fit_standards(exposure, catalog, grid, config, cache_dir=cache_dir)
@@ -120,11 +144,13 @@ def calibrate_exposure(path, catalog, grid, out=None, *, config=None, overwrite=
     overwrite : bool
         Replace an existing output.
     in_place : bool
-        Replace the input file with the calibrated one (atomically).
+        Replace the input file with the calibrated one (atomically); for a symbolic link,
+        the file it points at (the link stays).
     cache_dir : path-like, optional
         Zarr cache of prepared template cubes.
     qc_dir : path-like, optional
-        Write the QC plots and summary there.
+        Write the QC plots and summary there: drawn from the written product (as
+        :func:`kspec_fluxcal.qc.qc_from_file` does), or from the result when nothing is written.
     **options
         Configuration overrides, e.g. ``metric="huber"``, ``smooth=False``.
 
@@ -145,22 +171,23 @@ def calibrate_exposure(path, catalog, grid, out=None, *, config=None, overwrite=
         catalog = read_catalog(catalog)
     if not isinstance(grid, xr.Dataset):
         grid = open_grid(grid)
-    result = calibrate(open_exposure(path), catalog, grid, config, cache_dir=cache_dir)
-    target = None
-    if in_place:
-        target = Path(path)
-        overwrite = True
-    elif out is not None:
-        out = Path(out)
-        target = out if out.suffix.lower() in (".fits", ".fit") else out / output_name(path)
+    target = _output_target(path, out, in_place)
     if target is not None:
-        if target.exists() and os.path.samefile(target, path) and not in_place:
-            raise FluxCalError(f"{target}: is the input file; refusing to overwrite it "
-                               "(use in_place=True, CLI --in-place)")
+        overwrite = overwrite or in_place
+        _check_target(target, path, overwrite, in_place)
+    if qc_dir is not None:
+        check_output_directory(qc_dir)
+    result = calibrate(open_exposure(path), catalog, grid, config, cache_dir=cache_dir)
+    if target is not None:
         write_calibrated(result.calibrated, target, overwrite=overwrite, stars=result.stars)
     result.path = target
     if qc_dir is not None:
-        from .qc import write_qc
+        from .qc import qc_from_file, write_qc
 
-        write_qc(result, qc_dir, telluric=config.masks.telluric)
+        # From the written product when there is one: the same plots as `kspec-fluxcal qc`
+        # and the demo draw from files.
+        if target is not None:
+            qc_from_file(target, qc_dir, telluric=config.masks.telluric)
+        else:
+            write_qc(result, qc_dir, telluric=config.masks.telluric)
     return result

@@ -34,7 +34,7 @@ from .errors import ExposureError, FluxCalWarning
 from .exposure import open_exposure, read_standard_stars
 from .masks import load_regions
 
-__all__ = ["write_qc", "qc_from_file", "QC_PLOTS"]
+__all__ = ["write_qc", "qc_from_file", "qc_directory", "QC_PLOTS"]
 
 #: Plot kinds, in the order they are written; each file is ``<expid>_<kind>.png``.
 QC_PLOTS = ("calibration", "residuals", "template_match", "photometry", "spectrum")
@@ -80,6 +80,22 @@ class _QCData:
 
 
 # ----------------------------------------------------------------------------- public API
+
+
+def qc_directory(calibrated_dir):
+    """Where the QC of the calibrated files in ``calibrated_dir`` goes: ``<dir>/qc``, files
+    ``<expid>_<kind>.png`` (the one layout of ``calibrate --qc`` and the demo).
+
+    Parameters
+    ----------
+    calibrated_dir : path-like
+        The directory of the calibrated files.
+
+    Returns
+    -------
+    pathlib.Path
+    """
+    return Path(calibrated_dir) / "qc"
 
 
 def write_qc(result, out_dir, *, telluric="telluric_default"):
@@ -557,11 +573,13 @@ def _plot_calibration(qc):
         ax.set_yscale("log")
         lo, hi = _limits(shown, 0.5, 99.5, log=True)
         ax.set_ylim(lo, hi)
-        # Plain numbers read better than 6x10^-2; minor ticks labelled over a short range.
-        plain = FuncFormatter(lambda v, _: f"{v:.3g}")
-        ax.yaxis.set_major_formatter(plain)
-        if hi / lo < 30:
-            ax.yaxis.set_minor_formatter(plain)
+        # Plain numbers read better than 6x10^-2. Minor ticks are labelled too (else a vector
+        # within a decade or two has one or two labels): all of them within a decade, only
+        # 2 and 5 x 10^n over more (all would crowd at the top of each decade).
+        ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:.3g}"))
+        if hi / lo < 1000:
+            ax.yaxis.set_minor_formatter(_minor_log_labels(range(2, 10) if hi / lo < 10
+                                                           else (2, 5)))
             ax.tick_params(axis="y", which="minor", labelsize="small")
     elif lin:
         ax.set_ylim(*lin)
@@ -572,6 +590,18 @@ def _plot_calibration(qc):
     ax.grid(alpha=0.3, which="both")
     _outside_legend(fig, handles, ncols=1 if nstar <= 2 else 2)
     return fig, None
+
+
+def _minor_log_labels(mantissas):
+    """A log axis' minor-tick formatter: the value at ``mantissas`` x 10^n, nothing else."""
+    def label(value, _):
+        if not value > 0:
+            return ""
+        mantissa = value / 10.0 ** np.floor(np.log10(value) + 1e-9)
+        return f"{value:.3g}" if np.isclose(mantissa, np.asarray(mantissas, float)).any() \
+            else ""
+
+    return FuncFormatter(label)
 
 
 def _plot_residuals(qc):
@@ -670,8 +700,12 @@ def _plot_template_match(qc):
         _shade_runs(ax, wave, ~match[s], _MASKED_COLOUR)
         ax.plot(wave, o, color="k", lw=0.6, label="observed")
         ax.plot(wave, m, color="C3", lw=0.8, alpha=0.85, label="template")
-        # Deep lines are real: keep zero in view, clip only the high side (cosmics).
-        lim = _limits([o[match[s]], m[match[s]]], 0.5, 99.5, pad=0.05, include=(0.0, 1.05))
+        # Deep lines are real: keep zero in view, clip only the observed high side (cosmics).
+        # The template is noiseless: all of it that is compared stays in view.
+        compared = m[match[s] & np.isfinite(m)]
+        whole = (compared.min(), compared.max()) if compared.size else ()
+        lim = _limits([o[match[s]], compared], 0.5, 99.5, pad=0.05,
+                      include=(0.0, 1.05, *whole))
         if lim:
             ax.set_ylim(*lim)
         else:
@@ -752,7 +786,7 @@ def _plot_photometry(qc):
     # outlier neither flattens the plot nor disappears.
     span = lim[1] - lim[0]
     inner = (lim[0] + 0.05 * span, lim[1] - 0.05 * span)
-    handles = []
+    handles, shown = [], {"hollow": False, "dropped": False}
     for s in range(nstar):
         st = styles[s]
         xs = x + (s - (nstar - 1) / 2) * step
@@ -764,9 +798,7 @@ def _plot_photometry(qc):
             ("" if qc.used[s] else f" ({_rejection(qc.status[s], 40)})")
         sel = ok & used[s]
         if err is not None:
-            e = np.where(np.isfinite(err[s]), err[s], np.nan)
-            ax.errorbar(xs[sel], dp[sel], yerr=e[sel], fmt="none", ecolor=st["color"], lw=1,
-                        alpha=0.8)
+            _error_bars(ax, xs[sel], dp[sel], err[s][sel], inner, st["color"])
         ax.plot(xs[sel], dp[sel], ls="none", marker=st["marker"], color=st["color"], ms=6)
         # Measured but not used (dropped as outliers, or excluded): hollow markers.
         out = ok & ~used[s]
@@ -774,15 +806,20 @@ def _plot_photometry(qc):
                 mec=st["color"], ms=7, mew=1.3)
         drop = ok & dropped[s]
         ax.plot(xs[drop], dp[drop], ls="none", marker="x", color="C3", ms=10, mew=1.5)
+        shown["hollow"] |= bool(out.any())
+        shown["dropped"] |= bool(drop.any())
         for b in np.flatnonzero(ok & (dp != d)):
             ax.annotate(f"{d[b]:+.2f}", xy=(xs[b], dp[b]), xytext=(7, 0),
                         textcoords="offset points", va="center", fontsize=7, color=st["color"])
         handles.append(Line2D([], [], ls="none", marker=st["marker"], color=st["color"],
                               label=label))
-    handles.append(Line2D([], [], ls="none", marker="o", mfc="none", mec="k",
-                          label="measured, not used in the fit"))
-    handles.append(Line2D([], [], ls="none", marker="x", color="C3", ms=8,
-                          label="dropped as outlier"))
+    # Only markers that occur are explained.
+    if shown["hollow"]:
+        handles.append(Line2D([], [], ls="none", marker="o", mfc="none", mec="k",
+                              label="measured, not used in the fit"))
+    if shown["dropped"]:
+        handles.append(Line2D([], [], ls="none", marker="x", color="C3", ms=8,
+                              label="dropped as outlier"))
     ax.axhline(0, color="k", lw=0.8)
     for y in (-0.02, 0.02):
         ax.axhline(y, color="k", ls=":", lw=0.8)
@@ -797,6 +834,16 @@ def _plot_photometry(qc):
     ax.grid(alpha=0.3, axis="y")
     _outside_legend(fig, handles, ncols=2 if len(handles) > 3 else len(handles))
     return fig, None
+
+
+def _error_bars(ax, x, y, err, inner, colour):
+    """Error bars kept inside the panel (``inner`` y range): one cut at the edge ends in an
+    arrowhead, so that it reads as longer than shown rather than disappearing."""
+    err = np.where(np.isfinite(err), err, 0.0)
+    low, high = np.maximum(y - err, inner[0]), np.minimum(y + err, inner[1])
+    ax.vlines(x, low, high, colors=colour, lw=1, alpha=0.8)
+    for cut, edge, marker in ((y - err < inner[0], low, "v"), (y + err > inner[1], high, "^")):
+        ax.plot(x[cut], edge[cut], ls="none", marker=marker, color=colour, ms=4, alpha=0.8)
 
 
 def _pick_fiber(exposure):

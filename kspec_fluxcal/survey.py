@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import logging
 import os
 import sys
 import time
@@ -39,11 +40,13 @@ from pathlib import Path
 import numpy as np
 
 from . import __version__
+from ._atomic import check_output_directory
+from ._lock import exclusive
 from .config import Config, load_config
 from .errors import CalibrationError, FluxCalError, FluxCalWarning, InputError
 
 __all__ = ["discover", "plan_survey", "run_survey", "SurveyReport", "local_cluster",
-           "WORKER_MALLOC_ENV"]
+           "write_notes", "WORKER_MALLOC_ENV"]
 
 
 @dataclass
@@ -64,6 +67,8 @@ class SurveyReport:
         Per calibrated EXPID: ``grade`` (FCALQUAL), ``used`` and ``standards`` (stars used,
         standard fibers), ``fcalrms``, ``fcalmerr``, ``fcallsf``.
     archive : pathlib.Path
+    notes_file : pathlib.Path or None
+        ``OUT/notes.json``, where the notes and failures are kept (see :func:`write_notes`).
     dashboard : str or None
         Link to the Dask dashboard (None when nothing had to be computed).
     elapsed : float
@@ -77,6 +82,7 @@ class SurveyReport:
     notes: dict = field(default_factory=dict)
     quality: dict = field(default_factory=dict)
     archive: Path | None = None
+    notes_file: Path | None = None
     dashboard: str | None = None
     elapsed: float = 0.0
 
@@ -99,8 +105,9 @@ class SurveyReport:
                                                    for g in sorted(set(grades))))
         if len(self.quality) <= self.LISTED:
             lines += [f"  {expid}: {_quality_text(q)}" for expid, q in sorted(self.quality.items())]
-        if self.notes:
-            lines.append(f"  {len(self.notes)} exposure(s) with notes (SurveyReport.notes)")
+        if self.notes or self.notes_file:
+            where = f"; notes and failures: {self.notes_file}" if self.notes_file else ""
+            lines.append(f"  {len(self.notes)} exposure(s) with notes{where}")
         lines += [f"  FAILED {name}: {reason}" for name, reason in sorted(self.failed.items())]
         return "\n".join(lines)
 
@@ -134,6 +141,46 @@ def _quality(result):
             "fcalrms": float(attrs.get("fcalrms", np.nan)),
             "fcalmerr": float(attrs.get("fcalmerr", np.nan)),
             "fcallsf": float(attrs.get("fcallsf", np.nan))}
+
+
+def write_notes(out, report):
+    """Keep the notes and failures of a run in ``out/notes.json``, atomically.
+
+    The file maps EXPID (or, for files that could not be planned, their path under the
+    lake) to notes (``"notes"``) and to the reason of a failure (``"failed"``). Exposures
+    calibrated or failed in this run replace their entries; the others (skipped as up to
+    date) keep theirs from earlier runs.
+
+    Parameters
+    ----------
+    out : path-like
+        The survey's output directory.
+    report : SurveyReport
+        The run's report.
+
+    Returns
+    -------
+    pathlib.Path
+        The file; also set as ``report.notes_file``.
+    """
+    from ._atomic import atomic_file
+
+    path = Path(out) / "notes.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        saved = {}
+    done = set(report.calibrated) | set(report.failed)
+    kept = {key: {k: v for k, v in saved.get(key, {}).items() if k not in done}
+            for key in ("notes", "failed")}
+    kept["notes"].update(report.notes)
+    kept["failed"].update(report.failed)
+    text = json.dumps({"updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **kept}, indent=1,
+                      sort_keys=True)
+    with atomic_file(path, overwrite=True) as tmp:
+        Path(tmp).write_text(text + "\n")
+    report.notes_file = path
+    return path
 
 
 def discover(lake, pattern="**/*.fits", *, exclude=()):
@@ -398,6 +445,35 @@ WORKER_MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(8 << 20),
                      "MALLOC_MMAP_THRESHOLD_": str(8 << 20)}
 
 
+class _MessageSizeFilter(logging.Filter):
+    """Drops distributed's warning that it could not size a message ("... Defaulting to -1
+    B"): the deeply nested profile data fetched for a performance report make dask's sizeof
+    recurse too deep, and distributed then serializes the message off the event loop, as it
+    does for a large one. Nothing is wrong, but the line appeared in every demo run. Other
+    sizeof failures (of data, with other defaults) still warn."""
+
+    def filter(self, record):
+        return "Defaulting to -1 B" not in record.getMessage()
+
+
+def quiet_message_sizes():
+    """Install :class:`_MessageSizeFilter` in this process (once)."""
+    logger = logging.getLogger("distributed.sizeof")
+    if not any(isinstance(f, _MessageSizeFilter) for f in logger.filters):
+        logger.addFilter(_MessageSizeFilter())
+
+
+def dask_setup(worker):
+    """Preload hook of the workers :func:`local_cluster` starts (``distributed.worker.preload``).
+
+    Parameters
+    ----------
+    worker : distributed.Worker
+        The starting worker (unused: the filter is per process).
+    """
+    quiet_message_sizes()
+
+
 def local_cluster(workers=None, threads_per_worker=1, dashboard_address="127.0.0.1:8787"):
     """A LocalCluster of worker processes set up for the survey job.
 
@@ -412,7 +488,7 @@ def local_cluster(workers=None, threads_per_worker=1, dashboard_address="127.0.0
     Returns
     -------
     distributed.LocalCluster
-        Its workers get :data:`WORKER_MALLOC_ENV`.
+        Its workers get :data:`WORKER_MALLOC_ENV`, and run :func:`dask_setup` when they start.
     """
     import dask
     from distributed import LocalCluster
@@ -421,9 +497,12 @@ def local_cluster(workers=None, threads_per_worker=1, dashboard_address="127.0.0
     # nannies spawn workers with ("pre-spawn-environ"). A value already in os.environ (left
     # there by an earlier cluster's nannies) would take precedence over the configuration.
     saved = {k: os.environ.pop(k) for k in WORKER_MALLOC_ENV if k in os.environ}
+    quiet_message_sizes()  # the scheduler runs in this process
+    preload = [*dask.config.get("distributed.worker.preload", []), __name__]
     try:
-        with dask.config.set({f"distributed.nanny.pre-spawn-environ.{k}": v
-                              for k, v in WORKER_MALLOC_ENV.items()}):
+        with dask.config.set({**{f"distributed.nanny.pre-spawn-environ.{k}": v
+                                 for k, v in WORKER_MALLOC_ENV.items()},
+                              "distributed.worker.preload": preload}):
             return LocalCluster(n_workers=workers or os.cpu_count() or 1,
                                 threads_per_worker=threads_per_worker,
                                 dashboard_address=dashboard_address, processes=True)
@@ -485,16 +564,36 @@ def run_survey(lake, *, catalog, grid, out, config=None, scheduler=None, workers
     -------
     SurveyReport
     """
-    from distributed import performance_report as perf_report
+    start = time.time()
+    config = config if isinstance(config, Config) else load_config(config)
+    out = Path(out)
+    check_output_directory(out)
+    out.mkdir(parents=True, exist_ok=True)
+    # One job per output directory: two would both commit at the archive's row count and
+    # one job's rows would be lost.
+    with exclusive(out):
+        report = _survey(Path(lake), out, config, catalog=catalog, grid=grid, resume=resume,
+                         pattern=pattern, progress=progress, flush=(flush_every, flush_interval),
+                         cluster=dict(client=client, scheduler=scheduler, workers=workers,
+                                      threads_per_worker=threads_per_worker,
+                                      dashboard_address=dashboard_address,
+                                      performance_report=performance_report))
+        write_notes(out, report)
+        quality = report.write_quality(out / "quality.csv")
+    report.elapsed = time.time() - start
+    if progress:
+        print(report.summary(), flush=True)
+        print(f"archive: {report.archive}\nper-exposure quality: {quality}", flush=True)
+    return report
 
+
+def _survey(lake, out, config, *, catalog, grid, resume, pattern, progress, flush, cluster):
+    """The job of :func:`run_survey`, under its lock: plan, then compute what is to do."""
     from .archive import ArchiveWriter
     from .catalog import read_catalog
     from .grid import open_grid
     from .pipeline import output_name
 
-    start = time.time()
-    config = config if isinstance(config, Config) else load_config(config)
-    lake, out = Path(lake), Path(out)
     catalog_path = Path(catalog)
     catalog_ds = read_catalog(catalog_path)
     grid_ds = open_grid(grid)
@@ -504,7 +603,6 @@ def run_survey(lake, *, catalog, grid, out, config=None, scheduler=None, workers
         raise InputError(lake, None, f"no RED file matches {pattern or config.survey.pattern!r}")
     entries, failed = plan_survey(paths, lake=lake, catalog_hash=_file_hash(catalog_path),
                                   grid_plan=grid_plan, config=config)
-    out.mkdir(parents=True, exist_ok=True)
     writer = ArchiveWriter(out / "archive.zarr")
     report = SurveyReport(failed=dict(failed), archive=writer.path)
     todo = []
@@ -522,37 +620,45 @@ def run_survey(lake, *, catalog, grid, out, config=None, scheduler=None, workers
               f"date, {len(failed)} refused (unreadable or duplicate); {configurations} "
               "instrument configuration(s)",
               flush=True)
-    if todo:
+
+    def work(client):
         utc = config.survey.utc_offset
-        owns_client = client is None
-        cluster = None
-        if owns_client:
-            client, cluster = _start_client(scheduler, workers, threads_per_worker,
-                                            dashboard_address)
-        report.dashboard = client.dashboard_link
-        try:
-            if progress:
-                print(f"dashboard: {client.dashboard_link}", flush=True)
-            ctx = (perf_report(filename=str(performance_report)) if performance_report
-                   else contextlib.nullcontext())
-            # as_current: the performance report finds its client through Client.current(),
-            # and a caller's client need not be the default one.
-            with client.as_current(), ctx:
-                _run_graph(client, todo, catalog_ds, grid, grid_plan, config, writer, report,
-                           utc, progress, flush_every, flush_interval)
-                if config.survey.fallback:
-                    _run_fallback(client, todo, writer, report, config, utc, progress)
-        finally:
-            if owns_client:
-                client.close()
-                if cluster is not None:
-                    cluster.close()
-    report.elapsed = time.time() - start
-    quality = report.write_quality(out / "quality.csv")
-    if progress:
-        print(report.summary(), flush=True)
-        print(f"archive: {writer.path}\nper-exposure quality: {quality}", flush=True)
+        _run_graph(client, todo, catalog_ds, grid, grid_plan, config, writer, report, utc,
+                   progress, *flush)
+        if config.survey.fallback:
+            _run_fallback(client, todo, writer, report, config, utc, progress)
+
+    if todo:
+        report.dashboard = _on_cluster(work, progress=progress, **cluster)
     return report
+
+
+def _on_cluster(work, *, client, scheduler, workers, threads_per_worker, dashboard_address,
+                performance_report, progress):
+    """Run ``work(client)`` on the caller's client, or on one started (and closed) here;
+    returns the dashboard link."""
+    from distributed import performance_report as perf_report
+
+    owns_client = client is None
+    cluster = None
+    if owns_client:
+        client, cluster = _start_client(scheduler, workers, threads_per_worker,
+                                        dashboard_address)
+    try:
+        if progress:
+            print(f"dashboard: {client.dashboard_link}", flush=True)
+        ctx = (perf_report(filename=str(performance_report)) if performance_report
+               else contextlib.nullcontext())
+        # as_current: the performance report finds its client through Client.current(),
+        # and a caller's client need not be the default one.
+        with client.as_current(), ctx:
+            work(client)
+        return client.dashboard_link
+    finally:
+        if owns_client:
+            client.close()
+            if cluster is not None:
+                cluster.close()
 
 
 def _task_failure(result):

@@ -39,7 +39,7 @@ from .config import Config, continuum_options
 from .constants import FWHM_PER_SIGMA
 from .errors import FluxCalWarning, GridError
 from .exposure import setup_key
-from .grid import PARAMS
+from .grid import PARAMS, check_chunks, open_checked_store
 from .lsf import LineSpread
 
 __all__ = ["convolution_matrix", "prepare_templates", "prepared_templates", "clear_cache",
@@ -198,6 +198,21 @@ def prepare_templates(grid, wavelength, lsf, *, variables=("flux", "continuum"))
     return ds
 
 
+def _read_cached(path):
+    """A cached prepared cube, in memory; None (with a note) when the store is damaged and
+    must be prepared again: missing chunks would otherwise read as NaN templates."""
+    try:
+        check_chunks(path, hint="")
+        return open_checked_store(path, hint="").load()
+    except GridError as err:
+        problem = str(err).removeprefix(f"{path}: ")
+    except Exception as err:  # unreadable metadata: whatever Zarr raises
+        problem = f"{type(err).__name__}: {err}"
+    warnings.warn(f"{path}: damaged prepared-template cache ({problem}); rebuilt",
+                  FluxCalWarning, stacklevel=4)
+    return None
+
+
 class _Cache:
     """Prepared cubes, by grid and setup: in memory (a few) and optionally as Zarr stores."""
 
@@ -219,13 +234,14 @@ class _Cache:
                 return self._items[key]
         self.misses += 1
         path = None if cache_dir is None else Path(cache_dir) / f"prepared-{key}.zarr"
-        if path is not None and path.exists():
-            ds = xr.open_zarr(path, consolidated=False).load()
-        else:
+        ds = _read_cached(path) if path is not None and path.exists() else None
+        if ds is None:
             ds = prepare_templates(grid, wave, lsf, variables=variables).load()
             if path is not None:
                 with atomic_directory(path, overwrite=True) as tmp:
-                    strings_as_object(ds).to_zarr(tmp, mode="w", consolidated=False)
+                    # Every chunk written (also all-NaN ones): a missing one means damage.
+                    strings_as_object(ds).to_zarr(tmp, mode="w", consolidated=False,
+                                                  write_empty_chunks=True)
         with self._lock:
             self._items[key] = ds
             while len(self._items) > self.size:

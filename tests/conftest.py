@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import signal
 from pathlib import Path
 
 import dask
@@ -21,6 +23,24 @@ def small_grid(tmp_path_factory):
     """The small synthetic grid (``write_synthetic_grid(small=True)``), written once for every
     module that only reads it."""
     return write_synthetic_grid(tmp_path_factory.mktemp("small_grid"), small=True, workers=2)
+
+
+#: Lines reported at the end of the run: statistics and progress of long tests.
+_REPORT = []
+
+
+@pytest.fixture(scope="session")
+def report_line():
+    """``report_line(text)``: show ``text`` in the run's summary, with ``-v`` or ``-s`` only
+    (``pytest -q`` stays quiet)."""
+    return _REPORT.append
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if _REPORT and (config.getoption("verbose") > 0 or config.getoption("capture") == "no"):
+        terminalreporter.section("kspec-fluxcal test report")
+        for line in _REPORT:
+            terminalreporter.write_line(line)
 
 
 @pytest.fixture(autouse=True)
@@ -52,6 +72,21 @@ def raise_if_computes():
         return dask.config.set(scheduler=_RaiseOnCompute(max_computes))
 
     return factory
+
+
+@contextlib.contextmanager
+def time_limit(seconds):
+    """Fail (TimeoutError) instead of hanging when the block runs longer than ``seconds``."""
+    def expire(signum, frame):
+        raise TimeoutError(f"still running after {seconds} s: a hang")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def fibres_columns(nfib, types=None, objid=None, ra=None, dec=None):

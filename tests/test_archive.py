@@ -1,10 +1,14 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import xarray as xr
+import zarr
 
 from kspec_fluxcal.archive import (
     MAX_STARS,
     ArchiveWriter,
+    archive_figures,
     archive_grid,
     archive_record,
     night_of,
@@ -101,11 +105,20 @@ def test_uncommitted_rows_are_invisible_and_repaired(tmp_path):
 
 
 def test_open_archive_errors(tmp_path):
+    """Issue 16: `archive plot` on a non-archive said "not a calibration archive ('rows')"."""
     with pytest.raises(InputError, match="no such archive"):
         open_archive(tmp_path / "none.zarr")
     (tmp_path / "x.zarr").mkdir()
-    with pytest.raises(InputError, match="not a calibration archive"):
+    with pytest.raises(InputError, match=r"x\.zarr: not a calibration archive: not a Zarr "
+                                         r"store \(no zarr\.json\); expected the archive\.zarr "
+                                         r"a survey job writes in its --out directory$"):
         open_archive(tmp_path / "x.zarr")
+    zarr.open_group(tmp_path / "other.zarr", mode="w").attrs["title"] = "someone else's"
+    for opener in (open_archive, ArchiveWriter):
+        with pytest.raises(InputError, match=r"other\.zarr: not a calibration archive: a Zarr "
+                                             r"store without the archive's attributes \(rows, "
+                                             r"index\); expected the archive\.zarr"):
+            opener(tmp_path / "other.zarr")
 
 
 def test_groupby_night_and_plots(tmp_path):
@@ -122,3 +135,108 @@ def test_groupby_night_and_plots(tmp_path):
     written = plot_archive(ds, tmp_path / "plots")
     assert [p.name for p in written] == ["throughput_vs_time.png", "throughput_image.png"]
     assert all(p.stat().st_size > 10_000 for p in written)
+
+
+def test_a_second_writer_cannot_overwrite_committed_rows(tmp_path):
+    """Issue 16: two writers on one archive each appended at the row count they had read,
+    the later commit silently replacing the earlier one's rows and index. The second writer
+    now refuses to commit over rows it did not write; the first writer's rows stay."""
+    path = tmp_path / "archive.zarr"
+    first, second = ArchiveWriter(path), ArchiveWriter(path)
+    first.append([archive_record(_calibrated("A1", 61000.2), _stars(), None)])
+    with pytest.raises(InputError, match=r"archive\.zarr: another writer committed 1 row\(s\) "
+                                         r"since this one opened it"):
+        second.append([archive_record(_calibrated("B1", 61000.3), _stars(), None)])
+    ds = open_archive(path)
+    assert list(ds["expid"].values) == ["A1"]
+    assert float(ds["mjd"].values[0]) == 61000.2
+
+
+def _readme_block(title):
+    """The first python block after the README heading ``title``."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index(f"## {title}"):]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_readme_throughput_example_has_units(tmp_path, monkeypatch):
+    """Issue 16: the README's throughput kept cal's units attr (the inverse of a throughput)
+    and exptime had none. Run the README's example on a small archive."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    path = tmp_path / "archive.zarr"
+    ArchiveWriter(path).append([archive_record(_calibrated(f"KS2026110{1 + i // 2}_000{i}",
+                                                           61345.5 + i * 0.4), _stars(), None)
+                                for i in range(4)])
+    code = _readme_block("Throughput over time").replace(
+        "store/demo/calibrated/archive.zarr", str(path))
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102
+    ds, throughput = namespace["ds"], namespace["tput"]
+    assert ds["exptime"].attrs["units"] == "s"
+    assert ds["cal"].attrs["units"] == "1e-17 erg/(s cm2 Angstrom) / (count/Angstrom)"
+    assert throughput.attrs["units"] == "count/(s Angstrom) / (1e-17 erg/(s cm2 Angstrom))"
+    assert "throughput" in throughput.attrs["long_name"]
+    expected = 1 / (ds["cal"] * ds["exptime"])
+    xr.testing.assert_allclose(throughput, expected)
+
+
+def test_plain_xarray_users_are_told_to_use_open_archive(tmp_path):
+    """Issue 16: xr.open_zarr shows pre-allocated empty rows and superseded ones; the store
+    says so, and how to read it, where plain xarray shows it (its attrs)."""
+    path = tmp_path / "archive.zarr"
+    ArchiveWriter(path).append([archive_record(_calibrated("E1", 61000.2), _stars(), None)])
+    raw = xr.open_zarr(path, consolidated=False)
+    assert raw.sizes["exposure"] == 64  # the capacity, not the one row
+    assert "kspec_fluxcal.archive.open_archive" in raw.attrs["how_to_read"]
+    assert "pre-allocated" in raw.attrs["how_to_read"]
+    assert "how_to_read" not in open_archive(path).attrs  # not true of the opened dataset
+
+
+@pytest.fixture
+def three_nights(tmp_path):
+    """Nine exposures on three nights, each night's throughput lower; one setup covers less
+    of the archive grid (NaN columns at its ends)."""
+    path = tmp_path / "archive.zarr"
+    ArchiveWriter(path).append([archive_record(
+        _calibrated(f"E{i}", 61000.5 + 0.05 * (i % 3) + (i // 3), level=1 + 0.05 * (i // 3)),
+        _stars(), None) for i in range(9)])
+    return open_archive(path)
+
+
+def test_throughput_plot_has_dates_and_no_lines_across_nights(three_nights):
+    """Issue 16: the MJD axis had a '+6.134e4' offset, and lines joined points across the
+    day gaps."""
+    import matplotlib.dates as mdates
+
+    fig = archive_figures(three_nights)["throughput_vs_time"]
+    ax = fig.axes[0]
+    fig.canvas.draw()
+    assert isinstance(ax.xaxis.get_major_formatter(), mdates.ConciseDateFormatter)
+    assert "e4" not in ax.xaxis.get_offset_text().get_text()
+    assert "UT" in ax.get_xlabel()
+    assert sorted(t.get_text() for t in ax.texts) == [
+        f"night {n}" for n in np.unique(three_nights["night"].values)]
+    lines = [line for line in ax.get_lines() if line.get_label().endswith(" A")]
+    assert len(lines) == 4
+    for line in lines:
+        y = np.asarray(line.get_ydata(), dtype=float)
+        assert np.isnan(y).sum() == 2 and y.size == 9 + 2  # a break between nights
+
+
+def test_throughput_image_is_labelled_and_centred_on_one(three_nights):
+    """Issue 16: fractional exposure ticks with no EXPID or night, a colour scale not centred
+    on 1, NaN stripes left unexplained."""
+    fig = archive_figures(three_nights)["throughput_image"]
+    ax = fig.axes[0]
+    ticks = ax.get_yticks()
+    assert np.array_equal(ticks, np.round(ticks)) and len(ticks) == 9
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert labels[0].startswith("E0") and all(labels)
+    assert "night" in ax.get_ylabel()
+    (image,) = ax.collections
+    assert image.norm.vmin + image.norm.vmax == pytest.approx(2.0)
+    assert image.cmap.get_bad()[3] == 1.0  # an opaque colour for 'no measurement'
+    assert any("no measurement" in t.get_text() for legend in fig.legends
+               for t in legend.get_texts())

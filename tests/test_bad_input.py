@@ -270,7 +270,8 @@ RED_CASES = [
     ("wcs-decreasing", _wcs_instead_of_wavela(CRVAL1=8000.0, CDELT1=-4.0),
      r"primary header WCS: wavelengths do not increase along the pixel axis"),
     # Keywords.
-    ("exptime-zero", _set_header(EXPTIME=0.0), r"primary header EXPTIME: value 0.0 is not > 0"),
+    ("exptime-zero", _set_header(EXPTIME=0.0),
+     r"primary header EXPTIME: value 0\.0 s is outside the plausible range \(0, 100000\] s"),
     ("exptime-logical", _set_header(EXPTIME=True),
      r"primary header EXPTIME: value True is not a float"),
     ("exposed-text", lambda h: (_drop_header("EXPTIME")(h), _set_header(EXPOSED="long")(h)),
@@ -316,7 +317,7 @@ def test_truncated_red_file(base, tmp_path, cut):
 def test_directory_instead_of_file(base, tmp_path):
     target = tmp_path / "night"
     target.mkdir()
-    with pytest.raises(ExposureError, match=r"night: not a readable FITS file .*Is a directory"):
+    with pytest.raises(ExposureError, match=r"night: not a regular file \(a directory\)"):
         calibrate_exposure(target, write_catalog(tmp_path / "c.csv", base.rows[2]), base.grid,
                            tmp_path / "out")
     assert not (tmp_path / "out").exists()
@@ -395,6 +396,79 @@ def test_calibrated_file_is_not_calibrated_again(base, tmp_path):
     first = run(base, tmp_path)
     with pytest.raises(ExposureError, match=r"red_fluxcal\.fits: .*already flux-calibrated"):
         calibrate_exposure(first.path, tmp_path / "catalog.csv", base.grid, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
+
+
+def _duplicate_standard(base, by):
+    """Copy the first standard's spectrum and FIBRES row over a program fiber; ``by``
+    'objid' keeps its OBJID, 'position' sets it to -1 (matched by position)."""
+    source = base.std_fiber[2][0]
+
+    def edit(hdul):
+        table = hdul["FIBRES"].data
+        target = int(np.flatnonzero(np.char.strip(table["TYPE"].astype(str)) == "P")[-1])
+        for hdu in (hdul[0], hdul["VARIANCE"]):
+            hdu.data[target] = hdu.data[source]
+        table[target] = table[source]
+        if by == "position":
+            table["OBJID"][target] = -1
+        edit.target = target
+    return edit
+
+
+@pytest.mark.parametrize("by", ["objid", "position"])
+def test_duplicated_standard_counts_once(base, tmp_path, by):
+    """Issue 16: a standard-star fiber row duplicated in the file (same star by OBJID or by
+    position) was fitted twice: FCALNSTR 3 instead of 2, FCALRMS lowered. One star, one vote:
+    the duplicate is skipped with a note naming both fibers, and the calibration equals the
+    one without the duplicate."""
+    clean = run(base, tmp_path / "clean")
+    edit = _duplicate_standard(base, by)
+    result = run(base, tmp_path / "dup", edit=edit)
+    source = base.std_fiber[2][0]
+    assert result.calibration.attrs["fcalnstr"] == 2
+    assert list(result.stars["fiber"].values) == list(clean.stars["fiber"].values)
+    np.testing.assert_array_equal(result.calibration["cal"].values,
+                                  clean.calibration["cal"].values)
+    assert result.calibration.attrs["fcalrms"] == clean.calibration.attrs["fcalrms"]
+    objid = base.std_objid[2][0]
+    note = (f"fibers {source} and {edit.target} are the same catalog star (objid {objid}, "
+            f"{'same OBJID' if by == 'objid' else 'matched by OBJID and by position'}): kept "
+            f"fiber {source}")
+    assert any(note in w for w in result.warnings), result.warnings
+    assert any(note in h for h in result.calibrated.attrs["history"])
+
+
+def _strip(hdul, *, keyword=True, bunit=None):
+    """A calibrated product stripped of its FLUXCAL table (and FCALSTAR), as a user's tool
+    that keeps only images might leave it."""
+    for name in ("FLUXCAL", "FCALSTAR"):
+        del hdul[name]
+    if not keyword:
+        del hdul[0].header["FLUXCAL"]
+    if bunit is not None:
+        hdul[0].header["BUNIT"] = bunit
+
+
+@pytest.mark.parametrize("strip, where, what", [
+    ({}, "primary header FLUXCAL", r"FLUXCAL = T"),
+    ({"keyword": False}, "primary header BUNIT",
+     r"BUNIT = '1e-17 erg/\(s cm2 Angstrom\)' \(a flux density, not counts\)"),
+    ({"bunit": "counts"}, "primary header FLUXCAL", r"FLUXCAL = T"),
+    ({"keyword": False, "bunit": "erg/s/cm^2/A"}, "primary header BUNIT", r"BUNIT = "),
+], ids=["keyword-and-bunit", "bunit-only", "keyword-only", "bunit-other-spelling"])
+def test_stripped_product_is_not_calibrated_again(base, tmp_path, strip, where, what):
+    """Issue 16: only the FLUXCAL table was looked for, so a product without it (FLUXCAL = T
+    or BUNIT in flux units left) was calibrated a second time."""
+    first = run(base, tmp_path / "first")
+    stripped = tmp_path / "stripped.fits"
+    with fits.open(first.path) as hdul:
+        _strip(hdul, **strip)
+        hdul.writeto(stripped)
+    with pytest.raises(ExposureError, match=rf"stripped\.fits: {where}: already "
+                                            rf"flux-calibrated \({what}"):
+        calibrate_exposure(stripped, tmp_path / "first" / "catalog.csv", base.grid,
+                           tmp_path / "again")
     assert not (tmp_path / "again").exists()
 
 

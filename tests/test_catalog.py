@@ -96,3 +96,21 @@ def test_unmatched_standard_reported_not_guessed(red_file, catalog_file):
 def test_query_photometry_placeholder():
     with pytest.raises(NotImplementedError, match="Refcat2"):
         query_photometry(10.0, 20.0)
+
+
+def test_two_fibers_on_one_star_keep_the_higher_snr(red_file, catalog_file):
+    """Issue 16 (one star, one vote): fibers 0 and 1 both point at catalog star 55 (fiber 1
+    by position); fiber 1 has the higher S/N and is the one kept."""
+    variance = np.full((6, 200), 100.0)
+    variance[0] *= 4.0  # half the S/N of fiber 1 (~100)
+    ds = open_exposure(red_file(variance=variance, fibres={
+        "OBJID": np.array([55, -1, 3, 4, 5, 6]),
+        "RA": np.array([150.0, 150.0, 151, 152, 153, 154]),
+        "DEC": np.array([2.0, 2.0, 3, 4, 5, 6])}))
+    rows = [catalog_row(55, 150.0, 2.0)]
+    note = (r"E0001: fibers 0 and 1 are the same catalog star \(objid 55, matched by OBJID and "
+            r"by position\): kept fiber 1 \(the highest median S/N, S/N 9\d\.\d\)")
+    with pytest.warns(FluxCalWarning, match=note):
+        matched = match_standards(ds, read_catalog(catalog_file(rows)))
+    assert list(matched["fiber"].values) == [1]
+    assert list(matched["objid"].values) == [55]

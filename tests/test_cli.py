@@ -6,6 +6,7 @@ The module's grid is made by the CLI itself (``grid synth --small``, then ``grid
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import os
@@ -15,10 +16,11 @@ from pathlib import Path
 
 import pytest
 from astropy.io import fits
+from conftest import time_limit
 from test_bad_input import build_base, write_catalog
 
 from kspec_fluxcal import __version__
-from kspec_fluxcal.cli import main
+from kspec_fluxcal.cli import build_parser, main
 from kspec_fluxcal.grid import open_grid
 
 SUBCOMMANDS = ("demo", "calibrate", "qc", "survey", "simulate", "grid", "archive", "info")
@@ -90,6 +92,33 @@ def test_help_lists_the_subcommands(capsys):
         main(["grid", "--help"])
     text = capsys.readouterr().out
     assert all(f"    {name}" in text for name in ("build", "download", "synth"))
+
+
+def _subparsers(parser, prefix=()):
+    """(command words, parser) of every command and subcommand."""
+    yield prefix, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for name, sub in action.choices.items():
+                yield from _subparsers(sub, (*prefix, name))
+
+
+def test_every_option_has_a_help_text():
+    """Issue 16: survey --catalog/--grid/--out/..., demo --exposures/..., the grid
+    subcommands and archive plot --out had none."""
+    missing = [" ".join([*words, action.dest]) for words, parser in _subparsers(build_parser())
+               for action in parser._actions
+               if not isinstance(action, argparse._SubParsersAction) and not action.help]
+    assert missing == []
+
+
+def test_calibrate_usage_shows_out_or_in_place_as_required(capsys):
+    """Issue 16: --out was shown as optional, but it (or --in-place) is required."""
+    with pytest.raises(SystemExit):
+        main(["calibrate", "--help"])
+    usage = " ".join(capsys.readouterr().out.split("\n\n")[0].split())
+    assert "(--out OUTDIR | --in-place)" in usage
+    assert "[--out" not in usage and "[--in-place]" not in usage
 
 
 def test_version_and_usage_errors(capsys):
@@ -188,15 +217,96 @@ def test_calibrate_in_place(capsys, files, tmp_path):
     assert os.listdir(Path(red).parent) == ["red.fits"]  # no temporary left behind
 
 
+@pytest.fixture
+def no_fit(monkeypatch):
+    """Fail the test if a fit starts: checks must come before the work."""
+    import kspec_fluxcal.pipeline as pipeline
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the fit ran before the outputs were checked")
+
+    monkeypatch.setattr(pipeline, "calibrate", refuse)
+
+
+@pytest.mark.parametrize("make_out, problem", [
+    (lambda t: t / "notes.txt", "is a file, not a directory"),
+    (lambda t: t / "notes.txt" / "sub", "cannot be created: {t}/notes.txt is a file, not a "
+                                        "directory"),
+    (lambda t: t / "notes.txt" / "x.fits", "cannot be created: {t}/notes.txt is a file, not a "
+                                           "directory"),
+], ids=["file", "under-a-file", "fits-under-a-file"])
+def test_calibrate_output_checked_before_the_work(capsys, files, tmp_path, no_fit, make_out,
+                                                  problem):
+    """Issue 16: a file-valued --out failed only after the whole fit, naming the input file."""
+    (red,) = files("red.fits")
+    (tmp_path / "notes.txt").write_text("mine")
+    out = make_out(tmp_path)
+    status, stdout, err = cli(capsys, "calibrate", red, "--catalog", files.catalog, "--grid",
+                              files.grid, "--out", out)
+    assert (status, stdout) == (1, [])
+    assert err == [f"kspec-fluxcal: error: --out {out}: {problem.format(t=tmp_path)}"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_survey_output_checked_before_the_work(capsys, files, tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    status, stdout, err = cli(capsys, "survey", tmp_path, "--catalog", files.catalog, "--grid",
+                              files.grid, "--out", tmp_path / "notes.txt")
+    assert (status, stdout) == (1, [])
+    assert err == [f"kspec-fluxcal: error: {tmp_path / 'notes.txt'}: is a file, not a "
+                   "directory"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root may write anywhere")
+def test_calibrate_unwritable_output_checked_before_the_work(capsys, files, tmp_path, no_fit):
+    (red,) = files("red.fits")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o500)
+    status, stdout, err = cli(capsys, "calibrate", red, "--catalog", files.catalog, "--grid",
+                              files.grid, "--out", locked / "out")
+    assert err == [f"kspec-fluxcal: error: --out {locked / 'out'}: cannot be created: "
+                   f"{locked} is not writable"]
+
+
+def test_existing_output_refused_before_the_work(capsys, files, tmp_path, no_fit):
+    (red,) = files("red.fits")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "red_fluxcal.fits").write_text("an earlier product")
+    status, stdout, err = cli(capsys, "calibrate", red, "--catalog", files.catalog, "--grid",
+                              files.grid, "--out", tmp_path / "out")
+    assert (status, stdout) == (1, [])
+    assert problems(err) == [f"{red}: FAILED: {tmp_path / 'out' / 'red_fluxcal.fits'}: exists; "
+                             "pass overwrite=True (CLI: --overwrite) to replace it"]
+
+
+def test_calibrate_in_place_through_a_symlink_replaces_the_target(capsys, files, tmp_path):
+    """Issue 16: --in-place on a symlink replaced the link with a file (the lake's file was
+    left uncalibrated). The link's target is replaced, atomically; the link stays."""
+    (red,) = files("lake/red.fits")
+    link = tmp_path / "links" / "red.fits"
+    link.parent.mkdir()
+    link.symlink_to(red)
+    inode = os.stat(red).st_ino
+    status, out, err = cli(capsys, "calibrate", link, "--in-place", "--catalog", files.catalog,
+                           "--grid", files.grid)
+    assert status == 0 and problems(err) == []
+    assert link.is_symlink() and link.resolve() == Path(red)
+    assert fits.getheader(red)["FLUXCAL"] is True and os.stat(red).st_ino != inode
+    assert out[0].endswith(f" -> {red}")
+    assert os.listdir(link.parent) == ["red.fits"] and os.listdir(Path(red).parent) == [
+        "red.fits"]
+
+
 @pytest.mark.parametrize("options, message", [
-    (["--in-place", "--out", "x"], "--in-place and --out exclude each other"),
-    ([], r"give --out OUTDIR (or --in-place to replace the input files)"),
+    (["--in-place", "--out", "x"], "argument --out: not allowed with argument --in-place"),
+    ([], "one of the arguments --out --in-place is required"),
 ])
 def test_calibrate_output_options(capsys, files, options, message):
     (red,) = files("red.fits")
-    status, out, err = cli(capsys, "calibrate", red, *options, "--catalog", files.catalog,
-                           "--grid", files.grid)
-    assert (status, out, err) == (1, [], [f"kspec-fluxcal: error: {message}"])
+    with pytest.raises(SystemExit) as info:
+        main(["calibrate", red, *options, "--catalog", files.catalog, "--grid", files.grid])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1] == f"kspec-fluxcal calibrate: error: {message}"
 
 
 def test_calibrate_two_inputs_one_output_name(capsys, files, tmp_path):
@@ -316,9 +426,73 @@ def test_info(capsys, files):
     status, out, err = cli(capsys, "info", good, bad, other)
     assert status == 1 and len(out) == 2
     assert out[0].startswith(f"{good}: EXPID KS20261101_0001, MJD 61345.45830, ")
-    assert "8 fibers (C:2, P:4, S:2), 1000 pixels 4000.0-8000.0 A (air)" in out[0]
+    assert "8 fibers (C:2, P:4, S:2), 1000 pixels 4000.0-8000.0 A in air (as read: air, " \
+           "WAVELA)" in out[0]
+    assert out[0].endswith("; BUNIT 'counts': not flux-calibrated")
     assert err == [f"{bad}: FAILED: not a readable FITS file (Empty or corrupt FITS "
                    "file)"]
+
+
+def test_info_shows_the_frame_read_and_what_a_product_is(capsys, files, tmp_path):
+    """Issue 16: `info` said '(air)' for a file whose WAVELA says vacuum, and printed the same
+    line for a RED file and its calibrated product."""
+    red, vac = files("red.fits", "vac.fits")
+    with fits.open(vac, mode="update") as hdul:
+        hdul["WAVELA"].header["AIRORVAC"] = "vac"
+    assert cli(capsys, "calibrate", red, "--catalog", files.catalog, "--grid", files.grid,
+               "--out", tmp_path / "out")[0] == 0
+    product = tmp_path / "out" / "red_fluxcal.fits"
+    status, out, err = cli(capsys, "info", red, vac, product)
+    assert status == 0 and len(out) == 3
+    assert "A in air (as read: vacuum, WAVELA; converted to air)" in out[1]
+    assert "3998.9-7997.8 A" in out[1]
+    calibrated = out[2].split("; ", 1)[1]
+    header = fits.getheader(product)
+    assert calibrated.startswith("calibrated: FLUXCAL = T, BUNIT '1e-17 erg/(s cm2 "
+                                 f"Angstrom)', FCALVER = '{__version__}', FCALNSTR = 2, "
+                                 f"FCALRMS = {header['FCALRMS']:.4g}, FCALSRC = 'standards', "
+                                 f"FCALQUAL = '{header['FCALQUAL']}'")
+    assert f"FCALO2 = {header['FCALO2']:.4g}" in calibrated
+    # The data are described alike; what differs is said after them.
+    assert out[0].split("; ")[0].replace(str(red), "") == out[2].split("; ")[0].replace(
+        str(product), "")
+
+
+@pytest.mark.parametrize("command", ["info", "calibrate"])
+def test_fifo_inputs_are_refused_not_waited_on(capsys, files, tmp_path, command):
+    """Issue 16: a FIFO named .fits hung `calibrate` and `info`; a FIFO catalog would too."""
+    fifo = tmp_path / "pipe.fits"
+    os.mkfifo(fifo)
+    (red,) = files("red.fits")
+    options = [] if command == "info" else ["--catalog", files.catalog, "--grid", files.grid,
+                                            "--out", tmp_path / "out"]
+    with time_limit(20):
+        status, out, err = cli(capsys, command, fifo, red, *options)
+    assert (status, len(out)) == (1, 1 if command == "info" else 2)
+    assert problems(err) == [f"{fifo}: FAILED: not a regular file (a FIFO)"]
+    if command == "calibrate":
+        with time_limit(20):
+            status, out, err = cli(capsys, command, red, "--catalog", fifo, "--grid",
+                                   files.grid, "--out", tmp_path / "out2")
+        assert (status, err) == (1, [f"kspec-fluxcal: error: {fifo}: not a regular file "
+                                     "(a FIFO)"])
+
+
+def test_calibrate_qc_has_the_layout_of_the_qc_command(capsys, files, tmp_path):
+    """Issue 16: one QC layout. `calibrate --qc` wrote OUT/qc/<input stem>/..., drawn from
+    memory; the demo and `kspec-fluxcal qc` write <dir>/<expid>_<kind>.png from the file. Now
+    OUT/qc/<expid>_<kind>.png, drawn from the written product: the same files."""
+    (red,) = files("red.fits")
+    assert cli(capsys, "calibrate", red, "--catalog", files.catalog, "--grid", files.grid,
+               "--out", tmp_path / "out", "--qc")[0] == 0
+    product = tmp_path / "out" / "red_fluxcal.fits"
+    assert cli(capsys, "qc", product, "--out", tmp_path / "qc")[0] == 0
+    mine = sorted(p.name for p in (tmp_path / "out" / "qc").iterdir())
+    theirs = sorted(p.name for p in (tmp_path / "qc").iterdir())
+    assert mine == theirs and "KS20261101_0001_calibration.png" in mine
+    summary = "KS20261101_0001_summary.txt"
+    assert (tmp_path / "out" / "qc" / summary).read_text() == (tmp_path / "qc" /
+                                                                summary).read_text()
 
 
 def test_qc(capsys, files, tmp_path):

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import xarray as xr
 from astropy.io import fits
+from conftest import time_limit
 
 from kspec_fluxcal.constants import FLUX_UNIT
 from kspec_fluxcal.errors import ExposureError, OutputExistsError
@@ -156,6 +157,25 @@ def _rewrite(path, edit):
         ({"flux": np.full((6, 200), np.nan)}, None, r"no valid pixel"),
         ({"variance": np.full((6, 200), -1.0)}, None, r"no valid pixel"),
         ({"header": {"SPECFWHM": -3.0}}, None, r"FWHM is not positive"),
+        # Issue 16: these passed silently, or crashed as internal errors.
+        ({"npix": 1, "wavelength": np.array([5000.0])}, None,
+         r"HDU PRIMARY: image is 1 pixel wide; a spectrum needs at least 16"),
+        ({"header": {"EXPTIME": 1e30}}, None,
+         r"primary header EXPTIME: value 1e\+30 s is outside the plausible range \(0, 100000\]"),
+        ({"header": {"AIRMASS": 0.5}}, None,
+         r"primary header AIRMASS: value 0\.5 is outside the plausible range \[1, 10\]"),
+        ({"header": {"AIRMASS": 12.0}}, None, r"AIRMASS: value 12\.0 is outside"),
+        ({"header": {"AIRORVAC": "xyz"},
+          "wavelength_header": {"BUNIT": "Angstrom", "AIRORVAC": "air"}}, None,
+         r"primary header AIRORVAC: value 'xyz' is neither 'air' nor 'vac'"),
+        ({"header": {"AIRORVAC": "vac"},
+          "wavelength_header": {"BUNIT": "Angstrom", "AIRORVAC": "air"}}, None,
+         r"primary header AIRORVAC: 'vac' contradicts the WAVELA header's AIRORVAC 'air'"),
+        ({}, lambda h: h.insert(2, fits.ImageHDU(np.ones((6, 200), np.float32),
+                                                 name="VARIANCE")),
+         r"HDU VARIANCE: 2 extensions have this name \(HDUs 1 and 2\); expected one"),
+        ({}, lambda h: h.append(fits.BinTableHDU(h["FIBRES"].data, name="FIBRES_IFU")),
+         r"HDU FIBRES: 2 extensions have this name \(HDUs 3 and 4: FIBRES, FIBRES_IFU\)"),
     ],
 )
 def test_bad_red_files(red_file, make_kwargs, edit, match):
@@ -165,6 +185,35 @@ def test_bad_red_files(red_file, make_kwargs, edit, match):
     with pytest.raises(ExposureError, match=match) as info:
         open_exposure(path)
     assert str(path) in str(info.value)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda p: p.write_bytes(p.read_bytes().replace(b"EXPTIME =                900.0",
+                                                    b"EXPTIME =                1E+30")),
+     r"EXPTIME: value 1e\+30 s is outside the plausible range"),
+    (lambda p: _rewrite(p, lambda h: h.insert(2, h[1].copy())), r"HDU VARIANCE: 2 extensions"),
+    (lambda p: _rewrite(p, lambda h: [setattr(h[0], "data", h[0].data[:, :1].copy()),
+                                      setattr(h[1], "data", h[1].data[:, :1].copy()),
+                                      setattr(h[2], "data", h[2].data[:1].copy())]),
+     r"image is 1 pixel wide"),
+], ids=["exptime", "two-variance", "one-pixel"])
+def test_exposure_info_checks_like_open(red_file, edit, match):
+    """The survey plans from headers (read_exposure_info): the same checks as open_exposure,
+    so that a bad file is refused at planning, not found by a worker."""
+    path = red_file()
+    edit(path)
+    with pytest.raises(ExposureError, match=match):
+        read_exposure_info(path)
+
+
+@pytest.mark.parametrize("reader", [open_exposure, read_exposure_info])
+def test_fifo_is_refused_not_waited_on(tmp_path, reader):
+    """Issue 16: a FIFO named .fits hung `calibrate` and `info` (astropy waits for a writer)."""
+    fifo = tmp_path / "pipe.fits"
+    os.mkfifo(fifo)
+    with time_limit(10), pytest.raises(ExposureError, match=r"pipe\.fits: not a regular file "
+                                                             r"\(a FIFO\)"):
+        reader(fifo)
 
 
 def test_fibres_rows_mismatch(red_file):
@@ -182,7 +231,9 @@ def test_no_wavelength_at_all(red_file):
 def test_unreadable_and_truncated(tmp_path, red_file):
     garbage = tmp_path / "garbage.fits"
     garbage.write_bytes(b"this is not a FITS file at all" * 100)
-    with pytest.raises(ExposureError, match="not a readable FITS file"):
+    # Issue 16: astropy's advice ("try with ignore_missing_simple=True") is not for our users.
+    with pytest.raises(ExposureError, match=r"garbage\.fits: not a FITS file \(it does not "
+                                            r"start with SIMPLE = T\)$"):
         open_exposure(garbage)
     path = red_file()
     data = path.read_bytes()

@@ -200,3 +200,43 @@ def test_real_bosz_files_read_exactly(tmp_path):
     ds = open_grid(out)
     assert ds.attrs["synthetic"] == 0 and ds.attrs["chosen_vmicro"] == "[2.0]"
     assert int(ds["exists"].sum()) == 2
+
+
+def _damaged_copy(cube, tmp_path, variable, chunk, damage):
+    store = tmp_path / "grid.zarr"
+    shutil.copytree(cube, store)
+    path = store / variable / chunk
+    if damage == "missing":
+        path.unlink()
+    else:
+        path.write_bytes(b"\x28\xb5\x2f\xfd garbage, not a compressed chunk")
+    return store
+
+
+@pytest.mark.parametrize("variable, chunk", [
+    ("flux", "c/2/0/0/0/1"), ("exists", "c/3/0/0/0"), ("synth_mag", "c/0/0/0/0/0"),
+    ("ext_coeff", "c/4/0/0/0/0/0"), ("continuum", "c/1/0/0/0/0"),
+])
+def test_missing_chunk_is_named_at_open(cube, tmp_path, variable, chunk):
+    """Issue 16: a store missing a chunk read as NaN templates (or non-existing ones) and the
+    fit silently moved to other templates. Checked when opening, by listing keys only."""
+    store = _damaged_copy(cube, tmp_path, variable, chunk, "missing")
+    with pytest.raises(GridError, match=rf"grid\.zarr: variable {variable} chunk {chunk}: "
+                                        r"missing .*rebuild with `kspec-fluxcal grid build`"):
+        open_grid(store)
+
+
+@pytest.mark.parametrize("variable, chunk, select", [
+    ("flux", "c/2/0/0/0/1", {"teff": 2}), ("exists", "c/3/0/0/0", {"teff": 3}),
+])
+def test_corrupt_chunk_is_named_where_it_is_read(cube, tmp_path, variable, chunk, select):
+    """A chunk that does not decode: GridError naming store, variable and chunk (it was
+    'internal error (Zstd decompression error)'), when the data are read."""
+    store = _damaged_copy(cube, tmp_path, variable, chunk, "garbage")
+    grid = open_grid(store)
+    with pytest.raises(GridError, match=rf"grid\.zarr: variable {variable} chunk {chunk}: "
+                                        r"unreadable \(.*\); rebuild with `kspec-fluxcal grid "
+                                        r"build`"):
+        grid[variable].isel(select).values  # noqa: B018
+    # Reading what is intact still works.
+    assert np.isfinite(grid["flux"].isel(teff=0, wavelength=slice(0, 10)).values).any()

@@ -6,14 +6,12 @@ hang.
 Hypothesis draws lists of mutations of one small valid exposure (headers, pixel blocks,
 shapes, extensions, FIBRES values, truncation) and of its catalog (cells, columns, rows).
 The runs are derandomized, so CI sees the same examples every time; the number of examples
-and the outcomes are printed at the end of the module.
+and the outcomes are reported at the end of the run (with -v).
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
-import signal
 import string
 import tempfile
 from pathlib import Path
@@ -21,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from astropy.io import fits
+from conftest import time_limit
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from test_bad_input import build_base, write_catalog
@@ -43,29 +42,13 @@ SETTINGS = settings(
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory, request):
+def base(tmp_path_factory, report_line):
     built = build_base(tmp_path_factory.mktemp("base"))
     yield built
-    # Past pytest's capture, so that CI logs show how many examples ran and how they ended.
-    capture = request.config.pluginmanager.getplugin("capturemanager")
-    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
-        for name, counts in TALLY.items():
-            print(f"\n{Path(__file__).name}::{name}: {sum(counts.values())} examples: "
-                  + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
-
-
-@contextlib.contextmanager
-def time_limit(seconds):
-    """Fail an example that runs too long (a hang) instead of waiting for CI's timeout."""
-    def expire(signum, frame):
-        raise TimeoutError(f"example still running after {seconds} s")
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.alarm(seconds)
-    try:
-        yield
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
+    # In the run's summary with -v (CI logs show how many examples ran and how they ended).
+    for name, counts in TALLY.items():
+        report_line(f"{Path(__file__).name}::{name}: {sum(counts.values())} examples: "
+                    + ", ".join(f"{k} {v}" for k, v in counts.most_common()))
 
 
 def check_outcome(base, red, catalog, tally):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import types
 from concurrent.futures import ThreadPoolExecutor
@@ -400,3 +401,84 @@ def test_a_failing_plot_costs_only_itself(many, tmp_path, monkeypatch, only):
         paths = write_qc(many, tmp_path)
     assert [p.name for p in paths] == [f"{EXPID}_calibration.png", f"{EXPID}_summary.txt"]
     assert "photometry.png: drawing failed (ValueError: odd data)" in paths[-1].read_text()
+
+
+# ----------------------------------------------------------------------------- issue 16
+
+
+def _overlaps(fig, axis):
+    """Pairs of visible tick labels of ``axis`` (major and minor) that overlap when drawn."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    lo, hi = sorted(axis.get_view_interval())
+    ticks = [*axis.get_major_ticks(), *axis.get_minor_ticks()]
+    boxes = [t.label1.get_window_extent(renderer) for t in ticks
+             if t.label1.get_visible() and t.label1.get_text() and lo <= t.get_loc() <= hi]
+    return boxes, [(a, b) for k, a in enumerate(boxes) for b in boxes[k + 1:] if a.overlaps(b)]
+
+
+@pytest.mark.parametrize("steepness", [0, 3, 4])
+def test_log_axis_labels_do_not_crowd(many, steepness):
+    """Issue 16: on the calibration's log axis every minor tick was labelled (crowded, up to
+    overlapping) when the vector spans less than 30x, and only the decades when more."""
+    data = qc._from_result(many, "telluric_default")
+    data = dataclasses.replace(data, stars=None,
+                               cal=data.cal * (data.wavelength / 4000.0) ** -steepness)
+    fig, _ = qc._plot_calibration(data)
+    ax = fig.axes[0]
+    assert ax.get_yscale() == "log"
+    boxes, overlapping = _overlaps(fig, ax.yaxis)
+    assert 3 <= len(boxes) <= 8 and overlapping == []
+
+
+def test_template_panel_shows_the_whole_template(many):
+    """Issue 16: the template panel was clipped (at ~1.2): a template is noiseless, all of it
+    that is compared must be in view (only the observed spectrum's cosmics are clipped)."""
+    stars = many.stars.copy(deep=True)
+    stars["model_norm"][0, 300:302] = 1.35
+    stars["obs_norm"][0, 310] = 40.0  # a cosmic: still clipped
+    data = qc._from_result(CalibrationResult(many.calibrated, stars, many.calibration, None, ()),
+                           "telluric_default")
+    fig, _ = qc._plot_template_match(data)
+    low, high = fig.axes[0].get_ylim()
+    assert 1.35 <= high < 2.0
+
+
+def _photometry(many, **changes):
+    stars = many.stars.copy(deep=True)
+    stars["mag_err"] = (("star", "band"), np.full((stars.sizes["star"], len(BANDS)), 0.01))
+    for name, value in changes.items():
+        stars[name] = stars[name].copy(data=value(stars[name].values))
+    data = qc._from_result(CalibrationResult(many.calibrated, stars, many.calibration, None, ()),
+                           "telluric_default")
+    fig, _ = qc._plot_photometry(data)
+    return fig
+
+
+def test_photometry_error_bars_are_not_clipped(many):
+    """Issue 16: error bars ran out of the photometry panel."""
+    def larger(err):
+        err = np.array(err, dtype=float)
+        err[1, 2] = 0.15  # one band of a used star much less certain than the others
+        return err
+
+    fig = _photometry(many, mag_err=larger)
+    ax = fig.axes[0]
+    low, high = ax.get_ylim()
+    segments = [seg for c in ax.collections for seg in c.get_segments()]
+    assert segments
+    for seg in segments:
+        assert low <= seg[:, 1].min() and seg[:, 1].max() <= high, (seg, (low, high))
+
+
+def test_photometry_legend_lists_only_markers_shown(many):
+    """Issue 16: the legend explained hollow and crossed markers that were not drawn."""
+    def labels(fig):
+        return [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+
+    shown = labels(_photometry(many))  # star 0 has a band dropped as an outlier
+    assert "dropped as outlier" in shown and "measured, not used in the fit" in shown
+    clean = labels(_photometry(many, band_used=lambda v: np.ones_like(v),
+                               dropped_bands=lambda v: np.full_like(v, "")))
+    assert "dropped as outlier" not in clean
+    assert "measured, not used in the fit" not in clean

@@ -142,6 +142,8 @@ def test_rejection_reasons(world, tmp_path, fitted):
     for col in ("Gaia", "BP", "RP", "g", "r", "i", "z", "J", "H", "K"):
         if col != "r":
             one_band[col] = "99.999"
+    if one_band["r"] == "99.999":  # the simulator drops a PS1 band of some stars
+        one_band["r"], one_band["dr"] = "15.000", "0.010"
     rows2[rows2.index(std_rows[1])] = one_band
     wrong = dict(std_rows[2])
     for col in ("g", "r", "i", "z"):

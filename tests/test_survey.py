@@ -8,10 +8,12 @@ timestamps may differ).
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,14 +28,22 @@ from distributed import Client
 from distributed.diagnostics.plugin import SchedulerPlugin
 
 from kspec_fluxcal import cli
+from kspec_fluxcal._lock import exclusive
 from kspec_fluxcal.archive import ArchiveWriter, open_archive
 from kspec_fluxcal.config import Config
-from kspec_fluxcal.errors import InputError
+from kspec_fluxcal.errors import FluxCalError, FluxCalWarning, InputError
 from kspec_fluxcal.evaluate import compare_with_truth
 from kspec_fluxcal.exposure import open_exposure
 from kspec_fluxcal.grid import build_grid
 from kspec_fluxcal.simulate import Setup, simulate_survey
-from kspec_fluxcal.survey import WORKER_MALLOC_ENV, discover, local_cluster, run_survey
+from kspec_fluxcal.survey import (
+    WORKER_MALLOC_ENV,
+    SurveyReport,
+    discover,
+    local_cluster,
+    run_survey,
+    write_notes,
+)
 from kspec_fluxcal.synthgrid import write_synthetic_grid
 
 #: Seed of the kill points of the interrupted-job test.
@@ -391,6 +401,10 @@ def test_bad_exposures_are_reported_and_do_not_stop_the_others(survey, cube, ref
     assert "no usable standard star" in failed["BAD_NO_STD"]
     assert "no catalog match" in failed["BAD_NO_STD"]
     assert f"duplicate EXPID {good[0]}" in failed["bad/duplicate.fits"]
+    # Failures (and notes) are also in OUT/notes.json, named in the summary.
+    saved = json.loads((tmp_path / "out" / "notes.json").read_text())
+    assert set(saved["failed"]) == set(failed)
+    assert f"notes and failures: {tmp_path / 'out' / 'notes.json'}" in text
     # Non-TTY progress: whole lines, no carriage returns.
     assert "\r" not in text
     assert "4/4 exposures done (2 failed)" in text
@@ -548,7 +562,7 @@ def _check_partial_archive(out, ref_out, ref):
 
 @pytest.mark.cluster
 def test_killed_job_resumes_to_identical_results(survey, cube, reference, client, tmp_path,
-                                                 capsys):
+                                                 capsys, report_line):
     """The CLI job (with its own LocalCluster) SIGKILLed three times at seeded points, each
     time after some calibrated files appeared, plus a seeded delay that lands the kill in a
     task, a transfer or an archive commit; the first run is a plain one, the next ones use
@@ -599,5 +613,149 @@ def test_killed_job_resumes_to_identical_results(survey, cube, reference, client
     assert _outputs(out) == _outputs(ref_out)
     for rel in _outputs(ref_out):
         _assert_fits_equal(out / rel, ref_out / rel)
-    with capsys.disabled():
-        print("\n" + "\n".join(log))
+    for line in log:
+        report_line(f"{Path(__file__).name}: {line}")
+
+
+def test_notes_go_to_a_file_named_in_the_summary(tmp_path):
+    """Issue 16: the summary said '(SurveyReport.notes)', which a CLI user cannot read.
+    Notes and failures are kept in OUT/notes.json, per EXPID, across runs: an exposure
+    calibrated again gets its new notes, one skipped keeps its old ones."""
+    first = SurveyReport(calibrated=["E1", "E2"], failed={"E3": "no usable standard star"},
+                         notes={"E1": ["fiber 3 skipped"], "E2": ["a note"]})
+    path = write_notes(tmp_path, first)
+    assert path == tmp_path / "notes.json"
+    assert "2 exposure(s) with notes; notes and failures: " + str(path) in first.summary()
+    assert "SurveyReport.notes" not in first.summary()
+    second = SurveyReport(calibrated=["E2", "E3"], skipped=["E1"], notes={"E3": ["other"]})
+    write_notes(tmp_path, second)
+    saved = json.loads(path.read_text())
+    assert saved["notes"] == {"E1": ["fiber 3 skipped"], "E3": ["other"]}
+    assert saved["failed"] == {}
+
+
+def _comm_sizeof_warnings():
+    """Warnings distributed logs when it cannot size a message (as for the deeply nested
+    profile data a performance report fetches), in the process this runs in."""
+    import logging
+
+    from distributed.sizeof import safe_sizeof
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("distributed.sizeof")
+    logger.addHandler(handler)
+    try:
+        nested = {}
+        for _ in range(500):
+            nested = {"children": nested}
+        assert safe_sizeof(nested, default_size=-1) == -1  # sizeof recursed too deep
+    finally:
+        logger.removeHandler(handler)
+    return len(records)
+
+
+@pytest.mark.cluster
+def test_no_sizeof_warning_from_message_sizes(client):
+    """Issue 16: 'distributed.sizeof - WARNING - Sizeof calculation for object of type 'dict'
+    failed. Defaulting to -1 B' in every demo run: distributed's harmless estimate of a
+    message's size (it then serializes it off the event loop), silenced in the workers of
+    the survey's LocalCluster and in the process that runs its scheduler."""
+    assert set(client.run(_comm_sizeof_warnings).values()) == {0}
+    assert _comm_sizeof_warnings() == 0
+
+
+# ----------------------------------------------------------------------------- one writer
+
+
+def _lock_of(pid, started):
+    return json.dumps({"host": socket.gethostname(), "pid": pid, "started": started,
+                       "command": "kspec-fluxcal survey (another job)"})
+
+
+def _now():
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+@pytest.fixture
+def other_process():
+    """A live process that is not this one (the owner of another job's lock)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def test_a_live_lock_refuses_a_second_writer(survey, cube, reference, client, tmp_path, capsys,
+                                             other_process):
+    """Issue 16: two jobs on one --out lost archive rows. A job finding the lock of a live
+    process refuses before any work, with one line naming the lock and its owner."""
+    out = tmp_path / "out"
+    out.mkdir()
+    lock = out / "survey.lock"
+    started = _now()
+    lock.write_text(_lock_of(other_process.pid, started))
+    code = cli.main(_survey_args(survey, cube, out, "--scheduler", client.scheduler.address))
+    captured = capsys.readouterr()
+    assert code == 1 and captured.out == ""
+    assert captured.err.splitlines() == [
+        f"kspec-fluxcal: error: {lock}: another survey job is writing to {out}: pid "
+        f"{other_process.pid} on this host ({socket.gethostname()}), started {started} "
+        "(kspec-fluxcal survey (another job)); wait for it to "
+        "finish (a lock left by a job that died is taken over automatically)"]
+    assert sorted(p.name for p in out.iterdir()) == ["survey.lock"]  # nothing written
+    assert json.loads(lock.read_text())["pid"] == other_process.pid  # its lock untouched
+    # The same pid, but the lock is older than the process: the pid was reused, the job that
+    # wrote the lock is gone.
+    lock.write_text(_lock_of(other_process.pid, "2026-01-01T00:00:00+00:00"))
+    with pytest.warns(FluxCalWarning, match="took over the lock"), exclusive(out) as held:
+        assert json.loads(held.read_text())["pid"] == os.getpid()
+    assert not lock.exists()
+
+
+def test_a_stale_lock_is_taken_over_with_a_note_and_released(survey, cube, reference, client,
+                                                            tmp_path):
+    """A lock left by a job that died (same host, no such process) is taken over, with a
+    note; the run ends without a lock, also when it fails."""
+    out = tmp_path / "out"
+    shutil.copytree(reference[0], out)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (out / "survey.lock").write_text(_lock_of(dead.pid, _now()))
+    with pytest.warns(FluxCalWarning, match=rf"took over the lock {out / 'survey.lock'} of "
+                                            rf"pid {dead.pid} .*no longer running"):
+        report = _run(survey, cube, out, client, resume=True)
+    assert report.ok and len(report.skipped) == N_EXPOSURES
+    assert not (out / "survey.lock").exists()
+    with pytest.raises(InputError, match="no RED file matches"):
+        _run(survey, cube, out, client, pattern="*.none")
+    assert not (out / "survey.lock").exists()
+
+
+def test_two_concurrent_jobs_lose_no_rows(survey, cube, reference, client, tmp_path):
+    """Two jobs started together on the same --out: one runs, the other is refused; every
+    exposure the running one reports calibrated is archived."""
+    out = tmp_path / "out"
+    outcomes = [None, None]
+    gate = threading.Barrier(2)
+
+    def job(k):
+        gate.wait()
+        try:
+            outcomes[k] = _run(survey, cube, out, client)
+        except FluxCalError as err:
+            outcomes[k] = err
+
+    threads = [threading.Thread(target=job, args=(k,)) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    refused = [o for o in outcomes if isinstance(o, FluxCalError)]
+    reports = [o for o in outcomes if not isinstance(o, FluxCalError)]
+    assert len(refused) == 1 and len(reports) == 1, outcomes
+    assert "another survey job is writing to" in str(refused[0])
+    table = _archive_table(out)
+    assert sorted(table["expid"]) == sorted(reports[0].calibrated) == sorted(_expids(survey))
+    assert _raw_rows(out) == N_EXPOSURES

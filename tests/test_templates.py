@@ -98,3 +98,30 @@ def test_cache_reuses_in_memory_and_on_disk(tmp_path):
     other = prepared_templates(grid, wave, LineSpread.constant(6.0), cache_dir=tmp_path)
     assert len(list(tmp_path.glob("prepared-*.zarr"))) == 2
     assert not np.allclose(other["flux"].values, a["flux"].values)
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbage"])
+def test_damaged_cache_store_is_rebuilt_with_a_note(tmp_path, damage):
+    """Issue 16: a cached prepared cube missing a chunk read as NaN templates ('no usable
+    template' on every run, nothing pointing at the cache); a garbage chunk was an internal
+    error. The cache is rebuilt, with a note naming it."""
+    clear_cache()
+    grid = _grid(3)
+    wave = np.linspace(3500, 9000, 800)
+    lsf = LineSpread.constant(8.0)
+    fresh = prepared_templates(grid, wave, lsf, cache_dir=tmp_path).copy(deep=True)
+    (store,) = tmp_path.glob("prepared-*.zarr")
+    chunk = next(p for p in sorted((store / "flux").rglob("*")) if p.is_file()
+                 and p.name != "zarr.json")
+    if damage == "missing":
+        chunk.unlink()
+    else:
+        chunk.write_bytes(b"garbage")
+    clear_cache()
+    with pytest.warns(FluxCalWarning, match=rf"{store.name}: damaged prepared-template cache "
+                                            r"\(variable flux chunk c/.*\); rebuilt"):
+        again = prepared_templates(grid, wave, lsf, cache_dir=tmp_path)
+    xr.testing.assert_equal(again["flux"], fresh["flux"])
+    clear_cache()
+    xr.testing.assert_equal(prepared_templates(grid, wave, lsf, cache_dir=tmp_path)["flux"],
+                            fresh["flux"])  # the rebuilt store is whole
