@@ -42,7 +42,8 @@ from . import __version__
 from .constants import CAL_UNIT, FLUX_UNIT
 
 __all__ = ["ARCHIVE_GRID", "archive_grid", "ArchiveWriter", "open_archive", "archive_record",
-           "plot_archive", "archive_figures", "throughput", "MAX_STARS", "THROUGHPUT_UNIT"]
+           "plot_archive", "archive_figures", "throughput", "MAX_STARS", "THROUGHPUT_UNIT",
+           "SCHEMA_VERSION"]
 
 #: The survey-wide grid: ln-uniform, 3000-11000 A, step 2e-4.
 ARCHIVE_GRID = {"wave_min": 3000.0, "wave_max": 11000.0, "dlnlambda": 2e-4}
@@ -62,12 +63,21 @@ _ROW_FIELDS = {
     "n_stars_used": (np.int64, 0), "fcalrms": (np.float64, np.nan), "fcalsrc": (str, ""),
     "source": (str, ""), "input_hash": (str, ""), "dispersion": (np.float64, np.nan),
     "calibrated_at": (str, ""),
+    # Schema 2: quality, line spread, telluric columns, provenance.
+    "fcalqual": (str, ""), "fcalmerr": (np.float64, np.nan), "fcallsf": (np.float64, np.nan),
+    "fcalo2": (np.float64, np.nan), "fcalh2o": (np.float64, np.nan),
+    "version": (str, ""), "grid_id": (str, ""), "config_hash": (str, ""),
 }
+#: Version of the archive's layout: 1 had the fields up to ``calibrated_at``; 2 added
+#: quality, line spread, telluric columns and provenance (older archives are migrated by the
+#: writer: the new arrays are added, empty for the old rows).
+SCHEMA_VERSION = 2
 
 
 #: Units of the per-exposure coordinates (the others are labels or counts).
 _ROW_UNITS = {"mjd": "d", "airmass": "1", "exptime": "s", "fcalrms": "1",
-              "dispersion": "Angstrom"}
+              "dispersion": "Angstrom", "fcalmerr": "1", "fcallsf": "1",
+              "fcalo2": "airmass", "fcalh2o": "airmass x reference water column"}
 #: What ``throughput`` is in: counts per second per Angstrom per unit of flux density.
 THROUGHPUT_UNIT = f"count/(s Angstrom) / ({FLUX_UNIT})"
 _HOW_TO_READ = (
@@ -114,7 +124,8 @@ def night_of(mjd, utc_offset=9.0):
     return t.strftime("%Y%m%d")
 
 
-def archive_record(calibrated, stars, calibration, *, source="", input_hash="", utc_offset=9.0):
+def archive_record(calibrated, stars, calibration, *, source="", input_hash="", utc_offset=9.0,
+                   provenance=None):
     """One archive row (plain numpy) from a calibrated exposure and its standards.
 
     Parameters
@@ -129,6 +140,9 @@ def archive_record(calibrated, stars, calibration, *, source="", input_hash="", 
         The RED file and the hash of everything the calibration depended on.
     utc_offset : float
         Site clock, hours from UT, to name nights (see :func:`night_of`).
+    provenance : dict, optional
+        ``grid_id`` (the template grid's build) and ``config_hash``, so that two runs of a
+        survey can be compared row by row; the package version is always recorded.
     """
     wave = calibrated["wavelength"].values
     grid = archive_grid()
@@ -151,6 +165,9 @@ def archive_record(calibrated, stars, calibration, *, source="", input_hash="", 
         "fcalsrc": str(attrs.get("fcalsrc", "standards")), "source": str(source),
         "input_hash": str(input_hash), "dispersion": float(np.median(width)),
         "calibrated_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "fcalqual": str(attrs.get("fcalqual") or ""), "version": __version__,
+        **{k: float(attrs.get(k, np.nan)) for k in ("fcalmerr", "fcallsf", "fcalo2", "fcalh2o")},
+        **{k: str((provenance or {}).get(k, "")) for k in ("grid_id", "config_hash")},
     }
     star = {name: np.full(MAX_STARS, fill, dtype=object if dtype is str else dtype)
             for name, (dtype, fill) in _STAR_FIELDS.items()}
@@ -205,6 +222,7 @@ class ArchiveWriter:
         if not self.path.exists():
             self._create()
         self.group, self.rows, self.index = _open_group(self.path, "r+")
+        self._migrate()
         self._repair()
         self.hashes = {}
         if self.index:
@@ -247,9 +265,29 @@ class ArchiveWriter:
         for name, units in _ROW_UNITS.items():
             group[name].attrs["units"] = units
         group.attrs.update({"rows": 0, "index": {}, "title": "kspec-fluxcal calibration archive",
+                            "schema_version": SCHEMA_VERSION,
                             "how_to_read": _HOW_TO_READ,
                             "kspec_fluxcal_version": __version__, "cal_factor_units": CAL_UNIT,
                             "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")})
+
+    def _migrate(self):
+        """Bring an archive of an older schema to this one (arrays added, empty for the old
+        rows); refuse one from a newer package."""
+        from .errors import InputError
+
+        version = int(self.group.attrs.get("schema_version", 1))
+        if version > SCHEMA_VERSION:
+            raise InputError(self.path, None, f"written by a newer kspec-fluxcal (archive schema "
+                             f"{version}, this one knows {SCHEMA_VERSION}): update the package")
+        if version == SCHEMA_VERSION:
+            return
+        capacity = max(a.shape[0] for a in self._arrays())
+        for name, (dtype, fill) in _ROW_FIELDS.items():
+            if name not in self.group:
+                self.group.create_array(name, shape=(capacity,), chunks=(_BLOCK,),
+                                        dtype=str if dtype is str else dtype, fill_value=fill,
+                                        dimension_names=["exposure"])
+        self.group.attrs["schema_version"] = SCHEMA_VERSION
 
     def _arrays(self):
         return [a for _, a in self.group.arrays() if a.metadata.dimension_names

@@ -297,7 +297,7 @@ def _configuration(info):
 
 
 def _calibrate_task(path, out_path, catalog, library, config, setup_key, input_hash, utc_offset,
-                    expid):
+                    expid, provenance=None):
     """Calibrate one exposure; never raises for bad data: returns a status dict."""
     import dask
 
@@ -316,7 +316,7 @@ def _calibrate_task(path, out_path, catalog, library, config, setup_key, input_h
             write_calibrated(result.calibrated, out_path, overwrite=True, stars=result.stars)
             record = archive_record(result.calibrated, result.stars, result.calibration,
                                     source=str(path), input_hash=input_hash,
-                                    utc_offset=utc_offset)
+                                    utc_offset=utc_offset, provenance=provenance)
         return {"expid": expid, "status": "ok", "record": record,
                 "notes": _notes(result.warnings, caught),
                 "nstar": int(result.calibration.attrs["fcalnstr"]), "quality": _quality(result)}
@@ -676,6 +676,8 @@ def _run_graph(client, todo, catalog_ds, grid_path, grid_plan, config, writer, r
     # Once, to every worker; a restarted worker gets it from a peer.
     catalog_future = client.scatter(catalog_ds, broadcast=True)
     futures, by_key = [], {}
+    provenance = {"grid_id": grid_plan,
+                  "config_hash": hashlib.sha1(settings.encode()).hexdigest()[:12]}
     for wave_range, group in by_range.items():
         token = _token(Path(grid_path).resolve(), grid_plan, settings)
         library = client.submit(_library_task, str(grid_path), wave_range, config, retries=2,
@@ -685,7 +687,8 @@ def _run_graph(client, todo, catalog_ds, grid_path, grid_plan, config, writer, r
             key = f"calibrate-{expid}-{_token(entry['input_hash'], Path(entry['out']).resolve())}"
             futures.append(client.submit(
                 _calibrate_task, entry["path"], entry["out"], catalog_future, library, config,
-                entry["info"]["setup"], entry["input_hash"], utc, expid, key=key, retries=2))
+                entry["info"]["setup"], entry["input_hash"], utc, expid, provenance, key=key,
+                retries=2))
             by_key[key] = entry
     bar = _Progress(len(futures), progress)
     pending, last = [], time.monotonic()

@@ -5,8 +5,10 @@ import pytest
 import xarray as xr
 import zarr
 
+from kspec_fluxcal import __version__
 from kspec_fluxcal.archive import (
     MAX_STARS,
+    SCHEMA_VERSION,
     ArchiveWriter,
     archive_figures,
     archive_grid,
@@ -240,3 +242,46 @@ def test_throughput_image_is_labelled_and_centred_on_one(three_nights):
     assert image.cmap.get_bad()[3] == 1.0  # an opaque colour for 'no measurement'
     assert any("no measurement" in t.get_text() for legend in fig.legends
                for t in legend.get_texts())
+
+
+def test_rows_record_quality_tellurics_and_provenance(tmp_path):
+    calibrated = _calibrated("A", 61000.6)
+    calibrated.attrs.update(fcalqual="B", fcalmerr=0.012, fcallsf=1.021, fcalo2=1.31,
+                            fcalh2o=2.4)
+    writer = ArchiveWriter(tmp_path / "a.zarr")
+    writer.append([archive_record(calibrated, _stars(), None,
+                                  provenance={"grid_id": "g123", "config_hash": "c456"})])
+    ds = open_archive(tmp_path / "a.zarr")
+    row = ds.sel(expid="A")
+    assert str(row["fcalqual"].values) == "B" and float(row["fcalo2"]) == 1.31
+    assert float(row["fcalh2o"]) == 2.4 and float(row["fcallsf"]) == 1.021
+    assert str(row["grid_id"].values) == "g123" and str(row["config_hash"].values) == "c456"
+    assert str(row["version"].values) == __version__
+    assert ds.attrs["schema_version"] == SCHEMA_VERSION
+
+
+def test_an_older_archive_is_migrated_and_a_newer_one_refused(tmp_path):
+    """A schema-1 archive (before quality, tellurics and provenance): the writer adds the new
+    arrays, its old rows keep their values and read back with empty new fields."""
+    path = tmp_path / "old.zarr"
+    writer = ArchiveWriter(path)
+    writer.append([archive_record(_calibrated("OLD", 61000.6), _stars(), None,
+                                  input_hash="h-old")])
+    group = zarr.open_group(path, mode="r+")
+    for name in ("fcalqual", "fcalmerr", "fcallsf", "fcalo2", "fcalh2o", "version", "grid_id",
+                 "config_hash"):
+        del group[name]
+    group.attrs["schema_version"] = 1
+    writer = ArchiveWriter(path)
+    calibrated = _calibrated("NEW", 61001.6)
+    calibrated.attrs["fcalqual"] = "A"
+    writer.append([archive_record(calibrated, _stars(), None)])
+    ds = open_archive(path)
+    assert list(ds["expid"].values) == ["OLD", "NEW"]
+    assert str(ds.sel(expid="OLD")["fcalqual"].values) == ""
+    assert str(ds.sel(expid="NEW")["fcalqual"].values) == "A"
+    assert ds.attrs["schema_version"] == SCHEMA_VERSION
+    assert writer.is_current("OLD", "h-old")  # --resume keeps working across the change
+    zarr.open_group(path, mode="r+").attrs["schema_version"] = SCHEMA_VERSION + 1
+    with pytest.raises(InputError, match=r"newer kspec-fluxcal \(archive schema 3"):
+        ArchiveWriter(path)
