@@ -68,9 +68,13 @@ _ROW_FIELDS = {
     "fcalo2": (np.float64, np.nan), "fcalh2o": (np.float64, np.nan),
     "version": (str, ""), "grid_id": (str, ""), "config_hash": (str, ""),
 }
+#: Per-exposure spectra on the archive grid: (dtype, fill). ``cal_smooth`` (schema 2) is the
+#: smooth response without the telluric bands' absorption (NaN where not known).
+_SPECTRA = {"cal": ("f4", np.nan), "cal_variance": ("f4", np.nan), "cal_mask": ("bool", False),
+            "cal_smooth": ("f4", np.nan)}
 #: Version of the archive's layout: 1 had the fields up to ``calibrated_at``; 2 added
-#: quality, line spread, telluric columns and provenance (older archives are migrated by the
-#: writer: the new arrays are added, empty for the old rows).
+#: quality, line spread, telluric columns, provenance and ``cal_smooth`` (older archives are
+#: migrated by the writer: the new arrays are added, empty for the old rows).
 SCHEMA_VERSION = 2
 
 
@@ -154,6 +158,10 @@ def archive_record(calibrated, stars, calibration, *, source="", input_hash="", 
                    np.nan)
     mask_src = calibrated["cal_mask"].values.astype(float)
     mask = inside & (np.interp(grid, wave, mask_src) > 0.999)
+    smooth = np.full(grid.size, np.nan)
+    if "cal_smooth" in calibrated:
+        smooth = np.where(inside, np.interp(grid, wave, calibrated["cal_smooth"].values * width),
+                          np.nan)
     attrs = calibrated.attrs
     row = {
         "expid": str(attrs.get("expid", "")), "mjd": float(attrs.get("mjd", np.nan)),
@@ -181,7 +189,8 @@ def archive_record(calibrated, stars, calibration, *, source="", input_hash="", 
             star[name][:n] = stars[src].values[:n]
         star["star_status"][:n] = [str(s) for s in status[:n]]
     return {"row": row, "star": star, "cal": cal.astype(np.float32),
-            "cal_variance": var.astype(np.float32), "cal_mask": mask}
+            "cal_variance": var.astype(np.float32), "cal_mask": mask,
+            "cal_smooth": smooth.astype(np.float32)}
 
 
 _WHAT_IS_EXPECTED = "expected the archive.zarr a survey job writes in its --out directory"
@@ -248,8 +257,7 @@ class ArchiveWriter:
         wave[:] = grid
         wave.attrs.update({"units": "Angstrom", "medium": "air",
                            "definition": json.dumps(ARCHIVE_GRID)})
-        for name, dtype, fill in (("cal", "f4", np.nan), ("cal_variance", "f4", np.nan),
-                                  ("cal_mask", "bool", False)):
+        for name, (dtype, fill) in _SPECTRA.items():
             create(name, ("exposure", "wavelength"), (0, grid.size), (_ROW_CHUNK, grid.size),
                    dtype, fill)
         for name, (dtype, fill) in _ROW_FIELDS.items():
@@ -287,6 +295,12 @@ class ArchiveWriter:
                 self.group.create_array(name, shape=(capacity,), chunks=(_BLOCK,),
                                         dtype=str if dtype is str else dtype, fill_value=fill,
                                         dimension_names=["exposure"])
+        size = self.group["wavelength"].shape[0]
+        for name, (dtype, fill) in _SPECTRA.items():
+            if name not in self.group:
+                self.group.create_array(name, shape=(capacity, size), chunks=(_ROW_CHUNK, size),
+                                        dtype=dtype, fill_value=fill,
+                                        dimension_names=["exposure", "wavelength"])
         self.group.attrs["schema_version"] = SCHEMA_VERSION
 
     def _arrays(self):
@@ -330,7 +344,7 @@ class ArchiveWriter:
             for a in arrays:
                 a.resize((new,) + a.shape[1:])
         rows = slice(start, need)
-        for name in ("cal", "cal_variance", "cal_mask"):
+        for name in _SPECTRA:
             self.group[name][rows] = np.stack([r[name] for r in records])
         for name, (dtype, _) in _ROW_FIELDS.items():
             values = [r["row"][name] for r in records]

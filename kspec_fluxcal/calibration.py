@@ -563,6 +563,8 @@ def apply_calibration(exposure, calibration):
     out["cal"] = calibration["cal"]
     out["cal_variance"] = calibration["cal_variance"]
     out["cal_mask"] = calibration["cal_mask"]
+    if "cal_smooth" in calibration:
+        out["cal_smooth"] = calibration["cal_smooth"]
     out.attrs = dict(exposure.attrs)
     out.attrs["history"] = list(exposure.attrs.get("history", [])) + list(
         calibration.attrs.get("history", []))

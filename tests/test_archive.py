@@ -269,7 +269,7 @@ def test_an_older_archive_is_migrated_and_a_newer_one_refused(tmp_path):
                                   input_hash="h-old")])
     group = zarr.open_group(path, mode="r+")
     for name in ("fcalqual", "fcalmerr", "fcallsf", "fcalo2", "fcalh2o", "version", "grid_id",
-                 "config_hash"):
+                 "config_hash", "cal_smooth"):
         del group[name]
     group.attrs["schema_version"] = 1
     writer = ArchiveWriter(path)
@@ -280,6 +280,7 @@ def test_an_older_archive_is_migrated_and_a_newer_one_refused(tmp_path):
     assert list(ds["expid"].values) == ["OLD", "NEW"]
     assert str(ds.sel(expid="OLD")["fcalqual"].values) == ""
     assert str(ds.sel(expid="NEW")["fcalqual"].values) == "A"
+    assert np.isnan(ds.sel(expid="OLD")["cal_smooth"].values).all()
     assert ds.attrs["schema_version"] == SCHEMA_VERSION
     assert writer.is_current("OLD", "h-old")  # --resume keeps working across the change
     zarr.open_group(path, mode="r+").attrs["schema_version"] = SCHEMA_VERSION + 1
