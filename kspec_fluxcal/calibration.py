@@ -365,10 +365,10 @@ def _bridge(wave, values, variance, measured):
     return curve, var
 
 
-def _fit_smooth(wave, values, variance, fit, opts):
+def _fit_smooth(wave, values, variance, fit, opts, no_knots=None):
     """The smooth curve through ``values`` at pixels ``fit``, bridging the others: a cubic
-    B-spline in ln(lambda) (knots every ``smooth_scale`` A at mid-range, weighted) or a
-    Savitzky-Golay filter; and its variance."""
+    B-spline in ln(lambda) (knots every ``smooth_scale`` A at mid-range, none where
+    ``no_knots``, weighted) or a Savitzky-Golay filter; and its variance."""
     x = np.log(wave)
     if fit.sum() < 10:
         return _bridge(wave, values, variance, fit)
@@ -380,7 +380,12 @@ def _fit_smooth(wave, values, variance, fit, opts):
         return (scipy.signal.savgol_filter(base, window, 3, mode="interp"),
                 base_var / max(window / 2.0, 1.0))
     nseg = max(1, int(np.ceil((x[-1] - x[0]) / (opts.smooth_scale / np.median(wave)))))
-    knots = np.concatenate([[x[0]] * 3, np.linspace(x[0], x[-1], nseg + 1), [x[-1]] * 3])
+    inner = np.linspace(x[0], x[-1], nseg + 1)
+    if no_knots is not None:  # interior knots inside the excluded regions are dropped
+        banned = np.interp(inner, x, no_knots.astype(float)) > 0
+        banned[[0, -1]] = False
+        inner = inner[~banned]
+    knots = np.concatenate([[x[0]] * 3, inner, [x[-1]] * 3])
     basis = scipy.interpolate.BSpline.design_matrix(x, knots, 3).toarray()
     w = np.where(fit, 1.0 / variance, 0.0)
     normal = basis.T @ (w[:, None] * basis)
@@ -395,11 +400,14 @@ def _fit_smooth(wave, values, variance, fit, opts):
 def _response(stars, vec, idx, stack, comb, comb_var, measured, smooth, config):
     """The calibration's shape: curve = smooth response / telluric transmission.
 
-    With the telluric model (``[telluric] model``, bands in range): the response is first
-    smoothed outside the bands; the stars' observed transmissions (response / shape, each on
-    its own pixels) give the columns (o2, h2o); the stars' shapes times their model
-    transmission are combined again and smoothed everywhere, bands included; twice. Without
-    it, the bands keep the combined vector's own (unsmoothed) absorption.
+    The response is a spline without knots inside the telluric bands (one smooth piece
+    across each: a knot every ``smooth_scale`` could follow a band's broad absorption).
+    With the telluric model (``[telluric] model``, bands in range), it is first fitted
+    outside the bands; the stars' observed transmissions (response / shape, each on its own
+    pixels and line spread) give the columns (o2, h2o); the stars' shapes times their model
+    transmission are combined again and the response fitted through the bands; twice. The
+    model transmission is the curve's absorption. Without it, the bands keep the combined
+    vector's own (unsmoothed) absorption.
     """
     opts = config.combine
     wave = vec.wave
@@ -410,7 +418,11 @@ def _response(stars, vec, idx, stack, comb, comb_var, measured, smooth, config):
         return _Response(curve, var, curve, var, np.ones(wave.size), none, False)
     lsf = LineSpread(tuple(stars.attrs["lsf_fwhm_coeffs"])) if stars.attrs.get(
         "lsf_fwhm_coeffs") else None
-    smooth_curve, smooth_var = _fit_smooth(wave, comb, comb_var, measured & ~bands, opts)
+    # No knot inside a band: there the response is one smooth piece from both sides, which
+    # cannot mimic a band's broad absorption (the telluric columns would be biased low).
+    bands_padded = ~region_mask(wave, config.masks.telluric, pad=opts.smooth_scale / 2)
+    smooth_curve, smooth_var = _fit_smooth(wave, comb, comb_var, measured & ~bands, opts,
+                                           bands_padded)
     band_pixels = stack.m & ~region_mask(stack.star_wave, config.masks.telluric)
     if not (config.telluric.model and lsf is not None and band_pixels.any()):
         return _copied_bands(wave, comb, comb_var, measured, bands, smooth_curve, smooth_var)
@@ -418,19 +430,20 @@ def _response(stars, vec, idx, stack, comb, comb_var, measured, smooth, config):
     start = (airmass, airmass) if np.isfinite(airmass) and airmass >= 1 else (1.0, 1.0)
     scale = _per_star(stars, "fiber_lsf_scale", idx)
     scale = np.where(np.isfinite(scale), scale, 1.0)
-    x = np.log(wave)
-    for _ in range(2):
-        expected = np.interp(np.log(stack.star_wave), x, smooth_curve)
+    for _ in range(2):  # the columns from the response, the response through the bands
+        expected = np.interp(np.log(stack.star_wave), np.log(wave), smooth_curve)
         with np.errstate(invalid="ignore", divide="ignore"):
             observed = expected / stack.shapes
             weight = np.where(band_pixels, stack.shapes**4 / (expected**2 * stack.svar), 0.0)
         fit = fit_telluric(stack.star_wave, observed, np.nan_to_num(weight), lsf, start=start,
                            scale=scale, source=config.telluric.lines)
-        if not np.isfinite([fit["o2"], fit["h2o"]]).any():
+        columns = np.array([fit["o2"], fit["h2o"]])
+        if not np.isfinite(columns).any():
             return _copied_bands(wave, comb, comb_var, measured, bands, smooth_curve, smooth_var)
-        start = tuple(np.nan_to_num([fit["o2"], fit["h2o"]], nan=0.0))
+        start = tuple(np.nan_to_num(columns))
         corrected, corrected_var = _mean_shape(stack, "weighted_mean", stack.shapes * fit["model"])
-        smooth_curve, smooth_var = _fit_smooth(wave, corrected, corrected_var, measured, opts)
+        smooth_curve, smooth_var = _fit_smooth(wave, corrected, corrected_var, measured, opts,
+                                               bands_padded)
     trans = transmission(wave, lsf, *start, source=config.telluric.lines)
     telluric = {"fcalo2": float(fit["o2"]), "fcalo2_err": float(fit["o2_err"]),
                 "fcalh2o": float(fit["h2o"]), "fcalh2o_err": float(fit["h2o_err"]),

@@ -128,11 +128,17 @@ SCHEMA = {
         "ebv_prior_sigma": Option(0.05, "Width of the Gaussian prior on E(B-V) around the "
                                   "catalog's extinction, mag; 0 = no prior.", min=0.0),
         "ebv_max": Option(1.0, "Largest E(B-V) fitted, mag.", min=0.0, max=5.0),
-        "spectral_dof": Option(200, "Weight of a star's spectrum against its photometry and "
+        "spectral_dof": Option(10, "Weight of a star's spectrum against its photometry and "
                                "priors when choosing templates: the best spectral chi^2 counts "
                                "as this many independent measurements (template mismatch "
                                "makes pixel residuals correlated); 0 = the number of pixels.",
                                min=0),
+        "warp_degree": Option(3, "Photometric warp of each standard's model: Legendre "
+                              "polynomials of degree 1 up to this in 1/lambda, fitted with the "
+                              "flux scale to all bands at the star's fitted E(B-V) (which the "
+                              "warp leaves alone); 0 = no warp.", min=0, max=6),
+        "warp_sigma": Option(0.03, "Prior width of each warp coefficient, mag: the warp stays "
+                             "1 unless the bands ask for more.", min=0.001),
         "max_model_error": Option(0.1, "Reject a star whose model error (fractional per-pixel "
                                   "mismatch of its best model) is larger: not a star like the "
                                   "templates. Smaller mismatch only lowers the star's weight.",

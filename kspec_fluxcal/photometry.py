@@ -35,6 +35,9 @@ __all__ = [
     "colour_teff_table",
     "fit_photometry",
     "logg_from_parallax",
+    "band_wavelength",
+    "warp_basis",
+    "fit_warp",
 ]
 
 _MAG_PER_LN = 2.5 / np.log(10.0)
@@ -272,26 +275,12 @@ def teff_from_color(mag, *, ebv=0.0, table=None, window=750.0, extinction=None):
     """
     table = colour_teff_table() if table is None else table
     extinction = COLOUR_EXCESS_PER_EBV if extinction is None else extinction
-    teff = xr.full_like(mag.isel(band=0, drop=True), np.nan, dtype=np.float64)
-    method = xr.full_like(teff, 0, dtype=np.int8)
-    for code, (name, blue, red) in reversed(list(enumerate(TEFF_COLOURS, start=1))):
-        if blue not in mag["band"] or red not in mag["band"]:
-            continue
-        colour = mag.sel(band=blue, drop=True) - mag.sel(band=red, drop=True)
-        colour = colour - extinction[name] * ebv
-        rel = table[name].dropna("teff")
-        order = np.argsort(rel.values)  # colour decreases with Teff
-        est = xr.apply_ufunc(np.interp, colour, rel.values[order], rel["teff"].values[order],
-                             kwargs={"left": np.nan, "right": np.nan}, dask="parallelized",
-                             output_dtypes=[np.float64])
-        # Colours beyond the table get its end Teff, not NaN: the window still helps.
-        lo_c, hi_c = rel.values[order][[0, -1]]
-        edge = xr.where(colour < lo_c, rel["teff"].values[order][0],
-                        xr.where(colour > hi_c, rel["teff"].values[order][-1], np.nan))
-        est = est.fillna(edge)
-        use = np.isfinite(est)
-        teff = xr.where(use, est, teff)
-        method = xr.where(use, code, method)
+    relations = _colour_relations(table, extinction)
+    bands = [str(b) for b in mag["band"].values]
+    teff, method = xr.apply_ufunc(
+        _teff_kernel, mag, xr.DataArray(ebv) if np.ndim(ebv) else ebv,
+        kwargs={"bands": bands, "relations": relations}, input_core_dims=[["band"], []],
+        output_core_dims=[[], []], dask="parallelized", output_dtypes=[np.float64, np.int8])
     names = np.array(["none", *(c[0] for c in TEFF_COLOURS)])
     return xr.Dataset({
         "teff": teff.assign_attrs(units="K"),
@@ -300,6 +289,36 @@ def teff_from_color(mag, *, ebv=0.0, table=None, window=750.0, extinction=None):
         "teff_method": xr.apply_ufunc(lambda m: names[m], method, dask="parallelized",
                                       output_dtypes=[names.dtype]),
     })
+
+
+def _colour_relations(table, extinction):
+    """(code, blue, red, colour excess per E(B-V), colours increasing, their Teff) per colour
+    of :data:`TEFF_COLOURS` that the table has, least preferred first."""
+    out = []
+    for code, (name, blue, red) in reversed(list(enumerate(TEFF_COLOURS, start=1))):
+        if name not in table:
+            continue
+        rel = table[name].dropna("teff")
+        order = np.argsort(rel.values)  # colour decreases with Teff
+        out.append((code, blue, red, extinction[name], rel.values[order],
+                    rel["teff"].values[order]))
+    return out
+
+
+def _teff_kernel(mag, ebv, *, bands, relations):
+    """Teff from the preferred measured colour (numpy, vectorised over leading axes)."""
+    teff = np.full(mag.shape[:-1], np.nan)
+    method = np.zeros(mag.shape[:-1], np.int8)
+    for code, blue, red, excess, colours, teffs in relations:  # a colour or two
+        if blue not in bands or red not in bands:
+            continue
+        colour = mag[..., bands.index(blue)] - mag[..., bands.index(red)] - excess * ebv
+        # Colours beyond the table get its end Teff, not NaN: the window still helps.
+        est = np.interp(colour, colours, teffs)
+        use = np.isfinite(colour)
+        teff = np.where(use, est, teff)
+        method = np.where(use, code, method).astype(np.int8)
+    return teff, method
 
 
 # ----------------------------------------------------------------------------- model fits
@@ -419,3 +438,86 @@ def logg_from_parallax(scale, parallax, parallax_err, mass=STANDARD_MASS_PRIOR):
         logg = np.log10(GM_SUN * mass[0] / radius2)
         logg_err = np.hypot(mass[1] / mass[0], 2.0 * err / plx) / np.log(10.0)
     return np.where(good, logg, np.nan), np.where(good, logg_err, np.nan)
+
+
+# ----------------------------------------------------------------------------- warp
+
+
+@functools.cache
+def band_wavelength(band):
+    """Effective wavelength of a band, Angstrom (speclite's, vacuum; air differs by < 3 A)."""
+    return float(load_band(band).effective_wavelength.to_value("Angstrom"))
+
+
+def warp_basis(wavelength, wave_range, degree=3):
+    """Smooth shapes a photometric warp of a model is made of.
+
+    Legendre polynomials of degree 1..``degree`` in 1/lambda over ``wave_range`` (held at
+    their end values beyond it), each made orthogonal to a constant over the range, so that
+    the warp cannot absorb the flux scale, which stays the photometric fit's own parameter.
+
+    Parameters
+    ----------
+    wavelength : array_like
+        Where to evaluate, Angstrom (e.g. band effective wavelengths, or pixels).
+    wave_range : (float, float)
+        The spectrum's range, Angstrom.
+    degree : int
+        Highest Legendre degree (>= 1).
+
+    Returns
+    -------
+    numpy.ndarray, shape (..., degree)
+        In magnitudes per unit coefficient.
+    """
+    lo, hi = 1e4 / float(wave_range[1]), 1e4 / float(wave_range[0])  # 1/um
+    if degree < 1:
+        return np.zeros(np.shape(wavelength) + (0,))
+
+    def legendre(wave):
+        t = np.clip(2.0 * (1e4 / np.asarray(wave, dtype=np.float64) - lo) / (hi - lo) - 1.0,
+                    -1.0, 1.0)
+        return np.stack([np.polynomial.legendre.legval(t, np.eye(degree + 1)[k])
+                         for k in range(1, degree + 1)], axis=-1)
+
+    mean = legendre(np.linspace(float(wave_range[0]), float(wave_range[1]), 200)).mean(axis=0)
+    return legendre(wavelength) - mean
+
+
+def fit_warp(mag_obs, mag_err, mag_model, basis, used, *, warp_sigma, error_floor=0.01):
+    """Flux scale and a smooth warp of (reddened) model spectra fitted to photometry.
+
+    Solves ``mag_obs_b = mag_model_b + mu + sum_k c_k basis_bk`` over the ``used`` bands by
+    weighted least squares with Gaussian priors c_k ~ N(0, warp_sigma): the warp stays 1
+    unless the bands ask for more. The reddening is not fitted here: ``mag_model`` carries
+    the photometric fit's own E(B-V), which the warp must not change (a star's E(B-V) is a
+    physical parameter; the warp only corrects the template's broad shape).
+
+    Parameters
+    ----------
+    mag_obs, mag_err, mag_model : numpy.ndarray, shape (nstar, nband)
+    basis : numpy.ndarray, shape (nstar, nband, nk)
+        The warp's shapes at the bands (:func:`warp_basis`).
+    used : numpy.ndarray of bool, shape (nstar, nband)
+        Bands to fit (e.g. those :func:`fit_photometry` kept).
+
+    Returns
+    -------
+    dict of numpy.ndarray
+        ``mu``, ``mu_err``, ``warp`` (nstar, nk), ``warp_err``, ``resid`` (nstar, nband; NaN
+        for unused bands), ``rms``.
+    """
+    nstar, nband, nk = basis.shape
+    sigma2 = mag_err**2 + error_floor**2
+    w = np.where(used & np.isfinite(mag_obs - mag_model) & np.isfinite(sigma2), 1.0 / sigma2, 0.0)
+    d = np.nan_to_num(mag_obs - mag_model)
+    design = np.concatenate([np.ones((nstar, nband, 1)), np.nan_to_num(basis)], axis=2)
+    normal = np.einsum("sbi,sb,sbj->sij", design, w, design)
+    normal += np.diag(np.concatenate([[1e-9], np.full(nk, 1.0 / warp_sigma**2)]))[None]
+    theta = np.linalg.solve(normal, np.einsum("sbi,sb,sb->si", design, w, d)[..., None])[..., 0]
+    err = np.sqrt(np.diagonal(np.linalg.inv(normal), axis1=1, axis2=2))
+    resid = np.where(w > 0, d - np.einsum("sbi,si->sb", design, theta), np.nan)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rms = np.sqrt(np.nansum(resid**2, axis=1) / (w > 0).sum(axis=1))
+    return {"mu": theta[:, 0], "mu_err": err[:, 0], "warp": theta[:, 1:],
+            "warp_err": err[:, 1:], "resid": resid, "rms": rms}

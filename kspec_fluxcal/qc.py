@@ -32,12 +32,15 @@ from ._atomic import atomic_file
 from .constants import CAL_UNIT, FLUX_UNIT
 from .errors import ExposureError, FluxCalWarning
 from .exposure import open_exposure, read_standard_stars
+from .lsf import LineSpread
 from .masks import load_regions
+from .telluric import transmission
 
 __all__ = ["write_qc", "qc_from_file", "qc_directory", "QC_PLOTS"]
 
 #: Plot kinds, in the order they are written; each file is ``<expid>_<kind>.png``.
-QC_PLOTS = ("calibration", "residuals", "template_match", "photometry", "spectrum")
+QC_PLOTS = ("calibration", "residuals", "telluric", "template_match", "photometry",
+            "spectrum")
 
 _DPI = 100
 _WIDTH = 10.0
@@ -359,6 +362,7 @@ def _write(qc, out_dir):
     drawers = {
         "calibration": _plot_calibration,
         "residuals": _plot_residuals,
+        "telluric": _plot_telluric,
         "template_match": _plot_template_match,
         "photometry": _plot_photometry,
         "spectrum": _plot_spectrum,
@@ -658,6 +662,59 @@ def _plot_residuals(qc):
                  f"({what})", fontsize="medium")
     ax.grid(alpha=0.3)
     _outside_legend(fig, handles, ncols=1 if nstar <= 2 else 2)
+    return fig, None
+
+
+def _plot_telluric(qc):
+    """The telluric model against each standard's observed band transmission: the star's
+    vector over (grey level x smooth response), on its own pixels, in every band in range."""
+    attrs = qc.exposure.attrs
+    o2, h2o = _as_float(attrs.get("fcalo2")), _as_float(attrs.get("fcalh2o"))
+    if not (np.isfinite(o2) or np.isfinite(h2o)) or not (o2 >= 0 or h2o >= 0):
+        return None, "no telluric model (no band in range, or [telluric] model = false)"
+    if not _has(qc.stars, "cal", "cal_mask", along="wavelength"):
+        return None, "no per-star calibration vectors"
+    wave = qc.wavelength
+    bands = [(lo, hi) for lo, hi in qc.telluric if hi > wave[0] and lo < wave[-1]]
+    if not bands:
+        return None, "no telluric band in the range"
+    scale = _as_float(attrs.get("fcallsf"))
+    lsf = LineSpread(tuple(attrs["lsf_fwhm_coeffs"])).scaled(scale if scale > 0 else 1.0)
+    columns = (max(o2, 0.0) if np.isfinite(o2) else 0.0, max(h2o, 0.0) if np.isfinite(h2o)
+               else 0.0)
+    smooth = qc.cal * transmission(wave, lsf, *columns)
+    star_cal, star_mask = _star_vectors(qc.stars)
+    star_wave = (np.asarray(qc.stars["star_wavelength"].values, dtype=np.float64)
+                 if "star_wavelength" in qc.stars.variables
+                 else np.broadcast_to(wave, star_cal.shape))
+    fig, axes = _figure(1, len(bands), height=_ROW_HEIGHT)
+    styles = _star_styles(qc)
+    handles = []
+    for ax, (lo, hi) in zip(axes[0], bands, strict=True):
+        inside = (wave >= lo - 10) & (wave <= hi + 10)
+        for s in np.flatnonzero(qc.used):
+            w = star_wave[s]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                observed = np.interp(w, wave, smooth) * qc.grey[s] / star_cal[s]
+            keep = star_mask[s] & (w >= lo - 10) & (w <= hi + 10)
+            model = transmission(w[keep], lsf, *columns)
+            st = styles[s]
+            pts = ax.plot(w[keep], observed[keep], ".", color=st["color"], ms=3, alpha=0.6,
+                          label=_label(qc, s, short=True))[0]
+            ax.plot(w[keep], model, color=st["color"], lw=1.0)
+            if ax is axes[0][0]:
+                handles.append(pts)
+        ax.set_xlim(wave[inside][0] if inside.any() else lo, wave[inside][-1] if inside.any()
+                    else hi)
+        ax.set_title(f"{lo:.0f}-{hi:.0f} A", fontsize="small")
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("wavelength in air [A]")
+    axes[0][0].set_ylabel("transmission")
+    handles.append(Line2D([], [], color="k", lw=1.0, label=f"model: O2 {columns[0]:.2f}, "
+                          f"H2O {columns[1]:.2f} (at each star's pixels)"))
+    fig.suptitle(f"{qc.expid}: telluric model vs the standards' band absorption (points: "
+                 "star / (grey x smooth response))", fontsize="medium")
+    _outside_legend(fig, handles, ncols=2)
     return fig, None
 
 

@@ -63,7 +63,14 @@ from .matching import (
     shift_spectra,
     star_correction,
 )
-from .photometry import fit_photometry, logg_from_parallax, teff_from_color
+from .photometry import (
+    band_wavelength,
+    fit_photometry,
+    fit_warp,
+    logg_from_parallax,
+    teff_from_color,
+    warp_basis,
+)
 from .reddening import extinction_per_ebv
 from .templates import (
     check_coverage,
@@ -158,7 +165,9 @@ _STAR_VARS = {  # name: (dtype, units)
     "ebv_err": (np.float64, "mag"), "ebv_catalog": (np.float64, "mag"),
     "rv": (np.float64, "km/s"), "rv_err": (np.float64, "km/s"), "scale": (np.float64, "1"),
     "scale_err": (np.float64, "1"), "chi2_dof": (np.float64, "1"),
-    "model_error": (np.float64, "1"), "lsf_scale": (np.float64, "1"),
+    "model_error": (np.float64, "1"), "warp_rms": (np.float64, "1"),
+    "phot_rms_spectral": (np.float64, "mag"),
+    "lsf_scale": (np.float64, "1"),
     "lsf_scale_err": (np.float64, "1"), "logg_parallax": (np.float64, "dex"),
     "logg_parallax_err": (np.float64, "dex"), "phot_rms": (np.float64, "mag"),
     "snr": (np.float64, "1"), "good_fraction": (np.float64, "1"), "n_bands": (np.int64, "1"),
@@ -211,6 +220,7 @@ def _fit(std, matched, library, lsf, config):
         tm = _Templates(library, obs.wave, lsf.scaled(lsf_fit.scale), [])
         params, errors = _choose(obs, tm, scan, phot, prior, config, start=params)
     model = _final_model(obs, tm, scan, params, matched, prior, config)
+    model.phot_rms_spectral = _spectral_photometry(phot, scan)
     vectors = _vectors(obs, model, config, tm.lsf)
     model.throughput = _implied_throughput(obs, model, vectors, config)
     status = _acceptance(obs, prior, scan, model, params, matched, library, config)
@@ -477,10 +487,7 @@ class _PhotometricScore:
 
     def fit(self, star, weights):
         """fit_photometry of the models ``weights @ templates`` (K models, sparse weights)."""
-        maggies = np.asarray(weights @ self.maggies)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            ext = np.asarray(weights @ self.weighted_ext) / maggies
-            mags = np.where(maggies > 0, -2.5 * np.log10(maggies), np.nan)
+        mags, ext = _model_magnitudes(self, weights)
         k = mags.shape[0]
         return fit_photometry(np.broadcast_to(self.mag_obs[star], mags.shape),
                               np.broadcast_to(self.mag_err[star], mags.shape), mags, ext,
@@ -703,7 +710,6 @@ def _final_model(obs, tm, scan, params, matched, prior, config):
     """The model at the refined parameters: velocity, chi^2, model error, photometry."""
     import scipy.sparse
 
-    fit = config.fit
     corners, weight = _interpolated(tm.library, params)
     ids, inverse = np.unique(corners, return_inverse=True)
     inverse = inverse.reshape(corners.shape)
@@ -727,19 +733,57 @@ def _final_model(obs, tm, scan, params, matched, prior, config):
     rows = np.repeat(np.arange(nstar), corners.shape[1])
     weights = scipy.sparse.csr_matrix((weight.ravel(), (rows, corners.ravel())),
                                       shape=(nstar, tm.library.sizes["template"]))
-    phot = _PhotometricScore(matched, tm.library, prior, config)
-    pf = {k: v for k, v in _photometry_rows(phot, weights).items()}
-    scale = 10.0 ** (-0.4 * pf["mu"])
-    logg_p, logg_p_err = logg_from_parallax(scale, prior.parallax, prior.parallax_err)
     model_obs = np.stack([shift_spectra(model[s], obs.star_wave[s], rv[s], obs.wave)
                           for s in range(nstar)]) if nstar else np.zeros((0, obs.wave.size))
-    a_lambda = extinction_per_ebv(obs.star_wave, fit.extinction_law)
-    model_flux = (scale[:, None] * model_obs * 10.0 ** (-0.4 * pf["ebv"][:, None] * a_lambda)
-                  / FLUX_UNIT_SCALE)
+    scaled = _scaled_model(obs, model_obs, weights, matched, tm.library, prior, config)
     return SimpleNamespace(rv=rv, rv_err=rv_err, model_nobs=model_nobs, chi2_dof=chi2_dof,
-                           model_error=model_error, phot=pf, scale=scale,
-                           scale_err=scale * _LN10_04 * pf["mu_err"], model_flux=model_flux,
-                           logg_parallax=logg_p, logg_parallax_err=logg_p_err)
+                           model_error=model_error, **scaled)
+
+
+def _scaled_model(obs, model_obs, weights, matched, library, prior, config):
+    """The model at Earth: flux scale and E(B-V) from the photometry (whose residuals judge
+    the star), then a smooth photometric warp fitted with the scale at that E(B-V) (the
+    template's broad shape corrected where the bands ask for it; see
+    :func:`kspec_fluxcal.photometry.warp_basis`)."""
+    fit = config.fit
+    phot = _PhotometricScore(matched, library, prior, config)
+    pf = _photometry_rows(phot, weights)
+    scale, ebv, scale_err = 10.0 ** (-0.4 * pf["mu"]), pf["ebv"], None
+    mags, ext = _model_magnitudes(phot, weights)
+    warp = np.zeros((obs.nstar, fit.warp_degree))
+    curve = np.ones(model_obs.shape)
+    wave_range = (float(obs.wave[0]), float(obs.wave[-1]))
+    band_basis = warp_basis([band_wavelength(b) for b in matched["band"].values], wave_range,
+                            fit.warp_degree)
+    if fit.warp_degree >= 1 and obs.nstar:
+        wf = fit_warp(phot.mag_obs, phot.mag_err, mags + ext * ebv[:, None],
+                      np.broadcast_to(band_basis, (obs.nstar,) + band_basis.shape), pf["used"],
+                      warp_sigma=fit.warp_sigma, error_floor=config.photometry.error_floor)
+        scale, warp = 10.0 ** (-0.4 * wf["mu"]), wf["warp"]
+        scale_err = scale * _LN10_04 * wf["mu_err"]
+        curve = 10.0 ** (-0.4 * (warp_basis(obs.star_wave, wave_range, fit.warp_degree)
+                                 @ warp[:, :, None])[..., 0])
+    if scale_err is None:
+        scale_err = scale * _LN10_04 * pf["mu_err"]
+    band_warp = (band_basis @ warp.T).T if warp.shape[1] else 0.0
+    mag_model = mags - 2.5 * np.log10(scale)[:, None] + ext * ebv[:, None] + band_warp
+    logg_p, logg_p_err = logg_from_parallax(scale, prior.parallax, prior.parallax_err)
+    a_lambda = extinction_per_ebv(obs.star_wave, fit.extinction_law)
+    model_flux = (scale[:, None] * model_obs * curve * 10.0 ** (-0.4 * ebv[:, None] * a_lambda)
+                  / FLUX_UNIT_SCALE)
+    with np.errstate(invalid="ignore"):
+        warp_rms = np.sqrt(np.nanmean((curve - 1.0) ** 2, axis=1)) if obs.nstar else np.zeros(0)
+    return {"phot": pf, "scale": scale, "scale_err": scale_err, "ebv": ebv, "warp": warp,
+            "warp_rms": warp_rms, "mag_model": mag_model, "model_flux": model_flux,
+            "logg_parallax": logg_p, "logg_parallax_err": logg_p_err}
+
+
+def _model_magnitudes(phot, weights):
+    """Synthetic AB magnitudes (surface flux) and band extinction coefficients of models."""
+    maggies = np.asarray(weights @ phot.maggies)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ext = np.asarray(weights @ phot.weighted_ext) / maggies
+        return np.where(maggies > 0, -2.5 * np.log10(maggies), np.nan), ext
 
 
 def _photometry_rows(phot, weights):
@@ -752,6 +796,19 @@ def _photometry_rows(phot, weights):
                 "dropped": np.zeros((0, phot.maggies.shape[1]), bool), "n_bands": empty,
                 "rms": empty, "chi2": empty}
     return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+
+
+def _spectral_photometry(phot, scan):
+    """Photometric rms of each star's best template by its spectrum alone (E(B-V) and
+    scale fitted): whether the catalog's photometry can belong to the star in the fiber,
+    judged where the photometry has not chosen the template."""
+    import scipy.sparse
+
+    nstar = scan.best.size
+    weights = scipy.sparse.csr_matrix((np.ones(nstar), (np.arange(nstar), scan.best)),
+                                      shape=(nstar, phot.maggies.shape[0]))
+    rms = _photometry_rows(phot, weights)["rms"]
+    return np.where(scan.usable, rms, np.nan)
 
 
 def _model_error(obs, model_nobs, scan):
@@ -826,12 +883,14 @@ def _acceptance(obs, prior, scan, model, params, matched, library, config):
     """Why each star cannot calibrate, or 'ok'.
 
     Rejected for: no catalog entry or too few bands; too few good pixels or too low S/N; no
-    template; photometry that disagrees with the spectrum's model (another star, a blend or a
-    variable: residual rms beyond ``max_rms``); an unphysical velocity or reddening (pinned
-    at the search limits); a model error beyond ``max_model_error`` (not a star like the
-    templates); a fit pinned at the grid's Teff edge while the colours put the star beyond it
-    (the vector's slope would be wrong by the missing temperature). Template mismatch below
-    ``max_model_error`` is a quality figure (``model_error``), carried into the star's weight.
+    template; photometry that disagrees with the spectrum's model (another star, a blend or
+    a variable: residual rms beyond ``max_rms``, for the chosen model or for the template
+    the spectrum alone prefers, which photometry given weight could otherwise pull away); an
+    unphysical velocity or reddening (pinned at the search limits); a model error beyond
+    ``max_model_error`` (not a star like the templates); a fit pinned at the grid's Teff
+    edge while the colours put the star beyond it (the vector's slope would be wrong by the
+    missing temperature). Template mismatch below ``max_model_error`` is a quality figure
+    (``model_error``), carried into the star's weight.
     """
     fit, phot = config.fit, config.photometry
     pf = model.phot
@@ -859,9 +918,14 @@ def _acceptance(obs, prior, scan, model, params, matched, library, config):
             out.append(f"photometry disagrees with the spectrum: rms {pf['rms'][s]:.3f} mag > "
                        f"{phot.max_rms:g} over {int(pf['n_bands'][s])} bands (another star, a "
                        "blend or a variable?)")
+        elif not model.phot_rms_spectral[s] <= phot.max_rms:
+            # The photometry chose a template the spectrum does not want, to fit itself.
+            out.append(f"photometry disagrees with the spectrum: rms "
+                       f"{model.phot_rms_spectral[s]:.3f} mag > {phot.max_rms:g} for the "
+                       "spectrum's best template (another star, a blend or a variable?)")
         elif abs(model.rv[s]) >= 0.98 * fit.rv_max:
             out.append(f"RV {model.rv[s]:+.0f} km/s at the search limit (+/-{fit.rv_max:g})")
-        elif fit.reddening and pf["ebv"][s] >= fit.ebv_max - 1e-6:
+        elif fit.reddening and model.ebv[s] >= fit.ebv_max - 1e-6:
             out.append(f"E(B-V) pinned at its limit {fit.ebv_max:g} mag")
         elif _throughput_verdict(model.throughput[s], config) == "refuse":
             inst = config.instrument
@@ -909,22 +973,14 @@ def _result(std, obs, prior, scan, lsf_fit, params, errors, model, vectors, stat
     pf = model.phot
     bands = list(matched["band"].values)
     dropped = [",".join(np.asarray(bands)[row]) for row in pf["dropped"]] if obs.nstar else []
-    ext = library["ext_coeff"].sel(law=config.fit.extinction_law, band=bands)
-    corners, weight = _interpolated(library, params)
-    maggies = np.einsum("sc,scb->sb", weight, np.nan_to_num(
-        10.0 ** (-0.4 * library["synth_mag"].sel(band=bands).values[corners])))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ext_s = np.einsum("sc,scb->sb", weight, np.nan_to_num(
-            10.0 ** (-0.4 * library["synth_mag"].sel(band=bands).values[corners])
-            * ext.values[corners])) / maggies
-        mag_model = (np.where(maggies > 0, -2.5 * np.log10(maggies), np.nan)
-                     - 2.5 * np.log10(model.scale)[:, None] + ext_s * pf["ebv"][:, None])
     per_star = {
         **{p: params[p] for p in PARAMS}, **{f"{p}_err": errors[p] for p in PARAMS[:3]},
-        "teff_colour": prior.teff_colour, "ebv": pf["ebv"], "ebv_err": pf["ebv_err"],
+        "teff_colour": prior.teff_colour, "ebv": model.ebv, "ebv_err": pf["ebv_err"],
         "ebv_catalog": prior.ebv_catalog, "rv": model.rv, "rv_err": model.rv_err,
         "scale": model.scale, "scale_err": model.scale_err, "chi2_dof": model.chi2_dof,
-        "model_error": model.model_error, "lsf_scale": lsf_fit.star,
+        "model_error": model.model_error, "warp_rms": model.warp_rms,
+        "phot_rms_spectral": model.phot_rms_spectral,
+        "lsf_scale": lsf_fit.star,
         "lsf_scale_err": lsf_fit.star_err, "logg_parallax": model.logg_parallax,
         "logg_parallax_err": model.logg_parallax_err, "phot_rms": pf["rms"], "snr": obs.snr,
         "good_fraction": obs.good_fraction, "n_bands": pf["n_bands"],
@@ -959,7 +1015,9 @@ def _result(std, obs, prior, scan, lsf_fit, params, errors, model, vectors, stat
             "mag_obs": (("star", "band"), matched["mag"].values, {"units": "mag",
                                                                   "system": "AB"}),
             "mag_err": (("star", "band"), matched["mag_err"].values, {"units": "mag"}),
-            "mag_model": (("star", "band"), mag_model, {"units": "mag", "system": "AB"}),
+            "mag_model": (("star", "band"), model.mag_model, {"units": "mag", "system": "AB",
+                                                              "description": "the model at "
+                                                              "Earth, warp included"}),
             "phot_resid": (("star", "band"), pf["resid"], {"units": "mag",
                                                            "description": "catalog - model"}),
             "band_used": (("star", "band"), pf["used"]),

@@ -19,8 +19,10 @@ from kspec_fluxcal.calibration import apply_calibration, combine_vectors
 from kspec_fluxcal.constants import CAL_UNIT, FLUX_UNIT
 from kspec_fluxcal.errors import ExposureError, FluxCalWarning
 from kspec_fluxcal.exposure import open_exposure, red_hdulist, write_calibrated
+from kspec_fluxcal.lsf import LineSpread
 from kspec_fluxcal.pipeline import CalibrationResult
 from kspec_fluxcal.qc import QC_PLOTS, qc_from_file, write_qc
+from kspec_fluxcal.telluric import transmission
 
 NPIX = 400
 EXPID = "QC0042"
@@ -35,10 +37,15 @@ def _wave():
     return np.linspace(4000.0, 8000.0, NPIX)
 
 
+LSF = LineSpread.constant(6.0)
+COLUMNS = (1.2, 2.0)  # O2 (airmasses) and H2O (cm) the telluric model should find
+
+
 def _true_cal(wave):
-    """A throughput-like vector: steep in the blue, with an O2 A-band bump."""
+    """A throughput-like vector: steep in the blue, with telluric bumps (counts are lower
+    in the bands, so model / counts is higher)."""
     cal = 0.02 * (1.0 + 3.0 * ((wave - 6200.0) / 2200.0) ** 2)
-    return cal * (1.0 + 0.6 * np.exp(-0.5 * ((wave - 7640.0) / 20.0) ** 2))
+    return cal / transmission(wave, LSF, *COLUMNS)
 
 
 def _stars(fibers, grey, status, tilt=None, seed=1):
@@ -98,6 +105,7 @@ def _stars(fibers, grey, status, tilt=None, seed=1):
             "band_used": (("star", "band"), band_used),
         },
         coords=coords,
+        attrs={"lsf_fwhm_coeffs": list(LSF.coeffs), "airmass": COLUMNS[0]},
     )
 
 
@@ -482,3 +490,12 @@ def test_photometry_legend_lists_only_markers_shown(many):
                                dropped_bands=lambda v: np.full_like(v, "")))
     assert "dropped as outlier" not in clean
     assert "measured, not used in the fit" not in clean
+
+
+def test_telluric_plot_shows_the_fitted_columns(many, many_qc):
+    """The telluric page is drawn from the combination's own fit, which finds the columns the
+    vectors were made with."""
+    attrs = many.calibration.attrs
+    assert attrs["fcalo2"] == pytest.approx(COLUMNS[0], rel=0.1)
+    assert attrs["fcalh2o"] == pytest.approx(COLUMNS[1], rel=0.15)
+    _assert_png(many_qc[0] / f"{EXPID}_telluric.png")

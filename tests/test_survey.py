@@ -542,8 +542,18 @@ def _kill_group(proc):
 
 
 def _new_outputs(out, since):
-    return [p for p in out.rglob("*_fluxcal.fits")
-            if not p.name.startswith(".") and p.stat().st_mtime_ns > since]
+    """Outputs newer than ``since``, listed while the job writes: os.walk skips directories
+    that vanish under it (temporary ones), which Path.rglob does not."""
+    found = []
+    for root, _, files in os.walk(out):
+        for name in files:
+            if name.endswith("_fluxcal.fits") and not name.startswith("."):
+                try:
+                    if os.stat(os.path.join(root, name)).st_mtime_ns > since:
+                        found.append(Path(root) / name)
+                except FileNotFoundError:  # renamed or removed since the listing
+                    pass
+    return found
 
 
 def _check_partial_archive(out, ref_out, ref):
