@@ -394,7 +394,7 @@ def _fit_smooth(wave, values, variance, fit, opts, no_knots=None):
     normal += 1e-6 * np.trace(normal) / basis.shape[1] * diff.T @ diff
     cov = np.linalg.pinv(normal)
     coef = cov @ (basis.T @ (w * np.nan_to_num(values)))
-    return basis @ coef, np.einsum("pi,ij,pj->p", basis, cov, basis)
+    return basis @ coef, np.sum((basis @ cov) * basis, axis=1)
 
 
 def _response(stars, vec, idx, stack, comb, comb_var, measured, smooth, config):

@@ -117,7 +117,7 @@ SCHEMA = {
         "teff_window": Option(750.0, "Half width of the colour-Teff search window, K.", min=0.0),
         "rv_max": Option(500.0, "Radial-velocity search range, +/- km/s.", min=10.0, max=3000.0),
         "refine": Option(True, "Refine parameters between grid points (interpolation)."),
-        "refine_starts": Option(4, "Refinements started from this many of the best grid points "
+        "refine_starts": Option(2, "Refinements started from this many of the best grid points "
                                 "(the best result is kept).", min=1, max=50),
         "use_photometry": Option(True, "Choose template parameters with the photometric chi^2 "
                                  "of the scaled, reddened model added to the spectral one "

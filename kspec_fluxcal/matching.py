@@ -38,23 +38,29 @@ __all__ = [
 
 _LANCZOS_A = 4
 _TAPS = np.arange(-_LANCZOS_A + 1, _LANCZOS_A + 1)
-_COS_TAPS = np.cos(np.pi * _TAPS / _LANCZOS_A)
-_SIN_TAPS = np.sin(np.pi * _TAPS / _LANCZOS_A)
+_TABLE_STEPS = 2048  # kernel weights tabulated per 1/2048 pixel: interpolation errs < 1e-6
 
 
-def _kernel_weights(frac):
+def _exact_kernel_weights(frac):
     """Lanczos weights of the taps around a position (``frac`` past the left pixel),
     normalised to unit sum so a constant stays constant."""
     t = frac[..., None] - _TAPS
-    # sinc(t) sinc(t/a) with sin(pi t) = (-1)^k sin(pi frac) and sin(pi (frac - k) / a) by
-    # the angle-difference formula: three sines and cosines per position, not nine.
-    sign = np.where(_TAPS % 2 == 0, 1.0, -1.0)
-    phase = np.pi * frac / _LANCZOS_A
-    sin_t = (np.sin(phase)[..., None] * _COS_TAPS - np.cos(phase)[..., None] * _SIN_TAPS)
-    num = _LANCZOS_A * sign * np.sin(np.pi * frac)[..., None] * sin_t
     with np.errstate(invalid="ignore", divide="ignore"):
-        w = np.where(np.abs(t) < 1e-9, 1.0, num / (np.pi**2 * t * t))
+        w = np.where(np.abs(t) < 1e-9, 1.0, np.sinc(t) * np.sinc(t / _LANCZOS_A))
     return w / w.sum(axis=-1, keepdims=True)
+
+
+_KERNEL_TABLE = _exact_kernel_weights(np.linspace(0.0, 1.0, _TABLE_STEPS + 1))
+
+
+def _kernel_weights(frac):
+    """:func:`_exact_kernel_weights` interpolated linearly in a table (a few times faster:
+    velocity scans evaluate millions of positions)."""
+    x = np.asarray(frac, dtype=np.float64) * _TABLE_STEPS
+    i = np.clip(x.astype(np.intp), 0, _TABLE_STEPS - 1)
+    a = (x - i)[..., None]
+    lo = _KERNEL_TABLE[i]
+    return lo + a * (_KERNEL_TABLE[i + 1] - lo)
 
 
 def _positions(wavelength, rv, source=None):
@@ -630,7 +636,7 @@ def score_points(obs_norm, obs_ivar, templates, template_index, axes, points, rv
 
 
 def refine_parameters(obs_norm, obs_ivar, templates, template_index, axes, start, rv,
-                      wavelength, *, levels=((5, 1.0), (5, 1.0 / 3)), **options):
+                      wavelength, *, levels=((3, 1.0), (3, 0.5), (3, 0.25)), **options):
     """Refine (teff, logg, [M/H]) between grid points by a lattice search on interpolated
     templates, then a quadratic fit of the scores for the minimum and its errors.
 
@@ -670,7 +676,11 @@ def refine_parameters(obs_norm, obs_ivar, templates, template_index, axes, start
     for n, half in levels:
         u = np.linspace(-half, half, n)
         grid = np.array(np.meshgrid(u, u, u, indexing="ij")).reshape(3, -1).T  # (K, 3)
-        points = np.clip(centre[:, None, :] + grid[None] * steps, lo, hi)  # (S, K, 3)
+        # Lattices that would cross the grid's edge are moved inside it, not clipped:
+        # clipping would merge points and leave the final quadratic undetermined.
+        inner = np.clip(centre, np.minimum(lo + half * steps, hi),
+                        np.maximum(hi - half * steps, lo))
+        points = np.clip(inner[:, None, :] + grid[None] * steps, lo, hi)  # (S, K, 3)
         full = np.concatenate([points, np.broadcast_to(alpha[:, None, None],
                                                        points.shape[:2] + (1,))], axis=2)
         scores = score_points(obs_norm, obs_ivar, templates, template_index, axes, full, rv,

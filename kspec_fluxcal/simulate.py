@@ -271,6 +271,10 @@ _SKY_RESIDUAL = (0.02, 0.06)
 #: Standard stars: F/G dwarfs (parameters clipped to the grid, with a margin).
 _STANDARD_RANGES = {"teff": (5500.0, 7000.0), "logg": (3.8, 4.6), "feh": (-0.9, 0.2)}
 _STANDARD_G = (13.5, 16.5)
+#: The brightest standards used when the usual range cannot reach the S/N asked for (bright
+#: standards of short exposures), before the transparency is changed (which makes the
+#: implied throughput unphysical, as the pipeline then says).
+_BRIGHT_STANDARD_G = 9.0
 #: Stellar masses, M_sun, uniform: F/G dwarfs and subdwarfs, from halo subdwarfs (~0.75) to
 #: F dwarfs (~1.3; masses against spectral type of detached eclipsing binaries, Torres,
 #: Andersen & Gimenez 2010, A&ARv 18, 67). With log g they give radii, with the dilution
@@ -800,8 +804,8 @@ def _snr_curves(unit_counts, noise_var):
 
 
 def _solve_magnitudes(rng, unit_counts, noise_var, snr_range, transparency):
-    """Gaia G of each standard for a target S/N in ``snr_range``; the transparency changes
-    only when no G in 13.5-16.5 can reach the range."""
+    """Gaia G of each standard for a target S/N in ``snr_range``: in 13.5-16.5, else down to
+    G = 9 (bright standards); the transparency changes only when neither reaches the range."""
     lo, hi = snr_range
     mags, snr = _snr_curves(unit_counts, noise_var)  # S/N decreases with G
     g_lo, g_hi = _STANDARD_G
@@ -817,6 +821,8 @@ def _solve_magnitudes(rng, unit_counts, noise_var, snr_range, transparency):
 
     nstar = snr.shape[1]
     q = 1.0
+    if any(a >= b for a, b in (interval(k, q) for k in range(nstar))):
+        g_lo = _BRIGHT_STANDARD_G
     if any(a >= b for a, b in (interval(k, q) for k in range(nstar))):
         # Put the middle of the range (in log) at the middle magnitude for the median star.
         g_mid = float(np.median([mag_at(np.sqrt(lo * hi), k) for k in range(nstar)]))

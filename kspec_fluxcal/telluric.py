@@ -19,8 +19,11 @@ data want a list from HITRAN for the site, given by the ``[telluric] lines`` opt
 
 from __future__ import annotations
 
+import collections
 import functools
+import hashlib
 import os
+import threading
 from importlib import resources
 from pathlib import Path
 
@@ -38,10 +41,13 @@ __all__ = ["telluric_lines", "optical_depths", "line_optical_depth", "high_resol
 TELLURIC_LINES = ("telluric_lines",)
 #: Step of the high-resolution grid, Angstrom: five points per FWHM of the narrowest lines.
 _STEP = 0.01
-#: The high-resolution transmission is averaged in boxes of this many steps (0.1 A: equivalent
-#: widths kept exactly, the line spread widened by 0.03 A^2 in variance, nothing at K-SPEC's
-#: ~1 A sigma) before the line-spread kernels, which then need ten times fewer terms.
+#: The high-resolution transmission is averaged in boxes of at least this many steps (0.1 A:
+#: equivalent widths kept exactly, the line spread widened by box^2/12 in variance) before
+#: the line-spread kernels, which then need that many times fewer terms.
 _BOX = 10
+#: In the fit, boxes grow with the narrowest line spread sampled, up to sigma /
+#: _BOX_PER_SIGMA (the boxes' moments keep the sum exact to third order, see _Sampler).
+_BOX_PER_SIGMA = 3.0
 #: Lorentzian wings are summed this far from each line centre, Angstrom.
 _WING = 6.0
 #: Line-spread kernels reach this many sigma.
@@ -160,38 +166,61 @@ def optical_depths(source="telluric_lines"):
 
 
 def _kernel_matrix(wave_in, wave_out, sigma_out):
-    """Sparse (len(wave_out), len(wave_in)) Gaussian kernels for any (unsorted) output points,
-    each with its own sigma (Angstrom) on the uniform input grid. A kernel's weights sum to
-    one over the whole Gaussian: near the grid's ends the part beyond it is missing (the
-    caller adds the value there)."""
+    """Sparse (len(wave_out), 3 len(wave_in)) Gaussian kernels for any (unsorted) output
+    points, each with its own sigma (Angstrom), on a uniform grid of boxes: the kernel and
+    its first and second derivatives (over 1 and 2) at the box centres, which act on the
+    boxes' zeroth, first and second moments of the absorption. Weights are normalised over
+    the whole Gaussian: near the grid's ends the part beyond it is missing (the caller adds
+    the value there)."""
     step = wave_in[1] - wave_in[0]
     half = int(np.ceil(_NSIGMA * np.max(sigma_out, initial=step) / step))
     centre = np.round((wave_out - wave_in[0]) / step).astype(int)
     cols = centre[:, None] + np.arange(-half, half + 1)[None, :]
     inside = (cols >= 0) & (cols < wave_in.size)
-    u = (wave_in[0] + cols * step - wave_out[:, None]) / sigma_out[:, None]
+    sig = sigma_out[:, None]
+    u = (wave_in[0] + cols * step - wave_out[:, None]) / sig
     vals = np.where(np.abs(u) <= _NSIGMA, np.exp(-0.5 * u**2), 0.0)
     vals /= np.maximum(vals.sum(axis=1, keepdims=True), 1e-300)
     vals = np.where(inside, vals, 0.0)
-    cols = np.clip(cols, 0, wave_in.size - 1)
-    rows = np.broadcast_to(np.arange(wave_out.size)[:, None], cols.shape)
     keep = vals > 0
-    return scipy.sparse.csr_matrix((vals[keep], (rows[keep], cols[keep])),
-                                   shape=(wave_out.size, wave_in.size))
+    cols = np.clip(cols, 0, wave_in.size - 1)[keep]
+    rows = np.broadcast_to(np.arange(wave_out.size)[:, None], keep.shape)[keep]
+    # Taylor terms of g(x_j + d) in the offset d from a box's centre.
+    terms = [vals, -vals * u / sig, 0.5 * vals * (u**2 - 1.0) / sig**2]
+    return scipy.sparse.csr_matrix(
+        (np.concatenate([t[keep] for t in terms]),
+         (np.tile(rows, 3), np.concatenate([cols + k * wave_in.size for k in range(3)]))),
+        shape=(wave_out.size, 3 * wave_in.size))
 
 
 class _Sampler:
     """High-resolution spectra sampled at pixels through Gaussian line spreads: which pixels
-    the absorption reaches, and the kernel matrix from the box-averaged grid to them."""
+    the absorption reaches, and the kernel matrix from the boxes' moments to them.
 
-    def __init__(self, hr_wave, active, wavelength, sigma):
-        n = hr_wave.size // _BOX * _BOX
-        self.n = n
-        box_wave = hr_wave[:n].reshape(-1, _BOX).mean(axis=1)
-        # Only boxes with absorption are computed (the rest transmit 1).
-        self.active = active[:n].reshape(-1, _BOX).any(axis=1)
-        self.hr_active = np.repeat(self.active, _BOX)
+    Each box of the high-resolution grid is represented by the zeroth, first and second
+    moments of the absorption (outside level minus the values) about its centre: the
+    Gaussian's Taylor expansion over a box then errs by third-order terms only, so boxes a
+    third of the narrowest sigma wide (``adaptive``) change no transmission by more than
+    2e-5 against the full high-resolution sum.
+    """
+
+    def __init__(self, hr_wave, active, wavelength, sigma, adaptive=False):
         wave = np.asarray(wavelength, dtype=np.float64)
+        step = hr_wave[1] - hr_wave[0]
+        box = _BOX
+        if adaptive:
+            narrowest = np.nanmin(np.where(np.isfinite(wave), sigma, np.nan), initial=np.inf)
+            if np.isfinite(narrowest):
+                box = max(_BOX, int(narrowest / _BOX_PER_SIGMA / step))
+        self.box = box
+        n = hr_wave.size // box * box
+        self.n = n
+        box_wave = hr_wave[:n].reshape(-1, box).mean(axis=1)
+        offset = (np.arange(box) - 0.5 * (box - 1)) * step
+        self.moments = np.stack([np.ones(box), offset, offset**2], axis=1) / box  # (box, 3)
+        # Only boxes with absorption are computed (the rest transmit 1).
+        self.active = active[:n].reshape(-1, box).any(axis=1)
+        self.hr_active = np.repeat(self.active, box)
         self.shape = wave.shape
         flat, sig = wave.ravel(), np.broadcast_to(sigma, wave.shape).ravel()
         ok = np.isfinite(flat) & np.isfinite(sig)
@@ -202,16 +231,18 @@ class _Sampler:
         self.index = np.flatnonzero(ok & (hi > lo) & (touched[np.clip(hi, 0, None)]
                                                       > touched[np.clip(lo, 0, None)]))
         self.matrix = _kernel_matrix(box_wave, flat[self.index], sig[self.index])
-        self.weight = np.asarray(self.matrix.sum(axis=1)).ravel()  # < 1 near the grid's ends
 
     def sample(self, values, outside):
-        """``values`` (on the active high-resolution points) seen at the pixels; ``outside``
-        where the absorption does not reach."""
-        boxed = np.full(self.active.size, outside)
-        boxed[self.active] = values.reshape(-1, _BOX).mean(axis=1)
-        full = np.full(int(np.prod(self.shape)), outside)
-        full[self.index] = self.matrix @ boxed + (1.0 - self.weight) * outside
-        return full.reshape(self.shape)
+        """``values`` (k, active high-resolution points) seen at the pixels: (k,) + shape;
+        ``outside`` (k,) where the absorption does not reach."""
+        outside = np.asarray(outside, dtype=np.float64)
+        k = outside.size
+        deficit = (outside[:, None] - values).reshape(k, -1, self.box) @ self.moments
+        boxed = np.zeros((3, self.active.size, k))
+        boxed[:, self.active] = deficit.transpose(2, 1, 0)
+        full = np.broadcast_to(outside[:, None], (k, int(np.prod(self.shape)))).copy()
+        full[:, self.index] -= (self.matrix @ boxed.reshape(-1, k)).T
+        return full.reshape((k,) + self.shape)
 
 
 def sample_transmission(hr_wave, hr_transmission, wavelength, sigma):
@@ -219,7 +250,7 @@ def sample_transmission(hr_wave, hr_transmission, wavelength, sigma):
     spreads of ``sigma`` (Angstrom, per pixel or one); 1 where it is 1 within reach."""
     active = hr_transmission < 1.0
     sampler = _Sampler(hr_wave, active, wavelength, sigma)
-    return sampler.sample(hr_transmission[:sampler.n][sampler.hr_active], 1.0)
+    return sampler.sample(hr_transmission[None, :sampler.n][:, sampler.hr_active], [1.0])[0]
 
 
 class _Model:
@@ -228,19 +259,56 @@ class _Model:
     def __init__(self, wavelength, lsf, scale, source):
         self.hr_wave, tau = optical_depths(source)
         wave = np.asarray(wavelength, dtype=np.float64)
+        self.shape = wave.shape
         scale = np.ones(wave.shape[:-1]) if scale is None else np.asarray(scale, np.float64)
+        # Fibers sharing pixels and line spread (a shared wavelength solution) are one row.
+        rows = np.concatenate([np.broadcast_to(scale[..., None], wave.shape[:-1] + (1,)),
+                               wave], axis=-1).reshape(-1, wave.shape[-1] + 1)
+        seen = {}
+        self.inverse = np.array([seen.setdefault(row.tobytes(), len(seen)) for row in rows],
+                                dtype=int)
+        first = np.unique(self.inverse, return_index=True)[1]
+        wave, scale = rows[first, 1:], rows[first, 0]
         fwhm = lsf.fwhm(np.where(np.isfinite(wave), wave, 1.0))
-        sigma = np.where(np.isfinite(wave), fwhm * scale[..., None] / FWHM_PER_SIGMA, np.nan)
-        self.sampler = _Sampler(self.hr_wave, tau.sum(axis=0) > 1e-9, wave, sigma)
+        sigma = np.where(np.isfinite(wave), fwhm * scale[:, None] / FWHM_PER_SIGMA, np.nan)
+        self.sampler = _Sampler(self.hr_wave, tau.sum(axis=0) > 1e-9, wave, sigma,
+                                adaptive=True)
         self.tau = tau[:, :self.sampler.n][:, self.sampler.hr_active]
 
     def __call__(self, o2, h2o, derivatives=False):
         hr = np.exp(-o2 * self.tau[0] - h2o * self.tau[1])
-        out = self.sampler.sample(hr, 1.0)
         if not derivatives:
-            return out
-        return [out, self.sampler.sample(-self.tau[0] * hr, 0.0),
-                self.sampler.sample(-self.tau[1] * hr, 0.0)]
+            out = self.sampler.sample(hr[None], [1.0])
+        else:
+            out = self.sampler.sample(np.stack([hr, -self.tau[0] * hr, -self.tau[1] * hr]),
+                                      [1.0, 0.0, 0.0])
+        out = out[:, self.inverse.ravel()].reshape((len(out),) + self.shape)
+        return list(out) if derivatives else out[0]
+
+
+_MODELS = collections.OrderedDict()
+_MODELS_KEPT = 4
+_MODELS_LOCK = threading.Lock()  # workers' threads share the cache
+
+
+def _model(wavelength, lsf, scale, source):
+    """The :class:`_Model` of these pixels and line spreads, reused while the same ones come
+    back (a fit's iterations, an exposure's stars and fibers on a shared solution)."""
+    wave = np.ascontiguousarray(wavelength, dtype=np.float64)
+    digest = hashlib.blake2b(wave.tobytes(), digest_size=16)
+    if scale is not None:
+        digest.update(np.ascontiguousarray(scale, dtype=np.float64).tobytes())
+    key = (digest.hexdigest(), wave.shape, scale is None, tuple(lsf.coeffs), source)
+    with _MODELS_LOCK:
+        if key in _MODELS:
+            _MODELS.move_to_end(key)
+            return _MODELS[key]
+    model = _Model(wave, lsf, scale, source)
+    with _MODELS_LOCK:
+        _MODELS[key] = model
+        while len(_MODELS) > _MODELS_KEPT:
+            _MODELS.popitem(last=False)
+    return model
 
 
 def transmission(wavelength, lsf, o2, h2o, *, scale=None, source="telluric_lines",
@@ -266,7 +334,7 @@ def transmission(wavelength, lsf, o2, h2o, *, scale=None, source="telluric_lines
     -------
     numpy.ndarray, shaped like ``wavelength`` (or a list of three).
     """
-    return _Model(wavelength, lsf, scale, source)(o2, h2o, derivatives)
+    return _model(wavelength, lsf, scale, source)(o2, h2o, derivatives)
 
 
 def fit_telluric(wavelength, observed, weight, lsf, *, start=(1.0, 1.0), scale=None,
@@ -294,7 +362,7 @@ def fit_telluric(wavelength, observed, weight, lsf, *, start=(1.0, 1.0), scale=N
         ``o2_err``, ``h2o_err`` (inflated by sqrt(chi^2/dof) when above 1), ``chi2_dof``
         and ``model`` (S, P): the fitted transmission at every pixel.
     """
-    sample = _Model(wavelength, lsf, scale, source)
+    sample = _model(wavelength, lsf, scale, source)
     y = np.nan_to_num(observed, nan=1.0)
     w = np.where(np.isfinite(observed), weight, 0.0)
     params = np.array(start, dtype=np.float64)

@@ -162,3 +162,13 @@ def test_quadratic_minimum():
     xmin, cov = quadratic_minimum(x, y)
     np.testing.assert_allclose(xmin, centre, atol=1e-8)
     np.testing.assert_allclose(cov[0], 2 * np.linalg.inv(h), rtol=1e-6)
+
+
+def test_tabulated_lanczos_weights_equal_the_kernel():
+    from kspec_fluxcal.matching import _exact_kernel_weights, _kernel_weights
+
+    frac = np.random.default_rng(2).random(5000)
+    frac[:3] = [0.0, 1.0 - 1e-12, 0.5]
+    table = _kernel_weights(frac)
+    np.testing.assert_allclose(table, _exact_kernel_weights(frac), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(table.sum(axis=-1), 1.0, atol=1e-12)

@@ -1,0 +1,101 @@
+"""Telluric model: transmission at pixels through a line spread, derivatives, the fit."""
+
+import numpy as np
+import pytest
+
+from kspec_fluxcal.constants import FWHM_PER_SIGMA
+from kspec_fluxcal.lsf import LineSpread
+from kspec_fluxcal.telluric import (
+    fit_telluric,
+    optical_depths,
+    sample_transmission,
+    transmission,
+)
+
+COLUMNS = (1.3, 2.5)
+
+
+def _direct(wave, sigma, o2, h2o):
+    """The transmission as a plain sum over the high-resolution grid (the definition)."""
+    hr, tau = optical_depths()
+    trans = np.exp(-o2 * tau[0] - h2o * tau[1])
+    out = []
+    for w in wave:
+        k = np.exp(-0.5 * ((hr - w) / sigma) ** 2)
+        out.append(np.sum(k * trans) / np.sum(k))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("fwhm, npix", [(12.0, 1340), (4.0, 4096), (2.0, 8000)])
+def test_transmission_equals_the_high_resolution_sum(fwhm, npix):
+    """Boxes of a third of sigma with their moments: the sum over the high-resolution grid to
+    2e-5, for the IsoPlane's line spread and finer ones."""
+    wave = np.linspace(3600.0, 8400.0, npix)
+    sigma = fwhm / FWHM_PER_SIGMA
+    hr = optical_depths()[0]
+    inside = np.flatnonzero((wave > hr[0] + 5 * sigma) & (wave < hr[-1] - 5 * sigma))[::5]
+    got = transmission(wave, LineSpread.constant(fwhm), *COLUMNS)
+    want = _direct(wave[inside], sigma, *COLUMNS)
+    assert want.min() < 0.6  # the O2 A band is in
+    assert np.abs(got[inside] - want).max() < 2e-5
+    fine = sample_transmission(hr, np.exp(-COLUMNS[0] * optical_depths()[1][0]
+                                          - COLUMNS[1] * optical_depths()[1][1]), wave, sigma)
+    assert np.abs(fine[inside] - want).max() < 2e-6
+
+
+def test_one_outside_the_bands_and_derivatives():
+    wave = np.linspace(3700.0, 8400.0, 3000)
+    lsf = LineSpread.constant(5.0)
+    trans, d_o2, d_h2o = transmission(wave, lsf, *COLUMNS, derivatives=True)
+    assert np.all(trans[wave < 6000] == 1.0)
+    assert np.all(d_o2[wave < 6000] == 0.0)
+    h = 1e-4
+    num_o2 = (transmission(wave, lsf, COLUMNS[0] + h, COLUMNS[1])
+              - transmission(wave, lsf, COLUMNS[0] - h, COLUMNS[1])) / (2 * h)
+    num_h2o = (transmission(wave, lsf, COLUMNS[0], COLUMNS[1] + h)
+               - transmission(wave, lsf, COLUMNS[0], COLUMNS[1] - h)) / (2 * h)
+    np.testing.assert_allclose(d_o2, num_o2, atol=1e-7)
+    np.testing.assert_allclose(d_h2o, num_h2o, atol=1e-7)
+    assert d_o2.min() < -0.05 and d_h2o.min() < -0.01
+
+
+def test_rows_have_their_own_pixels_and_line_spreads():
+    """Fibers sharing pixels are computed once, but each row keeps its own pixels and width:
+    the same as separate calls, and a broader fiber sees a shallower A band."""
+    lsf = LineSpread.constant(6.0)
+    base = np.linspace(6800.0, 7800.0, 600)
+    rows = np.stack([base, base, base + 0.8, base])
+    scale = np.array([1.0, 1.0, 1.0, 1.2])
+    together = transmission(rows, lsf, *COLUMNS, scale=scale)
+    for r in range(4):  # boxes follow the narrowest spread of a call: equal to 2 x 2e-5
+        alone = transmission(rows[r], lsf.scaled(scale[r]), *COLUMNS)
+        np.testing.assert_allclose(together[r], alone, rtol=0, atol=4e-5)
+    assert np.array_equal(together[0], together[1])
+    assert together[3].min() > together[0].min() + 0.02
+
+
+def test_fit_recovers_the_columns():
+    """Stars' observed transmissions (the definition's high-resolution sum, 0.3 % noise,
+    different pixels per star) give back the columns they were made with."""
+    rng = np.random.default_rng(4)
+    lsf = LineSpread.constant(8.0)
+    sigma = 8.0 / FWHM_PER_SIGMA
+    hr, tau = optical_depths()
+    truth = (1.15, 1.8)
+    star_wave = np.stack([np.linspace(3800.0, 8300.0, 1500) + shift for shift in (0, 1.1, 2.3)])
+    hr_trans = np.exp(-truth[0] * tau[0] - truth[1] * tau[1])
+    observed = np.stack([sample_transmission(hr, hr_trans, w, sigma) for w in star_wave])
+    observed += rng.normal(0.0, 0.003, observed.shape)
+    weight = np.where(transmission(star_wave, lsf, 1.0, 1.0) < 0.999, 1.0 / 0.003**2, 0.0)
+    fit = fit_telluric(star_wave, observed, weight, lsf, start=(1.0, 1.0))
+    assert fit["o2"] == pytest.approx(truth[0], rel=0.01)
+    assert fit["h2o"] == pytest.approx(truth[1], rel=0.02)
+    assert abs(fit["o2"] - truth[0]) < 4 * fit["o2_err"] + 1e-3
+    assert 0.7 < fit["chi2_dof"] < 1.3
+    assert fit["model"].shape == observed.shape
+
+
+def test_fit_without_bands_reports_nan():
+    wave = np.linspace(4000.0, 5500.0, 500)[None]
+    fit = fit_telluric(wave, np.ones_like(wave), np.ones_like(wave), LineSpread.constant(5.0))
+    assert np.isnan(fit["o2"]) and np.isnan(fit["h2o"])
