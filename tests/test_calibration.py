@@ -219,3 +219,34 @@ def test_fit_photometry_drops_outlier_band_and_counts_valid():
     nan_obs = obs.copy()
     nan_obs[0, :4] = np.nan
     assert fit_photometry(nan_obs, err, model, ext)["n_bands"][0] == 1
+
+
+def test_water_vapour_followed_over_a_night():
+    """Exposures of one night with different water columns and airmasses: the fitted columns
+    (FCALH2O, FCALO2) follow the ones the standards' vectors were made with, the telluric
+    truth being the high-resolution sum (not the fitter's boxes), with 0.5 % pixel noise."""
+    from kspec_fluxcal.constants import FWHM_PER_SIGMA
+    from kspec_fluxcal.lsf import LineSpread
+    from kspec_fluxcal.telluric import optical_depths, sample_transmission
+
+    hr, tau = optical_depths()
+    fwhm = 6.0
+    airmass = np.array([1.05, 1.2, 1.4, 1.7, 2.1])
+    water = airmass * np.array([0.8, 2.5, 1.6, 3.5, 1.1])  # airmass x precipitable water
+    fitted = []
+    for k, (x, w) in enumerate(zip(airmass, water, strict=True)):
+        stars = _stars(noise=0.005, seed=k)
+        _, smooth = _truth()
+        trans = sample_transmission(hr, np.exp(-x * tau[0] - w * tau[1]), WAVE,
+                                    fwhm / FWHM_PER_SIGMA)
+        grey = stars["cal"].values / _truth()[0]  # each star's grey level and noise
+        stars["cal"] = (("star", "wavelength"), grey * smooth / trans)
+        stars["cal_variance"] = (0.005 * stars["cal"]) ** 2
+        stars.attrs.update(lsf_fwhm_coeffs=list(LineSpread.constant(fwhm).coeffs), airmass=x)
+        comb = combine_vectors(stars)
+        fitted.append((comb.attrs["fcalo2"], comb.attrs["fcalh2o"], comb.attrs["fcalh2o_err"]))
+    o2, h2o, h2o_err = np.array(fitted).T
+    np.testing.assert_allclose(o2, airmass, rtol=0.03)
+    np.testing.assert_allclose(h2o, water, rtol=0.05)
+    assert np.corrcoef(h2o, water)[0, 1] > 0.99
+    assert np.all(h2o_err > 0) and np.all(h2o_err < 0.1 * water)
