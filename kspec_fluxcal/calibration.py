@@ -129,9 +129,17 @@ def combine_vectors(stars, method=None, sigma_clip=None, smooth=None, *, config=
         raise CalibrationError("no standard-star fiber (TYPE 'C') in the exposure")
     vec = _StarVectors(stars)
     use = np.array([s == "ok" for s in status])
+    last_resort = not use.any()
+    if last_resort:
+        use = _last_resort(stars, status, config)
     if not use.any():
         raise CalibrationError("no usable standard star",
                                {_star_label(stars, s): status[s] for s in range(status.size)})
+    if last_resort:
+        warnings.warn(f"{stars.attrs.get('expid', 'exposure')}: no standard fitted within "
+                      f"{100 * config.fit.max_model_error:g}% model error; calibrated from "
+                      f"{int(use.sum())} that no template fits well (grade D)", FluxCalWarning,
+                      stacklevel=2)
     level_conflict = _reject_stars(stars, vec, use, status, opts)
     idx = np.flatnonzero(use)
     stack = _stack(vec, idx, sigma_clip, opts)
@@ -146,7 +154,7 @@ def combine_vectors(stars, method=None, sigma_clip=None, smooth=None, *, config=
                       FluxCalWarning, stacklevel=2)
     merr = _per_star(stars, "model_error", idx)
     fcalmerr = float(np.nanmedian(merr)) if np.isfinite(merr).any() else np.nan
-    fcalqual = quality_grade(stars, idx, fcalrms, fcalmerr)
+    fcalqual = "D" if last_resort else quality_grade(stars, idx, fcalrms, fcalmerr)
     if level_conflict:
         fcalqual = max(fcalqual, "C")  # the grades are ordered A < B < C < D
         warnings.warn(f"{stars.attrs.get('expid', 'exposure')}: the two standards disagree in "
@@ -313,12 +321,23 @@ QUALITY_GRADES = {
          "within 3 % whose photometry agrees within 0.05 mag",
     "C": "one standard (noisy, or a model error of 3-10 %), or standards disagreeing by more "
          "than 5 %",
-    "D": "calibrated, but flagged: not from the exposure's own standards, or an implausible "
-         "throughput",
+    "D": "calibrated, but flagged: not from the exposure's own standards, an implausible "
+         "throughput, or only standards no template fits (model error beyond max_model_error, "
+         "up to twice it)",
 }
 #: Thresholds of the grades: FCALRMS (A, B), model error, S/N (A, single star), photometry.
 _GRADE_LIMITS = {"rms_a": 0.02, "rms_b": 0.05, "model_error": 0.03, "snr_a": 20.0,
                  "snr_single": 30.0, "phot_rms": 0.05}
+
+
+def _last_resort(stars, status, config):
+    """Stars rejected only for their model error, up to twice ``max_model_error``: an
+    exposure none of whose standards any template fits well is calibrated from them (grade
+    D) rather than lost; beyond that the spectrum is not a star like the templates at all."""
+    merr = _per_star(stars, "model_error", np.arange(status.size))
+    limit = 2.0 * config.fit.max_model_error
+    return np.array([str(s).startswith("model error") and m <= limit
+                     for s, m in zip(status, merr, strict=True)])
 
 
 def quality_grade(stars, used, fcalrms, fcalmerr):

@@ -250,3 +250,22 @@ def test_water_vapour_followed_over_a_night():
     np.testing.assert_allclose(h2o, water, rtol=0.05)
     assert np.corrcoef(h2o, water)[0, 1] > 0.99
     assert np.all(h2o_err > 0) and np.all(h2o_err < 0.1 * water)
+
+
+def test_standards_no_template_fits_calibrate_with_grade_d():
+    """Every standard rejected for its model error alone: the exposure is calibrated from them
+    with grade D and a warning, unless the mismatch is beyond twice the limit."""
+    reason = "model error 14.0% > 10% (not a star like the templates?)"
+    stars = _stars(status=[reason] * 3).assign_coords(model_error=("star", np.full(3, 0.14)))
+    with pytest.warns(FluxCalWarning, match="no template fits well"):
+        comb = combine_vectors(stars)
+    assert comb.attrs["fcalqual"] == "D" and comb.attrs["fcalnstr"] == 3
+    cal_true, _ = _truth()
+    shape = comb["cal"].values / cal_true
+    assert np.std(shape[region_mask(WAVE, "telluric_default")] / np.median(shape)) < 0.005
+    hopeless = stars.assign_coords(model_error=("star", np.full(3, 0.35)))
+    with pytest.raises(CalibrationError, match="no usable standard"):
+        combine_vectors(hopeless)
+    mixed = stars.assign_coords(status=("star", np.array(["ok", reason, reason], dtype=object)))
+    with pytest.warns(FluxCalWarning, match="one usable standard"):
+        assert combine_vectors(mixed).attrs["fcalnstr"] == 1  # a star that fits is preferred
