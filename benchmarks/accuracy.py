@@ -325,13 +325,18 @@ def report(conf, rows):
     if not ok:
         return
     med90 = {k: (pct(metric(ok, k), 50), pct(metric(ok, k), 90))
-             for k in ("shape_snr10", "cal_shape", "telluric_science")}
+             for k in ("shape_snr10", "cal_shape", "telluric_science", "shape_snr10_noiseless",
+                       "telluric_science_noiseless")}
     lc = np.abs(metric(ok, "level_cal"))
     print("  shape_snr10 {} / {}   cal_shape {} / {}   |level_cal| {} (p90 {})   "
           "telluric_science {} / {}   (median / p90)".format(
               *(pc(v, 5) for v in (*med90["shape_snr10"], *med90["cal_shape"])),
               pc(pct(lc, 50), 5), pc(pct(lc, 90), 5), *(pc(v, 5) for v in
                                                         med90["telluric_science"])))
+    print("  without the targets' noise (noiseless counts x applied factor): shape_snr10 {} / {}"
+          "   telluric_science {} / {}".format(
+              *(pc(v, 5) for v in (*med90["shape_snr10_noiseless"],
+                                   *med90["telluric_science_noiseless"]))))
     err = star_errors(ok)
     chi2 = [s["chi2_dof"] for r in ok for s in r["stars"]]
     print(f"  standards ok {err['teff'].size} of {len(chi2)} (chi2/dof median / p90 "

@@ -14,6 +14,11 @@ Metrics, per exposure
 ``shape_snr10``
     ``shape`` over the science fibers with a median S/N > 10 per pixel: the headline metric
     of issue 11 (a calibration error seen through targets bright enough to show it).
+``shape_snr10_noiseless``, ``telluric_science_noiseless``
+    the same two over the same fibers, for the targets' noiseless counts calibrated with the
+    factor actually applied to each fiber (``cal_factor`` x the fiber's true response x its
+    aperture): the calibration's error as each fiber sees it (own pixels, line spread and
+    tellurics), without the targets' own noise, which dominates ``shape_snr10`` below S/N ~ 50.
 ``level``
     median(calibrated / true) - 1 of science fibers (median over fibers): the absolute error,
     which includes each fiber's own aperture loss.
@@ -121,8 +126,28 @@ def _science_metrics(calibrated, truth, kinds, window, wave_range, telluric):
     if bright.any():
         tell[bright] = _telluric_science(ratio[bright], wave[bright] if wave.ndim == 2 else wave,
                                          wave_range, telluric)
+    noiseless = _noiseless(calibrated, truth, science, wave, use, window, bright, wave_range,
+                           telluric)
     return {"fiber": science, "kind": kinds[science], "snr": snr, "shape": shape,
-            "level": level - 1.0, "telluric": tell, "per_fiber": wave.ndim == 2}
+            "level": level - 1.0, "telluric": tell, "per_fiber": wave.ndim == 2, **noiseless}
+
+
+def _noiseless(calibrated, truth, science, wave, use, window, visible, wave_range, telluric):
+    """Shape and telluric errors of the factor applied to each science fiber, seen through
+    its true response (noiseless counts calibrated / true flux); NaN without the factor."""
+    nan = np.full(science.size, np.nan)
+    if "cal_factor" not in calibrated or "response_fiber" not in truth:
+        return {"shape_noiseless": nan, "telluric_noiseless": nan}
+    factor = calibrated["cal_factor"].transpose("fiber", "wavelength").values[science]
+    aperture = np.asarray(truth["aperture"], dtype=float)[science, None]
+    ratio = factor * np.asarray(truth["response_fiber"], dtype=float)[science] * aperture
+    shape = _shape_rms(ratio, wave, np.broadcast_to(use, ratio.shape), window)[0]
+    tell = nan.copy()
+    if visible.any():
+        tell[visible] = _telluric_science(ratio[visible],
+                                          wave[visible] if wave.ndim == 2 else wave,
+                                          wave_range, telluric)
+    return {"shape_noiseless": shape, "telluric_noiseless": tell}
 
 
 def _star_rows(stars, truth):
@@ -241,6 +266,8 @@ def compare_with_truth(calibrated, truth, *, window=100.0, wave_range=(4000.0, 8
         "shape_snr10": _nanmedian(shape[visible]),
         "n_snr10": int(visible.sum()),
         "telluric_science": _nanmedian(sci["telluric"][visible]),
+        "shape_snr10_noiseless": _nanmedian(sci["shape_noiseless"][visible]),
+        "telluric_science_noiseless": _nanmedian(sci["telluric_noiseless"][visible]),
         "level": _nanmedian(sci["level"]),
         "science_fibers": int(sci["fiber"].size),
         "per_fiber_wavelength": bool(sci["per_fiber"]),

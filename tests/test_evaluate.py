@@ -60,6 +60,26 @@ def test_science_shape_and_telluric_metrics(truths, per_fiber):
     assert metrics["telluric_science"] == pytest.approx(TELLURIC_EXCESS, abs=0.005)
     assert abs(metrics["level_cal"]) < 0.005 and abs(metrics["level"]) < 0.1
     assert metrics["stars"] == [] and metrics["star_summary"]["n"] == 0
+    assert np.isnan(metrics["shape_snr10_noiseless"])  # no factor applied: not measured
+
+
+@pytest.mark.parametrize("per_fiber", [False, True], ids=["common-grid", "per-fiber"])
+def test_noiseless_metrics_see_the_applied_factor(truths, per_fiber):
+    """The factor applied to each fiber, through its true response: the known error exactly,
+    whatever the targets' noise."""
+    truth = truths["wavela2d" if per_fiber else "wavela"]
+    calibrated = _calibrated(truth, per_fiber)
+    own = truth["fiber_wavelength"] if per_fiber else truth["wavelength"]
+    factor = _error(own) / (truth["response_fiber"] * truth["aperture"][:, None])
+    calibrated["cal_factor"] = (("fiber", "wavelength"), np.broadcast_to(factor,
+                                                                          calibrated["flux"].shape))
+    noisy = calibrated.copy()
+    noisy["flux"] = noisy["flux"] * (1 + 0.05 * np.random.default_rng(1).standard_normal(
+        noisy["flux"].shape))
+    metrics = compare_with_truth(noisy, truth)
+    assert metrics["shape_snr10_noiseless"] == pytest.approx(SINE / np.sqrt(2), rel=0.15)
+    assert metrics["telluric_science_noiseless"] == pytest.approx(TELLURIC_EXCESS, abs=0.005)
+    assert metrics["shape_snr10"] > 1.5 * metrics["shape_snr10_noiseless"]  # noise on top
 
 
 def test_per_fiber_pixels_are_compared_with_their_own_truth(truths):
