@@ -33,8 +33,10 @@ pixels, 14 fibers: a ``main`` survey (standards' S/N 30-150), then one survey pe
 Metrics (``kspec_fluxcal.evaluate.compare_with_truth``; outside telluric bands, 4000-8400 A,
 after a 100 A running median): ``shape_snr10`` (science fibers with S/N > 10: the headline),
 ``cal_shape`` (the calibration's own shape error), ``level_cal`` (its level error),
-``telluric_science`` (the telluric bands as science targets see them), the standards'
-fitted minus true parameters; failures with their reasons grouped.
+``telluric_science`` (the telluric bands as science targets see them), the same two without
+the targets' noise (``*_noiseless``) and under a perfect calibration of the same data (the
+noise floor, ``evaluate.with_true_calibration``), the standards' fitted minus true
+parameters; failures with their reasons grouped.
 
 Surveys are simulated once and cached under store/bench/accuracy (KSPEC_BENCH_DIR overrides;
 the CALSPEC and CK04 files are read from ../shared/real, KSPEC_SHARED_REAL overrides); the
@@ -216,7 +218,7 @@ def _failure(row, err):
 def calibrate_one(name, root, entry, cube):
     """Calibrate one exposure and compare it with its truth (runs in a worker); never raises."""
     import kspec_fluxcal as kf
-    from kspec_fluxcal.evaluate import compare_with_truth
+    from kspec_fluxcal.evaluate import compare_with_truth, with_true_calibration
 
     root = Path(root)
     row = {"survey": name, "expid": entry["expid"], "n_observed": entry["n_standards"],
@@ -230,6 +232,9 @@ def calibrate_one(name, root, entry, cube):
                                        overwrite=True)
         truth = dict(np.load(root / entry["truth"]))
         row["metrics"] = compare_with_truth(result.path, truth)
+        # The floor the targets' noise sets: the same data under a perfect calibration.
+        row["metrics"]["floor"] = compare_with_truth(
+            with_true_calibration(kf.open_exposure(result.path), truth), truth)
     except Exception as err:  # the benchmark reports every failure, it never stops on one
         return _failure(row, err)
     row["seconds"] = time.perf_counter() - t0
@@ -337,6 +342,11 @@ def report(conf, rows):
           "   telluric_science {} / {}".format(
               *(pc(v, 5) for v in (*med90["shape_snr10_noiseless"],
                                    *med90["telluric_science_noiseless"]))))
+    floor = [{"metrics": r["metrics"]["floor"]} for r in ok]
+    print("  a perfect calibration of the same data (the targets' noise floor): shape_snr10 {} / "
+          "{}   telluric_science {} / {}".format(
+              *(pc(pct(metric(floor, k), q), 5) for k in ("shape_snr10", "telluric_science")
+                for q in (50, 90))))
     err = star_errors(ok)
     chi2 = [s["chi2_dof"] for r in ok for s in r["stars"]]
     print(f"  standards ok {err['teff'].size} of {len(chi2)} (chi2/dof median / p90 "

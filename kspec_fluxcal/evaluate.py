@@ -201,6 +201,32 @@ def star_summary(stars, only_ok=True):
     return out
 
 
+def with_true_calibration(calibrated, truth):
+    """The calibrated exposure as a perfect calibration would have made it: the counts (flux
+    over the applied factor) times 1 / (each fiber's true response x its aperture). Compared
+    with the truth, it gives the floor the targets' own noise sets for every metric.
+
+    Parameters
+    ----------
+    calibrated : xarray.Dataset
+        A calibrated exposure with its applied factor ``cal_factor`` (fiber, wavelength).
+    truth : mapping
+        The simulator's truth (``response_fiber``, ``aperture``).
+
+    Returns
+    -------
+    xarray.Dataset
+        A copy with ``flux``, ``variance`` and ``cal_factor`` replaced.
+    """
+    counts = calibrated["flux"] / calibrated["cal_factor"]
+    counts_var = calibrated["variance"] / calibrated["cal_factor"] ** 2
+    factor = calibrated["cal_factor"].copy(data=1.0 / (np.asarray(truth["response_fiber"], float)
+                                                      * np.asarray(truth["aperture"],
+                                                                   float)[:, None]))
+    return calibrated.assign(flux=counts * factor, variance=counts_var * factor**2,
+                             cal_factor=factor)
+
+
 def compare_with_truth(calibrated, truth, *, window=100.0, wave_range=(4000.0, 8400.0),
                        telluric="telluric_default"):
     """Compare a calibrated exposure with its simulated truth.

@@ -107,3 +107,17 @@ def test_star_summary():
     assert summary["logg_p90"] == pytest.approx(0.18)
     assert np.isnan(summary["rv_median"])  # unknown truth (e.g. CALSPEC's own velocity)
     assert star_summary(rows, only_ok=False)["teff_p90"] > 300
+
+
+def test_true_calibration_is_the_floor(truths):
+    """With the true factor, only the targets' noise is left: the noiseless metrics vanish."""
+    from kspec_fluxcal.evaluate import with_true_calibration
+
+    truth = truths["wavela"]
+    calibrated = _calibrated(truth, False)
+    factor = _error(truth["wavelength"]) / (truth["response_fiber"] * truth["aperture"][:, None])
+    calibrated["cal_factor"] = (("fiber", "wavelength"), factor)
+    perfect = compare_with_truth(with_true_calibration(calibrated, truth), truth)
+    assert perfect["shape_snr10_noiseless"] < 1e-9
+    assert perfect["telluric_science_noiseless"] < 1e-9
+    assert compare_with_truth(calibrated, truth)["shape_snr10_noiseless"] > 0.005
