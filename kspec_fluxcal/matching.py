@@ -229,7 +229,7 @@ def cross_correlate_rv(obs_norm, obs_weight, template_norm, wavelength, *, rv_ma
 
 
 def refine_rv(obs_norm, obs_weight, template_norm, wavelength, rv0, *, half_width=None,
-              nstep=9, knot_spacing=None, star_wavelength=None):
+              nstep=5, knot_spacing=None, star_wavelength=None):
     """Radial velocities refined by a chi^2 scan against each star's best template.
 
     The chi^2 of the template (with the smooth multiplicative correction of
