@@ -444,6 +444,18 @@ def scan_table(rows_by_bin):
                   f"{pct(err['teff'], 50):9.0f} K {pct(err['feh'], 50):10.3f}")
 
 
+def xp_effect(rows):
+    """(a) and (a-xp) side by side: the calibration's shape error without and with XP."""
+    if not {"calspec-ck04", "calspec-ck04-xp"} <= set(rows):
+        return
+    figures = []
+    for name in ("calspec-ck04", "calspec-ck04-xp"):
+        cs = metric([r for r in rows[name] if "metrics" in r], "cal_shape")
+        figures.append(f"{pc(pct(cs, 50), 4)} / {pc(pct(cs, 90), 4)}")
+    print(f"Gaia XP (issue 15, target < 0.5 %): cal_shape median / p90 (a) {figures[0]} -> "
+          f"(a-xp) {figures[1]}")
+
+
 def unexpected(rows):
     """Exposures that raised something else than a FluxCalError (bugs, not fits)."""
     for r in rows:
@@ -483,6 +495,7 @@ def main():
     for c in confs:
         if c["cross"]:
             report(c, rows[c["name"]])
+    xp_effect(rows)
     print("\n=== self-consistency (standards from the template grid itself) ===")
     for c in confs:
         if not c["cross"]:

@@ -2,7 +2,8 @@
 
 The astronomer judges a calibration by looking at it: the combined vector and each star's,
 how far every star departs from the combination, how well each template matches, how the
-catalog photometry agrees with the scaled models, and one calibrated science spectrum.
+catalog photometry agrees with the scaled models, each standard's Gaia XP spectrum against
+its model (when XP spectra were given), and one calibrated science spectrum.
 Files are ``<expid>_<kind>.png`` and ``<expid>_summary.txt`` in the output directory, each
 written atomically.
 

@@ -80,6 +80,22 @@ drawn in 0.75-1.3 M_sun and its log g give the radius R = sqrt(G M / g), the dil
 distance D = R / sqrt((R/D)^2), and the catalog has 1000 / D[pc] plus the Gaia DR2 zero point
 (-0.029 mas) plus noise of the DR2 error at that G (:func:`gaia_parallax_error`).
 
+Gaia XP spectra (``xp=True``; off by default)
+---------------------------------------------
+Each standard's spectrum at Earth (the one its fiber sees, the G scaling included), binned
+to 4 A by its integral, seen through a Gaussian of FWHM lambda / 50
+(:data:`~kspec_fluxcal.constants.XP_RESOLVING_POWER`) at GaiaXPy's default sampling
+(336-1020 nm in vacuum, every 2 nm; samples the source does not cover are NaN), in
+W m^-2 nm^-1 per vacuum nm; times a per-star smooth systematic unknown to the fitter (a grey
+offset of 1 %, Legendre degrees 1-3 over 400-1020 nm of 1.0 % rms, a blue term of 2.5 % at
+336 nm growing linearly below 400 nm: 2-3 % rms there); plus noise of relative size 0.5 % at
+500-900 nm rising to 3 % at 336 nm and 2 % at 1020 nm at G = 15, scaled by
+10^(0.2 (G - 15)), correlated over ~3 samples as DR3's are (343 samples of 110
+coefficients). Every catalog row gets a Gaia-like ``source_id`` (a hash of its objid). The
+XP draws come from a stream of their own: the RED file, the catalog's other columns and the
+rest of the truth are those of ``xp=False``. :func:`xp_rows` and :func:`write_xp` write the
+table in GaiaXPy's ``calibrate`` layout (``simulate_survey``: ``xp.csv``).
+
 Truth file (``truth/<EXPID>.npz``)
 ----------------------------------
 ``wavelength`` (npix; air, Angstrom: the grid ``open_exposure`` returns), ``true_flux``,
@@ -100,7 +116,10 @@ before any resampling by the reader), ``std_gmag`` (Gaia G, Vega, noiseless),
 ``std_plx`` (true parallax, mas); ``fiber_lsf_scale`` (fiber); scalars ``airmass, exptime,
 mjd, transparency, pwv, aerosol, night, expid, setup, setup_key, wavelength_format,
 wavelength_unit, medium, lsf_scale, pixel_integration, field_source, source_sharper``. Dead
-fibers have NaN ``true_flux``, ``true_flux_fiber`` and ``counts_noiseless``.
+fibers have NaN ``true_flux``, ``true_flux_fiber`` and ``counts_noiseless``. With ``xp``:
+``xp_wavelength_nm`` (the sampling, vacuum) and per standard ``std_xp_flux``,
+``std_xp_flux_error`` (what the table holds), ``std_xp_systematic`` (the multiplicative
+systematic applied) and ``std_xp_true`` (noiseless, without the systematic), W m^-2 nm^-1.
 """
 
 from __future__ import annotations

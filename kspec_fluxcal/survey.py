@@ -36,6 +36,7 @@ import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -311,7 +312,8 @@ def _calibrate_task(path, out_path, catalog, library, config, setup_key, input_h
                 warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             exposure = open_exposure(path)
-            catalog, xp = catalog if isinstance(catalog, tuple) else (catalog, None)
+            catalog, xp = ((catalog.catalog, catalog.xp) if isinstance(catalog, SimpleNamespace)
+                           else (catalog, None))
             result = calibrate(exposure, catalog, library, config, xp=xp)
             result.calibrated.attrs["setup"] = setup_key
             write_calibrated(result.calibrated, out_path, overwrite=True, stars=result.stars)
@@ -631,9 +633,10 @@ def _survey(lake, out, config, *, catalog, grid, resume, pattern, progress, flus
 
     def work(client):
         utc = config.survey.utc_offset
-        # The XP spectra travel with the catalog: scattered once to every worker.
-        _run_graph(client, todo, (catalog_ds, xp_ds), grid, grid_plan, config, writer, report,
-                   utc, progress, *flush)
+        # XP spectra travel with the catalog, as one object scattered once to every worker.
+        inputs = catalog_ds if xp_ds is None else SimpleNamespace(catalog=catalog_ds, xp=xp_ds)
+        _run_graph(client, todo, inputs, grid, grid_plan, config, writer, report, utc, progress,
+                   *flush)
         if config.survey.fallback:
             _run_fallback(client, todo, writer, report, config, utc, progress)
 

@@ -170,11 +170,12 @@ def _read_table(path):
 
 
 def _read_csv(path):
+    """A CSV table: ``#`` lines are comments (one may give the sampling), blank lines are
+    skipped, each row keeps its line number."""
     meta, header, body, lines = {}, None, [], []
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
-            numbered = enumerate(fh, start=1)
-            for number, line in numbered:
+            for number, line in enumerate(fh, start=1):
                 if line.startswith("#"):
                     found = _SAMPLING_COMMENT.match(line.strip())
                     if found:
@@ -201,6 +202,7 @@ def _read_csv(path):
 
 
 def _read_ecsv(path):
+    """An ECSV table (astropy): array columns arrive parsed, string cells are parsed later."""
     from astropy.table import Table
 
     try:
@@ -213,11 +215,12 @@ def _read_ecsv(path):
     rows = header_lines + 2 + np.arange(len(table), dtype=np.int64)
     columns = {}
     for name in table.colnames:
-        col = table[name]
-        values = col.filled(np.nan) if getattr(col, "mask", None) is not None and \
-            col.dtype.kind == "f" else np.asarray(col)
-        columns[name] = list(values) if values.ndim > 1 or values.dtype.kind == "O" \
-            else [str(v) for v in values]
+        data = np.ma.asarray(table[name])
+        if data.ndim > 1 or data.dtype.kind == "O":  # array cells (masked samples: NaN)
+            columns[name] = list(data.filled(np.nan) if data.dtype.kind == "f" else data)
+        else:  # scalars as the text a CSV would hold ('' where masked)
+            columns[name] = ["" if m else str(v) for v, m in
+                             zip(data.data, np.ma.getmaskarray(data), strict=True)]
     meta = {}
     if "sampling" in table.meta:
         meta["sampling"] = (table.meta["sampling"], None)

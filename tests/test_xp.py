@@ -17,7 +17,7 @@ from kspec_fluxcal.calibration import running_median
 from kspec_fluxcal.catalog import match_standards, read_catalog
 from kspec_fluxcal.cli import main
 from kspec_fluxcal.config import Config
-from kspec_fluxcal.constants import VEGA_TO_AB, XP_FLUX_TO_CGS
+from kspec_fluxcal.constants import XP_FLUX_TO_CGS
 from kspec_fluxcal.errors import CatalogError, FluxCalWarning, InputError
 from kspec_fluxcal.exposure import open_exposure, read_standard_stars
 from kspec_fluxcal.grid import build_grid, open_grid
@@ -120,6 +120,12 @@ def test_ecsv_round_trip_with_metadata_sampling(tmp_path):
     assert np.isnan(xp["flux"].values[0, 3]) and np.isnan(xp["flux_error"].values[0, 3])
     np.testing.assert_allclose(xp["flux"].values[1, 4:] / (2 * flux[4:]), 100.0, rtol=5e-4)
     np.testing.assert_allclose(xp["ra"].values, [10.0, 10.1])
+    # Arrays written as text cells (the CSV way) in an ECSV table read the same.
+    text = Table({"source_id": [7], "flux": [_cell(flux).strip('"')],
+                  "flux_error": [_cell(err).strip('"')]}, meta={"sampling": nm.tolist()})
+    text.write(tmp_path / "text.ecsv", format="ascii.ecsv")
+    again = read_xp(tmp_path / "text.ecsv")
+    np.testing.assert_array_equal(again["flux"].values[0], xp["flux"].values[0])
 
 
 def test_sampling_from_a_column_or_a_comment_line(tmp_path):
@@ -365,6 +371,21 @@ def test_simulated_xp_and_catalog_carry_source_ids(world):
                                0.005 * 10 ** (0.2 * (truth["std_gmag"] - 15.0)), rtol=1e-9)
 
 
+def test_simulated_xp_is_the_truth_at_earth_at_xp_resolution(world):
+    """The noiseless XP spectrum is each standard's true flux at Earth (the G scaling of the
+    exposure included) seen at R = 50: compared with the truth in the RED file's frame."""
+    truth = world["sim"].truth
+    fibers = truth["std_fiber"]
+    air = vacuum_to_air(10 * truth["xp_wavelength_nm"])
+    wave = np.broadcast_to(truth["wavelength"], (fibers.size, truth["wavelength"].size))
+    expected = xp_resolution(wave, truth["true_flux"][fibers] * 1e-17, air)
+    got = truth["std_xp_true"] * XP_FLUX_TO_CGS * np.gradient(10 * truth["xp_wavelength_nm"]) \
+        / np.gradient(air)
+    inside = np.isfinite(expected)
+    assert inside.sum() > 3 * 150
+    np.testing.assert_allclose(got[inside], expected[inside], rtol=3e-3)
+
+
 def test_xp_streams_leave_the_exposure_unchanged(world):
     """The XP draws have their own stream: the RED file and the truth are those of xp=False."""
     sim = world["sim"]
@@ -509,6 +530,17 @@ def test_wrong_units_and_a_10_percent_offset_are_detected(world, plain):
     assert not np.array_equal(fitted["cal"].values[2], plain["cal"].values[2])
 
 
+def test_lazy_with_xp(world, raise_if_computes):
+    """A Dask-backed exposure stays lazy with XP, and gives the eager result."""
+    xp = read_xp(world["root"] / "xp.csv")
+    exposure = world["exposure"]
+    lazy = exposure.assign({v: exposure[v].chunk({"fiber": 4}) for v in exposure.data_vars})
+    with raise_if_computes():
+        out = fit_standards(lazy, world["catalog"], world["library"], SELF_MODEL, xp=xp)
+    assert out["xp_model_warped"].chunks is not None
+    xr.testing.assert_allclose(out.compute(), _fit(world, xp=xp))
+
+
 def test_level_tolerance_is_configurable(world):
     truth = world["sim"].truth
     xp = _write_xp_variant(world, "eight.csv", truth["std_xp_flux"] * 1.08)
@@ -573,6 +605,33 @@ def test_simulated_survey_writes_xp_csv(small_grid, tmp_path):
     assert xp.sizes["xp_star"] == 2
     assert set(xp["source_id"].values) <= set(catalog["source_id"].values)
     truth = dict(np.load(out / info["exposures"][0]["truth"]))
-    assert "std_xp_systematic" in truth
-    g = truth["std_mag"][:, list(truth["bands"]).index("gaiadr2-G")] - VEGA_TO_AB["gaiadr2-G"]
-    np.testing.assert_allclose(g, truth["std_gmag"], atol=1e-6)
+    assert truth["std_xp_systematic"].shape == (2, NXP)
+
+
+@pytest.mark.cluster
+def test_survey_with_xp(small_grid, world, tmp_path):
+    """``run_survey(xp=...)``: every exposure's standards are fitted with the spectra (sent
+    to the workers with the catalog), which enter the input hash."""
+    from distributed import Client
+
+    from kspec_fluxcal.survey import local_cluster, run_survey
+
+    sv = simulate_survey(tmp_path / "sv", exposures=2, nights=1, seed=4, grid=small_grid,
+                         setups=[SETUP], n_standards=(2, 2), xp=True)
+    kwargs = {"catalog": sv / "catalog.csv", "grid": world["cube"], "progress": False}
+    with local_cluster(1, 1, "127.0.0.1:0") as cluster, \
+            Client(cluster, set_as_default=False) as client:
+        with_xp = run_survey(sv / "lake", out=tmp_path / "xp", client=client,
+                             xp=sv / "xp.csv", **kwargs)
+        without = run_survey(sv / "lake", out=tmp_path / "plain", client=client, **kwargs)
+    assert with_xp.ok and without.ok and len(with_xp.calibrated) == 2
+    for path in sorted((tmp_path / "xp").rglob("*_fluxcal.fits")):
+        stars = read_standard_stars(path)
+        assert stars["xp_used"].values.all() and set(stars["xp_match"].values) == {"source_id"}
+    for path in sorted((tmp_path / "plain").rglob("*_fluxcal.fits")):
+        assert not read_standard_stars(path)["xp_used"].values.any()
+    from kspec_fluxcal.archive import open_archive
+
+    hashes = [set(open_archive(tmp_path / name / "archive.zarr")["input_hash"].values)
+              for name in ("xp", "plain")]
+    assert not hashes[0] & hashes[1]
