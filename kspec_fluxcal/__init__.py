@@ -37,6 +37,7 @@ from .photometry import synthetic_mag, teff_from_color
 from .pipeline import CalibrationResult, calibrate_exposure
 from .standards import fit_standards, template_library
 from .templates import prepare_library, prepare_templates, prepared_templates
+from .xp import read_xp
 
 __all__ = [
     "__version__",
@@ -47,6 +48,7 @@ __all__ = [
     "read_catalog",
     "match_standards",
     "query_photometry",
+    "read_xp",
     # templates
     "build_grid",
     "open_grid",

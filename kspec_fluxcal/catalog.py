@@ -29,6 +29,9 @@ _REQUIRED = ("objid", "RA", "Dec")
 _OPTIONAL = {"Teff": "teff_catalog", "AGaia": "a_gaia", "Ag": "a_g", "plx": "parallax",
              "dplx": "parallax_err"}
 _OPTIONAL_UNITS = {"Teff": "K", "AGaia": "mag", "Ag": "mag", "plx": "mas", "dplx": "mas"}
+#: Optional Gaia source id column (beyond the contract; extra columns are allowed), to match
+#: Gaia XP spectra (:mod:`kspec_fluxcal.xp`); the first present is read.
+_SOURCE_ID_COLUMNS = ("source_id", "gaia_source_id")
 # An objid is an integer; '123.0' is accepted (a spreadsheet's rewrite), '1.04e16' is not (its
 # last digits are lost, and with them the match).
 _INTEGER = re.compile(r"^[+-]?\d+(\.0*)?$")
@@ -36,7 +39,7 @@ _INTEGER = re.compile(r"^[+-]?\d+(\.0*)?$")
 _POSITION_RANGE = {"RA": (0.0, 360.0), "Dec": (-90.0, 90.0)}
 
 
-def _numeric(values, path, column, rows):
+def _numeric(values, path, column, rows, error=CatalogError):
     """Convert a column of strings to float64 ('' -> NaN), naming the first bad row."""
     arr = np.asarray(values, dtype=object)
     arr = np.where(np.char.strip(arr.astype(str)) == "", "nan", arr)
@@ -47,25 +50,51 @@ def _numeric(values, path, column, rows):
             try:
                 float(v)
             except ValueError:
-                raise CatalogError(path, f"column {column} row {rows[i]}",
-                                   f"value {v!r} is not a number") from None
+                raise error(path, f"column {column} row {rows[i]}",
+                            f"value {v!r} is not a number") from None
         raise
 
 
-def _objids(values, path, rows):
-    """Parse the objid column exactly (int64), naming the first bad row."""
+def _objids(values, path, rows, column="objid", error=CatalogError, missing=None):
+    """Parse a column of integer ids exactly (int64), naming the first bad row.
+
+    ``missing``: the value of an empty cell (None: an empty cell is an error). Also used for
+    Gaia source ids (here and in :mod:`kspec_fluxcal.xp`, with its own ``error``).
+    """
     text = [str(v).strip() for v in values]
     for i, t in enumerate(text):
-        where = f"column objid row {rows[i]}"
-        if not t:
-            raise CatalogError(path, where, "objid is empty")
-        if not _INTEGER.match(t):
-            raise CatalogError(path, where, f"value {t!r} is not an integer objid (a value "
-                               "written as a float, e.g. 1.04e16, has lost its last digits)")
+        where = f"column {column} row {rows[i]}"
+        if not t and missing is None:
+            raise error(path, where, f"{column} is empty")
+        if t and not _INTEGER.match(t):
+            raise error(path, where, f"value {t!r} is not an integer {column} (a value "
+                        "written as a float, e.g. 1.04e16, has lost its last digits)")
     try:
-        return np.array([int(t.split(".")[0]) for t in text], dtype=np.int64)
+        return np.array([int(t.split(".")[0]) if t else missing for t in text], dtype=np.int64)
     except OverflowError:
-        raise CatalogError(path, "column objid", "an objid does not fit in 64 bits") from None
+        raise error(path, f"column {column}", "a value does not fit in 64 bits") from None
+
+
+def _unique_ids(ids, path, column, rows, error=CatalogError, missing=None):
+    """Refuse an id that appears twice (``missing`` values apart), naming its rows."""
+    known = ids if missing is None else ids[ids != missing]
+    uniq, counts = np.unique(known, return_counts=True)
+    if np.any(counts > 1):
+        dup = uniq[counts > 1][0]
+        where = ", ".join(str(n) for n in np.asarray(rows)[ids == dup])
+        raise error(path, f"column {column}", f"{column} {dup} appears more than once "
+                    f"(rows {where})")
+
+
+def _source_ids(col, path, rows):
+    """The optional Gaia source id column (``source_id`` or ``gaia_source_id``): int64, -1
+    where empty; None when the catalog has neither column."""
+    name = next((c for c in _SOURCE_ID_COLUMNS if c in col), None)
+    if name is None:
+        return None
+    ids = _objids(col[name], path, rows, column=name, missing=-1)
+    _unique_ids(ids, path, name, rows, missing=-1)
+    return ids
 
 
 def _position(values, path, column, rows):
@@ -98,12 +127,15 @@ def read_catalog(path, bands=BANDS):
         per-star coordinates ``objid`` (indexed: ``sel(objid=...)`` works), ``ra``, ``dec``
         (deg), ``teff_catalog`` (K, NaN when 0 or empty), ``a_gaia``, ``a_g`` (mag),
         ``parallax`` and ``parallax_err`` (mas, as the catalog gives them: Gaia DR2, zero
-        point not corrected; NaN when empty, an error of 0 means unknown).
+        point not corrected; NaN when empty, an error of 0 means unknown); ``source_id``
+        (int64, -1 when empty) when the catalog has the optional column ``source_id`` or
+        ``gaia_source_id`` (Gaia source ids, to match XP spectra: :mod:`kspec_fluxcal.xp`).
 
     Raises
     ------
     CatalogError
-        Unreadable file, missing required columns, non-numeric values, duplicate objids.
+        Unreadable file, missing required columns, non-numeric values, duplicate objids
+        (or source ids).
     """
     path = os.fspath(path)
     bands = [b for b in bands if b in CATALOG_COLUMNS]
@@ -137,12 +169,7 @@ def read_catalog(path, bands=BANDS):
     col = {name: table[:, i] for i, name in enumerate(header)}
 
     objid = _objids(col["objid"], path, line_numbers)
-    uniq, counts = np.unique(objid, return_counts=True)
-    if np.any(counts > 1):
-        dup = uniq[counts > 1][0]
-        where = ", ".join(str(n) for n in line_numbers[objid == dup])
-        raise CatalogError(path, "column objid",
-                           f"objid {dup} appears more than once (rows {where})")
+    _unique_ids(objid, path, "objid", line_numbers)
 
     mags, errs = [], []
     for band in bands:
@@ -169,6 +196,9 @@ def read_catalog(path, bands=BANDS):
         if column in ("Teff", "dplx"):  # 0 = unknown (a parallax of 0 or less is a value)
             values = np.where(values > 0, values, np.nan)
         coords[name] = ("star", values, {"units": _OPTIONAL_UNITS[column]})
+    source_id = _source_ids(col, path, line_numbers)
+    if source_id is not None:
+        coords["source_id"] = ("star", source_id, {"description": "Gaia source id, -1 = none"})
     ds = xr.Dataset(
         {
             "mag": (("star", "band"), np.stack(mags, axis=1), {"units": "mag", "system": "AB"}),
@@ -202,8 +232,9 @@ def match_standards(exposure, catalog, *, radius_arcsec=POSITION_MATCH_ARCSEC):
         Dim ``star`` (one per standard fiber) with coordinates ``fiber``, ``fiber_name``,
         ``objid`` (the catalog's, -1 when unmatched), ``match`` ('objid', 'position' or
         'none'), ``separation`` (arcsec), ``teff_catalog``, ``a_gaia``, ``a_g``,
-        ``parallax``, ``parallax_err`` (mas); and the
-        catalog photometry ``mag``, ``mag_err`` (star, band), NaN when unmatched.
+        ``parallax``, ``parallax_err`` (mas), ``source_id`` when the catalog has one (-1
+        when unmatched); and the catalog photometry ``mag``, ``mag_err`` (star, band), NaN
+        when unmatched.
     """
     from astropy import units as u
     from astropy.coordinates import SkyCoord
@@ -271,6 +302,9 @@ def match_standards(exposure, catalog, *, radius_arcsec=POSITION_MATCH_ARCSEC):
         match=("star", how),
         separation=("star", sep, {"units": "arcsec"}),
     )
+    if "source_id" in catalog.coords:
+        sub = sub.assign_coords(source_id=("star", np.where(
+            index >= 0, catalog["source_id"].values[take], -1).astype(np.int64)))
     return sub.drop_vars("star", errors="ignore")
 
 

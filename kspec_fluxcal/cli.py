@@ -14,6 +14,9 @@ from .errors import FluxCalError, FluxCalWarning
 __all__ = ["main", "build_parser"]
 
 PROG = "kspec-fluxcal"
+_XP_HELP = ("Gaia XP spectra of the standards (GaiaXPy calibrate layout, CSV or ECSV; matched by "
+            "the catalog's source_id, else by ra/dec): the models' broad shapes are fitted to "
+            "them too")
 
 
 def _note(text):
@@ -133,12 +136,14 @@ def _cmd_calibrate(args):
     from .grid import open_grid
     from .pipeline import calibrate_exposure
     from .qc import qc_directory
+    from .xp import read_xp
 
     _check_distinct_outputs(args)
     _check_out(args.out)
     config = load_config(args.config)
     catalog = read_catalog(args.catalog)
     grid = open_grid(args.grid)
+    xp = read_xp(args.xp) if args.xp else None
 
     def calibrate(path):
         qc_dir = None
@@ -148,7 +153,8 @@ def _cmd_calibrate(args):
                                   else out)
         result = calibrate_exposure(path, catalog, grid, None if args.in_place else args.out,
                                     config=config, overwrite=args.overwrite,
-                                    in_place=args.in_place, cache_dir=args.cache, qc_dir=qc_dir)
+                                    in_place=args.in_place, cache_dir=args.cache, qc_dir=qc_dir,
+                                    xp=xp)
         print(f"{result.summary()} -> {result.path}")
         for note in result.warnings:
             _note(note)
@@ -205,7 +211,7 @@ def _cmd_survey(args):
                         config=args.config, scheduler=args.scheduler, workers=args.workers,
                         threads_per_worker=args.threads_per_worker,
                         performance_report=args.performance_report, resume=args.resume,
-                        pattern=args.pattern, progress=not args.quiet)
+                        pattern=args.pattern, progress=not args.quiet, xp=args.xp)
     return 0 if report.ok else 1
 
 
@@ -269,6 +275,7 @@ def build_parser():
                    "next to each input)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--cache", help="directory for cached prepared template cubes")
+    p.add_argument("--xp", metavar="FILE", help=_XP_HELP)
     p.set_defaults(func=_cmd_calibrate)
 
     p = sub.add_parser("qc", help="QC plots and summary of calibrated files")
@@ -285,6 +292,7 @@ def build_parser():
                    help="output directory: calibrated files mirroring the lake's tree, "
                    "archive.zarr, notes.json; one job at a time (survey.lock)")
     p.add_argument("--config", help="TOML configuration (default: the package defaults)")
+    p.add_argument("--xp", metavar="FILE", help=_XP_HELP)
     p.add_argument("--scheduler", help="address of an existing scheduler (tcp://HOST:PORT)")
     p.add_argument("--workers", type=int, help="LocalCluster workers (default: one per core)")
     p.add_argument("--threads-per-worker", type=int, default=1,

@@ -15,7 +15,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ._atomic import check_regular_file
-from .constants import BANDS, CATALOG_COLUMNS, KSPEC_COLLECTING_AREA_CM2
+from .constants import (
+    BANDS,
+    CATALOG_COLUMNS,
+    KSPEC_COLLECTING_AREA_CM2,
+    XP_SYSTEMATIC_BLUE,
+    XP_SYSTEMATIC_RED,
+)
 from .errors import ConfigError
 
 __all__ = ["Config", "load_config", "SCHEMA", "continuum_options"]
@@ -146,6 +152,28 @@ SCHEMA = {
         "min_snr": Option(5.0, "Reject a star with a lower median S/N per pixel.", min=0.0),
         "min_good_fraction": Option(0.5, "Reject a star with a smaller fraction of good pixels.",
                                     min=0.0, max=1.0),
+    },
+    "xp": {
+        "xp_warp_degree": Option(24, "Photometric warp of a standard with a usable Gaia XP "
+                                 "spectrum (--xp): Legendre degree in 1/lambda, fitted jointly "
+                                 "to its bands and to XP / model at XP's resolution (XP "
+                                 "resolves broad shapes the bands cannot); 0 = XP not used in "
+                                 "the fit.", min=0, max=60),
+        "level_tolerance": Option(0.05, "An XP spectrum is used only when its median ratio "
+                                  "to the photometrically scaled model is within this of 1 "
+                                  "(beyond: wrong units, another star, a bad spectrum; the "
+                                  "star is flagged and calibrated without XP).",
+                                  min=0.0, max=1.0),
+        "systematic_red": Option(XP_SYSTEMATIC_RED, "XP systematic floor redward of 400 nm, "
+                                 "fractional (published accuracy after corrections that are "
+                                 "not applied here, Huang et al. 2024).", min=0.0, max=0.5),
+        "systematic_blue": Option(XP_SYSTEMATIC_BLUE, "XP systematic floor at 336-400 nm, "
+                                  "fractional.", min=0.0, max=0.5),
+        "systematic_terms": Option(4, "The floor as a smooth error, correlated along the "
+                                   "spectrum (XP's systematics are smooth): this many "
+                                   "Legendre terms with the floor's rms, marginalised in the "
+                                   "fit; 0 = added in quadrature to every sample "
+                                   "(independent).", min=0, max=20),
     },
     "combine": {
         "method": Option("weighted_mean", "Combination of per-star vectors.",

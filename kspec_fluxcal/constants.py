@@ -159,3 +159,31 @@ HC_ERG_AA = 6.62607015e-27 * SPEED_OF_LIGHT_AAS
 #: its area lost to the central obstruction. A nominal number (the simulator's), not a
 #: measured one: set the real value in the configuration ([instrument] collecting_area).
 KSPEC_COLLECTING_AREA_CM2 = math.pi * 80.0**2 * 0.75
+
+# ----------------------------------------------------------------------------- Gaia XP
+#: Resolving power lambda / FWHM adopted for Gaia DR3 BP/RP (XP) spectra. Their line spread
+#: varies along each spectrum and between the two instruments: R ~ 30-100 over 330-1050 nm
+#: (Carrasco et al. 2021, A&A 652, A86, section 2; De Angeli et al. 2023, A&A 674, A2,
+#: section 2). One mid value is adopted: at the scales XP constrains (hundreds of Angstrom)
+#: the exact width matters only near strong lines (Balmer), which the comparison sees smoothed
+#: either way.
+XP_RESOLVING_POWER = 50.0
+#: GaiaXPy's default sampling of calibrated (absolute) XP spectra, nm in vacuum:
+#: ``numpy.arange(336, 1021, 2)``, 343 points (GaiaXPy documentation, ``calibrate``).
+XP_DEFAULT_SAMPLING_NM = (336.0, 1020.0, 2.0)
+#: W m^-2 nm^-1 (GaiaXPy's flux unit) in erg s^-1 cm^-2 Angstrom^-1: 1e7 erg/s per W,
+#: 1e-4 m^2 per cm^2, 10 Angstrom per nm.
+XP_FLUX_TO_CGS = 100.0
+#: Samples per independent number in a sampled XP spectrum: DR3 XP spectra are 55 BP + 55 RP
+#: coefficients (De Angeli et al. 2023, section 3), sampled by GaiaXPy on 343 points, so
+#: neighbouring samples are strongly correlated; treating the samples as independent would
+#: overcount the information ~343 / 110 = 3.1 times. XP errors are inflated by the square root.
+XP_SAMPLES_PER_COEFFICIENT = 343.0 / 110.0
+#: Published accuracy of XP spectra against ground-based spectrophotometric libraries after
+#: the known systematics are corrected: ~1 % redward of 400 nm, < 2 % at 336-400 nm (Huang et
+#: al. 2024, ApJS 271, 13). The corrections themselves are not available here (offline):
+#: kspec-fluxcal applies none, and takes these as the XP systematic floor's defaults.
+XP_SYSTEMATIC_RED = 0.01
+XP_SYSTEMATIC_BLUE = 0.02
+#: Boundary between the two floors, nm (vacuum; Huang et al. 2024).
+XP_BLUE_EDGE_NM = 400.0

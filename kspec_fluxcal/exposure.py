@@ -951,14 +951,22 @@ def star_table(stars):
     """Per-star results as the FCALSTAR binary table (one row per standard star).
 
     Scalar per-star variables become columns; (star, wavelength) variables become vector
-    columns; (star, band) variables become vector columns with the band names in the header.
+    columns; (star, band) variables become vector columns with the band names in the header;
+    (star, xp_wavelength) variables (Gaia XP spectra) become vector columns ``XP_*`` with their
+    wavelengths in the vector column XP_WAVELENGTH (the same on every row) and NXPWAVE in the
+    header.
     """
     stars = stars.compute()
     nwave = stars.sizes.get("wavelength", 0)
     cols = []
+    if "xp_wavelength" in stars.dims:
+        xp_wave = np.asarray(stars["xp_wavelength"].values, dtype=np.float64)
+        cols.append(fits.Column("XP_WAVELENGTH", f"{xp_wave.size}D", unit="Angstrom",
+                                array=np.broadcast_to(xp_wave, (stars.sizes["star"],
+                                                                xp_wave.size))))
     # Variables, not DataArrays: building a DataArray per column costs more than the file.
     for name, var in stars.variables.items():
-        if name in ("star", "wavelength", "band") or "star" not in var.dims:
+        if name in ("star", "wavelength", "band", "xp_wavelength") or "star" not in var.dims:
             continue
         if var.dims[0] != "star":
             var = var.transpose("star", ...)
@@ -975,6 +983,8 @@ def star_table(stars):
     if "band" in stars.dims:
         table.header["BANDS"] = ",".join(str(b) for b in stars["band"].values)
     table.header["NWAVE"] = nwave
+    if "xp_wavelength" in stars.dims:
+        table.header["NXPWAVE"] = stars.sizes["xp_wavelength"]
     return table
 
 
@@ -998,12 +1008,18 @@ def read_standard_stars(path):
             header = hdu.header
             bands = [b for b in str(header.get("BANDS", "")).split(",") if b]
             nwave = int(header.get("NWAVE", 0))
+            nxp = int(header.get("NXPWAVE", 0))
             variables, coords = {}, {}
             for col in hdu.columns:
                 values = np.asarray(data[col.name])
                 name = col.name.lower()
                 attrs = {"units": str(col.unit)} if col.unit else {}
-                if values.ndim == 1:
+                if name == "xp_wavelength" and values.ndim == 2 and values.shape[0]:
+                    coords[name] = (name, values[0], {"units": "Angstrom", "medium": "air"})
+                elif name.startswith("xp_") and nxp and values.ndim == 2 \
+                        and values.shape[1] == nxp:
+                    variables[name] = (("star", "xp_wavelength"), values, attrs)
+                elif values.ndim == 1:
                     if values.dtype.kind in "SU":
                         values = np.char.strip(values.astype(str))
                     coords[name] = ("star", values, attrs)

@@ -484,14 +484,22 @@ def warp_basis(wavelength, wave_range, degree=3):
     return legendre(wavelength) - mean
 
 
-def fit_warp(mag_obs, mag_err, mag_model, basis, used, *, warp_sigma, error_floor=0.01):
-    """Flux scale and a smooth warp of (reddened) model spectra fitted to photometry.
+def fit_warp(mag_obs, mag_err, mag_model, basis, used, *, warp_sigma, error_floor=0.01,
+             xp=None):
+    """Flux scale and a smooth warp of (reddened) model spectra fitted to photometry, and
+    optionally to each star's Gaia XP spectrum.
 
     Solves ``mag_obs_b = mag_model_b + mu + sum_k c_k basis_bk`` over the ``used`` bands by
     weighted least squares with Gaussian priors c_k ~ N(0, warp_sigma): the warp stays 1
     unless the bands ask for more. The reddening is not fitted here: ``mag_model`` carries
     the photometric fit's own E(B-V), which the warp must not change (a star's E(B-V) is a
     physical parameter; the warp only corrects the template's broad shape).
+
+    With ``xp``, every XP sample i adds the row ``resid_i = nu + sum_k c_k basis_ik + sum_m
+    s_m systematic_im``: the same warp, a free XP offset ``nu`` per star (XP's level is not
+    trusted: the bands set the scale) and XP's own smooth error ``s_m ~ N(0, 1)``,
+    marginalised. No published correction of XP is applied (Huang et al. 2024's are not
+    available offline): ``systematic`` is where their residual accuracy enters.
 
     Parameters
     ----------
@@ -500,24 +508,68 @@ def fit_warp(mag_obs, mag_err, mag_model, basis, used, *, warp_sigma, error_floo
         The warp's shapes at the bands (:func:`warp_basis`).
     used : numpy.ndarray of bool, shape (nstar, nband)
         Bands to fit (e.g. those :func:`fit_photometry` kept).
+    warp_sigma : float
+        Prior width of each warp coefficient, mag.
+    error_floor : float
+        Added in quadrature to the band errors, mag.
+    xp : dict, optional
+        ``resid`` (nstar, nxp): -2.5 log10(XP / model) per sample, NaN = none; ``err``
+        (mag); ``basis`` (nstar, nxp, nk): the warp's shapes at the XP wavelengths;
+        ``systematic`` (nstar, nxp, m): XP's smooth error per unit nuisance, mag (m >= 0).
+        See :func:`kspec_fluxcal.xp.xp_rows`.
 
     Returns
     -------
     dict of numpy.ndarray
         ``mu``, ``mu_err``, ``warp`` (nstar, nk), ``warp_err``, ``resid`` (nstar, nband; NaN
-        for unused bands), ``rms``.
+        for unused bands), ``rms``; with ``xp`` also ``xp_offset`` (nu, mag) and
+        ``xp_resid`` (nstar, nxp; after the warp and the offset, XP's systematic included).
     """
     nstar, nband, nk = basis.shape
     sigma2 = mag_err**2 + error_floor**2
     w = np.where(used & np.isfinite(mag_obs - mag_model) & np.isfinite(sigma2), 1.0 / sigma2, 0.0)
     d = np.nan_to_num(mag_obs - mag_model)
     design = np.concatenate([np.ones((nstar, nband, 1)), np.nan_to_num(basis)], axis=2)
+    prior = np.concatenate([[1e-9], np.full(nk, 1.0 / warp_sigma**2)])
+    if xp is not None:
+        design, w, d, prior = _with_xp_rows(design, w, d, prior, xp)
+    theta, err = _weighted_lstsq(design, w, d, prior)
+    model = np.einsum("sbi,si->sb", design, theta)
+    resid = np.where(w > 0, d - model, np.nan)
+    band = resid[:, :nband]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rms = np.sqrt(np.nansum(band**2, axis=1) / (w[:, :nband] > 0).sum(axis=1))
+    out = {"mu": theta[:, 0], "mu_err": err[:, 0], "warp": theta[:, 1:nk + 1],
+           "warp_err": err[:, 1:nk + 1], "resid": band, "rms": rms}
+    if xp is not None:
+        # The XP residual about the warped model and the offset: XP's own systematic stays in.
+        shapes = design[:, nband:, :nk + 2]
+        out["xp_offset"] = theta[:, nk + 1]
+        out["xp_resid"] = np.where(w[:, nband:] > 0, d[:, nband:]
+                                   - np.einsum("sbi,si->sb", shapes, theta[:, :nk + 2]), np.nan)
+    return out
+
+
+def _with_xp_rows(design, w, d, prior, xp):
+    """The band system with XP's rows and parameters (offset, systematic nuisances) added."""
+    nstar, nband, npar = design.shape
+    resid, err, shapes = xp["resid"], xp["err"], np.asarray(xp["systematic"])
+    nxp, m = resid.shape[1], shapes.shape[-1]
+    valid = np.isfinite(resid) & np.isfinite(err) & (err > 0)
+    band_rows = np.concatenate([design, np.zeros((nstar, nband, 1 + m))], axis=2)
+    xp_rows = np.concatenate([np.zeros((nstar, nxp, 1)), np.nan_to_num(xp["basis"]),
+                              np.ones((nstar, nxp, 1)), np.nan_to_num(shapes)], axis=2)
+    w_xp = np.where(valid, 1.0 / np.where(valid, err, 1.0) ** 2, 0.0)
+    return (np.concatenate([band_rows, xp_rows], axis=1), np.concatenate([w, w_xp], axis=1),
+            np.concatenate([d, np.where(valid, resid, 0.0)], axis=1),
+            np.concatenate([prior, [1e-9], np.ones(m)]))
+
+
+def _weighted_lstsq(design, w, d, prior):
+    """Per star, the weighted least-squares solution of ``design @ theta = d`` with Gaussian
+    priors (weights ``prior``) around 0, and its errors."""
     normal = np.einsum("sbi,sb,sbj->sij", design, w, design)
-    normal += np.diag(np.concatenate([[1e-9], np.full(nk, 1.0 / warp_sigma**2)]))[None]
+    normal += np.diag(prior)[None]
     theta = np.linalg.solve(normal, np.einsum("sbi,sb,sb->si", design, w, d)[..., None])[..., 0]
     err = np.sqrt(np.diagonal(np.linalg.inv(normal), axis1=1, axis2=2))
-    resid = np.where(w > 0, d - np.einsum("sbi,si->sb", design, theta), np.nan)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rms = np.sqrt(np.nansum(resid**2, axis=1) / (w > 0).sum(axis=1))
-    return {"mu": theta[:, 0], "mu_err": err[:, 0], "warp": theta[:, 1:],
-            "warp_err": err[:, 1:], "resid": resid, "rms": rms}
+    return theta, err

@@ -17,6 +17,7 @@ from .errors import ExposureError, FluxCalError, FluxCalWarning, OutputExistsErr
 from .exposure import calibration_marks, open_exposure, write_calibrated
 from .grid import open_grid
 from .standards import fit_standards
+from .xp import read_xp
 
 __all__ = ["calibrate", "calibrate_exposure", "CalibrationResult", "output_name"]
 
@@ -81,7 +82,7 @@ def _check_target(target, path, overwrite, in_place):
     check_output_directory(target, for_file=True)
 
 
-def calibrate(exposure, catalog, grid, config=None, *, cache_dir=None):
+def calibrate(exposure, catalog, grid, config=None, *, cache_dir=None, xp=None):
     """Fit the standards of an opened exposure, combine them and calibrate every fiber.
 
     Parameters
@@ -93,6 +94,9 @@ def calibrate(exposure, catalog, grid, config=None, *, cache_dir=None):
     grid : xarray.Dataset
         Opened template grid, or a prepared setup (:func:`kspec_fluxcal.prepare_setup`).
     config : Config, optional
+    xp : xarray.Dataset or path-like, optional
+        Gaia XP spectra of the standards (:func:`kspec_fluxcal.xp.read_xp`): see
+        :func:`kspec_fluxcal.fit_standards`.
 
     Returns
     -------
@@ -109,7 +113,7 @@ def calibrate(exposure, catalog, grid, config=None, *, cache_dir=None):
                             "calibrate the RED file it was made from")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FluxCalWarning)
-        stars = fit_standards(exposure, catalog, grid, config, cache_dir=cache_dir)
+        stars = fit_standards(exposure, catalog, grid, config, cache_dir=cache_dir, xp=xp)
         calibration = combine_vectors(stars, config=config)
         calibrated = apply_calibration(exposure, calibration)
     notes = tuple(str(w.message) for w in caught if issubclass(w.category, FluxCalWarning))
@@ -124,7 +128,7 @@ def calibrate(exposure, catalog, grid, config=None, *, cache_dir=None):
 
 
 def calibrate_exposure(path, catalog, grid, out=None, *, config=None, overwrite=False,
-                       in_place=False, cache_dir=None, qc_dir=None, **options):
+                       in_place=False, cache_dir=None, qc_dir=None, xp=None, **options):
     """Flux-calibrate one RED file: what ``kspec-fluxcal calibrate`` does for one file.
 
     Parameters
@@ -151,6 +155,10 @@ def calibrate_exposure(path, catalog, grid, out=None, *, config=None, overwrite=
     qc_dir : path-like, optional
         Write the QC plots and summary there: drawn from the written product (as
         :func:`kspec_fluxcal.qc.qc_from_file` does), or from the result when nothing is written.
+    xp : path-like or xarray.Dataset, optional
+        Gaia XP spectra of the standards (GaiaXPy layout, :func:`kspec_fluxcal.xp.read_xp`):
+        the broad shape of each matched standard's model is fitted to it as well (README,
+        "Gaia XP spectra").
     **options
         Configuration overrides, e.g. ``metric="huber"``, ``smooth=False``.
 
@@ -171,13 +179,15 @@ def calibrate_exposure(path, catalog, grid, out=None, *, config=None, overwrite=
         catalog = read_catalog(catalog)
     if not isinstance(grid, xr.Dataset):
         grid = open_grid(grid)
+    if xp is not None and not isinstance(xp, xr.Dataset):
+        xp = read_xp(xp)
     target = _output_target(path, out, in_place)
     if target is not None:
         overwrite = overwrite or in_place
         _check_target(target, path, overwrite, in_place)
     if qc_dir is not None:
         check_output_directory(qc_dir)
-    result = calibrate(open_exposure(path), catalog, grid, config, cache_dir=cache_dir)
+    result = calibrate(open_exposure(path), catalog, grid, config, cache_dir=cache_dir, xp=xp)
     if target is not None:
         write_calibrated(result.calibrated, target, overwrite=overwrite, stars=result.stars)
     result.path = target

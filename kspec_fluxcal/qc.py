@@ -2,7 +2,8 @@
 
 The astronomer judges a calibration by looking at it: the combined vector and each star's,
 how far every star departs from the combination, how well each template matches, how the
-catalog photometry agrees with the scaled models, and one calibrated science spectrum.
+catalog photometry agrees with the scaled models, each standard's Gaia XP spectrum against
+its model (when XP spectra were given), and one calibrated science spectrum.
 Files are ``<expid>_<kind>.png`` and ``<expid>_summary.txt`` in the output directory, each
 written atomically.
 
@@ -39,7 +40,7 @@ from .telluric import transmission
 __all__ = ["write_qc", "qc_from_file", "qc_directory", "QC_PLOTS"]
 
 #: Plot kinds, in the order they are written; each file is ``<expid>_<kind>.png``.
-QC_PLOTS = ("calibration", "residuals", "telluric", "template_match", "photometry",
+QC_PLOTS = ("calibration", "residuals", "telluric", "template_match", "photometry", "xp",
             "spectrum")
 
 _DPI = 100
@@ -365,6 +366,7 @@ def _write(qc, out_dir):
         "telluric": _plot_telluric,
         "template_match": _plot_template_match,
         "photometry": _plot_photometry,
+        "xp": _plot_xp,
         "spectrum": _plot_spectrum,
     }
     written, skipped = [], []
@@ -393,11 +395,12 @@ def _write(qc, out_dir):
 # ----------------------------------------------------------------------------- helpers
 
 
-def _figure(nrows=1, ncols=1, *, width=_WIDTH, height=None, sharex=False):
+def _figure(nrows=1, ncols=1, *, width=_WIDTH, height=None, sharex=False, height_ratios=None):
     height = _ROW_HEIGHT * nrows if height is None else height
     fig = Figure(figsize=(width, height), dpi=_DPI, layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False, sharex=sharex)
+    axes = fig.subplots(nrows, ncols, squeeze=False, sharex=sharex,
+                        height_ratios=height_ratios)
     return fig, axes
 
 
@@ -893,6 +896,88 @@ def _plot_photometry(qc):
     return fig, None
 
 
+def _plot_xp(qc):
+    """Per standard with a Gaia XP spectrum: XP, the catalog photometry and the model before
+    and after the warp (at XP's resolution), then their ratios to the final model."""
+    stars = qc.stars
+    if not _has(stars, "xp_flux", "xp_model", "xp_model_warped", along="xp_wavelength"):
+        return None, "no Gaia XP spectra given (--xp)"
+    flux = np.asarray(stars["xp_flux"].transpose("star", "xp_wavelength").values, np.float64)
+    shown = np.flatnonzero(np.isfinite(flux).any(axis=1))
+    if not shown.size:
+        return None, "no standard has a Gaia XP spectrum (none matched)"
+    fig, axes = _figure(2 * shown.size, height=4.6 * shown.size + 0.4, sharex=True,
+                        height_ratios=[2, 1] * shown.size)
+    fig.suptitle(f"{qc.expid}: Gaia XP spectra, photometry and models at XP's resolution")
+    for k, s in enumerate(shown):
+        _xp_panels(qc, s, axes[2 * k, 0], axes[2 * k + 1, 0])
+    axes[-1, 0].set_xlabel("wavelength in air [Angstrom]")
+    axes[0, 0].legend(loc="upper right", fontsize="small", ncols=2)
+    return fig, None
+
+
+def _xp_panels(qc, s, top, bottom):
+    """One star's XP panels: flux densities (top) and ratios to the final model (bottom)."""
+    stars = qc.stars
+    wave = np.asarray(stars["xp_wavelength"].values, dtype=np.float64)
+    xp, err, before, after = (np.asarray(stars[n].transpose("star", "xp_wavelength")
+                                         .values[s], np.float64)
+                              for n in ("xp_flux", "xp_flux_error", "xp_model",
+                                        "xp_model_warped"))
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # no overlap: all NaN
+        level = np.nanmedian(xp / after)
+    top.fill_between(wave, xp - err, xp + err, color="0.7", lw=0)
+    top.plot(wave, xp, color="k", lw=1.0, label="XP")
+    top.plot(wave, before, color="C0", ls="--", lw=1.0, label="model before the warp")
+    top.plot(wave, after, color="C3", lw=1.2, label="final model (warped)")
+    # Bands drawn on the final model (at their effective wavelengths) times catalog / model:
+    # a broad band's mean flux is not the spectrum's value at one wavelength.
+    ok = np.isfinite(after)
+    lam, ratio, ratio_err = _xp_bands(stars, s, wave[ok] if ok.sum() > 1 else wave[:0])
+    on_model = np.interp(lam, wave[ok], after[ok]) if lam.size else lam
+    top.errorbar(lam, on_model * ratio, yerr=on_model * ratio_err, ls="none", marker="o",
+                 color="C2", ms=5, label="catalog photometry (on the model)")
+    lim = _limits([xp, after, on_model * ratio], 0.5, 99.5, pad=0.08)
+    if lim:
+        top.set_ylim(*lim)
+    top.set_ylabel(f"[{FLUX_UNIT}]", fontsize="small")
+    used = bool(_coord(stars, "xp_used", s))
+    flag = str(_coord(stars, "flags", s)) if "flags" in stars.variables else ""
+    why = next((p.strip() for p in flag.split(", ") if p.startswith("XP")), "")
+    top.set_title(f"{_label(qc, s)}: XP {'used' if used else 'not used'}, XP / model "
+                  f"{_fmt(_coord(stars, 'xp_ratio', s), '.3f')} before the warp, XP rms "
+                  f"about the final model "
+                  f"{_fmt(100 * _as_float(_coord(stars, 'xp_rms', s)), '.2f')}"
+                  "%" + (f"\n{_shorten(why, 110)}" if why else ""), fontsize=9)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        bottom.plot(wave, xp / after / level, color="k", lw=1.0)
+        bottom.plot(wave, before / after, color="C0", ls="--", lw=1.0)
+        bottom.errorbar(lam, ratio, yerr=ratio_err, ls="none", marker="o", color="C2", ms=5)
+    for y in (0.99, 1.01):
+        bottom.axhline(y, color="k", ls=":", lw=0.8)
+    bottom.axhline(1.0, color="k", lw=0.6)
+    bottom.set_ylim(0.95, 1.05)
+    bottom.set_ylabel("/ final model", fontsize="small")
+    for ax in (top, bottom):
+        ax.grid(alpha=0.3)
+
+
+def _xp_bands(stars, s, wave):
+    """Catalog over model photometry of star ``s`` (flux ratio, its error) at the effective
+    wavelengths of the bands inside ``wave``."""
+    if not (_has(stars, "mag_obs", "mag_model", along="band") and wave.size):
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    lam = np.array([_band_wavelength(str(b)) for b in stars["band"].values])
+    obs = np.asarray(stars["mag_obs"].transpose("star", "band").values[s], np.float64)
+    model = np.asarray(stars["mag_model"].transpose("star", "band").values[s], np.float64)
+    err = (np.asarray(stars["mag_err"].transpose("star", "band").values[s], np.float64)
+           if _has(stars, "mag_err", along="band") else np.zeros(obs.size))
+    keep = np.isfinite(lam) & (lam >= wave[0]) & (lam <= wave[-1]) & np.isfinite(obs - model)
+    ratio = 10.0 ** (-0.4 * (obs - model)[keep])
+    return lam[keep], ratio, ratio * np.nan_to_num(err[keep]) * np.log(10.0) / 2.5
+
+
 def _error_bars(ax, x, y, err, inner, colour):
     """Error bars kept inside the panel (``inner`` y range): one cut at the edge ends in an
     arrowhead, so that it reads as longer than shown rather than disappearing."""
@@ -1028,6 +1113,9 @@ def _star_table(qc):
         ("bands", 6, lambda s: _fmt(_coord(stars, "n_bands", s), ".0f")),
         ("dropped", 12, lambda s: (str(stars["dropped_bands"].values[s]).strip() or "-")
          if "dropped_bands" in stars.variables else "-"),
+        ("xp", 4, lambda s: "-" if "xp_used" not in stars.variables
+         or str(_coord(stars, "xp_match", s)) in ("none", "")
+         else "yes" if bool(_coord(stars, "xp_used", s)) else "no"),
     ]
     head = " ".join(f"{h:>{w}}" for h, w, _ in columns) + "  status"
     rows = ["  " + head]

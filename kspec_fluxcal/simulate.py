@@ -80,6 +80,22 @@ drawn in 0.75-1.3 M_sun and its log g give the radius R = sqrt(G M / g), the dil
 distance D = R / sqrt((R/D)^2), and the catalog has 1000 / D[pc] plus the Gaia DR2 zero point
 (-0.029 mas) plus noise of the DR2 error at that G (:func:`gaia_parallax_error`).
 
+Gaia XP spectra (``xp=True``; off by default)
+---------------------------------------------
+Each standard's spectrum at Earth (the one its fiber sees, the G scaling included), binned
+to 4 A by its integral, seen through a Gaussian of FWHM lambda / 50
+(:data:`~kspec_fluxcal.constants.XP_RESOLVING_POWER`) at GaiaXPy's default sampling
+(336-1020 nm in vacuum, every 2 nm; samples the source does not cover are NaN), in
+W m^-2 nm^-1 per vacuum nm; times a per-star smooth systematic unknown to the fitter (a grey
+offset of 1 %, Legendre degrees 1-3 over 400-1020 nm of 1.0 % rms, a blue term of 2.5 % at
+336 nm growing linearly below 400 nm: 2-3 % rms there); plus noise of relative size 0.5 % at
+500-900 nm rising to 3 % at 336 nm and 2 % at 1020 nm at G = 15, scaled by
+10^(0.2 (G - 15)), correlated over ~3 samples as DR3's are (343 samples of 110
+coefficients). Every catalog row gets a Gaia-like ``source_id`` (a hash of its objid). The
+XP draws come from a stream of their own: the RED file, the catalog's other columns and the
+rest of the truth are those of ``xp=False``. :func:`xp_rows` and :func:`write_xp` write the
+table in GaiaXPy's ``calibrate`` layout (``simulate_survey``: ``xp.csv``).
+
 Truth file (``truth/<EXPID>.npz``)
 ----------------------------------
 ``wavelength`` (npix; air, Angstrom: the grid ``open_exposure`` returns), ``true_flux``,
@@ -100,7 +116,10 @@ before any resampling by the reader), ``std_gmag`` (Gaia G, Vega, noiseless),
 ``std_plx`` (true parallax, mas); ``fiber_lsf_scale`` (fiber); scalars ``airmass, exptime,
 mjd, transparency, pwv, aerosol, night, expid, setup, setup_key, wavelength_format,
 wavelength_unit, medium, lsf_scale, pixel_integration, field_source, source_sharper``. Dead
-fibers have NaN ``true_flux``, ``true_flux_fiber`` and ``counts_noiseless``.
+fibers have NaN ``true_flux``, ``true_flux_fiber`` and ``counts_noiseless``. With ``xp``:
+``xp_wavelength_nm`` (the sampling, vacuum) and per standard ``std_xp_flux``,
+``std_xp_flux_error`` (what the table holds), ``std_xp_systematic`` (the multiplicative
+systematic applied) and ``std_xp_true`` (noiseless, without the systematic), W m^-2 nm^-1.
 """
 
 from __future__ import annotations
@@ -108,6 +127,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import functools
+import hashlib
 import json
 import shutil
 import sys
@@ -142,6 +162,8 @@ from .constants import (
     R_SUN,
     SPEED_OF_LIGHT_KMS,
     VEGA_TO_AB,
+    XP_FLUX_TO_CGS,
+    XP_RESOLVING_POWER,
 )
 from .errors import GridError, OutputExistsError
 from .exposure import red_hdulist, setup_key
@@ -157,7 +179,8 @@ from .telluric import (
     telluric_lines,
 )
 from .templates import convolution_matrix
-from .wavelength import air_to_vacuum
+from .wavelength import air_to_vacuum, vacuum_to_air
+from .xp import default_sampling, xp_resolution
 
 __all__ = [
     "Setup",
@@ -177,6 +200,8 @@ __all__ = [
     "gaia_parallax_error",
     "CATALOG_HEADER",
     "write_catalog",
+    "xp_rows",
+    "write_xp",
 ]
 
 #: Refcat2 columns in the order of the formats contract (section 2).
@@ -351,6 +376,25 @@ _POSITION_ONLY_MAX_ARCSEC = 0.45
 _P_POSITION_ONLY = 0.3
 #: Probability of a dead fiber in an exposure.
 _P_DEAD = 0.3
+
+# ----------------------------------------------------------------------------- Gaia XP
+#: Simulated XP flux errors at G = 15, (nm, fractional error): ~0.5 % in the middle of BP
+#: and RP, rising where their throughputs fall (the blue end of BP, the red end of RP), as
+#: the DR3 sampled spectra of G ~ 15 stars show (De Angeli et al. 2023, A&A 674, A2, figs.
+#: 14-15, roughly); scaled by 10^(0.2 (G - 15)) (photon noise: error / flux ~ flux^-1/2).
+_XP_NOISE = ((336.0, 0.03), (400.0, 0.01), (450.0, 0.006), (500.0, 0.005), (900.0, 0.005),
+             (1020.0, 0.02))
+#: The noise is correlated over neighbouring samples: white noise smoothed by a Gaussian of
+#: this many samples (sigma), so that ~2 sqrt(pi) 0.9 = 3.2 samples carry one independent
+#: value: 343 samples of ~110 coefficients, as DR3's (and as the fitter assumes).
+_XP_NOISE_CORRELATION = 0.9
+#: Per-star smooth systematic, sigmas of: a grey offset; each Legendre coefficient of degree
+#: 1-3 over 400-1020 nm (their sum: 1.0 % rms there, 2.1 % at 400 nm); the blue term at
+#: 336 nm (growing linearly below 400 nm; 2.5 % rms in all at 336-400 nm). The issue asks for
+#: rms ~1 % over 400-1000 nm and 2-3 % below 400 nm.
+_XP_SYSTEMATIC = (0.01, 0.012, 0.025)
+#: Bin of the truth before it is seen at XP's resolution, Angstrom (<< XP's FWHM, 67 A).
+_XP_BIN = 4.0
 
 # ----------------------------------------------------------------------------- survey
 #: First night of the simulated survey and the local evening start (KST 20:00 = 11:00 UT).
@@ -843,7 +887,7 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
                       dead_fiber=False, snr_range=(30.0, 150.0), airmass=None, exptime=None,
                       mjd=61345.4583, night="20261101", expid="KS20261101_0001",
                       conditions=None, field=None, standard_source=None, lsf_scale=1.0,
-                      pixel_integration=False, fiber_lsf_scatter=0.0):
+                      pixel_integration=False, fiber_lsf_scatter=0.0, xp=False):
     """Simulate one exposure: its RED file, its truth and its catalog rows.
 
     Parameters
@@ -897,6 +941,11 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
     fiber_lsf_scatter : float
         Fractional rms scatter of the fibers' FWHM about the header's; written as the FIBRES
         column ``LSF_SCALE`` when > 0.
+    xp : bool
+        Also simulate Gaia XP spectra of the standards (module docstring; truth entries
+        ``xp_wavelength_nm``, ``std_xp_*``; :func:`xp_rows` makes the table's rows) and give
+        every catalog row a ``source_id``. Drawn from their own random stream: everything
+        else is the same with or without.
 
     Returns
     -------
@@ -954,6 +1003,10 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
         "pixel_integration": np.bool_(pixel_integration),
         "field_source": np.str_(stars.label), "source_sharper": np.float64(targets.sharper),
     }
+    if xp:
+        # A stream of its own, spawned last: every other draw stays as without XP.
+        truth.update(_standard_xp(rng.spawn(1)[0], std_source, targets))
+        _add_source_ids(catalog.rows)
     return SimulatedExposure(hdulist, truth, catalog.rows)
 
 
@@ -1533,6 +1586,126 @@ def _decoys(rng, aux, stars, std_ra, std_dec, field):
                          p["teff"][k], ebv[k], plx[k], "decoy", -1) for k in range(n)]
 
 
+# ----------------------------------------------------------------------------- Gaia XP
+
+
+def _source_id(objid):
+    """A Gaia-DR3-like source id (positive int64) for a catalog objid: a hash, distinct from
+    the objid so that matching by source id is really exercised."""
+    digest = hashlib.sha1(f"gaia-dr3:{int(objid)}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") % (2**62 - 1) + 1
+
+
+def _xp_bins(wave, flux, edges):
+    """Mean flux density of ``flux`` (nstar, nwave) in the bins ``edges``: the integral of
+    the linear interpolant, so that no sharp line is lost by sampling."""
+    steps = 0.5 * (flux[:, 1:] + flux[:, :-1]) * np.diff(wave)
+    cum = np.concatenate([np.zeros((flux.shape[0], 1)), np.cumsum(steps, axis=1)], axis=1)
+    return np.stack([np.diff(np.interp(edges, wave, c)) for c in cum]) / np.diff(edges)
+
+
+def _xp_noise(rng, n, nxp):
+    """Unit-variance noise correlated over neighbouring samples, as XP's is (its samples
+    come from 55 coefficients per instrument): white noise smoothed by a Gaussian of
+    :data:`_XP_NOISE_CORRELATION` samples, renormalised."""
+    k = np.arange(-5, 6)
+    kernel = np.exp(-0.5 * (k / _XP_NOISE_CORRELATION) ** 2)
+    kernel /= np.sqrt(np.sum(kernel**2))
+    white = rng.standard_normal((n, nxp + k.size - 1))
+    return np.stack([np.convolve(w, kernel, mode="valid") for w in white])
+
+
+def _xp_systematic(rng, n, nm):
+    """Per star a smooth multiplicative error unknown to the fitter (:data:`_XP_SYSTEMATIC`):
+    a grey offset and Legendre degrees 1-3 over 400-1020 nm (held at their 400 nm value
+    below), times a blue term growing linearly from 400 nm to the first sample."""
+    x = np.clip(2.0 * (nm - 400.0) / (1020.0 - 400.0) - 1.0, -1.0, 1.0)
+    legendre = np.stack([np.polynomial.legendre.Legendre.basis(k)(x) for k in range(4)])
+    grey, shape, blue = _XP_SYSTEMATIC
+    coef = rng.normal(0.0, 1.0, (n, 4)) * np.array([grey, shape, shape, shape])
+    ramp = np.clip((400.0 - nm) / (400.0 - nm[0]), 0.0, 1.0)
+    return (1.0 + coef @ legendre) * (1.0 + rng.normal(0.0, blue, (n, 1)) * ramp)
+
+
+def _standard_xp(rng, std_source, targets):
+    """XP-like spectra of the standards: the truth at Earth (``_targets``' spectra, with the
+    G scaling of ``_expose``) at XP's resolution on GaiaXPy's default sampling, times a smooth
+    systematic, plus noise for the star's G; W m^-2 nm^-1 per vacuum nm, NaN where the
+    source does not cover a sample's line spread."""
+    n = targets.std_fibers.size
+    nm = default_sampling()
+    air = vacuum_to_air(10.0 * nm)
+    true = np.full((n, nm.size), np.nan)
+    if n:
+        observed, _ = _observed(std_source, targets.std, targets.rv[:n], targets.ebv[:n])
+        at_earth = observed * targets.dilution[:n, None]  # erg/s/cm^2/A per air A
+        wave = std_source.wavelength
+        fwhm = air[-1] / XP_RESOLVING_POWER
+        keep = (wave > air[0] - 6 * fwhm) & (wave < air[-1] + 6 * fwhm)
+        edges = np.arange(max(wave[keep][0], air[0] - 6 * fwhm),
+                          min(wave[keep][-1], air[-1] + 6 * fwhm), _XP_BIN)
+        binned = _xp_bins(wave[keep], at_earth[:, keep], edges)
+        centres = np.broadcast_to(0.5 * (edges[1:] + edges[:-1]), binned.shape)
+        # Per air Angstrom -> per vacuum nm, in W m^-2 nm^-1.
+        true = (xp_resolution(centres, binned, air) * np.gradient(air) / np.gradient(10.0 * nm)
+                / XP_FLUX_TO_CGS)
+    systematic = _xp_systematic(rng, n, nm)
+    gmag = targets.gmag[:n]
+    relative = (np.interp(nm, *zip(*_XP_NOISE, strict=True))[None, :]
+                * 10.0 ** (0.2 * (gmag[:, None] - 15.0)))
+    error = relative * true * systematic
+    flux = true * systematic + error * _xp_noise(rng, n, nm.size)
+    return {"xp_wavelength_nm": nm, "std_xp_flux": flux, "std_xp_flux_error": error,
+            "std_xp_systematic": systematic, "std_xp_true": true}
+
+
+def _add_source_ids(rows):
+    """A ``source_id`` for every catalog row (standards, field stars, decoys), in place."""
+    for row in rows:
+        row["source_id"] = str(_source_id(row["objid"]))
+
+
+def xp_rows(truth, catalog):
+    """The XP table rows of one simulated exposure (``simulate_exposure(..., xp=True)``).
+
+    Parameters
+    ----------
+    truth : dict
+        Its truth (``std_xp_flux``, ``std_xp_flux_error``, ``std_fiber``).
+    catalog : list of dict
+        Its catalog rows (with their ``source_id``).
+
+    Returns
+    -------
+    list of dict
+        ``source_id``, ``ra``, ``dec``, ``flux``, ``flux_error`` per standard (for
+        :func:`write_xp`).
+    """
+    by_fiber = {r["_fiber"]: r for r in catalog if r["_role"] == "standard"}
+    rows = []
+    for k, fiber in enumerate(truth["std_fiber"]):
+        row = by_fiber[int(fiber)]
+        rows.append({"source_id": row["source_id"], "ra": row["RA"], "dec": row["Dec"],
+                     "flux": truth["std_xp_flux"][k],
+                     "flux_error": truth["std_xp_flux_error"][k]})
+    return rows
+
+
+def write_xp(path, rows):
+    """Write XP spectra in GaiaXPy's ``calibrate`` CSV layout (source_id, flux, flux_error
+    as quoted "[v1, v2, ...]" cells, W m^-2 nm^-1, default sampling), plus ``ra``, ``dec``;
+    atomically. Missing samples are written ``nan``."""
+    def cell(values):
+        return '"[' + ", ".join("nan" if not np.isfinite(v) else f"{v:.6e}" for v in values) \
+            + ']"'
+
+    lines = ["source_id,ra,dec,flux,flux_error"]
+    lines += [f"{r['source_id']},{r['ra']},{r['dec']},{cell(r['flux'])},{cell(r['flux_error'])}"
+              for r in rows]
+    with atomic_file(path) as tmp:
+        tmp.write_text("\n".join(lines) + "\n")
+
+
 # ============================================================================= survey
 
 
@@ -1595,9 +1768,11 @@ def _ensure_catalog_variety(rng, rows):
 
 
 def write_catalog(path, rows):
-    """Write catalog rows (dicts of Refcat2 column -> value) as a Refcat2 CSV, atomically."""
-    lines = [",".join(CATALOG_HEADER)]
-    lines += [",".join(str(r[c]) for c in CATALOG_HEADER) for r in rows]
+    """Write catalog rows (dicts of Refcat2 column -> value) as a Refcat2 CSV, atomically;
+    with a last column ``source_id`` (Gaia) when the rows have one (simulated with XP)."""
+    header = CATALOG_HEADER + (("source_id",) if any("source_id" in r for r in rows) else ())
+    lines = [",".join(header)]
+    lines += [",".join(str(r.get(c, "")) for c in header) for r in rows]
     with atomic_file(path) as tmp:
         tmp.write_text("\n".join(lines) + "\n")
 
@@ -1626,14 +1801,16 @@ def _demo_grid(directory, previous, workers):
 def simulate_survey(outdir, *, exposures=20, nights=4, seed=0, fibers=14, pixels=4096,
                     grid=None, snr_range=(30, 150), setups=None, progress=False,
                     overwrite=False, workers=2, standard_source=None, n_standards=(1, 3),
-                    lsf_scale=1.0, pixel_integration=False, fiber_lsf_scatter=0.0):
+                    lsf_scale=1.0, pixel_integration=False, fiber_lsf_scatter=0.0, xp=False):
     """Write a small simulated survey with known truth, in the formats of the contract.
 
     Layout of ``outdir``::
 
         lake/<YYYYMMDD>/<EXPID>.fits   RED files (formats contract section 1)
         catalog.csv                    Refcat2 catalog (section 2): standards, other stars
-                                       of the fields and decoys
+                                       of the fields and decoys (with ``source_id`` if xp)
+        xp.csv                         with ``xp``: the standards' Gaia XP spectra in
+                                       GaiaXPy's layout (:func:`write_xp`)
         truth/<EXPID>.npz              the truth of each exposure (module docstring)
         survey.json                    manifest: seed, options, exposures
         grid/                          the synthetic BOSZ-layout grid, when ``grid`` is None
@@ -1678,6 +1855,9 @@ def simulate_survey(outdir, *, exposures=20, nights=4, seed=0, fibers=14, pixels
     lsf_scale, pixel_integration, fiber_lsf_scatter
         Instrument realism, passed to every :func:`simulate_exposure` (a range of
         ``lsf_scale`` is drawn from per exposure).
+    xp : bool
+        Simulate Gaia XP spectra of the standards (``xp.csv``; their systematics are in the
+        truth files); the exposures are the same as without.
 
     Returns
     -------
@@ -1704,7 +1884,7 @@ def simulate_survey(outdir, *, exposures=20, nights=4, seed=0, fibers=14, pixels
         raise ValueError("setups must have distinct names")
     options = {"snr_range": snr_range, "standard_source": standard_source,
                "lsf_scale": lsf_scale, "pixel_integration": pixel_integration,
-               "fiber_lsf_scatter": fiber_lsf_scatter}
+               "fiber_lsf_scatter": fiber_lsf_scatter, "xp": xp}
 
     def say(text):
         if progress:
@@ -1736,12 +1916,13 @@ def simulate_survey(outdir, *, exposures=20, nights=4, seed=0, fibers=14, pixels
         sky_rng = night_rng.spawn(1)[0]
         for night in night_conditions:
             night["temperature"] = float(sky_rng.uniform(*_TELLURIC_TEMPERATURE))
-        rows, manifest = [], []
+        rows, manifest, spectra = [], [], []
         for p, exp_seed in zip(plan, exposure_seeds, strict=True):
             t0 = time.perf_counter()
             entry, catalog = _survey_exposure(tmp, p, np.random.default_rng(exp_seed), stars,
                                               night_conditions[p["night_index"]], options)
             rows += catalog
+            spectra += entry.pop("xp_rows", [])
             manifest.append(entry)
             say(f"[{len(manifest)}/{exposures}] {entry['path']}: {p['n_standards']} "
                 f"standard(s), {p['wavelength_format']} {p['wavelength_unit']} {p['medium']}, "
@@ -1751,6 +1932,8 @@ def simulate_survey(outdir, *, exposures=20, nights=4, seed=0, fibers=14, pixels
         if len(set(ids)) != len(ids):  # position-encoded ids collide only for coincident stars
             raise RuntimeError("duplicate catalog objids; try another seed")
         write_catalog(tmp / "catalog.csv", rows)
+        if xp:
+            write_xp(tmp / "xp.csv", spectra)
         recorded = {**options, "exposures": exposures, "nights": nights, "fibers": fibers,
                     "pixels": pixels, "grid": grid_label, "setups": setups,
                     "n_standards": n_standards}
@@ -1777,10 +1960,12 @@ def _survey_info(seed, options, stars, n_rows, manifest):
             "lsf_scale": np.asarray(options["lsf_scale"], dtype=float).tolist(),
             "pixel_integration": bool(options["pixel_integration"]),
             "fiber_lsf_scatter": float(options["fiber_lsf_scatter"]),
+            "xp": bool(options["xp"]),
         },
         "grid": {"path": options["grid"], "resolution": stars.resolution,
                  "synthetic": bool(stars.synthetic), "files_read": stars.files_read},
         "catalog": "catalog.csv",
+        **({"xp": "xp.csv"} if options["xp"] else {}),
         "n_catalog_rows": n_rows,
         "exposures": manifest,
     }
@@ -1811,4 +1996,6 @@ def _survey_exposure(tmp, p, rng, stars, conditions, options):
         "pwv": float(t["pwv"]), "lsf_scale": float(t["lsf_scale"]),
         "std_source": [str(v) for v in t["std_source"]],
     }
+    if options["xp"]:
+        entry["xp_rows"] = xp_rows(t, sim.catalog)
     return entry, sim.catalog

@@ -33,6 +33,7 @@ The fit is a sequence of named steps (:func:`_fit` composes them), each on plain
 
 from __future__ import annotations
 
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
@@ -49,6 +50,7 @@ from .constants import (
     HC_ERG_AA,
 )
 from .continuum import fit_continuum, spline_basis
+from .errors import FluxCalWarning
 from .grid import PARAMS, interpolation_weights
 from .lsf import LineSpread
 from .masks import load_regions, region_mask
@@ -79,6 +81,7 @@ from .templates import (
     library_spectra,
     prepare_library,
 )
+from .xp import standards_xp, xp_level, xp_resolution, xp_rows
 
 __all__ = ["fit_standards", "exposure_lsf", "fit_photometry", "template_library"]
 
@@ -111,7 +114,7 @@ def template_library(grid, exposure, config=None, *, cache_dir=None):
 # ----------------------------------------------------------------------------- entry point
 
 
-def fit_standards(exposure, catalog, grid, config=None, *, cache_dir=None):
+def fit_standards(exposure, catalog, grid, config=None, *, cache_dir=None, xp=None):
     """Fit every standard star of an exposure and form its calibration vector.
 
     Parameters
@@ -127,6 +130,10 @@ def fit_standards(exposure, catalog, grid, config=None, *, cache_dir=None):
         Options (default: ``configs/default.toml``'s values).
     cache_dir : path-like, optional
         Where template libraries are cached as Zarr stores.
+    xp : xarray.Dataset or path-like, optional
+        Gaia XP spectra (:func:`kspec_fluxcal.xp.read_xp` or its file): a standard with a
+        usable one has its warp fitted to its bands and its XP spectrum jointly
+        (:mod:`kspec_fluxcal.xp`); the others are fitted exactly as without.
 
     Returns
     -------
@@ -138,8 +145,12 @@ def fit_standards(exposure, catalog, grid, config=None, *, cache_dir=None):
         alpha (+ ``_err``), teff_colour, ebv, ebv_err, ebv_catalog, rv, rv_err, scale,
         scale_err, chi2_dof, model_error, lsf_scale (+ ``_err``), logg_parallax
         (+ ``_err``), throughput (implied peak), phot_rms, snr, good_fraction, n_bands,
-        dropped_bands, flags and
-        status ('ok' or the reason for rejection). Attr ``lsf_scale``: the width correction
+        dropped_bands, flags, status ('ok' or the reason for rejection), and the XP results
+        ``xp_used``, ``xp_ratio`` (median XP / model before the warp), ``xp_rms`` (XP about
+        the final model, its median level removed), ``xp_match`` ('source_id', 'position',
+        'none'). With ``xp``, also ``xp_flux``, ``xp_flux_error``, ``xp_model`` (before the
+        warp) and ``xp_model_warped`` (final) at XP's resolution, dims (star,
+        xp_wavelength; air Angstrom), in FLUX_UNIT. Attr ``lsf_scale``: the width correction
         applied (pooled over the stars). Lazy when the exposure is Dask-backed.
     """
     config = Config() if config is None else config
@@ -147,13 +158,14 @@ def fit_standards(exposure, catalog, grid, config=None, *, cache_dir=None):
     library = template_library(grid, exposure, config, cache_dir=cache_dir)
     bands = [b for b in config.photometry.bands if b in catalog["band"].values]
     matched = match_standards(exposure, catalog.sel(band=bands))
+    xp = standards_xp(matched, xp)
     std = exposure.isel(fiber=matched["fiber"].values)[["flux", "variance", "good"]]
-    kwargs = {"matched": matched, "library": library, "lsf": lsf, "config": config}
+    kwargs = {"matched": matched, "library": library, "lsf": lsf, "config": config, "xp": xp}
     if not matched.sizes["star"]:
-        return _output_template(std, matched, lazy=False)
+        return _output_template(std, matched, xp, lazy=False)
     if std["flux"].chunks is None:
         return _fit(std, **kwargs)
-    template = _output_template(std, matched)
+    template = _output_template(std, matched, xp)
     std = std.chunk({"fiber": -1, "wavelength": -1})
     return xr.map_blocks(_fit, std, kwargs=kwargs, template=template)
 
@@ -173,10 +185,20 @@ _STAR_VARS = {  # name: (dtype, units)
     "snr": (np.float64, "1"), "good_fraction": (np.float64, "1"), "n_bands": (np.int64, "1"),
     "throughput": (np.float64, "1"),
     "dropped_bands": (object, ""), "flags": (object, ""), "status": (object, ""),
+    "xp_used": (bool, ""), "xp_ratio": (np.float64, "1"), "xp_rms": (np.float64, "1"),
+    "xp_match": (object, ""),
+}
+#: Per-star XP spectra of the result (star, xp_wavelength), with ``xp``.
+_XP_ARRAYS = ("xp_flux", "xp_flux_error", "xp_model", "xp_model_warped")
+_XP_DESCRIPTIONS = {
+    "xp_flux": "the star's Gaia XP spectrum (NaN: no sample)",
+    "xp_flux_error": "its error",
+    "xp_model": "the model at Earth before the warp, at XP's resolution",
+    "xp_model_warped": "the final model (warp included), at XP's resolution",
 }
 
 
-def _output_template(std, matched, lazy=True):
+def _output_template(std, matched, xp=None, lazy=True):
     """A result with the right structure and no values: the template of xr.map_blocks, or
     (``lazy=False``, numpy) the answer for an exposure without standard-star fibers."""
     import dask.array as da
@@ -201,10 +223,15 @@ def _output_template(std, matched, lazy=True):
                   wavelength=std["wavelength"].variable, band=("band", bands),
                   star_wavelength=(("star", "wavelength"), np.empty((nstar, nwave))),
                   fiber_lsf_scale=("star", np.empty(nstar)))
+    if xp is not None:
+        nxp = xp.wave.size
+        for name in _XP_ARRAYS:
+            data[name] = (("star", "xp_wavelength"), empty((nstar, nxp), np.float64, (nstar, nxp)))
+        coords["xp_wavelength"] = ("xp_wavelength", xp.wave)
     return xr.Dataset(data, coords=coords, attrs={"lsf_scale": 1.0})
 
 
-def _fit(std, matched, library, lsf, config):
+def _fit(std, matched, library, lsf, config, xp=None):
     """The fit on in-memory arrays (one exposure's standards): the steps in order."""
     obs = _observed(std, config)
     prior = _priors(matched, library, config)
@@ -219,7 +246,7 @@ def _fit(std, matched, library, lsf, config):
         # (a width change of a few % moves the parameters, not the choice of valley).
         tm = _Templates(library, obs.wave, lsf.scaled(lsf_fit.scale), [])
         params, errors = _choose(obs, tm, scan, phot, prior, config, start=params)
-    model = _final_model(obs, tm, scan, params, matched, prior, config)
+    model = _final_model(obs, tm, scan, params, matched, prior, config, xp)
     model.phot_rms_spectral = _spectral_photometry(phot, scan)
     vectors = _vectors(obs, model, config, tm.lsf)
     model.throughput = _implied_throughput(obs, model, vectors, config)
@@ -254,6 +281,7 @@ def _observed(std, config):
         norm = flux / cont
         ivar = np.where(match_mask & np.isfinite(norm), cont**2 / var, 0.0)
     return SimpleNamespace(wave=wave, star_wave=np.ascontiguousarray(star_wave), flux=flux,
+                           expid=str(std.attrs.get("expid", "")),
                            var=var, good=good, extra_good=extra_good, norm=norm, ivar=ivar,
                            snr=snr, good_fraction=good.mean(axis=1) if nstar else np.zeros(0),
                            nstar=nstar, exptime=float(std.attrs.get("exptime", np.nan)),
@@ -706,7 +734,7 @@ def _interpolated(library, params):
     return np.maximum(corners, 0), weight
 
 
-def _final_model(obs, tm, scan, params, matched, prior, config):
+def _final_model(obs, tm, scan, params, matched, prior, config, xp=None):
     """The model at the refined parameters: velocity, chi^2, model error, photometry."""
     import scipy.sparse
 
@@ -735,47 +763,138 @@ def _final_model(obs, tm, scan, params, matched, prior, config):
                                       shape=(nstar, tm.library.sizes["template"]))
     model_obs = np.stack([shift_spectra(model[s], obs.star_wave[s], rv[s], obs.wave)
                           for s in range(nstar)]) if nstar else np.zeros((0, obs.wave.size))
-    scaled = _scaled_model(obs, model_obs, weights, matched, tm.library, prior, config)
+    scaled = _scaled_model(obs, model_obs, weights, matched, tm.library, prior, config, xp)
     return SimpleNamespace(rv=rv, rv_err=rv_err, model_nobs=model_nobs, chi2_dof=chi2_dof,
                            model_error=model_error, **scaled)
 
 
-def _scaled_model(obs, model_obs, weights, matched, library, prior, config):
+def _scaled_model(obs, model_obs, weights, matched, library, prior, config, xp=None):
     """The model at Earth: flux scale and E(B-V) from the photometry (whose residuals judge
     the star), then a smooth photometric warp fitted with the scale at that E(B-V) (the
     template's broad shape corrected where the bands ask for it; see
-    :func:`kspec_fluxcal.photometry.warp_basis`)."""
+    :func:`kspec_fluxcal.photometry.warp_basis`), jointly with the star's Gaia XP spectrum
+    where it has a usable one (:mod:`kspec_fluxcal.xp`)."""
     fit = config.fit
     phot = _PhotometricScore(matched, library, prior, config)
     pf = _photometry_rows(phot, weights)
-    scale, ebv, scale_err = 10.0 ** (-0.4 * pf["mu"]), pf["ebv"], None
+    ebv = pf["ebv"]
     mags, ext = _model_magnitudes(phot, weights)
-    warp = np.zeros((obs.nstar, fit.warp_degree))
-    curve = np.ones(model_obs.shape)
-    wave_range = (float(obs.wave[0]), float(obs.wave[-1]))
-    band_basis = warp_basis([band_wavelength(b) for b in matched["band"].values], wave_range,
-                            fit.warp_degree)
-    if fit.warp_degree >= 1 and obs.nstar:
-        wf = fit_warp(phot.mag_obs, phot.mag_err, mags + ext * ebv[:, None],
-                      np.broadcast_to(band_basis, (obs.nstar,) + band_basis.shape), pf["used"],
-                      warp_sigma=fit.warp_sigma, error_floor=config.photometry.error_floor)
-        scale, warp = 10.0 ** (-0.4 * wf["mu"]), wf["warp"]
-        scale_err = scale * _LN10_04 * wf["mu_err"]
-        curve = 10.0 ** (-0.4 * (warp_basis(obs.star_wave, wave_range, fit.warp_degree)
-                                 @ warp[:, :, None])[..., 0])
-    if scale_err is None:
-        scale_err = scale * _LN10_04 * pf["mu_err"]
-    band_warp = (band_basis @ warp.T).T if warp.shape[1] else 0.0
-    mag_model = mags - 2.5 * np.log10(scale)[:, None] + ext * ebv[:, None] + band_warp
-    logg_p, logg_p_err = logg_from_parallax(scale, prior.parallax, prior.parallax_err)
     a_lambda = extinction_per_ebv(obs.star_wave, fit.extinction_law)
+    compared = _xp_comparison(obs, model_obs, pf, a_lambda, matched, xp, config)
+    warped = _warp(obs, phot, pf, mags + ext * ebv[:, None], matched, config, compared)
+    scale = 10.0 ** (-0.4 * warped["mu"])
+    scale_err = scale * _LN10_04 * warped["mu_err"]
+    mag_model = mags - 2.5 * np.log10(scale)[:, None] + ext * ebv[:, None] + warped["band_warp"]
+    logg_p, logg_p_err = logg_from_parallax(scale, prior.parallax, prior.parallax_err)
+    curve = warped["curve"]
     model_flux = (scale[:, None] * model_obs * curve * 10.0 ** (-0.4 * ebv[:, None] * a_lambda)
                   / FLUX_UNIT_SCALE)
     with np.errstate(invalid="ignore"):
         warp_rms = np.sqrt(np.nanmean((curve - 1.0) ** 2, axis=1)) if obs.nstar else np.zeros(0)
-    return {"phot": pf, "scale": scale, "scale_err": scale_err, "ebv": ebv, "warp": warp,
+    return {"phot": pf, "scale": scale, "scale_err": scale_err, "ebv": ebv,
             "warp_rms": warp_rms, "mag_model": mag_model, "model_flux": model_flux,
-            "logg_parallax": logg_p, "logg_parallax_err": logg_p_err}
+            "logg_parallax": logg_p, "logg_parallax_err": logg_p_err,
+            "xp": _xp_outputs(obs, model_flux, compared)}
+
+
+def _warp(obs, phot, pf, reddened, matched, config, compared):
+    """Flux scale (``mu``, mag) and photometric warp of every star: from its bands (``[fit]
+    warp_degree``), or from its bands and its XP spectrum jointly where that is usable
+    (``[xp] xp_warp_degree``); the fit's own scale where there is no warp."""
+    out = {"mu": pf["mu"].copy(), "mu_err": pf["mu_err"].copy(),
+           "curve": np.ones(obs.star_wave.shape), "band_warp": np.zeros(reddened.shape)}
+    with_xp = np.zeros(obs.nstar, bool) if compared is None else compared.usable
+    context = (obs, phot, pf, reddened, [band_wavelength(b) for b in matched["band"].values],
+               config)
+    _apply_warp(out, ~with_xp, config.fit.warp_degree, None, *context)
+    if with_xp.any():
+        _apply_warp(out, with_xp, config.xp.xp_warp_degree, compared, *context)
+    return out
+
+
+def _apply_warp(out, stars, degree, compared, obs, phot, pf, reddened, band_wave, config):
+    """:func:`kspec_fluxcal.photometry.fit_warp` for the ``stars`` (mask), in ``out``.
+
+    Bands only: the warp spans the exposure's range. With XP: each star's warp spans its
+    compared XP samples and is held beyond them (a warp of high degree must not swing where
+    nothing constrains it)."""
+    rows = np.flatnonzero(stars)
+    if degree < 1 or not rows.size:
+        return
+    if compared is None:
+        wave_range = (float(obs.wave[0]), float(obs.wave[-1]))
+        band_basis = np.broadcast_to(warp_basis(band_wave, wave_range, degree),
+                                     (rows.size, len(band_wave), degree))
+        pixel_basis = warp_basis(obs.star_wave[rows], wave_range, degree)
+        xp = None
+    else:
+        spans = compared.span[rows]
+        band_basis = np.stack([warp_basis(band_wave, r, degree) for r in spans])
+        pixel_basis = np.stack([warp_basis(obs.star_wave[s], r, degree)
+                                for s, r in zip(rows, spans, strict=True)])
+        xp = {k: v[rows] for k, v in compared.rows.items()}
+        xp["basis"] = np.stack([warp_basis(compared.wave, r, degree) for r in spans])
+    wf = fit_warp(phot.mag_obs[rows], phot.mag_err[rows], reddened[rows], band_basis,
+                  pf["used"][rows], warp_sigma=config.fit.warp_sigma,
+                  error_floor=config.photometry.error_floor, xp=xp)
+    out["mu"][rows], out["mu_err"][rows] = wf["mu"], wf["mu_err"]
+    out["curve"][rows] = 10.0 ** (-0.4 * (pixel_basis @ wf["warp"][:, :, None])[..., 0])
+    # One basis for all (bands only): the product as it always was, to the last bit.
+    out["band_warp"][rows] = ((band_basis[0] @ wf["warp"].T).T if compared is None
+                              else np.einsum("sbk,sk->sb", band_basis, wf["warp"]))
+
+
+def _xp_comparison(obs, model_obs, pf, a_lambda, matched, xp, config):
+    """Each star's XP spectrum against its model at Earth before the warp (photometric scale
+    and E(B-V)), at XP's resolution: the level check and the rows of the joint warp fit.
+    None without XP. A star whose XP fails the check is named in a warning and flagged."""
+    if xp is None:
+        return None
+    scale = 10.0 ** (-0.4 * pf["mu"])
+    model = scale[:, None] * model_obs * 10.0 ** (-0.4 * pf["ebv"][:, None] * a_lambda)
+    has = np.isfinite(xp.flux).any(axis=1)
+    model_xp = np.full(xp.flux.shape, np.nan)
+    if has.any():
+        model_xp[has] = xp_resolution(obs.star_wave[has], model[has], xp.wave)
+    ratio, ok, note = xp_level(xp.flux, model_xp, config.xp.level_tolerance)
+    for s in np.flatnonzero([bool(n) for n in note]):
+        warnings.warn(f"{obs.expid}: fiber {int(matched['fiber'].values[s])} objid "
+                      f"{int(matched['objid'].values[s])}: {note[s]}", FluxCalWarning,
+                      stacklevel=2)
+    rows = xp_rows(xp.flux, xp.error, model_xp, xp.wave, config.xp)
+    compared = np.isfinite(rows["resid"])
+    span = np.array([(xp.wave[c].min(), xp.wave[c].max()) if c.sum() > 1 else
+                     (obs.wave[0], obs.wave[-1]) for c in compared], dtype=np.float64)
+    return SimpleNamespace(wave=xp.wave, flux=xp.flux, error=xp.error, how=xp.how,
+                           model=model_xp, ratio=ratio, note=note, rows=rows,
+                           span=span.reshape(-1, 2),
+                           usable=ok & (config.xp.xp_warp_degree >= 1) & (compared.sum(1) > 1))
+
+
+def _xp_outputs(obs, model_flux, compared):
+    """Per-star XP results: used, level ratio, rms of XP about the final model (its median
+    level removed), how it was matched, the flag; and the spectra for QC (FLUX_UNIT)."""
+    nstar = obs.nstar
+    if compared is None:
+        return {"used": np.zeros(nstar, bool), "ratio": np.full(nstar, np.nan),
+                "rms": np.full(nstar, np.nan), "match": np.full(nstar, "none"),
+                "note": [""] * nstar, "arrays": None}
+    has = np.isfinite(compared.flux).any(axis=1)
+    final = np.full(compared.flux.shape, np.nan)
+    if has.any():
+        final[has] = xp_resolution(obs.star_wave[has], model_flux[has] * FLUX_UNIT_SCALE,
+                                   compared.wave)
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a star without XP: all NaN
+        r = compared.flux / final
+        r = r / np.nanmedian(r, axis=1, keepdims=True)
+        rms = np.sqrt(np.nanmean((r - 1.0) ** 2, axis=1))
+    arrays = {"xp_flux": compared.flux, "xp_flux_error": compared.error,
+              "xp_model": compared.model, "xp_model_warped": final}
+    return {"used": compared.usable, "ratio": compared.ratio, "rms": rms,
+            "match": compared.how, "note": compared.note,
+            "arrays": {k: v / FLUX_UNIT_SCALE for k, v in arrays.items()},
+            "wave": compared.wave}
 
 
 def _model_magnitudes(phot, weights):
@@ -945,7 +1064,7 @@ def _acceptance(obs, prior, scan, model, params, matched, library, config):
 
 def _flags(params, library, lsf_fit, prior, model, config):
     """Notes on accepted fits: parameters at a grid edge, no parallax, a throughput outside
-    the instrument's plausible range (within the margin)."""
+    the instrument's plausible range (within the margin), an XP spectrum not used."""
     out = []
     for s in range(len(params["teff"])):
         notes = []
@@ -961,6 +1080,8 @@ def _flags(params, library, lsf_fit, prior, model, config):
                 notes.append(f"{p} at grid edge")
         if not np.isfinite(model.logg_parallax[s]):
             notes.append("no parallax prior")
+        if model.xp["note"][s]:
+            notes.append(model.xp["note"][s])
         out.append(", ".join(notes))
     return out
 
@@ -988,6 +1109,8 @@ def _result(std, obs, prior, scan, lsf_fit, params, errors, model, vectors, stat
         "flags": _flags(params, library, lsf_fit, prior, model, config),
         "throughput": model.throughput,
         "status": status,
+        "xp_used": model.xp["used"], "xp_ratio": model.xp["ratio"], "xp_rms": model.xp["rms"],
+        "xp_match": model.xp["match"],
     }
     coords = {name: ("star", np.asarray(per_star[name], dtype=dtype),
                      {"units": units} if units else {})
@@ -1001,6 +1124,13 @@ def _result(std, obs, prior, scan, lsf_fit, params, errors, model, vectors, stat
                   fiber_lsf_scale=("star", obs.lsf_scale),
                   band=("band", np.asarray(bands)))
     spectra = (("star", "wavelength"))
+    xp_data = {}
+    if model.xp["arrays"] is not None:
+        coords["xp_wavelength"] = ("xp_wavelength", model.xp["wave"],
+                                   {"units": "Angstrom", "medium": "air"})
+        xp_data = {name: (("star", "xp_wavelength"), model.xp["arrays"][name],
+                          {"units": FLUX_UNIT, "description": _XP_DESCRIPTIONS[name]})
+                   for name in _XP_ARRAYS}
     return xr.Dataset(
         {
             "cal": (spectra, vectors.cal, {"units": CAL_UNIT}),
@@ -1021,6 +1151,7 @@ def _result(std, obs, prior, scan, lsf_fit, params, errors, model, vectors, stat
             "phot_resid": (("star", "band"), pf["resid"], {"units": "mag",
                                                            "description": "catalog - model"}),
             "band_used": (("star", "band"), pf["used"]),
+            **xp_data,
         },
         coords=coords,
         attrs={"expid": str(std.attrs.get("expid", "")), "metric": config.fit.metric,

@@ -36,6 +36,7 @@ import traceback
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -311,7 +312,9 @@ def _calibrate_task(path, out_path, catalog, library, config, setup_key, input_h
                 warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             exposure = open_exposure(path)
-            result = calibrate(exposure, catalog, library, config)
+            catalog, xp = ((catalog.catalog, catalog.xp) if isinstance(catalog, SimpleNamespace)
+                           else (catalog, None))
+            result = calibrate(exposure, catalog, library, config, xp=xp)
             result.calibrated.attrs["setup"] = setup_key
             write_calibrated(result.calibrated, out_path, overwrite=True, stars=result.stars)
             record = archive_record(result.calibrated, result.stars, result.calibration,
@@ -525,7 +528,7 @@ def _start_client(scheduler, workers, threads_per_worker, dashboard_address):
 def run_survey(lake, *, catalog, grid, out, config=None, scheduler=None, workers=None,
                threads_per_worker=1, performance_report=None, resume=False, pattern=None,
                progress=True, client=None, dashboard_address="127.0.0.1:8787", flush_every=16,
-               flush_interval=1.0):
+               flush_interval=1.0, xp=None):
     """Re-calibrate every RED file under ``lake`` as one Dask job.
 
     Parameters
@@ -559,6 +562,9 @@ def run_survey(lake, *, catalog, grid, out, config=None, scheduler=None, workers
         Results are committed to the archive in batches: when ``flush_every`` are waiting
         or ``flush_interval`` seconds after the previous commit, whichever comes first. A
         killed job loses at most the uncommitted batch (recalibrated by ``resume``).
+    xp : path-like, optional
+        Gaia XP spectra of the standards (:func:`kspec_fluxcal.xp.read_xp`), read once and
+        sent to every worker; part of every exposure's input hash.
 
     Returns
     -------
@@ -572,7 +578,7 @@ def run_survey(lake, *, catalog, grid, out, config=None, scheduler=None, workers
     # One job per output directory: two would both commit at the archive's row count and
     # one job's rows would be lost.
     with exclusive(out):
-        report = _survey(Path(lake), out, config, catalog=catalog, grid=grid, resume=resume,
+        report = _survey(Path(lake), out, config, catalog=catalog, grid=grid, resume=resume, xp=xp,
                          pattern=pattern, progress=progress, flush=(flush_every, flush_interval),
                          cluster=dict(client=client, scheduler=scheduler, workers=workers,
                                       threads_per_worker=threads_per_worker,
@@ -587,12 +593,14 @@ def run_survey(lake, *, catalog, grid, out, config=None, scheduler=None, workers
     return report
 
 
-def _survey(lake, out, config, *, catalog, grid, resume, pattern, progress, flush, cluster):
+def _survey(lake, out, config, *, catalog, grid, resume, pattern, progress, flush, cluster,
+            xp=None):
     """The job of :func:`run_survey`, under its lock: plan, then compute what is to do."""
     from .archive import ArchiveWriter
     from .catalog import read_catalog
     from .grid import open_grid
     from .pipeline import output_name
+    from .xp import read_xp
 
     catalog_path = Path(catalog)
     catalog_ds = read_catalog(catalog_path)
@@ -601,7 +609,9 @@ def _survey(lake, out, config, *, catalog, grid, resume, pattern, progress, flus
     paths = discover(lake, pattern or config.survey.pattern, exclude=(out,))
     if not paths:
         raise InputError(lake, None, f"no RED file matches {pattern or config.survey.pattern!r}")
-    entries, failed = plan_survey(paths, lake=lake, catalog_hash=_file_hash(catalog_path),
+    xp_ds = None if xp is None else read_xp(xp)
+    catalog_hash = _file_hash(catalog_path) + ("" if xp is None else _file_hash(xp))
+    entries, failed = plan_survey(paths, lake=lake, catalog_hash=catalog_hash,
                                   grid_plan=grid_plan, config=config)
     writer = ArchiveWriter(out / "archive.zarr")
     report = SurveyReport(failed=dict(failed), archive=writer.path)
@@ -623,8 +633,10 @@ def _survey(lake, out, config, *, catalog, grid, resume, pattern, progress, flus
 
     def work(client):
         utc = config.survey.utc_offset
-        _run_graph(client, todo, catalog_ds, grid, grid_plan, config, writer, report, utc,
-                   progress, *flush)
+        # XP spectra travel with the catalog, as one object scattered once to every worker.
+        inputs = catalog_ds if xp_ds is None else SimpleNamespace(catalog=catalog_ds, xp=xp_ds)
+        _run_graph(client, todo, inputs, grid, grid_plan, config, writer, report, utc, progress,
+                   *flush)
         if config.survey.fallback:
             _run_fallback(client, todo, writer, report, config, utc, progress)
 

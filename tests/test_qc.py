@@ -90,8 +90,19 @@ def _stars(fibers, grey, status, tilt=None, seed=1):
         "wavelength": ("wavelength", wave, {"units": "Angstrom"}),
         "band": ("band", np.array(BANDS)),
     }
+    # Gaia XP spectra (issue 15): every star has one, the first is not used.
+    xp_wave = np.linspace(3360.0, 10200.0, 343)
+    inside = (xp_wave > 4200.0) & (xp_wave < 7800.0)
+    xp_model = np.where(inside, 50.0 * (xp_wave / 6000.0) ** -1, np.nan)
+    xp_flux = 50.0 * (xp_wave / 6000.0) ** -1 * (1.0 + 0.01 * rng.standard_normal((n, 343)))
+    coords.update(xp_used=("star", np.arange(n) > 0), xp_ratio=("star", np.full(n, 1.01)),
+                  xp_rms=("star", np.full(n, 0.012)), xp_match=("star", np.full(n, "source_id")),
+                  xp_wavelength=("xp_wavelength", xp_wave, {"units": "Angstrom"}))
+    xp = {"xp_flux": xp_flux, "xp_flux_error": 0.01 * xp_flux,
+          "xp_model": np.tile(xp_model, (n, 1)), "xp_model_warped": np.tile(xp_model, (n, 1))}
     return xr.Dataset(
         {
+            **{k: (("star", "xp_wavelength"), v) for k, v in xp.items()},
             "cal": (("star", "wavelength"), cal, {"units": CAL_UNIT}),
             "cal_variance": (("star", "wavelength"), var),
             "cal_mask": (("star", "wavelength"), cal_mask),
