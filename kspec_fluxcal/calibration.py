@@ -178,6 +178,9 @@ def combine_vectors(stars, method=None, sigma_clip=None, smooth=None, *, config=
         attrs={"fcalnstr": int(idx.size), "fcalrms": fcalrms, "single_star": int(idx.size == 1),
                "fcalqual": fcalqual, "fcalmerr": fcalmerr,
                "fcallsf": float(stars.attrs.get("lsf_scale", np.nan)),
+               # The grey level's share of cal_smooth_variance, fractional: what is left is
+               # the shape's (the survey model's input).
+               "level_variance": float(level_var / level**2),
                **resp.telluric, "lsf_fwhm_coeffs": list(stars.attrs.get("lsf_fwhm_coeffs", [])),
                "method": method, "smooth": int(bool(smooth)), "history": []},
     )
@@ -572,7 +575,7 @@ def apply_calibration(exposure, calibration):
                       "fcalrms": calibration.attrs.get("fcalrms", np.nan),
                       "fcalsrc": calibration.attrs.get("fcalsrc", "standards")})
     for name in ("fcalqual", "fcalmerr", "fcallsf", "fcalo2", "fcalo2_err", "fcalh2o",
-                 "fcalh2o_err"):
+                 "fcalh2o_err", "model_id", "model_grey"):
         if name in calibration.attrs:
             out.attrs[name] = calibration.attrs[name]
     add_history(out, f"flux calibrated all {exposure.sizes['fiber']} fibers on their own "
