@@ -284,19 +284,25 @@ def read_own(path, rows):
     -------
     list of dict
         ``own_smooth``, ``own_smooth_variance`` (float32, archive grid) and ``star`` (the
-        per-star fields), one per row.
+        per-star fields), one per row; ``band_ratio`` (the telluric bands' transmission,
+        cal_smooth / cal) for rows without fitted telluric columns.
     """
-    data = read_rows(path, rows, ["own_smooth", "own_smooth_variance", "cal_smooth", "fcalsrc",
-                                  *_STAR_FIELDS])
+    data = read_rows(path, rows, ["own_smooth", "own_smooth_variance", "cal_smooth", "cal",
+                                  "fcalsrc", "fcalo2", "fcalh2o", *_STAR_FIELDS])
     out = []
     for k in range(len(rows)):  # a handful of rows per task
         smooth = data["own_smooth"][k]
         if not np.isfinite(smooth).any() and data["fcalsrc"][k] == "standards":
             smooth = data["cal_smooth"][k]
-        out.append({"own_smooth": smooth.astype(np.float32),
-                    "own_smooth_variance": data["own_smooth_variance"][k].astype(np.float32),
-                    "star": {name: data[name][k].astype(object if dtype is str else dtype)
-                             for name, (dtype, _) in _STAR_FIELDS.items()}})
+        entry = {"own_smooth": smooth.astype(np.float32),
+                 "own_smooth_variance": data["own_smooth_variance"][k].astype(np.float32),
+                 "star": {name: data[name][k].astype(object if dtype is str else dtype)
+                          for name, (dtype, _) in _STAR_FIELDS.items()}}
+        if not np.isfinite([data["fcalo2"][k], data["fcalh2o"][k]]).any():
+            # No telluric fit: the bands' absorption is the calibration's own.
+            with np.errstate(invalid="ignore", divide="ignore"):
+                entry["band_ratio"] = data["cal_smooth"][k] / data["cal"][k]
+        out.append(entry)
     return out
 
 

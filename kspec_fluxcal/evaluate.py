@@ -19,6 +19,10 @@ Metrics, per exposure
     which includes each fiber's own aperture loss.
 ``level_cal``
     the calibration's level error alone: Cal x <aperture of the used standards> / Cal_true - 1.
+    Calibration metrics refer to the aperture of the standards used: their mean (per
+    wavelength with the simulator's chromatic losses, truth ``aperture_chromatic``); without
+    standards (FCALNSTR = 0: the survey model), the expected aperture of a point source
+    (truth ``aperture_expected``: what a calibration from many standards refers to).
 ``telluric``
     rms of the smoothed ratio inside telluric bands, relative to outside.
 ``telluric_science``
@@ -176,6 +180,17 @@ def star_summary(stars, only_ok=True):
     return out
 
 
+def _reference_aperture(truth, used_fibers):
+    """The aperture a calibration's level and shape refer to (module docstring)."""
+    if used_fibers.size:
+        if "aperture_chromatic" in truth:
+            return np.mean(np.asarray(truth["aperture_chromatic"], float)[used_fibers], axis=0)
+        return float(np.mean(np.asarray(truth["aperture"], float)[used_fibers]))
+    if "aperture_expected" in truth:
+        return np.asarray(truth["aperture_expected"], dtype=float)
+    return np.nan
+
+
 def compare_with_truth(calibrated, truth, *, window=100.0, wave_range=(4000.0, 8400.0),
                        telluric="telluric_default"):
     """Compare a calibrated exposure with its simulated truth.
@@ -215,13 +230,13 @@ def compare_with_truth(calibrated, truth, *, window=100.0, wave_range=(4000.0, 8
     clear = region_mask(wave, telluric)
     use = inside & clear
     kinds = np.asarray(truth["fiber_kind"]).astype(str)
-    aperture = np.asarray(truth["aperture"], dtype=float)
     used_fibers = np.flatnonzero(kinds == "standard")
     if stars is not None and "used" in stars:
         used_fibers = np.asarray(stars["fiber"].values)[np.asarray(stars["used"].values, bool)]
-    mean_aperture = float(np.mean(aperture[used_fibers])) if used_fibers.size else np.nan
-
-    cal_ratio = calibrated["cal"].values * mean_aperture * np.asarray(truth["response"], float)
+    if not int(calibrated.attrs.get("fcalnstr") or 0):
+        used_fibers = used_fibers[:0]  # calibrated without its standards (survey model)
+    reference = _reference_aperture(truth, used_fibers)
+    cal_ratio = calibrated["cal"].values * reference * np.asarray(truth["response"], float)
     cal_shape, _, cal_rel = _shape_rms(cal_ratio, wave, use, window)
     band = inside & ~clear
     tell = float(np.sqrt(np.nanmean(cal_rel[band] ** 2))) if band.any() else np.nan

@@ -912,9 +912,10 @@ def write_calibrated(ds, path, *, overwrite=False, stars=None):
         Output FITS file.
     overwrite : bool
         Replace an existing file (atomically); otherwise refuse.
-    stars : xarray.Dataset, optional
+    stars : xarray.Dataset or astropy.io.fits.BinTableHDU, optional
         Per-star results of :func:`kspec_fluxcal.fit_standards`, written as the extra binary
-        table FCALSTAR (one row per standard star) for quality control.
+        table FCALSTAR (one row per standard star) for quality control; or such a table
+        already made (kept from an earlier product of the same exposure).
 
     Raises
     ------
@@ -956,7 +957,7 @@ def write_calibrated(ds, path, *, overwrite=False, stars=None):
     if "cal_factor" in ds:
         hdus += _factor_hdus(ds)
     if stars is not None:
-        hdus.append(star_table(stars))
+        hdus.append(stars.copy() if isinstance(stars, fits.BinTableHDU) else star_table(stars))
     with atomic_file(path, overwrite=overwrite) as tmp:
         fits.HDUList(hdus).writeto(tmp, overwrite=True, output_verify="exception")
     return Path(path)

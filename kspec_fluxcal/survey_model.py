@@ -119,9 +119,15 @@ class ModelSpec:
     @functools.cached_property
     def loglam(self):
         """ln(lambda) of the fit grid."""
-        grid = archive_grid()[:: self.stride]
+        return np.log(archive_grid()[self.grid_index])
+
+    @functools.cached_property
+    def grid_index(self):
+        """Indices of the fit grid's points in the archive grid."""
+        grid = archive_grid()
         lo, hi = self.wave_range
-        return np.log(grid[(grid >= lo) & (grid <= hi)])
+        idx = np.arange(0, grid.size, self.stride)
+        return idx[(grid[idx] >= lo) & (grid[idx] <= hi)]
 
     @functools.cached_property
     def _knots(self):
@@ -529,20 +535,23 @@ class Levels:
     scatter: np.ndarray
     exposures: np.ndarray
     water: np.ndarray
+    water_scatter: np.ndarray
     lsf: np.ndarray
     survey: dict
 
+    #: The per-session quantities (:meth:`of`).
+    NAMES = ("intercept", "slope", "scatter", "water", "water_scatter", "lsf")
+
     def of(self, sessions):
-        """(intercept, slope, scatter, water, lsf) per session label (survey values where
-        the session has none)."""
+        """Dict of per-session arrays (:attr:`NAMES`) for session labels; the survey's
+        values where a session has none."""
         labels = np.asarray(sessions).astype(str)
-        names = ("intercept", "slope", "scatter", "water", "lsf")
         if not self.labels:
-            return tuple(np.full(labels.size, self.survey[n]) for n in names)
+            return {n: np.full(labels.size, self.survey[n]) for n in self.NAMES}
         idx = np.clip(np.searchsorted(self.labels, labels), 0, len(self.labels) - 1)
         found = np.asarray(self.labels)[idx] == labels
-        return tuple(np.where(found & np.isfinite(getattr(self, n)[idx]),
-                              getattr(self, n)[idx], self.survey[n]) for n in names)
+        return {n: np.where(found & np.isfinite(getattr(self, n)[idx]), getattr(self, n)[idx],
+                            self.survey[n]) for n in self.NAMES}
 
 
 def fit_levels(grey, airmass, sessions, weight, water, lsf, *, slope_sigma):
@@ -587,13 +596,19 @@ def fit_levels(grey, airmass, sessions, weight, water, lsf, *, slope_sigma):
     scatter = np.sqrt(_robust_var(np.where(ok, dg - slope[inv] * dx, np.nan), inv,
                                   labels.size))
     water_n, lsf_n = (_group_median(v, inv, labels.size) for v in (water, lsf))
-    survey = {"intercept": float(np.nanmedian(intercept)) if labels.size else np.nan,
-              "slope": pooled, "scatter": float(np.nanmedian(scatter)) if labels.size
-              else np.nan, "water": float(np.nanmedian(water)) if np.isfinite(water).any()
-              else 1.0, "lsf": float(np.nanmedian(lsf)) if np.isfinite(lsf).any() else 1.0}
+    water_scatter = 1.4826 * _group_median(np.abs(water - water_n[inv]), inv, labels.size)
+    survey = {"intercept": _median(intercept, np.nan), "slope": pooled,
+              "scatter": _median(scatter, np.nan), "water": _median(water, 1.0),
+              "water_scatter": _median(water_scatter, 0.3), "lsf": _median(lsf, 1.0)}
     return Levels(tuple(labels), intercept, slope, scatter,
                   np.bincount(inv, ok.astype(float), labels.size).astype(np.int64),
-                  water_n, lsf_n, survey)
+                  water_n, water_scatter, lsf_n, survey)
+
+
+def _median(values, default):
+    values = np.asarray(values, dtype=np.float64)
+    return float(np.median(values[np.isfinite(values)])) if np.isfinite(values).any() \
+        else default
 
 
 def _group_median(values, inv, n):
