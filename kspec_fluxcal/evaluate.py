@@ -19,10 +19,12 @@ Metrics, per exposure
     which includes each fiber's own aperture loss.
 ``level_cal``
     the calibration's level error alone: Cal x <aperture of the used standards> / Cal_true - 1.
-    Calibration metrics refer to the aperture of the standards used: their mean (per
-    wavelength with the simulator's chromatic losses, truth ``aperture_chromatic``); without
-    standards (FCALNSTR = 0: the survey model), the expected aperture of a point source
-    (truth ``aperture_expected``: what a calibration from many standards refers to).
+    Calibration metrics refer to the aperture of the standards used: their mean; with the
+    simulator's chromatic losses, their mean level (truth ``aperture_chromatic``) times the
+    shape of a typical point source's aperture (truth ``aperture_expected``): a calibration
+    should give science targets their flux, and their fibers do not share the standards'
+    own chromatic losses. Without standards (FCALNSTR = 0: the survey model), the expected
+    aperture of a point source (what a calibration from many standards refers to).
 ``telluric``
     rms of the smoothed ratio inside telluric bands, relative to outside.
 ``telluric_science``
@@ -184,7 +186,9 @@ def _reference_aperture(truth, used_fibers):
     """The aperture a calibration's level and shape refer to (module docstring)."""
     if used_fibers.size:
         if "aperture_chromatic" in truth:
-            return np.mean(np.asarray(truth["aperture_chromatic"], float)[used_fibers], axis=0)
+            own = np.asarray(truth["aperture_chromatic"], float)[used_fibers]
+            expected = np.asarray(truth["aperture_expected"], float)
+            return float(np.mean(np.median(own, axis=1))) * expected / np.median(expected)
         return float(np.mean(np.asarray(truth["aperture"], float)[used_fibers]))
     if "aperture_expected" in truth:
         return np.asarray(truth["aperture_expected"], dtype=float)

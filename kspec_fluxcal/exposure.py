@@ -957,7 +957,7 @@ def write_calibrated(ds, path, *, overwrite=False, stars=None):
     if "cal_factor" in ds:
         hdus += _factor_hdus(ds)
     if stars is not None:
-        hdus.append(stars.copy() if isinstance(stars, fits.BinTableHDU) else star_table(stars))
+        hdus.append(stars if isinstance(stars, fits.BinTableHDU) else star_table(stars))
     with atomic_file(path, overwrite=overwrite) as tmp:
         fits.HDUList(hdus).writeto(tmp, overwrite=True, output_verify="exception")
     return Path(path)

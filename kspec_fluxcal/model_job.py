@@ -43,6 +43,7 @@ from .errors import FluxCalError
 from .survey_model import (
     ModelSpec,
     error_model,
+    error_sums,
     exposure_statistics,
     fit_levels,
     huber_weights,
@@ -51,7 +52,7 @@ from .survey_model import (
     solve,
 )
 
-__all__ = ["run_model", "stale_exposures"]
+__all__ = ["run_model", "stale_exposures", "fit_archive"]
 
 #: Sources of own-standards calibrations (the model's input).
 _OWN_SOURCES = ("standards", "standards+model")
@@ -62,6 +63,8 @@ _FIELDS = ("expid", "setup", "night", "mjd", "airmass", "seeing", "exptime", "n_
 #: An exposure whose residual exceeds the expected by this factor times [model] huber is an
 #: outlier (flagged; its weight is already small).
 _OUTLIER_FACTOR = 1.5
+#: The error model's running median, Angstrom: it follows the blue end's rise, not noise.
+_ERROR_SMOOTHING = 200.0
 
 
 @dataclass
@@ -206,9 +209,9 @@ def _merge_task(a, b):
     return a.merge(b)
 
 
-def _residual_task(archive, spec, batch, model, curves):
-    """Grey factors, mean square shape residuals and formal variances of a batch; the
-    residual curves too on the last round."""
+def _residual_task(archive, spec, batch, model, huber, curves):
+    """Grey factors, mean square shape residuals and formal variances of a batch, and its
+    sums for the error model; the residual curves too on the last round."""
     y, formal = _own_on_fit_grid(archive, batch["row"], batch["exptime"], spec)
     ones = np.ones(len(batch["row"]))
     w = point_weights(spec, formal, batch["n_stars_used"], ones, model.tau2, model.star_var)
@@ -217,6 +220,7 @@ def _residual_task(archive, spec, batch, model, curves):
         warnings.simplefilter("ignore", RuntimeWarning)  # an exposure without points
         mean_formal = np.nanmean(formal, axis=1)
     return {"grey": r["grey"], "mean_square": r["mean_square"], "formal": mean_formal,
+            "sums": error_sums(r["residual"], formal, batch["n_stars_used"], huber),
             "residual": r["residual"].astype(np.float32) if curves else None}
 
 
@@ -226,7 +230,12 @@ def _star_hdu(path):
 
     try:
         with fits.open(path, memmap=False) as hdul:
-            return hdul["FCALSTAR"].copy() if "FCALSTAR" in hdul else None
+            if "FCALSTAR" not in hdul:
+                return None
+            table = hdul["FCALSTAR"]
+            # Read now (the file closes); copying the HDU would cost ~50 ms.
+            _ = table.data
+            return table
     except (OSError, KeyError):
         return None
 
@@ -308,13 +317,50 @@ def run_model(client, entries, writer, report, config, *, out, utc, catalog, pro
         try:
             _recalibrate(client, plan, fit, writer, report, config, utc=utc, catalog=catalog,
                          provenance=provenance, progress=progress, flush=flush)
-            _finish(plan, fit, writer, report, config)
+            report.model[plan.setup] = _finish(plan, fit, writer, config)
         except BaseException:
             fit["store"].abandon()
             raise
         if progress:
             print(f"survey model, setup {plan.setup}: done in {time.monotonic() - start:.1f} s",
                   flush=True)
+
+
+def fit_archive(client, archive, setup, wave_range, config, out):
+    """Fit a setup's model from an archive alone (no lake, no recalibration): the survey
+    job's fit, e.g. to refit with other [model] options or to time it.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    archive : path-like
+    setup : str
+        Setup key.
+    wave_range : (float, float)
+        The setup's wavelength range, Angstrom.
+    config : Config
+    out : path-like
+        Directory of the model store written (``out/model.zarr``).
+
+    Returns
+    -------
+    dict
+        ``model`` (SurveyModel), ``levels`` (Levels), per-exposure ``grey``,
+        ``mean_square``, ``huber``, ``outlier``, and ``summary`` (exposures and nights
+        fitted, outliers, the error model).
+    """
+    from .archive import ArchiveWriter
+
+    writer = ArchiveWriter(archive)
+    entry = {"info": {"setup": setup, "wave_range": tuple(wave_range), "expid": ""}}
+    plans = _plans([entry], _current(writer), config)
+    if not plans:
+        raise FluxCalError(f"{archive}: fewer than {config.model.min_exposures} exposures of "
+                           f"setup {setup} calibrated with their own standards")
+    fit = _fit(client, plans[0], config, writer.path, out)
+    fit["counts"] = {"recalibrated": 0, "model_only": 0}
+    summary = _finish(plans[0], fit, writer, config)
+    return {**fit, "summary": summary}
 
 
 def _batches(plan, size):
@@ -344,7 +390,10 @@ def _fit(client, plan, config, archive, out):
     m, spec, own = config.model, plan.spec, plan.own
     n = len(own["row"])
     batches = _batches(plan, m.batch)
-    tau2, star_var = max(m.exposure_scatter**2, 1e-6), max(m.star_shape_error**2, 1e-6)
+    start = (max(m.exposure_scatter**2, 1e-6), max(m.star_shape_error**2, 1e-6))
+    tau2, star_var = start
+    step = np.exp(np.median(spec.loglam)) * np.median(np.diff(spec.loglam))
+    smoothing = int(round(_ERROR_SMOOTHING / step))
     huber = np.ones(n)
     store = ModelStoreWriter(Path(out) / MODEL_STORE, plan.setup, spec.loglam, n)
     tag, token = f"{plan.setup}", plan.model_id
@@ -357,11 +406,10 @@ def _fit(client, plan, config, archive, out):
         solved = client.submit(solve, spec, total, tau2=tau2, star_var=star_var,
                                key=f"model-solve-{tag}-{it}-{token}")
         del stats, total
-        scalars = _residual_round(client, solved, batches, archive, spec, store, final,
+        scalars = _residual_round(client, solved, batches, huber, archive, spec, store, final,
                                   f"model-residuals-{tag}-{it}-{{}}-{token}")
-        tau2, star_var = error_model(scalars["mean_square"], scalars["formal"],
-                                     own["n_stars_used"], start=(tau2, star_var))
-        expected = scalars["formal"] + star_var / own["n_stars_used"] + tau2
+        tau2, star_var = error_model(scalars["sums"], start=start, smooth_points=smoothing)
+        expected = scalars["formal"] + np.mean(star_var) / own["n_stars_used"] + np.mean(tau2)
         huber = huber_weights(scalars["mean_square"], expected, m.huber)
     model = solved.result()
     model.tau2, model.star_var = tau2, star_var
@@ -375,20 +423,23 @@ def _fit(client, plan, config, archive, out):
             "outlier": outlier, **scalars}
 
 
-def _residual_round(client, solved, batches, archive, spec, store, curves, key):
-    """Submit the residual tasks of a round; gather their scalars (and store the curves)."""
+def _residual_round(client, solved, batches, huber, archive, spec, store, curves, key):
+    """Submit the residual tasks of a round; gather their scalars and error sums (and store
+    the curves)."""
     from .survey import _as_completed_pairs
 
     n = batches[-1][0].stop
     out = {k: np.full(n, np.nan) for k in ("grey", "mean_square", "formal")}
-    futures = {client.submit(_residual_task, str(archive), spec, batch, solved, curves,
-                             key=key.format(k)): part
+    out["sums"] = np.zeros((5, spec.loglam.size))
+    futures = {client.submit(_residual_task, str(archive), spec, batch, solved, huber[part],
+                             curves, key=key.format(k)): part
                for k, (part, batch) in enumerate(batches)}
     for future, result in _as_completed_pairs(client, futures):
         if future.status != "finished":
             raise FluxCalError(f"survey model: task {future.key} failed ({result!r})")
         part = futures[future]
-        for name in out:
+        out["sums"] += result["sums"]
+        for name in ("grey", "mean_square", "formal"):
             out[name][part] = result[name]
         if curves:
             store.write_residuals(np.arange(part.start, part.stop), result["residual"])
@@ -445,9 +496,9 @@ def _recalibrate(client, plan, fit, writer, report, config, *, utc, catalog, pro
     fit["counts"] = counts
 
 
-def _finish(plan, fit, writer, report, config):
+def _finish(plan, fit, writer, config):
     """Write the model store's tables (with the night medians of the spectrophotometric
-    check after recalibration) and the report's summary."""
+    check after recalibration); returns the summary for the report."""
     own, model, levels = plan.own, fit["model"], fit["levels"]
     table = _current(writer)
     mine = table["setup"] == plan.setup
@@ -465,10 +516,10 @@ def _finish(plan, fit, writer, report, config):
                                   & (night_table["n_exposures"] >= 3))
     fit["store"].finish(model, levels, exposures, night_table,
                         {"model_id": plan.model_id, "solution": model.identity()})
-    report.model[plan.setup] = {
+    return {
         "exposures": len(own["row"]), "nights": len(set(own["night"])),
-        "outliers": int(fit["outlier"].sum()), "tau": float(np.sqrt(model.tau2)),
-        "sigma_star": float(np.sqrt(model.star_var)), "model_id": plan.model_id,
+        "outliers": int(fit["outlier"].sum()), "tau": float(np.sqrt(np.median(model.tau2))),
+        "sigma_star": float(np.sqrt(np.median(model.star_var))), "model_id": plan.model_id,
         **fit.get("counts", {"recalibrated": 0, "model_only": 0})}
 
 

@@ -18,9 +18,10 @@ Per exposure fitted (``exposure``, indexed by ``expid``): ``exposure_night``,
 ``residual_rms`` and ``residual`` (exposure, fit_wavelength: ln own - ln model, the grey
 removed).
 Survey-wide: ``chromatic`` (term, wavelength): ln response change per arcsec of seeing above
-1.5 (``seeing``) and per unit tan^2 z (``refraction``).
-Attrs: ``model_id``, ``setup``, ``spec`` (JSON), ``tau`` and ``sigma_star`` (the error
-model), ``version``, ``created``.
+1.5 (``seeing``) and per unit tan^2 z (``refraction``); the error model ``tau`` and
+``sigma_star`` (fit_wavelength, fractional).
+Attrs: ``model_id``, ``setup``, ``spec`` (JSON), ``tau`` and ``sigma_star`` (their medians),
+``version``, ``created``.
 
 A group is written in a temporary directory and renamed into place: a job killed while
 writing leaves the previous model.
@@ -156,10 +157,15 @@ class ModelStoreWriter:
             self._array("term", ("term",), np.array(terms))
         for name, values in exposures.items():
             self._array(name, ("exposure",), values, _EXPOSURE_UNITS.get(name))
+        for name, values, text in (
+                ("tau", model.tau2, "scatter of the exposures' shapes about the model"),
+                ("sigma_star", model.star_var, "shape error of one standard's calibration")):
+            self._array(name, ("fit_wavelength",), np.sqrt(values), {"units": "1",
+                                                                     "description": text})
         self.group.attrs.update({**attrs, "setup": model.spec.setup,
                                  "spec": json.dumps(model.spec.to_dict()),
-                                 "tau": float(np.sqrt(model.tau2)),
-                                 "sigma_star": float(np.sqrt(model.star_var)),
+                                 "tau": float(np.sqrt(np.median(model.tau2))),
+                                 "sigma_star": float(np.sqrt(np.median(model.star_var))),
                                  "version": __version__, "created": _dt.datetime.now(
                                      _dt.UTC).isoformat(timespec="seconds")})
         with atomic_directory(self.final, overwrite=True) as tmp:

@@ -54,8 +54,9 @@ def combine_with_model(y, formal, pred, pred_var, *, nstars, tau2, star_var):
         The model's grey-free prediction and its variance, same points.
     nstars : int
         Standards used.
-    tau2, star_var : float
-        The model's error model (:class:`kspec_fluxcal.survey_model.SurveyModel`).
+    tau2, star_var : numpy.ndarray or float
+        The model's error model at the same points
+        (:meth:`kspec_fluxcal.survey_model.SurveyModel.errors`).
 
     Returns
     -------
@@ -117,12 +118,13 @@ def model_calibration(exposure, model, levels, own, row, config, *, utc_offset, 
     inside = (grid >= lo) & (grid <= hi)
     loglam = np.log(grid[inside])
     pred, pred_var = (a[0] for a in model.predict([session], [airmass], [seeing], loglam))
+    tau2, star_var = model.errors(loglam)
     level = {k: float(v[0]) for k, v in levels.of([session]).items()}
     scatter = level["scatter"]
     exptime = float(attrs["exptime"])
     if own is None:
         grey = level["intercept"] + level["slope"] * airmass
-        combined, variance = pred + grey, pred_var + model.tau2
+        combined, variance = pred + grey, pred_var + tau2
         level_var, share, lsf_scale = scatter**2, 0.0, level["lsf"]
         telluric = {"fcalo2": airmass, "fcalo2_err": _O2_ERROR * airmass,
                     "fcalh2o": level["water"] * airmass,
@@ -134,8 +136,8 @@ def model_calibration(exposure, model, levels, own, row, config, *, utc_offset, 
             y = -np.log(smooth * exptime)
             formal = own["own_smooth_variance"][inside] / smooth**2
         combined, variance, grey, share = combine_with_model(
-            y, formal, pred, pred_var, nstars=row["n_stars_used"], tau2=model.tau2,
-            star_var=model.star_var)
+            y, formal, pred, pred_var, nstars=row["n_stars_used"], tau2=tau2,
+            star_var=star_var)
         level_var = 0.0  # the standards' level, whose variance the product already states
         telluric = {k: float(row[k]) for k in ("fcalo2", "fcalo2_err", "fcalh2o",
                                                "fcalh2o_err")}

@@ -1233,7 +1233,7 @@ def _targets(rng, aux, stars, std_source, kinds, pixels, optics):
     ebv = rng.uniform(*_EBV_RANGE, nstar)
     same = std_source is stars
     groups = [(stars, slice(0, nstar), params)] if same else \
-        [(std_source, slice(0, nstd), std), (stars, slice(nstd, nstar), sci)]
+        [(std_source, slice(0, nstd), std)] * bool(nstd) + [(stars, slice(nstd, nstar), sci)]
     observed, mags0 = [], np.zeros((nstar, len(BANDS)))
     for source, part, p in groups:
         obs, mags0[part] = _observed(source, p, rv[part], ebv[part])

@@ -141,8 +141,8 @@ def _model_text(m):
         return m["skipped"]
     return (f"{m['exposures']} exposures over {m['nights']} night(s) fitted, "
             f"{m['outliers']} outlier(s); exposures scatter {100 * m['tau']:.2f}% about it, "
-            f"one standard {100 * m['sigma_star']:.2f}%; {m['recalibrated']} recalibrated "
-            f"with it, {m['model_only']} from it alone")
+            f"one standard {100 * m['sigma_star']:.2f}% (medians over wavelength); "
+            f"{m['recalibrated']} recalibrated with it, {m['model_only']} from it alone")
 
 
 def _quality_text(q):

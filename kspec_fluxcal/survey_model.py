@@ -38,9 +38,10 @@ formal variance of ln(own_smooth), ``sigma_star`` the shape error of one standar
 mismatch), ``n_e`` the standards used, ``tau`` the real exposure-to-exposure scatter about the
 model, ``c`` the fit grid's step over the smoothing scale (points within a knot interval of the
 smooth response are not independent) and ``h_e`` a Huber weight from the exposure's residual
-(outlier exposures count less). ``sigma_star`` and ``tau`` are re-estimated from the
-residuals (:func:`error_model`): exposures with 1, 2, 3 standards scatter by ``tau^2 +
-sigma_star^2 / n``.
+(outlier exposures count less). ``sigma_star`` and ``tau``, functions of wavelength, are
+re-estimated from the residuals (:func:`error_model`): exposures with 1, 2, 3 standards
+scatter by ``tau^2 + sigma_star^2 / n`` at each wavelength (the far blue, where the standards
+are faint and fiber losses chromatic, scatters most).
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ import scipy.interpolate
 from .archive import ARCHIVE_GRID, archive_grid
 
 __all__ = ["ModelSpec", "Statistics", "SurveyModel", "exposure_statistics", "solve",
-           "residuals", "error_model", "huber_weights", "fit_levels", "Levels",
+           "residuals", "error_sums", "error_model", "huber_weights", "fit_levels", "Levels",
            "REFERENCE_RANGE", "SEEING_REFERENCE", "TERMS", "MAG_TO_LN"]
 
 #: Curves are pinned to zero mean over this range (Angstrom, clipped to the setup's range): the
@@ -270,11 +271,12 @@ class Statistics:
 
 
 def point_weights(spec, formal, nstars, huber, tau2, star_var):
-    """Weights of the fit-grid points of exposures (E, J) (see the module docstring)."""
-    extra = star_var / np.maximum(np.asarray(nstars, dtype=np.float64), 1.0) + tau2
+    """Weights of the fit-grid points of exposures (E, J) (see the module docstring);
+    ``tau2`` and ``star_var`` are per fit-grid point (J,) or scalars."""
+    n = np.maximum(np.asarray(nstars, dtype=np.float64), 1.0)[:, None]
+    extra = np.asarray(star_var, dtype=np.float64) / n + np.asarray(tau2, dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        w = spec.independence * np.asarray(huber, dtype=np.float64)[:, None] / (
-            formal + extra[:, None])
+        w = spec.independence * np.asarray(huber, dtype=np.float64)[:, None] / (formal + extra)
     return np.where(np.isfinite(w) & np.isfinite(formal), w, 0.0)
 
 
@@ -338,8 +340,8 @@ class SurveyModel:
         (q,), (q, q): the survey means (a session without data), with the spread of nights.
     exposures : numpy.ndarray
         (S,) exposures fitted per session.
-    tau2, star_var : float
-        The error model the fit used (see the module docstring).
+    tau2, star_var : numpy.ndarray
+        The error model (J,): variances per fit-grid point (see the module docstring).
     """
 
     spec: ModelSpec
@@ -388,6 +390,12 @@ class SurveyModel:
         var = np.einsum("jq,eqr,jr->ej", basis, cov[:, block, block], basis, optimize=True)
         return values, np.sqrt(np.maximum(var, 0.0))
 
+    def errors(self, loglam):
+        """The error model (tau^2, sigma_star^2) at ``loglam`` (interpolated)."""
+        x = self.spec.loglam
+        return tuple(np.interp(loglam, x, np.broadcast_to(v, x.shape))
+                     for v in (self.tau2, self.star_var))
+
     def identity(self):
         """A short hash of the solution (bit-identical fits give the same)."""
         h = hashlib.sha1(json.dumps(self.spec.to_dict(), sort_keys=True).encode())
@@ -404,7 +412,7 @@ def solve(spec, stats, *, tau2, star_var):
     ----------
     spec : ModelSpec
     stats : Statistics
-    tau2, star_var : float
+    tau2, star_var : numpy.ndarray or float
         The error model the statistics were weighted with (recorded).
 
     Returns
@@ -438,9 +446,11 @@ def solve(spec, stats, *, tau2, star_var):
     spread[:p, :p] = np.diag(np.concatenate([
         np.full(spec.blocks["throughput"].stop, spec.throughput_sigma**2),
         np.full(p - spec.blocks["throughput"].stop, spec.extinction_sigma**2)]))
+    shape = spec.loglam.shape
     return SurveyModel(spec, tuple(stats.labels), theta, _symmetric(cov), mean,
-                       _symmetric(cov_g + spread), stats.exposures.copy(), float(tau2),
-                       float(star_var))
+                       _symmetric(cov_g + spread), stats.exposures.copy(),
+                       np.broadcast_to(tau2, shape).copy(),
+                       np.broadcast_to(star_var, shape).copy())
 
 
 def _symmetric(m):
@@ -477,38 +487,61 @@ def residuals(model, y, w, airmass, seeing, sessions):
     return {"grey": grey, "residual": resid, "mean_square": mean_square}
 
 
-def error_model(mean_square, formal, nstars, *, floor=_VARIANCE_FLOOR, start=(2.5e-5, 1e-4)):
-    """(tau^2, sigma_star^2) from exposures' residuals: ``mean_square - formal = tau^2 +
-    sigma_star^2 / n``, fitted to the medians of the groups of exposures with n standards
-    (outliers do not move medians); with one group, ``start`` (the configured values)
-    splits its median in their ratio.
+def error_sums(resid, formal, nstars, weight):
+    """Per fit-grid point sums (5, J) from which :func:`error_model` fits ``tau^2`` and
+    ``sigma_star^2``; they add over batches of exposures.
 
     Parameters
     ----------
-    mean_square, formal : numpy.ndarray
-        Per exposure: mean square shape residual from the model, mean formal variance.
-    nstars : numpy.ndarray of int
-        Standards used per exposure.
-    floor : float
-        Lowest variance returned.
-    start : (float, float)
-        tau^2 and sigma_star^2 to split a single group with.
+    resid, formal : numpy.ndarray, shape (E, J)
+        Shape residuals from the model and formal variances (NaN: no data).
+    nstars : numpy.ndarray, shape (E,)
+        Standards used.
+    weight : numpy.ndarray, shape (E,)
+        Huber weights (outliers count less).
     """
-    excess = np.asarray(mean_square, float) - np.asarray(formal, float)
-    n = np.asarray(nstars, dtype=np.int64)
-    ok = np.isfinite(excess) & (n > 0)
-    groups = np.unique(n[ok])
-    if groups.size == 0:
-        return start
-    medians = np.array([np.median(excess[ok & (n == k)]) for k in groups])  # a few groups
-    counts = np.array([np.sum(ok & (n == k)) for k in groups], dtype=float)
-    if groups.size == 1:
-        share = start[0] / (start[0] + start[1] / groups[0])
-        total = max(medians[0], 2 * floor)
-        return max(share * total, floor), max((1 - share) * total * groups[0], floor)
-    design = np.stack([np.ones(groups.size), 1.0 / groups], axis=1) * np.sqrt(counts)[:, None]
-    tau2, star = np.linalg.lstsq(design, medians * np.sqrt(counts), rcond=None)[0]
-    return max(float(tau2), floor), max(float(star), floor)
+    excess = resid**2 - formal
+    ok = np.isfinite(excess)
+    h = np.where(ok, np.asarray(weight, dtype=np.float64)[:, None], 0.0)
+    inv = 1.0 / np.maximum(np.asarray(nstars, dtype=np.float64), 1.0)[:, None]
+    x = np.where(ok, excess, 0.0)
+    return np.stack([h.sum(0), (h * inv).sum(0), (h * inv**2).sum(0), (h * x).sum(0),
+                     (h * x * inv).sum(0)])
+
+
+def error_model(sums, *, start, smooth_points, floor=_VARIANCE_FLOOR):
+    """(tau^2, sigma_star^2) per fit-grid point from :func:`error_sums` summed: the weighted
+    least-squares fit of ``resid^2 - formal = tau^2 + sigma_star^2 / n`` over exposures at
+    each point, then a running median over ``smooth_points`` and the floor. Where every
+    exposure has the same number of standards the two cannot be told apart: the total is
+    split in the ratio of ``start`` (tau^2, sigma_star^2, the configured values).
+
+    Returns
+    -------
+    tau2, star_var : numpy.ndarray, shape (J,)
+    """
+    import scipy.ndimage
+
+    s0, s1, s2, sx, sxi = sums
+    det = s0 * s2 - s1**2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tau2 = (s2 * sx - s1 * sxi) / det
+        star = (s0 * sxi - s1 * sx) / det
+        total = sx / s0
+        mean_inv = s1 / s0
+    share = start[0] / (start[0] + start[1] * np.where(np.isfinite(mean_inv), mean_inv, 1.0))
+    split = ~(det > 1e-6 * s0**2) | ~np.isfinite(tau2) | ~np.isfinite(star)
+    tau2 = np.where(split, share * total, tau2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        star = np.where(split, (1.0 - share) * total / mean_inv, star)
+    out = []
+    for values in (tau2, star):
+        ok = np.isfinite(values)
+        filled = np.interp(np.arange(values.size), np.flatnonzero(ok), values[ok]) \
+            if ok.any() else np.full(values.size, floor)
+        size = max(1, int(smooth_points)) | 1
+        out.append(np.maximum(scipy.ndimage.median_filter(filled, size, mode="nearest"), floor))
+    return tuple(out)
 
 
 def huber_weights(mean_square, expected, threshold):
