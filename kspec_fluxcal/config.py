@@ -214,7 +214,7 @@ SCHEMA["model"] = {
                                "model, fractional; re-estimated from the residuals.", min=0.0),
     "huber": Option(2.0, "Exposures whose shape residual exceeds this many times the "
                     "expected count less (Huber weights); beyond 1.5 times it they are "
-                    "flagged as outliers.", min=1.0),
+                    "outliers: flagged and left out of the fit.", min=1.0),
     "reweightings": Option(2, "Reweighting iterations of the fit (Huber weights and error "
                            "model from the residuals).", min=0, max=10),
     "batch": Option(64, "Exposures per statistics task (the leaves of the tree reduction).",

@@ -61,7 +61,7 @@ _FIELDS = ("expid", "setup", "night", "mjd", "airmass", "seeing", "exptime", "n_
            "fcalsrc", "input_hash", "model_id", "fcalrms", "fcalqual", "fcalmerr", "fcallsf",
            "fcalo2", "fcalo2_err", "fcalh2o", "fcalh2o_err", "sphot_g", "sphot_r", "sphot_i")
 #: An exposure whose residual exceeds the expected by this factor times [model] huber is an
-#: outlier (flagged; its weight is already small).
+#: outlier: flagged, and left out of the next round (weight 0).
 _OUTLIER_FACTOR = 1.5
 #: The error model's running median, Angstrom: it follows the blue end's rise, not noise.
 _ERROR_SMOOTHING = 200.0
@@ -141,30 +141,30 @@ def _plans(entries, table, config, report=None):
 
 
 def _targets(group, table, plan, config, report):
-    """Exposures to recalibrate: (entry, archive row of its own data or None, row fields)."""
+    """Exposures to recalibrate: (entry, archive row of its own data or None, row fields).
+
+    Those whose first pass found no usable standard now (the model alone), those calibrated
+    now with their standards, and those archived with another model (or none)."""
     where = {e: k for k, e in enumerate(table["expid"])}
     done = set(report.calibrated) if report is not None else set()
     targets = []
     for entry in group:
         expid = entry["info"]["expid"]
+        if entry.get("failure", {}).get("status") == "no standards":
+            targets.append((entry, None, None))
+            continue
         k = where.get(expid)
-        row = None if k is None else {name: table[name][k] for name in _FIELDS}
-        if k is not None and expid not in done and row["model_id"] == plan.model_id:
+        if k is None or "failure" in entry:
+            continue  # never calibrated, or failing for another reason
+        row = {name: table[name][k] for name in _FIELDS}
+        if expid not in done and row["model_id"] == plan.model_id:
             continue  # archived with this model (skipped as up to date)
-        own = row is not None and row["fcalsrc"] in _OWN_SOURCES and row["n_stars_used"] > 0
-        if own and config.model.recalibrate:
-            targets.append((entry, int(table["row"][k]), row))
-        elif not own and _no_standards(entry, row):
+        if row["fcalsrc"] in _OWN_SOURCES and row["n_stars_used"] > 0:
+            if config.model.recalibrate:
+                targets.append((entry, int(table["row"][k]), row))
+        elif row["fcalsrc"] == "model":
             targets.append((entry, None, None))
     return targets
-
-
-def _no_standards(entry, row):
-    """An exposure the model alone calibrates: its first pass found no usable standard now,
-    or its archived calibration came from the model."""
-    if entry.get("failure", {}).get("status") == "no standards":
-        return True
-    return row is not None and row["fcalsrc"] == "model" and "failure" not in entry
 
 
 def stale_exposures(out, entries, writer, config):
@@ -410,7 +410,8 @@ def _fit(client, plan, config, archive, out):
                                   f"model-residuals-{tag}-{it}-{{}}-{token}")
         tau2, star_var = error_model(scalars["sums"], start=start, smooth_points=smoothing)
         expected = scalars["formal"] + np.mean(star_var) / own["n_stars_used"] + np.mean(tau2)
-        huber = huber_weights(scalars["mean_square"], expected, m.huber)
+        huber = huber_weights(scalars["mean_square"], expected, m.huber,
+                              clip=_OUTLIER_FACTOR * m.huber)
     model = solved.result()
     model.tau2, model.star_var = tau2, star_var
     outlier = np.sqrt(scalars["mean_square"] / expected) > _OUTLIER_FACTOR * m.huber

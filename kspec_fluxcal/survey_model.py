@@ -544,12 +544,14 @@ def error_model(sums, *, start, smooth_points, floor=_VARIANCE_FLOOR):
     return tuple(out)
 
 
-def huber_weights(mean_square, expected, threshold):
+def huber_weights(mean_square, expected, threshold, clip=np.inf):
     """Huber weights of exposures from their residual relative to the expected one:
-    ``min(1, threshold / sqrt(mean_square / expected))``; 0 where unknown."""
+    ``min(1, threshold / u)``, ``u = sqrt(mean_square / expected)``; 0 beyond ``clip``
+    (outliers: a wrong standard's few per cent would still pull a night's curves) and where
+    unknown."""
     with np.errstate(invalid="ignore", divide="ignore"):
         u = np.sqrt(np.asarray(mean_square, float) / np.asarray(expected, float))
-        h = np.minimum(1.0, threshold / u)
+        h = np.where(u > clip, 0.0, np.minimum(1.0, threshold / u))
     return np.where(np.isfinite(h), h, 0.0)
 
 
