@@ -377,7 +377,8 @@ class SurveyModel:
         if not variance:
             return mean, None
         scaled = cov * t[:, :, None] * t[:, None, :]
-        var = np.einsum("jq,eqr,jr->ej", basis, scaled, basis, optimize=True)
+        # diag(B C B^T) per exposure, through one BLAS product.
+        var = np.einsum("ejq,jq->ej", np.matmul(basis[None], scaled), basis)
         return mean, var
 
     def curve(self, name, loglam, sessions=None):
@@ -387,7 +388,7 @@ class SurveyModel:
         basis = self.spec.basis(loglam)[:, block]
         theta, cov = self.session(self.labels if sessions is None else sessions)
         values = theta[:, block] @ basis.T
-        var = np.einsum("jq,eqr,jr->ej", basis, cov[:, block, block], basis, optimize=True)
+        var = np.einsum("ejq,jq->ej", np.matmul(basis[None], cov[:, block, block]), basis)
         return values, np.sqrt(np.maximum(var, 0.0))
 
     def errors(self, loglam):

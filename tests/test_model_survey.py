@@ -24,6 +24,7 @@ from kspec_fluxcal.config import Config
 from kspec_fluxcal.evaluate import compare_with_truth
 from kspec_fluxcal.grid import build_grid
 from kspec_fluxcal.model_store import open_model
+from kspec_fluxcal.qc import qc_from_file
 from kspec_fluxcal.simulate import Setup, simulate_survey
 from kspec_fluxcal.survey import local_cluster, run_survey
 
@@ -142,6 +143,15 @@ def test_model_products_and_plots(lake, with_model, tmp_path, capsys):
         "extinction_per_night.png", "model_outliers.png", "throughput_image.png",
         "throughput_vs_time.png"]
     capsys.readouterr()
+    # The QC summary of a product says which model and what the spectrophotometric check saw.
+    expid = _without_standards(lake)[0]
+    written = qc_from_file(_product(lake, out, expid), tmp_path / "qc")
+    text = next(p for p in written if p.name.endswith("_summary.txt")).read_text()
+    assert f"survey model (FCALMOD): {model.attrs['model_id']}" in text
+    with fits.open(_product(lake, out, expid)) as hdul:
+        n = hdul[0].header["FCALSPN"]
+        assert f"spectrophotometric check (FCALSP*): {n} program star(s)" in text if n else \
+            "spectrophotometric check: no program star" in text
 
 
 @pytest.mark.cluster
