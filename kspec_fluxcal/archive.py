@@ -71,7 +71,7 @@ _ROW_FIELDS = {
     "seeing": (np.float64, np.nan), "model_id": (str, ""), "model_grey": (np.float64, np.nan),
     "sphot_g": (np.float64, np.nan), "sphot_r": (np.float64, np.nan),
     "sphot_i": (np.float64, np.nan), "sphot_scatter": (np.float64, np.nan),
-    "sphot_n": (np.int64, 0),
+    "sphot_n": (np.int64, 0), "level_variance": (np.float64, np.nan),
 }
 #: Per-exposure spectra on the archive grid: (dtype, fill). ``cal_smooth`` (schema 2) is the
 #: smooth response without the telluric bands' absorption (NaN where not known);
@@ -84,7 +84,8 @@ _SPECTRA = {"cal": ("f4", np.nan), "cal_variance": ("f4", np.nan), "cal_mask": (
 #: Version of the archive's layout: 1 had the fields up to ``calibrated_at``; 2 added
 #: quality, line spread, telluric columns, provenance and ``cal_smooth``; 3 the exposure's own
 #: response (``own_*``), telluric column errors, seeing, the survey model's identity and grey
-#: factor, and the spectrophotometric check (``sphot_*``). Older archives are migrated by the
+#: factor, the level's variance, and the spectrophotometric check (``sphot_*``). Older
+#: archives are migrated by the
 #: writer: the new arrays are added, empty for the old rows (whose ``cal_smooth`` is their own
 #: response when FCALSRC is 'standards').
 SCHEMA_VERSION = 3
@@ -96,7 +97,8 @@ _ROW_UNITS = {"mjd": "d", "airmass": "1", "exptime": "s", "fcalrms": "1",
               "fcalo2": "airmass", "fcalh2o": "airmass x reference water column",
               "fcalo2_err": "airmass", "fcalh2o_err": "airmass x reference water column",
               "seeing": "arcsec", "model_grey": "ln(counts/s/A per flux unit)",
-              "sphot_g": "mag", "sphot_r": "mag", "sphot_i": "mag", "sphot_scatter": "mag"}
+              "sphot_g": "mag", "sphot_r": "mag", "sphot_i": "mag", "sphot_scatter": "mag",
+              "level_variance": "1"}
 #: What ``throughput`` is in: counts per second per Angstrom per unit of flux density.
 THROUGHPUT_UNIT = f"count/(s Angstrom) / ({FLUX_UNIT})"
 _HOW_TO_READ = (
@@ -184,6 +186,8 @@ def archive_record(calibrated, stars, calibration, *, source="", input_hash="", 
         record["cal_smooth"] = on_grid(calibrated["cal_smooth"].values * width)
     attrs = calibrated.attrs
     record["row"] = _row_fields(attrs, wave, utc_offset, source, input_hash, provenance)
+    if calibration is not None:  # the grey level's fractional variance
+        record["row"]["level_variance"] = float(calibration.attrs.get("level_variance", np.nan))
     if own is not None:
         record.update(own_smooth=own["own_smooth"], own_smooth_variance=own[
             "own_smooth_variance"], star=own["star"])
@@ -205,7 +209,8 @@ def archive_record(calibrated, stars, calibration, *, source="", input_hash="", 
 def _row_fields(attrs, wave, utc_offset, source, input_hash, provenance):
     """The per-exposure fields of an archive row from a calibrated exposure's attrs."""
     floats = ("fcalmerr", "fcallsf", "fcalo2", "fcalh2o", "fcalo2_err", "fcalh2o_err",
-              "seeing", "model_grey", "sphot_g", "sphot_r", "sphot_i", "sphot_scatter")
+              "seeing", "model_grey", "sphot_g", "sphot_r", "sphot_i", "sphot_scatter",
+              "level_variance")
     return {
         "expid": str(attrs.get("expid", "")), "mjd": float(attrs.get("mjd", np.nan)),
         "night": night_of(attrs.get("mjd", 0.0), utc_offset),

@@ -41,6 +41,7 @@ import numpy as np
 from . import __version__
 from .errors import FluxCalError
 from .survey_model import (
+    MAG_TO_LN,
     ModelSpec,
     error_model,
     error_sums,
@@ -59,7 +60,8 @@ _OWN_SOURCES = ("standards", "standards+model")
 #: Archive fields the client reads per current row to plan the model.
 _FIELDS = ("expid", "setup", "night", "mjd", "airmass", "seeing", "exptime", "n_stars_used",
            "fcalsrc", "input_hash", "model_id", "fcalrms", "fcalqual", "fcalmerr", "fcallsf",
-           "fcalo2", "fcalo2_err", "fcalh2o", "fcalh2o_err", "sphot_g", "sphot_r", "sphot_i")
+           "fcalo2", "fcalo2_err", "fcalh2o", "fcalh2o_err", "sphot_g", "sphot_r", "sphot_i",
+           "level_variance")
 #: An exposure whose residual exceeds the expected by this factor times [model] huber is an
 #: outlier: flagged, and left out of the next round (weight 0).
 _OUTLIER_FACTOR = 1.5
@@ -313,13 +315,14 @@ def run_model(client, entries, writer, report, config, *, out, utc, catalog, pro
         if progress:
             print(f"survey model, setup {plan.setup}: fitting {len(plan.own['row'])} "
                   f"exposures over {len(set(plan.own['night']))} night(s)", flush=True)
-        fit = _fit(client, plan, config, writer.path, out)
+        store = _store(out, plan)
         try:
+            fit = _fit(client, plan, config, writer.path, store)
             _recalibrate(client, plan, fit, writer, report, config, utc=utc, catalog=catalog,
                          provenance=provenance, progress=progress, flush=flush)
             report.model[plan.setup] = _finish(plan, fit, writer, config)
         except BaseException:
-            fit["store"].abandon()
+            store.abandon()  # the previous model stays
             raise
         if progress:
             print(f"survey model, setup {plan.setup}: done in {time.monotonic() - start:.1f} s",
@@ -357,10 +360,23 @@ def fit_archive(client, archive, setup, wave_range, config, out):
     if not plans:
         raise FluxCalError(f"{archive}: fewer than {config.model.min_exposures} exposures of "
                            f"setup {setup} calibrated with their own standards")
-    fit = _fit(client, plans[0], config, writer.path, out)
-    fit["counts"] = {"recalibrated": 0, "model_only": 0}
-    summary = _finish(plans[0], fit, writer, config)
+    store = _store(out, plans[0])
+    try:
+        fit = _fit(client, plans[0], config, writer.path, store)
+        fit["counts"] = {"recalibrated": 0, "model_only": 0}
+        summary = _finish(plans[0], fit, writer, config)
+    except BaseException:
+        store.abandon()
+        raise
     return {**fit, "summary": summary}
+
+
+def _store(out, plan):
+    """The writer of the setup's group of ``out/model.zarr``."""
+    from .model_store import MODEL_STORE, ModelStoreWriter
+
+    return ModelStoreWriter(Path(out) / MODEL_STORE, plan.setup, plan.spec.loglam,
+                            len(plan.own["row"]))
 
 
 def _batches(plan, size):
@@ -382,11 +398,9 @@ def _tree_sum(client, futures, prefix, token):
     return futures[0]
 
 
-def _fit(client, plan, config, archive, out):
-    """The fit's rounds (module docstring); returns the model, levels and per-exposure
-    results, and the model store being written."""
-    from .model_store import MODEL_STORE, ModelStoreWriter
-
+def _fit(client, plan, config, archive, store):
+    """The fit's rounds (module docstring), the last round's residual curves written to
+    ``store``; returns the model, levels and per-exposure results."""
     m, spec, own = config.model, plan.spec, plan.own
     n = len(own["row"])
     batches = _batches(plan, m.batch)
@@ -395,7 +409,6 @@ def _fit(client, plan, config, archive, out):
     step = np.exp(np.median(spec.loglam)) * np.median(np.diff(spec.loglam))
     smoothing = int(round(_ERROR_SMOOTHING / step))
     huber = np.ones(n)
-    store = ModelStoreWriter(Path(out) / MODEL_STORE, plan.setup, spec.loglam, n)
     tag, token = f"{plan.setup}", plan.model_id
     for it in range(m.reweightings + 1):
         final = it == m.reweightings
@@ -419,7 +432,7 @@ def _fit(client, plan, config, archive, out):
         water = np.asarray(own["fcalh2o"], float) / np.asarray(own["airmass"], float)
     levels = fit_levels(scalars["grey"], own["airmass"], own["night"], huber, water,
                         np.asarray(own["fcallsf"], float),
-                        slope_sigma=m.grey_slope_sigma * 0.4 * np.log(10.0))
+                        slope_sigma=m.grey_slope_sigma * MAG_TO_LN)
     return {"model": model, "levels": levels, "store": store, "huber": huber,
             "outlier": outlier, **scalars}
 
@@ -431,20 +444,22 @@ def _residual_round(client, solved, batches, huber, archive, spec, store, curves
 
     n = batches[-1][0].stop
     out = {k: np.full(n, np.nan) for k in ("grey", "mean_square", "formal")}
-    out["sums"] = np.zeros((5, spec.loglam.size))
+    sums = [None] * len(batches)
     futures = {client.submit(_residual_task, str(archive), spec, batch, solved, huber[part],
-                             curves, key=key.format(k)): part
+                             curves, key=key.format(k)): (k, part)
                for k, (part, batch) in enumerate(batches)}
     for future, result in _as_completed_pairs(client, futures):
         if future.status != "finished":
             raise FluxCalError(f"survey model: task {future.key} failed ({result!r})")
-        part = futures[future]
-        out["sums"] += result["sums"]
+        k, part = futures[future]
+        sums[k] = result["sums"]
         for name in ("grey", "mean_square", "formal"):
             out[name][part] = result[name]
         if curves:
             store.write_residuals(np.arange(part.start, part.stop), result["residual"])
         future.release()
+    # Added in the batches' order, whatever order they finished in: the same bits each run.
+    out["sums"] = np.sum(sums, axis=0)
     return out
 
 

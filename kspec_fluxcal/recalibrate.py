@@ -112,50 +112,56 @@ def model_calibration(exposure, model, levels, own, row, config, *, utc_offset, 
         raise CalibrationError("no AIRMASS in the header: the survey model cannot predict its "
                                "extinction")
     session = night_of(attrs["mjd"], utc_offset)
-    seeing = float(attrs.get("seeing", np.nan))
     grid = archive_grid()
-    lo, hi = model.spec.wave_range
-    inside = (grid >= lo) & (grid <= hi)
+    inside = (grid >= model.spec.wave_range[0]) & (grid <= model.spec.wave_range[1])
     loglam = np.log(grid[inside])
+    exptime = float(attrs["exptime"])
+    p = _prediction(model, levels, own, row, session, airmass,
+                    float(attrs.get("seeing", np.nan)), loglam, inside, exptime)
+    per_aa = np.exp(-p["combined"]) / exptime  # flux per (count per Angstrom)
+    wave = exposure["wavelength"].values
+    x = np.log(wave)
+    valid = np.isfinite(per_aa)
+    smooth = np.interp(x, loglam[valid], per_aa[valid], left=np.nan, right=np.nan) / np.gradient(
+        wave)
+    rel_var = np.interp(x, loglam[valid], p["variance"][valid]) + p["level_var"]
+    lsf = exposure_lsf(exposure, config).scaled(p["lsf_scale"])
+    trans = _transmission(wave, lsf, p["telluric"], own, grid, inside, config)
+    out = _dataset(exposure, smooth, rel_var, trans, p["telluric"], lsf, config)
+    out.attrs.update(_model_attrs(own, row, p, model_id))
+    add_history(out, _history(p, session, airmass, exptime, model))
+    return out
+
+
+def _prediction(model, levels, own, row, session, airmass, seeing, loglam, inside, exptime):
+    """The exposure's ln response on the archive grid's points ``loglam``: own standards
+    combined with the model, or the model alone; with its variance (shape, and level apart),
+    telluric columns and line-spread scale."""
     pred, pred_var = (a[0] for a in model.predict([session], [airmass], [seeing], loglam))
     tau2, star_var = model.errors(loglam)
     level = {k: float(v[0]) for k, v in levels.of([session]).items()}
-    scatter = level["scatter"]
-    exptime = float(attrs["exptime"])
     if own is None:
         grey = level["intercept"] + level["slope"] * airmass
-        combined, variance = pred + grey, pred_var + tau2
-        level_var, share, lsf_scale = scatter**2, 0.0, level["lsf"]
-        telluric = {"fcalo2": airmass, "fcalo2_err": _O2_ERROR * airmass,
-                    "fcalh2o": level["water"] * airmass,
-                    "fcalh2o_err": level["water_scatter"] * airmass}
-        source = SOURCES["alone"]
-    else:
-        smooth = own["own_smooth"][inside].astype(np.float64)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            y = -np.log(smooth * exptime)
-            formal = own["own_smooth_variance"][inside] / smooth**2
-        combined, variance, grey, share = combine_with_model(
-            y, formal, pred, pred_var, nstars=row["n_stars_used"], tau2=tau2,
-            star_var=star_var)
-        level_var = 0.0  # the standards' level, whose variance the product already states
-        telluric = {k: float(row[k]) for k in ("fcalo2", "fcalo2_err", "fcalh2o",
-                                               "fcalh2o_err")}
-        lsf_scale = float(row["fcallsf"]) if np.isfinite(row["fcallsf"]) else 1.0
-        source = SOURCES["with"]
-    per_aa = np.exp(-combined) / exptime  # flux per (count per Angstrom)
-    wave = exposure["wavelength"].values
-    width = np.gradient(wave)
-    x = np.log(wave)
-    valid = np.isfinite(per_aa)
-    smooth_pix = np.interp(x, loglam[valid], per_aa[valid], left=np.nan, right=np.nan) / width
-    rel_var = np.interp(x, loglam[valid], variance[valid]) + level_var
-    lsf = exposure_lsf(exposure, config).scaled(lsf_scale)
-    trans = _transmission(wave, lsf, telluric, own, grid, inside, config)
-    out = _dataset(exposure, smooth_pix, rel_var, trans, telluric, lsf, config)
-    out.attrs.update(_model_attrs(own, row, source, model_id, grey, share, scatter))
-    add_history(out, _history(source, session, airmass, share, grey, exptime, model))
-    return out
+        return {"combined": pred + grey, "variance": pred_var + tau2, "grey": grey,
+                "level_var": level["scatter"] ** 2, "share": 0.0, "lsf_scale": level["lsf"],
+                "telluric": {"fcalo2": airmass, "fcalo2_err": _O2_ERROR * airmass,
+                             "fcalh2o": level["water"] * airmass,
+                             "fcalh2o_err": level["water_scatter"] * airmass},
+                "source": SOURCES["alone"], "scatter": level["scatter"]}
+    smooth = own["own_smooth"][inside].astype(np.float64)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        y = -np.log(smooth * exptime)
+        formal = own["own_smooth_variance"][inside] / smooth**2
+    combined, variance, grey, share = combine_with_model(
+        y, formal, pred, pred_var, nstars=row["n_stars_used"], tau2=tau2, star_var=star_var)
+    level_var = float(row.get("level_variance", np.nan))
+    return {"combined": combined, "variance": variance, "grey": grey, "share": share,
+            # The level stays the standards', with its (photometric) variance.
+            "level_var": level_var if np.isfinite(level_var) else 0.0,
+            "lsf_scale": float(row["fcallsf"]) if np.isfinite(row["fcallsf"]) else 1.0,
+            "telluric": {k: float(row[k]) for k in ("fcalo2", "fcalo2_err", "fcalh2o",
+                                                    "fcalh2o_err")},
+            "source": SOURCES["with"], "scatter": np.nan}
 
 
 def _transmission(wave, lsf, telluric, own, grid, inside, config):
@@ -191,25 +197,25 @@ def _dataset(exposure, smooth, rel_var, trans, telluric, lsf, config):
                "lsf_fwhm_coeffs": list(lsf.coeffs), "history": []})
 
 
-def _model_attrs(own, row, source, model_id, grey, share, scatter):
+def _model_attrs(own, row, p, model_id):
     """The calibration's header attrs (FCAL*): the standards' figures, or the model's."""
+    common = {"fcalsrc": p["source"], "model_id": model_id, "model_grey": p["grey"],
+              "level_variance": p["level_var"]}
     if own is None:
-        return {"fcalnstr": 0, "fcalrms": np.nan, "fcalqual": MODEL_GRADE, "fcalmerr": np.nan,
-                "fcallsf": np.nan, "fcalsrc": source, "model_id": model_id,
-                "model_grey": grey, "model_share": 1.0, "level_scatter": scatter}
-    return {"fcalnstr": int(row["n_stars_used"]), "fcalrms": float(row["fcalrms"]),
+        return {**common, "fcalnstr": 0, "fcalrms": np.nan, "fcalqual": MODEL_GRADE,
+                "fcalmerr": np.nan, "fcallsf": np.nan, "level_scatter": p["scatter"]}
+    return {**common, "fcalnstr": int(row["n_stars_used"]), "fcalrms": float(row["fcalrms"]),
             "fcalqual": str(row["fcalqual"]), "fcalmerr": float(row["fcalmerr"]),
-            "fcallsf": float(row["fcallsf"]), "fcalsrc": source, "model_id": model_id,
-            "model_grey": grey, "model_share": 1.0 - share}
+            "fcallsf": float(row["fcallsf"]), "model_share": 1.0 - p["share"]}
 
 
-def _history(source, session, airmass, share, grey, exptime, model):
+def _history(p, session, airmass, exptime, model):
     night = f"night {session}" + ("" if session in model.labels else " (no standards that "
                                   "night: the survey means)")
-    if source == SOURCES["alone"]:
+    if p["source"] == SOURCES["alone"]:
         return (f"no usable standard star: calibrated from the survey model at {night}, "
                 f"airmass {airmass:.3f}; grey level from the night's line against airmass "
-                f"({np.exp(grey) * exptime:.4g} counts/A per flux unit over {exptime:g} s)")
+                f"({np.exp(p['grey']) * exptime:.4g} counts/A per flux unit over {exptime:g} s)")
     return (f"recalibrated with the survey model at {night}, airmass {airmass:.3f}: the "
-            f"standards' shape weighs {100 * share:.0f}% (median), the model's the rest; "
+            f"standards' shape weighs {100 * p['share']:.0f}% (median), the model's the rest; "
             f"their level kept")

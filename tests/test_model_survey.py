@@ -33,7 +33,7 @@ MODEL = {"model__min_exposures": 6, "model__batch": 3}
 #: Arrays and fields schema 3 added (an archive of schema 2 lacks them).
 SCHEMA3 = ("own_smooth", "own_smooth_variance", "fcalo2_err", "fcalh2o_err", "seeing",
            "model_id", "model_grey", "sphot_g", "sphot_r", "sphot_i", "sphot_scatter",
-           "sphot_n")
+           "sphot_n", "level_variance")
 
 
 @pytest.fixture(scope="module")
