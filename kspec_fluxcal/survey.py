@@ -16,6 +16,14 @@ skips exposures archived with the same inputs. A failing exposure is reported wi
 reason and never stops the others; a worker that dies is replaced and its tasks retried
 elsewhere. Warnings raised in a task are returned in the report, not printed by workers.
 
+Then, with ``[model] enabled`` (the default), the survey model (:mod:`kspec_fluxcal.model_job`):
+fitted from the archive as a tree reduction (``model-*`` tasks) and used to recalibrate
+(``recalibrate-<EXPID>`` tasks); exposures without usable standards are calibrated from it.
+Last, with ``[survey] fallback``, exposures still without a calibration get the archive
+fallback (:mod:`kspec_fluxcal.fallback`). The [model] options are not part of an exposure's
+input hash: they change the model (whose identity each archive row records), not the
+exposure's own calibration.
+
 Task keys are ``library-<range>-<token>`` and ``calibrate-<EXPID>-<token>``, the token a
 hash of everything the task's result depends on (inputs, configuration, output path). Two
 jobs sharing a scheduler (``--scheduler``), or a job resubmitted while a killed one's tasks
