@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -42,8 +41,8 @@ from . import __version__
 from .constants import CAL_UNIT, FLUX_UNIT
 
 __all__ = ["ARCHIVE_GRID", "archive_grid", "ArchiveWriter", "open_archive", "archive_record",
-           "plot_archive", "archive_figures", "throughput", "MAX_STARS", "THROUGHPUT_UNIT",
-           "SCHEMA_VERSION"]
+           "read_rows", "plot_archive", "archive_figures", "throughput", "MAX_STARS",
+           "read_own", "THROUGHPUT_UNIT", "SCHEMA_VERSION"]
 
 #: The survey-wide grid: ln-uniform, 3000-11000 A, step 2e-4.
 ARCHIVE_GRID = {"wave_min": 3000.0, "wave_max": 11000.0, "dlnlambda": 2e-4}
@@ -67,21 +66,39 @@ _ROW_FIELDS = {
     "fcalqual": (str, ""), "fcalmerr": (np.float64, np.nan), "fcallsf": (np.float64, np.nan),
     "fcalo2": (np.float64, np.nan), "fcalh2o": (np.float64, np.nan),
     "version": (str, ""), "grid_id": (str, ""), "config_hash": (str, ""),
+    # Schema 3: the survey model and the spectrophotometric check.
+    "fcalo2_err": (np.float64, np.nan), "fcalh2o_err": (np.float64, np.nan),
+    "seeing": (np.float64, np.nan), "model_id": (str, ""), "model_grey": (np.float64, np.nan),
+    "sphot_g": (np.float64, np.nan), "sphot_r": (np.float64, np.nan),
+    "sphot_i": (np.float64, np.nan), "sphot_scatter": (np.float64, np.nan),
+    "sphot_n": (np.int64, 0), "level_variance": (np.float64, np.nan),
 }
 #: Per-exposure spectra on the archive grid: (dtype, fill). ``cal_smooth`` (schema 2) is the
-#: smooth response without the telluric bands' absorption (NaN where not known).
+#: smooth response without the telluric bands' absorption (NaN where not known);
+#: ``own_smooth`` and ``own_smooth_variance`` (schema 3) the smooth response of the exposure's
+#: own standards and the variance of its shape (its grey level's left out): the survey
+#: model's input, kept when the calibration itself is replaced by one with the model.
 _SPECTRA = {"cal": ("f4", np.nan), "cal_variance": ("f4", np.nan), "cal_mask": ("bool", False),
-            "cal_smooth": ("f4", np.nan)}
+            "cal_smooth": ("f4", np.nan), "own_smooth": ("f4", np.nan),
+            "own_smooth_variance": ("f4", np.nan)}
 #: Version of the archive's layout: 1 had the fields up to ``calibrated_at``; 2 added
-#: quality, line spread, telluric columns, provenance and ``cal_smooth`` (older archives are
-#: migrated by the writer: the new arrays are added, empty for the old rows).
-SCHEMA_VERSION = 2
+#: quality, line spread, telluric columns, provenance and ``cal_smooth``; 3 the exposure's own
+#: response (``own_*``), telluric column errors, seeing, the survey model's identity and grey
+#: factor, the level's variance, and the spectrophotometric check (``sphot_*``). Older
+#: archives are migrated by the
+#: writer: the new arrays are added, empty for the old rows (whose ``cal_smooth`` is their own
+#: response when FCALSRC is 'standards').
+SCHEMA_VERSION = 3
 
 
 #: Units of the per-exposure coordinates (the others are labels or counts).
 _ROW_UNITS = {"mjd": "d", "airmass": "1", "exptime": "s", "fcalrms": "1",
               "dispersion": "Angstrom", "fcalmerr": "1", "fcallsf": "1",
-              "fcalo2": "airmass", "fcalh2o": "airmass x reference water column"}
+              "fcalo2": "airmass", "fcalh2o": "airmass x reference water column",
+              "fcalo2_err": "airmass", "fcalh2o_err": "airmass x reference water column",
+              "seeing": "arcsec", "model_grey": "ln(counts/s/A per flux unit)",
+              "sphot_g": "mag", "sphot_r": "mag", "sphot_i": "mag", "sphot_scatter": "mag",
+              "level_variance": "1"}
 #: What ``throughput`` is in: counts per second per Angstrom per unit of flux density.
 THROUGHPUT_UNIT = f"count/(s Angstrom) / ({FLUX_UNIT})"
 _HOW_TO_READ = (
@@ -129,7 +146,7 @@ def night_of(mjd, utc_offset=9.0):
 
 
 def archive_record(calibrated, stars, calibration, *, source="", input_hash="", utc_offset=9.0,
-                   provenance=None):
+                   provenance=None, own=None):
     """One archive row (plain numpy) from a calibrated exposure and its standards.
 
     Parameters
@@ -139,7 +156,8 @@ def archive_record(calibrated, stars, calibration, *, source="", input_hash="", 
     stars : xarray.Dataset or None
         From :func:`kspec_fluxcal.fit_standards` (None for an archive-based calibration).
     calibration : xarray.Dataset or None
-        From :func:`kspec_fluxcal.combine_vectors` (which stars were used).
+        From :func:`kspec_fluxcal.combine_vectors` (which stars were used; its smooth response
+        is the exposure's own when FCALSRC is 'standards').
     source, input_hash : str
         The RED file and the hash of everything the calibration depended on.
     utc_offset : float
@@ -147,23 +165,53 @@ def archive_record(calibrated, stars, calibration, *, source="", input_hash="", 
     provenance : dict, optional
         ``grid_id`` (the template grid's build) and ``config_hash``, so that two runs of a
         survey can be compared row by row; the package version is always recorded.
+    own : dict, optional
+        What a recalibration keeps of the exposure's own standards (:func:`read_rows`):
+        ``own_smooth``, ``own_smooth_variance`` (archive grid) and ``star`` (the per-star
+        fields); default: taken from ``calibration`` and ``stars``.
     """
     wave = calibrated["wavelength"].values
     grid = archive_grid()
     width = np.gradient(wave)
     inside = (grid >= wave[0]) & (grid <= wave[-1])
-    per_aa = calibrated["cal"].values * width
-    cal = np.where(inside, np.interp(grid, wave, per_aa), np.nan)
-    var = np.where(inside, np.interp(grid, wave, calibrated["cal_variance"].values * width**2),
-                   np.nan)
-    mask_src = calibrated["cal_mask"].values.astype(float)
-    mask = inside & (np.interp(grid, wave, mask_src) > 0.999)
-    smooth = np.full(grid.size, np.nan)
+
+    def on_grid(values):  # per pixel -> per Angstrom on the archive grid
+        return np.where(inside, np.interp(grid, wave, values), np.nan).astype(np.float32)
+
+    mask = inside & (np.interp(grid, wave, calibrated["cal_mask"].values.astype(float)) > 0.999)
+    record = {"cal": on_grid(calibrated["cal"].values * width),
+              "cal_variance": on_grid(calibrated["cal_variance"].values * width**2),
+              "cal_mask": mask, "cal_smooth": np.full(grid.size, np.nan, np.float32)}
     if "cal_smooth" in calibrated:
-        smooth = np.where(inside, np.interp(grid, wave, calibrated["cal_smooth"].values * width),
-                          np.nan)
+        record["cal_smooth"] = on_grid(calibrated["cal_smooth"].values * width)
     attrs = calibrated.attrs
-    row = {
+    record["row"] = _row_fields(attrs, wave, utc_offset, source, input_hash, provenance)
+    if calibration is not None:  # the grey level's fractional variance
+        record["row"]["level_variance"] = float(calibration.attrs.get("level_variance", np.nan))
+    if own is not None:
+        record.update(own_smooth=own["own_smooth"], own_smooth_variance=own[
+            "own_smooth_variance"], star=own["star"])
+        return record
+    record["star"] = _star_fields(stars, calibration)
+    record["own_smooth"] = np.full(grid.size, np.nan, np.float32)
+    record["own_smooth_variance"] = np.full(grid.size, np.nan, np.float32)
+    if calibration is not None and record["row"]["fcalsrc"] == "standards" and \
+            "cal_smooth" in calibration:
+        smooth = calibration["cal_smooth"].values
+        # The shape's variance: the grey level's share is the same fraction everywhere.
+        shape = (calibration["cal_smooth_variance"].values
+                 - calibration.attrs.get("level_variance", 0.0) * smooth**2)
+        record["own_smooth"] = on_grid(smooth * width)
+        record["own_smooth_variance"] = on_grid(np.maximum(shape, 0.0) * width**2)
+    return record
+
+
+def _row_fields(attrs, wave, utc_offset, source, input_hash, provenance):
+    """The per-exposure fields of an archive row from a calibrated exposure's attrs."""
+    floats = ("fcalmerr", "fcallsf", "fcalo2", "fcalh2o", "fcalo2_err", "fcalh2o_err",
+              "seeing", "model_grey", "sphot_g", "sphot_r", "sphot_i", "sphot_scatter",
+              "level_variance")
+    return {
         "expid": str(attrs.get("expid", "")), "mjd": float(attrs.get("mjd", np.nan)),
         "night": night_of(attrs.get("mjd", 0.0), utc_offset),
         "airmass": float(attrs.get("airmass", np.nan)),
@@ -171,12 +219,17 @@ def archive_record(calibrated, stars, calibration, *, source="", input_hash="", 
         "n_stars_used": int(attrs.get("fcalnstr", 0)),
         "fcalrms": float(attrs.get("fcalrms", np.nan)),
         "fcalsrc": str(attrs.get("fcalsrc", "standards")), "source": str(source),
-        "input_hash": str(input_hash), "dispersion": float(np.median(width)),
+        "input_hash": str(input_hash), "dispersion": float(np.median(np.gradient(wave))),
         "calibrated_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "fcalqual": str(attrs.get("fcalqual") or ""), "version": __version__,
-        **{k: float(attrs.get(k, np.nan)) for k in ("fcalmerr", "fcallsf", "fcalo2", "fcalh2o")},
+        **{k: float(np.nan if attrs.get(k) is None else attrs[k]) for k in floats},
+        "model_id": str(attrs.get("model_id", "")), "sphot_n": int(attrs.get("sphot_n", 0)),
         **{k: str((provenance or {}).get(k, "")) for k in ("grid_id", "config_hash")},
     }
+
+
+def _star_fields(stars, calibration):
+    """The per-star fields of an archive row (:data:`MAX_STARS` slots)."""
     star = {name: np.full(MAX_STARS, fill, dtype=object if dtype is str else dtype)
             for name, (dtype, fill) in _STAR_FIELDS.items()}
     if stars is not None and stars.sizes.get("star", 0):
@@ -188,9 +241,73 @@ def archive_record(calibrated, stars, calibration, *, source="", input_hash="", 
                           ("star_ebv", "ebv"), ("star_snr", "snr")):
             star[name][:n] = stars[src].values[:n]
         star["star_status"][:n] = [str(s) for s in status[:n]]
-    return {"row": row, "star": star, "cal": cal.astype(np.float32),
-            "cal_variance": var.astype(np.float32), "cal_mask": mask,
-            "cal_smooth": smooth.astype(np.float32)}
+    return star
+
+
+def read_rows(path, rows, names):
+    """Arrays of the archive at ``rows`` (store rows, e.g. from ``index``), read directly from
+    the Zarr store: what a task on a worker needs of a few exposures.
+
+    Parameters
+    ----------
+    path : path-like
+        The archive.
+    rows : sequence of int
+        Store rows (committed rows are never rewritten: safe to read while a writer appends).
+    names : sequence of str
+        Arrays to read (per-exposure fields, spectra or star fields).
+
+    Returns
+    -------
+    dict of str to numpy.ndarray
+        Each with the rows first, in the order given; text as ``str``.
+    """
+    import zarr
+
+    group = zarr.open_group(path, mode="r")
+    rows = np.asarray(rows, dtype=np.int64)
+    order = np.argsort(rows)
+    back = np.argsort(order)
+    out = {}
+    for name in names:
+        array = group[name]
+        sel = (rows[order],) + (slice(None),) * (array.ndim - 1)
+        data = np.asarray(array.get_orthogonal_selection(sel))[back]
+        if data.dtype.kind in "TO":
+            data = np.array(data.tolist(), dtype=str).reshape(data.shape)
+        out[name] = data
+    return out
+
+
+def read_own(path, rows):
+    """The exposures' own-standards data at store ``rows``: the ``own`` argument of
+    :func:`archive_record` for each (rows written before schema 3 with FCALSRC 'standards'
+    give their ``cal_smooth``, without a shape variance).
+
+    Returns
+    -------
+    list of dict
+        ``own_smooth``, ``own_smooth_variance`` (float32, archive grid) and ``star`` (the
+        per-star fields), one per row; ``band_ratio`` (the telluric bands' transmission,
+        cal_smooth / cal) for rows without fitted telluric columns.
+    """
+    data = read_rows(path, rows, ["own_smooth", "own_smooth_variance", "cal_smooth", "cal",
+                                  "fcalsrc", "fcalo2", "fcalh2o", *_STAR_FIELDS])
+    out = []
+    for k in range(len(rows)):  # a handful of rows per task
+        smooth = data["own_smooth"][k]
+        if not np.isfinite(smooth).any() and data["fcalsrc"][k] == "standards":
+            smooth = data["cal_smooth"][k]
+        entry = {"own_smooth": smooth.astype(np.float32),
+                 "own_smooth_variance": data["own_smooth_variance"][k].astype(np.float32),
+                 "star": {name: data[name][k].astype(object if dtype is str else dtype)
+                          for name, (dtype, _) in _STAR_FIELDS.items()}}
+        if not np.isfinite([data["fcalo2"][k], data["fcalh2o"][k]]).any():
+            # No telluric fit: the bands' absorption is the calibration's own.
+            with np.errstate(invalid="ignore", divide="ignore"):
+                entry["band_ratio"] = data["cal_smooth"][k] / data["cal"][k]
+        out.append(entry)
+    return out
 
 
 _WHAT_IS_EXPECTED = "expected the archive.zarr a survey job writes in its --out directory"
@@ -411,157 +528,5 @@ def open_archive(path):
     return ds.set_xindex("expid")
 
 
-def plot_archive(archive, out_dir, bands=((4000, 5000), (5000, 6000), (6000, 7000), (7000, 8000))):
-    """Throughput versus time and a wavelength x time image of an archive, as PNG files.
-
-    Parameters
-    ----------
-    archive : xarray.Dataset
-        From :func:`open_archive`.
-    out_dir : path-like
-        Where the PNGs go.
-    bands : sequence of (lo, hi)
-        Wavelength windows (Angstrom) for the throughput curves.
-
-    Returns
-    -------
-    list of pathlib.Path
-        ``throughput_vs_time.png`` and ``throughput_image.png`` (see :func:`archive_figures`).
-    """
-    from ._atomic import atomic_file
-
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, fig in archive_figures(archive, bands).items():
-        path = out_dir / f"{name}.png"
-        with atomic_file(path, overwrite=True) as tmp:
-            fig.savefig(tmp, format="png")
-        written.append(path)
-    return written
-
-
-#: Largest MJD step within one run of exposures: a larger one (a day) breaks the curves.
-_SAME_RUN_DAYS = 0.5
-#: Exposures labelled one by one on the image's axis, up to this many; nights beyond.
-_LABEL_EACH = 40
-
-
-def archive_figures(archive, bands=((4000, 5000), (5000, 6000), (6000, 7000), (7000, 8000))):
-    """The archive's plots as matplotlib figures (Agg canvas, no pyplot).
-
-    Parameters
-    ----------
-    archive : xarray.Dataset
-        From :func:`open_archive`.
-    bands : sequence of (lo, hi)
-        Wavelength windows (Angstrom) for the throughput curves.
-
-    Returns
-    -------
-    dict of str to matplotlib.figure.Figure
-        ``throughput_vs_time``: mean throughput in ``bands`` against UT date, curves broken
-        between nights; ``throughput_image``: throughput relative to the survey median,
-        wavelength x exposure (time order, labelled by EXPID or night), colour scale centred
-        on 1, grey where there is no measurement.
-    """
-    ds = archive.where(archive["cal_mask"]).isel(exposure=np.argsort(archive["mjd"].values))
-    measured = throughput(ds)
-    return {"throughput_vs_time": _throughput_figure(ds, measured, bands),
-            "throughput_image": _throughput_image(ds, measured)}
-
-
-def _figure(height):
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(10, height), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig, fig.add_subplot()
-
-
-def _dates(mjd):
-    """UT datetimes of MJDs (matplotlib dates read them without an offset)."""
-    epoch = np.datetime64("1858-11-17T00:00:00")
-    return epoch + np.round(np.asarray(mjd, dtype=float) * 86400e3).astype("timedelta64[ms]")
-
-
-def _broken(x, y, gaps):
-    """x and y with a NaN inserted after each index in ``gaps``: a line breaks there."""
-    return np.insert(x, gaps + 1, x[gaps]), np.insert(y.astype(float), gaps + 1, np.nan)
-
-
-def _throughput_figure(ds, measured, bands):
-    import matplotlib.dates as mdates
-
-    fig, ax = _figure(5)
-    mjd = ds["mjd"].values
-    when = _dates(mjd)
-    gaps = np.flatnonzero(np.diff(mjd) > _SAME_RUN_DAYS)
-    for lo, hi in bands:
-        t = measured.sel(wavelength=slice(lo, hi)).mean("wavelength").compute().values
-        ax.plot(*_broken(when, t, gaps), "o-", ms=4, label=f"{lo}-{hi} A")
-    locator = mdates.AutoDateLocator()
-    ax.xaxis.set_major_locator(locator)
-    ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
-    nights = ds["night"].values
-    for night in np.unique(nights):  # the observers' name of each group of points
-        at = when[nights == night]
-        ax.annotate(f"night {night}", (at[0] + (at[-1] - at[0]) / 2, 1.0),
-                    xycoords=("data", "axes fraction"), xytext=(0, -3),
-                    textcoords="offset points", ha="center", va="top", fontsize="small")
-    ax.margins(y=0.12)  # room for the night names at the top
-    ax.set_xlabel("time (UT); curves break between nights")
-    ax.set_ylabel(f"throughput [counts/s/A per {FLUX_UNIT}]")
-    ax.set_title(f"Throughput vs time ({ds.sizes['exposure']} exposures, "
-                 f"{len(np.unique(ds['night'].values))} nights)")
-    ax.legend()
-    ax.grid(alpha=0.3)
-    return fig
-
-
-def _throughput_image(ds, measured):
-    import matplotlib as mpl
-    from matplotlib.patches import Patch
-
-    fig, ax = _figure(6)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns outside the range
-        rel = (measured / measured.median("exposure")).compute().values
-    finite = rel[np.isfinite(rel)]
-    lo, hi = np.percentile(finite, [2, 98]) if finite.size else (0.99, 1.01)
-    half = max(abs(lo - 1.0), abs(hi - 1.0), 0.01)  # identical exposures: +/-1 %, not noise
-    cmap = mpl.colormaps["RdBu_r"].with_extremes(bad="0.75")
-    wave = ds["wavelength"].values
-    rows = np.arange(rel.shape[0])
-    # pcolormesh, not imshow: the grid is uniform in ln(lambda), not in lambda.
-    image = ax.pcolormesh(wave, rows, rel, cmap=cmap, vmin=1.0 - half, vmax=1.0 + half,
-                          shading="nearest")
-    inside = np.isfinite(rel).any(axis=0)
-    if inside.any():
-        ax.set_xlim(wave[inside][[0, -1]])
-    _label_exposures(ax, ds, rows)
-    ax.set_xlabel("wavelength [Angstrom, air]")
-    ax.set_title("Throughput relative to the survey median")
-    fig.legend(handles=[Patch(color=cmap.get_bad(), label="no measurement: outside the "
-                              "exposure's range, or masked in its calibration (stellar line "
-                              "cores, bridged gaps)")],
-               loc="outside lower left", fontsize="small", frameon=False)
-    fig.colorbar(image, ax=ax, label="throughput / median")
-    return fig
-
-
-def _label_exposures(ax, ds, rows):
-    """One tick per exposure with its EXPID (few exposures) or one per night, and lines
-    between nights."""
-    nights = ds["night"].values
-    first = np.flatnonzero(np.r_[True, nights[1:] != nights[:-1]])
-    for row in first[1:]:
-        ax.axhline(row - 0.5, color="k", lw=0.6)
-    if rows.size <= _LABEL_EACH:
-        ax.set_yticks(rows, [f"{e} ({n})" for e, n in zip(ds["expid"].values, nights,
-                                                           strict=True)], fontsize="small")
-        ax.set_ylabel("exposure (night), in time order")
-    else:
-        ax.set_yticks(first, nights[first])
-        ax.set_ylabel("night (first exposure), exposures in time order")
+# The plots live in their own module; importable from here as before.
+from .archive_plots import archive_figures, plot_archive  # noqa: E402

@@ -186,6 +186,9 @@ def combine_vectors(stars, method=None, sigma_clip=None, smooth=None, *, config=
         attrs={"fcalnstr": int(idx.size), "fcalrms": fcalrms, "single_star": int(idx.size == 1),
                "fcalqual": fcalqual, "fcalmerr": fcalmerr,
                "fcallsf": float(stars.attrs.get("lsf_scale", np.nan)),
+               # The grey level's share of cal_smooth_variance, fractional: what is left is
+               # the shape's (the survey model's input).
+               "level_variance": float(level_var / level**2),
                **resp.telluric, "lsf_fwhm_coeffs": list(stars.attrs.get("lsf_fwhm_coeffs", [])),
                "method": method, "smooth": int(bool(smooth)), "history": []},
     )
@@ -539,9 +542,10 @@ def calibration_factor(calibration, fiber_wavelength, fiber_lsf_scale=None):
         for k in range(2):  # value and variance: one interpolation each over all pixels
             out[k][inside] = np.interp(x[inside], ref, values[k])
         if model:
-            lsf = LineSpread(tuple(attrs["lsf_fwhm_coeffs"]))
+            # Fibers sharing pixels and line spread are computed once (telluric._Model).
             trans, d_o2, d_h2o = transmission(
-                np.where(inside, wave, np.nan), lsf, *columns, scale=fiber_lsf_scale,
+                np.where(inside, wave, np.nan), LineSpread(tuple(attrs["lsf_fwhm_coeffs"])),
+                *columns, scale=fiber_lsf_scale,
                 source=attrs.get("telluric_lines", "telluric_lines"), derivatives=True)
             var_t = (d_o2 * errors[0]) ** 2 + (d_h2o * errors[1]) ** 2
             out[1] = out[1] / trans**2 + out[0] ** 2 * var_t / trans**4
@@ -604,7 +608,7 @@ def apply_calibration(exposure, calibration):
                       "fcalrms": calibration.attrs.get("fcalrms", np.nan),
                       "fcalsrc": calibration.attrs.get("fcalsrc", "standards")})
     for name in ("fcalqual", "fcalmerr", "fcallsf", "fcalo2", "fcalo2_err", "fcalh2o",
-                 "fcalh2o_err"):
+                 "fcalh2o_err", "model_id", "model_grey"):
         if name in calibration.attrs:
             out.attrs[name] = calibration.attrs[name]
     add_history(out, f"flux calibrated all {exposure.sizes['fiber']} fibers on their own "

@@ -23,7 +23,7 @@ from .constants import (
 )
 from .errors import CatalogError, FluxCalWarning
 
-__all__ = ["read_catalog", "match_standards", "query_photometry"]
+__all__ = ["read_catalog", "match_standards", "catalog_lookup", "query_photometry"]
 
 _REQUIRED = ("objid", "RA", "Dec")
 _OPTIONAL = {"Teff": "teff_catalog", "AGaia": "a_gaia", "Ag": "a_g", "plx": "parallax",
@@ -236,40 +236,13 @@ def match_standards(exposure, catalog, *, radius_arcsec=POSITION_MATCH_ARCSEC):
         when unmatched); and the catalog photometry ``mag``, ``mag_err`` (star, band), NaN
         when unmatched.
     """
-    from astropy import units as u
-    from astropy.coordinates import SkyCoord
-
     std = exposure.coords["fiber_type"].values == STANDARD_TYPE
     fibers = exposure["fiber"].values[std]
     fib_objid = exposure["objid"].values[std]
     fib_ra = exposure["ra"].values[std]
     fib_dec = exposure["dec"].values[std]
     cat_objid = catalog["objid"].values
-    order = np.argsort(cat_objid)
-    index = np.full(fibers.size, -1)
-    how = np.full(fibers.size, "none", dtype="<U8")
-    sep = np.full(fibers.size, np.nan)
-    by_id = fib_objid != -1
-    if cat_objid.size:  # OBJID lookup for all fibers at once (catalog objids are unique)
-        pos = np.clip(np.searchsorted(cat_objid[order], fib_objid), 0, cat_objid.size - 1)
-        found = by_id & (cat_objid[order][pos] == fib_objid)
-        index[found] = order[pos[found]]
-    how[by_id & (index >= 0)] = "objid"
-    by_pos = ~by_id & np.isfinite(fib_ra) & np.isfinite(fib_dec)
-    # Catalog stars without a position can still be matched by objid, never by position.
-    placed = np.flatnonzero(np.isfinite(catalog["ra"].values) & np.isfinite(catalog["dec"].values))
-    if by_pos.any() and placed.size:
-        fib_c = SkyCoord(fib_ra[by_pos] * u.deg, fib_dec[by_pos] * u.deg)
-        cat_c = SkyCoord(catalog["ra"].values[placed] * u.deg,
-                         catalog["dec"].values[placed] * u.deg)
-        idx, d2d, _ = fib_c.match_to_catalog_sky(cat_c)
-        idx = placed[idx]
-        close = d2d.to_value(u.arcsec) <= radius_arcsec
-        pos = np.flatnonzero(by_pos)
-        index[pos[close]] = idx[close]
-        how[pos[close]] = "position"
-        sep[pos] = d2d.to_value(u.arcsec)
-    sep[how == "objid"] = 0.0
+    index, how, sep = catalog_lookup(catalog, fib_objid, fib_ra, fib_dec, radius_arcsec)
     keep = _one_fiber_per_star(exposure, fibers, index, how, cat_objid)
     fibers, fib_objid, fib_ra, fib_dec = (a[keep] for a in (fibers, fib_objid, fib_ra, fib_dec))
     index, how, sep = index[keep], how[keep], sep[keep]
@@ -306,6 +279,59 @@ def match_standards(exposure, catalog, *, radius_arcsec=POSITION_MATCH_ARCSEC):
         sub = sub.assign_coords(source_id=("star", np.where(
             index >= 0, catalog["source_id"].values[take], -1).astype(np.int64)))
     return sub.drop_vars("star", errors="ignore")
+
+
+def catalog_lookup(catalog, objid, ra, dec, radius_arcsec=POSITION_MATCH_ARCSEC):
+    """Catalog rows of fibers: by OBJID, and by position (nearest within ``radius_arcsec``)
+    for fibers whose OBJID is -1.
+
+    Parameters
+    ----------
+    catalog : xarray.Dataset
+        From :func:`read_catalog`.
+    objid, ra, dec : numpy.ndarray
+        Per fiber: FIBRES OBJID, RA and Dec (deg).
+    radius_arcsec : float
+
+    Returns
+    -------
+    index : numpy.ndarray of int
+        Catalog row of each fiber, -1 when none.
+    how : numpy.ndarray of str
+        'objid', 'position' or 'none'.
+    separation : numpy.ndarray
+        arcsec (0 for OBJID matches, NaN where not tried).
+    """
+    from astropy import units as u
+    from astropy.coordinates import SkyCoord
+
+    cat_objid = catalog["objid"].values
+    order = np.argsort(cat_objid)
+    index = np.full(objid.size, -1)
+    how = np.full(objid.size, "none", dtype="<U8")
+    sep = np.full(objid.size, np.nan)
+    by_id = objid != -1
+    if cat_objid.size:  # OBJID lookup for all fibers at once (catalog objids are unique)
+        pos = np.clip(np.searchsorted(cat_objid[order], objid), 0, cat_objid.size - 1)
+        found = by_id & (cat_objid[order][pos] == objid)
+        index[found] = order[pos[found]]
+    how[by_id & (index >= 0)] = "objid"
+    by_pos = ~by_id & np.isfinite(ra) & np.isfinite(dec)
+    # Catalog stars without a position can still be matched by objid, never by position.
+    placed = np.flatnonzero(np.isfinite(catalog["ra"].values) & np.isfinite(catalog["dec"].values))
+    if by_pos.any() and placed.size:
+        fib_c = SkyCoord(ra[by_pos] * u.deg, dec[by_pos] * u.deg)
+        cat_c = SkyCoord(catalog["ra"].values[placed] * u.deg,
+                         catalog["dec"].values[placed] * u.deg)
+        idx, d2d, _ = fib_c.match_to_catalog_sky(cat_c)
+        idx = placed[idx]
+        close = d2d.to_value(u.arcsec) <= radius_arcsec
+        pos = np.flatnonzero(by_pos)
+        index[pos[close]] = idx[close]
+        how[pos[close]] = "position"
+        sep[pos] = d2d.to_value(u.arcsec)
+    sep[how == "objid"] = 0.0
+    return index, how, sep
 
 
 def _median_snr(exposure, fibers):

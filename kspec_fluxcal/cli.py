@@ -217,8 +217,17 @@ def _cmd_survey(args):
 
 def _cmd_archive_plot(args):
     from .archive import open_archive, plot_archive
+    from .model_store import MODEL_STORE, model_setups, open_model
 
-    written = plot_archive(open_archive(args.archive), args.out)
+    store = Path(args.model) if args.model else Path(args.archive).parent / MODEL_STORE
+    models = [None]
+    if args.model or (store / "zarr.json").exists():
+        setups = [args.setup] if args.setup else model_setups(store)
+        models = [open_model(store, s) for s in setups] or [None]
+    written = []
+    for k, model in enumerate(models):  # one setup's model per directory when several
+        out = Path(args.out) / models[k].attrs["setup"] if len(models) > 1 else args.out
+        written += plot_archive(open_archive(args.archive), out, model=model)
     for path in written:
         print(f"wrote {path}")
     return 0
@@ -363,9 +372,14 @@ def build_parser():
     archive = sub.add_parser("archive", help="the calibration archive")
     asub = archive.add_subparsers(dest="archive_command", metavar="ACTION")
     asub.required = True
-    p = asub.add_parser("plot", help="throughput vs time and a wavelength x time image")
+    p = asub.add_parser("plot", help="throughput vs time and a wavelength x time image; with "
+                        "the survey model, extinction per night and outlier exposures")
     p.add_argument("archive", help="archive.zarr written by the survey job")
     p.add_argument("--out", required=True, help="directory for the PNG files")
+    p.add_argument("--model", help="survey model store (default: model.zarr beside the "
+                   "archive, when present)")
+    p.add_argument("--setup", help="the model's setup, when the store holds several (default: "
+                   "each, in a subdirectory of --out)")
     p.set_defaults(func=_cmd_archive_plot)
 
     p = sub.add_parser("info", help="summarise RED files and calibrated products (checks them "

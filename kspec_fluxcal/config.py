@@ -199,13 +199,64 @@ SCHEMA = {
     },
     "survey": {
         "pattern": Option("**/*.fits", "Glob of RED files under the lake directory."),
-        "fallback": Option(False, "Calibrate exposures without a usable standard from the "
-                           "archive (nearest exposures of the same setup); FCALSRC='archive'."),
+        "fallback": Option(False, "Calibrate exposures without a usable standard that the "
+                           "survey model cannot serve from the archive (nearest exposures of "
+                           "the same setup, airmass not corrected); FCALSRC='archive'."),
         "fallback_window": Option(3.0, "Time window for the archive fallback, days.", min=0.0),
         "utc_offset": Option(9.0, "Site clock in hours from UT (Korea: 9), to name observing "
                              "nights in the archive (local date of the evening).",
                              min=-12.0, max=14.0),
     },
+}
+
+
+#: The chromatic terms the survey model can carry (kspec_fluxcal.survey_model.TERMS).
+_MODEL_TERMS = ("seeing", "refraction")
+
+SCHEMA["model"] = {
+    "enabled": Option(True, "Survey job: fit the survey-wide calibration model (throughput and "
+                      "extinction per night, a grey factor per exposure, chromatic seeing "
+                      "and refraction terms) from the exposures calibrated with their own "
+                      "standards, then recalibrate with it: FCALSRC 'standards+model', or "
+                      "'model' for exposures without usable standards (see the README). "
+                      "False: every exposure alone."),
+    "recalibrate": Option(True, "Combine each exposure's own standards with the model as a "
+                          "prior, weighted by their uncertainties; false: the model only "
+                          "calibrates exposures without usable standards."),
+    "min_exposures": Option(8, "A setup's model needs this many exposures calibrated with "
+                            "their own standards (fewer: no model for that setup).", min=2),
+    "throughput_knots": Option(100.0, "Knot spacing of the throughput curves, Angstrom.",
+                               min=20.0),
+    "extinction_knots": Option(500.0, "Knot spacing of the extinction curves, Angstrom.",
+                               min=50.0),
+    "chromatic_knots": Option(1000.0, "Knot spacing of the chromatic terms, Angstrom.",
+                              min=100.0),
+    "terms": Option(list(_MODEL_TERMS), "Chromatic terms: seeing (header SEEING, arcsec "
+                    "FWHM; an exposure without it takes the reference 1.5) and refraction "
+                    "(tan^2 z = airmass^2 - 1).", choices=_MODEL_TERMS),
+    "throughput_sigma": Option(0.05, "Prior width of a night's throughput deviation from the "
+                               "survey mean (ln).", min=0.001),
+    "extinction_sigma": Option(0.05, "Prior width of a night's extinction deviation from the "
+                               "survey mean, mag/airmass.", min=0.001),
+    "grey_slope_sigma": Option(0.05, "Prior width of a night's grey extinction (slope of the "
+                               "grey factors against airmass) about the survey's, "
+                               "mag/airmass.", min=0.001),
+    "star_shape_error": Option(0.01, "Starting shape error of one standard's calibration "
+                               "(template mismatch), fractional; re-estimated from the "
+                               "residuals.", min=0.0),
+    "exposure_scatter": Option(0.005, "Starting scatter of the exposures' shapes about the "
+                               "model, fractional; re-estimated from the residuals.", min=0.0),
+    "huber": Option(2.0, "Exposures whose shape residual exceeds this many times the "
+                    "expected count less (Huber weights); beyond 1.5 times it they are "
+                    "outliers: flagged and left out of the fit.", min=1.0),
+    "reweightings": Option(2, "Reweighting iterations of the fit (Huber weights and error "
+                           "model from the residuals).", min=0, max=10),
+    "batch": Option(64, "Exposures per statistics task (the leaves of the tree reduction).",
+                    min=1),
+    "photometric_scatter": Option(0.03, "A night whose grey factors scatter less than this "
+                                  "(fractional) about their line against airmass is "
+                                  "reported photometric (the standards' own aperture losses "
+                                  "scatter by 2-3 %).", min=0.0),
 }
 
 

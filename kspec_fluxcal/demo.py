@@ -37,6 +37,7 @@ def run_demo(out="store/demo", *, exposures=20, nights=4, workers=None, seed=1,
     from .archive import open_archive, plot_archive
     from .evaluate import compare_with_truth
     from .grid import build_grid
+    from .model_store import MODEL_STORE, model_setups, open_model
     from .pipeline import output_name
     from .qc import qc_directory, qc_from_file
     from .simulate import simulate_survey
@@ -78,7 +79,11 @@ def run_demo(out="store/demo", *, exposures=20, nights=4, workers=None, seed=1,
             entry["path"])
         written = qc_from_file(path, qc_dir)
         print(f"{entry['expid']}: {len(written)} QC files in {qc_dir}")
-    archive_plots = plot_archive(open_archive(calibrated / "archive.zarr"), qc_dir / "archive")
+    store = calibrated / MODEL_STORE
+    model = open_model(store) if len(model_setups(store) if store.exists() else []) == 1 \
+        else None
+    archive_plots = plot_archive(open_archive(calibrated / "archive.zarr"), qc_dir / "archive",
+                                 model=model)
     print(f"archive plots: {', '.join(str(p) for p in archive_plots)}")
 
     _step("5/5 accuracy against the truth")

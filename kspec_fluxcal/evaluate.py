@@ -24,6 +24,12 @@ Metrics, per exposure
     which includes each fiber's own aperture loss.
 ``level_cal``
     the calibration's level error alone: Cal x <aperture of the used standards> / Cal_true - 1.
+    Calibration metrics refer to the aperture of the standards used: their mean; with the
+    simulator's chromatic losses, their mean level (truth ``aperture_chromatic``) times the
+    shape of a typical point source's aperture (truth ``aperture_expected``): a calibration
+    should give science targets their flux, and their fibers do not share the standards'
+    own chromatic losses. Without standards (FCALNSTR = 0: the survey model), the expected
+    aperture of a point source (what a calibration from many standards refers to).
 ``telluric``
     rms of the smoothed ratio inside telluric bands, relative to outside.
 ``telluric_science``
@@ -139,7 +145,7 @@ def _noiseless(calibrated, truth, science, wave, use, window, visible, wave_rang
     if "cal_factor" not in calibrated or "response_fiber" not in truth:
         return {"shape_noiseless": nan, "telluric_noiseless": nan}
     factor = calibrated["cal_factor"].transpose("fiber", "wavelength").values[science]
-    aperture = np.asarray(truth["aperture"], dtype=float)[science, None]
+    aperture = _fiber_apertures(truth)[science]
     ratio = factor * np.asarray(truth["response_fiber"], dtype=float)[science] * aperture
     shape = _shape_rms(ratio, wave, np.broadcast_to(use, ratio.shape), window)[0]
     tell = nan.copy()
@@ -221,10 +227,30 @@ def with_true_calibration(calibrated, truth):
     counts = calibrated["flux"] / calibrated["cal_factor"]
     counts_var = calibrated["variance"] / calibrated["cal_factor"] ** 2
     factor = calibrated["cal_factor"].copy(data=1.0 / (np.asarray(truth["response_fiber"], float)
-                                                      * np.asarray(truth["aperture"],
-                                                                   float)[:, None]))
+                                                      * _fiber_apertures(truth)))
     return calibrated.assign(flux=counts * factor, variance=counts_var * factor**2,
                              cal_factor=factor)
+
+
+def _fiber_apertures(truth):
+    """Each fiber's point-source aperture: (fiber, wavelength) with the simulator's chromatic
+    losses (on the common grid: smooth, so also on each fiber's own pixels), else (fiber, 1)."""
+    if "aperture_chromatic" in truth:
+        return np.asarray(truth["aperture_chromatic"], dtype=float)
+    return np.asarray(truth["aperture"], dtype=float)[:, None]
+
+
+def _reference_aperture(truth, used_fibers):
+    """The aperture a calibration's level and shape refer to (module docstring)."""
+    if used_fibers.size:
+        if "aperture_chromatic" in truth:
+            own = np.asarray(truth["aperture_chromatic"], float)[used_fibers]
+            expected = np.asarray(truth["aperture_expected"], float)
+            return float(np.mean(np.median(own, axis=1))) * expected / np.median(expected)
+        return float(np.mean(np.asarray(truth["aperture"], float)[used_fibers]))
+    if "aperture_expected" in truth:
+        return np.asarray(truth["aperture_expected"], dtype=float)
+    return np.nan
 
 
 def compare_with_truth(calibrated, truth, *, window=100.0, wave_range=(4000.0, 8400.0),
@@ -266,13 +292,13 @@ def compare_with_truth(calibrated, truth, *, window=100.0, wave_range=(4000.0, 8
     clear = region_mask(wave, telluric)
     use = inside & clear
     kinds = np.asarray(truth["fiber_kind"]).astype(str)
-    aperture = np.asarray(truth["aperture"], dtype=float)
     used_fibers = np.flatnonzero(kinds == "standard")
     if stars is not None and "used" in stars:
         used_fibers = np.asarray(stars["fiber"].values)[np.asarray(stars["used"].values, bool)]
-    mean_aperture = float(np.mean(aperture[used_fibers])) if used_fibers.size else np.nan
-
-    cal_ratio = calibrated["cal"].values * mean_aperture * np.asarray(truth["response"], float)
+    if not int(calibrated.attrs.get("fcalnstr") or 0):
+        used_fibers = used_fibers[:0]  # calibrated without its standards (survey model)
+    reference = _reference_aperture(truth, used_fibers)
+    cal_ratio = calibrated["cal"].values * reference * np.asarray(truth["response"], float)
     cal_shape, _, cal_rel = _shape_rms(cal_ratio, wave, use, window)
     band = inside & ~clear
     tell = float(np.sqrt(np.nanmean(cal_rel[band] ** 2))) if band.any() else np.nan

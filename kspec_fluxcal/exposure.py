@@ -48,8 +48,9 @@ _FIBRES_COLUMNS = {"NAME": "fiber_name", "TYPE": "fiber_type", "RA": "ra", "DEC"
 _WCS_KEYS = ("CRVAL1", "CDELT1", "CD1_1", "CRPIX1", "CUNIT1", "CTYPE1")
 #: Primary-header keywords of calibrated products, by the attribute that carries them:
 #: (keyword, type, comment). FCALNSTR and FCALRMS are the contract's (with FLUXCAL and
-#: FCALVER); FCALSRC, FCALQUAL, FCALMERR and FCALLSF are ours, documented in the README.
-#: A float that is not available (NaN) is written as -1.
+#: FCALVER); the others are ours, documented in the README. A float that is not available
+#: (NaN) is written as -1; an attr that is None (a check that measured nothing: FCALSP*) is
+#: not written.
 CALIBRATION_KEYWORDS = {
     "fcalnstr": ("FCALNSTR", int, "standard stars used"),
     "fcalrms": ("FCALRMS", float, "fractional rms between standards (-1: n/a)"),
@@ -60,6 +61,12 @@ CALIBRATION_KEYWORDS = {
     "fcalunsl": ("FCALUNSL", int, "pixels without a wavelength solution (NaN)"),
     "fcalo2": ("FCALO2", float, "telluric O2 column, airmasses (fitted; -1: n/a)"),
     "fcalh2o": ("FCALH2O", float, "telluric H2O column, ref. columns (-1: n/a)"),
+    "model_id": ("FCALMOD", str, "survey model used (FCALSRC with 'model')"),
+    "sphot_g": ("FCALSPG", float, "median synthetic - catalog g, program stars"),
+    "sphot_r": ("FCALSPR", float, "median synthetic - catalog r, program stars"),
+    "sphot_i": ("FCALSPI", float, "median synthetic - catalog i, program stars"),
+    "sphot_scatter": ("FCALSPS", float, "robust scatter of synthetic - catalog, mag"),
+    "sphot_n": ("FCALSPN", int, "program stars in the spectrophotometric check"),
 }
 
 
@@ -171,6 +178,9 @@ def _header_value(header, keys, path, required, kind=float):
 EXPTIME_RANGE = (0.0, 1.0e5)
 #: Plausible airmasses: 1 at the zenith; > 10 is within a degree or two of the horizon.
 AIRMASS_RANGE = (1.0, 10.0)
+#: Plausible seeing (optional SEEING, FWHM in arcsec at the guider): beyond 20 arcsec no
+#: fiber spectrograph observes.
+SEEING_RANGE = (0.0, 20.0)
 #: Fewest pixels of a spectrum: fewer is a cut or transposed image, not a K-SPEC spectrum.
 MIN_PIXELS = 16
 
@@ -193,8 +203,11 @@ def _exposure_keywords(header, path):
     airmass = _header_value(header, ("AIRMASS",), path, False)
     if airmass is not None:
         _in_range(airmass, "AIRMASS", AIRMASS_RANGE, path)
+    seeing = _header_value(header, ("SEEING",), path, False)
+    if seeing is not None:
+        _in_range(seeing, "SEEING", SEEING_RANGE, path, " arcsec", open_low=True)
     return {"exptime": exptime, "mjd": _header_value(header, ("MJD-OBS", "UTMJD"), path, True),
-            "airmass": airmass}
+            "airmass": airmass, "seeing": seeing}
 
 
 def _check_width(path, nspec):
@@ -527,7 +540,8 @@ def open_exposure(path, *, chunks=None):
         converted; NaN where the file gives no wavelength, which makes the pixel bad) and
         ``wavelength`` (the reference grid: the median of the fibers' solutions, on which
         calibration vectors are given); per-fiber ``fiber_name``, ``fiber_type``, ``ra``,
-        ``dec`` (deg), ``objid``; attrs ``expid``, ``exptime``, ``mjd``, ``airmass``, the
+        ``dec`` (deg), ``objid``; attrs ``expid``, ``exptime``, ``mjd``, ``airmass``,
+        ``seeing`` (optional SEEING: arcsec FWHM; NaN when absent), the
         line-spread description (``lsf_fwhm_coeffs``), ``wavelength_layout`` ('shared',
         'per-fiber' or 'wcs'), ``unsolved`` ({fiber: pixels without a wavelength}) and
         ``history``. No pixel is resampled. A calibrated file (section 4) also gives
@@ -594,6 +608,7 @@ def open_exposure(path, *, chunks=None):
         "exptime": meta["exptime"],
         "mjd": meta["mjd"],
         "airmass": np.nan if meta["airmass"] is None else meta["airmass"],
+        "seeing": np.nan if meta["seeing"] is None else meta["seeing"],
         **lsf.to_attrs(),
         "wavelength_source": meta["wavelength_source"],
         "wavelength_layout": ("wcs" if meta["wavela"] is None else
@@ -897,9 +912,10 @@ def write_calibrated(ds, path, *, overwrite=False, stars=None):
         Output FITS file.
     overwrite : bool
         Replace an existing file (atomically); otherwise refuse.
-    stars : xarray.Dataset, optional
+    stars : xarray.Dataset or astropy.io.fits.BinTableHDU, optional
         Per-star results of :func:`kspec_fluxcal.fit_standards`, written as the extra binary
-        table FCALSTAR (one row per standard star) for quality control.
+        table FCALSTAR (one row per standard star) for quality control; or such a table
+        already made (kept from an earlier product of the same exposure).
 
     Raises
     ------
@@ -941,7 +957,7 @@ def write_calibrated(ds, path, *, overwrite=False, stars=None):
     if "cal_factor" in ds:
         hdus += _factor_hdus(ds)
     if stars is not None:
-        hdus.append(star_table(stars))
+        hdus.append(stars if isinstance(stars, fits.BinTableHDU) else star_table(stars))
     with atomic_file(path, overwrite=overwrite) as tmp:
         fits.HDUList(hdus).writeto(tmp, overwrite=True, output_verify="exception")
     return Path(path)

@@ -16,6 +16,7 @@ from .config import Config, load_config
 from .errors import ExposureError, FluxCalError, FluxCalWarning, OutputExistsError
 from .exposure import calibration_marks, open_exposure, write_calibrated
 from .grid import open_grid
+from .spectrophotometry import check_exposure
 from .standards import fit_standards
 from .xp import read_xp
 
@@ -102,7 +103,9 @@ def calibrate(exposure, catalog, grid, config=None, *, cache_dir=None, xp=None):
     -------
     CalibrationResult
         Not written anywhere (``path`` is None). The package's warnings (skipped stars, a
-        single usable star...) are collected in ``warnings`` and the history.
+        single usable star...) are collected in ``warnings`` and the history. The
+        spectrophotometric check (:func:`kspec_fluxcal.spectrophotometry.check_exposure`,
+        which computes the program fibers' flux) is in ``calibrated``'s attrs.
     """
     config = Config() if config is None else config
     marks = calibration_marks(exposure)
@@ -116,6 +119,7 @@ def calibrate(exposure, catalog, grid, config=None, *, cache_dir=None, xp=None):
         stars = fit_standards(exposure, catalog, grid, config, cache_dir=cache_dir, xp=xp)
         calibration = combine_vectors(stars, config=config)
         calibrated = apply_calibration(exposure, calibration)
+        check_exposure(calibrated, catalog)
     notes = tuple(str(w.message) for w in caught if issubclass(w.category, FluxCalWarning))
     for w in caught:
         if not issubclass(w.category, FluxCalWarning):

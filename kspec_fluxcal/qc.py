@@ -1054,6 +1054,20 @@ def _plot_spectrum(qc):
 # ----------------------------------------------------------------------------- summary
 
 
+def _check_lines(attrs):
+    """The survey model used (FCALMOD) and the spectrophotometric check (FCALSP*)."""
+    lines = [f"survey model (FCALMOD): {attrs['model_id']}"] if attrs.get("model_id") else []
+    n = int(attrs.get("sphot_n") or 0)
+    if not n:
+        return [*lines, "spectrophotometric check: no program star with catalog photometry"]
+    bands = ", ".join(f"{b} {attrs[f'sphot_{b}']:+.3f}" for b in "gri"
+                      if attrs.get(f"sphot_{b}") is not None)
+    scatter = attrs.get("sphot_scatter")
+    return [*lines, f"spectrophotometric check (FCALSP*): {n} program star(s), median "
+            f"synthetic - catalog {bands} mag"
+            + (f", scatter {scatter:.3f} mag" if scatter is not None else "")]
+
+
 def _summary_text(qc, written, skipped):
     nstar = qc.status.size
     lines = [
@@ -1066,6 +1080,7 @@ def _summary_text(qc, written, skipped):
         "FCALRMS (fractional rms between the standards): "
         + (f"{qc.fcalrms:.5f} ({100 * qc.fcalrms:.2f}%)" if np.isfinite(qc.fcalrms)
            else "n/a" + (" (one star)" if qc.fcalnstr == 1 else "")),
+        *_check_lines(qc.exposure.attrs),
     ]
     measured = int(qc.cal_mask.sum())
     lines.append(f"calibration vector: {qc.wavelength.size} pixels, "

@@ -114,12 +114,27 @@ before any resampling by the reader), ``std_gmag`` (Gaia G, Vega, noiseless),
 ``std_source`` (the source's label, e.g. ``grid:synthetic``, ``model:B``, ``calspec``),
 ``std_name`` (CALSPEC name, else ''), ``std_mass`` (M_sun), ``std_radius`` (R_sun),
 ``std_plx`` (true parallax, mas); ``fiber_lsf_scale`` (fiber); scalars ``airmass, exptime,
-mjd, transparency, pwv, aerosol, night, expid, setup, setup_key, wavelength_format,
-wavelength_unit, medium, lsf_scale, pixel_integration, field_source, source_sharper``. Dead
-fibers have NaN ``true_flux``, ``true_flux_fiber`` and ``counts_noiseless``. With ``xp``:
-``xp_wavelength_nm`` (the sampling, vacuum) and per standard ``std_xp_flux``,
-``std_xp_flux_error`` (what the table holds), ``std_xp_systematic`` (the multiplicative
-systematic applied) and ``std_xp_true`` (noiseless, without the systematic), W m^-2 nm^-1.
+mjd, transparency, photometric, pwv, aerosol, night, expid, setup, setup_key,
+wavelength_format, wavelength_unit, medium, lsf_scale, pixel_integration, field_source,
+source_sharper``. Dead fibers have NaN ``true_flux``, ``true_flux_fiber`` and
+``counts_noiseless``. With ``xp``: ``xp_wavelength_nm`` (the sampling, vacuum) and per
+standard ``std_xp_flux``, ``std_xp_flux_error`` (what the table holds), ``std_xp_systematic``
+(the multiplicative systematic applied) and ``std_xp_true`` (noiseless, without the
+systematic), W m^-2 nm^-1. ``aperture_expected`` (wavelength): the aperture a calibration from
+many standards refers to (the mean grey loss; with chromatic losses, the point-source loss
+averaged over positioning offsets at the exposure's seeing and airmass). With
+``chromatic_losses``: ``aperture_chromatic`` (fiber, wavelength: each fiber's point-source
+aperture, ``aperture`` then being its median), ``seeing`` (arcsec FWHM at 5000 A, also in
+the header SEEING), ``fiber_offset`` (fiber, 2: positioning offsets, arcsec, x along the
+parallactic direction) and ``dar_residual`` (the fraction of the differential refraction
+left).
+
+Chromatic losses (``chromatic_losses``): a point source's image (Gaussian, FWHM the seeing
+x (lambda / 5000 A)^-1/5) sits at the fiber's positioning offset plus the differential
+refraction from 6000 A (Filippenko 1982), a quarter of it left by a dispersion corrector;
+the fiber (3 arcsec) collects the part inside it (:mod:`kspec_fluxcal.fiberloss`). The
+standards' calibration then carries their own chromatic losses, which differ from each
+science fiber's.
 """
 
 from __future__ import annotations
@@ -269,8 +284,22 @@ _C2_CM_K = 1.438776877
 _WATER_WIDTH = (0.85, 1.15)
 #: Precipitable-water factor (1 = the column of the line list's equivalent widths), per exposure.
 _PWV_RANGE = (0.4, 2.5)
-#: Grey transparency (thin cloud) per exposure.
+#: Grey transparency (thin cloud) per exposure; on a photometric night (``photometric_nights``)
+#: it varies by at most 2 % (the issue's definition of photometric).
 _TRANSPARENCY_RANGE = (0.8, 1.0)
+_PHOTOMETRIC_TRANSPARENCY = (0.98, 1.0)
+
+# ----------------------------------------------------------------------------- fiber losses
+#: Chromatic fiber losses (``chromatic_losses``; physics in :mod:`kspec_fluxcal.fiberloss`):
+#: the night's median seeing (FWHM at 5000 A at the zenith, arcsec), an exposure's scatter
+#: about it (factor) and its growth with airmass, X^0.6 (Roddier 1981); fiber positioning
+#: offsets, arcsec per axis (1 sigma); the fraction of the differential refraction left by an
+#: atmospheric dispersion corrector (nominal values, not K-SPEC's measured ones).
+_SEEING_NIGHT = (0.9, 1.6)
+_SEEING_EXPOSURE = (0.85, 1.15)
+_SEEING_AIRMASS_POWER = 0.6
+_FIBER_POSITION_SIGMA = 0.25
+_DAR_RESIDUAL = 0.25
 
 # ----------------------------------------------------------------------------- sky
 #: Dark-sky continuum, V mag/arcsec^2 (a dark site, e.g. Benn & Ellison 1998, La Palma 21.9),
@@ -887,7 +916,8 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
                       dead_fiber=False, snr_range=(30.0, 150.0), airmass=None, exptime=None,
                       mjd=61345.4583, night="20261101", expid="KS20261101_0001",
                       conditions=None, field=None, standard_source=None, lsf_scale=1.0,
-                      pixel_integration=False, fiber_lsf_scatter=0.0, xp=False):
+                      pixel_integration=False, fiber_lsf_scatter=0.0, xp=False,
+                      chromatic_losses=False):
     """Simulate one exposure: its RED file, its truth and its catalog rows.
 
     Parameters
@@ -925,8 +955,10 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
         Night (YYYYMMDD) and exposure id (EXPID).
     conditions : dict, optional
         Night-level conditions, drawn when absent: ``aerosol`` (mag/airmass at 1 um),
-        ``drift`` (grey, tilt throughput drift), ``moon`` (sky brightening factor);
-        exposure-level: ``pwv`` (water factor), ``transparency``.
+        ``drift`` (grey, tilt throughput drift), ``moon`` (sky brightening factor),
+        ``transparency_range`` (of the exposures' transparency; default 0.8-1.0),
+        ``seeing`` (the night's median, with ``chromatic_losses``); exposure-level: ``pwv``
+        (water factor), ``transparency``.
     field : (float, float), optional
         Field centre RA, Dec in degrees (default random).
     standard_source : star source or path-like, optional
@@ -946,6 +978,11 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
         ``xp_wavelength_nm``, ``std_xp_*``; :func:`xp_rows` makes the table's rows) and give
         every catalog row a ``source_id``. Drawn from their own random stream: everything
         else is the same with or without.
+    chromatic_losses : bool
+        Point sources lose light outside their fiber by seeing and differential refraction
+        (:mod:`kspec_fluxcal.fiberloss`): per fiber and wavelength, from the exposure's
+        seeing (header SEEING), airmass and each fiber's positioning offset; the grey draw
+        stays as the fiber's other losses. False: grey losses only.
 
     Returns
     -------
@@ -971,22 +1008,31 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
     cond["temperature"] = _draw(sky_rng, (conditions or {}).get("temperature"),
                                 _TELLURIC_TEMPERATURE)
     cond["water_width"] = _draw(sky_rng, (conditions or {}).get("water_width"), _WATER_WIDTH)
+    losses = _losses(rng.spawn(1)[0], cond, conditions, setup.fibers) if chromatic_losses \
+        else None
     pixels = _pixels(rng, setup, wavelength_format)
     optics = _true_lsfs(aux, setup, lsf_scale, pixel_integration, fiber_lsf_scatter)
     kinds = _plan_fibers(rng, setup.fibers, n_standards, dead_fiber)
     targets = _targets(rng, aux, stars, std_source, kinds, pixels, optics)
-    light = _light(rng, cond, pixels, optics)
+    light = _light(rng, cond, pixels, optics, losses)
     counts = _expose(rng, targets, light, kinds, snr_range, cond["transparency"])
     catalog, fibres = _catalog(rng, aux, stars, targets, kinds, position_only, cond["field"])
     if fiber_lsf_scatter > 0:
         fibres["LSF_SCALE"] = optics.fiber_scale
+    if losses is not None:
+        cond["seeing"] = losses.seeing
     hdulist = _red_file(counts, fibres, pixels, cond, wavelength_format, unit_factor,
                         wavelength_unit, medium, mjd, night, expid)
     truth = {
         "wavelength": pixels.base, "true_flux": targets.true_flux,
         "response": counts.response, "telluric": light.telluric,
         "atmosphere": light.atmosphere, "throughput": _throughput(pixels.base, cond["drift"]),
-        "aperture": light.aperture, "counts_noiseless": counts.noiseless,
+        "aperture": light.aperture, "aperture_expected": light.expected,
+        **({} if losses is None else {"aperture_chromatic": light.apertures[1],
+                                      "seeing": np.float64(losses.seeing),
+                                      "fiber_offset": losses.offsets,
+                                      "dar_residual": np.float64(_DAR_RESIDUAL)}),
+        "counts_noiseless": counts.noiseless,
         "sky_counts": light.sky_counts, "fiber_kind": kinds.astype("<U8"),
         "redshift": targets.redshift, "fiber_wavelength": pixels.rows,
         "true_flux_fiber": targets.true_rows, "response_fiber": counts.response_fiber,
@@ -995,6 +1041,7 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
         **{k: np.float64(cond[k]) for k in ("airmass", "exptime", "pwv", "aerosol",
                                             "temperature", "water_width")},
         "transparency": np.float64(counts.transparency),
+        "photometric": np.bool_((conditions or {}).get("photometric", False)),
         "mjd": np.float64(mjd), "night": np.str_(night), "expid": np.str_(expid),
         "setup": np.str_(setup.name), "setup_key": np.str_(setup_key(pixels.base, setup.lsf)),
         "wavelength_format": np.str_(wavelength_format),
@@ -1052,7 +1099,8 @@ def _conditions(rng, conditions, airmass, exptime, field):
     out = {"aerosol": aerosol, "drift": drift,
            "moon": _draw(rng, cond.get("moon"), _MOON_RANGE),
            "pwv": _draw(rng, cond.get("pwv"), _PWV_RANGE),
-           "transparency": _draw(rng, cond.get("transparency"), _TRANSPARENCY_RANGE)}
+           "transparency": _draw(rng, cond.get("transparency"),
+                                 cond.get("transparency_range", _TRANSPARENCY_RANGE))}
     out["airmass"] = round(_draw(rng, airmass, _AIRMASS_RANGE), 4)  # as written in the header
     out["exptime"] = float(np.round(_draw(rng, exptime, _EXPTIME_RANGE)))
     if field is None:
@@ -1245,7 +1293,7 @@ def _targets(rng, aux, stars, std_source, kinds, pixels, optics):
     ebv = rng.uniform(*_EBV_RANGE, nstar)
     same = std_source is stars
     groups = [(stars, slice(0, nstar), params)] if same else \
-        [(std_source, slice(0, nstd), std), (stars, slice(nstd, nstar), sci)]
+        [(std_source, slice(0, nstd), std)] * bool(nstd) + [(stars, slice(nstd, nstar), sci)]
     observed, mags0 = [], np.zeros((nstar, len(BANDS)))
     for source, part, p in groups:
         obs, mags0[part] = _observed(source, p, rv[part], ebv[part])
@@ -1296,17 +1344,50 @@ class _Light(NamedTuple):
     atmosphere: np.ndarray
     telluric: np.ndarray
     rows: tuple  # (instrument, atmosphere, telluric) on each fiber's pixels (fiber, pixel)
-    aperture: np.ndarray
+    aperture: np.ndarray  # (fiber,) the grey draw (chromatic: its median over the pixels)
     sky_counts: np.ndarray
     residual: np.ndarray
     noise_var: np.ndarray
+    # Point-source apertures on each fiber's pixels and on the common grid: (fiber, 1) grey,
+    # or (fiber, pixel) with chromatic losses; and the expected one of a point source.
+    apertures: tuple
+    expected: np.ndarray
+
+
+class _Losses(NamedTuple):
+    seeing: float  # FWHM at 5000 A at the exposure's airmass, arcsec
+    offsets: np.ndarray  # (fiber, 2) positioning offsets, arcsec (x: parallactic)
+
+
+def _losses(rng, cond, conditions, nfib):
+    """The exposure's seeing and the fibers' positioning offsets (their own stream)."""
+    night = (conditions or {}).get("seeing")
+    median = float(rng.uniform(*_SEEING_NIGHT)) if night is None else float(night)
+    seeing = median * rng.uniform(*_SEEING_EXPOSURE) * cond["airmass"] ** _SEEING_AIRMASS_POWER
+    return _Losses(round(float(seeing), 3), rng.normal(0.0, _FIBER_POSITION_SIGMA, (nfib, 2)))
+
+
+def _apertures(grey, pixels, cond, losses):
+    """Point-source apertures (rows, common grid) and the expected one (module constants)."""
+    if losses is None:
+        return (grey[:, None], grey[:, None]), np.full(pixels.base.size, np.mean(
+            _APERTURE_RANGE))
+    from .fiberloss import expected_aperture, fiber_apertures
+
+    other = grey / _APERTURE_RANGE[1]  # the fiber's own losses; seeing is modelled now
+    rows, common = (other[:, None] * fiber_apertures(w, losses.seeing, cond["airmass"],
+                                                     losses.offsets, _DAR_RESIDUAL)
+                    for w in (pixels.rows, pixels.base))
+    expected = np.mean(other) * expected_aperture(pixels.base, losses.seeing, cond["airmass"],
+                                                  _FIBER_POSITION_SIGMA, _DAR_RESIDUAL)
+    return (rows, common), expected
 
 
 def _telluric_conditions(cond):
     return cond["airmass"], cond["pwv"], cond["temperature"], cond["water_width"]
 
 
-def _light(rng, cond, pixels, optics):
+def _light(rng, cond, pixels, optics, losses=None):
     """Response terms, apertures, sky and sky-subtraction residuals of every fiber."""
     nfib, npix = pixels.rows.shape
 
@@ -1338,7 +1419,11 @@ def _light(rng, cond, pixels, optics):
         lines = profiles * rows[0][f]
         sky_counts[f] = cont * rows[0][f] + lines.sum(axis=0)
         residual[f] = coef_scale[f] @ lines + coef_shift[f] @ (lines * offsets)
-    return _Light(*common, rows, aperture, sky_counts, residual, sky_counts + _READ_NOISE**2)
+    apertures, expected = _apertures(aperture, pixels, cond, losses)
+    if losses is not None:
+        aperture = np.median(apertures[1], axis=1)
+    return _Light(*common, rows, aperture, sky_counts, residual, sky_counts + _READ_NOISE**2,
+                  apertures, expected)
 
 
 class _Counts(NamedTuple):
@@ -1360,7 +1445,7 @@ def _expose(rng, targets, light, kinds, snr_range, transparency):
     def response_rows(q):
         return inst_rows * q * atm_rows * tell_rows
 
-    unit = targets.true_rows[std] * response_rows(transparency)[std] * light.aperture[std, None]
+    unit = targets.true_rows[std] * response_rows(transparency)[std] * light.apertures[0][std]
     lo, hi = (float(v) for v in snr_range)
     g_std, transparency = _solve_magnitudes(rng, unit, light.noise_var[std], (lo, hi),
                                             transparency)
@@ -1370,7 +1455,7 @@ def _expose(rng, targets, light, kinds, snr_range, transparency):
     targets.true_flux[std] *= scale[:, None]
     targets.true_rows[std] *= scale[:, None]
     response = light.instrument * transparency * light.atmosphere * light.telluric
-    signal = targets.true_rows * response_rows(transparency) * light.aperture[:, None]
+    signal = targets.true_rows * response_rows(transparency) * light.apertures[0]
     nfib, npix = signal.shape
     counts = (rng.poisson(signal + light.sky_counts) - light.sky_counts
               + rng.normal(0.0, _READ_NOISE, (nfib, npix)) + light.residual)
@@ -1383,7 +1468,7 @@ def _expose(rng, targets, light, kinds, snr_range, transparency):
     dead = kinds == "dead"
     for array in (counts, variance, targets.true_flux, targets.true_rows):
         array[dead] = np.nan
-    noiseless = targets.true_flux * response[None, :] * light.aperture[:, None]
+    noiseless = targets.true_flux * response[None, :] * light.apertures[1]
     with np.errstate(invalid="ignore"):
         std_snr = np.nanmedian(signal[std] / np.sqrt(variance[std]), axis=1)
     return _Counts(counts, variance, noiseless, response, transparency, std_snr,
@@ -1530,6 +1615,8 @@ def _red_file(counts, fibres, pixels, cond, wavelength_format, unit_factor, wave
     header["MJD-OBS"] = (float(mjd), "MJD at exposure start")
     header["EXPID"] = (expid, "exposure id")
     header["AIRMASS"] = (cond["airmass"], "airmass at mid-exposure")
+    if "seeing" in cond:
+        header["SEEING"] = (cond["seeing"], "seeing FWHM at 5000 A, arcsec")
     for k, c in enumerate(setup.lsf.coeffs):
         header[f"FWHMPC{k}"] = (c, "LSF FWHM polynomial, A")
     header["BUNIT"] = "counts"
@@ -1713,8 +1800,10 @@ def _mjd(date):
     return float((date - _MJD_EPOCH).days)
 
 
-def _plan(rng, exposures, nights, setups, n_standards=(1, 3)):
-    """Per-exposure plan: night, setup, variety, standards, OBJID -1 flags, dead fiber."""
+def _plan(rng, exposures, nights, setups, n_standards=(1, 3), no_standards=0.0):
+    """Per-exposure plan: night, setup, variety, standards, OBJID -1 flags, dead fiber; a
+    fraction ``no_standards`` of the exposures (drawn from a child stream: the others' draws
+    stay as they were) has none."""
     nights = max(1, min(nights, exposures))
     per_night = np.array_split(np.arange(exposures), nights)
     varieties = [_VARIETIES[k] for k in rng.permutation(3)]
@@ -1724,6 +1813,10 @@ def _plan(rng, exposures, nights, setups, n_standards=(1, 3)):
     n_std += list(rng.integers(lo, hi + 1, max(0, exposures - (hi - lo + 1))))
     n_std = n_std[:exposures]
     position_only = [rng.random(n) < _P_POSITION_ONLY for n in n_std]
+    if no_standards > 0:
+        none = rng.spawn(1)[0].random(exposures) < no_standards
+        n_std = [0 if z else n for n, z in zip(n_std, none, strict=True)]
+        position_only = [p[:n] for p, n in zip(position_only, n_std, strict=True)]
     with_std = [k for k, n in enumerate(n_std) if n > 0]
     if with_std and not any(p.any() for p in position_only):
         position_only[with_std[int(rng.integers(len(with_std)))]][0] = True
@@ -1801,7 +1894,9 @@ def _demo_grid(directory, previous, workers):
 def simulate_survey(outdir, *, exposures=20, nights=4, seed=0, fibers=14, pixels=4096,
                     grid=None, snr_range=(30, 150), setups=None, progress=False,
                     overwrite=False, workers=2, standard_source=None, n_standards=(1, 3),
-                    lsf_scale=1.0, pixel_integration=False, fiber_lsf_scatter=0.0, xp=False):
+                    lsf_scale=1.0, pixel_integration=False, fiber_lsf_scatter=0.0, xp=False,
+                    no_standards=0.0, snr_range_single=None, photometric_nights=0.0,
+                    chromatic_losses=False):
     """Write a small simulated survey with known truth, in the formats of the contract.
 
     Layout of ``outdir``::
@@ -1858,6 +1953,18 @@ def simulate_survey(outdir, *, exposures=20, nights=4, seed=0, fibers=14, pixels
     xp : bool
         Simulate Gaia XP spectra of the standards (``xp.csv``; their systematics are in the
         truth files); the exposures are the same as without.
+    no_standards : float
+        Fraction of the exposures without any standard star (drawn; to be calibrated from
+        the survey model).
+    snr_range_single : (float, float), optional
+        S/N range of the standard of exposures with a single one (default ``snr_range``):
+        weak single standards, which the survey model should help.
+    photometric_nights : float
+        Fraction of the nights that are photometric: their exposures' transparency varies
+        within 0.98-1.0 (otherwise 0.8-1.0); the manifest and truth say which.
+    chromatic_losses : bool
+        Seeing- and refraction-dependent fiber losses (see :func:`simulate_exposure`), with
+        a median seeing per night.
 
     Returns
     -------
@@ -1882,9 +1989,15 @@ def simulate_survey(outdir, *, exposures=20, nights=4, seed=0, fibers=14, pixels
         raise ValueError("setups is empty")
     if len({s.name for s in setups}) != len(setups):
         raise ValueError("setups must have distinct names")
+    if not 0.0 <= no_standards <= 1.0 or not 0.0 <= photometric_nights <= 1.0:
+        raise ValueError(f"no_standards={no_standards!r}, photometric_nights="
+                         f"{photometric_nights!r}: need fractions in [0, 1]")
     options = {"snr_range": snr_range, "standard_source": standard_source,
                "lsf_scale": lsf_scale, "pixel_integration": pixel_integration,
-               "fiber_lsf_scatter": fiber_lsf_scatter, "xp": xp}
+               "fiber_lsf_scatter": fiber_lsf_scatter, "xp": xp,
+               "chromatic_losses": chromatic_losses}
+    plan_options = {"no_standards": float(no_standards), "snr_range_single": snr_range_single,
+                    "photometric_nights": float(photometric_nights)}
 
     def say(text):
         if progress:
@@ -1906,7 +2019,7 @@ def simulate_survey(outdir, *, exposures=20, nights=4, seed=0, fibers=14, pixels
             grid_dir, grid_label = Path(grid), str(Path(grid).resolve())
         stars = GridStars(grid_dir)
         plan = _plan(np.random.default_rng(plan_seed), exposures, nights, setups,
-                     tuple(n_standards))
+                     tuple(n_standards), no_standards)
         night_conditions = [{
             "aerosol": _AEROSOL[0] * night_rng.uniform(*_AEROSOL_NIGHT),
             "drift": tuple(float(d) for d in night_rng.normal(0.0, _DRIFT_SIGMA)),
@@ -1916,11 +2029,14 @@ def simulate_survey(outdir, *, exposures=20, nights=4, seed=0, fibers=14, pixels
         sky_rng = night_rng.spawn(1)[0]
         for night in night_conditions:
             night["temperature"] = float(sky_rng.uniform(*_TELLURIC_TEMPERATURE))
+        _night_options(night_rng.spawn(1)[0], night_conditions, plan_options, chromatic_losses)
         rows, manifest, spectra = [], [], []
         for p, exp_seed in zip(plan, exposure_seeds, strict=True):
             t0 = time.perf_counter()
+            single = snr_range_single if p["n_standards"] == 1 and snr_range_single else None
             entry, catalog = _survey_exposure(tmp, p, np.random.default_rng(exp_seed), stars,
-                                              night_conditions[p["night_index"]], options)
+                                              night_conditions[p["night_index"]],
+                                              {**options, "snr_range": single or snr_range})
             rows += catalog
             spectra += entry.pop("xp_rows", [])
             manifest.append(entry)
@@ -1934,8 +2050,8 @@ def simulate_survey(outdir, *, exposures=20, nights=4, seed=0, fibers=14, pixels
         write_catalog(tmp / "catalog.csv", rows)
         if xp:
             write_xp(tmp / "xp.csv", spectra)
-        recorded = {**options, "exposures": exposures, "nights": nights, "fibers": fibers,
-                    "pixels": pixels, "grid": grid_label, "setups": setups,
+        recorded = {**options, **plan_options, "exposures": exposures, "nights": nights,
+                    "fibers": fibers, "pixels": pixels, "grid": grid_label, "setups": setups,
                     "n_standards": n_standards}
         info = _survey_info(seed, recorded, stars, len(rows), manifest)
         with atomic_file(tmp / "survey.json") as path:
@@ -1961,6 +2077,11 @@ def _survey_info(seed, options, stars, n_rows, manifest):
             "pixel_integration": bool(options["pixel_integration"]),
             "fiber_lsf_scatter": float(options["fiber_lsf_scatter"]),
             "xp": bool(options["xp"]),
+            "no_standards": options["no_standards"],
+            "snr_range_single": None if options["snr_range_single"] is None else
+            [float(v) for v in options["snr_range_single"]],
+            "photometric_nights": options["photometric_nights"],
+            "chromatic_losses": bool(options["chromatic_losses"]),
         },
         "grid": {"path": options["grid"], "resolution": stars.resolution,
                  "synthetic": bool(stars.synthetic), "files_read": stars.files_read},
@@ -1995,7 +2116,21 @@ def _survey_exposure(tmp, p, rng, stars, conditions, options):
         "mjd": p["mjd"], "exptime": p["exptime"], "airmass": float(t["airmass"]),
         "pwv": float(t["pwv"]), "lsf_scale": float(t["lsf_scale"]),
         "std_source": [str(v) for v in t["std_source"]],
+        "photometric": bool(conditions.get("photometric", False)),
+        "transparency": float(t["transparency"]),
+        **({"seeing": float(t["seeing"])} if "seeing" in t else {}),
     }
     if options["xp"]:
         entry["xp_rows"] = xp_rows(t, sim.catalog)
     return entry, sim.catalog
+
+
+def _night_options(rng, nights, options, chromatic):
+    """Photometric nights and the nights' median seeing, in place (their own stream)."""
+    for night in nights:
+        photometric = bool(rng.random() < options["photometric_nights"])
+        seeing = float(rng.uniform(*_SEEING_NIGHT))
+        if photometric:
+            night.update(photometric=True, transparency_range=_PHOTOMETRIC_TRANSPARENCY)
+        if chromatic:
+            night["seeing"] = seeing

@@ -16,6 +16,14 @@ skips exposures archived with the same inputs. A failing exposure is reported wi
 reason and never stops the others; a worker that dies is replaced and its tasks retried
 elsewhere. Warnings raised in a task are returned in the report, not printed by workers.
 
+Then, with ``[model] enabled`` (the default), the survey model (:mod:`kspec_fluxcal.model_job`):
+fitted from the archive as a tree reduction (``model-*`` tasks) and used to recalibrate
+(``recalibrate-<EXPID>`` tasks); exposures without usable standards are calibrated from it.
+Last, with ``[survey] fallback``, exposures still without a calibration get the archive
+fallback (:mod:`kspec_fluxcal.fallback`). The [model] options are not part of an exposure's
+input hash: they change the model (whose identity each archive row records), not the
+exposure's own calibration.
+
 Task keys are ``library-<range>-<token>`` and ``calibrate-<EXPID>-<token>``, the token a
 hash of everything the task's result depends on (inputs, configuration, output path). Two
 jobs sharing a scheduler (``--scheduler``), or a job resubmitted while a killed one's tasks
@@ -25,11 +33,8 @@ are still known to the scheduler, would otherwise be handed each other's results
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import logging
-import os
 import sys
 import time
 import traceback
@@ -43,6 +48,7 @@ import numpy as np
 from . import __version__
 from ._atomic import check_output_directory
 from ._lock import exclusive
+from .cluster import WORKER_MALLOC_ENV, _on_cluster, local_cluster
 from .config import Config, load_config
 from .errors import CalibrationError, FluxCalError, FluxCalWarning, InputError
 
@@ -56,9 +62,13 @@ class SurveyReport:
 
     Attributes
     ----------
-    calibrated, skipped, fallback : list of str
-        EXPIDs calibrated in this run, skipped as archived with the same inputs (resume), and
-        calibrated from the archive (a subset of ``calibrated``).
+    calibrated, skipped, fallback, model_only : list of str
+        EXPIDs calibrated in this run, skipped as archived with the same inputs (resume),
+        calibrated from the archive, and from the survey model alone (no usable standard;
+        subsets of ``calibrated``).
+    model : dict of str to dict
+        Per setup whose survey model was fitted in this run: its summary (exposures and
+        nights fitted, outliers, the error model, exposures recalibrated), or why none was.
     failed : dict of str to str
         EXPID (or file, when it could not be read) -> reason.
     notes : dict of str to list of str
@@ -79,6 +89,8 @@ class SurveyReport:
     calibrated: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
     fallback: list = field(default_factory=list)
+    model_only: list = field(default_factory=list)
+    model: dict = field(default_factory=dict)
     failed: dict = field(default_factory=dict)
     notes: dict = field(default_factory=dict)
     quality: dict = field(default_factory=dict)
@@ -104,6 +116,8 @@ class SurveyReport:
         if grades:
             lines.append("  quality: " + ", ".join(f"{g} {grades.count(g)}"
                                                    for g in sorted(set(grades))))
+        lines += [f"  survey model, setup {setup}: {_model_text(m)}"
+                  for setup, m in sorted(self.model.items())]
         if len(self.quality) <= self.LISTED:
             lines += [f"  {expid}: {_quality_text(q)}" for expid, q in sorted(self.quality.items())]
         if self.notes or self.notes_file:
@@ -116,22 +130,33 @@ class SurveyReport:
         """Write the per-exposure quality table (CSV) atomically."""
         from ._atomic import atomic_file
 
-        rows = ["expid,status,quality,used,standards,fcalrms,fcalmerr,fcallsf,reason"]
+        rows = ["expid,status,quality,used,standards,fcalrms,fcalmerr,fcallsf,source,reason"]
         for expid, q in sorted(self.quality.items()):
             rows.append(f"{expid},calibrated,{q['grade']},{q['used']},{q['standards']},"
-                        f"{q['fcalrms']:.5f},{q['fcalmerr']:.5f},{q['fcallsf']:.4f},")
+                        f"{q['fcalrms']:.5f},{q['fcalmerr']:.5f},{q['fcallsf']:.4f},"
+                        f"{q.get('source', 'standards')},")
         for name, reason in sorted(self.failed.items()):
             text = reason.replace('"', "'")
-            rows.append(f'{name},failed,,,,,,,"{text}"')
+            rows.append(f'{name},failed,,,,,,,,"{text}"')
         with atomic_file(path, overwrite=True) as tmp:
             Path(tmp).write_text("\n".join(rows) + "\n")
         return Path(path)
 
 
+def _model_text(m):
+    if "skipped" in m:
+        return m["skipped"]
+    return (f"{m['exposures']} exposures over {m['nights']} night(s) fitted, "
+            f"{m['outliers']} outlier(s); exposures scatter {100 * m['tau']:.2f}% about it, "
+            f"one standard {100 * m['sigma_star']:.2f}% (medians over wavelength); "
+            f"{m['recalibrated']} recalibrated with it, {m['model_only']} from it alone")
+
+
 def _quality_text(q):
     rms = "n/a" if not np.isfinite(q["fcalrms"]) else f"{100 * q['fcalrms']:.2f}%"
+    source = f", {q['source']}" if q.get("source", "standards") != "standards" else ""
     return (f"quality {q['grade']}, {q['used']}/{q['standards']} standards, rms {rms}, "
-            f"model error {100 * q['fcalmerr']:.1f}%, LSF x{q['fcallsf']:.3f}")
+            f"model error {100 * q['fcalmerr']:.1f}%, LSF x{q['fcallsf']:.3f}{source}")
 
 
 def _quality(result):
@@ -230,7 +255,7 @@ def plan_survey(paths, *, lake, catalog_hash, grid_plan, config):
     """
     from .exposure import read_exposure_info
 
-    settings = json.dumps(config.to_dict(), sort_keys=True)
+    settings = _settings(config)
     entries, failures, seen = [], {}, {}
     for path in paths:
         rel = Path(path).relative_to(lake)
@@ -331,82 +356,6 @@ def _calibrate_task(path, out_path, catalog, library, config, setup_key, input_h
         return {"expid": expid, "status": "failed", "reason": _internal_error(err)}
 
 
-def _fallback_task(path, out_path, reference, config, setup_key, input_hash, utc_offset, expid):
-    """Calibrate an exposure without usable standards from archived calibrations."""
-    import dask
-    import xarray as xr
-
-    from .archive import archive_record
-    from .calibration import apply_calibration
-    from .exposure import add_history, open_exposure, write_calibrated
-
-    try:
-        with dask.config.set(scheduler="synchronous"), \
-                warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            exposure = open_exposure(path)
-            wave = exposure["wavelength"].values
-            width = np.gradient(wave)
-            grid, curve, spread, n, span = reference
-            exptime = exposure.attrs["exptime"]
-            # The archive holds cal x pixel width (per Angstrom) x exptime-free median: undo
-            # both for this exposure's pixels and exposure time.
-            cal = np.interp(wave, grid, curve) / exptime / width
-            cal_var = (np.interp(wave, grid, spread) / exptime / width) ** 2
-            with np.errstate(invalid="ignore", divide="ignore"):
-                rms = float(np.nanmedian(spread / curve))
-            calibration = xr.Dataset(
-                {"cal": ("wavelength", cal), "cal_variance": ("wavelength", cal_var),
-                 "cal_mask": ("wavelength", np.zeros(wave.size, bool))},
-                coords={"wavelength": exposure["wavelength"]},
-                attrs={"fcalnstr": 0, "fcalrms": rms, "fcalsrc": "archive", "fcalqual": "D",
-                       "history": []})
-            add_history(calibration, f"no usable standard star: calibrated from the median of "
-                        f"{n} archived calibration(s) of setup {setup_key} within {span:.2f} d "
-                        "(scaled by exposure time; airmass differences not corrected)")
-            calibrated = apply_calibration(exposure, calibration)
-            calibrated.attrs["setup"] = setup_key
-            write_calibrated(calibrated, out_path, overwrite=True)
-            record = archive_record(calibrated, None, None, source=str(path),
-                                    input_hash=input_hash, utc_offset=utc_offset)
-        quality = {"grade": "D", "used": 0, "standards": 0, "fcalrms": rms,
-                   "fcalmerr": np.nan, "fcallsf": np.nan}
-        return {"expid": expid, "status": "ok", "record": record, "notes": _notes((), caught),
-                "nstar": 0, "quality": quality}
-    except FluxCalError as err:
-        return {"expid": expid, "status": "failed", "reason": str(err)}
-    except Exception as err:
-        return {"expid": expid, "status": "failed", "reason": _internal_error(err)}
-
-
-def _archive_reference(archive_path, setup_key, mjd, window):
-    """Median (cal x exptime) of archived standard-star calibrations of a setup near ``mjd``.
-
-    Returns (archive wavelengths, median, robust spread, number used, largest |dMJD|), or
-    None when the archive has no such calibration.
-    """
-    from .archive import open_archive
-
-    if not Path(archive_path).exists():
-        return None
-    ds = open_archive(archive_path)
-    if not ds.sizes.get("exposure"):
-        return None
-    near = ((ds["setup"].values == setup_key) & (ds["fcalsrc"].values == "standards")
-            & (np.abs(ds["mjd"].values - mjd) <= window))
-    if not near.any():
-        return None
-    sub = ds.isel(exposure=np.flatnonzero(near))
-    scaled = (sub["cal"] * sub["exptime"]).compute().values
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN outside the setup's range
-        curve = np.nanmedian(scaled, axis=0)
-        spread = (1.4826 * np.nanmedian(np.abs(scaled - curve), axis=0) if near.sum() > 1
-                  else 0.05 * curve)
-    span = float(np.max(np.abs(sub["mjd"].values - mjd)))
-    return (ds["wavelength"].values, curve, spread, int(near.sum()), span)
-
-
 # ----------------------------------------------------------------------------- the job
 
 
@@ -435,94 +384,6 @@ class _Progress:
             self._last = pct // 10
             print(f"{self.done}/{self.total} exposures done ({self.failed} failed), "
                   f"{time.time() - self.start:.0f} s", flush=True)
-
-
-#: glibc malloc settings of LocalCluster workers. Distributed's nannies set
-#: MALLOC_TRIM_THRESHOLD_=65536 so that freed memory goes back to the OS; setting it also
-#: freezes glibc's mmap threshold at 128 KiB, so every array above that (a 14 x 4096 float64
-#: image is 460 KiB) is a fresh mmap whose pages fault in again: a calibrate task took 45 %
-#: longer (0.43 s instead of 0.30 s, 14 fibers x 4096 pixels). With the mmap threshold at
-#: 8 MiB the task is as fast as in a plain process, and memory is still returned in 8 MiB
-#: steps (large arrays are mmapped and unmapped when freed).
-WORKER_MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(8 << 20),
-                     "MALLOC_MMAP_THRESHOLD_": str(8 << 20)}
-
-
-class _MessageSizeFilter(logging.Filter):
-    """Drops distributed's warning that it could not size a message ("... Defaulting to -1
-    B"): the deeply nested profile data fetched for a performance report make dask's sizeof
-    recurse too deep, and distributed then serializes the message off the event loop, as it
-    does for a large one. Nothing is wrong, but the line appeared in every demo run. Other
-    sizeof failures (of data, with other defaults) still warn."""
-
-    def filter(self, record):
-        return "Defaulting to -1 B" not in record.getMessage()
-
-
-def quiet_message_sizes():
-    """Install :class:`_MessageSizeFilter` in this process (once)."""
-    logger = logging.getLogger("distributed.sizeof")
-    if not any(isinstance(f, _MessageSizeFilter) for f in logger.filters):
-        logger.addFilter(_MessageSizeFilter())
-
-
-def dask_setup(worker):
-    """Preload hook of the workers :func:`local_cluster` starts (``distributed.worker.preload``).
-
-    Parameters
-    ----------
-    worker : distributed.Worker
-        The starting worker (unused: the filter is per process).
-    """
-    quiet_message_sizes()
-
-
-def local_cluster(workers=None, threads_per_worker=1, dashboard_address="127.0.0.1:8787"):
-    """A LocalCluster of worker processes set up for the survey job.
-
-    Parameters
-    ----------
-    workers : int, optional
-        Worker processes (default: one per core).
-    threads_per_worker : int
-    dashboard_address : str
-        ``"127.0.0.1:0"`` for any free port.
-
-    Returns
-    -------
-    distributed.LocalCluster
-        Its workers get :data:`WORKER_MALLOC_ENV`, and run :func:`dask_setup` when they start.
-    """
-    import dask
-    from distributed import LocalCluster
-
-    # glibc reads MALLOC_* once, at process start: they must be in the environment the
-    # nannies spawn workers with ("pre-spawn-environ"). A value already in os.environ (left
-    # there by an earlier cluster's nannies) would take precedence over the configuration.
-    saved = {k: os.environ.pop(k) for k in WORKER_MALLOC_ENV if k in os.environ}
-    quiet_message_sizes()  # the scheduler runs in this process
-    preload = [*dask.config.get("distributed.worker.preload", []), __name__]
-    try:
-        with dask.config.set({**{f"distributed.nanny.pre-spawn-environ.{k}": v
-                                 for k, v in WORKER_MALLOC_ENV.items()},
-                              "distributed.worker.preload": preload}):
-            return LocalCluster(n_workers=workers or os.cpu_count() or 1,
-                                threads_per_worker=threads_per_worker,
-                                dashboard_address=dashboard_address, processes=True)
-    finally:
-        os.environ.update(saved)
-
-
-def _start_client(scheduler, workers, threads_per_worker, dashboard_address):
-    from distributed import Client
-
-    if scheduler:
-        try:
-            return Client(scheduler, timeout="20s"), None
-        except OSError as err:
-            raise FluxCalError(f"cannot connect to the scheduler at {scheduler}: {err}") from None
-    cluster = local_cluster(workers, threads_per_worker, dashboard_address)
-    return Client(cluster), cluster
 
 
 def run_survey(lake, *, catalog, grid, out, config=None, scheduler=None, workers=None,
@@ -631,46 +492,39 @@ def _survey(lake, out, config, *, catalog, grid, resume, pattern, progress, flus
               "instrument configuration(s)",
               flush=True)
 
-    def work(client):
-        utc = config.survey.utc_offset
-        # XP spectra travel with the catalog, as one object scattered once to every worker.
-        inputs = catalog_ds if xp_ds is None else SimpleNamespace(catalog=catalog_ds, xp=xp_ds)
-        _run_graph(client, todo, inputs, grid, grid_plan, config, writer, report, utc, progress,
-                   *flush)
-        if config.survey.fallback:
-            _run_fallback(client, todo, writer, report, config, utc, progress)
+    utc = config.survey.utc_offset
+    model_work = config.model.enabled and _model_pending(out, entries, writer, config)
 
-    if todo:
+    def work(client):
+        # Once, to every worker; a restarted worker gets it from a peer. XP spectra travel
+        # with the catalog to the first pass, as one object.
+        catalog_future = client.scatter(catalog_ds, broadcast=True)
+        inputs = catalog_future if xp_ds is None else client.scatter(
+            SimpleNamespace(catalog=catalog_ds, xp=xp_ds), broadcast=True)
+        _run_graph(client, todo, inputs, grid, grid_plan, config, writer, report, utc,
+                   progress, flush)
+        if config.model.enabled:
+            from .model_job import run_model
+
+            run_model(client, entries, writer, report, config, out=out, utc=utc,
+                      catalog=catalog_future, provenance=_provenance(config, grid_plan),
+                      progress=progress, flush=flush)
+        if config.survey.fallback:
+            from .fallback import run_fallback
+
+            run_fallback(client, todo, writer, report, config, utc, progress)
+
+    if todo or model_work:
         report.dashboard = _on_cluster(work, progress=progress, **cluster)
     return report
 
 
-def _on_cluster(work, *, client, scheduler, workers, threads_per_worker, dashboard_address,
-                performance_report, progress):
-    """Run ``work(client)`` on the caller's client, or on one started (and closed) here;
-    returns the dashboard link."""
-    from distributed import performance_report as perf_report
+def _model_pending(out, entries, writer, config):
+    """True when the survey model has work although no exposure is to calibrate (its
+    options changed since the exposures were calibrated with it)."""
+    from .model_job import stale_exposures
 
-    owns_client = client is None
-    cluster = None
-    if owns_client:
-        client, cluster = _start_client(scheduler, workers, threads_per_worker,
-                                        dashboard_address)
-    try:
-        if progress:
-            print(f"dashboard: {client.dashboard_link}", flush=True)
-        ctx = (perf_report(filename=str(performance_report)) if performance_report
-               else contextlib.nullcontext())
-        # as_current: the performance report finds its client through Client.current(),
-        # and a caller's client need not be the default one.
-        with client.as_current(), ctx:
-            work(client)
-        return client.dashboard_link
-    finally:
-        if owns_client:
-            client.close()
-            if cluster is not None:
-                cluster.close()
+    return bool(stale_exposures(out, entries, writer, config))
 
 
 def _task_failure(result):
@@ -679,17 +533,27 @@ def _task_failure(result):
     return f"task failed: {type(err).__name__}: {err}"
 
 
-def _run_graph(client, todo, catalog_ds, grid_path, grid_plan, config, writer, report, utc,
-               progress, flush_every, flush_interval):
+def _settings(config):
+    """The configuration as hashed into each exposure's inputs: [model] options change the
+    survey model, not an exposure's own calibration (the model has its own identity)."""
+    return json.dumps({k: v for k, v in config.to_dict().items() if k != "model"},
+                      sort_keys=True)
+
+
+def _provenance(config, grid_plan):
+    """The archive rows' provenance: grid build and configuration hash (all options)."""
     settings = json.dumps(config.to_dict(), sort_keys=True)
+    return {"grid_id": grid_plan, "config_hash": hashlib.sha1(settings.encode()).hexdigest()[:12]}
+
+
+def _run_graph(client, todo, catalog_future, grid_path, grid_plan, config, writer, report, utc,
+               progress, flush):
+    settings = _settings(config)
     by_range = {}
     for entry in todo:
         by_range.setdefault(_configuration(entry["info"]), []).append(entry)
-    # Once, to every worker; a restarted worker gets it from a peer.
-    catalog_future = client.scatter(catalog_ds, broadcast=True)
-    futures, by_key = [], {}
-    provenance = {"grid_id": grid_plan,
-                  "config_hash": hashlib.sha1(settings.encode()).hexdigest()[:12]}
+    futures = {}
+    provenance = _provenance(config, grid_plan)
     for wave_range, group in by_range.items():
         token = _token(Path(grid_path).resolve(), grid_plan, settings)
         library = client.submit(_library_task, str(grid_path), wave_range, config, retries=2,
@@ -697,26 +561,52 @@ def _run_graph(client, todo, catalog_ds, grid_path, grid_plan, config, writer, r
         for entry in group:
             expid = entry["info"]["expid"]
             key = f"calibrate-{expid}-{_token(entry['input_hash'], Path(entry['out']).resolve())}"
-            futures.append(client.submit(
+            futures[client.submit(
                 _calibrate_task, entry["path"], entry["out"], catalog_future, library, config,
                 entry["info"]["setup"], entry["input_hash"], utc, expid, provenance, key=key,
-                retries=2))
-            by_key[key] = entry
-    bar = _Progress(len(futures), progress)
+                retries=2)] = entry
+
+    def handle(entry, result):
+        expid = entry["info"]["expid"]
+        if result["status"] != "ok":
+            entry["failure"] = result
+            report.failed[expid] = result["reason"]
+            return None
+        report.calibrated.append(expid)
+        report.quality[expid] = result["quality"]
+        return result["record"]
+
+    collect(client, futures, writer, report, handle, flush, _Progress(len(futures), progress))
+
+
+def collect(client, futures, writer, report, handle, flush=(16, 1.0), bar=None):
+    """Results of tasks as they finish; archive records committed in batches.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    futures : dict of Future to dict
+        Each task's plan entry (``info`` with its ``expid``).
+    writer : kspec_fluxcal.archive.ArchiveWriter
+    report : SurveyReport
+        Gets the tasks' notes.
+    handle : callable
+        ``handle(entry, result)`` -> an archive record to commit, or None.
+    flush : (int, float)
+        Commit when this many records wait, or this many seconds after the last commit.
+    bar : _Progress, optional
+    """
+    flush_every, flush_interval = flush
     pending, last = [], time.monotonic()
     try:
         for future, result in _as_completed_pairs(client, futures):
-            entry = by_key[future.key]
-            expid = entry["info"]["expid"]
-            result = _outcome(future, result, expid, report)
-            if result["status"] == "ok":
-                pending.append(result["record"])
-                report.calibrated.append(expid)
-                report.quality[expid] = result["quality"]
-            else:
-                entry["failure"] = result
-                report.failed[expid] = result["reason"]
-            bar.update(result["status"] == "ok")
+            entry = futures[future]
+            result = _outcome(future, result, entry["info"]["expid"], report)
+            record = handle(entry, result)
+            if record is not None:
+                pending.append(record)
+            if bar is not None:
+                bar.update(result["status"] == "ok")
             if len(pending) >= flush_every or (
                     pending and time.monotonic() - last >= flush_interval):
                 batch, pending = pending, []
@@ -737,41 +627,6 @@ def _outcome(future, result, expid, report):
     if result.get("notes"):
         report.notes[expid] = result["notes"]
     return result
-
-
-def _run_fallback(client, todo, writer, report, config, utc, progress):
-    candidates = [e for e in todo if e.get("failure", {}).get("status") == "no standards"]
-    futures = {}
-    window = config.survey.fallback_window
-    for entry in candidates:
-        info = entry["info"]
-        reference = _archive_reference(writer.path, info["setup"], info["mjd"], window)
-        if reference is None:
-            report.failed[info["expid"]] += (f"; no archived calibration of setup {info['setup']}"
-                                             f" within {window:g} d for the archive fallback")
-            continue
-        key = f"fallback-{info['expid']}-{_token(entry['input_hash'], entry['out'], reference[3])}"
-        futures[client.submit(_fallback_task, entry["path"], entry["out"], reference, config,
-                              info["setup"], entry["input_hash"], utc, info["expid"],
-                              key=key, retries=2)] = entry
-    records = []
-    try:
-        for future, result in _as_completed_pairs(client, futures):
-            expid = futures[future]["info"]["expid"]
-            result = _outcome(future, result, expid, report)
-            if result["status"] == "ok":
-                records.append(result["record"])
-                report.quality[expid] = result["quality"]
-                report.failed.pop(expid, None)
-                report.calibrated.append(expid)
-                report.fallback.append(expid)
-            else:
-                report.failed[expid] += f"; archive fallback failed: {result['reason']}"
-    finally:
-        writer.append(records)
-    if progress and futures:
-        print(f"{len(records)} exposure(s) without usable standards calibrated from the archive",
-              flush=True)
 
 
 def _as_completed_pairs(client, futures):

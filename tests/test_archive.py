@@ -284,5 +284,7 @@ def test_an_older_archive_is_migrated_and_a_newer_one_refused(tmp_path):
     assert ds.attrs["schema_version"] == SCHEMA_VERSION
     assert writer.is_current("OLD", "h-old")  # --resume keeps working across the change
     zarr.open_group(path, mode="r+").attrs["schema_version"] = SCHEMA_VERSION + 1
-    with pytest.raises(InputError, match=r"newer kspec-fluxcal \(archive schema 3"):
+    with pytest.raises(InputError, match=rf"newer kspec-fluxcal \(archive schema "
+                                         rf"{SCHEMA_VERSION + 1}, this one knows "
+                                         rf"{SCHEMA_VERSION}\)"):
         ArchiveWriter(path)

@@ -1,0 +1,133 @@
+"""The archive fallback of the survey job (``[survey] fallback``, opt-in): an exposure
+without usable standards that the survey model cannot serve is calibrated from the median of
+the archived calibrations of its setup within ``fallback_window`` days, scaled by exposure
+time (airmass differences not corrected); FCALSRC 'archive', grade D.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .errors import FluxCalError
+from .survey import _as_completed_pairs, _internal_error, _notes, _outcome, _token
+
+__all__ = ["run_fallback"]
+
+
+def _fallback_task(path, out_path, reference, config, setup_key, input_hash, utc_offset, expid):
+    """Calibrate an exposure without usable standards from archived calibrations."""
+    import dask
+    import xarray as xr
+
+    from .archive import archive_record
+    from .calibration import apply_calibration
+    from .exposure import add_history, open_exposure, write_calibrated
+
+    try:
+        with dask.config.set(scheduler="synchronous"), \
+                warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            exposure = open_exposure(path)
+            wave = exposure["wavelength"].values
+            width = np.gradient(wave)
+            grid, curve, spread, n, span = reference
+            exptime = exposure.attrs["exptime"]
+            # The archive holds cal x pixel width (per Angstrom) x exptime-free median: undo
+            # both for this exposure's pixels and exposure time.
+            cal = np.interp(wave, grid, curve) / exptime / width
+            cal_var = (np.interp(wave, grid, spread) / exptime / width) ** 2
+            with np.errstate(invalid="ignore", divide="ignore"):
+                rms = float(np.nanmedian(spread / curve))
+            calibration = xr.Dataset(
+                {"cal": ("wavelength", cal), "cal_variance": ("wavelength", cal_var),
+                 "cal_mask": ("wavelength", np.zeros(wave.size, bool))},
+                coords={"wavelength": exposure["wavelength"]},
+                attrs={"fcalnstr": 0, "fcalrms": rms, "fcalsrc": "archive", "fcalqual": "D",
+                       "history": []})
+            add_history(calibration, f"no usable standard star: calibrated from the median of "
+                        f"{n} archived calibration(s) of setup {setup_key} within {span:.2f} d "
+                        "(scaled by exposure time; airmass differences not corrected)")
+            calibrated = apply_calibration(exposure, calibration)
+            calibrated.attrs["setup"] = setup_key
+            write_calibrated(calibrated, out_path, overwrite=True)
+            record = archive_record(calibrated, None, None, source=str(path),
+                                    input_hash=input_hash, utc_offset=utc_offset)
+        quality = {"grade": "D", "used": 0, "standards": 0, "fcalrms": rms,
+                   "fcalmerr": np.nan, "fcallsf": np.nan}
+        return {"expid": expid, "status": "ok", "record": record, "notes": _notes((), caught),
+                "nstar": 0, "quality": quality}
+    except FluxCalError as err:
+        return {"expid": expid, "status": "failed", "reason": str(err)}
+    except Exception as err:
+        return {"expid": expid, "status": "failed", "reason": _internal_error(err)}
+
+
+def _archive_reference(archive_path, setup_key, mjd, window):
+    """Median (cal x exptime) of archived standard-star calibrations of a setup near ``mjd``.
+
+    Returns (archive wavelengths, median, robust spread, number used, largest |dMJD|), or
+    None when the archive has no such calibration.
+    """
+    from .archive import open_archive
+
+    if not Path(archive_path).exists():
+        return None
+    ds = open_archive(archive_path)
+    if not ds.sizes.get("exposure"):
+        return None
+    near = ((ds["setup"].values == setup_key) & (ds["fcalsrc"].values == "standards")
+            & (np.abs(ds["mjd"].values - mjd) <= window))
+    if not near.any():
+        return None
+    sub = ds.isel(exposure=np.flatnonzero(near))
+    scaled = (sub["cal"] * sub["exptime"]).compute().values
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN outside the setup's range
+        curve = np.nanmedian(scaled, axis=0)
+        spread = (1.4826 * np.nanmedian(np.abs(scaled - curve), axis=0) if near.sum() > 1
+                  else 0.05 * curve)
+    span = float(np.max(np.abs(sub["mjd"].values - mjd)))
+    return (ds["wavelength"].values, curve, spread, int(near.sum()), span)
+
+
+
+
+def run_fallback(client, todo, writer, report, config, utc, progress):
+    """Calibrate from the archive the exposures of ``todo`` whose first pass found no usable
+    standard and that the survey model did not calibrate; updates ``report``."""
+    candidates = [e for e in todo if e.get("failure", {}).get("status") == "no standards"
+                  and e["info"]["expid"] in report.failed]
+    futures = {}
+    window = config.survey.fallback_window
+    for entry in candidates:
+        info = entry["info"]
+        reference = _archive_reference(writer.path, info["setup"], info["mjd"], window)
+        if reference is None:
+            report.failed[info["expid"]] += (f"; no archived calibration of setup {info['setup']}"
+                                             f" within {window:g} d for the archive fallback")
+            continue
+        key = f"fallback-{info['expid']}-{_token(entry['input_hash'], entry['out'], reference[3])}"
+        futures[client.submit(_fallback_task, entry["path"], entry["out"], reference, config,
+                              info["setup"], entry["input_hash"], utc, info["expid"],
+                              key=key, retries=2)] = entry
+    records = []
+    try:
+        for future, result in _as_completed_pairs(client, futures):
+            expid = futures[future]["info"]["expid"]
+            result = _outcome(future, result, expid, report)
+            if result["status"] == "ok":
+                records.append(result["record"])
+                report.quality[expid] = result["quality"]
+                report.failed.pop(expid, None)
+                report.calibrated.append(expid)
+                report.fallback.append(expid)
+            else:
+                report.failed[expid] += f"; archive fallback failed: {result['reason']}"
+    finally:
+        writer.append(records)
+    if progress and futures:
+        print(f"{len(records)} exposure(s) without usable standards calibrated from the archive",
+              flush=True)

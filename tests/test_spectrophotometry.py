@@ -1,0 +1,66 @@
+"""The spectrophotometric check (issue 13 item 5): synthetic g, r, i of calibrated program
+stars against their catalog photometry."""
+
+import numpy as np
+import pytest
+import xarray as xr
+from conftest import catalog_row
+
+from kspec_fluxcal.catalog import read_catalog
+from kspec_fluxcal.constants import FLUX_UNIT_SCALE
+from kspec_fluxcal.photometry import ab_to_flam
+from kspec_fluxcal.spectrophotometry import check_exposure, spectrophotometric_check
+
+
+@pytest.fixture
+def exposure_and_catalog(catalog_file):
+    """Six fibers: four program stars (flat in f_nu at AB 16.0-16.6), a galaxy without a
+    catalog entry, a standard; the catalog has the stars' g = r = i."""
+    wave = np.linspace(3600.0, 9000.0, 2000)
+    mags = np.array([16.0, 16.2, 16.4, 16.6])
+    flux = np.vstack([ab_to_flam(m, wave) / FLUX_UNIT_SCALE for m in mags]
+                     + [np.full(wave.size, 5.0), ab_to_flam(15.0, wave) / FLUX_UNIT_SCALE])
+    flux[1, 900] = np.nan  # a cosmic ray in a band: bridged, not a lost magnitude
+    objid = np.array([11, 12, 13, 14, 99, 15])
+    ds = xr.Dataset(
+        {"flux": (("fiber", "wavelength"), flux),
+         "variance": (("fiber", "wavelength"), np.full(flux.shape, 1e-2))},
+        coords={"wavelength": wave, "fiber": np.arange(6),
+                "fiber_type": ("fiber", np.array(["P", "P", "P", "P", "P", "C"])),
+                "objid": ("fiber", objid), "ra": ("fiber", 150.0 + 0.01 * np.arange(6)),
+                "dec": ("fiber", np.full(6, 2.0))},
+        attrs={"history": []})
+    rows = [catalog_row(int(o), 150.0 + 0.01 * k, 2.0, g=m, r=m, i=m)
+            for k, (o, m) in enumerate(zip(objid[:4], mags, strict=True))]
+    rows.append(catalog_row(15, 150.05, 2.0))
+    return ds, read_catalog(catalog_file(rows))
+
+
+def test_offsets_are_zero_for_a_right_calibration(exposure_and_catalog):
+    ds, catalog = exposure_and_catalog
+    check = spectrophotometric_check(ds, catalog)
+    assert check["sphot_n"] == 4  # the galaxy and the standard are not checked
+    for band in "gri":
+        assert abs(check[f"sphot_{band}"]) < 0.003
+    assert check["sphot_scatter"] < 0.003
+    assert sorted(s["objid"] for s in check["stars"]) == [11, 12, 13, 14]
+
+
+def test_an_injected_two_percent_error_is_recovered(exposure_and_catalog):
+    ds, catalog = exposure_and_catalog
+    before = spectrophotometric_check(ds, catalog)
+    ds["flux"] = ds["flux"] * 1.02
+    after = check_exposure(ds, catalog)
+    for band in "gri":
+        shift = after[f"sphot_{band}"] - before[f"sphot_{band}"]
+        assert shift == pytest.approx(-2.5 * np.log10(1.02), abs=1e-6)
+    assert ds.attrs["sphot_n"] == 4 and ds.attrs["sphot_g"] == after["sphot_g"]
+    assert "spectrophotometric check: 4 program star(s)" in ds.attrs["history"][-1]
+
+
+def test_nothing_to_check_leaves_the_keywords_out(exposure_and_catalog, catalog_file):
+    ds, _ = exposure_and_catalog
+    other = read_catalog(catalog_file([catalog_row(777, 10.0, -5.0)], name="other.csv"))
+    check = check_exposure(ds, other)
+    assert check["sphot_n"] == 0 and ds.attrs["sphot_g"] is None
+    assert not any("spectrophotometric" in h for h in ds.attrs["history"])
