@@ -42,6 +42,7 @@ import numpy as np
 from . import __version__
 from ._atomic import check_output_directory
 from ._lock import exclusive
+from ._signals import starting_workers
 from .config import Config, load_config
 from .errors import CalibrationError, FluxCalError, FluxCalWarning, InputError
 
@@ -275,8 +276,9 @@ def _internal_error(err):
             f"({Path(where.filename).name}:{where.lineno})")
 
 
-def _library_task(grid_path, wave_range, config):
-    """The template library of a configuration (see :func:`kspec_fluxcal.prepare_library`)."""
+def _library_task(grid_path, wave_range, config, cache_dir=None):
+    """The template library of a configuration (see :func:`kspec_fluxcal.prepare_library`):
+    read from the disk cache when an earlier job prepared it."""
     import dask
 
     from .grid import open_grid
@@ -286,7 +288,7 @@ def _library_task(grid_path, wave_range, config):
     # graph back to the cluster (here, the grid's chunks as tasks on other workers), which
     # costs transfers and can stall when every worker thread is busy preparing a library.
     with dask.config.set(scheduler="synchronous"):
-        return prepare_library(open_grid(grid_path), wave_range, config)
+        return prepare_library(open_grid(grid_path), wave_range, config, cache_dir=cache_dir)
 
 
 def _configuration(info):
@@ -445,22 +447,36 @@ WORKER_MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(8 << 20),
                      "MALLOC_MMAP_THRESHOLD_": str(8 << 20)}
 
 
-class _MessageSizeFilter(logging.Filter):
-    """Drops distributed's warning that it could not size a message ("... Defaulting to -1
-    B"): the deeply nested profile data fetched for a performance report make dask's sizeof
-    recurse too deep, and distributed then serializes the message off the event loop, as it
-    does for a large one. Nothing is wrong, but the line appeared in every demo run. Other
-    sizeof failures (of data, with other defaults) still warn."""
+class _DropMessage(logging.Filter):
+    """Drops a logger's records that contain ``fragment`` (see :data:`QUIETED`)."""
+
+    def __init__(self, fragment):
+        super().__init__()
+        self.fragment = fragment
 
     def filter(self, record):
-        return "Defaulting to -1 B" not in record.getMessage()
+        return self.fragment not in record.getMessage()
 
 
-def quiet_message_sizes():
-    """Install :class:`_MessageSizeFilter` in this process (once)."""
-    logger = logging.getLogger("distributed.sizeof")
-    if not any(isinstance(f, _MessageSizeFilter) for f in logger.filters):
-        logger.addFilter(_MessageSizeFilter())
+#: distributed's log messages that say nothing wrong in a survey job, by logger:
+#: - "Defaulting to -1 B": dask's sizeof recursed too deep in the nested profile data fetched
+#:   for a performance report, and distributed serialized the message off the event loop, as
+#:   it does for a large one (the line appeared in every demo run); other sizeof failures,
+#:   of data, with other defaults, still warn;
+#: - "ended with CancelledError": a worker closed under a task the job had cancelled, which
+#:   it does only when it is interrupted (Ctrl-C, SIGTERM): one line per running task after
+#:   the interruption's own message.
+QUIETED = {"distributed.sizeof": "Defaulting to -1 B",
+           "distributed.worker.state_machine": "ended with CancelledError"}
+
+
+def quiet_known_messages():
+    """Install the filters of :data:`QUIETED` in this process (once)."""
+    for name, fragment in QUIETED.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) and f.fragment == fragment
+                   for f in logger.filters):
+            logger.addFilter(_DropMessage(fragment))
 
 
 def dask_setup(worker):
@@ -469,9 +485,9 @@ def dask_setup(worker):
     Parameters
     ----------
     worker : distributed.Worker
-        The starting worker (unused: the filter is per process).
+        The starting worker (unused: the filters are per process).
     """
-    quiet_message_sizes()
+    quiet_known_messages()
 
 
 def local_cluster(workers=None, threads_per_worker=1, dashboard_address="127.0.0.1:8787"):
@@ -497,7 +513,7 @@ def local_cluster(workers=None, threads_per_worker=1, dashboard_address="127.0.0
     # nannies spawn workers with ("pre-spawn-environ"). A value already in os.environ (left
     # there by an earlier cluster's nannies) would take precedence over the configuration.
     saved = {k: os.environ.pop(k) for k in WORKER_MALLOC_ENV if k in os.environ}
-    quiet_message_sizes()  # the scheduler runs in this process
+    quiet_known_messages()  # the scheduler runs in this process
     preload = [*dask.config.get("distributed.worker.preload", []), __name__]
     try:
         with dask.config.set({**{f"distributed.nanny.pre-spawn-environ.{k}": v
@@ -510,22 +526,37 @@ def local_cluster(workers=None, threads_per_worker=1, dashboard_address="127.0.0
         os.environ.update(saved)
 
 
-def _start_client(scheduler, workers, threads_per_worker, dashboard_address):
+@contextlib.contextmanager
+def _client(client, scheduler, workers, threads_per_worker, dashboard_address):
+    """The caller's client (left open), or one connected to ``scheduler``, or a LocalCluster
+    started here; what is started here is closed on every way out (the work's end, an error,
+    Ctrl-C, a failure while the cluster itself starts), so no worker process outlives the
+    job."""
     from distributed import Client
 
-    if scheduler:
-        try:
-            return Client(scheduler, timeout="20s"), None
-        except OSError as err:
-            raise FluxCalError(f"cannot connect to the scheduler at {scheduler}: {err}") from None
-    cluster = local_cluster(workers, threads_per_worker, dashboard_address)
-    return Client(cluster), cluster
+    if client is not None:
+        yield client
+        return
+    with contextlib.ExitStack() as stack:
+        if scheduler:
+            try:
+                own = stack.enter_context(Client(scheduler, timeout="20s"))
+            except OSError as err:
+                raise FluxCalError(f"cannot connect to the scheduler at {scheduler}: "
+                                   f"{err}") from None
+        else:
+            # An interruption while the cluster starts is raised once it is on the stack.
+            with starting_workers():
+                cluster = stack.enter_context(local_cluster(workers, threads_per_worker,
+                                                            dashboard_address))
+            own = stack.enter_context(Client(cluster))
+        yield own
 
 
 def run_survey(lake, *, catalog, grid, out, config=None, scheduler=None, workers=None,
                threads_per_worker=1, performance_report=None, resume=False, pattern=None,
                progress=True, client=None, dashboard_address="127.0.0.1:8787", flush_every=16,
-               flush_interval=1.0):
+               flush_interval=1.0, cache_dir=None):
     """Re-calibrate every RED file under ``lake`` as one Dask job.
 
     Parameters
@@ -559,6 +590,10 @@ def run_survey(lake, *, catalog, grid, out, config=None, scheduler=None, workers
         Results are committed to the archive in batches: when ``flush_every`` are waiting
         or ``flush_interval`` seconds after the previous commit, whichever comes first. A
         killed job loses at most the uncommitted batch (recalibrated by ``resume``).
+    cache_dir : path-like, False or None
+        Where the workers keep template libraries (see
+        :func:`kspec_fluxcal.prepare_library`; None: the default location, as the workers
+        see it).
 
     Returns
     -------
@@ -572,7 +607,8 @@ def run_survey(lake, *, catalog, grid, out, config=None, scheduler=None, workers
     # One job per output directory: two would both commit at the archive's row count and
     # one job's rows would be lost.
     with exclusive(out):
-        report = _survey(Path(lake), out, config, catalog=catalog, grid=grid, resume=resume,
+        report = _survey(Path(lake), out, config, catalog=catalog, grid=grid,
+                         cache_dir=cache_dir, resume=resume,
                          pattern=pattern, progress=progress, flush=(flush_every, flush_interval),
                          cluster=dict(client=client, scheduler=scheduler, workers=workers,
                                       threads_per_worker=threads_per_worker,
@@ -587,7 +623,8 @@ def run_survey(lake, *, catalog, grid, out, config=None, scheduler=None, workers
     return report
 
 
-def _survey(lake, out, config, *, catalog, grid, resume, pattern, progress, flush, cluster):
+def _survey(lake, out, config, *, catalog, grid, cache_dir, resume, pattern, progress, flush,
+            cluster):
     """The job of :func:`run_survey`, under its lock: plan, then compute what is to do."""
     from .archive import ArchiveWriter
     from .catalog import read_catalog
@@ -623,8 +660,8 @@ def _survey(lake, out, config, *, catalog, grid, resume, pattern, progress, flus
 
     def work(client):
         utc = config.survey.utc_offset
-        _run_graph(client, todo, catalog_ds, grid, grid_plan, config, writer, report, utc,
-                   progress, *flush)
+        submitted = _submit(client, todo, catalog_ds, (grid, grid_plan, cache_dir), config, utc)
+        _collect(client, submitted, writer, report, progress, *flush)
         if config.survey.fallback:
             _run_fallback(client, todo, writer, report, config, utc, progress)
 
@@ -639,12 +676,7 @@ def _on_cluster(work, *, client, scheduler, workers, threads_per_worker, dashboa
     returns the dashboard link."""
     from distributed import performance_report as perf_report
 
-    owns_client = client is None
-    cluster = None
-    if owns_client:
-        client, cluster = _start_client(scheduler, workers, threads_per_worker,
-                                        dashboard_address)
-    try:
+    with _client(client, scheduler, workers, threads_per_worker, dashboard_address) as client:
         if progress:
             print(f"dashboard: {client.dashboard_link}", flush=True)
         ctx = (perf_report(filename=str(performance_report)) if performance_report
@@ -654,11 +686,6 @@ def _on_cluster(work, *, client, scheduler, workers, threads_per_worker, dashboa
         with client.as_current(), ctx:
             work(client)
         return client.dashboard_link
-    finally:
-        if owns_client:
-            client.close()
-            if cluster is not None:
-                cluster.close()
 
 
 def _task_failure(result):
@@ -667,49 +694,59 @@ def _task_failure(result):
     return f"task failed: {type(err).__name__}: {err}"
 
 
-def _run_graph(client, todo, catalog_ds, grid_path, grid_plan, config, writer, report, utc,
-               progress, flush_every, flush_interval):
+def _submit(client, todo, catalog_ds, templates, config, utc):
+    """The graph: one library task per configuration, the catalog scattered once, one
+    calibrate task per exposure. ``templates`` is (grid store, its build plan, the library
+    cache). Returns {future: plan entry}."""
+    grid_path, grid_plan, cache_dir = templates
     settings = json.dumps(config.to_dict(), sort_keys=True)
     by_range = {}
     for entry in todo:
         by_range.setdefault(_configuration(entry["info"]), []).append(entry)
     # Once, to every worker; a restarted worker gets it from a peer.
     catalog_future = client.scatter(catalog_ds, broadcast=True)
-    futures, by_key = [], {}
+    submitted = {}
     provenance = {"grid_id": grid_plan,
                   "config_hash": hashlib.sha1(settings.encode()).hexdigest()[:12]}
+    token = _token(Path(grid_path).resolve(), grid_plan, settings)
     for wave_range, group in by_range.items():
-        token = _token(Path(grid_path).resolve(), grid_plan, settings)
-        library = client.submit(_library_task, str(grid_path), wave_range, config, retries=2,
+        library = client.submit(_library_task, str(grid_path), wave_range, config, cache_dir,
+                                retries=2,
                                 key=f"library-{wave_range[0]:.0f}-{wave_range[1]:.0f}-{token}")
         for entry in group:
             expid = entry["info"]["expid"]
             key = f"calibrate-{expid}-{_token(entry['input_hash'], Path(entry['out']).resolve())}"
-            futures.append(client.submit(
+            future = client.submit(
                 _calibrate_task, entry["path"], entry["out"], catalog_future, library, config,
                 entry["info"]["setup"], entry["input_hash"], utc, expid, provenance, key=key,
-                retries=2))
-            by_key[key] = entry
-    bar = _Progress(len(futures), progress)
+                retries=2)
+            submitted[future] = entry
+    return submitted
+
+
+def _collect(client, submitted, writer, report, progress, flush_every, flush_interval):
+    """Results as they finish, committed to the archive in batches (see :func:`run_survey`)."""
+    bar = _Progress(len(submitted), progress)
     pending, last = [], time.monotonic()
     try:
-        for future, result in _as_completed_pairs(client, futures):
-            entry = by_key[future.key]
-            expid = entry["info"]["expid"]
-            result = _outcome(future, result, expid, report)
-            if result["status"] == "ok":
-                pending.append(result["record"])
-                report.calibrated.append(expid)
-                report.quality[expid] = result["quality"]
-            else:
-                entry["failure"] = result
-                report.failed[expid] = result["reason"]
-            bar.update(result["status"] == "ok")
-            if len(pending) >= flush_every or (
-                    pending and time.monotonic() - last >= flush_interval):
-                batch, pending = pending, []
-                writer.append(batch)
-                last = time.monotonic()
+        with _as_completed_pairs(client, submitted) as pairs:
+            for future, result in pairs:
+                entry = submitted[future]
+                expid = entry["info"]["expid"]
+                result = _outcome(future, result, expid, report)
+                if result["status"] == "ok":
+                    pending.append(result["record"])
+                    report.calibrated.append(expid)
+                    report.quality[expid] = result["quality"]
+                else:
+                    entry["failure"] = result
+                    report.failed[expid] = result["reason"]
+                bar.update(result["status"] == "ok")
+                if len(pending) >= flush_every or (
+                        pending and time.monotonic() - last >= flush_interval):
+                    batch, pending = pending, []
+                    writer.append(batch)
+                    last = time.monotonic()
     finally:
         # Also on Ctrl-C or a lost scheduler: keep what has finished.
         batch, pending = pending, []
@@ -744,17 +781,18 @@ def _run_fallback(client, todo, writer, report, config, utc, progress):
                               key=key, retries=2)] = entry
     records = []
     try:
-        for future, result in _as_completed_pairs(client, futures):
-            expid = futures[future]["info"]["expid"]
-            result = _outcome(future, result, expid, report)
-            if result["status"] == "ok":
-                records.append(result["record"])
-                report.quality[expid] = result["quality"]
-                report.failed.pop(expid, None)
-                report.calibrated.append(expid)
-                report.fallback.append(expid)
-            else:
-                report.failed[expid] += f"; archive fallback failed: {result['reason']}"
+        with _as_completed_pairs(client, futures) as pairs:
+            for future, result in pairs:
+                expid = futures[future]["info"]["expid"]
+                result = _outcome(future, result, expid, report)
+                if result["status"] == "ok":
+                    records.append(result["record"])
+                    report.quality[expid] = result["quality"]
+                    report.failed.pop(expid, None)
+                    report.calibrated.append(expid)
+                    report.fallback.append(expid)
+                else:
+                    report.failed[expid] += f"; archive fallback failed: {result['reason']}"
     finally:
         writer.append(records)
     if progress and futures:
@@ -762,13 +800,23 @@ def _run_fallback(client, todo, writer, report, config, utc, progress):
               flush=True)
 
 
+@contextlib.contextmanager
 def _as_completed_pairs(client, futures):
-    """(future, result or exception) as they finish, never raising for a failed task."""
+    """(future, result or exception) as they finish, never raising for a failed task.
+
+    Left early (Ctrl-C, SIGTERM, a lost scheduler), the tasks still to run are cancelled:
+    closed under running tasks and pending results, the cluster would log each of them as
+    lost work, with tracebacks, after the one-line message of the interruption.
+    """
     from distributed import as_completed
 
-    if not futures:
-        return iter(())
+    futures = list(futures)
     # The client's loop: as_completed would otherwise look for a default client, and the
     # caller's client need not be one (Client(..., set_as_default=False)).
-    return as_completed(list(futures), loop=client.loop, with_results=True,
-                        raise_errors=False)
+    pairs = (as_completed(futures, loop=client.loop, with_results=True, raise_errors=False)
+             if futures else iter(()))
+    try:
+        yield pairs
+    except BaseException:
+        client.cancel(futures)
+        raise
