@@ -3,19 +3,15 @@
 Standard stars observed in the same exposure are fitted with BOSZ 2024 templates (a labelled
 Zarr cube), scaled to their catalog photometry and turned into a calibration vector that is
 applied to every fiber; the whole survey re-runs as one Dask graph.
+
+The public names below are imported on first use (module ``__getattr__``, PEP 562): a
+command pays only for the modules it needs (``kspec-fluxcal info`` never imports SciPy's
+signal processing, a survey's client never imports matplotlib). The exceptions are light
+and imported at once, so that ``except kspec_fluxcal.FluxCalError`` costs nothing.
 """
 
-from importlib.metadata import PackageNotFoundError, version
+import importlib
 
-try:
-    __version__ = version("kspec-fluxcal")
-except PackageNotFoundError:  # running from a source tree that is not installed
-    __version__ = "0.0.0+unknown"
-
-from .calibration import apply_calibration, combine_vectors
-from .catalog import match_standards, query_photometry, read_catalog
-from .config import Config, load_config
-from .continuum import fit_continuum, normalize_continuum
 from .errors import (
     CalibrationError,
     CatalogError,
@@ -28,16 +24,50 @@ from .errors import (
     InputError,
     OutputExistsError,
 )
-from .exposure import open_exposure, read_exposure_info, write_calibrated
-from .grid import TemplateGrid, build_grid, open_grid
-from .lsf import LineSpread
-from .masks import load_regions, region_mask
-from .matching import cross_correlate_rv, score_templates
-from .photometry import synthetic_mag, teff_from_color
-from .pipeline import CalibrationResult, calibrate_exposure
-from .standards import fit_standards, template_library
-from .templates import prepare_library, prepare_templates, prepared_templates
-from .xp import read_xp
+
+#: Public name -> the module (in this package) that defines it.
+_LAZY = {
+    **dict.fromkeys(("apply_calibration", "combine_vectors"), "calibration"),
+    **dict.fromkeys(("match_standards", "query_photometry", "read_catalog"), "catalog"),
+    **dict.fromkeys(("Config", "load_config"), "config"),
+    **dict.fromkeys(("fit_continuum", "normalize_continuum"), "continuum"),
+    **dict.fromkeys(("open_exposure", "read_exposure_info", "write_calibrated"), "exposure"),
+    **dict.fromkeys(("TemplateGrid", "build_grid", "open_grid"), "grid"),
+    "LineSpread": "lsf",
+    **dict.fromkeys(("load_regions", "region_mask"), "masks"),
+    **dict.fromkeys(("cross_correlate_rv", "score_templates"), "matching"),
+    **dict.fromkeys(("synthetic_mag", "teff_from_color"), "photometry"),
+    **dict.fromkeys(("CalibrationResult", "calibrate_exposure"), "pipeline"),
+    **dict.fromkeys(("fit_standards", "template_library"), "standards"),
+    **dict.fromkeys(("prepare_library", "prepare_templates", "prepared_templates"), "templates"),
+    "read_xp": "xp",
+}
+
+
+def _package_version():
+    # importlib.metadata costs tens of ms to import: paid when the version is first asked for.
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("kspec-fluxcal")
+    except PackageNotFoundError:  # running from a source tree that is not installed
+        return "0.0.0+unknown"
+
+
+def __getattr__(name):
+    if name == "__version__":
+        value = _package_version()
+    elif name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    else:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    globals()[name] = value  # once: later look-ups do not come here
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(__all__))
+
 
 __all__ = [
     "__version__",

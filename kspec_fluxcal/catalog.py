@@ -7,6 +7,7 @@ import csv
 import os
 import re
 import warnings
+import weakref
 
 import numpy as np
 import xarray as xr
@@ -210,6 +211,66 @@ def read_catalog(path, bands=BANDS):
     return ds.set_xindex("objid")
 
 
+class _CatalogIndex:
+    """Look-ups in a catalog by objid and by position, built once per catalog (a job's
+    exposures all match against the same one: sorting a large catalog and building its
+    tree of positions for every file cost more than the match)."""
+
+    def __init__(self, catalog):
+        self.objid = catalog["objid"].values
+        self._order = np.argsort(self.objid, kind="stable")
+        self._sorted = self.objid[self._order]
+        ra, dec = catalog["ra"].values, catalog["dec"].values
+        # Catalog stars without a position can still be matched by objid, never by position.
+        self._placed = np.flatnonzero(np.isfinite(ra) & np.isfinite(dec))
+        self._positions = (ra[self._placed], dec[self._placed])
+        self._tree = None
+
+    def by_objid(self, objid):
+        """Catalog rows of ``objid`` (-1 where absent); catalog objids are unique."""
+        found = np.full(np.shape(objid), -1)
+        if self._sorted.size:
+            pos = np.clip(np.searchsorted(self._sorted, objid), 0, self._sorted.size - 1)
+            hit = self._sorted[pos] == objid
+            found[hit] = self._order[pos[hit]]
+        return found
+
+    def nearest(self, ra, dec):
+        """The nearest placed catalog row of each position and its separation (arcsec);
+        row -1 and separation NaN when the catalog has no positions."""
+        if not self._placed.size:
+            return np.full(np.shape(ra), -1), np.full(np.shape(ra), np.nan)
+        if self._tree is None:
+            from scipy.spatial import cKDTree
+
+            self._tree = cKDTree(_unit_vectors(*self._positions))
+        chord, row = self._tree.query(_unit_vectors(ra, dec))
+        angle = 2.0 * np.arcsin(np.minimum(np.asarray(chord) / 2.0, 1.0))
+        return self._placed[row], np.degrees(angle) * 3600.0
+
+
+def _unit_vectors(ra, dec):
+    """Cartesian unit vectors (n, 3) of positions in degrees: chord distances between them
+    order neighbours as angular separations do."""
+    ra, dec = np.radians(ra), np.radians(dec)
+    return np.stack([np.cos(dec) * np.cos(ra), np.cos(dec) * np.sin(ra), np.sin(dec)], axis=-1)
+
+
+#: id(catalog) -> (weak reference to it, its _CatalogIndex); an entry goes with its catalog.
+_INDEXES = {}
+
+
+def _catalog_index(catalog):
+    """The :class:`_CatalogIndex` of a catalog Dataset, built on its first match."""
+    key = id(catalog)
+    hit = _INDEXES.get(key)
+    if hit is not None and hit[0]() is catalog:
+        return hit[1]
+    index = _CatalogIndex(catalog)
+    _INDEXES[key] = (weakref.ref(catalog, lambda _, key=key: _INDEXES.pop(key, None)), index)
+    return index
+
+
 def match_standards(exposure, catalog, *, radius_arcsec=POSITION_MATCH_ARCSEC):
     """Find the catalog entry of every standard-star fiber (TYPE 'C') of an exposure.
 
@@ -302,34 +363,21 @@ def catalog_lookup(catalog, objid, ra, dec, radius_arcsec=POSITION_MATCH_ARCSEC)
     separation : numpy.ndarray
         arcsec (0 for OBJID matches, NaN where not tried).
     """
-    from astropy import units as u
-    from astropy.coordinates import SkyCoord
-
-    cat_objid = catalog["objid"].values
-    order = np.argsort(cat_objid)
+    lookup = _catalog_index(catalog)
     index = np.full(objid.size, -1)
     how = np.full(objid.size, "none", dtype="<U8")
     sep = np.full(objid.size, np.nan)
     by_id = objid != -1
-    if cat_objid.size:  # OBJID lookup for all fibers at once (catalog objids are unique)
-        pos = np.clip(np.searchsorted(cat_objid[order], objid), 0, cat_objid.size - 1)
-        found = by_id & (cat_objid[order][pos] == objid)
-        index[found] = order[pos[found]]
+    index[by_id] = lookup.by_objid(objid[by_id])
     how[by_id & (index >= 0)] = "objid"
     by_pos = ~by_id & np.isfinite(ra) & np.isfinite(dec)
-    # Catalog stars without a position can still be matched by objid, never by position.
-    placed = np.flatnonzero(np.isfinite(catalog["ra"].values) & np.isfinite(catalog["dec"].values))
-    if by_pos.any() and placed.size:
-        fib_c = SkyCoord(ra[by_pos] * u.deg, dec[by_pos] * u.deg)
-        cat_c = SkyCoord(catalog["ra"].values[placed] * u.deg,
-                         catalog["dec"].values[placed] * u.deg)
-        idx, d2d, _ = fib_c.match_to_catalog_sky(cat_c)
-        idx = placed[idx]
-        close = d2d.to_value(u.arcsec) <= radius_arcsec
+    if by_pos.any():
+        nearest, distance = lookup.nearest(ra[by_pos], dec[by_pos])
+        close = distance <= radius_arcsec
         pos = np.flatnonzero(by_pos)
-        index[pos[close]] = idx[close]
+        index[pos[close]] = nearest[close]
         how[pos[close]] = "position"
-        sep[pos] = d2d.to_value(u.arcsec)
+        sep[pos] = distance
     sep[how == "objid"] = 0.0
     return index, how, sep
 

@@ -38,6 +38,7 @@ import numpy as np
 from astropy.io import fits
 
 from ._atomic import atomic_directory
+from .constants import CK04_MARKER
 from .errors import GridError
 from .synthgrid import _file_bytes, bosz_filename
 from .wavelength import vacuum_to_air
@@ -46,8 +47,6 @@ __all__ = ["CK04_RESOLUTION", "CK04_MARKER", "read_ck04_file", "convert_ck04"]
 
 #: BOSZ resolution tag given to CK04 (see the module docstring).
 CK04_RESOLUTION = 500
-#: Marker file written into a converted grid (provenance; the spectra files have no header).
-CK04_MARKER = "CK04_GRID.txt"
 #: Microturbulence of the CK04 models, km/s (AA_README: "the microturbulent velocity used is
 #: 2 km s^-1").
 CK04_VMICRO = 2

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
+import threading
 import traceback
 import warnings
 from pathlib import Path
 
-from . import __version__
 from .errors import FluxCalError, FluxCalWarning
 
 __all__ = ["main", "build_parser"]
@@ -17,6 +19,9 @@ PROG = "kspec-fluxcal"
 _XP_HELP = ("Gaia XP spectra of the standards (GaiaXPy calibrate layout, CSV or ECSV; matched by "
             "the catalog's source_id, else by ra/dec): the models' broad shapes are fitted to "
             "them too")
+CACHE_HELP = ("directory of cached template libraries ('off': none; default: .kspec-cache "
+              "next to the grid store if writable, else $XDG_CACHE_HOME/kspec-fluxcal; "
+              "KSPEC_FLUXCAL_CACHE overrides the default)")
 
 
 def _note(text):
@@ -131,11 +136,13 @@ def _cmd_simulate(args):
 
 
 def _cmd_calibrate(args):
+    import dask
+    import dask.threaded
+
     from .catalog import read_catalog
     from .config import load_config
     from .grid import open_grid
     from .pipeline import calibrate_exposure
-    from .qc import qc_directory
     from .xp import read_xp
 
     _check_distinct_outputs(args)
@@ -148,6 +155,8 @@ def _cmd_calibrate(args):
     def calibrate(path):
         qc_dir = None
         if args.qc:
+            from .qc import qc_directory  # matplotlib: only for --qc
+
             out = Path(args.out) if args.out else Path(path).parent
             qc_dir = qc_directory(out.parent if out.suffix.lower() in (".fits", ".fit")
                                   else out)
@@ -159,7 +168,10 @@ def _cmd_calibrate(args):
         for note in result.warnings:
             _note(note)
 
-    failed = _each_file(args, calibrate)
+    # Dask's threaded scheduler given as a function: without one, or by name, every compute
+    # imports distributed (~0.5 s) to look for a client this command never has.
+    with dask.config.set(scheduler=dask.threaded.get):
+        failed = _each_file(args, calibrate)
     if len(args.files) > 1:
         print(f"{len(args.files) - failed} of {len(args.files)} exposure(s) calibrated")
     return 1 if failed else 0
@@ -211,7 +223,8 @@ def _cmd_survey(args):
                         config=args.config, scheduler=args.scheduler, workers=args.workers,
                         threads_per_worker=args.threads_per_worker,
                         performance_report=args.performance_report, resume=args.resume,
-                        pattern=args.pattern, progress=not args.quiet, xp=args.xp)
+                        pattern=args.pattern, progress=not args.quiet, xp=args.xp,
+                        cache_dir=args.cache)
     return 0 if report.ok else 1
 
 
@@ -243,13 +256,27 @@ def _cmd_demo(args):
 # ----------------------------------------------------------------------------- parser
 
 
+class _VersionAction(argparse.Action):
+    """``--version``: the package version, looked up only when asked for."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="show the version and exit")
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        from . import __version__
+
+        print(f"{parser.prog} {__version__}")
+        parser.exit()
+
+
 def build_parser():
     """The argument parser of the ``kspec-fluxcal`` command."""
     parser = argparse.ArgumentParser(
         prog=PROG,
         description="Spectrophotometric flux calibration of K-SPEC fiber spectra with the "
                     "standard stars observed in each exposure.")
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action=_VersionAction)
     parser.add_argument("--traceback", action="store_true",
                         help="show the Python traceback of errors (for bug reports)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -283,7 +310,7 @@ def build_parser():
                    help="also write QC plots and a summary under OUTDIR/qc/ (with --in-place: "
                    "next to each input)")
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
-    p.add_argument("--cache", help="directory for cached prepared template cubes")
+    p.add_argument("--cache", help=CACHE_HELP)
     p.add_argument("--xp", metavar="FILE", help=_XP_HELP)
     p.set_defaults(func=_cmd_calibrate)
 
@@ -311,6 +338,7 @@ def build_parser():
     p.add_argument("--resume", action="store_true",
                    help="skip exposures already archived with the same inputs")
     p.add_argument("--pattern", help="glob of RED files under LAKE_DIR (default from config)")
+    p.add_argument("--cache", help=CACHE_HELP)
     p.add_argument("--quiet", action="store_true",
                    help="no plan, progress or summary on stdout (errors still on stderr)")
     p.set_defaults(func=_cmd_survey)
@@ -389,12 +417,36 @@ def build_parser():
     return parser
 
 
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised in the main thread: the same way out as Ctrl-C, so that pools and
+    clusters the command started are closed (the default action would kill this process
+    alone and leave them to notice)."""
+
+
+def _terminate(signum, frame):
+    raise _Terminated
+
+
+@contextlib.contextmanager
+def _terminate_as_interrupt():
+    """Turn SIGTERM into :class:`_Terminated` while the command runs (main thread only; the
+    previous handler is restored)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
 def main(argv=None):
     """Run the command line; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        with warnings.catch_warnings():
+        with _terminate_as_interrupt(), warnings.catch_warnings():
             warnings.simplefilter("default", FluxCalWarning)
             warnings.showwarning = _show_warning
             return int(args.func(args) or 0)
@@ -403,6 +455,9 @@ def main(argv=None):
             traceback.print_exc()
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 1
+    except _Terminated:
+        print(f"{PROG}: terminated", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

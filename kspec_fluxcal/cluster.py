@@ -8,9 +8,10 @@ import contextlib
 import logging
 import os
 
+from ._signals import starting_workers
 from .errors import FluxCalError
 
-__all__ = ["local_cluster", "quiet_message_sizes", "dask_setup", "WORKER_MALLOC_ENV"]
+__all__ = ["local_cluster", "quiet_known_messages", "dask_setup", "WORKER_MALLOC_ENV"]
 
 
 #: glibc malloc settings of LocalCluster workers. Distributed's nannies set
@@ -24,22 +25,36 @@ WORKER_MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(8 << 20),
                      "MALLOC_MMAP_THRESHOLD_": str(8 << 20)}
 
 
-class _MessageSizeFilter(logging.Filter):
-    """Drops distributed's warning that it could not size a message ("... Defaulting to -1
-    B"): the deeply nested profile data fetched for a performance report make dask's sizeof
-    recurse too deep, and distributed then serializes the message off the event loop, as it
-    does for a large one. Nothing is wrong, but the line appeared in every demo run. Other
-    sizeof failures (of data, with other defaults) still warn."""
+class _DropMessage(logging.Filter):
+    """Drops a logger's records that contain ``fragment`` (see :data:`QUIETED`)."""
+
+    def __init__(self, fragment):
+        super().__init__()
+        self.fragment = fragment
 
     def filter(self, record):
-        return "Defaulting to -1 B" not in record.getMessage()
+        return self.fragment not in record.getMessage()
 
 
-def quiet_message_sizes():
-    """Install :class:`_MessageSizeFilter` in this process (once)."""
-    logger = logging.getLogger("distributed.sizeof")
-    if not any(isinstance(f, _MessageSizeFilter) for f in logger.filters):
-        logger.addFilter(_MessageSizeFilter())
+#: distributed's log messages that say nothing wrong in a survey job, by logger:
+#: - "Defaulting to -1 B": dask's sizeof recursed too deep in the nested profile data fetched
+#:   for a performance report, and distributed serialized the message off the event loop, as
+#:   it does for a large one (the line appeared in every demo run); other sizeof failures,
+#:   of data, with other defaults, still warn;
+#: - "ended with CancelledError": a worker closed under a task the job had cancelled, which
+#:   it does only when it is interrupted (Ctrl-C, SIGTERM): one line per running task after
+#:   the interruption's own message.
+QUIETED = {"distributed.sizeof": "Defaulting to -1 B",
+           "distributed.worker.state_machine": "ended with CancelledError"}
+
+
+def quiet_known_messages():
+    """Install the filters of :data:`QUIETED` in this process (once)."""
+    for name, fragment in QUIETED.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) and f.fragment == fragment
+                   for f in logger.filters):
+            logger.addFilter(_DropMessage(fragment))
 
 
 def dask_setup(worker):
@@ -48,9 +63,9 @@ def dask_setup(worker):
     Parameters
     ----------
     worker : distributed.Worker
-        The starting worker (unused: the filter is per process).
+        The starting worker (unused: the filters are per process).
     """
-    quiet_message_sizes()
+    quiet_known_messages()
 
 
 def local_cluster(workers=None, threads_per_worker=1, dashboard_address="127.0.0.1:8787"):
@@ -76,7 +91,7 @@ def local_cluster(workers=None, threads_per_worker=1, dashboard_address="127.0.0
     # nannies spawn workers with ("pre-spawn-environ"). A value already in os.environ (left
     # there by an earlier cluster's nannies) would take precedence over the configuration.
     saved = {k: os.environ.pop(k) for k in WORKER_MALLOC_ENV if k in os.environ}
-    quiet_message_sizes()  # the scheduler runs in this process
+    quiet_known_messages()  # the scheduler runs in this process
     preload = [*dask.config.get("distributed.worker.preload", []), __name__]
     try:
         with dask.config.set({**{f"distributed.nanny.pre-spawn-environ.{k}": v
@@ -89,16 +104,31 @@ def local_cluster(workers=None, threads_per_worker=1, dashboard_address="127.0.0
         os.environ.update(saved)
 
 
-def _start_client(scheduler, workers, threads_per_worker, dashboard_address):
+@contextlib.contextmanager
+def _client(client, scheduler, workers, threads_per_worker, dashboard_address):
+    """The caller's client (left open), or one connected to ``scheduler``, or a LocalCluster
+    started here; what is started here is closed on every way out (the work's end, an error,
+    Ctrl-C, a failure while the cluster itself starts), so no worker process outlives the
+    job."""
     from distributed import Client
 
-    if scheduler:
-        try:
-            return Client(scheduler, timeout="20s"), None
-        except OSError as err:
-            raise FluxCalError(f"cannot connect to the scheduler at {scheduler}: {err}") from None
-    cluster = local_cluster(workers, threads_per_worker, dashboard_address)
-    return Client(cluster), cluster
+    if client is not None:
+        yield client
+        return
+    with contextlib.ExitStack() as stack:
+        if scheduler:
+            try:
+                own = stack.enter_context(Client(scheduler, timeout="20s"))
+            except OSError as err:
+                raise FluxCalError(f"cannot connect to the scheduler at {scheduler}: "
+                                   f"{err}") from None
+        else:
+            # An interruption while the cluster starts is raised once it is on the stack.
+            with starting_workers():
+                cluster = stack.enter_context(local_cluster(workers, threads_per_worker,
+                                                            dashboard_address))
+            own = stack.enter_context(Client(cluster))
+        yield own
 
 
 def _on_cluster(work, *, client, scheduler, workers, threads_per_worker, dashboard_address,
@@ -107,12 +137,7 @@ def _on_cluster(work, *, client, scheduler, workers, threads_per_worker, dashboa
     returns the dashboard link."""
     from distributed import performance_report as perf_report
 
-    owns_client = client is None
-    cluster = None
-    if owns_client:
-        client, cluster = _start_client(scheduler, workers, threads_per_worker,
-                                        dashboard_address)
-    try:
+    with _client(client, scheduler, workers, threads_per_worker, dashboard_address) as client:
         if progress:
             print(f"dashboard: {client.dashboard_link}", flush=True)
         ctx = (perf_report(filename=str(performance_report)) if performance_report
@@ -122,8 +147,25 @@ def _on_cluster(work, *, client, scheduler, workers, threads_per_worker, dashboa
         with client.as_current(), ctx:
             work(client)
         return client.dashboard_link
-    finally:
-        if owns_client:
-            client.close()
-            if cluster is not None:
-                cluster.close()
+
+
+@contextlib.contextmanager
+def as_completed_pairs(client, futures):
+    """(future, result or exception) as they finish, never raising for a failed task.
+
+    Left early (Ctrl-C, SIGTERM, a lost scheduler), the tasks still to run are cancelled:
+    closed under running tasks and pending results, the cluster would log each of them as
+    lost work, with tracebacks, after the one-line message of the interruption.
+    """
+    from distributed import as_completed
+
+    futures = list(futures)
+    # The client's loop: as_completed would otherwise look for a default client, and the
+    # caller's client need not be one (Client(..., set_as_default=False)).
+    pairs = (as_completed(futures, loop=client.loop, with_results=True, raise_errors=False)
+             if futures else iter(()))
+    try:
+        yield pairs
+    except BaseException:
+        client.cancel(futures)
+        raise

@@ -898,6 +898,24 @@ def _factor_hdus(ds):
     return [factor, variance]
 
 
+def _write_fits(hdus, path):
+    """Write HDUs as a new FITS file, their binary tables first put in FITS (big-endian)
+    byte order, in place.
+
+    astropy keeps table data in the machine's order and converts them when writing: for
+    vector columns element by element, in Python (20 ms of the 50 ms a product took, for the
+    FCALSTAR table of 3 stars x 4096 pixels); data already big-endian are written as they
+    are, and the file is byte for byte the same. The tables' columns then no longer read
+    right in memory: the HDUs are for this write only.
+    """
+    for hdu in hdus:
+        data = hdu.data if isinstance(hdu, fits.BinTableHDU) else None
+        if data is not None and data.dtype != data.dtype.newbyteorder(">"):
+            data.byteswap(inplace=True)
+            data.dtype = data.dtype.newbyteorder(">")
+    fits.HDUList(hdus).writeto(path, overwrite=True, output_verify="exception")
+
+
 def write_calibrated(ds, path, *, overwrite=False, stars=None):
     """Write a calibrated exposure (formats contract section 4), atomically.
 
@@ -959,7 +977,7 @@ def write_calibrated(ds, path, *, overwrite=False, stars=None):
     if stars is not None:
         hdus.append(stars if isinstance(stars, fits.BinTableHDU) else star_table(stars))
     with atomic_file(path, overwrite=overwrite) as tmp:
-        fits.HDUList(hdus).writeto(tmp, overwrite=True, output_verify="exception")
+        _write_fits(hdus, tmp)
     return Path(path)
 
 

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .cluster import as_completed_pairs
 from .errors import FluxCalError
-from .survey import _as_completed_pairs, _internal_error, _notes, _outcome, _token
+from .survey import _internal_error, _notes, _outcome, _token
 
 __all__ = ["run_fallback"]
 
@@ -115,17 +116,18 @@ def run_fallback(client, todo, writer, report, config, utc, progress):
                               key=key, retries=2)] = entry
     records = []
     try:
-        for future, result in _as_completed_pairs(client, futures):
-            expid = futures[future]["info"]["expid"]
-            result = _outcome(future, result, expid, report)
-            if result["status"] == "ok":
-                records.append(result["record"])
-                report.quality[expid] = result["quality"]
-                report.failed.pop(expid, None)
-                report.calibrated.append(expid)
-                report.fallback.append(expid)
-            else:
-                report.failed[expid] += f"; archive fallback failed: {result['reason']}"
+        with as_completed_pairs(client, futures) as pairs:
+            for future, result in pairs:
+                expid = futures[future]["info"]["expid"]
+                result = _outcome(future, result, expid, report)
+                if result["status"] == "ok":
+                    records.append(result["record"])
+                    report.quality[expid] = result["quality"]
+                    report.failed.pop(expid, None)
+                    report.calibrated.append(expid)
+                    report.fallback.append(expid)
+                else:
+                    report.failed[expid] += f"; archive fallback failed: {result['reason']}"
     finally:
         writer.append(records)
     if progress and futures:

@@ -21,18 +21,14 @@ grid has few arrays, so opening costs a handful of small reads.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
-import gzip
 import hashlib
 import json
-import multiprocessing
 import os
 import re
 import shutil
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -40,8 +36,9 @@ import xarray as xr
 
 from . import __version__
 from ._atomic import TEMP_PREFIX
+from ._bosz import EBV_REFERENCE, band_matrix, read_bosz_spectrum, template_reader
 from ._zarr import strings_as_object, strings_as_unicode
-from .constants import BANDS, BOSZ_RESOLUTIONS
+from .constants import BANDS, BOSZ_RESOLUTIONS, CK04_MARKER
 from .errors import FluxCalWarning, GridError
 from .photometry import band_weights
 from .reddening import LAWS, extinction_per_ebv
@@ -68,8 +65,6 @@ BOSZ_NAME = re.compile(
 WAVE_NAME = re.compile(r"^bosz2024_wave_(?P<resolution>r\d+|rorig)\.txt$")
 
 CHUNK_WAVELENGTH = 8192
-#: Reference E(B-V) at which band extinction coefficients are measured (small: linear regime).
-EBV_REFERENCE = 0.05
 #: The choice among several files at the same (teff, logg, feh, alpha).
 POLICY = {
     "atmosphere": "prefer MARCS ('mp') over ATLAS9 ('ap')",
@@ -171,72 +166,6 @@ def _read_wavelength(path):
     return wave
 
 
-def read_bosz_spectrum(path, nwave):
-    """Read one BOSZ 2024 spectrum file: surface flux 4*pi*H and continuum 4*pi*C.
-
-    Parameters
-    ----------
-    path : path-like
-        A ``.txt.gz`` file with two columns, H and C, one row per grid wavelength.
-    nwave : int
-        Number of rows expected (the wavelength file's length).
-
-    Returns
-    -------
-    flux, continuum : numpy.ndarray (float64)
-    """
-    try:
-        # numpy's C parser given the path (it decompresses .gz itself): ~35% faster than
-        # split() + float(), and much faster than given a gzip file object.
-        values = np.loadtxt(path, dtype=np.float64, comments=None, ndmin=2)
-    except (OSError, EOFError) as err:  # gzip.BadGzipFile is an OSError
-        raise GridError(path, None, f"not a readable gzip file ({err})") from None
-    except ValueError:
-        values = np.zeros(0)  # a malformed row: diagnosed below
-    if values.size != 2 * nwave:
-        with gzip.open(path, "rb") as fh:
-            text = fh.read()
-        try:
-            np.array(text.split(), dtype=np.float64)
-        except ValueError as err:
-            raise GridError(path, None, f"non-numeric value ({err})") from None
-        # Slow path, only to say what is wrong.
-        lines = [ln for ln in text.splitlines() if ln.strip()]
-        if len(lines) != nwave:
-            raise GridError(path, None, f"has {len(lines)} rows, the wavelength file has {nwave}")
-        row = next(i for i, ln in enumerate(lines) if len(ln.split()) != 2)
-        raise GridError(path, f"row {row + 1}",
-                        f"has {len(lines[row].split())} columns, expected 2 (H and C)")
-    values = values.reshape(nwave, 2)
-    if not np.all(np.isfinite(values)):
-        row = int(np.flatnonzero(~np.all(np.isfinite(values), axis=1))[0])
-        raise GridError(path, f"row {row + 1}", "non-finite value (NaN or inf)")
-    return 4.0 * np.pi * values[:, 0], 4.0 * np.pi * values[:, 1]
-
-
-def _template_products(path, nwave, trim, weights, reddened):
-    """Everything the store needs from one file (runs in a worker)."""
-    flux, cont = read_bosz_spectrum(path, nwave)
-    maggies = weights @ flux
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mag = np.where(maggies > 0, -2.5 * np.log10(maggies), np.nan)
-        red = np.stack([-2.5 * np.log10(w @ flux) for w in reddened])  # (law, band)
-        coeff = (red - mag[None, :]) / EBV_REFERENCE
-    return (flux[trim].astype(np.float32), cont[trim].astype(np.float32), mag, coeff)
-
-
-_WORKER = {}
-
-
-def _init_products(weights, reddened):
-    """Band weights for :func:`_products` (a process pool's initializer: once per worker)."""
-    _WORKER["weights"], _WORKER["reddened"] = weights, reddened
-
-
-def _products(path, nwave, trim):
-    return _template_products(path, nwave, trim, _WORKER["weights"], _WORKER["reddened"])
-
-
 def _plan_hash(scan, wave_min, wave_max):
     h = hashlib.sha1()
     h.update(f"{__version__}|{scan['resolution']}|{wave_min}|{wave_max}|{BANDS}|{LAWS}".encode())
@@ -311,8 +240,6 @@ def _save_state(partial, state):
 
 def _provenance(bosz_dir):
     """(title, reference, synthetic) of a BOSZ-layout directory, from its marker files."""
-    from .ck04 import CK04_MARKER
-
     bosz = "Meszaros et al. 2024, A&A 688, A197 (BOSZ 2024)"
     if any(Path(bosz_dir).glob("SYNTHETIC_GRID*")):
         return "BOSZ 2024 stellar template grid (SYNTHETIC stand-in)", bosz, True
@@ -343,7 +270,9 @@ def build_grid(bosz_dir, out, *, wave_min=3000.0, wave_max=11000.0, resolution=N
     resolution : str, optional
         Resolution tag, when the directory holds several.
     workers : int
-        Processes reading files (a pool spawned once per build; 1 = in this process).
+        Processes reading files (1 = in this process). With more, a pool reads ahead while
+        this process writes finished slabs; it ends with the build, also on errors and
+        Ctrl-C.
     progress : bool
         Show a progress bar and messages on stdout.
     overwrite : bool
@@ -360,32 +289,50 @@ def build_grid(bosz_dir, out, *, wave_min=3000.0, wave_max=11000.0, resolution=N
         if "not chosen" not in reason:
             warnings.warn(f"{path}: skipped: {reason}", FluxCalWarning, stacklevel=2)
     plan = _plan_hash(scan, wave_min, wave_max)
-    if out.exists():
-        try:
-            existing = xr.open_zarr(out, consolidated=False).attrs.get("build_plan")
-        except Exception:
-            existing = None
-        if existing == plan and not overwrite:
-            if progress:
-                print(f"{out}: up to date ({len(scan['models'])} templates); nothing to do")
-            return out
-        if not overwrite:
-            raise GridError(out, None, "exists and was built from other inputs or options; "
-                            "pass overwrite=True (CLI: --overwrite) to rebuild it")
-
+    if _up_to_date(out, plan, overwrite, progress, len(scan["models"])):
+        return out
     wave_full = _read_wavelength(scan["wave_file"])
     trim = np.flatnonzero((wave_full >= wave_min) & (wave_full <= wave_max))
     if trim.size < 2:
         raise GridError(scan["wave_file"], None, f"no wavelengths in {wave_min}-{wave_max} A")
     trim = slice(int(trim[0]), int(trim[-1]) + 1)
-    wave = wave_full[trim]
     models = scan["models"]
     axes = {p: sorted({m[p] for m in models}) for p in PARAMS}
-    weights = band_weights(list(BANDS), wave_full).fillna(0.0).values
-    reddened = [weights * 10.0 ** (-0.4 * EBV_REFERENCE * extinction_per_ebv(wave_full, law))
-                for law in LAWS]
+    attrs = _store_attrs(bosz_dir, scan, wave_full[trim], plan)
+    partial = out.with_name(f"{TEMP_PREFIX}{out.name}.partial")
+    state = _start_partial(partial, plan, axes, wave_full[trim], attrs, progress)
+    _fill(partial, state, models, axes, wave_full, trim, workers, progress)
+    _publish(partial, out)
+    if progress:
+        print(f"wrote {out}: {len(models)} templates, {trim.stop - trim.start} wavelengths "
+              f"{wave_full[trim][0]:.1f}-{wave_full[trim][-1]:.1f} A, {len(scan['skipped'])} "
+              "files skipped")
+    return out
+
+
+def _up_to_date(out, plan, overwrite, progress, n_models):
+    """True when ``out`` was built from the same plan; refuse other inputs without
+    ``overwrite``."""
+    if not out.exists():
+        return False
+    try:
+        existing = xr.open_zarr(out, consolidated=False).attrs.get("build_plan")
+    except Exception:
+        existing = None
+    if existing == plan and not overwrite:
+        if progress:
+            print(f"{out}: up to date ({n_models} templates); nothing to do")
+        return True
+    if not overwrite:
+        raise GridError(out, None, "exists and was built from other inputs or options; "
+                        "pass overwrite=True (CLI: --overwrite) to rebuild it")
+    return False
+
+
+def _store_attrs(bosz_dir, scan, wave, plan):
+    models = scan["models"]
     title, reference, synthetic = _provenance(bosz_dir)
-    attrs = {
+    return {
         "title": title,
         "synthetic": int(synthetic),
         "source_directory": str(Path(bosz_dir).resolve()),
@@ -406,7 +353,9 @@ def build_grid(bosz_dir, out, *, wave_min=3000.0, wave_max=11000.0, resolution=N
         "complete": 0,
     }
 
-    partial = out.with_name(f"{TEMP_PREFIX}{out.name}.partial")
+
+def _start_partial(partial, plan, axes, wave, attrs, progress):
+    """The state of the partial store: resumed when it was started with the same plan."""
     state = _load_state(partial) if partial.exists() else None
     if state is None or state.get("plan") != plan:
         if partial.exists():
@@ -417,61 +366,68 @@ def build_grid(bosz_dir, out, *, wave_min=3000.0, wave_max=11000.0, resolution=N
     elif progress:
         print(f"resuming an interrupted build: {len(state['done'])}/{len(axes['teff'])} Teff "
               "slabs already written")
+    return state
 
-    index = {p: {v: i for i, v in enumerate(axes[p])} for p in PARAMS}
-    nb, nl = len(BANDS), len(LAWS)
-    started = time.time()
-    todo = [t for t in axes["teff"] if t not in state["done"]]
-    batch = max(1, 2 * max(1, workers))  # slabs per round: bounded memory, steady workers
-    if progress and todo:
-        print(f"reading {sum(m['teff'] in todo for m in models)} template files "
-              f"({len(todo)} Teff slabs) with {workers} worker(s)")
-    # One process pool for the whole build, the band weights (~40 MB) sent to each worker once:
-    # Dask's process scheduler pickled them into every file's task (3-6x slower than 1 worker).
-    _init_products(weights, reddened)
-    pool = contextlib.nullcontext() if workers <= 1 or not todo else ProcessPoolExecutor(
-        workers, mp_context=multiprocessing.get_context("spawn"), initializer=_init_products,
-        initargs=(weights, reddened))
-    with pool:
-        for start in range(0, len(todo), batch):
-            slabs = todo[start:start + batch]
-            chosen = [m for m in models if m["teff"] in slabs]
-            args = ([m["path"] for m in chosen], [wave_full.size] * len(chosen),
-                    [trim] * len(chosen))
-            products = (map(_products, *args) if workers <= 1 or not todo
-                        else pool.map(_products, *args, chunksize=4))
-            results = {t: [] for t in slabs}
-            for m, product in zip(chosen, products, strict=True):
-                results[m["teff"]].append((m, product))
-            for t in slabs:
-                shape = tuple(len(axes[p]) for p in PARAMS[1:])
-                flux = np.full(shape + (wave.size,), np.nan, np.float32)
-                cont = np.full_like(flux, np.nan)
-                exists = np.zeros(shape, bool)
-                mags = np.full(shape + (nb,), np.nan)
-                coeff = np.full(shape + (nl, nb), np.nan)
-                for m, (f, c, mag, co) in results[t]:
-                    at = tuple(index[p][m[p]] for p in PARAMS[1:])
-                    flux[at], cont[at], exists[at], mags[at], coeff[at] = f, c, True, mag, co
-                i = index["teff"][t]
-                slab = xr.Dataset({
-                    "flux": (PARAMS + ("wavelength",), flux[None]),
-                    "continuum": (PARAMS + ("wavelength",), cont[None]),
-                    "exists": (PARAMS, exists[None]),
-                    "synth_mag": (PARAMS + ("band",), mags[None]),
-                    "ext_coeff": (PARAMS + ("law", "band"), coeff[None]),
-                })
-                # Every chunk written, even all-NaN ones: a store's chunks are then all
-                # present, and a missing one means damage (check_chunks).
-                slab.to_zarr(partial, region={"teff": slice(i, i + 1)}, consolidated=False,
-                             write_empty_chunks=True)
-                state["done"].append(t)
-                _save_state(partial, state)
+
+def _fill(partial, state, models, axes, wave_full, trim, workers, progress):
+    """Read the files of the slabs not yet written and write each slab as soon as all its
+    files are read."""
+    import zarr
+
+    todo = [m for m in models if m["teff"] not in state["done"]]
+    if not todo:
+        return
+    weights = band_weights(list(BANDS), wave_full).fillna(0.0).values
+    reddened = [weights * 10.0 ** (-0.4 * EBV_REFERENCE * extinction_per_ebv(wave_full, law))
+                for law in LAWS]
+    matrix, span = band_matrix(weights, reddened)
+    left = {t: sum(m["teff"] == t for m in todo) for t in dict.fromkeys(m["teff"] for m in todo)}
+    workers = max(1, min(int(workers), len(todo)))
+    if progress:
+        print(f"reading {len(todo)} template files ({len(left)} Teff slabs) with {workers} "
+              "worker(s)")
+    group = zarr.open_group(partial, mode="r+")
+    started, slab = time.time(), []
+    with template_reader(workers, wave_full.size, trim, matrix, span, len(BANDS)) as read:
+        for m, product in zip(todo, read([m["path"] for m in todo]), strict=True):
+            slab.append((m, product))
+            left[m["teff"]] -= 1
+            if left[m["teff"]]:
+                continue
+            _write_slab(group, axes, m["teff"], slab)
+            slab = []
+            state["done"].append(m["teff"])
+            _save_state(partial, state)
             if progress:
-                done = sum(m["teff"] in state["done"] for m in models)
-                print(f"  {done}/{len(models)} files, {len(state['done'])}/{len(axes['teff'])} "
-                      f"Teff slabs written ({time.time() - started:.0f} s)", flush=True)
+                print(f"  {len(todo) - sum(left.values())}/{len(todo)} files, "
+                      f"{len(state['done'])}/{len(axes['teff'])} Teff slabs written "
+                      f"({time.time() - started:.0f} s)", flush=True)
 
+
+def _write_slab(group, axes, teff, products):
+    """Write one Teff slab (every variable, every chunk, also all-NaN ones: a store's chunks
+    are then all present, and a missing one means damage, see :func:`check_chunks`)."""
+    shape = tuple(len(axes[p]) for p in PARAMS[1:])
+    flux, cont, mag, coeff = products[0][1]
+    arrays = {"flux": np.full(shape + flux.shape, np.nan, np.float32),
+              "continuum": np.full(shape + cont.shape, np.nan, np.float32),
+              "exists": np.zeros(shape, bool),
+              "synth_mag": np.full(shape + mag.shape, np.nan),
+              "ext_coeff": np.full(shape + coeff.shape, np.nan)}
+    index = {p: {v: i for i, v in enumerate(axes[p])} for p in PARAMS[1:]}
+    for m, (f, c, g, e) in products:
+        at = tuple(index[p][m[p]] for p in PARAMS[1:])
+        for name, value in zip(arrays, (f, c, True, g, e), strict=True):
+            arrays[name][at] = value
+    i = axes["teff"].index(teff)
+    # Straight to the Zarr arrays: xarray's region writes re-open and re-validate the whole
+    # store on every call, which cost more than the slab's compression.
+    for name, values in arrays.items():
+        group[name].with_config({"write_empty_chunks": True})[i] = values
+
+
+def _publish(partial, out):
+    """Mark the partial store complete and rename it to ``out`` (replacing an older one)."""
     import zarr
 
     group = zarr.open_group(partial, mode="r+")
@@ -484,10 +440,6 @@ def build_grid(bosz_dir, out, *, wave_min=3000.0, wave_max=11000.0, resolution=N
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(partial, out)
-    if progress:
-        print(f"wrote {out}: {len(models)} templates, {wave.size} wavelengths "
-              f"{wave[0]:.1f}-{wave[-1]:.1f} A, {len(scan['skipped'])} files skipped")
-    return out
 
 
 #: Variables of a template store whose every chunk must be present: Zarr reads a missing
@@ -588,6 +540,32 @@ def open_checked_store(path, names=STORE_VARIABLES, *, chunks=None, hint=REBUILD
                              name=f"store-{name}-{tokenize(str(path), ds[name].chunks)}")
         ds[name] = ds[name].copy(data=data)
     return ds
+
+
+def load_checked_store(path, names=STORE_VARIABLES, *, hint=REBUILD_HINT):
+    """Read a Zarr store of templates whole into memory, straight through Zarr (no Dask: a
+    compute would also import distributed to look for a client).
+
+    Raises
+    ------
+    GridError
+        When a chunk of ``names`` does not decode, naming it (found by reading the
+        variables chunk by chunk, only then).
+    """
+    ds = xr.open_zarr(path, consolidated=False, chunks=None)
+    try:
+        return ds.load()
+    except Exception:
+        import zarr
+
+        group = zarr.open_group(path, mode="r")
+        for name in (n for n in names if n in group):
+            array = group[name]
+            reader = _CheckedChunks(array, path, name, hint)
+            for coords in np.ndindex(*array.cdata_shape):
+                reader[tuple(slice(c * k, (c + 1) * k)
+                             for c, k in zip(coords, array.chunks, strict=True))]
+        raise
 
 
 def open_grid(path, *, chunks=None):

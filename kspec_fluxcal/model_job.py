@@ -440,7 +440,7 @@ def _fit(client, plan, config, archive, store):
 def _residual_round(client, solved, batches, huber, archive, spec, store, curves, key):
     """Submit the residual tasks of a round; gather their scalars and error sums (and store
     the curves)."""
-    from .survey import _as_completed_pairs
+    from .cluster import as_completed_pairs
 
     n = batches[-1][0].stop
     out = {k: np.full(n, np.nan) for k in ("grey", "mean_square", "formal")}
@@ -448,16 +448,17 @@ def _residual_round(client, solved, batches, huber, archive, spec, store, curves
     futures = {client.submit(_residual_task, str(archive), spec, batch, solved, huber[part],
                              curves, key=key.format(k)): (k, part)
                for k, (part, batch) in enumerate(batches)}
-    for future, result in _as_completed_pairs(client, futures):
-        if future.status != "finished":
-            raise FluxCalError(f"survey model: task {future.key} failed ({result!r})")
-        k, part = futures[future]
-        sums[k] = result["sums"]
-        for name in ("grey", "mean_square", "formal"):
-            out[name][part] = result[name]
-        if curves:
-            store.write_residuals(np.arange(part.start, part.stop), result["residual"])
-        future.release()
+    with as_completed_pairs(client, futures) as pairs:
+        for future, result in pairs:
+            if future.status != "finished":
+                raise FluxCalError(f"survey model: task {future.key} failed ({result!r})")
+            k, part = futures[future]
+            sums[k] = result["sums"]
+            for name in ("grey", "mean_square", "formal"):
+                out[name][part] = result[name]
+            if curves:
+                store.write_residuals(np.arange(part.start, part.stop), result["residual"])
+            future.release()
     # Added in the batches' order, whatever order they finished in: the same bits each run.
     out["sums"] = np.sum(sums, axis=0)
     return out

@@ -154,8 +154,9 @@ def calibrate_exposure(path, catalog, grid, out=None, *, config=None, overwrite=
     in_place : bool
         Replace the input file with the calibrated one (atomically); for a symbolic link,
         the file it points at (the link stays).
-    cache_dir : path-like, optional
-        Zarr cache of prepared template cubes.
+    cache_dir : path-like, False or None
+        Where template libraries are cached on disk (see
+        :func:`kspec_fluxcal.prepare_library`); None: the default location, False: none.
     qc_dir : path-like, optional
         Write the QC plots and summary there: drawn from the written product (as
         :func:`kspec_fluxcal.qc.qc_from_file` does), or from the result when nothing is written.

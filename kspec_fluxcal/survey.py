@@ -48,7 +48,7 @@ import numpy as np
 from . import __version__
 from ._atomic import check_output_directory
 from ._lock import exclusive
-from .cluster import WORKER_MALLOC_ENV, _on_cluster, local_cluster
+from .cluster import WORKER_MALLOC_ENV, _on_cluster, as_completed_pairs, local_cluster
 from .config import Config, load_config
 from .errors import CalibrationError, FluxCalError, FluxCalWarning, InputError
 
@@ -301,8 +301,9 @@ def _internal_error(err):
             f"({Path(where.filename).name}:{where.lineno})")
 
 
-def _library_task(grid_path, wave_range, config):
-    """The template library of a configuration (see :func:`kspec_fluxcal.prepare_library`)."""
+def _library_task(grid_path, wave_range, config, cache_dir=None):
+    """The template library of a configuration (see :func:`kspec_fluxcal.prepare_library`):
+    read from the disk cache when an earlier job prepared it."""
     import dask
 
     from .grid import open_grid
@@ -312,7 +313,7 @@ def _library_task(grid_path, wave_range, config):
     # graph back to the cluster (here, the grid's chunks as tasks on other workers), which
     # costs transfers and can stall when every worker thread is busy preparing a library.
     with dask.config.set(scheduler="synchronous"):
-        return prepare_library(open_grid(grid_path), wave_range, config)
+        return prepare_library(open_grid(grid_path), wave_range, config, cache_dir=cache_dir)
 
 
 def _configuration(info):
@@ -389,7 +390,7 @@ class _Progress:
 def run_survey(lake, *, catalog, grid, out, config=None, scheduler=None, workers=None,
                threads_per_worker=1, performance_report=None, resume=False, pattern=None,
                progress=True, client=None, dashboard_address="127.0.0.1:8787", flush_every=16,
-               flush_interval=1.0, xp=None):
+               flush_interval=1.0, xp=None, cache_dir=None):
     """Re-calibrate every RED file under ``lake`` as one Dask job.
 
     Parameters
@@ -426,6 +427,10 @@ def run_survey(lake, *, catalog, grid, out, config=None, scheduler=None, workers
     xp : path-like, optional
         Gaia XP spectra of the standards (:func:`kspec_fluxcal.xp.read_xp`), read once and
         sent to every worker; part of every exposure's input hash.
+    cache_dir : path-like, False or None
+        Where the workers keep template libraries (see
+        :func:`kspec_fluxcal.prepare_library`; None: the default location, as the workers
+        see it).
 
     Returns
     -------
@@ -440,6 +445,7 @@ def run_survey(lake, *, catalog, grid, out, config=None, scheduler=None, workers
     # one job's rows would be lost.
     with exclusive(out):
         report = _survey(Path(lake), out, config, catalog=catalog, grid=grid, resume=resume, xp=xp,
+                         cache_dir=cache_dir,
                          pattern=pattern, progress=progress, flush=(flush_every, flush_interval),
                          cluster=dict(client=client, scheduler=scheduler, workers=workers,
                                       threads_per_worker=threads_per_worker,
@@ -455,7 +461,7 @@ def run_survey(lake, *, catalog, grid, out, config=None, scheduler=None, workers
 
 
 def _survey(lake, out, config, *, catalog, grid, resume, pattern, progress, flush, cluster,
-            xp=None):
+            xp=None, cache_dir=None):
     """The job of :func:`run_survey`, under its lock: plan, then compute what is to do."""
     from .archive import ArchiveWriter
     from .catalog import read_catalog
@@ -501,8 +507,8 @@ def _survey(lake, out, config, *, catalog, grid, resume, pattern, progress, flus
         catalog_future = client.scatter(catalog_ds, broadcast=True)
         inputs = catalog_future if xp_ds is None else client.scatter(
             SimpleNamespace(catalog=catalog_ds, xp=xp_ds), broadcast=True)
-        _run_graph(client, todo, inputs, grid, grid_plan, config, writer, report, utc,
-                   progress, flush)
+        _run_graph(client, todo, inputs, (grid, grid_plan, cache_dir), config, writer, report,
+                   utc, progress, flush)
         if config.model.enabled:
             from .model_job import run_model
 
@@ -546,17 +552,22 @@ def _provenance(config, grid_plan):
     return {"grid_id": grid_plan, "config_hash": hashlib.sha1(settings.encode()).hexdigest()[:12]}
 
 
-def _run_graph(client, todo, catalog_future, grid_path, grid_plan, config, writer, report, utc,
-               progress, flush):
+def _run_graph(client, todo, catalog_future, templates, config, writer, report, utc, progress,
+               flush):
+    """The first pass: one library task per configuration, one calibrate task per exposure,
+    committed as they finish. ``templates`` is (grid store, its build plan, the library
+    cache)."""
+    grid_path, grid_plan, cache_dir = templates
     settings = _settings(config)
     by_range = {}
     for entry in todo:
         by_range.setdefault(_configuration(entry["info"]), []).append(entry)
     futures = {}
     provenance = _provenance(config, grid_plan)
+    token = _token(Path(grid_path).resolve(), grid_plan, settings)
     for wave_range, group in by_range.items():
-        token = _token(Path(grid_path).resolve(), grid_plan, settings)
-        library = client.submit(_library_task, str(grid_path), wave_range, config, retries=2,
+        library = client.submit(_library_task, str(grid_path), wave_range, config, cache_dir,
+                                retries=2,
                                 key=f"library-{wave_range[0]:.0f}-{wave_range[1]:.0f}-{token}")
         for entry in group:
             expid = entry["info"]["expid"]
@@ -599,19 +610,20 @@ def collect(client, futures, writer, report, handle, flush=(16, 1.0), bar=None):
     flush_every, flush_interval = flush
     pending, last = [], time.monotonic()
     try:
-        for future, result in _as_completed_pairs(client, futures):
-            entry = futures[future]
-            result = _outcome(future, result, entry["info"]["expid"], report)
-            record = handle(entry, result)
-            if record is not None:
-                pending.append(record)
-            if bar is not None:
-                bar.update(result["status"] == "ok")
-            if len(pending) >= flush_every or (
-                    pending and time.monotonic() - last >= flush_interval):
-                batch, pending = pending, []
-                writer.append(batch)
-                last = time.monotonic()
+        with as_completed_pairs(client, futures) as pairs:
+            for future, result in pairs:
+                entry = futures[future]
+                result = _outcome(future, result, entry["info"]["expid"], report)
+                record = handle(entry, result)
+                if record is not None:
+                    pending.append(record)
+                if bar is not None:
+                    bar.update(result["status"] == "ok")
+                if len(pending) >= flush_every or (
+                        pending and time.monotonic() - last >= flush_interval):
+                    batch, pending = pending, []
+                    writer.append(batch)
+                    last = time.monotonic()
     finally:
         # Also on Ctrl-C or a lost scheduler: keep what has finished.
         batch, pending = pending, []
@@ -627,15 +639,3 @@ def _outcome(future, result, expid, report):
     if result.get("notes"):
         report.notes[expid] = result["notes"]
     return result
-
-
-def _as_completed_pairs(client, futures):
-    """(future, result or exception) as they finish, never raising for a failed task."""
-    from distributed import as_completed
-
-    if not futures:
-        return iter(())
-    # The client's loop: as_completed would otherwise look for a default client, and the
-    # caller's client need not be one (Client(..., set_as_default=False)).
-    return as_completed(list(futures), loop=client.loop, with_results=True,
-                        raise_errors=False)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import json
+import os
 import threading
 import warnings
 from pathlib import Path
@@ -39,12 +40,12 @@ from .config import Config, continuum_options
 from .constants import FWHM_PER_SIGMA
 from .errors import FluxCalWarning, GridError
 from .exposure import setup_key
-from .grid import PARAMS, check_chunks, open_checked_store
+from .grid import PARAMS, STORE_VARIABLES, check_chunks, load_checked_store
 from .lsf import LineSpread
 
 __all__ = ["convolution_matrix", "prepare_templates", "prepared_templates", "clear_cache",
            "prepare_library", "library_spectra", "library_range", "is_library",
-           "check_coverage"]
+           "check_coverage", "default_cache_dir", "CACHE_ENV"]
 
 _NSIGMA = 5.0
 
@@ -198,19 +199,90 @@ def prepare_templates(grid, wavelength, lsf, *, variables=("flux", "continuum"))
     return ds
 
 
-def _read_cached(path):
-    """A cached prepared cube, in memory; None (with a note) when the store is damaged and
-    must be prepared again: missing chunks would otherwise read as NaN templates."""
+#: Environment variable naming the directory of cached template libraries (and prepared
+#: cubes); ``off`` (or an empty value) disables the disk cache.
+CACHE_ENV = "KSPEC_FLUXCAL_CACHE"
+#: The cache directory created next to a template grid store by default.
+CACHE_NAME = ".kspec-cache"
+#: Values of :data:`CACHE_ENV` (or ``cache_dir``) that turn the disk cache off.
+_CACHE_OFF = ("", "off", "none", "no", "0", "false")
+
+
+def default_cache_dir(grid_store=None):
+    """Where prepared template libraries are kept on disk when no directory is given.
+
+    In order: the environment variable :data:`CACHE_ENV` (``off`` for no disk cache); a
+    ``.kspec-cache`` directory next to the grid store, when it can be written there;
+    ``$XDG_CACHE_HOME/kspec-fluxcal`` (default ``~/.cache/kspec-fluxcal``).
+
+    Parameters
+    ----------
+    grid_store : path-like, optional
+        The template grid's Zarr store (``grid.attrs["store"]`` of :func:`open_grid`).
+
+    Returns
+    -------
+    pathlib.Path or None
+        None when the disk cache is turned off.
+    """
+    value = os.environ.get(CACHE_ENV)
+    if value is not None:
+        return None if value.strip().lower() in _CACHE_OFF else Path(value).expanduser()
+    if grid_store:
+        beside = Path(grid_store).resolve().parent / CACHE_NAME
+        if os.access(beside if beside.is_dir() else beside.parent, os.W_OK | os.X_OK):
+            return beside
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg) / "kspec-fluxcal"
+
+
+def _cache_dir(cache_dir, grid):
+    """The disk cache to use: ``cache_dir`` as given, the default for None, none for False
+    or 'off'."""
+    if cache_dir is None:
+        return default_cache_dir(grid.attrs.get("store"))
+    if cache_dir is False or str(cache_dir).strip().lower() in _CACHE_OFF:
+        return None
+    return Path(cache_dir)
+
+
+def _read_cached(path, names=STORE_VARIABLES, what="prepared-template", check=None):
+    """A cached store, in memory; None (with a note) when it is damaged and must be prepared
+    again: missing chunks would otherwise read as NaN templates. ``check(ds)`` returns a
+    problem of the content (or None)."""
     try:
-        check_chunks(path, hint="")
-        return open_checked_store(path, hint="").load()
+        check_chunks(path, names, hint="")
+        ds = strings_as_unicode(load_checked_store(path, names, hint=""))
+        problem = None if check is None else check(ds)
+        if problem is None:
+            return ds
     except GridError as err:
         problem = str(err).removeprefix(f"{path}: ")
     except Exception as err:  # unreadable metadata: whatever Zarr raises
         problem = f"{type(err).__name__}: {err}"
-    warnings.warn(f"{path}: damaged prepared-template cache ({problem}); rebuilt",
+    warnings.warn(f"{path}: damaged {what} cache ({problem}); rebuilt",
                   FluxCalWarning, stacklevel=4)
     return None
+
+
+def _write_cached(ds, path):
+    """Keep ``ds`` as the Zarr store ``path``, atomically; never fails the caller's work.
+
+    Concurrent writers each build their own temporary store and rename it into place: a
+    reader sees a complete store or none. When another process published first, its store
+    is kept and ours dropped. A directory that cannot be written costs a note, not the
+    calibration.
+    """
+    try:
+        with atomic_directory(path, overwrite=True) as tmp:
+            # Every chunk written (also all-NaN ones): a missing one means damage.
+            strings_as_object(ds).to_zarr(tmp, mode="w", consolidated=False,
+                                          write_empty_chunks=True)
+    except OSError as err:
+        if not path.is_dir():  # not another writer's rename: the directory is unusable
+            warnings.warn(f"{path.parent}: cannot keep a template cache there ({err}); set "
+                          f"{CACHE_ENV} or --cache to a writable directory",
+                          FluxCalWarning, stacklevel=4)
 
 
 class _Cache:
@@ -238,10 +310,7 @@ class _Cache:
         if ds is None:
             ds = prepare_templates(grid, wave, lsf, variables=variables).load()
             if path is not None:
-                with atomic_directory(path, overwrite=True) as tmp:
-                    # Every chunk written (also all-NaN ones): a missing one means damage.
-                    strings_as_object(ds).to_zarr(tmp, mode="w", consolidated=False,
-                                                  write_empty_chunks=True)
+                _write_cached(ds, path)
         with self._lock:
             self._items[key] = ds
             while len(self._items) > self.size:
@@ -273,8 +342,12 @@ def prepared_templates(grid, wavelength, lsf, *, cache_dir=None, variables=("flu
 
 
 def clear_cache():
-    """Forget the prepared cubes held in memory."""
+    """Forget the prepared cubes, template libraries and operators held in memory (the disk
+    cache stays)."""
     _CACHE.clear()
+    with _LIBRARIES_LOCK:
+        _LIBRARIES.clear()
+    _MATRICES.clear()
 
 
 # ----------------------------------------------------------------------------- libraries
@@ -332,7 +405,13 @@ _LIBRARIES_SIZE = 3
 
 def prepare_library(grid, wave_range, config=None, *, cache_dir=None,
                     max_resolving_power=LIBRARY_MAX_RESOLVING_POWER):
-    """The template library of a grid for a wavelength range, computed once per process.
+    """The template library of a grid for a wavelength range, computed once.
+
+    Kept in memory (the last few, per process) and on disk, as a Zarr store
+    ``library-<key>.zarr`` named by a hash of the grid build, the range and the options, so
+    that later commands and other processes load it (a fraction of a second) instead of
+    fitting every template's continuum again (seconds). A damaged store is rebuilt with a
+    note; stores are published atomically, so concurrent jobs may share a cache.
 
     Parameters
     ----------
@@ -342,8 +421,10 @@ def prepare_library(grid, wave_range, config=None, *, cache_dir=None,
         Range to cover, Angstrom (see :func:`library_range`); clipped to the grid's.
     config : Config, optional
         Continuum options ([continuum]) are taken from it.
-    cache_dir : path-like, optional
-        Where libraries are kept as Zarr stores for other processes and later runs.
+    cache_dir : path-like, False or None
+        Where libraries are kept on disk; None: :func:`default_cache_dir` (next to the grid
+        store, or the user's cache; the environment variable ``KSPEC_FLUXCAL_CACHE``
+        overrides it); False or ``'off'``: in memory only.
     max_resolving_power : float
         Sharper grids are pre-convolved to this resolving power first.
 
@@ -370,20 +451,35 @@ def prepare_library(grid, wave_range, config=None, *, cache_dir=None,
         if key in _LIBRARIES:
             _LIBRARIES.move_to_end(key)
             return _LIBRARIES[key]
-    path = None if cache_dir is None else Path(cache_dir) / f"library-{key}.zarr"
+    # A grid not opened from a store (id() in its identity) has nothing to share on disk.
+    folder = _cache_dir(cache_dir, grid) if grid.attrs.get("build_plan") else None
+    path = None if folder is None else folder / f"library-{key}.zarr"
+    library = None
     if path is not None and path.exists():
-        library = strings_as_unicode(xr.open_zarr(path, consolidated=False).load())
-    else:
+        library = _read_cached(path, LIBRARY_VARIABLES, "template-library",
+                               check=lambda ds: _library_problem(ds, key))
+    if library is None:
         library = _build_library(grid, lo, hi, options, max_resolving_power)
         library.attrs["library_key"] = key
         if path is not None:
-            with atomic_directory(path, overwrite=True) as tmp:
-                strings_as_object(library).to_zarr(tmp, mode="w", consolidated=False)
+            _write_cached(library, path)
     with _LIBRARIES_LOCK:
         _LIBRARIES[key] = library
         while len(_LIBRARIES) > _LIBRARIES_SIZE:
             _LIBRARIES.popitem(last=False)
     return library
+
+
+#: Variables of a library store whose every chunk must be present.
+LIBRARY_VARIABLES = ("flux", "norm", "synth_mag", "ext_coeff", "template_index")
+
+
+def _library_problem(ds, key):
+    """What makes a cached store unfit as library ``key`` (None when it is fit)."""
+    if not is_library(ds) or ds.attrs.get("library_key") != key:
+        return f"not the template library {key}"
+    missing = [v for v in LIBRARY_VARIABLES if v not in ds]
+    return f"missing {', '.join(missing)}" if missing else None
 
 
 def _build_library(grid, lo, hi, options, max_resolving_power):
@@ -466,6 +562,10 @@ class _MatrixCache:
             while len(self._items) > self.size:
                 self._items.popitem(last=False)
         return item
+
+    def clear(self):
+        with self._lock:
+            self._items.clear()
 
 
 _MATRICES = _MatrixCache()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import signal
+import sys
 from pathlib import Path
 
 import dask
@@ -12,10 +13,21 @@ import pytest
 
 from kspec_fluxcal.exposure import red_hdulist
 from kspec_fluxcal.synthgrid import write_synthetic_grid
+from kspec_fluxcal.templates import CACHE_ENV
 
 SHARED_REAL = Path(__file__).resolve().parents[2] / "shared" / "real"
 requires_shared = pytest.mark.skipif(not SHARED_REAL.is_dir(),
                                      reason="../shared/real (real spectra) is not present")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def template_cache(tmp_path_factory):
+    """Template libraries cached in the session's temporary directory, never next to a
+    user's grid or in their home; subprocesses and cluster workers inherit the variable."""
+    path = tmp_path_factory.mktemp("template_cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(CACHE_ENV, str(path))
+        yield path
 
 
 @pytest.fixture(scope="session")
@@ -24,6 +36,30 @@ def small_grid(tmp_path_factory):
     module that only reads it."""
     return write_synthetic_grid(tmp_path_factory.mktemp("small_grid"), small=True, workers=2)
 
+
+@pytest.fixture(scope="session")
+def command_inputs(small_grid, tmp_path_factory):
+    """Inputs of commands run through the entry point: the small grid, its cube, a small
+    simulated survey (4 exposures, one setup) and one exposure with its catalog."""
+    from test_bad_input import build_base, write_catalog
+
+    from kspec_fluxcal.grid import build_grid
+    from kspec_fluxcal.simulate import Setup, simulate_survey
+
+    root = tmp_path_factory.mktemp("commands")
+    cube = build_grid(small_grid, root / "grid.zarr", progress=False)
+    base = build_base(root, bosz=small_grid, store=cube)
+    survey = simulate_survey(root / "survey", exposures=4, nights=1, seed=5, grid=small_grid,
+                             setups=[Setup("a", pixels=1024, fibers=8)])
+    red = root / "red.fits"
+    red.write_bytes(base.red[2])
+    catalog = write_catalog(root / "catalog.csv", base.rows[2])
+    return {"bosz": small_grid, "cube": cube, "survey": survey, "red": red,
+            "catalog": catalog}
+
+
+#: The command line's entry point, as installed beside this Python.
+ENTRY_POINT = Path(sys.executable).with_name("kspec-fluxcal")
 
 #: Lines reported at the end of the run: statistics and progress of long tests.
 _REPORT = []

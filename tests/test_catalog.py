@@ -1,7 +1,11 @@
+import gc
+
 import numpy as np
 import pytest
+import xarray as xr
 from conftest import CATALOG_HEADER, catalog_row
 
+from kspec_fluxcal import catalog as catalog_module
 from kspec_fluxcal.catalog import match_standards, query_photometry, read_catalog
 from kspec_fluxcal.errors import CatalogError, FluxCalWarning
 from kspec_fluxcal.exposure import open_exposure
@@ -114,3 +118,31 @@ def test_two_fibers_on_one_star_keep_the_higher_snr(red_file, catalog_file):
         matched = match_standards(ds, read_catalog(catalog_file(rows)))
     assert list(matched["fiber"].values) == [1]
     assert list(matched["objid"].values) == [55]
+
+
+def test_catalog_indexed_once_for_every_exposure(red_file, catalog_file, monkeypatch):
+    """Issue 14: a job matches each of its exposures against one catalog; sorting it by
+    objid and building the tree of its positions once (not per file) is what keeps a large
+    catalog cheap. The look-up goes with the catalog."""
+    built = []
+    original = catalog_module._CatalogIndex.__init__
+
+    def counting(self, catalog):
+        built.append(id(catalog))
+        original(self, catalog)
+
+    monkeypatch.setattr(catalog_module._CatalogIndex, "__init__", counting)
+    ds = open_exposure(red_file(fibres={"OBJID": np.array([55, -1, 3, 4, 5, 6])}))
+    ra1, dec1 = ds["ra"].values[1], ds["dec"].values[1]
+    catalog = read_catalog(catalog_file([catalog_row(55, 0.0, 0.0),
+                                         catalog_row(77, ra1, dec1 + 1.0 / 3600)]))
+    first = match_standards(ds, catalog)
+    second = match_standards(ds, catalog)
+    assert len(built) == 1
+    xr.testing.assert_identical(first, second)
+    assert list(second["match"].values) == ["objid", "position"]
+    assert second["separation"].values[1] == pytest.approx(1.0, abs=1e-6)
+    key = id(catalog)
+    del catalog, first, second
+    gc.collect()
+    assert key not in catalog_module._INDEXES

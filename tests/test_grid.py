@@ -1,7 +1,9 @@
 import gzip
+import re
 import shutil
 
 import numpy as np
+import psutil
 import pytest
 import xarray as xr
 from conftest import SHARED_REAL, requires_shared
@@ -112,6 +114,30 @@ def test_rebuild_is_idempotent_and_resumes(bosz_dir, tmp_path, capsys):
     build_grid(bosz_dir, out2, progress=True)
     assert "resuming an interrupted build: 2/5" in capsys.readouterr().out
     np.testing.assert_array_equal(open_grid(out2)["flux"].values, first)
+
+
+def test_pool_build_equals_the_in_process_one(bosz_dir, cube, tmp_path):
+    out = build_grid(bosz_dir, tmp_path / "pool.zarr", wave_min=3000, wave_max=11000,
+                     workers=2, progress=False)
+    xr.testing.assert_identical(open_grid(out).drop_attrs(), open_grid(cube).drop_attrs())
+    assert _pool_processes() == []  # the pool ended with the build
+
+
+def test_bad_file_in_a_pool_build_is_named_and_the_pool_ends(bosz_dir, tmp_path):
+    copy = tmp_path / "bosz"
+    shutil.copytree(bosz_dir, copy)
+    bad = sorted(copy.rglob("*_mp_*.txt.gz"))[3]
+    bad.write_bytes(b"not gzip")
+    with pytest.raises(GridError, match=rf"{re.escape(bad.name)}: not a readable gzip file"):
+        build_grid(copy, tmp_path / "g.zarr", workers=2, progress=False)
+    assert _pool_processes() == []
+
+
+def _pool_processes():
+    """Child processes of this one, but multiprocessing's resource tracker (it lives as long
+    as the process that started it)."""
+    children = psutil.Process().children(recursive=True)
+    return [c for c in children if "resource_tracker" not in " ".join(c.cmdline())]
 
 
 def test_other_inputs_need_overwrite(bosz_dir, cube, tmp_path):

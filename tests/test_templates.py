@@ -1,13 +1,22 @@
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pytest
 import xarray as xr
 
+from kspec_fluxcal import templates
 from kspec_fluxcal.constants import FWHM_PER_SIGMA
 from kspec_fluxcal.errors import FluxCalWarning, GridError
+from kspec_fluxcal.grid import build_grid, open_grid
 from kspec_fluxcal.lsf import LineSpread
 from kspec_fluxcal.templates import (
+    CACHE_ENV,
     clear_cache,
     convolution_matrix,
+    default_cache_dir,
+    library_range,
+    prepare_library,
     prepare_templates,
     prepared_templates,
 )
@@ -125,3 +134,117 @@ def test_damaged_cache_store_is_rebuilt_with_a_note(tmp_path, damage):
     clear_cache()
     xr.testing.assert_equal(prepared_templates(grid, wave, lsf, cache_dir=tmp_path)["flux"],
                             fresh["flux"])  # the rebuilt store is whole
+
+
+# ----------------------------------------------------------------------------- library cache
+
+
+@pytest.fixture(scope="module")
+def cube(small_grid, tmp_path_factory):
+    return build_grid(small_grid, tmp_path_factory.mktemp("cube") / "grid.zarr", progress=False)
+
+
+def _library(cube, **kwargs):
+    wave_range = library_range(np.linspace(4000.0, 8000.0, 500), LineSpread.constant(8.0))
+    return prepare_library(open_grid(cube), wave_range, **kwargs)
+
+
+def _no_build(*args, **kwargs):
+    raise AssertionError("the library was prepared again instead of read from the disk cache")
+
+
+def test_library_kept_on_disk_by_default_and_read_back(cube, tmp_path, monkeypatch):
+    """Issue 14: the library (continuum fits of every template, seconds) is prepared once per
+    machine, not once per process: a later process reads the store."""
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    clear_cache()
+    first = _library(cube)
+    (store,) = (tmp_path / "cache").glob("library-*.zarr")
+    assert store.name == f"library-{first.attrs['library_key']}.zarr"
+    clear_cache()  # as a new process
+    monkeypatch.setattr(templates, "_build_library", _no_build)
+    again = _library(cube)
+    xr.testing.assert_identical(again.drop_attrs(), first.drop_attrs())
+    assert again.attrs["library_key"] == first.attrs["library_key"]
+    assert not list((tmp_path / "cache").glob(".kspec-tmp-*"))  # published, nothing left
+
+
+def test_library_cache_off_and_explicit_directory(cube, tmp_path, monkeypatch):
+    monkeypatch.setenv(CACHE_ENV, "off")
+    clear_cache()
+    _library(cube)
+    clear_cache()
+    _library(cube, cache_dir=tmp_path / "given")
+    assert [p.name[:8] for p in (tmp_path / "given").iterdir()] == ["library-"]
+    clear_cache()
+    monkeypatch.setattr(templates, "_build_library", _no_build)
+    with pytest.raises(AssertionError, match="prepared again"):
+        _library(cube, cache_dir=False)  # in memory only: nothing read from disk
+
+
+def test_default_cache_location(tmp_path, monkeypatch):
+    store = tmp_path / "grids" / "grid.zarr"
+    store.mkdir(parents=True)
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "mine"))
+    assert default_cache_dir(store) == tmp_path / "mine"
+    for off in ("off", "", "none"):
+        monkeypatch.setenv(CACHE_ENV, off)
+        assert default_cache_dir(store) is None
+    monkeypatch.delenv(CACHE_ENV)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir(store) == tmp_path / "grids" / ".kspec-cache"
+    assert default_cache_dir(None) == tmp_path / "xdg" / "kspec-fluxcal"
+    monkeypatch.setattr(templates.os, "access", lambda path, mode: False)  # a read-only grid
+    assert default_cache_dir(store) == tmp_path / "xdg" / "kspec-fluxcal"
+
+
+@pytest.mark.parametrize("damage", ["missing", "garbage", "other"])
+def test_damaged_library_store_is_rebuilt_with_a_note(cube, tmp_path, damage):
+    clear_cache()
+    fresh = _library(cube, cache_dir=tmp_path)
+    (store,) = tmp_path.glob("library-*.zarr")
+    chunk = next(p for p in sorted((store / "norm").rglob("*")) if p.is_file()
+                 and p.name != "zarr.json")
+    if damage == "missing":
+        chunk.unlink()
+        problem = r"variable norm chunk c/.*missing"
+    elif damage == "garbage":
+        chunk.write_bytes(b"garbage")
+        problem = r"variable norm chunk c/.*unreadable"
+    else:  # another library's store under this name (a copied cache directory)
+        import zarr
+
+        zarr.open_group(store, mode="r+").attrs["library_key"] = "0123456789abcdef"
+        problem = "not the template library"
+    clear_cache()
+    with pytest.warns(FluxCalWarning, match=rf"{store.name}: damaged template-library cache "
+                                            rf"\({problem}.*\); rebuilt"):
+        again = _library(cube, cache_dir=tmp_path)
+    xr.testing.assert_identical(again.drop_attrs(), fresh.drop_attrs())
+    clear_cache()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FluxCalWarning)  # the rebuilt store is whole
+        xr.testing.assert_identical(_library(cube, cache_dir=tmp_path).drop_attrs(),
+                                    fresh.drop_attrs())
+
+
+def test_concurrent_cache_writers_publish_one_whole_store(cube, tmp_path):
+    """Jobs sharing a cache may prepare the same library at once: each writes its own
+    temporary store and renames it into place; whichever wins, the store is whole."""
+    clear_cache()
+    library = _library(cube, cache_dir=False)
+    path = tmp_path / f"library-{library.attrs['library_key']}.zarr"
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda _: templates._write_cached(library, path), range(8)))
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    back = templates._read_cached(path, templates.LIBRARY_VARIABLES)
+    xr.testing.assert_identical(back.drop_attrs(), library.drop_attrs())
+
+
+def test_unwritable_cache_costs_a_note_not_the_calibration(cube, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache directory should be")
+    clear_cache()
+    with pytest.warns(FluxCalWarning, match="cannot keep a template cache there"):
+        library = _library(cube, cache_dir=blocker / "cache")
+    assert library.sizes["template"] > 0

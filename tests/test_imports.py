@@ -1,0 +1,59 @@
+"""A command pays only for the modules it uses (issue 14), seen in a fresh process's
+``sys.modules`` after the command: the package's import is light (its public names are
+imported on first use), no single-process command imports dask.distributed, and matplotlib
+comes only with QC plots."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+#: Heavy packages that ``import kspec_fluxcal`` must leave alone.
+NOT_ON_IMPORT = ("numpy", "scipy", "xarray", "astropy", "dask", "zarr", "distributed",
+                 "matplotlib", "speclite", "bokeh")
+
+
+def imported(code):
+    """Top-level packages imported by running ``code`` in a fresh interpreter."""
+    script = f"{code}\nimport json, sys\nprint(json.dumps(sorted(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         check=True).stdout
+    return {name.split(".")[0] for name in json.loads(out.splitlines()[-1])}
+
+
+def command(*args):
+    """Code running ``kspec-fluxcal args`` as the entry point does (its status checked)."""
+    return ("from kspec_fluxcal.cli import main\ntry:\n"
+            f"    status = main({[str(a) for a in args]!r})\n"
+            "except SystemExit as exit:  # --help\n    status = exit.code\n"
+            "assert not status, status")
+
+
+def test_package_import_is_light_and_the_api_whole():
+    assert not imported("import kspec_fluxcal") & set(NOT_ON_IMPORT)
+    names = imported("import kspec_fluxcal as kf\nfor name in kf.__all__: getattr(kf, name)")
+    assert "xarray" in names  # the names resolve (to the modules that define them)
+    assert not names & {"distributed", "matplotlib", "bokeh"}
+
+
+@pytest.mark.parametrize(("args", "absent", "present"), [
+    pytest.param(lambda i, t: ("--help",), NOT_ON_IMPORT, (), id="help"),
+    pytest.param(lambda i, t: ("info", i["red"]),
+                 ("distributed", "matplotlib", "speclite", "bokeh", "zarr"), ("astropy",),
+                 id="info"),
+    pytest.param(lambda i, t: ("calibrate", i["red"], "--catalog", i["catalog"], "--grid",
+                               i["cube"], "--out", t / "cal"),
+                 ("distributed", "matplotlib", "bokeh"), ("scipy",), id="calibrate"),
+    pytest.param(lambda i, t: ("calibrate", i["red"], "--catalog", i["catalog"], "--grid",
+                               i["cube"], "--out", t / "qc", "--qc"),
+                 ("distributed", "bokeh"), ("matplotlib",), id="calibrate-qc"),
+    pytest.param(lambda i, t: ("grid", "build", i["bosz"], "--out", t / "g.zarr", "--quiet"),
+                 ("distributed", "matplotlib", "bokeh"), ("speclite",), id="grid-build"),
+])
+def test_commands_import_only_what_they_use(command_inputs, tmp_path, args, absent, present):
+    names = imported(command(*args(command_inputs, tmp_path)))
+    assert not names & set(absent)
+    assert set(present) <= names
