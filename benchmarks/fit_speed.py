@@ -64,10 +64,11 @@ from kspec_fluxcal.constants import FWHM_PER_SIGMA, SPEED_OF_LIGHT_KMS  # noqa: 
 from kspec_fluxcal.continuum import fit_continuum  # noqa: E402
 from kspec_fluxcal.exposure import open_exposure  # noqa: E402
 from kspec_fluxcal.grid import PARAMS, open_grid  # noqa: E402
+from kspec_fluxcal.lsf import exposure_lsf  # noqa: E402
 from kspec_fluxcal.masks import region_mask  # noqa: E402
 from kspec_fluxcal.matching import score_templates  # noqa: E402
 from kspec_fluxcal.simulate import CATALOG_HEADER, GridStars, Setup, simulate_exposure  # noqa: E402
-from kspec_fluxcal.standards import _continuum_options, exposure_lsf, fit_standards, prepare_setup  # noqa: E402, I001
+from kspec_fluxcal.standards import _continuum_options, fit_standards, prepare_setup  # noqa: E402, I001
 
 SEED = 4
 N_LOOP = 40  # templates timed in the reference loop

@@ -125,21 +125,8 @@ def combine_vectors(stars, method=None, sigma_clip=None, smooth=None, *, config=
         raise ValueError(f"method must be 'weighted_mean' or 'median', not {method!r}")
     stars = stars.compute()
     status = np.array(stars["status"].values, dtype=object)
-    if status.size == 0:
-        raise CalibrationError("no standard-star fiber (TYPE 'C') in the exposure")
+    use, last_resort = _usable_stars(stars, status, config)
     vec = _StarVectors(stars)
-    use = np.array([s == "ok" for s in status])
-    last_resort = not use.any()
-    if last_resort:
-        use = _last_resort(stars, status, config)
-    if not use.any():
-        raise CalibrationError("no usable standard star",
-                               {_star_label(stars, s): status[s] for s in range(status.size)})
-    if last_resort:
-        warnings.warn(f"{stars.attrs.get('expid', 'exposure')}: no standard fitted within "
-                      f"{100 * config.fit.max_model_error:g}% model error; calibrated from "
-                      f"{int(use.sum())} that no template fits well (grade D)", FluxCalWarning,
-                      stacklevel=2)
     level_conflict = _reject_stars(stars, vec, use, status, opts)
     idx = np.flatnonzero(use)
     stack = _stack(vec, idx, sigma_clip, opts)
@@ -152,6 +139,50 @@ def combine_vectors(stars, method=None, sigma_clip=None, smooth=None, *, config=
         warnings.warn(f"{stars.attrs.get('expid', 'exposure')}: one usable standard star "
                       f"({_star_label(stars, idx[0])}); no combination, no scatter estimate",
                       FluxCalWarning, stacklevel=2)
+    quality = _quality(stars, idx, fcalrms, last_resort, level_conflict)
+    out = _calibration(stars, status, use, stack.g, level, level_var, resp, measured, quality)
+    out.attrs.update(method=method, smooth=int(bool(smooth)), history=[])
+    add_history(out, f"combined {idx.size} of {status.size} standard(s) ({method}, "
+                f"clip {sigma_clip:g} sigma{_smoothing_text(smooth, opts)}); rms between "
+                f"standards {fcalrms:.4f}; quality {quality.fcalqual}"
+                + (f"; telluric columns O2 {resp.telluric['fcalo2']:.3f}, H2O "
+                   f"{resp.telluric['fcalh2o']:.3f}" if resp.fitted else ""))
+    return out
+
+
+def _usable_stars(stars, status, config):
+    """Which stars the combination starts from: the fit's 'ok' ones, or (none) the last
+    resort (:func:`_last_resort`, with a warning). Takes the fit's result and its
+    ``status`` (S,); returns ``use`` (S, bool) and whether it is the last resort. Raises
+    CalibrationError when there is no star, or none usable (each star's reason given)."""
+    if status.size == 0:
+        raise CalibrationError("no standard-star fiber (TYPE 'C') in the exposure")
+    use = np.array([s == "ok" for s in status])
+    last_resort = not use.any()
+    if last_resort:
+        use = _last_resort(stars, status, config)
+    if not use.any():
+        raise CalibrationError("no usable standard star",
+                               {_star_label(stars, s): status[s] for s in range(status.size)})
+    if last_resort:
+        warnings.warn(f"{stars.attrs.get('expid', 'exposure')}: no standard fitted within "
+                      f"{100 * config.fit.max_model_error:g}% model error; calibrated from "
+                      f"{int(use.sum())} that no template fits well (grade D)", FluxCalWarning,
+                      stacklevel=3)
+    return use, last_resort
+
+
+class _Quality(NamedTuple):
+    fcalrms: float
+    fcalqual: str
+    fcalmerr: float
+
+
+def _quality(stars, idx, fcalrms, last_resort, level_conflict):
+    """The calibration's quality figures from the stars used (``idx``): the scatter
+    ``fcalrms`` between them (given), the median model error, and the grade (D for the last
+    resort, at worst C when two standards' levels conflict, with a warning; else
+    :func:`quality_grade`)."""
     merr = _per_star(stars, "model_error", idx)
     fcalmerr = float(np.nanmedian(merr)) if np.isfinite(merr).any() else np.nan
     fcalqual = "D" if last_resort else quality_grade(stars, idx, fcalrms, fcalmerr)
@@ -159,13 +190,20 @@ def combine_vectors(stars, method=None, sigma_clip=None, smooth=None, *, config=
         fcalqual = max(fcalqual, "C")  # the grades are ordered A < B < C < D
         warnings.warn(f"{stars.attrs.get('expid', 'exposure')}: the two standards disagree in "
                       "level by more than aperture losses allow (wrong photometry for one of "
-                      "them?); their mean level is used", FluxCalWarning, stacklevel=2)
+                      "them?); their mean level is used", FluxCalWarning, stacklevel=3)
+    return _Quality(fcalrms, fcalqual, fcalmerr)
+
+
+def _calibration(stars, status, use, g, level, level_var, resp, measured, quality):
+    """The combination as a Dataset: the response ``resp`` put back on the stars' mean
+    ``level`` (with its variance), per-star status, grey levels (``g`` of the used stars,
+    over the level) and use, and the attrs (FCAL* keywords, telluric columns, line spread)."""
+    idx = np.flatnonzero(use)
     grey = np.full(status.size, np.nan)
-    grey[idx] = stack.g / level
-    final = level * resp.curve
-    out = xr.Dataset(
+    grey[idx] = g / level
+    return xr.Dataset(
         {
-            "cal": ("wavelength", final, {"units": CAL_UNIT}),
+            "cal": ("wavelength", level * resp.curve, {"units": CAL_UNIT}),
             "cal_variance": ("wavelength", level**2 * resp.curve_var + level_var * resp.curve**2,
                              {"units": f"({CAL_UNIT})**2"}),
             "cal_mask": ("wavelength", measured,
@@ -183,24 +221,24 @@ def combine_vectors(stars, method=None, sigma_clip=None, smooth=None, *, config=
         },
         coords={"wavelength": stars["wavelength"], "star": np.arange(status.size),
                 "fiber": ("star", stars["fiber"].values), "objid": ("star", stars["objid"].values)},
-        attrs={"fcalnstr": int(idx.size), "fcalrms": fcalrms, "single_star": int(idx.size == 1),
-               "fcalqual": fcalqual, "fcalmerr": fcalmerr,
+        attrs={"fcalnstr": int(idx.size), "fcalrms": quality.fcalrms,
+               "single_star": int(idx.size == 1), "fcalqual": quality.fcalqual,
+               "fcalmerr": quality.fcalmerr,
                "fcallsf": float(stars.attrs.get("lsf_scale", np.nan)),
                # The grey level's share of cal_smooth_variance, fractional: what is left is
                # the shape's (the survey model's input).
                "level_variance": float(level_var / level**2),
-               **resp.telluric, "lsf_fwhm_coeffs": list(stars.attrs.get("lsf_fwhm_coeffs", [])),
-               "method": method, "smooth": int(bool(smooth)), "history": []},
+               **resp.telluric, "lsf_fwhm_coeffs": list(stars.attrs.get("lsf_fwhm_coeffs", []))},
     )
-    add_history(out, f"combined {idx.size} of {status.size} standard(s) ({method}, "
-                f"clip {sigma_clip:g} sigma"
-                + (f", B-spline knots {opts.smooth_scale:g} A" if smooth and
-                   opts.smooth_method == "bspline" else
-                   f", Savitzky-Golay {opts.smooth_scale:g} A" if smooth else ", unsmoothed")
-                + f"); rms between standards {fcalrms:.4f}; quality {fcalqual}"
-                + (f"; telluric columns O2 {resp.telluric['fcalo2']:.3f}, H2O "
-                   f"{resp.telluric['fcalh2o']:.3f}" if resp.fitted else ""))
-    return out
+
+
+def _smoothing_text(smooth, opts):
+    """How the response was smoothed, for the history entry."""
+    if not smooth:
+        return ", unsmoothed"
+    if opts.smooth_method == "bspline":
+        return f", B-spline knots {opts.smooth_scale:g} A"
+    return f", Savitzky-Golay {opts.smooth_scale:g} A"
 
 
 class _StarVectors:

@@ -9,7 +9,7 @@ import numpy as np
 
 from .constants import FWHM_PER_SIGMA, LSF_REFERENCE_WAVELENGTH
 
-__all__ = ["LineSpread"]
+__all__ = ["LineSpread", "exposure_lsf"]
 
 
 @dataclass(frozen=True)
@@ -78,3 +78,11 @@ class LineSpread:
         """A short stable hash of the description (setups are keyed by it)."""
         text = ",".join(f"{c:.6g}" for c in self.coeffs)
         return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def exposure_lsf(exposure, config):
+    """The exposure's line-spread function (from its attrs), or the configured FWHM override
+    (``config.instrument.fwhm`` > 0)."""
+    if config.instrument.fwhm > 0:
+        return LineSpread.constant(config.instrument.fwhm, "config [instrument] fwhm")
+    return LineSpread.from_attrs(exposure.attrs)

@@ -88,16 +88,10 @@ def calibrate(exposure, catalog, grid, config=None, *, cache_dir=None, xp=None):
 
     Parameters
     ----------
-    exposure : xarray.Dataset
-        From :func:`kspec_fluxcal.open_exposure`.
-    catalog : xarray.Dataset
-        From :func:`kspec_fluxcal.read_catalog`.
-    grid : xarray.Dataset
-        Opened template grid, or a prepared setup (:func:`kspec_fluxcal.prepare_setup`).
-    config : Config, optional
-    xp : xarray.Dataset or path-like, optional
-        Gaia XP spectra of the standards (:func:`kspec_fluxcal.xp.read_xp`): see
-        :func:`kspec_fluxcal.fit_standards`.
+    exposure, catalog, grid, config, cache_dir, xp
+        Passed to :func:`kspec_fluxcal.fit_standards` (see it): the opened exposure, the
+        catalog, the template grid or library, the options, where libraries are cached,
+        and the standards' Gaia XP spectra.
 
     Returns
     -------

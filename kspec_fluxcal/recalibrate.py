@@ -29,7 +29,7 @@ from .archive import archive_grid, night_of
 from .constants import CAL_UNIT
 from .errors import CalibrationError
 from .exposure import add_history
-from .standards import exposure_lsf
+from .lsf import exposure_lsf
 from .telluric import transmission
 
 __all__ = ["combine_with_model", "model_calibration", "MODEL_GRADE", "SOURCES"]

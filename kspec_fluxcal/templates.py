@@ -285,45 +285,40 @@ def _write_cached(ds, path):
                           FluxCalWarning, stacklevel=4)
 
 
-class _Cache:
-    """Prepared cubes, by grid and setup: in memory (a few) and optionally as Zarr stores."""
+class _Recent:
+    """The last few values by key, shared by threads (a worker's threads calibrate exposures
+    at once): what each cache of this module keeps in memory."""
 
-    def __init__(self, size=4):
+    def __init__(self, size):
         self.size = size
         self._items = collections.OrderedDict()
         self._lock = threading.Lock()
-        self.hits = self.misses = 0
 
-    def get(self, grid, wavelength, lsf, cache_dir=None, variables=("flux", "continuum")):
-        lsf = _as_lsf(lsf)
-        wave = np.asarray(wavelength, dtype=np.float64)
-        ident = str(grid.attrs.get("build_plan") or id(grid)) + str(grid.attrs.get("store", ""))
-        key = hashlib.sha1(f"{ident}|{setup_key(wave, lsf)}|{variables}".encode()).hexdigest()[:16]
+    def get(self, key):
+        """The value kept for ``key`` (now the most recent), or None."""
         with self._lock:
             if key in self._items:
                 self._items.move_to_end(key)
-                self.hits += 1
                 return self._items[key]
-        self.misses += 1
-        path = None if cache_dir is None else Path(cache_dir) / f"prepared-{key}.zarr"
-        ds = _read_cached(path) if path is not None and path.exists() else None
-        if ds is None:
-            ds = prepare_templates(grid, wave, lsf, variables=variables).load()
-            if path is not None:
-                _write_cached(ds, path)
+        return None
+
+    def put(self, key, value):
+        """Keep ``value`` for ``key``; the oldest beyond ``size`` are forgotten."""
         with self._lock:
-            self._items[key] = ds
+            self._items[key] = value
             while len(self._items) > self.size:
                 self._items.popitem(last=False)
-        return ds
 
     def clear(self):
         with self._lock:
             self._items.clear()
-            self.hits = self.misses = 0
+
+    def __len__(self):
+        return len(self._items)
 
 
-_CACHE = _Cache()
+#: Prepared cubes, by grid and setup (also as Zarr stores with a cache directory).
+_PREPARED = _Recent(4)
 
 
 def prepared_templates(grid, wavelength, lsf, *, cache_dir=None, variables=("flux", "continuum")):
@@ -338,16 +333,30 @@ def prepared_templates(grid, wavelength, lsf, *, cache_dir=None, variables=("flu
     xarray.Dataset
         In memory (numpy-backed).
     """
-    return _CACHE.get(grid, wavelength, lsf, cache_dir, tuple(variables))
+    variables = tuple(variables)
+    lsf = _as_lsf(lsf)
+    wave = np.asarray(wavelength, dtype=np.float64)
+    ident = str(grid.attrs.get("build_plan") or id(grid)) + str(grid.attrs.get("store", ""))
+    key = hashlib.sha1(f"{ident}|{setup_key(wave, lsf)}|{variables}".encode()).hexdigest()[:16]
+    ds = _PREPARED.get(key)
+    if ds is not None:
+        return ds
+    path = None if cache_dir is None else Path(cache_dir) / f"prepared-{key}.zarr"
+    ds = _read_cached(path) if path is not None and path.exists() else None
+    if ds is None:
+        ds = prepare_templates(grid, wave, lsf, variables=variables).load()
+        if path is not None:
+            _write_cached(ds, path)
+    _PREPARED.put(key, ds)
+    return ds
 
 
 def clear_cache():
     """Forget the prepared cubes, template libraries and operators held in memory (the disk
     cache stays)."""
-    _CACHE.clear()
-    with _LIBRARIES_LOCK:
-        _LIBRARIES.clear()
-    _MATRICES.clear()
+    _PREPARED.clear()
+    _LIBRARIES.clear()
+    _OPERATORS.clear()
 
 
 # ----------------------------------------------------------------------------- libraries
@@ -397,10 +406,8 @@ def is_library(obj):
     return isinstance(obj, xr.Dataset) and obj.attrs.get("kind") == "template library"
 
 
-_LIBRARIES = collections.OrderedDict()
-_LIBRARIES_LOCK = threading.Lock()
 #: Libraries kept in memory per process (each ~10-100 MB).
-_LIBRARIES_SIZE = 3
+_LIBRARIES = _Recent(3)
 
 
 def prepare_library(grid, wave_range, config=None, *, cache_dir=None,
@@ -447,14 +454,12 @@ def prepare_library(grid, wave_range, config=None, *, cache_dir=None,
     ident = f"{grid.attrs.get('build_plan') or id(grid)}|{grid.attrs.get('store', '')}"
     key = hashlib.sha1(f"{ident}|{lo:.1f}|{hi:.1f}|{sorted(options.items())}|"
                        f"{max_resolving_power}".encode()).hexdigest()[:16]
-    with _LIBRARIES_LOCK:
-        if key in _LIBRARIES:
-            _LIBRARIES.move_to_end(key)
-            return _LIBRARIES[key]
+    library = _LIBRARIES.get(key)
+    if library is not None:
+        return library
     # A grid not opened from a store (id() in its identity) has nothing to share on disk.
     folder = _cache_dir(cache_dir, grid) if grid.attrs.get("build_plan") else None
     path = None if folder is None else folder / f"library-{key}.zarr"
-    library = None
     if path is not None and path.exists():
         library = _read_cached(path, LIBRARY_VARIABLES, "template-library",
                                check=lambda ds: _library_problem(ds, key))
@@ -463,10 +468,7 @@ def prepare_library(grid, wave_range, config=None, *, cache_dir=None,
         library.attrs["library_key"] = key
         if path is not None:
             _write_cached(library, path)
-    with _LIBRARIES_LOCK:
-        _LIBRARIES[key] = library
-        while len(_LIBRARIES) > _LIBRARIES_SIZE:
-            _LIBRARIES.popitem(last=False)
+    _LIBRARIES.put(key, library)
     return library
 
 
@@ -538,37 +540,24 @@ def _build_library(grid, lo, hi, options, max_resolving_power):
     )
 
 
-class _MatrixCache:
-    """Library-to-exposure operators, by (library, pixels, LSF): a few, with their memory."""
+#: Library-to-exposure operators, by (library, pixels, LSF): a few, with their memory.
+_OPERATORS = _Recent(16)
 
-    def __init__(self, size=16):
-        self.size = size
-        self._items = collections.OrderedDict()
-        self._lock = threading.Lock()
 
-    def get(self, library, wavelength, lsf):
-        wave = np.ascontiguousarray(np.round(np.asarray(wavelength, dtype=np.float64), 6))
-        key = (library.attrs.get("library_key", id(library)), wave.tobytes(), lsf.key())
-        with self._lock:
-            if key in self._items:
-                self._items.move_to_end(key)
-                return self._items[key]
-        check_coverage(library, wave, lsf, "library")
-        matrix, sharper = convolution_matrix(library["wavelength"].values, wave, lsf,
-                                             float(library.attrs["resolving_power"]))
-        item = (matrix.astype(np.float32).tocsr(), sharper)
-        with self._lock:
-            self._items[key] = item
-            while len(self._items) > self.size:
-                self._items.popitem(last=False)
+def _library_operator(library, wavelength, lsf):
+    """The library-to-exposure operator (float32 CSR) for pixels ``wavelength`` and line
+    spread ``lsf``, and whether the library is sharper than the LSF; built once, kept."""
+    wave = np.ascontiguousarray(np.round(np.asarray(wavelength, dtype=np.float64), 6))
+    key = (library.attrs.get("library_key", id(library)), wave.tobytes(), lsf.key())
+    item = _OPERATORS.get(key)
+    if item is not None:
         return item
-
-    def clear(self):
-        with self._lock:
-            self._items.clear()
-
-
-_MATRICES = _MatrixCache()
+    check_coverage(library, wave, lsf, "library")
+    matrix, sharper = convolution_matrix(library["wavelength"].values, wave, lsf,
+                                         float(library.attrs["resolving_power"]))
+    item = (matrix.astype(np.float32).tocsr(), sharper)
+    _OPERATORS.put(key, item)
+    return item
 
 
 def library_spectra(library, wavelength, lsf, templates=None, *, kind="norm"):
@@ -595,7 +584,7 @@ def library_spectra(library, wavelength, lsf, templates=None, *, kind="norm"):
         float64.
     """
     lsf = _as_lsf(lsf)
-    matrix, sharper = _MATRICES.get(library, wavelength, lsf)
+    matrix, sharper = _library_operator(library, wavelength, lsf)
     if sharper > 0:
         warnings.warn(f"the line spread ({lsf.coeffs}) is sharper than the templates' "
                       f"resolution R = {library.attrs['resolving_power']:g} on "

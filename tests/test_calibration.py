@@ -7,7 +7,7 @@ from kspec_fluxcal.config import Config
 from kspec_fluxcal.constants import FLUX_UNIT
 from kspec_fluxcal.errors import CalibrationError, FluxCalWarning
 from kspec_fluxcal.masks import region_mask
-from kspec_fluxcal.standards import fit_photometry
+from kspec_fluxcal.photometry import fit_photometry
 
 WAVE = np.linspace(3600.0, 8600.0, 1200)
 

@@ -12,10 +12,11 @@ from kspec_fluxcal.catalog import read_catalog
 from kspec_fluxcal.config import Config
 from kspec_fluxcal.errors import CalibrationError, FluxCalWarning
 from kspec_fluxcal.exposure import open_exposure
+from kspec_fluxcal.exposure_templates import template_library
 from kspec_fluxcal.grid import build_grid, open_grid
 from kspec_fluxcal.masks import region_mask
 from kspec_fluxcal.simulate import GridStars, Setup, simulate_exposure, write_catalog
-from kspec_fluxcal.standards import fit_standards, template_library
+from kspec_fluxcal.standards import fit_standards
 from kspec_fluxcal.synthgrid import write_synthetic_grid
 
 SETUP = Setup(name="test", pixels=2048, fibers=8)

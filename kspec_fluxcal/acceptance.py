@@ -1,0 +1,149 @@
+"""Each standard's calibration vector and whether it can calibrate (steps 8-9 of
+:mod:`kspec_fluxcal.standards`): Cal_star with variance and mask, the throughput it implies,
+the reason for rejection or 'ok', and notes on accepted fits."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+
+from .constants import FLUX_UNIT_SCALE, HC_ERG_AA
+from .grid import PARAMS
+from .masks import load_regions, region_mask
+
+__all__ = ["star_vectors", "implied_throughput", "acceptance", "star_flags"]
+
+
+def star_vectors(obs, model, config, lsf):
+    """Cal_star = model at Earth / counts, with variance and the reliability mask (step 8).
+
+    Takes the observed standards, the final model, the config (line masks) and the line
+    spread (mask padding). Returns a namespace of (S, P) arrays: ``cal``, ``cal_var`` (NaN
+    where not computable) and ``cal_mask`` (True = reliable)."""
+    line_good = region_mask(obs.star_wave, load_regions(config.masks.lines),
+                            pad=0.5 * lsf.fwhm(obs.star_wave))
+    rel_scale = np.nan_to_num(model.scale_err / model.scale)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cal = model.model_flux / obs.flux
+        # Photon noise, the model's per-pixel mismatch and the photometric scale.
+        cal_var = cal**2 * (obs.var / obs.flux**2 + np.nan_to_num(model.model_error)[:, None] ** 2
+                            + rel_scale[:, None] ** 2)
+    cal_ok = obs.good & (obs.flux > 0) & np.isfinite(cal) & np.isfinite(model.model_flux)
+    return SimpleNamespace(cal=np.where(cal_ok, cal, np.nan),
+                           cal_var=np.where(cal_ok, cal_var, np.nan),
+                           cal_mask=cal_ok & line_good & obs.extra_good)
+
+
+def implied_throughput(obs, model, vectors, config):
+    """Each star's end-to-end peak throughput implied by its counts and its scaled model:
+    counts per pixel / (photons per pixel above the atmosphere), 90th percentile over its
+    reliable pixels (gain taken as 1 e-/count). Photometry of another star shows here: 1 mag
+    too faint implies 2.5 times the instrument's throughput."""
+    width = np.gradient(obs.star_wave, axis=1)
+    photons = (model.model_flux * FLUX_UNIT_SCALE * obs.exptime
+               * config.instrument.collecting_area * width * obs.star_wave / HC_ERG_AA)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = np.where(vectors.cal_mask & (photons > 0), obs.flux / photons, np.nan)
+        ok = np.isfinite(ratio).any(axis=1)
+        peak = np.full(obs.nstar, np.nan)
+        if ok.any():
+            peak[ok] = np.nanpercentile(ratio[ok], 90, axis=1)
+    return peak
+
+
+def _throughput_verdict(value, config):
+    """'ok', 'flag' (outside the plausible range, within the margin) or 'refuse'."""
+    inst = config.instrument
+    lo, hi, margin = inst.throughput_min, inst.throughput_max, inst.throughput_margin
+    if not np.isfinite(value) or lo <= value <= hi:
+        return "ok"
+    return "flag" if lo / margin <= value <= hi * margin else "refuse"
+
+
+def acceptance(obs, prior, scan, model, params, matched, library, config):
+    """Why each star cannot calibrate, or 'ok' (step 9): a list of S strings.
+
+    Rejected for: no catalog entry or too few bands; too few good pixels or too low S/N; no
+    template; photometry that disagrees with the spectrum's model (another star, a blend or
+    a variable: residual rms beyond ``max_rms``, for the chosen model or for the template
+    the spectrum alone prefers, which photometry given weight could otherwise pull away); an
+    unphysical velocity or reddening (pinned at the search limits); a model error beyond
+    ``max_model_error`` (not a star like the templates); a fit pinned at the grid's Teff
+    edge while the colours put the star beyond it (the vector's slope would be wrong by the
+    missing temperature). Template mismatch below ``max_model_error`` is a quality figure
+    (``model_error``), carried into the star's weight.
+    """
+    fit, phot = config.fit, config.photometry
+    pf = model.phot
+    teff = params["teff"]
+    lo, hi = library["teff"].values[0], library["teff"].values[-1]
+    edge_window = fit.teff_window / 3
+    edge = (((teff <= lo + 1) & (prior.teff_colour < lo - edge_window))
+            | ((teff >= hi - 1) & (prior.teff_colour > hi + edge_window)))
+    out = []
+    for s in range(obs.nstar):
+        if matched["match"].values[s] == "none":
+            out.append("no catalog match")
+        elif pf["n_bands"][s] < phot.min_bands:
+            out.append(f"fewer than {phot.min_bands} valid bands ({int(pf['n_bands'][s])})")
+        elif not np.isfinite(obs.snr[s]):
+            out.append("no valid pixel")
+        elif obs.good_fraction[s] < fit.min_good_fraction:
+            out.append(f"only {100 * obs.good_fraction[s]:.0f}% good pixels "
+                       f"(< {100 * fit.min_good_fraction:g}%)")
+        elif not obs.snr[s] >= fit.min_snr:
+            out.append(f"S/N {obs.snr[s]:.1f} < {fit.min_snr:g}")
+        elif not scan.usable[s]:
+            out.append("no usable template")
+        elif not pf["rms"][s] <= phot.max_rms:
+            out.append(f"photometry disagrees with the spectrum: rms {pf['rms'][s]:.3f} mag > "
+                       f"{phot.max_rms:g} over {int(pf['n_bands'][s])} bands (another star, a "
+                       "blend or a variable?)")
+        elif not model.phot_rms_spectral[s] <= phot.max_rms:
+            # The photometry chose a template the spectrum does not want, to fit itself.
+            out.append(f"photometry disagrees with the spectrum: rms "
+                       f"{model.phot_rms_spectral[s]:.3f} mag > {phot.max_rms:g} for the "
+                       "spectrum's best template (another star, a blend or a variable?)")
+        elif abs(model.rv[s]) >= 0.98 * fit.rv_max:
+            out.append(f"RV {model.rv[s]:+.0f} km/s at the search limit (+/-{fit.rv_max:g})")
+        elif fit.reddening and model.ebv[s] >= fit.ebv_max - 1e-6:
+            out.append(f"E(B-V) pinned at its limit {fit.ebv_max:g} mag")
+        elif _throughput_verdict(model.throughput[s], config) == "refuse":
+            inst = config.instrument
+            out.append(f"implied throughput {model.throughput[s]:.3g} is impossible for the "
+                       f"instrument ({inst.throughput_min:g}-{inst.throughput_max:g}, x/ "
+                       f"{inst.throughput_margin:g}): photometry of another star?")
+        elif not model.model_error[s] <= fit.max_model_error:
+            out.append(f"model error {100 * model.model_error[s]:.1f}% > "
+                       f"{100 * fit.max_model_error:g}% (not a star like the templates?)")
+        elif edge[s]:
+            out.append(f"outside the grid: colour Teff {prior.teff_colour[s]:.0f} K, fit pinned "
+                       f"at the grid's edge ({teff[s]:.0f} K)")
+        else:
+            out.append("ok")
+    return out
+
+
+def star_flags(params, library, model, config):
+    """Notes on accepted fits: parameters at a grid edge, no parallax, a throughput outside
+    the instrument's plausible range (within the margin), an XP spectrum not used."""
+    out = []
+    for s in range(len(params["teff"])):
+        notes = []
+        if _throughput_verdict(model.throughput[s], config) == "flag":
+            notes.append(f"implied throughput {model.throughput[s]:.3g} outside "
+                         f"{config.instrument.throughput_min:g}-"
+                         f"{config.instrument.throughput_max:g}")
+        for p in PARAMS:
+            ax = library[p].values
+            # [alpha/M] = 0, the lowest node, is where most stars belong: no note.
+            low = p != "alpha" and params[p][s] <= ax[0] + 1e-6
+            if ax.size > 1 and (low or params[p][s] >= ax[-1] - 1e-6):
+                notes.append(f"{p} at grid edge")
+        if not np.isfinite(model.logg_parallax[s]):
+            notes.append("no parallax prior")
+        if model.xp["note"][s]:
+            notes.append(model.xp["note"][s])
+        out.append(", ".join(notes))
+    return out

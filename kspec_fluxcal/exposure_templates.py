@@ -1,0 +1,87 @@
+"""The template library serving an exposure, and its templates at the exposure's pixels and
+line spread as the standard-star fit asks for them (prepared on demand, kept)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .config import Config
+from .grid import PARAMS, interpolation_weights
+from .lsf import exposure_lsf
+from .templates import (
+    check_coverage,
+    is_library,
+    library_range,
+    library_spectra,
+    prepare_library,
+)
+
+__all__ = ["template_library", "ExposureTemplates", "reference_templates",
+           "interpolated_corners"]
+
+
+def template_library(grid, exposure, config=None, *, cache_dir=None):
+    """The template library (:func:`kspec_fluxcal.templates.prepare_library`) serving an
+    exposure: ``grid`` itself when it already is one covering the exposure."""
+    config = Config() if config is None else config
+    if is_library(grid):
+        return grid
+    wave = exposure["wavelength"].values
+    lsf = exposure_lsf(exposure, config)
+    check_coverage(grid, wave, lsf)
+    return prepare_library(grid, library_range(wave, lsf), config, cache_dir=cache_dir)
+
+
+class ExposureTemplates:
+    """Library templates at the exposure's pixels and line spread, prepared on demand (the
+    candidates of the Teff windows at once, corners of interpolated models as needed)."""
+
+    def __init__(self, library, wave, lsf, candidates):
+        self.library, self.wave, self.lsf = library, wave, lsf
+        self._rows = {}
+        self.fetch(candidates)
+
+    def fetch(self, ids):
+        """Normalised templates (len(ids), P) at the exposure's pixels."""
+        ids = np.asarray(ids, dtype=np.int64)
+        missing = np.setdiff1d(ids, np.fromiter(self._rows, np.int64, len(self._rows)))
+        if missing.size:
+            new = library_spectra(self.library, self.wave, self.lsf, _as_index(missing))
+            self._rows.update(zip(missing.tolist(), new, strict=True))
+        return np.stack([self._rows[i] for i in ids.tolist()]) if ids.size else \
+            np.zeros((0, self.wave.size))
+
+    __call__ = fetch
+
+    def flux(self, ids):
+        """Surface fluxes (len(ids), P) at the exposure's pixels (erg/s/cm^2/A)."""
+        return library_spectra(self.library, self.wave, self.lsf, np.asarray(ids), kind="flux")
+
+
+def _as_index(ids):
+    """A slice when the ids are consecutive (a view of the library, no copy)."""
+    if ids.size and ids[-1] - ids[0] + 1 == ids.size:
+        return slice(int(ids[0]), int(ids[-1]) + 1)
+    return ids
+
+
+def reference_templates(library, teff):
+    """Per star, the template nearest (teff, logg 4.5, [M/H] 0, alpha 0); median Teff if NaN."""
+    t = library["template_teff"].values
+    g = library["template_logg"].values
+    m = library["template_feh"].values
+    a = library["template_alpha"].values
+    target = np.where(np.isfinite(teff), teff, np.median(t))
+    dist = (((t[None, :] - target[:, None]) / 250.0) ** 2 + ((g - 4.5) / 0.5) ** 2
+            + (m / 0.25) ** 2 + (a / 0.25) ** 2)
+    return np.argmin(dist, axis=1)
+
+
+def interpolated_corners(library, params):
+    """Corners (S, 16) of the models at ``params`` and their weights."""
+    axes = {p: library[p].values for p in PARAMS}
+    template_index = library["template_index"].values
+    index, weight = interpolation_weights(axes, template_index >= 0, *(params[p] for p in PARAMS))
+    corners = template_index[tuple(index[..., k] for k in range(4))]
+    weight = np.where(corners >= 0, np.nan_to_num(weight), 0.0)
+    return np.maximum(corners, 0), weight

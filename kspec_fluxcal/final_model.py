@@ -1,0 +1,215 @@
+"""Each standard's final model (step 7 of :mod:`kspec_fluxcal.standards`): the interpolated
+template at its refined parameters, its velocity once more, its model error, and the model at
+Earth (photometric scale, E(B-V), a smooth photometric warp, jointly with Gaia XP)."""
+
+from __future__ import annotations
+
+import warnings
+from types import SimpleNamespace
+
+import numpy as np
+import scipy.sparse
+
+from .constants import FLUX_UNIT_SCALE
+from .errors import FluxCalWarning
+from .exposure_templates import interpolated_corners
+from .matching import correction_parameters, fit_corrected
+from .model_photometry import PhotometricScore, model_magnitudes, photometry_rows
+from .photometry import band_wavelength, fit_warp, logg_from_parallax, warp_basis
+from .reddening import extinction_per_ebv
+from .shifts import shift_spectra
+from .velocity import refine_rv
+from .xp import xp_level, xp_resolution, xp_rows
+
+__all__ = ["final_model"]
+
+_LN10_04 = 0.4 * np.log(10.0)
+
+
+def final_model(obs, tm, scan, params, matched, prior, config, xp=None):
+    """The model at the refined parameters: velocity, chi^2, model error, photometry (step 7).
+
+    Takes the observed standards, the exposure's templates, the scan, the chosen ``params``,
+    the matched catalog rows, the priors, the config and the standards' XP spectra (or None).
+    Returns a namespace: ``rv``, ``rv_err``, ``model_nobs`` (S, P; the normalised model as
+    compared with each star), ``chi2_dof``, ``model_error``, and the model at Earth
+    (:func:`_scaled_model`: ``model_flux``, ``scale``, ``ebv``, ``phot``, ``mag_model``,
+    ``warp_rms``, ``logg_parallax``, ``xp``...)."""
+
+    corners, weight = interpolated_corners(tm.library, params)
+    ids, inverse = np.unique(corners, return_inverse=True)
+    inverse = inverse.reshape(corners.shape)
+    nstar = obs.nstar
+    flux_c, norm_c = tm.flux(ids), tm.fetch(ids)
+    model = np.einsum("sc,scp->sp", weight, flux_c[inverse])
+    model_n = np.einsum("sc,scp->sp", weight, norm_c[inverse])
+    rv, rv_err = scan.rv.copy(), scan.rv_err.copy()
+    ok = np.flatnonzero(scan.usable)
+    if ok.size:  # the velocity once more, against the final model
+        rv[ok], rv_err[ok] = refine_rv(obs.norm[ok], obs.ivar[ok], model_n[ok], obs.wave, rv[ok],
+                                       knot_spacing=scan.knots, star_wavelength=obs.star_wave[ok])
+    model_nobs = np.full((nstar, obs.wave.size), np.nan)
+    for s in range(nstar):  # a few stars: the normalised model as compared with the star
+        shifted = shift_spectra(model_n[s], obs.star_wave[s], rv[s], obs.wave)
+        w = np.where(np.isfinite(shifted), obs.ivar[s], 0.0)
+        model_nobs[s] = fit_corrected(np.nan_to_num(obs.norm[s]), w, np.nan_to_num(shifted)[None],
+                                      obs.star_wave[s], scan.knots)[0]
+        model_nobs[s][~np.isfinite(shifted)] = np.nan
+    chi2_dof, model_error = _model_error(obs, model_nobs, scan)
+    rows = np.repeat(np.arange(nstar), corners.shape[1])
+    weights = scipy.sparse.csr_matrix((weight.ravel(), (rows, corners.ravel())),
+                                      shape=(nstar, tm.library.sizes["template"]))
+    model_obs = np.stack([shift_spectra(model[s], obs.star_wave[s], rv[s], obs.wave)
+                          for s in range(nstar)]) if nstar else np.zeros((0, obs.wave.size))
+    scaled = _scaled_model(obs, model_obs, weights, matched, tm.library, prior, config, xp)
+    return SimpleNamespace(rv=rv, rv_err=rv_err, model_nobs=model_nobs, chi2_dof=chi2_dof,
+                           model_error=model_error, **scaled)
+
+
+def _scaled_model(obs, model_obs, weights, matched, library, prior, config, xp=None):
+    """The model at Earth: flux scale and E(B-V) from the photometry (whose residuals judge
+    the star), then a smooth photometric warp fitted with the scale at that E(B-V) (the
+    template's broad shape corrected where the bands ask for it; see
+    :func:`kspec_fluxcal.photometry.warp_basis`), jointly with the star's Gaia XP spectrum
+    where it has a usable one (:mod:`kspec_fluxcal.xp`)."""
+    fit = config.fit
+    phot = PhotometricScore(matched, library, prior, config)
+    pf = photometry_rows(phot, weights)
+    ebv = pf["ebv"]
+    mags, ext = model_magnitudes(phot, weights)
+    a_lambda = extinction_per_ebv(obs.star_wave, fit.extinction_law)
+    compared = _xp_comparison(obs, model_obs, pf, a_lambda, matched, xp, config)
+    warped = _warp(obs, phot, pf, mags + ext * ebv[:, None], matched, config, compared)
+    scale = 10.0 ** (-0.4 * warped["mu"])
+    scale_err = scale * _LN10_04 * warped["mu_err"]
+    mag_model = mags - 2.5 * np.log10(scale)[:, None] + ext * ebv[:, None] + warped["band_warp"]
+    logg_p, logg_p_err = logg_from_parallax(scale, prior.parallax, prior.parallax_err)
+    curve = warped["curve"]
+    model_flux = (scale[:, None] * model_obs * curve * 10.0 ** (-0.4 * ebv[:, None] * a_lambda)
+                  / FLUX_UNIT_SCALE)
+    with np.errstate(invalid="ignore"):
+        warp_rms = np.sqrt(np.nanmean((curve - 1.0) ** 2, axis=1)) if obs.nstar else np.zeros(0)
+    return {"phot": pf, "scale": scale, "scale_err": scale_err, "ebv": ebv,
+            "warp_rms": warp_rms, "mag_model": mag_model, "model_flux": model_flux,
+            "logg_parallax": logg_p, "logg_parallax_err": logg_p_err,
+            "xp": _xp_outputs(obs, model_flux, compared)}
+
+
+def _warp(obs, phot, pf, reddened, matched, config, compared):
+    """Flux scale (``mu``, mag) and photometric warp of every star: from its bands (``[fit]
+    warp_degree``), or from its bands and its XP spectrum jointly where that is usable
+    (``[xp] xp_warp_degree``); the fit's own scale where there is no warp."""
+    out = {"mu": pf["mu"].copy(), "mu_err": pf["mu_err"].copy(),
+           "curve": np.ones(obs.star_wave.shape), "band_warp": np.zeros(reddened.shape)}
+    with_xp = np.zeros(obs.nstar, bool) if compared is None else compared.usable
+    context = (obs, phot, pf, reddened, [band_wavelength(b) for b in matched["band"].values],
+               config)
+    _apply_warp(out, ~with_xp, config.fit.warp_degree, None, *context)
+    if with_xp.any():
+        _apply_warp(out, with_xp, config.xp.xp_warp_degree, compared, *context)
+    return out
+
+
+def _apply_warp(out, stars, degree, compared, obs, phot, pf, reddened, band_wave, config):
+    """:func:`kspec_fluxcal.photometry.fit_warp` for the ``stars`` (mask), in ``out``.
+
+    Bands only: the warp spans the exposure's range. With XP: each star's warp spans its
+    compared XP samples and is held beyond them (a warp of high degree must not swing where
+    nothing constrains it)."""
+    rows = np.flatnonzero(stars)
+    if degree < 1 or not rows.size:
+        return
+    if compared is None:
+        wave_range = (float(obs.wave[0]), float(obs.wave[-1]))
+        band_basis = np.broadcast_to(warp_basis(band_wave, wave_range, degree),
+                                     (rows.size, len(band_wave), degree))
+        pixel_basis = warp_basis(obs.star_wave[rows], wave_range, degree)
+        xp = None
+    else:
+        spans = compared.span[rows]
+        band_basis = np.stack([warp_basis(band_wave, r, degree) for r in spans])
+        pixel_basis = np.stack([warp_basis(obs.star_wave[s], r, degree)
+                                for s, r in zip(rows, spans, strict=True)])
+        xp = {k: v[rows] for k, v in compared.rows.items()}
+        xp["basis"] = np.stack([warp_basis(compared.wave, r, degree) for r in spans])
+    wf = fit_warp(phot.mag_obs[rows], phot.mag_err[rows], reddened[rows], band_basis,
+                  pf["used"][rows], warp_sigma=config.fit.warp_sigma,
+                  error_floor=config.photometry.error_floor, xp=xp)
+    out["mu"][rows], out["mu_err"][rows] = wf["mu"], wf["mu_err"]
+    out["curve"][rows] = 10.0 ** (-0.4 * (pixel_basis @ wf["warp"][:, :, None])[..., 0])
+    # One basis for all (bands only): the product as it always was, to the last bit.
+    out["band_warp"][rows] = ((band_basis[0] @ wf["warp"].T).T if compared is None
+                              else np.einsum("sbk,sk->sb", band_basis, wf["warp"]))
+
+
+def _xp_comparison(obs, model_obs, pf, a_lambda, matched, xp, config):
+    """Each star's XP spectrum against its model at Earth before the warp (photometric scale
+    and E(B-V)), at XP's resolution: the level check and the rows of the joint warp fit.
+    None without XP. A star whose XP fails the check is named in a warning and flagged."""
+    if xp is None:
+        return None
+    scale = 10.0 ** (-0.4 * pf["mu"])
+    model = scale[:, None] * model_obs * 10.0 ** (-0.4 * pf["ebv"][:, None] * a_lambda)
+    has = np.isfinite(xp.flux).any(axis=1)
+    model_xp = np.full(xp.flux.shape, np.nan)
+    if has.any():
+        model_xp[has] = xp_resolution(obs.star_wave[has], model[has], xp.wave)
+    ratio, ok, note = xp_level(xp.flux, model_xp, config.xp.level_tolerance)
+    for s in np.flatnonzero([bool(n) for n in note]):
+        warnings.warn(f"{obs.expid}: fiber {int(matched['fiber'].values[s])} objid "
+                      f"{int(matched['objid'].values[s])}: {note[s]}", FluxCalWarning,
+                      stacklevel=2)
+    rows = xp_rows(xp.flux, xp.error, model_xp, xp.wave, config.xp)
+    compared = np.isfinite(rows["resid"])
+    span = np.array([(xp.wave[c].min(), xp.wave[c].max()) if c.sum() > 1 else
+                     (obs.wave[0], obs.wave[-1]) for c in compared], dtype=np.float64)
+    return SimpleNamespace(wave=xp.wave, flux=xp.flux, error=xp.error, how=xp.how,
+                           model=model_xp, ratio=ratio, note=note, rows=rows,
+                           span=span.reshape(-1, 2),
+                           usable=ok & (config.xp.xp_warp_degree >= 1) & (compared.sum(1) > 1))
+
+
+def _xp_outputs(obs, model_flux, compared):
+    """Per-star XP results: used, level ratio, rms of XP about the final model (its median
+    level removed), how it was matched, the flag; and the spectra for QC (FLUX_UNIT)."""
+    nstar = obs.nstar
+    if compared is None:
+        return {"used": np.zeros(nstar, bool), "ratio": np.full(nstar, np.nan),
+                "rms": np.full(nstar, np.nan), "match": np.full(nstar, "none"),
+                "note": [""] * nstar, "arrays": None}
+    has = np.isfinite(compared.flux).any(axis=1)
+    final = np.full(compared.flux.shape, np.nan)
+    if has.any():
+        final[has] = xp_resolution(obs.star_wave[has], model_flux[has] * FLUX_UNIT_SCALE,
+                                   compared.wave)
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # a star without XP: all NaN
+        r = compared.flux / final
+        r = r / np.nanmedian(r, axis=1, keepdims=True)
+        rms = np.sqrt(np.nanmean((r - 1.0) ** 2, axis=1))
+    arrays = {"xp_flux": compared.flux, "xp_flux_error": compared.error,
+              "xp_model": compared.model, "xp_model_warped": final}
+    return {"used": compared.usable, "ratio": compared.ratio, "rms": rms,
+            "match": compared.how, "note": compared.note,
+            "arrays": {k: v / FLUX_UNIT_SCALE for k, v in arrays.items()},
+            "wave": compared.wave}
+
+
+def _model_error(obs, model_nobs, scan):
+    """chi^2/dof of each star against its final model, and the model error: the fractional
+    per-pixel mismatch sigma_m with sum r^2 / (var + (sigma_m model)^2) = dof (0 when the
+    model fits within the noise), by bisection in log sigma_m for all stars at once."""
+    w = np.where(np.isfinite(model_nobs) & np.isfinite(obs.norm), obs.ivar, 0.0)
+    resid2 = np.where(w > 0, (np.nan_to_num(obs.norm) - np.nan_to_num(model_nobs)) ** 2, 0.0)
+    dof = np.maximum((w > 0).sum(axis=1) - correction_parameters(obs.wave, scan.knots), 1)
+    chi2_dof = np.sum(w * resid2, axis=1) / dof
+    var = np.where(w > 0, 1.0 / np.where(w > 0, w, 1.0), np.inf)
+    m2 = np.nan_to_num(model_nobs) ** 2
+    lo, hi = np.full(obs.nstar, -5.0), np.full(obs.nstar, 0.0)  # log10 sigma_m
+    for _ in range(40):  # bisection to 1e-12 dex: chi^2 falls with sigma_m
+        mid = 0.5 * (lo + hi)
+        chi2 = np.sum(resid2 / (var + (10.0 ** mid[:, None]) ** 2 * m2), axis=1) / dof
+        above = chi2 > 1.0
+        lo, hi = np.where(above, mid, lo), np.where(above, hi, mid)
+    sigma = np.where(chi2_dof > 1.0, 10.0 ** (0.5 * (lo + hi)), 0.0)
+    return chi2_dof, np.where((w > 0).any(axis=1), sigma, np.nan)

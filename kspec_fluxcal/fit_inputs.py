@@ -1,0 +1,109 @@
+"""What the standard-star fit starts from (steps 1-2 of :mod:`kspec_fluxcal.standards`): the
+standards' spectra on their own pixels, continuum-normalised and masked, and what the catalog
+says before the spectra (reddening, a Teff window from the colours, the parallax)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import xarray as xr
+
+from .config import continuum_options
+from .constants import A_GAIA_G_PER_EBV, A_PS1_G_PER_EBV
+from .continuum import fit_continuum
+from .masks import region_mask
+from .photometry import teff_from_color
+
+__all__ = ["observed_standards", "catalog_priors"]
+
+
+def observed_standards(std, config):
+    """The standards as the fit needs them (step 1).
+
+    Takes ``std`` (the standards' fibers of the exposure: flux, variance, good on
+    (fiber, wavelength), in memory) and the config (masks, continuum). Returns a namespace of
+    arrays: ``wave`` (P,) reference pixels, ``star_wave`` (S, P) each star's own, ``flux``,
+    ``var``, ``good``, ``extra_good`` (outside the configured extra masks), ``norm`` and
+    ``ivar`` (continuum-normalised spectrum and its inverse variance, 0 where masked for
+    matching), ``snr``, ``good_fraction``, ``lsf_scale`` (fiber's line-spread width),
+    ``nstar``, ``exptime``, ``expid``."""
+    wave = std["wavelength"].values
+    nstar = std.sizes["fiber"]
+    star_wave = (std["fiber_wavelength"].values if "fiber_wavelength" in std.coords
+                 else np.broadcast_to(wave, (nstar, wave.size)))
+    flux = std["flux"].values.astype(np.float64)
+    var = std["variance"].values.astype(np.float64)
+    good = std["good"].values
+    extra_good = np.ones(star_wave.shape, bool)
+    for extra in config.masks.extra:
+        extra_good &= region_mask(star_wave, extra)
+    match_mask = good & region_mask(star_wave, config.masks.telluric) & extra_good & (flux > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        snr_pix = np.where(good, flux / np.sqrt(var), np.nan)
+        snr = np.nanmedian(snr_pix, axis=1) if nstar else np.zeros(0)
+    # The continuum's basis is on the reference pixels: per-fiber solutions differ by a
+    # fraction of a pixel, nothing on its 400 A scale.
+    cont = fit_continuum(flux, wave, match_mask, **continuum_options(config))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        norm = flux / cont
+        ivar = np.where(match_mask & np.isfinite(norm), cont**2 / var, 0.0)
+    return SimpleNamespace(wave=wave, star_wave=np.ascontiguousarray(star_wave), flux=flux,
+                           expid=str(std.attrs.get("expid", "")),
+                           var=var, good=good, extra_good=extra_good, norm=norm, ivar=ivar,
+                           snr=snr, good_fraction=good.mean(axis=1) if nstar else np.zeros(0),
+                           nstar=nstar, exptime=float(std.attrs.get("exptime", np.nan)),
+                           lsf_scale=(std["fibres_lsf_scale"].values.astype(float)
+                                      if "fibres_lsf_scale" in std.coords else np.ones(nstar)))
+
+
+def _colour_table(library):
+    """Teff vs synthetic BP-RP and g-r of the templates' dwarfs (logg ~ 4.5, [M/H] ~ 0)."""
+    t = library["template_teff"].values
+    g = library["template_logg"].values
+    m = library["template_feh"].values
+    a = library["template_alpha"].values
+    best_g = library["logg"].values[np.argmin(np.abs(library["logg"].values - 4.5))]
+    best_m = library["feh"].values[np.argmin(np.abs(library["feh"].values))]
+    best_a = library["alpha"].values[np.argmin(np.abs(library["alpha"].values))]
+    sel = (g == best_g) & (m == best_m) & (a == best_a)
+    if sel.sum() < 2:
+        return None
+    mag = library["synth_mag"].isel(template=np.flatnonzero(sel))
+    order = np.argsort(t[sel])
+    table = xr.Dataset(coords={"teff": t[sel][order]})
+    for name, blue, red in (("bp_rp", "gaiadr2-BP", "gaiadr2-RP"), ("g_r", "panstarrs-g",
+                                                                   "panstarrs-r")):
+        colour = (mag.sel(band=blue) - mag.sel(band=red)).values[order]
+        table[name] = ("teff", colour)
+    return table
+
+
+def catalog_priors(matched, library, config):
+    """What the catalog says before the spectra (step 2).
+
+    Takes the catalog rows matched to the standards (``matched``, dims star and band), the
+    library (its templates' synthetic colours give the colour-Teff relation) and the config
+    (Teff window). Returns a namespace: ``ebv_catalog`` (S,), ``teff_colour`` (S,; NaN
+    without colours), ``window`` (S, T) the library templates each star may be,
+    ``candidates`` (the templates of any window), ``parallax`` and ``parallax_err``."""
+    a_gaia, a_g = matched["a_gaia"].values, matched["a_g"].values
+    ebv_catalog = np.where(np.isfinite(a_gaia), a_gaia / A_GAIA_G_PER_EBV, a_g / A_PS1_G_PER_EBV)
+    est = teff_from_color(matched["mag"], ebv=xr.DataArray(np.nan_to_num(ebv_catalog),
+                                                             dims="star"),
+                          table=_colour_table(library), window=config.fit.teff_window)
+    teff_colour = est["teff"].values
+    t_templates = library["template_teff"].values
+    lo = np.where(np.isfinite(teff_colour), est["teff_min"].values, -np.inf)
+    hi = np.where(np.isfinite(teff_colour), est["teff_max"].values, np.inf)
+    window = (t_templates[None, :] >= lo[:, None]) & (t_templates[None, :] <= hi[:, None])
+    # A window between grid points still needs candidates: take the nearest Teff values.
+    empty = ~window.any(axis=1)
+    if empty.any():
+        nearest = np.abs(t_templates[None, :] - teff_colour[:, None])
+        window[empty] = nearest[empty] <= np.nanmin(nearest[empty], axis=1, keepdims=True) + 1
+        window[empty & ~np.isfinite(teff_colour)] = True
+    return SimpleNamespace(ebv_catalog=ebv_catalog, teff_colour=teff_colour, window=window,
+                           candidates=np.flatnonzero(window.any(axis=0)),
+                           parallax=matched["parallax"].values,
+                           parallax_err=matched["parallax_err"].values)

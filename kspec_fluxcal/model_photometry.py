@@ -1,0 +1,97 @@
+"""Photometry of template models for the standard-star fit: the photometric chi^2 of scaled,
+reddened models plus the parallax's log g prior (a score of the parameter choice), and the
+photometric fit of each star's own model."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse
+
+from .photometry import fit_photometry, logg_from_parallax
+
+__all__ = ["PhotometricScore", "model_magnitudes", "photometry_rows", "spectral_photometry"]
+
+
+class PhotometricScore:
+    """Photometric chi^2 of scaled, reddened models plus the parallax's log g prior.
+
+    The spectrum alone leaves Teff, log g and [M/H] partly degenerate (stronger lines from a
+    cooler or a more metal-rich star), and a template family that does not match the star
+    trades them against each other; the photometry of the scaled, reddened model (E(B-V)
+    with the catalog's as a prior) and the parallax (radius from the scale, hence log g for
+    a mass prior) hold them near the truth.
+    """
+
+    def __init__(self, matched, library, prior, config):
+        fit, phot = config.fit, config.photometry
+        bands = list(matched["band"].values)
+        self.mag_obs, self.mag_err = matched["mag"].values, matched["mag_err"].values
+        self.maggies = np.nan_to_num(10.0 ** (-0.4 * library["synth_mag"].sel(band=bands).values))
+        self.ext = library["ext_coeff"].sel(law=fit.extinction_law, band=bands).values
+        self.weighted_ext = np.nan_to_num(self.maggies * self.ext)
+        self.template_logg = library["template_logg"].values
+        self.prior = prior
+        self.min_bands = phot.min_bands
+        self.options = {"ebv_prior_sigma": fit.ebv_prior_sigma, "reddening": fit.reddening,
+                        "ebv_max": fit.ebv_max, "error_floor": phot.error_floor,
+                        "outlier_sigma": phot.outlier_sigma, "outlier_mag": phot.outlier_mag,
+                        "min_bands": phot.min_bands}
+
+    def fit(self, star, weights):
+        """fit_photometry of the models ``weights @ templates`` (K models, sparse weights)."""
+        mags, ext = model_magnitudes(self, weights)
+        k = mags.shape[0]
+        return fit_photometry(np.broadcast_to(self.mag_obs[star], mags.shape),
+                              np.broadcast_to(self.mag_err[star], mags.shape), mags, ext,
+                              ebv_prior=np.full(k, self.prior.ebv_catalog[star]), **self.options)
+
+    def __call__(self, star, weights, points):
+        """Scores (K,) of models at ``points`` (K, 4): photometric chi^2 + log g prior."""
+        res = self.fit(star, weights)
+        chi2 = np.where(res["n_bands"] >= self.min_bands, res["chi2"], 0.0)
+        logg_p, logg_err = logg_from_parallax(10.0 ** (-0.4 * res["mu"]),
+                                              self.prior.parallax[star],
+                                              self.prior.parallax_err[star])
+        penalty = np.where(np.isfinite(logg_p), ((points[:, 1] - logg_p) / logg_err) ** 2, 0.0)
+        return chi2 + penalty
+
+    def nodes(self, star, ids):
+        """Scores of grid templates ``ids``."""
+
+        weights = scipy.sparse.csr_matrix((np.ones(len(ids)), (np.arange(len(ids)), ids)),
+                                          shape=(len(ids), self.maggies.shape[0]))
+        points = np.zeros((len(ids), 4))
+        points[:, 1] = self.template_logg[ids]
+        return self(star, weights, points)
+
+
+def model_magnitudes(phot, weights):
+    """Synthetic AB magnitudes (surface flux) and band extinction coefficients of models."""
+    maggies = np.asarray(weights @ phot.maggies)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ext = np.asarray(weights @ phot.weighted_ext) / maggies
+        return np.where(maggies > 0, -2.5 * np.log10(maggies), np.nan), ext
+
+
+def photometry_rows(phot, weights):
+    """fit_photometry of each star's own model (row s of ``weights``)."""
+    rows = [phot.fit(s, weights[s]) for s in range(weights.shape[0])]
+    if not rows:
+        empty = np.zeros(0)
+        return {"mu": empty, "mu_err": empty, "ebv": empty, "ebv_err": empty,
+                "resid": np.zeros((0, phot.maggies.shape[1])), "used": np.zeros((0, 0), bool),
+                "dropped": np.zeros((0, phot.maggies.shape[1]), bool), "n_bands": empty,
+                "rms": empty, "chi2": empty}
+    return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+
+
+def spectral_photometry(phot, scan):
+    """Photometric rms of each star's best template by its spectrum alone (E(B-V) and
+    scale fitted): whether the catalog's photometry can belong to the star in the fiber,
+    judged where the photometry has not chosen the template."""
+
+    nstar = scan.best.size
+    weights = scipy.sparse.csr_matrix((np.ones(nstar), (np.arange(nstar), scan.best)),
+                                      shape=(nstar, phot.maggies.shape[0]))
+    rms = photometry_rows(phot, weights)["rms"]
+    return np.where(scan.usable, rms, np.nan)

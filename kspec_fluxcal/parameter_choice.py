@@ -1,0 +1,197 @@
+"""The choice of each standard's parameters (step 5 of :mod:`kspec_fluxcal.standards`): grid
+points by spectral + photometric + prior scores, then refined between the grid's nodes."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .exposure_templates import interpolated_corners
+from .grid import PARAMS
+from .matching import star_correction
+from .refinement import refine_parameters, score_points
+
+__all__ = ["choose_parameters"]
+
+
+def _spectral_weight(scan, config):
+    """Divisor of each star's spectral chi^2: its best chi^2 per effective degree of freedom.
+
+    Template mismatch makes residuals correlated: the spectral chi^2 is scaled so that its
+    best value counts as ``spectral_dof`` independent measurements (or the pixels' dof),
+    not as thousands of pixels outweighing the photometry.
+    """
+    neff = config.fit.spectral_dof or scan.dof
+    best = np.nanmin(np.where(np.isfinite(scan.spec), scan.spec, np.inf), axis=1)
+    return np.maximum(best / np.minimum(neff, scan.dof), 1.0)
+
+
+def choose_parameters(obs, tm, scan, phot, prior, config, start=None):
+    """Grid points by spectral + photometric + prior scores, refined between nodes; or, from
+    ``start`` (parameters of a previous pass), a short refinement around them (step 5).
+
+    Takes the observed standards, the exposure's templates, the scan, the photometric score
+    (:class:`~kspec_fluxcal.model_photometry.PhotometricScore`), the priors and the config.
+    Returns ``params`` and ``errors``: dicts of (S,) arrays for teff, logg, feh and alpha
+    (errors NaN where not refined)."""
+    fit = config.fit
+    library = tm.library
+    spec_scale = _spectral_weight(scan, config)
+    if start is not None:
+        return _refine_from(obs, tm, scan, phot if fit.use_photometry else None, start,
+                            spec_scale, config)
+    scores = scan.spec / spec_scale[:, None]
+    if fit.use_photometry:
+        cand = prior.candidates
+        extra = np.stack([phot.nodes(s, cand) for s in range(obs.nstar)]) if obs.nstar else \
+            np.zeros((0, cand.size))
+        scores[:, cand] = scores[:, cand] + extra
+    finite = np.where(np.isfinite(scores), scores, np.inf)
+    best = np.where(scan.usable, np.argmin(finite, axis=1), 0)
+    params = {p: library[f"template_{p}"].values[best].astype(float) for p in PARAMS}
+    errors = {p: np.full(obs.nstar, np.nan) for p in PARAMS}
+    if not (fit.refine and scan.usable.any()):
+        return params, errors
+    ok = np.flatnonzero(scan.usable)
+    refined, refined_err = _refine(obs, tm, scan, phot if fit.use_photometry else None,
+                                   scores[ok], ok, spec_scale[ok], config)
+    for p in PARAMS:
+        params[p][ok] = refined[p]
+        errors[p][ok] = refined_err[p]
+    return params, errors
+
+
+def _refine(obs, tm, scan, phot, scores, ok, spec_scale, config):
+    """Lattice refinement in (teff, logg, [M/H]) from several starts (the best kept), then
+    [alpha/M] between its nodes, for the stars ``ok``."""
+    fit = config.fit
+    library = tm.library
+    axes = {p: library[p].values for p in PARAMS}
+    template_index = library["template_index"].values
+    nstart = min(fit.refine_starts, scores.shape[1])
+    starts = _distinct_starts(library, scores, nstart)  # (n_ok, nstart) templates
+    star_of = np.repeat(ok, nstart)
+    corr = None
+    if scan.knots:  # each start's own correction, so that valleys compete fairly
+        corr = np.stack([star_correction(obs.norm[s], obs.ivar[s], tm.fetch([t])[0],
+                                         scan.rv[s], obs.wave, scan.knots, obs.star_wave[s])
+                         for s, t in zip(star_of, starts.ravel(), strict=True)])
+    options = {"metric": fit.metric, "delta": fit.huber_delta, "correction": corr,
+               "spec_scale": np.repeat(spec_scale, nstart),
+               "star_wavelength": obs.star_wave[star_of],
+               "extra_score": None if phot is None else
+               (lambda row, weights, points: phot(star_of[row], weights, points))}
+    start = {p: library[f"template_{p}"].values[starts.ravel()] for p in PARAMS}
+    refined, refined_err, final = refine_parameters(
+        obs.norm[star_of], obs.ivar[star_of], tm, template_index, axes, start, scan.rv[star_of],
+        obs.wave, **options)
+    pick = np.nanargmin(np.where(np.isfinite(final), final, np.inf).reshape(ok.size, nstart),
+                        axis=1)
+    rows = np.arange(ok.size) * nstart + pick
+    params = {p: np.asarray(refined[p], dtype=float)[rows] for p in PARAMS}
+    errors = {p: (np.asarray(refined_err[p])[rows] if p in refined_err
+                  else np.full(rows.size, np.nan)) for p in PARAMS}
+    if axes["alpha"].size > 1:
+        chosen = star_of[rows]
+        alpha_options = {
+            "metric": fit.metric, "delta": fit.huber_delta,
+            "correction": None if corr is None else corr[rows],
+            "spec_scale": spec_scale, "star_wavelength": obs.star_wave[chosen],
+            "extra_score": None if phot is None else
+            (lambda row, weights, points: phot(chosen[row], weights, points))}
+        params["alpha"], errors["alpha"] = _refine_alpha(obs, tm, scan, params, chosen,
+                                                         alpha_options, axes, template_index)
+    return params, errors
+
+
+def _refine_from(obs, tm, scan, phot, start, spec_scale, config):
+    """A lattice of a third of a grid step around ``start`` (and [alpha/M] again)."""
+    fit = config.fit
+    library = tm.library
+    axes = {p: library[p].values for p in PARAMS}
+    template_index = library["template_index"].values
+    ok = np.flatnonzero(scan.usable)
+    params = {p: np.array(start[p], dtype=float) for p in PARAMS}
+    errors = {p: np.full(obs.nstar, np.nan) for p in PARAMS}
+    if not ok.size:
+        return params, errors
+    corr = None
+    if scan.knots:
+        corners, weight = interpolated_corners(library, {p: params[p][ok] for p in PARAMS})
+        ids, inverse = np.unique(corners, return_inverse=True)
+        models = np.einsum("sc,scp->sp", weight, tm.fetch(ids)[inverse.reshape(corners.shape)])
+        corr = np.stack([star_correction(obs.norm[s], obs.ivar[s], models[k], scan.rv[s],
+                                         obs.wave, scan.knots, obs.star_wave[s])
+                         for k, s in enumerate(ok)])
+    options = {"metric": fit.metric, "delta": fit.huber_delta, "correction": corr,
+               "spec_scale": spec_scale[ok], "star_wavelength": obs.star_wave[ok],
+               "extra_score": None if phot is None else
+               (lambda row, weights, points: phot(ok[row], weights, points))}
+    refined, refined_err, _ = refine_parameters(
+        obs.norm[ok], obs.ivar[ok], tm, template_index, axes,
+        {p: params[p][ok] for p in PARAMS}, scan.rv[ok], obs.wave, levels=((5, 1.0 / 3),),
+        **options)
+    for p in PARAMS[:3]:
+        params[p][ok], errors[p][ok] = refined[p], refined_err[p]
+    if axes["alpha"].size > 1:
+        params["alpha"][ok], errors["alpha"][ok] = _refine_alpha(
+            obs, tm, scan, {p: params[p][ok] for p in PARAMS}, ok, options, axes,
+            template_index)
+    return params, errors
+
+
+def _refine_alpha(obs, tm, scan, params, ok, options, axes, template_index):
+    """[alpha/M] between the grid's nodes: scores on a line of alpha at the refined
+    (teff, logg, [M/H]), a parabola through the best points."""
+    alphas = axes["alpha"]
+    trial = np.linspace(alphas[0], alphas[-1], 2 * (alphas.size - 1) * 2 + 1)
+    points = np.zeros((ok.size, trial.size, 4))
+    for d, p in enumerate(PARAMS[:3]):
+        points[..., d] = params[p][:, None]
+    points[..., 3] = trial
+    scores = score_points(obs.norm[ok], obs.ivar[ok], tm, template_index, axes, points,
+                          scan.rv[ok], obs.wave, **options)
+    finite = np.where(np.isfinite(scores), scores, np.inf)
+    k = np.argmin(finite, axis=1)
+    best = trial[k]
+    # Parabola through the best point and its neighbours (not at the ends of the range).
+    inner = (k > 0) & (k < trial.size - 1)
+    rows = np.arange(ok.size)
+    km, kp = np.clip(k - 1, 0, None), np.clip(k + 1, None, trial.size - 1)
+    y0, ym, yp = finite[rows, k], finite[rows, km], finite[rows, kp]
+    h = trial[1] - trial[0]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        curv = (ym - 2 * y0 + yp) / h**2
+        shift = np.where(inner & (curv > 0), -0.5 * h * (yp - ym) / (ym - 2 * y0 + yp), 0.0)
+        err = np.where(inner & (curv > 0), np.sqrt(2.0 / curv), np.nan)
+    return np.clip(best + np.clip(shift, -h, h), alphas[0], alphas[-1]), err
+
+
+def _distinct_starts(library, scores, n):
+    """Per star, ``n`` good templates, spread over [alpha/M] values and grid valleys.
+
+    For each [alpha/M] of the grid, candidates are taken in order of score and kept only when
+    they differ from every kept one by two or more steps in Teff, log g or [M/H]. Spreading
+    matters: at grid points an alpha-enhanced metal-poor model can mimic a solar one, and the
+    lattice refinement (which keeps [alpha/M]) must also start in the other valley. Short
+    lists are padded with the best template.
+    """
+    index = np.stack([np.searchsorted(library[p].values, library[f"template_{p}"].values)
+                      for p in PARAMS[:3]], axis=1)  # (T, 3) grid indices
+    alphas = library["template_alpha"].values
+    groups = [np.flatnonzero(alphas == a) for a in np.unique(alphas)]
+    per_group = int(np.ceil(n / len(groups)))
+    finite = np.where(np.isfinite(scores), scores, np.inf)
+    starts = np.repeat(np.argmin(finite, axis=1)[:, None], n, axis=1)
+    for s in range(scores.shape[0]):  # a few stars; candidates are scanned until enough
+        kept = []
+        for group in groups:
+            mine = []
+            for t in group[np.argsort(finite[s, group])]:
+                if len(mine) == per_group or not np.isfinite(finite[s, t]):
+                    break
+                if not mine or np.all(np.max(np.abs(index[mine] - index[t]), axis=1) >= 2):
+                    mine.append(t)
+            kept += mine
+        kept = sorted(kept, key=lambda t: finite[s, t])[:n]
+        starts[s, :len(kept)] = kept
+    return starts

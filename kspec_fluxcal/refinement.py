@@ -1,0 +1,181 @@
+"""Refinement of the standards' parameters between grid points: scores of interpolated models
+on lattices of (teff, logg, [M/H]) and a quadratic through the last one."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse
+
+from .grid import PARAMS, interpolation_weights
+from .matching import score_star
+
+__all__ = ["refine_parameters", "score_points", "quadratic_minimum"]
+
+
+
+def quadratic_minimum(x, y):
+    """Minimum of a full quadratic fitted to scores ``y`` (S, K) at points ``x`` (S, K, d).
+
+    Returns
+    -------
+    xmin : numpy.ndarray, shape (S, d)
+        Stationary point (NaN where the fit is not a bowl).
+    cov : numpy.ndarray, shape (S, d, d)
+        ``2 H^-1``: the covariance for delta chi^2 = 1.
+    """
+    nstar, _, d = x.shape
+    pairs = [(i, j) for i in range(d) for j in range(i, d)]
+    design = np.concatenate([np.ones(x.shape[:2] + (1,)), x,
+                             np.stack([x[..., i] * x[..., j] for i, j in pairs], axis=-1)], -1)
+    ok = np.isfinite(y)
+    design = np.where(ok[..., None], design, 0.0)
+    normal = np.einsum("ski,skj->sij", design, design)
+    rhs = np.einsum("ski,sk->si", design, np.where(ok, y, 0.0))
+    coef = (np.linalg.pinv(normal) @ rhs[..., None])[..., 0]
+    grad = coef[:, 1:1 + d]
+    hess = np.zeros((nstar, d, d))
+    for k, (i, j) in enumerate(pairs):
+        c = coef[:, 1 + d + k]
+        if i == j:
+            hess[:, i, i] = 2 * c
+        else:
+            hess[:, i, j] = hess[:, j, i] = c
+    bowl = np.all(np.linalg.eigvalsh(hess) > 0, axis=1) & (ok.sum(1) > design.shape[-1])
+    xmin = np.full((nstar, d), np.nan)
+    cov = np.full((nstar, d, d), np.nan)
+    if bowl.any():
+        xmin[bowl] = -np.linalg.solve(hess[bowl], grad[bowl][..., None])[..., 0]
+        cov[bowl] = 2.0 * np.linalg.inv(hess[bowl])
+    return xmin, cov
+
+
+def score_points(obs_norm, obs_ivar, templates, template_index, axes, points, rv, wavelength,
+                 *, metric="chi2", delta=3.0, knot_spacing=None, spec_scale=None,
+                 extra_score=None, correction=None, star_wavelength=None):
+    """Scores of models interpolated at parameter points, vectorised over points.
+
+    Parameters
+    ----------
+    obs_norm, obs_ivar : numpy.ndarray, shape (nstar, npix)
+    templates : numpy.ndarray (ntemplate, npix) or callable
+        Normalised templates of the existing grid points on ``wavelength``, or a function
+        returning the rows of given template positions (only the corners used are asked for).
+    template_index : numpy.ndarray of int, shape of the grid axes
+        Position of each grid point along the templates, -1 when missing.
+    axes : dict
+        Grid axes (teff, logg, feh, alpha).
+    points : numpy.ndarray, shape (nstar, K, 4)
+        (teff, logg, feh, alpha) of each star's K points.
+    rv : numpy.ndarray, shape (nstar,)
+    spec_scale : numpy.ndarray, shape (nstar,), optional
+        Divide each star's spectral scores by this.
+    extra_score : callable, optional
+        ``extra_score(star, weights, points)`` -> scores (K,) added to the spectral ones,
+        where ``weights`` (K, ntemplate) is the sparse interpolation matrix of the star's
+        points (K, 4) (e.g. the photometric chi^2 of the interpolated models).
+    correction : numpy.ndarray, shape (nstar, npix), optional
+        Fixed smooth corrections (fast mode of :func:`score_star`).
+    star_wavelength : numpy.ndarray, shape (nstar, npix), optional
+        Each star's own pixels.
+
+    Returns
+    -------
+    numpy.ndarray, shape (nstar, K)
+    """
+    nstar, k = points.shape[:2]
+    flat = points.reshape(-1, 4)
+    index, weight = interpolation_weights(axes, template_index >= 0, *flat.T)
+    cols = template_index[tuple(index[..., d] for d in range(4))]
+    weight = np.where(cols >= 0, np.nan_to_num(weight), 0.0)
+    used = weight > 0
+    ids = np.unique(cols[used])
+    rows = np.repeat(np.arange(flat.shape[0]), index.shape[1])
+    ntemplate = int(template_index.max()) + 1
+    full = scipy.sparse.csr_matrix((weight[used], (rows[used.ravel()], cols[used])),
+                                   shape=(flat.shape[0], ntemplate))
+    data = templates(ids) if callable(templates) else np.asarray(templates)[ids]
+    models = (full[:, ids] @ np.asarray(data, dtype=np.float64)).reshape(nstar, k, -1)
+    star_wave = [None] * nstar if star_wavelength is None else star_wavelength
+    scores = np.stack([score_star(obs_norm[s], obs_ivar[s], models[s], rv[s], wavelength,
+                                  metric, delta, knot_spacing,
+                                  None if correction is None else correction[s], star_wave[s])
+                       for s in range(nstar)])
+    if spec_scale is not None:
+        scores = scores / np.asarray(spec_scale, dtype=float)[:, None]
+    if extra_score is not None:
+        scores = scores + np.stack([extra_score(s, full[s * k:(s + 1) * k], points[s])
+                                    for s in range(nstar)])
+    return scores
+
+
+def refine_parameters(obs_norm, obs_ivar, templates, template_index, axes, start, rv,
+                      wavelength, *, levels=((3, 1.0), (3, 0.5), (3, 0.25)), **options):
+    """Refine (teff, logg, [M/H]) between grid points by a lattice search on interpolated
+    templates, then a quadratic fit of the scores for the minimum and its errors.
+
+    Each level scores a lattice of n^3 parameter sets spanning +/- ``half`` grid steps around
+    the current best (at the start's [alpha/M]) with :func:`score_points`, vectorised over
+    lattice points.
+
+    Parameters
+    ----------
+    obs_norm, obs_ivar, templates, template_index, axes, rv, wavelength
+        As for :func:`score_points`.
+    start : dict of numpy.ndarray
+        Starting parameters (the best grid point) of each star, including alpha.
+    **options
+        ``metric``, ``delta``, ``knot_spacing``, ``spec_scale``, ``extra_score``,
+        ``correction``, ``star_wavelength``: see :func:`score_points`.
+
+    Returns
+    -------
+    params : dict of numpy.ndarray
+        Refined teff, logg, feh (alpha unchanged).
+    errors : dict of numpy.ndarray
+        1-sigma errors (delta score = 1, inflated by sqrt(chi^2/dof) when above 1 and no
+        ``spec_scale`` is given).
+    score : numpy.ndarray, shape (nstar,)
+        The best score found (to compare refinements started from different points).
+    """
+    names = PARAMS[:3]
+    nstar = obs_norm.shape[0]
+    steps = np.array([np.median(np.diff(axes[p])) if len(axes[p]) > 1 else 0.0 for p in names])
+    lo = np.array([axes[p][0] for p in names])
+    hi = np.array([axes[p][-1] for p in names])
+    centre = np.stack([np.asarray(start[p], dtype=float) for p in names], axis=1)  # (S, 3)
+    alpha = np.asarray(start["alpha"], dtype=float)
+    for n, half in levels:
+        u = np.linspace(-half, half, n)
+        grid = np.array(np.meshgrid(u, u, u, indexing="ij")).reshape(3, -1).T  # (K, 3)
+        # Lattices that would cross the grid's edge are moved inside it, not clipped:
+        # clipping would merge points and leave the final quadratic undetermined.
+        inner = np.clip(centre, np.minimum(lo + half * steps, hi),
+                        np.maximum(hi - half * steps, lo))
+        points = np.clip(inner[:, None, :] + grid[None] * steps, lo, hi)  # (S, K, 3)
+        full = np.concatenate([points, np.broadcast_to(alpha[:, None, None],
+                                                       points.shape[:2] + (1,))], axis=2)
+        scores = score_points(obs_norm, obs_ivar, templates, template_index, axes, full, rv,
+                              wavelength, **options)
+        best = np.nanargmin(np.where(np.isfinite(scores), scores, np.inf), axis=1)
+        centre = points[np.arange(nstar), best]
+    # Quadratic through the last lattice, in grid steps around its best point.
+    free = steps > 0
+    x = (points - centre[:, None, :])[..., free] / steps[free]
+    xmin, cov = quadratic_minimum(x, scores)
+    inside = np.all(np.abs(xmin) <= half, axis=1)
+    params = dict(start)
+    errors = {}
+    npix = (obs_ivar > 0).sum(axis=1)
+    dof_scale = np.ones(nstar) if options.get("spec_scale") is not None else np.sqrt(
+        np.maximum(np.nanmin(scores, axis=1) / np.maximum(npix - 1, 1), 1.0))
+    j = 0
+    for i, p in enumerate(names):
+        if not free[i]:
+            params[p] = centre[:, i]
+            errors[p] = np.full(nstar, np.nan)
+            continue
+        refined = np.where(inside, centre[:, i] + xmin[:, j] * steps[i], centre[:, i])
+        params[p] = np.clip(refined, lo[i], hi[i])
+        errors[p] = np.sqrt(np.abs(cov[:, j, j])) * steps[i] * dof_scale
+        j += 1
+    return params, errors, np.nanmin(scores, axis=1)

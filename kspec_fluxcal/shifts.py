@@ -1,0 +1,124 @@
+"""Radial-velocity shifts of spectra: a Lanczos (a = 4, 8-tap windowed sinc) kernel applied as
+a sparse matrix.
+
+Observed spectra stay on their pixels; templates are moved to each star's velocity: the
+prepared templates are band-limited (>= 2 pixels per FWHM), where a windowed sinc is nearly
+exact, while a cubic (4-tap) kernel biased velocities by ~1/40 pixel (5 km/s at 3.7 A/pixel).
+Shifting the noiseless templates keeps the observed noise uncorrelated.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import scipy.sparse
+
+from .constants import SPEED_OF_LIGHT_KMS
+
+__all__ = ["shift_matrix", "shift_spectra"]
+
+_LANCZOS_A = 4
+_TAPS = np.arange(-_LANCZOS_A + 1, _LANCZOS_A + 1)
+_TABLE_STEPS = 2048  # kernel weights tabulated per 1/2048 pixel: interpolation errs < 1e-6
+
+
+def _exact_kernel_weights(frac):
+    """Lanczos weights of the taps around a position (``frac`` past the left pixel),
+    normalised to unit sum so a constant stays constant."""
+    t = frac[..., None] - _TAPS
+    with np.errstate(invalid="ignore", divide="ignore"):
+        w = np.where(np.abs(t) < 1e-9, 1.0, np.sinc(t) * np.sinc(t / _LANCZOS_A))
+    return w / w.sum(axis=-1, keepdims=True)
+
+
+_KERNEL_TABLE = _exact_kernel_weights(np.linspace(0.0, 1.0, _TABLE_STEPS + 1))
+
+
+def _kernel_weights(frac):
+    """:func:`_exact_kernel_weights` interpolated linearly in a table (a few times faster:
+    velocity scans evaluate millions of positions)."""
+    x = np.asarray(frac, dtype=np.float64) * _TABLE_STEPS
+    i = np.clip(x.astype(np.intp), 0, _TABLE_STEPS - 1)
+    a = (x - i)[..., None]
+    lo = _KERNEL_TABLE[i]
+    return lo + a * (_KERNEL_TABLE[i + 1] - lo)
+
+
+def _positions(wavelength, rv, source=None):
+    """Fractional pixel positions, in a rest-frame spectrum sampled on ``source`` (default:
+    ``wavelength``), of the points ``wavelength`` seen at radial velocity ``rv``.
+
+    ``wavelength`` (..., P) and ``rv`` (...) broadcast (e.g. per-star pixels and trial
+    velocities); ``source`` is one 1-D grid."""
+    wave = np.asarray(wavelength, dtype=np.float64)
+    src = wave if source is None else np.asarray(source, dtype=np.float64)
+    if src.ndim != 1:
+        raise ValueError("source wavelengths must be 1-D")
+    z = np.asarray(rv, dtype=np.float64)[..., None] / SPEED_OF_LIGHT_KMS
+    return np.interp(wave / (1.0 + z), src, np.arange(src.size), left=-np.inf, right=np.inf)
+
+
+def _key(wavelength):
+    # Rounded to 1e-6 A: exposures of one setup differ by ~1e-11 A (unit and air/vacuum
+    # conversions) and must share cache entries.
+    return np.ascontiguousarray(np.round(np.asarray(wavelength, dtype=np.float64), 6)).tobytes()
+
+
+def shift_matrix(wavelength, rv, source=None):
+    """Sparse operator moving a rest-frame spectrum to radial velocity ``rv``.
+
+    Parameters
+    ----------
+    wavelength : array_like, shape (P,)
+        The pixels to sample (e.g. a star's own wavelength solution).
+    rv : float
+        km/s.
+    source : array_like, shape (Q,), optional
+        The rest-frame spectrum's wavelengths (default: ``wavelength``).
+
+    Returns
+    -------
+    scipy.sparse.csr_matrix, shape (P, Q)
+        Samples ``f(lambda / (1 + rv/c))`` at each pixel (the flux-density factor
+        1/(1 + z), <= 0.2 % for |rv| <= 500 km/s, is left to the photometric scale). Rows of
+        pixels whose source falls outside the spectrum are empty. Matrices are cached: a
+        star's velocity is reused by every scoring pass.
+    """
+    source = wavelength if source is None else source
+    return _shift_matrix_cached(_key(wavelength), _key(source), round(float(rv), 9))
+
+
+@functools.lru_cache(maxsize=64)
+def _shift_matrix_cached(wave_bytes, source_bytes, rv):
+    wavelength = np.frombuffer(wave_bytes, dtype=np.float64)
+    source = np.frombuffer(source_bytes, dtype=np.float64)
+    pos = _positions(wavelength, rv, source)
+    n = source.size
+    inside = np.isfinite(pos)
+    base = np.floor(np.where(inside, pos, 0.0)).astype(int)
+    weights = _kernel_weights(np.where(inside, pos, 0.0) - base)
+    cols = np.clip(base[:, None] + _TAPS[None, :], 0, n - 1)
+    rows = np.broadcast_to(np.arange(pos.size)[:, None], cols.shape)
+    # Rows whose source is off the spectrum stay empty (no stored zeros), so callers can tell.
+    keep = np.broadcast_to(inside[:, None], cols.shape)
+    return scipy.sparse.csr_matrix((weights[keep], (rows[keep], cols[keep])),
+                                   shape=(pos.size, n))
+
+
+def shift_spectra(spectra, wavelength, rv, source=None):
+    """Shift spectra (..., Q) on ``source`` (default ``wavelength``) to radial velocity ``rv``
+    (km/s, scalar), sampled at ``wavelength`` (P,); NaN beyond the edges."""
+    matrix = shift_matrix(wavelength, rv, source)
+    flat = np.asarray(spectra, dtype=np.float64).reshape(-1, matrix.shape[1])
+    out = (matrix @ flat.T).T
+    empty = np.asarray(matrix.getnnz(axis=1)) == 0
+    out[:, empty] = np.nan
+    return out.reshape(np.shape(spectra)[:-1] + (matrix.shape[0],))
+
+
+def _edge_margin(wavelength, rv, source=None):
+    """Pixels at each end whose shifted value leans on extrapolated taps."""
+    pos = _positions(wavelength, rv, source)
+    shift = np.nanmax(np.abs(np.where(np.isfinite(pos), pos - np.arange(pos.shape[-1]), np.nan)))
+    return int(np.ceil(shift)) + _LANCZOS_A + 1

@@ -1,0 +1,173 @@
+"""Radial velocities of the standards: FFT cross-correlation in ln(lambda) for a start, then a
+chi^2 scan against each star's template (shifted with :mod:`kspec_fluxcal.shifts`)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .constants import SPEED_OF_LIGHT_KMS
+from .matching import fit_corrected
+from .shifts import _TAPS, _edge_margin, _kernel_weights, _positions
+
+__all__ = ["cross_correlate_rv", "refine_rv"]
+
+
+
+def cross_correlate_rv(obs_norm, obs_weight, template_norm, wavelength, *, rv_max=500.0,
+                       oversample=4, star_wavelength=None):
+    """Radial velocities by FFT cross-correlation in ln(lambda), vectorised over stars.
+
+    Parameters
+    ----------
+    obs_norm : numpy.ndarray, shape (nstar, npix)
+        Continuum-normalised observed spectra.
+    obs_weight : numpy.ndarray, shape (nstar, npix)
+        Weights; 0 marks masked pixels (bad, telluric).
+    template_norm : numpy.ndarray, shape (nstar, npix)
+        A normalised rest-frame template per star, on ``wavelength``.
+    wavelength : numpy.ndarray, shape (npix,)
+        The templates' pixels.
+    rv_max : float
+        Search range, +/- km/s.
+    oversample : int
+        Oversampling of the ln(lambda) grid relative to the pixels.
+    star_wavelength : numpy.ndarray, shape (nstar, npix) or (npix,), optional
+        Each star's own pixels (default: ``wavelength``).
+
+    Returns
+    -------
+    rv : numpy.ndarray, shape (nstar,)
+        km/s, with sub-pixel refinement of the peak (Gaussian through three points).
+    peak : numpy.ndarray, shape (nstar,)
+        Normalised correlation at the peak (a quality indicator, <= 1).
+    """
+    wave = np.asarray(wavelength, dtype=np.float64)
+    ln = np.log(wave)
+    ln_star = np.broadcast_to(ln if star_wavelength is None else np.log(star_wavelength),
+                              np.shape(obs_norm))
+    n = oversample * wave.size
+    grid = np.linspace(ln[0], ln[-1], n)
+    step = grid[1] - grid[0]
+    use = (obs_weight > 0) & np.isfinite(obs_norm)
+    taper = np.ones(n)
+    edge = max(1, n // 20)
+    taper[:edge] = taper[-edge:][::-1] = 0.5 - 0.5 * np.cos(np.pi * np.arange(edge) / edge)
+    so = _line_signal(obs_norm, use, ln_star, grid) * taper
+    # The template only where the star has data (its pixels mapped onto the template's).
+    star_ok = np.stack([np.interp(ln, row, m.astype(float)) > 0.999 for row, m
+                        in zip(ln_star, use, strict=True)])
+    template_ok = np.isfinite(np.broadcast_to(template_norm, use.shape)) & star_ok
+    st = _line_signal(np.broadcast_to(template_norm, use.shape), template_ok,
+                      np.broadcast_to(ln, use.shape), grid) * taper
+    nfft = 2 * n
+    ccf = np.fft.irfft(np.fft.rfft(so, nfft) * np.conj(np.fft.rfft(st, nfft)), nfft)
+    norm = np.sqrt((so**2).sum(1) * (st**2).sum(1))
+    ccf = ccf / np.where(norm > 0, norm, np.inf)[:, None]
+    kmax = int(np.ceil(np.log1p(rv_max / SPEED_OF_LIGHT_KMS) / step))
+    lags = np.arange(-kmax, kmax + 1)
+    lag, peak = _peak_lag(ccf[:, lags % nfft], lags)
+    return SPEED_OF_LIGHT_KMS * np.expm1(lag * step), peak
+
+
+def _line_signal(values, mask, ln_rows, grid):
+    """Line depths ``1 - values`` (S, P) on each row's own ln(lambda) pixels ``ln_rows``,
+    resampled linearly onto the common ln(lambda) ``grid``, masked pixels zeroed and each
+    row's mean removed: (S, len(grid)), ready to correlate."""
+    npix = values.shape[1]
+    # Each star on its own pixels: one interpolation per star (a handful).
+    idx = np.stack([np.interp(grid, row, np.arange(row.size)) for row in ln_rows])
+    lo = np.clip(np.floor(idx).astype(int), 0, npix - 2)
+    t = idx - lo
+    rows = np.arange(values.shape[0])[:, None]
+    sig = np.where(mask, 1.0 - values, 0.0)
+    out = sig[rows, lo] * (1 - t) + sig[rows, lo + 1] * t
+    m = (mask[rows, lo] & mask[rows, lo + 1]).astype(float)
+    mean = (out * m).sum(1, keepdims=True) / np.maximum(m.sum(1, keepdims=True), 1)
+    return (out - mean) * m
+
+
+def _peak_lag(window, lags):
+    """The correlation's peak in ``window`` (S, L), the correlation at ``lags`` (L,): its lag
+    refined between samples by a Gaussian through three points (a parabola where one is not
+    positive), and the correlation at the peak sample (S,)."""
+    k = np.argmax(window, axis=1)
+    k = np.clip(k, 1, lags.size - 2)
+    rows = np.arange(window.shape[0])
+    c0, cm, cp = window[rows, k], window[rows, k - 1], window[rows, k + 1]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        positive = (c0 > 0) & (cm > 0) & (cp > 0)
+        lm, l0, lp = np.log(np.where(positive, cm, 1)), np.log(np.where(positive, c0, 1)), np.log(
+            np.where(positive, cp, 1))
+        gauss = 0.5 * (lm - lp) / (lm - 2 * l0 + lp)
+        para = 0.5 * (cm - cp) / (cm - 2 * c0 + cp)
+        delta = np.where(positive, gauss, para)
+    delta = np.clip(np.nan_to_num(delta), -1, 1)
+    return lags[k] + delta, c0
+
+
+def refine_rv(obs_norm, obs_weight, template_norm, wavelength, rv0, *, half_width=None,
+              nstep=5, knot_spacing=None, star_wavelength=None):
+    """Radial velocities refined by a chi^2 scan against each star's best template.
+
+    The chi^2 of the template (with the smooth multiplicative correction of
+    :func:`score_star`) is evaluated on a grid of velocities around ``rv0``, all trial
+    velocities of a star at once; a parabola through the lowest points gives the velocity
+    and its 1-sigma error (delta chi^2 = 1).
+
+    Parameters
+    ----------
+    obs_norm, obs_weight : numpy.ndarray, shape (nstar, npix)
+        Normalised observed spectra and their inverse variances (0 = masked).
+    template_norm : numpy.ndarray, shape (nstar, npix)
+        Normalised rest-frame templates, one per star.
+    wavelength : numpy.ndarray, shape (npix,)
+        The templates' pixels.
+    rv0 : numpy.ndarray, shape (nstar,)
+        Starting velocities, km/s.
+    half_width : float, optional
+        Scan half width, km/s (default: one pixel).
+    knot_spacing : float, optional
+        Knot spacing of the multiplicative correction, Angstrom.
+    star_wavelength : numpy.ndarray, shape (nstar, npix) or (npix,), optional
+        Each star's own pixels (default: ``wavelength``).
+
+    Returns
+    -------
+    rv, rv_err : numpy.ndarray, shape (nstar,)
+    """
+    wave = np.asarray(wavelength, dtype=np.float64)
+    star_wave = np.broadcast_to(wave if star_wavelength is None else star_wavelength,
+                                np.shape(obs_norm))
+    pix_kms = SPEED_OF_LIGHT_KMS * np.median(np.diff(np.log(wave)))
+    half_width = pix_kms if half_width is None else half_width
+    offsets = np.linspace(-half_width, half_width, nstep)
+    rv0 = np.asarray(rv0, dtype=np.float64)
+    trial = rv0[:, None] + offsets[None, :]  # (S, V)
+    pos = _positions(star_wave[:, None, :], trial, wave)  # (S, V, P)
+    inside = np.isfinite(pos)
+    base = np.floor(np.where(inside, pos, 0.0)).astype(int)
+    kw = _kernel_weights(np.where(inside, pos, 0.0) - base)  # (S, V, P, taps)
+    cols = np.clip(base[..., None] + _TAPS, 0, wave.size - 1)
+    tmpl = np.nan_to_num(np.asarray(template_norm, dtype=np.float64))
+    rows = np.arange(tmpl.shape[0])[:, None, None, None]
+    shifted = np.sum(tmpl[rows, cols] * kw, axis=-1)  # (S, V, P)
+    w = np.where(inside & np.isfinite(obs_norm)[:, None, :], obs_weight[:, None, :], 0.0)
+    margin = _edge_margin(star_wave[:, None, :], trial, wave)
+    w[..., :margin] = 0
+    w[..., -margin:] = 0
+    f = np.nan_to_num(obs_norm)
+    chi2 = np.stack([np.sum(w[s] * (f[s] - fit_corrected(f[s], w[s], shifted[s], star_wave[s],
+                                                           knot_spacing)) ** 2, axis=1)
+                     for s in range(f.shape[0])])  # stars: a few; velocities vectorised
+    best = np.clip(np.argmin(chi2, axis=1), 2, nstep - 3)
+    # Least-squares parabola through the 5 points u = -2..2 around the minimum (closed form).
+    u = np.arange(-2, 3)
+    y = np.take_along_axis(chi2, best[:, None] + u, axis=1)
+    h = offsets[1] - offsets[0]
+    b = (y * u).sum(1) / 10.0
+    a = ((y * u**2).sum(1) - 2.0 * y.sum(1)) / 14.0
+    ok = a > 0
+    vertex = offsets[best] + h * np.where(ok, -b / (2 * np.where(ok, a, 1)), 0.0)
+    vertex = np.clip(vertex, -half_width, half_width)
+    err = np.where(ok, h / np.sqrt(np.where(ok, a, 1)), np.nan)
+    return rv0 + vertex, err
