@@ -307,7 +307,7 @@ def _cli_run(*args, env=None):
 
 
 def grid_build(repeat=3):
-    from kspec_fluxcal.grid import scan_bosz
+    from kspec_fluxcal.grid_build import scan_bosz
 
     source = reference_grid(full=True)
     paths = [m["path"] for m in scan_bosz(source)["models"]]

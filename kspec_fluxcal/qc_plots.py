@@ -304,6 +304,58 @@ def _plot_photometry(qc):
     bands = [str(b) for b in stars["band"].values]
     if nstar == 0 or not bands:
         return None, "no standard star or no band"
+    lam, order, diff, used, err, dropped = _photometry_by_band(stars, bands)
+    fig, axes = _figure(height=_ROW_HEIGHT + 0.22 * max(0, math.ceil((nstar + 2) / 2) - 2))
+    ax = axes[0, 0]
+    styles = _star_styles(qc)
+    x = np.arange(len(bands), dtype=np.float64)
+    step = min(0.6 / max(nstar, 1), 0.12)
+    lim = _limits([diff[np.isfinite(diff) & used]], 2, 98, pad=0.15, include=(-0.05, 0.05))
+    if lim is None:
+        lim = (-0.1, 0.1)
+    # Points beyond the robust range sit on its edge, labelled with their value, so that an
+    # outlier neither flattens the plot nor disappears.
+    span = lim[1] - lim[0]
+    inner = (lim[0] + 0.05 * span, lim[1] - 0.05 * span)
+    handles, hollow, shown_dropped = [], False, False
+    for s in range(nstar):
+        xs = x + (s - (nstar - 1) / 2) * step
+        handle, out, drop = _photometry_points(
+            ax, qc, s, xs, diff[s], used[s], None if err is None else err[s], dropped[s],
+            inner, styles[s])
+        handles.append(handle)
+        hollow |= out
+        shown_dropped |= drop
+    # Only markers that occur are explained.
+    if hollow:
+        handles.append(Line2D([], [], ls="none", marker="o", mfc="none", mec="k",
+                              label="measured, not used in the fit"))
+    if shown_dropped:
+        handles.append(Line2D([], [], ls="none", marker="x", color="C3", ms=8,
+                              label="dropped as outlier"))
+    ax.axhline(0, color="k", lw=0.8)
+    for y in (-0.02, 0.02):
+        ax.axhline(y, color="k", ls=":", lw=0.8)
+    ax.set_ylim(*lim)
+    ax.set_xlim(-0.6, len(bands) - 0.4)
+    ax.set_xticks(x)
+    ax.set_xticklabels([f"{bands[i]}\n{lam[i]:.0f} A" if np.isfinite(lam[i]) else bands[i]
+                        for i in order], fontsize=8)
+    ax.set_xlabel("band (by effective wavelength)")
+    ax.set_ylabel("catalog - model [mag]")
+    ax.set_title(f"{qc.expid}: photometry of the standards vs their scaled, reddened templates")
+    ax.grid(alpha=0.3, axis="y")
+    _outside_legend(fig, handles, ncols=2 if len(handles) > 3 else len(handles))
+    return fig, None
+
+
+def _photometry_by_band(stars, bands):
+    """The standards' photometry with the bands in order of effective wavelength.
+
+    Returns the bands' effective wavelengths (in the table's order), that order, and
+    (star, band) arrays in it: catalog - model magnitudes, used in the fit, errors (None when
+    the table has none), dropped as outliers.
+    """
     lam = np.array([_band_wavelength(b) for b in bands])
     order = np.argsort(np.where(np.isfinite(lam), lam, np.inf), kind="stable")
     obs = np.asarray(stars["mag_obs"].transpose("star", "band").values, dtype=np.float64)
@@ -321,66 +373,34 @@ def _plot_photometry(qc):
         for s, text in enumerate(np.asarray(stars["dropped_bands"].values).astype(str)):
             names = {b.strip() for b in text.split(",") if b.strip()}
             dropped[s] = [b in names for b in sorted_bands]
-    fig, axes = _figure(height=_ROW_HEIGHT + 0.22 * max(0, math.ceil((nstar + 2) / 2) - 2))
-    ax = axes[0, 0]
-    styles = _star_styles(qc)
-    x = np.arange(len(bands), dtype=np.float64)
-    step = min(0.6 / max(nstar, 1), 0.12)
-    lim = _limits([diff[np.isfinite(diff) & used]], 2, 98, pad=0.15, include=(-0.05, 0.05))
-    if lim is None:
-        lim = (-0.1, 0.1)
-    # Points beyond the robust range sit on its edge, labelled with their value, so that an
-    # outlier neither flattens the plot nor disappears.
-    span = lim[1] - lim[0]
-    inner = (lim[0] + 0.05 * span, lim[1] - 0.05 * span)
-    handles, shown = [], {"hollow": False, "dropped": False}
-    for s in range(nstar):
-        st = styles[s]
-        xs = x + (s - (nstar - 1) / 2) * step
-        d = diff[s]
-        ok = np.isfinite(d)
-        dp = np.clip(d, *inner)
-        rms = _coord(stars, "phot_rms", s)
-        label = f"{_label(qc, s, short=True)}: rms {_fmt(rms, '.3f')} mag" + \
-            ("" if qc.used[s] else f" ({_rejection(qc.status[s], 40)})")
-        sel = ok & used[s]
-        if err is not None:
-            _error_bars(ax, xs[sel], dp[sel], err[s][sel], inner, st["color"])
-        ax.plot(xs[sel], dp[sel], ls="none", marker=st["marker"], color=st["color"], ms=6)
-        # Measured but not used (dropped as outliers, or excluded): hollow markers.
-        out = ok & ~used[s]
-        ax.plot(xs[out], dp[out], ls="none", marker=st["marker"], mfc="none",
-                mec=st["color"], ms=7, mew=1.3)
-        drop = ok & dropped[s]
-        ax.plot(xs[drop], dp[drop], ls="none", marker="x", color="C3", ms=10, mew=1.5)
-        shown["hollow"] |= bool(out.any())
-        shown["dropped"] |= bool(drop.any())
-        for b in np.flatnonzero(ok & (dp != d)):
-            ax.annotate(f"{d[b]:+.2f}", xy=(xs[b], dp[b]), xytext=(7, 0),
-                        textcoords="offset points", va="center", fontsize=7, color=st["color"])
-        handles.append(Line2D([], [], ls="none", marker=st["marker"], color=st["color"],
-                              label=label))
-    # Only markers that occur are explained.
-    if shown["hollow"]:
-        handles.append(Line2D([], [], ls="none", marker="o", mfc="none", mec="k",
-                              label="measured, not used in the fit"))
-    if shown["dropped"]:
-        handles.append(Line2D([], [], ls="none", marker="x", color="C3", ms=8,
-                              label="dropped as outlier"))
-    ax.axhline(0, color="k", lw=0.8)
-    for y in (-0.02, 0.02):
-        ax.axhline(y, color="k", ls=":", lw=0.8)
-    ax.set_ylim(*lim)
-    ax.set_xlim(-0.6, len(bands) - 0.4)
-    ax.set_xticks(x)
-    ax.set_xticklabels([f"{b}\n{lam[i]:.0f} A" if np.isfinite(lam[i]) else b
-                        for b, i in zip(sorted_bands, order, strict=True)], fontsize=8)
-    ax.set_xlabel("band (by effective wavelength)")
-    ax.set_ylabel("catalog - model [mag]")
-    ax.set_title(f"{qc.expid}: photometry of the standards vs their scaled, reddened templates")
-    ax.grid(alpha=0.3, axis="y")
-    _outside_legend(fig, handles, ncols=2 if len(handles) > 3 else len(handles))
-    return fig, None
+    return lam, order, diff, used, err, dropped
+
+
+def _photometry_points(ax, qc, s, xs, d, used, err, dropped, inner, st):
+    """Draw star ``s``'s catalog - model points ``d`` at ``xs``, clipped to ``inner``:
+    used (filled, with error bars), measured but not used (hollow), dropped (crossed); a
+    clipped point is labelled with its value. Returns its legend handle and whether hollow
+    and dropped points were drawn."""
+    ok = np.isfinite(d)
+    dp = np.clip(d, *inner)
+    rms = _coord(qc.stars, "phot_rms", s)
+    label = f"{_label(qc, s, short=True)}: rms {_fmt(rms, '.3f')} mag" + \
+        ("" if qc.used[s] else f" ({_rejection(qc.status[s], 40)})")
+    sel = ok & used
+    if err is not None:
+        _error_bars(ax, xs[sel], dp[sel], err[sel], inner, st["color"])
+    ax.plot(xs[sel], dp[sel], ls="none", marker=st["marker"], color=st["color"], ms=6)
+    # Measured but not used (dropped as outliers, or excluded): hollow markers.
+    out = ok & ~used
+    ax.plot(xs[out], dp[out], ls="none", marker=st["marker"], mfc="none",
+            mec=st["color"], ms=7, mew=1.3)
+    drop = ok & dropped
+    ax.plot(xs[drop], dp[drop], ls="none", marker="x", color="C3", ms=10, mew=1.5)
+    for b in np.flatnonzero(ok & (dp != d)):
+        ax.annotate(f"{d[b]:+.2f}", xy=(xs[b], dp[b]), xytext=(7, 0),
+                    textcoords="offset points", va="center", fontsize=7, color=st["color"])
+    handle = Line2D([], [], ls="none", marker=st["marker"], color=st["color"], label=label)
+    return handle, bool(out.any()), bool(drop.any())
 
 
 def _plot_xp(qc):
