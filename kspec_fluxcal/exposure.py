@@ -66,6 +66,9 @@ def _read(path):
 
 
 def _read_hdus(path):
+    """The RED file's arrays and metadata, read and checked in one pass over its HDUs:
+    (flux, variance, wavelength as read, FIBRES coordinates, metadata, FLUXCAL columns
+    or None)."""
     with open_fits(path) as hdul:
         primary = hdul[0]
         flux = hdu_data(primary, path, "PRIMARY")
@@ -252,6 +255,8 @@ def _exposure_attrs(path, meta, unsolved):
 
 
 def _attach_calibration(ds, cal, keys, path):
+    """Add a calibrated file's vector (FLUXCAL), per-pixel factors (FCALFAC, FCALFVAR)
+    and calibration keywords to ``ds``, in place."""
     needed = ("WAVELENGTH", "CAL_FACTOR", "CAL_VARIANCE", "MASK")
     missing = [c for c in needed if c not in cal]
     if missing:

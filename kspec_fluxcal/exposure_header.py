@@ -47,12 +47,15 @@ def exposure_keywords(header, path):
 
 
 def check_width(path, nspec):
+    """Refuse an image narrower than :data:`MIN_PIXELS` pixels."""
     if nspec < MIN_PIXELS:
         raise ExposureError(path, "HDU PRIMARY", f"image is {nspec} pixel{'s' * (nspec != 1)} "
                             f"wide; a spectrum needs at least {MIN_PIXELS}")
 
 
 def line_spread(header, path):
+    """The line-spread FWHM of the primary header: the polynomial FWHMPC0..n, else the
+    constant SPECFWHM, as a :class:`~kspec_fluxcal.lsf.LineSpread`."""
     coeffs = []
     while f"FWHMPC{len(coeffs)}" in header:
         key = f"FWHMPC{len(coeffs)}"

@@ -77,6 +77,8 @@ def _wcs_wavelength(header, nspec, path):
 
 
 def check_wavelength(wave, path, where):
+    """Refuse a 1-D solution that is not finite everywhere, not increasing, or outside
+    the plausible range in Angstrom (a hint when it looks like nm)."""
     finite = np.isfinite(wave)
     if not finite.any():
         raise ExposureError(path, where, "no finite wavelength")

@@ -19,6 +19,8 @@ __all__ = ["open_fits", "find_hdu", "hdu_data", "header_value", "fits_column"]
 
 
 def open_fits(path):
+    """Open a FITS file whole (no memory map, every HDU read), checked complete; a file
+    that is missing, not FITS or cut short is an :class:`ExposureError`."""
     check_regular_file(path, ExposureError)
     try:
         # Astropy's truncation warnings are replaced by the check below, which is an error.
@@ -63,6 +65,8 @@ def _check_complete(hdul, path):
 
 
 def find_hdu(hdul, path, names, required=True):
+    """The extension named one of ``names`` (None when absent and not ``required``); two
+    such extensions are an error, since which one was meant cannot be told."""
     found = [k for k, hdu in enumerate(hdul) if k and hdu.name.upper() in names]
     if len(found) > 1:
         # Which one kspecdr meant cannot be told; the first would be used silently.
@@ -80,6 +84,8 @@ def find_hdu(hdul, path, names, required=True):
 
 
 def hdu_data(hdu, path, label):
+    """The data of ``hdu``; none, or unreadable (a truncated file), is an error naming
+    the HDU ``label``."""
     try:
         data = hdu.data
     except Exception as err:  # a truncated file fails here, not at open
@@ -91,6 +97,8 @@ def hdu_data(hdu, path, label):
 
 
 def header_value(header, keys, path, required, kind=float):
+    """The value of the first of ``keys`` present in ``header``, as ``kind`` (a float must
+    be finite); None when absent and not ``required``."""
     for key in keys:
         if key in header and header[key] not in (None, ""):
             value = header[key]
@@ -112,6 +120,8 @@ def header_value(header, keys, path, required, kind=float):
 
 
 def fits_column(name, values, unit=None):
+    """A binary-table column of ``values`` (strings, logicals, 64-bit integers or
+    doubles)."""
     kind = values.dtype.kind
     if kind in "SUO":
         values = values.astype(str)

@@ -150,6 +150,26 @@ def write_calibrated(ds, path, *, overwrite=False, stars=None):
         raise ValueError(f"dataset has no {', '.join(missing)}: calibrate it first "
                          "(kspec_fluxcal.apply_calibration)")
     ds = ds.compute()
+    header = _product_header(ds)
+    primary = fits.PrimaryHDU(ds["flux"].values.astype(np.float32), header=header)
+    var = fits.ImageHDU(ds["variance"].values.astype(np.float32), name="VARIANCE")
+    var.header["BUNIT"] = f"({FLUX_UNIT})**2"
+    wave = _wavelength_hdu(ds)
+    hdus = [primary, var, *([wave] if wave is not None else []), _fibres_table(ds),
+            _calibration_table(ds)]
+    if "cal_factor" in ds:
+        hdus += _factor_hdus(ds)
+    if stars is not None:
+        hdus.append(stars if isinstance(stars, fits.BinTableHDU) else star_table(stars))
+    with atomic_file(path, overwrite=overwrite) as tmp:
+        _write_fits(hdus, tmp)
+    return Path(path)
+
+
+def _product_header(ds):
+    """The product's primary header: the input's (:func:`_primary_header`) with the flux
+    unit, the calibration keywords (:data:`~kspec_fluxcal.constants.CALIBRATION_KEYWORDS`)
+    and the history of the calibrated Dataset ``ds``."""
     header = _primary_header(ds)
     header["BUNIT"] = FLUX_UNIT
     if ds.attrs.get("expid"):
@@ -169,19 +189,7 @@ def write_calibrated(ds, path, *, overwrite=False, stars=None):
         header.add_history(text)
     header["COMMENT"] = ("Calibrated on each fiber's own pixels; factors in HDU FCALFAC, "
                          "variance FCALFVAR; per-star fits in FCALSTAR (kspec-fluxcal README)")
-    primary = fits.PrimaryHDU(ds["flux"].values.astype(np.float32), header=header)
-    var = fits.ImageHDU(ds["variance"].values.astype(np.float32), name="VARIANCE")
-    var.header["BUNIT"] = f"({FLUX_UNIT})**2"
-    wave = _wavelength_hdu(ds)
-    hdus = [primary, var, *([wave] if wave is not None else []), _fibres_table(ds),
-            _calibration_table(ds)]
-    if "cal_factor" in ds:
-        hdus += _factor_hdus(ds)
-    if stars is not None:
-        hdus.append(stars if isinstance(stars, fits.BinTableHDU) else star_table(stars))
-    with atomic_file(path, overwrite=overwrite) as tmp:
-        _write_fits(hdus, tmp)
-    return Path(path)
+    return header
 
 
 def star_table(stars):

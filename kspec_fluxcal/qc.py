@@ -10,6 +10,11 @@ written atomically.
 Figures are drawn with :class:`matplotlib.figure.Figure` on an explicit Agg canvas, never
 through pyplot: no global backend switch, no figure registry, so QC can run in Dask worker
 threads next to each other and inside an interactive session without disturbing it.
+
+The rooms: :mod:`kspec_fluxcal.qc_data` gathers what is drawn (one constructor, from a result
+or from a file), :mod:`kspec_fluxcal.qc_plots` draws each kind of plot (with the helpers of
+:mod:`kspec_fluxcal.qc_figures`), :mod:`kspec_fluxcal.qc_summary` writes the text; this module
+writes the files.
 """
 
 from __future__ import annotations
