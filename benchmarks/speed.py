@@ -117,7 +117,8 @@ def _stages(path, catalog, library, config, out):
     """CPU seconds of each stage of one exposure, as the survey's task runs them."""
     from kspec_fluxcal.archive import archive_record
     from kspec_fluxcal.calibration import apply_calibration, combine_vectors
-    from kspec_fluxcal.exposure import open_exposure, write_calibrated
+    from kspec_fluxcal.exposure import open_exposure
+    from kspec_fluxcal.products import write_calibrated
     from kspec_fluxcal.standards import fit_standards
 
     times, c = {}, time.process_time()
@@ -306,7 +307,7 @@ def _cli_run(*args, env=None):
 
 
 def grid_build(repeat=3):
-    from kspec_fluxcal.grid import scan_bosz
+    from kspec_fluxcal.grid_build import scan_bosz
 
     source = reference_grid(full=True)
     paths = [m["path"] for m in scan_bosz(source)["models"]]

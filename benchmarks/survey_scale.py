@@ -197,9 +197,10 @@ def profile_exposure(lake, cube, repeat=5):
     from kspec_fluxcal.calibration import apply_calibration, combine_vectors
     from kspec_fluxcal.catalog import read_catalog
     from kspec_fluxcal.config import Config
-    from kspec_fluxcal.exposure import open_exposure, write_calibrated
+    from kspec_fluxcal.exposure import open_exposure
     from kspec_fluxcal.grid import open_grid
     from kspec_fluxcal.lsf import exposure_lsf
+    from kspec_fluxcal.products import write_calibrated
     from kspec_fluxcal.standards import fit_standards, prepare_setup
     from kspec_fluxcal.survey import _setup_for
 

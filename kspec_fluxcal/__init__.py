@@ -12,7 +12,8 @@ and imported at once, so that ``except kspec_fluxcal.FluxCalError`` costs nothin
 
 import importlib
 
-from .errors import (
+from . import errors as _errors
+from .errors import (  # noqa: F401 (public: __all__ lists errors.__all__)
     CalibrationError,
     CatalogError,
     ConfigError,
@@ -23,6 +24,7 @@ from .errors import (
     GridError,
     InputError,
     OutputExistsError,
+    OutputLockedError,
 )
 
 #: Public name -> the module (in this package) that defines it.
@@ -31,8 +33,10 @@ _LAZY = {
     **dict.fromkeys(("match_standards", "query_photometry", "read_catalog"), "catalog"),
     **dict.fromkeys(("Config", "load_config"), "config"),
     **dict.fromkeys(("fit_continuum", "normalize_continuum"), "continuum"),
-    **dict.fromkeys(("open_exposure", "read_exposure_info", "write_calibrated"), "exposure"),
-    **dict.fromkeys(("TemplateGrid", "build_grid", "open_grid"), "grid"),
+    **dict.fromkeys(("open_exposure", "read_exposure_info"), "exposure"),
+    "write_calibrated": "products",
+    **dict.fromkeys(("TemplateGrid", "open_grid"), "grid"),
+    "build_grid": "grid_build",
     "LineSpread": "lsf",
     **dict.fromkeys(("load_regions", "region_mask"), "masks"),
     "score_templates": "matching",
@@ -109,14 +113,5 @@ __all__ = [
     "Config",
     "load_config",
     # errors
-    "FluxCalError",
-    "InputError",
-    "ExposureError",
-    "CatalogError",
-    "GridError",
-    "ConfigError",
-    "CalibrationError",
-    "OutputExistsError",
-    "DownloadError",
-    "FluxCalWarning",
+    *_errors.__all__,
 ]

@@ -40,20 +40,33 @@ _INTEGER = re.compile(r"^[+-]?\d+(\.0*)?$")
 _POSITION_RANGE = {"RA": (0.0, 360.0), "Dec": (-90.0, 90.0)}
 
 
+def _parse_floats(text, fail):
+    """``text`` (an object array of numbers written as strings) as float64.
+
+    At the first string that is not a number, ``fail(index, string)`` is called: it raises
+    the caller's error, naming the row or sample (here and in :mod:`kspec_fluxcal.xp`).
+    """
+    try:
+        return text.astype(np.float64)
+    except ValueError:
+        for i, t in enumerate(text):
+            try:
+                float(t)
+            except ValueError:
+                fail(i, t)
+        raise
+
+
 def _numeric(values, path, column, rows, error=CatalogError):
     """Convert a column of strings to float64 ('' -> NaN), naming the first bad row."""
     arr = np.asarray(values, dtype=object)
     arr = np.where(np.char.strip(arr.astype(str)) == "", "nan", arr)
-    try:
-        return arr.astype(np.float64)
-    except ValueError:
-        for i, v in enumerate(arr):
-            try:
-                float(v)
-            except ValueError:
-                raise error(path, f"column {column} row {rows[i]}",
-                            f"value {v!r} is not a number") from None
-        raise
+
+    def not_a_number(i, v):
+        raise error(path, f"column {column} row {rows[i]}",
+                    f"value {v!r} is not a number") from None
+
+    return _parse_floats(arr, not_a_number)
 
 
 def _objids(values, path, rows, column="objid", error=CatalogError, missing=None):
@@ -140,6 +153,36 @@ def read_catalog(path, bands=BANDS):
     """
     path = os.fspath(path)
     bands = [b for b in bands if b in CATALOG_COLUMNS]
+    header, rows = _read_csv(path)
+    _check_table(path, header, rows, [*_REQUIRED, *(c for b in bands for c in CATALOG_COLUMNS[b])])
+    line_numbers = np.arange(len(rows)) + 2  # as an editor shows them (header is line 1)
+    table = np.array([r[: len(header)] for r in rows], dtype=object)
+    col = {name: table[:, i] for i, name in enumerate(header)}
+    objid = _objids(col["objid"], path, line_numbers)
+    _unique_ids(objid, path, "objid", line_numbers)
+    mags, errs = _photometry(col, bands, path, line_numbers)
+    coords = {
+        "objid": ("star", objid),
+        "ra": ("star", _position(col["RA"], path, "RA", line_numbers), {"units": "deg"}),
+        "dec": ("star", _position(col["Dec"], path, "Dec", line_numbers), {"units": "deg"}),
+        "band": ("band", list(bands)),
+        "vega_to_ab": ("band", [VEGA_TO_AB.get(b, 0.0) for b in bands],
+                       {"description": "offset added to the catalog magnitude (contract §2)"}),
+        **_optional_coords(col, path, line_numbers),
+    }
+    ds = xr.Dataset(
+        {
+            "mag": (("star", "band"), mags, {"units": "mag", "system": "AB"}),
+            "mag_err": (("star", "band"), errs, {"units": "mag"}),
+        },
+        coords=coords,
+        attrs={"source": path, "format": "ATLAS Refcat2 CSV"},
+    )
+    return ds.set_xindex("objid")
+
+
+def _read_csv(path):
+    """The header line (stripped names) and the non-blank rows of a CSV file."""
     check_regular_file(path, CatalogError)
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
@@ -152,8 +195,12 @@ def read_catalog(path, bands=BANDS):
         raise CatalogError(path, None, f"not a readable CSV file ({err})") from None
     if not header:
         raise CatalogError(path, "header line", "empty file")
-    header = [h.strip() for h in header]
-    needed = [*_REQUIRED, *(c for b in bands for c in CATALOG_COLUMNS[b])]
+    return [h.strip() for h in header], rows
+
+
+def _check_table(path, header, rows, needed):
+    """Refuse a catalog without the ``needed`` columns, without stars, or with a row whose
+    number of fields differs from the header's."""
     missing = [c for c in needed if c not in header]
     if missing:
         raise CatalogError(path, "header line", f"missing required column(s) {', '.join(missing)}")
@@ -165,50 +212,37 @@ def read_catalog(path, bands=BANDS):
     if ragged:
         raise CatalogError(path, f"row {ragged[0] + 2}",
                            f"has {len(rows[ragged[0]])} fields, the header has {len(header)}")
-    line_numbers = np.arange(len(rows)) + 2  # as an editor shows them (header is line 1)
-    table = np.array([r[: len(header)] for r in rows], dtype=object)
-    col = {name: table[:, i] for i, name in enumerate(header)}
 
-    objid = _objids(col["objid"], path, line_numbers)
-    _unique_ids(objid, path, "objid", line_numbers)
 
+def _photometry(col, bands, path, rows):
+    """AB magnitudes and their errors, (star, band): the contract's Vega-to-AB offsets
+    applied, NaN where not measured (sentinels, empty cells)."""
     mags, errs = [], []
     for band in bands:
         mcol, ecol = CATALOG_COLUMNS[band]
-        m = _numeric(col[mcol], path, mcol, line_numbers)
-        e = _numeric(col[ecol], path, ecol, line_numbers)
+        m = _numeric(col[mcol], path, mcol, rows)
+        e = _numeric(col[ecol], path, ecol, rows)
         missing_value = (~np.isfinite(m) | ~np.isfinite(e) | (m >= MAG_SENTINEL)
                          | (e >= MAG_ERR_SENTINEL))
-        m = np.where(missing_value, np.nan, m + VEGA_TO_AB.get(band, 0.0))
-        e = np.where(missing_value, np.nan, e)
-        mags.append(m)
-        errs.append(e)
-    coords = {
-        "objid": ("star", objid),
-        "ra": ("star", _position(col["RA"], path, "RA", line_numbers), {"units": "deg"}),
-        "dec": ("star", _position(col["Dec"], path, "Dec", line_numbers), {"units": "deg"}),
-        "band": ("band", list(bands)),
-        "vega_to_ab": ("band", [VEGA_TO_AB.get(b, 0.0) for b in bands],
-                       {"description": "offset added to the catalog magnitude (contract §2)"}),
-    }
+        mags.append(np.where(missing_value, np.nan, m + VEGA_TO_AB.get(band, 0.0)))
+        errs.append(np.where(missing_value, np.nan, e))
+    return np.stack(mags, axis=1), np.stack(errs, axis=1)
+
+
+def _optional_coords(col, path, rows):
+    """Per-star coordinates of the optional columns (NaN when absent), and ``source_id``
+    when the catalog has one."""
+    coords = {}
     for column, name in _OPTIONAL.items():
-        values = (_numeric(col[column], path, column, line_numbers) if column in col
+        values = (_numeric(col[column], path, column, rows) if column in col
                   else np.full(len(rows), np.nan))
         if column in ("Teff", "dplx"):  # 0 = unknown (a parallax of 0 or less is a value)
             values = np.where(values > 0, values, np.nan)
         coords[name] = ("star", values, {"units": _OPTIONAL_UNITS[column]})
-    source_id = _source_ids(col, path, line_numbers)
+    source_id = _source_ids(col, path, rows)
     if source_id is not None:
         coords["source_id"] = ("star", source_id, {"description": "Gaia source id, -1 = none"})
-    ds = xr.Dataset(
-        {
-            "mag": (("star", "band"), np.stack(mags, axis=1), {"units": "mag", "system": "AB"}),
-            "mag_err": (("star", "band"), np.stack(errs, axis=1), {"units": "mag"}),
-        },
-        coords=coords,
-        attrs={"source": path, "format": "ATLAS Refcat2 CSV"},
-    )
-    return ds.set_xindex("objid")
+    return coords
 
 
 class _CatalogIndex:

@@ -99,7 +99,7 @@ def _calibration_state(ds):
 
 
 def _cmd_grid_build(args):
-    from .grid import build_grid
+    from .grid_build import build_grid
 
     build_grid(args.bosz_dir, args.out, wave_min=args.wave_min, wave_max=args.wave_max,
                resolution=args.resolution, workers=args.workers, progress=not args.quiet,
@@ -281,9 +281,26 @@ def build_parser():
                         help="show the Python traceback of errors (for bug reports)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
+    for add in (_demo_parser, _calibrate_parser, _qc_parser, _survey_parser, _simulate_parser,
+                _grid_parsers, _archive_parsers, _info_parser):
+        add(sub)
+    return parser
 
-    p = sub.add_parser("demo", help="the embedded default: synthetic grid, simulated survey, "
-                       "survey calibration on a LocalCluster, QC and accuracy summary")
+
+def _command(sub, func, name, **kwargs):
+    """Add the sub-command ``name`` to the sub-parsers ``sub``, run by ``func(args)``; return
+    its parser (``kwargs`` as for ``add_parser``: help...)."""
+    parser = sub.add_parser(name, **kwargs)
+    parser.set_defaults(func=func)
+    return parser
+
+
+def _demo_parser(sub):
+    """Add the sub-command ``kspec-fluxcal demo`` and its arguments to the sub-parsers
+    ``sub``."""
+    p = _command(sub, _cmd_demo, "demo",
+                 help="the embedded default: synthetic grid, simulated survey, "
+                      "survey calibration on a LocalCluster, QC and accuracy summary")
     p.add_argument("--out", default="store/demo", help="working directory (default %(default)s)")
     p.add_argument("--exposures", type=int, default=20,
                    help="exposures in the simulated survey (default %(default)s)")
@@ -293,9 +310,12 @@ def build_parser():
                    "one per core)")
     p.add_argument("--seed", type=int, default=1,
                    help="random seed of the simulated survey (default %(default)s)")
-    p.set_defaults(func=_cmd_demo)
 
-    p = sub.add_parser("calibrate", help="flux-calibrate RED files")
+
+def _calibrate_parser(sub):
+    """Add the sub-command ``kspec-fluxcal calibrate`` and its arguments to the sub-parsers
+    ``sub``."""
+    p = _command(sub, _cmd_calibrate, "calibrate", help="flux-calibrate RED files")
     p.add_argument("files", nargs="+", metavar="RED.fits", help="reduced exposures (kspecdr)")
     p.add_argument("--catalog", required=True, help="standard-star catalog (Refcat2 CSV)")
     p.add_argument("--grid", required=True, help="template grid Zarr store")
@@ -312,15 +332,21 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     p.add_argument("--cache", help=CACHE_HELP)
     p.add_argument("--xp", metavar="FILE", help=_XP_HELP)
-    p.set_defaults(func=_cmd_calibrate)
 
-    p = sub.add_parser("qc", help="QC plots and summary of calibrated files")
+
+def _qc_parser(sub):
+    """Add the sub-command ``kspec-fluxcal qc`` and its arguments to the sub-parsers
+    ``sub``."""
+    p = _command(sub, _cmd_qc, "qc", help="QC plots and summary of calibrated files")
     p.add_argument("files", nargs="+", metavar="CALIBRATED.fits",
                    help="calibrated files (kspec-fluxcal calibrate or survey)")
     p.add_argument("--out", required=True, help="output directory")
-    p.set_defaults(func=_cmd_qc)
 
-    p = sub.add_parser("survey", help="re-calibrate a whole survey on a Dask cluster")
+
+def _survey_parser(sub):
+    """Add the sub-command ``kspec-fluxcal survey`` and its arguments to the sub-parsers
+    ``sub``."""
+    p = _command(sub, _cmd_survey, "survey", help="re-calibrate a whole survey on a Dask cluster")
     p.add_argument("lake", metavar="LAKE_DIR", help="directory searched for RED files")
     p.add_argument("--catalog", required=True, help="standard-star catalog (Refcat2 CSV)")
     p.add_argument("--grid", required=True, help="template grid Zarr store")
@@ -341,9 +367,12 @@ def build_parser():
     p.add_argument("--cache", help=CACHE_HELP)
     p.add_argument("--quiet", action="store_true",
                    help="no plan, progress or summary on stdout (errors still on stderr)")
-    p.set_defaults(func=_cmd_survey)
 
-    p = sub.add_parser("simulate", help="write a simulated survey with known truth")
+
+def _simulate_parser(sub):
+    """Add the sub-command ``kspec-fluxcal simulate`` and its arguments to the sub-parsers
+    ``sub``."""
+    p = _command(sub, _cmd_simulate, "simulate", help="write a simulated survey with known truth")
     p.add_argument("outdir", help="directory to write (lake/, catalog.csv, truth, survey.json)")
     p.add_argument("--exposures", type=int, default=20, help="exposures (default %(default)s)")
     p.add_argument("--nights", type=int, default=4,
@@ -356,12 +385,23 @@ def build_parser():
     p.add_argument("--grid", help="BOSZ-layout directory to draw stars from (default: a "
                    "synthetic grid written under OUTDIR)")
     p.add_argument("--quiet", action="store_true", help="no progress on stdout")
-    p.set_defaults(func=_cmd_simulate)
 
+
+def _grid_parsers(sub):
+    """Add the sub-command ``kspec-fluxcal grid`` and its actions (build, download, synth)
+    to the sub-parsers ``sub``."""
     grid = sub.add_parser("grid", help="template grid: download, synthesise, build")
     gsub = grid.add_subparsers(dest="grid_command", metavar="ACTION")
     gsub.required = True
-    p = gsub.add_parser("build", help="convert a BOSZ-layout directory into the Zarr cube")
+    for add in (_grid_build_parser, _grid_download_parser, _grid_synth_parser):
+        add(gsub)
+
+
+def _grid_build_parser(gsub):
+    """Add the sub-command ``kspec-fluxcal grid build`` and its arguments to the sub-parsers
+    ``gsub``."""
+    p = _command(gsub, _cmd_grid_build, "build",
+                 help="convert a BOSZ-layout directory into the Zarr cube")
     p.add_argument("bosz_dir", help="BOSZ 2024 layout directory (grid download or synth)")
     p.add_argument("--out", default="store/templates/bosz2024_r10000.zarr",
                    help="Zarr store to write (default %(default)s)")
@@ -375,8 +415,13 @@ def build_parser():
     p.add_argument("--overwrite", action="store_true",
                    help="rebuild a store built from other inputs or options")
     p.add_argument("--quiet", action="store_true", help="no progress on stdout")
-    p.set_defaults(func=_cmd_grid_build)
-    p = gsub.add_parser("download", help="download the BOSZ 2024 subgrid from MAST")
+
+
+def _grid_download_parser(gsub):
+    """Add the sub-command ``kspec-fluxcal grid download`` and its arguments to the sub-parsers
+    ``gsub``."""
+    p = _command(gsub, _cmd_grid_download, "download",
+                 help="download the BOSZ 2024 subgrid from MAST")
     p.add_argument("--out", required=True, help="directory to download into (BOSZ layout)")
     p.add_argument("--resolution", default="r10000",
                    help="resolution tag to download (default %(default)s)")
@@ -387,34 +432,45 @@ def build_parser():
     p.add_argument("--workers", type=int, default=8,
                    help="parallel downloads (default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress on stdout")
-    p.set_defaults(func=_cmd_grid_download)
-    p = gsub.add_parser("synth", help="write a SYNTHETIC BOSZ-layout grid (tests, demo)")
+
+
+def _grid_synth_parser(gsub):
+    """Add the sub-command ``kspec-fluxcal grid synth`` and its arguments to the sub-parsers
+    ``gsub``."""
+    p = _command(gsub, _cmd_grid_synth, "synth",
+                 help="write a SYNTHETIC BOSZ-layout grid (tests, demo)")
     p.add_argument("--out", required=True, help="directory to write (BOSZ layout)")
     p.add_argument("--small", action="store_true", help="a tiny grid for tests")
     p.add_argument("--workers", type=int, default=1,
                    help="processes writing files (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing grid")
     p.add_argument("--quiet", action="store_true", help="no progress on stdout")
-    p.set_defaults(func=_cmd_grid_synth)
 
+
+def _archive_parsers(sub):
+    """Add the sub-command ``kspec-fluxcal archive`` and its action (plot) to the
+    sub-parsers ``sub``."""
     archive = sub.add_parser("archive", help="the calibration archive")
     asub = archive.add_subparsers(dest="archive_command", metavar="ACTION")
     asub.required = True
-    p = asub.add_parser("plot", help="throughput vs time and a wavelength x time image; with "
-                        "the survey model, extinction per night and outlier exposures")
+    p = _command(asub, _cmd_archive_plot, "plot",
+                 help="throughput vs time and a wavelength x time image; with "
+                      "the survey model, extinction per night and outlier exposures")
     p.add_argument("archive", help="archive.zarr written by the survey job")
     p.add_argument("--out", required=True, help="directory for the PNG files")
     p.add_argument("--model", help="survey model store (default: model.zarr beside the "
                    "archive, when present)")
     p.add_argument("--setup", help="the model's setup, when the store holds several (default: "
                    "each, in a subdirectory of --out)")
-    p.set_defaults(func=_cmd_archive_plot)
 
-    p = sub.add_parser("info", help="summarise RED files and calibrated products (checks them "
-                       "against the contract)")
+
+def _info_parser(sub):
+    """Add the sub-command ``kspec-fluxcal info`` and its arguments to the sub-parsers
+    ``sub``."""
+    p = _command(sub, _cmd_info, "info",
+                 help="summarise RED files and calibrated products (checks them "
+                      "against the contract)")
     p.add_argument("files", nargs="+", metavar="RED.fits", help="RED files or calibrated files")
-    p.set_defaults(func=_cmd_info)
-    return parser
 
 
 class _Terminated(KeyboardInterrupt):

@@ -268,16 +268,17 @@ def continuum_options(config):
             "sigma_high": c.sigma_high, "iterations": c.iterations}
 
 
-class _Section(Mapping):
-    def __init__(self, values):
-        self._values = values
+class _Options(Mapping):
+    """A read-only mapping over ``self._values`` whose keys are also attributes."""
 
     def __getitem__(self, key):
         return self._values[key]
 
     def __getattr__(self, key):
+        if key.startswith("_"):
+            raise AttributeError(key)
         try:
-            return self._values[key]
+            return self[key]
         except KeyError:
             raise AttributeError(key) from None
 
@@ -287,11 +288,18 @@ class _Section(Mapping):
     def __len__(self):
         return len(self._values)
 
+
+class _Section(_Options):
+    """The options of one section: ``config.fit.metric``."""
+
+    def __init__(self, values):
+        self._values = values
+
     def __repr__(self):
         return repr(self._values)
 
 
-class Config(Mapping):
+class Config(_Options):
     """Validated options, by section: ``config.fit.metric`` or ``config["fit"]["metric"]``.
 
     Parameters
@@ -329,20 +337,6 @@ class Config(Mapping):
 
     def __getitem__(self, key):
         return _Section(self._values[key])
-
-    def __getattr__(self, key):
-        if key.startswith("_"):
-            raise AttributeError(key)
-        try:
-            return self[key]
-        except KeyError:
-            raise AttributeError(key) from None
-
-    def __iter__(self):
-        return iter(self._values)
-
-    def __len__(self):
-        return len(self._values)
 
     def __eq__(self, other):
         return isinstance(other, Config) and self._values == other._values

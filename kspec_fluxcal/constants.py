@@ -191,3 +191,28 @@ XP_SYSTEMATIC_RED = 0.01
 XP_SYSTEMATIC_BLUE = 0.02
 #: Boundary between the two floors, nm (vacuum; Huang et al. 2024).
 XP_BLUE_EDGE_NM = 400.0
+
+
+#: Primary-header keywords of calibrated products, by the attribute that carries them:
+#: (keyword, type, comment). FCALNSTR and FCALRMS are the contract's (with FLUXCAL and
+#: FCALVER); the others are ours, documented in the README. A float that is not available
+#: (NaN) is written as -1; an attr that is None (a check that measured nothing: FCALSP*) is
+#: not written.
+CALIBRATION_KEYWORDS = {
+    "fcalnstr": ("FCALNSTR", int, "standard stars used"),
+    "fcalrms": ("FCALRMS", float, "fractional rms between standards (-1: n/a)"),
+    "fcalsrc": ("FCALSRC", str, "origin of the calibration"),
+    "fcalqual": ("FCALQUAL", str, "quality grade A (best) to D (see README)"),
+    "fcalmerr": ("FCALMERR", float, "median model error of standards used (-1: n/a)"),
+    "fcallsf": ("FCALLSF", float, "stars' LSF width / header FWHM (fitted)"),
+    "fcalunsl": ("FCALUNSL", int, "pixels without a wavelength solution (NaN)"),
+    "fcalo2": ("FCALO2", float, "telluric O2 column, airmasses (fitted; -1: n/a)"),
+    "fcalh2o": ("FCALH2O", float, "telluric H2O column, ref. columns (-1: n/a)"),
+    "model_id": ("FCALMOD", str, "survey model used (FCALSRC with 'model')"),
+    "sphot_g": ("FCALSPG", float, "median synthetic - catalog g, program stars"),
+    "sphot_r": ("FCALSPR", float, "median synthetic - catalog r, program stars"),
+    "sphot_i": ("FCALSPI", float, "median synthetic - catalog i, program stars"),
+    "sphot_scatter": ("FCALSPS", float, "robust scatter of synthetic - catalog, mag"),
+    "sphot_n": ("FCALSPN", int, "program stars in the spectrophotometric check"),
+}
+

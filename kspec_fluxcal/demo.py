@@ -36,7 +36,7 @@ def run_demo(out="store/demo", *, exposures=20, nights=4, workers=None, seed=1,
     """
     from .archive import open_archive, plot_archive
     from .evaluate import compare_with_truth
-    from .grid import build_grid
+    from .grid_build import build_grid
     from .model_store import MODEL_STORE, model_setups, open_model
     from .pipeline import output_name
     from .qc import qc_directory, qc_from_file

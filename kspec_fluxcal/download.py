@@ -575,23 +575,38 @@ def download_grid(
     jobs = subgrid_urls(base_url, resolution, points=points)
     _check_options(workers, retries, backoff, timeout)
     out = Path(out)
-    summary = DownloadSummary(dry_run=dry_run)
-
     if dry_run:
-        for url, rel in jobs:
-            dest = out / rel
-            if not force and _is_complete(dest):
-                summary.skipped.append(dest)
-                continue
-            summary.to_fetch.append((url, dest))
-            if progress:
-                print(f"would fetch {url} -> {dest}", file=sys.stderr, flush=True)
-        return summary
-
+        return _dry_run(jobs, out, force, progress)
     _prepare_output(out, jobs)
+    results = _fetch_all(jobs, out, force=force, workers=int(workers), retries=int(retries),
+                         backoff=float(backoff), timeout=float(timeout), progress=progress)
+    return _summary(jobs, out, results)
+
+
+def _dry_run(jobs: list[tuple[str, Path]], out: Path, force: bool,
+             progress: bool) -> DownloadSummary:
+    """What a run would fetch: the jobs (url, path relative to ``out``) whose file is not
+    complete on disk (all of them with ``force``); complete files are reported as skipped."""
+    summary = DownloadSummary(dry_run=True)
+    for url, rel in jobs:
+        dest = out / rel
+        if not force and _is_complete(dest):
+            summary.skipped.append(dest)
+            continue
+        summary.to_fetch.append((url, dest))
+        if progress:
+            print(f"would fetch {url} -> {dest}", file=sys.stderr, flush=True)
+    return summary
+
+
+def _fetch_all(jobs: list[tuple[str, Path]], out: Path, *, force: bool, workers: int,
+               retries: int, backoff: float, timeout: float,
+               progress: bool) -> list[tuple[str, str]]:
+    """Fetch every job (url, path relative to ``out``) on a pool of ``workers`` threads;
+    return the (status, reason) of each, in the order of ``jobs``."""
     reporter = _Progress(len(jobs), progress)
     results: list[tuple[str, str] | None] = [None] * len(jobs)
-    pool = ThreadPoolExecutor(max_workers=int(workers), thread_name_prefix="bosz-download")
+    pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="bosz-download")
     try:
         futures = {
             pool.submit(
@@ -599,9 +614,9 @@ def download_grid(
                 url,
                 out / rel,
                 force=force,
-                retries=int(retries),
-                backoff=float(backoff),
-                timeout=float(timeout),
+                retries=retries,
+                backoff=backoff,
+                timeout=timeout,
             ): i
             for i, (url, rel) in enumerate(jobs)
         }
@@ -615,9 +630,14 @@ def download_grid(
         pool.shutdown(wait=True, cancel_futures=True)
         raise
     pool.shutdown(wait=True)
+    return results
 
-    for (url, rel), result in zip(jobs, results, strict=True):
-        status, reason = result
+
+def _summary(jobs: list[tuple[str, Path]], out: Path,
+             results: list[tuple[str, str]]) -> DownloadSummary:
+    """The :class:`DownloadSummary` of a run: each job's file or url under its outcome."""
+    summary = DownloadSummary(dry_run=False)
+    for (url, rel), (status, reason) in zip(jobs, results, strict=True):
         if status == "ok":
             summary.ok.append(out / rel)
         elif status == "skipped":

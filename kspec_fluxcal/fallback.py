@@ -25,7 +25,8 @@ def _fallback_task(path, out_path, reference, config, setup_key, input_hash, utc
 
     from .archive import archive_record
     from .calibration import apply_calibration
-    from .exposure import add_history, open_exposure, write_calibrated
+    from .exposure import add_history, open_exposure
+    from .products import write_calibrated
 
     try:
         with dask.config.set(scheduler="synchronous"), \

@@ -249,7 +249,8 @@ def _recalibrate_task(path, out_path, archive, row, fields, model, levels, confi
 
     from .archive import archive_record, read_own
     from .calibration import apply_calibration
-    from .exposure import open_exposure, write_calibrated
+    from .exposure import open_exposure
+    from .products import write_calibrated
     from .recalibrate import model_calibration
     from .spectrophotometry import check_exposure
     from .survey import _internal_error, _notes

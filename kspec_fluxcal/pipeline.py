@@ -14,8 +14,9 @@ from .calibration import apply_calibration, combine_vectors
 from .catalog import read_catalog
 from .config import Config, load_config
 from .errors import ExposureError, FluxCalError, FluxCalWarning, OutputExistsError
-from .exposure import calibration_marks, open_exposure, write_calibrated
+from .exposure import calibration_marks, open_exposure
 from .grid import open_grid
+from .products import write_calibrated
 from .spectrophotometry import check_exposure
 from .standards import fit_standards
 from .xp import read_xp

@@ -42,7 +42,8 @@ from scipy.interpolate import CubicSpline
 from .ck04 import CK04_MARKER
 from .constants import BOSZ_RESOLUTIONS, STEFAN_BOLTZMANN
 from .errors import InputError
-from .grid import PARAMS, _read_wavelength, interpolation_weights, read_bosz_spectrum, scan_bosz
+from .grid import PARAMS, interpolation_weights
+from .grid_build import _read_wavelength, read_bosz_spectrum, scan_bosz
 from .reddening import extinction_per_ebv
 from .synthgrid import _as_family, bosz_wavelength_grid, synthetic_spectrum
 from .wavelength import vacuum_to_air

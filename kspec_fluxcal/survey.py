@@ -329,8 +329,9 @@ def _calibrate_task(path, out_path, catalog, library, config, setup_key, input_h
     import dask
 
     from .archive import archive_record
-    from .exposure import open_exposure, write_calibrated
+    from .exposure import open_exposure
     from .pipeline import calibrate
+    from .products import write_calibrated
 
     try:
         # Warnings are recorded, not printed: a worker's stderr is nobody's terminal.

@@ -33,7 +33,8 @@ from kspec_fluxcal.errors import (
     OutputExistsError,
 )
 from kspec_fluxcal.exposure import open_exposure, read_exposure_info
-from kspec_fluxcal.grid import build_grid, open_grid
+from kspec_fluxcal.grid import open_grid
+from kspec_fluxcal.grid_build import build_grid
 from kspec_fluxcal.pipeline import calibrate_exposure
 from kspec_fluxcal.simulate import CATALOG_HEADER, GridStars, Setup, simulate_exposure
 from kspec_fluxcal.synthgrid import write_synthetic_grid

@@ -8,7 +8,8 @@ from conftest import time_limit
 
 from kspec_fluxcal.constants import FLUX_UNIT
 from kspec_fluxcal.errors import ExposureError, OutputExistsError
-from kspec_fluxcal.exposure import open_exposure, read_exposure_info, write_calibrated
+from kspec_fluxcal.exposure import open_exposure, read_exposure_info
+from kspec_fluxcal.products import write_calibrated
 from kspec_fluxcal.wavelength import air_to_vacuum, vacuum_to_air
 
 
@@ -316,7 +317,7 @@ def test_tables_stored_big_endian_write_the_same_bytes(tmp_path):
     """Products put their tables in FITS byte order before writing (astropy converted
     vector columns element by element, in Python: 40 % of a product's write): the file must
     be byte for byte what astropy writes by itself."""
-    from kspec_fluxcal.exposure import _write_fits
+    from kspec_fluxcal.products import _write_fits
 
     rng = np.random.default_rng(1)
     vector, flags = rng.normal(size=(3, 64)), rng.random((3, 64)) > 0.5

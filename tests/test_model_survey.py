@@ -22,7 +22,7 @@ from kspec_fluxcal import cli
 from kspec_fluxcal.archive import ArchiveWriter, open_archive
 from kspec_fluxcal.config import Config
 from kspec_fluxcal.evaluate import compare_with_truth
-from kspec_fluxcal.grid import build_grid
+from kspec_fluxcal.grid_build import build_grid
 from kspec_fluxcal.model_store import open_model
 from kspec_fluxcal.qc import qc_from_file
 from kspec_fluxcal.simulate import Setup, simulate_survey

@@ -18,9 +18,10 @@ from kspec_fluxcal._atomic import TEMP_PREFIX
 from kspec_fluxcal.calibration import apply_calibration, combine_vectors
 from kspec_fluxcal.constants import CAL_UNIT, FLUX_UNIT
 from kspec_fluxcal.errors import ExposureError, FluxCalWarning
-from kspec_fluxcal.exposure import open_exposure, red_hdulist, write_calibrated
+from kspec_fluxcal.exposure import open_exposure, red_hdulist
 from kspec_fluxcal.lsf import LineSpread
 from kspec_fluxcal.pipeline import CalibrationResult
+from kspec_fluxcal.products import write_calibrated
 from kspec_fluxcal.qc import QC_PLOTS, qc_from_file, write_qc
 from kspec_fluxcal.telluric import transmission
 

@@ -10,7 +10,8 @@ from kspec_fluxcal.ck04 import convert_ck04, read_ck04_file
 from kspec_fluxcal.constants import STEFAN_BOLTZMANN
 from kspec_fluxcal.errors import FluxCalWarning, InputError
 from kspec_fluxcal.evaluate import compare_with_truth
-from kspec_fluxcal.grid import build_grid, open_grid, read_bosz_spectrum, scan_bosz
+from kspec_fluxcal.grid import open_grid
+from kspec_fluxcal.grid_build import build_grid, read_bosz_spectrum, scan_bosz
 from kspec_fluxcal.pipeline import calibrate_exposure
 from kspec_fluxcal.reddening import extinction_per_ebv
 from kspec_fluxcal.simulate import (

@@ -13,7 +13,8 @@ from kspec_fluxcal.config import Config
 from kspec_fluxcal.errors import CalibrationError, FluxCalWarning
 from kspec_fluxcal.exposure import open_exposure
 from kspec_fluxcal.exposure_templates import template_library
-from kspec_fluxcal.grid import build_grid, open_grid
+from kspec_fluxcal.grid import open_grid
+from kspec_fluxcal.grid_build import build_grid
 from kspec_fluxcal.masks import region_mask
 from kspec_fluxcal.simulate import GridStars, Setup, simulate_exposure, write_catalog
 from kspec_fluxcal.standards import fit_standards

@@ -34,7 +34,7 @@ from kspec_fluxcal.config import Config
 from kspec_fluxcal.errors import FluxCalError, FluxCalWarning, InputError
 from kspec_fluxcal.evaluate import compare_with_truth
 from kspec_fluxcal.exposure import open_exposure
-from kspec_fluxcal.grid import build_grid
+from kspec_fluxcal.grid_build import build_grid
 from kspec_fluxcal.simulate import Setup, simulate_survey
 from kspec_fluxcal.survey import (
     WORKER_MALLOC_ENV,

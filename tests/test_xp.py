@@ -19,10 +19,12 @@ from kspec_fluxcal.cli import main
 from kspec_fluxcal.config import Config
 from kspec_fluxcal.constants import XP_FLUX_TO_CGS
 from kspec_fluxcal.errors import CatalogError, FluxCalWarning, InputError
-from kspec_fluxcal.exposure import open_exposure, read_standard_stars
+from kspec_fluxcal.exposure import open_exposure
 from kspec_fluxcal.exposure_templates import template_library
-from kspec_fluxcal.grid import build_grid, open_grid
+from kspec_fluxcal.grid import open_grid
+from kspec_fluxcal.grid_build import build_grid
 from kspec_fluxcal.photometry import band_wavelength, fit_warp, warp_basis
+from kspec_fluxcal.products import read_standard_stars
 from kspec_fluxcal.simulate import (
     CATALOG_HEADER,
     GridStars,

@@ -1,0 +1,129 @@
+"""The FIBRES table of a RED file (formats contract section 1): one row per fiber, read into
+per-fiber coordinates (TYPE, NAME, RA, DEC, OBJID checked; other scalar columns kept, so that
+the calibrated file carries the table unchanged)."""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+from astropy.io import fits
+
+from .constants import FIBER_TYPES
+from .errors import ExposureError
+from .fits_file import hdu_data
+
+__all__ = ["fibres_coords", "FIBRES_EXTNAMES"]
+
+FIBRES_EXTNAMES = ("FIBRES", "FIBRES_IFU")
+# Known FIBRES columns and their coordinate names.
+_FIBRES_COLUMNS = {"NAME": "fiber_name", "TYPE": "fiber_type", "RA": "ra", "DEC": "dec",
+                   "OBJID": "objid"}
+
+
+def fibres_coords(hdu, nfib, path):
+    """The FIBRES table ``hdu`` as per-fiber coordinates, checked against ``nfib`` fibers.
+
+    Returns a dict of name -> :class:`xarray.Variable` along ``fiber``: ``fiber_type``,
+    ``fiber_name``, ``ra``, ``dec`` (deg, NaN: no position) and ``objid`` (-1: none), each
+    with its FITS column name, then ``fibres_<column>`` for every other scalar column.
+    """
+    where = f"HDU {hdu.name}"
+    if not isinstance(hdu, (fits.BinTableHDU, fits.TableHDU)):
+        raise ExposureError(path, where, f"is not a table ({type(hdu).__name__}); expected a "
+                            "binary table with one row per fiber")
+    data = hdu_data(hdu, path, hdu.name)
+    if len(data) != nfib:
+        raise ExposureError(path, where, f"has {len(data)} rows but the primary has {nfib} fibers")
+    names = {c.name.upper(): c for c in hdu.columns}
+    if "TYPE" not in names:
+        raise ExposureError(path, f"{where} column TYPE", "missing")
+    coords = {"fiber_type": _fiber_types(data[names["TYPE"].name], path, where)}
+    if "NAME" in names:
+        coords["fiber_name"] = np.char.strip(np.asarray(data[names["NAME"].name]).astype(str))
+    else:
+        coords["fiber_name"] = np.full(nfib, "")
+    for key in ("RA", "DEC"):
+        coords[key.lower()] = (_sky_coordinate(data, names[key], key, path, where)
+                               if key in names else np.full(nfib, np.nan))
+    if "OBJID" in names:
+        coords["objid"] = _objid_column(np.asarray(data[names["OBJID"].name]), path,
+                                        f"{where} column OBJID")
+    else:
+        coords["objid"] = np.full(nfib, -1, dtype=np.int64)
+    result = {}
+    for key, name in _FIBRES_COLUMNS.items():
+        result[name] = xr.Variable("fiber", coords[name], {"fits_column": key})
+    result["ra"].attrs["units"] = "deg"
+    result["dec"].attrs["units"] = "deg"
+    return {**result, **_other_columns(hdu, data)}
+
+
+def _fiber_types(column, path, where):
+    """The TYPE column as one-letter strings; a letter not in the contract is an error."""
+    types = np.char.strip(np.asarray(column).astype(str))
+    unknown = ~np.isin(types, list(FIBER_TYPES))
+    if unknown.any():
+        row = int(np.flatnonzero(unknown)[0])
+        raise ExposureError(path, f"{where} column TYPE row {row}",
+                            f"unknown fiber type {str(types[row])!r} "
+                            f"(valid: {', '.join(FIBER_TYPES)})")
+    return types.astype("<U1")
+
+
+def _sky_coordinate(data, col, key, path, where):
+    """The RA or DEC column ``col`` in degrees (radians converted); NaN means no position,
+    any other value must lie on the sky."""
+    try:
+        values = np.asarray(data[col.name], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise ExposureError(path, f"{where} column {key}", "is not numeric") from None
+    if str(col.unit or "").strip().lower() in ("rad", "radian", "radians"):
+        values = np.degrees(values)
+    # NaN means 'no position'; anything else must be a real sky position, or the
+    # positional match of the standards fails far from here.
+    limit = 90.0 if key == "DEC" else 360.0
+    low = -90.0 if key == "DEC" else 0.0
+    bad = ~np.isnan(values) & ~((values >= low) & (values <= limit))
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ExposureError(path, f"{where} column {key} row {row}",
+                            f"value {float(values[row])!r} is outside {low:g}..{limit:g} "
+                            "deg")
+    return values
+
+
+def _other_columns(hdu, data):
+    """Every other scalar column of the table, as ``fibres_<name>`` variables (strings
+    stripped, units kept), so that the calibrated file carries the table unchanged."""
+    result = {}
+    for col in hdu.columns:
+        if col.name.upper() in _FIBRES_COLUMNS:
+            continue
+        values = np.asarray(data[col.name])
+        if values.ndim != 1:
+            continue
+        if values.dtype.kind in "SU":
+            values = np.char.strip(values.astype(str))
+        attrs = {"fits_column": col.name}
+        if col.unit:
+            attrs["units"] = str(col.unit)
+        result[f"fibres_{col.name.lower()}"] = xr.Variable("fiber", values, attrs)
+    return result
+
+
+def _objid_column(values, path, where):
+    """OBJIDs as int64; floats must be whole (a NaN or 12.5 is no catalog objid)."""
+    if values.dtype.kind in "iub":
+        return values.astype(np.int64)
+    if values.dtype.kind == "f":
+        bad = ~np.isfinite(values) | (values != np.round(values))
+    else:
+        text = np.char.strip(values.astype(str))
+        bad = ~np.char.isdigit(np.char.lstrip(text, "+-")) | (np.char.str_len(text) == 0)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        raise ExposureError(path, f"{where} row {row}",
+                            f"value {values[row].item()!r} is not an integer (use -1 for none)")
+    return values.astype(np.int64) if values.dtype.kind == "f" else text.astype(np.int64)
+
+

@@ -1,0 +1,77 @@
+"""The primary header of a RED file (formats contract section 1): the exposure's keywords,
+checked for plausibility, and its line-spread description."""
+
+from __future__ import annotations
+
+from .errors import ExposureError
+from .fits_file import header_value
+from .lsf import LineSpread
+
+__all__ = ["exposure_keywords", "check_width", "line_spread", "EXPTIME_RANGE", "AIRMASS_RANGE",
+           "SEEING_RANGE", "MIN_PIXELS"]
+
+#: Plausible exposure times (s): a K-SPEC exposure is seconds to hours; 1e30 is a bad header.
+EXPTIME_RANGE = (0.0, 1.0e5)
+#: Plausible airmasses: 1 at the zenith; > 10 is within a degree or two of the horizon.
+AIRMASS_RANGE = (1.0, 10.0)
+#: Plausible seeing (optional SEEING, FWHM in arcsec at the guider): beyond 20 arcsec no
+#: fiber spectrograph observes.
+SEEING_RANGE = (0.0, 20.0)
+#: Fewest pixels of a spectrum: fewer is a cut or transposed image, not a K-SPEC spectrum.
+MIN_PIXELS = 16
+
+
+def _in_range(value, key, bounds, path, unit="", open_low=False):
+    lo, hi = bounds
+    inside = (lo < value if open_low else lo <= value) and value <= hi
+    if not inside:
+        shown = f"{'(' if open_low else '['}{lo:g}, {hi:g}]"
+        raise ExposureError(path, f"primary header {key}", f"value {value!r}{unit} is outside "
+                            f"the plausible range {shown}{unit}")
+    return value
+
+
+def exposure_keywords(header, path):
+    """EXPTIME, MJD-OBS and AIRMASS (None when absent), checked for plausibility."""
+    exptime = header_value(header, ("EXPTIME", "EXPOSED"), path, True)
+    key = next(k for k in ("EXPTIME", "EXPOSED") if header.get(k) not in (None, ""))
+    _in_range(exptime, key, EXPTIME_RANGE, path, " s", open_low=True)
+    airmass = header_value(header, ("AIRMASS",), path, False)
+    if airmass is not None:
+        _in_range(airmass, "AIRMASS", AIRMASS_RANGE, path)
+    seeing = header_value(header, ("SEEING",), path, False)
+    if seeing is not None:
+        _in_range(seeing, "SEEING", SEEING_RANGE, path, " arcsec", open_low=True)
+    return {"exptime": exptime, "mjd": header_value(header, ("MJD-OBS", "UTMJD"), path, True),
+            "airmass": airmass, "seeing": seeing}
+
+
+def check_width(path, nspec):
+    """Refuse an image narrower than :data:`MIN_PIXELS` pixels."""
+    if nspec < MIN_PIXELS:
+        raise ExposureError(path, "HDU PRIMARY", f"image is {nspec} pixel{'s' * (nspec != 1)} "
+                            f"wide; a spectrum needs at least {MIN_PIXELS}")
+
+
+def line_spread(header, path):
+    """The line-spread FWHM of the primary header: the polynomial FWHMPC0..n, else the
+    constant SPECFWHM, as a :class:`~kspec_fluxcal.lsf.LineSpread`."""
+    coeffs = []
+    while f"FWHMPC{len(coeffs)}" in header:
+        key = f"FWHMPC{len(coeffs)}"
+        coeffs.append(header_value(header, (key,), path, True))
+    # A coefficient beyond a gap would be silently ignored: a truncated polynomial.
+    orders = sorted(int(k[6:]) for k in header if k.startswith("FWHMPC") and k[6:].isdigit())
+    if orders and orders[-1] >= len(coeffs):
+        raise ExposureError(path, f"primary header FWHMPC{orders[-1]}",
+                            f"present but FWHMPC{len(coeffs)} is missing (the FWHM polynomial "
+                            "needs every coefficient FWHMPC0..FWHMPCn)")
+    if coeffs:
+        return LineSpread(tuple(coeffs), "FWHMPC")
+    if "SPECFWHM" in header:
+        fwhm = header_value(header, ("SPECFWHM",), path, True)
+        return LineSpread.constant(fwhm, "SPECFWHM")
+    raise ExposureError(path, "primary header",
+                        "no line-spread description: neither SPECFWHM nor FWHMPC0 is present")
+
+

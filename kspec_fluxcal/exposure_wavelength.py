@@ -1,0 +1,166 @@
+"""The wavelength solution of a RED file (formats contract section 1): from its WAVELA
+extension or the primary header's linear WCS, in Angstrom, its medium (air or vacuum), checked
+per fiber, and the reference grid the calibration vector is given on."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+
+from .errors import ExposureError
+from .fits_file import find_hdu, hdu_data, header_value
+
+__all__ = ["raw_wavelength", "fiber_wavelengths", "check_wavelength", "unsolved_pixels"]
+
+_ANGSTROM_UNITS = {"angstrom", "angstroms", "a", "aa", "0.1 nm"}
+_NM_UNITS = {"nm", "nanometer", "nanometers", "nanometre", "nanometres"}
+# A calibrated spectrum covering less than this, or reaching beyond, is not in Angstrom.
+_PLAUSIBLE_RANGE = (1000.0, 30000.0)
+
+
+def _unit_factor(unit, path, where):
+    u = str(unit).strip().lower()
+    if u in _ANGSTROM_UNITS or u == "":
+        return 1.0
+    if u in _NM_UNITS:
+        return 10.0
+    raise ExposureError(path, where, f"unexpected wavelength unit {unit!r} "
+                        "(expected 'Angstrom' or 'nm')")
+
+
+_MEDIA = {"": "air", "air": "air", "vac": "vac", "vacuum": "vac"}
+
+
+def _medium(primary, wavela, path):
+    """'air' or 'vac' from AIRORVAC of the WAVELA and primary headers (absent: air).
+
+    Both headers are checked: a bad value in either, or two that disagree, is an error, not
+    a silent choice of one frame.
+    """
+    found = {}
+    for hdr, where in ((wavela, "WAVELA header"), (primary, "primary header")):
+        if hdr is None or "AIRORVAC" not in hdr:
+            continue
+        value = str(hdr["AIRORVAC"]).strip().lower()
+        if value not in _MEDIA:
+            raise ExposureError(path, f"{where} AIRORVAC",
+                                f"value {value!r} is neither 'air' nor 'vac'")
+        found[where] = value
+    media = {_MEDIA[v] for v in found.values()}
+    if len(media) > 1:
+        raise ExposureError(path, "primary header AIRORVAC",
+                            f"{found['primary header']!r} contradicts the WAVELA header's "
+                            f"AIRORVAC {found['WAVELA header']!r}")
+    return media.pop() if media else "air"
+
+
+def _wcs_wavelength(header, nspec, path):
+    if "CRVAL1" not in header:
+        raise ExposureError(path, "HDU WAVELA",
+                            "missing, and the primary header has no linear wavelength solution "
+                            "(CRVAL1, CDELT1 or CD1_1, CRPIX1)")
+    ctype = str(header.get("CTYPE1", "Wavelength")).strip().upper()
+    if ctype not in ("WAVELENGTH", "WAVE", "AWAV", "LINEAR", ""):
+        raise ExposureError(path, "primary header CTYPE1",
+                            f"{ctype!r} is not a linear wavelength axis ('Wavelength')")
+    delta_key = "CDELT1" if "CDELT1" in header else "CD1_1"
+    if delta_key not in header:
+        raise ExposureError(path, "primary header", "CRVAL1 present but neither CDELT1 nor CD1_1")
+    crval = header_value(header, ("CRVAL1",), path, True)
+    delta = header_value(header, (delta_key,), path, True)
+    crpix = header_value(header, ("CRPIX1",), path, False)
+    crpix = 1.0 if crpix is None else crpix
+    factor = _unit_factor(header.get("CUNIT1", "Angstrom"), path, "primary header CUNIT1")
+    pix = np.arange(nspec, dtype=np.float64) + 1.0
+    return factor * (crval + (pix - crpix) * delta)
+
+
+def check_wavelength(wave, path, where):
+    """Refuse a 1-D solution that is not finite everywhere, not increasing, or outside
+    the plausible range in Angstrom (a hint when it looks like nm)."""
+    finite = np.isfinite(wave)
+    if not finite.any():
+        raise ExposureError(path, where, "no finite wavelength")
+    if not finite.all():
+        # One solution for every fiber: a pixel without a wavelength cannot be placed.
+        raise ExposureError(path, where, f"wavelength of pixel {int(np.flatnonzero(~finite)[0])} "
+                            "is not finite (NaN or inf)")
+    w = wave
+    if np.any(np.diff(w) <= 0):
+        raise ExposureError(path, where, "wavelengths do not increase along the pixel axis")
+    lo, hi = _PLAUSIBLE_RANGE
+    if w[0] < lo or w[-1] > hi:
+        hint = " (values look like nm labelled as Angstrom)" if w[-1] < lo else ""
+        raise ExposureError(path, where, f"wavelengths {w[0]:.6g}-{w[-1]:.6g} Angstrom are "
+                            f"outside the plausible {lo:.0f}-{hi:.0f} Angstrom{hint}")
+
+
+def raw_wavelength(hdul, path, nfib, nspec):
+    """The wavelength solution as written: (wave in Angstrom, source, medium, raw).
+
+    From WAVELA, shape (nspec,), (1, nspec) or (nfib, nspec), else from the primary header's
+    linear WCS; not yet checked or converted to air. ``raw`` is None for a WCS, else
+    (the WAVELA data as in the file, its header as text), so that products keep them.
+    """
+    header = hdul[0].header
+    wave_hdu = find_hdu(hdul, path, ("WAVELA",), required=False)
+    medium = _medium(header, None if wave_hdu is None else wave_hdu.header, path)
+    if wave_hdu is None:
+        return _wcs_wavelength(header, nspec, path), "primary header WCS", medium, None
+    data = np.asarray(hdu_data(wave_hdu, path, "WAVELA"))
+    wave = data.astype(np.float64)
+    if wave.shape not in ((nspec,), (1, nspec), (nfib, nspec)):
+        raise ExposureError(path, "HDU WAVELA", f"shape {wave.shape} matches neither "
+                            f"({nspec},) nor the primary's {(nfib, nspec)}")
+    wave = wave * _unit_factor(wave_hdu.header.get("BUNIT", "Angstrom"), path,
+                               "HDU WAVELA BUNIT")
+    return wave, "WAVELA", medium, (data.copy(), wave_hdu.header.tostring(sep="\n"))
+
+
+def fiber_wavelengths(wave, nfib, path, source="WAVELA"):
+    """Each fiber's own pixel wavelengths (nfib, nspec) and the reference grid (nspec,).
+
+    A 1-D solution (or a WCS) is every fiber's. Per-fiber rows are kept as they are (no
+    pixel is resampled); a pixel without a wavelength (NaN) is a pixel without data, a row
+    without any a fiber without a solution. The reference grid, on which the calibration
+    vector is given, is the median of the rows; it needs a wavelength at every pixel.
+    """
+    where = "HDU WAVELA" if source == "WAVELA" else source
+    if wave.ndim == 1 or wave.shape[0] == 1:
+        wave = wave.reshape(-1)
+        check_wavelength(wave, path, where)
+        return np.broadcast_to(wave, (nfib, wave.size)).copy(), wave
+    finite = np.isfinite(wave)
+    if np.any(finite & ~(wave > 0)):
+        row, col = (int(i[0]) for i in np.nonzero(finite & ~(wave > 0)))
+        raise ExposureError(path, f"{where} row {row}",
+                            f"wavelength {wave[row, col]!r} of pixel {col} is not positive")
+    rows = np.flatnonzero(finite.any(axis=1))
+    if not rows.size:
+        raise ExposureError(path, where, "no fiber has a finite wavelength solution")
+    # Each row's finite pixels must increase and lie in the plausible range: all rows at
+    # once, the first offending row checked alone for its message.
+    lo, hi = _PLAUSIBLE_RANGE
+    filled = np.where(finite, wave, np.nan)
+    step = np.diff(filled, axis=1)
+    bad = (np.any(step <= 0, axis=1) | (np.nanmin(np.where(finite, wave, np.inf), axis=1) < lo)
+           | (np.nanmax(np.where(finite, wave, -np.inf), axis=1) > hi))
+    bad &= finite.any(axis=1)
+    if bad.any():
+        row = int(np.argmax(bad))
+        check_wavelength(wave[row][finite[row]], path, f"{where} row {row}")
+    with warnings.catch_warnings():  # all-NaN columns are reported just below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        reference = np.nanmedian(wave[rows], axis=0)
+    check_wavelength(reference, path, f"{where} (median of the rows)")
+    return np.where(finite, wave, np.nan), reference
+
+
+def unsolved_pixels(fiber_wave, fiber_type):
+    """Fibers (not dead or unused) with pixels that have no wavelength: {fiber: pixels}."""
+    missing = (~np.isfinite(fiber_wave)).sum(axis=1)
+    live = ~np.isin(fiber_type, ("D", "N", "U"))
+    return {int(f): int(missing[f]) for f in np.flatnonzero((missing > 0) & live)}
+
+

@@ -1,0 +1,427 @@
+"""Building the template grid: a BOSZ 2024 directory (formats contract section 3) indexed
+from its file names, then converted into the labelled Zarr cube that :mod:`kspec_fluxcal.grid`
+reads (its layout and chunks are described there).
+
+The build is resumable: it goes into a hidden ``<out>.partial`` store one Teff slab at a time,
+recording finished slabs, and is renamed into place only when complete. Files are read by
+:mod:`kspec_fluxcal._bosz`, in this process or in a pool.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from . import __version__
+from ._atomic import TEMP_PREFIX
+from ._bosz import EBV_REFERENCE, band_matrix, read_bosz_spectrum, template_reader
+from ._zarr import strings_as_object
+from .constants import BANDS, BOSZ_RESOLUTIONS, CK04_MARKER
+from .errors import FluxCalWarning, GridError
+from .grid import PARAMS
+from .photometry import band_weights
+from .reddening import LAWS, extinction_per_ebv
+
+__all__ = [
+    "parse_bosz_filename",
+    "scan_bosz",
+    "read_bosz_spectrum",
+    "build_grid",
+    "POLICY",
+]
+
+
+BOSZ_NAME = re.compile(
+    r"^bosz2024_(?P<atmos>[a-z]{2})_t(?P<teff>\d+)_g(?P<logg>[+-]\d+(?:\.\d+)?)"
+    r"_m(?P<feh>[+-]\d+(?:\.\d+)?)_a(?P<alpha>[+-]\d+(?:\.\d+)?)_c(?P<carbon>[+-]\d+(?:\.\d+)?)"
+    r"_v(?P<vmicro>\d+(?:\.\d+)?)_(?P<resolution>r\d+|rorig)_resam\.txt\.gz$"
+)
+WAVE_NAME = re.compile(r"^bosz2024_wave_(?P<resolution>r\d+|rorig)\.txt$")
+
+CHUNK_WAVELENGTH = 8192
+#: The choice among several files at the same (teff, logg, feh, alpha).
+POLICY = {
+    "atmosphere": "prefer MARCS ('mp') over ATLAS9 ('ap')",
+    "vmicro": "closest to 1 km/s, the lower on ties",
+    "carbon": "closest to [C/M] = 0",
+}
+_ATMOS_RANK = {"mp": 0, "ap": 1}
+
+
+def parse_bosz_filename(name):
+    """Parameters encoded in a BOSZ 2024 spectrum file name, or None if it is not one.
+
+    Returns
+    -------
+    dict or None
+        ``atmos``, ``teff``, ``logg``, ``feh``, ``alpha``, ``carbon``, ``vmicro`` (floats but
+        atmos) and ``resolution`` (the tag, e.g. 'r10000').
+    """
+    m = BOSZ_NAME.match(Path(name).name)
+    if m is None:
+        return None
+    out = {k: float(v) for k, v in m.groupdict().items() if k not in ("atmos", "resolution")}
+    out["atmos"] = m["atmos"]
+    out["resolution"] = m["resolution"]
+    return out
+
+
+def scan_bosz(bosz_dir, resolution=None):
+    """Index a BOSZ-layout directory from file names alone (no file is opened).
+
+    Parameters
+    ----------
+    bosz_dir : path-like
+        Directory with ``bosz2024_wave_r{R}.txt`` and ``r{R}/m*/bosz2024_*.txt.gz``.
+    resolution : str, optional
+        Resolution tag to use; needed only when several wavelength files are present.
+
+    Returns
+    -------
+    dict
+        ``wave_file`` (Path), ``resolution`` (tag), ``models`` (one dict per chosen file,
+        with ``path`` and the parameters), ``skipped`` (list of (path, reason): malformed
+        names, other resolutions, and files not chosen by :data:`POLICY`).
+    """
+    root = Path(bosz_dir)
+    if not root.is_dir():
+        raise GridError(root, None, "no such directory")
+    waves = {m["resolution"]: p for p in sorted(root.glob("bosz2024_wave_*.txt"))
+             if (m := WAVE_NAME.match(p.name))}
+    if resolution is None:
+        if not waves:
+            raise GridError(root, None, "no wavelength file bosz2024_wave_r{R}.txt")
+        if len(waves) > 1:
+            raise GridError(root, None, f"several wavelength files ({', '.join(sorted(waves))}); "
+                            "choose one with --resolution")
+        resolution = next(iter(waves))
+    if resolution not in BOSZ_RESOLUTIONS:
+        raise GridError(root, None, f"unknown resolution {resolution!r}; valid: "
+                        f"{', '.join(BOSZ_RESOLUTIONS)}")
+    if resolution not in waves:
+        raise GridError(root, None, f"no wavelength file bosz2024_wave_{resolution}.txt")
+    skipped, candidates = [], {}
+    for path in sorted(root.rglob("*.txt.gz")):
+        params = parse_bosz_filename(path.name)
+        if params is None:
+            skipped.append((path, "file name does not follow the BOSZ 2024 pattern"))
+            continue
+        if params["resolution"] != resolution:
+            skipped.append((path, f"resolution {params['resolution']}, building {resolution}"))
+            continue
+        key = tuple(params[p] for p in PARAMS)
+        candidates.setdefault(key, []).append({"path": path, **params})
+    models = []
+    for key in sorted(candidates):
+        ranked = sorted(candidates[key], key=lambda m: (
+            _ATMOS_RANK.get(m["atmos"], 9), abs(m["vmicro"] - 1.0), m["vmicro"],
+            abs(m["carbon"]), m["path"].name))
+        models.append(ranked[0])
+        for other in ranked[1:]:
+            skipped.append((other["path"],
+                            f"not chosen at {key} (policy: {ranked[0]['path'].name})"))
+    if not models:
+        raise GridError(root, None, f"no BOSZ 2024 spectrum files for {resolution} "
+                        f"(expected {resolution}/m*/bosz2024_*_{resolution}_resam.txt.gz)")
+    return {"wave_file": waves[resolution], "resolution": resolution, "models": models,
+            "skipped": skipped}
+
+
+def _read_wavelength(path):
+    try:
+        wave = np.array(Path(path).read_bytes().split(), dtype=np.float64)
+    except ValueError as err:
+        raise GridError(path, None, f"not a list of numbers ({err})") from None
+    if not np.all(np.isfinite(wave)):
+        row = int(np.flatnonzero(~np.isfinite(wave))[0])
+        raise GridError(path, f"line {row + 1}", "non-finite wavelength (NaN or inf)")
+    if wave.size < 2 or np.any(np.diff(wave) <= 0):
+        raise GridError(path, None, "wavelengths must increase")
+    return wave
+
+
+def _plan_hash(scan, wave_min, wave_max):
+    h = hashlib.sha1()
+    h.update(f"{__version__}|{scan['resolution']}|{wave_min}|{wave_max}|{BANDS}|{LAWS}".encode())
+    for m in scan["models"]:
+        st = m["path"].stat()
+        h.update(f"{m['path'].name}|{st.st_size}|{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _empty_store(partial, axes, wave, attrs):
+    import dask.array as da
+
+    shape = tuple(len(axes[p]) for p in PARAMS)
+    chunks = (1, *shape[1:])
+    nw = wave.size
+    cw = min(CHUNK_WAVELENGTH, nw)
+    units = "erg/(s cm2 Angstrom)"
+    ds = xr.Dataset(
+        {
+            "flux": (PARAMS + ("wavelength",),
+                     da.full(shape + (nw,), np.nan, dtype=np.float32, chunks=chunks + (cw,)),
+                     {"units": units, "description": "surface flux F = 4 pi H"}),
+            "continuum": (PARAMS + ("wavelength",),
+                          da.full(shape + (nw,), np.nan, dtype=np.float32, chunks=chunks + (cw,)),
+                          {"units": units, "description": "continuum 4 pi C"}),
+            "exists": (PARAMS, da.zeros(shape, dtype=bool, chunks=chunks),
+                       {"description": "the grid point was in the source directory"}),
+            "synth_mag": (PARAMS + ("band",),
+                          da.full(shape + (len(BANDS),), np.nan, chunks=chunks + (len(BANDS),)),
+                          {"units": "mag", "system": "AB",
+                           "description": "synthetic magnitude of the surface flux, full range"}),
+            "ext_coeff": (PARAMS + ("law", "band"),
+                          da.full(shape + (len(LAWS), len(BANDS)), np.nan,
+                                  chunks=chunks + (len(LAWS), len(BANDS))),
+                          {"units": "mag", "description": "A_band / E(B-V) of the template, "
+                           f"measured at E(B-V) = {EBV_REFERENCE}, R_V = 3.1"}),
+        },
+        coords={
+            **{p: (p, np.asarray(axes[p], dtype=np.float64)) for p in PARAMS},
+            "wavelength": ("wavelength", wave, {"units": "Angstrom",
+                                                "medium": "air (vacuum below 2000 A)"}),
+            "band": ("band", list(BANDS)),
+            "law": ("law", list(LAWS)),
+        },
+        attrs=attrs,
+    )
+    for p, unit in zip(PARAMS, ("K", "dex (cgs)", "dex", "dex"), strict=True):
+        ds[p].attrs["units"] = unit
+    encoding = {name: {"chunks": (len(ds[name]),)}
+                for name in (*PARAMS, "wavelength", "band", "law")}
+    ds = strings_as_object(ds)
+    ds.to_zarr(partial, mode="w", compute=False, consolidated=False, encoding=encoding)
+
+
+def _state_path(partial):
+    # Beside the store, not inside: Zarr warns about foreign files in a hierarchy.
+    return Path(partial).with_name(Path(partial).name + ".state.json")
+
+
+def _load_state(partial):
+    try:
+        return json.loads(_state_path(partial).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _save_state(partial, state):
+    tmp = _state_path(partial).with_suffix(".tmp")
+    tmp.write_text(json.dumps(state))
+    os.replace(tmp, _state_path(partial))
+
+
+def _provenance(bosz_dir):
+    """(title, reference, synthetic) of a BOSZ-layout directory, from its marker files."""
+    bosz = "Meszaros et al. 2024, A&A 688, A197 (BOSZ 2024)"
+    if any(Path(bosz_dir).glob("SYNTHETIC_GRID*")):
+        return "BOSZ 2024 stellar template grid (SYNTHETIC stand-in)", bosz, True
+    if (Path(bosz_dir) / CK04_MARKER).exists():
+        return ("Castelli & Kurucz 2004 (ATLAS9 ODFNEW) stellar template grid, BOSZ layout",
+                "Castelli & Kurucz 2003, IAU Symp. 210, A20 (CK04)", False)
+    return "BOSZ 2024 stellar template grid", bosz, False
+
+
+def build_grid(bosz_dir, out, *, wave_min=3000.0, wave_max=11000.0, resolution=None,
+               workers=1, progress=True, overwrite=False):
+    """Convert a BOSZ-layout directory into the labelled Zarr cube (see module docstring).
+
+    The build goes into a hidden ``<out>.partial`` store next to ``out``, one Teff slab at a
+    time, recording finished slabs; it is renamed to ``out`` only when complete. Re-running
+    an interrupted build resumes it (same files, same options); re-running a finished one
+    with the same inputs leaves the store as it is.
+
+    Parameters
+    ----------
+    bosz_dir : path-like
+        BOSZ 2024 layout (formats contract section 3); malformed file names are skipped with
+        a warning.
+    out : path-like
+        Zarr store to create.
+    wave_min, wave_max : float
+        Wavelength range kept in the cube, Angstrom (synthetic magnitudes use the full range).
+    resolution : str, optional
+        Resolution tag, when the directory holds several.
+    workers : int
+        Processes reading files (1 = in this process). With more, a pool reads ahead while
+        this process writes finished slabs; it ends with the build, also on errors and
+        Ctrl-C.
+    progress : bool
+        Show a progress bar and messages on stdout.
+    overwrite : bool
+        Rebuild even when a complete store from other inputs exists.
+
+    Returns
+    -------
+    pathlib.Path
+        ``out``.
+    """
+    out = Path(out)
+    scan = scan_bosz(bosz_dir, resolution)
+    for path, reason in scan["skipped"]:
+        if "not chosen" not in reason:
+            warnings.warn(f"{path}: skipped: {reason}", FluxCalWarning, stacklevel=2)
+    plan = _plan_hash(scan, wave_min, wave_max)
+    if _up_to_date(out, plan, overwrite, progress, len(scan["models"])):
+        return out
+    wave_full = _read_wavelength(scan["wave_file"])
+    trim = np.flatnonzero((wave_full >= wave_min) & (wave_full <= wave_max))
+    if trim.size < 2:
+        raise GridError(scan["wave_file"], None, f"no wavelengths in {wave_min}-{wave_max} A")
+    trim = slice(int(trim[0]), int(trim[-1]) + 1)
+    models = scan["models"]
+    axes = {p: sorted({m[p] for m in models}) for p in PARAMS}
+    attrs = _store_attrs(bosz_dir, scan, wave_full[trim], plan)
+    partial = out.with_name(f"{TEMP_PREFIX}{out.name}.partial")
+    state = _start_partial(partial, plan, axes, wave_full[trim], attrs, progress)
+    _fill(partial, state, models, axes, wave_full, trim, workers, progress)
+    _publish(partial, out)
+    if progress:
+        print(f"wrote {out}: {len(models)} templates, {trim.stop - trim.start} wavelengths "
+              f"{wave_full[trim][0]:.1f}-{wave_full[trim][-1]:.1f} A, {len(scan['skipped'])} "
+              "files skipped")
+    return out
+
+
+def _up_to_date(out, plan, overwrite, progress, n_models):
+    """True when ``out`` was built from the same plan; refuse other inputs without
+    ``overwrite``."""
+    if not out.exists():
+        return False
+    try:
+        existing = xr.open_zarr(out, consolidated=False).attrs.get("build_plan")
+    except Exception:
+        existing = None
+    if existing == plan and not overwrite:
+        if progress:
+            print(f"{out}: up to date ({n_models} templates); nothing to do")
+        return True
+    if not overwrite:
+        raise GridError(out, None, "exists and was built from other inputs or options; "
+                        "pass overwrite=True (CLI: --overwrite) to rebuild it")
+    return False
+
+
+def _store_attrs(bosz_dir, scan, wave, plan):
+    models = scan["models"]
+    title, reference, synthetic = _provenance(bosz_dir)
+    return {
+        "title": title,
+        "synthetic": int(synthetic),
+        "source_directory": str(Path(bosz_dir).resolve()),
+        "resolution": scan["resolution"],
+        "resolving_power": BOSZ_RESOLUTIONS[scan["resolution"]],
+        "n_files": len(models),
+        "n_skipped": len(scan["skipped"]),
+        "wave_min": float(wave[0]),
+        "wave_max": float(wave[-1]),
+        "policy": json.dumps(POLICY),
+        "chosen_atmospheres": json.dumps(sorted({m["atmos"] for m in models})),
+        "chosen_vmicro": json.dumps(sorted({m["vmicro"] for m in models})),
+        "chosen_carbon": json.dumps(sorted({m["carbon"] for m in models})),
+        "reference": reference,
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "kspec_fluxcal_version": __version__,
+        "build_plan": plan,
+        "complete": 0,
+    }
+
+
+def _start_partial(partial, plan, axes, wave, attrs, progress):
+    """The state of the partial store: resumed when it was started with the same plan."""
+    state = _load_state(partial) if partial.exists() else None
+    if state is None or state.get("plan") != plan:
+        if partial.exists():
+            shutil.rmtree(partial)
+        _empty_store(partial, axes, wave, attrs)
+        state = {"plan": plan, "done": []}
+        _save_state(partial, state)
+    elif progress:
+        print(f"resuming an interrupted build: {len(state['done'])}/{len(axes['teff'])} Teff "
+              "slabs already written")
+    return state
+
+
+def _fill(partial, state, models, axes, wave_full, trim, workers, progress):
+    """Read the files of the slabs not yet written and write each slab as soon as all its
+    files are read."""
+    import zarr
+
+    todo = [m for m in models if m["teff"] not in state["done"]]
+    if not todo:
+        return
+    weights = band_weights(list(BANDS), wave_full).fillna(0.0).values
+    reddened = [weights * 10.0 ** (-0.4 * EBV_REFERENCE * extinction_per_ebv(wave_full, law))
+                for law in LAWS]
+    matrix, span = band_matrix(weights, reddened)
+    left = {t: sum(m["teff"] == t for m in todo) for t in dict.fromkeys(m["teff"] for m in todo)}
+    workers = max(1, min(int(workers), len(todo)))
+    if progress:
+        print(f"reading {len(todo)} template files ({len(left)} Teff slabs) with {workers} "
+              "worker(s)")
+    group = zarr.open_group(partial, mode="r+")
+    started, slab = time.time(), []
+    with template_reader(workers, wave_full.size, trim, matrix, span, len(BANDS)) as read:
+        for m, product in zip(todo, read([m["path"] for m in todo]), strict=True):
+            slab.append((m, product))
+            left[m["teff"]] -= 1
+            if left[m["teff"]]:
+                continue
+            _write_slab(group, axes, m["teff"], slab)
+            slab = []
+            state["done"].append(m["teff"])
+            _save_state(partial, state)
+            if progress:
+                print(f"  {len(todo) - sum(left.values())}/{len(todo)} files, "
+                      f"{len(state['done'])}/{len(axes['teff'])} Teff slabs written "
+                      f"({time.time() - started:.0f} s)", flush=True)
+
+
+def _write_slab(group, axes, teff, products):
+    """Write one Teff slab (every variable, every chunk, also all-NaN ones: a store's chunks
+    are then all present, and a missing one means damage, see
+    :func:`kspec_fluxcal.grid.check_chunks`)."""
+    shape = tuple(len(axes[p]) for p in PARAMS[1:])
+    flux, cont, mag, coeff = products[0][1]
+    arrays = {"flux": np.full(shape + flux.shape, np.nan, np.float32),
+              "continuum": np.full(shape + cont.shape, np.nan, np.float32),
+              "exists": np.zeros(shape, bool),
+              "synth_mag": np.full(shape + mag.shape, np.nan),
+              "ext_coeff": np.full(shape + coeff.shape, np.nan)}
+    index = {p: {v: i for i, v in enumerate(axes[p])} for p in PARAMS[1:]}
+    for m, (f, c, g, e) in products:
+        at = tuple(index[p][m[p]] for p in PARAMS[1:])
+        for name, value in zip(arrays, (f, c, True, g, e), strict=True):
+            arrays[name][at] = value
+    i = axes["teff"].index(teff)
+    # Straight to the Zarr arrays: xarray's region writes re-open and re-validate the whole
+    # store on every call, which cost more than the slab's compression.
+    for name, values in arrays.items():
+        group[name].with_config({"write_empty_chunks": True})[i] = values
+
+
+def _publish(partial, out):
+    """Mark the partial store complete and rename it to ``out`` (replacing an older one)."""
+    import zarr
+
+    group = zarr.open_group(partial, mode="r+")
+    group.attrs["complete"] = 1
+    _state_path(partial).unlink()
+    if out.exists():
+        old = out.with_name(f"{TEMP_PREFIX}{out.name}.old")
+        os.replace(out, old)
+        os.replace(partial, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(partial, out)

@@ -1,0 +1,282 @@
+"""Calibrated products (formats contract section 4): writing a calibrated exposure as a FITS
+file (the input's layout, in flux density, with its calibration tables and the per-star
+FCALSTAR table), and reading that table back.
+
+A product opens like a RED file, with its calibration: :func:`kspec_fluxcal.open_exposure`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+from astropy.io import fits
+
+from . import __version__
+from ._atomic import atomic_file
+from .constants import CAL_UNIT, CALIBRATION_KEYWORDS, FLUX_UNIT
+from .exposure import open_exposure
+from .fits_file import find_hdu, fits_column, hdu_data, open_fits
+from .wavelength import air_to_vacuum
+
+__all__ = ["write_calibrated", "star_table", "read_standard_stars"]
+
+
+def _fibres_table(ds):
+    cols = []
+    for coord in ds.coords.values():
+        if coord.dims != ("fiber",) or "fits_column" not in coord.attrs:
+            continue
+        cols.append(fits_column(coord.attrs["fits_column"], np.asarray(coord.values),
+                            coord.attrs.get("units")))
+    return fits.BinTableHDU.from_columns(cols, name=ds.attrs.get("fibres_extname", "FIBRES"))
+
+
+def _primary_header(ds):
+    """The input's primary header (its WCS and AIRORVAC as they were), data keywords removed."""
+    text = ds.attrs.get("fits_header")
+    header = fits.Header.fromstring(text, sep="\n") if text else fits.Header()
+    for key in ("SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND"):
+        header.remove(key, ignore_missing=True)
+    return header
+
+
+def _wavelength_hdu(ds):
+    """The WAVELA extension of a product: the input's, as it was (values, unit, medium);
+    None when the input had only a linear WCS (kept in the primary header)."""
+    layout = ds.attrs.get("wavelength_layout")
+    if layout == "wcs":
+        return None
+    raw = ds.attrs.get("wavela")
+    if raw is not None:
+        data, text = raw
+        hdu = fits.ImageHDU(np.asarray(data), name="WAVELA")
+        for card in fits.Header.fromstring(text, sep="\n").cards:
+            if card.keyword not in hdu.header and card.keyword not in (
+                    "XTENSION", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "PCOUNT", "GCOUNT"):
+                hdu.header.append(card)
+        return hdu
+    # Built in memory: each fiber's wavelengths (air), 1-D when they are all the same.
+    fiber_wave = ds["fiber_wavelength"].values if "fiber_wavelength" in ds.coords else None
+    same = fiber_wave is None or np.array_equal(
+        fiber_wave, np.broadcast_to(ds["wavelength"].values, fiber_wave.shape))
+    hdu = fits.ImageHDU(ds["wavelength"].values if same else fiber_wave, name="WAVELA")
+    hdu.header["BUNIT"] = "Angstrom"
+    hdu.header["AIRORVAC"] = "air"
+    return hdu
+
+
+def _calibration_table(ds):
+    """The contract's FLUXCAL table: the vector on the reference grid, in the input's medium."""
+    wave = ds["wavelength"].values
+    medium = ds.attrs.get("medium_in", "air")
+    if medium == "vac":
+        wave = air_to_vacuum(wave)
+    cal = fits.BinTableHDU.from_columns([
+        fits.Column("WAVELENGTH", "D", unit="Angstrom", array=wave),
+        fits.Column("CAL_FACTOR", "D", unit=CAL_UNIT, array=ds["cal"].values),
+        fits.Column("CAL_VARIANCE", "D", unit=f"({CAL_UNIT})**2", array=ds["cal_variance"].values),
+        fits.Column("MASK", "I", array=ds["cal_mask"].values.astype(np.int16)),
+    ], name="FLUXCAL")
+    cal.header["AIRORVAC"] = (medium, "medium of WAVELENGTH (the input's)")
+    cal.header["COMMENT"] = ("The vector on the reference grid (the median of the fibers' "
+                             "wavelength solutions); each fiber's own factor is in FCALFAC.")
+    cal.header["COMMENT"] = "MASK: 1 = reliable, 0 = interpolated over a gap or unconstrained"
+    return cal
+
+
+def _factor_hdus(ds):
+    """FCALFAC and FCALFVAR: the factor applied to every pixel of every fiber, its variance."""
+    factor = fits.ImageHDU(ds["cal_factor"].values.astype(np.float64), name="FCALFAC")
+    factor.header["BUNIT"] = CAL_UNIT
+    factor.header["COMMENT"] = ("Calibrated flux = counts x FCALFAC, pixel by pixel, each fiber "
+                                "on its own wavelengths (HDU WAVELA or the primary WCS).")
+    variance = fits.ImageHDU(ds["cal_factor_variance"].values.astype(np.float64),
+                             name="FCALFVAR")
+    variance.header["BUNIT"] = f"({CAL_UNIT})**2"
+    variance.header["COMMENT"] = "Variance of FCALFAC."
+    return [factor, variance]
+
+
+def _write_fits(hdus, path):
+    """Write HDUs as a new FITS file, their binary tables first put in FITS (big-endian)
+    byte order, in place.
+
+    astropy keeps table data in the machine's order and converts them when writing: for
+    vector columns element by element, in Python (20 ms of the 50 ms a product took, for the
+    FCALSTAR table of 3 stars x 4096 pixels); data already big-endian are written as they
+    are, and the file is byte for byte the same. The tables' columns then no longer read
+    right in memory: the HDUs are for this write only.
+    """
+    for hdu in hdus:
+        data = hdu.data if isinstance(hdu, fits.BinTableHDU) else None
+        if data is not None and data.dtype != data.dtype.newbyteorder(">"):
+            data.byteswap(inplace=True)
+            data.dtype = data.dtype.newbyteorder(">")
+    fits.HDUList(hdus).writeto(path, overwrite=True, output_verify="exception")
+
+
+def write_calibrated(ds, path, *, overwrite=False, stars=None):
+    """Write a calibrated exposure (formats contract section 4), atomically.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        A calibrated exposure as returned by :func:`kspec_fluxcal.apply_calibration`: ``flux``
+        and ``variance`` in flux density, ``cal``, ``cal_variance``, ``cal_mask`` along
+        wavelength, attrs ``fcalnstr``, ``fcalrms``, ``history``, plus the attrs of
+        :func:`open_exposure`.
+    path : path-like
+        Output FITS file.
+    overwrite : bool
+        Replace an existing file (atomically); otherwise refuse.
+    stars : xarray.Dataset or astropy.io.fits.BinTableHDU, optional
+        Per-star results of :func:`kspec_fluxcal.fit_standards`, written as the extra binary
+        table FCALSTAR (one row per standard star) for quality control; or such a table
+        already made (kept from an earlier product of the same exposure).
+
+    Raises
+    ------
+    OutputExistsError
+        When ``path`` exists and ``overwrite`` is false.
+    ValueError
+        When ``ds`` carries no calibration.
+    """
+    missing = [v for v in ("flux", "variance", "cal", "cal_variance", "cal_mask") if v not in ds]
+    if missing:
+        raise ValueError(f"dataset has no {', '.join(missing)}: calibrate it first "
+                         "(kspec_fluxcal.apply_calibration)")
+    ds = ds.compute()
+    header = _product_header(ds)
+    primary = fits.PrimaryHDU(ds["flux"].values.astype(np.float32), header=header)
+    var = fits.ImageHDU(ds["variance"].values.astype(np.float32), name="VARIANCE")
+    var.header["BUNIT"] = f"({FLUX_UNIT})**2"
+    wave = _wavelength_hdu(ds)
+    hdus = [primary, var, *([wave] if wave is not None else []), _fibres_table(ds),
+            _calibration_table(ds)]
+    if "cal_factor" in ds:
+        hdus += _factor_hdus(ds)
+    if stars is not None:
+        hdus.append(stars if isinstance(stars, fits.BinTableHDU) else star_table(stars))
+    with atomic_file(path, overwrite=overwrite) as tmp:
+        _write_fits(hdus, tmp)
+    return Path(path)
+
+
+def _product_header(ds):
+    """The product's primary header: the input's (:func:`_primary_header`) with the flux
+    unit, the calibration keywords (:data:`~kspec_fluxcal.constants.CALIBRATION_KEYWORDS`)
+    and the history of the calibrated Dataset ``ds``."""
+    header = _primary_header(ds)
+    header["BUNIT"] = FLUX_UNIT
+    if ds.attrs.get("expid"):
+        header["EXPID"] = str(ds.attrs["expid"])
+    header["FLUXCAL"] = (True, "flux calibrated by kspec-fluxcal")
+    header["FCALVER"] = (__version__, "kspec-fluxcal version")
+    defaults = {"fcalnstr": 0, "fcalrms": np.nan, "fcalsrc": "standards"}
+    for attr, (key, kind, comment) in CALIBRATION_KEYWORDS.items():
+        value = ds.attrs.get(attr, defaults.get(attr))
+        if value is None:
+            continue
+        value = kind(value)
+        if kind is float and not np.isfinite(value):
+            value = -1.0
+        header[key] = (value, comment)
+    for text in ds.attrs.get("history", []):
+        header.add_history(text)
+    header["COMMENT"] = ("Calibrated on each fiber's own pixels; factors in HDU FCALFAC, "
+                         "variance FCALFVAR; per-star fits in FCALSTAR (kspec-fluxcal README)")
+    return header
+
+
+def star_table(stars):
+    """Per-star results as the FCALSTAR binary table (one row per standard star).
+
+    Scalar per-star variables become columns; (star, wavelength) variables become vector
+    columns; (star, band) variables become vector columns with the band names in the header;
+    (star, xp_wavelength) variables (Gaia XP spectra) become vector columns ``XP_*`` with their
+    wavelengths in the vector column XP_WAVELENGTH (the same on every row) and NXPWAVE in the
+    header.
+    """
+    stars = stars.compute()
+    nwave = stars.sizes.get("wavelength", 0)
+    cols = []
+    if "xp_wavelength" in stars.dims:
+        xp_wave = np.asarray(stars["xp_wavelength"].values, dtype=np.float64)
+        cols.append(fits.Column("XP_WAVELENGTH", f"{xp_wave.size}D", unit="Angstrom",
+                                array=np.broadcast_to(xp_wave, (stars.sizes["star"],
+                                                                xp_wave.size))))
+    # Variables, not DataArrays: building a DataArray per column costs more than the file.
+    for name, var in stars.variables.items():
+        if name in ("star", "wavelength", "band", "xp_wavelength") or "star" not in var.dims:
+            continue
+        if var.dims[0] != "star":
+            var = var.transpose("star", ...)
+        values = np.asarray(var.values)
+        fits_name = name.upper()
+        if values.ndim == 1:
+            cols.append(fits_column(fits_name, values, var.attrs.get("units")))
+        elif values.ndim == 2 and values.dtype.kind in "fiub":
+            fmt = "L" if values.dtype.kind == "b" else "D"
+            cols.append(fits.Column(fits_name, f"{values.shape[1]}{fmt}",
+                                    array=values if fmt == "L" else values.astype(np.float64),
+                                    unit=var.attrs.get("units")))
+    table = fits.BinTableHDU.from_columns(cols, name="FCALSTAR")
+    if "band" in stars.dims:
+        table.header["BANDS"] = ",".join(str(b) for b in stars["band"].values)
+    table.header["NWAVE"] = nwave
+    if "xp_wavelength" in stars.dims:
+        table.header["NXPWAVE"] = stars.sizes["xp_wavelength"]
+    return table
+
+
+def read_standard_stars(path):
+    """Read the per-star results (FCALSTAR table) of a calibrated file written by
+    :func:`write_calibrated`, as a Dataset like :func:`kspec_fluxcal.fit_standards` returns.
+
+    Returns
+    -------
+    xarray.Dataset or None
+        None when the file has no FCALSTAR extension.
+    """
+    path = os.fspath(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", fits.verify.VerifyWarning)
+        with open_fits(path) as hdul:
+            hdu = find_hdu(hdul, path, ("FCALSTAR",), required=False)
+            if hdu is None:
+                return None
+            data = hdu_data(hdu, path, "FCALSTAR")
+            header = hdu.header
+            bands = [b for b in str(header.get("BANDS", "")).split(",") if b]
+            nwave = int(header.get("NWAVE", 0))
+            nxp = int(header.get("NXPWAVE", 0))
+            variables, coords = {}, {}
+            for col in hdu.columns:
+                values = np.asarray(data[col.name])
+                name = col.name.lower()
+                attrs = {"units": str(col.unit)} if col.unit else {}
+                if name == "xp_wavelength" and values.ndim == 2 and values.shape[0]:
+                    coords[name] = (name, values[0], {"units": "Angstrom", "medium": "air"})
+                elif name.startswith("xp_") and nxp and values.ndim == 2 \
+                        and values.shape[1] == nxp:
+                    variables[name] = (("star", "xp_wavelength"), values, attrs)
+                elif values.ndim == 1:
+                    if values.dtype.kind in "SU":
+                        values = np.char.strip(values.astype(str))
+                    coords[name] = ("star", values, attrs)
+                elif values.shape[1] == nwave and nwave != len(bands):
+                    variables[name] = (("star", "wavelength"), values, attrs)
+                elif values.shape[1] == len(bands):
+                    variables[name] = (("star", "band"), values, attrs)
+                else:
+                    variables[name] = (("star", "wavelength"), values, attrs)
+    ds = xr.Dataset(variables, coords=coords)
+    if "wavelength" in ds.dims:  # the reference grid (air) the vectors are on
+        ds = ds.assign_coords(wavelength=open_exposure(path)["wavelength"].values)
+    if bands:
+        ds = ds.assign_coords(band=bands)
+    return ds
