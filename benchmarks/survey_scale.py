@@ -193,7 +193,6 @@ def profile_exposure(lake, cube, repeat=5):
     """Stage times of a calibrate task for a few exposures, and a profile of fit_standards."""
     import dask
 
-    from kspec_fluxcal.archive import archive_record
     from kspec_fluxcal.calibration import apply_calibration, combine_vectors
     from kspec_fluxcal.catalog import read_catalog
     from kspec_fluxcal.config import Config
@@ -201,6 +200,7 @@ def profile_exposure(lake, cube, repeat=5):
     from kspec_fluxcal.grid import open_grid
     from kspec_fluxcal.standards import exposure_lsf, fit_standards, prepare_setup
     from kspec_fluxcal.survey import _setup_for
+    from kspec_fluxcal.survey.archive import archive_record
 
     manifest = json.loads((lake / "survey.json").read_text())
     config = Config()

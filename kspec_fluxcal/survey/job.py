@@ -1,4 +1,4 @@
-"""Survey-wide recalibration as one Dask graph on dask.distributed.
+"""The survey job: survey-wide recalibration as one Dask graph on dask.distributed.
 
 Plan (client side, headers only): discover the RED files, read what each needs for planning
 (EXPID, MJD, wavelength range and line spread), hash its inputs, and group the exposures by
@@ -16,197 +16,39 @@ skips exposures archived with the same inputs. A failing exposure is reported wi
 reason and never stops the others; a worker that dies is replaced and its tasks retried
 elsewhere. Warnings raised in a task are returned in the report, not printed by workers.
 
-Then, with ``[model] enabled`` (the default), the survey model (:mod:`kspec_fluxcal.model_job`):
-fitted from the archive as a tree reduction (``model-*`` tasks) and used to recalibrate
-(``recalibrate-<EXPID>`` tasks); exposures without usable standards are calibrated from it.
-Last, with ``[survey] fallback``, exposures still without a calibration get the archive
-fallback (:mod:`kspec_fluxcal.fallback`). The [model] options are not part of an exposure's
-input hash: they change the model (whose identity each archive row records), not the
-exposure's own calibration.
+Then, with ``[model] enabled`` (the default), the survey model
+(:mod:`kspec_fluxcal.survey.model_job`): fitted from the archive as a tree reduction
+(``model-*`` tasks) and used to recalibrate (``recalibrate-<EXPID>`` tasks); exposures
+without usable standards are calibrated from it. Last, with ``[survey] fallback``, exposures
+still without a calibration get the archive fallback (:mod:`kspec_fluxcal.survey.fallback`).
+The [model] options are not part of an exposure's input hash: they change the model (whose
+identity each archive row records), not the exposure's own calibration.
 
 Task keys are ``library-<range>-<token>`` and ``calibrate-<EXPID>-<token>``, the token a
-hash of everything the task's result depends on (inputs, configuration, output path). Two
-jobs sharing a scheduler (``--scheduler``), or a job resubmitted while a killed one's tasks
-are still known to the scheduler, would otherwise be handed each other's results under a bare
-``calibrate-<EXPID>`` key; with the token, equal keys mean equal work.
+hash of everything the task's result depends on (inputs, configuration, output path; see
+:mod:`kspec_fluxcal.survey.tasks`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
-import traceback
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 
-from . import __version__
-from ._atomic import check_output_directory
-from ._lock import exclusive
-from .cluster import WORKER_MALLOC_ENV, _on_cluster, as_completed_pairs, local_cluster
-from .config import Config, load_config
-from .errors import CalibrationError, FluxCalError, FluxCalWarning, InputError
+from .. import __version__
+from .._atomic import check_output_directory
+from .._lock import exclusive
+from ..config import Config, load_config
+from ..errors import FluxCalError, InputError
+from .cluster import on_cluster
+from .report import SurveyReport, write_notes
+from .tasks import Progress, collect, run_task, token
 
-__all__ = ["discover", "plan_survey", "run_survey", "SurveyReport", "local_cluster",
-           "write_notes", "WORKER_MALLOC_ENV"]
-
-
-@dataclass
-class SurveyReport:
-    """What a survey run did.
-
-    Attributes
-    ----------
-    calibrated, skipped, fallback, model_only : list of str
-        EXPIDs calibrated in this run, skipped as archived with the same inputs (resume),
-        calibrated from the archive, and from the survey model alone (no usable standard;
-        subsets of ``calibrated``).
-    model : dict of str to dict
-        Per setup whose survey model was fitted in this run: its summary (exposures and
-        nights fitted, outliers, the error model, exposures recalibrated), or why none was.
-    failed : dict of str to str
-        EXPID (or file, when it could not be read) -> reason.
-    notes : dict of str to list of str
-        Warnings raised while calibrating an exposure (skipped stars, numerical warnings),
-        collected in the workers so that they reach the report rather than a worker's stderr.
-    quality : dict of str to dict
-        Per calibrated EXPID: ``grade`` (FCALQUAL), ``used`` and ``standards`` (stars used,
-        standard fibers), ``fcalrms``, ``fcalmerr``, ``fcallsf``.
-    archive : pathlib.Path
-    notes_file : pathlib.Path or None
-        ``OUT/notes.json``, where the notes and failures are kept (see :func:`write_notes`).
-    dashboard : str or None
-        Link to the Dask dashboard (None when nothing had to be computed).
-    elapsed : float
-        Seconds.
-    """
-
-    calibrated: list = field(default_factory=list)
-    skipped: list = field(default_factory=list)
-    fallback: list = field(default_factory=list)
-    model_only: list = field(default_factory=list)
-    model: dict = field(default_factory=dict)
-    failed: dict = field(default_factory=dict)
-    notes: dict = field(default_factory=dict)
-    quality: dict = field(default_factory=dict)
-    archive: Path | None = None
-    notes_file: Path | None = None
-    dashboard: str | None = None
-    elapsed: float = 0.0
-
-    @property
-    def ok(self):
-        """True when every exposure was calibrated or deliberately skipped (up to date)."""
-        return not self.failed
-
-    #: Exposures listed one per line in :meth:`summary` up to this many.
-    LISTED = 50
-
-    def summary(self):
-        """A short multi-line summary: counts, quality grades, failures."""
-        lines = [f"{len(self.calibrated)} calibrated ({len(self.fallback)} from the archive), "
-                 f"{len(self.skipped)} skipped as up to date, {len(self.failed)} failed, "
-                 f"in {self.elapsed:.1f} s"]
-        grades = [q["grade"] for q in self.quality.values()]
-        if grades:
-            lines.append("  quality: " + ", ".join(f"{g} {grades.count(g)}"
-                                                   for g in sorted(set(grades))))
-        lines += [f"  survey model, setup {setup}: {_model_text(m)}"
-                  for setup, m in sorted(self.model.items())]
-        if len(self.quality) <= self.LISTED:
-            lines += [f"  {expid}: {_quality_text(q)}" for expid, q in sorted(self.quality.items())]
-        if self.notes or self.notes_file:
-            where = f"; notes and failures: {self.notes_file}" if self.notes_file else ""
-            lines.append(f"  {len(self.notes)} exposure(s) with notes{where}")
-        lines += [f"  FAILED {name}: {reason}" for name, reason in sorted(self.failed.items())]
-        return "\n".join(lines)
-
-    def write_quality(self, path):
-        """Write the per-exposure quality table (CSV) atomically."""
-        from ._atomic import atomic_file
-
-        rows = ["expid,status,quality,used,standards,fcalrms,fcalmerr,fcallsf,source,reason"]
-        for expid, q in sorted(self.quality.items()):
-            rows.append(f"{expid},calibrated,{q['grade']},{q['used']},{q['standards']},"
-                        f"{q['fcalrms']:.5f},{q['fcalmerr']:.5f},{q['fcallsf']:.4f},"
-                        f"{q.get('source', 'standards')},")
-        for name, reason in sorted(self.failed.items()):
-            text = reason.replace('"', "'")
-            rows.append(f'{name},failed,,,,,,,,"{text}"')
-        with atomic_file(path, overwrite=True) as tmp:
-            Path(tmp).write_text("\n".join(rows) + "\n")
-        return Path(path)
-
-
-def _model_text(m):
-    if "skipped" in m:
-        return m["skipped"]
-    return (f"{m['exposures']} exposures over {m['nights']} night(s) fitted, "
-            f"{m['outliers']} outlier(s); exposures scatter {100 * m['tau']:.2f}% about it, "
-            f"one standard {100 * m['sigma_star']:.2f}% (medians over wavelength); "
-            f"{m['recalibrated']} recalibrated with it, {m['model_only']} from it alone")
-
-
-def _quality_text(q):
-    rms = "n/a" if not np.isfinite(q["fcalrms"]) else f"{100 * q['fcalrms']:.2f}%"
-    source = f", {q['source']}" if q.get("source", "standards") != "standards" else ""
-    return (f"quality {q['grade']}, {q['used']}/{q['standards']} standards, rms {rms}, "
-            f"model error {100 * q['fcalmerr']:.1f}%, LSF x{q['fcallsf']:.3f}{source}")
-
-
-def _quality(result):
-    """The quality record of a calibrated exposure (see :attr:`SurveyReport.quality`)."""
-    attrs = result.calibration.attrs
-    return {"grade": str(attrs.get("fcalqual", "")), "used": int(attrs.get("fcalnstr", 0)),
-            "standards": int(result.stars.sizes.get("star", 0)),
-            "fcalrms": float(attrs.get("fcalrms", np.nan)),
-            "fcalmerr": float(attrs.get("fcalmerr", np.nan)),
-            "fcallsf": float(attrs.get("fcallsf", np.nan))}
-
-
-def write_notes(out, report):
-    """Keep the notes and failures of a run in ``out/notes.json``, atomically.
-
-    The file maps EXPID (or, for files that could not be planned, their path under the
-    lake) to notes (``"notes"``) and to the reason of a failure (``"failed"``). Exposures
-    calibrated or failed in this run replace their entries; the others (skipped as up to
-    date) keep theirs from earlier runs.
-
-    Parameters
-    ----------
-    out : path-like
-        The survey's output directory.
-    report : SurveyReport
-        The run's report.
-
-    Returns
-    -------
-    pathlib.Path
-        The file; also set as ``report.notes_file``.
-    """
-    from ._atomic import atomic_file
-
-    path = Path(out) / "notes.json"
-    try:
-        saved = json.loads(path.read_text())
-    except (OSError, ValueError):
-        saved = {}
-    done = set(report.calibrated) | set(report.failed)
-    kept = {key: {k: v for k, v in saved.get(key, {}).items() if k not in done}
-            for key in ("notes", "failed")}
-    kept["notes"].update(report.notes)
-    kept["failed"].update(report.failed)
-    text = json.dumps({"updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **kept}, indent=1,
-                      sort_keys=True)
-    with atomic_file(path, overwrite=True) as tmp:
-        Path(tmp).write_text(text + "\n")
-    report.notes_file = path
-    return path
+__all__ = ["discover", "plan_survey", "run_survey"]
 
 
 def discover(lake, pattern="**/*.fits", *, exclude=()):
@@ -239,11 +81,6 @@ def _file_hash(path, chunk=1 << 20):
     return h.hexdigest()
 
 
-def _token(*parts):
-    """8 hex digits naming the inputs of a task (see the module docstring)."""
-    return hashlib.sha1("|".join(str(p) for p in parts).encode()).hexdigest()[:8]
-
-
 def plan_survey(paths, *, lake, catalog_hash, grid_plan, config):
     """Read headers and hash inputs; returns (entries, failures).
 
@@ -253,7 +90,7 @@ def plan_survey(paths, *, lake, catalog_hash, grid_plan, config):
     ``failures`` maps the path under the lake of each file that cannot be planned
     (unreadable header, duplicate EXPID) to the reason.
     """
-    from .exposure import read_exposure_info
+    from ..exposure import read_exposure_info
 
     settings = _settings(config)
     entries, failures, seen = [], {}, {}
@@ -282,32 +119,13 @@ def plan_survey(paths, *, lake, catalog_hash, grid_plan, config):
 # ----------------------------------------------------------------------------- tasks
 
 
-def _notes(first, caught):
-    """Warnings raised in a task as unique strings, FluxCal's first."""
-    notes = list(first)
-    for w in caught:
-        if issubclass(w.category, FluxCalWarning):
-            text = str(w.message)
-        else:
-            text = f"{w.category.__name__}: {w.message} ({Path(w.filename).name}:{w.lineno})"
-        if text not in notes:
-            notes.append(text)
-    return notes
-
-
-def _internal_error(err):
-    where = traceback.extract_tb(err.__traceback__)[-1]
-    return (f"internal error {type(err).__name__}: {err} "
-            f"({Path(where.filename).name}:{where.lineno})")
-
-
 def _library_task(grid_path, wave_range, config, cache_dir=None):
     """The template library of a configuration (see :func:`kspec_fluxcal.prepare_library`):
     read from the disk cache when an earlier job prepared it."""
     import dask
 
-    from .grid import open_grid
-    from .templates import prepare_library
+    from ..grid import open_grid
+    from ..templates import prepare_library
 
     # Synchronous inside a task: by default, Dask code running in a worker submits its
     # graph back to the cluster (here, the grid's chunks as tasks on other workers), which
@@ -318,73 +136,51 @@ def _library_task(grid_path, wave_range, config, cache_dir=None):
 
 def _configuration(info):
     """The library range serving an exposure (from its header information)."""
-    from .templates import library_range
+    from ..templates import library_range
 
     return library_range(info["wave_range"], info["lsf"])
 
 
 def _calibrate_task(path, out_path, catalog, library, config, setup_key, input_hash, utc_offset,
                     expid, provenance=None):
-    """Calibrate one exposure; never raises for bad data: returns a status dict."""
-    import dask
+    """Calibrate one exposure; never raises for bad data: returns a status dict
+    (:func:`kspec_fluxcal.survey.tasks.run_task`; "no standards" when none is usable)."""
+    return run_task(expid, _calibrate, path, out_path, catalog, library, config, setup_key,
+                    input_hash, utc_offset, provenance, no_standards=True)
 
+
+def _calibrate(path, out_path, catalog, library, config, setup_key, input_hash, utc_offset,
+               provenance):
+    """The work of a calibrate task: calibrate, write the product; returns its archive
+    record, notes and quality."""
+    from ..exposure import open_exposure, write_calibrated
+    from ..pipeline import calibrate
     from .archive import archive_record
-    from .exposure import open_exposure, write_calibrated
-    from .pipeline import calibrate
 
-    try:
-        # Warnings are recorded, not printed: a worker's stderr is nobody's terminal.
-        with dask.config.set(scheduler="synchronous"), \
-                warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            exposure = open_exposure(path)
-            catalog, xp = ((catalog.catalog, catalog.xp) if isinstance(catalog, SimpleNamespace)
-                           else (catalog, None))
-            result = calibrate(exposure, catalog, library, config, xp=xp)
-            result.calibrated.attrs["setup"] = setup_key
-            write_calibrated(result.calibrated, out_path, overwrite=True, stars=result.stars)
-            record = archive_record(result.calibrated, result.stars, result.calibration,
-                                    source=str(path), input_hash=input_hash,
-                                    utc_offset=utc_offset, provenance=provenance)
-        return {"expid": expid, "status": "ok", "record": record,
-                "notes": _notes(result.warnings, caught),
-                "nstar": int(result.calibration.attrs["fcalnstr"]), "quality": _quality(result)}
-    except CalibrationError as err:
-        return {"expid": expid, "status": "no standards", "reason": str(err)}
-    except FluxCalError as err:
-        return {"expid": expid, "status": "failed", "reason": str(err)}
-    except Exception as err:  # a bug must not stop the survey: report it with its place
-        return {"expid": expid, "status": "failed", "reason": _internal_error(err)}
+    exposure = open_exposure(path)
+    catalog, xp = ((catalog.catalog, catalog.xp) if isinstance(catalog, SimpleNamespace)
+                   else (catalog, None))
+    result = calibrate(exposure, catalog, library, config, xp=xp)
+    result.calibrated.attrs["setup"] = setup_key
+    write_calibrated(result.calibrated, out_path, overwrite=True, stars=result.stars)
+    record = archive_record(result.calibrated, result.stars, result.calibration,
+                            source=str(path), input_hash=input_hash, utc_offset=utc_offset,
+                            provenance=provenance)
+    return {"record": record, "notes": result.warnings,
+            "nstar": int(result.calibration.attrs["fcalnstr"]), "quality": _quality(result)}
+
+
+def _quality(result):
+    """The quality record of a calibrated exposure (see :attr:`SurveyReport.quality`)."""
+    attrs = result.calibration.attrs
+    return {"grade": str(attrs.get("fcalqual", "")), "used": int(attrs.get("fcalnstr", 0)),
+            "standards": int(result.stars.sizes.get("star", 0)),
+            "fcalrms": float(attrs.get("fcalrms", np.nan)),
+            "fcalmerr": float(attrs.get("fcalmerr", np.nan)),
+            "fcallsf": float(attrs.get("fcallsf", np.nan))}
 
 
 # ----------------------------------------------------------------------------- the job
-
-
-class _Progress:
-    """Progress on stdout: a bar redrawn in place on a terminal, else a line per 10 %."""
-
-    def __init__(self, total, enabled):
-        self.total, self.enabled, self.done, self.failed = total, enabled, 0, 0
-        self.tty = sys.stdout.isatty()
-        self.start = time.time()
-        self._last = -1
-
-    def update(self, ok):
-        self.done += 1
-        self.failed += 0 if ok else 1
-        if not self.enabled:
-            return
-        pct = int(100 * self.done / max(self.total, 1))
-        if self.tty:
-            bar = "#" * (pct // 4)
-            print(f"\r[{bar:<25}] {self.done}/{self.total} exposures, {self.failed} failed, "
-                  f"{time.time() - self.start:.0f} s", end="", flush=True)
-            if self.done == self.total:
-                print()
-        elif pct // 10 != self._last or self.done == self.total:
-            self._last = pct // 10
-            print(f"{self.done}/{self.total} exposures done ({self.failed} failed), "
-                  f"{time.time() - self.start:.0f} s", flush=True)
 
 
 def run_survey(lake, *, catalog, grid, out, config=None, scheduler=None, workers=None,
@@ -463,11 +259,11 @@ def run_survey(lake, *, catalog, grid, out, config=None, scheduler=None, workers
 def _survey(lake, out, config, *, catalog, grid, resume, pattern, progress, flush, cluster,
             xp=None, cache_dir=None):
     """The job of :func:`run_survey`, under its lock: plan, then compute what is to do."""
+    from ..catalog import read_catalog
+    from ..grid import open_grid
+    from ..pipeline import output_name
+    from ..xp import read_xp
     from .archive import ArchiveWriter
-    from .catalog import read_catalog
-    from .grid import open_grid
-    from .pipeline import output_name
-    from .xp import read_xp
 
     catalog_path = Path(catalog)
     catalog_ds = read_catalog(catalog_path)
@@ -521,7 +317,7 @@ def _survey(lake, out, config, *, catalog, grid, resume, pattern, progress, flus
             run_fallback(client, todo, writer, report, config, utc, progress)
 
     if todo or model_work:
-        report.dashboard = _on_cluster(work, progress=progress, **cluster)
+        report.dashboard = on_cluster(work, progress=progress, **cluster)
     return report
 
 
@@ -531,12 +327,6 @@ def _model_pending(out, entries, writer, config):
     from .model_job import stale_exposures
 
     return bool(stale_exposures(out, entries, writer, config))
-
-
-def _task_failure(result):
-    """The exception of a task that could not run (``as_completed(raise_errors=False)``)."""
-    err = result[1] if isinstance(result, tuple) else result
-    return f"task failed: {type(err).__name__}: {err}"
 
 
 def _settings(config):
@@ -564,14 +354,14 @@ def _run_graph(client, todo, catalog_future, templates, config, writer, report, 
         by_range.setdefault(_configuration(entry["info"]), []).append(entry)
     futures = {}
     provenance = _provenance(config, grid_plan)
-    token = _token(Path(grid_path).resolve(), grid_plan, settings)
+    tag = token(Path(grid_path).resolve(), grid_plan, settings)
     for wave_range, group in by_range.items():
         library = client.submit(_library_task, str(grid_path), wave_range, config, cache_dir,
                                 retries=2,
-                                key=f"library-{wave_range[0]:.0f}-{wave_range[1]:.0f}-{token}")
+                                key=f"library-{wave_range[0]:.0f}-{wave_range[1]:.0f}-{tag}")
         for entry in group:
             expid = entry["info"]["expid"]
-            key = f"calibrate-{expid}-{_token(entry['input_hash'], Path(entry['out']).resolve())}"
+            key = f"calibrate-{expid}-{token(entry['input_hash'], Path(entry['out']).resolve())}"
             futures[client.submit(
                 _calibrate_task, entry["path"], entry["out"], catalog_future, library, config,
                 entry["info"]["setup"], entry["input_hash"], utc, expid, provenance, key=key,
@@ -587,55 +377,4 @@ def _run_graph(client, todo, catalog_future, templates, config, writer, report, 
         report.quality[expid] = result["quality"]
         return result["record"]
 
-    collect(client, futures, writer, report, handle, flush, _Progress(len(futures), progress))
-
-
-def collect(client, futures, writer, report, handle, flush=(16, 1.0), bar=None):
-    """Results of tasks as they finish; archive records committed in batches.
-
-    Parameters
-    ----------
-    client : distributed.Client
-    futures : dict of Future to dict
-        Each task's plan entry (``info`` with its ``expid``).
-    writer : kspec_fluxcal.archive.ArchiveWriter
-    report : SurveyReport
-        Gets the tasks' notes.
-    handle : callable
-        ``handle(entry, result)`` -> an archive record to commit, or None.
-    flush : (int, float)
-        Commit when this many records wait, or this many seconds after the last commit.
-    bar : _Progress, optional
-    """
-    flush_every, flush_interval = flush
-    pending, last = [], time.monotonic()
-    try:
-        with as_completed_pairs(client, futures) as pairs:
-            for future, result in pairs:
-                entry = futures[future]
-                result = _outcome(future, result, entry["info"]["expid"], report)
-                record = handle(entry, result)
-                if record is not None:
-                    pending.append(record)
-                if bar is not None:
-                    bar.update(result["status"] == "ok")
-                if len(pending) >= flush_every or (
-                        pending and time.monotonic() - last >= flush_interval):
-                    batch, pending = pending, []
-                    writer.append(batch)
-                    last = time.monotonic()
-    finally:
-        # Also on Ctrl-C or a lost scheduler: keep what has finished.
-        batch, pending = pending, []
-        writer.append(batch)
-
-
-def _outcome(future, result, expid, report):
-    """A finished task's result dict (a failure when the task could not run at all, e.g.
-    workers kept dying); its notes go to the report and the future is released."""
-    if future.status != "finished":
-        result = {"expid": expid, "status": "failed", "reason": _task_failure(result)}
-    future.release()
-    if result.get("notes"):
-        report.notes[expid] = result["notes"]
-    return result
+    collect(client, futures, writer, report, handle, flush, Progress(len(futures), progress))
