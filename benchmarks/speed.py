@@ -115,11 +115,11 @@ PACKAGE = (r"(standards|matching|calibration|telluric|continuum|templates|photom
 
 def _stages(path, catalog, library, config, out):
     """CPU seconds of each stage of one exposure, as the survey's task runs them."""
-    from kspec_fluxcal.archive import archive_record
     from kspec_fluxcal.calibration import apply_calibration, combine_vectors
     from kspec_fluxcal.exposure import open_exposure
     from kspec_fluxcal.products import write_calibrated
     from kspec_fluxcal.standards import fit_standards
+    from kspec_fluxcal.survey.archive import archive_record
 
     times, c = {}, time.process_time()
 

@@ -202,8 +202,8 @@ def report_missing(model):
 
 def report_extinction(lake, out):
     """Done-when 3: the extinction curve of each night against the truth."""
-    from kspec_fluxcal.model_store import open_model
     from kspec_fluxcal.simulate import atmospheric_extinction
+    from kspec_fluxcal.survey import open_model
 
     model = open_model(out / "model.zarr").compute()
     manifest = json.loads((lake / "survey.json").read_text())["exposures"]
@@ -346,8 +346,8 @@ def synthesise_archive(source, dest, exposures, per_night=10, seed=0):
     """An archive of ``exposures`` rows: the source archive's own-standards rows repeated
     over more nights at new airmasses (own responses moved by the extinction change, a
     typical curve) and with 0.3 % noise; committed in blocks as the survey does."""
-    from kspec_fluxcal.archive import ArchiveWriter, archive_grid, read_rows
     from kspec_fluxcal.simulate import atmospheric_extinction
+    from kspec_fluxcal.survey.archive import ArchiveWriter, archive_grid, read_rows
 
     src = ArchiveWriter(source)
     rows = np.array(sorted(src.index.values()))
@@ -358,7 +358,7 @@ def synthesise_archive(source, dest, exposures, per_night=10, seed=0):
     writer = ArchiveWriter(dest)
     rng = np.random.default_rng(seed)
     k = atmospheric_extinction(archive_grid(), 0.05)
-    from kspec_fluxcal.archive import _ROW_FIELDS, _SPECTRA, _STAR_FIELDS
+    from kspec_fluxcal.survey.archive import _ROW_FIELDS, _SPECTRA, _STAR_FIELDS
 
     names = [*_ROW_FIELDS, *_SPECTRA, *_STAR_FIELDS]
     block = []
@@ -388,8 +388,8 @@ def time_fit(archive, setup, wave_range):
     from survey_scale import MemorySampler
 
     from kspec_fluxcal.config import Config
-    from kspec_fluxcal.model_job import fit_archive
     from kspec_fluxcal.survey import local_cluster
+    from kspec_fluxcal.survey.model_job import fit_archive
 
     out = archive.parent / "fit_out"
     shutil.rmtree(out, ignore_errors=True)

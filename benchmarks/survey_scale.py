@@ -193,7 +193,6 @@ def profile_exposure(lake, cube, repeat=5):
     """Stage times of a calibrate task for a few exposures, and a profile of fit_standards."""
     import dask
 
-    from kspec_fluxcal.archive import archive_record
     from kspec_fluxcal.calibration import apply_calibration, combine_vectors
     from kspec_fluxcal.catalog import read_catalog
     from kspec_fluxcal.config import Config
@@ -203,6 +202,7 @@ def profile_exposure(lake, cube, repeat=5):
     from kspec_fluxcal.products import write_calibrated
     from kspec_fluxcal.standards import fit_standards, prepare_setup
     from kspec_fluxcal.survey import _setup_for
+    from kspec_fluxcal.survey.archive import archive_record
 
     manifest = json.loads((lake / "survey.json").read_text())
     config = Config()

@@ -229,8 +229,8 @@ def _cmd_survey(args):
 
 
 def _cmd_archive_plot(args):
-    from .archive import open_archive, plot_archive
-    from .model_store import MODEL_STORE, model_setups, open_model
+    from .survey import open_archive, open_model, plot_archive
+    from .survey.model_store import MODEL_STORE, model_setups
 
     store = Path(args.model) if args.model else Path(args.archive).parent / MODEL_STORE
     models = [None]

@@ -210,7 +210,7 @@ SCHEMA = {
 }
 
 
-#: The chromatic terms the survey model can carry (kspec_fluxcal.survey_model.TERMS).
+#: The chromatic terms the survey model can carry (kspec_fluxcal.survey.model.TERMS).
 _MODEL_TERMS = ("seeing", "refraction")
 
 SCHEMA["model"] = {

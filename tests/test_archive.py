@@ -6,18 +6,17 @@ import xarray as xr
 import zarr
 
 from kspec_fluxcal import __version__
-from kspec_fluxcal.archive import (
+from kspec_fluxcal.errors import InputError
+from kspec_fluxcal.survey.archive import (
     MAX_STARS,
     SCHEMA_VERSION,
     ArchiveWriter,
-    archive_figures,
     archive_grid,
     archive_record,
     night_of,
     open_archive,
-    plot_archive,
 )
-from kspec_fluxcal.errors import InputError
+from kspec_fluxcal.survey.plots import archive_figures, plot_archive
 
 
 def _calibrated(expid, mjd, level=1.0, wave=None):
@@ -191,7 +190,7 @@ def test_plain_xarray_users_are_told_to_use_open_archive(tmp_path):
     ArchiveWriter(path).append([archive_record(_calibrated("E1", 61000.2), _stars(), None)])
     raw = xr.open_zarr(path, consolidated=False)
     assert raw.sizes["exposure"] == 64  # the capacity, not the one row
-    assert "kspec_fluxcal.archive.open_archive" in raw.attrs["how_to_read"]
+    assert "kspec_fluxcal.survey.open_archive" in raw.attrs["how_to_read"]
     assert "pre-allocated" in raw.attrs["how_to_read"]
     assert "how_to_read" not in open_archive(path).attrs  # not true of the opened dataset
 

@@ -29,7 +29,6 @@ from distributed.diagnostics.plugin import SchedulerPlugin
 
 from kspec_fluxcal import cli
 from kspec_fluxcal._lock import exclusive
-from kspec_fluxcal.archive import ArchiveWriter, open_archive
 from kspec_fluxcal.config import Config
 from kspec_fluxcal.errors import FluxCalError, FluxCalWarning, InputError
 from kspec_fluxcal.evaluate import compare_with_truth
@@ -44,6 +43,7 @@ from kspec_fluxcal.survey import (
     run_survey,
     write_notes,
 )
+from kspec_fluxcal.survey.archive import ArchiveWriter, open_archive
 from kspec_fluxcal.synthgrid import write_synthetic_grid
 
 #: Seed of the kill points of the interrupted-job test.

@@ -6,19 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kspec_fluxcal.recalibrate import combine_with_model
-from kspec_fluxcal.survey_model import (
-    MAG_TO_LN,
-    ModelSpec,
-    error_model,
-    error_sums,
-    exposure_statistics,
-    fit_levels,
-    huber_weights,
-    point_weights,
-    residuals,
-    solve,
-)
+from kspec_fluxcal.survey.levels import fit_levels
+from kspec_fluxcal.survey.model import MAG_TO_LN, ModelSpec, exposure_statistics, residuals, solve
+from kspec_fluxcal.survey.recalibrate import combine_with_model
+from kspec_fluxcal.survey.weights import error_model, error_sums, huber_weights, point_weights
 
 SPEC = ModelSpec("setup", (3600.0, 8400.0), terms=())
 

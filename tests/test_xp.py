@@ -633,7 +633,7 @@ def test_survey_with_xp(small_grid, world, tmp_path):
         assert stars["xp_used"].values.all() and set(stars["xp_match"].values) == {"source_id"}
     for path in sorted((tmp_path / "plain").rglob("*_fluxcal.fits")):
         assert not read_standard_stars(path)["xp_used"].values.any()
-    from kspec_fluxcal.archive import open_archive
+    from kspec_fluxcal.survey import open_archive
 
     hashes = [set(open_archive(tmp_path / name / "archive.zarr")["input_hash"].values)
               for name in ("xp", "plain")]

@@ -8,10 +8,11 @@ import contextlib
 import logging
 import os
 
-from ._signals import starting_workers
-from .errors import FluxCalError
+from .._signals import starting_workers
+from ..errors import FluxCalError
 
-__all__ = ["local_cluster", "quiet_known_messages", "dask_setup", "WORKER_MALLOC_ENV"]
+__all__ = ["local_cluster", "on_cluster", "as_completed_pairs", "quiet_known_messages",
+           "dask_setup", "WORKER_MALLOC_ENV"]
 
 
 #: glibc malloc settings of LocalCluster workers. Distributed's nannies set
@@ -131,10 +132,30 @@ def _client(client, scheduler, workers, threads_per_worker, dashboard_address):
         yield own
 
 
-def _on_cluster(work, *, client, scheduler, workers, threads_per_worker, dashboard_address,
-                performance_report, progress):
-    """Run ``work(client)`` on the caller's client, or on one started (and closed) here;
-    returns the dashboard link."""
+def on_cluster(work, *, client, scheduler, workers, threads_per_worker, dashboard_address,
+               performance_report, progress):
+    """Run ``work(client)`` on the caller's client, or on one started (and closed) here.
+
+    Parameters
+    ----------
+    work : callable
+        ``work(client)``, the job's work.
+    client : distributed.Client or None
+        The caller's client (left open).
+    scheduler : str or None
+        Address of a running scheduler to connect to, when there is no ``client``.
+    workers, threads_per_worker, dashboard_address
+        Of the LocalCluster started otherwise (:func:`local_cluster`).
+    performance_report : path-like or None
+        Save Dask's HTML performance report of the work there.
+    progress : bool
+        Print the dashboard link.
+
+    Returns
+    -------
+    str
+        The dashboard link.
+    """
     from distributed import performance_report as perf_report
 
     with _client(client, scheduler, workers, threads_per_worker, dashboard_address) as client:

@@ -14,7 +14,7 @@ FCALSRC 'standards' or 'standards+model': never a calibration that came from the
    to ``OUT/model.zarr`` as they arrive. The client never holds the exposures' spectra.
 2. ``recalibrate-<EXPID>`` tasks: every exposure of the setup calibrated in this run, without
    usable standards, or archived with another model, is recalibrated
-   (:mod:`kspec_fluxcal.recalibrate`), written and archived (FCALSRC 'standards+model' or
+   (:mod:`kspec_fluxcal.survey.recalibrate`), written and archived (FCALSRC 'standards+model' or
    'model').
 
 The model's identity (``model_id``, archived per row and in FCALMOD) is a hash of its inputs:
@@ -38,20 +38,13 @@ from pathlib import Path
 
 import numpy as np
 
-from . import __version__
-from .errors import FluxCalError
-from .survey_model import (
-    MAG_TO_LN,
-    ModelSpec,
-    error_model,
-    error_sums,
-    exposure_statistics,
-    fit_levels,
-    huber_weights,
-    point_weights,
-    residuals,
-    solve,
-)
+from .. import __version__
+from ..errors import FluxCalError
+from .cluster import as_completed_pairs
+from .levels import fit_levels
+from .model import MAG_TO_LN, ModelSpec, exposure_statistics, residuals, solve
+from .tasks import Progress, collect, run_task, token
+from .weights import error_model, error_sums, huber_weights, point_weights
 
 __all__ = ["run_model", "stale_exposures", "fit_archive"]
 
@@ -244,44 +237,43 @@ def _star_hdu(path):
 
 def _recalibrate_task(path, out_path, archive, row, fields, model, levels, config, setup_key,
                       input_hash, utc, expid, provenance, catalog, model_id):
-    """Recalibrate one exposure with the model; never raises for bad data."""
-    import dask
+    """Recalibrate one exposure with the model; never raises for bad data
+    (:func:`kspec_fluxcal.survey.tasks.run_task`)."""
+    return run_task(expid, _recalibrate_one, path, out_path, archive, row, fields, model,
+                    levels, config, setup_key, input_hash, utc, provenance, catalog, model_id)
 
+
+def _recalibrate_one(path, out_path, archive, row, fields, model, levels, config, setup_key,
+                     input_hash, utc, provenance, catalog, model_id):
+    """The work of a recalibrate task: the model's calibration
+    (:func:`kspec_fluxcal.survey.recalibrate.model_calibration`, with the exposure's own
+    archived data at ``row``, or alone), checked, applied and written; returns its archive
+    record and quality."""
+    from ..calibration import apply_calibration
+    from ..exposure import open_exposure
+    from ..products import write_calibrated
+    from ..spectrophotometry import check_exposure
     from .archive import archive_record, read_own
-    from .calibration import apply_calibration
-    from .exposure import open_exposure
-    from .products import write_calibrated
     from .recalibrate import model_calibration
-    from .spectrophotometry import check_exposure
-    from .survey import _internal_error, _notes
 
-    try:
-        with dask.config.set(scheduler="synchronous"), \
-                warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            exposure = open_exposure(path)
-            own = read_own(archive, [row])[0] if row is not None else None
-            calibration = model_calibration(exposure, model, levels, own, fields, config,
-                                            utc_offset=utc, model_id=model_id)
-            calibrated = apply_calibration(exposure, calibration)
-            calibrated.attrs["setup"] = setup_key
-            check_exposure(calibrated, catalog)
-            write_calibrated(calibrated, out_path, overwrite=True,
-                             stars=_star_hdu(out_path) if own is not None else None)
-            record = archive_record(calibrated, None, calibration, source=str(path),
-                                    input_hash=input_hash, utc_offset=utc,
-                                    provenance=provenance, own=own)
-        attrs = calibration.attrs
-        quality = {"grade": str(attrs["fcalqual"]), "used": int(attrs["fcalnstr"]),
-                   "standards": int(attrs["fcalnstr"]), "fcalrms": float(attrs["fcalrms"]),
-                   "fcalmerr": float(attrs["fcalmerr"]), "fcallsf": float(attrs["fcallsf"]),
-                   "source": str(attrs["fcalsrc"])}
-        return {"expid": expid, "status": "ok", "record": record, "quality": quality,
-                "notes": _notes((), caught)}
-    except FluxCalError as err:
-        return {"expid": expid, "status": "failed", "reason": str(err)}
-    except Exception as err:  # a bug must not stop the survey: report it with its place
-        return {"expid": expid, "status": "failed", "reason": _internal_error(err)}
+    exposure = open_exposure(path)
+    own = read_own(archive, [row])[0] if row is not None else None
+    calibration = model_calibration(exposure, model, levels, own, fields, config,
+                                    utc_offset=utc, model_id=model_id)
+    calibrated = apply_calibration(exposure, calibration)
+    calibrated.attrs["setup"] = setup_key
+    check_exposure(calibrated, catalog)
+    write_calibrated(calibrated, out_path, overwrite=True,
+                     stars=_star_hdu(out_path) if own is not None else None)
+    record = archive_record(calibrated, None, calibration, source=str(path),
+                            input_hash=input_hash, utc_offset=utc, provenance=provenance,
+                            own=own)
+    attrs = calibration.attrs
+    quality = {"grade": str(attrs["fcalqual"]), "used": int(attrs["fcalnstr"]),
+               "standards": int(attrs["fcalnstr"]), "fcalrms": float(attrs["fcalrms"]),
+               "fcalmerr": float(attrs["fcalmerr"]), "fcallsf": float(attrs["fcallsf"]),
+               "source": str(attrs["fcalsrc"])}
+    return {"record": record, "quality": quality}
 
 
 # ----------------------------------------------------------------------------- the job
@@ -296,7 +288,7 @@ def run_model(client, entries, writer, report, config, *, out, utc, catalog, pro
     client : distributed.Client
     entries : list of dict
         The survey's plan entries (every RED file of the lake, with ``out``).
-    writer : kspec_fluxcal.archive.ArchiveWriter
+    writer : kspec_fluxcal.survey.archive.ArchiveWriter
     report : kspec_fluxcal.survey.SurveyReport
         Updated: calibrated, model_only, failed, quality, notes, model.
     config : Config
@@ -387,12 +379,12 @@ def _batches(plan, size):
             for i in range(0, n, size)]
 
 
-def _tree_sum(client, futures, prefix, token):
+def _tree_sum(client, futures, prefix, model_id):
     """Sum futures pairwise, level by level, in a fixed order (bit-identical sums)."""
     level = 0
     while len(futures) > 1:
         pairs = [client.submit(_merge_task, futures[i], futures[i + 1],
-                               key=f"{prefix}-{level}-{i // 2}-{token}")
+                               key=f"{prefix}-{level}-{i // 2}-{model_id}")
                  for i in range(0, len(futures) - 1, 2)]
         futures = pairs + futures[len(futures) - len(futures) % 2:]
         level += 1
@@ -410,18 +402,18 @@ def _fit(client, plan, config, archive, store):
     step = np.exp(np.median(spec.loglam)) * np.median(np.diff(spec.loglam))
     smoothing = int(round(_ERROR_SMOOTHING / step))
     huber = np.ones(n)
-    tag, token = f"{plan.setup}", plan.model_id
+    tag, model_id = f"{plan.setup}", plan.model_id
     for it in range(m.reweightings + 1):
         final = it == m.reweightings
         stats = [client.submit(_stats_task, str(archive), spec, batch, huber[part], tau2,
-                               star_var, key=f"model-stats-{tag}-{it}-{k}-{token}")
+                               star_var, key=f"model-stats-{tag}-{it}-{k}-{model_id}")
                  for k, (part, batch) in enumerate(batches)]
-        total = _tree_sum(client, stats, f"model-sum-{tag}-{it}", token)
+        total = _tree_sum(client, stats, f"model-sum-{tag}-{it}", model_id)
         solved = client.submit(solve, spec, total, tau2=tau2, star_var=star_var,
-                               key=f"model-solve-{tag}-{it}-{token}")
+                               key=f"model-solve-{tag}-{it}-{model_id}")
         del stats, total
         scalars = _residual_round(client, solved, batches, huber, archive, spec, store, final,
-                                  f"model-residuals-{tag}-{it}-{{}}-{token}")
+                                  f"model-residuals-{tag}-{it}-{{}}-{model_id}")
         tau2, star_var = error_model(scalars["sums"], start=start, smooth_points=smoothing)
         expected = scalars["formal"] + np.mean(star_var) / own["n_stars_used"] + np.mean(tau2)
         huber = huber_weights(scalars["mean_square"], expected, m.huber,
@@ -441,8 +433,6 @@ def _fit(client, plan, config, archive, store):
 def _residual_round(client, solved, batches, huber, archive, spec, store, curves, key):
     """Submit the residual tasks of a round; gather their scalars and error sums (and store
     the curves)."""
-    from .cluster import as_completed_pairs
-
     n = batches[-1][0].stop
     out = {k: np.full(n, np.nan) for k in ("grey", "mean_square", "formal")}
     sums = [None] * len(batches)
@@ -468,14 +458,12 @@ def _residual_round(client, solved, batches, huber, archive, spec, store, curves
 def _recalibrate(client, plan, fit, writer, report, config, *, utc, catalog, provenance,
                  progress, flush):
     """The recalibrate-<EXPID> tasks of a setup, committed to the archive as they finish."""
-    from .survey import _Progress, _token, collect
-
     model = client.scatter(fit["model"], broadcast=True)
     levels = client.scatter(fit["levels"], broadcast=True)
     futures = {}
     for entry, row, fields in plan.targets:
         expid = entry["info"]["expid"]
-        key = f"recalibrate-{expid}-{_token(plan.model_id, entry['input_hash'], entry['out'])}"
+        key = f"recalibrate-{expid}-{token(plan.model_id, entry['input_hash'], entry['out'])}"
         futures[client.submit(
             _recalibrate_task, entry["path"], entry["out"], str(writer.path), row, fields,
             model, levels, config, entry["info"]["setup"], entry["input_hash"], utc, expid,
@@ -510,7 +498,7 @@ def _recalibrate(client, plan, fit, writer, report, config, *, utc, catalog, pro
     if progress:
         print(f"survey model, setup {plan.setup}: recalibrating {len(futures)} exposure(s)",
               flush=True)
-    collect(client, futures, writer, report, handle, flush, _Progress(len(futures), progress))
+    collect(client, futures, writer, report, handle, flush, Progress(len(futures), progress))
     fit["counts"] = counts
 
 

@@ -27,21 +27,17 @@ Grey
 ----
 A constant added to S, to k (times X) or to the chromatic terms is absorbed by ``g_e``: every
 curve is pinned to zero mean over :data:`REFERENCE_RANGE` (``S`` is reported with the nights'
-grey added back, :func:`fit_levels`). The grey part of the extinction is the slope of ``g_e``
-against airmass within a night (Bouguer's line), regularised towards the survey's slope: on
-photometric nights it is the grey extinction; clouds make it noisy.
+grey added back, :func:`kspec_fluxcal.survey.levels.fit_levels`). The grey part of the
+extinction is the slope of ``g_e`` against airmass within a night (Bouguer's line),
+regularised towards the survey's slope: on photometric nights it is the grey extinction;
+clouds make it noisy.
 
 Errors
 ------
-The weight of a point is ``h_e c / (f_e(l) + sigma_star^2 / n_e + tau^2)``: ``f_e`` the
-formal variance of ln(own_smooth), ``sigma_star`` the shape error of one standard (template
-mismatch), ``n_e`` the standards used, ``tau`` the real exposure-to-exposure scatter about the
-model, ``c`` the fit grid's step over the smoothing scale (points within a knot interval of the
-smooth response are not independent) and ``h_e`` a Huber weight from the exposure's residual
-(outlier exposures count less). ``sigma_star`` and ``tau``, functions of wavelength, are
-re-estimated from the residuals (:func:`error_model`): exposures with 1, 2, 3 standards
-scatter by ``tau^2 + sigma_star^2 / n`` at each wavelength (the far blue, where the standards
-are faint and fiber losses chromatic, scatters most).
+Each point is weighted by its formal variance, the shape error of one standard and the
+exposures' scatter about the model, each exposure by its residual
+(:mod:`kspec_fluxcal.survey.weights`); the grey factors give each night's Bouguer line
+(:mod:`kspec_fluxcal.survey.levels`).
 """
 
 from __future__ import annotations
@@ -57,8 +53,7 @@ import scipy.interpolate
 from .archive import ARCHIVE_GRID, archive_grid
 
 __all__ = ["ModelSpec", "Statistics", "SurveyModel", "exposure_statistics", "solve",
-           "residuals", "error_sums", "error_model", "huber_weights", "fit_levels", "Levels",
-           "REFERENCE_RANGE", "SEEING_REFERENCE", "TERMS", "MAG_TO_LN"]
+           "residuals", "REFERENCE_RANGE", "SEEING_REFERENCE", "TERMS", "MAG_TO_LN"]
 
 #: Curves are pinned to zero mean over this range (Angstrom, clipped to the setup's range): the
 #: grey constant is the exposures' (issue 13: k is compared after removing one).
@@ -79,8 +74,6 @@ _SMOOTHING = 1e-6
 #: all at one airmass, feel it) and the chromatic terms (ln per arcsec, per unit tan^2 z).
 _EXTINCTION_MEAN_SIGMA = 1.0
 _CHROMATIC_SIGMA = 0.1
-#: Floors of the error model's variances: (0.1 %)^2.
-_VARIANCE_FLOOR = 1e-6
 
 
 @dataclasses.dataclass(frozen=True)
@@ -268,16 +261,6 @@ class Statistics:
     def empty(cls, q):
         return cls((), np.zeros((0, q, q)), np.zeros((0, q)), np.zeros(0),
                    np.zeros(0, np.int64), np.zeros(0))
-
-
-def point_weights(spec, formal, nstars, huber, tau2, star_var):
-    """Weights of the fit-grid points of exposures (E, J) (see the module docstring);
-    ``tau2`` and ``star_var`` are per fit-grid point (J,) or scalars."""
-    n = np.maximum(np.asarray(nstars, dtype=np.float64), 1.0)[:, None]
-    extra = np.asarray(star_var, dtype=np.float64) / n + np.asarray(tau2, dtype=np.float64)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        w = spec.independence * np.asarray(huber, dtype=np.float64)[:, None] / (formal + extra)
-    return np.where(np.isfinite(w) & np.isfinite(formal), w, 0.0)
 
 
 def exposure_statistics(spec, y, w, airmass, seeing, sessions):
@@ -486,186 +469,3 @@ def residuals(model, y, w, airmass, seeing, sessions):
         resid = np.where(w > 0, r - grey[:, None], np.nan)
         mean_square = np.nanmean(resid**2, axis=1) if resid.size else np.zeros(0)
     return {"grey": grey, "residual": resid, "mean_square": mean_square}
-
-
-def error_sums(resid, formal, nstars, weight):
-    """Per fit-grid point sums (5, J) from which :func:`error_model` fits ``tau^2`` and
-    ``sigma_star^2``; they add over batches of exposures.
-
-    Parameters
-    ----------
-    resid, formal : numpy.ndarray, shape (E, J)
-        Shape residuals from the model and formal variances (NaN: no data).
-    nstars : numpy.ndarray, shape (E,)
-        Standards used.
-    weight : numpy.ndarray, shape (E,)
-        Huber weights (outliers count less).
-    """
-    excess = resid**2 - formal
-    ok = np.isfinite(excess)
-    h = np.where(ok, np.asarray(weight, dtype=np.float64)[:, None], 0.0)
-    inv = 1.0 / np.maximum(np.asarray(nstars, dtype=np.float64), 1.0)[:, None]
-    x = np.where(ok, excess, 0.0)
-    return np.stack([h.sum(0), (h * inv).sum(0), (h * inv**2).sum(0), (h * x).sum(0),
-                     (h * x * inv).sum(0)])
-
-
-def error_model(sums, *, start, smooth_points, floor=_VARIANCE_FLOOR):
-    """(tau^2, sigma_star^2) per fit-grid point from :func:`error_sums` summed: the weighted
-    least-squares fit of ``resid^2 - formal = tau^2 + sigma_star^2 / n`` over exposures at
-    each point, then a running median over ``smooth_points`` and the floor. Where every
-    exposure has the same number of standards the two cannot be told apart: the total is
-    split in the ratio of ``start`` (tau^2, sigma_star^2, the configured values).
-
-    Returns
-    -------
-    tau2, star_var : numpy.ndarray, shape (J,)
-    """
-    import scipy.ndimage
-
-    s0, s1, s2, sx, sxi = sums
-    det = s0 * s2 - s1**2
-    with np.errstate(invalid="ignore", divide="ignore"):
-        tau2 = (s2 * sx - s1 * sxi) / det
-        star = (s0 * sxi - s1 * sx) / det
-        total = sx / s0
-        mean_inv = s1 / s0
-    share = start[0] / (start[0] + start[1] * np.where(np.isfinite(mean_inv), mean_inv, 1.0))
-    split = ~(det > 1e-6 * s0**2) | ~np.isfinite(tau2) | ~np.isfinite(star)
-    tau2 = np.where(split, share * total, tau2)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        star = np.where(split, (1.0 - share) * total / mean_inv, star)
-    out = []
-    for values in (tau2, star):
-        ok = np.isfinite(values)
-        filled = np.interp(np.arange(values.size), np.flatnonzero(ok), values[ok]) \
-            if ok.any() else np.full(values.size, floor)
-        size = max(1, int(smooth_points)) | 1
-        out.append(np.maximum(scipy.ndimage.median_filter(filled, size, mode="nearest"), floor))
-    return tuple(out)
-
-
-def huber_weights(mean_square, expected, threshold, clip=np.inf):
-    """Huber weights of exposures from their residual relative to the expected one:
-    ``min(1, threshold / u)``, ``u = sqrt(mean_square / expected)``; 0 beyond ``clip``
-    (outliers: a wrong standard's few per cent would still pull a night's curves) and where
-    unknown."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        u = np.sqrt(np.asarray(mean_square, float) / np.asarray(expected, float))
-        h = np.where(u > clip, 0.0, np.minimum(1.0, threshold / u))
-    return np.where(np.isfinite(h), h, 0.0)
-
-
-# ----------------------------------------------------------------------------- levels
-
-
-@dataclasses.dataclass
-class Levels:
-    """Per session: Bouguer's line of the grey factors ``g = a + b X`` (ln per second), its
-    scatter, the water column per airmass and the line-spread scale; survey values for
-    nights without exposures with standards. Arrays are per ``labels``."""
-
-    labels: tuple
-    intercept: np.ndarray
-    slope: np.ndarray
-    scatter: np.ndarray
-    exposures: np.ndarray
-    water: np.ndarray
-    water_scatter: np.ndarray
-    lsf: np.ndarray
-    survey: dict
-
-    #: The per-session quantities (:meth:`of`).
-    NAMES = ("intercept", "slope", "scatter", "water", "water_scatter", "lsf")
-
-    def of(self, sessions):
-        """Dict of per-session arrays (:attr:`NAMES`) for session labels; the survey's
-        values where a session has none."""
-        labels = np.asarray(sessions).astype(str)
-        if not self.labels:
-            return {n: np.full(labels.size, self.survey[n]) for n in self.NAMES}
-        idx = np.clip(np.searchsorted(self.labels, labels), 0, len(self.labels) - 1)
-        found = np.asarray(self.labels)[idx] == labels
-        return {n: np.where(found & np.isfinite(getattr(self, n)[idx]), getattr(self, n)[idx],
-                            self.survey[n]) for n in self.NAMES}
-
-
-def fit_levels(grey, airmass, sessions, weight, water, lsf, *, slope_sigma):
-    """Bouguer's line per session, water and line spread per session.
-
-    Parameters
-    ----------
-    grey, airmass : numpy.ndarray
-        Per exposure with standards: g_e (ln, per second) and X_e.
-    sessions : array_like of str
-    weight : numpy.ndarray
-        Huber weights (0: outlier exposures do not count).
-    water, lsf : numpy.ndarray
-        Per exposure: fitted H2O column per airmass (FCALH2O / X) and line-spread scale
-        (FCALLSF); NaN where unknown.
-    slope_sigma : float
-        Prior width of a night's slope about the survey's, in ln per airmass (a grey
-        extinction of 0.05 mag/airmass is 0.046).
-
-    Returns
-    -------
-    Levels
-    """
-    labels, inv = np.unique(np.asarray(sessions).astype(str), return_inverse=True)
-    ok = np.isfinite(grey) & np.isfinite(airmass) & (weight > 0)
-    w = np.where(ok, weight, 0.0)
-    g, x = np.where(ok, grey, 0.0), np.where(ok, airmass, 0.0)
-    sw = np.bincount(inv, w, labels.size)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        xm = np.bincount(inv, w * x, labels.size) / sw
-        gm = np.bincount(inv, w * g, labels.size) / sw
-    dx, dg = np.where(ok, x - xm[inv], 0.0), np.where(ok, g - gm[inv], 0.0)
-    sxx = np.bincount(inv, w * dx * dx, labels.size)
-    sxy = np.bincount(inv, w * dx * dg, labels.size)
-    pooled = float(sxy.sum() / sxx.sum()) if sxx.sum() > 0 else 0.0
-    resid = np.where(ok, dg - pooled * dx, np.nan)
-    var = _robust_var(resid, inv, labels.size)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        slope = (sxy / var + pooled / slope_sigma**2) / (sxx / var + slope_sigma**-2)
-    slope = np.where(np.isfinite(slope), slope, pooled)
-    intercept = gm - slope * xm
-    scatter = np.sqrt(_robust_var(np.where(ok, dg - slope[inv] * dx, np.nan), inv,
-                                  labels.size))
-    water_n, lsf_n = (_group_median(v, inv, labels.size) for v in (water, lsf))
-    water_scatter = 1.4826 * _group_median(np.abs(water - water_n[inv]), inv, labels.size)
-    survey = {"intercept": _median(intercept, np.nan), "slope": pooled,
-              "scatter": _median(scatter, np.nan), "water": _median(water, 1.0),
-              "water_scatter": _median(water_scatter, 0.3), "lsf": _median(lsf, 1.0)}
-    return Levels(tuple(labels), intercept, slope, scatter,
-                  np.bincount(inv, ok.astype(float), labels.size).astype(np.int64),
-                  water_n, water_scatter, lsf_n, survey)
-
-
-def _median(values, default):
-    values = np.asarray(values, dtype=np.float64)
-    return float(np.median(values[np.isfinite(values)])) if np.isfinite(values).any() \
-        else default
-
-
-def _group_median(values, inv, n):
-    """Median per group, NaN-aware (a loop over the groups: nights, not pixels)."""
-    values = np.asarray(values, dtype=np.float64)
-    out = np.full(n, np.nan)
-    order = np.argsort(inv, kind="stable")
-    bounds = np.searchsorted(inv[order], np.arange(n + 1))
-    for k in range(n):
-        v = values[order[bounds[k]:bounds[k + 1]]]
-        v = v[np.isfinite(v)]
-        if v.size:
-            out[k] = np.median(v)
-    return out
-
-
-def _robust_var(resid, inv, n):
-    """(1.4826 MAD)^2 per group, at least the floor; the median over groups for groups of
-    fewer than three exposures."""
-    mad = _group_median(np.abs(resid), inv, n)
-    counts = np.bincount(inv, np.isfinite(resid).astype(float), n)
-    var = (1.4826 * mad) ** 2
-    fallback = np.nanmedian(var[counts >= 3]) if np.any(counts >= 3) else 1e-4
-    return np.maximum(np.where(counts >= 3, var, fallback), _VARIANCE_FLOOR)

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..constants import FLUX_UNIT
 from .archive import throughput
-from .constants import FLUX_UNIT
 
 __all__ = ["plot_archive", "archive_figures", "model_figures"]
 
@@ -23,13 +23,13 @@ def plot_archive(archive, out_dir, bands=((4000, 5000), (5000, 6000), (6000, 700
     Parameters
     ----------
     archive : xarray.Dataset
-        From :func:`kspec_fluxcal.archive.open_archive`.
+        From :func:`kspec_fluxcal.survey.archive.open_archive`.
     out_dir : path-like
         Where the PNGs go.
     bands : sequence of (lo, hi)
         Wavelength windows (Angstrom) for the throughput curves.
     model : xarray.Dataset, optional
-        A setup's survey model (:func:`kspec_fluxcal.model_store.open_model`).
+        A setup's survey model (:func:`kspec_fluxcal.survey.model_store.open_model`).
 
     Returns
     -------
@@ -38,7 +38,7 @@ def plot_archive(archive, out_dir, bands=((4000, 5000), (5000, 6000), (6000, 700
         and with a model ``extinction_per_night.png`` and ``model_outliers.png`` (see
         :func:`model_figures`).
     """
-    from ._atomic import atomic_file
+    from .._atomic import atomic_file
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -192,7 +192,7 @@ def model_figures(model):
     Parameters
     ----------
     model : xarray.Dataset
-        From :func:`kspec_fluxcal.model_store.open_model`.
+        From :func:`kspec_fluxcal.survey.model_store.open_model`.
 
     Returns
     -------

@@ -25,12 +25,12 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
+from ..constants import CAL_UNIT
+from ..errors import CalibrationError
+from ..exposure import add_history
+from ..lsf import exposure_lsf
+from ..telluric import transmission
 from .archive import archive_grid, night_of
-from .constants import CAL_UNIT
-from .errors import CalibrationError
-from .exposure import add_history
-from .lsf import exposure_lsf
-from .telluric import transmission
 
 __all__ = ["combine_with_model", "model_calibration", "MODEL_GRADE", "SOURCES"]
 
@@ -56,7 +56,7 @@ def combine_with_model(y, formal, pred, pred_var, *, nstars, tau2, star_var):
         Standards used.
     tau2, star_var : numpy.ndarray or float
         The model's error model at the same points
-        (:meth:`kspec_fluxcal.survey_model.SurveyModel.errors`).
+        (:meth:`kspec_fluxcal.survey.model.SurveyModel.errors`).
 
     Returns
     -------
@@ -87,10 +87,10 @@ def model_calibration(exposure, model, levels, own, row, config, *, utc_offset, 
     ----------
     exposure : xarray.Dataset
         From :func:`kspec_fluxcal.open_exposure`.
-    model : kspec_fluxcal.survey_model.SurveyModel
-    levels : kspec_fluxcal.survey_model.Levels
+    model : kspec_fluxcal.survey.model.SurveyModel
+    levels : kspec_fluxcal.survey.levels.Levels
     own : dict or None
-        The exposure's own-standards data (:func:`kspec_fluxcal.archive.read_own`); None
+        The exposure's own-standards data (:func:`kspec_fluxcal.survey.archive.read_own`); None
         without usable standards.
     row : dict or None
         Its archive row's fields (n_stars_used, fcalrms, fcalqual, fcalmerr, fcallsf,

@@ -37,11 +37,11 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from . import __version__
-from .constants import CAL_UNIT, FLUX_UNIT
+from .. import __version__
+from ..constants import CAL_UNIT, FLUX_UNIT
 
 __all__ = ["ARCHIVE_GRID", "archive_grid", "ArchiveWriter", "open_archive", "archive_record",
-           "read_rows", "plot_archive", "archive_figures", "throughput", "MAX_STARS",
+           "read_rows", "throughput", "MAX_STARS",
            "read_own", "THROUGHPUT_UNIT", "SCHEMA_VERSION"]
 
 #: The survey-wide grid: ln-uniform, 3000-11000 A, step 2e-4.
@@ -102,7 +102,7 @@ _ROW_UNITS = {"mjd": "d", "airmass": "1", "exptime": "s", "fcalrms": "1",
 #: What ``throughput`` is in: counts per second per Angstrom per unit of flux density.
 THROUGHPUT_UNIT = f"count/(s Angstrom) / ({FLUX_UNIT})"
 _HOW_TO_READ = (
-    "open with kspec_fluxcal.archive.open_archive(path): the arrays' rows past the group "
+    "open with kspec_fluxcal.survey.open_archive(path): the arrays' rows past the group "
     "attribute 'rows' are pre-allocated (empty), and rows not in 'index' (expid -> row) are "
     "superseded by a later calibration of the same exposure; xarray.open_zarr shows them all")
 
@@ -317,7 +317,7 @@ def _open_group(path, mode):
     """The archive's Zarr group, committed row count and index (expid -> row)."""
     import zarr
 
-    from .errors import InputError
+    from ..errors import InputError
 
     try:
         group = zarr.open_group(path, mode=mode)
@@ -358,7 +358,7 @@ class ArchiveWriter:
     def _create(self):
         # Built in a temporary directory and renamed: a job killed while creating the arrays
         # leaves no half-made archive that later runs could not open.
-        from ._atomic import atomic_directory
+        from .._atomic import atomic_directory
 
         with atomic_directory(self.path) as tmp:
             self._populate(self._zarr.open_group(tmp, mode="w"))
@@ -398,7 +398,7 @@ class ArchiveWriter:
     def _migrate(self):
         """Bring an archive of an older schema to this one (arrays added, empty for the old
         rows); refuse one from a newer package."""
-        from .errors import InputError
+        from ..errors import InputError
 
         version = int(self.group.attrs.get("schema_version", 1))
         if version > SCHEMA_VERSION:
@@ -439,7 +439,7 @@ class ArchiveWriter:
     def _check_no_other_writer(self):
         """Refuse to write over rows committed by another writer since this one opened the
         archive (the survey's lock prevents it; this catches writers that bypass it)."""
-        from .errors import InputError
+        from ..errors import InputError
 
         stored = int(self._zarr.open_group(self.path, mode="r").attrs["rows"])
         if stored != self.rows:
@@ -495,7 +495,7 @@ def open_archive(path):
     """
     import dask.array as da
 
-    from .errors import InputError
+    from ..errors import InputError
 
     path = Path(path)
     if not path.exists():
@@ -527,6 +527,3 @@ def open_archive(path):
         ds = ds.sortby("mjd")
     return ds.set_xindex("expid")
 
-
-# The plots live in their own module; importable from here as before.
-from .archive_plots import archive_figures, plot_archive  # noqa: E402

@@ -36,10 +36,10 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from . import __version__
+from .. import __version__
+from ..constants import FLUX_UNIT
 from .archive import archive_grid
-from .constants import FLUX_UNIT
-from .survey_model import MAG_TO_LN
+from .model import MAG_TO_LN
 
 __all__ = ["ModelStoreWriter", "open_model", "model_setups", "MODEL_STORE"]
 
@@ -75,7 +75,7 @@ class ModelStoreWriter:
 
         self.path = Path(path)
         if not (self.path / "zarr.json").exists():
-            from ._atomic import atomic_directory
+            from .._atomic import atomic_directory
 
             with atomic_directory(self.path, overwrite=True) as tmp:
                 zarr.open_group(tmp, mode="w").attrs.update(
@@ -112,8 +112,8 @@ class ModelStoreWriter:
 
         Parameters
         ----------
-        model : kspec_fluxcal.survey_model.SurveyModel
-        levels : kspec_fluxcal.survey_model.Levels
+        model : kspec_fluxcal.survey.model.SurveyModel
+        levels : kspec_fluxcal.survey.levels.Levels
         exposures : dict of str to numpy.ndarray
             The exposure table (``expid``, ``exposure_night``, ``exposure_mjd``,
             ``airmass``, ``seeing``, ``n_stars``, ``grey``, ``grey_model``, ``weight``,
@@ -123,7 +123,7 @@ class ModelStoreWriter:
             ``n_exposures``, ``n_outliers``, ``median_residual``, ``sphot_*``, ...).
         attrs : dict
         """
-        from ._atomic import atomic_directory
+        from .._atomic import atomic_directory
 
         grid = archive_grid()
         lo, hi = model.spec.wave_range
@@ -221,7 +221,7 @@ def open_model(path, setup=None):
     xarray.Dataset
         Indexed by ``night`` and ``expid`` (see the module docstring), lazy.
     """
-    from .errors import InputError
+    from ..errors import InputError
 
     path = Path(path)
     if not (path / "zarr.json").exists():

@@ -12,59 +12,57 @@ from pathlib import Path
 import numpy as np
 
 from .cluster import as_completed_pairs
-from .errors import FluxCalError
-from .survey import _internal_error, _notes, _outcome, _token
+from .tasks import outcome, run_task, token
 
 __all__ = ["run_fallback"]
 
 
 def _fallback_task(path, out_path, reference, config, setup_key, input_hash, utc_offset, expid):
-    """Calibrate an exposure without usable standards from archived calibrations."""
-    import dask
+    """Calibrate an exposure without usable standards from archived calibrations; never
+    raises for bad data (:func:`kspec_fluxcal.survey.tasks.run_task`)."""
+    return run_task(expid, _from_archive, path, out_path, reference, setup_key, input_hash,
+                    utc_offset)
+
+
+def _from_archive(path, out_path, reference, setup_key, input_hash, utc_offset):
+    """The work of a fallback task: the calibration from ``reference``
+    (:func:`_archive_reference`), applied and written; returns its archive record and
+    quality."""
     import xarray as xr
 
+    from ..calibration import apply_calibration
+    from ..exposure import add_history, open_exposure
+    from ..products import write_calibrated
     from .archive import archive_record
-    from .calibration import apply_calibration
-    from .exposure import add_history, open_exposure
-    from .products import write_calibrated
 
-    try:
-        with dask.config.set(scheduler="synchronous"), \
-                warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            exposure = open_exposure(path)
-            wave = exposure["wavelength"].values
-            width = np.gradient(wave)
-            grid, curve, spread, n, span = reference
-            exptime = exposure.attrs["exptime"]
-            # The archive holds cal x pixel width (per Angstrom) x exptime-free median: undo
-            # both for this exposure's pixels and exposure time.
-            cal = np.interp(wave, grid, curve) / exptime / width
-            cal_var = (np.interp(wave, grid, spread) / exptime / width) ** 2
-            with np.errstate(invalid="ignore", divide="ignore"):
-                rms = float(np.nanmedian(spread / curve))
-            calibration = xr.Dataset(
-                {"cal": ("wavelength", cal), "cal_variance": ("wavelength", cal_var),
-                 "cal_mask": ("wavelength", np.zeros(wave.size, bool))},
-                coords={"wavelength": exposure["wavelength"]},
-                attrs={"fcalnstr": 0, "fcalrms": rms, "fcalsrc": "archive", "fcalqual": "D",
-                       "history": []})
-            add_history(calibration, f"no usable standard star: calibrated from the median of "
-                        f"{n} archived calibration(s) of setup {setup_key} within {span:.2f} d "
-                        "(scaled by exposure time; airmass differences not corrected)")
-            calibrated = apply_calibration(exposure, calibration)
-            calibrated.attrs["setup"] = setup_key
-            write_calibrated(calibrated, out_path, overwrite=True)
-            record = archive_record(calibrated, None, None, source=str(path),
-                                    input_hash=input_hash, utc_offset=utc_offset)
-        quality = {"grade": "D", "used": 0, "standards": 0, "fcalrms": rms,
-                   "fcalmerr": np.nan, "fcallsf": np.nan}
-        return {"expid": expid, "status": "ok", "record": record, "notes": _notes((), caught),
-                "nstar": 0, "quality": quality}
-    except FluxCalError as err:
-        return {"expid": expid, "status": "failed", "reason": str(err)}
-    except Exception as err:
-        return {"expid": expid, "status": "failed", "reason": _internal_error(err)}
+    exposure = open_exposure(path)
+    wave = exposure["wavelength"].values
+    width = np.gradient(wave)
+    grid, curve, spread, n, span = reference
+    exptime = exposure.attrs["exptime"]
+    # The archive holds cal x pixel width (per Angstrom) x exptime-free median: undo
+    # both for this exposure's pixels and exposure time.
+    cal = np.interp(wave, grid, curve) / exptime / width
+    cal_var = (np.interp(wave, grid, spread) / exptime / width) ** 2
+    with np.errstate(invalid="ignore", divide="ignore"):
+        rms = float(np.nanmedian(spread / curve))
+    calibration = xr.Dataset(
+        {"cal": ("wavelength", cal), "cal_variance": ("wavelength", cal_var),
+         "cal_mask": ("wavelength", np.zeros(wave.size, bool))},
+        coords={"wavelength": exposure["wavelength"]},
+        attrs={"fcalnstr": 0, "fcalrms": rms, "fcalsrc": "archive", "fcalqual": "D",
+               "history": []})
+    add_history(calibration, f"no usable standard star: calibrated from the median of "
+                f"{n} archived calibration(s) of setup {setup_key} within {span:.2f} d "
+                "(scaled by exposure time; airmass differences not corrected)")
+    calibrated = apply_calibration(exposure, calibration)
+    calibrated.attrs["setup"] = setup_key
+    write_calibrated(calibrated, out_path, overwrite=True)
+    record = archive_record(calibrated, None, None, source=str(path),
+                            input_hash=input_hash, utc_offset=utc_offset)
+    quality = {"grade": "D", "used": 0, "standards": 0, "fcalrms": rms,
+               "fcalmerr": np.nan, "fcallsf": np.nan}
+    return {"record": record, "nstar": 0, "quality": quality}
 
 
 def _archive_reference(archive_path, setup_key, mjd, window):
@@ -95,8 +93,6 @@ def _archive_reference(archive_path, setup_key, mjd, window):
     return (ds["wavelength"].values, curve, spread, int(near.sum()), span)
 
 
-
-
 def run_fallback(client, todo, writer, report, config, utc, progress):
     """Calibrate from the archive the exposures of ``todo`` whose first pass found no usable
     standard and that the survey model did not calibrate; updates ``report``."""
@@ -111,7 +107,7 @@ def run_fallback(client, todo, writer, report, config, utc, progress):
             report.failed[info["expid"]] += (f"; no archived calibration of setup {info['setup']}"
                                              f" within {window:g} d for the archive fallback")
             continue
-        key = f"fallback-{info['expid']}-{_token(entry['input_hash'], entry['out'], reference[3])}"
+        key = f"fallback-{info['expid']}-{token(entry['input_hash'], entry['out'], reference[3])}"
         futures[client.submit(_fallback_task, entry["path"], entry["out"], reference, config,
                               info["setup"], entry["input_hash"], utc, info["expid"],
                               key=key, retries=2)] = entry
@@ -120,7 +116,7 @@ def run_fallback(client, todo, writer, report, config, utc, progress):
         with as_completed_pairs(client, futures) as pairs:
             for future, result in pairs:
                 expid = futures[future]["info"]["expid"]
-                result = _outcome(future, result, expid, report)
+                result = outcome(future, result, expid, report)
                 if result["status"] == "ok":
                     records.append(result["record"])
                     report.quality[expid] = result["quality"]

@@ -1,0 +1,381 @@
+"""The survey job: survey-wide recalibration as one Dask graph on dask.distributed.
+
+Plan (client side, headers only): discover the RED files, read what each needs for planning
+(EXPID, MJD, wavelength range and line spread), hash its inputs, and group the exposures by
+the template library that serves them (:func:`kspec_fluxcal.templates.library_range`: their
+wavelength range plus the LSF's wings, rounded outward to 500 A, so that every exposure of
+an instrument configuration shares one whatever its exact wavelength solution and line
+spread). Graph: one ``library-<range>`` task per configuration (the template library,
+~10-100 MB, computed once and moved to the workers that need it by the scheduler), the
+catalog scattered once to every worker, and one
+``calibrate-<EXPID>`` task per exposure that fits, combines, applies and writes the
+calibrated FITS file atomically and returns a small archive record: ~1 task per exposure.
+The client commits records to ``archive.zarr`` in batches as tasks finish (at least every
+``flush_interval`` seconds), so a killed job keeps what it had committed; ``resume=True``
+skips exposures archived with the same inputs. A failing exposure is reported with its
+reason and never stops the others; a worker that dies is replaced and its tasks retried
+elsewhere. Warnings raised in a task are returned in the report, not printed by workers.
+
+Then, with ``[model] enabled`` (the default), the survey model
+(:mod:`kspec_fluxcal.survey.model_job`): fitted from the archive as a tree reduction
+(``model-*`` tasks) and used to recalibrate (``recalibrate-<EXPID>`` tasks); exposures
+without usable standards are calibrated from it. Last, with ``[survey] fallback``, exposures
+still without a calibration get the archive fallback (:mod:`kspec_fluxcal.survey.fallback`).
+The [model] options are not part of an exposure's input hash: they change the model (whose
+identity each archive row records), not the exposure's own calibration.
+
+Task keys are ``library-<range>-<token>`` and ``calibrate-<EXPID>-<token>``, the token a
+hash of everything the task's result depends on (inputs, configuration, output path; see
+:mod:`kspec_fluxcal.survey.tasks`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from .. import __version__
+from .._atomic import check_output_directory
+from .._lock import exclusive
+from ..config import Config, load_config
+from ..errors import FluxCalError, InputError
+from .cluster import on_cluster
+from .report import SurveyReport, write_notes
+from .tasks import Progress, collect, run_task, token
+
+__all__ = ["discover", "plan_survey", "run_survey"]
+
+
+def discover(lake, pattern="**/*.fits", *, exclude=()):
+    """RED files under ``lake`` matching ``pattern``.
+
+    Hidden and temporary files (any path component starting with '.') are skipped, and so
+    is everything under the directories in ``exclude`` (the survey's output directory, when
+    it lies inside the lake: its calibrated files would otherwise be taken for RED files on
+    the next run).
+    """
+    lake = Path(lake)
+    if not lake.is_dir():
+        raise InputError(lake, None, "no such lake directory")
+    excluded = [Path(e).resolve() for e in exclude]
+    found = []
+    for p in lake.glob(pattern):
+        if not p.is_file() or any(part.startswith(".") for part in p.relative_to(lake).parts):
+            continue
+        if excluded and any(p.resolve().is_relative_to(e) for e in excluded):
+            continue
+        found.append(p)
+    return sorted(found)
+
+
+def _file_hash(path, chunk=1 << 20):
+    h = hashlib.sha1()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def plan_survey(paths, *, lake, catalog_hash, grid_plan, config):
+    """Read headers and hash inputs; returns (entries, failures).
+
+    Each entry: path, rel (path under the lake), info (see
+    :func:`kspec_fluxcal.read_exposure_info`), content_hash (of the RED file) and input_hash
+    (RED file content, catalog, grid build, configuration and package version).
+    ``failures`` maps the path under the lake of each file that cannot be planned
+    (unreadable header, duplicate EXPID) to the reason.
+    """
+    from ..exposure import read_exposure_info
+
+    settings = _settings(config)
+    entries, failures, seen = [], {}, {}
+    for path in paths:
+        rel = Path(path).relative_to(lake)
+        try:
+            info = read_exposure_info(path)
+            content = _file_hash(path)
+        except FluxCalError as err:
+            failures[str(rel)] = str(err)
+            continue
+        except Exception as err:  # anything astropy or the OS raises: report, go on
+            failures[str(rel)] = f"{path}: unreadable ({type(err).__name__}: {err})"
+            continue
+        if info["expid"] in seen:
+            failures[str(rel)] = f"duplicate EXPID {info['expid']} (also in {seen[info['expid']]})"
+            continue
+        seen[info["expid"]] = rel
+        digest = hashlib.sha1("|".join([content, catalog_hash, grid_plan, settings,
+                                        __version__]).encode()).hexdigest()
+        entries.append({"path": str(path), "rel": str(rel), "info": info, "input_hash": digest,
+                        "content_hash": content})
+    return entries, failures
+
+
+# ----------------------------------------------------------------------------- tasks
+
+
+def _library_task(grid_path, wave_range, config, cache_dir=None):
+    """The template library of a configuration (see :func:`kspec_fluxcal.prepare_library`):
+    read from the disk cache when an earlier job prepared it."""
+    import dask
+
+    from ..grid import open_grid
+    from ..templates import prepare_library
+
+    # Synchronous inside a task: by default, Dask code running in a worker submits its
+    # graph back to the cluster (here, the grid's chunks as tasks on other workers), which
+    # costs transfers and can stall when every worker thread is busy preparing a library.
+    with dask.config.set(scheduler="synchronous"):
+        return prepare_library(open_grid(grid_path), wave_range, config, cache_dir=cache_dir)
+
+
+def _configuration(info):
+    """The library range serving an exposure (from its header information)."""
+    from ..templates import library_range
+
+    return library_range(info["wave_range"], info["lsf"])
+
+
+def _calibrate_task(path, out_path, catalog, library, config, setup_key, input_hash, utc_offset,
+                    expid, provenance=None):
+    """Calibrate one exposure; never raises for bad data: returns a status dict
+    (:func:`kspec_fluxcal.survey.tasks.run_task`; "no standards" when none is usable)."""
+    return run_task(expid, _calibrate, path, out_path, catalog, library, config, setup_key,
+                    input_hash, utc_offset, provenance, no_standards=True)
+
+
+def _calibrate(path, out_path, catalog, library, config, setup_key, input_hash, utc_offset,
+               provenance):
+    """The work of a calibrate task: calibrate, write the product; returns its archive
+    record, notes and quality."""
+    from ..exposure import open_exposure
+    from ..pipeline import calibrate
+    from ..products import write_calibrated
+    from .archive import archive_record
+
+    exposure = open_exposure(path)
+    catalog, xp = ((catalog.catalog, catalog.xp) if isinstance(catalog, SimpleNamespace)
+                   else (catalog, None))
+    result = calibrate(exposure, catalog, library, config, xp=xp)
+    result.calibrated.attrs["setup"] = setup_key
+    write_calibrated(result.calibrated, out_path, overwrite=True, stars=result.stars)
+    record = archive_record(result.calibrated, result.stars, result.calibration,
+                            source=str(path), input_hash=input_hash, utc_offset=utc_offset,
+                            provenance=provenance)
+    return {"record": record, "notes": result.warnings,
+            "nstar": int(result.calibration.attrs["fcalnstr"]), "quality": _quality(result)}
+
+
+def _quality(result):
+    """The quality record of a calibrated exposure (see :attr:`SurveyReport.quality`)."""
+    attrs = result.calibration.attrs
+    return {"grade": str(attrs.get("fcalqual", "")), "used": int(attrs.get("fcalnstr", 0)),
+            "standards": int(result.stars.sizes.get("star", 0)),
+            "fcalrms": float(attrs.get("fcalrms", np.nan)),
+            "fcalmerr": float(attrs.get("fcalmerr", np.nan)),
+            "fcallsf": float(attrs.get("fcallsf", np.nan))}
+
+
+# ----------------------------------------------------------------------------- the job
+
+
+def run_survey(lake, *, catalog, grid, out, config=None, scheduler=None, workers=None,
+               threads_per_worker=1, performance_report=None, resume=False, pattern=None,
+               progress=True, client=None, dashboard_address="127.0.0.1:8787", flush_every=16,
+               flush_interval=1.0, xp=None, cache_dir=None):
+    """Re-calibrate every RED file under ``lake`` as one Dask job.
+
+    Parameters
+    ----------
+    lake : path-like
+        Directory searched recursively for RED files (``pattern``, default from the
+        configuration's [survey] pattern).
+    catalog : path-like
+        Standard-star catalog (Refcat2 CSV).
+    grid : path-like
+        Template grid store.
+    out : path-like
+        Output directory: calibrated files mirror the lake's tree (``<name>_fluxcal.fits``)
+        and the archive is ``out/archive.zarr``.
+    config : Config or path-like, optional
+    scheduler : str, optional
+        Address of an existing scheduler; default: a LocalCluster of ``workers`` processes
+        (one per core) with ``threads_per_worker`` threads each.
+    performance_report : path-like, optional
+        Save Dask's HTML performance report there.
+    resume : bool
+        Skip exposures archived with the same inputs whose output file exists; without it
+        every exposure is recalibrated and its archive row replaced.
+    progress : bool
+        Print the plan, the dashboard link, progress and the summary on stdout.
+    client : distributed.Client, optional
+        Use this client (tests, notebooks) instead of creating one; it is left open.
+    dashboard_address : str
+        Of the LocalCluster started when neither ``scheduler`` nor ``client`` is given.
+    flush_every, flush_interval : int, float
+        Results are committed to the archive in batches: when ``flush_every`` are waiting
+        or ``flush_interval`` seconds after the previous commit, whichever comes first. A
+        killed job loses at most the uncommitted batch (recalibrated by ``resume``).
+    xp : path-like, optional
+        Gaia XP spectra of the standards (:func:`kspec_fluxcal.xp.read_xp`), read once and
+        sent to every worker; part of every exposure's input hash.
+    cache_dir : path-like, False or None
+        Where the workers keep template libraries (see
+        :func:`kspec_fluxcal.prepare_library`; None: the default location, as the workers
+        see it).
+
+    Returns
+    -------
+    SurveyReport
+    """
+    start = time.time()
+    config = config if isinstance(config, Config) else load_config(config)
+    out = Path(out)
+    check_output_directory(out)
+    out.mkdir(parents=True, exist_ok=True)
+    # One job per output directory: two would both commit at the archive's row count and
+    # one job's rows would be lost.
+    with exclusive(out):
+        report = _survey(Path(lake), out, config, catalog=catalog, grid=grid, resume=resume, xp=xp,
+                         cache_dir=cache_dir,
+                         pattern=pattern, progress=progress, flush=(flush_every, flush_interval),
+                         cluster=dict(client=client, scheduler=scheduler, workers=workers,
+                                      threads_per_worker=threads_per_worker,
+                                      dashboard_address=dashboard_address,
+                                      performance_report=performance_report))
+        write_notes(out, report)
+        quality = report.write_quality(out / "quality.csv")
+    report.elapsed = time.time() - start
+    if progress:
+        print(report.summary(), flush=True)
+        print(f"archive: {report.archive}\nper-exposure quality: {quality}", flush=True)
+    return report
+
+
+def _survey(lake, out, config, *, catalog, grid, resume, pattern, progress, flush, cluster,
+            xp=None, cache_dir=None):
+    """The job of :func:`run_survey`, under its lock: plan, then compute what is to do."""
+    from ..catalog import read_catalog
+    from ..grid import open_grid
+    from ..pipeline import output_name
+    from ..xp import read_xp
+    from .archive import ArchiveWriter
+
+    catalog_path = Path(catalog)
+    catalog_ds = read_catalog(catalog_path)
+    grid_ds = open_grid(grid)
+    grid_plan = str(grid_ds.attrs.get("build_plan"))
+    paths = discover(lake, pattern or config.survey.pattern, exclude=(out,))
+    if not paths:
+        raise InputError(lake, None, f"no RED file matches {pattern or config.survey.pattern!r}")
+    xp_ds = None if xp is None else read_xp(xp)
+    catalog_hash = _file_hash(catalog_path) + ("" if xp is None else _file_hash(xp))
+    entries, failed = plan_survey(paths, lake=lake, catalog_hash=catalog_hash,
+                                  grid_plan=grid_plan, config=config)
+    writer = ArchiveWriter(out / "archive.zarr")
+    report = SurveyReport(failed=dict(failed), archive=writer.path)
+    todo = []
+    for entry in entries:
+        target = out / Path(entry["rel"]).parent / output_name(entry["rel"])
+        entry["out"] = str(target)
+        if resume and writer.is_current(entry["info"]["expid"], entry["input_hash"]) \
+                and target.exists():
+            report.skipped.append(entry["info"]["expid"])
+        else:
+            todo.append(entry)
+    if progress:
+        configurations = len({_configuration(e["info"]) for e in todo})
+        print(f"{len(paths)} RED files, {len(todo)} to calibrate, {len(report.skipped)} up to "
+              f"date, {len(failed)} refused (unreadable or duplicate); {configurations} "
+              "instrument configuration(s)",
+              flush=True)
+
+    utc = config.survey.utc_offset
+    model_work = config.model.enabled and _model_pending(out, entries, writer, config)
+
+    def work(client):
+        # Once, to every worker; a restarted worker gets it from a peer. XP spectra travel
+        # with the catalog to the first pass, as one object.
+        catalog_future = client.scatter(catalog_ds, broadcast=True)
+        inputs = catalog_future if xp_ds is None else client.scatter(
+            SimpleNamespace(catalog=catalog_ds, xp=xp_ds), broadcast=True)
+        _run_graph(client, todo, inputs, (grid, grid_plan, cache_dir), config, writer, report,
+                   utc, progress, flush)
+        if config.model.enabled:
+            from .model_job import run_model
+
+            run_model(client, entries, writer, report, config, out=out, utc=utc,
+                      catalog=catalog_future, provenance=_provenance(config, grid_plan),
+                      progress=progress, flush=flush)
+        if config.survey.fallback:
+            from .fallback import run_fallback
+
+            run_fallback(client, todo, writer, report, config, utc, progress)
+
+    if todo or model_work:
+        report.dashboard = on_cluster(work, progress=progress, **cluster)
+    return report
+
+
+def _model_pending(out, entries, writer, config):
+    """True when the survey model has work although no exposure is to calibrate (its
+    options changed since the exposures were calibrated with it)."""
+    from .model_job import stale_exposures
+
+    return bool(stale_exposures(out, entries, writer, config))
+
+
+def _settings(config):
+    """The configuration as hashed into each exposure's inputs: [model] options change the
+    survey model, not an exposure's own calibration (the model has its own identity)."""
+    return json.dumps({k: v for k, v in config.to_dict().items() if k != "model"},
+                      sort_keys=True)
+
+
+def _provenance(config, grid_plan):
+    """The archive rows' provenance: grid build and configuration hash (all options)."""
+    settings = json.dumps(config.to_dict(), sort_keys=True)
+    return {"grid_id": grid_plan, "config_hash": hashlib.sha1(settings.encode()).hexdigest()[:12]}
+
+
+def _run_graph(client, todo, catalog_future, templates, config, writer, report, utc, progress,
+               flush):
+    """The first pass: one library task per configuration, one calibrate task per exposure,
+    committed as they finish. ``templates`` is (grid store, its build plan, the library
+    cache)."""
+    grid_path, grid_plan, cache_dir = templates
+    settings = _settings(config)
+    by_range = {}
+    for entry in todo:
+        by_range.setdefault(_configuration(entry["info"]), []).append(entry)
+    futures = {}
+    provenance = _provenance(config, grid_plan)
+    tag = token(Path(grid_path).resolve(), grid_plan, settings)
+    for wave_range, group in by_range.items():
+        library = client.submit(_library_task, str(grid_path), wave_range, config, cache_dir,
+                                retries=2,
+                                key=f"library-{wave_range[0]:.0f}-{wave_range[1]:.0f}-{tag}")
+        for entry in group:
+            expid = entry["info"]["expid"]
+            key = f"calibrate-{expid}-{token(entry['input_hash'], Path(entry['out']).resolve())}"
+            futures[client.submit(
+                _calibrate_task, entry["path"], entry["out"], catalog_future, library, config,
+                entry["info"]["setup"], entry["input_hash"], utc, expid, provenance, key=key,
+                retries=2)] = entry
+
+    def handle(entry, result):
+        expid = entry["info"]["expid"]
+        if result["status"] != "ok":
+            entry["failure"] = result
+            report.failed[expid] = result["reason"]
+            return None
+        report.calibrated.append(expid)
+        report.quality[expid] = result["quality"]
+        return result["record"]
+
+    collect(client, futures, writer, report, handle, flush, Progress(len(futures), progress))

@@ -1,0 +1,158 @@
+"""What a survey run did (:class:`SurveyReport`: exposures calibrated, skipped, failed, their
+quality and notes, the survey model's summary) and where it is kept (``OUT/notes.json``,
+``OUT/quality.csv``).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+__all__ = ["SurveyReport", "write_notes"]
+
+
+@dataclass
+class SurveyReport:
+    """What a survey run did.
+
+    Attributes
+    ----------
+    calibrated, skipped, fallback, model_only : list of str
+        EXPIDs calibrated in this run, skipped as archived with the same inputs (resume),
+        calibrated from the archive, and from the survey model alone (no usable standard;
+        subsets of ``calibrated``).
+    model : dict of str to dict
+        Per setup whose survey model was fitted in this run: its summary (exposures and
+        nights fitted, outliers, the error model, exposures recalibrated), or why none was.
+    failed : dict of str to str
+        EXPID (or file, when it could not be read) -> reason.
+    notes : dict of str to list of str
+        Warnings raised while calibrating an exposure (skipped stars, numerical warnings),
+        collected in the workers so that they reach the report rather than a worker's stderr.
+    quality : dict of str to dict
+        Per calibrated EXPID: ``grade`` (FCALQUAL), ``used`` and ``standards`` (stars used,
+        standard fibers), ``fcalrms``, ``fcalmerr``, ``fcallsf``.
+    archive : pathlib.Path
+    notes_file : pathlib.Path or None
+        ``OUT/notes.json``, where the notes and failures are kept (see :func:`write_notes`).
+    dashboard : str or None
+        Link to the Dask dashboard (None when nothing had to be computed).
+    elapsed : float
+        Seconds.
+    """
+
+    calibrated: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    fallback: list = field(default_factory=list)
+    model_only: list = field(default_factory=list)
+    model: dict = field(default_factory=dict)
+    failed: dict = field(default_factory=dict)
+    notes: dict = field(default_factory=dict)
+    quality: dict = field(default_factory=dict)
+    archive: Path | None = None
+    notes_file: Path | None = None
+    dashboard: str | None = None
+    elapsed: float = 0.0
+
+    @property
+    def ok(self):
+        """True when every exposure was calibrated or deliberately skipped (up to date)."""
+        return not self.failed
+
+    #: Exposures listed one per line in :meth:`summary` up to this many.
+    LISTED = 50
+
+    def summary(self):
+        """A short multi-line summary: counts, quality grades, failures."""
+        lines = [f"{len(self.calibrated)} calibrated ({len(self.fallback)} from the archive), "
+                 f"{len(self.skipped)} skipped as up to date, {len(self.failed)} failed, "
+                 f"in {self.elapsed:.1f} s"]
+        grades = [q["grade"] for q in self.quality.values()]
+        if grades:
+            lines.append("  quality: " + ", ".join(f"{g} {grades.count(g)}"
+                                                   for g in sorted(set(grades))))
+        lines += [f"  survey model, setup {setup}: {_model_text(m)}"
+                  for setup, m in sorted(self.model.items())]
+        if len(self.quality) <= self.LISTED:
+            lines += [f"  {expid}: {_quality_text(q)}" for expid, q in sorted(self.quality.items())]
+        if self.notes or self.notes_file:
+            where = f"; notes and failures: {self.notes_file}" if self.notes_file else ""
+            lines.append(f"  {len(self.notes)} exposure(s) with notes{where}")
+        lines += [f"  FAILED {name}: {reason}" for name, reason in sorted(self.failed.items())]
+        return "\n".join(lines)
+
+    def write_quality(self, path):
+        """Write the per-exposure quality table (CSV) atomically."""
+        from .._atomic import atomic_file
+
+        rows = ["expid,status,quality,used,standards,fcalrms,fcalmerr,fcallsf,source,reason"]
+        for expid, q in sorted(self.quality.items()):
+            rows.append(f"{expid},calibrated,{q['grade']},{q['used']},{q['standards']},"
+                        f"{q['fcalrms']:.5f},{q['fcalmerr']:.5f},{q['fcallsf']:.4f},"
+                        f"{q.get('source', 'standards')},")
+        for name, reason in sorted(self.failed.items()):
+            text = reason.replace('"', "'")
+            rows.append(f'{name},failed,,,,,,,,"{text}"')
+        with atomic_file(path, overwrite=True) as tmp:
+            Path(tmp).write_text("\n".join(rows) + "\n")
+        return Path(path)
+
+
+def _model_text(m):
+    if "skipped" in m:
+        return m["skipped"]
+    return (f"{m['exposures']} exposures over {m['nights']} night(s) fitted, "
+            f"{m['outliers']} outlier(s); exposures scatter {100 * m['tau']:.2f}% about it, "
+            f"one standard {100 * m['sigma_star']:.2f}% (medians over wavelength); "
+            f"{m['recalibrated']} recalibrated with it, {m['model_only']} from it alone")
+
+
+def _quality_text(q):
+    rms = "n/a" if not np.isfinite(q["fcalrms"]) else f"{100 * q['fcalrms']:.2f}%"
+    source = f", {q['source']}" if q.get("source", "standards") != "standards" else ""
+    return (f"quality {q['grade']}, {q['used']}/{q['standards']} standards, rms {rms}, "
+            f"model error {100 * q['fcalmerr']:.1f}%, LSF x{q['fcallsf']:.3f}{source}")
+
+
+def write_notes(out, report):
+    """Keep the notes and failures of a run in ``out/notes.json``, atomically.
+
+    The file maps EXPID (or, for files that could not be planned, their path under the
+    lake) to notes (``"notes"``) and to the reason of a failure (``"failed"``). Exposures
+    calibrated or failed in this run replace their entries; the others (skipped as up to
+    date) keep theirs from earlier runs.
+
+    Parameters
+    ----------
+    out : path-like
+        The survey's output directory.
+    report : SurveyReport
+        The run's report.
+
+    Returns
+    -------
+    pathlib.Path
+        The file; also set as ``report.notes_file``.
+    """
+    from .._atomic import atomic_file
+
+    path = Path(out) / "notes.json"
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        saved = {}
+    done = set(report.calibrated) | set(report.failed)
+    kept = {key: {k: v for k, v in saved.get(key, {}).items() if k not in done}
+            for key in ("notes", "failed")}
+    kept["notes"].update(report.notes)
+    kept["failed"].update(report.failed)
+    text = json.dumps({"updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **kept}, indent=1,
+                      sort_keys=True)
+    with atomic_file(path, overwrite=True) as tmp:
+        Path(tmp).write_text(text + "\n")
+    report.notes_file = path
+    return path

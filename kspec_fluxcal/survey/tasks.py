@@ -1,0 +1,184 @@
+"""What every task of the survey job shares: the token in its key, running one exposure's
+work in a worker (warnings recorded as notes, failures returned, never raised), and
+collecting results on the client as they finish, committed to the archive in batches, under
+a progress bar.
+
+Task keys are ``<kind>-<EXPID>-<token>``, the token a hash of everything the task's result
+depends on (inputs, configuration, output path, the model): two jobs sharing a scheduler, or
+a job resubmitted while a killed one's tasks are still known to it, would otherwise be
+handed each other's results under a bare ``<kind>-<EXPID>`` key; with the token, equal keys
+mean equal work.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+from ..errors import CalibrationError, FluxCalError, FluxCalWarning
+from .cluster import as_completed_pairs
+
+__all__ = ["token", "run_task", "task_notes", "internal_error", "collect", "outcome",
+           "Progress"]
+
+
+def token(*parts):
+    """8 hex digits naming the inputs of a task (see the module docstring)."""
+    return hashlib.sha1("|".join(str(p) for p in parts).encode()).hexdigest()[:8]
+
+
+# ----------------------------------------------------------------------------- in the workers
+
+
+def run_task(expid, work, *args, no_standards=False):
+    """Run one exposure's ``work(*args)`` in a worker; never raises for bad data or a bug.
+
+    Dask runs synchronously inside (code running in a worker would otherwise submit its
+    graph back to the cluster), and warnings are recorded, not printed: a worker's stderr is
+    nobody's terminal.
+
+    Parameters
+    ----------
+    expid : str
+    work : callable
+        Returns the task's result fields (``record``, ``quality``, ...), its own ``notes``
+        first (a sequence of str, optional).
+    *args
+        Passed to ``work``.
+    no_standards : bool
+        Report a :class:`~kspec_fluxcal.CalibrationError` (no usable standard star) with
+        status ``"no standards"`` rather than ``"failed"``.
+
+    Returns
+    -------
+    dict
+        ``expid``, ``status`` (``"ok"``, ``"no standards"`` or ``"failed"``) and either the
+        work's fields, ``notes`` including the warnings raised (:func:`task_notes`), or
+        ``reason``.
+    """
+    import dask
+
+    try:
+        with dask.config.set(scheduler="synchronous"), \
+                warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            result = work(*args)
+        result["notes"] = task_notes(result.get("notes", ()), caught)
+        return {"expid": expid, "status": "ok", **result}
+    except FluxCalError as err:
+        status = "no standards" if no_standards and isinstance(err, CalibrationError) \
+            else "failed"
+        return {"expid": expid, "status": status, "reason": str(err)}
+    except Exception as err:  # a bug must not stop the survey: report it with its place
+        return {"expid": expid, "status": "failed", "reason": internal_error(err)}
+
+
+def task_notes(first, caught):
+    """Warnings raised in a task as unique strings, FluxCal's first."""
+    notes = list(first)
+    for w in caught:
+        if issubclass(w.category, FluxCalWarning):
+            text = str(w.message)
+        else:
+            text = f"{w.category.__name__}: {w.message} ({Path(w.filename).name}:{w.lineno})"
+        if text not in notes:
+            notes.append(text)
+    return notes
+
+
+def internal_error(err):
+    """The reason reported for an unexpected exception: its type, message and place."""
+    where = traceback.extract_tb(err.__traceback__)[-1]
+    return (f"internal error {type(err).__name__}: {err} "
+            f"({Path(where.filename).name}:{where.lineno})")
+
+
+# ----------------------------------------------------------------------------- on the client
+
+
+class Progress:
+    """Progress on stdout: a bar redrawn in place on a terminal, else a line per 10 %."""
+
+    def __init__(self, total, enabled):
+        self.total, self.enabled, self.done, self.failed = total, enabled, 0, 0
+        self.tty = sys.stdout.isatty()
+        self.start = time.time()
+        self._last = -1
+
+    def update(self, ok):
+        self.done += 1
+        self.failed += 0 if ok else 1
+        if not self.enabled:
+            return
+        pct = int(100 * self.done / max(self.total, 1))
+        if self.tty:
+            bar = "#" * (pct // 4)
+            print(f"\r[{bar:<25}] {self.done}/{self.total} exposures, {self.failed} failed, "
+                  f"{time.time() - self.start:.0f} s", end="", flush=True)
+            if self.done == self.total:
+                print()
+        elif pct // 10 != self._last or self.done == self.total:
+            self._last = pct // 10
+            print(f"{self.done}/{self.total} exposures done ({self.failed} failed), "
+                  f"{time.time() - self.start:.0f} s", flush=True)
+
+
+def collect(client, futures, writer, report, handle, flush=(16, 1.0), bar=None):
+    """Results of tasks as they finish; archive records committed in batches.
+
+    Parameters
+    ----------
+    client : distributed.Client
+    futures : dict of Future to dict
+        Each task's plan entry (``info`` with its ``expid``).
+    writer : kspec_fluxcal.survey.archive.ArchiveWriter
+    report : kspec_fluxcal.survey.SurveyReport
+        Gets the tasks' notes.
+    handle : callable
+        ``handle(entry, result)`` -> an archive record to commit, or None.
+    flush : (int, float)
+        Commit when this many records wait, or this many seconds after the last commit.
+    bar : Progress, optional
+    """
+    flush_every, flush_interval = flush
+    pending, last = [], time.monotonic()
+    try:
+        with as_completed_pairs(client, futures) as pairs:
+            for future, result in pairs:
+                entry = futures[future]
+                result = outcome(future, result, entry["info"]["expid"], report)
+                record = handle(entry, result)
+                if record is not None:
+                    pending.append(record)
+                if bar is not None:
+                    bar.update(result["status"] == "ok")
+                if len(pending) >= flush_every or (
+                        pending and time.monotonic() - last >= flush_interval):
+                    batch, pending = pending, []
+                    writer.append(batch)
+                    last = time.monotonic()
+    finally:
+        # Also on Ctrl-C or a lost scheduler: keep what has finished.
+        batch, pending = pending, []
+        writer.append(batch)
+
+
+def outcome(future, result, expid, report):
+    """A finished task's result dict (a failure when the task could not run at all, e.g.
+    workers kept dying); its notes go to the report and the future is released."""
+    if future.status != "finished":
+        result = {"expid": expid, "status": "failed", "reason": _task_failure(result)}
+    future.release()
+    if result.get("notes"):
+        report.notes[expid] = result["notes"]
+    return result
+
+
+def _task_failure(result):
+    """The exception of a task that could not run (``as_completed(raise_errors=False)``)."""
+    err = result[1] if isinstance(result, tuple) else result
+    return f"task failed: {type(err).__name__}: {err}"
