@@ -12,6 +12,7 @@ import os
 import shutil
 import stat
 import tempfile
+import threading
 from pathlib import Path
 
 from .errors import FluxCalError, OutputExistsError
@@ -77,8 +78,14 @@ def atomic_directory(path, overwrite=False):
         _publish_mode(tmp, directory=True)
         old = None
         if path.exists():
-            old = path.with_name(f"{TEMP_PREFIX}{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
+            # Unique per thread too: writers in one process (a worker's threads) would
+            # otherwise move their old versions onto one name.
+            old = path.with_name(f"{TEMP_PREFIX}{path.name}.old-{os.getpid()}-"
+                                 f"{threading.get_ident()}")
+            try:
+                os.replace(path, old)
+            except FileNotFoundError:  # another writer moved it aside first
+                old = None
         os.replace(tmp, path)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
