@@ -52,8 +52,7 @@ INJECTED = 0.02
 
 def simulate(name, chromatic, workers=2):
     """The cached simulated survey ``name``; simulated when its definition changed."""
-    from kspec_fluxcal.simulate import simulate_survey
-    from kspec_fluxcal.sources import ModelStars
+    from kspec_fluxcal.sim import ModelStars, simulate_survey
 
     root = ROOT / name
     signature = json.loads(json.dumps({**SURVEY, "chromatic": chromatic,
@@ -129,7 +128,7 @@ def _task_seconds(tasks):
 
 def evaluate(lake, out):
     """Per exposure: the truth's conditions and compare_with_truth's metrics."""
-    from kspec_fluxcal.evaluate import compare_with_truth
+    from kspec_fluxcal.sim import compare_with_truth
 
     rows = []
     for entry in json.loads((lake / "survey.json").read_text())["exposures"]:
@@ -203,7 +202,7 @@ def report_missing(model):
 def report_extinction(lake, out):
     """Done-when 3: the extinction curve of each night against the truth."""
     from kspec_fluxcal.model_store import open_model
-    from kspec_fluxcal.simulate import atmospheric_extinction
+    from kspec_fluxcal.sim import atmospheric_extinction
 
     model = open_model(out / "model.zarr").compute()
     manifest = json.loads((lake / "survey.json").read_text())["exposures"]
@@ -347,7 +346,7 @@ def synthesise_archive(source, dest, exposures, per_night=10, seed=0):
     over more nights at new airmasses (own responses moved by the extinction change, a
     typical curve) and with 0.3 % noise; committed in blocks as the survey does."""
     from kspec_fluxcal.archive import ArchiveWriter, archive_grid, read_rows
-    from kspec_fluxcal.simulate import atmospheric_extinction
+    from kspec_fluxcal.sim import atmospheric_extinction
 
     src = ArchiveWriter(source)
     rows = np.array(sorted(src.index.values()))

@@ -34,14 +34,14 @@ def run_demo(out="store/demo", *, exposures=20, nights=4, workers=None, seed=1,
     workers : int, optional
         LocalCluster workers (default: one per core).
     """
-    from .archive import open_archive, plot_archive
-    from .evaluate import compare_with_truth
-    from .grid import build_grid
-    from .model_store import MODEL_STORE, model_setups, open_model
-    from .pipeline import output_name
-    from .qc import qc_directory, qc_from_file
-    from .simulate import simulate_survey
-    from .survey import run_survey
+    from ..archive import open_archive, plot_archive
+    from ..grid import build_grid
+    from ..model_store import MODEL_STORE, model_setups, open_model
+    from ..pipeline import output_name
+    from ..qc import qc_directory, qc_from_file
+    from ..survey import run_survey
+    from .accuracy import compare_with_truth
+    from .survey import simulate_survey
 
     start = time.time()
     out = Path(out)
@@ -107,7 +107,7 @@ def run_demo(out="store/demo", *, exposures=20, nights=4, workers=None, seed=1,
     return 0 if report.ok else 1
 
 
-#: The accuracy table's columns, as printed under it (see kspec_fluxcal.evaluate).
+#: The accuracy table's columns, as printed under it (see kspec_fluxcal.sim.accuracy).
 ACCURACY_COLUMNS = (
     ("n_std", "standard stars used (FCALNSTR)"),
     ("cal_shape%", "rms shape error of the calibration vector (its level removed, 100 A "

@@ -51,9 +51,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .calibration import running_median
-from .exposure import open_exposure, read_standard_stars
-from .masks import load_regions, region_mask
+from ..calibration import running_median
+from ..exposure import open_exposure, read_standard_stars
+from ..masks import load_regions, region_mask
 
 __all__ = ["compare_with_truth", "star_summary", "STAR_PARAMS"]
 
