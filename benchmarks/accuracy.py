@@ -35,7 +35,7 @@ Self-consistency (what earlier versions printed): the demo-like synthetic grid (
 Teff 5250-7250 K, log g 3.5-4.5, [M/H] -1.0 to +0.25) as both stars and templates, 4096
 pixels, 14 fibers: a ``main`` survey (standards' S/N 30-150), then one survey per S/N bin.
 
-Metrics (``kspec_fluxcal.evaluate.compare_with_truth``; outside telluric bands, 4000-8400 A,
+Metrics (``kspec_fluxcal.sim.compare_with_truth``; outside telluric bands, 4000-8400 A,
 after a 100 A running median): ``shape_snr10`` (science fibers with S/N > 10: the headline),
 ``cal_shape`` (the calibration's own shape error), ``level_cal`` (its level error),
 ``telluric_science`` (the telluric bands as science targets see them), the same two without

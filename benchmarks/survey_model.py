@@ -15,7 +15,7 @@ grey fiber losses only, measures what the chromatic losses cost.
 Each survey is calibrated by ``run_survey`` on a LocalCluster of 2 workers, without the model
 (``[model] enabled = false``: every exposure alone) and with it (the default); the chromatic
 survey also with a model without its chromatic terms. Printed: the issue's Done-when figures
-(``kspec_fluxcal.evaluate.compare_with_truth``: ``cal_shape`` is the calibration's rms shape
+(``kspec_fluxcal.sim.compare_with_truth``: ``cal_shape`` is the calibration's rms shape
 error after a 100 A running median, outside telluric bands, 4000-8400 A; ``level_cal`` its
 level error beyond the aperture its standards (or, without standards, a typical point source)
 lose), the extinction curves against the truth, the spectrophotometric check on an injected

@@ -26,11 +26,9 @@ __all__ = ["atmospheric_extinction", "telluric_transmission"]
 _RAYLEIGH = (0.0088, 4.05)
 
 
-
 #: Aerosol extinction, mag/airmass at 1 um and its power (a typical clear-site Angstrom
-#: exponent); a night's value is this times a factor (``conditions._AEROSOL_NIGHT``).
+#: exponent); a night's value is this times a factor (``conditions._NIGHT["aerosol"]``).
 _AEROSOL = (0.05, 1.3)
-
 
 
 #: Ozone Chappuis band: peak cross-section ~4.7e-21 cm^2 near 6000 A (Burrows et al. 1999,
@@ -69,7 +67,6 @@ _SKY_LINES = (
 #: the shift (derivative) term, each of random sign and size uniform in this range, per fiber
 #: and line.
 _SKY_RESIDUAL = (0.02, 0.06)
-
 
 
 def atmospheric_extinction(wavelength, aerosol=_AEROSOL[0]):
@@ -142,7 +139,6 @@ def telluric_transmission(wavelength, lsf, airmass=1.0, pwv=1.0, temperature=_TE
                                float(water_width))
     wave = np.asarray(wavelength, dtype=np.float64)
     return sample_transmission(wave_hr, hr, wave, lsf.sigma(wave))
-
 
 
 def _sky(wavelength, lsf, moon):

@@ -24,7 +24,6 @@ _BOSZ_ROWS_PER_R = 15
 _BOSZ_ZERO_BELOW = 1e-6
 
 
-
 def _resolution_tag(resolution: float) -> int:
     r = float(resolution)
     if not (np.isfinite(r) and r == round(r) and _R_RANGE[0] <= r <= _R_RANGE[1]):
@@ -185,7 +184,6 @@ def _atomic_write(path: Path, data: bytes) -> None:
             # on disk before the rename, so a crash cannot leave a complete-looking empty file
             fh.flush()
             os.fsync(fh.fileno())
-
 
 
 def _file_bytes(wave: np.ndarray, flux: np.ndarray, cont: np.ndarray) -> bytes:

@@ -41,17 +41,14 @@ _APERTURE_RANGE = (0.85, 0.95)
 _COSMICS_PER_FIBER = (1, 4)
 
 
-
 #: Gaia G (Vega) range of the standard stars, when their S/N can be reached in it.
 _STANDARD_G = (13.5, 16.5)
-
 
 
 #: The brightest standards used when the usual range cannot reach the S/N asked for (bright
 #: standards of short exposures), before the transparency is changed (which makes the
 #: implied throughput unphysical, as the pipeline then says).
 _BRIGHT_STANDARD_G = 9.0
-
 
 
 def _throughput(wavelength, drift=(0.0, 0.0)):
@@ -69,7 +66,6 @@ def _instrument_counts(wavelength, pixel_width, exptime, drift):
     """Counts per pixel per flux unit above the instrument (no atmosphere, no cloud)."""
     return (exptime * KSPEC_COLLECTING_AREA_CM2 * _throughput(wavelength, drift) * pixel_width
             * wavelength / HC_ERG_AA * FLUX_UNIT_SCALE / _GAIN)
-
 
 
 def _snr_curves(unit_counts, noise_var):
@@ -116,7 +112,6 @@ def _solve_magnitudes(rng, unit_counts, noise_var, snr_range, transparency):
     return gmag, transparency * q
 
 
-
 class _Light(NamedTuple):
     instrument: np.ndarray  # (pixel,) common grid, at transparency 1
     atmosphere: np.ndarray
@@ -130,7 +125,6 @@ class _Light(NamedTuple):
     # or (fiber, pixel) with chromatic losses; and the expected one of a point source.
     apertures: tuple
     expected: np.ndarray
-
 
 
 def _apertures(grey, pixels, cond, losses):

@@ -124,18 +124,11 @@ from ..constants import BANDS
 from ..exposure import red_hdulist, setup_key
 from ..grid import PARAMS
 from ..wavelength import air_to_vacuum
-from .conditions import (
-    _DAR_RESIDUAL,
-    _TELLURIC_TEMPERATURE,
-    _WATER_WIDTH,
-    _conditions,
-    _draw,
-    _losses,
-)
+from .conditions import _DAR_RESIDUAL, _exposure_conditions
 from .counts import _expose, _light, _throughput
 from .optics import _pixels, _true_lsfs
 from .refcat import _P_POSITION_ONLY, _catalog
-from .setups import DEFAULT_SETUP, _as_setup
+from .setups import DEFAULT_SETUP, Setup, _as_setup
 from .star_sources import GridStars
 from .targets import _plan_fibers, _std_column, _targets
 from .xp_spectra import _add_source_ids, _standard_xp
@@ -152,7 +145,6 @@ class SimulatedExposure(NamedTuple):
     #: Catalog rows: dicts of Refcat2 column to text (:data:`CATALOG_HEADER`), plus '_role'
     #: ('standard', 'star' or 'decoy') and '_fiber' (-1 for decoys), which are not written.
     catalog: list
-
 
 
 def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_format="wavela",
@@ -239,21 +231,13 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
     aux = rng.spawn(1)[0]
     setup = DEFAULT_SETUP if setup is None else _as_setup(setup)
     stars = _as_source(stars)
-    std_source = stars if standard_source is None else \
-        GridStars(standard_source) if isinstance(standard_source, (str, Path)) \
-        else standard_source
-    unit_factor = _check_options(setup, n_standards, wavelength_format, wavelength_unit, medium,
-                                 snr_range)
-    if position_only is None:
-        position_only = rng.random(n_standards) < _P_POSITION_ONLY
-    position_only = np.broadcast_to(np.asarray(position_only, bool), (n_standards,))
-    cond = _conditions(rng, conditions, airmass, exptime, field)
-    sky_rng = rng.spawn(1)[0]  # the atmosphere's own draws (the other streams unchanged)
-    cond["temperature"] = _draw(sky_rng, (conditions or {}).get("temperature"),
-                                _TELLURIC_TEMPERATURE)
-    cond["water_width"] = _draw(sky_rng, (conditions or {}).get("water_width"), _WATER_WIDTH)
-    losses = _losses(rng.spawn(1)[0], cond, conditions, setup.fibers) if chromatic_losses \
-        else None
+    std_source = _standard_source(stars, standard_source)
+    written = _Written(wavelength_format, wavelength_unit, medium, mjd, night, expid,
+                       _check_options(setup, n_standards, wavelength_format, wavelength_unit,
+                                      medium, snr_range))
+    position_only = _position_only(rng, position_only, n_standards)
+    cond, losses = _exposure_conditions(rng, conditions, airmass, exptime, field, setup.fibers,
+                                        chromatic_losses)
     pixels = _pixels(rng, setup, wavelength_format)
     optics = _true_lsfs(aux, setup, lsf_scale, pixel_integration, fiber_lsf_scatter)
     kinds = _plan_fibers(rng, setup.fibers, n_standards, dead_fiber)
@@ -265,40 +249,105 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
         fibres["LSF_SCALE"] = optics.fiber_scale
     if losses is not None:
         cond["seeing"] = losses.seeing
-    hdulist = _red_file(counts, fibres, pixels, cond, wavelength_format, unit_factor,
-                        wavelength_unit, medium, mjd, night, expid)
-    truth = {
+    hdulist = _red_file(counts, fibres, pixels, cond, written)
+    parts = _Parts(setup, cond, losses, pixels, optics, kinds, targets, light, counts, catalog)
+    truth = {**_truth_arrays(parts, position_only),
+             **_truth_scalars(parts, written, conditions, pixel_integration, stars.label)}
+    if xp:
+        # A stream of its own, spawned last: every other draw stays as without XP.
+        truth.update(_standard_xp(rng.spawn(1)[0], std_source, targets))
+        _add_source_ids(catalog.rows)
+    return SimulatedExposure(hdulist, truth, catalog.rows)
+
+
+class _Written(NamedTuple):
+    """How an exposure's file is written and labelled."""
+
+    wavelength_format: str  # 'wavela', 'wavela2d' or 'wcs'
+    wavelength_unit: str
+    medium: str  # of the written wavelengths: 'air' or 'vac'
+    mjd: float
+    night: str
+    expid: str
+    unit_factor: float  # Angstrom per written wavelength unit
+
+
+class _Parts(NamedTuple):
+    """What the steps of :func:`simulate_exposure` made, for its truth."""
+
+    setup: Setup
+    cond: dict
+    losses: object  # conditions._Losses or None
+    pixels: object  # optics._Pixels
+    optics: object  # optics._Optics
+    kinds: np.ndarray
+    targets: object  # targets._Targets
+    light: object  # counts._Light
+    counts: object  # counts._Counts
+    catalog: object  # refcat._Catalog
+
+
+def _standard_source(stars, standard_source):
+    """The source of the standard stars: ``standard_source`` (a directory is loaded as
+    :class:`GridStars`), or the field's source ``stars`` when it is None."""
+    if standard_source is None:
+        return stars
+    if isinstance(standard_source, (str, Path)):
+        return GridStars(standard_source)
+    return standard_source
+
+
+def _position_only(rng, position_only, n_standards):
+    """Per standard, whether it has OBJID -1 (matched by position): the given flags, or
+    drawn (probability ``_P_POSITION_ONLY``) when None; a bool array (n_standards,)."""
+    if position_only is None:
+        position_only = rng.random(n_standards) < _P_POSITION_ONLY
+    return np.broadcast_to(np.asarray(position_only, bool), (n_standards,))
+
+
+def _truth_arrays(parts, position_only):
+    """The truth's arrays: the spectra, response terms, apertures, fibers and the standards'
+    entries (module docstring), in the order the truth file stores them."""
+    pixels, targets, light, counts, losses = (parts.pixels, parts.targets, parts.light,
+                                              parts.counts, parts.losses)
+    return {
         "wavelength": pixels.base, "true_flux": targets.true_flux,
         "response": counts.response, "telluric": light.telluric,
-        "atmosphere": light.atmosphere, "throughput": _throughput(pixels.base, cond["drift"]),
+        "atmosphere": light.atmosphere,
+        "throughput": _throughput(pixels.base, parts.cond["drift"]),
         "aperture": light.aperture, "aperture_expected": light.expected,
         **({} if losses is None else {"aperture_chromatic": light.apertures[1],
                                       "seeing": np.float64(losses.seeing),
                                       "fiber_offset": losses.offsets,
                                       "dar_residual": np.float64(_DAR_RESIDUAL)}),
         "counts_noiseless": counts.noiseless,
-        "sky_counts": light.sky_counts, "fiber_kind": kinds.astype("<U8"),
+        "sky_counts": light.sky_counts, "fiber_kind": parts.kinds.astype("<U8"),
         "redshift": targets.redshift, "fiber_wavelength": pixels.rows,
         "true_flux_fiber": targets.true_rows, "response_fiber": counts.response_fiber,
-        **_standard_truth(targets, counts, catalog, position_only),
+        **_standard_truth(targets, counts, parts.catalog, position_only),
         "bands": np.array(BANDS),
+    }
+
+
+def _truth_scalars(parts, written, conditions, pixel_integration, field_source):
+    """The truth's scalars: conditions, labels, the setup and the line spread (module
+    docstring), in the order the truth file stores them (after :func:`_truth_arrays`)."""
+    cond, setup, optics = parts.cond, parts.setup, parts.optics
+    return {
         **{k: np.float64(cond[k]) for k in ("airmass", "exptime", "pwv", "aerosol",
                                             "temperature", "water_width")},
-        "transparency": np.float64(counts.transparency),
+        "transparency": np.float64(parts.counts.transparency),
         "photometric": np.bool_((conditions or {}).get("photometric", False)),
-        "mjd": np.float64(mjd), "night": np.str_(night), "expid": np.str_(expid),
-        "setup": np.str_(setup.name), "setup_key": np.str_(setup_key(pixels.base, setup.lsf)),
-        "wavelength_format": np.str_(wavelength_format),
-        "wavelength_unit": np.str_(wavelength_unit), "medium": np.str_(medium),
+        "mjd": np.float64(written.mjd), "night": np.str_(written.night),
+        "expid": np.str_(written.expid), "setup": np.str_(setup.name),
+        "setup_key": np.str_(setup_key(parts.pixels.base, setup.lsf)),
+        "wavelength_format": np.str_(written.wavelength_format),
+        "wavelength_unit": np.str_(written.wavelength_unit), "medium": np.str_(written.medium),
         "lsf_scale": np.float64(optics.scale), "fiber_lsf_scale": optics.fiber_scale,
         "pixel_integration": np.bool_(pixel_integration),
-        "field_source": np.str_(stars.label), "source_sharper": np.float64(targets.sharper),
+        "field_source": np.str_(field_source),
+        "source_sharper": np.float64(parts.targets.sharper),
     }
-    if xp:
-        # A stream of its own, spawned last: every other draw stays as without XP.
-        truth.update(_standard_xp(rng.spawn(1)[0], std_source, targets))
-        _add_source_ids(catalog.rows)
-    return SimulatedExposure(hdulist, truth, catalog.rows)
 
 
 def _as_source(stars):
@@ -332,7 +381,6 @@ def _check_options(setup, n_standards, wavelength_format, wavelength_unit, mediu
     return unit_factor
 
 
-
 def _standard_truth(targets, counts, catalog, position_only):
     """The truth's per-standard entries (module docstring)."""
     n = targets.std_fibers.size
@@ -354,10 +402,10 @@ def _standard_truth(targets, counts, catalog, position_only):
     }
 
 
-def _red_file(counts, fibres, pixels, cond, wavelength_format, unit_factor, wavelength_unit,
-              medium, mjd, night, expid):
+def _red_file(counts, fibres, pixels, cond, written):
     """The RED file: counts, variance, FIBRES, the header (nominal LSF) and WAVELA or WCS."""
     setup = pixels.setup
+    wavelength_format, wavelength_unit, medium, mjd, night, expid, unit_factor = written
     header = fits.Header()
     header["EXPTIME"] = (cond["exptime"], "exposure time, s")
     header["MJD-OBS"] = (float(mjd), "MJD at exposure start")
@@ -374,7 +422,7 @@ def _red_file(counts, fibres, pixels, cond, wavelength_format, unit_factor, wave
     header["SETUP"] = (setup.name, "instrument setup (simulation)")
     header["SIMULATE"] = (True, "simulated by kspec_fluxcal.simulate")
     wave_out, wave_header = None, None
-    written = air_to_vacuum(pixels.rows) if medium == "vac" else pixels.rows
+    rows = air_to_vacuum(pixels.rows) if medium == "vac" else pixels.rows
     if wavelength_format == "wcs":
         header["CRVAL1"] = pixels.base[0] / unit_factor
         header["CDELT1"] = setup.dispersion / unit_factor
@@ -382,7 +430,7 @@ def _red_file(counts, fibres, pixels, cond, wavelength_format, unit_factor, wave
         header["CUNIT1"] = wavelength_unit
         header["CTYPE1"] = "Wavelength"
     else:
-        wave_out = (written if pixels.per_fiber else written[0]) / unit_factor
+        wave_out = (rows if pixels.per_fiber else rows[0]) / unit_factor
         wave_header = {"BUNIT": wavelength_unit}
         if medium == "vac":
             # 1-D: the WAVELA header says it; 2-D: the primary header (both are contract).

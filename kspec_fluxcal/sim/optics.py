@@ -30,7 +30,6 @@ _PIXEL_SUBSAMPLES = 5
 _FIBER_LSF_CLIP = (0.8, 1.25)
 
 
-
 class _Pixels(NamedTuple):
     setup: Setup
     base: np.ndarray  # the common grid (npix,), air
@@ -47,7 +46,6 @@ def _pixels(rng, setup, wavelength_format):
         shifts -= np.median(shifts)
     rows = base[None, :] + shifts[:, None] * setup.dispersion
     return _Pixels(setup, base, rows, wavelength_format == "wavela2d")
-
 
 
 class _TrueLSF(NamedTuple):

@@ -85,7 +85,6 @@ _POSITION_ONLY_MAX_ARCSEC = 0.45
 _P_POSITION_ONLY = 0.3
 
 
-
 def _objid(ra, dec):
     """A position-encoded 64-bit object id, in the spirit of PS1's (not its exact formula)."""
     return (np.round((np.asarray(dec) + 90.0) * 1e5).astype(np.int64) * 10**9
@@ -107,7 +106,6 @@ def _separation_deg(ra1, dec1, ra2, dec2):
 def _mag_error(band, mag):
     lo, hi, bright, faint = _MAG_ERRORS[band]
     return lo + (hi - lo) * np.clip((mag - bright) / (faint - bright), 0.0, 1.0)
-
 
 
 def _catalog_row(rng, objid, ra, dec, centre, mag_ab, teff, ebv, plx_true, role, fiber):
@@ -164,7 +162,6 @@ def _drop_2mass(row):
 
 def _drop_band(row, col):
     row[col], row[f"d{col}"] = "99.999", "9.999"
-
 
 
 class _Catalog(NamedTuple):
@@ -264,7 +261,6 @@ def _catalog(rng, aux, stars, targets, kinds, position_only, field):
     return _Catalog(rows, star_objid[: std_fibers.size], mag_true, plx, star_radius), fibres
 
 
-
 def _decoys(rng, aux, stars, std_ra, std_dec, field):
     """Catalog stars that are not observed: a close neighbour of each standard (beyond the
     2 arcsec match radius) and a few field stars."""
@@ -290,7 +286,6 @@ def _decoys(rng, aux, stars, std_ra, std_dec, field):
     ids = _objid(ra, dec)
     return [_catalog_row(rng, ids[k], ra[k], dec[k], field, dict(zip(BANDS, mags[k], strict=True)),
                          p["teff"][k], ebv[k], plx[k], "decoy", -1) for k in range(n)]
-
 
 
 def _ensure_catalog_variety(rng, rows):

@@ -95,7 +95,6 @@ ISOPLANE_SETUP = Setup("isoplane", pixels=1340, fwhm_pixels=(2.7, 2.7, 2.7),
 LARGE_SETUP = Setup("large", pixels=2048, fibers=30, fwhm_pixels=(2.4, 2.2, 2.4))
 
 
-
 def _as_setup(value):
     if isinstance(value, Setup):
         return value

@@ -47,7 +47,6 @@ _LYA_FOREST = (0.0018, 3.92)
 _HALPHA_EW = (5.0, 40.0)
 
 
-
 def doppler_shift(wavelength, flux, velocity):
     """Doppler shift spectra: ``f(lambda) = f_rest(lambda / (1 + v/c))``.
 

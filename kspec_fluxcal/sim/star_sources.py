@@ -279,7 +279,6 @@ class GridStars(_Parametric):
                          f"interpolation corners in {bounds} (grid holes?)")
 
 
-
 def _accepted(n, propose, failure):
     """``n`` accepted candidates: batches of max(16, 4 n) from ``propose(m)``, which returns
     (candidates by parameter, accepted mask), until enough are accepted (200 batches at most).
@@ -457,9 +456,11 @@ def _calspec_index(directory):
 
 
 def _number(text):
+    """A CSV field as a float: NaN when it is empty, missing (None) or not a number."""
+    text = (text or "").strip()
     try:
-        return float(text)
-    except (TypeError, ValueError):
+        return float(text) if text else np.nan
+    except ValueError:
         return np.nan
 
 

@@ -17,7 +17,6 @@ __all__ = ["LINE_LIST_SEED", "LineList", "DEFAULT_LINES", "line_list"]
 LINE_LIST_SEED = 20240613
 
 
-
 @dataclasses.dataclass(frozen=True)
 class LineList:
     """Lines of the synthetic model (every array has one entry per line).

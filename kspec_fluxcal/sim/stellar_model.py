@@ -89,7 +89,6 @@ _PARAM_RANGE = {
 }
 
 
-
 # ============================================================================================
 # Model
 # ============================================================================================
@@ -601,7 +600,6 @@ def synthetic_spectrum(
         flux[~inside] = f_out * scale
         cont[~inside] = c_out * scale
     return flux.reshape(wave.shape), cont.reshape(wave.shape)
-
 
 
 def _as_family(family) -> ModelFamily:

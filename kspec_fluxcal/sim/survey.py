@@ -22,15 +22,7 @@ import numpy as np
 from .. import __version__
 from .._atomic import atomic_directory, atomic_file
 from ..errors import GridError, OutputExistsError
-from .atmosphere import _AEROSOL
-from .conditions import (
-    _AEROSOL_NIGHT,
-    _DRIFT_SIGMA,
-    _EXPTIME_RANGE,
-    _MOON_RANGE,
-    _TELLURIC_TEMPERATURE,
-    _night_options,
-)
+from .conditions import _EXPOSURE, _draw_nights
 from .exposure import simulate_exposure
 from .refcat import _P_POSITION_ONLY, _ensure_catalog_variety, write_catalog
 from .setups import Setup, _as_setup
@@ -70,7 +62,6 @@ _VARIETIES = (
 )
 
 
-
 def _mjd(date):
     return float((date - _MJD_EPOCH).days)
 
@@ -98,7 +89,7 @@ def _plan(rng, exposures, nights, setups, n_standards=(1, 3), no_standards=0.0):
     dead = rng.random(exposures) < _P_DEAD
     if exposures >= 3 and not dead.any():
         dead[int(rng.integers(exposures))] = True
-    exptime = np.round(rng.uniform(*_EXPTIME_RANGE, exposures))
+    exptime = np.round(rng.uniform(*_EXPOSURE["exptime"], exposures))
     plan = []
     for night_index, members in enumerate(per_night):
         date = _FIRST_NIGHT + _dt.timedelta(days=night_index)
@@ -119,7 +110,6 @@ def _plan(rng, exposures, nights, setups, n_standards=(1, 3), no_standards=0.0):
             start += (max(_SPACING_MIN_S, exptime[i] + _OVERHEAD_S)
                       + rng.uniform(0.0, 180.0)) / 86400.0
     return plan
-
 
 
 def _write_truth(path, truth):
@@ -194,7 +184,8 @@ def simulate_survey(outdir, *, exposures=20, nights=4, seed=0, fibers=14, pixels
     workers : int
         Threads writing the synthetic grid.
     standard_source : star source, optional
-        Source of the standard stars (:mod:`kspec_fluxcal.sim.star_sources`), e.g. ``ModelStars("B")``
+        Source of the standard stars (:mod:`kspec_fluxcal.sim.star_sources`), e.g.
+        ``ModelStars("B")``
         or ``CalspecStars(...)`` for cross-model surveys; default the grid.
     n_standards : (int, int)
         Inclusive range of standards per exposure (each value appears once in the first
@@ -229,6 +220,44 @@ def simulate_survey(outdir, *, exposures=20, nights=4, seed=0, fibers=14, pixels
         When ``outdir`` is not empty and ``overwrite`` is false.
     """
     outdir = Path(outdir)
+    setups = _check_survey(outdir, exposures, nights, n_standards, setups, fibers, pixels,
+                           no_standards, photometric_nights, overwrite)
+    options = {"snr_range": snr_range, "standard_source": standard_source,
+               "lsf_scale": lsf_scale, "pixel_integration": pixel_integration,
+               "fiber_lsf_scatter": fiber_lsf_scatter, "xp": xp,
+               "chromatic_losses": chromatic_losses}
+    plan_options = {"no_standards": float(no_standards), "snr_range_single": snr_range_single,
+                    "photometric_nights": float(photometric_nights)}
+    say = _reporter(progress)
+    plan_seed, night_seed, catalog_seed, *exposure_seeds = \
+        np.random.SeedSequence(seed).spawn(3 + exposures)
+    t_start = time.perf_counter()
+    # An empty existing directory is replaced like a stale one: the new survey appears whole.
+    with atomic_directory(outdir, overwrite=True) as tmp:
+        stars, grid_label = _field_source(tmp, outdir, grid, workers, say)
+        plan = _plan(np.random.default_rng(plan_seed), exposures, nights, setups,
+                     tuple(n_standards), no_standards)
+        nights_drawn = _draw_nights(np.random.default_rng(night_seed),
+                                    max(p["night_index"] for p in plan) + 1,
+                                    photometric_nights, chromatic_losses)
+        rows, manifest, spectra = _simulate_exposures(tmp, plan, exposure_seeds, stars,
+                                                      nights_drawn, options, snr_range_single,
+                                                      say)
+        _write_catalogs(tmp, np.random.default_rng(catalog_seed), rows, spectra if xp else None)
+        recorded = {**options, **plan_options, "exposures": exposures, "nights": nights,
+                    "fibers": fibers, "pixels": pixels, "grid": grid_label, "setups": setups,
+                    "n_standards": n_standards}
+        info = _survey_info(seed, recorded, stars, len(rows), manifest)
+        with atomic_file(tmp / "survey.json") as path:
+            path.write_text(json.dumps(info, indent=1) + "\n")
+    say(f"survey: {exposures} exposures in {time.perf_counter() - t_start:.1f} s -> {outdir}")
+    return outdir
+
+
+def _check_survey(outdir, exposures, nights, n_standards, setups, fibers, pixels, no_standards,
+                  photometric_nights, overwrite):
+    """Validate :func:`simulate_survey`'s arguments; return its setups (a list of
+    :class:`Setup`: the given ones, or one from ``fibers`` and ``pixels``)."""
     if exposures < 1 or nights < 1:
         raise ValueError(f"exposures={exposures!r}, nights={nights!r}: need at least 1 each")
     if not 0 <= n_standards[0] <= n_standards[1]:
@@ -244,72 +273,64 @@ def simulate_survey(outdir, *, exposures=20, nights=4, seed=0, fibers=14, pixels
     if not 0.0 <= no_standards <= 1.0 or not 0.0 <= photometric_nights <= 1.0:
         raise ValueError(f"no_standards={no_standards!r}, photometric_nights="
                          f"{photometric_nights!r}: need fractions in [0, 1]")
-    options = {"snr_range": snr_range, "standard_source": standard_source,
-               "lsf_scale": lsf_scale, "pixel_integration": pixel_integration,
-               "fiber_lsf_scatter": fiber_lsf_scatter, "xp": xp,
-               "chromatic_losses": chromatic_losses}
-    plan_options = {"no_standards": float(no_standards), "snr_range_single": snr_range_single,
-                    "photometric_nights": float(photometric_nights)}
+    return setups
 
+
+def _reporter(progress):
+    """A function printing a line of progress to stderr, or doing nothing."""
     def say(text):
         if progress:
             print(text, file=sys.stderr, flush=True)
 
-    plan_seed, night_seed, catalog_seed, *exposure_seeds = \
-        np.random.SeedSequence(seed).spawn(3 + exposures)
-    night_rng = np.random.default_rng(night_seed)
-    t_start = time.perf_counter()
-    # An empty existing directory is replaced like a stale one: the new survey appears whole.
-    with atomic_directory(outdir, overwrite=True) as tmp:
-        if grid is None:
-            t0 = time.perf_counter()
-            previous = outdir / "grid" if outdir.exists() else None
-            _demo_grid(tmp / "grid", previous, workers)
-            say(f"synthetic grid: {time.perf_counter() - t0:.1f} s")
-            grid_dir, grid_label = tmp / "grid", "grid"
-        else:
-            grid_dir, grid_label = Path(grid), str(Path(grid).resolve())
-        stars = GridStars(grid_dir)
-        plan = _plan(np.random.default_rng(plan_seed), exposures, nights, setups,
-                     tuple(n_standards), no_standards)
-        night_conditions = [{
-            "aerosol": _AEROSOL[0] * night_rng.uniform(*_AEROSOL_NIGHT),
-            "drift": tuple(float(d) for d in night_rng.normal(0.0, _DRIFT_SIGMA)),
-            "moon": float(night_rng.uniform(*_MOON_RANGE)),
-        } for _ in range(max(p["night_index"] for p in plan) + 1)]
-        # The atmosphere's temperature per night, from its own stream.
-        sky_rng = night_rng.spawn(1)[0]
-        for night in night_conditions:
-            night["temperature"] = float(sky_rng.uniform(*_TELLURIC_TEMPERATURE))
-        _night_options(night_rng.spawn(1)[0], night_conditions, plan_options, chromatic_losses)
-        rows, manifest, spectra = [], [], []
-        for p, exp_seed in zip(plan, exposure_seeds, strict=True):
-            t0 = time.perf_counter()
-            single = snr_range_single if p["n_standards"] == 1 and snr_range_single else None
-            entry, catalog = _survey_exposure(tmp, p, np.random.default_rng(exp_seed), stars,
-                                              night_conditions[p["night_index"]],
-                                              {**options, "snr_range": single or snr_range})
-            rows += catalog
-            spectra += entry.pop("xp_rows", [])
-            manifest.append(entry)
-            say(f"[{len(manifest)}/{exposures}] {entry['path']}: {p['n_standards']} "
-                f"standard(s), {p['wavelength_format']} {p['wavelength_unit']} {p['medium']}, "
-                f"{time.perf_counter() - t0:.2f} s")
-        _ensure_catalog_variety(np.random.default_rng(catalog_seed), rows)
-        ids = [r["objid"] for r in rows]
-        if len(set(ids)) != len(ids):  # position-encoded ids collide only for coincident stars
-            raise RuntimeError("duplicate catalog objids; try another seed")
-        write_catalog(tmp / "catalog.csv", rows)
-        if xp:
-            write_xp(tmp / "xp.csv", spectra)
-        recorded = {**options, **plan_options, "exposures": exposures, "nights": nights,
-                    "fibers": fibers, "pixels": pixels, "grid": grid_label, "setups": setups,
-                    "n_standards": n_standards}
-        info = _survey_info(seed, recorded, stars, len(rows), manifest)
-        with atomic_file(tmp / "survey.json") as path:
-            path.write_text(json.dumps(info, indent=1) + "\n")
-    say(f"survey: {exposures} exposures in {time.perf_counter() - t_start:.1f} s -> {outdir}")
-    return outdir
+    return say
+
+
+def _field_source(tmp, outdir, grid, workers, say):
+    """The survey's star source (:class:`GridStars`) and the grid label its manifest records:
+    the given BOSZ-layout ``grid``, or the demo's synthetic grid written to ``tmp/grid``
+    (reusing the complete files of a previous survey in ``outdir``) when it is None."""
+    if grid is None:
+        t0 = time.perf_counter()
+        previous = outdir / "grid" if outdir.exists() else None
+        _demo_grid(tmp / "grid", previous, workers)
+        say(f"synthetic grid: {time.perf_counter() - t0:.1f} s")
+        grid_dir, grid_label = tmp / "grid", "grid"
+    else:
+        grid_dir, grid_label = Path(grid), str(Path(grid).resolve())
+    return GridStars(grid_dir), grid_label
+
+
+def _simulate_exposures(tmp, plan, seeds, stars, nights, options, snr_range_single, say):
+    """Simulate and write every planned exposure (one seed each, the conditions of its night,
+    ``options`` of :func:`simulate_exposure`; exposures with a single standard take
+    ``snr_range_single`` when given) under ``tmp``; return the catalog rows, the manifest
+    entries and the XP table rows of them all."""
+    rows, manifest, spectra = [], [], []
+    for p, exp_seed in zip(plan, seeds, strict=True):
+        t0 = time.perf_counter()
+        single = snr_range_single if p["n_standards"] == 1 and snr_range_single else None
+        entry, catalog = _survey_exposure(tmp, p, np.random.default_rng(exp_seed), stars,
+                                          nights[p["night_index"]],
+                                          {**options, "snr_range": single or options["snr_range"]})
+        rows += catalog
+        spectra += entry.pop("xp_rows", [])
+        manifest.append(entry)
+        say(f"[{len(manifest)}/{len(plan)}] {entry['path']}: {p['n_standards']} "
+            f"standard(s), {p['wavelength_format']} {p['wavelength_unit']} {p['medium']}, "
+            f"{time.perf_counter() - t0:.2f} s")
+    return rows, manifest, spectra
+
+
+def _write_catalogs(tmp, rng, rows, spectra):
+    """Write the survey's catalog (after :func:`_ensure_catalog_variety`) and, unless
+    ``spectra`` is None, its XP table."""
+    _ensure_catalog_variety(rng, rows)
+    ids = [r["objid"] for r in rows]
+    if len(set(ids)) != len(ids):  # position-encoded ids collide only for coincident stars
+        raise RuntimeError("duplicate catalog objids; try another seed")
+    write_catalog(tmp / "catalog.csv", rows)
+    if spectra is not None:
+        write_xp(tmp / "xp.csv", spectra)
 
 
 def _survey_info(seed, options, stars, n_rows, manifest):

@@ -35,11 +35,9 @@ SYNTHETIC_MARKER = "SYNTHETIC_GRID.txt"
 GENERATOR_VERSION = "1"
 
 
-
 def _ap_factor(wave: np.ndarray) -> np.ndarray:
     """'ap' (ATLAS9) twin of an 'mp' spectrum: a 0.5 % tilt, so the two are told apart."""
     return 1.0 + 0.005 * np.tanh(np.log(wave / 5500.0))
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -226,6 +224,39 @@ def write_synthetic_grid(
     forking is unsafe in a process that runs threads (Dask). Per file: model 0.13 s,
     formatting 0.016 s, gzip 0.03 s. The small grid takes ~3 s.
     """
+    r, teffs_v, loggs_v, fehs_v, alphas_of = _grid_points(small, resolution, teffs, loggs, fehs,
+                                                          alphas)
+    wave = _grid_wavelengths(small, r, wave_min, wave_max)
+    if workers < 1:
+        raise ValueError(f"workers={workers!r}: must be >= 1")
+    root = Path(out)
+    root.mkdir(parents=True, exist_ok=True)
+    wave, wave_bytes, write_wave = _wave_file(root, r, wave, overwrite)
+    left_out = _holes(teffs_v, loggs_v) if holes else set()
+    tasks = _tasks(root, r, teffs_v, loggs_v, fehs_v, alphas_of, left_out, holes)
+    # the marker goes first, so that even an interrupted grid is labelled synthetic
+    run_line = (
+        f"run: R={r} wave={wave[0]:.4f}-{wave[-1]:.4f} A ({wave.size} rows)"
+        f" teff={list(teffs_v)} logg={list(loggs_v)} feh={list(fehs_v)}"
+        f" alpha={ {f: list(a) for f, a in alphas_of.items()} }"
+        f" holes={sorted(left_out)} ap_from_teff={_AP_FROM_TEFF if holes else None}"
+    )
+    _write_marker(root, run_line)
+    if write_wave:
+        _atomic_write(root / f"bosz2024_wave_r{r}.txt", wave_bytes)
+    for feh in fehs_v:
+        directory = root / f"r{r}" / f"m{feh:+.2f}"
+        if directory.is_dir():
+            _clean_stale_temps(directory)
+    _clean_stale_temps(root)
+    _run_tasks(tasks, wave, r, overwrite, workers, root if progress else None)
+    return root
+
+
+def _grid_points(small, resolution, teffs, loggs, fehs, alphas):
+    """The resolving power and parameter values of a grid: the given ones, checked, or the
+    defaults of the small or the reference grid. Returns (R, teffs, loggs, fehs, alphas_of),
+    ``alphas_of`` mapping each [M/H] to its [alpha/M] values."""
     defaults = _SMALL_GRID if small else _REFERENCE_GRID
     r = _resolution_tag(defaults["resolution"] if resolution is None else resolution)
     teffs_v = _values("teffs", defaults["teffs"] if teffs is None else teffs, 0)
@@ -237,20 +268,29 @@ def write_synthetic_grid(
         alphas_of = dict.fromkeys(fehs_v, (0.0,))
     else:
         alphas_of = {f: (0.0, 0.25) if f <= -0.5 else (0.0,) for f in fehs_v}
+    return r, teffs_v, loggs_v, fehs_v, alphas_of
+
+
+def _grid_wavelengths(small, r, wave_min, wave_max):
+    """The BOSZ wavelength grid of R cut to ``wave_min``-``wave_max`` (default: the small or
+    the reference grid's range); at least 2 wavelengths."""
+    defaults = _SMALL_GRID if small else _REFERENCE_GRID
     w_lo = defaults["wave"][0] if wave_min is None else float(wave_min)
     w_hi = defaults["wave"][1] if wave_max is None else float(wave_max)
     wave = bosz_wavelength_grid(r, w_lo, w_hi)
     if wave.size < 2:
         raise ValueError(f"wave_min={wave_min!r}, wave_max={wave_max!r}: fewer than 2 wavelengths")
-    if workers < 1:
-        raise ValueError(f"workers={workers!r}: must be >= 1")
+    return wave
 
-    root = Path(out)
-    root.mkdir(parents=True, exist_ok=True)
+
+def _wave_file(root, r, wave, overwrite):
+    """The wavelength file of R in ``root``: returns the wavelengths as written (rounded to
+    the file's 8 digits: spectra are computed at them, so the files agree with each other),
+    the file's bytes and whether it is to be written. Raises GridError when ``root`` holds
+    another wavelength grid of this R (unless ``overwrite``)."""
     wave_path = root / f"bosz2024_wave_r{r}.txt"
     wave_text = [f"{w:.7e}" for w in wave.tolist()]
     wave_bytes = "".join(w + "\n" for w in wave_text).encode()
-    # spectra are computed at the wavelengths as written, so the files agree with each other
     wave = np.array(wave_text, dtype=np.float64)
     write_wave = not wave_path.exists() or overwrite
     if not write_wave and wave_path.read_bytes() != wave_bytes:
@@ -260,14 +300,18 @@ def write_synthetic_grid(
             f"exists with a different wavelength grid than R={r}, {wave[0]:.1f}-{wave[-1]:.1f} A "
             f"({wave.size} rows); write to another directory or pass overwrite=True",
         )
+    return wave, wave_bytes, write_wave
 
-    left_out = _holes(teffs_v, loggs_v) if holes else set()
+
+def _tasks(root, r, teffs, loggs, fehs, alphas_of, left_out, holes):
+    """One :class:`_Task` per grid point not ``left_out``, with its file paths under
+    ``root`` (an 'ap' twin at Teff >= 7500 K when ``holes``)."""
     tasks = []
-    for feh in fehs_v:
+    for feh in fehs:
         directory = root / f"r{r}" / f"m{feh:+.2f}"
         for alpha in alphas_of[feh]:
-            for teff in teffs_v:
-                for logg in loggs_v:
+            for teff in teffs:
+                for logg in loggs:
                     if (teff, logg) in left_out:
                         continue
                     atmos = ("mp", "ap") if holes and teff >= _AP_FROM_TEFF else ("mp",)
@@ -275,26 +319,21 @@ def write_synthetic_grid(
                         str(directory / bosz_filename(teff, logg, feh, alpha, r, a)) for a in atmos
                     )
                     tasks.append(_Task(teff, logg, feh, alpha, atmos, paths))
-    # the marker goes first, so that even an interrupted grid is labelled synthetic
-    run_line = (
-        f"run: R={r} wave={wave[0]:.4f}-{wave[-1]:.4f} A ({wave.size} rows)"
-        f" teff={list(teffs_v)} logg={list(loggs_v)} feh={list(fehs_v)}"
-        f" alpha={ {f: list(a) for f, a in alphas_of.items()} }"
-        f" holes={sorted(left_out)} ap_from_teff={_AP_FROM_TEFF if holes else None}"
-    )
+    return tasks
+
+
+def _write_marker(root, run_line):
+    """Write (or extend with ``run_line``) the marker file that labels ``root`` synthetic."""
     marker = root / SYNTHETIC_MARKER
     existing = marker.read_text() if marker.exists() else None
     text = _marker_text(run_line, existing)
     if text != existing:
         _atomic_write(marker, text.encode())
-    if write_wave:
-        _atomic_write(wave_path, wave_bytes)
-    for feh in fehs_v:
-        directory = root / f"r{r}" / f"m{feh:+.2f}"
-        if directory.is_dir():
-            _clean_stale_temps(directory)
-    _clean_stale_temps(root)
 
+
+def _run_tasks(tasks, wave, r, overwrite, workers, progress_root):
+    """Compute and write the spectra of ``tasks``, on ``workers`` threads; with a
+    ``progress_root``, print one line per file relative to it."""
     def run(task: _Task) -> list:
         return _run_task(task, wave, r, overwrite)
 
@@ -306,11 +345,10 @@ def write_synthetic_grid(
     try:
         for done, task_results in enumerate(results, start=1):
             for path, written in task_results:
-                if progress:
-                    rel = os.path.relpath(path, root)
+                if progress_root is not None:
+                    rel = os.path.relpath(path, progress_root)
                     state = "written" if written else "exists"
                     print(f"[{done}/{len(tasks)}] {rel}: {state}", file=sys.stderr, flush=True)
     finally:
         if workers > 1:
             pool.shutdown(cancel_futures=True)
-    return root

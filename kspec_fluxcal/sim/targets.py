@@ -29,7 +29,6 @@ _EBV_RANGE = (0.01, 0.12)
 _SCIENCE_STAR_G = (15.0, 18.0)
 
 
-
 def _plan_fibers(rng, nfib, n_standards, dead):
     n_sky = 2 if nfib >= 8 else 1
     n_sci = nfib - n_standards - n_sky - int(dead)
@@ -40,7 +39,6 @@ def _plan_fibers(rng, nfib, n_standards, dead):
     science = [order[k % 3] for k in range(n_sci)]
     kinds = ["standard"] * n_standards + ["sky"] * n_sky + ["dead"] * int(dead) + science
     return np.array(kinds)[rng.permutation(nfib)]
-
 
 
 class _Targets(NamedTuple):
@@ -123,7 +121,6 @@ def _add_extragalactic(rng, stars, window, kinds, native, redshift, base):
     for f in np.flatnonzero(kinds == "qso"):
         level = ab_to_flam(rng.uniform(*_QSO_MAG), centre) / FLUX_UNIT_SCALE
         native[f], redshift[f] = _quasar(rng, wave, window, level, resolving_power)
-
 
 
 def _std_column(targets, key, default):

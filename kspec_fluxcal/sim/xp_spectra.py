@@ -49,7 +49,6 @@ _XP_SYSTEMATIC = (0.01, 0.012, 0.025)
 _XP_BIN = 4.0
 
 
-
 def _source_id(objid):
     """A Gaia-DR3-like source id (positive int64) for a catalog objid: a hash, distinct from
     the objid so that matching by source id is really exercised."""
