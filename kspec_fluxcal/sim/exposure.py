@@ -110,6 +110,11 @@ refraction from 6000 A (Filippenko 1982), a quarter of it left by a dispersion c
 the fiber (3 arcsec) collects the part inside it (:mod:`kspec_fluxcal.sim.fiber_losses`). The
 standards' calibration then carries their own chromatic losses, which differ from each
 science fiber's.
+
+The steps live in the modules of the kit: conditions (:mod:`~kspec_fluxcal.sim.conditions`),
+pixels and line spread (:mod:`~kspec_fluxcal.sim.optics`), targets
+(:mod:`~kspec_fluxcal.sim.targets`), counts (:mod:`~kspec_fluxcal.sim.counts`), the catalog
+and FIBRES (:mod:`~kspec_fluxcal.sim.refcat`) and Gaia XP (:mod:`~kspec_fluxcal.sim.xp_spectra`).
 """
 
 from __future__ import annotations

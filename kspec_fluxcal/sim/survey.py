@@ -5,6 +5,23 @@ standards, dead fibers), draws each night's conditions, simulates every exposure
 (:func:`kspec_fluxcal.sim.exposure.simulate_exposure`) and writes the RED files, the
 catalog, the XP table, the truth files and a manifest. Every number is drawn from one seed:
 the same arguments give the same bytes.
+
+Layout of ``outdir``::
+
+    lake/<YYYYMMDD>/<EXPID>.fits   RED files (formats contract section 1)
+    catalog.csv                    Refcat2 catalog (section 2): standards, other stars
+                                   of the fields and decoys (with ``source_id`` if xp)
+    xp.csv                         with ``xp``: the standards' Gaia XP spectra in
+                                   GaiaXPy's layout (:mod:`~kspec_fluxcal.sim.xp_spectra`)
+    truth/<EXPID>.npz              the truth of each exposure (:mod:`~.exposure`)
+    survey.json                    manifest: seed, options, exposures
+    grid/                          the synthetic BOSZ-layout grid, when ``grid`` is None
+
+The exposures vary deterministically with the seed: 1-D WAVELA, per-fiber 2-D WAVELA
+(resampled by the reader), WCS-only; nm and vacuum solutions; standards matched by
+position (OBJID -1); dead fibers; 1, 2 and 3 standards (a survey of at least 3 exposures
+has each of these). A setup with ``formats`` (e.g.
+:data:`~kspec_fluxcal.sim.setups.ISOPLANE_SETUP`: a WCS only) is always written that way.
 """
 
 from __future__ import annotations
@@ -141,22 +158,7 @@ def simulate_survey(outdir, *, exposures=20, nights=4, seed=0, fibers=14, pixels
                     chromatic_losses=False):
     """Write a small simulated survey with known truth, in the formats of the contract.
 
-    Layout of ``outdir``::
-
-        lake/<YYYYMMDD>/<EXPID>.fits   RED files (formats contract section 1)
-        catalog.csv                    Refcat2 catalog (section 2): standards, other stars
-                                       of the fields and decoys (with ``source_id`` if xp)
-        xp.csv                         with ``xp``: the standards' Gaia XP spectra in
-                                       GaiaXPy's layout (:func:`write_xp`)
-        truth/<EXPID>.npz              the truth of each exposure (module docstring)
-        survey.json                    manifest: seed, options, exposures
-        grid/                          the synthetic BOSZ-layout grid, when ``grid`` is None
-
-    The exposures vary deterministically with the seed: 1-D WAVELA, per-fiber 2-D WAVELA
-    (resampled by the reader), WCS-only; nm and vacuum solutions; standards matched by
-    position (OBJID -1); dead fibers; 1, 2 and 3 standards (a survey of at least 3 exposures
-    has each of these). A setup with ``formats`` (e.g. :data:`ISOPLANE_SETUP`: a WCS only)
-    is always written that way.
+    The layout of ``outdir`` and how its exposures vary: see the module docstring.
 
     Parameters
     ----------

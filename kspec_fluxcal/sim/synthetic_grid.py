@@ -1,5 +1,18 @@
 """Synthetic template grids: the synthetic stellar model written file for file in the
-BOSZ 2024 layout, labelled synthetic by a marker file (the spectra files have no header)."""
+BOSZ 2024 layout, labelled synthetic by a marker file (the spectra files have no header).
+
+Writing
+-------
+Every file is written to a temporary name in its directory and renamed into place, so a
+reader never sees a partial file; a second run with the same arguments writes nothing.
+The marker file is written first, so even an interrupted grid is labelled synthetic.
+
+Timing of the default grid (500 'mp' + 110 'ap' files, 456 MB) on 2 cores: 165 s with
+``workers=1``, 101 s with ``workers=2`` (threads); a forked process pool was ~10 % faster
+than threads on a 20-file sample, a spawned or forkserver pool slower (start-up), and
+forking is unsafe in a process that runs threads (Dask). Per file: model 0.13 s,
+formatting 0.016 s, gzip 0.03 s. The small grid takes ~3 s.
+"""
 
 from __future__ import annotations
 
@@ -192,7 +205,7 @@ def write_synthetic_grid(
     workers : int, optional
         Number of threads. The model, the formatting and zlib are mostly numpy and C code that
         release the GIL, so threads scale without the start-up and pickling costs of processes
-        (see Notes).
+        (module docstring).
     overwrite : bool, optional
         Rewrite files that exist. Otherwise complete files are kept (a file is complete when
         its gzip trailer gives the expected size), so an interrupted run can be resumed.
@@ -212,17 +225,7 @@ def write_synthetic_grid(
         If ``out`` already holds a different wavelength grid for this R (and not
         ``overwrite``).
 
-    Notes
-    -----
-    Every file is written to a temporary name in its directory and renamed into place, so a
-    reader never sees a partial file; a second run with the same arguments writes nothing.
-    The marker file is written first, so even an interrupted grid is labelled synthetic.
-
-    Timing of the default grid (500 'mp' + 110 'ap' files, 456 MB) on 2 cores: 165 s with
-    ``workers=1``, 101 s with ``workers=2`` (threads); a forked process pool was ~10 % faster
-    than threads on a 20-file sample, a spawned or forkserver pool slower (start-up), and
-    forking is unsafe in a process that runs threads (Dask). Per file: model 0.13 s,
-    formatting 0.016 s, gzip 0.03 s. The small grid takes ~3 s.
+    See the module docstring for how files are written and what it costs.
     """
     r, teffs_v, loggs_v, fehs_v, alphas_of = _grid_points(small, resolution, teffs, loggs, fehs,
                                                           alphas)
@@ -235,13 +238,7 @@ def write_synthetic_grid(
     left_out = _holes(teffs_v, loggs_v) if holes else set()
     tasks = _tasks(root, r, teffs_v, loggs_v, fehs_v, alphas_of, left_out, holes)
     # the marker goes first, so that even an interrupted grid is labelled synthetic
-    run_line = (
-        f"run: R={r} wave={wave[0]:.4f}-{wave[-1]:.4f} A ({wave.size} rows)"
-        f" teff={list(teffs_v)} logg={list(loggs_v)} feh={list(fehs_v)}"
-        f" alpha={ {f: list(a) for f, a in alphas_of.items()} }"
-        f" holes={sorted(left_out)} ap_from_teff={_AP_FROM_TEFF if holes else None}"
-    )
-    _write_marker(root, run_line)
+    _write_marker(root, _run_line(r, wave, teffs_v, loggs_v, fehs_v, alphas_of, left_out, holes))
     if write_wave:
         _atomic_write(root / f"bosz2024_wave_r{r}.txt", wave_bytes)
     for feh in fehs_v:
@@ -320,6 +317,16 @@ def _tasks(root, r, teffs, loggs, fehs, alphas_of, left_out, holes):
                     )
                     tasks.append(_Task(teff, logg, feh, alpha, atmos, paths))
     return tasks
+
+
+def _run_line(r, wave, teffs, loggs, fehs, alphas_of, left_out, holes):
+    """The marker file's line recording one run: R, wavelengths, parameter values, holes."""
+    return (
+        f"run: R={r} wave={wave[0]:.4f}-{wave[-1]:.4f} A ({wave.size} rows)"
+        f" teff={list(teffs)} logg={list(loggs)} feh={list(fehs)}"
+        f" alpha={ {f: list(a) for f, a in alphas_of.items()} }"
+        f" holes={sorted(left_out)} ap_from_teff={_AP_FROM_TEFF if holes else None}"
+    )
 
 
 def _write_marker(root, run_line):
