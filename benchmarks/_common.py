@@ -107,7 +107,7 @@ def reference_grid(full=True, workers=2):
     otherwise trimmed to 2500-26000 A (enough for the optical cube and the photometry).
     Either way 610 files: 500 'mp' spectra (520 points less 20 holes) and 110 'ap' twins.
     """
-    from kspec_fluxcal.synthgrid import write_synthetic_grid
+    from kspec_fluxcal.sim import write_synthetic_grid
 
     out = CACHE / ("bosz_r10000_full" if full else "bosz_r10000_optical")
     kwargs = {} if full else {"wave_min": 2500.0, "wave_max": 26000.0}
@@ -129,7 +129,7 @@ def demo_grid(workers=2):
     Written once through a one-exposure survey and copied to ``CACHE/demo_grid`` so that
     later surveys pass ``grid=<dir>`` instead of writing their own.
     """
-    from kspec_fluxcal.simulate import simulate_survey
+    from kspec_fluxcal.sim import simulate_survey
 
     out = CACHE / "demo_grid"
     if (out / "SYNTHETIC_GRID.txt").exists():
@@ -161,7 +161,7 @@ CK04_BOX = {"teff_range": (4500.0, 7500.0), "loggs": (3.0, 3.5, 4.0, 4.5, 5.0)}
 
 def ck04_grid():
     """The CK04 grid of :data:`CK04_BOX` in the BOSZ layout (converted once, cached)."""
-    from kspec_fluxcal.ck04 import CK04_MARKER, convert_ck04
+    from kspec_fluxcal.sim import CK04_MARKER, convert_ck04
 
     out = CACHE / "ck04_bosz"
     if (out / CK04_MARKER).exists():

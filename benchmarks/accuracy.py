@@ -35,7 +35,7 @@ Self-consistency (what earlier versions printed): the demo-like synthetic grid (
 Teff 5250-7250 K, log g 3.5-4.5, [M/H] -1.0 to +0.25) as both stars and templates, 4096
 pixels, 14 fibers: a ``main`` survey (standards' S/N 30-150), then one survey per S/N bin.
 
-Metrics (``kspec_fluxcal.evaluate.compare_with_truth``; outside telluric bands, 4000-8400 A,
+Metrics (``kspec_fluxcal.sim.compare_with_truth``; outside telluric bands, 4000-8400 A,
 after a 100 A running median): ``shape_snr10`` (science fibers with S/N > 10: the headline),
 ``cal_shape`` (the calibration's own shape error), ``level_cal`` (its level error),
 ``telluric_science`` (the telluric bands as science targets see them), the same two without
@@ -153,7 +153,7 @@ def _init_worker():
 
 def make_source(spec):
     """A star source from a spec of :func:`surveys` (None: the grid itself)."""
-    from kspec_fluxcal.sources import CalspecStars, ModelStars
+    from kspec_fluxcal.sim import CalspecStars, ModelStars
 
     if spec["kind"] == "grid":
         return None
@@ -164,7 +164,7 @@ def make_source(spec):
 
 
 def _setups(names):
-    from kspec_fluxcal.simulate import DEFAULT_SETUP, ISOPLANE_SETUP, LARGE_SETUP
+    from kspec_fluxcal.sim import DEFAULT_SETUP, ISOPLANE_SETUP, LARGE_SETUP
 
     table = {"isoplane": ISOPLANE_SETUP, "default": DEFAULT_SETUP, "large": LARGE_SETUP}
     return [table[n] for n in names]
@@ -180,7 +180,7 @@ def _signature(conf, grid_dir):
 
 def simulate(conf, grid_dir):
     """Simulate one survey unless a cached one has the same definition; returns its directory."""
-    from kspec_fluxcal.simulate import simulate_survey
+    from kspec_fluxcal.sim import simulate_survey
 
     root = CACHE / "accuracy" / conf["sim"]
     stamp = root / "bench.json"
@@ -228,7 +228,7 @@ def calibrate_one(name, root, entry, cube, use_xp=False):
     """Calibrate one exposure and compare it with its truth (runs in a worker); never raises.
     ``use_xp``: with the survey's XP spectra (``xp.csv``)."""
     import kspec_fluxcal as kf
-    from kspec_fluxcal.evaluate import compare_with_truth, with_true_calibration
+    from kspec_fluxcal.sim import compare_with_truth, with_true_calibration
     from kspec_fluxcal.xp import read_xp
 
     root = Path(root)

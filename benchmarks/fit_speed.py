@@ -67,8 +67,8 @@ from kspec_fluxcal.grid import PARAMS, open_grid  # noqa: E402
 from kspec_fluxcal.lsf import exposure_lsf  # noqa: E402
 from kspec_fluxcal.masks import region_mask  # noqa: E402
 from kspec_fluxcal.matching import score_templates  # noqa: E402
-from kspec_fluxcal.simulate import CATALOG_HEADER, GridStars, Setup, simulate_exposure  # noqa: E402
-from kspec_fluxcal.standards import _continuum_options, fit_standards, prepare_setup  # noqa: E402, I001
+from kspec_fluxcal.sim import CATALOG_HEADER, GridStars, Setup, simulate_exposure  # noqa: E402
+from kspec_fluxcal.standards import _continuum_options, fit_standards, prepare_setup
 
 SEED = 4
 N_LOOP = 40  # templates timed in the reference loop

@@ -80,7 +80,7 @@ LSF_SCALE = (0.95, 1.05)
 def own_setups(n, seed=SEED):
     """``n`` setups of the default configuration, each with its own wavelength solution and
     line spread (see the module docstring)."""
-    from kspec_fluxcal.simulate import DEFAULT_SETUP, Setup
+    from kspec_fluxcal.sim import DEFAULT_SETUP, Setup
 
     rng = np.random.default_rng(seed)
     ends = rng.uniform(-END_SHIFT, END_SHIFT, (n, 2))
@@ -94,7 +94,7 @@ def own_setups(n, seed=SEED):
 
 def own_setup_lake(n):
     """The cached simulated survey of ``n`` exposures, each with its own setup."""
-    from kspec_fluxcal.simulate import simulate_survey
+    from kspec_fluxcal.sim import simulate_survey
 
     out = CACHE / f"speed_lake_{n}"
     if not (out / "survey.json").exists():
@@ -151,8 +151,9 @@ def per_exposure(lake, cube, n):
     from kspec_fluxcal.catalog import read_catalog
     from kspec_fluxcal.config import Config
     from kspec_fluxcal.exposure import open_exposure
+    from kspec_fluxcal.exposure_templates import template_library
     from kspec_fluxcal.grid import open_grid
-    from kspec_fluxcal.standards import fit_standards, template_library
+    from kspec_fluxcal.standards import fit_standards
     from kspec_fluxcal.templates import clear_cache
 
     paths = _lake_paths(lake)[:n]

@@ -15,7 +15,7 @@ grey fiber losses only, measures what the chromatic losses cost.
 Each survey is calibrated by ``run_survey`` on a LocalCluster of 2 workers, without the model
 (``[model] enabled = false``: every exposure alone) and with it (the default); the chromatic
 survey also with a model without its chromatic terms. Printed: the issue's Done-when figures
-(``kspec_fluxcal.evaluate.compare_with_truth``: ``cal_shape`` is the calibration's rms shape
+(``kspec_fluxcal.sim.compare_with_truth``: ``cal_shape`` is the calibration's rms shape
 error after a 100 A running median, outside telluric bands, 4000-8400 A; ``level_cal`` its
 level error beyond the aperture its standards (or, without standards, a typical point source)
 lose), the extinction curves against the truth, the spectrophotometric check on an injected
@@ -52,8 +52,7 @@ INJECTED = 0.02
 
 def simulate(name, chromatic, workers=2):
     """The cached simulated survey ``name``; simulated when its definition changed."""
-    from kspec_fluxcal.simulate import simulate_survey
-    from kspec_fluxcal.sources import ModelStars
+    from kspec_fluxcal.sim import ModelStars, simulate_survey
 
     root = ROOT / name
     signature = json.loads(json.dumps({**SURVEY, "chromatic": chromatic,
@@ -129,7 +128,7 @@ def _task_seconds(tasks):
 
 def evaluate(lake, out):
     """Per exposure: the truth's conditions and compare_with_truth's metrics."""
-    from kspec_fluxcal.evaluate import compare_with_truth
+    from kspec_fluxcal.sim import compare_with_truth
 
     rows = []
     for entry in json.loads((lake / "survey.json").read_text())["exposures"]:
@@ -202,8 +201,8 @@ def report_missing(model):
 
 def report_extinction(lake, out):
     """Done-when 3: the extinction curve of each night against the truth."""
-    from kspec_fluxcal.simulate import atmospheric_extinction
-    from kspec_fluxcal.survey import open_model
+    from kspec_fluxcal.sim import atmospheric_extinction
+    from kspec_fluxcal.survey.model_store import open_model
 
     model = open_model(out / "model.zarr").compute()
     manifest = json.loads((lake / "survey.json").read_text())["exposures"]
@@ -346,7 +345,7 @@ def synthesise_archive(source, dest, exposures, per_night=10, seed=0):
     """An archive of ``exposures`` rows: the source archive's own-standards rows repeated
     over more nights at new airmasses (own responses moved by the extinction change, a
     typical curve) and with 0.3 % noise; committed in blocks as the survey does."""
-    from kspec_fluxcal.simulate import atmospheric_extinction
+    from kspec_fluxcal.sim import atmospheric_extinction
     from kspec_fluxcal.survey.archive import ArchiveWriter, archive_grid, read_rows
 
     src = ArchiveWriter(source)

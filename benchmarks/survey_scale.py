@@ -43,7 +43,7 @@ _PACKAGE_MODULES = (r"(matching|standards|photometry|continuum|templates|calibra
 
 def survey_lake(exposures, workers=2):
     """The cached simulated survey: ``exposures`` x 14 fibers x 4096 pixels."""
-    from kspec_fluxcal.simulate import simulate_survey
+    from kspec_fluxcal.sim import simulate_survey
 
     out = CACHE / f"survey_{exposures}x14x4096"
     if not (out / "survey.json").exists():

@@ -117,7 +117,7 @@ def _cmd_grid_download(args):
 
 
 def _cmd_grid_synth(args):
-    from .synthgrid import write_synthetic_grid
+    from .sim.synthetic_grid import write_synthetic_grid
 
     path = write_synthetic_grid(args.out, small=args.small, workers=args.workers,
                                 overwrite=args.overwrite, progress=not args.quiet)
@@ -126,7 +126,7 @@ def _cmd_grid_synth(args):
 
 
 def _cmd_simulate(args):
-    from .simulate import simulate_survey
+    from .sim.survey import simulate_survey
 
     out = simulate_survey(args.outdir, exposures=args.exposures, nights=args.nights,
                           seed=args.seed, fibers=args.fibers, pixels=args.pixels,
@@ -247,7 +247,7 @@ def _cmd_archive_plot(args):
 
 
 def _cmd_demo(args):
-    from .demo import run_demo
+    from .sim.demo import run_demo
 
     return run_demo(args.out, exposures=args.exposures, nights=args.nights, workers=args.workers,
                     seed=args.seed)

@@ -109,7 +109,7 @@ DEFAULT_RV = 3.1
 BOSZ_AIR_ABOVE = 2000.0
 
 #: Marker file written into a CK04 grid converted to the BOSZ layout
-#: (:func:`kspec_fluxcal.ck04.convert_ck04`; the spectra files have no header).
+#: (:func:`kspec_fluxcal.sim.ck04.convert_ck04`; the spectra files have no header).
 CK04_MARKER = "CK04_GRID.txt"
 
 #: Resolution tags of BOSZ 2024 and their resolving power; 'rorig' is the native sampling,

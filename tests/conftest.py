@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from kspec_fluxcal.exposure import red_hdulist
-from kspec_fluxcal.synthgrid import write_synthetic_grid
+from kspec_fluxcal.sim import write_synthetic_grid
 from kspec_fluxcal.templates import CACHE_ENV
 
 SHARED_REAL = Path(__file__).resolve().parents[2] / "shared" / "real"
@@ -44,7 +44,7 @@ def command_inputs(small_grid, tmp_path_factory):
     from test_bad_input import build_base, write_catalog
 
     from kspec_fluxcal.grid_build import build_grid
-    from kspec_fluxcal.simulate import Setup, simulate_survey
+    from kspec_fluxcal.sim import Setup, simulate_survey
 
     root = tmp_path_factory.mktemp("commands")
     cube = build_grid(small_grid, root / "grid.zarr", progress=False)

@@ -36,8 +36,13 @@ from kspec_fluxcal.exposure import open_exposure, read_exposure_info
 from kspec_fluxcal.grid import open_grid
 from kspec_fluxcal.grid_build import build_grid
 from kspec_fluxcal.pipeline import calibrate_exposure
-from kspec_fluxcal.simulate import CATALOG_HEADER, GridStars, Setup, simulate_exposure
-from kspec_fluxcal.synthgrid import write_synthetic_grid
+from kspec_fluxcal.sim import (
+    CATALOG_HEADER,
+    GridStars,
+    Setup,
+    simulate_exposure,
+    write_synthetic_grid,
+)
 
 #: Small enough that one calibration takes a few tenths of a second with a prepared grid.
 SETUP = Setup("tests", pixels=1000, fibers=8, wave_min=4000.0, wave_max=8000.0)

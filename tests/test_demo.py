@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from kspec_fluxcal.demo import accuracy_table
+from kspec_fluxcal.sim import accuracy_table
 
 
 def test_accuracy_table_explains_its_columns():

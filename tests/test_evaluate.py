@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from kspec_fluxcal.evaluate import compare_with_truth, star_summary
 from kspec_fluxcal.masks import load_regions
-from kspec_fluxcal.simulate import GridStars, Setup, simulate_exposure
+from kspec_fluxcal.sim import GridStars, Setup, compare_with_truth, simulate_exposure, star_summary
 
 SETUP = Setup("eval", pixels=1500, fibers=12)
 #: A known calibration error: a 1 % sine of period 1500 A (rms 0.71 % after the 100 A median),
@@ -111,7 +110,7 @@ def test_star_summary():
 
 def test_true_calibration_is_the_floor(truths):
     """With the true factor, only the targets' noise is left: the noiseless metrics vanish."""
-    from kspec_fluxcal.evaluate import with_true_calibration
+    from kspec_fluxcal.sim import with_true_calibration
 
     truth = truths["wavela"]
     calibrated = _calibrated(truth, False)

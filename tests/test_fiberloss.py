@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from astropy.io import fits
 
-from kspec_fluxcal import fiberloss
 from kspec_fluxcal.exposure import open_exposure
-from kspec_fluxcal.simulate import GridStars, Setup, simulate_exposure, simulate_survey
+from kspec_fluxcal.sim import GridStars, Setup, simulate_exposure, simulate_survey
+from kspec_fluxcal.sim import fiber_losses as fiberloss
 
 SMALL = Setup("small", pixels=600, fibers=8)
 

@@ -18,7 +18,7 @@ from kspec_fluxcal.grid_build import (
     scan_bosz,
 )
 from kspec_fluxcal.photometry import synthetic_mag
-from kspec_fluxcal.synthgrid import write_synthetic_grid
+from kspec_fluxcal.sim import write_synthetic_grid
 
 
 @pytest.fixture(scope="module")

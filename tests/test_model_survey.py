@@ -20,12 +20,12 @@ from distributed import Client, get_task_stream
 
 from kspec_fluxcal import cli
 from kspec_fluxcal.config import Config
-from kspec_fluxcal.evaluate import compare_with_truth
 from kspec_fluxcal.grid_build import build_grid
 from kspec_fluxcal.qc import qc_from_file
-from kspec_fluxcal.simulate import Setup, simulate_survey
-from kspec_fluxcal.survey import local_cluster, open_model, run_survey
+from kspec_fluxcal.sim import Setup, compare_with_truth, simulate_survey
+from kspec_fluxcal.survey import local_cluster, run_survey
 from kspec_fluxcal.survey.archive import ArchiveWriter, open_archive
+from kspec_fluxcal.survey.model_store import open_model
 
 #: The model's options in these tests: few exposures, small batches (a tree of sums).
 MODEL = {"model__min_exposures": 6, "model__batch": 3}

@@ -6,15 +6,20 @@ from astropy.io import fits
 
 from kspec_fluxcal.calibration import running_median
 from kspec_fluxcal.errors import CalibrationError
-from kspec_fluxcal.evaluate import compare_with_truth
 from kspec_fluxcal.exposure import open_exposure
 from kspec_fluxcal.grid import open_grid
 from kspec_fluxcal.grid_build import build_grid
 from kspec_fluxcal.masks import region_mask
 from kspec_fluxcal.pipeline import calibrate_exposure, output_name
 from kspec_fluxcal.products import read_standard_stars
-from kspec_fluxcal.simulate import GridStars, Setup, simulate_exposure, write_catalog
-from kspec_fluxcal.synthgrid import write_synthetic_grid
+from kspec_fluxcal.sim import (
+    GridStars,
+    Setup,
+    compare_with_truth,
+    simulate_exposure,
+    write_catalog,
+    write_synthetic_grid,
+)
 
 SETUP = Setup(name="pipe", pixels=1340, fibers=10)
 

@@ -27,7 +27,7 @@ from test_bad_input import build_base, write_catalog
 from kspec_fluxcal.errors import FluxCalError
 from kspec_fluxcal.exposure import open_exposure
 from kspec_fluxcal.pipeline import calibrate_exposure
-from kspec_fluxcal.simulate import CATALOG_HEADER
+from kspec_fluxcal.sim import CATALOG_HEADER
 
 #: Outcomes by test: 'ok' or the exception class name, counted over all examples.
 TALLY = collections.defaultdict(collections.Counter)

@@ -18,7 +18,7 @@ from kspec_fluxcal.grid_build import read_bosz_spectrum, scan_bosz
 from kspec_fluxcal.masks import load_regions, region_mask
 from kspec_fluxcal.photometry import synthetic_mag
 from kspec_fluxcal.reddening import extinction_per_ebv
-from kspec_fluxcal.simulate import (
+from kspec_fluxcal.sim import (
     CATALOG_HEADER,
     DEFAULT_SETUP,
     ISOPLANE_SETUP,

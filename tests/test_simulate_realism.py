@@ -8,15 +8,15 @@ import pytest
 from astropy.io import fits
 
 from kspec_fluxcal.exposure import open_exposure
-from kspec_fluxcal.simulate import (
+from kspec_fluxcal.sim import (
     ISOPLANE_SETUP,
     LARGE_SETUP,
     GridStars,
     Setup,
+    bosz_wavelength_grid,
     simulate_exposure,
     simulate_survey,
 )
-from kspec_fluxcal.synthgrid import bosz_wavelength_grid
 
 #: 1 A pixels, FWHM 2 pixels: the pixel box widens a line's sigma by ~6 %.
 LINE_SETUP = Setup("line", pixels=2000, fibers=8, wave_min=5000.0, wave_max=7000.0,

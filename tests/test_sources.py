@@ -6,23 +6,25 @@ import pytest
 from astropy.io import fits
 from conftest import SHARED_REAL, requires_shared
 
-from kspec_fluxcal.ck04 import convert_ck04, read_ck04_file
 from kspec_fluxcal.constants import STEFAN_BOLTZMANN
 from kspec_fluxcal.errors import FluxCalWarning, InputError
-from kspec_fluxcal.evaluate import compare_with_truth
 from kspec_fluxcal.grid import open_grid
 from kspec_fluxcal.grid_build import build_grid, read_bosz_spectrum, scan_bosz
 from kspec_fluxcal.pipeline import calibrate_exposure
 from kspec_fluxcal.reddening import extinction_per_ebv
-from kspec_fluxcal.simulate import (
+from kspec_fluxcal.sim import (
     ISOPLANE_SETUP,
+    CalspecStars,
     GridStars,
+    ModelStars,
     Setup,
+    compare_with_truth,
+    convert_ck04,
+    read_ck04_file,
     simulate_exposure,
+    synthetic_spectrum,
     write_catalog,
 )
-from kspec_fluxcal.sources import CalspecStars, ModelStars
-from kspec_fluxcal.synthgrid import synthetic_spectrum
 from kspec_fluxcal.templates import prepare_templates
 from kspec_fluxcal.wavelength import vacuum_to_air
 

@@ -16,9 +16,14 @@ from kspec_fluxcal.exposure_templates import template_library
 from kspec_fluxcal.grid import open_grid
 from kspec_fluxcal.grid_build import build_grid
 from kspec_fluxcal.masks import region_mask
-from kspec_fluxcal.simulate import GridStars, Setup, simulate_exposure, write_catalog
+from kspec_fluxcal.sim import (
+    GridStars,
+    Setup,
+    simulate_exposure,
+    write_catalog,
+    write_synthetic_grid,
+)
 from kspec_fluxcal.standards import fit_standards
-from kspec_fluxcal.synthgrid import write_synthetic_grid
 
 SETUP = Setup(name="test", pixels=2048, fibers=8)
 # Stars made from the fitting grid itself: the spectral chi^2 is statistically right (no
@@ -208,7 +213,7 @@ def test_real_calspec_star_through_a_simulated_instrument(tmp_path, name):
     from kspec_fluxcal.exposure import red_hdulist
     from kspec_fluxcal.lsf import LineSpread
     from kspec_fluxcal.pipeline import calibrate_exposure
-    from kspec_fluxcal.simulate import CATALOG_HEADER
+    from kspec_fluxcal.sim import CATALOG_HEADER
     from kspec_fluxcal.templates import convolution_matrix
     from kspec_fluxcal.wavelength import vacuum_to_air
 

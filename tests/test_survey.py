@@ -31,10 +31,9 @@ from kspec_fluxcal import cli
 from kspec_fluxcal._lock import exclusive
 from kspec_fluxcal.config import Config
 from kspec_fluxcal.errors import FluxCalError, FluxCalWarning, InputError
-from kspec_fluxcal.evaluate import compare_with_truth
 from kspec_fluxcal.exposure import open_exposure
 from kspec_fluxcal.grid_build import build_grid
-from kspec_fluxcal.simulate import Setup, simulate_survey
+from kspec_fluxcal.sim import Setup, compare_with_truth, simulate_survey, write_synthetic_grid
 from kspec_fluxcal.survey import (
     WORKER_MALLOC_ENV,
     SurveyReport,
@@ -44,7 +43,6 @@ from kspec_fluxcal.survey import (
     write_notes,
 )
 from kspec_fluxcal.survey.archive import ArchiveWriter, open_archive
-from kspec_fluxcal.synthgrid import write_synthetic_grid
 
 #: Seed of the kill points of the interrupted-job test.
 KILL_SEED = 20261101

@@ -13,8 +13,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kspec_fluxcal import synthgrid as sg
+from kspec_fluxcal import sim as sg
 from kspec_fluxcal.errors import GridError
+from kspec_fluxcal.sim import bosz_files as bosz
+from kspec_fluxcal.sim import synthetic_grid
 
 SHARED_REAL = Path(__file__).resolve().parents[2] / "shared" / "real"
 REAL_BOSZ = SHARED_REAL / "bosz2024_r5000"
@@ -117,12 +119,12 @@ def test_format_rows_is_printf_exact():
     first = np.concatenate([vals, edge])
     second = np.concatenate([vals[::-1], edge[::-1]])
     expected = "".join(f"{a:.4e} {b:.4e}\n" for a, b in zip(first, second, strict=True))
-    assert sg._format_rows(first, second) == expected.encode()
+    assert bosz._format_rows(first, second) == expected.encode()
     # three-digit exponents fall back to Python and stay exact
     tiny = np.array([1e-120, 3.3e-101])
-    assert sg._format_rows(tiny, tiny) == b"1.0000e-120 1.0000e-120\n3.3000e-101 3.3000e-101\n"
+    assert bosz._format_rows(tiny, tiny) == b"1.0000e-120 1.0000e-120\n3.3000e-101 3.3000e-101\n"
     with pytest.raises(ValueError, match="finite"):
-        sg._format_rows(np.array([-1.0]), np.array([1.0]))
+        bosz._format_rows(np.array([-1.0]), np.array([1.0]))
 
 
 # --------------------------------------------------------------------------------------------
@@ -504,7 +506,7 @@ def test_overwrite_rewrites_the_same_bytes(tmp_path):
 
 def test_interrupted_run_resumes_without_temp_files(tmp_path, monkeypatch):
     calls = {"n": 0}
-    real = sg._file_bytes
+    real = synthetic_grid._file_bytes
 
     def failing(*args):
         calls["n"] += 1
@@ -512,10 +514,10 @@ def test_interrupted_run_resumes_without_temp_files(tmp_path, monkeypatch):
             raise RuntimeError("disk full")
         return real(*args)
 
-    monkeypatch.setattr(sg, "_file_bytes", failing)
+    monkeypatch.setattr(synthetic_grid, "_file_bytes", failing)
     with pytest.raises(RuntimeError, match="disk full"):
         sg.write_synthetic_grid(tmp_path / "g", **MINI)
-    monkeypatch.setattr(sg, "_file_bytes", real)
+    monkeypatch.setattr(synthetic_grid, "_file_bytes", real)
     root = tmp_path / "g"
     assert (root / sg.SYNTHETIC_MARKER).exists()  # labelled synthetic even when incomplete
     assert len(list(root.rglob("*.gz"))) == 1
@@ -574,11 +576,11 @@ def test_no_holes_no_twins(tmp_path):
 
 def test_default_grids_size():
     # the reference subgrid has 520 points (before holes); checked without writing it
-    ref = sg._REFERENCE_GRID
+    ref = synthetic_grid._REFERENCE_GRID
     n_alpha = sum(2 if f <= -0.5 else 1 for f in ref["fehs"])
     assert len(ref["teffs"]) * len(ref["loggs"]) * n_alpha == 520
     assert sg.bosz_wavelength_grid(ref["resolution"]).size == 150000
-    small = sg._SMALL_GRID
+    small = synthetic_grid._SMALL_GRID
     wave = sg.bosz_wavelength_grid(small["resolution"], *small["wave"])
     assert wave[0] < 3000 and wave[-1] > 25000  # covers Gaia, PS1 and 2MASS bands
 

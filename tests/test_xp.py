@@ -25,17 +25,17 @@ from kspec_fluxcal.grid import open_grid
 from kspec_fluxcal.grid_build import build_grid
 from kspec_fluxcal.photometry import band_wavelength, fit_warp, warp_basis
 from kspec_fluxcal.products import read_standard_stars
-from kspec_fluxcal.simulate import (
+from kspec_fluxcal.sim import (
     CATALOG_HEADER,
     GridStars,
     Setup,
-    _xp_systematic,
     simulate_exposure,
     simulate_survey,
     write_catalog,
     write_xp,
     xp_rows,
 )
+from kspec_fluxcal.sim.xp_spectra import _xp_systematic
 from kspec_fluxcal.standards import _XP_ARRAYS, fit_standards
 from kspec_fluxcal.wavelength import vacuum_to_air
 from kspec_fluxcal.xp import default_sampling, match_xp, read_xp, xp_resolution

@@ -34,70 +34,26 @@ def run_demo(out="store/demo", *, exposures=20, nights=4, workers=None, seed=1,
     workers : int, optional
         LocalCluster workers (default: one per core).
     """
-    from .archive import open_archive, plot_archive
-    from .evaluate import compare_with_truth
-    from .grid_build import build_grid
-    from .model_store import MODEL_STORE, model_setups, open_model
-    from .pipeline import output_name
-    from .qc import qc_directory, qc_from_file
-    from .simulate import simulate_survey
-    from .survey import run_survey
+    from ..grid_build import build_grid
 
     start = time.time()
     out = Path(out)
     survey = out / "survey"
-    settings = {"exposures": exposures, "nights": nights, "seed": seed}
-    manifest = survey / "survey.json"
     _step(f"1/5 simulated survey ({exposures} exposures, {nights} nights, seed {seed}) with a "
           "SYNTHETIC template grid")
-    reuse = False
-    if manifest.exists():
-        options = json.loads(manifest.read_text()).get("options", {})
-        reuse = all(options.get(k) == v for k, v in settings.items())
-    if reuse:
-        print(f"reusing {survey}")
-    else:
-        simulate_survey(survey, exposures=exposures, nights=nights, seed=seed, overwrite=True,
-                        progress=True)
+    _simulated_survey(survey, {"exposures": exposures, "nights": nights, "seed": seed})
     _step("2/5 template grid -> Zarr cube")
     cube = build_grid(survey / "grid", out / "templates.zarr", workers=2, progress=True,
                       overwrite=True)
     _step("3/5 survey calibration on a Dask LocalCluster")
     calibrated = out / "calibrated"
-    report = run_survey(survey / "lake", catalog=survey / "catalog.csv", grid=cube,
-                        out=calibrated, workers=workers, progress=True,
-                        dashboard_address=dashboard_address,
-                        performance_report=out / "dask-report.html")
-
+    report = _calibrate_survey(survey, cube, calibrated, out, workers, dashboard_address)
+    entries = json.loads((survey / "survey.json").read_text())["exposures"]
+    done = [e for e in entries if e["expid"] in set(report.calibrated)]
     _step("4/5 QC plots")
-    qc_dir = qc_directory(calibrated)  # the layout of `calibrate --qc`
-    entries = json.loads(manifest.read_text())["exposures"]
-    done = set(report.calibrated)
-    shown = [e for e in entries if e["expid"] in done][:2]
-    for entry in shown:
-        path = calibrated / Path(entry["path"]).relative_to("lake").parent / output_name(
-            entry["path"])
-        written = qc_from_file(path, qc_dir)
-        print(f"{entry['expid']}: {len(written)} QC files in {qc_dir}")
-    store = calibrated / MODEL_STORE
-    model = open_model(store) if len(model_setups(store) if store.exists() else []) == 1 \
-        else None
-    archive_plots = plot_archive(open_archive(calibrated / "archive.zarr"), qc_dir / "archive",
-                                 model=model)
-    print(f"archive plots: {', '.join(str(p) for p in archive_plots)}")
-
+    qc_dir = _plots(calibrated, done[:2])
     _step("5/5 accuracy against the truth")
-    rows = []
-    for entry in entries:
-        if entry["expid"] not in done:
-            continue
-        path = calibrated / Path(entry["path"]).relative_to("lake").parent / output_name(
-            entry["path"])
-        rows.append(compare_with_truth(path, survey / entry["truth"]))
-    text = accuracy_table(rows)
-    print(text)
-    (out / "accuracy.txt").write_text(text + "\n")
-
+    _accuracy(out, survey, calibrated, done)
     print(f"\nDone in {time.time() - start:.0f} s. Outputs under {out}/:")
     print(f"  calibrated FITS and archive: {calibrated}/ (archive.zarr)")
     print(f"  QC plots: {qc_dir}/   Dask performance report: {out / 'dask-report.html'}")
@@ -107,7 +63,76 @@ def run_demo(out="store/demo", *, exposures=20, nights=4, workers=None, seed=1,
     return 0 if report.ok else 1
 
 
-#: The accuracy table's columns, as printed under it (see kspec_fluxcal.evaluate).
+def _simulated_survey(survey, settings):
+    """Simulate the survey into ``survey`` (its ``settings``: exposures, nights, seed), unless
+    the survey there was made with the same settings (then it is reused)."""
+    from .survey import simulate_survey
+
+    manifest = survey / "survey.json"
+    reuse = False
+    if manifest.exists():
+        options = json.loads(manifest.read_text()).get("options", {})
+        reuse = all(options.get(k) == v for k, v in settings.items())
+    if reuse:
+        print(f"reusing {survey}")
+    else:
+        simulate_survey(survey, **settings, overwrite=True, progress=True)
+
+
+def _calibrate_survey(survey, cube, calibrated, out, workers, dashboard_address):
+    """Calibrate the survey's lake with its catalog and the template ``cube`` on a
+    LocalCluster into ``calibrated`` (a performance report in ``out``); the job's report."""
+    from ..survey import run_survey
+
+    return run_survey(survey / "lake", catalog=survey / "catalog.csv", grid=cube,
+                      out=calibrated, workers=workers, progress=True,
+                      dashboard_address=dashboard_address,
+                      performance_report=out / "dask-report.html")
+
+
+def _calibrated_path(calibrated, entry):
+    """Where the survey job wrote the calibrated file of a manifest entry."""
+    from ..pipeline import output_name
+
+    return calibrated / Path(entry["path"]).relative_to("lake").parent / output_name(
+        entry["path"])
+
+
+def _plots(calibrated, shown):
+    """QC plots of the ``shown`` manifest entries and the archive plots (with the survey
+    model when the job fitted one setup), in the layout of ``calibrate --qc``; their
+    directory."""
+    from ..qc import qc_directory, qc_from_file
+    from ..survey.archive import open_archive
+    from ..survey.model_store import MODEL_STORE, model_setups, open_model
+    from ..survey.plots import plot_archive
+
+    qc_dir = qc_directory(calibrated)
+    for entry in shown:
+        written = qc_from_file(_calibrated_path(calibrated, entry), qc_dir)
+        print(f"{entry['expid']}: {len(written)} QC files in {qc_dir}")
+    store = calibrated / MODEL_STORE
+    model = open_model(store) if len(model_setups(store) if store.exists() else []) == 1 \
+        else None
+    archive_plots = plot_archive(open_archive(calibrated / "archive.zarr"), qc_dir / "archive",
+                                 model=model)
+    print(f"archive plots: {', '.join(str(p) for p in archive_plots)}")
+    return qc_dir
+
+
+def _accuracy(out, survey, calibrated, done):
+    """Compare the calibrated exposures of the manifest entries ``done`` with their truth;
+    print the accuracy table and write it to ``out/accuracy.txt``."""
+    from .accuracy import compare_with_truth
+
+    rows = [compare_with_truth(_calibrated_path(calibrated, entry), survey / entry["truth"])
+            for entry in done]
+    text = accuracy_table(rows)
+    print(text)
+    (out / "accuracy.txt").write_text(text + "\n")
+
+
+#: The accuracy table's columns, as printed under it (see kspec_fluxcal.sim.accuracy).
 ACCURACY_COLUMNS = (
     ("n_std", "standard stars used (FCALNSTR)"),
     ("cal_shape%", "rms shape error of the calibration vector (its level removed, 100 A "

@@ -1,6 +1,6 @@
 """Star sources of the survey simulator: where the spectra of simulated stars come from.
 
-A source draws stars and gives their spectra; :func:`kspec_fluxcal.simulate.simulate_exposure`
+A source draws stars and gives their spectra; :func:`kspec_fluxcal.sim.exposure.simulate_exposure`
 takes any of them for its standard stars (and a parametric one, :class:`GridStars` or
 :class:`ModelStars`, for science stars, galaxy continua and catalog decoys).
 
@@ -39,14 +39,14 @@ import numpy as np
 from astropy.io import fits
 from scipy.interpolate import CubicSpline
 
-from .ck04 import CK04_MARKER
-from .constants import BOSZ_RESOLUTIONS, STEFAN_BOLTZMANN
-from .errors import InputError
-from .grid import PARAMS, interpolation_weights
-from .grid_build import _read_wavelength, read_bosz_spectrum, scan_bosz
-from .reddening import extinction_per_ebv
-from .synthgrid import _as_family, bosz_wavelength_grid, synthetic_spectrum
-from .wavelength import vacuum_to_air
+from ..constants import BOSZ_RESOLUTIONS, CK04_MARKER, STEFAN_BOLTZMANN
+from ..errors import InputError
+from ..grid import PARAMS, interpolation_weights
+from ..grid_build import _read_wavelength, read_bosz_spectrum, scan_bosz
+from ..reddening import extinction_per_ebv
+from ..wavelength import vacuum_to_air
+from .bosz_files import bosz_wavelength_grid
+from .stellar_model import _as_family, synthetic_spectrum
 
 __all__ = ["GridStars", "ModelStars", "CalspecStars", "galactic_alpha", "off_nodes"]
 
@@ -125,8 +125,8 @@ class GridStars(_Parametric):
     Attributes
     ----------
     label : str
-        ``grid:synthetic`` (a :mod:`~kspec_fluxcal.synthgrid` grid, model family A),
-        ``grid:ck04`` (converted by :func:`~kspec_fluxcal.ck04.convert_ck04`) or ``grid:bosz``.
+        ``grid:synthetic`` (a :mod:`~kspec_fluxcal.sim.synthetic_grid` grid, model family A),
+        ``grid:ck04`` (converted by :func:`~kspec_fluxcal.sim.ck04.convert_ck04`) or ``grid:bosz``.
     wavelength : numpy.ndarray
         The grid's wavelengths, Angstrom (air above 2000 A).
     resolving_power : float
@@ -280,7 +280,6 @@ class GridStars(_Parametric):
                          f"interpolation corners in {bounds} (grid holes?)")
 
 
-
 def _accepted(n, propose, failure):
     """``n`` accepted candidates: batches of max(16, 4 n) from ``propose(m)``, which returns
     (candidates by parameter, accepted mask), until enough are accepted (200 batches at most).
@@ -307,7 +306,7 @@ _MODEL_RANGES = {"teff": (4500.0, 8000.0), "logg": (3.0, 5.0), "feh": (-2.5, 0.5
 class ModelStars(_Parametric):
     """Spectra of the synthetic stellar model computed at the drawn parameters (no grid).
 
-    Every star is :func:`kspec_fluxcal.synthgrid.synthetic_spectrum` at its own parameters,
+    Every star is :func:`kspec_fluxcal.sim.stellar_model.synthetic_spectrum` at its own parameters,
     so stars can lie anywhere inside the model's range: beyond a template grid's edges (e.g.
     [alpha/M] = +0.5 when the grid stops at +0.25), between its nodes in every parameter at
     once, and from another model family than the templates (``family="B"``). Spectra are
@@ -315,9 +314,9 @@ class ModelStars(_Parametric):
 
     Parameters
     ----------
-    family : str or kspec_fluxcal.synthgrid.ModelFamily
+    family : str or kspec_fluxcal.sim.stellar_model.ModelFamily
         Model family (``"A"``: the model of the synthetic template grids; ``"B"``: the second
-        family, see :data:`kspec_fluxcal.synthgrid.FAMILY_B`).
+        family, see :data:`kspec_fluxcal.sim.stellar_model.FAMILY_B`).
     resolution : int
         Resolving power of the computed spectra (Gaussian FWHM = lambda / R).
     wave_range : (float, float)
@@ -458,9 +457,11 @@ def _calspec_index(directory):
 
 
 def _number(text):
+    """A CSV field as a float: NaN when it is empty, missing (None) or not a number."""
+    text = (text or "").strip()
     try:
-        return float(text)
-    except (TypeError, ValueError):
+        return float(text) if text else np.nan
+    except ValueError:
         return np.nan
 
 

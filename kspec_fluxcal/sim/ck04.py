@@ -37,11 +37,11 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from ._atomic import atomic_directory
-from .constants import CK04_MARKER
-from .errors import GridError
-from .synthgrid import _file_bytes, bosz_filename
-from .wavelength import vacuum_to_air
+from .._atomic import atomic_directory
+from ..constants import CK04_MARKER
+from ..errors import GridError
+from ..wavelength import vacuum_to_air
+from .bosz_files import _file_bytes, bosz_filename
 
 __all__ = ["CK04_RESOLUTION", "CK04_MARKER", "read_ck04_file", "convert_ck04"]
 

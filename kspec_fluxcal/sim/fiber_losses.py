@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.stats
 
-from .constants import FWHM_PER_SIGMA
+from ..constants import FWHM_PER_SIGMA
 
 __all__ = ["refractive_index_minus_one", "differential_refraction", "seeing_at",
            "enclosed_fraction", "fiber_apertures", "expected_aperture",
