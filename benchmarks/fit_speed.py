@@ -10,8 +10,10 @@ the reference design's loop.
 
 What is timed
 -------------
-* ``fit_standards(exposure, catalog, setup, config)`` with ``setup = prepare_setup(grid, wave,
-  lsf, config)`` computed before timing (the prepared cube is given): colour Teff, RV by
+* ``fit_standards(exposure, catalog, library, config)`` with ``library =
+  template_library(grid, exposure, config)`` computed before timing (the prepared template
+  library is given; the templates are brought to the exposure's pixels and line spread
+  inside the fit, as every exposure needs): colour Teff, RV by
   cross-correlation, continuum normalisation, scoring, RV refinement, rescoring, lattice
   refinement from several starts, photometric scale and reddening, calibration vectors. Best
   of 3 runs after a warm-up (the machine is shared). Once with the default configuration
@@ -59,16 +61,18 @@ from _common import (  # noqa: E402
 )
 
 from kspec_fluxcal.catalog import read_catalog  # noqa: E402
-from kspec_fluxcal.config import Config  # noqa: E402
+from kspec_fluxcal.config import Config, continuum_options  # noqa: E402
 from kspec_fluxcal.constants import FWHM_PER_SIGMA, SPEED_OF_LIGHT_KMS  # noqa: E402
 from kspec_fluxcal.continuum import fit_continuum  # noqa: E402
 from kspec_fluxcal.exposure import open_exposure  # noqa: E402
+from kspec_fluxcal.exposure_templates import template_library  # noqa: E402
 from kspec_fluxcal.grid import PARAMS, open_grid  # noqa: E402
 from kspec_fluxcal.lsf import exposure_lsf  # noqa: E402
 from kspec_fluxcal.masks import region_mask  # noqa: E402
 from kspec_fluxcal.matching import score_templates  # noqa: E402
 from kspec_fluxcal.sim import CATALOG_HEADER, GridStars, Setup, simulate_exposure  # noqa: E402
-from kspec_fluxcal.standards import _continuum_options, fit_standards, prepare_setup
+from kspec_fluxcal.standards import fit_standards
+from kspec_fluxcal.templates import library_spectra  # noqa: E402
 
 SEED = 4
 N_LOOP = 40  # templates timed in the reference loop
@@ -103,7 +107,7 @@ def observed_normalised(exposure, catalog_fibers, config, wave):
     var = exposure["variance"].values[catalog_fibers]
     good = exposure["good"].values[catalog_fibers]
     mask = good & region_mask(wave, config.masks.telluric) & (flux > 0)
-    cont = fit_continuum(flux, wave, mask, **_continuum_options(config))
+    cont = fit_continuum(flux, wave, mask, **continuum_options(config))
     with np.errstate(invalid="ignore", divide="ignore"):
         norm = flux / cont
         ivar = np.where(mask & np.isfinite(norm), cont**2 / var, 0.0)
@@ -212,10 +216,10 @@ def main():
     wave = exposure["wavelength"].values
     lsf = exposure_lsf(exposure, config)
     with dask.config.set(scheduler="synchronous"):
-        setup = prepare_setup(grid, wave, lsf, config)
+        setup = template_library(grid, exposure, config, cache_dir=False)
     ntemplate = setup.sizes["template"]
     wide = config.replace(teff_window=1e5)
-    setup_wide = prepare_setup(grid, wave, lsf, wide)  # same cube (window is not a key)
+    setup_wide = setup  # the same library: the window is applied in the fit
 
     def fit():
         return fit_standards(exposure, catalog, setup, config)
@@ -245,7 +249,7 @@ def main():
     raw = stacked.isel(template=pick).transpose("template", "wavelength").values.astype(np.float64)
     ln_in = np.log(gw[sel])
     logs = LogGrid(wave, config.fit.rv_max)
-    options = _continuum_options(config)
+    options = continuum_options(config)
     rp = float(grid.attrs["resolving_power"])
 
     def loop():
@@ -259,7 +263,8 @@ def main():
 
     # The vectorised scan alone: every template against the 3 stars (single amplitude).
     rv = stars["rv"].values
-    norm_t = setup["norm"]
+    norm_t = xr.DataArray(library_spectra(setup, wave, lsf), dims=("template", "wavelength"),
+                          coords={"wavelength": wave})
 
     def scan():
         coords = {"wavelength": wave}

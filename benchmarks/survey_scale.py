@@ -1,6 +1,6 @@
 """Survey job throughput on a LocalCluster: 1 worker versus 2, worker memory, graph size.
 
-    python benchmarks/survey_scale.py [--exposures 200] [--profile-only]
+    python benchmarks/survey_scale.py [--exposures 200]
 
 A simulated survey (default 200 exposures, 14 fibers, 4096 pixels, the demo's synthetic
 grid; cached under store/bench/) is calibrated by :func:`kspec_fluxcal.run_survey` on a
@@ -14,7 +14,8 @@ LocalCluster of 1 and then 2 single-threaded worker processes. Printed:
 - peak RSS per worker after 50 exposures and at the end (it must not grow with the number
   of exposures), sampled every 0.5 s with ``client.run``;
 - the graph: tasks per exposure, and the sizes of what is shipped to the workers;
-- where a calibrate task's time goes (one exposure in this process, stages and profile).
+
+Where a calibrate task's time goes, stage by stage, is printed by ``benchmarks/speed.py``.
 
 Issue 6's targets; the machine may be shared, so rates are indicative.
 """
@@ -27,18 +28,11 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
-import pickle  # noqa: E402
 import shutil  # noqa: E402
 import threading  # noqa: E402
-import warnings  # noqa: E402
 
 import numpy as np  # noqa: E402
-from _common import CACHE, Timer, demo_cube, demo_grid, peak_rss_mb, profile_top  # noqa: E402
-
-#: Package modules in profiles (pstats strips directories).
-_PACKAGE_MODULES = (r"(matching|standards|photometry|continuum|templates|calibration|reddening"
-                    r"|catalog|exposure)\.py")
+from _common import CACHE, Timer, demo_cube, demo_grid, peak_rss_mb  # noqa: E402
 
 
 def survey_lake(exposures, workers=2):
@@ -189,94 +183,15 @@ def run_once(lake, cube, n_workers, out):
     }
 
 
-def profile_exposure(lake, cube, repeat=5):
-    """Stage times of a calibrate task for a few exposures, and a profile of fit_standards."""
-    import dask
-
-    from kspec_fluxcal.calibration import apply_calibration, combine_vectors
-    from kspec_fluxcal.catalog import read_catalog
-    from kspec_fluxcal.config import Config
-    from kspec_fluxcal.exposure import open_exposure
-    from kspec_fluxcal.grid import open_grid
-    from kspec_fluxcal.lsf import exposure_lsf
-    from kspec_fluxcal.products import write_calibrated
-    from kspec_fluxcal.standards import fit_standards, prepare_setup
-    from kspec_fluxcal.survey import _setup_for
-    from kspec_fluxcal.survey.archive import archive_record
-
-    manifest = json.loads((lake / "survey.json").read_text())
-    config = Config()
-    catalog = read_catalog(lake / "catalog.csv")
-    paths = [lake / e["path"] for e in manifest["exposures"][:repeat]]
-    stages = {k: [] for k in ("open", "fit_standards", "combine", "apply", "write", "record")}
-    out = CACHE / "survey_scale_profile"
-    out.mkdir(parents=True, exist_ok=True)
-    with dask.config.set(scheduler="synchronous"), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        first = open_exposure(paths[0])
-        with Timer() as tp:
-            setup = prepare_setup(open_grid(cube), first["wavelength"].values,
-                                  exposure_lsf(first, config), config)
-        nstars = []
-        for path in paths:
-            with Timer() as t:
-                exposure = open_exposure(path)
-            stages["open"].append(t.seconds)
-            grid = _setup_for(setup, exposure, cube)  # as the survey's calibrate task does
-            with Timer() as t:
-                stars = fit_standards(exposure, catalog, grid, config)
-            stages["fit_standards"].append(t.seconds)
-            nstars.append(stars.sizes["star"])
-            with Timer() as t:
-                calibration = combine_vectors(stars, config=config)
-            stages["combine"].append(t.seconds)
-            with Timer() as t:
-                calibrated = apply_calibration(exposure, calibration)
-            stages["apply"].append(t.seconds)
-            with Timer() as t:
-                write_calibrated(calibrated, out / f"{path.stem}_fluxcal.fits", overwrite=True,
-                                 stars=stars)
-            stages["write"].append(t.seconds)
-            with Timer() as t:
-                archive_record(calibrated, stars, calibration)
-            stages["record"].append(t.seconds)
-        exposure = open_exposure(paths[0])
-        text = profile_top(lambda: fit_standards(exposure, catalog, setup, config), n=14,
-                           sort="cumtime", restrict=_PACKAGE_MODULES)
-        tottime = profile_top(lambda: fit_standards(exposure, catalog, setup, config), n=12)
-    shutil.rmtree(out, ignore_errors=True)
-    return {"prepare": tp.seconds, "setup_mb": setup.nbytes / 1e6, "stages": stages,
-            "nstars": nstars, "profile": text, "tottime": tottime,
-            "catalog_mb": catalog.nbytes / 1e6,
-            "config_bytes": len(pickle.dumps(config))}
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--exposures", type=int, default=200)
-    parser.add_argument("--profile-only", action="store_true")
     args = parser.parse_args()
 
     lake = survey_lake(args.exposures)
     cube = demo_cube()
     print(f"survey: {lake} ({args.exposures} exposures, 14 fibers, 4096 pixels); "
           f"grid {cube}; {os.cpu_count()} cores")
-
-    prof = profile_exposure(lake, cube)
-    total = sum(np.mean(v) for v in prof["stages"].values())
-    print(f"\none exposure in this process (mean of {len(prof['nstars'])}, standards "
-          f"{prof['nstars']}): {total:.3f} s -> {60 / total:.0f} exposures/min/core")
-    for name, values in prof["stages"].items():
-        print(f"  {name:<14} {np.mean(values):.3f} s  ({100 * np.mean(values) / total:4.1f} %)")
-    print(f"  (prepare_setup once per setup: {prof['prepare']:.2f} s, cube "
-          f"{prof['setup_mb']:.1f} MB; catalog {prof['catalog_mb']:.2f} MB scattered once; "
-          f"config {prof['config_bytes']} bytes per task)")
-    print("\nfit_standards, cumulative time by kspec_fluxcal function:")
-    print(prof["profile"])
-    print("\nfit_standards, own time (top 12):")
-    print(prof["tottime"])
-    if args.profile_only:
-        return
 
     results = []
     for n_workers in (1, 2):

@@ -44,7 +44,7 @@ import numpy as np
 import xarray as xr
 
 from ._atomic import check_regular_file
-from .catalog import _numeric, _objids, _unique_ids
+from .catalog import _numeric, _objids, _parse_floats, _unique_ids
 from .constants import (
     FWHM_PER_SIGMA,
     POSITION_MATCH_ARCSEC,
@@ -242,16 +242,12 @@ def _parse_cell(cell, path, column, row):
         return np.zeros(0)
     tokens = [t.strip() for t in (body.split(",") if "," in body else body.split())]
     text = np.array(["nan" if t.lower() in _MISSING else t for t in tokens], dtype=object)
-    try:
-        return text.astype(np.float64)
-    except ValueError:
-        for k, t in enumerate(text):
-            try:
-                float(t)
-            except ValueError:
-                raise InputError(path, f"column {column} row {row}",
-                                 f"sample {k + 1} ({t!r}) is not a number") from None
-        raise
+
+    def not_a_number(k, t):
+        raise InputError(path, f"column {column} row {row}",
+                         f"sample {k + 1} ({t!r}) is not a number") from None
+
+    return _parse_floats(text, not_a_number)
 
 
 def _array_column(cells, path, column, rows, like=None):

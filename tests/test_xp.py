@@ -611,6 +611,17 @@ def test_simulated_survey_writes_xp_csv(small_grid, tmp_path):
     assert truth["std_xp_systematic"].shape == (2, NXP)
 
 
+def test_simulated_exposures_without_standards_have_empty_xp(small_grid, tmp_path):
+    """XP spectra are drawn per standard: an exposure planned without standards has none
+    (simulating it failed on stacking zero spectra)."""
+    out = simulate_survey(tmp_path / "s", exposures=4, nights=1, seed=4, grid=small_grid,
+                          setups=[SETUP], n_standards=(1, 1), xp=True, no_standards=0.5)
+    info = json.loads((out / "survey.json").read_text())
+    sizes = [dict(np.load(out / e["truth"]))["std_xp_flux"].shape[0] for e in info["exposures"]]
+    assert 0 in sizes and 1 in sizes
+    assert read_xp(out / "xp.csv").sizes["xp_star"] == sum(sizes)
+
+
 @pytest.mark.cluster
 def test_survey_with_xp(small_grid, world, tmp_path):
     """``run_survey(xp=...)``: every exposure's standards are fitted with the spectra (sent

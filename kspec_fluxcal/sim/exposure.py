@@ -425,7 +425,7 @@ def _red_file(counts, fibres, pixels, cond, written):
     header["RACEN"] = (round(cond["field"][0], 6), "field centre RA, deg")
     header["DECCEN"] = (round(cond["field"][1], 6), "field centre Dec, deg")
     header["SETUP"] = (setup.name, "instrument setup (simulation)")
-    header["SIMULATE"] = (True, "simulated by kspec_fluxcal.simulate")
+    header["SIMULATE"] = (True, "simulated by kspec_fluxcal.sim")
     wave_out, wave_header = None, None
     rows = air_to_vacuum(pixels.rows) if medium == "vac" else pixels.rows
     if wavelength_format == "wcs":

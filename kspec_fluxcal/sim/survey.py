@@ -340,7 +340,7 @@ def _survey_info(seed, options, stars, n_rows, manifest):
     source = options["standard_source"] or stars
     return {
         "title": "kspec-fluxcal simulated survey (SYNTHETIC data)",
-        "generator": f"kspec_fluxcal.simulate {__version__}",
+        "generator": f"kspec_fluxcal.sim {__version__}",
         "seed": int(seed),
         "options": {
             **{k: options[k] for k in ("exposures", "nights", "fibers", "pixels")},

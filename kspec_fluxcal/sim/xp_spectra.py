@@ -72,7 +72,7 @@ def _xp_noise(rng, n, nxp):
     kernel = np.exp(-0.5 * (k / _XP_NOISE_CORRELATION) ** 2)
     kernel /= np.sqrt(np.sum(kernel**2))
     white = rng.standard_normal((n, nxp + k.size - 1))
-    return np.stack([np.convolve(w, kernel, mode="valid") for w in white])
+    return np.array([np.convolve(w, kernel, mode="valid") for w in white]).reshape(n, nxp)
 
 
 def _xp_systematic(rng, n, nm):
