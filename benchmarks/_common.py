@@ -116,7 +116,7 @@ def reference_grid(full=True, workers=2):
 
 def reference_cube(workers=2):
     """The Zarr cube of :func:`reference_grid` (optical, cached)."""
-    from kspec_fluxcal.grid_build import build_grid
+    from kspec_fluxcal.grid.build import build_grid
 
     out = CACHE / "bosz_r10000_optical.zarr"
     return build_grid(reference_grid(full=False, workers=workers), out, workers=workers,
@@ -146,7 +146,7 @@ def demo_grid(workers=2):
 
 def demo_cube(workers=2):
     """The Zarr cube of :func:`demo_grid` (cached)."""
-    from kspec_fluxcal.grid_build import build_grid
+    from kspec_fluxcal.grid.build import build_grid
 
     return build_grid(demo_grid(workers), CACHE / "demo_grid.zarr", workers=workers,
                       progress=False)
@@ -171,6 +171,6 @@ def ck04_grid():
 
 def ck04_cube(workers=2):
     """The Zarr cube of :func:`ck04_grid` (cached)."""
-    from kspec_fluxcal.grid_build import build_grid
+    from kspec_fluxcal.grid.build import build_grid
 
     return build_grid(ck04_grid(), CACHE / "ck04.zarr", workers=workers, progress=False)

@@ -65,13 +65,13 @@ from kspec_fluxcal.config import Config, continuum_options  # noqa: E402
 from kspec_fluxcal.constants import FWHM_PER_SIGMA, SPEED_OF_LIGHT_KMS  # noqa: E402
 from kspec_fluxcal.continuum import fit_continuum  # noqa: E402
 from kspec_fluxcal.exposure import open_exposure  # noqa: E402
-from kspec_fluxcal.exposure_templates import template_library  # noqa: E402
+from kspec_fluxcal.fit.exposure_templates import template_library  # noqa: E402
+from kspec_fluxcal.fit.matching import score_templates  # noqa: E402
+from kspec_fluxcal.fit.standards import fit_standards
 from kspec_fluxcal.grid import PARAMS, open_grid  # noqa: E402
 from kspec_fluxcal.lsf import exposure_lsf  # noqa: E402
 from kspec_fluxcal.masks import region_mask  # noqa: E402
-from kspec_fluxcal.matching import score_templates  # noqa: E402
 from kspec_fluxcal.sim import CATALOG_HEADER, GridStars, Setup, simulate_exposure  # noqa: E402
-from kspec_fluxcal.standards import fit_standards
 from kspec_fluxcal.templates import library_spectra  # noqa: E402
 
 SEED = 4

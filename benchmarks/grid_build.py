@@ -34,7 +34,7 @@ os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 import numpy as np  # noqa: E402
 from _common import CACHE, best_of, fmt_times, load_note, reference_grid  # noqa: E402
 
-from kspec_fluxcal.grid_build import build_grid, read_bosz_spectrum, scan_bosz  # noqa: E402
+from kspec_fluxcal.grid.build import build_grid, read_bosz_spectrum, scan_bosz  # noqa: E402
 
 N_LOADTXT = 40
 

@@ -109,16 +109,17 @@ def own_setup_lake(n):
 
 STAGES = ("read", "fit", "combine", "apply", "write", "record")
 #: Package modules shown in the fit's profile (pstats strips directories).
-PACKAGE = (r"(standards|matching|calibration|telluric|continuum|templates|photometry|catalog"
-           r"|exposure|lsf|masks|reddening)\.py")
+PACKAGE = (r"(standards|inputs|scan|parameter_choice|final_model|acceptance|model_photometry"
+           r"|exposure_templates|refinement|velocity|matching|shifts|calibration|telluric"
+           r"|continuum|templates|photometry|catalog|exposure|lsf|masks|reddening)\.py")
 
 
 def _stages(path, catalog, library, config, out):
     """CPU seconds of each stage of one exposure, as the survey's task runs them."""
     from kspec_fluxcal.calibration import apply_calibration, combine_vectors
     from kspec_fluxcal.exposure import open_exposure
+    from kspec_fluxcal.fit.standards import fit_standards
     from kspec_fluxcal.products import write_calibrated
-    from kspec_fluxcal.standards import fit_standards
     from kspec_fluxcal.survey.archive import archive_record
 
     times, c = {}, time.process_time()
@@ -151,9 +152,9 @@ def per_exposure(lake, cube, n):
     from kspec_fluxcal.catalog import read_catalog
     from kspec_fluxcal.config import Config
     from kspec_fluxcal.exposure import open_exposure
-    from kspec_fluxcal.exposure_templates import template_library
+    from kspec_fluxcal.fit.exposure_templates import template_library
+    from kspec_fluxcal.fit.standards import fit_standards
     from kspec_fluxcal.grid import open_grid
-    from kspec_fluxcal.standards import fit_standards
     from kspec_fluxcal.templates import clear_cache
 
     paths = _lake_paths(lake)[:n]
@@ -308,7 +309,7 @@ def _cli_run(*args, env=None):
 
 
 def grid_build(repeat=3):
-    from kspec_fluxcal.grid_build import scan_bosz
+    from kspec_fluxcal.grid.build import scan_bosz
 
     source = reference_grid(full=True)
     paths = [m["path"] for m in scan_bosz(source)["models"]]
@@ -351,7 +352,7 @@ def print_grid_build(r):
 #: exposure's calibration and its template library started and ended (time.time()).
 _DRIVER = r"""
 import json, sys, time
-import kspec_fluxcal.pipeline as pipeline, kspec_fluxcal.standards as standards
+import kspec_fluxcal.pipeline as pipeline, kspec_fluxcal.fit.standards as standards
 from kspec_fluxcal.cli import main
 marks = {}
 def timed(module, name):

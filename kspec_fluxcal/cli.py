@@ -99,7 +99,7 @@ def _calibration_state(ds):
 
 
 def _cmd_grid_build(args):
-    from .grid_build import build_grid
+    from .grid.build import build_grid
 
     build_grid(args.bosz_dir, args.out, wave_min=args.wave_min, wave_max=args.wave_max,
                resolution=args.resolution, workers=args.workers, progress=not args.quiet,

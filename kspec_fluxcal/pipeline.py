@@ -15,10 +15,10 @@ from .catalog import read_catalog
 from .config import Config, load_config
 from .errors import ExposureError, FluxCalError, FluxCalWarning, OutputExistsError
 from .exposure import calibration_marks, open_exposure
+from .fit.standards import fit_standards
 from .grid import open_grid
 from .products import write_calibrated
 from .spectrophotometry import check_exposure
-from .standards import fit_standards
 from .xp import read_xp
 
 __all__ = ["calibrate", "calibrate_exposure", "CalibrationResult", "output_name"]

@@ -43,7 +43,7 @@ def command_inputs(small_grid, tmp_path_factory):
     simulated survey (4 exposures, one setup) and one exposure with its catalog."""
     from test_bad_input import build_base, write_catalog
 
-    from kspec_fluxcal.grid_build import build_grid
+    from kspec_fluxcal.grid.build import build_grid
     from kspec_fluxcal.sim import Setup, simulate_survey
 
     root = tmp_path_factory.mktemp("commands")

@@ -34,7 +34,7 @@ from kspec_fluxcal.errors import (
 )
 from kspec_fluxcal.exposure import open_exposure, read_exposure_info
 from kspec_fluxcal.grid import open_grid
-from kspec_fluxcal.grid_build import build_grid
+from kspec_fluxcal.grid.build import build_grid
 from kspec_fluxcal.pipeline import calibrate_exposure
 from kspec_fluxcal.sim import (
     CATALOG_HEADER,

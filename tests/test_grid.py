@@ -11,7 +11,7 @@ from conftest import SHARED_REAL, requires_shared
 from kspec_fluxcal.constants import BANDS
 from kspec_fluxcal.errors import FluxCalWarning, GridError
 from kspec_fluxcal.grid import open_grid
-from kspec_fluxcal.grid_build import (
+from kspec_fluxcal.grid.build import (
     build_grid,
     parse_bosz_filename,
     read_bosz_spectrum,
@@ -92,7 +92,7 @@ def test_rebuild_is_idempotent_and_resumes(bosz_dir, tmp_path, capsys):
     # An interrupted build: the partial store and its state survive, the final store is absent.
     out2 = tmp_path / "h.zarr"
     calls = {"n": 0}
-    import kspec_fluxcal.grid_build as gridmod
+    import kspec_fluxcal.grid.build as gridmod
 
     original = gridmod._save_state
 

@@ -4,10 +4,10 @@ import xarray as xr
 
 from kspec_fluxcal.constants import SPEED_OF_LIGHT_KMS
 from kspec_fluxcal.continuum import fit_continuum, normalize_continuum
-from kspec_fluxcal.matching import score_star, score_templates
-from kspec_fluxcal.refinement import quadratic_minimum
-from kspec_fluxcal.shifts import shift_spectra
-from kspec_fluxcal.velocity import cross_correlate_rv, refine_rv
+from kspec_fluxcal.fit.matching import score_star, score_templates
+from kspec_fluxcal.fit.refinement import quadratic_minimum
+from kspec_fluxcal.fit.shifts import shift_spectra
+from kspec_fluxcal.fit.velocity import cross_correlate_rv, refine_rv
 
 WAVE = np.linspace(3800.0, 8200.0, 1600)
 SIGMA_PIX = 1.0  # line sigma in pixels (FWHM ~2.4 pixels, like K-SPEC)
@@ -161,7 +161,7 @@ def test_quadratic_minimum():
 
 
 def test_tabulated_lanczos_weights_equal_the_kernel():
-    from kspec_fluxcal.shifts import _exact_kernel_weights, _kernel_weights
+    from kspec_fluxcal.fit.shifts import _exact_kernel_weights, _kernel_weights
 
     frac = np.random.default_rng(2).random(5000)
     frac[:3] = [0.0, 1.0 - 1e-12, 0.5]

@@ -20,7 +20,7 @@ from distributed import Client, get_task_stream
 
 from kspec_fluxcal import cli
 from kspec_fluxcal.config import Config
-from kspec_fluxcal.grid_build import build_grid
+from kspec_fluxcal.grid.build import build_grid
 from kspec_fluxcal.qc import qc_from_file
 from kspec_fluxcal.sim import Setup, compare_with_truth, simulate_survey
 from kspec_fluxcal.survey import local_cluster, run_survey

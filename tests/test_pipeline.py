@@ -8,7 +8,7 @@ from kspec_fluxcal.calibration import running_median
 from kspec_fluxcal.errors import CalibrationError
 from kspec_fluxcal.exposure import open_exposure
 from kspec_fluxcal.grid import open_grid
-from kspec_fluxcal.grid_build import build_grid
+from kspec_fluxcal.grid.build import build_grid
 from kspec_fluxcal.masks import region_mask
 from kspec_fluxcal.pipeline import calibrate_exposure, output_name
 from kspec_fluxcal.products import read_standard_stars

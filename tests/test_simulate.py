@@ -14,7 +14,7 @@ from kspec_fluxcal.catalog import match_standards, read_catalog
 from kspec_fluxcal.constants import BANDS, FLUX_UNIT_SCALE, SPEED_OF_LIGHT_KMS
 from kspec_fluxcal.errors import OutputExistsError
 from kspec_fluxcal.exposure import exposure_setup, open_exposure
-from kspec_fluxcal.grid_build import read_bosz_spectrum, scan_bosz
+from kspec_fluxcal.grid.build import read_bosz_spectrum, scan_bosz
 from kspec_fluxcal.masks import load_regions, region_mask
 from kspec_fluxcal.photometry import synthetic_mag
 from kspec_fluxcal.reddening import extinction_per_ebv

@@ -9,7 +9,7 @@ from conftest import SHARED_REAL, requires_shared
 from kspec_fluxcal.constants import STEFAN_BOLTZMANN
 from kspec_fluxcal.errors import FluxCalWarning, InputError
 from kspec_fluxcal.grid import open_grid
-from kspec_fluxcal.grid_build import build_grid, read_bosz_spectrum, scan_bosz
+from kspec_fluxcal.grid.build import build_grid, read_bosz_spectrum, scan_bosz
 from kspec_fluxcal.pipeline import calibrate_exposure
 from kspec_fluxcal.reddening import extinction_per_ebv
 from kspec_fluxcal.sim import (

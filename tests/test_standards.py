@@ -12,9 +12,10 @@ from kspec_fluxcal.catalog import read_catalog
 from kspec_fluxcal.config import Config
 from kspec_fluxcal.errors import CalibrationError, FluxCalWarning
 from kspec_fluxcal.exposure import open_exposure
-from kspec_fluxcal.exposure_templates import template_library
+from kspec_fluxcal.fit.exposure_templates import template_library
+from kspec_fluxcal.fit.standards import fit_standards
 from kspec_fluxcal.grid import open_grid
-from kspec_fluxcal.grid_build import build_grid
+from kspec_fluxcal.grid.build import build_grid
 from kspec_fluxcal.masks import region_mask
 from kspec_fluxcal.sim import (
     GridStars,
@@ -23,7 +24,6 @@ from kspec_fluxcal.sim import (
     write_catalog,
     write_synthetic_grid,
 )
-from kspec_fluxcal.standards import fit_standards
 
 SETUP = Setup(name="test", pixels=2048, fibers=8)
 # Stars made from the fitting grid itself: the spectral chi^2 is statistically right (no

@@ -32,7 +32,7 @@ from kspec_fluxcal._lock import exclusive
 from kspec_fluxcal.config import Config
 from kspec_fluxcal.errors import FluxCalError, FluxCalWarning, InputError
 from kspec_fluxcal.exposure import open_exposure
-from kspec_fluxcal.grid_build import build_grid
+from kspec_fluxcal.grid.build import build_grid
 from kspec_fluxcal.sim import Setup, compare_with_truth, simulate_survey, write_synthetic_grid
 from kspec_fluxcal.survey import (
     WORKER_MALLOC_ENV,

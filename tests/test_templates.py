@@ -9,7 +9,7 @@ from kspec_fluxcal import templates
 from kspec_fluxcal.constants import FWHM_PER_SIGMA
 from kspec_fluxcal.errors import FluxCalWarning, GridError
 from kspec_fluxcal.grid import open_grid
-from kspec_fluxcal.grid_build import build_grid
+from kspec_fluxcal.grid.build import build_grid
 from kspec_fluxcal.lsf import LineSpread
 from kspec_fluxcal.templates import (
     CACHE_ENV,

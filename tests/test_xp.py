@@ -20,9 +20,10 @@ from kspec_fluxcal.config import Config
 from kspec_fluxcal.constants import XP_FLUX_TO_CGS
 from kspec_fluxcal.errors import CatalogError, FluxCalWarning, InputError
 from kspec_fluxcal.exposure import open_exposure
-from kspec_fluxcal.exposure_templates import template_library
+from kspec_fluxcal.fit.exposure_templates import template_library
+from kspec_fluxcal.fit.standards import _XP_ARRAYS, fit_standards
 from kspec_fluxcal.grid import open_grid
-from kspec_fluxcal.grid_build import build_grid
+from kspec_fluxcal.grid.build import build_grid
 from kspec_fluxcal.photometry import band_wavelength, fit_warp, warp_basis
 from kspec_fluxcal.products import read_standard_stars
 from kspec_fluxcal.sim import (
@@ -36,7 +37,6 @@ from kspec_fluxcal.sim import (
     xp_rows,
 )
 from kspec_fluxcal.sim.xp_spectra import _xp_systematic
-from kspec_fluxcal.standards import _XP_ARRAYS, fit_standards
 from kspec_fluxcal.wavelength import vacuum_to_air
 from kspec_fluxcal.xp import default_sampling, match_xp, read_xp, xp_resolution
 

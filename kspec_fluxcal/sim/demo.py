@@ -34,7 +34,7 @@ def run_demo(out="store/demo", *, exposures=20, nights=4, workers=None, seed=1,
     workers : int, optional
         LocalCluster workers (default: one per core).
     """
-    from ..grid_build import build_grid
+    from ..grid.build import build_grid
 
     start = time.time()
     out = Path(out)

@@ -42,7 +42,7 @@ from scipy.interpolate import CubicSpline
 from ..constants import BOSZ_RESOLUTIONS, CK04_MARKER, STEFAN_BOLTZMANN
 from ..errors import InputError
 from ..grid import PARAMS, interpolation_weights
-from ..grid_build import _read_wavelength, read_bosz_spectrum, scan_bosz
+from ..grid.build import _read_wavelength, read_bosz_spectrum, scan_bosz
 from ..reddening import extinction_per_ebv
 from ..wavelength import vacuum_to_air
 from .bosz_files import bosz_wavelength_grid

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .qc_figures import _coord, _fmt, _label
+from .figures import _coord, _fmt, _label
 
 
 def _check_lines(attrs):

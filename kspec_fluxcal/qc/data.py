@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from .errors import ExposureError
-from .exposure import open_exposure
-from .masks import load_regions
-from .products import read_standard_stars
+from ..errors import ExposureError
+from ..exposure import open_exposure
+from ..masks import load_regions
+from ..products import read_standard_stars
 
 # Pipeline notes (FluxCalWarnings) are stored in the history with this prefix.
 _NOTE_PREFIX = "note: "

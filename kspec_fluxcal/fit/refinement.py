@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse
 
-from .grid import PARAMS, interpolation_weights
+from ..grid import PARAMS, interpolation_weights
 from .matching import score_star
 
 __all__ = ["refine_parameters", "score_points", "quadratic_minimum"]

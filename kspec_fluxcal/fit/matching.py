@@ -1,6 +1,6 @@
 """Template matching: scores of templates against the standards' spectra, each template
 fitted with a smooth multiplicative correction, over the whole prepared cube in one
-vectorised pass (templates moved to each star's velocity by :mod:`kspec_fluxcal.shifts`).
+vectorised pass (templates moved to each star's velocity by :mod:`kspec_fluxcal.fit.shifts`).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import numpy as np
 import scipy.sparse
 import xarray as xr
 
-from .constants import SPEED_OF_LIGHT_KMS
+from ..constants import SPEED_OF_LIGHT_KMS
 from .shifts import _edge_margin, shift_matrix, shift_spectra
 
 __all__ = ["score_templates", "score_star", "fit_corrected", "star_correction",
@@ -19,7 +19,7 @@ __all__ = ["score_templates", "score_star", "fit_corrected", "star_correction",
 
 def _correction_basis(wavelength, knot_spacing):
     """Basis of the smooth multiplicative correction (a constant when no knot spacing)."""
-    from .continuum import spline_basis
+    from ..continuum import spline_basis
 
     if knot_spacing:
         return spline_basis(wavelength, knot_spacing)
@@ -47,7 +47,7 @@ def correction_parameters(wavelength, knot_spacing):
     """Free parameters of the smooth multiplicative correction fitted with each template (1:
     a single amplitude without knots): what a template's fit takes from a star's degrees of
     freedom."""
-    from .continuum import spline_basis
+    from ..continuum import spline_basis
 
     return spline_basis(wavelength, knot_spacing)[0].shape[1] if knot_spacing else 1
 

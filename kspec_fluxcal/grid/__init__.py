@@ -1,5 +1,5 @@
 """The stellar template grid: a labelled Zarr v3 cube with dims (teff, logg, feh, alpha,
-wavelength), built once from BOSZ 2024 files (:mod:`kspec_fluxcal.grid_build`) and read back
+wavelength), built once from BOSZ 2024 files (:mod:`kspec_fluxcal.grid.build`) and read back
 lazily here, with look-ups and interpolation in its parameters.
 
 Store layout
@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from ._zarr import strings_as_unicode
-from .errors import GridError
+from .._zarr import strings_as_unicode
+from ..errors import GridError
 
 __all__ = [
     "open_grid",

@@ -8,9 +8,9 @@ import numpy as np
 import xarray as xr
 from astropy.io import fits
 
-from .constants import FIBER_TYPES
-from .errors import ExposureError
-from .fits_file import hdu_data
+from ..constants import FIBER_TYPES
+from ..errors import ExposureError
+from ..fits_file import hdu_data
 
 __all__ = ["fibres_coords", "FIBRES_EXTNAMES"]
 

@@ -1,4 +1,4 @@
-"""What the standard-star fit starts from (steps 1-2 of :mod:`kspec_fluxcal.standards`): the
+"""What the standard-star fit starts from (steps 1-2 of :mod:`kspec_fluxcal.fit.standards`): the
 standards' spectra on their own pixels, continuum-normalised and masked, and what the catalog
 says before the spectra (reddening, a Teff window from the colours, the parallax)."""
 
@@ -9,11 +9,11 @@ from types import SimpleNamespace
 import numpy as np
 import xarray as xr
 
-from .config import continuum_options
-from .constants import A_GAIA_G_PER_EBV, A_PS1_G_PER_EBV
-from .continuum import fit_continuum
-from .masks import region_mask
-from .photometry import teff_from_color
+from ..config import continuum_options
+from ..constants import A_GAIA_G_PER_EBV, A_PS1_G_PER_EBV
+from ..continuum import fit_continuum
+from ..masks import region_mask
+from ..photometry import teff_from_color
 
 __all__ = ["observed_standards", "catalog_priors"]
 

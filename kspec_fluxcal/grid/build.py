@@ -4,7 +4,7 @@ reads (its layout and chunks are described there).
 
 The build is resumable: it goes into a hidden ``<out>.partial`` store one Teff slab at a time,
 recording finished slabs, and is renamed into place only when complete. Files are read by
-:mod:`kspec_fluxcal._bosz`, in this process or in a pool.
+:mod:`kspec_fluxcal.grid._bosz`, in this process or in a pool.
 """
 
 from __future__ import annotations
@@ -22,15 +22,15 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-from . import __version__
-from ._atomic import TEMP_PREFIX
+from .. import __version__
+from .._atomic import TEMP_PREFIX
+from .._zarr import strings_as_object
+from ..constants import BANDS, BOSZ_RESOLUTIONS, CK04_MARKER
+from ..errors import FluxCalWarning, GridError
+from ..photometry import band_weights
+from ..reddening import LAWS, extinction_per_ebv
+from . import PARAMS
 from ._bosz import EBV_REFERENCE, band_matrix, read_bosz_spectrum, template_reader
-from ._zarr import strings_as_object
-from .constants import BANDS, BOSZ_RESOLUTIONS, CK04_MARKER
-from .errors import FluxCalWarning, GridError
-from .grid import PARAMS
-from .photometry import band_weights
-from .reddening import LAWS, extinction_per_ebv
 
 __all__ = [
     "parse_bosz_filename",

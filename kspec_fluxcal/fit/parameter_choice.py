@@ -1,12 +1,12 @@
-"""The choice of each standard's parameters (step 5 of :mod:`kspec_fluxcal.standards`): grid
+"""The choice of each standard's parameters (step 5 of :mod:`kspec_fluxcal.fit.standards`): grid
 points by spectral + photometric + prior scores, then refined between the grid's nodes."""
 
 from __future__ import annotations
 
 import numpy as np
 
+from ..grid import PARAMS
 from .exposure_templates import interpolated_corners
-from .grid import PARAMS
 from .matching import star_correction
 from .refinement import refine_parameters, score_points
 
@@ -30,7 +30,7 @@ def choose_parameters(obs, tm, scan, phot, prior, config, start=None):
     ``start`` (parameters of a previous pass), a short refinement around them (step 5).
 
     Takes the observed standards, the exposure's templates, the scan, the photometric score
-    (:class:`~kspec_fluxcal.model_photometry.PhotometricScore`), the priors and the config.
+    (:class:`~kspec_fluxcal.fit.model_photometry.PhotometricScore`), the priors and the config.
     Returns ``params`` and ``errors``: dicts of (S,) arrays for teff, logg, feh and alpha
     (errors NaN where not refined)."""
     fit = config.fit

@@ -1,6 +1,6 @@
 """The QC plots of one calibrated exposure, one function per kind of plot.
 
-Each takes the :class:`~kspec_fluxcal.qc_data._QCData` of the exposure and returns
+Each takes the :class:`~kspec_fluxcal.qc.data._QCData` of the exposure and returns
 ``(figure, None)``, or ``(None, why)`` when the data for the plot are missing; the figures
 are written by :func:`kspec_fluxcal.qc.write_qc`.
 """
@@ -14,10 +14,11 @@ import numpy as np
 from matplotlib.lines import Line2D
 from matplotlib.ticker import FuncFormatter
 
-from .constants import CAL_UNIT, FLUX_UNIT
-from .lsf import LineSpread
-from .qc_data import _as_float, _has, _star_vectors
-from .qc_figures import (
+from ..constants import CAL_UNIT, FLUX_UNIT
+from ..lsf import LineSpread
+from ..telluric import transmission
+from .data import _as_float, _has, _star_vectors
+from .figures import (
     _BRIDGED_COLOUR,
     _MASKED_COLOUR,
     _ROW_HEIGHT,
@@ -38,7 +39,6 @@ from .qc_figures import (
     _smooth,
     _star_styles,
 )
-from .telluric import transmission
 
 
 def _plot_calibration(qc):
@@ -288,7 +288,7 @@ def _band_wavelength(band):
     """Effective wavelength of a band, Angstrom (NaN for an unknown band)."""
     if band not in _BAND_WAVELENGTHS:
         try:
-            from .photometry import load_band
+            from ..photometry import load_band
 
             _BAND_WAVELENGTHS[band] = float(load_band(band).effective_wavelength.value)
         except Exception:  # an unknown band is put last rather than stopping the QC

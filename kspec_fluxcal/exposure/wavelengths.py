@@ -8,8 +8,8 @@ import warnings
 
 import numpy as np
 
-from .errors import ExposureError
-from .fits_file import find_hdu, hdu_data, header_value
+from ..errors import ExposureError
+from ..fits_file import find_hdu, hdu_data, header_value
 
 __all__ = ["raw_wavelength", "fiber_wavelengths", "check_wavelength", "unsolved_pixels"]
 

@@ -1,4 +1,4 @@
-"""The standards against the library (steps 3-4 and 6 of :mod:`kspec_fluxcal.standards`):
+"""The standards against the library (steps 3-4 and 6 of :mod:`kspec_fluxcal.fit.standards`):
 velocities by cross-correlation, every candidate template scored, the velocity refined on the
 best; and the width of the line spread the stars show."""
 
@@ -9,9 +9,9 @@ from types import SimpleNamespace
 import numpy as np
 import xarray as xr
 
+from ..templates import library_spectra
 from .exposure_templates import interpolated_corners, reference_templates
 from .matching import correction_parameters, score_star, score_templates, star_correction
-from .templates import library_spectra
 from .velocity import cross_correlate_rv, refine_rv
 
 __all__ = ["initial_rv", "scan_templates", "fit_lsf_scale"]
@@ -23,7 +23,7 @@ _LSF_TRIALS = np.array([0.9, 1.0, 1.1])
 def initial_rv(obs, prior, tm, config):
     """Velocities (S,) km/s by cross-correlation against a template near each star's colour
     Teff (step 3): takes the observed standards, the priors, the exposure's templates ``tm``
-    (:class:`~kspec_fluxcal.exposure_templates.ExposureTemplates`) and the config (rv_max)."""
+    (:class:`~kspec_fluxcal.fit.exposure_templates.ExposureTemplates`) and the config (rv_max)."""
     ref = reference_templates(tm.library, prior.teff_colour)
     rv, _ = cross_correlate_rv(obs.norm, obs.ivar, tm.fetch(ref), obs.wave,
                                rv_max=config.fit.rv_max, star_wavelength=obs.star_wave)

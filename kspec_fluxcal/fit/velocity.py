@@ -1,11 +1,11 @@
 """Radial velocities of the standards: FFT cross-correlation in ln(lambda) for a start, then a
-chi^2 scan against each star's template (shifted with :mod:`kspec_fluxcal.shifts`)."""
+chi^2 scan against each star's template (shifted with :mod:`kspec_fluxcal.fit.shifts`)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from .constants import SPEED_OF_LIGHT_KMS
+from ..constants import SPEED_OF_LIGHT_KMS
 from .matching import fit_corrected
 from .shifts import _TAPS, _edge_margin, _kernel_weights, _positions
 

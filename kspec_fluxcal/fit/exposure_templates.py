@@ -5,16 +5,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from .config import Config
-from .grid import PARAMS, interpolation_weights
-from .lsf import exposure_lsf
-from .templates import (
-    check_coverage,
-    is_library,
-    library_range,
-    library_spectra,
-    prepare_library,
-)
+from ..config import Config
+from ..grid import PARAMS, interpolation_weights
+from ..lsf import exposure_lsf
+from ..templates import check_coverage, is_library, library_range, library_spectra, prepare_library
 
 __all__ = ["template_library", "ExposureTemplates", "reference_templates",
            "interpolated_corners"]

@@ -14,7 +14,7 @@ import functools
 import numpy as np
 import scipy.sparse
 
-from .constants import SPEED_OF_LIGHT_KMS
+from ..constants import SPEED_OF_LIGHT_KMS
 
 __all__ = ["shift_matrix", "shift_spectra"]
 

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ._signals import starting_workers
-from .errors import GridError
+from .._signals import starting_workers
+from ..errors import GridError
 
 __all__ = ["read_bosz_spectrum", "EBV_REFERENCE", "band_matrix", "template_reader"]
 

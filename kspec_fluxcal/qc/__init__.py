@@ -11,9 +11,9 @@ Figures are drawn with :class:`matplotlib.figure.Figure` on an explicit Agg canv
 through pyplot: no global backend switch, no figure registry, so QC can run in Dask worker
 threads next to each other and inside an interactive session without disturbing it.
 
-The rooms: :mod:`kspec_fluxcal.qc_data` gathers what is drawn (one constructor, from a result
-or from a file), :mod:`kspec_fluxcal.qc_plots` draws each kind of plot (with the helpers of
-:mod:`kspec_fluxcal.qc_figures`), :mod:`kspec_fluxcal.qc_summary` writes the text; this module
+The rooms: :mod:`kspec_fluxcal.qc.data` gathers what is drawn (one constructor, from a result
+or from a file), :mod:`kspec_fluxcal.qc.plots` draws each kind of plot (with the helpers of
+:mod:`kspec_fluxcal.qc.figures`), :mod:`kspec_fluxcal.qc.summary` writes the text; this module
 writes the files.
 """
 
@@ -23,11 +23,11 @@ import re
 import warnings
 from pathlib import Path
 
-from ._atomic import atomic_file
-from .errors import FluxCalWarning
-from .qc_data import _from_file, _from_result
-from .qc_figures import _DPI
-from .qc_plots import (
+from .._atomic import atomic_file
+from ..errors import FluxCalWarning
+from .data import _from_file, _from_result
+from .figures import _DPI
+from .plots import (
     _plot_calibration,
     _plot_photometry,
     _plot_residuals,
@@ -36,7 +36,7 @@ from .qc_plots import (
     _plot_template_match,
     _plot_xp,
 )
-from .qc_summary import _summary_text
+from .summary import _summary_text
 
 __all__ = ["write_qc", "qc_from_file", "qc_directory", "QC_PLOTS"]
 

@@ -5,8 +5,8 @@ An exposure is a Dataset with dims (fiber, wavelength): ``flux`` (counts), ``var
 per-fiber coordinates ``fiber_name``, ``fiber_type``, ``ra``, ``dec``, ``objid``. A calibrated
 file (section 4) opens the same way, with its calibration; products are written by
 :mod:`kspec_fluxcal.products`. The file's parts are read by :mod:`kspec_fluxcal.fits_file`
-(HDUs), :mod:`kspec_fluxcal.exposure_header` (keywords, line spread),
-:mod:`kspec_fluxcal.exposure_wavelength` and :mod:`kspec_fluxcal.exposure_fibres`.
+(HDUs), :mod:`kspec_fluxcal.exposure.header` (keywords, line spread),
+:mod:`kspec_fluxcal.exposure.wavelengths` and :mod:`kspec_fluxcal.exposure.fibres`.
 """
 
 from __future__ import annotations
@@ -21,20 +21,15 @@ import numpy as np
 import xarray as xr
 from astropy.io import fits
 
-from . import __version__
-from .constants import CAL_UNIT, CALIBRATION_KEYWORDS
-from .errors import ExposureError
-from .exposure_fibres import FIBRES_EXTNAMES, fibres_coords
-from .exposure_header import check_width, exposure_keywords, line_spread
-from .exposure_wavelength import (
-    check_wavelength,
-    fiber_wavelengths,
-    raw_wavelength,
-    unsolved_pixels,
-)
-from .fits_file import find_hdu, fits_column, hdu_data, open_fits
-from .lsf import LineSpread
-from .wavelength import vacuum_to_air
+from .. import __version__
+from ..constants import CAL_UNIT, CALIBRATION_KEYWORDS
+from ..errors import ExposureError
+from ..fits_file import find_hdu, fits_column, hdu_data, open_fits
+from ..lsf import LineSpread
+from ..wavelength import vacuum_to_air
+from .fibres import FIBRES_EXTNAMES, fibres_coords
+from .header import check_width, exposure_keywords, line_spread
+from .wavelengths import check_wavelength, fiber_wavelengths, raw_wavelength, unsolved_pixels
 
 __all__ = [
     "open_exposure",

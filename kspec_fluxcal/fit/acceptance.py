@@ -1,5 +1,5 @@
 """Each standard's calibration vector and whether it can calibrate (steps 8-9 of
-:mod:`kspec_fluxcal.standards`): Cal_star with variance and mask, the throughput it implies,
+:mod:`kspec_fluxcal.fit.standards`): Cal_star with variance and mask, the throughput it implies,
 the reason for rejection or 'ok', and notes on accepted fits."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from .constants import FLUX_UNIT_SCALE, HC_ERG_AA
-from .grid import PARAMS
-from .masks import load_regions, region_mask
+from ..constants import FLUX_UNIT_SCALE, HC_ERG_AA
+from ..grid import PARAMS
+from ..masks import load_regions, region_mask
 
 __all__ = ["star_vectors", "implied_throughput", "acceptance", "star_flags"]
 

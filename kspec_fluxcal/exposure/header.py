@@ -3,9 +3,9 @@ checked for plausibility, and its line-spread description."""
 
 from __future__ import annotations
 
-from .errors import ExposureError
-from .fits_file import header_value
-from .lsf import LineSpread
+from ..errors import ExposureError
+from ..fits_file import header_value
+from ..lsf import LineSpread
 
 __all__ = ["exposure_keywords", "check_width", "line_spread", "EXPTIME_RANGE", "AIRMASS_RANGE",
            "SEEING_RANGE", "MIN_PIXELS"]

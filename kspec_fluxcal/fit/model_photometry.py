@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse
 
-from .photometry import fit_photometry, logg_from_parallax
+from ..photometry import fit_photometry, logg_from_parallax
 
 __all__ = ["PhotometricScore", "model_magnitudes", "photometry_rows", "spectral_photometry"]
 

@@ -1,4 +1,4 @@
-"""Each standard's final model (step 7 of :mod:`kspec_fluxcal.standards`): the interpolated
+"""Each standard's final model (step 7 of :mod:`kspec_fluxcal.fit.standards`): the interpolated
 template at its refined parameters, its velocity once more, its model error, and the model at
 Earth (photometric scale, E(B-V), a smooth photometric warp, jointly with Gaia XP)."""
 
@@ -10,16 +10,16 @@ from types import SimpleNamespace
 import numpy as np
 import scipy.sparse
 
-from .constants import FLUX_UNIT_SCALE
-from .errors import FluxCalWarning
+from ..constants import FLUX_UNIT_SCALE
+from ..errors import FluxCalWarning
+from ..photometry import band_wavelength, fit_warp, logg_from_parallax, warp_basis
+from ..reddening import extinction_per_ebv
+from ..xp import xp_level, xp_resolution, xp_rows
 from .exposure_templates import interpolated_corners
 from .matching import correction_parameters, fit_corrected
 from .model_photometry import PhotometricScore, model_magnitudes, photometry_rows
-from .photometry import band_wavelength, fit_warp, logg_from_parallax, warp_basis
-from .reddening import extinction_per_ebv
 from .shifts import shift_spectra
 from .velocity import refine_rv
-from .xp import xp_level, xp_resolution, xp_rows
 
 __all__ = ["final_model"]
 

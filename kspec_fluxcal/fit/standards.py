@@ -6,34 +6,34 @@ Cal_star(lambda) = F_model(lambda) / counts(lambda).
 arrays (per block with Dask); :func:`_fit` composes the named steps, each on plain arrays, in
 the order they run:
 
-1. :func:`~kspec_fluxcal.fit_inputs.observed_standards` -- the standards on their own pixels,
+1. :func:`~kspec_fluxcal.fit.inputs.observed_standards` -- the standards on their own pixels,
    continuum-normalised (tellurics, bad and non-positive pixels masked), their S/N.
-2. :func:`~kspec_fluxcal.fit_inputs.catalog_priors` -- Teff window from the Gaia BP-RP colour
+2. :func:`~kspec_fluxcal.fit.inputs.catalog_priors` -- Teff window from the Gaia BP-RP colour
    (else PS1 g-r) dereddened with the catalog's extinction and read off the templates' own
    synthetic colours; the catalog's E(B-V); the parallax.
-3. :func:`~kspec_fluxcal.template_scan.initial_rv` -- velocity by cross-correlation against a
+3. :func:`~kspec_fluxcal.fit.scan.initial_rv` -- velocity by cross-correlation against a
    template near that Teff.
-4. :func:`~kspec_fluxcal.template_scan.scan_templates` -- every template of the windows scored
+4. :func:`~kspec_fluxcal.fit.scan.scan_templates` -- every template of the windows scored
    in one vectorised pass (chi^2 or Huber, float64, each with a smooth multiplicative
    correction), the velocity refined on the best and the templates scored again.
-5. :func:`~kspec_fluxcal.parameter_choice.choose_parameters` -- spectral scores (per effective
+5. :func:`~kspec_fluxcal.fit.parameter_choice.choose_parameters` -- spectral scores (per effective
    degree of freedom) plus the photometric chi^2 of each scaled, reddened model
-   (:class:`~kspec_fluxcal.model_photometry.PhotometricScore`: E(B-V) with the catalog's as a
+   (:class:`~kspec_fluxcal.fit.model_photometry.PhotometricScore`: E(B-V) with the catalog's as a
    prior, a log g prior from the parallax): the choice of grid points, then lattice refinement
    between grid points from several starts, then [alpha/M] between its nodes.
-6. :func:`~kspec_fluxcal.template_scan.fit_lsf_scale` -- the width of the line spread the
+6. :func:`~kspec_fluxcal.fit.scan.fit_lsf_scale` -- the width of the line spread the
    stars show, relative to the header's (FWHMPCk measured on arcs differ from the stars' by
    pixel response, focus drift, the library's own resolution): a chi^2 parabola in the width
    of the refined models, pooled over the stars; templates re-prepared at that width and the
    refinement (step 5) restarted where it ended.
-7. :func:`~kspec_fluxcal.final_model.final_model` -- the interpolated model, its velocity once
+7. :func:`~kspec_fluxcal.fit.final_model.final_model` -- the interpolated model, its velocity once
    more, its photometric scale, E(B-V) and warp (with Gaia XP where given), and the model
    error: the fractional mismatch per pixel that makes chi^2/dof = 1 (every real grid is 1-3 %
    from real stars).
-8. :func:`~kspec_fluxcal.acceptance.star_vectors` -- Cal_star with variance (photon noise,
+8. :func:`~kspec_fluxcal.fit.acceptance.star_vectors` -- Cal_star with variance (photon noise,
    model error, scale error) and a mask (bad pixels and strong-line cores; telluric bands are
    kept: every fiber shares the atmosphere); the throughput it implies.
-9. :func:`~kspec_fluxcal.acceptance.acceptance` -- a star is rejected only for what makes it
+9. :func:`~kspec_fluxcal.fit.acceptance.acceptance` -- a star is rejected only for what makes it
    wrong for calibration; template mismatch is a quality figure, not a reason.
 """
 
@@ -42,19 +42,19 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
+from ..catalog import match_standards
+from ..config import Config
+from ..constants import CAL_UNIT, FLUX_UNIT
+from ..grid import PARAMS
+from ..lsf import exposure_lsf
+from ..xp import standards_xp
 from .acceptance import acceptance, implied_throughput, star_flags, star_vectors
-from .catalog import match_standards
-from .config import Config
-from .constants import CAL_UNIT, FLUX_UNIT
 from .exposure_templates import ExposureTemplates, template_library
 from .final_model import final_model
-from .fit_inputs import catalog_priors, observed_standards
-from .grid import PARAMS
-from .lsf import exposure_lsf
+from .inputs import catalog_priors, observed_standards
 from .model_photometry import PhotometricScore, spectral_photometry
 from .parameter_choice import choose_parameters
-from .template_scan import fit_lsf_scale, initial_rv, scan_templates
-from .xp import standards_xp
+from .scan import fit_lsf_scale, initial_rv, scan_templates
 
 __all__ = ["fit_standards"]
 
