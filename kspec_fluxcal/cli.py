@@ -397,6 +397,14 @@ def _grid_parsers(sub):
         add(gsub)
 
 
+def _pool_options(p, workers, what):
+    """``--workers`` (``what``, default ``workers``) and ``--quiet``, as the grid commands
+    take them."""
+    p.add_argument("--workers", type=int, default=workers,
+                   help=f"{what} (default %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress on stdout")
+
+
 def _grid_build_parser(gsub):
     """Add the sub-command ``kspec-fluxcal grid build`` and its arguments to the sub-parsers
     ``gsub``."""
@@ -410,11 +418,9 @@ def _grid_build_parser(gsub):
     p.add_argument("--wave-max", type=float, default=11000.0,
                    help="longest wavelength kept, Angstrom (default %(default)s)")
     p.add_argument("--resolution", help="resolution tag, when the directory holds several")
-    p.add_argument("--workers", type=int, default=1,
-                   help="processes reading files (default %(default)s)")
     p.add_argument("--overwrite", action="store_true",
                    help="rebuild a store built from other inputs or options")
-    p.add_argument("--quiet", action="store_true", help="no progress on stdout")
+    _pool_options(p, 1, "processes reading files")
 
 
 def _grid_download_parser(gsub):
@@ -429,9 +435,7 @@ def _grid_download_parser(gsub):
                    help="list what would be downloaded, download nothing")
     p.add_argument("--force", action="store_true",
                    help="download again files that are already present")
-    p.add_argument("--workers", type=int, default=8,
-                   help="parallel downloads (default %(default)s)")
-    p.add_argument("--quiet", action="store_true", help="no progress on stdout")
+    _pool_options(p, 8, "parallel downloads")
 
 
 def _grid_synth_parser(gsub):
@@ -441,10 +445,8 @@ def _grid_synth_parser(gsub):
                  help="write a SYNTHETIC BOSZ-layout grid (tests, demo)")
     p.add_argument("--out", required=True, help="directory to write (BOSZ layout)")
     p.add_argument("--small", action="store_true", help="a tiny grid for tests")
-    p.add_argument("--workers", type=int, default=1,
-                   help="processes writing files (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing grid")
-    p.add_argument("--quiet", action="store_true", help="no progress on stdout")
+    _pool_options(p, 1, "processes writing files")
 
 
 def _archive_parsers(sub):

@@ -213,6 +213,11 @@ SCHEMA = {
 #: The chromatic terms the survey model can carry (kspec_fluxcal.survey.model.TERMS).
 _MODEL_TERMS = ("seeing", "refraction")
 
+def _night_prior(what, width=0.05):
+    """A [model] option: the Gaussian prior width of a night's ``what`` (a curve or slope
+    that deviates per night from the survey's)."""
+    return Option(width, f"Prior width of a night's {what}.", min=0.001)
+
 SCHEMA["model"] = {
     "enabled": Option(True, "Survey job: fit the survey-wide calibration model (throughput and "
                       "extinction per night, a grey factor per exposure, chromatic seeing "
@@ -234,13 +239,11 @@ SCHEMA["model"] = {
     "terms": Option(list(_MODEL_TERMS), "Chromatic terms: seeing (header SEEING, arcsec "
                     "FWHM; an exposure without it takes the reference 1.5) and refraction "
                     "(tan^2 z = airmass^2 - 1).", choices=_MODEL_TERMS),
-    "throughput_sigma": Option(0.05, "Prior width of a night's throughput deviation from the "
-                               "survey mean (ln).", min=0.001),
-    "extinction_sigma": Option(0.05, "Prior width of a night's extinction deviation from the "
-                               "survey mean, mag/airmass.", min=0.001),
-    "grey_slope_sigma": Option(0.05, "Prior width of a night's grey extinction (slope of the "
-                               "grey factors against airmass) about the survey's, "
-                               "mag/airmass.", min=0.001),
+    "throughput_sigma": _night_prior("throughput deviation from the survey mean (ln)"),
+    "extinction_sigma": _night_prior("extinction deviation from the survey mean, "
+                                     "mag/airmass"),
+    "grey_slope_sigma": _night_prior("grey extinction (slope of the grey factors against "
+                                     "airmass) about the survey's, mag/airmass"),
     "star_shape_error": Option(0.01, "Starting shape error of one standard's calibration "
                                "(template mismatch), fractional; re-estimated from the "
                                "residuals.", min=0.0),
