@@ -30,7 +30,6 @@ from typing import NamedTuple
 import numpy as np
 import scipy.interpolate
 import scipy.ndimage
-import scipy.signal
 import xarray as xr
 
 from .config import Config
@@ -433,11 +432,14 @@ def _fit_smooth(wave, values, variance, fit, opts, no_knots=None):
     if fit.sum() < 10:
         return _bridge(wave, values, variance, fit)
     if opts.smooth_method == "savgol":
+        # 0.3 s of start-up (it imports scipy.stats): only when asked for.
+        from scipy.signal import savgol_filter
+
         base, base_var = _bridge(wave, values, variance, fit)
         step = np.median(np.diff(wave))
         window = max(5, int(round(opts.smooth_scale / step)) | 1)
         window = min(window, (wave.size - 1) | 1 if wave.size % 2 == 0 else wave.size)
-        return (scipy.signal.savgol_filter(base, window, 3, mode="interp"),
+        return (savgol_filter(base, window, 3, mode="interp"),
                 base_var / max(window / 2.0, 1.0))
     nseg = max(1, int(np.ceil((x[-1] - x[0]) / (opts.smooth_scale / np.median(wave)))))
     inner = np.linspace(x[0], x[-1], nseg + 1)

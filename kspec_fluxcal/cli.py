@@ -393,21 +393,6 @@ def _grid_parsers(sub):
     grid = sub.add_parser("grid", help="template grid: download, synthesise, build")
     gsub = grid.add_subparsers(dest="grid_command", metavar="ACTION")
     gsub.required = True
-    for add in (_grid_build_parser, _grid_download_parser, _grid_synth_parser):
-        add(gsub)
-
-
-def _pool_options(p, workers, what):
-    """``--workers`` (``what``, default ``workers``) and ``--quiet``, as the grid commands
-    take them."""
-    p.add_argument("--workers", type=int, default=workers,
-                   help=f"{what} (default %(default)s)")
-    p.add_argument("--quiet", action="store_true", help="no progress on stdout")
-
-
-def _grid_build_parser(gsub):
-    """Add the sub-command ``kspec-fluxcal grid build`` and its arguments to the sub-parsers
-    ``gsub``."""
     p = _command(gsub, _cmd_grid_build, "build",
                  help="convert a BOSZ-layout directory into the Zarr cube")
     p.add_argument("bosz_dir", help="BOSZ 2024 layout directory (grid download or synth)")
@@ -422,10 +407,6 @@ def _grid_build_parser(gsub):
                    help="rebuild a store built from other inputs or options")
     _pool_options(p, 1, "processes reading files")
 
-
-def _grid_download_parser(gsub):
-    """Add the sub-command ``kspec-fluxcal grid download`` and its arguments to the sub-parsers
-    ``gsub``."""
     p = _command(gsub, _cmd_grid_download, "download",
                  help="download the BOSZ 2024 subgrid from MAST")
     p.add_argument("--out", required=True, help="directory to download into (BOSZ layout)")
@@ -437,16 +418,20 @@ def _grid_download_parser(gsub):
                    help="download again files that are already present")
     _pool_options(p, 8, "parallel downloads")
 
-
-def _grid_synth_parser(gsub):
-    """Add the sub-command ``kspec-fluxcal grid synth`` and its arguments to the sub-parsers
-    ``gsub``."""
     p = _command(gsub, _cmd_grid_synth, "synth",
                  help="write a SYNTHETIC BOSZ-layout grid (tests, demo)")
     p.add_argument("--out", required=True, help="directory to write (BOSZ layout)")
     p.add_argument("--small", action="store_true", help="a tiny grid for tests")
     p.add_argument("--overwrite", action="store_true", help="replace an existing grid")
     _pool_options(p, 1, "processes writing files")
+
+
+def _pool_options(p, workers, what):
+    """``--workers`` (``what``, default ``workers``) and ``--quiet``, as the grid commands
+    take them."""
+    p.add_argument("--workers", type=int, default=workers,
+                   help=f"{what} (default %(default)s)")
+    p.add_argument("--quiet", action="store_true", help="no progress on stdout")
 
 
 def _archive_parsers(sub):

@@ -46,7 +46,9 @@ def test_package_import_is_light_and_the_api_whole():
                  id="info"),
     pytest.param(lambda i, t: ("calibrate", i["red"], "--catalog", i["catalog"], "--grid",
                                i["cube"], "--out", t / "cal"),
-                 ("distributed", "matplotlib", "bokeh"), ("scipy",), id="calibrate"),
+                 # scipy.signal imports scipy.stats: 0.3 s, for the opt-in Savitzky-Golay only
+                 ("distributed", "matplotlib", "bokeh", "scipy.signal", "scipy.stats"),
+                 ("scipy",), id="calibrate"),
     pytest.param(lambda i, t: ("calibrate", i["red"], "--catalog", i["catalog"], "--grid",
                                i["cube"], "--out", t / "qc", "--qc"),
                  ("distributed", "bokeh"), ("matplotlib",), id="calibrate-qc"),
