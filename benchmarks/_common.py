@@ -161,7 +161,8 @@ CK04_BOX = {"teff_range": (4500.0, 7500.0), "loggs": (3.0, 3.5, 4.0, 4.5, 5.0)}
 
 def ck04_grid():
     """The CK04 grid of :data:`CK04_BOX` in the BOSZ layout (converted once, cached)."""
-    from kspec_fluxcal.sim import CK04_MARKER, convert_ck04
+    from kspec_fluxcal.constants import CK04_MARKER
+    from kspec_fluxcal.sim import convert_ck04
 
     out = CACHE / "ck04_bosz"
     if (out / CK04_MARKER).exists():
