@@ -412,10 +412,9 @@ def _grid_parsers(sub):
     p.add_argument("--out", required=True, help="directory to download into (BOSZ layout)")
     p.add_argument("--resolution", default="r10000",
                    help="resolution tag to download (default %(default)s)")
-    p.add_argument("--dry-run", action="store_true",
-                   help="list what would be downloaded, download nothing")
-    p.add_argument("--force", action="store_true",
-                   help="download again files that are already present")
+    for flag, text in (("--dry-run", "list what would be downloaded, download nothing"),
+                       ("--force", "download again files that are already present")):
+        p.add_argument(flag, action="store_true", help=text)
     _pool_options(p, 8, "parallel downloads")
 
     p = _command(gsub, _cmd_grid_synth, "synth",

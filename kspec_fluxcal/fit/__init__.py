@@ -4,9 +4,11 @@
 
 - :mod:`.inputs`: the observed standards (continuum-normalised spectra, colours, priors);
 - :mod:`.exposure_templates`: the template library at the exposure's pixels and line spread;
-- :mod:`.scan`: radial velocity, the scan of every template, the line-spread width;
-- :mod:`.parameter_choice`: the choice of parameters between grid points (with
-  :mod:`.refinement`), scored by spectrum and photometry (:mod:`.model_photometry`);
+- :mod:`.scan`: radial velocity and the scan of every template;
+- :mod:`.line_spread`: the choice of parameters (:mod:`.parameter_choice`, between grid
+  points with :mod:`.refinement`, scored by spectrum and photometry,
+  :mod:`.model_photometry`), the line-spread width the stars show, and the choice again at
+  that width;
 - :mod:`.final_model`: the model at Earth (reddening, scale, warp, XP);
 - :mod:`.acceptance`: the calibration vectors and each star's verdict.
 

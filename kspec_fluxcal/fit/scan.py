@@ -1,6 +1,6 @@
-"""The standards against the library (steps 3-4 and 6 of :mod:`kspec_fluxcal.fit.standards`):
+"""The standards against the library (steps 3-4 of :mod:`kspec_fluxcal.fit.standards`):
 velocities by cross-correlation, every candidate template scored, the velocity refined on the
-best; and the width of the line spread the stars show."""
+best."""
 
 from __future__ import annotations
 
@@ -9,16 +9,11 @@ from types import SimpleNamespace
 import numpy as np
 import xarray as xr
 
-from ..templates import library_spectra
-from .exposure_templates import interpolated_corners, reference_templates
-from .matching import correction_parameters, score_star, score_templates, star_correction
+from .exposure_templates import reference_templates
+from .matching import correction_parameters, score_templates, star_correction
 from .velocity import cross_correlate_rv, refine_rv
 
-__all__ = ["initial_rv", "scan_templates", "fit_lsf_scale"]
-
-#: Trial widths of the line spread, relative to the current one (step 6).
-_LSF_TRIALS = np.array([0.9, 1.0, 1.1])
-
+__all__ = ["initial_rv", "scan_templates"]
 
 def initial_rv(obs, prior, tm, config):
     """Velocities (S,) km/s by cross-correlation against a template near each star's colour
@@ -79,44 +74,3 @@ def scan_templates(obs, tm, prior, rv0, config):
     chi2_dof_best = np.nanmin(np.where(np.isfinite(spec), spec, np.inf), axis=1) / dof
     return SimpleNamespace(spec=spec, best=best, rv=rv, rv_err=rv_err, usable=usable, dof=dof,
                            chi2_dof_best=chi2_dof_best, knots=knots)
-
-
-def fit_lsf_scale(obs, tm, scan, params):
-    """The stars' line-spread width relative to ``tm.lsf`` (step 6): per star a parabola
-    through the chi^2 of its refined model at trial widths; pooled (inverse-variance) over
-    the stars.
-
-    The refined (interpolated) model matters: a neighbouring grid point's lines differ in
-    depth, which a width change partly mimics. Takes the observed standards, the exposure's
-    templates, the scan and the chosen ``params`` (dict of (S,) arrays). Returns a namespace:
-    ``scale`` and ``err`` (pooled; 1 and NaN without a usable star), ``star`` and
-    ``star_err`` (S,)."""
-    corners, weight = interpolated_corners(tm.library, params)
-    ids, inverse = np.unique(corners, return_inverse=True)
-    inverse = inverse.reshape(corners.shape)
-    chi2 = np.full((obs.nstar, _LSF_TRIALS.size), np.nan)
-    for k, factor in enumerate(_LSF_TRIALS):
-        norm = library_spectra(tm.library, obs.wave, tm.lsf.scaled(factor), ids)
-        models = np.einsum("sc,scp->sp", weight, norm[inverse])
-        for s in np.flatnonzero(scan.usable):  # a few stars
-            chi2[s, k] = score_star(obs.norm[s], obs.ivar[s], models[s][None], scan.rv[s],
-                                    obs.wave, "chi2", knot_spacing=scan.knots,
-                                    star_wavelength=obs.star_wave[s])[0]
-    x = _LSF_TRIALS - 1.0
-    coef = np.polynomial.polynomial.polyfit(x, np.nan_to_num(chi2.T, nan=0.0), 2)  # (3, S)
-    a, b = coef[2], coef[1]
-    # Errors on the chi^2 scale inflated by chi^2/dof: mismatch widens the minimum.
-    inflate = np.maximum(scan.chi2_dof_best, 1.0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        vertex = np.where(a > 0, -b / (2 * a), np.nan)
-        err = np.where(a > 0, np.sqrt(inflate / a), np.nan)
-    ok = scan.usable & np.isfinite(vertex) & (np.abs(vertex) <= 0.25)
-    star_scale = np.where(ok, 1.0 + vertex, np.nan)
-    star_err = np.where(ok, err, np.nan)
-    if ok.any():
-        w = 1.0 / star_err[ok] ** 2
-        scale = float(np.sum(w * star_scale[ok]) / w.sum())
-        scale_err = float(1.0 / np.sqrt(w.sum()))
-    else:
-        scale, scale_err = 1.0, np.nan
-    return SimpleNamespace(scale=scale, err=scale_err, star=star_scale, star_err=star_err)

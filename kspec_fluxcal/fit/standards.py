@@ -16,12 +16,13 @@ the order they run:
 4. :func:`~kspec_fluxcal.fit.scan.scan_templates` -- every template of the windows scored
    in one vectorised pass (chi^2 or Huber, float64, each with a smooth multiplicative
    correction), the velocity refined on the best and the templates scored again.
-5. :func:`~kspec_fluxcal.fit.parameter_choice.choose_parameters` -- spectral scores (per effective
+5. :func:`~kspec_fluxcal.fit.line_spread.choose_with_line_spread`, first
+   :func:`~kspec_fluxcal.fit.parameter_choice.choose_parameters` -- spectral scores (per effective
    degree of freedom) plus the photometric chi^2 of each scaled, reddened model
    (:class:`~kspec_fluxcal.fit.model_photometry.PhotometricScore`: E(B-V) with the catalog's as a
    prior, a log g prior from the parallax): the choice of grid points, then lattice refinement
    between grid points from several starts, then [alpha/M] between its nodes.
-6. :func:`~kspec_fluxcal.fit.scan.fit_lsf_scale` -- the width of the line spread the
+6. :func:`~kspec_fluxcal.fit.line_spread.fit_lsf_scale` -- the width of the line spread the
    stars show, relative to the header's (FWHMPCk measured on arcs differ from the stars' by
    pixel response, focus drift, the library's own resolution): a chi^2 parabola in the width
    of the refined models, pooled over the stars; templates re-prepared at that width and the
@@ -52,15 +53,11 @@ from .acceptance import acceptance, implied_throughput, star_flags, star_vectors
 from .exposure_templates import ExposureTemplates, template_library
 from .final_model import final_model
 from .inputs import catalog_priors, observed_standards
+from .line_spread import choose_with_line_spread
 from .model_photometry import PhotometricScore, spectral_photometry
-from .parameter_choice import choose_parameters
-from .scan import fit_lsf_scale, initial_rv, scan_templates
+from .scan import initial_rv, scan_templates
 
 __all__ = ["fit_standards"]
-
-#: A fitted width closer to 1 than this is not applied (the re-scan would change nothing).
-_LSF_MIN_CHANGE = 0.005
-
 
 # ----------------------------------------------------------------------------- entry point
 
@@ -191,13 +188,7 @@ def _fit(std, matched, library, lsf, config, xp=None):
     rv = initial_rv(obs, prior, tm, config)
     scan = scan_templates(obs, tm, prior, rv, config)
     phot = PhotometricScore(matched, library, prior, config)
-    params, errors = choose_parameters(obs, tm, scan, phot, prior, config)
-    lsf_fit = fit_lsf_scale(obs, tm, scan, params)
-    if abs(lsf_fit.scale - 1.0) > _LSF_MIN_CHANGE:
-        # Templates at the stars' own line spread; the refinement restarts where it ended
-        # (a width change of a few % moves the parameters, not the choice of valley).
-        tm = ExposureTemplates(library, obs.wave, lsf.scaled(lsf_fit.scale), [])
-        params, errors = choose_parameters(obs, tm, scan, phot, prior, config, start=params)
+    params, errors, lsf_fit, tm = choose_with_line_spread(obs, tm, scan, phot, prior, config)
     model = final_model(obs, tm, scan, params, matched, prior, config, xp)
     model.phot_rms_spectral = spectral_photometry(phot, scan)
     vectors = star_vectors(obs, model, config, tm.lsf)

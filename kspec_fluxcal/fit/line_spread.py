@@ -1,0 +1,81 @@
+"""The parameters the standards choose, with the width of the line spread they show (steps
+5-6 of :mod:`kspec_fluxcal.fit.standards`): the choice at the header's line spread, the width
+fitted with the chosen models, and the choice refined again at that width."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+
+from ..templates import library_spectra
+from .exposure_templates import ExposureTemplates, interpolated_corners
+from .matching import score_star
+from .parameter_choice import choose_parameters
+
+__all__ = ["choose_with_line_spread", "fit_lsf_scale"]
+
+#: Trial widths of the line spread, relative to the current one (step 6).
+_LSF_TRIALS = np.array([0.9, 1.0, 1.1])
+#: A fitted width closer to 1 than this is not applied (the re-scan would change nothing).
+_LSF_MIN_CHANGE = 0.005
+
+
+def choose_with_line_spread(obs, tm, scan, phot, prior, config):
+    """Steps 5-6: the parameters chosen at ``tm``'s line spread, the stars' width fitted with
+    those models, and, when it differs, the templates re-prepared at that width and the
+    refinement restarted where it ended (a width change of a few % moves the parameters, not
+    the choice of valley).
+
+    Takes the observed standards, the exposure's templates, the scan, the photometric score,
+    the priors and the config. Returns ``(params, errors, lsf_fit, tm)``: the parameters and
+    their errors (dicts of (S,) arrays), the width fit (:func:`fit_lsf_scale`) and the
+    templates at the width used.
+    """
+    params, errors = choose_parameters(obs, tm, scan, phot, prior, config)
+    lsf_fit = fit_lsf_scale(obs, tm, scan, params)
+    if abs(lsf_fit.scale - 1.0) > _LSF_MIN_CHANGE:
+        tm = ExposureTemplates(tm.library, obs.wave, tm.lsf.scaled(lsf_fit.scale), [])
+        params, errors = choose_parameters(obs, tm, scan, phot, prior, config, start=params)
+    return params, errors, lsf_fit, tm
+
+
+def fit_lsf_scale(obs, tm, scan, params):
+    """The stars' line-spread width relative to ``tm.lsf`` (step 6): per star a parabola
+    through the chi^2 of its refined model at trial widths; pooled (inverse-variance) over
+    the stars.
+
+    The refined (interpolated) model matters: a neighbouring grid point's lines differ in
+    depth, which a width change partly mimics. Takes the observed standards, the exposure's
+    templates, the scan and the chosen ``params`` (dict of (S,) arrays). Returns a namespace:
+    ``scale`` and ``err`` (pooled; 1 and NaN without a usable star), ``star`` and
+    ``star_err`` (S,)."""
+    corners, weight = interpolated_corners(tm.library, params)
+    ids, inverse = np.unique(corners, return_inverse=True)
+    inverse = inverse.reshape(corners.shape)
+    chi2 = np.full((obs.nstar, _LSF_TRIALS.size), np.nan)
+    for k, factor in enumerate(_LSF_TRIALS):
+        norm = library_spectra(tm.library, obs.wave, tm.lsf.scaled(factor), ids)
+        models = np.einsum("sc,scp->sp", weight, norm[inverse])
+        for s in np.flatnonzero(scan.usable):  # a few stars
+            chi2[s, k] = score_star(obs.norm[s], obs.ivar[s], models[s][None], scan.rv[s],
+                                    obs.wave, "chi2", knot_spacing=scan.knots,
+                                    star_wavelength=obs.star_wave[s])[0]
+    x = _LSF_TRIALS - 1.0
+    coef = np.polynomial.polynomial.polyfit(x, np.nan_to_num(chi2.T, nan=0.0), 2)  # (3, S)
+    a, b = coef[2], coef[1]
+    # Errors on the chi^2 scale inflated by chi^2/dof: mismatch widens the minimum.
+    inflate = np.maximum(scan.chi2_dof_best, 1.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        vertex = np.where(a > 0, -b / (2 * a), np.nan)
+        err = np.where(a > 0, np.sqrt(inflate / a), np.nan)
+    ok = scan.usable & np.isfinite(vertex) & (np.abs(vertex) <= 0.25)
+    star_scale = np.where(ok, 1.0 + vertex, np.nan)
+    star_err = np.where(ok, err, np.nan)
+    if ok.any():
+        w = 1.0 / star_err[ok] ** 2
+        scale = float(np.sum(w * star_scale[ok]) / w.sum())
+        scale_err = float(1.0 / np.sqrt(w.sum()))
+    else:
+        scale, scale_err = 1.0, np.nan
+    return SimpleNamespace(scale=scale, err=scale_err, star=star_scale, star_err=star_err)
