@@ -10,9 +10,8 @@ signal processing, a survey's client never imports matplotlib). The exceptions a
 and imported at once, so that ``except kspec_fluxcal.FluxCalError`` costs nothing.
 """
 
-import importlib
-
 from . import errors as _errors
+from ._lazy import lazy_names
 from .errors import (  # noqa: F401 (public: __all__ lists errors.__all__)
     CalibrationError,
     CatalogError,
@@ -60,19 +59,8 @@ def _package_version():
         return "0.0.0+unknown"
 
 
-def __getattr__(name):
-    if name == "__version__":
-        value = _package_version()
-    elif name in _LAZY:
-        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    else:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    globals()[name] = value  # once: later look-ups do not come here
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = lazy_names(__name__, _LAZY, globals(),
+                                  computed={"__version__": _package_version})
 
 
 __all__ = [

@@ -11,11 +11,18 @@ import dask
 import numpy as np
 import pytest
 
+from kspec_fluxcal.calibration import running_median
+from kspec_fluxcal.config import Config
 from kspec_fluxcal.exposure import red_hdulist
 from kspec_fluxcal.sim import write_synthetic_grid
 from kspec_fluxcal.templates import CACHE_ENV
 
 SHARED_REAL = Path(__file__).resolve().parents[2] / "shared" / "real"
+
+#: For stars made from the fitting grid itself: their spectral chi^2 is statistically right
+#: (no template mismatch), so it counts at its pixels' dof; the default down-weights it for
+#: real stars, whose mismatch with any grid is correlated across pixels.
+SELF_MODEL = Config().replace(spectral_dof=0)
 requires_shared = pytest.mark.skipif(not SHARED_REAL.is_dir(),
                                      reason="../shared/real (real spectra) is not present")
 
@@ -205,3 +212,17 @@ def catalog_file(tmp_path):
         return path
 
     return make
+
+
+def star_vector_error(stars, truth, s):
+    """Star ``s``'s calibration vector against the simulated truth: the shape rms of
+    Cal_star / (true Cal / aperture) after a 100 A running median over 4000-8400 A, and its
+    median level - 1."""
+    wave = stars["wavelength"].values
+    fiber = int(stars["fiber"].values[s])
+    true_cal = 1.0 / (truth["response"] * truth["aperture"][fiber])
+    ratio = np.where(stars["cal_mask"].values[s], stars["cal"].values[s] / true_cal, np.nan)
+    smooth = running_median(ratio, wave, 100.0)
+    use = (wave > 4000) & (wave < 8400) & stars["cal_mask"].values[s]
+    rel = smooth[use] / np.median(smooth[use]) - 1
+    return float(np.sqrt(np.mean(rel**2))), float(np.median(smooth[use]) - 1)

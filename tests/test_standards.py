@@ -5,11 +5,10 @@ import re
 import numpy as np
 import pytest
 import xarray as xr
-from conftest import SHARED_REAL, requires_shared
+from conftest import SELF_MODEL, SHARED_REAL, requires_shared, star_vector_error
 
 from kspec_fluxcal.calibration import combine_vectors, running_median
 from kspec_fluxcal.catalog import read_catalog
-from kspec_fluxcal.config import Config
 from kspec_fluxcal.errors import CalibrationError, FluxCalWarning
 from kspec_fluxcal.exposure import open_exposure
 from kspec_fluxcal.fit.exposure_templates import template_library
@@ -26,10 +25,6 @@ from kspec_fluxcal.sim import (
 )
 
 SETUP = Setup(name="test", pixels=2048, fibers=8)
-# Stars made from the fitting grid itself: the spectral chi^2 is statistically right (no
-# template mismatch), so it counts at its pixels' dof; the default down-weights it for real
-# stars, whose mismatch with any grid is correlated across pixels.
-SELF_MODEL = Config().replace(spectral_dof=0)
 
 
 @pytest.fixture(scope="module")
@@ -61,18 +56,6 @@ def fitted(world, tmp_path_factory):
             "setup": setup, "stars": fit_standards(exposure, catalog, setup, config)}
 
 
-def _vector_error(stars, truth, s):
-    """Shape rms of Cal_star / (true Cal / aperture) after a 100 A running median."""
-    wave = stars["wavelength"].values
-    fiber = int(stars["fiber"].values[s])
-    true_cal = 1.0 / (truth["response"] * truth["aperture"][fiber])
-    ratio = np.where(stars["cal_mask"].values[s], stars["cal"].values[s] / true_cal, np.nan)
-    smooth = running_median(ratio, wave, 100.0)
-    use = (wave > 4000) & (wave < 8400) & stars["cal_mask"].values[s]
-    rel = smooth[use] / np.median(smooth[use]) - 1
-    return float(np.sqrt(np.mean(rel**2))), float(np.median(smooth[use]) - 1)
-
-
 def test_output_structure(fitted):
     stars = fitted["stars"]
     assert stars["cal"].dims == ("star", "wavelength")
@@ -101,7 +84,7 @@ def test_parameters_recovered(fitted):
 def test_star_vectors_match_the_true_response(fitted):
     stars, truth = fitted["stars"], fitted["truth"]
     for s in range(stars.sizes["star"]):
-        shape, level = _vector_error(stars, truth, s)
+        shape, level = star_vector_error(stars, truth, s)
         assert shape < 0.01
         assert abs(level) < 0.02  # the photometric scale
     # Telluric bands are in the vector (not masked): Cal is higher in the O2 A band.
@@ -116,8 +99,8 @@ def test_no_reddening_is_worse(world, fitted):
     # Without the photometric warp, whose slope would take up part of the reddening's tilt.
     config = SELF_MODEL.replace(reddening=False, warp_degree=0)
     plain = fit_standards(fitted["exposure"], fitted["catalog"], fitted["setup"], config)
-    with_red = [_vector_error(fitted["stars"], fitted["truth"], s)[0] for s in range(3)]
-    without = [_vector_error(plain, fitted["truth"], s)[0] for s in range(3)]
+    with_red = [star_vector_error(fitted["stars"], fitted["truth"], s)[0] for s in range(3)]
+    without = [star_vector_error(plain, fitted["truth"], s)[0] for s in range(3)]
     assert np.all(plain["ebv"].values == 0)
     # The stars are reddened by E(B-V) 0.01-0.12: ignoring it tilts the vectors.
     assert max(without) > 0.01 > max(with_red)

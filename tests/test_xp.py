@@ -11,12 +11,10 @@ import pytest
 import xarray as xr
 from astropy.io import fits
 from astropy.table import Table
-from conftest import catalog_row
+from conftest import SELF_MODEL, catalog_row, star_vector_error
 
-from kspec_fluxcal.calibration import running_median
 from kspec_fluxcal.catalog import match_standards, read_catalog
 from kspec_fluxcal.cli import main
-from kspec_fluxcal.config import Config
 from kspec_fluxcal.constants import XP_FLUX_TO_CGS
 from kspec_fluxcal.errors import CatalogError, FluxCalWarning, InputError
 from kspec_fluxcal.exposure import open_exposure
@@ -41,8 +39,6 @@ from kspec_fluxcal.wavelength import vacuum_to_air
 from kspec_fluxcal.xp import default_sampling, match_xp, read_xp, xp_resolution
 
 SETUP = Setup(name="xptest", pixels=2048, fibers=8)
-# Stars from the fitting grid itself (see test_standards): their spectral chi^2 is right.
-SELF_MODEL = Config().replace(spectral_dof=0)
 NXP = 343
 
 
@@ -67,18 +63,6 @@ def _xp_csv(path, rows, *, header="source_id,flux,flux_error", comment=None):
 def _flux(n=NXP, level=2e-17):
     nm = np.linspace(336.0, 1020.0, n)
     return level * (nm / 600.0) ** -2
-
-
-def _vector_error(stars, truth, s):
-    """Shape rms of Cal_star / (true Cal / aperture) after a 100 A running median."""
-    wave = stars["wavelength"].values
-    fiber = int(stars["fiber"].values[s])
-    true_cal = 1.0 / (truth["response"] * truth["aperture"][fiber])
-    ratio = np.where(stars["cal_mask"].values[s], stars["cal"].values[s] / true_cal, np.nan)
-    smooth = running_median(ratio, wave, 100.0)
-    use = (wave > 4000) & (wave < 8400) & stars["cal_mask"].values[s]
-    rel = smooth[use] / np.median(smooth[use]) - 1
-    return float(np.sqrt(np.mean(rel**2)))
 
 
 # ----------------------------------------------------------------------------- reader
@@ -476,9 +460,9 @@ def tilted(world):
 
 def test_a_3_percent_tilt_is_corrected_by_the_xp_warp(world, tilted, plain, report_line):
     truth = world["sim"].truth
-    untouched = _vector_error(plain, truth, 0)
-    without = _vector_error(tilted["without"], truth, 0)
-    with_xp = _vector_error(tilted["with"], truth, 0)
+    untouched = star_vector_error(plain, truth, 0)[0]
+    without = star_vector_error(tilted["without"], truth, 0)[0]
+    with_xp = star_vector_error(tilted["with"], truth, 0)[0]
     report_line(f"3 % tilt: star vector shape error {100 * without:.2f}% with the bands' warp "
                 f"alone, {100 * with_xp:.2f}% with XP ({100 * untouched:.2f}% without a tilt)")
     assert tilted["with"]["xp_used"].values.all()
@@ -489,8 +473,8 @@ def test_a_3_percent_tilt_is_corrected_by_the_xp_warp(world, tilted, plain, repo
 def test_a_shape_too_fine_for_the_bands_is_corrected_by_xp(world, report_line):
     fitted = _distorted(world, "waved", _wave)
     truth = world["sim"].truth
-    without = _vector_error(fitted["without"], truth, 0)
-    with_xp = _vector_error(fitted["with"], truth, 0)
+    without = star_vector_error(fitted["without"], truth, 0)[0]
+    with_xp = star_vector_error(fitted["with"], truth, 0)[0]
     report_line(f"3 % wave of 2500 A: star vector shape error {100 * without:.2f}% with the "
                 f"bands' warp alone, {100 * with_xp:.2f}% with XP")
     assert without > 0.008

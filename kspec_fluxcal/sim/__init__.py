@@ -19,7 +19,7 @@ spectra, calibrate in the demo), and no pipeline module imports it.
 The public names below are imported on first use, as the package's own are.
 """
 
-import importlib
+from .._lazy import lazy_names
 
 #: Public name -> the module (in this subpackage) that defines it.
 _LAZY = {
@@ -46,16 +46,5 @@ _LAZY = {
 }
 
 
-def __getattr__(name):
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
-    globals()[name] = value  # once: later look-ups do not come here
-    return value
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
-
-
 __all__ = list(_LAZY)
+__getattr__, __dir__ = lazy_names(__name__, _LAZY, globals())

@@ -43,7 +43,7 @@ from ..errors import GridError
 from ..wavelength import vacuum_to_air
 from .bosz_files import _file_bytes, bosz_filename
 
-__all__ = ["CK04_RESOLUTION", "CK04_MARKER", "read_ck04_file", "convert_ck04"]
+__all__ = ["CK04_RESOLUTION", "read_ck04_file", "convert_ck04"]
 
 #: BOSZ resolution tag given to CK04 (see the module docstring).
 CK04_RESOLUTION = 500
@@ -133,8 +133,8 @@ def convert_ck04(source, out, *, teff_range=(4000.0, 9500.0), loggs=None, fehs=N
     out : path-like
         Directory to create: ``bosz2024_wave_r500.txt`` (air above 2000 A),
         ``r500/m{feh}/bosz2024_ap_t{teff}_g{logg}_m{feh}_a+0.00_c+0.00_v2_r500_resam.txt.gz``
-        and the marker :data:`CK04_MARKER`. It appears whole (written to a temporary
-        directory, then renamed).
+        and the marker :data:`kspec_fluxcal.constants.CK04_MARKER`. It appears whole
+        (written to a temporary directory, then renamed).
     teff_range : (float, float)
         Teff range to convert, K (inclusive).
     loggs, fehs : sequence of float, optional
