@@ -28,10 +28,10 @@ from types import SimpleNamespace
 from typing import NamedTuple
 
 import numpy as np
-import scipy.interpolate
 import scipy.ndimage
 import xarray as xr
 
+from ._bspline import design_matrix
 from .config import Config
 from .constants import CAL_UNIT, FLUX_UNIT
 from .continuum import _fill_gaps
@@ -448,7 +448,7 @@ def _fit_smooth(wave, values, variance, fit, opts, no_knots=None):
         banned[[0, -1]] = False
         inner = inner[~banned]
     knots = np.concatenate([[x[0]] * 3, inner, [x[-1]] * 3])
-    basis = scipy.interpolate.BSpline.design_matrix(x, knots, 3).toarray()
+    basis = design_matrix(x, knots, 3).toarray()
     w = np.where(fit, 1.0 / variance, 0.0)
     normal = basis.T @ (w[:, None] * basis)
     # A light second-difference penalty bridges knot intervals without data.

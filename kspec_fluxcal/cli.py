@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import signal
 import sys
 import threading
@@ -50,6 +51,21 @@ def _each_file(args, work):
             if args.traceback:
                 traceback.print_exc()
     return failed
+
+
+@contextlib.contextmanager
+def _setting_up():
+    """A command's imports and inputs opened without the cyclic garbage collector, whose
+    passes over the ~10^6 long-lived objects the imports create are ~0.15 s of a 1 s
+    start-up; those objects are then frozen (never scanned again) and it resumes."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
 
 
 # ----------------------------------------------------------------------------- commands
@@ -136,21 +152,22 @@ def _cmd_simulate(args):
 
 
 def _cmd_calibrate(args):
-    import dask
-    import dask.threaded
+    with _setting_up():
+        import dask
+        import dask.threaded
 
-    from .catalog import read_catalog
-    from .config import load_config
-    from .grid import open_grid
-    from .pipeline import calibrate_exposure
-    from .xp import read_xp
+        from .catalog import read_catalog
+        from .config import load_config
+        from .grid import open_grid
+        from .pipeline import calibrate_exposure
+        from .xp import read_xp
 
-    _check_distinct_outputs(args)
-    _check_out(args.out)
-    config = load_config(args.config)
-    catalog = read_catalog(args.catalog)
-    grid = open_grid(args.grid)
-    xp = read_xp(args.xp) if args.xp else None
+        _check_distinct_outputs(args)
+        _check_out(args.out)
+        config = load_config(args.config)
+        catalog = read_catalog(args.catalog)
+        grid = open_grid(args.grid)
+        xp = read_xp(args.xp) if args.xp else None
 
     def calibrate(path):
         qc_dir = None

@@ -13,10 +13,11 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-import scipy.interpolate
 import scipy.ndimage
 import scipy.sparse
 import xarray as xr
+
+from ._bspline import design_matrix
 
 __all__ = ["fit_continuum", "normalize_continuum", "spline_basis"]
 
@@ -40,7 +41,7 @@ def _basis(npix, x_bytes, method, spacing, degree):
         nseg = max(1, int(round(1.0 / spacing)))
         inner = np.linspace(0.0, 1.0, nseg + 1)
         knots = np.concatenate([[0.0] * degree, inner, [1.0] * degree])
-        basis = scipy.interpolate.BSpline.design_matrix(np.clip(x, 0.0, 1.0), knots, degree)
+        basis = design_matrix(np.clip(x, 0.0, 1.0), knots, degree)
         basis = basis.tocsr()
     else:  # Legendre polynomial of the given degree on [-1, 1]
         basis = scipy.sparse.csr_matrix(np.polynomial.legendre.legvander(2 * x - 1, degree))

@@ -11,6 +11,7 @@ from kspec_fluxcal.photometry import (
     colour_teff_table,
     flam_to_ab,
     fnu_to_ab,
+    load_band,
     synthetic_mag,
     teff_from_color,
 )
@@ -117,3 +118,22 @@ def test_teff_from_colour():
     assert est["teff_max"].values[0] - est["teff_min"].values[0] == 1000
     # Reddening makes colours redder: removing it raises the estimate.
     assert float(teff_from_color(mag, ebv=0.1)["teff"][0]) > 6100
+
+
+@pytest.mark.parametrize("band", BANDS)
+def test_band_tables_read_as_speclite_reads_them(band):
+    # Our reader of speclite's tables (no astropy.table / scipy.interpolate import).
+    ours, ref = load_band(band), speclite.filters.load_filter(band)
+    np.testing.assert_allclose(ours.wavelength, ref._wavelength, rtol=1e-15)
+    np.testing.assert_array_equal(ours.response, ref.response)
+    assert ours.effective_wavelength == pytest.approx(
+        ref.effective_wavelength.to_value("Angstrom"), rel=1e-13)
+    assert ours.ab_zeropoint == pytest.approx(ref.ab_zeropoint.value, rel=1e-13)
+    wave = np.linspace(ref._wavelength[0] - 50.0, ref._wavelength[-1] + 50.0, 2001)
+    np.testing.assert_allclose(ours(wave), ref(wave), rtol=0, atol=1e-12)
+
+
+def test_unknown_band_is_named():
+    for name in ("sdss-q", "../filters/gaiadr2-G"):
+        with pytest.raises(ValueError, match="unknown band"):
+            load_band(name)

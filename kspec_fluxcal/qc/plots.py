@@ -288,9 +288,9 @@ def _band_wavelength(band):
     """Effective wavelength of a band, Angstrom (NaN for an unknown band)."""
     if band not in _BAND_WAVELENGTHS:
         try:
-            from ..photometry import load_band
+            from ..photometry import band_wavelength
 
-            _BAND_WAVELENGTHS[band] = float(load_band(band).effective_wavelength.value)
+            _BAND_WAVELENGTHS[band] = band_wavelength(band)
         except Exception:  # an unknown band is put last rather than stopping the QC
             _BAND_WAVELENGTHS[band] = np.nan
     return _BAND_WAVELENGTHS[band]

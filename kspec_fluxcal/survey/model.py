@@ -48,8 +48,8 @@ import hashlib
 import json
 
 import numpy as np
-import scipy.interpolate
 
+from .._bspline import design_matrix
 from .archive import ARCHIVE_GRID, archive_grid
 
 __all__ = ["ModelSpec", "Statistics", "SurveyModel", "exposure_statistics", "solve",
@@ -158,7 +158,7 @@ class ModelSpec:
         exposure's scales (:meth:`scales`)."""
         x = self.loglam if loglam is None else np.asarray(loglam, dtype=np.float64)
         x = np.clip(x, np.log(self.wave_range[0]), np.log(self.wave_range[1]))
-        mats = [scipy.interpolate.BSpline.design_matrix(x, t, 3).toarray() for t in self._knots]
+        mats = [design_matrix(x, t, 3).toarray() for t in self._knots]
         return np.concatenate(mats[:2] + [mats[2]] * len(self.terms), axis=1)
 
     @functools.cached_property

@@ -1,0 +1,33 @@
+"""Our B-spline design matrix equals scipy's (which the pipeline no longer imports)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.interpolate
+
+from kspec_fluxcal._bspline import design_matrix
+
+
+@pytest.mark.parametrize("degree", [1, 2, 3])
+def test_design_matrix_equals_scipy_on_a_clamped_basis(degree):
+    rng = np.random.default_rng(degree)
+    inner = np.linspace(0.0, 1.0, 9)
+    knots = np.concatenate([[0.0] * degree, inner, [1.0] * degree])
+    # Random points, both ends and every knot (interval boundaries are the delicate case).
+    x = np.concatenate([[0.0, 1.0], inner, rng.uniform(0.0, 1.0, 300)])
+    ours = design_matrix(x, knots, degree)
+    theirs = scipy.interpolate.BSpline.design_matrix(x, knots, degree)
+    assert ours.shape == theirs.shape
+    np.testing.assert_allclose(ours.toarray(), theirs.toarray(), rtol=0, atol=0)
+    np.testing.assert_allclose(ours.sum(axis=1), 1.0, atol=1e-13)
+
+
+def test_design_matrix_with_dropped_knots_in_ln_wavelength():
+    # As the calibration's response: knots in ln(lambda), some dropped (telluric bands).
+    x = np.log(np.linspace(3600.0, 9000.0, 2000))
+    inner = np.delete(np.linspace(x[0], x[-1], 25), [8, 9, 17])
+    knots = np.concatenate([[x[0]] * 3, inner, [x[-1]] * 3])
+    np.testing.assert_allclose(design_matrix(x, knots).toarray(),
+                               scipy.interpolate.BSpline.design_matrix(x, knots, 3).toarray(),
+                               rtol=0, atol=0)
