@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse
 
-__all__ = ["design_matrix"]
+__all__ = ["design_matrix", "basis_values"]
 
 
 def design_matrix(x, knots, degree=3):
@@ -32,16 +32,32 @@ def design_matrix(x, knots, degree=3):
         Row ``j`` holds the ``degree + 1`` non-zero basis values at ``x[j]`` (they sum to 1
         for a clamped basis).
     """
+    first, values, n = basis_values(x, knots, degree)
+    cols = (first[:, None] + np.arange(values.shape[1])[None, :]).ravel()
+    rows = np.repeat(np.arange(first.size), values.shape[1])
+    return scipy.sparse.csr_matrix((values.ravel(), (rows, cols)), shape=(first.size, n))
+
+
+def basis_values(x, knots, degree=3):
+    """The non-zero B-spline values at each point, as a band: what :func:`design_matrix`
+    holds, for callers that build other products from it.
+
+    Returns
+    -------
+    first : numpy.ndarray of int, shape (m,)
+        Index of the first of the ``degree + 1`` basis functions not zero at each point.
+    values : numpy.ndarray, shape (m, degree + 1)
+        Their values.
+    n : int
+        Number of basis functions.
+    """
     x = np.asarray(x, dtype=np.float64).ravel()
     t = np.asarray(knots, dtype=np.float64)
     k = int(degree)
     n = t.size - k - 1
     # The knot interval [t[i], t[i+1]) of each point, among the basis' own intervals.
     i = np.clip(np.searchsorted(t, x, side="right") - 1, k, n - 1)
-    values = _de_boor(x, t, i, k)
-    rows = np.repeat(np.arange(x.size), k + 1)
-    cols = (i[:, None] - k + np.arange(k + 1)[None, :]).ravel()
-    return scipy.sparse.csr_matrix((values.ravel(), (rows, cols)), shape=(x.size, n))
+    return i - k, _de_boor(x, t, i, k), n
 
 
 def _de_boor(x, t, i, k):

@@ -134,6 +134,11 @@ SCHEMA = {
         "ebv_prior_sigma": Option(0.05, "Width of the Gaussian prior on E(B-V) around the "
                                   "catalog's extinction, mag; 0 = no prior.", min=0.0),
         "ebv_max": Option(1.0, "Largest E(B-V) fitted, mag.", min=0.0, max=5.0),
+        "lsf_prior": Option(0.05, "Width of the Gaussian prior, around 1, on the line-spread "
+                            "width the standards show relative to the header's (real spectra "
+                            "are a few per cent wider): a width the lines do not constrain "
+                            "(templates coarser than the line spread) stays the header's.",
+                            min=0.001, max=1.0),
         "spectral_dof": Option(10, "Weight of a star's spectrum against its photometry and "
                                "priors when choosing templates: the best spectral chi^2 counts "
                                "as this many independent measurements (template mismatch "

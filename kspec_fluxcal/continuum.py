@@ -17,7 +17,7 @@ import scipy.ndimage
 import scipy.sparse
 import xarray as xr
 
-from ._bspline import design_matrix
+from ._bspline import basis_values
 
 __all__ = ["fit_continuum", "normalize_continuum", "spline_basis"]
 
@@ -41,16 +41,27 @@ def _basis(npix, x_bytes, method, spacing, degree):
         nseg = max(1, int(round(1.0 / spacing)))
         inner = np.linspace(0.0, 1.0, nseg + 1)
         knots = np.concatenate([[0.0] * degree, inner, [1.0] * degree])
-        basis = design_matrix(np.clip(x, 0.0, 1.0), knots, degree)
-        basis = basis.tocsr()
+        first, band, nb = basis_values(np.clip(x, 0.0, 1.0), knots, degree)
+        cols = first[:, None] + np.arange(degree + 1)[None, :]
     else:  # Legendre polynomial of the given degree on [-1, 1]
-        basis = scipy.sparse.csr_matrix(np.polynomial.legendre.legvander(2 * x - 1, degree))
-    nb = basis.shape[1]
-    dense = basis.toarray()
-    outer = (dense[:, :, None] * dense[:, None, :]).reshape(npix, nb * nb)
-    outer = scipy.sparse.csr_matrix(outer)
+        band = np.polynomial.legendre.legvander(2 * x - 1, degree)
+        nb = band.shape[1]
+        cols = np.broadcast_to(np.arange(nb), band.shape)
+    # Only the non-zero products of each row (a B-spline row has degree + 1 values):
+    # through a dense (npix, nb^2) array this was 10 ms per new set of wavelengths.
+    rows = np.arange(npix)[:, None]
+    basis = _sparse(band, rows, cols, (npix, nb))
+    outer = _sparse(band[:, :, None] * band[:, None, :], rows[:, :, None],
+                    cols[:, :, None] * nb + cols[:, None, :], (npix, nb * nb))
     diff = np.diff(np.eye(nb), n=2, axis=0) if nb > 2 else np.zeros((1, nb))
     return basis, outer.T.tocsr(), basis.T.tocsr(), diff.T @ diff
+
+
+def _sparse(values, rows, cols, shape):
+    """CSR matrix of ``values`` at (``rows``, ``cols``) (broadcast together); zeros dropped."""
+    values, rows, cols = (a.ravel() for a in np.broadcast_arrays(values, rows, cols))
+    keep = values != 0.0
+    return scipy.sparse.csr_matrix((values[keep], (rows[keep], cols[keep])), shape=shape)
 
 
 def spline_basis(wavelength, knot_spacing, degree=3):

@@ -99,11 +99,12 @@ def _shift_matrix_cached(wave_bytes, source_bytes, rv):
     base = np.floor(np.where(inside, pos, 0.0)).astype(int)
     weights = _kernel_weights(np.where(inside, pos, 0.0) - base)
     cols = np.clip(base[:, None] + _TAPS[None, :], 0, n - 1)
-    rows = np.broadcast_to(np.arange(pos.size)[:, None], cols.shape)
     # Rows whose source is off the spectrum stay empty (no stored zeros), so callers can tell.
     keep = np.broadcast_to(inside[:, None], cols.shape)
-    return scipy.sparse.csr_matrix((weights[keep], (rows[keep], cols[keep])),
-                                   shape=(pos.size, n))
+    indptr = np.concatenate([[0], np.cumsum(np.where(inside, _TAPS.size, 0))])
+    matrix = scipy.sparse.csr_matrix((weights[keep], cols[keep], indptr), shape=(pos.size, n))
+    matrix.sum_duplicates()  # taps clipped at the ends: one entry per column
+    return matrix
 
 
 def shift_spectra(spectra, wavelength, rv, source=None):
