@@ -26,6 +26,7 @@ import os
 import threading
 from importlib import resources
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse
@@ -183,54 +184,86 @@ def _kernel_matrix(wave_in, wave_out, sigma_out):
     vals /= np.maximum(vals.sum(axis=1, keepdims=True), 1e-300)
     vals = np.where(inside, vals, 0.0)
     keep = vals > 0
-    cols = np.clip(cols, 0, wave_in.size - 1)[keep]
-    rows = np.broadcast_to(np.arange(wave_out.size)[:, None], keep.shape)[keep]
-    # Taylor terms of g(x_j + d) in the offset d from a box's centre.
-    terms = [vals, -vals * u / sig, 0.5 * vals * (u**2 - 1.0) / sig**2]
-    return scipy.sparse.csr_matrix(
-        (np.concatenate([t[keep] for t in terms]),
-         (np.tile(rows, 3), np.concatenate([cols + k * wave_in.size for k in range(3)]))),
-        shape=(wave_out.size, 3 * wave_in.size))
+    # Taylor terms of g(x_j + d) in the offset d from a box's centre; each row holds its
+    # boxes' three terms in turn, so that its columns increase: the CSR arrays directly.
+    terms = np.stack([vals, -vals * u / sig, 0.5 * vals * (u**2 - 1.0) / sig**2], axis=1)
+    cols = np.clip(cols, 0, wave_in.size - 1)[:, None, :] + (
+        np.arange(3) * wave_in.size)[None, :, None]
+    keep3 = np.broadcast_to(keep[:, None, :], terms.shape)
+    indptr = np.concatenate([[0], np.cumsum(3 * keep.sum(axis=1))])
+    return scipy.sparse.csr_matrix((terms[keep3], cols[keep3], indptr),
+                                   shape=(wave_out.size, 3 * wave_in.size))
+
+
+class _Boxes(NamedTuple):
+    """A high-resolution grid cut into boxes of ``box`` points (the first ``n`` points)."""
+
+    box: int
+    n: int
+    centres: np.ndarray  # (n / box,) box centres
+    moments: np.ndarray  # (box, 3): zeroth, first and second moments about the centre
+    active: np.ndarray  # (n / box,) boxes with absorption
+    hr_active: np.ndarray  # (n,) their points
+
+
+def _boxes(hr_wave, active, box):
+    """:class:`_Boxes` of ``hr_wave`` (``active``: its points with absorption)."""
+    step = hr_wave[1] - hr_wave[0]
+    n = hr_wave.size // box * box
+    offset = (np.arange(box) - 0.5 * (box - 1)) * step
+    boxed = active[:n].reshape(-1, box).any(axis=1)
+    return _Boxes(box, n, hr_wave[:n].reshape(-1, box).mean(axis=1),
+                  np.stack([np.ones(box), offset, offset**2], axis=1) / box, boxed,
+                  np.repeat(boxed, box))
+
+
+@functools.lru_cache(maxsize=8)
+def _line_list_boxes(source, box):
+    """The line list's :class:`_Boxes` and its optical depths at their active points (the
+    same for every exposure whose narrowest line spread gives this box size)."""
+    hr_wave, tau = optical_depths(source)
+    boxes = _boxes(hr_wave, tau.sum(axis=0) > 1e-9, box)
+    active = tau[:, :boxes.n][:, boxes.hr_active]
+    active.flags.writeable = False  # shared by every model of this box size
+    return boxes, active
+
+
+def _box_size(hr_wave, wavelength, sigma, adaptive):
+    """Points per box: :data:`_BOX`, or (``adaptive``) a third of the narrowest sigma."""
+    box = _BOX
+    if adaptive:
+        narrowest = np.nanmin(np.where(np.isfinite(wavelength), sigma, np.nan), initial=np.inf)
+        if np.isfinite(narrowest):
+            box = max(_BOX, int(narrowest / _BOX_PER_SIGMA / (hr_wave[1] - hr_wave[0])))
+    return box
 
 
 class _Sampler:
     """High-resolution spectra sampled at pixels through Gaussian line spreads: which pixels
     the absorption reaches, and the kernel matrix from the boxes' moments to them.
 
-    Each box of the high-resolution grid is represented by the zeroth, first and second
-    moments of the absorption (outside level minus the values) about its centre: the
-    Gaussian's Taylor expansion over a box then errs by third-order terms only, so boxes a
-    third of the narrowest sigma wide (``adaptive``) change no transmission by more than
-    2e-5 against the full high-resolution sum.
+    Each box of the high-resolution grid (:class:`_Boxes`) is represented by the zeroth,
+    first and second moments of the absorption (outside level minus the values) about its
+    centre: the Gaussian's Taylor expansion over a box then errs by third-order terms only,
+    so boxes a third of the narrowest sigma wide (adaptive box size) change no transmission
+    by more than 2e-5 against the full high-resolution sum.
     """
 
-    def __init__(self, hr_wave, active, wavelength, sigma, adaptive=False):
+    def __init__(self, boxes, wavelength, sigma):
         wave = np.asarray(wavelength, dtype=np.float64)
-        step = hr_wave[1] - hr_wave[0]
-        box = _BOX
-        if adaptive:
-            narrowest = np.nanmin(np.where(np.isfinite(wave), sigma, np.nan), initial=np.inf)
-            if np.isfinite(narrowest):
-                box = max(_BOX, int(narrowest / _BOX_PER_SIGMA / step))
-        self.box = box
-        n = hr_wave.size // box * box
-        self.n = n
-        box_wave = hr_wave[:n].reshape(-1, box).mean(axis=1)
-        offset = (np.arange(box) - 0.5 * (box - 1)) * step
-        self.moments = np.stack([np.ones(box), offset, offset**2], axis=1) / box  # (box, 3)
+        self.box, self.n, self.moments = boxes.box, boxes.n, boxes.moments
         # Only boxes with absorption are computed (the rest transmit 1).
-        self.active = active[:n].reshape(-1, box).any(axis=1)
-        self.hr_active = np.repeat(self.active, box)
+        self.active, self.hr_active = boxes.active, boxes.hr_active
         self.shape = wave.shape
         flat, sig = wave.ravel(), np.broadcast_to(sigma, wave.shape).ravel()
         ok = np.isfinite(flat) & np.isfinite(sig)
         reach = np.where(ok, _NSIGMA * sig, 0.0)
-        lo = np.searchsorted(box_wave, np.where(ok, flat - reach, np.inf))
-        hi = np.searchsorted(box_wave, np.where(ok, flat + reach, -np.inf))
+        lo = np.searchsorted(boxes.centres, np.where(ok, flat - reach, np.inf))
+        hi = np.searchsorted(boxes.centres, np.where(ok, flat + reach, -np.inf))
         touched = np.concatenate([[0], np.cumsum(self.active)])
         self.index = np.flatnonzero(ok & (hi > lo) & (touched[np.clip(hi, 0, None)]
                                                       > touched[np.clip(lo, 0, None)]))
-        self.matrix = _kernel_matrix(box_wave, flat[self.index], sig[self.index])
+        self.matrix = _kernel_matrix(boxes.centres, flat[self.index], sig[self.index])
 
     def sample(self, values, outside):
         """``values`` (k, active high-resolution points) seen at the pixels: (k,) + shape;
@@ -248,8 +281,8 @@ class _Sampler:
 def sample_transmission(hr_wave, hr_transmission, wavelength, sigma):
     """A high-resolution transmission (uniform grid) seen at pixels through Gaussian line
     spreads of ``sigma`` (Angstrom, per pixel or one); 1 where it is 1 within reach."""
-    active = hr_transmission < 1.0
-    sampler = _Sampler(hr_wave, active, wavelength, sigma)
+    boxes = _boxes(hr_wave, hr_transmission < 1.0, _BOX)
+    sampler = _Sampler(boxes, wavelength, sigma)
     return sampler.sample(hr_transmission[None, :sampler.n][:, sampler.hr_active], [1.0])[0]
 
 
@@ -257,7 +290,6 @@ class _Model:
     """The telluric model of a line list at given pixels and line spreads."""
 
     def __init__(self, wavelength, lsf, scale, source):
-        self.hr_wave, tau = optical_depths(source)
         wave = np.asarray(wavelength, dtype=np.float64)
         self.shape = wave.shape
         scale = np.ones(wave.shape[:-1]) if scale is None else np.asarray(scale, np.float64)
@@ -271,9 +303,9 @@ class _Model:
         wave, scale = rows[first, 1:], rows[first, 0]
         fwhm = lsf.fwhm(np.where(np.isfinite(wave), wave, 1.0))
         sigma = np.where(np.isfinite(wave), fwhm * scale[:, None] / FWHM_PER_SIGMA, np.nan)
-        self.sampler = _Sampler(self.hr_wave, tau.sum(axis=0) > 1e-9, wave, sigma,
-                                adaptive=True)
-        self.tau = tau[:, :self.sampler.n][:, self.sampler.hr_active]
+        box = _box_size(optical_depths(source)[0], wave, sigma, adaptive=True)
+        boxes, self.tau = _line_list_boxes(source, box)
+        self.sampler = _Sampler(boxes, wave, sigma)
 
     def __call__(self, o2, h2o, derivatives=False):
         hr = np.exp(-o2 * self.tau[0] - h2o * self.tau[1])
@@ -380,12 +412,11 @@ def fit_telluric(wavelength, observed, weight, lsf, *, start=(1.0, 1.0), scale=N
         params[free] = np.maximum(params[free] + step, 0.0)
         if np.all(np.abs(step) < 1e-5):
             break
-    model = sample(*params)
+    model, d_o2, d_h2o = sample(*params, derivatives=True)
     dof = max(int((w > 0).sum()) - int(free.sum()), 1)
     chi2_dof = float(np.sum(w * (y - model) ** 2) / dof)
     errors = np.full(2, np.nan)
     if free.any():
-        _, d_o2, d_h2o = sample(*params, derivatives=True)
         j = np.stack([d_o2.ravel(), d_h2o.ravel()], axis=1)[:, free]
         cov = np.linalg.inv(j.T @ (w.ravel()[:, None] * j)) * max(chi2_dof, 1.0)
         errors[free] = np.sqrt(np.diag(cov))

@@ -508,3 +508,16 @@ def test_qc(capsys, files, tmp_path):
     assert problems(err) == [f"{red}: FAILED: HDU FLUXCAL: missing: not a calibrated "
                              "file (run 'kspec-fluxcal calibrate' first)"]
     shutil.rmtree(tmp_path / "qc")
+
+
+def test_blas_threads_are_one_unless_the_user_set_them(monkeypatch, capsys):
+    # Small matrix products: a second BLAS thread only spins (+60 % CPU, same wall time).
+    from kspec_fluxcal.cli import _ONE_THREAD
+
+    for name in _ONE_THREAD:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MKL_NUM_THREADS", "4")
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert os.environ["OMP_NUM_THREADS"] == os.environ["OPENBLAS_NUM_THREADS"] == "1"
+    assert os.environ["MKL_NUM_THREADS"] == "4"
