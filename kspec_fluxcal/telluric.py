@@ -55,6 +55,8 @@ _WING = 6.0
 _NSIGMA = 5.0
 #: Gauss-Newton iterations of the fit (it converges in 3-4 from the airmass).
 _ITERATIONS = 8
+#: ... stopped when a step is smaller than this, in columns (their errors are ~0.01-0.05).
+_TOLERANCE = 1e-4
 
 
 @functools.cache
@@ -409,10 +411,11 @@ def fit_telluric(wavelength, observed, weight, lsf, *, start=(1.0, 1.0), scale=N
         j = jac[:, free]
         normal = j.T @ (w.ravel()[:, None] * j)
         step = np.linalg.solve(normal, j.T @ (w.ravel() * (y - model).ravel()))
+        if np.all(np.abs(step) < _TOLERANCE):
+            break  # converged: the model and derivatives at ``params`` serve below
         params[free] = np.maximum(params[free] + step, 0.0)
-        if np.all(np.abs(step) < 1e-5):
-            break
-    model, d_o2, d_h2o = sample(*params, derivatives=True)
+    else:
+        model, d_o2, d_h2o = sample(*params, derivatives=True)
     dof = max(int((w > 0).sum()) - int(free.sum()), 1)
     chi2_dof = float(np.sum(w * (y - model) ** 2) / dof)
     errors = np.full(2, np.nan)
