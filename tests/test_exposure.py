@@ -9,7 +9,15 @@ from conftest import time_limit
 from kspec_fluxcal.constants import FLUX_UNIT
 from kspec_fluxcal.errors import ExposureError, OutputExistsError
 from kspec_fluxcal.exposure import open_exposure, read_exposure_info
-from kspec_fluxcal.products import write_calibrated
+from kspec_fluxcal.fits_file import (
+    card_image,
+    column_format,
+    extension_bytes,
+    image_bytes,
+    table_bytes,
+    table_hdu,
+)
+from kspec_fluxcal.products import read_standard_stars, star_table, write_calibrated
 from kspec_fluxcal.wavelength import air_to_vacuum, vacuum_to_air
 
 
@@ -313,26 +321,63 @@ def test_lazy_exposure_written(red_file, tmp_path):
     xr.testing.assert_allclose(back["flux"], cal["flux"].compute(), rtol=1e-6)
 
 
-def test_tables_stored_big_endian_write_the_same_bytes(tmp_path):
-    """Products put their tables in FITS byte order before writing (astropy converted
-    vector columns element by element, in Python: 40 % of a product's write): the file must
-    be byte for byte what astropy writes by itself."""
-    from kspec_fluxcal.products import _write_fits
-
+def test_extensions_in_bytes_are_what_astropy_writes():
+    """Products render their own extensions as FITS bytes (astropy's Column objects and
+    header updates were most of a product's write): the bytes must be those astropy writes
+    for the same table or image, blank-ended strings, empty vectors and no rows included."""
     rng = np.random.default_rng(1)
-    vector, flags = rng.normal(size=(3, 64)), rng.random((3, 64)) > 0.5
+    text = np.array(["ab  ", " c", "", "   ", " ", "x\ty "])
+    columns = [
+        ("S", *column_format(text), None),
+        ("T", "1A", np.array(list(" a b c")), ""),
+        ("F", "D", rng.normal(size=6), "mag"),
+        ("K", *column_format(np.arange(6) - 3), None),
+        ("I", "I", np.arange(6, dtype=np.int16), "1"),
+        ("L", "L", rng.random(6) > 0.5, None),
+        ("V", "3D", rng.normal(size=(6, 3)), "(1e-17 erg/(s cm2 Angstrom) / count)**2"),
+        ("M", "2L", rng.random((6, 2)) > 0.5, None),
+        ("W", "1D", rng.normal(size=(6, 1)), None),
+        ("Z", "0D", np.zeros((6, 0)), None),
+    ]
+    cards = [card_image("NWAVE", 3), card_image("AIRORVAC", "vac", "medium"),
+             card_image("COMMENT", "x" * 150), card_image("HISTORY", "h")]
+    no_rows = [(n, f, v[:0], u) for n, f, v, u in columns]
+    for cols, name in ((columns, "fibres_ifu"), (no_rows, "EMPTY"), ([], "NONE")):
+        assert table_bytes(cols, name, cards) == extension_bytes(table_hdu(cols, name, cards))
+    for data in (rng.normal(size=(3, 5)).astype(np.float32), rng.normal(size=7)):
+        hdu = fits.ImageHDU(data, name="img")
+        hdu.header["BUNIT"] = "adu"
+        hdu.header["COMMENT"] = "y" * 100
+        assert image_bytes(data, "img", [card_image("BUNIT", "adu"),
+                                         card_image("COMMENT", "y" * 100)]) == extension_bytes(hdu)
+    assert card_image("X", -0.0) != card_image("X", 0.0)  # floats are not cached as equal
 
-    def hdus():
-        return [fits.PrimaryHDU(np.ones((2, 3), np.float32)), fits.BinTableHDU.from_columns([
-            fits.Column("F", "D", array=[1.5, -2.0, np.nan], unit="mag"),
-            fits.Column("K", "K", array=[7, -8, 2**40]),
-            fits.Column("I", "I", array=np.array([1, 0, -3], np.int16)),
-            fits.Column("S", "4A", array=["a", "bb", "ccc"]),
-            fits.Column("L", "L", array=[True, False, True]),
-            fits.Column("V", "64D", array=vector),
-            fits.Column("M", "64L", array=flags),
-        ], name="T"), fits.BinTableHDU.from_columns([fits.Column("S", "2A", array=["x"])])]
 
-    fits.HDUList(hdus()).writeto(tmp_path / "plain.fits")
-    _write_fits(hdus(), tmp_path / "ours.fits")
-    assert (tmp_path / "plain.fits").read_bytes() == (tmp_path / "ours.fits").read_bytes()
+def test_star_table_written_as_astropy_writes_it_and_read_back(red_file, tmp_path):
+    """FCALSTAR from the per-star Dataset (rendered as bytes) is astropy's table byte for
+    byte (:func:`star_table`), and reads back as it was."""
+    cal = _calibrated(open_exposure(red_file()))
+    rng = np.random.default_rng(2)
+    nstar, nwave = 3, cal.sizes["wavelength"]
+    stars = xr.Dataset({
+        "cal": (("star", "wavelength"), rng.normal(size=(nstar, nwave)), {"units": "x"}),
+        "cal_mask": (("star", "wavelength"), rng.random((nstar, nwave)) > 0.3),
+        "mag_obs": (("star", "band"), rng.normal(size=(nstar, 2)), {"units": "mag"}),
+        "teff": ("star", [5800.0, 6100.5, np.nan], {"units": "K"}),
+        "n_bands": ("star", np.array([2, 1, 0])),
+        "used": ("star", [True, False, True]),
+        "status": ("star", np.array(["ok", "", "no match  "], dtype=object)),
+    }, coords={"wavelength": cal["wavelength"].values, "band": ["g", "r"]})
+    out = write_calibrated(cal, tmp_path / "ds.fits", stars=stars)
+    reference = write_calibrated(cal, tmp_path / "hdu.fits", stars=star_table(stars))
+    assert out.read_bytes() == reference.read_bytes()
+    back = read_standard_stars(out)
+    for name in ("cal", "cal_mask", "mag_obs", "teff", "n_bands", "used"):
+        np.testing.assert_array_equal(back[name].values, stars[name].values)
+    assert list(back["status"].values) == ["ok", "", "no match"]
+    assert list(back["band"].values) == ["g", "r"] and back["cal"].attrs["units"] == "x"
+    with fits.open(out) as hdul:
+        assert [h.name for h in hdul] == ["PRIMARY", "VARIANCE", "WAVELA", "FIBRES", "FLUXCAL",
+                                         "FCALSTAR"]
+        assert hdul[0].header["EXTEND"] is True
+        hdul.verify("exception")
