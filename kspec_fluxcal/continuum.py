@@ -32,7 +32,7 @@ def _key(x):
     return np.ascontiguousarray(np.round(x, 12)).tobytes()
 
 
-@functools.lru_cache(maxsize=32)
+@functools.lru_cache(maxsize=8)  # 1-3 per exposure (its own wavelengths), ~1 MB each
 def _basis(npix, x_bytes, method, spacing, degree):
     """Sparse design matrix (npix, nbasis), and the transposes of its row-wise outer products
     (nbasis^2, npix) and of itself, ready for sparse @ dense products."""

@@ -321,7 +321,7 @@ class _Model:
 
 
 _MODELS = collections.OrderedDict()
-_MODELS_KEPT = 4
+_MODELS_KEPT = 3  # an exposure's stars, reference grid and fibers (up to ~10 MB each)
 _MODELS_LOCK = threading.Lock()  # workers' threads share the cache
 
 

@@ -544,7 +544,7 @@ def _build_library(grid, lo, hi, options, max_resolving_power):
 
 
 #: Library-to-exposure operators, by (library, pixels, LSF): a few, with their memory.
-_OPERATORS = _Recent(16)
+_OPERATORS = _Recent(6)  # an exposure uses up to 5 (line-spread trials), ~1 MB each
 
 
 def _library_operator(library, wavelength, lsf):

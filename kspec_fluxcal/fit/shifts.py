@@ -89,7 +89,9 @@ def shift_matrix(wavelength, rv, source=None):
     return _shift_matrix_cached(_key(wavelength), _key(source), round(float(rv), 9))
 
 
-@functools.lru_cache(maxsize=64)
+# An exposure's stars and velocities need ~10, some again after others (its wavelengths are
+# its own: entries of earlier exposures only hold memory, ~0.4 MB each).
+@functools.lru_cache(maxsize=24)
 def _shift_matrix_cached(wave_bytes, source_bytes, rv):
     wavelength = np.frombuffer(wave_bytes, dtype=np.float64)
     source = np.frombuffer(source_bytes, dtype=np.float64)
