@@ -230,14 +230,12 @@ def _line_list_boxes(source, box):
     return boxes, active
 
 
-def _box_size(hr_wave, wavelength, sigma, adaptive):
-    """Points per box: :data:`_BOX`, or (``adaptive``) a third of the narrowest sigma."""
-    box = _BOX
-    if adaptive:
-        narrowest = np.nanmin(np.where(np.isfinite(wavelength), sigma, np.nan), initial=np.inf)
-        if np.isfinite(narrowest):
-            box = max(_BOX, int(narrowest / _BOX_PER_SIGMA / (hr_wave[1] - hr_wave[0])))
-    return box
+def _box_size(hr_wave, wavelength, sigma):
+    """Points per box: a third of the narrowest sigma, at least :data:`_BOX`."""
+    narrowest = np.nanmin(np.where(np.isfinite(wavelength), sigma, np.nan), initial=np.inf)
+    if not np.isfinite(narrowest):
+        return _BOX
+    return max(_BOX, int(narrowest / _BOX_PER_SIGMA / (hr_wave[1] - hr_wave[0])))
 
 
 class _Sampler:
@@ -305,7 +303,7 @@ class _Model:
         wave, scale = rows[first, 1:], rows[first, 0]
         fwhm = lsf.fwhm(np.where(np.isfinite(wave), wave, 1.0))
         sigma = np.where(np.isfinite(wave), fwhm * scale[:, None] / FWHM_PER_SIGMA, np.nan)
-        box = _box_size(optical_depths(source)[0], wave, sigma, adaptive=True)
+        box = _box_size(optical_depths(source)[0], wave, sigma)
         boxes, self.tau = _line_list_boxes(source, box)
         self.sampler = _Sampler(boxes, wave, sigma)
 

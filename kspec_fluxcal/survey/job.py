@@ -186,8 +186,8 @@ def _quality(result):
 
 def run_survey(lake, *, catalog, grid, out, config=None, scheduler=None, workers=None,
                threads_per_worker=1, performance_report=None, resume=False, pattern=None,
-               progress=True, client=None, dashboard_address="127.0.0.1:8787", flush_every=16,
-               flush_interval=1.0, xp=None, cache_dir=None):
+               progress=True, client=None, dashboard_address="127.0.0.1:8787", flush_every=64,
+               flush_interval=10.0, xp=None, cache_dir=None):
     """Re-calibrate every RED file under ``lake`` as one Dask job.
 
     Parameters
@@ -220,7 +220,9 @@ def run_survey(lake, *, catalog, grid, out, config=None, scheduler=None, workers
     flush_every, flush_interval : int, float
         Results are committed to the archive in batches: when ``flush_every`` are waiting
         or ``flush_interval`` seconds after the previous commit, whichever comes first. A
-        killed job loses at most the uncommitted batch (recalibrated by ``resume``).
+        killed job loses at most the uncommitted batch (recalibrated by ``resume``). A
+        commit costs ~0.13 s of the client's CPU whatever its size (one write per archive
+        variable): batches of 6 (1 s at 6 exposures/s) cost 20 ms per exposure, of 64 2 ms.
     xp : path-like, optional
         Gaia XP spectra of the standards (:func:`kspec_fluxcal.xp.read_xp`), read once and
         sent to every worker; part of every exposure's input hash.
