@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import os
 import signal
 import sys
 import threading
@@ -508,8 +509,6 @@ _ONE_THREAD = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 def main(argv=None):
     """Run the command line; returns the exit status."""
-    import os
-
     for name in _ONE_THREAD:  # before numpy is imported (the commands import it)
         os.environ.setdefault(name, "1")
     parser = build_parser()
