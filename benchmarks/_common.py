@@ -1,4 +1,9 @@
-"""Shared helpers of the benchmark scripts (not part of the package)."""
+"""Shared helpers of the benchmark scripts (not part of the package).
+
+Imported before numpy (``import _common`` sorts first among the scripts' third-party
+imports), it limits BLAS to one thread unless set, as the command line does: a benchmark's
+"workers" are the cores it uses, and the package's matrix products gain nothing from more.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,9 @@ import resource
 import shutil
 import time
 from pathlib import Path
+
+for _name in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+    os.environ.setdefault(_name, "1")
 
 #: Repository root (this file is ``<root>/benchmarks/_common.py``).
 ROOT = Path(__file__).resolve().parents[1]

@@ -54,25 +54,21 @@ Importable: :func:`surveys` returns the survey definitions, :func:`run_survey` s
 
 from __future__ import annotations
 
-import os
+import argparse
+import json
+import multiprocessing
+import re
+import sys
+import time
+import traceback
+import warnings
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import multiprocessing  # noqa: E402
-import re  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import traceback  # noqa: E402
-import warnings  # noqa: E402
-from collections import Counter  # noqa: E402
-from concurrent.futures import ProcessPoolExecutor  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-from _common import CACHE, SHARED_REAL, ck04_cube, demo_cube, demo_grid, load_note  # noqa: E402
+import _common  # noqa: F401 (first: BLAS threads set before numpy loads)
+import numpy as np
+from _common import CACHE, SHARED_REAL, ck04_cube, demo_cube, demo_grid, load_note
 
 SNR_BINS = ((15.0, 30.0), (30.0, 60.0), (60.0, 120.0), (120.0, 250.0))
 SCAN_EXPOSURES = 24

@@ -37,20 +37,15 @@ first time takes a few minutes.
 
 from __future__ import annotations
 
-import os
+import csv
+import warnings
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-os.environ.setdefault("MKL_NUM_THREADS", "1")
-
-import csv  # noqa: E402
-import warnings  # noqa: E402
-
-import dask  # noqa: E402
-import numpy as np  # noqa: E402
-import scipy.ndimage  # noqa: E402
-import xarray as xr  # noqa: E402
-from _common import (  # noqa: E402
+import _common  # noqa: F401 (first: BLAS threads set before numpy loads)
+import dask
+import numpy as np
+import scipy.ndimage
+import xarray as xr
+from _common import (
     CACHE,
     best_of,
     fmt_times,
@@ -60,19 +55,19 @@ from _common import (  # noqa: E402
     reference_grid,
 )
 
-from kspec_fluxcal.catalog import read_catalog  # noqa: E402
-from kspec_fluxcal.config import Config, continuum_options  # noqa: E402
-from kspec_fluxcal.constants import FWHM_PER_SIGMA, SPEED_OF_LIGHT_KMS  # noqa: E402
-from kspec_fluxcal.continuum import fit_continuum  # noqa: E402
-from kspec_fluxcal.exposure import open_exposure  # noqa: E402
-from kspec_fluxcal.fit.exposure_templates import template_library  # noqa: E402
-from kspec_fluxcal.fit.matching import score_templates  # noqa: E402
+from kspec_fluxcal.catalog import read_catalog
+from kspec_fluxcal.config import Config, continuum_options
+from kspec_fluxcal.constants import FWHM_PER_SIGMA, SPEED_OF_LIGHT_KMS
+from kspec_fluxcal.continuum import fit_continuum
+from kspec_fluxcal.exposure import open_exposure
+from kspec_fluxcal.fit.exposure_templates import template_library
+from kspec_fluxcal.fit.matching import score_templates
 from kspec_fluxcal.fit.standards import fit_standards
-from kspec_fluxcal.grid import PARAMS, open_grid  # noqa: E402
-from kspec_fluxcal.lsf import exposure_lsf  # noqa: E402
-from kspec_fluxcal.masks import region_mask  # noqa: E402
-from kspec_fluxcal.sim import CATALOG_HEADER, GridStars, Setup, simulate_exposure  # noqa: E402
-from kspec_fluxcal.templates import library_spectra  # noqa: E402
+from kspec_fluxcal.grid import PARAMS, open_grid
+from kspec_fluxcal.lsf import exposure_lsf
+from kspec_fluxcal.masks import region_mask
+from kspec_fluxcal.sim import CATALOG_HEADER, GridStars, Setup, simulate_exposure
+from kspec_fluxcal.templates import library_spectra
 
 SEED = 4
 N_LOOP = 40  # templates timed in the reference loop

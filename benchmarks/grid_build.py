@@ -27,14 +27,11 @@ from __future__ import annotations
 import os
 import shutil
 
-# One thread per worker: "workers" are the cores used.
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+import _common  # noqa: F401 (first: BLAS threads set before numpy loads)
+import numpy as np
+from _common import CACHE, best_of, fmt_times, load_note, reference_grid
 
-import numpy as np  # noqa: E402
-from _common import CACHE, best_of, fmt_times, load_note, reference_grid  # noqa: E402
-
-from kspec_fluxcal.grid.build import build_grid, read_bosz_spectrum, scan_bosz  # noqa: E402
+from kspec_fluxcal.grid.build import build_grid, read_bosz_spectrum, scan_bosz
 
 N_LOADTXT = 40
 

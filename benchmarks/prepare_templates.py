@@ -8,21 +8,17 @@ Target (issue 3): under 10 s on one core.
 
 from __future__ import annotations
 
-import os
+import _common  # noqa: F401 (first: BLAS threads set before numpy loads)
+import dask
+import numpy as np
+import scipy.interpolate
+import scipy.ndimage
+from _common import Timer, peak_rss_mb, reference_cube
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
-import dask  # noqa: E402
-import numpy as np  # noqa: E402
-import scipy.interpolate  # noqa: E402
-import scipy.ndimage  # noqa: E402
-from _common import Timer, peak_rss_mb, reference_cube  # noqa: E402
-
-from kspec_fluxcal.constants import FWHM_PER_SIGMA  # noqa: E402
-from kspec_fluxcal.grid import open_grid  # noqa: E402
-from kspec_fluxcal.lsf import LineSpread  # noqa: E402
-from kspec_fluxcal.templates import prepare_templates  # noqa: E402
+from kspec_fluxcal.constants import FWHM_PER_SIGMA
+from kspec_fluxcal.grid import open_grid
+from kspec_fluxcal.lsf import LineSpread
+from kspec_fluxcal.templates import prepare_templates
 
 
 def loop_reference(grid, wave_out, lsf, n):

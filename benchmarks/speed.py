@@ -38,23 +38,20 @@ exposures takes ~10 min to simulate the first time, the reference grid ~3 min.
 
 from __future__ import annotations
 
+import argparse
+import json
 import os
+import resource
+import shutil
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import resource  # noqa: E402
-import shutil  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-import time  # noqa: E402
-import warnings  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-from _common import (  # noqa: E402
+import _common  # noqa: F401 (first: BLAS threads set before numpy loads)
+import numpy as np
+from _common import (
     CACHE,
     Timer,
     demo_cube,
@@ -64,7 +61,7 @@ from _common import (  # noqa: E402
     reference_grid,
 )
 
-from kspec_fluxcal.templates import CACHE_ENV  # noqa: E402
+from kspec_fluxcal.templates import CACHE_ENV
 
 #: The command line's entry point, beside this Python.
 ENTRY_POINT = Path(sys.executable).with_name("kspec-fluxcal")

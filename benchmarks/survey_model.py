@@ -26,19 +26,15 @@ airmasses): its wall time, tasks and memory.
 
 from __future__ import annotations
 
-import os
+import argparse
+import json
+import shutil
+import warnings
+from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
-import argparse  # noqa: E402
-import json  # noqa: E402
-import shutil  # noqa: E402
-import warnings  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import numpy as np  # noqa: E402
-from _common import CACHE, Timer, demo_cube, demo_grid, load_note  # noqa: E402
+import _common  # noqa: F401 (first: BLAS threads set before numpy loads)
+import numpy as np
+from _common import CACHE, Timer, demo_cube, demo_grid, load_note
 
 ROOT = CACHE / "survey_model"
 SURVEY = {"exposures": 60, "nights": 6, "seed": 1301, "n_standards": (1, 3),

@@ -22,17 +22,14 @@ Issue 6's targets; the machine may be shared, so rates are indicative.
 
 from __future__ import annotations
 
+import argparse
 import os
+import shutil
+import threading
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
-
-import argparse  # noqa: E402
-import shutil  # noqa: E402
-import threading  # noqa: E402
-
-import numpy as np  # noqa: E402
-from _common import CACHE, Timer, demo_cube, demo_grid, peak_rss_mb  # noqa: E402
+import _common  # noqa: F401 (first: BLAS threads set before numpy loads)
+import numpy as np
+from _common import CACHE, Timer, demo_cube, demo_grid, peak_rss_mb
 
 
 def survey_lake(exposures, workers=2):

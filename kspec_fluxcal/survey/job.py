@@ -46,7 +46,7 @@ from ..config import Config, load_config
 from ..errors import FluxCalError, InputError
 from .cluster import on_cluster
 from .report import SurveyReport, write_notes
-from .tasks import Progress, collect, run_task, token
+from .tasks import FLUSH_EVERY, FLUSH_INTERVAL, Progress, collect, run_task, token
 
 __all__ = ["discover", "plan_survey", "run_survey"]
 
@@ -186,8 +186,8 @@ def _quality(result):
 
 def run_survey(lake, *, catalog, grid, out, config=None, scheduler=None, workers=None,
                threads_per_worker=1, performance_report=None, resume=False, pattern=None,
-               progress=True, client=None, dashboard_address="127.0.0.1:8787", flush_every=64,
-               flush_interval=10.0, xp=None, cache_dir=None):
+               progress=True, client=None, dashboard_address="127.0.0.1:8787",
+               flush_every=FLUSH_EVERY, flush_interval=FLUSH_INTERVAL, xp=None, cache_dir=None):
     """Re-calibrate every RED file under ``lake`` as one Dask job.
 
     Parameters
@@ -219,10 +219,10 @@ def run_survey(lake, *, catalog, grid, out, config=None, scheduler=None, workers
         Of the LocalCluster started when neither ``scheduler`` nor ``client`` is given.
     flush_every, flush_interval : int, float
         Results are committed to the archive in batches: when ``flush_every`` are waiting
-        or ``flush_interval`` seconds after the previous commit, whichever comes first. A
-        killed job loses at most the uncommitted batch (recalibrated by ``resume``). A
-        commit costs ~0.13 s of the client's CPU whatever its size (one write per archive
-        variable): batches of 6 (1 s at 6 exposures/s) cost 20 ms per exposure, of 64 2 ms.
+        or ``flush_interval`` seconds after the previous commit, whichever comes first
+        (default 64 and 10 s: a commit's cost hardly depends on its size, see
+        :data:`~kspec_fluxcal.survey.tasks.FLUSH_EVERY`). A killed job loses at most the
+        uncommitted batch (recalibrated by ``resume``).
     xp : path-like, optional
         Gaia XP spectra of the standards (:func:`kspec_fluxcal.xp.read_xp`), read once and
         sent to every worker; part of every exposure's input hash.
