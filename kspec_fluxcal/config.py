@@ -154,6 +154,14 @@ SCHEMA = {
                                   "mismatch of its best model) is larger: not a star like the "
                                   "templates. Smaller mismatch only lowers the star's weight.",
                                   min=0.0),
+        "line_error_scale": Option(2.0, "Weight of template lines in the calibration vectors: "
+                                   "a line's model error is this many times the star's own "
+                                   "line mismatch (rms residual per unit line depth; a fit's "
+                                   "residuals understate its model's error) times the depth; "
+                                   "0 = lines weighted by their noise only.", min=0.0),
+        "line_error_floor": Option(0.75, "... and at least this times the depth (the lines of "
+                                   "any grid are uncertain: oscillator strengths, damping, "
+                                   "the line spread).", min=0.0),
         "min_snr": Option(5.0, "Reject a star with a lower median S/N per pixel.", min=0.0),
         "min_good_fraction": Option(0.5, "Reject a star with a smaller fraction of good pixels.",
                                     min=0.0, max=1.0),

@@ -413,3 +413,34 @@ def test_a_line_spread_width_the_stars_do_not_constrain_stays_the_headers():
     tight = pool_lsf_scales(np.array([0.030, 0.034]), np.array([0.002, 0.002]), 0.05)
     assert tight[0] == pytest.approx(1.032, abs=0.0005) and tight[1] < 0.0015
     assert pool_lsf_scales(np.array([0.03]), np.array([0.002]), None)[0] == pytest.approx(1.03)
+
+
+def test_lines_deeper_than_the_templates_weigh_less(fitted):
+    """One standard's lines 30 % deeper than its model's: its fitted line mismatch grows
+    several times beyond the others' (made by the templates' physics: < 0.1), though to less
+    than 0.3, since the fit absorbs part of it in the parameters (the reason for
+    ``line_error_scale`` 2); its vector's variance in the lines grows with it, so its lines
+    weigh less in the combination. The floor keeps every star's lines uncertain."""
+    s, fiber = 0, int(fitted["stars"]["fiber"].values[0])
+    config = SELF_MODEL.replace(line_error_floor=0.0)
+    stars = fit_standards(fitted["exposure"], fitted["catalog"], fitted["setup"], config)
+    exposure = fitted["exposure"].copy(deep=True)
+    wave = stars["star_wavelength"].values[s] if "star_wavelength" in stars.coords else (
+        stars["wavelength"].values)
+    depth = np.clip(1.0 - np.nan_to_num(stars["model_norm"].values[s], nan=1.0), 0.0, None)
+    fiber_wave = exposure["wavelength"].values if exposure["wavelength"].ndim == 1 else (
+        exposure["wavelength"].values[fiber])
+    exposure["flux"].values[fiber] *= 1.0 - 0.3 * np.interp(fiber_wave, wave, depth)
+    deeper = fit_standards(exposure, fitted["catalog"], fitted["setup"], config)
+    k_before, k_after = stars["line_error"].values, deeper["line_error"].values
+    assert np.all(k_before < 0.1) and np.all(k_after[1:] < 0.1)
+    assert 0.1 < k_after[s] < 0.3 and k_after[s] > 2.5 * k_before.max()
+
+    def line_variance(ds):
+        return np.nanmedian((ds["cal_variance"].values[s] / ds["cal"].values[s] ** 2)[lines])
+
+    lines = depth > 0.2
+    assert line_variance(deeper) > 4 * line_variance(stars)
+    # The default floor: a line of depth d carries at least (0.75 d)^2.
+    floor = fitted["stars"]
+    assert line_variance(floor) > (0.75 * 0.2) ** 2 > 10 * line_variance(stars)

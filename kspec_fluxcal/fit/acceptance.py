@@ -12,7 +12,7 @@ from ..constants import FLUX_UNIT_SCALE, HC_ERG_AA
 from ..grid import PARAMS
 from ..masks import load_regions, region_mask
 
-__all__ = ["star_vectors", "implied_throughput", "acceptance", "star_flags"]
+__all__ = ["star_vectors", "line_variance", "implied_throughput", "acceptance", "star_flags"]
 
 
 def star_vectors(obs, model, config, lsf):
@@ -26,13 +26,24 @@ def star_vectors(obs, model, config, lsf):
     rel_scale = np.nan_to_num(model.scale_err / model.scale)
     with np.errstate(invalid="ignore", divide="ignore"):
         cal = model.model_flux / obs.flux
-        # Photon noise, the model's per-pixel mismatch and the photometric scale.
+        # Photon noise, the model's per-pixel mismatch, its lines' and the photometric scale.
         cal_var = cal**2 * (obs.var / obs.flux**2 + np.nan_to_num(model.model_error)[:, None] ** 2
-                            + rel_scale[:, None] ** 2)
+                            + line_variance(model, config.fit) + rel_scale[:, None] ** 2)
     cal_ok = obs.good & (obs.flux > 0) & np.isfinite(cal) & np.isfinite(model.model_flux)
     return SimpleNamespace(cal=np.where(cal_ok, cal, np.nan),
                            cal_var=np.where(cal_ok, cal_var, np.nan),
                            cal_mask=cal_ok & line_good & obs.extra_good)
+
+
+def line_variance(model, fit):
+    """The fractional variance of the model's lines, (k d)^2 per pixel: d the normalised
+    model's line depth, k the star's line mismatch times ``line_error_scale``, at least
+    ``line_error_floor``. Line regions weigh less than continuum in the combination and the
+    smooth response where the templates' lines are less certain than the star's noise: a
+    soft line mask that adapts to how well the templates fit the star."""
+    k = np.maximum(fit.line_error_floor, fit.line_error_scale * np.nan_to_num(model.line_error))
+    depth = np.clip(1.0 - np.nan_to_num(model.model_nobs, nan=1.0), 0.0, None)
+    return (k[:, None] * depth) ** 2
 
 
 def implied_throughput(obs, model, vectors, config):

@@ -24,6 +24,8 @@ from .velocity import refine_rv
 __all__ = ["final_model"]
 
 _LN10_04 = 0.4 * np.log(10.0)
+# Normalised model pixels shallower than this are continuum for the line-mismatch estimate.
+_CONTINUUM_DEPTH = 0.02
 
 
 def final_model(obs, tm, scan, params, matched, prior, config, xp=None):
@@ -32,7 +34,7 @@ def final_model(obs, tm, scan, params, matched, prior, config, xp=None):
     Takes the observed standards, the exposure's templates, the scan, the chosen ``params``,
     the matched catalog rows, the priors, the config and the standards' XP spectra (or None).
     Returns a namespace: ``rv``, ``rv_err``, ``model_nobs`` (S, P; the normalised model as
-    compared with each star), ``chi2_dof``, ``model_error``, and the model at Earth
+    compared with each star), ``chi2_dof``, ``model_error``, ``line_error``, and the model at Earth
     (:func:`_scaled_model`: ``model_flux``, ``scale``, ``ebv``, ``phot``, ``mag_model``,
     ``warp_rms``, ``logg_parallax``, ``xp``...)."""
 
@@ -56,6 +58,7 @@ def final_model(obs, tm, scan, params, matched, prior, config, xp=None):
                                       obs.star_wave[s], scan.knots)[0]
         model_nobs[s][~np.isfinite(shifted)] = np.nan
     chi2_dof, model_error = _model_error(obs, model_nobs, scan)
+    line_error = _line_error(obs, model_nobs)
     rows = np.repeat(np.arange(nstar), corners.shape[1])
     weights = scipy.sparse.csr_matrix((weight.ravel(), (rows, corners.ravel())),
                                       shape=(nstar, tm.library.sizes["template"]))
@@ -63,7 +66,8 @@ def final_model(obs, tm, scan, params, matched, prior, config, xp=None):
                           for s in range(nstar)]) if nstar else np.zeros((0, obs.wave.size))
     scaled = _scaled_model(obs, model_obs, weights, matched, tm.library, prior, config, xp)
     return SimpleNamespace(rv=rv, rv_err=rv_err, model_nobs=model_nobs, chi2_dof=chi2_dof,
-                           model_error=model_error, **scaled)
+                           model_error=model_error, line_error=line_error,
+                           **scaled)
 
 
 def _scaled_model(obs, model_obs, weights, matched, library, prior, config, xp=None):
@@ -213,3 +217,26 @@ def _model_error(obs, model_nobs, scan):
         lo, hi = np.where(above, mid, lo), np.where(above, hi, mid)
     sigma = np.where(chi2_dof > 1.0, 10.0 ** (0.5 * (lo + hi)), 0.0)
     return chi2_dof, np.where((w > 0).any(axis=1), sigma, np.nan)
+
+
+def _line_error(obs, model_nobs):
+    """Each star's line mismatch k: the rms error of its model's lines per unit line depth
+    d = 1 - model (normalised), from the excess of the squared residuals over the noise
+    and over the continuum's own excess (pixels with d < ``_CONTINUUM_DEPTH``), regressed
+    on (d model)^2. A star made by the templates' own physics gives k ~ 0.1, a real
+    star against a real grid 0.4-0.6, another model's line list ~ 1."""
+    w = np.where(np.isfinite(model_nobs) & np.isfinite(obs.norm), obs.ivar, 0.0)
+    fit = w > 0
+    m2 = np.nan_to_num(model_nobs) ** 2
+    excess = np.where(fit, (np.nan_to_num(obs.norm) - np.nan_to_num(model_nobs)) ** 2
+                      - 1.0 / np.where(fit, w, 1.0), 0.0)
+    depth2 = np.clip(1.0 - np.nan_to_num(model_nobs, nan=1.0), 0.0, None) ** 2
+    cont = fit & (depth2 < _CONTINUUM_DEPTH**2)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        cont_excess = np.where(cont, excess / np.where(cont, m2, 1.0), 0.0).sum(1) / cont.sum(1)
+    cont_excess = np.where(cont.sum(1) >= 10, np.maximum(np.nan_to_num(cont_excess), 0.0), 0.0)
+    x = np.where(fit, depth2 * m2, 0.0)
+    y = np.where(fit, excess - cont_excess[:, None] * m2, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        k2 = np.sum(x * y, axis=1) / np.sum(x * x, axis=1)
+    return np.where(fit.any(axis=1), np.sqrt(np.maximum(np.nan_to_num(k2), 0.0)), np.nan)

@@ -91,7 +91,7 @@ def fit_standards(exposure, catalog, grid, config=None, *, cache_dir=None, xp=No
         (normalised spectra compared), ``match_mask``, ``mag_obs``, ``mag_model``,
         ``phot_resid``, ``band_used``; per-star coordinates fiber, objid, teff, logg, feh,
         alpha (+ ``_err``), teff_colour, ebv, ebv_err, ebv_catalog, rv, rv_err, scale,
-        scale_err, chi2_dof, model_error, lsf_scale (+ ``_err``), logg_parallax
+        scale_err, chi2_dof, model_error, line_error, lsf_scale (+ ``_err``), logg_parallax
         (+ ``_err``), throughput (implied peak), phot_rms, snr, good_fraction, n_bands,
         dropped_bands, flags, status ('ok' or the reason for rejection), and the XP results
         ``xp_used``, ``xp_ratio`` (median XP / model before the warp), ``xp_rms`` (XP about
@@ -125,7 +125,8 @@ _STAR_VARS = {  # name: (dtype, units)
     "ebv_err": (np.float64, "mag"), "ebv_catalog": (np.float64, "mag"),
     "rv": (np.float64, "km/s"), "rv_err": (np.float64, "km/s"), "scale": (np.float64, "1"),
     "scale_err": (np.float64, "1"), "chi2_dof": (np.float64, "1"),
-    "model_error": (np.float64, "1"), "warp_rms": (np.float64, "1"),
+    "model_error": (np.float64, "1"), "line_error": (np.float64, "1"),
+    "warp_rms": (np.float64, "1"),
     "phot_rms_spectral": (np.float64, "mag"),
     "lsf_scale": (np.float64, "1"),
     "lsf_scale_err": (np.float64, "1"), "logg_parallax": (np.float64, "dex"),
@@ -214,7 +215,8 @@ def _result(std, obs, prior, lsf_fit, params, errors, model, vectors, status, fl
         "teff_colour": prior.teff_colour, "ebv": model.ebv, "ebv_err": pf["ebv_err"],
         "ebv_catalog": prior.ebv_catalog, "rv": model.rv, "rv_err": model.rv_err,
         "scale": model.scale, "scale_err": model.scale_err, "chi2_dof": model.chi2_dof,
-        "model_error": model.model_error, "warp_rms": model.warp_rms,
+        "model_error": model.model_error, "line_error": model.line_error,
+        "warp_rms": model.warp_rms,
         "phot_rms_spectral": model.phot_rms_spectral,
         "lsf_scale": lsf_fit.star,
         "lsf_scale_err": lsf_fit.star_err, "logg_parallax": model.logg_parallax,
