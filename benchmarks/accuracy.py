@@ -47,6 +47,11 @@ Surveys are simulated once and cached under store/bench/accuracy (KSPEC_BENCH_DI
 the CALSPEC and CK04 files are read from ../shared/real, KSPEC_SHARED_REAL overrides); the
 calibrations are redone on every run, two exposures at a time (one process per core), with
 the package's default settings. An exposure that raises anything is reported, not fatal.
+Then each survey is calibrated again by the survey job (``run_survey`` on a 2-worker
+LocalCluster, survey model on; ``--no-survey-job`` skips it): the model, fitted over the
+survey's exposures, averages the standards' own errors (noise, each star's template and XP
+errors), though not what all of them share; it serves a setup with at least
+``[model] min_exposures`` exposures (not survey (e)'s three setups of ~7).
 
 Importable: :func:`surveys` returns the survey definitions, :func:`run_survey` simulates
 (cached) and calibrates one and returns its rows, :func:`report` prints a cross-model block.
@@ -58,6 +63,7 @@ import argparse
 import json
 import multiprocessing
 import re
+import shutil
 import sys
 import time
 import traceback
@@ -283,6 +289,56 @@ def run_survey(conf, pool=None, workers=2):
     return [f.result() for f in futures]
 
 
+def survey_job(conf, workers=2):
+    """The survey's exposures calibrated by the survey job (``run_survey`` on a LocalCluster,
+    the survey model on, default configuration): each exposure's ``cal_shape`` and whether
+    the model served its setup. The model averages the standards' own errors (noise, each
+    star's template and XP errors) over the survey; it cannot remove what all stars share."""
+    from distributed import Client
+
+    import kspec_fluxcal as kf
+    from kspec_fluxcal.sim import compare_with_truth
+    from kspec_fluxcal.survey import local_cluster
+    from kspec_fluxcal.survey import run_survey as survey_run
+
+    root = CACHE / "accuracy" / conf["sim"]
+    cube = {"demo": demo_cube, "ck04": ck04_cube}[conf["templates"]]()
+    out = root.parent / f"{root.name}_survey_{conf['name']}"
+    shutil.rmtree(out, ignore_errors=True)
+    with warnings.catch_warnings(), local_cluster(workers, 1, "127.0.0.1:0") as cluster, \
+            Client(cluster, set_as_default=False) as client:
+        warnings.simplefilter("ignore")
+        survey_run(root / "lake", catalog=root / "catalog.csv", grid=cube, out=out,
+                   client=client, progress=False,
+                   xp=root / "xp.csv" if conf.get("use_xp") else None)
+    rows = []
+    for entry in json.loads((root / "survey.json").read_text())["exposures"]:
+        path = out / Path(entry["path"]).relative_to("lake").with_name(
+            f"{entry['expid']}_fluxcal.fits")
+        if not path.exists():
+            rows.append({"expid": entry["expid"], "missing": True})
+            continue
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            metrics = compare_with_truth(path, dict(np.load(root / entry["truth"])))
+            source = kf.open_exposure(path).attrs.get("fcalsrc", "")
+        rows.append({"expid": entry["expid"], "missing": False, "metrics": metrics,
+                     "source": source})
+    return rows
+
+
+def report_survey_job(conf, rows, alone):
+    """One line: cal_shape alone (per exposure) and from the survey job."""
+    shape = metric(rows, "cal_shape")
+    sources = Counter(r["source"] for r in rows if not r["missing"])
+    missing = sum(r["missing"] for r in rows)
+    label = conf["label"].split(")")[0] + ")" if conf["label"].startswith("(") else ""
+    print(f"  {label:7s} {conf['name']:16s} cal_shape alone {pc(np.median(alone), 5)} / "
+          f"{pc(pct(alone, 90), 5)}  survey job {pc(np.median(shape), 5)} / "
+          f"{pc(pct(shape, 90), 5)}   FCALSRC {dict(sources)}"
+          + (f", {missing} missing" if missing else ""))
+
+
 # ----------------------------------------------------------------------------- reporting
 
 
@@ -480,6 +536,8 @@ def main():
     parser.add_argument("--workers", type=int, default=2, help="processes (default 2)")
     parser.add_argument("--only", help="comma-separated survey names (e.g. "
                         "calspec-ck04,calspec-ck04-xp); default all")
+    parser.add_argument("--no-survey-job", action="store_true",
+                        help="skip calibrating each survey again with the survey job")
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     t_start = time.perf_counter()
@@ -516,6 +574,13 @@ def main():
         print()
         summary(rows["main"], "main survey (details)")
         verdict(rows["main"])
+    if not args.no_survey_job:
+        print("\n=== the survey job (run_survey: the survey model on, defaults), cal_shape "
+              "median / p90 ===")
+        for c in confs:
+            if not c["name"].startswith("snr"):
+                report_survey_job(c, survey_job(c, args.workers),
+                                  metric(rows[c["name"]], "cal_shape"))
     scan = [c for c in confs if c["name"].startswith("snr")]
     if scan:
         print("\n=== scan: standards' S/N bin x number of standards (medians) ===")
