@@ -46,7 +46,8 @@ parameters; failures with their reasons grouped.
 Surveys are simulated once and cached under store/bench/accuracy (KSPEC_BENCH_DIR overrides;
 the CALSPEC and CK04 files are read from ../shared/real, KSPEC_SHARED_REAL overrides); the
 calibrations are redone on every run, two exposures at a time (one process per core), with
-the package's default settings. An exposure that raises anything is reported, not fatal.
+the package's default settings (``--config FILE``: another configuration). An exposure
+that raises anything is reported, not fatal.
 Then each survey is calibrated again by the survey job (``run_survey`` on a 2-worker
 LocalCluster, survey model on; ``--no-survey-job`` skips it): the model, fitted over the
 survey's exposures, averages the standards' own errors (noise, each star's template and XP
@@ -226,9 +227,10 @@ def _failure(row, err):
     return row
 
 
-def calibrate_one(name, root, entry, cube, use_xp=False):
+def calibrate_one(name, root, entry, cube, use_xp=False, config=None):
     """Calibrate one exposure and compare it with its truth (runs in a worker); never raises.
-    ``use_xp``: with the survey's XP spectra (``xp.csv``)."""
+    ``use_xp``: with the survey's XP spectra (``xp.csv``); ``config``: a TOML file (None: the
+    defaults)."""
     import kspec_fluxcal as kf
     from kspec_fluxcal.sim import compare_with_truth, with_true_calibration
     from kspec_fluxcal.xp import read_xp
@@ -243,7 +245,7 @@ def calibrate_one(name, root, entry, cube, use_xp=False):
         out = root.parent / f"{root.name}_out_{name}"
         xp = _opened("xp", read_xp, str(root / "xp.csv")) if use_xp else None
         result = kf.calibrate_exposure(root / entry["path"], catalog, grid, out=out,
-                                       overwrite=True, xp=xp)
+                                       overwrite=True, xp=xp, config=config)
         truth = dict(np.load(root / entry["truth"]))
         row["metrics"] = compare_with_truth(result.path, truth)
         # The floor the targets' noise sets: the same data under a perfect calibration.
@@ -267,7 +269,7 @@ def calibrate_one(name, root, entry, cube, use_xp=False):
     return row
 
 
-def run_survey(conf, pool=None, workers=2):
+def run_survey(conf, pool=None, workers=2, config=None):
     """Simulate (cached) and calibrate every exposure of one survey; returns its rows.
 
     Parameters
@@ -283,13 +285,13 @@ def run_survey(conf, pool=None, workers=2):
     if pool is None:
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker) as own:
-            return run_survey(conf, own)
+            return run_survey(conf, own, config=config)
     futures = [pool.submit(calibrate_one, conf["name"], str(root), e, str(cube),
-                           conf.get("use_xp", False)) for e in entries]
+                           conf.get("use_xp", False), config) for e in entries]
     return [f.result() for f in futures]
 
 
-def survey_job(conf, workers=2):
+def survey_job(conf, workers=2, config=None):
     """The survey's exposures calibrated by the survey job (``run_survey`` on a LocalCluster,
     the survey model on, default configuration): each exposure's ``cal_shape`` and whether
     the model served its setup. The model averages the standards' own errors (noise, each
@@ -309,7 +311,7 @@ def survey_job(conf, workers=2):
             Client(cluster, set_as_default=False) as client:
         warnings.simplefilter("ignore")
         survey_run(root / "lake", catalog=root / "catalog.csv", grid=cube, out=out,
-                   client=client, progress=False,
+                   client=client, progress=False, config=config,
                    xp=root / "xp.csv" if conf.get("use_xp") else None)
     rows = []
     for entry in json.loads((root / "survey.json").read_text())["exposures"]:
@@ -536,6 +538,7 @@ def main():
     parser.add_argument("--workers", type=int, default=2, help="processes (default 2)")
     parser.add_argument("--only", help="comma-separated survey names (e.g. "
                         "calspec-ck04,calspec-ck04-xp); default all")
+    parser.add_argument("--config", help="a configuration file (TOML) instead of the defaults")
     parser.add_argument("--no-survey-job", action="store_true",
                         help="skip calibrating each survey again with the survey job")
     args = parser.parse_args()
@@ -556,7 +559,7 @@ def main():
         unique = {c["sim"]: c for c in confs}
         list(pool.map(simulate, unique.values(), [demo_grid()] * len(unique)))
         t_sim = time.perf_counter() - t_start
-        rows = {c["name"]: run_survey(c, pool) for c in confs}
+        rows = {c["name"]: run_survey(c, pool, config=args.config) for c in confs}
     t_all = time.perf_counter() - t_start
     seconds = [r["seconds"] for rs in rows.values() for r in rs if "seconds" in r]
 
@@ -579,7 +582,7 @@ def main():
               "median / p90 ===")
         for c in confs:
             if not c["name"].startswith("snr"):
-                report_survey_job(c, survey_job(c, args.workers),
+                report_survey_job(c, survey_job(c, args.workers, args.config),
                                   metric(rows[c["name"]], "cal_shape"))
     scan = [c for c in confs if c["name"].startswith("snr")]
     if scan:

@@ -451,12 +451,24 @@ def _fit_smooth(wave, values, variance, fit, opts, no_knots=None):
     basis = design_matrix(x, knots, 3).toarray()
     w = np.where(fit, 1.0 / variance, 0.0)
     normal = basis.T @ (w[:, None] * basis)
-    # A light second-difference penalty bridges knot intervals without data.
+    rhs = basis.T @ (w * np.nan_to_num(values))
     diff = np.diff(np.eye(basis.shape[1]), n=2, axis=0)
+    # A light second-difference penalty bridges knot intervals without data.
     normal += 1e-6 * np.trace(normal) / basis.shape[1] * diff.T @ diff
+    if opts.smooth_curvature > 0:
+        normal += _curvature_prior(np.linalg.pinv(normal) @ rhs, diff, opts.smooth_curvature)
     cov = np.linalg.pinv(normal)
-    coef = cov @ (basis.T @ (w * np.nan_to_num(values)))
-    return basis @ coef, np.sum((basis @ cov) * basis, axis=1)
+    return basis @ (cov @ rhs), np.sum((basis @ cov) * basis, axis=1)
+
+
+def _curvature_prior(coef, diff, rms):
+    """Normal-matrix term of a Gaussian prior on the spline's second differences: rms ``rms``
+    relative to the curve's own level (that of a first solution ``coef``), so that the
+    response stays smooth where the stars' vectors are weak (lines weighted down, low S/N)
+    and follows them where they are strong."""
+    level = np.abs(coef[1:-1])
+    level = np.maximum(level, 0.1 * np.median(level))
+    return diff.T @ (diff / (rms * level[:, None]) ** 2)
 
 
 def _response(stars, vec, idx, stack, comb, comb_var, measured, smooth, config):

@@ -202,6 +202,13 @@ SCHEMA = {
                                 choices=("bspline", "savgol")),
         "smooth_scale": Option(100.0, "Knot spacing (bspline) or window (savgol), Angstrom.",
                                min=5.0),
+        "smooth_curvature": Option(0.02, "B-spline smoothing: prior rms of the response's "
+                                   "second difference per knot, relative to its level: "
+                                   "where the stars' vectors are weak (template lines "
+                                   "weighted down, low S/N) the response stays smooth, where "
+                                   "they are strong it follows them; raise it for an "
+                                   "instrument with sharp features (dichroic edges); 0 = no "
+                                   "prior.", min=0.0),
     },
     "telluric": {
         "model": Option(True, "Model the O2 and H2O bands (two columns fitted from the "

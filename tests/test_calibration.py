@@ -269,3 +269,30 @@ def test_standards_no_template_fits_calibrate_with_grade_d():
     mixed = stars.assign_coords(status=("star", np.array(["ok", reason, reason], dtype=object)))
     with pytest.warns(FluxCalWarning, match="one usable standard"):
         assert combine_vectors(mixed).attrs["fcalnstr"] == 1  # a star that fits is preferred
+
+
+def _smooth_fit(values, variance, curvature):
+    from kspec_fluxcal.calibration import _fit_smooth
+
+    opts = Config().replace(smooth_curvature=curvature).combine
+    return _fit_smooth(WAVE, values, variance, np.ones(WAVE.size, bool), opts)[0]
+
+
+@pytest.mark.parametrize("seed", [3, 4, 5])
+def test_curvature_prior_bridges_weak_data_and_follows_strong_data(seed):
+    """A response with a 5 % dip (sigma 100 A) measured at S/N 100 per pixel, except a
+    300 A stretch of line-like template errors (3 % low, with the 30 % per-pixel error the
+    line weights give deep lines): with the prior the curve bridges the stretch within 1 %
+    and still follows the dip; without it, it follows the biased stretch."""
+    rng = np.random.default_rng(seed)
+    truth = _truth()[1] * (1 - 0.05 * np.exp(-0.5 * ((WAVE - 5600) / 100) ** 2))
+    weak = (WAVE > 4550) & (WAVE < 4850)
+    values = truth * (1 + 0.01 * rng.standard_normal(WAVE.size) - 0.03 * weak)
+    variance = (np.where(weak, 0.3, 0.01) * truth) ** 2
+    with_prior = _smooth_fit(values, variance, 0.02) / truth - 1
+    without = _smooth_fit(values, variance, 0.0) / truth - 1
+    assert np.max(np.abs(with_prior[weak])) < 0.01
+    assert np.max(np.abs(without[weak])) > 0.025
+    dip = np.abs(WAVE - 5600) < 150
+    assert np.max(np.abs(with_prior[dip])) < 0.008
+    assert np.max(np.abs(with_prior[dip])) < np.max(np.abs(without[dip])) + 0.001
