@@ -448,9 +448,9 @@ def _fit_smooth(wave, values, variance, fit, opts, no_knots=None):
         banned[[0, -1]] = False
         inner = inner[~banned]
     knots = np.concatenate([[x[0]] * 3, inner, [x[-1]] * 3])
-    basis = design_matrix(x, knots, 3).toarray()
+    basis = design_matrix(x, knots, 3)  # sparse: four B-splines per pixel
     w = np.where(fit, 1.0 / variance, 0.0)
-    normal = basis.T @ (w[:, None] * basis)
+    normal = (basis.T @ basis.multiply(w[:, None])).toarray()
     rhs = basis.T @ (w * np.nan_to_num(values))
     diff = np.diff(np.eye(basis.shape[1]), n=2, axis=0)
     # A light second-difference penalty bridges knot intervals without data.
@@ -458,7 +458,8 @@ def _fit_smooth(wave, values, variance, fit, opts, no_knots=None):
     if opts.smooth_curvature > 0:
         normal += _curvature_prior(np.linalg.pinv(normal) @ rhs, diff, opts.smooth_curvature)
     cov = np.linalg.pinv(normal)
-    return basis @ (cov @ rhs), np.sum((basis @ cov) * basis, axis=1)
+    variance = np.asarray(basis.multiply(basis @ cov).sum(axis=1)).ravel()
+    return basis @ (cov @ rhs), variance
 
 
 def _curvature_prior(coef, diff, rms):
