@@ -153,8 +153,9 @@ GAIA_DR2_PARALLAX_ERROR = ((14.0, 0.04), (17.0, 0.1), (20.0, 0.7))
 #: dwarfs, turnoff stars and metal-poor subdwarfs span ~0.7-1.4 Msun (e.g. Casagrande et al.
 #: 2011, A&A 530, A138, Geneva-Copenhagen survey masses).
 STANDARD_MASS_PRIOR = (1.0, 0.3)
-#: Smallest parallax signal-to-noise for which a parallax constrains log g (below it the
-#: inverse parallax is a biased distance).
+#: Smallest parallax signal-to-noise for which a log g from the parallax is reported
+#: (FCALSTAR LOGG_PARALLAX; below it the inverse parallax is a biased distance). The fit
+#: uses every parallax, compared in parallax space.
 MIN_PARALLAX_SNR = 5.0
 
 #: Planck constant times the speed of light, erg Angstrom (h exact since the 2019 SI).

@@ -36,6 +36,7 @@ __all__ = [
     "colour_teff_table",
     "fit_photometry",
     "logg_from_parallax",
+    "parallax_chi2",
     "band_wavelength",
     "warp_basis",
     "fit_warp",
@@ -505,6 +506,41 @@ def logg_from_parallax(scale, parallax, parallax_err, mass=STANDARD_MASS_PRIOR):
         logg = np.log10(GM_SUN * mass[0] / radius2)
         logg_err = np.hypot(mass[1] / mass[0], 2.0 * err / plx) / np.log(10.0)
     return np.where(good, logg, np.nan), np.where(good, logg_err, np.nan)
+
+
+def parallax_chi2(scale, logg, parallax, parallax_err, mass=STANDARD_MASS_PRIOR):
+    """chi^2 of a catalog parallax against the parallax a model implies, at any parallax S/N.
+
+    A model of surface gravity ``logg`` and dilution ``scale`` = (R/D)^2 has the radius
+    R = sqrt(G M / g) for the mass prior, hence the distance D = R / sqrt(scale) and the
+    parallax 1/D. Compared in parallax space (the catalog's error is Gaussian there), a
+    noisy, even a negative, parallax still tells a dwarf from a giant: the inverse parallax
+    need not be a good distance. The mass prior's spread is the predicted parallax's
+    (parallax ~ M^-1/2).
+
+    Parameters
+    ----------
+    scale, logg : array_like
+        Models' dilution factors and surface gravities (cgs dex), broadcast together.
+    parallax, parallax_err : float or array_like
+        Catalog parallax and error, mas (the Gaia DR2 zero point is removed).
+    mass : (float, float)
+        Mean and sigma of the mass prior, Msun.
+
+    Returns
+    -------
+    numpy.ndarray
+        chi^2; 0 where the parallax or its error is missing.
+    """
+    plx = np.asarray(parallax, dtype=np.float64) - GAIA_DR2_PARALLAX_ZERO_POINT
+    err = np.asarray(parallax_err, dtype=np.float64)
+    good = np.isfinite(plx) & np.isfinite(err) & (err > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        radius = np.sqrt(GM_SUN * mass[0] / 10.0 ** np.asarray(logg, dtype=np.float64))
+        predicted = PARSEC * 1000.0 * np.sqrt(np.asarray(scale, dtype=np.float64)) / radius
+        var = err**2 + (0.5 * mass[1] / mass[0] * predicted) ** 2
+        chi2 = (plx - predicted) ** 2 / var
+    return np.where(good & np.isfinite(chi2), chi2, 0.0)
 
 
 # ----------------------------------------------------------------------------- warp

@@ -12,6 +12,8 @@ from kspec_fluxcal.photometry import (
     flam_to_ab,
     fnu_to_ab,
     load_band,
+    logg_from_parallax,
+    parallax_chi2,
     synthetic_mag,
     teff_from_color,
 )
@@ -137,3 +139,28 @@ def test_unknown_band_is_named():
     for name in ("sdss-q", "../filters/gaiadr2-G"):
         with pytest.raises(ValueError, match="unknown band"):
             load_band(name)
+
+
+def test_parallax_chi2_tells_dwarfs_from_giants_at_low_parallax_snr():
+    """A dwarf (log g 4.4, 1 Msun, R ~ 1 Rsun) at 2 kpc: parallax 0.5 mas. Its scale and
+    log g imply that parallax (chi^2 ~ 0); a giant of the same scale (log g 2.4, 10 x the
+    radius, ten times as far) implies 0.05 mas. With a parallax error of 0.2 mas (S/N 2.5,
+    where the inverse parallax is no distance) the giant is still disfavoured (chi^2 ~ 5),
+    and a missing parallax adds nothing."""
+    from kspec_fluxcal.constants import GAIA_DR2_PARALLAX_ZERO_POINT, GM_SUN, PARSEC
+
+    radius = np.sqrt(GM_SUN / 10.0**4.4)
+    distance = 2000.0 * PARSEC
+    scale = (radius / distance) ** 2
+    catalog = 0.5 + GAIA_DR2_PARALLAX_ZERO_POINT
+    chi2 = parallax_chi2(scale, np.array([4.4, 2.4]), catalog, 0.2)
+    assert chi2[0] < 1e-6
+    assert chi2[1] == pytest.approx((0.5 - 0.05) ** 2 / (0.2**2 + (0.15 * 0.05) ** 2),
+                                    rel=1e-3)
+    assert logg_from_parallax(scale, catalog, 0.2)[0] != logg_from_parallax(scale, catalog,
+                                                                             0.2)[0]  # NaN
+    assert np.all(parallax_chi2(scale, np.array([4.4, 2.4]), np.nan, 0.2) == 0.0)
+    # At high S/N the two agree: one sigma in log g, either way, costs chi^2 ~ 1.
+    logg, logg_err = logg_from_parallax(scale, catalog, 0.005)
+    both = parallax_chi2(scale, logg + np.array([-1.0, 1.0]) * logg_err, catalog, 0.005)
+    assert both.mean() == pytest.approx(1.0, rel=0.1)

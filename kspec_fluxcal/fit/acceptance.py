@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from ..constants import FLUX_UNIT_SCALE, HC_ERG_AA
+from ..constants import FLUX_UNIT_SCALE, HC_ERG_AA, MIN_PARALLAX_SNR
 from ..grid import PARAMS
 from ..masks import load_regions, region_mask
 
@@ -152,8 +152,10 @@ def star_flags(params, library, model, config):
             low = p != "alpha" and params[p][s] <= ax[0] + 1e-6
             if ax.size > 1 and (low or params[p][s] >= ax[-1] - 1e-6):
                 notes.append(f"{p} at grid edge")
-        if not np.isfinite(model.logg_parallax[s]):
+        if not model.has_parallax[s]:
             notes.append("no parallax prior")
+        elif not np.isfinite(model.logg_parallax[s]):
+            notes.append(f"parallax S/N < {MIN_PARALLAX_SNR:g}: weak log g prior")
         if model.xp["note"][s]:
             notes.append(model.xp["note"][s])
         out.append(", ".join(notes))

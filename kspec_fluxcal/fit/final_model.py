@@ -96,6 +96,7 @@ def _scaled_model(obs, model_obs, weights, matched, library, prior, config, xp=N
     return {"phot": pf, "scale": scale, "scale_err": scale_err, "ebv": ebv,
             "warp_rms": warp_rms, "mag_model": mag_model, "model_flux": model_flux,
             "logg_parallax": logg_p, "logg_parallax_err": logg_p_err,
+            "has_parallax": np.isfinite(prior.parallax) & (np.nan_to_num(prior.parallax_err) > 0),
             "xp": _xp_outputs(obs, model_flux, compared)}
 
 

@@ -1,5 +1,5 @@
 """Photometry of template models for the standard-star fit: the photometric chi^2 of scaled,
-reddened models plus the parallax's log g prior (a score of the parameter choice), and the
+reddened models plus the parallax's chi^2 (a log g prior; a score of the parameter choice), and the
 photometric fit of each star's own model."""
 
 from __future__ import annotations
@@ -7,13 +7,13 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse
 
-from ..photometry import fit_photometry, logg_from_parallax
+from ..photometry import fit_photometry, parallax_chi2
 
 __all__ = ["PhotometricScore", "model_magnitudes", "photometry_rows", "spectral_photometry"]
 
 
 class PhotometricScore:
-    """Photometric chi^2 of scaled, reddened models plus the parallax's log g prior.
+    """Photometric chi^2 of scaled, reddened models plus the parallax's chi^2 (log g prior).
 
     The spectrum alone leaves Teff, log g and [M/H] partly degenerate (stronger lines from a
     cooler or a more metal-rich star), and a template family that does not match the star
@@ -46,14 +46,13 @@ class PhotometricScore:
                               ebv_prior=np.full(k, self.prior.ebv_catalog[star]), **self.options)
 
     def __call__(self, star, weights, points):
-        """Scores (K,) of models at ``points`` (K, 4): photometric chi^2 + log g prior."""
+        """Scores (K,) of models at ``points`` (K, 4): photometric chi^2 + the parallax's
+        chi^2 against the parallax each model implies (its log g, scale and the mass
+        prior), at any parallax S/N."""
         res = self.fit(star, weights)
         chi2 = np.where(res["n_bands"] >= self.min_bands, res["chi2"], 0.0)
-        logg_p, logg_err = logg_from_parallax(10.0 ** (-0.4 * res["mu"]),
-                                              self.prior.parallax[star],
-                                              self.prior.parallax_err[star])
-        penalty = np.where(np.isfinite(logg_p), ((points[:, 1] - logg_p) / logg_err) ** 2, 0.0)
-        return chi2 + penalty
+        return chi2 + parallax_chi2(10.0 ** (-0.4 * res["mu"]), points[:, 1],
+                                    self.prior.parallax[star], self.prior.parallax_err[star])
 
     def nodes(self, star, ids):
         """Scores of grid templates ``ids``."""
