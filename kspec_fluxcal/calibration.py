@@ -456,10 +456,28 @@ def _fit_smooth(wave, values, variance, fit, opts, no_knots=None):
     # A light second-difference penalty bridges knot intervals without data.
     normal += 1e-6 * np.trace(normal) / basis.shape[1] * diff.T @ diff
     if opts.smooth_curvature > 0:
-        normal += _curvature_prior(np.linalg.pinv(normal) @ rhs, diff, opts.smooth_curvature)
+        step = opts.smooth_scale / np.median(wave)
+        normal += _curvature_prior(np.linalg.pinv(normal) @ rhs, _second_differences(knots, step),
+                                   opts.smooth_curvature)
     cov = np.linalg.pinv(normal)
     variance = np.asarray(basis.multiply(basis @ cov).sum(axis=1)).ravel()
     return basis @ (cov @ rhs), variance
+
+
+def _second_differences(knots, step, degree=3):
+    """Rows of second divided differences of cubic B-spline coefficients at their Greville
+    abscissae, times ``step``^2: the plain second differences where knots are evenly spaced
+    ``step`` apart, and zero for a straight line across a gap without knots (a telluric
+    band), where plain differences of unevenly spaced coefficients are not."""
+    g = np.convolve(knots[1:-1], np.ones(degree) / degree, mode="valid")
+    left, right = 1.0 / np.diff(g)[:-1], 1.0 / np.diff(g)[1:]
+    scale = 2.0 * step**2 / (g[2:] - g[:-2])
+    rows = np.zeros((g.size - 2, g.size))
+    i = np.arange(g.size - 2)
+    rows[i, i] = scale * left
+    rows[i, i + 1] = -scale * (left + right)
+    rows[i, i + 2] = scale * right
+    return rows
 
 
 def _curvature_prior(coef, diff, rms):

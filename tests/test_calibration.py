@@ -296,3 +296,25 @@ def test_curvature_prior_bridges_weak_data_and_follows_strong_data(seed):
     dip = np.abs(WAVE - 5600) < 150
     assert np.max(np.abs(with_prior[dip])) < 0.008
     assert np.max(np.abs(with_prior[dip])) < np.max(np.abs(without[dip])) + 0.001
+
+
+def test_curvature_prior_leaves_straight_lines_alone_across_knot_gaps():
+    """The prior's second differences are divided differences at the coefficients' Greville
+    abscissae: zero for a straight line, also at the ends (repeated knots) and across a
+    band without knots, where plain differences of the coefficients are not; equal to the
+    plain ones between evenly spaced knots."""
+    from kspec_fluxcal._bspline import design_matrix
+    from kspec_fluxcal.calibration import _second_differences
+
+    x = np.linspace(0.0, 1.0, 500)
+    inner = np.linspace(0.0, 1.0, 21)
+    gap = inner[(inner < 0.4) | (inner > 0.6)]
+    for interior in (inner, gap):
+        knots = np.concatenate([[0.0] * 3, interior, [1.0] * 3])
+        basis = design_matrix(x, knots, 3).toarray()
+        coef = np.linalg.lstsq(basis, 2.0 + 3.0 * x, rcond=None)[0]
+        assert np.abs(_second_differences(knots, 0.05) @ coef).max() < 1e-9
+        assert np.abs(np.diff(coef, 2)).max() > 0.01
+    even = _second_differences(np.concatenate([[0.0] * 3, inner, [1.0] * 3]), 0.05)
+    plain = np.diff(np.eye(even.shape[1]), n=2, axis=0)
+    assert np.allclose(even[3:-3], plain[3:-3])
