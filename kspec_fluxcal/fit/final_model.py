@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import warnings
 from types import SimpleNamespace
+from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse
@@ -57,8 +58,9 @@ def final_model(obs, tm, scan, params, matched, prior, config, xp=None):
         model_nobs[s] = fit_corrected(np.nan_to_num(obs.norm[s]), w, np.nan_to_num(shifted)[None],
                                       obs.star_wave[s], scan.knots)[0]
         model_nobs[s][~np.isfinite(shifted)] = np.nan
-    chi2_dof, model_error = _model_error(obs, model_nobs, scan)
-    line_error = _line_error(obs, model_nobs)
+    residuals = _residuals(obs, model_nobs)
+    chi2_dof, model_error = _model_error(residuals, obs, scan)
+    line_error = _line_error(residuals, model_nobs)
     rows = np.repeat(np.arange(nstar), corners.shape[1])
     weights = scipy.sparse.csr_matrix((weight.ravel(), (rows, corners.ravel())),
                                       shape=(nstar, tm.library.sizes["template"]))
@@ -200,16 +202,32 @@ def _xp_outputs(obs, model_flux, compared):
             "wave": compared.wave}
 
 
-def _model_error(obs, model_nobs, scan):
+class _Residuals(NamedTuple):
+    """Each star's normalised spectrum against its final model, pixel by pixel: ``fit``
+    (compared), ``resid2`` (squared residual), ``var`` (noise variance; inf where not
+    compared) and ``m2`` (squared model)."""
+
+    fit: np.ndarray
+    resid2: np.ndarray
+    var: np.ndarray
+    m2: np.ndarray
+
+
+def _residuals(obs, model_nobs):
+    w = np.where(np.isfinite(model_nobs) & np.isfinite(obs.norm), obs.ivar, 0.0)
+    fit = w > 0
+    resid2 = np.where(fit, (np.nan_to_num(obs.norm) - np.nan_to_num(model_nobs)) ** 2, 0.0)
+    var = np.where(fit, 1.0 / np.where(fit, w, 1.0), np.inf)
+    return _Residuals(fit, resid2, var, np.nan_to_num(model_nobs) ** 2)
+
+
+def _model_error(res, obs, scan):
     """chi^2/dof of each star against its final model, and the model error: the fractional
     per-pixel mismatch sigma_m with sum r^2 / (var + (sigma_m model)^2) = dof (0 when the
     model fits within the noise), by bisection in log sigma_m for all stars at once."""
-    w = np.where(np.isfinite(model_nobs) & np.isfinite(obs.norm), obs.ivar, 0.0)
-    resid2 = np.where(w > 0, (np.nan_to_num(obs.norm) - np.nan_to_num(model_nobs)) ** 2, 0.0)
-    dof = np.maximum((w > 0).sum(axis=1) - correction_parameters(obs.wave, scan.knots), 1)
-    chi2_dof = np.sum(w * resid2, axis=1) / dof
-    var = np.where(w > 0, 1.0 / np.where(w > 0, w, 1.0), np.inf)
-    m2 = np.nan_to_num(model_nobs) ** 2
+    resid2, var, m2 = res.resid2, res.var, res.m2
+    dof = np.maximum(res.fit.sum(axis=1) - correction_parameters(obs.wave, scan.knots), 1)
+    chi2_dof = np.sum(resid2 / var, axis=1) / dof
     lo, hi = np.full(obs.nstar, -5.0), np.full(obs.nstar, 0.0)  # log10 sigma_m
     for _ in range(40):  # bisection to 1e-12 dex: chi^2 falls with sigma_m
         mid = 0.5 * (lo + hi)
@@ -217,20 +235,17 @@ def _model_error(obs, model_nobs, scan):
         above = chi2 > 1.0
         lo, hi = np.where(above, mid, lo), np.where(above, hi, mid)
     sigma = np.where(chi2_dof > 1.0, 10.0 ** (0.5 * (lo + hi)), 0.0)
-    return chi2_dof, np.where((w > 0).any(axis=1), sigma, np.nan)
+    return chi2_dof, np.where(res.fit.any(axis=1), sigma, np.nan)
 
 
-def _line_error(obs, model_nobs):
+def _line_error(res, model_nobs):
     """Each star's line mismatch k: the rms error of its model's lines per unit line depth
     d = 1 - model (normalised), from the excess of the squared residuals over the noise
     and over the continuum's own excess (pixels with d < ``_CONTINUUM_DEPTH``), regressed
     on (d model)^2. A star made by the templates' own physics gives k ~ 0.1, a real
     star against a real grid 0.4-0.6, another model's line list ~ 1."""
-    w = np.where(np.isfinite(model_nobs) & np.isfinite(obs.norm), obs.ivar, 0.0)
-    fit = w > 0
-    m2 = np.nan_to_num(model_nobs) ** 2
-    excess = np.where(fit, (np.nan_to_num(obs.norm) - np.nan_to_num(model_nobs)) ** 2
-                      - 1.0 / np.where(fit, w, 1.0), 0.0)
+    fit, m2 = res.fit, res.m2
+    excess = np.where(fit, res.resid2 - res.var, 0.0)
     depth2 = np.clip(1.0 - np.nan_to_num(model_nobs, nan=1.0), 0.0, None) ** 2
     cont = fit & (depth2 < _CONTINUUM_DEPTH**2)
     with np.errstate(invalid="ignore", divide="ignore"):
