@@ -293,9 +293,10 @@ def run_survey(conf, pool=None, workers=2, config=None):
 
 def survey_job(conf, workers=2, config=None):
     """The survey's exposures calibrated by the survey job (``run_survey`` on a LocalCluster,
-    the survey model on, default configuration): each exposure's ``cal_shape`` and whether
-    the model served its setup. The model averages the standards' own errors (noise, each
-    star's template and XP errors) over the survey; it cannot remove what all stars share."""
+    the survey model on; ``config`` a TOML file, None: the defaults): each exposure's
+    metrics and FCALSRC (whether the model served its setup). The model averages the
+    standards' own errors (noise, each star's template and XP errors) over the survey; it
+    cannot remove what all stars share."""
     from distributed import Client
 
     import kspec_fluxcal as kf
@@ -578,8 +579,8 @@ def main():
         summary(rows["main"], "main survey (details)")
         verdict(rows["main"])
     if not args.no_survey_job:
-        print("\n=== the survey job (run_survey: the survey model on, defaults), cal_shape "
-              "median / p90 ===")
+        print(f"\n=== the survey job (run_survey: the survey model on, "
+              f"{args.config or 'defaults'}), cal_shape median / p90 ===")
         for c in confs:
             if not c["name"].startswith("snr"):
                 report_survey_job(c, survey_job(c, args.workers, args.config),
