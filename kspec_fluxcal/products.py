@@ -143,10 +143,11 @@ def write_calibrated(ds, path, *, overwrite=False, stars=None):
         Output FITS file.
     overwrite : bool
         Replace an existing file (atomically); otherwise refuse.
-    stars : xarray.Dataset or astropy.io.fits.BinTableHDU, optional
+    stars : xarray.Dataset, astropy.io.fits.BinTableHDU or bytes, optional
         Per-star results of :func:`kspec_fluxcal.fit_standards`, written as the extra binary
         table FCALSTAR (one row per standard star) for quality control; or such a table
-        already made (kept from an earlier product of the same exposure).
+        already made (kept from an earlier product of the same exposure), as an HDU or as
+        its FITS bytes (:func:`kspec_fluxcal.fits_file.extension_raw`), written verbatim.
 
     Raises
     ------
@@ -168,7 +169,9 @@ def write_calibrated(ds, path, *, overwrite=False, stars=None):
     extensions = [_fibres_table(ds), _calibration_table(ds)]
     if "cal_factor" in ds:
         extensions += _factor_hdus(ds)
-    if stars is not None:
+    if isinstance(stars, bytes):
+        extensions.append(stars)
+    elif stars is not None:
         extensions.append(extension_bytes(stars) if isinstance(stars, fits.BinTableHDU)
                           else table_bytes(*_star_columns(stars)))
     with atomic_file(path, overwrite=overwrite) as tmp:

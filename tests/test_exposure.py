@@ -13,6 +13,7 @@ from kspec_fluxcal.fits_file import (
     card_image,
     column_format,
     extension_bytes,
+    extension_raw,
     image_bytes,
     table_bytes,
     table_hdu,
@@ -381,3 +382,11 @@ def test_star_table_written_as_astropy_writes_it_and_read_back(red_file, tmp_pat
                                          "FCALSTAR"]
         assert hdul[0].header["EXTEND"] is True
         hdul.verify("exception")
+    # Carried through a rewrite as its own bytes (what a recalibration does): the same file.
+    raw = extension_raw(out, "FCALSTAR")
+    again = write_calibrated(cal, tmp_path / "raw.fits", stars=raw)
+    assert again.read_bytes() == out.read_bytes()
+    assert extension_raw(out, "FLUXCAL")[:80].startswith(b"XTENSION= 'BINTABLE'")
+    assert extension_raw(write_calibrated(cal, tmp_path / "none.fits"), "FCALSTAR") is None
+    (tmp_path / "short.fits").write_bytes(out.read_bytes()[:5000])
+    assert extension_raw(tmp_path / "short.fits", "FCALSTAR") is None

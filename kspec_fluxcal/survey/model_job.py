@@ -220,18 +220,13 @@ def _residual_task(archive, spec, batch, model, huber, curves):
 
 
 def _star_hdu(path):
-    """The FCALSTAR table of an existing product (kept through a recalibration), or None."""
-    from astropy.io import fits
+    """The FCALSTAR table of an existing product as its FITS bytes (kept verbatim through a
+    recalibration), or None."""
+    from ..fits_file import extension_raw
 
     try:
-        with fits.open(path, memmap=False) as hdul:
-            if "FCALSTAR" not in hdul:
-                return None
-            table = hdul["FCALSTAR"]
-            # Read now (the file closes); copying the HDU would cost ~50 ms.
-            _ = table.data
-            return table
-    except (OSError, KeyError):
+        return extension_raw(path, "FCALSTAR")
+    except OSError:
         return None
 
 
