@@ -275,7 +275,7 @@ def extension_bytes(hdu):
 def extension_raw(path, name):
     """The first extension named ``name`` of a FITS file as its own bytes (header and data,
     padded), found by walking the headers only and copied verbatim; None when the file has
-    none or is not a FITS file. Carrying a table through a rewrite this way costs ~0.1 ms
+    none or is not a FITS file. Carrying a table through a rewrite this way costs < 1 ms
     instead of astropy's ~15 ms (open every HDU, read, re-serialise)."""
     with open(path, "rb") as f:
         while True:
