@@ -8,6 +8,7 @@ boundary before any work: inputs are regular files, outputs can be written.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import stat
@@ -86,11 +87,28 @@ def atomic_directory(path, overwrite=False):
                 os.replace(path, old)
             except FileNotFoundError:  # another writer moved it aside first
                 old = None
-        os.replace(tmp, path)
+        _replace_directory(tmp, path, old)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _replace_directory(tmp, path, old):
+    """Move ``tmp`` to ``path``. Another writer of the same ``path`` may have published its
+    own complete version between our moving the old one aside and now (writers of a shared
+    cache): then that version stands and ours is dropped. On any other failure the old
+    version (moved aside to ``old``) is put back before the error goes on."""
+    try:
+        os.replace(tmp, path)
+    except OSError as err:
+        if err.errno in (errno.ENOTEMPTY, errno.EEXIST) and path.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+            return
+        if old is not None and not path.exists():
+            with contextlib.suppress(OSError):
+                os.replace(old, path)
         raise
 
 

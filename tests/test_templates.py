@@ -229,6 +229,36 @@ def test_damaged_library_store_is_rebuilt_with_a_note(cube, tmp_path, damage):
                                     fresh.drop_attrs())
 
 
+def test_a_writer_whose_store_another_published_first_leaves_nothing_behind(tmp_path,
+                                                                          monkeypatch):
+    """The race behind concurrent cache writers, made certain: writer A moves the old store
+    aside, writer B publishes its own, then A's rename finds the place taken. B's complete
+    store stands, A's and the old one are removed, nothing half-written stays."""
+    import os
+    from pathlib import Path
+
+    from kspec_fluxcal._atomic import TEMP_PREFIX, atomic_directory
+
+    path = tmp_path / "store"
+    path.mkdir()
+    (path / "v").write_text("old")
+    real_replace = os.replace
+
+    def racing(src, dst):
+        if Path(src).name.startswith(TEMP_PREFIX + "store.") and not path.exists():
+            other = tmp_path / "other"
+            other.mkdir()
+            (other / "v").write_text("B")
+            real_replace(other, path)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", racing)
+    with atomic_directory(path, overwrite=True) as tmp:
+        (tmp / "v").write_text("A")
+    assert [p.name for p in tmp_path.iterdir()] == ["store"]
+    assert (path / "v").read_text() == "B"
+
+
 def test_concurrent_cache_writers_publish_one_whole_store(cube, tmp_path):
     """Jobs sharing a cache may prepare the same library at once: each writes its own
     temporary store and renames it into place; whichever wins, the store is whole."""
