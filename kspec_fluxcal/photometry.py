@@ -35,6 +35,7 @@ __all__ = [
     "teff_from_color",
     "colour_teff_table",
     "fit_photometry",
+    "catalog_parallax",
     "logg_from_parallax",
     "parallax_chi2",
     "band_wavelength",
@@ -474,6 +475,14 @@ def fit_photometry(mag_obs, mag_err, mag_model, ext_coeff, *, ebv_prior=None, eb
             "used": used, "dropped": dropped, "n_bands": n_bands, "rms": rms, "chi2": chi2}
 
 
+def catalog_parallax(parallax, parallax_err):
+    """Catalog parallaxes with the Gaia DR2 zero point removed, their errors, and where both
+    are usable (finite, error > 0), mas."""
+    plx = np.asarray(parallax, dtype=np.float64) - GAIA_DR2_PARALLAX_ZERO_POINT
+    err = np.asarray(parallax_err, dtype=np.float64)
+    return plx, err, np.isfinite(plx) & np.isfinite(err) & (err > 0)
+
+
 def logg_from_parallax(scale, parallax, parallax_err, mass=STANDARD_MASS_PRIOR):
     """Surface gravity implied by a model's flux scale and the star's parallax.
 
@@ -497,9 +506,8 @@ def logg_from_parallax(scale, parallax, parallax_err, mass=STANDARD_MASS_PRIOR):
         cgs dex; NaN where the parallax is missing or below
         :data:`~kspec_fluxcal.constants.MIN_PARALLAX_SNR` sigma.
     """
-    plx = np.asarray(parallax, dtype=np.float64) - GAIA_DR2_PARALLAX_ZERO_POINT
-    err = np.asarray(parallax_err, dtype=np.float64)
-    good = np.isfinite(plx) & np.isfinite(err) & (err > 0) & (plx > MIN_PARALLAX_SNR * err)
+    plx, err, good = catalog_parallax(parallax, parallax_err)
+    good &= plx > MIN_PARALLAX_SNR * err
     with np.errstate(divide="ignore", invalid="ignore"):
         distance = PARSEC * 1000.0 / np.where(good, plx, np.nan)
         radius2 = distance**2 * np.asarray(scale, dtype=np.float64)
@@ -532,9 +540,7 @@ def parallax_chi2(scale, logg, parallax, parallax_err, mass=STANDARD_MASS_PRIOR)
     numpy.ndarray
         chi^2; 0 where the parallax or its error is missing.
     """
-    plx = np.asarray(parallax, dtype=np.float64) - GAIA_DR2_PARALLAX_ZERO_POINT
-    err = np.asarray(parallax_err, dtype=np.float64)
-    good = np.isfinite(plx) & np.isfinite(err) & (err > 0)
+    plx, err, good = catalog_parallax(parallax, parallax_err)
     with np.errstate(divide="ignore", invalid="ignore"):
         radius = np.sqrt(GM_SUN * mass[0] / 10.0 ** np.asarray(logg, dtype=np.float64))
         predicted = PARSEC * 1000.0 * np.sqrt(np.asarray(scale, dtype=np.float64)) / radius

@@ -13,7 +13,13 @@ import scipy.sparse
 
 from ..constants import FLUX_UNIT_SCALE
 from ..errors import FluxCalWarning
-from ..photometry import band_wavelength, fit_warp, logg_from_parallax, warp_basis
+from ..photometry import (
+    band_wavelength,
+    catalog_parallax,
+    fit_warp,
+    logg_from_parallax,
+    warp_basis,
+)
 from ..reddening import extinction_per_ebv
 from ..xp import xp_level, xp_resolution, xp_rows
 from .exposure_templates import interpolated_corners
@@ -98,7 +104,7 @@ def _scaled_model(obs, model_obs, weights, matched, library, prior, config, xp=N
     return {"phot": pf, "scale": scale, "scale_err": scale_err, "ebv": ebv,
             "warp_rms": warp_rms, "mag_model": mag_model, "model_flux": model_flux,
             "logg_parallax": logg_p, "logg_parallax_err": logg_p_err,
-            "has_parallax": np.isfinite(prior.parallax) & (np.nan_to_num(prior.parallax_err) > 0),
+            "has_parallax": catalog_parallax(prior.parallax, prior.parallax_err)[2],
             "xp": _xp_outputs(obs, model_flux, compared)}
 
 
