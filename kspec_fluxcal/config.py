@@ -18,6 +18,7 @@ from ._atomic import check_regular_file
 from .constants import (
     BANDS,
     CATALOG_COLUMNS,
+    GUIDE_WAVELENGTH,
     KSPEC_COLLECTING_AREA_CM2,
     XP_SYSTEMATIC_BLUE,
     XP_SYSTEMATIC_RED,
@@ -259,6 +260,16 @@ SCHEMA["model"] = {
     "terms": Option(list(_MODEL_TERMS), "Chromatic terms: seeing (header SEEING, arcsec "
                     "FWHM; an exposure without it takes the reference 1.5) and refraction "
                     "(tan^2 z = airmass^2 - 1).", choices=_MODEL_TERMS),
+    "guide_wavelength": Option(GUIDE_WAVELENGTH, "Wavelength the fibers are positioned "
+                               "(guided) at, Angstrom: the shape of the refraction term.",
+                               min=3000.0, max=11000.0),
+    "refraction_sigma": Option(0.02, "Prior width of the refraction term's amplitude: the "
+                               "light lost at 4000 A per unit tan^2 z, ln (~0.02: a star "
+                               "displaced by the quarter of the differential refraction a "
+                               "dispersion corrector leaves, 1.5\" seeing, 3\" fibers; "
+                               "~0.3 without a corrector). Refraction and extinction differ "
+                               "only in their curvature with airmass: a wide prior lets noise "
+                               "trade one for the other.", min=0.001),
     "throughput_sigma": _night_prior("throughput deviation from the survey mean (ln)"),
     "extinction_sigma": _night_prior("extinction deviation from the survey mean, "
                                      "mag/airmass"),

@@ -158,6 +158,10 @@ STANDARD_MASS_PRIOR = (1.0, 0.3)
 #: uses every parallax, compared in parallax space.
 MIN_PARALLAX_SNR = 5.0
 
+#: Wavelength the fibers are positioned (guided) at, Angstrom: a guider's r band (nominal; not
+#: K-SPEC's measured value). The shape of the survey model's refraction term.
+GUIDE_WAVELENGTH = 6000.0
+
 #: Planck constant times the speed of light, erg Angstrom (h exact since the 2019 SI).
 HC_ERG_AA = 6.62607015e-27 * SPEED_OF_LIGHT_AAS
 #: Nominal collecting area of the K-SPEC telescope, cm^2: a 1.6 m primary with a quarter of

@@ -87,3 +87,19 @@ def test_survey_plans_without_standards_weak_singles_and_photometric_nights(smal
             entry["seeing"])
     with pytest.raises(ValueError, match="no_standards"):
         simulate_survey(tmp_path / "bad", exposures=2, grid=small_grid, no_standards=1.5)
+
+
+def test_refraction_loss_shape_is_the_small_displacement_loss_of_an_image():
+    """The survey model's refraction shape: a star centred at the guide wavelength and
+    displaced by the differential refraction elsewhere loses ln flux ~ shape(lambda)."""
+    from kspec_fluxcal.refraction import refraction_loss_shape
+
+    lam = np.linspace(3600.0, 8500.0, 50)
+    shape = refraction_loss_shape(lam, guide=6000.0)
+    assert shape[np.argmin(np.abs(lam - 6000.0))] < 1e-3
+    assert refraction_loss_shape(4000.0, guide=6000.0) == pytest.approx(1.0)
+    offset = 0.1 * fiberloss.differential_refraction(lam, 1.5)  # small: quadratic regime
+    loss = np.log(fiberloss.enclosed_fraction(offset, 1.5) / fiberloss.enclosed_fraction(0.0, 1.5))
+    amplitude = loss @ shape / (shape @ shape)
+    assert amplitude < 0
+    np.testing.assert_allclose(loss, amplitude * shape, atol=0.01 * abs(loss).max())

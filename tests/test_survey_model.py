@@ -7,7 +7,14 @@ import numpy as np
 import pytest
 
 from kspec_fluxcal.survey.levels import fit_levels
-from kspec_fluxcal.survey.model import MAG_TO_LN, ModelSpec, exposure_statistics, residuals, solve
+from kspec_fluxcal.survey.model import (
+    MAG_TO_LN,
+    REFERENCE_RANGE,
+    ModelSpec,
+    exposure_statistics,
+    residuals,
+    solve,
+)
 from kspec_fluxcal.survey.recalibrate import combine_with_model
 from kspec_fluxcal.survey.weights import error_model, error_sums, huber_weights, point_weights
 
@@ -183,3 +190,26 @@ def test_bouguer_lines_per_night():
     assert abs(got["slope"][2] - levels.survey["slope"]) < 0.03  # one exposure: pooled slope
     assert got["water"][0] == pytest.approx(1.2) and got["lsf"][3] == pytest.approx(1.02)
     assert got["intercept"][3] == pytest.approx(levels.survey["intercept"])
+
+
+def test_refraction_is_one_amplitude_of_the_physical_shape_and_spares_the_extinction():
+    """Refraction loses light as a tan^2 z shape(lambda) (a star positioned at the guide
+    wavelength): the model fits that amplitude and leaves the extinction where it is."""
+    from kspec_fluxcal.refraction import refraction_loss_shape
+
+    spec = ModelSpec("setup", (3600.0, 8400.0), terms=("refraction",))
+    assert spec.blocks["refraction"].stop - spec.blocks["refraction"].start == 1
+    sv = _survey(spec=spec, seed=3)
+    amplitude = -0.02  # ln flux at 4000 A per unit tan^2 z
+    shape = refraction_loss_shape(sv["lam"])
+    sv["y"] = sv["y"] - amplitude * (sv["airmass"][:, None] ** 2 - 1.0) * shape
+    model, _ = _fit(sv, spec=spec)
+    assert np.all(_k_error(model, sv, spec) < 0.003)
+    fitted, _ = model.curve("refraction", spec.loglam)
+    # y = ln(1 / response): the loss enters with the opposite sign; grey removed.
+    expected = -amplitude * (shape - shape.mean())
+    assert np.allclose(fitted[0] - fitted[0].mean(), expected, atol=0.002)
+    # Its column has no grey direction (the grey factors take it): mean-free over the range
+    # the curves are pinned on.
+    inside = sv["lam"] >= REFERENCE_RANGE[0]
+    assert abs(np.mean(spec.basis()[inside, spec.blocks["refraction"]])) < 1e-12

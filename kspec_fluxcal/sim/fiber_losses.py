@@ -6,12 +6,12 @@ with wavelength as lambda^-1/5 (Kolmogorov turbulence; Roddier 1981, Progress in
 281); its centre sits at the fiber's positioning offset plus the differential refraction
 relative to the guide wavelength, along the parallactic direction: R(lambda) - R(lambda_g) =
 206265 (n(lambda) - n(lambda_g)) tan z, with n the refractive index of air at the site
-(Filippenko 1982, PASP 94, 715, Eqs. 1-4: Edlen's dispersion formula corrected for
-pressure, temperature and water vapour). The collected fraction of a Gaussian image offset by
-d in a circle of radius R is the CDF of a non-central chi^2 with 2 degrees of freedom:
-P(chi'^2 < (R/sigma)^2; nc = (d/sigma)^2). Blue light, with a broader and more displaced
-image, is lost more than red, more so at high airmass and in bad seeing: every figure
-computed with grey losses alone is optimistic.
+(:mod:`kspec_fluxcal.refraction`: Filippenko 1982, PASP 94, 715, Edlen's dispersion
+formula corrected for pressure, temperature and water vapour). The collected fraction of a
+Gaussian image offset by d in a circle of radius R is the CDF of a non-central chi^2 with 2
+degrees of freedom: P(chi'^2 < (R/sigma)^2; nc = (d/sigma)^2). Blue light, with a broader and
+more displaced image, is lost more than red, more so at high airmass and in bad seeing:
+every figure computed with grey losses alone is optimistic.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.stats
 
-from ..constants import FWHM_PER_SIGMA
+from ..constants import FWHM_PER_SIGMA, GUIDE_WAVELENGTH
+from ..refraction import SITE, differential_refraction, refractive_index_minus_one
 
 __all__ = ["refractive_index_minus_one", "differential_refraction", "seeing_at",
            "enclosed_fraction", "fiber_apertures", "expected_aperture",
@@ -27,13 +28,6 @@ __all__ = ["refractive_index_minus_one", "differential_refraction", "seeing_at",
 
 #: Fiber core radius on the sky, arcsec (3 arcsec diameter, as the simulator's sky assumes).
 FIBER_RADIUS_ARCSEC = 1.5
-#: Wavelength the fibers are positioned (guided) at, Angstrom: the guider's r band.
-GUIDE_WAVELENGTH = 6000.0
-#: Nominal site air (a 1-2 km mountain observatory; not K-SPEC's measured values): pressure
-#: and water vapour pressure in mmHg, temperature in C.
-SITE = {"pressure": 620.0, "temperature": 5.0, "water": 6.0}
-#: Radians to arcsec.
-_ARCSEC = 206264.806
 #: Seeing's wavelength dependence, FWHM ~ lambda^-1/5 (Kolmogorov; Roddier 1981), and the
 #: wavelength the SEEING keyword refers to, Angstrom.
 _SEEING_POWER = -0.2
@@ -42,33 +36,6 @@ SEEING_WAVELENGTH = 5000.0
 _COARSE_STEP = 50.0
 #: Offsets of the expected aperture's average: Gauss-Hermite points per axis.
 _QUADRATURE = 12
-
-
-def refractive_index_minus_one(wavelength, site=None):
-    """n - 1 of air at the site (Filippenko 1982, Eqs. 1-3).
-
-    Parameters
-    ----------
-    wavelength : array_like
-        Angstrom (air; the difference with vacuum wavelengths is negligible here).
-    site : dict, optional
-        ``pressure`` and ``water`` (mmHg), ``temperature`` (C); default :data:`SITE`.
-    """
-    site = SITE if site is None else site
-    inv2 = (1e4 / np.asarray(wavelength, dtype=np.float64)) ** 2  # 1/lambda^2, micron^-2
-    sea = 64.328 + 29498.1 / (146.0 - inv2) + 255.4 / (41.0 - inv2)  # 15 C, 760 mmHg, x1e6
-    p, t = site["pressure"], site["temperature"]
-    dry = sea * p * (1.0 + (1.049 - 0.0157 * t) * 1e-6 * p) / (720.883 * (1.0 + 0.003661 * t))
-    wet = (0.0624 - 0.000680 * inv2) / (1.0 + 0.003661 * t) * site["water"]
-    return (dry - wet) * 1e-6
-
-
-def differential_refraction(wavelength, airmass, reference=GUIDE_WAVELENGTH, site=None):
-    """Refraction at ``wavelength`` minus that at ``reference``, arcsec (towards the zenith
-    positive): 206265 (n - n_ref) tan z, tan z = sqrt(X^2 - 1) (plane-parallel)."""
-    tan_z = np.sqrt(np.maximum(np.asarray(airmass, dtype=np.float64) ** 2 - 1.0, 0.0))
-    return _ARCSEC * (refractive_index_minus_one(wavelength, site)
-                      - refractive_index_minus_one(reference, site)) * tan_z
 
 
 def seeing_at(wavelength, seeing):

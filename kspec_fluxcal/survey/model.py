@@ -18,7 +18,14 @@ moves the star in the fiber by ~tan z, and a small offset loses light as its squ
 and ``C_d`` survey-wide chromatic terms; ``g_e`` the grey factor of the exposure (aperture,
 clouds) is a free nuisance parameter, eliminated per exposure, so that each exposure's
 contribution to the normal equations is a small matrix that sums. Every curve is a cubic
-B-spline in ln(lambda) (:class:`ModelSpec`). Nights deviate from the survey means (``S_n = S
+B-spline in ln(lambda) (:class:`ModelSpec`), except ``C_d``: a star positioned on its fiber at
+the guide wavelength loses light to differential refraction as the square of its
+displacement, whose shape in wavelength is that of the refractive index of air
+(:func:`kspec_fluxcal.refraction.refraction_loss_shape`), so ``C_d`` is that shape times one
+fitted amplitude. Refraction (~X^2 - 1) and extinction (~X) differ only in their curvature
+over the survey's airmasses: a free curve for ``C_d`` trades with ``k_n`` (the extinction's
+error grew from 0.008 to 0.012 mag/airmass in ``benchmarks/survey_model.py``), the physical
+shape does not. Nights deviate from the survey means (``S_n = S
 + dS_n``, ``k_n = k + dk_n``) with Gaussian priors of widths ``throughput_sigma`` and
 ``extinction_sigma``: a night with few exposures or a small airmass range borrows from the
 others, a night without standards gets the means.
@@ -50,6 +57,8 @@ import json
 import numpy as np
 
 from .._bspline import design_matrix
+from ..constants import GUIDE_WAVELENGTH
+from ..refraction import refraction_loss_shape
 from .archive import ARCHIVE_GRID, archive_grid
 
 __all__ = ["ModelSpec", "Statistics", "SurveyModel", "exposure_statistics", "solve",
@@ -71,7 +80,7 @@ _GREY_PIN = 1e10
 #: without data, invisible elsewhere (as in calibration._fit_smooth).
 _SMOOTHING = 1e-6
 #: Weak priors of the survey means: the extinction curve (mag/airmass; only degenerate surveys,
-#: all at one airmass, feel it) and the chromatic terms (ln per arcsec, per unit tan^2 z).
+#: all at one airmass, feel it) and the seeing term (ln per arcsec).
 _EXTINCTION_MEAN_SIGMA = 1.0
 _CHROMATIC_SIGMA = 0.1
 
@@ -87,8 +96,8 @@ class ModelSpec:
     wave_range : (float, float)
         Angstrom (air): the setup's range; the fit grid is the archive grid inside it.
     throughput_knots, extinction_knots, chromatic_knots : float
-        Knot spacings of S, k and the chromatic terms, Angstrom at the range's median
-        wavelength (uniform in ln lambda).
+        Knot spacings of S, k and the seeing term, Angstrom at the range's median wavelength
+        (uniform in ln lambda).
     terms : tuple of str
         Chromatic terms (:data:`TERMS`).
     stride : int
@@ -97,6 +106,10 @@ class ModelSpec:
         Smoothing scale of the exposures' own responses, Angstrom ([combine] smooth_scale).
     throughput_sigma, extinction_sigma : float
         Prior widths of a night's deviation from the survey mean: ln throughput, mag/airmass.
+    guide_wavelength : float
+        Wavelength the fibers are positioned at, Angstrom: the refraction term's shape.
+    refraction_sigma : float
+        Prior width of the refraction term's amplitude (ln flux at 4000 A per unit tan^2 z).
     """
 
     setup: str
@@ -109,6 +122,8 @@ class ModelSpec:
     smooth_scale: float = 100.0
     throughput_sigma: float = 0.05
     extinction_sigma: float = 0.05
+    guide_wavelength: float = GUIDE_WAVELENGTH
+    refraction_sigma: float = 0.02
 
     @functools.cached_property
     def loglam(self):
@@ -138,7 +153,8 @@ class ModelSpec:
         """Parameter blocks of a session's vector: name -> slice (S, k, then the terms)."""
         sizes = [len(t) - 4 for t in self._knots]
         names = ["throughput", "extinction", *self.terms]
-        widths = sizes[:2] + [sizes[2]] * len(self.terms)
+        # Refraction has one column: its shape in wavelength is physics, its amplitude data.
+        widths = sizes[:2] + [1 if t == "refraction" else sizes[2] for t in self.terms]
         edges = np.concatenate([[0], np.cumsum(widths)])
         return {n: slice(int(a), int(b)) for n, a, b in zip(names, edges[:-1], edges[1:],
                                                             strict=True)}
@@ -159,7 +175,9 @@ class ModelSpec:
         x = self.loglam if loglam is None else np.asarray(loglam, dtype=np.float64)
         x = np.clip(x, np.log(self.wave_range[0]), np.log(self.wave_range[1]))
         mats = [design_matrix(x, t, 3).toarray() for t in self._knots]
-        return np.concatenate(mats[:2] + [mats[2]] * len(self.terms), axis=1)
+        terms = [self._refraction_column(x) if t == "refraction" else mats[2]
+                 for t in self.terms]
+        return np.concatenate(mats[:2] + terms, axis=1)
 
     @functools.cached_property
     def design(self):
@@ -184,15 +202,27 @@ class ModelSpec:
         return min(1.0, step / (self.smooth_scale / float(np.exp(np.median(self.loglam)))))
 
     @functools.cached_property
+    def _reference_loglam(self):
+        lo, hi = REFERENCE_RANGE
+        x = self.loglam[(self.loglam >= np.log(lo)) & (self.loglam <= np.log(hi))]
+        return x if x.size else self.loglam
+
+    def _refraction_column(self, loglam):
+        """The refraction loss's shape (:func:`refraction_loss_shape`) less its mean over the
+        reference range: a curve without a grey direction, so nothing to pin."""
+        def shape(x):
+            return refraction_loss_shape(np.exp(x), self.guide_wavelength)
+        return (shape(loglam) - shape(self._reference_loglam).mean())[:, None]
+
+    @functools.cached_property
     def pins(self):
         """(blocks, q) rows whose products with a session vector are each curve's mean over
         :data:`REFERENCE_RANGE`: the grey directions pinned to zero."""
-        lo, hi = REFERENCE_RANGE
-        x = self.loglam[(self.loglam >= np.log(lo)) & (self.loglam <= np.log(hi))]
-        mean = self.basis(x if x.size else self.loglam).mean(axis=0)
+        mean = self.basis(self._reference_loglam).mean(axis=0)
         rows = np.zeros((len(self.blocks), self.size))
-        for k, block in enumerate(self.blocks.values()):
-            rows[k, block] = mean[block]
+        for k, (name, block) in enumerate(self.blocks.items()):
+            if name != "refraction":  # mean-free by construction
+                rows[k, block] = mean[block]
         return rows
 
     def prior(self, scale):
@@ -207,7 +237,8 @@ class ModelSpec:
             d = np.diff(np.eye(n), n=2, axis=0)
             smooth[block, block] = _SMOOTHING * scale * d.T @ d
             ridge_mean[block] = {"throughput": 0.0,
-                                 "extinction": _EXTINCTION_MEAN_SIGMA**-2}.get(
+                                 "extinction": _EXTINCTION_MEAN_SIGMA**-2,
+                                 "refraction": self.refraction_sigma**-2}.get(
                 name, _CHROMATIC_SIGMA**-2)
         pin = _GREY_PIN * self.pins.T @ self.pins
         mean = smooth + np.diag(ridge_mean) + pin

@@ -105,7 +105,8 @@ def _spec(setup, entries, config):
                      throughput_knots=m.throughput_knots, extinction_knots=m.extinction_knots,
                      chromatic_knots=m.chromatic_knots, terms=tuple(m.terms),
                      smooth_scale=config.combine.smooth_scale,
-                     throughput_sigma=m.throughput_sigma, extinction_sigma=m.extinction_sigma)
+                     throughput_sigma=m.throughput_sigma, extinction_sigma=m.extinction_sigma,
+                     guide_wavelength=m.guide_wavelength, refraction_sigma=m.refraction_sigma)
 
 
 def _by_setup(entries):
