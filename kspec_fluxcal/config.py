@@ -261,8 +261,9 @@ SCHEMA["model"] = {
                     "FWHM; an exposure without it takes the reference 1.5) and refraction "
                     "(tan^2 z = airmass^2 - 1).", choices=_MODEL_TERMS),
     "guide_wavelength": Option(GUIDE_WAVELENGTH, "Wavelength the fibers are positioned "
-                               "(guided) at, Angstrom: the shape of the refraction term.",
-                               min=3000.0, max=11000.0),
+                               "(guided) at, Angstrom: the shape of the refraction term "
+                               "(which is 1 at 4000 A: a guider redward of 4500 A).",
+                               min=4500.0, max=11000.0),
     "refraction_sigma": Option(0.02, "Prior width of the refraction term's amplitude: the "
                                "light lost at 4000 A per unit tan^2 z, ln (~0.02: a star "
                                "displaced by the quarter of the differential refraction a "
