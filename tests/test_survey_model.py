@@ -202,12 +202,11 @@ def test_refraction_is_one_amplitude_of_the_physical_shape_and_spares_the_extinc
     sv = _survey(spec=spec, seed=3)
     amplitude = -0.02  # ln flux at 4000 A per unit tan^2 z
     shape = refraction_loss_shape(sv["lam"])
-    sv["y"] = sv["y"] - amplitude * (sv["airmass"][:, None] ** 2 - 1.0) * shape
+    sv["y"] = sv["y"] + amplitude * (sv["airmass"][:, None] ** 2 - 1.0) * shape  # ln throughput
     model, _ = _fit(sv, spec=spec)
     assert np.all(_k_error(model, sv, spec) < 0.003)
     fitted, _ = model.curve("refraction", spec.loglam)
-    # y = ln(1 / response): the loss enters with the opposite sign; grey removed.
-    expected = -amplitude * (shape - shape.mean())
+    expected = amplitude * (shape - shape.mean())  # grey removed
     assert np.allclose(fitted[0] - fitted[0].mean(), expected, atol=0.002)
     # Its column has no grey direction (the grey factors take it): mean-free over the range
     # the curves are pinned on.
