@@ -44,9 +44,15 @@ class _DropMessage(logging.Filter):
 #:   of data, with other defaults, still warn;
 #: - "ended with CancelledError": a worker closed under a task the job had cancelled, which
 #:   it does only when it is interrupted (Ctrl-C, SIGTERM): one line per running task after
-#:   the interruption's own message.
+#:   the interruption's own message;
+#: - "as_completed._track_future": the client's loop logs, with a traceback, a result whose
+#:   gather was under way when an interrupted job closed its cluster (the job cancels its
+#:   tasks first, but cannot recall a request already sent); the tracking never raises for a
+#:   task's own failure (``raise_errors=False``), only for a lost connection, which the job
+#:   reports itself.
 QUIETED = {"distributed.sizeof": "Defaulting to -1 B",
-           "distributed.worker.state_machine": "ended with CancelledError"}
+           "distributed.worker.state_machine": "ended with CancelledError",
+           "tornado.application": "coro=<as_completed._track_future()"}
 
 
 def quiet_known_messages():
@@ -165,6 +171,7 @@ def on_cluster(work, *, client, scheduler, workers, threads_per_worker, dashboar
     """
     from distributed import performance_report as perf_report
 
+    quiet_known_messages()  # the client's loop runs in this process
     with _client(client, scheduler, workers, threads_per_worker, dashboard_address) as client:
         if progress:
             print(f"dashboard: {client.dashboard_link}", flush=True)
