@@ -679,10 +679,11 @@ def test_no_sizeof_warning_from_message_sizes(client):
     assert _comm_sizeof_warnings() == 0
 
 
-def test_interrupted_jobs_gather_in_flight_is_not_a_traceback():
+def test_interrupted_jobs_messages_in_flight_are_not_tracebacks():
     """An interrupted survey closed its cluster while the client's loop was gathering a
-    finished task's result: tornado logged the lost connection with a traceback after the
-    job's one-line message (seen under load). That record is dropped, others are not."""
+    finished task's result, or a worker's heartbeat was under way: tornado or the worker
+    logged the lost connection with a traceback after the job's one-line message. Those
+    records are dropped, others are not."""
     import logging
 
     from kspec_fluxcal.survey.cluster import quiet_known_messages
@@ -700,6 +701,10 @@ def test_interrupted_jobs_gather_in_flight_is_not_a_traceback():
                      "distributed/client.py:5687> exception=CommClosedError('Stream is "
                      "closed')>)")
     assert shown("Exception in callback <function something_else at 0x1>")
+    worker = logging.getLogger("distributed.worker")
+    record = worker.makeRecord(worker.name, logging.ERROR, __file__, 0,
+                               "Failed to communicate with scheduler during heartbeat.", (), None)
+    assert not all(f.filter(record) for f in worker.filters)
 
 
 # ----------------------------------------------------------------------------- one writer
