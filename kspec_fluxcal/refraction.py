@@ -6,9 +6,9 @@ its fiber at the guide wavelength is displaced at any other wavelength by the di
 refraction 206265 (n(lambda) - n(lambda_guide)) tan z arcsec; a small displacement d loses a
 fraction of light proportional to d^2, so the loss in ln flux is, to first order,
 ``a tan^2 z u(lambda)^2`` with ``u = (n(lambda) - n(lambda_guide)) / (n(4000 A) -
-n(lambda_guide))``: one amplitude per exposure, a fixed shape in wavelength
-(:func:`refraction_loss_shape`). The shape hardly depends on the site's air (its pressure and
-temperature scale n - 1 as a whole, which the amplitude absorbs).
+n(lambda_guide))``: a fixed shape in wavelength (:func:`refraction_loss_shape`) times one
+amplitude, which the survey model fits per setup. The shape hardly depends on the site's air
+(its pressure and temperature scale n - 1 as a whole, which the amplitude absorbs).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import numpy as np
 from .constants import GUIDE_WAVELENGTH
 
 __all__ = ["refractive_index_minus_one", "differential_refraction", "refraction_loss_shape",
-           "GUIDE_WAVELENGTH", "SITE"]
+           "SITE"]
 
 #: Nominal site air (a 1-2 km mountain observatory; not K-SPEC's measured values): pressure
 #: and water vapour pressure in mmHg, temperature in C.
