@@ -22,7 +22,6 @@ from .exposure import open_exposure
 from .fits_file import (
     card_image,
     column_format,
-    extension_bytes,
     find_hdu,
     hdu_data,
     image_bytes,
@@ -143,11 +142,11 @@ def write_calibrated(ds, path, *, overwrite=False, stars=None):
         Output FITS file.
     overwrite : bool
         Replace an existing file (atomically); otherwise refuse.
-    stars : xarray.Dataset, astropy.io.fits.BinTableHDU or bytes, optional
+    stars : xarray.Dataset or bytes, optional
         Per-star results of :func:`kspec_fluxcal.fit_standards`, written as the extra binary
         table FCALSTAR (one row per standard star) for quality control; or such a table
-        already made (kept from an earlier product of the same exposure), as an HDU or as
-        its FITS bytes (:func:`kspec_fluxcal.fits_file.extension_raw`), written verbatim.
+        already made (kept from an earlier product of the same exposure) as its FITS bytes
+        (:func:`kspec_fluxcal.fits_file.extension_raw`), written verbatim.
 
     Raises
     ------
@@ -169,11 +168,8 @@ def write_calibrated(ds, path, *, overwrite=False, stars=None):
     extensions = [_fibres_table(ds), _calibration_table(ds)]
     if "cal_factor" in ds:
         extensions += _factor_hdus(ds)
-    if isinstance(stars, bytes):
-        extensions.append(stars)
-    elif stars is not None:
-        extensions.append(extension_bytes(stars) if isinstance(stars, fits.BinTableHDU)
-                          else table_bytes(*_star_columns(stars)))
+    if stars is not None:
+        extensions.append(stars if isinstance(stars, bytes) else table_bytes(*_star_columns(stars)))
     with atomic_file(path, overwrite=overwrite) as tmp:
         _write_fits(tmp, [primary, var, *([wave] if wave is not None else [])], extensions)
     return Path(path)

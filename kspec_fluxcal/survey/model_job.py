@@ -220,7 +220,7 @@ def _residual_task(archive, spec, batch, model, huber, curves):
             "residual": r["residual"].astype(np.float32) if curves else None}
 
 
-def _star_hdu(path):
+def _star_table_bytes(path):
     """The FCALSTAR table of an existing product as its FITS bytes (kept verbatim through a
     recalibration), or None."""
     from ..fits_file import extension_raw
@@ -260,7 +260,7 @@ def _recalibrate_one(path, out_path, archive, row, fields, model, levels, config
     calibrated.attrs["setup"] = setup_key
     check_exposure(calibrated, catalog)
     write_calibrated(calibrated, out_path, overwrite=True,
-                     stars=_star_hdu(out_path) if own is not None else None)
+                     stars=_star_table_bytes(out_path) if own is not None else None)
     record = archive_record(calibrated, None, calibration, source=str(path),
                             input_hash=input_hash, utc_offset=utc, provenance=provenance,
                             own=own)
