@@ -9,6 +9,7 @@ timestamps may differ).
 from __future__ import annotations
 
 import datetime
+import glob
 import json
 import os
 import shutil
@@ -178,8 +179,10 @@ def _assert_rows_equal(table, ref, expids=None):
 
 
 def _outputs(out):
-    return sorted(p.relative_to(out) for p in out.rglob("*_fluxcal.fits")
-                  if not p.name.startswith("."))
+    """Calibrated products under ``out``. glob skips hidden entries: the job's temporary
+    stores, which may vanish while they are listed (rglob then raised, 1 run in many)."""
+    return sorted(Path(p).relative_to(out)
+                  for p in glob.glob(str(out / "**" / "*_fluxcal.fits"), recursive=True))
 
 
 def _assert_fits_equal(a, b):
