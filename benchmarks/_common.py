@@ -137,11 +137,14 @@ def demo_grid(workers=2):
     Written once through a one-exposure survey and copied to ``CACHE/demo_grid`` so that
     later surveys pass ``grid=<dir>`` instead of writing their own.
     """
-    from kspec_fluxcal.sim import simulate_survey
+    from kspec_fluxcal.sim import GENERATOR_VERSION, SYNTHETIC_MARKER, simulate_survey
 
     out = CACHE / "demo_grid"
-    if (out / "SYNTHETIC_GRID.txt").exists():
+    marker = out / SYNTHETIC_MARKER
+    if marker.exists() and f"version {GENERATOR_VERSION} " in marker.read_text():
         return out
+    for stale in (out, CACHE / "demo_grid.zarr"):  # another version of the stellar model
+        shutil.rmtree(stale, ignore_errors=True)
     tmp = CACHE / "demo_grid_survey"
     simulate_survey(tmp, exposures=1, nights=1, seed=0, overwrite=True, workers=workers)
     partial = out.with_name(out.name + ".partial")

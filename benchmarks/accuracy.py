@@ -174,10 +174,13 @@ def _setups(names):
 
 
 def _signature(conf, grid_dir):
+    from kspec_fluxcal.sim import GENERATOR_VERSION
+
     keys = ("exposures", "seed", "setups", "standards", "snr_range", "n_standards", "options",
             "nights")
     sig = {k: conf[k] for k in keys}
     sig["grid"] = str(Path(grid_dir).resolve())
+    sig["model"] = GENERATOR_VERSION  # the stellar model of the stars
     return json.loads(json.dumps(sig))  # tuples -> lists, as read back
 
 

@@ -48,11 +48,12 @@ INJECTED = 0.02
 
 def simulate(name, chromatic, workers=2):
     """The cached simulated survey ``name``; simulated when its definition changed."""
-    from kspec_fluxcal.sim import ModelStars, simulate_survey
+    from kspec_fluxcal.sim import GENERATOR_VERSION, ModelStars, simulate_survey
 
     root = ROOT / name
     signature = json.loads(json.dumps({**SURVEY, "chromatic": chromatic,
-                                       "grid": str(demo_grid(workers))}))
+                                       "grid": str(demo_grid(workers)),
+                                       "model": GENERATOR_VERSION}))
     stamp = root / "bench.json"
     if stamp.exists() and json.loads(stamp.read_text()) == signature:
         return root
