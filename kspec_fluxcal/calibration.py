@@ -103,7 +103,7 @@ def combine_vectors(stars, method=None, sigma_clip=None, smooth=None, *, config=
         ``transmission`` (the telluric model at the exposure's line spread, 1 where none);
         along ``star``: ``star_status`` (the fit's status, or why the combination rejected
         the star), ``grey_level`` and ``used``. Attrs ``fcalnstr``, ``fcalrms`` (robust
-        fractional scatter between the stars' shapes, after a running median over the
+        fractional scatter between the stars' shapes, their medians over blocks of the
         smoothing scale; NaN for one star), ``fcalqual`` (quality grade,
         :data:`QUALITY_GRADES`), ``fcalmerr`` (median model error of the stars used),
         ``fcallsf`` (the stars' fitted line-spread width), ``fcalo2``, ``fcalh2o`` (fitted
@@ -342,15 +342,19 @@ def _level(stars, idx, g):
 
 def _scatter(wave, stack, comb, opts):
     """FCALRMS: the stars' shapes about the combination on the smoothing scale (pixel noise
-    averaged out), robust; NaN for one star."""
+    averaged out: medians over blocks of ``smooth_scale``, at least 50 A), robust; NaN for
+    one star."""
     n = stack.shapes.shape[0]
     if n < 2:
         return np.nan
     with np.errstate(invalid="ignore", divide="ignore"):
         dev = np.where(stack.m, stack.shapes / comb, np.nan)
-    dev = np.where(stack.m, running_median(dev, wave, max(opts.smooth_scale, 50.0)) - 1.0,
-                   np.nan)
-    return float(1.4826 * _nanmedian(np.abs(dev), axis=None) * np.sqrt(n / (n - 1)))
+    size = max(3, int(round(max(opts.smooth_scale, 50.0) / float(np.median(np.diff(wave))))))
+    nblock = -(-dev.shape[1] // size)
+    padded = np.full((n, nblock * size), np.nan)
+    padded[:, :dev.shape[1]] = dev
+    blocks = _nanmedian(padded.reshape(n, nblock, size), axis=2) - 1.0
+    return float(1.4826 * _nanmedian(np.abs(blocks), axis=None) * np.sqrt(n / (n - 1)))
 
 
 #: Quality grades (header FCALQUAL), from the standards used: (grade, meaning).

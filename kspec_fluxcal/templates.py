@@ -84,19 +84,17 @@ def convolution_matrix(wave_in, wave_out, lsf, resolving_power=None):
     sigma = np.sqrt(np.maximum(excess, floor**2))
     lo = np.searchsorted(ln_in, ln_out - _NSIGMA * sigma, side="left")
     hi = np.searchsorted(ln_in, ln_out + _NSIGMA * sigma, side="right")
-    width = int(np.max(hi - lo))
-    cols = lo[:, None] + np.arange(width)[None, :]
-    inside = cols < hi[:, None]
-    cols = np.minimum(cols, ln_in.size - 1)
-    u = (ln_in[cols] - ln_out[:, None]) / sigma[:, None]
-    vals = np.where(inside, np.exp(-0.5 * u**2) * dln[cols], 0.0)
-    vals /= vals.sum(axis=1, keepdims=True)
-    # Each row's columns are consecutive and increasing: the CSR arrays directly (through
-    # (row, col) pairs, scipy would sort and check them again, 1 ms of each of the several
-    # operators an exposure needs).
-    indptr = np.concatenate([[0], np.cumsum(hi - lo)])
-    matrix = scipy.sparse.csr_matrix((vals[inside], cols[inside], indptr),
-                                     shape=(wave_out.size, ln_in.size))
+    # Each row's columns are consecutive and increasing, so the CSR arrays are built directly,
+    # entry by entry (through (row, col) pairs scipy would sort and check them again; a
+    # rectangle of the widest row's width would compute twice the entries).
+    counts = hi - lo
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    row = np.repeat(np.arange(wave_out.size), counts)
+    cols = np.arange(indptr[-1]) - np.repeat(indptr[:-1] - lo, counts)
+    u = (ln_in[cols] - ln_out[row]) / sigma[row]
+    vals = np.exp(-0.5 * u * u) * dln[cols]
+    vals /= np.bincount(row, weights=vals, minlength=wave_out.size)[row]
+    matrix = scipy.sparse.csr_matrix((vals, cols, indptr), shape=(wave_out.size, ln_in.size))
     return matrix, sharper
 
 

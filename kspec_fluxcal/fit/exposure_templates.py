@@ -32,18 +32,21 @@ class ExposureTemplates:
 
     def __init__(self, library, wave, lsf, candidates):
         self.library, self.wave, self.lsf = library, wave, lsf
-        self._rows = {}
+        # One row per library template, filled as asked for (rows never asked for are never
+        # touched, so never take memory): a fetch is one gather, not a stack of rows.
+        self._data = np.empty((library.sizes["template"], np.size(wave)))
+        self._have = np.zeros(library.sizes["template"], dtype=bool)
         self.fetch(candidates)
 
     def fetch(self, ids):
         """Normalised templates (len(ids), P) at the exposure's pixels."""
         ids = np.asarray(ids, dtype=np.int64)
-        missing = np.setdiff1d(ids, np.fromiter(self._rows, np.int64, len(self._rows)))
+        missing = np.unique(ids[~self._have[ids]])
         if missing.size:
-            new = library_spectra(self.library, self.wave, self.lsf, _as_index(missing))
-            self._rows.update(zip(missing.tolist(), new, strict=True))
-        return np.stack([self._rows[i] for i in ids.tolist()]) if ids.size else \
-            np.zeros((0, self.wave.size))
+            self._data[missing] = library_spectra(self.library, self.wave, self.lsf,
+                                                  _as_index(missing))
+            self._have[missing] = True
+        return self._data[ids]
 
     __call__ = fetch
 

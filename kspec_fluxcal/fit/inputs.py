@@ -57,8 +57,25 @@ def observed_standards(std, config):
                                       if "fibres_lsf_scale" in std.coords else np.ones(nstar)))
 
 
+#: Colour tables of the libraries met so far, by library key (a process meets a few).
+_COLOUR_TABLES = {}
+
+
 def _colour_table(library):
-    """Teff vs synthetic BP-RP and g-r of the templates' dwarfs (logg ~ 4.5, [M/H] ~ 0)."""
+    """Teff vs synthetic BP-RP and g-r of the templates' dwarfs (logg ~ 4.5, [M/H] ~ 0);
+    computed once per library (the same for all its exposures: 3 ms of xarray each)."""
+    key = library.attrs.get("library_key")
+    if key is not None and key in _COLOUR_TABLES:
+        return _COLOUR_TABLES[key]
+    table = _library_colour_table(library)
+    if key is not None:
+        if len(_COLOUR_TABLES) >= 8:
+            _COLOUR_TABLES.clear()
+        _COLOUR_TABLES[key] = table
+    return table
+
+
+def _library_colour_table(library):
     t = library["template_teff"].values
     g = library["template_logg"].values
     m = library["template_feh"].values
