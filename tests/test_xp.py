@@ -635,7 +635,6 @@ def test_survey_with_xp(small_grid, world, tmp_path):
     assert not hashes[0] & hashes[1]
 
 
-
 def _bowl(wave):
     """A 3 % curvature (the ends of 3500-8500 A 3 % above its middle), flat beyond: a
     shape that no reddening mimics."""
