@@ -14,8 +14,9 @@ Printed (the machine is a shared 2-core one: the load of other processes is prin
 every timing, and CPU times, less sensitive to it, next to wall times):
 
 1. Per exposure on one core (this process, the library prepared beforehand): CPU split into
-   read (open_exposure), fit (fit_standards), combine, apply, write (write_calibrated) and
-   record (archive_record), and where the fit's time goes (profile), for the fit's
+   read (open_exposure), fit (fit_standards), combine, apply, check (the spectrophotometric
+   check of the program stars), write (write_calibrated) and record (archive_record): what
+   the survey's task runs, and where the fit's time goes (profile), for the fit's
    optimisation. Target: <= 0.12 s CPU per exposure.
 2. The survey job (run_survey on a LocalCluster of 1, then 2, single-threaded workers) on
    all the exposures: exposures/min overall and after the library was prepared (from the task
@@ -104,7 +105,7 @@ def own_setup_lake(n):
 
 # ----------------------------------------------------------------------------- 1. per exposure
 
-STAGES = ("read", "fit", "combine", "apply", "write", "record")
+STAGES = ("read", "fit", "combine", "apply", "check", "write", "record")
 #: Package modules shown in the fit's profile (pstats strips directories).
 PACKAGE = (r"(standards|inputs|scan|parameter_choice|final_model|acceptance|model_photometry"
            r"|exposure_templates|refinement|velocity|matching|shifts|calibration|telluric"
@@ -117,6 +118,7 @@ def _stages(path, catalog, library, config, out):
     from kspec_fluxcal.exposure import open_exposure
     from kspec_fluxcal.fit.standards import fit_standards
     from kspec_fluxcal.products import write_calibrated
+    from kspec_fluxcal.spectrophotometry import check_exposure
     from kspec_fluxcal.survey.archive import archive_record
 
     times, c = {}, time.process_time()
@@ -134,6 +136,8 @@ def _stages(path, catalog, library, config, out):
     lap("combine")
     calibrated = apply_calibration(exposure, calibration)
     lap("apply")
+    check_exposure(calibrated, catalog)
+    lap("check")
     write_calibrated(calibrated, out / f"{path.stem}_fluxcal.fits", overwrite=True,
                      stars=stars)
     lap("write")

@@ -665,17 +665,15 @@ def apply_calibration(exposure, calibration):
                                             scale)
     with xr.set_options(arithmetic_join="exact", keep_attrs=True):
         flux = exposure["flux"].astype(np.float64)
-        out = exposure.copy()
-        out["flux"] = (flux * factor).astype(np.float32).assign_attrs(units=FLUX_UNIT)
-        out["variance"] = (exposure["variance"] * factor**2 + flux**2 * factor_var).astype(
-            np.float32).assign_attrs(units=f"({FLUX_UNIT})**2")
-    out["cal_factor"] = factor
-    out["cal_factor_variance"] = factor_var
-    out["cal"] = calibration["cal"]
-    out["cal_variance"] = calibration["cal_variance"]
-    out["cal_mask"] = calibration["cal_mask"]
-    if "cal_smooth" in calibration:
-        out["cal_smooth"] = calibration["cal_smooth"]
+        calibrated = {
+            "flux": (flux * factor).astype(np.float32).assign_attrs(units=FLUX_UNIT),
+            "variance": (exposure["variance"] * factor**2 + flux**2 * factor_var).astype(
+                np.float32).assign_attrs(units=f"({FLUX_UNIT})**2")}
+    # One merge for all the new variables (each assignment would merge the whole dataset).
+    calibrated.update(cal_factor=factor, cal_factor_variance=factor_var)
+    calibrated.update({name: calibration[name] for name in
+                       ("cal", "cal_variance", "cal_mask", "cal_smooth") if name in calibration})
+    out = exposure.assign(calibrated)
     out.attrs = dict(exposure.attrs)
     out.attrs["history"] = list(exposure.attrs.get("history", [])) + list(
         calibration.attrs.get("history", []))

@@ -32,6 +32,7 @@ __all__ = [
     "flam_to_ab",
     "band_weights",
     "synthetic_mag",
+    "synthetic_mag_values",
     "teff_from_color",
     "colour_teff_table",
     "fit_photometry",
@@ -278,17 +279,27 @@ def synthetic_mag(flux, band=BANDS, *, dim="wavelength", medium="air"):
         when ``band`` is a single string). NaN where the band is not covered, where the
         spectrum has NaN inside the band, or where the integrated flux is not positive.
     """
-    weights = band_weights(band, flux[dim].values, medium).rename(wavelength=dim)
-    weights = weights.assign_coords({dim: flux[dim]})
-    support = (weights.fillna(0.0) != 0).astype(np.float64)
-    flux64 = flux.astype(np.float64)
-    maggies = xr.dot(flux64.fillna(0.0), weights, dim=dim, optimize=True)
-    nan_inside = xr.dot(flux64.isnull().astype(np.float64), support, dim=dim, optimize=True)
-    maggies = maggies.where((nan_inside == 0) & (maggies > 0))
-    mag = -2.5 * np.log10(maggies)
+    bands = [band] if isinstance(band, str) else list(band)
+    weights = band_weights(bands, flux[dim].values, medium).values
+    mag = xr.apply_ufunc(synthetic_mag_values, flux, kwargs={"weights": weights},
+                         input_core_dims=[[dim]], output_core_dims=[["band"]], dask="allowed")
+    mag = mag.assign_coords(band=bands)
     mag.attrs = {"units": "mag", "system": "AB"}
     mag.name = "synth_mag"
     return mag.squeeze("band", drop=True) if isinstance(band, str) else mag
+
+
+def synthetic_mag_values(flux, weights):
+    """:func:`synthetic_mag` on arrays: AB magnitudes (..., band) of f_lambda (..., P) with
+    the band weights (band, P) of :func:`band_weights` (values); NaN where a band is not
+    covered (its row NaN), where the spectrum has NaN inside a band or where the integrated
+    flux is not positive. numpy or Dask arrays (any chunks along P)."""
+    support = (np.nan_to_num(weights) != 0).astype(np.float64)
+    flux = flux.astype(np.float64)
+    maggies = np.nan_to_num(flux) @ np.nan_to_num(weights).T
+    nan_inside = np.isnan(flux).astype(np.float64) @ support.T
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where((nan_inside == 0) & (maggies > 0), -2.5 * np.log10(maggies), np.nan)
 
 
 # ----------------------------------------------------------------------------- colour -> Teff

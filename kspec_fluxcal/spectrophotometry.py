@@ -20,12 +20,11 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-import xarray as xr
 
 from .catalog import catalog_lookup
 from .constants import FLUX_UNIT_SCALE, POSITION_MATCH_ARCSEC
 from .continuum import _fill_gaps
-from .photometry import synthetic_mag
+from .photometry import band_weights, synthetic_mag_values
 
 __all__ = ["spectrophotometric_check", "check_exposure", "SPHOT_BANDS", "SPHOT_MIN_SNR",
            "PROGRAM_TYPE"]
@@ -109,9 +108,8 @@ def _synthetic(calibrated, fibers, bands):
     flux = calibrated["flux"].isel(fiber=fibers).values.astype(np.float64)
     good = np.isfinite(flux)
     filled = _fill_gaps(np.where(good, flux, 0.0), good) * FLUX_UNIT_SCALE
-    spectra = xr.DataArray(filled, dims=("star", "wavelength"),
-                           coords={"wavelength": calibrated["wavelength"].values})
-    return synthetic_mag(spectra, bands, medium="air").transpose("star", "band").values
+    weights = band_weights(bands, calibrated["wavelength"].values, medium="air").values
+    return synthetic_mag_values(filled, weights)
 
 
 def check_exposure(calibrated, catalog):
