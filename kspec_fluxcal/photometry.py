@@ -298,8 +298,9 @@ def synthetic_mag_values(flux, weights):
     flux = flux.astype(np.float64)
     maggies = np.nan_to_num(flux) @ np.nan_to_num(weights).T
     nan_inside = np.isnan(flux).astype(np.float64) @ support.T
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where((nan_inside == 0) & (maggies > 0), -2.5 * np.log10(maggies), np.nan)
+    ok = (nan_inside == 0) & (maggies > 0)
+    # The logarithm of good values only: a lazy array computes outside any errstate.
+    return np.where(ok, -2.5 * np.log10(np.where(ok, maggies, 1.0)), np.nan)
 
 
 # ----------------------------------------------------------------------------- colour -> Teff
