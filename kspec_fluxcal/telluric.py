@@ -177,23 +177,27 @@ def _kernel_matrix(wave_in, wave_out, sigma_out):
     the value there)."""
     step = wave_in[1] - wave_in[0]
     half = int(np.ceil(_NSIGMA * np.max(sigma_out, initial=step) / step))
-    centre = np.round((wave_out - wave_in[0]) / step).astype(int)
-    cols = centre[:, None] + np.arange(-half, half + 1)[None, :]
-    inside = (cols >= 0) & (cols < wave_in.size)
+    cols = (np.round((wave_out - wave_in[0]) / step).astype(np.intp)[:, None]
+            + np.arange(-half, half + 1)[None, :])
     sig = sigma_out[:, None]
     u = (wave_in[0] + cols * step - wave_out[:, None]) / sig
-    vals = np.where(np.abs(u) <= _NSIGMA, np.exp(-0.5 * u**2), 0.0)
+    vals = np.exp(-0.5 * u**2)
+    vals[np.abs(u) > _NSIGMA] = 0.0
     vals /= np.maximum(vals.sum(axis=1, keepdims=True), 1e-300)
-    vals = np.where(inside, vals, 0.0)
-    keep = vals > 0
+    vals[(cols < 0) | (cols >= wave_in.size)] = 0.0
     # Taylor terms of g(x_j + d) in the offset d from a box's centre; each row holds its
-    # boxes' three terms in turn, so that its columns increase: the CSR arrays directly.
-    terms = np.stack([vals, -vals * u / sig, 0.5 * vals * (u**2 - 1.0) / sig**2], axis=1)
-    cols = np.clip(cols, 0, wave_in.size - 1)[:, None, :] + (
-        np.arange(3) * wave_in.size)[None, :, None]
-    keep3 = np.broadcast_to(keep[:, None, :], terms.shape)
-    indptr = np.concatenate([[0], np.cumsum(3 * keep.sum(axis=1))])
-    return scipy.sparse.csr_matrix((terms[keep3], cols[keep3], indptr),
+    # boxes' three terms in turn, so that its columns never decrease: the CSR arrays directly.
+    # Every row keeps all its entries (zeros beyond reach, clipped columns at the grid's
+    # ends): a fixed row length builds ~4x faster than dropping them and costs a product
+    # only the few per cent of zeros.
+    n, width = cols.shape
+    terms = np.empty((n, 3, width))
+    terms[:, 0] = vals
+    terms[:, 1] = -vals * u / sig
+    terms[:, 2] = 0.5 * vals * (u**2 - 1.0) / sig**2
+    np.clip(cols, 0, wave_in.size - 1, out=cols)
+    index = cols[:, None, :] + (np.arange(3) * wave_in.size)[None, :, None]
+    return scipy.sparse.csr_matrix((terms.ravel(), index.ravel(), np.arange(n + 1) * 3 * width),
                                    shape=(wave_out.size, 3 * wave_in.size))
 
 

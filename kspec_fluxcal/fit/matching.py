@@ -10,7 +10,7 @@ import scipy.sparse
 import xarray as xr
 
 from ..constants import SPEED_OF_LIGHT_KMS
-from .shifts import _edge_margin, shift_matrix, shift_spectra
+from .shifts import shift_operator, shift_spectra
 
 __all__ = ["score_templates", "score_star", "fit_corrected", "star_correction",
            "correction_parameters"]
@@ -81,15 +81,14 @@ def _to_rest_frame(flux, weight, wavelength, rv, star_wavelength=None):
     interpolation (squared kernel) so that noise stays correctly weighted to first order.
     """
     back = SPEED_OF_LIGHT_KMS * (1.0 / (1.0 + rv / SPEED_OF_LIGHT_KMS) - 1.0)
-    matrix = shift_matrix(wavelength, back, star_wavelength)
+    op = shift_operator(wavelength, back, star_wavelength)
     var = np.where(weight > 0, 1.0 / np.where(weight > 0, weight, 1.0), 0.0)
     bad = (weight <= 0).astype(float)
-    f = matrix @ np.where(weight > 0, flux, 0.0)
-    v = matrix.multiply(matrix) @ var
-    touched = np.abs(matrix) @ bad
-    empty = np.asarray(matrix.getnnz(axis=1)) == 0
-    w = np.where((touched < 1e-3) & ~empty & (v > 0), 1.0 / np.where(v > 0, v, 1.0), 0.0)
-    margin = _edge_margin(wavelength, back, star_wavelength)
+    f = op.matrix @ np.where(weight > 0, flux, 0.0)
+    v = op.squared @ var
+    touched = op.absolute @ bad
+    w = np.where((touched < 1e-3) & ~op.empty & (v > 0), 1.0 / np.where(v > 0, v, 1.0), 0.0)
+    margin = op.margin
     w[:margin] = 0
     w[-margin:] = 0
     return np.where(w > 0, f, 0.0), w
@@ -132,8 +131,9 @@ def score_star(obs, ivar, templates, rv, wavelength, metric="chi2", delta=3.0, k
     if knot_spacing is None and metric == "chi2":
         return _fast_chi2(*_to_rest_frame(f, w, wavelength, rv, star_wavelength), tmpl, missing)
     star_wave = wavelength if star_wavelength is None else star_wavelength
-    shifted = (shift_matrix(star_wave, rv, wavelength) @ tmpl.T).T  # (N, P)
-    margin = _edge_margin(star_wave, rv, wavelength)
+    op = shift_operator(star_wave, rv, wavelength)
+    shifted = (op.matrix @ tmpl.T).T  # (N, P)
+    margin = op.margin
     w[:margin] = 0
     w[-margin:] = 0
     usable = (shifted**2) @ w > 0

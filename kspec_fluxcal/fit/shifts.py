@@ -16,7 +16,7 @@ import scipy.sparse
 
 from ..constants import SPEED_OF_LIGHT_KMS
 
-__all__ = ["shift_matrix", "shift_spectra"]
+__all__ = ["shift_matrix", "shift_operator", "ShiftOperator", "shift_spectra"]
 
 _LANCZOS_A = 4
 _TAPS = np.arange(-_LANCZOS_A + 1, _LANCZOS_A + 1)
@@ -33,6 +33,7 @@ def _exact_kernel_weights(frac):
 
 
 _KERNEL_TABLE = _exact_kernel_weights(np.linspace(0.0, 1.0, _TABLE_STEPS + 1))
+_KERNEL_STEP = np.diff(_KERNEL_TABLE, axis=0)  # one gather fewer per interpolation
 
 
 def _kernel_weights(frac):
@@ -41,8 +42,7 @@ def _kernel_weights(frac):
     x = np.asarray(frac, dtype=np.float64) * _TABLE_STEPS
     i = np.clip(x.astype(np.intp), 0, _TABLE_STEPS - 1)
     a = (x - i)[..., None]
-    lo = _KERNEL_TABLE[i]
-    return lo + a * (_KERNEL_TABLE[i + 1] - lo)
+    return _KERNEL_TABLE[i] + a * _KERNEL_STEP[i]
 
 
 def _positions(wavelength, rv, source=None):
@@ -85,14 +85,48 @@ def shift_matrix(wavelength, rv, source=None):
         pixels whose source falls outside the spectrum are empty. Matrices are cached: a
         star's velocity is reused by every scoring pass.
     """
+    return shift_operator(wavelength, rv, source).matrix
+
+
+def shift_operator(wavelength, rv, source=None):
+    """The :class:`ShiftOperator` of :func:`shift_matrix` (same arguments), cached."""
     source = wavelength if source is None else source
-    return _shift_matrix_cached(_key(wavelength), _key(source), round(float(rv), 9))
+    return _shift_operator_cached(_key(wavelength), _key(source), round(float(rv), 9))
+
+
+class ShiftOperator:
+    """A shift matrix (:func:`shift_matrix`) and what its users derive from it, each computed
+    once per matrix (a star's velocity serves every scoring pass)."""
+
+    def __init__(self, matrix, wavelength, source, rv):
+        self.matrix = matrix
+        self._args = (wavelength, rv, source)
+
+    @functools.cached_property
+    def squared(self):
+        """The matrix's squared weights: how it carries independent variances."""
+        return self.matrix.multiply(self.matrix).tocsr()
+
+    @functools.cached_property
+    def absolute(self):
+        """The matrix's absolute weights: how far a pixel's neighbours reach it."""
+        return abs(self.matrix)
+
+    @functools.cached_property
+    def empty(self):
+        """Rows with no source pixel (beyond the spectrum's ends)."""
+        return np.asarray(self.matrix.getnnz(axis=1)) == 0
+
+    @functools.cached_property
+    def margin(self):
+        """Pixels at each end that lean on extrapolated taps (:func:`_edge_margin`)."""
+        return _edge_margin(*self._args)
 
 
 # An exposure's stars and velocities need ~10, some again after others (its wavelengths are
 # its own: entries of earlier exposures only hold memory, ~0.4 MB each).
 @functools.lru_cache(maxsize=24)
-def _shift_matrix_cached(wave_bytes, source_bytes, rv):
+def _shift_operator_cached(wave_bytes, source_bytes, rv):
     wavelength = np.frombuffer(wave_bytes, dtype=np.float64)
     source = np.frombuffer(source_bytes, dtype=np.float64)
     pos = _positions(wavelength, rv, source)
@@ -106,18 +140,17 @@ def _shift_matrix_cached(wave_bytes, source_bytes, rv):
     indptr = np.concatenate([[0], np.cumsum(np.where(inside, _TAPS.size, 0))])
     matrix = scipy.sparse.csr_matrix((weights[keep], cols[keep], indptr), shape=(pos.size, n))
     matrix.sum_duplicates()  # taps clipped at the ends: one entry per column
-    return matrix
+    return ShiftOperator(matrix, wavelength, source, rv)
 
 
 def shift_spectra(spectra, wavelength, rv, source=None):
     """Shift spectra (..., Q) on ``source`` (default ``wavelength``) to radial velocity ``rv``
     (km/s, scalar), sampled at ``wavelength`` (P,); NaN beyond the edges."""
-    matrix = shift_matrix(wavelength, rv, source)
-    flat = np.asarray(spectra, dtype=np.float64).reshape(-1, matrix.shape[1])
-    out = (matrix @ flat.T).T
-    empty = np.asarray(matrix.getnnz(axis=1)) == 0
-    out[:, empty] = np.nan
-    return out.reshape(np.shape(spectra)[:-1] + (matrix.shape[0],))
+    op = shift_operator(wavelength, rv, source)
+    flat = np.asarray(spectra, dtype=np.float64).reshape(-1, op.matrix.shape[1])
+    out = (op.matrix @ flat.T).T
+    out[:, op.empty] = np.nan
+    return out.reshape(np.shape(spectra)[:-1] + (op.matrix.shape[0],))
 
 
 def _edge_margin(wavelength, rv, source=None):
