@@ -65,7 +65,9 @@ def fit_lsf_scale(obs, tm, scan, params, prior_sigma=None):
     inverse = inverse.reshape(corners.shape)
     chi2 = np.full((obs.nstar, _LSF_TRIALS.size), np.nan)
     for k, factor in enumerate(_LSF_TRIALS):
-        norm = library_spectra(tm.library, obs.wave, tm.lsf.scaled(factor), ids)
+        # At the current width these are the exposure's own templates (kept, not redone).
+        norm = tm.fetch(ids) if factor == 1.0 else library_spectra(
+            tm.library, obs.wave, tm.lsf.scaled(factor), ids)
         models = np.einsum("sc,scp->sp", weight, norm[inverse])
         for s in np.flatnonzero(scan.usable):  # a few stars
             chi2[s, k] = score_star(obs.norm[s], obs.ivar[s], models[s][None], scan.rv[s],
