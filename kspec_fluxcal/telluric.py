@@ -188,8 +188,8 @@ def _kernel_matrix(wave_in, wave_out, sigma_out):
     # Taylor terms of g(x_j + d) in the offset d from a box's centre; each row holds its
     # boxes' three terms in turn, so that its columns never decrease: the CSR arrays directly.
     # Every row keeps all its entries (zeros beyond reach, clipped columns at the grid's
-    # ends): a fixed row length builds ~4x faster than dropping them and costs a product
-    # only the few per cent of zeros.
+    # ends): a fixed row length builds 2-4x faster than dropping them, and the zeros cost a
+    # product only a few per cent.
     n, width = cols.shape
     terms = np.empty((n, 3, width))
     terms[:, 0] = vals
