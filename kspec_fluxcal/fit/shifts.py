@@ -41,8 +41,12 @@ def _kernel_weights(frac):
     velocity scans evaluate millions of positions)."""
     x = np.asarray(frac, dtype=np.float64) * _TABLE_STEPS
     i = np.clip(x.astype(np.intp), 0, _TABLE_STEPS - 1)
-    a = (x - i)[..., None]
-    return _KERNEL_TABLE[i] + a * _KERNEL_STEP[i]
+    # take() gathers rows several times faster than fancy indexing; in place: no temporaries
+    step = _KERNEL_STEP.take(i, axis=0)
+    step *= (x - i)[..., None]
+    weights = _KERNEL_TABLE.take(i, axis=0)
+    weights += step
+    return weights
 
 
 def _positions(wavelength, rv, source=None):
@@ -133,9 +137,11 @@ def _shift_operator_cached(wave_bytes, source_bytes, rv):
     weights = _kernel_weights(np.where(inside, pos, 0.0) - base)
     cols = np.clip(base[:, None] + _TAPS[None, :], 0, n - 1)
     # Rows whose source is off the spectrum stay empty (no stored zeros), so callers can tell.
-    keep = np.broadcast_to(inside[:, None], cols.shape)
     indptr = np.concatenate([[0], np.cumsum(np.where(inside, _TAPS.size, 0))])
-    matrix = scipy.sparse.csr_matrix((weights[keep], cols[keep], indptr), shape=(pos.size, n))
+    if not inside.all():
+        weights, cols = weights[inside], cols[inside]
+    matrix = scipy.sparse.csr_matrix((weights.ravel(), cols.ravel(), indptr),
+                                     shape=(pos.size, n))
     matrix.sum_duplicates()  # taps clipped at the ends: one entry per column
     return ShiftOperator(matrix, wavelength, source, rv)
 
