@@ -16,7 +16,7 @@ import scipy.sparse
 
 from ..constants import SPEED_OF_LIGHT_KMS
 
-__all__ = ["shift_operator", "ShiftOperator", "shift_spectra"]
+__all__ = ["shift_operator", "ShiftOperator", "shift_spectra", "sample_rows", "position_margin"]
 
 _LANCZOS_A = 4
 _TAPS = np.arange(-_LANCZOS_A + 1, _LANCZOS_A + 1)
@@ -156,8 +156,31 @@ def shift_spectra(spectra, wavelength, rv, source=None):
     return out.reshape(np.shape(spectra)[:-1] + (op.matrix.shape[0],))
 
 
+def sample_rows(spectra, pos):
+    """Each row of ``spectra`` (S, Q) sampled at its own fractional pixel positions ``pos``
+    (S, ..., P) with the Lanczos kernel of :func:`shift_operator`, taps beyond the ends
+    clipped to the end pixels: what the shift operators do one velocity at a time, for many
+    velocities at once (a velocity scan), one gather per tap. Positions that are not finite
+    are sampled at pixel 0: give them no weight."""
+    inside = np.isfinite(pos)
+    base = np.floor(np.where(inside, pos, 0.0)).astype(np.intp)
+    weights = _kernel_weights(np.where(inside, pos, 0.0) - base)
+    n = spectra.shape[-1]
+    flat = np.ascontiguousarray(spectra).ravel()
+    row = (np.arange(spectra.shape[0]) * n).reshape((-1,) + (1,) * (pos.ndim - 1))
+    terms = [flat.take(np.clip(base + tap, 0, n - 1) + row) * weights[..., k]
+             for k, tap in enumerate(_TAPS)]
+    while len(terms) > 1:  # pairwise, as numpy sums the taps of one row
+        terms = [terms[i] + terms[i + 1] for i in range(0, len(terms), 2)]
+    return terms[0]
+
+
 def _edge_margin(wavelength, rv, source=None):
     """Pixels at each end whose shifted value leans on extrapolated taps."""
-    pos = _positions(wavelength, rv, source)
+    return position_margin(_positions(wavelength, rv, source))
+
+
+def position_margin(pos):
+    """:func:`_edge_margin` of positions from :func:`_positions`."""
     shift = np.nanmax(np.abs(np.where(np.isfinite(pos), pos - np.arange(pos.shape[-1]), np.nan)))
     return int(np.ceil(shift)) + _LANCZOS_A + 1

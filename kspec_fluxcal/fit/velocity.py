@@ -7,7 +7,7 @@ import numpy as np
 
 from ..constants import SPEED_OF_LIGHT_KMS
 from .matching import fit_corrected
-from .shifts import _TAPS, _edge_margin, _kernel_weights, _positions
+from .shifts import _positions, position_margin, sample_rows
 
 __all__ = ["cross_correlate_rv", "refine_rv"]
 
@@ -145,14 +145,9 @@ def refine_rv(obs_norm, obs_weight, template_norm, wavelength, rv0, *, half_widt
     trial = rv0[:, None] + offsets[None, :]  # (S, V)
     pos = _positions(star_wave[:, None, :], trial, wave)  # (S, V, P)
     inside = np.isfinite(pos)
-    base = np.floor(np.where(inside, pos, 0.0)).astype(int)
-    kw = _kernel_weights(np.where(inside, pos, 0.0) - base)  # (S, V, P, taps)
-    cols = np.clip(base[..., None] + _TAPS, 0, wave.size - 1)
-    tmpl = np.nan_to_num(np.asarray(template_norm, dtype=np.float64))
-    rows = np.arange(tmpl.shape[0])[:, None, None, None]
-    shifted = np.sum(tmpl[rows, cols] * kw, axis=-1)  # (S, V, P)
+    shifted = sample_rows(np.nan_to_num(np.asarray(template_norm, dtype=np.float64)), pos)
     w = np.where(inside & np.isfinite(obs_norm)[:, None, :], obs_weight[:, None, :], 0.0)
-    margin = _edge_margin(star_wave[:, None, :], trial, wave)
+    margin = position_margin(pos)
     w[..., :margin] = 0
     w[..., -margin:] = 0
     f = np.nan_to_num(obs_norm)
