@@ -38,7 +38,8 @@ class PhotometricScore:
                         "min_bands": phot.min_bands}
 
     def fit(self, star, weights):
-        """fit_photometry of the models ``weights @ templates`` (K models, sparse weights)."""
+        """fit_photometry of the models ``weights @ templates`` (K models, sparse weights)
+        against the photometry of ``star`` (one, or (K,): each model's own)."""
         mags, ext = model_magnitudes(self, weights)
         k = mags.shape[0]
         return fit_photometry(np.broadcast_to(self.mag_obs[star], mags.shape),
@@ -46,9 +47,9 @@ class PhotometricScore:
                               ebv_prior=np.full(k, self.prior.ebv_catalog[star]), **self.options)
 
     def __call__(self, star, weights, points):
-        """Scores (K,) of models at ``points`` (K, 4): photometric chi^2 + the parallax's
-        chi^2 against the parallax each model implies (its log g, scale and the mass
-        prior), at any parallax S/N."""
+        """Scores (K,) of models at ``points`` (K, 4) for ``star`` (one, or (K,): each
+        model's own): photometric chi^2 + the parallax's chi^2 against the parallax each
+        model implies (its log g, scale and the mass prior), at any parallax S/N."""
         res = self.fit(star, weights)
         chi2 = np.where(res["n_bands"] >= self.min_bands, res["chi2"], 0.0)
         return chi2 + parallax_chi2(10.0 ** (-0.4 * res["mu"]), points[:, 1],

@@ -70,9 +70,10 @@ def score_points(obs_norm, obs_ivar, templates, template_index, axes, points, rv
     spec_scale : numpy.ndarray, shape (nstar,), optional
         Divide each star's spectral scores by this.
     extra_score : callable, optional
-        ``extra_score(star, weights, points)`` -> scores (K,) added to the spectral ones,
-        where ``weights`` (K, ntemplate) is the sparse interpolation matrix of the star's
-        points (K, 4) (e.g. the photometric chi^2 of the interpolated models).
+        ``extra_score(stars, weights, points)`` -> scores (N,) added to the spectral ones,
+        for N = nstar x K points: ``stars`` (N,) is each point's star (row of ``obs_norm``),
+        ``weights`` (N, ntemplate) the sparse interpolation matrix of the points (N, 4)
+        (e.g. the photometric chi^2 of the interpolated models).
     correction : numpy.ndarray, shape (nstar, npix), optional
         Fixed smooth corrections (fast mode of :func:`score_star`).
     star_wavelength : numpy.ndarray, shape (nstar, npix), optional
@@ -102,9 +103,9 @@ def score_points(obs_norm, obs_ivar, templates, template_index, axes, points, rv
                        for s in range(nstar)])
     if spec_scale is not None:
         scores = scores / np.asarray(spec_scale, dtype=float)[:, None]
-    if extra_score is not None:
-        scores = scores + np.stack([extra_score(s, full[s * k:(s + 1) * k], points[s])
-                                    for s in range(nstar)])
+    if extra_score is not None:  # every star's points in one call
+        scores = scores + extra_score(np.repeat(np.arange(nstar), k), full, flat).reshape(
+            nstar, k)
     return scores
 
 
