@@ -24,7 +24,7 @@ from ..reddening import extinction_per_ebv
 from ..xp import xp_level, xp_resolution, xp_rows
 from .exposure_templates import interpolated_corners
 from .matching import correction_parameters, fit_corrected
-from .model_photometry import PhotometricScore, model_magnitudes, photometry_rows
+from .model_photometry import model_magnitudes, photometry_rows
 from .shifts import shift_spectra
 from .velocity import refine_rv
 
@@ -35,11 +35,13 @@ _LN10_04 = 0.4 * np.log(10.0)
 _CONTINUUM_DEPTH = 0.02
 
 
-def final_model(obs, tm, scan, params, matched, prior, config, xp=None):
+def final_model(obs, tm, scan, params, matched, phot, config, xp=None):
     """The model at the refined parameters: velocity, chi^2, model error, photometry (step 7).
 
     Takes the observed standards, the exposure's templates, the scan, the chosen ``params``,
-    the matched catalog rows, the priors, the config and the standards' XP spectra (or None).
+    the matched catalog rows, the photometric score of the parameter choice
+    (:class:`~kspec_fluxcal.fit.model_photometry.PhotometricScore`, with the priors), the
+    config and the standards' XP spectra (or None).
     Returns a namespace: ``rv``, ``rv_err``, ``model_nobs`` (S, P; the normalised model as
     compared with each star), ``chi2_dof``, ``model_error``, ``line_error``, and the model at Earth
     (:func:`_scaled_model`: ``model_flux``, ``scale``, ``ebv``, ``phot``, ``mag_model``,
@@ -72,20 +74,20 @@ def final_model(obs, tm, scan, params, matched, prior, config, xp=None):
                                       shape=(nstar, tm.library.sizes["template"]))
     model_obs = np.stack([shift_spectra(model[s], obs.star_wave[s], rv[s], obs.wave)
                           for s in range(nstar)]) if nstar else np.zeros((0, obs.wave.size))
-    scaled = _scaled_model(obs, model_obs, weights, matched, tm.library, prior, config, xp)
+    scaled = _scaled_model(obs, model_obs, weights, matched, phot, config, xp)
     return SimpleNamespace(rv=rv, rv_err=rv_err, model_nobs=model_nobs, chi2_dof=chi2_dof,
                            model_error=model_error, line_error=line_error,
                            **scaled)
 
 
-def _scaled_model(obs, model_obs, weights, matched, library, prior, config, xp=None):
+def _scaled_model(obs, model_obs, weights, matched, phot, config, xp=None):
     """The model at Earth: flux scale and E(B-V) from the photometry (whose residuals judge
     the star), then a smooth photometric warp fitted with the scale at that E(B-V) (the
     template's broad shape corrected where the bands ask for it; see
     :func:`kspec_fluxcal.photometry.warp_basis`), jointly with the star's Gaia XP spectrum
     where it has a usable one (:mod:`kspec_fluxcal.xp`)."""
     fit = config.fit
-    phot = PhotometricScore(matched, library, prior, config)
+    prior = phot.prior
     pf = photometry_rows(phot, weights)
     ebv = pf["ebv"]
     mags, ext = model_magnitudes(phot, weights)

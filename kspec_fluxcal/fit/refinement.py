@@ -90,12 +90,16 @@ def score_points(obs_norm, obs_ivar, templates, template_index, axes, points, rv
     weight = np.where(cols >= 0, np.nan_to_num(weight), 0.0)
     used = weight > 0
     ids = np.unique(cols[used])
-    rows = np.repeat(np.arange(flat.shape[0]), index.shape[1])
-    ntemplate = int(template_index.max()) + 1
-    full = scipy.sparse.csr_matrix((weight[used], (rows[used.ravel()], cols[used])),
-                                   shape=(flat.shape[0], ntemplate))
+    rows = np.repeat(np.arange(flat.shape[0]), index.shape[1])[used.ravel()]
+
+    def weights_on(columns, ncol):
+        return scipy.sparse.csr_matrix((weight[used], (rows, columns)),
+                                       shape=(flat.shape[0], ncol))
+
     data = templates(ids) if callable(templates) else np.asarray(templates)[ids]
-    models = (full[:, ids] @ np.asarray(data, dtype=np.float64)).reshape(nstar, k, -1)
+    # The interpolation on the templates used only (a column selection costs more).
+    models = (weights_on(np.searchsorted(ids, cols[used]), ids.size)
+              @ np.asarray(data, dtype=np.float64)).reshape(nstar, k, -1)
     star_wave = [None] * nstar if star_wavelength is None else star_wavelength
     scores = np.stack([score_star(obs_norm[s], obs_ivar[s], models[s], rv[s], wavelength,
                                   metric, delta, knot_spacing,
@@ -104,6 +108,7 @@ def score_points(obs_norm, obs_ivar, templates, template_index, axes, points, rv
     if spec_scale is not None:
         scores = scores / np.asarray(spec_scale, dtype=float)[:, None]
     if extra_score is not None:  # every star's points in one call
+        full = weights_on(cols[used], int(template_index.max()) + 1)
         scores = scores + extra_score(np.repeat(np.arange(nstar), k), full, flat).reshape(
             nstar, k)
     return scores
