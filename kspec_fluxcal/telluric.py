@@ -273,8 +273,12 @@ class _Sampler:
         """``values`` (k, active high-resolution points) seen at the pixels: (k,) + shape;
         ``outside`` (k,) where the absorption does not reach."""
         outside = np.asarray(outside, dtype=np.float64)
+        return self.sample_deficit(outside[:, None] - values, outside)
+
+    def sample_deficit(self, deficit, outside):
+        """:meth:`sample` of ``outside - values`` given as ``deficit``."""
         k = outside.size
-        deficit = (outside[:, None] - values).reshape(k, -1, self.box) @ self.moments
+        deficit = deficit.reshape(k, -1, self.box) @ self.moments
         boxed = np.zeros((3, self.active.size, k))
         boxed[:, self.active] = deficit.transpose(2, 1, 0)
         full = np.broadcast_to(outside[:, None], (k, int(np.prod(self.shape)))).copy()
@@ -315,9 +319,9 @@ class _Model:
         hr = np.exp(-o2 * self.tau[0] - h2o * self.tau[1])
         if not derivatives:
             out = self.sampler.sample(hr[None], [1.0])
-        else:
-            out = self.sampler.sample(np.stack([hr, -self.tau[0] * hr, -self.tau[1] * hr]),
-                                      [1.0, 0.0, 0.0])
+        else:  # the deficits (outside - value) of T, dT/do2 and dT/dh2o
+            out = self.sampler.sample_deficit(
+                np.stack([1.0 - hr, self.tau[0] * hr, self.tau[1] * hr]), np.array([1.0, 0, 0]))
         out = out[:, self.inverse.ravel()].reshape((len(out),) + self.shape)
         return list(out) if derivatives else out[0]
 
