@@ -7,10 +7,12 @@ every command's start-up for a few lines of arithmetic; tests compare the two.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import scipy.sparse
 
-__all__ = ["design_matrix", "basis_values"]
+__all__ = ["design_matrix", "cached_design_matrix", "basis_values"]
 
 
 def design_matrix(x, knots, degree=3):
@@ -36,6 +38,18 @@ def design_matrix(x, knots, degree=3):
     cols = (first[:, None] + np.arange(values.shape[1])[None, :]).ravel()
     rows = np.repeat(np.arange(first.size), values.shape[1])
     return scipy.sparse.csr_matrix((values.ravel(), (rows, cols)), shape=(first.size, n))
+
+
+def cached_design_matrix(x, knots, degree=3):
+    """:func:`design_matrix`, kept for the last few (x, knots): fits repeated on the same
+    pixels and knots (an exposure's response) build it once. Do not modify the result."""
+    x, knots = (np.ascontiguousarray(a, dtype=np.float64) for a in (x, knots))
+    return _design_cached(x.tobytes(), knots.tobytes(), degree)
+
+
+@functools.lru_cache(maxsize=4)
+def _design_cached(x_bytes, knots_bytes, degree):
+    return design_matrix(np.frombuffer(x_bytes), np.frombuffer(knots_bytes), degree)
 
 
 def basis_values(x, knots, degree=3):

@@ -23,7 +23,6 @@ the alternative. Without smoothing, gaps are bridged by linear interpolation.
 
 from __future__ import annotations
 
-import functools
 import warnings
 from types import SimpleNamespace
 from typing import NamedTuple
@@ -32,7 +31,7 @@ import numpy as np
 import scipy.ndimage
 import xarray as xr
 
-from ._bspline import design_matrix
+from ._bspline import cached_design_matrix
 from .config import Config
 from .constants import CAL_UNIT, FLUX_UNIT
 from .continuum import _fill_gaps
@@ -453,7 +452,7 @@ def _fit_smooth(wave, values, variance, fit, opts, no_knots=None):
         banned[[0, -1]] = False
         inner = inner[~banned]
     knots = np.concatenate([[x[0]] * 3, inner, [x[-1]] * 3])
-    basis = _design(x.tobytes(), knots.tobytes())  # sparse: four B-splines per pixel
+    basis = cached_design_matrix(x, knots)  # sparse: four B-splines per pixel
     w = np.where(fit, 1.0 / variance, 0.0)
     normal = (basis.T @ basis.multiply(w[:, None])).toarray()
     rhs = basis.T @ (w * np.nan_to_num(values))
@@ -467,13 +466,6 @@ def _fit_smooth(wave, values, variance, fit, opts, no_knots=None):
     cov = np.linalg.pinv(normal)
     variance = np.asarray(basis.multiply(basis @ cov).sum(axis=1)).ravel()
     return basis @ (cov @ rhs), variance
-
-
-@functools.lru_cache(maxsize=4)
-def _design(x_bytes, knots_bytes):
-    """The cubic B-spline design matrix of :func:`_fit_smooth` (the same for each of an
-    exposure's fits: its pixels and knots do not change)."""
-    return design_matrix(np.frombuffer(x_bytes), np.frombuffer(knots_bytes), 3)
 
 
 def _second_differences(knots, step, degree=3):
