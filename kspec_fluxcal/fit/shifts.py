@@ -1,5 +1,5 @@
 """Radial-velocity shifts of spectra: a Lanczos (a = 4, 8-tap windowed sinc) kernel applied as
-a sparse matrix.
+a sparse matrix per velocity, or tap by tap for many velocities at once (a velocity scan).
 
 Observed spectra stay on their pixels; templates are moved to each star's velocity: the
 prepared templates are band-limited (>= 2 pixels per FWHM), where a windowed sinc is nearly
