@@ -98,9 +98,9 @@ class ShiftOperator:
     """A shift matrix (:func:`shift_operator`) and what its users derive from it, each
     computed once per matrix."""
 
-    def __init__(self, matrix, wavelength, source, rv):
+    def __init__(self, matrix, margin):
         self.matrix = matrix
-        self._args = (wavelength, rv, source)
+        self.margin = margin  # pixels at each end that lean on extrapolated taps
 
     @functools.cached_property
     def squared(self):
@@ -117,11 +117,6 @@ class ShiftOperator:
         """Rows with no source pixel (beyond the spectrum's ends)."""
         return np.asarray(self.matrix.getnnz(axis=1)) == 0
 
-    @functools.cached_property
-    def margin(self):
-        """Pixels at each end that lean on extrapolated taps (:func:`_edge_margin`)."""
-        return _edge_margin(*self._args)
-
 
 # An exposure's stars and velocities need ~10, some again after others (its wavelengths are
 # its own: entries of earlier exposures only hold memory, ~0.4 MB each, up to three times that
@@ -132,9 +127,7 @@ def _shift_operator_cached(wave_bytes, source_bytes, rv):
     source = np.frombuffer(source_bytes, dtype=np.float64)
     pos = _positions(wavelength, rv, source)
     n = source.size
-    inside = np.isfinite(pos)
-    base = np.floor(np.where(inside, pos, 0.0)).astype(int)
-    weights = _kernel_weights(np.where(inside, pos, 0.0) - base)
+    inside, base, weights = _taps(pos)
     cols = np.clip(base[:, None] + _TAPS[None, :], 0, n - 1)
     # Rows whose source is off the spectrum stay empty (no stored zeros), so callers can tell.
     indptr = np.concatenate([[0], np.cumsum(np.where(inside, _TAPS.size, 0))])
@@ -143,7 +136,7 @@ def _shift_operator_cached(wave_bytes, source_bytes, rv):
     matrix = scipy.sparse.csr_matrix((weights.ravel(), cols.ravel(), indptr),
                                      shape=(pos.size, n))
     matrix.sum_duplicates()  # taps clipped at the ends: one entry per column
-    return ShiftOperator(matrix, wavelength, source, rv)
+    return ShiftOperator(matrix, position_margin(pos))
 
 
 def shift_spectra(spectra, wavelength, rv, source=None):
@@ -162,9 +155,7 @@ def sample_rows(spectra, pos):
     clipped to the end pixels: what the shift operators do one velocity at a time, for many
     velocities at once (a velocity scan), one gather per tap. Positions that are not finite
     are sampled at pixel 0: give them no weight."""
-    inside = np.isfinite(pos)
-    base = np.floor(np.where(inside, pos, 0.0)).astype(np.intp)
-    weights = _kernel_weights(np.where(inside, pos, 0.0) - base)
+    _, base, weights = _taps(pos)
     n = spectra.shape[-1]
     flat = np.ascontiguousarray(spectra).ravel()
     row = (np.arange(spectra.shape[0]) * n).reshape((-1,) + (1,) * (pos.ndim - 1))
@@ -175,12 +166,16 @@ def sample_rows(spectra, pos):
     return terms[0]
 
 
-def _edge_margin(wavelength, rv, source=None):
-    """Pixels at each end whose shifted value leans on extrapolated taps."""
-    return position_margin(_positions(wavelength, rv, source))
+def _taps(pos):
+    """Where positions are finite, each one's left pixel (0 where not finite) and its
+    kernel weights (..., taps)."""
+    inside = np.isfinite(pos)
+    base = np.floor(np.where(inside, pos, 0.0)).astype(np.intp)
+    return inside, base, _kernel_weights(np.where(inside, pos, 0.0) - base)
 
 
 def position_margin(pos):
-    """:func:`_edge_margin` of positions from :func:`_positions`."""
+    """Pixels at each end whose value, sampled at positions ``pos`` (from
+    :func:`_positions`), leans on extrapolated taps."""
     shift = np.nanmax(np.abs(np.where(np.isfinite(pos), pos - np.arange(pos.shape[-1]), np.nan)))
     return int(np.ceil(shift)) + _LANCZOS_A + 1
