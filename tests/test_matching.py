@@ -111,6 +111,10 @@ def test_scores_pick_the_right_template_and_are_lazy(raise_if_computes):
         lazy = score_templates(args[0], args[1], lazy_templates, args[3], knot_spacing=400.0)
     assert lazy.chunks is not None
     assert list(lazy.compute().argmin("template").values) == [truth, truth]
+    # templates on other pixels than the stars' are refused, not silently compared
+    shifted = args[2].assign_coords(wavelength=WAVE + 0.5)
+    with pytest.raises(ValueError, match="wavelength"):
+        score_templates(args[0], args[1], shifted, args[3])
 
 
 def test_scores_are_float64_even_for_float32_templates():
