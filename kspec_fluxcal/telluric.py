@@ -295,35 +295,49 @@ def sample_transmission(hr_wave, hr_transmission, wavelength, sigma):
 
 
 class _Model:
-    """The telluric model of a line list at given pixels and line spreads."""
+    """The telluric model of a line list at distinct rows of pixels, each row with its own
+    line-spread scale (:func:`_distinct_rows`)."""
 
-    def __init__(self, wavelength, lsf, scale, source):
-        wave = np.asarray(wavelength, dtype=np.float64)
-        self.shape = wave.shape
-        scale = np.ones(wave.shape[:-1]) if scale is None else np.asarray(scale, np.float64)
-        # Fibers sharing pixels and line spread (a shared wavelength solution) are one row.
-        rows = np.concatenate([np.broadcast_to(scale[..., None], wave.shape[:-1] + (1,)),
-                               wave], axis=-1).reshape(-1, wave.shape[-1] + 1)
-        seen = {}
-        self.inverse = np.array([seen.setdefault(row.tobytes(), len(seen)) for row in rows],
-                                dtype=int)
-        first = np.unique(self.inverse, return_index=True)[1]
-        wave, scale = rows[first, 1:], rows[first, 0]
+    def __init__(self, rows, lsf, source):
+        wave, scale = rows[:, 1:], rows[:, 0]
         fwhm = lsf.fwhm(np.where(np.isfinite(wave), wave, 1.0))
         sigma = np.where(np.isfinite(wave), fwhm * scale[:, None] / FWHM_PER_SIGMA, np.nan)
         box = _box_size(optical_depths(source)[0], wave, sigma)
         boxes, self.tau = _line_list_boxes(source, box)
         self.sampler = _Sampler(boxes, wave, sigma)
+        # The last evaluation, (o2, h2o) and its rows: a fit ends where the next one starts,
+        # and the reference grid and the fibers are evaluated at the fitted columns again (T
+        # alone is the first of the derivatives' rows, the same sums).
+        self._last = (None, None)
 
     def __call__(self, o2, h2o, derivatives=False):
-        hr = np.exp(-o2 * self.tau[0] - h2o * self.tau[1])
-        if not derivatives:
-            out = self.sampler.sample(hr[None], [1.0])
-        else:  # the deficits (outside - value) of T, dT/do2 and dT/dh2o
-            out = self.sampler.sample_deficit(
-                np.stack([1.0 - hr, self.tau[0] * hr, self.tau[1] * hr]), np.array([1.0, 0, 0]))
-        out = out[:, self.inverse.ravel()].reshape((len(out),) + self.shape)
-        return list(out) if derivatives else out[0]
+        """T (rows, pixels), or the list of T, dT/do2 and dT/dh2o."""
+        columns, out = self._last  # one read: threads may share the model
+        if columns != (float(o2), float(h2o)) or (derivatives and len(out) == 1):
+            hr = np.exp(-o2 * self.tau[0] - h2o * self.tau[1])
+            if not derivatives:
+                out = self.sampler.sample(hr[None], [1.0])
+            else:  # the deficits (outside - value) of T, dT/do2 and dT/dh2o
+                out = self.sampler.sample_deficit(
+                    np.stack([1.0 - hr, self.tau[0] * hr, self.tau[1] * hr]),
+                    np.array([1.0, 0, 0]))
+            self._last = ((float(o2), float(h2o)), out)
+        return out if derivatives else out[:1]
+
+
+def _distinct_rows(wavelength, scale):
+    """The distinct rows of pixels of ``wavelength`` (..., P) and their line-spread ``scale``
+    (..., or None: 1), as rows (R, 1 + P) of the scale and the wavelengths, and the index of
+    each row of ``wavelength`` among them (fibers sharing a wavelength solution and line
+    spread are one row; so are the stars, the reference grid and the fibers of an exposure
+    on a shared solution)."""
+    wave = np.asarray(wavelength, dtype=np.float64)
+    scale = np.ones(wave.shape[:-1]) if scale is None else np.asarray(scale, np.float64)
+    rows = np.concatenate([np.broadcast_to(scale[..., None], wave.shape[:-1] + (1,)), wave],
+                          axis=-1).reshape(-1, wave.shape[-1] + 1)
+    seen = {}
+    inverse = np.array([seen.setdefault(row.tobytes(), len(seen)) for row in rows], dtype=int)
+    return rows[np.unique(inverse, return_index=True)[1]], inverse
 
 
 _MODELS = collections.OrderedDict()
@@ -332,23 +346,31 @@ _MODELS_LOCK = threading.Lock()  # workers' threads share the cache
 
 
 def _model(wavelength, lsf, scale, source):
-    """The :class:`_Model` of these pixels and line spreads, reused while the same ones come
-    back (a fit's iterations, an exposure's stars and fibers on a shared solution)."""
-    wave = np.ascontiguousarray(wavelength, dtype=np.float64)
-    digest = hashlib.blake2b(wave.tobytes(), digest_size=16)
-    if scale is not None:
-        digest.update(np.ascontiguousarray(scale, dtype=np.float64).tobytes())
-    key = (digest.hexdigest(), wave.shape, scale is None, tuple(lsf.coeffs), source)
+    """The telluric model at these pixels and line spreads: a function of (o2, h2o,
+    derivatives) shaped like ``wavelength``. The :class:`_Model` of their distinct rows is
+    reused while the same ones come back (a fit's iterations, an exposure's stars, reference
+    grid and fibers on a shared solution)."""
+    shape = np.shape(wavelength)
+    rows, inverse = _distinct_rows(wavelength, scale)
+    digest = hashlib.blake2b(rows.tobytes(), digest_size=16)
+    key = (digest.hexdigest(), rows.shape, tuple(lsf.coeffs), source)
     with _MODELS_LOCK:
-        if key in _MODELS:
+        model = _MODELS.get(key)
+        if model is not None:
             _MODELS.move_to_end(key)
-            return _MODELS[key]
-    model = _Model(wave, lsf, scale, source)
-    with _MODELS_LOCK:
-        _MODELS[key] = model
-        while len(_MODELS) > _MODELS_KEPT:
-            _MODELS.popitem(last=False)
-    return model
+    if model is None:
+        model = _Model(rows, lsf, source)
+        with _MODELS_LOCK:
+            _MODELS[key] = model
+            while len(_MODELS) > _MODELS_KEPT:
+                _MODELS.popitem(last=False)
+
+    def sample(o2, h2o, derivatives=False):
+        out = model(o2, h2o, derivatives)
+        out = out[:, inverse].reshape((len(out),) + shape)
+        return list(out) if derivatives else out[0]
+
+    return sample
 
 
 def transmission(wavelength, lsf, o2, h2o, *, scale=None, source="telluric_lines",
