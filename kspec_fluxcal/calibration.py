@@ -561,6 +561,20 @@ def calibration_factor(calibration, fiber_wavelength, fiber_lsf_scale=None):
     return factor, variance
 
 
+def _calibrated(flux, variance, factor, factor_var):
+    """Flux and variance (float32) calibrated by ``factor`` (variance ``factor_var``)."""
+    flux = flux.astype(np.float64)
+    return ((flux * factor).astype(np.float32),
+            (variance * factor**2 + flux**2 * factor_var).astype(np.float32))
+
+
+def _kept_attrs(first, second):
+    """Attributes of a binary operation's result under ``keep_attrs``: the operands',
+    without those on which they conflict (xarray's "drop_conflicts")."""
+    return {k: v for k, v in (first | second).items()
+            if k not in first or k not in second or first[k] == second[k]}
+
+
 def apply_calibration(exposure, calibration):
     """Calibrate every fiber on its own pixels: flux x F, variance x F^2 + flux^2 x var(F),
     with F the calibration evaluated at each pixel's wavelength. Lazy.
@@ -588,16 +602,24 @@ def apply_calibration(exposure, calibration):
              else None)
     factor, factor_var = calibration_factor(calibration, fiber_wave.transpose("fiber", ...),
                                             scale)
-    with xr.set_options(arithmetic_join="exact", keep_attrs=True):
-        flux = exposure["flux"].astype(np.float64)
-        calibrated = {
-            "flux": (flux * factor).astype(np.float32).assign_attrs(units=FLUX_UNIT),
-            "variance": (exposure["variance"] * factor**2 + flux**2 * factor_var).astype(
-                np.float32).assign_attrs(units=f"({FLUX_UNIT})**2")}
+    # Variables, not DataArrays: each DataArray's coordinates (fiber_wavelength among them)
+    # would be compared again in the arithmetic and the merge below.
+    calibrated = dict(zip(("flux", "variance"), xr.apply_ufunc(
+        _calibrated, exposure["flux"].variable, exposure["variance"].variable, factor.variable,
+        factor_var.variable, output_core_dims=[[], []], dask="parallelized",
+        output_dtypes=[np.float32, np.float32]), strict=True))
+    # Their attrs as the arithmetic on DataArrays under keep_attrs made them, the unit set.
+    flux_attrs, var_attrs = exposure["flux"].attrs, exposure["variance"].attrs
+    calibrated["flux"].attrs = _kept_attrs(flux_attrs, factor.attrs) | {"units": FLUX_UNIT}
+    calibrated["variance"].attrs = _kept_attrs(
+        _kept_attrs(var_attrs, factor.attrs), _kept_attrs(flux_attrs, factor_var.attrs)) | {
+        "units": f"({FLUX_UNIT})**2"}
+    calibrated.update(cal_factor=factor.variable, cal_factor_variance=factor_var.variable)
+    # On the exposure's grid (NaN where the calibration's differs), as a merge aligns them.
+    cal = calibration[[name for name in ("cal", "cal_variance", "cal_mask", "cal_smooth")
+                       if name in calibration]].reindex_like(exposure)
+    calibrated.update({name: cal[name].variable for name in cal.data_vars})
     # One merge for all the new variables (each assignment would merge the whole dataset).
-    calibrated.update(cal_factor=factor, cal_factor_variance=factor_var)
-    calibrated.update({name: calibration[name] for name in
-                       ("cal", "cal_variance", "cal_mask", "cal_smooth") if name in calibration})
     out = exposure.assign(calibrated)
     out.attrs = dict(exposure.attrs)
     out.attrs["history"] = list(exposure.attrs.get("history", [])) + list(
