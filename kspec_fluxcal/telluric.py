@@ -180,25 +180,39 @@ def _kernel_matrix(wave_in, wave_out, sigma_out):
     cols = (np.round((wave_out - wave_in[0]) / step).astype(np.intp)[:, None]
             + np.arange(-half, half + 1)[None, :])
     sig = sigma_out[:, None]
-    u = (wave_in[0] + cols * step - wave_out[:, None]) / sig
-    vals = np.exp(-0.5 * u**2)
-    vals[np.abs(u) > _NSIGMA] = 0.0
-    vals /= np.maximum(vals.sum(axis=1, keepdims=True), 1e-300)
-    vals[(cols < 0) | (cols >= wave_in.size)] = 0.0
     # Taylor terms of g(x_j + d) in the offset d from a box's centre; each row holds its
     # boxes' three terms in turn, so that its columns never decrease: the CSR arrays directly.
     # Every row keeps all its entries (zeros beyond reach, clipped columns at the grid's
     # ends): a fixed row length builds 2-4x faster than dropping them, and the zeros cost a
-    # product only a few per cent.
+    # product only a few per cent. The terms are computed in place (in the order of
+    # operations of the plain expressions, noted): a third fewer passes over the entries.
     n, width = cols.shape
     terms = np.empty((n, 3, width))
-    terms[:, 0] = vals
-    terms[:, 1] = -vals * u / sig
-    terms[:, 2] = 0.5 * vals * (u**2 - 1.0) / sig**2
+    vals, first, second = terms[:, 0], terms[:, 1], terms[:, 2]
+    u = np.multiply(cols, step)  # u = (wave_in[0] + cols * step - wave_out[:, None]) / sig
+    u += wave_in[0]
+    u -= wave_out[:, None]
+    u /= sig
+    u2 = u**2
+    np.exp(-0.5 * u2, out=vals)
+    vals[np.abs(u) > _NSIGMA] = 0.0
+    vals /= np.maximum(vals.sum(axis=1, keepdims=True), 1e-300)
+    vals[(cols < 0) | (cols >= wave_in.size)] = 0.0
+    np.multiply(vals, u, out=first)  # first = -vals * u / sig
+    first /= -sig
+    np.multiply(0.5, vals, out=second)  # second = 0.5 * vals * (u**2 - 1.0) / sig**2
+    u2 -= 1.0
+    second *= u2
+    second /= sig**2
     np.clip(cols, 0, wave_in.size - 1, out=cols)
-    index = cols[:, None, :] + (np.arange(3) * wave_in.size)[None, :, None]
-    return scipy.sparse.csr_matrix((terms.ravel(), index.ravel(), np.arange(n + 1) * 3 * width),
-                                   shape=(wave_out.size, 3 * wave_in.size))
+    # Indices in the type scipy would convert them to (after scanning them).
+    itype = np.int32 if max(n * 3 * width, 3 * wave_in.size) < 2**31 else np.intp
+    index = np.empty((n, 3, width), itype)
+    np.add(cols[:, None, :], (np.arange(3) * wave_in.size)[None, :, None], out=index,
+           casting="unsafe")
+    return scipy.sparse.csr_matrix(
+        (terms.ravel(), index.ravel(), np.arange(0, (n + 1) * 3 * width, 3 * width, dtype=itype)),
+        shape=(wave_out.size, 3 * wave_in.size))
 
 
 class _Boxes(NamedTuple):
