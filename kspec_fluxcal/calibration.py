@@ -66,10 +66,22 @@ def running_median(values, wavelength, window=100.0):
 
 
 def _nanmedian(values, axis):
-    """np.nanmedian without the warning for all-NaN slices (gaps are expected here)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmedian(values, axis=axis)
+    """np.nanmedian without the warning for all-NaN slices (gaps are expected here).
+
+    Along an axis, by one sort: the same values as np.nanmedian (the middle one, or the
+    mean of the two middle ones: (low + high) / 2, low = high for an odd count), whose
+    masked-array path for short axes (the stars, the scatter's blocks) costs 3-7x more."""
+    if axis is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmedian(values, axis=axis)
+    ordered = np.sort(values, axis=axis)  # NaN last
+    count = np.count_nonzero(~np.isnan(ordered), axis=axis, keepdims=True)
+    half = count // 2
+    low = np.take_along_axis(ordered, np.maximum(half - 1 + count % 2, 0), axis)
+    high = np.take_along_axis(ordered, half, axis)
+    with np.errstate(invalid="ignore"):  # inf - inf: NaN, as np.nanmedian
+        return np.squeeze((low + high) / 2.0, axis)
 
 
 def _grey_levels(cal, mask):
