@@ -328,13 +328,20 @@ class _Model:
         """T (rows, pixels), or the list of T, dT/do2 and dT/dh2o."""
         columns, out = self._last  # one read: threads may share the model
         if columns != (float(o2), float(h2o)) or (derivatives and len(out) == 1):
-            hr = np.exp(-o2 * self.tau[0] - h2o * self.tau[1])
+            # In place, in the order of operations of exp(-o2 tau_O2 - h2o tau_H2O): these
+            # arrays span every absorbing point of the line list.
+            tau = self.tau
+            hr = np.multiply(tau[0], -o2)
+            hr -= np.multiply(tau[1], h2o)
+            np.exp(hr, out=hr)
             if not derivatives:
                 out = self.sampler.sample(hr[None], [1.0])
             else:  # the deficits (outside - value) of T, dT/do2 and dT/dh2o
-                out = self.sampler.sample_deficit(
-                    np.stack([1.0 - hr, self.tau[0] * hr, self.tau[1] * hr]),
-                    np.array([1.0, 0, 0]))
+                deficits = np.empty((3, hr.size))
+                np.subtract(1.0, hr, out=deficits[0])
+                np.multiply(tau[0], hr, out=deficits[1])
+                np.multiply(tau[1], hr, out=deficits[2])
+                out = self.sampler.sample_deficit(deficits, np.array([1.0, 0, 0]))
             self._last = ((float(o2), float(h2o)), out)
         return out if derivatives else out[:1]
 
