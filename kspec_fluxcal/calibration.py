@@ -38,7 +38,7 @@ from .errors import CalibrationError, FluxCalWarning
 from .exposure import add_history
 from .lsf import LineSpread
 from .masks import region_mask
-from .smoothing import _bridge, _fit_smooth
+from .smoothing import _bridge, _smooth
 from .telluric import fit_telluric, transmission
 
 __all__ = ["combine_vectors", "apply_calibration", "calibration_factor", "running_median",
@@ -455,11 +455,12 @@ def _response(stars, vec, idx, stack, comb, comb_var, measured, smooth, config):
     # No knot inside a band: there the response is one smooth piece from both sides, which
     # cannot mimic a band's broad absorption (the telluric columns would be biased low).
     bands_padded = ~region_mask(wave, config.masks.telluric, pad=opts.smooth_scale / 2)
-    smooth_curve, smooth_var = _fit_smooth(wave, comb, comb_var, measured & ~bands, opts,
-                                           bands_padded)
+    # The smooth curve's variance is computed only for the fit that is kept.
+    smooth_curve, smooth_var = _smooth(wave, comb, comb_var, measured & ~bands, opts,
+                                       bands_padded)
     band_pixels = stack.m & ~region_mask(stack.star_wave, config.masks.telluric)
     if not (config.telluric.model and lsf is not None and band_pixels.any()):
-        return _copied_bands(wave, comb, comb_var, measured, bands, smooth_curve, smooth_var)
+        return _copied_bands(wave, comb, comb_var, measured, bands, smooth_curve, smooth_var())
     airmass = float(stars.attrs.get("airmass", np.nan))
     start = (airmass, airmass) if np.isfinite(airmass) and airmass >= 1 else (1.0, 1.0)
     scale = _per_star(stars, "fiber_lsf_scale", idx)
@@ -473,15 +474,16 @@ def _response(stars, vec, idx, stack, comb, comb_var, measured, smooth, config):
                            scale=scale, source=config.telluric.lines)
         columns = np.array([fit["o2"], fit["h2o"]])
         if not np.isfinite(columns).any():
-            return _copied_bands(wave, comb, comb_var, measured, bands, smooth_curve, smooth_var)
+            return _copied_bands(wave, comb, comb_var, measured, bands, smooth_curve, smooth_var())
         start = tuple(np.nan_to_num(columns))
         corrected, corrected_var = _mean_shape(stack, "weighted_mean", stack.shapes * fit["model"])
-        smooth_curve, smooth_var = _fit_smooth(wave, corrected, corrected_var, measured, opts,
-                                               bands_padded)
+        smooth_curve, smooth_var = _smooth(wave, corrected, corrected_var, measured, opts,
+                                           bands_padded)
     trans = transmission(wave, lsf, *start, source=config.telluric.lines)
     telluric = {"fcalo2": float(fit["o2"]), "fcalo2_err": float(fit["o2_err"]),
                 "fcalh2o": float(fit["h2o"]), "fcalh2o_err": float(fit["h2o_err"]),
                 "telluric_lines": str(config.telluric.lines)}
+    smooth_var = smooth_var()
     return _Response(smooth_curve / trans, smooth_var / trans**2, smooth_curve, smooth_var,
                      trans, telluric, True)
 

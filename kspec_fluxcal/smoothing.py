@@ -27,9 +27,17 @@ def _fit_smooth(wave, values, variance, fit, opts, no_knots=None):
     """The smooth curve through ``values`` at pixels ``fit``, bridging the others: a cubic
     B-spline in ln(lambda) (knots every ``smooth_scale`` A at mid-range, none where
     ``no_knots``, weighted) or a Savitzky-Golay filter; and its variance."""
+    curve, curve_variance = _smooth(wave, values, variance, fit, opts, no_knots)
+    return curve, curve_variance()
+
+
+def _smooth(wave, values, variance, fit, opts, no_knots=None):
+    """:func:`_fit_smooth` with the variance as a function, computed when called: of the
+    response's successive fits only the last one's is used (~0.7 ms each)."""
     x = np.log(wave)
     if fit.sum() < 10:
-        return _bridge(wave, values, variance, fit)
+        curve, curve_variance = _bridge(wave, values, variance, fit)
+        return curve, lambda: curve_variance
     if opts.smooth_method == "savgol":
         # 0.3 s of start-up (it imports scipy.stats): only when asked for.
         from scipy.signal import savgol_filter
@@ -39,7 +47,7 @@ def _fit_smooth(wave, values, variance, fit, opts, no_knots=None):
         window = max(5, int(round(opts.smooth_scale / step)) | 1)
         window = min(window, (wave.size - 1) | 1 if wave.size % 2 == 0 else wave.size)
         return (savgol_filter(base, window, 3, mode="interp"),
-                base_var / max(window / 2.0, 1.0))
+                lambda: base_var / max(window / 2.0, 1.0))
     nseg = max(1, int(np.ceil((x[-1] - x[0]) / (opts.smooth_scale / np.median(wave)))))
     inner = np.linspace(x[0], x[-1], nseg + 1)
     if no_knots is not None:  # interior knots inside the excluded regions are dropped
@@ -59,8 +67,7 @@ def _fit_smooth(wave, values, variance, fit, opts, no_knots=None):
         normal += _curvature_prior(np.linalg.pinv(normal) @ rhs, _second_differences(knots, step),
                                    opts.smooth_curvature)
     cov = np.linalg.pinv(normal)
-    variance = np.asarray(basis.multiply(basis @ cov).sum(axis=1)).ravel()
-    return basis @ (cov @ rhs), variance
+    return basis @ (cov @ rhs), lambda: np.asarray(basis.multiply(basis @ cov).sum(axis=1)).ravel()
 
 
 def _second_differences(knots, step, degree=3):
