@@ -53,6 +53,8 @@ _BOX_PER_SIGMA = 3.0
 _WING = 6.0
 #: Line-spread kernels reach this many sigma.
 _NSIGMA = 5.0
+#: Rows of a kernel matrix computed at a time (see _kernel_terms).
+_KERNEL_ROWS = 256
 #: Gauss-Newton iterations of the fit (it converges in 3-4 from the airmass).
 _ITERATIONS = 8
 #: ... stopped when a step is smaller than this, in columns (their errors are ~0.01-0.05).
@@ -177,19 +179,35 @@ def _kernel_matrix(wave_in, wave_out, sigma_out):
     the value there)."""
     step = wave_in[1] - wave_in[0]
     half = int(np.ceil(_NSIGMA * np.max(sigma_out, initial=step) / step))
-    cols = (np.round((wave_out - wave_in[0]) / step).astype(np.intp)[:, None]
-            + np.arange(-half, half + 1)[None, :])
-    sig = sigma_out[:, None]
+    n, width = wave_out.size, 2 * half + 1
+    # Indices in the type scipy would convert them to (after scanning them).
+    itype = np.int32 if max(n * 3 * width, 3 * wave_in.size + width) < 2**31 else np.intp
+    cols = (np.round((wave_out - wave_in[0]) / step).astype(itype)[:, None]
+            + np.arange(-half, half + 1, dtype=itype)[None, :])
     # Taylor terms of g(x_j + d) in the offset d from a box's centre; each row holds its
     # boxes' three terms in turn, so that its columns never decrease: the CSR arrays directly.
     # Every row keeps all its entries (zeros beyond reach, clipped columns at the grid's
     # ends): a fixed row length builds 2-4x faster than dropping them, and the zeros cost a
-    # product only a few per cent. The terms are computed in place (in the order of
-    # operations of the plain expressions, noted): a third fewer passes over the entries.
-    n, width = cols.shape
+    # product only a few per cent.
     terms = np.empty((n, 3, width))
+    for first in range(0, n, _KERNEL_ROWS):
+        rows = slice(first, first + _KERNEL_ROWS)
+        _kernel_terms(terms[rows], cols[rows], wave_in, wave_out[rows], sigma_out[rows, None])
+    np.clip(cols, 0, wave_in.size - 1, out=cols)
+    index = cols[:, None, :] + (np.arange(3, dtype=itype) * wave_in.size)[None, :, None]
+    return scipy.sparse.csr_matrix(
+        (terms.ravel(), index.ravel(), np.arange(0, (n + 1) * 3 * width, 3 * width, dtype=itype)),
+        shape=(wave_out.size, 3 * wave_in.size))
+
+
+def _kernel_terms(terms, cols, wave_in, wave_out, sig):
+    """The three Taylor terms (rows, 3, width) of :func:`_kernel_matrix` at columns ``cols``
+    of the rows ``wave_out`` (sigma ``sig``), written into ``terms``: in place, in the order
+    of operations of the plain expressions (noted), for a few hundred rows at a time (their
+    temporaries stay in the processor's cache: 20-30 % faster for an exposure's fibers)."""
     vals, first, second = terms[:, 0], terms[:, 1], terms[:, 2]
-    u = np.multiply(cols, step)  # u = (wave_in[0] + cols * step - wave_out[:, None]) / sig
+    step = wave_in[1] - wave_in[0]
+    u = np.multiply(cols, step)  # u = (wave_in[0] + cols * step - wave_out) / sig
     u += wave_in[0]
     u -= wave_out[:, None]
     u /= sig
@@ -204,15 +222,6 @@ def _kernel_matrix(wave_in, wave_out, sigma_out):
     u2 -= 1.0
     second *= u2
     second /= sig**2
-    np.clip(cols, 0, wave_in.size - 1, out=cols)
-    # Indices in the type scipy would convert them to (after scanning them).
-    itype = np.int32 if max(n * 3 * width, 3 * wave_in.size) < 2**31 else np.intp
-    index = np.empty((n, 3, width), itype)
-    np.add(cols[:, None, :], (np.arange(3) * wave_in.size)[None, :, None], out=index,
-           casting="unsafe")
-    return scipy.sparse.csr_matrix(
-        (terms.ravel(), index.ravel(), np.arange(0, (n + 1) * 3 * width, 3 * width, dtype=itype)),
-        shape=(wave_out.size, 3 * wave_in.size))
 
 
 class _Boxes(NamedTuple):
