@@ -46,7 +46,7 @@ __all__ = ["combine_vectors", "apply_calibration", "calibration_factor", "runnin
 
 
 def _star_label(stars, s):
-    name = str(stars["fiber_name"].values[s]) if "fiber_name" in stars.coords else ""
+    name = str(stars.variables["fiber_name"].values[s]) if "fiber_name" in stars.coords else ""
     return f"fiber {int(stars['fiber'].values[s])}" + (f" ({name})" if name else "") + \
         f" objid {int(stars['objid'].values[s])}"
 
@@ -135,7 +135,7 @@ def combine_vectors(stars, method=None, sigma_clip=None, smooth=None, *, config=
     if method not in ("weighted_mean", "median"):
         raise ValueError(f"method must be 'weighted_mean' or 'median', not {method!r}")
     stars = stars.compute()
-    status = np.array(stars["status"].values, dtype=object)
+    status = np.array(stars.variables["status"].values, dtype=object)
     use, last_resort = _usable_stars(stars, status, config)
     vec = _StarVectors(stars)
     level_conflict = _reject_stars(stars, vec, use, status, opts)
@@ -256,12 +256,14 @@ class _StarVectors:
     """The stars' vectors as arrays: reference and own wavelengths, values, masks."""
 
     def __init__(self, stars):
-        self.wave = stars["wavelength"].values
-        self.star_wave = (stars["star_wavelength"].values if "star_wavelength" in stars.coords
-                          else np.broadcast_to(self.wave, stars["cal"].shape))
-        self.cal = stars["cal"].values
-        self.var = stars["cal_variance"].values
-        self.mask = (stars["cal_mask"].values & np.isfinite(self.cal) & np.isfinite(self.var)
+        # Variables: a DataArray of the stars' Dataset would carry its ~40 coordinates.
+        variables = stars.variables
+        self.wave = variables["wavelength"].values
+        self.star_wave = (variables["star_wavelength"].values if "star_wavelength" in stars.coords
+                          else np.broadcast_to(self.wave, variables["cal"].shape))
+        self.cal = variables["cal"].values
+        self.var = variables["cal_variance"].values
+        self.mask = (variables["cal_mask"].values & np.isfinite(self.cal) & np.isfinite(self.var)
                      & (self.var > 0))
 
 
@@ -344,7 +346,8 @@ def _mean_shape(stack, method, shapes=None):
 
 def _level(stars, idx, g):
     """Mean grey level, weighted by each star's photometric scale error, and its variance."""
-    rel = np.nan_to_num(stars["scale_err"].values[idx] / stars["scale"].values[idx], nan=0.05)
+    scale, scale_err = (stars.variables[name].values[idx] for name in ("scale", "scale_err"))
+    rel = np.nan_to_num(scale_err / scale, nan=0.05)
     lw = 1.0 / np.maximum(rel, 1e-3) ** 2
     level = np.sum(lw * g) / lw.sum()
     level_var = 1.0 / lw.sum() if idx.size == 1 else max(1.0 / lw.sum(),
@@ -400,7 +403,7 @@ def quality_grade(stars, used, fcalrms, fcalmerr):
     """The quality grade of a calibration from the standards ``used`` (indices); see
     :data:`QUALITY_GRADES`."""
     lim = _GRADE_LIMITS
-    flags = stars["flags"].values[used] if "flags" in stars.coords else []
+    flags = stars.variables["flags"].values[used] if "flags" in stars.coords else []
     if any("throughput" in str(f) for f in flags):
         return "D"
     # What the fit did not record (NaN) does not lower the grade.
@@ -418,13 +421,13 @@ def quality_grade(stars, used, fcalrms, fcalmerr):
 
 def _per_star_text(stars, name, index):
     """A per-star text coordinate at ``index`` ('' where the fit did not record it)."""
-    return str(stars[name].values[index]) if name in stars.coords else ""
+    return str(stars.variables[name].values[index]) if name in stars.coords else ""
 
 
 def _per_star(stars, name, index):
     """A per-star coordinate at ``index``, NaN where the fit did not record it."""
     if name in stars.coords or name in stars:
-        return np.asarray(stars[name].values, dtype=float)[index]
+        return np.asarray(stars.variables[name].values, dtype=float)[index]
     return np.full(np.size(index), np.nan)
 
 
@@ -543,8 +546,8 @@ def calibration_factor(calibration, fiber_wavelength, fiber_lsf_scale=None):
     attrs = calibration.attrs
     model = np.isfinite([attrs.get("fcalo2", np.nan), attrs.get("fcalh2o", np.nan)]).any()
     names = ("cal_smooth", "cal_smooth_variance") if model else ("cal", "cal_variance")
-    ref = np.log(calibration["wavelength"].values)
-    values = np.stack([calibration[n].values for n in names])
+    ref = np.log(calibration.variables["wavelength"].values)
+    values = np.stack([calibration.variables[n].values for n in names])
     columns = np.nan_to_num([attrs.get("fcalo2", np.nan), attrs.get("fcalh2o", np.nan)])
     errors = np.nan_to_num([attrs.get("fcalo2_err", np.nan), attrs.get("fcalh2o_err", np.nan)])
 
