@@ -35,7 +35,7 @@ from .config import Config
 from .constants import CAL_UNIT, FLUX_UNIT
 from .continuum import _fill_gaps
 from .errors import CalibrationError, FluxCalWarning
-from .exposure import add_history
+from .exposure import _computed, add_history
 from .lsf import LineSpread
 from .masks import region_mask
 from .smoothing import _bridge, _smooth
@@ -134,7 +134,7 @@ def combine_vectors(stars, method=None, sigma_clip=None, smooth=None, *, config=
     smooth = opts.smooth if smooth is None else smooth
     if method not in ("weighted_mean", "median"):
         raise ValueError(f"method must be 'weighted_mean' or 'median', not {method!r}")
-    stars = stars.compute()
+    stars = _computed(stars)
     status = np.array(stars.variables["status"].values, dtype=object)
     use, last_resort = _usable_stars(stars, status, config)
     vec = _StarVectors(stars)
