@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._bspline import cached_design_matrix
+from ._bspline import cached_design_matrix, cached_normal_matrix
 
 __all__ = []
 
@@ -57,7 +57,7 @@ def _smooth(wave, values, variance, fit, opts, no_knots=None):
     knots = np.concatenate([[x[0]] * 3, inner, [x[-1]] * 3])
     basis = cached_design_matrix(x, knots)  # sparse: four B-splines per pixel
     w = np.where(fit, 1.0 / variance, 0.0)
-    normal = (basis.T @ basis.multiply(w[:, None])).toarray()
+    normal = cached_normal_matrix(x, knots, w)
     rhs = basis.T @ (w * np.nan_to_num(values))
     diff = np.diff(np.eye(basis.shape[1]), n=2, axis=0)
     # A light second-difference penalty bridges knot intervals without data.
