@@ -34,6 +34,7 @@ import xarray as xr
 from .config import Config
 from .constants import CAL_UNIT, FLUX_UNIT
 from .continuum import _fill_gaps
+from .continuum import _nanmedian as _median_kept
 from .errors import CalibrationError, FluxCalWarning
 from .exposure import _computed, add_history
 from .lsf import LineSpread
@@ -66,22 +67,14 @@ def running_median(values, wavelength, window=100.0):
 
 
 def _nanmedian(values, axis):
-    """np.nanmedian without the warning for all-NaN slices (gaps are expected here).
-
-    Along an axis, by one sort: the same values as np.nanmedian (the middle one, or the
-    mean of the two middle ones: (low + high) / 2, low = high for an odd count), whose
-    masked-array path for short axes (the stars, the scatter's blocks) costs 3-7x more."""
+    """np.nanmedian without the warning for all-NaN slices (gaps are expected here); along
+    an axis by :func:`~kspec_fluxcal.continuum._nanmedian`'s sort (the same values; numpy's
+    masked-array path for short axes, the stars and the scatter's blocks, costs 3-7x more)."""
     if axis is None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             return np.nanmedian(values, axis=axis)
-    ordered = np.sort(values, axis=axis)  # NaN last
-    count = np.count_nonzero(~np.isnan(ordered), axis=axis, keepdims=True)
-    half = count // 2
-    low = np.take_along_axis(ordered, np.maximum(half - 1 + count % 2, 0), axis)
-    high = np.take_along_axis(ordered, half, axis)
-    with np.errstate(invalid="ignore"):  # inf - inf: NaN, as np.nanmedian
-        return np.squeeze((low + high) / 2.0, axis)
+    return np.squeeze(_median_kept(values, axis), axis)
 
 
 def _grey_levels(cal, mask):
