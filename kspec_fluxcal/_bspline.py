@@ -12,7 +12,7 @@ import functools
 import numpy as np
 import scipy.sparse
 
-__all__ = ["design_matrix", "cached_design_matrix", "basis_values"]
+__all__ = ["design_matrix", "cached_design_matrix", "cached_normal_matrix", "basis_values"]
 
 
 def design_matrix(x, knots, degree=3):
@@ -43,13 +43,29 @@ def design_matrix(x, knots, degree=3):
 def cached_design_matrix(x, knots, degree=3):
     """:func:`design_matrix`, kept for the last few (x, knots): fits repeated on the same
     pixels and knots (an exposure's response) build it once. Do not modify the result."""
+    return _design_cached(*_key(x, knots, degree))[0]
+
+
+def cached_normal_matrix(x, knots, weights, degree=3):
+    """B^T diag(``weights``) B, dense, for the :func:`cached_design_matrix` B: the values of
+    ``(B.T @ B.multiply(weights[:, None])).toarray()`` (each entry summed over the points in
+    their order), from B^T kept in CSR beside B, in half the time."""
+    basis, transposed = _design_cached(*_key(x, knots, degree))
+    weighted = scipy.sparse.csr_matrix(
+        (basis.data * np.repeat(weights, np.diff(basis.indptr)), basis.indices, basis.indptr),
+        shape=basis.shape)
+    return (transposed @ weighted).toarray()
+
+
+def _key(x, knots, degree):
     x, knots = (np.ascontiguousarray(a, dtype=np.float64) for a in (x, knots))
-    return _design_cached(x.tobytes(), knots.tobytes(), degree)
+    return x.tobytes(), knots.tobytes(), degree
 
 
 @functools.lru_cache(maxsize=4)
 def _design_cached(x_bytes, knots_bytes, degree):
-    return design_matrix(np.frombuffer(x_bytes), np.frombuffer(knots_bytes), degree)
+    basis = design_matrix(np.frombuffer(x_bytes), np.frombuffer(knots_bytes), degree)
+    return basis, basis.T.tocsr()
 
 
 def basis_values(x, knots, degree=3):

@@ -31,14 +31,15 @@ import numpy as np
 import scipy.ndimage
 import xarray as xr
 
-from ._bspline import cached_design_matrix
 from .config import Config
 from .constants import CAL_UNIT, FLUX_UNIT
 from .continuum import _fill_gaps
+from .continuum import _nanmedian as _median_kept
 from .errors import CalibrationError, FluxCalWarning
-from .exposure import add_history
+from .exposure import _computed, add_history
 from .lsf import LineSpread
 from .masks import region_mask
+from .smoothing import _bridge, _smooth
 from .telluric import fit_telluric, transmission
 
 __all__ = ["combine_vectors", "apply_calibration", "calibration_factor", "running_median",
@@ -46,7 +47,7 @@ __all__ = ["combine_vectors", "apply_calibration", "calibration_factor", "runnin
 
 
 def _star_label(stars, s):
-    name = str(stars["fiber_name"].values[s]) if "fiber_name" in stars.coords else ""
+    name = str(stars.variables["fiber_name"].values[s]) if "fiber_name" in stars.coords else ""
     return f"fiber {int(stars['fiber'].values[s])}" + (f" ({name})" if name else "") + \
         f" objid {int(stars['objid'].values[s])}"
 
@@ -66,10 +67,14 @@ def running_median(values, wavelength, window=100.0):
 
 
 def _nanmedian(values, axis):
-    """np.nanmedian without the warning for all-NaN slices (gaps are expected here)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return np.nanmedian(values, axis=axis)
+    """np.nanmedian without the warning for all-NaN slices (gaps are expected here); along
+    an axis by :func:`~kspec_fluxcal.continuum._nanmedian`'s sort (the same values; numpy's
+    masked-array path for short axes, the stars and the scatter's blocks, costs 3-7x more)."""
+    if axis is None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return np.nanmedian(values, axis=axis)
+    return np.squeeze(_median_kept(values, axis), axis)
 
 
 def _grey_levels(cal, mask):
@@ -122,8 +127,8 @@ def combine_vectors(stars, method=None, sigma_clip=None, smooth=None, *, config=
     smooth = opts.smooth if smooth is None else smooth
     if method not in ("weighted_mean", "median"):
         raise ValueError(f"method must be 'weighted_mean' or 'median', not {method!r}")
-    stars = stars.compute()
-    status = np.array(stars["status"].values, dtype=object)
+    stars = _computed(stars)
+    status = np.array(stars.variables["status"].values, dtype=object)
     use, last_resort = _usable_stars(stars, status, config)
     vec = _StarVectors(stars)
     level_conflict = _reject_stars(stars, vec, use, status, opts)
@@ -244,12 +249,14 @@ class _StarVectors:
     """The stars' vectors as arrays: reference and own wavelengths, values, masks."""
 
     def __init__(self, stars):
-        self.wave = stars["wavelength"].values
-        self.star_wave = (stars["star_wavelength"].values if "star_wavelength" in stars.coords
-                          else np.broadcast_to(self.wave, stars["cal"].shape))
-        self.cal = stars["cal"].values
-        self.var = stars["cal_variance"].values
-        self.mask = (stars["cal_mask"].values & np.isfinite(self.cal) & np.isfinite(self.var)
+        # Variables: a DataArray of the stars' Dataset would carry its ~40 coordinates.
+        variables = stars.variables
+        self.wave = variables["wavelength"].values
+        self.star_wave = (variables["star_wavelength"].values if "star_wavelength" in stars.coords
+                          else np.broadcast_to(self.wave, variables["cal"].shape))
+        self.cal = variables["cal"].values
+        self.var = variables["cal_variance"].values
+        self.mask = (variables["cal_mask"].values & np.isfinite(self.cal) & np.isfinite(self.var)
                      & (self.var > 0))
 
 
@@ -332,7 +339,8 @@ def _mean_shape(stack, method, shapes=None):
 
 def _level(stars, idx, g):
     """Mean grey level, weighted by each star's photometric scale error, and its variance."""
-    rel = np.nan_to_num(stars["scale_err"].values[idx] / stars["scale"].values[idx], nan=0.05)
+    scale, scale_err = (stars.variables[name].values[idx] for name in ("scale", "scale_err"))
+    rel = np.nan_to_num(scale_err / scale, nan=0.05)
     lw = 1.0 / np.maximum(rel, 1e-3) ** 2
     level = np.sum(lw * g) / lw.sum()
     level_var = 1.0 / lw.sum() if idx.size == 1 else max(1.0 / lw.sum(),
@@ -388,7 +396,7 @@ def quality_grade(stars, used, fcalrms, fcalmerr):
     """The quality grade of a calibration from the standards ``used`` (indices); see
     :data:`QUALITY_GRADES`."""
     lim = _GRADE_LIMITS
-    flags = stars["flags"].values[used] if "flags" in stars.coords else []
+    flags = stars.variables["flags"].values[used] if "flags" in stars.coords else []
     if any("throughput" in str(f) for f in flags):
         return "D"
     # What the fit did not record (NaN) does not lower the grade.
@@ -406,92 +414,17 @@ def quality_grade(stars, used, fcalrms, fcalmerr):
 
 def _per_star_text(stars, name, index):
     """A per-star text coordinate at ``index`` ('' where the fit did not record it)."""
-    return str(stars[name].values[index]) if name in stars.coords else ""
+    return str(stars.variables[name].values[index]) if name in stars.coords else ""
 
 
 def _per_star(stars, name, index):
     """A per-star coordinate at ``index``, NaN where the fit did not record it."""
     if name in stars.coords or name in stars:
-        return np.asarray(stars[name].values, dtype=float)[index]
+        return np.asarray(stars.variables[name].values, dtype=float)[index]
     return np.full(np.size(index), np.nan)
 
 
 # ----------------------------------------------------------------------------- response
-
-
-def _bridge(wave, values, variance, measured):
-    x = np.log(wave)
-    if measured.sum() < 2:
-        return np.full(wave.size, np.nan), np.full(wave.size, np.nan)
-    curve = np.interp(x, x[measured], values[measured])
-    var = np.interp(x, x[measured], variance[measured])
-    return curve, var
-
-
-def _fit_smooth(wave, values, variance, fit, opts, no_knots=None):
-    """The smooth curve through ``values`` at pixels ``fit``, bridging the others: a cubic
-    B-spline in ln(lambda) (knots every ``smooth_scale`` A at mid-range, none where
-    ``no_knots``, weighted) or a Savitzky-Golay filter; and its variance."""
-    x = np.log(wave)
-    if fit.sum() < 10:
-        return _bridge(wave, values, variance, fit)
-    if opts.smooth_method == "savgol":
-        # 0.3 s of start-up (it imports scipy.stats): only when asked for.
-        from scipy.signal import savgol_filter
-
-        base, base_var = _bridge(wave, values, variance, fit)
-        step = np.median(np.diff(wave))
-        window = max(5, int(round(opts.smooth_scale / step)) | 1)
-        window = min(window, (wave.size - 1) | 1 if wave.size % 2 == 0 else wave.size)
-        return (savgol_filter(base, window, 3, mode="interp"),
-                base_var / max(window / 2.0, 1.0))
-    nseg = max(1, int(np.ceil((x[-1] - x[0]) / (opts.smooth_scale / np.median(wave)))))
-    inner = np.linspace(x[0], x[-1], nseg + 1)
-    if no_knots is not None:  # interior knots inside the excluded regions are dropped
-        banned = np.interp(inner, x, no_knots.astype(float)) > 0
-        banned[[0, -1]] = False
-        inner = inner[~banned]
-    knots = np.concatenate([[x[0]] * 3, inner, [x[-1]] * 3])
-    basis = cached_design_matrix(x, knots)  # sparse: four B-splines per pixel
-    w = np.where(fit, 1.0 / variance, 0.0)
-    normal = (basis.T @ basis.multiply(w[:, None])).toarray()
-    rhs = basis.T @ (w * np.nan_to_num(values))
-    diff = np.diff(np.eye(basis.shape[1]), n=2, axis=0)
-    # A light second-difference penalty bridges knot intervals without data.
-    normal += 1e-6 * np.trace(normal) / basis.shape[1] * diff.T @ diff
-    if opts.smooth_curvature > 0:
-        step = opts.smooth_scale / np.median(wave)
-        normal += _curvature_prior(np.linalg.pinv(normal) @ rhs, _second_differences(knots, step),
-                                   opts.smooth_curvature)
-    cov = np.linalg.pinv(normal)
-    variance = np.asarray(basis.multiply(basis @ cov).sum(axis=1)).ravel()
-    return basis @ (cov @ rhs), variance
-
-
-def _second_differences(knots, step, degree=3):
-    """Rows of second divided differences of cubic B-spline coefficients at their Greville
-    abscissae, times ``step``^2: the plain second differences where knots are evenly spaced
-    ``step`` apart, and zero for a straight line across a gap without knots (a telluric
-    band), where plain differences of unevenly spaced coefficients are not."""
-    g = np.convolve(knots[1:-1], np.ones(degree) / degree, mode="valid")
-    left, right = 1.0 / np.diff(g)[:-1], 1.0 / np.diff(g)[1:]
-    scale = 2.0 * step**2 / (g[2:] - g[:-2])
-    rows = np.zeros((g.size - 2, g.size))
-    i = np.arange(g.size - 2)
-    rows[i, i] = scale * left
-    rows[i, i + 1] = -scale * (left + right)
-    rows[i, i + 2] = scale * right
-    return rows
-
-
-def _curvature_prior(coef, diff, rms):
-    """Normal-matrix term of a Gaussian prior on the spline's second differences: rms ``rms``
-    relative to the curve's own level (that of a first solution ``coef``), so that the
-    response stays smooth where the stars' vectors are weak (lines weighted down, low S/N)
-    and follows them where they are strong."""
-    level = np.abs(coef[1:-1])
-    level = np.maximum(level, 0.1 * np.median(level))
-    return diff.T @ (diff / (rms * level[:, None]) ** 2)
 
 
 def _response(stars, vec, idx, stack, comb, comb_var, measured, smooth, config):
@@ -518,11 +451,12 @@ def _response(stars, vec, idx, stack, comb, comb_var, measured, smooth, config):
     # No knot inside a band: there the response is one smooth piece from both sides, which
     # cannot mimic a band's broad absorption (the telluric columns would be biased low).
     bands_padded = ~region_mask(wave, config.masks.telluric, pad=opts.smooth_scale / 2)
-    smooth_curve, smooth_var = _fit_smooth(wave, comb, comb_var, measured & ~bands, opts,
-                                           bands_padded)
+    # The smooth curve's variance is computed only for the fit that is kept.
+    smooth_curve, smooth_var = _smooth(wave, comb, comb_var, measured & ~bands, opts,
+                                       bands_padded)
     band_pixels = stack.m & ~region_mask(stack.star_wave, config.masks.telluric)
     if not (config.telluric.model and lsf is not None and band_pixels.any()):
-        return _copied_bands(wave, comb, comb_var, measured, bands, smooth_curve, smooth_var)
+        return _copied_bands(wave, comb, comb_var, measured, bands, smooth_curve, smooth_var())
     airmass = float(stars.attrs.get("airmass", np.nan))
     start = (airmass, airmass) if np.isfinite(airmass) and airmass >= 1 else (1.0, 1.0)
     scale = _per_star(stars, "fiber_lsf_scale", idx)
@@ -536,15 +470,16 @@ def _response(stars, vec, idx, stack, comb, comb_var, measured, smooth, config):
                            scale=scale, source=config.telluric.lines)
         columns = np.array([fit["o2"], fit["h2o"]])
         if not np.isfinite(columns).any():
-            return _copied_bands(wave, comb, comb_var, measured, bands, smooth_curve, smooth_var)
+            return _copied_bands(wave, comb, comb_var, measured, bands, smooth_curve, smooth_var())
         start = tuple(np.nan_to_num(columns))
         corrected, corrected_var = _mean_shape(stack, "weighted_mean", stack.shapes * fit["model"])
-        smooth_curve, smooth_var = _fit_smooth(wave, corrected, corrected_var, measured, opts,
-                                               bands_padded)
+        smooth_curve, smooth_var = _smooth(wave, corrected, corrected_var, measured, opts,
+                                           bands_padded)
     trans = transmission(wave, lsf, *start, source=config.telluric.lines)
     telluric = {"fcalo2": float(fit["o2"]), "fcalo2_err": float(fit["o2_err"]),
                 "fcalh2o": float(fit["h2o"]), "fcalh2o_err": float(fit["h2o_err"]),
                 "telluric_lines": str(config.telluric.lines)}
+    smooth_var = smooth_var()
     return _Response(smooth_curve / trans, smooth_var / trans**2, smooth_curve, smooth_var,
                      trans, telluric, True)
 
@@ -604,8 +539,8 @@ def calibration_factor(calibration, fiber_wavelength, fiber_lsf_scale=None):
     attrs = calibration.attrs
     model = np.isfinite([attrs.get("fcalo2", np.nan), attrs.get("fcalh2o", np.nan)]).any()
     names = ("cal_smooth", "cal_smooth_variance") if model else ("cal", "cal_variance")
-    ref = np.log(calibration["wavelength"].values)
-    values = np.stack([calibration[n].values for n in names])
+    ref = np.log(calibration.variables["wavelength"].values)
+    values = np.stack([calibration.variables[n].values for n in names])
     columns = np.nan_to_num([attrs.get("fcalo2", np.nan), attrs.get("fcalh2o", np.nan)])
     errors = np.nan_to_num([attrs.get("fcalo2_err", np.nan), attrs.get("fcalh2o_err", np.nan)])
 
@@ -636,6 +571,20 @@ def calibration_factor(calibration, fiber_wavelength, fiber_lsf_scale=None):
     return factor, variance
 
 
+def _calibrated(flux, variance, factor, factor_var):
+    """Flux and variance (float32) calibrated by ``factor`` (variance ``factor_var``)."""
+    flux = flux.astype(np.float64)
+    return ((flux * factor).astype(np.float32),
+            (variance * factor**2 + flux**2 * factor_var).astype(np.float32))
+
+
+def _kept_attrs(first, second):
+    """Attributes of a binary operation's result under ``keep_attrs``: the operands',
+    without those on which they conflict (xarray's "drop_conflicts")."""
+    return {k: v for k, v in (first | second).items()
+            if k not in first or k not in second or first[k] == second[k]}
+
+
 def apply_calibration(exposure, calibration):
     """Calibrate every fiber on its own pixels: flux x F, variance x F^2 + flux^2 x var(F),
     with F the calibration evaluated at each pixel's wavelength. Lazy.
@@ -663,16 +612,24 @@ def apply_calibration(exposure, calibration):
              else None)
     factor, factor_var = calibration_factor(calibration, fiber_wave.transpose("fiber", ...),
                                             scale)
-    with xr.set_options(arithmetic_join="exact", keep_attrs=True):
-        flux = exposure["flux"].astype(np.float64)
-        calibrated = {
-            "flux": (flux * factor).astype(np.float32).assign_attrs(units=FLUX_UNIT),
-            "variance": (exposure["variance"] * factor**2 + flux**2 * factor_var).astype(
-                np.float32).assign_attrs(units=f"({FLUX_UNIT})**2")}
+    # Variables, not DataArrays: each DataArray's coordinates (fiber_wavelength among them)
+    # would be compared again in the arithmetic and the merge below.
+    calibrated = dict(zip(("flux", "variance"), xr.apply_ufunc(
+        _calibrated, exposure["flux"].variable, exposure["variance"].variable, factor.variable,
+        factor_var.variable, output_core_dims=[[], []], dask="parallelized",
+        output_dtypes=[np.float32, np.float32]), strict=True))
+    # Their attrs as the arithmetic on DataArrays under keep_attrs made them, the unit set.
+    flux_attrs, var_attrs = exposure["flux"].attrs, exposure["variance"].attrs
+    calibrated["flux"].attrs = _kept_attrs(flux_attrs, factor.attrs) | {"units": FLUX_UNIT}
+    calibrated["variance"].attrs = _kept_attrs(
+        _kept_attrs(var_attrs, factor.attrs), _kept_attrs(flux_attrs, factor_var.attrs)) | {
+        "units": f"({FLUX_UNIT})**2"}
+    calibrated.update(cal_factor=factor.variable, cal_factor_variance=factor_var.variable)
+    # On the exposure's grid (NaN where the calibration's differs), as a merge aligns them.
+    cal = calibration[[name for name in ("cal", "cal_variance", "cal_mask", "cal_smooth")
+                       if name in calibration]].reindex_like(exposure)
+    calibrated.update({name: cal[name].variable for name in cal.data_vars})
     # One merge for all the new variables (each assignment would merge the whole dataset).
-    calibrated.update(cal_factor=factor, cal_factor_variance=factor_var)
-    calibrated.update({name: calibration[name] for name in
-                       ("cal", "cal_variance", "cal_mask", "cal_smooth") if name in calibration})
     out = exposure.assign(calibrated)
     out.attrs = dict(exposure.attrs)
     out.attrs["history"] = list(exposure.attrs.get("history", [])) + list(

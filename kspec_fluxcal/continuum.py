@@ -81,20 +81,23 @@ def spline_basis(wavelength, knot_spacing, degree=3):
     return _basis(x.size, _key(x), "bspline", knot_spacing / (wave[-1] - wave[0]), degree)
 
 
-def _row_nanmedian(values):
-    """Median of each row ignoring NaN (np.nanmedian loops over rows in Python)."""
-    ordered = np.sort(values, axis=-1)  # NaN sort last
-    n = np.sum(~np.isnan(values), axis=-1, keepdims=True)
-    lo = np.take_along_axis(ordered, np.clip((n - 1) // 2, 0, None), axis=-1)
-    hi = np.take_along_axis(ordered, np.clip(n // 2, 0, None), axis=-1)
-    return np.where(n > 0, 0.5 * (lo + hi), np.nan)
+def _nanmedian(values, axis=-1):
+    """Median along ``axis`` ignoring NaN, the axis kept (length 1); NaN where there is no
+    value. By one sort: np.nanmedian's values, without its Python loop over long axes or
+    its masked arrays for short ones (3-7x slower)."""
+    ordered = np.sort(values, axis=axis)  # NaN sort last
+    n = np.sum(~np.isnan(values), axis=axis, keepdims=True)
+    lo = np.take_along_axis(ordered, np.clip((n - 1) // 2, 0, None), axis=axis)
+    hi = np.take_along_axis(ordered, np.clip(n // 2, 0, None), axis=axis)
+    with np.errstate(invalid="ignore"):  # inf - inf: NaN, as np.nanmedian
+        return np.where(n > 0, 0.5 * (lo + hi), np.nan)
 
 
 def _robust_scale(resid, use):
     """Per-spectrum 1.4826 * MAD of the residuals over the used pixels."""
     r = np.where(use, resid, np.nan)
-    med = _row_nanmedian(r)
-    mad = _row_nanmedian(np.abs(r - med))
+    med = _nanmedian(r)
+    mad = _nanmedian(np.abs(r - med))
     return np.where(np.isfinite(mad) & (mad > 0), 1.4826 * mad, np.inf)
 
 

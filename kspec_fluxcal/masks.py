@@ -78,13 +78,28 @@ def region_mask(wavelength, regions, *, pad=0.0):
     wave = np.asarray(wavelength, dtype=np.float64)
     bounds = np.asarray(regions, dtype=np.float64).reshape(-1, 2)
     pad = np.asarray(pad, dtype=np.float64)
-    inside = ((wave[..., None] >= bounds[:, 0] - pad[..., None])
-              & (wave[..., None] <= bounds[:, 1] + pad[..., None])).any(axis=-1)
+    if pad.ndim == 0:
+        inside = _inside(wave, bounds[:, 0] - pad, bounds[:, 1] + pad)
+    else:  # a pad per pixel: every region against every pixel
+        inside = ((wave[..., None] >= bounds[:, 0] - pad[..., None])
+                  & (wave[..., None] <= bounds[:, 1] + pad[..., None])).any(axis=-1)
     good = ~inside
     if isinstance(wavelength, xr.DataArray):
         return xr.DataArray(good, dims=wavelength.dims, coords=wavelength.coords,
                             attrs={"description": "True outside the masked regions"})
     return good
+
+
+def _inside(wave, lo, hi):
+    """Which of ``wave`` lie inside any of the regions [lo, hi]: those beyond the start of
+    some region and within the farthest end of the regions started (a search per pixel, not
+    a comparison with every region)."""
+    if not lo.size:
+        return np.zeros(wave.shape, bool)
+    order = np.argsort(lo, kind="stable")
+    reach = np.maximum.accumulate(hi[order])
+    started = np.searchsorted(lo[order], wave, side="right")
+    return (started > 0) & (reach[np.maximum(started - 1, 0)] >= wave)
 
 
 def mask_coverage_fraction(wavelength, regions):

@@ -58,15 +58,18 @@ def spectrophotometric_check(calibrated, catalog, *, radius_arcsec=POSITION_MATC
         median over bands; None for fewer than two stars); ``sphot_n``: stars used;
         ``stars``: per star (fiber, objid, and the offsets by band).
     """
-    fibers, rows = _program_stars(calibrated, catalog, radius_arcsec)
+    fibers, rows, flux = _program_stars(calibrated, catalog, radius_arcsec)
     out = {f"sphot_{b}": None for b in SPHOT_BANDS} | {"sphot_scatter": None, "sphot_n": 0,
                                                       "stars": []}
-    names = [n for n, f in SPHOT_BANDS.items() if f in catalog["band"].values]
+    catalog_bands = catalog.indexes["band"]
+    names = [n for n, f in SPHOT_BANDS.items() if f in catalog_bands]
     bands = [SPHOT_BANDS[n] for n in names]
     if not fibers.size or not bands:
         return out
-    catalog_mag = catalog["mag"].sel(band=bands).values[rows]  # (star, band)
-    offset = _synthetic(calibrated, fibers, bands) - catalog_mag
+    # Variables, not DataArrays: selecting a DataArray selects every catalog coordinate too.
+    catalog_mag = catalog.variables["mag"].isel(band=catalog_bands.get_indexer(bands)).transpose(
+        "star", "band").values[rows]
+    offset = _synthetic(calibrated["wavelength"].values, flux, bands) - catalog_mag
     used = np.isfinite(offset).any(axis=1)
     out["sphot_n"] = int(used.sum())
     scatter = []
@@ -85,30 +88,31 @@ def spectrophotometric_check(calibrated, catalog, *, radius_arcsec=POSITION_MATC
 
 
 def _program_stars(calibrated, catalog, radius_arcsec):
-    """Program fibers matched to the catalog with enough S/N: (fiber indices, catalog rows)."""
+    """Program fibers matched to the catalog with enough S/N: (fiber indices, catalog rows,
+    their calibrated flux as float64)."""
     kind = np.char.strip(calibrated["fiber_type"].values.astype(str))
     program = np.flatnonzero(kind == PROGRAM_TYPE)
     if not program.size:
-        return program, program
+        return program, program, np.empty((0, calibrated.sizes["wavelength"]))
     index, _, _ = catalog_lookup(catalog, calibrated["objid"].values[program],
                                  calibrated["ra"].values[program],
                                  calibrated["dec"].values[program], radius_arcsec)
-    # Only these fibers are computed (the exposure may be lazy).
-    flux = calibrated["flux"].isel(fiber=program).values.astype(np.float64)
-    variance = calibrated["variance"].isel(fiber=program).values.astype(np.float64)
+    # Only these fibers are computed (the exposure may be lazy); Variables: a DataArray's
+    # selection would select its coordinates (fiber_wavelength...) too.
+    flux, variance = (calibrated.variables[name].isel(fiber=program).values.astype(np.float64)
+                      for name in ("flux", "variance"))
     with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # a dead fiber: all-NaN
         snr = np.nanmedian(flux / np.sqrt(variance), axis=1)
     keep = (index >= 0) & (snr >= SPHOT_MIN_SNR)
-    return program[keep], index[keep]
+    return program[keep], index[keep], flux[keep]
 
 
-def _synthetic(calibrated, fibers, bands):
-    """AB magnitudes (star, band) of the calibrated spectra of ``fibers``."""
-    flux = calibrated["flux"].isel(fiber=fibers).values.astype(np.float64)
+def _synthetic(wavelength, flux, bands):
+    """AB magnitudes (star, band) of calibrated spectra ``flux`` (star, wavelength)."""
     good = np.isfinite(flux)
     filled = _fill_gaps(np.where(good, flux, 0.0), good) * FLUX_UNIT_SCALE
-    weights = band_weights(bands, calibrated["wavelength"].values, medium="air").values
+    weights = band_weights(bands, wavelength, medium="air").values
     return synthetic_mag_values(filled, weights)
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import scipy.interpolate
 
-from kspec_fluxcal._bspline import design_matrix
+from kspec_fluxcal._bspline import cached_design_matrix, cached_normal_matrix, design_matrix
 
 
 @pytest.mark.parametrize("degree", [1, 2, 3])
@@ -31,3 +31,15 @@ def test_design_matrix_with_dropped_knots_in_ln_wavelength():
     np.testing.assert_allclose(design_matrix(x, knots).toarray(),
                                scipy.interpolate.BSpline.design_matrix(x, knots, 3).toarray(),
                                rtol=0, atol=0)
+
+
+def test_cached_normal_matrix_is_the_sparse_product_to_the_last_bit():
+    # The response's normal matrix, from B^T in CSR: the same sums in the same order.
+    rng = np.random.default_rng(5)
+    x = np.log(np.linspace(3600.0, 9000.0, 3000))
+    inner = np.delete(np.linspace(x[0], x[-1], 40), [10, 11, 25])
+    knots = np.concatenate([[x[0]] * 3, inner, [x[-1]] * 3])
+    weights = np.where(rng.uniform(size=x.size) < 0.1, 0.0, rng.lognormal(0.0, 2.0, x.size))
+    basis = cached_design_matrix(x, knots)
+    expected = (basis.T @ basis.multiply(weights[:, None])).toarray()
+    assert cached_normal_matrix(x, knots, weights).tobytes() == expected.tobytes()

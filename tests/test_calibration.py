@@ -272,7 +272,7 @@ def test_standards_no_template_fits_calibrate_with_grade_d():
 
 
 def _smooth_fit(values, variance, curvature):
-    from kspec_fluxcal.calibration import _fit_smooth
+    from kspec_fluxcal.smoothing import _fit_smooth
 
     opts = Config().replace(smooth_curvature=curvature).combine
     return _fit_smooth(WAVE, values, variance, np.ones(WAVE.size, bool), opts)[0]
@@ -304,7 +304,7 @@ def test_curvature_prior_leaves_straight_lines_alone_across_knot_gaps():
     band without knots, where plain differences of the coefficients are not; equal to the
     plain ones between evenly spaced knots."""
     from kspec_fluxcal._bspline import design_matrix
-    from kspec_fluxcal.calibration import _second_differences
+    from kspec_fluxcal.smoothing import _second_differences
 
     x = np.linspace(0.0, 1.0, 500)
     inner = np.linspace(0.0, 1.0, 21)

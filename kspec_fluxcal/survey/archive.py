@@ -170,7 +170,7 @@ def archive_record(calibrated, stars, calibration, *, source="", input_hash="", 
         ``own_smooth``, ``own_smooth_variance`` (archive grid) and ``star`` (the per-star
         fields); default: taken from ``calibration`` and ``stars``.
     """
-    wave = calibrated["wavelength"].values
+    wave = calibrated.variables["wavelength"].values
     grid = archive_grid()
     width = np.gradient(wave)
     inside = (grid >= wave[0]) & (grid <= wave[-1])
@@ -178,12 +178,15 @@ def archive_record(calibrated, stars, calibration, *, source="", input_hash="", 
     def on_grid(values):  # per pixel -> per Angstrom on the archive grid
         return np.where(inside, np.interp(grid, wave, values), np.nan).astype(np.float32)
 
-    mask = inside & (np.interp(grid, wave, calibrated["cal_mask"].values.astype(float)) > 0.999)
-    record = {"cal": on_grid(calibrated["cal"].values * width),
-              "cal_variance": on_grid(calibrated["cal_variance"].values * width**2),
+    # Variables: a DataArray of the calibrated exposure would carry its coordinates.
+    values = {name: var.values for name, var in calibrated.variables.items()
+              if name in ("cal", "cal_variance", "cal_mask", "cal_smooth")}
+    mask = inside & (np.interp(grid, wave, values["cal_mask"].astype(float)) > 0.999)
+    record = {"cal": on_grid(values["cal"] * width),
+              "cal_variance": on_grid(values["cal_variance"] * width**2),
               "cal_mask": mask, "cal_smooth": np.full(grid.size, np.nan, np.float32)}
     if "cal_smooth" in calibrated:
-        record["cal_smooth"] = on_grid(calibrated["cal_smooth"].values * width)
+        record["cal_smooth"] = on_grid(values["cal_smooth"] * width)
     attrs = calibrated.attrs
     record["row"] = _row_fields(attrs, wave, utc_offset, source, input_hash, provenance)
     if calibration is not None:  # the grey level's fractional variance
@@ -197,9 +200,9 @@ def archive_record(calibrated, stars, calibration, *, source="", input_hash="", 
     record["own_smooth_variance"] = np.full(grid.size, np.nan, np.float32)
     if calibration is not None and record["row"]["fcalsrc"] == "standards" and \
             "cal_smooth" in calibration:
-        smooth = calibration["cal_smooth"].values
+        smooth = calibration.variables["cal_smooth"].values
         # The shape's variance: the grey level's share is the same fraction everywhere.
-        shape = (calibration["cal_smooth_variance"].values
+        shape = (calibration.variables["cal_smooth_variance"].values
                  - calibration.attrs.get("level_variance", 0.0) * smooth**2)
         record["own_smooth"] = on_grid(smooth * width)
         record["own_smooth_variance"] = on_grid(np.maximum(shape, 0.0) * width**2)
@@ -234,12 +237,12 @@ def _star_fields(stars, calibration):
             for name, (dtype, fill) in _STAR_FIELDS.items()}
     if stars is not None and stars.sizes.get("star", 0):
         n = min(stars.sizes["star"], MAX_STARS)
-        status = (calibration["star_status"].values if calibration is not None
-                  else stars["status"].values)
+        status = (calibration.variables["star_status"].values if calibration is not None
+                  else stars.variables["status"].values)
         for name, src in (("star_objid", "objid"), ("star_fiber", "fiber"), ("star_teff", "teff"),
                           ("star_logg", "logg"), ("star_feh", "feh"), ("star_rv", "rv"),
                           ("star_ebv", "ebv"), ("star_snr", "snr")):
-            star[name][:n] = stars[src].values[:n]
+            star[name][:n] = stars.variables[src].values[:n]
         star["star_status"][:n] = [str(s) for s in status[:n]]
     return star
 

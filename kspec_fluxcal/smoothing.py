@@ -1,0 +1,96 @@
+"""The smooth response of a combined calibration vector: a weighted cubic B-spline in
+ln(lambda) with a light second-difference penalty and, optionally, a Gaussian prior on its
+curvature relative to its own level (or a Savitzky-Golay filter); gaps bridged linearly
+when there is too little to fit. Used by :func:`kspec_fluxcal.combine_vectors` (see the
+``Smoothing`` section of :mod:`kspec_fluxcal.calibration`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ._bspline import cached_design_matrix, cached_normal_matrix
+
+__all__ = []
+
+
+def _bridge(wave, values, variance, measured):
+    x = np.log(wave)
+    if measured.sum() < 2:
+        return np.full(wave.size, np.nan), np.full(wave.size, np.nan)
+    curve = np.interp(x, x[measured], values[measured])
+    var = np.interp(x, x[measured], variance[measured])
+    return curve, var
+
+
+def _fit_smooth(wave, values, variance, fit, opts, no_knots=None):
+    """The smooth curve through ``values`` at pixels ``fit``, bridging the others: a cubic
+    B-spline in ln(lambda) (knots every ``smooth_scale`` A at mid-range, none where
+    ``no_knots``, weighted) or a Savitzky-Golay filter; and its variance."""
+    curve, curve_variance = _smooth(wave, values, variance, fit, opts, no_knots)
+    return curve, curve_variance()
+
+
+def _smooth(wave, values, variance, fit, opts, no_knots=None):
+    """:func:`_fit_smooth` with the variance as a function, computed when called: of the
+    response's successive fits only the last one's is used (~0.7 ms each)."""
+    x = np.log(wave)
+    if fit.sum() < 10:
+        curve, curve_variance = _bridge(wave, values, variance, fit)
+        return curve, lambda: curve_variance
+    if opts.smooth_method == "savgol":
+        # 0.3 s of start-up (it imports scipy.stats): only when asked for.
+        from scipy.signal import savgol_filter
+
+        base, base_var = _bridge(wave, values, variance, fit)
+        step = np.median(np.diff(wave))
+        window = max(5, int(round(opts.smooth_scale / step)) | 1)
+        window = min(window, (wave.size - 1) | 1 if wave.size % 2 == 0 else wave.size)
+        return (savgol_filter(base, window, 3, mode="interp"),
+                lambda: base_var / max(window / 2.0, 1.0))
+    nseg = max(1, int(np.ceil((x[-1] - x[0]) / (opts.smooth_scale / np.median(wave)))))
+    inner = np.linspace(x[0], x[-1], nseg + 1)
+    if no_knots is not None:  # interior knots inside the excluded regions are dropped
+        banned = np.interp(inner, x, no_knots.astype(float)) > 0
+        banned[[0, -1]] = False
+        inner = inner[~banned]
+    knots = np.concatenate([[x[0]] * 3, inner, [x[-1]] * 3])
+    basis = cached_design_matrix(x, knots)  # sparse: four B-splines per pixel
+    w = np.where(fit, 1.0 / variance, 0.0)
+    normal = cached_normal_matrix(x, knots, w)
+    rhs = basis.T @ (w * np.nan_to_num(values))
+    diff = np.diff(np.eye(basis.shape[1]), n=2, axis=0)
+    # A light second-difference penalty bridges knot intervals without data.
+    normal += 1e-6 * np.trace(normal) / basis.shape[1] * diff.T @ diff
+    if opts.smooth_curvature > 0:
+        step = opts.smooth_scale / np.median(wave)
+        normal += _curvature_prior(np.linalg.pinv(normal) @ rhs, _second_differences(knots, step),
+                                   opts.smooth_curvature)
+    cov = np.linalg.pinv(normal)
+    return basis @ (cov @ rhs), lambda: np.asarray(basis.multiply(basis @ cov).sum(axis=1)).ravel()
+
+
+def _second_differences(knots, step, degree=3):
+    """Rows of second divided differences of cubic B-spline coefficients at their Greville
+    abscissae, times ``step``^2: the plain second differences where knots are evenly spaced
+    ``step`` apart, and zero for a straight line across a gap without knots (a telluric
+    band), where plain differences of unevenly spaced coefficients are not."""
+    g = np.convolve(knots[1:-1], np.ones(degree) / degree, mode="valid")
+    left, right = 1.0 / np.diff(g)[:-1], 1.0 / np.diff(g)[1:]
+    scale = 2.0 * step**2 / (g[2:] - g[:-2])
+    rows = np.zeros((g.size - 2, g.size))
+    i = np.arange(g.size - 2)
+    rows[i, i] = scale * left
+    rows[i, i + 1] = -scale * (left + right)
+    rows[i, i + 2] = scale * right
+    return rows
+
+
+def _curvature_prior(coef, diff, rms):
+    """Normal-matrix term of a Gaussian prior on the spline's second differences: rms ``rms``
+    relative to the curve's own level (that of a first solution ``coef``), so that the
+    response stays smooth where the stars' vectors are weak (lines weighted down, low S/N)
+    and follows them where they are strong."""
+    level = np.abs(coef[1:-1])
+    level = np.maximum(level, 0.1 * np.median(level))
+    return diff.T @ (diff / (rms * level[:, None]) ** 2)
