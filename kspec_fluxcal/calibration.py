@@ -578,13 +578,6 @@ def _calibrated(flux, variance, factor, factor_var):
             (variance * factor**2 + flux**2 * factor_var).astype(np.float32))
 
 
-def _kept_attrs(first, second):
-    """Attributes of a binary operation's result under ``keep_attrs``: the operands',
-    without those on which they conflict (xarray's "drop_conflicts")."""
-    return {k: v for k, v in (first | second).items()
-            if k not in first or k not in second or first[k] == second[k]}
-
-
 def apply_calibration(exposure, calibration):
     """Calibrate every fiber on its own pixels: flux x F, variance x F^2 + flux^2 x var(F),
     with F the calibration evaluated at each pixel's wavelength. Lazy.
@@ -618,12 +611,10 @@ def apply_calibration(exposure, calibration):
         _calibrated, exposure["flux"].variable, exposure["variance"].variable, factor.variable,
         factor_var.variable, output_core_dims=[[], []], dask="parallelized",
         output_dtypes=[np.float32, np.float32]), strict=True))
-    # Their attrs as the arithmetic on DataArrays under keep_attrs made them, the unit set.
-    flux_attrs, var_attrs = exposure["flux"].attrs, exposure["variance"].attrs
-    calibrated["flux"].attrs = _kept_attrs(flux_attrs, factor.attrs) | {"units": FLUX_UNIT}
-    calibrated["variance"].attrs = _kept_attrs(
-        _kept_attrs(var_attrs, factor.attrs), _kept_attrs(flux_attrs, factor_var.attrs)) | {
-        "units": f"({FLUX_UNIT})**2"}
+    # The exposure's attrs with the new unit (none of the factor's: its description is not
+    # the flux's).
+    calibrated["flux"].attrs = exposure["flux"].attrs | {"units": FLUX_UNIT}
+    calibrated["variance"].attrs = exposure["variance"].attrs | {"units": f"({FLUX_UNIT})**2"}
     calibrated.update(cal_factor=factor.variable, cal_factor_variance=factor_var.variable)
     # On the exposure's grid (NaN where the calibration's differs), as a merge aligns them.
     cal = calibration[[name for name in ("cal", "cal_variance", "cal_mask", "cal_smooth")

@@ -164,6 +164,10 @@ def test_apply_calibration_propagates_variance_lazily(raise_if_computes):
     np.testing.assert_allclose(out["flux"].values, flux * cal, rtol=1e-6)
     np.testing.assert_allclose(out["variance"].values, flux * cal**2 + flux**2 * cal_var, rtol=1e-5)
     assert out["flux"].attrs["units"] == FLUX_UNIT
+    assert out["variance"].attrs["units"] == f"({FLUX_UNIT})**2"
+    # the factor's own description stays on the factor, not on the calibrated flux
+    assert "description" not in out["flux"].attrs and "description" not in out["variance"].attrs
+    assert out["cal_factor"].attrs["description"] == "factor applied to each pixel"
     assert out.attrs["fcalnstr"] == 3
     assert out.attrs["history"][0] == "read" and "flux calibrated" in out.attrs["history"][-1]
 
