@@ -58,7 +58,6 @@ def _computed(ds):
     return ds.compute()
 
 
-
 def _read(path):
     """Read and validate a RED file; return plain arrays and metadata."""
     path = os.fspath(path)
