@@ -44,7 +44,7 @@ from .grid import PARAMS, STORE_VARIABLES, check_chunks, load_checked_store
 from .lsf import LineSpread
 
 __all__ = ["convolution_matrix", "prepare_templates", "prepared_templates", "clear_cache",
-           "prepare_library", "library_spectra", "library_range", "is_library",
+           "prepare_library", "library_spectra", "library_columns", "library_range", "is_library",
            "check_coverage", "default_cache_dir", "CACHE_ENV"]
 
 _NSIGMA = 5.0
@@ -584,14 +584,34 @@ def library_spectra(library, wavelength, lsf, templates=None, *, kind="norm"):
     numpy.ndarray, shape (ntemplate, npix)
         float64.
     """
+    return np.asarray(library_columns(library, wavelength, lsf, templates, kind=kind,
+                                      stacklevel=3), dtype=np.float64).T
+
+
+def library_columns(library, wavelength, lsf, templates=None, *, kind="norm", stacklevel=2):
+    """:func:`library_spectra` as the operator gives them, for a caller that stores them its
+    own way (one conversion and copy instead of two).
+
+    Parameters
+    ----------
+    library, wavelength, lsf, templates, kind
+        As for :func:`library_spectra`.
+    stacklevel : int
+        Where the warning of a sharp line spread points, as for :func:`warnings.warn`.
+
+    Returns
+    -------
+    numpy.ndarray, shape (npix, ntemplate)
+        float32, one column per template.
+    """
     lsf = _as_lsf(lsf)
     matrix, sharper = _library_operator(library, wavelength, lsf)
     if sharper > 0:
         warnings.warn(f"the line spread ({lsf.coeffs}) is sharper than the templates' "
                       f"resolution R = {library.attrs['resolving_power']:g} on "
                       f"{100 * sharper:.0f}% of the pixels: templates there are only "
-                      "interpolated, not convolved", FluxCalWarning, stacklevel=2)
+                      "interpolated, not convolved", FluxCalWarning, stacklevel=stacklevel)
     data = library[kind].values
     if templates is not None:
         data = data[templates]
-    return np.asarray(matrix @ np.ascontiguousarray(data.T), dtype=np.float64).T
+    return matrix @ np.ascontiguousarray(data.T)
