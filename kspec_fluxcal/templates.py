@@ -72,6 +72,15 @@ def convolution_matrix(wave_in, wave_out, lsf, resolving_power=None):
     sharper : float
         Fraction of output pixels where the instrument is sharper than the input.
     """
+    vals, cols, indptr, sharper = _convolution_entries(wave_in, wave_out, lsf, resolving_power)
+    matrix = scipy.sparse.csr_matrix((vals, cols, indptr),
+                                     shape=(indptr.size - 1, np.size(wave_in)))
+    return matrix, sharper
+
+
+def _convolution_entries(wave_in, wave_out, lsf, resolving_power=None):
+    """The CSR arrays (values, columns, row pointers) of :func:`convolution_matrix` and its
+    ``sharper``: what :func:`_library_operator` turns into a float32 matrix in one step."""
     ln_in = np.log(np.asarray(wave_in, dtype=np.float64))
     wave_out = np.asarray(wave_out, dtype=np.float64)
     ln_out = np.log(wave_out)
@@ -86,16 +95,16 @@ def convolution_matrix(wave_in, wave_out, lsf, resolving_power=None):
     hi = np.searchsorted(ln_in, ln_out + _NSIGMA * sigma, side="right")
     # Each row's columns are consecutive and increasing, so the CSR arrays are built directly,
     # entry by entry (through (row, col) pairs scipy would sort and check them again; a
-    # rectangle of the widest row's width would compute twice the entries).
+    # rectangle of the widest row's width would compute twice the entries). Per-row values
+    # are repeated along the row (cheaper than gathering them by row number).
     counts = hi - lo
     indptr = np.concatenate([[0], np.cumsum(counts)])
-    row = np.repeat(np.arange(wave_out.size), counts)
     cols = np.arange(indptr[-1]) - np.repeat(indptr[:-1] - lo, counts)
-    u = (ln_in[cols] - ln_out[row]) / sigma[row]
+    u = (ln_in[cols] - np.repeat(ln_out, counts)) / np.repeat(sigma, counts)
     vals = np.exp(-0.5 * u * u) * dln[cols]
-    vals /= np.bincount(row, weights=vals, minlength=wave_out.size)[row]
-    matrix = scipy.sparse.csr_matrix((vals, cols, indptr), shape=(wave_out.size, ln_in.size))
-    return matrix, sharper
+    row = np.repeat(np.arange(wave_out.size), counts)
+    vals /= np.repeat(np.bincount(row, weights=vals, minlength=wave_out.size), counts)
+    return vals, cols, indptr, sharper
 
 
 def _apply(block, matrix):
@@ -554,9 +563,14 @@ def _library_operator(library, wavelength, lsf):
     if item is not None:
         return item
     check_coverage(library, wave, lsf, "library")
-    matrix, sharper = convolution_matrix(library["wavelength"].values, wave, lsf,
-                                         float(library.attrs["resolving_power"]))
-    item = (matrix.astype(np.float32).tocsr(), sharper)
+    vals, cols, indptr, sharper = _convolution_entries(
+        library["wavelength"].values, wave, lsf, float(library.attrs["resolving_power"]))
+    # float32 and int32 (what scipy would make of the float64 matrix) given at once: no
+    # float64 matrix built, checked and copied first
+    matrix = scipy.sparse.csr_matrix(
+        (vals.astype(np.float32), cols.astype(np.int32), indptr.astype(np.int32)),
+        shape=(wave.size, library.sizes["wavelength"]))
+    item = (matrix, sharper)
     _OPERATORS.put(key, item)
     return item
 
