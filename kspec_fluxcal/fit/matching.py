@@ -13,7 +13,7 @@ from ..constants import SPEED_OF_LIGHT_KMS
 from .shifts import shift_operator, shift_spectra
 
 __all__ = ["score_templates", "score_star", "fit_corrected", "star_correction",
-           "correction_parameters"]
+           "correction_parameters", "fast_mode", "rest_frame_star", "score_rest_frame"]
 
 
 
@@ -124,12 +124,13 @@ def score_star(obs, ivar, templates, rv, wavelength, metric="chi2", delta=3.0, k
     The templates are on ``wavelength``, the star on its own pixels ``star_wavelength``
     (default: the same). Rows of ``templates`` with a NaN score NaN. float64 throughout.
     """
+    if fast_mode(metric, knot_spacing, correction):
+        return score_rest_frame(rest_frame_star(obs, ivar, rv, wavelength, correction,
+                                                star_wavelength), templates)
     tmpl, missing = _clean_templates(templates)
     f, w = _star_arrays(obs, ivar, correction)
     if correction is not None:
         knot_spacing = None
-    if knot_spacing is None and metric == "chi2":
-        return _fast_chi2(*_to_rest_frame(f, w, wavelength, rv, star_wavelength), tmpl, missing)
     star_wave = wavelength if star_wavelength is None else star_wavelength
     op = shift_operator(star_wave, rv, wavelength)
     shifted = (op.matrix @ tmpl.T).T  # (N, P)
@@ -149,6 +150,30 @@ def score_star(obs, ivar, templates, rv, wavelength, metric="chi2", delta=3.0, k
         r = np.abs((f - model) * sw)
         score = 2.0 * np.sum(np.where(r <= delta, 0.5 * r**2, delta * (r - 0.5 * delta)), axis=1)
     return np.where(missing | ~usable, np.nan, score)
+
+
+def fast_mode(metric, knot_spacing, correction):
+    """Whether :func:`score_star` scores in its fast mode (chi^2 with a single amplitude
+    against the star in its rest frame: :func:`rest_frame_star`, :func:`score_rest_frame`)."""
+    return metric == "chi2" and (correction is not None or knot_spacing is None)
+
+
+def rest_frame_star(obs, ivar, rv, wavelength, correction=None, star_wavelength=None):
+    """A star (P,) as :func:`score_star`'s fast mode compares templates with it: divided by
+    its fixed ``correction`` (None: none), moved to the rest frame (velocity ``rv``) and onto
+    the templates' pixels ``wavelength`` from its own, ``star_wavelength``.
+
+    Returns ``(flux, weights)``, each (P,): computed once, it serves every set of templates
+    scored against the same star, velocity and correction (:func:`score_rest_frame`).
+    """
+    f, w = _star_arrays(obs, ivar, correction)
+    return _to_rest_frame(f, w, wavelength, rv, star_wavelength)
+
+
+def score_rest_frame(rest, templates):
+    """:func:`score_star`'s fast-mode scores (N,) of rest-frame ``templates`` (N, P) against a
+    star's ``rest`` = :func:`rest_frame_star`."""
+    return _fast_chi2(*rest, *_clean_templates(templates))
 
 
 def _clean_templates(templates):
