@@ -5,6 +5,8 @@ vectorised pass (templates moved to each star's velocity by :mod:`kspec_fluxcal.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import scipy.sparse
 import xarray as xr
@@ -13,7 +15,8 @@ from ..constants import SPEED_OF_LIGHT_KMS
 from .shifts import shift_operator, shift_spectra
 
 __all__ = ["score_templates", "score_star", "fit_corrected", "star_correction",
-           "correction_parameters", "fast_mode", "rest_frame_star", "score_rest_frame"]
+           "correction_parameters", "fast_mode", "rest_frame_star", "score_rest_frame",
+           "score_rest_frames", "ScoringTemplates"]
 
 
 
@@ -171,9 +174,44 @@ def rest_frame_star(obs, ivar, rv, wavelength, correction=None, star_wavelength=
 
 
 def score_rest_frame(rest, templates):
-    """:func:`score_star`'s fast-mode scores (N,) of rest-frame ``templates`` (N, P) against a
-    star's ``rest`` = :func:`rest_frame_star`."""
-    return _fast_chi2(*rest, *_clean_templates(templates))
+    """:func:`score_star`'s fast-mode scores of rest-frame ``templates`` against stars in
+    their rest frames.
+
+    Parameters
+    ----------
+    rest : (numpy.ndarray, numpy.ndarray)
+        A star's ``(flux, weights)`` (P,) from :func:`rest_frame_star`, or several stars'
+        stacked (S, P).
+    templates : numpy.ndarray (N, P) or ScoringTemplates
+        The templates; prepared once when scored against several sets of stars.
+
+    Returns
+    -------
+    numpy.ndarray, shape (N,) or (S, N)
+    """
+    prepared = templates if isinstance(templates, ScoringTemplates) else ScoringTemplates(
+        templates)
+    return _fast_chi2(*rest, prepared.tmpl, prepared.missing, prepared.squares)
+
+
+def score_rest_frames(rests, templates):
+    """:func:`score_rest_frame` of several stars' ``rests`` (a list of
+    :func:`rest_frame_star`) at once: scores (S, N)."""
+    return score_rest_frame((np.stack([f for f, _ in rests]), np.stack([w for _, w in rests])),
+                            templates)
+
+
+class ScoringTemplates:
+    """Templates (N, P) as the fast mode scores them (float64, NaN rows zeroed: ``tmpl``,
+    ``missing``) and their squares, each computed once for any number of scorings (the
+    scan scores its candidates twice)."""
+
+    def __init__(self, templates):
+        self.tmpl, self.missing = _clean_templates(templates)
+
+    @functools.cached_property
+    def squares(self):
+        return self.tmpl**2
 
 
 def _clean_templates(templates):
@@ -200,14 +238,14 @@ def _star_arrays(obs, ivar, correction=None):
     return f, w
 
 
-def _fast_chi2(flux, weight, tmpl, missing):
+def _fast_chi2(flux, weight, tmpl, missing, squares):
     """chi^2 with a free amplitude of every template against rest-frame stars, in two matrix
     products: flux, weight (..., P) and tmpl (N, P) give (..., N).
 
     The stars go to the rest frame once (one spectrum shifted each instead of N templates);
     their pixels' noise correlation, the same for every template, does not change the ranking.
     """
-    stt = weight @ (tmpl**2).T
+    stt = weight @ squares.T  # squares = tmpl**2
     sft = (weight * flux) @ tmpl.T
     usable = stt > 0
     score = np.sum(weight * flux**2, axis=-1)[..., None] - sft**2 / np.where(usable, stt, np.inf)
@@ -222,12 +260,9 @@ def _score_block(obs, ivar, templates, rv, star_wave, *correction, wavelength, m
     corr = correction[0][:, 0, :] if correction else [None] * obs.shape[0]
     if correction and metric == "chi2":
         # Fast mode: every star in its rest frame, then all stars x all templates at once.
-        tmpl, missing = _clean_templates(templates)
-        rest = [_to_rest_frame(*_star_arrays(obs[s], ivar[s], corr[s]), wavelength, rv[s],
-                               star_wave[s])
-                for s in range(obs.shape[0])]  # one spectrum per star
-        return _fast_chi2(np.stack([f for f, _ in rest]), np.stack([w for _, w in rest]), tmpl,
-                          missing)
+        return score_rest_frames(
+            [rest_frame_star(obs[s], ivar[s], rv[s], wavelength, corr[s], star_wave[s])
+             for s in range(obs.shape[0])], templates)  # one spectrum per star
     tmpl = np.asarray(templates, dtype=np.float64).reshape(-1, templates.shape[-1])
     # Stars with their own fitted corrections: each star's velocity shifts the templates.
     return np.stack([score_star(obs[s], ivar[s], tmpl, rv[s], wavelength, metric, delta,
