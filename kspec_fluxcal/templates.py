@@ -44,7 +44,7 @@ from .grid import PARAMS, STORE_VARIABLES, check_chunks, load_checked_store
 from .lsf import LineSpread
 
 __all__ = ["convolution_matrix", "prepare_templates", "prepared_templates", "clear_cache",
-           "prepare_library", "library_spectra", "library_range", "is_library",
+           "prepare_library", "library_spectra", "library_columns", "library_range", "is_library",
            "check_coverage", "default_cache_dir", "CACHE_ENV"]
 
 _NSIGMA = 5.0
@@ -72,6 +72,15 @@ def convolution_matrix(wave_in, wave_out, lsf, resolving_power=None):
     sharper : float
         Fraction of output pixels where the instrument is sharper than the input.
     """
+    vals, cols, indptr, sharper = _convolution_entries(wave_in, wave_out, lsf, resolving_power)
+    matrix = scipy.sparse.csr_matrix((vals, cols, indptr),
+                                     shape=(indptr.size - 1, np.size(wave_in)))
+    return matrix, sharper
+
+
+def _convolution_entries(wave_in, wave_out, lsf, resolving_power=None):
+    """The CSR arrays (values, columns, row pointers) of :func:`convolution_matrix` and its
+    ``sharper``: what :func:`_library_operator` turns into a float32 matrix in one step."""
     ln_in = np.log(np.asarray(wave_in, dtype=np.float64))
     wave_out = np.asarray(wave_out, dtype=np.float64)
     ln_out = np.log(wave_out)
@@ -86,16 +95,16 @@ def convolution_matrix(wave_in, wave_out, lsf, resolving_power=None):
     hi = np.searchsorted(ln_in, ln_out + _NSIGMA * sigma, side="right")
     # Each row's columns are consecutive and increasing, so the CSR arrays are built directly,
     # entry by entry (through (row, col) pairs scipy would sort and check them again; a
-    # rectangle of the widest row's width would compute twice the entries).
+    # rectangle of the widest row's width would compute twice the entries). Per-row values
+    # are repeated along the row (cheaper than gathering them by row number).
     counts = hi - lo
     indptr = np.concatenate([[0], np.cumsum(counts)])
-    row = np.repeat(np.arange(wave_out.size), counts)
     cols = np.arange(indptr[-1]) - np.repeat(indptr[:-1] - lo, counts)
-    u = (ln_in[cols] - ln_out[row]) / sigma[row]
+    u = (ln_in[cols] - np.repeat(ln_out, counts)) / np.repeat(sigma, counts)
     vals = np.exp(-0.5 * u * u) * dln[cols]
-    vals /= np.bincount(row, weights=vals, minlength=wave_out.size)[row]
-    matrix = scipy.sparse.csr_matrix((vals, cols, indptr), shape=(wave_out.size, ln_in.size))
-    return matrix, sharper
+    row = np.repeat(np.arange(wave_out.size), counts)
+    vals /= np.repeat(np.bincount(row, weights=vals, minlength=wave_out.size), counts)
+    return vals, cols, indptr, sharper
 
 
 def _apply(block, matrix):
@@ -554,9 +563,14 @@ def _library_operator(library, wavelength, lsf):
     if item is not None:
         return item
     check_coverage(library, wave, lsf, "library")
-    matrix, sharper = convolution_matrix(library["wavelength"].values, wave, lsf,
-                                         float(library.attrs["resolving_power"]))
-    item = (matrix.astype(np.float32).tocsr(), sharper)
+    vals, cols, indptr, sharper = _convolution_entries(
+        library["wavelength"].values, wave, lsf, float(library.attrs["resolving_power"]))
+    # float32 and int32 (what scipy would make of the float64 matrix) given at once: no
+    # float64 matrix built, checked and copied first
+    matrix = scipy.sparse.csr_matrix(
+        (vals.astype(np.float32), cols.astype(np.int32), indptr.astype(np.int32)),
+        shape=(wave.size, library.sizes["wavelength"]))
+    item = (matrix, sharper)
     _OPERATORS.put(key, item)
     return item
 
@@ -584,14 +598,34 @@ def library_spectra(library, wavelength, lsf, templates=None, *, kind="norm"):
     numpy.ndarray, shape (ntemplate, npix)
         float64.
     """
+    return np.asarray(library_columns(library, wavelength, lsf, templates, kind=kind,
+                                      stacklevel=3), dtype=np.float64).T
+
+
+def library_columns(library, wavelength, lsf, templates=None, *, kind="norm", stacklevel=2):
+    """:func:`library_spectra` as the operator gives them, for a caller that stores them its
+    own way (one conversion and copy instead of two).
+
+    Parameters
+    ----------
+    library, wavelength, lsf, templates, kind
+        As for :func:`library_spectra`.
+    stacklevel : int
+        Where the warning of a sharp line spread points, as for :func:`warnings.warn`.
+
+    Returns
+    -------
+    numpy.ndarray, shape (npix, ntemplate)
+        float32, one column per template.
+    """
     lsf = _as_lsf(lsf)
     matrix, sharper = _library_operator(library, wavelength, lsf)
     if sharper > 0:
         warnings.warn(f"the line spread ({lsf.coeffs}) is sharper than the templates' "
                       f"resolution R = {library.attrs['resolving_power']:g} on "
                       f"{100 * sharper:.0f}% of the pixels: templates there are only "
-                      "interpolated, not convolved", FluxCalWarning, stacklevel=2)
+                      "interpolated, not convolved", FluxCalWarning, stacklevel=stacklevel)
     data = library[kind].values
     if templates is not None:
         data = data[templates]
-    return np.asarray(matrix @ np.ascontiguousarray(data.T), dtype=np.float64).T
+    return matrix @ np.ascontiguousarray(data.T)

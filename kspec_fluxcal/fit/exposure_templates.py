@@ -8,7 +8,14 @@ import numpy as np
 from ..config import Config
 from ..grid import PARAMS, interpolation_weights
 from ..lsf import exposure_lsf
-from ..templates import check_coverage, is_library, library_range, library_spectra, prepare_library
+from ..templates import (
+    check_coverage,
+    is_library,
+    library_columns,
+    library_range,
+    library_spectra,
+    prepare_library,
+)
 
 __all__ = ["template_library", "ExposureTemplates", "reference_templates",
            "interpolated_corners"]
@@ -36,16 +43,27 @@ class ExposureTemplates:
         # touched, so never take memory): a fetch is one gather, not a stack of rows.
         self._data = np.empty((library.sizes["template"], np.size(wave)))
         self._have = np.zeros(library.sizes["template"], dtype=bool)
-        self.fetch(candidates)
+        self._prepare(np.asarray(candidates, dtype=np.int64))
 
-    def fetch(self, ids):
-        """Normalised templates (len(ids), P) at the exposure's pixels."""
-        ids = np.asarray(ids, dtype=np.int64)
+    def _prepare(self, ids):
+        """Compute the rows ``ids`` not yet prepared."""
         missing = np.unique(ids[~self._have[ids]])
         if missing.size:
-            self._data[missing] = library_spectra(self.library, self.wave, self.lsf,
-                                                  _as_index(missing))
+            # float32 columns converted (exactly) as they are copied into the rows
+            self._data[_as_index(missing)] = library_columns(
+                self.library, self.wave, self.lsf, _as_index(missing), stacklevel=3).T
             self._have[missing] = True
+
+    def fetch(self, ids):
+        """Normalised templates (len(ids), P) at the exposure's pixels; consecutive ``ids``
+        give a read-only view (no copy of what may be the whole library)."""
+        ids = np.asarray(ids, dtype=np.int64)
+        self._prepare(ids)
+        index = _as_index(ids)
+        if isinstance(index, slice):
+            view = self._data[index]
+            view.flags.writeable = False
+            return view
         return self._data[ids]
 
     __call__ = fetch
@@ -56,8 +74,8 @@ class ExposureTemplates:
 
 
 def _as_index(ids):
-    """A slice when the ids are consecutive (a view of the library, no copy)."""
-    if ids.size and ids[-1] - ids[0] + 1 == ids.size:
+    """A slice when the ids are consecutive and increasing (a view, no copy)."""
+    if ids.size and np.all(np.diff(ids) == 1):
         return slice(int(ids[0]), int(ids[-1]) + 1)
     return ids
 

@@ -5,6 +5,8 @@ vectorised pass (templates moved to each star's velocity by :mod:`kspec_fluxcal.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import scipy.sparse
 import xarray as xr
@@ -13,7 +15,8 @@ from ..constants import SPEED_OF_LIGHT_KMS
 from .shifts import shift_operator, shift_spectra
 
 __all__ = ["score_templates", "score_star", "fit_corrected", "star_correction",
-           "correction_parameters"]
+           "correction_parameters", "fast_mode", "rest_frame_star", "score_rest_frame",
+           "score_rest_frames", "ScoringTemplates"]
 
 
 
@@ -124,12 +127,13 @@ def score_star(obs, ivar, templates, rv, wavelength, metric="chi2", delta=3.0, k
     The templates are on ``wavelength``, the star on its own pixels ``star_wavelength``
     (default: the same). Rows of ``templates`` with a NaN score NaN. float64 throughout.
     """
+    if fast_mode(metric, knot_spacing, correction):
+        return score_rest_frame(rest_frame_star(obs, ivar, rv, wavelength, correction,
+                                                star_wavelength), templates)
     tmpl, missing = _clean_templates(templates)
     f, w = _star_arrays(obs, ivar, correction)
     if correction is not None:
         knot_spacing = None
-    if knot_spacing is None and metric == "chi2":
-        return _fast_chi2(*_to_rest_frame(f, w, wavelength, rv, star_wavelength), tmpl, missing)
     star_wave = wavelength if star_wavelength is None else star_wavelength
     op = shift_operator(star_wave, rv, wavelength)
     shifted = (op.matrix @ tmpl.T).T  # (N, P)
@@ -149,6 +153,65 @@ def score_star(obs, ivar, templates, rv, wavelength, metric="chi2", delta=3.0, k
         r = np.abs((f - model) * sw)
         score = 2.0 * np.sum(np.where(r <= delta, 0.5 * r**2, delta * (r - 0.5 * delta)), axis=1)
     return np.where(missing | ~usable, np.nan, score)
+
+
+def fast_mode(metric, knot_spacing, correction):
+    """Whether :func:`score_star` scores in its fast mode (chi^2 with a single amplitude
+    against the star in its rest frame: :func:`rest_frame_star`, :func:`score_rest_frame`)."""
+    return metric == "chi2" and (correction is not None or knot_spacing is None)
+
+
+def rest_frame_star(obs, ivar, rv, wavelength, correction=None, star_wavelength=None):
+    """A star (P,) as :func:`score_star`'s fast mode compares templates with it: divided by
+    its fixed ``correction`` (None: none), moved to the rest frame (velocity ``rv``) and onto
+    the templates' pixels ``wavelength`` from its own, ``star_wavelength``.
+
+    Returns ``(flux, weights)``, each (P,): computed once, it serves every set of templates
+    scored against the same star, velocity and correction (:func:`score_rest_frame`).
+    """
+    f, w = _star_arrays(obs, ivar, correction)
+    return _to_rest_frame(f, w, wavelength, rv, star_wavelength)
+
+
+def score_rest_frame(rest, templates):
+    """:func:`score_star`'s fast-mode scores of rest-frame ``templates`` against stars in
+    their rest frames.
+
+    Parameters
+    ----------
+    rest : (numpy.ndarray, numpy.ndarray)
+        A star's ``(flux, weights)`` (P,) from :func:`rest_frame_star`, or several stars'
+        stacked (S, P).
+    templates : numpy.ndarray (N, P) or ScoringTemplates
+        The templates; prepared once when scored against several sets of stars.
+
+    Returns
+    -------
+    numpy.ndarray, shape (N,) or (S, N)
+    """
+    prepared = templates if isinstance(templates, ScoringTemplates) else ScoringTemplates(
+        templates)
+    return _fast_chi2(*rest, prepared.tmpl, prepared.missing, prepared.squares)
+
+
+def score_rest_frames(rests, templates):
+    """:func:`score_rest_frame` of several stars' ``rests`` (a list of
+    :func:`rest_frame_star`) at once: scores (S, N)."""
+    return score_rest_frame((np.stack([f for f, _ in rests]), np.stack([w for _, w in rests])),
+                            templates)
+
+
+class ScoringTemplates:
+    """Templates (N, P) as the fast mode scores them (float64, NaN rows zeroed: ``tmpl``,
+    ``missing``) and their squares, each computed once for any number of scorings (the
+    scan scores its candidates twice)."""
+
+    def __init__(self, templates):
+        self.tmpl, self.missing = _clean_templates(templates)
+
+    @functools.cached_property
+    def squares(self):
+        return self.tmpl**2
 
 
 def _clean_templates(templates):
@@ -175,14 +238,14 @@ def _star_arrays(obs, ivar, correction=None):
     return f, w
 
 
-def _fast_chi2(flux, weight, tmpl, missing):
+def _fast_chi2(flux, weight, tmpl, missing, squares):
     """chi^2 with a free amplitude of every template against rest-frame stars, in two matrix
     products: flux, weight (..., P) and tmpl (N, P) give (..., N).
 
     The stars go to the rest frame once (one spectrum shifted each instead of N templates);
     their pixels' noise correlation, the same for every template, does not change the ranking.
     """
-    stt = weight @ (tmpl**2).T
+    stt = weight @ squares.T  # squares = tmpl**2
     sft = (weight * flux) @ tmpl.T
     usable = stt > 0
     score = np.sum(weight * flux**2, axis=-1)[..., None] - sft**2 / np.where(usable, stt, np.inf)
@@ -197,12 +260,9 @@ def _score_block(obs, ivar, templates, rv, star_wave, *correction, wavelength, m
     corr = correction[0][:, 0, :] if correction else [None] * obs.shape[0]
     if correction and metric == "chi2":
         # Fast mode: every star in its rest frame, then all stars x all templates at once.
-        tmpl, missing = _clean_templates(templates)
-        rest = [_to_rest_frame(*_star_arrays(obs[s], ivar[s], corr[s]), wavelength, rv[s],
-                               star_wave[s])
-                for s in range(obs.shape[0])]  # one spectrum per star
-        return _fast_chi2(np.stack([f for f, _ in rest]), np.stack([w for _, w in rest]), tmpl,
-                          missing)
+        return score_rest_frames(
+            [rest_frame_star(obs[s], ivar[s], rv[s], wavelength, corr[s], star_wave[s])
+             for s in range(obs.shape[0])], templates)  # one spectrum per star
     tmpl = np.asarray(templates, dtype=np.float64).reshape(-1, templates.shape[-1])
     # Stars with their own fitted corrections: each star's velocity shifts the templates.
     return np.stack([score_star(obs[s], ivar[s], tmpl, rv[s], wavelength, metric, delta,

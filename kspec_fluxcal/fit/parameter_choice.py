@@ -8,7 +8,7 @@ import numpy as np
 from ..grid import PARAMS
 from .exposure_templates import interpolated_corners
 from .matching import star_correction
-from .refinement import refine_parameters, score_points
+from .refinement import refine_parameters, score_points, star_rest_frames
 
 __all__ = ["choose_parameters"]
 
@@ -80,6 +80,9 @@ def _refine(obs, tm, scan, phot, scores, ok, spec_scale, config):
                "star_wavelength": obs.star_wave[star_of],
                "extra_score": None if phot is None else
                (lambda row, weights, points: phot(star_of[row], weights, points))}
+    # The starts in their rest frames, once for the lattices and the [alpha/M] line.
+    rest = options["rest_frames"] = star_rest_frames(
+        obs.norm[star_of], obs.ivar[star_of], scan.rv[star_of], obs.wave, **options)
     start = {p: library[f"template_{p}"].values[starts.ravel()] for p in PARAMS}
     refined, refined_err, final = refine_parameters(
         obs.norm[star_of], obs.ivar[star_of], tm, template_index, axes, start, scan.rv[star_of],
@@ -96,6 +99,7 @@ def _refine(obs, tm, scan, phot, scores, ok, spec_scale, config):
             "metric": fit.metric, "delta": fit.huber_delta,
             "correction": None if corr is None else corr[rows],
             "spec_scale": spec_scale, "star_wavelength": obs.star_wave[chosen],
+            "rest_frames": None if rest is None else [rest[r] for r in rows],
             "extra_score": None if phot is None else
             (lambda row, weights, points: phot(chosen[row], weights, points))}
         params["alpha"], errors["alpha"] = _refine_alpha(obs, tm, scan, params, chosen,
@@ -126,6 +130,8 @@ def _refine_from(obs, tm, scan, phot, start, spec_scale, config):
                "spec_scale": spec_scale[ok], "star_wavelength": obs.star_wave[ok],
                "extra_score": None if phot is None else
                (lambda row, weights, points: phot(ok[row], weights, points))}
+    options["rest_frames"] = star_rest_frames(obs.norm[ok], obs.ivar[ok], scan.rv[ok],
+                                              obs.wave, **options)
     refined, refined_err, _ = refine_parameters(
         obs.norm[ok], obs.ivar[ok], tm, template_index, axes,
         {p: params[p][ok] for p in PARAMS}, scan.rv[ok], obs.wave, levels=((5, 1.0 / 3),),

@@ -7,9 +7,9 @@ import numpy as np
 import scipy.sparse
 
 from ..grid import PARAMS, interpolation_weights
-from .matching import score_star
+from .matching import fast_mode, rest_frame_star, score_rest_frame, score_star
 
-__all__ = ["refine_parameters", "score_points", "quadratic_minimum"]
+__all__ = ["refine_parameters", "score_points", "quadratic_minimum", "star_rest_frames"]
 
 
 
@@ -51,7 +51,7 @@ def quadratic_minimum(x, y):
 
 def score_points(obs_norm, obs_ivar, templates, template_index, axes, points, rv, wavelength,
                  *, metric="chi2", delta=3.0, knot_spacing=None, spec_scale=None,
-                 extra_score=None, correction=None, star_wavelength=None):
+                 extra_score=None, correction=None, star_wavelength=None, rest_frames=None):
     """Scores of models interpolated at parameter points, vectorised over points.
 
     Parameters
@@ -78,6 +78,9 @@ def score_points(obs_norm, obs_ivar, templates, template_index, axes, points, rv
         Fixed smooth corrections (fast mode of :func:`score_star`).
     star_wavelength : numpy.ndarray, shape (nstar, npix), optional
         Each star's own pixels.
+    rest_frames : list, optional
+        In the fast mode, the stars as :func:`star_rest_frames` gives them for these
+        arguments (computed here when not given: pass them to score the same stars again).
 
     Returns
     -------
@@ -100,11 +103,19 @@ def score_points(obs_norm, obs_ivar, templates, template_index, axes, points, rv
     # The interpolation on the templates used only (a column selection costs more).
     models = (weights_on(np.searchsorted(ids, cols[used]), ids.size)
               @ np.asarray(data, dtype=np.float64)).reshape(nstar, k, -1)
-    star_wave = [None] * nstar if star_wavelength is None else star_wavelength
-    scores = np.stack([score_star(obs_norm[s], obs_ivar[s], models[s], rv[s], wavelength,
-                                  metric, delta, knot_spacing,
-                                  None if correction is None else correction[s], star_wave[s])
-                       for s in range(nstar)])
+    if rest_frames is None:
+        rest_frames = star_rest_frames(obs_norm, obs_ivar, rv, wavelength, metric=metric,
+                                       knot_spacing=knot_spacing, correction=correction,
+                                       star_wavelength=star_wavelength)
+    if rest_frames is not None:
+        scores = np.stack([score_rest_frame(rest_frames[s], models[s]) for s in range(nstar)])
+    else:
+        star_wave = [None] * nstar if star_wavelength is None else star_wavelength
+        scores = np.stack([score_star(obs_norm[s], obs_ivar[s], models[s], rv[s], wavelength,
+                                      metric, delta, knot_spacing,
+                                      None if correction is None else correction[s],
+                                      star_wave[s])
+                           for s in range(nstar)])
     if spec_scale is not None:
         scores = scores / np.asarray(spec_scale, dtype=float)[:, None]
     if extra_score is not None:  # every star's points in one call
@@ -112,6 +123,22 @@ def score_points(obs_norm, obs_ivar, templates, template_index, axes, points, rv
         scores = scores + extra_score(np.repeat(np.arange(nstar), k), full, flat).reshape(
             nstar, k)
     return scores
+
+
+def star_rest_frames(obs_norm, obs_ivar, rv, wavelength, *, metric="chi2", knot_spacing=None,
+                     correction=None, star_wavelength=None, **_):
+    """The stars (nstar, npix) in their rest frames as :func:`score_points` scores them in
+    the fast mode of :func:`~kspec_fluxcal.fit.matching.score_star` (a list of
+    :func:`~kspec_fluxcal.fit.matching.rest_frame_star`), None when it does not: computed
+    once for every lattice scored against the same stars, velocities and corrections.
+
+    Takes the arguments of :func:`score_points` (others ignored)."""
+    if not fast_mode(metric, knot_spacing, correction):
+        return None
+    star_wave = [None] * len(obs_norm) if star_wavelength is None else star_wavelength
+    return [rest_frame_star(obs_norm[s], obs_ivar[s], rv[s], wavelength,
+                            None if correction is None else correction[s], star_wave[s])
+            for s in range(len(obs_norm))]
 
 
 def refine_parameters(obs_norm, obs_ivar, templates, template_index, axes, start, rv,
@@ -131,7 +158,7 @@ def refine_parameters(obs_norm, obs_ivar, templates, template_index, axes, start
         Starting parameters (the best grid point) of each star, including alpha.
     **options
         ``metric``, ``delta``, ``knot_spacing``, ``spec_scale``, ``extra_score``,
-        ``correction``, ``star_wavelength``: see :func:`score_points`.
+        ``correction``, ``star_wavelength``, ``rest_frames``: see :func:`score_points`.
 
     Returns
     -------
@@ -150,6 +177,8 @@ def refine_parameters(obs_norm, obs_ivar, templates, template_index, axes, start
     hi = np.array([axes[p][-1] for p in names])
     centre = np.stack([np.asarray(start[p], dtype=float) for p in names], axis=1)  # (S, 3)
     alpha = np.asarray(start["alpha"], dtype=float)
+    if options.get("rest_frames") is None:  # the same stars at every level
+        options["rest_frames"] = star_rest_frames(obs_norm, obs_ivar, rv, wavelength, **options)
     for n, half in levels:
         u = np.linspace(-half, half, n)
         grid = np.array(np.meshgrid(u, u, u, indexing="ij")).reshape(3, -1).T  # (K, 3)

@@ -10,7 +10,14 @@ import numpy as np
 import xarray as xr
 
 from .exposure_templates import reference_templates
-from .matching import correction_parameters, score_templates, star_correction
+from .matching import (
+    ScoringTemplates,
+    correction_parameters,
+    rest_frame_star,
+    score_rest_frames,
+    score_templates,
+    star_correction,
+)
 from .velocity import cross_correlate_rv, refine_rv
 
 __all__ = ["initial_rv", "scan_templates"]
@@ -40,6 +47,7 @@ def scan_templates(obs, tm, prior, rv0, config):
     knots = fit.correction_knots or None
     cand = prior.candidates
     norm_c = tm.fetch(cand)
+    prepared = ScoringTemplates(norm_c) if knots and fit.metric == "chi2" else None
 
     def scores_at(template_ids, rv):
         corr = None
@@ -48,6 +56,11 @@ def scan_templates(obs, tm, prior, rv0, config):
                                              obs.wave, knots, obs.star_wave[s])
                              for s, t in enumerate(template_ids)])  # a few stars
         out = np.full(prior.window.shape, np.nan)
+        if prepared is not None:  # score_templates' fast mode, the candidates prepared once
+            out[:, cand] = score_rest_frames(
+                [rest_frame_star(obs.norm[s], obs.ivar[s], rv[s], obs.wave, corr[s],
+                                 obs.star_wave[s]) for s in range(obs.nstar)], prepared)
+            return np.where(prior.window, out, np.nan)
         out[:, cand] = score_templates(
             xr.DataArray(obs.norm, dims=("star", "wavelength"),
                          coords={"wavelength": obs.wave}),

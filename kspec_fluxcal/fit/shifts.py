@@ -105,7 +105,12 @@ class ShiftOperator:
     @functools.cached_property
     def squared(self):
         """The matrix's squared weights: how it carries independent variances."""
-        return self.matrix.multiply(self.matrix).tocsr()
+        # What matrix.multiply(matrix) gives (the same products, zeros dropped) without
+        # scipy's merge of two index lists.
+        squared = self.matrix.copy()
+        squared.data = squared.data * squared.data
+        squared.eliminate_zeros()
+        return squared
 
     @functools.cached_property
     def absolute(self):
@@ -128,11 +133,16 @@ def _shift_operator_cached(wave_bytes, source_bytes, rv):
     pos = _positions(wavelength, rv, source)
     n = source.size
     inside, base, weights = _taps(pos)
-    cols = np.clip(base[:, None] + _TAPS[None, :], 0, n - 1)
+    # int32 indices (what scipy makes of int64 ones for this size) given at once: no copies
+    cols = np.clip(base[:, None].astype(np.int32) + _TAPS[None, :].astype(np.int32), 0, n - 1)
     # Rows whose source is off the spectrum stay empty (no stored zeros), so callers can tell.
-    indptr = np.concatenate([[0], np.cumsum(np.where(inside, _TAPS.size, 0))])
+    indptr = np.concatenate([[0], np.cumsum(np.where(inside, _TAPS.size, 0))]).astype(np.int32)
     if not inside.all():
-        weights, cols = weights[inside], cols[inside]
+        rows = np.flatnonzero(inside)
+        # Increasing pixels have their inside rows in one block: a view, not a gather.
+        keep = slice(rows[0], rows[-1] + 1) if rows.size and rows[-1] - rows[0] + 1 == \
+            rows.size else inside
+        weights, cols = weights[keep], cols[keep]
     matrix = scipy.sparse.csr_matrix((weights.ravel(), cols.ravel(), indptr),
                                      shape=(pos.size, n))
     matrix.sum_duplicates()  # taps clipped at the ends: one entry per column
