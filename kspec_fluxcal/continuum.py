@@ -13,7 +13,6 @@ from __future__ import annotations
 import functools
 
 import numpy as np
-import scipy.ndimage
 import scipy.sparse
 import xarray as xr
 
@@ -174,6 +173,8 @@ def fit_continuum(flux, wavelength, mask=None, *, method="bspline", knot_spacing
 
 
 def _running_median(y, use, window, sigma_low, sigma_high, iterations):
+    import scipy.ndimage  # only for this method, not the default: 0.1 s of start-up
+
     filled = _fill_gaps(y, use)
     cont = scipy.ndimage.median_filter(filled, size=(1, window), mode="nearest")
     for _ in range(iterations):
