@@ -27,6 +27,7 @@ import hashlib
 import json
 import os
 import threading
+import types
 import warnings
 from pathlib import Path
 
@@ -44,8 +45,8 @@ from .grid import PARAMS, STORE_VARIABLES, check_chunks, load_checked_store
 from .lsf import LineSpread
 
 __all__ = ["convolution_matrix", "prepare_templates", "prepared_templates", "clear_cache",
-           "prepare_library", "library_spectra", "library_columns", "library_range", "is_library",
-           "check_coverage", "default_cache_dir", "CACHE_ENV"]
+           "prepare_library", "library_spectra", "library_columns", "library_arrays",
+           "library_range", "is_library", "check_coverage", "default_cache_dir", "CACHE_ENV"]
 
 _NSIGMA = 5.0
 
@@ -367,6 +368,7 @@ def clear_cache():
     _PREPARED.clear()
     _LIBRARIES.clear()
     _OPERATORS.clear()
+    _ARRAYS.clear()
 
 
 # ----------------------------------------------------------------------------- libraries
@@ -418,6 +420,42 @@ def is_library(obj):
 
 #: Libraries kept in memory per process (each ~10-100 MB).
 _LIBRARIES = _Recent(3)
+#: :func:`library_arrays` of the libraries met so far, by library key (a few KB each).
+_ARRAYS = _Recent(8)
+
+
+def library_arrays(library):
+    """A library's template parameters, grid axes and template index as numpy arrays.
+
+    Looked up once per library (by its ``library_key``) rather than at every use: the fit
+    reads them some 50 times per exposure, each an xarray lookup of ~20 us.
+
+    Parameters
+    ----------
+    library : xarray.Dataset
+        From :func:`prepare_library` (one without a ``library_key`` is read each time).
+
+    Returns
+    -------
+    types.MappingProxyType
+        ``template_<p>`` (along ``template``) and ``<p>`` (the grid's axis) for each
+        parameter ``p``, and ``template_index``; read-only views of the library's arrays.
+    """
+    key = library.attrs.get("library_key")
+    arrays = None if key is None else _ARRAYS.get(key)
+    if arrays is None:
+        names = (*PARAMS, *(f"template_{p}" for p in PARAMS), "template_index")
+        arrays = types.MappingProxyType({name: _read_only(library[name].values)
+                                         for name in names})
+        if key is not None:
+            _ARRAYS.put(key, arrays)
+    return arrays
+
+
+def _read_only(array):
+    view = array.view()
+    view.flags.writeable = False
+    return view
 
 
 def prepare_library(grid, wave_range, config=None, *, cache_dir=None,

@@ -16,6 +16,7 @@ from kspec_fluxcal.templates import (
     clear_cache,
     convolution_matrix,
     default_cache_dir,
+    library_arrays,
     library_range,
     prepare_library,
     prepare_templates,
@@ -168,6 +169,17 @@ def test_library_kept_on_disk_by_default_and_read_back(cube, tmp_path, monkeypat
     xr.testing.assert_identical(again.drop_attrs(), first.drop_attrs())
     assert again.attrs["library_key"] == first.attrs["library_key"]
     assert not list((tmp_path / "cache").glob(".kspec-tmp-*"))  # published, nothing left
+
+
+def test_library_arrays_are_the_library_values_read_only_and_kept(cube, tmp_path):
+    clear_cache()
+    library = _library(cube, cache_dir=tmp_path)
+    arrays = library_arrays(library)
+    assert library_arrays(library) is arrays  # looked up once per library
+    for name in ("teff", "template_logg", "template_index"):
+        np.testing.assert_array_equal(arrays[name], library[name].values)
+        assert not arrays[name].flags.writeable
+    assert library[name].values.flags.writeable  # the library's own arrays untouched
 
 
 def test_library_cache_off_and_explicit_directory(cube, tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ import numpy as np
 from ..constants import FLUX_UNIT_SCALE, HC_ERG_AA, MIN_PARALLAX_SNR
 from ..grid import PARAMS
 from ..masks import load_regions, region_mask
+from ..templates import library_arrays
 
 __all__ = ["star_vectors", "line_variance", "implied_throughput", "acceptance", "star_flags"]
 
@@ -88,7 +89,7 @@ def acceptance(obs, prior, scan, model, params, matched, library, config):
     fit, phot = config.fit, config.photometry
     pf = model.phot
     teff = params["teff"]
-    lo, hi = library["teff"].values[0], library["teff"].values[-1]
+    lo, hi = library_arrays(library)["teff"][[0, -1]]
     edge_window = fit.teff_window / 3
     edge = (((teff <= lo + 1) & (prior.teff_colour < lo - edge_window))
             | ((teff >= hi - 1) & (prior.teff_colour > hi + edge_window)))
@@ -139,6 +140,7 @@ def acceptance(obs, prior, scan, model, params, matched, library, config):
 def star_flags(params, library, model, config):
     """Notes on accepted fits: parameters at a grid edge, no parallax, a throughput outside
     the instrument's plausible range (within the margin), an XP spectrum not used."""
+    axes = library_arrays(library)
     out = []
     for s in range(len(params["teff"])):
         notes = []
@@ -147,7 +149,7 @@ def star_flags(params, library, model, config):
                          f"{config.instrument.throughput_min:g}-"
                          f"{config.instrument.throughput_max:g}")
         for p in PARAMS:
-            ax = library[p].values
+            ax = axes[p]
             # [alpha/M] = 0, the lowest node, is where most stars belong: no note.
             low = p != "alpha" and params[p][s] <= ax[0] + 1e-6
             if ax.size > 1 and (low or params[p][s] >= ax[-1] - 1e-6):

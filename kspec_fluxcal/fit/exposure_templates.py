@@ -11,6 +11,7 @@ from ..lsf import exposure_lsf
 from ..templates import (
     check_coverage,
     is_library,
+    library_arrays,
     library_columns,
     library_range,
     library_spectra,
@@ -18,7 +19,7 @@ from ..templates import (
 )
 
 __all__ = ["template_library", "ExposureTemplates", "reference_templates",
-           "interpolated_corners"]
+           "interpolated_corners", "lattice"]
 
 
 def template_library(grid, exposure, config=None, *, cache_dir=None):
@@ -82,20 +83,24 @@ def _as_index(ids):
 
 def reference_templates(library, teff):
     """Per star, the template nearest (teff, logg 4.5, [M/H] 0, alpha 0); median Teff if NaN."""
-    t = library["template_teff"].values
-    g = library["template_logg"].values
-    m = library["template_feh"].values
-    a = library["template_alpha"].values
+    arrays = library_arrays(library)
+    t, g, m, a = (arrays[f"template_{p}"] for p in PARAMS)
     target = np.where(np.isfinite(teff), teff, np.median(t))
     dist = (((t[None, :] - target[:, None]) / 250.0) ** 2 + ((g - 4.5) / 0.5) ** 2
             + (m / 0.25) ** 2 + (a / 0.25) ** 2)
     return np.argmin(dist, axis=1)
 
 
+def lattice(library):
+    """The library's grid axes (a dict by parameter) and its template index (-1 where the
+    grid has no model), read-only."""
+    arrays = library_arrays(library)
+    return {p: arrays[p] for p in PARAMS}, arrays["template_index"]
+
+
 def interpolated_corners(library, params):
     """Corners (S, 16) of the models at ``params`` and their weights."""
-    axes = {p: library[p].values for p in PARAMS}
-    template_index = library["template_index"].values
+    axes, template_index = lattice(library)
     index, weight = interpolation_weights(axes, template_index >= 0, *(params[p] for p in PARAMS))
     corners = template_index[tuple(index[..., k] for k in range(4))]
     weight = np.where(corners >= 0, np.nan_to_num(weight), 0.0)

@@ -14,7 +14,7 @@ from ..constants import A_GAIA_G_PER_EBV, A_PS1_G_PER_EBV
 from ..continuum import fit_continuum
 from ..masks import region_mask
 from ..photometry import teff_from_color
-from ..templates import _Recent
+from ..templates import _Recent, library_arrays
 
 __all__ = ["observed_standards", "catalog_priors"]
 
@@ -109,7 +109,7 @@ def catalog_priors(matched, library, config):
                                                              dims="star"),
                           table=_colour_table(library), window=config.fit.teff_window)
     teff_colour = est["teff"].values
-    t_templates = library["template_teff"].values
+    t_templates = library_arrays(library)["template_teff"]
     lo = np.where(np.isfinite(teff_colour), est["teff_min"].values, -np.inf)
     hi = np.where(np.isfinite(teff_colour), est["teff_max"].values, np.inf)
     window = (t_templates[None, :] >= lo[:, None]) & (t_templates[None, :] <= hi[:, None])

@@ -8,6 +8,7 @@ import numpy as np
 import scipy.sparse
 
 from ..photometry import fit_photometry, parallax_chi2
+from ..templates import library_arrays
 
 __all__ = ["PhotometricScore", "model_magnitudes", "photometry_rows", "spectral_photometry"]
 
@@ -29,7 +30,7 @@ class PhotometricScore:
         self.maggies = np.nan_to_num(10.0 ** (-0.4 * library["synth_mag"].sel(band=bands).values))
         self.ext = library["ext_coeff"].sel(law=fit.extinction_law, band=bands).values
         self.weighted_ext = np.nan_to_num(self.maggies * self.ext)
-        self.template_logg = library["template_logg"].values
+        self.template_logg = library_arrays(library)["template_logg"]
         self.prior = prior
         self.min_bands = phot.min_bands
         self.options = {"ebv_prior_sigma": fit.ebv_prior_sigma, "reddening": fit.reddening,

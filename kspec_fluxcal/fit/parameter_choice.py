@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..grid import PARAMS
-from .exposure_templates import interpolated_corners
+from ..templates import library_arrays
+from .exposure_templates import interpolated_corners, lattice
 from .matching import star_correction
 from .refinement import refine_parameters, score_points, star_rest_frames
 
@@ -47,7 +48,7 @@ def choose_parameters(obs, tm, scan, phot, prior, config, start=None):
         scores[:, cand] = scores[:, cand] + extra
     finite = np.where(np.isfinite(scores), scores, np.inf)
     best = np.where(scan.usable, np.argmin(finite, axis=1), 0)
-    params = {p: library[f"template_{p}"].values[best].astype(float) for p in PARAMS}
+    params = {p: library_arrays(library)[f"template_{p}"][best].astype(float) for p in PARAMS}
     errors = {p: np.full(obs.nstar, np.nan) for p in PARAMS}
     if not (fit.refine and scan.usable.any()):
         return params, errors
@@ -65,8 +66,7 @@ def _refine(obs, tm, scan, phot, scores, ok, spec_scale, config):
     [alpha/M] between its nodes, for the stars ``ok``."""
     fit = config.fit
     library = tm.library
-    axes = {p: library[p].values for p in PARAMS}
-    template_index = library["template_index"].values
+    axes, template_index = lattice(library)
     nstart = min(fit.refine_starts, scores.shape[1])
     starts = _distinct_starts(library, scores, nstart)  # (n_ok, nstart) templates
     star_of = np.repeat(ok, nstart)
@@ -83,7 +83,7 @@ def _refine(obs, tm, scan, phot, scores, ok, spec_scale, config):
     # The starts in their rest frames, once for the lattices and the [alpha/M] line.
     rest = options["rest_frames"] = star_rest_frames(
         obs.norm[star_of], obs.ivar[star_of], scan.rv[star_of], obs.wave, **options)
-    start = {p: library[f"template_{p}"].values[starts.ravel()] for p in PARAMS}
+    start = {p: library_arrays(library)[f"template_{p}"][starts.ravel()] for p in PARAMS}
     refined, refined_err, final = refine_parameters(
         obs.norm[star_of], obs.ivar[star_of], tm, template_index, axes, start, scan.rv[star_of],
         obs.wave, **options)
@@ -111,8 +111,7 @@ def _refine_from(obs, tm, scan, phot, start, spec_scale, config):
     """A lattice of a third of a grid step around ``start`` (and [alpha/M] again)."""
     fit = config.fit
     library = tm.library
-    axes = {p: library[p].values for p in PARAMS}
-    template_index = library["template_index"].values
+    axes, template_index = lattice(library)
     ok = np.flatnonzero(scan.usable)
     params = {p: np.array(start[p], dtype=float) for p in PARAMS}
     errors = {p: np.full(obs.nstar, np.nan) for p in PARAMS}
@@ -181,9 +180,10 @@ def _distinct_starts(library, scores, n):
     lattice refinement (which keeps [alpha/M]) must also start in the other valley. Short
     lists are padded with the best template.
     """
-    index = np.stack([np.searchsorted(library[p].values, library[f"template_{p}"].values)
+    arrays = library_arrays(library)
+    index = np.stack([np.searchsorted(arrays[p], arrays[f"template_{p}"])
                       for p in PARAMS[:3]], axis=1)  # (T, 3) grid indices
-    alphas = library["template_alpha"].values
+    alphas = arrays["template_alpha"]
     groups = [np.flatnonzero(alphas == a) for a in np.unique(alphas)]
     per_group = int(np.ceil(n / len(groups)))
     finite = np.where(np.isfinite(scores), scores, np.inf)
