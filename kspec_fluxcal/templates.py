@@ -441,19 +441,40 @@ def library_arrays(library):
         ``template_<p>`` (along ``template``) and ``<p>`` (the grid's axis) for each
         parameter ``p``, and ``template_index``; read-only views of the library's arrays.
     """
+    return per_library(_ARRAYS, _library_arrays, library)
+
+
+def _library_arrays(library):
+    names = (*PARAMS, *(f"template_{p}" for p in PARAMS), "template_index")
+    return types.MappingProxyType({name: read_only(library[name].values) for name in names})
+
+
+def per_library(cache, build, library, *args):
+    """``build(library, *args)``, computed once per library and ``args``.
+
+    Parameters
+    ----------
+    cache : _Recent
+        Where the values are kept, by the library's ``library_key`` and ``args`` (hashable).
+    build : callable
+        Computes the value; what it returns is shared by every caller, so it must not be
+        modified (see :func:`read_only`).
+    library : xarray.Dataset
+        From :func:`prepare_library` (one without a ``library_key`` is computed each time).
+    """
     key = library.attrs.get("library_key")
-    arrays = None if key is None else _ARRAYS.get(key)
-    if arrays is None:
-        names = (*PARAMS, *(f"template_{p}" for p in PARAMS), "template_index")
-        arrays = types.MappingProxyType({name: _read_only(library[name].values)
-                                         for name in names})
+    key = None if key is None else (key, *args)
+    value = None if key is None else cache.get(key)
+    if value is None:
+        value = build(library, *args)
         if key is not None:
-            _ARRAYS.put(key, arrays)
-    return arrays
+            cache.put(key, value)
+    return value
 
 
-def _read_only(array):
-    view = array.view()
+def read_only(array):
+    """A read-only view of ``array`` (a value shared through :func:`per_library`)."""
+    view = np.asarray(array).view()
     view.flags.writeable = False
     return view
 

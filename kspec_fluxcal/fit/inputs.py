@@ -14,7 +14,7 @@ from ..constants import A_GAIA_G_PER_EBV, A_PS1_G_PER_EBV
 from ..continuum import fit_continuum
 from ..masks import region_mask
 from ..photometry import teff_from_color
-from ..templates import _Recent, library_arrays
+from ..templates import _Recent, library_arrays, per_library
 
 __all__ = ["observed_standards", "catalog_priors"]
 
@@ -65,13 +65,7 @@ _COLOUR_TABLES = _Recent(8)
 def _colour_table(library):
     """Teff vs synthetic BP-RP and g-r of the templates' dwarfs (logg ~ 4.5, [M/H] ~ 0);
     computed once per library (the same for all its exposures: 3 ms of xarray each)."""
-    key = library.attrs.get("library_key")
-    table = None if key is None else _COLOUR_TABLES.get(key)
-    if table is None:
-        table = _library_colour_table(library)
-        if key is not None:
-            _COLOUR_TABLES.put(key, table)
-    return table
+    return per_library(_COLOUR_TABLES, _library_colour_table, library)
 
 
 def _library_colour_table(library):

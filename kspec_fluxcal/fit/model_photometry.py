@@ -8,9 +8,20 @@ import numpy as np
 import scipy.sparse
 
 from ..photometry import fit_photometry, parallax_chi2
-from ..templates import library_arrays
+from ..templates import _Recent, library_arrays, per_library, read_only
 
 __all__ = ["PhotometricScore", "model_magnitudes", "photometry_rows", "spectral_photometry"]
+
+
+#: :func:`_band_tables` of the libraries met so far (the same for all their exposures).
+_BAND_TABLES = _Recent(8)
+
+
+def _band_tables(library, bands, law):
+    """The templates' maggies (T, B), extinction coefficients and their product (NaN as 0)."""
+    maggies = np.nan_to_num(10.0 ** (-0.4 * library["synth_mag"].sel(band=list(bands)).values))
+    ext = library["ext_coeff"].sel(law=law, band=list(bands)).values
+    return tuple(read_only(a) for a in (maggies, ext, np.nan_to_num(maggies * ext)))
 
 
 class PhotometricScore:
@@ -27,9 +38,8 @@ class PhotometricScore:
         fit, phot = config.fit, config.photometry
         bands = list(matched["band"].values)
         self.mag_obs, self.mag_err = matched["mag"].values, matched["mag_err"].values
-        self.maggies = np.nan_to_num(10.0 ** (-0.4 * library["synth_mag"].sel(band=bands).values))
-        self.ext = library["ext_coeff"].sel(law=fit.extinction_law, band=bands).values
-        self.weighted_ext = np.nan_to_num(self.maggies * self.ext)
+        self.maggies, self.ext, self.weighted_ext = per_library(
+            _BAND_TABLES, _band_tables, library, tuple(bands), fit.extinction_law)
         self.template_logg = library_arrays(library)["template_logg"]
         self.prior = prior
         self.min_bands = phot.min_bands
