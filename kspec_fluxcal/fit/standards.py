@@ -104,7 +104,8 @@ def fit_standards(exposure, catalog, grid, config=None, *, cache_dir=None, xp=No
     config = Config() if config is None else config
     lsf = exposure_lsf(exposure, config)
     library = template_library(grid, exposure, config, cache_dir=cache_dir)
-    bands = [b for b in config.photometry.bands if b in catalog["band"].values]
+    have = catalog["band"].values  # one lookup, not one per configured band
+    bands = [b for b in config.photometry.bands if b in have]
     matched = match_standards(exposure, catalog.sel(band=bands))
     xp = standards_xp(matched, xp)
     std = exposure.isel(fiber=matched["fiber"].values)[["flux", "variance", "good"]]
