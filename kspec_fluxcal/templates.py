@@ -73,22 +73,30 @@ def convolution_matrix(wave_in, wave_out, lsf, resolving_power=None):
     sharper : float
         Fraction of output pixels where the instrument is sharper than the input.
     """
-    vals, cols, indptr, sharper = _convolution_entries(wave_in, wave_out, lsf, resolving_power)
+    vals, cols, indptr, sharper = _convolution_entries(_log_sampling(wave_in), wave_out, lsf,
+                                                       resolving_power)
     matrix = scipy.sparse.csr_matrix((vals, cols, indptr),
                                      shape=(indptr.size - 1, np.size(wave_in)))
     return matrix, sharper
 
 
-def _convolution_entries(wave_in, wave_out, lsf, resolving_power=None):
-    """The CSR arrays (values, columns, row pointers) of :func:`convolution_matrix` and its
-    ``sharper``: what :func:`_library_operator` turns into a float32 matrix in one step."""
+def _log_sampling(wave_in):
+    """ln(wave_in) and its gradient, as :func:`_convolution_entries` takes the input
+    sampling (a library's computed once, not for every operator built)."""
     ln_in = np.log(np.asarray(wave_in, dtype=np.float64))
+    return ln_in, np.gradient(ln_in)
+
+
+def _convolution_entries(log_in, wave_out, lsf, resolving_power=None):
+    """The CSR arrays (values, columns, row pointers) of :func:`convolution_matrix` and its
+    ``sharper``, from the input's :func:`_log_sampling`: what :func:`_library_operator`
+    turns into a float32 matrix in one step."""
+    ln_in, dln = log_in
     wave_out = np.asarray(wave_out, dtype=np.float64)
     ln_out = np.log(wave_out)
     sig_inst = lsf.fwhm(wave_out) / wave_out / FWHM_PER_SIGMA
     sig_grid = 0.0 if resolving_power is None else 1.0 / (resolving_power * FWHM_PER_SIGMA)
     excess = sig_inst**2 - sig_grid**2
-    dln = np.gradient(ln_in)
     floor = 0.5 * np.interp(ln_out, ln_in, dln)
     sharper = float(np.mean(excess <= floor**2))
     sigma = np.sqrt(np.maximum(excess, floor**2))
@@ -420,15 +428,12 @@ def is_library(obj):
 
 #: Libraries kept in memory per process (each ~10-100 MB).
 _LIBRARIES = _Recent(3)
-#: :func:`library_arrays` of the libraries met so far, by library key (a few KB each).
-_ARRAYS = _Recent(8)
+_ARRAYS = _Recent(8)  # library_arrays of the libraries met so far (a few KB each)
 
 
 def library_arrays(library):
-    """A library's template parameters, grid axes and template index as numpy arrays.
-
-    Looked up once per library (by its ``library_key``) rather than at every use: the fit
-    reads them some 50 times per exposure, each an xarray lookup of ~20 us.
+    """A library's template parameters, grid axes and template index as numpy arrays, looked
+    up once per library (the fit reads them ~50 times per exposure, ~15 us each in xarray).
 
     Parameters
     ----------
@@ -457,13 +462,11 @@ def per_library(cache, build, library, *args):
     cache : _Recent
         Where the values are kept, by the library's ``library_key`` and ``args`` (hashable).
     build : callable
-        Computes the value; what it returns is shared by every caller, so it must not be
-        modified (see :func:`read_only`).
+        Computes the value, shared by every caller: it must not be modified (:func:`read_only`).
     library : xarray.Dataset
         From :func:`prepare_library` (one without a ``library_key`` is computed each time).
     """
-    key = library.attrs.get("library_key")
-    key = None if key is None else (key, *args)
+    key = None if "library_key" not in library.attrs else (library.attrs["library_key"], *args)
     value = None if key is None else cache.get(key)
     if value is None:
         value = build(library, *args)
@@ -611,6 +614,11 @@ def _build_library(grid, lo, hi, options, max_resolving_power):
 
 #: Library-to-exposure operators, by (library, pixels, LSF): a few, with their memory.
 _OPERATORS = _Recent(6)  # an exposure uses up to 5 (line-spread trials), ~1 MB each
+_LOG_SAMPLINGS = _Recent(3)  # the libraries' _log_sampling (~200 KB each)
+
+
+def _library_log_sampling(library):
+    return tuple(read_only(a) for a in _log_sampling(library["wavelength"].values))
 
 
 def _library_operator(library, wavelength, lsf):
@@ -622,8 +630,9 @@ def _library_operator(library, wavelength, lsf):
     if item is not None:
         return item
     check_coverage(library, wave, lsf, "library")
+    log_in = per_library(_LOG_SAMPLINGS, _library_log_sampling, library)
     vals, cols, indptr, sharper = _convolution_entries(
-        library["wavelength"].values, wave, lsf, float(library.attrs["resolving_power"]))
+        log_in, wave, lsf, float(library.attrs["resolving_power"]))
     # float32 and int32 (what scipy would make of the float64 matrix) given at once: no
     # float64 matrix built, checked and copied first
     matrix = scipy.sparse.csr_matrix(
