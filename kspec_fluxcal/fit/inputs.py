@@ -10,10 +10,10 @@ import numpy as np
 import xarray as xr
 
 from ..config import continuum_options
-from ..constants import A_GAIA_G_PER_EBV, A_PS1_G_PER_EBV
+from ..constants import A_GAIA_G_PER_EBV, A_PS1_G_PER_EBV, COLOUR_EXCESS_PER_EBV
 from ..continuum import fit_continuum
 from ..masks import region_mask
-from ..photometry import teff_from_color
+from ..photometry import _colour_relations, _teff_kernel, colour_teff_table
 from ..templates import _Recent, library_arrays, per_library
 
 __all__ = ["observed_standards", "catalog_priors"]
@@ -58,17 +58,25 @@ def observed_standards(std, config):
                                       if "fibres_lsf_scale" in std.coords else np.ones(nstar)))
 
 
-#: Colour tables of the libraries met so far, by library key (a process meets a few).
-_COLOUR_TABLES = _Recent(8)
+#: Colour relations of the libraries met so far, by library key (a process meets a few).
+_COLOUR_RELATIONS = _Recent(8)
 
 
-def _colour_table(library):
-    """Teff vs synthetic BP-RP and g-r of the templates' dwarfs (logg ~ 4.5, [M/H] ~ 0);
-    computed once per library (the same for all its exposures: 3 ms of xarray each)."""
-    return per_library(_COLOUR_TABLES, _library_colour_table, library)
+def _colour_relations_of(library):
+    """The colour-Teff relations :func:`teff_from_color` applies with the library's colour
+    table (below; the default one without it); prepared once per library (the same for all
+    its exposures: 4-5 ms of xarray each)."""
+    return per_library(_COLOUR_RELATIONS, _library_colour_relations, library)
+
+
+def _library_colour_relations(library):
+    table = _library_colour_table(library)
+    return _colour_relations(colour_teff_table() if table is None else table,
+                             COLOUR_EXCESS_PER_EBV)
 
 
 def _library_colour_table(library):
+    """Teff vs synthetic BP-RP and g-r of the templates' dwarfs (logg ~ 4.5, [M/H] ~ 0)."""
     t = library["template_teff"].values
     g = library["template_logg"].values
     m = library["template_feh"].values
@@ -99,13 +107,16 @@ def catalog_priors(matched, library, config):
     ``candidates`` (the templates of any window), ``parallax`` and ``parallax_err``."""
     a_gaia, a_g = matched["a_gaia"].values, matched["a_g"].values
     ebv_catalog = np.where(np.isfinite(a_gaia), a_gaia / A_GAIA_G_PER_EBV, a_g / A_PS1_G_PER_EBV)
-    est = teff_from_color(matched["mag"], ebv=xr.DataArray(np.nan_to_num(ebv_catalog),
-                                                             dims="star"),
-                          table=_colour_table(library), window=config.fit.teff_window)
-    teff_colour = est["teff"].values
+    # teff_from_color's numpy core, given the library's relations (its xarray steps were
+    # most of this function's time)
+    mag = matched["mag"].transpose(..., "band")
+    teff_colour, _ = _teff_kernel(mag.values, np.nan_to_num(ebv_catalog),
+                                  bands=[str(b) for b in mag["band"].values],
+                                  relations=_colour_relations_of(library))
     t_templates = library_arrays(library)["template_teff"]
-    lo = np.where(np.isfinite(teff_colour), est["teff_min"].values, -np.inf)
-    hi = np.where(np.isfinite(teff_colour), est["teff_max"].values, np.inf)
+    half = config.fit.teff_window
+    lo = np.where(np.isfinite(teff_colour), teff_colour - half, -np.inf)
+    hi = np.where(np.isfinite(teff_colour), teff_colour + half, np.inf)
     window = (t_templates[None, :] >= lo[:, None]) & (t_templates[None, :] <= hi[:, None])
     # A window between grid points still needs candidates: take the nearest Teff values.
     empty = ~window.any(axis=1)
