@@ -23,17 +23,12 @@ def _bridge(wave, values, variance, measured):
     return curve, var
 
 
-def _fit_smooth(wave, values, variance, fit, opts, no_knots=None):
+def _smooth(wave, values, variance, fit, opts, no_knots=None):
     """The smooth curve through ``values`` at pixels ``fit``, bridging the others: a cubic
     B-spline in ln(lambda) (knots every ``smooth_scale`` A at mid-range, none where
-    ``no_knots``, weighted) or a Savitzky-Golay filter; and its variance."""
-    curve, curve_variance = _smooth(wave, values, variance, fit, opts, no_knots)
-    return curve, curve_variance()
-
-
-def _smooth(wave, values, variance, fit, opts, no_knots=None):
-    """:func:`_fit_smooth` with the variance as a function, computed when called: of the
-    response's successive fits only the last one's is used (~0.7 ms each)."""
+    ``no_knots``, weighted) or a Savitzky-Golay filter; and its variance as a function,
+    computed when called (of the response's successive fits only the last one's is used,
+    ~0.7 ms each)."""
     x = np.log(wave)
     if fit.sum() < 10:
         curve, curve_variance = _bridge(wave, values, variance, fit)

@@ -276,10 +276,10 @@ def test_standards_no_template_fits_calibrate_with_grade_d():
 
 
 def _smooth_fit(values, variance, curvature):
-    from kspec_fluxcal.smoothing import _fit_smooth
+    from kspec_fluxcal.smoothing import _smooth
 
     opts = Config().replace(smooth_curvature=curvature).combine
-    return _fit_smooth(WAVE, values, variance, np.ones(WAVE.size, bool), opts)[0]
+    return _smooth(WAVE, values, variance, np.ones(WAVE.size, bool), opts)[0]
 
 
 @pytest.mark.parametrize("seed", [3, 4, 5])

@@ -77,7 +77,7 @@ MAG_TO_LN = 0.4 * np.log(10.0)
 #: stronger than any data term, which is blind to it.
 _GREY_PIN = 1e10
 #: Second-difference penalty relative to the data's mean diagonal: bridges knot intervals
-#: without data, invisible elsewhere (as in smoothing._fit_smooth).
+#: without data, invisible elsewhere (as in smoothing._smooth).
 _SMOOTHING = 1e-6
 #: Weak priors of the survey means: the extinction curve (mag/airmass; only degenerate surveys,
 #: all at one airmass, feel it) and the seeing term (ln per arcsec).
