@@ -126,6 +126,14 @@ SCHEMA = {
         "refine": Option(True, "Refine parameters between grid points (interpolation)."),
         "refine_starts": Option(2, "Refinements started from this many of the best grid points "
                                 "(the best result is kept).", min=1, max=50),
+        "alpha_extrapolation": Option(0.25, "How far [alpha/M] may be fitted above the "
+                                      "grid's largest value, dex (linear in its two "
+                                      "largest nodes; grids with one [alpha/M] keep it).",
+                                      min=0.0, max=0.5),
+        "alpha_prior": Option(0.3, "Width, dex, of a one-sided Gaussian prior on [alpha/M] "
+                              "above the largest value the grid has at the star's [M/H] "
+                              "(where the model is the [alpha/M] response of other "
+                              "metallicities, or extrapolated); 0 = none.", min=0.0),
         "use_photometry": Option(True, "Choose template parameters with the photometric chi^2 "
                                  "of the scaled, reddened model added to the spectral one "
                                  "(breaks the Teff-[M/H]-log g degeneracy of the lines)."),

@@ -10,7 +10,7 @@ from conftest import SHARED_REAL, requires_shared
 
 from kspec_fluxcal.constants import BANDS
 from kspec_fluxcal.errors import FluxCalWarning, GridError
-from kspec_fluxcal.grid import open_grid
+from kspec_fluxcal.grid import alpha_response_weights, interpolation_weights, open_grid
 from kspec_fluxcal.grid.build import (
     build_grid,
     parse_bosz_filename,
@@ -266,3 +266,58 @@ def test_corrupt_chunk_is_named_where_it_is_read(cube, tmp_path, variable, chunk
         grid[variable].isel(select).values  # noqa: B018
     # Reading what is intact still works.
     assert np.isfinite(grid["flux"].isel(teff=0, wavelength=slice(0, 10)).values).any()
+
+
+# ----------------------------------------------------------------------------- [alpha/M]
+
+ALPHA_AXES = {"teff": np.array([5000.0, 5500.0, 6000.0]), "logg": np.array([4.0, 4.5]),
+              "feh": np.array([-1.0, -0.5, 0.0]), "alpha": np.array([0.0, 0.25])}
+
+
+def _evaluate(index, weight, values):
+    return np.sum(np.where(weight != 0, weight * values[tuple(np.moveaxis(index, -1, 0))], 0.0),
+                  axis=1)
+
+
+def test_alpha_response_is_multilinear_where_the_grid_is_complete():
+    rng = np.random.default_rng(3)
+    values = rng.normal(size=(3, 2, 3, 2))
+    exists = np.ones(values.shape, bool)
+    points = (rng.uniform(5000, 6000, 50), rng.uniform(4, 4.5, 50), rng.uniform(-1, 0, 50),
+              rng.choice([0.0, 0.25, 0.1, 0.2], 50))
+    expected = _evaluate(*interpolation_weights(ALPHA_AXES, exists, *points), values)
+    np.testing.assert_allclose(_evaluate(*alpha_response_weights(ALPHA_AXES, exists, *points),
+                                         values), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("alpha", [0.1, 0.25, 0.4, 0.5])
+@pytest.mark.parametrize("feh", [-0.2, 0.0, -0.7])
+def test_alpha_response_is_transferred_into_holes_and_extrapolated(alpha, feh):
+    """The synthetic grid (like MARCS) has [alpha/M] +0.25 only for [M/H] <= -0.5: a model
+    linear in every parameter is recovered at any [alpha/M] and [M/H] (interpolation_weights
+    fell back to [alpha/M] 0 there, and clips beyond +0.25)."""
+    values = np.fromfunction(lambda i, j, k, m: 1.0 + i + 2.0 * j + 3.0 * k + 4.0 * m,
+                             (3, 2, 3, 2))
+    exists = np.ones(values.shape, bool)
+    exists[:, :, 2, 1] = False  # no +0.25 at [M/H] 0
+    index, weight = alpha_response_weights(ALPHA_AXES, exists, 5200.0, 4.2, feh, alpha)
+    expected = 1.0 + 0.4 + 2 * 0.4 + 3 * (feh + 1) / 0.5 + 4 * alpha / 0.25
+    assert _evaluate(index, weight, values)[0] == pytest.approx(expected, abs=1e-12)
+    assert weight.sum() == pytest.approx(1.0)
+    assert exists[tuple(np.moveaxis(index[weight != 0], -1, 0))].all()
+    old = _evaluate(*interpolation_weights(ALPHA_AXES, exists, 5200.0, 4.2, feh, alpha), values)
+    assert (old[0] == pytest.approx(expected)) == (feh < -0.5 and alpha <= 0.25)
+
+
+def test_alpha_response_at_nodes_and_single_alpha_grids_is_plain_interpolation():
+    exists = np.ones((3, 2, 3, 2), bool)
+    exists[0, 0, 0, 0] = False  # a hole: renormalised, as before
+    args = (np.array([5100.0, 5600.0]), np.array([4.1, 4.4]), np.array([-0.9, -0.2]))
+    for alpha in (0.0, 0.25):
+        for a, b in zip(interpolation_weights(ALPHA_AXES, exists, *args, alpha),
+                        alpha_response_weights(ALPHA_AXES, exists, *args, alpha), strict=True):
+            np.testing.assert_array_equal(a, b)
+    single = {**ALPHA_AXES, "alpha": np.array([0.0])}
+    for a, b in zip(interpolation_weights(single, exists[..., :1], *args, 0.3),
+                    alpha_response_weights(single, exists[..., :1], *args, 0.3), strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -172,3 +172,59 @@ def test_tabulated_lanczos_weights_equal_the_kernel():
     table = _kernel_weights(frac)
     np.testing.assert_allclose(table, _exact_kernel_weights(frac), rtol=0, atol=1e-6)
     np.testing.assert_allclose(table.sum(axis=-1), 1.0, atol=1e-12)
+
+
+def _alpha_world(feh_slope=0.05):
+    """Templates whose lines deepen linearly with [alpha/M], on a grid that has +0.25 only
+    at [M/H] -0.5 (not at 0), and a star at [M/H] 0, [alpha/M] +0.4 that they describe
+    exactly by the response of [M/H] -0.5, extrapolated."""
+    wave = np.linspace(5000.0, 6000.0, 800)
+    lines = sum(np.exp(-0.5 * ((wave - c) / 1.5) ** 2) for c in np.linspace(5020, 5980, 40))
+    axes = {"teff": np.array([6000.0, 6500.0]), "logg": np.array([4.0]),
+            "feh": np.array([-0.5, 0.0]), "alpha": np.array([0.0, 0.25])}
+    index = -np.ones((2, 1, 2, 2), int)
+    rows = []
+    for i, t in enumerate(axes["teff"]):
+        for k, m in enumerate(axes["feh"]):
+            for a in axes["alpha"][: 2 if m < 0 else 1]:
+                index[i, 0, k, int(a > 0)] = len(rows)
+                rows.append(1.0 - (0.2 + feh_slope * m + 0.3 * a + 1e-5 * (t - 6000)) * lines)
+
+    def star(alpha):
+        return 1.0 - (0.2 + 0.3 * alpha + 0.002) * lines
+
+    return wave, axes, index, np.array(rows), star
+
+
+@pytest.mark.parametrize("beyond, prior, expected", [(0.25, 0.0, 0.4), (0.0, 0.0, 0.25)])
+def test_alpha_fitted_beyond_the_grid_and_into_its_holes(beyond, prior, expected):
+    from types import SimpleNamespace
+
+    from kspec_fluxcal.fit.parameter_choice import _refine_alpha
+
+    wave, axes, index, templates, star = _alpha_world()
+    obs = SimpleNamespace(norm=star(0.4)[None], ivar=np.full((1, wave.size), 1e4), wave=wave)
+    fit = SimpleNamespace(alpha_extrapolation=beyond, alpha_prior=prior)
+    params = {"teff": np.array([6200.0]), "logg": np.array([4.0]), "feh": np.array([0.0])}
+    alpha, err = _refine_alpha(obs, templates, SimpleNamespace(rv=np.zeros(1)), params,
+                               np.array([0]), {"metric": "chi2"}, axes, index, fit)
+    assert alpha[0] == pytest.approx(expected, abs=0.01)
+
+
+def test_alpha_prior_holds_back_what_the_grid_does_not_have():
+    from types import SimpleNamespace
+
+    from kspec_fluxcal.fit.parameter_choice import _alpha_cover, _refine_alpha
+
+    wave, axes, index, templates, star = _alpha_world()
+    np.testing.assert_allclose(_alpha_cover(axes, index, np.array([-0.5, -0.25, 0.0])),
+                               [0.25, 0.125, 0.0])
+    obs = SimpleNamespace(norm=star(0.4)[None], ivar=np.full((1, wave.size), 1.0), wave=wave)
+    found = []
+    for prior in (0.0, 0.3, 0.05):
+        fit = SimpleNamespace(alpha_extrapolation=0.25, alpha_prior=prior)
+        params = {"teff": np.array([6200.0]), "logg": np.array([4.0]), "feh": np.array([0.0])}
+        found.append(_refine_alpha(obs, templates, SimpleNamespace(rv=np.zeros(1)), params,
+                                   np.array([0]), {"metric": "chi2"}, axes, index, fit)[0][0])
+    assert found[0] > found[1] > found[2]
+    assert found[2] < 0.2

@@ -152,7 +152,9 @@ def star_flags(params, library, model, config):
             ax = axes[p]
             # [alpha/M] = 0, the lowest node, is where most stars belong: no note.
             low = p != "alpha" and params[p][s] <= ax[0] + 1e-6
-            if ax.size > 1 and (low or params[p][s] >= ax[-1] - 1e-6):
+            if ax.size > 1 and not ax[0] - 1e-6 <= params[p][s] <= ax[-1] + 1e-6:
+                notes.append(f"{p} beyond the grid (extrapolated)")
+            elif ax.size > 1 and (low or params[p][s] >= ax[-1] - 1e-6):
                 notes.append(f"{p} at grid edge")
         if not model.has_parallax[s]:
             notes.append("no parallax prior")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..config import Config
-from ..grid import PARAMS, interpolation_weights
+from ..grid import PARAMS, alpha_response_weights
 from ..lsf import exposure_lsf
 from ..templates import (
     check_coverage,
@@ -99,9 +99,11 @@ def lattice(library):
 
 
 def interpolated_corners(library, params):
-    """Corners (S, 16) of the models at ``params`` and their weights."""
+    """Corners (S, C) of the models at ``params`` and their weights
+    (:func:`~kspec_fluxcal.grid.alpha_response_weights`)."""
     axes, template_index = lattice(library)
-    index, weight = interpolation_weights(axes, template_index >= 0, *(params[p] for p in PARAMS))
+    index, weight = alpha_response_weights(axes, template_index >= 0,
+                                           *(params[p] for p in PARAMS))
     corners = template_index[tuple(index[..., k] for k in range(4))]
     weight = np.where(corners >= 0, np.nan_to_num(weight), 0.0)
     return np.maximum(corners, 0), weight

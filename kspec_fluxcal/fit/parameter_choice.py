@@ -103,7 +103,8 @@ def _refine(obs, tm, scan, phot, scores, ok, spec_scale, config):
             "extra_score": None if phot is None else
             (lambda row, weights, points: phot(chosen[row], weights, points))}
         params["alpha"], errors["alpha"] = _refine_alpha(obs, tm, scan, params, chosen,
-                                                         alpha_options, axes, template_index)
+                                                         alpha_options, axes, template_index,
+                                                         fit)
     return params, errors
 
 
@@ -140,35 +141,52 @@ def _refine_from(obs, tm, scan, phot, start, spec_scale, config):
     if axes["alpha"].size > 1:
         params["alpha"][ok], errors["alpha"][ok] = _refine_alpha(
             obs, tm, scan, {p: params[p][ok] for p in PARAMS}, ok, options, axes,
-            template_index)
+            template_index, fit)
     return params, errors
 
 
-def _refine_alpha(obs, tm, scan, params, ok, options, axes, template_index):
-    """[alpha/M] between the grid's nodes: scores on a line of alpha at the refined
-    (teff, logg, [M/H]), a parabola through the best points."""
+def _refine_alpha(obs, tm, scan, params, ok, options, axes, template_index, fit):
+    """[alpha/M] between the grid's nodes and up to ``fit.alpha_extrapolation`` above them:
+    scores on a line of alpha at the refined (teff, logg, [M/H]), with the prior
+    ``fit.alpha_prior`` above what the grid has at the star's [M/H], and a parabola through
+    the best points."""
+    beyond, prior = fit.alpha_extrapolation, fit.alpha_prior
     alphas = axes["alpha"]
-    trial = np.linspace(alphas[0], alphas[-1], 2 * (alphas.size - 1) * 2 + 1)
+    step = np.min(np.diff(alphas)) / 4
+    lo, hi = alphas[0], alphas[-1] + beyond
+    trial = np.linspace(lo, hi, int(round((hi - lo) / step)) + 1)
     points = np.zeros((ok.size, trial.size, 4))
     for d, p in enumerate(PARAMS[:3]):
         points[..., d] = params[p][:, None]
     points[..., 3] = trial
     scores = score_points(obs.norm[ok], obs.ivar[ok], tm, template_index, axes, points,
                           scan.rv[ok], obs.wave, **options)
+    if prior > 0:  # one-sided: what the grid has at the star's [M/H] is not penalised
+        cover = _alpha_cover(axes, template_index, params["feh"])
+        scores = scores + (np.maximum(trial[None, :] - cover[:, None], 0.0) / prior) ** 2
     finite = np.where(np.isfinite(scores), scores, np.inf)
     k = np.argmin(finite, axis=1)
     best = trial[k]
     # Parabola through the best point and its neighbours (not at the ends of the range).
-    inner = (k > 0) & (k < trial.size - 1)
     rows = np.arange(ok.size)
     km, kp = np.clip(k - 1, 0, None), np.clip(k + 1, None, trial.size - 1)
     y0, ym, yp = finite[rows, k], finite[rows, km], finite[rows, kp]
+    inner = (k > 0) & (k < trial.size - 1) & np.isfinite(ym) & np.isfinite(yp)
     h = trial[1] - trial[0]
     with np.errstate(invalid="ignore", divide="ignore"):
         curv = (ym - 2 * y0 + yp) / h**2
         shift = np.where(inner & (curv > 0), -0.5 * h * (yp - ym) / (ym - 2 * y0 + yp), 0.0)
         err = np.where(inner & (curv > 0), np.sqrt(2.0 / curv), np.nan)
-    return np.clip(best + np.clip(shift, -h, h), alphas[0], alphas[-1]), err
+    return np.clip(best + np.clip(shift, -h, h), lo, hi), err
+
+
+def _alpha_cover(axes, template_index, feh):
+    """The largest [alpha/M] the grid has at each [M/H] ``feh`` (linear between its nodes):
+    above it a model is a response transferred from other [M/H], or extrapolated."""
+    has = (template_index >= 0).any(axis=(0, 1))  # (feh, alpha)
+    top = np.array([axes["alpha"][np.flatnonzero(h)[-1]] if h.any() else np.nan for h in has])
+    good = np.isfinite(top)
+    return np.interp(feh, axes["feh"][good], top[good])
 
 
 def _distinct_starts(library, scores, n):

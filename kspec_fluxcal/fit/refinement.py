@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse
 
-from ..grid import PARAMS, interpolation_weights
+from ..grid import PARAMS, alpha_response_weights
 from .matching import fast_mode, rest_frame_star, score_rest_frame, score_star
 
 __all__ = ["refine_parameters", "score_points", "quadratic_minimum", "star_rest_frames"]
@@ -88,10 +88,10 @@ def score_points(obs_norm, obs_ivar, templates, template_index, axes, points, rv
     """
     nstar, k = points.shape[:2]
     flat = points.reshape(-1, 4)
-    index, weight = interpolation_weights(axes, template_index >= 0, *flat.T)
+    index, weight = alpha_response_weights(axes, template_index >= 0, *flat.T)
     cols = template_index[tuple(index[..., d] for d in range(4))]
     weight = np.where(cols >= 0, np.nan_to_num(weight), 0.0)
-    used = weight > 0
+    used = weight != 0  # the [alpha/M] response's lower node is subtracted
     ids = np.unique(cols[used])
     rows = np.repeat(np.arange(flat.shape[0]), index.shape[1])[used.ravel()]
 

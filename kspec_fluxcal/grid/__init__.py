@@ -34,6 +34,7 @@ __all__ = [
     "TemplateGrid",
     "PARAMS",
     "interpolation_weights",
+    "alpha_response_weights",
     "check_chunks",
     "open_checked_store",
     "load_checked_store",
@@ -371,3 +372,75 @@ def interpolation_weights(axes, exists, teff, logg, feh, alpha=None):
         weight = weight / np.where(total > 0, total, np.nan)
     return index, weight
 
+
+
+def alpha_response_weights(axes, exists, teff, logg, feh, alpha):
+    """Corners and weights of models with [alpha/M] as a response: linear between the
+    grid's [alpha/M] nodes, and beyond them, also where the grid lacks a node at the
+    point's [M/H].
+
+    A point between or beyond two [alpha/M] nodes ``lo`` < ``hi`` (the two outermost beyond
+    the range) is the model at ``lo`` plus ``f = (alpha - lo) / (hi - lo)`` times the
+    response ``model(hi) - model(lo)``. The response is interpolated over the grid points
+    that have both nodes, at the point's [M/H] clipped to the range where they exist:
+    grids such as MARCS, or this package's synthetic one, are alpha-enhanced only at low
+    [M/H], and without the transfer an enhanced metal-rich star would be fitted as
+    [alpha/M] = 0, its enhancement taken up by Teff and E(B-V). Where the grid has every
+    node the result is multilinear interpolation; points at a node that every corner of
+    their cell has, and grids with one [alpha/M], get :func:`interpolation_weights` itself.
+    [alpha/M] is not clipped: callers bound it.
+
+    Parameters
+    ----------
+    axes, exists, teff, logg, feh, alpha
+        As for :func:`interpolation_weights` (``alpha`` required).
+
+    Returns
+    -------
+    index : numpy.ndarray, int, shape (npoint, C, 4)
+        Grid indices of the corners (C = 16, or 48 when a point needs the response).
+    weight : numpy.ndarray, shape (npoint, C)
+        Weights summing to 1, negative for the response's lower node (NaN for a point with
+        no existing corner).
+    """
+    nodes = np.asarray(axes["alpha"], dtype=np.float64)
+    t, g, m, a = (np.atleast_1d(np.asarray(v, dtype=np.float64))
+                  for v in np.broadcast_arrays(teff, logg, feh, alpha))
+    if nodes.size < 2:
+        return interpolation_weights(axes, exists, t, g, m, a)
+    k = np.clip(np.searchsorted(nodes, a, side="right") - 1, 0, nodes.size - 2)
+    f = (a - nodes[k]) / (nodes[k + 1] - nodes[k])
+    exists = np.asarray(exists, dtype=bool)
+    index, weight = interpolation_weights(axes, exists, t, g, m, a)
+    # Between nodes, beyond them, or at an upper node that a corner of the point's cell
+    # lacks (renormalising would move the point to the corners that have it).
+    need = (f != 0.0) & (f != 1.0)
+    upper = np.flatnonzero(f == 1.0)
+    if upper.size:
+        full, raw = interpolation_weights(axes, np.ones_like(exists), t[upper], g[upper],
+                                          m[upper], a[upper])
+        lacking = (raw > 0) & ~exists[tuple(full[..., d] for d in range(4))]
+        need[upper] = lacking.any(axis=1)
+    if not need.any():
+        return index, weight
+    base_i, base_w = interpolation_weights(axes, exists, t[need], g[need], m[need],
+                                           nodes[k[need]])
+    index[need], weight[need] = base_i, base_w
+    index = np.concatenate([index] * 3, axis=1)
+    weight = np.concatenate([weight, np.zeros_like(weight), np.zeros_like(weight)], axis=1)
+    n = weight.shape[1] // 3
+    for j in np.unique(k[need]):
+        rows = np.flatnonzero(need & (k == j))
+        both = exists[..., j] & exists[..., j + 1]
+        fehs = np.asarray(axes["feh"], dtype=np.float64)[both.any(axis=(0, 1))]
+        if not fehs.size:
+            continue
+        paired = np.zeros_like(exists)
+        paired[..., j] = paired[..., j + 1] = both
+        at = (t[rows], g[rows], np.clip(m[rows], fehs[0], fehs[-1]))
+        for part, node, sign in ((1, nodes[j + 1], 1.0), (2, nodes[j], -1.0)):
+            i, w = interpolation_weights(axes, paired, *at, node)
+            cols = slice(part * n, (part + 1) * n)
+            index[rows, cols] = i
+            weight[rows, cols] = sign * f[rows, None] * np.nan_to_num(w)
+    return index, weight
