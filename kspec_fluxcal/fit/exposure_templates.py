@@ -106,4 +106,7 @@ def interpolated_corners(library, params):
                                            *(params[p] for p in PARAMS))
     corners = template_index[tuple(index[..., k] for k in range(4))]
     weight = np.where(corners >= 0, np.nan_to_num(weight), 0.0)
-    return np.maximum(corners, 0), weight
+    # Corners of zero weight name one the row uses: callers fetch (and convolve) only the
+    # templates that count, half of the 16 (or 48) corners or fewer.
+    used = corners[np.arange(corners.shape[0]), np.argmax(weight != 0, axis=1)]
+    return np.maximum(np.where(weight != 0, corners, used[:, None]), 0), weight

@@ -315,6 +315,11 @@ class TemplateGrid:
                                 alpha=("point", np.atleast_1d(a).astype(float)))
 
 
+#: The 16 corners of a cell in (teff, logg, feh, alpha): 0 the lower node, 1 the upper.
+_CORNERS = np.array([(i, j, k, m) for i in (0, 1) for j in (0, 1) for k in (0, 1)
+                     for m in (0, 1)])
+
+
 def interpolation_weights(axes, exists, teff, logg, feh, alpha=None):
     """Corners and weights of multilinear interpolation in (teff, logg, feh, alpha).
 
@@ -341,6 +346,13 @@ def interpolation_weights(axes, exists, teff, logg, feh, alpha=None):
     weight : numpy.ndarray, shape (npoint, 16)
         Weights summing to 1 (NaN for a point with no existing corner).
     """
+    index, raw = _cell(axes, teff, logg, feh, alpha)
+    return index, _renormalised(raw, np.asarray(exists)[tuple(np.moveaxis(index, -1, 0))])
+
+
+def _cell(axes, teff, logg, feh, alpha=None):
+    """Corners (npoint, 16, 4) of each point's cell and their multilinear weights, before
+    missing corners are dropped."""
     a = 0.0 if alpha is None else alpha
     values = [np.atleast_1d(np.asarray(v, dtype=np.float64))
               for v in np.broadcast_arrays(teff, logg, feh, a)]
@@ -351,26 +363,23 @@ def interpolation_weights(axes, exists, teff, logg, feh, alpha=None):
             lows.append(np.zeros(x.shape, int))
             fracs.append(np.zeros(x.shape))
             continue
-        xc = np.clip(x, ax[0], ax[-1])
-        lo = np.clip(np.searchsorted(ax, xc, side="right") - 1, 0, ax.size - 2)
+        xc = np.minimum(np.maximum(x, ax[0]), ax[-1])  # np.clip costs more on a few points
+        lo = np.minimum(np.maximum(np.searchsorted(ax, xc, side="right") - 1, 0), ax.size - 2)
         lows.append(lo)
         fracs.append((xc - ax[lo]) / (ax[lo + 1] - ax[lo]))
-    corners = np.array([(i, j, k, m) for i in (0, 1) for j in (0, 1) for k in (0, 1)
-                        for m in (0, 1)])
-    npoint = values[0].shape
-    index = np.zeros(npoint + (corners.shape[0], 4), int)
-    weight = np.ones(npoint + (corners.shape[0],))
-    for c, bits in enumerate(corners):
-        for d in range(4):
-            size = len(axes[PARAMS[d]])
-            index[:, c, d] = np.minimum(lows[d] + bits[d], size - 1)
-            weight[:, c] *= fracs[d] if bits[d] else 1.0 - fracs[d]
-    present = np.asarray(exists)[tuple(index[..., d] for d in range(4))]
-    weight = np.where(present, weight, 0.0)
+    sizes = np.array([len(axes[p]) for p in PARAMS])
+    index = np.minimum(np.stack(lows, axis=-1)[:, None, :] + _CORNERS, sizes - 1)
+    frac = np.stack(fracs, axis=-1)[:, None, :]
+    factor = np.where(_CORNERS.astype(bool), frac, 1.0 - frac)  # (npoint, 16, 4)
+    return index, factor[..., 0] * factor[..., 1] * factor[..., 2] * factor[..., 3]
+
+
+def _renormalised(raw, present):
+    """Weights of the corners that exist, summing to 1 (NaN where none does)."""
+    weight = np.where(present, raw, 0.0)
     total = weight.sum(axis=1, keepdims=True)
     with np.errstate(invalid="ignore"):
-        weight = weight / np.where(total > 0, total, np.nan)
-    return index, weight
+        return weight / np.where(total > 0, total, np.nan)
 
 
 
@@ -411,16 +420,12 @@ def alpha_response_weights(axes, exists, teff, logg, feh, alpha):
     k = np.clip(np.searchsorted(nodes, a, side="right") - 1, 0, nodes.size - 2)
     f = (a - nodes[k]) / (nodes[k + 1] - nodes[k])
     exists = np.asarray(exists, dtype=bool)
-    index, weight = interpolation_weights(axes, exists, t, g, m, a)
+    index, raw = _cell(axes, t, g, m, a)
+    present = exists[tuple(np.moveaxis(index, -1, 0))]
+    weight = _renormalised(raw, present)
     # Between nodes, beyond them, or at an upper node that a corner of the point's cell
     # lacks (renormalising would move the point to the corners that have it).
-    need = (f != 0.0) & (f != 1.0)
-    upper = np.flatnonzero(f == 1.0)
-    if upper.size:
-        full, raw = interpolation_weights(axes, np.ones_like(exists), t[upper], g[upper],
-                                          m[upper], a[upper])
-        lacking = (raw > 0) & ~exists[tuple(full[..., d] for d in range(4))]
-        need[upper] = lacking.any(axis=1)
+    need = ((f != 0.0) & (f != 1.0)) | ((f == 1.0) & ((raw > 0) & ~present).any(axis=1))
     if not need.any():
         return index, weight
     base_i, base_w = interpolation_weights(axes, exists, t[need], g[need], m[need],
