@@ -258,7 +258,7 @@ class _CatalogIndex:
         # Catalog stars without a position can still be matched by objid, never by position.
         self._placed = np.flatnonzero(np.isfinite(ra) & np.isfinite(dec))
         self._positions = (ra[self._placed], dec[self._placed])
-        self._tree = None
+        self._units = self._tree = None
 
     def by_objid(self, objid):
         """Catalog rows of ``objid`` (-1 where absent); catalog objids are unique."""
@@ -274,13 +274,26 @@ class _CatalogIndex:
         row -1 and separation NaN when the catalog has no positions."""
         if not self._placed.size:
             return np.full(np.shape(ra), -1), np.full(np.shape(ra), np.nan)
-        if self._tree is None:
-            from scipy.spatial import cKDTree
+        query = _unit_vectors(ra, dec)
+        if self._units is None:
+            self._units = _unit_vectors(*self._positions)
+        if self._placed.size * max(query.size // 3, 1) <= _BRUTE_FORCE_PAIRS:
+            # A few fibers against a catalog of a survey: no tree (importing scipy.spatial
+            # alone costs ~0.1 s of a command's start-up); the largest u.v is the nearest.
+            row = np.argmax(query @ self._units.T, axis=-1)
+        else:
+            if self._tree is None:
+                from scipy.spatial import cKDTree
 
-            self._tree = cKDTree(_unit_vectors(*self._positions))
-        chord, row = self._tree.query(_unit_vectors(ra, dec))
-        angle = 2.0 * np.arcsin(np.minimum(np.asarray(chord) / 2.0, 1.0))
+                self._tree = cKDTree(self._units)
+            row = self._tree.query(query)[1]
+        chord = np.sqrt(np.sum((query - self._units[row]) ** 2, axis=-1))
+        angle = 2.0 * np.arcsin(np.minimum(chord / 2.0, 1.0))
         return self._placed[row], np.degrees(angle) * 3600.0
+
+
+#: Largest (positions x catalog stars) matched by comparing all pairs, without a tree.
+_BRUTE_FORCE_PAIRS = 500_000
 
 
 def _unit_vectors(ra, dec):

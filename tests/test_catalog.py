@@ -146,3 +146,25 @@ def test_catalog_indexed_once_for_every_exposure(red_file, catalog_file, monkeyp
     del catalog, first, second
     gc.collect()
     assert key not in catalog_module._INDEXES
+
+
+def test_position_matches_with_and_without_a_tree_agree(monkeypatch):
+    """Small catalogs are matched by comparing every pair (no scipy.spatial at start-up),
+    large ones with a tree: the same rows and separations either way."""
+    rng = np.random.default_rng(4)
+    n = 3000
+    ra, dec = rng.uniform(0, 360, n), np.degrees(np.arcsin(rng.uniform(-1, 1, n)))
+    ra[5], dec[5] = np.nan, np.nan  # unplaced: matched by objid only
+    catalog = xr.Dataset({"objid": ("row", np.arange(n)), "ra": ("row", ra),
+                          "dec": ("row", dec)})
+    q_ra, q_dec = ra[:40] + rng.normal(0, 3e-4, 40), dec[:40] + rng.normal(0, 3e-4, 40)
+    q_ra[5], q_dec[5] = 10.0, 20.0
+    pairs = catalog_module._CatalogIndex(catalog).nearest(q_ra, q_dec)
+    monkeypatch.setattr(catalog_module, "_BRUTE_FORCE_PAIRS", 0)
+    index = catalog_module._CatalogIndex(catalog)
+    tree = index.nearest(q_ra, q_dec)
+    assert index._tree is not None
+    np.testing.assert_array_equal(pairs[0], tree[0])
+    np.testing.assert_array_equal(pairs[1], tree[1])
+    sep = np.delete(pairs[1], 5)
+    assert np.all(np.delete(pairs[0], 5) == np.delete(np.arange(40), 5)) and sep.max() < 3.0

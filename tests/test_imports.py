@@ -49,9 +49,11 @@ def test_package_import_is_light_and_the_api_whole():
                                i["cube"], "--out", t / "cal"),
                  # scipy.signal imports scipy.stats: 0.3 s, for the opt-in Savitzky-Golay only;
                  # scipy.interpolate (0.1 s with scipy.optimize): B-splines are our own;
-                 # scipy.ndimage (0.1 s): median filters for opt-in methods only
+                 # scipy.ndimage (0.1 s): median filters for opt-in methods only;
+                 # scipy.spatial (0.1 s): a tree for position matches in large catalogs only
                  ("distributed", "matplotlib", "bokeh", "scipy.signal", "scipy.stats",
-                  "scipy.interpolate", "scipy.optimize", "scipy.ndimage", "speclite"),
+                  "scipy.interpolate", "scipy.optimize", "scipy.ndimage", "scipy.spatial",
+                  "speclite"),
                  ("scipy",), id="calibrate"),
     pytest.param(lambda i, t: ("calibrate", i["red"], "--catalog", i["catalog"], "--grid",
                                i["cube"], "--out", t / "qc", "--qc"),
