@@ -382,7 +382,6 @@ def _renormalised(raw, present):
         return weight / np.where(total > 0, total, np.nan)
 
 
-
 def alpha_response_weights(axes, exists, teff, logg, feh, alpha):
     """Corners and weights of models with [alpha/M] as a response: linear between the
     grid's [alpha/M] nodes, and beyond them, also where the grid lacks a node at the
