@@ -19,11 +19,23 @@ __all__ = ["local_cluster", "on_cluster", "as_completed_pairs", "quiet_known_mes
 #: MALLOC_TRIM_THRESHOLD_=65536 so that freed memory goes back to the OS; setting it also
 #: freezes glibc's mmap threshold at 128 KiB, so every array above that (a 14 x 4096 float64
 #: image is 460 KiB) is a fresh mmap whose pages fault in again: a calibrate task took 45 %
-#: longer (0.43 s instead of 0.30 s, 14 fibers x 4096 pixels). With the mmap threshold at
-#: 8 MiB the task is as fast as in a plain process, and memory is still returned in 8 MiB
-#: steps (large arrays are mmapped and unmapped when freed).
-WORKER_MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(8 << 20),
-                     "MALLOC_MMAP_THRESHOLD_": str(8 << 20)}
+#: longer (0.43 s instead of 0.30 s, 14 fibers x 4096 pixels). The thresholds are those
+#: glibc's own adjustment stops at in a plain process: mmap above 32 MiB (its ceiling on
+#: 64-bit), trim above twice that. At 8 MiB each, a calibrate task still mmapped ~10 MB per
+#: exposure afresh (library-by-pixel arrays of 8-12 MB) and faulted ~2500 pages in: 9 ms of a
+#: worker's ~0.19 s CPU per exposure (5 alternating runs of 100 exposures: 0.200 -> 0.190 s;
+#: peak RSS unchanged, 315-330 MB). Larger arrays (the template library) are still mmapped,
+#: and returned to the OS when freed.
+WORKER_MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(64 << 20),
+                     "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
+
+
+#: How often the cluster's event loops (workers, nannies, scheduler) wake to time themselves
+#: (distributed's default: 20 ms). The tick only feeds the "event loop was unresponsive" log
+#: line (a tick later than ``distributed.admin.tick.limit``, 3 s) and a dashboard metric; each
+#: wake-up takes the GIL from the running task: at 20 ms the worker's other threads used
+#: ~7.5 ms of CPU per exposure, at 1 s ~5.7 ms (3 alternating runs of 100 exposures).
+TICK_INTERVAL = "1s"
 
 
 class _DropMessage(logging.Filter):
@@ -100,7 +112,8 @@ def local_cluster(workers=None, threads_per_worker=1, dashboard_address="127.0.0
     Returns
     -------
     distributed.LocalCluster
-        Its workers get :data:`WORKER_MALLOC_ENV`, and run :func:`dask_setup` when they start.
+        Its workers get :data:`WORKER_MALLOC_ENV`, and run :func:`dask_setup` when they start;
+        its event loops tick every :data:`TICK_INTERVAL`.
     """
     import dask
     from distributed import LocalCluster
@@ -114,6 +127,7 @@ def local_cluster(workers=None, threads_per_worker=1, dashboard_address="127.0.0
     try:
         with dask.config.set({**{f"distributed.nanny.pre-spawn-environ.{k}": v
                                  for k, v in WORKER_MALLOC_ENV.items()},
+                              "distributed.admin.tick.interval": TICK_INTERVAL,
                               "distributed.worker.preload": preload,
                               "distributed.worker.profile.enabled": bool(profile)}):
             return LocalCluster(n_workers=workers or os.cpu_count() or 1,
