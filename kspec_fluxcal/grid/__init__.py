@@ -356,20 +356,26 @@ def _cell(axes, teff, logg, feh, alpha=None):
     a = 0.0 if alpha is None else alpha
     values = [np.atleast_1d(np.asarray(v, dtype=np.float64))
               for v in np.broadcast_arrays(teff, logg, feh, a)]
-    lows, fracs = [], []
-    for p, x in zip(PARAMS, values, strict=True):
-        ax = np.asarray(axes[p], dtype=np.float64)
-        if ax.size == 1:
-            lows.append(np.zeros(x.shape, int))
-            fracs.append(np.zeros(x.shape))
-            continue
-        xc = np.minimum(np.maximum(x, ax[0]), ax[-1])  # np.clip costs more on a few points
-        lo = np.minimum(np.maximum(np.searchsorted(ax, xc, side="right") - 1, 0), ax.size - 2)
-        lows.append(lo)
-        fracs.append((xc - ax[lo]) / (ax[lo + 1] - ax[lo]))
+    return _corners(axes, [_position(axes[p], x) for p, x in zip(PARAMS, values, strict=True)])
+
+
+def _position(axis, x):
+    """Lower node index along one axis and the fraction of the step to the next (points
+    outside are clipped to the edge)."""
+    ax = np.asarray(axis, dtype=np.float64)
+    if ax.size == 1:
+        return np.zeros(x.shape, int), np.zeros(x.shape)
+    xc = np.minimum(np.maximum(x, ax[0]), ax[-1])  # np.clip costs more on a few points
+    lo = np.minimum(np.maximum(np.searchsorted(ax, xc, side="right") - 1, 0), ax.size - 2)
+    return lo, (xc - ax[lo]) / (ax[lo + 1] - ax[lo])
+
+
+def _corners(axes, positions):
+    """Corners and raw weights of a cell from each axis' :func:`_position`."""
     sizes = np.array([len(axes[p]) for p in PARAMS])
-    index = np.minimum(np.stack(lows, axis=-1)[:, None, :] + _CORNERS, sizes - 1)
-    frac = np.stack(fracs, axis=-1)[:, None, :]
+    index = np.minimum(np.stack([lo for lo, _ in positions], axis=-1)[:, None, :] + _CORNERS,
+                       sizes - 1)
+    frac = np.stack([f for _, f in positions], axis=-1)[:, None, :]
     factor = np.where(_CORNERS.astype(bool), frac, 1.0 - frac)  # (npoint, 16, 4)
     return index, factor[..., 0] * factor[..., 1] * factor[..., 2] * factor[..., 3]
 
@@ -419,7 +425,8 @@ def alpha_response_weights(axes, exists, teff, logg, feh, alpha):
     k = np.clip(np.searchsorted(nodes, a, side="right") - 1, 0, nodes.size - 2)
     f = (a - nodes[k]) / (nodes[k + 1] - nodes[k])
     exists = np.asarray(exists, dtype=bool)
-    index, raw = _cell(axes, t, g, m, a)
+    at = [_position(axes[p], x) for p, x in zip(PARAMS[:3], (t, g, m), strict=True)]
+    index, raw = _corners(axes, [*at, _position(nodes, a)])
     present = exists[tuple(np.moveaxis(index, -1, 0))]
     weight = _renormalised(raw, present)
     # Between nodes, beyond them, or at an upper node that a corner of the point's cell
@@ -427,24 +434,33 @@ def alpha_response_weights(axes, exists, teff, logg, feh, alpha):
     need = ((f != 0.0) & (f != 1.0)) | ((f == 1.0) & ((raw > 0) & ~present).any(axis=1))
     if not need.any():
         return index, weight
-    base_i, base_w = interpolation_weights(axes, exists, t[need], g[need], m[need],
-                                           nodes[k[need]])
-    index[need], weight[need] = base_i, base_w
+    rows = np.flatnonzero(need)
+    at = [(lo[rows], fr[rows]) for lo, fr in at]
+    base, raw = _corners(axes, [*at, _position(nodes, nodes[k[rows]])])
+    index[rows] = base
+    weight[rows] = _renormalised(raw, exists[tuple(np.moveaxis(base, -1, 0))])
     index = np.concatenate([index] * 3, axis=1)
     weight = np.concatenate([weight, np.zeros_like(weight), np.zeros_like(weight)], axis=1)
     n = weight.shape[1] // 3
-    for j in np.unique(k[need]):
-        rows = np.flatnonzero(need & (k == j))
-        both = exists[..., j] & exists[..., j + 1]
-        fehs = np.asarray(axes["feh"], dtype=np.float64)[both.any(axis=(0, 1))]
+    for j in np.unique(k[rows]):
+        both, fehs = _alpha_pairs(exists, axes["feh"], j)
         if not fehs.size:
             continue
-        paired = np.zeros_like(exists)
-        paired[..., j] = paired[..., j + 1] = both
-        at = (t[rows], g[rows], np.clip(m[rows], fehs[0], fehs[-1]))
+        sub = np.flatnonzero(k[rows] == j)
+        mine = rows[sub]
+        here = [(lo[sub], fr[sub]) for lo, fr in at[:2]]
+        here.append(_position(axes["feh"], np.clip(m[mine], fehs[0], fehs[-1])))
         for part, node, sign in ((1, nodes[j + 1], 1.0), (2, nodes[j], -1.0)):
-            i, w = interpolation_weights(axes, paired, *at, node)
+            i, w = _corners(axes, [*here, _position(nodes, np.full(mine.size, node))])
+            w = _renormalised(w, both[tuple(np.moveaxis(i[..., :3], -1, 0))])
             cols = slice(part * n, (part + 1) * n)
-            index[rows, cols] = i
-            weight[rows, cols] = sign * f[rows, None] * np.nan_to_num(w)
+            index[mine, cols] = i
+            weight[mine, cols] = sign * f[mine, None] * np.nan_to_num(w)
     return index, weight
+
+
+def _alpha_pairs(exists, fehs, j):
+    """Which (teff, logg, [M/H]) have both [alpha/M] nodes ``j`` and ``j + 1``, and the
+    [M/H] values where any does."""
+    both = exists[..., j] & exists[..., j + 1]
+    return both, np.asarray(fehs, dtype=np.float64)[both.any(axis=(0, 1))]
