@@ -396,13 +396,14 @@ def alpha_response_weights(axes, exists, teff, logg, feh, alpha):
     A point between or beyond two [alpha/M] nodes ``lo`` < ``hi`` (the two outermost beyond
     the range) is the model at ``lo`` plus ``f = (alpha - lo) / (hi - lo)`` times the
     response ``model(hi) - model(lo)``. The response is interpolated over the grid points
-    that have both nodes, at the point's [M/H] clipped to the range where they exist:
-    grids such as MARCS, or this package's synthetic one, are alpha-enhanced only at low
-    [M/H], and without the transfer an enhanced metal-rich star would be fitted as
-    [alpha/M] = 0, its enhancement taken up by Teff and E(B-V). Where the grid has every
-    node the result is multilinear interpolation; points at a node that every corner of
-    their cell has, and grids with one [alpha/M], get :func:`interpolation_weights` itself.
-    [alpha/M] is not clipped: callers bound it.
+    that have both nodes, at the point's [M/H] clipped to the range where they exist (none
+    anywhere: no response, the model at ``lo``): grids such as MARCS, or this package's
+    synthetic one, are alpha-enhanced only at low [M/H], and without the transfer an
+    enhanced metal-rich star would be fitted as [alpha/M] = 0, its enhancement taken up by
+    Teff and E(B-V). Where the grid has every node the result is multilinear
+    interpolation; points at a node that every corner of their cell has, and grids with
+    one [alpha/M], get :func:`interpolation_weights` itself. [alpha/M] is not clipped:
+    callers bound it.
 
     Parameters
     ----------
