@@ -40,6 +40,7 @@ exposures takes ~10 min to simulate the first time, the reference grid ~3 min.
 from __future__ import annotations
 
 import argparse
+import compileall
 import json
 import os
 import resource
@@ -62,6 +63,7 @@ from _common import (
     reference_grid,
 )
 
+import kspec_fluxcal
 from kspec_fluxcal.templates import CACHE_ENV
 
 #: The command line's entry point, beside this Python.
@@ -378,6 +380,10 @@ def cli_startup(lake, cube, repeat=3):
     """Marks (s from the process's start) of ``kspec-fluxcal calibrate`` on one exposure with
     a warm library cache, best of ``repeat``; and the plain entry point's wall time."""
     path = _lake_paths(lake)[0]
+    # Start-up as an installed package has it: pip compiles the bytecode of a regular install,
+    # and an editable one writes it on first use, unless PYTHONDONTWRITEBYTECODE is set (as in
+    # some shells and containers): every import would then compile the package's sources again.
+    compileall.compile_dir(Path(kspec_fluxcal.__file__).parent, quiet=1)
     cache = CACHE / "speed_cli_cache"
     out = CACHE / "speed_cli_out"
     env = {**os.environ, CACHE_ENV: str(cache)}

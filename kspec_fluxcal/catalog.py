@@ -36,6 +36,8 @@ _SOURCE_ID_COLUMNS = ("source_id", "gaia_source_id")
 # An objid is an integer; '123.0' is accepted (a spreadsheet's rewrite), '1.04e16' is not (its
 # last digits are lost, and with them the match).
 _INTEGER = re.compile(r"^[+-]?\d+(\.0*)?$")
+#: A column of plain integers, one per line (``_INTEGER`` row by row only when this fails).
+_INTEGERS = re.compile(r"(?:[+-]?\d+\n)*[+-]?\d+")
 # Valid positions, deg: (lowest, highest) of RA and Dec. NaN means 'no position'.
 _POSITION_RANGE = {"RA": (0.0, 360.0), "Dec": (-90.0, 90.0)}
 
@@ -60,6 +62,10 @@ def _parse_floats(text, fail):
 def _numeric(values, path, column, rows, error=CatalogError):
     """Convert a column of strings to float64 ('' -> NaN), naming the first bad row."""
     arr = np.asarray(values, dtype=object)
+    try:  # a column of numbers only, the usual case: one conversion, no stripped copy
+        return arr.astype(np.float64)
+    except (ValueError, TypeError):
+        pass
     arr = np.where(np.char.strip(arr.astype(str)) == "", "nan", arr)
 
     def not_a_number(i, v):
@@ -76,13 +82,17 @@ def _objids(values, path, rows, column="objid", error=CatalogError, missing=None
     Gaia source ids (here and in :mod:`kspec_fluxcal.xp`, with its own ``error``).
     """
     text = [str(v).strip() for v in values]
-    for i, t in enumerate(text):
-        where = f"column {column} row {rows[i]}"
-        if not t and missing is None:
-            raise error(path, where, f"{column} is empty")
-        if t and not _INTEGER.match(t):
-            raise error(path, where, f"value {t!r} is not an integer {column} (a value "
-                        "written as a float, e.g. 1.04e16, has lost its last digits)")
+    # One match over the whole column (a value with a line break in it would pass as two);
+    # row by row only to name the first bad value.
+    joined = "\n".join(text)
+    if joined.count("\n") != len(text) - 1 or not _INTEGERS.fullmatch(joined):
+        for i, t in enumerate(text):
+            where = f"column {column} row {rows[i]}"
+            if not t and missing is None:
+                raise error(path, where, f"{column} is empty")
+            if t and not _INTEGER.match(t):
+                raise error(path, where, f"value {t!r} is not an integer {column} (a value "
+                            "written as a float, e.g. 1.04e16, has lost its last digits)")
     try:
         return np.array([int(t.split(".")[0]) if t else missing for t in text], dtype=np.int64)
     except OverflowError:
@@ -156,7 +166,7 @@ def read_catalog(path, bands=BANDS):
     header, rows = _read_csv(path)
     _check_table(path, header, rows, [*_REQUIRED, *(c for b in bands for c in CATALOG_COLUMNS[b])])
     line_numbers = np.arange(len(rows)) + 2  # as an editor shows them (header is line 1)
-    table = np.array([r[: len(header)] for r in rows], dtype=object)
+    table = np.array(rows, dtype=object)  # every row has the header's length (checked)
     col = {name: table[:, i] for i, name in enumerate(header)}
     objid = _objids(col["objid"], path, line_numbers)
     _unique_ids(objid, path, "objid", line_numbers)
@@ -188,7 +198,7 @@ def _read_csv(path):
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.reader(fh)
             header = next(reader, None)
-            rows = [r for r in reader if r and any(f.strip() for f in r)]
+            rows = [r for r in reader if any(map(str.strip, r))]
     except FileNotFoundError:
         raise CatalogError(path, None, "no such file") from None
     except (OSError, UnicodeDecodeError, csv.Error) as err:

@@ -517,6 +517,9 @@ CATALOG_CASES = [
     ("objid-written-as-float", {"objid": "1.0407521271197121e16"},
      r"column objid row 2: value '1\.0407521271197121e16' is not an integer objid .*lost"),
     ("objid-empty", {"objid": ""}, r"column objid row 2: objid is empty"),
+    # quoted, with a line break: two integers to a match over the joined column
+    ("objid-line-break", {"objid": '"12\n34"'},
+     r"column objid row 2: value '12\\n34' is not an integer"),
     ("dec-beyond-pole", {"Dec": "95"}, r"column Dec row 2: value 95\.0 is outside -90\.\.90 deg"),
     ("ra-negative", {"RA": "-5"}, r"column RA row 2: value -5\.0 is outside 0\.\.360 deg"),
     ("teff-text", {"Teff": "hot"}, r"column Teff row 2: value 'hot' is not a number"),
