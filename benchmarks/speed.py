@@ -19,7 +19,9 @@ every timing, and CPU times, less sensitive to it, next to wall times):
    the survey's task runs, and where the fit's time goes (profile), for the fit's
    optimisation. Target: <= 0.12 s CPU per exposure.
 2. The survey job (run_survey on a LocalCluster of 1, then 2, single-threaded workers) on
-   all the exposures: exposures/min overall and after the library was prepared (from the task
+   all the exposures, its first pass only (``[model] enabled = false``: the survey model's
+   fit and recalibration, which these exposures now get as one configuration, are measured
+   by survey_model.py): exposures/min overall and after the library was prepared (from the task
    stream), efficiency of 2 workers against 1 (target >= 0.9; >= 1000 exposures/min after the
    preparation), peak RSS of each worker after 50 exposures and after all (flat within +/-10 %).
 3. The grid build: ``kspec-fluxcal grid build --workers 1`` and ``--workers 2`` on the
@@ -221,6 +223,7 @@ def survey_run(lake, cube, n_workers, out):
     from distributed import Client, get_task_stream
     from survey_scale import MemorySampler, _cpu_seconds, _own_cpu
 
+    from kspec_fluxcal.config import Config
     from kspec_fluxcal.survey import local_cluster, run_survey
 
     shutil.rmtree(out, ignore_errors=True)
@@ -236,7 +239,8 @@ def survey_run(lake, cube, n_workers, out):
         try:
             with get_task_stream(client=client) as stream, Timer() as wall:
                 report = run_survey(lake / "lake", catalog=lake / "catalog.csv", grid=cube,
-                                    out=out, client=client, progress=False)
+                                    out=out, client=client, progress=False,
+                                    config=Config().replace(model__enabled=False))
             machine1, ours1 = _cpu_seconds()
             workers1 = client.run(_own_cpu)
         finally:
@@ -275,7 +279,8 @@ def _survey_figures(tasks, report, n_workers, wall, sampler, cpu):
 
 def print_survey(runs):
     print("\n2. Survey job (run_survey, LocalCluster of single-threaded workers, cold library "
-          "cache: the library task prepares it)")
+          "cache: the library task prepares it; the first pass only, [model] enabled = false: "
+          "the survey model's fit and recalibration are benchmarks/survey_model.py's)")
     for r in runs:
         print(f"   {r['workers']} worker(s): {r['n']} exposures ({r['failed']} failed) in "
               f"{r['wall']:.1f} s = {r['rate_total']:.0f}/min overall, {r['rate_after']:.0f}/min "

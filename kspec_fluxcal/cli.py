@@ -73,7 +73,7 @@ def _setting_up():
 
 
 def _cmd_info(args):
-    from .exposure import exposure_setup, open_exposure
+    from .exposure import configuration_key, open_exposure
 
     def info(path):
         ds = open_exposure(path)
@@ -85,7 +85,8 @@ def _cmd_info(args):
               f"EXPTIME {ds.attrs['exptime']:g} s, {ds.sizes['fiber']} fibers ({counts}), "
               f"{ds.sizes['wavelength']} pixels {wave[0]:.1f}-{wave[-1]:.1f} A in air "
               f"({_frame_read(ds)}), LSF {ds.attrs['lsf_source']} "
-              f"{ds.attrs['lsf_fwhm_coeffs']}, setup {exposure_setup(ds)}, "
+              f"{ds.attrs['lsf_fwhm_coeffs']}, configuration "
+              f"{configuration_key(wave, ds.sizes['fiber'])}, "
               f"dead fibers {int((good == 0).sum())}; {_calibration_state(ds)}")
 
     return 1 if _each_file(args, info) else 0

@@ -24,6 +24,13 @@ FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))
 #: (formats contract, section 1).
 LSF_REFERENCE_WAVELENGTH = 10000.0
 
+#: Step (Angstrom) to which an instrument configuration's wavelength range is rounded in its
+#: key (:func:`kspec_fluxcal.exposure.configuration_key`): wide enough that the drift of one
+#: spectrograph's arc solution (~1-5 A between exposures) keeps its key, narrow enough that
+#: another grating angle gets its own. A range whose end lies within the drift of a multiple
+#: of 50 A may split one configuration in two.
+CONFIGURATION_STEP = 100.0
+
 #: Flux-density unit of calibrated products (formats contract, section 4).
 FLUX_UNIT = "1e-17 erg/(s cm2 Angstrom)"
 #: erg/s/cm^2/A per unit of FLUX_UNIT.

@@ -126,10 +126,22 @@ def test_chunks_give_dask(red_file):
 def test_read_exposure_info(red_file):
     a = read_exposure_info(red_file())
     b = read_exposure_info(red_file(wavelength=None))
-    c = read_exposure_info(red_file(header={"SPECFWHM": 6.0}))
     assert a["expid"] == "E0001" and a["nfiber"] == 6 and a["npixel"] == 200
-    assert a["setup"] == b["setup"]  # same grid, whether from WAVELA or the WCS
-    assert a["setup"] != c["setup"]  # another line-spread function
+    assert a["setup"] == b["setup"] == "n200-f6-4000-8000"  # WAVELA or the WCS
+
+
+def test_configuration_outlives_arc_and_line_spread_drifts(red_file):
+    """The survey groups exposures by instrument configuration (the survey model, the archive
+    fallback): an exposure with its own arc solution (a few A off, another dispersion) and
+    its own line spread is still of the same one; other pixels, fibers or another grating
+    angle are not."""
+    wave = np.linspace(4000.0, 8000.0, 200)
+    same = read_exposure_info(red_file())["setup"]
+    for kwargs in ({"wavelength": wave * 1.0004 - 2.5}, {"header": {"SPECFWHM": 6.0}},
+                   {"wavelength": wave + 3.0, "header": {"SPECFWHM": 8.4}}):
+        assert read_exposure_info(red_file(**kwargs))["setup"] == same, kwargs
+    for kwargs in ({"npix": 201}, {"nfib": 7}, {"wavelength": wave + 400.0}):
+        assert read_exposure_info(red_file(**kwargs))["setup"] != same, kwargs
 
 
 # ----------------------------------------------------------------------------- bad input

@@ -2,7 +2,8 @@
 tasks with a tree reduction, the recalibration, model-only exposures, products, resume, an
 archive of schema 2 migrated, the CLI's exit code and plots.
 
-One small lake (12 exposures of one setup over 2 nights, a quarter without standards) is
+One small lake (12 exposures of one instrument configuration over 2 nights, a quarter without
+standards; each exposure with its own arc solution and line spread, as real ones) is
 calibrated once with the model; later runs start from copies of that output.
 """
 
@@ -35,12 +36,22 @@ SCHEMA3 = ("own_smooth", "own_smooth_variance", "fcalo2_err", "fcalh2o_err", "se
            "sphot_n", "level_variance")
 
 
+def _own_setups(n, seed=5):
+    """One configuration (800 pixels, 8 fibers, 3500-8500 A), each exposure with its own arc
+    solution (ends moved by up to 3 A) and line spread (+-5 %): one survey model for all."""
+    rng = np.random.default_rng(seed)
+    ends, scales = rng.uniform(-3.0, 3.0, (n, 2)), rng.uniform(0.95, 1.05, n)
+    return [Setup(f"m{i:02d}", pixels=800, fibers=8, wave_min=3500.0 + ends[i, 0],
+                  wave_max=8500.0 + ends[i, 1],
+                  fwhm_pixels=tuple(scales[i] * np.array([2.4, 2.05, 2.35])))
+            for i in range(n)]
+
+
 @pytest.fixture(scope="module")
 def lake(small_grid, tmp_path_factory):
     root = tmp_path_factory.mktemp("model_lake")
     out = simulate_survey(root / "sv", exposures=12, nights=2, seed=21, grid=small_grid,
-                          setups=[Setup("m", pixels=800, fibers=8)], n_standards=(1, 3),
-                          no_standards=0.25)
+                          setups=_own_setups(12), n_standards=(1, 3), no_standards=0.25)
     cube = build_grid(small_grid, root / "grid.zarr", progress=False)
     return out, json.loads((out / "survey.json").read_text()), cube
 

@@ -32,7 +32,7 @@ from kspec_fluxcal import cli
 from kspec_fluxcal._lock import exclusive
 from kspec_fluxcal.config import Config
 from kspec_fluxcal.errors import FluxCalError, FluxCalWarning, InputError
-from kspec_fluxcal.exposure import open_exposure
+from kspec_fluxcal.exposure import configuration_key, open_exposure
 from kspec_fluxcal.grid.build import build_grid
 from kspec_fluxcal.sim import Setup, compare_with_truth, simulate_survey, write_synthetic_grid
 from kspec_fluxcal.survey import (
@@ -88,13 +88,15 @@ def cube(bosz, tmp_path_factory):
     return build_grid(bosz, tmp_path_factory.mktemp("cube") / "grid.zarr", progress=False)
 
 
+SETUPS = (Setup("a", pixels=1024, fibers=8), Setup("b", pixels=1340, fibers=8))
+
+
 @pytest.fixture(scope="module")
 def survey(bosz, tmp_path_factory):
     """The simulated lake: two setups in turn, so both prepare tasks are exercised."""
     out = simulate_survey(tmp_path_factory.mktemp("survey") / "sv", exposures=N_EXPOSURES,
                           nights=2, seed=3, grid=bosz,
-                          setups=[Setup("a", pixels=1024, fibers=8),
-                                  Setup("b", pixels=1340, fibers=8)])
+                          setups=SETUPS)
     return out, json.loads((out / "survey.json").read_text())
 
 
@@ -268,9 +270,11 @@ def test_survey_on_local_cluster(survey, reference, client):
     table = _archive_table(out)
     assert list(table["expid"]) == sorted(expids)
     assert set(table["fcalsrc"]) == {"standards"}
-    setups = {e["expid"]: e["setup_key"] for e in manifest["exposures"]}
+    # Each row names its instrument configuration (pixels, fibers, range to 100 A).
+    configuration = {s.name: configuration_key(s.wavelength, s.fibers) for s in SETUPS}
+    setups = {e["expid"]: configuration[e["setup"]] for e in manifest["exposures"]}
     assert [setups[e] for e in table["expid"]] == list(table["setup"])
-    assert len(set(table["setup"])) == 2
+    assert set(table["setup"]) == {"n1024-f8-3500-8500", "n1340-f8-3500-8500"}
     assert np.all(table["n_stars_used"] >= 1)
     # Per-Angstrom calibrations of both setups land on the same archive grid.
     inside = np.all(table["cal_mask"], axis=0)
@@ -443,10 +447,10 @@ def test_archive_fallback_for_an_exposure_without_usable_standards(survey, cube,
     assert _raw_rows(out) == N_EXPOSURES + 1
     row = list(table["expid"]).index("FALLBACK_NEAR")
     assert table["fcalsrc"][row] == "archive" and table["n_stars_used"][row] == 0
-    assert table["setup"][row] == entry["setup_key"]
-    # Expected: the median over the setup's standards rows of cal x exptime (per Angstrom,
-    # on the archive grid), brought to this exposure's pixels and exposure time.
-    same = (table["setup"] == entry["setup_key"]) & (table["fcalsrc"] == "standards")
+    assert table["setup"][row] == configuration_key(SETUPS[0].wavelength, SETUPS[0].fibers)
+    # Expected: the median over the configuration's standards rows of cal x exptime (per
+    # Angstrom, on the archive grid), brought to this exposure's pixels and exposure time.
+    same = (table["setup"] == table["setup"][row]) & (table["fcalsrc"] == "standards")
     assert same.sum() == len(_expids(survey, "a"))
     curve = np.median(table["cal"][same] * table["exptime"][same, None], axis=0)
     calibrated = open_exposure(out / "near_fluxcal.fits")

@@ -22,7 +22,7 @@ import xarray as xr
 from astropy.io import fits
 
 from .. import __version__
-from ..constants import CAL_UNIT, CALIBRATION_KEYWORDS
+from ..constants import CAL_UNIT, CALIBRATION_KEYWORDS, CONFIGURATION_STEP
 from ..errors import ExposureError
 from ..fits_file import find_hdu, fits_column, hdu_data, open_fits
 from ..lsf import LineSpread
@@ -37,6 +37,7 @@ __all__ = [
     "red_hdulist",
     "exposure_setup",
     "setup_key",
+    "configuration_key",
     "add_history",
     "calibration_marks",
 ]
@@ -335,8 +336,9 @@ def read_exposure_info(path):
     dict
         ``expid``, ``mjd``, ``exptime``, ``airmass``, ``lsf`` (:class:`LineSpread`),
         ``nfiber``, ``npixel``, ``wave_range`` (first and last wavelength of the median
-        solution, Angstrom, air) and ``setup``: a key shared by every exposure with the same
-        wavelength grid and line-spread function.
+        solution, Angstrom, air) and ``setup``: the instrument configuration
+        (:func:`configuration_key`), shared by the exposures of a spectrograph setting
+        whatever their own arc solutions and line spreads.
     """
     path = os.fspath(path)
     with open_fits(path) as hdul:
@@ -371,12 +373,27 @@ def read_exposure_info(path):
             "npixel": int(nspec),
             "wave_range": (float(wave[0]), float(wave[-1])),
         }
-    info["setup"] = setup_key(wave, lsf)
+    info["setup"] = configuration_key(wave, info["nfiber"])
     return info
 
 
+def configuration_key(wavelength, nfiber):
+    """A short key naming an instrument configuration, e.g. ``n4096-f14-3600-9000``: the
+    pixels, the fibers and the wavelength range rounded to
+    :data:`~kspec_fluxcal.constants.CONFIGURATION_STEP` (100 A).
+
+    Every exposure of one spectrograph setting has it, although each has its own arc
+    solution and line spread (they drift a little from one exposure to the next): the unit
+    of the survey model and of the archive fallback. :func:`setup_key` names the exact pixels
+    and line spread.
+    """
+    wave = np.asarray(wavelength, dtype=np.float64)
+    lo, hi = CONFIGURATION_STEP * np.round(np.array([wave[0], wave[-1]]) / CONFIGURATION_STEP)
+    return f"n{wave.size}-f{int(nfiber)}-{lo:.0f}-{hi:.0f}"
+
+
 def setup_key(wavelength, lsf):
-    """A short key naming an instrument setup: wavelength grid (to 1e-3 A) and LSF."""
+    """A short key naming an exact setup: wavelength grid (to 1e-3 A) and LSF."""
     wave = np.round(np.asarray(wavelength, dtype=np.float64), 3)
     digest = hashlib.sha1(wave.tobytes() + lsf.key().encode()).hexdigest()[:10]
     return f"n{wave.size}-{digest}"

@@ -109,8 +109,10 @@ def plan_survey(paths, *, lake, catalog_hash, grid_plan, config):
             failures[str(rel)] = f"duplicate EXPID {info['expid']} (also in {seen[info['expid']]})"
             continue
         seen[info["expid"]] = rel
+        # The configuration too: it is the archive row's, which groups it for the survey
+        # model (an archive of exact setups from before is recalibrated on --resume).
         digest = hashlib.sha1("|".join([content, catalog_hash, grid_plan, settings,
-                                        __version__]).encode()).hexdigest()
+                                        __version__, info["setup"]]).encode()).hexdigest()
         entries.append({"path": str(path), "rel": str(rel), "info": info, "input_hash": digest,
                         "content_hash": content})
     return entries, failures

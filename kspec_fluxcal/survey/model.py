@@ -87,12 +87,12 @@ _CHROMATIC_SIGMA = 0.1
 
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
-    """The model's bases and priors for one instrument setup.
+    """The model's bases and priors for one instrument configuration.
 
     Parameters
     ----------
     setup : str
-        Setup key (:func:`kspec_fluxcal.exposure.setup_key`).
+        Configuration key (:func:`kspec_fluxcal.exposure.configuration_key`).
     wave_range : (float, float)
         Angstrom (air): the setup's range; the fit grid is the archive grid inside it.
     throughput_knots, extinction_knots, chromatic_knots : float

@@ -1,8 +1,10 @@
 """The survey model as Dask work on the survey's cluster (``[model] enabled``).
 
-After the per-exposure pass (``calibrate-<EXPID>``), for each instrument setup with at least
-``[model] min_exposures`` exposures calibrated with their own standards (archive rows with
-FCALSRC 'standards' or 'standards+model': never a calibration that came from the model):
+After the per-exposure pass (``calibrate-<EXPID>``), for each instrument configuration (the
+``setup`` of :func:`kspec_fluxcal.read_exposure_info`, shared by exposures with their own arc
+solutions and line spreads) with at least ``[model] min_exposures`` exposures calibrated with
+their own standards (archive rows with FCALSRC 'standards' or 'standards+model': never a
+calibration that came from the model):
 
 1. The fit: ``reweightings + 1`` rounds of ``model-stats-*`` tasks (one per batch of
    ``[model] batch`` archive rows; each reads its rows' own responses from the archive and
