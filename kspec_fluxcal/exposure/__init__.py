@@ -378,7 +378,7 @@ def read_exposure_info(path):
 
 
 def configuration_key(wavelength, nfiber):
-    """A short key naming an instrument configuration, e.g. ``n4096-f14-3600-9000``: the
+    """A short key naming an instrument configuration, e.g. ``n4096-f14-3500-8500``: the
     pixels, the fibers and the wavelength range rounded to
     :data:`~kspec_fluxcal.constants.CONFIGURATION_STEP` (100 A).
 
