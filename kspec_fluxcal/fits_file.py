@@ -63,7 +63,9 @@ def _check_complete(hdul, path):
     with open(path, "rb") as fh:
         if fh.read(2) in (b"\x1f\x8b", b"BZ", b"PK"):
             return  # compressed: the sizes are those of the decompressed stream
-    info = hdul.fileinfo(len(hdul) - 1)
+    # The HDU's own fileinfo: the list's first checks every header for a resize (formats
+    # them all: ~0.5 ms of a file's ~4 ms of opening), which a file just read has not had.
+    info = hdul[-1].fileinfo()
     end = info["datLoc"] + info["datSpan"]
     size = os.path.getsize(path)
     if size < end:
