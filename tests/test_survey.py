@@ -469,6 +469,35 @@ def test_archive_fallback_for_an_exposure_without_usable_standards(survey, cube,
         assert any("archived calibration" in str(h) for h in header["HISTORY"])
 
 
+@pytest.mark.cluster
+def test_a_large_lake_is_planned_on_the_cluster(survey, cube, reference, client, tmp_path,
+                                                monkeypatch, capsys):
+    """Above PLAN_ON_CLUSTER files, the RED files are read for the plan in plan-* tasks (a
+    client reading 10^5 headers would keep every worker idle for minutes): the same plan,
+    the same archive rows to the bit, progress as files are read; an unreadable file is
+    refused as the client would refuse it."""
+    from distributed import get_task_stream
+
+    import kspec_fluxcal.survey.job as job
+
+    monkeypatch.setattr(job, "PLAN_ON_CLUSTER", 0)
+    monkeypatch.setattr(job, "PLAN_BATCH", 3)
+    lake = tmp_path / "lake"
+    shutil.copytree(survey[0] / "lake", lake)
+    (lake / "broken.fits").write_bytes(b"not a FITS file")
+    with get_task_stream(client=client) as stream:
+        report = _run(survey, cube, tmp_path / "out", client, lake=lake, progress=True)
+    plans = sorted(str(t["key"]) for t in stream.data if str(t["key"]).startswith("plan-"))
+    assert len(plans) == -(-(N_EXPOSURES + 1) // 3)  # ceil: 9 files in batches of 3
+    assert sorted(report.calibrated) == sorted(reference[1].calibrated)
+    assert list(report.failed) == ["broken.fits"] and "not a FITS file" in report.failed[
+        "broken.fits"]
+    _assert_rows_equal(_archive_table(tmp_path / "out"), _archive_table(reference[0]))
+    out = capsys.readouterr().out
+    assert f"{N_EXPOSURES + 1}/{N_EXPOSURES + 1} RED files read (1 failed)" in out
+    assert f"{N_EXPOSURES + 1} RED files, {N_EXPOSURES} to calibrate" in out
+
+
 def test_resume_skips_current_exposures_and_recalibrates_changed_ones(survey, cube, reference,
                                                                      client, tmp_path, capsys):
     """Resume works from the input hash (file content, not its path); without --resume every

@@ -1,7 +1,8 @@
 """The survey job: survey-wide recalibration as one Dask graph on dask.distributed.
 
-Plan (client side, headers only): discover the RED files, read what each needs for planning
-(EXPID, MJD, wavelength range and line spread), hash its inputs, and group the exposures by
+Plan (headers only): discover the RED files, read what each needs for planning (EXPID, MJD,
+wavelength range and line spread; on the client, or in ``plan-*`` tasks for a lake of more
+than :data:`PLAN_ON_CLUSTER` files), hash its inputs, and group the exposures by
 the template library that serves them (:func:`kspec_fluxcal.templates.library_range`: their
 wavelength range plus the LSF's wings, rounded outward to 500 A, so that every exposure of
 an instrument configuration shares one whatever its exact wavelength solution and line
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -44,9 +46,17 @@ from .._atomic import check_output_directory
 from .._lock import exclusive
 from ..config import Config, load_config
 from ..errors import FluxCalError, InputError
-from .cluster import on_cluster
+from .cluster import as_completed_pairs, on_cluster
 from .report import SurveyReport, write_notes
-from .tasks import FLUSH_EVERY, FLUSH_INTERVAL, Progress, collect, run_task, token
+from .tasks import (
+    FLUSH_EVERY,
+    FLUSH_INTERVAL,
+    Progress,
+    collect,
+    run_task,
+    task_failure,
+    token,
+)
 
 __all__ = ["discover", "plan_survey", "run_survey"]
 
@@ -81,29 +91,24 @@ def _file_hash(path, chunk=1 << 20):
     return h.hexdigest()
 
 
-def plan_survey(paths, *, lake, catalog_hash, grid_plan, config):
+def plan_survey(paths, *, lake, catalog_hash, grid_plan, config, read=None):
     """Read headers and hash inputs; returns (entries, failures).
 
     Each entry: path, rel (path under the lake), info (see
     :func:`kspec_fluxcal.read_exposure_info`), content_hash (of the RED file) and input_hash
-    (RED file content, catalog, grid build, configuration and package version).
-    ``failures`` maps the path under the lake of each file that cannot be planned
-    (unreadable header, duplicate EXPID) to the reason.
+    (RED file content, catalog, grid build, configuration, package version and the
+    exposure's instrument configuration). ``failures`` maps the path under the lake of each
+    file that cannot be planned (unreadable header, duplicate EXPID) to the reason.
+    ``read``: what :func:`read_for_plan` returned for ``paths`` (read here when None; the
+    survey job reads a large lake on its cluster).
     """
-    from ..exposure import read_exposure_info
-
     settings = _settings(config)
     entries, failures, seen = [], {}, {}
-    for path in paths:
+    read = read_for_plan(paths) if read is None else read
+    for path, (info, content, failure) in zip(paths, read, strict=True):
         rel = Path(path).relative_to(lake)
-        try:
-            info = read_exposure_info(path)
-            content = _file_hash(path)
-        except FluxCalError as err:
-            failures[str(rel)] = str(err)
-            continue
-        except Exception as err:  # anything astropy or the OS raises: report, go on
-            failures[str(rel)] = f"{path}: unreadable ({type(err).__name__}: {err})"
+        if failure is not None:
+            failures[str(rel)] = failure
             continue
         if info["expid"] in seen:
             failures[str(rel)] = f"duplicate EXPID {info['expid']} (also in {seen[info['expid']]})"
@@ -116,6 +121,60 @@ def plan_survey(paths, *, lake, catalog_hash, grid_plan, config):
         entries.append({"path": str(path), "rel": str(rel), "info": info, "input_hash": digest,
                         "content_hash": content})
     return entries, failures
+
+
+def read_for_plan(paths):
+    """What planning needs of each file: ``(info, content hash, None)``, or ``(None, None,
+    reason)`` for a file that cannot be read (:func:`plan_survey`)."""
+    from ..exposure import read_exposure_info
+
+    out = []
+    for path in paths:
+        try:
+            out.append((read_exposure_info(path), _file_hash(path), None))
+        except FluxCalError as err:
+            out.append((None, None, str(err)))
+        except Exception as err:  # anything astropy or the OS raises: report, go on
+            out.append((None, None, f"{path}: unreadable ({type(err).__name__}: {err})"))
+    return out
+
+
+#: Lakes of more RED files than this are read for the plan on the cluster, in ``plan-*``
+#: tasks of :data:`PLAN_BATCH` files: the client reads and hashes ~250 files a second (its
+#: headers, through astropy, hold the GIL), a minute for 15000 before any work starts.
+PLAN_ON_CLUSTER = 5000
+PLAN_BATCH = 250
+
+
+def _read_on_cluster(client, paths, progress):
+    """:func:`read_for_plan` of ``paths`` in ``plan-<n>-<token>`` tasks on the cluster (the
+    token names the batch's files, sizes and modification times: equal keys, equal work)."""
+    batches = [[str(p) for p in paths[i:i + PLAN_BATCH]]
+               for i in range(0, len(paths), PLAN_BATCH)]
+    futures = {client.submit(read_for_plan, batch, retries=2,
+                             key=f"plan-{k}-{token(*map(_identity, batch))}"): k
+               for k, batch in enumerate(batches)}
+    read, bar = [None] * len(batches), Progress(len(paths), progress, "RED files", "read")
+    with as_completed_pairs(client, futures) as pairs:
+        for future, result in pairs:
+            k = futures[future]
+            if future.status != "finished":  # its workers kept dying: unreadable here
+                result = [(None, None, f"{p}: {task_failure(result)}") for p in batches[k]]
+            read[k] = result
+            for _, _, failure in result:
+                bar.update(failure is None)
+            future.release()
+    return [item for batch in read for item in batch]
+
+
+def _identity(path):
+    """A file as a task key names it: path, size, modification time (None: gone, which
+    its reading reports)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return path, None
+    return path, stat.st_size, stat.st_mtime_ns
 
 
 # ----------------------------------------------------------------------------- tasks
@@ -263,24 +322,57 @@ def run_survey(lake, *, catalog, grid, out, config=None, scheduler=None, workers
 
 def _survey(lake, out, config, *, catalog, grid, resume, pattern, progress, flush, cluster,
             xp=None, cache_dir=None):
-    """The job of :func:`run_survey`, under its lock: plan, then compute what is to do."""
+    """The job of :func:`run_survey`, under its lock: plan, then compute what is to do. The
+    RED files are read for the plan here, or, in a lake of more than
+    :data:`PLAN_ON_CLUSTER`, on the cluster."""
     from ..catalog import read_catalog
     from ..grid import open_grid
-    from ..pipeline import output_name
     from ..xp import read_xp
-    from .archive import ArchiveWriter
 
     catalog_path = Path(catalog)
-    catalog_ds = read_catalog(catalog_path)
     grid_ds = open_grid(grid)
-    grid_plan = str(grid_ds.attrs.get("build_plan"))
     paths = discover(lake, pattern or config.survey.pattern, exclude=(out,))
     if not paths:
         raise InputError(lake, None, f"no RED file matches {pattern or config.survey.pattern!r}")
-    xp_ds = None if xp is None else read_xp(xp)
+    inputs = SimpleNamespace(catalog=read_catalog(catalog_path),
+                             xp=None if xp is None else read_xp(xp), grid=grid,
+                             grid_plan=str(grid_ds.attrs.get("build_plan")), cache_dir=cache_dir)
     catalog_hash = _file_hash(catalog_path) + ("" if xp is None else _file_hash(xp))
+
+    def plan(read):
+        return _plan(paths, read, lake=lake, out=out, config=config, resume=resume,
+                     progress=progress, catalog_hash=catalog_hash, grid_plan=inputs.grid_plan)
+
+    def work(client, job):
+        if job.todo or job.model_work:
+            _work(client, job, inputs, config, out, progress, flush)
+
+    if len(paths) <= PLAN_ON_CLUSTER:
+        job = plan(read_for_plan(paths))
+        if job.todo or job.model_work:
+            job.report.dashboard = on_cluster(lambda client: work(client, job),
+                                              progress=progress, **cluster)
+        return job.report
+    jobs = []
+
+    def read_then_work(client):
+        jobs.append(plan(_read_on_cluster(client, paths, progress)))
+        work(client, jobs[0])
+
+    dashboard = on_cluster(read_then_work, progress=progress, **cluster)
+    jobs[0].report.dashboard = dashboard
+    return jobs[0].report
+
+
+def _plan(paths, read, *, lake, out, config, resume, progress, catalog_hash, grid_plan):
+    """The plan of the job from the files' ``read`` (:func:`read_for_plan`): its entries,
+    report, archive writer, the exposures to calibrate (``todo``) and whether the survey
+    model has work (``model_work``); the plan's line printed."""
+    from ..pipeline import output_name
+    from .archive import ArchiveWriter
+
     entries, failed = plan_survey(paths, lake=lake, catalog_hash=catalog_hash,
-                                  grid_plan=grid_plan, config=config)
+                                  grid_plan=grid_plan, config=config, read=read)
     writer = ArchiveWriter(out / "archive.zarr")
     report = SurveyReport(failed=dict(failed), archive=writer.path)
     todo = []
@@ -298,32 +390,31 @@ def _survey(lake, out, config, *, catalog, grid, resume, pattern, progress, flus
               f"date, {len(failed)} refused (unreadable or duplicate); {configurations} "
               "instrument configuration(s)",
               flush=True)
-
-    utc = config.survey.utc_offset
     model_work = config.model.enabled and _model_pending(out, entries, writer, config)
+    return SimpleNamespace(entries=entries, report=report, writer=writer, todo=todo,
+                           model_work=model_work)
 
-    def work(client):
-        # Once, to every worker; a restarted worker gets it from a peer. XP spectra travel
-        # with the catalog to the first pass, as one object.
-        catalog_future = client.scatter(catalog_ds, broadcast=True)
-        inputs = catalog_future if xp_ds is None else client.scatter(
-            SimpleNamespace(catalog=catalog_ds, xp=xp_ds), broadcast=True)
-        _run_graph(client, todo, inputs, (grid, grid_plan, cache_dir), config, writer, report,
-                   utc, progress, flush)
-        if config.model.enabled:
-            from .model_job import run_model
 
-            run_model(client, entries, writer, report, config, out=out, utc=utc,
-                      catalog=catalog_future, provenance=_provenance(config, grid_plan),
-                      progress=progress, flush=flush)
-        if config.survey.fallback:
-            from .fallback import run_fallback
+def _work(client, job, inputs, config, out, progress, flush):
+    """The job's work on the cluster: the first pass, the survey model, the fallback."""
+    utc = config.survey.utc_offset
+    # Once, to every worker; a restarted worker gets it from a peer. XP spectra travel with
+    # the catalog to the first pass, as one object.
+    catalog_future = client.scatter(inputs.catalog, broadcast=True)
+    first = catalog_future if inputs.xp is None else client.scatter(
+        SimpleNamespace(catalog=inputs.catalog, xp=inputs.xp), broadcast=True)
+    _run_graph(client, job.todo, first, (inputs.grid, inputs.grid_plan, inputs.cache_dir),
+               config, job.writer, job.report, utc, progress, flush)
+    if config.model.enabled:
+        from .model_job import run_model
 
-            run_fallback(client, todo, writer, report, config, utc, progress)
+        run_model(client, job.entries, job.writer, job.report, config, out=out, utc=utc,
+                  catalog=catalog_future, provenance=_provenance(config, inputs.grid_plan),
+                  progress=progress, flush=flush)
+    if config.survey.fallback:
+        from .fallback import run_fallback
 
-    if todo or model_work:
-        report.dashboard = on_cluster(work, progress=progress, **cluster)
-    return report
+        run_fallback(client, job.todo, job.writer, job.report, config, utc, progress)
 
 
 def _model_pending(out, entries, writer, config):

@@ -23,7 +23,7 @@ from ..errors import CalibrationError, FluxCalError, FluxCalWarning
 from .cluster import as_completed_pairs
 
 __all__ = ["token", "run_task", "task_notes", "internal_error", "collect", "outcome",
-           "Progress"]
+           "task_failure", "Progress"]
 
 
 def token(*parts):
@@ -101,10 +101,12 @@ def internal_error(err):
 
 
 class Progress:
-    """Progress on stdout: a bar redrawn in place on a terminal, else a line per 10 %."""
+    """Progress on stdout: a bar redrawn in place on a terminal, else a line per 10 %, of
+    ``total`` items (``noun``, ``verb``: "exposures done", "RED files read")."""
 
-    def __init__(self, total, enabled):
+    def __init__(self, total, enabled, noun="exposures", verb="done"):
         self.total, self.enabled, self.done, self.failed = total, enabled, 0, 0
+        self.noun, self.verb = noun, verb
         self.tty = sys.stdout.isatty()
         self.start = time.time()
         self._last = -1
@@ -117,13 +119,13 @@ class Progress:
         pct = int(100 * self.done / max(self.total, 1))
         if self.tty:
             bar = "#" * (pct // 4)
-            print(f"\r[{bar:<25}] {self.done}/{self.total} exposures, {self.failed} failed, "
+            print(f"\r[{bar:<25}] {self.done}/{self.total} {self.noun}, {self.failed} failed, "
                   f"{time.time() - self.start:.0f} s", end="", flush=True)
             if self.done == self.total:
                 print()
         elif pct // 10 != self._last or self.done == self.total:
             self._last = pct // 10
-            print(f"{self.done}/{self.total} exposures done ({self.failed} failed), "
+            print(f"{self.done}/{self.total} {self.noun} {self.verb} ({self.failed} failed), "
                   f"{time.time() - self.start:.0f} s", flush=True)
 
 
@@ -178,14 +180,14 @@ def outcome(future, result, expid, report):
     """A finished task's result dict (a failure when the task could not run at all, e.g.
     workers kept dying); its notes go to the report and the future is released."""
     if future.status != "finished":
-        result = {"expid": expid, "status": "failed", "reason": _task_failure(result)}
+        result = {"expid": expid, "status": "failed", "reason": task_failure(result)}
     future.release()
     if result.get("notes"):
         report.notes[expid] = result["notes"]
     return result
 
 
-def _task_failure(result):
+def task_failure(result):
     """The exception of a task that could not run (``as_completed(raise_errors=False)``)."""
     err = result[1] if isinstance(result, tuple) else result
     return f"task failed: {type(err).__name__}: {err}"
