@@ -344,8 +344,7 @@ def _survey(lake, out, config, *, catalog, grid, resume, pattern, progress, flus
                      progress=progress, catalog_hash=catalog_hash, grid_plan=inputs.grid_plan)
 
     def work(client, job):
-        if job.todo or job.model_work:
-            _work(client, job, inputs, config, out, progress, flush)
+        _work(client, job, inputs, config, out, progress, flush)
 
     if len(paths) <= PLAN_ON_CLUSTER:
         job = plan(read_for_plan(paths))
@@ -357,7 +356,8 @@ def _survey(lake, out, config, *, catalog, grid, resume, pattern, progress, flus
 
     def read_then_work(client):
         jobs.append(plan(_read_on_cluster(client, paths, progress)))
-        work(client, jobs[0])
+        if jobs[0].todo or jobs[0].model_work:
+            work(client, jobs[0])
 
     dashboard = on_cluster(read_then_work, progress=progress, **cluster)
     jobs[0].report.dashboard = dashboard
