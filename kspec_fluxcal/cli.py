@@ -465,8 +465,9 @@ def _archive_parsers(sub):
     p.add_argument("--out", required=True, help="directory for the PNG files")
     p.add_argument("--model", help="survey model store (default: model.zarr beside the "
                    "archive, when present)")
-    p.add_argument("--setup", help="the model's setup, when the store holds several (default: "
-                   "each, in a subdirectory of --out)")
+    p.add_argument("--setup", help="the model's instrument configuration (e.g. "
+                   "n4096-f14-3500-8500), when the store holds several (default: each, in a "
+                   "subdirectory of --out)")
 
 
 def _info_parser(sub):
