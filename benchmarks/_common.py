@@ -186,3 +186,30 @@ def ck04_cube(workers=2):
     from kspec_fluxcal.grid.build import build_grid
 
     return build_grid(ck04_grid(), CACHE / "ck04.zarr", workers=workers, progress=False)
+
+
+#: Largest shift of each end of a simulated exposure's wavelength range, Angstrom, and the range
+#: of the factor on each of its three LSF FWHM values (:func:`own_setups`).
+END_SHIFT = 3.0
+LSF_SCALE = (0.95, 1.05)
+
+
+def own_setups(n, seed):
+    """``n`` setups (dicts, as simulate_survey takes them) of the default configuration, each
+    with its own wavelength solution (both ends moved by up to :data:`END_SHIFT`) and line
+    spread (FWHM values scaled within :data:`LSF_SCALE`): exposures as real ones are, every
+    arc solution and focus a little different, one instrument configuration."""
+    import numpy as np
+
+    from kspec_fluxcal.sim import DEFAULT_SETUP
+
+    rng = np.random.default_rng(seed)
+    ends = rng.uniform(-END_SHIFT, END_SHIFT, (n, 2))
+    scales = rng.uniform(*LSF_SCALE, (n, 3))
+    return [{"name": f"own{i:04d}", "pixels": DEFAULT_SETUP.pixels,
+             "fibers": DEFAULT_SETUP.fibers,
+             "wave_min": float(DEFAULT_SETUP.wave_min + ends[i, 0]),
+             "wave_max": float(DEFAULT_SETUP.wave_max + ends[i, 1]),
+             "fwhm_pixels": [float(f) for f in np.asarray(DEFAULT_SETUP.fwhm_pixels)
+                             * scales[i]]}
+            for i in range(n)]

@@ -61,6 +61,7 @@ from _common import (
     demo_cube,
     demo_grid,
     load_note,
+    own_setups,
     profile_top,
     reference_grid,
 )
@@ -73,25 +74,6 @@ ENTRY_POINT = Path(sys.executable).with_name("kspec-fluxcal")
 
 #: Seed of the setups and of the survey.
 SEED = 14
-#: Largest shift of each end of the wavelength range, Angstrom.
-END_SHIFT = 3.0
-#: Range of the factor applied to each of the three LSF FWHM values.
-LSF_SCALE = (0.95, 1.05)
-
-
-def own_setups(n, seed=SEED):
-    """``n`` setups of the default configuration, each with its own wavelength solution and
-    line spread (see the module docstring)."""
-    from kspec_fluxcal.sim import DEFAULT_SETUP, Setup
-
-    rng = np.random.default_rng(seed)
-    ends = rng.uniform(-END_SHIFT, END_SHIFT, (n, 2))
-    scales = rng.uniform(*LSF_SCALE, (n, 3))
-    return [Setup(f"own{i:04d}", pixels=DEFAULT_SETUP.pixels, fibers=DEFAULT_SETUP.fibers,
-                  wave_min=DEFAULT_SETUP.wave_min + ends[i, 0],
-                  wave_max=DEFAULT_SETUP.wave_max + ends[i, 1],
-                  fwhm_pixels=tuple(np.asarray(DEFAULT_SETUP.fwhm_pixels) * scales[i]))
-            for i in range(n)]
 
 
 def own_setup_lake(n):
@@ -102,7 +84,7 @@ def own_setup_lake(n):
     if not (out / "survey.json").exists():
         with Timer() as t:
             simulate_survey(out, exposures=n, nights=max(1, n // 20), seed=SEED,
-                            grid=demo_grid(), setups=own_setups(n), overwrite=True)
+                            grid=demo_grid(), setups=own_setups(n, SEED), overwrite=True)
         print(f"simulated {n} exposures, each with its own setup, in {t.seconds:.0f} s -> {out}")
     return out
 
