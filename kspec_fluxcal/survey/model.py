@@ -184,6 +184,13 @@ class ModelSpec:
         """:meth:`basis` on the fit grid (cached: every exposure of the setup shares it)."""
         return self.basis()
 
+    @functools.cached_property
+    def archive_design(self):
+        """:meth:`basis` at every archive grid point (cached: each exposure recalibrated
+        with the model takes the rows of its own range; its rows are those :meth:`basis`
+        gives at the same points, which it evaluates one by one)."""
+        return self.basis(np.log(archive_grid()))
+
     def scales(self, airmass, seeing):
         """(E, q) column scales of each exposure: 1 for S, -0.4 ln10 X for k, the terms'."""
         airmass = np.asarray(airmass, dtype=np.float64)
@@ -382,9 +389,12 @@ class SurveyModel:
                        self.mean_cov)
         return theta, cov
 
-    def predict(self, sessions, airmass, seeing, loglam=None, variance=True):
-        """ln throughput shape (grey-free) of exposures: (E, J) mean and variance."""
-        basis = self.spec.design if loglam is None else self.spec.basis(loglam)
+    def predict(self, sessions, airmass, seeing, loglam=None, variance=True, grid_index=None):
+        """ln throughput shape (grey-free) of exposures: (E, J) mean and variance, at
+        ``loglam``, or at the archive grid's points ``grid_index`` (positions or a mask), or
+        (neither) on the fit grid."""
+        basis = (self.spec.archive_design[grid_index] if grid_index is not None
+                 else self.spec.design if loglam is None else self.spec.basis(loglam))
         theta, cov = self.session(np.atleast_1d(sessions))
         t = self.spec.scales(np.atleast_1d(airmass), np.atleast_1d(seeing))
         mean = (theta * t) @ basis.T

@@ -137,7 +137,8 @@ def _prediction(model, levels, own, row, session, airmass, seeing, loglam, insid
     """The exposure's ln response on the archive grid's points ``loglam``: own standards
     combined with the model, or the model alone; with its variance (shape, and level apart),
     telluric columns and line-spread scale."""
-    pred, pred_var = (a[0] for a in model.predict([session], [airmass], [seeing], loglam))
+    pred, pred_var = (a[0] for a in model.predict([session], [airmass], [seeing],
+                                                  grid_index=inside))
     tau2, star_var = model.errors(loglam)
     level = {k: float(v[0]) for k, v in levels.of([session]).items()}
     if own is None:
