@@ -195,7 +195,7 @@ def _library_task(grid_path, wave_range, config, cache_dir=None):
         return prepare_library(open_grid(grid_path), wave_range, config, cache_dir=cache_dir)
 
 
-def _configuration(info):
+def _library_range(info):
     """The library range serving an exposure (from its header information)."""
     from ..templates import library_range
 
@@ -385,7 +385,7 @@ def _plan(paths, read, *, lake, out, config, resume, progress, catalog_hash, gri
         else:
             todo.append(entry)
     if progress:
-        configurations = len({_configuration(e["info"]) for e in todo})
+        configurations = len({e["info"]["setup"] for e in todo})
         print(f"{len(paths)} RED files, {len(todo)} to calibrate, {len(report.skipped)} up to "
               f"date, {len(failed)} refused (unreadable or duplicate); {configurations} "
               "instrument configuration(s)",
@@ -447,7 +447,7 @@ def _run_graph(client, todo, catalog_future, templates, config, writer, report, 
     settings = _settings(config)
     by_range = {}
     for entry in todo:
-        by_range.setdefault(_configuration(entry["info"]), []).append(entry)
+        by_range.setdefault(_library_range(entry["info"]), []).append(entry)
     futures = {}
     provenance = _provenance(config, grid_plan)
     tag = token(Path(grid_path).resolve(), grid_plan, settings)
