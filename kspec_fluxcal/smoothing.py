@@ -59,10 +59,24 @@ def _smooth(wave, values, variance, fit, opts, no_knots=None):
     normal += 1e-6 * np.trace(normal) / basis.shape[1] * diff.T @ diff
     if opts.smooth_curvature > 0:
         step = opts.smooth_scale / np.median(wave)
-        normal += _curvature_prior(np.linalg.pinv(normal) @ rhs, _second_differences(knots, step),
+        normal += _curvature_prior(_solve(normal, rhs), _second_differences(knots, step),
                                    opts.smooth_curvature)
-    cov = np.linalg.pinv(normal)
-    return basis @ (cov @ rhs), lambda: np.asarray(basis.multiply(basis @ cov).sum(axis=1)).ravel()
+
+    def variance():
+        cov = np.linalg.pinv(normal)
+        return np.asarray(basis.multiply(basis @ cov).sum(axis=1)).ravel()
+
+    return basis @ _solve(normal, rhs), variance
+
+
+def _solve(normal, rhs):
+    """``normal``^-1 ``rhs`` for the normal matrix of a fit, which its ridge and penalty keep
+    regular: solved (a third of a pseudo-inverse's time), by the pseudo-inverse only if it
+    is singular after all."""
+    try:
+        return np.linalg.solve(normal, rhs)
+    except np.linalg.LinAlgError:
+        return np.linalg.pinv(normal) @ rhs
 
 
 def _second_differences(knots, step, degree=3):

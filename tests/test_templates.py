@@ -182,6 +182,32 @@ def test_library_arrays_are_the_library_values_read_only_and_kept(cube, tmp_path
     assert library[name].values.flags.writeable  # the library's own arrays untouched
 
 
+def test_library_columns_equal_whether_gathered_by_rows_or_from_the_transposed_copy(
+        cube, tmp_path, monkeypatch):
+    """Issue 14: many templates (an exposure's candidates) are taken as columns of a
+    transposed copy of the library, a few (corners) as rows: the same values either way."""
+    clear_cache()
+    library = _library(cube, cache_dir=tmp_path)
+    wave, lsf = np.linspace(4000.0, 8000.0, 500), LineSpread.constant(8.0)
+    n = library.sizes["template"]
+    assert n >= 3
+    picks = [np.array([n - 1, 0, n // 2]), slice(1, n), np.arange(n)]
+
+    def columns():
+        return [templates.library_columns(library, wave, lsf, ids) for ids in picks]
+
+    monkeypatch.setattr(templates, "_TRANSPOSED_FROM", 10**9)
+    by_rows = columns()
+    assert not len(templates._TRANSPOSED)
+    monkeypatch.setattr(templates, "_TRANSPOSED_FROM", 1)
+    for got, want in zip(columns(), by_rows, strict=True):
+        assert got.shape == want.shape == (wave.size, want.shape[1])
+        np.testing.assert_array_equal(got, want)
+    assert len(templates._TRANSPOSED) == 1  # made once, kept
+    clear_cache()
+    assert not len(templates._TRANSPOSED)
+
+
 def test_library_cache_off_and_explicit_directory(cube, tmp_path, monkeypatch):
     monkeypatch.setenv(CACHE_ENV, "off")
     clear_cache()

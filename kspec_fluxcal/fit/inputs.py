@@ -14,7 +14,8 @@ from ..constants import A_GAIA_G_PER_EBV, A_PS1_G_PER_EBV, COLOUR_EXCESS_PER_EBV
 from ..continuum import fit_continuum
 from ..masks import region_mask
 from ..photometry import _colour_relations, _teff_kernel, colour_teff_table
-from ..templates import _Recent, library_arrays, per_library
+from .._recent import Recent, per_library
+from ..templates import library_arrays
 
 __all__ = ["observed_standards", "catalog_priors"]
 
@@ -59,7 +60,7 @@ def observed_standards(std, config):
 
 
 #: Colour relations of the libraries met so far, by library key (a process meets a few).
-_COLOUR_RELATIONS = _Recent(8)
+_COLOUR_RELATIONS = Recent(8)
 
 
 def _colour_relations_of(library):

@@ -8,13 +8,14 @@ import numpy as np
 import scipy.sparse
 
 from ..photometry import fit_photometry, parallax_chi2
-from ..templates import _Recent, library_arrays, per_library, read_only
+from .._recent import Recent, per_library, read_only
+from ..templates import library_arrays
 
 __all__ = ["PhotometricScore", "model_magnitudes", "photometry_rows", "spectral_photometry"]
 
 
 #: :func:`_band_tables` of the libraries met so far (the same for all their exposures).
-_BAND_TABLES = _Recent(8)
+_BAND_TABLES = Recent(8)
 
 
 def _band_tables(library, bands, law):
