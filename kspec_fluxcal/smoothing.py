@@ -62,11 +62,11 @@ def _smooth(wave, values, variance, fit, opts, no_knots=None):
         normal += _curvature_prior(_solve(normal, rhs), _second_differences(knots, step),
                                    opts.smooth_curvature)
 
-    def variance():
+    def curve_variance():
         cov = np.linalg.pinv(normal)
         return np.asarray(basis.multiply(basis @ cov).sum(axis=1)).ravel()
 
-    return basis @ _solve(normal, rhs), variance
+    return basis @ _solve(normal, rhs), curve_variance
 
 
 def _solve(normal, rhs):
