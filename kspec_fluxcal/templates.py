@@ -647,7 +647,9 @@ def library_columns(library, wavelength, lsf, templates=None, *, kind="norm", st
 
 #: Gathers of at least this many templates take columns of the transposed library.
 _TRANSPOSED_FROM = 64
-_TRANSPOSED = Recent(2)  # (wavelength, template) copies of libraries' norm, ~10-50 MB each
+#: (wavelength, template) copies of the libraries' norm, ~10-50 MB each: as many as libraries
+#: are kept (_LIBRARIES), so that a survey interleaving configurations does not remake them.
+_TRANSPOSED = Recent(3)
 
 
 def _transposed(library, kind):
