@@ -634,8 +634,7 @@ def library_columns(library, wavelength, lsf, templates=None, *, kind="norm", st
                       f"{100 * sharper:.0f}% of the pixels: templates there are only "
                       "interpolated, not convolved", FluxCalWarning, stacklevel=stacklevel)
     data = library[kind].values
-    if templates is None:
-        return matrix @ np.ascontiguousarray(data.T)
+    templates = slice(None) if templates is None else templates
     count = len(range(*templates.indices(len(data)))) if isinstance(templates, slice) else \
         np.size(templates)
     if count < _TRANSPOSED_FROM:  # a few corners: gathering rows is cheaper
@@ -647,8 +646,9 @@ def library_columns(library, wavelength, lsf, templates=None, *, kind="norm", st
 
 #: Gathers of at least this many templates take columns of the transposed library.
 _TRANSPOSED_FROM = 64
-#: (wavelength, template) copies of the libraries' norm, ~10-50 MB each: as many as libraries
-#: are kept (_LIBRARIES), so that a survey interleaving configurations does not remake them.
+#: (wavelength, template) copies of the libraries' spectra (``norm``, the fit's), ~10-50 MB
+#: each: as many as libraries are kept (_LIBRARIES), so that a survey interleaving
+#: configurations does not remake them.
 _TRANSPOSED = Recent(3)
 
 

@@ -191,7 +191,7 @@ def test_library_columns_equal_whether_gathered_by_rows_or_from_the_transposed_c
     wave, lsf = np.linspace(4000.0, 8000.0, 500), LineSpread.constant(8.0)
     n = library.sizes["template"]
     assert n >= 3
-    picks = [np.array([n - 1, 0, n // 2]), slice(1, n), np.arange(n)]
+    picks = [np.array([n - 1, 0, n // 2]), slice(1, n), np.arange(n), None]
 
     def columns():
         return [templates.library_columns(library, wave, lsf, ids) for ids in picks]
