@@ -43,3 +43,31 @@ def test_cached_normal_matrix_is_the_sparse_product_to_the_last_bit():
     basis = cached_design_matrix(x, knots)
     expected = (basis.T @ basis.multiply(weights[:, None])).toarray()
     assert cached_normal_matrix(x, knots, weights).tobytes() == expected.tobytes()
+
+
+@pytest.mark.parametrize("method", ["bspline", "polynomial"])
+def test_continuum_basis_and_outer_products_are_the_plain_sparse_ones(method):
+    """The continuum's basis, built directly in CSR order, and its row-wise outer products
+    equal those built from dense arrays (every entry, zeros dropped, columns in order), also
+    with points on the knots, where B-splines are exactly zero."""
+    from kspec_fluxcal.continuum import _basis, _key
+
+    rng = np.random.default_rng(7)
+    x = np.sort(np.concatenate([[0.0, 1.0], np.linspace(0.0, 1.0, 11), rng.uniform(0, 1, 400)]))
+    x = np.round(x, 12)  # as the cache key has them
+    basis, outer_t, basis_t, _ = _basis(x.size, _key(x), method, 0.1, 3 if method == "bspline"
+                                        else 5)
+    dense = basis.toarray()
+    if method == "bspline":
+        knots = np.concatenate([[0.0] * 3, np.linspace(0.0, 1.0, 11), [1.0] * 3])
+        np.testing.assert_array_equal(
+            dense, scipy.interpolate.BSpline.design_matrix(x, knots, 3).toarray())
+        assert (dense == 0).sum(axis=1).max() > dense.shape[1] - 4  # zeros at the knots
+    else:
+        np.testing.assert_allclose(dense, np.polynomial.legendre.legvander(2 * x - 1, 5),
+                                   rtol=0, atol=0)
+    for matrix in (basis, basis_t, outer_t):
+        assert matrix.has_sorted_indices and not np.any(matrix.data == 0)
+    np.testing.assert_array_equal(basis_t.toarray(), dense.T)
+    outer = (dense[:, :, None] * dense[:, None, :]).reshape(x.size, -1)
+    np.testing.assert_array_equal(outer_t.toarray(), outer.T)
