@@ -400,7 +400,8 @@ def setup_key(wavelength, lsf):
 
 
 def exposure_setup(ds):
-    """The setup key of an opened exposure (see :func:`read_exposure_info`)."""
+    """The exact setup key (:func:`setup_key`: pixels and line spread) of an opened
+    exposure; its instrument configuration is :func:`configuration_key`'s."""
     return setup_key(ds["wavelength"].values, LineSpread.from_attrs(ds.attrs))
 
 

@@ -131,18 +131,15 @@ def open_checked_store(path, names=STORE_VARIABLES, *, chunks=None, hint=REBUILD
 
     Returns
     -------
-    xarray.Dataset
+    ds : xarray.Dataset
+    group : zarr.Group
+        The store's root group (for :func:`check_chunks`, without opening it again).
 
     Raises
     ------
     GridError
         When the store cannot be opened, or (when it is read) a chunk does not decode.
     """
-    return _open_store(path, names, chunks, hint)[0]
-
-
-def _open_store(path, names, chunks, hint):
-    """:func:`open_checked_store`, and the store's root group."""
     import dask.array as da
     import zarr
     from dask.base import tokenize
@@ -220,7 +217,7 @@ def open_grid(path, *, chunks=None):
         raise GridError(path, None, "is a BOSZ-layout directory, not a template grid store; "
                         f"convert it once with 'kspec-fluxcal grid build {path} --out STORE' "
                         "and pass STORE")
-    ds, group = _open_store(path, STORE_VARIABLES, chunks, REBUILD_HINT)
+    ds, group = open_checked_store(path, chunks=chunks)
     missing = [v for v in ("flux", "exists", "synth_mag") if v not in ds]
     if missing:
         raise GridError(path, None, f"not a template grid (missing {', '.join(missing)})")
