@@ -641,7 +641,14 @@ def library_columns(library, wavelength, lsf, templates=None, *, kind="norm", st
         return matrix @ np.ascontiguousarray(data[templates].T)
     # Many templates (an exposure's candidates): columns of the library kept transposed,
     # one gather instead of a gather and a transposing copy (~3 of ~8 ms for 200).
-    return matrix @ per_library(_TRANSPOSED, _transposed, library, kind)[:, templates]
+    columns = per_library(_TRANSPOSED, _transposed, library, kind)
+    if isinstance(templates, slice):
+        if templates == slice(None):
+            return matrix @ columns
+        templates = np.arange(*templates.indices(columns.shape[1]))
+    # take, not columns[:, templates]: that returns an F-ordered array (and a slice a
+    # strided view), which scipy's product first copies to C order.
+    return matrix @ np.take(columns, templates, axis=1)
 
 
 #: Gathers of at least this many templates take columns of the transposed library.
