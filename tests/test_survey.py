@@ -8,6 +8,7 @@ timestamps may differ).
 
 from __future__ import annotations
 
+import csv
 import datetime
 import glob
 import json
@@ -151,6 +152,12 @@ def _survey_args(survey, cube, out, *extra, lake=None):
 
 
 # ----------------------------------------------------------------------------- helpers
+
+
+def _quality_rows(out):
+    """quality.csv's rows by EXPID."""
+    with open(out / "quality.csv", newline="") as f:
+        return {row["expid"]: row for row in csv.DictReader(f)}
 
 
 def _raw_rows(out):
@@ -510,34 +517,44 @@ def test_resume_skips_current_exposures_and_recalibrates_changed_ones(survey, cu
     shutil.copytree(ref_out, out)
     ref = _archive_table(ref_out)
 
+    notes_before = json.loads((out / "notes.json").read_text())["notes"]
+    assert notes_before  # the reference run's skipped stars and warnings
     assert cli.main(_survey_args(survey, cube, out, "--resume", lake=lake)) == 0
     text = capsys.readouterr().out
     assert "8 RED files, 0 to calibrate, 8 up to date" in text
     assert "0 calibrated (0 from the archive), 8 skipped as up to date, 0 failed" in text
     assert "dashboard" not in text  # nothing to compute: no cluster started
     assert _raw_rows(out) == N_EXPOSURES
+    # The whole survey stays on record, not only this run's (none) exposures.
+    assert _quality_rows(out) == _quality_rows(ref_out)
+    assert json.loads((out / "notes.json").read_text())["notes"] == notes_before
 
-    changed, lost = _expids(survey)[0], _expids(survey)[1]
+    changed, lost, cut = _expids(survey)[:3]
     path = lake / Path(_lake_file(survey, changed)[1]["path"]).relative_to("lake")
     with fits.open(path, mode="update") as hdul:
         hdul[0].header["AIRMASS"] = 1.7
     rel = Path(_lake_file(survey, lost)[1]["path"]).relative_to("lake")
     (out / rel.with_name(f"{lost}_fluxcal.fits")).unlink()
+    rel = Path(_lake_file(survey, cut)[1]["path"]).relative_to("lake")
+    product = out / rel.with_name(f"{cut}_fluxcal.fits")
+    os.truncate(product, product.stat().st_size // 2 + 1)  # a damaged copy: done again
     report = _run(survey, cube, out, client, lake=lake, resume=True)
-    assert sorted(report.calibrated) == sorted([changed, lost])
-    assert sorted(report.skipped) == sorted(set(_expids(survey)) - {changed, lost})
-    assert _raw_rows(out) == N_EXPOSURES + 2
+    assert sorted(report.calibrated) == sorted([changed, lost, cut])
+    assert sorted(report.skipped) == sorted(set(_expids(survey)) - {changed, lost, cut})
+    assert _raw_rows(out) == N_EXPOSURES + 3
+    assert cli.main(["info", str(product)]) == 0
     table = _archive_table(out)
     assert sorted(table["expid"]) == sorted(_expids(survey))  # one current row per EXPID
     row = list(table["expid"]).index(changed)
     assert table["airmass"][row] == 1.7 and table["input_hash"][row] != ref["input_hash"][row]
     _assert_rows_equal(table, ref, set(_expids(survey)) - {changed})
+    assert sorted(_quality_rows(out)) == sorted(_expids(survey))
 
     report = _run(survey, cube, out, client, lake=lake,  # no resume: everything again
                   performance_report=tmp_path / "perf.html")
     assert sorted(report.calibrated) == sorted(_expids(survey)) and report.skipped == []
     assert (tmp_path / "perf.html").stat().st_size > 10_000
-    assert _raw_rows(out) == 2 * N_EXPOSURES + 2
+    assert _raw_rows(out) == 2 * N_EXPOSURES + 3
     again = _archive_table(out)
     assert sorted(again["expid"]) == sorted(_expids(survey))
     _assert_rows_equal(again, table)
@@ -675,13 +692,55 @@ def test_notes_go_to_a_file_named_in_the_summary(tmp_path):
                          notes={"E1": ["fiber 3 skipped"], "E2": ["a note"]})
     path = write_notes(tmp_path, first)
     assert path == tmp_path / "notes.json"
-    assert "2 exposure(s) with notes; notes and failures: " + str(path) in first.summary()
+    assert "2 exposure(s) with notes in this run; notes and failures: " + str(path) in \
+        first.summary()
     assert "SurveyReport.notes" not in first.summary()
-    second = SurveyReport(calibrated=["E2", "E3"], skipped=["E1"], notes={"E3": ["other"]})
+    second = SurveyReport(calibrated=["E2", "E3"], fitted=["E2", "E3"], skipped=["E1"],
+                          notes={"E3": ["other"]})
     write_notes(tmp_path, second)
     saved = json.loads(path.read_text())
     assert saved["notes"] == {"E1": ["fiber 3 skipped"], "E3": ["other"]}
     assert saved["failed"] == {}
+    assert "1 exposure(s) with notes in this run" in second.summary()
+
+
+def test_notes_and_quality_keep_the_survey_across_runs(tmp_path):
+    """A resumed or interrupted run keeps the notes and quality rows of the exposures it
+    did not redo; one only recalibrated with the survey model keeps its first-pass notes;
+    failures that no longer hold (the file was fixed, or left the lake) are dropped."""
+    quality = {"grade": "A", "used": 2, "standards": 2, "fcalrms": 0.01, "fcalmerr": 0.02,
+               "fcallsf": 1.01}
+    first = SurveyReport(
+        calibrated=["E1", "E2"], fitted=["E1", "E2", "E3"], planned=["E1", "E2", "E3", "E4"],
+        failed={"E3": "no usable standard star", "night/bad.fits": "truncated"},
+        notes={"E1": ["fiber 3 skipped"], "E2": ["a note"]},
+        quality={"E1": quality, "E2": {**quality, "grade": "B"}})
+    write_notes(tmp_path, first)
+    first.write_quality(tmp_path / "quality.csv")
+    # E1 up to date; E2 only recalibrated with the model, from the model alone (no fit);
+    # E3 fixed and calibrated; E4 never reached; night/bad.fits replaced by a good file E5.
+    second = SurveyReport(
+        calibrated=["E2", "E3", "E5"], fitted=["E3", "E5"], skipped=["E1"],
+        planned=["E1", "E2", "E3", "E4", "E5"], notes={"E2": ["model note"]},
+        quality={"E2": {**quality, "fcalrms": np.nan, "fcallsf": np.nan, "source": "model"},
+                 "E3": quality, "E5": quality})
+    write_notes(tmp_path, second)
+    saved = json.loads((tmp_path / "notes.json").read_text())
+    assert saved["notes"] == {"E1": ["fiber 3 skipped"], "E2": ["a note", "model note"]}
+    assert saved["failed"] == {}
+    assert "rms n/a, model error 2.0%, LSF n/a, model" in second.summary()
+    second.write_quality(tmp_path / "quality.csv")
+    rows = _quality_rows(tmp_path)
+    assert sorted(rows) == ["E1", "E2", "E3", "E5"]
+    assert rows["E1"]["quality"] == "A" and rows["E2"]["source"] == "model"
+    assert all(row["status"] == "calibrated" for row in rows.values())
+    # E1 leaves the lake, E3 fails again with a reason that needs quoting.
+    third = SurveyReport(fitted=["E3"], planned=["E2", "E3", "E5"],
+                         failed={"E3": 'bad "header", line 2'})
+    third.write_quality(tmp_path / "quality.csv")
+    rows = _quality_rows(tmp_path)
+    assert sorted(rows) == ["E2", "E3", "E5"]
+    assert rows["E3"]["status"] == "failed" and rows["E3"]["reason"] == 'bad "header", line 2'
 
 
 def _comm_sizeof_warnings():

@@ -304,15 +304,22 @@ def run_survey(lake, *, catalog, grid, out, config=None, scheduler=None, workers
     # One job per output directory: two would both commit at the archive's row count and
     # one job's rows would be lost.
     with exclusive(out):
-        report = _survey(Path(lake), out, config, catalog=catalog, grid=grid, resume=resume, xp=xp,
-                         cache_dir=cache_dir,
-                         pattern=pattern, progress=progress, flush=(flush_every, flush_interval),
-                         cluster=dict(client=client, scheduler=scheduler, workers=workers,
-                                      threads_per_worker=threads_per_worker,
-                                      dashboard_address=dashboard_address,
-                                      performance_report=performance_report))
-        write_notes(out, report)
-        quality = report.write_quality(out / "quality.csv")
+        planned = []  # the run's report once planned
+        try:
+            report = _survey(Path(lake), out, config, catalog=catalog, grid=grid,
+                             resume=resume, xp=xp, cache_dir=cache_dir, pattern=pattern,
+                             progress=progress, flush=(flush_every, flush_interval),
+                             planned=planned,
+                             cluster=dict(client=client, scheduler=scheduler, workers=workers,
+                                          threads_per_worker=threads_per_worker,
+                                          dashboard_address=dashboard_address,
+                                          performance_report=performance_report))
+        finally:
+            # Also when interrupted: the notes and quality of what finished (committed to
+            # the archive in the same finally of the collection) are not lost.
+            if planned:
+                write_notes(out, planned[0])
+                quality = planned[0].write_quality(out / "quality.csv")
     report.elapsed = time.time() - start
     if progress:
         print(report.summary(), flush=True)
@@ -321,10 +328,11 @@ def run_survey(lake, *, catalog, grid, out, config=None, scheduler=None, workers
 
 
 def _survey(lake, out, config, *, catalog, grid, resume, pattern, progress, flush, cluster,
-            xp=None, cache_dir=None):
+            planned, xp=None, cache_dir=None):
     """The job of :func:`run_survey`, under its lock: plan, then compute what is to do. The
     RED files are read for the plan here, or, in a lake of more than
-    :data:`PLAN_ON_CLUSTER`, on the cluster."""
+    :data:`PLAN_ON_CLUSTER`, on the cluster. The report is appended to ``planned`` as
+    soon as it exists."""
     from ..catalog import read_catalog
     from ..grid import open_grid
     from ..xp import read_xp
@@ -340,8 +348,10 @@ def _survey(lake, out, config, *, catalog, grid, resume, pattern, progress, flus
     catalog_hash = _file_hash(catalog_path) + ("" if xp is None else _file_hash(xp))
 
     def plan(read):
-        return _plan(paths, read, lake=lake, out=out, config=config, resume=resume,
-                     progress=progress, catalog_hash=catalog_hash, grid_plan=inputs.grid_plan)
+        job = _plan(paths, read, lake=lake, out=out, config=config, resume=resume,
+                    progress=progress, catalog_hash=catalog_hash, grid_plan=inputs.grid_plan)
+        planned.append(job.report)
+        return job
 
     def work(client, job):
         _work(client, job, inputs, config, out, progress, flush)
@@ -374,13 +384,14 @@ def _plan(paths, read, *, lake, out, config, resume, progress, catalog_hash, gri
     entries, failed = plan_survey(paths, lake=lake, catalog_hash=catalog_hash,
                                   grid_plan=grid_plan, config=config, read=read)
     writer = ArchiveWriter(out / "archive.zarr")
-    report = SurveyReport(failed=dict(failed), archive=writer.path)
+    report = SurveyReport(failed=dict(failed), archive=writer.path,
+                          planned=[entry["info"]["expid"] for entry in entries])
     todo = []
     for entry in entries:
         target = out / Path(entry["rel"]).parent / output_name(entry["rel"])
         entry["out"] = str(target)
         if resume and writer.is_current(entry["info"]["expid"], entry["input_hash"]) \
-                and target.exists():
+                and _whole_product(target):
             report.skipped.append(entry["info"]["expid"])
         else:
             todo.append(entry)
@@ -393,6 +404,20 @@ def _plan(paths, read, *, lake, out, config, resume, progress, catalog_hash, gri
     model_work = config.model.enabled and _model_pending(out, entries, writer, config)
     return SimpleNamespace(entries=entries, report=report, writer=writer, todo=todo,
                            model_work=model_work)
+
+
+def _whole_product(path):
+    """Whether a calibrated file is there and whole, as far as its size tells: FITS files
+    are whole 2880-byte records, so a product cut short after it was written (a copy, a
+    full disk) is calibrated again on resume. Opening each (~4 ms) would check more, but
+    would cost a lake of 10^5 exposures minutes before any work."""
+    from ..fits_file import BLOCK
+
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return False
+    return size > 0 and size % BLOCK == 0
 
 
 def _work(client, job, inputs, config, out, progress, flush):
@@ -465,6 +490,7 @@ def _run_graph(client, todo, catalog_future, templates, config, writer, report, 
 
     def handle(entry, result):
         expid = entry["info"]["expid"]
+        report.fitted.append(expid)
         if result["status"] != "ok":
             entry["failure"] = result
             report.failed[expid] = result["reason"]

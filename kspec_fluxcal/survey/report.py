@@ -5,6 +5,8 @@ quality and notes, the survey model's summary) and where it is kept (``OUT/notes
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import time
 from dataclasses import dataclass, field
@@ -36,6 +38,12 @@ class SurveyReport:
     quality : dict of str to dict
         Per calibrated EXPID: ``grade`` (FCALQUAL), ``used`` and ``standards`` (stars used,
         standard fibers), ``fcalrms``, ``fcalmerr``, ``fcallsf``.
+    planned : list of str
+        EXPIDs of the lake's readable RED files: the exposures the survey has now (what
+        ``notes.json`` and ``quality.csv`` keep from earlier runs is limited to them).
+    fitted : list of str
+        EXPIDs whose standards were fitted in this run (the first pass finished, calibrated
+        or failed); an exposure only recalibrated with the survey model is not among them.
     archive : pathlib.Path
     notes_file : pathlib.Path or None
         ``OUT/notes.json``, where the notes and failures are kept (see :func:`write_notes`).
@@ -53,6 +61,8 @@ class SurveyReport:
     failed: dict = field(default_factory=dict)
     notes: dict = field(default_factory=dict)
     quality: dict = field(default_factory=dict)
+    planned: list = field(default_factory=list)
+    fitted: list = field(default_factory=list)
     archive: Path | None = None
     notes_file: Path | None = None
     dashboard: str | None = None
@@ -81,25 +91,55 @@ class SurveyReport:
             lines += [f"  {expid}: {_quality_text(q)}" for expid, q in sorted(self.quality.items())]
         if self.notes or self.notes_file:
             where = f"; notes and failures: {self.notes_file}" if self.notes_file else ""
-            lines.append(f"  {len(self.notes)} exposure(s) with notes{where}")
+            lines.append(f"  {len(self.notes)} exposure(s) with notes in this run{where}")
         lines += [f"  FAILED {name}: {reason}" for name, reason in sorted(self.failed.items())]
         return "\n".join(lines)
 
     def write_quality(self, path):
-        """Write the per-exposure quality table (CSV) atomically."""
+        """Write the per-exposure quality table (CSV) atomically: this run's exposures, and
+        the rows of an earlier table for the survey's other exposures (skipped as up to
+        date, or not reached before an interruption), so that it lists the whole survey."""
         from .._atomic import atomic_file
 
-        rows = ["expid,status,quality,used,standards,fcalrms,fcalmerr,fcallsf,source,reason"]
-        for expid, q in sorted(self.quality.items()):
-            rows.append(f"{expid},calibrated,{q['grade']},{q['used']},{q['standards']},"
-                        f"{q['fcalrms']:.5f},{q['fcalmerr']:.5f},{q['fcallsf']:.4f},"
-                        f"{q.get('source', 'standards')},")
-        for name, reason in sorted(self.failed.items()):
-            text = reason.replace('"', "'")
-            rows.append(f'{name},failed,,,,,,,,"{text}"')
+        rows = {expid: row for expid, row in _saved_rows(path).items() if self._keeps(expid)}
+        for expid, q in self.quality.items():
+            rows[expid] = [expid, "calibrated", q["grade"], q["used"], q["standards"],
+                           f"{q['fcalrms']:.5f}", f"{q['fcalmerr']:.5f}", f"{q['fcallsf']:.4f}",
+                           q.get("source", "standards"), ""]
+        for name, reason in self.failed.items():
+            rows[name] = [name, "failed", "", "", "", "", "", "", "", reason]
+        text = io.StringIO()
+        writer = csv.writer(text, lineterminator="\n")
+        writer.writerow(_QUALITY_COLUMNS)
+        writer.writerows(rows[key] for key in sorted(rows))
         with atomic_file(path, overwrite=True) as tmp:
-            Path(tmp).write_text("\n".join(rows) + "\n")
+            Path(tmp).write_text(text.getvalue())
         return Path(path)
+
+    def _keeps(self, key):
+        """Whether an earlier run's entry for ``key`` (EXPID, or the lake path of a file that
+        could not be planned) still holds: an exposure the survey still has that this run did
+        not calibrate or fail. Without a plan (``planned`` empty), any such exposure."""
+        if key in self.calibrated or key in self.failed or key in self.fitted:
+            return False
+        return not self.planned or key in self.planned
+
+
+#: The columns of ``quality.csv``.
+_QUALITY_COLUMNS = ("expid", "status", "quality", "used", "standards", "fcalrms", "fcalmerr",
+                    "fcallsf", "source", "reason")
+
+
+def _saved_rows(path):
+    """The rows of an existing quality table by EXPID (none when absent or unreadable)."""
+    try:
+        with open(path, newline="") as f:
+            table = list(csv.reader(f))
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return {}
+    if not table or tuple(table[0]) != _QUALITY_COLUMNS:
+        return {}
+    return {row[0]: row for row in table[1:] if len(row) == len(_QUALITY_COLUMNS)}
 
 
 def _model_text(m):
@@ -112,19 +152,26 @@ def _model_text(m):
 
 
 def _quality_text(q):
-    rms = "n/a" if not np.isfinite(q["fcalrms"]) else f"{100 * q['fcalrms']:.2f}%"
+    def shown(value, form):  # an exposure calibrated from the model alone has no fit
+        return form.format(value) if np.isfinite(value) else "n/a"
+
     source = f", {q['source']}" if q.get("source", "standards") != "standards" else ""
-    return (f"quality {q['grade']}, {q['used']}/{q['standards']} standards, rms {rms}, "
-            f"model error {100 * q['fcalmerr']:.1f}%, LSF x{q['fcallsf']:.3f}{source}")
+    return (f"quality {q['grade']}, {q['used']}/{q['standards']} standards, "
+            f"rms {shown(100 * q['fcalrms'], '{:.2f}%')}, "
+            f"model error {shown(100 * q['fcalmerr'], '{:.1f}%')}, "
+            f"LSF {shown(q['fcallsf'], 'x{:.3f}')}{source}")
 
 
 def write_notes(out, report):
     """Keep the notes and failures of a run in ``out/notes.json``, atomically.
 
     The file maps EXPID (or, for files that could not be planned, their path under the
-    lake) to notes (``"notes"``) and to the reason of a failure (``"failed"``). Exposures
-    calibrated or failed in this run replace their entries; the others (skipped as up to
-    date) keep theirs from earlier runs.
+    lake) to notes (``"notes"``) and to the reason of a failure (``"failed"``). An exposure
+    whose standards were fitted in this run (:attr:`SurveyReport.fitted`) gets this run's
+    notes only; one only recalibrated with the survey model keeps its notes and gets the
+    new ones added; one skipped as up to date keeps its notes. Failures are this run's and
+    those of the survey's exposures it did not reach (an interrupted run); entries of
+    exposures no longer in the lake are dropped.
 
     Parameters
     ----------
@@ -145,11 +192,14 @@ def write_notes(out, report):
         saved = json.loads(path.read_text())
     except (OSError, ValueError):
         saved = {}
-    done = set(report.calibrated) | set(report.failed)
-    kept = {key: {k: v for k, v in saved.get(key, {}).items() if k not in done}
-            for key in ("notes", "failed")}
-    kept["notes"].update(report.notes)
-    kept["failed"].update(report.failed)
+    fitted = set(report.fitted)
+    notes = {k: v for k, v in saved.get("notes", {}).items()
+             if k not in fitted and (not report.planned or k in report.planned)}
+    for expid, new in report.notes.items():
+        notes[expid] = list(dict.fromkeys(notes.get(expid, []) + list(new)))
+    failed = {k: v for k, v in saved.get("failed", {}).items() if report._keeps(k)}
+    failed.update(report.failed)
+    kept = {"notes": notes, "failed": failed}
     text = json.dumps({"updated": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **kept}, indent=1,
                       sort_keys=True)
     with atomic_file(path, overwrite=True) as tmp:

@@ -182,8 +182,8 @@ def outcome(future, result, expid, report):
     if future.status != "finished":
         result = {"expid": expid, "status": "failed", "reason": task_failure(result)}
     future.release()
-    if result.get("notes"):
-        report.notes[expid] = result["notes"]
+    if result.get("notes"):  # the first pass's and the survey model's, in one run
+        report.notes.setdefault(expid, []).extend(result["notes"])
     return result
 
 
