@@ -29,9 +29,14 @@ def _umask():
     return mask
 
 
-def _publish_mode(path, directory=False):
-    # mkstemp/mkdtemp create owner-only entries; outputs get the usual permissions.
-    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+def _publish_mode(path, directory=False, replaced=None):
+    # mkstemp/mkdtemp create owner-only entries; outputs get the usual permissions, or
+    # those of the file they replace (a RED file calibrated in place keeps its own).
+    try:
+        mode = stat.S_IMODE(os.stat(replaced).st_mode) if replaced is not None else None
+    except OSError:
+        mode = None
+    os.chmod(path, mode if mode is not None else (0o777 if directory else 0o666) & ~_umask())
 
 
 @contextlib.contextmanager
@@ -55,10 +60,12 @@ def atomic_file(path, overwrite=False):
     tmp = Path(tmp)
     try:
         yield tmp
-        _publish_mode(tmp)
+        _publish_mode(tmp, replaced=path)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, OSError) and err.filename is None:
+            err.filename = str(path)  # a failed write names no file; the output is the one
         raise
 
 

@@ -7,6 +7,7 @@ A product opens like a RED file, with its calibration: :func:`kspec_fluxcal.open
 
 from __future__ import annotations
 
+import gzip
 import os
 import warnings
 from pathlib import Path
@@ -18,6 +19,7 @@ from astropy.io import fits
 from . import __version__
 from ._atomic import atomic_file
 from .constants import CAL_UNIT, CALIBRATION_KEYWORDS, FLUX_UNIT
+from .errors import ExposureError
 from .exposure import _computed, open_exposure
 from .fits_file import (
     card_image,
@@ -110,9 +112,10 @@ def _factor_hdus(ds):
     return [factor, variance]
 
 
-def _write_fits(path, hdus, extensions):
+def _write_fits(path, hdus, extensions, compress=False):
     """Write a new FITS file: astropy ``hdus`` (the primary and at least one extension),
-    then ``extensions`` in FITS bytes.
+    then ``extensions`` in FITS bytes; gzip-compressed with ``compress`` (a product named
+    ``.gz``, e.g. a RED file ``.fits.gz`` calibrated in place).
 
     The HDUs carrying the input's header keywords (primary, WAVELA; VARIANCE comes between
     them) are astropy's to write: it verifies them (an invalid card is refused) and applies
@@ -122,7 +125,7 @@ def _write_fits(path, hdus, extensions):
     astropy took ~30 of the ~37 ms of CPU of a product with its FCALSTAR table (Column
     objects, header updates, configuration look-ups).
     """
-    with open(path, "wb") as fh:
+    with (gzip.open(path, "wb", compresslevel=6) if compress else open(path, "wb")) as fh:
         fits.HDUList(hdus).writeto(fh, output_verify="exception")
         for extension in extensions:
             fh.write(extension)
@@ -171,7 +174,8 @@ def write_calibrated(ds, path, *, overwrite=False, stars=None):
     if stars is not None:
         extensions.append(stars if isinstance(stars, bytes) else table_bytes(*_star_columns(stars)))
     with atomic_file(path, overwrite=overwrite) as tmp:
-        _write_fits(tmp, [primary, var, *([wave] if wave is not None else [])], extensions)
+        _write_fits(tmp, [primary, var, *([wave] if wave is not None else [])], extensions,
+                    compress=Path(path).suffix.lower() == ".gz")
     return Path(path)
 
 
@@ -286,7 +290,12 @@ def read_standard_stars(path):
                     variables[name] = (("star", "band"), values, attrs)
                 else:
                     variables[name] = (("star", "wavelength"), values, attrs)
-    ds = xr.Dataset(variables, coords=coords)
+    try:
+        ds = xr.Dataset(variables, coords=coords)
+    except ValueError as err:  # e.g. a table rewritten without its NWAVE and BANDS keywords
+        raise ExposureError(path, "HDU FCALSTAR", f"columns of inconsistent widths, NWAVE = "
+                            f"{nwave or 'missing'}, BANDS = {','.join(bands) or 'missing'} "
+                            f"({err})") from None
     if "wavelength" in ds.dims:  # the reference grid (air) the vectors are on
         ds = ds.assign_coords(wavelength=open_exposure(path)["wavelength"].values)
     if bands:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import errno
 import gzip
 import pickle
 import shutil
@@ -758,3 +759,19 @@ def test_errors_survive_pickling(err):
     assert type(back) is type(err) and str(back) == str(err)
     assert isinstance(back, FluxCalError)
     assert vars(back) == vars(err)
+
+
+def test_a_failed_write_names_the_output_and_leaves_nothing(tmp_path):
+    """A write that fails (full disk, file size limit) said '[Errno 27] File too large'
+    without saying which output; the temporary file is removed and an existing version
+    stays as it was."""
+    from kspec_fluxcal._atomic import atomic_file
+
+    target = tmp_path / "product.fits"
+    target.write_bytes(b"old")
+    with pytest.raises(OSError, match=f"File too large: '{target}'"):
+        with atomic_file(target, overwrite=True) as tmp:
+            tmp.write_bytes(b"new, partly")
+            raise OSError(errno.EFBIG, "File too large")
+    assert target.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["product.fits"]

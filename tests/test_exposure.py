@@ -118,6 +118,23 @@ def test_dead_fiber_is_not_an_error(red_file):
     assert ds["good"].values[0].all()
 
 
+def test_infinite_counts_or_variances_are_no_data(red_file):
+    """The contract's "no data" is NaN; an infinite count or variance went through to the
+    product as an infinite flux and variance."""
+    flux = np.ones((6, 200))
+    flux[1, 5] = np.inf
+    flux[3, 7] = -np.inf
+    variance = np.full((6, 200), 0.01)
+    variance[4, 9] = np.inf
+    ds = open_exposure(red_file(flux=flux, variance=variance))
+    bad = np.zeros((6, 200), dtype=bool)
+    bad[1, 5] = bad[3, 7] = bad[4, 9] = True
+    np.testing.assert_array_equal(ds["good"].values, ~bad)
+    assert np.isnan(ds["flux"].values[1, 5]) and np.isnan(ds["flux"].values[3, 7])
+    assert np.isnan(ds["variance"].values[4, 9])
+    assert np.isfinite(ds["flux"].values[~bad]).all()
+
+
 def test_chunks_give_dask(red_file):
     ds = open_exposure(red_file(), chunks={"fiber": 2})
     assert ds["flux"].chunks == ((2, 2, 2), (200,))

@@ -1,5 +1,8 @@
 """One exposure end to end: fit, combine, apply, write, read back, compare with the truth."""
 
+import gzip
+import stat
+
 import numpy as np
 import pytest
 from astropy.io import fits
@@ -114,6 +117,24 @@ def test_in_place_and_overwrite(world, tmp_path):
     calibrate_exposure(red, cat, world["grid"], out=out, overwrite=True)
     calibrate_exposure(red, cat, world["grid"], in_place=True)
     assert fits.getheader(red)["FLUXCAL"] is True
+
+
+def test_in_place_keeps_the_files_permissions_and_compression(world, tmp_path):
+    """A RED file calibrated in place was left world-readable (0644 whatever it had), and a
+    ``.fits.gz`` one got plain FITS under its compressed name."""
+    red, cat, _, _ = _simulate(world, tmp_path, 27, 2)
+    packed = red.with_name(red.name + ".gz")
+    packed.write_bytes(gzip.compress(red.read_bytes()))
+    for path in (red, packed):
+        path.chmod(0o600)
+        calibrate_exposure(path, cat, world["grid"], in_place=True)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert packed.read_bytes()[:2] == b"\x1f\x8b"
+    for path in (red, packed):
+        ds = open_exposure(path)
+        assert ds.attrs["fluxcal"] is True
+    np.testing.assert_array_equal(open_exposure(packed)["flux"].values,
+                                  open_exposure(red)["flux"].values)
 
 
 @pytest.mark.parametrize("layout", [("wavela2d", "nm", "vac"), ("wcs", "Angstroms", "air")])

@@ -12,6 +12,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 import xarray as xr
+from astropy.io import fits
 
 from kspec_fluxcal import qc
 from kspec_fluxcal._atomic import TEMP_PREFIX
@@ -406,6 +407,17 @@ def test_qc_from_file_one_band_table(many, tmp_path, only):
     names = [p.name for p in qc_from_file(path, tmp_path / "qc")]
     assert f"{EXPID}_calibration.png" in names and f"{EXPID}_residuals.png" in names
     assert names[-1] == f"{EXPID}_summary.txt"
+
+
+def test_a_star_table_without_its_widths_is_an_input_error(many, tmp_path):
+    """A FCALSTAR rewritten without its NWAVE and BANDS keywords (e.g. emptied with
+    astropy) was an 'internal error' from xarray; it is a damaged file, said so."""
+    path = write_calibrated(many.calibrated, tmp_path / "w.fits", stars=many.stars)
+    with fits.open(path, mode="update") as hdul:
+        del hdul["FCALSTAR"].header["NWAVE"], hdul["FCALSTAR"].header["BANDS"]
+    with pytest.raises(ExposureError, match="HDU FCALSTAR: columns of inconsistent widths, "
+                       "NWAVE = missing, BANDS = missing"):
+        qc_from_file(path, tmp_path / "qc")
 
 
 def test_a_failing_plot_costs_only_itself(many, tmp_path, monkeypatch, only):

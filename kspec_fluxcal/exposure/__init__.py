@@ -153,7 +153,7 @@ def open_exposure(path, *, chunks=None):
     flux = flux.astype(np.float64)
     fiber_wave, wave, history = _air_wavelengths(wave, flux.shape[0], path, meta)
     unsolved = unsolved_pixels(fiber_wave, fibres["fiber_type"].values)
-    variance, good = _valid_pixels(flux, variance.astype(np.float64), fiber_wave, path)
+    flux, variance, good = _valid_pixels(flux, variance.astype(np.float64), fiber_wave, path)
     _check_line_spread(meta["lsf"], wave, path)
     ds = _dataset(flux, variance, good, wave, fiber_wave, fibres, meta)
     ds.attrs.update(_exposure_attrs(path, meta, unsolved))
@@ -181,18 +181,22 @@ def _air_wavelengths(wave, nfib, path, meta):
 
 
 def _valid_pixels(flux, variance, fiber_wave, path):
-    """The variance with NaN at bad pixels, and the good-pixel mask (finite flux, finite
-    variance > 0, a wavelength); an exposure without one good pixel is an error."""
+    """The flux and variance with NaN where they are not finite (and the variance where it
+    is <= 0), and the good-pixel mask (finite flux, finite variance > 0, a wavelength); an
+    exposure without one good pixel is an error."""
     good = (np.isfinite(flux) & np.isfinite(variance) & (variance > 0)
             & np.isfinite(fiber_wave))
     # A bad pixel's variance (<= 0 in the file) becomes NaN: arithmetic on it (calibration
     # adds a positive term) must not turn it into a plausible value and the pixel into a good one.
+    # An infinite count (the contract's "no data" is NaN) would reach the product as an
+    # infinite flux: it is no data too.
     with np.errstate(invalid="ignore"):
-        variance = np.where(variance > 0, variance, np.nan)
+        variance = np.where((variance > 0) & np.isfinite(variance), variance, np.nan)
+    flux = np.where(np.isfinite(flux), flux, np.nan)
     if not good.any():
         raise ExposureError(path, "HDU PRIMARY/VARIANCE",
                             "no valid pixel (every flux is NaN or every variance <= 0)")
-    return variance, good
+    return flux, variance, good
 
 
 def _check_line_spread(lsf, wave, path):
