@@ -48,6 +48,17 @@ def test_linear_wcs_when_wavela_missing(red_file):
     assert ds["wavelength"].attrs["source"] == "primary header WCS"
 
 
+def test_cdelt1_and_cd1_1_must_agree(red_file):
+    """Both dispersions given: equal ones are one solution; different ones were read as
+    CDELT1 without a word, where astropy's WCS (the FITS standard) takes CD1_1."""
+    step = 4000.0 / 199
+    same = open_exposure(red_file(wavelength=None, header={"CD1_1": step}, name="same.fits"))
+    np.testing.assert_allclose(same["wavelength"].values, np.linspace(4000, 8000, 200))
+    with pytest.raises(ExposureError, match="primary header: CDELT1 = .* and CD1_1 = .* "
+                       "disagree"):
+        open_exposure(red_file(wavelength=None, header={"CD1_1": 1.1 * step}))
+
+
 def test_nm_and_vacuum_converted(red_file):
     wave_vac = np.linspace(4000.0, 8000.0, 200)
     ds = open_exposure(red_file(wavelength=wave_vac / 10.0,

@@ -69,6 +69,13 @@ def _wcs_wavelength(header, nspec, path):
         raise ExposureError(path, "primary header", "CRVAL1 present but neither CDELT1 nor CD1_1")
     crval = header_value(header, ("CRVAL1",), path, True)
     delta = header_value(header, (delta_key,), path, True)
+    if "CDELT1" in header and "CD1_1" in header:
+        # The FITS WCS standard takes CD1_1 (astropy does), the contract names CDELT1 first:
+        # a file giving two dispersions has no one solution to trust.
+        other = header_value(header, ("CD1_1",), path, True)
+        if not np.isclose(other, delta, rtol=1e-9, atol=0.0):
+            raise ExposureError(path, "primary header", f"CDELT1 = {delta:g} and CD1_1 = "
+                                f"{other:g} disagree (two wavelength dispersions)")
     crpix = header_value(header, ("CRPIX1",), path, False)
     crpix = 1.0 if crpix is None else crpix
     factor = _unit_factor(header.get("CUNIT1", "Angstrom"), path, "primary header CUNIT1")
