@@ -177,6 +177,10 @@ def test_readme_throughput_example_has_units(tmp_path, monkeypatch):
     ds, throughput = namespace["ds"], namespace["tput"]
     assert ds["exptime"].attrs["units"] == "s"
     assert ds["cal"].attrs["units"] == "1e-17 erg/(s cm2 Angstrom) / (count/Angstrom)"
+    for name in ("cal_smooth", "own_smooth"):  # every spectrum has its units
+        assert ds[name].attrs["units"] == ds["cal"].attrs["units"]
+    assert ds["own_smooth_variance"].attrs["units"] == ds["cal_variance"].attrs["units"] == \
+        "(1e-17 erg/(s cm2 Angstrom) / (count/Angstrom))**2"
     assert throughput.attrs["units"] == "count/(s Angstrom) / (1e-17 erg/(s cm2 Angstrom))"
     assert "throughput" in throughput.attrs["long_name"]
     expected = 1 / (ds["cal"] * ds["exptime"])

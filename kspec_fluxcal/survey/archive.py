@@ -99,6 +99,11 @@ _ROW_UNITS = {"mjd": "d", "airmass": "1", "exptime": "s", "fcalrms": "1",
               "seeing": "arcsec", "model_grey": "ln(counts/s/A per flux unit)",
               "sphot_g": "mag", "sphot_r": "mag", "sphot_i": "mag", "sphot_scatter": "mag",
               "level_variance": "1"}
+#: Units of the per-exposure spectra: ``cal`` and the smooth responses, their variances.
+_SPECTRA_UNITS = {
+    **dict.fromkeys(("cal", "cal_smooth", "own_smooth"), f"{FLUX_UNIT} / (count/Angstrom)"),
+    **dict.fromkeys(("cal_variance", "own_smooth_variance"),
+                    f"({FLUX_UNIT} / (count/Angstrom))**2")}
 #: What ``throughput`` is in: counts per second per Angstrom per unit of flux density.
 THROUGHPUT_UNIT = f"count/(s Angstrom) / ({FLUX_UNIT})"
 _HOW_TO_READ = (
@@ -385,12 +390,11 @@ class ArchiveWriter:
         for name, (dtype, fill) in _STAR_FIELDS.items():
             create(name, ("exposure", "star"), (0, MAX_STARS), (_BLOCK, MAX_STARS),
                    str if dtype is str else dtype, fill)
-        group["cal"].attrs.update({"units": f"{FLUX_UNIT} / (count/Angstrom)",
-                                   "description": "CAL_FACTOR x pixel width: flux density per "
-                                   "count per Angstrom; throughput = 1 / (cal * exptime)"})
-        group["cal_variance"].attrs["units"] = f"({FLUX_UNIT} / (count/Angstrom))**2"
+        group["cal"].attrs["description"] = ("CAL_FACTOR x pixel width: flux density per "
+                                             "count per Angstrom; throughput = 1 / (cal * "
+                                             "exptime)")
         group["cal_mask"].attrs["description"] = "True = measured (not bridged, inside range)"
-        for name, units in _ROW_UNITS.items():
+        for name, units in {**_SPECTRA_UNITS, **_ROW_UNITS}.items():
             group[name].attrs["units"] = units
         group.attrs.update({"rows": 0, "index": {}, "title": "kspec-fluxcal calibration archive",
                             "schema_version": SCHEMA_VERSION,
@@ -523,8 +527,8 @@ def open_archive(path):
     ds = xr.Dataset(variables, coords=coords, attrs=dict(group.attrs))
     for name in ("index", "how_to_read"):  # bookkeeping of the store, not true of ds
         ds.attrs.pop(name, None)
-    for name, units in _ROW_UNITS.items():  # archives written before units were stored
-        if name in ds.coords:
+    for name, units in {**_SPECTRA_UNITS, **_ROW_UNITS}.items():  # archives written before
+        if name in ds.variables:                                   # these units were stored
             ds[name].attrs.setdefault("units", units)
     if ds.sizes.get("exposure", 0):
         ds = ds.sortby("mjd")
