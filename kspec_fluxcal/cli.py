@@ -13,7 +13,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from .errors import FluxCalError, FluxCalWarning
+from .errors import ConfigError, FluxCalError, FluxCalWarning, InputError
 
 __all__ = ["main", "build_parser"]
 
@@ -144,11 +144,13 @@ def _cmd_grid_synth(args):
 
 
 def _cmd_simulate(args):
+    from ._atomic import check_output_directory
     from .sim.survey import simulate_survey
 
+    check_output_directory(args.outdir)
     out = simulate_survey(args.outdir, exposures=args.exposures, nights=args.nights,
                           seed=args.seed, fibers=args.fibers, pixels=args.pixels,
-                          grid=args.grid, progress=not args.quiet)
+                          grid=args.grid, progress=not args.quiet, overwrite=args.overwrite)
     print(f"wrote a simulated survey to {out}")
     return 0
 
@@ -237,14 +239,30 @@ def _cmd_qc(args):
 
 def _cmd_survey(args):
     from .survey import run_survey
+    from .survey.cluster import check_performance_report
 
+    if args.performance_report:  # written after the work: checked before it
+        check_performance_report(args.performance_report, "--performance-report")
     report = run_survey(args.lake, catalog=args.catalog, grid=args.grid, out=args.out,
                         config=args.config, scheduler=args.scheduler, workers=args.workers,
                         threads_per_worker=args.threads_per_worker,
                         performance_report=args.performance_report, resume=args.resume,
                         pattern=args.pattern, progress=not args.quiet, xp=args.xp,
                         cache_dir=args.cache)
+    if args.quiet:
+        _say_failures(report)
     return 0 if report.ok else 1
+
+
+def _say_failures(report):
+    """The failed exposures on stderr, which --quiet keeps: one line each (the first
+    ``report.LISTED``), then their count and where the notes are."""
+    failed = sorted(report.failed.items())
+    for name, reason in failed[:report.LISTED]:
+        print(f"FAILED {name}: {reason}", file=sys.stderr)
+    if failed:
+        print(f"{PROG}: {len(failed)} exposure(s) failed; notes and failures: "
+              f"{report.notes_file}", file=sys.stderr)
 
 
 def _cmd_archive_plot(args):
@@ -256,13 +274,27 @@ def _cmd_archive_plot(args):
     if args.model or (store / "zarr.json").exists():
         setups = [args.setup] if args.setup else model_setups(store)
         models = [open_model(store, s) for s in setups] or [None]
+    archive = open_archive(args.archive)
     written = []
-    for k, model in enumerate(models):  # one setup's model per directory when several
-        out = Path(args.out) / models[k].attrs["setup"] if len(models) > 1 else args.out
-        written += plot_archive(open_archive(args.archive), out, model=model)
+    for model in models:  # one setup's model per directory when several
+        setup = model.attrs["setup"] if len(models) > 1 else args.setup
+        out = Path(args.out) / setup if len(models) > 1 else args.out
+        written += plot_archive(_exposures_of(archive, setup, args.archive), out, model=model)
     for path in written:
         print(f"wrote {path}")
     return 0
+
+
+def _exposures_of(archive, setup, path):
+    """The exposures of the archive (at ``path``) taken with ``setup`` (all when None);
+    refused when there are none to plot."""
+    present = sorted(set(archive["setup"].values))
+    if setup is not None:
+        archive = archive.isel(exposure=archive["setup"].values == setup)
+    if not archive.sizes["exposure"]:
+        of = f" of setup {setup} (its setups: {', '.join(present)})" if present else ""
+        raise InputError(path, None, f"has no exposures{of}; nothing to plot")
+    return archive
 
 
 def _cmd_demo(args):
@@ -287,6 +319,36 @@ class _VersionAction(argparse.Action):
 
         print(f"{parser.prog} {__version__}")
         parser.exit()
+
+
+def _at_least(minimum, why=""):
+    """An argparse type: an integer of at least ``minimum`` (``why``, the limit's reason, is
+    said when a smaller one is given)."""
+    def integer(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value}: need at least {minimum}{why}")
+        return value
+
+    return integer
+
+
+#: Counts of processes, threads or exposures: 0 would silently mean another number or nothing.
+_POSITIVE = _at_least(1)
+
+
+def _scheduler_address(text):
+    """An argparse type: a scheduler's address, refused for its form before any work."""
+    from .survey.cluster import check_scheduler_address
+
+    try:
+        check_scheduler_address(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(err.problem) from None
+    return text
 
 
 def build_parser():
@@ -321,12 +383,12 @@ def _demo_parser(sub):
                  help="the embedded default: synthetic grid, simulated survey, "
                       "survey calibration on a LocalCluster, QC and accuracy summary")
     p.add_argument("--out", default="store/demo", help="working directory (default %(default)s)")
-    p.add_argument("--exposures", type=int, default=20,
+    p.add_argument("--exposures", type=_POSITIVE, default=20,
                    help="exposures in the simulated survey (default %(default)s)")
-    p.add_argument("--nights", type=int, default=4,
+    p.add_argument("--nights", type=_POSITIVE, default=4,
                    help="nights they are spread over (default %(default)s)")
-    p.add_argument("--workers", type=int, default=None, help="LocalCluster workers (default: "
-                   "one per core)")
+    p.add_argument("--workers", type=_POSITIVE, default=None, help="LocalCluster workers "
+                   "(default: one per core)")
     p.add_argument("--seed", type=int, default=1,
                    help="random seed of the simulated survey (default %(default)s)")
 
@@ -374,9 +436,11 @@ def _survey_parser(sub):
                    "archive.zarr, notes.json; one job at a time (survey.lock)")
     p.add_argument("--config", help="TOML configuration (default: the package defaults)")
     p.add_argument("--xp", metavar="FILE", help=_XP_HELP)
-    p.add_argument("--scheduler", help="address of an existing scheduler (tcp://HOST:PORT)")
-    p.add_argument("--workers", type=int, help="LocalCluster workers (default: one per core)")
-    p.add_argument("--threads-per-worker", type=int, default=1,
+    p.add_argument("--scheduler", type=_scheduler_address,
+                   help="address of an existing scheduler (tcp://HOST:PORT)")
+    p.add_argument("--workers", type=_POSITIVE,
+                   help="LocalCluster workers (default: one per core)")
+    p.add_argument("--threads-per-worker", type=_POSITIVE, default=1,
                    help="threads of each LocalCluster worker (default %(default)s)")
     p.add_argument("--performance-report", metavar="HTML",
                    help="save Dask's performance report there")
@@ -393,16 +457,22 @@ def _simulate_parser(sub):
     ``sub``."""
     p = _command(sub, _cmd_simulate, "simulate", help="write a simulated survey with known truth")
     p.add_argument("outdir", help="directory to write (lake/, catalog.csv, truth, survey.json)")
-    p.add_argument("--exposures", type=int, default=20, help="exposures (default %(default)s)")
-    p.add_argument("--nights", type=int, default=4,
+    # A usage error rather than the library's ValueError: the limits of simulate_survey and
+    # its Setup.
+    p.add_argument("--exposures", type=_POSITIVE, default=20,
+                   help="exposures (default %(default)s)")
+    p.add_argument("--nights", type=_POSITIVE, default=4,
                    help="nights they are spread over (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
-    p.add_argument("--fibers", type=int, default=14, help="fibers per exposure (default "
-                   "%(default)s)")
-    p.add_argument("--pixels", type=int, default=4096, help="pixels per spectrum (default "
-                   "%(default)s)")
+    p.add_argument("--fibers", type=_at_least(6, " (up to 3 standards, sky fibers and a "
+                                              "science target)"), default=14,
+                   help="fibers per exposure (default %(default)s)")
+    p.add_argument("--pixels", type=_at_least(64), default=4096,
+                   help="pixels per spectrum (default %(default)s)")
     p.add_argument("--grid", help="BOSZ-layout directory to draw stars from (default: a "
                    "synthetic grid written under OUTDIR)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing OUTDIR that is not empty")
     p.add_argument("--quiet", action="store_true", help="no progress on stdout")
 
 
@@ -447,7 +517,7 @@ def _grid_parsers(sub):
 def _pool_options(p, workers, what):
     """``--workers`` (``what``, default ``workers``) and ``--quiet``, as the grid commands
     take them."""
-    p.add_argument("--workers", type=int, default=workers,
+    p.add_argument("--workers", type=_POSITIVE, default=workers,
                    help=f"{what} (default %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress on stdout")
 
@@ -465,8 +535,9 @@ def _archive_parsers(sub):
     p.add_argument("--out", required=True, help="directory for the PNG files")
     p.add_argument("--model", help="survey model store (default: model.zarr beside the "
                    "archive, when present)")
-    p.add_argument("--setup", help="the model's instrument configuration (e.g. "
-                   "n4096-f14-3500-8500), when the store holds several (default: each, in a "
+    p.add_argument("--setup", help="the instrument configuration to plot (e.g. "
+                   "n4096-f14-3500-8500): its exposures and its survey model (default: every "
+                   "exposure; with a model store of several setups, each setup in a "
                    "subdirectory of --out)")
 
 
@@ -509,12 +580,82 @@ def _terminate_as_interrupt():
 _ONE_THREAD = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
+class _PipeSafeStdout:
+    """sys.stdout whose reader may leave: once the pipe is broken (``| head`` has read
+    enough), what is still written is discarded, so that the work goes on and the exit status
+    is the work's."""
+
+    def __init__(self, stream):
+        self._stream = stream
+        self._broken = False
+
+    def write(self, text):
+        self._guarded(self._stream.write, text)
+        return len(text)
+
+    def flush(self):
+        self._guarded(self._stream.flush)
+
+    def _guarded(self, method, *args):
+        if self._broken:
+            return
+        try:
+            method(*args)
+        except BrokenPipeError:
+            self._broken = True
+            self._to_devnull()
+
+    def _to_devnull(self):
+        """Point the stream's file descriptor, when it has one, at os.devnull: what its
+        buffer still holds is flushed at exit, which would report the broken pipe again."""
+        try:
+            fd = self._stream.fileno()
+        except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation: in memory
+            return
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, fd)
+        os.close(devnull)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
+@contextlib.contextmanager
+def _stdout_may_close():
+    """sys.stdout as a :class:`_PipeSafeStdout` while the command runs, flushed at its end: a
+    broken pipe found by the interpreter's own flush at exit would be reported, and change
+    the exit status."""
+    original = sys.stdout
+    sys.stdout = guarded = _PipeSafeStdout(original)
+    try:
+        yield
+    finally:
+        guarded.flush()
+        if sys.stdout is guarded:
+            sys.stdout = original
+
+
 def main(argv=None):
-    """Run the command line; returns the exit status."""
+    """Run the command line.
+
+    Parameters
+    ----------
+    argv : list of str, optional
+        The arguments (default: ``sys.argv[1:]``).
+
+    Returns
+    -------
+    int
+        The exit status.
+    """
     for name in _ONE_THREAD:  # before numpy is imported (the commands import it)
         os.environ.setdefault(name, "1")
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    with _stdout_may_close():
+        return _run(build_parser().parse_args(argv))
+
+
+def _run(args):
+    """Run the command ``args`` asks for; its errors become one line on stderr."""
     try:
         with _terminate_as_interrupt(), warnings.catch_warnings():
             warnings.simplefilter("default", FluxCalWarning)

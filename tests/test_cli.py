@@ -12,16 +12,23 @@ import io
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from astropy.io import fits
-from conftest import time_limit
+from conftest import ENTRY_POINT, time_limit
+from test_archive import _calibrated, _stars
 from test_bad_input import build_base, write_catalog
 
 from kspec_fluxcal import __version__
 from kspec_fluxcal.cli import build_parser, main
+from kspec_fluxcal.errors import ConfigError, FluxCalError
 from kspec_fluxcal.grid import open_grid
+from kspec_fluxcal.sim import simulate_survey
+from kspec_fluxcal.survey.archive import ArchiveWriter, archive_record
+from kspec_fluxcal.survey.cluster import local_cluster, on_cluster
 
 SUBCOMMANDS = ("demo", "calibrate", "qc", "survey", "simulate", "grid", "archive", "info")
 
@@ -521,3 +528,226 @@ def test_blas_threads_are_one_unless_the_user_set_them(monkeypatch, capsys):
         main(["--help"])
     assert os.environ["OMP_NUM_THREADS"] == os.environ["OPENBLAS_NUM_THREADS"] == "1"
     assert os.environ["MKL_NUM_THREADS"] == "4"
+
+
+# ----------------------------------------------------------------------------- closed stdout
+
+
+class _ClosedAfterOneLine(io.StringIO):
+    """The pipe to ``| head -1``: once a line has gone through, its reader has exited."""
+
+    def write(self, text):
+        if "\n" in self.getvalue():
+            raise BrokenPipeError(32, "Broken pipe")
+        return super().write(text)
+
+    def flush(self):
+        if "\n" in self.getvalue():
+            raise BrokenPipeError(32, "Broken pipe")
+
+
+def test_a_closed_stdout_does_not_fail_the_batch(capsys, files, tmp_path, monkeypatch):
+    """`calibrate a b c | head -1` reported b and c as FAILED (Broken pipe), exit 1, though
+    every output was written."""
+    paths = files("a.fits", "b.fits", "c.fits")
+    pipe = _ClosedAfterOneLine()
+    monkeypatch.setattr(sys, "stdout", pipe)
+    status = main(["calibrate", *paths, "--catalog", files.catalog, "--grid", files.grid,
+                   "--out", str(tmp_path / "out")])
+    assert (status, problems(capsys.readouterr().err)) == (0, [])
+    assert pipe.getvalue().count("\n") == 1 and sys.stdout is pipe
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "a_fluxcal.fits", "b_fluxcal.fits", "c_fluxcal.fits"]
+
+
+@pytest.fixture
+def bad_lake(files, tmp_path):
+    """A lake of one truncated RED file: the survey fails it while planning, without a
+    cluster."""
+    (bad,) = files("lake/bad.fits", raw=Path(files("whole.fits")[0]).read_bytes()[:50_000])
+    return Path(bad)
+
+
+def test_a_closed_stdout_does_not_abort_the_survey(files, bad_lake, tmp_path):
+    """`survey ... | head -1` ended the job at its first line ("error: Broken pipe"). Run
+    with the reader already gone: the job is done, its status is its own (1: the bad file),
+    and nothing is said of the pipe, not even by the interpreter's flush at exit."""
+    argv = [ENTRY_POINT, "survey", bad_lake.parent, "--catalog", files.catalog, "--grid",
+            files.grid, "--out", tmp_path / "out"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    with time_limit(120):
+        err = proc.stderr.read().decode()
+    assert (proc.wait(), err) == (1, "")
+    assert "bad.fits" in (tmp_path / "out" / "notes.json").read_text()
+
+
+# ----------------------------------------------------------------------------- simulate
+
+
+@pytest.mark.parametrize("option, minimum", [("--exposures", 1), ("--nights", 1),
+                                              ("--fibers", 6), ("--pixels", 64)])
+def test_simulate_sizes_checked_by_the_parser(capsys, tmp_path, option, minimum):
+    """Below simulate_survey's limits, a traceback of its ValueError; now a usage error."""
+    with pytest.raises(SystemExit) as info:
+        main(["simulate", str(tmp_path / "x"), option, str(minimum - 1)])
+    assert info.value.code == 2
+    last = capsys.readouterr().err.splitlines()[-1]
+    assert last.startswith(f"kspec-fluxcal simulate: error: argument {option}: {minimum - 1}: "
+                           f"need at least {minimum}")
+    name = option.removeprefix("--")
+    with pytest.raises(ValueError, match=rf"{name}={minimum - 1}\b"):  # the library's limit
+        simulate_survey(tmp_path / "x", **{name: minimum - 1})
+
+
+def test_simulate_overwrite_and_a_file_as_outdir(capsys, made, tmp_path):
+    """The refusal pointed at --overwrite, which simulate did not have; a regular file as
+    OUTDIR was a bare '[Errno 20] Not a directory'."""
+    out = tmp_path / "sim"
+    out.mkdir()
+    (out / "old.txt").write_text("an earlier survey")
+    argv = ["simulate", out, "--exposures", 1, "--nights", 1, "--fibers", 6, "--pixels", 64,
+            "--grid", made[0].bosz, "--quiet"]
+    assert cli(capsys, *argv)[2] == [f"kspec-fluxcal: error: {out}: exists; pass "
+                                     "overwrite=True (CLI: --overwrite) to replace it"]
+    assert cli(capsys, *argv, "--overwrite")[:2] == (0, [f"wrote a simulated survey to {out}"])
+    assert sorted(p.name for p in out.iterdir()) == ["catalog.csv", "lake", "survey.json",
+                                                     "truth"]
+    argv[1] = out / "survey.json"
+    assert cli(capsys, *argv) == (1, [], [f"kspec-fluxcal: error: {out / 'survey.json'}: is a "
+                                         "file, not a directory"])
+
+
+# ----------------------------------------------------------------------------- survey
+
+
+def test_survey_quiet_still_reports_failures(capsys, files, bad_lake, tmp_path):
+    """--quiet printed nothing at all, exit 1, the failures only in notes.json."""
+    status, out, err = cli(capsys, "survey", bad_lake.parent, "--catalog", files.catalog,
+                           "--grid", files.grid, "--out", tmp_path / "out", "--quiet")
+    assert (status, out) == (1, [])
+    assert [re.sub(r": truncated: .*", "", line) for line in err] == [
+        f"FAILED bad.fits: {bad_lake}",
+        f"kspec-fluxcal: 1 exposure(s) failed; notes and failures: {tmp_path / 'out'}/notes.json"]
+
+
+@pytest.mark.parametrize("make_report, problem", [
+    (lambda t: t / "notes.txt" / "report.html",
+     "cannot be created: {t}/notes.txt is a file, not a directory"),
+    (lambda t: t, "is a directory, not a file"),
+], ids=["under-a-file", "a-directory"])
+def test_survey_performance_report_checked_before_the_work(capsys, files, tmp_path,
+                                                           make_report, problem):
+    """It was written after all the work: '[Errno 17] File exists', then no summary."""
+    files("lake/red.fits")
+    (tmp_path / "notes.txt").write_text("mine")
+    report = make_report(tmp_path)
+    status, out, err = cli(capsys, "survey", tmp_path / "lake", "--catalog", files.catalog,
+                           "--grid", files.grid, "--out", tmp_path / "out",
+                           "--performance-report", report)
+    assert (status, out) == (1, [])
+    assert err == [f"kspec-fluxcal: error: --performance-report {report}: "
+                   f"{problem.format(t=tmp_path)}"]
+    assert not (tmp_path / "out").exists()
+
+
+_NOT_A_SCHEDULER = ("is not a scheduler address{}; expected tcp://HOST:PORT (the scheduler's "
+                    "port, 8786 by default)")
+
+
+@pytest.mark.parametrize("options, message", [
+    (["--scheduler", "bogus"], "--scheduler: 'bogus' " + _NOT_A_SCHEDULER.format("")),
+    (["--scheduler", "tcp://127.0.0.1:notaport"],
+     "--scheduler: 'tcp://127.0.0.1:notaport' " + _NOT_A_SCHEDULER.format("")),
+    (["--scheduler", "http://127.0.0.1:8787"], "--scheduler: 'http://127.0.0.1:8787' "
+     + _NOT_A_SCHEDULER.format(" (http:// is the dashboard's)")),
+    (["--workers", "0"], "--workers: 0: need at least 1"),
+    (["--workers", "-1"], "--workers: -1: need at least 1"),
+    (["--threads-per-worker", "0"], "--threads-per-worker: 0: need at least 1"),
+], ids=["no-port", "port-not-a-number", "dashboard", "workers-0", "workers-negative",
+        "threads-0"])
+def test_survey_cluster_options_checked_by_the_parser(capsys, files, tmp_path, options,
+                                                      message):
+    """Tracebacks (of the address) or a distributed traceback (workers -1), or silently
+    one worker per core (workers 0), each after the plan."""
+    with pytest.raises(SystemExit) as info:
+        main(["survey", str(tmp_path), "--catalog", files.catalog, "--grid", files.grid,
+              "--out", str(tmp_path / "out"), *options])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == f"kspec-fluxcal survey: error: argument {message}"
+    assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("address", ["tcp://127.0.0.1:8786", "127.0.0.1:8786", "tls://h:1",
+                                     "tcp://[::1]:8786"])
+def test_scheduler_addresses_accepted(address):
+    args = build_parser().parse_args(["survey", "l", "--catalog", "c", "--grid", "g", "--out",
+                                      "o", "--scheduler", address])
+    assert args.scheduler == address
+
+
+def test_local_cluster_refuses_no_workers():
+    """workers=0 meant one per core; -1 failed inside distributed."""
+    with pytest.raises(ConfigError, match=r"^workers=0: need at least 1 \(None: one per "):
+        local_cluster(0)
+
+
+def test_on_cluster_checks_the_report_path_before_the_work(tmp_path):
+    """The library's callers too: refused before a cluster starts, not after the work."""
+    def work(client):
+        raise AssertionError("the work ran")
+
+    with pytest.raises(FluxCalError, match=rf"^{re.escape(str(tmp_path))}: is a directory, "
+                                           "not a file$"):
+        on_cluster(work, client=None, scheduler=None, workers=1, threads_per_worker=1,
+                   dashboard_address="127.0.0.1:0", performance_report=tmp_path,
+                   progress=False)
+
+
+# ----------------------------------------------------------------------------- archive plot
+
+
+@pytest.fixture
+def archive(tmp_path):
+    """An archive of three exposures of setup s1 and two of s2."""
+    path = tmp_path / "archive.zarr"
+    records = []
+    for i in range(5):
+        calibrated = _calibrated(f"E{i}", 61000.5 + 0.05 * i)
+        calibrated.attrs["setup"] = "s1" if i < 3 else "s2"
+        records.append(archive_record(calibrated, _stars(), None))
+    ArchiveWriter(path).append(records)
+    return path
+
+
+def test_archive_plot_setup_selects_its_exposures(capsys, archive, tmp_path, monkeypatch):
+    """--setup chose the survey model only: the throughput plots showed every setup."""
+    import kspec_fluxcal.survey as survey
+
+    plotted, real = [], survey.plot_archive
+
+    def spy(ds, out, **kwargs):
+        plotted.append(list(ds["expid"].values))
+        return real(ds, out, **kwargs)
+
+    monkeypatch.setattr(survey, "plot_archive", spy)
+    status, out, err = cli(capsys, "archive", "plot", archive, "--out", tmp_path / "p",
+                           "--setup", "s2")
+    assert (status, err, plotted) == (0, [], [["E3", "E4"]])
+    assert cli(capsys, "archive", "plot", archive, "--out", tmp_path / "p", "--setup",
+               "s3") == (1, [], [f"kspec-fluxcal: error: {archive}: has no exposures of setup "
+                                 "s3 (its setups: s1, s2); nothing to plot"])
+
+
+def test_archive_plot_of_an_empty_archive_or_to_a_file(capsys, archive, tmp_path):
+    """An archive without exposures (every one failed): "TypeError: 'list' object cannot be
+    interpreted as an integer"; --out an existing file: a bare '[Errno 17] File exists'."""
+    empty = tmp_path / "empty.zarr"
+    ArchiveWriter(empty)
+    assert cli(capsys, "archive", "plot", empty, "--out", tmp_path / "p") == (
+        1, [], [f"kspec-fluxcal: error: {empty}: has no exposures; nothing to plot"])
+    assert not (tmp_path / "p").exists()
+    (tmp_path / "notes.txt").write_text("mine")
+    assert cli(capsys, "archive", "plot", archive, "--out", tmp_path / "notes.txt") == (
+        1, [], [f"kspec-fluxcal: error: {tmp_path / 'notes.txt'}: is a file, not a directory"])

@@ -7,12 +7,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from pathlib import Path
 
 from .._signals import starting_workers
-from ..errors import FluxCalError
+from ..errors import ConfigError, FluxCalError
 
 __all__ = ["local_cluster", "on_cluster", "as_completed_pairs", "quiet_known_messages",
-           "dask_setup", "WORKER_MALLOC_ENV"]
+           "dask_setup", "check_scheduler_address", "check_performance_report",
+           "WORKER_MALLOC_ENV"]
 
 
 #: glibc malloc settings of LocalCluster workers. Distributed's nannies set
@@ -114,9 +116,18 @@ def local_cluster(workers=None, threads_per_worker=1, dashboard_address="127.0.0
     distributed.LocalCluster
         Its workers get :data:`WORKER_MALLOC_ENV`, and run :func:`dask_setup` when they start;
         its event loops tick every :data:`TICK_INTERVAL`.
+
+    Raises
+    ------
+    ConfigError
+        When ``workers`` is less than 1 (0 would have meant one per core, unasked).
     """
     import dask
     from distributed import LocalCluster
+
+    if workers is not None and workers < 1:
+        raise ConfigError(None, None, f"workers={workers}: need at least 1 (None: one per "
+                          "core)")
 
     # glibc reads MALLOC_* once, at process start: they must be in the environment the
     # nannies spawn workers with ("pre-spawn-environ"). A value already in os.environ (left
@@ -137,6 +148,61 @@ def local_cluster(workers=None, threads_per_worker=1, dashboard_address="127.0.0
         os.environ.update(saved)
 
 
+def check_scheduler_address(address):
+    """Refuse what cannot be a scheduler's address before any work (distributed would raise
+    a bare ValueError only when the job connects).
+
+    Parameters
+    ----------
+    address : str
+        ``SCHEME://HOST:PORT`` with one of distributed's schemes (tcp, tls, ws...), or
+        ``HOST:PORT`` for tcp.
+
+    Raises
+    ------
+    ConfigError
+        Saying what is wrong and what is expected.
+    """
+    from distributed.comm import get_address_host_port, parse_address
+    from distributed.comm.registry import backends
+
+    scheme = parse_address(address)[0]
+    why = ""
+    if scheme in backends:
+        with contextlib.suppress(ValueError):  # no port, or not a number
+            host, port = get_address_host_port(address)
+            if host and 0 < port < 65536:
+                return
+    elif scheme.startswith("http"):  # the dashboard's, the address users see in a browser
+        why = f" ({scheme}:// is the dashboard's)"
+    else:
+        why = f" (unknown scheme {scheme}://)"
+    raise ConfigError(None, None, f"{address!r} is not a scheduler address{why}; expected "
+                      "tcp://HOST:PORT (the scheduler's port, 8786 by default)")
+
+
+def check_performance_report(path, label=""):
+    """Refuse a performance report that could not be written: it is written after the work.
+
+    Parameters
+    ----------
+    path : path-like
+        Where the HTML report goes.
+    label : str
+        How the user gave it (e.g. ``"--performance-report"``), put before the path.
+
+    Raises
+    ------
+    FluxCalError
+        When ``path`` is a directory, or its directory cannot be created or written.
+    """
+    from .._atomic import check_output_directory
+
+    if Path(path).is_dir():
+        raise FluxCalError(f"{label} {path}".strip() + ": is a directory, not a file")
+    check_output_directory(path, label, for_file=True)
+
+
 @contextlib.contextmanager
 def _client(client, scheduler, workers, threads_per_worker, dashboard_address):
     """The caller's client (left open), or one connected to ``scheduler``, or a LocalCluster
@@ -150,6 +216,7 @@ def _client(client, scheduler, workers, threads_per_worker, dashboard_address):
         return
     with contextlib.ExitStack() as stack:
         if scheduler:
+            check_scheduler_address(scheduler)
             try:
                 own = stack.enter_context(Client(scheduler, timeout="20s"))
             except OSError as err:
@@ -190,6 +257,8 @@ def on_cluster(work, *, client, scheduler, workers, threads_per_worker, dashboar
     """
     from distributed import performance_report as perf_report
 
+    if performance_report:
+        check_performance_report(performance_report)
     quiet_known_messages()  # the client's loop runs in this process
     with _client(client, scheduler, workers, threads_per_worker, dashboard_address) as client:
         if progress:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..constants import FLUX_UNIT
+from ..errors import InputError
 from .archive import throughput
 
 __all__ = ["plot_archive", "archive_figures", "model_figures"]
@@ -37,12 +38,20 @@ def plot_archive(archive, out_dir, bands=((4000, 5000), (5000, 6000), (6000, 700
         ``throughput_vs_time.png`` and ``throughput_image.png`` (see :func:`archive_figures`),
         and with a model ``extinction_per_night.png`` and ``model_outliers.png`` (see
         :func:`model_figures`).
+
+    Raises
+    ------
+    FluxCalError
+        When ``out_dir`` cannot be created or written (checked before the plots are drawn).
+    InputError
+        When the archive has no exposures.
     """
-    from .._atomic import atomic_file
+    from .._atomic import atomic_file, check_output_directory
 
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_output_directory(out_dir)
     figures = archive_figures(archive, bands)
+    out_dir.mkdir(parents=True, exist_ok=True)
     if model is not None:
         figures.update(model_figures(model))
     written = []
@@ -77,7 +86,14 @@ def archive_figures(archive, bands=((4000, 5000), (5000, 6000), (6000, 7000), (7
         between nights; ``throughput_image``: throughput relative to the survey median,
         wavelength x exposure (time order, labelled by EXPID or night), colour scale centred
         on 1, grey where there is no measurement.
+
+    Raises
+    ------
+    InputError
+        When the archive has no exposures.
     """
+    if not archive.sizes["exposure"]:
+        raise InputError(None, None, "the archive has no exposures: nothing to plot")
     ds = archive.where(archive["cal_mask"]).isel(exposure=np.argsort(archive["mjd"].values))
     measured = throughput(ds)
     return {"throughput_vs_time": _throughput_figure(ds, measured, bands),
