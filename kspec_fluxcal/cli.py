@@ -13,6 +13,7 @@ import traceback
 import warnings
 from pathlib import Path
 
+from ._stdout import stdout_may_close
 from .errors import ConfigError, FluxCalError, FluxCalWarning, InputError
 
 __all__ = ["main", "build_parser"]
@@ -110,6 +111,11 @@ def _calibration_state(ds):
     bunit = f"BUNIT {str(header.get('BUNIT', 'counts')).strip()!r}"
     if not calibration_marks(ds):
         return f"{bunit}: not flux-calibrated"
+    if "cal" not in ds:  # marked calibrated (FLUXCAL = T, a flux BUNIT) without its vector
+        from .errors import ExposureError
+
+        raise ExposureError(ds.attrs.get("source", ""), "HDU FLUXCAL", "missing, though the "
+                            "primary header marks the file calibrated (an incomplete product?)")
     fluxcal = "T" if header.get("FLUXCAL") is True else "absent"
     keys = [f"{k} = {header[k]!r}" if isinstance(header[k], str) else f"{k} = {header[k]:.4g}"
             for k in header if k.startswith("FCAL")]
@@ -167,6 +173,10 @@ def _cmd_calibrate(args):
         from .xp import read_xp
 
         _check_distinct_outputs(args)
+        if args.qc:
+            from .qc import check_distinct_names  # matplotlib: only for --qc
+
+            check_distinct_names(args.files)
         _check_out(args.out)
         config = load_config(args.config)
         catalog = read_catalog(args.catalog)
@@ -228,7 +238,9 @@ def _check_out(out):
 
 
 def _cmd_qc(args):
-    from .qc import qc_from_file
+    from .qc import check_distinct_names, qc_from_file
+
+    check_distinct_names(args.files, calibrated_only=True)
 
     def qc(path):
         written = qc_from_file(path, args.out)
@@ -580,61 +592,6 @@ def _terminate_as_interrupt():
 _ONE_THREAD = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 
 
-class _PipeSafeStdout:
-    """sys.stdout whose reader may leave: once the pipe is broken (``| head`` has read
-    enough), what is still written is discarded, so that the work goes on and the exit status
-    is the work's."""
-
-    def __init__(self, stream):
-        self._stream = stream
-        self._broken = False
-
-    def write(self, text):
-        self._guarded(self._stream.write, text)
-        return len(text)
-
-    def flush(self):
-        self._guarded(self._stream.flush)
-
-    def _guarded(self, method, *args):
-        if self._broken:
-            return
-        try:
-            method(*args)
-        except BrokenPipeError:
-            self._broken = True
-            self._to_devnull()
-
-    def _to_devnull(self):
-        """Point the stream's file descriptor, when it has one, at os.devnull: what its
-        buffer still holds is flushed at exit, which would report the broken pipe again."""
-        try:
-            fd = self._stream.fileno()
-        except (AttributeError, OSError, ValueError):  # io.UnsupportedOperation: in memory
-            return
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, fd)
-        os.close(devnull)
-
-    def __getattr__(self, name):
-        return getattr(self._stream, name)
-
-
-@contextlib.contextmanager
-def _stdout_may_close():
-    """sys.stdout as a :class:`_PipeSafeStdout` while the command runs, flushed at its end: a
-    broken pipe found by the interpreter's own flush at exit would be reported, and change
-    the exit status."""
-    original = sys.stdout
-    sys.stdout = guarded = _PipeSafeStdout(original)
-    try:
-        yield
-    finally:
-        guarded.flush()
-        if sys.stdout is guarded:
-            sys.stdout = original
-
-
 def main(argv=None):
     """Run the command line.
 
@@ -650,7 +607,7 @@ def main(argv=None):
     """
     for name in _ONE_THREAD:  # before numpy is imported (the commands import it)
         os.environ.setdefault(name, "1")
-    with _stdout_may_close():
+    with stdout_may_close():
         return _run(build_parser().parse_args(argv))
 
 

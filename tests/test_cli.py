@@ -465,6 +465,22 @@ def test_info_shows_the_frame_read_and_what_a_product_is(capsys, files, tmp_path
         str(product), "")
 
 
+def test_info_refuses_a_product_without_its_calibration_table(capsys, files, tmp_path):
+    """A file marked calibrated (FLUXCAL = T, a flux BUNIT) whose FLUXCAL HDU is gone was
+    reported 'calibrated' with exit status 0."""
+    (red,) = files("red.fits")
+    assert cli(capsys, "calibrate", red, "--catalog", files.catalog, "--grid", files.grid,
+               "--out", tmp_path / "out")[0] == 0
+    product = tmp_path / "out" / "red_fluxcal.fits"
+    with fits.open(product) as hdul:
+        fits.HDUList([h for h in hdul if h.name != "FLUXCAL"]).writeto(tmp_path / "cut.fits")
+    status, out, err = cli(capsys, "info", tmp_path / "cut.fits", product)
+    assert status == 1 and len(out) == 1 and out[0].startswith(f"{product}: ")
+    assert problems(err) == [f"{tmp_path / 'cut.fits'}: FAILED: HDU FLUXCAL: missing, though "
+                             "the primary header marks the file calibrated (an incomplete "
+                             "product?)"]
+
+
 @pytest.mark.parametrize("command", ["info", "calibrate"])
 def test_fifo_inputs_are_refused_not_waited_on(capsys, files, tmp_path, command):
     """Issue 16: a FIFO named .fits hung `calibrate` and `info`; a FIFO catalog would too."""
@@ -500,6 +516,26 @@ def test_calibrate_qc_has_the_layout_of_the_qc_command(capsys, files, tmp_path):
     summary = "KS20261101_0001_summary.txt"
     assert (tmp_path / "out" / "qc" / summary).read_text() == (tmp_path / "qc" /
                                                                 summary).read_text()
+
+
+def test_qc_of_two_files_of_one_exposure_is_refused(capsys, files, tmp_path):
+    """QC files are named by EXPID: two copies of one exposure had their QC overwrite each
+    other without a word (calibrate --qc, and qc on their products)."""
+    first, second = files("a.fits", "b.fits")
+    status, out, err = cli(capsys, "calibrate", first, second, "--catalog", files.catalog,
+                           "--grid", files.grid, "--out", tmp_path / "out", "--qc")
+    assert status != 0 and out == []
+    assert problems(err) == [f"kspec-fluxcal: error: {first} and {second} are both exposure "
+                             "KS20261101_0001: their QC files (named by EXPID) would replace "
+                             "each other; give them to separate runs"]
+    assert not (tmp_path / "out").exists()
+    for red in (first, second):
+        assert cli(capsys, "calibrate", red, "--catalog", files.catalog, "--grid", files.grid,
+                   "--out", tmp_path / "out")[0] == 0
+    products = sorted(str(p) for p in (tmp_path / "out").glob("*_fluxcal.fits"))
+    status, _, err = cli(capsys, "qc", *products, "--out", tmp_path / "qc")
+    assert status != 0 and "would replace each other" in err[-1]
+    assert not (tmp_path / "qc").exists()
 
 
 def test_qc(capsys, files, tmp_path):

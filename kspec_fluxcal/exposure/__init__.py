@@ -15,7 +15,6 @@ import datetime as _dt
 import hashlib
 import os
 import warnings
-from pathlib import Path
 
 import numpy as np
 import xarray as xr
@@ -28,7 +27,7 @@ from ..fits_file import find_hdu, fits_column, hdu_data, open_fits
 from ..lsf import LineSpread
 from ..wavelength import vacuum_to_air
 from .fibres import FIBRES_EXTNAMES, fibres_coords
-from .header import check_width, exposure_keywords, line_spread
+from .header import check_width, exposure_id, exposure_keywords, line_spread
 from .wavelengths import check_wavelength, fiber_wavelengths, raw_wavelength, unsolved_pixels
 
 __all__ = [
@@ -90,7 +89,7 @@ def _read_hdus(path):
         fib_hdu = find_hdu(hdul, path, FIBRES_EXTNAMES)
         fibres = fibres_coords(fib_hdu, nfib, path)
         meta = {
-            "expid": str(header.get("EXPID", "") or Path(path).name.split(".")[0]),
+            "expid": exposure_id(header, path),
             **exposure_keywords(header, path),
             "bunit": str(header.get("BUNIT", "counts")),
             "lsf": line_spread(header, path),
@@ -370,7 +369,7 @@ def read_exposure_info(path):
         lsf = line_spread(header, path)
         info = {
             "path": path,
-            "expid": str(header.get("EXPID", "") or Path(path).name.split(".")[0]),
+            "expid": exposure_id(header, path),
             **exposure_keywords(header, path),
             "lsf": lsf,
             "nfiber": int(nfib),

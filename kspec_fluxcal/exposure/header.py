@@ -3,11 +3,13 @@ checked for plausibility, and its line-spread description."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from ..errors import ExposureError
 from ..fits_file import header_value
 from ..lsf import LineSpread
 
-__all__ = ["exposure_keywords", "check_width", "line_spread", "EXPTIME_RANGE", "AIRMASS_RANGE",
+__all__ = ["exposure_keywords", "exposure_id", "check_width", "line_spread", "EXPTIME_RANGE", "AIRMASS_RANGE",
            "SEEING_RANGE", "MIN_PIXELS"]
 
 #: Plausible exposure times (s): a K-SPEC exposure is seconds to hours; 1e30 is a bad header.
@@ -29,6 +31,12 @@ def _in_range(value, key, bounds, path, unit="", open_low=False):
         raise ExposureError(path, f"primary header {key}", f"value {value!r}{unit} is outside "
                             f"the plausible range {shown}{unit}")
     return value
+
+
+def exposure_id(header, path):
+    """The exposure's identifier: EXPID, or without one the file's name up to its first
+    dot (what names its products' QC files and archive rows)."""
+    return str(header.get("EXPID", "") or Path(path).name.split(".")[0])
 
 
 def exposure_keywords(header, path):

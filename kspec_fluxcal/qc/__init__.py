@@ -24,7 +24,7 @@ import warnings
 from pathlib import Path
 
 from .._atomic import atomic_file
-from ..errors import FluxCalWarning
+from ..errors import FluxCalError, FluxCalWarning
 from .data import _from_file, _from_result
 from .figures import _DPI
 from .plots import (
@@ -38,7 +38,7 @@ from .plots import (
 )
 from .summary import _summary_text
 
-__all__ = ["write_qc", "qc_from_file", "qc_directory", "QC_PLOTS"]
+__all__ = ["write_qc", "qc_from_file", "qc_directory", "check_distinct_names", "QC_PLOTS"]
 
 #: Plot kinds, in the order they are written; each file is ``<expid>_<kind>.png``.
 QC_PLOTS = ("calibration", "residuals", "telluric", "template_match", "photometry", "xp",
@@ -123,6 +123,45 @@ def qc_from_file(path, out_dir, *, telluric="telluric_default"):
         When the file cannot be read or carries no calibration (no FLUXCAL table).
     """
     return _write(_from_file(path, telluric), out_dir)
+
+
+def check_distinct_names(paths, calibrated_only=False):
+    """Refuse, before any work, files whose QC would share names: QC files are named by
+    EXPID, so a second file of the same exposure (a copy, a re-reduction) would replace the
+    first's QC without a word.
+
+    Parameters
+    ----------
+    paths : sequence of path-like
+        RED or calibrated files about to be given QC in one directory. A file whose header
+        cannot be read is passed over (its own error comes when its turn comes), and so is
+        one of ``calibrated_only`` that is not calibrated (it gets no QC).
+    calibrated_only : bool
+        Only calibrated files (FLUXCAL = T) count, as for ``kspec-fluxcal qc``.
+
+    Raises
+    ------
+    FluxCalError
+        Naming the two files and their EXPID.
+    """
+    from astropy.io import fits
+
+    from ..exposure.header import exposure_id
+
+    seen = {}
+    for path in paths if len(paths) > 1 else ():
+        try:
+            header = fits.getheader(path)
+        except Exception:  # astropy's errors on a damaged file vary
+            continue
+        if calibrated_only and header.get("FLUXCAL") is not True:
+            continue
+        expid = exposure_id(header, path)
+        first = seen.setdefault(_safe_name(expid), path)
+        if first != path:
+            raise FluxCalError(f"{first} and {path} are both exposure {expid}: their QC files "
+                               "(named by EXPID) would replace each other; give them to "
+                               "separate runs")
 
 
 # ----------------------------------------------------------------------------- writing
