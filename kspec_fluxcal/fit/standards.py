@@ -99,7 +99,11 @@ def fit_standards(exposure, catalog, grid, config=None, *, cache_dir=None, xp=No
         'none'). With ``xp``, also ``xp_flux``, ``xp_flux_error``, ``xp_model`` (before the
         warp) and ``xp_model_warped`` (final) at XP's resolution, dims (star,
         xp_wavelength; air Angstrom), in FLUX_UNIT. Attr ``lsf_scale``: the width correction
-        applied (pooled over the stars). Lazy when the exposure is Dask-backed.
+        applied (pooled over the stars). With a Dask-backed exposure, its standards' fibers
+        (a few of its rows) are read when they are fitted: the result is in memory, with the
+        exposure-level results in its attrs (the fitted width and the line spread it gives,
+        which :func:`kspec_fluxcal.combine_vectors` and the products use), which a lazy
+        result could not carry; the exposure itself stays lazy.
     """
     config = Config() if config is None else config
     lsf = exposure_lsf(exposure, config)
@@ -111,12 +115,10 @@ def fit_standards(exposure, catalog, grid, config=None, *, cache_dir=None, xp=No
     std = exposure.isel(fiber=matched["fiber"].values)[["flux", "variance", "good"]]
     kwargs = {"matched": matched, "library": library, "lsf": lsf, "config": config, "xp": xp}
     if not matched.sizes["star"]:
-        return _output_template(std, matched, xp, lazy=False)
-    if std["flux"].chunks is None:
-        return _fit(std, **kwargs)
-    template = _output_template(std, matched, xp)
-    std = std.chunk({"fiber": -1, "wavelength": -1})
-    return xr.map_blocks(_fit, std, kwargs=kwargs, template=template)
+        return _no_standards(std, matched, xp)
+    # A lazy fit (xr.map_blocks) returned its template's attrs, not the fit's: the combination
+    # then had no line spread, skipped the telluric fit, and the product's keywords lied.
+    return _fit(std.compute() if std["flux"].chunks is not None else std, **kwargs)
 
 
 _STAR_VARS = {  # name: (dtype, units)
@@ -148,35 +150,26 @@ _XP_DESCRIPTIONS = {
 }
 
 
-def _output_template(std, matched, xp=None, lazy=True):
-    """A result with the right structure and no values: the template of xr.map_blocks, or
-    (``lazy=False``, numpy) the answer for an exposure without standard-star fibers."""
-    import dask.array as da
-
-    empty = (lambda shape, dtype, chunks: da.empty(shape, dtype=dtype, chunks=chunks)) if lazy \
-        else (lambda shape, dtype, chunks: np.empty(shape, dtype=dtype))
-    nstar, nwave = std.sizes["fiber"], std.sizes["wavelength"]
-    bands = matched["band"].values
-    spectra = {"cal", "cal_variance", "model_flux", "obs_norm", "model_norm"}
-    data = {}
-    for name in ("cal", "cal_variance", "model_flux", "obs_norm", "model_norm", "cal_mask",
-                 "match_mask"):
-        dtype = np.float64 if name in spectra else bool
-        data[name] = (("star", "wavelength"), empty((nstar, nwave), dtype, (nstar, nwave)))
-    for name in ("mag_obs", "mag_err", "mag_model", "phot_resid", "band_used"):
-        dtype = bool if name == "band_used" else np.float64
-        data[name] = (("star", "band"), empty((nstar, bands.size), dtype, (nstar, bands.size)))
-    coords = {name: ("star", np.empty(nstar, dtype=dtype))
-              for name, (dtype, _) in _STAR_VARS.items()}
+def _no_standards(std, matched, xp=None):
+    """The result of an exposure without standard-star fibers: the structure, no star."""
+    nwave, bands = std.sizes["wavelength"], matched["band"].values
+    data = {name: (("star", "wavelength"), np.empty((0, nwave), dtype=dtype))
+            for name, dtype in (("cal", float), ("cal_variance", float), ("model_flux", float),
+                                ("obs_norm", float), ("model_norm", float), ("cal_mask", bool),
+                                ("match_mask", bool))}
+    data.update({name: (("star", "band"), np.empty((0, bands.size), dtype=dtype))
+                 for name, dtype in (("mag_obs", float), ("mag_err", float),
+                                     ("mag_model", float), ("phot_resid", float),
+                                     ("band_used", bool))})
+    coords = {name: ("star", np.empty(0, dtype=dtype)) for name, (dtype, _) in _STAR_VARS.items()}
     coords.update(fiber=("star", matched["fiber"].values), objid=("star", matched["objid"].values),
                   fiber_name=("star", matched["fiber_name"].values),
                   wavelength=std["wavelength"].variable, band=("band", bands),
-                  star_wavelength=(("star", "wavelength"), np.empty((nstar, nwave))),
-                  fiber_lsf_scale=("star", np.empty(nstar)))
+                  star_wavelength=(("star", "wavelength"), np.empty((0, nwave))),
+                  fiber_lsf_scale=("star", np.empty(0)))
     if xp is not None:
-        nxp = xp.wave.size
-        for name in _XP_ARRAYS:
-            data[name] = (("star", "xp_wavelength"), empty((nstar, nxp), np.float64, (nstar, nxp)))
+        data.update({name: (("star", "xp_wavelength"), np.empty((0, xp.wave.size)))
+                     for name in _XP_ARRAYS})
         coords["xp_wavelength"] = ("xp_wavelength", xp.wave)
     return xr.Dataset(data, coords=coords, attrs={"lsf_scale": 1.0})
 
