@@ -21,6 +21,7 @@ from distributed import Client, get_task_stream
 
 from kspec_fluxcal import cli
 from kspec_fluxcal.config import Config
+from kspec_fluxcal.errors import InputError
 from kspec_fluxcal.grid.build import build_grid
 from kspec_fluxcal.qc import qc_from_file
 from kspec_fluxcal.sim import Setup, compare_with_truth, simulate_survey
@@ -134,6 +135,27 @@ def test_the_fit_is_a_tree_of_named_tasks(with_model):
     assert kinds["model-stats"] == 9 and kinds["model-sum"] == 6
     assert kinds["model-solve"] == 3 and kinds["model-residuals"] == 9
     assert kinds["recalibrate"] == 12 and kinds["calibrate"] == 12
+
+
+@pytest.mark.cluster
+def test_readme_model_example_runs(with_model):
+    """The README's survey-model block: ``m.expid[m.outlier]`` raised (a boolean Dask array
+    cannot index); a store that is not a model said it 'holds N setups' of its arrays."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    out = with_model[0]
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = text[text.index("## The survey model"):]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace = {}
+    exec(compile(code.replace("recalibrated/", f"{out}/"), "README.md", "exec"),  # noqa: S102
+         namespace)
+    m = namespace["m"]
+    assert m["outlier"].dtype == bool and isinstance(m["outlier"].data, np.ndarray)
+    assert m["residual"].chunks is not None  # the curves stay lazy
+    with pytest.raises(InputError, match="not a survey model store"):
+        open_model(out / "archive.zarr")
 
 
 @pytest.mark.cluster

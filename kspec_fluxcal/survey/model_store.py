@@ -45,6 +45,8 @@ __all__ = ["ModelStoreWriter", "open_model", "model_setups", "MODEL_STORE"]
 
 #: The store's name in the survey's output directory.
 MODEL_STORE = "model.zarr"
+#: The ``title`` of a model store's root group: what tells it from other stores.
+MODEL_TITLE = "kspec-fluxcal survey model"
 _THROUGHPUT_UNIT = f"count/(s Angstrom) / ({FLUX_UNIT})"
 _ROW_CHUNK = 256
 
@@ -79,7 +81,7 @@ class ModelStoreWriter:
 
             with atomic_directory(self.path, overwrite=True) as tmp:
                 zarr.open_group(tmp, mode="w").attrs.update(
-                    {"title": "kspec-fluxcal survey model", "groups": "one per setup"})
+                    {"title": MODEL_TITLE, "groups": "one per setup"})
         self.final = self.path / _setup_group(setup)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".kspec-tmp-{self.final.name}.",
                                           dir=self.path))
@@ -219,14 +221,22 @@ def open_model(path, setup=None):
     Returns
     -------
     xarray.Dataset
-        Indexed by ``night`` and ``expid`` (see the module docstring), lazy.
+        Indexed by ``night`` and ``expid`` (see the module docstring); the per-exposure and
+        per-night values in memory (they select, e.g. ``m.expid[m.outlier]``), the curves
+        of every exposure lazy.
     """
+    import zarr
+
     from ..errors import InputError
 
     path = Path(path)
     if not (path / "zarr.json").exists():
         raise InputError(path, None, "no survey model here (the survey job writes "
                          "OUT/model.zarr when [model] enabled and a setup has enough exposures)")
+    title = zarr.open_group(path, mode="r").attrs.get("title")
+    if title != MODEL_TITLE:
+        raise InputError(path, None, f"not a survey model store (its title: {title!r}; the "
+                         "survey job writes OUT/model.zarr)")
     setups = model_setups(path)
     if setup is None:
         if len(setups) != 1:
@@ -238,4 +248,8 @@ def open_model(path, setup=None):
     ds = xr.open_zarr(path, group=_setup_group(setup), consolidated=False)
     ds = ds.set_coords([n for n in ("expid", "exposure_night", "exposure_mjd", "mjd")
                         if n in ds.variables])
+    # A boolean Dask array cannot index (m.expid[m.outlier] raised): the small ones are read.
+    for variable in ds.variables.values():
+        if variable.ndim <= 1:
+            variable.load()  # in place
     return ds.set_xindex("expid")
