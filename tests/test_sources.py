@@ -7,7 +7,7 @@ from astropy.io import fits
 from conftest import SHARED_REAL, requires_shared
 
 from kspec_fluxcal.constants import STEFAN_BOLTZMANN
-from kspec_fluxcal.errors import FluxCalWarning, InputError
+from kspec_fluxcal.errors import FluxCalWarning, GridError, InputError
 from kspec_fluxcal.grid import open_grid
 from kspec_fluxcal.grid.build import build_grid, read_bosz_spectrum, scan_bosz
 from kspec_fluxcal.pipeline import calibrate_exposure
@@ -243,3 +243,13 @@ def test_calspec_standards_carry_their_reference_truth(world, calspec):
     assert np.all(np.isnan(t["std_rv"])) and np.all(np.isnan(t["std_alpha"]))
     assert np.all(np.isfinite(t["std_plx"])) and np.all(t["std_plx"] > 0)
     assert np.all((t["std_snr"] >= 20) & (t["std_snr"] <= 300))
+
+
+@requires_shared
+def test_a_grid_too_sparse_to_draw_from_is_a_grid_error():
+    """The two real BOSZ 2024 files (two points of a 2 x 2 Teff-log g square) have no
+    complete interpolation cell: drawing stars from them was a bare ValueError, a traceback
+    in ``kspec-fluxcal simulate --grid``."""
+    stars = GridStars(SHARED_REAL / "bosz2024_r5000")
+    with pytest.raises(GridError, match="bosz2024_r5000: could not draw 2 off-grid stars"):
+        stars.sample(np.random.default_rng(0), 2)

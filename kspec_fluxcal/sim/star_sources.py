@@ -40,7 +40,7 @@ from astropy.io import fits
 from scipy.interpolate import CubicSpline
 
 from ..constants import BOSZ_RESOLUTIONS, CK04_MARKER, STEFAN_BOLTZMANN
-from ..errors import InputError
+from ..errors import GridError, InputError
 from ..grid import PARAMS, interpolation_weights
 from ..grid.build import _read_wavelength, read_bosz_spectrum, scan_bosz
 from ..reddening import extinction_per_ebv
@@ -276,13 +276,16 @@ class GridStars(_Parametric):
                 ok &= off_nodes(cand[p], self.axes[p], node_distance)
             return cand, ok
 
-        return _accepted(n, propose, f"could not draw {n} off-grid stars with complete "
-                         f"interpolation corners in {bounds} (grid holes?)")
+        # The grid's fault (too few points, or holes): an error about it, as a CLI line.
+        return _accepted(n, propose, GridError(
+            self.path, None, f"could not draw {n} off-grid stars with complete interpolation "
+            f"corners in {bounds} (too few grid points, or holes?)"))
 
 
 def _accepted(n, propose, failure):
     """``n`` accepted candidates: batches of max(16, 4 n) from ``propose(m)``, which returns
-    (candidates by parameter, accepted mask), until enough are accepted (200 batches at most).
+    (candidates by parameter, accepted mask), until enough are accepted (200 batches at most;
+    then ``failure`` is raised: an exception, or the text of a ValueError).
     """
     chosen = {p: [] for p in PARAMS}
     count = 0
@@ -293,7 +296,7 @@ def _accepted(n, propose, failure):
         count += int(ok.sum())
         if count >= n:
             return {p: np.concatenate(v)[:n] for p, v in chosen.items()}
-    raise ValueError(failure)
+    raise failure if isinstance(failure, Exception) else ValueError(failure)
 
 
 # ============================================================================= model stars
