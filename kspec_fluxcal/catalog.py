@@ -133,15 +133,33 @@ def _position(values, path, column, rows):
     return deg
 
 
-def read_catalog(path, bands=BANDS):
+def _checked_bands(path, bands):
+    """``bands`` as a list, refused when empty, repeated or naming a band the catalog does
+    not have (one name, a string, is taken as one band, not as its letters)."""
+    if bands is None:
+        return [b for b in BANDS if b in CATALOG_COLUMNS]
+    bands = [bands] if isinstance(bands, str) else list(bands)
+    unknown = [b for b in bands if b not in CATALOG_COLUMNS]
+    repeated = sorted({b for b in bands if bands.count(b) > 1})
+    if not bands or unknown or repeated:
+        problem = ("no band asked for" if not bands else
+                   f"unknown band(s) {', '.join(map(str, unknown))}" if unknown else
+                   f"band(s) asked for twice: {', '.join(repeated)}")
+        raise CatalogError(path, "bands", f"{problem}; the catalog has "
+                           f"{', '.join(CATALOG_COLUMNS)}")
+    return bands
+
+
+def read_catalog(path, bands=None):
     """Read a standard-star catalog in the ATLAS Refcat2 CSV layout.
 
     Parameters
     ----------
     path : path-like
         CSV file with a header line (column order free, extra columns ignored).
-    bands : sequence of str
-        Bands to read, by speclite filter name (default: every band of the catalog).
+    bands : sequence of str, optional
+        Bands to read, by speclite filter name, each once (default: every band of the
+        catalog, the keys of :data:`CATALOG_COLUMNS`, in the order of :data:`BANDS`).
 
     Returns
     -------
@@ -159,10 +177,10 @@ def read_catalog(path, bands=BANDS):
     ------
     CatalogError
         Unreadable file, missing required columns, non-numeric values, duplicate objids
-        (or source ids).
+        (or source ids); ``bands`` empty, repeated or not of the catalog.
     """
     path = os.fspath(path)
-    bands = [b for b in bands if b in CATALOG_COLUMNS]
+    bands = _checked_bands(path, bands)
     header, rows = _read_csv(path)
     _check_table(path, header, rows, [*_REQUIRED, *(c for b in bands for c in CATALOG_COLUMNS[b])])
     line_numbers = np.arange(len(rows)) + 2  # as an editor shows them (header is line 1)

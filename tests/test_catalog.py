@@ -1,4 +1,5 @@
 import gc
+import re
 
 import numpy as np
 import pytest
@@ -23,6 +24,20 @@ def test_vega_to_ab_offsets_of_the_contract(catalog_file):
     assert mag.sel(band="twomass-Ks") == pytest.approx(13.85)
     assert mag.sel(band="panstarrs-g") == pytest.approx(16.0)  # PS1 is AB already
     assert cat["mag"].dims == ("star", "band")
+
+
+def test_bands_asked_for_are_checked(catalog_file):
+    """An unknown band was dropped without a word (all unknown: numpy's 'need at least one
+    array to stack'); one band given as a string is that band."""
+    path = catalog_file([catalog_row(1, 10.0, 20.0, g=16.0)])
+    one = read_catalog(path, bands="panstarrs-g")
+    assert list(one["band"].values) == ["panstarrs-g"]
+    for bands, problem in ((["panstarrs-g", "sdss-u"], "unknown band(s) sdss-u"),
+                           (["sdss-u"], "unknown band(s) sdss-u"), ([], "no band asked for"),
+                           (["panstarrs-g", "panstarrs-g"],
+                            "band(s) asked for twice: panstarrs-g")):
+        with pytest.raises(CatalogError, match=re.escape(f"bands: {problem}; the catalog has ")):
+            read_catalog(path, bands=bands)
 
 
 def test_sentinels_become_nan(catalog_file):
