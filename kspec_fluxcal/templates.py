@@ -437,7 +437,8 @@ def prepare_library(grid, wave_range, config=None, *, cache_dir=None,
     grid : xarray.Dataset
         A cube from :func:`kspec_fluxcal.open_grid`.
     wave_range : (float, float)
-        Range to cover, Angstrom (see :func:`library_range`); clipped to the grid's.
+        Range to cover, Angstrom (see :func:`library_range`), increasing; clipped to the
+        grid's.
     config : Config, optional
         Continuum options ([continuum]) are taken from it.
     cache_dir : path-like, False or None
@@ -457,12 +458,21 @@ def prepare_library(grid, wave_range, config=None, *, cache_dir=None,
         order: Teff slowest); ``template_index`` (teff, logg, feh, alpha): position along
         ``template``, -1 where the grid has a hole. Attrs: ``resolving_power`` of the library
         and the grid's identity.
+
+    Raises
+    ------
+    GridError
+        When the range has no part in the grid's (reversed, or outside it).
     """
     config = Config() if config is None else config
     options = continuum_options(config)
     wave_in = grid["wavelength"].values
     lo, hi = max(float(wave_range[0]), float(wave_in[0])), min(float(wave_range[1]),
                                                                float(wave_in[-1]))
+    if not hi - lo > 0:  # reversed, or outside the grid: no template pixel to keep
+        raise GridError(grid.attrs.get("store"), None, f"wavelength range {wave_range[0]:g}-"
+                        f"{wave_range[1]:g} A has no part in the grid's {wave_in[0]:g}-"
+                        f"{wave_in[-1]:g} A (an increasing range inside it is needed)")
     ident = f"{grid.attrs.get('build_plan') or id(grid)}|{grid.attrs.get('store', '')}"
     key = hashlib.sha1(f"{ident}|{lo:.1f}|{hi:.1f}|{sorted(options.items())}|"
                        f"{max_resolving_power}".encode()).hexdigest()[:16]

@@ -151,6 +151,13 @@ def _library(cube, **kwargs):
     return prepare_library(open_grid(cube), wave_range, **kwargs)
 
 
+@pytest.mark.parametrize("wave_range", [(9000.0, 4000.0), (100.0, 200.0), (1e6, 2e6)])
+def test_a_range_outside_the_grid_is_a_grid_error(cube, wave_range):
+    """A reversed range, or one outside the grid, was an IndexError deep in the build."""
+    with pytest.raises(GridError, match="has no part in the grid's"):
+        prepare_library(open_grid(cube), wave_range, cache_dir=False)
+
+
 def _no_build(*args, **kwargs):
     raise AssertionError("the library was prepared again instead of read from the disk cache")
 
