@@ -137,7 +137,7 @@ def _cmd_grid_download(args):
     summary = download_grid(args.out, resolution=args.resolution, dry_run=args.dry_run,
                             force=args.force, workers=args.workers, progress=not args.quiet)
     print(summary)
-    return 1 if summary.errors else 0
+    return 1 if summary.errors or summary.mostly_missing else 0
 
 
 def _cmd_grid_synth(args):

@@ -298,6 +298,17 @@ class DownloadSummary:
     to_fetch: list[tuple[str, Path]] = field(default_factory=list)
     dry_run: bool = False
 
+    #: More files than this fraction not found is not the grid's holes (a few per cent of
+    #: the subgrid) but names the server does not have: another resolution tag or
+    #: microturbulence, another server.
+    MISSING_LIMIT = 0.5
+
+    @property
+    def mostly_missing(self) -> bool:
+        """Whether most of the files were not found (a failed download, not holes)."""
+        considered = len(self.ok) + len(self.skipped) + len(self.not_found)
+        return bool(self.not_found) and len(self.not_found) > self.MISSING_LIMIT * considered
+
     @property
     def total(self) -> int:
         """Number of files considered."""
@@ -332,6 +343,10 @@ class DownloadSummary:
             url, reason = self.errors[0]
             more = f" (and {n_err - 1} more)" if n_err > 1 else ""
             text += f"; first error: {url}: {reason}{more}"
+        if self.mostly_missing:
+            text += (f"; most files not found, more than the grid's holes: does the server "
+                     f"have these names (resolution tag, microturbulence)? First: "
+                     f"{self.not_found[0]}")
         return text
 
 

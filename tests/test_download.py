@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from kspec_fluxcal import cli
 from kspec_fluxcal.download import (
     MAST_BASE_URL,
     DownloadSummary,
@@ -214,6 +215,22 @@ def test_summary_str():
     s.errors.append(("http://x/y", "HTTP 403 Forbidden"))
     assert str(s).startswith("521 files: 400 ok, 100 skipped, 20 not found, 1 error;")
     assert "http://x/y: HTTP 403 Forbidden" in str(s)
+
+
+def test_mostly_missing_is_a_failed_download_not_holes(mast, tmp_path, capsys, monkeypatch):
+    """Every spectrum answered 404 (names the server does not have) was summarised as holes,
+    and `grid download` exited 0; the user met it only at `grid build`."""
+    jobs, _ = mast.publish()
+    for url, _ in jobs[1:]:  # the spectra; the wavelength file is there
+        mast.plan(url, "404")
+    summary = download_grid(tmp_path, base_url=mast.base_url, points=POINTS, **FAST)
+    assert summary.mostly_missing and summary.errors == []
+    assert "most files not found, more than the grid's holes" in str(summary)
+    assert not DownloadSummary(ok=[Path("a")] * 500, not_found=["u"] * 20).mostly_missing
+    # The command's status says so.
+    monkeypatch.setattr("kspec_fluxcal.download.download_grid", lambda *a, **k: summary)
+    assert cli.main(["grid", "download", "--out", str(tmp_path / "x")]) == 1
+    assert "most files not found" in capsys.readouterr().out
 
 
 # --- downloads ---------------------------------------------------------------------------
