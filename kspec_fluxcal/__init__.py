@@ -13,6 +13,7 @@ and imported at once, so that ``except kspec_fluxcal.FluxCalError`` costs nothin
 from . import errors as _errors
 from ._lazy import lazy_names
 from .errors import (  # noqa: F401 (public: __all__ lists errors.__all__)
+    ArgumentError,
     CalibrationError,
     CatalogError,
     ConfigError,

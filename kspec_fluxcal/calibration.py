@@ -30,6 +30,7 @@ from typing import NamedTuple
 import numpy as np
 import xarray as xr
 
+from ._inputs import expect_dataset
 from .config import Config
 from .constants import CAL_UNIT, FLUX_UNIT
 from .continuum import _fill_gaps
@@ -121,6 +122,8 @@ def combine_vectors(stars, method=None, sigma_clip=None, smooth=None, *, config=
     CalibrationError
         When no star is usable; the message gives each star's reason.
     """
+    expect_dataset(stars, "stars", "combine_vectors", "kspec_fluxcal.fit_standards",
+                   ("cal", "cal_variance", "status"))
     config = Config() if config is None else config
     opts = config.combine
     method = opts.method if method is None else method
@@ -600,6 +603,10 @@ def apply_calibration(exposure, calibration):
         applied), the calibration variables (reference grid), attrs ``fcalnstr``,
         ``fcalrms``, ``fcalsrc``, ``fcalqual``, ... and the history.
     """
+    expect_dataset(exposure, "exposure", "apply_calibration", "kspec_fluxcal.open_exposure",
+                   ("flux", "variance", "wavelength"))
+    expect_dataset(calibration, "calibration", "apply_calibration",
+                   "kspec_fluxcal.combine_vectors", ("cal", "cal_variance", "cal_mask"))
     fiber_wave = (exposure["fiber_wavelength"] if "fiber_wavelength" in exposure.coords
                   else exposure["wavelength"].broadcast_like(exposure["flux"]))
     scale = (exposure["fibres_lsf_scale"].values if "fibres_lsf_scale" in exposure.coords

@@ -13,6 +13,7 @@ import numpy as np
 import xarray as xr
 
 from ._atomic import check_regular_file
+from ._inputs import expect_dataset
 from .constants import (
     BANDS,
     CATALOG_COLUMNS,
@@ -372,6 +373,10 @@ def match_standards(exposure, catalog, *, radius_arcsec=POSITION_MATCH_ARCSEC):
         when unmatched); and the catalog photometry ``mag``, ``mag_err`` (star, band), NaN
         when unmatched.
     """
+    expect_dataset(exposure, "exposure", "match_standards", "kspec_fluxcal.open_exposure",
+                   ("fiber_type", "objid", "ra", "dec"))
+    expect_dataset(catalog, "catalog", "match_standards", "kspec_fluxcal.read_catalog",
+                   ("objid", "mag", "band"))
     std = exposure.coords["fiber_type"].values == STANDARD_TYPE
     fibers = exposure["fiber"].values[std]
     fib_objid = exposure["objid"].values[std]

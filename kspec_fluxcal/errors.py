@@ -17,6 +17,7 @@ __all__ = [
     "GridError",
     "ConfigError",
     "CalibrationError",
+    "ArgumentError",
     "OutputExistsError",
     "OutputLockedError",
     "DownloadError",
@@ -91,6 +92,11 @@ class CalibrationError(FluxCalError):
 
     def __reduce__(self):
         return type(self), (self.message, self.reasons)
+
+
+class ArgumentError(FluxCalError, TypeError):
+    """A public function was given something else than it takes (a path where a Dataset is
+    expected, another function's result): which argument, and what it should be."""
 
 
 class OutputExistsError(FluxCalError, FileExistsError):

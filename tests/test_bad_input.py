@@ -15,6 +15,7 @@ import dataclasses
 import errno
 import gzip
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -775,3 +776,31 @@ def test_a_failed_write_names_the_output_and_leaves_nothing(tmp_path):
             raise OSError(errno.EFBIG, "File too large")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["product.fits"]
+
+
+def test_building_blocks_name_a_wrong_argument():
+    """Paths, arrays or another function's result given to the public building blocks
+    failed deep inside ('str' object has no attribute 'attrs', KeyError: 'status')."""
+    import kspec_fluxcal as kf
+    from kspec_fluxcal.errors import ArgumentError
+    from kspec_fluxcal.survey import throughput
+
+    other = xr.Dataset({"x": ("a", np.zeros(2))})
+    calls = [
+        (lambda: kf.fit_standards("red.fits", other, other), "fit_standards: exposure must be "
+         "an xarray.Dataset from kspec_fluxcal.open_exposure, not str"),
+        (lambda: kf.match_standards(other, other), "match_standards: exposure has no "
+         "fiber_type, objid, ra, dec: not a Dataset from kspec_fluxcal.open_exposure"),
+        (lambda: kf.combine_vectors(other), "combine_vectors: stars has no cal, cal_variance, "
+         "status"),
+        (lambda: kf.apply_calibration(np.zeros(3), other), "apply_calibration: exposure must "
+         "be an xarray.Dataset from kspec_fluxcal.open_exposure, not ndarray"),
+        (lambda: kf.template_library("grid.zarr", other), "template_library: grid must be an "
+         "xarray.Dataset"),
+        (lambda: throughput("archive.zarr"), "throughput: ds must be an xarray.Dataset from "
+         "kspec_fluxcal.survey.open_archive, not str"),
+    ]
+    for call, message in calls:
+        with pytest.raises(ArgumentError, match=re.escape(message)):
+            call()
+    assert issubclass(ArgumentError, TypeError) and issubclass(ArgumentError, FluxCalError)

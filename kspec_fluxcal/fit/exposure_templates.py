@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._inputs import expect_dataset
 from ..config import Config
 from ..grid import PARAMS, alpha_response_weights
 from ..lsf import exposure_lsf
@@ -25,6 +26,10 @@ __all__ = ["template_library", "ExposureTemplates", "reference_templates",
 def template_library(grid, exposure, config=None, *, cache_dir=None):
     """The template library (:func:`kspec_fluxcal.templates.prepare_library`) serving an
     exposure: ``grid`` itself when it already is one covering the exposure."""
+    expect_dataset(grid, "grid", "template_library", "kspec_fluxcal.open_grid (or a "
+                   "library from prepare_library)", ("wavelength",))
+    expect_dataset(exposure, "exposure", "template_library", "kspec_fluxcal.open_exposure",
+                   ("wavelength",))
     config = Config() if config is None else config
     if is_library(grid):
         return grid

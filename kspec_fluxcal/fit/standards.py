@@ -43,6 +43,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
+from .._inputs import expect_dataset
 from ..catalog import match_standards
 from ..config import Config
 from ..constants import CAL_UNIT, FLUX_UNIT
@@ -105,6 +106,10 @@ def fit_standards(exposure, catalog, grid, config=None, *, cache_dir=None, xp=No
         which :func:`kspec_fluxcal.combine_vectors` and the products use), which a lazy
         result could not carry; the exposure itself stays lazy.
     """
+    expect_dataset(exposure, "exposure", "fit_standards", "kspec_fluxcal.open_exposure",
+                   ("flux", "variance", "good", "fiber_type"))
+    expect_dataset(catalog, "catalog", "fit_standards", "kspec_fluxcal.read_catalog",
+                   ("mag", "band", "objid"))
     config = Config() if config is None else config
     lsf = exposure_lsf(exposure, config)
     library = template_library(grid, exposure, config, cache_dir=cache_dir)

@@ -38,6 +38,7 @@ import numpy as np
 import xarray as xr
 
 from .. import __version__
+from .._inputs import expect_dataset
 from ..constants import CAL_UNIT, FLUX_UNIT
 
 __all__ = ["ARCHIVE_GRID", "archive_grid", "ArchiveWriter", "open_archive", "archive_record",
@@ -126,6 +127,8 @@ def throughput(ds):
         Counts per second per Angstrom per unit of flux density (:data:`THROUGHPUT_UNIT`),
         dims of ``cal``; lazy when ``cal`` is.
     """
+    expect_dataset(ds, "ds", "throughput", "kspec_fluxcal.survey.open_archive",
+                   ("cal", "exptime"))
     out = 1.0 / (ds["cal"] * ds["exptime"])
     # Not cal's attrs (arithmetic keeps them): their units are the inverse of these.
     out.attrs = {"units": THROUGHPUT_UNIT,
