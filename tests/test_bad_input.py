@@ -683,9 +683,13 @@ def _emptied(directory):
 
 
 GRID_CASES = [
-    ("empty-directory", _emptied, r"bosz: no wavelength file bosz2024_wave_r\{R\}\.txt"),
+    ("empty-directory", _emptied, r"bosz: no wavelength file bosz2024_wave_r<R>\.txt at the "
+     r"top of the directory, e\.g\. bosz2024_wave_r10000\.txt$"),
     ("no-wavelength-file", lambda d: _wave_file(d).unlink(),
-     r"bosz: no wavelength file bosz2024_wave_r\{R\}\.txt"),
+     r"bosz: no wavelength file bosz2024_wave_r<R>\.txt"),
+    ("wavelength-file-elsewhere", lambda d: _wave_file(d).rename(d / "r5000" / _wave_file(
+        d).name), r"\(found r5000/bosz2024_wave_r5000\.txt: move it to the top of the "
+     r"directory\)"),
     ("no-spectrum-file", lambda d: [p.unlink() for p in d.rglob("*.txt.gz")],
      r"bosz: no BOSZ 2024 spectrum files for r5000"),
     ("three-columns", _rewrite_spectrum(lambda ls: _set_line(ls, 10, ls[10] + " 1.0")),

@@ -158,7 +158,8 @@ def test_grid_build_bad_directory(capsys, tmp_path):
                            tmp_path / "g.zarr", "--quiet")
     assert status == 1 and out == []
     assert err == [f"kspec-fluxcal: error: {tmp_path / 'empty'}: no wavelength file "
-                   "bosz2024_wave_r{R}.txt"]
+                   "bosz2024_wave_r<R>.txt at the top of the directory, e.g. "
+                   "bosz2024_wave_r10000.txt"]
     assert not (tmp_path / "g.zarr").exists()
 
 

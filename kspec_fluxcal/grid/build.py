@@ -100,7 +100,11 @@ def scan_bosz(bosz_dir, resolution=None):
              if (m := WAVE_NAME.match(p.name))}
     if resolution is None:
         if not waves:
-            raise GridError(root, None, "no wavelength file bosz2024_wave_r{R}.txt")
+            elsewhere = sorted(p.relative_to(root) for p in root.rglob("bosz2024_wave_*.txt"))
+            hint = (f" (found {elsewhere[0]}: move it to the top of the directory)"
+                    if elsewhere else "")
+            raise GridError(root, None, "no wavelength file bosz2024_wave_r<R>.txt at the top "
+                            f"of the directory, e.g. bosz2024_wave_r10000.txt{hint}")
         if len(waves) > 1:
             raise GridError(root, None, f"several wavelength files ({', '.join(sorted(waves))}); "
                             "choose one with --resolution")
