@@ -123,9 +123,11 @@ def _calibration_state(ds):
 
 
 def _cmd_grid_build(args):
-    from .grid.build import build_grid
+    from .grid.build import build_grid, scan_bosz
 
-    build_grid(args.bosz_dir, args.out, wave_min=args.wave_min, wave_max=args.wave_max,
+    out = args.out or (f"store/templates/bosz2024_"  # named by the grid's own resolution
+                       f"{scan_bosz(args.bosz_dir, args.resolution)['resolution']}.zarr")
+    build_grid(args.bosz_dir, out, wave_min=args.wave_min, wave_max=args.wave_max,
                resolution=args.resolution, workers=args.workers, progress=not args.quiet,
                overwrite=args.overwrite)
     return 0
@@ -497,8 +499,8 @@ def _grid_parsers(sub):
     p = _command(gsub, _cmd_grid_build, "build",
                  help="convert a BOSZ-layout directory into the Zarr cube")
     p.add_argument("bosz_dir", help="BOSZ 2024 layout directory (grid download or synth)")
-    p.add_argument("--out", default="store/templates/bosz2024_r10000.zarr",
-                   help="Zarr store to write (default %(default)s)")
+    p.add_argument("--out", help="Zarr store to write (default store/templates/"
+                   "bosz2024_<resolution>.zarr, e.g. bosz2024_r10000.zarr)")
     p.add_argument("--wave-min", type=float, default=3000.0,
                    help="shortest wavelength kept, Angstrom (default %(default)s)")
     p.add_argument("--wave-max", type=float, default=11000.0,

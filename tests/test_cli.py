@@ -152,6 +152,17 @@ def test_grid_synth_and_build(made):
     assert open_grid(made[0].store).attrs["synthetic"] == 1
 
 
+def test_grid_build_names_its_default_store_by_the_resolution(capsys, made, tmp_path,
+                                                               monkeypatch):
+    """Without --out a grid of any resolution went to store/templates/bosz2024_r10000.zarr."""
+    bosz = made[0].bosz
+    monkeypatch.chdir(tmp_path)
+    assert cli(capsys, "grid", "build", bosz, "--quiet")[0] == 0
+    resolution = next(bosz.glob("bosz2024_wave_*.txt")).stem.split("_")[-1]
+    assert [p.name for p in (tmp_path / "store" / "templates").iterdir()] == [
+        f"bosz2024_{resolution}.zarr"]
+
+
 def test_grid_build_bad_directory(capsys, tmp_path):
     (tmp_path / "empty").mkdir()
     status, out, err = cli(capsys, "grid", "build", tmp_path / "empty", "--out",
