@@ -215,6 +215,9 @@ def _rewrite(path, edit):
         ({"header": {"AIRMASS": 0.5}}, None,
          r"primary header AIRMASS: value 0\.5 is outside the plausible range \[1, 10\]"),
         ({"header": {"AIRMASS": 12.0}}, None, r"AIRMASS: value 12\.0 is outside"),
+        # A placeholder date put the exposure on another night of the survey model.
+        ({"header": {"MJD-OBS": 1.0}}, None,
+         r"primary header MJD-OBS: value 1\.0 d is outside the plausible range \[40000, 100000\]"),
         ({"header": {"AIRORVAC": "xyz"},
           "wavelength_header": {"BUNIT": "Angstrom", "AIRORVAC": "air"}}, None,
          r"primary header AIRORVAC: value 'xyz' is neither 'air' nor 'vac'"),

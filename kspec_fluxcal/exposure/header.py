@@ -9,8 +9,8 @@ from ..errors import ExposureError
 from ..fits_file import header_value
 from ..lsf import LineSpread
 
-__all__ = ["exposure_keywords", "exposure_id", "check_width", "line_spread", "EXPTIME_RANGE", "AIRMASS_RANGE",
-           "SEEING_RANGE", "MIN_PIXELS"]
+__all__ = ["exposure_keywords", "exposure_id", "check_width", "line_spread", "EXPTIME_RANGE",
+           "AIRMASS_RANGE", "SEEING_RANGE", "MJD_RANGE", "MIN_PIXELS"]
 
 #: Plausible exposure times (s): a K-SPEC exposure is seconds to hours; 1e30 is a bad header.
 EXPTIME_RANGE = (0.0, 1.0e5)
@@ -19,6 +19,10 @@ AIRMASS_RANGE = (1.0, 10.0)
 #: Plausible seeing (optional SEEING, FWHM in arcsec at the guider): beyond 20 arcsec no
 #: fiber spectrograph observes.
 SEEING_RANGE = (0.0, 20.0)
+#: Plausible dates of observation (MJD): 1968-2132. Outside, a header's date is a typo or a
+#: placeholder (MJD-OBS = 1.0), which would put the exposure on the wrong night of the survey
+#: model and the archive.
+MJD_RANGE = (40000.0, 100000.0)
 #: Fewest pixels of a spectrum: fewer is a cut or transposed image, not a K-SPEC spectrum.
 MIN_PIXELS = 16
 
@@ -50,8 +54,10 @@ def exposure_keywords(header, path):
     seeing = header_value(header, ("SEEING",), path, False)
     if seeing is not None:
         _in_range(seeing, "SEEING", SEEING_RANGE, path, " arcsec", open_low=True)
-    return {"exptime": exptime, "mjd": header_value(header, ("MJD-OBS", "UTMJD"), path, True),
-            "airmass": airmass, "seeing": seeing}
+    mjd = header_value(header, ("MJD-OBS", "UTMJD"), path, True)
+    key = next(k for k in ("MJD-OBS", "UTMJD") if header.get(k) not in (None, ""))
+    _in_range(mjd, key, MJD_RANGE, path, " d")
+    return {"exptime": exptime, "mjd": mjd, "airmass": airmass, "seeing": seeing}
 
 
 def check_width(path, nspec):
