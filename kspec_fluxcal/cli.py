@@ -178,7 +178,8 @@ def _cmd_calibrate(args):
         if args.qc:
             from .qc import check_distinct_names  # matplotlib: only for --qc
 
-            check_distinct_names(args.files)
+            check_distinct_names(args.files, directory_of=(  # in place: QC beside each
+                (lambda path: Path(path).resolve().parent) if args.in_place else None))
         _check_out(args.out)
         config = load_config(args.config)
         catalog = read_catalog(args.catalog)

@@ -125,7 +125,7 @@ def qc_from_file(path, out_dir, *, telluric="telluric_default"):
     return _write(_from_file(path, telluric), out_dir)
 
 
-def check_distinct_names(paths, calibrated_only=False):
+def check_distinct_names(paths, calibrated_only=False, directory_of=None):
     """Refuse, before any work, files whose QC would share names: QC files are named by
     EXPID, so a second file of the same exposure (a copy, a re-reduction) would replace the
     first's QC without a word.
@@ -133,11 +133,15 @@ def check_distinct_names(paths, calibrated_only=False):
     Parameters
     ----------
     paths : sequence of path-like
-        RED or calibrated files about to be given QC in one directory. A file whose header
-        cannot be read is passed over (its own error comes when its turn comes), and so is
-        one of ``calibrated_only`` that is not calibrated (it gets no QC).
+        RED or calibrated files about to be given QC. A file that is not a regular file or
+        whose header cannot be read is passed over (its own error comes when its turn
+        comes; a FIFO is not waited on), and so is one of ``calibrated_only`` that is not
+        calibrated (it gets no QC).
     calibrated_only : bool
         Only calibrated files (FLUXCAL = T) count, as for ``kspec-fluxcal qc``.
+    directory_of : callable, optional
+        Where each file's QC goes (``calibrate --in-place --qc``: beside each file); by
+        default all in one directory.
 
     Raises
     ------
@@ -150,6 +154,8 @@ def check_distinct_names(paths, calibrated_only=False):
 
     seen = {}
     for path in paths if len(paths) > 1 else ():
+        if not Path(path).is_file():
+            continue
         try:
             header = fits.getheader(path)
         except Exception:  # astropy's errors on a damaged file vary
@@ -157,7 +163,8 @@ def check_distinct_names(paths, calibrated_only=False):
         if calibrated_only and header.get("FLUXCAL") is not True:
             continue
         expid = exposure_id(header, path)
-        first = seen.setdefault(_safe_name(expid), path)
+        where = None if directory_of is None else directory_of(path)
+        first = seen.setdefault((where, _safe_name(expid)), path)
         if first != path:
             raise FluxCalError(f"{first} and {path} are both exposure {expid}: their QC files "
                                "(named by EXPID) would replace each other; give them to "
