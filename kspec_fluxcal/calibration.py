@@ -359,13 +359,20 @@ def _scatter(wave, stack, comb, opts):
     n = stack.shapes.shape[0]
     if n < 2:
         return np.nan
-    with np.errstate(invalid="ignore", divide="ignore"):
-        dev = np.where(stack.m, stack.shapes / comb, np.nan)
     size = max(3, int(round(max(opts.smooth_scale, 50.0) / float(np.median(np.diff(wave))))))
-    nblock = -(-dev.shape[1] // size)
-    padded = np.full((n, nblock * size), np.nan)
-    padded[:, :dev.shape[1]] = dev
-    blocks = _nanmedian(padded.reshape(n, nblock, size), axis=2) - 1.0
+    nblock = -(-wave.size // size)
+
+    def block_medians(values):  # (n, P) -> (n, nblock), the star's pixels only
+        padded = np.full((n, nblock * size), np.nan)
+        padded[:, :wave.size] = np.where(stack.m, values, np.nan)
+        return _nanmedian(padded.reshape(n, nblock, size), axis=2)
+
+    # Each star and the combination averaged over a block before they are compared: a
+    # per-pixel median combination IS one of the stars at each pixel, and the block medians
+    # of star / combination came out at zero where noise dominates (FCALRMS 0, grade A).
+    with np.errstate(invalid="ignore", divide="ignore"):
+        blocks = block_medians(stack.shapes) / block_medians(
+            np.broadcast_to(comb, stack.shapes.shape)) - 1.0
     return float(1.4826 * _nanmedian(np.abs(blocks), axis=None) * np.sqrt(n / (n - 1)))
 
 
