@@ -28,6 +28,13 @@ from .errors import ConfigError
 __all__ = ["Config", "load_config", "SCHEMA", "continuum_options"]
 
 
+#: Options of earlier versions, and what replaced them (a config written for one is told).
+_REMOVED = {
+    ("fit", "max_chi2_dof"): "stars are judged by their model error, not chi^2/dof; see "
+                             "[fit] max_model_error (README, 'Star acceptance')",
+}
+
+
 @dataclass(frozen=True)
 class Option:
     """One configuration option: default, type, valid values and documentation."""
@@ -48,11 +55,7 @@ class Option:
             # TOML has nan and inf; every comparison with NaN is false, so no bound stops it.
             raise ConfigError(source, where, f"{value!r} is not a finite number")
         if kind is list:
-            bad = [v for v in value if self.choices and v not in self.choices]
-            if bad or not all(isinstance(v, str) for v in value):
-                raise ConfigError(source, where, f"invalid value(s) {bad or value!r}; valid: "
-                                  f"{', '.join(map(str, self.choices or ()))}")
-            return list(value)
+            return self._validate_list(value, where, source)
         if self.choices is not None and value not in self.choices:
             raise ConfigError(source, where, f"{value!r} is not one of "
                               f"{', '.join(map(repr, self.choices))}")
@@ -61,6 +64,20 @@ class Option:
         if self.max is not None and value > self.max:
             raise ConfigError(source, where, f"{value!r} is above the maximum {self.max}")
         return value
+
+    def _validate_list(self, value, where, source):
+        """A list of strings, of the choices when there are any, each once (a band listed
+        twice counted as two measurements)."""
+        if not all(isinstance(v, str) for v in value):
+            raise ConfigError(source, where, f"expected a list of strings, got {value!r}")
+        bad = [v for v in value if self.choices and v not in self.choices]
+        if bad:
+            raise ConfigError(source, where, f"invalid value(s) {bad!r}; valid: "
+                              f"{', '.join(map(str, self.choices))}")
+        repeated = sorted({v for v in value if value.count(v) > 1})
+        if repeated:
+            raise ConfigError(source, where, f"{', '.join(repeated)} given more than once")
+        return list(value)
 
 
 SCHEMA = {
@@ -108,7 +125,7 @@ SCHEMA = {
         "poly_degree": Option(8, "Polynomial degree (method = 'polynomial'), in normalised "
                               "wavelength.", min=1, max=30),
         "window": Option(151, "Running-median window, pixels (method = 'running_median').",
-                         min=5),
+                         min=5, max=1001),
         "sigma_low": Option(1.5, "Lower clipping threshold, sigma (rejects absorption lines).",
                             min=0.5),
         "sigma_high": Option(4.0, "Upper clipping threshold, sigma.", min=0.5),
@@ -369,8 +386,9 @@ class Config(_Options):
                 raise ConfigError(source, f"[{section}]", "must be a table of options")
             extra = [k for k in given if k not in options]
             if extra:
-                raise ConfigError(source, f"[{section}] {extra[0]}",
-                                  f"unknown option; valid options: {', '.join(options)}")
+                why = _REMOVED.get((section, extra[0]))
+                raise ConfigError(source, f"[{section}] {extra[0]}", f"removed: {why}" if why
+                                  else f"unknown option; valid options: {', '.join(options)}")
             merged[section] = {
                 name: opt.validate(given[name], f"[{section}] {name}", source)
                 if name in given else (list(opt.default) if isinstance(opt.default, list)

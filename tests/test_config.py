@@ -34,6 +34,14 @@ def test_values_and_overrides(tmp_path):
         ("[fit]\nrefine='yes'\n", r"\[fit\] refine: expected bool"),
         ("[photometry]\nbands=['gaiadr2-G','sdss-u']\n",
          r"invalid value\(s\) \['sdss-u'\]; valid: panstarrs-g, gaiadr2-BP"),
+        # A band listed twice counted as two measurements (min_bands met by one band).
+        ("[photometry]\nbands=['panstarrs-g','panstarrs-g','panstarrs-r']\n",
+         r"\[photometry\] bands: panstarrs-g given more than once"),
+        ("[masks]\nextra=[1]\n", r"\[masks\] extra: expected a list of strings, got \[1\]"),
+        ("[fit]\nmax_chi2_dof=10\n", r"\[fit\] max_chi2_dof: removed: stars are judged by "
+         r"their model error, not chi\^2/dof; see \[fit\] max_model_error"),
+        # A window of 5001 pixels took 107 s an exposure, 100000 hung.
+        ("[continuum]\nwindow=5001\n", r"\[continuum\] window: 5001 is above the maximum"),
         ("[fit\nmetric=1\n", "not valid TOML"),
     ],
 )
