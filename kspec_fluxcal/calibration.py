@@ -545,7 +545,7 @@ def calibration_factor(calibration, fiber_wavelength, fiber_lsf_scale=None):
     -------
     factor, variance : xarray.DataArray
         (fiber, wavelength), flux unit per count; NaN where a pixel has no wavelength or lies
-        beyond the reference grid.
+        more than half a pixel beyond the reference grid.
     """
     attrs = calibration.attrs
     model = np.isfinite([attrs.get("fcalo2", np.nan), attrs.get("fcalh2o", np.nan)]).any()
@@ -554,12 +554,16 @@ def calibration_factor(calibration, fiber_wavelength, fiber_lsf_scale=None):
     values = np.stack([calibration.variables[n].values for n in names])
     columns = np.nan_to_num([attrs.get("fcalo2", np.nan), attrs.get("fcalh2o", np.nan)])
     errors = np.nan_to_num([attrs.get("fcalo2_err", np.nan), attrs.get("fcalh2o_err", np.nan)])
+    margin = 0.5 * np.array([ref[1] - ref[0], ref[-1] - ref[-2]]) if ref.size > 1 else (0, 0)
 
     def kernel(wave):
         out = np.full((2,) + wave.shape, np.nan)
         ok = np.isfinite(wave) & (wave > 0)
         x = np.log(np.where(ok, wave, 1.0))
-        inside = ok & (x >= ref[0]) & (x <= ref[-1])
+        # Within half a pixel beyond the reference grid (the median of the fibers' own
+        # solutions, so each fiber's first or last pixel may lie just outside it) the ends'
+        # values hold; beyond, a pixel has no calibration.
+        inside = ok & (x >= ref[0] - margin[0]) & (x <= ref[-1] + margin[1])
         for k in range(2):  # value and variance: one interpolation each over all pixels
             out[k][inside] = np.interp(x[inside], ref, values[k])
         if model:

@@ -189,10 +189,11 @@ def test_apply_evaluates_the_calibration_on_each_fibers_own_pixels():
     """Fibers shifted from the reference grid get the calibration at their own wavelengths
     (interpolated in ln lambda), nothing beyond the grid; their counts are not resampled."""
     comb = combine_vectors(_stars())
-    shifts = np.array([0.0, 1.5, -2.0])[:, None]
+    step = WAVE[1] - WAVE[0]
+    shifts = np.array([0.0, 0.75 * step, -1.0 * step, 0.3 * step])[:, None]
     fiber_wave = WAVE[None, :] + shifts
-    exposure = xr.Dataset({"flux": (("fiber", "wavelength"), np.full((3, WAVE.size), 2.0)),
-                           "variance": (("fiber", "wavelength"), np.ones((3, WAVE.size)))},
+    exposure = xr.Dataset({"flux": (("fiber", "wavelength"), np.full((4, WAVE.size), 2.0)),
+                           "variance": (("fiber", "wavelength"), np.ones((4, WAVE.size)))},
                           coords={"wavelength": WAVE,
                                   "fiber_wavelength": (("fiber", "wavelength"), fiber_wave)})
     out = apply_calibration(exposure, comb)
@@ -201,6 +202,10 @@ def test_apply_evaluates_the_calibration_on_each_fibers_own_pixels():
     np.testing.assert_allclose(out["cal_factor"].values[1, :-1], expected, rtol=1e-12)
     assert np.isnan(out["cal_factor"].values[1, -1])  # beyond the reference grid
     assert np.isnan(out["cal_factor"].values[2, 0])
+    # A fraction of a pixel beyond (each fiber's own solution about the median one): the
+    # grid's end value, not a lost pixel.
+    assert out["cal_factor"].values[3, -1] == comb["cal"].values[-1]
+    assert np.isfinite(out["cal_factor"].values[3]).all()
     np.testing.assert_array_equal(out["flux"].values,
                                   (2.0 * out["cal_factor"].values).astype(np.float32))
 
