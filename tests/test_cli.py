@@ -477,6 +477,24 @@ def test_info_shows_the_frame_read_and_what_a_product_is(capsys, files, tmp_path
         str(product), "")
 
 
+def test_vacuum_input_history_says_what_was_done_once(capsys, files, tmp_path):
+    """The product's HISTORY said 'converted vacuum wavelengths to air' although it keeps
+    the input's vacuum wavelengths, and its QC summary repeated the line with the QC run's
+    time (the reading of the product converted them again)."""
+    (vac,) = files("vac.fits")
+    with fits.open(vac, mode="update") as hdul:
+        hdul["WAVELA"].header["AIRORVAC"] = "vac"
+    assert cli(capsys, "calibrate", vac, "--catalog", files.catalog, "--grid", files.grid,
+               "--out", tmp_path / "out", "--qc")[0] == 0
+    product = tmp_path / "out" / "vac_fluxcal.fits"
+    history = "".join(str(h) for h in fits.getheader(product)["HISTORY"])  # cards wrap
+    assert history.count("vacuum wavelengths converted to air (Morton 2000) for the "
+                         "calibration; the product keeps the file's own") == 1
+    assert fits.getheader(product, "WAVELA")["AIRORVAC"] == "vac"
+    summary = next((tmp_path / "out" / "qc").glob("*_summary.txt")).read_text()
+    assert summary.count("vacuum wavelengths converted to air") == 1
+
+
 def test_info_refuses_a_product_without_its_calibration_table(capsys, files, tmp_path):
     """A file marked calibrated (FLUXCAL = T, a flux BUNIT) whose FLUXCAL HDU is gone was
     reported 'calibrated' with exit status 0."""

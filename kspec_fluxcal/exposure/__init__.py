@@ -176,7 +176,8 @@ def _air_wavelengths(wave, nfib, path, meta):
     if meta["medium_in"] != "vac":
         return fiber_wave, wave, []
     return (vacuum_to_air(fiber_wave), vacuum_to_air(wave),
-            ["converted vacuum wavelengths to air (Morton 2000)"])
+            ["vacuum wavelengths converted to air (Morton 2000) for the calibration; the "
+             "product keeps the file's own"])
 
 
 def _valid_pixels(flux, variance, fiber_wave, path):

@@ -96,8 +96,9 @@ def _from_file(path, telluric):
     # The FITS header stores -1 for "no scatter estimate" (one star).
     rms = _as_float(exposure.attrs.get("fcalrms"))
     nused = int(exposure.attrs.get("fcalnstr") or 0)
-    history = _header_history(exposure.attrs.get("fits_header", "")) + [
-        str(h) for h in exposure.attrs.get("history", [])]
+    # The file's own HISTORY only: what reading it now adds (the conversion of vacuum
+    # wavelengths to air) is not what was done to it, and would carry this run's time.
+    history = _header_history(exposure.attrs.get("fits_header", ""))
     return _qc_data(
         exposure, exposure, stars, _verdict(stars, stars), telluric,
         expid=str(exposure.attrs.get("expid") or path.name.split(".")[0]),
