@@ -154,7 +154,10 @@ def combine_vectors(stars, method=None, sigma_clip=None, smooth=None, *, config=
                 f"clip {sigma_clip:g} sigma{_smoothing_text(smooth, opts)}); rms between "
                 f"standards {fcalrms:.4f}; quality {quality.fcalqual}"
                 + (f"; telluric columns O2 {resp.telluric['fcalo2']:.3f}, H2O "
-                   f"{resp.telluric['fcalh2o']:.3f}" if resp.fitted else ""))
+                   f"{resp.telluric['fcalh2o']:.3f}" if resp.fitted else
+                   "; no telluric model: the bands keep the vector's own absorption"
+                   + ("" if smooth else " (it is fitted with the smooth response, [combine] "
+                      "smooth = false)")))
     return out
 
 

@@ -223,7 +223,9 @@ SCHEMA = {
                                  "the others' by more than this (median fraction).", min=0.0),
         "star_level": Option(0.4, "... or whose grey level deviates by more than this (|ln "
                              "ratio|; fiber aperture losses make levels differ).", min=0.0),
-        "smooth": Option(True, "Smooth the combined vector outside telluric bands."),
+        "smooth": Option(True, "Smooth the combined vector outside telluric bands (false: "
+                                 "no telluric model either, which is fitted with the smooth "
+                                 "response)."),
         "smooth_method": Option("bspline", "Smoothing: B-spline in ln(lambda) or Savitzky-Golay.",
                                 choices=("bspline", "savgol")),
         "smooth_scale": Option(100.0, "Knot spacing (bspline) or window (savgol), Angstrom.",

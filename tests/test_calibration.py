@@ -96,6 +96,11 @@ def test_unsmoothed_and_median_options():
         shape = comb["cal"].values / cal_true
         shape /= np.median(shape)
         assert 0.003 < np.std(shape) < 0.02  # pixel noise remains without smoothing
+        # Without smoothing no telluric model either: said, not silent.
+        assert np.isnan(comb.attrs["fcalo2"])
+        assert comb.attrs["history"][-1].endswith(
+            "no telluric model: the bands keep the vector's own absorption (it is fitted "
+            "with the smooth response, [combine] smooth = false)")
     with pytest.raises(ValueError, match="weighted_mean"):
         combine_vectors(stars, method="mean")
 

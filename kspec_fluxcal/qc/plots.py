@@ -172,7 +172,8 @@ def _plot_telluric(qc):
     attrs = qc.exposure.attrs
     o2, h2o = _as_float(attrs.get("fcalo2")), _as_float(attrs.get("fcalh2o"))
     if not (np.isfinite(o2) or np.isfinite(h2o)) or not (o2 >= 0 or h2o >= 0):
-        return None, "no telluric model (no band in range, or [telluric] model = false)"
+        return None, ("no telluric model (no band in range, [telluric] model = false, or "
+                      "[combine] smooth = false)")
     if not _has(qc.stars, "cal", "cal_mask", along="wavelength"):
         return None, "no per-star calibration vectors"
     wave = qc.wavelength
