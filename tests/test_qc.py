@@ -318,8 +318,19 @@ def test_plots_are_labelled_and_robust_to_wild_pixels(many):
     # Bands in wavelength order (PS1 g is bluer than Gaia BP), whatever the dataset's order.
     ticks = [t.get_text().split("\n")[0] for t in figs["photometry"].axes[0].get_xticklabels()]
     assert ticks[:2] == ["panstarrs-g", "gaiadr2-BP"]
-    # The brightest program fiber is shown.
+    # The brightest program fiber is shown, in a title that fits the figure (it ran off it).
     assert "fiber 6" in figs["spectrum"].axes[0].get_title()
+    fig = figs["spectrum"]
+    fig.canvas.draw()
+    box = fig.axes[0].title.get_window_extent(fig.canvas.get_renderer())
+    assert 0 <= box.x0 and box.x1 <= fig.bbox.width
+    # Percent ticks say their value (a fixed .0f labelled +2.5 % as "+3%").
+    ax = figs["residuals"].axes[0]
+    ax.set_ylim(-0.075, 0.075)
+    formatter = ax.yaxis.get_major_formatter()
+    for value in (-0.075, -0.025, 0.0, 0.005, 0.025):
+        label = formatter(value, 0)
+        assert float(label.rstrip("%")) == pytest.approx(100 * value), label
 
 
 # ----------------------------------------------------------------------------- from a file
@@ -354,6 +365,17 @@ def test_qc_from_file_without_stars(many, tmp_path):
     text = paths[-1].read_text()
     assert "FCALSTAR" in text and "not drawn" in text
     assert f"{100 * many.calibration.attrs['fcalrms']:.2f}%" in text
+    # The grade and what it rests on, not only inside a HISTORY line.
+    attrs = many.calibration.attrs
+
+    def shown(key, form):
+        return form.format(attrs[key]) if np.isfinite(attrs[key]) else "n/a"
+
+    assert f"quality grade (FCALQUAL): {attrs['fcalqual']}\n" in text
+    assert f"model error of the standards (FCALMERR): {shown('fcalmerr', '{:.2%}')}\n" in text
+    assert (f"telluric columns (FCALO2, FCALH2O): O2 {shown('fcalo2', '{:.3f}')}, "
+            f"H2O {shown('fcalh2o', '{:.3f}')}\n") in text
+    assert np.isfinite(attrs["fcalo2"])  # the fixture has a telluric fit to show
 
 
 def test_qc_from_file_single_star(single, tmp_path):

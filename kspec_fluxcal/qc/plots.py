@@ -152,9 +152,9 @@ def _plot_residuals(qc):
     half = min(half, 0.5)
     ax.set_ylim(-half, half)
     ax.set_xlim(wave[0], wave[-1])
-    digits = 0 if half >= 0.05 else 1
+    # As many digits as the tick has (a fixed .0f labelled +2.5 % as "+3%").
     ax.yaxis.set_major_formatter(FuncFormatter(
-        lambda v, _: "0%" if abs(v) < 1e-12 else f"{100 * v:+.{digits}f}%"))
+        lambda v, _: "0%" if abs(v) < 1e-12 else f"{100 * v:+.3g}%"))
     ax.set_xlabel("wavelength in air [Angstrom]")
     ax.set_ylabel("cal_star / (grey level x Cal) - 1")
     what = (f"{width}-pixel running median; faint: per pixel"
@@ -212,8 +212,10 @@ def _plot_telluric(qc):
         ax.grid(alpha=0.3)
         ax.set_xlabel("wavelength in air [A]")
     axes[0][0].set_ylabel("transmission")
-    handles.append(Line2D([], [], color="k", lw=1.0, label=f"model: O2 {columns[0]:.2f}, "
-                          f"H2O {columns[1]:.2f} (at each star's pixels)"))
+    # The model is drawn in each star's colour: its legend line says so in grey.
+    handles.append(Line2D([], [], color="0.5", lw=1.0, label=f"lines: the model in each "
+                          f"star's colour, O2 {columns[0]:.2f}, H2O {columns[1]:.2f} (at its "
+                          "pixels)"))
     fig.suptitle(f"{qc.expid}: telluric model vs the standards' band absorption (points: "
                  "star / (grey x smooth response))", fontsize="medium")
     _outside_legend(fig, handles, ncols=2)
@@ -541,10 +543,11 @@ def _plot_spectrum(qc):
     name = str(one["fiber_name"].values).strip() if "fiber_name" in one.coords else ""
     ftype = str(one["fiber_type"].values) if "fiber_type" in one.coords else "?"
     objid = int(one["objid"].values) if "objid" in one.coords else -1
+    # Two lines: one ran off a 10-inch figure with a long EXPID, name and objid.
     ax.set_title(f"{qc.expid}: calibrated spectrum of fiber {fiber}"
-                 + (f" ({name})" if name else "") + f", TYPE {ftype}"
-                 + (f", objid {objid}" if objid >= 0 else "")
-                 + (" - brightest program fiber" if ftype == "P" else ""))
+                 + (f" ({name})" if name else "")
+                 + (", the brightest program fiber" if ftype == "P" else "")
+                 + f"\nTYPE {ftype}" + (f", objid {objid}" if objid >= 0 else ""))
     ax.grid(alpha=0.3)
     ax.legend(handles=handles, loc="upper right", fontsize="small")
     return fig, None

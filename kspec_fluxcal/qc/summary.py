@@ -22,6 +22,23 @@ def _check_lines(attrs):
             + (f", scatter {scatter:.3f} mag" if scatter is not None else "")]
 
 
+def _quality_lines(attrs):
+    """The grade, the model error, the line-spread width and the telluric columns (FCALQUAL,
+    FCALMERR, FCALLSF, FCALO2, FCALH2O), those the exposure has (a grade-D exposure showed
+    its grade only inside a HISTORY line)."""
+    def value(key, form):
+        v = attrs.get(key)
+        return form.format(v) if isinstance(v, (int, float)) and np.isfinite(v) and v >= 0 \
+            else "n/a"
+
+    lines = [f"quality grade (FCALQUAL): {attrs['fcalqual']}"] if attrs.get("fcalqual") else []
+    return [*lines,
+            f"model error of the standards (FCALMERR): {value('fcalmerr', '{:.2%}')}",
+            f"line-spread width / the header's (FCALLSF): {value('fcallsf', '{:.3f}')}",
+            f"telluric columns (FCALO2, FCALH2O): O2 {value('fcalo2', '{:.3f}')}, "
+            f"H2O {value('fcalh2o', '{:.3f}')}"]
+
+
 def _summary_text(qc, written, skipped):
     nstar = qc.status.size
     lines = [
@@ -34,6 +51,7 @@ def _summary_text(qc, written, skipped):
         "FCALRMS (fractional rms between the standards): "
         + (f"{qc.fcalrms:.5f} ({100 * qc.fcalrms:.2f}%)" if np.isfinite(qc.fcalrms)
            else "n/a" + (" (one star)" if qc.fcalnstr == 1 else "")),
+        *_quality_lines(qc.exposure.attrs),
         *_check_lines(qc.exposure.attrs),
     ]
     measured = int(qc.cal_mask.sum())
