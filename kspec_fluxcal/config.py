@@ -7,6 +7,9 @@ test keeps the two identical.
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import math
 import os
 import tomllib
@@ -413,6 +416,24 @@ class Config(_Options):
         """A plain nested dict of the values."""
         return {s: dict(o) for s, o in self._values.items()}
 
+    def digest(self):
+        """A short hash of every option's value (the archive's ``config_hash``)."""
+        settings = json.dumps(self.to_dict(), sort_keys=True)
+        return hashlib.sha1(settings.encode()).hexdigest()[:12]
+
+    def changed(self):
+        """The options whose value is not the default, as ``[section] name = value``."""
+        defaults = _defaults()
+        return [f"[{section}] {name} = {value!r}" for section, options in self._values.items()
+                for name, value in options.items() if defaults[section][name] != value]
+
+    def provenance(self):
+        """One line for a product's HISTORY: where the options came from, their hash and
+        those that differ from the defaults."""
+        changed = self.changed()
+        return (f"configuration {self.source or '(package defaults)'}, hash {self.digest()}: "
+                + ("; ".join(changed) if changed else "every option at its default"))
+
     def replace(self, **options):
         """A copy with options changed, named ``section__option`` or by a unique name.
 
@@ -449,6 +470,11 @@ class Config(_Options):
                 lines.append(f"{name} = {_toml_value(self._values[section][name])}")
             lines.append("")
         return "\n".join(lines)
+
+
+@functools.cache
+def _defaults():
+    return Config()._values
 
 
 def _check_consistency(values, source):

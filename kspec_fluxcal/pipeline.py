@@ -14,7 +14,7 @@ from .calibration import apply_calibration, combine_vectors
 from .catalog import read_catalog
 from .config import Config, load_config
 from .errors import ExposureError, FluxCalError, FluxCalWarning, OutputExistsError
-from .exposure import calibration_marks, open_exposure
+from .exposure import add_history, calibration_marks, open_exposure
 from .fit.standards import fit_standards
 from .grid import open_grid
 from .products import write_calibrated
@@ -114,6 +114,7 @@ def calibrate(exposure, catalog, grid, config=None, *, cache_dir=None, xp=None):
         stars = fit_standards(exposure, catalog, grid, config, cache_dir=cache_dir, xp=xp)
         calibration = combine_vectors(stars, config=config)
         calibrated = apply_calibration(exposure, calibration)
+        add_history(calibrated, config.provenance())
         check_exposure(calibrated, catalog)
     notes = tuple(str(w.message) for w in caught if issubclass(w.category, FluxCalWarning))
     for w in caught:

@@ -59,3 +59,17 @@ def test_override_errors():
     with pytest.raises(ConfigError, match=r"ambiguous option \(in continuum, combine\)"):
         Config().replace(iterations=3)
     assert Config().replace(combine__iterations=2).combine.iterations == 2
+
+
+def test_provenance_names_the_source_hash_and_changed_options(tmp_path):
+    """The products recorded none of the options a configuration changed (only the
+    combination's); the archive's config_hash is the same digest."""
+    assert Config().provenance() == (f"configuration (package defaults), hash "
+                                     f"{Config().digest()}: every option at its default")
+    path = tmp_path / "c.toml"
+    path.write_text('[fit]\nmetric = "huber"\n[instrument]\nfwhm = 3.0\n')
+    cfg = load_config(path)
+    assert cfg.changed() == ["[instrument] fwhm = 3.0", "[fit] metric = 'huber'"]
+    assert cfg.provenance() == (f"configuration {path}, hash {cfg.digest()}: "
+                                "[instrument] fwhm = 3.0; [fit] metric = 'huber'")
+    assert cfg.digest() != Config().digest() and len(cfg.digest()) == 12

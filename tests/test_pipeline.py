@@ -8,6 +8,7 @@ import pytest
 from astropy.io import fits
 
 from kspec_fluxcal.calibration import running_median
+from kspec_fluxcal.config import Config
 from kspec_fluxcal.errors import CalibrationError
 from kspec_fluxcal.exposure import open_exposure
 from kspec_fluxcal.grid import open_grid
@@ -79,6 +80,9 @@ def test_output_file_follows_the_contract_and_round_trips(world, tmp_path):
         assert header["BUNIT"] == "1e-17 erg/(s cm2 Angstrom)"
         assert 0 <= header["FCALRMS"] < 0.05 and header["FCALVER"]
         assert any("combined 2 of 2 standard(s)" in str(h) for h in header["HISTORY"])
+        history = "".join(str(h) for h in header["HISTORY"])  # cards wrap at 72
+        assert f"configuration (package defaults), hash {Config().digest()}: every option " \
+               "at its default" in history
         assert hdul["FLUXCAL"].columns.names == ["WAVELENGTH", "CAL_FACTOR", "CAL_VARIANCE",
                                                   "MASK"]
     back = open_exposure(result.path)

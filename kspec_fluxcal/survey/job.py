@@ -459,8 +459,7 @@ def _settings(config):
 
 def _provenance(config, grid_plan):
     """The archive rows' provenance: grid build and configuration hash (all options)."""
-    settings = json.dumps(config.to_dict(), sort_keys=True)
-    return {"grid_id": grid_plan, "config_hash": hashlib.sha1(settings.encode()).hexdigest()[:12]}
+    return {"grid_id": grid_plan, "config_hash": config.digest()}
 
 
 def _run_graph(client, todo, catalog_future, templates, config, writer, report, utc, progress,
