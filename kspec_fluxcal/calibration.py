@@ -142,7 +142,7 @@ def combine_vectors(stars, method=None, sigma_clip=None, smooth=None, *, config=
     measured = stack.m.any(axis=0) & np.isfinite(comb)
     level, level_var = _level(stars, idx, stack.g)
     resp = _response(stars, vec, idx, stack, comb, comb_var, measured, smooth, config)
-    fcalrms = _scatter(vec.wave, stack, comb, opts)
+    fcalrms = _scatter(vec.wave, stack, comb, opts, method)
     if idx.size == 1:
         warnings.warn(f"{stars.attrs.get('expid', 'exposure')}: one usable standard star "
                       f"({_star_label(stars, idx[0])}); no combination, no scatter estimate",
@@ -355,7 +355,7 @@ def _level(stars, idx, g):
     return level, level_var
 
 
-def _scatter(wave, stack, comb, opts):
+def _scatter(wave, stack, comb, opts, method):
     """FCALRMS: the stars' shapes about the combination on the smoothing scale (pixel noise
     averaged out: medians over blocks of ``smooth_scale``, at least 50 A), robust; NaN for
     one star."""
@@ -370,12 +370,15 @@ def _scatter(wave, stack, comb, opts):
         padded[:, :wave.size] = np.where(stack.m, values, np.nan)
         return _nanmedian(padded.reshape(n, nblock, size), axis=2)
 
-    # Each star and the combination averaged over a block before they are compared: a
-    # per-pixel median combination IS one of the stars at each pixel, and the block medians
-    # of star / combination came out at zero where noise dominates (FCALRMS 0, grade A).
     with np.errstate(invalid="ignore", divide="ignore"):
-        blocks = block_medians(stack.shapes) / block_medians(
-            np.broadcast_to(comb, stack.shapes.shape)) - 1.0
+        if method == "median":
+            # Each star and the combination averaged over a block before they are compared:
+            # a per-pixel median IS one of the stars at each pixel, and the block medians of
+            # star / combination came out at zero where noise dominates (FCALRMS 0, grade A).
+            blocks = block_medians(stack.shapes) / block_medians(
+                np.broadcast_to(comb, stack.shapes.shape)) - 1.0
+        else:  # the ratio per pixel, as graded so far (blocks first read ~1.4 x higher)
+            blocks = block_medians(stack.shapes / comb) - 1.0
     return float(1.4826 * _nanmedian(np.abs(blocks), axis=None) * np.sqrt(n / (n - 1)))
 
 
