@@ -467,6 +467,8 @@ def _recalibrate(client, plan, fit, writer, report, config, *, utc, catalog, pro
             model, levels, config, entry["info"]["setup"], entry["input_hash"], utc, expid,
             provenance, catalog, plan.model_id, key=key, retries=2)] = entry
     counts = {"recalibrated": 0, "model_only": 0}
+    # Sets: membership in the report's lists, per exposure, was quadratic in a large survey.
+    calibrated, skipped, moved = set(report.calibrated), set(report.skipped), set()
 
     def handle(entry, result):
         expid = entry["info"]["expid"]
@@ -481,9 +483,10 @@ def _recalibrate(client, plan, fit, writer, report, config, *, utc, catalog, pro
                     f"{result['reason']}")
             return None
         report.failed.pop(expid, None)
-        if expid in report.skipped:
-            report.skipped.remove(expid)
-        if expid not in report.calibrated:
+        if expid in skipped:
+            moved.add(expid)
+        if expid not in calibrated:
+            calibrated.add(expid)
             report.calibrated.append(expid)
         if result["quality"]["source"] == "model":
             report.model_only.append(expid)
@@ -496,7 +499,10 @@ def _recalibrate(client, plan, fit, writer, report, config, *, utc, catalog, pro
     if progress:
         print(f"survey model, setup {plan.setup}: recalibrating {len(futures)} exposure(s)",
               flush=True)
-    collect(client, futures, writer, report, handle, flush, Progress(len(futures), progress))
+    try:
+        collect(client, futures, writer, report, handle, flush, Progress(len(futures), progress))
+    finally:  # also when interrupted: the report's lists say what was done
+        report.skipped[:] = [e for e in report.skipped if e not in moved]
     fit["counts"] = counts
 
 
