@@ -272,11 +272,10 @@ def _cmd_survey(args):
 def _say_failures(report):
     """The failed exposures on stderr, which --quiet keeps: one line each (the first
     ``report.LISTED``), then their count and where the notes are."""
-    failed = sorted(report.failed.items())
-    for name, reason in failed[:report.LISTED]:
-        print(f"FAILED {name}: {reason}", file=sys.stderr)
-    if failed:
-        print(f"{PROG}: {len(failed)} exposure(s) failed; notes and failures: "
+    for line in report.failure_lines():
+        print(line, file=sys.stderr)
+    if report.failed:
+        print(f"{PROG}: {len(report.failed)} exposure(s) failed; notes and failures: "
               f"{report.notes_file}", file=sys.stderr)
 
 

@@ -101,7 +101,7 @@ def _from_file(path, telluric):
     history = _header_history(exposure.attrs.get("fits_header", ""))
     return _qc_data(
         exposure, exposure, stars, _verdict(stars, stars), telluric,
-        expid=str(exposure.attrs.get("expid") or path.name.split(".")[0]),
+        expid=str(exposure.attrs["expid"]),  # the reader's exposure_id: never empty
         source=os.fspath(path),
         fcalnstr=nused,
         fcalrms=rms if rms >= 0 else np.nan,

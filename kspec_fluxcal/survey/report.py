@@ -92,8 +92,13 @@ class SurveyReport:
         if self.notes or self.notes_file:
             where = f"; notes and failures: {self.notes_file}" if self.notes_file else ""
             lines.append(f"  {len(self.notes)} exposure(s) with notes in this run{where}")
-        lines += [f"  FAILED {name}: {reason}" for name, reason in sorted(self.failed.items())]
+        lines += [f"  {line}" for line in self.failure_lines(limit=None)]
         return "\n".join(lines)
+
+    def failure_lines(self, limit=LISTED):
+        """``FAILED <name>: <reason>`` per failure, sorted; the first ``limit`` (None: all)."""
+        failed = sorted(self.failed.items())[:limit]
+        return [f"FAILED {name}: {reason}" for name, reason in failed]
 
     def write_quality(self, path):
         """Write the per-exposure quality table (CSV) atomically: this run's exposures, and
