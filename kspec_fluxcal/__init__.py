@@ -30,7 +30,7 @@ from .errors import (  # noqa: F401 (public: __all__ lists errors.__all__)
 #: Public name -> the module (in this package) that defines it.
 _LAZY = {
     **dict.fromkeys(("apply_calibration", "combine_vectors"), "calibration"),
-    **dict.fromkeys(("match_standards", "query_photometry", "read_catalog"), "catalog"),
+    **dict.fromkeys(("match_standards", "read_catalog"), "catalog"),
     **dict.fromkeys(("Config", "load_config"), "config"),
     **dict.fromkeys(("fit_continuum", "normalize_continuum"), "continuum"),
     **dict.fromkeys(("open_exposure", "read_exposure_info"), "exposure"),
@@ -72,7 +72,6 @@ __all__ = [
     "write_calibrated",
     "read_catalog",
     "match_standards",
-    "query_photometry",
     "read_xp",
     # templates
     "build_grid",

@@ -25,7 +25,7 @@ from .constants import (
 )
 from .errors import CatalogError, FluxCalWarning
 
-__all__ = ["read_catalog", "match_standards", "catalog_lookup", "query_photometry"]
+__all__ = ["read_catalog", "match_standards", "catalog_lookup"]
 
 _REQUIRED = ("objid", "RA", "Dec")
 _OPTIONAL = {"Teff": "teff_catalog", "AGaia": "a_gaia", "Ag": "a_g", "plx": "parallax",
@@ -499,18 +499,3 @@ def _one_fiber_per_star(exposure, fibers, index, how, cat_objid):
                       "one star, one vote", FluxCalWarning, stacklevel=3)
     return keep
 
-
-def query_photometry(ra, dec, radius_arcsec=POSITION_MATCH_ARCSEC, catalog="refcat2"):
-    """Query photometry of stars near a position from an online catalog (not implemented).
-
-    Raises
-    ------
-    NotImplementedError
-        Always: prepare a Refcat2 CSV extract (formats contract section 2) and pass it to
-        :func:`read_catalog` instead.
-    """
-    raise NotImplementedError(
-        f"online catalog queries ({catalog}) are not implemented; extract the stars around "
-        f"RA={ra}, Dec={dec} from ATLAS Refcat2 (e.g. with its refcat command-line tool or "
-        "VizieR J/ApJ/867/105) into a CSV in the Refcat2 layout and use read_catalog()"
-    )

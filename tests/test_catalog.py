@@ -7,7 +7,7 @@ import xarray as xr
 from conftest import CATALOG_HEADER, catalog_row
 
 from kspec_fluxcal import catalog as catalog_module
-from kspec_fluxcal.catalog import match_standards, query_photometry, read_catalog
+from kspec_fluxcal.catalog import match_standards, read_catalog
 from kspec_fluxcal.errors import CatalogError, FluxCalWarning
 from kspec_fluxcal.exposure import open_exposure
 
@@ -110,11 +110,6 @@ def test_unmatched_standard_reported_not_guessed(red_file, catalog_file):
     assert list(matched["match"].values) == ["none", "none"]
     assert np.isnan(matched["mag"].values).all()
     assert list(matched["objid"].values) == [999, -1]  # what each fiber asked for
-
-
-def test_query_photometry_placeholder():
-    with pytest.raises(NotImplementedError, match="Refcat2"):
-        query_photometry(10.0, 20.0)
 
 
 def test_two_fibers_on_one_star_keep_the_higher_snr(red_file, catalog_file):
