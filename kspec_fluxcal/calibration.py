@@ -41,6 +41,7 @@ from .lsf import LineSpread
 from .masks import region_mask
 from .smoothing import _bridge, _smooth
 from .telluric import fit_telluric, transmission
+from .wavelength import width_ratio
 
 __all__ = ["combine_vectors", "apply_calibration", "calibration_factor", "running_median",
            "quality_grade", "QUALITY_GRADES"]
@@ -140,7 +141,7 @@ def combine_vectors(stars, method=None, sigma_clip=None, smooth=None, *, config=
     stack = _stack(vec, idx, sigma_clip, opts)
     comb, comb_var = _mean_shape(stack, method)
     measured = stack.m.any(axis=0) & np.isfinite(comb)
-    level, level_var = _level(stars, idx, stack.g)
+    level, level_var = _level(stars, idx, stack.g, opts.aperture_scatter)
     resp = _response(stars, vec, idx, stack, comb, comb_var, measured, smooth, config)
     fcalrms = _scatter(vec.wave, stack, comb, opts, method)
     if idx.size == 1:
@@ -167,7 +168,8 @@ def _usable_stars(stars, status, config):
     ``status`` (S,); returns ``use`` (S, bool) and whether it is the last resort. Raises
     CalibrationError when there is no star, or none usable (each star's reason given)."""
     if status.size == 0:
-        raise CalibrationError("no standard-star fiber (TYPE 'C') in the exposure")
+        raise CalibrationError("no standard-star fiber in the exposure (HDU FIBRES column TYPE "
+                               "has no 'C')")
     use = np.array([s == "ok" for s in status])
     last_resort = not use.any()
     if last_resort:
@@ -215,14 +217,16 @@ def _calibration(stars, status, use, g, level, level_var, resp, measured, qualit
     return xr.Dataset(
         {
             "cal": ("wavelength", level * resp.curve, {"units": CAL_UNIT}),
-            "cal_variance": ("wavelength", level**2 * resp.curve_var + level_var * resp.curve**2,
+            # Pixel to pixel only: the level's error, common to every pixel of every fiber,
+            # is FCALLERR (as a per-pixel variance it hid the noise of bright fibers).
+            "cal_variance": ("wavelength", level**2 * resp.curve_var,
                              {"units": f"({CAL_UNIT})**2"}),
             "cal_mask": ("wavelength", measured,
                          {"description": "True = measured, False = bridged over a gap"}),
             "cal_smooth": ("wavelength", level * resp.smooth,
                            {"units": CAL_UNIT, "description": "smooth response (no tellurics)"}),
-            "cal_smooth_variance": ("wavelength", level**2 * resp.smooth_var
-                                    + level_var * resp.smooth**2, {"units": f"({CAL_UNIT})**2"}),
+            "cal_smooth_variance": ("wavelength", level**2 * resp.smooth_var,
+                                    {"units": f"({CAL_UNIT})**2"}),
             "transmission": ("wavelength", resp.transmission,
                              {"units": "1", "description": "telluric model at the exposure's "
                               "line spread (1: none)"}),
@@ -236,9 +240,10 @@ def _calibration(stars, status, use, g, level, level_var, resp, measured, qualit
                "single_star": int(idx.size == 1), "fcalqual": quality.fcalqual,
                "fcalmerr": quality.fcalmerr,
                "fcallsf": float(stars.attrs.get("lsf_scale", np.nan)),
-               # The grey level's share of cal_smooth_variance, fractional: what is left is
-               # the shape's (the survey model's input).
-               "level_variance": float(level_var / level**2),
+               # The level's fractional variance (FCALLERR its square root); the vectors'
+               # variances are the shape's (the survey model's input).
+               "level_variance": float(level_var),
+               "fcallerr": float(np.sqrt(level_var)),
                **resp.telluric, "lsf_fwhm_coeffs": list(stars.attrs.get("lsf_fwhm_coeffs", []))},
     )
 
@@ -263,6 +268,11 @@ class _StarVectors:
                           else np.broadcast_to(self.wave, variables["cal"].shape))
         self.cal = variables["cal"].values
         self.var = variables["cal_variance"].values
+        if "star_wavelength" in stars.coords:
+            # Per count on the star's own pixels -> per count on a reference pixel (counts
+            # scale with the pixel's width): stars on solutions of other dispersions agree.
+            width = width_ratio(self.wave, self.star_wave)
+            self.cal, self.var = self.cal * width, self.var * width**2
         self.mask = (variables["cal_mask"].values & np.isfinite(self.cal) & np.isfinite(self.var)
                      & (self.var > 0))
 
@@ -333,26 +343,38 @@ def _stack(vec, idx, sigma_clip, opts):
                            star_wave=vec.star_wave[idx])
 
 
+#: Variance of the median of n normal values over that of their mean, n = 0..7 (Gaussian
+#: order statistics; the median of 2 is their mean); pi/2 beyond.
+_MEDIAN_EFFICIENCY = np.array([1.0, 1.0, 1.0, 1.346, 1.193, 1.434, 1.288, 1.473])
+
+
 def _mean_shape(stack, method, shapes=None):
     """Weighted mean (or median) of the stars' shapes per pixel, and its variance."""
     shapes = stack.shapes if shapes is None else shapes
     w = np.where(stack.m, 1.0 / stack.svar, 0.0)
     with np.errstate(invalid="ignore", divide="ignore"):
         if method == "median":
-            # Variance of a median: (pi/2) times that of the mean.
-            return _nanmedian(np.where(stack.m, shapes, np.nan), axis=0), np.pi / 2 / w.sum(0)
+            n = stack.m.sum(0)
+            factor = np.where(n < _MEDIAN_EFFICIENCY.size,
+                              _MEDIAN_EFFICIENCY[np.minimum(n, _MEDIAN_EFFICIENCY.size - 1)],
+                              np.pi / 2)
+            return _nanmedian(np.where(stack.m, shapes, np.nan), axis=0), factor / w.sum(0)
         return np.nansum(w * np.nan_to_num(shapes), 0) / w.sum(0), 1.0 / w.sum(0)
 
 
-def _level(stars, idx, g):
-    """Mean grey level, weighted by each star's photometric scale error, and its variance."""
+def _level(stars, idx, g, aperture_scatter):
+    """Mean grey level, weighted by each star's photometric scale error, and its fractional
+    variance: the mean's photometric error and the standards' aperture losses, whose mean
+    over n fibers differs from another fiber's by ``aperture_scatter`` / sqrt(n) (the level
+    a point source in a fiber is calibrated to).
+
+    Not the scatter of the standards' own levels: from 2 or 3 values it is an estimate of
+    one or two degrees of freedom, which grew the error with the number of standards."""
     scale, scale_err = (stars.variables[name].values[idx] for name in ("scale", "scale_err"))
     rel = np.nan_to_num(scale_err / scale, nan=0.05)
     lw = 1.0 / np.maximum(rel, 1e-3) ** 2
     level = np.sum(lw * g) / lw.sum()
-    level_var = 1.0 / lw.sum() if idx.size == 1 else max(1.0 / lw.sum(),
-                                                         np.var(g, ddof=1) / idx.size)
-    return level, level_var
+    return level, 1.0 / lw.sum() + aperture_scatter**2 / idx.size
 
 
 def _scatter(wave, stack, comb, opts, method):
@@ -556,7 +578,8 @@ def calibration_factor(calibration, fiber_wavelength, fiber_lsf_scale=None):
     attrs = calibration.attrs
     model = np.isfinite([attrs.get("fcalo2", np.nan), attrs.get("fcalh2o", np.nan)]).any()
     names = ("cal_smooth", "cal_smooth_variance") if model else ("cal", "cal_variance")
-    ref = np.log(calibration.variables["wavelength"].values)
+    ref_wave = calibration.variables["wavelength"].values
+    ref = np.log(ref_wave)
     values = np.stack([calibration.variables[n].values for n in names])
     columns = np.nan_to_num([attrs.get("fcalo2", np.nan), attrs.get("fcalh2o", np.nan)])
     errors = np.nan_to_num([attrs.get("fcalo2_err", np.nan), attrs.get("fcalh2o_err", np.nan)])
@@ -572,6 +595,9 @@ def calibration_factor(calibration, fiber_wavelength, fiber_lsf_scale=None):
         inside = ok & (x >= ref[0] - margin[0]) & (x <= ref[-1] + margin[1])
         for k in range(2):  # value and variance: one interpolation each over all pixels
             out[k][inside] = np.interp(x[inside], ref, values[k])
+        # Per count on a reference pixel -> per count on the fiber's own (1 on the grid).
+        width = width_ratio(ref_wave, wave)
+        out[0], out[1] = out[0] / width, out[1] / width**2
         if model:
             # Fibers sharing pixels and line spread are computed once (telluric._Model).
             trans, d_o2, d_h2o = transmission(
@@ -653,7 +679,7 @@ def apply_calibration(exposure, calibration):
     out.attrs.update({"fcalnstr": calibration.attrs.get("fcalnstr", 0),
                       "fcalrms": calibration.attrs.get("fcalrms", np.nan),
                       "fcalsrc": calibration.attrs.get("fcalsrc", "standards")})
-    for name in ("fcalqual", "fcalmerr", "fcallsf", "fcalo2", "fcalo2_err", "fcalh2o",
+    for name in ("fcalqual", "fcalmerr", "fcallerr", "fcallsf", "fcalo2", "fcalo2_err", "fcalh2o",
                  "fcalh2o_err", "model_id", "model_grey"):
         if name in calibration.attrs:
             out.attrs[name] = calibration.attrs[name]

@@ -253,6 +253,12 @@ def _photometry(col, bands, path, rows):
         e = _numeric(col[ecol], path, ecol, rows)
         missing_value = (~np.isfinite(m) | ~np.isfinite(e) | (m >= MAG_SENTINEL)
                          | (e >= MAG_ERR_SENTINEL))
+        negative = ~missing_value & (e < 0)
+        if negative.any():  # 0 is a rounded small error (the fit's error floor applies)
+            row = int(np.flatnonzero(negative)[0])
+            raise CatalogError(path, f"column {ecol} row {rows[row]}",
+                               f"error {float(e[row])!r} mag is negative (9.9 or more, or empty: "
+                               "not measured)")
         mags.append(np.where(missing_value, np.nan, m + VEGA_TO_AB.get(band, 0.0)))
         errs.append(np.where(missing_value, np.nan, e))
     return np.stack(mags, axis=1), np.stack(errs, axis=1)

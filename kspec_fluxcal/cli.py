@@ -137,7 +137,10 @@ def _cmd_grid_download(args):
     from .download import download_grid
 
     summary = download_grid(args.out, resolution=args.resolution, dry_run=args.dry_run,
-                            force=args.force, workers=args.workers, progress=not args.quiet)
+                            force=args.force, workers=args.workers,
+                            progress=not (args.quiet or args.dry_run))
+    for url, dest in summary.to_fetch if args.dry_run else ():  # the dry run's answer
+        print(f"would fetch {url} -> {dest}")
     print(summary)
     return 1 if summary.errors or summary.mostly_missing else 0
 
@@ -487,7 +490,7 @@ def _simulate_parser(sub):
                    "synthetic grid written under OUTDIR)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing OUTDIR that is not empty")
-    p.add_argument("--quiet", action="store_true", help="no progress on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress messages (on stderr)")
 
 
 def _grid_parsers(sub):
@@ -515,7 +518,7 @@ def _grid_parsers(sub):
     p.add_argument("--out", required=True, help="directory to download into (BOSZ layout)")
     p.add_argument("--resolution", default="r10000",
                    help="resolution tag to download (default %(default)s)")
-    for flag, text in (("--dry-run", "list what would be downloaded, download nothing"),
+    for flag, text in (("--dry-run", "list what would be downloaded (on stdout), download nothing"),
                        ("--force", "download again files that are already present")):
         p.add_argument(flag, action="store_true", help=text)
     _pool_options(p, 8, "parallel downloads")
@@ -533,7 +536,7 @@ def _pool_options(p, workers, what):
     take them."""
     p.add_argument("--workers", type=_POSITIVE, default=workers,
                    help=f"{what} (default %(default)s)")
-    p.add_argument("--quiet", action="store_true", help="no progress on stdout")
+    p.add_argument("--quiet", action="store_true", help="no progress messages (on stderr)")
 
 
 def _archive_parsers(sub):

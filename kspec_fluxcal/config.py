@@ -161,7 +161,8 @@ SCHEMA = {
         "extinction_law": Option("F99", "Reddening law (R_V = 3.1); the grid stores each law's "
                                  "band coefficients.", choices=("F99", "CCM89")),
         "ebv_prior_sigma": Option(0.05, "Width of the Gaussian prior on E(B-V) around the "
-                                  "catalog's extinction, mag; 0 = no prior.", min=0.0),
+                                  "catalog's extinction, mag (a star without one: around 0, 0.1 mag wide); "
+                                  "0 = no prior for any star.", min=0.0),
         "ebv_max": Option(1.0, "Largest E(B-V) fitted, mag.", min=0.0, max=5.0),
         "lsf_prior": Option(0.05, "Width of the Gaussian prior, around 1, on the line-spread "
                             "width the standards show relative to the header's (real spectra "
@@ -187,7 +188,8 @@ SCHEMA = {
                                    "a line's model error is this many times the star's own "
                                    "line mismatch (rms residual per unit line depth; a fit's "
                                    "residuals understate its model's error) times the depth; "
-                                   "0 = lines weighted by their noise only.", min=0.0),
+                                   "0 = the floor below only (both 0: lines weighted by "
+                                   "their noise only).", min=0.0),
         "line_error_floor": Option(0.75, "... and at least this times the depth (the lines of "
                                    "any grid are uncertain: oscillator strengths, damping, "
                                    "the line spread).", min=0.0),
@@ -226,6 +228,10 @@ SCHEMA = {
                                  "the others' by more than this (median fraction).", min=0.0),
         "star_level": Option(0.4, "... or whose grey level deviates by more than this (|ln "
                              "ratio|; fiber aperture losses make levels differ).", min=0.0),
+        "aperture_scatter": Option(0.03, "Scatter of the standards' fiber aperture losses "
+                                   "(fractional rms between fibers): the calibration's level "
+                                   "is their mean's, uncertain by this over sqrt(standards) "
+                                   "on top of their photometry (FCALLERR).", min=0.0, max=0.5),
         "smooth": Option(True, "Smooth the combined vector outside telluric bands (false: "
                                  "no telluric model either, which is fitted with the smooth "
                                  "response)."),

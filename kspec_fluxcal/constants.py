@@ -216,6 +216,7 @@ CALIBRATION_KEYWORDS = {
     "fcalsrc": ("FCALSRC", str, "origin of the calibration"),
     "fcalqual": ("FCALQUAL", str, "quality grade A (best) to D (see README)"),
     "fcalmerr": ("FCALMERR", float, "median model error of standards used (-1: n/a)"),
+    "fcallerr": ("FCALLERR", float, "fractional error of the level (all pixels)"),
     "fcallsf": ("FCALLSF", float, "stars' LSF width / header FWHM (fitted)"),
     "fcalunsl": ("FCALUNSL", int, "pixels without a wavelength solution (NaN)"),
     "fcalo2": ("FCALO2", float, "telluric O2 column, airmasses (fitted; -1: n/a)"),
@@ -224,7 +225,7 @@ CALIBRATION_KEYWORDS = {
     "sphot_g": ("FCALSPG", float, "median synthetic - catalog g, program stars"),
     "sphot_r": ("FCALSPR", float, "median synthetic - catalog r, program stars"),
     "sphot_i": ("FCALSPI", float, "median synthetic - catalog i, program stars"),
-    "sphot_scatter": ("FCALSPS", float, "robust scatter of synthetic - catalog, mag"),
+    "sphot_scatter": ("FCALSPS", float, "rms scatter of synthetic - catalog, mag"),
     "sphot_n": ("FCALSPN", int, "program stars in the spectrophotometric check"),
 }
 

@@ -422,7 +422,8 @@ def fit_photometry(mag_obs, mag_err, mag_model, ext_coeff, *, ebv_prior=None, eb
         Catalog AB magnitudes and errors (NaN = not measured), model synthetic magnitudes and
         band extinction coefficients A_b / E(B-V).
     ebv_prior : numpy.ndarray, shape (nstar,), optional
-        Prior mean of E(B-V) (NaN: no catalog value, then a prior of 0 +/- 0.1).
+        Prior mean of E(B-V) (NaN: no catalog value, then a prior of 0 +/- 0.1, none when
+        ``ebv_prior_sigma`` is 0).
 
     Returns
     -------
@@ -438,7 +439,8 @@ def fit_photometry(mag_obs, mag_err, mag_model, ext_coeff, *, ebv_prior=None, eb
     if ebv_prior is None:
         ebv_prior = np.full(nstar, np.nan)
     prior_mean = np.where(np.isfinite(ebv_prior), ebv_prior, 0.0)
-    prior_sig = np.where(np.isfinite(ebv_prior), ebv_prior_sigma, 0.1)
+    prior_sig = np.where(np.isfinite(ebv_prior), ebv_prior_sigma,
+                         0.1 if ebv_prior_sigma > 0 else 0.0)
     prior_w = np.where(prior_sig > 0, 1.0 / np.maximum(prior_sig, 1e-12) ** 2, 0.0)
     used = valid.copy()
     dropped = np.zeros_like(valid)

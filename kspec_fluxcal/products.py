@@ -24,6 +24,8 @@ from .exposure import _computed, open_exposure
 from .fits_file import (
     card_image,
     column_format,
+    extension_bytes,
+    extensions_raw,
     find_hdu,
     hdu_data,
     image_bytes,
@@ -44,13 +46,55 @@ def _fibres_table(ds):
     return table_bytes(cols, ds.attrs.get("fibres_extname", "FIBRES"))
 
 
-def _primary_header(ds):
-    """The input's primary header (its WCS and AIRORVAC as they were), data keywords removed."""
-    text = ds.attrs.get("fits_header")
+#: The extensions a product adds; an input's own (an exposure opened from a product) are
+#: not carried over.
+_OWN_EXTENSIONS = ("FLUXCAL", "FCALFAC", "FCALFVAR", "FCALSTAR")
+#: Checksums of the input's data, which the product's data no longer match.
+_CHECKSUMS = ("CHECKSUM", "DATASUM")
+
+
+def _input_header(text, structural):
+    """A header of the input (text as read) without its ``structural`` keywords and its
+    checksums."""
     header = fits.Header.fromstring(text, sep="\n") if text else fits.Header()
-    for key in ("SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND"):
-        header.remove(key, ignore_missing=True)
+    for key in (*structural, *_CHECKSUMS):
+        header.remove(key, ignore_missing=True, remove_all=True)
     return header
+
+
+def _primary_header(ds):
+    """The input's primary header (its WCS and AIRORVAC as they were), data keywords and
+    checksums removed."""
+    return _input_header(ds.attrs.get("fits_header"),
+                         ("SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND"))
+
+
+def _variance_hdu(ds):
+    """The VARIANCE extension: the input's header (keywords of its noise model...) with the
+    flux density's unit squared."""
+    header = _input_header(ds.attrs.get("variance_header"), (
+        "XTENSION", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "PCOUNT", "GCOUNT", "EXTNAME",
+        "BSCALE", "BZERO", "BLANK"))
+    hdu = fits.ImageHDU(ds.variables["variance"].values.astype(np.float32), header=header,
+                        name="VARIANCE")
+    hdu.header["BUNIT"] = f"({FLUX_UNIT})**2"
+    return hdu
+
+
+def _input_layout(ds, variance):
+    """The product's extensions before its own, in FITS bytes: the input file's, in its
+    order, verbatim (FIBRES, WAVELA, a SKY image, kspecdr's tables...) but for VARIANCE,
+    which is ``variance``. Without a readable input file (an exposure made in memory), the
+    layout is made from the Dataset: VARIANCE, WAVELA (unless the solution is a WCS) and
+    the FIBRES columns read."""
+    source = ds.attrs.get("source")
+    carried = extensions_raw(source) if source and os.path.isfile(source) else None
+    if not carried or "VARIANCE" not in (name for name, _ in carried):
+        wave = _wavelength_hdu(ds)
+        return [extension_bytes(variance), *([extension_bytes(wave)] if wave else []),
+                _fibres_table(ds)]
+    return [extension_bytes(variance) if name == "VARIANCE" else raw
+            for name, raw in carried if name not in _OWN_EXTENSIONS]
 
 
 def _wavelength_hdu(ds):
@@ -112,21 +156,24 @@ def _factor_hdus(ds):
     return [factor, variance]
 
 
-def _write_fits(path, hdus, extensions, compress=False):
-    """Write a new FITS file: astropy ``hdus`` (the primary and at least one extension),
-    then ``extensions`` in FITS bytes; gzip-compressed with ``compress`` (a product named
-    ``.gz``, e.g. a RED file ``.fits.gz`` calibrated in place).
+def _write_fits(path, primary, extensions, compress=False):
+    """Write a new FITS file: the astropy ``primary`` HDU, then ``extensions`` in FITS bytes;
+    gzip-compressed with ``compress`` (a product named ``.gz``, e.g. a RED file ``.fits.gz``
+    calibrated in place).
 
-    The HDUs carrying the input's header keywords (primary, WAVELA; VARIANCE comes between
-    them) are astropy's to write: it verifies them (an invalid card is refused) and applies
-    its rules to copied keywords (BSCALE, BLANK, CHECKSUM, repeated HISTORY...). The
-    extensions made of our own values only are rendered directly, as astropy writes them
+    The HDUs carrying the input's header keywords (primary, VARIANCE) are astropy's to
+    write: it verifies them (an invalid card is refused) and applies its rules to copied
+    keywords (BSCALE, BLANK, repeated HISTORY...). The extensions made of our own values
+    only are rendered directly, as astropy writes them
     (:func:`~kspec_fluxcal.fits_file.table_bytes`): making, verifying and writing them in
     astropy took ~30 of the ~37 ms of CPU of a product with its FCALSTAR table (Column
-    objects, header updates, configuration look-ups).
+    objects, header updates, configuration look-ups); the input's other extensions are
+    copied verbatim.
     """
+    primary.header.set("EXTEND", True, "FITS dataset may contain extensions",
+                       after=f"NAXIS{primary.header['NAXIS']}")
     with (gzip.open(path, "wb", compresslevel=6) if compress else open(path, "wb")) as fh:
-        fits.HDUList(hdus).writeto(fh, output_verify="exception")
+        fits.HDUList([primary]).writeto(fh, output_verify="exception")
         for extension in extensions:
             fh.write(extension)
 
@@ -165,17 +212,13 @@ def write_calibrated(ds, path, *, overwrite=False, stars=None):
     ds = _computed(ds)
     header = _product_header(ds)
     primary = fits.PrimaryHDU(ds.variables["flux"].values.astype(np.float32), header=header)
-    var = fits.ImageHDU(ds.variables["variance"].values.astype(np.float32), name="VARIANCE")
-    var.header["BUNIT"] = f"({FLUX_UNIT})**2"
-    wave = _wavelength_hdu(ds)
-    extensions = [_fibres_table(ds), _calibration_table(ds)]
+    extensions = [*_input_layout(ds, _variance_hdu(ds)), _calibration_table(ds)]
     if "cal_factor" in ds:
         extensions += _factor_hdus(ds)
     if stars is not None:
         extensions.append(stars if isinstance(stars, bytes) else table_bytes(*_star_columns(stars)))
     with atomic_file(path, overwrite=overwrite) as tmp:
-        _write_fits(tmp, [primary, var, *([wave] if wave is not None else [])], extensions,
-                    compress=Path(path).suffix.lower() == ".gz")
+        _write_fits(tmp, primary, extensions, compress=Path(path).suffix.lower() == ".gz")
     return Path(path)
 
 

@@ -35,14 +35,15 @@ def _smooth(wave, values, variance, fit, opts, no_knots=None):
         return curve, lambda: curve_variance
     if opts.smooth_method == "savgol":
         # 0.3 s of start-up (it imports scipy.stats): only when asked for.
-        from scipy.signal import savgol_filter
+        from scipy.signal import savgol_coeffs, savgol_filter
 
         base, base_var = _bridge(wave, values, variance, fit)
         step = np.median(np.diff(wave))
         window = max(5, int(round(opts.smooth_scale / step)) | 1)
         window = min(window, (wave.size - 1) | 1 if wave.size % 2 == 0 else wave.size)
-        return (savgol_filter(base, window, 3, mode="interp"),
-                lambda: base_var / max(window / 2.0, 1.0))
+        # The filter's noise gain (sum of its squared coefficients; ~2.2 / window for a cubic).
+        gain = float(np.sum(savgol_coeffs(window, 3) ** 2))
+        return savgol_filter(base, window, 3, mode="interp"), lambda: base_var * gain
     nseg = max(1, int(np.ceil((x[-1] - x[0]) / (opts.smooth_scale / np.median(wave)))))
     inner = np.linspace(x[0], x[-1], nseg + 1)
     if no_knots is not None:  # interior knots inside the excluded regions are dropped

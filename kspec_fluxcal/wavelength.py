@@ -1,4 +1,4 @@
-"""Wavelength axes: air/vacuum conversion and pixel edges."""
+"""Wavelength axes: air/vacuum conversion, pixel edges and widths."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ __all__ = [
     "vacuum_to_air",
     "air_to_vacuum",
     "pixel_edges",
+    "pixel_widths",
+    "width_ratio",
 ]
 
 
@@ -82,3 +84,42 @@ def pixel_edges(centres, axis=-1):
     first = c[..., :1] - (mid[..., :1] - c[..., :1])
     last = c[..., -1:] + (c[..., -1:] - mid[..., -1:])
     return np.moveaxis(np.concatenate([first, mid, last], axis=-1), -1, axis)
+
+
+def pixel_widths(centres, axis=-1):
+    """Pixel widths from pixel centres: the distance between the edges of :func:`pixel_edges`.
+
+    A pixel next to one without a wavelength (NaN) takes its width from its other neighbour;
+    a pixel with neither has none (NaN).
+
+    Parameters
+    ----------
+    centres : array_like
+        Increasing pixel centres along ``axis``, NaN where a pixel has no wavelength.
+    axis : int
+        Axis of the pixel index.
+
+    Returns
+    -------
+    numpy.ndarray
+        Widths, the shape of ``centres``, in their unit.
+    """
+    c = np.moveaxis(np.asarray(centres, dtype=np.float64), axis, -1)
+    step = np.diff(c, axis=-1)
+    nan = np.full(c.shape[:-1] + (1,), np.nan)
+    before, after = np.concatenate([nan, step], axis=-1), np.concatenate([step, nan], axis=-1)
+    # The mean of the two steps where both exist (the edges' distance), else the one there is.
+    width = np.where(np.isfinite(before), np.where(np.isfinite(after), 0.5 * (before + after),
+                                                   before), after)
+    return np.moveaxis(width, -1, axis)
+
+
+def width_ratio(reference, wave):
+    """Width of each pixel of ``wave`` (..., P) over the width of the ``reference`` grid's
+    pixels (P,) at its wavelength (interpolated in ln lambda): how many more counts the pixel
+    collects of the same flux density. 1 where a pixel has no width (an isolated
+    wavelength) and exactly 1 on the reference pixels themselves."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ratio = pixel_widths(wave) / np.interp(np.log(wave), np.log(reference),
+                                               pixel_widths(reference))
+    return np.where(np.isfinite(ratio) & (ratio > 0), ratio, 1.0)

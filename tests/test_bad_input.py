@@ -395,7 +395,8 @@ def test_wavelengths_outside_the_grid(base, tmp_path, shift, needs):
 def test_no_standard_fiber(base, tmp_path):
     def edit(h):
         h["FIBRES"].data["TYPE"][base.std_fiber[2]] = "P"
-    fails(base, tmp_path, CalibrationError, r"no standard-star fiber \(TYPE 'C'\)", edit=edit)
+    fails(base, tmp_path, CalibrationError,
+          r"no standard-star fiber in the exposure \(HDU FIBRES column TYPE has no 'C'\)", edit=edit)
 
 
 def test_calibrated_file_is_not_calibrated_again(base, tmp_path):

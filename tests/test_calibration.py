@@ -65,6 +65,21 @@ def test_combination_recovers_shape_level_and_tellurics():
     assert comb.attrs["fcalrms"] < 0.004
 
 
+@pytest.mark.filterwarnings("ignore:.*one usable standard star")
+@pytest.mark.parametrize("n", [1, 2, 3])
+def test_the_levels_error_is_apart_from_the_pixels_variance(n):
+    """FCALLERR: the level's error (the standards' photometry, 1 % each here, and their
+    mean aperture, 3 % / sqrt(n)); it is common to every pixel and fiber, so it is not in
+    the vector's per-pixel variance, which stays the shape's (pixel noise, smoothed)."""
+    comb = combine_vectors(_stars(n=n, grey=(1.0, 0.93, 1.05)[:n]))
+    expected = np.sqrt(0.01**2 / n + 0.03**2 / n)
+    assert comb.attrs["fcallerr"] == pytest.approx(expected, rel=1e-6)
+    assert comb.attrs["level_variance"] == pytest.approx(expected**2, rel=1e-6)
+    outside = region_mask(WAVE, "telluric_default") & region_mask(WAVE, "stellar_lines")
+    rel = np.sqrt(comb["cal_smooth_variance"] / comb["cal_smooth"] ** 2).values[outside]
+    assert np.median(rel) < 0.3 * expected  # 1 % pixel noise, smoothed over ~100 A
+
+
 def test_fcalrms_measures_disagreement_in_shape():
     stars = _stars()
     tilt = 1 + 0.03 * (WAVE - 6000) / 2500  # +-3 %: within the rejection threshold
@@ -215,6 +230,85 @@ def test_apply_evaluates_the_calibration_on_each_fibers_own_pixels():
                                   (2.0 * out["cal_factor"].values).astype(np.float32))
 
 
+def _stretched(wave, factor):
+    """``wave`` with its dispersion times ``factor`` about its middle."""
+    mid = 0.5 * (wave[0] + wave[-1])
+    return mid + (wave - mid) * factor
+
+
+def test_a_fiber_with_wider_pixels_gets_the_same_flux_density():
+    """Counts per pixel grow with the pixel's width: a fiber whose own solution has a 1 %
+    larger dispersion than the reference grid collects 1 % more counts of the same source,
+    and its calibrated flux density must be the reference fiber's."""
+    comb = combine_vectors(_stars())
+    fiber_wave = np.stack([WAVE, _stretched(WAVE, 1.01)])
+    counts = np.stack([np.full(WAVE.size, 2.0), np.full(WAVE.size, 2.0 * 1.01)])
+    exposure = xr.Dataset({"flux": (("fiber", "wavelength"), counts),
+                           "variance": (("fiber", "wavelength"), counts)},
+                          coords={"wavelength": WAVE,
+                                  "fiber_wavelength": (("fiber", "wavelength"), fiber_wave)})
+    out = apply_calibration(exposure, comb)
+    # On the reference pixels the factor is the vector itself, to the bit.
+    np.testing.assert_array_equal(out["cal_factor"].values[0], comb["cal"].values)
+    flux = out["flux"].values.astype(float)
+    inner = np.isfinite(flux[1]) & (fiber_wave[1] > WAVE[1]) & (fiber_wave[1] < WAVE[-2])
+    reference = np.interp(np.log(fiber_wave[1]), np.log(WAVE), flux[0])
+    np.testing.assert_allclose(flux[1][inner], reference[inner], rtol=2e-4)
+    # The factor's variance scales with the factor's square.
+    ratio = out["cal_factor_variance"].values[1] / out["cal_factor"].values[1] ** 2
+    at = np.log(fiber_wave[1])
+    expected = (np.interp(at, np.log(WAVE), comb["cal_variance"].values)
+                / np.interp(at, np.log(WAVE), comb["cal"].values) ** 2)
+    np.testing.assert_allclose(ratio[inner], expected[inner], rtol=1e-6)
+
+
+def test_standards_on_solutions_of_other_dispersions_agree():
+    """A standard whose own pixels are 2 % wider has a vector 2 % lower per count; put per
+    reference pixel it agrees with the others (no level conflict, its shape kept)."""
+    stars = _stars(noise=0.002)
+    star_wave = np.stack([WAVE, _stretched(WAVE, 1.02), WAVE])
+    stars = stars.assign_coords(star_wavelength=(("star", "wavelength"), star_wave))
+    # Star 1 on wider pixels: its counts per pixel 2 % higher, its vector 2 % lower, and
+    # its true vector is evaluated at its own wavelengths.
+    cal_true, _ = _truth()
+    own = np.interp(star_wave[1], WAVE, cal_true) / 1.02 * 0.93
+    stars["cal"] = stars["cal"].where(stars["star"] != 1, own)
+    stars["cal_variance"] = stars["cal_variance"].where(stars["star"] != 1, (0.002 * own) ** 2)
+    comb = combine_vectors(stars)
+    assert comb.attrs["fcalnstr"] == 3
+    # The level is that of grey levels 1.0, 0.93, 1.05, as for stars on one grid.
+    level = np.median(comb["cal"].values / cal_true)
+    assert level == pytest.approx(np.mean([1.0, 0.93, 1.05]), rel=0.002)
+
+
+def test_median_combination_variance_is_the_medians():
+    """The median of 3 has 1.346 times the variance of the mean (2: the mean itself), not
+    pi/2 (its large-n value), which overstated the error of K-SPEC's 1-3 standards."""
+    from types import SimpleNamespace
+
+    from kspec_fluxcal.calibration import _mean_shape
+
+    for n, factor in ((2, 1.0), (3, 1.346)):
+        stack = SimpleNamespace(shapes=np.ones((n, 5)), svar=np.ones((n, 5)),
+                                m=np.ones((n, 5), bool))
+        _, var = _mean_shape(stack, "median")
+        np.testing.assert_allclose(var, factor / n)
+
+
+def test_savgol_smoothing_variance_is_its_noise_gain():
+    """The Savitzky-Golay option's variance matches the scatter of the smoothed noise."""
+    from kspec_fluxcal.smoothing import _smooth
+
+    opts = Config().replace(combine__smooth_method="savgol").combine
+    rng = np.random.default_rng(3)
+    fit = np.ones(WAVE.size, bool)
+    runs = [_smooth(WAVE, 1 + 0.01 * rng.standard_normal(WAVE.size), np.full(WAVE.size, 1e-4),
+                    fit, opts) for _ in range(300)]
+    empirical = np.var([curve for curve, _ in runs], axis=0)[200:-200]
+    predicted = runs[0][1]()[200:-200]
+    assert np.median(empirical / predicted) == pytest.approx(1.0, abs=0.1)
+
+
 def test_fit_photometry_recovers_scale_and_reddening():
     rng = np.random.default_rng(1)
     nstar, nband = 50, 10
@@ -232,6 +326,21 @@ def test_fit_photometry_recovers_scale_and_reddening():
     assert np.all(res["n_bands"] == nband)
     off = fit_photometry(obs, err, model, ext, reddening=False)
     assert np.all(off["ebv"] == 0)
+
+
+def test_ebv_prior_sigma_zero_is_no_prior_for_any_star():
+    """``ebv_prior_sigma = 0`` means no prior, also for a star without a catalog extinction
+    (which otherwise gets 0 +/- 0.1 mag)."""
+    ext = np.linspace(3.8, 0.35, 10)[None, :]
+    model = np.zeros((1, 10))
+    obs = 12.0 + ext * 0.5
+    err = np.full((1, 10), 0.01)
+    free = fit_photometry(obs, err, model, ext, ebv_prior=np.array([np.nan]),
+                          ebv_prior_sigma=0.0, error_floor=0.0)
+    assert free["ebv"][0] == pytest.approx(0.5, abs=1e-6)
+    pulled = fit_photometry(obs, err, model, ext, ebv_prior=np.array([np.nan]),
+                            ebv_prior_sigma=0.05, error_floor=0.0)
+    assert pulled["ebv"][0] < free["ebv"][0] - 1e-4  # the 0 +/- 0.1 prior pulls
 
 
 def test_fit_photometry_drops_outlier_band_and_counts_valid():

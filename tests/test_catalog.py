@@ -65,6 +65,15 @@ def test_non_numeric_value_named(catalog_file):
         read_catalog(path)
 
 
+def test_negative_magnitude_error_named(catalog_file):
+    path = catalog_file([catalog_row(1, 1, 1), catalog_row(2, 1, 2, dr=-0.01)])
+    with pytest.raises(CatalogError, match=r"column dr row 3: error -0\.01 mag is negative"):
+        read_catalog(path)
+    # 0 is a rounded small error: kept (the photometric fit's error floor applies)
+    zero = read_catalog(catalog_file([catalog_row(1, 1, 1, dr=0.0)], name="zero.csv"))
+    assert zero["mag_err"].sel(band="panstarrs-r").values[0] == 0.0
+
+
 def test_duplicate_objid(catalog_file):
     path = catalog_file([catalog_row(7, 1, 1), catalog_row(8, 1, 2), catalog_row(7, 1, 3)])
     with pytest.raises(CatalogError, match=r"objid 7 appears more than once \(rows 2, 4\)"):

@@ -1,4 +1,5 @@
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -7,7 +8,7 @@ from astropy.io import fits
 from conftest import time_limit
 
 from kspec_fluxcal.constants import FLUX_UNIT
-from kspec_fluxcal.errors import ExposureError, OutputExistsError
+from kspec_fluxcal.errors import ExposureError, FluxCalWarning, OutputExistsError
 from kspec_fluxcal.exposure import open_exposure, read_exposure_info
 from kspec_fluxcal.fits_file import (
     card_image,
@@ -229,6 +230,20 @@ def _rewrite(path, edit):
          r"HDU VARIANCE: 2 extensions have this name \(HDUs 1 and 2\); expected one"),
         ({}, lambda h: h.append(fits.BinTableHDU(h["FIBRES"].data, name="FIBRES_IFU")),
          r"HDU FIBRES: 2 extensions have this name \(HDUs 3 and 4: FIBRES, FIBRES_IFU\)"),
+        # The contract's values only (its formats review): FITS's defaults are not kspecdr's.
+        ({"wavelength": None, "drop": ("CRPIX1",)}, None,
+         r"primary header CRPIX1: missing \(a linear wavelength solution gives"),
+        ({"wavelength": None, "drop": ("CUNIT1",)}, None, r"primary header CUNIT1: missing"),
+        ({"wavelength": None, "header": {"CTYPE1": "WAVE"}}, None,
+         r"primary header CTYPE1: 'WAVE' is not a linear wavelength axis"),
+        ({"wavelength_header": {"AIRORVAC": "vacuum"}}, None,
+         r"WAVELA header AIRORVAC: value 'vacuum' is neither 'air' nor 'vac'"),
+        ({"wavelength_header": {"BUNIT": "A"}}, None, r"unexpected wavelength unit 'A'"),
+        ({}, lambda h: h.__setitem__(2, fits.BinTableHDU.from_columns(
+            [fits.Column("WAVE", "D", array=np.linspace(4000, 8000, 200))], name="WAVELA")),
+         r"HDU WAVELA: is a table \(BinTableHDU\); expected an image"),
+        ({"fibres": {"OBJID": np.array([1.0, 2.0, 1.2e17, 4.0, 5.0, 6.0])}}, None,
+         r"column OBJID row 2: value 1\.2e\+17 is beyond 2\*\*53"),
     ],
 )
 def test_bad_red_files(red_file, make_kwargs, edit, match):
@@ -257,6 +272,29 @@ def test_exposure_info_checks_like_open(red_file, edit, match):
     edit(path)
     with pytest.raises(ExposureError, match=match):
         read_exposure_info(path)
+
+
+def test_expid_default_is_the_name_without_its_extension(red_file, tmp_path):
+    """Contract: EXPID defaults to the file name without extension; names with dots are
+    distinct exposures (``KS20261101.0001`` and ``.0002`` were both ``KS20261101``)."""
+    path = red_file(drop=("EXPID",))
+    names = ["KS20261101.0001.fits", "KS20261101.0002.fits.gz", "plain.fits"]
+    for name, expected in zip(names, ["KS20261101.0001", "KS20261101.0002", "plain"],
+                              strict=True):
+        with fits.open(path) as hdul:
+            hdul.writeto(tmp_path / name)
+        assert open_exposure(tmp_path / name).attrs["expid"] == expected
+        assert read_exposure_info(tmp_path / name)["expid"] == expected
+
+
+@pytest.mark.parametrize("seeing", [0.0, -1.0, 99.0])
+def test_an_implausible_seeing_is_not_measured(red_file, seeing):
+    """SEEING is outside the contract (the survey model's only): 0 or -1 is "unknown" in
+    many headers, a reason to drop the value with a warning, not to refuse the exposure."""
+    with pytest.warns(FluxCalWarning, match="SEEING: value .* taken as not measured"):
+        ds = open_exposure(red_file(header={"SEEING": seeing}))
+    assert np.isnan(ds.attrs["seeing"])
+    assert open_exposure(red_file(header={"SEEING": 1.3})).attrs["seeing"] == 1.3
 
 
 @pytest.mark.parametrize("reader", [open_exposure, read_exposure_info])
@@ -333,6 +371,60 @@ def test_write_calibrated_roundtrip(red_file, tmp_path):
     table = fits.getdata(out, "FLUXCAL")
     assert table.columns.names == ["WAVELENGTH", "CAL_FACTOR", "CAL_VARIANCE", "MASK"]
     assert len(table) == ds.sizes["wavelength"]
+
+
+def _rich_red_file(path, compress=False):
+    """``path`` rewritten as kspecdr/2dfdr write more than the contract needs: FIBRES with
+    header keywords, a vector column, RA/DEC in radians and a padded name; VARIANCE with
+    its noise model; a SKY image and a REDUCTION_ARGS table after FIBRES; checksums."""
+    with fits.open(path) as hdul:
+        hdul = fits.HDUList([h.copy() for h in hdul])
+    fib = hdul["FIBRES"]
+    cols = [c for c in fib.columns if c.name not in ("RA", "DEC", "NAME")]
+    n = len(fib.data)
+    cols += [fits.Column("NAME", "20A", array=["  padded"] * n),
+             fits.Column("RA", "D", unit="radians", array=np.radians(np.full(n, 150.0))),
+             fits.Column("DEC", "D", unit="radians", array=np.radians(np.full(n, 2.0))),
+             fits.Column("SPAXPOS", "2E", array=np.ones((n, 2)))]
+    fibres = fits.BinTableHDU.from_columns(cols, name="FIBRES")
+    fibres.header["CENRA"] = (2.6, "field centre, radians")
+    hdul["VARIANCE"].header["NOISEMOD"] = "poisson+read"
+    sky = fits.ImageHDU(np.arange(hdul[0].data.shape[1], dtype=np.float32), name="SKY")
+    args = fits.BinTableHDU.from_columns([fits.Column("ARG", "10A", array=["a", "b"])],
+                                         name="REDUCTION_ARGS")
+    rich = fits.HDUList([hdul[0], hdul["VARIANCE"], hdul["WAVELA"], fibres, sky, args])
+    out = path.with_suffix(".fits.gz" if compress else ".rich.fits")
+    rich.writeto(out, checksum=True)
+    return out
+
+
+@pytest.mark.parametrize("compress", [False, True])
+def test_products_keep_the_inputs_layout(red_file, tmp_path, compress):
+    """Same layout as the input (contract section 4): every input extension, in its order,
+    FIBRES and the others byte for byte, VARIANCE with its own keywords; checksums that
+    described the counts are not carried into the product."""
+    source = _rich_red_file(red_file(), compress)
+    out = write_calibrated(_calibrated(open_exposure(source)),
+                           tmp_path / ("p.fits.gz" if compress else "p.fits"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a checksum that fails is a warning in astropy
+        with fits.open(out, checksum=True) as prod:
+            _ = [h.data for h in prod]  # read: the data sums are verified
+    with fits.open(source) as inp, fits.open(out) as prod:
+        names = [h.name for h in prod]
+        assert names[:6] == [h.name for h in inp]
+        assert names[6:] == ["FLUXCAL"]
+        for name in ("WAVELA", "FIBRES", "SKY", "REDUCTION_ARGS"):
+            assert prod[name].header.tostring() == inp[name].header.tostring()
+            assert prod[name].data.tobytes() == inp[name].data.tobytes()
+        assert prod["FIBRES"].columns["RA"].unit == "radians"
+        assert prod["VARIANCE"].header["NOISEMOD"] == "poisson+read"
+        assert prod["VARIANCE"].header["BUNIT"] == f"({FLUX_UNIT})**2"
+        for key in ("CHECKSUM", "DATASUM"):
+            assert key not in prod[0].header and key not in prod["VARIANCE"].header
+        assert prod[0].header["EXTEND"] is True
+    back = open_exposure(out)
+    np.testing.assert_allclose(back["ra"].values, 150.0)
 
 
 def test_write_calibrated_refuses_overwrite_and_leaves_no_temp(red_file, tmp_path):

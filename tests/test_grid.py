@@ -112,7 +112,7 @@ def test_rebuild_is_idempotent_and_resumes(bosz_dir, tmp_path, capsys):
     with pytest.raises(GridError, match="no such template grid"):
         open_grid(out2)
     build_grid(bosz_dir, out2, progress=True)
-    assert "resuming an interrupted build: 2/5" in capsys.readouterr().out
+    assert "resuming an interrupted build: 2/5" in capsys.readouterr().err
     np.testing.assert_array_equal(open_grid(out2)["flux"].values, first)
 
 

@@ -58,6 +58,18 @@ def test_an_injected_two_percent_error_is_recovered(exposure_and_catalog):
     assert "spectrophotometric check: 4 program star(s)" in ds.attrs["history"][-1]
 
 
+def test_scatter_is_the_stars_rms_not_biased_low_for_a_few(exposure_and_catalog):
+    """FCALSPS of stars whose fluxes are off by known amounts is their rms about the mean
+    (the sample standard deviation), not a median absolute deviation (which for three
+    stars is the smaller of two deviations)."""
+    ds, catalog = exposure_and_catalog
+    errors = np.array([0.03, -0.01, 0.0, 0.05])  # mag, the same in g, r, i
+    ds["flux"] = ds["flux"] * xr.DataArray(
+        np.append(10 ** (-0.4 * errors), [1.0, 1.0]), dims="fiber")
+    check = spectrophotometric_check(ds, catalog)
+    assert check["sphot_scatter"] == pytest.approx(np.std(errors, ddof=1), rel=0.02)
+
+
 def test_nothing_to_check_leaves_the_keywords_out(exposure_and_catalog, catalog_file):
     ds, _ = exposure_and_catalog
     other = read_catalog(catalog_file([catalog_row(777, 10.0, -5.0)], name="other.csv"))

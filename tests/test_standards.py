@@ -63,7 +63,8 @@ def test_output_structure(fitted):
     for name in ("cal", "cal_variance", "cal_mask", "model_flux", "mag_obs", "phot_resid"):
         assert name in stars
     for name in ("fiber", "objid", "teff", "logg", "feh", "alpha", "ebv", "rv", "scale",
-                 "chi2_dof", "phot_rms", "status", "teff_err", "rv_err", "ebv_catalog"):
+                 "chi2_dof", "phot_rms", "status", "teff_err", "rv_err", "ebv_catalog",
+                 "alpha_err"):
         assert name in stars.coords
     assert stars["cal"].attrs["units"] == "1e-17 erg/(s cm2 Angstrom) / count"
     assert list(stars["status"].values) == ["ok"] * 3

@@ -98,6 +98,7 @@ def _read_hdus(path):
             "medium_in": medium,
             "wavela": raw,
             "fits_header": header.tostring(sep="\n"),
+            "variance_header": var_hdu.header.tostring(sep="\n"),
         }
         cal = None
         cal_hdu = find_hdu(hdul, path, ("FLUXCAL",), required=False)
@@ -257,6 +258,7 @@ def _exposure_attrs(path, meta, unsolved):
         "medium_in": meta["medium_in"],
         "fibres_extname": meta["fibres_extname"],
         "fits_header": meta["fits_header"],
+        "variance_header": meta["variance_header"],
         "history": [],
     }
 

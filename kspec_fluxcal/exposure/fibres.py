@@ -116,14 +116,19 @@ def _objid_column(values, path, where):
     if values.dtype.kind in "iub":
         return values.astype(np.int64)
     if values.dtype.kind == "f":
-        bad = ~np.isfinite(values) | (values != np.round(values))
+        # Beyond 2**53 a float is not every integer: Refcat2's objids (~1e17) would come
+        # out as other objids, and the standard would silently match nothing.
+        bad = ~np.isfinite(values) | (values != np.round(values)) | (np.abs(values) > 2.0**53)
     else:
         text = np.char.strip(values.astype(str))
         bad = ~np.char.isdigit(np.char.lstrip(text, "+-")) | (np.char.str_len(text) == 0)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise ExposureError(path, f"{where} row {row}",
-                            f"value {values[row].item()!r} is not an integer (use -1 for none)")
+        value = values[row].item()
+        why = ("is beyond 2**53, where a float column does not hold every integer (write "
+               "OBJID as int64)" if isinstance(value, float) and np.isfinite(value)
+               and value == round(value) else "is not an integer (use -1 for none)")
+        raise ExposureError(path, f"{where} row {row}", f"value {value!r} {why}")
     return values.astype(np.int64) if values.dtype.kind == "f" else text.astype(np.int64)
 
 

@@ -3,9 +3,11 @@ checked for plausibility, and its line-spread description."""
 
 from __future__ import annotations
 
+import os
+import warnings
 from pathlib import Path
 
-from ..errors import ExposureError
+from ..errors import ExposureError, FluxCalWarning
 from ..fits_file import header_value
 from ..lsf import LineSpread
 
@@ -37,10 +39,20 @@ def _in_range(value, key, bounds, path, unit="", open_low=False):
     return value
 
 
+#: Suffixes of a compressed file, removed before its own extension.
+_COMPRESSED = (".gz", ".fz", ".bz2")
+
+
 def exposure_id(header, path):
-    """The exposure's identifier: EXPID, or without one the file's name up to its first
-    dot (what names its products' QC files and archive rows)."""
-    return str(header.get("EXPID", "") or Path(path).name.split(".")[0])
+    """The exposure's identifier (what names its products' QC files and archive rows):
+    EXPID, or without one the file's name without its extension (and a compression suffix:
+    ``KS20261101.0001.fits.gz`` is ``KS20261101.0001``)."""
+    if header.get("EXPID", ""):
+        return str(header["EXPID"])
+    name = Path(path).name
+    if name.lower().endswith(_COMPRESSED):
+        name = name[:name.rindex(".")]
+    return os.path.splitext(name)[0] or name
 
 
 def exposure_keywords(header, path):
@@ -52,8 +64,13 @@ def exposure_keywords(header, path):
     if airmass is not None:
         _in_range(airmass, "AIRMASS", AIRMASS_RANGE, path)
     seeing = header_value(header, ("SEEING",), path, False)
-    if seeing is not None:
-        _in_range(seeing, "SEEING", SEEING_RANGE, path, " arcsec", open_low=True)
+    if seeing is not None and not SEEING_RANGE[0] < seeing <= SEEING_RANGE[1]:
+        # Outside the contract and used only by the survey model: 0 or -1 is how many
+        # systems write "not measured", no reason to refuse the exposure.
+        warnings.warn(f"{path}: primary header SEEING: value {seeing!r} arcsec outside "
+                      f"({SEEING_RANGE[0]:g}, {SEEING_RANGE[1]:g}] arcsec taken as not "
+                      "measured", FluxCalWarning, stacklevel=3)
+        seeing = None
     mjd = header_value(header, ("MJD-OBS", "UTMJD"), path, True)
     key = next(k for k in ("MJD-OBS", "UTMJD") if header.get(k) not in (None, ""))
     _in_range(mjd, key, MJD_RANGE, path, " d")

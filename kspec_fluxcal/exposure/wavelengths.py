@@ -13,8 +13,10 @@ from ..fits_file import find_hdu, hdu_data, header_value
 
 __all__ = ["raw_wavelength", "fiber_wavelengths", "check_wavelength", "unsolved_pixels"]
 
-_ANGSTROM_UNITS = {"angstrom", "angstroms", "a", "aa", "0.1 nm"}
-_NM_UNITS = {"nm", "nanometer", "nanometers", "nanometre", "nanometres"}
+# The contract's spellings (WAVELA BUNIT 'Angstrom' or 'nm'; CUNIT1 also 'Angstroms'), in
+# any case: 'A' is the FITS symbol of the Ampere, not a wavelength unit.
+_ANGSTROM_UNITS = {"angstrom", "angstroms"}
+_NM_UNITS = {"nm"}
 # A calibrated spectrum covering less than this, or reaching beyond, is not in Angstrom.
 _PLAUSIBLE_RANGE = (1000.0, 30000.0)
 
@@ -29,7 +31,7 @@ def _unit_factor(unit, path, where):
                         "(expected 'Angstrom' or 'nm')")
 
 
-_MEDIA = {"": "air", "air": "air", "vac": "vac", "vacuum": "vac"}
+_MEDIA = {"air": "air", "vac": "vac"}
 
 
 def _medium(primary, wavela, path):
@@ -45,7 +47,8 @@ def _medium(primary, wavela, path):
         value = str(hdr["AIRORVAC"]).strip().lower()
         if value not in _MEDIA:
             raise ExposureError(path, f"{where} AIRORVAC",
-                                f"value {value!r} is neither 'air' nor 'vac'")
+                                f"value {value!r} is neither 'air' nor 'vac' (an absent "
+                                "AIRORVAC means air)")
         found[where] = value
     media = {_MEDIA[v] for v in found.values()}
     if len(media) > 1:
@@ -60,8 +63,15 @@ def _wcs_wavelength(header, nspec, path):
         raise ExposureError(path, "HDU WAVELA",
                             "missing, and the primary header has no linear wavelength solution "
                             "(CRVAL1, CDELT1 or CD1_1, CRPIX1)")
-    ctype = str(header.get("CTYPE1", "Wavelength")).strip().upper()
-    if ctype not in ("WAVELENGTH", "WAVE", "AWAV", "LINEAR", ""):
+    for key in ("CTYPE1", "CRPIX1", "CUNIT1"):
+        # No defaults: FITS's (CRPIX1 = 0, unit m) are not kspecdr's (1, Angstrom).
+        if key not in header:
+            raise ExposureError(path, f"primary header {key}", "missing (a linear wavelength "
+                                "solution gives CRVAL1, CDELT1 or CD1_1, CRPIX1, CUNIT1 and "
+                                "CTYPE1 = 'Wavelength')")
+    ctype = str(header["CTYPE1"]).strip()
+    if ctype.upper() != "WAVELENGTH":
+        # FITS's 'WAVE' (vacuum) and 'AWAV' (air) would say the medium, which AIRORVAC says.
         raise ExposureError(path, "primary header CTYPE1",
                             f"{ctype!r} is not a linear wavelength axis ('Wavelength')")
     delta_key = "CDELT1" if "CDELT1" in header else "CD1_1"
@@ -76,9 +86,8 @@ def _wcs_wavelength(header, nspec, path):
         if not np.isclose(other, delta, rtol=1e-9, atol=0.0):
             raise ExposureError(path, "primary header", f"CDELT1 = {delta:g} and CD1_1 = "
                                 f"{other:g} disagree (two wavelength dispersions)")
-    crpix = header_value(header, ("CRPIX1",), path, False)
-    crpix = 1.0 if crpix is None else crpix
-    factor = _unit_factor(header.get("CUNIT1", "Angstrom"), path, "primary header CUNIT1")
+    crpix = header_value(header, ("CRPIX1",), path, True)
+    factor = _unit_factor(header["CUNIT1"], path, "primary header CUNIT1")
     pix = np.arange(nspec, dtype=np.float64) + 1.0
     return factor * (crval + (pix - crpix) * delta)
 
@@ -115,6 +124,9 @@ def raw_wavelength(hdul, path, nfib, nspec):
     medium = _medium(header, None if wave_hdu is None else wave_hdu.header, path)
     if wave_hdu is None:
         return _wcs_wavelength(header, nspec, path), "primary header WCS", medium, None
+    if not wave_hdu.is_image:
+        raise ExposureError(path, "HDU WAVELA", f"is a table ({type(wave_hdu).__name__}); "
+                            "expected an image of wavelengths")
     data = np.asarray(hdu_data(wave_hdu, path, "WAVELA"))
     wave = data.astype(np.float64)
     if wave.shape not in ((nspec,), (1, nspec), (nfib, nspec)):

@@ -129,7 +129,7 @@ def fit_standards(exposure, catalog, grid, config=None, *, cache_dir=None, xp=No
 _STAR_VARS = {  # name: (dtype, units)
     "teff": (np.float64, "K"), "teff_err": (np.float64, "K"), "logg": (np.float64, "dex"),
     "logg_err": (np.float64, "dex"), "feh": (np.float64, "dex"), "feh_err": (np.float64, "dex"),
-    "alpha": (np.float64, "dex"), "teff_colour": (np.float64, "K"), "ebv": (np.float64, "mag"),
+    "alpha": (np.float64, "dex"), "alpha_err": (np.float64, "dex"), "teff_colour": (np.float64, "K"), "ebv": (np.float64, "mag"),
     "ebv_err": (np.float64, "mag"), "ebv_catalog": (np.float64, "mag"),
     "rv": (np.float64, "km/s"), "rv_err": (np.float64, "km/s"), "scale": (np.float64, "1"),
     "scale_err": (np.float64, "1"), "chi2_dof": (np.float64, "1"),
@@ -210,7 +210,7 @@ def _result(std, obs, prior, lsf_fit, params, errors, model, vectors, status, fl
     bands = list(matched["band"].values)
     dropped = [",".join(np.asarray(bands)[row]) for row in pf["dropped"]] if obs.nstar else []
     per_star = {
-        **{p: params[p] for p in PARAMS}, **{f"{p}_err": errors[p] for p in PARAMS[:3]},
+        **{p: params[p] for p in PARAMS}, **{f"{p}_err": errors[p] for p in PARAMS},
         "teff_colour": prior.teff_colour, "ebv": model.ebv, "ebv_err": pf["ebv_err"],
         "ebv_catalog": prior.ebv_catalog, "rv": model.rv, "rv_err": model.rv_err,
         "scale": model.scale, "scale_err": model.scale_err, "chi2_dof": model.chi2_dof,

@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -353,7 +354,7 @@ def _start_partial(partial, plan, axes, wave, attrs, progress):
         _save_state(partial, state)
     elif progress:
         print(f"resuming an interrupted build: {len(state['done'])}/{len(axes['teff'])} Teff "
-              "slabs already written")
+              "slabs already written", file=sys.stderr)
     return state
 
 
@@ -373,7 +374,7 @@ def _fill(partial, state, models, axes, wave_full, trim, workers, progress):
     workers = max(1, min(int(workers), len(todo)))
     if progress:
         print(f"reading {len(todo)} template files ({len(left)} Teff slabs) with {workers} "
-              "worker(s)")
+              "worker(s)", file=sys.stderr)
     group = zarr.open_group(partial, mode="r+")
     started, slab = time.time(), []
     with template_reader(workers, wave_full.size, trim, matrix, span, len(BANDS)) as read:
@@ -389,7 +390,7 @@ def _fill(partial, state, models, axes, wave_full, trim, workers, progress):
             if progress:
                 print(f"  {len(todo) - sum(left.values())}/{len(todo)} files, "
                       f"{len(state['done'])}/{len(axes['teff'])} Teff slabs written "
-                      f"({time.time() - started:.0f} s)", flush=True)
+                      f"({time.time() - started:.0f} s)", file=sys.stderr, flush=True)
 
 
 def _write_slab(group, axes, teff, products):

@@ -34,6 +34,8 @@ def _quality_lines(attrs):
     lines = [f"quality grade (FCALQUAL): {attrs['fcalqual']}"] if attrs.get("fcalqual") else []
     return [*lines,
             f"model error of the standards (FCALMERR): {value('fcalmerr', '{:.2%}')}",
+            f"error of the calibration's level, every pixel (FCALLERR): "
+            f"{value('fcallerr', '{:.2%}')}",
             f"line-spread width / the header's (FCALLSF): {value('fcallsf', '{:.3f}')}",
             f"telluric columns (FCALO2, FCALH2O): O2 {value('fcalo2', '{:.3f}')}, "
             f"H2O {value('fcalh2o', '{:.3f}')}"]

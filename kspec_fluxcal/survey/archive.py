@@ -209,11 +209,9 @@ def archive_record(calibrated, stars, calibration, *, source="", input_hash="", 
     if calibration is not None and record["row"]["fcalsrc"] == "standards" and \
             "cal_smooth" in calibration:
         smooth = calibration.variables["cal_smooth"].values
-        # The shape's variance: the grey level's share is the same fraction everywhere.
-        shape = (calibration.variables["cal_smooth_variance"].values
-                 - calibration.attrs.get("level_variance", 0.0) * smooth**2)
+        shape = calibration.variables["cal_smooth_variance"].values  # the level apart
         record["own_smooth"] = on_grid(smooth * width)
-        record["own_smooth_variance"] = on_grid(np.maximum(shape, 0.0) * width**2)
+        record["own_smooth_variance"] = on_grid(shape * width**2)
     return record
 
 

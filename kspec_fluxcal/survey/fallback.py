@@ -43,15 +43,18 @@ def _from_archive(path, out_path, reference, setup_key, input_hash, utc_offset):
     # The archive holds cal x pixel width (per Angstrom) x exptime-free median: undo
     # both for this exposure's pixels and exposure time.
     cal = np.interp(wave, grid, curve) / exptime / width
-    cal_var = (np.interp(wave, grid, spread) / exptime / width) ** 2
+    # Per pixel, the variance of a median of n calibrations; how far this exposure's own
+    # would be from them (their spread, mostly a level) is FCALLERR, not a pixel's noise.
+    cal_var = np.pi / 2 / n * (np.interp(wave, grid, spread) / exptime / width) ** 2
     with np.errstate(invalid="ignore", divide="ignore"):
         rms = float(np.nanmedian(spread / curve))
     calibration = xr.Dataset(
         {"cal": ("wavelength", cal), "cal_variance": ("wavelength", cal_var),
          "cal_mask": ("wavelength", np.zeros(wave.size, bool))},
         coords={"wavelength": exposure["wavelength"]},
-        attrs={"fcalnstr": 0, "fcalrms": rms, "fcalsrc": "archive", "fcalqual": "D",
-               "history": []})
+        # FCALRMS is the contract's scatter between standards: none here.
+        attrs={"fcalnstr": 0, "fcalrms": np.nan, "fcallerr": rms, "fcalsrc": "archive",
+               "fcalqual": "D", "history": []})
     add_history(calibration, f"no usable standard star: calibrated from the median of "
                 f"{n} archived calibration(s) of setup {setup_key} within {span:.2f} d "
                 "(scaled by exposure time; airmass differences not corrected)")
@@ -60,7 +63,7 @@ def _from_archive(path, out_path, reference, setup_key, input_hash, utc_offset):
     write_calibrated(calibrated, out_path, overwrite=True)
     record = archive_record(calibrated, None, None, source=str(path),
                             input_hash=input_hash, utc_offset=utc_offset)
-    quality = {"grade": "D", "used": 0, "standards": 0, "fcalrms": rms,
+    quality = {"grade": "D", "used": 0, "standards": 0, "fcalrms": np.nan,
                "fcalmerr": np.nan, "fcallsf": np.nan}
     return {"record": record, "nstar": 0, "quality": quality}
 

@@ -124,7 +124,7 @@ def model_calibration(exposure, model, levels, own, row, config, *, utc_offset, 
     valid = np.isfinite(per_aa)
     smooth = np.interp(x, loglam[valid], per_aa[valid], left=np.nan, right=np.nan) / np.gradient(
         wave)
-    rel_var = np.interp(x, loglam[valid], p["variance"][valid]) + p["level_var"]
+    rel_var = np.interp(x, loglam[valid], p["variance"][valid])  # the level's: FCALLERR
     lsf = exposure_lsf(exposure, config).scaled(p["lsf_scale"])
     trans = _transmission(wave, lsf, p["telluric"], own, grid, inside, config)
     out = _dataset(exposure, smooth, rel_var, trans, p["telluric"], lsf, config)
@@ -201,7 +201,7 @@ def _dataset(exposure, smooth, rel_var, trans, telluric, lsf, config):
 def _model_attrs(own, row, p, model_id):
     """The calibration's header attrs (FCAL*): the standards' figures, or the model's."""
     common = {"fcalsrc": p["source"], "model_id": model_id, "model_grey": p["grey"],
-              "level_variance": p["level_var"]}
+              "level_variance": p["level_var"], "fcallerr": float(np.sqrt(p["level_var"]))}
     if own is None:
         return {**common, "fcalnstr": 0, "fcalrms": np.nan, "fcalqual": MODEL_GRADE,
                 "fcalmerr": np.nan, "fcallsf": np.nan, "level_scatter": p["scatter"]}
