@@ -116,7 +116,8 @@ def calibrate(exposure, catalog, grid, config=None, *, cache_dir=None, xp=None):
         calibrated = apply_calibration(exposure, calibration)
         add_history(calibrated, config.provenance())
         check_exposure(calibrated, catalog)
-    notes = tuple(str(w.message) for w in caught if issubclass(w.category, FluxCalWarning))
+    notes = tuple(dict.fromkeys(str(w.message) for w in caught  # each once
+                                if issubclass(w.category, FluxCalWarning)))
     for w in caught:
         if not issubclass(w.category, FluxCalWarning):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)

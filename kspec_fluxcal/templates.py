@@ -134,9 +134,13 @@ def check_coverage(templates, wavelength, lsf, what="grid"):
     margin = _NSIGMA * np.max(_as_lsf(lsf).sigma(wave[[0, -1]]))
     need = (wave[0] - margin, wave[-1] + margin)
     if wave_in[0] > need[0] or wave_in[-1] < need[1]:
+        lo, hi = 10 * np.floor(min(need[0], wave_in[0]) / 10), 10 * np.ceil(
+            max(need[1], wave_in[-1]) / 10)
         raise GridError(templates.attrs.get("store"), "wavelength",
                         f"the {what} covers {wave_in[0]:.0f}-{wave_in[-1]:.0f} A but the exposure "
-                        f"needs {need[0]:.0f}-{need[1]:.0f} A (its range plus the LSF wings)")
+                        f"needs {need[0]:.0f}-{need[1]:.0f} A (its range plus the LSF wings); "
+                        f"build the grid with --wave-min {lo:.0f} --wave-max {hi:.0f} (within "
+                        "what its source files cover)")
     return need
 
 
@@ -639,9 +643,10 @@ def library_columns(library, wavelength, lsf, templates=None, *, kind="norm", st
     lsf = _as_lsf(lsf)
     matrix, sharper = _library_operator(library, wavelength, lsf)
     if sharper > 0:
-        warnings.warn(f"the line spread ({lsf.coeffs}) is sharper than the templates' "
-                      f"resolution R = {library.attrs['resolving_power']:g} on "
-                      f"{100 * sharper:.0f}% of the pixels: templates there are only "
+        step = np.median(np.diff(library["wavelength"].values))
+        warnings.warn(f"the templates (R = {library.attrs['resolving_power']:g}, sampled "
+                      f"every ~{step:.2g} A) are coarser than the line spread on "
+                      f"{10 * round(10 * sharper):.0f}% of the pixels: there they are "
                       "interpolated, not convolved", FluxCalWarning, stacklevel=stacklevel)
     data = library[kind].values
     templates = slice(None) if templates is None else templates

@@ -133,6 +133,31 @@ def test_bad_file_in_a_pool_build_is_named_and_the_pool_ends(bosz_dir, tmp_path)
     assert _pool_processes() == []
 
 
+def test_a_bad_file_says_where_the_partial_build_is_kept(bosz_dir, tmp_path):
+    copy = tmp_path / "bosz"
+    shutil.copytree(bosz_dir, copy)
+    sorted(copy.rglob("*_mp_*.txt.gz"))[-1].write_bytes(b"not gzip")
+    with pytest.raises(GridError, match=r"kept in .*g\.zarr\.partial for the next build to "
+                       r"resume once the file is fixed; delete it to start over"):
+        build_grid(copy, tmp_path / "g.zarr", progress=False)
+
+
+def _one_point_grid(bosz_dir, tmp_path, keep):
+    """``bosz_dir`` with only the template files ``keep`` selects (names of the small grid)."""
+    copy = tmp_path / "sparse"
+    shutil.copytree(bosz_dir, copy)
+    for path in copy.rglob("*.txt.gz"):
+        if not keep(path.name):
+            path.unlink()
+    return copy
+
+
+def test_a_grid_too_sparse_to_fit_with_says_so(bosz_dir, tmp_path):
+    one = _one_point_grid(bosz_dir, tmp_path, lambda n: "_t6000_g+4.5_m+0.00_a+0.00" in n)
+    with pytest.warns(FluxCalWarning, match="one teff and one logg only"):
+        build_grid(one, tmp_path / "one.zarr", progress=False)
+
+
 def _pool_processes():
     """Child processes of this one, but multiprocessing's resource tracker (it lives as long
     as the process that started it)."""
@@ -222,7 +247,8 @@ def test_real_bosz_files_read_exactly(tmp_path):
     # Energy: 4 pi integral H = sigma T^4 within 1 % (real BOSZ).
     sigma_t4 = 5.670374419e-5 * 6000.0**4
     assert np.trapezoid(flux, wave) == pytest.approx(sigma_t4, rel=0.01)
-    out = build_grid(real, tmp_path / "real.zarr", progress=False)
+    with pytest.warns(FluxCalWarning, match="2 of its 4 grid points are missing"):
+        out = build_grid(real, tmp_path / "real.zarr", progress=False)
     ds = open_grid(out)
     assert ds.attrs["synthetic"] == 0 and ds.attrs["chosen_vmicro"] == "[2.0]"
     assert int(ds["exists"].sum()) == 2

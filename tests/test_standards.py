@@ -1,6 +1,7 @@
 """Standard-star fitting and per-star calibration vectors on simulated exposures."""
 
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -54,6 +55,70 @@ def fitted(world, tmp_path_factory):
     setup = template_library(world["grid"], exposure, config)
     return {"exposure": exposure, "catalog": catalog, "truth": truth, "rows": rows,
             "setup": setup, "stars": fit_standards(exposure, catalog, setup, config)}
+
+
+def test_colours_beyond_the_grid_give_a_colour_teff_beyond_it(fitted):
+    """The library's own colour-Teff relation ends at its templates' Teff; a star whose
+    colours are those of a 9000 K star must not be placed at that end (where the grid-edge
+    rejection could never fire) but at the wider shipped relation's Teff."""
+    from kspec_fluxcal.catalog import match_standards
+    from kspec_fluxcal.fit.inputs import catalog_priors
+    from kspec_fluxcal.templates import library_arrays
+
+    library = fitted["setup"]
+    matched = match_standards(fitted["exposure"], fitted["catalog"]).copy(deep=True)
+    mag = matched["mag"]
+    for blue, red, colour in (("gaiadr2-BP", "gaiadr2-RP", -0.25), ("panstarrs-g",
+                                                                    "panstarrs-r", -0.18)):
+        mag.loc[{"band": blue}] = mag.sel(band=red) + colour
+    prior = catalog_priors(matched, library, SELF_MODEL)
+    top = library_arrays(library)["teff"][-1]
+    assert top < 8000
+    assert np.all(prior.teff_colour > 8800)
+    # colours inside the grid's range keep the library's own relation
+    inside = catalog_priors(match_standards(fitted["exposure"], fitted["catalog"]), library,
+                            SELF_MODEL)
+    assert np.all(inside.teff_colour < top)
+
+
+def test_a_one_template_grid_fits_without_an_internal_error(world, fitted, tmp_path):
+    """One template: nothing to refine (the quadratic of no axis was a ValueError deep in
+    the refinement); the stars are fitted with it and flagged where their colours differ."""
+    import shutil
+
+    copy = tmp_path / "one"
+    shutil.copytree(world["root"] / "bosz", copy)
+    for path in copy.rglob("*.txt.gz"):
+        if "_t6000_g+4.5_m+0.00_a+0.00" not in path.name:
+            path.unlink()
+    with pytest.warns(FluxCalWarning, match="one teff and one logg only"):
+        cube = build_grid(copy, tmp_path / "one.zarr", progress=False)
+    library = template_library(open_grid(cube), fitted["exposure"], SELF_MODEL)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FluxCalWarning)
+        stars = fit_standards(fitted["exposure"], fitted["catalog"], library, SELF_MODEL)
+    assert np.all(stars["teff"].values == 6000.0)
+    assert all(s == "ok" or s.startswith(("outside the grid", "model error", "photometry"))
+               for s in stars["status"].values)
+
+
+def test_models_across_a_grid_hole_are_flagged(world, fitted, tmp_path):
+    import shutil
+
+    from kspec_fluxcal.fit.acceptance import _hole_share
+
+    copy = tmp_path / "diagonal"
+    shutil.copytree(world["root"] / "bosz", copy)
+    keep = ("mp_t6000_g+4.0_m+0.00_a+0.00", "mp_t6500_g+4.5_m+0.00_a+0.00")
+    for path in copy.rglob("*.txt.gz"):
+        if not any(k in path.name for k in keep):
+            path.unlink()
+    with pytest.warns(FluxCalWarning, match="2 of its 4 grid points are missing"):
+        cube = build_grid(copy, tmp_path / "diagonal.zarr", progress=False)
+    library = template_library(open_grid(cube), fitted["exposure"], SELF_MODEL)
+    params = {"teff": np.array([6250.0, 6000.0]), "logg": np.array([4.25, 4.0]),
+              "feh": np.zeros(2), "alpha": np.zeros(2)}
+    np.testing.assert_allclose(_hole_share(library, params), [0.5, 0.0])
 
 
 def test_output_structure(fitted):
@@ -231,7 +296,9 @@ def test_real_calspec_star_through_a_simulated_instrument(tmp_path, name):
         cat[mag] = f"{float(row['AB_' + band]) - VEGA_TO_AB.get(band, 0.0):.4f}"
         cat[err] = "0.01"
     write_catalog(tmp_path / "cat.csv", [cat])
-    grid = build_grid(SHARED_REAL / "bosz2024_r5000", tmp_path / "bosz.zarr", progress=False)
+    with pytest.warns(FluxCalWarning, match="2 of its 4 grid points are missing"):
+        grid = build_grid(SHARED_REAL / "bosz2024_r5000", tmp_path / "bosz.zarr",
+                          progress=False)
     # The made-up response has no physical scale: no throughput check.
     result = calibrate_exposure(red, tmp_path / "cat.csv", grid, out=tmp_path / "out",
                                 throughput_min=0.0, throughput_max=1.0)

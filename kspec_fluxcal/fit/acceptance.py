@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from ..constants import FLUX_UNIT_SCALE, HC_ERG_AA, MIN_PARALLAX_SNR
-from ..grid import PARAMS
+from ..grid import PARAMS, _cell
 from ..masks import load_regions, region_mask
 from ..templates import library_arrays
 
@@ -91,8 +91,11 @@ def acceptance(obs, prior, scan, model, params, matched, library, config):
     teff = params["teff"]
     lo, hi = library_arrays(library)["teff"][[0, -1]]
     edge_window = fit.teff_window / 3
-    edge = (((teff <= lo + 1) & (prior.teff_colour < lo - edge_window))
-            | ((teff >= hi - 1) & (prior.teff_colour > hi + edge_window)))
+    # Colours beyond the grid, and the fit at its edge or far from them (on a hole's flat
+    # edge, where its Teff means nothing): the vector's slope lacks the missing temperature.
+    astray = np.abs(teff - prior.teff_colour) > fit.teff_window
+    edge = (((prior.teff_colour < lo - edge_window) & ((teff <= lo + 1) | astray))
+            | ((prior.teff_colour > hi + edge_window) & ((teff >= hi - 1) | astray)))
     out = []
     for s in range(obs.nstar):
         if matched["match"].values[s] == "none":
@@ -126,24 +129,46 @@ def acceptance(obs, prior, scan, model, params, matched, library, config):
             out.append(f"implied throughput {model.throughput[s]:.3g} is impossible for the "
                        f"instrument ({inst.throughput_min:g}-{inst.throughput_max:g}, x/ "
                        f"{inst.throughput_margin:g}): photometry of another star?")
+        elif edge[s]:  # before the model error: such a star is no last resort either
+            out.append(f"outside the grid: colour Teff {prior.teff_colour[s]:.0f} K, fit "
+                       + (f"pinned at the grid's edge ({teff[s]:.0f} K)" if teff[s] <= lo + 1
+                          or teff[s] >= hi - 1 else f"astray at {teff[s]:.0f} K"))
         elif not model.model_error[s] <= fit.max_model_error:
             out.append(f"model error {100 * model.model_error[s]:.1f}% > "
                        f"{100 * fit.max_model_error:g}% (not a star like the templates?)")
-        elif edge[s]:
-            out.append(f"outside the grid: colour Teff {prior.teff_colour[s]:.0f} K, fit pinned "
-                       f"at the grid's edge ({teff[s]:.0f} K)")
         else:
             out.append("ok")
     return out
 
 
-def star_flags(params, library, model, config):
-    """Notes on accepted fits: parameters at a grid edge, no parallax, a throughput outside
-    the instrument's plausible range (within the margin), an XP spectrum not used."""
+def _hole_share(library, params):
+    """Per star, the share of the multilinear weight in (teff, logg, [M/H]) that fell on
+    grid points the grid lacks (given to the corners that exist): along a missing corner's
+    edge the model does not change, and the reported parameters say little there."""
+    arrays = library_arrays(library)
+    axes = {p: arrays[p] for p in PARAMS}
+    index, raw = _cell(axes, params["teff"], params["logg"], params["feh"])
+    present = arrays["template_index"][tuple(np.moveaxis(index, -1, 0))] >= 0
+    return np.where(present, 0.0, raw).sum(axis=1)
+
+
+def star_flags(params, library, model, config, prior=None):
+    """Notes on accepted fits: parameters at a grid edge or interpolated across a grid hole,
+    Teff far from the colours' (``prior``), no parallax, a throughput outside the
+    instrument's plausible range (within the margin), an XP spectrum not used."""
     axes = library_arrays(library)
+    holes = _hole_share(library, params)
+    far = (np.abs(params["teff"] - prior.teff_colour) > config.fit.teff_window
+           if prior is not None else np.zeros(len(params["teff"]), bool))
     out = []
     for s in range(len(params["teff"])):
         notes = []
+        if holes[s] > 0.05:
+            notes.append(f"interpolated across a grid hole ({100 * holes[s]:.0f}% of the "
+                         "weight on missing grid points: parameters uncertain)")
+        if far[s]:
+            notes.append(f"teff {params['teff'][s]:.0f} K is more than the Teff window from "
+                         f"the colour Teff {prior.teff_colour[s]:.0f} K")
         if _throughput_verdict(model.throughput[s], config) == "flag":
             notes.append(f"implied throughput {model.throughput[s]:.3g} outside "
                          f"{config.instrument.throughput_min:g}-"

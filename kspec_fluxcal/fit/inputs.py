@@ -4,6 +4,7 @@ says before the spectra (reddening, a Teff window from the colours, the parallax
 
 from __future__ import annotations
 
+import functools
 from types import SimpleNamespace
 
 import numpy as np
@@ -98,6 +99,27 @@ def _library_colour_table(library):
     return table
 
 
+def _colour_teff(mag, ebv, library):
+    """Each star's colour Teff from the library's relation; beyond the relation's range (its
+    templates' Teff), from the shipped, wider one: a relation clamps colours beyond its ends
+    to its end Teff, and a star thousands of K beyond the grid would pass for one at its
+    edge (and never be rejected as outside it)."""
+    bands = [str(b) for b in mag["band"].values]
+    own = _colour_relations_of(library)
+    teff, _ = _teff_kernel(mag.values, ebv, bands=bands, relations=own)
+    ends = np.array([(t[0], t[-1]) for *_, t in own])  # colours increasing: Teff decreasing
+    hot, cool = ends[:, 0].max(), ends[:, 1].min()
+    wide, _ = _teff_kernel(mag.values, ebv, bands=bands, relations=_shipped_relations())
+    beyond = ((teff >= hot) & (wide > teff)) | ((teff <= cool) & (wide < teff))
+    return np.where(beyond, wide, teff)
+
+
+@functools.cache
+def _shipped_relations():
+    """The relations of the shipped colour-Teff table (CK04 dwarfs, 4000-9500 K)."""
+    return _colour_relations(colour_teff_table(), COLOUR_EXCESS_PER_EBV)
+
+
 def catalog_priors(matched, library, config):
     """What the catalog says before the spectra (step 2).
 
@@ -111,9 +133,7 @@ def catalog_priors(matched, library, config):
     # teff_from_color's numpy core, given the library's relations (its xarray steps were
     # most of this function's time)
     mag = matched["mag"].transpose(..., "band")
-    teff_colour, _ = _teff_kernel(mag.values, np.nan_to_num(ebv_catalog),
-                                  bands=[str(b) for b in mag["band"].values],
-                                  relations=_colour_relations_of(library))
+    teff_colour = _colour_teff(mag, np.nan_to_num(ebv_catalog), library)
     t_templates = library_arrays(library)["template_teff"]
     half = config.fit.teff_window
     lo = np.where(np.isfinite(teff_colour), teff_colour - half, -np.inf)

@@ -24,6 +24,8 @@ def quadratic_minimum(x, y):
         ``2 H^-1``: the covariance for delta chi^2 = 1.
     """
     nstar, _, d = x.shape
+    if d == 0:  # a grid of one node on every axis: nothing to refine
+        return np.zeros((nstar, 0)), np.zeros((nstar, 0, 0))
     pairs = [(i, j) for i in range(d) for j in range(i, d)]
     design = np.concatenate([np.ones(x.shape[:2] + (1,)), x,
                              np.stack([x[..., i] * x[..., j] for i, j in pairs], axis=-1)], -1)

@@ -194,7 +194,7 @@ def _fit(std, matched, library, lsf, config, xp=None):
     vectors = star_vectors(obs, model, config, tm.lsf)
     model.throughput = implied_throughput(obs, model, vectors, config)
     status = acceptance(obs, prior, scan, model, params, matched, library, config)
-    flags = star_flags(params, library, model, config)
+    flags = star_flags(params, library, model, config, prior)
     return _result(std, obs, prior, lsf_fit, params, errors, model, vectors, status, flags,
                    matched, library, tm.lsf, config)
 

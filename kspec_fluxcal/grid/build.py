@@ -290,13 +290,34 @@ def build_grid(bosz_dir, out, *, wave_min=3000.0, wave_max=11000.0, resolution=N
     attrs = _store_attrs(bosz_dir, scan, wave_full[trim], plan)
     partial = out.with_name(f"{TEMP_PREFIX}{out.name}.partial")
     state = _start_partial(partial, plan, axes, wave_full[trim], attrs, progress)
-    _fill(partial, state, models, axes, wave_full, trim, workers, progress)
+    try:
+        _fill(partial, state, models, axes, wave_full, trim, workers, progress)
+    except GridError as err:  # a bad file: what was read stays for the build to resume
+        raise type(err)(err.path, err.where, f"{err.problem} (the {len(state['done'])} Teff "
+                        f"slab(s) written so far are kept in {partial} for the next build "
+                        "to resume once the file is fixed; delete it to start over)") from None
     _publish(partial, out)
     if progress:
         print(f"wrote {out}: {len(models)} templates, {trim.stop - trim.start} wavelengths "
               f"{wave_full[trim][0]:.1f}-{wave_full[trim][-1]:.1f} A, {len(scan['skipped'])} "
               "files skipped")
+    sparse = _sparseness(axes, len(models))
+    if sparse:
+        warnings.warn(f"{out}: {sparse}", FluxCalWarning, stacklevel=2)
     return out
+
+
+def _sparseness(axes, n_models):
+    """What makes a grid too sparse to fit stars with ('' when nothing does): Teff or log g
+    with one node, and half of the grid's points or more missing."""
+    thin = [p for p in ("teff", "logg") if len(axes[p]) < 2]
+    points = int(np.prod([len(v) for v in axes.values()]))
+    notes = [f"one {' and one '.join(thin)} only: such a grid cannot fit standard stars' "
+             "parameters"] if thin else []
+    if n_models <= 0.5 * points:
+        notes.append(f"{points - n_models} of its {points} grid points are missing: models "
+                     "across the holes are those of the nearest templates")
+    return "; ".join(notes)
 
 
 def _up_to_date(out, plan, overwrite, progress, n_models):

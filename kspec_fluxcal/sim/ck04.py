@@ -113,7 +113,7 @@ def _selected(path, teff_range, fehs):
 def _marker_text(source, teff_range, loggs, fehs, n_files):
     return (
         "Castelli & Kurucz (2004) ATLAS9 ODFNEW grid (STScI/CDBS packaging), converted to the\n"
-        "BOSZ 2024 layout by kspec_fluxcal.ck04.convert_ck04. Not BOSZ, not synthetic.\n"
+        "BOSZ 2024 layout by kspec_fluxcal.sim.convert_ck04. Not BOSZ, not synthetic.\n"
         "Wavelengths: vacuum -> air above 2000 A (Morton 2000). H = F / 4 pi; continuum stand-in\n"
         "C = H (CK04 has none). [alpha/M] = 0, v = 2 km/s, tag r500 (20 A sampling, no LSF).\n"
         f"source: {source}\nteff: {list(teff_range)}\n"
