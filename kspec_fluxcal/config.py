@@ -327,9 +327,9 @@ SCHEMA["model"] = {
     "batch": Option(64, "Exposures per statistics task (the leaves of the tree reduction).",
                     min=1),
     "photometric_scatter": Option(0.03, "A night whose grey factors scatter less than this "
-                                  "(fractional) about their line against airmass is "
-                                  "reported photometric (the standards' own aperture losses "
-                                  "scatter by 2-3 %).", min=0.0),
+                                  "(fractional) about their line against airmass, or than "
+                                  "1.5 x [combine] aperture_scatter / sqrt(standards per "
+                                  "exposure), is reported photometric.", min=0.0),
 }
 
 

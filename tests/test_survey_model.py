@@ -210,6 +210,42 @@ def test_bouguer_lines_per_night():
     assert got["intercept"][3] == pytest.approx(levels.survey["intercept"])
 
 
+def test_one_cloud_leaves_the_bouguer_lines_alone():
+    """A 50 % cloud on a photometric night (its grey factor ln 0.5 below the line) is left
+    out of the night's line and flagged; its night stays photometric, the other nights'
+    slopes do not move; each slope has its error."""
+    rng = np.random.default_rng(4)
+    nights = np.repeat(np.array(["A", "B", "C"]), 8)
+    airmass = np.tile(np.linspace(1.05, 1.9, 8), 3)
+    grey = 2.0 - 0.2 * airmass + rng.normal(0.0, 0.005, nights.size)
+    args = (airmass, nights, np.ones(nights.size), np.ones(nights.size),
+            np.ones(nights.size))
+    clean = fit_levels(grey, *args, slope_sigma=0.05)
+    cloudy = grey.copy()
+    cloudy[3] += np.log(0.5)
+    levels = fit_levels(cloudy, *args, slope_sigma=0.05)
+    assert np.flatnonzero(levels.grey_outlier).tolist() == [3]
+    assert levels.scatter[0] < 0.01
+    np.testing.assert_allclose(levels.slope, clean.slope, atol=0.01)
+    assert np.all((levels.slope_err > 0) & (levels.slope_err < 0.05))
+
+
+def test_shape_outliers_keep_their_own_calibration():
+    """An exposure the fit flagged (its standards' shape far from the model: the model does
+    not describe it) is not recalibrated with the model; exposures without standards are."""
+    from types import SimpleNamespace
+
+    from kspec_fluxcal.survey.model_job import outliers_kept
+
+    def target(expid):
+        return ({"info": {"expid": expid}}, None, None)
+
+    plan = SimpleNamespace(own={"expid": np.array(["E1", "E2", "E3"])},
+                           targets=[target("E1"), target("E2"), target("E4")])
+    keep, kept = outliers_kept(plan, {"outlier": np.array([False, True, False])})
+    assert [t[0]["info"]["expid"] for t in keep] == ["E1", "E4"] and kept == ["E2"]
+
+
 def test_refraction_is_one_amplitude_of_the_physical_shape_and_spares_the_extinction():
     """Refraction loses light as a tan^2 z shape(lambda) (a star positioned at the guide
     wavelength): the model fits that amplitude and leaves the extinction where it is."""

@@ -126,6 +126,13 @@ def throughput(ds):
     xarray.DataArray
         Counts per second per Angstrom per unit of flux density (:data:`THROUGHPUT_UNIT`),
         dims of ``cal``; lazy when ``cal`` is.
+
+    Notes
+    -----
+    End to end at each exposure's airmass: the atmosphere (and its telluric bands) and the
+    standards' fiber apertures are in it; compare exposures at one airmass, or correct
+    with the survey model's extinction. Rows of FCALSRC 'model' (``ds.fcalsrc``) are the
+    model's prediction for an exposure without usable standards, not a measurement.
     """
     expect_dataset(ds, "ds", "throughput", "kspec_fluxcal.survey.open_archive",
                    ("cal", "exptime"))
@@ -526,7 +533,9 @@ def open_archive(path):
         elif name == "wavelength":
             coords[name] = (dims, array[:], dict(array.attrs))
     ds = xr.Dataset(variables, coords=coords, attrs=dict(group.attrs))
-    for name in ("index", "how_to_read"):  # bookkeeping of the store, not true of ds
+    # Bookkeeping of the store (rows: committed ones, superseded included), not true of ds;
+    # the FITS CAL_FACTOR's unit is per count per pixel, not ds.cal's (its own units say).
+    for name in ("index", "how_to_read", "rows", "cal_factor_units"):
         ds.attrs.pop(name, None)
     for name, units in {**_SPECTRA_UNITS, **_ROW_UNITS}.items():  # archives written before
         if name in ds.variables:                                   # these units were stored

@@ -396,10 +396,10 @@ def _plan(paths, read, *, lake, out, config, resume, progress, catalog_hash, gri
         else:
             todo.append(entry)
     if progress:
-        configurations = len({e["info"]["setup"] for e in todo})
+        configurations = len({e["info"]["setup"] for e in entries if "info" in e})
         print(f"{len(paths)} RED files, {len(todo)} to calibrate, {len(report.skipped)} up to "
               f"date, {len(failed)} refused (unreadable or duplicate); {configurations} "
-              "instrument configuration(s)",
+              "instrument configuration(s) in the lake",
               flush=True)
     model_work = config.model.enabled and _model_pending(out, entries, writer, config)
     return SimpleNamespace(entries=entries, report=report, writer=writer, todo=todo,

@@ -30,9 +30,11 @@ class Levels:
     water_scatter: np.ndarray
     lsf: np.ndarray
     survey: dict
+    slope_err: np.ndarray = None
+    grey_outlier: np.ndarray = None  # per exposure given to fit_levels
 
     #: The per-session quantities (:meth:`of`).
-    NAMES = ("intercept", "slope", "scatter", "water", "water_scatter", "lsf")
+    NAMES = ("intercept", "slope", "scatter", "water", "water_scatter", "lsf", "slope_err")
 
     def of(self, sessions):
         """Dict of per-session arrays (:attr:`NAMES`) for session labels; the survey's
@@ -44,6 +46,11 @@ class Levels:
         found = np.asarray(self.labels)[idx] == labels
         return {n: np.where(found & np.isfinite(getattr(self, n)[idx]), getattr(self, n)[idx],
                             self.survey[n]) for n in self.NAMES}
+
+
+#: Grey factors further from their night's line than this many robust sigmas are left out
+#: of it (a cloud, a standard on another star): a weighted least-squares line followed one.
+GREY_CLIP = 3.0
 
 
 def fit_levels(grey, airmass, sessions, weight, water, lsf, *, slope_sigma):
@@ -66,35 +73,54 @@ def fit_levels(grey, airmass, sessions, weight, water, lsf, *, slope_sigma):
     Returns
     -------
     Levels
+        With ``grey_outlier`` (per exposure): left out of its night's line, beyond
+        :data:`GREY_CLIP` robust sigmas of it.
     """
     labels, inv = np.unique(np.asarray(sessions).astype(str), return_inverse=True)
-    ok = np.isfinite(grey) & np.isfinite(airmass) & (weight > 0)
-    w = np.where(ok, weight, 0.0)
-    g, x = np.where(ok, grey, 0.0), np.where(ok, airmass, 0.0)
-    sw = np.bincount(inv, w, labels.size)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        xm = np.bincount(inv, w * x, labels.size) / sw
-        gm = np.bincount(inv, w * g, labels.size) / sw
-    dx, dg = np.where(ok, x - xm[inv], 0.0), np.where(ok, g - gm[inv], 0.0)
-    sxx = np.bincount(inv, w * dx * dx, labels.size)
-    sxy = np.bincount(inv, w * dx * dg, labels.size)
-    pooled = float(sxy.sum() / sxx.sum()) if sxx.sum() > 0 else 0.0
-    resid = np.where(ok, dg - pooled * dx, np.nan)
-    var = _robust_var(resid, inv, labels.size)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        slope = (sxy / var + pooled / slope_sigma**2) / (sxx / var + slope_sigma**-2)
-    slope = np.where(np.isfinite(slope), slope, pooled)
-    intercept = gm - slope * xm
-    scatter = np.sqrt(_robust_var(np.where(ok, dg - slope[inv] * dx, np.nan), inv,
-                                  labels.size))
+    usable = np.isfinite(grey) & np.isfinite(airmass) & (weight > 0)
+    clipped = np.zeros(usable.shape, bool)
+    for _ in range(5):  # the lines without the grey outliers, until they stay the same
+        line = _lines(grey, airmass, inv, labels.size, usable & ~clipped, weight, slope_sigma)
+        resid = grey - line["intercept"][inv] - line["slope"][inv] * airmass
+        new = usable & (np.abs(resid) > GREY_CLIP * line["scatter"][inv])
+        if np.array_equal(new, clipped):
+            break
+        clipped = new
     water_n, lsf_n = (_group_median(v, inv, labels.size) for v in (water, lsf))
     water_scatter = 1.4826 * _group_median(np.abs(water - water_n[inv]), inv, labels.size)
-    survey = {"intercept": _median(intercept, np.nan), "slope": pooled,
-              "scatter": _median(scatter, np.nan), "water": _median(water, 1.0),
-              "water_scatter": _median(water_scatter, 0.3), "lsf": _median(lsf, 1.0)}
-    return Levels(tuple(labels), intercept, slope, scatter,
-                  np.bincount(inv, ok.astype(float), labels.size).astype(np.int64),
-                  water_n, water_scatter, lsf_n, survey)
+    survey = {"intercept": _median(line["intercept"], np.nan), "slope": line["pooled"],
+              "scatter": _median(line["scatter"], np.nan), "water": _median(water, 1.0),
+              "water_scatter": _median(water_scatter, 0.3), "lsf": _median(lsf, 1.0),
+              "slope_err": float(slope_sigma)}
+    return Levels(tuple(labels), line["intercept"], line["slope"], line["scatter"],
+                  np.bincount(inv, (usable & ~clipped).astype(float),
+                              labels.size).astype(np.int64),
+                  water_n, water_scatter, lsf_n, survey, line["slope_err"], clipped)
+
+
+def _lines(grey, airmass, inv, n, ok, weight, slope_sigma):
+    """Each session's weighted line of ``grey`` against ``airmass`` over the exposures
+    ``ok``, its slope pulled towards the pooled one with ``slope_sigma``: intercept, slope,
+    slope_err, scatter (robust, of the fitted exposures) and the pooled slope."""
+    w = np.where(ok, weight, 0.0)
+    g, x = np.where(ok, grey, 0.0), np.where(ok, airmass, 0.0)
+    sw = np.bincount(inv, w, n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        xm = np.bincount(inv, w * x, n) / sw
+        gm = np.bincount(inv, w * g, n) / sw
+    dx, dg = np.where(ok, x - xm[inv], 0.0), np.where(ok, g - gm[inv], 0.0)
+    sxx = np.bincount(inv, w * dx * dx, n)
+    sxy = np.bincount(inv, w * dx * dg, n)
+    pooled = float(sxy.sum() / sxx.sum()) if sxx.sum() > 0 else 0.0
+    var = _robust_var(np.where(ok, dg - pooled * dx, np.nan), inv, n)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision = sxx / var + slope_sigma**-2
+        slope = (sxy / var + pooled / slope_sigma**2) / precision
+    slope = np.where(np.isfinite(slope), slope, pooled)
+    scatter = np.sqrt(_robust_var(np.where(ok, dg - slope[inv] * dx, np.nan), inv, n))
+    return {"intercept": gm - slope * xm, "slope": slope, "scatter": scatter,
+            "slope_err": np.where(np.isfinite(precision), precision**-0.5, slope_sigma),
+            "pooled": pooled}
 
 
 def _median(values, default):

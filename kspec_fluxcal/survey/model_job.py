@@ -453,13 +453,29 @@ def _residual_round(client, solved, batches, huber, archive, spec, store, curves
     return out
 
 
+def outliers_kept(plan, fit):
+    """The targets to recalibrate, and those left with their own calibration: exposures the
+    fit flagged as outliers (their standards' shape further from the model than 1.5 x
+    ``[model] huber`` times the expected residual): the model does not describe them (a
+    real change of the instrument, or a bad exposure), and combining them with it moved
+    their calibration away from their own truth."""
+    flagged = set(np.asarray(plan.own["expid"])[np.asarray(fit["outlier"], bool)])
+    keep = [t for t in plan.targets if t[0]["info"]["expid"] not in flagged]
+    return keep, sorted({t[0]["info"]["expid"] for t in plan.targets} & flagged)
+
+
 def _recalibrate(client, plan, fit, writer, report, config, *, utc, catalog, provenance,
                  progress, flush):
     """The recalibrate-<EXPID> tasks of a setup, committed to the archive as they finish."""
     model = client.scatter(fit["model"], broadcast=True)
     levels = client.scatter(fit["levels"], broadcast=True)
+    targets, kept = outliers_kept(plan, fit)
+    for expid in kept:
+        report.notes.setdefault(expid, []).append(
+            "survey model: an outlier (its standards' shape far from the model): its own "
+            "calibration kept")
     futures = {}
-    for entry, row, fields in plan.targets:
+    for entry, row, fields in targets:
         expid = entry["info"]["expid"]
         key = f"recalibrate-{expid}-{token(plan.model_id, entry['input_hash'], entry['out'])}"
         futures[client.submit(
@@ -518,12 +534,10 @@ def _finish(plan, fit, writer, config):
                  "seeing": own["seeing"], "n_stars": own["n_stars_used"],
                  "grey": fit["grey"], "grey_model": _grey_model(levels, own),
                  "weight": fit["huber"], "outlier": fit["outlier"],
+                 "grey_outlier": levels.grey_outlier,
                  "residual_rms": np.sqrt(fit["mean_square"])}
     night_table = {"night": np.array(nights), **_night_columns(nights, own, fit, table, mine)}
-    # Photometric: the grey factors follow their line within the limit (3 exposures at least).
-    night_table["photometric"] = ((levels.of(nights)["scatter"]
-                                   <= config.model.photometric_scatter)
-                                  & (night_table["n_exposures"] >= 3))
+    night_table["photometric"] = _photometric(nights, own, levels, night_table, config)
     fit["store"].finish(model, levels, exposures, night_table,
                         {"model_id": plan.model_id, "solution": model.identity()})
     return {
@@ -531,6 +545,19 @@ def _finish(plan, fit, writer, config):
         "outliers": int(fit["outlier"].sum()), "tau": float(np.sqrt(np.median(model.tau2))),
         "sigma_star": float(np.sqrt(np.median(model.star_var))), "model_id": plan.model_id,
         **fit.get("counts", {"recalibrated": 0, "model_only": 0})}
+
+
+def _photometric(nights, own, levels, night_table, config):
+    """Nights whose grey factors follow their line against airmass (3 exposures at least)
+    within ``[model] photometric_scatter``, or what the standards' own aperture losses
+    scatter by over their number (1.5 x ``[combine] aperture_scatter`` / sqrt(median
+    standards per exposure)): nights of one or two standards per exposure scatter by more
+    than 3 % without a cloud."""
+    stars = np.array([np.median(own["n_stars_used"][own["night"] == night])
+                      if np.any(own["night"] == night) else 1.0 for night in nights])
+    limit = np.maximum(config.model.photometric_scatter,
+                       1.5 * config.combine.aperture_scatter / np.sqrt(np.maximum(stars, 1)))
+    return (levels.of(nights)["scatter"] <= limit) & (night_table["n_exposures"] >= 3)
 
 
 def _grey_model(levels, own):

@@ -7,14 +7,20 @@ Per night (``night``, with ``mjd``, the mean of its fitted exposures'):
 0), at the night's mean grey level (the standards' fibers' aperture and the night's mean
 transparency), and ``throughput_err`` (fractional); ``extinction`` (night, wavelength),
 mag/airmass, with the night's grey extinction added, and ``extinction_err``;
-``grey_extinction``, ``grey_scatter`` (the grey factors about their line against airmass,
-fractional), ``photometric`` (scatter <= [model] photometric_scatter), ``water`` (H2O column
+``grey_extinction`` and ``grey_extinction_err`` (the slope of the grey factors' line
+against airmass, exposures beyond 3 robust sigmas of it left out; fiber losses that grow
+with airmass, through seeing and refraction, are in it too), ``grey_scatter`` (the grey
+factors about their line, fractional), ``photometric`` (scatter within [model]
+photometric_scatter or 1.5 x [combine] aperture_scatter / sqrt(standards per exposure), the
+larger), ``water`` (H2O column
 per airmass), ``lsf_scale``, ``n_exposures``, ``n_outliers``, ``median_residual`` (median
 shape residual rms, fractional) and the spectrophotometric check's night medians
 ``sphot_g``, ``sphot_r``, ``sphot_i`` (mag; of the exposures calibrated in the run).
 Per exposure fitted (``exposure``, indexed by ``expid``): ``exposure_night``,
 ``exposure_mjd``, ``airmass``, ``seeing``, ``n_stars``, ``grey`` (ln g_e, per second),
-``grey_model`` (the night's line at its airmass), ``weight`` (Huber), ``outlier``,
+``grey_model`` (the night's line at its airmass), ``weight`` (Huber), ``outlier`` (its
+shape: left out of the fit, and not recalibrated with the model), ``grey_outlier`` (its
+grey factor: left out of the night's line, e.g. a cloud),
 ``residual_rms`` and ``residual`` (exposure, fit_wavelength: ln own - ln model, the grey
 removed).
 Survey-wide: ``chromatic`` (term, wavelength): ln response change per arcsec of seeing above
@@ -176,6 +182,7 @@ class ModelStoreWriter:
 
     def _night_columns(self, nights, level, grey_k):
         extra = {"grey_extinction": (grey_k, "mag/airmass"),
+                 "grey_extinction_err": (level["slope_err"] / MAG_TO_LN, "mag/airmass"),
                  "grey_scatter": (level["scatter"], "1"),
                  "water": (level["water"], "airmass x reference water column / airmass"),
                  "lsf_scale": (level["lsf"], "1")}
@@ -252,4 +259,6 @@ def open_model(path, setup=None):
     for variable in ds.variables.values():
         if variable.ndim <= 1:
             variable.load()  # in place
+    if ds.sizes.get("exposure", 0):  # in time order, as the archive (stored as fitted)
+        ds = ds.sortby("exposure_mjd")
     return ds.set_xindex("expid")
