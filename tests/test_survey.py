@@ -296,31 +296,62 @@ def test_survey_on_local_cluster(survey, reference, client):
 
 
 @pytest.mark.cluster
-def test_graph_has_named_tasks_a_scattered_catalog_and_library_futures(survey, reference):
+def test_graph_has_named_tasks_a_catalog_task_and_library_futures(survey, reference):
     _, _, graph = reference
     prepare = sorted(k for k in graph.computed if k.startswith("library-"))
     calibrate = sorted(k for k in graph.computed if k.startswith("calibrate-"))
+    catalog = sorted(k for k in graph.computed if k.startswith("catalog-"))
     # One library task for the configuration (both setups: 3500-8500 A, served by the
-    # 3000-9000 A library), one calibrate task per exposure.
+    # 3000-9000 A library), one calibrate task per exposure, one catalog task.
     assert [k.rsplit("-", 1)[0] for k in prepare] == ["library-3000-9000"]
     assert [k.rsplit("-", 1)[0] for k in calibrate] == sorted(
         f"calibrate-{e}" for e in _expids(survey))
-    assert graph.computed == set(prepare) | set(calibrate), graph.computed
+    assert len(catalog) == 1
+    assert graph.computed == set(prepare) | set(calibrate) | set(catalog), graph.computed
     print(f"graph: {len(graph.computed)} tasks for {N_EXPOSURES} exposures "
-          f"({len(graph.computed) / N_EXPOSURES:.2f} per exposure) + the scattered catalog")
-    # Each calibrate task depends on the library and the one scattered catalog: both are
-    # futures, not data embedded in the task.
-    catalogs = set()
+          f"({len(graph.computed) / N_EXPOSURES:.2f} per exposure)")
+    # Each calibrate task depends on the library and the one catalog task's result: both
+    # are futures (a task the scheduler can run again), not data embedded in the task.
     for key in calibrate:
         deps = graph.dependencies[key]
         assert len(deps) == 2
         (mine,) = [d for d in deps if d.startswith("library-")]
-        catalogs |= deps - {mine}
-    (catalog,) = catalogs
-    assert catalog not in graph.computed  # scattered, never a task
-    assert len(graph.holders[catalog]) == 2  # broadcast to both workers up front
+        assert deps - {mine} == set(catalog)
     # Both workers calibrated exposures.
     assert len({graph.processing_on[k][-1] for k in calibrate}) == 2
+
+
+@pytest.mark.cluster
+def test_every_worker_killed_at_once_loses_no_exposure(survey, cube, reference, client,
+                                                       tmp_path, workers_back):
+    """SIGKILL both workers at once after the first results (an OOM kill of the node): a
+    scattered catalog died with them and every exposure still to do failed ('already
+    forgotten'); the catalog is a task the scheduler runs again, and all are calibrated as
+    in the undisturbed run."""
+    out = tmp_path / "out"
+    pids = client.run(os.getpid)
+    killed = []
+
+    def killer():
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not killed:
+            if len(_outputs(out)) >= 2:
+                for pid in pids.values():
+                    os.kill(pid, signal.SIGKILL)
+                killed.extend(pids)
+                return
+            time.sleep(0.005)
+
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        report = _run(survey, cube, out, client)
+    finally:
+        thread.join()
+    assert killed, "the run finished before the workers could be killed"
+    assert report.ok, report.failed
+    assert sorted(report.calibrated) == sorted(_expids(survey))
+    _assert_rows_equal(_archive_table(out), _archive_table(reference[0]))
 
 
 @pytest.mark.cluster
@@ -702,6 +733,14 @@ def test_notes_go_to_a_file_named_in_the_summary(tmp_path):
     assert saved["notes"] == {"E1": ["fiber 3 skipped"], "E3": ["other"]}
     assert saved["failed"] == {}
     assert "1 exposure(s) with notes in this run" in second.summary()
+
+
+def test_a_summary_lists_the_first_failures_and_counts_the_rest():
+    """5080 duplicate EXPIDs made a summary of 5080 lines."""
+    report = SurveyReport(failed={f"F{k:03d}.fits": "duplicate EXPID" for k in range(60)})
+    lines = report.summary().splitlines()
+    assert sum(line.strip().startswith("FAILED") for line in lines) == report.LISTED
+    assert lines[-1].strip() == f"... and {60 - report.LISTED} more failure(s)"
 
 
 def test_notes_and_quality_keep_the_survey_across_runs(tmp_path):

@@ -246,6 +246,18 @@ def test_shape_outliers_keep_their_own_calibration():
     assert [t[0]["info"]["expid"] for t in keep] == ["E1", "E4"] and kept == ["E2"]
 
 
+def test_a_killed_jobs_temporary_model_group_is_removed(tmp_path):
+    """SIGKILL leaves the group being written; the next writer of the store removes it."""
+    from kspec_fluxcal.survey.model_store import ModelStoreWriter
+
+    first = ModelStoreWriter(tmp_path / "model.zarr", "s1", SPEC.loglam, 3)
+    assert first.tmp.exists()  # killed here: no abandon(), no finish()
+    second = ModelStoreWriter(tmp_path / "model.zarr", "s1", SPEC.loglam, 3)
+    assert not first.tmp.exists() and second.tmp.exists()
+    second.abandon()
+    assert not any(p.name.startswith(".kspec-tmp") for p in (tmp_path / "model.zarr").iterdir())
+
+
 def test_refraction_is_one_amplitude_of_the_physical_shape_and_spares_the_extinction():
     """Refraction loses light as a tan^2 z shape(lambda) (a star positioned at the guide
     wavelength): the model fits that amplitude and leaves the extinction where it is."""

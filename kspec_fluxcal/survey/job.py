@@ -123,9 +123,10 @@ def plan_survey(paths, *, lake, catalog_hash, grid_plan, config, read=None):
     return entries, failures
 
 
-def read_for_plan(paths):
+def read_for_plan(paths, bar=None):
     """What planning needs of each file: ``(info, content hash, None)``, or ``(None, None,
-    reason)`` for a file that cannot be read (:func:`plan_survey`)."""
+    reason)`` for a file that cannot be read (:func:`plan_survey`); ``bar``: a
+    :class:`Progress` updated per file."""
     from ..exposure import read_exposure_info
 
     out = []
@@ -136,7 +137,14 @@ def read_for_plan(paths):
             out.append((None, None, str(err)))
         except Exception as err:  # anything astropy or the OS raises: report, go on
             out.append((None, None, f"{path}: unreadable ({type(err).__name__}: {err})"))
+        if bar is not None:
+            bar.update(out[-1][2] is None)
     return out
+
+
+#: Lakes of more RED files than this show the client's reading of them for the plan
+#: (~4 ms a file: 2 s).
+PLAN_PROGRESS = 500
 
 
 #: Lakes of more RED files than this are read for the plan on the cluster, in ``plan-*``
@@ -344,8 +352,12 @@ def _survey(lake, out, config, *, catalog, grid, resume, pattern, progress, flus
         raise InputError(lake, None, f"no RED file matches {pattern or config.survey.pattern!r}")
     inputs = SimpleNamespace(catalog=read_catalog(catalog_path),
                              xp=None if xp is None else read_xp(xp), grid=grid,
-                             grid_plan=str(grid_ds.attrs.get("build_plan")), cache_dir=cache_dir)
+                             grid_plan=str(grid_ds.attrs.get("build_plan")), cache_dir=cache_dir,
+                             # absolute: a worker's working directory may be another
+                             catalog_path=catalog_path.absolute(),
+                             xp_path=None if xp is None else Path(xp).absolute())
     catalog_hash = _file_hash(catalog_path) + ("" if xp is None else _file_hash(xp))
+    inputs.catalog_hash = catalog_hash
 
     def plan(read):
         job = _plan(paths, read, lake=lake, out=out, config=config, resume=resume,
@@ -357,7 +369,8 @@ def _survey(lake, out, config, *, catalog, grid, resume, pattern, progress, flus
         _work(client, job, inputs, config, out, progress, flush)
 
     if len(paths) <= PLAN_ON_CLUSTER:
-        job = plan(read_for_plan(paths))
+        job = plan(read_for_plan(paths, Progress(len(paths), progress and len(paths) >
+                                                 PLAN_PROGRESS, "RED files", "read")))
         if job.todo or job.model_work:
             job.report.dashboard = on_cluster(lambda client: work(client, job),
                                               progress=progress, **cluster)
@@ -423,11 +436,15 @@ def _whole_product(path):
 def _work(client, job, inputs, config, out, progress, flush):
     """The job's work on the cluster: the first pass, the survey model, the fallback."""
     utc = config.survey.utc_offset
-    # Once, to every worker; a restarted worker gets it from a peer. XP spectra travel with
-    # the catalog to the first pass, as one object.
-    catalog_future = client.scatter(inputs.catalog, broadcast=True)
-    first = catalog_future if inputs.xp is None else client.scatter(
-        SimpleNamespace(catalog=inputs.catalog, xp=inputs.xp), broadcast=True)
+    # Read by a task (checked on the client first), not scattered: when every worker holding
+    # a scattered copy died at once (an OOM kill, a node), it was gone, and every exposure
+    # still to do failed ("already forgotten"); a task's result the scheduler makes again.
+    # XP spectra travel with the catalog to the first pass, as one object.
+    tag = inputs.catalog_hash[:16]
+    catalog_future = client.submit(_read_inputs, inputs.catalog_path, None,
+                                   key=f"catalog-{tag}")
+    first = catalog_future if inputs.xp is None else client.submit(
+        _read_inputs, inputs.catalog_path, inputs.xp_path, key=f"catalog-xp-{tag}")
     _run_graph(client, job.todo, first, (inputs.grid, inputs.grid_plan, inputs.cache_dir),
                config, job.writer, job.report, utc, progress, flush)
     if config.model.enabled:
@@ -440,6 +457,15 @@ def _work(client, job, inputs, config, out, progress, flush):
         from .fallback import run_fallback
 
         run_fallback(client, job.todo, job.writer, job.report, config, utc, progress)
+
+
+def _read_inputs(catalog_path, xp_path):
+    """The catalog (with XP spectra: both, as one object) read on a worker."""
+    from ..catalog import read_catalog
+    from ..xp import read_xp
+
+    catalog = read_catalog(catalog_path)
+    return catalog if xp_path is None else SimpleNamespace(catalog=catalog, xp=read_xp(xp_path))
 
 
 def _model_pending(out, entries, writer, config):

@@ -453,6 +453,11 @@ def _residual_round(client, solved, batches, huber, archive, spec, store, curves
     return out
 
 
+def _held(value):
+    """``value`` itself, as a task's result."""
+    return value
+
+
 def outliers_kept(plan, fit):
     """The targets to recalibrate, and those left with their own calibration: exposures the
     fit flagged as outliers (their standards' shape further from the model than 1.5 x
@@ -467,8 +472,10 @@ def outliers_kept(plan, fit):
 def _recalibrate(client, plan, fit, writer, report, config, *, utc, catalog, provenance,
                  progress, flush):
     """The recalibrate-<EXPID> tasks of a setup, committed to the archive as they finish."""
-    model = client.scatter(fit["model"], broadcast=True)
-    levels = client.scatter(fit["levels"], broadcast=True)
+    # In tasks the scheduler can run again, not scattered copies that die with the workers
+    # holding them (see survey.job._work).
+    model = client.submit(_held, fit["model"], key=f"model-held-{plan.model_id}")
+    levels = client.submit(_held, fit["levels"], key=f"model-levels-{plan.model_id}")
     targets, kept = outliers_kept(plan, fit)
     for expid in kept:
         report.notes.setdefault(expid, []).append(

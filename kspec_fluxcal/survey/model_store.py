@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -89,8 +90,12 @@ class ModelStoreWriter:
                 zarr.open_group(tmp, mode="w").attrs.update(
                     {"title": MODEL_TITLE, "groups": "one per setup"})
         self.final = self.path / _setup_group(setup)
-        self.tmp = Path(tempfile.mkdtemp(prefix=f".kspec-tmp-{self.final.name}.",
-                                          dir=self.path))
+        prefix = f".kspec-tmp-{self.final.name}."
+        # A job killed while writing (SIGKILL: no clean-up) left its group; the survey's
+        # lock makes this job the only writer of the store.
+        for stale in self.path.glob(f"{prefix}*"):
+            shutil.rmtree(stale, ignore_errors=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=self.path))
         self.group = zarr.open_group(self.tmp, mode="w")
         wave = np.exp(fit_loglam)
         self._array("fit_wavelength", ("fit_wavelength",), wave, {"units": "Angstrom"})
@@ -194,8 +199,6 @@ class ModelStoreWriter:
 
     def abandon(self):
         """Remove the temporary group (the job failed before :meth:`finish`)."""
-        import shutil
-
         shutil.rmtree(self.tmp, ignore_errors=True)
 
 

@@ -92,7 +92,10 @@ class SurveyReport:
         if self.notes or self.notes_file:
             where = f"; notes and failures: {self.notes_file}" if self.notes_file else ""
             lines.append(f"  {len(self.notes)} exposure(s) with notes in this run{where}")
-        lines += [f"  {line}" for line in self.failure_lines(limit=None)]
+        lines += [f"  {line}" for line in self.failure_lines()]
+        if len(self.failed) > self.LISTED:  # 5000 duplicate files are not 5000 lines
+            lines.append(f"  ... and {len(self.failed) - self.LISTED} more failure(s)"
+                         + (f": {self.notes_file}" if self.notes_file else ""))
         return "\n".join(lines)
 
     def failure_lines(self, limit=LISTED):
