@@ -145,6 +145,16 @@ def _run(survey, cube, out, client, **kwargs):
                       out=out, client=client, **kwargs)
 
 
+def _run_with(killer, survey, cube, out, client):
+    """:func:`_run` while ``killer`` (a thread's target) acts on the cluster."""
+    thread = threading.Thread(target=killer, daemon=True)
+    thread.start()
+    try:
+        return _run(survey, cube, out, client)
+    finally:
+        thread.join()
+
+
 def _survey_args(survey, cube, out, *extra, lake=None):
     sv, _ = survey
     return ["survey", str(lake or sv / "lake"), "--catalog", str(sv / "catalog.csv"),
@@ -342,12 +352,7 @@ def test_every_worker_killed_at_once_loses_no_exposure(survey, cube, reference, 
                 return
             time.sleep(0.005)
 
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
-    try:
-        report = _run(survey, cube, out, client)
-    finally:
-        thread.join()
+    report = _run_with(killer, survey, cube, out, client)
     assert killed, "the run finished before the workers could be killed"
     assert report.ok, report.failed
     assert sorted(report.calibrated) == sorted(_expids(survey))
@@ -380,12 +385,9 @@ def test_worker_killed_mid_task_is_retried_elsewhere(survey, cube, reference, cl
 
     recorder = GraphRecorder(cluster.scheduler)
     cluster.scheduler.add_plugin(recorder)
-    thread = threading.Thread(target=killer, daemon=True)
-    thread.start()
     try:
-        report = _run(survey, cube, out, client)
+        report = _run_with(killer, survey, cube, out, client)
     finally:
-        thread.join()
         cluster.scheduler.remove_plugin(name=recorder.name)
     assert killed, "the run finished before a worker could be killed"
     assert report.ok, report.failed
