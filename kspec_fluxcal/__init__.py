@@ -25,6 +25,7 @@ from .errors import (  # noqa: F401 (public: __all__ lists errors.__all__)
     InputError,
     OutputExistsError,
     OutputLockedError,
+    SchedulerLostError,
 )
 
 #: Public name -> the module (in this package) that defines it.

@@ -20,6 +20,7 @@ __all__ = [
     "ArgumentError",
     "OutputExistsError",
     "OutputLockedError",
+    "SchedulerLostError",
     "DownloadError",
     "FluxCalWarning",
 ]
@@ -113,6 +114,11 @@ class OutputExistsError(FluxCalError, FileExistsError):
 
 class OutputLockedError(FluxCalError):
     """Another job is writing to the same output directory (it holds the lock file)."""
+
+
+class SchedulerLostError(FluxCalError):
+    """The survey job lost its Dask scheduler: it stops, what finished is committed, and
+    ``--resume`` on a live cluster finishes the rest."""
 
 
 class DownloadError(FluxCalError):

@@ -737,6 +737,27 @@ def test_notes_go_to_a_file_named_in_the_summary(tmp_path):
     assert "1 exposure(s) with notes in this run" in second.summary()
 
 
+def test_a_lost_scheduler_stops_the_job_with_its_own_error():
+    """A task cancelled because the scheduler is gone is not a failure of its exposure (they
+    were recorded as failed and the job went on to a confusing error 20 s later)."""
+    from types import SimpleNamespace
+
+    from kspec_fluxcal.errors import SchedulerLostError
+    from kspec_fluxcal.survey.tasks import check_scheduler
+
+    client = SimpleNamespace(status="running", scheduler=SimpleNamespace(address="tcp://h:1"))
+    done = SimpleNamespace(status="finished")
+    cancelled = SimpleNamespace(status="cancelled")
+    check_scheduler(client, done, {})
+    check_scheduler(client, cancelled, RuntimeError("worker died thrice"))  # its own failure
+    with pytest.raises(SchedulerLostError, match=r"lost the Dask scheduler \(tcp://h:1\).*"
+                       r"--resume"):
+        check_scheduler(client, cancelled, "cancelled for reason: scheduler-connection-lost")
+    client.status = "connecting"
+    with pytest.raises(SchedulerLostError):
+        check_scheduler(client, cancelled, None)
+
+
 def test_a_summary_lists_the_first_failures_and_counts_the_rest():
     """5080 duplicate EXPIDs made a summary of 5080 lines."""
     report = SurveyReport(failed={f"F{k:03d}.fits": "duplicate EXPID" for k in range(60)})

@@ -4,9 +4,11 @@ settings, a quiet sizeof logger), or a running scheduler; and running the job's 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
+import traceback
 from pathlib import Path
 
 from .._signals import starting_workers
@@ -74,6 +76,16 @@ QUIETED = {"distributed.sizeof": "Defaulting to -1 B",
            "distributed.worker": "Failed to communicate with scheduler during heartbeat"}
 
 
+class _DropCancelledReconnect(logging.Filter):
+    """Drops the client's traceback of its reconnection, cancelled when the job closes it
+    after losing the scheduler (the job says so itself: SchedulerLostError)."""
+
+    def filter(self, record):
+        err = record.exc_info[1] if record.exc_info else None
+        return not (isinstance(err, asyncio.CancelledError)
+                    and "_reconnect" in "".join(traceback.format_tb(err.__traceback__)))
+
+
 def quiet_known_messages():
     """Install the filters of :data:`QUIETED` in this process (once)."""
     for name, fragment in QUIETED.items():
@@ -81,6 +93,9 @@ def quiet_known_messages():
         if not any(isinstance(f, _DropMessage) and f.fragment == fragment
                    for f in logger.filters):
             logger.addFilter(_DropMessage(fragment))
+    client = logging.getLogger("distributed.client")
+    if not any(isinstance(f, _DropCancelledReconnect) for f in client.filters):
+        client.addFilter(_DropCancelledReconnect())
 
 
 def dask_setup(worker):

@@ -45,15 +45,17 @@ from .. import __version__
 from .._atomic import check_output_directory
 from .._lock import exclusive
 from ..config import Config, load_config
-from ..errors import FluxCalError, InputError
+from ..errors import FluxCalError, InputError, SchedulerLostError
 from .cluster import as_completed_pairs, on_cluster
 from .report import SurveyReport, write_notes
 from .tasks import (
     FLUSH_EVERY,
     FLUSH_INTERVAL,
     Progress,
+    check_scheduler,
     collect,
     run_task,
+    scheduler_lost,
     task_failure,
     token,
 )
@@ -166,6 +168,7 @@ def _read_on_cluster(client, paths, progress):
     with as_completed_pairs(client, futures) as pairs:
         for future, result in pairs:
             k = futures[future]
+            check_scheduler(client, future, result)
             if future.status != "finished":  # its workers kept dying: unreadable here
                 result = [(None, None, f"{p}: {task_failure(result)}") for p in batches[k]]
             read[k] = result
@@ -434,7 +437,19 @@ def _whole_product(path):
 
 
 def _work(client, job, inputs, config, out, progress, flush):
-    """The job's work on the cluster: the first pass, the survey model, the fallback."""
+    """The job's work on the cluster: the first pass, the survey model, the fallback (a
+    lost scheduler, whatever Dask raised for it, is said as such)."""
+    try:
+        _first_pass_and_model(client, job, inputs, config, out, progress, flush)
+    except SchedulerLostError:
+        raise
+    except Exception as err:
+        if client.status != "running":
+            raise scheduler_lost(client) from err
+        raise
+
+
+def _first_pass_and_model(client, job, inputs, config, out, progress, flush):
     utc = config.survey.utc_offset
     # Read by a task (checked on the client first), not scattered: when every worker holding
     # a scattered copy died at once (an OOM kill, a node), it was gone, and every exposure

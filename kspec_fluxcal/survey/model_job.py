@@ -45,7 +45,7 @@ from ..errors import FluxCalError
 from .cluster import as_completed_pairs
 from .levels import fit_levels
 from .model import MAG_TO_LN, ModelSpec, exposure_statistics, residuals, solve
-from .tasks import Progress, collect, run_task, token
+from .tasks import Progress, check_scheduler, collect, run_task, token
 from .weights import error_model, error_sums, huber_weights, point_weights
 
 __all__ = ["run_model", "stale_exposures", "fit_archive"]
@@ -439,6 +439,7 @@ def _residual_round(client, solved, batches, huber, archive, spec, store, curves
                for k, (part, batch) in enumerate(batches)}
     with as_completed_pairs(client, futures) as pairs:
         for future, result in pairs:
+            check_scheduler(client, future, result)
             if future.status != "finished":
                 raise FluxCalError(f"survey model: task {future.key} failed ({result!r})")
             k, part = futures[future]
