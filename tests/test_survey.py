@@ -758,6 +758,33 @@ def test_a_lost_scheduler_stops_the_job_with_its_own_error():
         check_scheduler(client, cancelled, None)
 
 
+def test_notes_and_quality_are_saved_as_the_run_goes(tmp_path):
+    """A job killed by SIGKILL runs no clean-up: notes.json and quality.csv are saved at
+    archive commits (at most every CHECKPOINT s), so that it loses at most that much."""
+    report = SurveyReport(out=tmp_path, planned=["E1", "E2"], fitted=["E1"],
+                          calibrated=["E1"], notes={"E1": ["a note"]},
+                          quality={"E1": {"grade": "A", "used": 2, "standards": 2,
+                                          "fcalrms": 0.01, "fcalmerr": 0.02, "fcallsf": 1.0}})
+    report.checkpoint()
+    assert json.loads((tmp_path / "notes.json").read_text())["notes"] == {"E1": ["a note"]}
+    assert "E1,calibrated,A" in (tmp_path / "quality.csv").read_text()
+    report.notes["E2"] = ["later"]
+    report.checkpoint()  # within CHECKPOINT s of the last save: nothing written
+    assert "E2" not in (tmp_path / "notes.json").read_text()
+    report.save()
+    assert json.loads((tmp_path / "notes.json").read_text())["notes"]["E2"] == ["later"]
+
+
+def test_an_earlier_model_stages_notes_go_once_it_succeeds(tmp_path):
+    first = SurveyReport(calibrated=["E1"], fitted=["E1"], planned=["E1"], notes={"E1": [
+        "fiber 3 skipped", "survey model recalibration failed, own calibration kept: x"]})
+    write_notes(tmp_path, first)
+    second = SurveyReport(calibrated=["E1"], planned=["E1"])  # recalibrated, not refitted
+    write_notes(tmp_path, second)
+    assert json.loads((tmp_path / "notes.json").read_text())["notes"] == {
+        "E1": ["fiber 3 skipped"]}
+
+
 def test_a_summary_lists_the_first_failures_and_counts_the_rest():
     """5080 duplicate EXPIDs made a summary of 5080 lines."""
     report = SurveyReport(failed={f"F{k:03d}.fits": "duplicate EXPID" for k in range(60)})

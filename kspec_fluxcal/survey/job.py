@@ -47,7 +47,7 @@ from .._lock import exclusive
 from ..config import Config, load_config
 from ..errors import FluxCalError, InputError, SchedulerLostError
 from .cluster import as_completed_pairs, on_cluster
-from .report import SurveyReport, write_notes
+from .report import SurveyReport
 from .tasks import (
     FLUSH_EVERY,
     FLUSH_INTERVAL,
@@ -329,8 +329,7 @@ def run_survey(lake, *, catalog, grid, out, config=None, scheduler=None, workers
             # Also when interrupted: the notes and quality of what finished (committed to
             # the archive in the same finally of the collection) are not lost.
             if planned:
-                write_notes(out, planned[0])
-                quality = planned[0].write_quality(out / "quality.csv")
+                quality = planned[0].save()
     report.elapsed = time.time() - start
     if progress:
         print(report.summary(), flush=True)
@@ -400,7 +399,7 @@ def _plan(paths, read, *, lake, out, config, resume, progress, catalog_hash, gri
     entries, failed = plan_survey(paths, lake=lake, catalog_hash=catalog_hash,
                                   grid_plan=grid_plan, config=config, read=read)
     writer = ArchiveWriter(out / "archive.zarr")
-    report = SurveyReport(failed=dict(failed), archive=writer.path,
+    report = SurveyReport(failed=dict(failed), archive=writer.path, out=out,
                           planned=[entry["info"]["expid"] for entry in entries])
     todo = []
     for entry in entries:

@@ -51,6 +51,8 @@ class SurveyReport:
         Link to the Dask dashboard (None when nothing had to be computed).
     elapsed : float
         Seconds.
+    out : pathlib.Path or None
+        The survey's output directory, where :meth:`save` writes (set by the job).
     """
 
     calibrated: list = field(default_factory=list)
@@ -67,6 +69,25 @@ class SurveyReport:
     notes_file: Path | None = None
     dashboard: str | None = None
     elapsed: float = 0.0
+    out: Path | None = None
+    _saved_at: float = field(default=-float("inf"), repr=False)
+
+    #: Seconds between saves of ``notes.json`` and ``quality.csv`` during a run
+    #: (:meth:`checkpoint`): a job killed by SIGKILL runs no clean-up and loses at most
+    #: that much of them (it lost all of its run's).
+    CHECKPOINT = 30.0
+
+    def save(self):
+        """Write ``out/notes.json`` and ``out/quality.csv``; returns the latter's path."""
+        write_notes(self.out, self)
+        self._saved_at = time.monotonic()
+        return self.write_quality(Path(self.out) / "quality.csv")
+
+    def checkpoint(self):
+        """:meth:`save` when :attr:`CHECKPOINT` seconds have passed since the last (after an
+        archive commit: they then describe what is committed)."""
+        if self.out is not None and time.monotonic() - self._saved_at >= self.CHECKPOINT:
+            self.save()
 
     @property
     def ok(self):
@@ -178,8 +199,8 @@ def write_notes(out, report):
     The file maps EXPID (or, for files that could not be planned, their path under the
     lake) to notes (``"notes"``) and to the reason of a failure (``"failed"``). An exposure
     whose standards were fitted in this run (:attr:`SurveyReport.fitted`) gets this run's
-    notes only; one only recalibrated with the survey model keeps its notes and gets the
-    new ones added; one skipped as up to date keeps its notes. Failures are this run's and
+    notes only; one only recalibrated with the survey model keeps its notes, but for an
+    earlier model stage's, and gets the new ones added; one skipped as up to date keeps its notes. Failures are this run's and
     those of the survey's exposures it did not reach (an interrupted run); entries of
     exposures no longer in the lake are dropped.
 
@@ -205,6 +226,10 @@ def write_notes(out, report):
     fitted, planned = set(report.fitted), set(report.planned)
     notes = {k: v for k, v in saved.get("notes", {}).items()
              if k not in fitted and (not planned or k in planned)}
+    for expid in set(report.calibrated) & set(notes):
+        # Calibrated in this run with the survey model: the notes of an earlier run's model
+        # stage (a failed recalibration...) no longer hold; this run's are added below.
+        notes[expid] = [n for n in notes[expid] if not n.lower().startswith("survey model")]
     for expid, new in report.notes.items():
         notes[expid] = list(dict.fromkeys(notes.get(expid, []) + list(new)))
     holds = report._still_holds()

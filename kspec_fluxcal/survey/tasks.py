@@ -170,6 +170,7 @@ def collect(client, futures, writer, report, handle, flush=(FLUSH_EVERY, FLUSH_I
                         pending and time.monotonic() - last >= flush_interval):
                     batch, pending = pending, []
                     writer.append(batch)
+                    report.checkpoint()
                     last = time.monotonic()
     finally:
         # Also on Ctrl-C or a lost scheduler: keep what has finished.
