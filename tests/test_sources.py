@@ -171,6 +171,7 @@ def test_ck04_converts_to_a_bosz_layout_the_pipeline_opens(ck04):
         STEFAN_BOLTZMANN * 6000.0**4, rel=0.01)
     grid = open_grid(build_grid(bosz, root / "ck04.zarr", progress=False))
     assert grid.attrs["resolving_power"] == 500.0 and "Castelli" in grid.attrs["title"]
+    assert "convert_ck04" in grid.attrs["conversion"]  # the converter's notes travel along
     on_cube = grid["flux"].sel(teff=6000.0, logg=4.5, feh=-0.5, alpha=0.0)
     k = int(np.searchsorted(grid["wavelength"].values, 5500.0))
     assert float(on_cube[k]) == pytest.approx(np.interp(grid["wavelength"].values[k], wave, flux),

@@ -342,7 +342,11 @@ def _up_to_date(out, plan, overwrite, progress, n_models):
 def _store_attrs(bosz_dir, scan, wave, plan):
     models = scan["models"]
     title, reference, synthetic = _provenance(bosz_dir)
-    return {
+    marker = Path(bosz_dir) / CK04_MARKER
+    # A converted grid's own notes (its source, its continuum stand-in, vacuum -> air): the
+    # cube alone must say what it is.
+    conversion = {"conversion": marker.read_text()} if marker.exists() else {}
+    return {**conversion,
         "title": title,
         "synthetic": int(synthetic),
         "source_directory": str(Path(bosz_dir).resolve()),
