@@ -284,19 +284,20 @@ def extension_raw(path, name):
     return found[0][1] if found else None
 
 
-def extensions_raw(path):
+def extensions_raw(path, skip=()):
     """Every extension of a FITS file (gzip-compressed or not), in order, as (EXTNAME in
-    upper case, '' without one; its bytes, verbatim); None when the file cannot be walked
-    (missing, not FITS, cut short)."""
+    upper case, '' without one; its bytes, verbatim, or None for the names in ``skip``,
+    not read); None when the file cannot be walked (missing, not FITS, cut short)."""
     try:
-        return _walk(path)
+        return _walk(path, skip=tuple(n.upper() for n in skip))
     except OSError:  # unreadable, or a damaged gzip stream
         return None
 
 
-def _walk(path, name=None):
+def _walk(path, name=None, skip=()):
     """(EXTNAME, bytes) of the extensions of ``path`` (only the first named ``name`` when
-    given, the others skipped unread); None when a header or data record is cut short."""
+    given, the others skipped unread; bytes None for the names in ``skip``); None when a
+    header or data record is cut short."""
     with open(path, "rb") as raw:
         gzipped = raw.read(2) == b"\x1f\x8b"
     found = []
@@ -311,7 +312,9 @@ def _walk(path, name=None):
             if size is None:
                 return None
             extname = keys.get("EXTNAME", "").upper()
-            if first or (name is not None and extname != name.upper()):
+            if first or (name is not None and extname != name.upper()) or extname in skip:
+                if not first and extname in skip:
+                    found.append((extname, None))
                 first = False
                 f.seek(size, os.SEEK_CUR)
                 continue

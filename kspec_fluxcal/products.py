@@ -88,7 +88,9 @@ def _input_layout(ds, variance):
     layout is made from the Dataset: VARIANCE, WAVELA (unless the solution is a WCS) and
     the FIBRES columns read."""
     source = ds.attrs.get("source")
-    carried = extensions_raw(source) if source and os.path.isfile(source) else None
+    # VARIANCE is made anew: its place only, not its data.
+    carried = (extensions_raw(source, skip=("VARIANCE",)) if source and os.path.isfile(source)
+               else None)
     if not carried or "VARIANCE" not in (name for name, _ in carried):
         wave = _wavelength_hdu(ds)
         return [extension_bytes(variance), *([extension_bytes(wave)] if wave else []),

@@ -93,7 +93,7 @@ def acceptance(obs, prior, scan, model, params, matched, library, config):
     edge_window = fit.teff_window / 3
     # Colours beyond the grid, and the fit at its edge or far from them (on a hole's flat
     # edge, where its Teff means nothing): the vector's slope lacks the missing temperature.
-    astray = np.abs(teff - prior.teff_colour) > fit.teff_window
+    astray = _far_from_colours(teff, prior, config)
     edge = (((prior.teff_colour < lo - edge_window) & ((teff <= lo + 1) | astray))
             | ((prior.teff_colour > hi + edge_window) & ((teff >= hi - 1) | astray)))
     out = []
@@ -152,14 +152,18 @@ def _hole_share(library, params):
     return np.where(present, 0.0, raw).sum(axis=1)
 
 
-def star_flags(params, library, model, config, prior=None):
+def _far_from_colours(teff, prior, config):
+    """Per star: the fitted Teff further than the Teff window from the colour Teff."""
+    return np.abs(teff - prior.teff_colour) > config.fit.teff_window
+
+
+def star_flags(params, library, model, config, prior):
     """Notes on accepted fits: parameters at a grid edge or interpolated across a grid hole,
     Teff far from the colours' (``prior``), no parallax, a throughput outside the
     instrument's plausible range (within the margin), an XP spectrum not used."""
     axes = library_arrays(library)
     holes = _hole_share(library, params)
-    far = (np.abs(params["teff"] - prior.teff_colour) > config.fit.teff_window
-           if prior is not None else np.zeros(len(params["teff"]), bool))
+    far = _far_from_colours(params["teff"], prior, config)
     out = []
     for s in range(len(params["teff"])):
         notes = []

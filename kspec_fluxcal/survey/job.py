@@ -7,8 +7,9 @@ the template library that serves them (:func:`kspec_fluxcal.templates.library_ra
 wavelength range plus the LSF's wings, rounded outward to 500 A, so that every exposure of
 an instrument configuration shares one whatever its exact wavelength solution and line
 spread). Graph: one ``library-<range>`` task per configuration (the template library,
-~10-100 MB, computed once and moved to the workers that need it by the scheduler), the
-catalog scattered once to every worker, and one
+~10-100 MB, computed once and moved to the workers that need it by the scheduler), one
+``catalog-<hash>`` task that reads the catalog (a result the scheduler makes again if every
+worker holding it dies), and one
 ``calibrate-<EXPID>`` task per exposure that fits, combines, applies and writes the
 calibrated FITS file atomically and returns a small archive record: ~1 task per exposure.
 The client commits records to ``archive.zarr`` in batches as tasks finish (at least every
@@ -411,7 +412,7 @@ def _plan(paths, read, *, lake, out, config, resume, progress, catalog_hash, gri
         else:
             todo.append(entry)
     if progress:
-        configurations = len({e["info"]["setup"] for e in entries if "info" in e})
+        configurations = len({e["info"]["setup"] for e in entries})
         print(f"{len(paths)} RED files, {len(todo)} to calibrate, {len(report.skipped)} up to "
               f"date, {len(failed)} refused (unreadable or duplicate); {configurations} "
               "instrument configuration(s) in the lake",

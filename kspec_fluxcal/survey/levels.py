@@ -18,8 +18,9 @@ __all__ = ["Levels", "fit_levels"]
 @dataclasses.dataclass
 class Levels:
     """Per session: Bouguer's line of the grey factors ``g = a + b X`` (ln per second), its
-    scatter, the water column per airmass and the line-spread scale; survey values for
-    nights without exposures with standards. Arrays are per ``labels``."""
+    scatter and slope error, the water column per airmass and the line-spread scale; survey
+    values for nights without exposures with standards. Arrays are per ``labels``, but
+    ``grey_outlier``: per exposure given to :func:`fit_levels`, left out of its line."""
 
     labels: tuple
     intercept: np.ndarray
@@ -30,8 +31,8 @@ class Levels:
     water_scatter: np.ndarray
     lsf: np.ndarray
     survey: dict
-    slope_err: np.ndarray = None
-    grey_outlier: np.ndarray = None  # per exposure given to fit_levels
+    slope_err: np.ndarray
+    grey_outlier: np.ndarray  # per exposure given to fit_levels
 
     #: The per-session quantities (:meth:`of`).
     NAMES = ("intercept", "slope", "scatter", "water", "water_scatter", "lsf", "slope_err")

@@ -294,7 +294,7 @@ def run_model(client, entries, writer, report, config, *, out, utc, catalog, pro
         The survey's output directory (``model.zarr`` goes there).
     utc : float
     catalog : distributed.Future
-        The scattered catalog (the spectrophotometric check).
+        The catalog task's future (the spectrophotometric check).
     provenance : dict
     progress : bool
     flush : (int, float)
