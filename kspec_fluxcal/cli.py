@@ -168,6 +168,9 @@ def _cmd_simulate(args):
 
 def _cmd_calibrate(args):
     with _setting_up():
+        from ._dask_on_demand import defer_dask_lookup
+
+        defer_dask_lookup()  # first: before xarray makes a variable
         import dask
         import dask.threaded
 
@@ -186,7 +189,7 @@ def _cmd_calibrate(args):
         _check_out(args.out)
         config = load_config(args.config)
         catalog = read_catalog(args.catalog)
-        grid = open_grid(args.grid)
+        grid = open_grid(args.grid, chunks=False)  # a cached library reads no template
         xp = read_xp(args.xp) if args.xp else None
 
     def calibrate(path):

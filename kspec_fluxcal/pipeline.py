@@ -180,7 +180,7 @@ def calibrate_exposure(path, catalog, grid, out=None, *, config=None, overwrite=
     if not isinstance(catalog, xr.Dataset):
         catalog = read_catalog(catalog)
     if not isinstance(grid, xr.Dataset):
-        grid = open_grid(grid)
+        grid = open_grid(grid, chunks=False)  # a cached library reads no template
     if xp is not None and not isinstance(xp, xr.Dataset):
         xp = read_xp(xp)
     target = _output_target(path, out, in_place)

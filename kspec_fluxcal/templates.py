@@ -516,7 +516,9 @@ def _build_library(grid, lo, hi, options, max_resolving_power):
     wave_in = grid["wavelength"].values
     keep = np.flatnonzero((wave_in >= lo) & (wave_in <= hi))
     keep = slice(max(int(keep[0]) - 1, 0), int(keep[-1]) + 2)
-    stacked = grid.isel(wavelength=keep).stack(template=PARAMS)
+    # (only what is used: a grid opened without Dask is read whole when stacked)
+    used = grid[["flux", "exists", "synth_mag", "ext_coeff"]]
+    stacked = used.isel(wavelength=keep).stack(template=PARAMS)
     exists = grid["exists"].values
     present = np.flatnonzero(stacked["exists"].values)
     stacked = stacked.isel(template=present)

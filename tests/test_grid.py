@@ -10,7 +10,12 @@ from conftest import SHARED_REAL, requires_shared
 
 from kspec_fluxcal.constants import BANDS
 from kspec_fluxcal.errors import FluxCalWarning, GridError
-from kspec_fluxcal.grid import alpha_response_weights, interpolation_weights, open_grid
+from kspec_fluxcal.grid import (
+    STORE_VARIABLES,
+    alpha_response_weights,
+    interpolation_weights,
+    open_grid,
+)
 from kspec_fluxcal.grid.build import (
     build_grid,
     parse_bosz_filename,
@@ -278,20 +283,38 @@ def test_missing_chunk_is_named_at_open(cube, tmp_path, variable, chunk):
         open_grid(store)
 
 
+@pytest.mark.parametrize("chunks", [None, False], ids=["dask", "no-dask"])
 @pytest.mark.parametrize("variable, chunk, select", [
     ("flux", "c/2/0/0/0/1", {"teff": 2}), ("exists", "c/3/0/0/0", {"teff": 3}),
 ])
-def test_corrupt_chunk_is_named_where_it_is_read(cube, tmp_path, variable, chunk, select):
+def test_corrupt_chunk_is_named_where_it_is_read(cube, tmp_path, variable, chunk, select,
+                                                 chunks):
     """A chunk that does not decode: GridError naming store, variable and chunk (it was
-    'internal error (Zstd decompression error)'), when the data are read."""
+    'internal error (Zstd decompression error)'), when the data are read, with or without
+    Dask."""
     store = _damaged_copy(cube, tmp_path, variable, chunk, "garbage")
-    grid = open_grid(store)
+    grid = open_grid(store, chunks=chunks)
     with pytest.raises(GridError, match=rf"grid\.zarr: variable {variable} chunk {chunk}: "
                                         r"unreadable \(.*\); rebuild with `kspec-fluxcal grid "
                                         r"build`"):
         grid[variable].isel(select).values  # noqa: B018
     # Reading what is intact still works.
     assert np.isfinite(grid["flux"].isel(teff=0, wavelength=slice(0, 10)).values).any()
+
+
+def test_open_without_dask_reads_the_same_values(cube):
+    """``chunks=False`` (the calibrate command's opening: no Dask import) reads, lazily, what
+    the Dask-backed cube holds."""
+    lazy, dasked = open_grid(cube, chunks=False), open_grid(cube)
+    assert lazy["flux"].chunks is None and dasked["flux"].chunks is not None
+    part = {"teff": slice(1, 3), "wavelength": slice(100, 900, 7)}
+    for name in STORE_VARIABLES:
+        np.testing.assert_array_equal(lazy[name].isel({k: v for k, v in part.items()
+                                                       if k in lazy[name].dims}).values,
+                                      dasked[name].isel({k: v for k, v in part.items()
+                                                         if k in dasked[name].dims}).values)
+    assert lazy.attrs == dasked.attrs and lazy.coords.to_dataset().identical(
+        dasked.coords.to_dataset())
 
 
 # ----------------------------------------------------------------------------- [alpha/M]

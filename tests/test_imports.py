@@ -51,9 +51,11 @@ def test_package_import_is_light_and_the_api_whole():
                  # scipy.interpolate (0.1 s with scipy.optimize): B-splines are our own;
                  # scipy.ndimage (0.1 s): median filters for opt-in methods only;
                  # scipy.spatial (0.1 s): a tree for position matches in large catalogs only
+                 # dask.array (0.3-0.5 s): xarray imports it to ask whether data are Dask
+                 # arrays, and the grid is opened without Dask
                  ("distributed", "matplotlib", "bokeh", "scipy.signal", "scipy.stats",
                   "scipy.interpolate", "scipy.optimize", "scipy.ndimage", "scipy.spatial",
-                  "speclite"),
+                  "speclite", "dask.array"),
                  ("scipy",), id="calibrate"),
     pytest.param(lambda i, t: ("calibrate", i["red"], "--catalog", i["catalog"], "--grid",
                                i["cube"], "--out", t / "qc", "--qc"),

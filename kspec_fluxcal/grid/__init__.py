@@ -21,6 +21,7 @@ grid has few arrays, so opening costs a handful of small reads.
 
 from __future__ import annotations
 
+import itertools
 import os
 from pathlib import Path
 
@@ -53,8 +54,9 @@ REBUILD_HINT = "rebuild with `kspec-fluxcal grid build`"
 
 
 class _CheckedChunks:
-    """A Zarr array read by Dask chunk by chunk; a chunk that does not decode is a GridError
-    naming the store, the variable and the chunk (not a codec's bare message)."""
+    """A Zarr array read chunk by chunk (by Dask, or xarray's lazy indexing); a chunk that
+    does not decode is a GridError naming the store, the variable and the chunk (not a
+    codec's bare message)."""
 
     def __init__(self, array, store, name, hint):
         self.array, self.store, self.name, self.hint = array, str(store), name, hint
@@ -64,12 +66,26 @@ class _CheckedChunks:
         try:
             return self.array[key]
         except Exception as err:  # codecs raise RuntimeError, ValueError, TypeError...
-            first = tuple((k.start or 0) // c if isinstance(k, slice) else 0
-                          for k, c in zip(key, self.array.chunks, strict=False))
-            chunk = self.array.metadata.encode_chunk_key(first)
+            chunk = self.array.metadata.encode_chunk_key(self._bad_chunk(key))
             raise GridError(self.store, f"variable {self.name} chunk {chunk}",
                             f"unreadable ({type(err).__name__}: {err})"
                             + (f"; {self.hint}" if self.hint else "")) from None
+
+    def _bad_chunk(self, key):
+        """The first chunk under ``key`` (a tuple of slices and integers) that does not
+        decode: read one by one, only once a read of several has failed."""
+        key = tuple(key) + (slice(None),) * (self.ndim - len(tuple(key)))
+        spans = []
+        for k, size, c in zip(key, self.shape, self.array.chunks, strict=True):
+            lo, hi = (k.indices(size)[:2] if isinstance(k, slice) else (int(k), int(k) + 1))
+            spans.append(range(lo // c, max(hi - 1, lo) // c + 1))
+        for coords in itertools.product(*spans):
+            try:
+                self.array[tuple(slice(i * c, (i + 1) * c)
+                                 for i, c in zip(coords, self.array.chunks, strict=True))]
+            except Exception:
+                return coords
+        return tuple(s[0] for s in spans)
 
 
 def check_chunks(path, names=STORE_VARIABLES, hint=REBUILD_HINT, *, group=None):
@@ -124,8 +140,9 @@ def open_checked_store(path, names=STORE_VARIABLES, *, chunks=None, hint=REBUILD
         A local Zarr v3 store (a directory).
     names : sequence of str
         Variables to check.
-    chunks : dict, optional
-        Dask chunks (default: the store's own).
+    chunks : dict or False, optional
+        Dask chunks (default: the store's own); False: no Dask, the variables read when
+        their values are asked for (xarray's lazy indexing).
     hint : str
         How to repair the store, appended to error messages.
 
@@ -140,25 +157,43 @@ def open_checked_store(path, names=STORE_VARIABLES, *, chunks=None, hint=REBUILD
     GridError
         When the store cannot be opened, or (when it is read) a chunk does not decode.
     """
-    import dask.array as da
     import zarr
-    from dask.base import tokenize
 
     try:
-        ds = xr.open_zarr(path, consolidated=False, chunks={} if chunks is None else chunks)
+        ds = xr.open_zarr(path, consolidated=False,
+                          chunks=None if chunks is False else {} if chunks is None else chunks)
         group = zarr.open_group(path, mode="r")
     except Exception as err:
         raise GridError(path, None, f"not a readable Zarr store ({err})") from None
-    checked = {}
-    for name in names:
-        if name not in ds:
-            continue
-        reader = _CheckedChunks(group[name], path, name, hint)
-        data = da.from_array(reader, chunks=ds[name].chunks, asarray=True, lock=False,
-                             fancy=False, meta=np.empty((0,) * reader.ndim, reader.dtype),
-                             name=f"store-{name}-{tokenize(str(path), ds[name].chunks)}")
-        checked[name] = ds[name].copy(data=data)
+    wrap = _lazily_indexed if chunks is False else _dask_array
+    checked = {name: ds[name].copy(data=wrap(_CheckedChunks(group[name], path, name, hint),
+                                             ds[name], path))
+               for name in names if name in ds}
     return ds.assign(checked), group  # one merge, not one per variable
+
+
+def _dask_array(reader, var, path):
+    import dask.array as da
+    from dask.base import tokenize
+
+    return da.from_array(reader, chunks=var.chunks, asarray=True, lock=False, fancy=False,
+                         meta=np.empty((0,) * reader.ndim, reader.dtype),
+                         name=f"store-{var.name}-{tokenize(str(path), var.chunks)}")
+
+
+def _lazily_indexed(reader, var, path):
+    from xarray.backends import BackendArray
+    from xarray.core import indexing
+
+    class Checked(BackendArray):
+        # xarray's protocol for a backend's arrays: basic (slice) indexing, lazily composed
+        shape, dtype = reader.shape, reader.dtype
+
+        def __getitem__(self, key):
+            return indexing.explicit_indexing_adapter(
+                key, self.shape, indexing.IndexingSupport.BASIC, reader.__getitem__)
+
+    return indexing.LazilyIndexedArray(Checked())
 
 
 def load_checked_store(path, names=STORE_VARIABLES, *, hint=REBUILD_HINT):
@@ -179,11 +214,7 @@ def load_checked_store(path, names=STORE_VARIABLES, *, hint=REBUILD_HINT):
 
         group = zarr.open_group(path, mode="r")
         for name in (n for n in names if n in group):
-            array = group[name]
-            reader = _CheckedChunks(array, path, name, hint)
-            for coords in np.ndindex(*array.cdata_shape):
-                reader[tuple(slice(c * k, (c + 1) * k)
-                             for c, k in zip(coords, array.chunks, strict=True))]
+            _CheckedChunks(group[name], path, name, hint)[(slice(None),) * group[name].ndim]
         raise
 
 
@@ -194,13 +225,15 @@ def open_grid(path, *, chunks=None):
     ----------
     path : path-like
         The Zarr store.
-    chunks : dict, optional
-        Dask chunks (default: the store's own).
+    chunks : dict or False, optional
+        Dask chunks (default: the store's own). False: no Dask (nor its import, a third of
+        a command's start-up); values are read when asked for, as xarray's ``chunks=None``.
+        For a calibration whose template library is cached, which reads no template.
 
     Returns
     -------
     xarray.Dataset
-        Dask-backed; see the module docstring for its variables.
+        Dask-backed (unless ``chunks=False``); see the module docstring for its variables.
 
     Raises
     ------
