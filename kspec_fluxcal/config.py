@@ -502,8 +502,9 @@ def _check_consistency(values, source):
     try:
         telluric_lines(values["telluric"]["lines"])
     except ConfigError as err:
+        place = f"{err.where}: " if err.where else ""
         raise ConfigError(source, "[telluric] lines",
-                          f"{values['telluric']['lines']!r}: {err.problem}") from None
+                          f"{values['telluric']['lines']!r}: {place}{err.problem}") from None
     masks = values["masks"]
     for name, value in (("telluric", masks["telluric"]), ("lines", masks["lines"]),
                         *(("extra", v) for v in masks["extra"])):

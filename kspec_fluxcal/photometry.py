@@ -568,7 +568,8 @@ def parallax_chi2(scale, logg, parallax, parallax_err, mass=STANDARD_MASS_PRIOR)
 
 @functools.cache
 def band_wavelength(band):
-    """Effective wavelength of a band, Angstrom (speclite's, vacuum; air differs by < 3 A)."""
+    """Effective wavelength of a band, Angstrom (speclite's, vacuum; air is shorter by
+    1.4 A at PS1 g to 2.6 A at PS1 y and 5.9 A at 2MASS Ks)."""
     return load_band(band).effective_wavelength
 
 

@@ -71,6 +71,13 @@ def telluric_lines(source="telluric_lines"):
         ``wavelength`` (air, Angstrom), ``water`` (bool: H2O, else O2), ``ew`` (equivalent
         width at unit column, Angstrom), ``hwhm`` (Lorentzian, Angstrom) and ``strength``
         (integrated optical depth at unit column, Angstrom), sorted by wavelength.
+
+    Raises
+    ------
+    ConfigError
+        No such file; a missing column; a line (named by its line number and column) whose
+        species is not O2 or H2O, whose equivalent width or half width is not a positive
+        number, or whose wavelength is not in air Angstrom (3000-30000).
     """
     name = os.fspath(source)
     if name in TELLURIC_LINES:
@@ -80,23 +87,69 @@ def telluric_lines(source="telluric_lines"):
         if not path.is_file():
             raise ConfigError(name, None, f"no such telluric line list (packaged: "
                               f"{', '.join(TELLURIC_LINES)})")
-        text = path.read_text()
-    rows = [r for r in text.splitlines() if r.strip() and not r.startswith("#")]
-    try:
-        head = [h.strip() for h in rows[0].split(",")]
-        table = {h: [r.split(",")[i].strip() for r in rows[1:]] for i, h in enumerate(head)}
-        wave = np.array(table["wavelength"], dtype=np.float64)
-        water = np.array([s.upper() == "H2O" for s in table["species"]])
-        ew = np.array(table["ew"], dtype=np.float64)
-        hwhm = np.array(table["hwhm"], dtype=np.float64)
-    except (KeyError, IndexError, ValueError) as err:
-        raise ConfigError(name, None, "expected CSV columns wavelength, species, ew, hwhm "
-                          f"({err})") from None
+        try:
+            text = path.read_text()
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(name, None, f"not a readable CSV text file ({err})") from None
+    wave, water, ew, hwhm = _parse_lines(name, text)
     order = np.argsort(wave)
     out = {"wavelength": wave[order], "water": water[order], "ew": ew[order],
            "hwhm": hwhm[order]}
     out["strength"] = _lorentz_strength(out["ew"], out["hwhm"])
     return out
+
+
+#: Columns of a telluric line list, and the wavelengths (air, Angstrom) its lines may have:
+#: a list in nm or micron, or of another region, is refused rather than silently unused.
+_LINE_COLUMNS = ("wavelength", "species", "ew", "hwhm")
+_LINE_RANGE = (3000.0, 30000.0)
+
+
+def _parse_lines(name, text):
+    """The columns of a line list's CSV text (wavelength, water, ew, hwhm), every value
+    checked: a line with a zero width, a non-positive equivalent width or another species
+    would otherwise vanish from the model (or count as O2) without a word."""
+    rows = [(k, r) for k, r in enumerate(text.splitlines(), start=1)
+            if r.strip() and not r.startswith("#")]
+    if not rows:
+        raise ConfigError(name, None, "empty telluric line list (expected CSV columns "
+                          f"{', '.join(_LINE_COLUMNS)})")
+    head = [h.strip() for h in rows[0][1].split(",")]
+    missing = [c for c in _LINE_COLUMNS if c not in head]
+    if missing:
+        raise ConfigError(name, f"line {rows[0][0]}", f"missing column(s) {', '.join(missing)}"
+                          f" (expected CSV columns {', '.join(_LINE_COLUMNS)})")
+    if len(rows) < 2:
+        raise ConfigError(name, None, "no lines (only a header)")
+    where = {c: head.index(c) for c in _LINE_COLUMNS}
+    values = {c: [] for c in _LINE_COLUMNS}
+    lo, hi = _LINE_RANGE
+    for number, row in rows[1:]:
+        cells = [c.strip() for c in row.split(",")]
+        if len(cells) != len(head):
+            raise ConfigError(name, f"line {number}", f"{len(cells)} fields, the header has "
+                              f"{len(head)}")
+        species = cells[where["species"]].upper()
+        if species not in ("O2", "H2O"):
+            raise ConfigError(name, f"line {number}, column species",
+                              f"{cells[where['species']]!r}: the model has O2 and H2O only")
+        values["species"].append(species == "H2O")
+        for column in ("wavelength", "ew", "hwhm"):
+            text_value = cells[where[column]]
+            try:
+                value = float(text_value)
+            except ValueError:
+                value = np.nan
+            bad = (not np.isfinite(value) or value <= 0.0
+                   or (column == "wavelength" and not lo <= value <= hi))
+            if bad:
+                need = (f"air Angstrom in {lo:g}-{hi:g} (nm or micron?)"
+                        if column == "wavelength" else "a positive number, Angstrom")
+                raise ConfigError(name, f"line {number}, column {column}",
+                                  f"{text_value!r}: must be {need}")
+            values[column].append(value)
+    return (np.array(values["wavelength"]), np.array(values["species"], dtype=bool),
+            np.array(values["ew"]), np.array(values["hwhm"]))
 
 
 def _lorentz_strength(ew, hwhm):

@@ -43,7 +43,7 @@ def vacuum_to_air(wave_vac):
 def air_to_vacuum(wave_air):
     """Convert air wavelengths (Angstrom) to vacuum, inverting :func:`vacuum_to_air` exactly.
 
-    Three fixed-point iterations of ``vac = air * n(vac)`` converge to 1e-10 Angstrom, so the
+    Four fixed-point iterations of ``vac = air * n(vac)`` (three reach 1e-11 Angstrom), so the
     two conversions are inverse to each other to numerical precision (a closed-form inverse
     formula would not be).
 

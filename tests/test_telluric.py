@@ -3,12 +3,15 @@
 import numpy as np
 import pytest
 
+from kspec_fluxcal.config import load_config
 from kspec_fluxcal.constants import FWHM_PER_SIGMA
+from kspec_fluxcal.errors import ConfigError
 from kspec_fluxcal.lsf import LineSpread
 from kspec_fluxcal.telluric import (
     fit_telluric,
     optical_depths,
     sample_transmission,
+    telluric_lines,
     transmission,
 )
 
@@ -99,3 +102,63 @@ def test_fit_without_bands_reports_nan():
     wave = np.linspace(4000.0, 5500.0, 500)[None]
     fit = fit_telluric(wave, np.ones_like(wave), np.ones_like(wave), LineSpread.constant(5.0))
     assert np.isnan(fit["o2"]) and np.isnan(fit["h2o"])
+
+
+_HEADER = "wavelength,species,ew,hwhm\n"
+
+
+@pytest.mark.parametrize("row, match", [
+    # A zero width gave the line no absorption at all (and a divide-by-zero warning).
+    ("7610.0,O2,0.5,0.0", r"line 3, column hwhm: '0.0': must be a positive number"),
+    # Any species but H2O counted as O2.
+    ("7610.0,CO2,0.5,0.02", r"line 3, column species: 'CO2': the model has O2 and H2O only"),
+    # A negative or missing equivalent width became a line of no absorption.
+    ("7610.0,O2,-0.5,0.02", r"line 3, column ew: '-0.5': must be a positive number"),
+    ("7610.0,O2,,0.02", r"line 3, column ew: '': must be a positive number"),
+    # Wavelengths in nm: lines nowhere near any spectrum, columns never constrained.
+    ("761.0,O2,0.5,0.02", r"line 3, column wavelength: '761.0': must be air Angstrom in "
+     r"3000-30000 \(nm or micron\?\)"),
+    ("7610.0,O2,0.5", r"line 3: 3 fields, the header has 4"),
+])
+def test_bad_line_list_names_the_line(tmp_path, row, match):
+    path = tmp_path / "lines.csv"
+    path.write_text(_HEADER + "7600.0,O2,0.5,0.03\n" + row + "\n")
+    with pytest.raises(ConfigError, match=match) as info:
+        telluric_lines(str(path))
+    assert str(path) in str(info.value)
+
+
+def test_bad_line_list_in_the_config_names_the_line(tmp_path):
+    lines = tmp_path / "lines.csv"
+    lines.write_text(_HEADER + "7600.0,O2,0.5,0.0\n")
+    config = tmp_path / "c.toml"
+    config.write_text(f"[telluric]\nlines = '{lines}'\n")
+    with pytest.raises(ConfigError, match=r"c.toml: \[telluric\] lines: .*lines.csv': line 2, "
+                       r"column hwhm: '0.0': must be a positive number"):
+        load_config(config)
+
+
+def test_line_list_missing_column(tmp_path):
+    path = tmp_path / "lines.csv"
+    path.write_text("wavelength,species,ew\n7600.0,O2,0.5\n")
+    with pytest.raises(ConfigError, match=r"line 1: missing column\(s\) hwhm"):
+        telluric_lines(str(path))
+
+
+def test_line_list_of_valid_lines_reads(tmp_path):
+    """A user list in another column order, lower-case species: read as given."""
+    path = tmp_path / "lines.csv"
+    path.write_text("# a comment\nspecies,hwhm,ew,wavelength\nh2o,0.05,0.2,8200.0\n"
+                    "O2,0.03,0.5,7600.0\n")
+    lines = telluric_lines(str(path))
+    assert lines["wavelength"].tolist() == [7600.0, 8200.0]
+    assert lines["water"].tolist() == [False, True]
+    assert lines["ew"].tolist() == [0.5, 0.2]
+    assert lines["hwhm"].tolist() == [0.03, 0.05]
+
+
+def test_line_list_not_text(tmp_path):
+    path = tmp_path / "lines.csv"
+    path.write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ConfigError, match="lines.csv: not a readable CSV text file"):
+        telluric_lines(str(path))
