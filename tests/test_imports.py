@@ -68,3 +68,24 @@ def test_commands_import_only_what_they_use(command_inputs, tmp_path, args, abse
     names = imported(command(*args(command_inputs, tmp_path)))
     assert not names & set(absent)
     assert set(present) <= names
+
+
+def test_deferred_dask_lookup_still_knows_dask_arrays():
+    """xarray, told Dask's array type lazily (as ``calibrate`` does), makes variables without
+    importing dask.array, and treats Dask arrays as such once they exist (lazy, chunked,
+    computed by Dask), masked Dask arrays included."""
+    code = (
+        "from kspec_fluxcal._dask_on_demand import defer_dask_lookup\n"
+        "assert defer_dask_lookup()\n"
+        "import sys, numpy as np, xarray as xr\n"
+        "plain = xr.DataArray(np.arange(4.0), dims='x')\n"
+        "assert 'dask.array' not in sys.modules and plain.chunks is None\n"
+        "import dask.array as da\n"
+        "lazy = xr.DataArray(da.arange(4.0, chunks=2), dims='x')\n"
+        "assert lazy.chunks == ((2, 2),) and isinstance(lazy.data, da.Array)\n"
+        "assert float((lazy * 2).sum().compute()) == 12.0\n"
+        "masked = da.ma.masked_less(da.arange(4.0, chunks=2), 1.0)\n"
+        "assert np.isnan(xr.DataArray(masked, dims='x').values[0])\n"
+        "assert not defer_dask_lookup()  # once is enough\n"
+    )
+    imported(code)  # its assertions fail the subprocess
