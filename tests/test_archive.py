@@ -291,3 +291,19 @@ def test_an_older_archive_is_migrated_and_a_newer_one_refused(tmp_path):
                                          rf"{SCHEMA_VERSION + 1}, this one knows "
                                          rf"{SCHEMA_VERSION}\)"):
         ArchiveWriter(path)
+
+
+def test_star_fields_have_units(tmp_path):
+    """The standards' parameters in the archive carry their units (Teff in K, RV in km/s...),
+    also in an archive written before they were stored."""
+    path = tmp_path / "archive.zarr"
+    ArchiveWriter(path).append([archive_record(_calibrated("U1", 61000.2), _stars(), None)])
+    expected = {"star_teff": "K", "star_logg": "dex", "star_feh": "dex", "star_rv": "km/s",
+                "star_ebv": "mag", "star_snr": "1"}
+    ds = open_archive(path)
+    assert {name: ds[name].attrs.get("units") for name in expected} == expected
+    group = zarr.open_group(path, mode="r+")
+    for name in expected:  # as an older package wrote them
+        del group[name].attrs["units"]
+    ds = open_archive(path)
+    assert {name: ds[name].attrs.get("units") for name in expected} == expected
