@@ -291,3 +291,58 @@ def test_an_older_archive_is_migrated_and_a_newer_one_refused(tmp_path):
                                          rf"{SCHEMA_VERSION + 1}, this one knows "
                                          rf"{SCHEMA_VERSION}\)"):
         ArchiveWriter(path)
+
+
+def test_star_fields_have_units(tmp_path):
+    """The standards' parameters in the archive carry their units (Teff in K, RV in km/s...),
+    also in an archive written before they were stored."""
+    path = tmp_path / "archive.zarr"
+    ArchiveWriter(path).append([archive_record(_calibrated("U1", 61000.2), _stars(), None)])
+    expected = {"star_teff": "K", "star_logg": "dex", "star_feh": "dex", "star_rv": "km/s",
+                "star_ebv": "mag", "star_snr": "1"}
+    ds = open_archive(path)
+    assert {name: ds[name].attrs.get("units") for name in expected} == expected
+    group = zarr.open_group(path, mode="r+")
+    for name in expected:  # as an older package wrote them
+        del group[name].attrs["units"]
+    ds = open_archive(path)
+    assert {name: ds[name].attrs.get("units") for name in expected} == expected
+
+
+@pytest.fixture
+def with_model_rows(tmp_path):
+    """Four exposures of one night: two measured (throughputs 1 and 1.1), two calibrated from
+    the survey model alone (FCALSRC 'model', throughput 2)."""
+    path = tmp_path / "archive.zarr"
+    records = []
+    for i, (level, source) in enumerate([(1.0, "standards"), (1 / 1.1, "standards+model"),
+                                         (0.5, "model"), (0.5, "model")]):
+        calibrated = _calibrated(f"M{i}", 61000.5 + 0.05 * i, level=level)
+        calibrated.attrs["fcalsrc"] = source
+        records.append(archive_record(calibrated, _stars(), None))
+    ArchiveWriter(path).append(records)
+    return open_archive(path)
+
+
+def test_throughput_plots_mark_the_model_predictions(with_model_rows):
+    """FCALSRC 'model' rows are the model's prediction, not measurements: the throughput
+    curves drew them as measured points, and the image's 'survey median' counted them."""
+    figures = archive_figures(with_model_rows)
+    ax = figures["throughput_vs_time"].axes[0]
+    opened = [line for line in ax.get_lines() if line.get_markerfacecolor() == "none"]
+    assert len(opened) == 4 and all(len(line.get_xdata()) == 2 for line in opened)
+    for line in (line for line in ax.get_lines() if line.get_label().endswith(" A")):
+        assert list(line.get_markevery()) == [True, True, False, False]
+    # The legend below the axes (inside, it covered the last night's name).
+    assert ax.get_legend() is None
+    texts = [t.get_text() for legend in figures["throughput_vs_time"].legends
+             for t in legend.get_texts()]
+    assert any("model (2)" in t for t in texts)
+    ax = figures["throughput_image"].axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert [label.endswith("model)") for label in labels] == [False, False, True, True]
+    rel = ax.collections[0].get_array().reshape(4, -1)
+    grid = with_model_rows["wavelength"].values
+    inside = (grid > 4000) & (grid < 8000)
+    np.testing.assert_allclose(rel[:, inside].mean(axis=1), [1 / 1.05, 1.1 / 1.05, 2 / 1.05,
+                                                             2 / 1.05], rtol=1e-4)

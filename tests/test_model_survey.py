@@ -248,3 +248,31 @@ def test_cli_exit_status_counts_model_only_exposures_as_calibrated(lake, with_mo
     assert code == 0, text
     assert "3 calibrated (0 from the archive), 9 skipped as up to date, 0 failed" in text
     assert "0 recalibrated with it, 3 from it alone" in text
+
+
+@pytest.mark.cluster
+def test_quality_counts_the_rejected_standards_after_the_model(lake, client, tmp_path):
+    """An exposure recalibrated with the model counted only the standards used as its
+    standards: quality.csv and the summary said 2/2 for an exposure whose FCALSTAR has a
+    third, rejected (no catalog match), as the first pass's 2/3 said."""
+    sv, manifest, cube = lake
+    copy = tmp_path / "sv"
+    shutil.copytree(sv, copy)
+    entry = next(e for e in manifest["exposures"] if e["n_standards"] >= 2)
+    with fits.open(copy / entry["path"], mode="update") as hdul:
+        fibres = hdul["FIBRES"].data
+        star = np.flatnonzero(fibres["TYPE"] == "C")[0]
+        fibres["OBJID"][star] = -1
+        fibres["RA"][star] += 1.0  # no catalog star within 2 arcsec
+    out = tmp_path / "out"
+    report = _run((copy, manifest, cube), out, client)
+    quality = report.quality[entry["expid"]]
+    assert quality["source"] == "standards+model"
+    with fits.open(_product(lake, out, entry["expid"])) as hdul:
+        table = hdul["FCALSTAR"].data
+        assert "no catalog match" in table["STATUS"][list(table["FIBER"]).index(star)]
+        assert quality["standards"] == len(table) == entry["n_standards"]
+        assert quality["used"] == hdul[0].header["FCALNSTR"] < len(table)
+    row = next(r for r in (out / "quality.csv").read_text().splitlines()
+               if r.startswith(entry["expid"]))
+    assert row.split(",")[3:5] == [str(quality["used"]), str(entry["n_standards"])]

@@ -458,7 +458,8 @@ def test_bad_exposures_are_reported_and_do_not_stop_the_others(survey, cube, ref
     assert f"notes and failures: {tmp_path / 'out' / 'notes.json'}" in text
     # Non-TTY progress: whole lines, no carriage returns.
     assert "\r" not in text
-    assert "4/4 exposures done (2 failed)" in text
+    # BAD_NO_STD is counted apart: the survey model could still calibrate such an exposure.
+    assert "4/4 exposures done (1 failed, 1 without a usable standard)" in text
     table = _archive_table(tmp_path / "out")
     assert sorted(table["expid"]) == sorted(good)
     _assert_rows_equal(table, _archive_table(ref_out), good)
@@ -985,3 +986,20 @@ def test_two_concurrent_jobs_lose_no_rows(survey, cube, reference, client, tmp_p
     table = _archive_table(out)
     assert sorted(table["expid"]) == sorted(reports[0].calibrated) == sorted(_expids(survey))
     assert _raw_rows(out) == N_EXPOSURES
+
+
+def test_progress_counts_exposures_without_standards_apart(capsys, monkeypatch):
+    """A first pass counted the exposures without a usable standard as failed ('25/25
+    exposures done (7 failed)'), which the survey model then calibrated: the job ended with
+    1 failure."""
+    from kspec_fluxcal.survey.tasks import Progress
+
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)
+    bar = Progress(4, True)
+    for ok, no_standards in ((True, False), (False, True), (False, True), (False, False)):
+        bar.update(ok, no_standards=no_standards)
+    last = capsys.readouterr().out.splitlines()[-1]
+    assert last.startswith("4/4 exposures done (1 failed, 2 without a usable standard), ")
+    bar = Progress(1, True)
+    bar.update(False)
+    assert capsys.readouterr().out.startswith("1/1 exposures done (1 failed), ")

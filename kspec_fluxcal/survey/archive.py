@@ -100,6 +100,9 @@ _ROW_UNITS = {"mjd": "d", "airmass": "1", "exptime": "s", "fcalrms": "1",
               "seeing": "arcsec", "model_grey": "ln(counts/s/A per flux unit)",
               "sphot_g": "mag", "sphot_r": "mag", "sphot_i": "mag", "sphot_scatter": "mag",
               "level_variance": "1"}
+#: Units of the per-star fields (those of the stars' Dataset, :func:`fit_standards`).
+_STAR_UNITS = {"star_teff": "K", "star_logg": "dex", "star_feh": "dex", "star_rv": "km/s",
+               "star_ebv": "mag", "star_snr": "1"}
 #: Units of the per-exposure spectra: ``cal`` and the smooth responses, their variances.
 _SPECTRA_UNITS = {
     **dict.fromkeys(("cal", "cal_smooth", "own_smooth"), f"{FLUX_UNIT} / (count/Angstrom)"),
@@ -402,7 +405,7 @@ class ArchiveWriter:
                                              "count per Angstrom; throughput = 1 / (cal * "
                                              "exptime)")
         group["cal_mask"].attrs["description"] = "True = measured (not bridged, inside range)"
-        for name, units in {**_SPECTRA_UNITS, **_ROW_UNITS}.items():
+        for name, units in {**_SPECTRA_UNITS, **_ROW_UNITS, **_STAR_UNITS}.items():
             group[name].attrs["units"] = units
         group.attrs.update({"rows": 0, "index": {}, "title": "kspec-fluxcal calibration archive",
                             "schema_version": SCHEMA_VERSION,
@@ -537,8 +540,8 @@ def open_archive(path):
     # the FITS CAL_FACTOR's unit is per count per pixel, not ds.cal's (its own units say).
     for name in ("index", "how_to_read", "rows", "cal_factor_units"):
         ds.attrs.pop(name, None)
-    for name, units in {**_SPECTRA_UNITS, **_ROW_UNITS}.items():  # archives written before
-        if name in ds.variables:                                   # these units were stored
+    for name, units in {**_SPECTRA_UNITS, **_ROW_UNITS, **_STAR_UNITS}.items():  # archives
+        if name in ds.variables:                          # written before these units were stored
             ds[name].attrs.setdefault("units", units)
     if ds.sizes.get("exposure", 0):
         ds = ds.sortby("mjd")

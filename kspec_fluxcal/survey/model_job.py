@@ -267,8 +267,11 @@ def _recalibrate_one(path, out_path, archive, row, fields, model, levels, config
                             input_hash=input_hash, utc_offset=utc, provenance=provenance,
                             own=own)
     attrs = calibration.attrs
+    # The standards fitted, rejected ones included (as the first pass counts them; FCALSTAR
+    # keeps them), not only those used.
+    standards = 0 if own is None else int(np.count_nonzero(own["star"]["star_fiber"] >= 0))
     quality = {"grade": str(attrs["fcalqual"]), "used": int(attrs["fcalnstr"]),
-               "standards": int(attrs["fcalnstr"]), "fcalrms": float(attrs["fcalrms"]),
+               "standards": standards, "fcalrms": float(attrs["fcalrms"]),
                "fcalmerr": float(attrs["fcalmerr"]), "fcallsf": float(attrs["fcallsf"]),
                "source": str(attrs["fcalsrc"])}
     return {"record": record, "quality": quality}

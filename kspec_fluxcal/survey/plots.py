@@ -83,8 +83,10 @@ def archive_figures(archive, bands=((4000, 5000), (5000, 6000), (6000, 7000), (7
     -------
     dict of str to matplotlib.figure.Figure
         ``throughput_vs_time``: mean throughput in ``bands`` against UT date, curves broken
-        between nights; ``throughput_image``: throughput relative to the survey median,
-        wavelength x exposure (time order, labelled by EXPID or night), colour scale centred
+        between nights, open markers for exposures calibrated from the survey model alone
+        (FCALSRC 'model': its prediction, not a measurement); ``throughput_image``:
+        throughput relative to the median of the measured exposures, wavelength x exposure
+        (time order, labelled by EXPID, 'model' for those, or night), colour scale centred
         on 1, grey where there is no measurement.
 
     Raises
@@ -120,16 +122,32 @@ def _broken(x, y, gaps):
     return np.insert(x, gaps + 1, x[gaps]), np.insert(y.astype(float), gaps + 1, np.nan)
 
 
+def _model_rows(ds):
+    """Rows calibrated from the survey model alone (FCALSRC 'model'): predictions, not
+    measurements of the throughput."""
+    if "fcalsrc" not in ds.variables:
+        return np.zeros(ds.sizes["exposure"], bool)
+    return np.asarray(ds["fcalsrc"].values).astype(str) == "model"
+
+
 def _throughput_figure(ds, measured, bands):
     import matplotlib.dates as mdates
+    from matplotlib.lines import Line2D
 
     fig, ax = _figure(5)
     mjd = ds["mjd"].values
     when = _dates(mjd)
     gaps = np.flatnonzero(np.diff(mjd) > _SAME_RUN_DAYS)
+    model = _model_rows(ds)
+    # Filled markers where measured; the model's predictions open (the line joins both).
+    filled = np.insert(~model, gaps + 1, False)
     for lo, hi in bands:
         t = measured.sel(wavelength=slice(lo, hi)).mean("wavelength").compute().values
-        ax.plot(*_broken(when, t, gaps), "o-", ms=4, label=f"{lo}-{hi} A")
+        (line,) = ax.plot(*_broken(when, t, gaps), "o-", ms=4, markevery=filled,
+                          label=f"{lo}-{hi} A")
+        if model.any():
+            ax.plot(when[model], t[model], "o", ms=5, mfc="none", color=line.get_color(),
+                    label="_model")
     locator = mdates.AutoDateLocator()
     ax.xaxis.set_major_locator(locator)
     ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
@@ -144,7 +162,13 @@ def _throughput_figure(ds, measured, bands):
     ax.set_ylabel(f"throughput [counts/s/A per {FLUX_UNIT}]")
     ax.set_title(f"Throughput vs time ({ds.sizes['exposure']} exposures, "
                  f"{len(np.unique(ds['night'].values))} nights)")
-    ax.legend()
+    handles, _ = ax.get_legend_handles_labels()
+    if model.any():
+        handles.append(Line2D([], [], ls="", marker="o", mfc="none", mec="0.3",
+                              label=f"open: FCALSRC model ({int(model.sum())}), predicted"))
+    # Below the axes: inside, it hid the last night's name.
+    fig.legend(handles=handles, loc="outside lower center", ncols=len(handles),
+               fontsize="small", frameon=False)
     ax.grid(alpha=0.3)
     return fig
 
@@ -156,7 +180,11 @@ def _throughput_image(ds, measured):
     fig, ax = _figure(6)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns outside the range
-        rel = (measured / measured.median("exposure")).compute().values
+        # Relative to the measured rows: the model's predictions are not measurements.
+        model = _model_rows(ds)
+        reference = measured.isel(exposure=np.flatnonzero(~model)) if (~model).any() \
+            else measured
+        rel = (measured / reference.median("exposure")).compute().values
     finite = rel[np.isfinite(rel)]
     lo, hi = np.percentile(finite, [2, 98]) if finite.size else (0.99, 1.01)
     half = max(abs(lo - 1.0), abs(hi - 1.0), 0.01)  # identical exposures: +/-1 %, not noise
@@ -169,9 +197,10 @@ def _throughput_image(ds, measured):
     inside = np.isfinite(rel).any(axis=0)
     if inside.any():
         ax.set_xlim(wave[inside][[0, -1]])
-    _label_exposures(ax, ds, rows)
+    _label_exposures(ax, ds, rows, model)
     ax.set_xlabel("wavelength [Angstrom, air]")
-    ax.set_title("Throughput relative to the survey median")
+    ax.set_title("Throughput relative to the survey median (of the measured exposures)"
+                 if model.any() else "Throughput relative to the survey median")
     fig.legend(handles=[Patch(color=cmap.get_bad(), label="no measurement: outside the "
                               "exposure's range, or masked in its calibration (stellar line "
                               "cores, bridged gaps)")],
@@ -180,16 +209,16 @@ def _throughput_image(ds, measured):
     return fig
 
 
-def _label_exposures(ax, ds, rows):
-    """One tick per exposure with its EXPID (few exposures) or one per night, and lines
-    between nights."""
+def _label_exposures(ax, ds, rows, model):
+    """One tick per exposure with its EXPID (few exposures; 'model' after those calibrated
+    from the survey model alone) or one per night, and lines between nights."""
     nights = ds["night"].values
     first = np.flatnonzero(np.r_[True, nights[1:] != nights[:-1]])
     for row in first[1:]:
         ax.axhline(row - 0.5, color="k", lw=0.6)
     if rows.size <= _LABEL_EACH:
-        ax.set_yticks(rows, [f"{e} ({n})" for e, n in zip(ds["expid"].values, nights,
-                                                           strict=True)], fontsize="small")
+        ax.set_yticks(rows, [f"{e} ({n}{', model' if m else ''})" for e, n, m in zip(
+            ds["expid"].values, nights, model, strict=True)], fontsize="small")
         ax.set_ylabel("exposure (night), in time order")
     else:
         ax.set_yticks(first, nights[first])

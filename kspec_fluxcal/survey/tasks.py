@@ -106,26 +106,33 @@ class Progress:
 
     def __init__(self, total, enabled, noun="exposures", verb="done"):
         self.total, self.enabled, self.done, self.failed = total, enabled, 0, 0
+        self.no_standards = 0
         self.noun, self.verb = noun, verb
         self.tty = sys.stdout.isatty()
         self.start = time.time()
         self._last = -1
 
-    def update(self, ok):
+    def update(self, ok, no_standards=False):
+        """One more item done: ``ok``, or failed; ``no_standards``: an exposure without a
+        usable standard, counted apart (the survey model or the fallback may calibrate it
+        later: counted as failed, a first pass said '7 failed' of a job that ended with 1)."""
         self.done += 1
-        self.failed += 0 if ok else 1
+        self.no_standards += 1 if no_standards else 0
+        self.failed += 0 if ok or no_standards else 1
         if not self.enabled:
             return
         pct = int(100 * self.done / max(self.total, 1))
+        failed = f"{self.failed} failed" + (f", {self.no_standards} without a usable standard"
+                                            if self.no_standards else "")
         if self.tty:
             bar = "#" * (pct // 4)
-            print(f"\r[{bar:<25}] {self.done}/{self.total} {self.noun}, {self.failed} failed, "
+            print(f"\r[{bar:<25}] {self.done}/{self.total} {self.noun}, {failed}, "
                   f"{time.time() - self.start:.0f} s", end="", flush=True)
             if self.done == self.total:
                 print()
         elif pct // 10 != self._last or self.done == self.total:
             self._last = pct // 10
-            print(f"{self.done}/{self.total} {self.noun} {self.verb} ({self.failed} failed), "
+            print(f"{self.done}/{self.total} {self.noun} {self.verb} ({failed}), "
                   f"{time.time() - self.start:.0f} s", flush=True)
 
 
@@ -165,7 +172,8 @@ def collect(client, futures, writer, report, handle, flush=(FLUSH_EVERY, FLUSH_I
                 if record is not None:
                     pending.append(record)
                 if bar is not None:
-                    bar.update(result["status"] == "ok")
+                    bar.update(result["status"] == "ok",
+                               no_standards=result["status"] == "no standards")
                 if len(pending) >= flush_every or (
                         pending and time.monotonic() - last >= flush_interval):
                     batch, pending = pending, []
