@@ -124,11 +124,8 @@ def reference_grid(full=True, workers=2):
 
 def reference_cube(workers=2):
     """The Zarr cube of :func:`reference_grid` (optical, cached)."""
-    from kspec_fluxcal.grid.build import build_grid
-
-    out = CACHE / "bosz_r10000_optical.zarr"
-    return build_grid(reference_grid(full=False, workers=workers), out, workers=workers,
-                      progress=False)
+    return _cube(reference_grid(full=False, workers=workers), CACHE / "bosz_r10000_optical.zarr",
+                 workers)
 
 
 def demo_grid(workers=2):
@@ -157,10 +154,21 @@ def demo_grid(workers=2):
 
 def demo_cube(workers=2):
     """The Zarr cube of :func:`demo_grid` (cached)."""
+    return _cube(demo_grid(workers), CACHE / "demo_grid.zarr", workers)
+
+
+def _cube(source, out, workers):
+    """``build_grid`` of ``source``, cached at ``out``: rebuilt when the cached store was built
+    from other inputs or by a version with another store layout."""
+    from kspec_fluxcal.errors import GridError
     from kspec_fluxcal.grid.build import build_grid
 
-    return build_grid(demo_grid(workers), CACHE / "demo_grid.zarr", workers=workers,
-                      progress=False)
+    try:
+        return build_grid(source, out, workers=workers, progress=False)
+    except GridError as err:
+        if "was built from other inputs" not in str(err):
+            raise
+        return build_grid(source, out, workers=workers, progress=False, overwrite=True)
 
 
 #: The real spectra (CALSPEC, CK04) beside the repository (never copied into it); the
@@ -183,9 +191,7 @@ def ck04_grid():
 
 def ck04_cube(workers=2):
     """The Zarr cube of :func:`ck04_grid` (cached)."""
-    from kspec_fluxcal.grid.build import build_grid
-
-    return build_grid(ck04_grid(), CACHE / "ck04.zarr", workers=workers, progress=False)
+    return _cube(ck04_grid(), CACHE / "ck04.zarr", workers)
 
 
 #: Largest shift of each end of a simulated exposure's wavelength range, Angstrom, and the range

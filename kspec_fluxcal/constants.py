@@ -111,6 +111,16 @@ A_PS1_G_PER_EBV = 3.172
 #: Fitzpatrick 1999).
 DEFAULT_RV = 3.1
 
+#: E(B-V) at which a template's band extinction coefficients A_b / E(B-V) are measured, and
+#: a second one for their slope with E(B-V). A_b / E(B-V) falls as E(B-V) grows (reddening
+#: shifts a band's photon-weighted mean wavelength to the red, where the law is lower: by
+#: 0.023 mag in Gaia G at E(B-V) = 0.3 against the value at 0.05, 0.04 mag at 0.4);
+#: A_b(E) = E (c + s (E - E0)), c measured at E0 and the slope s from E1, is within 2 mmag of
+#: the exact band extinction up to E(B-V) = 0.6 (8 mmag at 0.8, 0.02 mag at 1; F99 and CCM89,
+#: 4500-5800 K, the package's bands).
+EBV_REFERENCE = 0.05
+EBV_SLOPE_REFERENCE = 0.5
+
 #: BOSZ 2024 wavelengths are in air above this wavelength and in vacuum below (contract §3;
 #: Meszaros et al. 2024, A&A 688, A197).
 BOSZ_AIR_ABOVE = 2000.0

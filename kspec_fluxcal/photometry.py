@@ -1,5 +1,6 @@
 """Photometry: filter curves (from speclite), AB magnitude units, vectorised synthetic
-photometry on xarray objects, and colour-based Teff estimates."""
+photometry on xarray objects, colour-based Teff estimates and what a parallax says of a
+model's radius (models fitted to photometry: :mod:`kspec_fluxcal.photometric_fit`)."""
 
 from __future__ import annotations
 
@@ -35,13 +36,10 @@ __all__ = [
     "synthetic_mag_values",
     "teff_from_color",
     "colour_teff_table",
-    "fit_photometry",
     "catalog_parallax",
     "logg_from_parallax",
     "parallax_chi2",
     "band_wavelength",
-    "warp_basis",
-    "fit_warp",
 ]
 
 _MAG_PER_LN = 2.5 / np.log(10.0)
@@ -405,90 +403,6 @@ def _teff_kernel(mag, ebv, *, bands, relations):
 # ----------------------------------------------------------------------------- model fits
 
 
-def fit_photometry(mag_obs, mag_err, mag_model, ext_coeff, *, ebv_prior=None, ebv_prior_sigma=0.05,
-                   reddening=True, ebv_max=1.0, error_floor=0.01, outlier_sigma=5.0,
-                   outlier_mag=0.1, min_bands=2):
-    """Flux scale and E(B-V) of model spectra from catalog photometry, vectorised over stars.
-
-    Solves, by weighted least squares over the valid bands b,
-    ``mag_obs_b = mag_model_b + mu + R_b * E`` with ``scale = 10**(-0.4 mu)``, a Gaussian
-    prior ``E ~ N(ebv_prior, ebv_prior_sigma)`` and ``0 <= E <= ebv_max``; a band whose
-    residual exceeds both ``outlier_sigma`` sigma and ``outlier_mag`` is dropped (the worst
-    first, at most a third of the valid bands) and the fit repeated.
-
-    Parameters
-    ----------
-    mag_obs, mag_err, mag_model, ext_coeff : numpy.ndarray, shape (nstar, nband)
-        Catalog AB magnitudes and errors (NaN = not measured), model synthetic magnitudes and
-        band extinction coefficients A_b / E(B-V).
-    ebv_prior : numpy.ndarray, shape (nstar,), optional
-        Prior mean of E(B-V) (NaN: no catalog value, then a prior of 0 +/- 0.1, none when
-        ``ebv_prior_sigma`` is 0).
-
-    Returns
-    -------
-    dict of numpy.ndarray
-        ``mu``, ``mu_err``, ``ebv``, ``ebv_err``, ``resid`` (nstar, nband; NaN for unused
-        bands), ``used`` (bool), ``dropped`` (bool), ``n_bands``, ``rms`` and ``chi2`` (of the
-        used bands, with the prior's term).
-    """
-    nstar, nband = mag_obs.shape
-    d = mag_obs - mag_model
-    valid = np.isfinite(d) & np.isfinite(mag_err) & np.isfinite(ext_coeff)
-    sigma2 = np.where(valid, mag_err**2 + error_floor**2, np.inf)
-    if ebv_prior is None:
-        ebv_prior = np.full(nstar, np.nan)
-    prior_mean = np.where(np.isfinite(ebv_prior), ebv_prior, 0.0)
-    prior_sig = np.where(np.isfinite(ebv_prior), ebv_prior_sigma,
-                         0.1 if ebv_prior_sigma > 0 else 0.0)
-    prior_w = np.where(prior_sig > 0, 1.0 / np.maximum(prior_sig, 1e-12) ** 2, 0.0)
-    used = valid.copy()
-    dropped = np.zeros_like(valid)
-    for _ in range(nband):
-        w = np.where(used, 1.0 / sigma2, 0.0)
-        r_ = np.where(used, ext_coeff, 0.0)
-        d_ = np.where(used, d, 0.0)
-        s0, s1, s2 = w.sum(1), (w * r_).sum(1), (w * r_**2).sum(1)
-        b0, b1 = (w * d_).sum(1), (w * r_ * d_).sum(1)
-        if reddening:
-            a11 = s2 + prior_w
-            det = s0 * a11 - s1**2
-            with np.errstate(divide="ignore", invalid="ignore"):
-                ebv = (s0 * (b1 + prior_w * prior_mean) - s1 * b0) / det
-            ebv = np.clip(np.nan_to_num(ebv), 0.0, ebv_max)
-        else:
-            ebv = np.zeros(nstar)
-            a11 = det = np.full(nstar, np.nan)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            mu = (b0 - s1 * ebv) / s0
-        resid = np.where(used, d - mu[:, None] - ext_coeff * ebv[:, None], np.nan)
-        bad = (used & (np.abs(resid) > outlier_sigma * np.sqrt(sigma2))
-               & (np.abs(resid) > outlier_mag))
-        # Drop a few outlier bands at most: photometry that disagrees in many bands is the
-        # wrong star or the wrong model, and must show in the rms, not be pruned away.
-        can_drop = (used.sum(1) > min_bands) & (dropped.sum(1) < np.maximum(1, valid.sum(1) // 3))
-        worst = np.nanargmax(np.where(bad, np.abs(resid), -np.inf), axis=1)
-        drop = bad.any(1) & can_drop
-        if not drop.any():
-            break
-        used[np.flatnonzero(drop), worst[drop]] = False
-        dropped[np.flatnonzero(drop), worst[drop]] = True
-    with np.errstate(divide="ignore", invalid="ignore"):
-        chi2 = np.nansum(np.where(used, resid**2 / sigma2, 0.0), axis=1)
-        if reddening:
-            chi2 = chi2 + prior_w * (ebv - prior_mean) ** 2
-            # Covariance of (mu, E): the inverse of the 2x2 normal matrix.
-            mu_err = np.sqrt(a11 / det)
-            ebv_err = np.sqrt(s0 / det)
-        else:
-            mu_err = np.sqrt(1.0 / s0)
-            ebv_err = np.full(nstar, np.nan)
-        n_bands = used.sum(1)
-        rms = np.sqrt(np.sum(np.where(used, resid, 0.0) ** 2, axis=1) / n_bands)
-    return {"mu": mu, "mu_err": mu_err, "ebv": ebv, "ebv_err": ebv_err, "resid": resid,
-            "used": used, "dropped": dropped, "n_bands": n_bands, "rms": rms, "chi2": chi2}
-
-
 def catalog_parallax(parallax, parallax_err):
     """Catalog parallaxes with the Gaia DR2 zero point removed, their errors, and where both
     are usable (finite, error > 0), mas."""
@@ -571,129 +485,3 @@ def band_wavelength(band):
     """Effective wavelength of a band, Angstrom (speclite's, vacuum; air is shorter by
     1.4 A at PS1 g to 2.6 A at PS1 y and 5.9 A at 2MASS Ks)."""
     return load_band(band).effective_wavelength
-
-
-def warp_basis(wavelength, wave_range, degree=3):
-    """Smooth shapes a photometric warp of a model is made of.
-
-    Legendre polynomials of degree 1..``degree`` in 1/lambda over ``wave_range`` (held at
-    their end values beyond it), each made orthogonal to a constant over the range, so that
-    the warp cannot absorb the flux scale, which stays the photometric fit's own parameter.
-
-    Parameters
-    ----------
-    wavelength : array_like
-        Where to evaluate, Angstrom (e.g. band effective wavelengths, or pixels).
-    wave_range : (float, float)
-        The spectrum's range, Angstrom.
-    degree : int
-        Highest Legendre degree (>= 1).
-
-    Returns
-    -------
-    numpy.ndarray, shape (..., degree)
-        In magnitudes per unit coefficient.
-    """
-    lo, hi = 1e4 / float(wave_range[1]), 1e4 / float(wave_range[0])  # 1/um
-    if degree < 1:
-        return np.zeros(np.shape(wavelength) + (0,))
-
-    def legendre(wave):
-        t = np.clip(2.0 * (1e4 / np.asarray(wave, dtype=np.float64) - lo) / (hi - lo) - 1.0,
-                    -1.0, 1.0)
-        return np.stack([np.polynomial.legendre.legval(t, np.eye(degree + 1)[k])
-                         for k in range(1, degree + 1)], axis=-1)
-
-    mean = legendre(np.linspace(float(wave_range[0]), float(wave_range[1]), 200)).mean(axis=0)
-    return legendre(wavelength) - mean
-
-
-def fit_warp(mag_obs, mag_err, mag_model, basis, used, *, warp_sigma, error_floor=0.01,
-             xp=None):
-    """Flux scale and a smooth warp of (reddened) model spectra fitted to photometry, and
-    optionally to each star's Gaia XP spectrum.
-
-    Solves ``mag_obs_b = mag_model_b + mu + sum_k c_k basis_bk`` over the ``used`` bands by
-    weighted least squares with Gaussian priors c_k ~ N(0, warp_sigma): the warp stays 1
-    unless the bands ask for more. The reddening is not fitted here: ``mag_model`` carries
-    the photometric fit's own E(B-V), which the warp must not change (a star's E(B-V) is a
-    physical parameter; the warp only corrects the template's broad shape).
-
-    With ``xp``, every XP sample i adds the row ``resid_i = nu + sum_k c_k basis_ik + sum_m
-    s_m systematic_im``: the same warp, a free XP offset ``nu`` per star (XP's level is not
-    trusted: the bands set the scale) and XP's own smooth error ``s_m ~ N(0, 1)``,
-    marginalised. No published correction of XP is applied (Huang et al. 2024's are not
-    available offline): ``systematic`` is where their residual accuracy enters.
-
-    Parameters
-    ----------
-    mag_obs, mag_err, mag_model : numpy.ndarray, shape (nstar, nband)
-    basis : numpy.ndarray, shape (nstar, nband, nk)
-        The warp's shapes at the bands (:func:`warp_basis`).
-    used : numpy.ndarray of bool, shape (nstar, nband)
-        Bands to fit (e.g. those :func:`fit_photometry` kept).
-    warp_sigma : float
-        Prior width of each warp coefficient, mag.
-    error_floor : float
-        Added in quadrature to the band errors, mag.
-    xp : dict, optional
-        ``resid`` (nstar, nxp): -2.5 log10(XP / model) per sample, NaN = none; ``err``
-        (mag); ``basis`` (nstar, nxp, nk): the warp's shapes at the XP wavelengths;
-        ``systematic`` (nstar, nxp, m): XP's smooth error per unit nuisance, mag (m >= 0).
-        See :func:`kspec_fluxcal.xp.xp_rows`.
-
-    Returns
-    -------
-    dict of numpy.ndarray
-        ``mu``, ``mu_err``, ``warp`` (nstar, nk), ``warp_err``, ``resid`` (nstar, nband; NaN
-        for unused bands), ``rms``; with ``xp`` also ``xp_offset`` (nu, mag) and
-        ``xp_resid`` (nstar, nxp; after the warp and the offset, XP's systematic included).
-    """
-    nstar, nband, nk = basis.shape
-    sigma2 = mag_err**2 + error_floor**2
-    w = np.where(used & np.isfinite(mag_obs - mag_model) & np.isfinite(sigma2), 1.0 / sigma2, 0.0)
-    d = np.nan_to_num(mag_obs - mag_model)
-    design = np.concatenate([np.ones((nstar, nband, 1)), np.nan_to_num(basis)], axis=2)
-    prior = np.concatenate([[1e-9], np.full(nk, 1.0 / warp_sigma**2)])
-    if xp is not None:
-        design, w, d, prior = _with_xp_rows(design, w, d, prior, xp)
-    theta, err = _weighted_lstsq(design, w, d, prior)
-    model = np.einsum("sbi,si->sb", design, theta)
-    resid = np.where(w > 0, d - model, np.nan)
-    band = resid[:, :nband]
-    with np.errstate(invalid="ignore", divide="ignore"):
-        rms = np.sqrt(np.nansum(band**2, axis=1) / (w[:, :nband] > 0).sum(axis=1))
-    out = {"mu": theta[:, 0], "mu_err": err[:, 0], "warp": theta[:, 1:nk + 1],
-           "warp_err": err[:, 1:nk + 1], "resid": band, "rms": rms}
-    if xp is not None:
-        # The XP residual about the warped model and the offset: XP's own systematic stays in.
-        shapes = design[:, nband:, :nk + 2]
-        out["xp_offset"] = theta[:, nk + 1]
-        out["xp_resid"] = np.where(w[:, nband:] > 0, d[:, nband:]
-                                   - np.einsum("sbi,si->sb", shapes, theta[:, :nk + 2]), np.nan)
-    return out
-
-
-def _with_xp_rows(design, w, d, prior, xp):
-    """The band system with XP's rows and parameters (offset, systematic nuisances) added."""
-    nstar, nband, npar = design.shape
-    resid, err, shapes = xp["resid"], xp["err"], np.asarray(xp["systematic"])
-    nxp, m = resid.shape[1], shapes.shape[-1]
-    valid = np.isfinite(resid) & np.isfinite(err) & (err > 0)
-    band_rows = np.concatenate([design, np.zeros((nstar, nband, 1 + m))], axis=2)
-    xp_rows = np.concatenate([np.zeros((nstar, nxp, 1)), np.nan_to_num(xp["basis"]),
-                              np.ones((nstar, nxp, 1)), np.nan_to_num(shapes)], axis=2)
-    w_xp = np.where(valid, 1.0 / np.where(valid, err, 1.0) ** 2, 0.0)
-    return (np.concatenate([band_rows, xp_rows], axis=1), np.concatenate([w, w_xp], axis=1),
-            np.concatenate([d, np.where(valid, resid, 0.0)], axis=1),
-            np.concatenate([prior, [1e-9], np.ones(m)]))
-
-
-def _weighted_lstsq(design, w, d, prior):
-    """Per star, the weighted least-squares solution of ``design @ theta = d`` with Gaussian
-    priors (weights ``prior``) around 0, and its errors."""
-    normal = np.einsum("sbi,sb,sbj->sij", design, w, design)
-    normal += np.diag(prior)[None]
-    theta = np.linalg.solve(normal, np.einsum("sbi,sb,sb->si", design, w, d)[..., None])[..., 0]
-    err = np.sqrt(np.diagonal(np.linalg.inv(normal), axis1=1, axis2=2))
-    return theta, err

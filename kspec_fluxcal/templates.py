@@ -207,7 +207,7 @@ def prepare_templates(grid, wavelength, lsf, *, variables=("flux", "continuum"))
         out[name] = res.assign_attrs(var.attrs)
     ds = xr.Dataset(out).assign_coords(wavelength=("wavelength", wave_out,
                                                    {"units": "Angstrom", "medium": "air"}))
-    for name in ("exists", "synth_mag", "ext_coeff"):
+    for name in ("exists", "synth_mag", "ext_coeff", "ext_slope"):
         if name in grid:
             ds[name] = grid[name]
     ds = ds.transpose(*PARAMS, "wavelength", ...)
@@ -457,7 +457,8 @@ def prepare_library(grid, wave_range, config=None, *, cache_dir=None,
     xarray.Dataset
         In memory. Dims (``template``, ``wavelength``): ``flux`` (surface flux,
         erg/s/cm^2/A) and ``norm`` (flux over its pseudo-continuum, fitted as observed
-        spectra are), float32; per template ``synth_mag``, ``ext_coeff`` and coordinates
+        spectra are), float32; per template ``synth_mag``, ``ext_coeff``, ``ext_slope`` (0
+        for a grid built without it) and coordinates
         ``template_teff`` ... ``template_alpha`` (existing grid points only, in the grid's
         order: Teff slowest); ``template_index`` (teff, logg, feh, alpha): position along
         ``template``, -1 where the grid has a hole. Attrs: ``resolving_power`` of the library
@@ -479,7 +480,7 @@ def prepare_library(grid, wave_range, config=None, *, cache_dir=None,
                         f"{wave_in[-1]:g} A (an increasing range inside it is needed)")
     ident = f"{grid.attrs.get('build_plan') or id(grid)}|{grid.attrs.get('store', '')}"
     key = hashlib.sha1(f"{ident}|{lo:.1f}|{hi:.1f}|{sorted(options.items())}|"
-                       f"{max_resolving_power}".encode()).hexdigest()[:16]
+                       f"{max_resolving_power}|{LIBRARY_LAYOUT}".encode()).hexdigest()[:16]
     library = _LIBRARIES.get(key)
     if library is not None:
         return library
@@ -499,7 +500,10 @@ def prepare_library(grid, wave_range, config=None, *, cache_dir=None,
 
 
 #: Variables of a library store whose every chunk must be present.
-LIBRARY_VARIABLES = ("flux", "norm", "synth_mag", "ext_coeff", "template_index")
+LIBRARY_VARIABLES = ("flux", "norm", "synth_mag", "ext_coeff", "ext_slope", "template_index")
+#: Version of a library's variables, part of its key: libraries cached by a version without
+#: ``ext_slope`` are not found (and are made again), not reported as damaged.
+LIBRARY_LAYOUT = 2
 
 
 def _library_problem(ds, key):
@@ -518,6 +522,9 @@ def _build_library(grid, lo, hi, options, max_resolving_power):
     keep = slice(max(int(keep[0]) - 1, 0), int(keep[-1]) + 2)
     # (only what is used: a grid opened without Dask is read whole when stacked)
     used = grid[["flux", "exists", "synth_mag", "ext_coeff"]]
+    # A grid built before ext_slope existed: reddening linear in E(B-V), as it was then.
+    used["ext_slope"] = grid["ext_slope"] if "ext_slope" in grid else xr.zeros_like(
+        grid["ext_coeff"])
     stacked = used.isel(wavelength=keep).stack(template=PARAMS)
     exists = grid["exists"].values
     present = np.flatnonzero(stacked["exists"].values)
@@ -550,8 +557,9 @@ def _build_library(grid, lo, hi, options, max_resolving_power):
             "synth_mag": (("template", "band"),
                           stacked["synth_mag"].transpose("template", "band").values,
                           {"units": "mag", "system": "AB"}),
-            "ext_coeff": (("template", "law", "band"),
-                          stacked["ext_coeff"].transpose("template", "law", "band").values),
+            **{name: (("template", "law", "band"),
+                      stacked[name].transpose("template", "law", "band").values)
+               for name in ("ext_coeff", "ext_slope")},
             "template_index": (PARAMS, template_index),
         },
         coords={

@@ -3,8 +3,8 @@
 Gaia DR3 publishes low-resolution BP/RP ("XP") spectra, 336-1020 nm, of every star brighter
 than G ~ 17.6, which all K-SPEC standards are. They measure each standard's broad shape
 independently of the templates. Where a standard has one, its model's photometric warp
-(:func:`kspec_fluxcal.photometry.warp_basis`) is fitted jointly to its bands and to XP /
-model at XP's resolution (:func:`kspec_fluxcal.photometry.fit_warp`): the template supplies
+(:func:`kspec_fluxcal.photometric_fit.warp_basis`) is fitted jointly to its bands and to XP /
+model at XP's resolution (:func:`kspec_fluxcal.photometric_fit.fit_warp`): the template supplies
 the lines, XP the continuum, the photometry the level.
 
 Input format (:func:`read_xp`): the table GaiaXPy's ``calibrate`` writes, CSV or ECSV, one row
@@ -503,7 +503,7 @@ def systematic_floor(xp_wave, red, blue):
 
 
 def xp_rows(xp_flux, xp_error, model_xp, xp_wave, options):
-    """The rows XP adds to the warp's fit (:func:`kspec_fluxcal.photometry.fit_warp`).
+    """The rows XP adds to the warp's fit (:func:`kspec_fluxcal.photometric_fit.fit_warp`).
 
     Residuals -2.5 log10(XP / model) per sample. Errors: XP's in magnitudes, inflated by
     sqrt(:data:`~kspec_fluxcal.constants.XP_SAMPLES_PER_COEFFICIENT`) (343 samples of 110

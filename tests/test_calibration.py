@@ -7,7 +7,7 @@ from kspec_fluxcal.config import Config
 from kspec_fluxcal.constants import FLUX_UNIT
 from kspec_fluxcal.errors import CalibrationError, FluxCalWarning
 from kspec_fluxcal.masks import region_mask
-from kspec_fluxcal.photometry import fit_photometry
+from kspec_fluxcal.photometric_fit import fit_photometry
 
 WAVE = np.linspace(3600.0, 8600.0, 1200)
 
@@ -341,6 +341,46 @@ def test_ebv_prior_sigma_zero_is_no_prior_for_any_star():
     pulled = fit_photometry(obs, err, model, ext, ebv_prior=np.array([np.nan]),
                             ebv_prior_sigma=0.05, error_floor=0.0)
     assert pulled["ebv"][0] < free["ebv"][0] - 1e-4  # the 0 +/- 0.1 prior pulls
+
+
+@pytest.mark.parametrize("law", ["F99", "CCM89"])
+def test_fit_photometry_reddening_beyond_the_linear_regime(law):
+    """A_b / E(B-V) falls as a star reddens (its bands' mean wavelengths move red). Taken as
+    the constant of E(B-V) = 0.05, a 5800 K star reddened by E(B-V) = 0.4, exactly, came out
+    at E(B-V) = 0.392, its scale 0.5 % off and a band residual of 0.028 mag (Gaia G); with
+    the coefficients' slope the fit recovers it (within 2 mmag up to E(B-V) = 0.6)."""
+    from kspec_fluxcal.constants import BANDS, EBV_REFERENCE, EBV_SLOPE_REFERENCE
+    from kspec_fluxcal.photometric_fit import band_extinction
+    from kspec_fluxcal.photometry import synthetic_mag
+    from kspec_fluxcal.reddening import extinction_per_ebv
+
+    wave = np.geomspace(2500.0, 26000.0, 40000)
+    flux = xr.DataArray(1e-2 / wave**5 / np.expm1(1.4388e8 / (wave * 5800.0)),
+                        dims="wavelength", coords={"wavelength": wave})
+    a_lambda = extinction_per_ebv(wave, law)
+
+    def mags(ebv):
+        return synthetic_mag(flux * 10.0 ** (-0.4 * ebv * a_lambda), BANDS).values
+
+    plain = mags(0.0)
+    coeff = (mags(EBV_REFERENCE) - plain) / EBV_REFERENCE
+    slope = ((mags(EBV_SLOPE_REFERENCE) - plain) / EBV_SLOPE_REFERENCE - coeff) / (
+        EBV_SLOPE_REFERENCE - EBV_REFERENCE)
+    err = np.full((1, len(BANDS)), 0.01)
+    for true in (0.1, 0.4, 0.6):
+        observed = (mags(true) + 12.3)[None]
+        args = (observed, err, plain[None], coeff[None])
+        curved = fit_photometry(*args, ext_slope=slope[None], ebv_prior_sigma=0.0)
+        assert curved["ebv"][0] == pytest.approx(true, abs=0.002)
+        assert curved["mu"][0] == pytest.approx(12.3, abs=0.003)
+        assert np.nanmax(np.abs(curved["resid"])) < 0.003
+        model = plain + curved["mu"][0] + band_extinction(curved["ebv"], coeff[None],
+                                                          slope[None])[0]
+        np.testing.assert_allclose(model, observed[0], atol=0.003)
+        if true >= 0.4:
+            linear = fit_photometry(*args, ebv_prior_sigma=0.0)
+            assert np.nanmax(np.abs(linear["resid"])) > 0.006
+    assert np.all(slope[:3] < 0) and np.all(np.isfinite(slope))  # blue bands: falling
 
 
 def test_fit_photometry_drops_outlier_band_and_counts_valid():

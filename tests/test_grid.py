@@ -11,6 +11,7 @@ from conftest import SHARED_REAL, requires_shared
 from kspec_fluxcal.constants import BANDS
 from kspec_fluxcal.errors import FluxCalWarning, GridError
 from kspec_fluxcal.grid import (
+    PARAMS,
     STORE_VARIABLES,
     alpha_response_weights,
     interpolation_weights,
@@ -300,6 +301,27 @@ def test_corrupt_chunk_is_named_where_it_is_read(cube, tmp_path, variable, chunk
         grid[variable].isel(select).values  # noqa: B018
     # Reading what is intact still works.
     assert np.isfinite(grid["flux"].isel(teff=0, wavelength=slice(0, 10)).values).any()
+
+
+def test_extinction_slope_gives_the_band_extinction_at_any_reddening(cube):
+    """A template's band extinction at E(B-V) = 0.3 from the store's ``ext_coeff`` and
+    ``ext_slope`` (:func:`band_extinction`) is that of its spectrum reddened exactly (bands
+    inside the cube's range, where its flux gives them); linear in E(B-V) it is not."""
+    from kspec_fluxcal.photometric_fit import band_extinction
+    from kspec_fluxcal.reddening import extinction_per_ebv
+
+    grid = open_grid(cube)
+    point = {p: int(np.argwhere(grid["exists"].values)[0][i]) for i, p in enumerate(PARAMS)}
+    flux = grid["flux"].isel(point).load()
+    bands = ["panstarrs-g", "panstarrs-r", "panstarrs-i"]
+    a_lambda = extinction_per_ebv(flux["wavelength"].values, "F99")
+    exact = (synthetic_mag(flux * 10.0 ** (-0.4 * 0.3 * a_lambda), bands)
+             - synthetic_mag(flux, bands)).values
+    coeff, slope = (grid[name].isel(point).sel(law="F99", band=bands).values
+                    for name in ("ext_coeff", "ext_slope"))
+    np.testing.assert_allclose(band_extinction(0.3, coeff, slope), exact, atol=5e-4)
+    assert np.all(slope < 0)
+    assert np.max(np.abs(band_extinction(0.3, coeff) - exact)) > 2e-3
 
 
 def test_open_without_dask_reads_the_same_values(cube):

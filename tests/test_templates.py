@@ -8,7 +8,7 @@ import xarray as xr
 from kspec_fluxcal import templates
 from kspec_fluxcal.constants import FWHM_PER_SIGMA
 from kspec_fluxcal.errors import FluxCalWarning, GridError
-from kspec_fluxcal.grid import open_grid
+from kspec_fluxcal.grid import PARAMS, open_grid
 from kspec_fluxcal.grid.build import build_grid
 from kspec_fluxcal.lsf import LineSpread
 from kspec_fluxcal.templates import (
@@ -176,6 +176,23 @@ def test_library_kept_on_disk_by_default_and_read_back(cube, tmp_path, monkeypat
     xr.testing.assert_identical(again.drop_attrs(), first.drop_attrs())
     assert again.attrs["library_key"] == first.attrs["library_key"]
     assert not list((tmp_path / "cache").glob(".kspec-tmp-*"))  # published, nothing left
+
+
+def test_library_carries_the_extinction_slope_zero_for_an_older_grid(cube):
+    """The library's ``ext_slope`` is the grid's, per template; a grid built before it
+    existed (none in the store) gives a library whose reddening is linear, as then."""
+    clear_cache()
+    wave_range = library_range(np.linspace(4000.0, 8000.0, 500), LineSpread.constant(8.0))
+    grid = open_grid(cube)
+    library = prepare_library(grid, wave_range, cache_dir=False)
+    stacked = grid["ext_slope"].stack(template=PARAMS).transpose("template", "law", "band")
+    present = grid["exists"].stack(template=PARAMS).values
+    np.testing.assert_array_equal(library["ext_slope"].values, stacked.values[present])
+    assert np.all(library["ext_slope"].sel(band="panstarrs-g").values < 0)
+    clear_cache()
+    older = prepare_library(grid.drop_vars("ext_slope"), wave_range, cache_dir=False)
+    assert np.all(older["ext_slope"].values == 0)
+    xr.testing.assert_identical(older["ext_coeff"], library["ext_coeff"])
 
 
 def test_library_arrays_are_the_library_values_read_only_and_kept(cube, tmp_path):

@@ -22,7 +22,8 @@ from kspec_fluxcal.fit.exposure_templates import template_library
 from kspec_fluxcal.fit.standards import _XP_ARRAYS, fit_standards
 from kspec_fluxcal.grid import open_grid
 from kspec_fluxcal.grid.build import build_grid
-from kspec_fluxcal.photometry import band_wavelength, fit_warp, warp_basis
+from kspec_fluxcal.photometric_fit import fit_warp, warp_basis
+from kspec_fluxcal.photometry import band_wavelength
 from kspec_fluxcal.products import read_standard_stars
 from kspec_fluxcal.sim import (
     CATALOG_HEADER,

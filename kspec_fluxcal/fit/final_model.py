@@ -13,13 +13,8 @@ import scipy.sparse
 
 from ..constants import FLUX_UNIT_SCALE
 from ..errors import FluxCalWarning
-from ..photometry import (
-    band_wavelength,
-    catalog_parallax,
-    fit_warp,
-    logg_from_parallax,
-    warp_basis,
-)
+from ..photometric_fit import band_extinction, fit_warp, warp_basis
+from ..photometry import band_wavelength, catalog_parallax, logg_from_parallax
 from ..reddening import extinction_per_ebv
 from ..xp import xp_level, xp_resolution, xp_rows
 from .exposure_templates import interpolated_corners
@@ -84,19 +79,20 @@ def _scaled_model(obs, model_obs, weights, matched, phot, config, xp=None):
     """The model at Earth: flux scale and E(B-V) from the photometry (whose residuals judge
     the star), then a smooth photometric warp fitted with the scale at that E(B-V) (the
     template's broad shape corrected where the bands ask for it; see
-    :func:`kspec_fluxcal.photometry.warp_basis`), jointly with the star's Gaia XP spectrum
+    :func:`kspec_fluxcal.photometric_fit.warp_basis`), jointly with the star's Gaia XP spectrum
     where it has a usable one (:mod:`kspec_fluxcal.xp`)."""
     fit = config.fit
     prior = phot.prior
     pf = photometry_rows(phot, weights)
     ebv = pf["ebv"]
-    mags, ext = model_magnitudes(phot, weights)
+    mags, ext, slope = model_magnitudes(phot, weights)
+    reddened = mags + band_extinction(ebv, ext, slope)
     a_lambda = extinction_per_ebv(obs.star_wave, fit.extinction_law)
     compared = _xp_comparison(obs, model_obs, pf, a_lambda, matched, xp, config)
-    warped = _warp(obs, phot, pf, mags + ext * ebv[:, None], matched, config, compared)
+    warped = _warp(obs, phot, pf, reddened, matched, config, compared)
     scale = 10.0 ** (-0.4 * warped["mu"])
     scale_err = scale * _LN10_04 * warped["mu_err"]
-    mag_model = mags - 2.5 * np.log10(scale)[:, None] + ext * ebv[:, None] + warped["band_warp"]
+    mag_model = reddened - 2.5 * np.log10(scale)[:, None] + warped["band_warp"]
     logg_p, logg_p_err = logg_from_parallax(scale, prior.parallax, prior.parallax_err)
     curve = warped["curve"]
     model_flux = (scale[:, None] * model_obs * curve * 10.0 ** (-0.4 * ebv[:, None] * a_lambda)
@@ -126,7 +122,7 @@ def _warp(obs, phot, pf, reddened, matched, config, compared):
 
 
 def _apply_warp(out, stars, degree, compared, obs, phot, pf, reddened, band_wave, config):
-    """:func:`kspec_fluxcal.photometry.fit_warp` for the ``stars`` (mask), in ``out``.
+    """:func:`kspec_fluxcal.photometric_fit.fit_warp` for the ``stars`` (mask), in ``out``.
 
     Bands only: the warp spans the exposure's range. With XP: each star's warp spans its
     compared XP samples and is held beyond them (a warp of high degree must not swing where

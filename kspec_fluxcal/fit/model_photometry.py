@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse
 
-from ..photometry import fit_photometry, parallax_chi2
+from ..photometric_fit import fit_photometry
+from ..photometry import parallax_chi2
 from .._recent import Recent, per_library, read_only
 from ..templates import library_arrays
 
@@ -19,10 +20,13 @@ _BAND_TABLES = Recent(8)
 
 
 def _band_tables(library, bands, law):
-    """The templates' maggies (T, B), extinction coefficients and their product (NaN as 0)."""
+    """The templates' maggies (T, B), extinction coefficients and their slopes with E(B-V)
+    times the maggies (NaN as 0: a model's are the maggie-weighted means of its templates')."""
     maggies = np.nan_to_num(10.0 ** (-0.4 * library["synth_mag"].sel(band=list(bands)).values))
-    ext = library["ext_coeff"].sel(law=law, band=list(bands)).values
-    return tuple(read_only(a) for a in (maggies, ext, np.nan_to_num(maggies * ext)))
+    ext, slope = (library[name].sel(law=law, band=list(bands)).values
+                  for name in ("ext_coeff", "ext_slope"))
+    return tuple(read_only(a) for a in (maggies, np.nan_to_num(maggies * ext),
+                                        np.nan_to_num(maggies * slope)))
 
 
 class PhotometricScore:
@@ -39,7 +43,7 @@ class PhotometricScore:
         fit, phot = config.fit, config.photometry
         bands = list(matched["band"].values)
         self.mag_obs, self.mag_err = matched["mag"].values, matched["mag_err"].values
-        self.maggies, self.ext, self.weighted_ext = per_library(
+        self.maggies, self.weighted_ext, self.weighted_slope = per_library(
             _BAND_TABLES, _band_tables, library, tuple(bands), fit.extinction_law)
         self.template_logg = library_arrays(library)["template_logg"]
         self.prior = prior
@@ -52,11 +56,12 @@ class PhotometricScore:
     def fit(self, star, weights):
         """fit_photometry of the models ``weights @ templates`` (K models, sparse weights)
         against the photometry of ``star`` (one, or (K,): each model's own)."""
-        mags, ext = model_magnitudes(self, weights)
+        mags, ext, slope = model_magnitudes(self, weights)
         k = mags.shape[0]
         return fit_photometry(np.broadcast_to(self.mag_obs[star], mags.shape),
                               np.broadcast_to(self.mag_err[star], mags.shape), mags, ext,
-                              ebv_prior=np.full(k, self.prior.ebv_catalog[star]), **self.options)
+                              ext_slope=slope, ebv_prior=np.full(k, self.prior.ebv_catalog[star]),
+                              **self.options)
 
     def __call__(self, star, weights, points):
         """Scores (K,) of models at ``points`` (K, 4) for ``star`` (one, or (K,): each
@@ -78,11 +83,13 @@ class PhotometricScore:
 
 
 def model_magnitudes(phot, weights):
-    """Synthetic AB magnitudes (surface flux) and band extinction coefficients of models."""
+    """Synthetic AB magnitudes (surface flux), band extinction coefficients and their slopes
+    with E(B-V) of models."""
     maggies = np.asarray(weights @ phot.maggies)
     with np.errstate(divide="ignore", invalid="ignore"):
         ext = np.asarray(weights @ phot.weighted_ext) / maggies
-        return np.where(maggies > 0, -2.5 * np.log10(maggies), np.nan), ext
+        slope = np.asarray(weights @ phot.weighted_slope) / maggies
+        return np.where(maggies > 0, -2.5 * np.log10(maggies), np.nan), ext, slope
 
 
 def photometry_rows(phot, weights):

@@ -8,7 +8,8 @@ Store layout
 exist), ``exists`` (bool), ``synth_mag`` (teff, logg, feh, alpha, band: AB magnitudes of the
 surface flux, computed on the full wavelength range before trimming) and ``ext_coeff``
 (..., law, band: A_band / E(B-V) of each template's own spectrum, so photometric fits with
-reddening never re-integrate spectra).
+reddening never re-integrate spectra) with ``ext_slope``, its change with E(B-V) (stores
+built before it was added have none: reddening is then linear in E(B-V)).
 
 Chunks: one Teff value per chunk, every (logg, feh, alpha), and 8192 wavelengths. A Teff
 window of the template search reads only its slabs; a wavelength window (an exposure's range)
@@ -49,7 +50,7 @@ PARAMS = ("teff", "logg", "feh", "alpha")
 
 #: Variables of a template store whose every chunk must be present: Zarr reads a missing
 #: chunk as its fill value, i.e. as NaN spectra or templates that do not exist.
-STORE_VARIABLES = ("flux", "continuum", "exists", "synth_mag", "ext_coeff")
+STORE_VARIABLES = ("flux", "continuum", "exists", "synth_mag", "ext_coeff", "ext_slope")
 REBUILD_HINT = "rebuild with `kspec-fluxcal grid build`"
 
 

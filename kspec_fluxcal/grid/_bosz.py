@@ -16,12 +16,10 @@ from pathlib import Path
 import numpy as np
 
 from .._signals import starting_workers
+from ..constants import EBV_REFERENCE, EBV_SLOPE_REFERENCE
 from ..errors import GridError
 
-__all__ = ["read_bosz_spectrum", "EBV_REFERENCE", "band_matrix", "template_reader"]
-
-#: Reference E(B-V) at which band extinction coefficients are measured (small: linear regime).
-EBV_REFERENCE = 0.05
+__all__ = ["read_bosz_spectrum", "band_matrix", "template_reader"]
 
 
 def read_bosz_spectrum(path, nwave):
@@ -79,7 +77,9 @@ def band_matrix(weights, reddened):
     weights : numpy.ndarray, shape (nband, nwave)
         Photon-weighted band weights on the files' full wavelength grid.
     reddened : sequence of numpy.ndarray, shape (nband, nwave)
-        The same weights times each law's extinction at :data:`EBV_REFERENCE`.
+        The same weights times each law's extinction at
+        :data:`~kspec_fluxcal.constants.EBV_REFERENCE`, then at
+        :data:`~kspec_fluxcal.constants.EBV_SLOPE_REFERENCE`.
 
     Returns
     -------
@@ -97,14 +97,17 @@ def band_matrix(weights, reddened):
 
 def template_products(path, nwave, trim, matrix, span, nband):
     """Everything the store needs from one file: trimmed flux and continuum (float32), AB
-    magnitudes (band) and extinction coefficients (law, band); see :func:`band_matrix`."""
+    magnitudes (band), extinction coefficients A_b / E(B-V) and their slope with E(B-V)
+    (law, band); see :func:`band_matrix`."""
     flux, cont = read_bosz_spectrum(path, nwave)
     maggies = matrix @ flux[span]
     with np.errstate(divide="ignore", invalid="ignore"):
         mags = np.where(maggies > 0, -2.5 * np.log10(maggies), np.nan)
-    mag, red = mags[:nband], mags[nband:].reshape(-1, nband)
-    coeff = (red - mag[None, :]) / EBV_REFERENCE
-    return flux[trim].astype(np.float32), cont[trim].astype(np.float32), mag, coeff
+    mag, red = mags[:nband], mags[nband:].reshape(2, -1, nband)
+    coeff = (red[0] - mag[None, :]) / EBV_REFERENCE
+    further = (red[1] - mag[None, :]) / EBV_SLOPE_REFERENCE
+    slope = (further - coeff) / (EBV_SLOPE_REFERENCE - EBV_REFERENCE)
+    return flux[trim].astype(np.float32), cont[trim].astype(np.float32), mag, coeff, slope
 
 
 @contextlib.contextmanager

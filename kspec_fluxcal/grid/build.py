@@ -26,12 +26,18 @@ import xarray as xr
 from .. import __version__
 from .._atomic import TEMP_PREFIX
 from .._zarr import strings_as_object
-from ..constants import BANDS, BOSZ_RESOLUTIONS, CK04_MARKER
+from ..constants import (
+    BANDS,
+    BOSZ_RESOLUTIONS,
+    CK04_MARKER,
+    EBV_REFERENCE,
+    EBV_SLOPE_REFERENCE,
+)
 from ..errors import FluxCalWarning, GridError
 from ..photometry import band_weights
 from ..reddening import LAWS, extinction_per_ebv
 from . import PARAMS
-from ._bosz import EBV_REFERENCE, band_matrix, read_bosz_spectrum, template_reader
+from ._bosz import band_matrix, read_bosz_spectrum, template_reader
 
 __all__ = [
     "parse_bosz_filename",
@@ -50,6 +56,9 @@ BOSZ_NAME = re.compile(
 WAVE_NAME = re.compile(r"^bosz2024_wave_(?P<resolution>r\d+|rorig)\.txt$")
 
 CHUNK_WAVELENGTH = 8192
+#: Version of the store's variables, part of a build's plan: a store of an older layout (no
+#: ``ext_slope``) is not taken as up to date, nor is its partial build resumed.
+STORE_LAYOUT = 2
 #: The choice among several files at the same (teff, logg, feh, alpha).
 POLICY = {
     "atmosphere": "prefer MARCS ('mp') over ATLAS9 ('ap')",
@@ -157,7 +166,8 @@ def _read_wavelength(path):
 
 def _plan_hash(scan, wave_min, wave_max):
     h = hashlib.sha1()
-    h.update(f"{__version__}|{scan['resolution']}|{wave_min}|{wave_max}|{BANDS}|{LAWS}".encode())
+    h.update(f"{__version__}|{STORE_LAYOUT}|{scan['resolution']}|{wave_min}|{wave_max}|{BANDS}|"
+             f"{LAWS}".encode())
     for m in scan["models"]:
         st = m["path"].stat()
         h.update(f"{m['path'].name}|{st.st_size}|{st.st_mtime_ns}".encode())
@@ -191,6 +201,13 @@ def _empty_store(partial, axes, wave, attrs):
                                   chunks=chunks + (len(LAWS), len(BANDS))),
                           {"units": "mag", "description": "A_band / E(B-V) of the template, "
                            f"measured at E(B-V) = {EBV_REFERENCE}, R_V = 3.1"}),
+            "ext_slope": (PARAMS + ("law", "band"),
+                          da.full(shape + (len(LAWS), len(BANDS)), np.nan,
+                                  chunks=chunks + (len(LAWS), len(BANDS))),
+                          {"units": "mag", "description": "d(A_band / E(B-V)) / dE(B-V) of "
+                           f"the template, between E(B-V) = {EBV_REFERENCE} and "
+                           f"{EBV_SLOPE_REFERENCE}: A_band(E) = E (ext_coeff + ext_slope "
+                           f"(E - {EBV_REFERENCE}))"}),
         },
         coords={
             **{p: (p, np.asarray(axes[p], dtype=np.float64)) for p in PARAMS},
@@ -334,8 +351,9 @@ def _up_to_date(out, plan, overwrite, progress, n_models):
             print(f"{out}: up to date ({n_models} templates); nothing to do")
         return True
     if not overwrite:
-        raise GridError(out, None, "exists and was built from other inputs or options; "
-                        "pass overwrite=True (CLI: --overwrite) to rebuild it")
+        raise GridError(out, None, "exists and was built from other inputs or options (or "
+                        "by a version with another store layout); pass overwrite=True (CLI: "
+                        "--overwrite) to rebuild it")
     return False
 
 
@@ -392,8 +410,8 @@ def _fill(partial, state, models, axes, wave_full, trim, workers, progress):
     if not todo:
         return
     weights = band_weights(list(BANDS), wave_full).fillna(0.0).values
-    reddened = [weights * 10.0 ** (-0.4 * EBV_REFERENCE * extinction_per_ebv(wave_full, law))
-                for law in LAWS]
+    reddened = [weights * 10.0 ** (-0.4 * ebv * extinction_per_ebv(wave_full, law))
+                for ebv in (EBV_REFERENCE, EBV_SLOPE_REFERENCE) for law in LAWS]
     matrix, span = band_matrix(weights, reddened)
     left = {t: sum(m["teff"] == t for m in todo) for t in dict.fromkeys(m["teff"] for m in todo)}
     workers = max(1, min(int(workers), len(todo)))
@@ -423,16 +441,17 @@ def _write_slab(group, axes, teff, products):
     are then all present, and a missing one means damage, see
     :func:`kspec_fluxcal.grid.check_chunks`)."""
     shape = tuple(len(axes[p]) for p in PARAMS[1:])
-    flux, cont, mag, coeff = products[0][1]
+    flux, cont, mag, coeff, _ = products[0][1]
     arrays = {"flux": np.full(shape + flux.shape, np.nan, np.float32),
               "continuum": np.full(shape + cont.shape, np.nan, np.float32),
               "exists": np.zeros(shape, bool),
               "synth_mag": np.full(shape + mag.shape, np.nan),
-              "ext_coeff": np.full(shape + coeff.shape, np.nan)}
+              "ext_coeff": np.full(shape + coeff.shape, np.nan),
+              "ext_slope": np.full(shape + coeff.shape, np.nan)}
     index = {p: {v: i for i, v in enumerate(axes[p])} for p in PARAMS[1:]}
-    for m, (f, c, g, e) in products:
+    for m, (f, c, g, e, s) in products:
         at = tuple(index[p][m[p]] for p in PARAMS[1:])
-        for name, value in zip(arrays, (f, c, True, g, e), strict=True):
+        for name, value in zip(arrays, (f, c, True, g, e, s), strict=True):
             arrays[name][at] = value
     i = axes["teff"].index(teff)
     # Straight to the Zarr arrays: xarray's region writes re-open and re-validate the whole
