@@ -174,6 +174,37 @@ def test_grid_build_bad_directory(capsys, tmp_path):
     assert not (tmp_path / "g.zarr").exists()
 
 
+@pytest.mark.parametrize("kind", ["directory", "file"])
+def test_grid_build_overwrite_replaces_only_a_grid_store(capsys, made, tmp_path, kind):
+    """--overwrite deleted a directory of the user's given as --out (and hid a file as
+    .kspec-tmp-NAME.old): it replaces a grid store, nothing else."""
+    out = tmp_path / "mine"
+    if kind == "directory":
+        out.mkdir()
+        (out / "notes.txt").write_text("keep me")
+    else:
+        out.write_text("keep me")
+    status, _, err = cli(capsys, "grid", "build", made[0].bosz, "--out", out, "--overwrite",
+                         "--quiet")
+    assert status == 1
+    assert problems(err) == [f"kspec-fluxcal: error: {out}: exists and is not a template grid "
+                             "store (a file, or a directory without the build plan of "
+                             "'kspec-fluxcal grid build'): not replaced, also not with "
+                             "--overwrite; choose another output or remove it yourself"]
+    kept = out / "notes.txt" if kind == "directory" else out
+    assert kept.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_grid_build_overwrite_rebuilds_a_grid_store(capsys, made, tmp_path):
+    out = tmp_path / "g.zarr"
+    shutil.copytree(made[0].store, out)
+    status, _, err = cli(capsys, "grid", "build", made[0].bosz, "--out", out, "--overwrite",
+                         "--quiet", "--wave-max", "9000")
+    assert (status, problems(err)) == (0, [])
+    assert open_grid(out).attrs["wave_max"] <= 9000
+
+
 # ----------------------------------------------------------------------------- calibrate
 
 
