@@ -45,14 +45,19 @@ def _each_file(args, work):
         except Exception as err:
             failed += 1
             detail = (str(err) if isinstance(err, (FluxCalError, OSError)) else
-                      f"internal error ({type(err).__name__}: {err}); please report it with "
-                      "the output of --traceback")
+                      _internal_error(err))
             # The line names the file once; errors about other files (catalog, grid) keep theirs.
             detail = detail.removeprefix(f"{path}: ")
             print(f"{path}: FAILED: {detail}", file=sys.stderr)
             if args.traceback:
                 traceback.print_exc()
     return failed
+
+
+def _internal_error(err):
+    """The line that reports an unexpected exception (a bug) without its traceback."""
+    return (f"internal error ({type(err).__name__}: {err}); please report it with the output "
+            "of --traceback")
 
 
 @contextlib.contextmanager
@@ -355,6 +360,18 @@ def _at_least(minimum, why=""):
 
 #: Counts of processes, threads or exposures: 0 would silently mean another number or nothing.
 _POSITIVE = _at_least(1)
+#: Random seeds: numpy's SeedSequence takes non-negative integers only.
+_SEED = _at_least(0)
+
+
+def _bosz_resolution(text):
+    """An argparse type: a BOSZ 2024 resolution tag (r500 ... rorig)."""
+    from .constants import BOSZ_RESOLUTIONS
+
+    if text not in BOSZ_RESOLUTIONS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a BOSZ 2024 resolution tag; valid: "
+                                         f"{', '.join(BOSZ_RESOLUTIONS)}")
+    return text
 
 
 def _scheduler_address(text):
@@ -406,7 +423,7 @@ def _demo_parser(sub):
                    help="nights they are spread over (default %(default)s)")
     p.add_argument("--workers", type=_POSITIVE, default=None, help="LocalCluster workers "
                    "(default: one per core)")
-    p.add_argument("--seed", type=int, default=1,
+    p.add_argument("--seed", type=_SEED, default=1,
                    help="random seed of the simulated survey (default %(default)s)")
 
 
@@ -480,7 +497,7 @@ def _simulate_parser(sub):
                    help="exposures (default %(default)s)")
     p.add_argument("--nights", type=_POSITIVE, default=4,
                    help="nights they are spread over (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    p.add_argument("--seed", type=_SEED, default=0, help="random seed (default %(default)s)")
     p.add_argument("--fibers", type=_at_least(6, " (up to 3 standards, sky fibers and a "
                                               "science target)"), default=14,
                    help="fibers per exposure (default %(default)s)")
@@ -516,7 +533,7 @@ def _grid_parsers(sub):
     p = _command(gsub, _cmd_grid_download, "download",
                  help="download the BOSZ 2024 subgrid from MAST")
     p.add_argument("--out", required=True, help="directory to download into (BOSZ layout)")
-    p.add_argument("--resolution", default="r10000",
+    p.add_argument("--resolution", type=_bosz_resolution, default="r10000",
                    help="resolution tag to download (default %(default)s)")
     for flag, text in (("--dry-run", "list what would be downloaded (on stdout), download nothing"),
                        ("--force", "download again files that are already present")):
@@ -627,6 +644,11 @@ def _run(args):
         if args.traceback:
             traceback.print_exc()
         print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:  # a bug, not the input: one line, as for one file of a batch
+        if args.traceback:
+            traceback.print_exc()
+        print(f"{PROG}: {_internal_error(err)}", file=sys.stderr)
         return 1
     except _Terminated:
         print(f"{PROG}: terminated", file=sys.stderr)

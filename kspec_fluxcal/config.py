@@ -497,6 +497,10 @@ def _check_consistency(values, source):
         raise ConfigError(source, "[instrument] throughput_min",
                           f"{inst['throughput_min']} is not below throughput_max "
                           f"{inst['throughput_max']}")
+    pattern = values["survey"]["pattern"]
+    if not pattern or Path(pattern).is_absolute() or ".." in Path(pattern).parts:
+        raise ConfigError(source, "[survey] pattern", f"{pattern!r}: must be a glob relative "
+                          "to the lake directory, without '..' (e.g. '**/*.fits')")
     from .telluric import telluric_lines
 
     try:

@@ -139,6 +139,55 @@ def test_version_and_usage_errors(capsys):
     assert "the following arguments are required: --catalog, --grid" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["simulate", "out", "--seed", "-1"], "argument --seed: -1: need at least 0"),
+    (["demo", "--seed", "-2"], "argument --seed: -2: need at least 0"),
+    (["grid", "download", "--out", "x", "--resolution", "10000", "--dry-run"],
+     "argument --resolution: '10000' is not a BOSZ 2024 resolution tag; valid: r500, "),
+])
+def test_arguments_the_library_refuses_are_usage_errors(capsys, argv, message):
+    """A negative seed and an unknown resolution tag ended in a ValueError traceback."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert f"error: {message}" in capsys.readouterr().err
+
+
+def test_unexpected_error_of_a_command_is_one_line(capsys, tmp_path, monkeypatch):
+    """Outside calibrate's per-file loop an unexpected exception printed its traceback,
+    though only --traceback should."""
+    import kspec_fluxcal.sim.survey as sim_survey
+
+    def broken(*args, **kwargs):
+        raise NotImplementedError("boom")
+
+    monkeypatch.setattr(sim_survey, "simulate_survey", broken)
+    status, out, err = cli(capsys, "simulate", tmp_path / "sim", "--quiet")
+    assert (status, out) == (1, [])
+    assert err == ["kspec-fluxcal: internal error (NotImplementedError: boom); please report "
+                   "it with the output of --traceback"]
+    assert main(["--traceback", "simulate", str(tmp_path / "sim"), "--quiet"]) == 1
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("lake, pattern, message", [
+    (".", "/data/*.fits", "pattern '/data/*.fits': must be relative to the lake directory, "
+                          "without '..' (e.g. '**/*.fits')"),
+    (".", "../*.fits", "pattern '../*.fits': must be relative to the lake directory, "
+                       "without '..' (e.g. '**/*.fits')"),
+    ("catalog.csv", None, "not a directory (the lake is a directory of RED files)"),
+])
+def test_survey_lake_and_pattern_refused(capsys, files, tmp_path, lake, pattern, message):
+    """An absolute --pattern ended in pathlib's NotImplementedError traceback, '..' found
+    nothing, and a file given as the lake was 'no such lake directory'."""
+    lake = tmp_path / lake
+    argv = ["survey", lake, "--catalog", files.catalog, "--grid", files.grid, "--out",
+            tmp_path / "out", "--workers", "1", *(["--pattern", pattern] if pattern else [])]
+    status, out, err = cli(capsys, *argv)
+    assert status == 1
+    assert problems(err) == [f"kspec-fluxcal: error: {lake}: {message}"]
+
+
 # ----------------------------------------------------------------------------- grid
 
 
@@ -424,6 +473,9 @@ CONFIG_CASES = [
      r"[masks] telluric: 'telluric_strong': no such mask file (packaged masks: "
      r"telluric_default, stellar_lines)"),
     ("section-not-a-table", "fit = 3\n", r"[fit]: must be a table of options"),
+    ("absolute-pattern", "[survey]\npattern = '/data/*.fits'\n",
+     r"[survey] pattern: '/data/*.fits': must be a glob relative to the lake directory, "
+     r"without '..'"),
 ]
 
 
