@@ -139,7 +139,10 @@ def _cmd_grid_build(args):
 
 
 def _cmd_grid_download(args):
+    from ._atomic import check_output_directory
     from .download import download_grid
+
+    check_output_directory(args.out, "--out")  # a dry run too: it says where files would go
 
     summary = download_grid(args.out, resolution=args.resolution, dry_run=args.dry_run,
                             force=args.force, workers=args.workers,
@@ -151,7 +154,10 @@ def _cmd_grid_download(args):
 
 
 def _cmd_grid_synth(args):
+    from ._atomic import check_output_directory
     from .sim.synthetic_grid import write_synthetic_grid
+
+    check_output_directory(args.out, "--out")
 
     path = write_synthetic_grid(args.out, small=args.small, workers=args.workers,
                                 overwrite=args.overwrite, progress=not args.quiet)
@@ -249,8 +255,10 @@ def _check_out(out):
 
 
 def _cmd_qc(args):
+    from ._atomic import check_output_directory
     from .qc import check_distinct_names, qc_from_file
 
+    check_output_directory(args.out, "--out")
     check_distinct_names(args.files, calibrated_only=True)
 
     def qc(path):
@@ -293,6 +301,8 @@ def _cmd_archive_plot(args):
 
     store = Path(args.model) if args.model else Path(args.archive).parent / MODEL_STORE
     models = [None]
+    if args.model and not (store / "zarr.json").exists():
+        open_model(store)  # an explicit --model that is none: refused, not ignored
     if args.model or (store / "zarr.json").exists():
         setups = [args.setup] if args.setup else model_setups(store)
         models = [open_model(store, s) for s in setups] or [None]
@@ -320,7 +330,10 @@ def _exposures_of(archive, setup, path):
 
 
 def _cmd_demo(args):
+    from ._atomic import check_output_directory
     from .sim.demo import run_demo
+
+    check_output_directory(args.out, "--out")  # not found out minutes into the demo
 
     return run_demo(args.out, exposures=args.exposures, nights=args.nights, workers=args.workers,
                     seed=args.seed)

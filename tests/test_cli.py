@@ -900,3 +900,42 @@ def test_archive_plot_of_an_empty_archive_or_to_a_file(capsys, archive, tmp_path
     (tmp_path / "notes.txt").write_text("mine")
     assert cli(capsys, "archive", "plot", archive, "--out", tmp_path / "notes.txt") == (
         1, [], [f"kspec-fluxcal: error: {tmp_path / 'notes.txt'}: is a file, not a directory"])
+
+
+@pytest.mark.parametrize("model", ["empty-dir", "missing", "the-archive"])
+def test_archive_plot_an_explicit_model_that_is_none_is_refused(capsys, archive, tmp_path,
+                                                                 model):
+    """--model naming an empty directory was ignored (plots without a model, exit 0), and a
+    missing one gave a bare '[Errno 2] No such file or directory'."""
+    path = {"empty-dir": tmp_path / "m", "missing": tmp_path / "none.zarr",
+            "the-archive": archive}[model]
+    if model == "empty-dir":
+        path.mkdir()
+    problem = ("not a survey model store (its title: 'kspec-fluxcal calibration archive'"
+               if model == "the-archive" else "no survey model here (the survey job writes")
+    status, out, err = cli(capsys, "archive", "plot", archive, "--out", tmp_path / "p",
+                           "--model", path)
+    assert (status, out, len(err)) == (1, [], 1)
+    assert err[0].startswith(f"kspec-fluxcal: error: {path}: {problem}")
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["qc", "calibrated.fits"],
+    ["grid", "synth", "--small"],
+    ["grid", "download", "--dry-run"],
+    ["demo"],
+])
+def test_an_output_that_is_a_file_is_refused_before_the_work(capsys, tmp_path, monkeypatch,
+                                                              argv):
+    """qc, grid synth and demo (minutes into its work) failed with a bare '[Errno 17] File
+    exists'; a dry run of grid download listed files to fetch under a file, exit 0."""
+    import kspec_fluxcal.sim.demo as demo
+
+    monkeypatch.setattr(demo, "run_demo", lambda *a, **k: pytest.fail("the demo ran"))
+    (tmp_path / "notes.txt").write_text("mine")
+    status, out, err = cli(capsys, *argv, "--out", tmp_path / "notes.txt")
+    assert (status, out) == (1, [])
+    assert err == [f"kspec-fluxcal: error: --out {tmp_path / 'notes.txt'}: is a file, not a "
+                   "directory"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"
