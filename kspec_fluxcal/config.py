@@ -549,7 +549,9 @@ def load_config(path=None, **overrides):
         path = os.fspath(path)
         check_regular_file(path, ConfigError)
         try:
-            values = tomllib.loads(Path(path).read_text())
+            # TOML is UTF-8 whatever the locale; a byte-order mark (Windows editors write
+            # one) made the first line 'Invalid statement'.
+            values = tomllib.loads(Path(path).read_text(encoding="utf-8-sig"))
         except (OSError, UnicodeDecodeError) as err:
             raise ConfigError(path, None, f"unreadable ({err})") from None
         except tomllib.TOMLDecodeError as err:
