@@ -233,6 +233,12 @@ def _check_table(path, header, rows, needed):
     missing = [c for c in needed if c not in header]
     if missing:
         raise CatalogError(path, "header line", f"missing required column(s) {', '.join(missing)}")
+    read = {*needed, *_OPTIONAL, *_SOURCE_ID_COLUMNS}
+    twice = [c for c in dict.fromkeys(header) if c in read and header.count(c) > 1]
+    if twice:  # which one holds the values? (the last was taken, silently)
+        raise CatalogError(path, "header line", f"column {twice[0]} appears "
+                           f"{header.count(twice[0])} times (columns "
+                           f"{', '.join(str(i + 1) for i, h in enumerate(header) if h == twice[0])})")
     if not rows:
         raise CatalogError(path, None, "no stars (only a header line)")
     # A row with more fields than the header is as wrong as a shorter one: an unquoted comma

@@ -187,3 +187,20 @@ def test_position_matches_with_and_without_a_tree_agree(monkeypatch):
     np.testing.assert_array_equal(pairs[1], tree[1])
     sep = np.delete(pairs[1], 5)
     assert np.all(np.delete(pairs[0], 5) == np.delete(np.arange(40), 5)) and sep.max() < 3.0
+
+
+def test_a_column_read_twice_is_refused(catalog_file):
+    """Two g columns (a merged table): the last was read silently (here: all 99, the g band
+    lost); columns the reader ignores may repeat."""
+    path = catalog_file([catalog_row(1, 10.0, 20.0, g=16.0), catalog_row(2, 11.0, 20.0, g=16.5)])
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0] + ",g,note,note"] + [ln + ",99,a,b" for ln in lines[1:]])
+                    + "\n")
+    column = CATALOG_HEADER.index("g") + 1
+    with pytest.raises(CatalogError, match=re.escape(
+            f"catalog.csv: header line: column g appears 2 times (columns {column}, "
+            f"{len(CATALOG_HEADER) + 1})")):
+        read_catalog(path)
+    path.write_text("\n".join([lines[0] + ",note,note"] + [ln + ",a,b" for ln in lines[1:]])
+                    + "\n")
+    assert list(read_catalog(path)["mag"].sel(band="panstarrs-g").values) == [16.0, 16.5]
