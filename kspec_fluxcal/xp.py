@@ -209,9 +209,9 @@ def _read_csv(path):
     read = {*_REQUIRED, "wavelength", "sampling", "ra", "dec"}
     twice = [c for c in dict.fromkeys(header) if c in read and header.count(c) > 1]
     if twice:  # which one holds the values? (the last was taken, silently)
+        places = ", ".join(str(i + 1) for i, h in enumerate(header) if h == twice[0])
         raise InputError(path, "header line", f"column {twice[0]} appears "
-                         f"{header.count(twice[0])} times (columns "
-                         f"{', '.join(str(i + 1) for i, h in enumerate(header) if h == twice[0])})")
+                         f"{header.count(twice[0])} times (columns {places})")
     ragged = [i for i, r in enumerate(body) if len(r) != len(header)]
     if ragged:
         raise InputError(path, f"row {lines[ragged[0]]}", f"has {len(body[ragged[0]])} fields, "
