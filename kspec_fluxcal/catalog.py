@@ -182,9 +182,9 @@ def read_catalog(path, bands=None):
     """
     path = os.fspath(path)
     bands = _checked_bands(path, bands)
-    header, rows = _read_csv(path)
-    _check_table(path, header, rows, [*_REQUIRED, *(c for b in bands for c in CATALOG_COLUMNS[b])])
-    line_numbers = np.arange(len(rows)) + 2  # as an editor shows them (header is line 1)
+    header, rows, line_numbers = _read_csv(path)
+    _check_table(path, header, rows, line_numbers,
+                 [*_REQUIRED, *(c for b in bands for c in CATALOG_COLUMNS[b])])
     table = np.array(rows, dtype=object)  # every row has the header's length (checked)
     col = {name: table[:, i] for i, name in enumerate(header)}
     objid = _objids(col["objid"], path, line_numbers)
@@ -211,35 +211,61 @@ def read_catalog(path, bands=None):
 
 
 def _read_csv(path):
-    """The header line (stripped names) and the non-blank rows of a CSV file."""
+    """The header line (stripped names), the non-blank rows of a CSV file and the line
+    number of each row, as an editor shows them (blank lines skipped, also before the
+    header, are counted)."""
     check_regular_file(path, CatalogError)
+    header, rows, numbers = None, [], []
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.reader(fh)
-            header = next(reader, None)
-            rows = [r for r in reader if any(map(str.strip, r))]
+            last = 0
+            for row in reader:
+                first, last = last + 1, reader.line_num
+                if not any(map(str.strip, row)):
+                    continue
+                if header is None:
+                    header = row
+                else:
+                    rows.append(row)
+                    numbers.append(first)
     except FileNotFoundError:
         raise CatalogError(path, None, "no such file") from None
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise CatalogError(path, None, f"not a readable CSV file ({err})") from None
     if not header:
         raise CatalogError(path, "header line", "empty file")
-    return [h.strip() for h in header], rows
+    return [h.strip() for h in header], rows, np.asarray(numbers, dtype=np.int64)
 
 
-def _check_table(path, header, rows, needed):
+def _check_table(path, header, rows, line_numbers, needed):
     """Refuse a catalog without the ``needed`` columns, without stars, or with a row whose
     number of fields differs from the header's."""
     missing = [c for c in needed if c not in header]
+    if all(c in missing for c in _REQUIRED):
+        # A comment line, semicolons or tabs: the first line is no header; the list of the
+        # two dozen columns it lacks would not say so.
+        shown = ",".join(header)
+        shown = shown if len(shown) <= 60 else shown[:57] + "..."
+        raise CatalogError(path, "header line", f"{shown!r} is not a line of comma-separated "
+                           f"column names with {', '.join(_REQUIRED)} (the first non-blank "
+                           "line must be the header: no comment lines, commas between "
+                           "columns)")
     if missing:
         raise CatalogError(path, "header line", f"missing required column(s) {', '.join(missing)}")
+    read = {*needed, *_OPTIONAL, *_SOURCE_ID_COLUMNS}
+    twice = [c for c in dict.fromkeys(header) if c in read and header.count(c) > 1]
+    if twice:  # which one holds the values? (the last was taken, silently)
+        places = ", ".join(str(i + 1) for i, h in enumerate(header) if h == twice[0])
+        raise CatalogError(path, "header line", f"column {twice[0]} appears "
+                           f"{header.count(twice[0])} times (columns {places})")
     if not rows:
         raise CatalogError(path, None, "no stars (only a header line)")
     # A row with more fields than the header is as wrong as a shorter one: an unquoted comma
     # shifts every later value into the wrong column.
     ragged = [i for i, r in enumerate(rows) if len(r) != len(header)]
     if ragged:
-        raise CatalogError(path, f"row {ragged[0] + 2}",
+        raise CatalogError(path, f"row {line_numbers[ragged[0]]}",
                            f"has {len(rows[ragged[0]])} fields, the header has {len(header)}")
 
 

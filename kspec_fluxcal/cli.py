@@ -45,14 +45,19 @@ def _each_file(args, work):
         except Exception as err:
             failed += 1
             detail = (str(err) if isinstance(err, (FluxCalError, OSError)) else
-                      f"internal error ({type(err).__name__}: {err}); please report it with "
-                      "the output of --traceback")
+                      _internal_error(err))
             # The line names the file once; errors about other files (catalog, grid) keep theirs.
             detail = detail.removeprefix(f"{path}: ")
             print(f"{path}: FAILED: {detail}", file=sys.stderr)
             if args.traceback:
                 traceback.print_exc()
     return failed
+
+
+def _internal_error(err):
+    """The line that reports an unexpected exception (a bug) without its traceback."""
+    return (f"internal error ({type(err).__name__}: {err}); please report it with the output "
+            "of --traceback")
 
 
 @contextlib.contextmanager
@@ -134,7 +139,10 @@ def _cmd_grid_build(args):
 
 
 def _cmd_grid_download(args):
+    from ._atomic import check_output_directory
     from .download import download_grid
+
+    check_output_directory(args.out, "--out")  # a dry run too: it says where files would go
 
     summary = download_grid(args.out, resolution=args.resolution, dry_run=args.dry_run,
                             force=args.force, workers=args.workers,
@@ -146,7 +154,10 @@ def _cmd_grid_download(args):
 
 
 def _cmd_grid_synth(args):
+    from ._atomic import check_output_directory
     from .sim.synthetic_grid import write_synthetic_grid
+
+    check_output_directory(args.out, "--out")
 
     path = write_synthetic_grid(args.out, small=args.small, workers=args.workers,
                                 overwrite=args.overwrite, progress=not args.quiet)
@@ -247,8 +258,10 @@ def _check_out(out):
 
 
 def _cmd_qc(args):
+    from ._atomic import check_output_directory
     from .qc import check_distinct_names, qc_from_file
 
+    check_output_directory(args.out, "--out")
     check_distinct_names(args.files, calibrated_only=True)
 
     def qc(path):
@@ -291,6 +304,8 @@ def _cmd_archive_plot(args):
 
     store = Path(args.model) if args.model else Path(args.archive).parent / MODEL_STORE
     models = [None]
+    if args.model and not (store / "zarr.json").exists():
+        open_model(store)  # an explicit --model that is none: refused, not ignored
     if args.model or (store / "zarr.json").exists():
         setups = [args.setup] if args.setup else model_setups(store)
         models = [open_model(store, s) for s in setups] or [None]
@@ -318,7 +333,10 @@ def _exposures_of(archive, setup, path):
 
 
 def _cmd_demo(args):
+    from ._atomic import check_output_directory
     from .sim.demo import run_demo
+
+    check_output_directory(args.out, "--out")  # not found out minutes into the demo
 
     return run_demo(args.out, exposures=args.exposures, nights=args.nights, workers=args.workers,
                     seed=args.seed)
@@ -358,6 +376,18 @@ def _at_least(minimum, why=""):
 
 #: Counts of processes, threads or exposures: 0 would silently mean another number or nothing.
 _POSITIVE = _at_least(1)
+#: Random seeds: numpy's SeedSequence takes non-negative integers only.
+_SEED = _at_least(0)
+
+
+def _bosz_resolution(text):
+    """An argparse type: a BOSZ 2024 resolution tag (r500 ... rorig)."""
+    from .constants import BOSZ_RESOLUTIONS
+
+    if text not in BOSZ_RESOLUTIONS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a BOSZ 2024 resolution tag; valid: "
+                                         f"{', '.join(BOSZ_RESOLUTIONS)}")
+    return text
 
 
 def _scheduler_address(text):
@@ -409,7 +439,7 @@ def _demo_parser(sub):
                    help="nights they are spread over (default %(default)s)")
     p.add_argument("--workers", type=_POSITIVE, default=None, help="LocalCluster workers "
                    "(default: one per core)")
-    p.add_argument("--seed", type=int, default=1,
+    p.add_argument("--seed", type=_SEED, default=1,
                    help="random seed of the simulated survey (default %(default)s)")
 
 
@@ -483,7 +513,7 @@ def _simulate_parser(sub):
                    help="exposures (default %(default)s)")
     p.add_argument("--nights", type=_POSITIVE, default=4,
                    help="nights they are spread over (default %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="random seed (default %(default)s)")
+    p.add_argument("--seed", type=_SEED, default=0, help="random seed (default %(default)s)")
     p.add_argument("--fibers", type=_at_least(6, " (up to 3 standards, sky fibers and a "
                                               "science target)"), default=14,
                    help="fibers per exposure (default %(default)s)")
@@ -519,7 +549,7 @@ def _grid_parsers(sub):
     p = _command(gsub, _cmd_grid_download, "download",
                  help="download the BOSZ 2024 subgrid from MAST")
     p.add_argument("--out", required=True, help="directory to download into (BOSZ layout)")
-    p.add_argument("--resolution", default="r10000",
+    p.add_argument("--resolution", type=_bosz_resolution, default="r10000",
                    help="resolution tag to download (default %(default)s)")
     for flag, text in (("--dry-run", "list what would be downloaded (on stdout), download nothing"),
                        ("--force", "download again files that are already present")):
@@ -630,6 +660,11 @@ def _run(args):
         if args.traceback:
             traceback.print_exc()
         print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1
+    except Exception as err:  # a bug, not the input: one line, as for one file of a batch
+        if args.traceback:
+            traceback.print_exc()
+        print(f"{PROG}: {_internal_error(err)}", file=sys.stderr)
         return 1
     except _Terminated:
         print(f"{PROG}: terminated", file=sys.stderr)

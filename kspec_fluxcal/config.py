@@ -497,6 +497,10 @@ def _check_consistency(values, source):
         raise ConfigError(source, "[instrument] throughput_min",
                           f"{inst['throughput_min']} is not below throughput_max "
                           f"{inst['throughput_max']}")
+    pattern = values["survey"]["pattern"]
+    if not pattern or Path(pattern).is_absolute() or ".." in Path(pattern).parts:
+        raise ConfigError(source, "[survey] pattern", f"{pattern!r}: must be a glob relative "
+                          "to the lake directory, without '..' (e.g. '**/*.fits')")
     from .telluric import telluric_lines
 
     try:
@@ -546,7 +550,9 @@ def load_config(path=None, **overrides):
         path = os.fspath(path)
         check_regular_file(path, ConfigError)
         try:
-            values = tomllib.loads(Path(path).read_text())
+            # TOML is UTF-8 whatever the locale; a byte-order mark (Windows editors write
+            # one) made the first line 'Invalid statement'.
+            values = tomllib.loads(Path(path).read_text(encoding="utf-8-sig"))
         except (OSError, UnicodeDecodeError) as err:
             raise ConfigError(path, None, f"unreadable ({err})") from None
         except tomllib.TOMLDecodeError as err:

@@ -171,28 +171,47 @@ def _read_table(path):
 
 def _read_csv(path):
     """A CSV table: ``#`` lines are comments (one may give the sampling), blank lines are
-    skipped, each row keeps its line number."""
+    skipped, each row keeps the number of its first line. A quoted cell may span lines (an
+    array written by numpy's ``str``, wrapped at 75 characters, as ``pandas.to_csv`` writes
+    array cells)."""
     meta, header, body, lines = {}, None, [], []
+    fed = []  # the line number of each line given to the CSV reader
+
+    def data_lines(fh):
+        for number, line in enumerate(fh, start=1):
+            if line.startswith("#"):
+                found = _SAMPLING_COMMENT.match(line.strip())
+                if found:
+                    meta["sampling"] = (found.group(1), number)
+                continue
+            fed.append(number)
+            yield line
+
     try:
         with open(path, newline="", encoding="utf-8-sig") as fh:
-            for number, line in enumerate(fh, start=1):
-                if line.startswith("#"):
-                    found = _SAMPLING_COMMENT.match(line.strip())
-                    if found:
-                        meta["sampling"] = (found.group(1), number)
+            reader = csv.reader(data_lines(fh))
+            while True:
+                first = len(fed)  # the reader takes the lines of one row at a time
+                row = next(reader, None)
+                if row is None:
+                    break
+                if not any(cell.strip() for cell in row):
                     continue
-                if not line.strip():
-                    continue
-                row = next(csv.reader([line]))
                 if header is None:
                     header = [h.strip() for h in row]
                 else:
                     body.append(row)
-                    lines.append(number)
+                    lines.append(fed[first])
     except (OSError, UnicodeDecodeError, csv.Error) as err:
         raise InputError(path, None, f"not a readable CSV file ({err})") from None
     if header is None:
         raise InputError(path, "header line", "empty file")
+    read = {*_REQUIRED, "wavelength", "sampling", "ra", "dec"}
+    twice = [c for c in dict.fromkeys(header) if c in read and header.count(c) > 1]
+    if twice:  # which one holds the values? (the last was taken, silently)
+        places = ", ".join(str(i + 1) for i, h in enumerate(header) if h == twice[0])
+        raise InputError(path, "header line", f"column {twice[0]} appears "
+                         f"{header.count(twice[0])} times (columns {places})")
     ragged = [i for i, r in enumerate(body) if len(r) != len(header)]
     if ragged:
         raise InputError(path, f"row {lines[ragged[0]]}", f"has {len(body[ragged[0]])} fields, "

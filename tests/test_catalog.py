@@ -187,3 +187,42 @@ def test_position_matches_with_and_without_a_tree_agree(monkeypatch):
     np.testing.assert_array_equal(pairs[1], tree[1])
     sep = np.delete(pairs[1], 5)
     assert np.all(np.delete(pairs[0], 5) == np.delete(np.arange(40), 5)) and sep.max() < 3.0
+
+
+def test_a_column_read_twice_is_refused(catalog_file):
+    """Two g columns (a merged table): the last was read silently (here: all 99, the g band
+    lost); columns the reader ignores may repeat."""
+    path = catalog_file([catalog_row(1, 10.0, 20.0, g=16.0), catalog_row(2, 11.0, 20.0, g=16.5)])
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0] + ",g,note,note"] + [ln + ",99,a,b" for ln in lines[1:]])
+                    + "\n")
+    column = CATALOG_HEADER.index("g") + 1
+    with pytest.raises(CatalogError, match=re.escape(
+            f"catalog.csv: header line: column g appears 2 times (columns {column}, "
+            f"{len(CATALOG_HEADER) + 1})")):
+        read_catalog(path)
+    path.write_text("\n".join([lines[0] + ",note,note"] + [ln + ",a,b" for ln in lines[1:]])
+                    + "\n")
+    assert list(read_catalog(path)["mag"].sel(band="panstarrs-g").values) == [16.0, 16.5]
+
+
+def test_rows_named_by_their_line_with_blank_lines_and_a_header_that_is_none(catalog_file):
+    """A blank line before the header was 'header line: empty file'; after a blank line
+    every row was named one line too early; a comment line or semicolons instead of the
+    header listed the two dozen columns it lacked."""
+    path = catalog_file([catalog_row(1, 10.0, 20.0, g=16.0), catalog_row(2, 11.0, 20.0, g=16.5),
+                         catalog_row(3, 12.0, 20.0, g=16.5)])
+    lines = path.read_text().splitlines()
+    lines[3] = lines[3].replace(",16.5,", ",abc,", 1)  # star 2's g
+    path.write_text("\n".join(["", lines[0], lines[1], "", lines[2], lines[3]]) + "\n")
+    with pytest.raises(CatalogError, match=r"catalog\.csv: column g row 6: value 'abc' is not "):
+        read_catalog(path)
+    path.write_text("\n".join(["", lines[0], lines[1], "", lines[2]]) + "\n")
+    assert list(read_catalog(path)["objid"].values) == [1, 2]
+    for first in ("# Refcat2 extract", lines[0].replace(",", ";")):
+        path.write_text("\n".join([first, *lines[1:]]) + "\n")
+        with pytest.raises(CatalogError, match=r"catalog\.csv: header line: '.{10}.*' is not a "
+                           r"line of comma-separated column names with objid, RA, Dec \(the "
+                           r"first non-blank line must be the header: no comment lines, commas "
+                           r"between columns\)$"):
+            read_catalog(path)

@@ -139,6 +139,55 @@ def test_version_and_usage_errors(capsys):
     assert "the following arguments are required: --catalog, --grid" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["simulate", "out", "--seed", "-1"], "argument --seed: -1: need at least 0"),
+    (["demo", "--seed", "-2"], "argument --seed: -2: need at least 0"),
+    (["grid", "download", "--out", "x", "--resolution", "10000", "--dry-run"],
+     "argument --resolution: '10000' is not a BOSZ 2024 resolution tag; valid: r500, "),
+])
+def test_arguments_the_library_refuses_are_usage_errors(capsys, argv, message):
+    """A negative seed and an unknown resolution tag ended in a ValueError traceback."""
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2
+    assert f"error: {message}" in capsys.readouterr().err
+
+
+def test_unexpected_error_of_a_command_is_one_line(capsys, tmp_path, monkeypatch):
+    """Outside calibrate's per-file loop an unexpected exception printed its traceback,
+    though only --traceback should."""
+    import kspec_fluxcal.sim.survey as sim_survey
+
+    def broken(*args, **kwargs):
+        raise NotImplementedError("boom")
+
+    monkeypatch.setattr(sim_survey, "simulate_survey", broken)
+    status, out, err = cli(capsys, "simulate", tmp_path / "sim", "--quiet")
+    assert (status, out) == (1, [])
+    assert err == ["kspec-fluxcal: internal error (NotImplementedError: boom); please report "
+                   "it with the output of --traceback"]
+    assert main(["--traceback", "simulate", str(tmp_path / "sim"), "--quiet"]) == 1
+    assert "Traceback (most recent call last)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("lake, pattern, message", [
+    (".", "/data/*.fits", "pattern '/data/*.fits': must be relative to the lake directory, "
+                          "without '..' (e.g. '**/*.fits')"),
+    (".", "../*.fits", "pattern '../*.fits': must be relative to the lake directory, "
+                       "without '..' (e.g. '**/*.fits')"),
+    ("catalog.csv", None, "not a directory (the lake is a directory of RED files)"),
+])
+def test_survey_lake_and_pattern_refused(capsys, files, tmp_path, lake, pattern, message):
+    """An absolute --pattern ended in pathlib's NotImplementedError traceback, '..' found
+    nothing, and a file given as the lake was 'no such lake directory'."""
+    lake = tmp_path / lake
+    argv = ["survey", lake, "--catalog", files.catalog, "--grid", files.grid, "--out",
+            tmp_path / "out", "--workers", "1", *(["--pattern", pattern] if pattern else [])]
+    status, out, err = cli(capsys, *argv)
+    assert status == 1
+    assert problems(err) == [f"kspec-fluxcal: error: {lake}: {message}"]
+
+
 # ----------------------------------------------------------------------------- grid
 
 
@@ -172,6 +221,37 @@ def test_grid_build_bad_directory(capsys, tmp_path):
                    "bosz2024_wave_r<R>.txt at the top of the directory, e.g. "
                    "bosz2024_wave_r10000.txt"]
     assert not (tmp_path / "g.zarr").exists()
+
+
+@pytest.mark.parametrize("kind", ["directory", "file"])
+def test_grid_build_overwrite_replaces_only_a_grid_store(capsys, made, tmp_path, kind):
+    """--overwrite deleted a directory of the user's given as --out (and hid a file as
+    .kspec-tmp-NAME.old): it replaces a grid store, nothing else."""
+    out = tmp_path / "mine"
+    if kind == "directory":
+        out.mkdir()
+        (out / "notes.txt").write_text("keep me")
+    else:
+        out.write_text("keep me")
+    status, _, err = cli(capsys, "grid", "build", made[0].bosz, "--out", out, "--overwrite",
+                         "--quiet")
+    assert status == 1
+    assert problems(err) == [f"kspec-fluxcal: error: {out}: exists and is not a template grid "
+                             "store (a file, or a directory without the build plan of "
+                             "'kspec-fluxcal grid build'): not replaced, also not with "
+                             "--overwrite; choose another output or remove it yourself"]
+    kept = out / "notes.txt" if kind == "directory" else out
+    assert kept.read_text() == "keep me"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mine"]
+
+
+def test_grid_build_overwrite_rebuilds_a_grid_store(capsys, made, tmp_path):
+    out = tmp_path / "g.zarr"
+    shutil.copytree(made[0].store, out)
+    status, _, err = cli(capsys, "grid", "build", made[0].bosz, "--out", out, "--overwrite",
+                         "--quiet", "--wave-max", "9000")
+    assert (status, problems(err)) == (0, [])
+    assert open_grid(out).attrs["wave_max"] <= 9000
 
 
 # ----------------------------------------------------------------------------- calibrate
@@ -393,6 +473,9 @@ CONFIG_CASES = [
      r"[masks] telluric: 'telluric_strong': no such mask file (packaged masks: "
      r"telluric_default, stellar_lines)"),
     ("section-not-a-table", "fit = 3\n", r"[fit]: must be a table of options"),
+    ("absolute-pattern", "[survey]\npattern = '/data/*.fits'\n",
+     r"[survey] pattern: '/data/*.fits': must be a glob relative to the lake directory, "
+     r"without '..'"),
 ]
 
 
@@ -817,3 +900,42 @@ def test_archive_plot_of_an_empty_archive_or_to_a_file(capsys, archive, tmp_path
     (tmp_path / "notes.txt").write_text("mine")
     assert cli(capsys, "archive", "plot", archive, "--out", tmp_path / "notes.txt") == (
         1, [], [f"kspec-fluxcal: error: {tmp_path / 'notes.txt'}: is a file, not a directory"])
+
+
+@pytest.mark.parametrize("model", ["empty-dir", "missing", "the-archive"])
+def test_archive_plot_an_explicit_model_that_is_none_is_refused(capsys, archive, tmp_path,
+                                                                 model):
+    """--model naming an empty directory was ignored (plots without a model, exit 0), and a
+    missing one gave a bare '[Errno 2] No such file or directory'."""
+    path = {"empty-dir": tmp_path / "m", "missing": tmp_path / "none.zarr",
+            "the-archive": archive}[model]
+    if model == "empty-dir":
+        path.mkdir()
+    problem = ("not a survey model store (its title: 'kspec-fluxcal calibration archive'"
+               if model == "the-archive" else "no survey model here (the survey job writes")
+    status, out, err = cli(capsys, "archive", "plot", archive, "--out", tmp_path / "p",
+                           "--model", path)
+    assert (status, out, len(err)) == (1, [], 1)
+    assert err[0].startswith(f"kspec-fluxcal: error: {path}: {problem}")
+    assert not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["qc", "calibrated.fits"],
+    ["grid", "synth", "--small"],
+    ["grid", "download", "--dry-run"],
+    ["demo"],
+])
+def test_an_output_that_is_a_file_is_refused_before_the_work(capsys, tmp_path, monkeypatch,
+                                                              argv):
+    """qc, grid synth and demo (minutes into its work) failed with a bare '[Errno 17] File
+    exists'; a dry run of grid download listed files to fetch under a file, exit 0."""
+    import kspec_fluxcal.sim.demo as demo
+
+    monkeypatch.setattr(demo, "run_demo", lambda *a, **k: pytest.fail("the demo ran"))
+    (tmp_path / "notes.txt").write_text("mine")
+    status, out, err = cli(capsys, *argv, "--out", tmp_path / "notes.txt")
+    assert (status, out) == (1, [])
+    assert err == [f"kspec-fluxcal: error: --out {tmp_path / 'notes.txt'}: is a file, not a "
+                   "directory"]
+    assert (tmp_path / "notes.txt").read_text() == "mine"

@@ -73,3 +73,11 @@ def test_provenance_names_the_source_hash_and_changed_options(tmp_path):
     assert cfg.provenance() == (f"configuration {path}, hash {cfg.digest()}: "
                                 "[instrument] fwhm = 3.0; [fit] metric = 'huber'")
     assert cfg.digest() != Config().digest() and len(cfg.digest()) == 12
+
+
+def test_utf8_file_with_a_byte_order_mark(tmp_path):
+    """A byte-order mark (Notepad's UTF-8) was 'not valid TOML (Invalid statement (at line
+    1, column 1))'."""
+    path = tmp_path / "c.toml"
+    path.write_bytes("\ufeff# Teff window, \u00b1 K\n[fit]\nmetric = 'huber'\n".encode())
+    assert load_config(path).fit.metric == "huber"

@@ -142,6 +142,7 @@ def test_sampling_from_a_column_or_a_comment_line(tmp_path):
     ("angstrom", r"xp\.csv: column wavelength: sampling 3360-10200 is not in nm"),
     ("bad-id", r"xp\.csv: column source_id row 2: value '1\.2e18' is not an integer"),
     ("bad-ra", r"xp\.csv: column ra row 3: value 400\.0 is outside 0\.\.360 deg"),
+    ("column-twice", r"xp\.csv: header line: column flux appears 2 times \(columns 2, 4\)"),
 ])
 def test_malformed_tables_name_file_row_and_column(tmp_path, case, match):
     f, e = _flux(), 0.01 * _flux()
@@ -169,9 +170,29 @@ def test_malformed_tables_name_file_row_and_column(tmp_path, case, match):
         rows[1][1] = '"[1.0, abc, 3.0]"'
     elif case == "scalar":
         rows[0][2] = "0.5"
+    elif case == "column-twice":  # the last column was read, silently
+        header, rows = header + ",flux", [r + [100 * f] for r in rows]
     path = _xp_csv(tmp_path / "xp.csv", rows, header=header)
     with pytest.raises(InputError, match=match):
         read_xp(path)
+
+
+def test_array_cells_may_span_lines(tmp_path):
+    """Quoted cells with line breaks (numpy's str of an array, wrapped at 75 characters, as
+    pandas.to_csv writes array cells; valid CSV) were refused: 'row 2: has 2 fields, the
+    header has 3 (array cells must be quoted)'. Rows keep the line they start on."""
+    f, e = _flux(), 0.01 * _flux()
+    wrapped = [np.array2string(a, separator=" ", max_line_width=75) for a in (f, e)]
+    assert "\n" in wrapped[0]
+    text = "# a comment\nsource_id,flux,flux_error\n"
+    text += "".join(f'{i},"{wrapped[0]}","{wrapped[1]}"\n\n' for i in (11, 12))
+    path = tmp_path / "xp.csv"
+    path.write_text(text)
+    got = read_xp(path)
+    plain = read_xp(_xp_csv(tmp_path / "plain.csv", [[11, f, e], [12, f, e]]))
+    np.testing.assert_allclose(got["flux"].values, plain["flux"].values, rtol=1e-6)
+    lines = text.splitlines()
+    assert [lines[r - 1].split(",")[0] for r in got["row"].values] == ["11", "12"]
 
 
 def test_unreadable_file_is_named(tmp_path):

@@ -342,6 +342,13 @@ def _up_to_date(out, plan, overwrite, progress, n_models):
     ``overwrite``."""
     if not out.exists():
         return False
+    if not _is_grid_store(out):
+        # --overwrite replaces a grid store, nothing else: a file or a directory of the
+        # user's was moved aside and deleted (or left hidden) by the rebuild.
+        raise GridError(out, None, "exists and is not a template grid store (a file, or a "
+                        "directory without the build plan of 'kspec-fluxcal grid build'): "
+                        "not replaced, also not with --overwrite; choose another output or "
+                        "remove it yourself")
     try:
         existing = xr.open_zarr(out, consolidated=False).attrs.get("build_plan")
     except Exception:
@@ -355,6 +362,21 @@ def _up_to_date(out, plan, overwrite, progress, n_models):
                         "by a version with another store layout); pass overwrite=True (CLI: "
                         "--overwrite) to rebuild it")
     return False
+
+
+def _is_grid_store(path):
+    """True for an empty directory or a Zarr store that a grid build wrote (its group
+    metadata hold a build plan; read directly, so that a store with damaged arrays can
+    still be rebuilt)."""
+    if not path.is_dir():
+        return False
+    if not any(path.iterdir()):
+        return True
+    try:
+        attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(attrs, dict) and "build_plan" in attrs
 
 
 def _store_attrs(bosz_dir, scan, wave, plan):

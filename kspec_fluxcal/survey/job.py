@@ -74,7 +74,12 @@ def discover(lake, pattern="**/*.fits", *, exclude=()):
     """
     lake = Path(lake)
     if not lake.is_dir():
-        raise InputError(lake, None, "no such lake directory")
+        raise InputError(lake, None, "not a directory (the lake is a directory of RED files)"
+                         if lake.exists() else "no such lake directory")
+    if Path(pattern).is_absolute() or ".." in Path(pattern).parts:
+        # pathlib refuses the first with a NotImplementedError; the second found nothing.
+        raise InputError(lake, f"pattern {pattern!r}", "must be relative to the lake "
+                         "directory, without '..' (e.g. '**/*.fits')")
     excluded = [Path(e).resolve() for e in exclude]
     found = []
     for p in lake.glob(pattern):
