@@ -299,21 +299,25 @@ def _say_failures(report):
 
 
 def _cmd_archive_plot(args):
+    from ._atomic import check_output_directory
     from .survey import open_archive, open_model, plot_archive
-    from .survey.model_store import MODEL_STORE, model_setups
+    from .survey.model_store import MODEL_STORE, checked_model_setups
 
+    check_output_directory(args.out)  # before its subdirectories, one per setup
     store = Path(args.model) if args.model else Path(args.archive).parent / MODEL_STORE
-    models = [None]
-    if args.model and not (store / "zarr.json").exists():
-        open_model(store)  # an explicit --model that is none: refused, not ignored
-    if args.model or (store / "zarr.json").exists():
-        setups = [args.setup] if args.setup else model_setups(store)
-        models = [open_model(store, s) for s in setups] or [None]
+    # An explicit --model that is none is refused, not ignored.
+    modelled = (checked_model_setups(store) if args.model or (store / "zarr.json").exists()
+                else [])
     archive = open_archive(args.archive)
+    # Each setup in its own directory when there are several: their throughputs differ (one
+    # curve through all of them zig-zags), and so do their models.
+    setups = [args.setup] if args.setup else sorted(set(archive["setup"].values)) or [None]
     written = []
-    for model in models:  # one setup's model per directory when several
-        setup = model.attrs["setup"] if len(models) > 1 else args.setup
-        out = Path(args.out) / setup if len(models) > 1 else args.out
+    for setup in setups:
+        # --setup with a model store: that setup's model (or open_model's error if none)
+        has_model = modelled and (args.setup or str(setup).replace("/", "_") in modelled)
+        model = open_model(store, setup) if has_model else None
+        out = Path(args.out) / setup if len(setups) > 1 else args.out
         written += plot_archive(_exposures_of(archive, setup, args.archive), out, model=model)
     for path in written:
         print(f"wrote {path}")
@@ -586,9 +590,8 @@ def _archive_parsers(sub):
     p.add_argument("--model", help="survey model store (default: model.zarr beside the "
                    "archive, when present)")
     p.add_argument("--setup", help="the instrument configuration to plot (e.g. "
-                   "n4096-f14-3500-8500): its exposures and its survey model (default: every "
-                   "exposure; with a model store of several setups, each setup in a "
-                   "subdirectory of --out)")
+                   "n4096-f14-3500-8500): its exposures and its survey model (default: "
+                   "every setup; with several, each in a subdirectory of --out)")
 
 
 def _info_parser(sub):

@@ -889,6 +889,28 @@ def test_archive_plot_setup_selects_its_exposures(capsys, archive, tmp_path, mon
                                  "s3 (its setups: s1, s2); nothing to plot"])
 
 
+def test_archive_plot_puts_each_setup_in_its_own_directory(capsys, archive, tmp_path,
+                                                           monkeypatch):
+    """Without a model store, every setup's exposures went into one plot, one curve zig-
+    zagging between their throughputs."""
+    import kspec_fluxcal.survey as survey
+
+    plotted, real = {}, survey.plot_archive
+
+    def spy(ds, out, **kwargs):
+        plotted[Path(out).name] = list(ds["expid"].values)
+        return real(ds, out, **kwargs)
+
+    monkeypatch.setattr(survey, "plot_archive", spy)
+    status, out, err = cli(capsys, "archive", "plot", archive, "--out", tmp_path / "p")
+    assert (status, err) == (0, [])
+    assert plotted == {"s1": ["E0", "E1", "E2"], "s2": ["E3", "E4"]}
+    assert sorted(p.relative_to(tmp_path / "p").as_posix()
+                  for p in (tmp_path / "p").rglob("*.png")) == [
+        "s1/throughput_image.png", "s1/throughput_vs_time.png",
+        "s2/throughput_image.png", "s2/throughput_vs_time.png"]
+
+
 def test_archive_plot_of_an_empty_archive_or_to_a_file(capsys, archive, tmp_path):
     """An archive without exposures (every one failed): "TypeError: 'list' object cannot be
     interpreted as an integer"; --out an existing file: a bare '[Errno 17] File exists'."""

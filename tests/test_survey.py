@@ -599,9 +599,11 @@ def test_archive_plot_command(reference, tmp_path, capsys):
     out = reference[0]
     assert cli.main(["archive", "plot", str(out / "archive.zarr"), "--out",
                      str(tmp_path / "plots")]) == 0
-    assert capsys.readouterr().out.count("wrote ") == 2
-    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == [
-        "throughput_image.png", "throughput_vs_time.png"]
+    assert capsys.readouterr().out.count("wrote ") == 4  # the survey's two setups, apart
+    assert sorted(p.relative_to(tmp_path / "plots").as_posix()
+                  for p in (tmp_path / "plots").rglob("*.png")) == [
+        f"{setup}/{name}" for setup in ("n1024-f8-3500-8500", "n1340-f8-3500-8500")
+        for name in ("throughput_image.png", "throughput_vs_time.png")]
 
 
 # ----------------------------------------------------------------------------- killed jobs

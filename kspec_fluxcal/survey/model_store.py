@@ -218,6 +218,24 @@ def model_setups(path):
                   and not p.name.startswith("."))
 
 
+def checked_model_setups(path):
+    """The setups of the model store ``path``, an :class:`~kspec_fluxcal.errors.InputError`
+    when it is none (missing, or another store)."""
+    import zarr
+
+    from ..errors import InputError
+
+    path = Path(path)
+    if not (path / "zarr.json").exists():
+        raise InputError(path, None, "no survey model here (the survey job writes "
+                         "OUT/model.zarr when [model] enabled and a setup has enough exposures)")
+    title = zarr.open_group(path, mode="r").attrs.get("title")
+    if title != MODEL_TITLE:
+        raise InputError(path, None, f"not a survey model store (its title: {title!r}; the "
+                         "survey job writes OUT/model.zarr)")
+    return model_setups(path)
+
+
 def open_model(path, setup=None):
     """Open one setup's survey model (``OUT/model.zarr``) as an xarray Dataset.
 
@@ -235,19 +253,10 @@ def open_model(path, setup=None):
         per-night values in memory (they select, e.g. ``m.expid[m.outlier]``), the curves
         of every exposure lazy.
     """
-    import zarr
-
     from ..errors import InputError
 
     path = Path(path)
-    if not (path / "zarr.json").exists():
-        raise InputError(path, None, "no survey model here (the survey job writes "
-                         "OUT/model.zarr when [model] enabled and a setup has enough exposures)")
-    title = zarr.open_group(path, mode="r").attrs.get("title")
-    if title != MODEL_TITLE:
-        raise InputError(path, None, f"not a survey model store (its title: {title!r}; the "
-                         "survey job writes OUT/model.zarr)")
-    setups = model_setups(path)
+    setups = checked_model_setups(path)
     if setup is None:
         if len(setups) != 1:
             raise InputError(path, None, f"holds {len(setups)} setups ({', '.join(setups)}): "
