@@ -526,7 +526,8 @@ def _simulate_parser(sub):
     p.add_argument("--grid", help="BOSZ-layout directory to draw stars from (default: a "
                    "synthetic grid written under OUTDIR)")
     p.add_argument("--overwrite", action="store_true",
-                   help="replace an existing OUTDIR that is not empty")
+                   help="replace an existing OUTDIR that is a simulated survey (has "
+                   "survey.json); other directories are never replaced")
     p.add_argument("--quiet", action="store_true", help="no progress messages (on stderr)")
 
 

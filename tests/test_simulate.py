@@ -12,7 +12,7 @@ from scipy.ndimage import median_filter
 
 from kspec_fluxcal.catalog import match_standards, read_catalog
 from kspec_fluxcal.constants import BANDS, FLUX_UNIT_SCALE, SPEED_OF_LIGHT_KMS
-from kspec_fluxcal.errors import OutputExistsError
+from kspec_fluxcal.errors import FluxCalError, OutputExistsError
 from kspec_fluxcal.exposure import exposure_setup, open_exposure
 from kspec_fluxcal.grid.build import read_bosz_spectrum, scan_bosz
 from kspec_fluxcal.masks import load_regions, region_mask
@@ -307,6 +307,14 @@ def test_existing_output_is_refused_unless_overwrite(tmp_path, grid_dir):
     simulate_survey(out, exposures=2, pixels=256, grid=grid_dir, seed=1, overwrite=True)
     assert len(list((out / "truth").iterdir())) == 2
     assert [p.name for p in tmp_path.iterdir()] == ["s"]  # no temporary leftovers
+    # overwrite replaces a simulated survey only: a directory of the user's was deleted.
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(FluxCalError, match=r"mine: exists and is not a simulated survey \(no "
+                                           r"survey\.json\): not replaced"):
+        simulate_survey(mine, exposures=1, pixels=256, grid=grid_dir, overwrite=True)
+    assert (mine / "notes.txt").read_text() == "mine"
 
 
 # ----------------------------------------------------------------------------- parts

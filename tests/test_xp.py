@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 
 import numpy as np
 import pytest
@@ -539,6 +540,23 @@ def test_wrong_units_and_a_10_percent_offset_are_detected(world, plain):
     for name in ("cal", "model_flux", "scale"):
         np.testing.assert_array_equal(fitted[name].values[:2], plain[name].values[:2])
     assert not np.array_equal(fitted["cal"].values[2], plain["cal"].values[2])
+
+
+def test_a_star_without_photometry_gets_no_xp_note(world):
+    """A standard with XP but no catalog photometry (so no model) was noted 'XP spectrum not
+    used: no XP sample inside the exposure's range', which was not why."""
+    xp = read_xp(world["root"] / "xp.csv")  # with positions: matched by them
+    first = world["sim"].truth["std_objid"][0]
+    catalog = world["catalog"].isel(star=world["catalog"]["objid"].values != first)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fitted = _fit(world, xp=xp, catalog=catalog)
+    row = int(np.flatnonzero(fitted["fiber"].values == world["sim"].truth["std_fiber"][0])[0])
+    assert fitted["status"].values[row] != "ok"  # no catalog row: not fitted
+    assert not [w for w in caught if "XP spectrum not used" in str(w.message)], [
+        str(w.message) for w in caught]
+    assert "XP" not in fitted["flags"].values[row]
+    assert fitted["xp_used"].values.sum() == 2  # the two others use theirs
 
 
 def test_a_lazy_exposure_with_xp_gives_the_eager_fit(world):

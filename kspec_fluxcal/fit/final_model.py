@@ -166,6 +166,9 @@ def _xp_comparison(obs, model_obs, pf, a_lambda, matched, xp, config):
     if has.any():
         model_xp[has] = xp_resolution(obs.star_wave[has], model[has], xp.wave)
     ratio, ok, note = xp_level(xp.flux, model_xp, config.xp.level_tolerance)
+    # A star without a model (no catalog photometry: its own reason is recorded) has no XP
+    # comparison to explain ('no XP sample inside the range' misled).
+    note = [n if np.isfinite(mu) else "" for n, mu in zip(note, pf["mu"], strict=True)]
     for s in np.flatnonzero([bool(n) for n in note]):
         warnings.warn(f"{obs.expid}: fiber {int(matched['fiber'].values[s])} objid "
                       f"{int(matched['objid'].values[s])}: {note[s]}", FluxCalWarning,

@@ -38,7 +38,7 @@ import numpy as np
 
 from .. import __version__
 from .._atomic import atomic_directory, atomic_file
-from ..errors import GridError, OutputExistsError
+from ..errors import FluxCalError, GridError, OutputExistsError
 from .conditions import _EXPOSURE, _draw_nights
 from .exposure import simulate_exposure
 from .refcat import _P_POSITION_ONLY, _ensure_catalog_variety, write_catalog
@@ -182,7 +182,8 @@ def simulate_survey(outdir, *, exposures=20, nights=4, seed=0, fibers=14, pixels
     progress : bool
         Report progress and timings on stderr.
     overwrite : bool
-        Replace an existing non-empty ``outdir`` (atomically).
+        Replace an existing non-empty ``outdir`` (atomically) that is a simulated survey
+        (it has survey.json); any other directory is refused.
     workers : int
         Threads writing the synthetic grid.
     standard_source : star source, optional
@@ -264,8 +265,15 @@ def _check_survey(outdir, exposures, nights, n_standards, setups, fibers, pixels
         raise ValueError(f"exposures={exposures!r}, nights={nights!r}: need at least 1 each")
     if not 0 <= n_standards[0] <= n_standards[1]:
         raise ValueError(f"n_standards={n_standards!r}: need 0 <= low <= high")
-    if outdir.exists() and any(outdir.iterdir()) and not overwrite:
-        raise OutputExistsError(outdir)
+    if outdir.exists() and any(outdir.iterdir()):
+        if not overwrite:
+            raise OutputExistsError(outdir)
+        if not (outdir / "survey.json").is_file():
+            # --overwrite replaces a simulated survey, nothing else: a mistyped path of the
+            # user's data was moved aside and deleted.
+            raise FluxCalError(f"{outdir}: exists and is not a simulated survey (no "
+                               "survey.json): not replaced, also not with --overwrite; choose "
+                               "another directory or remove it yourself")
     setups = [Setup(pixels=pixels, fibers=fibers)] if setups is None \
         else [_as_setup(s) for s in setups]
     if not setups:
