@@ -375,3 +375,19 @@ def test_setups_alternate(tmp_path, grid_dir):
     shapes = [open_exposure(out / e["path"])["flux"].shape for e in entries]
     assert shapes == [(8, 300), (10, 400), (8, 300)]
     assert entries[0]["setup_key"] == entries[2]["setup_key"] != entries[1]["setup_key"]
+
+
+def test_every_truth_entry_is_documented(stars):
+    """The truth file's entries, with every option that adds some, are all named in the
+    "Truth file" section of the exposure module's docstring (``response_fiber``,
+    ``temperature`` and ``water_width`` were written but not described)."""
+    import re
+
+    from kspec_fluxcal.sim import exposure
+
+    sim = simulate_exposure(3, stars, setup=Setup("doc", pixels=300, fibers=8),
+                            wavelength_format="wavela2d", fiber_lsf_scatter=0.02,
+                            chromatic_losses=True, xp=True)
+    section = exposure.__doc__.split("Truth file (")[1].split("\nChromatic losses (")[0]
+    named = set(re.findall(r"[a-z][a-z0-9_]*", section))
+    assert sorted(set(sim.truth) - named) == []

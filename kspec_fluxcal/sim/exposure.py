@@ -40,7 +40,10 @@ Wavelengths are in Angstrom, in air; flux densities in units of 1e-17 erg/s/cm2/
    x telluric transmission x pixel width x lambda / (h c). Fibers lose a grey fraction of a
    point source's light (``aperture``, 0.85-0.95, independent per fiber), so
    ``counts_noiseless = true_flux * response * aperture[:, None]`` exactly (on the common
-   grid; with per-fiber wavelengths or line-spreads the counts follow each fiber's own).
+   grid; ``aperture_chromatic`` in place of ``aperture[:, None]`` with chromatic losses).
+   The written counts follow each fiber's own pixels and line spread: their noiseless
+   signal is ``true_flux_fiber * response_fiber * aperture[:, None]`` (with chromatic
+   losses, ``aperture_chromatic``, on the common grid, to ~1e-4 on the fiber's pixels).
 5. *Noise*: Poisson counts of signal plus sky (gain 1 e-/count), minus the sky, plus 4 e-
    read noise. The VARIANCE extension is the model variance signal + sky + read noise^2.
    Sky-subtraction residuals at bright sky lines (a few % of the sky line, P-Cygni-like) are
@@ -75,23 +78,25 @@ Truth file (``truth/<EXPID>.npz``)
 ----------------------------------
 ``wavelength`` (npix; air, Angstrom: the grid ``open_exposure`` returns), ``true_flux``,
 ``counts_noiseless``, ``sky_counts`` (fiber, wavelength), ``response``, ``throughput``,
-``atmosphere``, ``telluric`` (wavelength), ``aperture``, ``fiber_kind``, ``redshift``
-(fiber); per-fiber wavelength solutions: ``fiber_wavelength`` (fiber, pixel; air, each
-fiber's own pixel centres) and ``true_flux_fiber`` (the truth on them; equal to the
-common-grid ones for 1-D files); per standard star ``std_fiber, std_objid,
-std_position_only`` (OBJID -1 in FIBRES), ``std_teff, std_logg, std_feh, std_alpha`` (NaN
-where the source does not know them), ``std_rv`` (km/s; the star's total, NaN when its own is
-unknown, as for CALSPEC) and ``std_rv_extra`` (the applied shift), ``std_ebv`` (reference +
-extra), ``std_ebv_extra`` (applied by the simulator) and ``std_ebv_reference`` (already in the
-source's spectrum, CALSPEC's), ``std_snr`` (median S/N per pixel of the written counts,
-before any resampling by the reader), ``std_gmag`` (Gaia G, Vega, noiseless),
-``std_dilution`` ((R/D)^2), ``std_mag`` (star, band; AB, noiseless, over ``bands``),
-``std_source`` (the source's label, e.g. ``grid:synthetic``, ``model:B``, ``calspec``),
-``std_name`` (CALSPEC name, else ''), ``std_mass`` (M_sun), ``std_radius`` (R_sun),
-``std_plx`` (true parallax, mas); ``fiber_lsf_scale`` (fiber); scalars ``airmass, exptime,
-mjd, transparency, photometric, pwv, aerosol, night, expid, setup, setup_key,
-wavelength_format, wavelength_unit, medium, lsf_scale, pixel_integration, field_source,
-source_sharper``. Dead fibers have NaN ``true_flux``, ``true_flux_fiber`` and
+``atmosphere``, ``telluric`` (wavelength), ``aperture``, ``fiber_kind``, ``redshift`` (fiber);
+per-fiber wavelength solutions: ``fiber_wavelength`` (fiber, pixel; air, each fiber's own
+pixel centres), ``true_flux_fiber`` (the truth on them; equal to the common-grid ones for 1-D
+files) and ``response_fiber`` (the response on them, with each fiber's own telluric
+transmission and pixel widths); per standard star ``std_fiber, std_objid, std_position_only``
+(OBJID -1 in FIBRES), ``std_teff, std_logg, std_feh, std_alpha`` (NaN where the source does
+not know them), ``std_rv`` (km/s; the star's total, NaN when its own is unknown, as for
+CALSPEC) and ``std_rv_extra`` (the applied shift), ``std_ebv`` (reference + extra),
+``std_ebv_extra`` (applied by the simulator) and ``std_ebv_reference`` (already in the
+source's spectrum, CALSPEC's), ``std_snr`` (median S/N per pixel of the written counts, before
+any resampling by the reader), ``std_gmag`` (Gaia G, Vega, noiseless), ``std_dilution``
+((R/D)^2), ``std_mag`` (star, band; AB, noiseless, over ``bands``), ``std_source`` (the
+source's label, e.g. ``grid:synthetic``, ``model:B``, ``calspec``), ``std_name`` (CALSPEC
+name, else ''), ``std_mass`` (M_sun), ``std_radius`` (R_sun), ``std_plx`` (true parallax,
+mas); ``bands`` (the band names of ``std_mag``); ``fiber_lsf_scale`` (fiber); scalars
+``airmass, exptime, mjd, transparency, photometric, pwv, aerosol, temperature`` (the
+atmosphere's, K), ``water_width`` (the water lines' width factor), ``night, expid, setup,
+setup_key, wavelength_format, wavelength_unit, medium, lsf_scale, pixel_integration,
+field_source, source_sharper``. Dead fibers have NaN ``true_flux``, ``true_flux_fiber`` and
 ``counts_noiseless``. With ``xp``: ``xp_wavelength_nm`` (the sampling, vacuum) and per
 standard ``std_xp_flux``, ``std_xp_flux_error`` (what the table holds), ``std_xp_systematic``
 (the multiplicative systematic applied) and ``std_xp_true`` (noiseless, without the
@@ -99,8 +104,8 @@ systematic), W m^-2 nm^-1. ``aperture_expected`` (wavelength): the aperture a ca
 many standards refers to (the mean grey loss; with chromatic losses, the point-source loss
 averaged over positioning offsets at the exposure's seeing and airmass). With
 ``chromatic_losses``: ``aperture_chromatic`` (fiber, wavelength: each fiber's point-source
-aperture, ``aperture`` then being its median), ``seeing`` (arcsec FWHM at 5000 A, also in
-the header SEEING), ``fiber_offset`` (fiber, 2: positioning offsets, arcsec, x along the
+aperture, ``aperture`` then being its median), ``seeing`` (arcsec FWHM at 5000 A, also in the
+header SEEING), ``fiber_offset`` (fiber, 2: positioning offsets, arcsec, x along the
 parallactic direction) and ``dar_residual`` (the fraction of the differential refraction
 left).
 
