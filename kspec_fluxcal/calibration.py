@@ -115,8 +115,8 @@ def combine_vectors(stars, method=None, sigma_clip=None, smooth=None, *, config=
         smoothing scale; NaN for one star), ``fcalqual`` (quality grade,
         :data:`QUALITY_GRADES`), ``fcalmerr`` (median model error of the stars used),
         ``fcallsf`` (the stars' fitted line-spread width), ``fcalo2``, ``fcalh2o`` (fitted
-        telluric columns, with ``_err``; NaN without a telluric model), the line spread
-        (``lsf_fwhm_coeffs``), ``single_star`` and a history entry.
+        telluric columns, with ``_err``; NaN without a telluric model), ``telluric_outliers``
+        (pixels out of that fit), ``lsf_fwhm_coeffs`` (line spread), ``single_star``, history.
 
     Raises
     ------
@@ -159,6 +159,8 @@ def combine_vectors(stars, method=None, sigma_clip=None, smooth=None, *, config=
                    "; no telluric model: the bands keep the vector's own absorption"
                    + ("" if smooth else " (it is fitted with the smooth response, [combine] "
                       "smooth = false)")))
+    if n := resp.telluric.get("telluric_outliers"):
+        add_history(out, f"{n} standards' pixel(s) left out of the telluric fit (cosmic rays?)")
     return out
 
 
@@ -507,17 +509,19 @@ def _response(stars, vec, idx, stack, comb, comb_var, measured, smooth, config):
             weight = np.where(band_pixels, stack.shapes**4 / (expected**2 * stack.svar), 0.0)
         fit = fit_telluric(stack.star_wave, observed, np.nan_to_num(weight), lsf, start=start,
                            scale=scale, source=config.telluric.lines)
+        stack.m = stack.m & ~fit["outliers"]  # a cosmic ray in a band: out of the response
         columns = np.array([fit["o2"], fit["h2o"]])
         if not np.isfinite(columns).any():
             return _copied_bands(wave, comb, comb_var, measured, bands, smooth_curve, smooth_var())
         start = tuple(np.nan_to_num(columns))
         corrected, corrected_var = _mean_shape(stack, "weighted_mean", stack.shapes * fit["model"])
-        smooth_curve, smooth_var = _smooth(wave, corrected, corrected_var, measured, opts,
-                                           bands_padded)
+        smooth_curve, smooth_var = _smooth(wave, corrected, corrected_var,
+                                           measured & stack.m.any(axis=0), opts, bands_padded)
     trans = transmission(wave, lsf, *start, source=config.telluric.lines)
     telluric = {"fcalo2": float(fit["o2"]), "fcalo2_err": float(fit["o2_err"]),
                 "fcalh2o": float(fit["h2o"]), "fcalh2o_err": float(fit["h2o_err"]),
-                "telluric_lines": str(config.telluric.lines)}
+                "telluric_lines": str(config.telluric.lines),
+                "telluric_outliers": int(fit["outliers"].sum())}  # each fit sees them all
     smooth_var = smooth_var()
     return _Response(smooth_curve / trans, smooth_var / trans**2, smooth_curve, smooth_var,
                      trans, telluric, True)

@@ -179,6 +179,27 @@ MIN_PARALLAX_SNR = 5.0
 #: K-SPEC's measured value). The shape of the survey model's refraction term.
 GUIDE_WAVELENGTH = 6000.0
 
+#: A standard's pixel whose residual about its final model exceeds this many sigmas (noise,
+#: model error and line mismatch in quadrature) is masked and the star fitted again: a cosmic
+#: ray or hot pixel the reduction left (one pixel at 1.5 times its neighbours moved a
+#: one-standard calibration by 1 % over 250 A; at 1000 times it lost the star). Gaussian noise
+#: exceeds 8 sigma once in ~10^15 pixels; template mismatch is in the model and line errors.
+PIXEL_OUTLIER_SIGMA = 8.0
+#: Fraction of the header's line-spread width below which no star's line spread is taken to
+#: be, for the spike test before the fit (:func:`kspec_fluxcal.fit.inputs.spike_pixels`): a
+#: pixel brighter than any spectrum seen through a line spread this narrow can make it is
+#: not light from the star (the fitted widths stay within a few per cent of the header's).
+SPIKE_LSF_MARGIN = 0.7
+#: A standard's pixel whose variance is below this fraction of its fiber's median variance
+#: is masked before the fit: a noise 100 times below the fiber's typical one is no
+#: measurement (photon, sky and read noise do not vanish in one pixel), and its weight would
+#: rule the fit (one pixel of variance 1e-20 raised a star's model error from 0.6 to 3.4 %
+#: and moved the calibration by 2.6 %).
+MIN_VARIANCE_FRACTION = 1e-4
+#: Fits of an exposure's standards at most, masking such pixels between them (one pass more
+#: only where a pixel was masked).
+PIXEL_OUTLIER_PASSES = 3
+
 #: Planck constant times the speed of light, erg Angstrom (h exact since the 2019 SI).
 HC_ERG_AA = 6.62607015e-27 * SPEED_OF_LIGHT_AAS
 #: Nominal collecting area of the K-SPEC telescope, cm^2: a 1.6 m primary with a quarter of

@@ -17,13 +17,14 @@ from ..photometric_fit import band_extinction, fit_warp, warp_basis
 from ..photometry import band_wavelength, catalog_parallax, logg_from_parallax
 from ..reddening import extinction_per_ebv
 from ..xp import xp_level, xp_resolution, xp_rows
+from .acceptance import line_variance
 from .exposure_templates import interpolated_corners
 from .matching import correction_parameters, fit_corrected
 from .model_photometry import model_magnitudes, photometry_rows
 from .shifts import shift_spectra
 from .velocity import refine_rv
 
-__all__ = ["final_model"]
+__all__ = ["final_model", "outlier_pixels"]
 
 _LN10_04 = 0.4 * np.log(10.0)
 # Normalised model pixels shallower than this are continuum for the line-mismatch estimate.
@@ -226,6 +227,19 @@ def _residuals(obs, model_nobs):
     resid2 = np.where(fit, (np.nan_to_num(obs.norm) - np.nan_to_num(model_nobs)) ** 2, 0.0)
     var = np.where(fit, 1.0 / np.where(fit, w, 1.0), np.inf)
     return _Residuals(fit, resid2, var, np.nan_to_num(model_nobs) ** 2)
+
+
+def outlier_pixels(obs, model, fit, sigma):
+    """Pixels of each star that its final model cannot explain (a cosmic ray, a hot pixel):
+    a residual of the normalised spectrum beyond ``sigma`` times the pixel's noise, the
+    star's model error and its lines' mismatch (:func:`~kspec_fluxcal.fit.acceptance.
+    line_variance`, ``fit`` the [fit] options) in quadrature. Template mismatch is in the
+    last two: a line the template gets wrong is not an outlier. Returns (S, P) bool."""
+    res = _residuals(obs, model.model_nobs)
+    frac = np.nan_to_num(model.model_error)[:, None] ** 2 + line_variance(model, fit)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        z2 = res.resid2 / (res.var + frac * res.m2)
+    return res.fit & (z2 > sigma**2)
 
 
 def _model_error(res, obs, scan):

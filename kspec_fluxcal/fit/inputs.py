@@ -5,20 +5,22 @@ says before the spectra (reddening, a Teff window from the colours, the parallax
 from __future__ import annotations
 
 import functools
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
 import xarray as xr
 
 from ..config import continuum_options
-from ..constants import A_GAIA_G_PER_EBV, A_PS1_G_PER_EBV, COLOUR_EXCESS_PER_EBV
+from ..constants import (A_GAIA_G_PER_EBV, A_PS1_G_PER_EBV, COLOUR_EXCESS_PER_EBV,
+                         FWHM_PER_SIGMA, MIN_VARIANCE_FRACTION, SPIKE_LSF_MARGIN)
 from ..continuum import fit_continuum
 from ..masks import region_mask
 from ..photometry import _colour_relations, _teff_kernel, colour_teff_table
 from .._recent import Recent, per_library
 from ..templates import library_arrays
 
-__all__ = ["observed_standards", "catalog_priors"]
+__all__ = ["observed_standards", "catalog_priors", "spike_pixels", "implausible_variance"]
 
 
 def observed_standards(std, config):
@@ -42,7 +44,9 @@ def observed_standards(std, config):
     for extra in config.masks.extra:
         extra_good &= region_mask(star_wave, extra)
     match_mask = good & region_mask(star_wave, config.masks.telluric) & extra_good & (flux > 0)
-    with np.errstate(invalid="ignore", divide="ignore"):
+    with np.errstate(invalid="ignore", divide="ignore"), warnings.catch_warnings():
+        # A dead fiber (no good pixel) has no S/N: NaN, its status says "no valid pixel".
+        warnings.simplefilter("ignore", RuntimeWarning)
         snr_pix = np.where(good, flux / np.sqrt(var), np.nan)
         snr = np.nanmedian(snr_pix, axis=1) if nstar else np.zeros(0)
     # The continuum's basis is on the reference pixels: per-fiber solutions differ by a
@@ -58,6 +62,65 @@ def observed_standards(std, config):
                            nstar=nstar, exptime=float(std.attrs.get("exptime", np.nan)),
                            lsf_scale=(std["fibres_lsf_scale"].values.astype(float)
                                       if "fibres_lsf_scale" in std.coords else np.ones(nstar)))
+
+
+def spike_pixels(std, lsf, sigma):
+    """Pixels of the standards brighter than light through the line spread can make them:
+    a cosmic ray or hot pixel, masked before the fit (the fit's continuum and velocity are
+    not robust to a pixel of 1000 times its neighbours; smaller outliers are found by the
+    final models, :func:`~kspec_fluxcal.fit.final_model.outlier_pixels`).
+
+    Any spectrum >= 0 seen through a Gaussian line spread of sigma s pixels gives
+    f_i <= C (f_(i-1) + f_(i+1)) and f_i + f_(i+1) <= C^2 (f_(i-1) + f_(i+2)),
+    C = exp(1 / (2 s^2)) (the kernel's ratio at one pixel from its peak; pixel integration
+    only broadens it), with s from :data:`~kspec_fluxcal.constants.SPIKE_LSF_MARGIN` times
+    the header's width. A pixel (or pair) beyond that by ``sigma`` times the noise is masked.
+    Takes ``std`` (flux, variance, good on (fiber, wavelength)) and the exposure's
+    :class:`~kspec_fluxcal.lsf.LineSpread`; returns (S, P) bool."""
+    wave = std["wavelength"].values
+    star_wave = (std["fiber_wavelength"].values if "fiber_wavelength" in std.coords
+                 else np.broadcast_to(wave, std["flux"].shape))
+    good = std["good"].values
+    flux = np.where(good, std["flux"].values.astype(np.float64), np.nan)
+    var = np.where(good, std["variance"].values.astype(np.float64), np.nan)
+    with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+        s = (SPIKE_LSF_MARGIN * lsf.fwhm(star_wave)
+             / (FWHM_PER_SIGMA * np.abs(np.gradient(star_wave, axis=1))))
+        c = np.exp(0.5 / np.maximum(s, 0.3) ** 2)  # s < 0.3 px: C > 250, no test in effect
+
+    def shifted(a, k):  # a[i + k], NaN beyond the ends
+        out = np.full(a.shape, np.nan)
+        if k > 0:
+            out[:, :-k] = a[:, k:]
+        else:
+            out[:, -k:] = a[:, :k]
+        return out
+
+    with np.errstate(invalid="ignore"):
+        one = flux - c * (shifted(flux, -1) + shifted(flux, 1))
+        one_var = var + c**2 * (shifted(var, -1) + shifted(var, 1))
+        spike = one > sigma * np.sqrt(one_var)
+        # Pairs among the rest (a single spike would make both of its pairs bright).
+        flux, var = np.where(spike, np.nan, flux), np.where(spike, np.nan, var)
+        pair = flux + shifted(flux, 1) - c**2 * (shifted(flux, -1) + shifted(flux, 2))
+        pair_var = var + shifted(var, 1) + c**4 * (shifted(var, -1) + shifted(var, 2))
+        pair = pair > sigma * np.sqrt(pair_var)
+    spike |= pair
+    spike[:, 1:] |= pair[:, :-1]  # the pair's second pixel
+    return spike & good
+
+
+def implausible_variance(std):
+    """Pixels of the standards whose variance is below
+    :data:`~kspec_fluxcal.constants.MIN_VARIANCE_FRACTION` of their fiber's median: no
+    measurement has such a noise, and its weight would rule the fit. (S, P) bool."""
+    good = std["good"].values
+    var = np.where(good, std["variance"].values.astype(np.float64), np.nan)
+    with warnings.catch_warnings():  # a fiber without a good pixel: nothing to mask
+        warnings.simplefilter("ignore", RuntimeWarning)
+        typical = np.nanmedian(var, axis=1, keepdims=True)
+    with np.errstate(invalid="ignore"):
+        return good & (var < MIN_VARIANCE_FRACTION * typical)
 
 
 #: Colour relations of the libraries met so far, by library key (a process meets a few).

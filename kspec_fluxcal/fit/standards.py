@@ -40,20 +40,22 @@ the order they run:
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import xarray as xr
 
 from .._inputs import expect_dataset
 from ..catalog import match_standards
 from ..config import Config
-from ..constants import CAL_UNIT, FLUX_UNIT
+from ..constants import CAL_UNIT, FLUX_UNIT, PIXEL_OUTLIER_PASSES, PIXEL_OUTLIER_SIGMA
 from ..grid import PARAMS
 from ..lsf import exposure_lsf
 from ..xp import standards_xp
 from .acceptance import acceptance, implied_throughput, star_flags, star_vectors
 from .exposure_templates import ExposureTemplates, template_library
-from .final_model import final_model
-from .inputs import catalog_priors, observed_standards
+from .final_model import final_model, outlier_pixels
+from .inputs import catalog_priors, implausible_variance, observed_standards, spike_pixels
 from .line_spread import choose_with_line_spread
 from .model_photometry import PhotometricScore, spectral_photometry
 from .scan import initial_rv, scan_templates
@@ -181,22 +183,66 @@ def _no_standards(std, matched, xp=None):
 
 def _fit(std, matched, library, lsf, config, xp=None):
     """The fit on in-memory arrays (one exposure's standards): the steps in the order they run
-    (the module docstring says what each does). Returns the result Dataset (:func:`_result`)."""
-    obs = observed_standards(std, config)
-    prior = catalog_priors(matched, library, config)
-    tm = ExposureTemplates(library, obs.wave, lsf, prior.candidates)
-    rv = initial_rv(obs, prior, tm, config)
-    scan = scan_templates(obs, tm, prior, rv, config)
-    phot = PhotometricScore(matched, library, prior, config)
-    params, errors, lsf_fit, tm = choose_with_line_spread(obs, tm, scan, phot, prior, config)
-    model = final_model(obs, tm, scan, params, matched, phot, config, xp)
+    (the module docstring says what each does), fitted again without the pixels its models
+    cannot explain (:func:`_fit_models`). Returns the result Dataset (:func:`_result`)."""
+    obs, prior, scan, phot, params, errors, lsf_fit, tm, model, masked = _fit_models(
+        std, matched, library, lsf, config, xp)
     model.phot_rms_spectral = spectral_photometry(phot, scan)
     vectors = star_vectors(obs, model, config, tm.lsf)
     model.throughput = implied_throughput(obs, model, vectors, config)
     status = acceptance(obs, prior, scan, model, params, matched, library, config)
     flags = star_flags(params, library, model, config, prior)
+    flags = [_outlier_flag(f, n) for f, n in zip(flags, masked.sum(axis=1), strict=True)]
     return _result(std, obs, prior, lsf_fit, params, errors, model, vectors, status, flags,
                    matched, library, tm.lsf, config)
+
+
+def _fit_models(std, matched, library, lsf, config, xp):
+    """Steps 1-7 without the pixels brighter than the line spread allows
+    (:func:`~kspec_fluxcal.fit.inputs.spike_pixels`) or of an implausibly small variance
+    (:func:`~kspec_fluxcal.fit.inputs.implausible_variance`), repeated (up to PIXEL_OUTLIER_PASSES
+    fits) while the final models find
+    pixels they cannot explain (:func:`~kspec_fluxcal.fit.final_model.outlier_pixels`: a
+    cosmic ray of 1000 times the star's counts gave it a model error of 100 % and lost it,
+    one of 1.5 times bent the calibration by 1 % over 250 A): those are masked as bad pixels
+    and the stars fitted again. The warnings of a superseded fit are dropped. Returns
+    (obs, prior, scan, phot, params, errors, lsf_fit, tm, model, masked (S, P))."""
+    masked = spike_pixels(std, lsf, PIXEL_OUTLIER_SIGMA) | implausible_variance(std)
+    if masked.any():
+        std = std.assign(good=std["good"] & ~xr.DataArray(masked, dims=("fiber", "wavelength")))
+    for attempt in range(PIXEL_OUTLIER_PASSES):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            obs = observed_standards(std, config)
+            prior = catalog_priors(matched, library, config)
+            tm = ExposureTemplates(library, obs.wave, lsf, prior.candidates)
+            rv = initial_rv(obs, prior, tm, config)
+            scan = scan_templates(obs, tm, prior, rv, config)
+            phot = PhotometricScore(matched, library, prior, config)
+            params, errors, lsf_fit, tm = choose_with_line_spread(obs, tm, scan, phot, prior,
+                                                                  config)
+            model = final_model(obs, tm, scan, params, matched, phot, config, xp)
+        new = outlier_pixels(obs, model, config.fit, PIXEL_OUTLIER_SIGMA) & ~masked
+        last = attempt == PIXEL_OUTLIER_PASSES - 1
+        if not new.any() or last:
+            for w in caught:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno,
+                                       source=w.source)
+            if new.any():  # the last fit's own outliers: kept out of its vectors at least
+                masked |= new
+                obs.good = obs.good & ~new
+            break
+        masked |= new
+        std = std.assign(good=std["good"] & ~xr.DataArray(masked, dims=("fiber", "wavelength")))
+    return obs, prior, scan, phot, params, errors, lsf_fit, tm, model, masked
+
+
+def _outlier_flag(flags, n):
+    """A star's flags with its masked outlier pixels named."""
+    if not n:
+        return flags
+    note = f"{int(n)} outlier pixel(s) masked (cosmic ray or bad pixel?)"
+    return f"{flags}, {note}" if flags else note
 
 
 # ----------------------------------------------------------------------------- result
