@@ -754,7 +754,7 @@ def test_simulate_overwrite_and_a_file_as_outdir(capsys, made, tmp_path):
     OUTDIR was a bare '[Errno 20] Not a directory'."""
     out = tmp_path / "sim"
     out.mkdir()
-    (out / "old.txt").write_text("an earlier survey")
+    (out / "survey.json").write_text("{}")  # an earlier survey (--overwrite replaces only one)
     argv = ["simulate", out, "--exposures", 1, "--nights", 1, "--fibers", 6, "--pixels", 64,
             "--grid", made[0].bosz, "--quiet"]
     assert cli(capsys, *argv)[2] == [f"kspec-fluxcal: error: {out}: exists; pass "

@@ -125,6 +125,9 @@ def test_a_dead_standard_fiber_is_rejected_without_a_numpy_warning(clean):
         warnings.simplefilter("error", RuntimeWarning)
         stars = fit_standards(exposure, clean["catalog"], clean["library"], SELF_MODEL)
     assert list(stars["status"].values) == ["no valid pixel"]
+    # No parameters nor flags for it: they described the scan's default template.
+    assert np.isnan(stars["teff"].values[0]) and np.isnan(stars["logg_err"].values[0])
+    assert stars["flags"].values[0] == ""
 
 
 @pytest.mark.parametrize("fwhm_pixels", [1.5, 2.0, 3.0])

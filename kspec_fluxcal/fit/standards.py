@@ -193,6 +193,12 @@ def _fit(std, matched, library, lsf, config, xp=None):
     status = acceptance(obs, prior, scan, model, params, matched, library, config)
     flags = star_flags(params, library, model, config, prior)
     flags = [_outlier_flag(f, n) for f, n in zip(flags, masked.sum(axis=1), strict=True)]
+    # A star without a spectrum to fit (a dead fiber, no valid pixel) has no parameters: the
+    # scan's default template had it at 5250 K, 'at the grid edge, far from its colours'.
+    unfit = ~scan.usable
+    flags = ["" if u else f for f, u in zip(flags, unfit, strict=True)]
+    params, errors = ({p: np.where(unfit, np.nan, v) for p, v in d.items()}
+                      for d in (params, errors))
     return _result(std, obs, prior, lsf_fit, params, errors, model, vectors, status, flags,
                    matched, library, tm.lsf, config)
 
