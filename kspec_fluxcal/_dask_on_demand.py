@@ -3,12 +3,15 @@
 xarray asks, for every variable it makes, whether the data is a Dask array
 (``isinstance(data, array_type("dask"))`` in ``as_compatible_data``), and answering imports
 ``dask.array`` whole: 0.3-0.5 s of a single-exposure command's ~1 s start-up, for a command
-that has no Dask array. No Dask array can exist before ``dask.array`` is imported, so until
-then the answer is "no Dask array type" without importing anything; afterwards it is Dask's.
+that has no Dask array. It also asks of lazily indexed arrays whether they are Dask
+collections (``is_dask_collection``), which imports Dask itself (~0.1 s more). No Dask array
+or collection can exist before Dask is imported, so until then the answers are "no" without
+importing anything; afterwards they are Dask's.
 
-This fills xarray's cache of duck-array modules (``xarray.namedarray.pycompat``, not public
-API) before xarray looks Dask up; where that cache is not found (another xarray), nothing is
-changed and xarray behaves as it always does.
+This fills xarray's cache of duck-array modules and wraps its ``is_dask_collection``
+(``xarray.namedarray.pycompat`` and ``.utils``, not public API) before xarray looks Dask up;
+where either is not found (another xarray), it is left as it is and xarray behaves as it
+always does.
 """
 
 from __future__ import annotations
@@ -63,4 +66,23 @@ def defer_dask_lookup():
         available = property(lambda self: self._real().available)
 
     cache["dask"] = DaskOnDemand()
+    _defer_collection_test()
     return True
+
+
+def _defer_collection_test():
+    """xarray's ``is_dask_collection`` (called, through ``is_duck_dask_array``, by its module's
+    own global look-up) answers False without importing Dask while Dask is not imported."""
+    try:
+        from xarray.namedarray import utils
+    except ImportError:
+        return
+    original = getattr(utils, "is_dask_collection", None)
+    if original is None or getattr(original, "deferred", False):
+        return
+
+    def is_dask_collection(x):
+        return "dask" in sys.modules and original(x)
+
+    is_dask_collection.deferred = True
+    utils.is_dask_collection = is_dask_collection

@@ -182,8 +182,6 @@ def _cmd_calibrate(args):
         from ._dask_on_demand import defer_dask_lookup
 
         defer_dask_lookup()  # first: before xarray makes a variable
-        import dask
-        import dask.threaded
 
         from .catalog import read_catalog
         from .config import load_config
@@ -219,10 +217,7 @@ def _cmd_calibrate(args):
         for note in result.warnings:
             _note(note)
 
-    # Dask's threaded scheduler given as a function: without one, or by name, every compute
-    # imports distributed (~0.5 s) to look for a client this command never has.
-    with dask.config.set(scheduler=dask.threaded.get):
-        failed = _each_file(args, calibrate)
+    failed = _each_file(args, lambda path: _with_dask_threads(calibrate, path))
     if len(args.files) > 1:
         print(f"{len(args.files) - failed} of {len(args.files)} exposure(s) calibrated")
     return 1 if failed else 0
@@ -255,6 +250,20 @@ def _check_out(out):
     out = Path(out)
     one_file = out.suffix.lower() in (".fits", ".fit") and not out.is_dir()
     check_output_directory(out, "--out", for_file=one_file)
+
+
+def _with_dask_threads(work, *args):
+    """``work(*args)`` with Dask's threaded scheduler given as a function once Dask is imported:
+    without one, or by name, every compute imports distributed (~0.5 s) to look for a client
+    this command never has. Before, nothing can be a Dask array (a calibration opens its grid
+    without Dask), and Dask (0.1-0.5 s) is not imported for it."""
+    if "dask" not in sys.modules:
+        return work(*args)
+    import dask
+    import dask.threaded
+
+    with dask.config.set(scheduler=dask.threaded.get):
+        return work(*args)
 
 
 def _cmd_qc(args):
