@@ -94,8 +94,12 @@ class MemorySampler(threading.Thread):
                 rss = self.client.run(_rss)
             except Exception:  # a worker restarting: skip the sample
                 rss = {}
-            done = sum(1 for _ in self.out.rglob("*_fluxcal.fits")) if self.out.exists() else 0
-            self.samples.append((done, rss))
+            try:
+                done = sum(1 for _ in self.out.rglob("*_fluxcal.fits"))
+            except FileNotFoundError:  # not there yet, or a temporary store gone under it
+                done = None
+            if done is not None:
+                self.samples.append((done, rss))
             self.stop.wait(self.period)
 
     def peak(self, upto=None):
