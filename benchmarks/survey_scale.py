@@ -96,9 +96,9 @@ class MemorySampler(threading.Thread):
                 rss = {}
             try:
                 done = sum(1 for _ in self.out.rglob("*_fluxcal.fits"))
-            except FileNotFoundError:  # not there yet, or a temporary store gone under it
-                done = None
-            if done is not None:
+            except FileNotFoundError:  # a temporary store gone under it: no sample
+                pass
+            else:
                 self.samples.append((done, rss))
             self.stop.wait(self.period)
 

@@ -13,12 +13,11 @@ or level (|ln ratio|) is far from the others' is rejected first, when there are 
 
 Smoothing
 ---------
-Outside telluric bands the combined vector is fitted by a cubic B-spline in ln(lambda) with
-knots every ``smooth_scale`` Angstrom (at the middle of the range), weighted by inverse
-variance; masked gaps (line cores, bad pixels) are bridged by the spline. Inside telluric
-bands the absorption is kept: the smooth curve is interpolated across the band and multiplied
-by the band's unsmoothed transmission (combined / smooth curve). A Savitzky-Golay filter is
-the alternative. Without smoothing, gaps are bridged by linear interpolation.
+Outside telluric bands the combined vector is fitted by a cubic B-spline in ln(lambda), knots
+every ``smooth_scale`` Angstrom, inverse-variance weighted; masked gaps (line cores, bad
+pixels) are bridged by the spline. In telluric bands the telluric model fitted to the stars
+(or, without one, the band's unsmoothed transmission) multiplies the curve interpolated
+across the band. Savitzky-Golay is the alternative; without smoothing, gaps are linear.
 """
 
 from __future__ import annotations
@@ -54,8 +53,7 @@ def _star_label(stars, s):
 
 
 def running_median(values, wavelength, window=100.0):
-    """Running median over ``window`` Angstrom along the last axis; NaN gaps are bridged
-    linearly first (a median filter cannot skip them)."""
+    """Running median over ``window`` Angstrom along the last axis, NaN gaps bridged first."""
     import scipy.ndimage  # 0.1 s of start-up that the calibration itself does not need
 
     step = float(np.median(np.diff(wavelength)))
@@ -501,7 +499,7 @@ def _response(stars, vec, idx, stack, comb, comb_var, measured, smooth, config):
     airmass = float(stars.attrs.get("airmass", np.nan))
     start = (airmass, airmass) if np.isfinite(airmass) and airmass >= 1 else (1.0, 1.0)
     scale = _per_star(stars, "fiber_lsf_scale", idx)
-    scale = np.where(np.isfinite(scale), scale, 1.0)
+    scale, n_out = np.where(np.isfinite(scale), scale, 1.0), 0
     for _ in range(2):  # the columns from the response, the response through the bands
         expected = np.interp(np.log(stack.star_wave), np.log(wave), smooth_curve)
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -509,7 +507,9 @@ def _response(stars, vec, idx, stack, comb, comb_var, measured, smooth, config):
             weight = np.where(band_pixels, stack.shapes**4 / (expected**2 * stack.svar), 0.0)
         fit = fit_telluric(stack.star_wave, observed, np.nan_to_num(weight), lsf, start=start,
                            scale=scale, source=config.telluric.lines)
-        stack.m = stack.m & ~fit["outliers"]  # a cosmic ray in a band: out of the response
+        # A cosmic ray in a band: out of the next fit and of the response.
+        band_pixels, stack.m = band_pixels & ~fit["outliers"], stack.m & ~fit["outliers"]
+        n_out += int(fit["outliers"].sum())
         columns = np.array([fit["o2"], fit["h2o"]])
         if not np.isfinite(columns).any():
             return _copied_bands(wave, comb, comb_var, measured, bands, smooth_curve, smooth_var())
@@ -521,7 +521,7 @@ def _response(stars, vec, idx, stack, comb, comb_var, measured, smooth, config):
     telluric = {"fcalo2": float(fit["o2"]), "fcalo2_err": float(fit["o2_err"]),
                 "fcalh2o": float(fit["h2o"]), "fcalh2o_err": float(fit["h2o_err"]),
                 "telluric_lines": str(config.telluric.lines),
-                "telluric_outliers": int(fit["outliers"].sum())}  # each fit sees them all
+                "telluric_outliers": n_out}
     smooth_var = smooth_var()
     return _Response(smooth_curve / trans, smooth_var / trans**2, smooth_curve, smooth_var,
                      trans, telluric, True)

@@ -13,7 +13,7 @@ import numpy as np
 import xarray as xr
 
 from ._atomic import check_regular_file
-from ._inputs import expect_dataset
+from ._inputs import expect_dataset, refuse_repeated_columns
 from .constants import (
     BANDS,
     CATALOG_COLUMNS,
@@ -254,11 +254,7 @@ def _check_table(path, header, rows, line_numbers, needed):
     if missing:
         raise CatalogError(path, "header line", f"missing required column(s) {', '.join(missing)}")
     read = {*needed, *_OPTIONAL, *_SOURCE_ID_COLUMNS}
-    twice = [c for c in dict.fromkeys(header) if c in read and header.count(c) > 1]
-    if twice:  # which one holds the values? (the last was taken, silently)
-        places = ", ".join(str(i + 1) for i, h in enumerate(header) if h == twice[0])
-        raise CatalogError(path, "header line", f"column {twice[0]} appears "
-                           f"{header.count(twice[0])} times (columns {places})")
+    refuse_repeated_columns(header, read, CatalogError, path)
     if not rows:
         raise CatalogError(path, None, "no stars (only a header line)")
     # A row with more fields than the header is as wrong as a shorter one: an unquoted comma

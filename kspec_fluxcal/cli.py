@@ -310,9 +310,9 @@ def _say_failures(report):
 def _cmd_archive_plot(args):
     from ._atomic import check_output_directory
     from .survey import open_archive, open_model, plot_archive
-    from .survey.model_store import MODEL_STORE, checked_model_setups
+    from .survey.model_store import MODEL_STORE, checked_model_setups, setup_group
 
-    check_output_directory(args.out)  # before its subdirectories, one per setup
+    check_output_directory(args.out, "--out")  # before its subdirectories, one per setup
     store = Path(args.model) if args.model else Path(args.archive).parent / MODEL_STORE
     # An explicit --model that is none is refused, not ignored.
     modelled = (checked_model_setups(store) if args.model or (store / "zarr.json").exists()
@@ -324,7 +324,7 @@ def _cmd_archive_plot(args):
     written = []
     for setup in setups:
         # --setup with a model store: that setup's model (or open_model's error if none)
-        has_model = modelled and (args.setup or str(setup).replace("/", "_") in modelled)
+        has_model = modelled and (args.setup or setup_group(setup) in modelled)
         model = open_model(store, setup) if has_model else None
         out = Path(args.out) / setup if len(setups) > 1 else args.out
         written += plot_archive(_exposures_of(archive, setup, args.archive), out, model=model)

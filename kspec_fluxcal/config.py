@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ._atomic import check_regular_file
+from ._inputs import glob_problem
 from .constants import (
     BANDS,
     CATALOG_COLUMNS,
@@ -497,10 +498,9 @@ def _check_consistency(values, source):
         raise ConfigError(source, "[instrument] throughput_min",
                           f"{inst['throughput_min']} is not below throughput_max "
                           f"{inst['throughput_max']}")
-    pattern = values["survey"]["pattern"]
-    if not pattern or Path(pattern).is_absolute() or ".." in Path(pattern).parts:
-        raise ConfigError(source, "[survey] pattern", f"{pattern!r}: must be a glob relative "
-                          "to the lake directory, without '..' (e.g. '**/*.fits')")
+    if problem := glob_problem(values["survey"]["pattern"]):
+        raise ConfigError(source, "[survey] pattern", f"{values['survey']['pattern']!r}: "
+                          f"{problem}")
     from .telluric import telluric_lines
 
     try:

@@ -20,8 +20,12 @@ def band_extinction(ebv, ext_coeff, ext_slope=None):
     E(B-V) at :data:`~kspec_fluxcal.constants.EBV_REFERENCE`) and their slope with E(B-V)
     ``ext_slope`` (None: linear), broadcast together (``ebv`` over the last axis added)."""
     ebv = np.asarray(ebv, dtype=np.float64)[..., None]
-    coeff = ext_coeff if ext_slope is None else ext_coeff + ext_slope * (ebv - EBV_REFERENCE)
-    return coeff * ebv
+    return _coefficients(ebv, ext_coeff, ext_slope) * ebv
+
+
+def _coefficients(ebv, ext_coeff, ext_slope):
+    """A_b / E(B-V) at ``ebv`` (broadcast against the coefficients)."""
+    return ext_coeff if ext_slope is None else ext_coeff + ext_slope * (ebv - EBV_REFERENCE)
 
 
 def fit_photometry(mag_obs, mag_err, mag_model, ext_coeff, *, ext_slope=None, ebv_prior=None,
@@ -86,8 +90,8 @@ def fit_photometry(mag_obs, mag_err, mag_model, ext_coeff, *, ext_slope=None, eb
     if ext_slope is not None and reddening:
         slope = np.nan_to_num(ext_slope)
         for _ in range(_CURVATURE_PASSES):
-            coeff = ext_coeff + slope * (ebv[:, None] - EBV_REFERENCE)
-            mu, ebv, cov = _solve(d, sigma2, coeff, used, prior)
+            mu, ebv, cov = _solve(d, sigma2, _coefficients(ebv[:, None], ext_coeff, slope),
+                                  used, prior)
         resid = np.where(used, d - mu[:, None] - band_extinction(ebv, ext_coeff, slope), np.nan)
     with np.errstate(divide="ignore", invalid="ignore"):
         chi2 = np.nansum(np.where(used, resid**2 / sigma2, 0.0), axis=1)

@@ -32,7 +32,8 @@ import numpy as np
 import scipy.sparse
 import scipy.special
 
-from .constants import FWHM_PER_SIGMA, PIXEL_OUTLIER_PASSES, PIXEL_OUTLIER_SIGMA
+from ._inputs import refuse_repeated_columns
+from .constants import FWHM_PER_SIGMA, PIXEL_OUTLIER_SIGMA
 from .errors import ConfigError
 
 __all__ = ["telluric_lines", "optical_depths", "line_optical_depth", "high_resolution_grid",
@@ -57,6 +58,8 @@ _NSIGMA = 5.0
 _KERNEL_ROWS = 256
 #: Gauss-Newton iterations of the fit (it converges in 3-4 from the airmass).
 _ITERATIONS = 8
+#: Fits of the columns at most, the outliers of each left out of the next.
+_REJECTION_PASSES = 3
 #: ... stopped when a step is smaller than this, in columns (their errors are ~0.01-0.05).
 _TOLERANCE = 1e-4
 
@@ -88,7 +91,7 @@ def telluric_lines(source="telluric_lines"):
             raise ConfigError(name, None, f"no such telluric line list (packaged: "
                               f"{', '.join(TELLURIC_LINES)})")
         try:
-            text = path.read_text()
+            text = path.read_text(encoding="utf-8-sig")  # a byte-order mark is no column
         except (OSError, UnicodeDecodeError) as err:
             raise ConfigError(name, None, f"not a readable CSV text file ({err})") from None
     wave, water, ew, hwhm = _parse_lines(name, text)
@@ -121,6 +124,7 @@ def _parse_lines(name, text):
                           f" (expected CSV columns {', '.join(_LINE_COLUMNS)})")
     if len(rows) < 2:
         raise ConfigError(name, None, "no lines (only a header)")
+    refuse_repeated_columns(head, _LINE_COLUMNS, ConfigError, name, f"line {rows[0][0]}")
     where = {c: head.index(c) for c in _LINE_COLUMNS}
     values = {c: [] for c in _LINE_COLUMNS}
     lo, hi = _LINE_RANGE
@@ -514,7 +518,7 @@ def fit_telluric(wavelength, observed, weight, lsf, *, start=(1.0, 1.0), scale=N
     w = np.where(np.isfinite(observed), weight, 0.0)
     params = np.array(start, dtype=np.float64)
     rejected = np.zeros(w.shape, bool)
-    for _ in range(PIXEL_OUTLIER_PASSES):
+    for _ in range(_REJECTION_PASSES):
         params, model, d_o2, d_h2o, free = _gauss_newton(sample, y, w, params)
         # A pixel beyond PIXEL_OUTLIER_SIGMA robust sigmas (a cosmic ray in a band: one
         # pixel at 3 times the star's counts in the B band took O2 from 1.13 to 1.36 and

@@ -44,6 +44,7 @@ import numpy as np
 import xarray as xr
 
 from ._atomic import check_regular_file
+from ._inputs import refuse_repeated_columns
 from .catalog import _numeric, _objids, _parse_floats, _unique_ids
 from .constants import (
     FWHM_PER_SIGMA,
@@ -207,11 +208,7 @@ def _read_csv(path):
     if header is None:
         raise InputError(path, "header line", "empty file")
     read = {*_REQUIRED, "wavelength", "sampling", "ra", "dec"}
-    twice = [c for c in dict.fromkeys(header) if c in read and header.count(c) > 1]
-    if twice:  # which one holds the values? (the last was taken, silently)
-        places = ", ".join(str(i + 1) for i, h in enumerate(header) if h == twice[0])
-        raise InputError(path, "header line", f"column {twice[0]} appears "
-                         f"{header.count(twice[0])} times (columns {places})")
+    refuse_repeated_columns(header, read, InputError, path)
     ragged = [i for i, r in enumerate(body) if len(r) != len(header)]
     if ragged:
         raise InputError(path, f"row {lines[ragged[0]]}", f"has {len(body[ragged[0]])} fields, "

@@ -260,6 +260,15 @@ def test_real_bosz_files_read_exactly(tmp_path):
     assert int(ds["exists"].sum()) == 2
 
 
+def test_build_into_an_empty_directory(bosz_dir, tmp_path):
+    """An empty directory as the output is as good as none (it was refused as 'built from
+    other inputs' without --overwrite)."""
+    out = tmp_path / "empty.zarr"
+    out.mkdir()
+    build_grid(bosz_dir, out, wave_min=3000, wave_max=11000, progress=False)
+    assert open_grid(out)["exists"].any()
+
+
 def _damaged_copy(cube, tmp_path, variable, chunk, damage):
     store = tmp_path / "grid.zarr"
     shutil.copytree(cube, store)

@@ -157,6 +157,18 @@ def test_line_list_of_valid_lines_reads(tmp_path):
     assert lines["hwhm"].tolist() == [0.03, 0.05]
 
 
+def test_line_list_with_a_byte_order_mark_or_a_repeated_column(tmp_path):
+    """A byte-order mark made the first column 'missing'; a column given twice was read
+    from its first place, silently."""
+    path = tmp_path / "lines.csv"
+    path.write_text("wavelength,species,ew,hwhm\n7600.0,O2,0.5,0.03\n", encoding="utf-8-sig")
+    assert telluric_lines(str(path))["wavelength"].tolist() == [7600.0]
+    twice = tmp_path / "twice.csv"
+    twice.write_text("wavelength,species,ew,hwhm,ew\n7600.0,O2,0.5,0.03,0.9\n")
+    with pytest.raises(ConfigError, match=r"line 1: column ew appears 2 times \(columns 3, 5\)"):
+        telluric_lines(str(twice))
+
+
 def test_line_list_not_text(tmp_path):
     path = tmp_path / "lines.csv"
     path.write_bytes(b"\xff\xfe\x00binary")

@@ -214,17 +214,19 @@ def _fit_models(std, matched, library, lsf, config, xp):
     and the stars fitted again. The warnings of a superseded fit are dropped. Returns
     (obs, prior, scan, phot, params, errors, lsf_fit, tm, model, masked (S, P))."""
     masked = spike_pixels(std, lsf, PIXEL_OUTLIER_SIGMA) | implausible_variance(std)
-    if masked.any():
-        std = std.assign(good=std["good"] & ~xr.DataArray(masked, dims=("fiber", "wavelength")))
+    prior = catalog_priors(matched, library, config)  # what the catalog says: once
+    phot = PhotometricScore(matched, library, prior, config)
+    first = None  # the templates at the header's line spread, prepared once for all passes
     for attempt in range(PIXEL_OUTLIER_PASSES):
+        std = _without(std, masked)
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             obs = observed_standards(std, config)
-            prior = catalog_priors(matched, library, config)
-            tm = ExposureTemplates(library, obs.wave, lsf, prior.candidates)
+            if first is None:
+                first = ExposureTemplates(library, obs.wave, lsf, prior.candidates)
+            tm = first
             rv = initial_rv(obs, prior, tm, config)
             scan = scan_templates(obs, tm, prior, rv, config)
-            phot = PhotometricScore(matched, library, prior, config)
             params, errors, lsf_fit, tm = choose_with_line_spread(obs, tm, scan, phot, prior,
                                                                   config)
             model = final_model(obs, tm, scan, params, matched, phot, config, xp)
@@ -239,8 +241,14 @@ def _fit_models(std, matched, library, lsf, config, xp):
                 obs.good = obs.good & ~new
             break
         masked |= new
-        std = std.assign(good=std["good"] & ~xr.DataArray(masked, dims=("fiber", "wavelength")))
     return obs, prior, scan, phot, params, errors, lsf_fit, tm, model, masked
+
+
+def _without(std, masked):
+    """The standards with the ``masked`` pixels (S, P) no longer good."""
+    if not masked.any():
+        return std
+    return std.assign(good=std["good"] & ~xr.DataArray(masked, dims=("fiber", "wavelength")))
 
 
 def _outlier_flag(flags, n):

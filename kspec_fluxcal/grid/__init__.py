@@ -166,10 +166,10 @@ def open_checked_store(path, names=STORE_VARIABLES, *, chunks=None, hint=REBUILD
         group = zarr.open_group(path, mode="r")
     except Exception as err:
         raise GridError(path, None, f"not a readable Zarr store ({err})") from None
-    wrap = _lazily_indexed if chunks is False else _dask_array
-    checked = {name: ds[name].copy(data=wrap(_CheckedChunks(group[name], path, name, hint),
-                                             ds[name], path))
-               for name in names if name in ds}
+    checked = {name: ds[name].copy(data=_lazily_indexed(reader) if chunks is False else
+                                   _dask_array(reader, ds[name], path))
+               for name in names if name in ds
+               for reader in [_CheckedChunks(group[name], path, name, hint)]}
     return ds.assign(checked), group  # one merge, not one per variable
 
 
@@ -182,7 +182,7 @@ def _dask_array(reader, var, path):
                          name=f"store-{var.name}-{tokenize(str(path), var.chunks)}")
 
 
-def _lazily_indexed(reader, var, path):
+def _lazily_indexed(reader):
     from xarray.backends import BackendArray
     from xarray.core import indexing
 

@@ -339,20 +339,17 @@ def _sparseness(axes, n_models):
 
 def _up_to_date(out, plan, overwrite, progress, n_models):
     """True when ``out`` was built from the same plan; refuse other inputs without
-    ``overwrite``."""
-    if not out.exists():
+    ``overwrite``. An empty directory is as good as none."""
+    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
         return False
-    if not _is_grid_store(out):
+    existing = _build_plan(out)
+    if existing is None:
         # --overwrite replaces a grid store, nothing else: a file or a directory of the
         # user's was moved aside and deleted (or left hidden) by the rebuild.
         raise GridError(out, None, "exists and is not a template grid store (a file, or a "
                         "directory without the build plan of 'kspec-fluxcal grid build'): "
                         "not replaced, also not with --overwrite; choose another output or "
                         "remove it yourself")
-    try:
-        existing = xr.open_zarr(out, consolidated=False).attrs.get("build_plan")
-    except Exception:
-        existing = None
     if existing == plan and not overwrite:
         if progress:
             print(f"{out}: up to date ({n_models} templates); nothing to do")
@@ -364,19 +361,14 @@ def _up_to_date(out, plan, overwrite, progress, n_models):
     return False
 
 
-def _is_grid_store(path):
-    """True for an empty directory or a Zarr store that a grid build wrote (its group
-    metadata hold a build plan; read directly, so that a store with damaged arrays can
-    still be rebuilt)."""
-    if not path.is_dir():
-        return False
-    if not any(path.iterdir()):
-        return True
+def _build_plan(path):
+    """The build plan of a Zarr store that a grid build wrote (None for anything else),
+    read from its group metadata directly: a store with damaged arrays can be rebuilt."""
     try:
         attrs = json.loads((path / "zarr.json").read_text()).get("attributes", {})
     except (OSError, ValueError, AttributeError):
-        return False
-    return isinstance(attrs, dict) and "build_plan" in attrs
+        return None
+    return attrs.get("build_plan") if isinstance(attrs, dict) else None
 
 
 def _store_attrs(bosz_dir, scan, wave, plan):

@@ -44,6 +44,7 @@ import numpy as np
 
 from .. import __version__
 from .._atomic import check_output_directory
+from .._inputs import glob_problem
 from .._lock import exclusive
 from ..config import Config, load_config
 from ..errors import FluxCalError, InputError, SchedulerLostError
@@ -76,10 +77,8 @@ def discover(lake, pattern="**/*.fits", *, exclude=()):
     if not lake.is_dir():
         raise InputError(lake, None, "not a directory (the lake is a directory of RED files)"
                          if lake.exists() else "no such lake directory")
-    if Path(pattern).is_absolute() or ".." in Path(pattern).parts:
-        # pathlib refuses the first with a NotImplementedError; the second found nothing.
-        raise InputError(lake, f"pattern {pattern!r}", "must be relative to the lake "
-                         "directory, without '..' (e.g. '**/*.fits')")
+    if problem := glob_problem(pattern):
+        raise InputError(lake, f"pattern {pattern!r}", problem)
     excluded = [Path(e).resolve() for e in exclude]
     found = []
     for p in lake.glob(pattern):

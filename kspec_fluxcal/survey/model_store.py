@@ -58,7 +58,7 @@ _THROUGHPUT_UNIT = f"count/(s Angstrom) / ({FLUX_UNIT})"
 _ROW_CHUNK = 256
 
 
-def _setup_group(setup):
+def setup_group(setup):
     """A group name for a setup key (keys are already file-name safe)."""
     return str(setup).replace("/", "_")
 
@@ -89,7 +89,7 @@ class ModelStoreWriter:
             with atomic_directory(self.path, overwrite=True) as tmp:
                 zarr.open_group(tmp, mode="w").attrs.update(
                     {"title": MODEL_TITLE, "groups": "one per setup"})
-        self.final = self.path / _setup_group(setup)
+        self.final = self.path / setup_group(setup)
         prefix = f".kspec-tmp-{self.final.name}."
         # A job killed while writing (SIGKILL: no clean-up) left its group; the survey's
         # lock makes this job the only writer of the store.
@@ -262,9 +262,9 @@ def open_model(path, setup=None):
             raise InputError(path, None, f"holds {len(setups)} setups ({', '.join(setups)}): "
                              "name one (setup=...)")
         setup = setups[0]
-    elif _setup_group(setup) not in setups:
+    elif setup_group(setup) not in setups:
         raise InputError(path, f"group {setup}", f"no such setup (present: {', '.join(setups)})")
-    ds = xr.open_zarr(path, group=_setup_group(setup), consolidated=False)
+    ds = xr.open_zarr(path, group=setup_group(setup), consolidated=False)
     ds = ds.set_coords([n for n in ("expid", "exposure_night", "exposure_mjd", "mjd")
                         if n in ds.variables])
     # A boolean Dask array cannot index (m.expid[m.outlier] raised): the small ones are read.
