@@ -171,9 +171,9 @@ def test_unexpected_error_of_a_command_is_one_line(capsys, tmp_path, monkeypatch
 
 
 @pytest.mark.parametrize("lake, pattern, message", [
-    (".", "/data/*.fits", "pattern '/data/*.fits': must be relative to the lake directory, "
-                          "without '..' (e.g. '**/*.fits')"),
-    (".", "../*.fits", "pattern '../*.fits': must be relative to the lake directory, "
+    (".", "/data/*.fits", "pattern '/data/*.fits': must be a glob relative to the lake "
+                          "directory, without '..' (e.g. '**/*.fits')"),
+    (".", "../*.fits", "pattern '../*.fits': must be a glob relative to the lake directory, "
                        "without '..' (e.g. '**/*.fits')"),
     ("catalog.csv", None, "not a directory (the lake is a directory of RED files)"),
 ])
@@ -921,7 +921,8 @@ def test_archive_plot_of_an_empty_archive_or_to_a_file(capsys, archive, tmp_path
     assert not (tmp_path / "p").exists()
     (tmp_path / "notes.txt").write_text("mine")
     assert cli(capsys, "archive", "plot", archive, "--out", tmp_path / "notes.txt") == (
-        1, [], [f"kspec-fluxcal: error: {tmp_path / 'notes.txt'}: is a file, not a directory"])
+        1, [], [f"kspec-fluxcal: error: --out {tmp_path / 'notes.txt'}: is a file, not a "
+                "directory"])
 
 
 @pytest.mark.parametrize("model", ["empty-dir", "missing", "the-archive"])

@@ -150,6 +150,21 @@ def ck04(tmp_path_factory):
 
 
 @requires_shared
+def test_ck04_overwrite_replaces_a_converted_grid_only(ck04, tmp_path):
+    """overwrite=True replaced any directory (a mistyped path lost the user's files)."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    with pytest.raises(GridError, match="mine: exists and is not a converted CK04 grid"):
+        convert_ck04(SHARED_REAL / "ck04", mine, teff_range=(5750, 6250), loggs=(4.0,),
+                     fehs=(0.0,), overwrite=True)
+    assert (mine / "notes.txt").read_text() == "mine"
+    again = convert_ck04(SHARED_REAL / "ck04", ck04[1], teff_range=(5750, 6250),
+                         loggs=(4.0, 4.5), fehs=(-0.5, 0.0), overwrite=True)
+    assert (again / "CK04_GRID.txt").is_file()
+
+
+@requires_shared
 def test_ck04_converts_to_a_bosz_layout_the_pipeline_opens(ck04):
     root, bosz = ck04
     scan = scan_bosz(bosz)

@@ -166,6 +166,10 @@ def convert_ck04(source, out, *, teff_range=(4000.0, 9500.0), loggs=None, fehs=N
     if not files:
         raise GridError(source, None, f"no CK04 file (ck*/ck*_*.fits) with Teff in {teff_range}"
                         + ("" if fehs is None else f" and [M/H] in {list(fehs)}"))
+    if overwrite and out.exists() and not (out / CK04_MARKER).is_file():
+        # overwrite replaces a converted grid only: a mistyped path was moved aside and lost
+        raise GridError(out, None, f"exists and is not a converted CK04 grid (no "
+                        f"{CK04_MARKER}): not replaced, also not with overwrite")
     want = None if loggs is None else {round(float(g), 1) for g in loggs}
     with atomic_directory(out, overwrite=overwrite) as tmp:
         wave_vac, written = None, 0
