@@ -18,7 +18,8 @@ from pathlib import Path
 
 from .errors import FluxCalError, OutputExistsError
 
-__all__ = ["atomic_file", "atomic_directory", "check_regular_file", "check_output_directory"]
+__all__ = ["atomic_file", "atomic_directory", "check_regular_file", "check_output_directory",
+           "foreign_output"]
 
 TEMP_PREFIX = ".kspec-tmp-"
 
@@ -168,3 +169,16 @@ def check_output_directory(path, label="", *, for_file=False):
         raise FluxCalError(f"{name}: {where}is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise FluxCalError(f"{name}: {where}is not writable")
+
+
+def foreign_output(path, ours, what):
+    """Why an existing ``path`` must not be replaced, also with overwrite ('' when it may):
+    it is a file, or a non-empty directory that ``ours(path)`` does not recognise as
+    ``what`` the command writes. Overwriting moved a mistyped path of the user's data aside
+    and deleted it."""
+    path = Path(path)
+    if not path.exists() or (path.is_dir() and not any(path.iterdir())) or (
+            path.is_dir() and ours(path)):
+        return ""
+    return (f"exists and is not {what}: not replaced, also not with --overwrite; choose "
+            "another output or remove it yourself")

@@ -24,7 +24,7 @@ import numpy as np
 import xarray as xr
 
 from .. import __version__
-from .._atomic import TEMP_PREFIX
+from .._atomic import TEMP_PREFIX, foreign_output
 from .._zarr import strings_as_object
 from ..constants import (
     BANDS,
@@ -340,16 +340,13 @@ def _sparseness(axes, n_models):
 def _up_to_date(out, plan, overwrite, progress, n_models):
     """True when ``out`` was built from the same plan; refuse other inputs without
     ``overwrite``. An empty directory is as good as none."""
-    if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+    if problem := foreign_output(out, lambda p: _build_plan(p) is not None,
+                                 "a template grid store (a file, or a directory without the "
+                                 "build plan of 'kspec-fluxcal grid build')"):
+        raise GridError(out, None, problem)
+    if not out.exists() or not any(out.iterdir()):
         return False
     existing = _build_plan(out)
-    if existing is None:
-        # --overwrite replaces a grid store, nothing else: a file or a directory of the
-        # user's was moved aside and deleted (or left hidden) by the rebuild.
-        raise GridError(out, None, "exists and is not a template grid store (a file, or a "
-                        "directory without the build plan of 'kspec-fluxcal grid build'): "
-                        "not replaced, also not with --overwrite; choose another output or "
-                        "remove it yourself")
     if existing == plan and not overwrite:
         if progress:
             print(f"{out}: up to date ({n_models} templates); nothing to do")

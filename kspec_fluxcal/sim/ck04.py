@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 from astropy.io import fits
 
-from .._atomic import atomic_directory
+from .._atomic import atomic_directory, foreign_output
 from ..constants import CK04_MARKER
 from ..errors import GridError
 from ..wavelength import vacuum_to_air
@@ -166,10 +166,9 @@ def convert_ck04(source, out, *, teff_range=(4000.0, 9500.0), loggs=None, fehs=N
     if not files:
         raise GridError(source, None, f"no CK04 file (ck*/ck*_*.fits) with Teff in {teff_range}"
                         + ("" if fehs is None else f" and [M/H] in {list(fehs)}"))
-    if overwrite and out.exists() and not (out / CK04_MARKER).is_file():
-        # overwrite replaces a converted grid only: a mistyped path was moved aside and lost
-        raise GridError(out, None, f"exists and is not a converted CK04 grid (no "
-                        f"{CK04_MARKER}): not replaced, also not with overwrite")
+    if overwrite and (problem := foreign_output(out, lambda p: (p / CK04_MARKER).is_file(),
+                                                f"a converted CK04 grid (no {CK04_MARKER})")):
+        raise GridError(out, None, problem)
     want = None if loggs is None else {round(float(g), 1) for g in loggs}
     with atomic_directory(out, overwrite=overwrite) as tmp:
         wave_vac, written = None, 0

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from .._atomic import atomic_directory, atomic_file
+from .._atomic import atomic_directory, atomic_file, foreign_output
 from ..errors import FluxCalError, GridError, OutputExistsError
 from .conditions import _EXPOSURE, _draw_nights
 from .exposure import simulate_exposure
@@ -268,12 +268,9 @@ def _check_survey(outdir, exposures, nights, n_standards, setups, fibers, pixels
     if outdir.exists() and any(outdir.iterdir()):
         if not overwrite:
             raise OutputExistsError(outdir)
-        if not (outdir / "survey.json").is_file():
-            # --overwrite replaces a simulated survey, nothing else: a mistyped path of the
-            # user's data was moved aside and deleted.
-            raise FluxCalError(f"{outdir}: exists and is not a simulated survey (no "
-                               "survey.json): not replaced, also not with --overwrite; choose "
-                               "another directory or remove it yourself")
+        if problem := foreign_output(outdir, lambda p: (p / "survey.json").is_file(),
+                                     "a simulated survey (no survey.json)"):
+            raise FluxCalError(f"{outdir}: {problem}")
     setups = [Setup(pixels=pixels, fibers=fibers)] if setups is None \
         else [_as_setup(s) for s in setups]
     if not setups:
