@@ -82,6 +82,16 @@ def test_standards_from_another_family_have_their_truth(world):
     assert np.all(np.isfinite(t["std_mag"])) and np.all(t["true_flux"][t["std_fiber"]] > 0)
 
 
+def test_a_source_short_of_gaia_g_is_a_grid_error(world):
+    """A model source from 3000 A (air) misses the blue end of Gaia G (3000 A in vacuum), by
+    which every star is scaled: its standards' spectra were NaN and the noise draw failed
+    with numpy's bare "lam value too large"."""
+    source = ModelStars("B", resolution=5000, wave_range=(3000.0, 26000.0))
+    with pytest.raises(GridError, match=r"3000-26000 A \(air\), not the whole Gaia G"):
+        simulate_exposure(6, world["stars"], setup=SETUP, n_standards=2,
+                          standard_source=source)
+
+
 # ----------------------------------------------------------------------------- parallaxes
 
 

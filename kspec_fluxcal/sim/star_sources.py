@@ -324,7 +324,8 @@ class ModelStars(_Parametric):
         Resolving power of the computed spectra (Gaussian FWHM = lambda / R).
     wave_range : (float, float)
         Wavelength range, Angstrom (the BOSZ grid of ``resolution`` cut to it); it must hold
-        the instrument's range and the photometric bands (g to Ks: 3900-24000 A).
+        the instrument's range and the photometric bands (Gaia G to Ks: 3000-24000 A in
+        vacuum; the stars are scaled by their G).
     ranges : dict, optional
         Parameter box ``{'teff': (lo, hi), 'logg': ..., 'feh': ..., 'alpha': ...}``; default
         4500-8000 K, log g 3-5, [M/H] -2.5 to +0.5, and [alpha/M] following

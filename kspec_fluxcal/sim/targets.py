@@ -9,8 +9,9 @@ from typing import NamedTuple
 import numpy as np
 
 from ..constants import BANDS, FLUX_UNIT_SCALE, SPEED_OF_LIGHT_KMS, VEGA_TO_AB
+from ..errors import GridError
 from ..grid import PARAMS
-from ..photometry import ab_to_flam
+from ..photometry import ab_to_flam, load_band
 from .optics import _convolve, _window
 from .spectra import _GALAXY_MAG, _QSO_MAG, _galaxy, _magnitudes, _quasar, _reddening, doppler_shift
 
@@ -61,10 +62,19 @@ class _Targets(NamedTuple):
 
 def _observed(source, params, rv, ebv):
     """Spectra of drawn stars at the dilution 1 (Doppler shifted, reddened) and their AB
-    magnitudes."""
+    magnitudes; a GridError when the source cannot give them a Gaia G magnitude."""
     observed = doppler_shift(source.wavelength, source.spectra(params), rv) \
         * _reddening(source.wavelength, ebv)
-    return observed, _magnitudes(source.wavelength, observed)
+    mags = _magnitudes(source.wavelength, observed)
+    if not np.all(np.isfinite(mags[:, BANDS.index("gaiadr2-G")])):
+        # Every star is scaled by its G: without it its spectrum would be NaN, and the noise
+        # draw fail far from the cause ("lam value too large").
+        wave, band = source.wavelength, load_band("gaiadr2-G").wavelength
+        raise GridError(getattr(source, "path", source.label), "wavelength",
+                        f"the source covers {wave[0]:.0f}-{wave[-1]:.0f} A (air), not the "
+                        f"whole Gaia G passband ({band[0]:.0f}-{band[-1]:.0f} A, vacuum) that "
+                        "its stars' magnitudes are scaled by (or a spectrum is not positive)")
+    return observed, mags
 
 
 def _targets(rng, aux, stars, std_source, kinds, pixels, optics):
