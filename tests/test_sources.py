@@ -1,6 +1,8 @@
 """Star sources of the simulator (grid, model families, CALSPEC, CK04) and a cross-model
 calibration: standards of one model family fitted with templates of the other."""
 
+import json
+
 import numpy as np
 import pytest
 from astropy.io import fits
@@ -15,6 +17,7 @@ from kspec_fluxcal.reddening import extinction_per_ebv
 from kspec_fluxcal.sim import (
     ISOPLANE_SETUP,
     CalspecStars,
+    GridNodes,
     GridStars,
     ModelStars,
     Setup,
@@ -22,6 +25,7 @@ from kspec_fluxcal.sim import (
     convert_ck04,
     read_ck04_file,
     simulate_exposure,
+    simulate_survey,
     synthetic_spectrum,
     write_catalog,
 )
@@ -80,6 +84,31 @@ def test_standards_from_another_family_have_their_truth(world):
     np.testing.assert_array_equal(t["std_ebv"], t["std_ebv_extra"])
     # The truth on the pixels is the source's spectrum, diluted: its photometry is std_mag.
     assert np.all(np.isfinite(t["std_mag"])) and np.all(t["true_flux"][t["std_fiber"]] > 0)
+
+
+#: The small grid's box: model stars beyond it leave it in at least one parameter.
+SMALL_GRID_BOX = {"teff": (5500.0, 7500.0), "logg": (4.0, 4.5), "feh": (-0.5, 0.0)}
+
+
+def test_model_stars_beyond_a_grid_leave_its_box_whatever_the_simulator_asks(world):
+    """Stars beyond a template grid's edges: the simulator's standard-star ranges (inside a
+    demo-like grid) would clip them back inside, so a source with ``beyond`` ignores them."""
+    source = ModelStars("B", resolution=5000, ranges={"teff": (5000.0, 8000.0),
+                                                      "logg": (3.7, 4.8), "feh": (-0.8, 0.3)},
+                        beyond=SMALL_GRID_BOX)
+    asked = {"teff": (5500.0, 7000.0), "logg": (3.8, 4.6), "feh": (-0.9, 0.2)}
+    drawn = source.sample(np.random.default_rng(4), 40, asked)
+    outside = np.any([(drawn[p] < lo) | (drawn[p] > hi)
+                      for p, (lo, hi) in SMALL_GRID_BOX.items()], axis=0)
+    assert outside.all()
+    assert np.any(drawn["teff"] < 5500.0) and np.any(drawn["teff"] > 7000.0)  # not clipped
+    assert source.describe()["beyond"]["teff"] == [5500.0, 7500.0]
+    sim = simulate_exposure(6, world["stars"], setup=SETUP, n_standards=3,
+                            standard_source=source)
+    t = sim.truth
+    assert np.all(np.any([(t["std_" + p] < lo) | (t["std_" + p] > hi)
+                          for p, (lo, hi) in SMALL_GRID_BOX.items()], axis=0))
+    assert np.all(t["true_flux"][t["std_fiber"]] > 0)
 
 
 def test_a_source_short_of_gaia_g_is_a_grid_error(world):
@@ -279,3 +308,32 @@ def test_a_grid_too_sparse_to_draw_from_is_a_grid_error():
     stars = GridStars(SHARED_REAL / "bosz2024_r5000")
     with pytest.raises(GridError, match="bosz2024_r5000: could not draw 2 off-grid stars"):
         stars.sample(np.random.default_rng(0), 2)
+
+
+@requires_shared
+def test_real_bosz_spectra_at_their_own_parameters_make_a_survey(world, tmp_path):
+    """The two real BOSZ 2024 files as standards (GridNodes): a survey of them simulates,
+    each standard exactly one file's spectrum at that file's parameters."""
+    source = GridNodes(SHARED_REAL / "bosz2024_r5000")
+    assert source.label == "nodes:bosz" and len(source._points) == 2
+    drawn = source.sample(np.random.default_rng(0), 2, {"teff": (5500.0, 7000.0)})
+    assert sorted(drawn["teff"]) == [4750.0, 6000.0]  # the simulator's ranges are ignored
+    file = scan_bosz(SHARED_REAL / "bosz2024_r5000")["models"]
+    t6000 = next(m for m in file if m["teff"] == 6000.0)
+    np.testing.assert_array_equal(source.spectra({p: np.array([v]) for p, v in
+                                                  (("teff", 6000.0), ("logg", 4.0),
+                                                   ("feh", 0.0), ("alpha", 0.0))})[0],
+                                  read_bosz_spectrum(t6000["path"],
+                                                     source.wavelength.size)[0])
+    out = simulate_survey(tmp_path / "sv", exposures=2, nights=1, seed=3, grid=world["bosz"],
+                          setups=[ISOPLANE_SETUP], standard_source=source, n_standards=(2, 2),
+                          workers=1)
+    manifest = json.loads((out / "survey.json").read_text())
+    assert manifest["options"]["standard_source"]["kind"] == "grid_nodes"
+    for entry in manifest["exposures"]:
+        t = np.load(out / entry["truth"])
+        assert list(t["std_source"]) == ["nodes:bosz"] * 2
+        assert sorted(zip(t["std_teff"], t["std_logg"], strict=True)) == [(4750.0, 4.5),
+                                                                         (6000.0, 4.0)]
+        assert sorted(t["std_name"]) == ["t4750 g4.5 m+0.00", "t6000 g4.0 m+0.00"]
+        assert np.all(np.isfinite(t["true_flux"][t["std_fiber"]]))

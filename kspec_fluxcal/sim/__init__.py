@@ -24,7 +24,7 @@ from .._lazy import lazy_names
 #: Public name -> the module (in this subpackage) that defines it.
 _LAZY = {
     **dict.fromkeys(("Setup", "DEFAULT_SETUP", "ISOPLANE_SETUP", "LARGE_SETUP"), "setups"),
-    **dict.fromkeys(("GridStars", "ModelStars", "CalspecStars"), "star_sources"),
+    **dict.fromkeys(("GridStars", "GridNodes", "ModelStars", "CalspecStars"), "star_sources"),
     "doppler_shift": "spectra",
     **dict.fromkeys(("atmospheric_extinction", "telluric_transmission"), "atmosphere"),
     **dict.fromkeys(("CATALOG_HEADER", "parallax", "gaia_parallax_error", "write_catalog"),

@@ -48,7 +48,8 @@ from ..wavelength import vacuum_to_air
 from .bosz_files import bosz_wavelength_grid
 from .stellar_model import _as_family, synthetic_spectrum
 
-__all__ = ["GridStars", "ModelStars", "CalspecStars", "galactic_alpha", "off_nodes"]
+__all__ = ["GridStars", "GridNodes", "ModelStars", "CalspecStars", "galactic_alpha",
+           "off_nodes"]
 
 
 #: [alpha/M] of thick-disk and halo stars, and the [M/H] below which stars have it (thin-disk
@@ -282,6 +283,48 @@ class GridStars(_Parametric):
             f"corners in {bounds} (too few grid points, or holes?)"))
 
 
+class GridNodes(GridStars):
+    """The spectra of a BOSZ-layout directory at its own grid points, not interpolated.
+
+    For a few model spectra as standard stars at exactly their parameters (e.g. the two real
+    BOSZ 2024 files of ``../shared/real/bosz2024_r5000``: two corners of a Teff-log g square,
+    too sparse for :class:`GridStars` to interpolate in). Like :class:`CalspecStars`, the
+    stars are what they are: :meth:`sample` ignores the simulator's parameter ranges.
+
+    Parameters
+    ----------
+    bosz_dir : path-like
+        Directory in the BOSZ 2024 layout.
+    resolution : str, optional
+        Resolution tag, when the directory holds several.
+    """
+
+    def __init__(self, bosz_dir, resolution=None):
+        super().__init__(bosz_dir, resolution)
+        self.label = self.label.replace("grid:", "nodes:")
+        self._points = np.argwhere(self.exists)  # (npoint, 4) indices of existing files
+
+    def describe(self):
+        """What to record in a survey manifest."""
+        return {**super().describe(), "kind": "grid_nodes"}
+
+    def sample(self, rng, n, ranges=None, **_):
+        """Draw ``n`` different grid points (repeats only when ``n`` exceeds them).
+
+        Returns
+        -------
+        dict of str to numpy.ndarray
+            ``teff``, ``logg``, ``feh``, ``alpha`` of the points and ``name`` (e.g.
+            ``t6000 g4.0 m+0.00``).
+        """
+        total = len(self._points)
+        pick = self._points[rng.choice(total, n, replace=n > total)]
+        out = {p: self.axes[p][pick[:, k]] for k, p in enumerate(PARAMS)}
+        out["name"] = np.array([f"t{t:.0f} g{g:.1f} m{m:+.2f}" for t, g, m in
+                                zip(out["teff"], out["logg"], out["feh"], strict=True)])
+        return out
+
+
 def _accepted(n, propose, failure):
     """``n`` accepted candidates: batches of max(16, 4 n) from ``propose(m)``, which returns
     (candidates by parameter, accepted mask), until enough are accepted (200 batches at most;
@@ -335,6 +378,10 @@ class ModelStars(_Parametric):
         by ``node_distance`` steps: stars between the nodes in every listed parameter at once.
     node_distance : float
         Minimum distance from ``nodes``, in local steps (< 0.5).
+    beyond : dict, optional
+        A template grid's box ``{'teff': (lo, hi), ...}`` the stars must leave: each lies
+        outside it in at least one of its parameters (stars beyond the grid's edges). The
+        simulator's standard-star ranges (a grid's) are then ignored.
     cache_size : int
         Spectra kept in memory.
     """
@@ -342,7 +389,7 @@ class ModelStars(_Parametric):
     synthetic = True
 
     def __init__(self, family="A", *, resolution=10000, wave_range=(2500.0, 26000.0),
-                 ranges=None, nodes=None, node_distance=0.2, cache_size=256):
+                 ranges=None, nodes=None, node_distance=0.2, beyond=None, cache_size=256):
         self.family = _as_family(family)
         self.label = f"model:{self.family.name}"
         self.resolving_power = float(resolution)
@@ -352,6 +399,7 @@ class ModelStars(_Parametric):
         if not 0.0 <= node_distance < 0.5:
             raise ValueError(f"node_distance={node_distance!r}: need 0 <= distance < 0.5")
         self.node_distance = float(node_distance)
+        self.beyond = {p: tuple(float(v) for v in b) for p, b in dict(beyond or {}).items()}
         self._cache = OrderedDict()
         self._cache_size = int(cache_size)
         self.computed = 0
@@ -395,14 +443,15 @@ class ModelStars(_Parametric):
         return out[0] if scalar else out
 
     def sample(self, rng, n, ranges=None, **_):
-        """Draw ``n`` stars uniformly in the box (intersected with ``ranges``), off ``nodes``.
+        """Draw ``n`` stars uniformly in the box (intersected with ``ranges``, unless
+        ``beyond`` is set), off ``nodes``, outside ``beyond``.
 
         Returns
         -------
         dict of str to numpy.ndarray
             ``teff``, ``logg``, ``feh``, ``alpha``.
         """
-        ranges = dict(ranges or {})
+        ranges = {} if self.beyond else dict(ranges or {})
         names = [*PARAMS[:3], *(["alpha"] if "alpha" in self.ranges else [])]
         bounds = {}
         for p in names:
@@ -420,10 +469,14 @@ class ModelStars(_Parametric):
             ok = np.ones(m, bool)
             for p, nodes in self.nodes.items():
                 ok &= off_nodes(cand[p], nodes, self.node_distance)
+            if self.beyond:
+                ok &= np.any([(cand[p] < lo) | (cand[p] > hi)
+                              for p, (lo, hi) in self.beyond.items()], axis=0)
             return cand, ok
 
         return _accepted(n, propose, f"{self.label}: could not draw {n} stars in {bounds} away "
-                         f"from the nodes {self.nodes}")
+                         f"from the nodes {self.nodes}" + (f" and outside {self.beyond}"
+                                                          if self.beyond else ""))
 
     def describe(self):
         """What to record in a survey manifest."""
@@ -432,7 +485,8 @@ class ModelStars(_Parametric):
                 "wave_range": [float(self.wavelength[0]), float(self.wavelength[-1])],
                 "ranges": {p: [float(v) for v in r] for p, r in self.ranges.items()},
                 "nodes": {p: v.tolist() for p, v in self.nodes.items()},
-                "node_distance": self.node_distance}
+                "node_distance": self.node_distance,
+                "beyond": {p: list(b) for p, b in self.beyond.items()}}
 
 
 # ============================================================================= CALSPEC stars
