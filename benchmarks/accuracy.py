@@ -9,7 +9,8 @@ then the self-consistency ones (standards from the template grid itself).
 Targets (issue 7): shape error < 1 % and absolute error < 2 % at standard-star S/N >= 30,
 against the anchors SDSS ~4 % rms and BOSS ~6 %. Issue 11: measure them cross-model.
 
-Cross-model surveys (issue 11), >= 20 exposures each, standards' S/N 20-300, 1-3 standards:
+Cross-model surveys (issue 11), >= 20 exposures each, standards' S/N 20-300 (but (g)),
+1-3 standards:
 
 (a)  ``calspec-ck04``: real CALSPEC F/G stars (and BD+26 2606, "A5", fitted at 6590 K) with
      the CK04 templates, on the IsoPlane setup (~10 A FWHM, WCS only): the only instrument
@@ -30,6 +31,22 @@ Cross-model surveys (issue 11), >= 20 exposures each, standards' S/N 20-300, 1-3
      the pixel box on top of the Gaussian.
 (e)  ``mixed``: as (d), with the IsoPlane, default (4096 px) and large (30 fibers x 2048 px)
      setups in turn.
+(f)  ``ck04-synth``: CK04 spectra as stars (``GridStars`` of the converted CK04 grid,
+     interpolated off its nodes, inside the demo grid's box) with the synthetic (demo)
+     templates, IsoPlane. CK04 is sampled every 20 A; the simulator cannot sharpen it, so it
+     only samples it (``source_sharper`` 1 in the truth, no warning): the stars' lines come
+     out ~25 A FWHM where the header says ~10 A (on the 4096-px setup: 25 A against 2.6 A).
+     The IsoPlane is where this is least wrong; the templates' lines are sharper than the
+     stars' by that much.
+(g)  ``calspec-bright``: as (a), the standards at S/N 300-1000 (bright standards).
+(h)  ``beyond-synth``: model-B stars just beyond the demo grid's box (Teff 4850-7650 K,
+     log g 3.2-4.8, [M/H] -1.3 to +0.5, each outside 5250-7250 K, 3.5-4.5, -1.0 to +0.25 in
+     at least one parameter), synthetic templates, (d)'s IsoPlane with realism: (d) is its
+     control inside the grid. A table per star: what is beyond, fitted against true, flags.
+(i)  ``bosz-ck04``: the two real BOSZ 2024 spectra (6000 K, log g 4.0; 4750 K, log g 4.5;
+     [M/H] 0; R = 5000) as standards at exactly their parameters (``GridNodes``), CK04
+     templates, IsoPlane. (i') ``bosz-synth``: the same exposures with the synthetic
+     templates, where the 4750 K star is beyond the grid's Teff edge.
 
 Self-consistency (what earlier versions printed): the demo-like synthetic grid (R = 5000,
 Teff 5250-7250 K, log g 3.5-4.5, [M/H] -1.0 to +0.25) as both stars and templates, 4096
@@ -89,6 +106,9 @@ REALISM = {"lsf_scale": (1.0, 1.05), "fiber_lsf_scatter": 0.02, "pixel_integrati
 DEMO_NODES = {"teff": list(range(5250, 7251, 250)), "logg": [3.5, 4.0, 4.5],
               "feh": [-1.0, -0.75, -0.5, -0.25, 0.0, 0.25]}
 CROSS = {"snr_range": (20.0, 300.0), "n_standards": (1, 3), "nights": 4}
+#: The demo grid's box, and survey (h)'s stars' box around it (each star outside the former).
+DEMO_BOX = {p: (v[0], v[-1]) for p, v in DEMO_NODES.items()}
+BEYOND_BOX = {"teff": (4850.0, 7650.0), "logg": (3.2, 4.8), "feh": (-1.3, 0.5)}
 
 
 def surveys(quick=False):
@@ -128,9 +148,28 @@ def surveys(quick=False):
          "+ 30x2048 px setups, same realism", "sim": "mixed-real", "templates": "demo",
          "setups": ["isoplane", "default", "large"], "options": REALISM,
          "standards": {"kind": "model", "family": "B"}, "seed": 1105},
+        {"name": "ck04-synth", "label": "(f) CK04 spectra as stars (inside the demo grid), "
+         "synthetic templates, IsoPlane", "sim": "ck04-isoplane", "templates": "demo",
+         "setups": ["isoplane"], "standards": {"kind": "ck04"}, "seed": 1106},
+        {"name": "calspec-bright", "label": "(g) CALSPEC F/G stars at S/N 300-1000, CK04 "
+         "templates, IsoPlane", "sim": "calspec-bright", "templates": "ck04",
+         "setups": ["isoplane"], "standards": {"kind": "calspec"}, "seed": 1107,
+         "snr_range": (300.0, 1000.0)},
+        {"name": "beyond-synth", "label": "(h) model-B stars beyond the demo grid's edges, "
+         "synthetic templates, IsoPlane with (d)'s realism", "sim": "beyond-real",
+         "templates": "demo", "setups": ["isoplane"], "options": REALISM,
+         "standards": {"kind": "model", "family": "B", "ranges": BEYOND_BOX,
+                       "beyond": DEMO_BOX}, "seed": 1108},
+        {"name": "bosz-ck04", "label": "(i) real BOSZ 2024 spectra (6000 K / 4.0, 4750 K / 4.5, "
+         "[M/H] 0), CK04 templates, IsoPlane", "sim": "bosz-isoplane", "templates": "ck04",
+         "setups": ["isoplane"], "standards": {"kind": "nodes", "dir": "bosz2024_r5000"},
+         "seed": 1109},
+        {"name": "bosz-synth", "label": "(i') as (i), synthetic templates (4750 K is beyond "
+         "the grid)", "sim": "bosz-isoplane", "templates": "demo", "setups": ["isoplane"],
+         "standards": {"kind": "nodes", "dir": "bosz2024_r5000"}, "seed": 1109},
     ]
     for conf in cross:
-        conf.update(CROSS, exposures=n, cross=True)
+        conf.update({**CROSS, **conf}, exposures=n, cross=True)
         conf.setdefault("options", {})
     base = {"templates": "demo", "setups": ["default"], "standards": {"kind": "grid"},
             "options": {}, "n_standards": (1, 3), "nights": 4, "cross": False}
@@ -155,15 +194,23 @@ def _init_worker():
 
 
 def make_source(spec):
-    """A star source from a spec of :func:`surveys` (None: the grid itself)."""
-    from kspec_fluxcal.sim import CalspecStars, ModelStars
+    """A star source from a spec of :func:`surveys` (None: the grid itself): ``grid``, ``calspec``,
+    ``ck04`` (the converted CK04 grid, interpolated), ``nodes`` (a BOSZ-layout directory of
+    ``../shared/real`` at its own points) or ``model``."""
+    from _common import ck04_grid
+
+    from kspec_fluxcal.sim import CalspecStars, GridNodes, GridStars, ModelStars
 
     if spec["kind"] == "grid":
         return None
     if spec["kind"] == "calspec":
         return CalspecStars(SHARED_REAL / "calspec")
+    if spec["kind"] == "ck04":
+        return GridStars(ck04_grid())
+    if spec["kind"] == "nodes":
+        return GridNodes(SHARED_REAL / spec["dir"])
     return ModelStars(spec["family"], ranges=spec.get("ranges"), nodes=spec.get("nodes"),
-                      node_distance=spec.get("node_distance", 0.2))
+                      node_distance=spec.get("node_distance", 0.2), beyond=spec.get("beyond"))
 
 
 def _setups(names):
@@ -261,10 +308,13 @@ def calibrate_one(name, root, entry, cube, use_xp=False, config=None):
     names = truth.get("std_name", np.full(len(truth["std_fiber"]), ""))
     used = dict(zip(result.stars["fiber"].values.tolist(),
                     np.asarray(result.stars["used"].values, bool).tolist(), strict=True))
+    flags = dict(zip(result.stars["fiber"].values.tolist(),
+                     [str(v) for v in result.stars["flags"].values], strict=True))
     xp_of = {int(f): (bool(u), float(r), float(q)) for f, u, r, q in zip(
         result.stars["fiber"].values, result.stars["xp_used"].values,
         result.stars["xp_ratio"].values, result.stars["xp_rms"].values, strict=True)}
-    row["stars"] = [{**s, "used": used.get(s["fiber"], False),
+    row["sharper"] = float(truth.get("source_sharper", np.nan))
+    row["stars"] = [{**s, "used": used.get(s["fiber"], False), "flags": flags.get(s["fiber"], ""),
                      "name": str(names[list(truth["std_fiber"]).index(s["fiber"])]),
                      **dict(zip(("xp_used", "xp_ratio", "xp_rms"),
                                 xp_of.get(s["fiber"], (False, np.nan, np.nan)), strict=True))}
@@ -366,6 +416,13 @@ def reason_group(text):
     return re.sub(r"[-+]?\d+(\.\d+)? K\b", "# K", text)
 
 
+def flag_counts(rows):
+    """Counter of the flags of standards with status 'ok', numbers left out."""
+    return Counter(re.sub(r"[-+]?\d[\d.]*", "#", f) for row in rows
+                   for s in row.get("stars", []) if s["status"] == "ok"
+                   for f in s.get("flags", "").split(", ") if f)
+
+
 def failure_counts(rows):
     """Counter of grouped reasons: why exposures failed (each star's reason), and why the
     standards of calibrated exposures were not used."""
@@ -404,6 +461,14 @@ def report(conf, rows):
               f"{', '.join(f'{v} x {k}' for k, v in rejected.most_common())}")
     if not ok:
         return
+    flagged = flag_counts(ok)
+    if flagged:
+        print(f"  flags of standards fitted ok: "
+              f"{', '.join(f'{v} x {k}' for k, v in flagged.most_common())}")
+    sharper = [r["sharper"] for r in ok if r.get("sharper", 0) > 0]
+    if sharper:
+        print(f"  the standards' spectra only sampled (broader than the instrument) on a median "
+              f"{pc(np.median(sharper), 3)} of the pixels (truth source_sharper)")
     med90 = {k: (pct(metric(ok, k), 50), pct(metric(ok, k), 90))
              for k in ("shape_snr10", "cal_shape", "telluric_science", "shape_snr10_noiseless",
                        "telluric_science_noiseless")}
@@ -441,8 +506,28 @@ def report(conf, rows):
               f"{pc(pct([s['xp_rms'] for s in with_xp], 90), 4)})")
     print(f"  calibrate_exposure median {np.median(seconds) if seconds else np.nan:.2f} s per "
           "exposure")
-    if conf["standards"]["kind"] == "calspec":
+    if conf["standards"]["kind"] in ("calspec", "nodes"):
         calspec_table(ok)
+    if conf["standards"].get("beyond"):
+        beyond_table(ok, conf["standards"]["beyond"])
+
+
+def beyond_table(rows, box):
+    """Stars beyond a grid's box (survey (h)), by true Teff: which parameters are beyond and
+    by how much, fitted minus true, status, flags, and the exposure's cal_shape."""
+    print(f"    {'beyond':<22} {'Teff':>5} {'logg':>5} {'[M/H]':>5} {'dTeff':>6} {'dlogg':>6} "
+          f"{'d[M/H]':>6} {'cal_shape':>9}  status; flags")
+    stars = sorted(((r, s) for r in rows for s in r["stars"]), key=lambda rs: rs[1]["true_teff"])
+    for r, s in stars:
+        out = []
+        for p, (lo, hi) in box.items():
+            value = s[f"true_{p}"]
+            if value < lo or value > hi:
+                out.append(f"{p}{value - (lo if value < lo else hi):+.{0 if p == 'teff' else 2}f}")
+        status = "ok" if s["status"] == "ok" else reason_group(s["status"])
+        print(f"    {' '.join(out):<22} {s['true_teff']:5.0f} {s['true_logg']:5.2f} "
+              f"{s['true_feh']:+5.2f} {s['d_teff']:+6.0f} {s['d_logg']:+6.2f} {s['d_feh']:+6.2f} "
+              f"{pc(r['metrics']['cal_shape'], 7)}  {status}; {s.get('flags', '')}")
 
 
 def calspec_table(rows):
