@@ -14,6 +14,7 @@ import warnings
 from pathlib import Path
 
 from ._dask_on_demand import defer_dask_lookup
+from ._numpy_on_demand import defer_numpy_submodules
 from ._stdout import stdout_may_close
 from .errors import ConfigError, FluxCalError, FluxCalWarning, InputError
 
@@ -63,13 +64,14 @@ def _internal_error(err):
 
 @contextlib.contextmanager
 def _setting_up():
-    """Imports and inputs opened without unused modules (Dask) nor the cyclic
+    """Imports and inputs opened without unused modules (Dask's, NumPy's) nor the cyclic
     garbage collector, whose passes over the ~10^6 long-lived objects the imports create are
     ~0.15 s of a 1 s start-up; those objects are then frozen (never scanned again)."""
     enabled = gc.isenabled()
     gc.disable()
     try:
         defer_dask_lookup()  # first: before xarray makes a variable (it imports xarray)
+        defer_numpy_submodules()  # before SciPy copies NumPy's namespace
         yield
     finally:
         gc.freeze()
