@@ -28,7 +28,8 @@ DEFERRED = ("numpy.f2py", "numpy.testing")
 
 
 class _OnFirstUse(types.ModuleType):
-    """A module whose code runs when a name it does not have yet is looked up."""
+    """A module whose code runs when a name it does not have yet is looked up (once: for
+    modules nothing uses, not for ones that several threads may first use at once)."""
 
     def __getattr__(self, name):
         # Only for names not in the module's dict (its code has not run): run it, then look
