@@ -31,6 +31,7 @@ import _common  # noqa: F401 (first: BLAS threads set before numpy loads)
 import numpy as np
 from _common import CACHE, best_of, fmt_times, load_note, reference_grid
 
+from kspec_fluxcal._dask_on_demand import defer_dask_lookup
 from kspec_fluxcal.grid.build import build_grid, read_bosz_spectrum, scan_bosz
 
 N_LOADTXT = 40
@@ -45,6 +46,7 @@ def gzip_sizes(path):
 
 
 def main():
+    defer_dask_lookup()  # as the command line does: the build imports no Dask
     grid_dir = reference_grid(full=True)
     scan = scan_bosz(grid_dir)
     models = scan["models"]

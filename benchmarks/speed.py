@@ -339,11 +339,13 @@ def print_grid_build(r):
 # ----------------------------------------------------------------------------- 4. CLI start-up
 
 #: Runs ``kspec-fluxcal calibrate`` (argv) as the entry point does, and prints when the first
-#: exposure's calibration and its template library started and ended (time.time()).
+#: exposure's calibration and its template library started and ended (time.time()). The
+#: marks are put in once the command has imported its modules itself (its first file): imported
+#: here beforehand, they would be imported with the garbage collector on, and before the
+#: command defers the modules it does not use.
 _DRIVER = r"""
 import json, sys, time
-import kspec_fluxcal.pipeline as pipeline, kspec_fluxcal.fit.standards as standards
-from kspec_fluxcal.cli import main
+import kspec_fluxcal.cli as cli
 marks = {}
 def timed(module, name):
     original = getattr(module, name)
@@ -354,9 +356,14 @@ def timed(module, name):
         finally:
             marks.setdefault(name + " end", time.time())
     setattr(module, name, run)
-timed(pipeline, "calibrate")
-timed(standards, "template_library")
-status = main(sys.argv[1:])
+each_file = cli._each_file
+def first_files(args, work):
+    import kspec_fluxcal.pipeline as pipeline, kspec_fluxcal.fit.standards as standards
+    timed(pipeline, "calibrate")
+    timed(standards, "template_library")
+    return each_file(args, work)
+cli._each_file = first_files
+status = cli.main(sys.argv[1:])
 marks["exit"] = time.time()
 print("MARKS " + json.dumps(marks))
 sys.exit(status)

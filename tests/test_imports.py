@@ -52,17 +52,22 @@ def test_package_import_is_light_and_the_api_whole():
                  # scipy.ndimage (0.1 s): median filters for opt-in methods only;
                  # scipy.spatial (0.1 s): a tree for position matches in large catalogs only
                  # dask (0.4-0.6 s with its array module): xarray imports it to ask whether
-                 # data are Dask arrays or collections, and the grid is opened without Dask
+                 # data are Dask arrays or collections, and the grid is opened without Dask;
+                 # numpy.f2py, numpy.testing (with unittest; 60-90 ms): SciPy asks NumPy for
+                 # them, nothing uses them (deferred, their code never runs)
                  ("distributed", "matplotlib", "bokeh", "scipy.signal", "scipy.stats",
                   "scipy.interpolate", "scipy.optimize", "scipy.ndimage", "scipy.spatial",
-                  "speclite", "dask"),
+                  "speclite", "dask", "numpy.f2py.f2py2e", "numpy.testing._private",
+                  "unittest"),
                  ("scipy",), id="calibrate"),
     pytest.param(lambda i, t: ("calibrate", i["red"], "--catalog", i["catalog"], "--grid",
                                i["cube"], "--out", t / "qc", "--qc"),
                  ("distributed", "bokeh"), ("matplotlib",), id="calibrate-qc"),
     pytest.param(lambda i, t: ("grid", "build", i["bosz"], "--out", t / "g.zarr", "--quiet"),
-                 # filter curves are read from speclite's tables, without importing it
-                 ("distributed", "matplotlib", "bokeh", "speclite"), ("zarr",), id="grid-build"),
+                 # filter curves are read from speclite's tables, without importing it;
+                 # the store is created without Dask (its import was 0.6 s of CPU)
+                 ("distributed", "matplotlib", "bokeh", "speclite", "dask"), ("zarr",),
+                 id="grid-build"),
 ])
 def test_commands_import_only_what_they_use(command_inputs, tmp_path, args, absent, present):
     names = imported(command(*args(command_inputs, tmp_path)))
@@ -92,5 +97,36 @@ def test_deferred_dask_lookup_still_knows_dask_arrays():
         "masked = da.ma.masked_less(da.arange(4.0, chunks=2), 1.0)\n"
         "assert np.isnan(xr.DataArray(masked, dims='x').values[0])\n"
         "assert not defer_dask_lookup()  # once is enough\n"
+    )
+    imported(code)  # its assertions fail the subprocess
+
+
+def test_grid_build_workers_import_numpy_only():
+    """A grid build's pool workers (spawned processes) import the module of the functions they
+    run, and its parent packages: none of them imports xarray (0.3 s of CPU per worker)."""
+    from kspec_fluxcal.grid.build import template_reader
+
+    names = imported(f"import {template_reader.__module__}")
+    assert "numpy" in names
+    assert not names & {"xarray", "pandas", "scipy", "zarr", "dask", "astropy"}
+
+
+def test_deferred_numpy_submodules_work_when_used():
+    """NumPy's submodules that SciPy asks for are not run by SciPy's import (nor by
+    ``inspect.getmodule``, which reads every module's ``__file__``), and work when used."""
+    code = (
+        "from kspec_fluxcal._numpy_on_demand import DEFERRED, defer_numpy_submodules\n"
+        "assert defer_numpy_submodules() == list(DEFERRED)\n"
+        "import inspect, sys, scipy.sparse, scipy.special, numpy as np\n"
+        "eye = scipy.sparse.eye\n"
+        "assert inspect.getmodule(eye.__code__) is sys.modules[eye.__module__]  # scans all\n"
+        "assert 'numpy.f2py.f2py2e' not in sys.modules and 'unittest' not in sys.modules\n"
+        "assert scipy.sparse.eye(2).toarray().trace() == 2.0\n"
+        "from numpy.testing import assert_array_equal\n"
+        "assert_array_equal(np.arange(2), [0, 1])\n"
+        "assert 'unittest' in sys.modules and np.testing.assert_array_equal is assert_array_equal\n"
+        "assert callable(np.f2py.run_main) and 'numpy.f2py.f2py2e' in sys.modules\n"
+        "assert type(np.f2py) is type(np) and sys.modules['numpy.f2py'] is np.f2py\n"
+        "assert defer_numpy_submodules() == []  # imported: nothing to defer\n"
     )
     imported(code)  # its assertions fail the subprocess
