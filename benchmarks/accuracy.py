@@ -467,7 +467,8 @@ def report(conf, rows):
               f"{', '.join(f'{v} x {k}' for k, v in flagged.most_common())}")
     sharper = [r["sharper"] for r in ok if r.get("sharper", 0) > 0]
     if sharper:
-        print(f"  the standards' spectra only sampled (broader than the instrument) on a median "
+        print(f"  the standards' spectra only sampled (broader than the instrument) in "
+              f"{len(sharper)} of {len(ok)} exposures, there on a median "
               f"{pc(np.median(sharper), 3)} of the pixels (truth source_sharper)")
     med90 = {k: (pct(metric(ok, k), 50), pct(metric(ok, k), 90))
              for k in ("shape_snr10", "cal_shape", "telluric_science", "shape_snr10_noiseless",

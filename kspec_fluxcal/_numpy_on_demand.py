@@ -5,7 +5,7 @@ Importing any SciPy module that works on arrays (``scipy.sparse``, ``scipy.speci
 name)`` for every name of ``numpy.__all__`` and ``dir(numpy)``, and NumPy imports each of
 its lazily loaded submodules when asked for it. ``numpy.f2py`` (the Fortran wrapper
 generator; its parser compiles hundreds of regular expressions) and ``numpy.testing`` (with
-``unittest``) cost 70-90 ms of ``calibrate``'s ~1 s start-up, and nothing runs their code.
+``unittest``) cost 60-90 ms of ``calibrate``'s ~1 s start-up, and nothing runs their code.
 
 :func:`defer_numpy_submodules` puts each of them in ``sys.modules`` (and in NumPy's
 namespace) as a module whose code runs when a name it defines is first looked up, as
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import sys
+import threading
 import types
 
 __all__ = ["DEFERRED", "defer_numpy_submodules"]
@@ -26,21 +27,41 @@ __all__ = ["DEFERRED", "defer_numpy_submodules"]
 #: The submodules deferred (NumPy itself imports them only when asked for them).
 DEFERRED = ("numpy.f2py", "numpy.testing")
 
+#: Held while a deferred module's code runs: another thread's first use waits for it, as it
+#: would for an import under way (a re-entrant lock: that code may import other modules).
+_LOCK = threading.RLock()
+_RUNNING = set()
+
 
 class _OnFirstUse(types.ModuleType):
-    """A module whose code runs when a name it does not have yet is looked up (once: for
-    modules nothing uses, not for ones that several threads may first use at once)."""
+    """A module whose code runs when a name it does not have yet is looked up."""
 
     def __getattr__(self, name):
-        # Only for names not in the module's dict (its code has not run): run it, then look
-        # again, as a plain module (a look-up during its code is a plain one too).
-        self.__class__ = types.ModuleType
-        try:
-            self.__spec__.loader.exec_module(self)
-        except BaseException:
-            sys.modules.pop(self.__name__, None)  # as a failed import leaves it
-            raise
+        # Only for names not in the module's dict. The class changes once the code has run:
+        # a thread that came in meanwhile then finds the name (or a plain AttributeError).
+        with _LOCK:
+            if type(self) is _OnFirstUse and self.__name__ not in _RUNNING:
+                _run(self)
+        if type(self) is _OnFirstUse:  # its own code looking itself up, half run
+            raise AttributeError(f"partially initialized module {self.__name__!r} has no "
+                                 f"attribute {name!r}")
         return getattr(self, name)
+
+
+def _run(module):
+    """Run a deferred module's code; on failure, leave no trace of it (the next use imports
+    it anew, as after a failed import)."""
+    _RUNNING.add(module.__name__)
+    try:
+        module.__spec__.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(module.__name__, None)
+        parent, _, short = module.__name__.rpartition(".")
+        vars(sys.modules[parent]).pop(short, None)
+        raise
+    finally:
+        _RUNNING.discard(module.__name__)
+    module.__class__ = types.ModuleType
 
 
 def defer_numpy_submodules(names=DEFERRED):
@@ -48,12 +69,17 @@ def defer_numpy_submodules(names=DEFERRED):
 
     A submodule imported already, or not found, is left as it is.
 
+    Parameters
+    ----------
+    names : sequence of str
+        Full names of the submodules (their parent package imported first).
+
     Returns
     -------
     list of str
         The submodules deferred.
     """
-    import numpy
+    import numpy  # noqa: F401 (the parent of the default names)
 
     deferred = []
     for name in names:
@@ -65,6 +91,7 @@ def defer_numpy_submodules(names=DEFERRED):
         module = importlib.util.module_from_spec(spec)  # __file__, __path__, ... set
         module.__class__ = _OnFirstUse
         sys.modules[name] = module
-        setattr(numpy, name.rpartition(".")[2], module)
+        parent, _, short = name.rpartition(".")
+        setattr(sys.modules[parent], short, module)
         deferred.append(name)
     return deferred

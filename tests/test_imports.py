@@ -130,3 +130,63 @@ def test_deferred_numpy_submodules_work_when_used():
         "assert defer_numpy_submodules() == []  # imported: nothing to defer\n"
     )
     imported(code)  # its assertions fail the subprocess
+
+
+def test_deferred_numpy_submodule_first_used_by_threads_at_once():
+    """Threads that first use a deferred module together all get it, as with an import under
+    way (one runs its code, the others wait): 3 of 4 failed when the first one turned it into
+    a plain module before its code had run."""
+    code = (
+        "from kspec_fluxcal._numpy_on_demand import defer_numpy_submodules\n"
+        "assert 'numpy.testing' in defer_numpy_submodules()\n"
+        "import threading, numpy as np\n"
+        "barrier, errors = threading.Barrier(4), []\n"
+        "def use(k):\n"
+        "    barrier.wait()\n"
+        "    try:\n"
+        "        if k % 2:\n"
+        "            from numpy.testing import assert_allclose\n"
+        "            assert_allclose(1.0, 1.0)\n"
+        "        else:\n"
+        "            np.testing.assert_array_equal([1], [1])\n"
+        "    except Exception as err:\n"
+        "        errors.append(repr(err))\n"
+        "threads = [threading.Thread(target=use, args=(k,)) for k in range(4)]\n"
+        "for t in threads: t.start()\n"
+        "for t in threads: t.join()\n"
+        "assert not errors, errors\n"
+    )
+    imported(code)  # its assertions fail the subprocess
+
+
+def test_deferred_numpy_submodule_imported_anew_after_a_failed_first_use():
+    """A first use whose code fails leaves nothing behind: the next use imports the module
+    anew (it had stayed a half-run module on ``numpy``: AttributeError ever after)."""
+    code = (
+        "from kspec_fluxcal._numpy_on_demand import defer_numpy_submodules\n"
+        "assert 'numpy.testing' in defer_numpy_submodules()\n"
+        "import sys, numpy as np\n"
+        "loader = sys.modules['numpy.testing'].__spec__.loader\n"
+        "real = loader.exec_module\n"
+        "def fail(module):\n"
+        "    raise OSError('disk gone')\n"
+        "loader.exec_module = fail\n"
+        "try:\n"
+        "    np.testing.assert_allclose\n"
+        "except OSError:\n"
+        "    pass\n"
+        "else:\n"
+        "    raise AssertionError('the failure was not raised')\n"
+        "loader.exec_module = real\n"
+        "assert 'numpy.testing' not in sys.modules\n"
+        "np.testing.assert_allclose(1.0, 1.0)\n"
+        "import numpy.testing\n"
+        "assert sys.modules['numpy.testing'] is np.testing\n"
+    )
+    imported(code)  # its assertions fail the subprocess
+
+
+def test_simulator_imports_no_zarr():
+    """The simulator reads BOSZ-layout files through the grid build's reader and writes FITS:
+    importing its star sources does not import Zarr (0.2 s of every ``simulate``)."""
+    assert "zarr" not in imported("import kspec_fluxcal.sim.star_sources")

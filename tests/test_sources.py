@@ -111,6 +111,28 @@ def test_model_stars_beyond_a_grid_leave_its_box_whatever_the_simulator_asks(wor
     assert np.all(t["true_flux"][t["std_fiber"]] > 0)
 
 
+@pytest.mark.parametrize("beyond", [{"Teff": (5000.0, 6000.0)}, {"teff": (5000.0,)},
+                                    {"logg": (4.5, 4.0)}])
+def test_model_stars_beyond_a_bad_box_is_refused_at_once(beyond):
+    """A misspelt parameter or a box that is not (lo, hi) is refused when the source is made
+    (it was a bare KeyError or an unpacking error deep in the simulator)."""
+    with pytest.raises(ValueError, match=r"beyond\["):
+        ModelStars("B", resolution=5000, beyond=beyond)
+
+
+def test_grid_nodes_draw_every_point_before_repeating_one(world):
+    """A source of a grid's own points draws each before any twice (choice with replacement
+    could give one node three times and skip another), and names them in full."""
+    source = GridNodes(world["bosz"])
+    total = int(source.exists.sum())
+    drawn = source.sample(np.random.default_rng(1), total + 2)
+    points = {tuple(drawn[p][k] for p in ("teff", "logg", "feh", "alpha"))
+              for k in range(total)}
+    assert len(points) == total  # the first `total` draws: every point once
+    assert all(name.count(" a") == 1 for name in drawn["name"])  # [alpha/M] named too
+    assert len(set(drawn["name"][:total])) == total
+
+
 def test_a_source_short_of_gaia_g_is_a_grid_error(world):
     """A model source from 3000 A (air) misses the blue end of Gaia G (3000 A in vacuum), by
     which every star is scaled: its standards' spectra were NaN and the noise draw failed
@@ -335,5 +357,5 @@ def test_real_bosz_spectra_at_their_own_parameters_make_a_survey(world, tmp_path
         assert list(t["std_source"]) == ["nodes:bosz"] * 2
         assert sorted(zip(t["std_teff"], t["std_logg"], strict=True)) == [(4750.0, 4.5),
                                                                          (6000.0, 4.0)]
-        assert sorted(t["std_name"]) == ["t4750 g4.5 m+0.00", "t6000 g4.0 m+0.00"]
+        assert sorted(t["std_name"]) == ["t4750 g4.5 m+0.00 a+0.00", "t6000 g4.0 m+0.00 a+0.00"]
         assert np.all(np.isfinite(t["true_flux"][t["std_fiber"]]))

@@ -22,7 +22,6 @@ from pathlib import Path
 
 import numpy as np
 import xarray as xr
-import zarr
 
 from .. import __version__
 from .._atomic import TEMP_PREFIX, foreign_output
@@ -232,14 +231,22 @@ def _empty_store(partial, axes, wave, attrs):
     encoding.update({name: {"chunks": chunks + ((cw,) if name in ("flux", "continuum")
                                                 else more)}
                      for name, more in extra.items()})
-    encoding["teff"] = {"chunks": (shape[0],)}  # the grown axis: one chunk, as the others
     strings_as_object(ds.isel(teff=slice(0, 1))).to_zarr(
-        partial, mode="w", consolidated=False, encoding=encoding, write_empty_chunks=False)
+        partial, mode="w", consolidated=False, encoding=encoding, write_empty_chunks=False,
+        zarr_format=3)
+    _grow_teff(partial, ds["teff"].values)
+
+
+def _grow_teff(partial, teff):
+    """Grow every array of the store along Teff (its first axis where it has one) to the
+    values ``teff``: metadata only (the new chunks are the fill value), then the axis itself."""
+    import zarr  # here: the simulator imports this module, and has no use for Zarr (0.2 s)
+
     group = zarr.open_group(partial, mode="r+", zarr_format=3)
     for _, array in group.arrays():
-        if array.metadata.dimension_names[0] == "teff":
-            array.resize(shape[:1] + array.shape[1:])
-    group["teff"][:] = ds["teff"].values
+        if tuple(array.metadata.dimension_names or ())[:1] == ("teff",):
+            array.resize((teff.size, *array.shape[1:]))
+    group["teff"][:] = teff
 
 
 def _state_path(partial):

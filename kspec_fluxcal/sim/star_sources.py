@@ -284,7 +284,8 @@ class GridStars(_Parametric):
 
 
 class GridNodes(GridStars):
-    """The spectra of a BOSZ-layout directory at its own grid points, not interpolated.
+    """The spectra of a BOSZ-layout directory at its own grid points (:meth:`sample` draws
+    only those; :meth:`spectrum` interpolates, as :class:`GridStars`).
 
     For a few model spectra as standard stars at exactly their parameters (e.g. the two real
     BOSZ 2024 files of ``../shared/real/bosz2024_r5000``: two corners of a Teff-log g square,
@@ -318,10 +319,12 @@ class GridNodes(GridStars):
             ``t6000 g4.0 m+0.00``).
         """
         total = len(self._points)
-        pick = self._points[rng.choice(total, n, replace=n > total)]
+        # Each point once before any repeats (a shuffled list, as often as n needs).
+        order = np.concatenate([rng.permutation(total) for _ in range(-(-n // total))])[:n]
+        pick = self._points[order]
         out = {p: self.axes[p][pick[:, k]] for k, p in enumerate(PARAMS)}
-        out["name"] = np.array([f"t{t:.0f} g{g:.1f} m{m:+.2f}" for t, g, m in
-                                zip(out["teff"], out["logg"], out["feh"], strict=True)])
+        out["name"] = np.array([f"t{t:.0f} g{g:.1f} m{m:+.2f} a{a:+.2f}" for t, g, m, a in
+                                zip(*(out[p] for p in PARAMS), strict=True)])
         return out
 
 
@@ -380,8 +383,9 @@ class ModelStars(_Parametric):
         Minimum distance from ``nodes``, in local steps (< 0.5).
     beyond : dict, optional
         A template grid's box ``{'teff': (lo, hi), ...}`` the stars must leave: each lies
-        outside it in at least one of its parameters (stars beyond the grid's edges). The
-        simulator's standard-star ranges (a grid's) are then ignored.
+        outside it in at least one of its parameters (stars beyond the grid's edges). Every
+        ``ranges`` a caller of :meth:`sample` gives (the simulator's standard-star ranges, a
+        grid's) is then ignored: such a source is for standards, not for the whole field.
     cache_size : int
         Spectra kept in memory.
     """
@@ -400,6 +404,9 @@ class ModelStars(_Parametric):
             raise ValueError(f"node_distance={node_distance!r}: need 0 <= distance < 0.5")
         self.node_distance = float(node_distance)
         self.beyond = {p: tuple(float(v) for v in b) for p, b in dict(beyond or {}).items()}
+        for p, box in self.beyond.items():
+            if p not in PARAMS or len(box) != 2 or not box[0] <= box[1]:
+                raise ValueError(f"beyond[{p!r}]={box!r}: need (lo, hi) of one of {PARAMS}")
         self._cache = OrderedDict()
         self._cache_size = int(cache_size)
         self.computed = 0

@@ -12,6 +12,7 @@ from ..constants import BANDS, FLUX_UNIT_SCALE, SPEED_OF_LIGHT_KMS, VEGA_TO_AB
 from ..errors import GridError
 from ..grid import PARAMS
 from ..photometry import ab_to_flam, load_band
+from ..wavelength import vacuum_to_air
 from .optics import _convolve, _window
 from .spectra import _GALAXY_MAG, _QSO_MAG, _galaxy, _magnitudes, _quasar, _reddening, doppler_shift
 
@@ -70,10 +71,12 @@ def _observed(source, params, rv, ebv):
         # Every star is scaled by its G: without it its spectrum would be NaN, and the noise
         # draw fail far from the cause ("lam value too large").
         wave, band = source.wavelength, load_band("gaiadr2-G").wavelength
+        covered = wave[0] <= vacuum_to_air(band[0]) and wave[-1] >= vacuum_to_air(band[-1])
+        problem = ("a star's spectrum is not positive over the Gaia G passband" if covered else
+                   f"the source covers {wave[0]:.0f}-{wave[-1]:.0f} A (air), not the whole "
+                   f"Gaia G passband ({band[0]:.0f}-{band[-1]:.0f} A, vacuum)")
         raise GridError(getattr(source, "path", source.label), "wavelength",
-                        f"the source covers {wave[0]:.0f}-{wave[-1]:.0f} A (air), not the "
-                        f"whole Gaia G passband ({band[0]:.0f}-{band[-1]:.0f} A, vacuum) that "
-                        "its stars' magnitudes are scaled by (or a spectrum is not positive)")
+                        f"{problem}: its stars' magnitudes are scaled by their G")
     return observed, mags
 
 
