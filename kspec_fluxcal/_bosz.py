@@ -22,6 +22,9 @@ from .errors import GridError
 
 __all__ = ["read_bosz_spectrum", "band_matrix", "template_reader"]
 
+#: BOSZ files hold Eddington fluxes H: the surface flux is F = 4 pi H (and the continuum 4 pi C).
+_SURFACE = 4.0 * np.pi
+
 
 def read_bosz_spectrum(path, nwave):
     """Read one BOSZ 2024 spectrum file: surface flux 4*pi*H and continuum 4*pi*C.
@@ -38,7 +41,7 @@ def read_bosz_spectrum(path, nwave):
     flux, continuum : numpy.ndarray (float64)
     """
     values = _read_values(path, nwave)
-    return 4.0 * np.pi * values[:, 0], 4.0 * np.pi * values[:, 1]
+    return _SURFACE * values[:, 0], _SURFACE * values[:, 1]
 
 
 def _read_values(path, nwave):
@@ -109,15 +112,15 @@ def template_products(path, nwave, trim, matrix, span, nband):
     values = _read_values(path, nwave)
     # 4 pi H and 4 pi C only where used (the bands' span, the kept range: a third of the
     # file's values), the same numbers as read_bosz_spectrum's.
-    maggies = matrix @ (4.0 * np.pi * values[span, 0])
+    maggies = matrix @ (_SURFACE * values[span, 0])
     with np.errstate(divide="ignore", invalid="ignore"):
         mags = np.where(maggies > 0, -2.5 * np.log10(maggies), np.nan)
     mag, red = mags[:nband], mags[nband:].reshape(2, -1, nband)
     coeff = (red[0] - mag[None, :]) / EBV_REFERENCE
     further = (red[1] - mag[None, :]) / EBV_SLOPE_REFERENCE
     slope = (further - coeff) / (EBV_SLOPE_REFERENCE - EBV_REFERENCE)
-    return ((4.0 * np.pi * values[trim, 0]).astype(np.float32),
-            (4.0 * np.pi * values[trim, 1]).astype(np.float32), mag, coeff, slope)
+    return ((_SURFACE * values[trim, 0]).astype(np.float32),
+            (_SURFACE * values[trim, 1]).astype(np.float32), mag, coeff, slope)
 
 
 @contextlib.contextmanager
