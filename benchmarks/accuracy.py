@@ -34,8 +34,9 @@ Cross-model surveys (issue 11), >= 20 exposures each, standards' S/N 20-300 (but
 (f)  ``ck04-synth``: CK04 spectra as stars (``GridStars`` of the converted CK04 grid,
      interpolated off its nodes, inside the demo grid's box) with the synthetic (demo)
      templates, IsoPlane. CK04 is sampled every 20 A; the simulator cannot sharpen it, so it
-     only samples it (``source_sharper`` 1 in the truth, no warning): the stars' lines come
-     out ~25 A FWHM where the header says ~10 A (on the 4096-px setup: 25 A against 2.6 A).
+     only samples it (``source_sharper`` 1 in the truth; it warns once per survey): the
+     stars' lines come out ~25 A FWHM where the header says ~10 A (on the 4096-px setup:
+     25 A against 2.6 A).
      The IsoPlane is where this is least wrong; the templates' lines are sharper than the
      stars' by that much.
 (g)  ``calspec-bright``: as (a), the standards at S/N 300-1000 (bright standards).

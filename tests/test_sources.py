@@ -2,6 +2,7 @@
 calibration: standards of one model family fitted with templates of the other."""
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -199,6 +200,32 @@ def test_cross_model_standards_calibrate_with_a_visible_mismatch(world, cube, tm
     assert {s["source"] for s in metrics["stars"]} == {"model:B"}
 
 
+def test_a_star_source_coarser_than_the_instrument_is_named_once_per_survey(world, tmp_path):
+    """Standards whose source is coarser than the line spread are only sampled (their lines
+    broader than the header says): simulate_exposure warns, a survey warns once with the
+    number of exposures, and the manifest records each exposure's fraction; a source
+    sharper than the instrument raises no such warning."""
+    coarse = ModelStars("B", resolution=400, ranges=INSIDE_SMALL_GRID)
+    with pytest.warns(FluxCalWarning, match=r"the star source model:B is coarser than the "
+                      r"instrument's line spread on \d+% of the pixels") as caught:
+        sim = simulate_exposure(1, world["stars"], setup=SETUP, n_standards=1,
+                                standard_source=coarse)
+    sharper = float(sim.truth["source_sharper"])
+    assert sharper > 0.5 and len(caught) == 1
+    assert f" on {100 * sharper:.0f}% of the pixels" in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FluxCalWarning)
+        sharp = simulate_exposure(1, world["stars"], setup=SETUP, n_standards=1)
+    assert float(sharp.truth["source_sharper"]) == 0.0
+    with pytest.warns(FluxCalWarning, match="model:B is coarser") as caught:
+        out = simulate_survey(tmp_path / "sv", exposures=3, nights=1, seed=2,
+                              grid=world["bosz"], setups=[SETUP], standard_source=coarse,
+                              n_standards=(1, 1), workers=1)
+    assert [str(w.message).endswith("(on 3 of 3 exposures)") for w in caught] == [True]
+    manifest = json.loads((out / "survey.json").read_text())
+    assert all(e["source_sharper"] > 0.5 for e in manifest["exposures"])
+
+
 # ----------------------------------------------------------------------------- CK04
 
 
@@ -260,9 +287,10 @@ def test_ck04_converts_to_a_bosz_layout_the_pipeline_opens(ck04):
 @requires_shared
 def test_ck04_stars_are_sampled_where_the_instrument_is_sharper(world, ck04):
     _, bosz = ck04
-    sim = simulate_exposure(2, world["stars"], setup=ISOPLANE_SETUP, wavelength_format="wcs",
-                            wavelength_unit="Angstroms", n_standards=2,
-                            standard_source=GridStars(bosz))
+    with pytest.warns(FluxCalWarning, match="the star source grid:ck04 is coarser"):
+        sim = simulate_exposure(2, world["stars"], setup=ISOPLANE_SETUP,
+                                wavelength_format="wcs", wavelength_unit="Angstroms",
+                                n_standards=2, standard_source=GridStars(bosz))
     assert list(sim.truth["std_source"]) == ["grid:ck04"] * 2
     assert float(sim.truth["source_sharper"]) > 0.5
     assert np.all(np.isfinite(sim.truth["true_flux"][sim.truth["std_fiber"]]))

@@ -33,7 +33,8 @@ Wavelengths are in Angstrom, in air; flux densities in units of 1e-17 erg/s/cm2/
    :func:`kspec_fluxcal.templates.convolution_matrix` (the operator the fitter uses), with the
    source's own resolution removed in quadrature (where the source is broader than the
    instrument, e.g. CK04's 20 A sampling or CALSPEC's 9.8 A FWHM, it is only sampled, and
-   ``source_sharper`` records on which fraction of the pixels): the flux above the atmosphere
+   ``source_sharper`` records on which fraction of the pixels, and a
+   :class:`~kspec_fluxcal.errors.FluxCalWarning` says so): the flux above the atmosphere
    that a perfect calibration returns for a fiber with no aperture loss.
 4. The *response* (counts per pixel per flux unit) is exposure time x collecting area x
    transparency x instrument throughput x atmospheric transmission 10^(-0.4 k(lambda) X)
@@ -124,6 +125,7 @@ and FIBRES (:mod:`~kspec_fluxcal.sim.refcat`) and Gaia XP (:mod:`~kspec_fluxcal.
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 from typing import NamedTuple
 
@@ -131,6 +133,7 @@ import numpy as np
 from astropy.io import fits
 
 from ..constants import BANDS
+from ..errors import FluxCalWarning
 from ..exposure import red_hdulist, setup_key
 from ..grid import PARAMS
 from ..wavelength import air_to_vacuum
@@ -252,6 +255,10 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
     optics = _true_lsfs(aux, setup, lsf_scale, pixel_integration, fiber_lsf_scatter)
     kinds = _plan_fibers(rng, setup.fibers, n_standards, dead_fiber)
     targets = _targets(rng, aux, stars, std_source, kinds, pixels, optics)
+    if targets.sharper > 0:  # the standards' source (the field's without standards)
+        label = (std_source if n_standards else stars).label
+        warnings.warn(coarse_source_message(label, targets.sharper), FluxCalWarning,
+                      stacklevel=2)
     light = _light(rng, cond, pixels, optics, losses)
     counts = _expose(rng, targets, light, kinds, snr_range, cond["transparency"])
     catalog, fibres = _catalog(rng, aux, stars, targets, kinds, position_only, cond["field"])
@@ -268,6 +275,19 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
         truth.update(_standard_xp(rng.spawn(1)[0], std_source, targets))
         _add_source_ids(catalog.rows)
     return SimulatedExposure(hdulist, truth, catalog.rows)
+
+
+#: How :func:`coarse_source_message` begins (a filter of ``warnings`` matches it).
+COARSE_SOURCE = "the star source "
+
+
+def coarse_source_message(label, sharper):
+    """The warning of a star source coarser than the instrument on a fraction ``sharper`` of
+    the pixels (its lines come out broader than the written line spread says)."""
+    return (f"{COARSE_SOURCE}{label} is coarser than the instrument's line spread on "
+            f"{100 * sharper:.0f}% of the pixels: there its spectra are sampled, not convolved, "
+            "and their lines are broader than the header's FWHMPCk keywords say (truth "
+            "source_sharper)")
 
 
 class _Written(NamedTuple):

@@ -32,15 +32,16 @@ import json
 import shutil
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
 
 from .. import __version__
 from .._atomic import atomic_directory, atomic_file, foreign_output
-from ..errors import FluxCalError, GridError, OutputExistsError
+from ..errors import FluxCalError, FluxCalWarning, GridError, OutputExistsError
 from .conditions import _EXPOSURE, _draw_nights
-from .exposure import simulate_exposure
+from .exposure import COARSE_SOURCE, coarse_source_message, simulate_exposure
 from .refcat import _P_POSITION_ONLY, _ensure_catalog_variety, write_catalog
 from .setups import Setup, _as_setup
 from .star_sources import GridStars
@@ -313,18 +314,27 @@ def _simulate_exposures(tmp, plan, seeds, stars, nights, options, snr_range_sing
     ``snr_range_single`` when given) under ``tmp``; return the catalog rows, the manifest
     entries and the XP table rows of them all."""
     rows, manifest, spectra = [], [], []
+    coarse = {}  # star source: its sharper fractions, for one warning per survey
     for p, exp_seed in zip(plan, seeds, strict=True):
         t0 = time.perf_counter()
         single = snr_range_single if p["n_standards"] == 1 and snr_range_single else None
-        entry, catalog = _survey_exposure(tmp, p, np.random.default_rng(exp_seed), stars,
-                                          nights[p["night_index"]],
-                                          {**options, "snr_range": single or options["snr_range"]})
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", COARSE_SOURCE, FluxCalWarning)
+            entry, catalog = _survey_exposure(
+                tmp, p, np.random.default_rng(exp_seed), stars, nights[p["night_index"]],
+                {**options, "snr_range": single or options["snr_range"]})
+        if entry["source_sharper"] > 0:
+            source = options["standard_source"] if p["n_standards"] else None
+            coarse.setdefault((source or stars).label, []).append(entry["source_sharper"])
         rows += catalog
         spectra += entry.pop("xp_rows", [])
         manifest.append(entry)
         say(f"[{len(manifest)}/{len(plan)}] {entry['path']}: {p['n_standards']} "
             f"standard(s), {p['wavelength_format']} {p['wavelength_unit']} {p['medium']}, "
             f"{time.perf_counter() - t0:.2f} s")
+    for label, fractions in coarse.items():
+        warnings.warn(f"{coarse_source_message(label, max(fractions))} (on {len(fractions)} of "
+                      f"{len(plan)} exposures)", FluxCalWarning, stacklevel=3)
     return rows, manifest, spectra
 
 
@@ -395,6 +405,7 @@ def _survey_exposure(tmp, p, rng, stars, conditions, options):
         "position_only": int(np.sum(p["position_only"])), "dead_fiber": p["dead_fiber"],
         "mjd": p["mjd"], "exptime": p["exptime"], "airmass": float(t["airmass"]),
         "pwv": float(t["pwv"]), "lsf_scale": float(t["lsf_scale"]),
+        "source_sharper": float(t["source_sharper"]),
         "std_source": [str(v) for v in t["std_source"]],
         "photometric": bool(conditions.get("photometric", False)),
         "transparency": float(t["transparency"]),
