@@ -54,6 +54,10 @@ class ExposureTemplates:
     def _prepare(self, ids):
         """Compute the rows ``ids`` not yet prepared."""
         missing = np.unique(ids[~self._have[ids]])
+        if 2 * missing.size >= self._have.size:
+            # Most of the library: its whole product (each template's column the same) costs
+            # less than gathering these columns first (3.2 against 6.0 ms for 150 of 225).
+            missing = np.arange(self._have.size)
         if missing.size:
             # float32 columns converted (exactly) as they are copied into the rows
             self._data[_as_index(missing)] = library_columns(
