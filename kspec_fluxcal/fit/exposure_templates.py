@@ -56,7 +56,8 @@ class ExposureTemplates:
         missing = np.unique(ids[~self._have[ids]])
         if 2 * missing.size >= self._have.size:
             # Most of the library: its whole product (each template's column the same) costs
-            # less than gathering these columns first (3.2 against 6.0 ms for 150 of 225).
+            # less than gathering these columns first (8.3 against 10.3 ms for 153 of 225
+            # templates, the copy into the rows included).
             missing = np.arange(self._have.size)
         if missing.size:
             # float32 columns converted (exactly) as they are copied into the rows
