@@ -84,6 +84,20 @@ def test_radians_converted(red_file):
     np.testing.assert_allclose(ds["ra"].values, 150.0)
 
 
+@pytest.mark.parametrize("unit", ["rad", "RADIANS", "deg", "degrees", None])
+@pytest.mark.parametrize("bunit", ["counts", "Counts", "count", "ADU"])
+def test_units_of_the_contract_read(red_file, unit, bunit):
+    """RA and DEC in degrees (TUNIT 'deg' or none) or radians ('rad', 'radians'), any case;
+    the primary image in counts (also 'count', 'ADU')."""
+    rad = unit is not None and unit.lower().startswith("rad")
+    cols = {key: fits.Column(key, "D", unit=unit, array=np.radians(values) if rad else values)
+            for key, values in (("RA", np.full(6, 150.0)), ("DEC", np.full(6, -2.0)))}
+    ds = open_exposure(red_file(fibres=cols, header={"BUNIT": bunit}))
+    np.testing.assert_allclose(ds["ra"].values, 150.0)
+    np.testing.assert_allclose(ds["dec"].values, -2.0)
+    assert ds["flux"].attrs["units"] == "count"
+
+
 def test_extra_fibres_columns_survive(red_file):
     ds = open_exposure(red_file(fibres={"PIVOT": np.arange(6) + 1}))
     np.testing.assert_array_equal(ds["fibres_pivot"].values, np.arange(6) + 1)
@@ -244,6 +258,19 @@ def _rewrite(path, edit):
          r"HDU WAVELA: is a table \(BinTableHDU\); expected an image"),
         ({"fibres": {"OBJID": np.array([1.0, 2.0, 1.2e17, 4.0, 5.0, 6.0])}}, None,
          r"column OBJID row 2: value 1\.2e\+17 is beyond 2\*\*53"),
+        # Formats audit: outside the contract, and read as something they are not.
+        ({"header": {"BUNIT": "counts/s"}}, None, r"primary header BUNIT: 'counts/s' is "
+         r"neither 'counts' \(a RED file\) nor a flux density \(a calibrated product\)"),
+        ({"header": {"BUNIT": "electrons"}}, None, r"primary header BUNIT: 'electrons' is"),
+        ({"fibres": {"RA": fits.Column("RA", "D", unit="h", array=np.full(6, 10.0))}}, None,
+         r"HDU FIBRES column RA: unit \(TUNIT\) 'h' is neither degrees"),
+        ({"fibres": {"DEC": fits.Column("DEC", "D", unit="arcsec", array=np.full(6, 2.0))}},
+         None, r"HDU FIBRES column DEC: unit \(TUNIT\) 'arcsec' is neither degrees"),
+        ({"wavelength": None, "header": {"CUNIT1": ""}}, None,
+         r"primary header CUNIT1: blank \(a linear wavelength solution's unit is"),
+        ({}, lambda h: h.__setitem__(3, fits.TableHDU.from_columns(
+            [fits.Column("TYPE", "A1", array=np.array(list("CCPPSS")))], name="FIBRES")),
+         r"HDU FIBRES: is an ASCII table \(TableHDU\); expected a binary table"),
     ],
 )
 def test_bad_red_files(red_file, make_kwargs, edit, match):
@@ -264,7 +291,9 @@ def test_bad_red_files(red_file, make_kwargs, edit, match):
                                       setattr(h[1], "data", h[1].data[:, :1].copy()),
                                       setattr(h[2], "data", h[2].data[:1].copy())]),
      r"image is 1 pixel wide"),
-], ids=["exptime", "two-variance", "one-pixel"])
+    (lambda p: _rewrite(p, lambda h: h[0].header.set("BUNIT", "counts/s")),
+     r"primary header BUNIT: 'counts/s' is neither 'counts'"),
+], ids=["exptime", "two-variance", "one-pixel", "bunit"])
 def test_exposure_info_checks_like_open(red_file, edit, match):
     """The survey plans from headers (read_exposure_info): the same checks as open_exposure,
     so that a bad file is refused at planning, not found by a worker."""

@@ -27,7 +27,15 @@ from ..fits_file import find_hdu, fits_column, hdu_data, open_fits
 from ..lsf import LineSpread
 from ..wavelength import vacuum_to_air
 from .fibres import FIBRES_EXTNAMES, fibres_coords
-from .header import check_width, exposure_id, exposure_keywords, line_spread
+from .header import (
+    COUNT_UNITS,
+    check_width,
+    data_unit,
+    exposure_id,
+    exposure_keywords,
+    is_flux_unit,
+    line_spread,
+)
 from .wavelengths import check_wavelength, fiber_wavelengths, raw_wavelength, unsolved_pixels
 
 __all__ = [
@@ -91,7 +99,7 @@ def _read_hdus(path):
         meta = {
             "expid": exposure_id(header, path),
             **exposure_keywords(header, path),
-            "bunit": str(header.get("BUNIT", "counts")),
+            "bunit": data_unit(header, path),
             "lsf": line_spread(header, path),
             "fibres_extname": fib_hdu.name,
             "wavelength_source": source,
@@ -211,7 +219,7 @@ def _check_line_spread(lsf, wave, path):
 def _dataset(flux, variance, good, wave, fiber_wave, fibres, meta):
     """The exposure's Dataset (no attrs yet): flux and variance (float32, in the file's unit),
     good, the wavelength coordinates and the FIBRES coordinates."""
-    counts = meta["bunit"].strip().lower() in ("counts", "count", "adu", "")
+    counts = meta["bunit"].strip().lower() in COUNT_UNITS
     units = "count" if counts else meta["bunit"]
     var_units = "count2" if units == "count" else f"({units})**2"
     return xr.Dataset(
@@ -292,16 +300,6 @@ def _attach_calibration(ds, cal, keys, path):
     ds.attrs["fcalsrc"] = ds.attrs.get("fcalsrc") or "standards"
 
 
-# Words that make a BUNIT a flux density (astropy does not parse every spelling in use:
-# 'erg/s/cm^2/A' reads as per Ampere).
-_FLUX_WORDS = ("erg", "jy", "jansky", "watt", "w/m", "w m-2", "w/(m")
-
-
-def _is_flux_unit(text):
-    text = str(text).strip().lower()
-    return bool(text) and any(word in text for word in _FLUX_WORDS)
-
-
 def calibration_marks(ds):
     """What says that an opened exposure is already flux-calibrated (contract section 4).
 
@@ -323,7 +321,7 @@ def calibration_marks(ds):
         marks.append(("HDU FLUXCAL", "FLUXCAL table present"))
     if header.get("FLUXCAL") is True:
         marks.append(("primary header FLUXCAL", "FLUXCAL = T"))
-    if _is_flux_unit(header.get("BUNIT", "")):
+    if is_flux_unit(header.get("BUNIT", "")):
         marks.append(("primary header BUNIT", f"BUNIT = {str(header['BUNIT']).strip()!r} "
                       "(a flux density, not counts)"))
     return marks
@@ -353,6 +351,7 @@ def read_exposure_info(path):
             raise ExposureError(path, "HDU PRIMARY", "expected a 2-D (fiber, pixel) image")
         nfib, nspec = header["NAXIS2"], header["NAXIS1"]
         check_width(path, nspec)
+        data_unit(header, path)
         # An ambiguous file (two VARIANCE or FIBRES extensions) is refused when the survey is
         # planned, not later on a worker.
         for names in (("VARIANCE",), FIBRES_EXTNAMES):

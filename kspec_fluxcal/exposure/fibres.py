@@ -18,6 +18,10 @@ FIBRES_EXTNAMES = ("FIBRES", "FIBRES_IFU")
 # Known FIBRES columns and their coordinate names.
 _FIBRES_COLUMNS = {"NAME": "fiber_name", "TYPE": "fiber_type", "RA": "ra", "DEC": "dec",
                    "OBJID": "objid"}
+# TUNIT spellings of RA and DEC (any case): degrees (the contract's default, also without a
+# TUNIT) and radians, as 2dfdr writes them.
+_DEGREES = ("", "deg", "degree", "degrees")
+_RADIANS = ("rad", "radian", "radians")
 
 
 def fibres_coords(hdu, nfib, path):
@@ -28,8 +32,10 @@ def fibres_coords(hdu, nfib, path):
     with its FITS column name, then ``fibres_<column>`` for every other scalar column.
     """
     where = f"HDU {hdu.name}"
-    if not isinstance(hdu, (fits.BinTableHDU, fits.TableHDU)):
-        raise ExposureError(path, where, f"is not a table ({type(hdu).__name__}); expected a "
+    if not isinstance(hdu, fits.BinTableHDU):
+        # An ASCII table too: the contract's is binary (typed columns: OBJID int64).
+        kind = "an ASCII table" if isinstance(hdu, fits.TableHDU) else "not a table"
+        raise ExposureError(path, where, f"is {kind} ({type(hdu).__name__}); expected a "
                             "binary table with one row per fiber")
     data = hdu_data(hdu, path, hdu.name)
     if len(data) != nfib:
@@ -77,8 +83,14 @@ def _sky_coordinate(data, col, key, path, where):
         values = np.asarray(data[col.name], dtype=np.float64)
     except (TypeError, ValueError):
         raise ExposureError(path, f"{where} column {key}", "is not numeric") from None
-    if str(col.unit or "").strip().lower() in ("rad", "radian", "radians"):
+    unit = str(col.unit or "").strip().lower()
+    if unit in _RADIANS:
         values = np.degrees(values)
+    elif unit not in _DEGREES:
+        # Hours or arcsec read as degrees would put every fiber elsewhere on the sky: the
+        # standards matched by position would silently match nothing.
+        raise ExposureError(path, f"{where} column {key}", f"unit (TUNIT) {col.unit!r} is "
+                            "neither degrees ('deg', or none) nor radians ('rad', 'radians')")
     # NaN means 'no position'; anything else must be a real sky position, or the
     # positional match of the standards fails far from here.
     limit = 90.0 if key == "DEC" else 360.0

@@ -11,8 +11,9 @@ from ..errors import ExposureError, FluxCalWarning
 from ..fits_file import header_value
 from ..lsf import LineSpread
 
-__all__ = ["exposure_keywords", "exposure_id", "check_width", "line_spread", "EXPTIME_RANGE",
-           "AIRMASS_RANGE", "SEEING_RANGE", "MJD_RANGE", "MIN_PIXELS"]
+__all__ = ["exposure_keywords", "exposure_id", "check_width", "line_spread", "data_unit",
+           "is_flux_unit", "COUNT_UNITS", "EXPTIME_RANGE", "AIRMASS_RANGE", "SEEING_RANGE",
+           "MJD_RANGE", "MIN_PIXELS"]
 
 #: Plausible exposure times (s): a K-SPEC exposure is seconds to hours; 1e30 is a bad header.
 EXPTIME_RANGE = (0.0, 1.0e5)
@@ -27,6 +28,12 @@ SEEING_RANGE = (0.0, 20.0)
 MJD_RANGE = (40000.0, 100000.0)
 #: Fewest pixels of a spectrum: fewer is a cut or transposed image, not a K-SPEC spectrum.
 MIN_PIXELS = 16
+#: Primary BUNIT values read as the contract's 'counts' (any case; blank as absent): its own
+#: spelling, the singular and ADU, the unit a CCD counts in (README).
+COUNT_UNITS = ("counts", "count", "adu", "")
+# Words that make a BUNIT a flux density (astropy does not parse every spelling in use:
+# 'erg/s/cm^2/A' reads as per Ampere).
+_FLUX_WORDS = ("erg", "jy", "jansky", "watt", "w/m", "w m-2", "w/(m")
 
 
 def _in_range(value, key, bounds, path, unit="", open_low=False):
@@ -106,3 +113,25 @@ def line_spread(header, path):
                         "no line-spread description: neither SPECFWHM nor FWHMPC0 is present")
 
 
+
+
+def is_flux_unit(text):
+    """Whether a BUNIT is a flux density (a calibrated product's, contract section 4)."""
+    text = str(text).strip().lower()
+    return bool(text) and any(word in text for word in _FLUX_WORDS)
+
+
+def data_unit(header, path):
+    """The primary image's unit: BUNIT, 'counts' when absent.
+
+    The contract's RED file is in counts; a calibrated product (section 4), which opens the
+    same way, is in a flux density. Any other unit (counts/s, electrons) is an error: the
+    calibration would take it for counts, and the archive's throughput, 1 / (factor x
+    EXPTIME), would be off by the rate or the gain.
+    """
+    bunit = str(header.get("BUNIT", "counts"))
+    if bunit.strip().lower() in COUNT_UNITS or is_flux_unit(bunit):
+        return bunit
+    raise ExposureError(path, "primary header BUNIT",
+                        f"{bunit.strip()!r} is neither 'counts' (a RED file) nor a flux density "
+                        "(a calibrated product)")

@@ -69,6 +69,10 @@ def _wcs_wavelength(header, nspec, path):
             raise ExposureError(path, f"primary header {key}", "missing (a linear wavelength "
                                 "solution gives CRVAL1, CDELT1 or CD1_1, CRPIX1, CUNIT1 and "
                                 "CTYPE1 = 'Wavelength')")
+    if not str(header["CUNIT1"]).strip():
+        # Blank is no unit, not Angstrom (a WAVELA's BUNIT may be absent: Angstrom).
+        raise ExposureError(path, "primary header CUNIT1", "blank (a linear wavelength "
+                            "solution's unit is 'Angstroms', 'Angstrom' or 'nm')")
     ctype = str(header["CTYPE1"]).strip()
     if ctype.upper() != "WAVELENGTH":
         # FITS's 'WAVE' (vacuum) and 'AWAV' (air) would say the medium, which AIRORVAC says.
