@@ -113,8 +113,6 @@ def line_spread(header, path):
                         "no line-spread description: neither SPECFWHM nor FWHMPC0 is present")
 
 
-
-
 def is_flux_unit(text):
     """Whether a BUNIT is a flux density (a calibrated product's, contract section 4)."""
     text = str(text).strip().lower()
