@@ -382,6 +382,38 @@ def test_negative_variance_block_is_masked_not_fatal(base, tmp_path):
     np.testing.assert_array_equal(open_exposure(result.path)["good"].values, good_in)
 
 
+def _standard_wavelengths_nan(base, unsolved):
+    """Per-fiber WAVELA with ``unsolved`` (fiber index -> pixel slice) NaN."""
+    def edit(h):
+        wave = np.tile(h["WAVELA"].data, (h[0].data.shape[0], 1))
+        for std, pixels in unsolved.items():
+            wave[base.std_fiber[2][std], pixels] = np.nan
+        h["WAVELA"].data = wave
+    return edit
+
+
+def test_standard_with_unsolved_pixels_is_fitted(base, tmp_path):
+    """A standard whose arc solution stops short of the detector's ends (NaN WAVELA there):
+    those pixels are bad, the star is fitted and used (the fit's velocity shift failed on
+    the NaN, an internal error that lost the exposure)."""
+    fiber = base.std_fiber[2][0]
+    result = run(base, tmp_path, edit=_standard_wavelengths_nan(
+        base, {0: np.r_[:20, -20:0]}))
+    assert list(result.stars["star_status"].values) == ["ok", "ok"]
+    flux, header = fits.getdata(result.path, header=True)
+    assert header["FCALUNSL"] == 40
+    assert np.isnan(flux[fiber, :20]).all() and np.isnan(flux[fiber, -20:]).all()
+    assert np.isfinite(flux[fiber, 20:-20]).mean() > 0.9
+
+
+def test_standard_without_wavelength_solution_is_rejected(base, tmp_path):
+    """A standard with no wavelength at all is a fiber without data: rejected as such, and
+    the exposure calibrated with the other one."""
+    result = run(base, tmp_path, edit=_standard_wavelengths_nan(base, {0: slice(None)}))
+    assert list(result.stars["star_status"].values) == ["no valid pixel", "ok"]
+    assert int(result.calibration.attrs["fcalnstr"]) == 1
+
+
 @pytest.mark.parametrize("shift, needs", [(12000.0, r"needs 1\d{4}-2\d{4} A"),
                                           (-3000.0, r"needs \d{3,4}-5\d{3} A")])
 def test_wavelengths_outside_the_grid(base, tmp_path, shift, needs):
