@@ -322,6 +322,22 @@ def test_truncated_red_file(base, tmp_path, cut):
     assert err.path == str(tmp_path / "red.fits")
 
 
+@pytest.mark.parametrize("keep", [0.5, 0.99])
+def test_truncated_compressed_red_file(base, tmp_path, keep):
+    """A .fits.gz cut short: astropy reads it silently as far as it goes (here a file with
+    a primary and no VARIANCE, WAVELA or FIBRES), which was reported as a missing VARIANCE."""
+    packed = gzip.compress(base.red[2])
+    red = tmp_path / "red.fits.gz"
+    red.write_bytes(packed[: int(len(packed) * keep)])
+    catalog = write_catalog(tmp_path / "catalog.csv", base.rows[2])
+    with pytest.raises(ExposureError, match=r"red\.fits\.gz: truncated or damaged compressed "
+                       r"file \(Compressed file ended before the end-of-stream marker"):
+        calibrate_exposure(red, catalog, base.grid, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ExposureError, match=r"truncated or damaged compressed file"):
+        read_exposure_info(red)  # the survey's planner
+
+
 def test_directory_instead_of_file(base, tmp_path):
     target = tmp_path / "night"
     target.mkdir()
