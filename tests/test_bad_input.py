@@ -294,6 +294,10 @@ RED_CASES = [
     ("fwhm-negative-inside", _fwhm_poly(35.0, -120.0, 100.0),
      r"primary header FWHMPC: line-spread FWHM is not positive over 4000-8000 A"),
     ("no-lsf-keywords", _fwhm_poly(), r"no line-spread description: neither SPECFWHM nor FWHMPC0"),
+    # In mA: its wings asked the grid for -2870-14870 A, an error that blamed the grid.
+    ("fwhm-in-another-unit", _fwhm_poly(3000.0),
+     r"primary header FWHMPC: line-spread FWHM 3000 A at 4000 A is a resolving power of 1\.33, "
+     r"below the plausible 10"),
 ]
 
 

@@ -27,7 +27,7 @@ from ..fits_file import find_hdu, fits_column, hdu_data, open_fits
 from ..lsf import LineSpread
 from ..wavelength import vacuum_to_air
 from .fibres import FIBRES_EXTNAMES, fibres_coords
-from .header import check_width, exposure_id, exposure_keywords, line_spread
+from .header import MIN_RESOLVING_POWER, check_width, exposure_id, exposure_keywords, line_spread
 from .wavelengths import check_wavelength, fiber_wavelengths, raw_wavelength, unsolved_pixels
 
 __all__ = [
@@ -201,11 +201,18 @@ def _valid_pixels(flux, variance, fiber_wave, path):
 
 
 def _check_line_spread(lsf, wave, path):
-    """Refuse a line-spread FWHM that is not positive at every pixel of ``wave``."""
+    """Refuse a line-spread FWHM that is not positive at every pixel of ``wave``, or wider
+    than :data:`~kspec_fluxcal.exposure.header.MIN_RESOLVING_POWER` allows."""
     fwhm = lsf.fwhm(wave)  # every pixel: a polynomial can dip below zero between the ends
     if np.any(~np.isfinite(fwhm)) or np.any(fwhm <= 0):
         raise ExposureError(path, f"primary header {lsf.source}",
                             f"line-spread FWHM is not positive over {wave[0]:.0f}-{wave[-1]:.0f} A")
+    k = int(np.argmax(fwhm / wave))
+    if wave[k] / fwhm[k] < MIN_RESOLVING_POWER:
+        raise ExposureError(path, f"primary header {lsf.source}",
+                            f"line-spread FWHM {fwhm[k]:.4g} A at {wave[k]:.0f} A is a "
+                            f"resolving power of {wave[k] / fwhm[k]:.3g}, below the plausible "
+                            f"{MIN_RESOLVING_POWER:g} (a FWHM in another unit than Angstrom?)")
 
 
 def _dataset(flux, variance, good, wave, fiber_wave, fibres, meta):
