@@ -14,14 +14,15 @@ import warnings
 
 import numpy as np
 from astropy.io import fits
+from astropy.io.fits.verify import VerifyError
 from astropy.utils.exceptions import AstropyUserWarning
 
 from ._atomic import check_regular_file
 from .errors import ExposureError
 
-__all__ = ["open_fits", "find_hdu", "hdu_data", "header_value", "fits_column", "column_format",
-           "card_image", "table_bytes", "table_hdu", "image_bytes", "extension_bytes",
-           "extension_raw", "extensions_raw"]
+__all__ = ["open_fits", "find_hdu", "hdu_data", "header_value", "check_header_cards",
+           "fits_column", "column_format", "card_image", "table_bytes", "table_hdu",
+           "image_bytes", "extension_bytes", "extension_raw", "extensions_raw"]
 
 #: The FITS record: headers and data are padded to a multiple of it.
 BLOCK = 2880
@@ -125,6 +126,7 @@ def hdu_data(hdu, path, label):
     try:
         data = hdu.data
     except Exception as err:  # a truncated file fails here, not at open
+        check_header_cards(hdu, path, label)  # or a damaged card (a TTYPE not ASCII)
         raise ExposureError(path, f"HDU {label}",
                             f"data unreadable ({err}); truncated file?") from None
     if data is None:
@@ -136,7 +138,7 @@ def header_value(header, keys, path, required, kind=float):
     """The value of the first of ``keys`` present in ``header``, as ``kind`` (a float must
     be finite); None when absent and not ``required``."""
     for key in keys:
-        if key in header and header[key] not in (None, ""):
+        if key in header and _card_value(header, key, path) not in (None, ""):
             value = header[key]
             # FITS logicals are Python bools, which float() would silently turn into 0 or 1.
             try:
@@ -153,6 +155,40 @@ def header_value(header, keys, path, required, kind=float):
         raise ExposureError(path, "primary header",
                             f"missing {' (or '.join(keys)}{')' * (len(keys) - 1)}")
     return None
+
+
+def _card_value(header, key, path):
+    """``header[key]``; a card astropy cannot parse is an error naming it."""
+    try:
+        return header[key]
+    except (VerifyError, ValueError):  # its message advises .verify('fix'); the card's says why
+        try:
+            header.cards[key].verify("exception")
+            problem = "unparsable card"
+        except (VerifyError, ValueError) as err:
+            problem = _card_problem(err)
+        raise ExposureError(path, f"primary header {key}", problem) from None
+
+
+def _card_problem(err):
+    """Astropy's verification message as one line (without its frame and indexing note)."""
+    lines = [s.strip() for s in str(err).splitlines()]
+    return "; ".join(s for s in lines if s and not s.startswith(
+        ("Verification reported errors", "Note: astropy"))) or type(err).__name__
+
+
+def check_header_cards(hdu, path, label):
+    """Refuse a header with a card that is not FITS (a keyword or value with bytes that are
+    not printable ASCII, an unparsable value), naming the card (numbered from 1). Astropy
+    reads such a header, and fails when its values are used or the header written (the
+    product's primary, after the whole calibration)."""
+    for number, card in enumerate(hdu.header.cards, start=1):
+        try:
+            card.verify("exception")
+        except (VerifyError, ValueError) as err:
+            keyword = card.image[:8].strip() or "(blank)"
+            raise ExposureError(path, f"HDU {label} header card {number} ({keyword})",
+                                _card_problem(err)) from None
 
 
 def column_format(values):

@@ -342,6 +342,42 @@ def test_truncated_compressed_red_file(base, tmp_path, keep):
         read_exposure_info(red)  # the survey's planner
 
 
+def _damage_card(data, card, offset, byte):
+    """``data`` with byte ``offset`` of the first card starting with ``card`` replaced."""
+    raw = bytearray(data)
+    raw[raw.index(card) + offset] = byte
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("card, offset, byte, match", [
+    (b"AIRMASS =", 4, 0xE9, r"HDU PRIMARY header card \d+ \(AIRM\?SS\): Illegal keyword name"),
+    (b"EXPTIME =", 25, 0x00, r"HDU PRIMARY header card \d+ \(EXPTIME\): Card 'EXPTIME' is not "
+                             r"FITS standard \(invalid value string"),
+    (b"TTYPE2  =", 4, 0xE9, r"HDU FIBRES header card \d+ \(TTYP\?2\): Illegal keyword name"),
+], ids=["keyword-not-ascii", "value-with-nul", "fibres-keyword-not-ascii"])
+def test_damaged_header_card(base, tmp_path, card, offset, byte, match):
+    """A header card astropy reads but cannot use: an internal error (VerifyError) when the
+    value was read or, for the primary's keyword, when the product was written after the
+    whole calibration; FIBRES' was 'data unreadable ...; truncated file?'."""
+    err = fails(base, tmp_path, ExposureError, match,
+                raw=_damage_card(base.red[2], card, offset, byte))
+    assert err.path == str(tmp_path / "red.fits")
+
+
+@pytest.mark.parametrize("card, offset, match", [
+    (b"EXPTIME =", 25, r"primary header EXPTIME: Card 'EXPTIME' is not FITS standard"),
+    (b"EXPID   =", 13, r"HDU PRIMARY header card \d+ \(EXPID\): Card 'EXPID' is not FITS "
+                       r"standard"),
+], ids=["EXPTIME", "EXPID"])
+def test_damaged_keyword_value_in_the_planner(base, tmp_path, card, offset, match):
+    """The survey's planner reads the keywords alone: the card is named (it said 'unreadable
+    (VerifyError: Unparsable card (EXPID), fix it first with .verify('fix').)')."""
+    red = tmp_path / "red.fits"
+    red.write_bytes(_damage_card(base.red[2], card, offset, 0x00))
+    with pytest.raises(ExposureError, match=rf"red\.fits: {match}"):
+        read_exposure_info(red)
+
+
 def test_directory_instead_of_file(base, tmp_path):
     target = tmp_path / "night"
     target.mkdir()
