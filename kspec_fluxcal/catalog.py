@@ -242,7 +242,10 @@ def _check_table(path, header, rows, line_numbers, needed):
     """Refuse a catalog without the ``needed`` columns, without stars, or with a row whose
     number of fields differs from the header's."""
     missing = [c for c in needed if c not in header]
-    if all(c in missing for c in _REQUIRED):
+    # A database export lower-cases names ('ra', 'dec', 'gaia'): said, not listed as missing.
+    named = {h.lower(): h for h in header}
+    other_case = {c: named[c.lower()] for c in missing if c.lower() in named}
+    if all(c in missing and c not in other_case for c in _REQUIRED):
         # A comment line, semicolons or tabs: the first line is no header; the list of the
         # two dozen columns it lacks would not say so.
         shown = ",".join(header)
@@ -252,7 +255,12 @@ def _check_table(path, header, rows, line_numbers, needed):
                            "line must be the header: no comment lines, commas between "
                            "columns)")
     if missing:
-        raise CatalogError(path, "header line", f"missing required column(s) {', '.join(missing)}")
+        shown = [repr(h) for h in other_case.values()]
+        more = f" and {len(shown) - 3} more" if len(shown) > 3 else ""
+        hint = ("" if not shown else f" (column names are case-sensitive: the header has "
+                f"{', '.join(shown[:3])}{more} in another case)")
+        raise CatalogError(path, "header line",
+                           f"missing required column(s) {', '.join(missing)}{hint}")
     read = {*needed, *_OPTIONAL, *_SOURCE_ID_COLUMNS}
     refuse_repeated_columns(header, read, CatalogError, path)
     if not rows:

@@ -5,6 +5,7 @@ written: binary-table columns made from NumPy arrays, extensions rendered as FIT
 
 from __future__ import annotations
 
+import bz2
 import functools
 import gzip
 import io
@@ -13,14 +14,15 @@ import warnings
 
 import numpy as np
 from astropy.io import fits
+from astropy.io.fits.verify import VerifyError
 from astropy.utils.exceptions import AstropyUserWarning
 
 from ._atomic import check_regular_file
 from .errors import ExposureError
 
-__all__ = ["open_fits", "find_hdu", "hdu_data", "header_value", "fits_column", "column_format",
-           "card_image", "table_bytes", "table_hdu", "image_bytes", "extension_bytes",
-           "extension_raw", "extensions_raw"]
+__all__ = ["open_fits", "find_hdu", "hdu_data", "header_value", "check_header_cards",
+           "fits_column", "column_format", "card_image", "table_bytes", "table_hdu",
+           "image_bytes", "extension_bytes", "extension_raw", "extensions_raw"]
 
 #: The FITS record: headers and data are padded to a multiple of it.
 BLOCK = 2880
@@ -62,13 +64,15 @@ def _check_complete(hdul, path):
     must be where the last HDU's data (padded to 2880 bytes) end.
     """
     with open(path, "rb") as fh:
-        if fh.read(2) in (b"\x1f\x8b", b"BZ", b"PK"):
-            return  # compressed: the sizes are those of the decompressed stream
+        magic = fh.read(2)
+    if magic == b"PK":
+        return  # zip: astropy reads its first member, whatever else the archive holds
     # The HDU's own fileinfo: the list's first checks every header for a resize (formats
     # them all: ~0.5 ms of a file's ~4 ms of opening), which a file just read has not had.
     info = hdul[-1].fileinfo()
     end = info["datLoc"] + info["datSpan"]
-    size = os.path.getsize(path)
+    opener = _DECOMPRESSORS.get(magic)
+    size = os.path.getsize(path) if opener is None else _stream_size(opener, path)
     if size < end:
         raise ExposureError(path, None, f"truncated: {size} bytes, but its HDUs need {end} "
                             "(an interrupted copy or write?)")
@@ -76,6 +80,25 @@ def _check_complete(hdul, path):
         raise ExposureError(path, f"after HDU {hdul[-1].name or len(hdul) - 1}",
                             f"{size - end} bytes that are no complete HDU: a truncated or "
                             "damaged extension")
+
+
+#: Compressed files astropy opens, by their first two bytes.
+_DECOMPRESSORS = {b"\x1f\x8b": gzip.open, b"BZ": bz2.open}
+
+
+def _stream_size(opener, path):
+    """Bytes of the decompressed stream of ``path``. A stream cut short is an error: astropy
+    reads such a file without a word, as far as it goes (a .fits.gz cut inside VARIANCE
+    read as a file without VARIANCE, WAVELA nor FIBRES)."""
+    size = 0
+    try:
+        with opener(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                size += len(chunk)
+    except (EOFError, OSError, ValueError) as err:  # cut short; damaged data
+        raise ExposureError(path, None, f"truncated or damaged compressed file ({err}; an "
+                            "interrupted copy or write?)") from None
+    return size
 
 
 def find_hdu(hdul, path, names, required=True):
@@ -103,6 +126,7 @@ def hdu_data(hdu, path, label):
     try:
         data = hdu.data
     except Exception as err:  # a truncated file fails here, not at open
+        check_header_cards(hdu, path, label)  # or a damaged card (a TTYPE not ASCII)
         raise ExposureError(path, f"HDU {label}",
                             f"data unreadable ({err}); truncated file?") from None
     if data is None:
@@ -114,7 +138,7 @@ def header_value(header, keys, path, required, kind=float):
     """The value of the first of ``keys`` present in ``header``, as ``kind`` (a float must
     be finite); None when absent and not ``required``."""
     for key in keys:
-        if key in header and header[key] not in (None, ""):
+        if key in header and _card_value(header, key, path) not in (None, ""):
             value = header[key]
             # FITS logicals are Python bools, which float() would silently turn into 0 or 1.
             try:
@@ -131,6 +155,40 @@ def header_value(header, keys, path, required, kind=float):
         raise ExposureError(path, "primary header",
                             f"missing {' (or '.join(keys)}{')' * (len(keys) - 1)}")
     return None
+
+
+def _card_value(header, key, path):
+    """``header[key]``; a card astropy cannot parse is an error naming it."""
+    try:
+        return header[key]
+    except (VerifyError, ValueError):  # its message advises .verify('fix'); the card's says why
+        try:
+            header.cards[key].verify("exception")
+            problem = "unparsable card"
+        except (VerifyError, ValueError) as err:
+            problem = _card_problem(err)
+        raise ExposureError(path, f"primary header {key}", problem) from None
+
+
+def _card_problem(err):
+    """Astropy's verification message as one line (without its frame and indexing note)."""
+    lines = [s.strip() for s in str(err).splitlines()]
+    return "; ".join(s for s in lines if s and not s.startswith(
+        ("Verification reported errors", "Note: astropy"))) or type(err).__name__
+
+
+def check_header_cards(hdu, path, label):
+    """Refuse a header with a card that is not FITS (a keyword or value with bytes that are
+    not printable ASCII, an unparsable value), naming the card (numbered from 1). Astropy
+    reads such a header, and fails when its values are used or the header written (the
+    product's primary, after the whole calibration)."""
+    for number, card in enumerate(hdu.header.cards, start=1):
+        try:
+            card.verify("exception")
+        except (VerifyError, ValueError) as err:
+            keyword = card.image[:8].strip() or "(blank)"
+            raise ExposureError(path, f"HDU {label} header card {number} ({keyword})",
+                                _card_problem(err)) from None
 
 
 def column_format(values):

@@ -294,6 +294,10 @@ RED_CASES = [
     ("fwhm-negative-inside", _fwhm_poly(35.0, -120.0, 100.0),
      r"primary header FWHMPC: line-spread FWHM is not positive over 4000-8000 A"),
     ("no-lsf-keywords", _fwhm_poly(), r"no line-spread description: neither SPECFWHM nor FWHMPC0"),
+    # In mA: its wings asked the grid for -2870-14870 A, an error that blamed the grid.
+    ("fwhm-in-another-unit", _fwhm_poly(3000.0),
+     r"primary header FWHMPC: line-spread FWHM 3000 A at 4000 A is a resolving power of 1\.33, "
+     r"below the plausible 10"),
 ]
 
 
@@ -320,6 +324,58 @@ def test_truncated_red_file(base, tmp_path, cut):
         cut, r"truncated: \d+ bytes, but its HDUs need \d+")
     err = fails(base, tmp_path, ExposureError, match, raw=raw)
     assert err.path == str(tmp_path / "red.fits")
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.99])
+def test_truncated_compressed_red_file(base, tmp_path, keep):
+    """A .fits.gz cut short: astropy reads it silently as far as it goes (here a file with
+    a primary and no VARIANCE, WAVELA or FIBRES), which was reported as a missing VARIANCE."""
+    packed = gzip.compress(base.red[2])
+    red = tmp_path / "red.fits.gz"
+    red.write_bytes(packed[: int(len(packed) * keep)])
+    catalog = write_catalog(tmp_path / "catalog.csv", base.rows[2])
+    with pytest.raises(ExposureError, match=r"red\.fits\.gz: truncated or damaged compressed "
+                       r"file \(Compressed file ended before the end-of-stream marker"):
+        calibrate_exposure(red, catalog, base.grid, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ExposureError, match=r"truncated or damaged compressed file"):
+        read_exposure_info(red)  # the survey's planner
+
+
+def _damage_card(data, card, offset, byte):
+    """``data`` with byte ``offset`` of the first card starting with ``card`` replaced."""
+    raw = bytearray(data)
+    raw[raw.index(card) + offset] = byte
+    return bytes(raw)
+
+
+@pytest.mark.parametrize("card, offset, byte, match", [
+    (b"AIRMASS =", 4, 0xE9, r"HDU PRIMARY header card \d+ \(AIRM\?SS\): Illegal keyword name"),
+    (b"EXPTIME =", 25, 0x00, r"HDU PRIMARY header card \d+ \(EXPTIME\): Card 'EXPTIME' is not "
+                             r"FITS standard \(invalid value string"),
+    (b"TTYPE2  =", 4, 0xE9, r"HDU FIBRES header card \d+ \(TTYP\?2\): Illegal keyword name"),
+], ids=["keyword-not-ascii", "value-with-nul", "fibres-keyword-not-ascii"])
+def test_damaged_header_card(base, tmp_path, card, offset, byte, match):
+    """A header card astropy reads but cannot use: an internal error (VerifyError) when the
+    value was read or, for the primary's keyword, when the product was written after the
+    whole calibration; FIBRES' was 'data unreadable ...; truncated file?'."""
+    err = fails(base, tmp_path, ExposureError, match,
+                raw=_damage_card(base.red[2], card, offset, byte))
+    assert err.path == str(tmp_path / "red.fits")
+
+
+@pytest.mark.parametrize("card, offset, match", [
+    (b"EXPTIME =", 25, r"primary header EXPTIME: Card 'EXPTIME' is not FITS standard"),
+    (b"EXPID   =", 13, r"HDU PRIMARY header card \d+ \(EXPID\): Card 'EXPID' is not FITS "
+                       r"standard"),
+], ids=["EXPTIME", "EXPID"])
+def test_damaged_keyword_value_in_the_planner(base, tmp_path, card, offset, match):
+    """The survey's planner reads the keywords alone: the card is named (it said 'unreadable
+    (VerifyError: Unparsable card (EXPID), fix it first with .verify('fix').)')."""
+    red = tmp_path / "red.fits"
+    red.write_bytes(_damage_card(base.red[2], card, offset, 0x00))
+    with pytest.raises(ExposureError, match=rf"red\.fits: {match}"):
+        read_exposure_info(red)
 
 
 def test_directory_instead_of_file(base, tmp_path):
@@ -380,6 +436,38 @@ def test_negative_variance_block_is_masked_not_fatal(base, tmp_path):
     good_in = open_exposure(tmp_path / "red.fits")["good"].values
     assert not good_in[science, 100:200].any()
     np.testing.assert_array_equal(open_exposure(result.path)["good"].values, good_in)
+
+
+def _standard_wavelengths_nan(base, unsolved):
+    """Per-fiber WAVELA with ``unsolved`` (fiber index -> pixel slice) NaN."""
+    def edit(h):
+        wave = np.tile(h["WAVELA"].data, (h[0].data.shape[0], 1))
+        for std, pixels in unsolved.items():
+            wave[base.std_fiber[2][std], pixels] = np.nan
+        h["WAVELA"].data = wave
+    return edit
+
+
+def test_standard_with_unsolved_pixels_is_fitted(base, tmp_path):
+    """A standard whose arc solution stops short of the detector's ends (NaN WAVELA there):
+    those pixels are bad, the star is fitted and used (the fit's velocity shift failed on
+    the NaN, an internal error that lost the exposure)."""
+    fiber = base.std_fiber[2][0]
+    result = run(base, tmp_path, edit=_standard_wavelengths_nan(
+        base, {0: np.r_[:20, -20:0]}))
+    assert list(result.stars["star_status"].values) == ["ok", "ok"]
+    flux, header = fits.getdata(result.path, header=True)
+    assert header["FCALUNSL"] == 40
+    assert np.isnan(flux[fiber, :20]).all() and np.isnan(flux[fiber, -20:]).all()
+    assert np.isfinite(flux[fiber, 20:-20]).mean() > 0.9
+
+
+def test_standard_without_wavelength_solution_is_rejected(base, tmp_path):
+    """A standard with no wavelength at all is a fiber without data: rejected as such, and
+    the exposure calibrated with the other one."""
+    result = run(base, tmp_path, edit=_standard_wavelengths_nan(base, {0: slice(None)}))
+    assert list(result.stars["star_status"].values) == ["no valid pixel", "ok"]
+    assert int(result.calibration.attrs["fcalnstr"]) == 1
 
 
 @pytest.mark.parametrize("shift, needs", [(12000.0, r"needs 1\d{4}-2\d{4} A"),

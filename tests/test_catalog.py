@@ -59,6 +59,25 @@ def test_missing_columns(catalog_file):
         read_catalog(catalog_file([catalog_row(1, 1, 1)], header=header))
 
 
+@pytest.mark.parametrize("rename, match", [
+    (str.lower, r"missing required column\(s\) RA, Dec, BP, .* \(column names are "
+                r"case-sensitive: the header has 'ra', 'dec', 'bp' and \d+ more in another case\)"),
+    ({"objid": "ObjID", "RA": "Ra", "Dec": "DEC"}.get,
+     r"missing required column\(s\) objid, RA, Dec \(column names are case-sensitive: the "
+     r"header has 'ObjID', 'Ra', 'DEC' in another case\)"),
+], ids=["database-export", "required-only"])
+def test_columns_in_another_case(catalog_file, rename, match):
+    """Column names written in another case (a database's lower-case export): listed as
+    missing without a word on why, or, for objid, RA and Dec, 'is not a line of
+    comma-separated column names'."""
+    path = catalog_file([catalog_row(1, 1, 1)])
+    lines = path.read_text().split("\n")
+    lines[0] = ",".join(rename(c) or c for c in lines[0].split(","))
+    path.write_text("\n".join(lines))
+    with pytest.raises(CatalogError, match=rf"header line: {match}"):
+        read_catalog(path)
+
+
 def test_non_numeric_value_named(catalog_file):
     path = catalog_file([catalog_row(1, 1, 1), catalog_row(2, 1, 2, r="bright")])
     with pytest.raises(CatalogError, match=r"column r row 3: value 'bright' is not a number"):

@@ -23,12 +23,13 @@ from astropy.io import fits
 from .. import __version__
 from ..constants import CAL_UNIT, CALIBRATION_KEYWORDS, CONFIGURATION_STEP
 from ..errors import ExposureError
-from ..fits_file import find_hdu, fits_column, hdu_data, open_fits
+from ..fits_file import check_header_cards, find_hdu, fits_column, hdu_data, open_fits
 from ..lsf import LineSpread
 from ..wavelength import vacuum_to_air
 from .fibres import FIBRES_EXTNAMES, fibres_coords
 from .header import (
     COUNT_UNITS,
+    MIN_RESOLVING_POWER,
     check_width,
     data_unit,
     exposure_id,
@@ -89,6 +90,8 @@ def _read_hdus(path):
         check_width(path, nspec)
         var_hdu = find_hdu(hdul, path, ("VARIANCE",))
         variance = hdu_data(var_hdu, path, "VARIANCE")
+        for hdu, label in ((primary, "PRIMARY"), (var_hdu, "VARIANCE")):
+            check_header_cards(hdu, path, label)  # the product writes these headers again
         if variance.shape != flux.shape:
             raise ExposureError(path, "HDU VARIANCE",
                                 f"shape {variance.shape} differs from the primary's {flux.shape}")
@@ -209,11 +212,18 @@ def _valid_pixels(flux, variance, fiber_wave, path):
 
 
 def _check_line_spread(lsf, wave, path):
-    """Refuse a line-spread FWHM that is not positive at every pixel of ``wave``."""
+    """Refuse a line-spread FWHM that is not positive at every pixel of ``wave``, or wider
+    than :data:`~kspec_fluxcal.exposure.header.MIN_RESOLVING_POWER` allows."""
     fwhm = lsf.fwhm(wave)  # every pixel: a polynomial can dip below zero between the ends
     if np.any(~np.isfinite(fwhm)) or np.any(fwhm <= 0):
         raise ExposureError(path, f"primary header {lsf.source}",
                             f"line-spread FWHM is not positive over {wave[0]:.0f}-{wave[-1]:.0f} A")
+    k = int(np.argmax(fwhm / wave))
+    if wave[k] / fwhm[k] < MIN_RESOLVING_POWER:
+        raise ExposureError(path, f"primary header {lsf.source}",
+                            f"line-spread FWHM {fwhm[k]:.4g} A at {wave[k]:.0f} A is a "
+                            f"resolving power of {wave[k] / fwhm[k]:.3g}, below the plausible "
+                            f"{MIN_RESOLVING_POWER:g} (a FWHM in another unit than Angstrom?)")
 
 
 def _dataset(flux, variance, good, wave, fiber_wave, fibres, meta):
@@ -346,38 +356,48 @@ def read_exposure_info(path):
     """
     path = os.fspath(path)
     with open_fits(path) as hdul:
-        header = hdul[0].header
-        if header.get("NAXIS", 0) != 2:
-            raise ExposureError(path, "HDU PRIMARY", "expected a 2-D (fiber, pixel) image")
-        nfib, nspec = header["NAXIS2"], header["NAXIS1"]
-        check_width(path, nspec)
-        data_unit(header, path)
-        # An ambiguous file (two VARIANCE or FIBRES extensions) is refused when the survey is
-        # planned, not later on a worker.
-        for names in (("VARIANCE",), FIBRES_EXTNAMES):
-            find_hdu(hdul, path, names, required=False)
-        wave, source, medium, _ = raw_wavelength(hdul, path, nfib, nspec)
-        if source == "WAVELA":
-            wave = wave.reshape(-1, nspec)
-            if wave.shape[0] > 1:
-                with warnings.catch_warnings():  # an all-NaN column is reported just below
-                    warnings.simplefilter("ignore", RuntimeWarning)
-                    wave = np.nanmedian(wave, axis=0)
-            else:
-                wave = wave[0]
-        check_wavelength(wave, path, "wavelength solution")
-        if medium == "vac":
-            wave = vacuum_to_air(wave)
-        lsf = line_spread(header, path)
-        info = {
-            "path": path,
-            "expid": exposure_id(header, path),
-            **exposure_keywords(header, path),
-            "lsf": lsf,
-            "nfiber": int(nfib),
-            "npixel": int(nspec),
-            "wave_range": (float(wave[0]), float(wave[-1])),
-        }
+        try:
+            return _exposure_info(hdul, path)
+        except fits.verify.VerifyError:  # a card astropy cannot parse, met reading a keyword
+            for k, hdu in enumerate(hdul):
+                check_header_cards(hdu, path, hdu.name or str(k))
+            raise
+
+
+def _exposure_info(hdul, path):
+    """:func:`read_exposure_info` of the open file ``hdul``."""
+    header = hdul[0].header
+    if header.get("NAXIS", 0) != 2:
+        raise ExposureError(path, "HDU PRIMARY", "expected a 2-D (fiber, pixel) image")
+    nfib, nspec = header["NAXIS2"], header["NAXIS1"]
+    check_width(path, nspec)
+    data_unit(header, path)
+    # An ambiguous file (two VARIANCE or FIBRES extensions) is refused when the survey is
+    # planned, not later on a worker.
+    for names in (("VARIANCE",), FIBRES_EXTNAMES):
+        find_hdu(hdul, path, names, required=False)
+    wave, source, medium, _ = raw_wavelength(hdul, path, nfib, nspec)
+    if source == "WAVELA":
+        wave = wave.reshape(-1, nspec)
+        if wave.shape[0] > 1:
+            with warnings.catch_warnings():  # an all-NaN column is reported just below
+                warnings.simplefilter("ignore", RuntimeWarning)
+                wave = np.nanmedian(wave, axis=0)
+        else:
+            wave = wave[0]
+    check_wavelength(wave, path, "wavelength solution")
+    if medium == "vac":
+        wave = vacuum_to_air(wave)
+    lsf = line_spread(header, path)
+    info = {
+        "path": path,
+        "expid": exposure_id(header, path),
+        **exposure_keywords(header, path),
+        "lsf": lsf,
+        "nfiber": int(nfib),
+        "npixel": int(nspec),
+        "wave_range": (float(wave[0]), float(wave[-1])),
+    }
     info["setup"] = configuration_key(wave, info["nfiber"])
     return info
 

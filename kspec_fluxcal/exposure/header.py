@@ -13,7 +13,7 @@ from ..lsf import LineSpread
 
 __all__ = ["exposure_keywords", "exposure_id", "check_width", "line_spread", "data_unit",
            "is_flux_unit", "COUNT_UNITS", "EXPTIME_RANGE", "AIRMASS_RANGE", "SEEING_RANGE",
-           "MJD_RANGE", "MIN_PIXELS"]
+           "MJD_RANGE", "MIN_PIXELS", "MIN_RESOLVING_POWER"]
 
 #: Plausible exposure times (s): a K-SPEC exposure is seconds to hours; 1e30 is a bad header.
 EXPTIME_RANGE = (0.0, 1.0e5)
@@ -26,6 +26,11 @@ SEEING_RANGE = (0.0, 20.0)
 #: placeholder (MJD-OBS = 1.0), which would put the exposure on the wrong night of the survey
 #: model and the archive.
 MJD_RANGE = (40000.0, 100000.0)
+#: Lowest plausible resolving power (wavelength / line-spread FWHM): a broad-band filter has
+#: ~5; below 10 no spectrum is left. Such a FWHM is in another unit (mA, m/s), and its wings
+#: asked the grid for negative wavelengths. (The simulator's smallest spectra, 64 pixels
+#: over 3500-8500 A at 2-2.5 pixels per FWHM, have 17.)
+MIN_RESOLVING_POWER = 10.0
 #: Fewest pixels of a spectrum: fewer is a cut or transposed image, not a K-SPEC spectrum.
 MIN_PIXELS = 16
 #: Primary BUNIT values read as the contract's 'counts' (any case; blank as absent): its own

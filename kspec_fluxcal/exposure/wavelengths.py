@@ -11,7 +11,8 @@ import numpy as np
 from ..errors import ExposureError
 from ..fits_file import find_hdu, hdu_data, header_value
 
-__all__ = ["raw_wavelength", "fiber_wavelengths", "check_wavelength", "unsolved_pixels"]
+__all__ = ["raw_wavelength", "fiber_wavelengths", "check_wavelength", "unsolved_pixels",
+           "bridged_wavelengths"]
 
 # The contract's spellings (WAVELA BUNIT 'Angstrom' or 'nm'; CUNIT1 also 'Angstroms'), in
 # any case: 'A' is the FITS symbol of the Ampere, not a wavelength unit.
@@ -187,3 +188,23 @@ def unsolved_pixels(fiber_wave, fiber_type):
     return {int(f): int(missing[f]) for f in np.flatnonzero((missing > 0) & live)}
 
 
+def bridged_wavelengths(fiber_wave, reference):
+    """Each fiber's wavelengths (nfib, nspec) with its unsolved pixels (NaN) filled: the
+    fiber's offset from the ``reference`` grid interpolated from its solved pixels (constant
+    beyond them; none for a row without any), so that each row increases like the others.
+
+    For computations on a fiber's pixels (a standard's fit: velocity shifts, line spread,
+    telluric model) that need a finite wavelength at every pixel; the unsolved ones are bad
+    pixels (``good`` False), so the values given them weigh nothing.
+    """
+    finite = np.isfinite(fiber_wave)
+    if finite.all():
+        return fiber_wave
+    out = np.array(fiber_wave, dtype=np.float64)
+    pixels = np.arange(out.shape[1])
+    for row in np.flatnonzero(~finite.all(axis=1)):  # the few fibers with unsolved pixels
+        ok = finite[row]
+        offset = (np.interp(pixels, pixels[ok], out[row, ok] - reference[ok]) if ok.any()
+                  else 0.0)
+        out[row] = np.where(ok, out[row], reference + offset)
+    return out

@@ -49,6 +49,7 @@ from .._inputs import expect_dataset
 from ..catalog import match_standards
 from ..config import Config
 from ..constants import CAL_UNIT, FLUX_UNIT, PIXEL_OUTLIER_PASSES, PIXEL_OUTLIER_SIGMA
+from ..exposure.wavelengths import bridged_wavelengths
 from ..grid import PARAMS
 from ..lsf import exposure_lsf
 from ..xp import standards_xp
@@ -120,6 +121,15 @@ def fit_standards(exposure, catalog, grid, config=None, *, cache_dir=None, xp=No
     matched = match_standards(exposure, catalog.sel(band=bands))
     xp = standards_xp(matched, xp)
     std = exposure.isel(fiber=matched["fiber"].values)[["flux", "variance", "good"]]
+    if "fiber_wavelength" in std.coords:
+        # A standard's pixels without a wavelength (NaN in WAVELA: an arc solution short of
+        # the detector's ends) are bad pixels; its fit shifts, convolves and interpolates on
+        # every pixel and needs them finite (a NaN failed the velocity shift's operator).
+        fiber_wave = std["fiber_wavelength"]
+        bridged = bridged_wavelengths(fiber_wave.values, std["wavelength"].values)
+        if bridged is not fiber_wave.values:
+            std = std.assign_coords(fiber_wavelength=(fiber_wave.dims, bridged,
+                                                      fiber_wave.attrs))
     kwargs = {"matched": matched, "library": library, "lsf": lsf, "config": config, "xp": xp}
     if not matched.sizes["star"]:
         return _no_standards(std, matched, xp)
