@@ -297,6 +297,24 @@ def test_failed_write_leaves_old_files_and_no_temp(many, tmp_path, monkeypatch, 
     assert _no_temp_files(tmp_path) == []
 
 
+def test_an_interrupted_set_publishes_nothing(many, tmp_path, monkeypatch, only):
+    """Ctrl-C while the third plot is drawn: the two drawn before are not published alone
+    (a set of some plots and no summary would pass for a complete one), no temporary file
+    is left; the next run writes the whole set."""
+    only("calibration", "spectrum", "photometry")
+
+    def interrupted(data):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(qc, "_plot_photometry", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        write_qc(many, tmp_path)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    only("calibration", "spectrum")
+    assert len(write_qc(many, tmp_path)) == 3 and _no_temp_files(tmp_path) == []
+
+
 def test_plots_are_labelled_and_robust_to_wild_pixels(many):
     """Titles name the exposure, axes carry units, and one wild pixel does not set the scale."""
     stars = many.stars.copy(deep=True)

@@ -5,7 +5,7 @@ how far every star departs from the combination, how well each template matches,
 catalog photometry agrees with the scaled models, each standard's Gaia XP spectrum against
 its model (when XP spectra were given), and one calibrated science spectrum.
 Files are ``<expid>_<kind>.png`` and ``<expid>_summary.txt`` in the output directory, each
-written atomically.
+written atomically, and an exposure's files together.
 
 Figures are drawn with :class:`matplotlib.figure.Figure` on an explicit Agg canvas, never
 through pyplot: no global backend switch, no figure registry, so QC can run in Dask worker
@@ -19,6 +19,7 @@ writes the files.
 
 from __future__ import annotations
 
+import contextlib
 import re
 import warnings
 from pathlib import Path
@@ -90,8 +91,9 @@ def write_qc(result, out_dir, *, telluric="telluric_default"):
     -----
     FluxCalWarning
         When drawing one plot fails on unexpected data; the other files are still written.
-        Errors writing a file (disk full, permissions) are raised, and leave any previous
-        version of that file intact.
+        Errors writing a file (disk full, permissions) are raised, and an interruption
+        (Ctrl-C) ends it: either leaves the previous versions of the exposure's files
+        intact, none of the new ones published.
     """
     return _write(_from_result(result, telluric), out_dir)
 
@@ -193,24 +195,28 @@ def _write(qc, out_dir):
         "spectrum": _plot_spectrum,
     }
     written, skipped = [], []
-    for kind in QC_PLOTS:
-        try:
-            fig, why = drawers[kind](qc)
-        except Exception as err:  # one odd plot must not cost the others
-            fig, why = None, f"drawing failed ({type(err).__name__}: {err})"
-            warnings.warn(f"{qc.expid}: QC plot {kind}.png not drawn: {why}", FluxCalWarning,
-                          stacklevel=3)
-        if fig is None:
-            skipped.append(f"{kind}.png: {why}")
-            continue
-        path = out_dir / f"{stem}_{kind}.png"
-        with atomic_file(path, overwrite=True) as tmp, open(tmp, "wb") as fh:
-            fig.savefig(fh, format="png", dpi=_DPI)
-        written.append(path)
     summary = out_dir / f"{stem}_summary.txt"
-    text = _summary_text(qc, [p.name for p in written], skipped)
-    with atomic_file(summary, overwrite=True) as tmp:
-        Path(tmp).write_text(text, encoding="utf-8")
+    # The exposure's files are published together, once all are drawn (the summary, which
+    # lists them, last): an interruption or a failed write leaves the previous set whole,
+    # not some plots of each.
+    with contextlib.ExitStack() as publish:
+        summary_tmp = publish.enter_context(atomic_file(summary, overwrite=True))
+        for kind in QC_PLOTS:
+            try:
+                fig, why = drawers[kind](qc)
+            except Exception as err:  # one odd plot must not cost the others
+                fig, why = None, f"drawing failed ({type(err).__name__}: {err})"
+                warnings.warn(f"{qc.expid}: QC plot {kind}.png not drawn: {why}",
+                              FluxCalWarning, stacklevel=3)
+            if fig is None:
+                skipped.append(f"{kind}.png: {why}")
+                continue
+            path = out_dir / f"{stem}_{kind}.png"
+            with open(publish.enter_context(atomic_file(path, overwrite=True)), "wb") as fh:
+                fig.savefig(fh, format="png", dpi=_DPI)
+            written.append(path)
+        text = _summary_text(qc, [p.name for p in written], skipped)
+        Path(summary_tmp).write_text(text, encoding="utf-8")
     written.append(summary)
     return written
 
