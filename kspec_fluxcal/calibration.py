@@ -32,13 +32,12 @@ import xarray as xr
 from ._inputs import expect_dataset
 from .config import Config
 from .constants import CAL_UNIT, FLUX_UNIT
-from .continuum import _fill_gaps
 from .continuum import _nanmedian as _median_kept
 from .errors import CalibrationError, FluxCalWarning
 from .exposure import _computed, add_history
 from .lsf import LineSpread
 from .masks import region_mask
-from .smoothing import _bridge, _smooth
+from .smoothing import _bridge, _smooth, running_median
 from .telluric import fit_telluric, transmission
 from .wavelength import width_ratio
 
@@ -50,21 +49,6 @@ def _star_label(stars, s):
     name = str(stars.variables["fiber_name"].values[s]) if "fiber_name" in stars.coords else ""
     return f"fiber {int(stars['fiber'].values[s])}" + (f" ({name})" if name else "") + \
         f" objid {int(stars['objid'].values[s])}"
-
-
-def running_median(values, wavelength, window=100.0):
-    """Running median over ``window`` Angstrom along the last axis, NaN gaps bridged first."""
-    import scipy.ndimage  # 0.1 s of start-up that the calibration itself does not need
-
-    step = float(np.median(np.diff(wavelength)))
-    size = max(3, int(round(window / step)) | 1)
-    values = np.asarray(values, dtype=np.float64)
-    rows = values.reshape(-1, values.shape[-1])
-    ok = np.isfinite(rows)
-    filled = _fill_gaps(np.where(ok, rows, 0.0), ok)
-    filled[~ok.any(axis=1)] = np.nan  # nothing to bridge from
-    return scipy.ndimage.median_filter(filled.reshape(values.shape),
-                                       size=(1,) * (values.ndim - 1) + (size,), mode="nearest")
 
 
 def _nanmedian(values, axis):
@@ -623,10 +607,16 @@ def calibration_factor(calibration, fiber_wavelength, fiber_lsf_scale=None):
 
 
 def _calibrated(flux, variance, factor, factor_var):
-    """Flux and variance (float32) calibrated by ``factor`` (variance ``factor_var``)."""
+    """Flux and variance (float32) calibrated by ``factor`` (variance ``factor_var``); a value
+    beyond float32's range (from a damaged pixel of ~1e38 counts) is no data, NaN, not an
+    infinity and a cast warning that names no file."""
     flux = flux.astype(np.float64)
-    return ((flux * factor).astype(np.float32),
-            (variance * factor**2 + flux**2 * factor_var).astype(np.float32))
+    values = (flux * factor, variance * factor**2 + flux**2 * factor_var)
+    return tuple(np.where(np.abs(v) <= _FLOAT32_MAX, v, np.nan).astype(np.float32)
+                 for v in values)
+
+
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 
 
 def apply_calibration(exposure, calibration):

@@ -2,7 +2,8 @@
 ln(lambda) with a light second-difference penalty and, optionally, a Gaussian prior on its
 curvature relative to its own level (or a Savitzky-Golay filter); gaps bridged linearly
 when there is too little to fit. Used by :func:`kspec_fluxcal.combine_vectors` (see the
-``Smoothing`` section of :mod:`kspec_fluxcal.calibration`).
+``Smoothing`` section of :mod:`kspec_fluxcal.calibration`). Also the running median over a
+wavelength window that the accuracy metrics smooth with.
 """
 
 from __future__ import annotations
@@ -10,8 +11,24 @@ from __future__ import annotations
 import numpy as np
 
 from ._bspline import cached_design_matrix, cached_normal_matrix
+from .continuum import _fill_gaps
 
-__all__ = []
+__all__ = ["running_median"]
+
+
+def running_median(values, wavelength, window=100.0):
+    """Running median over ``window`` Angstrom along the last axis, NaN gaps bridged first."""
+    import scipy.ndimage  # 0.1 s of start-up that the calibration itself does not need
+
+    step = float(np.median(np.diff(wavelength)))
+    size = max(3, int(round(window / step)) | 1)
+    values = np.asarray(values, dtype=np.float64)
+    rows = values.reshape(-1, values.shape[-1])
+    ok = np.isfinite(rows)
+    filled = _fill_gaps(np.where(ok, rows, 0.0), ok)
+    filled[~ok.any(axis=1)] = np.nan  # nothing to bridge from
+    return scipy.ndimage.median_filter(filled.reshape(values.shape),
+                                       size=(1,) * (values.ndim - 1) + (size,), mode="nearest")
 
 
 def _bridge(wave, values, variance, measured):

@@ -230,6 +230,25 @@ def test_apply_evaluates_the_calibration_on_each_fibers_own_pixels():
                                   (2.0 * out["cal_factor"].values).astype(np.float32))
 
 
+def test_a_pixel_beyond_float32_after_calibration_is_no_data():
+    """A damaged pixel of 3e38 counts (finite in the float32 file) calibrates to a flux and a
+    variance beyond float32's range: NaN (no data, contract section 1) in the product, no
+    infinity and no cast warning (package warnings are errors here); its neighbours as
+    usual."""
+    comb = combine_vectors(_stars())
+    flux = np.full((2, WAVE.size), 500.0, dtype=np.float32)
+    flux[1, 40] = 3e38
+    exposure = xr.Dataset({"flux": (("fiber", "wavelength"), flux),
+                           "variance": (("fiber", "wavelength"), np.full_like(flux, 500.0))},
+                          coords={"wavelength": WAVE})
+    out = apply_calibration(exposure, comb)
+    assert np.isnan(out["variance"].values[1, 40])
+    assert np.isfinite(out["flux"].values[1, 40]) == bool(3e38 * comb["cal"].values[40]
+                                                          < np.finfo(np.float32).max)
+    np.testing.assert_array_equal(np.isfinite(out["variance"].values[:, 39:42]),
+                                  [[True] * 3, [True, False, True]])
+
+
 def _stretched(wave, factor):
     """``wave`` with its dispersion times ``factor`` about its middle."""
     mid = 0.5 * (wave[0] + wave[-1])

@@ -51,7 +51,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..calibration import running_median
+from ..smoothing import running_median
 from ..exposure import open_exposure
 from ..masks import load_regions, region_mask
 from ..products import read_standard_stars
