@@ -354,7 +354,11 @@ def _damage_card(data, card, offset, byte):
     (b"EXPTIME =", 25, 0x00, r"HDU PRIMARY header card \d+ \(EXPTIME\): Card 'EXPTIME' is not "
                              r"FITS standard \(invalid value string"),
     (b"TTYPE2  =", 4, 0xE9, r"HDU FIBRES header card \d+ \(TTYP\?2\): Illegal keyword name"),
-], ids=["keyword-not-ascii", "value-with-nul", "fibres-keyword-not-ascii"])
+    # Read as a keyword, not with the data: astropy's VerifyError escaped open_exposure.
+    (b"BUNIT   = 'Angstrom'", 13, 0x00, r"HDU WAVELA header card \d+ \(BUNIT\): Card 'BUNIT' "
+                                      r"is not FITS standard \(invalid value string"),
+], ids=["keyword-not-ascii", "value-with-nul", "fibres-keyword-not-ascii",
+        "wavela-value-with-nul"])
 def test_damaged_header_card(base, tmp_path, card, offset, byte, match):
     """A header card astropy reads but cannot use: an internal error (VerifyError) when the
     value was read or, for the primary's keyword, when the product was written after the

@@ -23,7 +23,14 @@ from astropy.io import fits
 from .. import __version__
 from ..constants import CAL_UNIT, CALIBRATION_KEYWORDS, CONFIGURATION_STEP
 from ..errors import ExposureError
-from ..fits_file import check_header_cards, find_hdu, fits_column, hdu_data, open_fits
+from ..fits_file import (
+    cards_named,
+    check_header_cards,
+    find_hdu,
+    fits_column,
+    hdu_data,
+    open_fits,
+)
 from ..lsf import LineSpread
 from ..wavelength import vacuum_to_air
 from .fibres import FIBRES_EXTNAMES, fibres_coords
@@ -80,7 +87,8 @@ def _read_hdus(path):
     """The RED file's arrays and metadata, read and checked in one pass over its HDUs:
     (flux, variance, wavelength as read, FIBRES coordinates, metadata, FLUXCAL columns
     or None)."""
-    with open_fits(path) as hdul:
+    # cards_named: a damaged card of another HDU's header (WAVELA's BUNIT) met reading it
+    with open_fits(path) as hdul, cards_named(hdul, path):
         primary = hdul[0]
         flux = hdu_data(primary, path, "PRIMARY")
         if flux.ndim != 2:
@@ -355,13 +363,8 @@ def read_exposure_info(path):
         whatever their own arc solutions and line spreads.
     """
     path = os.fspath(path)
-    with open_fits(path) as hdul:
-        try:
-            return _exposure_info(hdul, path)
-        except fits.verify.VerifyError:  # a card astropy cannot parse, met reading a keyword
-            for k, hdu in enumerate(hdul):
-                check_header_cards(hdu, path, hdu.name or str(k))
-            raise
+    with open_fits(path) as hdul, cards_named(hdul, path):
+        return _exposure_info(hdul, path)
 
 
 def _exposure_info(hdul, path):
