@@ -45,8 +45,9 @@ class ExposureTemplates:
 
     def __init__(self, library, wave, lsf, candidates):
         self.library, self.wave, self.lsf = library, wave, lsf
-        # One row per library template, filled as asked for (rows never asked for are never
-        # touched, so never take memory): a fetch is one gather, not a stack of rows.
+        # One row per library template, filled as asked for (rows never asked for are not
+        # touched, so take no memory, unless half the library or more is asked for at once:
+        # then every row is prepared, see _prepare): a fetch is one gather, not a stack of rows.
         self._data = np.empty((library.sizes["template"], np.size(wave)))
         self._have = np.zeros(library.sizes["template"], dtype=bool)
         self._prepare(np.asarray(candidates, dtype=np.int64))
