@@ -51,10 +51,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..smoothing import running_median
 from ..exposure import open_exposure
 from ..masks import load_regions, region_mask
 from ..products import read_standard_stars
+from ..smoothing import running_median
 
 __all__ = ["compare_with_truth", "star_summary", "STAR_PARAMS"]
 
