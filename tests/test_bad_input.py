@@ -466,6 +466,18 @@ def test_standard_with_unsolved_pixels_is_fitted(base, tmp_path):
     assert np.isfinite(flux[fiber, 20:-20]).mean() > 0.9
 
 
+def test_standard_with_unsolved_pixels_mid_spectrum_is_fitted(base, tmp_path):
+    """10 pixels without a wavelength inside a standard's spectrum (bridged from the pixels
+    on either side): the star is fitted and used (it was 'no usable template')."""
+    fiber = base.std_fiber[2][0]
+    result = run(base, tmp_path, edit=_standard_wavelengths_nan(base, {0: slice(500, 510)}))
+    assert list(result.stars["star_status"].values) == ["ok", "ok"]
+    flux, header = fits.getdata(result.path, header=True)
+    assert header["FCALUNSL"] == 10
+    np.testing.assert_array_equal(np.flatnonzero(np.isnan(flux[fiber, 490:520])) + 490,
+                                  np.arange(500, 510))
+
+
 def test_standard_without_wavelength_solution_is_rejected(base, tmp_path):
     """A standard with no wavelength at all is a fiber without data: rejected as such, and
     the exposure calibrated with the other one."""
