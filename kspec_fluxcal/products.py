@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 from astropy.io import fits
+from astropy.io.fits.verify import VerifyError
 
 from . import __version__
 from ._atomic import atomic_file
@@ -23,6 +24,7 @@ from .errors import ExposureError
 from .exposure import _computed, open_exposure
 from .fits_file import (
     card_image,
+    check_header_cards,
     column_format,
     extension_bytes,
     extensions_raw,
@@ -212,16 +214,32 @@ def write_calibrated(ds, path, *, overwrite=False, stars=None):
         raise ValueError(f"dataset has no {', '.join(missing)}: calibrate it first "
                          "(kspec_fluxcal.apply_calibration)")
     ds = _computed(ds)
-    header = _product_header(ds)
-    primary = fits.PrimaryHDU(ds.variables["flux"].values.astype(np.float32), header=header)
-    extensions = [*_input_layout(ds, _variance_hdu(ds)), _calibration_table(ds)]
-    if "cal_factor" in ds:
-        extensions += _factor_hdus(ds)
-    if stars is not None:
-        extensions.append(stars if isinstance(stars, bytes) else table_bytes(*_star_columns(stars)))
-    with atomic_file(path, overwrite=overwrite) as tmp:
-        _write_fits(tmp, primary, extensions, compress=Path(path).suffix.lower() == ".gz")
+    try:
+        header = _product_header(ds)
+        primary = fits.PrimaryHDU(ds.variables["flux"].values.astype(np.float32), header=header)
+        extensions = [*_input_layout(ds, _variance_hdu(ds)), _calibration_table(ds)]
+        if "cal_factor" in ds:
+            extensions += _factor_hdus(ds)
+        if stars is not None:
+            extensions.append(stars if isinstance(stars, bytes)
+                              else table_bytes(*_star_columns(stars)))
+        with atomic_file(path, overwrite=overwrite) as tmp:
+            _write_fits(tmp, primary, extensions, compress=Path(path).suffix.lower() == ".gz")
+    except VerifyError:
+        _name_damaged_card(ds.attrs.get("source"))
+        raise
     return Path(path)
+
+
+def _name_damaged_card(source):
+    """Refuse a header card of the input file ``source`` that FITS does not allow, naming its
+    HDU and card (:func:`~kspec_fluxcal.fits_file.check_header_cards`): astropy reads such a
+    card and refuses to write it into the product. The readers do not check every card of
+    every file (2.5 ms for a header of 236 cards, on every exposure) for what is this rare."""
+    if source and os.path.isfile(source):
+        with open_fits(source) as hdul:
+            for k, hdu in enumerate(hdul):
+                check_header_cards(hdu, source, hdu.name or str(k))
 
 
 def _product_header(ds):

@@ -25,7 +25,6 @@ from ..constants import CAL_UNIT, CALIBRATION_KEYWORDS, CONFIGURATION_STEP
 from ..errors import ExposureError
 from ..fits_file import (
     cards_named,
-    check_header_cards,
     find_hdu,
     fits_column,
     hdu_data,
@@ -98,8 +97,6 @@ def _read_hdus(path):
         check_width(path, nspec)
         var_hdu = find_hdu(hdul, path, ("VARIANCE",))
         variance = hdu_data(var_hdu, path, "VARIANCE")
-        for hdu, label in ((primary, "PRIMARY"), (var_hdu, "VARIANCE")):
-            check_header_cards(hdu, path, label)  # the product writes these headers again
         if variance.shape != flux.shape:
             raise ExposureError(path, "HDU VARIANCE",
                                 f"shape {variance.shape} differs from the primary's {flux.shape}")
