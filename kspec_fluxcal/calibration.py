@@ -611,12 +611,13 @@ def _calibrated(flux, variance, factor, factor_var):
     beyond float32's range (from a damaged pixel of ~1e38 counts) is no data, NaN, not an
     infinity and a cast warning that names no file."""
     flux = flux.astype(np.float64)
-    values = (flux * factor, variance * factor**2 + flux**2 * factor_var)
-    return tuple(np.where(np.abs(v) <= _FLOAT32_MAX, v, np.nan).astype(np.float32)
-                 for v in values)
-
-
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
+    # The reader made infinite counts NaN: an infinity here is float32's overflow.
+    with np.errstate(over="ignore"):
+        out = ((flux * factor).astype(np.float32),
+               (variance * factor**2 + flux**2 * factor_var).astype(np.float32))
+    for values in out:
+        values[np.isinf(values)] = np.nan
+    return out
 
 
 def apply_calibration(exposure, calibration):

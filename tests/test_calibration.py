@@ -236,17 +236,17 @@ def test_a_pixel_beyond_float32_after_calibration_is_no_data():
     infinity and no cast warning (package warnings are errors here); its neighbours as
     usual."""
     comb = combine_vectors(_stars())
+    comb["cal"] = comb["cal"] * 100.0  # a factor of ~10 flux units per count
+    assert 3e38 * comb["cal"].values[40] > np.finfo(np.float32).max
     flux = np.full((2, WAVE.size), 500.0, dtype=np.float32)
     flux[1, 40] = 3e38
     exposure = xr.Dataset({"flux": (("fiber", "wavelength"), flux),
                            "variance": (("fiber", "wavelength"), np.full_like(flux, 500.0))},
                           coords={"wavelength": WAVE})
     out = apply_calibration(exposure, comb)
-    assert np.isnan(out["variance"].values[1, 40])
-    assert np.isfinite(out["flux"].values[1, 40]) == bool(3e38 * comb["cal"].values[40]
-                                                          < np.finfo(np.float32).max)
-    np.testing.assert_array_equal(np.isfinite(out["variance"].values[:, 39:42]),
-                                  [[True] * 3, [True, False, True]])
+    for name in ("flux", "variance"):
+        np.testing.assert_array_equal(np.isfinite(out[name].values[:, 39:42]),
+                                      [[True] * 3, [True, False, True]])
 
 
 def _stretched(wave, factor):

@@ -29,7 +29,7 @@ MJD_RANGE = (40000.0, 100000.0)
 #: Lowest plausible resolving power (wavelength / line-spread FWHM): a broad-band filter has
 #: ~5; below 10 no spectrum is left. Such a FWHM is in another unit (mA, m/s), and its wings
 #: asked the grid for negative wavelengths. (The simulator's smallest spectra, 64 pixels
-#: over 3500-8500 A at 2-2.5 pixels per FWHM, have 17.)
+#: over 3500-8500 A at 2-2.5 pixels per FWHM, have ~18 at the blue end.)
 MIN_RESOLVING_POWER = 10.0
 #: Fewest pixels of a spectrum: fewer is a cut or transposed image, not a K-SPEC spectrum.
 MIN_PIXELS = 16

@@ -93,7 +93,8 @@ def write_qc(result, out_dir, *, telluric="telluric_default"):
         When drawing one plot fails on unexpected data; the other files are still written.
         Errors writing a file (disk full, permissions) are raised, and an interruption
         (Ctrl-C) ends it: either leaves the previous versions of the exposure's files
-        intact, none of the new ones published.
+        intact, none of the new ones published (but in the renames that publish them, a
+        few file operations at the very end).
     """
     return _write(_from_result(result, telluric), out_dir)
 
