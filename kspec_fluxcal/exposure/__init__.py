@@ -23,13 +23,7 @@ from astropy.io import fits
 from .. import __version__
 from ..constants import CAL_UNIT, CALIBRATION_KEYWORDS, CONFIGURATION_STEP
 from ..errors import ExposureError
-from ..fits_file import (
-    cards_named,
-    find_hdu,
-    fits_column,
-    hdu_data,
-    open_fits,
-)
+from ..fits_file import cards_named, find_hdu, fits_column, hdu_data, open_fits
 from ..lsf import LineSpread
 from ..wavelength import vacuum_to_air
 from .fibres import FIBRES_EXTNAMES, fibres_coords
