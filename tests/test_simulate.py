@@ -364,6 +364,12 @@ def test_setup_lsf_and_validation():
         Setup(fibers=4)
     with pytest.raises(ValueError, match="wave_min"):
         Setup(wave_min=8500.0, wave_max=3500.0)
+    # A line spread the reader would refuse (resolving power below 10) is refused here.
+    with pytest.raises(ValueError, match=r"resolving power of 8\.8\d*, below the 10"):
+        Setup(pixels=64, fwhm_pixels=(5.0, 5.0, 5.0))
+    with pytest.raises(ValueError, match="not positive at every pixel"):
+        Setup(pixels=100, fwhm_pixels=(3.0, 0.01, 0.01))  # a parabola below 0 near the red
+    assert Setup(pixels=64).pixels == 64  # the smallest spectra of the defaults: R ~ 18
 
 
 def test_setups_alternate(tmp_path, grid_dir):

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..constants import LSF_REFERENCE_WAVELENGTH
+from ..exposure.header import MIN_RESOLVING_POWER
 from ..lsf import LineSpread
 
 __all__ = ["Setup", "DEFAULT_SETUP", "ISOPLANE_SETUP", "LARGE_SETUP"]
@@ -62,6 +63,16 @@ class Setup:
             object.__setattr__(self, name, int(getattr(self, name)))
         for name in ("wave_min", "wave_max"):
             object.__setattr__(self, name, float(getattr(self, name)))
+        # What the reader would refuse is refused here, not in a file written for it.
+        fwhm = self.lsf.fwhm(self.wavelength)
+        if np.any(fwhm <= 0):
+            raise ValueError(f"fwhm_pixels={self.fwhm_pixels!r}: the quadratic through them "
+                             "is not positive at every pixel")
+        power = float(np.min(self.wavelength / fwhm))
+        if power < MIN_RESOLVING_POWER:
+            raise ValueError(f"fwhm_pixels={self.fwhm_pixels!r} over {self.pixels} pixels: a "
+                             f"resolving power of {power:.3g}, below the {MIN_RESOLVING_POWER:g} "
+                             "the reader accepts")
 
     @property
     def dispersion(self):
