@@ -197,14 +197,10 @@ def bridged_wavelengths(fiber_wave, reference):
     telluric model) that need a finite wavelength at every pixel; the unsolved ones are bad
     pixels (``good`` False), so the values given them weigh nothing.
     """
+    from ..continuum import _fill_gaps  # only for a file with unsolved pixels
+
     finite = np.isfinite(fiber_wave)
     if finite.all():
         return fiber_wave
-    out = np.array(fiber_wave, dtype=np.float64)
-    pixels = np.arange(out.shape[1])
-    for row in np.flatnonzero(~finite.all(axis=1)):  # the few fibers with unsolved pixels
-        ok = finite[row]
-        offset = (np.interp(pixels, pixels[ok], out[row, ok] - reference[ok]) if ok.any()
-                  else 0.0)
-        out[row] = np.where(ok, out[row], reference + offset)
-    return out
+    offset = np.where(finite, fiber_wave - reference, 0.0)
+    return np.where(finite, fiber_wave, reference + _fill_gaps(offset, finite))
