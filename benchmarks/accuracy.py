@@ -48,6 +48,9 @@ Cross-model surveys (issue 11), >= 20 exposures each, standards' S/N 20-300 (but
      [M/H] 0; R = 5000) as standards at exactly their parameters (``GridNodes``), CK04
      templates, IsoPlane. (i') ``bosz-synth``: the same exposures with the synthetic
      templates, where the 4750 K star is beyond the grid's Teff edge.
+(j)  ``humid``: (d)'s survey (its seed: the same stars and draws) humid and at high airmass,
+     ``simulate_survey(airmass_range=(1.0, 2.8), pwv_range=(2.0, 8.0))`` (default 1.0-2.0
+     and 0.4-2.5 x the telluric line list's reference water column): (d) is its control.
 
 Self-consistency (what earlier versions printed): the demo-like synthetic grid (R = 5000,
 Teff 5250-7250 K, log g 3.5-4.5, [M/H] -1.0 to +0.25) as both stars and templates, 4096
@@ -168,6 +171,10 @@ def surveys(quick=False):
         {"name": "bosz-synth", "label": "(i') as (i), synthetic templates (4750 K is beyond "
          "the grid)", "sim": "bosz-isoplane", "templates": "demo", "setups": ["isoplane"],
          "standards": {"kind": "nodes", "dir": "bosz2024_r5000"}, "seed": 1109},
+        {"name": "humid", "label": "(j) as (d), humid and at high airmass: water 2-8 x the "
+         "reference column, airmass 1.0-2.8", "sim": "isoplane-humid", "templates": "demo",
+         "setups": ["isoplane"], "standards": {"kind": "model", "family": "B"}, "seed": 1104,
+         "options": {**REALISM, "airmass_range": (1.0, 2.8), "pwv_range": (2.0, 8.0)}},
     ]
     for conf in cross:
         conf.update({**CROSS, **conf}, exposures=n, cross=True)

@@ -383,6 +383,42 @@ def test_setups_alternate(tmp_path, grid_dir):
     assert entries[0]["setup_key"] == entries[2]["setup_key"] != entries[1]["setup_key"]
 
 
+def test_airmass_and_water_ranges_map_the_same_draws(tmp_path, grid_dir):
+    """``airmass_range`` and ``pwv_range`` move the exposures' airmass and water into the
+    given ranges with the same random numbers: everything else drawn is as by default, and
+    the default ranges given explicitly change no byte of the exposures."""
+    kwargs = {"exposures": 3, "nights": 1, "pixels": 256, "grid": grid_dir, "seed": 8}
+    default = simulate_survey(tmp_path / "default", **kwargs)
+    explicit = simulate_survey(tmp_path / "explicit", airmass_range=(1.0, 2.0),
+                               pwv_range=(0.4, 2.5), **kwargs)
+    humid = simulate_survey(tmp_path / "humid", airmass_range=(2.2, 2.8), pwv_range=(5.0, 8.0),
+                            **kwargs)
+    trees = [{k: v for k, v in _tree(s).items() if k != "survey.json"}
+             for s in (default, explicit)]
+    assert trees[0] == trees[1]
+    infos = [json.loads((s / "survey.json").read_text()) for s in (default, humid)]
+    assert "airmass_range" not in infos[0]["options"]
+    assert infos[1]["options"]["airmass_range"] == [2.2, 2.8]
+    assert infos[1]["options"]["pwv_range"] == [5.0, 8.0]
+    water = (8100.0, 8360.0)
+    for a, b in zip(*(i["exposures"] for i in infos), strict=True):
+        ta, tb = (dict(np.load(s / e["truth"])) for s, e in ((default, a), (humid, b)))
+        assert 2.2 <= tb["airmass"] <= 2.8 and 5.0 <= tb["pwv"] <= 8.0
+        assert b["airmass"] == tb["airmass"] and b["pwv"] == tb["pwv"]
+        # The same uniform numbers, mapped into the other range (airmass rounded to 1e-4).
+        assert (tb["pwv"] - 5.0) / 3.0 == pytest.approx((ta["pwv"] - 0.4) / 2.1, abs=1e-12)
+        assert (tb["airmass"] - 2.2) / 0.6 == pytest.approx(ta["airmass"] - 1.0, abs=2e-4)
+        for key in ("exptime", "transparency", "aerosol", "temperature", "water_width",
+                    "std_teff", "std_fiber", "fiber_kind"):
+            np.testing.assert_array_equal(ta[key], tb[key])
+        band = (ta["wavelength"] > water[0]) & (ta["wavelength"] < water[1])
+        assert tb["telluric"][band].mean() < ta["telluric"][band].mean()
+    with pytest.raises(ValueError, match=r"airmass_range=\(0.8, 2.0\): need 1 <= low <= high"):
+        simulate_survey(tmp_path / "bad", airmass_range=(0.8, 2.0), **kwargs)
+    with pytest.raises(ValueError, match=r"pwv_range=\(3.0, 2.0\): need 0 <= low <= high"):
+        simulate_survey(tmp_path / "bad", pwv_range=(3.0, 2.0), **kwargs)
+
+
 def test_every_truth_entry_is_documented(stars):
     """The truth file's entries, with every option that adds some, are all named in the
     "Truth file" section of the exposure module's docstring (``response_fiber``,

@@ -26,7 +26,9 @@ _NIGHT = {"aerosol": (0.6, 1.6), "moon": (0.0, 2.0), "temperature": (255.0, 285.
 #: water factor (1 = the column of the line list's equivalent widths); water-line width factor
 #: (pressure at the water's mean altitude); grey transparency (thin cloud), which varies by at
 #: most 2 % on a photometric night (``photometric_nights``; the issue's definition of
-#: photometric); its seeing about the night's median (factor; with chromatic losses).
+#: photometric); its seeing about the night's median (factor; with chromatic losses). The
+#: conditions' ``airmass_range``, ``pwv_range`` and ``transparency_range`` replace the ranges
+#: of those three (the same random numbers, mapped into the given range).
 _EXPOSURE = {"exptime": (600.0, 1800.0), "airmass": (1.0, 2.0), "pwv": (0.4, 2.5),
              "water_width": (0.85, 1.15), "transparency": (0.8, 1.0),
              "photometric_transparency": (0.98, 1.0), "seeing": (0.85, 1.15)}
@@ -38,6 +40,21 @@ _EXPOSURE = {"exptime": (600.0, 1800.0), "airmass": (1.0, 2.0), "pwv": (0.4, 2.5
 _SEEING_AIRMASS_POWER = 0.6
 _FIBER_POSITION_SIGMA = 0.25
 _DAR_RESIDUAL = 0.25
+
+
+def _ranges(airmass_range, pwv_range):
+    """The conditions' ``airmass_range`` and ``pwv_range`` that are given (a dict, empty for
+    the defaults), checked: airmass at least 1, water factor at least 0, low <= high."""
+    out = {}
+    for name, value, least in (("airmass_range", airmass_range, 1.0),
+                               ("pwv_range", pwv_range, 0.0)):
+        if value is None:
+            continue
+        lo, hi = (float(v) for v in value)
+        if not least <= lo <= hi < np.inf:
+            raise ValueError(f"{name}={tuple(value)!r}: need {least:g} <= low <= high (finite)")
+        out[name] = (lo, hi)
+    return out
 
 
 def _draw(rng, value, bounds):
@@ -73,11 +90,12 @@ def _conditions(rng, conditions, airmass, exptime, field):
         tuple(rng.normal(0.0, _NIGHT["drift"]))
     out = {"aerosol": aerosol, "drift": drift,
            "moon": _draw(rng, cond.get("moon"), _NIGHT["moon"]),
-           "pwv": _draw(rng, cond.get("pwv"), _EXPOSURE["pwv"]),
+           "pwv": _draw(rng, cond.get("pwv"), cond.get("pwv_range", _EXPOSURE["pwv"])),
            "transparency": _draw(rng, cond.get("transparency"),
                                  cond.get("transparency_range", _EXPOSURE["transparency"]))}
     # Rounded as written in the header.
-    out["airmass"] = round(_draw(rng, airmass, _EXPOSURE["airmass"]), 4)
+    out["airmass"] = round(_draw(rng, airmass, cond.get("airmass_range", _EXPOSURE["airmass"])),
+                           4)
     out["exptime"] = float(np.round(_draw(rng, exptime, _EXPOSURE["exptime"])))
     if field is None:
         field = (float(rng.uniform(0.0, 360.0)), float(np.degrees(np.arcsin(

@@ -69,7 +69,7 @@ resolution, in the five regions of the ``telluric_default`` mask: Beer's law in 
 (``water_width``), the transmission convolved with each fiber's true line spread. The
 pipeline models them with two columns and fixed optical depths: a different form, as the real
 atmosphere's would be. The water column (``pwv``) is drawn per exposure, so it changes within
-a night; airmass 1-2.
+a night; airmass 1-2 (other ranges: the conditions' ``airmass_range`` and ``pwv_range``).
 
 Optional FIBRES column ``LSF_SCALE`` (float; written when ``fiber_lsf_scatter`` > 0): the
 FWHM of this fiber's line-spread function over the header's FWHM (FWHMPCk), as arc lines
@@ -197,7 +197,7 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
     snr_range : (float, float)
         Median S/N per pixel of the standards.
     airmass, exptime : float, optional
-        Default: uniform in 1.0-2.0 and 600-1800 s.
+        Default: uniform in 1.0-2.0 (or the conditions' ``airmass_range``) and 600-1800 s.
     mjd : float
         MJD at the start of the exposure.
     night, expid : str
@@ -206,8 +206,9 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
         Night-level conditions, drawn when absent: ``aerosol`` (mag/airmass at 1 um),
         ``drift`` (grey, tilt throughput drift), ``moon`` (sky brightening factor),
         ``transparency_range`` (of the exposures' transparency; default 0.8-1.0),
-        ``seeing`` (the night's median, with ``chromatic_losses``); exposure-level: ``pwv``
-        (water factor), ``transparency``.
+        ``airmass_range`` and ``pwv_range`` (default 1.0-2.0 and 0.4-2.5), ``seeing`` (the
+        night's median, with ``chromatic_losses``); exposure-level: ``pwv`` (water factor,
+        1: the telluric line list's reference column), ``transparency``.
     field : (float, float), optional
         Field centre RA, Dec in degrees (default random).
     standard_source : star source or path-like, optional

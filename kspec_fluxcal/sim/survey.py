@@ -40,7 +40,7 @@ import numpy as np
 from .. import __version__
 from .._atomic import atomic_directory, atomic_file, foreign_output
 from ..errors import FluxCalError, FluxCalWarning, GridError, OutputExistsError
-from .conditions import _EXPOSURE, _draw_nights
+from .conditions import _EXPOSURE, _draw_nights, _ranges
 from .exposure import COARSE_SOURCE, coarse_source_message, simulate_exposure
 from .refcat import _P_POSITION_ONLY, _ensure_catalog_variety, write_catalog
 from .setups import Setup, _as_setup
@@ -156,7 +156,7 @@ def simulate_survey(outdir, *, exposures=20, nights=4, seed=0, fibers=14, pixels
                     overwrite=False, workers=2, standard_source=None, n_standards=(1, 3),
                     lsf_scale=1.0, pixel_integration=False, fiber_lsf_scatter=0.0, xp=False,
                     no_standards=0.0, snr_range_single=None, photometric_nights=0.0,
-                    chromatic_losses=False):
+                    chromatic_losses=False, airmass_range=None, pwv_range=None):
     """Write a small simulated survey with known truth, in the formats of the contract.
 
     The layout of ``outdir`` and how its exposures vary: see the module docstring.
@@ -212,6 +212,13 @@ def simulate_survey(outdir, *, exposures=20, nights=4, seed=0, fibers=14, pixels
     chromatic_losses : bool
         Seeing- and refraction-dependent fiber losses (see :func:`simulate_exposure`), with
         a median seeing per night.
+    airmass_range, pwv_range : (float, float), optional
+        Ranges the exposures' airmass and precipitable-water factor (1: the telluric line
+        list's reference column) are drawn from, uniformly; default 1.0-2.0 and 0.4-2.5
+        (:data:`~kspec_fluxcal.sim.conditions._EXPOSURE`). E.g. (1.0, 2.8) and (2.0, 8.0): a
+        humid site or season, fields observed down to airmass 2.8. Every other draw stays as
+        with the defaults (the same random numbers; these map into the given range); the
+        manifest's options record them when given.
 
     Returns
     -------
@@ -226,6 +233,7 @@ def simulate_survey(outdir, *, exposures=20, nights=4, seed=0, fibers=14, pixels
     outdir = Path(outdir)
     setups = _check_survey(outdir, exposures, nights, n_standards, setups, fibers, pixels,
                            no_standards, photometric_nights, overwrite)
+    ranges = _ranges(airmass_range, pwv_range)
     options = {"snr_range": snr_range, "standard_source": standard_source,
                "lsf_scale": lsf_scale, "pixel_integration": pixel_integration,
                "fiber_lsf_scatter": fiber_lsf_scatter, "xp": xp,
@@ -244,13 +252,15 @@ def simulate_survey(outdir, *, exposures=20, nights=4, seed=0, fibers=14, pixels
         nights_drawn = _draw_nights(np.random.default_rng(night_seed),
                                     max(p["night_index"] for p in plan) + 1,
                                     photometric_nights, chromatic_losses)
+        for night in nights_drawn:  # the exposures' ranges, as a night's transparency_range
+            night.update(ranges)
         rows, manifest, spectra = _simulate_exposures(tmp, plan, exposure_seeds, stars,
                                                       nights_drawn, options, snr_range_single,
                                                       say)
         _write_catalogs(tmp, np.random.default_rng(catalog_seed), rows, spectra if xp else None)
         recorded = {**options, **plan_options, "exposures": exposures, "nights": nights,
                     "fibers": fibers, "pixels": pixels, "grid": grid_label, "setups": setups,
-                    "n_standards": n_standards}
+                    "n_standards": n_standards, "ranges": ranges}
         info = _survey_info(seed, recorded, stars, len(rows), manifest)
         with atomic_file(tmp / "survey.json") as path:
             path.write_text(json.dumps(info, indent=1) + "\n")
@@ -372,6 +382,7 @@ def _survey_info(seed, options, stars, n_rows, manifest):
             [float(v) for v in options["snr_range_single"]],
             "photometric_nights": options["photometric_nights"],
             "chromatic_losses": bool(options["chromatic_losses"]),
+            **{k: list(v) for k, v in options["ranges"].items()},
         },
         "grid": {"path": options["grid"], "resolution": stars.resolution,
                  "synthetic": bool(stars.synthetic), "files_read": stars.files_read},
