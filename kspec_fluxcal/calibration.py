@@ -38,7 +38,7 @@ from .exposure import _computed, add_history
 from .lsf import LineSpread
 from .masks import region_mask
 from .smoothing import _bridge, _smooth, running_median
-from .telluric import fit_telluric, transmission
+from .telluric import fit_telluric, transmission, uncovered_red
 from .wavelength import width_ratio
 
 __all__ = ["combine_vectors", "apply_calibration", "calibration_factor", "running_median",
@@ -126,6 +126,10 @@ def combine_vectors(stars, method=None, sigma_clip=None, smooth=None, *, config=
     level, level_var = _level(stars, idx, stack.g, opts.aperture_scatter)
     resp = _response(stars, vec, idx, stack, comb, comb_var, measured, smooth, config)
     fcalrms = _scatter(vec.wave, stack, comb, opts, method)
+    uncovered = resp.fitted and uncovered_red(vec.wave, config.telluric.lines)
+    if uncovered:
+        warnings.warn(f"{stars.attrs.get('expid', 'exposure')}: {uncovered}", FluxCalWarning,
+                      stacklevel=2)
     if idx.size == 1:
         warnings.warn(f"{stars.attrs.get('expid', 'exposure')}: one usable standard star "
                       f"({_star_label(stars, idx[0])}); no combination, no scatter estimate",
@@ -143,6 +147,8 @@ def combine_vectors(stars, method=None, sigma_clip=None, smooth=None, *, config=
                       "smooth = false)")))
     if n := resp.telluric.get("telluric_outliers"):
         add_history(out, f"{n} standards' pixel(s) left out of the telluric fit (cosmic rays?)")
+    if uncovered:
+        add_history(out, uncovered)
     return out
 
 

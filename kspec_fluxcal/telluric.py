@@ -37,7 +37,8 @@ from .constants import FWHM_PER_SIGMA, PIXEL_OUTLIER_SIGMA
 from .errors import ConfigError
 
 __all__ = ["telluric_lines", "optical_depths", "line_optical_depth", "high_resolution_grid",
-           "sample_transmission", "transmission", "fit_telluric", "TELLURIC_LINES"]
+           "sample_transmission", "transmission", "fit_telluric", "uncovered_red",
+           "TELLURIC_LINES"]
 
 #: Line lists shipped with the package, by name.
 TELLURIC_LINES = ("telluric_lines",)
@@ -100,6 +101,27 @@ def telluric_lines(source="telluric_lines"):
            "hwhm": hwhm[order]}
     out["strength"] = _lorentz_strength(out["ew"], out["hwhm"])
     return out
+
+
+#: Pixels this far (Angstrom) beyond a line list's reddest line are said to have no telluric
+#: model (its lines' wings reach _WING; the atmosphere's water absorbs again from ~9300 A).
+_UNCOVERED = 100.0
+
+
+def uncovered_red(wavelength, source="telluric_lines"):
+    """What an exposure's pixels redder than the line list reaches are told: a message, or
+    None when the list covers them (to within :data:`_UNCOVERED` A).
+
+    The shipped stand-in ends at the 8950-9190 A water band; a setup reaching further red
+    meets the strong water band near 9300-9700 A, which no telluric model then corrects."""
+    last = float(telluric_lines(source)["wavelength"][-1])
+    top = float(np.nanmax(wavelength, initial=-np.inf))
+    if not top > last + _UNCOVERED:
+        return None
+    return (f"the telluric line list ({os.fspath(source)}) ends at {last:.0f} A: the pixels "
+            f"up to {top:.0f} A have no telluric correction (water absorbs strongly near "
+            "9300-9700 A); give a line list and a telluric mask that cover them ([telluric] "
+            "lines, [masks] telluric)")
 
 
 #: Columns of a telluric line list, and the wavelengths (air, Angstrom) its lines may have:

@@ -1,3 +1,5 @@
+import warnings
+
 import numpy as np
 import pytest
 import xarray as xr
@@ -445,6 +447,33 @@ def test_water_vapour_followed_over_a_night():
     np.testing.assert_allclose(h2o, water, rtol=0.05)
     assert np.corrcoef(h2o, water)[0, 1] > 0.99
     assert np.all(h2o_err > 0) and np.all(h2o_err < 0.1 * water)
+
+
+def test_pixels_beyond_the_telluric_line_list_are_named():
+    """A setup reaching 10000 A, beyond the line list's last line (~9190 A): the exposure is
+    calibrated, and a warning and its HISTORY say that those pixels have no telluric model;
+    the same stars cut at 8600 A say nothing."""
+    from kspec_fluxcal.lsf import LineSpread
+    from kspec_fluxcal.telluric import telluric_lines
+
+    last = telluric_lines()["wavelength"][-1]
+    red = np.linspace(3600.0, 10000.0, 1500)
+    base = _stars()
+    stars = base.drop_vars(["cal", "cal_variance", "cal_mask", "wavelength"]).assign(
+        {name: (("star", "wavelength"), np.stack([np.interp(red, WAVE, row) for row in
+                                                  base[name].values]))
+         for name in ("cal", "cal_variance")}).assign_coords(wavelength=red)
+    stars["cal_mask"] = xr.ones_like(stars["cal"], dtype=bool)  # the edge values beyond
+    stars.attrs.update(lsf_fwhm_coeffs=list(LineSpread.constant(6.0).coeffs), airmass=1.2)
+    with pytest.warns(FluxCalWarning, match=f"ends at {last:.0f} A: the pixels up to 10000"):
+        comb = combine_vectors(stars)
+    assert np.isfinite(comb.attrs["fcalo2"])  # the bands it covers are still modelled
+    assert any("no telluric correction" in h for h in comb.attrs["history"])
+    blue = stars.sel(wavelength=slice(None, 8600.0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FluxCalWarning)
+        comb = combine_vectors(blue)
+    assert not any("no telluric correction" in h for h in comb.attrs["history"])
 
 
 def test_standards_no_template_fits_calibrate_with_grade_d():
