@@ -147,8 +147,6 @@ def combine_vectors(stars, method=None, sigma_clip=None, smooth=None, *, config=
                       "smooth = false)")))
     if n := resp.telluric.get("telluric_outliers"):
         add_history(out, f"{n} standards' pixel(s) left out of the telluric fit (cosmic rays?)")
-    if uncovered:
-        add_history(out, uncovered)
     return out
 
 
