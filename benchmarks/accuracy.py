@@ -48,6 +48,9 @@ Cross-model surveys (issue 11), >= 20 exposures each, standards' S/N 20-300 (but
      [M/H] 0; R = 5000) as standards at exactly their parameters (``GridNodes``), CK04
      templates, IsoPlane. (i') ``bosz-synth``: the same exposures with the synthetic
      templates, where the 4750 K star is beyond the grid's Teff edge.
+(k)  ``isoplane-fiber-arc``: (d)'s exposures (its seed) with a round fiber's line spread
+     (``lsf_shape="fiber"``) and each fiber's wavelength solution off by 0.1 px rms
+     (``arc_error``: a shift and a tilt), both unknown to the pipeline.
 
 Self-consistency (what earlier versions printed): the demo-like synthetic grid (R = 5000,
 Teff 5250-7250 K, log g 3.5-4.5, [M/H] -1.0 to +0.25) as both stars and templates, 4096
@@ -168,6 +171,10 @@ def surveys(quick=False):
         {"name": "bosz-synth", "label": "(i') as (i), synthetic templates (4750 K is beyond "
          "the grid)", "sim": "bosz-isoplane", "templates": "demo", "setups": ["isoplane"],
          "standards": {"kind": "nodes", "dir": "bosz2024_r5000"}, "seed": 1109},
+        {"name": "isoplane-fiber-arc", "label": "(k) as (d), a fiber-image LSF, arc errors 0.1 px",
+         "sim": "isoplane-fiber-arc", "templates": "demo", "setups": ["isoplane"],
+         "options": {**REALISM, "lsf_shape": "fiber", "arc_error": 0.1},
+         "standards": {"kind": "model", "family": "B"}, "seed": 1104},
     ]
     for conf in cross:
         conf.update({**CROSS, **conf}, exposures=n, cross=True)

@@ -281,3 +281,12 @@ def test_arc_errors_move_the_light_not_the_written_solution(stars, fmt):
     assert "arc_error" not in exact.truth
     with pytest.raises(ValueError, match="arc_error"):
         make(arc_error=-0.1)
+
+
+def test_survey_passes_and_records_the_line_spread_shape_and_arc_errors(small_grid, tmp_path):
+    out = simulate_survey(tmp_path / "s", exposures=1, seed=4, grid=small_grid,
+                          setups=[Setup("t", pixels=600)], lsf_shape="fiber", arc_error=0.05)
+    info = json.loads((out / "survey.json").read_text())
+    assert info["options"]["lsf_shape"] == "fiber" and info["options"]["arc_error"] == 0.05
+    truth = np.load(out / info["exposures"][0]["truth"])
+    assert str(truth["lsf_shape"]) == "fiber" and np.any(truth["arc_error"] != 0)

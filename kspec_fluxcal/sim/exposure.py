@@ -102,11 +102,11 @@ atmosphere's, K), ``water_width`` (the water lines' width factor), ``night, expi
 setup_key, wavelength_format, wavelength_unit, medium, lsf_scale, pixel_integration,
 field_source, source_sharper``; only when not the defaults, ``lsf_shape`` and
 ``arc_error`` (fiber, pixel: the written minus the true wavelength, Angstrom, air; the
-truth's ``fiber_wavelength`` are the true ones). Dead fibers have NaN ``true_flux``, ``true_flux_fiber`` and
-``counts_noiseless``. With ``xp``: ``xp_wavelength_nm`` (the sampling, vacuum) and per
-standard ``std_xp_flux``, ``std_xp_flux_error`` (what the table holds), ``std_xp_systematic``
-(the multiplicative systematic applied) and ``std_xp_true`` (noiseless, without the
-systematic), W m^-2 nm^-1. ``aperture_expected`` (wavelength): the aperture a calibration from
+truth's ``fiber_wavelength`` are the true ones). Dead fibers have NaN ``true_flux``,
+``true_flux_fiber`` and ``counts_noiseless``. With ``xp``: ``xp_wavelength_nm`` (the
+sampling, vacuum) and per standard ``std_xp_flux``, ``std_xp_flux_error`` (what the table
+holds), ``std_xp_systematic`` (the multiplicative systematic applied) and ``std_xp_true``
+(noiseless, without the systematic), W m^-2 nm^-1. ``aperture_expected`` (wavelength): the aperture a calibration from
 many standards refers to (the mean grey loss; with chromatic losses, the point-source loss
 averaged over positioning offsets at the exposure's seeing and airmass). With
 ``chromatic_losses``: ``aperture_chromatic`` (fiber, wavelength: each fiber's point-source
@@ -245,9 +245,10 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
         rms (pixels, over fibers and pixels) of each fiber's wavelength-solution error: the
         light of fiber f falls at its written wavelengths minus (s_f + t_f x) pixels, x from
         -1 to 1 across the detector, s_f and t_f normal with variances rms^2 / 2 and
-        3 rms^2 / 2 (truth ``arc_error``, in Angstrom). Written solutions are unchanged: a 1-D WAVELA or
-        a WCS is every fiber's, though each fiber's light now falls elsewhere. Drawn from a
-        stream of its own: everything else is the same with or without.
+        3 rms^2 / 2 (truth ``arc_error``, in Angstrom). Written solutions are unchanged:
+        a 1-D WAVELA or a WCS is every fiber's, though each fiber's light now falls
+        elsewhere. Drawn from a stream of its own: everything else is the same with or
+        without (the stars' spectra to ~1e-4 at the window's edges).
 
     Returns
     -------
