@@ -106,9 +106,10 @@ truth's ``fiber_wavelength`` are the true ones). Dead fibers have NaN ``true_flu
 ``true_flux_fiber`` and ``counts_noiseless``. With ``xp``: ``xp_wavelength_nm`` (the
 sampling, vacuum) and per standard ``std_xp_flux``, ``std_xp_flux_error`` (what the table
 holds), ``std_xp_systematic`` (the multiplicative systematic applied) and ``std_xp_true``
-(noiseless, without the systematic), W m^-2 nm^-1. ``aperture_expected`` (wavelength): the aperture a calibration from
-many standards refers to (the mean grey loss; with chromatic losses, the point-source loss
-averaged over positioning offsets at the exposure's seeing and airmass). With
+(noiseless, without the systematic), W m^-2 nm^-1. ``aperture_expected`` (wavelength): the
+aperture a calibration from many standards refers to (the mean grey loss; with chromatic
+losses, the point-source loss averaged over positioning offsets at the exposure's seeing and
+airmass). With
 ``chromatic_losses``: ``aperture_chromatic`` (fiber, wavelength: each fiber's point-source
 aperture, ``aperture`` then being its median), ``seeing`` (arcsec FWHM at 5000 A, also in the
 header SEEING), ``fiber_offset`` (fiber, 2: positioning offsets, arcsec, x along the
