@@ -31,14 +31,10 @@ Cross-model surveys (issue 11), >= 20 exposures each, standards' S/N 20-300 (but
      the pixel box on top of the Gaussian.
 (e)  ``mixed``: as (d), with the IsoPlane, default (4096 px) and large (30 fibers x 2048 px)
      setups in turn.
-(f)  ``ck04-synth``: CK04 spectra as stars (``GridStars`` of the converted CK04 grid,
-     interpolated off its nodes, inside the demo grid's box) with the synthetic (demo)
-     templates, IsoPlane. CK04 is sampled every 20 A; the simulator cannot sharpen it, so it
-     only samples it (``source_sharper`` 1 in the truth; it warns once per survey): the
-     stars' lines come out ~25 A FWHM where the header says ~10 A (on the 4096-px setup:
-     25 A against 2.6 A).
-     The IsoPlane is where this is least wrong; the templates' lines are sharper than the
-     stars' by that much.
+(f)  ``ck04-synth``: CK04 spectra as stars (``GridStars``, interpolated inside the demo
+     grid's box), synthetic templates, IsoPlane. The simulator only samples CK04's 20 A steps
+     (``source_sharper`` 1; a warning once per survey): the stars' lines come out ~25 A FWHM
+     where the header says ~10 A, the IsoPlane being where this is least wrong.
 (g)  ``calspec-bright``: as (a), the standards at S/N 300-1000 (bright standards).
 (h)  ``beyond-synth``: model-B stars just beyond the demo grid's box (Teff 4850-7650 K,
      log g 3.2-4.8, [M/H] -1.3 to +0.5, each outside 5250-7250 K, 3.5-4.5, -1.0 to +0.25 in
@@ -48,9 +44,11 @@ Cross-model surveys (issue 11), >= 20 exposures each, standards' S/N 20-300 (but
      [M/H] 0; R = 5000) as standards at exactly their parameters (``GridNodes``), CK04
      templates, IsoPlane. (i') ``bosz-synth``: the same exposures with the synthetic
      templates, where the 4750 K star is beyond the grid's Teff edge.
-(j)  ``humid``: (d)'s survey (its seed: the same stars and draws) humid and at high airmass,
-     ``simulate_survey(airmass_range=(1.0, 2.8), pwv_range=(2.0, 8.0))`` (default 1.0-2.0
-     and 0.4-2.5 x the telluric line list's reference water column): (d) is its control.
+(j)  ``humid``: (d)'s survey (its seed) with water 2-8 x the line list's reference column
+     and airmass 1.0-2.8 (``airmass_range``, ``pwv_range``; default 1.0-2.0, 0.4-2.5).
+(k)  ``isoplane-fiber-arc``: (d)'s exposures (its seed) with a round fiber's line spread
+     (``lsf_shape="fiber"``) and each fiber's wavelength solution off by 0.1 px rms
+     (``arc_error``: a shift and a tilt), both unknown to the pipeline.
 
 Self-consistency (what earlier versions printed): the demo-like synthetic grid (R = 5000,
 Teff 5250-7250 K, log g 3.5-4.5, [M/H] -1.0 to +0.25) as both stars and templates, 4096
@@ -171,10 +169,14 @@ def surveys(quick=False):
         {"name": "bosz-synth", "label": "(i') as (i), synthetic templates (4750 K is beyond "
          "the grid)", "sim": "bosz-isoplane", "templates": "demo", "setups": ["isoplane"],
          "standards": {"kind": "nodes", "dir": "bosz2024_r5000"}, "seed": 1109},
-        {"name": "humid", "label": "(j) as (d), humid and at high airmass: water 2-8 x the "
-         "reference column, airmass 1.0-2.8", "sim": "isoplane-humid", "templates": "demo",
-         "setups": ["isoplane"], "standards": {"kind": "model", "family": "B"}, "seed": 1104,
+        {"name": "humid", "label": "(j) as (d), water 2-8 x the reference column, airmass "
+         "1.0-2.8", "sim": "isoplane-humid", "templates": "demo", "setups": ["isoplane"],
+         "standards": {"kind": "model", "family": "B"}, "seed": 1104,
          "options": {**REALISM, "airmass_range": (1.0, 2.8), "pwv_range": (2.0, 8.0)}},
+        {"name": "isoplane-fiber-arc", "label": "(k) as (d), a fiber-image LSF, arc errors 0.1 px",
+         "sim": "isoplane-fiber-arc", "templates": "demo", "setups": ["isoplane"],
+         "options": {**REALISM, "lsf_shape": "fiber", "arc_error": 0.1},
+         "standards": {"kind": "model", "family": "B"}, "seed": 1104},
     ]
     for conf in cross:
         conf.update({**CROSS, **conf}, exposures=n, cross=True)

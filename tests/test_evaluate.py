@@ -95,6 +95,22 @@ def test_per_fiber_pixels_are_compared_with_their_own_truth(truths):
         compare_with_truth(exact, old)
 
 
+def test_per_fiber_pixels_with_arc_errors(small_grid):
+    """A file's solutions are the true ones plus the simulator's arc errors: its pixels are
+    compared with the truth where their light fell."""
+    truth = simulate_exposure(8, GridStars(small_grid), setup=SETUP, n_standards=2,
+                              wavelength_format="wavela2d", arc_error=0.2).truth
+    written = truth["fiber_wavelength"] + truth["arc_error"]
+    assert np.max(np.abs(truth["arc_error"])) > 0.1 * SETUP.dispersion
+    exact = _calibrated(truth, True).assign_coords(
+        fiber_wavelength=(("fiber", "wavelength"), written))
+    exact["flux"] = (("fiber", "wavelength"), truth["true_flux_fiber"])
+    assert compare_with_truth(exact, truth)["shape_snr10"] < 1e-6
+    with pytest.raises(ValueError, match="per-fiber wavelengths differ"):
+        compare_with_truth(exact.assign_coords(fiber_wavelength=exact["fiber_wavelength"]
+                                               - truth["arc_error"]), truth)
+
+
 def test_star_summary():
     rows = [{"status": "ok", "d_teff": d, "d_logg": 0.1 * k, "d_feh": 0.0, "d_rv": np.nan,
              "d_ebv": 0.01} for k, d in enumerate((-100.0, 50.0, 300.0))]

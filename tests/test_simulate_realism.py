@@ -164,3 +164,129 @@ def test_isoplane_and_mixed_setups_survey(small_grid, tmp_path):
     pwv = [e["pwv"] for e in entries if e["night"] == entries[0]["night"]]
     assert len(set(pwv)) == len(pwv)
     assert all(1.0 <= e["airmass"] <= 2.0 for e in entries)
+
+
+#: 0.25 A pixels, FWHM 8 pixels (2 A): fine enough to measure a profile's FWHM and shape;
+#: the [O I] 5577 A sky line and the test star's line at 6000 A.
+FINE_SETUP = Setup("fine", pixels=2001, fibers=8, wave_min=5540.0, wave_max=6040.0,
+                   fwhm_pixels=(8.0, 8.0, 8.0))
+
+
+def _profile(wave, flux, centre):
+    """FWHM (A, interpolated at half the peak), sigma (A) and kurtosis of a line above a
+    straight continuum fitted beside it."""
+    side = (np.abs(wave - centre) > 8) & (np.abs(wave - centre) < 20)
+    excess = flux - np.polyval(np.polyfit(wave[side], flux[side], 1), wave)
+    near = np.abs(wave - centre) < 6
+    w, e = wave[near], excess[near]
+    mean = np.sum(w * e) / np.sum(e)
+    sigma = np.sqrt(np.sum((w - mean) ** 2 * e) / np.sum(e))
+    kurtosis = np.sum((w - mean) ** 4 * e) / np.sum(e) / sigma**4
+    k = int(np.argmax(e))
+    half = 0.5 * e[k]
+    left = np.interp(half, e[:k + 1], w[:k + 1])  # rising side
+    right = np.interp(half, e[k:][::-1], w[k:][::-1])  # falling side
+    return right - left, sigma, kurtosis
+
+
+@pytest.fixture(scope="module")
+def shape_sims(stars):
+    def make(**kwargs):
+        return simulate_exposure(5, stars, setup=FINE_SETUP, n_standards=1,
+                                 standard_source=_LineStar(), **kwargs).truth
+
+    return {"gaussian": make(), "fiber": make(lsf_shape="fiber")}
+
+
+def test_fiber_line_spread_keeps_the_fwhm_with_a_flat_top(shape_sims, stars):
+    """The round fiber's image blurred by the camera: the header's FWHM, a smaller second
+    moment (no Gaussian wings) and a flatter top, for the stars and the sky lines alike."""
+    fwhm_header = FINE_SETUP.lsf.fwhm(6000.0)
+    profiles = {}
+    for name, t in shape_sims.items():
+        f = int(t["std_fiber"][0])
+        sky = int(np.flatnonzero(t["fiber_kind"] == "sky")[0])
+        profiles[name] = (_profile(t["fiber_wavelength"][f], t["true_flux_fiber"][f], 6000.0),
+                          _profile(t["fiber_wavelength"][sky], t["sky_counts"][sky], 5577.34))
+    for star_or_sky in (0, 1):
+        gauss = profiles["gaussian"][star_or_sky]
+        fiber = profiles["fiber"][star_or_sky]
+        assert gauss[0] == pytest.approx(fwhm_header, rel=0.01)
+        assert gauss[2] > 2.9  # 3 for a Gaussian, less by the pixels' sampling
+        assert fiber[0] == pytest.approx(fwhm_header, rel=0.01)
+        assert 0.90 < fiber[1] / gauss[1] < 0.96  # 0.93 for a 1.1-FWHM fiber image
+        assert fiber[2] < gauss[2] - 0.1  # a flatter top
+    assert str(shape_sims["fiber"]["lsf_shape"]) == "fiber"
+    assert "lsf_shape" not in shape_sims["gaussian"]
+    # Everything else is the same exposure.
+    for key in ("std_teff", "airmass", "pwv", "aperture"):
+        np.testing.assert_array_equal(shape_sims["fiber"][key], shape_sims["gaussian"][key])
+    with pytest.raises(ValueError, match="lsf_shape"):
+        simulate_exposure(5, stars, setup=FINE_SETUP, lsf_shape="lorentz")
+
+
+def test_fiber_line_spread_reaches_the_tellurics(line_truths, stars):
+    """The telluric bands through the fiber's profile: the same equivalent width, another
+    shape."""
+    fiber = simulate_exposure(3, stars, setup=LINE_SETUP, n_standards=1,
+                              standard_source=_LineStar(), lsf_shape="fiber").truth
+    wave = fiber["wavelength"]
+    band = (wave > 6860) & (wave < 6960)
+    nominal = line_truths["nominal"]["telluric"][band]
+    assert np.sum(1 - fiber["telluric"][band]) == pytest.approx(np.sum(1 - nominal), rel=0.005)
+    assert np.max(np.abs(fiber["telluric"][band] - nominal)) > 0.005
+
+
+@pytest.mark.parametrize("fmt", ["wavela", "wavela2d", "wcs"])
+def test_arc_errors_move_the_light_not_the_written_solution(stars, fmt):
+    def make(**kwargs):
+        return simulate_exposure(19, stars, setup=LINE_SETUP, n_standards=1,
+                                 standard_source=_LineStar(), wavelength_format=fmt, **kwargs)
+
+    exact, off = make(), make(arc_error=0.1)
+    t = off.truth
+    # The files say the same wavelengths; the light falls elsewhere.
+    assert "WAVELA" not in off.hdulist if fmt == "wcs" else np.array_equal(
+        off.hdulist["WAVELA"].data, exact.hdulist["WAVELA"].data)
+    assert off.hdulist[0].header.tostring() == exact.hdulist[0].header.tostring()
+    written = exact.truth["fiber_wavelength"]
+    np.testing.assert_allclose(t["fiber_wavelength"] + t["arc_error"], written, rtol=0,
+                               atol=1e-9)
+    error = t["arc_error"] / LINE_SETUP.dispersion  # pixels
+    assert 0.03 < np.sqrt(np.mean(error**2)) < 0.25 and np.ptp(error[:, 0]) > 0.05
+    x = np.arange(error.shape[1])
+    for row in error:  # a shift and a tilt per fiber
+        assert np.ptp(row - np.polyval(np.polyfit(x, row, 1), x)) < 1e-9
+    # The line's light at its true wavelength: its centroid moves by the error there.
+    f = int(t["std_fiber"][0])
+    pixel = int(np.argmax(exact.truth["true_flux_fiber"][f]))  # the line, Doppler shifted
+    offset = np.abs(x - pixel) * LINE_SETUP.dispersion
+    near, side = offset < 5, (offset > 8) & (offset < 30)
+
+    def centroid(flux):
+        """Above a straight continuum beside the line; NaN: the simulated cosmics."""
+        ok = side & np.isfinite(flux)
+        excess = flux - np.polyval(np.polyfit(x[ok], flux[ok], 1), x)
+        ok = near & np.isfinite(flux)
+        return np.sum(x[ok] * excess[ok]) / np.sum(excess[ok])
+
+    moved = centroid(t["true_flux_fiber"][f]) - centroid(exact.truth["true_flux_fiber"][f])
+    assert abs(error[f, pixel]) > 0.05  # this seed's: 0.06-0.12 pixel
+    assert moved == pytest.approx(error[f, pixel], abs=0.01)
+    # Drawn from a stream of their own: the same exposure otherwise (the stars' spectra to
+    # the spline of their Doppler shift, over a window that the true pixels widen).
+    for key in ("std_teff", "std_rv", "aperture", "telluric"):
+        np.testing.assert_array_equal(t[key], exact.truth[key])
+    np.testing.assert_allclose(t["true_flux"], exact.truth["true_flux"], rtol=1e-3)
+    assert "arc_error" not in exact.truth
+    with pytest.raises(ValueError, match="arc_error"):
+        make(arc_error=-0.1)
+
+
+def test_survey_passes_and_records_the_line_spread_shape_and_arc_errors(small_grid, tmp_path):
+    out = simulate_survey(tmp_path / "s", exposures=1, seed=4, grid=small_grid,
+                          setups=[Setup("t", pixels=600)], lsf_shape="fiber", arc_error=0.05)
+    info = json.loads((out / "survey.json").read_text())
+    assert info["options"]["lsf_shape"] == "fiber" and info["options"]["arc_error"] == 0.05
+    truth = np.load(out / info["exposures"][0]["truth"])
+    assert str(truth["lsf_shape"]) == "fiber" and np.any(truth["arc_error"] != 0)

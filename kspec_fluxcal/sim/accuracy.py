@@ -44,7 +44,8 @@ unknown, e.g. a CALSPEC star's own velocity); :func:`star_summary` sums them up.
 
 Science fibers are compared on the common wavelength grid of the calibrated exposure, or,
 when it has per-fiber wavelengths (a 2-D coordinate ``fiber_wavelength`` (fiber,
-wavelength)), each on its own pixels against the simulator's ``true_flux_fiber``.
+wavelength)), each on its own pixels against the simulator's ``true_flux_fiber`` (pixel by
+pixel: with the simulator's ``arc_error``, the truth at where the light truly fell).
 """
 
 from __future__ import annotations
@@ -93,7 +94,10 @@ def _science_truth(calibrated, truth, science):
         raise ValueError("the calibrated exposure has per-fiber wavelengths but the truth has "
                          "no fiber_wavelength (simulated before per-fiber truth existed)")
     wave = calibrated["fiber_wavelength"].transpose("fiber", "wavelength").values[science]
+    # The file's solutions: the true ones plus the simulator's arc errors, if any.
     expected = np.asarray(truth["fiber_wavelength"], dtype=float)[science]
+    if "arc_error" in truth:
+        expected = expected + np.asarray(truth["arc_error"], dtype=float)[science]
     if wave.shape != expected.shape or not np.allclose(wave, expected, rtol=0, atol=1e-6):
         raise ValueError("the calibrated exposure's per-fiber wavelengths differ from the truth's")
     return wave, np.asarray(truth["true_flux_fiber"], dtype=float)[science]

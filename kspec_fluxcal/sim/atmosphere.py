@@ -123,7 +123,8 @@ def telluric_transmission(wavelength, lsf, airmass=1.0, pwv=1.0, temperature=_TE
     wavelength : array_like
         Pixel centres, Angstrom (air), any shape.
     lsf : LineSpread or line spread with a ``sigma(wavelength)`` method
-        The true line-spread function.
+        The true line-spread function (with a ``shape``, its ``parts(wavelength)``: a sum
+        of Gaussians, as weight, offset and sigma).
     airmass, pwv : float
         Airmass and precipitable-water factor.
     temperature : float
@@ -139,7 +140,11 @@ def telluric_transmission(wavelength, lsf, airmass=1.0, pwv=1.0, temperature=_TE
     wave_hr, hr = _telluric_hr(float(airmass), float(pwv), float(temperature),
                                float(water_width))
     wave = np.asarray(wavelength, dtype=np.float64)
-    return sample_transmission(wave_hr, hr, wave, lsf.sigma(wave))
+    if getattr(lsf, "shape", None) is None:
+        return sample_transmission(wave_hr, hr, wave, lsf.sigma(wave))
+    # A profile of several Gaussians (the simulator's true line spread): one sampling each.
+    return sum(weight * sample_transmission(wave_hr, hr, wave - offset, sigma)
+               for weight, offset, sigma in lsf.parts(wave))
 
 
 def _sky(wavelength, lsf, moon):
@@ -150,6 +155,13 @@ def _sky(wavelength, lsf, moon):
     centres = np.array([c for c, _ in _SKY_LINES])
     ew = np.array([e for _, e in _SKY_LINES]) * dark * (centres / 5500.0) ** 0.3
     sigma = lsf.sigma(centres)
-    profiles = ew[:, None] * _gaussian(wavelength[None, :], centres[:, None], sigma[:, None])
+    if getattr(lsf, "shape", None) is None:
+        profiles = ew[:, None] * _gaussian(wavelength[None, :], centres[:, None],
+                                           sigma[:, None])
+    else:  # a profile of several Gaussians: each line's light moved by their offsets
+        profiles = sum(weight * ew[:, None] * _gaussian(wavelength[None, :],
+                                                        (centres + offset)[:, None],
+                                                        part_sigma[:, None])
+                       for weight, offset, part_sigma in lsf.parts(centres))
     offsets = (wavelength[None, :] - centres[:, None]) / sigma[:, None]
     return continuum, profiles, offsets

@@ -58,9 +58,12 @@ standard star (``n_standards=0``).
 
 Line-spread function. The header's FWHMPCk is the nominal LSF (Gaussian). The light meets a
 true one that can differ, as the fitter must cope with: FWHM x ``lsf_scale`` (per exposure,
-unknown to the pipeline), x each fiber's own scale (``fiber_lsf_scatter``), and optionally
-integrated over the pixel (``pixel_integration``: a one-pixel box on top of the Gaussian).
-Stars, sky lines and tellurics all go through the true LSF; the default is the header's.
+unknown to the pipeline), x each fiber's own scale (``fiber_lsf_scatter``), of the profile
+``lsf_shape`` (a Gaussian, or a round fiber's image blurred by the camera, with the same
+FWHM), and optionally integrated over the pixel (``pixel_integration``: a one-pixel box on
+top). Stars, sky lines and tellurics all go through the true LSF; the default is the header's.
+Each fiber's written wavelengths are where its light falls, unless ``arc_error`` gives every
+fiber's solution an error of its own (a shift and a tilt, a few tenths of a pixel).
 
 The tellurics are the package's telluric line list (:mod:`kspec_fluxcal.telluric`) at high
 resolution, in the five regions of the ``telluric_default`` mask: Beer's law in the O2
@@ -97,13 +100,16 @@ mas); ``bands`` (the band names of ``std_mag``); ``fiber_lsf_scale`` (fiber); sc
 ``airmass, exptime, mjd, transparency, photometric, pwv, aerosol, temperature`` (the
 atmosphere's, K), ``water_width`` (the water lines' width factor), ``night, expid, setup,
 setup_key, wavelength_format, wavelength_unit, medium, lsf_scale, pixel_integration,
-field_source, source_sharper``. Dead fibers have NaN ``true_flux``, ``true_flux_fiber`` and
-``counts_noiseless``. With ``xp``: ``xp_wavelength_nm`` (the sampling, vacuum) and per
-standard ``std_xp_flux``, ``std_xp_flux_error`` (what the table holds), ``std_xp_systematic``
-(the multiplicative systematic applied) and ``std_xp_true`` (noiseless, without the
-systematic), W m^-2 nm^-1. ``aperture_expected`` (wavelength): the aperture a calibration from
-many standards refers to (the mean grey loss; with chromatic losses, the point-source loss
-averaged over positioning offsets at the exposure's seeing and airmass). With
+field_source, source_sharper``; only when not the defaults, ``lsf_shape`` and
+``arc_error`` (fiber, pixel: the written minus the true wavelength, Angstrom, air; the
+truth's ``fiber_wavelength`` are the true ones). Dead fibers have NaN ``true_flux``,
+``true_flux_fiber`` and ``counts_noiseless``. With ``xp``: ``xp_wavelength_nm`` (the
+sampling, vacuum) and per standard ``std_xp_flux``, ``std_xp_flux_error`` (what the table
+holds), ``std_xp_systematic`` (the multiplicative systematic applied) and ``std_xp_true``
+(noiseless, without the systematic), W m^-2 nm^-1. ``aperture_expected`` (wavelength): the
+aperture a calibration from many standards refers to (the mean grey loss; with chromatic
+losses, the point-source loss averaged over positioning offsets at the exposure's seeing and
+airmass). With
 ``chromatic_losses``: ``aperture_chromatic`` (fiber, wavelength: each fiber's point-source
 aperture, ``aperture`` then being its median), ``seeing`` (arcsec FWHM at 5000 A, also in the
 header SEEING), ``fiber_offset`` (fiber, 2: positioning offsets, arcsec, x along the
@@ -166,7 +172,7 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
                       mjd=61345.4583, night="20261101", expid="KS20261101_0001",
                       conditions=None, field=None, standard_source=None, lsf_scale=1.0,
                       pixel_integration=False, fiber_lsf_scatter=0.0, xp=False,
-                      chromatic_losses=False):
+                      chromatic_losses=False, lsf_shape="gaussian", arc_error=0.0):
     """Simulate one exposure: its RED file, its truth and its catalog rows.
 
     Parameters
@@ -233,6 +239,18 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
         (:mod:`kspec_fluxcal.sim.fiber_losses`): per fiber and wavelength, from the exposure's
         seeing (header SEEING), airmass and each fiber's positioning offset; the grey draw
         stays as the fiber's other losses. False: grey losses only.
+    lsf_shape : {'gaussian', 'fiber'}
+        Profile of the true line spread, with the FWHM above: a Gaussian, or the image of a
+        round fiber (a semicircle 1.1 x the FWHM across) blurred by the camera's Gaussian
+        (:mod:`~kspec_fluxcal.sim.optics`). The header's FWHMPCk stay the Gaussian's.
+    arc_error : float
+        rms (pixels, over fibers and pixels) of each fiber's wavelength-solution error: the
+        light of fiber f falls at its written wavelengths minus (s_f + t_f x) pixels, x from
+        -1 to 1 across the detector, s_f and t_f normal with variances rms^2 / 2 and
+        3 rms^2 / 2 (truth ``arc_error``, in Angstrom). Written solutions are unchanged:
+        a 1-D WAVELA or a WCS is every fiber's, though each fiber's light now falls
+        elsewhere. Drawn from a stream of its own: everything else is the same with or
+        without (the stars' spectra to ~1e-4 at the window's edges).
 
     Returns
     -------
@@ -252,8 +270,8 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
     position_only = _position_only(rng, position_only, n_standards)
     cond, losses = _exposure_conditions(rng, conditions, airmass, exptime, field, setup.fibers,
                                         chromatic_losses)
-    pixels = _pixels(rng, setup, wavelength_format)
-    optics = _true_lsfs(aux, setup, lsf_scale, pixel_integration, fiber_lsf_scatter)
+    pixels = _pixels(rng, setup, wavelength_format, arc_error, aux)
+    optics = _true_lsfs(aux, setup, lsf_scale, pixel_integration, fiber_lsf_scatter, lsf_shape)
     kinds = _plan_fibers(rng, setup.fibers, n_standards, dead_fiber)
     targets = _targets(rng, aux, stars, std_source, kinds, pixels, optics)
     if targets.sharper > 0:  # the standards' source (the field's without standards)
@@ -271,6 +289,11 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
     parts = _Parts(setup, cond, losses, pixels, optics, kinds, targets, light, counts, catalog)
     truth = {**_truth_arrays(parts, position_only),
              **_truth_scalars(parts, written, conditions, pixel_integration, stars.label)}
+    # Only when asked for: truth files of the defaults stay as they were.
+    if lsf_shape != "gaussian":
+        truth["lsf_shape"] = np.str_(lsf_shape)
+    if arc_error > 0:
+        truth["arc_error"] = pixels.written - pixels.rows
     if xp:
         # A stream of its own, spawned last: every other draw stays as without XP.
         truth.update(_standard_xp(rng.spawn(1)[0], std_source, targets))
@@ -453,7 +476,7 @@ def _red_file(counts, fibres, pixels, cond, written):
     header["SETUP"] = (setup.name, "instrument setup (simulation)")
     header["SIMULATE"] = (True, "simulated by kspec_fluxcal.sim")
     wave_out, wave_header = None, None
-    rows = air_to_vacuum(pixels.rows) if medium == "vac" else pixels.rows
+    rows = air_to_vacuum(pixels.written) if medium == "vac" else pixels.written
     if wavelength_format == "wcs":
         header["CRVAL1"] = pixels.base[0] / unit_factor
         header["CDELT1"] = setup.dispersion / unit_factor
@@ -461,11 +484,11 @@ def _red_file(counts, fibres, pixels, cond, written):
         header["CUNIT1"] = wavelength_unit
         header["CTYPE1"] = "Wavelength"
     else:
-        wave_out = (rows if pixels.per_fiber else rows[0]) / unit_factor
+        wave_out = (rows if pixels.written_2d else rows[0]) / unit_factor
         wave_header = {"BUNIT": wavelength_unit}
         if medium == "vac":
             # 1-D: the WAVELA header says it; 2-D: the primary header (both are contract).
-            if pixels.per_fiber:
+            if pixels.written_2d:
                 header["AIRORVAC"] = ("vac", "wavelength solution in vacuum")
             else:
                 wave_header["AIRORVAC"] = "vac"

@@ -2,20 +2,30 @@
 
 The header's FWHMPCk is the nominal LSF (Gaussian). The light meets a true one that can
 differ, as the fitter must cope with: FWHM x ``lsf_scale`` (per exposure, unknown to the
-pipeline), x each fiber's own scale (``fiber_lsf_scatter``), and optionally integrated over
-the pixel (``pixel_integration``: a one-pixel box on top of the Gaussian). A source's native
-spectra are convolved to it with the source's own resolution removed in quadrature (where the
-source is the broader, they are only sampled).
+pipeline), x each fiber's own scale (``fiber_lsf_scatter``), of another profile than a
+Gaussian (``lsf_shape``: 'fiber', the round fiber's image blurred by the optics, with the
+same FWHM), and optionally integrated over the pixel (``pixel_integration``: a one-pixel box
+on top). A source's native spectra are convolved to it with the source's own resolution
+removed in quadrature from each Gaussian (where the source is the broader, they are only
+sampled).
+
+Wavelength solutions: each fiber's pixels are where its light falls (``rows``); what is
+written (``written``) is the same, unless ``arc_error`` gives every fiber an error of its own
+(a shift and a tilt across the detector, as an arc solution's is), which the pipeline cannot
+know.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import numpy as np
+import scipy.optimize
 import scipy.sparse
 
 from ..errors import GridError
+from ..constants import FWHM_PER_SIGMA
 from ..lsf import LineSpread
 from ..templates import convolution_matrix
 from .setups import Setup
@@ -30,37 +40,119 @@ _PIXEL_SUBSAMPLES = 5
 #: Bounds of a fiber's FWHM scale (``fiber_lsf_scatter``): a few % scatter, never a fiber twice
 #: as sharp or blurred.
 _FIBER_LSF_CLIP = (0.8, 1.25)
+#: ``lsf_shape='fiber'``: the diameter of the fiber's image on the detector over the line
+#: spread's FWHM. The image of a uniformly lit round fiber face, projected on the dispersion
+#: axis, is the semicircle sqrt(1 - (2x / D)^2); the camera blurs it with its own point
+#: spread (a Gaussian here), as instrument models of fiber spectrographs build their line
+#: spread (e.g. MOONS': the optics' PSF convolved with the fiber core's image; Li Causi et
+#: al. 2016, Proc. SPIE 9908). At 1.1 the image dominates (the semicircle alone has a FWHM of
+#: 0.95 of the profile's; the camera's Gaussian 0.67): a flat-topped profile with a second
+#: moment 0.93 of the Gaussian's of the same FWHM and 2.5 % more peak.
+_FIBER_IMAGE_DIAMETER = 1.1
+#: Nodes of the semicircle's quadrature (Gauss-Chebyshev of the second kind): with the
+#: camera's Gaussian on top, 8 reproduce the profile to 1e-6 of its peak.
+_FIBER_NODES = 8
+#: Shapes of the true line spread (``lsf_shape``).
+LSF_SHAPES = ("gaussian", "fiber")
 
 
 class _Pixels(NamedTuple):
     setup: Setup
     base: np.ndarray  # the common grid (npix,), air
-    rows: np.ndarray  # every fiber's air wavelengths (nfib, npix)
-    per_fiber: bool  # rows differ from base (2-D WAVELA)
+    rows: np.ndarray  # every fiber's true air wavelengths (nfib, npix): where its light falls
+    per_fiber: bool  # rows differ from base (2-D WAVELA, or arc errors)
+    written: np.ndarray  # the solutions written (nfib, npix), air: ``rows`` without arc errors
+    written_2d: bool  # written per fiber (2-D WAVELA)
 
 
-def _pixels(rng, setup, wavelength_format):
-    """Every fiber's air wavelengths; their median is the common grid."""
+def _pixels(rng, setup, wavelength_format, arc_error=0.0, aux=None):
+    """Every fiber's air wavelengths, true and written; the median of the written ones is the
+    common grid. ``arc_error`` > 0: each fiber's true wavelengths differ from its written
+    ones by a shift and a tilt of their own (:func:`_arc_errors`, drawn from a child of
+    ``aux``)."""
     base = setup.wavelength
     shifts = np.zeros(setup.fibers)
     if wavelength_format == "wavela2d":
         shifts = rng.uniform(-_FIBER_SHIFT_PIXELS, _FIBER_SHIFT_PIXELS, setup.fibers)
         shifts -= np.median(shifts)
-    rows = base[None, :] + shifts[:, None] * setup.dispersion
-    return _Pixels(setup, base, rows, wavelength_format == "wavela2d")
+    written = base[None, :] + shifts[:, None] * setup.dispersion
+    two_d = wavelength_format == "wavela2d"
+    if not arc_error > 0:
+        if arc_error != 0:
+            raise ValueError(f"arc_error={arc_error!r}: need an rms >= 0 (pixels)")
+        return _Pixels(setup, base, written, two_d, written, two_d)
+    # A stream of the auxiliary one's own: every other draw stays as without arc errors.
+    error = _arc_errors(aux.spawn(1)[0], setup, arc_error)
+    return _Pixels(setup, base, written - error * setup.dispersion, True, written, two_d)
+
+
+def _arc_errors(rng, setup, rms):
+    """Per fiber and pixel, written minus true wavelength in pixels: a shift and a tilt
+    across the detector (x from -1 to 1), each with half the variance of ``rms`` over the
+    detector (shift sigma rms / sqrt 2, end-to-end tilt sigma rms sqrt(3 / 2))."""
+    x = np.linspace(-1.0, 1.0, setup.pixels)
+    shift = rng.normal(0.0, rms / np.sqrt(2.0), setup.fibers)
+    tilt = rng.normal(0.0, rms * np.sqrt(1.5), setup.fibers)
+    return shift[:, None] + tilt[:, None] * x[None, :]
+
+
+@functools.cache
+def _fiber_profile(diameter=_FIBER_IMAGE_DIAMETER, nodes=_FIBER_NODES):
+    """The 'fiber' line spread as Gaussians: ((offset, width, weight), ...) in units of the
+    profile's FWHM. The semicircle of ``diameter`` by Gauss-Chebyshev quadrature (second
+    kind: weights sin^2), each node a Gaussian of the camera's width, solved so that the
+    sum's FWHM is 1."""
+    # The semicircle's own FWHM is sqrt(3) / 2 of its diameter; beyond 1.12 the camera's
+    # Gaussian would be narrower than the nodes' spacing.
+    if not 0 < diameter <= 1.12:
+        raise ValueError(f"fiber image diameter {diameter!r}: need 0-1.12 of the FWHM")
+    t = np.arange(1, nodes + 1) * np.pi / (nodes + 1)
+    offsets, weights = 0.5 * diameter * np.cos(t), np.sin(t) ** 2 / np.sum(np.sin(t) ** 2)
+    x = np.linspace(0.0, 1.0, 20001)  # the profile is symmetric and peaks at 0
+
+    def half_width(width):
+        s = width / FWHM_PER_SIGMA
+        p = weights @ np.exp(-0.5 * ((x[None, :] - offsets[:, None]) / s) ** 2)
+        return x[np.argmax(p < 0.5 * p[0])] - 0.5
+
+    width = scipy.optimize.brentq(half_width, 0.2, 1.0, xtol=1e-7)
+    return tuple((float(o), float(width), float(w)) for o, w in zip(offsets, weights,
+                                                                     strict=True))
 
 
 class _TrueLSF(NamedTuple):
     """The line-spread function the light meets: a Gaussian ``core`` (the header's, scaled)
-    and, when ``pixel`` > 0, a box of that width (Angstrom) for the integration over a pixel."""
+    or, with ``shape``, a sum of Gaussians ((offset, width, weight), ...; offset and width in
+    units of the core's FWHM, offsets of the light to the red) of that FWHM; and, when
+    ``pixel`` > 0, a box of that width (Angstrom) for the integration over a pixel."""
 
     core: LineSpread
     pixel: float = 0.0
+    shape: tuple | None = None
 
     def sigma(self, wavelength):
-        """Gaussian-equivalent sigma, Angstrom (for unresolved sky and telluric lines)."""
+        """Gaussian-equivalent (rms) sigma, Angstrom (the reach of the wings)."""
         core = self.core.sigma(wavelength)
+        if self.shape is not None:
+            core = core * np.sqrt(sum(w * (width**2 + (FWHM_PER_SIGMA * o) ** 2)
+                                      for o, width, w in self.shape))
         return np.sqrt(core**2 + self.pixel**2 / 12.0) if self.pixel else core
+
+    def parts(self, wavelength):
+        """[(weight, offset, sigma)]: the profile at ``wavelength`` as Gaussians (Angstrom;
+        the pixel box in quadrature), for unresolved sky and telluric lines."""
+        if self.shape is None:
+            return [(1.0, 0.0, self.sigma(wavelength))]
+        fwhm = self.core.fwhm(wavelength)
+        return [(w, o * fwhm, np.sqrt((width * fwhm / FWHM_PER_SIGMA) ** 2
+                                      + self.pixel**2 / 12.0)) for o, width, w in self.shape]
+
+    def gaussians(self):
+        """[(weight, offset in units of the FWHM, LineSpread)] of the profile."""
+        if self.shape is None:
+            return [(1.0, 0.0, self.core)]
+        return [(w, o, LineSpread(tuple(c * width for c in self.core.coeffs), "true"))
+                for o, width, w in self.shape]
 
 
 class _Optics(NamedTuple):
@@ -76,8 +168,12 @@ class _Optics(NamedTuple):
         return self.exposure if self.fibers is None else self.fibers[f]
 
 
-def _true_lsfs(aux, setup, lsf_scale, pixel_integration, fiber_lsf_scatter):
+def _true_lsfs(aux, setup, lsf_scale, pixel_integration, fiber_lsf_scatter,
+               lsf_shape="gaussian"):
     """The true line-spread functions of an exposure (its own and per fiber)."""
+    if lsf_shape not in LSF_SHAPES:
+        raise ValueError(f"lsf_shape={lsf_shape!r}: use one of {', '.join(LSF_SHAPES)}")
+    shape = _fiber_profile() if lsf_shape == "fiber" else None
     if np.ndim(lsf_scale) == 0:
         scale = float(lsf_scale)
     else:
@@ -90,7 +186,7 @@ def _true_lsfs(aux, setup, lsf_scale, pixel_integration, fiber_lsf_scatter):
 
     def true(s):  # the header's own object when unchanged: the default stays bit-identical
         core = nominal if s == 1.0 else LineSpread(tuple(c * s for c in nominal.coeffs), "true")
-        return _TrueLSF(core, pixel)
+        return _TrueLSF(core, pixel, shape)
 
     fiber_scale = np.ones(setup.fibers)
     fibers = None
@@ -122,16 +218,28 @@ def _source_matrix(source, wave_in, wave_out, lsf):
     if lsf.pixel:
         offsets = (np.arange(_PIXEL_SUBSAMPLES) + 0.5) / _PIXEL_SUBSAMPLES - 0.5
         wave_out = (wave_out[:, None] + offsets[None, :] * np.gradient(wave_out)[:, None]).ravel()
-    if source.resolving_power is not None:
-        matrix, sharper = convolution_matrix(wave_in, wave_out, lsf.core, source.resolving_power)
-    else:
-        matrix, sharper = convolution_matrix(wave_in, wave_out,
-                                             _ExcessLSF(lsf.core, source.native_fwhm))
+    if lsf.shape is None:
+        matrix, sharper = _gaussian_matrix(source, wave_in, wave_out, lsf.core)
+    else:  # light shifted by +offset reaches the pixel at wave from wave - offset
+        matrix, sharper = None, 0.0
+        fwhm = lsf.core.fwhm(wave_out)
+        for weight, offset, gaussian in lsf.gaussians():
+            part, frac = _gaussian_matrix(source, wave_in, wave_out - offset * fwhm, gaussian)
+            matrix = weight * part if matrix is None else matrix + weight * part
+            sharper = max(sharper, frac)
     if lsf.pixel:
         # Mean over the sub-pixel samples: the box integral (midpoint rule).
         box = np.full((1, _PIXEL_SUBSAMPLES), 1.0 / _PIXEL_SUBSAMPLES)
         matrix = scipy.sparse.kron(scipy.sparse.eye(n), box, format="csr") @ matrix
     return matrix, sharper
+
+
+def _gaussian_matrix(source, wave_in, wave_out, core):
+    """:func:`convolution_matrix` to the Gaussian ``core`` with the source's own resolution
+    removed in quadrature."""
+    if source.resolving_power is not None:
+        return convolution_matrix(wave_in, wave_out, core, source.resolving_power)
+    return convolution_matrix(wave_in, wave_out, _ExcessLSF(core, source.native_fwhm))
 
 
 def _convolve(source, wave_in, native, fibers, pixels, optics):

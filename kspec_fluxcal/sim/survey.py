@@ -156,7 +156,8 @@ def simulate_survey(outdir, *, exposures=20, nights=4, seed=0, fibers=14, pixels
                     overwrite=False, workers=2, standard_source=None, n_standards=(1, 3),
                     lsf_scale=1.0, pixel_integration=False, fiber_lsf_scatter=0.0, xp=False,
                     no_standards=0.0, snr_range_single=None, photometric_nights=0.0,
-                    chromatic_losses=False, airmass_range=None, pwv_range=None):
+                    chromatic_losses=False, airmass_range=None, pwv_range=None,
+                    lsf_shape="gaussian", arc_error=0.0):
     """Write a small simulated survey with known truth, in the formats of the contract.
 
     The layout of ``outdir`` and how its exposures vary: see the module docstring.
@@ -219,6 +220,10 @@ def simulate_survey(outdir, *, exposures=20, nights=4, seed=0, fibers=14, pixels
         humid site or season, fields observed down to airmass 2.8. Every other draw stays as
         with the defaults (the same random numbers; these map into the given range); the
         manifest's options record them when given.
+    lsf_shape, arc_error
+        The true line spread's profile and each fiber's wavelength-solution error (pixels
+        rms), passed to every :func:`simulate_exposure`; the manifest records them when not
+        the defaults.
 
     Returns
     -------
@@ -237,7 +242,8 @@ def simulate_survey(outdir, *, exposures=20, nights=4, seed=0, fibers=14, pixels
     options = {"snr_range": snr_range, "standard_source": standard_source,
                "lsf_scale": lsf_scale, "pixel_integration": pixel_integration,
                "fiber_lsf_scatter": fiber_lsf_scatter, "xp": xp,
-               "chromatic_losses": chromatic_losses}
+               "chromatic_losses": chromatic_losses, "lsf_shape": lsf_shape,
+               "arc_error": arc_error}
     plan_options = {"no_standards": float(no_standards), "snr_range_single": snr_range_single,
                     "photometric_nights": float(photometric_nights)}
     say = _reporter(progress)
@@ -383,6 +389,10 @@ def _survey_info(seed, options, stars, n_rows, manifest):
             "photometric_nights": options["photometric_nights"],
             "chromatic_losses": bool(options["chromatic_losses"]),
             **{k: list(v) for k, v in options["ranges"].items()},
+            # Only when asked for: manifests of the defaults stay as they were.
+            **({"lsf_shape": str(options["lsf_shape"])}
+               if options["lsf_shape"] != "gaussian" else {}),
+            **({"arc_error": float(options["arc_error"])} if options["arc_error"] else {}),
         },
         "grid": {"path": options["grid"], "resolution": stars.resolution,
                  "synthetic": bool(stars.synthetic), "files_read": stars.files_read},
