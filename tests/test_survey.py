@@ -867,23 +867,6 @@ def test_no_sizeof_warning_from_message_sizes(client):
     assert _comm_sizeof_warnings() == 0
 
 
-def test_finished_tasks_are_released_as_the_job_goes(cluster, client):
-    """A task's result is not kept on its worker once the job has taken it, although the job
-    still holds every future: 450 exposures' archive records had held 52 MB of a lone
-    worker's 332 MB until the job's last task (14 GB across a cluster for 100000)."""
-    from kspec_fluxcal.survey.cluster import as_completed_pairs
-
-    futures = {client.submit(np.ones, 1000, key=f"released-{k}"): k for k in range(4)}
-    with as_completed_pairs(client, futures) as pairs:
-        got = {futures[future]: result.sum() for future, result in pairs}
-    assert got == {k: 1000.0 for k in range(4)}
-    deadline = time.monotonic() + 30
-    while (kept := [f.key for f in futures if f.key in cluster.scheduler.tasks]) and \
-            time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not kept, f"results still held on the workers: {kept}"
-
-
 def test_interrupted_jobs_messages_in_flight_are_not_tracebacks():
     """An interrupted survey closed its cluster while the client's loop was gathering a
     finished task's result, or a worker's heartbeat was under way: tornado or the worker

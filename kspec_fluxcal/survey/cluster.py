@@ -293,8 +293,7 @@ def as_completed_pairs(client, futures):
 
     Left early (Ctrl-C, SIGTERM, a lost scheduler), the tasks still to run are cancelled:
     closed under running tasks and pending results, the cluster would log each of them as
-    lost work, with tracebacks, after the one-line message of the interruption. A future is
-    released when the next pair is asked for: what it computed is then the caller's only.
+    lost work, with tracebacks, after the one-line message of the interruption.
     """
     from distributed import as_completed
 
@@ -304,18 +303,7 @@ def as_completed_pairs(client, futures):
     pairs = (as_completed(futures, loop=client.loop, with_results=True, raise_errors=False)
              if futures else iter(()))
     try:
-        yield _released(pairs)
+        yield pairs
     except BaseException:
         client.cancel(futures)
         raise
-
-
-def _released(pairs):
-    """The pairs, each future released once the caller is done with it (asks for the next):
-    its result is on the client, and its worker would otherwise hold it as long as the caller
-    keeps the futures, i.e. until the job's last task (an exposure's archive record is 137 KB
-    at 4096 pixels: +52 MB of a lone worker's 332 MB over 450 exposures of 500, and 14 GB
-    across a cluster for 100000 exposures)."""
-    for future, result in pairs:
-        yield future, result
-        future.release()

@@ -179,6 +179,7 @@ def _read_on_cluster(client, paths, progress):
             read[k] = result
             for _, _, failure in result:
                 bar.update(failure is None)
+            future.release()
     return [item for batch in read for item in batch]
 
 

@@ -451,6 +451,7 @@ def _residual_round(client, solved, batches, huber, archive, spec, store, curves
                 out[name][part] = result[name]
             if curves:
                 store.write_residuals(np.arange(part.start, part.stop), result["residual"])
+            future.release()
     # Added in the batches' order, whatever order they finished in: the same bits each run.
     out["sums"] = np.sum(sums, axis=0)
     return out
