@@ -123,9 +123,9 @@ field_source, source_sharper``; only when not the defaults, ``lsf_shape`` and
 truth's ``fiber_wavelength`` are the true ones), and with ``second_order``, ``second_order``
 (r) and ``second_order_counts`` (fiber, pixel: the targets' noiseless second-order counts on
 each fiber's pixels, in the written counts but in neither ``counts_noiseless`` nor
-``true_flux``; the second order's sky is subtracted like the first's). Dead fibers have NaN ``true_flux``,
-``true_flux_fiber`` and ``counts_noiseless``. With ``xp``: ``xp_wavelength_nm`` (the
-sampling, vacuum) and per standard ``std_xp_flux``, ``std_xp_flux_error`` (what the table
+``true_flux``; the second order's sky is subtracted like the first's). Dead fibers have NaN
+``true_flux``, ``true_flux_fiber``, ``counts_noiseless`` (and ``second_order_counts``).
+With ``xp``: ``xp_wavelength_nm`` (the sampling, vacuum) and per standard ``std_xp_flux``, ``std_xp_flux_error`` (what the table
 holds), ``std_xp_systematic`` (the multiplicative systematic applied) and ``std_xp_true``
 (noiseless, without the systematic), W m^-2 nm^-1. ``aperture_expected`` (wavelength): the
 aperture a calibration from many standards refers to (the mean grey loss; with chromatic
