@@ -125,17 +125,16 @@ truth's ``fiber_wavelength`` are the true ones), and with ``second_order``, ``se
 each fiber's pixels, in the written counts but in neither ``counts_noiseless`` nor
 ``true_flux``; the second order's sky is subtracted like the first's). Dead fibers have NaN
 ``true_flux``, ``true_flux_fiber``, ``counts_noiseless`` (and ``second_order_counts``).
-With ``xp``: ``xp_wavelength_nm`` (the sampling, vacuum) and per standard ``std_xp_flux``, ``std_xp_flux_error`` (what the table
-holds), ``std_xp_systematic`` (the multiplicative systematic applied) and ``std_xp_true``
-(noiseless, without the systematic), W m^-2 nm^-1. ``aperture_expected`` (wavelength): the
-aperture a calibration from many standards refers to (the mean grey loss; with chromatic
-losses, the point-source loss averaged over positioning offsets at the exposure's seeing and
-airmass). With
-``chromatic_losses``: ``aperture_chromatic`` (fiber, wavelength: each fiber's point-source
-aperture, ``aperture`` then being its median), ``seeing`` (arcsec FWHM at 5000 A, also in the
-header SEEING), ``fiber_offset`` (fiber, 2: positioning offsets, arcsec, x along the
-parallactic direction) and ``dar_residual`` (the fraction of the differential refraction
-left).
+With ``xp``: ``xp_wavelength_nm`` (the sampling, vacuum) and per standard ``std_xp_flux``,
+``std_xp_flux_error`` (what the table holds), ``std_xp_systematic`` (the multiplicative
+systematic applied) and ``std_xp_true`` (noiseless, without the systematic), W m^-2 nm^-1.
+``aperture_expected`` (wavelength): the aperture a calibration from many standards refers
+to (the mean grey loss; with chromatic losses, the point-source loss averaged over
+positioning offsets at the exposure's seeing and airmass). With ``chromatic_losses``:
+``aperture_chromatic`` (fiber, wavelength: each fiber's point-source aperture,
+``aperture`` then being its median), ``seeing`` (arcsec FWHM at 5000 A, also in the header
+SEEING), ``fiber_offset`` (fiber, 2: positioning offsets, arcsec, x along the parallactic
+direction) and ``dar_residual`` (the fraction of the differential refraction left).
 
 Chromatic losses (``chromatic_losses``): a point source's image (Gaussian, FWHM the seeing
 x (lambda / 5000 A)^-1/5) sits at the fiber's positioning offset plus the differential
