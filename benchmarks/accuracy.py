@@ -15,10 +15,10 @@ Cross-model surveys (issue 11), >= 20 exposures each, standards' S/N 20-300 (but
 (a)  ``calspec-ck04``: real CALSPEC F/G stars (and BD+26 2606, "A5", fitted at 6590 K) with
      the CK04 templates, on the IsoPlane setup (~10 A FWHM, WCS only): the only instrument
      where CK04's 20 A sampling and CALSPEC's R ~ 800 are meaningful.
-(a-xp) ``calspec-ck04-xp``: the exposures of (a), calibrated with the standards' simulated
-     Gaia XP spectra (``simulate_survey(xp=True)``: the truth at XP's resolution and
-     sampling, noise for the star's G and a smooth per-star systematic of ~1 % rms, 2-3 %
-     below 400 nm, unknown to the fitter). Issue 15's target: cal_shape median < 0.5 %.
+(a-xp) ``calspec-ck04-xp``: (a) calibrated with the standards' simulated Gaia XP spectra
+     (``simulate_survey(xp=True)``: the truth at XP's resolution and sampling, noise for the
+     star's G, a smooth per-star systematic of ~1 % rms, 2-3 % below 400 nm, unknown to the
+     fitter). Issue 15's target: cal_shape median < 0.5 %.
 (a') ``calspec-synth``: the same simulated exposures with the synthetic (demo) templates.
 (b)  ``modelB-ck04``: stars of the second synthetic model family (computed at their own,
      off-grid parameters) with CK04 templates, IsoPlane. Family B rather than A, so that the
@@ -36,45 +36,42 @@ Cross-model surveys (issue 11), >= 20 exposures each, standards' S/N 20-300 (but
      (``source_sharper`` 1; a warning once per survey): the stars' lines come out ~25 A FWHM
      where the header says ~10 A, the IsoPlane being where this is least wrong.
 (g)  ``calspec-bright``: as (a), the standards at S/N 300-1000 (bright standards).
-(h)  ``beyond-synth``: model-B stars just beyond the demo grid's box (Teff 4850-7650 K,
-     log g 3.2-4.8, [M/H] -1.3 to +0.5, each outside 5250-7250 K, 3.5-4.5, -1.0 to +0.25 in
-     at least one parameter), synthetic templates, (d)'s IsoPlane with realism: (d) is its
-     control inside the grid. A table per star: what is beyond, fitted against true, flags.
+(h)  ``beyond-synth``: model-B stars just beyond the demo grid's box (Teff 4850-7650 K, log g
+     3.2-4.8, [M/H] -1.3 to +0.5, each outside 5250-7250 K, 3.5-4.5, -1.0 to +0.25 in one at
+     least), synthetic templates, (d)'s IsoPlane and realism (its control inside the grid).
+     A table per star: what is beyond, fitted against true, flags.
 (i)  ``bosz-ck04``: the two real BOSZ 2024 spectra (6000 K, log g 4.0; 4750 K, log g 4.5;
      [M/H] 0; R = 5000) as standards at exactly their parameters (``GridNodes``), CK04
      templates, IsoPlane. (i') ``bosz-synth``: the same exposures with the synthetic
      templates, where the 4750 K star is beyond the grid's Teff edge.
-(j)  ``humid``: (d)'s survey (its seed) with water 2-8 x the line list's reference column
-     and airmass 1.0-2.8 (``airmass_range``, ``pwv_range``; default 1.0-2.0, 0.4-2.5).
+(j)  ``humid``: (d)'s survey (its seed), water 2-8 x the line list's reference column and
+     airmass 1.0-2.8 (``airmass_range``, ``pwv_range``; default 1.0-2.0, 0.4-2.5).
 (k)  ``isoplane-fiber-arc``: (d)'s exposures (its seed) with a round fiber's line spread
-     (``lsf_shape="fiber"``) and each fiber's wavelength solution off by 0.1 px rms
-     (``arc_error``: a shift and a tilt), both unknown to the pipeline.
+     (``lsf_shape="fiber"``) and arc errors of 0.1 px rms (``arc_error``: shift and tilt).
+(l)  ``isoplane-2nd``: (d)'s exposures with second-order light (``second_order=0.05``).
 
-Self-consistency (what earlier versions printed): the demo-like synthetic grid (R = 5000,
-Teff 5250-7250 K, log g 3.5-4.5, [M/H] -1.0 to +0.25) as both stars and templates, 4096
-pixels, 14 fibers: a ``main`` survey (standards' S/N 30-150), then one survey per S/N bin.
+Self-consistency: the demo-like synthetic grid (R = 5000, Teff 5250-7250 K, log g 3.5-4.5,
+[M/H] -1.0 to +0.25) as stars and templates, 4096 px, 14 fibers: a ``main`` survey
+(standards' S/N 30-150), then one survey per S/N bin.
 
 Metrics (``kspec_fluxcal.sim.compare_with_truth``; outside telluric bands, 4000-8400 A,
 after a 100 A running median): ``shape_snr10`` (science fibers with S/N > 10: the headline),
 ``cal_shape`` (the calibration's own shape error), ``level_cal`` (its level error),
-``telluric_science`` (the telluric bands as science targets see them), the same two without
-the targets' noise (``*_noiseless``) and under a perfect calibration of the same data (the
-noise floor, ``evaluate.with_true_calibration``), the standards' fitted minus true
-parameters; failures with their reasons grouped.
+``telluric_science`` (the bands as science targets see them), the same two without the
+targets' noise (``*_noiseless``) and under a perfect calibration of the same data (noise
+floor, ``evaluate.with_true_calibration``), standards' fitted minus true parameters, failures.
 
 Surveys are simulated once and cached under store/bench/accuracy (KSPEC_BENCH_DIR overrides;
-the CALSPEC and CK04 files are read from ../shared/real, KSPEC_SHARED_REAL overrides); the
-calibrations are redone on every run, two exposures at a time (one process per core), with
-the package's default settings (``--config FILE``: another configuration). An exposure
-that raises anything is reported, not fatal.
-Then each survey is calibrated again by the survey job (``run_survey`` on a 2-worker
-LocalCluster, survey model on; ``--no-survey-job`` skips it): the model, fitted over the
-survey's exposures, averages the standards' own errors (noise, each star's template and XP
-errors), though not what all of them share; it serves a setup with at least
+CALSPEC and CK04 are read from ../shared/real, KSPEC_SHARED_REAL overrides); the calibrations
+are redone on every run, two exposures at a time, with the package's default settings
+(``--config FILE``: another). An exposure that raises anything is reported, not fatal.
+Then the survey job calibrates each survey again (``run_survey``, 2-worker LocalCluster,
+survey model on; ``--no-survey-job``: not): the model averages the standards' own errors
+(noise, template and XP errors), not what they all share; it serves a setup with at least
 ``[model] min_exposures`` exposures (not survey (e)'s three setups of ~7).
 
-Importable: :func:`surveys` returns the survey definitions, :func:`run_survey` simulates
-(cached) and calibrates one and returns its rows, :func:`report` prints a cross-model block.
+Importable: :func:`surveys` (the definitions), :func:`run_survey` (simulate, cached, and
+calibrate one: its rows), :func:`report` (a cross-model block).
 """
 
 from __future__ import annotations
@@ -116,10 +113,10 @@ BEYOND_BOX = {"teff": (4850.0, 7650.0), "logg": (3.2, 4.8), "feh": (-1.3, 0.5)}
 def surveys(quick=False):
     """The benchmark's surveys, cross-model first.
 
-    Each is a dict: ``name``, ``label``, ``sim`` (name of the simulated survey; two surveys
-    may share one), ``templates`` ('ck04' or 'demo'), ``cross`` (cross-model or not) and the
-    simulation's ``exposures``, ``seed``, ``setups`` (names), ``standards`` (a source spec for
-    :func:`make_source`), ``snr_range``, ``n_standards``, ``options``.
+    Each is a dict: ``name``, ``label``, ``sim`` (the simulated survey's name, maybe shared),
+    ``templates`` ('ck04' or 'demo'), ``cross`` (cross-model or not) and the simulation's
+    ``exposures``, ``seed``, ``setups`` (names), ``standards`` (a :func:`make_source` spec),
+    ``snr_range``, ``n_standards``, ``options``.
     """
     n = 8 if quick else 20
     cross = [
@@ -177,6 +174,9 @@ def surveys(quick=False):
          "sim": "isoplane-fiber-arc", "templates": "demo", "setups": ["isoplane"],
          "options": {**REALISM, "lsf_shape": "fiber", "arc_error": 0.1},
          "standards": {"kind": "model", "family": "B"}, "seed": 1104},
+        {"name": "isoplane-2nd", "label": "(l) as (d), second-order light 0.05", "sim":
+         "isoplane-2nd05", "templates": "demo", "setups": ["isoplane"], "seed": 1104, "options":
+         {**REALISM, "second_order": 0.05}, "standards": {"kind": "model", "family": "B"}},
     ]
     for conf in cross:
         conf.update({**CROSS, **conf}, exposures=n, cross=True)

@@ -9,7 +9,8 @@ part of the seeing disc outside the fiber (:mod:`kspec_fluxcal.sim.fiber_losses`
 Poisson counts of signal plus sky (gain 1 e-/count), minus the sky, plus 4 e- read noise; the
 variance is the model's signal + sky + read noise^2. Sky-subtraction residuals at bright sky
 lines are in the counts but not in the variance; one to four pixels per fiber are NaN
-(masked cosmic rays).
+(masked cosmic rays). Optionally (``second_order``), the grating's second order adds to the
+pixel at lambda the light of lambda / 2 (:func:`_second_light`).
 """
 
 from __future__ import annotations
@@ -125,6 +126,17 @@ class _Light(NamedTuple):
     # or (fiber, pixel) with chromatic losses; and the expected one of a point source.
     apertures: tuple
     expected: np.ndarray
+    second: object = None  # _SecondLight (``second_order``) or None
+
+
+class _SecondLight(NamedTuple):
+    """The second order's light on each fiber's pixels (fiber, pixel): counts per flux unit
+    at lambda / 2 (transparency 1, times the efficiency ratio, 0 below the setup's blue
+    end), the point-source aperture there and the sky's counts."""
+
+    response: np.ndarray
+    aperture: np.ndarray
+    sky_counts: np.ndarray
 
 
 def _apertures(grey, pixels, cond, losses):
@@ -147,8 +159,9 @@ def _telluric_conditions(cond):
     return cond["airmass"], cond["pwv"], cond["temperature"], cond["water_width"]
 
 
-def _light(rng, cond, pixels, optics, losses=None):
-    """Response terms, apertures, sky and sky-subtraction residuals of every fiber."""
+def _light(rng, cond, pixels, optics, losses=None, second=None):
+    """Response terms, apertures, sky and sky-subtraction residuals of every fiber (and the
+    second order's light with ``second``, :func:`_second_light`: no random draw)."""
     nfib, npix = pixels.rows.shape
 
     def response_of(w, lsf):
@@ -166,7 +179,7 @@ def _light(rng, cond, pixels, optics, losses=None):
         rows = (*rows[:2], np.stack([telluric_transmission(pixels.rows[f], optics.fibers[f],
                                                            *_telluric_conditions(cond))
                                      for f in range(nfib)]))
-    aperture = rng.uniform(*_APERTURE_RANGE, nfib)
+    aperture = grey = rng.uniform(*_APERTURE_RANGE, nfib)
     sky_counts = np.empty((nfib, npix))
     residual = np.zeros((nfib, npix))
     nlines = len(_SKY_LINES)
@@ -182,8 +195,34 @@ def _light(rng, cond, pixels, optics, losses=None):
     apertures, expected = _apertures(aperture, pixels, cond, losses)
     if losses is not None:
         aperture = np.median(apertures[1], axis=1)
+    extra = None if second is None else _second_light(cond, pixels, second, losses, grey)
     return _Light(*common, rows, aperture, sky_counts, residual, sky_counts + _READ_NOISE**2,
-                  apertures, expected)
+                  apertures, expected, extra)
+
+
+def _second_light(cond, pixels, second, losses, grey):
+    """The second order's :class:`_SecondLight`. The pixel at lambda (width d lambda)
+    receives, times the efficiency ratio, the photons the fiber gets at lambda / 2 over
+    d lambda / 2 (second order: twice the dispersion), through the same telescope,
+    atmosphere and fiber (the instrument's throughput and the aperture at lambda / 2)."""
+    wave, optics = second.pixels.rows, second.optics
+    instrument = second.weight * _instrument_counts(
+        wave, 0.5 * np.gradient(pixels.rows, axis=-1), cond["exptime"], cond["drift"])
+    atmosphere = 10.0 ** (-0.4 * atmospheric_extinction(wave, cond["aerosol"]) * cond["airmass"])
+    telluric = np.stack([telluric_transmission(wave[f], optics.fiber(f),
+                                               *_telluric_conditions(cond))
+                         for f in range(wave.shape[0])])
+    aperture = grey[:, None]
+    if losses is not None:
+        from .fiber_losses import fiber_apertures
+
+        aperture = (grey / _APERTURE_RANGE[1])[:, None] * fiber_apertures(
+            wave, losses.seeing, cond["airmass"], losses.offsets, _DAR_RESIDUAL)
+    sky = np.empty_like(wave)
+    for f in range(wave.shape[0]):  # extended: no aperture loss, no extinction (emission)
+        cont, profiles, _ = _sky(wave[f], optics.fiber(f), cond["moon"])
+        sky[f] = instrument[f] * (cont + profiles.sum(axis=0))
+    return _SecondLight(instrument * atmosphere * telluric, aperture, sky)
 
 
 class _Counts(NamedTuple):
@@ -194,11 +233,14 @@ class _Counts(NamedTuple):
     transparency: float
     std_snr: np.ndarray
     response_fiber: np.ndarray  # (fiber, pixel): the response on each fiber's own pixels
+    second: np.ndarray | None = None  # (fiber, pixel): the second order's noiseless counts
 
 
-def _expose(rng, targets, light, kinds, snr_range, transparency):
+def _expose(rng, targets, light, kinds, snr_range, transparency, second_rng=None):
     """Standards' magnitudes for their S/N (the transparency changes only if needed), then the
-    noisy counts: Poisson (signal + sky) - sky + read noise + residuals, cosmic rays."""
+    noisy counts: Poisson (signal + sky) - sky + read noise + residuals, cosmic rays. With
+    the second order's light, its Poisson counts (signal + sky) - sky are drawn from
+    ``second_rng`` and added: every other draw stays as without."""
     std = targets.std_fibers
     inst_rows, atm_rows, tell_rows = light.rows
 
@@ -214,22 +256,32 @@ def _expose(rng, targets, light, kinds, snr_range, transparency):
     targets.dilution[: std.size] *= scale
     targets.true_flux[std] *= scale[:, None]
     targets.true_rows[std] *= scale[:, None]
+    if targets.second_rows is not None:
+        targets.second_rows[std] *= scale[:, None]
     response = light.instrument * transparency * light.atmosphere * light.telluric
     signal = targets.true_rows * response_rows(transparency) * light.apertures[0]
     nfib, npix = signal.shape
     counts = (rng.poisson(signal + light.sky_counts) - light.sky_counts
               + rng.normal(0.0, _READ_NOISE, (nfib, npix)) + light.residual)
     variance = signal + light.noise_var
+    second = None
+    if light.second is not None:  # its noiseless counts, in the truth
+        second = targets.second_rows * light.second.response * transparency \
+            * light.second.aperture
+        sky2 = light.second.sky_counts
+        counts += second_rng.poisson(second + sky2) - sky2
+        variance += second + sky2
     ncosmic = rng.integers(_COSMICS_PER_FIBER[0], _COSMICS_PER_FIBER[1] + 1, nfib)
     for f in range(nfib):
         hit = rng.choice(npix, ncosmic[f], replace=False)
         counts[f, hit] = np.nan
         variance[f, hit] = np.nan
     dead = kinds == "dead"
-    for array in (counts, variance, targets.true_flux, targets.true_rows):
+    for array in (counts, variance, targets.true_flux, targets.true_rows,
+                  *(() if second is None else (second,))):
         array[dead] = np.nan
     noiseless = targets.true_flux * response[None, :] * light.apertures[1]
     with np.errstate(invalid="ignore"):
         std_snr = np.nanmedian(signal[std] / np.sqrt(variance[std]), axis=1)
     return _Counts(counts, variance, noiseless, response, transparency, std_snr,
-                   np.ascontiguousarray(response_rows(transparency)))
+                   np.ascontiguousarray(response_rows(transparency)), second)

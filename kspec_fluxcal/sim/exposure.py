@@ -65,6 +65,24 @@ top). Stars, sky lines and tellurics all go through the true LSF; the default is
 Each fiber's written wavelengths are where its light falls, unless ``arc_error`` gives every
 fiber's solution an error of its own (a shift and a tilt, a few tenths of a pixel).
 
+Second order (``second_order`` = r > 0; default 0, none). Without an order-sorting filter a
+grating puts the light of lambda / 2 in second order on the pixel of lambda: from 2 x the
+setup's blue end redward (7000 A on the IsoPlane setup). The pixel at lambda, of width
+d lambda, then also receives r x the photons its fiber gets at lambda / 2 over d lambda / 2
+(twice the dispersion in second order halves the contamination of a continuum; e.g. HST
+FOS's L15 calibration notes it), through the same telescope, atmosphere, fiber aperture and
+end-to-end throughput at lambda / 2, seen through the same line spread in pixels (a FWHM of
+FWHM(lambda) / 2 Angstrom at lambda / 2); r is the second- to first-order efficiency ratio
+at lambda / 2, a constant. Light bluer than the setup's blue end counts for nothing (the
+simulator models sources, throughput and extinction over the setup's range; the atmosphere
+cuts off near 3200 A, so a real spectrograph would see some light from 6400 A redward).
+Stars, galaxies, quasars, sky: every fiber; the sky's second order adds only noise (sky
+subtraction removes it, as sky fibers see it too). Its Poisson counts come from a stream of
+their own and the standards' magnitudes follow their first-order S/N: every other number
+is the same with or without. Values of r: a few per cent is nominal for a grating blazed in
+first order (it is measured per grating, e.g. 0.226 for HUT's far-UV grating); the
+simulator assumes no filter.
+
 The tellurics are the package's telluric line list (:mod:`kspec_fluxcal.telluric`) at high
 resolution, in the five regions of the ``telluric_default`` mask: Beer's law in the O2
 (airmass) and H2O (airmass x ``pwv``) columns, line strengths that follow the night's
@@ -102,19 +120,21 @@ atmosphere's, K), ``water_width`` (the water lines' width factor), ``night, expi
 setup_key, wavelength_format, wavelength_unit, medium, lsf_scale, pixel_integration,
 field_source, source_sharper``; only when not the defaults, ``lsf_shape`` and
 ``arc_error`` (fiber, pixel: the written minus the true wavelength, Angstrom, air; the
-truth's ``fiber_wavelength`` are the true ones). Dead fibers have NaN ``true_flux``,
-``true_flux_fiber`` and ``counts_noiseless``. With ``xp``: ``xp_wavelength_nm`` (the
-sampling, vacuum) and per standard ``std_xp_flux``, ``std_xp_flux_error`` (what the table
-holds), ``std_xp_systematic`` (the multiplicative systematic applied) and ``std_xp_true``
-(noiseless, without the systematic), W m^-2 nm^-1. ``aperture_expected`` (wavelength): the
-aperture a calibration from many standards refers to (the mean grey loss; with chromatic
-losses, the point-source loss averaged over positioning offsets at the exposure's seeing and
-airmass). With
-``chromatic_losses``: ``aperture_chromatic`` (fiber, wavelength: each fiber's point-source
-aperture, ``aperture`` then being its median), ``seeing`` (arcsec FWHM at 5000 A, also in the
-header SEEING), ``fiber_offset`` (fiber, 2: positioning offsets, arcsec, x along the
-parallactic direction) and ``dar_residual`` (the fraction of the differential refraction
-left).
+truth's ``fiber_wavelength`` are the true ones), and with ``second_order``, ``second_order``
+(r) and ``second_order_counts`` (fiber, pixel: the targets' noiseless second-order counts on
+each fiber's pixels, in the written counts but in neither ``counts_noiseless`` nor
+``true_flux``; the second order's sky is subtracted like the first's). Dead fibers have NaN
+``true_flux``, ``true_flux_fiber``, ``counts_noiseless`` (and ``second_order_counts``).
+With ``xp``: ``xp_wavelength_nm`` (the sampling, vacuum) and per standard ``std_xp_flux``,
+``std_xp_flux_error`` (what the table holds), ``std_xp_systematic`` (the multiplicative
+systematic applied) and ``std_xp_true`` (noiseless, without the systematic), W m^-2 nm^-1.
+``aperture_expected`` (wavelength): the aperture a calibration from many standards refers
+to (the mean grey loss; with chromatic losses, the point-source loss averaged over
+positioning offsets at the exposure's seeing and airmass). With ``chromatic_losses``:
+``aperture_chromatic`` (fiber, wavelength: each fiber's point-source aperture,
+``aperture`` then being its median), ``seeing`` (arcsec FWHM at 5000 A, also in the header
+SEEING), ``fiber_offset`` (fiber, 2: positioning offsets, arcsec, x along the parallactic
+direction) and ``dar_residual`` (the fraction of the differential refraction left).
 
 Chromatic losses (``chromatic_losses``): a point source's image (Gaussian, FWHM the seeing
 x (lambda / 5000 A)^-1/5) sits at the fiber's positioning offset plus the differential
@@ -145,7 +165,7 @@ from ..grid import PARAMS
 from ..wavelength import air_to_vacuum
 from .conditions import _DAR_RESIDUAL, _exposure_conditions
 from .counts import _expose, _light, _throughput
-from .optics import _pixels, _true_lsfs
+from .optics import _pixels, _second_order, _true_lsfs
 from .refcat import _P_POSITION_ONLY, _catalog
 from .setups import DEFAULT_SETUP, Setup, _as_setup
 from .star_sources import GridStars
@@ -172,7 +192,8 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
                       mjd=61345.4583, night="20261101", expid="KS20261101_0001",
                       conditions=None, field=None, standard_source=None, lsf_scale=1.0,
                       pixel_integration=False, fiber_lsf_scatter=0.0, xp=False,
-                      chromatic_losses=False, lsf_shape="gaussian", arc_error=0.0):
+                      chromatic_losses=False, lsf_shape="gaussian", arc_error=0.0,
+                      second_order=0.0):
     """Simulate one exposure: its RED file, its truth and its catalog rows.
 
     Parameters
@@ -251,6 +272,10 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
         a 1-D WAVELA or a WCS is every fiber's, though each fiber's light now falls
         elsewhere. Drawn from a stream of its own: everything else is the same with or
         without (the stars' spectra to ~1e-4 at the window's edges).
+    second_order : float
+        Second- to first-order efficiency ratio r (0: none, the default): the pixel at
+        lambda also gets r x the photons of lambda / 2 over half its width, for lambda / 2
+        within the setup (module docstring). Every other number is the same with or without.
 
     Returns
     -------
@@ -272,14 +297,17 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
                                         chromatic_losses)
     pixels = _pixels(rng, setup, wavelength_format, arc_error, aux)
     optics = _true_lsfs(aux, setup, lsf_scale, pixel_integration, fiber_lsf_scatter, lsf_shape)
+    second = _second_order(pixels, optics, second_order)
     kinds = _plan_fibers(rng, setup.fibers, n_standards, dead_fiber)
-    targets = _targets(rng, aux, stars, std_source, kinds, pixels, optics)
+    targets = _targets(rng, aux, stars, std_source, kinds, pixels, optics, second)
     if targets.sharper > 0:  # the standards' source (the field's without standards)
         label = (std_source if n_standards else stars).label
         warnings.warn(coarse_source_message(label, targets.sharper), FluxCalWarning,
                       stacklevel=2)
-    light = _light(rng, cond, pixels, optics, losses)
-    counts = _expose(rng, targets, light, kinds, snr_range, cond["transparency"])
+    light = _light(rng, cond, pixels, optics, losses, second)
+    # The second order's noise: a stream of its own (the main one stays as without).
+    counts = _expose(rng, targets, light, kinds, snr_range, cond["transparency"],
+                     None if second is None else aux.spawn(1)[0])
     catalog, fibres = _catalog(rng, aux, stars, targets, kinds, position_only, cond["field"])
     if fiber_lsf_scatter > 0:
         fibres["LSF_SCALE"] = optics.fiber_scale
@@ -294,6 +322,9 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
         truth["lsf_shape"] = np.str_(lsf_shape)
     if arc_error > 0:
         truth["arc_error"] = pixels.written - pixels.rows
+    if second is not None:
+        truth["second_order"] = np.float64(second.ratio)
+        truth["second_order_counts"] = counts.second
     if xp:
         # A stream of its own, spawned last: every other draw stays as without XP.
         truth.update(_standard_xp(rng.spawn(1)[0], std_source, targets))

@@ -276,3 +276,44 @@ def _window(source, pixels, optics):
                         f"{need[0]:.0f}-{need[1]:.0f} A")
     first = max(int(np.searchsorted(wave, need[0])) - 1, 0)
     return slice(first, int(np.searchsorted(wave, need[1])) + 1)
+
+
+class _SecondOrder(NamedTuple):
+    """Where the second order's light falls: the first order's pixels at half their
+    wavelengths (``pixels``, below the setup's blue end clipped to it), the line spreads
+    there (``optics``) and each pixel's weight (fiber, pixel): the second- to first-order
+    efficiency ratio, 0 where lambda / 2 is bluer than the setup's blue end."""
+
+    pixels: _Pixels
+    optics: _Optics
+    weight: np.ndarray
+    ratio: float
+
+
+def _second_order(pixels, optics, ratio):
+    """The second order's pixels and line spreads (:class:`_SecondOrder`), or None when
+    ``ratio`` is 0. A pixel of first-order wavelength lambda and width d lambda sees, in
+    second order, lambda / 2 over d lambda / 2, through the same line spread in pixels: a
+    FWHM(lambda) / 2 in Angstrom at lambda / 2."""
+    ratio = float(ratio)
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"second_order={ratio!r}: need a second- to first-order efficiency "
+                         "ratio in [0, 1)")
+    if ratio == 0.0:
+        return None
+    blue = pixels.setup.wave_min
+    half = _Pixels(pixels.setup, np.maximum(0.5 * pixels.base, blue),
+                   np.maximum(0.5 * pixels.rows, blue), pixels.per_fiber,
+                   np.maximum(0.5 * pixels.written, blue), pixels.written_2d)
+    fibers = None if optics.fibers is None else [_half_lsf(lsf) for lsf in optics.fibers]
+    halved = _Optics(optics.scale, optics.fiber_scale, _half_lsf(optics.exposure), fibers)
+    weight = np.where(0.5 * pixels.rows >= blue, ratio, 0.0)
+    return _SecondOrder(half, halved, weight, ratio)
+
+
+def _half_lsf(lsf):
+    """A true line spread as the second order sees it at lambda / 2: FWHM2(mu) =
+    FWHM(2 mu) / 2 (coefficients c_k 2^(k-1)), the pixel box half as wide; the same
+    profile in units of the FWHM."""
+    core = LineSpread(tuple(c * 2.0 ** (k - 1) for k, c in enumerate(lsf.core.coeffs)), "true")
+    return _TrueLSF(core, 0.5 * lsf.pixel, lsf.shape)

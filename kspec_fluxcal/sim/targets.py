@@ -59,6 +59,9 @@ class _Targets(NamedTuple):
     true_rows: np.ndarray  # (fiber, pixel) on each fiber's pixels
     redshift: np.ndarray
     sharper: float
+    # (fiber, pixel) the spectra at half each fiber's wavelengths through the second order's
+    # line spread (``second_order``), or None
+    second_rows: np.ndarray | None = None
 
 
 def _observed(source, params, rv, ebv):
@@ -80,8 +83,10 @@ def _observed(source, params, rv, ebv):
     return observed, mags
 
 
-def _targets(rng, aux, stars, std_source, kinds, pixels, optics):
-    """Draw the stars, galaxies and quasars and convolve them to each fiber's true LSF."""
+def _targets(rng, aux, stars, std_source, kinds, pixels, optics, second=None):
+    """Draw the stars, galaxies and quasars and convolve them to each fiber's true LSF
+    (and, with ``second`` (:class:`~kspec_fluxcal.sim.optics._SecondOrder`), to the second
+    order's at half the wavelengths: no random draw)."""
     std_fibers = np.flatnonzero(kinds == "standard")
     sci_fibers = np.flatnonzero(kinds == "star")
     nstd, nsci = std_fibers.size, sci_fibers.size
@@ -111,17 +116,25 @@ def _targets(rng, aux, stars, std_source, kinds, pixels, optics):
     redshift = np.full(kinds.size, np.nan)
     redshift[star_fibers] = rv / SPEED_OF_LIGHT_KMS
     _add_extragalactic(rng, stars, window, kinds, native, redshift, pixels.base)
-    true_flux, true_rows, sharper = _convolve(stars, stars.wavelength[window], native,
-                                              np.arange(kinds.size), pixels, optics)
     if not same and nstd:
         win = _window(std_source, pixels, optics)
         native_std = observed[0][:, win] * (dilution[:nstd] / FLUX_UNIT_SCALE)[:, None]
-        true_flux[std_fibers], true_rows[std_fibers], sharper = _convolve(
-            std_source, std_source.wavelength[win], native_std, std_fibers, pixels, optics)
+
+    def seen(pix, opt):  # every fiber's light at the pixels ``pix`` through ``opt``
+        flux, rows, frac = _convolve(stars, stars.wavelength[window], native,
+                                     np.arange(kinds.size), pix, opt)
+        if not same and nstd:
+            flux[std_fibers], rows[std_fibers], frac = _convolve(
+                std_source, std_source.wavelength[win], native_std, std_fibers, pix, opt)
+        return flux, rows, frac
+
+    true_flux, true_rows, sharper = seen(pixels, optics)
+    # Half the wavelengths lie inside the first order's window (the setup's blue end up).
+    second_rows = None if second is None else seen(second.pixels, second.optics)[1]
     labels = np.array([std_source.label] * nstd + [stars.label] * nsci, dtype="<U32")
     mass = aux.uniform(*_STAR_MASS_MSUN, nstar)
     return _Targets(std_fibers, star_fibers, std, params, labels, rv, ebv, mass, mags0, gmag,
-                    dilution, true_flux, true_rows, redshift, float(sharper))
+                    dilution, true_flux, true_rows, redshift, float(sharper), second_rows)
 
 
 def _add_extragalactic(rng, stars, window, kinds, native, redshift, base):

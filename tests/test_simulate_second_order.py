@@ -1,0 +1,108 @@
+"""The simulator's second-order light (``second_order``): the light of lambda / 2 on the
+pixel of lambda, from twice the setup's blue end redward."""
+
+import json
+
+import numpy as np
+import pytest
+
+from kspec_fluxcal.sim import (
+    ISOPLANE_SETUP,
+    GridStars,
+    Setup,
+    bosz_wavelength_grid,
+    simulate_exposure,
+    simulate_survey,
+)
+
+RATIO = 0.05
+
+
+class _FlatStar:
+    """A test source: a spectrum flat in F_lambda (its line spread changes nothing)."""
+
+    label = "test:flat"
+    resolving_power = None
+
+    def __init__(self):
+        self.wavelength = bosz_wavelength_grid(10000, 2500.0, 26000.0)
+
+    def native_fwhm(self, wavelength):
+        return np.full(np.shape(wavelength), 0.01)
+
+    def sample(self, rng, n, ranges=None):
+        return {"teff": np.full(n, 6000.0), "logg": np.full(n, 4.3), "feh": np.zeros(n),
+                "alpha": np.zeros(n)}
+
+    def spectra(self, params):
+        return np.full((len(params["teff"]), self.wavelength.size), 1e6)
+
+    def describe(self):
+        return {"label": self.label}
+
+
+@pytest.fixture(scope="module")
+def pair(small_grid):
+    """The same exposure (IsoPlane, a flat standard) without and with second order."""
+
+    def make(**kwargs):
+        return simulate_exposure(11, GridStars(small_grid), setup=ISOPLANE_SETUP,
+                                 n_standards=1, standard_source=_FlatStar(), **kwargs)
+
+    return make(), make(second_order=RATIO)
+
+
+def test_flat_source_gains_the_ratio_times_half_its_counts_at_half_the_wavelength(pair):
+    """Pixel lambda gets r x the photons of lambda / 2 over half a pixel's width: for a
+    flat source (reddened only), r / 2 x its first-order counts at lambda / 2."""
+    _, on = pair
+    t = on.truth
+    f = int(t["std_fiber"][0])
+    wave = t["wavelength"]
+    second = t["second_order_counts"][f]
+    red = wave >= 2 * ISOPLANE_SETUP.wave_min
+    expected = RATIO / 2 * np.interp(wave[red] / 2, wave, t["counts_noiseless"][f])
+    np.testing.assert_allclose(second[red], expected, rtol=2e-4)
+    assert np.all(second[~red] == 0)  # nothing below twice the blue end (7000 A)
+    assert float(t["second_order"]) == RATIO
+
+
+def test_every_fiber_and_nothing_else_changes(pair):
+    """Every target gets second-order light; the written counts change only from 7000 A
+    (by the second order's counts and their noise); every other number is the same."""
+    off, on = pair
+    t = on.truth
+    red = t["wavelength"] >= 2 * ISOPLANE_SETUP.wave_min
+    targets = np.flatnonzero(~np.isin(t["fiber_kind"], ["sky", "dead"]))
+    second = t["second_order_counts"]
+    assert np.all(second[targets][:, red] > 0) and np.all(second[:, ~red] == 0)
+    counts_off, counts_on = off.hdulist[0].data, on.hdulist[0].data
+    np.testing.assert_array_equal(counts_on[:, ~red], counts_off[:, ~red])
+    variance_off, variance_on = off.hdulist["VARIANCE"].data, on.hdulist["VARIANCE"].data
+    np.testing.assert_array_equal(variance_on[:, ~red], variance_off[:, ~red])
+    added = variance_on - variance_off
+    for f in targets:  # the targets' and the sky's second order, as Poisson counts
+        sky = added[f, red] - second[f, red]  # subtracted: in the variance only
+        assert np.all(sky[np.isfinite(sky)] > 0)
+        gained = np.nansum((counts_on - counts_off)[f, red])
+        assert abs(gained - np.sum(second[f, red])) < 4 * np.sqrt(np.nansum(added[f, red]))
+    for key in ("true_flux", "counts_noiseless", "sky_counts", "std_gmag", "aperture",
+                "transparency"):
+        np.testing.assert_array_equal(t[key], off.truth[key])
+    assert "second_order" not in off.truth and "second_order_counts" not in off.truth
+
+
+def test_second_order_needs_a_ratio_below_one(small_grid):
+    for bad in (-0.01, 1.0):
+        with pytest.raises(ValueError, match="second_order"):
+            simulate_exposure(1, GridStars(small_grid), setup=ISOPLANE_SETUP,
+                              second_order=bad)
+
+
+def test_survey_passes_and_records_second_order(small_grid, tmp_path):
+    out = simulate_survey(tmp_path / "s", exposures=1, seed=4, grid=small_grid,
+                          setups=[Setup("t", pixels=600)], second_order=0.02)
+    info = json.loads((out / "survey.json").read_text())
+    assert info["options"]["second_order"] == 0.02
+    truth = np.load(out / info["exposures"][0]["truth"])
+    assert float(truth["second_order"]) == 0.02 and np.nanmax(truth["second_order_counts"]) > 0
