@@ -14,7 +14,7 @@ import pytest
 from kspec_fluxcal.calibration import running_median
 from kspec_fluxcal.config import Config
 from kspec_fluxcal.exposure import red_hdulist
-from kspec_fluxcal.sim import write_synthetic_grid
+from kspec_fluxcal.sim import bosz_wavelength_grid, write_synthetic_grid
 from kspec_fluxcal.templates import CACHE_ENV
 
 SHARED_REAL = Path(__file__).resolve().parents[2] / "shared" / "real"
@@ -26,6 +26,30 @@ SELF_MODEL = Config().replace(spectral_dof=0)
 requires_shared = pytest.mark.skipif(not SHARED_REAL.is_dir(),
                                      reason="../shared/real (real spectra) is not present")
 
+
+
+class FlatStar:
+    """A test star source (for ``standard_source``): a spectrum flat in F_lambda on BOSZ's
+    R = 10000 grid, every star at 6000 K, log g 4.3, solar; subclasses change ``spectra``."""
+
+    label = "test:flat"
+    resolving_power = None
+
+    def __init__(self):
+        self.wavelength = bosz_wavelength_grid(10000, 2500.0, 26000.0)
+
+    def native_fwhm(self, wavelength):
+        return np.full(np.shape(wavelength), 0.01)
+
+    def sample(self, rng, n, ranges=None):
+        return {"teff": np.full(n, 6000.0), "logg": np.full(n, 4.3), "feh": np.zeros(n),
+                "alpha": np.zeros(n)}
+
+    def spectra(self, params):
+        return np.full((len(params["teff"]), self.wavelength.size), 1e6)
+
+    def describe(self):
+        return {"label": self.label}
 
 @pytest.fixture(scope="session", autouse=True)
 def template_cache(tmp_path_factory):

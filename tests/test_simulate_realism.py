@@ -6,6 +6,7 @@ import json
 import numpy as np
 import pytest
 from astropy.io import fits
+from conftest import FlatStar
 
 from kspec_fluxcal.exposure import open_exposure
 from kspec_fluxcal.sim import (
@@ -24,30 +25,19 @@ LINE_SETUP = Setup("line", pixels=2000, fibers=8, wave_min=5000.0, wave_max=7000
 LINE_CENTRE = 6000.0
 
 
-class _LineStar:
+class _LineStar(FlatStar):
     """A test source: a flat continuum with one unresolved emission line at 6000 A."""
 
     label = "test:line"
-    resolving_power = None
 
     def __init__(self):
         coarse = bosz_wavelength_grid(10000, 2500.0, 26000.0)
         fine = np.exp(np.arange(np.log(5970.0), np.log(6030.0), 2e-6))
         self.wavelength = np.union1d(coarse[(coarse < 5970) | (coarse > 6030)], fine)
 
-    def native_fwhm(self, wavelength):
-        return np.full(np.shape(wavelength), 0.01)
-
-    def sample(self, rng, n, ranges=None):
-        return {"teff": np.full(n, 6000.0), "logg": np.full(n, 4.3), "feh": np.zeros(n),
-                "alpha": np.zeros(n)}
-
     def spectra(self, params):
         line = 50.0 * np.exp(-0.5 * ((self.wavelength - LINE_CENTRE) / 0.03) ** 2)
         return np.broadcast_to(1e6 * (1.0 + line), (len(params["teff"]), self.wavelength.size))
-
-    def describe(self):
-        return {"label": self.label}
 
 
 @pytest.fixture(scope="module")

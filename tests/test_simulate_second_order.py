@@ -5,40 +5,17 @@ import json
 
 import numpy as np
 import pytest
+from conftest import FlatStar
 
 from kspec_fluxcal.sim import (
     ISOPLANE_SETUP,
     GridStars,
     Setup,
-    bosz_wavelength_grid,
     simulate_exposure,
     simulate_survey,
 )
 
 RATIO = 0.05
-
-
-class _FlatStar:
-    """A test source: a spectrum flat in F_lambda (its line spread changes nothing)."""
-
-    label = "test:flat"
-    resolving_power = None
-
-    def __init__(self):
-        self.wavelength = bosz_wavelength_grid(10000, 2500.0, 26000.0)
-
-    def native_fwhm(self, wavelength):
-        return np.full(np.shape(wavelength), 0.01)
-
-    def sample(self, rng, n, ranges=None):
-        return {"teff": np.full(n, 6000.0), "logg": np.full(n, 4.3), "feh": np.zeros(n),
-                "alpha": np.zeros(n)}
-
-    def spectra(self, params):
-        return np.full((len(params["teff"]), self.wavelength.size), 1e6)
-
-    def describe(self):
-        return {"label": self.label}
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +24,7 @@ def pair(small_grid):
 
     def make(**kwargs):
         return simulate_exposure(11, GridStars(small_grid), setup=ISOPLANE_SETUP,
-                                 n_standards=1, standard_source=_FlatStar(), **kwargs)
+                                 n_standards=1, standard_source=FlatStar(), **kwargs)
 
     return make(), make(second_order=RATIO)
 
