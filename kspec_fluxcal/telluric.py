@@ -104,24 +104,40 @@ def telluric_lines(source="telluric_lines"):
 
 
 #: Pixels this far (Angstrom) beyond a line list's reddest line are said to have no telluric
-#: model (its lines' wings reach _WING; the atmosphere's water absorbs again from ~9300 A).
+#: model: its lines' wings reach only _WING, and a list ending inside a band's red wing (the
+#: stand-in's 8950-9190 A band) is no reason to warn.
 _UNCOVERED = 100.0
+#: The strong water band beyond the stand-in list (air, Angstrom): water's 0.94 micron band,
+#: named in the message when the pixels reach it.
+_WATER_094 = (9300.0, 9700.0)
 
 
 def uncovered_red(wavelength, source="telluric_lines"):
-    """What an exposure's pixels redder than the line list reaches are told: a message, or
-    None when the list covers them (to within :data:`_UNCOVERED` A).
+    """Say which of an exposure's pixels lie redder than a telluric line list reaches.
 
-    The shipped stand-in ends at the 8950-9190 A water band; a setup reaching further red
-    meets the strong water band near 9300-9700 A, which no telluric model then corrects."""
+    Parameters
+    ----------
+    wavelength : array_like
+        Pixel wavelengths, Angstrom (air); NaN ignored.
+    source : str or path-like
+        The line list (as for :func:`telluric_lines`).
+
+    Returns
+    -------
+    str or None
+        A message naming the list, its last line and the uncovered range (and the strong
+        water band near 9300-9700 A when the pixels reach it); None when the list covers
+        the pixels to within :data:`_UNCOVERED` A.
+    """
     last = float(telluric_lines(source)["wavelength"][-1])
     top = float(np.nanmax(wavelength, initial=-np.inf))
     if not top > last + _UNCOVERED:
         return None
+    band = (f" (water absorbs strongly near {_WATER_094[0]:.0f}-{_WATER_094[1]:.0f} A)"
+            if top > _WATER_094[0] else "")
     return (f"the telluric line list ({os.fspath(source)}) ends at {last:.0f} A: the pixels "
-            f"up to {top:.0f} A have no telluric correction (water absorbs strongly near "
-            "9300-9700 A); give a line list and a telluric mask that cover them ([telluric] "
-            "lines, [masks] telluric)")
+            f"at {last:.0f}-{top:.0f} A have no telluric correction{band}; give a line list "
+            "and a telluric mask that cover them ([telluric] lines, [masks] telluric)")
 
 
 #: Columns of a telluric line list, and the wavelengths (air, Angstrom) its lines may have:

@@ -449,12 +449,12 @@ def test_water_vapour_followed_over_a_night():
     assert np.all(h2o_err > 0) and np.all(h2o_err < 0.1 * water)
 
 
-def test_pixels_beyond_the_telluric_line_list_are_named():
+def test_pixels_beyond_the_telluric_line_list_are_named(tmp_path):
     """A setup reaching 10000 A, beyond the line list's last line (~9190 A): the exposure is
     calibrated, and a warning (a HISTORY note of the product) says that those pixels have no
     telluric model; the same stars cut at 8600 A say nothing."""
     from kspec_fluxcal.lsf import LineSpread
-    from kspec_fluxcal.telluric import telluric_lines
+    from kspec_fluxcal.telluric import telluric_lines, uncovered_red
 
     last = telluric_lines()["wavelength"][-1]
     red = np.linspace(3600.0, 10000.0, 1500)
@@ -465,9 +465,17 @@ def test_pixels_beyond_the_telluric_line_list_are_named():
          for name in ("cal", "cal_variance")}).assign_coords(wavelength=red)
     stars["cal_mask"] = xr.ones_like(stars["cal"], dtype=bool)  # the edge values beyond
     stars.attrs.update(lsf_fwhm_coeffs=list(LineSpread.constant(6.0).coeffs), airmass=1.2)
-    with pytest.warns(FluxCalWarning, match=f"ends at {last:.0f} A: the pixels up to 10000"):
+    expected = f"ends at {last:.0f} A: the pixels at {last:.0f}-10000 A have no telluric " \
+        "correction \\(water absorbs strongly"
+    with pytest.warns(FluxCalWarning, match=expected):
         comb = combine_vectors(stars)
     assert np.isfinite(comb.attrs["fcalo2"])  # the bands it covers are still modelled
+    # A list of the A band alone, on pixels short of the water band: no band named.
+    short = tmp_path / "a_band.csv"
+    short.write_text("wavelength,species,ew,hwhm\n7620.0,O2,1.0,0.025\n")
+    message = uncovered_red(np.linspace(3600.0, 8500.0, 50), short)
+    assert "7620-8500 A have no telluric correction;" in message
+    assert uncovered_red(np.linspace(3600.0, 7700.0, 50), short) is None
     blue = stars.sel(wavelength=slice(None, 8600.0))
     with warnings.catch_warnings():
         warnings.simplefilter("error", FluxCalWarning)

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 from conftest import FlatStar
 
+from kspec_fluxcal.errors import FluxCalWarning
 from kspec_fluxcal.sim import (
     ISOPLANE_SETUP,
     GridStars,
@@ -83,3 +84,60 @@ def test_survey_passes_and_records_second_order(small_grid, tmp_path):
     assert info["options"]["second_order"] == 0.02
     truth = np.load(out / info["exposures"][0]["truth"])
     assert float(truth["second_order"]) == 0.02 and np.nanmax(truth["second_order_counts"]) > 0
+
+
+class _LineAt4000(FlatStar):
+    """A flat continuum with one unresolved emission line at 4000 A."""
+
+    label = "test:line4000"
+    centre = 4000.0
+
+    def __init__(self):
+        super().__init__()
+        coarse = self.wavelength
+        fine = np.exp(np.arange(np.log(3980.0), np.log(4020.0), 2e-6))
+        self.wavelength = np.union1d(coarse[(coarse < 3980) | (coarse > 4020)], fine)
+
+    def spectra(self, params):
+        line = 50.0 * np.exp(-0.5 * ((self.wavelength - self.centre) / 0.03) ** 2)
+        return np.broadcast_to(1e6 * (1.0 + line), (len(params["teff"]), self.wavelength.size))
+
+
+def _line_fwhm_pixels(counts, near):
+    """FWHM in pixels of the emission line in ``counts`` around pixel ``near`` (continuum
+    from the median of the 60 pixels around, half maximum by linear interpolation)."""
+    window = counts[near - 30:near + 30]
+    peak = window - np.median(window)
+    k = int(np.argmax(peak))
+    half = peak[k] / 2
+    left = k - 1 - np.flatnonzero(peak[k - 1::-1] < half)[0]
+    right = k + np.flatnonzero(peak[k:] < half)[0]
+    lo = left + (half - peak[left]) / (peak[left + 1] - peak[left])
+    hi = right - 1 + (peak[right - 1] - half) / (peak[right - 1] - peak[right])
+    return near - 30 + k, hi - lo
+
+
+def test_the_second_order_line_spread_is_the_same_in_pixels(small_grid):
+    """A line at 4000 A falls in second order at the pixel of 8000 A with the first order's
+    FWHM in pixels (FWHM(8000 A) / 2 in Angstrom at 4000 A, pixels of half the width): with
+    the first order's line spread at 4000 A instead it would be twice as wide."""
+    setup = Setup("octave", pixels=2000, fibers=8, wave_min=3800.0, wave_max=8400.0,
+                  fwhm_pixels=(3.0, 3.0, 3.0))
+    t = simulate_exposure(5, GridStars(small_grid), setup=setup, n_standards=1,
+                          standard_source=_LineAt4000(), second_order=RATIO).truth
+    f, wave = int(t["std_fiber"][0]), t["wavelength"]
+    shift = 1.0 + float(t["std_rv"][0]) / 299792.458  # the star's own velocity
+    first = int(np.argmin(np.abs(wave - 4000.0 * shift)))
+    second = int(np.argmin(np.abs(wave - 8000.0 * shift)))
+    at1, fwhm1 = _line_fwhm_pixels(t["counts_noiseless"][f], first)
+    at2, fwhm2 = _line_fwhm_pixels(t["second_order_counts"][f], second)
+    assert abs(at2 - second) <= 1 and abs(at1 - first) <= 1
+    assert fwhm1 == pytest.approx(3.0, rel=0.05)
+    assert fwhm2 == pytest.approx(fwhm1, rel=0.05)
+
+
+def test_a_setup_short_of_an_octave_is_told_it_gets_no_second_order(small_grid):
+    setup = Setup("narrow", pixels=600, fibers=8, wave_min=5000.0, wave_max=7000.0)
+    with pytest.warns(FluxCalWarning, match="second_order=0.05 adds nothing"):
+        t = simulate_exposure(2, GridStars(small_grid), setup=setup, second_order=RATIO).truth
+    assert not np.any(t["second_order_counts"])

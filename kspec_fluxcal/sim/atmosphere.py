@@ -123,7 +123,7 @@ def telluric_transmission(wavelength, lsf, airmass=1.0, pwv=1.0, temperature=_TE
     wavelength : array_like
         Pixel centres, Angstrom (air), any shape.
     lsf : LineSpread or line spread with a ``sigma(wavelength)`` method
-        The true line-spread function (with a ``shape``, its ``parts(wavelength)``: a sum
+        The true line-spread function (with a ``profile``, its ``parts(wavelength)``: a sum
         of Gaussians, as weight, offset and sigma).
     airmass, pwv : float
         Airmass and precipitable-water factor.
@@ -140,7 +140,7 @@ def telluric_transmission(wavelength, lsf, airmass=1.0, pwv=1.0, temperature=_TE
     wave_hr, hr = _telluric_hr(float(airmass), float(pwv), float(temperature),
                                float(water_width))
     wave = np.asarray(wavelength, dtype=np.float64)
-    if getattr(lsf, "shape", None) is None:
+    if getattr(lsf, "profile", None) is None:
         return sample_transmission(wave_hr, hr, wave, lsf.sigma(wave))
     # A profile of several Gaussians (the simulator's true line spread): one sampling each.
     return sum(weight * sample_transmission(wave_hr, hr, wave - offset, sigma)
@@ -155,7 +155,7 @@ def _sky(wavelength, lsf, moon):
     centres = np.array([c for c, _ in _SKY_LINES])
     ew = np.array([e for _, e in _SKY_LINES]) * dark * (centres / 5500.0) ** 0.3
     sigma = lsf.sigma(centres)
-    if getattr(lsf, "shape", None) is None:
+    if getattr(lsf, "profile", None) is None:
         profiles = ew[:, None] * _gaussian(wavelength[None, :], centres[:, None],
                                            sigma[:, None])
     else:  # a profile of several Gaussians: each line's light moved by their offsets

@@ -82,6 +82,8 @@ def _exposure_conditions(rng, conditions, airmass, exptime, field, nfib, chromat
 def _conditions(rng, conditions, airmass, exptime, field):
     """Night and exposure conditions: given ones kept, the others drawn (in a fixed order)."""
     cond = dict(conditions or {})
+    # simulate_exposure's own conditions are checked as simulate_survey's are
+    cond.update(_ranges(cond.get("airmass_range"), cond.get("pwv_range")))
     if "aerosol" in cond:
         aerosol = float(cond["aerosol"])
     else:

@@ -78,10 +78,13 @@ simulator models sources, throughput and extinction over the setup's range; the 
 cuts off near 3200 A, so a real spectrograph would see some light from 6400 A redward).
 Stars, galaxies, quasars, sky: every fiber; the sky's second order adds only noise (sky
 subtraction removes it, as sky fibers see it too). Its Poisson counts come from a stream of
-their own and the standards' magnitudes follow their first-order S/N: every other number
-is the same with or without. Values of r: a few per cent is nominal for a grating blazed in
-first order (it is measured per grating, e.g. 0.226 for HUT's far-UV grating); the
-simulator assumes no filter.
+their own and the standards' magnitudes follow their first-order S/N: every other random
+draw is the same with or without (the variance includes the second order's counts). r is
+one constant, a nominal value (it is measured per grating, e.g. 0.226 for HUT's far-UV
+grating): a grating blazed in first order at lambda_b is blazed at lambda_b / 2 in second
+order, so the real ratio climbs toward the octave's blue end (scalar theory, blaze at
+5000 A: 0.05 at 8500 A, 0.56 at 7000 A), where a constant few per cent is a lower bound.
+The simulator assumes no order-sorting filter.
 
 The tellurics are the package's telluric line list (:mod:`kspec_fluxcal.telluric`) at high
 resolution, in the five regions of the ``telluric_default`` mask: Beer's law in the O2
@@ -275,7 +278,8 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
     second_order : float
         Second- to first-order efficiency ratio r (0: none, the default): the pixel at
         lambda also gets r x the photons of lambda / 2 over half its width, for lambda / 2
-        within the setup (module docstring). Every other number is the same with or without.
+        within the setup (module docstring). Every other random draw is the same with or
+        without.
 
     Returns
     -------

@@ -18,14 +18,15 @@ know.
 from __future__ import annotations
 
 import functools
+import warnings
 from typing import NamedTuple
 
 import numpy as np
 import scipy.optimize
 import scipy.sparse
 
-from ..errors import GridError
 from ..constants import FWHM_PER_SIGMA
+from ..errors import FluxCalWarning, GridError
 from ..lsf import LineSpread
 from ..templates import convolution_matrix
 from .setups import Setup
@@ -46,8 +47,8 @@ _FIBER_LSF_CLIP = (0.8, 1.25)
 #: spread (a Gaussian here), as instrument models of fiber spectrographs build their line
 #: spread (e.g. MOONS': the optics' PSF convolved with the fiber core's image; Li Causi et
 #: al. 2016, Proc. SPIE 9908). At 1.1 the image dominates (the semicircle alone has a FWHM of
-#: 0.95 of the profile's; the camera's Gaussian 0.67): a flat-topped profile with a second
-#: moment 0.93 of the Gaussian's of the same FWHM and 2.5 % more peak.
+#: 0.95 of the profile's; the camera's Gaussian 0.67): a flat-topped profile with an rms
+#: width 0.93 of the Gaussian's of the same FWHM (second moment 0.87) and 2.5 % more peak.
 _FIBER_IMAGE_DIAMETER = 1.1
 #: Nodes of the semicircle's quadrature (Gauss-Chebyshev of the second kind): with the
 #: camera's Gaussian on top, 8 reproduce the profile to 1e-6 of its peak.
@@ -89,7 +90,7 @@ def _pixels(rng, setup, wavelength_format, arc_error=0.0, aux=None):
 def _arc_errors(rng, setup, rms):
     """Per fiber and pixel, written minus true wavelength in pixels: a shift and a tilt
     across the detector (x from -1 to 1), each with half the variance of ``rms`` over the
-    detector (shift sigma rms / sqrt 2, end-to-end tilt sigma rms sqrt(3 / 2))."""
+    detector (shift sigma rms / sqrt 2, centre-to-edge tilt sigma rms sqrt(3 / 2))."""
     x = np.linspace(-1.0, 1.0, setup.pixels)
     shift = rng.normal(0.0, rms / np.sqrt(2.0), setup.fibers)
     tilt = rng.normal(0.0, rms * np.sqrt(1.5), setup.fibers)
@@ -122,37 +123,37 @@ def _fiber_profile(diameter=_FIBER_IMAGE_DIAMETER, nodes=_FIBER_NODES):
 
 class _TrueLSF(NamedTuple):
     """The line-spread function the light meets: a Gaussian ``core`` (the header's, scaled)
-    or, with ``shape``, a sum of Gaussians ((offset, width, weight), ...; offset and width in
+    or, with a ``profile``, a sum of Gaussians ((offset, width, weight), ...; offset and width in
     units of the core's FWHM, offsets of the light to the red) of that FWHM; and, when
     ``pixel`` > 0, a box of that width (Angstrom) for the integration over a pixel."""
 
     core: LineSpread
     pixel: float = 0.0
-    shape: tuple | None = None
+    profile: tuple | None = None
 
     def sigma(self, wavelength):
         """Gaussian-equivalent (rms) sigma, Angstrom (the reach of the wings)."""
         core = self.core.sigma(wavelength)
-        if self.shape is not None:
+        if self.profile is not None:
             core = core * np.sqrt(sum(w * (width**2 + (FWHM_PER_SIGMA * o) ** 2)
-                                      for o, width, w in self.shape))
+                                      for o, width, w in self.profile))
         return np.sqrt(core**2 + self.pixel**2 / 12.0) if self.pixel else core
 
     def parts(self, wavelength):
         """[(weight, offset, sigma)]: the profile at ``wavelength`` as Gaussians (Angstrom;
         the pixel box in quadrature), for unresolved sky and telluric lines."""
-        if self.shape is None:
+        if self.profile is None:
             return [(1.0, 0.0, self.sigma(wavelength))]
         fwhm = self.core.fwhm(wavelength)
         return [(w, o * fwhm, np.sqrt((width * fwhm / FWHM_PER_SIGMA) ** 2
-                                      + self.pixel**2 / 12.0)) for o, width, w in self.shape]
+                                      + self.pixel**2 / 12.0)) for o, width, w in self.profile]
 
     def gaussians(self):
         """[(weight, offset in units of the FWHM, LineSpread)] of the profile."""
-        if self.shape is None:
+        if self.profile is None:
             return [(1.0, 0.0, self.core)]
         return [(w, o, LineSpread(tuple(c * width for c in self.core.coeffs), "true"))
-                for o, width, w in self.shape]
+                for o, width, w in self.profile]
 
 
 class _Optics(NamedTuple):
@@ -173,7 +174,7 @@ def _true_lsfs(aux, setup, lsf_scale, pixel_integration, fiber_lsf_scatter,
     """The true line-spread functions of an exposure (its own and per fiber)."""
     if lsf_shape not in LSF_SHAPES:
         raise ValueError(f"lsf_shape={lsf_shape!r}: use one of {', '.join(LSF_SHAPES)}")
-    shape = _fiber_profile() if lsf_shape == "fiber" else None
+    profile = _fiber_profile() if lsf_shape == "fiber" else None
     if np.ndim(lsf_scale) == 0:
         scale = float(lsf_scale)
     else:
@@ -186,7 +187,7 @@ def _true_lsfs(aux, setup, lsf_scale, pixel_integration, fiber_lsf_scatter,
 
     def true(s):  # the header's own object when unchanged: the default stays bit-identical
         core = nominal if s == 1.0 else LineSpread(tuple(c * s for c in nominal.coeffs), "true")
-        return _TrueLSF(core, pixel, shape)
+        return _TrueLSF(core, pixel, profile)
 
     fiber_scale = np.ones(setup.fibers)
     fibers = None
@@ -218,7 +219,7 @@ def _source_matrix(source, wave_in, wave_out, lsf):
     if lsf.pixel:
         offsets = (np.arange(_PIXEL_SUBSAMPLES) + 0.5) / _PIXEL_SUBSAMPLES - 0.5
         wave_out = (wave_out[:, None] + offsets[None, :] * np.gradient(wave_out)[:, None]).ravel()
-    if lsf.shape is None:
+    if lsf.profile is None:
         matrix, sharper = _gaussian_matrix(source, wave_in, wave_out, lsf.core)
     else:  # light shifted by +offset reaches the pixel at wave from wave - offset
         matrix, sharper = None, 0.0
@@ -308,6 +309,10 @@ def _second_order(pixels, optics, ratio):
     fibers = None if optics.fibers is None else [_half_lsf(lsf) for lsf in optics.fibers]
     halved = _Optics(optics.scale, optics.fiber_scale, _half_lsf(optics.exposure), fibers)
     weight = np.where(0.5 * pixels.rows >= blue, ratio, 0.0)
+    if not weight.any():
+        warnings.warn(f"second_order={ratio:g} adds nothing: the setup {pixels.setup.name!r} "
+                      f"({blue:.0f}-{pixels.setup.wave_max:.0f} A) is less than an octave "
+                      "wide", FluxCalWarning, stacklevel=3)
     return _SecondOrder(half, halved, weight, ratio)
 
 
@@ -316,4 +321,4 @@ def _half_lsf(lsf):
     FWHM(2 mu) / 2 (coefficients c_k 2^(k-1)), the pixel box half as wide; the same
     profile in units of the FWHM."""
     core = LineSpread(tuple(c * 2.0 ** (k - 1) for k, c in enumerate(lsf.core.coeffs)), "true")
-    return _TrueLSF(core, 0.5 * lsf.pixel, lsf.shape)
+    return _TrueLSF(core, 0.5 * lsf.pixel, lsf.profile)

@@ -215,12 +215,14 @@ def simulate_survey(outdir, *, exposures=20, nights=4, seed=0, fibers=14, pixels
         a median seeing per night.
     airmass_range, pwv_range : (float, float), optional
         Ranges the exposures' airmass and precipitable-water factor (1: the telluric line
-        list's reference column) are drawn from, uniformly; default 1.0-2.0 and 0.4-2.5
+        list's reference column) are drawn from, uniformly, instead of the defaults 1.0-2.0
+        and 0.4-2.5
         (:data:`~kspec_fluxcal.sim.conditions._EXPOSURE`). E.g. (1.0, 2.8) and (2.0, 8.0): a
         humid site or season, fields observed down to airmass 2.8. Every other draw stays as
         with the defaults (the same random numbers; these map into the given range); the
         manifest's options record them when given.
-    lsf_shape, arc_error
+    lsf_shape : {'gaussian', 'fiber'}
+    arc_error : float
         The true line spread's profile and each fiber's wavelength-solution error (pixels
         rms), passed to every :func:`simulate_exposure`; the manifest records them when not
         the defaults.
