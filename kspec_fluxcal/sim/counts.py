@@ -144,19 +144,41 @@ def _apertures(grey, pixels, cond, losses):
     if losses is None:
         return (grey[:, None], grey[:, None]), np.full(pixels.base.size, np.mean(
             _APERTURE_RANGE))
-    from .fiber_losses import expected_aperture, fiber_apertures
+    from .fiber_losses import expected_aperture
 
     other = grey / _APERTURE_RANGE[1]  # the fiber's own losses; seeing is modelled now
-    rows, common = (other[:, None] * fiber_apertures(w, losses.seeing, cond["airmass"],
-                                                     losses.offsets, _DAR_RESIDUAL)
+    rows, common = (_chromatic_apertures(grey, w, cond, losses)
                     for w in (pixels.rows, pixels.base))
     expected = np.mean(other) * expected_aperture(pixels.base, losses.seeing, cond["airmass"],
                                                   _FIBER_POSITION_SIGMA, _DAR_RESIDUAL)
     return (rows, common), expected
 
 
+def _chromatic_apertures(grey, wave, cond, losses):
+    """Point-source apertures (fiber, pixel) at ``wave`` with chromatic losses: each fiber's
+    own losses (``grey`` over the largest) times its seeing and refraction losses."""
+    from .fiber_losses import fiber_apertures
+
+    return (grey / _APERTURE_RANGE[1])[:, None] * fiber_apertures(
+        wave, losses.seeing, cond["airmass"], losses.offsets, _DAR_RESIDUAL)
+
+
 def _telluric_conditions(cond):
     return cond["airmass"], cond["pwv"], cond["temperature"], cond["water_width"]
+
+
+def _response_terms(cond, wave, width, lsf):
+    """Counts per flux unit of the instrument, the extinction and the telluric transmission
+    at ``wave`` (pixel widths ``width``), through the line spread ``lsf`` (or a list of
+    them, one per row of ``wave``)."""
+    instrument = _instrument_counts(wave, width, cond["exptime"], cond["drift"])
+    atmosphere = 10.0 ** (-0.4 * atmospheric_extinction(wave, cond["aerosol"]) * cond["airmass"])
+    if isinstance(lsf, list):
+        telluric = np.stack([telluric_transmission(w, one, *_telluric_conditions(cond))
+                             for w, one in zip(wave, lsf, strict=True)])
+    else:
+        telluric = telluric_transmission(wave, lsf, *_telluric_conditions(cond))
+    return instrument, atmosphere, telluric
 
 
 def _light(rng, cond, pixels, optics, losses=None, second=None):
@@ -165,10 +187,7 @@ def _light(rng, cond, pixels, optics, losses=None, second=None):
     nfib, npix = pixels.rows.shape
 
     def response_of(w, lsf):
-        instrument = _instrument_counts(w, np.gradient(w, axis=-1), cond["exptime"],
-                                        cond["drift"])
-        atmosphere = 10.0 ** (-0.4 * atmospheric_extinction(w, cond["aerosol"]) * cond["airmass"])
-        return instrument, atmosphere, telluric_transmission(w, lsf, *_telluric_conditions(cond))
+        return _response_terms(cond, w, np.gradient(w, axis=-1), lsf)
 
     common = response_of(pixels.base, optics.exposure)
     if pixels.per_fiber:
@@ -206,18 +225,12 @@ def _second_light(cond, pixels, second, losses, grey):
     d lambda / 2 (second order: twice the dispersion), through the same telescope,
     atmosphere and fiber (the instrument's throughput and the aperture at lambda / 2)."""
     wave, optics = second.pixels.rows, second.optics
-    instrument = second.weight * _instrument_counts(
-        wave, 0.5 * np.gradient(pixels.rows, axis=-1), cond["exptime"], cond["drift"])
-    atmosphere = 10.0 ** (-0.4 * atmospheric_extinction(wave, cond["aerosol"]) * cond["airmass"])
-    telluric = np.stack([telluric_transmission(wave[f], optics.fiber(f),
-                                               *_telluric_conditions(cond))
-                         for f in range(wave.shape[0])])
-    aperture = grey[:, None]
-    if losses is not None:
-        from .fiber_losses import fiber_apertures
-
-        aperture = (grey / _APERTURE_RANGE[1])[:, None] * fiber_apertures(
-            wave, losses.seeing, cond["airmass"], losses.offsets, _DAR_RESIDUAL)
+    instrument, atmosphere, telluric = _response_terms(
+        cond, wave, 0.5 * np.gradient(pixels.rows, axis=-1),
+        [optics.fiber(f) for f in range(wave.shape[0])])
+    instrument = second.weight * instrument
+    aperture = grey[:, None] if losses is None else _chromatic_apertures(grey, wave, cond,
+                                                                         losses)
     sky = np.empty_like(wave)
     for f in range(wave.shape[0]):  # extended: no aperture loss, no extinction (emission)
         cont, profiles, _ = _sky(wave[f], optics.fiber(f), cond["moon"])

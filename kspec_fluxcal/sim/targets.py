@@ -129,8 +129,11 @@ def _targets(rng, aux, stars, std_source, kinds, pixels, optics, second=None):
         return flux, rows, frac
 
     true_flux, true_rows, sharper = seen(pixels, optics)
-    # Half the wavelengths lie inside the first order's window (the setup's blue end up).
-    second_rows = None if second is None else seen(second.pixels, second.optics)[1]
+    second_rows = None
+    if second is not None:  # half the wavelengths: inside the first order's window
+        _, second_rows, second_sharper = seen(second.pixels, second.optics)
+        # its line spread is half as wide in Angstrom: a coarse source is sampled sooner
+        sharper = max(sharper, second_sharper)
     labels = np.array([std_source.label] * nstd + [stars.label] * nsci, dtype="<U32")
     mass = aux.uniform(*_STAR_MASS_MSUN, nstar)
     return _Targets(std_fibers, star_fibers, std, params, labels, rv, ebv, mass, mags0, gmag,
