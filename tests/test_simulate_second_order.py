@@ -15,6 +15,7 @@ from kspec_fluxcal.sim import (
     simulate_exposure,
     simulate_survey,
 )
+from kspec_fluxcal.sim.optics import _blaze_efficiency
 
 RATIO = 0.05
 
@@ -68,6 +69,7 @@ def test_every_fiber_and_nothing_else_changes(pair):
                 "transparency"):
         np.testing.assert_array_equal(t[key], off.truth[key])
     assert "second_order" not in off.truth and "second_order_counts" not in off.truth
+    assert "second_order_blaze" not in on.truth  # the constant ratio: no blaze recorded
 
 
 def test_second_order_needs_a_ratio_below_one(small_grid):
@@ -82,6 +84,7 @@ def test_survey_passes_and_records_second_order(small_grid, tmp_path):
                           setups=[Setup("t", pixels=600)], second_order=0.02)
     info = json.loads((out / "survey.json").read_text())
     assert info["options"]["second_order"] == 0.02
+    assert "second_order_blaze" not in info["options"]
     truth = np.load(out / info["exposures"][0]["truth"])
     assert float(truth["second_order"]) == 0.02 and np.nanmax(truth["second_order_counts"]) > 0
 
@@ -141,3 +144,61 @@ def test_a_setup_short_of_an_octave_is_told_it_gets_no_second_order(small_grid):
     with pytest.warns(FluxCalWarning, match="second_order=0.05 adds nothing"):
         t = simulate_exposure(2, GridStars(small_grid), setup=setup, second_order=RATIO).truth
     assert not np.any(t["second_order_counts"])
+
+
+BLAZE = 5000.0
+
+
+def _scalar_ratio(wave, blaze):
+    """E_2 / E_1 at lambda / 2 in scalar theory, written out: with x = lambda_b / mu,
+    |sin pi (2 - x)| = |sin pi (1 - x)|, so the ratio is ((x - 1) / (2 - x))^2."""
+    mu = wave / 2
+    return ((blaze - mu) / (2 * mu - blaze)) ** 2
+
+
+def test_scalar_ratio_at_a_few_wavelengths():
+    wave = np.array([7000.0, 7500.0, 8000.0, 8500.0])
+    ratio = _blaze_efficiency(wave / 2, 2, BLAZE) / _blaze_efficiency(wave / 2, 1, BLAZE)
+    np.testing.assert_allclose(ratio, [9 / 16, 1 / 4, 1 / 9, 9 / 196], rtol=1e-12)
+    np.testing.assert_allclose(ratio, _scalar_ratio(wave, BLAZE), rtol=1e-12)
+    assert _blaze_efficiency(BLAZE, 1, BLAZE) == 1.0 == _blaze_efficiency(BLAZE / 2, 2, BLAZE)
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.5])
+def test_blaze_weights_the_second_order_by_the_scalar_ratio(small_grid, scale):
+    """With second_order_blaze, pixel lambda gets scale x E_2/E_1(lambda / 2) x the photons
+    of lambda / 2 over half a pixel's width; the first order is the same as without."""
+    t = simulate_exposure(11, GridStars(small_grid), setup=ISOPLANE_SETUP, n_standards=1,
+                          standard_source=FlatStar(), second_order=scale,
+                          second_order_blaze=BLAZE).truth
+    f = int(t["std_fiber"][0])
+    wave = t["wavelength"]
+    red = wave >= 2 * ISOPLANE_SETUP.wave_min
+    expected = scale * _scalar_ratio(wave[red], BLAZE) / 2 \
+        * np.interp(wave[red] / 2, wave, t["counts_noiseless"][f])
+    np.testing.assert_allclose(t["second_order_counts"][f][red], expected, rtol=2e-4)
+    assert np.all(t["second_order_counts"][:, ~red] == 0)
+    assert float(t["second_order_blaze"]) == BLAZE and float(t["second_order"]) == scale
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"second_order": 1.0, "second_order_blaze": 0.0}, "second_order_blaze=0.0"),
+    ({"second_order": 1.0, "second_order_blaze": float("nan")}, "second_order_blaze=nan"),
+    # twice the IsoPlane's blue end: E_1 would vanish at lambda / 2 = 3500 A
+    ({"second_order": 1.0, "second_order_blaze": 7000.0}, "second_order_blaze=7000.0"),
+    ({"second_order": 0.0, "second_order_blaze": BLAZE}, "second_order=0.0 with"),
+    ({"second_order": 1.5, "second_order_blaze": BLAZE}, "second_order=1.5 with"),
+])
+def test_bad_blaze_options_are_refused(small_grid, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        simulate_exposure(1, GridStars(small_grid), setup=ISOPLANE_SETUP, **kwargs)
+
+
+def test_survey_records_the_blaze(small_grid, tmp_path):
+    out = simulate_survey(tmp_path / "s", exposures=1, seed=4, grid=small_grid,
+                          setups=[Setup("t", pixels=600)], second_order=1.0,
+                          second_order_blaze=BLAZE)
+    info = json.loads((out / "survey.json").read_text())
+    assert info["options"]["second_order_blaze"] == BLAZE
+    truth = np.load(out / info["exposures"][0]["truth"])
+    assert float(truth["second_order_blaze"]) == BLAZE

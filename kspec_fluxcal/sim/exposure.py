@@ -82,9 +82,13 @@ their own and the standards' magnitudes follow their first-order S/N: every othe
 draw is the same with or without (the variance includes the second order's counts). r is
 one constant, a nominal value (it is measured per grating, e.g. 0.226 for HUT's far-UV
 grating): a grating blazed in first order at lambda_b is blazed at lambda_b / 2 in second
-order, so the real ratio climbs toward the octave's blue end (scalar theory, blaze at
-5000 A: 0.05 at 8500 A, 0.56 at 7000 A), where a constant few per cent is a lower bound.
-The simulator assumes no order-sorting filter.
+order, so the real ratio climbs toward the octave's blue end, where a constant few per cent
+is a lower bound. With ``second_order_blaze`` = lambda_b the ratio follows scalar theory
+instead: r x E_2(lambda / 2) / E_1(lambda / 2), E_m(mu) = sinc^2(pi (m - lambda_b / mu))
+(Littrow; Palmer & Loewen's scalar blaze function), which is r x ((lambda_b - mu) /
+(2 mu - lambda_b))^2 at mu = lambda / 2; r is then a scale (1: scalar theory). At
+lambda_b = 5000 A and r = 1: 0.56 at 7000 A, 0.25 at 7500 A, 0.11 at 8000 A, 0.05 at
+8500 A. The simulator assumes no order-sorting filter.
 
 The tellurics are the package's telluric line list (:mod:`kspec_fluxcal.telluric`) at high
 resolution, in the five regions of the ``telluric_default`` mask: Beer's law in the O2
@@ -124,9 +128,10 @@ setup_key, wavelength_format, wavelength_unit, medium, lsf_scale, pixel_integrat
 field_source, source_sharper``; only when not the defaults, ``lsf_shape`` and
 ``arc_error`` (fiber, pixel: the written minus the true wavelength, Angstrom, air; the
 truth's ``fiber_wavelength`` are the true ones), and with ``second_order``, ``second_order``
-(r) and ``second_order_counts`` (fiber, pixel: the targets' noiseless second-order counts on
-each fiber's pixels, in the written counts but in neither ``counts_noiseless`` nor
-``true_flux``; the second order's sky is subtracted like the first's). Dead fibers have NaN
+(r), ``second_order_blaze`` (when given) and ``second_order_counts`` (fiber, pixel: the
+targets' noiseless second-order counts on each fiber's pixels, in the written counts but in
+neither ``counts_noiseless`` nor ``true_flux``; the second order's sky is subtracted like
+the first's). Dead fibers have NaN
 ``true_flux``, ``true_flux_fiber``, ``counts_noiseless`` (and ``second_order_counts``).
 With ``xp``: ``xp_wavelength_nm`` (the sampling, vacuum) and per standard ``std_xp_flux``,
 ``std_xp_flux_error`` (what the table holds), ``std_xp_systematic`` (the multiplicative
@@ -196,7 +201,7 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
                       conditions=None, field=None, standard_source=None, lsf_scale=1.0,
                       pixel_integration=False, fiber_lsf_scatter=0.0, xp=False,
                       chromatic_losses=False, lsf_shape="gaussian", arc_error=0.0,
-                      second_order=0.0):
+                      second_order=0.0, second_order_blaze=None):
     """Simulate one exposure: its RED file, its truth and its catalog rows.
 
     Parameters
@@ -280,6 +285,12 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
         lambda also gets r x the photons of lambda / 2 over half its width, for lambda / 2
         within the setup (module docstring). Every other random draw is the same with or
         without.
+    second_order_blaze : float, optional
+        The grating's first-order blaze wavelength lambda_b (Angstrom, below twice the
+        setup's blue end): the ratio then follows scalar theory, ``second_order`` x
+        E_2(lambda / 2) / E_1(lambda / 2) with E_m(lambda) = sinc^2(pi (m - lambda_b /
+        lambda)), ``second_order`` a scale in (0, 1] (1: scalar theory). Default None: the
+        constant ``second_order``.
 
     Returns
     -------
@@ -301,7 +312,7 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
                                         chromatic_losses)
     pixels = _pixels(rng, setup, wavelength_format, arc_error, aux)
     optics = _true_lsfs(aux, setup, lsf_scale, pixel_integration, fiber_lsf_scatter, lsf_shape)
-    second = _second_order(pixels, optics, second_order)
+    second = _second_order(pixels, optics, second_order, second_order_blaze)
     kinds = _plan_fibers(rng, setup.fibers, n_standards, dead_fiber)
     targets = _targets(rng, aux, stars, std_source, kinds, pixels, optics, second)
     if targets.sharper > 0:  # the standards' source (the field's without standards)
@@ -328,6 +339,8 @@ def simulate_exposure(rng, stars, *, setup=None, n_standards=2, wavelength_forma
         truth["arc_error"] = pixels.written - pixels.rows
     if second is not None:
         truth["second_order"] = np.float64(second.ratio)
+        if second.blaze is not None:
+            truth["second_order_blaze"] = np.float64(second.blaze)
         truth["second_order_counts"] = counts.second
     if xp:
         # A stream of its own, spawned last: every other draw stays as without XP.

@@ -157,7 +157,8 @@ def simulate_survey(outdir, *, exposures=20, nights=4, seed=0, fibers=14, pixels
                     lsf_scale=1.0, pixel_integration=False, fiber_lsf_scatter=0.0, xp=False,
                     no_standards=0.0, snr_range_single=None, photometric_nights=0.0,
                     chromatic_losses=False, airmass_range=None, pwv_range=None,
-                    lsf_shape="gaussian", arc_error=0.0, second_order=0.0):
+                    lsf_shape="gaussian", arc_error=0.0, second_order=0.0,
+                    second_order_blaze=None):
     """Write a small simulated survey with known truth, in the formats of the contract.
 
     The layout of ``outdir`` and how its exposures vary: see the module docstring.
@@ -229,6 +230,9 @@ def simulate_survey(outdir, *, exposures=20, nights=4, seed=0, fibers=14, pixels
     second_order : float
         The grating's second- to first-order efficiency ratio (0: no second-order light),
         passed to every :func:`simulate_exposure`; the manifest records it when > 0.
+    second_order_blaze : float, optional
+        The grating's first-order blaze wavelength (Angstrom): the ratio from scalar theory,
+        ``second_order`` its scale (:func:`simulate_exposure`); recorded when given.
 
     Returns
     -------
@@ -248,7 +252,8 @@ def simulate_survey(outdir, *, exposures=20, nights=4, seed=0, fibers=14, pixels
                "lsf_scale": lsf_scale, "pixel_integration": pixel_integration,
                "fiber_lsf_scatter": fiber_lsf_scatter, "xp": xp,
                "chromatic_losses": chromatic_losses, "lsf_shape": lsf_shape,
-               "arc_error": arc_error, "second_order": second_order}
+               "arc_error": arc_error, "second_order": second_order,
+               "second_order_blaze": second_order_blaze}
     plan_options = {"no_standards": float(no_standards), "snr_range_single": snr_range_single,
                     "photometric_nights": float(photometric_nights)}
     say = _reporter(progress)
@@ -400,6 +405,8 @@ def _survey_info(seed, options, stars, n_rows, manifest):
             **({"arc_error": float(options["arc_error"])} if options["arc_error"] else {}),
             **({"second_order": float(options["second_order"])}
                if options["second_order"] else {}),
+            **({"second_order_blaze": float(options["second_order_blaze"])}
+               if options["second_order_blaze"] is not None else {}),
         },
         "grid": {"path": options["grid"], "resolution": stars.resolution,
                  "synthetic": bool(stars.synthetic), "files_read": stars.files_read},
