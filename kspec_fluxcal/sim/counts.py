@@ -225,15 +225,19 @@ def _second_light(cond, pixels, second, losses, grey):
     d lambda / 2 (second order: twice the dispersion), through the same telescope,
     atmosphere and fiber (the instrument's throughput and the aperture at lambda / 2)."""
     wave, optics = second.pixels.rows, second.optics
+    nfib = wave.shape[0]
     instrument, atmosphere, telluric = _response_terms(
         cond, wave, 0.5 * np.gradient(pixels.rows, axis=-1),
-        [optics.fiber(f) for f in range(wave.shape[0])])
+        optics.exposure if optics.fibers is None else [optics.fiber(f) for f in range(nfib)])
     instrument = second.weight * instrument
     aperture = grey[:, None] if losses is None else _chromatic_apertures(grey, wave, cond,
                                                                          losses)
+    # Fibers on one solution and line spread see one sky spectrum (as in _light).
+    shared = not second.pixels.per_fiber and optics.fibers is None
+    sky_shared = _sky(wave[0], optics.exposure, cond["moon"]) if shared else None
     sky = np.empty_like(wave)
-    for f in range(wave.shape[0]):  # extended: no aperture loss, no extinction (emission)
-        cont, profiles, _ = _sky(wave[f], optics.fiber(f), cond["moon"])
+    for f in range(nfib):  # extended: no aperture loss, no extinction (emission)
+        cont, profiles, _ = sky_shared or _sky(wave[f], optics.fiber(f), cond["moon"])
         sky[f] = instrument[f] * (cont + profiles.sum(axis=0))
     return _SecondLight(instrument * atmosphere * telluric, aperture, sky)
 
