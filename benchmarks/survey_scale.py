@@ -71,13 +71,18 @@ def _own_cpu():
 
 
 def _rss():
+    """(resident memory now, its kernel high-water mark ru_maxrss), bytes."""
+    import resource
+
     import psutil
 
-    return psutil.Process().memory_info().rss
+    return (psutil.Process().memory_info().rss,
+            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)  # KiB on Linux
 
 
 class MemorySampler(threading.Thread):
-    """Samples every worker's RSS and the number of calibrated files, every ``period`` s."""
+    """Samples every worker's RSS (now and its high-water mark) and the number of calibrated
+    files, every ``period`` s."""
 
     def __init__(self, address, out, period=0.5):
         super().__init__(daemon=True)
@@ -85,7 +90,7 @@ class MemorySampler(threading.Thread):
 
         self.client = Client(address, set_as_default=False)
         self.out, self.period = out, period
-        self.samples = []  # (files done, {worker: rss})
+        self.samples = []  # (files done, {worker: (rss, high-water mark)})
         self.stop = threading.Event()
 
     def run(self):
@@ -102,14 +107,16 @@ class MemorySampler(threading.Thread):
                 self.samples.append((done, rss))
             self.stop.wait(self.period)
 
-    def peak(self, upto=None):
-        """Peak RSS (MB) of each worker over the samples taken with at most ``upto`` done."""
+    def peak(self, upto=None, high_water=False):
+        """Peak RSS (MB) of each worker over the samples taken with at most ``upto`` done:
+        the largest RSS sampled, or (``high_water``) the kernel's high-water mark, which
+        also counts the peaks between samples (each task's transient arrays)."""
         peaks = {}
         for done, rss in self.samples:
             if upto is not None and done > upto:
                 continue
             for worker, value in rss.items():
-                peaks[worker] = max(peaks.get(worker, 0), value / 2**20)
+                peaks[worker] = max(peaks.get(worker, 0), value[high_water] / 2**20)
         return peaks
 
     def trajectory(self, marks=(10, 25, 50, 100, 150, 200, 400, 800)):
@@ -118,7 +125,7 @@ class MemorySampler(threading.Thread):
         for mark in marks:
             hit = next((r for d, r in self.samples if d >= mark and r), None)
             if hit:
-                out.append((mark, sum(hit.values()) / len(hit) / 2**20))
+                out.append((mark, sum(v[0] for v in hit.values()) / len(hit) / 2**20))
         return out
 
     def close(self):
@@ -172,7 +179,7 @@ def run_once(lake, cube, n_workers, out):
         "tasks": len(tasks), "calibrate_tasks": len(calibrate), "prepare_tasks": len(prepare),
         "peak50": sampler.peak(50), "peak": sampler.peak(), "samples": len(sampler.samples),
         "trajectory": sampler.trajectory(),
-        "first_sample": min((sum(r.values()) / max(len(r), 1) / 2**20 for d, r in
+        "first_sample": min((sum(v[0] for v in r.values()) / max(len(r), 1) / 2**20 for d, r in
                              sampler.samples if r), default=float("nan")),
         "per_worker": {w: sum(1 for t in calibrate if t["worker"] == w)
                        for w in {t["worker"] for t in calibrate}},

@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import datetime
 import glob
+import itertools
 import json
 import os
 import shutil
@@ -252,6 +253,36 @@ def test_discover_skips_hidden_files_and_the_output_directory(tmp_path):
     assert [p.relative_to(tmp_path).as_posix() for p in found] == ["n1/a.fits"]
     with pytest.raises(InputError, match="no such lake"):
         discover(tmp_path / "none")
+
+
+def test_tasks_give_the_free_heap_back_every_few_tasks(monkeypatch):
+    # Every TRIM_EVERY-th task, failed or not, ends with malloc_trim(0); without glibc, none.
+    from kspec_fluxcal.survey import cluster
+    from kspec_fluxcal.survey.tasks import run_task
+
+    calls = []
+
+    class Libc:
+        def malloc_trim(self, pad):
+            calls.append(pad)
+            return 1
+
+    def broken():
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(cluster, "_tasks_done", itertools.count(1))
+    monkeypatch.setattr(cluster.ctypes, "CDLL", lambda name: Libc())
+    results = [run_task(f"e{k}", broken if k % 2 else dict) for k in range(2 * cluster.TRIM_EVERY)]
+    assert [r["status"] for r in results[:2]] == ["ok", "failed"]
+    assert calls == [0, 0]
+
+    def no_glibc(name):
+        raise OSError("no C library here")
+
+    monkeypatch.setattr(cluster.ctypes, "CDLL", no_glibc)
+    for _ in range(cluster.TRIM_EVERY):
+        run_task("e", dict)
+    assert calls == [0, 0]
 
 
 def test_a_directory_that_is_not_an_archive_is_refused(tmp_path):

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import itertools
 import logging
 import os
 import traceback
@@ -16,7 +18,7 @@ from ..errors import ConfigError, FluxCalError
 
 __all__ = ["local_cluster", "on_cluster", "as_completed_pairs", "quiet_known_messages",
            "dask_setup", "check_scheduler_address", "check_performance_report",
-           "WORKER_MALLOC_ENV"]
+           "WORKER_MALLOC_ENV", "TRIM_EVERY", "trim_heap"]
 
 
 #: glibc malloc settings of LocalCluster workers. Distributed's nannies set
@@ -32,6 +34,30 @@ __all__ = ["local_cluster", "on_cluster", "as_completed_pairs", "quiet_known_mes
 #: and returned to the OS when freed.
 WORKER_MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(64 << 20),
                      "MALLOC_MMAP_THRESHOLD_": str(32 << 20)}
+
+#: Survey tasks a worker runs between two calls of :func:`trim_heap`. Under the trim threshold
+#: above, up to 64 MiB freed by a task stay with the worker, in each of its threads' heaps; a
+#: lone worker's RSS rose in steps of 25-40 MB at random points (+2 to +16 % from 50 to 500
+#: exposures, eight runs). Trimmed every 25 tasks, its RSS at 50 ... 500 exposures stayed
+#: within 3 % (three runs; without: +13, -7 and +18 %), at no CPU cost measurable (a trim
+#: takes ~1 ms and its pages fault in again once, against 25 x 0.2 s of work; trimming after
+#: every task, 0.190 -> 0.207 s per exposure).
+TRIM_EVERY = 25
+_tasks_done = itertools.count(1)
+
+
+def trim_heap(every=TRIM_EVERY):
+    """Count a finished task; every ``every``-th, give the process's free heap back to the OS.
+
+    glibc's ``malloc_trim(0)`` releases the free pages of every arena (not only the top of the
+    main heap, which the trim threshold governs). Elsewhere (another C library) nothing.
+    """
+    if next(_tasks_done) % every:
+        return
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 #: How often the cluster's event loops (workers, nannies, scheduler) wake to time themselves

@@ -20,7 +20,7 @@ import warnings
 from pathlib import Path
 
 from ..errors import CalibrationError, FluxCalError, FluxCalWarning, SchedulerLostError
-from .cluster import as_completed_pairs
+from .cluster import as_completed_pairs, trim_heap
 
 __all__ = ["token", "run_task", "task_notes", "internal_error", "collect", "outcome",
            "task_failure", "check_scheduler", "scheduler_lost", "Progress"]
@@ -75,6 +75,8 @@ def run_task(expid, work, *args, no_standards=False):
         return {"expid": expid, "status": status, "reason": str(err)}
     except Exception as err:  # a bug must not stop the survey: report it with its place
         return {"expid": expid, "status": "failed", "reason": internal_error(err)}
+    finally:
+        trim_heap()
 
 
 def task_notes(first, caught):
