@@ -354,7 +354,8 @@ def read_exposure_info(path):
         whatever their own arc solutions and line spreads.
     """
     path = os.fspath(path)
-    with open_fits(path) as hdul, cards_named(hdul, path):
+    # Header text beyond ASCII that is kept is noted where the exposure is calibrated.
+    with open_fits(path, notes=False) as hdul, cards_named(hdul, path):
         return _exposure_info(hdul, path)
 
 
