@@ -299,6 +299,14 @@ RED_CASES = [
     ("fwhm-in-another-unit", _fwhm_poly(3000.0),
      r"primary header FWHMPC: line-spread FWHM 3000 A at 4000 A is a resolving power of 1\.33, "
      r"below the plausible 10"),
+    # In km/s (the contract's is A): R = 5000 / 150 = 33 passed, and it calibrated at grade B.
+    ("specfwhm-in-km/s", lambda h: (_fwhm_poly()(h), _set_header(SPECFWHM=150.0)(h)),
+     rf"primary header SPECFWHM: line-spread FWHM 150 A at \d+ A is {150 / SETUP.dispersion:.3g} "
+     rf"pixels of the wavelength solution \({SETUP.dispersion:.3g} A/pixel\), outside the "
+     r"plausible 0\.25-20: the contract's unit is Angstrom; is it in km/s \(0\.\d+ pixels\)\?"),
+    ("fwhm-in-nm", _fwhm_poly(0.2),
+     r"primary header FWHMPC: line-spread FWHM 0\.2 A at \d+ A is 0\.0[45]\d* pixels .* is it "
+     r"in nm \(0\.5 pixels\)\?"),
 ]
 
 
@@ -306,6 +314,18 @@ RED_CASES = [
 def test_bad_red_file(base, tmp_path, edit, match):
     err = fails(base, tmp_path, ExposureError, match, edit=edit)
     assert err.path == str(tmp_path / "red.fits")  # the message starts with the file
+
+
+def test_line_spread_beyond_the_width_fit_is_noted(base, tmp_path):
+    """A FWHM in pixels written as Angstrom (2.2 px of 4 A: 2.2 A, 0.55 pixels: sampled
+    plausibly) calibrated at grade B without a word: the stars' lines, 4 times wider, are
+    beyond the width fit's +-25 %, which left FCALLSF at 1. It is noted, naming the keyword."""
+    result = run(base, tmp_path, edit=lambda h: (_fwhm_poly()(h), _set_header(SPECFWHM=2.2)(h)))
+    note = (r"KS\w+: the standards' lines are wider than the line spread of the primary header "
+            r"SPECFWHM \(FWHM 2\.2 A at \d+ A\) by more than 25 %, beyond what the width fit "
+            r"corrects \(FCALLSF left at 1\): check that FWHM")
+    assert [w for w in result.warnings if re.match(note, w)], result.warnings
+    assert result.calibration.attrs["fcallsf"] == 1.0
 
 
 @pytest.mark.parametrize("cut", ["empty", "in-primary-header", "end-of-primary-header",
@@ -396,8 +416,8 @@ def test_damaged_keyword_value_in_the_planner(base, tmp_path, card, offset, matc
                                    r"value is not ASCII"),
     (b"TTYPE1  = 'NAME", 13, r"HDU FIBRES header card \d+ \(TTYPE1\): byte 0xE9 .* in its "
                              r"value is not ASCII"),
-    (b"EXTNAME = 'FIBRES", 13, r"HDU FI\?RES header card \d+ \(EXTNAME\): byte 0xE9 .* in its value "
-                               r"is not ASCII"),
+    (b"EXTNAME = 'FIBRES", 13, r"HDU FI\?RES header card \d+ \(EXTNAME\): byte 0xE9 .* in its "
+                               r"value is not ASCII"),
     (b"EXPTIME =", 28, r"HDU PRIMARY header card \d+ \(EXPTIME\): byte 0xE9 .* in its value"),
 ], ids=["EXPID", "wavela-BUNIT", "TTYPE", "EXTNAME", "number"])
 def test_non_ascii_byte_in_a_value_read_is_refused(base, tmp_path, card, offset, match):
