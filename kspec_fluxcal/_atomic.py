@@ -169,6 +169,14 @@ def check_output_directory(path, label="", *, for_file=False):
         raise FluxCalError(f"{name}: {where}is a file, not a directory")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise FluxCalError(f"{name}: {where}is not writable")
+    # Tried for real: access() says yes to root everywhere, and to anyone on a filesystem
+    # that takes no new entries (/proc, /sys: ENOENT after the calibration, as a bare OS
+    # message). A uniquely named directory, removed at once, leaves no trace.
+    try:
+        os.rmdir(tempfile.mkdtemp(prefix=TEMP_PREFIX + "probe-", dir=existing))
+    except OSError as err:
+        raise FluxCalError(f"{name}: {where}takes no new entries "
+                           f"({err.strerror or err})") from None
 
 
 def foreign_output(path, ours, what):

@@ -135,8 +135,11 @@ def _cmd_grid_build(args):
     with _setting_up():  # the build has no Dask array: xarray need not import Dask (0.6 s)
         from .grid.build import build_grid, scan_bosz
 
+        from ._atomic import check_output_directory
+
     out = args.out or (f"store/templates/bosz2024_"  # named by the grid's own resolution
                        f"{scan_bosz(args.bosz_dir, args.resolution)['resolution']}.zarr")
+    check_output_directory(out, "--out", for_file=True)  # its partial store goes beside it
     build_grid(args.bosz_dir, out, wave_min=args.wave_min, wave_max=args.wave_max,
                resolution=args.resolution, workers=args.workers, progress=not args.quiet,
                overwrite=args.overwrite)
@@ -187,7 +190,7 @@ def _cmd_calibrate(args):
         from .catalog import read_catalog
         from .config import load_config
         from .grid import open_grid
-        from .pipeline import calibrate_exposure
+        from .pipeline import calibrate_exposure, check_output
         from .xp import read_xp
 
         _check_distinct_outputs(args)
@@ -196,7 +199,7 @@ def _cmd_calibrate(args):
 
             check_distinct_names(args.files, directory_of=(  # in place: QC beside each
                 (lambda path: Path(path).resolve().parent) if args.in_place else None))
-        _check_out(args.out)
+        check_output(args.out, "--out")
         config = load_config(args.config)
         catalog = read_catalog(args.catalog)
         grid = open_grid(args.grid, chunks=False)  # a cached library reads no template
@@ -242,17 +245,6 @@ def _check_distinct_outputs(args):
                            "given; give an output directory")
 
 
-def _check_out(out):
-    """--out (a directory, or a .fits file) can be written: checked before any work."""
-    from ._atomic import check_output_directory
-
-    if out is None:
-        return
-    out = Path(out)
-    one_file = out.suffix.lower() in (".fits", ".fit") and not out.is_dir()
-    check_output_directory(out, "--out", for_file=one_file)
-
-
 def _with_dask_threads(work, *args):
     """``work(*args)`` with Dask's threaded scheduler given as a function once Dask is imported:
     without one, or by name, every compute imports distributed (~0.5 s) to look for a client
@@ -282,9 +274,11 @@ def _cmd_qc(args):
 
 
 def _cmd_survey(args):
+    from ._atomic import check_output_directory
     from .survey import run_survey
     from .survey.cluster import check_performance_report
 
+    check_output_directory(args.out, "--out")  # run_survey's own check cannot say "--out"
     if args.performance_report:  # written after the work: checked before it
         check_performance_report(args.performance_report, "--performance-report")
     report = run_survey(args.lake, catalog=args.catalog, grid=args.grid, out=args.out,

@@ -11,6 +11,7 @@ import functools
 import gzip
 import io
 import os
+import re
 import warnings
 
 import numpy as np
@@ -19,9 +20,10 @@ from astropy.io.fits.verify import VerifyError
 from astropy.utils.exceptions import AstropyUserWarning
 
 from ._atomic import check_regular_file
-from .errors import ExposureError
+from .errors import ExposureError, FluxCalWarning
 
 __all__ = ["open_fits", "find_hdu", "hdu_data", "header_value", "check_header_cards",
+           "check_non_ascii", "READ_KEYWORDS",
            "cards_named", "fits_column", "column_format", "card_image", "table_bytes", "table_hdu",
            "image_bytes", "extension_bytes", "extension_raw", "extensions_raw"]
 
@@ -33,15 +35,23 @@ _FIELD_TYPES = {"L": "S1", "I": ">i2", "K": ">i8", "D": ">f8"}
 _BITPIX = {"f4": -32, "f8": -64}
 
 
-def open_fits(path):
+def open_fits(path, notes=True):
     """Open a FITS file whole (no memory map, every HDU read), checked complete; a file
-    that is missing, not FITS or cut short is an :class:`ExposureError`."""
+    that is missing, not FITS or cut short is an :class:`ExposureError`.
+
+    A header byte beyond ASCII (which astropy reads as '?') is refused where the readers
+    use it, and noted (a :class:`~kspec_fluxcal.errors.FluxCalWarning`, with ``notes``)
+    where they do not: see :func:`check_non_ascii`.
+    """
     check_regular_file(path, ExposureError)
     try:
-        # Astropy's truncation warnings are replaced by the check below, which is an error.
-        with warnings.catch_warnings():
+        # Astropy's truncation warnings are replaced by the check below, which is an error;
+        # its note that header bytes beyond ASCII were read as '?' is kept to say which.
+        with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("ignore", AstropyUserWarning)
+            warnings.filterwarnings("always", _NON_ASCII_NOTE, AstropyUserWarning)
             hdul = fits.open(path, memmap=False, lazy_load_hdus=False)
+        _pass_on(caught)
     except FileNotFoundError:
         raise ExposureError(path, None, "no such file") from None
     except Exception as err:  # astropy raises OSError, ValueError, TypeError... on garbage
@@ -51,10 +61,24 @@ def open_fits(path):
         raise ExposureError(path, None, f"not a readable FITS file ({err})") from None
     try:
         _check_complete(hdul, path)
+        if any(_NON_ASCII_NOTE in str(w.message) for w in caught):
+            check_non_ascii(hdul, path, notes)
     except ExposureError:
         hdul.close()
         raise
     return hdul
+
+
+#: The start of astropy's warning that header bytes beyond ASCII were read as '?'.
+_NON_ASCII_NOTE = "non-ASCII characters are present"
+
+
+def _pass_on(caught):
+    """Warn again the warnings recorded while opening a file but astropy's non-ASCII note
+    (recording them took them from the caller's filters)."""
+    for w in caught:
+        if _NON_ASCII_NOTE not in str(w.message):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 def _check_complete(hdul, path):
@@ -178,6 +202,81 @@ def _card_problem(err):
         ("Verification reported errors", "Note: astropy"))) or type(err).__name__
 
 
+#: Keywords whose values the readers use (any HDU's): a byte beyond ASCII there, which
+#: astropy reads as '?', is refused (an EXPID 'KS?001' names the products and archive rows,
+#: an EXTNAME 'FIBR?S' hides the table). Elsewhere in a string value, in a comment or
+#: commentary text it is noted and kept as '?': the product's headers must be ASCII.
+READ_KEYWORDS = re.compile(
+    r"(SIMPLE|XTENSION|EXTEND|EXTNAME|BITPIX|NAXIS\d*|PCOUNT|GCOUNT|BSCALE|BZERO|BLANK|"
+    r"T(TYPE|FORM|UNIT|DIM|NULL|SCAL|ZERO|FIELDS)\d*|EXPID|BUNIT|AIRORVAC|CUNIT1|CTYPE1|"
+    r"CRVAL1|CDELT1|CD1_1|CRPIX1|EXPTIME|EXPOSED|MJD-OBS|UTMJD|AIRMASS|SEEING|SPECFWHM|"
+    r"FWHMPC\d+|FLUXCAL|FCAL\w*)")
+
+
+def check_non_ascii(hdul, path, notes=True):
+    """Refuse a header byte beyond ASCII in a keyword, or in the value of a keyword the
+    readers use (:data:`READ_KEYWORDS`) or of a number; warn (with ``notes``) about the
+    others, which are kept as astropy reads them, with '?' for each such byte.
+
+    Astropy reads such a byte as '?' (and warns, which :func:`open_fits` notices: the raw
+    headers are read again only then). FITS headers are ASCII; kspecdr or an observer's
+    name in Latin-1 ('Jos\xe9') puts other bytes there.
+    """
+    kept = []
+    for k, raw in enumerate(_raw_headers(path)):
+        label = hdul[k].name if k < len(hdul) and hdul[k].name else str(k)
+        keyword = ""
+        for number, start in enumerate(range(0, len(raw), 80), start=1):
+            card = raw[start:start + 80]
+            if card[:8] != b"CONTINUE":  # a long string's next card belongs to its keyword
+                keyword = card[:8].decode("latin-1").strip() or "(blank)"
+            if max(card, default=0) < 128:
+                continue
+            text = card.decode("latin-1")
+            column = next(i for i, b in enumerate(card) if b >= 128)
+            byte = f"byte 0x{card[column]:02X} ({text[column]!r} in Latin-1)"
+            part = _card_part(text, column)
+            where = f"HDU {label} header card {number} ({keyword})"
+            if part == "keyword" or part == "value" and (
+                    READ_KEYWORDS.fullmatch(keyword) or text[10:].lstrip()[:1] != "'"):
+                raise ExposureError(path, where, f"{byte} in its {part} is not ASCII (FITS "
+                                    "headers are ASCII; astropy reads it as '?': "
+                                    f"{text.encode('ascii', 'replace').decode().strip()!r})")
+            kept.append(f"{where} {part}: {text.strip()!r}")
+    if kept and notes:
+        warnings.warn(f"{path}: header bytes beyond ASCII (FITS headers are ASCII), kept as "
+                      f"'?' (shown here in Latin-1): {'; '.join(kept)}", FluxCalWarning,
+                      stacklevel=3)
+
+
+def _card_part(text, column):
+    """Which part of the card image ``text`` its ``column`` is in: 'keyword', 'value',
+    'comment' or (a commentary card's, or a card without a value) 'text'."""
+    if column < 8:
+        return "keyword"
+    if text[8:10] != "= " and not text.startswith("CONTINUE"):
+        return "text"
+    start = 8 if text.startswith("CONTINUE") else 10
+    # A string runs to its closing quote (quotes inside are doubled); a number to any '/'.
+    value = re.match(r"\s*('(?:[^']|'')*'?|[^/]*)", text[start:])
+    return "value" if column < start + value.end() else "comment"
+
+
+def _raw_headers(path):
+    """The header bytes of every HDU of ``path`` (plain, gzip or bzip2), as in the file."""
+    with open(path, "rb") as raw:
+        opener = _DECOMPRESSORS.get(raw.read(2), open)
+    headers = []
+    with opener(path, "rb") as f:
+        while (header := _raw_header(f)) is not None:
+            headers.append(header)
+            size = _raw_data_size(_raw_keys(header))
+            if size is None:
+                break
+            f.seek(size, os.SEEK_CUR)
+    return headers
+
+
 def check_header_cards(hdu, path, label):
     """Refuse a header with a card that is not FITS (a keyword or value with bytes that are
     not printable ASCII, an unparsable value), naming the card (numbered from 1). Astropy
@@ -290,6 +389,8 @@ def table_bytes(columns, name, cards=()):
             # astropy writes the blanks ending a string as NULs, all but a first character
             stripped = np.char.rstrip(values, " ")
             values = np.where((stripped == "") & (np.char.str_len(values) > 0), " ", stripped)
+            if values.dtype.kind == "U":  # text read as Latin-1 goes back as it was read
+                values = np.char.encode(values, "latin-1", "replace")
         else:
             fields.append((f"f{k}", _FIELD_TYPES[code], (int(count),) if count else ()))
             if code == "L":
@@ -394,9 +495,15 @@ def _walk(path, name=None, skip=()):
             data = f.read(size)
             if len(data) != size:
                 return None
-            found.append((extname, header + data))
+            # Bytes beyond ASCII in a header were refused or noted when it was read (in
+            # the product as astropy read them: '?'); a table's text is carried verbatim.
+            found.append((extname, header.translate(_ASCII_ONLY) + data))
             if name is not None:
                 return found
+
+
+#: bytes.translate table: a byte beyond ASCII becomes '?', as astropy reads it in a header.
+_ASCII_ONLY = bytes(range(128)) + b"?" * 128
 
 
 def _raw_header(f):

@@ -74,6 +74,16 @@ def _output_target(path, out, in_place):
     return out if out.suffix.lower() in (".fits", ".fit") else out / output_name(path)
 
 
+def check_output(out, label="out"):
+    """Refuse, before any work, an ``out`` (a directory, or a ``.fits`` file) that cannot be
+    written; ``label`` is how the user gave it (e.g. ``"--out"``). None passes."""
+    if out is None:
+        return
+    out = Path(out)
+    one_file = out.suffix.lower() in (".fits", ".fit") and not out.is_dir()
+    check_output_directory(out, label, for_file=one_file)
+
+
 def _check_target(target, path, overwrite, in_place):
     """Refuse, before the fit, an output that could not be written after it."""
     if target.exists() and not in_place and os.path.samefile(target, path):

@@ -237,7 +237,7 @@ def _name_damaged_card(source):
     card and refuses to write it into the product. The readers do not check every card of
     every file (2.5 ms for a header of 236 cards, on every exposure) for what is this rare."""
     if source and os.path.isfile(source):
-        with open_fits(source) as hdul:
+        with open_fits(source, notes=False) as hdul:
             for k, hdu in enumerate(hdul):
                 check_header_cards(hdu, source, hdu.name or str(k))
 

@@ -31,6 +31,7 @@ from kspec_fluxcal.errors import (
     ConfigError,
     ExposureError,
     FluxCalError,
+    FluxCalWarning,
     GridError,
     OutputExistsError,
 )
@@ -298,6 +299,14 @@ RED_CASES = [
     ("fwhm-in-another-unit", _fwhm_poly(3000.0),
      r"primary header FWHMPC: line-spread FWHM 3000 A at 4000 A is a resolving power of 1\.33, "
      r"below the plausible 10"),
+    # In km/s (the contract's is A): R = 5000 / 150 = 33 passed, and it calibrated at grade B.
+    ("specfwhm-in-km/s", lambda h: (_fwhm_poly()(h), _set_header(SPECFWHM=150.0)(h)),
+     rf"primary header SPECFWHM: line-spread FWHM 150 A at \d+ A is {150 / SETUP.dispersion:.3g} "
+     rf"pixels of the wavelength solution \({SETUP.dispersion:.3g} A/pixel\), outside the "
+     r"plausible 0\.25-20: the contract's unit is Angstrom; is it in km/s \(0\.\d+ pixels\)\?"),
+    ("fwhm-in-nm", _fwhm_poly(0.2),
+     r"primary header FWHMPC: line-spread FWHM 0\.2 A at \d+ A is 0\.0[45]\d* pixels .* is it "
+     r"in nm \(0\.5 pixels\)\?"),
 ]
 
 
@@ -305,6 +314,18 @@ RED_CASES = [
 def test_bad_red_file(base, tmp_path, edit, match):
     err = fails(base, tmp_path, ExposureError, match, edit=edit)
     assert err.path == str(tmp_path / "red.fits")  # the message starts with the file
+
+
+def test_line_spread_beyond_the_width_fit_is_noted(base, tmp_path):
+    """A FWHM in pixels written as Angstrom (2.2 px of 4 A: 2.2 A, 0.55 pixels: sampled
+    plausibly) calibrated at grade B without a word: the stars' lines, 4 times wider, are
+    beyond the width fit's +-25 %, which left FCALLSF at 1. It is noted, naming the keyword."""
+    result = run(base, tmp_path, edit=lambda h: (_fwhm_poly()(h), _set_header(SPECFWHM=2.2)(h)))
+    note = (r"KS\w+: the standards' lines are wider than the line spread of the primary header "
+            r"SPECFWHM \(FWHM 2\.2 A at \d+ A\) by more than 25 %, beyond what the width fit "
+            r"corrects \(FCALLSF left at 1\): check that FWHM")
+    assert [w for w in result.warnings if re.match(note, w)], result.warnings
+    assert result.calibration.attrs["fcallsf"] == 1.0
 
 
 @pytest.mark.parametrize("cut", ["empty", "in-primary-header", "end-of-primary-header",
@@ -350,11 +371,13 @@ def _damage_card(data, card, offset, byte):
 
 
 @pytest.mark.parametrize("card, offset, byte, match", [
-    (b"AIRMASS =", 4, 0xE9, r"HDU PRIMARY header card \d+ \(AIRM\?SS\): Illegal keyword name"),
+    (b"AIRMASS =", 4, 0xE9, r"HDU PRIMARY header card \d+ \(AIRMéSS\): byte 0xE9 \('é' in "
+                            r"Latin-1\) in its keyword is not ASCII"),
     # A keyword the reader reads is named as the reader meets it.
     (b"EXPTIME =", 25, 0x00, r"primary header EXPTIME: Card 'EXPTIME' is not FITS standard "
                              r"\(invalid value string"),
-    (b"TTYPE2  =", 4, 0xE9, r"HDU FIBRES header card \d+ \(TTYP\?2\): Illegal keyword name"),
+    (b"TTYPE2  =", 4, 0xE9, r"HDU FIBRES header card \d+ \(TTYPé2\): byte 0xE9 \('é' in "
+                            r"Latin-1\) in its keyword is not ASCII"),
     # Read as a keyword, not with the data: astropy's VerifyError escaped open_exposure.
     (b"BUNIT   = 'Angstrom'", 13, 0x00, r"HDU WAVELA header card \d+ \(BUNIT\): Card 'BUNIT' "
                                       r"is not FITS standard \(invalid value string"),
@@ -383,6 +406,109 @@ def test_damaged_keyword_value_in_the_planner(base, tmp_path, card, offset, matc
     red.write_bytes(_damage_card(base.red[2], card, offset, 0x00))
     with pytest.raises(ExposureError, match=rf"red\.fits: {match}"):
         read_exposure_info(red)
+
+
+@pytest.mark.parametrize("card, offset, match", [
+    (b"EXPID   =", 11, r"HDU PRIMARY header card \d+ \(EXPID\): byte 0xE9 \('é' in Latin-1\) in "
+                       r"its value is not ASCII \(FITS headers are ASCII; astropy reads it as "
+                       r"'\?': \"EXPID   = '\?"),
+    (b"BUNIT   = 'Angstrom'", 14, r"HDU WAVELA header card \d+ \(BUNIT\): byte 0xE9 .* in its "
+                                   r"value is not ASCII"),
+    (b"TTYPE1  = 'NAME", 13, r"HDU FIBRES header card \d+ \(TTYPE1\): byte 0xE9 .* in its "
+                             r"value is not ASCII"),
+    (b"EXTNAME = 'FIBRES", 13, r"HDU FI\?RES header card \d+ \(EXTNAME\): byte 0xE9 .* in its "
+                               r"value is not ASCII"),
+    (b"EXPTIME =", 28, r"HDU PRIMARY header card \d+ \(EXPTIME\): byte 0xE9 .* in its value"),
+], ids=["EXPID", "wavela-BUNIT", "TTYPE", "EXTNAME", "number"])
+def test_non_ascii_byte_in_a_value_read_is_refused(base, tmp_path, card, offset, match):
+    """Astropy reads a header byte beyond ASCII as '?', with a warning the reader silenced:
+    an EXPID 'KS?001' named the product and archive row, an EXTNAME 'FIBR?S' was a missing
+    FIBRES. In a value the readers use it is refused, before the work, naming the byte."""
+    raw = _damage_card(base.red[2], card, offset, 0xE9)
+    err = fails(base, tmp_path, ExposureError, match, raw=raw)
+    assert err.path == str(tmp_path / "red.fits")
+    with pytest.raises(ExposureError, match=match):
+        read_exposure_info(tmp_path / "red.fits")  # the survey's planner
+
+
+def _latin1(data, placeholder, text):
+    """``data`` (FITS bytes) with ``placeholder`` replaced by ``text`` in Latin-1."""
+    assert data.count(placeholder) == 1 and len(placeholder) == len(text)
+    return data.replace(placeholder, text.encode("latin-1"))
+
+
+def test_non_ascii_free_text_is_kept_with_a_note(base, tmp_path):
+    """A byte beyond ASCII in a value nothing reads (OBSERVER), a comment or a COMMENT card
+    was read as '?' without a word. It is noted, naming HDU, card and the text in Latin-1;
+    the product's headers, which must be ASCII, have '?' for it (the FIBRES header carried
+    verbatim too)."""
+    hdus = base.hdus()
+    hdus[0].header["OBSERVER"] = ("JosX Perez", "observer")
+    hdus[0].header["COMMENT"] = "pointage refait: XXX"
+    hdus["FIBRES"].header["FIBCOMM"] = ("plate 7", "plaque n. X")
+    red = tmp_path / "red.fits"
+    hdus.writeto(red)
+    data = _latin1(red.read_bytes(), b"JosX Perez", "Jos\xe9 Perez")
+    data = _latin1(data, b"refait: XXX", "refait: \xe0 \xe9")
+    red.write_bytes(_latin1(data, b"plaque n. X", "plaque n\xb0 X"))
+    read_exposure_info(red)  # the survey's planner: noted once, where it is calibrated
+    catalog = write_catalog(tmp_path / "catalog.csv", base.rows[2])
+    with pytest.warns(FluxCalWarning) as caught:
+        result = calibrate_exposure(red, catalog, base.grid, tmp_path / "out")
+    (note,) = [str(w.message) for w in caught if "beyond ASCII" in str(w.message)]
+    assert note.startswith(f"{red}: header bytes beyond ASCII (FITS headers are ASCII), kept "
+                           "as '?' (shown here in Latin-1): HDU PRIMARY header card ")
+    for text in ("(OBSERVER) value: \"OBSERVER= 'Jos\xe9 Perez'", "(COMMENT) text: "
+                 "'COMMENT pointage refait: \xe0 \xe9'", "HDU FIBRES header card",
+                 "(FIBCOMM) comment: \"FIBCOMM = 'plate 7 '", "/ plaque n\xb0 X\""):
+        assert text in note
+    product = result.path.read_bytes()
+    headers = [product[k:k + 80] for k in range(0, len(product), 80)
+               if product[k:k + 8] in (b"OBSERVER", b"COMMENT ", b"FIBCOMM ")]
+    assert b"OBSERVER= 'Jos? Perez'" in b"".join(headers)
+    assert b"COMMENT pointage refait: ? ?" in b"".join(headers)
+    assert b"/ plaque n? X" in b"".join(headers)
+    with fits.open(result.path) as hdul:  # an ASCII header: astropy reads it without a word
+        hdul.verify("exception")
+        assert hdul[0].header["OBSERVER"] == "Jos? Perez"
+
+
+def test_non_ascii_table_text_round_trips(base, tmp_path):
+    """A FIBRES NAME (or another text column) with a byte beyond ASCII failed the read with
+    an internal error (UnicodeDecodeError). The text is read as Latin-1, one character a
+    byte, and the product has the bytes as they were, whether it carries the input's table
+    or writes it from the Dataset."""
+    from kspec_fluxcal.products import write_calibrated
+
+    hdus = base.hdus()
+    table = hdus["FIBRES"]
+    names = [str(n) for n in table.data["NAME"]]
+    cols = [*table.columns, fits.Column("REMARK", "6A", array=["ok"] * len(names))]
+    hdus["FIBRES"] = fits.BinTableHDU.from_columns(cols, name="FIBRES")
+    hdus["FIBRES"].data["NAME"][1] = "XQXQX"
+    hdus["FIBRES"].data["REMARK"][2] = "YQYQ"
+    red = tmp_path / "red.fits"
+    hdus.writeto(red)
+    data = _latin1(red.read_bytes(), b"XQXQX", "\xe9toil")
+    red.write_bytes(_latin1(data, b"YQYQ", "b\xe2ti"))
+    exposure = open_exposure(red)
+    assert list(exposure["fiber_name"].values[:3]) == [names[0], "\xe9toil", names[2]]
+    assert exposure["fibres_remark"].values[2] == "b\xe2ti"
+    result = calibrate_exposure(red, write_catalog(tmp_path / "catalog.csv", base.rows[2]),
+                                base.grid, tmp_path / "out")
+    in_memory = result.calibrated.copy()
+    del in_memory.attrs["source"]  # the table is written from the Dataset's coordinates
+    rewritten = write_calibrated(in_memory, tmp_path / "rewritten.fits")
+    with fits.open(red) as original, fits.open(result.path) as product, \
+            fits.open(rewritten) as other:
+        assert product["FIBRES"].data.tobytes() == original["FIBRES"].data.tobytes()
+        for hdul in (product, other):
+            assert hdul["FIBRES"].data["NAME"][1] == "\xe9toil".encode("latin-1")
+            assert hdul["FIBRES"].data["REMARK"][2] == b"b\xe2ti"
+    for path in (result.path, rewritten):
+        again = open_exposure(path)
+        assert list(again["fiber_name"].values) == list(exposure["fiber_name"].values)
+        assert list(again["fibres_remark"].values) == list(exposure["fibres_remark"].values)
 
 
 def test_directory_instead_of_file(base, tmp_path):

@@ -352,7 +352,7 @@ def test_survey_output_checked_before_the_work(capsys, files, tmp_path):
     status, stdout, err = cli(capsys, "survey", tmp_path, "--catalog", files.catalog, "--grid",
                               files.grid, "--out", tmp_path / "notes.txt")
     assert (status, stdout) == (1, [])
-    assert err == [f"kspec-fluxcal: error: {tmp_path / 'notes.txt'}: is a file, not a "
+    assert err == [f"kspec-fluxcal: error: --out {tmp_path / 'notes.txt'}: is a file, not a "
                    "directory"]
 
 
@@ -365,6 +365,27 @@ def test_calibrate_unwritable_output_checked_before_the_work(capsys, files, tmp_
                               files.grid, "--out", locked / "out")
     assert err == [f"kspec-fluxcal: error: --out {locked / 'out'}: cannot be created: "
                    f"{locked} is not writable"]
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs Linux's /proc")
+@pytest.mark.parametrize("command, out", [
+    ("calibrate", "/proc/kspec-x"), ("calibrate", "/proc/kspec-x/red.fits"),
+    ("survey", "/proc/kspec-x"), ("grid build", "/proc/kspec-x.zarr"),
+    ("qc", "/proc/kspec-x")])
+def test_output_on_a_filesystem_without_new_entries_refused_up_front(capsys, files, made,
+                                                                     no_fit, command, out):
+    """An --out under /proc passed the access() check (root may write anywhere; so may anyone
+    on /proc) and failed after the fit as 'FAILED: [Errno 2] No such file or directory', or
+    (survey, grid build) as that bare OS error: creating an entry is now tried first."""
+    (red,) = files("red.fits")
+    inputs = {"calibrate": [red, "--catalog", files.catalog, "--grid", files.grid],
+              "survey": [str(Path(red).parent), "--catalog", files.catalog, "--grid",
+                         files.grid],
+              "grid build": [str(made[0].bosz)], "qc": [red]}[command]
+    status, stdout, err = cli(capsys, *command.split(), *inputs, "--out", out)
+    assert (status, stdout) == (1, [])
+    assert err == [f"kspec-fluxcal: error: --out {out}: cannot be created: /proc takes no "
+                   "new entries (No such file or directory)"]
 
 
 def test_existing_output_refused_before_the_work(capsys, files, tmp_path, no_fit):

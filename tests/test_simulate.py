@@ -370,6 +370,11 @@ def test_setup_lsf_and_validation():
     with pytest.raises(ValueError, match="not positive at every pixel"):
         Setup(pixels=100, fwhm_pixels=(3.0, 0.01, 0.01))  # a parabola below 0 near the red
     assert Setup(pixels=64).pixels == 64  # the smallest spectra of the defaults: R ~ 18
+    # ... and one sampled with more than 20 or fewer than 0.25 pixels per FWHM.
+    with pytest.raises(ValueError, match=r"spans 25-25 pixels, beyond the 0\.25-20 the reader"):
+        Setup(fwhm_pixels=(25.0, 25.0, 25.0))
+    with pytest.raises(ValueError, match=r"spans 0\.2-0\.3 pixels, beyond the 0\.25-20"):
+        Setup(fwhm_pixels=(0.3, 0.2, 0.3))
 
 
 def test_setups_alternate(tmp_path, grid_dir):

@@ -29,7 +29,7 @@ from ..wavelength import vacuum_to_air
 from .fibres import FIBRES_EXTNAMES, fibres_coords
 from .header import (
     COUNT_UNITS,
-    MIN_RESOLVING_POWER,
+    check_line_spread,
     check_width,
     data_unit,
     exposure_id,
@@ -164,7 +164,7 @@ def open_exposure(path, *, chunks=None):
     fiber_wave, wave, history = _air_wavelengths(wave, flux.shape[0], path, meta)
     unsolved = unsolved_pixels(fiber_wave, fibres["fiber_type"].values)
     flux, variance, good = _valid_pixels(flux, variance.astype(np.float64), fiber_wave, path)
-    _check_line_spread(meta["lsf"], wave, path)
+    check_line_spread(meta["lsf"], wave, path)
     ds = _dataset(flux, variance, good, wave, fiber_wave, fibres, meta)
     ds.attrs.update(_exposure_attrs(path, meta, unsolved))
     for text in history:
@@ -208,21 +208,6 @@ def _valid_pixels(flux, variance, fiber_wave, path):
         raise ExposureError(path, "HDU PRIMARY/VARIANCE",
                             "no valid pixel (every flux is NaN or every variance <= 0)")
     return flux, variance, good
-
-
-def _check_line_spread(lsf, wave, path):
-    """Refuse a line-spread FWHM that is not positive at every pixel of ``wave``, or wider
-    than :data:`~kspec_fluxcal.exposure.header.MIN_RESOLVING_POWER` allows."""
-    fwhm = lsf.fwhm(wave)  # every pixel: a polynomial can dip below zero between the ends
-    if np.any(~np.isfinite(fwhm)) or np.any(fwhm <= 0):
-        raise ExposureError(path, f"primary header {lsf.source}",
-                            f"line-spread FWHM is not positive over {wave[0]:.0f}-{wave[-1]:.0f} A")
-    k = int(np.argmax(fwhm / wave))
-    if wave[k] / fwhm[k] < MIN_RESOLVING_POWER:
-        raise ExposureError(path, f"primary header {lsf.source}",
-                            f"line-spread FWHM {fwhm[k]:.4g} A at {wave[k]:.0f} A is a "
-                            f"resolving power of {wave[k] / fwhm[k]:.3g}, below the plausible "
-                            f"{MIN_RESOLVING_POWER:g} (a FWHM in another unit than Angstrom?)")
 
 
 def _dataset(flux, variance, good, wave, fiber_wave, fibres, meta):
@@ -354,7 +339,8 @@ def read_exposure_info(path):
         whatever their own arc solutions and line spreads.
     """
     path = os.fspath(path)
-    with open_fits(path) as hdul, cards_named(hdul, path):
+    # Header text beyond ASCII that is kept is noted where the exposure is calibrated.
+    with open_fits(path, notes=False) as hdul, cards_named(hdul, path):
         return _exposure_info(hdul, path)
 
 

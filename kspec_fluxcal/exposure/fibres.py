@@ -12,7 +12,7 @@ from ..constants import FIBER_TYPES
 from ..errors import ExposureError
 from ..fits_file import hdu_data
 
-__all__ = ["fibres_coords", "FIBRES_EXTNAMES"]
+__all__ = ["fibres_coords", "table_text", "FIBRES_EXTNAMES"]
 
 FIBRES_EXTNAMES = ("FIBRES", "FIBRES_IFU")
 # Known FIBRES columns and their coordinate names.
@@ -45,7 +45,7 @@ def fibres_coords(hdu, nfib, path):
         raise ExposureError(path, f"{where} column TYPE", "missing")
     coords = {"fiber_type": _fiber_types(data[names["TYPE"].name], path, where)}
     if "NAME" in names:
-        coords["fiber_name"] = np.char.strip(np.asarray(data[names["NAME"].name]).astype(str))
+        coords["fiber_name"] = table_text(data[names["NAME"].name])
     else:
         coords["fiber_name"] = np.full(nfib, "")
     for key in ("RA", "DEC"):
@@ -66,7 +66,7 @@ def fibres_coords(hdu, nfib, path):
 
 def _fiber_types(column, path, where):
     """The TYPE column as one-letter strings; a letter not in the contract is an error."""
-    types = np.char.strip(np.asarray(column).astype(str))
+    types = table_text(column)
     unknown = ~np.isin(types, list(FIBER_TYPES))
     if unknown.any():
         row = int(np.flatnonzero(unknown)[0])
@@ -115,12 +115,23 @@ def _other_columns(hdu, data):
         if values.ndim != 1:
             continue
         if values.dtype.kind in "SU":
-            values = np.char.strip(values.astype(str))
+            values = table_text(values)
         attrs = {"fits_column": col.name}
         if col.unit:
             attrs["units"] = str(col.unit)
         result[f"fibres_{col.name.lower()}"] = xr.Variable("fiber", values, attrs)
     return result
+
+
+def table_text(column):
+    """A table's text column as stripped ``str``. FITS text is ASCII, but a NAME typed in
+    Latin-1 ('\xe9toile') is not rare: the bytes are read as Latin-1, one character each,
+    so that none is lost and the product, which carries the table verbatim, has them as
+    they were. (Decoded as ASCII they failed the read: UnicodeDecodeError.)"""
+    values = np.asarray(column)
+    if values.dtype.kind == "S":
+        values = np.char.decode(values, "latin-1")
+    return np.char.strip(values.astype(str))
 
 
 def _objid_column(values, path, where):
@@ -132,8 +143,8 @@ def _objid_column(values, path, where):
         # out as other objids, and the standard would silently match nothing.
         bad = ~np.isfinite(values) | (values != np.round(values)) | (np.abs(values) > 2.0**53)
     else:
-        text = np.char.strip(values.astype(str))
-        bad = ~np.char.isdigit(np.char.lstrip(text, "+-")) | (np.char.str_len(text) == 0)
+        text = table_text(values)
+        bad = ~np.char.isdecimal(np.char.lstrip(text, "+-")) | (np.char.str_len(text) == 0)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         value = values[row].item()

@@ -7,13 +7,16 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
+
+from ..constants import SPEED_OF_LIGHT_KMS
 from ..errors import ExposureError, FluxCalWarning
 from ..fits_file import header_value
 from ..lsf import LineSpread
 
-__all__ = ["exposure_keywords", "exposure_id", "check_width", "line_spread", "data_unit",
-           "is_flux_unit", "COUNT_UNITS", "EXPTIME_RANGE", "AIRMASS_RANGE", "SEEING_RANGE",
-           "MJD_RANGE", "MIN_PIXELS", "MIN_RESOLVING_POWER"]
+__all__ = ["exposure_keywords", "exposure_id", "check_width", "line_spread", "check_line_spread",
+           "data_unit", "is_flux_unit", "COUNT_UNITS", "EXPTIME_RANGE", "AIRMASS_RANGE",
+           "SEEING_RANGE", "MJD_RANGE", "MIN_PIXELS", "MIN_RESOLVING_POWER", "FWHM_PIXELS"]
 
 #: Plausible exposure times (s): a K-SPEC exposure is seconds to hours; 1e30 is a bad header.
 EXPTIME_RANGE = (0.0, 1.0e5)
@@ -31,6 +34,15 @@ MJD_RANGE = (40000.0, 100000.0)
 #: asked the grid for negative wavelengths. (The simulator's smallest spectra, 64 pixels
 #: over 3500-8500 A at 2-2.5 pixels per FWHM, have ~18 at the blue end.)
 MIN_RESOLVING_POWER = 10.0
+#: Plausible sampling of the line spread: FWHM in pixels of the exposure's own wavelength
+#: solution. Spectrographs sample it with ~1.5-6 pixels (2 is Nyquist's: DESI ~2.2, BOSS
+#: ~2.2, AAOmega ~3.5, the IsoPlane 2.7; a CCD binned 4x along the dispersion ~0.6) and
+#: pipelines that resample keep it near that. Beyond 20 the FWHM is in another unit than
+#: Angstrom (150 km/s read as 150 A is 40 pixels of the IsoPlane's 3.7 A, a resolving power
+#: of 33 that passes :data:`MIN_RESOLVING_POWER`); below a quarter of a pixel too (0.25 nm
+#: read as 0.25 A on K-SPEC's 1.22 A pixels is 0.2 of them). Closer, a wrong unit is left to
+#: the width fit of the standards, which warns when their lines are beyond its reach.
+FWHM_PIXELS = (0.25, 20.0)
 #: Fewest pixels of a spectrum: fewer is a cut or transposed image, not a K-SPEC spectrum.
 MIN_PIXELS = 16
 #: Primary BUNIT values read as the contract's 'counts' (any case; blank as absent): its own
@@ -116,6 +128,42 @@ def line_spread(header, path):
         return LineSpread.constant(fwhm, "SPECFWHM")
     raise ExposureError(path, "primary header",
                         "no line-spread description: neither SPECFWHM nor FWHMPC0 is present")
+
+
+def check_line_spread(lsf, wave, path):
+    """Refuse a line-spread FWHM that is not positive at every pixel of ``wave``, wider
+    than :data:`MIN_RESOLVING_POWER` allows, or sampled with a number of pixels outside
+    :data:`FWHM_PIXELS` (a FWHM in km/s, nm or pixels: the contract's is in Angstrom)."""
+    where = f"primary header {lsf.source}"
+    fwhm = lsf.fwhm(wave)  # every pixel: a polynomial can dip below zero between the ends
+    if np.any(~np.isfinite(fwhm)) or np.any(fwhm <= 0):
+        raise ExposureError(path, where, f"line-spread FWHM is not positive over "
+                            f"{wave[0]:.0f}-{wave[-1]:.0f} A")
+    k = int(np.argmax(fwhm / wave))
+    if wave[k] / fwhm[k] < MIN_RESOLVING_POWER:
+        raise ExposureError(path, where,
+                            f"line-spread FWHM {fwhm[k]:.4g} A at {wave[k]:.0f} A is a "
+                            f"resolving power of {wave[k] / fwhm[k]:.3g}, below the plausible "
+                            f"{MIN_RESOLVING_POWER:g} (a FWHM in another unit than Angstrom?)")
+    step = np.abs(np.gradient(wave)) if wave.size > 1 else np.ones(1)
+    pixels = fwhm / step
+    k = int(np.argmax(pixels) if pixels.max() > FWHM_PIXELS[1] else np.argmin(pixels))
+    if not FWHM_PIXELS[0] <= pixels[k] <= FWHM_PIXELS[1]:
+        raise ExposureError(path, where, f"line-spread FWHM {fwhm[k]:.4g} A at {wave[k]:.0f} A "
+                            f"is {pixels[k]:.3g} pixels of the wavelength solution "
+                            f"({step[k]:.3g} A/pixel), outside the plausible "
+                            f"{FWHM_PIXELS[0]:g}-{FWHM_PIXELS[1]:g}: the contract's unit is "
+                            f"Angstrom{_other_unit(fwhm[k], wave[k], step[k])}")
+
+
+def _other_unit(fwhm, wave, step):
+    """', in <unit>?' for the units in which the header's ``fwhm`` would be sampled
+    plausibly at ``wave`` (A) with ``step`` A/pixel ('' for none)."""
+    readings = {"km/s": fwhm * wave / SPEED_OF_LIGHT_KMS, "nm": 10.0 * fwhm,
+                "pixels": fwhm * step}
+    fits_ = [f"{unit} ({value / step:.2g} pixels)" for unit, value in readings.items()
+             if FWHM_PIXELS[0] <= value / step <= FWHM_PIXELS[1]]
+    return f"; is it in {' or '.join(fits_)}?" if fits_ else ""
 
 
 def is_flux_unit(text):

@@ -4,10 +4,12 @@ fitted with the chosen models, and the choice refined again at that width."""
 
 from __future__ import annotations
 
+import warnings
 from types import SimpleNamespace
 
 import numpy as np
 
+from ..errors import FluxCalWarning
 from ..templates import library_spectra
 from .exposure_templates import ExposureTemplates, interpolated_corners
 from .matching import score_star
@@ -21,6 +23,13 @@ _LSF_TRIALS = np.array([0.9, 1.0, 1.1])
 _LSF_MIN_CHANGE = 0.005
 #: ... and the parameters refined again only for a larger change.
 _LSF_REFINE_CHANGE = 0.02
+#: A star's width is fitted within +-25 % of the current one (beyond, the parabola through
+#: the trials is extrapolated too far to trust).
+_LSF_MAX_OFFSET = 0.25
+#: A star whose chi^2 falls steadily towards one end trial by more than this (in units of
+#: its chi^2/dof: 3 sigma for one parameter), without a minimum within the fitted range,
+#: has a width beyond it.
+_LSF_BEYOND_DCHI2 = 9.0
 
 
 def choose_with_line_spread(obs, tm, scan, phot, prior, config):
@@ -37,6 +46,8 @@ def choose_with_line_spread(obs, tm, scan, phot, prior, config):
     """
     params, errors = choose_parameters(obs, tm, scan, phot, prior, config)
     lsf_fit = fit_lsf_scale(obs, tm, scan, params, config.fit.lsf_prior)
+    if lsf_fit.beyond:
+        _warn_width_beyond(obs, tm.lsf, lsf_fit.beyond)
     if abs(lsf_fit.scale - 1.0) > _LSF_MIN_CHANGE:
         tm = ExposureTemplates(tm.library, obs.wave, tm.lsf.scaled(lsf_fit.scale), [])
         if abs(lsf_fit.scale - 1.0) > _LSF_REFINE_CHANGE:
@@ -81,12 +92,42 @@ def fit_lsf_scale(obs, tm, scan, params, prior_sigma=None):
     with np.errstate(invalid="ignore", divide="ignore"):
         vertex = np.where(a > 0, -b / (2 * a), np.nan)
         err = np.where(a > 0, np.sqrt(inflate / a), np.nan)
-    ok = scan.usable & np.isfinite(vertex) & (np.abs(vertex) <= 0.25)
+    ok = scan.usable & np.isfinite(vertex) & (np.abs(vertex) <= _LSF_MAX_OFFSET)
     star_scale = np.where(ok, 1.0 + vertex, np.nan)
     star_err = np.where(ok, err, np.nan)
     scale, scale_err = pool_lsf_scales(vertex[ok], err[ok], prior_sigma) if ok.any() else (
         1.0, np.nan)
-    return SimpleNamespace(scale=scale, err=scale_err, star=star_scale, star_err=star_err)
+    return SimpleNamespace(scale=scale, err=scale_err, star=star_scale, star_err=star_err,
+                           beyond=_beyond(chi2 / inflate[:, None], scan.usable & ~ok))
+
+
+def _beyond(chi2, unfitted):
+    """-1 (+1) when every star is ``unfitted`` and its ``chi2`` (S, 3), in units of its
+    chi^2/dof, falls steadily and significantly towards the narrowest (widest) trial: the
+    stars' lines are narrower (wider) than the line spread by more than the fit reaches. 0
+    otherwise, also without such a star."""
+    with np.errstate(invalid="ignore"):
+        narrower = (chi2[:, 0] < chi2[:, 1]) & (chi2[:, 1] < chi2[:, 2]) & (
+            chi2[:, 1] - chi2[:, 0] > _LSF_BEYOND_DCHI2)
+        wider = (chi2[:, 2] < chi2[:, 1]) & (chi2[:, 1] < chi2[:, 0]) & (
+            chi2[:, 1] - chi2[:, 2] > _LSF_BEYOND_DCHI2)
+    if not unfitted.any() or not np.array_equal(unfitted, narrower | wider):
+        return 0
+    return -1 if narrower[unfitted].all() else 1 if wider[unfitted].all() else 0
+
+
+def _warn_width_beyond(obs, lsf, sign):
+    """The standards' lines are narrower (``sign`` -1) or wider (+1) than ``lsf`` by more
+    than the width fit reaches: the width is left as ``lsf`` has it (FCALLSF 1), which is
+    then wrong; the header's FWHM is likely in another unit than Angstrom (pixels, km/s)."""
+    source = {"FWHMPC": "FWHMPCk", "SPECFWHM": "SPECFWHM"}.get(lsf.source, lsf.source)
+    where = f"primary header {source}" if source in ("FWHMPCk", "SPECFWHM") else source
+    mid = float(np.median(obs.wave))
+    warnings.warn(f"{obs.expid}: the standards' lines are {'narrower' if sign < 0 else 'wider'}"
+                  f" than the line spread of the {where} (FWHM {float(lsf.fwhm(mid)):.3g} A at "
+                  f"{mid:.0f} A) by more than {100 * _LSF_MAX_OFFSET:.0f} %, beyond what the "
+                  "width fit corrects (FCALLSF left at 1): check that FWHM (the contract's "
+                  "unit is Angstrom: one in pixels or km/s?)", FluxCalWarning, stacklevel=3)
 
 
 def pool_lsf_scales(offsets, errors, prior_sigma=None):

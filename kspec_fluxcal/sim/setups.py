@@ -8,7 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from ..constants import LSF_REFERENCE_WAVELENGTH
-from ..exposure.header import MIN_RESOLVING_POWER
+from ..exposure.header import FWHM_PIXELS, MIN_RESOLVING_POWER
 from ..lsf import LineSpread
 
 __all__ = ["Setup", "DEFAULT_SETUP", "ISOPLANE_SETUP", "LARGE_SETUP"]
@@ -73,6 +73,11 @@ class Setup:
             raise ValueError(f"fwhm_pixels={self.fwhm_pixels!r} over {self.pixels} pixels: a "
                              f"resolving power of {power:.3g}, below the {MIN_RESOLVING_POWER:g} "
                              "the reader accepts")
+        pixels = fwhm / self.dispersion
+        if not (FWHM_PIXELS[0] <= pixels.min() and pixels.max() <= FWHM_PIXELS[1]):
+            raise ValueError(f"fwhm_pixels={self.fwhm_pixels!r}: the quadratic through them "
+                             f"spans {pixels.min():.3g}-{pixels.max():.3g} pixels, beyond the "
+                             f"{FWHM_PIXELS[0]:g}-{FWHM_PIXELS[1]:g} the reader accepts")
 
     @property
     def dispersion(self):
