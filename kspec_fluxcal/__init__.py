@@ -48,6 +48,7 @@ _LAZY = {
     "template_library": "fit.exposure_templates",
     **dict.fromkeys(("prepare_library", "prepare_templates", "prepared_templates"), "templates"),
     "read_xp": "xp",
+    "correct_second_order": "second_order",
 }
 
 
@@ -93,6 +94,7 @@ __all__ = [
     "cross_correlate_rv",
     "score_templates",
     # calibration
+    "correct_second_order",
     "fit_standards",
     "combine_vectors",
     "apply_calibration",

@@ -100,6 +100,17 @@ SCHEMA = {
                                     "by up to this factor calibrates with grade D and a flag; "
                                     "beyond it, it is refused (its photometry is another "
                                     "star's?).", min=1.0),
+        "second_order": Option(0.0, "Remove the grating's second order (no order-sorting "
+                               "filter: lambda/2 on the pixel of lambda, from twice the "
+                               "blue end): its second- to first-order efficiency ratio, "
+                               "in [0, 1), as measured for the grating; with "
+                               "second_order_blaze a scale of scalar theory's ratio in "
+                               "(0, 1] (1: scalar theory). 0 = off (README, 'Second-order "
+                               "light').", min=0.0, max=1.0),
+        "second_order_blaze": Option(0.0, "The grating's first-order blaze wavelength, "
+                                     "Angstrom, below twice the exposure's blue end: the "
+                                     "ratio is then second_order x E2/E1 at lambda/2 "
+                                     "(scalar theory); 0 = a constant ratio.", min=0.0),
     },
     "photometry": {
         "bands": Option([b for b in BANDS if b in CATALOG_COLUMNS],
@@ -498,6 +509,15 @@ def _check_consistency(values, source):
         raise ConfigError(source, "[instrument] throughput_min",
                           f"{inst['throughput_min']} is not below throughput_max "
                           f"{inst['throughput_max']}")
+    if inst["second_order_blaze"] and not inst["second_order"]:
+        raise ConfigError(source, "[instrument] second_order",
+                          f"0 with second_order_blaze = {inst['second_order_blaze']}: give "
+                          "the scale of scalar theory's ratio (1: scalar theory), or set "
+                          "second_order_blaze = 0 too to turn the correction off")
+    if not inst["second_order_blaze"] and inst["second_order"] >= 1.0:
+        raise ConfigError(source, "[instrument] second_order",
+                          f"{inst['second_order']} is not a second- to first-order ratio "
+                          "below 1 (a scale of 1 needs second_order_blaze)")
     if problem := glob_problem(values["survey"]["pattern"]):
         raise ConfigError(source, "[survey] pattern", f"{values['survey']['pattern']!r}: "
                           f"{problem}")

@@ -252,6 +252,8 @@ CALIBRATION_KEYWORDS = {
     "fcalunsl": ("FCALUNSL", int, "pixels without a wavelength solution (NaN)"),
     "fcalo2": ("FCALO2", float, "telluric O2 column, airmasses (fitted; -1: n/a)"),
     "fcalh2o": ("FCALH2O", float, "telluric H2O column, ref. columns (-1: n/a)"),
+    "fcal2nd": ("FCAL2ND", float, "second-order ratio removed (README)"),
+    "fcal2blz": ("FCAL2BLZ", float, "its grating blaze, A (0: constant ratio)"),
     "model_id": ("FCALMOD", str, "survey model used (FCALSRC with 'model')"),
     "sphot_g": ("FCALSPG", float, "median synthetic - catalog g, program stars"),
     "sphot_r": ("FCALSPR", float, "median synthetic - catalog r, program stars"),

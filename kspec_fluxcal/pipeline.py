@@ -18,6 +18,7 @@ from .exposure import add_history, calibration_marks, open_exposure
 from .fit.standards import fit_standards
 from .grid import open_grid
 from .products import write_calibrated
+from .second_order import correct_second_order
 from .spectrophotometry import check_exposure
 from .xp import read_xp
 
@@ -119,6 +120,9 @@ def calibrate(exposure, catalog, grid, config=None, *, cache_dir=None, xp=None):
         raise ExposureError(exposure.attrs.get("source"), marks[0][0],
                             f"already flux-calibrated ({'; '.join(m for _, m in marks)}); "
                             "calibrate the RED file it was made from")
+    # Every fiber, standards and targets alike, before the standards are fitted.
+    exposure = correct_second_order(exposure, config["instrument"]["second_order"],
+                                    config["instrument"]["second_order_blaze"])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FluxCalWarning)
         stars = fit_standards(exposure, catalog, grid, config, cache_dir=cache_dir, xp=xp)

@@ -276,3 +276,27 @@ def test_quality_counts_the_rejected_standards_after_the_model(lake, client, tmp
     row = next(r for r in (out / "quality.csv").read_text().splitlines()
                if r.startswith(entry["expid"]))
     assert row.split(",")[3:5] == [str(quality["used"]), str(entry["n_standards"])]
+
+
+@pytest.mark.cluster
+def test_the_model_pass_removes_the_second_order_too(lake, client, tmp_path):
+    """With [instrument] second_order, exposures recalibrated with the model (with their own
+    standards or alone) carry the corrected counts times their factor, as the first pass's."""
+    from kspec_fluxcal import correct_second_order, open_exposure
+
+    sv, manifest, _ = lake
+    out = tmp_path / "out"
+    report = _run(lake, out, client, instrument__second_order=0.05)
+    assert report.ok and sorted(report.model_only) == _without_standards(lake)
+    sources = set()
+    for entry in manifest["exposures"]:
+        with fits.open(_product(lake, out, entry["expid"])) as hdul:
+            head = hdul[0].header
+            assert head["FCAL2ND"] == 0.05
+            sources.add(head["FCALSRC"])
+            counts = hdul[0].data / hdul["FCALFAC"].data
+        expected = correct_second_order(open_exposure(sv / entry["path"]), 0.05)
+        ok = np.isfinite(counts)
+        assert ok[:, -100:].mean() > 0.8  # the red end is compared (a dead fiber is NaN)
+        np.testing.assert_allclose(counts[ok], expected["flux"].values[ok], rtol=2e-5)
+    assert sources == {"model", "standards+model"}

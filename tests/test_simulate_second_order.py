@@ -15,7 +15,7 @@ from kspec_fluxcal.sim import (
     simulate_exposure,
     simulate_survey,
 )
-from kspec_fluxcal.sim.optics import _blaze_efficiency
+from kspec_fluxcal.second_order import blaze_efficiency
 
 RATIO = 0.05
 
@@ -158,10 +158,10 @@ def _scalar_ratio(wave, blaze):
 
 def test_scalar_ratio_at_a_few_wavelengths():
     wave = np.array([7000.0, 7500.0, 8000.0, 8500.0])
-    ratio = _blaze_efficiency(wave / 2, 2, BLAZE) / _blaze_efficiency(wave / 2, 1, BLAZE)
+    ratio = blaze_efficiency(wave / 2, 2, BLAZE) / blaze_efficiency(wave / 2, 1, BLAZE)
     np.testing.assert_allclose(ratio, [9 / 16, 1 / 4, 1 / 9, 9 / 196], rtol=1e-12)
     np.testing.assert_allclose(ratio, _scalar_ratio(wave, BLAZE), rtol=1e-12)
-    assert _blaze_efficiency(BLAZE, 1, BLAZE) == 1.0 == _blaze_efficiency(BLAZE / 2, 2, BLAZE)
+    assert blaze_efficiency(BLAZE, 1, BLAZE) == 1.0 == blaze_efficiency(BLAZE / 2, 2, BLAZE)
 
 
 @pytest.mark.parametrize("scale", [1.0, 0.5])

@@ -88,7 +88,9 @@ instead: r x E_2(lambda / 2) / E_1(lambda / 2), E_m(mu) = sinc^2(pi (m - lambda_
 (Littrow; Palmer & Loewen's scalar blaze function), which is r x ((lambda_b - mu) /
 (2 mu - lambda_b))^2 at mu = lambda / 2; r is then a scale (1: scalar theory). At
 lambda_b = 5000 A and r = 1: 0.56 at 7000 A, 0.25 at 7500 A, 0.11 at 8000 A, 0.05 at
-8500 A. The simulator assumes no order-sorting filter.
+8500 A. The simulator assumes no order-sorting filter. The ratio's law is shared with the
+pipeline, which can remove the light again (``[instrument] second_order``,
+:mod:`kspec_fluxcal.second_order`).
 
 The tellurics are the package's telluric line list (:mod:`kspec_fluxcal.telluric`) at high
 resolution, in the five regions of the ``telluric_default`` mask: Beer's law in the O2

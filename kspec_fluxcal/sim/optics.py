@@ -28,6 +28,7 @@ import scipy.sparse
 from ..constants import FWHM_PER_SIGMA
 from ..errors import FluxCalWarning, GridError
 from ..lsf import LineSpread
+from ..second_order import second_order_problem, second_order_ratio
 from ..templates import convolution_matrix
 from .setups import Setup
 
@@ -279,15 +280,6 @@ def _window(source, pixels, optics):
     return slice(first, int(np.searchsorted(wave, need[1])) + 1)
 
 
-def _blaze_efficiency(wavelength, order, blaze):
-    """A blazed grating's efficiency in order ``order`` at ``wavelength`` (Angstrom), scalar
-    theory in Littrow: E_m(lambda) = sinc^2(pi (m - lambda_b / lambda)), sinc x = sin x / x,
-    ``blaze`` lambda_b the first-order blaze wavelength (E_m = 1 at lambda_b / m). The scalar
-    blaze function of Palmer & Loewen, *Diffraction Grating Handbook* (6th ed., Newport
-    2005); it ignores polarization and shadowing, fair for grooves much wider than lambda."""
-    return np.sinc(order - blaze / np.asarray(wavelength, dtype=float)) ** 2
-
-
 class _SecondOrder(NamedTuple):
     """Where the second order's light falls: the first order's pixels at half their
     wavelengths (``pixels``, below the setup's blue end clipped to it), the line spreads
@@ -309,32 +301,22 @@ def _second_order(pixels, optics, ratio, blaze=None):
     FWHM(lambda) / 2 in Angstrom at lambda / 2. Without ``blaze`` the weight is the
     constant ``ratio`` in [0, 1); with a first-order blaze wavelength it is ``ratio`` (a
     scale in (0, 1], 1: scalar theory) x E_2(lambda / 2) / E_1(lambda / 2)
-    (:func:`_blaze_efficiency`)."""
+    (:func:`kspec_fluxcal.second_order.second_order_ratio`)."""
     ratio = float(ratio)
     blue = pixels.setup.wave_min
-    if blaze is None:
-        if not 0.0 <= ratio < 1.0:
-            raise ValueError(f"second_order={ratio!r}: need a second- to first-order "
-                             "efficiency ratio in [0, 1)")
-        if ratio == 0.0:
-            return None
-    else:
+    if blaze is not None:
         blaze = float(blaze)
-        if not 0.0 < ratio <= 1.0:
-            raise ValueError(f"second_order={ratio!r} with second_order_blaze: need a scale "
-                             "of the scalar theory's ratio in (0, 1] (1: scalar theory)")
-        # E_1 vanishes at lambda_b / 2: the ratio is finite only for lambda / 2 redder.
-        if not 0.0 < blaze < 2.0 * blue:
-            raise ValueError(f"second_order_blaze={blaze!r}: need a first-order blaze "
-                             f"wavelength in (0, {2.0 * blue:.0f}) A (twice the setup's blue "
-                             "end, where the first order's efficiency would vanish)")
+    problem = second_order_problem(ratio, blaze, blue)
+    if problem is not None:
+        raise ValueError(problem[1])
+    if blaze is None and ratio == 0.0:
+        return None
     half = _Pixels(pixels.setup, np.maximum(0.5 * pixels.base, blue),
                    np.maximum(0.5 * pixels.rows, blue), pixels.per_fiber,
                    np.maximum(0.5 * pixels.written, blue), pixels.written_2d)
     fibers = None if optics.fibers is None else [_half_lsf(lsf) for lsf in optics.fibers]
     halved = _Optics(optics.scale, optics.fiber_scale, _half_lsf(optics.exposure), fibers)
-    scale = ratio if blaze is None else ratio * (_blaze_efficiency(half.rows, 2, blaze)
-                                                 / _blaze_efficiency(half.rows, 1, blaze))
+    scale = second_order_ratio(half.rows, ratio, blaze)
     weight = np.where(0.5 * pixels.rows >= blue, scale, 0.0)
     if not weight.any():
         warnings.warn(f"second_order={ratio:g} adds nothing: the setup {pixels.setup.name!r} "

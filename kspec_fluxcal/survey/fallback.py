@@ -21,10 +21,10 @@ def _fallback_task(path, out_path, reference, config, setup_key, input_hash, utc
     """Calibrate an exposure without usable standards from archived calibrations; never
     raises for bad data (:func:`kspec_fluxcal.survey.tasks.run_task`)."""
     return run_task(expid, _from_archive, path, out_path, reference, setup_key, input_hash,
-                    utc_offset)
+                    utc_offset, config)
 
 
-def _from_archive(path, out_path, reference, setup_key, input_hash, utc_offset):
+def _from_archive(path, out_path, reference, setup_key, input_hash, utc_offset, config=None):
     """The work of a fallback task: the calibration from ``reference``
     (:func:`_archive_reference`), applied and written; returns its archive record and
     quality."""
@@ -33,9 +33,13 @@ def _from_archive(path, out_path, reference, setup_key, input_hash, utc_offset):
     from ..calibration import apply_calibration
     from ..exposure import add_history, open_exposure
     from ..products import write_calibrated
+    from ..second_order import correct_second_order
     from .archive import archive_record
 
     exposure = open_exposure(path)
+    if config is not None:  # as the exposures calibrated with their own standards
+        exposure = correct_second_order(exposure, config["instrument"]["second_order"],
+                                        config["instrument"]["second_order_blaze"])
     wave = exposure["wavelength"].values
     width = np.gradient(wave)
     grid, curve, spread, n, span = reference

@@ -250,11 +250,13 @@ def _recalibrate_one(path, out_path, archive, row, fields, model, levels, config
     from ..calibration import apply_calibration
     from ..exposure import open_exposure
     from ..products import write_calibrated
+    from ..second_order import correct_second_order
     from ..spectrophotometry import check_exposure
     from .archive import archive_record, read_own
     from .recalibrate import model_calibration
 
-    exposure = open_exposure(path)
+    exposure = correct_second_order(open_exposure(path), config["instrument"]["second_order"],
+                                    config["instrument"]["second_order_blaze"])
     own = read_own(archive, [row])[0] if row is not None else None
     calibration = model_calibration(exposure, model, levels, own, fields, config,
                                     utc_offset=utc, model_id=model_id)
