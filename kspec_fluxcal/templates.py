@@ -45,9 +45,17 @@ from .lsf import LineSpread
 
 __all__ = ["convolution_matrix", "prepare_templates", "prepared_templates", "clear_cache",
            "prepare_library", "library_spectra", "library_columns", "library_arrays",
-           "library_range", "is_library", "check_coverage", "default_cache_dir", "CACHE_ENV"]
+           "library_range", "is_library", "check_coverage", "default_cache_dir", "CACHE_ENV",
+           "SPECTRA_DTYPE"]
 
 _NSIGMA = 5.0
+#: dtype of the template spectra: a library's ``flux`` and ``norm``, its operators to an
+#: exposure's pixels, the templates they give, which the fit keeps and interpolates between
+#: grid points (:class:`~kspec_fluxcal.fit.exposure_templates.ExposureTemplates`). Seven
+#: digits are far more than any template's accuracy and halve the memory and memory traffic
+#: of the largest arrays; sums over pixels (chi^2, normal equations) and the final model are
+#: float64 (float32 chi^2 sums picked another best template for 3-4 % of stars: HISTORY.md).
+SPECTRA_DTYPE = np.float32
 
 
 def convolution_matrix(wave_in, wave_out, lsf, resolving_power=None):
@@ -89,7 +97,7 @@ def _log_sampling(wave_in):
 def _convolution_entries(log_in, wave_out, lsf, resolving_power=None):
     """The CSR arrays (values, columns, row pointers) of :func:`convolution_matrix` and its
     ``sharper``, from the input's :func:`_log_sampling`: what :func:`_library_operator`
-    turns into a float32 matrix in one step."""
+    turns into a :data:`SPECTRA_DTYPE` matrix in one step."""
     ln_in, dln = log_in
     wave_out = np.asarray(wave_out, dtype=np.float64)
     ln_out = np.log(wave_out)
@@ -118,7 +126,7 @@ def _convolution_entries(log_in, wave_out, lsf, resolving_power=None):
 def _apply(block, matrix):
     flat = block.reshape(-1, block.shape[-1]).astype(np.float64)
     out = (matrix @ flat.T).T
-    return out.reshape(block.shape[:-1] + (matrix.shape[0],)).astype(np.float32)
+    return out.reshape(block.shape[:-1] + (matrix.shape[0],)).astype(SPECTRA_DTYPE)
 
 
 def check_coverage(templates, wavelength, lsf, what="grid"):
@@ -201,7 +209,7 @@ def prepare_templates(grid, wavelength, lsf, *, variables=("flux", "continuum"))
         res = xr.apply_ufunc(
             _apply, var, kwargs={"matrix": matrix},
             input_core_dims=[["wavelength"]], output_core_dims=[["wavelength"]],
-            exclude_dims={"wavelength"}, dask="parallelized", output_dtypes=[np.float32],
+            exclude_dims={"wavelength"}, dask="parallelized", output_dtypes=[SPECTRA_DTYPE],
             dask_gufunc_kwargs={"output_sizes": {"wavelength": wave_out.size}},
         )
         out[name] = res.assign_attrs(var.attrs)
@@ -541,7 +549,7 @@ def _build_library(grid, lo, hi, options, max_resolving_power):
             None if not np.isfinite(resolving_power) else resolving_power)
         flux = np.asarray((matrix @ flux.T).T)
         wave, resolving_power = new, max_resolving_power
-    norm = np.empty(flux.shape, dtype=np.float32)
+    norm = np.empty(flux.shape, dtype=SPECTRA_DTYPE)
     for start in range(0, flux.shape[0], _CONTINUUM_BLOCK):
         block = flux[start:start + _CONTINUUM_BLOCK]
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -550,7 +558,7 @@ def _build_library(grid, lo, hi, options, max_resolving_power):
     template_index[exists] = np.arange(present.size)
     return xr.Dataset(
         {
-            "flux": (("template", "wavelength"), flux.astype(np.float32),
+            "flux": (("template", "wavelength"), flux.astype(SPECTRA_DTYPE),
                      {"units": "erg/(s cm2 Angstrom)", "description": "surface flux"}),
             "norm": (("template", "wavelength"), norm,
                      {"units": "1", "description": "flux / pseudo-continuum"}),
@@ -586,7 +594,7 @@ def _library_log_sampling(library):
 
 
 def _library_operator(library, wavelength, lsf):
-    """The library-to-exposure operator (float32 CSR) for pixels ``wavelength`` and line
+    """The library-to-exposure operator (CSR, SPECTRA_DTYPE) for pixels ``wavelength`` and line
     spread ``lsf``, and whether the library is sharper than the LSF; built once, kept."""
     wave = np.ascontiguousarray(np.round(np.asarray(wavelength, dtype=np.float64), 6))
     key = (library.attrs.get("library_key", id(library)), wave.tobytes(), lsf.key())
@@ -597,10 +605,10 @@ def _library_operator(library, wavelength, lsf):
     log_in = per_library(_LOG_SAMPLINGS, _library_log_sampling, library)
     vals, cols, indptr, sharper = _convolution_entries(
         log_in, wave, lsf, float(library.attrs["resolving_power"]))
-    # float32 and int32 (what scipy would make of the float64 matrix) given at once: no
-    # float64 matrix built, checked and copied first
+    # The library's dtype and int32 (what scipy would make of the float64 matrix) given at
+    # once: no float64 matrix built, checked and copied first
     matrix = scipy.sparse.csr_matrix(
-        (vals.astype(np.float32), cols.astype(np.int32), indptr.astype(np.int32)),
+        (vals.astype(SPECTRA_DTYPE), cols.astype(np.int32), indptr.astype(np.int32)),
         shape=(wave.size, library.sizes["wavelength"]))
     item = (matrix, sharper)
     _OPERATORS.put(key, item)
@@ -648,7 +656,7 @@ def library_columns(library, wavelength, lsf, templates=None, *, kind="norm", st
     Returns
     -------
     numpy.ndarray, shape (npix, ntemplate)
-        float32, one column per template.
+        :data:`SPECTRA_DTYPE`, one column per template.
     """
     lsf = _as_lsf(lsf)
     matrix, sharper = _library_operator(library, wavelength, lsf)

@@ -232,6 +232,26 @@ def test_library_columns_equal_whether_gathered_by_rows_or_from_the_transposed_c
     assert not len(templates._TRANSPOSED)
 
 
+def test_exposure_templates_are_kept_in_the_library_dtype(cube):
+    """Issue 14: an exposure's templates are kept as the library gives them (float32: half
+    the memory of float64), given as float64 by ``fetch`` and as kept by ``stored`` (what
+    the scores and interpolations sum in float64 themselves)."""
+    from kspec_fluxcal.fit.exposure_templates import ExposureTemplates
+
+    library = _library(cube, cache_dir=False)
+    wave, lsf = np.linspace(4000.0, 8000.0, 500), LineSpread.constant(8.0)
+    n = library.sizes["template"]
+    tm = ExposureTemplates(library, wave, lsf, [n - 1])
+    every = np.arange(n)
+    stored = tm.stored(every)
+    assert stored.dtype == templates.SPECTRA_DTYPE == library["norm"].dtype == np.float32
+    assert not stored.flags.writeable  # a view of what is kept, not a copy
+    np.testing.assert_array_equal(tm(every), stored)
+    fetched = tm.fetch(every[::-1])
+    assert fetched.dtype == np.float64
+    np.testing.assert_array_equal(fetched, templates.library_spectra(library, wave, lsf)[::-1])
+
+
 def test_library_cache_off_and_explicit_directory(cube, tmp_path, monkeypatch):
     monkeypatch.setenv(CACHE_ENV, "off")
     clear_cache()

@@ -5,8 +5,6 @@ vectorised pass (templates moved to each star's velocity by :mod:`kspec_fluxcal.
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 import scipy.sparse
 import xarray as xr
@@ -191,7 +189,7 @@ def score_rest_frame(rest, templates):
     """
     prepared = templates if isinstance(templates, ScoringTemplates) else ScoringTemplates(
         templates)
-    return _fast_chi2(*rest, prepared.tmpl, prepared.missing, prepared.squares)
+    return _fast_chi2(*rest, prepared.tmpl, prepared.missing)
 
 
 def score_rest_frames(rests, templates):
@@ -202,26 +200,24 @@ def score_rest_frames(rests, templates):
 
 
 class ScoringTemplates:
-    """Templates (N, P) as the fast mode scores them (float64, NaN rows zeroed: ``tmpl``,
-    ``missing``) and their squares, each computed once for any number of scorings (the
-    scan scores its candidates twice)."""
+    """Templates (N, P) as the fast mode scores them (NaN rows zeroed: ``tmpl``,
+    ``missing``), prepared once for any number of scorings (the scan scores its candidates
+    twice). They keep their dtype (float32 rows of the exposure's templates are not copied to
+    float64): :func:`_fast_chi2` converts them a block at a time."""
 
     def __init__(self, templates):
-        self.tmpl, self.missing = _clean_templates(templates)
-
-    @functools.cached_property
-    def squares(self):
-        return self.tmpl**2
+        self.tmpl, self.missing = _clean_templates(templates, keep_float=True)
 
 
-def _clean_templates(templates):
-    """Templates as float64 (N, P), NaN rows zeroed, and which rows were NaN.
-
-    Sums in float64: float32 picked the wrong template for a quarter of stars (stack notes).
-    """
-    tmpl = np.asarray(templates, dtype=np.float64)
+def _clean_templates(templates, keep_float=False):
+    """Templates as float64 (N, P) (or their own floating dtype with ``keep_float``), NaN rows
+    zeroed, and which rows were NaN."""
+    tmpl = np.asarray(templates)
+    if not (keep_float and tmpl.dtype.kind == "f"):
+        tmpl = tmpl.astype(np.float64, copy=False)
     tmpl = tmpl.reshape(-1, tmpl.shape[-1])
-    missing = ~np.isfinite(tmpl.sum(axis=1))  # one pass; a NaN anywhere makes the sum NaN
+    # one pass; a NaN anywhere makes the sum NaN
+    missing = ~np.isfinite(tmpl.sum(axis=1, dtype=np.float64))
     if missing.any():
         tmpl = np.where(missing[:, None], 0.0, tmpl)
     return tmpl, missing
@@ -238,15 +234,31 @@ def _star_arrays(obs, ivar, correction=None):
     return f, w
 
 
-def _fast_chi2(flux, weight, tmpl, missing, squares):
+#: Templates converted to float64 at a time by :func:`_fast_chi2` (~1 MB at 4096 pixels:
+#: the block, its squares and the products stay in the cache).
+_SCORE_BLOCK = 32
+
+
+def _fast_chi2(flux, weight, tmpl, missing):
     """chi^2 with a free amplitude of every template against rest-frame stars, in two matrix
     products: flux, weight (..., P) and tmpl (N, P) give (..., N).
 
     The stars go to the rest frame once (one spectrum shifted each instead of N templates);
     their pixels' noise correlation, the same for every template, does not change the ranking.
+    The sums are float64 whatever the templates' dtype: chi^2 is the difference of two sums
+    ~(S/N)^2 P times larger, and float32 sums moved it by up to 44 and picked another best
+    template for 3-4 % of stars (benchmarks/HISTORY.md). float32 templates are converted
+    (exactly) a block at a time, not copied whole.
     """
-    stt = weight @ squares.T  # squares = tmpl**2
-    sft = (weight * flux) @ tmpl.T
+    weighted = weight * flux
+    stt = np.empty(weight.shape[:-1] + tmpl.shape[:1])
+    sft = np.empty_like(stt)
+    for start in range(0, tmpl.shape[0], _SCORE_BLOCK):
+        block = slice(start, start + _SCORE_BLOCK)
+        rows = tmpl[block].astype(np.float64)
+        sft[..., block] = weighted @ rows.T
+        rows *= rows
+        stt[..., block] = weight @ rows.T
     usable = stt > 0
     score = np.sum(weight * flux**2, axis=-1)[..., None] - sft**2 / np.where(usable, stt, np.inf)
     return np.where(missing | ~usable, np.nan, score)

@@ -97,14 +97,18 @@ def score_points(obs_norm, obs_ivar, templates, template_index, axes, points, rv
     ids = np.unique(cols[used])
     rows = np.repeat(np.arange(flat.shape[0]), index.shape[1])[used.ravel()]
 
-    def weights_on(columns, ncol):
-        return scipy.sparse.csr_matrix((weight[used], (rows, columns)),
+    def weights_on(columns, ncol, dtype=np.float64):
+        return scipy.sparse.csr_matrix((weight[used].astype(dtype), (rows, columns)),
                                        shape=(flat.shape[0], ncol))
 
-    data = templates(ids) if callable(templates) else np.asarray(templates)[ids]
-    # The interpolation on the templates used only (a column selection costs more).
-    models = (weights_on(np.searchsorted(ids, cols[used]), ids.size)
-              @ np.asarray(data, dtype=np.float64)).reshape(nstar, k, -1)
+    data = np.asarray(templates(ids) if callable(templates) else np.asarray(templates)[ids])
+    if data.dtype.kind != "f":
+        data = data.astype(np.float64)
+    # The interpolation on the templates used only (a column selection costs more), in the
+    # templates' dtype (a float32 model is rounded as its templates are; the scores sum in
+    # float64).
+    models = (weights_on(np.searchsorted(ids, cols[used]), ids.size, data.dtype)
+              @ data).reshape(nstar, k, -1)
     if rest_frames is None:
         rest_frames = star_rest_frames(obs_norm, obs_ivar, rv, wavelength, metric=metric,
                                        knot_spacing=knot_spacing, correction=correction,

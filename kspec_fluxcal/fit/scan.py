@@ -46,8 +46,10 @@ def scan_templates(obs, tm, prior, rv0, config):
     fit = config.fit
     knots = fit.correction_knots or None
     cand = prior.candidates
-    norm_c = tm.fetch(cand)
-    prepared = ScoringTemplates(norm_c) if knots and fit.metric == "chi2" else None
+    fast = knots and fit.metric == "chi2"
+    # The fast mode's scores take the templates as kept (float32) and sum them in float64.
+    prepared = ScoringTemplates(tm.stored(cand)) if fast else None
+    norm_c = None if fast else tm.fetch(cand)
 
     def scores_at(template_ids, rv):
         corr = None
