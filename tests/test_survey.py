@@ -285,6 +285,35 @@ def test_tasks_give_the_free_heap_back_every_few_tasks(monkeypatch):
     assert calls == [0, 0]
 
 
+def test_task_results_travel_pickled_once():
+    # A task's result is one pickle to size and send; the client receives the dict itself,
+    # arrays bit for bit, or unpacks it when it shares the worker's process.
+    import pickle
+    from types import SimpleNamespace
+
+    from dask.sizeof import sizeof
+    from distributed.protocol import deserialize, serialize
+
+    from kspec_fluxcal.survey.tasks import Packed, outcome
+
+    cal = np.linspace(0.5, 2.0, 3000, dtype=np.float32)
+    result = {"expid": "e1", "status": "ok", "notes": ["a note"], "quality": {"grade": "A"},
+              "record": {"cal": cal, "cal_mask": cal > 1.0, "row": {"expid": "e1"},
+                         "star": {"teff": [5800.0, 6100.0]}}}
+    packed = Packed(result)
+    assert sizeof(packed) >= len(packed.blob) > cal.nbytes
+    for received in (pickle.loads(pickle.dumps(packed)), deserialize(*serialize(packed))):
+        assert type(received) is dict and received.keys() == result.keys()
+        assert received["record"]["cal"].dtype == np.float32
+        assert received["record"]["cal"].tobytes() == cal.tobytes()
+        assert received["record"]["star"] == result["record"]["star"]
+    future = SimpleNamespace(status="finished", release=lambda: None)
+    report = SimpleNamespace(notes={})
+    unpacked = outcome(future, packed, "e1", report)
+    assert type(unpacked) is dict and unpacked["quality"] == {"grade": "A"}
+    assert report.notes == {"e1": ["a note"]}
+
+
 def test_a_directory_that_is_not_an_archive_is_refused(tmp_path):
     (tmp_path / "archive.zarr").mkdir()
     with pytest.raises(InputError, match="not a calibration archive"):
@@ -309,6 +338,16 @@ def test_survey_on_local_cluster(survey, reference, client):
     kept = client.run(lambda dask_worker: len(dask_worker.profile_history)
                       + len(dask_worker.profile_keys_history))
     assert not any(kept.values()), kept
+    # ... and with their memory checked every MEMORY_MONITOR_INTERVAL, by themselves and by
+    # their nannies (distributed's 100 ms woke each ten times a second).
+    from dask.utils import parse_timedelta
+
+    from kspec_fluxcal.survey.cluster import MEMORY_MONITOR_INTERVAL
+
+    for nanny in (False, True):
+        every = client.run(lambda dask_worker: dask_worker.periodic_callbacks[
+            "memory_monitor"].callback_time, nanny=nanny)
+        assert set(every.values()) == {1000 * parse_timedelta(MEMORY_MONITOR_INTERVAL)}, every
     expids = _expids(survey)
     assert report.ok, report.failed
     assert sorted(report.calibrated) == sorted(expids)

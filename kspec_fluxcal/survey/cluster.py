@@ -67,6 +67,15 @@ def trim_heap(every=TRIM_EVERY):
 #: ~7.5 ms of CPU per exposure, at 1 s ~5.7 ms (3 alternating runs of 100 exposures).
 TICK_INTERVAL = "1s"
 
+#: How often each worker, and its nanny, check the worker's memory against the spill, pause
+#: and terminate thresholds (``distributed.worker.memory.monitor-interval``; distributed's
+#: default: 100 ms). Each check wakes the event loop (a psutil read, a coroutine) and takes
+#: the GIL from the running task: at 100 ms an idle worker used ~5 ms of CPU a second on it,
+#: and its nanny (in the client's process) as much again. A survey task takes ~0.2 s and
+#: grows the worker's memory by tens of MB, against thresholds of GB: reacting within a
+#: second instead of 0.1 s changes nothing for it.
+MEMORY_MONITOR_INTERVAL = "1s"
+
 
 class _DropMessage(logging.Filter):
     """Drops a logger's records that contain ``fragment`` (see :data:`QUIETED`)."""
@@ -156,7 +165,8 @@ def local_cluster(workers=None, threads_per_worker=1, dashboard_address="127.0.0
     -------
     distributed.LocalCluster
         Its workers get :data:`WORKER_MALLOC_ENV`, and run :func:`dask_setup` when they start;
-        its event loops tick every :data:`TICK_INTERVAL`.
+        its event loops tick every :data:`TICK_INTERVAL`, and its workers' memory is checked
+        every :data:`MEMORY_MONITOR_INTERVAL`.
 
     Raises
     ------
@@ -180,6 +190,8 @@ def local_cluster(workers=None, threads_per_worker=1, dashboard_address="127.0.0
         with dask.config.set({**{f"distributed.nanny.pre-spawn-environ.{k}": v
                                  for k, v in WORKER_MALLOC_ENV.items()},
                               "distributed.admin.tick.interval": TICK_INTERVAL,
+                              "distributed.worker.memory.monitor-interval":
+                                  MEMORY_MONITOR_INTERVAL,
                               "distributed.worker.preload": preload,
                               "distributed.worker.profile.enabled": bool(profile)}):
             return LocalCluster(n_workers=workers or os.cpu_count() or 1,

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .cluster import as_completed_pairs
-from .tasks import outcome, run_task, token
+from .tasks import Packed, outcome, run_task, token
 
 __all__ = ["run_fallback"]
 
@@ -20,8 +20,8 @@ __all__ = ["run_fallback"]
 def _fallback_task(path, out_path, reference, config, setup_key, input_hash, utc_offset, expid):
     """Calibrate an exposure without usable standards from archived calibrations; never
     raises for bad data (:func:`kspec_fluxcal.survey.tasks.run_task`)."""
-    return run_task(expid, _from_archive, path, out_path, reference, setup_key, input_hash,
-                    utc_offset, config)
+    return Packed(run_task(expid, _from_archive, path, out_path, reference, setup_key,
+                           input_hash, utc_offset, config))
 
 
 def _from_archive(path, out_path, reference, setup_key, input_hash, utc_offset, config=None):

@@ -53,6 +53,7 @@ from .report import SurveyReport
 from .tasks import (
     FLUSH_EVERY,
     FLUSH_INTERVAL,
+    Packed,
     Progress,
     check_scheduler,
     collect,
@@ -222,8 +223,8 @@ def _calibrate_task(path, out_path, catalog, library, config, setup_key, input_h
                     expid, provenance=None):
     """Calibrate one exposure; never raises for bad data: returns a status dict
     (:func:`kspec_fluxcal.survey.tasks.run_task`; "no standards" when none is usable)."""
-    return run_task(expid, _calibrate, path, out_path, catalog, library, config, setup_key,
-                    input_hash, utc_offset, provenance, no_standards=True)
+    return Packed(run_task(expid, _calibrate, path, out_path, catalog, library, config,
+                           setup_key, input_hash, utc_offset, provenance, no_standards=True))
 
 
 def _calibrate(path, out_path, catalog, library, config, setup_key, input_hash, utc_offset,

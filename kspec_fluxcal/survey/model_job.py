@@ -45,7 +45,7 @@ from ..errors import FluxCalError
 from .cluster import as_completed_pairs
 from .levels import fit_levels
 from .model import MAG_TO_LN, ModelSpec, exposure_statistics, residuals, solve
-from .tasks import Progress, check_scheduler, collect, run_task, token
+from .tasks import Packed, Progress, check_scheduler, collect, run_task, token
 from .weights import error_model, error_sums, huber_weights, point_weights
 
 __all__ = ["run_model", "stale_exposures", "fit_archive"]
@@ -237,8 +237,9 @@ def _recalibrate_task(path, out_path, archive, row, fields, model, levels, confi
                       input_hash, utc, expid, provenance, catalog, model_id):
     """Recalibrate one exposure with the model; never raises for bad data
     (:func:`kspec_fluxcal.survey.tasks.run_task`)."""
-    return run_task(expid, _recalibrate_one, path, out_path, archive, row, fields, model,
-                    levels, config, setup_key, input_hash, utc, provenance, catalog, model_id)
+    return Packed(run_task(expid, _recalibrate_one, path, out_path, archive, row, fields, model,
+                           levels, config, setup_key, input_hash, utc, provenance, catalog,
+                           model_id))
 
 
 def _recalibrate_one(path, out_path, archive, row, fields, model, levels, config, setup_key,
