@@ -4,7 +4,7 @@ import xarray as xr
 
 from kspec_fluxcal.constants import SPEED_OF_LIGHT_KMS
 from kspec_fluxcal.continuum import fit_continuum, normalize_continuum
-from kspec_fluxcal.fit.matching import score_star, score_templates
+from kspec_fluxcal.fit.matching import _score_star, score_star, score_templates
 from kspec_fluxcal.fit.refinement import quadratic_minimum
 from kspec_fluxcal.fit.shifts import shift_spectra
 from kspec_fluxcal.fit.velocity import cross_correlate_rv, refine_rv
@@ -173,6 +173,25 @@ def test_multiplicative_correction_absorbs_smooth_continuum_errors():
     corrected = score_star(obs, ivar, templates, 0.0, WAVE, knot_spacing=400.0)
     assert corrected[6] / WAVE.size < 1.3 < plain[6] / WAVE.size
     assert np.argmin(corrected) == 6
+
+
+@pytest.mark.parametrize("knots", [400.0, None])
+def test_templates_scored_alone_in_one_call_score_as_in_one_call_each(knots):
+    """The line-spread width fit scores a star's trial models in one call (``alone``): each
+    score must be that of the model scored by itself to the last bit (the width's parabola
+    through three scores is noise-sensitive where the lines hardly constrain it), which a
+    plain call of several templates is not (its sums run in another order)."""
+    _, templates = _templates(3)
+    rng = np.random.default_rng(11)
+    star_wave = WAVE + 0.2 * np.sin(WAVE / 300.0)
+    obs = _lines(BASE_DEPTHS, CENTRES, wave=star_wave, rv=40.0) * (1 + rng.normal(0, 0.01,
+                                                                                  WAVE.size))
+    ivar = np.where(rng.uniform(size=WAVE.size) < 0.05, 0.0, 1 / 0.01**2)
+    one_each = [score_star(obs, ivar, t[None], 40.0, WAVE, knot_spacing=knots,
+                           star_wavelength=star_wave)[0] for t in templates]
+    together = _score_star(obs, ivar, templates, 40.0, WAVE, knot_spacing=knots,
+                           star_wavelength=star_wave, alone=True)
+    assert together.tolist() == one_each
 
 
 def test_quadratic_minimum():

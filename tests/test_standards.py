@@ -185,6 +185,23 @@ def test_combined_calibration(fitted):
     assert abs(np.median(smooth[use]) - 1) < 0.02
 
 
+def test_the_configured_bands_are_fitted_whatever_the_catalogs_band_order(fitted):
+    """The configured bands are taken from the matched rows (the catalog itself is matched,
+    so that its look-up index is kept from one exposure to the next): a catalog with its bands
+    in another order, or with bands the configuration leaves out, gives the fit of a catalog
+    with the configured bands alone, in the configuration's order."""
+    exposure, catalog, library = fitted["exposure"], fitted["catalog"], fitted["setup"]
+    reversed_bands = catalog.isel(band=np.arange(catalog.sizes["band"])[::-1])
+    xr.testing.assert_identical(fit_standards(exposure, reversed_bands, library, SELF_MODEL),
+                                fitted["stars"])
+    bands = list(SELF_MODEL.photometry.bands)[::2]
+    fewer = SELF_MODEL.replace(photometry__bands=bands)
+    out = fit_standards(exposure, catalog, library, fewer)
+    assert list(out["band"].values) == bands
+    xr.testing.assert_identical(out, fit_standards(exposure, catalog.sel(band=bands), library,
+                                                   fewer))
+
+
 def test_a_lazy_exposure_gives_the_fit_of_an_eager_one(fitted):
     """A Dask-backed exposure was fitted lazily (xr.map_blocks), whose result kept its
     template's attrs, not the fit's: no fitted line spread, so the combination skipped the

@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import FluxCalWarning
 from ..templates import library_spectra
 from .exposure_templates import ExposureTemplates, interpolated_corners
-from .matching import score_star
+from .matching import _score_star
 from .parameter_choice import choose_parameters
 
 __all__ = ["choose_with_line_spread", "fit_lsf_scale", "pool_lsf_scales"]
@@ -74,16 +74,17 @@ def fit_lsf_scale(obs, tm, scan, params, prior_sigma=None):
     corners, weight = interpolated_corners(tm.library, params)
     ids, inverse = np.unique(corners, return_inverse=True)
     inverse = inverse.reshape(corners.shape)
-    chi2 = np.full((obs.nstar, _LSF_TRIALS.size), np.nan)
+    models = np.empty((obs.nstar, _LSF_TRIALS.size, obs.wave.size))
     for k, factor in enumerate(_LSF_TRIALS):
         # At the current width these are the exposure's own templates (kept, not redone).
         norm = tm.fetch(ids) if factor == 1.0 else library_spectra(
             tm.library, obs.wave, tm.lsf.scaled(factor), ids)
-        models = np.einsum("sc,scp->sp", weight, norm[inverse])
-        for s in np.flatnonzero(scan.usable):  # a few stars
-            chi2[s, k] = score_star(obs.norm[s], obs.ivar[s], models[s][None], scan.rv[s],
-                                    obs.wave, "chi2", knot_spacing=scan.knots,
-                                    star_wavelength=obs.star_wave[s])[0]
+        models[:, k] = np.einsum("sc,scp->sp", weight, norm[inverse])
+    chi2 = np.full((obs.nstar, _LSF_TRIALS.size), np.nan)
+    for s in np.flatnonzero(scan.usable):  # a few stars, their trials in one call each
+        chi2[s] = _score_star(obs.norm[s], obs.ivar[s], models[s], scan.rv[s], obs.wave,
+                              "chi2", knot_spacing=scan.knots,
+                              star_wavelength=obs.star_wave[s], alone=True)
     x = _LSF_TRIALS - 1.0
     coef = np.polynomial.polynomial.polyfit(x, np.nan_to_num(chi2.T, nan=0.0), 2)  # (3, S)
     a, b = coef[2], coef[1]

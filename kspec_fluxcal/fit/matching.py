@@ -125,9 +125,21 @@ def score_star(obs, ivar, templates, rv, wavelength, metric="chi2", delta=3.0, k
     The templates are on ``wavelength``, the star on its own pixels ``star_wavelength``
     (default: the same). Rows of ``templates`` with a NaN score NaN. float64 throughout.
     """
+    return _score_star(obs, ivar, templates, rv, wavelength, metric, delta, knot_spacing,
+                       correction, star_wavelength)
+
+
+def _score_star(obs, ivar, templates, rv, wavelength, metric="chi2", delta=3.0,
+                knot_spacing=None, correction=None, star_wavelength=None, alone=False):
+    """:func:`score_star`; with ``alone``, each template's chi^2 to the last bit as scored
+    alone (one call for several templates that are each scored on their own, e.g. one model
+    at several line-spread widths: the star's shift and arrays prepared once)."""
     if fast_mode(metric, knot_spacing, correction):
-        return score_rest_frame(rest_frame_star(obs, ivar, rv, wavelength, correction,
-                                                star_wavelength), templates)
+        rest = rest_frame_star(obs, ivar, rv, wavelength, correction, star_wavelength)
+        if alone:  # BLAS sums one template's products as a dot, several's as a matrix's
+            return np.concatenate([score_rest_frame(rest, row[None])
+                                   for row in np.asarray(templates)])
+        return score_rest_frame(rest, templates)
     tmpl, missing = _clean_templates(templates)
     f, w = _star_arrays(obs, ivar, correction)
     if correction is not None:
@@ -141,7 +153,10 @@ def score_star(obs, ivar, templates, rv, wavelength, metric="chi2", delta=3.0, k
     usable = (shifted**2) @ w > 0
     model = fit_corrected(f, w, shifted, star_wave, knot_spacing)
     if metric == "chi2":
-        score = np.sum(w * (f - model) ** 2, axis=1)
+        terms = w * (f - model) ** 2  # (N, P), laid out by columns as the model is
+        # numpy sums a lone row (or rows laid out as rows) pairwise, but these terms pixel by
+        # pixel down the columns: ``alone`` lays them out as rows first
+        score = np.sum(np.ascontiguousarray(terms) if alone else terms, axis=1)
     else:
         sw = np.sqrt(w)
         for _ in range(3):  # iteratively reweighted least squares

@@ -118,7 +118,12 @@ def fit_standards(exposure, catalog, grid, config=None, *, cache_dir=None, xp=No
     library = template_library(grid, exposure, config, cache_dir=cache_dir)
     have = catalog["band"].values  # one lookup, not one per configured band
     bands = [b for b in config.photometry.bands if b in have]
-    matched = match_standards(exposure, catalog.sel(band=bands))
+    # The bands chosen from the matched rows, not from the catalog: the catalog's look-up
+    # index is kept per catalog object (a selected copy was a new one for every exposure,
+    # its index built again), and a catalog with these bands in this order needs no selection.
+    matched = match_standards(exposure, catalog)
+    if not np.array_equal(have, bands):
+        matched = matched.sel(band=bands)
     xp = standards_xp(matched, xp)
     std = exposure.isel(fiber=matched["fiber"].values)[["flux", "variance", "good"]]
     if "fiber_wavelength" in std.coords:

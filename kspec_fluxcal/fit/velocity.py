@@ -43,8 +43,8 @@ def cross_correlate_rv(obs_norm, obs_weight, template_norm, wavelength, *, rv_ma
     """
     wave = np.asarray(wavelength, dtype=np.float64)
     ln = np.log(wave)
-    ln_star = np.broadcast_to(ln if star_wavelength is None else np.log(star_wavelength),
-                              np.shape(obs_norm))
+    # (P,) when every star is on the templates' pixels or on one solution
+    ln_star = ln if star_wavelength is None else np.log(star_wavelength)
     n = oversample * wave.size
     grid = np.linspace(ln[0], ln[-1], n)
     step = grid[1] - grid[0]
@@ -55,33 +55,37 @@ def cross_correlate_rv(obs_norm, obs_weight, template_norm, wavelength, *, rv_ma
     so = _line_signal(obs_norm, use, ln_star, grid) * taper
     # The template only where the star has data (its pixels mapped onto the template's).
     star_ok = np.stack([np.interp(ln, row, m.astype(float)) > 0.999 for row, m
-                        in zip(ln_star, use, strict=True)])
+                        in zip(np.broadcast_to(ln_star, use.shape), use, strict=True)])
     template_ok = np.isfinite(np.broadcast_to(template_norm, use.shape)) & star_ok
-    st = _line_signal(np.broadcast_to(template_norm, use.shape), template_ok,
-                      np.broadcast_to(ln, use.shape), grid) * taper
+    st = _line_signal(np.broadcast_to(template_norm, use.shape), template_ok, ln, grid) * taper
     nfft = 2 * n
     ccf = np.fft.irfft(np.fft.rfft(so, nfft) * np.conj(np.fft.rfft(st, nfft)), nfft)
     norm = np.sqrt((so**2).sum(1) * (st**2).sum(1))
-    ccf = ccf / np.where(norm > 0, norm, np.inf)[:, None]
     kmax = int(np.ceil(np.log1p(rv_max / SPEED_OF_LIGHT_KMS) / step))
     lags = np.arange(-kmax, kmax + 1)
-    lag, peak = _peak_lag(ccf[:, lags % nfft], lags)
+    lag, peak = _peak_lag(ccf[:, lags % nfft] / np.where(norm > 0, norm, np.inf)[:, None], lags)
     return SPEED_OF_LIGHT_KMS * np.expm1(lag * step), peak
 
 
 def _line_signal(values, mask, ln_rows, grid):
-    """Line depths ``1 - values`` (S, P) on each row's own ln(lambda) pixels ``ln_rows``,
-    resampled linearly onto the common ln(lambda) ``grid``, masked pixels zeroed and each
-    row's mean removed: (S, len(grid)), ready to correlate."""
-    npix = values.shape[1]
-    # Each star on its own pixels: one interpolation per star (a handful).
-    idx = np.stack([np.interp(grid, row, np.arange(row.size)) for row in ln_rows])
+    """Line depths ``1 - values`` (S, P) on each row's own ln(lambda) pixels ``ln_rows``
+    ((S, P), or (P,) shared by every row), resampled linearly onto the common ln(lambda)
+    ``grid``, masked pixels zeroed and each row's mean removed: (S, len(grid)), ready to
+    correlate."""
+    nrow, npix = values.shape
+    # Each star on its own pixels: one interpolation per star (a handful), once if shared.
+    if np.ndim(ln_rows) == 1:
+        idx = np.broadcast_to(np.interp(grid, ln_rows, np.arange(npix)), (nrow, grid.size))
+    else:
+        idx = np.stack([np.interp(grid, row, np.arange(row.size)) for row in ln_rows])
     lo = np.clip(np.floor(idx).astype(int), 0, npix - 2)
     t = idx - lo
-    rows = np.arange(values.shape[0])[:, None]
-    sig = np.where(mask, 1.0 - values, 0.0)
-    out = sig[rows, lo] * (1 - t) + sig[rows, lo + 1] * t
-    m = (mask[rows, lo] & mask[rows, lo + 1]).astype(float)
+    # Gathers from the flattened rows (take: several times faster than (row, column) pairs)
+    left = lo + npix * np.arange(nrow)[:, None]
+    sig = np.where(mask, 1.0 - values, 0.0).ravel()
+    out = sig.take(left) * (1 - t) + sig.take(left + 1) * t
+    flat_mask = np.ascontiguousarray(mask).ravel()
+    m = (flat_mask.take(left) & flat_mask.take(left + 1)).astype(float)
     mean = (out * m).sum(1, keepdims=True) / np.maximum(m.sum(1, keepdims=True), 1)
     return (out - mean) * m
 
