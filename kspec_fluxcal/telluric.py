@@ -602,10 +602,15 @@ def _gauss_newton(sample, y, w, params):
     its derivatives at them, which columns the pixels constrain)."""
     params = np.array(params, dtype=np.float64)
     free = np.ones(2, bool)
+    weighted = np.flatnonzero(w > 0)  # (the stars' pixels in the bands: ~15 %)
     for _ in range(_ITERATIONS):
         model, d_o2, d_h2o = sample(*params, derivatives=True)
         jac = np.stack([d_o2.ravel(), d_h2o.ravel()], axis=1)
-        sens = (jac**2 * w.ravel()[:, None]).sum(axis=0)
+        # Each column's sum of w jac^2 over the weighted pixels only, in their order: the
+        # value of the sum over all pixels along axis 0 (a running sum, to which the others
+        # add exact zeros), without its row-by-row loop over a (pixels, 2) array (0.3 ms).
+        terms = jac[weighted] ** 2 * w.ravel()[weighted, None]
+        sens = np.cumsum(terms, axis=0)[-1] if weighted.size else np.zeros(2)
         free = sens > 1e-8 * max(sens.max(), 1e-300)
         if not free.any():
             break
