@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._bspline import cached_design_matrix, cached_normal_matrix
+from ._bspline import cached_curve_variance, cached_design_matrix, cached_normal_matrix
 from .continuum import _fill_gaps
 
 __all__ = ["running_median"]
@@ -80,9 +80,8 @@ def _smooth(wave, values, variance, fit, opts, no_knots=None):
         normal += _curvature_prior(_solve(normal, rhs), _second_differences(knots, step),
                                    opts.smooth_curvature)
 
-    def curve_variance():
-        cov = np.linalg.pinv(normal)
-        return np.asarray(basis.multiply(basis @ cov).sum(axis=1)).ravel()
+    def curve_variance():  # diag(B cov B^T)
+        return cached_curve_variance(x, knots, np.linalg.pinv(normal))
 
     return basis @ _solve(normal, rhs), curve_variance
 
