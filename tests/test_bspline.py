@@ -5,8 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.interpolate
+import scipy.sparse
 
-from kspec_fluxcal._bspline import cached_design_matrix, cached_normal_matrix, design_matrix
+from kspec_fluxcal._bspline import (
+    basis_values,
+    cached_design_matrix,
+    cached_normal_matrix,
+    design_matrix,
+)
 
 
 @pytest.mark.parametrize("degree", [1, 2, 3])
@@ -90,3 +96,21 @@ def test_cached_curve_variance_is_the_sparse_product_to_the_last_bit(on_knots):
     cov = root @ root.T
     expected = np.asarray(basis.multiply(basis @ cov).sum(axis=1)).ravel()
     assert cached_curve_variance(x, knots, cov).tobytes() == expected.tobytes()
+
+
+def test_design_matrix_arrays_are_those_of_the_coo_conversion():
+    # Built directly in CSR order: the arrays (zeros at knots kept, columns in order) that
+    # scipy's COO -> CSR conversion gives, on which the sums' order of the products rests.
+    x = np.log(np.linspace(3600.0, 9000.0, 1500))
+    inner = np.delete(np.linspace(x[0], x[-1], 30), [8, 9, 17])
+    x = np.sort(np.concatenate([x, inner[3:6]]))
+    knots = np.concatenate([[x[0]] * 3, inner, [x[-1]] * 3])
+    ours = design_matrix(x, knots)
+    first, values, n = basis_values(x, knots)
+    cols = (first[:, None] + np.arange(4)[None, :]).ravel()
+    coo = scipy.sparse.csr_matrix((values.ravel(), (np.repeat(np.arange(x.size), 4), cols)),
+                                  shape=(x.size, n))
+    assert np.any(ours.data == 0)
+    for name in ("data", "indices", "indptr"):
+        got, want = getattr(ours, name), getattr(coo, name)
+        assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
