@@ -129,16 +129,24 @@ def basis_values(x, knots, degree=3):
 def _de_boor(x, t, i, k):
     """(m, k + 1) values of the B-splines ``i - k .. i`` at ``x``: the Cox-de Boor recursion,
     one degree at a time for all points, in FITPACK's order of operations (``fpbspl``, as
-    scipy evaluates it), so that the values are scipy's to the last bit."""
-    h = np.zeros((x.size, k + 1))
-    h[:, 0] = 1.0
+    scipy evaluates it), so that the values are scipy's to the last bit. Computed as (k + 1,
+    m) rows (contiguous) and returned transposed; zero knot spans (repeated knots) are
+    handled only where there are any (the same values, in half the time)."""
+    h = np.zeros((k + 1, x.size))
+    h[0] = 1.0
     for j in range(1, k + 1):
-        previous = h[:, :j].copy()
-        h[:, 0] = 0.0
+        previous = h[:j].copy()
+        h[0] = 0.0
         for n in range(1, j + 1):
             right, left = t[i + n], t[i + n - j]
             span = right - left
-            w = previous[:, n - 1] / np.where(span == 0.0, 1.0, span)
-            h[:, n - 1] += np.where(span == 0.0, 0.0, w * (right - x))
-            h[:, n] = np.where(span == 0.0, 0.0, w * (x - left))
-    return h
+            zero = span == 0.0
+            if zero.any():
+                w = previous[n - 1] / np.where(zero, 1.0, span)
+                h[n - 1] += np.where(zero, 0.0, w * (right - x))
+                h[n] = np.where(zero, 0.0, w * (x - left))
+            else:
+                w = previous[n - 1] / span
+                h[n - 1] += w * (right - x)
+                h[n] = w * (x - left)
+    return h.T
