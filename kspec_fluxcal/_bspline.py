@@ -101,6 +101,7 @@ def _design_cached(x_bytes, knots_bytes, degree):
     basis = _band_matrix(first, values, n)
     splines = first[None, :] + np.arange(values.shape[1])[:, None]
     pairs = splines[:, None, :] * n + splines[None, :, :]
+    pairs = pairs.astype(np.int32) if n * n < 2**31 else pairs  # kept: half the memory
     return basis, basis.T.tocsr(), np.ascontiguousarray(values.T), pairs
 
 
