@@ -12,7 +12,8 @@ import functools
 import numpy as np
 import scipy.sparse
 
-__all__ = ["design_matrix", "cached_design_matrix", "cached_normal_matrix", "basis_values"]
+__all__ = ["design_matrix", "cached_design_matrix", "cached_normal_matrix",
+           "cached_curve_variance", "basis_values"]
 
 
 def design_matrix(x, knots, degree=3):
@@ -34,10 +35,19 @@ def design_matrix(x, knots, degree=3):
         Row ``j`` holds the ``degree + 1`` non-zero basis values at ``x[j]`` (they sum to 1
         for a clamped basis).
     """
-    first, values, n = basis_values(x, knots, degree)
-    cols = (first[:, None] + np.arange(values.shape[1])[None, :]).ravel()
-    rows = np.repeat(np.arange(first.size), values.shape[1])
-    return scipy.sparse.csr_matrix((values.ravel(), (rows, cols)), shape=(first.size, n))
+    return _band_matrix(*basis_values(x, knots, degree))
+
+
+def _band_matrix(first, values, n):
+    """:func:`design_matrix` from :func:`basis_values`, built directly in CSR order (the
+    arrays scipy's COO conversion gave: each row's values in column order, zeros kept; 3x
+    faster)."""
+    m = values.shape[1]
+    itype = np.int32 if max(n, m * first.size + 1) < 2**31 else np.intp
+    cols = (first[:, None] + np.arange(m)[None, :]).astype(itype).ravel()
+    return scipy.sparse.csr_matrix(
+        (values.ravel(), cols, np.arange(0, m * first.size + 1, m, dtype=itype)),
+        shape=(first.size, n))
 
 
 def cached_design_matrix(x, knots, degree=3):
@@ -50,11 +60,32 @@ def cached_normal_matrix(x, knots, weights, degree=3):
     """B^T diag(``weights``) B, dense, for the :func:`cached_design_matrix` B: the values of
     ``(B.T @ B.multiply(weights[:, None])).toarray()`` (each entry summed over the points in
     their order), from B^T kept in CSR beside B, in half the time."""
-    basis, transposed = _design_cached(*_key(x, knots, degree))
+    basis, transposed, _, _ = _design_cached(*_key(x, knots, degree))
     weighted = scipy.sparse.csr_matrix(
         (basis.data * np.repeat(weights, np.diff(basis.indptr)), basis.indices, basis.indptr),
         shape=basis.shape)
     return (transposed @ weighted).toarray()
+
+
+def cached_curve_variance(x, knots, cov, degree=3):
+    """diag(B ``cov`` B^T) for the :func:`cached_design_matrix` B (the variance of a spline
+    fit at the points, ``cov`` its coefficients' covariance): the values of
+    ``np.asarray(B.multiply(B @ cov).sum(axis=1)).ravel()``, from B's band of values.
+
+    scipy sums (B cov)_pk from zero over B's entries of the row in order (B_pa cov_ak) and
+    the row of B (B cov) from zero in order too: so do these sums, over the points at once
+    and only where B is not zero (the products scipy makes beyond the band are not needed:
+    5x faster)."""
+    _, _, values_t, pairs = _design_cached(*_key(x, knots, degree))
+    m, points = values_t.shape
+    blocks = np.take(cov, pairs)  # cov_ab of each point's B-splines a, b: (a, b, points)
+    row = np.zeros((m, points))  # (B cov)_pb for the point's B-splines b
+    for a in range(m):
+        row += values_t[a] * blocks[a]
+    variance = np.zeros(points)
+    for b in range(m):
+        variance += values_t[b] * row[b]
+    return variance
 
 
 def _key(x, knots, degree):
@@ -64,8 +95,14 @@ def _key(x, knots, degree):
 
 @functools.lru_cache(maxsize=4)
 def _design_cached(x_bytes, knots_bytes, degree):
-    basis = design_matrix(np.frombuffer(x_bytes), np.frombuffer(knots_bytes), degree)
-    return basis, basis.T.tocsr()
+    """The design matrix, B^T in CSR, the band of values (degree + 1, points) and the flat
+    indices of each point's pairs of B-splines (a, b) in an (n, n) matrix (a, b, points)."""
+    first, values, n = basis_values(np.frombuffer(x_bytes), np.frombuffer(knots_bytes), degree)
+    basis = _band_matrix(first, values, n)
+    splines = first[None, :] + np.arange(values.shape[1])[:, None]
+    pairs = splines[:, None, :] * n + splines[None, :, :]
+    pairs = pairs.astype(np.int32) if n * n < 2**31 else pairs  # kept: half the memory
+    return basis, basis.T.tocsr(), np.ascontiguousarray(values.T), pairs
 
 
 def basis_values(x, knots, degree=3):
@@ -93,16 +130,24 @@ def basis_values(x, knots, degree=3):
 def _de_boor(x, t, i, k):
     """(m, k + 1) values of the B-splines ``i - k .. i`` at ``x``: the Cox-de Boor recursion,
     one degree at a time for all points, in FITPACK's order of operations (``fpbspl``, as
-    scipy evaluates it), so that the values are scipy's to the last bit."""
-    h = np.zeros((x.size, k + 1))
-    h[:, 0] = 1.0
+    scipy evaluates it), so that the values are scipy's to the last bit. Computed as (k + 1,
+    m) rows (contiguous) and returned transposed; zero knot spans (repeated knots) are
+    handled only where there are any (the same values, in half the time)."""
+    h = np.zeros((k + 1, x.size))
+    h[0] = 1.0
     for j in range(1, k + 1):
-        previous = h[:, :j].copy()
-        h[:, 0] = 0.0
+        previous = h[:j].copy()
+        h[0] = 0.0
         for n in range(1, j + 1):
             right, left = t[i + n], t[i + n - j]
             span = right - left
-            w = previous[:, n - 1] / np.where(span == 0.0, 1.0, span)
-            h[:, n - 1] += np.where(span == 0.0, 0.0, w * (right - x))
-            h[:, n] = np.where(span == 0.0, 0.0, w * (x - left))
-    return h
+            zero = span == 0.0
+            if zero.any():
+                w = previous[n - 1] / np.where(zero, 1.0, span)
+                h[n - 1] += np.where(zero, 0.0, w * (right - x))
+                h[n] = np.where(zero, 0.0, w * (x - left))
+            else:
+                w = previous[n - 1] / span
+                h[n - 1] += w * (right - x)
+                h[n] = w * (x - left)
+    return h.T

@@ -8,9 +8,11 @@ wavelength window that the accuracy metrics smooth with.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
-from ._bspline import cached_design_matrix, cached_normal_matrix
+from ._bspline import cached_curve_variance, cached_design_matrix, cached_normal_matrix
 from .continuum import _fill_gaps
 
 __all__ = ["running_median"]
@@ -61,7 +63,8 @@ def _smooth(wave, values, variance, fit, opts, no_knots=None):
         # The filter's noise gain (sum of its squared coefficients; ~2.2 / window for a cubic).
         gain = float(np.sum(savgol_coeffs(window, 3) ** 2))
         return savgol_filter(base, window, 3, mode="interp"), lambda: base_var * gain
-    nseg = max(1, int(np.ceil((x[-1] - x[0]) / (opts.smooth_scale / np.median(wave)))))
+    step = opts.smooth_scale / np.median(wave)  # the knot spacing in ln(lambda)
+    nseg = max(1, int(np.ceil((x[-1] - x[0]) / step)))
     inner = np.linspace(x[0], x[-1], nseg + 1)
     if no_knots is not None:  # interior knots inside the excluded regions are dropped
         banned = np.interp(inner, x, no_knots.astype(float)) > 0
@@ -76,13 +79,11 @@ def _smooth(wave, values, variance, fit, opts, no_knots=None):
     # A light second-difference penalty bridges knot intervals without data.
     normal += 1e-6 * np.trace(normal) / basis.shape[1] * diff.T @ diff
     if opts.smooth_curvature > 0:
-        step = opts.smooth_scale / np.median(wave)
-        normal += _curvature_prior(_solve(normal, rhs), _second_differences(knots, step),
-                                   opts.smooth_curvature)
+        differences = _cached_second_differences(knots.tobytes(), step)
+        normal += _curvature_prior(_solve(normal, rhs), differences, opts.smooth_curvature)
 
-    def curve_variance():
-        cov = np.linalg.pinv(normal)
-        return np.asarray(basis.multiply(basis @ cov).sum(axis=1)).ravel()
+    def curve_variance():  # diag(B cov B^T)
+        return cached_curve_variance(x, knots, np.linalg.pinv(normal))
 
     return basis @ _solve(normal, rhs), curve_variance
 
@@ -95,6 +96,15 @@ def _solve(normal, rhs):
         return np.linalg.solve(normal, rhs)
     except np.linalg.LinAlgError:
         return np.linalg.pinv(normal) @ rhs
+
+
+@functools.lru_cache(maxsize=4)
+def _cached_second_differences(knots_bytes, step):
+    """:func:`_second_differences`, kept for the last few knots (an exposure's response is
+    fitted three times on the same knots)."""
+    rows = _second_differences(np.frombuffer(knots_bytes), step)
+    rows.flags.writeable = False  # shared by the fits
+    return rows
 
 
 def _second_differences(knots, step, degree=3):

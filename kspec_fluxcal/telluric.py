@@ -266,12 +266,13 @@ def optical_depths(source="telluric_lines"):
 
 
 def _kernel_matrix(wave_in, wave_out, sigma_out):
-    """Sparse (len(wave_out), 3 len(wave_in)) Gaussian kernels for any (unsorted) output
-    points, each with its own sigma (Angstrom), on a uniform grid of boxes: the kernel and
-    its first and second derivatives (over 1 and 2) at the box centres, which act on the
-    boxes' zeroth, first and second moments of the absorption. Weights are normalised over
-    the whole Gaussian: near the grid's ends the part beyond it is missing (the caller adds
-    the value there)."""
+    """Sparse (len(wave_out), 3 m) Gaussian kernels for any (unsorted) output points, each
+    with its own sigma (Angstrom), on a uniform grid of boxes: the kernel and its first and
+    second derivatives (over 1 and 2) at the box centres, which act on the boxes' zeroth,
+    first and second moments of the absorption. Weights are normalised over the whole
+    Gaussian: near the grid's ends the part beyond it is missing (the caller adds the value
+    there). The columns are those of the m boxes ``first`` .. ``first + m - 1`` that the
+    kernels reach; returns the matrix and ``first``, the first box's index."""
     step = wave_in[1] - wave_in[0]
     half = int(np.ceil(_NSIGMA * np.max(sigma_out, initial=step) / step))
     n, width = wave_out.size, 2 * half + 1
@@ -289,10 +290,14 @@ def _kernel_matrix(wave_in, wave_out, sigma_out):
         rows = slice(first, first + _KERNEL_ROWS)
         _kernel_terms(terms[rows], cols[rows], wave_in, wave_out[rows], sigma_out[rows, None])
     np.clip(cols, 0, wave_in.size - 1, out=cols)
-    index = cols[:, None, :] + (np.arange(3, dtype=itype) * wave_in.size)[None, :, None]
+    # Only the boxes the rows reach have columns (each row's columns increase).
+    first_box = int(cols[:, 0].min()) if n else 0
+    count = int(cols[:, -1].max()) - first_box + 1 if n else 0
+    cols -= first_box
+    index = cols[:, None, :] + (np.arange(3, dtype=itype) * count)[None, :, None]
     return scipy.sparse.csr_matrix(
         (terms.ravel(), index.ravel(), np.arange(0, (n + 1) * 3 * width, 3 * width, dtype=itype)),
-        shape=(wave_out.size, 3 * wave_in.size))
+        shape=(wave_out.size, 3 * count)), first_box
 
 
 def _kernel_terms(terms, cols, wave_in, wave_out, sig):
@@ -347,7 +352,9 @@ def _line_list_boxes(source, box):
     same for every exposure whose narrowest line spread gives this box size)."""
     hr_wave, tau = optical_depths(source)
     boxes = _boxes(hr_wave, tau.sum(axis=0) > 1e-9, box)
-    active = tau[:, :boxes.n][:, boxes.hr_active]
+    # Each species' row contiguous (the boolean index gives them strided): a model's exp and
+    # derivatives read them at every evaluation, 1.5x faster so.
+    active = np.ascontiguousarray(tau[:, :boxes.n][:, boxes.hr_active])
     active.flags.writeable = False  # shared by every model of this box size
     return boxes, active
 
@@ -374,22 +381,27 @@ class _Sampler:
     def __init__(self, boxes, wavelength, sigma):
         wave = np.asarray(wavelength, dtype=np.float64)
         self.box, self.n, self.moments = boxes.box, boxes.n, boxes.moments
-        # Only boxes with absorption are computed (the rest transmit 1).
-        self.active, self.hr_active = boxes.active, boxes.hr_active
         self.shape = wave.shape
         flat, sig = wave.ravel(), np.broadcast_to(sigma, wave.shape).ravel()
         ok = np.isfinite(flat) & np.isfinite(sig)
         reach = np.where(ok, _NSIGMA * sig, 0.0)
         lo = np.searchsorted(boxes.centres, np.where(ok, flat - reach, np.inf))
         hi = np.searchsorted(boxes.centres, np.where(ok, flat + reach, -np.inf))
-        touched = np.concatenate([[0], np.cumsum(self.active)])
+        touched = np.concatenate([[0], np.cumsum(boxes.active)])
         self.index = np.flatnonzero(ok & (hi > lo) & (touched[np.clip(hi, 0, None)]
                                                       > touched[np.clip(lo, 0, None)]))
-        self.matrix = _kernel_matrix(boxes.centres, flat[self.index], sig[self.index])
+        self.matrix, first = _kernel_matrix(boxes.centres, flat[self.index], sig[self.index])
+        # Only the boxes with absorption (the rest transmit 1) within the pixels' reach are
+        # computed: on a 3500-8500 A exposure, 30 % of the line list's absorbing points lie
+        # beyond it. ``points``: theirs among the boxes' absorbing points (in order).
+        last = first + self.matrix.shape[1] // 3
+        self.active = boxes.active[first:last]
+        start = int(touched[first]) * self.box
+        self.points = slice(start, start + int(self.active.sum()) * self.box)
 
     def sample(self, values, outside):
-        """``values`` (k, active high-resolution points) seen at the pixels: (k,) + shape;
-        ``outside`` (k,) where the absorption does not reach."""
+        """``values`` (k, ``points`` of the boxes' absorbing high-resolution points) seen at
+        the pixels: (k,) + shape; ``outside`` (k,) where the absorption does not reach."""
         outside = np.asarray(outside, dtype=np.float64)
         return self.sample_deficit(outside[:, None] - values, outside)
 
@@ -409,7 +421,8 @@ def sample_transmission(hr_wave, hr_transmission, wavelength, sigma):
     spreads of ``sigma`` (Angstrom, per pixel or one); 1 where it is 1 within reach."""
     boxes = _boxes(hr_wave, hr_transmission < 1.0, _BOX)
     sampler = _Sampler(boxes, wavelength, sigma)
-    return sampler.sample(hr_transmission[None, :sampler.n][:, sampler.hr_active], [1.0])[0]
+    values = hr_transmission[None, :sampler.n][:, boxes.hr_active][:, sampler.points]
+    return sampler.sample(values, [1.0])[0]
 
 
 class _Model:
@@ -421,8 +434,9 @@ class _Model:
         fwhm = lsf.fwhm(np.where(np.isfinite(wave), wave, 1.0))
         sigma = np.where(np.isfinite(wave), fwhm * scale[:, None] / FWHM_PER_SIGMA, np.nan)
         box = _box_size(optical_depths(source)[0], wave, sigma)
-        boxes, self.tau = _line_list_boxes(source, box)
+        boxes, tau = _line_list_boxes(source, box)
         self.sampler = _Sampler(boxes, wave, sigma)
+        self.tau = tau[:, self.sampler.points]  # the absorbing points the pixels reach
         # The last evaluation, (o2, h2o) and its rows: a fit ends where the next one starts,
         # and the reference grid and the fibers are evaluated at the fitted columns again (T
         # alone is the first of the derivatives' rows, the same sums).
@@ -433,7 +447,7 @@ class _Model:
         columns, out = self._last  # one read: threads may share the model
         if columns != (float(o2), float(h2o)) or (derivatives and len(out) == 1):
             # In place, in the order of operations of exp(-o2 tau_O2 - h2o tau_H2O): these
-            # arrays span every absorbing point of the line list.
+            # arrays span every absorbing point the pixels reach.
             tau = self.tau
             hr = np.multiply(tau[0], -o2)
             hr -= np.multiply(tau[1], h2o)
@@ -590,10 +604,15 @@ def _gauss_newton(sample, y, w, params):
     its derivatives at them, which columns the pixels constrain)."""
     params = np.array(params, dtype=np.float64)
     free = np.ones(2, bool)
+    weighted = np.flatnonzero(w > 0)  # (the stars' pixels in the bands: ~15 %)
     for _ in range(_ITERATIONS):
         model, d_o2, d_h2o = sample(*params, derivatives=True)
         jac = np.stack([d_o2.ravel(), d_h2o.ravel()], axis=1)
-        sens = (jac**2 * w.ravel()[:, None]).sum(axis=0)
+        # Each column's sum of w jac^2 over the weighted pixels only, in their order: the
+        # value of the sum over all pixels along axis 0 (a running sum, to which the others
+        # add exact zeros), without its row-by-row loop over a (pixels, 2) array (0.3 ms).
+        terms = jac[weighted] ** 2 * w.ravel()[weighted, None]
+        sens = np.cumsum(terms, axis=0)[-1] if weighted.size else np.zeros(2)
         free = sens > 1e-8 * max(sens.max(), 1e-300)
         if not free.any():
             break

@@ -5,8 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import scipy.interpolate
+import scipy.sparse
 
-from kspec_fluxcal._bspline import cached_design_matrix, cached_normal_matrix, design_matrix
+from kspec_fluxcal._bspline import (
+    basis_values,
+    cached_design_matrix,
+    cached_normal_matrix,
+    design_matrix,
+)
 
 
 @pytest.mark.parametrize("degree", [1, 2, 3])
@@ -71,3 +77,40 @@ def test_continuum_basis_and_outer_products_are_the_plain_sparse_ones(method):
     np.testing.assert_array_equal(basis_t.toarray(), dense.T)
     outer = (dense[:, :, None] * dense[:, None, :]).reshape(x.size, -1)
     np.testing.assert_array_equal(outer_t.toarray(), outer.T)
+
+
+@pytest.mark.parametrize("on_knots", [False, True])
+def test_cached_curve_variance_is_the_sparse_product_to_the_last_bit(on_knots):
+    # The response's variance diag(B cov B^T), from B's band: the same sums in the same
+    # order as scipy's B.multiply(B @ cov).sum(axis=1); points on knots have zero values.
+    from kspec_fluxcal._bspline import cached_curve_variance
+
+    rng = np.random.default_rng(6)
+    x = np.log(np.sort(rng.uniform(3600.0, 9000.0, 2500)))
+    inner = np.delete(np.linspace(x[0], x[-1], 40), [10, 11, 25])
+    if on_knots:
+        x = np.sort(np.concatenate([x, inner]))
+    knots = np.concatenate([[x[0]] * 3, inner, [x[-1]] * 3])
+    basis = cached_design_matrix(x, knots)
+    root = rng.normal(size=(basis.shape[1],) * 2)
+    cov = root @ root.T
+    expected = np.asarray(basis.multiply(basis @ cov).sum(axis=1)).ravel()
+    assert cached_curve_variance(x, knots, cov).tobytes() == expected.tobytes()
+
+
+def test_design_matrix_arrays_are_those_of_the_coo_conversion():
+    # Built directly in CSR order: the arrays (zeros at knots kept, columns in order) that
+    # scipy's COO -> CSR conversion gives, on which the sums' order of the products rests.
+    x = np.log(np.linspace(3600.0, 9000.0, 1500))
+    inner = np.delete(np.linspace(x[0], x[-1], 30), [8, 9, 17])
+    x = np.sort(np.concatenate([x, inner[3:6]]))
+    knots = np.concatenate([[x[0]] * 3, inner, [x[-1]] * 3])
+    ours = design_matrix(x, knots)
+    first, values, n = basis_values(x, knots)
+    cols = (first[:, None] + np.arange(4)[None, :]).ravel()
+    coo = scipy.sparse.csr_matrix((values.ravel(), (np.repeat(np.arange(x.size), 4), cols)),
+                                  shape=(x.size, n))
+    assert np.any(ours.data == 0)
+    for name in ("data", "indices", "indptr"):
+        got, want = getattr(ours, name), getattr(coo, name)
+        assert got.dtype == want.dtype and got.tobytes() == want.tobytes()

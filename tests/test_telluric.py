@@ -77,6 +77,22 @@ def test_rows_have_their_own_pixels_and_line_spreads():
     assert together[3].min() > together[0].min() + 0.02
 
 
+def test_rows_reaching_different_bands_keep_their_own():
+    """The model computes only the boxes the pixels reach, from the bluest to the reddest:
+    rows on far-apart ranges (the A band, the water beyond 8900 A, none) are each what they
+    are alone, their derivatives too, and a row no band reaches transmits 1."""
+    lsf = LineSpread.constant(4.0)
+    rows = np.stack([np.linspace(7550.0, 7700.0, 300), np.linspace(8900.0, 9300.0, 300),
+                     np.linspace(4000.0, 5000.0, 300)])
+    together = transmission(rows, lsf, *COLUMNS, derivatives=True)
+    for r in range(3):
+        alone = transmission(rows[r], lsf, *COLUMNS, derivatives=True)
+        for got, want in zip(together, alone, strict=True):
+            np.testing.assert_allclose(got[r], want, rtol=1e-12, atol=1e-15)
+    assert together[0][0].min() < 0.6 and together[0][1].min() < 0.9
+    assert np.all(together[0][2] == 1.0) and not together[1][2].any()
+
+
 def test_fit_recovers_the_columns():
     """Stars' observed transmissions (the definition's high-resolution sum, 0.3 % noise,
     different pixels per star) give back the columns they were made with."""
