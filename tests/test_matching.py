@@ -216,6 +216,32 @@ def test_tabulated_lanczos_weights_equal_the_kernel():
     np.testing.assert_allclose(table.sum(axis=-1), 1.0, atol=1e-12)
 
 
+def test_sampled_rows_are_the_tabulated_taps_summed_pairwise():
+    """sample_rows to the last bit: each tap's weight from _kernel_weights, taps beyond the
+    ends reading the end pixels, the eight products summed pairwise; positions that are not
+    finite read pixel 0 (weight 1 within rounding)."""
+    from kspec_fluxcal.fit.shifts import _TAPS, _kernel_weights, sample_rows
+
+    rng = np.random.default_rng(5)
+    n = 50
+    spectra = rng.normal(size=(2, n))
+    pos = rng.uniform(0, n - 1, size=(2, 3, 40))
+    pos[0, 0, :4] = [0.0, 0.3, n - 1.0, n - 1.2]  # taps past both ends
+    pos[1, 2, :2] = [np.inf, -np.inf]
+    got = sample_rows(spectra, pos)
+    ok = np.isfinite(pos)
+    base = np.floor(np.where(ok, pos, 0.0)).astype(int)
+    weights = _kernel_weights(np.where(ok, pos, 0.0) - base)
+    rows = np.arange(2)[:, None, None]
+    terms = [spectra[rows, np.clip(base + tap, 0, n - 1)] * weights[..., k]
+             for k, tap in enumerate(_TAPS)]
+    pairs = [terms[0] + terms[1], terms[2] + terms[3], terms[4] + terms[5], terms[6] + terms[7]]
+    expected = (pairs[0] + pairs[1]) + (pairs[2] + pairs[3])
+    assert got.shape == pos.shape
+    assert np.array_equal(got, expected)
+    assert got[1, 2, 0] == pytest.approx(spectra[1, 0], rel=1e-15)
+
+
 def _alpha_world(feh_slope=0.05):
     """Templates whose lines deepen linearly with [alpha/M], on a grid that has +0.25 only
     at [M/H] -0.5 (not at 0), and a star at [M/H] 0, [alpha/M] +0.4 that they describe

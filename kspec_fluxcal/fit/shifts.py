@@ -34,6 +34,9 @@ def _exact_kernel_weights(frac):
 
 _KERNEL_TABLE = _exact_kernel_weights(np.linspace(0.0, 1.0, _TABLE_STEPS + 1))
 _KERNEL_STEP = np.diff(_KERNEL_TABLE, axis=0)  # one gather fewer per interpolation
+# Tap-major copies for :func:`sample_rows`, which works on (taps, points) arrays.
+_KERNEL_TABLE_T = np.ascontiguousarray(_KERNEL_TABLE[:-1].T)
+_KERNEL_STEP_T = np.ascontiguousarray(_KERNEL_STEP.T)
 
 
 def _kernel_weights(frac):
@@ -165,15 +168,35 @@ def sample_rows(spectra, pos):
     clipped to the end pixels: what the shift operators do one velocity at a time, for many
     velocities at once (a velocity scan), one gather per tap. Positions that are not finite
     are sampled at pixel 0: give them no weight."""
-    _, base, weights = _taps(pos)
-    n = spectra.shape[-1]
-    flat = np.ascontiguousarray(spectra).ravel()
-    row = (np.arange(spectra.shape[0]) * n).reshape((-1,) + (1,) * (pos.ndim - 1))
-    terms = [flat.take(np.clip(base + tap, 0, n - 1) + row) * weights[..., k]
-             for k, tap in enumerate(_TAPS)]
+    inside = np.isfinite(pos)
+    base = np.floor(np.where(inside, pos, 0.0)).astype(np.intp)
+    frac = (np.where(inside, pos, 0.0) - base).ravel()
+    x = frac * _TABLE_STEPS
+    i = np.clip(x.astype(np.intp), 0, _TABLE_STEPS - 1)
+    d = x - i
+    # Rows padded with their end pixels: the taps' clipped values without a clip per tap
+    # (finite positions lie in [0, Q - 1], so taps reach at most _LANCZOS_A - 1 before the
+    # first pixel and _LANCZOS_A past the last).
+    spectra = np.asarray(spectra, dtype=np.float64)  # products in place: float64 rows
+    nrow, n = spectra.shape[0], spectra.shape[-1]
+    left = _LANCZOS_A - 1
+    padded = np.concatenate([np.repeat(spectra[:, :1], left, axis=1), spectra,
+                             np.repeat(spectra[:, -1:], _LANCZOS_A, axis=1)], axis=1).ravel()
+    width = n + left + _LANCZOS_A
+    first = (base + (np.arange(nrow) * width).reshape((-1,) + (1,) * (pos.ndim - 1))).ravel()
+    # Tap by tap, each a 1-D gather from an offset view (of the padded rows, of the kernel
+    # tables' tap-major copies): _kernel_weights' weights, the values the clipped taps read.
+    terms = []
+    for k in range(_TAPS.size):
+        weight = _KERNEL_STEP_T[k].take(i)
+        weight *= d
+        weight += _KERNEL_TABLE_T[k].take(i)
+        value = padded[k:].take(first)
+        value *= weight
+        terms.append(value)
     while len(terms) > 1:  # pairwise, as numpy sums the taps of one row
-        terms = [terms[i] + terms[i + 1] for i in range(0, len(terms), 2)]
-    return terms[0]
+        terms = [terms[j] + terms[j + 1] for j in range(0, len(terms), 2)]
+    return terms[0].reshape(pos.shape)
 
 
 def _taps(pos):
