@@ -194,6 +194,25 @@ def test_templates_scored_alone_in_one_call_score_as_in_one_call_each(knots):
     assert together.tolist() == one_each
 
 
+def test_corrections_of_several_templates_are_each_ones_own():
+    """star_corrections of a star's several templates (the parameter choice's starts): each
+    row the template's own star_correction to the last bit, masked pixels and a template
+    with NaN included."""
+    from kspec_fluxcal.fit.matching import star_correction, star_corrections
+
+    _, templates = _templates(4)
+    templates[2, 100:110] = np.nan
+    rng = np.random.default_rng(12)
+    star_wave = WAVE + 0.2 * np.sin(WAVE / 300.0)
+    obs = _lines(BASE_DEPTHS, CENTRES, wave=star_wave, rv=-25.0) * (1 + 0.1 * np.cos(
+        WAVE / 700.0)) * (1 + rng.normal(0, 0.01, WAVE.size))
+    ivar = np.where(rng.uniform(size=WAVE.size) < 0.05, 0.0, 1 / 0.01**2)
+    together = star_corrections(obs, ivar, templates, -25.0, WAVE, 400.0, star_wave)
+    one_each = np.stack([star_correction(obs, ivar, t, -25.0, WAVE, 400.0, star_wave)
+                         for t in templates])
+    assert together.tobytes() == one_each.tobytes()
+
+
 def test_quadratic_minimum():
     rng = np.random.default_rng(0)
     x = rng.uniform(-1, 1, (2, 40, 3))

@@ -13,8 +13,8 @@ from ..constants import SPEED_OF_LIGHT_KMS
 from .shifts import shift_operator, shift_spectra
 
 __all__ = ["score_templates", "score_star", "fit_corrected", "star_correction",
-           "correction_parameters", "fast_mode", "rest_frame_star", "score_rest_frame",
-           "score_rest_frames", "ScoringTemplates"]
+           "star_corrections", "correction_parameters", "fast_mode", "rest_frame_star",
+           "score_rest_frame", "score_rest_frames", "ScoringTemplates"]
 
 
 
@@ -102,11 +102,19 @@ def star_correction(obs, ivar, template, rv, wavelength, knot_spacing, star_wave
     Templates close to this one need nearly the same correction: dividing the star by it and
     scoring them with a single amplitude is much cheaper than a correction per template.
     """
+    return star_corrections(obs, ivar, np.asarray(template)[None], rv, wavelength, knot_spacing,
+                            star_wavelength)[0]
+
+
+def star_corrections(obs, ivar, templates, rv, wavelength, knot_spacing, star_wavelength=None):
+    """:func:`star_correction` of several templates (N, P) against one star: (N, P), each
+    row as the template's own call gives it, to the last bit (the shift and the
+    corrections' sparse products sum each template's terms in the same order; the normal
+    equations are solved one by one)."""
     star_wave = wavelength if star_wavelength is None else star_wavelength
-    shifted = shift_spectra(np.nan_to_num(template), star_wave, rv, wavelength)
+    shifted = shift_spectra(np.nan_to_num(templates), star_wave, rv, wavelength)
     w = np.where(np.isfinite(obs) & np.isfinite(shifted) & (ivar > 0), ivar, 0.0)
-    corr = _corrections(np.nan_to_num(obs), w, np.nan_to_num(shifted)[None], star_wave,
-                        knot_spacing)[0]
+    corr = _corrections(np.nan_to_num(obs), w, np.nan_to_num(shifted), star_wave, knot_spacing)
     return np.where(corr > 0, corr, np.nan)
 
 

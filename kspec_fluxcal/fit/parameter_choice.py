@@ -8,7 +8,7 @@ import numpy as np
 from ..grid import PARAMS
 from ..templates import library_arrays
 from .exposure_templates import interpolated_corners, lattice
-from .matching import star_correction
+from .matching import star_correction, star_corrections
 from .refinement import refine_parameters, score_points, star_rest_frames
 
 __all__ = ["choose_parameters"]
@@ -72,9 +72,11 @@ def _refine(obs, tm, scan, phot, scores, ok, spec_scale, config):
     star_of = np.repeat(ok, nstart)
     corr = None
     if scan.knots:  # each start's own correction, so that valleys compete fairly
-        corr = np.stack([star_correction(obs.norm[s], obs.ivar[s], tm.fetch([t])[0],
-                                         scan.rv[s], obs.wave, scan.knots, obs.star_wave[s])
-                         for s, t in zip(star_of, starts.ravel(), strict=True)])
+        # a star's starts in one call (the same corrections as one by one, in one shift)
+        corr = np.concatenate([star_corrections(obs.norm[s], obs.ivar[s], tm.fetch(mine),
+                                                scan.rv[s], obs.wave, scan.knots,
+                                                obs.star_wave[s])
+                               for s, mine in zip(ok, starts, strict=True)])
     options = {"metric": fit.metric, "delta": fit.huber_delta, "correction": corr,
                "spec_scale": np.repeat(spec_scale, nstart),
                "star_wavelength": obs.star_wave[star_of],
