@@ -401,3 +401,26 @@ def test_alpha_response_at_nodes_and_single_alpha_grids_is_plain_interpolation()
     for a, b in zip(interpolation_weights(single, exists[..., :1], *args, 0.3),
                     alpha_response_weights(single, exists[..., :1], *args, 0.3), strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_cell_corners_are_the_product_of_four_factors_to_the_last_bit():
+    """_corners (the [alpha/M] corners added to a (teff, logg, [M/H]) cell formed once, as
+    alpha_response_weights shares it between the base model and the response's nodes):
+    each corner's weight the product of its four factors left to right, its indices the
+    lower node plus the corner's bits, clipped to the axes."""
+    from kspec_fluxcal.grid import _CORNERS, PARAMS, _corners, _position
+
+    rng = np.random.default_rng(4)
+    axes = dict(ALPHA_AXES, logg=np.array([4.5]))  # an axis of one node too
+    values = [rng.uniform(axes[p][0] - 0.1, axes[p][-1] + 0.1, 50) for p in PARAMS]
+    values[0][:3] = axes["teff"][[0, 1, 2]]  # on nodes, the last included
+    values[3][:3] = [0.0, 0.25, 0.1]
+    positions = [_position(axes[p], x) for p, x in zip(PARAMS, values, strict=True)]
+    index, raw = _corners(axes, positions)
+    lo = np.stack([p[0] for p in positions], axis=-1)
+    frac = np.stack([p[1] for p in positions], axis=-1)[:, None, :]
+    factor = np.where(_CORNERS.astype(bool), frac, 1.0 - frac)
+    expected = ((factor[..., 0] * factor[..., 1]) * factor[..., 2]) * factor[..., 3]
+    sizes = np.array([len(axes[p]) for p in PARAMS])
+    assert raw.tobytes() == expected.tobytes()
+    assert np.array_equal(index, np.minimum(lo[:, None, :] + _CORNERS, sizes - 1))

@@ -422,12 +422,38 @@ def _position(axis, x):
 
 def _corners(axes, positions):
     """Corners and raw weights of a cell from each axis' :func:`_position`."""
-    sizes = np.array([len(axes[p]) for p in PARAMS])
-    index = np.minimum(np.stack([lo for lo, _ in positions], axis=-1)[:, None, :] + _CORNERS,
+    return _with_alpha(axes, *_cell3(axes, positions[:3]), positions[3])
+
+
+#: Each of the 16 corners' (teff, logg, feh) corner among the 8 of :func:`_cell3` (the
+#: [alpha/M] node is the innermost of :data:`_CORNERS`), and its [alpha/M] bit.
+_CORNER3 = np.arange(_CORNERS.shape[0]) // 2
+_ALPHA_BIT = _CORNERS[:, 3]
+_CORNERS3 = _CORNERS[::2, :3]
+
+
+def _cell3(axes, positions):
+    """The (teff, logg, [M/H]) part of :func:`_corners`: indices (npoint, 8, 3) of the 8
+    corners and the products of their first three factors (npoint, 8), formed as
+    :func:`_corners` forms them (left to right), so that one [alpha/M] factor more gives its
+    weights to the last bit (:func:`_with_alpha`)."""
+    sizes = np.array([len(axes[p]) for p in PARAMS[:3]])
+    index = np.minimum(np.stack([lo for lo, _ in positions], axis=-1)[:, None, :] + _CORNERS3,
                        sizes - 1)
     frac = np.stack([f for _, f in positions], axis=-1)[:, None, :]
-    factor = np.where(_CORNERS.astype(bool), frac, 1.0 - frac)  # (npoint, 16, 4)
-    return index, factor[..., 0] * factor[..., 1] * factor[..., 2] * factor[..., 3]
+    factor = np.where(_CORNERS3.astype(bool), frac, 1.0 - frac)  # (npoint, 8, 3)
+    return index, factor[..., 0] * factor[..., 1] * factor[..., 2]
+
+
+def _with_alpha(axes, index3, raw3, position):
+    """Corners (npoint, 16, 4) and raw weights of the cells of :func:`_cell3` with the
+    [alpha/M] axis at ``position`` (:func:`_position`)."""
+    lo, frac = position
+    index = np.empty(index3.shape[:1] + _CORNERS.shape, dtype=index3.dtype)
+    index[..., :3] = index3[:, _CORNER3]
+    index[..., 3] = np.minimum(lo[:, None] + _ALPHA_BIT, len(axes["alpha"]) - 1)
+    factor = np.where(_ALPHA_BIT.astype(bool), frac[:, None], 1.0 - frac[:, None])
+    return index, raw3[:, _CORNER3] * factor
 
 
 def _renormalised(raw, present):
@@ -477,8 +503,11 @@ def alpha_response_weights(axes, exists, teff, logg, feh, alpha):
     f = (a - nodes[k]) / (nodes[k + 1] - nodes[k])
     exists = np.asarray(exists, dtype=bool)
     at = [_position(axes[p], x) for p, x in zip(PARAMS[:3], (t, g, m), strict=True)]
-    index, raw = _corners(axes, [*at, _position(nodes, a)])
-    present = exists[tuple(np.moveaxis(index, -1, 0))]
+    # The (teff, logg, [M/H]) cells once: the base model and the response's two nodes
+    # differ only in their [alpha/M] corners.
+    index3, raw3 = _cell3(axes, at)
+    index, raw = _with_alpha(axes, index3, raw3, _position(nodes, a))
+    present = exists[index[..., 0], index[..., 1], index[..., 2], index[..., 3]]
     weight = _renormalised(raw, present)
     # Between nodes, beyond them, or at an upper node that a corner of the point's cell
     # lacks (renormalising would move the point to the corners that have it).
@@ -487,9 +516,10 @@ def alpha_response_weights(axes, exists, teff, logg, feh, alpha):
         return index, weight
     rows = np.flatnonzero(need)
     at = [(lo[rows], fr[rows]) for lo, fr in at]
-    base, raw = _corners(axes, [*at, _position(nodes, nodes[k[rows]])])
+    base, raw = _with_alpha(axes, index3[rows], raw3[rows], _position(nodes, nodes[k[rows]]))
     index[rows] = base
-    weight[rows] = _renormalised(raw, exists[tuple(np.moveaxis(base, -1, 0))])
+    weight[rows] = _renormalised(raw, exists[base[..., 0], base[..., 1], base[..., 2],
+                                             base[..., 3]])
     index = np.concatenate([index] * 3, axis=1)
     weight = np.concatenate([weight, np.zeros_like(weight), np.zeros_like(weight)], axis=1)
     n = weight.shape[1] // 3
@@ -501,12 +531,16 @@ def alpha_response_weights(axes, exists, teff, logg, feh, alpha):
         mine = rows[sub]
         here = [(lo[sub], fr[sub]) for lo, fr in at[:2]]
         here.append(_position(axes["feh"], np.clip(m[mine], fehs[0], fehs[-1])))
+        here3, here_raw = _cell3(axes, here)
+        has = both[here3[..., 0], here3[..., 1], here3[..., 2]][:, _CORNER3]
         for part, node, sign in ((1, nodes[j + 1], 1.0), (2, nodes[j], -1.0)):
-            i, w = _corners(axes, [*here, _position(nodes, np.full(mine.size, node))])
-            w = _renormalised(w, both[tuple(np.moveaxis(i[..., :3], -1, 0))])
+            at_node = [np.broadcast_to(v, mine.shape) for v in _position(nodes, node[None])]
+            i, w = _with_alpha(axes, here3, here_raw, at_node)
+            w = _renormalised(w, has)
             cols = slice(part * n, (part + 1) * n)
             index[mine, cols] = i
-            weight[mine, cols] = sign * f[mine, None] * np.nan_to_num(w)
+            # NaN (no corner has both nodes) to 0: np.nan_to_num's values (no infinity here)
+            weight[mine, cols] = sign * f[mine, None] * np.where(np.isnan(w), 0.0, w)
     return index, weight
 
 
