@@ -235,11 +235,16 @@ def test_tabulated_lanczos_weights_equal_the_kernel():
     np.testing.assert_allclose(table.sum(axis=-1), 1.0, atol=1e-12)
 
 
-def test_sampled_rows_are_the_tabulated_taps_summed_pairwise():
+@pytest.mark.parametrize("block", [None, 7])
+def test_sampled_rows_are_the_tabulated_taps_summed_pairwise(block, monkeypatch):
     """sample_rows to the last bit: each tap's weight from _kernel_weights, taps beyond the
     ends reading the end pixels, the eight products summed pairwise; positions that are not
-    finite read pixel 0 (weight 1 within rounding)."""
+    finite read pixel 0 (weight 1 within rounding). Whole, and in blocks of points."""
+    from kspec_fluxcal.fit import shifts
     from kspec_fluxcal.fit.shifts import _TAPS, _kernel_weights, sample_rows
+
+    if block:
+        monkeypatch.setattr(shifts, "_SAMPLE_BLOCK", block)
 
     rng = np.random.default_rng(5)
     n = 50

@@ -162,6 +162,10 @@ def shift_spectra(spectra, wavelength, rv, source=None):
     return out.reshape(np.shape(spectra)[:-1] + (op.matrix.shape[0],))
 
 
+#: Points sampled at a time by :func:`sample_rows`.
+_SAMPLE_BLOCK = 8192
+
+
 def sample_rows(spectra, pos):
     """Each row of ``spectra`` (S, Q) sampled at its own fractional pixel positions ``pos``
     (S, ..., P) with the Lanczos kernel of :func:`shift_operator`, taps beyond the ends
@@ -186,17 +190,24 @@ def sample_rows(spectra, pos):
     first = (base + (np.arange(nrow) * width).reshape((-1,) + (1,) * (pos.ndim - 1))).ravel()
     # Tap by tap, each a 1-D gather from an offset view (of the padded rows, of the kernel
     # tables' tap-major copies): _kernel_weights' weights, the values the clipped taps read.
-    terms = []
-    for k in range(_TAPS.size):
-        weight = _KERNEL_STEP_T[k].take(i)
-        weight *= d
-        weight += _KERNEL_TABLE_T[k].take(i)
-        value = padded[k:].take(first)
-        value *= weight
-        terms.append(value)
-    while len(terms) > 1:  # pairwise, as numpy sums the taps of one row
-        terms = [terms[j] + terms[j + 1] for j in range(0, len(terms), 2)]
-    return terms[0].reshape(pos.shape)
+    # A block of points at a time, so that the taps' arrays stay in the cache (8192 points:
+    # 64 kB each; the whole of a 3-star, 5-velocity scan's 61k points took 1.7x the time).
+    out = np.empty(first.size)
+    for start in range(0, first.size, _SAMPLE_BLOCK):
+        block = slice(start, start + _SAMPLE_BLOCK)
+        ib, db, fb = i[block], d[block], first[block]
+        terms = []
+        for k in range(_TAPS.size):
+            weight = _KERNEL_STEP_T[k].take(ib)
+            weight *= db
+            weight += _KERNEL_TABLE_T[k].take(ib)
+            value = padded[k:].take(fb)
+            value *= weight
+            terms.append(value)
+        while len(terms) > 1:  # pairwise, as numpy sums the taps of one row
+            terms = [terms[j] + terms[j + 1] for j in range(0, len(terms), 2)]
+        out[block] = terms[0]
+    return out.reshape(pos.shape)
 
 
 def _taps(pos):
