@@ -356,3 +356,24 @@ def test_interpolation_rows_are_scipys_conversion_of_the_pairs(dtype, triples):
         assert got.shape == expected.shape and got.dtype == expected.dtype
         for name in ("data", "indices", "indptr"):
             assert np.array_equal(getattr(got, name), getattr(expected, name)), name
+
+
+def test_float32_rows_missing_exactly_where_their_float64_sums_are_not_finite():
+    """ScoringTemplates' missing rows of float32 templates (by a test of every value) are
+    those whose float64 sum is not finite: NaN, either infinity, both, and the largest
+    finite values (no overflow in float64)."""
+    from kspec_fluxcal.fit.matching import ScoringTemplates
+
+    rows = np.ones((6, 50), dtype=np.float32)
+    rows[1, 3] = np.nan
+    rows[2, 7] = np.inf
+    rows[3, [0, 9]] = [np.inf, -np.inf]
+    rows[4, :] = np.finfo(np.float32).max
+    rows[5, 0] = -np.inf
+    prepared = ScoringTemplates(rows)
+    assert prepared.tmpl.dtype == np.float32
+    with np.errstate(invalid="ignore"):  # inf - inf
+        sums = rows.sum(axis=1, dtype=np.float64)
+    assert prepared.missing.tolist() == (~np.isfinite(sums)).tolist()
+    assert prepared.missing.tolist() == [False, True, True, True, False, True]
+    assert not prepared.tmpl[prepared.missing].any()

@@ -239,8 +239,12 @@ def _clean_templates(templates, keep_float=False):
     if not (keep_float and tmpl.dtype.kind == "f"):
         tmpl = tmpl.astype(np.float64, copy=False)
     tmpl = tmpl.reshape(-1, tmpl.shape[-1])
-    # one pass; a NaN anywhere makes the sum NaN
-    missing = ~np.isfinite(tmpl.sum(axis=1, dtype=np.float64))
+    if tmpl.itemsize < 8:
+        # A row of float32 values has a finite float64 sum unless one is not finite: the
+        # rows the sum finds, by a test 3-4x faster than the sum with its conversion.
+        missing = ~np.isfinite(tmpl).all(axis=1)
+    else:  # one pass; a NaN anywhere (or an overflow) makes the sum NaN
+        missing = ~np.isfinite(tmpl.sum(axis=1, dtype=np.float64))
     if missing.any():
         tmpl = np.where(missing[:, None], 0.0, tmpl)
     return tmpl, missing
