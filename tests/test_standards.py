@@ -242,6 +242,42 @@ def test_rejection_reasons(world, tmp_path, fitted):
     assert len(by_fiber) == 3
 
 
+def test_model_error_of_each_star_is_its_own_and_solves_its_chi2():
+    """The model error sigma_m makes chi^2/dof of a star 1 (0 for a star within its noise,
+    NaN for one with no pixel compared), and a star's sigma_m does not depend on the stars
+    fitted with it: bit for bit what it gets alone."""
+    from types import SimpleNamespace
+
+    from kspec_fluxcal.fit.final_model import _model_error, _residuals
+
+    rng = np.random.default_rng(5)
+    wave = np.linspace(4000.0, 8000.0, 600)
+    model = 1.0 - 0.5 * rng.random((4, wave.size)) ** 8
+    ivar = np.full(model.shape, 1e4)
+    mismatch = np.array([0.03, 0.0, 0.1, 0.02])[:, None]
+    noise = np.array([1.0, 0.5, 1.0, 1.0])[:, None]  # star 1: less than its variance says
+    norm = model * (1 + mismatch * rng.standard_normal(model.shape)) \
+        + noise * rng.standard_normal(model.shape) / np.sqrt(ivar)
+    norm[3] = np.nan  # no pixel to compare
+    scan = SimpleNamespace(knots=None)
+
+    def errors(rows):
+        obs = SimpleNamespace(norm=norm[rows], ivar=ivar[rows], wave=wave, nstar=len(rows))
+        return _model_error(_residuals(obs, model[rows]), obs, scan)
+
+    chi2_dof, sigma = errors([0, 1, 2, 3])
+    assert chi2_dof[1] < 1.0 and sigma[1] == 0.0 and np.isnan(sigma[3])
+    for s in (0, 2):
+        assert sigma[s] == pytest.approx(mismatch[s, 0], rel=0.1)
+        var, r2 = 1.0 / ivar[s], (norm[s] - model[s]) ** 2
+        dof = wave.size - 1
+        assert np.sum(r2 / (var + (sigma[s] * model[s]) ** 2)) / dof == pytest.approx(1.0, 1e-9)
+    for s in range(4):
+        alone = errors([s])
+        np.testing.assert_array_equal(alone[0], chi2_dof[s:s + 1])
+        np.testing.assert_array_equal(alone[1], sigma[s:s + 1])
+
+
 def test_low_snr_and_model_error_bound(fitted):
     noisy = fitted["exposure"].copy()
     fiber = int(fitted["stars"]["fiber"].values[0])
