@@ -4,6 +4,8 @@ star's Gaia XP spectrum where there is one."""
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .constants import EBV_REFERENCE
@@ -148,18 +150,29 @@ def warp_basis(wavelength, wave_range, degree=3):
     numpy.ndarray, shape (..., degree)
         In magnitudes per unit coefficient.
     """
-    lo, hi = 1e4 / float(wave_range[1]), 1e4 / float(wave_range[0])  # 1/um
     if degree < 1:
         return np.zeros(np.shape(wavelength) + (0,))
+    wave_range = (float(wave_range[0]), float(wave_range[1]))
+    return _legendre(wavelength, wave_range, degree) - _legendre_mean(wave_range, degree)
 
-    def legendre(wave):
-        t = np.clip(2.0 * (1e4 / np.asarray(wave, dtype=np.float64) - lo) / (hi - lo) - 1.0,
-                    -1.0, 1.0)
-        return np.stack([np.polynomial.legendre.legval(t, np.eye(degree + 1)[k])
-                         for k in range(1, degree + 1)], axis=-1)
 
-    mean = legendre(np.linspace(float(wave_range[0]), float(wave_range[1]), 200)).mean(axis=0)
-    return legendre(wavelength) - mean
+def _legendre(wave, wave_range, degree):
+    """Legendre polynomials of degree 1..``degree`` in 1/lambda over ``wave_range``."""
+    lo, hi = 1e4 / wave_range[1], 1e4 / wave_range[0]  # 1/um
+    t = np.clip(2.0 * (1e4 / np.asarray(wave, dtype=np.float64) - lo) / (hi - lo) - 1.0,
+                -1.0, 1.0)
+    return np.stack([np.polynomial.legendre.legval(t, np.eye(degree + 1)[k])
+                     for k in range(1, degree + 1)], axis=-1)
+
+
+@functools.lru_cache(maxsize=64)
+def _legendre_mean(wave_range, degree):
+    """:func:`_legendre`'s means over ``wave_range``, what :func:`warp_basis` removes: kept
+    per range (an exposure's warps ask for the same one for its bands and its pixels)."""
+    mean = _legendre(np.linspace(wave_range[0], wave_range[1], 200), wave_range,
+                     degree).mean(axis=0)
+    mean.flags.writeable = False
+    return mean
 
 
 def fit_warp(mag_obs, mag_err, mag_model, basis, used, *, warp_sigma, error_floor=0.01,

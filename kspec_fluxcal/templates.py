@@ -111,13 +111,16 @@ def _convolution_entries(log_in, wave_out, lsf, resolving_power=None):
     hi = np.searchsorted(ln_in, ln_out + _NSIGMA * sigma, side="right")
     # Each row's columns are consecutive and increasing, so the CSR arrays are built directly,
     # entry by entry (through (row, col) pairs scipy would sort and check them again; a
-    # rectangle of the widest row's width would compute twice the entries). Per-row values
-    # are repeated along the row (cheaper than gathering them by row number).
+    # rectangle of the widest row's width would compute twice the entries), in place. Per-row
+    # values are repeated along the row (cheaper than gathering them by row number).
     counts = hi - lo
     indptr = np.concatenate([[0], np.cumsum(counts)])
     cols = np.arange(indptr[-1]) - np.repeat(indptr[:-1] - lo, counts)
-    u = (ln_in[cols] - np.repeat(ln_out, counts)) / np.repeat(sigma, counts)
-    vals = np.exp(-0.5 * u * u) * dln[cols]
+    vals = ln_in.take(cols) - np.repeat(ln_out, counts)
+    vals /= np.repeat(sigma, counts)
+    vals *= -0.5 * vals
+    np.exp(vals, out=vals)
+    vals *= dln.take(cols)
     row = np.repeat(np.arange(wave_out.size), counts)
     vals /= np.repeat(np.bincount(row, weights=vals, minlength=wave_out.size), counts)
     return vals, cols, indptr, sharper

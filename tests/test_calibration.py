@@ -418,6 +418,49 @@ def test_fit_photometry_drops_outlier_band_and_counts_valid():
     assert fit_photometry(nan_obs, err, model, ext)["n_bands"][0] == 1
 
 
+def test_fit_photometry_stars_fitted_together_get_what_each_gets_alone():
+    """Each star's fit is its own row: fitted with others (one dropping two bad bands, so the
+    drop loop runs on after the others have settled; one without a catalog E(B-V); one with
+    too few bands), a star's results are those of a call of its own, bit for bit
+    (the final model fits its stars' photometry in one call)."""
+    rng = np.random.default_rng(3)
+    nstar, nband = 4, 9
+    ext = np.tile(np.linspace(3.8, 0.35, nband), (nstar, 1)) + rng.normal(0, 0.05, (nstar, nband))
+    slope = -0.1 * ext
+    model = rng.uniform(-40, -38, (nstar, nband))
+    obs = model + 52.0 + ext * 0.1 + rng.normal(0, 0.01, (nstar, nband))
+    obs[0, [1, 6]] += [0.6, -0.4]  # two bad bands: two passes of the drop loop
+    obs[2, 3:] = np.nan  # three bands only
+    err = np.full((nstar, nband), 0.01)
+    prior = np.array([0.12, np.nan, 0.08, 0.1])
+    kw = {"ext_slope": slope, "ebv_prior": prior, "min_bands": 2}
+    together = fit_photometry(obs, err, model, ext, **kw)
+    assert together["dropped"][0].sum() == 2 and not together["dropped"][1:].any()
+    for s in range(nstar):
+        alone = fit_photometry(obs[s:s + 1], err[s:s + 1], model[s:s + 1], ext[s:s + 1],
+                               ext_slope=slope[s:s + 1], ebv_prior=prior[s:s + 1],
+                               min_bands=2)
+        for key, value in alone.items():
+            np.testing.assert_array_equal(together[key][s:s + 1], value, err_msg=key)
+
+
+def test_warp_basis_has_no_constant_and_its_kept_mean_is_not_the_callers():
+    """The warp's shapes have zero mean over their range (the flux scale stays the fit's own
+    parameter); the means removed are kept per range, and a caller changing a basis it was
+    given changes nothing for the next caller."""
+    from kspec_fluxcal.photometric_fit import warp_basis
+
+    over = np.linspace(3700.0, 9000.0, 200)
+    basis = warp_basis(over, (3700, 9000.0), 3)
+    np.testing.assert_allclose(basis.mean(axis=0), 0.0, atol=1e-15)
+    assert not np.allclose(basis, 0.0)
+    first = warp_basis([4000.0, 6000.0], (3700.0, 9000.0), 3)
+    kept = first.copy()
+    first += 1.0
+    np.testing.assert_array_equal(warp_basis([4000.0, 6000.0], (3700.0, 9000.0), 3), kept)
+    assert warp_basis([5000.0], (3700.0, 9000.0), 0).shape == (1, 0)
+
+
 def test_water_vapour_followed_over_a_night():
     """Exposures of one night with different water columns and airmasses: the fitted columns
     (FCALH2O, FCALO2) follow the ones the standards' vectors were made with, the telluric

@@ -242,6 +242,103 @@ def test_rejection_reasons(world, tmp_path, fitted):
     assert len(by_fiber) == 3
 
 
+def test_interpolated_models_are_the_sum_over_every_corner_to_the_last_bit():
+    """The final models summed over the corners of non-zero weight only are, bit for bit,
+    the sum over all corners (those of zero weight naming a template the star uses, as
+    interpolated_corners gives them), also when a template is not finite."""
+    from kspec_fluxcal.fit.final_model import _interpolated
+
+    rng = np.random.default_rng(8)
+    spectra = rng.lognormal(0.0, 1.0, (12, 300))
+    weight = rng.normal(0.3, 1.0, (5, 48)) * (rng.random((5, 48)) < 0.4)
+    weight[0] = np.where(np.arange(48) % 6 == 0, 0.0, 0.05)  # the most corners, a few not
+    weight[3] = 0.0  # a star without a model
+    inverse = rng.integers(0, 12, weight.shape)
+    first = inverse[np.arange(5), np.argmax(weight != 0, axis=1)]
+    inverse = np.where(weight != 0, inverse, first[:, None])
+    infinite = spectra.copy()
+    infinite[first[0], 7] = np.inf  # star 0: inf from its terms, NaN from its zero weights
+    for values in (spectra, infinite):
+        every = np.einsum("sc,scp->sp", weight, values[inverse])
+        assert _interpolated(weight, inverse, values).tobytes() == every.tobytes()
+    assert np.isnan(every[0, 7])
+
+
+def test_model_error_of_each_star_is_its_own_and_solves_its_chi2():
+    """The model error sigma_m makes chi^2/dof of a star 1 (0 for a star within its noise,
+    NaN for one with no pixel compared), and a star's sigma_m does not depend on the stars
+    fitted with it: bit for bit what it gets alone."""
+    from types import SimpleNamespace
+
+    from kspec_fluxcal.fit.final_model import _model_error, _residuals
+
+    rng = np.random.default_rng(5)
+    wave = np.linspace(4000.0, 8000.0, 600)
+    model = 1.0 - 0.5 * rng.random((4, wave.size)) ** 8
+    ivar = np.full(model.shape, 1e4)
+    mismatch = np.array([0.03, 0.0, 0.1, 0.02])[:, None]
+    noise = np.array([1.0, 0.5, 1.0, 1.0])[:, None]  # star 1: less than its variance says
+    norm = model * (1 + mismatch * rng.standard_normal(model.shape)) \
+        + noise * rng.standard_normal(model.shape) / np.sqrt(ivar)
+    norm[3] = np.nan  # no pixel to compare
+    scan = SimpleNamespace(knots=None)
+
+    def errors(rows):
+        obs = SimpleNamespace(norm=norm[rows], ivar=ivar[rows], wave=wave, nstar=len(rows))
+        return _model_error(_residuals(obs, model[rows]), obs, scan)
+
+    chi2_dof, sigma = errors([0, 1, 2, 3])
+    assert chi2_dof[1] < 1.0 and sigma[1] == 0.0 and np.isnan(sigma[3])
+    for s in (0, 2):
+        assert sigma[s] == pytest.approx(mismatch[s, 0], rel=0.1)
+        var, r2 = 1.0 / ivar[s], (norm[s] - model[s]) ** 2
+        dof = wave.size - 1
+        assert np.sum(r2 / (var + (sigma[s] * model[s]) ** 2)) / dof == pytest.approx(1.0, 1e-9)
+    for s in range(4):
+        alone = errors([s])
+        np.testing.assert_array_equal(alone[0], chi2_dof[s:s + 1])
+        np.testing.assert_array_equal(alone[1], sigma[s:s + 1])
+
+
+def test_model_error_bisection_decided_without_chi2_is_the_plain_bisection_to_the_last_bit():
+    """The model error's bisection, its steps decided from a few chi^2 values (Newton steps,
+    probes) where that is sure, gives what computing chi^2 at each of its 40 steps gives, bit
+    for bit: stars of every model error (1e-6 to 3, beyond the range's 1), within the noise,
+    without pixels, with a zero model, in exposures of 1-4 stars."""
+    from types import SimpleNamespace
+
+    from kspec_fluxcal.fit.final_model import _model_error, _residuals
+
+    def plain(res, obs, dof):
+        lo, hi = np.full(obs.nstar, -5.0), np.full(obs.nstar, 0.0)
+        for _ in range(40):
+            mid = 0.5 * (lo + hi)
+            chi2 = np.sum(res.resid2 / (res.var + (10.0 ** mid[:, None]) ** 2 * res.m2),
+                          axis=1) / dof
+            lo, hi = np.where(chi2 > 1.0, mid, lo), np.where(chi2 > 1.0, hi, mid)
+        chi2_dof = np.sum(res.resid2 / res.var, axis=1) / dof
+        return np.where(res.fit.any(axis=1), np.where(chi2_dof > 1.0, 10.0 ** (0.5 * (lo + hi)),
+                                                      0.0), np.nan)
+
+    rng = np.random.default_rng(11)
+    scan = SimpleNamespace(knots=None)
+    for _ in range(300):
+        nstar, npix = rng.integers(1, 5), rng.integers(50, 400)
+        model = 1.0 - 0.6 * rng.random((nstar, npix)) ** rng.uniform(1, 10)
+        ivar = 10 ** rng.uniform(1, 6, (nstar, 1)) * np.ones((nstar, npix))
+        norm = model * (1 + 10 ** rng.uniform(-6, 0.5, (nstar, 1))
+                        * rng.standard_normal(model.shape)) \
+            + rng.uniform(0.3, 2, (nstar, 1)) * rng.standard_normal(model.shape) / np.sqrt(ivar)
+        if rng.random() < 0.1:
+            model[0] = np.nan if rng.random() < 0.5 else 0.0
+        obs = SimpleNamespace(norm=norm, ivar=ivar, wave=np.linspace(4000, 8000, npix),
+                              nstar=nstar)
+        res = _residuals(obs, model)
+        sigma = _model_error(res, obs, scan)[1]
+        dof = np.maximum(res.fit.sum(axis=1) - 1, 1)
+        assert sigma.tobytes() == plain(res, obs, dof).tobytes()
+
+
 def test_low_snr_and_model_error_bound(fitted):
     noisy = fitted["exposure"].copy()
     fiber = int(fitted["stars"]["fiber"].values[0])

@@ -87,6 +87,31 @@ def test_grid_must_cover_exposure():
         prepare_templates(_grid(1), np.linspace(3005, 9000, 500), LineSpread.constant(8.0))
 
 
+def test_convolution_entries_are_each_rows_normalised_gaussian_to_the_last_bit():
+    """The operator's entries, computed in place for the whole matrix, are row by row what
+    the module's formula gives: a Gaussian in ln(lambda) of the instrument's width with the
+    grid's removed (half a grid step where the instrument is sharper), times the input's ln
+    steps, over the rows' 5-sigma columns, divided by their sum taken in column order."""
+    wave_in = np.exp(np.arange(np.log(3000.0), np.log(9500.0), 1.0 / (2.3 * R_GRID)))
+    wave_out = np.linspace(3600.0, 9000.0, 700)
+    lsf = LineSpread((-1.08, 3.43), "test")  # sharper than the grid at the blue end
+    vals, cols, indptr, sharper = templates._convolution_entries(
+        templates._log_sampling(wave_in), wave_out, lsf, R_GRID)
+    assert 0 < sharper < 1
+    ln_in, dln = np.log(wave_in), np.gradient(np.log(wave_in))
+    excess = (lsf.fwhm(wave_out) / wave_out / FWHM_PER_SIGMA) ** 2 - (
+        1.0 / (R_GRID * FWHM_PER_SIGMA)) ** 2
+    floor = 0.5 * np.interp(np.log(wave_out), ln_in, dln)
+    for j, sigma in enumerate(np.sqrt(np.maximum(excess, floor**2))):
+        centre = np.log(wave_out[j])
+        row = np.flatnonzero(np.abs(ln_in - centre) <= 5.0 * sigma)
+        u = (ln_in[row] - centre) / sigma
+        weights = np.exp(-0.5 * u * u) * dln[row]
+        np.testing.assert_array_equal(cols[indptr[j]:indptr[j + 1]], row)
+        np.testing.assert_array_equal(vals[indptr[j]:indptr[j + 1]],
+                                      weights / np.add.accumulate(weights)[-1])
+
+
 def test_instrument_sharper_than_grid_warns():
     grid = _grid(1).assign_attrs(resolving_power=500.0)
     with pytest.warns(FluxCalWarning, match="sharper than the grid's resolution R = 500"):

@@ -94,14 +94,17 @@ def model_magnitudes(phot, weights):
 
 def photometry_rows(phot, weights):
     """fit_photometry of each star's own model (row s of ``weights``)."""
-    rows = [phot.fit(s, weights[s]) for s in range(weights.shape[0])]
-    if not rows:
+    nstar = weights.shape[0]
+    if not nstar:
         empty = np.zeros(0)
         return {"mu": empty, "mu_err": empty, "ebv": empty, "ebv_err": empty,
                 "resid": np.zeros((0, phot.maggies.shape[1])), "used": np.zeros((0, 0), bool),
                 "dropped": np.zeros((0, phot.maggies.shape[1]), bool), "n_bands": empty,
                 "rms": empty, "chi2": empty}
-    return {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+    # All stars in one call: fit_photometry's rows are independent (a star whose bands are
+    # settled is solved again, to the same values, while another drops one), so each star
+    # gets what a call of its own gives, in half the time.
+    return phot.fit(np.arange(nstar), weights)
 
 
 def spectral_photometry(phot, scan):
