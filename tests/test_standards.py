@@ -300,45 +300,6 @@ def test_model_error_of_each_star_is_its_own_and_solves_its_chi2():
         np.testing.assert_array_equal(alone[1], sigma[s:s + 1])
 
 
-def test_model_error_bisection_decided_without_chi2_is_the_plain_bisection_to_the_last_bit():
-    """The model error's bisection, its steps decided from a few chi^2 values (Newton steps,
-    probes) where that is sure, gives what computing chi^2 at each of its 40 steps gives, bit
-    for bit: stars of every model error (1e-6 to 3, beyond the range's 1), within the noise,
-    without pixels, with a zero model, in exposures of 1-4 stars."""
-    from types import SimpleNamespace
-
-    from kspec_fluxcal.fit.final_model import _model_error, _residuals
-
-    def plain(res, obs, dof):
-        lo, hi = np.full(obs.nstar, -5.0), np.full(obs.nstar, 0.0)
-        for _ in range(40):
-            mid = 0.5 * (lo + hi)
-            chi2 = np.sum(res.resid2 / (res.var + (10.0 ** mid[:, None]) ** 2 * res.m2),
-                          axis=1) / dof
-            lo, hi = np.where(chi2 > 1.0, mid, lo), np.where(chi2 > 1.0, hi, mid)
-        chi2_dof = np.sum(res.resid2 / res.var, axis=1) / dof
-        return np.where(res.fit.any(axis=1), np.where(chi2_dof > 1.0, 10.0 ** (0.5 * (lo + hi)),
-                                                      0.0), np.nan)
-
-    rng = np.random.default_rng(11)
-    scan = SimpleNamespace(knots=None)
-    for _ in range(300):
-        nstar, npix = rng.integers(1, 5), rng.integers(50, 400)
-        model = 1.0 - 0.6 * rng.random((nstar, npix)) ** rng.uniform(1, 10)
-        ivar = 10 ** rng.uniform(1, 6, (nstar, 1)) * np.ones((nstar, npix))
-        norm = model * (1 + 10 ** rng.uniform(-6, 0.5, (nstar, 1))
-                        * rng.standard_normal(model.shape)) \
-            + rng.uniform(0.3, 2, (nstar, 1)) * rng.standard_normal(model.shape) / np.sqrt(ivar)
-        if rng.random() < 0.1:
-            model[0] = np.nan if rng.random() < 0.5 else 0.0
-        obs = SimpleNamespace(norm=norm, ivar=ivar, wave=np.linspace(4000, 8000, npix),
-                              nstar=nstar)
-        res = _residuals(obs, model)
-        sigma = _model_error(res, obs, scan)[1]
-        dof = np.maximum(res.fit.sum(axis=1) - 1, 1)
-        assert sigma.tobytes() == plain(res, obs, dof).tobytes()
-
-
 def test_low_snr_and_model_error_bound(fitted):
     noisy = fitted["exposure"].copy()
     fiber = int(fitted["stars"]["fiber"].values[0])

@@ -29,11 +29,6 @@ __all__ = ["final_model", "outlier_pixels"]
 _LN10_04 = 0.4 * np.log(10.0)
 # Normalised model pixels shallower than this are continuum for the line-mismatch estimate.
 _CONTINUUM_DEPTH = 0.02
-# Newton steps placing the model error's bisection (_Chi2Sides): 4 reach its 1e-13 dex.
-_NEWTON_STEPS = 4
-# Two log10 sigma_m this far apart give sigma_m^2 ~200 units in the last place apart: in
-# their order, whatever pow's rounding.
-_SIDE_MARGIN = 1e-14
 
 
 def final_model(obs, tm, scan, params, matched, phot, config, xp=None):
@@ -262,75 +257,18 @@ def outlier_pixels(obs, model, fit, sigma):
 def _model_error(res, obs, scan):
     """chi^2/dof of each star against its final model, and the model error: the fractional
     per-pixel mismatch sigma_m with sum r^2 / (var + (sigma_m model)^2) = dof (0 when the
-    model fits within the noise), by bisection in log sigma_m for all stars at once (its steps
-    decided by :class:`_Chi2Sides`, chi^2 computed for a few)."""
+    model fits within the noise), by bisection in log sigma_m for all stars at once."""
+    resid2, var, m2 = res.resid2, res.var, res.m2
     dof = np.maximum(res.fit.sum(axis=1) - correction_parameters(obs.wave, scan.knots), 1)
-    chi2_dof = np.sum(res.resid2 / res.var, axis=1) / dof
-    sides = _Chi2Sides(res, dof, chi2_dof)
-    lo, hi = [-5.0] * obs.nstar, [0.0] * obs.nstar  # log10 sigma_m
+    chi2_dof = np.sum(resid2 / var, axis=1) / dof
+    lo, hi = np.full(obs.nstar, -5.0), np.full(obs.nstar, 0.0)  # log10 sigma_m
     for _ in range(40):  # bisection to 1e-12 dex: chi^2 falls with sigma_m
-        mid = [0.5 * (a + b) for a, b in zip(lo, hi, strict=True)]
-        above = sides.above(mid)
-        lo = [m if a else x for m, a, x in zip(mid, above, lo, strict=True)]
-        hi = [x if a else m for m, a, x in zip(mid, above, hi, strict=True)]
-    lo, hi = np.array(lo), np.array(hi)
+        mid = 0.5 * (lo + hi)
+        chi2 = np.sum(resid2 / (var + (10.0 ** mid[:, None]) ** 2 * m2), axis=1) / dof
+        above = chi2 > 1.0
+        lo, hi = np.where(above, mid, lo), np.where(above, hi, mid)
     sigma = np.where(chi2_dof > 1.0, 10.0 ** (0.5 * (lo + hi)), 0.0)
     return chi2_dof, np.where(res.fit.any(axis=1), sigma, np.nan)
-
-
-class _Chi2Sides:
-    """Where each star's chi^2/dof at log10 sigma_m = ``mid`` is known to be above 1, for the
-    model error's bisection: its 40 steps then compute chi^2 6 times instead of 40, with the
-    same decisions (1.7-2.3 -> 0.7-1.0 ms for 3 stars of 4096 pixels).
-
-    chi^2/dof as computed never rises with the sigma_m^2 it is computed at (each term r^2 /
-    (var + sigma_m^2 m^2) does not, and rounding keeps the order of sums, products and
-    quotients), and sigma_m^2 = (10^mid)^2 computed at two mids 1e-14 apart differs by ~200
-    units in the last place, in their order (pow errs by a few at most). So a value above 1 at
-    ``up`` decides every mid <= ``up`` - 1e-14 (and ``up`` itself), one not above 1 at
-    ``down`` every mid >= ``down`` + 1e-14. Newton steps on 1/chi^2 (linear in sigma_m^2 for
-    one pixel) from the range's lower end, and a probe 1e-13 on either side of where they end,
-    bring both within ~1e-13 of the root; a step between them computes chi^2 as the bisection
-    did, for every star (in ~6 % of the calls).
-    """
-
-    def __init__(self, res, dof, chi2_dof):
-        self.res, self.dof = res, dof
-        self.up = np.full(dof.size, -np.inf)
-        self.down = np.where(chi2_dof > 1.0, np.inf, -np.inf)  # chi2_dof: chi^2 at sigma_m 0
-        mid = np.full(dof.size, -5.0)
-        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-            for _ in range(_NEWTON_STEPS):
-                chi2, s2, terms, den = self._chi2(mid)
-                slope = -np.sum(terms * res.m2 / den, axis=1) / dof  # d chi^2 / d sigma_m^2
-                root = s2 + (1.0 / chi2 - 1.0) * chi2**2 / slope
-                mid = np.clip(np.nan_to_num(0.5 * np.log10(root), nan=-5.0, posinf=0.0,
-                                            neginf=-5.0), -5.0, 0.0)
-            for probe in (-1e-13, 1e-13):
-                self._chi2(mid + probe)
-        self.up, self.down = self.up.tolist(), self.down.tolist()
-
-    def _chi2(self, mid):
-        """chi^2/dof at log10 sigma_m = ``mid`` (S,) as the bisection computes it, kept in
-        ``up`` and ``down``; with its sigma_m^2 (S,), terms and denominators (S, P)."""
-        s2 = (10.0 ** mid[:, None]) ** 2
-        den = self.res.var + s2 * self.res.m2
-        terms = self.res.resid2 / den
-        chi2 = np.sum(terms, axis=1) / self.dof
-        above = chi2 > 1.0
-        self.up = np.where(above, np.maximum(self.up, mid), self.up)
-        self.down = np.where(above, self.down, np.minimum(self.down, mid))
-        return chi2, s2[:, 0], terms, den
-
-    def above(self, mid):
-        """Whether chi^2/dof > 1 at each star's ``mid`` (a list): known, or computed."""
-        if all(m == u or m <= u - _SIDE_MARGIN or m == d or m >= d + _SIDE_MARGIN
-               for m, u, d in zip(mid, self.up, self.down, strict=True)):
-            return [m == u or m <= u - _SIDE_MARGIN for m, u in zip(mid, self.up, strict=True)]
-        self.up, self.down = np.array(self.up), np.array(self.down)
-        above = self._chi2(np.array(mid))[0] > 1.0  # every star's, as the bisection did
-        self.up, self.down = self.up.tolist(), self.down.tolist()
-        return above.tolist()
 
 
 def _line_error(res, model_nobs):
