@@ -322,42 +322,6 @@ def test_alpha_prior_holds_back_what_the_grid_does_not_have():
     assert found[2] < 0.2
 
 
-@pytest.mark.parametrize("dtype", [np.float32, np.float64])
-@pytest.mark.parametrize("triples", [False, True])
-def test_interpolation_rows_are_scipys_conversion_of_the_pairs(dtype, triples):
-    """score_points' interpolation matrices, built directly, to the last bit and entry what
-    scipy makes of the (row, column) pairs: columns sorted per row, a template two corners
-    share merged (three: scipy's own conversion)."""
-    import scipy.sparse
-
-    from kspec_fluxcal.fit.refinement import _InterpolationRows
-
-    rng = np.random.default_rng(7)
-    cols = np.stack([rng.choice(30, size=8, replace=False) for _ in range(12)])
-    cols[3, 5] = cols[3, 1]  # shared templates
-    cols[4, 0] = cols[4, 6]
-    if triples:
-        cols[6, :3] = 9
-    weight = rng.normal(size=cols.shape)
-    weight[0, 2] = 0.0
-    used = weight != 0
-    rows = np.repeat(np.arange(cols.shape[0]), cols.shape[1])[used.ravel()]
-    matrices = _InterpolationRows(cols, weight, used)
-    assert matrices.via_scipy == triples
-    ids = np.unique(cols[used])
-    assert np.array_equal(matrices.ids, ids)
-    empty = _InterpolationRows(cols, weight, np.zeros_like(used))
-    assert empty.on_ids().shape == (12, 0) and empty.on_templates(40).nnz == 0
-    for got, columns, ncol, kind in (
-            (matrices.on_ids(dtype), np.searchsorted(ids, cols[used]), ids.size, dtype),
-            (matrices.on_templates(40), cols[used], 40, np.float64)):
-        expected = scipy.sparse.csr_matrix((weight[used].astype(kind), (rows, columns)),
-                                           shape=(cols.shape[0], ncol))
-        assert got.shape == expected.shape and got.dtype == expected.dtype
-        for name in ("data", "indices", "indptr"):
-            assert np.array_equal(getattr(got, name), getattr(expected, name)), name
-
-
 def test_float32_rows_missing_exactly_where_their_float64_sums_are_not_finite():
     """ScoringTemplates' missing rows of float32 templates (by a test of every value) are
     those whose float64 sum is not finite: NaN, either infinity, both, and the largest

@@ -94,15 +94,21 @@ def score_points(obs_norm, obs_ivar, templates, template_index, axes, points, rv
     cols = template_index[tuple(index[..., d] for d in range(4))]
     weight = np.where(cols >= 0, np.nan_to_num(weight), 0.0)
     used = weight != 0  # the [alpha/M] response's lower node is subtracted
-    interpolation = _InterpolationRows(cols, weight, used)
-    ids = interpolation.ids
+    ids = np.unique(cols[used])
+    rows = np.repeat(np.arange(flat.shape[0]), index.shape[1])[used.ravel()]
+
+    def weights_on(columns, ncol, dtype=np.float64):
+        return scipy.sparse.csr_matrix((weight[used].astype(dtype), (rows, columns)),
+                                       shape=(flat.shape[0], ncol))
+
     data = np.asarray(templates(ids) if callable(templates) else np.asarray(templates)[ids])
     if data.dtype.kind != "f":
         data = data.astype(np.float64)
     # The interpolation on the templates used only (a column selection costs more), in the
     # templates' dtype (a float32 model is rounded as its templates are; the scores sum in
     # float64).
-    models = (interpolation.on_ids(data.dtype) @ data).reshape(nstar, k, -1)
+    models = (weights_on(np.searchsorted(ids, cols[used]), ids.size, data.dtype)
+              @ data).reshape(nstar, k, -1)
     if rest_frames is None:
         rest_frames = star_rest_frames(obs_norm, obs_ivar, rv, wavelength, metric=metric,
                                        knot_spacing=knot_spacing, correction=correction,
@@ -119,69 +125,10 @@ def score_points(obs_norm, obs_ivar, templates, template_index, axes, points, rv
     if spec_scale is not None:
         scores = scores / np.asarray(spec_scale, dtype=float)[:, None]
     if extra_score is not None:  # every star's points in one call
-        full = interpolation.on_templates(int(template_index.max()) + 1)
+        full = weights_on(cols[used], int(template_index.max()) + 1)
         scores = scores + extra_score(np.repeat(np.arange(nstar), k), full, flat).reshape(
             nstar, k)
     return scores
-
-
-class _InterpolationRows:
-    """The points' interpolation weights as CSR matrices (points, templates), built directly
-    in the order scipy's conversion from (row, column) pairs gives: each row's columns
-    increasing, a template that two corners share once with their weights' sum (that
-    conversion sorted and merged ~0.5 ms a matrix, two matrices per lattice).
-
-    ``cols`` (N, C) are the corners' template positions, ``weight`` (N, C) their weights and
-    ``used`` (N, C) the corners kept. :meth:`on_ids` gives the matrix on ``ids`` (the
-    templates used, sorted, as columns 0, 1, ...), :meth:`on_templates` on the template
-    positions themselves."""
-
-    def __init__(self, cols, weight, used):
-        npoint = cols.shape[0]
-        rows = np.repeat(np.arange(npoint), cols.shape[1])[used.ravel()]
-        columns, values = cols[used], weight[used]
-        order = np.lexsort((columns, rows))  # by row, then column; ties stay in order
-        rows, columns, values = rows[order], columns[order], values[order]
-        dup = (rows[1:] == rows[:-1]) & (columns[1:] == columns[:-1])
-        # Two corners on one template (the response's lower node at the base model's own)
-        # add in either order alike; more than two would depend on scipy's sort.
-        self.via_scipy = bool(np.any(dup[1:] & dup[:-1]))
-        self.shape0 = npoint
-        if self.via_scipy:
-            self.rows, self.columns, self.values = rows, columns, values
-            self.ids = np.unique(columns)
-            return
-        first = np.ones(rows.size, dtype=bool)  # kept: a row's first entry of each column
-        first[1:] = ~dup
-        self.second = np.flatnonzero(~first)  # its duplicate, added to the entry before it
-        self.values = values
-        self.columns = columns[first]
-        self.ids = np.unique(self.columns)
-        self.first = first
-        self.indptr = np.concatenate([[0], np.cumsum(np.bincount(rows[first],
-                                                                  minlength=npoint))])
-
-    def on_ids(self, dtype=np.float64):
-        """The matrix (N, ids.size) in ``dtype``."""
-        return self._matrix(np.searchsorted(self.ids, self.columns), self.ids.size, dtype)
-
-    def on_templates(self, ncol):
-        """The matrix (N, ncol), float64, on the template positions."""
-        return self._matrix(self.columns, ncol, np.float64)
-
-    def _matrix(self, columns, ncol, dtype):
-        if self.via_scipy:
-            return scipy.sparse.csr_matrix((self.values.astype(dtype), (self.rows, columns)),
-                                           shape=(self.shape0, ncol))
-        values = self.values.astype(dtype)
-        data = values[self.first]
-        # each kept entry's sum with its duplicate, in the matrix's dtype as scipy sums
-        data[np.cumsum(self.first)[self.second] - 1] += values[self.second]
-        matrix = scipy.sparse.csr_matrix(
-            (data, columns.astype(np.int32), self.indptr.astype(np.int32)),
-            shape=(self.shape0, ncol))
-        matrix.has_canonical_format = True
-        return matrix
 
 
 def star_rest_frames(obs_norm, obs_ivar, rv, wavelength, *, metric="chi2", knot_spacing=None,
