@@ -29,7 +29,7 @@ from .constants import (
 )
 from .errors import ConfigError
 
-__all__ = ["Config", "load_config", "SCHEMA", "continuum_options"]
+__all__ = ["Config", "load_config", "SCHEMA", "continuum_options", "second_order_options"]
 
 
 #: Options of earlier versions, and what replaced them (a config written for one is told).
@@ -351,6 +351,12 @@ def continuum_options(config):
     return {"method": c.method, "knot_spacing": c.knot_spacing, "degree": c.degree,
             "poly_degree": c.poly_degree, "window": c.window, "sigma_low": c.sigma_low,
             "sigma_high": c.sigma_high, "iterations": c.iterations}
+
+
+def second_order_options(config):
+    """Keyword arguments of :func:`kspec_fluxcal.correct_second_order` from a configuration."""
+    inst = config.instrument
+    return {"ratio": inst.second_order, "blaze": inst.second_order_blaze}
 
 
 class _Options(Mapping):

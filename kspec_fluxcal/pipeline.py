@@ -12,7 +12,7 @@ import xarray as xr
 from ._atomic import check_output_directory
 from .calibration import apply_calibration, combine_vectors
 from .catalog import read_catalog
-from .config import Config, load_config
+from .config import Config, load_config, second_order_options
 from .errors import ExposureError, FluxCalError, FluxCalWarning, OutputExistsError
 from .exposure import add_history, calibration_marks, open_exposure
 from .fit.standards import fit_standards
@@ -121,8 +121,7 @@ def calibrate(exposure, catalog, grid, config=None, *, cache_dir=None, xp=None):
                             f"already flux-calibrated ({'; '.join(m for _, m in marks)}); "
                             "calibrate the RED file it was made from")
     # Every fiber, standards and targets alike, before the standards are fitted.
-    exposure = correct_second_order(exposure, config["instrument"]["second_order"],
-                                    config["instrument"]["second_order_blaze"])
+    exposure = correct_second_order(exposure, **second_order_options(config))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", FluxCalWarning)
         stars = fit_standards(exposure, catalog, grid, config, cache_dir=cache_dir, xp=xp)

@@ -24,22 +24,21 @@ def _fallback_task(path, out_path, reference, config, setup_key, input_hash, utc
                            input_hash, utc_offset, config))
 
 
-def _from_archive(path, out_path, reference, setup_key, input_hash, utc_offset, config=None):
+def _from_archive(path, out_path, reference, setup_key, input_hash, utc_offset, config):
     """The work of a fallback task: the calibration from ``reference``
     (:func:`_archive_reference`), applied and written; returns its archive record and
     quality."""
     import xarray as xr
 
     from ..calibration import apply_calibration
+    from ..config import second_order_options
     from ..exposure import add_history, open_exposure
     from ..products import write_calibrated
     from ..second_order import correct_second_order
     from .archive import archive_record
 
-    exposure = open_exposure(path)
-    if config is not None:  # as the exposures calibrated with their own standards
-        exposure = correct_second_order(exposure, config["instrument"]["second_order"],
-                                        config["instrument"]["second_order_blaze"])
+    # as the exposures calibrated with their own standards
+    exposure = correct_second_order(open_exposure(path), **second_order_options(config))
     wave = exposure["wavelength"].values
     width = np.gradient(wave)
     grid, curve, spread, n, span = reference

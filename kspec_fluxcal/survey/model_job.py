@@ -249,6 +249,7 @@ def _recalibrate_one(path, out_path, archive, row, fields, model, levels, config
     archived data at ``row``, or alone), checked, applied and written; returns its archive
     record and quality."""
     from ..calibration import apply_calibration
+    from ..config import second_order_options
     from ..exposure import open_exposure
     from ..products import write_calibrated
     from ..second_order import correct_second_order
@@ -256,8 +257,7 @@ def _recalibrate_one(path, out_path, archive, row, fields, model, levels, config
     from .archive import archive_record, read_own
     from .recalibrate import model_calibration
 
-    exposure = correct_second_order(open_exposure(path), config["instrument"]["second_order"],
-                                    config["instrument"]["second_order_blaze"])
+    exposure = correct_second_order(open_exposure(path), **second_order_options(config))
     own = read_own(archive, [row])[0] if row is not None else None
     calibration = model_calibration(exposure, model, levels, own, fields, config,
                                     utc_offset=utc, model_id=model_id)
