@@ -4,7 +4,7 @@ import xarray as xr
 
 from kspec_fluxcal.constants import SPEED_OF_LIGHT_KMS
 from kspec_fluxcal.continuum import fit_continuum, normalize_continuum
-from kspec_fluxcal.fit.matching import _score_star, score_star, score_templates
+from kspec_fluxcal.fit.matching import score_star, score_templates
 from kspec_fluxcal.fit.refinement import quadratic_minimum
 from kspec_fluxcal.fit.shifts import shift_spectra
 from kspec_fluxcal.fit.velocity import cross_correlate_rv, refine_rv
@@ -189,8 +189,8 @@ def test_templates_scored_alone_in_one_call_score_as_in_one_call_each(knots):
     ivar = np.where(rng.uniform(size=WAVE.size) < 0.05, 0.0, 1 / 0.01**2)
     one_each = [score_star(obs, ivar, t[None], 40.0, WAVE, knot_spacing=knots,
                            star_wavelength=star_wave)[0] for t in templates]
-    together = _score_star(obs, ivar, templates, 40.0, WAVE, knot_spacing=knots,
-                           star_wavelength=star_wave, alone=True)
+    together = score_star(obs, ivar, templates, 40.0, WAVE, knot_spacing=knots,
+                          star_wavelength=star_wave, alone=True)
     assert together.tolist() == one_each
 
 

@@ -12,7 +12,7 @@ import numpy as np
 from ..errors import FluxCalWarning
 from ..templates import library_spectra
 from .exposure_templates import ExposureTemplates, interpolated_corners
-from .matching import _score_star
+from .matching import score_star
 from .parameter_choice import choose_parameters
 
 __all__ = ["choose_with_line_spread", "fit_lsf_scale", "pool_lsf_scales"]
@@ -82,9 +82,9 @@ def fit_lsf_scale(obs, tm, scan, params, prior_sigma=None):
         models[:, k] = np.einsum("sc,scp->sp", weight, norm[inverse])
     chi2 = np.full((obs.nstar, _LSF_TRIALS.size), np.nan)
     for s in np.flatnonzero(scan.usable):  # a few stars, their trials in one call each
-        chi2[s] = _score_star(obs.norm[s], obs.ivar[s], models[s], scan.rv[s], obs.wave,
-                              "chi2", knot_spacing=scan.knots,
-                              star_wavelength=obs.star_wave[s], alone=True)
+        chi2[s] = score_star(obs.norm[s], obs.ivar[s], models[s], scan.rv[s], obs.wave,
+                             "chi2", knot_spacing=scan.knots,
+                             star_wavelength=obs.star_wave[s], alone=True)
     x = _LSF_TRIALS - 1.0
     coef = np.polynomial.polynomial.polyfit(x, np.nan_to_num(chi2.T, nan=0.0), 2)  # (3, S)
     a, b = coef[2], coef[1]

@@ -119,7 +119,7 @@ def star_corrections(obs, ivar, templates, rv, wavelength, knot_spacing, star_wa
 
 
 def score_star(obs, ivar, templates, rv, wavelength, metric="chi2", delta=3.0, knot_spacing=None,
-               correction=None, star_wavelength=None):
+               correction=None, star_wavelength=None, alone=False):
     """Scores of many rest-frame templates (N, P) against one star (P,) at velocity ``rv``.
 
     Each template is fitted to the star times a smooth multiplicative correction (a cubic
@@ -132,16 +132,10 @@ def score_star(obs, ivar, templates, rv, wavelength, metric="chi2", delta=3.0, k
     and each template gets a single amplitude: the fast mode used to scan many templates.
     The templates are on ``wavelength``, the star on its own pixels ``star_wavelength``
     (default: the same). Rows of ``templates`` with a NaN score NaN. float64 throughout.
+    With ``alone``, each template's chi^2 is the one it gets scored alone, to the last bit
+    (one call for templates that are each judged on their own, e.g. one model at several
+    line-spread widths: the star's shift and arrays prepared once).
     """
-    return _score_star(obs, ivar, templates, rv, wavelength, metric, delta, knot_spacing,
-                       correction, star_wavelength)
-
-
-def _score_star(obs, ivar, templates, rv, wavelength, metric="chi2", delta=3.0,
-                knot_spacing=None, correction=None, star_wavelength=None, alone=False):
-    """:func:`score_star`; with ``alone``, each template's chi^2 to the last bit as scored
-    alone (one call for several templates that are each scored on their own, e.g. one model
-    at several line-spread widths: the star's shift and arrays prepared once)."""
     if fast_mode(metric, knot_spacing, correction):
         rest = rest_frame_star(obs, ivar, rv, wavelength, correction, star_wavelength)
         if alone:  # BLAS sums one template's products as a dot, several's as a matrix's
