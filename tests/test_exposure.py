@@ -124,6 +124,22 @@ def test_per_fiber_wavelengths_keep_every_fiber_on_its_own_pixels(red_file):
                                   np.broadcast_to(base, (6, npix)))
 
 
+@pytest.mark.parametrize("nfib", [5, 6])
+def test_reference_grid_is_the_nanmedian_of_the_rows(red_file, nfib):
+    """The reference grid of per-fiber solutions, read and planned, is np.nanmedian's of the
+    rows to the last bit, with every wavelength finite or some NaN (odd and even fibers)."""
+    rng = np.random.default_rng(nfib)
+    wave = np.linspace(4000.0, 8000.0, 300) + rng.uniform(-0.5, 0.5, (nfib, 1)) \
+        + rng.normal(0.0, 1e-3, (nfib, 300))  # every pixel's median of its own values
+    holed = wave.copy()
+    holed[1, 20:30] = holed[3, 25:40] = np.nan
+    for k, solution in enumerate((wave, holed)):
+        path = red_file(nfib, 300, wavelength=solution, name=f"w{nfib}{k}.fits")
+        expected = np.nanmedian(solution, axis=0)
+        assert open_exposure(path)["wavelength"].values.tobytes() == expected.tobytes()
+        assert read_exposure_info(path)["wave_range"] == (expected[0], expected[-1])
+
+
 def test_nan_wavelengths_make_bad_pixels_not_a_bad_fiber(red_file):
     """A few NaN WAVELA pixels of a science fiber: those pixels have no data, the rest of the
     fiber stays good, and the exposure says which fiber lacks how many."""

@@ -37,7 +37,13 @@ from .header import (
     is_flux_unit,
     line_spread,
 )
-from .wavelengths import check_wavelength, fiber_wavelengths, raw_wavelength, unsolved_pixels
+from .wavelengths import (
+    check_wavelength,
+    fiber_wavelengths,
+    median_of_rows,
+    raw_wavelength,
+    unsolved_pixels,
+)
 
 __all__ = [
     "open_exposure",
@@ -359,12 +365,8 @@ def _exposure_info(hdul, path):
     wave, source, medium, _ = raw_wavelength(hdul, path, nfib, nspec)
     if source == "WAVELA":
         wave = wave.reshape(-1, nspec)
-        if wave.shape[0] > 1:
-            with warnings.catch_warnings():  # an all-NaN column is reported just below
-                warnings.simplefilter("ignore", RuntimeWarning)
-                wave = np.nanmedian(wave, axis=0)
-        else:
-            wave = wave[0]
+        # an all-NaN column is reported just below
+        wave = median_of_rows(wave) if wave.shape[0] > 1 else wave[0]
     check_wavelength(wave, path, "wavelength solution")
     if medium == "vac":
         wave = vacuum_to_air(wave)

@@ -11,8 +11,8 @@ import numpy as np
 from ..errors import ExposureError
 from ..fits_file import find_hdu, hdu_data, header_value
 
-__all__ = ["raw_wavelength", "fiber_wavelengths", "check_wavelength", "unsolved_pixels",
-           "bridged_wavelengths"]
+__all__ = ["raw_wavelength", "fiber_wavelengths", "check_wavelength", "median_of_rows",
+           "unsolved_pixels", "bridged_wavelengths"]
 
 # The contract's spellings (WAVELA BUNIT 'Angstrom' or 'nm'; CUNIT1 also 'Angstroms'), in
 # any case: 'A' is the FITS symbol of the Ampere, not a wavelength unit.
@@ -174,11 +174,20 @@ def fiber_wavelengths(wave, nfib, path, source="WAVELA"):
     if bad.any():
         row = int(np.argmax(bad))
         check_wavelength(wave[row][finite[row]], path, f"{where} row {row}")
-    with warnings.catch_warnings():  # all-NaN columns are reported just below
-        warnings.simplefilter("ignore", RuntimeWarning)
-        reference = np.nanmedian(wave[rows], axis=0)
+    reference = median_of_rows(wave[rows])  # all-NaN columns are reported just below
     check_wavelength(reference, path, f"{where} (median of the rows)")
     return np.where(finite, wave, np.nan), reference
+
+
+def median_of_rows(wave):
+    """The median of the rows of ``wave`` pixel by pixel, NaN ignored (NaN where a column
+    has no value): np.nanmedian's values, by np.median when every value is finite
+    (np.nanmedian takes masked arrays for so few rows: 1.5 against 0.5 ms for 14 x 4096)."""
+    if np.isfinite(wave).all():
+        return np.median(wave, axis=0)
+    with warnings.catch_warnings():  # an all-NaN column is the caller's to report
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return np.nanmedian(wave, axis=0)
 
 
 def unsolved_pixels(fiber_wave, fiber_type):
