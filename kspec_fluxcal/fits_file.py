@@ -25,7 +25,8 @@ from .errors import ExposureError, FluxCalWarning
 __all__ = ["open_fits", "find_hdu", "hdu_data", "header_value", "check_header_cards",
            "check_non_ascii", "READ_KEYWORDS",
            "cards_named", "fits_column", "column_format", "card_image", "table_bytes", "table_hdu",
-           "image_bytes", "extension_bytes", "extension_raw", "extensions_raw"]
+           "image_bytes", "image_data_bytes", "extension_bytes", "extension_header",
+           "extension_raw", "extensions_raw"]
 
 #: The FITS record: headers and data are padded to a multiple of it.
 BLOCK = 2880
@@ -354,9 +355,13 @@ def _hdu_bytes(cards, data):
     big-endian ``data`` padded with zeros."""
     header = "".join(cards) + _END
     header += " " * (-len(header) % BLOCK)
+    return header.encode("ascii") + _data_bytes(data)
+
+
+def _data_bytes(data):
+    """Big-endian ``data`` in FITS bytes, padded with zeros."""
     data = np.ascontiguousarray(data)
-    return b"".join((header.encode("ascii"), memoryview(data).cast("B"),
-                     bytes(-data.nbytes % BLOCK)))
+    return b"".join((memoryview(data).cast("B"), bytes(-data.nbytes % BLOCK)))
 
 
 def table_bytes(columns, name, cards=()):
@@ -441,12 +446,26 @@ def image_bytes(data, name, cards=()):
     return _hdu_bytes(header, data.astype(data.dtype.newbyteorder(">"), copy=False))
 
 
+def image_data_bytes(data):
+    """The data of an image of floats (32 or 64 bits) in FITS bytes, as astropy writes them
+    after the header (:func:`image_bytes`): big-endian, padded with zeros."""
+    data = np.asarray(data)
+    return _data_bytes(data.astype(data.dtype.newbyteorder(">"), copy=False))
+
+
 def extension_bytes(hdu):
     """An astropy extension HDU in FITS bytes, as astropy writes it (verified)."""
     buffer = io.BytesIO()
     fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(buffer, output_verify="exception")
     # The empty primary HDU before it is one record: SIMPLE, BITPIX, NAXIS, EXTEND, END.
     return buffer.getvalue()[BLOCK:]
+
+
+def extension_header(hdu):
+    """The header of an astropy extension HDU (image or table) in FITS bytes, padded, as
+    astropy writes it (verified): :func:`extension_bytes` without the data."""
+    raw = extension_bytes(hdu)
+    return raw[:len(raw) - hdu.size - (-hdu.size % BLOCK)]
 
 
 def extension_raw(path, name):

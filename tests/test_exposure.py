@@ -472,6 +472,27 @@ def test_products_keep_the_inputs_layout(red_file, tmp_path, compress):
     np.testing.assert_allclose(back["ra"].values, 150.0)
 
 
+def test_variance_extension_is_astropys_for_each_input_header(red_file, tmp_path):
+    """The product's VARIANCE is the extension astropy makes of the input's VARIANCE header
+    and the calibrated variance, byte for byte, though its header is rendered once per
+    input header: exposures of one shape whose VARIANCE headers differ keep their own."""
+    plain = red_file(variance=np.full((6, 200), 100.0))
+    noted = red_file(variance=np.full((6, 200), 50.0))
+    with fits.open(noted, mode="update") as hdul:
+        hdul["VARIANCE"].header["NOISEMOD"] = ("poisson+read", "noise model")
+    for k, source in enumerate((plain, noted, plain, noted)):
+        cal = _calibrated(open_exposure(source))
+        out = write_calibrated(cal, tmp_path / f"p{k}.fits")
+        with fits.open(source) as inp:
+            header = inp["VARIANCE"].header.copy()
+        del header["EXTNAME"]  # astropy puts the name last
+        hdu = fits.ImageHDU(cal["variance"].values.astype(np.float32), header=header,
+                            name="VARIANCE")
+        hdu.header["BUNIT"] = f"({FLUX_UNIT})**2"
+        assert extension_raw(out, "VARIANCE") == extension_bytes(hdu)
+        assert ("NOISEMOD" in fits.getheader(out, "VARIANCE")) == (source == noted)
+
+
 def test_write_calibrated_refuses_overwrite_and_leaves_no_temp(red_file, tmp_path):
     cal = _calibrated(open_exposure(red_file()))
     path = tmp_path / "x.fits"
