@@ -77,7 +77,7 @@ class PhotometricScore:
 
         Every (star, template) pair is a row of one call: the rows are independent, so each
         star gets the scores of a call of its own, for the numpy calls of one (a call per
-        star cost 1.5 times as much with two stars)."""
+        star cost 1.4 times as much with two stars)."""
         stars, ids = np.asarray(stars), np.asarray(ids)
         n = stars.size * ids.size
         weights = scipy.sparse.csr_matrix((np.ones(n), (np.arange(n), np.tile(ids, stars.size))),
