@@ -264,6 +264,34 @@ def test_interpolated_models_are_the_sum_over_every_corner_to_the_last_bit():
     assert np.isnan(every[0, 7])
 
 
+def test_node_scores_of_several_stars_are_each_stars_own(fitted):
+    """The photometric scores of the grid's nodes (the parameter choice's first scores) for
+    every star in one call are, bit for bit, each star's scores of templates one by one."""
+    import scipy.sparse
+
+    from kspec_fluxcal.catalog import match_standards
+    from kspec_fluxcal.fit.inputs import catalog_priors
+    from kspec_fluxcal.fit.model_photometry import PhotometricScore
+    from kspec_fluxcal.templates import library_arrays
+
+    library, config = fitted["setup"], SELF_MODEL
+    matched = match_standards(fitted["exposure"], fitted["catalog"])
+    matched = matched.sel(band=[b for b in config.photometry.bands
+                                if b in matched["band"].values])
+    phot = PhotometricScore(matched, library, catalog_priors(matched, library, config), config)
+    nstar, ntemplate = matched.sizes["star"], library.sizes["template"]
+    assert nstar >= 2
+    ids = np.arange(0, ntemplate, 2)
+    together = phot.nodes(np.arange(nstar), ids)
+    assert together.shape == (nstar, ids.size) and np.isfinite(together).any()
+    logg = library_arrays(library)["template_logg"]
+    for s in range(nstar):
+        for j, t in enumerate(ids):
+            one = scipy.sparse.csr_matrix(([1.0], ([0], [t])), shape=(1, ntemplate))
+            alone = phot(s, one, np.array([[0.0, logg[t], 0.0, 0.0]]))
+            assert together[s, j].tobytes() == alone.tobytes()
+
+
 def test_model_error_of_each_star_is_its_own_and_solves_its_chi2():
     """The model error sigma_m makes chi^2/dof of a star 1 (0 for a star within its noise,
     NaN for one with no pixel compared), and a star's sigma_m does not depend on the stars

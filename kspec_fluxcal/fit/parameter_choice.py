@@ -43,7 +43,7 @@ def choose_parameters(obs, tm, scan, phot, prior, config, start=None):
     scores = scan.spec / spec_scale[:, None]
     if fit.use_photometry:
         cand = prior.candidates
-        extra = np.stack([phot.nodes(s, cand) for s in range(obs.nstar)]) if obs.nstar else \
+        extra = phot.nodes(np.arange(obs.nstar), cand) if obs.nstar else \
             np.zeros((0, cand.size))
         scores[:, cand] = scores[:, cand] + extra
     finite = np.where(np.isfinite(scores), scores, np.inf)
