@@ -76,7 +76,29 @@ def test_continuum_basis_and_outer_products_are_the_plain_sparse_ones(method):
         assert matrix.has_sorted_indices and not np.any(matrix.data == 0)
     np.testing.assert_array_equal(basis_t.toarray(), dense.T)
     outer = (dense[:, :, None] * dense[:, None, :]).reshape(x.size, -1)
-    np.testing.assert_array_equal(outer_t.toarray(), outer.T)
+    upper = np.triu(np.ones((dense.shape[1],) * 2, bool)).ravel()  # (a, b) with a <= b
+    np.testing.assert_array_equal(outer_t.toarray(), np.where(upper[:, None], outer.T, 0.0))
+
+
+@pytest.mark.parametrize("method", ["bspline", "polynomial"])
+def test_normal_matrices_are_the_full_outer_products_to_the_last_bit(method):
+    """The normal matrices from the upper outer products, mirrored, are those of the full
+    outer products (the lower triangle's own sums), bit for bit, for columns of weights."""
+    from kspec_fluxcal.continuum import _basis, _key, normal_matrices
+
+    rng = np.random.default_rng(11)
+    x = np.round(np.sort(rng.uniform(0.0, 1.0, 3000)), 12)
+    basis, outer_t, _, _ = _basis(x.size, _key(x), method, 0.07, 3 if method == "bspline"
+                                  else 5)
+    dense = basis.toarray()
+    nb = dense.shape[1]
+    full = (dense[:, :, None] * dense[:, None, :]).reshape(x.size, -1)
+    full_t = scipy.sparse.csr_matrix(full).T.tocsr()
+    columns = rng.lognormal(0.0, 2.0, (x.size, 5)) * (rng.uniform(size=(x.size, 5)) > 0.2)
+    expected = (full_t @ columns).T.reshape(-1, nb, nb)
+    normal = normal_matrices(outer_t, columns)
+    assert normal.shape == (5, nb, nb)
+    assert normal.tobytes() == expected.tobytes()
 
 
 @pytest.mark.parametrize("on_knots", [False, True])
