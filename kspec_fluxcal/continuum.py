@@ -32,14 +32,21 @@ def _key(x):
     return np.ascontiguousarray(np.round(x, 12)).tobytes()
 
 
-@functools.lru_cache(maxsize=8)  # 1-3 per exposure (its own wavelengths), ~1 MB each
-def _basis(npix, x_bytes, method, spacing, degree):
+def _segments(spacing):
+    """Knot intervals of a B-spline over [0, 1] with knots about every ``spacing``."""
+    return max(1, int(round(1.0 / spacing)))
+
+
+# Keyed by the knot intervals, not the spacing in Angstrom (each exposure's range differs):
+# exposures whose normalised pixels agree share one basis.
+@functools.lru_cache(maxsize=8)  # 1-3 per set of normalised pixels, ~1 MB each
+def _basis(npix, x_bytes, method, nseg, degree):
     """Sparse design matrix (npix, nbasis), and the transposes of its row-wise outer products
     (nbasis^2, npix; upper triangles only, see :func:`normal_matrices`) and of itself, ready
-    for sparse @ dense products."""
+    for sparse @ dense products. ``nseg``: knot intervals (:func:`_segments`) of a B-spline,
+    unused by the polynomial."""
     x = np.frombuffer(x_bytes, dtype=np.float64)
     if method == "bspline":
-        nseg = max(1, int(round(1.0 / spacing)))
         inner = np.linspace(0.0, 1.0, nseg + 1)
         knots = np.concatenate([[0.0] * degree, inner, [1.0] * degree])
         first, band, nb = basis_values(np.clip(x, 0.0, 1.0), knots, degree)
@@ -106,7 +113,8 @@ def spline_basis(wavelength, knot_spacing, degree=3):
     """
     wave = np.asarray(wavelength, dtype=np.float64)
     x = (wave - wave[0]) / (wave[-1] - wave[0])
-    return _basis(x.size, _key(x), "bspline", knot_spacing / (wave[-1] - wave[0]), degree)
+    return _basis(x.size, _key(x), "bspline", _segments(knot_spacing / (wave[-1] - wave[0])),
+                  degree)
 
 
 def _nanmedian(values, axis=-1):
@@ -171,9 +179,10 @@ def fit_continuum(flux, wavelength, mask=None, *, method="bspline", knot_spacing
     if method == "running_median":
         cont = _running_median(y, use, window, sigma_low, sigma_high, iterations)
     else:
-        spacing = knot_spacing / (wave[-1] - wave[0])
-        basis, outer_t, basis_t, penalty = _basis(x.size, _key(x), method, spacing,
-                                       degree if method == "bspline" else poly_degree)
+        bspline = method == "bspline"
+        nseg = _segments(knot_spacing / (wave[-1] - wave[0])) if bspline else 0
+        basis, outer_t, basis_t, penalty = _basis(x.size, _key(x), method, nseg,
+                                                  degree if bspline else poly_degree)
         nb = basis.shape[1]
         active = use.copy()
         cont = np.zeros_like(y)
