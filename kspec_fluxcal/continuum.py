@@ -11,6 +11,7 @@ built with one sparse matrix product and solved as a batch.
 from __future__ import annotations
 
 import functools
+import math
 
 import numpy as np
 import scipy.sparse
@@ -31,13 +32,21 @@ def _key(x):
     return np.ascontiguousarray(np.round(x, 12)).tobytes()
 
 
-@functools.lru_cache(maxsize=8)  # 1-3 per exposure (its own wavelengths), ~1 MB each
-def _basis(npix, x_bytes, method, spacing, degree):
+def _segments(spacing):
+    """Knot intervals of a B-spline over [0, 1] with knots about every ``spacing``."""
+    return max(1, int(round(1.0 / spacing)))
+
+
+# Keyed by the knot intervals, not the spacing in Angstrom (each exposure's range differs):
+# exposures whose normalised pixels agree share one basis.
+@functools.lru_cache(maxsize=8)  # 1-3 per set of normalised pixels, ~1 MB each
+def _basis(npix, x_bytes, method, nseg, degree):
     """Sparse design matrix (npix, nbasis), and the transposes of its row-wise outer products
-    (nbasis^2, npix) and of itself, ready for sparse @ dense products."""
+    (nbasis^2, npix; upper triangles only, see :func:`normal_matrices`) and of itself, ready
+    for sparse @ dense products. ``nseg``: knot intervals (:func:`_segments`) of a B-spline,
+    unused by the polynomial."""
     x = np.frombuffer(x_bytes, dtype=np.float64)
     if method == "bspline":
-        nseg = max(1, int(round(1.0 / spacing)))
         inner = np.linspace(0.0, 1.0, nseg + 1)
         knots = np.concatenate([[0.0] * degree, inner, [1.0] * degree])
         first, band, nb = basis_values(np.clip(x, 0.0, 1.0), knots, degree)
@@ -49,8 +58,10 @@ def _basis(npix, x_bytes, method, spacing, degree):
     # Only the non-zero products of each row (a B-spline row has degree + 1 values):
     # through a dense (npix, nb^2) array this was 10 ms per new set of wavelengths.
     basis = _rows_matrix(band, cols, nb)
-    outer = _rows_matrix(band[:, :, None] * band[:, None, :],
-                         cols[:, :, None] * nb + cols[:, None, :], nb * nb)
+    # The outer products b_i b_j with i <= j only (10 of a B-spline row's 16): b_j b_i is the
+    # same number, so normal_matrices mirrors the upper triangles, to the last bit.
+    i, j = np.triu_indices(band.shape[1])
+    outer = _rows_matrix(band[:, i] * band[:, j], cols[:, i] * nb + cols[:, j], nb * nb)
     diff = np.diff(np.eye(nb), n=2, axis=0) if nb > 2 else np.zeros((1, nb))
     return basis, outer.T.tocsr(), basis.T.tocsr(), diff.T @ diff
 
@@ -69,6 +80,24 @@ def _rows_matrix(values, cols, ncol):
         shape=(values.shape[0], ncol))
 
 
+def normal_matrices(outer_t, columns):
+    """The normal matrices sum_p c[p, n] b_p b_p^T, shape (N, nb, nb), of the columns
+    ``columns`` (P, N) (weights, or weights times squared templates) from a basis's
+    ``outer_t`` (:func:`spline_basis`): one sparse product gives each upper triangle, whose
+    entries are the lower triangle's (the same terms summed in the same order)."""
+    nb = math.isqrt(outer_t.shape[0])
+    upper = outer_t @ columns
+    return upper[_mirror(nb)].T.reshape(-1, nb, nb)
+
+
+@functools.cache
+def _mirror(nb):
+    """For each entry (a, b) of an nb x nb matrix, flattened, the upper one (a <= b) equal
+    to it."""
+    a, b = np.divmod(np.arange(nb * nb), nb)
+    return np.minimum(a, b) * nb + np.maximum(a, b)
+
+
 def spline_basis(wavelength, knot_spacing, degree=3):
     """Cubic B-spline basis over a wavelength axis, with knots every ``knot_spacing`` A.
 
@@ -76,14 +105,16 @@ def spline_basis(wavelength, knot_spacing, degree=3):
     -------
     basis : scipy.sparse.csr_matrix, shape (npix, nbasis)
     outer_t : scipy.sparse.csr_matrix, shape (nbasis^2, npix)
-        Row-wise outer products of the basis, transposed (normal matrices in one product).
+        Row-wise outer products b_i b_j of the basis for i <= j (the rows of i > j are
+        empty), transposed: normal matrices in one product (:func:`normal_matrices`).
     basis_t : scipy.sparse.csr_matrix, shape (nbasis, npix)
     penalty : numpy.ndarray, shape (nbasis, nbasis)
         Second-difference smoothness penalty.
     """
     wave = np.asarray(wavelength, dtype=np.float64)
     x = (wave - wave[0]) / (wave[-1] - wave[0])
-    return _basis(x.size, _key(x), "bspline", knot_spacing / (wave[-1] - wave[0]), degree)
+    return _basis(x.size, _key(x), "bspline", _segments(knot_spacing / (wave[-1] - wave[0])),
+                  degree)
 
 
 def _nanmedian(values, axis=-1):
@@ -148,15 +179,16 @@ def fit_continuum(flux, wavelength, mask=None, *, method="bspline", knot_spacing
     if method == "running_median":
         cont = _running_median(y, use, window, sigma_low, sigma_high, iterations)
     else:
-        spacing = knot_spacing / (wave[-1] - wave[0])
-        basis, outer_t, basis_t, penalty = _basis(x.size, _key(x), method, spacing,
-                                       degree if method == "bspline" else poly_degree)
+        bspline = method == "bspline"
+        nseg = _segments(knot_spacing / (wave[-1] - wave[0])) if bspline else 0
+        basis, outer_t, basis_t, penalty = _basis(x.size, _key(x), method, nseg,
+                                                  degree if bspline else poly_degree)
         nb = basis.shape[1]
         active = use.copy()
         cont = np.zeros_like(y)
         for it in range(iterations + 1):
             w = active.astype(np.float64)
-            normal = (outer_t @ np.ascontiguousarray(w.T)).T.reshape(-1, nb, nb)
+            normal = normal_matrices(outer_t, np.ascontiguousarray(w.T))
             rhs = (basis_t @ np.ascontiguousarray((w * y).T)).T
             diag = np.trace(normal, axis1=1, axis2=2)[:, None, None] / nb
             normal = normal + _PENALTY * np.where(diag > 0, diag, 1.0) * penalty[None]

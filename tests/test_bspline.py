@@ -61,7 +61,7 @@ def test_continuum_basis_and_outer_products_are_the_plain_sparse_ones(method):
     rng = np.random.default_rng(7)
     x = np.sort(np.concatenate([[0.0, 1.0], np.linspace(0.0, 1.0, 11), rng.uniform(0, 1, 400)]))
     x = np.round(x, 12)  # as the cache key has them
-    basis, outer_t, basis_t, _ = _basis(x.size, _key(x), method, 0.1, 3 if method == "bspline"
+    basis, outer_t, basis_t, _ = _basis(x.size, _key(x), method, 10, 3 if method == "bspline"
                                         else 5)
     dense = basis.toarray()
     if method == "bspline":
@@ -76,7 +76,29 @@ def test_continuum_basis_and_outer_products_are_the_plain_sparse_ones(method):
         assert matrix.has_sorted_indices and not np.any(matrix.data == 0)
     np.testing.assert_array_equal(basis_t.toarray(), dense.T)
     outer = (dense[:, :, None] * dense[:, None, :]).reshape(x.size, -1)
-    np.testing.assert_array_equal(outer_t.toarray(), outer.T)
+    upper = np.triu(np.ones((dense.shape[1],) * 2, bool)).ravel()  # (a, b) with a <= b
+    np.testing.assert_array_equal(outer_t.toarray(), np.where(upper[:, None], outer.T, 0.0))
+
+
+@pytest.mark.parametrize("method", ["bspline", "polynomial"])
+def test_normal_matrices_are_the_full_outer_products_to_the_last_bit(method):
+    """The normal matrices from the upper outer products, mirrored, are those of the full
+    outer products (the lower triangle's own sums), bit for bit, for columns of weights."""
+    from kspec_fluxcal.continuum import _basis, _key, normal_matrices
+
+    rng = np.random.default_rng(11)
+    x = np.round(np.sort(rng.uniform(0.0, 1.0, 3000)), 12)
+    basis, outer_t, _, _ = _basis(x.size, _key(x), method, 14, 3 if method == "bspline"
+                                  else 5)
+    dense = basis.toarray()
+    nb = dense.shape[1]
+    full = (dense[:, :, None] * dense[:, None, :]).reshape(x.size, -1)
+    full_t = scipy.sparse.csr_matrix(full).T.tocsr()
+    columns = rng.lognormal(0.0, 2.0, (x.size, 5)) * (rng.uniform(size=(x.size, 5)) > 0.2)
+    expected = (full_t @ columns).T.reshape(-1, nb, nb)
+    normal = normal_matrices(outer_t, columns)
+    assert normal.shape == (5, nb, nb)
+    assert normal.tobytes() == expected.tobytes()
 
 
 @pytest.mark.parametrize("on_knots", [False, True])
@@ -114,3 +136,18 @@ def test_design_matrix_arrays_are_those_of_the_coo_conversion():
     for name in ("data", "indices", "indptr"):
         got, want = getattr(ours, name), getattr(coo, name)
         assert got.dtype == want.dtype and got.tobytes() == want.tobytes()
+
+
+def test_spline_basis_is_shared_by_ranges_of_the_same_normalised_pixels():
+    """Two exposures whose pixels are the same up to a stretch and shift (knots every 400 A
+    give 12 intervals over each range) share one basis, as fit_continuum's fits do; a range
+    that needs another number of intervals has its own."""
+    from kspec_fluxcal.continuum import fit_continuum, spline_basis
+
+    wave = np.exp(np.linspace(np.log(3600.0), np.log(8500.0), 2000))
+    other = 3610.0 + (wave - wave[0]) * 1.002  # 12 intervals of 400 A, as wave's 4900 A
+    assert spline_basis(other, 400.0) is spline_basis(wave, 400.0)
+    assert spline_basis(other, 400.0)[0].shape[1] == 15
+    assert spline_basis(wave[:1000], 400.0) is not spline_basis(wave, 400.0)
+    flux = np.random.default_rng(3).lognormal(0.0, 0.1, (2, wave.size))
+    assert fit_continuum(flux, other).tobytes() == fit_continuum(flux, wave).tobytes()

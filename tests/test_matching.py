@@ -235,6 +235,29 @@ def test_tabulated_lanczos_weights_equal_the_kernel():
     np.testing.assert_allclose(table.sum(axis=-1), 1.0, atol=1e-12)
 
 
+@pytest.mark.parametrize("zero", [False, True])
+def test_squared_shift_weights_are_the_elementwise_product_zeros_dropped(zero):
+    """A shift operator's squared weights are matrix.multiply(matrix), zeros dropped (a
+    stored zero, as a tap's weight may round to), and the matrix is left as it was."""
+    import scipy.sparse
+
+    from kspec_fluxcal.fit.shifts import ShiftOperator
+
+    wave = np.exp(np.linspace(np.log(4000.0), np.log(9000.0), 800))
+    matrix = scipy.sparse.csr_matrix(shift_spectra(np.eye(800), wave, 37.3).T)  # (P, P)
+    if zero:
+        matrix.data[5] = 0.0
+    before = [a.copy() for a in (matrix.data, matrix.indices, matrix.indptr)]
+    squared = ShiftOperator(matrix, 5).squared
+    expected = matrix.multiply(matrix).tocsr()
+    expected.eliminate_zeros()
+    assert squared.nnz == expected.nnz and not np.any(squared.data == 0)
+    for name in ("data", "indices", "indptr"):
+        assert getattr(squared, name).tobytes() == getattr(expected, name).tobytes()
+    for a, b in zip(before, (matrix.data, matrix.indices, matrix.indptr), strict=True):
+        assert a.tobytes() == b.tobytes()
+
+
 @pytest.mark.parametrize("block", [None, 7])
 def test_sampled_rows_are_the_tabulated_taps_summed_pairwise(block, monkeypatch):
     """sample_rows to the last bit: each tap's weight from _kernel_weights, taps beyond the

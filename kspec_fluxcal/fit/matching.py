@@ -30,10 +30,12 @@ def _correction_basis(wavelength, knot_spacing):
 
 def _corrections(flux, weights, templates, wavelength, knot_spacing):
     """Least-squares smooth corrections c such that ``flux ~ c * templates`` (N, P)."""
+    from ..continuum import normal_matrices
+
     basis, outer_t, basis_t, penalty = _correction_basis(wavelength, knot_spacing)
     nb = basis.shape[1]
     weights = np.broadcast_to(weights, templates.shape)
-    normal = (outer_t @ np.ascontiguousarray((weights * templates**2).T)).T.reshape(-1, nb, nb)
+    normal = normal_matrices(outer_t, np.ascontiguousarray((weights * templates**2).T))
     rhs = (basis_t @ np.ascontiguousarray((weights * flux * templates).T)).T
     scale = np.trace(normal, axis1=1, axis2=2) / nb
     scale = np.where(scale > 0, scale, 1.0)

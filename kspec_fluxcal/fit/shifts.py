@@ -109,10 +109,13 @@ class ShiftOperator:
     def squared(self):
         """The matrix's squared weights: how it carries independent variances."""
         # What matrix.multiply(matrix) gives (the same products, zeros dropped) without
-        # scipy's merge of two index lists.
-        squared = self.matrix.copy()
-        squared.data = squared.data * squared.data
-        squared.eliminate_zeros()
+        # scipy's merge of two index lists; the matrix's index arrays shared (neither is
+        # modified) unless a product is zero.
+        m = self.matrix
+        squared = scipy.sparse.csr_matrix((m.data * m.data, m.indices, m.indptr), shape=m.shape)
+        if not squared.data.all():
+            squared = squared.copy()
+            squared.eliminate_zeros()
         return squared
 
     @functools.cached_property
