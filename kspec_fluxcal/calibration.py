@@ -38,7 +38,7 @@ from .exposure import _computed, add_history
 from .lsf import LineSpread
 from .masks import region_mask
 from .smoothing import _bridge, _smooth, running_median
-from .telluric import fit_telluric, transmission, uncovered_red
+from .telluric import _distinct_rows, fit_telluric, transmission, uncovered_red
 from .wavelength import width_ratio
 
 __all__ = ["combine_vectors", "apply_calibration", "calibration_factor", "running_median",
@@ -581,7 +581,11 @@ def calibration_factor(calibration, fiber_wavelength, fiber_lsf_scale=None):
     errors = np.nan_to_num([attrs.get("fcalo2_err", np.nan), attrs.get("fcalh2o_err", np.nan)])
     margin = 0.5 * np.array([ref[1] - ref[0], ref[-1] - ref[-2]]) if ref.size > 1 else (0, 0)
 
-    def kernel(wave):
+    def kernel(fiber_wave):
+        # Each distinct row (wavelengths and line spread) once: every step is pixel by pixel
+        # or row by row, and an exposure's fibers often share one wavelength solution.
+        rows, inverse = _distinct_rows(fiber_wave, fiber_lsf_scale)
+        wave, scale = rows[:, 1:].astype(fiber_wave.dtype, copy=False), rows[:, 0]
         out = np.full((2,) + wave.shape, np.nan)
         ok = np.isfinite(wave) & (wave > 0)
         x = np.log(np.where(ok, wave, 1.0))
@@ -595,15 +599,16 @@ def calibration_factor(calibration, fiber_wavelength, fiber_lsf_scale=None):
         width = width_ratio(ref_wave, wave)
         out[0], out[1] = out[0] / width, out[1] / width**2
         if model:
-            # Fibers sharing pixels and line spread are computed once (telluric._Model).
+            # On the stars' and the reference grid's rows (one shared solution), the
+            # combination's model and its last evaluation (telluric._model's cache).
             trans, d_o2, d_h2o = transmission(
                 np.where(inside, wave, np.nan), LineSpread(tuple(attrs["lsf_fwhm_coeffs"])),
-                *columns, scale=fiber_lsf_scale,
+                *columns, scale=scale,
                 source=attrs.get("telluric_lines", "telluric_lines"), derivatives=True)
             var_t = (d_o2 * errors[0]) ** 2 + (d_h2o * errors[1]) ** 2
             out[1] = out[1] / trans**2 + out[0] ** 2 * var_t / trans**4
             out[0] = out[0] / trans
-        return out[0], out[1]
+        return out[0][inverse], out[1][inverse]
 
     factor, variance = xr.apply_ufunc(
         kernel, fiber_wavelength, input_core_dims=[["fiber", "wavelength"]],
