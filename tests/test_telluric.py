@@ -93,6 +93,32 @@ def test_rows_reaching_different_bands_keep_their_own():
     assert np.all(together[0][2] == 1.0) and not together[1][2].any()
 
 
+def test_pixels_modelled_are_those_an_absorbing_box_reaches():
+    """A pixel has a kernel row exactly when an absorbing box's centre lies within
+    [wavelength - reach, wavelength + reach), reach = 5 sigma: pixels at the reach's ends
+    of the absorbing runs' first and last boxes (both sides of each), NaN pixels and
+    sigmas, random ones."""
+    from kspec_fluxcal.telluric import _line_list_boxes, _Sampler
+
+    boxes, _ = _line_list_boxes("telluric_lines", 20)
+    absorbing = boxes.centres[boxes.active]
+    edges = np.flatnonzero(np.diff(boxes.active.astype(int)))
+    ends = boxes.centres[np.concatenate([edges, edges + 1])]
+    rng = np.random.default_rng(3)
+    sigma = np.concatenate([np.full(4 * ends.size, 1.5), rng.uniform(0.5, 3.0, 2000)])
+    reach = 5.0 * sigma[:ends.size]
+    wave = np.concatenate([ends - reach, ends + reach, np.nextafter(ends - reach, 0),
+                           np.nextafter(ends + reach, np.inf),
+                           rng.uniform(boxes.centres[0] - 50, boxes.centres[-1] + 50, 2000)])
+    wave[5], sigma[7] = np.nan, np.nan
+    sampler = _Sampler(boxes, wave, sigma)
+    lo, hi = wave - 5.0 * sigma, wave + 5.0 * sigma
+    want = [k for k in range(wave.size)
+            if np.any((absorbing >= lo[k]) & (absorbing < hi[k]))]
+    assert 0 < len(want) < wave.size
+    np.testing.assert_array_equal(sampler.index, want)
+
+
 def test_fit_recovers_the_columns():
     """Stars' observed transmissions (the definition's high-resolution sum, 0.3 % noise,
     different pixels per star) give back the columns they were made with."""
