@@ -559,7 +559,7 @@ def calibration_factor(calibration, fiber_wavelength, fiber_lsf_scale=None):
     ----------
     calibration : xarray.Dataset
         From :func:`combine_vectors`, on the reference grid.
-    fiber_wavelength : xarray.DataArray
+    fiber_wavelength : xarray.DataArray or xarray.Variable
         (fiber, wavelength): each fiber's pixel wavelengths, Angstrom (air); NaN where a
         pixel has none.
     fiber_lsf_scale : array_like, shape (fiber,), optional
@@ -567,7 +567,7 @@ def calibration_factor(calibration, fiber_wavelength, fiber_lsf_scale=None):
 
     Returns
     -------
-    factor, variance : xarray.DataArray
+    factor, variance : xarray.DataArray (Variable for a Variable)
         (fiber, wavelength), flux unit per count; NaN where a pixel has no wavelength or lies
         more than half a pixel beyond the reference grid.
     """
@@ -658,23 +658,24 @@ def apply_calibration(exposure, calibration):
                    ("flux", "variance", "wavelength"))
     expect_dataset(calibration, "calibration", "apply_calibration",
                    "kspec_fluxcal.combine_vectors", ("cal", "cal_variance", "cal_mask"))
-    fiber_wave = (exposure["fiber_wavelength"] if "fiber_wavelength" in exposure.coords
-                  else exposure["wavelength"].broadcast_like(exposure["flux"]))
-    scale = (exposure["fibres_lsf_scale"].values if "fibres_lsf_scale" in exposure.coords
+    # Variables, not DataArrays: a DataArray carries the exposure's coordinates through
+    # every step (its transposition, the arithmetic, the merge below compare them again).
+    variables = exposure.variables
+    flux, variance = variables["flux"], variables["variance"]
+    fiber_wave = (variables["fiber_wavelength"] if "fiber_wavelength" in exposure.coords
+                  else variables["wavelength"].set_dims(flux.dims, flux.shape))
+    scale = (variables["fibres_lsf_scale"].values if "fibres_lsf_scale" in exposure.coords
              else None)
     factor, factor_var = calibration_factor(calibration, fiber_wave.transpose("fiber", ...),
                                             scale)
-    # Variables, not DataArrays: each DataArray's coordinates (fiber_wavelength among them)
-    # would be compared again in the arithmetic and the merge below.
     calibrated = dict(zip(("flux", "variance"), xr.apply_ufunc(
-        _calibrated, exposure["flux"].variable, exposure["variance"].variable, factor.variable,
-        factor_var.variable, output_core_dims=[[], []], dask="parallelized",
-        output_dtypes=[np.float32, np.float32]), strict=True))
+        _calibrated, flux, variance, factor, factor_var, output_core_dims=[[], []],
+        dask="parallelized", output_dtypes=[np.float32, np.float32]), strict=True))
     # The exposure's attrs with the new unit (none of the factor's: its description is not
     # the flux's).
-    calibrated["flux"].attrs = exposure["flux"].attrs | {"units": FLUX_UNIT}
-    calibrated["variance"].attrs = exposure["variance"].attrs | {"units": f"({FLUX_UNIT})**2"}
-    calibrated.update(cal_factor=factor.variable, cal_factor_variance=factor_var.variable)
+    calibrated["flux"].attrs = flux.attrs | {"units": FLUX_UNIT}
+    calibrated["variance"].attrs = variance.attrs | {"units": f"({FLUX_UNIT})**2"}
+    calibrated.update(cal_factor=factor, cal_factor_variance=factor_var)
     # On the exposure's grid (NaN where the calibration's differs), as a merge aligns them.
     cal = calibration[[name for name in ("cal", "cal_variance", "cal_mask", "cal_smooth")
                        if name in calibration]].reindex_like(exposure)
