@@ -259,6 +259,11 @@ def test_fibers_sharing_a_solution_get_what_the_distinct_fibers_get():
         np.testing.assert_array_equal(values, expected[order])
     a_band = (WAVE > 7590) & (WAVE < 7700)
     assert not np.array_equal(distinct[0][0][a_band], distinct[0][2][a_band])
+    # A Variable (apply_calibration's) gives Variables of the same values.
+    variables = calibration_factor(comb, xr.Variable(("fiber", "wavelength"), rows), scale)
+    for variable, expected in zip(variables, distinct, strict=True):
+        assert isinstance(variable, xr.Variable)
+        np.testing.assert_array_equal(variable.values, expected)
 
 
 def test_a_pixel_beyond_float32_after_calibration_is_no_data():
