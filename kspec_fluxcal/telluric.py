@@ -410,10 +410,13 @@ class _Sampler:
         """:meth:`sample` of ``outside - values`` given as ``deficit``."""
         k = outside.size
         deficit = deficit.reshape(k, -1, self.box) @ self.moments
-        boxed = np.zeros((3, self.active.size, k))
-        boxed[:, self.active] = deficit.transpose(2, 1, 0)
+        boxed = np.zeros((k, 3, self.active.size))
+        boxed[:, :, self.active] = deficit.transpose(0, 2, 1)
         full = np.broadcast_to(outside[:, None], (k, int(np.prod(self.shape)))).copy()
-        full[:, self.index] -= (self.matrix @ boxed.reshape(-1, k)).T
+        # One product per vector: scipy's product with k vectors at once costs 1.4x as much
+        # (each row's sum is the same, its terms in turn).
+        for row, vector in zip(full, boxed.reshape(k, -1), strict=True):
+            row[self.index] -= self.matrix @ vector
         return full.reshape((k,) + self.shape)
 
 

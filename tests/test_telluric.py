@@ -119,6 +119,30 @@ def test_pixels_modelled_are_those_an_absorbing_box_reaches():
     np.testing.assert_array_equal(sampler.index, want)
 
 
+def test_the_model_is_the_kernel_matrix_applied_to_the_boxes_moments():
+    """T, dT/do2 and dT/dh2o (sampled one vector at a time) are, to the bit, the kernel
+    matrix's product with the three vectors of the boxes' moments of their deficits at
+    once, on fibers of their own solutions."""
+    from kspec_fluxcal.telluric import _Model
+
+    lsf = LineSpread.constant(3.0)
+    base = np.linspace(6000.0, 9000.0, 2000)
+    rows = np.stack([base, base + 0.3, base - 0.2])
+    model = _Model(np.column_stack([np.ones(3), rows]), lsf, "telluric_lines")
+    got = model(*COLUMNS, derivatives=True)
+    sampler, tau = model.sampler, model.tau
+    hr = np.exp(-COLUMNS[0] * tau[0] - COLUMNS[1] * tau[1])
+    deficits = np.stack([1.0 - hr, tau[0] * hr, tau[1] * hr])
+    moments = deficits.reshape(3, -1, sampler.box) @ sampler.moments
+    boxed = np.zeros((3, sampler.active.size, 3))
+    boxed[:, sampler.active] = moments.transpose(2, 1, 0)
+    want = np.zeros((3, rows.size))
+    want[0] = 1.0
+    want[:, sampler.index] -= (sampler.matrix @ boxed.reshape(-1, 3)).T
+    assert sampler.index.size > 100
+    np.testing.assert_array_equal(np.reshape(got, (3, -1)), want)
+
+
 def test_fit_recovers_the_columns():
     """Stars' observed transmissions (the definition's high-resolution sum, 0.3 % noise,
     different pixels per star) give back the columns they were made with."""
