@@ -582,8 +582,7 @@ def calibration_factor(calibration, fiber_wavelength, fiber_lsf_scale=None):
     margin = 0.5 * np.array([ref[1] - ref[0], ref[-1] - ref[-2]]) if ref.size > 1 else (0, 0)
 
     def kernel(fiber_wave):
-        # Each distinct row (wavelengths and line spread) once: every step is pixel by pixel
-        # or row by row, and an exposure's fibers often share one wavelength solution.
+        # Each distinct row (wavelengths, line spread) once: fibers often share a solution.
         rows, inverse = _distinct_rows(fiber_wave, fiber_lsf_scale)
         wave, scale = rows[:, 1:].astype(fiber_wave.dtype, copy=False), rows[:, 0]
         out = np.full((2,) + wave.shape, np.nan)
@@ -599,8 +598,7 @@ def calibration_factor(calibration, fiber_wavelength, fiber_lsf_scale=None):
         width = width_ratio(ref_wave, wave)
         out[0], out[1] = out[0] / width, out[1] / width**2
         if model:
-            # On the stars' and the reference grid's rows (one shared solution), the
-            # combination's model and its last evaluation (telluric._model's cache).
+            # On the stars' and reference grid's rows, the combination's model (its cache).
             trans, d_o2, d_h2o = transmission(
                 np.where(inside, wave, np.nan), LineSpread(tuple(attrs["lsf_fwhm_coeffs"])),
                 *columns, scale=scale,
@@ -658,21 +656,17 @@ def apply_calibration(exposure, calibration):
                    ("flux", "variance", "wavelength"))
     expect_dataset(calibration, "calibration", "apply_calibration",
                    "kspec_fluxcal.combine_vectors", ("cal", "cal_variance", "cal_mask"))
-    # Variables, not DataArrays: a DataArray carries the exposure's coordinates through
-    # every step (its transposition, the arithmetic, the merge below compare them again).
+    # Variables: a DataArray carries (and compares) the exposure's coordinates at every step.
     variables = exposure.variables
     flux, variance = variables["flux"], variables["variance"]
     fiber_wave = (variables["fiber_wavelength"] if "fiber_wavelength" in exposure.coords
                   else variables["wavelength"].set_dims(flux.dims, flux.shape))
-    scale = (variables["fibres_lsf_scale"].values if "fibres_lsf_scale" in exposure.coords
-             else None)
-    factor, factor_var = calibration_factor(calibration, fiber_wave.transpose("fiber", ...),
-                                            scale)
+    scale = variables["fibres_lsf_scale"].values if "fibres_lsf_scale" in exposure.coords else None
+    factor, factor_var = calibration_factor(calibration, fiber_wave.transpose("fiber", ...), scale)
     calibrated = dict(zip(("flux", "variance"), xr.apply_ufunc(
         _calibrated, flux, variance, factor, factor_var, output_core_dims=[[], []],
         dask="parallelized", output_dtypes=[np.float32, np.float32]), strict=True))
-    # The exposure's attrs with the new unit (none of the factor's: its description is not
-    # the flux's).
+    # The exposure's attrs with the new unit (not the factor's: its description is not the flux's).
     calibrated["flux"].attrs = flux.attrs | {"units": FLUX_UNIT}
     calibrated["variance"].attrs = variance.attrs | {"units": f"({FLUX_UNIT})**2"}
     calibrated.update(cal_factor=factor, cal_factor_variance=factor_var)
