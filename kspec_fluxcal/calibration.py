@@ -38,7 +38,7 @@ from .exposure import _computed, add_history
 from .lsf import LineSpread
 from .masks import region_mask
 from .smoothing import _bridge, _smooth, running_median
-from .telluric import fit_telluric, transmission, uncovered_red
+from .telluric import _distinct_rows, fit_telluric, transmission, uncovered_red
 from .wavelength import width_ratio
 
 __all__ = ["combine_vectors", "apply_calibration", "calibration_factor", "running_median",
@@ -559,7 +559,7 @@ def calibration_factor(calibration, fiber_wavelength, fiber_lsf_scale=None):
     ----------
     calibration : xarray.Dataset
         From :func:`combine_vectors`, on the reference grid.
-    fiber_wavelength : xarray.DataArray
+    fiber_wavelength : xarray.DataArray or xarray.Variable
         (fiber, wavelength): each fiber's pixel wavelengths, Angstrom (air); NaN where a
         pixel has none.
     fiber_lsf_scale : array_like, shape (fiber,), optional
@@ -567,7 +567,7 @@ def calibration_factor(calibration, fiber_wavelength, fiber_lsf_scale=None):
 
     Returns
     -------
-    factor, variance : xarray.DataArray
+    factor, variance : xarray.DataArray (Variable for a Variable)
         (fiber, wavelength), flux unit per count; NaN where a pixel has no wavelength or lies
         more than half a pixel beyond the reference grid.
     """
@@ -581,7 +581,10 @@ def calibration_factor(calibration, fiber_wavelength, fiber_lsf_scale=None):
     errors = np.nan_to_num([attrs.get("fcalo2_err", np.nan), attrs.get("fcalh2o_err", np.nan)])
     margin = 0.5 * np.array([ref[1] - ref[0], ref[-1] - ref[-2]]) if ref.size > 1 else (0, 0)
 
-    def kernel(wave):
+    def kernel(fiber_wave):
+        # Each distinct row (wavelengths, line spread) once: fibers often share a solution.
+        rows, inverse = _distinct_rows(fiber_wave, fiber_lsf_scale)
+        wave, scale = rows[:, 1:].astype(fiber_wave.dtype, copy=False), rows[:, 0]
         out = np.full((2,) + wave.shape, np.nan)
         ok = np.isfinite(wave) & (wave > 0)
         x = np.log(np.where(ok, wave, 1.0))
@@ -595,15 +598,15 @@ def calibration_factor(calibration, fiber_wavelength, fiber_lsf_scale=None):
         width = width_ratio(ref_wave, wave)
         out[0], out[1] = out[0] / width, out[1] / width**2
         if model:
-            # Fibers sharing pixels and line spread are computed once (telluric._Model).
+            # On the stars' and reference grid's rows, the combination's model (its cache).
             trans, d_o2, d_h2o = transmission(
                 np.where(inside, wave, np.nan), LineSpread(tuple(attrs["lsf_fwhm_coeffs"])),
-                *columns, scale=fiber_lsf_scale,
+                *columns, scale=scale,
                 source=attrs.get("telluric_lines", "telluric_lines"), derivatives=True)
             var_t = (d_o2 * errors[0]) ** 2 + (d_h2o * errors[1]) ** 2
             out[1] = out[1] / trans**2 + out[0] ** 2 * var_t / trans**4
             out[0] = out[0] / trans
-        return out[0], out[1]
+        return out[0][inverse], out[1][inverse]
 
     factor, variance = xr.apply_ufunc(
         kernel, fiber_wavelength, input_core_dims=[["fiber", "wavelength"]],
@@ -653,23 +656,20 @@ def apply_calibration(exposure, calibration):
                    ("flux", "variance", "wavelength"))
     expect_dataset(calibration, "calibration", "apply_calibration",
                    "kspec_fluxcal.combine_vectors", ("cal", "cal_variance", "cal_mask"))
-    fiber_wave = (exposure["fiber_wavelength"] if "fiber_wavelength" in exposure.coords
-                  else exposure["wavelength"].broadcast_like(exposure["flux"]))
-    scale = (exposure["fibres_lsf_scale"].values if "fibres_lsf_scale" in exposure.coords
-             else None)
-    factor, factor_var = calibration_factor(calibration, fiber_wave.transpose("fiber", ...),
-                                            scale)
-    # Variables, not DataArrays: each DataArray's coordinates (fiber_wavelength among them)
-    # would be compared again in the arithmetic and the merge below.
+    # Variables: a DataArray carries (and compares) the exposure's coordinates at every step.
+    variables = exposure.variables
+    flux, variance = variables["flux"], variables["variance"]
+    fiber_wave = (variables["fiber_wavelength"] if "fiber_wavelength" in exposure.coords
+                  else variables["wavelength"].set_dims(flux.dims, flux.shape))
+    scale = variables["fibres_lsf_scale"].values if "fibres_lsf_scale" in exposure.coords else None
+    factor, factor_var = calibration_factor(calibration, fiber_wave.transpose("fiber", ...), scale)
     calibrated = dict(zip(("flux", "variance"), xr.apply_ufunc(
-        _calibrated, exposure["flux"].variable, exposure["variance"].variable, factor.variable,
-        factor_var.variable, output_core_dims=[[], []], dask="parallelized",
-        output_dtypes=[np.float32, np.float32]), strict=True))
-    # The exposure's attrs with the new unit (none of the factor's: its description is not
-    # the flux's).
-    calibrated["flux"].attrs = exposure["flux"].attrs | {"units": FLUX_UNIT}
-    calibrated["variance"].attrs = exposure["variance"].attrs | {"units": f"({FLUX_UNIT})**2"}
-    calibrated.update(cal_factor=factor.variable, cal_factor_variance=factor_var.variable)
+        _calibrated, flux, variance, factor, factor_var, output_core_dims=[[], []],
+        dask="parallelized", output_dtypes=[np.float32, np.float32]), strict=True))
+    # The exposure's attrs with the new unit (not the factor's: its description is not the flux's).
+    calibrated["flux"].attrs = flux.attrs | {"units": FLUX_UNIT}
+    calibrated["variance"].attrs = variance.attrs | {"units": f"({FLUX_UNIT})**2"}
+    calibrated.update(cal_factor=factor, cal_factor_variance=factor_var)
     # On the exposure's grid (NaN where the calibration's differs), as a merge aligns them.
     cal = calibration[[name for name in ("cal", "cal_variance", "cal_mask", "cal_smooth")
                        if name in calibration]].reindex_like(exposure)

@@ -32,6 +32,7 @@ __all__ = [
     "ab_to_flam",
     "flam_to_ab",
     "band_weights",
+    "band_weight_values",
     "synthetic_mag",
     "synthetic_mag_values",
     "teff_from_color",
@@ -212,15 +213,20 @@ def _speclite_weights(filt, wave):
     return full
 
 
-@functools.lru_cache(maxsize=64)
-def _weights_cached(band, wave_bytes, medium):
+@functools.lru_cache(maxsize=8)
+def _vacuum_grid(wave_bytes, medium):
+    """A grid's vacuum wavelengths and the Jacobian d(air)/d(vac), once for its bands."""
     wave = np.frombuffer(wave_bytes, dtype=np.float64)
     if medium == "air":
         vac = air_to_vacuum(wave)
         # f_lambda per air Angstrom -> per vacuum Angstrom: the Jacobian d(air)/d(vac).
-        jac = np.gradient(wave) / np.gradient(vac)
-    else:
-        vac, jac = wave, 1.0
+        return vac, np.gradient(wave) / np.gradient(vac)
+    return wave, 1.0
+
+
+@functools.lru_cache(maxsize=64)
+def _weights_cached(band, wave_bytes, medium):
+    vac, jac = _vacuum_grid(wave_bytes, medium)
     weights = _speclite_weights(load_band(band), vac)
     return None if weights is None else weights * jac
 
@@ -243,6 +249,15 @@ def band_weights(band, wavelength, medium="air"):
     xarray.DataArray
         Dims (band, wavelength), float64; a band the wavelengths do not cover is all NaN.
     """
+    bands = [band] if isinstance(band, str) else list(band)
+    wave = np.ascontiguousarray(np.asarray(wavelength, dtype=np.float64))
+    return xr.DataArray(band_weight_values(bands, wave, medium), dims=("band", "wavelength"),
+                        coords={"band": bands, "wavelength": wave})
+
+
+def band_weight_values(band, wavelength, medium="air"):
+    """:func:`band_weights`' values, (band, wavelength) as a NumPy array (the DataArray's
+    band and wavelength indexes cost what the weights of a new grid do)."""
     if medium not in ("air", "vacuum"):
         raise ValueError(f"medium must be 'air' or 'vacuum', not {medium!r}")
     bands = [band] if isinstance(band, str) else list(band)
@@ -251,8 +266,7 @@ def band_weights(band, wavelength, medium="air"):
     for b in bands:
         weights = _weights_cached(b, wave.tobytes(), medium)
         rows.append(np.full(wave.size, np.nan) if weights is None else weights)
-    return xr.DataArray(np.stack(rows), dims=("band", "wavelength"),
-                        coords={"band": bands, "wavelength": wave})
+    return np.stack(rows)
 
 
 def synthetic_mag(flux, band=BANDS, *, dim="wavelength", medium="air"):
@@ -278,7 +292,7 @@ def synthetic_mag(flux, band=BANDS, *, dim="wavelength", medium="air"):
         spectrum has NaN inside the band, or where the integrated flux is not positive.
     """
     bands = [band] if isinstance(band, str) else list(band)
-    weights = band_weights(bands, flux[dim].values, medium).values
+    weights = band_weight_values(bands, flux[dim].values, medium)
     mag = xr.apply_ufunc(synthetic_mag_values, flux, kwargs={"weights": weights},
                          input_core_dims=[[dim]], output_core_dims=[["band"]], dask="allowed")
     mag = mag.assign_coords(band=bands)

@@ -232,6 +232,40 @@ def test_apply_evaluates_the_calibration_on_each_fibers_own_pixels():
                                   (2.0 * out["cal_factor"].values).astype(np.float32))
 
 
+def test_fibers_sharing_a_solution_get_what_the_distinct_fibers_get():
+    """The factor is computed once per distinct row (wavelengths and line-spread scale):
+    fibers repeating others' rows get their values to the bit, in their order, and a fiber
+    on the same pixels with another line spread is a row of its own (the telluric bands)."""
+    from kspec_fluxcal.calibration import calibration_factor
+    from kspec_fluxcal.lsf import LineSpread
+
+    stars = _stars()
+    stars.attrs.update(lsf_fwhm_coeffs=list(LineSpread.constant(6.0).coeffs), airmass=1.2)
+    comb = combine_vectors(stars)
+    assert np.isfinite(comb.attrs["fcalo2"])
+    shifted = WAVE + 0.4 * (WAVE[1] - WAVE[0])
+    rows = np.stack([WAVE, shifted, WAVE])
+    scale = np.array([1.0, 1.0, 1.1])
+    order = [0, 1, 0, 2, 1, 0]
+
+    def factor(waves, scales):
+        out = calibration_factor(comb, xr.DataArray(waves, dims=("fiber", "wavelength")),
+                                 scales)
+        return [a.values for a in out]
+
+    distinct = factor(rows, scale)
+    together = factor(rows[order], scale[order])
+    for values, expected in zip(together, distinct, strict=True):
+        np.testing.assert_array_equal(values, expected[order])
+    a_band = (WAVE > 7590) & (WAVE < 7700)
+    assert not np.array_equal(distinct[0][0][a_band], distinct[0][2][a_band])
+    # A Variable (apply_calibration's) gives Variables of the same values.
+    variables = calibration_factor(comb, xr.Variable(("fiber", "wavelength"), rows), scale)
+    for variable, expected in zip(variables, distinct, strict=True):
+        assert isinstance(variable, xr.Variable)
+        np.testing.assert_array_equal(variable.values, expected)
+
+
 def test_a_pixel_beyond_float32_after_calibration_is_no_data():
     """A damaged pixel of 3e38 counts (finite in the float32 file) calibrates to a flux and a
     variance beyond float32's range: NaN (no data, contract section 1) in the product, no

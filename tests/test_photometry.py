@@ -93,6 +93,23 @@ def test_band_weights_cached_and_labelled():
     assert (w.sel(band="gaiadr2-G") >= 0).all()
 
 
+@pytest.mark.parametrize("medium", ["air", "vacuum"])
+def test_band_weight_values_are_each_bands_own(medium):
+    """The array of band_weight_values is band_weights' values, and each band's row (the
+    grid's vacuum wavelengths shared by its bands) what the band alone gets on a new grid."""
+    from kspec_fluxcal.photometry import _vacuum_grid, _weights_cached, band_weight_values
+
+    wave = np.linspace(3500.0, 9000.0, 3000)
+    bands = ["panstarrs-g", "panstarrs-r", "twomass-Ks"]
+    values = band_weight_values(bands, wave, medium)
+    np.testing.assert_array_equal(values, band_weights(bands, wave, medium).values)
+    for k, band in enumerate(bands):
+        _vacuum_grid.cache_clear()
+        _weights_cached.cache_clear()
+        np.testing.assert_array_equal(values[k], band_weight_values(band, wave, medium)[0])
+    assert np.isnan(values[2]).all() and (values[0] >= 0).all()
+
+
 def test_unit_conversions_roundtrip():
     mag, err = np.array([10.0, 20.0]), np.array([0.01, 0.1])
     fnu, fnu_err = ab_to_fnu(mag, err)

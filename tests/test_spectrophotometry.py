@@ -76,3 +76,21 @@ def test_nothing_to_check_leaves_the_keywords_out(exposure_and_catalog, catalog_
     check = check_exposure(ds, other)
     assert check["sphot_n"] == 0 and ds.attrs["sphot_g"] is None
     assert not any("spectrophotometric" in h for h in ds.attrs["history"])
+
+
+def test_program_stars_need_a_median_snr_of_5_and_a_dead_fiber_is_left_out(
+        exposure_and_catalog):
+    """A fiber's S/N is the median over its pixels with data (np.nanmedian's): alternate
+    pixels at S/N 2 and 8 have 5, enough; one S/N-8 pixel fewer leaves the median at 2; an
+    all-NaN fiber has none (and no warning)."""
+    ds, catalog = exposure_and_catalog
+    flux = ds["flux"].values.copy()
+    snr = np.where(np.arange(flux.shape[1]) % 2, 8.0, 2.0)  # exact: powers of two
+    variance = ds["variance"].values.copy()
+    variance[[0, 2]] = (flux[[0, 2]] / snr) ** 2
+    flux[2, 1] = np.nan  # an S/N-8 pixel without data
+    flux[3] = np.nan
+    ds["flux"], ds["variance"] = (("fiber", "wavelength"), flux), (("fiber", "wavelength"),
+                                                                   variance)
+    check = spectrophotometric_check(ds, catalog)
+    assert sorted(s["fiber"] for s in check["stars"]) == [0, 1]

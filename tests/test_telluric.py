@@ -93,6 +93,56 @@ def test_rows_reaching_different_bands_keep_their_own():
     assert np.all(together[0][2] == 1.0) and not together[1][2].any()
 
 
+def test_pixels_modelled_are_those_an_absorbing_box_reaches():
+    """A pixel has a kernel row exactly when an absorbing box's centre lies within
+    [wavelength - reach, wavelength + reach), reach = 5 sigma: pixels at the reach's ends
+    of the absorbing runs' first and last boxes (both sides of each), NaN pixels and
+    sigmas, random ones."""
+    from kspec_fluxcal.telluric import _line_list_boxes, _Sampler
+
+    boxes, _ = _line_list_boxes("telluric_lines", 20)
+    absorbing = boxes.centres[boxes.active]
+    edges = np.flatnonzero(np.diff(boxes.active.astype(int)))
+    ends = boxes.centres[np.concatenate([edges, edges + 1])]
+    rng = np.random.default_rng(3)
+    sigma = np.concatenate([np.full(4 * ends.size, 1.5), rng.uniform(0.5, 3.0, 2000)])
+    reach = 5.0 * sigma[:ends.size]
+    wave = np.concatenate([ends - reach, ends + reach, np.nextafter(ends - reach, 0),
+                           np.nextafter(ends + reach, np.inf),
+                           rng.uniform(boxes.centres[0] - 50, boxes.centres[-1] + 50, 2000)])
+    wave[5], sigma[7] = np.nan, np.nan
+    sampler = _Sampler(boxes, wave, sigma)
+    lo, hi = wave - 5.0 * sigma, wave + 5.0 * sigma
+    want = [k for k in range(wave.size)
+            if np.any((absorbing >= lo[k]) & (absorbing < hi[k]))]
+    assert 0 < len(want) < wave.size
+    np.testing.assert_array_equal(sampler.index, want)
+
+
+def test_the_model_is_the_kernel_matrix_applied_to_the_boxes_moments():
+    """T, dT/do2 and dT/dh2o (sampled one vector at a time) are, to the bit, the kernel
+    matrix's product with the three vectors of the boxes' moments of their deficits at
+    once, on fibers of their own solutions."""
+    from kspec_fluxcal.telluric import _Model
+
+    lsf = LineSpread.constant(3.0)
+    base = np.linspace(6000.0, 9000.0, 2000)
+    rows = np.stack([base, base + 0.3, base - 0.2])
+    model = _Model(np.column_stack([np.ones(3), rows]), lsf, "telluric_lines")
+    got = model(*COLUMNS, derivatives=True)
+    sampler, tau = model.sampler, model.tau
+    hr = np.exp(-COLUMNS[0] * tau[0] - COLUMNS[1] * tau[1])
+    deficits = np.stack([1.0 - hr, tau[0] * hr, tau[1] * hr])
+    moments = deficits.reshape(3, -1, sampler.box) @ sampler.moments
+    boxed = np.zeros((3, sampler.active.size, 3))
+    boxed[:, sampler.active] = moments.transpose(2, 1, 0)
+    want = np.zeros((3, rows.size))
+    want[0] = 1.0
+    want[:, sampler.index] -= (sampler.matrix @ boxed.reshape(-1, 3)).T
+    assert sampler.index.size > 100
+    np.testing.assert_array_equal(np.reshape(got, (3, -1)), want)
+
+
 def test_fit_recovers_the_columns():
     """Stars' observed transmissions (the definition's high-resolution sum, 0.3 % noise,
     different pixels per star) give back the columns they were made with."""
