@@ -9,20 +9,22 @@ a Gaussian width in ln(lambda) sigma_k = sigma_R * RUNG**n_k (sigma_R: the libra
 resolution, FWHM = lambda / R), the widest of the ladder not above :data:`MARGIN` times the
 narrowest line spread served in the segment. Its spectra are the library's convolved with
 sqrt(sigma_k^2 - sigma_R^2) and sampled uniformly in ln(lambda), :data:`SAMPLES_PER_FWHM`
-samples per FWHM of sigma_k, over the segment and wings of 5 times :data:`WIDEST` x sigma_k
-on each side, so that a pixel of the segment finds its whole kernel among them. An exposure's
+per FWHM of sigma_k, over the segment and beyond it the 5-sigma wings of the widest ask
+served (the library range's allowance, ``LIBRARY_MAX_LSF_SCALE`` times the narrowest line
+spread), so that a pixel of the segment finds its whole kernel among them. An exposure's
 operator convolves a pixel of segment k with sqrt(sigma^2 - sigma_k^2) on these samples:
-Gaussians compose, so the total width is the unblurred operator's, and only the sampling
-differs (tests: templates within 1e-4 of the unblurred library's).
+Gaussians compose, so the total width is the unblurred operator's; only the sampling
+differs (templates within 4e-5 of the unblurred library's at 0.9 x the line spread served,
+3e-6 at 1.0-1.25 x; the tests allow 1e-4).
 
-A library is pre-blurred only where that pays: every segment's rung must be a Gaussian on
-the library's samples (wider than their step) and the samples must be at most half the
-library's. On the IsoPlane-320 setup (line spread ~10 A, ~6 x the demo grid's lambda / R) the
-samples are a fifth of the library's; at 4096 pixels (line spread 1.7 x the grid's at the red
-end) or with the CK04 grid (sampled every 20 A) there is nothing to gain and the library
-stays as it is. An ask narrower than the rung's margin anywhere (a width fitted below
-:data:`NARROWEST` x ... of the line spread served, see :func:`blurred_entries`), or one whose
-wings leave a segment's samples, is served by the unblurred library, as without pre-blur.
+A library is pre-blurred only where that pays: every segment's pre-blur must be a Gaussian
+on the library's samples (wider than their step) and the samples at most half the
+library's. On the IsoPlane-320 setup (line spread ~10 A, ~6 x the demo grid's lambda / R)
+they are a fifth; at 4096 pixels (line spread 1.7 x the demo grid's at the red end) or with
+the CK04 grid (sampled every 20 A) nothing is gained and the library stays as it is. An ask
+wider than a rung by less than 1 / :data:`NARROWEST` somewhere (a width fitted below 0.9 x
+the narrowest line spread served), or whose wings leave a segment's samples, is served by
+the unblurred library, exactly as without pre-blur (:func:`blurred_entries`).
 """
 
 from __future__ import annotations
@@ -34,17 +36,9 @@ import scipy.sparse
 
 from ._recent import Recent, per_library, read_only
 from .constants import FWHM_PER_SIGMA
-from .convolution import _NSIGMA, _gaussian_rows
-from .templates import (
-    _LIBRARIES,
-    _LOG_SAMPLINGS,
-    _SAMPLES_PER_FWHM,
-    LIBRARY_MAX_LSF_SCALE,
-    _as_lsf,
-    _library_log_sampling,
-)
+from .convolution import _NSIGMA, _gaussian_rows, _log_sampling
 
-__all__ = ["preblurred_library", "blurred_entries", "RUNG", "SEGMENT", "MARGIN"]
+__all__ = ["blur_plan", "with_blurred", "blurred_entries", "RUNG", "SEGMENT", "MARGIN"]
 
 #: Ratio of consecutive rungs of the ladder (widths sigma_R * RUNG**n).
 RUNG = 2.0**0.25
@@ -60,75 +54,58 @@ NARROWEST = 0.8
 #: Rungs are at most this times the narrowest line spread served (its narrowest trial, with
 #: :data:`NARROWEST`'s margin).
 MARGIN = NARROWEST * SERVED_SCALE
-#: A segment's samples serve asks up to this times its rung (5-sigma wings): the widest line
-#: spread the library's range allows for (``LIBRARY_MAX_LSF_SCALE``) of the narrowest served.
-WIDEST = LIBRARY_MAX_LSF_SCALE / MARGIN
 #: Samples per FWHM of a segment's rung (band-limited sampling, with margin).
-SAMPLES_PER_FWHM = _SAMPLES_PER_FWHM
+SAMPLES_PER_FWHM = 2.5
 #: Pre-blurred only when the samples are at most this fraction of the library's.
 MAX_FRACTION = 0.5
 #: Templates pre-blurred at once (bounds the temporary float64 copies).
 _BLOCK = 64
 
 
-def preblurred_library(library, line_spreads):
-    """``library`` with its spectra pre-blurred for ``line_spreads``, built once and kept.
+def blur_plan(library, line_spreads, max_scale):
+    """How ``library`` is pre-blurred for ``line_spreads``, or None when that does not pay.
 
     Parameters
     ----------
     library : xarray.Dataset
         From :func:`kspec_fluxcal.templates.prepare_library`, unblurred.
-    line_spreads : iterable of LineSpread
+    line_spreads : list of LineSpread
         The line spreads the library will serve (an exposure's, or every exposure's of a
         configuration): the rungs are chosen from the narrowest.
+    max_scale : float
+        The widest ask served, relative to the narrowest line spread served (a segment's
+        samples reach 5 sigma of it beyond the segment).
 
     Returns
     -------
-    xarray.Dataset
-        ``library`` itself when pre-blurring does not pay (see the module's notes);
-        otherwise the library (its arrays shared) plus ``blurred_flux`` and
-        ``blurred_norm`` (``template``, ``blurred_wavelength``), ``blurred_segment`` (the
-        segment of each sample) and attrs ``blur_edges``, ``blur_rungs`` (n_k per segment),
-        its ``library_key`` the library's followed by the rungs.
+    types.SimpleNamespace or None
+        ``edges`` of the segments (Angstrom), ``rungs`` (n_k, tuple of int), ``sigma_r``
+        (the library's resolution, ln(lambda)), ``widest`` (asks served, in units of a
+        rung) and ``key``: the library's ``library_key`` followed by the rungs.
     """
-    plan = _plan(library, {_as_lsf(lsf).coeffs: _as_lsf(lsf) for lsf in line_spreads})
-    if plan is None:
-        return library
-    edges, rungs = plan
-    key = f"{library.attrs['library_key']}-blur{'.'.join(str(n) for n in rungs)}"
-    blurred = _LIBRARIES.get(key)
-    if blurred is None:
-        blurred = _with_blurred(library, edges, rungs, key)
-        _LIBRARIES.put(key, blurred)
-    return blurred
-
-
-def _plan(library, line_spreads):
-    """(segment edges, rungs) for these line spreads (dict by coefficients), or None when
-    pre-blurring does not pay."""
     wave = library["wavelength"].values
     sigma_r = 1.0 / (float(library.attrs["resolving_power"]) * FWHM_PER_SIGMA)
     edges = _edges(wave)
     x = np.linspace(edges[:-1], edges[1:], 50, axis=1)  # (segment, point)
-    narrowest = np.min([np.min(lsf.fwhm(x) / x, axis=1) for lsf in line_spreads.values()],
+    narrowest = np.min([np.min(lsf.fwhm(x) / x, axis=1) for lsf in line_spreads],
                        axis=0) / FWHM_PER_SIGMA
     with np.errstate(divide="ignore", invalid="ignore"):
         rungs = np.floor(np.log(MARGIN * narrowest / sigma_r) / np.log(RUNG))
     if not np.all(rungs >= 1):
         return None
-    rungs = rungs.astype(int)
-    sigma = sigma_r * RUNG**rungs
+    rungs = tuple(int(n) for n in rungs)
+    sigma = sigma_r * RUNG ** np.array(rungs)
     step = np.gradient(np.log(wave))
-    segment = np.searchsorted(edges[1:-1], wave, side="right")
     coarsest = np.zeros(edges.size - 1)
-    np.maximum.at(coarsest, segment, step)
+    np.maximum.at(coarsest, np.searchsorted(edges[1:-1], wave, side="right"), step)
     if np.any(np.sqrt(sigma**2 - sigma_r**2) < coarsest):
         return None  # a pre-blur narrower than the library's step is not a Gaussian on it
-    samples = sum(_samples(wave, a, b, s, sigma_r).size
-                  for a, b, s in zip(edges[:-1], edges[1:], sigma, strict=True))
-    if samples > MAX_FRACTION * wave.size:
+    plan = types.SimpleNamespace(
+        edges=edges, rungs=rungs, sigma_r=sigma_r, widest=max_scale / MARGIN,
+        key=f"{library.attrs['library_key']}-blur{'.'.join(str(n) for n in rungs)}")
+    if sum(_samples(wave, plan, k).size for k in range(len(rungs))) > MAX_FRACTION * wave.size:
         return None
-    return edges, tuple(int(n) for n in rungs)
+    return plan
 
 
 def _edges(wave):
@@ -137,28 +114,29 @@ def _edges(wave):
     return np.concatenate([[wave[0]], inner, [wave[-1]]])
 
 
-def _samples(wave, a, b, sigma, sigma_r):
-    """ln(lambda) of the pre-blurred samples of segment (a, b) at rung ``sigma``: uniform,
-    over the segment and its wings, each sample's pre-blur kernel (5 sigma) inside the
-    library."""
-    pre = np.sqrt(sigma**2 - sigma_r**2)
-    wing = _NSIGMA * WIDEST * sigma
-    start = max(np.log(a) - wing, np.log(wave[0]) + _NSIGMA * pre)
-    stop = min(np.log(b) + wing, np.log(wave[-1]) - _NSIGMA * pre)
+def _samples(wave, plan, k):
+    """ln(lambda) of the pre-blurred samples of segment ``k``: uniform, over the segment and
+    its wings, each sample's pre-blur kernel (5 sigma) inside the library."""
+    sigma = plan.sigma_r * RUNG ** plan.rungs[k]
+    pre = np.sqrt(sigma**2 - plan.sigma_r**2)
+    wing = _NSIGMA * plan.widest * sigma
+    start = max(np.log(plan.edges[k]) - wing, np.log(wave[0]) + _NSIGMA * pre)
+    stop = min(np.log(plan.edges[k + 1]) + wing, np.log(wave[-1]) - _NSIGMA * pre)
     return np.arange(start, stop, sigma * FWHM_PER_SIGMA / SAMPLES_PER_FWHM)
 
 
-def _with_blurred(library, edges, rungs, key):
-    """The library plus its spectra pre-blurred per segment (one sparse product for all)."""
+def with_blurred(library, plan):
+    """The library (its arrays shared) plus its spectra pre-blurred as ``plan``
+    (:func:`blur_plan`) says, in one sparse product: ``blurred_flux`` and ``blurred_norm``
+    (``template``, ``blurred_wavelength``), ``blurred_segment`` (each sample's segment) and
+    attrs ``blur_edges``, ``blur_rungs``, ``library_key`` the plan's."""
     wave = library["wavelength"].values
-    sigma_r = 1.0 / (float(library.attrs["resolving_power"]) * FWHM_PER_SIGMA)
-    log_in = per_library(_LOG_SAMPLINGS, _library_log_sampling, library)
+    log_in = _log_sampling(wave)
     parts, samples, segment = [], [], []
-    for k, (a, b, n) in enumerate(zip(edges[:-1], edges[1:], rungs, strict=True)):
-        sigma = sigma_r * RUNG**n
-        ln_out = _samples(wave, a, b, sigma, sigma_r)
-        vals, cols, indptr, _ = _gaussian_rows(log_in, ln_out,
-                                               np.full(ln_out.size, sigma**2 - sigma_r**2))
+    for k, n in enumerate(plan.rungs):
+        ln_out = _samples(wave, plan, k)
+        excess = np.full(ln_out.size, (plan.sigma_r * RUNG**n) ** 2 - plan.sigma_r**2)
+        vals, cols, indptr, _ = _gaussian_rows(log_in, ln_out, excess)
         parts.append(scipy.sparse.csr_matrix((vals, cols, indptr),
                                              shape=(ln_out.size, wave.size)))
         samples.append(ln_out)
@@ -178,7 +156,8 @@ def _with_blurred(library, edges, rungs, key):
         blurred_wavelength=("blurred_wavelength", np.exp(np.concatenate(samples)),
                             {"units": "Angstrom", "medium": "air"}),
         blurred_segment=("blurred_wavelength", np.concatenate(segment))).assign_attrs(
-        library_key=key, blur_edges=[float(e) for e in edges], blur_rungs=list(rungs))
+        library_key=plan.key, blur_edges=[float(e) for e in plan.edges],
+        blur_rungs=list(plan.rungs))
 
 
 #: The pre-blurred libraries' samplings for operators (_sampling), a few KB each.

@@ -48,6 +48,7 @@ from .errors import FluxCalWarning, GridError
 from .exposure import setup_key
 from .grid import PARAMS, STORE_VARIABLES, check_chunks, load_checked_store
 from .lsf import LineSpread
+from .preblur import blur_plan, blurred_entries, with_blurred
 
 __all__ = ["convolution_matrix", "prepare_templates", "prepared_templates", "clear_cache",
            "prepare_library", "library_spectra", "library_columns", "library_arrays",
@@ -402,7 +403,7 @@ def prepare_library(grid, wave_range, config=None, *, cache_dir=None,
     line_spreads : iterable of LineSpread, optional
         The line spreads of the exposures it will serve (with config's [instrument] fwhm,
         that one): the library is then pre-blurred for them where that pays
-        (:func:`kspec_fluxcal.preblur.preblurred_library`, in memory only).
+        (:mod:`kspec_fluxcal.preblur`; in memory only, its ``library_key`` naming the rungs).
 
     Returns
     -------
@@ -439,11 +440,16 @@ def prepare_library(grid, wave_range, config=None, *, cache_dir=None,
         _LIBRARIES.put(key, library)
     if line_spreads is None:
         return library
-    from .preblur import preblurred_library  # (that module imports this one)
-
     if config.instrument.fwhm > 0:  # what exposure_lsf gives every exposure
         line_spreads = [LineSpread.constant(config.instrument.fwhm)]
-    return preblurred_library(library, line_spreads)
+    plan = blur_plan(library, [_as_lsf(s) for s in line_spreads], LIBRARY_MAX_LSF_SCALE)
+    if plan is None:
+        return library
+    blurred = _LIBRARIES.get(plan.key)
+    if blurred is None:
+        blurred = with_blurred(library, plan)
+        _LIBRARIES.put(plan.key, blurred)
+    return blurred
 
 
 def _stored_library(grid, key, wave_range, options, max_resolving_power, cache_dir):
@@ -554,8 +560,6 @@ def _library_operator(library, wavelength, lsf):
     spread ``lsf``, whether the library is sharper than the LSF, and the prefix of the spectra
     it applies to ('blurred_' for a pre-blurred library's, when they serve ``lsf``: see
     :mod:`kspec_fluxcal.preblur`); built once, kept."""
-    from .preblur import blurred_entries  # (that module imports this one)
-
     wave = np.ascontiguousarray(np.round(np.asarray(wavelength, dtype=np.float64), 6))
     key = (library.attrs.get("library_key", id(library)), wave.tobytes(), lsf.key())
     item = _OPERATORS.get(key)
