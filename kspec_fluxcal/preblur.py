@@ -85,7 +85,7 @@ def blur_plan(library, line_spreads, max_scale):
     """
     wave = library["wavelength"].values
     sigma_r = 1.0 / (float(library.attrs["resolving_power"]) * FWHM_PER_SIGMA)
-    edges = _edges(wave)
+    edges, coarsest = per_library(_SEGMENTS, _segments, library)
     x = np.linspace(edges[:-1], edges[1:], 50, axis=1)  # (segment, point)
     narrowest = np.min([np.min(lsf.fwhm(x) / x, axis=1) for lsf in line_spreads],
                        axis=0) / FWHM_PER_SIGMA
@@ -95,9 +95,6 @@ def blur_plan(library, line_spreads, max_scale):
         return None
     rungs = tuple(int(n) for n in rungs)
     sigma = sigma_r * RUNG ** np.array(rungs)
-    step = np.gradient(np.log(wave))
-    coarsest = np.zeros(edges.size - 1)
-    np.maximum.at(coarsest, np.searchsorted(edges[1:-1], wave, side="right"), step)
     if np.any(np.sqrt(sigma**2 - sigma_r**2) < coarsest):
         return None  # a pre-blur narrower than the library's step is not a Gaussian on it
     plan = types.SimpleNamespace(
@@ -108,10 +105,21 @@ def blur_plan(library, line_spreads, max_scale):
     return plan
 
 
-def _edges(wave):
-    """Segment edges: the library's ends and the multiples of SEGMENT between them."""
+#: The libraries' segment edges and largest ln(lambda) step in each segment (_segments).
+_SEGMENTS = Recent(3)
+
+
+def _segments(library):
+    """The segments' edges (the library's ends and the multiples of SEGMENT between them)
+    and the library's largest ln(lambda) step in each (looked up once per library: an
+    exposure's plan, ~13 segments, takes ~0.2 ms)."""
+    wave = library["wavelength"].values
     inner = np.arange((np.floor(wave[0] / SEGMENT) + 1) * SEGMENT, wave[-1], SEGMENT)
-    return np.concatenate([[wave[0]], inner, [wave[-1]]])
+    edges = np.concatenate([[wave[0]], inner, [wave[-1]]])
+    coarsest = np.zeros(edges.size - 1)
+    np.maximum.at(coarsest, np.searchsorted(inner, wave, side="right"),
+                  np.gradient(np.log(wave)))
+    return read_only(edges), read_only(coarsest)
 
 
 def _samples(wave, plan, k):
