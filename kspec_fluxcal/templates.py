@@ -38,17 +38,23 @@ from ._recent import Recent, per_library, read_only
 from ._zarr import strings_as_object, strings_as_unicode
 from .config import Config, continuum_options
 from .constants import FWHM_PER_SIGMA
+from .convolution import (
+    _NSIGMA,
+    _convolution_entries,
+    _log_sampling,
+    convolution_matrix,
+)
 from .errors import FluxCalWarning, GridError
 from .exposure import setup_key
 from .grid import PARAMS, STORE_VARIABLES, check_chunks, load_checked_store
 from .lsf import LineSpread
+from .preblur import blur_plan, blurred_entries, with_blurred
 
 __all__ = ["convolution_matrix", "prepare_templates", "prepared_templates", "clear_cache",
            "prepare_library", "library_spectra", "library_columns", "library_arrays",
            "library_range", "is_library", "check_coverage", "default_cache_dir", "CACHE_ENV",
            "SPECTRA_DTYPE"]
 
-_NSIGMA = 5.0
 #: dtype of the template spectra: a library's ``flux`` and ``norm``, its operators to an
 #: exposure's pixels, the templates they give, which the fit keeps and interpolates between
 #: grid points (:class:`~kspec_fluxcal.fit.exposure_templates.ExposureTemplates`). Seven
@@ -56,74 +62,6 @@ _NSIGMA = 5.0
 #: of the largest arrays; sums over pixels (chi^2, normal equations) and the final model are
 #: float64 (float32 chi^2 sums picked another best template for 3-4 % of stars: HISTORY.md).
 SPECTRA_DTYPE = np.float32
-
-
-def convolution_matrix(wave_in, wave_out, lsf, resolving_power=None):
-    """Sparse operator convolving spectra on ``wave_in`` to ``lsf`` and sampling at ``wave_out``.
-
-    Parameters
-    ----------
-    wave_in : numpy.ndarray
-        Increasing input wavelengths (Angstrom), e.g. the grid's.
-    wave_out : numpy.ndarray
-        Increasing output pixel centres (Angstrom).
-    lsf : LineSpread
-        Instrument line-spread function.
-    resolving_power : float, optional
-        Resolving power of the input spectra (Gaussian FWHM = lambda / R), removed in
-        quadrature; None for infinitely sharp input.
-
-    Returns
-    -------
-    matrix : scipy.sparse.csr_matrix, shape (len(wave_out), len(wave_in))
-        Rows sum to 1.
-    sharper : float
-        Fraction of output pixels where the instrument is sharper than the input.
-    """
-    vals, cols, indptr, sharper = _convolution_entries(_log_sampling(wave_in), wave_out, lsf,
-                                                       resolving_power)
-    matrix = scipy.sparse.csr_matrix((vals, cols, indptr),
-                                     shape=(indptr.size - 1, np.size(wave_in)))
-    return matrix, sharper
-
-
-def _log_sampling(wave_in):
-    """ln(wave_in) and its gradient, as :func:`_convolution_entries` takes the input
-    sampling (a library's computed once, not for every operator built)."""
-    ln_in = np.log(np.asarray(wave_in, dtype=np.float64))
-    return ln_in, np.gradient(ln_in)
-
-
-def _convolution_entries(log_in, wave_out, lsf, resolving_power=None):
-    """The CSR arrays (values, columns, row pointers) of :func:`convolution_matrix` and its
-    ``sharper``, from the input's :func:`_log_sampling`: what :func:`_library_operator`
-    turns into a :data:`SPECTRA_DTYPE` matrix in one step."""
-    ln_in, dln = log_in
-    wave_out = np.asarray(wave_out, dtype=np.float64)
-    ln_out = np.log(wave_out)
-    sig_inst = lsf.fwhm(wave_out) / wave_out / FWHM_PER_SIGMA
-    sig_grid = 0.0 if resolving_power is None else 1.0 / (resolving_power * FWHM_PER_SIGMA)
-    excess = sig_inst**2 - sig_grid**2
-    floor = 0.5 * np.interp(ln_out, ln_in, dln)
-    sharper = float(np.mean(excess <= floor**2))
-    sigma = np.sqrt(np.maximum(excess, floor**2))
-    lo = np.searchsorted(ln_in, ln_out - _NSIGMA * sigma, side="left")
-    hi = np.searchsorted(ln_in, ln_out + _NSIGMA * sigma, side="right")
-    # Each row's columns are consecutive and increasing, so the CSR arrays are built directly,
-    # entry by entry (through (row, col) pairs scipy would sort and check them again; a
-    # rectangle of the widest row's width would compute twice the entries), in place. Per-row
-    # values are repeated along the row (cheaper than gathering them by row number).
-    counts = hi - lo
-    indptr = np.concatenate([[0], np.cumsum(counts)])
-    cols = np.arange(indptr[-1]) - np.repeat(indptr[:-1] - lo, counts)
-    vals = ln_in.take(cols) - np.repeat(ln_out, counts)
-    vals /= np.repeat(sigma, counts)
-    vals *= -0.5 * vals
-    np.exp(vals, out=vals)
-    vals *= dln.take(cols)
-    row = np.repeat(np.arange(wave_out.size), counts)
-    vals /= np.repeat(np.bincount(row, weights=vals, minlength=wave_out.size), counts)
-    return vals, cols, indptr, sharper
 
 
 def _apply(block, matrix):
@@ -438,7 +376,7 @@ def _library_arrays(library):
 
 
 def prepare_library(grid, wave_range, config=None, *, cache_dir=None,
-                    max_resolving_power=LIBRARY_MAX_RESOLVING_POWER):
+                    max_resolving_power=LIBRARY_MAX_RESOLVING_POWER, line_spreads=None):
     """The template library of a grid for a wavelength range, computed once.
 
     Kept in memory (the last few, per process) and on disk, as a Zarr store
@@ -462,6 +400,10 @@ def prepare_library(grid, wave_range, config=None, *, cache_dir=None,
         overrides it); False or ``'off'``: in memory only.
     max_resolving_power : float
         Sharper grids are pre-convolved to this resolving power first.
+    line_spreads : iterable of LineSpread, optional
+        The line spreads of the exposures it will serve (with config's [instrument] fwhm,
+        that one): the library is then pre-blurred for them where that pays
+        (:mod:`kspec_fluxcal.preblur`; in memory only, its ``library_key`` naming the rungs).
 
     Returns
     -------
@@ -493,8 +435,26 @@ def prepare_library(grid, wave_range, config=None, *, cache_dir=None,
     key = hashlib.sha1(f"{ident}|{lo:.1f}|{hi:.1f}|{sorted(options.items())}|"
                        f"{max_resolving_power}|{LIBRARY_LAYOUT}".encode()).hexdigest()[:16]
     library = _LIBRARIES.get(key)
-    if library is not None:
+    if library is None:
+        library = _stored_library(grid, key, (lo, hi), options, max_resolving_power, cache_dir)
+        _LIBRARIES.put(key, library)
+    if line_spreads is None:
         return library
+    if config.instrument.fwhm > 0:  # what exposure_lsf gives every exposure
+        line_spreads = [LineSpread.constant(config.instrument.fwhm)]
+    plan = blur_plan(library, [_as_lsf(s) for s in line_spreads], LIBRARY_MAX_LSF_SCALE)
+    if plan is None:
+        return library
+    blurred = _LIBRARIES.get(plan.key)
+    if blurred is None:
+        blurred = with_blurred(library, plan)
+        _LIBRARIES.put(plan.key, blurred)
+    return blurred
+
+
+def _stored_library(grid, key, wave_range, options, max_resolving_power, cache_dir):
+    """Library ``key`` read from the disk cache, or built (and kept there)."""
+    library = None
     # A grid not opened from a store (id() in its identity) has nothing to share on disk.
     folder = _cache_dir(cache_dir, grid) if grid.attrs.get("build_plan") else None
     path = None if folder is None else folder / f"library-{key}.zarr"
@@ -502,11 +462,10 @@ def prepare_library(grid, wave_range, config=None, *, cache_dir=None,
         library = _read_cached(path, LIBRARY_VARIABLES, "template-library",
                                check=lambda ds: _library_problem(ds, key))
     if library is None:
-        library = _build_library(grid, lo, hi, options, max_resolving_power)
+        library = _build_library(grid, *wave_range, options, max_resolving_power)
         library.attrs["library_key"] = key
         if path is not None:
             _write_cached(library, path)
-    _LIBRARIES.put(key, library)
     return library
 
 
@@ -598,22 +557,27 @@ def _library_log_sampling(library):
 
 def _library_operator(library, wavelength, lsf):
     """The library-to-exposure operator (CSR, SPECTRA_DTYPE) for pixels ``wavelength`` and line
-    spread ``lsf``, and whether the library is sharper than the LSF; built once, kept."""
+    spread ``lsf``, whether the library is sharper than the LSF, and the prefix of the spectra
+    it applies to ('blurred_' for a pre-blurred library's, when they serve ``lsf``: see
+    :mod:`kspec_fluxcal.preblur`); built once, kept."""
     wave = np.ascontiguousarray(np.round(np.asarray(wavelength, dtype=np.float64), 6))
     key = (library.attrs.get("library_key", id(library)), wave.tobytes(), lsf.key())
     item = _OPERATORS.get(key)
     if item is not None:
         return item
-    check_coverage(library, wave, lsf, "library")
-    log_in = per_library(_LOG_SAMPLINGS, _library_log_sampling, library)
-    vals, cols, indptr, sharper = _convolution_entries(
-        log_in, wave, lsf, float(library.attrs["resolving_power"]))
+    entries, prefix = blurred_entries(library, wave, lsf), "blurred_"
+    if entries is None:  # the library's own spectra
+        check_coverage(library, wave, lsf, "library")
+        log_in = per_library(_LOG_SAMPLINGS, _library_log_sampling, library)
+        entries = _convolution_entries(log_in, wave, lsf, float(library.attrs["resolving_power"]))
+        prefix = ""
+    vals, cols, indptr, sharper = entries
     # The library's dtype and int32 (what scipy would make of the float64 matrix) given at
     # once: no float64 matrix built, checked and copied first
     matrix = scipy.sparse.csr_matrix(
         (vals.astype(SPECTRA_DTYPE), cols.astype(np.int32), indptr.astype(np.int32)),
-        shape=(wave.size, library.sizes["wavelength"]))
-    item = (matrix, sharper)
+        shape=(wave.size, library.sizes[prefix + "wavelength"]))
+    item = (matrix, sharper, prefix)
     _OPERATORS.put(key, item)
     return item
 
@@ -662,13 +626,14 @@ def library_columns(library, wavelength, lsf, templates=None, *, kind="norm", st
         :data:`SPECTRA_DTYPE`, one column per template.
     """
     lsf = _as_lsf(lsf)
-    matrix, sharper = _library_operator(library, wavelength, lsf)
+    matrix, sharper, prefix = _library_operator(library, wavelength, lsf)
     if sharper > 0:
         step = np.median(np.diff(library["wavelength"].values))
         warnings.warn(f"the templates (R = {library.attrs['resolving_power']:g}, sampled "
                       f"every ~{step:.2g} A) are coarser than the line spread on "
                       f"{10 * round(10 * sharper):.0f}% of the pixels: there they are "
                       "interpolated, not convolved", FluxCalWarning, stacklevel=stacklevel)
+    kind = prefix + kind
     data = library[kind].values
     templates = slice(None) if templates is None else templates
     count = len(range(*templates.indices(len(data)))) if isinstance(templates, slice) else \

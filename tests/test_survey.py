@@ -314,6 +314,21 @@ def test_task_results_travel_pickled_once():
     assert report.notes == {"e1": ["a note"]}
 
 
+def test_library_task_prepares_the_library_pre_blurred_for_its_exposures(cube):
+    """The job's library task gets the line spreads of its configuration's exposures: the
+    library the workers receive is pre-blurred for the narrowest (issue 14)."""
+    from kspec_fluxcal.grid import open_grid
+    from kspec_fluxcal.lsf import LineSpread
+    from kspec_fluxcal.survey.job import _library_task
+    from kspec_fluxcal.templates import prepare_library
+
+    spreads = [LineSpread.constant(13.0), LineSpread.constant(10.0)]
+    library = _library_task(str(cube), (3000.0, 9000.0), Config(), None, spreads)
+    alone = prepare_library(open_grid(cube), (3000.0, 9000.0), line_spreads=spreads[1:])
+    assert "blurred_norm" in library
+    assert library.attrs["library_key"] == alone.attrs["library_key"]
+
+
 def test_a_directory_that_is_not_an_archive_is_refused(tmp_path):
     (tmp_path / "archive.zarr").mkdir()
     with pytest.raises(InputError, match="not a calibration archive"):
@@ -326,10 +341,12 @@ def test_survey_on_local_cluster(survey, reference, client):
     sv, manifest = survey
     out, report, _ = reference
     # Both setups cover 3500-8500 A: one template library serves them, prepared by one task
-    # (on one worker) and passed to the others, never re-prepared per exposure or setup.
-    cached = client.run(lambda: len(__import__("kspec_fluxcal.templates",
-                                               fromlist=["_LIBRARIES"])._LIBRARIES))
-    assert sum(cached.values()) == 1, cached
+    # (on one worker; pre-blurred there for both setups' line spreads) and passed to the
+    # others, never re-prepared per exposure or setup.
+    cached = client.run(lambda: sorted(__import__("kspec_fluxcal.templates",
+                                                  fromlist=["_LIBRARIES"])._LIBRARIES._items))
+    held = [key for keys in cached.values() for key in keys]
+    assert len(held) == 2 and held[1].startswith(f"{held[0]}-blur"), cached
     # The workers run with the survey's malloc settings (set before they were spawned).
     env = client.run(lambda: {k: os.environ.get(k) for k in WORKER_MALLOC_ENV})
     assert all(e == WORKER_MALLOC_ENV for e in env.values()), env

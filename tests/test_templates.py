@@ -386,3 +386,82 @@ def test_unwritable_cache_costs_a_note_not_the_calibration(cube, tmp_path):
     with pytest.warns(FluxCalWarning, match="cannot keep a template cache there"):
         library = _library(cube, cache_dir=blocker / "cache")
     assert library.sizes["template"] > 0
+
+
+# ----------------------------------------------------------------------------- pre-blurred
+
+#: An IsoPlane-320-like exposure: 1340 pixels of 3.7 A, a line spread of 10 A (~6 x the small
+#: grid's lambda / R).
+ISO_WAVE = np.linspace(3500.0, 8500.0, 1340)
+ISO_LSF = LineSpread.constant(10.0)
+
+
+def _iso_libraries(cube, line_spreads=(ISO_LSF,), config=None):
+    """The library serving ISO_WAVE, and the same pre-blurred for ``line_spreads``."""
+    grid, wave_range = open_grid(cube), library_range(ISO_WAVE, ISO_LSF)
+    return (prepare_library(grid, wave_range, config, cache_dir=False),
+            prepare_library(grid, wave_range, config, cache_dir=False,
+                            line_spreads=line_spreads))
+
+
+def test_preblurred_templates_equal_the_unblurred_and_narrow_asks_fall_back(cube):
+    """Issue 14: a library pre-blurred for the IsoPlane's line spread (a fifth of the samples
+    or fewer, the library's own arrays shared) gives the unblurred library's templates within
+    1e-4 (relative, each pixel) at the widths the fit asks, 0.9-1.1 x the header's and up to
+    the 1.25 x a width fit may give; asks below the rungs' margin (a width fitted at 0.75 or
+    0.85 x) are served by the unblurred library, bit for bit."""
+    clear_cache()
+    base, blurred = _iso_libraries(cube)
+    rungs = ".".join(str(n) for n in blurred.attrs["blur_rungs"])
+    assert blurred.attrs["library_key"] == f"{base.attrs['library_key']}-blur{rungs}"
+    assert blurred.sizes["blurred_wavelength"] < 0.25 * base.sizes["wavelength"]
+    assert np.shares_memory(blurred["norm"].values, base["norm"].values)
+
+    def both(lsf, kind):
+        return [templates.library_columns(library, ISO_WAVE, lsf, kind=kind)
+                for library in (blurred, base)]
+
+    for factor in (0.9, 1.0, 1.1, 1.25):
+        lsf = ISO_LSF.scaled(factor)
+        assert templates._library_operator(blurred, ISO_WAVE, lsf)[2] == "blurred_"
+        for kind in ("norm", "flux"):
+            got, want = both(lsf, kind)
+            np.testing.assert_allclose(got, want, rtol=1e-4, atol=0, err_msg=f"{factor}")
+    for factor in (0.75, 0.85):
+        lsf = ISO_LSF.scaled(factor)
+        assert templates._library_operator(blurred, ISO_WAVE, lsf)[2] == ""
+        np.testing.assert_array_equal(*both(lsf, "norm"))
+
+
+@pytest.mark.parametrize("case", ["4096 pixels", "coarse grid"])
+def test_no_preblur_where_it_does_not_pay(cube, case):
+    """At 4096 pixels (a K-SPEC exposure's line spread, 1.7 x the grid's lambda / R at the red
+    end) and with a grid as coarse as the line spread (CK04: R = 500, sampled every 20 A) the
+    library serving an exposure is the unblurred one, as before pre-blurring existed."""
+    clear_cache()
+    grid, lsf = open_grid(cube), ISO_LSF
+    if case == "4096 pixels":
+        lsf = LineSpread((5.35, -9.77, 8.13), "FWHMPC")
+    else:
+        grid = grid.isel(wavelength=slice(None, None, 16)).assign_attrs(
+            resolving_power=500.0, build_plan="coarse")
+        assert np.median(np.diff(grid["wavelength"].values)) > 5.0
+    wave_range = library_range(ISO_WAVE, lsf)
+    base = prepare_library(grid, wave_range, cache_dir=False)
+    assert prepare_library(grid, wave_range, cache_dir=False, line_spreads=[lsf]) is base
+
+
+def test_preblur_rungs_follow_the_narrowest_line_spread_served(cube):
+    """A configuration's library (the survey's library task) is pre-blurred for the narrowest
+    of its exposures' line spreads; with [instrument] fwhm, for that one (what every
+    exposure's fit then asks for)."""
+    from kspec_fluxcal.config import Config
+
+    clear_cache()
+    wide = LineSpread.constant(14.0)
+    rungs = {name: _iso_libraries(cube, spreads, config)[1].attrs["blur_rungs"]
+             for name, spreads, config in (
+                 ("narrow", [ISO_LSF], None), ("both", [wide, ISO_LSF], None),
+                 ("wide", [wide], None),
+                 ("configured", [ISO_LSF], Config().replace(instrument__fwhm=14.0)))}
+    assert rungs["both"] == rungs["narrow"] != rungs["wide"] == rungs["configured"]

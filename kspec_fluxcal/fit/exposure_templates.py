@@ -26,7 +26,8 @@ __all__ = ["template_library", "ExposureTemplates", "reference_templates",
 
 def template_library(grid, exposure, config=None, *, cache_dir=None):
     """The template library (:func:`kspec_fluxcal.templates.prepare_library`) serving an
-    exposure: ``grid`` itself when it already is one covering the exposure."""
+    exposure, pre-blurred for its line spread where that pays (:mod:`kspec_fluxcal.preblur`):
+    ``grid`` itself when it already is a library."""
     expect_dataset(grid, "grid", "template_library", "kspec_fluxcal.open_grid (or a "
                    "library from prepare_library)", ("wavelength",))
     expect_dataset(exposure, "exposure", "template_library", "kspec_fluxcal.open_exposure",
@@ -37,7 +38,8 @@ def template_library(grid, exposure, config=None, *, cache_dir=None):
     wave = exposure["wavelength"].values
     lsf = exposure_lsf(exposure, config)
     check_coverage(grid, wave, lsf)
-    return prepare_library(grid, library_range(wave, lsf), config, cache_dir=cache_dir)
+    return prepare_library(grid, library_range(wave, lsf), config, cache_dir=cache_dir,
+                           line_spreads=[lsf])
 
 
 class ExposureTemplates:

@@ -197,9 +197,10 @@ def _identity(path):
 # ----------------------------------------------------------------------------- tasks
 
 
-def _library_task(grid_path, wave_range, config, cache_dir=None):
+def _library_task(grid_path, wave_range, config, cache_dir=None, line_spreads=None):
     """The template library of a configuration (see :func:`kspec_fluxcal.prepare_library`):
-    read from the disk cache when an earlier job prepared it."""
+    read from the disk cache when an earlier job prepared it, pre-blurred for the
+    ``line_spreads`` of its exposures where that pays."""
     import dask
 
     from ..grid import open_grid
@@ -209,7 +210,8 @@ def _library_task(grid_path, wave_range, config, cache_dir=None):
     # graph back to the cluster (here, the grid's chunks as tasks on other workers), which
     # costs transfers and can stall when every worker thread is busy preparing a library.
     with dask.config.set(scheduler="synchronous"):
-        return prepare_library(open_grid(grid_path), wave_range, config, cache_dir=cache_dir)
+        return prepare_library(open_grid(grid_path), wave_range, config, cache_dir=cache_dir,
+                               line_spreads=line_spreads)
 
 
 def _library_range(info):
@@ -522,9 +524,10 @@ def _run_graph(client, todo, catalog_future, templates, config, writer, report, 
     provenance = _provenance(config, grid_plan)
     tag = token(Path(grid_path).resolve(), grid_plan, settings)
     for wave_range, group in by_range.items():
+        spreads = [entry["info"]["lsf"] for entry in group]  # the library pre-blurred for them
         library = client.submit(_library_task, str(grid_path), wave_range, config, cache_dir,
-                                retries=2,
-                                key=f"library-{wave_range[0]:.0f}-{wave_range[1]:.0f}-{tag}")
+                                spreads, retries=2, key=f"library-{wave_range[0]:.0f}-"
+                                f"{wave_range[1]:.0f}-{token(tag, [s.coeffs for s in spreads])}")
         for entry in group:
             expid = entry["info"]["expid"]
             key = f"calibrate-{expid}-{token(entry['input_hash'], Path(entry['out']).resolve())}"
