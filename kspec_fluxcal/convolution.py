@@ -12,10 +12,11 @@ import scipy.sparse
 
 from .constants import FWHM_PER_SIGMA
 
-__all__ = ["convolution_matrix"]
+__all__ = ["convolution_matrix", "convolution_entries", "gaussian_rows", "log_sampling",
+           "NSIGMA"]
 
 #: Kernels reach this many sigma on each side.
-_NSIGMA = 5.0
+NSIGMA = 5.0
 
 
 def convolution_matrix(wave_in, wave_out, lsf, resolving_power=None):
@@ -40,32 +41,32 @@ def convolution_matrix(wave_in, wave_out, lsf, resolving_power=None):
     sharper : float
         Fraction of output pixels where the instrument is sharper than the input.
     """
-    vals, cols, indptr, sharper = _convolution_entries(_log_sampling(wave_in), wave_out, lsf,
+    vals, cols, indptr, sharper = convolution_entries(log_sampling(wave_in), wave_out, lsf,
                                                        resolving_power)
     matrix = scipy.sparse.csr_matrix((vals, cols, indptr),
                                      shape=(indptr.size - 1, np.size(wave_in)))
     return matrix, sharper
 
 
-def _log_sampling(wave_in):
-    """ln(wave_in) and its gradient, as :func:`_convolution_entries` takes the input
+def log_sampling(wave_in):
+    """ln(wave_in) and its gradient, as :func:`convolution_entries` takes the input
     sampling (a library's computed once, not for every operator built)."""
     ln_in = np.log(np.asarray(wave_in, dtype=np.float64))
     return ln_in, np.gradient(ln_in)
 
 
-def _convolution_entries(log_in, wave_out, lsf, resolving_power=None):
+def convolution_entries(log_in, wave_out, lsf, resolving_power=None):
     """The CSR arrays (values, columns, row pointers) of :func:`convolution_matrix` and its
-    ``sharper``, from the input's :func:`_log_sampling`: what
+    ``sharper``, from the input's :func:`log_sampling`: what
     ``kspec_fluxcal.templates._library_operator`` turns into a float32 matrix in one step."""
     wave_out = np.asarray(wave_out, dtype=np.float64)
     sig_inst = lsf.fwhm(wave_out) / wave_out / FWHM_PER_SIGMA
     sig_grid = 0.0 if resolving_power is None else 1.0 / (resolving_power * FWHM_PER_SIGMA)
-    return _gaussian_rows(log_in, np.log(wave_out), sig_inst**2 - sig_grid**2)
+    return gaussian_rows(log_in, np.log(wave_out), sig_inst**2 - sig_grid**2)
 
 
-def _gaussian_rows(log_in, ln_out, excess):
-    """:func:`_convolution_entries` for rows centred on ``ln_out`` in the input's coordinate
+def gaussian_rows(log_in, ln_out, excess):
+    """:func:`convolution_entries` for rows centred on ``ln_out`` in the input's coordinate
     (``log_in``: ln(lambda), or any increasing coordinate in its units, and its steps) with
     Gaussian variances ``excess`` (at least half the input's step, squared: where smaller,
     the fraction ``sharper``)."""
@@ -73,8 +74,8 @@ def _gaussian_rows(log_in, ln_out, excess):
     floor = 0.5 * np.interp(ln_out, ln_in, dln)
     sharper = float(np.mean(excess <= floor**2))
     sigma = np.sqrt(np.maximum(excess, floor**2))
-    lo = np.searchsorted(ln_in, ln_out - _NSIGMA * sigma, side="left")
-    hi = np.searchsorted(ln_in, ln_out + _NSIGMA * sigma, side="right")
+    lo = np.searchsorted(ln_in, ln_out - NSIGMA * sigma, side="left")
+    hi = np.searchsorted(ln_in, ln_out + NSIGMA * sigma, side="right")
     # Each row's columns are consecutive and increasing, so the CSR arrays are built directly,
     # entry by entry (through (row, col) pairs scipy would sort and check them again; a
     # rectangle of the widest row's width would compute twice the entries), in place. Per-row

@@ -36,7 +36,7 @@ import scipy.sparse
 
 from ._recent import Recent, per_library, read_only
 from .constants import FWHM_PER_SIGMA
-from .convolution import _NSIGMA, _gaussian_rows, _log_sampling
+from .convolution import NSIGMA, gaussian_rows, log_sampling
 
 __all__ = ["blur_plan", "with_blurred", "blurred_entries", "RUNG", "SEGMENT", "MARGIN"]
 
@@ -127,9 +127,9 @@ def _samples(wave, plan, k):
     its wings, each sample's pre-blur kernel (5 sigma) inside the library."""
     sigma = plan.sigma_r * RUNG ** plan.rungs[k]
     pre = np.sqrt(sigma**2 - plan.sigma_r**2)
-    wing = _NSIGMA * plan.widest * sigma
-    start = max(np.log(plan.edges[k]) - wing, np.log(wave[0]) + _NSIGMA * pre)
-    stop = min(np.log(plan.edges[k + 1]) + wing, np.log(wave[-1]) - _NSIGMA * pre)
+    wing = NSIGMA * plan.widest * sigma
+    start = max(np.log(plan.edges[k]) - wing, np.log(wave[0]) + NSIGMA * pre)
+    stop = min(np.log(plan.edges[k + 1]) + wing, np.log(wave[-1]) - NSIGMA * pre)
     return np.arange(start, stop, sigma * FWHM_PER_SIGMA / SAMPLES_PER_FWHM)
 
 
@@ -139,12 +139,12 @@ def with_blurred(library, plan):
     (``template``, ``blurred_wavelength``), ``blurred_segment`` (each sample's segment) and
     attrs ``blur_edges``, ``blur_rungs``, ``library_key`` the plan's."""
     wave = library["wavelength"].values
-    log_in = _log_sampling(wave)
+    log_in = log_sampling(wave)
     parts, samples, segment = [], [], []
     for k, n in enumerate(plan.rungs):
         ln_out = _samples(wave, plan, k)
         excess = np.full(ln_out.size, (plan.sigma_r * RUNG**n) ** 2 - plan.sigma_r**2)
-        vals, cols, indptr, _ = _gaussian_rows(log_in, ln_out, excess)
+        vals, cols, indptr, _ = gaussian_rows(log_in, ln_out, excess)
         parts.append(scipy.sparse.csr_matrix((vals, cols, indptr),
                                              shape=(ln_out.size, wave.size)))
         samples.append(ln_out)
@@ -197,7 +197,7 @@ def _sampling(library):
 
 def blurred_entries(library, wave_out, lsf):
     """The CSR arrays of the operator from the library's pre-blurred samples to pixels
-    ``wave_out`` at line spread ``lsf`` (as ``templates._convolution_entries``), or None
+    ``wave_out`` at line spread ``lsf`` (as ``templates.convolution_entries``), or None
     when the library has none, or they cannot serve this ask: it is narrower than a rung
     allows (1 / NARROWEST of it) or its wings leave a segment's samples somewhere."""
     if "blurred_norm" not in library:
@@ -210,7 +210,7 @@ def blurred_entries(library, wave_out, lsf):
         return None
     excess = sigma**2 - rung**2
     centre = np.log(wave_out) + s.shift[segment]
-    reach = _NSIGMA * np.sqrt(excess)
+    reach = NSIGMA * np.sqrt(excess)
     if np.any(centre - reach < s.first[segment]) or np.any(centre + reach > s.last[segment]):
         return None
-    return _gaussian_rows(s.log_in, centre, excess)
+    return gaussian_rows(s.log_in, centre, excess)

@@ -38,12 +38,7 @@ from ._recent import Recent, per_library, read_only
 from ._zarr import strings_as_object, strings_as_unicode
 from .config import Config, continuum_options
 from .constants import FWHM_PER_SIGMA
-from .convolution import (
-    _NSIGMA,
-    _convolution_entries,
-    _log_sampling,
-    convolution_matrix,
-)
+from .convolution import NSIGMA, convolution_entries, convolution_matrix, log_sampling
 from .errors import FluxCalWarning, GridError
 from .exposure import setup_key
 from .grid import PARAMS, STORE_VARIABLES, check_chunks, load_checked_store
@@ -80,7 +75,7 @@ def check_coverage(templates, wavelength, lsf, what="grid"):
     """
     wave_in = templates["wavelength"].values
     wave = np.asarray(wavelength, dtype=np.float64)
-    margin = _NSIGMA * np.max(_as_lsf(lsf).sigma(wave[[0, -1]]))
+    margin = NSIGMA * np.max(_as_lsf(lsf).sigma(wave[[0, -1]]))
     need = (wave[0] - margin, wave[-1] + margin)
     if wave_in[0] > need[0] or wave_in[-1] < need[1]:
         lo, hi = 10 * np.floor(min(need[0], wave_in[0]) / 10), 10 * np.ceil(
@@ -326,7 +321,7 @@ _CONTINUUM_BLOCK = 64
 
 
 def _wing(wavelength, lsf, scale=LIBRARY_MAX_LSF_SCALE):
-    return _NSIGMA * scale * float(np.max(lsf.sigma(np.asarray(wavelength)[[0, -1]])))
+    return NSIGMA * scale * float(np.max(lsf.sigma(np.asarray(wavelength)[[0, -1]])))
 
 
 def library_range(wavelength, lsf):
@@ -548,11 +543,11 @@ def _build_library(grid, lo, hi, options, max_resolving_power):
 
 #: Library-to-exposure operators, by (library, pixels, LSF): a few, with their memory.
 _OPERATORS = Recent(6)  # an exposure uses up to 5 (line-spread trials), ~1 MB each
-_LOG_SAMPLINGS = Recent(3)  # the libraries' _log_sampling (~200 KB each)
+_LOG_SAMPLINGS = Recent(3)  # the libraries' log_sampling (~200 KB each)
 
 
 def _library_log_sampling(library):
-    return tuple(read_only(a) for a in _log_sampling(library["wavelength"].values))
+    return tuple(read_only(a) for a in log_sampling(library["wavelength"].values))
 
 
 def _library_operator(library, wavelength, lsf):
@@ -569,7 +564,7 @@ def _library_operator(library, wavelength, lsf):
     if entries is None:  # the library's own spectra
         check_coverage(library, wave, lsf, "library")
         log_in = per_library(_LOG_SAMPLINGS, _library_log_sampling, library)
-        entries = _convolution_entries(log_in, wave, lsf, float(library.attrs["resolving_power"]))
+        entries = convolution_entries(log_in, wave, lsf, float(library.attrs["resolving_power"]))
         prefix = ""
     vals, cols, indptr, sharper = entries
     # The library's dtype and int32 (what scipy would make of the float64 matrix) given at

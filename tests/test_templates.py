@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from kspec_fluxcal import templates
+from kspec_fluxcal import convolution, templates
 from kspec_fluxcal.constants import FWHM_PER_SIGMA
 from kspec_fluxcal.errors import FluxCalWarning, GridError
 from kspec_fluxcal.grid import PARAMS, open_grid
@@ -95,8 +95,8 @@ def test_convolution_entries_are_each_rows_normalised_gaussian_to_the_last_bit()
     wave_in = np.exp(np.arange(np.log(3000.0), np.log(9500.0), 1.0 / (2.3 * R_GRID)))
     wave_out = np.linspace(3600.0, 9000.0, 700)
     lsf = LineSpread((-1.08, 3.43), "test")  # sharper than the grid at the blue end
-    vals, cols, indptr, sharper = templates._convolution_entries(
-        templates._log_sampling(wave_in), wave_out, lsf, R_GRID)
+    vals, cols, indptr, sharper = convolution.convolution_entries(
+        convolution.log_sampling(wave_in), wave_out, lsf, R_GRID)
     assert 0 < sharper < 1
     ln_in, dln = np.log(wave_in), np.gradient(np.log(wave_in))
     excess = (lsf.fwhm(wave_out) / wave_out / FWHM_PER_SIGMA) ** 2 - (
