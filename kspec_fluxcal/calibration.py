@@ -38,8 +38,8 @@ from .exposure import _computed, add_history
 from .lsf import LineSpread
 from .masks import region_mask
 from .smoothing import _bridge, _smooth, running_median
-from .telluric import _distinct_rows, fit_telluric, transmission, uncovered_red
-from .wavelength import width_ratio
+from .telluric import fit_telluric, transmission, uncovered_red
+from .wavelength import distinct_rows, width_ratio
 
 __all__ = ["combine_vectors", "apply_calibration", "calibration_factor", "running_median",
            "quality_grade", "QUALITY_GRADES"]
@@ -583,7 +583,7 @@ def calibration_factor(calibration, fiber_wavelength, fiber_lsf_scale=None):
 
     def kernel(fiber_wave):
         # Each distinct row (wavelengths, line spread) once: fibers often share a solution.
-        rows, inverse = _distinct_rows(fiber_wave, fiber_lsf_scale)
+        rows, inverse = distinct_rows(fiber_wave, fiber_lsf_scale)
         wave, scale = rows[:, 1:].astype(fiber_wave.dtype, copy=False), rows[:, 0]
         out = np.full((2,) + wave.shape, np.nan)
         ok = np.isfinite(wave) & (wave > 0)

@@ -35,6 +35,7 @@ import scipy.special
 from ._inputs import refuse_repeated_columns
 from .constants import FWHM_PER_SIGMA, PIXEL_OUTLIER_SIGMA
 from .errors import ConfigError
+from .wavelength import distinct_rows
 
 __all__ = ["telluric_lines", "optical_depths", "line_optical_depth", "high_resolution_grid",
            "sample_transmission", "transmission", "fit_telluric", "uncovered_red",
@@ -431,7 +432,7 @@ def sample_transmission(hr_wave, hr_transmission, wavelength, sigma):
 
 class _Model:
     """The telluric model of a line list at distinct rows of pixels, each row with its own
-    line-spread scale (:func:`_distinct_rows`)."""
+    line-spread scale (:func:`~kspec_fluxcal.wavelength.distinct_rows`)."""
 
     def __init__(self, rows, lsf, source):
         wave, scale = rows[:, 1:], rows[:, 0]
@@ -468,21 +469,6 @@ class _Model:
         return out if derivatives else out[:1]
 
 
-def _distinct_rows(wavelength, scale):
-    """The distinct rows of pixels of ``wavelength`` (..., P) and their line-spread ``scale``
-    (..., or None: 1), as rows (R, 1 + P) of the scale and the wavelengths, and the index of
-    each row of ``wavelength`` among them (fibers sharing a wavelength solution and line
-    spread are one row; so are the stars, the reference grid and the fibers of an exposure
-    on a shared solution)."""
-    wave = np.asarray(wavelength, dtype=np.float64)
-    scale = np.ones(wave.shape[:-1]) if scale is None else np.asarray(scale, np.float64)
-    rows = np.concatenate([np.broadcast_to(scale[..., None], wave.shape[:-1] + (1,)), wave],
-                          axis=-1).reshape(-1, wave.shape[-1] + 1)
-    seen = {}
-    inverse = np.array([seen.setdefault(row.tobytes(), len(seen)) for row in rows], dtype=int)
-    return rows[np.unique(inverse, return_index=True)[1]], inverse
-
-
 _MODELS = collections.OrderedDict()
 _MODELS_KEPT = 3  # an exposure's stars, reference grid and fibers (up to ~10 MB each)
 _MODELS_LOCK = threading.Lock()  # workers' threads share the cache
@@ -494,7 +480,7 @@ def _model(wavelength, lsf, scale, source):
     reused while the same ones come back (a fit's iterations, an exposure's stars, reference
     grid and fibers on a shared solution)."""
     shape = np.shape(wavelength)
-    rows, inverse = _distinct_rows(wavelength, scale)
+    rows, inverse = distinct_rows(wavelength, scale)
     digest = hashlib.blake2b(rows.tobytes(), digest_size=16)
     key = (digest.hexdigest(), rows.shape, tuple(lsf.coeffs), source)
     with _MODELS_LOCK:

@@ -1,4 +1,4 @@
-"""Wavelength axes: air/vacuum conversion, pixel edges and widths."""
+"""Wavelength axes: air/vacuum conversion, pixel edges and widths, distinct rows of pixels."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ __all__ = [
     "pixel_edges",
     "pixel_widths",
     "width_ratio",
+    "distinct_rows",
 ]
 
 
@@ -123,3 +124,18 @@ def width_ratio(reference, wave):
         ratio = pixel_widths(wave) / np.interp(np.log(wave), np.log(reference),
                                                pixel_widths(reference))
     return np.where(np.isfinite(ratio) & (ratio > 0), ratio, 1.0)
+
+
+def distinct_rows(wavelength, scale):
+    """The distinct rows of pixels of ``wavelength`` (..., P) and their line-spread ``scale``
+    (..., or None: 1), as rows (R, 1 + P) of the scale and the wavelengths, and the index of
+    each row of ``wavelength`` among them (fibers sharing a wavelength solution and line
+    spread are one row; so are the stars, the reference grid and the fibers of an exposure
+    on a shared solution)."""
+    wave = np.asarray(wavelength, dtype=np.float64)
+    scale = np.ones(wave.shape[:-1]) if scale is None else np.asarray(scale, np.float64)
+    rows = np.concatenate([np.broadcast_to(scale[..., None], wave.shape[:-1] + (1,)), wave],
+                          axis=-1).reshape(-1, wave.shape[-1] + 1)
+    seen = {}
+    inverse = np.array([seen.setdefault(row.tobytes(), len(seen)) for row in rows], dtype=int)
+    return rows[np.unique(inverse, return_index=True)[1]], inverse
