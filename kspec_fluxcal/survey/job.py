@@ -518,20 +518,27 @@ def _run_graph(client, todo, catalog_future, templates, config, writer, report, 
     by_range = {}
     for entry in todo:
         by_range.setdefault(_library_range(entry["info"]), []).append(entry)
-    futures = {}
     provenance = _provenance(config, grid_plan)
     tag = token(Path(grid_path).resolve(), grid_plan, settings)
+    entries, libraries = [], []
     for wave_range, group in by_range.items():
         library = client.submit(_library_task, str(grid_path), wave_range, config, cache_dir,
                                 retries=2,
                                 key=f"library-{wave_range[0]:.0f}-{wave_range[1]:.0f}-{tag}")
-        for entry in group:
-            expid = entry["info"]["expid"]
-            key = f"calibrate-{expid}-{token(entry['input_hash'], Path(entry['out']).resolve())}"
-            futures[client.submit(
-                _calibrate_task, entry["path"], entry["out"], catalog_future, library, config,
-                entry["info"]["setup"], entry["input_hash"], utc, expid, provenance, key=key,
-                retries=2)] = entry
+        entries += group
+        libraries += [library] * len(group)
+    # One graph for every exposure's task (one message to the scheduler, the configuration
+    # pickled once), each still its own named task with its retries, in this order.
+    n = len(entries)
+    tasks = client.map(
+        _calibrate_task, [e["path"] for e in entries], [e["out"] for e in entries],
+        [catalog_future] * n, libraries, [config] * n, [e["info"]["setup"] for e in entries],
+        [e["input_hash"] for e in entries], [utc] * n, [e["info"]["expid"] for e in entries],
+        [provenance] * n, retries=2,
+        key=[f"calibrate-{e['info']['expid']}-"
+             f"{token(e['input_hash'], Path(e['out']).resolve())}" for e in entries]) \
+        if entries else []
+    futures = dict(zip(tasks, entries, strict=True))
 
     def handle(entry, result):
         expid = entry["info"]["expid"]
