@@ -471,6 +471,15 @@ class ArchiveWriter:
                              "row(s) since this one opened it; one writer at a time (is another "
                              "survey job writing to this archive?)")
 
+    def batch_size(self, most):
+        """How many records to append next: ``most``, or fewer when fewer bring the rows to
+        a chunk boundary of the row arrays (:data:`_BLOCK` rows), so that the next append
+        starts on one. An append that starts inside a chunk reads, decodes and
+        encodes again the chunks it shares with the previous one (64 rows: ~0.20 instead of
+        ~0.14 s of CPU; after a resume, or a commit made by time, every one would)."""
+        to_boundary = -self.rows % _BLOCK or _BLOCK
+        return to_boundary if to_boundary <= most else most
+
     def append(self, records):
         """Write records (from :func:`archive_record`) as new rows, then commit them."""
         if not records:
