@@ -297,8 +297,9 @@ def run_survey(lake, *, catalog, grid, out, config=None, scheduler=None, workers
         Of the LocalCluster started when neither ``scheduler`` nor ``client`` is given.
     flush_every, flush_interval : int, float
         Results are committed to the archive in batches: when ``flush_every`` are waiting
-        or ``flush_interval`` seconds after the previous commit, whichever comes first
-        (default 64 and 10 s: a commit's cost hardly depends on its size, see
+        (fewer when that ends the archive's rows on a chunk boundary) or ``flush_interval``
+        seconds after the previous commit, whichever comes first (default 64 and 10 s: a
+        commit costs ~0.05 s and ~1.5 ms per record, see
         :data:`~kspec_fluxcal.survey.tasks.FLUSH_EVERY`). A killed job loses at most the
         uncommitted batch (recalibrated by ``resume``).
     xp : path-like, optional
