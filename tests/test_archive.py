@@ -105,6 +105,36 @@ def test_uncommitted_rows_are_invisible_and_repaired(tmp_path):
     assert np.isfinite(ds.sel(expid="E9")["mjd"].values)
 
 
+def test_a_failed_write_commits_nothing_and_the_append_can_be_repeated(tmp_path):
+    """The arrays of a commit are written together (one call to Zarr's loop): one that
+    fails (a full disk) must leave the committed rows as they were, and the same append
+    must then succeed."""
+    path = tmp_path / "archive.zarr"
+    writer = ArchiveWriter(path)
+    writer.append([archive_record(_calibrated("E0", 61000.2), _stars(), None)])
+    records = [archive_record(_calibrated(f"E{i}", 61000.2 + i), _stars(), None)
+               for i in (1, 2)]
+    real = writer._row_arrays["mjd"]
+
+    class _Full:
+        @staticmethod
+        async def setitem(*args):
+            raise OSError("No space left on device")
+
+    class _Failing:
+        shape, async_array = real.shape, _Full
+
+    writer._row_arrays["mjd"] = _Failing
+    with pytest.raises(OSError, match="No space left"):
+        writer.append(records)
+    assert writer.rows == 1 and list(open_archive(path)["expid"].values) == ["E0"]
+    writer._row_arrays["mjd"] = real
+    writer.append(records)
+    ds = open_archive(path)
+    assert list(ds["expid"].values) == ["E0", "E1", "E2"]
+    np.testing.assert_array_equal(ds["mjd"].values, [61000.2, 61001.2, 61002.2])
+
+
 def test_open_archive_errors(tmp_path):
     """Issue 16: `archive plot` on a non-archive said "not a calibration archive ('rows')"."""
     with pytest.raises(InputError, match="no such archive"):

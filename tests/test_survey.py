@@ -329,6 +329,48 @@ def test_library_task_prepares_the_library_pre_blurred_for_its_exposures(cube):
     assert library.attrs["library_key"] == alone.attrs["library_key"]
 
 
+def test_commits_end_on_the_archives_chunk_boundaries(monkeypatch):
+    """After a commit that ends inside a chunk of the archive's rows (a resume, a commit made
+    by time), the next one is shortened to end on a chunk boundary (64 rows): a commit that
+    starts inside a chunk decodes and encodes again the chunks it shares with the last."""
+    import contextlib
+    from types import SimpleNamespace
+
+    from kspec_fluxcal.survey import tasks
+
+    class Future:
+        status = "finished"
+
+        def release(self):
+            pass
+
+    class Writer:
+        batch_size = ArchiveWriter.batch_size
+
+        def __init__(self, rows):
+            self.rows, self.batches = rows, []
+
+        def append(self, records):
+            if records:
+                self.batches.append(len(records))
+                self.rows += len(records)
+
+    def commits(rows, n, every):
+        results = [(Future(), {"expid": f"e{i}", "status": "ok"}) for i in range(n)]
+        monkeypatch.setattr(tasks, "as_completed_pairs",
+                            lambda client, futures: contextlib.nullcontext(iter(results)))
+        writer = Writer(rows)
+        tasks.collect(SimpleNamespace(status="running"),
+                      {f: {"info": {"expid": r["expid"]}} for f, r in results}, writer,
+                      SimpleNamespace(notes={}, checkpoint=lambda: None), lambda e, r: r,
+                      flush=(every, 1e9))
+        return writer.batches
+
+    assert commits(0, 150, 64) == [64, 64, 22]
+    assert commits(37, 200, 64) == [27, 64, 64, 45]
+    assert commits(60, 20, 6) == [4, 6, 6, 4]
+
+
 def test_a_directory_that_is_not_an_archive_is_refused(tmp_path):
     (tmp_path / "archive.zarr").mkdir()
     with pytest.raises(InputError, match="not a calibration archive"):

@@ -488,14 +488,18 @@ def _recalibrate(client, plan, fit, writer, report, config, *, utc, catalog, pro
         report.notes.setdefault(expid, []).append(
             "survey model: an outlier (its standards' shape far from the model): its own "
             "calibration kept")
-    futures = {}
-    for entry, row, fields in targets:
-        expid = entry["info"]["expid"]
-        key = f"recalibrate-{expid}-{token(plan.model_id, entry['input_hash'], entry['out'])}"
-        futures[client.submit(
-            _recalibrate_task, entry["path"], entry["out"], str(writer.path), row, fields,
-            model, levels, config, entry["info"]["setup"], entry["input_hash"], utc, expid,
-            provenance, catalog, plan.model_id, key=key, retries=2)] = entry
+    # One graph for every exposure's task (see survey.job._run_graph), one named task each.
+    entries, n = [t[0] for t in targets], len(targets)
+    tasks = client.map(
+        _recalibrate_task, [e["path"] for e in entries], [e["out"] for e in entries],
+        [str(writer.path)] * n, [t[1] for t in targets], [t[2] for t in targets], [model] * n,
+        [levels] * n, [config] * n, [e["info"]["setup"] for e in entries],
+        [e["input_hash"] for e in entries], [utc] * n, [e["info"]["expid"] for e in entries],
+        [provenance] * n, [catalog] * n, [plan.model_id] * n, retries=2,
+        key=[f"recalibrate-{e['info']['expid']}-"
+             f"{token(plan.model_id, e['input_hash'], e['out'])}" for e in entries]) \
+        if targets else []
+    futures = dict(zip(tasks, entries, strict=True))
     counts = {"recalibrated": 0, "model_only": 0}
     # Sets: membership in the report's lists, per exposure, was quadratic in a large survey.
     calibrated, skipped, moved = set(report.calibrated), set(report.skipped), set()

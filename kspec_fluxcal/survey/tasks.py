@@ -168,9 +168,11 @@ class Progress:
                   f"{time.time() - self.start:.0f} s", flush=True)
 
 
-#: Archive commits: when this many records wait, or this many seconds after the last one.
-#: A commit costs ~0.13 s of the client's CPU whatever its size (one write per archive
-#: variable): batches of 6 (1 s at 6 exposures/s) cost 20 ms per exposure, of 64 2 ms.
+#: Archive commits: when this many records wait (fewer when that ends the rows on a chunk
+#: boundary of the archive: :meth:`~kspec_fluxcal.survey.archive.ArchiveWriter.batch_size`),
+#: or this many seconds after the last one. A commit costs ~0.05 s of the client's CPU and
+#: ~1.5 ms per record (every archive array written): batches of 6 (1 s at 6 exposures/s)
+#: cost ~10 ms per exposure, of 64 ~2 ms.
 FLUSH_EVERY, FLUSH_INTERVAL = 64, 10.0
 
 
@@ -189,7 +191,8 @@ def collect(client, futures, writer, report, handle, flush=(FLUSH_EVERY, FLUSH_I
     handle : callable
         ``handle(entry, result)`` -> an archive record to commit, or None.
     flush : (int, float)
-        Commit when this many records wait, or this many seconds after the last commit.
+        Commit when this many records wait (fewer to end on a chunk boundary of the
+        archive), or this many seconds after the last commit.
     bar : Progress, optional
     """
     flush_every, flush_interval = flush
@@ -206,7 +209,7 @@ def collect(client, futures, writer, report, handle, flush=(FLUSH_EVERY, FLUSH_I
                 if bar is not None:
                     bar.update(result["status"] == "ok",
                                no_standards=result["status"] == "no standards")
-                if len(pending) >= flush_every or (
+                if len(pending) >= writer.batch_size(flush_every) or (
                         pending and time.monotonic() - last >= flush_interval):
                     batch, pending = pending, []
                     writer.append(batch)
