@@ -523,6 +523,9 @@ def _together(operations):
     """
     import asyncio
 
+    # Zarr's bridge to its own event loop, on which its synchronous arrays' coroutines run:
+    # not in Zarr's documented API (zarr-python issue 3859 asks for a public one), present
+    # in every 3.x release so far; test_archive's appends fail at once if it goes.
     from zarr.core.sync import sync
 
     operations = list(operations)  # made here, awaited on Zarr's loop
