@@ -32,7 +32,7 @@ import xarray as xr
 from ._inputs import expect_dataset
 from .config import Config
 from .constants import CAL_UNIT, FLUX_UNIT
-from .continuum import _nanmedian as _median_kept
+from .continuum import nanmedian as _median_kept
 from .errors import CalibrationError, FluxCalWarning
 from .exposure import _computed, add_history
 from .lsf import LineSpread
@@ -53,7 +53,7 @@ def _star_label(stars, s):
 
 def _nanmedian(values, axis):
     """np.nanmedian without the warning for all-NaN slices (gaps are expected here); along
-    an axis by :func:`~kspec_fluxcal.continuum._nanmedian`'s sort (the same values; numpy's
+    an axis by :func:`~kspec_fluxcal.continuum.nanmedian`'s sort (the same values; numpy's
     masked-array path for short axes, the stars and the scatter's blocks, costs 3-7x more)."""
     if axis is None:
         with warnings.catch_warnings():

@@ -19,7 +19,8 @@ import xarray as xr
 
 from ._bspline import basis_values
 
-__all__ = ["fit_continuum", "normalize_continuum", "spline_basis"]
+__all__ = ["fit_continuum", "normalize_continuum", "spline_basis", "normal_matrices", "nanmedian",
+           "fill_gaps"]
 
 # Smoothness penalty (second differences of the coefficients) relative to the mean diagonal
 # of the normal matrix: it only matters where knot intervals are empty (masked bands).
@@ -117,7 +118,7 @@ def spline_basis(wavelength, knot_spacing, degree=3):
                   degree)
 
 
-def _nanmedian(values, axis=-1):
+def nanmedian(values, axis=-1):
     """Median along ``axis`` ignoring NaN, the axis kept (length 1); NaN where there is no
     value. By one sort: np.nanmedian's values, without its Python loop over long axes or
     its masked arrays for short ones (3-7x slower)."""
@@ -132,8 +133,8 @@ def _nanmedian(values, axis=-1):
 def _robust_scale(resid, use):
     """Per-spectrum 1.4826 * MAD of the residuals over the used pixels."""
     r = np.where(use, resid, np.nan)
-    med = _nanmedian(r)
-    mad = _nanmedian(np.abs(r - med))
+    med = nanmedian(r)
+    mad = nanmedian(np.abs(r - med))
     return np.where(np.isfinite(mad) & (mad > 0), 1.4826 * mad, np.inf)
 
 
@@ -213,18 +214,18 @@ def fit_continuum(flux, wavelength, mask=None, *, method="bspline", knot_spacing
 def _running_median(y, use, window, sigma_low, sigma_high, iterations):
     import scipy.ndimage  # only for this method, not the default: 0.1 s of start-up
 
-    filled = _fill_gaps(y, use)
+    filled = fill_gaps(y, use)
     cont = scipy.ndimage.median_filter(filled, size=(1, window), mode="nearest")
     for _ in range(iterations):
         resid = y - cont
         scale = _robust_scale(resid, use)
         keep = use & (resid > -sigma_low * scale) & (resid < sigma_high * scale)
-        filled = _fill_gaps(y, keep)
+        filled = fill_gaps(y, keep)
         cont = scipy.ndimage.median_filter(filled, size=(1, window), mode="nearest")
     return cont
 
 
-def _fill_gaps(y, use):
+def fill_gaps(y, use):
     """Linear interpolation over unusable pixels, row by row, without a Python loop."""
     n = y.shape[1]
     idx = np.where(use, np.arange(n)[None, :], -1)

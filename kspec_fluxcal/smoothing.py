@@ -13,7 +13,7 @@ import functools
 import numpy as np
 
 from ._bspline import cached_curve_variance, cached_design_matrix, cached_normal_matrix
-from .continuum import _fill_gaps
+from .continuum import fill_gaps
 
 __all__ = ["running_median"]
 
@@ -27,7 +27,7 @@ def running_median(values, wavelength, window=100.0):
     values = np.asarray(values, dtype=np.float64)
     rows = values.reshape(-1, values.shape[-1])
     ok = np.isfinite(rows)
-    filled = _fill_gaps(np.where(ok, rows, 0.0), ok)
+    filled = fill_gaps(np.where(ok, rows, 0.0), ok)
     filled[~ok.any(axis=1)] = np.nan  # nothing to bridge from
     return scipy.ndimage.median_filter(filled.reshape(values.shape),
                                        size=(1,) * (values.ndim - 1) + (size,), mode="nearest")

@@ -21,7 +21,7 @@ import numpy as np
 
 from .catalog import catalog_lookup
 from .constants import FLUX_UNIT_SCALE, POSITION_MATCH_ARCSEC
-from .continuum import _fill_gaps, _nanmedian
+from .continuum import fill_gaps, nanmedian
 from .photometry import band_weight_values, synthetic_mag_values
 
 __all__ = ["spectrophotometric_check", "check_exposure", "SPHOT_BANDS", "SPHOT_MIN_SNR",
@@ -106,7 +106,7 @@ def _program_stars(calibrated, catalog, radius_arcsec):
     with np.errstate(invalid="ignore", divide="ignore"):
         # np.nanmedian's values by one sort (its loop over the fibers costs 3-7x); a dead
         # fiber, all NaN: NaN.
-        snr = _nanmedian(flux / np.sqrt(variance), axis=1)[:, 0]
+        snr = nanmedian(flux / np.sqrt(variance), axis=1)[:, 0]
     keep = (index >= 0) & (snr >= SPHOT_MIN_SNR)
     return program[keep], index[keep], flux[keep]
 
@@ -114,7 +114,7 @@ def _program_stars(calibrated, catalog, radius_arcsec):
 def _synthetic(wavelength, flux, bands):
     """AB magnitudes (star, band) of calibrated spectra ``flux`` (star, wavelength)."""
     good = np.isfinite(flux)
-    filled = _fill_gaps(np.where(good, flux, 0.0), good) * FLUX_UNIT_SCALE
+    filled = fill_gaps(np.where(good, flux, 0.0), good) * FLUX_UNIT_SCALE
     weights = band_weight_values(bands, wavelength, medium="air")
     return synthetic_mag_values(filled, weights)
 

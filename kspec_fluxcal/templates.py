@@ -37,7 +37,6 @@ from ._atomic import atomic_directory
 from ._recent import Recent, per_library, read_only
 from ._zarr import strings_as_object, strings_as_unicode
 from .config import Config, continuum_options
-from .constants import FWHM_PER_SIGMA
 from .convolution import NSIGMA, convolution_entries, convolution_matrix, log_sampling
 from .errors import FluxCalWarning, GridError
 from .exposure import setup_key

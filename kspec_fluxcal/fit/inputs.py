@@ -14,7 +14,7 @@ import xarray as xr
 from ..config import continuum_options
 from ..constants import (A_GAIA_G_PER_EBV, A_PS1_G_PER_EBV, COLOUR_EXCESS_PER_EBV,
                          FWHM_PER_SIGMA, MIN_VARIANCE_FRACTION, SPIKE_LSF_MARGIN)
-from ..continuum import _nanmedian, fit_continuum
+from ..continuum import nanmedian, fit_continuum
 from ..masks import region_mask
 from ..photometry import _colour_relations, _teff_kernel, colour_teff_table
 from .._recent import Recent, per_library
@@ -48,7 +48,7 @@ def observed_standards(std, config):
         # A dead fiber (no good pixel) has no S/N: NaN, its status says "no valid pixel".
         warnings.simplefilter("ignore", RuntimeWarning)
         snr_pix = np.where(good, flux / np.sqrt(var), np.nan)
-        snr = _nanmedian(snr_pix)[:, 0] if nstar else np.zeros(0)
+        snr = nanmedian(snr_pix)[:, 0] if nstar else np.zeros(0)
     # The continuum's basis is on the reference pixels: per-fiber solutions differ by a
     # fraction of a pixel, nothing on its 400 A scale.
     cont = fit_continuum(flux, wave, match_mask, **continuum_options(config))
@@ -116,7 +116,7 @@ def implausible_variance(std):
     measurement has such a noise, and its weight would rule the fit. (S, P) bool."""
     good = std["good"].values
     var = np.where(good, std["variance"].values.astype(np.float64), np.nan)
-    typical = _nanmedian(var)  # NaN for a fiber without a good pixel: nothing to mask
+    typical = nanmedian(var)  # NaN for a fiber without a good pixel: nothing to mask
     with np.errstate(invalid="ignore"):
         return good & (var < MIN_VARIANCE_FRACTION * typical)
 
