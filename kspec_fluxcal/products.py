@@ -35,6 +35,7 @@ from .fits_file import (
     image_bytes,
     image_data_bytes,
     open_fits,
+    primary_bytes,
     table_bytes,
     table_hdu,
 )
@@ -178,27 +179,25 @@ def _factor_hdus(ds):
 
 
 def _write_fits(path, primary, extensions, compress=False):
-    """Write a new FITS file: the astropy ``primary`` HDU, then ``extensions`` in FITS bytes;
+    """Write a new FITS file of HDUs in FITS bytes: the ``primary``, then ``extensions``;
     gzip-compressed with ``compress`` (a product named ``.gz``, e.g. a RED file ``.fits.gz``
     calibrated in place).
 
-    The HDUs carrying the input's header keywords (primary, VARIANCE) are astropy's to
-    write: it verifies them (an invalid card is refused) and applies its rules to copied
-    keywords (BSCALE, BLANK, repeated HISTORY...); VARIANCE's header is astropy's
-    rendering, made once for each input VARIANCE header (:func:`_variance_header`), its data
-    the float32 pixels. The extensions made of our own values
-    only are rendered directly, as astropy writes them
+    The HDUs carrying the input's header keywords (primary, VARIANCE) are as astropy writes
+    them: it verifies them (an invalid card is refused) and applies its rules to copied
+    keywords (BSCALE, BLANK, repeated HISTORY...); the primary's cards are verified and
+    rendered by astropy (:func:`~kspec_fluxcal.fits_file.primary_bytes`), VARIANCE's header
+    is astropy's rendering, made once for each input VARIANCE header
+    (:func:`_variance_header`), its data the float32 pixels. The extensions made of our own
+    values only are rendered directly, as astropy writes them
     (:func:`~kspec_fluxcal.fits_file.table_bytes`): making, verifying and writing them in
     astropy took ~30 of the ~37 ms of CPU of a product with its FCALSTAR table (Column
     objects, header updates, configuration look-ups); the input's other extensions are
     copied verbatim.
     """
-    primary.header.set("EXTEND", True, "FITS dataset may contain extensions",
-                       after=f"NAXIS{primary.header['NAXIS']}")
     with (gzip.open(path, "wb", compresslevel=6) if compress else open(path, "wb")) as fh:
-        fits.HDUList([primary]).writeto(fh, output_verify="exception")
-        for extension in extensions:
-            fh.write(extension)
+        for hdu in (primary, *extensions):
+            fh.write(hdu)
 
 
 def write_calibrated(ds, path, *, overwrite=False, stars=None):
@@ -235,7 +234,7 @@ def write_calibrated(ds, path, *, overwrite=False, stars=None):
     ds = _computed(ds)
     try:
         header = _product_header(ds)
-        primary = fits.PrimaryHDU(ds.variables["flux"].values.astype(np.float32), header=header)
+        primary = primary_bytes(ds.variables["flux"].values.astype(np.float32), header)
         extensions = [*_input_layout(ds, _variance_bytes(ds)), _calibration_table(ds)]
         if "cal_factor" in ds:
             extensions += _factor_hdus(ds)

@@ -16,6 +16,7 @@ from kspec_fluxcal.fits_file import (
     extension_bytes,
     extension_raw,
     image_bytes,
+    primary_bytes,
     table_bytes,
     table_hdu,
 )
@@ -553,6 +554,70 @@ def test_extensions_in_bytes_are_what_astropy_writes():
         assert image_bytes(data, "img", [card_image("BUNIT", "adu"),
                                          card_image("COMMENT", "y" * 100)]) == extension_bytes(hdu)
     assert card_image("X", -0.0) != card_image("X", 0.0)  # floats are not cached as equal
+
+
+def _astropy_primary_reference(data, header):
+    """What astropy writes for ``PrimaryHDU(data, header)`` with EXTEND = T, verified."""
+    import io
+
+    hdu = fits.PrimaryHDU(data, header=header.copy())
+    hdu.header.set("EXTEND", True, "FITS dataset may contain extensions",
+                   after=f"NAXIS{hdu.header['NAXIS']}")
+    buffer = io.BytesIO()
+    fits.HDUList([hdu]).writeto(buffer, output_verify="exception")
+    return buffer.getvalue()
+
+
+def test_primary_bytes_are_what_astropy_writes():
+    """A product's primary HDU is rendered from its header's cards (verified and rendered by
+    astropy) without astropy's HDU objects: the bytes must be those astropy writes for the
+    same header, copied cards (as read from a file: odd spacing, long strings, HIERARCH,
+    record-valued, blank and commentary cards) and keywords astropy acts on included; a
+    card astropy refuses is refused."""
+    rng = np.random.default_rng(3)
+    read = "\n".join(card.ljust(80) for card in (
+        "EXPTIME =                1.0E3 / odd but valid spacing",
+        "OBSERVER= 'A. Name'",
+        "HIERARCH ESO DET CHIP TEMP = 170.5 / a hierarch card",
+        "DP1     = 'AXIS.1: 1'",
+        "",
+        "COMMENT   indented commentary",
+        "HISTORY reduced",
+        "LONGSTR = 'a long string value that goes on and on beyond one card of eighty &'",
+        "CONTINUE  'characters, continued'",
+        "NIGHT   = '20261101'           / local date",
+    ))
+    header = fits.Header.fromstring(read, sep="\n")
+    header["BUNIT"] = FLUX_UNIT
+    header["FLUXCAL"] = (True, "flux calibrated")
+    header["FCALRMS"] = (0.1234567890123, "rms")
+    header.add_history("x" * 130)
+    header["COMMENT"] = "a comment"
+    for data in (rng.normal(size=(3, 5)).astype(np.float32), rng.normal(size=(2, 4))):
+        assert primary_bytes(data, header) == _astropy_primary_reference(data, header)
+        for extra in (("BSCALE", 2.0), ("BZERO", 1.0), ("NAXIS3", 4), ("EXTNAME", "SCI"),
+                      ("XTENSION", "IMAGE"), ("EXTEND", False)):
+            odd = header.copy()
+            odd[extra[0]] = extra[1]
+            assert _written(primary_bytes, data, odd) == _written(
+                _astropy_primary_reference, data, odd), extra
+    bad = fits.Header.fromstring("badkey  = 1".ljust(80) + "\n" + "X       = 'no end".ljust(80),
+                                 sep="\n")
+    for card in bad.cards:
+        damaged = header.copy()
+        damaged.append(card)
+        with pytest.raises(fits.VerifyError):
+            _astropy_primary_reference(np.zeros((2, 2), np.float32), damaged)
+        with pytest.raises(fits.VerifyError):
+            primary_bytes(np.zeros((2, 2), np.float32), damaged)
+
+
+def _written(write, data, header):
+    """``write(data, header)``'s bytes, or 'refused' when it raises astropy's VerifyError."""
+    try:
+        return write(data, header)
+    except fits.VerifyError:
+        return "refused"
 
 
 def test_star_table_written_as_astropy_writes_it_and_read_back(red_file, tmp_path):
