@@ -64,9 +64,10 @@ def spectrophotometric_check(calibrated, catalog, *, radius_arcsec=POSITION_MATC
     bands = [SPHOT_BANDS[n] for n in names]
     if not fibers.size or not bands:
         return out
-    # Variables, not DataArrays: selecting a DataArray selects every catalog coordinate too.
-    catalog_mag = catalog.variables["mag"].isel(band=catalog_bands.get_indexer(bands)).transpose(
-        "star", "band").values[rows]
+    # Variables, not DataArrays: selecting a DataArray selects every catalog coordinate too;
+    # the stars' rows first, then the bands (the whole catalog's were copied).
+    columns = [catalog_bands.get_loc(b) for b in bands]
+    catalog_mag = catalog.variables["mag"].transpose("star", "band").values[rows][:, columns]
     offset = _synthetic(calibrated["wavelength"].values, flux, bands) - catalog_mag
     used = np.isfinite(offset).any(axis=1)
     out["sphot_n"] = int(used.sum())
@@ -83,7 +84,8 @@ def spectrophotometric_check(calibrated, catalog, *, radius_arcsec=POSITION_MATC
         # has a handful of program stars, where a median absolute deviation about the median
         # reads 25-40 % low (3 stars: one deviation is 0 by construction).
         out["sphot_scatter"] = float(np.sqrt(squares / dof))
-    out["stars"] = [{"fiber": int(f), "objid": int(catalog["objid"].values[r]),
+    objid = catalog.variables["objid"].values
+    out["stars"] = [{"fiber": int(f), "objid": int(objid[r]),
                      **{n: float(offset[s, k]) for k, n in enumerate(names)}}
                     for s, (f, r) in enumerate(zip(fibers, rows, strict=True)) if used[s]]
     return out
@@ -92,13 +94,14 @@ def spectrophotometric_check(calibrated, catalog, *, radius_arcsec=POSITION_MATC
 def _program_stars(calibrated, catalog, radius_arcsec):
     """Program fibers matched to the catalog with enough S/N: (fiber indices, catalog rows,
     their calibrated flux as float64)."""
-    kind = np.char.strip(calibrated["fiber_type"].values.astype(str))
+    fibres = calibrated.variables  # not DataArrays, each made with the exposure's coordinates
+    kind = np.char.strip(fibres["fiber_type"].values.astype(str))
     program = np.flatnonzero(kind == PROGRAM_TYPE)
     if not program.size:
         return program, program, np.empty((0, calibrated.sizes["wavelength"]))
-    index, _, _ = catalog_lookup(catalog, calibrated["objid"].values[program],
-                                 calibrated["ra"].values[program],
-                                 calibrated["dec"].values[program], radius_arcsec)
+    index, _, _ = catalog_lookup(catalog, fibres["objid"].values[program],
+                                 fibres["ra"].values[program], fibres["dec"].values[program],
+                                 radius_arcsec)
     # Only these fibers are computed (the exposure may be lazy); Variables: a DataArray's
     # selection would select its coordinates (fiber_wavelength...) too.
     flux, variance = (calibrated.variables[name].isel(fiber=program).values.astype(np.float64)
@@ -114,7 +117,10 @@ def _program_stars(calibrated, catalog, radius_arcsec):
 def _synthetic(wavelength, flux, bands):
     """AB magnitudes (star, band) of calibrated spectra ``flux`` (star, wavelength)."""
     good = np.isfinite(flux)
-    filled = fill_gaps(np.where(good, flux, 0.0), good) * FLUX_UNIT_SCALE
+    gaps = np.flatnonzero(~good.all(axis=1))  # only the spectra with a gap are bridged
+    filled = flux.copy()
+    filled[gaps] = fill_gaps(np.where(good[gaps], flux[gaps], 0.0), good[gaps])
+    filled *= FLUX_UNIT_SCALE
     weights = band_weight_values(bands, wavelength, medium="air")
     return synthetic_mag_values(filled, weights)
 
