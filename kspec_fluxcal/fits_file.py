@@ -22,11 +22,11 @@ from astropy.utils.exceptions import AstropyUserWarning
 from ._atomic import check_regular_file
 from .errors import ExposureError, FluxCalWarning
 
-__all__ = ["open_fits", "find_hdu", "hdu_data", "header_value", "check_header_cards",
-           "check_non_ascii", "READ_KEYWORDS",
-           "cards_named", "fits_column", "column_format", "card_image", "table_bytes", "table_hdu",
-           "image_bytes", "image_data_bytes", "primary_bytes", "extension_bytes", "extension_header",
-           "extension_raw", "extensions_raw"]
+__all__ = ["open_fits", "find_hdu", "hdu_data", "table_columns", "header_value",
+           "check_header_cards", "check_non_ascii", "READ_KEYWORDS", "cards_named",
+           "fits_column", "column_format", "card_image", "table_bytes", "table_hdu",
+           "image_bytes", "image_data_bytes", "primary_bytes", "extension_bytes",
+           "extension_header", "extension_raw", "extensions_raw"]
 
 #: The FITS record: headers and data are padded to a multiple of it.
 BLOCK = 2880
@@ -158,6 +158,92 @@ def hdu_data(hdu, path, label):
     if data is None:
         raise ExposureError(path, f"HDU {label}", "has no data")
     return data
+
+
+def table_columns(hdu, path, label):
+    """The binary table ``hdu`` of the file ``path`` as astropy reads it (:func:`hdu_data`,
+    ``hdu.columns``): (rows, {name: (values, unit or None)} in the table's order).
+
+    A plain table (scalar columns L, A, B, I, J, K, E, D without scaling, nulls or
+    dimensions, in an uncompressed file) is read from its bytes: astropy's Column objects
+    and record array were ~2 ms of the ~10 of reading a RED file (its FIBRES). Any other
+    (or a card astropy cannot parse) is astropy's to read, with its results and errors."""
+    with contextlib.suppress(VerifyError, ValueError):  # a damaged card: astropy names it
+        if (plain := _plain_table(hdu, path)) is not None:
+            return plain
+    data = hdu_data(hdu, path, label)
+    return len(data), {col.name: (np.asarray(data[col.name]), col.unit) for col in hdu.columns}
+
+
+#: A plain binary-table format: (repeat) code; A's repeat is its width.
+_PLAIN_FORMAT = re.compile(r"(\d*)([LABIJKED])")
+_PLAIN_TYPES = {"L": "u1", "B": "u1", "I": ">i2", "J": ">i4", "K": ">i8", "E": ">f4", "D": ">f8"}
+#: Column keywords with which astropy's values are not the bytes as they are.
+_COLUMN_SCALING, _COLUMN_NAME = ("TSCAL", "TZERO", "TNULL", "TDIM"), re.compile(r"\w+", re.A)
+
+
+def _plain_table(hdu, path):
+    """:func:`table_columns` of a plain table, read from the file; None for another."""
+    header = hdu.header
+    nfields, nrows = header.get("TFIELDS", 0), header.get("NAXIS2", 0)
+    if not (isinstance(hdu, fits.BinTableHDU) and type(nfields) is int and nfields > 0
+            and type(nrows) is int and nrows > 0 and header.get("PCOUNT", 0) == 0
+            and header.get("GCOUNT", 1) == 1 and "THEAP" not in header):
+        return None
+    fields = [_plain_field(header, k) for k in range(1, nfields + 1)]
+    if None in fields or len({field[0].upper() for field in fields}) < nfields:
+        return None
+    dtype = np.dtype([field[:2] for field in fields])
+    raw = _data_of(hdu, path, nrows * dtype.itemsize)
+    if header.get("NAXIS1") != dtype.itemsize or raw is None:
+        return None
+    rows = np.frombuffer(bytearray(raw), dtype=dtype)  # writable, as astropy's
+    columns = {}
+    for name, _, unit, code in fields:
+        values = rows[name]
+        if code == "L":
+            if not values.all():  # astropy warns about a NUL (undefined) logical
+                return None
+            values = values == ord("T")
+        elif code == "A":
+            values = _table_strings(values)
+        columns[name] = (values, unit)
+    return nrows, columns
+
+
+def _plain_field(header, k):
+    """(name, NumPy type, unit, format code) of the table's column ``k`` if plain, else None."""
+    name, form = header.get(f"TTYPE{k}"), header.get(f"TFORM{k}")
+    found = _PLAIN_FORMAT.fullmatch(form) if isinstance(form, str) else None
+    if (found is None or not isinstance(name, str) or not _COLUMN_NAME.fullmatch(name)
+            or any(f"{key}{k}" in header for key in _COLUMN_SCALING)):
+        return None
+    repeat, code = found.groups()
+    if code == "A" and int(repeat or 1) > 0:
+        kind = f"S{int(repeat or 1)}"
+    elif repeat in ("", "1"):
+        kind = _PLAIN_TYPES[code]
+    else:
+        return None
+    return name, kind, header.get(f"TUNIT{k}"), code
+
+
+def _data_of(hdu, path, size):
+    """The first ``size`` bytes of the data of ``hdu`` of ``path`` (None: compressed, cut)."""
+    with open(path, "rb") as f:
+        if f.read(2) != b"SI":  # not the plain FITS that starts with SIMPLE
+            return None
+        f.seek(hdu.fileinfo()["datLoc"])
+        raw = f.read(size)
+    return raw if len(raw) == size else None
+
+
+def _table_strings(values):
+    """A text column as astropy reads it: str where it is ASCII, else its bytes."""
+    try:
+        return np.char.decode(values, "ascii").astype(f"U{values.dtype.itemsize}")
+    except UnicodeDecodeError:
+        return values
 
 
 def header_value(header, keys, path, required, kind=float):
@@ -446,42 +532,24 @@ def image_bytes(data, name, cards=()):
     return _hdu_bytes(header, data.astype(data.dtype.newbyteorder(">"), copy=False))
 
 
-#: Keywords astropy moves, drops, checks or acts on when a header is given to an image HDU
-#: (the structural ones, the data's scaling, BLANK, EXTNAME): a primary header holding one
-#: is astropy's to write (:func:`primary_bytes`).
+#: Keywords astropy moves, drops, checks or acts on in an image HDU's header (structure,
+#: scaling, BLANK, EXTNAME): a primary header with one is astropy's to write.
 _IMAGE_KEYWORDS = re.compile(r"SIMPLE|XTENSION|BITPIX|NAXIS.*|EXTEND|PCOUNT|GCOUNT|GROUPS|"
                              r"BSCALE|BZERO|BLANK|TFIELDS|THEAP|EXTNAME")
 
 
 def primary_bytes(data, header):
-    """A primary HDU in FITS bytes, as astropy writes ``fits.PrimaryHDU(data, header)``
-    with EXTEND = T, verified (``output_verify='exception'``; the tests compare them byte
-    for byte).
+    """A primary HDU of a float image (32 or 64 bits) in FITS bytes, as astropy writes
+    ``fits.PrimaryHDU(data, header)`` with EXTEND = T, verified (``output_verify=
+    'exception'``: astropy's VerifyError for a card that is not FITS; the tests compare them
+    byte for byte).
 
-    Parameters
-    ----------
-    data : numpy.ndarray
-        The image: floats, 32 or 64 bits.
-    header : astropy.io.fits.Header
-        Its further keywords (an input's copied ones among them).
-
-    Returns
-    -------
-    bytes
-
-    Raises
-    ------
-    astropy.io.fits.verify.VerifyError
-        When a card of ``header`` is not FITS (astropy's refusal).
-
-    Notes
-    -----
-    The cards are verified and rendered by astropy as its writer does (a card read from a
-    file and left unchanged is its image as read), the structural ones made once
-    (:func:`card_image`): the HDU object, its copy of the header, the header updates and
-    the HDU's verification were ~2.5 ms of a product's ~10. A header with a keyword astropy
-    acts on (:data:`_IMAGE_KEYWORDS`), a card that does not verify or other data are left to
-    astropy's writer, which gives its own result or refusal.
+    The ``header``'s cards are verified and rendered by astropy as its writer does (a card
+    read from a file and left unchanged is its image as read), the structural ones made
+    once (:func:`card_image`): the HDU object, its copy of the header, its updates and the
+    HDU's verification were ~2.5 ms of a product's ~10. A keyword astropy acts on
+    (:data:`_IMAGE_KEYWORDS`), a card that does not verify or other data are left to
+    astropy's writer, with its own result or refusal.
     """
     data = np.asarray(data)
     bitpix = _BITPIX.get(f"{data.dtype.kind}{data.dtype.itemsize}")

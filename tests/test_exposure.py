@@ -15,9 +15,12 @@ from kspec_fluxcal.fits_file import (
     column_format,
     extension_bytes,
     extension_raw,
+    find_hdu,
     image_bytes,
+    open_fits,
     primary_bytes,
     table_bytes,
+    table_columns,
     table_hdu,
 )
 from kspec_fluxcal.products import read_standard_stars, star_table, write_calibrated
@@ -554,6 +557,78 @@ def test_extensions_in_bytes_are_what_astropy_writes():
         assert image_bytes(data, "img", [card_image("BUNIT", "adu"),
                                          card_image("COMMENT", "y" * 100)]) == extension_bytes(hdu)
     assert card_image("X", -0.0) != card_image("X", 0.0)  # floats are not cached as equal
+
+
+def _table_file(path, columns, compress=False, cards=()):
+    """A FITS file whose first extension is the binary table of ``columns`` (astropy's),
+    with the header ``cards`` (keyword, value) added."""
+    hdu = fits.BinTableHDU.from_columns(columns, name="FIBRES")
+    for key, value in cards:
+        hdu.header[key] = value
+    fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(path)
+    if compress:
+        import gzip
+
+        raw = path.read_bytes()
+        path = path.with_suffix(".fits.gz")
+        path.write_bytes(gzip.compress(raw))
+    return path
+
+
+def test_table_columns_are_what_astropy_reads(tmp_path):
+    """A plain FIBRES table is read from its bytes, without astropy's Column objects: the
+    values (dtype, bytes), units and rows must be astropy's; other tables (scaled, null,
+    vector or undefined logical columns, compressed files) are astropy's to read."""
+    rng = np.random.default_rng(4)
+    text = np.array(["ab  ", " c", "", "x y", "longer txt", "z"])
+    plain = [
+        fits.Column("NAME", "10A", array=text),
+        fits.Column("TYPE", "1A", array=np.array(list("PSCPSU"))),
+        fits.Column("RA", "D", unit="deg", array=rng.uniform(0, 360, 6)),
+        fits.Column("MAG", "E", unit="mag", array=rng.normal(size=6).astype(np.float32)),
+        fits.Column("OBJID", "K", array=np.arange(6) - 1),
+        fits.Column("SPEC", "J", array=np.arange(6, dtype=np.int32)),
+        fits.Column("SLOT", "I", array=np.arange(6, dtype=np.int16)),
+        fits.Column("FLAG", "B", array=np.arange(6, dtype=np.uint8)),
+        fits.Column("USED", "L", array=rng.random(6) > 0.5),
+    ]
+    latin = fits.Column("NOTE", "6A", array=np.array([b"\xe9toile", b"a", b"", b"b", b"c",
+                                                      b"d"]))
+    others = {
+        "unsigned": fits.Column("PIX", "I", bzero=32768, array=np.arange(6, dtype=np.uint16)),
+        "vector": fits.Column("V", "3D", array=rng.normal(size=(6, 3))),
+    }
+    cases = {"plain": (plain, True, ()), "latin-1": ([*plain[:2], latin], True, ()),
+             "compressed": (plain, False, ()),
+             "scaled": (plain[:5], False, [("TSCAL5", 2.0)]),
+             "null": (plain[:5], False, [("TNULL5", -1)]),
+             **{k: ([*plain[:3], c], False, ()) for k, c in others.items()}}
+    for name, (columns, fast, cards) in cases.items():
+        path = _table_file(tmp_path / f"{name}.fits", columns, compress=name == "compressed",
+                           cards=cards)
+        with open_fits(path) as hdul:
+            hdu = find_hdu(hdul, path, ("FIBRES",))
+            nrows, read = table_columns(hdu, path, "FIBRES")
+            # astropy's record array (a lazy property) is made only for the others
+            assert ("data" in vars(hdu)) != fast, name
+            data = hdu.data
+            assert nrows == len(data) == 6
+            assert list(read) == hdu.columns.names, name
+            for col in hdu.columns:
+                values, unit = read[col.name]
+                expected = np.asarray(data[col.name])
+                assert values.dtype == expected.dtype and values.shape == expected.shape
+                assert values.tobytes() == expected.tobytes(), (name, col.name)
+                assert unit == col.unit, (name, col.name)
+    path = tmp_path / "nul.fits"
+    _table_file(path, plain)
+    raw = bytearray(path.read_bytes())
+    at = raw.rindex(b"T" if raw.rindex(b"T") > raw.rindex(b"F") else b"F")
+    raw[at] = 0  # an undefined logical: astropy's reading, which warns
+    path.write_bytes(bytes(raw))
+    with open_fits(path) as hdul, pytest.warns(UserWarning, match="NULL"):
+        assert not table_columns(find_hdu(hdul, path, ("FIBRES",)), path, "FIBRES")[1][
+            "USED"][0].all()
 
 
 def _astropy_primary_reference(data, header):

@@ -10,7 +10,7 @@ from astropy.io import fits
 
 from ..constants import FIBER_TYPES
 from ..errors import ExposureError
-from ..fits_file import hdu_data
+from ..fits_file import table_columns
 
 __all__ = ["fibres_coords", "table_text", "FIBRES_EXTNAMES"]
 
@@ -37,22 +37,22 @@ def fibres_coords(hdu, nfib, path):
         kind = "an ASCII table" if isinstance(hdu, fits.TableHDU) else "not a table"
         raise ExposureError(path, where, f"is {kind} ({type(hdu).__name__}); expected a "
                             "binary table with one row per fiber")
-    data = hdu_data(hdu, path, hdu.name)
-    if len(data) != nfib:
-        raise ExposureError(path, where, f"has {len(data)} rows but the primary has {nfib} fibers")
-    names = {c.name.upper(): c for c in hdu.columns}
+    nrows, columns = table_columns(hdu, path, hdu.name)
+    if nrows != nfib:
+        raise ExposureError(path, where, f"has {nrows} rows but the primary has {nfib} fibers")
+    names = {name.upper(): name for name in columns}
     if "TYPE" not in names:
         raise ExposureError(path, f"{where} column TYPE", "missing")
-    coords = {"fiber_type": _fiber_types(data[names["TYPE"].name], path, where)}
+    coords = {"fiber_type": _fiber_types(columns[names["TYPE"]][0], path, where)}
     if "NAME" in names:
-        coords["fiber_name"] = table_text(data[names["NAME"].name])
+        coords["fiber_name"] = table_text(columns[names["NAME"]][0])
     else:
         coords["fiber_name"] = np.full(nfib, "")
     for key in ("RA", "DEC"):
-        coords[key.lower()] = (_sky_coordinate(data, names[key], key, path, where)
+        coords[key.lower()] = (_sky_coordinate(columns[names[key]], key, path, where)
                                if key in names else np.full(nfib, np.nan))
     if "OBJID" in names:
-        coords["objid"] = _objid_column(np.asarray(data[names["OBJID"].name]), path,
+        coords["objid"] = _objid_column(columns[names["OBJID"]][0], path,
                                         f"{where} column OBJID")
     else:
         coords["objid"] = np.full(nfib, -1, dtype=np.int64)
@@ -61,7 +61,7 @@ def fibres_coords(hdu, nfib, path):
         result[name] = xr.Variable("fiber", coords[name], {"fits_column": key})
     result["ra"].attrs["units"] = "deg"
     result["dec"].attrs["units"] = "deg"
-    return {**result, **_other_columns(hdu, data)}
+    return {**result, **_other_columns(columns)}
 
 
 def _fiber_types(column, path, where):
@@ -76,20 +76,21 @@ def _fiber_types(column, path, where):
     return types.astype("<U1")
 
 
-def _sky_coordinate(data, col, key, path, where):
-    """The RA or DEC column ``col`` in degrees (radians converted); NaN means no position,
-    any other value must lie on the sky."""
+def _sky_coordinate(column, key, path, where):
+    """The RA or DEC ``column`` (values, unit) in degrees (radians converted); NaN means no
+    position, any other value must lie on the sky."""
+    values, unit_read = column
     try:
-        values = np.asarray(data[col.name], dtype=np.float64)
+        values = np.asarray(values, dtype=np.float64)
     except (TypeError, ValueError):
         raise ExposureError(path, f"{where} column {key}", "is not numeric") from None
-    unit = str(col.unit or "").strip().lower()
+    unit = str(unit_read or "").strip().lower()
     if unit in _RADIANS:
         values = np.degrees(values)
     elif unit not in _DEGREES:
         # Hours or arcsec read as degrees would put every fiber elsewhere on the sky: the
         # standards matched by position would silently match nothing.
-        raise ExposureError(path, f"{where} column {key}", f"unit (TUNIT) {col.unit!r} is "
+        raise ExposureError(path, f"{where} column {key}", f"unit (TUNIT) {unit_read!r} is "
                             "neither degrees ('deg', or none) nor radians ('rad', 'radians')")
     # NaN means 'no position'; anything else must be a real sky position, or the
     # positional match of the standards fails far from here.
@@ -104,22 +105,20 @@ def _sky_coordinate(data, col, key, path, where):
     return values
 
 
-def _other_columns(hdu, data):
-    """Every other scalar column of the table, as ``fibres_<name>`` variables (strings
-    stripped, units kept), so that the calibrated file carries the table unchanged."""
+def _other_columns(columns):
+    """Every other scalar column of the table (:func:`~kspec_fluxcal.fits_file.table_columns`),
+    as ``fibres_<name>`` variables (strings stripped, units kept), so that the calibrated
+    file carries the table unchanged."""
     result = {}
-    for col in hdu.columns:
-        if col.name.upper() in _FIBRES_COLUMNS:
-            continue
-        values = np.asarray(data[col.name])
-        if values.ndim != 1:
+    for name, (values, unit) in columns.items():
+        if name.upper() in _FIBRES_COLUMNS or values.ndim != 1:
             continue
         if values.dtype.kind in "SU":
             values = table_text(values)
-        attrs = {"fits_column": col.name}
-        if col.unit:
-            attrs["units"] = str(col.unit)
-        result[f"fibres_{col.name.lower()}"] = xr.Variable("fiber", values, attrs)
+        attrs = {"fits_column": name}
+        if unit:
+            attrs["units"] = str(unit)
+        result[f"fibres_{name.lower()}"] = xr.Variable("fiber", values, attrs)
     return result
 
 
