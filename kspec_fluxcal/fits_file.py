@@ -250,8 +250,7 @@ def header_value(header, keys, path, required, kind=float):
     """The value of the first of ``keys`` present in ``header``, as ``kind`` (a float must
     be finite); None when absent and not ``required``."""
     for key in keys:
-        if key in header and _card_value(header, key, path) not in (None, ""):
-            value = header[key]
+        if key in header and (value := _card_value(header, key, path)) not in (None, ""):
             # FITS logicals are Python bools, which float() would silently turn into 0 or 1.
             try:
                 if isinstance(value, bool):
