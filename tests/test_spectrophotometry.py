@@ -94,3 +94,22 @@ def test_program_stars_need_a_median_snr_of_5_and_a_dead_fiber_is_left_out(
                                                                    variance)
     check = spectrophotometric_check(ds, catalog)
     assert sorted(s["fiber"] for s in check["stars"]) == [0, 1]
+
+
+def test_median_threshold_decided_by_counts_as_by_the_median():
+    """The S/N cut counts the pixels below it instead of sorting each fiber's: its decision
+    must be np.nanmedian's, for odd and even counts, ties at the threshold, the threshold
+    between the middle values, infinities, NaN and rows without values."""
+    from kspec_fluxcal.spectrophotometry import _median_reaches
+
+    rng = np.random.default_rng(5)
+    rows = [rng.choice([4.0, 5.0, 6.0, np.nan, np.inf, -np.inf], size=n) for n in
+            (1, 2, 3, 4, 5, 6, 7, 8) for _ in range(60)]
+    rows += [np.array([4.0, 6.0]), np.array([4.0, 5.9]), np.array([3.0, 7.0, np.nan]),
+             np.array([4.9, 5.1]), np.full(3, np.nan), np.array([np.inf, -np.inf])]
+    width = max(r.size for r in rows)
+    values = np.array([np.pad(r, (0, width - r.size), constant_values=np.nan) for r in rows])
+    with np.errstate(invalid="ignore"), pytest.warns(RuntimeWarning):
+        expected = np.nanmedian(values, axis=1) >= 5.0
+    np.testing.assert_array_equal(_median_reaches(values, 5.0), expected)
+    assert _median_reaches(values, 5.0).sum() not in (0, len(rows))
