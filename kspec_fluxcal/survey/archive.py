@@ -206,7 +206,7 @@ def archive_record(calibrated, stars, calibration, *, source="", input_hash="", 
     if "cal_smooth" in calibrated:
         record["cal_smooth"] = on_grid(values["cal_smooth"] * width)
     attrs = calibrated.attrs
-    record["row"] = _row_fields(attrs, wave, utc_offset, source, input_hash, provenance)
+    record["row"] = _row_fields(attrs, width, utc_offset, source, input_hash, provenance)
     if calibration is not None:  # the grey level's fractional variance
         record["row"]["level_variance"] = float(calibration.attrs.get("level_variance", np.nan))
     if own is not None:
@@ -225,8 +225,9 @@ def archive_record(calibrated, stars, calibration, *, source="", input_hash="", 
     return record
 
 
-def _row_fields(attrs, wave, utc_offset, source, input_hash, provenance):
-    """The per-exposure fields of an archive row from a calibrated exposure's attrs."""
+def _row_fields(attrs, width, utc_offset, source, input_hash, provenance):
+    """The per-exposure fields of an archive row from a calibrated exposure's attrs and its
+    pixels' widths (A)."""
     floats = ("fcalmerr", "fcallsf", "fcalo2", "fcalh2o", "fcalo2_err", "fcalh2o_err",
               "seeing", "model_grey", "sphot_g", "sphot_r", "sphot_i", "sphot_scatter",
               "level_variance")
@@ -238,7 +239,7 @@ def _row_fields(attrs, wave, utc_offset, source, input_hash, provenance):
         "n_stars_used": int(attrs.get("fcalnstr", 0)),
         "fcalrms": float(attrs.get("fcalrms", np.nan)),
         "fcalsrc": str(attrs.get("fcalsrc", "standards")), "source": str(source),
-        "input_hash": str(input_hash), "dispersion": float(np.median(np.gradient(wave))),
+        "input_hash": str(input_hash), "dispersion": float(np.median(width)),
         "calibrated_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "fcalqual": str(attrs.get("fcalqual") or ""), "version": __version__,
         **{k: float(np.nan if attrs.get(k) is None else attrs[k]) for k in floats},
