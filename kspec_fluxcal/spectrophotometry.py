@@ -68,7 +68,7 @@ def spectrophotometric_check(calibrated, catalog, *, radius_arcsec=POSITION_MATC
     # the stars' rows first, then the bands (the whole catalog's were copied).
     columns = [catalog_bands.get_loc(b) for b in bands]
     catalog_mag = catalog.variables["mag"].transpose("star", "band").values[rows][:, columns]
-    offset = _synthetic(calibrated["wavelength"].values, flux, bands) - catalog_mag
+    offset = _synthetic(calibrated.variables["wavelength"].values, flux, bands) - catalog_mag
     used = np.isfinite(offset).any(axis=1)
     out["sphot_n"] = int(used.sum())
     squares, dof = 0.0, 0
