@@ -440,13 +440,14 @@ def _hdu_bytes(cards, data):
     big-endian ``data`` padded with zeros."""
     header = "".join(cards) + _END
     header += " " * (-len(header) % BLOCK)
-    return header.encode("ascii") + _data_bytes(data)
+    return _data_bytes(data, header.encode("ascii"))
 
 
-def _data_bytes(data):
-    """Big-endian ``data`` in FITS bytes, padded with zeros."""
+def _data_bytes(data, header=b""):
+    """Big-endian ``data`` in FITS bytes, padded with zeros, after the bytes ``header`` (one
+    copy of the data: a product's are ~2 MB)."""
     data = np.ascontiguousarray(data)
-    return b"".join((memoryview(data).cast("B"), bytes(-data.nbytes % BLOCK)))
+    return b"".join((header, memoryview(data).cast("B"), bytes(-data.nbytes % BLOCK)))
 
 
 def table_bytes(columns, name, cards=()):

@@ -89,7 +89,7 @@ def _variance_hdu(text, variance):
 def _variance_bytes(ds):
     """The VARIANCE extension (FITS bytes): astropy's header (:func:`_variance_header`),
     then the float32 variance."""
-    variance = ds.variables["variance"].values.astype(np.float32)
+    variance = ds.variables["variance"].values.astype(np.float32, copy=False)
     return (_variance_header(ds.attrs.get("variance_header"), variance.shape)
             + image_data_bytes(variance))
 
