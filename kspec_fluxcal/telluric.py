@@ -313,7 +313,10 @@ def _kernel_terms(terms, cols, wave_in, wave_out, sig):
     u -= wave_out[:, None]
     u /= sig
     u2 = u**2
-    np.exp(-0.5 * u2, out=vals)
+    # float32's exp: numpy vectorises it (not float64's) on processors without AVX-512,
+    # 2-3x faster; its relative error, < 1e-6 within the kernel's reach, moves no
+    # transmission by more than ~1e-7 (the boxes' own error is 2e-5).
+    np.exp(-0.5 * u2, out=vals, dtype=np.float32, casting="same_kind")
     vals[np.abs(u) > _NSIGMA] = 0.0
     vals /= np.maximum(vals.sum(axis=1, keepdims=True), 1e-300)
     vals[(cols < 0) | (cols >= wave_in.size)] = 0.0
