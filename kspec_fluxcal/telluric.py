@@ -497,9 +497,13 @@ def _model(wavelength, lsf, scale, source):
             while len(_MODELS) > _MODELS_KEPT:
                 _MODELS.popitem(last=False)
 
-    def sample(o2, h2o, derivatives=False):
+    def sample(o2, h2o, derivatives=False, pixels=None):
         out = model(o2, h2o, derivatives)
-        out = out[:, inverse].reshape((len(out),) + shape)
+        if pixels is None:
+            out = out[:, inverse].reshape((len(out),) + shape)
+        else:  # flat indices into ``wavelength``: those pixels only
+            row, pixel = np.divmod(pixels, shape[-1])
+            out = out.reshape(len(out), -1)[:, inverse[row] * shape[-1] + pixel]
         return list(out) if derivatives else out[0]
 
     return sample
@@ -559,61 +563,69 @@ def fit_telluric(wavelength, observed, weight, lsf, *, start=(1.0, 1.0), scale=N
         (cosmic rays).
     """
     sample = _model(wavelength, lsf, scale, source)
-    y = np.nan_to_num(observed, nan=1.0)
-    w = np.where(np.isfinite(observed), weight, 0.0)
+    y = np.nan_to_num(observed, nan=1.0).ravel()
+    w = np.where(np.isfinite(observed), weight, 0.0).ravel()
     params = np.array(start, dtype=np.float64)
     rejected = np.zeros(w.shape, bool)
     for _ in range(_REJECTION_PASSES):
-        params, model, d_o2, d_h2o, free = _gauss_newton(sample, y, w, params)
+        params, fit = _gauss_newton(sample, y, w, params)
         # A pixel beyond PIXEL_OUTLIER_SIGMA robust sigmas (a cosmic ray in a band: one
         # pixel at 3 times the star's counts in the B band took O2 from 1.13 to 1.36 and
         # the A band's calibration 16 % off) is left out, and the columns fitted again.
-        z = np.abs(y - model) * np.sqrt(w)
-        fitted = w > 0
-        if not fitted.any():
+        if not fit.pixels.size:
             break
-        spread = max(1.0, 1.4826 * float(np.median(z[fitted])))
-        out = fitted & (z > PIXEL_OUTLIER_SIGMA * spread)
-        if not out.any():
+        z = np.abs(fit.residual) * np.sqrt(fit.weight)
+        out = fit.pixels[z > PIXEL_OUTLIER_SIGMA * max(1.0, 1.4826 * float(np.median(z)))]
+        if not out.size:
             break
-        rejected |= out
-        w = np.where(out, 0.0, w)
+        rejected[out] = True
+        w = np.where(rejected, 0.0, w)
     else:
-        params, model, d_o2, d_h2o, free = _gauss_newton(sample, y, w, params)
-    dof = max(int((w > 0).sum()) - int(free.sum()), 1)
-    chi2_dof = float(np.sum(w * (y - model) ** 2) / dof)
+        params, fit = _gauss_newton(sample, y, w, params)
+    dof = max(fit.pixels.size - int(fit.free.sum()), 1)
+    chi2_dof = float(np.sum(fit.weight * fit.residual**2) / dof)
     errors = np.full(2, np.nan)
-    if free.any():
-        j = np.stack([d_o2.ravel(), d_h2o.ravel()], axis=1)[:, free]
-        cov = np.linalg.inv(j.T @ (w.ravel()[:, None] * j)) * max(chi2_dof, 1.0)
-        errors[free] = np.sqrt(np.diag(cov))
-    values = np.where(free, params, np.nan)
+    if fit.free.any():
+        j = fit.jac[:, fit.free]
+        cov = np.linalg.inv(j.T @ (fit.weight[:, None] * j)) * max(chi2_dof, 1.0)
+        errors[fit.free] = np.sqrt(np.diag(cov))
+    values = np.where(fit.free, params, np.nan)
     return {"o2": values[0], "h2o": values[1], "o2_err": errors[0], "h2o_err": errors[1],
-            "chi2_dof": chi2_dof, "model": model, "outliers": rejected}
+            "chi2_dof": chi2_dof, "model": sample(*params), "outliers": rejected.reshape(
+                np.shape(observed))}
+
+
+class _Fitted(NamedTuple):
+    """The weighted pixels of a Gauss-Newton fit (flat indices) at its columns."""
+
+    pixels: np.ndarray
+    weight: np.ndarray
+    residual: np.ndarray  # observed - model
+    jac: np.ndarray  # (pixels, 2): dT/do2, dT/dh2o
+    free: np.ndarray  # (2,) the columns the pixels constrain
 
 
 def _gauss_newton(sample, y, w, params):
-    """Gauss-Newton iterations of :func:`fit_telluric` from ``params``: (params, model and
-    its derivatives at them, which columns the pixels constrain)."""
+    """Gauss-Newton iterations of :func:`fit_telluric` from ``params`` (``y`` and ``w``
+    flat): the columns and the :class:`_Fitted` at them. Only the weighted pixels (the
+    stars' pixels in the bands: ~15 %) enter the sums, and only they are sampled."""
     params = np.array(params, dtype=np.float64)
     free = np.ones(2, bool)
-    weighted = np.flatnonzero(w > 0)  # (the stars' pixels in the bands: ~15 %)
+    weighted = np.flatnonzero(w > 0)
+    yw, ww = y[weighted], w[weighted]
     for _ in range(_ITERATIONS):
-        model, d_o2, d_h2o = sample(*params, derivatives=True)
-        jac = np.stack([d_o2.ravel(), d_h2o.ravel()], axis=1)
-        # Each column's sum of w jac^2 over the weighted pixels only, in their order: the
-        # value of the sum over all pixels along axis 0 (a running sum, to which the others
-        # add exact zeros), without its row-by-row loop over a (pixels, 2) array (0.3 ms).
-        terms = jac[weighted] ** 2 * w.ravel()[weighted, None]
-        sens = np.cumsum(terms, axis=0)[-1] if weighted.size else np.zeros(2)
+        model, d_o2, d_h2o = sample(*params, derivatives=True, pixels=weighted)
+        jac = np.stack([d_o2, d_h2o], axis=1)
+        # Each column's sum of w jac^2, as a running sum (in the pixels' order).
+        sens = np.cumsum(jac**2 * ww[:, None], axis=0)[-1] if weighted.size else np.zeros(2)
         free = sens > 1e-8 * max(sens.max(), 1e-300)
         if not free.any():
             break
         j = jac[:, free]
-        normal = j.T @ (w.ravel()[:, None] * j)
-        step = np.linalg.solve(normal, j.T @ (w.ravel() * (y - model).ravel()))
+        normal = j.T @ (ww[:, None] * j)
+        step = np.linalg.solve(normal, j.T @ (ww * (yw - model)))
         if np.all(np.abs(step) < _TOLERANCE):
-            return params, model, d_o2, d_h2o, free  # converged at ``params``
+            return params, _Fitted(weighted, ww, yw - model, jac, free)  # converged
         params[free] = np.maximum(params[free] + step, 0.0)
-    model, d_o2, d_h2o = sample(*params, derivatives=True)
-    return params, model, d_o2, d_h2o, free
+    model, d_o2, d_h2o = sample(*params, derivatives=True, pixels=weighted)
+    return params, _Fitted(weighted, ww, yw - model, np.stack([d_o2, d_h2o], axis=1), free)
