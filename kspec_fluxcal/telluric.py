@@ -401,8 +401,9 @@ class _Sampler:
         # beyond it. ``points``: theirs among the boxes' absorbing points (in order).
         last = first + self.matrix.shape[1] // 3
         self.active = boxes.active[first:last]
+        self._active_at = np.flatnonzero(self.active)  # (an integer index scatters 2x faster)
         start = int(np.count_nonzero(boxes.active[:first])) * self.box
-        self.points = slice(start, start + int(self.active.sum()) * self.box)
+        self.points = slice(start, start + self._active_at.size * self.box)
 
     def sample(self, values, outside):
         """``values`` (k, ``points`` of the boxes' absorbing high-resolution points) seen at
@@ -415,7 +416,7 @@ class _Sampler:
         k = outside.size
         deficit = deficit.reshape(k, -1, self.box) @ self.moments
         boxed = np.zeros((k, 3, self.active.size))
-        boxed[:, :, self.active] = deficit.transpose(0, 2, 1)
+        boxed[:, :, self._active_at] = deficit.transpose(0, 2, 1)
         full = np.broadcast_to(outside[:, None], (k, int(np.prod(self.shape)))).copy()
         # One product per vector: scipy's product with k vectors at once costs 1.4x as much
         # (each row's sum is the same, its terms in turn).
