@@ -57,7 +57,7 @@ _WING = 6.0
 #: Line-spread kernels reach this many sigma.
 _NSIGMA = 5.0
 #: Rows of a kernel matrix computed at a time (see _kernel_terms).
-_KERNEL_ROWS = 256
+_KERNEL_ROWS = 1024
 #: Gauss-Newton iterations of the fit (it converges in 3-4 from the airmass).
 _ITERATIONS = 8
 #: Fits of the columns at most, the outliers of each left out of the next.
@@ -304,8 +304,9 @@ def _kernel_matrix(wave_in, wave_out, sigma_out):
 def _kernel_terms(terms, cols, wave_in, wave_out, sig):
     """The three Taylor terms (rows, 3, width) of :func:`_kernel_matrix` at columns ``cols``
     of the rows ``wave_out`` (sigma ``sig``), written into ``terms``: in place, in the order
-    of operations of the plain expressions (noted), for a few hundred rows at a time (their
-    temporaries stay in the processor's cache: 20-30 % faster for an exposure's fibers)."""
+    of operations of the plain expressions (noted), for a thousand rows at a time (their
+    temporaries stay in the processor's cache: 20-30 % faster for an exposure's fibers than
+    all at once; with float32's exp, 1024 rows 10-15 % faster than 256)."""
     vals, first, second = terms[:, 0], terms[:, 1], terms[:, 2]
     step = wave_in[1] - wave_in[0]
     u = np.multiply(cols, step)  # u = (wave_in[0] + cols * step - wave_out) / sig
