@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import collections
 import functools
-import hashlib
 import os
 import threading
 from importlib import resources
@@ -486,8 +485,9 @@ def _model(wavelength, lsf, scale, source):
     grid and fibers on a shared solution)."""
     shape = np.shape(wavelength)
     rows, inverse = distinct_rows(wavelength, scale)
-    digest = hashlib.blake2b(rows.tobytes(), digest_size=16)
-    key = (digest.hexdigest(), rows.shape, tuple(lsf.coeffs), source)
+    # The rows' bytes themselves: Python's hash of them is 7x faster than a blake2b digest
+    # (0.14 against 1 ms for 14 fibers' rows), and a hit compares them whole.
+    key = (rows.tobytes(), rows.shape, tuple(lsf.coeffs), source)
     with _MODELS_LOCK:
         model = _MODELS.get(key)
         if model is not None:
