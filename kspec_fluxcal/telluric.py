@@ -621,7 +621,8 @@ def _gauss_newton(sample, y, w, params):
     for _ in range(_ITERATIONS):
         model, d_o2, d_h2o = sample(*params, derivatives=True, pixels=weighted)
         jac = np.stack([d_o2, d_h2o], axis=1)
-        # Each column's sum of w jac^2, as a running sum (in the pixels' order).
+        # Each column's sum of w jac^2 as a running sum, the former's value: which columns
+        # are free is decided as before.
         sens = np.cumsum(jac**2 * ww[:, None], axis=0)[-1] if weighted.size else np.zeros(2)
         free = sens > 1e-8 * max(sens.max(), 1e-300)
         if not free.any():
