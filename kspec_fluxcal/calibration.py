@@ -492,8 +492,9 @@ def _response(stars, vec, idx, stack, comb, comb_var, measured, smooth, config):
     start = (airmass, airmass) if np.isfinite(airmass) and airmass >= 1 else (1.0, 1.0)
     scale = _per_star(stars, "fiber_lsf_scale", idx)
     scale, n_out = np.where(np.isfinite(scale), scale, 1.0), 0
+    star_x, x = np.log(stack.star_wave), np.log(wave)
     for _ in range(2):  # the columns from the response, the response through the bands
-        expected = np.interp(np.log(stack.star_wave), np.log(wave), smooth_curve)
+        expected = np.interp(star_x, x, smooth_curve)
         with np.errstate(invalid="ignore", divide="ignore"):
             observed = expected / stack.shapes
             weight = np.where(band_pixels, stack.shapes**4 / (expected**2 * stack.svar), 0.0)
@@ -592,8 +593,8 @@ def calibration_factor(calibration, fiber_wavelength, fiber_lsf_scale=None):
         # solutions, so each fiber's first or last pixel may lie just outside it) the ends'
         # values hold; beyond, a pixel has no calibration.
         inside = ok & (x >= ref[0] - margin[0]) & (x <= ref[-1] + margin[1])
-        for k in range(2):  # value and variance: one interpolation each over all pixels
-            out[k][inside] = np.interp(x[inside], ref, values[k])
+        x_inside = x[inside]  # value and variance: one interpolation each over all pixels
+        out[:, inside] = [np.interp(x_inside, ref, value) for value in values]
         # Per count on a reference pixel -> per count on the fiber's own (1 on the grid).
         width = width_ratio(ref_wave, wave)
         out[0], out[1] = out[0] / width, out[1] / width**2

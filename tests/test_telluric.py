@@ -143,6 +143,22 @@ def test_the_model_is_the_kernel_matrix_applied_to_the_boxes_moments():
     np.testing.assert_array_equal(np.reshape(got, (3, -1)), want)
 
 
+def test_the_model_at_some_pixels_is_the_whole_model_there():
+    """The fit samples only its weighted pixels (flat indices into its rows): the whole
+    model's values there, on rows sharing pixels and rows of their own."""
+    from kspec_fluxcal.telluric import _model
+
+    base = np.linspace(6800.0, 7800.0, 500)
+    rows = np.stack([base, base + 0.5, base, base - 0.3])
+    sample = _model(rows, LineSpread.constant(4.0), None, "telluric_lines")
+    whole = sample(*COLUMNS, derivatives=True)
+    pixels = np.random.default_rng(5).choice(rows.size, 300, replace=False)
+    some = sample(*COLUMNS, derivatives=True, pixels=pixels)
+    assert whole[0].min() < 0.6
+    for got, want in zip(some, whole, strict=True):
+        np.testing.assert_array_equal(got, want.ravel()[pixels])
+
+
 def test_fit_recovers_the_columns():
     """Stars' observed transmissions (the definition's high-resolution sum, 0.3 % noise,
     different pixels per star) give back the columns they were made with."""
