@@ -662,14 +662,14 @@ def _warn_sharper(library, sharper, stacklevel):
 def library_models(library, wavelength, lsf, templates, weights, factors):
     """Models ``weights`` (M, len(templates)) ``@`` the ``templates``' normalised spectra as
     :func:`library_spectra` gives them at ``lsf`` scaled by each of ``factors`` (the width
-    fit's trials), each model convolved once (combined first, in float64), the widths on one
+    fit's trials), each model convolved once (combined first, in float32), the widths on one
     set of kernel entries (:func:`~kspec_fluxcal.convolution.gaussian_widths`; a pre-blurred
     library's by their operators: samples differ). Returns (len(factors), M, P), float64."""
     lsf, scaled = _as_lsf(lsf), [_as_lsf(lsf).scaled(f) for f in factors]
     wave = np.round(np.asarray(wavelength, dtype=np.float64), 6)  # as the operators take it
 
-    def models(prefix):
-        return weights @ library[prefix + "norm"].values[templates].astype(np.float64)
+    def models(prefix):  # in float32, as the kernels' products take them
+        return weights.astype(np.float32) @ library[prefix + "norm"].values[templates]
 
     if "blurred_norm" in library:
         out = []
@@ -677,7 +677,7 @@ def library_models(library, wavelength, lsf, templates, weights, factors):
             matrix, sharper, prefix = _library_operator(library, wave, one)
             _warn_sharper(library, sharper, 3)
             out.append((matrix @ models(prefix).T).T)
-        return np.stack(out)
+        return np.stack(out, dtype=np.float64)
     check_coverage(library, wave, scaled[int(np.argmax(factors))], "library")
     excess = [excess_variance(wave, one, float(library.attrs["resolving_power"]))
               for one in scaled]
