@@ -278,6 +278,39 @@ def test_exposure_templates_are_kept_in_the_library_dtype(cube):
     np.testing.assert_array_equal(fetched, templates.library_spectra(library, wave, lsf)[::-1])
 
 
+def test_exposure_templates_table_prepares_the_rows_asked_for_only(cube):
+    """Issue 14: ``table`` gives every row as kept (a read-only view, no gather), the rows
+    asked for prepared and no other; the lattices' scores read their corners from it, the
+    same scores as from the templates themselves."""
+    from kspec_fluxcal.fit.exposure_templates import ExposureTemplates, lattice
+    from kspec_fluxcal.fit.refinement import score_points
+
+    library = _library(cube, cache_dir=False)
+    wave, lsf = np.linspace(4000.0, 8000.0, 500), LineSpread.constant(8.0)
+    n = library.sizes["template"]
+    tm = ExposureTemplates(library, wave, lsf, [])
+    table = tm.table(np.array([n - 1, 0, n - 1]))
+    assert table.shape == (n, wave.size) and not table.flags.writeable
+    assert np.shares_memory(table, tm.table([]))  # what is kept, not a copy
+    assert np.flatnonzero(tm._have).tolist() == [0, n - 1]
+    every = templates.library_spectra(library, wave, lsf).astype(templates.SPECTRA_DTYPE)
+    np.testing.assert_array_equal(table[[0, n - 1]], every[[0, n - 1]])
+    # score_points on the table: the scores of the templates given as an array
+    axes, index = lattice(library)
+    arrays = library_arrays(library)
+    start = np.array([[arrays[f"template_{p}"][n // 2] for p in PARAMS]])
+    points = start[:, None, :] + np.linspace(0.0, 0.4, 5)[None, :, None] * np.array(
+        [[[np.ptp(axes[p]) / max(len(axes[p]) - 1, 1) for p in PARAMS]]])
+    star = every[n // 2][None].astype(float)
+    args = (star, np.ones_like(star), None, index, axes, points, np.zeros(1), wave)
+    fresh = ExposureTemplates(library, wave, lsf, [])
+    got = score_points(*args[:2], fresh, *args[3:])
+    want = score_points(*args[:2], every, *args[3:])
+    assert np.isfinite(got).all()
+    np.testing.assert_array_equal(got, want)
+    assert 0 < fresh._have.sum() < n  # the corners only
+
+
 def _trial_models(library, wave, lsf, ids, weights, factors):
     """What the width fit's trials were: each template at each width, then combined."""
     return np.stack([weights @ templates.library_spectra(library, wave, lsf.scaled(f), ids)
