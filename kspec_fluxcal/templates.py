@@ -53,9 +53,8 @@ from .preblur import blur_plan, blurred_entries, with_blurred
 
 __all__ = ["convolution_matrix", "prepare_templates", "prepared_templates", "clear_cache",
            "prepare_library", "library_spectra", "library_columns", "library_models",
-           "library_arrays",
-           "library_range", "is_library", "check_coverage", "default_cache_dir", "CACHE_ENV",
-           "SPECTRA_DTYPE"]
+           "library_arrays", "library_range", "is_library", "check_coverage",
+           "default_cache_dir", "CACHE_ENV", "SPECTRA_DTYPE"]
 
 #: dtype of the template spectra: a library's ``flux`` and ``norm``, its operators to an
 #: exposure's pixels, the templates they give, which the fit keeps and interpolates between
