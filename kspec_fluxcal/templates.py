@@ -548,7 +548,7 @@ def _build_library(grid, lo, hi, options, max_resolving_power):
 
 
 #: Library-to-exposure operators, by (library, pixels, LSF): a few, with their memory.
-_OPERATORS = Recent(6)  # an exposure uses up to 5 (line-spread trials), ~1 MB each
+_OPERATORS = Recent(6)  # an exposure uses 2-4 (a pre-blurred library's width trials), ~1 MB each
 _LOG_SAMPLINGS = Recent(3)  # the libraries' log_sampling (~200 KB each)
 
 
