@@ -12,8 +12,8 @@ import scipy.sparse
 
 from .constants import FWHM_PER_SIGMA
 
-__all__ = ["convolution_matrix", "convolution_entries", "gaussian_rows", "log_sampling",
-           "NSIGMA"]
+__all__ = ["convolution_matrix", "convolution_entries", "excess_variance", "gaussian_rows",
+           "gaussian_widths", "log_sampling", "NSIGMA"]
 
 #: Kernels reach this many sigma on each side.
 NSIGMA = 5.0
@@ -60,9 +60,17 @@ def convolution_entries(log_in, wave_out, lsf, resolving_power=None):
     ``sharper``, from the input's :func:`log_sampling`: what
     ``kspec_fluxcal.templates._library_operator`` turns into a float32 matrix in one step."""
     wave_out = np.asarray(wave_out, dtype=np.float64)
+    return gaussian_rows(log_in, np.log(wave_out), excess_variance(wave_out, lsf,
+                                                                   resolving_power))
+
+
+def excess_variance(wave_out, lsf, resolving_power=None):
+    """The Gaussian variances in ln(lambda) at pixels ``wave_out`` (float64) that convolve
+    input of ``resolving_power`` (None: infinitely sharp) to ``lsf``: its width with the
+    input's removed in quadrature (negative where the input is the coarser)."""
     sig_inst = lsf.fwhm(wave_out) / wave_out / FWHM_PER_SIGMA
     sig_grid = 0.0 if resolving_power is None else 1.0 / (resolving_power * FWHM_PER_SIGMA)
-    return gaussian_rows(log_in, np.log(wave_out), sig_inst**2 - sig_grid**2)
+    return sig_inst**2 - sig_grid**2
 
 
 def gaussian_rows(log_in, ln_out, excess):
@@ -91,3 +99,45 @@ def gaussian_rows(log_in, ln_out, excess):
     row = np.repeat(np.arange(ln_out.size), counts)
     vals /= np.repeat(np.bincount(row, weights=vals, minlength=ln_out.size), counts)
     return vals, cols, indptr, sharper
+
+
+def gaussian_widths(log_in, ln_out, excesses, spectra):
+    """``spectra`` (nin, M) on ``log_in`` convolved as :func:`gaussian_rows` does for each row
+    of ``excesses`` (W, nout): a few widths of a few spectra (the line-spread width fit's
+    trials of its models), without an operator each.
+
+    The rows' entries span the widest variance's kernels (+-NSIGMA of it: the narrower
+    Gaussians reach further into their tails than :func:`gaussian_rows` takes them, by up to
+    their 1e-6), their offsets squared once for every width, and each row normalised by
+    the product of its kernel with the input's steps (a column of the product, instead of a
+    pass over the entries). Kernels and products are float32, as the library's operators
+    (and float32's exp is SIMD). Returns ``(out, sharper)``: (W, nout, M), float64, and (W,)
+    as :func:`gaussian_rows` gives ``sharper``."""
+    ln_in, dln = log_in
+    floor2 = (0.5 * np.interp(ln_out, ln_in, dln)) ** 2
+    excesses = np.atleast_2d(excesses)
+    sharper = np.mean(excesses <= floor2, axis=1)
+    variance = np.maximum(excesses, floor2)
+    reach = NSIGMA * np.sqrt(variance.max(axis=0))
+    lo = np.searchsorted(ln_in, ln_out - reach, side="left")
+    hi = np.searchsorted(ln_in, ln_out + reach, side="right")
+    counts = hi - lo
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    cols = np.arange(indptr[-1]) - np.repeat(indptr[:-1] - lo, counts)
+    offset2 = ln_in.take(cols) - np.repeat(ln_out, counts)
+    offset2 *= offset2
+    offset2 = offset2.astype(np.float32)
+    # The steps weigh the spectra (and, as their last column, give the rows' sums).
+    weighted = np.empty((ln_in.size, spectra.shape[1] + 1), dtype=np.float32)
+    np.multiply(spectra, dln[:, None], out=weighted[:, :-1])
+    weighted[:, -1] = dln
+    matrix = scipy.sparse.csr_matrix((offset2, cols.astype(np.int32), indptr.astype(np.int32)),
+                                     shape=(ln_out.size, ln_in.size))
+    out = np.empty((len(excesses), ln_out.size, spectra.shape[1]))
+    for k, var in enumerate(variance):
+        matrix.data = np.repeat((-0.5 / var).astype(np.float32), counts)
+        matrix.data *= offset2
+        np.exp(matrix.data, out=matrix.data)
+        sums = matrix @ weighted
+        np.divide(sums[:, :-1], sums[:, -1:], out=out[k])
+    return out, sharper

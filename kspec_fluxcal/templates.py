@@ -37,7 +37,14 @@ from ._atomic import atomic_directory
 from ._recent import Recent, per_library, read_only
 from ._zarr import strings_as_object, strings_as_unicode
 from .config import Config, continuum_options
-from .convolution import NSIGMA, convolution_entries, convolution_matrix, log_sampling
+from .convolution import (
+    NSIGMA,
+    convolution_entries,
+    convolution_matrix,
+    excess_variance,
+    gaussian_widths,
+    log_sampling,
+)
 from .errors import FluxCalWarning, GridError
 from .exposure import setup_key
 from .grid import PARAMS, STORE_VARIABLES, check_chunks, load_checked_store
@@ -45,9 +52,9 @@ from .lsf import LineSpread
 from .preblur import blur_plan, blurred_entries, with_blurred
 
 __all__ = ["convolution_matrix", "prepare_templates", "prepared_templates", "clear_cache",
-           "prepare_library", "library_spectra", "library_columns", "library_arrays",
-           "library_range", "is_library", "check_coverage", "default_cache_dir", "CACHE_ENV",
-           "SPECTRA_DTYPE"]
+           "prepare_library", "library_spectra", "library_columns", "library_models",
+           "library_arrays", "library_range", "is_library", "check_coverage",
+           "default_cache_dir", "CACHE_ENV", "SPECTRA_DTYPE"]
 
 #: dtype of the template spectra: a library's ``flux`` and ``norm``, its operators to an
 #: exposure's pixels, the templates they give, which the fit keeps and interpolates between
@@ -541,7 +548,7 @@ def _build_library(grid, lo, hi, options, max_resolving_power):
 
 
 #: Library-to-exposure operators, by (library, pixels, LSF): a few, with their memory.
-_OPERATORS = Recent(6)  # an exposure uses up to 5 (line-spread trials), ~1 MB each
+_OPERATORS = Recent(6)  # an exposure uses 2-4 (a pre-blurred library's width trials), ~1 MB each
 _LOG_SAMPLINGS = Recent(3)  # the libraries' log_sampling (~200 KB each)
 
 
@@ -621,12 +628,7 @@ def library_columns(library, wavelength, lsf, templates=None, *, kind="norm", st
     """
     lsf = _as_lsf(lsf)
     matrix, sharper, prefix = _library_operator(library, wavelength, lsf)
-    if sharper > 0:
-        step = np.median(np.diff(library["wavelength"].values))
-        warnings.warn(f"the templates (R = {library.attrs['resolving_power']:g}, sampled "
-                      f"every ~{step:.2g} A) are coarser than the line spread on "
-                      f"{10 * round(10 * sharper):.0f}% of the pixels: there they are "
-                      "interpolated, not convolved", FluxCalWarning, stacklevel=stacklevel)
+    _warn_sharper(library, sharper, stacklevel + 1)
     kind = prefix + kind
     data = library[kind].values
     templates = slice(None) if templates is None else templates
@@ -644,6 +646,45 @@ def library_columns(library, wavelength, lsf, templates=None, *, kind="norm", st
     # take, not columns[:, templates]: that returns an F-ordered array (and a slice a
     # strided view), which scipy's product first copies to C order.
     return matrix @ np.take(columns, templates, axis=1)
+
+
+def _warn_sharper(library, sharper, stacklevel):
+    """The warning of a line spread sharper than the library on a fraction ``sharper`` > 0."""
+    if sharper > 0:
+        step = np.median(np.diff(library["wavelength"].values))
+        warnings.warn(f"the templates (R = {library.attrs['resolving_power']:g}, sampled "
+                      f"every ~{step:.2g} A) are coarser than the line spread on "
+                      f"{10 * round(10 * sharper):.0f}% of the pixels: there they are "
+                      "interpolated, not convolved", FluxCalWarning, stacklevel=stacklevel)
+
+
+def library_models(library, wavelength, lsf, templates, weights, factors):
+    """Models ``weights`` (M, len(templates)) ``@`` the ``templates``' normalised spectra as
+    :func:`library_spectra` gives them at ``lsf`` scaled by each of ``factors`` (the width
+    fit's trials), each model convolved once (combined first, in float32), the widths on one
+    set of kernel entries (:func:`~kspec_fluxcal.convolution.gaussian_widths`; a pre-blurred
+    library's by their operators: samples differ). Returns (len(factors), M, P), float64."""
+    lsf, scaled = _as_lsf(lsf), [_as_lsf(lsf).scaled(f) for f in factors]
+    wave = np.round(np.asarray(wavelength, dtype=np.float64), 6)  # as the operators take it
+
+    def models(prefix):  # in float32, as the kernels' products take them
+        return weights.astype(np.float32) @ library[prefix + "norm"].values[templates]
+
+    if "blurred_norm" in library:
+        out = []
+        for one in scaled:
+            matrix, sharper, prefix = _library_operator(library, wave, one)
+            _warn_sharper(library, sharper, 3)
+            out.append((matrix @ models(prefix).T).T)
+        return np.stack(out, dtype=np.float64)
+    check_coverage(library, wave, scaled[int(np.argmax(factors))], "library")
+    excess = [excess_variance(wave, one, float(library.attrs["resolving_power"]))
+              for one in scaled]
+    out, sharper = gaussian_widths(per_library(_LOG_SAMPLINGS, _library_log_sampling, library),
+                                   np.log(wave), excess, models("").T)
+    for fraction in sharper:
+        _warn_sharper(library, fraction, 3)
+    return out.transpose(0, 2, 1)
 
 
 #: Gathers of at least this many templates take columns of the transposed library.

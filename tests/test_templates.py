@@ -3,6 +3,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
+import scipy.sparse
 import xarray as xr
 
 from kspec_fluxcal import convolution, templates
@@ -277,6 +278,93 @@ def test_exposure_templates_are_kept_in_the_library_dtype(cube):
     np.testing.assert_array_equal(fetched, templates.library_spectra(library, wave, lsf)[::-1])
 
 
+def test_exposure_templates_table_prepares_the_rows_asked_for_only(cube):
+    """Issue 14: ``table`` gives every row as kept (a read-only view, no gather), the rows
+    asked for prepared and no other; the lattices' scores read their corners from it, the
+    same scores as from the templates themselves."""
+    from kspec_fluxcal.fit.exposure_templates import ExposureTemplates, lattice
+    from kspec_fluxcal.fit.refinement import score_points
+
+    library = _library(cube, cache_dir=False)
+    wave, lsf = np.linspace(4000.0, 8000.0, 500), LineSpread.constant(8.0)
+    n = library.sizes["template"]
+    tm = ExposureTemplates(library, wave, lsf, [])
+    table = tm.table(np.array([n - 1, 0, n - 1]))
+    assert table.shape == (n, wave.size) and not table.flags.writeable
+    assert np.shares_memory(table, tm.table([]))  # what is kept, not a copy
+    assert np.flatnonzero(tm._have).tolist() == [0, n - 1]
+    every = templates.library_spectra(library, wave, lsf).astype(templates.SPECTRA_DTYPE)
+    np.testing.assert_array_equal(table[[0, n - 1]], every[[0, n - 1]])
+    # score_points on the table: the scores of the templates given as an array
+    axes, index = lattice(library)
+    arrays = library_arrays(library)
+    start = np.array([[arrays[f"template_{p}"][n // 2] for p in PARAMS]])
+    points = start[:, None, :] + np.linspace(0.0, 0.4, 5)[None, :, None] * np.array(
+        [[[np.ptp(axes[p]) / max(len(axes[p]) - 1, 1) for p in PARAMS]]])
+    star = every[n // 2][None].astype(float)
+    args = (star, np.ones_like(star), None, index, axes, points, np.zeros(1), wave)
+    fresh = ExposureTemplates(library, wave, lsf, [])
+    got = score_points(*args[:2], fresh, *args[3:])
+    want = score_points(*args[:2], every, *args[3:])
+    assert np.isfinite(got).all()
+    np.testing.assert_array_equal(got, want)
+    assert 0 < fresh._have.sum() < n  # the corners only
+
+
+def _trial_models(library, wave, lsf, ids, weights, factors):
+    """What the width fit's trials were: each template at each width, then combined."""
+    return np.stack([weights @ templates.library_spectra(library, wave, lsf.scaled(f), ids)
+                     for f in factors])
+
+
+@pytest.mark.parametrize("lsf", [LineSpread.constant(8.0), LineSpread((-1.0, 3.0), "test")])
+def test_library_models_are_the_templates_combined_at_each_width(cube, lsf):
+    """Issue 14: the width fit's trial models (a few stars' interpolated models at 0.9 and
+    1.1 x the line spread) are the combination of their templates at each width (within
+    float32's rounding: kernels and sums in float32, the narrower width's kernels reaching
+    further into their 1e-6 tails), each model convolved once, on one set of entries; a line
+    spread sharper than the library at a width warns as the library's templates do."""
+    library = _library(cube, cache_dir=False)
+    wave = np.linspace(4000.0, 8000.0, 500)
+    n = library.sizes["template"]
+    ids = np.array([0, n // 2, n - 1])
+    weights = np.array([[0.25, 0.75, 0.0], [0.5, -0.25, 0.75]])  # a response's negative one
+    factors = np.array([0.9, 1.1])
+    with warnings.catch_warnings(record=True) as got_warnings:
+        warnings.simplefilter("always")
+        got = templates.library_models(library, wave, lsf, ids, weights, factors)
+    with warnings.catch_warnings(record=True) as want_warnings:
+        warnings.simplefilter("always")
+        want = _trial_models(library, wave, lsf, ids, weights, factors)
+    assert got.shape == want.shape == (2, 2, wave.size) and got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=0)
+    assert [str(w.message) for w in got_warnings] == [str(w.message) for w in want_warnings]
+    assert bool(got_warnings) == (lsf.coeffs[0] < 0)  # the test line spread is sharp in the blue
+    assert all(w.filename == __file__ for w in got_warnings)
+
+
+def test_gaussian_widths_are_the_operators_of_each_width(cube):
+    """Each width of ``gaussian_widths`` is the product of ``gaussian_rows``' operator at that
+    width (float32's rounding apart), its ``sharper`` the operator's."""
+    wave_in = np.exp(np.arange(np.log(3000.0), np.log(9500.0), 1.0 / (2.3 * R_GRID)))
+    log_in = convolution.log_sampling(wave_in)
+    ln_out = np.log(np.linspace(3600.0, 9000.0, 700))
+    spectra = np.stack([1.0 - 0.5 * np.exp(-0.5 * ((wave_in - c) / 2.0) ** 2)
+                        for c in LINES], axis=1)  # (nin, 3)
+    sig = 1.0 / (np.exp(ln_out) / 2.0 * FWHM_PER_SIGMA)
+    excesses = np.stack([(f * sig) ** 2 - (1.0 / (R_GRID * FWHM_PER_SIGMA)) ** 2
+                         for f in (0.2, 0.9, 1.1)])  # 0.2: sharper than the input in the red
+    out, sharper = convolution.gaussian_widths(log_in, ln_out, excesses, spectra)
+    assert out.shape == (3, ln_out.size, 3)
+    for k, excess in enumerate(excesses):
+        vals, cols, indptr, frac = convolution.gaussian_rows(log_in, ln_out, excess)
+        matrix = scipy.sparse.csr_matrix((vals, cols, indptr),
+                                         shape=(ln_out.size, wave_in.size))
+        assert sharper[k] == frac
+        np.testing.assert_allclose(out[k], matrix @ spectra, rtol=1e-6, atol=0)
+    assert sharper[0] > 0 == sharper[2]
+
+
 def test_library_cache_off_and_explicit_directory(cube, tmp_path, monkeypatch):
     monkeypatch.setenv(CACHE_ENV, "off")
     clear_cache()
@@ -431,6 +519,18 @@ def test_preblurred_templates_equal_the_unblurred_and_narrow_asks_fall_back(cube
         lsf = ISO_LSF.scaled(factor)
         assert templates._library_operator(blurred, ISO_WAVE, lsf)[2] == ""
         np.testing.assert_array_equal(*both(lsf, "norm"))
+
+
+def test_library_models_of_a_preblurred_library_are_its_templates_combined(cube):
+    """Issue 14: the width fit's trial models from a pre-blurred library are its templates
+    (blurred samples where they serve the width) combined, to float32's rounding."""
+    clear_cache()
+    _, blurred = _iso_libraries(cube)
+    ids, weights = np.array([1, 0]), np.array([[0.4, 0.6]])
+    factors = np.array([0.85, 0.9, 1.1])  # 0.85: the unblurred library serves it
+    np.testing.assert_allclose(
+        templates.library_models(blurred, ISO_WAVE, ISO_LSF, ids, weights, factors),
+        _trial_models(blurred, ISO_WAVE, ISO_LSF, ids, weights, factors), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("case", ["4096 pixels", "coarse grid"])

@@ -92,6 +92,15 @@ class ExposureTemplates:
 
     __call__ = stored
 
+    def table(self, ids):
+        """Every template's row as kept (read-only, ``SPECTRA_DTYPE``), those of ``ids``
+        prepared (the others undefined): for products whose sparse weights read only the
+        rows of ``ids`` in place, without gathering them first."""
+        self._prepare(np.asarray(ids, dtype=np.int64))
+        view = self._data.view()
+        view.flags.writeable = False
+        return view
+
     def flux(self, ids):
         """Surface fluxes (len(ids), P) at the exposure's pixels (erg/s/cm^2/A)."""
         return library_spectra(self.library, self.wave, self.lsf, np.asarray(ids), kind="flux")

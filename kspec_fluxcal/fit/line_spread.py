@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import numpy as np
 
 from ..errors import FluxCalWarning
-from ..templates import library_spectra
+from ..templates import library_models
 from .exposure_templates import ExposureTemplates, interpolated_corners
 from .matching import score_star
 from .parameter_choice import choose_parameters
@@ -73,13 +73,15 @@ def fit_lsf_scale(obs, tm, scan, params, prior_sigma=None):
     ``star_err`` (S,), each star's own (without the prior)."""
     corners, weight = interpolated_corners(tm.library, params)
     ids, inverse = np.unique(corners, return_inverse=True)
-    inverse = inverse.reshape(corners.shape)
+    combine = np.zeros((obs.nstar, ids.size))  # each star's weights of the templates ids
+    np.add.at(combine, (np.arange(obs.nstar)[:, None], inverse.reshape(corners.shape)), weight)
     models = np.empty((obs.nstar, _LSF_TRIALS.size, obs.wave.size))
-    for k, factor in enumerate(_LSF_TRIALS):
-        # At the current width these are the exposure's own templates (kept, not redone).
-        norm = tm.fetch(ids) if factor == 1.0 else library_spectra(
-            tm.library, obs.wave, tm.lsf.scaled(factor), ids)
-        models[:, k] = np.einsum("sc,scp->sp", weight, norm[inverse])
+    # At the current width the exposure's own templates (kept, not redone); the others each
+    # star's model convolved once, not its templates.
+    current = _LSF_TRIALS == 1.0
+    models[:, current] = (combine @ tm.fetch(ids))[:, None]
+    models[:, ~current] = library_models(tm.library, obs.wave, tm.lsf, ids, combine,
+                                         _LSF_TRIALS[~current]).transpose(1, 0, 2)
     chi2 = np.full((obs.nstar, _LSF_TRIALS.size), np.nan)
     for s in np.flatnonzero(scan.usable):  # a few stars, their trials in one call each
         chi2[s] = score_star(obs.norm[s], obs.ivar[s], models[s], scan.rv[s], obs.wave,

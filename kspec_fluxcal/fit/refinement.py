@@ -7,6 +7,7 @@ import numpy as np
 import scipy.sparse
 
 from ..grid import PARAMS, alpha_response_weights
+from .exposure_templates import ExposureTemplates
 from .matching import fast_mode, rest_frame_star, score_rest_frame, score_star
 
 __all__ = ["refine_parameters", "score_points", "quadratic_minimum", "star_rest_frames"]
@@ -59,9 +60,10 @@ def score_points(obs_norm, obs_ivar, templates, template_index, axes, points, rv
     Parameters
     ----------
     obs_norm, obs_ivar : numpy.ndarray, shape (nstar, npix)
-    templates : numpy.ndarray (ntemplate, npix) or callable
-        Normalised templates of the existing grid points on ``wavelength``, or a function
-        returning the rows of given template positions (only the corners used are asked for).
+    templates : numpy.ndarray (ntemplate, npix) or ExposureTemplates
+        Normalised templates of the existing grid points on ``wavelength``, or the
+        exposure's (:class:`~kspec_fluxcal.fit.exposure_templates.ExposureTemplates`: only
+        the corners used are prepared).
     template_index : numpy.ndarray of int, shape of the grid axes
         Position of each grid point along the templates, -1 when missing.
     axes : dict
@@ -94,21 +96,20 @@ def score_points(obs_norm, obs_ivar, templates, template_index, axes, points, rv
     cols = template_index[tuple(index[..., d] for d in range(4))]
     weight = np.where(cols >= 0, np.nan_to_num(weight), 0.0)
     used = weight != 0  # the [alpha/M] response's lower node is subtracted
-    ids = np.unique(cols[used])
     rows = np.repeat(np.arange(flat.shape[0]), index.shape[1])[used.ravel()]
 
-    def weights_on(columns, ncol, dtype=np.float64):
-        return scipy.sparse.csr_matrix((weight[used].astype(dtype), (rows, columns)),
+    def weights_on(ncol, dtype=np.float64):
+        return scipy.sparse.csr_matrix((weight[used].astype(dtype), (rows, cols[used])),
                                        shape=(flat.shape[0], ncol))
 
-    data = np.asarray(templates(ids) if callable(templates) else np.asarray(templates)[ids])
+    data = templates.table(cols[used]) if isinstance(templates, ExposureTemplates) else \
+        np.asarray(templates)
     if data.dtype.kind != "f":
         data = data.astype(np.float64)
-    # The interpolation on the templates used only (a column selection costs more), in the
-    # templates' dtype (a float32 model is rounded as its templates are; the scores sum in
-    # float64).
-    models = (weights_on(np.searchsorted(ids, cols[used]), ids.size, data.dtype)
-              @ data).reshape(nstar, k, -1)
+    # The interpolation reads the templates used in place (no gather of their rows, nor a
+    # column selection), in the templates' dtype (a float32 model is rounded as its
+    # templates are; the scores sum in float64).
+    models = (weights_on(data.shape[0], data.dtype) @ data).reshape(nstar, k, -1)
     if rest_frames is None:
         rest_frames = star_rest_frames(obs_norm, obs_ivar, rv, wavelength, metric=metric,
                                        knot_spacing=knot_spacing, correction=correction,
@@ -125,7 +126,7 @@ def score_points(obs_norm, obs_ivar, templates, template_index, axes, points, rv
     if spec_scale is not None:
         scores = scores / np.asarray(spec_scale, dtype=float)[:, None]
     if extra_score is not None:  # every star's points in one call
-        full = weights_on(cols[used], int(template_index.max()) + 1)
+        full = weights_on(int(template_index.max()) + 1)
         scores = scores + extra_score(np.repeat(np.arange(nstar), k), full, flat).reshape(
             nstar, k)
     return scores
