@@ -21,12 +21,13 @@ _BAND_TABLES = Recent(8)
 
 def _band_tables(library, bands, law):
     """The templates' maggies (T, B), extinction coefficients and their slopes with E(B-V)
-    times the maggies (NaN as 0: a model's are the maggie-weighted means of its templates')."""
+    times the maggies (NaN as 0: a model's are the maggie-weighted means of its templates'),
+    side by side (T, 3B): a model's three are one sparse product."""
     maggies = np.nan_to_num(10.0 ** (-0.4 * library["synth_mag"].sel(band=list(bands)).values))
     ext, slope = (library[name].sel(law=law, band=list(bands)).values
                   for name in ("ext_coeff", "ext_slope"))
-    return tuple(read_only(a) for a in (maggies, np.nan_to_num(maggies * ext),
-                                        np.nan_to_num(maggies * slope)))
+    return read_only(np.concatenate([maggies, np.nan_to_num(maggies * ext),
+                                     np.nan_to_num(maggies * slope)], axis=1))
 
 
 class PhotometricScore:
@@ -43,8 +44,9 @@ class PhotometricScore:
         fit, phot = config.fit, config.photometry
         bands = list(matched["band"].values)
         self.mag_obs, self.mag_err = matched["mag"].values, matched["mag_err"].values
-        self.maggies, self.weighted_ext, self.weighted_slope = per_library(
-            _BAND_TABLES, _band_tables, library, tuple(bands), fit.extinction_law)
+        self.band_table = per_library(_BAND_TABLES, _band_tables, library, tuple(bands),
+                                      fit.extinction_law)
+        self.maggies = self.band_table[:, :len(bands)]
         self.template_logg = library_arrays(library)["template_logg"]
         self.prior = prior
         self.min_bands = phot.min_bands
@@ -90,11 +92,11 @@ class PhotometricScore:
 def model_magnitudes(phot, weights):
     """Synthetic AB magnitudes (surface flux), band extinction coefficients and their slopes
     with E(B-V) of models."""
-    maggies = np.asarray(weights @ phot.maggies)
+    # One product of the three tables: scipy sums each column's terms as for one.
+    maggies, ext, slope = np.split(np.asarray(weights @ phot.band_table), 3, axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        ext = np.asarray(weights @ phot.weighted_ext) / maggies
-        slope = np.asarray(weights @ phot.weighted_slope) / maggies
-        return np.where(maggies > 0, -2.5 * np.log10(maggies), np.nan), ext, slope
+        return (np.where(maggies > 0, -2.5 * np.log10(maggies), np.nan), ext / maggies,
+                slope / maggies)
 
 
 def photometry_rows(phot, weights):
