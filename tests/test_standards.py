@@ -328,6 +328,40 @@ def test_model_error_of_each_star_is_its_own_and_solves_its_chi2():
         np.testing.assert_array_equal(alone[1], sigma[s:s + 1])
 
 
+def test_model_error_newton_agrees_with_bisection_and_keeps_its_bounds():
+    """The model error's Newton steps find the root a plain bisection in log sigma_m finds
+    (to its 1e-12 dex), and a root beyond 1e-5 or 1 gives that bound."""
+    from kspec_fluxcal.fit.final_model import _mismatch
+
+    rng = np.random.default_rng(11)
+    npix = 800
+    model = 1.0 - 0.7 * rng.random((6, npix)) ** 6
+    var = np.full(model.shape, 1e-4)
+    var[:, ::7] = np.inf  # pixels not compared
+    sigma_true = np.array([0.003, 0.02, 0.1, 0.5, 1e-7, 30.0])[:, None]
+    resid2 = model**2 * sigma_true**2 * rng.chisquare(1, model.shape) + var * rng.chisquare(
+        1, model.shape)
+    resid2[:, ::7] = 0.0
+    dof = np.isfinite(var).sum(axis=1) - 1.0
+    # chi^2/dof 1 + 1e-11 at sigma_m = 0: a root below 1e-5
+    resid2[4] = np.where(np.isfinite(var[4]), var[4] * (1 + 1e-11) * dof[4] / (dof[4] + 1), 0)
+    m2 = model**2
+
+    lo, hi = np.full(6, -5.0), np.zeros(6)
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        chi2 = np.sum(resid2 / (var + (10.0 ** mid[:, None]) ** 2 * m2), axis=1) / dof
+        lo, hi = np.where(chi2 > 1.0, mid, lo), np.where(chi2 > 1.0, hi, mid)
+    bisection = 10.0 ** (0.5 * (lo + hi))
+
+    sigma = _mismatch(resid2, var, m2, dof)
+    np.testing.assert_allclose(sigma[:4], bisection[:4], rtol=1e-10)
+    assert sigma[4] == 1e-5 and sigma[5] == 1.0
+    for s in range(6):  # each star's steps are its own
+        alone = _mismatch(resid2[s:s + 1], var[s:s + 1], m2[s:s + 1], dof[s:s + 1])
+        assert alone.tobytes() == sigma[s:s + 1].tobytes()
+
+
 def test_low_snr_and_model_error_bound(fitted):
     noisy = fitted["exposure"].copy()
     fiber = int(fitted["stars"]["fiber"].values[0])

@@ -257,18 +257,68 @@ def outlier_pixels(obs, model, fit, sigma):
 def _model_error(res, obs, scan):
     """chi^2/dof of each star against its final model, and the model error: the fractional
     per-pixel mismatch sigma_m with sum r^2 / (var + (sigma_m model)^2) = dof (0 when the
-    model fits within the noise), by bisection in log sigma_m for all stars at once."""
+    model fits within the noise), between 1e-5 and 1 (:func:`_mismatch`)."""
     resid2, var, m2 = res.resid2, res.var, res.m2
     dof = np.maximum(res.fit.sum(axis=1) - correction_parameters(obs.wave, scan.knots), 1)
     chi2_dof = np.sum(resid2 / var, axis=1) / dof
-    lo, hi = np.full(obs.nstar, -5.0), np.full(obs.nstar, 0.0)  # log10 sigma_m
-    for _ in range(40):  # bisection to 1e-12 dex: chi^2 falls with sigma_m
-        mid = 0.5 * (lo + hi)
-        chi2 = np.sum(resid2 / (var + (10.0 ** mid[:, None]) ** 2 * m2), axis=1) / dof
-        above = chi2 > 1.0
-        lo, hi = np.where(above, mid, lo), np.where(above, hi, mid)
-    sigma = np.where(chi2_dof > 1.0, 10.0 ** (0.5 * (lo + hi)), 0.0)
+    sigma = np.zeros(obs.nstar)
+    rows = np.flatnonzero(chi2_dof > 1.0)
+    if rows.size:
+        sigma[rows] = _mismatch(resid2[rows], var[rows], m2[rows], dof[rows])
     return chi2_dof, np.where(res.fit.any(axis=1), sigma, np.nan)
+
+
+#: log10 sigma_m's bounds, and the Newton step below which it has converged (dex).
+_LOG_MISMATCH = (-5.0, 0.0)
+_MISMATCH_TOLERANCE = 1e-13
+
+
+def _mismatch(resid2, var, m2, dof):
+    """sigma_m of stars whose chi^2/dof exceeds 1: the root in x = log10 sigma_m of
+    chi^2(x) / dof - 1, which falls with x, by Newton steps kept inside the bracket that the
+    steps narrow (a bisection step where a Newton step would leave it), from the mean
+    excess of the squared residuals over the noise; the bounds where the root lies beyond
+    them. Each star's steps are its own (a converged star stops)."""
+    x = np.full(dof.shape, np.nan)
+    x[_excess(_LOG_MISMATCH[1], resid2, var, m2, dof)[0] > 0.0] = _LOG_MISMATCH[1]
+    x[_excess(_LOG_MISMATCH[0], resid2, var, m2, dof)[0] <= 0.0] = _LOG_MISMATCH[0]
+    active = np.flatnonzero(np.isnan(x))
+    lo, hi = (np.full(active.size, b) for b in _LOG_MISMATCH)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        guess = 0.5 * np.log10(np.sum(np.where(np.isfinite(var), resid2 - var, 0.0), axis=1)
+                               / np.sum(m2, axis=1))[active]
+    now = np.where((guess > lo) & (guess < hi), guess, 0.5 * (lo + hi))
+    arrays = (resid2[active], var[active], m2[active], dof[active])
+    for _ in range(100):  # a bisection step halves the bracket: converged long before
+        g, dg = _excess(now, *arrays, slope=True)
+        lo, hi = np.where(g > 0.0, now, lo), np.where(g > 0.0, hi, now)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            step = now - g / dg
+        # A step to the bracket's end it has just set is a converged one, not one out.
+        inside = (step >= lo) & (step <= hi)
+        now = np.where(inside, step, 0.5 * (lo + hi))
+        # Converged, or as far as chi^2's rounding lets a flat one go.
+        done = (inside & (np.abs(g / dg) < _MISMATCH_TOLERANCE)) | (hi - lo < _MISMATCH_TOLERANCE)
+        x[active] = now
+        if done.all():
+            break
+        if done.any():
+            keep = ~done
+            active, lo, hi, now = active[keep], lo[keep], hi[keep], now[keep]
+            arrays = tuple(a[keep] for a in arrays)
+    return 10.0 ** x
+
+
+def _excess(x, resid2, var, m2, dof, slope=False):
+    """chi^2/dof - 1 of stars at log10 sigma_m ``x`` (scalar or one per star), and with
+    ``slope`` its derivative in x."""
+    s = np.broadcast_to(10.0 ** (2.0 * np.asarray(x)), dof.shape)[:, None]
+    denom = var + s * m2
+    q = resid2 / denom
+    g = np.sum(q, axis=1) / dof - 1.0
+    if not slope:
+        return g, None
+    return g, -2.0 * np.log(10.0) * s[:, 0] * np.sum(q * m2 / denom, axis=1) / dof
 
 
 def _line_error(res, model_nobs):
