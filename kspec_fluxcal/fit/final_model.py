@@ -126,8 +126,8 @@ def _warp(obs, phot, pf, reddened, matched, config, compared):
     out = {"mu": pf["mu"].copy(), "mu_err": pf["mu_err"].copy(),
            "curve": np.ones(obs.star_wave.shape), "band_warp": np.zeros(reddened.shape)}
     with_xp = np.zeros(obs.nstar, bool) if compared is None else compared.usable
-    context = (obs, phot, pf, reddened, [band_wavelength(b) for b in matched["band"].values],
-               config)
+    bands = matched.variables["band"].values
+    context = (obs, phot, pf, reddened, [band_wavelength(b) for b in bands], config)
     _apply_warp(out, ~with_xp, config.fit.warp_degree, None, *context)
     if with_xp.any():
         _apply_warp(out, with_xp, config.xp.xp_warp_degree, compared, *context)

@@ -42,8 +42,9 @@ class PhotometricScore:
 
     def __init__(self, matched, library, prior, config):
         fit, phot = config.fit, config.photometry
-        bands = list(matched["band"].values)
-        self.mag_obs, self.mag_err = matched["mag"].values, matched["mag_err"].values
+        variables = matched.variables  # arrays without a DataArray around each
+        bands = list(variables["band"].values)
+        self.mag_obs, self.mag_err = variables["mag"].values, variables["mag_err"].values
         self.band_table = per_library(_BAND_TABLES, _band_tables, library, tuple(bands),
                                       fit.extinction_law)
         self.maggies = self.band_table[:, :len(bands)]
