@@ -292,6 +292,41 @@ def test_node_scores_of_several_stars_are_each_stars_own(fitted):
             assert together[s, j].tobytes() == alone.tobytes()
 
 
+
+def test_final_photometry_is_each_models_own_fit(fitted):
+    """The final models' photometry and the best templates' rms, fitted in one call, are bit
+    for bit what each model's own fit gives (NaN rms for a star without a usable template)."""
+    from types import SimpleNamespace
+
+    import scipy.sparse
+
+    from kspec_fluxcal.catalog import match_standards
+    from kspec_fluxcal.fit.inputs import catalog_priors
+    from kspec_fluxcal.fit.model_photometry import PhotometricScore, final_photometry
+
+    library, config = fitted["setup"], SELF_MODEL
+    matched = match_standards(fitted["exposure"], fitted["catalog"])
+    matched = matched.sel(band=[b for b in config.photometry.bands
+                                if b in matched["band"].values])
+    phot = PhotometricScore(matched, library, catalog_priors(matched, library, config), config)
+    nstar, ntemplate = matched.sizes["star"], library.sizes["template"]
+    rng = np.random.default_rng(3)
+    cols = rng.choice(ntemplate, (nstar, 2), replace=False)
+    weights = scipy.sparse.csr_matrix((np.tile([0.3, 0.7], nstar),
+                                       (np.repeat(np.arange(nstar), 2), cols.ravel())),
+                                      shape=(nstar, ntemplate))
+    scan = SimpleNamespace(best=rng.choice(ntemplate, nstar),
+                           usable=np.arange(nstar) != nstar - 1)
+    pf, rms = final_photometry(phot, weights, scan)
+    assert np.isnan(rms[-1])
+    for s in range(nstar):
+        own = phot.fit(s, weights[s])
+        for key, value in own.items():
+            assert np.asarray(pf[key][s]).tobytes() == np.asarray(value[0]).tobytes(), key
+        if scan.usable[s]:
+            best = scipy.sparse.csr_matrix(([1.0], ([0], [scan.best[s]])), shape=(1, ntemplate))
+            assert rms[s].tobytes() == phot.fit(s, best)["rms"][0].tobytes()
+
 def test_model_error_of_each_star_is_its_own_and_solves_its_chi2():
     """The model error sigma_m makes chi^2/dof of a star 1 (0 for a star within its noise,
     NaN for one with no pixel compared), and a star's sigma_m does not depend on the stars

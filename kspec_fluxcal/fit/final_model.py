@@ -20,7 +20,7 @@ from ..xp import xp_level, xp_resolution, xp_rows
 from .acceptance import line_variance
 from .exposure_templates import interpolated_corners
 from .matching import correction_parameters, fit_corrected
-from .model_photometry import model_magnitudes, photometry_rows
+from .model_photometry import final_photometry, model_magnitudes
 from .shifts import shift_spectra
 from .velocity import refine_rv
 
@@ -41,7 +41,9 @@ def final_model(obs, tm, scan, params, matched, phot, config, xp=None):
     Returns a namespace: ``rv``, ``rv_err``, ``model_nobs`` (S, P; the normalised model as
     compared with each star), ``chi2_dof``, ``model_error``, ``line_error``, and the model at Earth
     (:func:`_scaled_model`: ``model_flux``, ``scale``, ``ebv``, ``phot``, ``mag_model``,
-    ``warp_rms``, ``logg_parallax``, ``xp``...)."""
+    ``warp_rms``, ``logg_parallax``, ``xp``...), ``phot_rms_spectral`` (the photometric rms
+    of each star's best template by its spectrum alone,
+    :func:`~kspec_fluxcal.fit.model_photometry.final_photometry`)."""
 
     corners, weight = interpolated_corners(tm.library, params)
     ids, inverse = np.unique(corners, return_inverse=True)
@@ -69,7 +71,7 @@ def final_model(obs, tm, scan, params, matched, phot, config, xp=None):
                                       shape=(nstar, tm.library.sizes["template"]))
     model_obs = np.stack([shift_spectra(model[s], obs.star_wave[s], rv[s], obs.wave)
                           for s in range(nstar)]) if nstar else np.zeros((0, obs.wave.size))
-    scaled = _scaled_model(obs, model_obs, weights, matched, phot, config, xp)
+    scaled = _scaled_model(obs, model_obs, weights, matched, phot, scan, config, xp)
     return SimpleNamespace(rv=rv, rv_err=rv_err, model_nobs=model_nobs, chi2_dof=chi2_dof,
                            model_error=model_error, line_error=line_error,
                            **scaled)
@@ -88,15 +90,16 @@ def _interpolated(weight, inverse, spectra):
     return np.einsum("sc,scp->sp", weight, spectra[inverse])
 
 
-def _scaled_model(obs, model_obs, weights, matched, phot, config, xp=None):
+def _scaled_model(obs, model_obs, weights, matched, phot, scan, config, xp=None):
     """The model at Earth: flux scale and E(B-V) from the photometry (whose residuals judge
     the star), then a smooth photometric warp fitted with the scale at that E(B-V) (the
     template's broad shape corrected where the bands ask for it; see
     :func:`kspec_fluxcal.photometric_fit.warp_basis`), jointly with the star's Gaia XP spectrum
-    where it has a usable one (:mod:`kspec_fluxcal.xp`)."""
+    where it has a usable one (:mod:`kspec_fluxcal.xp`). With the spectral photometry of the
+    ``scan``'s best templates (the same fit_photometry call)."""
     fit = config.fit
     prior = phot.prior
-    pf = photometry_rows(phot, weights)
+    pf, rms_spectral = final_photometry(phot, weights, scan)
     ebv = pf["ebv"]
     mags, ext, slope = model_magnitudes(phot, weights)
     reddened = mags + band_extinction(ebv, ext, slope)
@@ -116,6 +119,7 @@ def _scaled_model(obs, model_obs, weights, matched, phot, config, xp=None):
             "warp_rms": warp_rms, "mag_model": mag_model, "model_flux": model_flux,
             "logg_parallax": logg_p, "logg_parallax_err": logg_p_err,
             "has_parallax": catalog_parallax(prior.parallax, prior.parallax_err)[2],
+            "phot_rms_spectral": rms_spectral,
             "xp": _xp_outputs(obs, model_flux, compared)}
 
 

@@ -12,7 +12,7 @@ from ..photometry import parallax_chi2
 from .._recent import Recent, per_library, read_only
 from ..templates import library_arrays
 
-__all__ = ["PhotometricScore", "model_magnitudes", "photometry_rows", "spectral_photometry"]
+__all__ = ["PhotometricScore", "model_magnitudes", "photometry_rows", "final_photometry"]
 
 
 #: :func:`_band_tables` of the libraries met so far (the same for all their exposures).
@@ -100,8 +100,9 @@ def model_magnitudes(phot, weights):
                 slope / maggies)
 
 
-def photometry_rows(phot, weights):
-    """fit_photometry of each star's own model (row s of ``weights``)."""
+def photometry_rows(phot, weights, stars=None):
+    """fit_photometry of models (rows of ``weights``) against the photometry of ``stars``
+    (one per row; default: row s is star s's own model)."""
     nstar = weights.shape[0]
     if not nstar:
         empty = np.zeros(0)
@@ -112,16 +113,20 @@ def photometry_rows(phot, weights):
     # All stars in one call: fit_photometry's rows are independent (a star whose bands are
     # settled is solved again, to the same values, while another drops one), so each star
     # gets what a call of its own gives, in half the time.
-    return phot.fit(np.arange(nstar), weights)
+    return phot.fit(np.arange(nstar) if stars is None else stars, weights)
 
 
-def spectral_photometry(phot, scan):
-    """Photometric rms of each star's best template by its spectrum alone (E(B-V) and
-    scale fitted): whether the catalog's photometry can belong to the star in the fiber,
-    judged where the photometry has not chosen the template."""
-
-    nstar = scan.best.size
-    weights = scipy.sparse.csr_matrix((np.ones(nstar), (np.arange(nstar), scan.best)),
-                                      shape=(nstar, phot.maggies.shape[0]))
-    rms = photometry_rows(phot, weights)["rms"]
-    return np.where(scan.usable, rms, np.nan)
+def final_photometry(phot, weights, scan):
+    """:func:`photometry_rows` of each star's final model (row s of ``weights``), and the
+    photometric rms of its best template by its spectrum alone (``scan``; E(B-V) and scale
+    fitted; NaN without a usable template): whether the catalog's photometry can belong to
+    the star in the fiber, judged where the photometry has not chosen the template. Both
+    in one fit_photometry call (its rows are independent: each gets what its own call
+    gives)."""
+    nstar = weights.shape[0]
+    best = scipy.sparse.csr_matrix((np.ones(nstar), (np.arange(nstar), scan.best)),
+                                   shape=weights.shape)
+    both = photometry_rows(phot, scipy.sparse.vstack([weights, best], format="csr"),
+                           np.tile(np.arange(nstar), 2))
+    return ({k: v[:nstar] for k, v in both.items()},
+            np.where(scan.usable, both["rms"][nstar:], np.nan))

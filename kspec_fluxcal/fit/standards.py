@@ -58,7 +58,7 @@ from .exposure_templates import ExposureTemplates, template_library
 from .final_model import final_model, outlier_pixels
 from .inputs import catalog_priors, implausible_variance, observed_standards, spike_pixels
 from .line_spread import choose_with_line_spread
-from .model_photometry import PhotometricScore, spectral_photometry
+from .model_photometry import PhotometricScore
 from .scan import initial_rv, scan_templates
 
 __all__ = ["fit_standards"]
@@ -202,7 +202,6 @@ def _fit(std, matched, library, lsf, config, xp=None):
     cannot explain (:func:`_fit_models`). Returns the result Dataset (:func:`_result`)."""
     obs, prior, scan, phot, params, errors, lsf_fit, tm, model, masked = _fit_models(
         std, matched, library, lsf, config, xp)
-    model.phot_rms_spectral = spectral_photometry(phot, scan)
     vectors = star_vectors(obs, model, config, tm.lsf)
     model.throughput = implied_throughput(obs, model, vectors, config)
     status = acceptance(obs, prior, scan, model, params, matched, library, config)
