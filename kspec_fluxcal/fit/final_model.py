@@ -266,9 +266,11 @@ def _model_error(res, obs, scan):
     dof = np.maximum(res.fit.sum(axis=1) - correction_parameters(obs.wave, scan.knots), 1)
     chi2_dof = np.sum(resid2 / var, axis=1) / dof
     sigma = np.zeros(obs.nstar)
-    rows = np.flatnonzero(chi2_dof > 1.0)
-    if rows.size:
-        sigma[rows] = _mismatch(resid2[rows], var[rows], m2[rows], dof[rows])
+    above = chi2_dof > 1.0
+    if above.all():  # most stars: no copies
+        sigma = _mismatch(resid2, var, m2, dof)
+    elif above.any():
+        sigma[above] = _mismatch(resid2[above], var[above], m2[above], dof[above])
     return chi2_dof, np.where(res.fit.any(axis=1), sigma, np.nan)
 
 
@@ -279,29 +281,27 @@ _MISMATCH_TOLERANCE = 1e-13
 
 def _mismatch(resid2, var, m2, dof):
     """sigma_m of stars whose chi^2/dof exceeds 1: the root in x = log10 sigma_m of
-    chi^2(x) / dof - 1, which falls with x, by Newton steps kept inside the bracket that the
-    steps narrow (a bisection step where a Newton step would leave it), from the mean
-    excess of the squared residuals over the noise; the bounds where the root lies beyond
-    them. Each star's steps are its own (a converged star stops)."""
-    x = np.full(dof.shape, np.nan)
-    x[_excess(_LOG_MISMATCH[1], resid2, var, m2, dof)[0] > 0.0] = _LOG_MISMATCH[1]
-    x[_excess(_LOG_MISMATCH[0], resid2, var, m2, dof)[0] <= 0.0] = _LOG_MISMATCH[0]
-    active = np.flatnonzero(np.isnan(x))
-    lo, hi = (np.full(active.size, b) for b in _LOG_MISMATCH)
+    chi^2(x) / dof - 1, which falls with x, by Newton steps kept inside the bracket
+    :data:`_LOG_MISMATCH` that the steps narrow (a bisection step where a Newton step would
+    leave it: a root beyond the bracket gives its end), from the mean excess of the squared
+    residuals over the noise. Each star's steps are its own (a converged star stops)."""
+    lo, hi = (np.full(dof.shape, b) for b in _LOG_MISMATCH)
     with np.errstate(divide="ignore", invalid="ignore"):
         guess = 0.5 * np.log10(np.sum(np.where(np.isfinite(var), resid2 - var, 0.0), axis=1)
-                               / np.sum(m2, axis=1))[active]
-    now = np.where((guess > lo) & (guess < hi), guess, 0.5 * (lo + hi))
-    arrays = (resid2[active], var[active], m2[active], dof[active])
+                               / np.sum(m2, axis=1))
+    x = np.where((guess > lo) & (guess < hi), guess, 0.5 * (lo + hi))
+    active = np.arange(dof.size)
+    arrays = (resid2, var, m2, dof)
+    now = x
     for _ in range(100):  # a bisection step halves the bracket: converged long before
-        g, dg = _excess(now, *arrays, slope=True)
+        g, dg = _excess(now, *arrays)
         lo, hi = np.where(g > 0.0, now, lo), np.where(g > 0.0, hi, now)
         with np.errstate(divide="ignore", invalid="ignore"):
             step = now - g / dg
         # A step to the bracket's end it has just set is a converged one, not one out.
         inside = (step >= lo) & (step <= hi)
         now = np.where(inside, step, 0.5 * (lo + hi))
-        # Converged, or as far as chi^2's rounding lets a flat one go.
+        # Converged, or as far as chi^2's rounding lets a flat one go, or at a bound.
         done = (inside & (np.abs(g / dg) < _MISMATCH_TOLERANCE)) | (hi - lo < _MISMATCH_TOLERANCE)
         x[active] = now
         if done.all():
@@ -313,16 +313,13 @@ def _mismatch(resid2, var, m2, dof):
     return 10.0 ** x
 
 
-def _excess(x, resid2, var, m2, dof, slope=False):
-    """chi^2/dof - 1 of stars at log10 sigma_m ``x`` (scalar or one per star), and with
-    ``slope`` its derivative in x."""
-    s = np.broadcast_to(10.0 ** (2.0 * np.asarray(x)), dof.shape)[:, None]
+def _excess(x, resid2, var, m2, dof):
+    """chi^2/dof - 1 of stars at log10 sigma_m ``x`` (one per star) and its derivative."""
+    s = 10.0 ** (2.0 * x)[:, None]
     denom = var + s * m2
     q = resid2 / denom
-    g = np.sum(q, axis=1) / dof - 1.0
-    if not slope:
-        return g, None
-    return g, -2.0 * np.log(10.0) * s[:, 0] * np.sum(q * m2 / denom, axis=1) / dof
+    slope = -2.0 * np.log(10.0) * s[:, 0] * np.sum(q * m2 / denom, axis=1)
+    return np.sum(q, axis=1) / dof - 1.0, slope / dof
 
 
 def _line_error(res, model_nobs):
