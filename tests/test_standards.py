@@ -363,6 +363,30 @@ def test_model_error_of_each_star_is_its_own_and_solves_its_chi2():
         np.testing.assert_array_equal(alone[1], sigma[s:s + 1])
 
 
+def test_final_models_moved_as_the_shift_operators_move_them():
+    """The final models moved to each star's velocity and pixels all at once are what each
+    star's shift operator gives (to its 1e-6 A rounding of the wavelengths), NaN beyond the
+    ends alike, for every one of several spectra."""
+    from types import SimpleNamespace
+
+    from kspec_fluxcal.fit.final_model import _moved
+    from kspec_fluxcal.fit.shifts import shift_spectra
+
+    rng = np.random.default_rng(8)
+    wave = np.linspace(3700.0, 9800.0, 3000)
+    star_wave = wave + rng.normal(0.0, 0.3, (3, 1)) + 2e-4 * np.arange(wave.size) * rng.normal(
+        0.0, 1.0, (3, 1))
+    obs = SimpleNamespace(nstar=3, star_wave=star_wave, wave=wave)
+    rv = np.array([-150.3, 12.7, 333.1])
+    spectra = [1.0 + 0.3 * rng.random((3, 1)) * np.sin(wave / d) for d in (3.0, 7.0)]
+    for moved, spectrum in zip(_moved(obs, rv, *spectra), spectra, strict=True):
+        expected = np.stack([shift_spectra(spectrum[s], star_wave[s], rv[s], wave)
+                             for s in range(3)])
+        np.testing.assert_array_equal(np.isnan(moved), np.isnan(expected))
+        assert np.isnan(moved[0, -1]) and np.isnan(moved[2, 0])
+        np.testing.assert_allclose(moved, expected, rtol=1e-6)
+
+
 def test_model_error_newton_agrees_with_bisection_and_keeps_its_bounds():
     """The model error's Newton steps find the root a plain bisection in log sigma_m finds
     (to its 1e-12 dex), and a root beyond 1e-5 or 1 gives that bound (to the bisection's

@@ -21,7 +21,7 @@ from .acceptance import line_variance
 from .exposure_templates import interpolated_corners
 from .matching import correction_parameters, fit_corrected
 from .model_photometry import final_photometry, model_magnitudes
-from .shifts import shift_spectra
+from .shifts import _positions, sample_rows
 from .velocity import refine_rv
 
 __all__ = ["final_model", "outlier_pixels"]
@@ -57,8 +57,9 @@ def final_model(obs, tm, scan, params, matched, phot, config, xp=None):
         rv[ok], rv_err[ok] = refine_rv(obs.norm[ok], obs.ivar[ok], model_n[ok], obs.wave, rv[ok],
                                        knot_spacing=scan.knots, star_wavelength=obs.star_wave[ok])
     model_nobs = np.full((nstar, obs.wave.size), np.nan)
+    moved_n, model_obs = _moved(obs, rv, model_n, model)
     for s in range(nstar):  # a few stars: the normalised model as compared with the star
-        shifted = shift_spectra(model_n[s], obs.star_wave[s], rv[s], obs.wave)
+        shifted = moved_n[s]
         w = np.where(np.isfinite(shifted), obs.ivar[s], 0.0)
         model_nobs[s] = fit_corrected(np.nan_to_num(obs.norm[s]), w, np.nan_to_num(shifted)[None],
                                       obs.star_wave[s], scan.knots)[0]
@@ -69,12 +70,23 @@ def final_model(obs, tm, scan, params, matched, phot, config, xp=None):
     rows = np.repeat(np.arange(nstar), corners.shape[1])
     weights = scipy.sparse.csr_matrix((weight.ravel(), (rows, corners.ravel())),
                                       shape=(nstar, tm.library.sizes["template"]))
-    model_obs = np.stack([shift_spectra(model[s], obs.star_wave[s], rv[s], obs.wave)
-                          for s in range(nstar)]) if nstar else np.zeros((0, obs.wave.size))
     scaled = _scaled_model(obs, model_obs, weights, matched, phot, scan, config, xp)
     return SimpleNamespace(rv=rv, rv_err=rv_err, model_nobs=model_nobs, chi2_dof=chi2_dof,
                            model_error=model_error, line_error=line_error,
                            **scaled)
+
+
+def _moved(obs, rv, *spectra):
+    """Each star's row of each of ``spectra`` (S, P; on the reference pixels, rest frame)
+    moved to the star's velocity ``rv`` and sampled at its own pixels, NaN beyond the ends:
+    the shift operators' kernel applied tap by tap to every row at once
+    (:func:`~kspec_fluxcal.fit.shifts.sample_rows`), without an operator built per star."""
+    if not obs.nstar:
+        return [np.zeros((0, obs.wave.size)) for _ in spectra]
+    pos = np.concatenate([_positions(obs.star_wave, rv, obs.wave)] * len(spectra))
+    out = sample_rows(np.concatenate(spectra), pos)
+    out[~np.isfinite(pos)] = np.nan
+    return np.split(out, len(spectra))
 
 
 def _interpolated(weight, inverse, spectra):
