@@ -73,59 +73,84 @@ def fit_photometry(mag_obs, mag_err, mag_model, ext_coeff, *, ext_slope=None, eb
                          0.1 if ebv_prior_sigma > 0 else 0.0)
     prior = (np.where(prior_sig > 0, 1.0 / np.maximum(prior_sig, 1e-12) ** 2, 0.0), prior_mean,
              reddening, ebv_max)
+    inverse = 1.0 / sigma2
+    # A band is an outlier beyond both limits: beyond the larger one.
+    limit = np.maximum(outlier_sigma * np.sqrt(sigma2), outlier_mag)
+    most = np.maximum(1, np.count_nonzero(valid, axis=1) // 3)
     used = valid.copy()
     dropped = np.zeros_like(valid)
     for _ in range(nband):
-        mu, ebv, cov = _solve(d, sigma2, ext_coeff, used, prior)
+        bands = _used_bands(d, inverse, used)
+        mu, ebv, cov = _solve(bands, ext_coeff, used, prior)
         resid = np.where(used, d - mu[:, None] - ext_coeff * ebv[:, None], np.nan)
-        bad = (used & (np.abs(resid) > outlier_sigma * np.sqrt(sigma2))
-               & (np.abs(resid) > outlier_mag))
+        size = np.abs(resid)
+        bad = used & (size > limit)
         # Drop a few outlier bands at most: photometry that disagrees in many bands is the
         # wrong star or the wrong model, and must show in the rms, not be pruned away.
-        can_drop = (used.sum(1) > min_bands) & (dropped.sum(1) < np.maximum(1, valid.sum(1) // 3))
-        worst = np.nanargmax(np.where(bad, np.abs(resid), -np.inf), axis=1)
-        drop = bad.any(1) & can_drop
+        drop = bad.any(1)
         if not drop.any():
             break
-        used[np.flatnonzero(drop), worst[drop]] = False
-        dropped[np.flatnonzero(drop), worst[drop]] = True
+        drop &= ((np.count_nonzero(used, axis=1) > min_bands)
+                 & (np.count_nonzero(dropped, axis=1) < most))
+        if not drop.any():
+            break
+        # A bad band's residual is finite (beyond its limit): argmax, no NaN to skip.
+        worst = np.argmax(np.where(bad, size, -np.inf), axis=1)
+        rows = np.flatnonzero(drop)
+        used[rows, worst[drop]] = False
+        dropped[rows, worst[drop]] = True
+    else:  # a band dropped in every pass: the sums of those left
+        bands = _used_bands(d, inverse, used)
     if ext_slope is not None and reddening:
         slope = np.nan_to_num(ext_slope)
-        for _ in range(_CURVATURE_PASSES):
-            mu, ebv, cov = _solve(d, sigma2, _coefficients(ebv[:, None], ext_coeff, slope),
-                                  used, prior)
+        for _ in range(_CURVATURE_PASSES):  # the bands are chosen: their sums stay
+            mu, ebv, cov = _solve(bands, _coefficients(ebv[:, None], ext_coeff, slope), used,
+                                  prior)
         resid = np.where(used, d - mu[:, None] - band_extinction(ebv, ext_coeff, slope), np.nan)
+    mu_err, ebv_err = cov()
     with np.errstate(divide="ignore", invalid="ignore"):
         chi2 = np.nansum(np.where(used, resid**2 / sigma2, 0.0), axis=1)
         if reddening:
             chi2 = chi2 + prior[0] * (ebv - prior_mean) ** 2
         n_bands = used.sum(1)
         rms = np.sqrt(np.sum(np.where(used, resid, 0.0) ** 2, axis=1) / n_bands)
-    return {"mu": mu, "mu_err": cov[0], "ebv": ebv, "ebv_err": cov[1], "resid": resid,
+    return {"mu": mu, "mu_err": mu_err, "ebv": ebv, "ebv_err": ebv_err, "resid": resid,
             "used": used, "dropped": dropped, "n_bands": n_bands, "rms": rms, "chi2": chi2}
 
 
-def _solve(d, sigma2, coeff, used, prior):
-    """(mu, E(B-V)) of the ``used`` bands by weighted least squares with the prior (weight,
-    mean, whether to fit E, its upper bound), and their errors (the 2x2 normal matrix's
-    inverse)."""
-    prior_w, prior_mean, reddening, ebv_max = prior
-    w = np.where(used, 1.0 / sigma2, 0.0)
-    r_ = np.where(used, coeff, 0.0)
+def _used_bands(d, inverse, used):
+    """What :func:`_solve` needs of the ``used`` bands whatever the coefficients: their
+    weights, the data, and the sums of both (the same for every solve with these bands)."""
+    w = np.where(used, inverse, 0.0)
     d_ = np.where(used, d, 0.0)
-    s0, s1, s2 = w.sum(1), (w * r_).sum(1), (w * r_**2).sum(1)
-    b0, b1 = (w * d_).sum(1), (w * r_ * d_).sum(1)
+    return w, d_, w.sum(1), (w * d_).sum(1)
+
+
+def _solve(bands, coeff, used, prior):
+    """(mu, E(B-V)) of the ``used`` bands (:func:`_used_bands`) by weighted least squares with
+    the prior (weight, mean, whether to fit E, its upper bound), and a function giving their
+    errors (the 2x2 normal matrix's inverse; only the last solve's are wanted)."""
+    prior_w, prior_mean, reddening, ebv_max = prior
+    w, d_, s0, b0 = bands
+    r_ = np.where(used, coeff, 0.0)
+    wr = w * r_
+    s1, s2, b1 = wr.sum(1), (w * r_**2).sum(1), (wr * d_).sum(1)
     with np.errstate(divide="ignore", invalid="ignore"):
         if reddening:
             a11 = s2 + prior_w
             det = s0 * a11 - s1**2
-            ebv = np.clip(np.nan_to_num((s0 * (b1 + prior_w * prior_mean) - s1 * b0) / det),
-                          0.0, ebv_max)
-            errors = (np.sqrt(a11 / det), np.sqrt(s0 / det))
+            ebv = np.clip((s0 * (b1 + prior_w * prior_mean) - s1 * b0) / det, 0.0, ebv_max)
+            ebv[np.isnan(ebv)] = 0.0  # a singular system: no reddening
         else:
             ebv = np.zeros(s0.shape)
-            errors = (np.sqrt(1.0 / s0), np.full(s0.shape, np.nan))
         mu = (b0 - s1 * ebv) / s0
+
+    def errors():
+        with np.errstate(divide="ignore", invalid="ignore"):
+            if reddening:
+                return np.sqrt(a11 / det), np.sqrt(s0 / det)
+            return np.sqrt(1.0 / s0), np.full(s0.shape, np.nan)
+
     return mu, ebv, errors
 
 

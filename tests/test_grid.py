@@ -403,6 +403,35 @@ def test_alpha_response_at_nodes_and_single_alpha_grids_is_plain_interpolation()
         np.testing.assert_array_equal(a, b)
 
 
+def test_alpha_response_of_points_asked_again_is_the_same_and_the_callers_own():
+    """Points asked for again (the fit's chosen parameters, twice) get what they got, as
+    arrays of their own (changing one changes no later answer); another grid, other
+    points, other nodes get their own answer."""
+    from kspec_fluxcal.grid import _RECENT_WEIGHTS
+
+    exists = np.ones((3, 2, 3, 2), bool)
+    exists[:, :, 2, 1] = False
+    points = (np.array([5200.0, 5700.0]), np.array([4.2, 4.3]), np.array([-0.2, -0.8]),
+              np.array([0.1, 0.3]))
+    _RECENT_WEIGHTS.clear()
+    first = alpha_response_weights(ALPHA_AXES, exists, *points)
+    for a in first:
+        a[...] = 0
+    again = alpha_response_weights(ALPHA_AXES, exists, *points)
+    _RECENT_WEIGHTS.clear()
+    fresh = alpha_response_weights(ALPHA_AXES, exists, *points)
+    for a, b in zip(again, fresh, strict=True):
+        assert a.tobytes() == b.tobytes() and a.dtype == b.dtype and a.shape == b.shape
+    holes = exists.copy()
+    holes[1, 0, 0, 0] = False  # a corner of the second point's cell
+    other = alpha_response_weights(ALPHA_AXES, holes, *points)
+    assert not np.array_equal(other[1], fresh[1])
+    moved = alpha_response_weights(ALPHA_AXES, exists, *points[:3], np.array([0.1, 0.2]))
+    assert not np.array_equal(moved[1], fresh[1])
+    shifted = {**ALPHA_AXES, "teff": ALPHA_AXES["teff"] + 100.0}
+    assert not np.array_equal(alpha_response_weights(shifted, exists, *points)[1], fresh[1])
+
+
 def test_cell_corners_are_the_product_of_four_factors_to_the_last_bit():
     """_corners (the [alpha/M] corners added to a (teff, logg, [M/H]) cell formed once, as
     alpha_response_weights shares it between the base model and the response's nodes):

@@ -292,6 +292,41 @@ def test_node_scores_of_several_stars_are_each_stars_own(fitted):
             assert together[s, j].tobytes() == alone.tobytes()
 
 
+
+def test_final_photometry_is_each_models_own_fit(fitted):
+    """The final models' photometry and the best templates' rms, fitted in one call, are bit
+    for bit what each model's own fit gives (NaN rms for a star without a usable template)."""
+    from types import SimpleNamespace
+
+    import scipy.sparse
+
+    from kspec_fluxcal.catalog import match_standards
+    from kspec_fluxcal.fit.inputs import catalog_priors
+    from kspec_fluxcal.fit.model_photometry import PhotometricScore, final_photometry
+
+    library, config = fitted["setup"], SELF_MODEL
+    matched = match_standards(fitted["exposure"], fitted["catalog"])
+    matched = matched.sel(band=[b for b in config.photometry.bands
+                                if b in matched["band"].values])
+    phot = PhotometricScore(matched, library, catalog_priors(matched, library, config), config)
+    nstar, ntemplate = matched.sizes["star"], library.sizes["template"]
+    rng = np.random.default_rng(3)
+    cols = rng.choice(ntemplate, (nstar, 2), replace=False)
+    weights = scipy.sparse.csr_matrix((np.tile([0.3, 0.7], nstar),
+                                       (np.repeat(np.arange(nstar), 2), cols.ravel())),
+                                      shape=(nstar, ntemplate))
+    scan = SimpleNamespace(best=rng.choice(ntemplate, nstar),
+                           usable=np.arange(nstar) != nstar - 1)
+    pf, rms = final_photometry(phot, weights, scan)
+    assert np.isnan(rms[-1])
+    for s in range(nstar):
+        own = phot.fit(s, weights[s])
+        for key, value in own.items():
+            assert np.asarray(pf[key][s]).tobytes() == np.asarray(value[0]).tobytes(), key
+        if scan.usable[s]:
+            best = scipy.sparse.csr_matrix(([1.0], ([0], [scan.best[s]])), shape=(1, ntemplate))
+            assert rms[s].tobytes() == phot.fit(s, best)["rms"][0].tobytes()
+
 def test_model_error_of_each_star_is_its_own_and_solves_its_chi2():
     """The model error sigma_m makes chi^2/dof of a star 1 (0 for a star within its noise,
     NaN for one with no pixel compared), and a star's sigma_m does not depend on the stars
@@ -326,6 +361,65 @@ def test_model_error_of_each_star_is_its_own_and_solves_its_chi2():
         alone = errors([s])
         np.testing.assert_array_equal(alone[0], chi2_dof[s:s + 1])
         np.testing.assert_array_equal(alone[1], sigma[s:s + 1])
+
+
+def test_final_models_moved_as_the_shift_operators_move_them():
+    """The final models moved to each star's velocity and pixels all at once are what each
+    star's shift operator gives (to its 1e-6 A rounding of the wavelengths), NaN beyond the
+    ends alike, for every one of several spectra."""
+    from types import SimpleNamespace
+
+    from kspec_fluxcal.fit.final_model import _moved
+    from kspec_fluxcal.fit.shifts import shift_spectra
+
+    rng = np.random.default_rng(8)
+    wave = np.linspace(3700.0, 9800.0, 3000)
+    star_wave = wave + rng.normal(0.0, 0.3, (3, 1)) + 2e-4 * np.arange(wave.size) * rng.normal(
+        0.0, 1.0, (3, 1))
+    obs = SimpleNamespace(nstar=3, star_wave=star_wave, wave=wave)
+    rv = np.array([-150.3, 12.7, 333.1])
+    spectra = [1.0 + 0.3 * rng.random((3, 1)) * np.sin(wave / d) for d in (3.0, 7.0)]
+    for moved, spectrum in zip(_moved(obs, rv, *spectra), spectra, strict=True):
+        expected = np.stack([shift_spectra(spectrum[s], star_wave[s], rv[s], wave)
+                             for s in range(3)])
+        np.testing.assert_array_equal(np.isnan(moved), np.isnan(expected))
+        assert np.isnan(moved[0, -1]) and np.isnan(moved[2, 0])
+        np.testing.assert_allclose(moved, expected, rtol=1e-6)
+
+
+def test_model_error_newton_agrees_with_bisection_and_keeps_its_bounds():
+    """The model error's Newton steps find the root a plain bisection in log sigma_m finds
+    (to its 1e-12 dex), and a root beyond 1e-5 or 1 gives that bound (to the bisection's
+    1e-13 dex)."""
+    from kspec_fluxcal.fit.final_model import _mismatch
+
+    rng = np.random.default_rng(11)
+    npix = 800
+    model = 1.0 - 0.7 * rng.random((6, npix)) ** 6
+    var = np.full(model.shape, 1e-4)
+    var[:, ::7] = np.inf  # pixels not compared
+    sigma_true = np.array([0.003, 0.02, 0.1, 0.5, 1e-7, 30.0])[:, None]
+    resid2 = model**2 * sigma_true**2 * rng.chisquare(1, model.shape) + var * rng.chisquare(
+        1, model.shape)
+    resid2[:, ::7] = 0.0
+    dof = np.isfinite(var).sum(axis=1) - 1.0
+    # chi^2/dof 1 + 1e-11 at sigma_m = 0: a root below 1e-5
+    resid2[4] = np.where(np.isfinite(var[4]), var[4] * (1 + 1e-11) * dof[4] / (dof[4] + 1), 0)
+    m2 = model**2
+
+    lo, hi = np.full(6, -5.0), np.zeros(6)
+    for _ in range(60):
+        mid = 0.5 * (lo + hi)
+        chi2 = np.sum(resid2 / (var + (10.0 ** mid[:, None]) ** 2 * m2), axis=1) / dof
+        lo, hi = np.where(chi2 > 1.0, mid, lo), np.where(chi2 > 1.0, hi, mid)
+    bisection = 10.0 ** (0.5 * (lo + hi))
+
+    sigma = _mismatch(resid2, var, m2, dof)
+    np.testing.assert_allclose(sigma[:4], bisection[:4], rtol=1e-10)
+    assert sigma[4] == pytest.approx(1e-5, rel=1e-12) and sigma[5] == pytest.approx(1.0, rel=1e-12)
+    for s in range(6):  # each star's steps are its own
+        alone = _mismatch(resid2[s:s + 1], var[s:s + 1], m2[s:s + 1], dof[s:s + 1])
+        assert alone.tobytes() == sigma[s:s + 1].tobytes()
 
 
 def test_low_snr_and_model_error_bound(fitted):

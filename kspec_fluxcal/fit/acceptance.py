@@ -96,9 +96,10 @@ def acceptance(obs, prior, scan, model, params, matched, library, config):
     astray = _far_from_colours(teff, prior, config)
     edge = (((prior.teff_colour < lo - edge_window) & ((teff <= lo + 1) | astray))
             | ((prior.teff_colour > hi + edge_window) & ((teff >= hi - 1) | astray)))
+    match = matched.variables["match"].values
     out = []
     for s in range(obs.nstar):
-        if matched["match"].values[s] == "none":
+        if match[s] == "none":
             out.append("no catalog match")
         elif pf["n_bands"][s] < phot.min_bands:
             out.append(f"fewer than {phot.min_bands} valid bands ({int(pf['n_bands'][s])})")

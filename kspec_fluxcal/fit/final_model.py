@@ -20,8 +20,8 @@ from ..xp import xp_level, xp_resolution, xp_rows
 from .acceptance import line_variance
 from .exposure_templates import interpolated_corners
 from .matching import correction_parameters, fit_corrected
-from .model_photometry import model_magnitudes, photometry_rows
-from .shifts import shift_spectra
+from .model_photometry import final_photometry, model_magnitudes
+from .shifts import _positions, sample_rows
 from .velocity import refine_rv
 
 __all__ = ["final_model", "outlier_pixels"]
@@ -41,7 +41,9 @@ def final_model(obs, tm, scan, params, matched, phot, config, xp=None):
     Returns a namespace: ``rv``, ``rv_err``, ``model_nobs`` (S, P; the normalised model as
     compared with each star), ``chi2_dof``, ``model_error``, ``line_error``, and the model at Earth
     (:func:`_scaled_model`: ``model_flux``, ``scale``, ``ebv``, ``phot``, ``mag_model``,
-    ``warp_rms``, ``logg_parallax``, ``xp``...)."""
+    ``warp_rms``, ``logg_parallax``, ``xp``...), ``phot_rms_spectral`` (the photometric rms
+    of each star's best template by its spectrum alone,
+    :func:`~kspec_fluxcal.fit.model_photometry.final_photometry`)."""
 
     corners, weight = interpolated_corners(tm.library, params)
     ids, inverse = np.unique(corners, return_inverse=True)
@@ -55,8 +57,9 @@ def final_model(obs, tm, scan, params, matched, phot, config, xp=None):
         rv[ok], rv_err[ok] = refine_rv(obs.norm[ok], obs.ivar[ok], model_n[ok], obs.wave, rv[ok],
                                        knot_spacing=scan.knots, star_wavelength=obs.star_wave[ok])
     model_nobs = np.full((nstar, obs.wave.size), np.nan)
+    moved_n, model_obs = _moved(obs, rv, model_n, model)
     for s in range(nstar):  # a few stars: the normalised model as compared with the star
-        shifted = shift_spectra(model_n[s], obs.star_wave[s], rv[s], obs.wave)
+        shifted = moved_n[s]
         w = np.where(np.isfinite(shifted), obs.ivar[s], 0.0)
         model_nobs[s] = fit_corrected(np.nan_to_num(obs.norm[s]), w, np.nan_to_num(shifted)[None],
                                       obs.star_wave[s], scan.knots)[0]
@@ -67,12 +70,23 @@ def final_model(obs, tm, scan, params, matched, phot, config, xp=None):
     rows = np.repeat(np.arange(nstar), corners.shape[1])
     weights = scipy.sparse.csr_matrix((weight.ravel(), (rows, corners.ravel())),
                                       shape=(nstar, tm.library.sizes["template"]))
-    model_obs = np.stack([shift_spectra(model[s], obs.star_wave[s], rv[s], obs.wave)
-                          for s in range(nstar)]) if nstar else np.zeros((0, obs.wave.size))
-    scaled = _scaled_model(obs, model_obs, weights, matched, phot, config, xp)
+    scaled = _scaled_model(obs, model_obs, weights, matched, phot, scan, config, xp)
     return SimpleNamespace(rv=rv, rv_err=rv_err, model_nobs=model_nobs, chi2_dof=chi2_dof,
                            model_error=model_error, line_error=line_error,
                            **scaled)
+
+
+def _moved(obs, rv, *spectra):
+    """Each star's row of each of ``spectra`` (S, P; on the reference pixels, rest frame)
+    moved to the star's velocity ``rv`` and sampled at its own pixels, NaN beyond the ends:
+    the shift operators' kernel applied tap by tap to every row at once
+    (:func:`~kspec_fluxcal.fit.shifts.sample_rows`), without an operator built per star."""
+    if not obs.nstar:
+        return [np.zeros((0, obs.wave.size)) for _ in spectra]
+    pos = np.concatenate([_positions(obs.star_wave, rv, obs.wave)] * len(spectra))
+    out = sample_rows(np.concatenate(spectra), pos)
+    out[~np.isfinite(pos)] = np.nan
+    return np.split(out, len(spectra))
 
 
 def _interpolated(weight, inverse, spectra):
@@ -88,15 +102,16 @@ def _interpolated(weight, inverse, spectra):
     return np.einsum("sc,scp->sp", weight, spectra[inverse])
 
 
-def _scaled_model(obs, model_obs, weights, matched, phot, config, xp=None):
+def _scaled_model(obs, model_obs, weights, matched, phot, scan, config, xp=None):
     """The model at Earth: flux scale and E(B-V) from the photometry (whose residuals judge
     the star), then a smooth photometric warp fitted with the scale at that E(B-V) (the
     template's broad shape corrected where the bands ask for it; see
     :func:`kspec_fluxcal.photometric_fit.warp_basis`), jointly with the star's Gaia XP spectrum
-    where it has a usable one (:mod:`kspec_fluxcal.xp`)."""
+    where it has a usable one (:mod:`kspec_fluxcal.xp`). With the spectral photometry of the
+    ``scan``'s best templates (the same fit_photometry call)."""
     fit = config.fit
     prior = phot.prior
-    pf = photometry_rows(phot, weights)
+    pf, rms_spectral = final_photometry(phot, weights, scan)
     ebv = pf["ebv"]
     mags, ext, slope = model_magnitudes(phot, weights)
     reddened = mags + band_extinction(ebv, ext, slope)
@@ -116,6 +131,7 @@ def _scaled_model(obs, model_obs, weights, matched, phot, config, xp=None):
             "warp_rms": warp_rms, "mag_model": mag_model, "model_flux": model_flux,
             "logg_parallax": logg_p, "logg_parallax_err": logg_p_err,
             "has_parallax": catalog_parallax(prior.parallax, prior.parallax_err)[2],
+            "phot_rms_spectral": rms_spectral,
             "xp": _xp_outputs(obs, model_flux, compared)}
 
 
@@ -126,8 +142,8 @@ def _warp(obs, phot, pf, reddened, matched, config, compared):
     out = {"mu": pf["mu"].copy(), "mu_err": pf["mu_err"].copy(),
            "curve": np.ones(obs.star_wave.shape), "band_warp": np.zeros(reddened.shape)}
     with_xp = np.zeros(obs.nstar, bool) if compared is None else compared.usable
-    context = (obs, phot, pf, reddened, [band_wavelength(b) for b in matched["band"].values],
-               config)
+    bands = matched.variables["band"].values
+    context = (obs, phot, pf, reddened, [band_wavelength(b) for b in bands], config)
     _apply_warp(out, ~with_xp, config.fit.warp_degree, None, *context)
     if with_xp.any():
         _apply_warp(out, with_xp, config.xp.xp_warp_degree, compared, *context)
@@ -257,18 +273,65 @@ def outlier_pixels(obs, model, fit, sigma):
 def _model_error(res, obs, scan):
     """chi^2/dof of each star against its final model, and the model error: the fractional
     per-pixel mismatch sigma_m with sum r^2 / (var + (sigma_m model)^2) = dof (0 when the
-    model fits within the noise), by bisection in log sigma_m for all stars at once."""
+    model fits within the noise), between 1e-5 and 1 (:func:`_mismatch`)."""
     resid2, var, m2 = res.resid2, res.var, res.m2
     dof = np.maximum(res.fit.sum(axis=1) - correction_parameters(obs.wave, scan.knots), 1)
     chi2_dof = np.sum(resid2 / var, axis=1) / dof
-    lo, hi = np.full(obs.nstar, -5.0), np.full(obs.nstar, 0.0)  # log10 sigma_m
-    for _ in range(40):  # bisection to 1e-12 dex: chi^2 falls with sigma_m
-        mid = 0.5 * (lo + hi)
-        chi2 = np.sum(resid2 / (var + (10.0 ** mid[:, None]) ** 2 * m2), axis=1) / dof
-        above = chi2 > 1.0
-        lo, hi = np.where(above, mid, lo), np.where(above, hi, mid)
-    sigma = np.where(chi2_dof > 1.0, 10.0 ** (0.5 * (lo + hi)), 0.0)
+    sigma = np.zeros(obs.nstar)
+    above = chi2_dof > 1.0
+    if above.all():  # most stars: no copies
+        sigma = _mismatch(resid2, var, m2, dof)
+    elif above.any():
+        sigma[above] = _mismatch(resid2[above], var[above], m2[above], dof[above])
     return chi2_dof, np.where(res.fit.any(axis=1), sigma, np.nan)
+
+
+#: log10 sigma_m's bounds, and the Newton step below which it has converged (dex).
+_LOG_MISMATCH = (-5.0, 0.0)
+_MISMATCH_TOLERANCE = 1e-13
+
+
+def _mismatch(resid2, var, m2, dof):
+    """sigma_m of stars whose chi^2/dof exceeds 1: the root in x = log10 sigma_m of
+    chi^2(x) / dof - 1, which falls with x, by Newton steps kept inside the bracket
+    :data:`_LOG_MISMATCH` that the steps narrow (a bisection step where a Newton step would
+    leave it: a root beyond the bracket gives its end), from the mean excess of the squared
+    residuals over the noise. Each star's steps are its own (a converged star stops)."""
+    lo, hi = (np.full(dof.shape, b) for b in _LOG_MISMATCH)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        guess = 0.5 * np.log10(np.sum(np.where(np.isfinite(var), resid2 - var, 0.0), axis=1)
+                               / np.sum(m2, axis=1))
+    x = np.where((guess > lo) & (guess < hi), guess, 0.5 * (lo + hi))
+    active = np.arange(dof.size)
+    arrays = (resid2, var, m2, dof)
+    now = x
+    for _ in range(100):  # a bisection step halves the bracket: converged long before
+        g, dg = _excess(now, *arrays)
+        lo, hi = np.where(g > 0.0, now, lo), np.where(g > 0.0, hi, now)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            step = now - g / dg
+        # A step to the bracket's end it has just set is a converged one, not one out.
+        inside = (step >= lo) & (step <= hi)
+        now = np.where(inside, step, 0.5 * (lo + hi))
+        # Converged, or as far as chi^2's rounding lets a flat one go, or at a bound.
+        done = (inside & (np.abs(g / dg) < _MISMATCH_TOLERANCE)) | (hi - lo < _MISMATCH_TOLERANCE)
+        x[active] = now
+        if done.all():
+            break
+        if done.any():
+            keep = ~done
+            active, lo, hi, now = active[keep], lo[keep], hi[keep], now[keep]
+            arrays = tuple(a[keep] for a in arrays)
+    return 10.0 ** x
+
+
+def _excess(x, resid2, var, m2, dof):
+    """chi^2/dof - 1 of stars at log10 sigma_m ``x`` (one per star) and its derivative."""
+    s = 10.0 ** (2.0 * x)[:, None]
+    denom = var + s * m2
+    q = resid2 / denom
+    slope = -2.0 * np.log(10.0) * s[:, 0] * np.sum(q * m2 / denom, axis=1)
+    return np.sum(q, axis=1) / dof - 1.0, slope / dof
 
 
 def _line_error(res, model_nobs):

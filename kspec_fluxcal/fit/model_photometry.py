@@ -12,7 +12,7 @@ from ..photometry import parallax_chi2
 from .._recent import Recent, per_library, read_only
 from ..templates import library_arrays
 
-__all__ = ["PhotometricScore", "model_magnitudes", "photometry_rows", "spectral_photometry"]
+__all__ = ["PhotometricScore", "model_magnitudes", "photometry_rows", "final_photometry"]
 
 
 #: :func:`_band_tables` of the libraries met so far (the same for all their exposures).
@@ -21,12 +21,13 @@ _BAND_TABLES = Recent(8)
 
 def _band_tables(library, bands, law):
     """The templates' maggies (T, B), extinction coefficients and their slopes with E(B-V)
-    times the maggies (NaN as 0: a model's are the maggie-weighted means of its templates')."""
+    times the maggies (NaN as 0: a model's are the maggie-weighted means of its templates'),
+    side by side (T, 3B): a model's three are one sparse product."""
     maggies = np.nan_to_num(10.0 ** (-0.4 * library["synth_mag"].sel(band=list(bands)).values))
     ext, slope = (library[name].sel(law=law, band=list(bands)).values
                   for name in ("ext_coeff", "ext_slope"))
-    return tuple(read_only(a) for a in (maggies, np.nan_to_num(maggies * ext),
-                                        np.nan_to_num(maggies * slope)))
+    return read_only(np.concatenate([maggies, np.nan_to_num(maggies * ext),
+                                     np.nan_to_num(maggies * slope)], axis=1))
 
 
 class PhotometricScore:
@@ -41,10 +42,12 @@ class PhotometricScore:
 
     def __init__(self, matched, library, prior, config):
         fit, phot = config.fit, config.photometry
-        bands = list(matched["band"].values)
-        self.mag_obs, self.mag_err = matched["mag"].values, matched["mag_err"].values
-        self.maggies, self.weighted_ext, self.weighted_slope = per_library(
-            _BAND_TABLES, _band_tables, library, tuple(bands), fit.extinction_law)
+        variables = matched.variables  # arrays without a DataArray around each
+        bands = list(variables["band"].values)
+        self.mag_obs, self.mag_err = variables["mag"].values, variables["mag_err"].values
+        self.band_table = per_library(_BAND_TABLES, _band_tables, library, tuple(bands),
+                                      fit.extinction_law)
+        self.maggies = self.band_table[:, :len(bands)]
         self.template_logg = library_arrays(library)["template_logg"]
         self.prior = prior
         self.min_bands = phot.min_bands
@@ -90,15 +93,16 @@ class PhotometricScore:
 def model_magnitudes(phot, weights):
     """Synthetic AB magnitudes (surface flux), band extinction coefficients and their slopes
     with E(B-V) of models."""
-    maggies = np.asarray(weights @ phot.maggies)
+    # One product of the three tables: scipy sums each column's terms as for one.
+    maggies, ext, slope = np.split(np.asarray(weights @ phot.band_table), 3, axis=1)
     with np.errstate(divide="ignore", invalid="ignore"):
-        ext = np.asarray(weights @ phot.weighted_ext) / maggies
-        slope = np.asarray(weights @ phot.weighted_slope) / maggies
-        return np.where(maggies > 0, -2.5 * np.log10(maggies), np.nan), ext, slope
+        return (np.where(maggies > 0, -2.5 * np.log10(maggies), np.nan), ext / maggies,
+                slope / maggies)
 
 
-def photometry_rows(phot, weights):
-    """fit_photometry of each star's own model (row s of ``weights``)."""
+def photometry_rows(phot, weights, stars=None):
+    """fit_photometry of models (rows of ``weights``) against the photometry of ``stars``
+    (one per row; default: row s is star s's own model)."""
     nstar = weights.shape[0]
     if not nstar:
         empty = np.zeros(0)
@@ -109,16 +113,20 @@ def photometry_rows(phot, weights):
     # All stars in one call: fit_photometry's rows are independent (a star whose bands are
     # settled is solved again, to the same values, while another drops one), so each star
     # gets what a call of its own gives, in half the time.
-    return phot.fit(np.arange(nstar), weights)
+    return phot.fit(np.arange(nstar) if stars is None else stars, weights)
 
 
-def spectral_photometry(phot, scan):
-    """Photometric rms of each star's best template by its spectrum alone (E(B-V) and
-    scale fitted): whether the catalog's photometry can belong to the star in the fiber,
-    judged where the photometry has not chosen the template."""
-
-    nstar = scan.best.size
-    weights = scipy.sparse.csr_matrix((np.ones(nstar), (np.arange(nstar), scan.best)),
-                                      shape=(nstar, phot.maggies.shape[0]))
-    rms = photometry_rows(phot, weights)["rms"]
-    return np.where(scan.usable, rms, np.nan)
+def final_photometry(phot, weights, scan):
+    """:func:`photometry_rows` of each star's final model (row s of ``weights``), and the
+    photometric rms of its best template by its spectrum alone (``scan``; E(B-V) and scale
+    fitted; NaN without a usable template): whether the catalog's photometry can belong to
+    the star in the fiber, judged where the photometry has not chosen the template. Both
+    in one fit_photometry call (its rows are independent: each gets what its own call
+    gives)."""
+    nstar = weights.shape[0]
+    best = scipy.sparse.csr_matrix((np.ones(nstar), (np.arange(nstar), scan.best)),
+                                   shape=weights.shape)
+    both = photometry_rows(phot, scipy.sparse.vstack([weights, best], format="csr"),
+                           np.tile(np.arange(nstar), 2))
+    return ({k: v[:nstar] for k, v in both.items()},
+            np.where(scan.usable, both["rms"][nstar:], np.nan))

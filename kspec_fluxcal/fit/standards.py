@@ -58,7 +58,7 @@ from .exposure_templates import ExposureTemplates, template_library
 from .final_model import final_model, outlier_pixels
 from .inputs import catalog_priors, implausible_variance, observed_standards, spike_pixels
 from .line_spread import choose_with_line_spread
-from .model_photometry import PhotometricScore, spectral_photometry
+from .model_photometry import PhotometricScore
 from .scan import initial_rv, scan_templates
 
 __all__ = ["fit_standards"]
@@ -116,7 +116,7 @@ def fit_standards(exposure, catalog, grid, config=None, *, cache_dir=None, xp=No
     config = Config() if config is None else config
     lsf = exposure_lsf(exposure, config)
     library = template_library(grid, exposure, config, cache_dir=cache_dir)
-    have = catalog["band"].values  # one lookup, not one per configured band
+    have = catalog.variables["band"].values  # one lookup, not one per configured band
     bands = [b for b in config.photometry.bands if b in have]
     # The bands chosen from the matched rows, not from the catalog: the catalog's look-up
     # index is kept per catalog object (a selected copy was a new one for every exposure,
@@ -125,13 +125,13 @@ def fit_standards(exposure, catalog, grid, config=None, *, cache_dir=None, xp=No
     if not np.array_equal(have, bands):
         matched = matched.sel(band=bands)
     xp = standards_xp(matched, xp)
-    std = exposure.isel(fiber=matched["fiber"].values)[["flux", "variance", "good"]]
+    std = exposure.isel(fiber=matched.variables["fiber"].values)[["flux", "variance", "good"]]
     if "fiber_wavelength" in std.coords:
         # A standard's pixels without a wavelength (NaN in WAVELA: an arc solution short of
         # the detector's ends) are bad pixels; its fit shifts, convolves and interpolates on
         # every pixel and needs them finite (a NaN failed the velocity shift's operator).
-        fiber_wave = std["fiber_wavelength"]
-        bridged = bridged_wavelengths(fiber_wave.values, std["wavelength"].values)
+        fiber_wave = std.variables["fiber_wavelength"]
+        bridged = bridged_wavelengths(fiber_wave.values, std.variables["wavelength"].values)
         if bridged is not fiber_wave.values:
             std = std.assign_coords(fiber_wavelength=(fiber_wave.dims, bridged,
                                                       fiber_wave.attrs))
@@ -140,7 +140,7 @@ def fit_standards(exposure, catalog, grid, config=None, *, cache_dir=None, xp=No
         return _no_standards(std, matched, xp)
     # A lazy fit (xr.map_blocks) returned its template's attrs, not the fit's: the combination
     # then had no line spread, skipped the telluric fit, and the product's keywords lied.
-    return _fit(std.compute() if std["flux"].chunks is not None else std, **kwargs)
+    return _fit(std.compute() if std.variables["flux"].chunks is not None else std, **kwargs)
 
 
 _STAR_VARS = {  # name: (dtype, units)
@@ -202,7 +202,6 @@ def _fit(std, matched, library, lsf, config, xp=None):
     cannot explain (:func:`_fit_models`). Returns the result Dataset (:func:`_result`)."""
     obs, prior, scan, phot, params, errors, lsf_fit, tm, model, masked = _fit_models(
         std, matched, library, lsf, config, xp)
-    model.phot_rms_spectral = spectral_photometry(phot, scan)
     vectors = star_vectors(obs, model, config, tm.lsf)
     model.throughput = implied_throughput(obs, model, vectors, config)
     status = acceptance(obs, prior, scan, model, params, matched, library, config)
@@ -282,7 +281,8 @@ def _result(std, obs, prior, lsf_fit, params, errors, model, vectors, status, fl
     """The steps' results as the Dataset :func:`fit_standards` returns (per-star coordinates,
     spectra, photometry, XP spectra, attrs)."""
     pf = model.phot
-    bands = list(matched["band"].values)
+    variables = matched.variables  # arrays without a DataArray around each (~25 us apiece)
+    bands = list(variables["band"].values)
     dropped = [",".join(np.asarray(bands)[row]) for row in pf["dropped"]] if obs.nstar else []
     per_star = {
         **{p: params[p] for p in PARAMS}, **{f"{p}_err": errors[p] for p in PARAMS},
@@ -306,8 +306,9 @@ def _result(std, obs, prior, lsf_fit, params, errors, model, vectors, status, fl
     coords = {name: ("star", np.asarray(per_star[name], dtype=dtype),
                      {"units": units} if units else {})
               for name, (dtype, units) in _STAR_VARS.items()}
-    coords.update(fiber=("star", matched["fiber"].values), objid=("star", matched["objid"].values),
-                  fiber_name=("star", matched["fiber_name"].values),
+    coords.update(fiber=("star", variables["fiber"].values),
+                  objid=("star", variables["objid"].values),
+                  fiber_name=("star", variables["fiber_name"].values),
                   wavelength=("wavelength", obs.wave, {"units": "Angstrom", "medium": "air"}),
                   star_wavelength=(("star", "wavelength"), obs.star_wave,
                                    {"units": "Angstrom", "medium": "air",
@@ -333,9 +334,9 @@ def _result(std, obs, prior, lsf_fit, params, errors, model, vectors, status, fl
             "model_norm": (spectra, model.model_nobs),
             "match_mask": (spectra, obs.ivar > 0,
                            {"description": "pixels used for template matching"}),
-            "mag_obs": (("star", "band"), matched["mag"].values, {"units": "mag",
-                                                                  "system": "AB"}),
-            "mag_err": (("star", "band"), matched["mag_err"].values, {"units": "mag"}),
+            "mag_obs": (("star", "band"), variables["mag"].values, {"units": "mag",
+                                                                    "system": "AB"}),
+            "mag_err": (("star", "band"), variables["mag_err"].values, {"units": "mag"}),
             "mag_model": (("star", "band"), model.mag_model, {"units": "mag", "system": "AB",
                                                               "description": "the model at "
                                                               "Earth, warp included"}),

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
+from .._recent import Recent
 from .._zarr import strings_as_unicode
 from ..errors import GridError
 
@@ -494,14 +495,31 @@ def alpha_response_weights(axes, exists, teff, logg, feh, alpha):
         Weights summing to 1, negative for the response's lower node (NaN for a point with
         no existing corner).
     """
-    nodes = np.asarray(axes["alpha"], dtype=np.float64)
     t, g, m, a = (np.atleast_1d(np.asarray(v, dtype=np.float64))
                   for v in np.broadcast_arrays(teff, logg, feh, alpha))
+    exists = np.asarray(exists, dtype=bool)
+    # The fit asks for its chosen parameters' corners twice (the line-spread width's fit
+    # and the final model, 2 of 3 exposures the same points): the last few kept.
+    key = (exists.shape, exists.tobytes(), t.shape,
+           *(np.asarray(v, dtype=np.float64).tobytes() for v in (*(axes[p] for p in PARAMS),
+                                                                 t, g, m, a)))
+    known = _RECENT_WEIGHTS.get(key)
+    if known is None:
+        known = _alpha_response_weights(axes, exists, t, g, m, a)
+        _RECENT_WEIGHTS.put(key, known)
+    return tuple(v.copy() for v in known)
+
+
+#: :func:`alpha_response_weights` of the last few points asked for.
+_RECENT_WEIGHTS = Recent(4)
+
+
+def _alpha_response_weights(axes, exists, t, g, m, a):
+    nodes = np.asarray(axes["alpha"], dtype=np.float64)
     if nodes.size < 2:
         return interpolation_weights(axes, exists, t, g, m, a)
     k = np.clip(np.searchsorted(nodes, a, side="right") - 1, 0, nodes.size - 2)
     f = (a - nodes[k]) / (nodes[k + 1] - nodes[k])
-    exists = np.asarray(exists, dtype=bool)
     at = [_position(axes[p], x) for p, x in zip(PARAMS[:3], (t, g, m), strict=True)]
     # The (teff, logg, [M/H]) cells once: the base model and the response's two nodes
     # differ only in their [alpha/M] corners.
