@@ -78,6 +78,22 @@ def test_rv_cross_correlation_and_refinement(rv):
     assert 0 < err[0] < 3.0
 
 
+
+def test_rv_cross_correlation_of_several_stars_at_once():
+    # Each star correlated with its own template, as alone.
+    rvs = np.array([-120.0, 15.0, 230.0])
+    template = _lines(BASE_DEPTHS, CENTRES)
+    obs = np.stack([_lines(BASE_DEPTHS, CENTRES, rv=v) for v in rvs])
+    weight = np.ones_like(obs)
+    weight[1, 300:340] = 0  # a masked region of one star only
+    templates = np.stack([template] * rvs.size)
+    together, peaks = cross_correlate_rv(obs, weight, templates, WAVE, rv_max=500)
+    alone = [cross_correlate_rv(obs[[s]], weight[[s]], templates[[s]], WAVE, rv_max=500)[0][0]
+             for s in range(rvs.size)]
+    np.testing.assert_array_equal(together, alone)
+    pix_kms = SPEED_OF_LIGHT_KMS * np.log(WAVE[1] / WAVE[0])
+    assert np.all(np.abs(together - rvs) < 0.3 * pix_kms) and np.all(peaks > 0.8)
+
 def test_shift_matches_analytic_shift():
     rv = 57.0
     shifted = shift_spectra(_lines(BASE_DEPTHS, CENTRES), WAVE, rv)

@@ -1,4 +1,4 @@
-"""Radial velocities of the standards: FFT cross-correlation in ln(lambda) for a start, then a
+"""Radial velocities of the standards: cross-correlation in ln(lambda) for a start, then a
 chi^2 scan against each star's template (shifted with :mod:`kspec_fluxcal.fit.shifts`)."""
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ __all__ = ["cross_correlate_rv", "refine_rv"]
 
 def cross_correlate_rv(obs_norm, obs_weight, template_norm, wavelength, *, rv_max=500.0,
                        oversample=4, star_wavelength=None):
-    """Radial velocities by FFT cross-correlation in ln(lambda), vectorised over stars.
+    """Radial velocities by cross-correlation in ln(lambda), vectorised over stars.
 
     Parameters
     ----------
@@ -58,12 +58,14 @@ def cross_correlate_rv(obs_norm, obs_weight, template_norm, wavelength, *, rv_ma
                         in zip(np.broadcast_to(ln_star, use.shape), use, strict=True)])
     template_ok = np.isfinite(np.broadcast_to(template_norm, use.shape)) & star_ok
     st = _line_signal(np.broadcast_to(template_norm, use.shape), template_ok, ln, grid) * taper
-    nfft = 2 * n
-    ccf = np.fft.irfft(np.fft.rfft(so, nfft) * np.conj(np.fft.rfft(st, nfft)), nfft)
     norm = np.sqrt((so**2).sum(1) * (st**2).sum(1))
     kmax = int(np.ceil(np.log1p(rv_max / SPEED_OF_LIGHT_KMS) / step))
     lags = np.arange(-kmax, kmax + 1)
-    lag, peak = _peak_lag(ccf[:, lags % nfft] / np.where(norm > 0, norm, np.inf)[:, None], lags)
+    # Only the ~60 lags within rv_max: direct sums (one dot product per lag) cost a tenth of
+    # the FFTs of 2n points that gave every lag.
+    padded = np.pad(so, ((0, 0), (kmax, kmax)))
+    ccf = np.array([np.correlate(a, b, "valid") for a, b in zip(padded, st, strict=True)])
+    lag, peak = _peak_lag(ccf / np.where(norm > 0, norm, np.inf)[:, None], lags)
     return SPEED_OF_LIGHT_KMS * np.expm1(lag * step), peak
 
 
