@@ -305,6 +305,21 @@ def test_sampled_rows_are_the_tabulated_taps_summed_pairwise(block, monkeypatch)
     assert got[1, 2, 0] == pytest.approx(spectra[1, 0], rel=1e-15)
 
 
+
+def test_sampled_rows_in_float32_are_the_float64_ones_within_its_rounding():
+    from kspec_fluxcal.fit.shifts import sample_rows
+
+    rng = np.random.default_rng(6)
+    n = 300
+    spectra = 1.0 - 0.5 * rng.random((2, n))
+    pos = rng.uniform(0, n - 1, size=(2, 5, 200))
+    pos[0, 0, :2] = [0.2, n - 1.3]  # taps past both ends
+    exact = sample_rows(spectra, pos)
+    single = sample_rows(spectra, pos, np.float32)
+    assert single.dtype == np.float64 and single.shape == pos.shape
+    assert not np.array_equal(single, exact)
+    np.testing.assert_allclose(single, exact, rtol=1e-6, atol=0)
+
 def _alpha_world(feh_slope=0.05):
     """Templates whose lines deepen linearly with [alpha/M], on a grid that has +0.25 only
     at [M/H] -0.5 (not at 0), and a star at [M/H] 0, [alpha/M] +0.4 that they describe

@@ -34,9 +34,11 @@ def _exact_kernel_weights(frac):
 
 _KERNEL_TABLE = _exact_kernel_weights(np.linspace(0.0, 1.0, _TABLE_STEPS + 1))
 _KERNEL_STEP = np.diff(_KERNEL_TABLE, axis=0)  # one gather fewer per interpolation
-# Tap-major copies for :func:`sample_rows`, which works on (taps, points) arrays.
-_KERNEL_TABLE_T = np.ascontiguousarray(_KERNEL_TABLE[:-1].T)
-_KERNEL_STEP_T = np.ascontiguousarray(_KERNEL_STEP.T)
+# Tap-major copies for :func:`sample_rows`, which works on (taps, points) arrays, in each
+# precision it samples in.
+_SAMPLING_TABLES = {np.dtype(t): (np.ascontiguousarray(_KERNEL_TABLE[:-1].T, dtype=t),
+                                   np.ascontiguousarray(_KERNEL_STEP.T, dtype=t))
+                    for t in (np.float64, np.float32)}
 
 
 def _kernel_weights(frac):
@@ -169,22 +171,28 @@ def shift_spectra(spectra, wavelength, rv, source=None):
 _SAMPLE_BLOCK = 8192
 
 
-def sample_rows(spectra, pos):
+def sample_rows(spectra, pos, precision=np.float64):
     """Each row of ``spectra`` (S, Q) sampled at its own fractional pixel positions ``pos``
     (S, ..., P) with the Lanczos kernel of :func:`shift_operator`, taps beyond the ends
     clipped to the end pixels: what the shift operators do one velocity at a time, for many
     velocities at once (a velocity scan), one gather per tap. Positions that are not finite
-    are sampled at pixel 0: give them no weight."""
+    are sampled at pixel 0: give them no weight.
+
+    ``precision`` is the dtype of the kernel's weights, the values and their sums (the
+    result is float64 either way): float32 moves half the bytes (gathers: ~0.7x the time)
+    and errs by ~2e-7 of the values, what float32 templates hold anyway.
+    """
     inside = np.isfinite(pos)
     base = np.floor(np.where(inside, pos, 0.0)).astype(np.intp)
     frac = (np.where(inside, pos, 0.0) - base).ravel()
     x = frac * _TABLE_STEPS
     i = np.clip(x.astype(np.intp), 0, _TABLE_STEPS - 1)
-    d = x - i
+    d = (x - i).astype(precision, copy=False)
+    table, step = _SAMPLING_TABLES[np.dtype(precision)]
     # Rows padded with their end pixels: the taps' clipped values without a clip per tap
     # (finite positions lie in [0, Q - 1], so taps reach at most _LANCZOS_A - 1 before the
     # first pixel and _LANCZOS_A past the last).
-    spectra = np.asarray(spectra, dtype=np.float64)  # products in place: float64 rows
+    spectra = np.asarray(spectra, dtype=precision)  # products in place: rows of that dtype
     nrow, n = spectra.shape[0], spectra.shape[-1]
     left = _LANCZOS_A - 1
     padded = np.concatenate([np.repeat(spectra[:, :1], left, axis=1), spectra,
@@ -201,9 +209,9 @@ def sample_rows(spectra, pos):
         ib, db, fb = i[block], d[block], first[block]
         terms = []
         for k in range(_TAPS.size):
-            weight = _KERNEL_STEP_T[k].take(ib)
+            weight = step[k].take(ib)
             weight *= db
-            weight += _KERNEL_TABLE_T[k].take(ib)
+            weight += table[k].take(ib)
             value = padded[k:].take(fb)
             value *= weight
             terms.append(value)
