@@ -251,6 +251,31 @@ def test_tabulated_lanczos_weights_equal_the_kernel():
     np.testing.assert_allclose(table.sum(axis=-1), 1.0, atol=1e-12)
 
 
+@pytest.mark.parametrize("rv", [0.0, 37.3, -900.0])
+def test_shift_operator_rows_are_the_tabulated_taps(rv):
+    """Each row of a shift operator holds _kernel_weights at its pixel's position, taps past
+    the ends summed (in order) into the end pixels; rows whose source is off the spectrum
+    are empty; the absolute weights are abs(matrix); the margin covers the largest shift."""
+    from kspec_fluxcal.fit.shifts import (
+        _TAPS, _kernel_weights, _positions, position_margin, shift_operator)
+
+    wave = np.round(np.exp(np.linspace(np.log(4000.0), np.log(9000.0), 300)), 6)  # as keyed
+    source = np.round(wave * (1 + 2e-4), 6)
+    op = shift_operator(wave, rv, source)
+    pos = _positions(wave, rv, source)
+    expected = np.zeros((wave.size, source.size))
+    for p, x in enumerate(pos):
+        if np.isfinite(x):
+            base = int(np.floor(x))
+            for tap, weight in zip(_TAPS, _kernel_weights(np.array([x - base]))[0],
+                                   strict=True):
+                expected[p, np.clip(base + tap, 0, source.size - 1)] += weight
+    assert np.array_equal(op.matrix.toarray(), expected)
+    assert np.array_equal(op.empty, ~np.isfinite(pos)) and op.empty.any()
+    assert np.array_equal(op.absolute.toarray(), abs(op.matrix).toarray())
+    shift = np.abs(pos - np.arange(pos.size))[np.isfinite(pos)].max()
+    assert op.margin == int(np.ceil(shift)) + 5 == position_margin(pos)
+
 @pytest.mark.parametrize("zero", [False, True])
 def test_squared_shift_weights_are_the_elementwise_product_zeros_dropped(zero):
     """A shift operator's squared weights are matrix.multiply(matrix), zeros dropped (a

@@ -123,7 +123,9 @@ class ShiftOperator:
     @functools.cached_property
     def absolute(self):
         """The matrix's absolute weights: how far a pixel's neighbours reach it."""
-        return abs(self.matrix)
+        # abs(matrix) without its copies of the index arrays (shared: neither is modified)
+        m = self.matrix
+        return scipy.sparse.csr_matrix((np.abs(m.data), m.indices, m.indptr), shape=m.shape)
 
     @functools.cached_property
     def empty(self):
@@ -140,17 +142,21 @@ def _shift_operator_cached(wave_bytes, source_bytes, rv):
     source = np.frombuffer(source_bytes, dtype=np.float64)
     pos = _positions(wavelength, rv, source)
     n = source.size
-    inside, base, weights = _taps(pos)
+    inside = np.isfinite(pos)
+    rows = np.flatnonzero(inside)
+    # Only the rows whose source is on the spectrum are computed (increasing pixels have them
+    # in one block: a view, not a gather); the others stay empty (no stored zeros), so
+    # callers can tell.
+    keep = slice(rows[0], rows[-1] + 1) if rows.size and rows[-1] - rows[0] + 1 == rows.size \
+        else rows
+    base = np.floor(pos[keep])
+    weights = _kernel_weights(pos[keep] - base)
     # int32 indices (what scipy makes of int64 ones for this size) given at once: no copies
-    cols = np.clip(base[:, None].astype(np.int32) + _TAPS[None, :].astype(np.int32), 0, n - 1)
-    # Rows whose source is off the spectrum stay empty (no stored zeros), so callers can tell.
-    indptr = np.concatenate([[0], np.cumsum(np.where(inside, _TAPS.size, 0))]).astype(np.int32)
-    if not inside.all():
-        rows = np.flatnonzero(inside)
-        # Increasing pixels have their inside rows in one block: a view, not a gather.
-        keep = slice(rows[0], rows[-1] + 1) if rows.size and rows[-1] - rows[0] + 1 == \
-            rows.size else inside
-        weights, cols = weights[keep], cols[keep]
+    cols = base.astype(np.int32)[:, None] + _TAPS.astype(np.int32)
+    np.clip(cols, 0, n - 1, out=cols)
+    indptr = np.zeros(pos.size + 1, dtype=np.int32)
+    np.cumsum(inside, out=indptr[1:])
+    indptr *= _TAPS.size
     matrix = scipy.sparse.csr_matrix((weights.ravel(), cols.ravel(), indptr),
                                      shape=(pos.size, n))
     matrix.sum_duplicates()  # taps clipped at the ends: one entry per column
@@ -221,16 +227,10 @@ def sample_rows(spectra, pos, precision=np.float64):
     return out.reshape(pos.shape)
 
 
-def _taps(pos):
-    """Where positions are finite, each one's left pixel (0 where not finite) and its
-    kernel weights (..., taps)."""
-    inside = np.isfinite(pos)
-    base = np.floor(np.where(inside, pos, 0.0)).astype(np.intp)
-    return inside, base, _kernel_weights(np.where(inside, pos, 0.0) - base)
-
-
 def position_margin(pos):
     """Pixels at each end whose value, sampled at positions ``pos`` (from
     :func:`_positions`), leans on extrapolated taps."""
-    shift = np.nanmax(np.abs(np.where(np.isfinite(pos), pos - np.arange(pos.shape[-1]), np.nan)))
-    return int(np.ceil(shift)) + _LANCZOS_A + 1
+    shift = pos - np.arange(pos.shape[-1])
+    np.abs(shift, out=shift)
+    # np.nanmax's value without its copy (positions off the spectrum are infinite, not NaN)
+    return int(np.ceil(np.max(shift, where=np.isfinite(shift), initial=0.0))) + _LANCZOS_A + 1
