@@ -94,6 +94,29 @@ def test_rv_cross_correlation_of_several_stars_at_once():
     pix_kms = SPEED_OF_LIGHT_KMS * np.log(WAVE[1] / WAVE[0])
     assert np.all(np.abs(together - rvs) < 0.3 * pix_kms) and np.all(peaks > 0.8)
 
+
+def test_rv_refinement_of_stars_on_shared_pixels_is_each_stars_own():
+    """Stars on one wavelength solution are fitted in one call: the velocities and errors
+    are those of each star refined alone, to the last bit; rows grouped by equal values."""
+    from kspec_fluxcal.fit.velocity import _same_rows
+
+    rvs = np.array([20.0, 28.0, 35.0])
+    rng = np.random.default_rng(3)
+    obs = np.stack([_lines(BASE_DEPTHS, CENTRES, rv=v) for v in rvs])
+    obs += rng.normal(0, 0.01, obs.shape)
+    weight = np.full(obs.shape, 1e4)
+    weight[0, 200:230] = 0
+    templates = np.stack([_lines(BASE_DEPTHS, CENTRES)] * rvs.size)
+    star_wave = np.stack([WAVE, WAVE + 0.05, WAVE])  # stars 0 and 2 share their pixels
+    assert _same_rows(star_wave) == [[0, 2], [1]]
+    rv0 = np.full(rvs.size, 30.0)  # one margin for the stars together and alone
+    together = refine_rv(obs, weight, templates, WAVE, rv0, knot_spacing=400.0,
+                         star_wavelength=star_wave)
+    for s in range(rvs.size):
+        alone = refine_rv(obs[[s]], weight[[s]], templates[[s]], WAVE, rv0[[s]],
+                          knot_spacing=400.0, star_wavelength=star_wave[[s]])
+        assert together[0][s] == alone[0][0] and together[1][s] == alone[1][0]
+
 def test_shift_matches_analytic_shift():
     rv = 57.0
     shifted = shift_spectra(_lines(BASE_DEPTHS, CENTRES), WAVE, rv)

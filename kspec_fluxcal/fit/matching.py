@@ -60,7 +60,8 @@ def fit_corrected(flux, weights, templates, wavelength, knot_spacing):
 
     Parameters
     ----------
-    flux : numpy.ndarray, shape (P,)
+    flux : numpy.ndarray, shape (P,) or (N, P)
+        The spectrum, shared or per template (several spectra on one wavelength solution).
     weights : numpy.ndarray, shape (P,) or (N, P)
         Inverse variances (0 = masked), shared or per template.
     templates : numpy.ndarray, shape (N, P)

@@ -159,9 +159,15 @@ def refine_rv(obs_norm, obs_weight, template_norm, wavelength, rv0, *, half_widt
     w[..., :margin] = 0
     w[..., -margin:] = 0
     f = np.nan_to_num(obs_norm)
-    chi2 = np.stack([np.sum(w[s] * (f[s] - fit_corrected(f[s], w[s], shifted[s], star_wave[s],
-                                                           knot_spacing)) ** 2, axis=1)
-                     for s in range(f.shape[0])])  # stars: a few; velocities vectorised
+    chi2 = np.empty(trial.shape)
+    # The stars of one wavelength solution share the correction's basis: their trials are
+    # fitted in one call (each row's products and sums are its own: the same numbers as
+    # star by star).
+    for group in _same_rows(star_wave):
+        flux = np.repeat(f[group], nstep, axis=0)
+        weight, template = (a[group].reshape(flux.shape) for a in (w, shifted))
+        model = fit_corrected(flux, weight, template, star_wave[group[0]], knot_spacing)
+        chi2[group] = np.sum(weight * (flux - model) ** 2, axis=1).reshape(len(group), nstep)
     best = np.clip(np.argmin(chi2, axis=1), 2, nstep - 3)
     # Least-squares parabola through the 5 points u = -2..2 around the minimum (closed form).
     u = np.arange(-2, 3)
@@ -174,3 +180,15 @@ def refine_rv(obs_norm, obs_weight, template_norm, wavelength, rv0, *, half_widt
     vertex = np.clip(vertex, -half_width, half_width)
     err = np.where(ok, h / np.sqrt(np.where(ok, a, 1)), np.nan)
     return rv0 + vertex, err
+
+
+def _same_rows(rows):
+    """Indices of the rows (S, P) grouped by equal values (lists, in order)."""
+    groups = []
+    for s, row in enumerate(rows):
+        group = next((g for g in groups if np.array_equal(rows[g[0]], row)), None)
+        if group is None:
+            groups.append([s])
+        else:
+            group.append(s)
+    return groups
