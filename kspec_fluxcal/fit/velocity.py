@@ -75,9 +75,10 @@ def _line_signal(values, mask, ln_rows, grid):
     ``grid``, masked pixels zeroed and each row's mean removed: (S, len(grid)), ready to
     correlate."""
     nrow, npix = values.shape
-    # Each star on its own pixels: one interpolation per star (a handful), once if shared.
+    # Each star on its own pixels: one interpolation per star (a handful); shared pixels
+    # interpolated, and their positions split, once (one row, broadcast by the gathers).
     if np.ndim(ln_rows) == 1:
-        idx = np.broadcast_to(np.interp(grid, ln_rows, np.arange(npix)), (nrow, grid.size))
+        idx = np.interp(grid, ln_rows, np.arange(npix))[None]
     else:
         idx = np.stack([np.interp(grid, row, np.arange(row.size)) for row in ln_rows])
     lo = np.clip(np.floor(idx).astype(int), 0, npix - 2)
