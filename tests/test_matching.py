@@ -186,6 +186,10 @@ def test_fast_scores_of_float32_templates_are_summed_in_float64():
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)
     assert list(np.nanargmin(got, axis=1)) == [10, 40]
     assert np.nanmin(got) == pytest.approx(WAVE.size, rel=0.1)  # chi2 of the truth ~ P
+    # Star by star: each star's scores are the ones it gets scored alone, to the last bit.
+    for s in range(flux.shape[0]):
+        assert np.array_equal(got[s], score_rest_frame((flux[s], rest[1][s]), t32),
+                              equal_nan=True)
 
 
 def test_huber_resists_sky_residual_spikes():
