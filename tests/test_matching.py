@@ -78,6 +78,45 @@ def test_rv_cross_correlation_and_refinement(rv):
     assert 0 < err[0] < 3.0
 
 
+
+def test_rv_cross_correlation_of_several_stars_at_once():
+    # Each star correlated with its own template, as alone.
+    rvs = np.array([-120.0, 15.0, 230.0])
+    template = _lines(BASE_DEPTHS, CENTRES)
+    obs = np.stack([_lines(BASE_DEPTHS, CENTRES, rv=v) for v in rvs])
+    weight = np.ones_like(obs)
+    weight[1, 300:340] = 0  # a masked region of one star only
+    templates = np.stack([template] * rvs.size)
+    together, peaks = cross_correlate_rv(obs, weight, templates, WAVE, rv_max=500)
+    alone = [cross_correlate_rv(obs[[s]], weight[[s]], templates[[s]], WAVE, rv_max=500)[0][0]
+             for s in range(rvs.size)]
+    np.testing.assert_array_equal(together, alone)
+    pix_kms = SPEED_OF_LIGHT_KMS * np.log(WAVE[1] / WAVE[0])
+    assert np.all(np.abs(together - rvs) < 0.3 * pix_kms) and np.all(peaks > 0.8)
+
+
+def test_rv_refinement_of_stars_on_shared_pixels_is_each_stars_own():
+    """Stars on one wavelength solution are fitted in one call: the velocities and errors
+    are those of each star refined alone, to the last bit; rows grouped by equal values."""
+    from kspec_fluxcal.fit.velocity import _same_rows
+
+    rvs = np.array([20.0, 28.0, 35.0])
+    rng = np.random.default_rng(3)
+    obs = np.stack([_lines(BASE_DEPTHS, CENTRES, rv=v) for v in rvs])
+    obs += rng.normal(0, 0.01, obs.shape)
+    weight = np.full(obs.shape, 1e4)
+    weight[0, 200:230] = 0
+    templates = np.stack([_lines(BASE_DEPTHS, CENTRES)] * rvs.size)
+    star_wave = np.stack([WAVE, WAVE + 0.05, WAVE])  # stars 0 and 2 share their pixels
+    assert _same_rows(star_wave) == [[0, 2], [1]]
+    rv0 = np.full(rvs.size, 30.0)  # one margin for the stars together and alone
+    together = refine_rv(obs, weight, templates, WAVE, rv0, knot_spacing=400.0,
+                         star_wavelength=star_wave)
+    for s in range(rvs.size):
+        alone = refine_rv(obs[[s]], weight[[s]], templates[[s]], WAVE, rv0[[s]],
+                          knot_spacing=400.0, star_wavelength=star_wave[[s]])
+        assert together[0][s] == alone[0][0] and together[1][s] == alone[1][0]
+
 def test_shift_matches_analytic_shift():
     rv = 57.0
     shifted = shift_spectra(_lines(BASE_DEPTHS, CENTRES), WAVE, rv)
@@ -147,6 +186,10 @@ def test_fast_scores_of_float32_templates_are_summed_in_float64():
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-3)
     assert list(np.nanargmin(got, axis=1)) == [10, 40]
     assert np.nanmin(got) == pytest.approx(WAVE.size, rel=0.1)  # chi2 of the truth ~ P
+    # Star by star: each star's scores are the ones it gets scored alone, to the last bit.
+    for s in range(flux.shape[0]):
+        assert np.array_equal(got[s], score_rest_frame((flux[s], rest[1][s]), t32),
+                              equal_nan=True)
 
 
 def test_huber_resists_sky_residual_spikes():
@@ -235,6 +278,31 @@ def test_tabulated_lanczos_weights_equal_the_kernel():
     np.testing.assert_allclose(table.sum(axis=-1), 1.0, atol=1e-12)
 
 
+@pytest.mark.parametrize("rv", [0.0, 37.3, -900.0])
+def test_shift_operator_rows_are_the_tabulated_taps(rv):
+    """Each row of a shift operator holds _kernel_weights at its pixel's position, taps past
+    the ends summed (in order) into the end pixels; rows whose source is off the spectrum
+    are empty; the absolute weights are abs(matrix); the margin covers the largest shift."""
+    from kspec_fluxcal.fit.shifts import (
+        _TAPS, _kernel_weights, _positions, position_margin, shift_operator)
+
+    wave = np.round(np.exp(np.linspace(np.log(4000.0), np.log(9000.0), 300)), 6)  # as keyed
+    source = np.round(wave * (1 + 2e-4), 6)
+    op = shift_operator(wave, rv, source)
+    pos = _positions(wave, rv, source)
+    expected = np.zeros((wave.size, source.size))
+    for p, x in enumerate(pos):
+        if np.isfinite(x):
+            base = int(np.floor(x))
+            for tap, weight in zip(_TAPS, _kernel_weights(np.array([x - base]))[0],
+                                   strict=True):
+                expected[p, np.clip(base + tap, 0, source.size - 1)] += weight
+    assert np.array_equal(op.matrix.toarray(), expected)
+    assert np.array_equal(op.empty, ~np.isfinite(pos)) and op.empty.any()
+    assert np.array_equal(op.absolute.toarray(), abs(op.matrix).toarray())
+    shift = np.abs(pos - np.arange(pos.size))[np.isfinite(pos)].max()
+    assert op.margin == int(np.ceil(shift)) + 5 == position_margin(pos)
+
 @pytest.mark.parametrize("zero", [False, True])
 def test_squared_shift_weights_are_the_elementwise_product_zeros_dropped(zero):
     """A shift operator's squared weights are matrix.multiply(matrix), zeros dropped (a
@@ -288,6 +356,21 @@ def test_sampled_rows_are_the_tabulated_taps_summed_pairwise(block, monkeypatch)
     assert np.array_equal(got, expected)
     assert got[1, 2, 0] == pytest.approx(spectra[1, 0], rel=1e-15)
 
+
+
+def test_sampled_rows_in_float32_are_the_float64_ones_within_its_rounding():
+    from kspec_fluxcal.fit.shifts import sample_rows
+
+    rng = np.random.default_rng(6)
+    n = 300
+    spectra = 1.0 - 0.5 * rng.random((2, n))
+    pos = rng.uniform(0, n - 1, size=(2, 5, 200))
+    pos[0, 0, :2] = [0.2, n - 1.3]  # taps past both ends
+    exact = sample_rows(spectra, pos)
+    single = sample_rows(spectra, pos, np.float32)
+    assert single.dtype == np.float64 and single.shape == pos.shape
+    assert not np.array_equal(single, exact)
+    np.testing.assert_allclose(single, exact, rtol=1e-6, atol=0)
 
 def _alpha_world(feh_slope=0.05):
     """Templates whose lines deepen linearly with [alpha/M], on a grid that has +0.25 only
