@@ -413,17 +413,16 @@ def match_standards(exposure, catalog, *, radius_arcsec=POSITION_MATCH_ARCSEC):
                    ("fiber_type", "objid", "ra", "dec"))
     expect_dataset(catalog, "catalog", "match_standards", "kspec_fluxcal.read_catalog",
                    ("objid", "mag", "band"))
-    std = exposure.coords["fiber_type"].values == STANDARD_TYPE
-    fibers = exposure["fiber"].values[std]
-    fib_objid = exposure["objid"].values[std]
-    fib_ra = exposure["ra"].values[std]
-    fib_dec = exposure["dec"].values[std]
-    cat_objid = catalog["objid"].values
+    fibres = exposure.variables  # arrays without a DataArray around each (~25 us apiece)
+    std = fibres["fiber_type"].values == STANDARD_TYPE
+    fibers, fib_objid, fib_ra, fib_dec = (fibres[n].values[std]
+                                          for n in ("fiber", "objid", "ra", "dec"))
+    cat_objid = catalog.variables["objid"].values
     index, how, sep = catalog_lookup(catalog, fib_objid, fib_ra, fib_dec, radius_arcsec)
     keep = _one_fiber_per_star(exposure, fibers, index, how, cat_objid)
     fibers, fib_objid, fib_ra, fib_dec = (a[keep] for a in (fibers, fib_objid, fib_ra, fib_dec))
     index, how, sep = index[keep], how[keep], sep[keep]
-    fiber_names = exposure["fiber_name"].values[std][keep]
+    fiber_names = fibres["fiber_name"].values[std][keep]
     unmatched = how == "none"
     if unmatched.any():
         names = fiber_names[unmatched]
@@ -432,32 +431,56 @@ def match_standards(exposure, catalog, *, radius_arcsec=POSITION_MATCH_ARCSEC):
                                               strict=True))
         warnings.warn(f"{exposure.attrs.get('expid', '')}: no catalog entry for standard(s) "
                       f"{labels}; skipped", FluxCalWarning, stacklevel=2)
-    take = np.where(index >= 0, index, 0)
-    sub = catalog.drop_indexes("objid").isel(star=take)
-    if (index < 0).any() or any(v.dtype.kind != "f" for v in sub.data_vars.values()):
-        # NaN photometry when unmatched (and float variables); otherwise a no-op of 0.4 ms
-        sub = sub.where(xr.DataArray(index >= 0, dims="star"))
-    sub = sub.assign_coords(
-        # Unmatched: the OBJID the fiber asked for (-1 for positional matching), for reports.
-        objid=("star", np.where(index >= 0, cat_objid[take], fib_objid)),
-        teff_catalog=("star", np.where(index >= 0, catalog["teff_catalog"].values[take], np.nan)),
-        a_gaia=("star", np.where(index >= 0, catalog["a_gaia"].values[take], np.nan)),
-        a_g=("star", np.where(index >= 0, catalog["a_g"].values[take], np.nan)),
-        parallax=("star", np.where(index >= 0, catalog["parallax"].values[take], np.nan),
-                  {"units": "mas"}),
-        parallax_err=("star", np.where(index >= 0, catalog["parallax_err"].values[take], np.nan),
-                      {"units": "mas"}),
-        ra=("star", fib_ra, {"units": "deg"}),
-        dec=("star", fib_dec, {"units": "deg"}),
-        fiber=("star", fibers),
-        fiber_name=("star", fiber_names),
-        match=("star", how),
-        separation=("star", sep, {"units": "arcsec"}),
-    )
+    return _matched_rows(catalog, index, {
+        "ra": ("star", fib_ra, {"units": "deg"}), "dec": ("star", fib_dec, {"units": "deg"}),
+        "fiber": ("star", fibers), "fiber_name": ("star", fiber_names), "match": ("star", how),
+        "separation": ("star", sep, {"units": "arcsec"})}, fib_objid)
+
+
+#: Per-star coordinates of :func:`match_standards` taken from the catalog, with the value of
+#: a standard without a catalog entry; given without attrs (as they always were).
+_MATCHED_COORDS = {"teff_catalog": np.nan, "a_gaia": np.nan, "a_g": np.nan}
+
+
+def _matched_rows(catalog, index, fiber_coords, fib_objid):
+    """The catalog's rows ``index`` (-1: none; NaN photometry) as :func:`match_standards`'s
+    Dataset, with the fibers' own coordinates ``fiber_coords`` and, unmatched, the OBJID the
+    fiber asked for (-1 for positional matching), for reports.
+
+    Built once from its variables (numpy rows): a selection of the catalog, then coordinates
+    assigned to it, merged and aligned the whole Dataset at each step (~3 ms an exposure).
+    """
+    found = index >= 0
+    take = np.where(found, index, 0)
+    variables = catalog.variables
+    # NaN photometry when unmatched (and float variables); otherwise a no-op
+    masked = (~found).any() or any(variables[n].dtype.kind != "f" for n in catalog.data_vars)
+    cond = xr.Variable("star", found)
+    rows = {}
+    for name, var in variables.items():
+        if name == "star" or "star" not in var.dims:
+            rows[name] = var
+            continue
+        var = xr.Variable(var.dims, np.take(var.values, take, axis=var.dims.index("star")),
+                          dict(var.attrs))
+        rows[name] = var.where(cond) if masked and name in catalog.data_vars else var
+    rows["objid"] = xr.Variable("star", np.where(found, rows["objid"].values, fib_objid))
+    for name, missing in _MATCHED_COORDS.items():
+        rows[name] = xr.Variable("star", np.where(found, rows[name].values, missing))
+    for name in ("parallax", "parallax_err"):
+        rows[name] = xr.Variable("star", np.where(found, rows[name].values, np.nan),
+                                 {"units": "mas"})
     if "source_id" in catalog.coords:
-        sub = sub.assign_coords(source_id=("star", np.where(
-            index >= 0, catalog["source_id"].values[take], -1).astype(np.int64)))
-    return sub.drop_vars("star", errors="ignore")
+        rows["source_id"] = xr.Variable("star", np.where(found, rows["source_id"].values,
+                                                         -1).astype(np.int64))
+    rows.update({name: xr.Variable(*value) for name, value in fiber_coords.items()})
+    coords = xr.Coordinates(
+        {name: var for name, var in rows.items() if name not in catalog.data_vars
+         and name != "star"},
+        indexes={name: idx for name, idx in catalog.xindexes.items()
+                 if "star" not in catalog.variables[name].dims})
+    return xr.Dataset({name: rows[name] for name in catalog.data_vars}, coords=coords,
+                      attrs=dict(catalog.attrs))
 
 
 def catalog_lookup(catalog, objid, ra, dec, radius_arcsec=POSITION_MATCH_ARCSEC):

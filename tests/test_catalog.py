@@ -140,6 +140,31 @@ def test_unmatched_standard_reported_not_guessed(red_file, catalog_file):
     assert list(matched["objid"].values) == [999, -1]  # what each fiber asked for
 
 
+def test_matched_rows_are_the_catalog_rows(red_file, catalog_file):
+    """The result, built from the catalog's variables directly: each matched standard has its
+    catalog row (photometry, per-star coordinates), an unmatched one NaN and -1, the bands keep
+    their index and the per-star columns the catalog's dtypes."""
+    ds = open_exposure(red_file(fibres={"OBJID": np.array([88, 999, 3, 4, 5, 6])}))
+    rows = [catalog_row(77, 10.0, 5.0, Gaia=13.0, plx=1.5, dplx=0.1, source_id=7001),
+            catalog_row(88, 20.0, 6.0, Gaia=14.0, Teff=6100, Ag=0.3, plx=2.5, dplx=0.2,
+                        source_id=7002)]
+    cat = read_catalog(catalog_file(rows, header=[*CATALOG_HEADER, "source_id"]))
+    with pytest.warns(FluxCalWarning, match="OBJID 999"):
+        matched = match_standards(ds, cat)
+    assert list(matched["objid"].values) == [88, 999]
+    np.testing.assert_array_equal(matched["mag"].values[0], cat["mag"].sel(objid=88).values)
+    assert np.isnan(matched["mag"].values[1]).all() and np.isnan(matched["mag_err"][1]).all()
+    for name, value in (("teff_catalog", 6100.0), ("a_g", 0.3), ("parallax", 2.5),
+                        ("parallax_err", 0.2), ("source_id", 7002)):
+        assert matched[name].values[0] == value, name
+        assert matched[name].dtype == cat[name].dtype, name
+    assert np.isnan(matched["teff_catalog"].values[1]) and matched["source_id"].values[1] == -1
+    assert matched["mag"].sel(band="gaiadr2-G").values[0] == pytest.approx(14.102)
+    assert set(matched.xindexes) == {"band"} and "star" not in matched.variables
+    assert matched["parallax"].attrs == {"units": "mas"} and matched.attrs == cat.attrs
+    assert list(matched["vega_to_ab"].values) == list(cat["vega_to_ab"].values)
+
+
 def test_two_fibers_on_one_star_keep_the_higher_snr(red_file, catalog_file):
     """Issue 16 (one star, one vote): fibers 0 and 1 both point at catalog star 55 (fiber 1
     by position); fiber 1 has the higher S/N and is the one kept."""
