@@ -671,13 +671,13 @@ def apply_calibration(exposure, calibration):
     calibrated["flux"].attrs = flux.attrs | {"units": FLUX_UNIT}
     calibrated["variance"].attrs = variance.attrs | {"units": f"({FLUX_UNIT})**2"}
     calibrated.update(cal_factor=factor, cal_factor_variance=factor_var)
-    # On the exposure's grid (NaN where the calibration's differs), as a merge aligns them.
-    cal = calibration[[name for name in ("cal", "cal_variance", "cal_mask", "cal_smooth")
-                       if name in calibration]].reindex_like(exposure)
-    calibrated.update({name: cal[name].variable for name in cal.data_vars})
+    # On the exposure's grid (NaN where the calibration's differs; the same grid: no alignment).
+    names = [n for n in ("cal", "cal_variance", "cal_mask", "cal_smooth") if n in calibration]
+    same = exposure.xindexes["wavelength"].equals(calibration.xindexes.get("wavelength"))
+    cal = calibration if same else calibration[names].reindex_like(exposure)
+    calibrated.update({name: cal.variables[name] for name in names})
     # One merge for all the new variables (each assignment would merge the whole dataset).
-    out = exposure.assign(calibrated)
-    out.attrs = dict(exposure.attrs)
+    out = exposure.assign(calibrated)  # its attrs a copy of the exposure's
     out.attrs["history"] = list(exposure.attrs.get("history", [])) + list(
         calibration.attrs.get("history", []))
     out.attrs.update({"fcalnstr": calibration.attrs.get("fcalnstr", 0),

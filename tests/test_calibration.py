@@ -207,6 +207,25 @@ def test_apply_calibration_propagates_variance_lazily(raise_if_computes):
     assert out.attrs["history"][0] == "read" and "flux calibrated" in out.attrs["history"][-1]
 
 
+def test_apply_carries_the_vector_on_the_exposures_grid():
+    """The calibration's vector is carried as it is on the exposure's own grid (no alignment
+    then) and aligned to it otherwise: NaN where the calibration has no pixel; the output's
+    attrs are its own, not the exposure's."""
+    comb = combine_vectors(_stars())
+    exposure = xr.Dataset({"flux": (("fiber", "wavelength"), np.full((2, WAVE.size), 2.0)),
+                           "variance": (("fiber", "wavelength"), np.ones((2, WAVE.size)))},
+                          coords={"wavelength": WAVE}, attrs={"history": ["read"]})
+    out = apply_calibration(exposure, comb)
+    np.testing.assert_array_equal(out["cal"].values, comb["cal"].values)
+    assert out["cal_mask"].dtype == bool and out.attrs is not exposure.attrs
+    assert exposure.attrs == {"history": ["read"]}
+    shorter = comb.isel(wavelength=slice(3, None))
+    out = apply_calibration(exposure, shorter)
+    assert np.isnan(out["cal"].values[:3]).all() and np.isnan(out["cal_smooth"].values[:3]).all()
+    np.testing.assert_array_equal(out["cal"].values[3:], shorter["cal"].values)
+    np.testing.assert_array_equal(out["cal_variance"].values[3:], shorter["cal_variance"].values)
+
+
 def test_apply_evaluates_the_calibration_on_each_fibers_own_pixels():
     """Fibers shifted from the reference grid get the calibration at their own wavelengths
     (interpolated in ln lambda), nothing beyond the grid; their counts are not resampled."""
