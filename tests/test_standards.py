@@ -713,3 +713,23 @@ def test_lines_deeper_than_the_templates_weigh_less(fitted):
     # The default floor: a line of depth d carries at least (0.75 d)^2.
     floor = fitted["stars"]
     assert line_variance(floor) > (0.75 * 0.2) ** 2 > 10 * line_variance(stars)
+
+
+def test_masked_pixels_are_no_longer_good():
+    """The outlier passes' masked pixels become bad; the rest, and every other variable and
+    attr, are the standards' own."""
+    from kspec_fluxcal.fit.standards import _without
+
+    good = np.ones((2, 5), dtype=bool)
+    good[1, 0] = False
+    std = xr.Dataset({"flux": (("fiber", "wavelength"), np.ones((2, 5))),
+                      "good": (("fiber", "wavelength"), good, {"description": "valid"})},
+                     coords={"fiber": [3, 7], "wavelength": np.arange(5.0)}, attrs={"expid": "E"})
+    masked = np.zeros((2, 5), dtype=bool)
+    assert _without(std, masked) is std
+    masked[0, 2] = masked[1, 4] = True
+    out = _without(std, masked)
+    np.testing.assert_array_equal(out["good"].values, good & ~masked)
+    assert out["good"].attrs == {"description": "valid"} and out.attrs == {"expid": "E"}
+    assert std["good"].values.sum() == 9  # the input untouched
+    xr.testing.assert_identical(out.drop_vars("good"), std.drop_vars("good"))
