@@ -43,8 +43,8 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-import xarray as xr
 
+from .._datasets import dataset
 from .._inputs import expect_dataset
 from ..catalog import match_standards
 from ..config import Config
@@ -193,7 +193,7 @@ def _no_standards(std, matched, xp=None):
         data.update({name: (("star", "xp_wavelength"), np.empty((0, xp.wave.size)))
                      for name in _XP_ARRAYS})
         coords["xp_wavelength"] = ("xp_wavelength", xp.wave)
-    return xr.Dataset(data, coords=coords, attrs={"lsf_scale": 1.0})
+    return dataset(data, coords, {"lsf_scale": 1.0})
 
 
 def _fit(std, matched, library, lsf, config, xp=None):
@@ -325,34 +325,31 @@ def _result(std, obs, prior, lsf_fit, params, errors, model, vectors, status, fl
         xp_data = {name: (("star", "xp_wavelength"), model.xp["arrays"][name],
                           {"units": FLUX_UNIT, "description": _XP_DESCRIPTIONS[name]})
                    for name in _XP_ARRAYS}
-    return xr.Dataset(
-        {
-            "cal": (spectra, vectors.cal, {"units": CAL_UNIT}),
-            "cal_variance": (spectra, vectors.cal_var, {"units": f"({CAL_UNIT})**2"}),
-            "cal_mask": (spectra, vectors.cal_mask,
-                         {"description": "True = reliable (not a bad pixel or line core)"}),
-            "model_flux": (spectra, model.model_flux, {"units": FLUX_UNIT}),
-            "obs_norm": (spectra, obs.norm),
-            "model_norm": (spectra, model.model_nobs),
-            "match_mask": (spectra, obs.ivar > 0,
-                           {"description": "pixels used for template matching"}),
-            "mag_obs": (("star", "band"), variables["mag"].values, {"units": "mag",
-                                                                    "system": "AB"}),
-            "mag_err": (("star", "band"), variables["mag_err"].values, {"units": "mag"}),
-            "mag_model": (("star", "band"), model.mag_model, {"units": "mag", "system": "AB",
-                                                              "description": "the model at "
-                                                              "Earth, warp included"}),
-            "phot_resid": (("star", "band"), pf["resid"], {"units": "mag",
-                                                           "description": "catalog - model"}),
-            "band_used": (("star", "band"), pf["used"]),
-            **xp_data,
-        },
-        coords=coords,
-        attrs={"expid": str(std.attrs.get("expid", "")), "metric": config.fit.metric,
-               "extinction_law": config.fit.extinction_law,
-               "grid": str(library.attrs.get("source_directory", "")),
-               "grid_synthetic": int(library.attrs.get("synthetic", 0)),
-               "lsf_fwhm_coeffs": list(lsf.coeffs), "lsf_scale": lsf_fit.scale,
-               "lsf_scale_err": lsf_fit.err,
-               "airmass": float(std.attrs.get("airmass", np.nan))},
-    )
+    data = {
+        "cal": (spectra, vectors.cal, {"units": CAL_UNIT}),
+        "cal_variance": (spectra, vectors.cal_var, {"units": f"({CAL_UNIT})**2"}),
+        "cal_mask": (spectra, vectors.cal_mask,
+                     {"description": "True = reliable (not a bad pixel or line core)"}),
+        "model_flux": (spectra, model.model_flux, {"units": FLUX_UNIT}),
+        "obs_norm": (spectra, obs.norm),
+        "model_norm": (spectra, model.model_nobs),
+        "match_mask": (spectra, obs.ivar > 0,
+                       {"description": "pixels used for template matching"}),
+        "mag_obs": (("star", "band"), variables["mag"].values, {"units": "mag",
+                                                                "system": "AB"}),
+        "mag_err": (("star", "band"), variables["mag_err"].values, {"units": "mag"}),
+        "mag_model": (("star", "band"), model.mag_model, {"units": "mag", "system": "AB",
+                                                          "description": "the model at "
+                                                          "Earth, warp included"}),
+        "phot_resid": (("star", "band"), pf["resid"], {"units": "mag",
+                                                       "description": "catalog - model"}),
+        "band_used": (("star", "band"), pf["used"]),
+        **xp_data,
+    }
+    return dataset(data, coords, attrs={
+        "expid": str(std.attrs.get("expid", "")), "metric": config.fit.metric,
+        "extinction_law": config.fit.extinction_law,
+        "grid": str(library.attrs.get("source_directory", "")),
+        "grid_synthetic": int(library.attrs.get("synthetic", 0)),
+        "lsf_fwhm_coeffs": list(lsf.coeffs), "lsf_scale": lsf_fit.scale,
+        "lsf_scale_err": lsf_fit.err, "airmass": float(std.attrs.get("airmass", np.nan))})
