@@ -13,6 +13,7 @@ import numpy as np
 import xarray as xr
 
 from ._atomic import check_regular_file
+from ._datasets import dataset
 from ._inputs import expect_dataset, refuse_repeated_columns
 from .constants import (
     BANDS,
@@ -474,13 +475,11 @@ def _matched_rows(catalog, index, fiber_coords, fib_objid):
         rows["source_id"] = xr.Variable("star", np.where(found, rows["source_id"].values,
                                                          -1).astype(np.int64))
     rows.update({name: xr.Variable(*value) for name, value in fiber_coords.items()})
-    coords = xr.Coordinates(
-        {name: var for name, var in rows.items() if name not in catalog.data_vars
-         and name != "star"},
-        indexes={name: idx for name, idx in catalog.xindexes.items()
-                 if "star" not in catalog.variables[name].dims})
-    return xr.Dataset({name: rows[name] for name in catalog.data_vars}, coords=coords,
-                      attrs=dict(catalog.attrs))
+    return dataset({name: rows[name] for name in catalog.data_vars},
+                   {name: var for name, var in rows.items()
+                    if name not in catalog.data_vars and name != "star"},
+                   catalog.attrs, indexes={name: idx for name, idx in catalog.xindexes.items()
+                                           if "star" not in catalog.variables[name].dims})
 
 
 def catalog_lookup(catalog, objid, ra, dec, radius_arcsec=POSITION_MATCH_ARCSEC):

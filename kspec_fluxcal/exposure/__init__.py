@@ -17,10 +17,10 @@ import os
 import warnings
 
 import numpy as np
-import xarray as xr
 from astropy.io import fits
 
 from .. import __version__
+from .._datasets import dataset
 from ..constants import CAL_UNIT, CALIBRATION_KEYWORDS, CONFIGURATION_STEP
 from ..errors import ExposureError
 from ..fits_file import cards_named, find_hdu, fits_column, hdu_data, open_fits
@@ -222,7 +222,7 @@ def _dataset(flux, variance, good, wave, fiber_wave, fibres, meta):
     counts = meta["bunit"].strip().lower() in COUNT_UNITS
     units = "count" if counts else meta["bunit"]
     var_units = "count2" if units == "count" else f"({units})**2"
-    return xr.Dataset(
+    return dataset(
         {
             "flux": (("fiber", "wavelength"), flux.astype(np.float32), {"units": units}),
             "variance": (("fiber", "wavelength"), variance.astype(np.float32),
@@ -230,7 +230,7 @@ def _dataset(flux, variance, good, wave, fiber_wave, fibres, meta):
             "good": (("fiber", "wavelength"), good,
                      {"description": "finite flux and finite variance > 0"}),
         },
-        coords={
+        {
             "fiber": ("fiber", np.arange(flux.shape[0]),
                       {"description": "row of the primary image"}),
             "wavelength": ("wavelength", wave, {"units": "Angstrom", "medium": "air",
