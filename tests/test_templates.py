@@ -278,6 +278,23 @@ def test_exposure_templates_are_kept_in_the_library_dtype(cube):
     np.testing.assert_array_equal(fetched, templates.library_spectra(library, wave, lsf)[::-1])
 
 
+def test_exposure_templates_rows_put_by_blocks_of_pixels(monkeypatch):
+    """Issue 14: the operator's columns are copied into the kept rows a block of pixels at a
+    time: the rows asked for (a slice or scattered ids) get exactly the columns, the last
+    block partial, the other rows untouched."""
+    from kspec_fluxcal.fit import exposure_templates
+
+    monkeypatch.setattr(exposure_templates, "_ROW_BLOCK", 7)
+    rng = np.random.default_rng(3)
+    for index in (slice(2, 6), np.array([5, 0, 3, 8])):
+        rows = np.full((9, 30), -1.0, dtype=np.float32)
+        columns = rng.normal(size=(30, 4)).astype(np.float32)
+        want = rows.copy()
+        want[index] = columns.T
+        exposure_templates._put_rows(rows, index, columns)
+        np.testing.assert_array_equal(rows, want)
+
+
 def test_exposure_templates_table_prepares_the_rows_asked_for_only(cube):
     """Issue 14: ``table`` gives every row as kept (a read-only view, no gather), the rows
     asked for prepared and no other; the lattices' scores read their corners from it, the
