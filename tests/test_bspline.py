@@ -151,3 +151,32 @@ def test_spline_basis_is_shared_by_ranges_of_the_same_normalised_pixels():
     assert spline_basis(wave[:1000], 400.0) is not spline_basis(wave, 400.0)
     flux = np.random.default_rng(3).lognormal(0.0, 0.1, (2, wave.size))
     assert fit_continuum(flux, other).tobytes() == fit_continuum(flux, wave).tobytes()
+
+
+def test_continuum_robust_scale_is_the_mad_of_the_used_residuals():
+    """Issue 14: the clipping's scale, row by row from partial sorts, is 1.4826 times
+    np.nanmedian's MAD of the used residuals to the last bit (odd and even counts, ties),
+    inf for a row without used pixels, of NaN residuals (no fit) or of zero scatter."""
+    from kspec_fluxcal.continuum import _robust_scale
+
+    rng = np.random.default_rng(5)
+    finite = 0
+    for trial in range(200):
+        resid = rng.normal(size=(4, int(rng.integers(1, 60)))) * 10.0 ** rng.uniform(-3, 3)
+        if trial % 3 == 0:
+            resid = np.round(resid, 1)  # ties
+        use = rng.random(resid.shape) < 0.7
+        resid[1] = np.nan  # a spectrum without a fit
+        use[2] = False
+        resid[3] = 2.5  # no scatter
+        kept = np.where(use, resid, np.nan)
+        with np.errstate(invalid="ignore"), pytest.warns(RuntimeWarning):
+            mad = np.nanmedian(np.abs(kept - np.nanmedian(kept, axis=1, keepdims=True)),
+                               axis=1)
+        want = np.where(np.isfinite(mad) & (mad > 0), 1.4826 * mad, np.inf)
+        got = _robust_scale(resid, use)
+        assert got.shape == (4, 1)
+        np.testing.assert_array_equal(got[:, 0], want)
+        assert np.isinf(got[1:, 0]).all()
+        finite += np.isfinite(got[0, 0])
+    assert finite > 100

@@ -41,3 +41,43 @@ def test_mask_file(tmp_path):
         load_regions(path)
     with pytest.raises(ConfigError, match="no such mask file"):
         load_regions(tmp_path / "absent.dat")
+
+
+def test_region_mask_pad_per_pixel_is_every_region_against_every_pixel():
+    """Issue 14: a pad per pixel (line cores widened by the line spread) gives the mask of
+    comparing each pixel with every widened region, to the last rounding: overlapping,
+    nested and repeated regions, pixels on the widened edges, negative and NaN pads."""
+    rng = np.random.default_rng(7)
+    lo = rng.uniform(4000.0, 6000.0, 25)
+    regions = np.column_stack([lo, lo + rng.uniform(0.1, 300.0, lo.size)])
+    regions = np.concatenate([regions, regions[:3], [[4500.0, 4500.5], [4400.0, 5900.0]]])
+    n = len(regions)
+    wave = np.sort(rng.uniform(3900.0, 6400.0, (3, 2000)), axis=1)
+    pad = rng.uniform(-2.0, 8.0, wave.shape)
+    # pixels exactly on the widened edges (as rounded; pads there keep the regions whole)
+    pad[:2, :n] = rng.uniform(0.0, 8.0, (2, n))
+    wave[0, :n] = regions[:, 0] - pad[0, :n]
+    wave[1, :n] = regions[:, 1] + pad[1, :n]
+    pad[2, 5], wave[2, 9] = np.nan, np.nan
+    want = ~((wave[..., None] >= regions[:, 0] - pad[..., None])
+             & (wave[..., None] <= regions[:, 1] + pad[..., None])).any(axis=-1)
+    got = region_mask(wave, regions, pad=pad)
+    assert got.shape == wave.shape and 0.1 < got.mean() < 0.9
+    np.testing.assert_array_equal(got, want)
+    assert not got[:2, :n].any() and got[2, 9]
+    # pixels within an ulp of the widened starts of separate regions, where the search for
+    # w + p is rounded otherwise than lo - p <= w (both ways, ~100 times)
+    lo = 4000.37 + 100.0 * np.arange(10)
+    apart = np.column_stack([lo, lo + 50.0])
+    p = 10.0 ** rng.uniform(-6.0, 1.3, (lo.size, 40000))
+    start = lo[:, None] - p
+    w = np.concatenate([np.nextafter(start, -np.inf), start])
+    p = np.concatenate([p, p])
+    want = ~((w[..., None] >= apart[:, 0] - p[..., None])
+             & (w[..., None] <= apart[:, 1] + p[..., None])).any(axis=-1)
+    np.testing.assert_array_equal(region_mask(w, apart, pad=p), want)
+    # one row's pads for every row, and no region at all
+    np.testing.assert_array_equal(
+        region_mask(wave, regions, pad=pad[0]),
+        region_mask(wave, regions, pad=np.broadcast_to(pad[0], wave.shape).copy()))
+    assert region_mask(wave, [], pad=pad).all()

@@ -113,6 +113,32 @@ def test_convolution_entries_are_each_rows_normalised_gaussian_to_the_last_bit()
                                       weights / np.add.accumulate(weights)[-1])
 
 
+def test_convolution_entries_in_float32_are_the_float64_ones_rounded(cube):
+    """Issue 14: the library operators' entries computed in float32 (their Gaussians' exp
+    is SIMD) are those of float64 to ~1e-6 of themselves, on the same columns, their rows
+    summing to 1; the library's operator is built so."""
+    wave_in = np.exp(np.arange(np.log(3000.0), np.log(9500.0), 1.0 / (2.3 * R_GRID)))
+    wave_out = np.linspace(3600.0, 9000.0, 700)
+    lsf = LineSpread((-1.08, 3.43), "test")
+    log_in = convolution.log_sampling(wave_in)
+    want = convolution.convolution_entries(log_in, wave_out, lsf, R_GRID)
+    got = convolution.convolution_entries(log_in, wave_out, lsf, R_GRID, np.float32)
+    assert got[0].dtype == np.float32 and want[0].dtype == np.float64
+    for a, b in zip(got[1:], want[1:], strict=True):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(got[0], want[0], rtol=3e-6, atol=0)
+    assert not np.array_equal(got[0], want[0].astype(np.float32))  # computed in float32
+    sums = np.add.reduceat(got[0].astype(np.float64), got[2][:-1])
+    np.testing.assert_allclose(sums, 1.0, rtol=1e-6)
+    library = _library(cube, cache_dir=False)
+    wave, lsf = np.linspace(4000.0, 8000.0, 500), LineSpread.constant(8.0)
+    matrix, *_ = templates._library_operator(library, wave, lsf)
+    vals = convolution.convolution_entries(
+        templates._library_log_sampling(library), np.round(wave, 6), lsf,
+        float(library.attrs["resolving_power"]), np.float32)[0]
+    np.testing.assert_array_equal(matrix.data, vals)
+
+
 def test_instrument_sharper_than_grid_warns():
     grid = _grid(1).assign_attrs(resolving_power=500.0)
     with pytest.warns(FluxCalWarning, match="sharper than the grid's resolution R = 500"):
@@ -276,6 +302,23 @@ def test_exposure_templates_are_kept_in_the_library_dtype(cube):
     fetched = tm.fetch(every[::-1])
     assert fetched.dtype == np.float64
     np.testing.assert_array_equal(fetched, templates.library_spectra(library, wave, lsf)[::-1])
+
+
+def test_exposure_templates_rows_put_by_blocks_of_pixels(monkeypatch):
+    """Issue 14: the operator's columns are copied into the kept rows a block of pixels at a
+    time: the rows asked for (a slice or scattered ids) get exactly the columns, the last
+    block partial, the other rows untouched."""
+    from kspec_fluxcal.fit import exposure_templates
+
+    monkeypatch.setattr(exposure_templates, "_ROW_BLOCK", 7)
+    rng = np.random.default_rng(3)
+    for index in (slice(2, 6), np.array([5, 0, 3, 8])):
+        rows = np.full((9, 30), -1.0, dtype=np.float32)
+        columns = rng.normal(size=(30, 4)).astype(np.float32)
+        want = rows.copy()
+        want[index] = columns.T
+        exposure_templates._put_rows(rows, index, columns)
+        np.testing.assert_array_equal(rows, want)
 
 
 def test_exposure_templates_table_prepares_the_rows_asked_for_only(cube):
