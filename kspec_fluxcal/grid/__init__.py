@@ -427,9 +427,8 @@ def _corners(axes, positions):
 
 
 #: Each of the 16 corners' (teff, logg, feh) corner among the 8 of :func:`_cell3` (the
-#: [alpha/M] node is the innermost of :data:`_CORNERS`), and its [alpha/M] bit.
+#: [alpha/M] node is the innermost of :data:`_CORNERS`).
 _CORNER3 = np.arange(_CORNERS.shape[0]) // 2
-_ALPHA_BIT = _CORNERS[:, 3]
 _CORNERS3 = _CORNERS[::2, :3]
 
 
@@ -450,11 +449,15 @@ def _with_alpha(axes, index3, raw3, position):
     """Corners (npoint, 16, 4) and raw weights of the cells of :func:`_cell3` with the
     [alpha/M] axis at ``position`` (:func:`_position`)."""
     lo, frac = position
-    index = np.empty(index3.shape[:1] + _CORNERS.shape, dtype=index3.dtype)
-    index[..., :3] = index3[:, _CORNER3]
-    index[..., 3] = np.minimum(lo[:, None] + _ALPHA_BIT, len(axes["alpha"]) - 1)
-    factor = np.where(_ALPHA_BIT.astype(bool), frac[:, None], 1.0 - frac[:, None])
-    return index, raw3[:, _CORNER3] * factor
+    n = index3.shape[0]
+    # Built as (point, 8, 2) and flattened (the [alpha/M] bit innermost): broadcasting each
+    # (teff, logg, [M/H]) corner over its two [alpha/M] nodes costs a third of a gather of
+    # the 16 (the same values, the same products).
+    index = np.empty((n, 8, 2, 4), dtype=index3.dtype)
+    index[..., :3] = index3[:, :, None, :]
+    index[..., 3] = np.minimum(lo[:, None] + (0, 1), len(axes["alpha"]) - 1)[:, None, :]
+    factor = np.stack([1.0 - frac, frac], axis=-1)
+    return index.reshape(n, 16, 4), (raw3[:, :, None] * factor[:, None, :]).reshape(n, 16)
 
 
 def _renormalised(raw, present):
