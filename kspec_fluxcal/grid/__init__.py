@@ -521,7 +521,8 @@ def _alpha_response_weights(axes, exists, t, g, m, a):
     nodes = np.asarray(axes["alpha"], dtype=np.float64)
     if nodes.size < 2:
         return interpolation_weights(axes, exists, t, g, m, a)
-    k = np.clip(np.searchsorted(nodes, a, side="right") - 1, 0, nodes.size - 2)
+    # np.minimum/np.maximum, not np.clip: the same values, a fifth of its cost on a few points
+    k = np.minimum(np.maximum(np.searchsorted(nodes, a, side="right") - 1, 0), nodes.size - 2)
     f = (a - nodes[k]) / (nodes[k + 1] - nodes[k])
     at = [_position(axes[p], x) for p, x in zip(PARAMS[:3], (t, g, m), strict=True)]
     # The (teff, logg, [M/H]) cells once: the base model and the response's two nodes
@@ -551,11 +552,11 @@ def _alpha_response_weights(axes, exists, t, g, m, a):
         sub = np.flatnonzero(k[rows] == j)
         mine = rows[sub]
         here = [(lo[sub], fr[sub]) for lo, fr in at[:2]]
-        here.append(_position(axes["feh"], np.clip(m[mine], fehs[0], fehs[-1])))
+        here.append(_position(axes["feh"], np.minimum(np.maximum(m[mine], fehs[0]), fehs[-1])))
         here3, here_raw = _cell3(axes, here)
         has = both[here3[..., 0], here3[..., 1], here3[..., 2]][:, _CORNER3]
         for part, node, sign in ((1, nodes[j + 1], 1.0), (2, nodes[j], -1.0)):
-            at_node = [np.broadcast_to(v, mine.shape) for v in _position(nodes, node[None])]
+            at_node = [np.full(mine.shape, v[0]) for v in _position(nodes, node[None])]
             i, w = _with_alpha(axes, here3, here_raw, at_node)
             w = _renormalised(w, has)
             cols = slice(part * n, (part + 1) * n)
