@@ -135,8 +135,8 @@ def canonical_weights(values, rows, cols, nrow):
 
     Each matrix is the one ``scipy.sparse.csr_matrix((values.astype(dtype), (rows, cols)),
     shape=(nrow, ncol))`` gives (columns sorted in each row, duplicates summed in ``dtype``),
-    so its products are the same to the bit; the sorting is done once for all of them (it
-    was a tenth of a lattice's scoring, twice).
+    so its products are the same to the bit; the sorting is done once for all of them
+    (scipy's own construction sorts again for each: 0.3 ms of a lattice's ~4 ms, for two).
     """
     rows = np.asarray(rows, dtype=np.int64)
     cols = np.asarray(cols, dtype=np.int64)

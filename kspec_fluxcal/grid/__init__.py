@@ -451,8 +451,8 @@ def _with_alpha(axes, index3, raw3, position):
     lo, frac = position
     n = index3.shape[0]
     # Built as (point, 8, 2) and flattened (the [alpha/M] bit innermost): broadcasting each
-    # (teff, logg, [M/H]) corner over its two [alpha/M] nodes costs a third of a gather of
-    # the 16 (the same values, the same products).
+    # (teff, logg, [M/H]) corner over its two [alpha/M] nodes costs less than gathering the
+    # 16 (74 against 86 us for 162 points; the same values, the same products).
     index = np.empty((n, 8, 2, 4), dtype=index3.dtype)
     index[..., :3] = index3[:, :, None, :]
     index[..., 3] = np.minimum(lo[:, None] + (0, 1), len(axes["alpha"]) - 1)[:, None, :]
