@@ -10,7 +10,8 @@ from ..grid import PARAMS, alpha_response_weights
 from .exposure_templates import ExposureTemplates
 from .matching import fast_mode, rest_frame_star, score_rest_frame, score_star
 
-__all__ = ["refine_parameters", "score_points", "quadratic_minimum", "star_rest_frames"]
+__all__ = ["refine_parameters", "score_points", "quadratic_minimum", "star_rest_frames",
+           "canonical_weights"]
 
 
 
@@ -96,12 +97,8 @@ def score_points(obs_norm, obs_ivar, templates, template_index, axes, points, rv
     cols = template_index[tuple(index[..., d] for d in range(4))]
     weight = np.where(cols >= 0, np.nan_to_num(weight), 0.0)
     used = weight != 0  # the [alpha/M] response's lower node is subtracted
-    rows = np.repeat(np.arange(flat.shape[0]), index.shape[1])[used.ravel()]
-
-    def weights_on(ncol, dtype=np.float64):
-        return scipy.sparse.csr_matrix((weight[used].astype(dtype), (rows, cols[used])),
-                                       shape=(flat.shape[0], ncol))
-
+    weights_on = canonical_weights(weight[used], np.flatnonzero(used.ravel()) // weight.shape[1],
+                                   cols[used], flat.shape[0])
     data = templates.table(cols[used]) if isinstance(templates, ExposureTemplates) else \
         np.asarray(templates)
     if data.dtype.kind != "f":
@@ -130,6 +127,35 @@ def score_points(obs_norm, obs_ivar, templates, template_index, axes, points, rv
         scores = scores + extra_score(np.repeat(np.arange(nstar), k), full, flat).reshape(
             nstar, k)
     return scores
+
+
+def canonical_weights(values, rows, cols, nrow):
+    """Sparse (CSR) matrices of the entries ``values`` at (``rows``, ``cols``), rows in
+    increasing order: a function ``(ncol, dtype=float64) -> scipy.sparse.csr_matrix``.
+
+    Each matrix is the one ``scipy.sparse.csr_matrix((values.astype(dtype), (rows, cols)),
+    shape=(nrow, ncol))`` gives (columns sorted in each row, duplicates summed in ``dtype``),
+    so its products are the same to the bit; the sorting is done once for all of them
+    (scipy's own construction sorts again for each: 0.3 ms of a lattice's ~4 ms, for two).
+    """
+    rows = np.asarray(rows, dtype=np.int64)
+    cols = np.asarray(cols, dtype=np.int64)
+    width = int(cols.max()) + 1 if cols.size else 1
+    key = rows * width + cols
+    order = np.argsort(key, kind="stable")
+    key = key[order]
+    first = np.flatnonzero(np.diff(key, prepend=-1))  # keys are >= 0
+    indices = (key[first] % width).astype(np.int32)
+    indptr = np.zeros(nrow + 1, dtype=np.int32)
+    np.cumsum(np.bincount(key[first] // width, minlength=nrow), out=indptr[1:])
+    values = np.asarray(values)[order]
+
+    def matrix(ncol, dtype=np.float64):
+        summed = np.add.reduceat(values.astype(dtype), first) if first.size else \
+            np.zeros(0, dtype)
+        return scipy.sparse.csr_matrix((summed, indices, indptr), shape=(nrow, ncol))
+
+    return matrix
 
 
 def star_rest_frames(obs_norm, obs_ivar, rv, wavelength, *, metric="chi2", knot_spacing=None,

@@ -427,9 +427,8 @@ def _corners(axes, positions):
 
 
 #: Each of the 16 corners' (teff, logg, feh) corner among the 8 of :func:`_cell3` (the
-#: [alpha/M] node is the innermost of :data:`_CORNERS`), and its [alpha/M] bit.
+#: [alpha/M] node is the innermost of :data:`_CORNERS`).
 _CORNER3 = np.arange(_CORNERS.shape[0]) // 2
-_ALPHA_BIT = _CORNERS[:, 3]
 _CORNERS3 = _CORNERS[::2, :3]
 
 
@@ -450,11 +449,15 @@ def _with_alpha(axes, index3, raw3, position):
     """Corners (npoint, 16, 4) and raw weights of the cells of :func:`_cell3` with the
     [alpha/M] axis at ``position`` (:func:`_position`)."""
     lo, frac = position
-    index = np.empty(index3.shape[:1] + _CORNERS.shape, dtype=index3.dtype)
-    index[..., :3] = index3[:, _CORNER3]
-    index[..., 3] = np.minimum(lo[:, None] + _ALPHA_BIT, len(axes["alpha"]) - 1)
-    factor = np.where(_ALPHA_BIT.astype(bool), frac[:, None], 1.0 - frac[:, None])
-    return index, raw3[:, _CORNER3] * factor
+    n = index3.shape[0]
+    # Built as (point, 8, 2) and flattened (the [alpha/M] bit innermost): broadcasting each
+    # (teff, logg, [M/H]) corner over its two [alpha/M] nodes costs less than gathering the
+    # 16 (74 against 86 us for 162 points; the same values, the same products).
+    index = np.empty((n, 8, 2, 4), dtype=index3.dtype)
+    index[..., :3] = index3[:, :, None, :]
+    index[..., 3] = np.minimum(lo[:, None] + (0, 1), len(axes["alpha"]) - 1)[:, None, :]
+    factor = np.stack([1.0 - frac, frac], axis=-1)
+    return index.reshape(n, 16, 4), (raw3[:, :, None] * factor[:, None, :]).reshape(n, 16)
 
 
 def _renormalised(raw, present):
@@ -518,7 +521,8 @@ def _alpha_response_weights(axes, exists, t, g, m, a):
     nodes = np.asarray(axes["alpha"], dtype=np.float64)
     if nodes.size < 2:
         return interpolation_weights(axes, exists, t, g, m, a)
-    k = np.clip(np.searchsorted(nodes, a, side="right") - 1, 0, nodes.size - 2)
+    # np.minimum/np.maximum, not np.clip: the same values, a fifth of its cost on a few points
+    k = np.minimum(np.maximum(np.searchsorted(nodes, a, side="right") - 1, 0), nodes.size - 2)
     f = (a - nodes[k]) / (nodes[k + 1] - nodes[k])
     at = [_position(axes[p], x) for p, x in zip(PARAMS[:3], (t, g, m), strict=True)]
     # The (teff, logg, [M/H]) cells once: the base model and the response's two nodes
@@ -548,11 +552,11 @@ def _alpha_response_weights(axes, exists, t, g, m, a):
         sub = np.flatnonzero(k[rows] == j)
         mine = rows[sub]
         here = [(lo[sub], fr[sub]) for lo, fr in at[:2]]
-        here.append(_position(axes["feh"], np.clip(m[mine], fehs[0], fehs[-1])))
+        here.append(_position(axes["feh"], np.minimum(np.maximum(m[mine], fehs[0]), fehs[-1])))
         here3, here_raw = _cell3(axes, here)
         has = both[here3[..., 0], here3[..., 1], here3[..., 2]][:, _CORNER3]
         for part, node, sign in ((1, nodes[j + 1], 1.0), (2, nodes[j], -1.0)):
-            at_node = [np.broadcast_to(v, mine.shape) for v in _position(nodes, node[None])]
+            at_node = [np.full(mine.shape, v[0]) for v in _position(nodes, node[None])]
             i, w = _with_alpha(axes, here3, here_raw, at_node)
             w = _renormalised(w, has)
             cols = slice(part * n, (part + 1) * n)
