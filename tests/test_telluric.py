@@ -251,3 +251,27 @@ def test_line_list_refused(tmp_path, content, match):
     path.write_bytes(content)
     with pytest.raises(ConfigError, match=match):
         telluric_lines(str(path))
+
+
+def test_rows_on_one_line_spread_are_interpolated_from_nodes(monkeypatch):
+    """Fourteen fibers of their own solutions on one line spread (varying with wavelength)
+    are sampled at uniform nodes and interpolated: T and its derivatives within 1e-5 of
+    every pixel's own kernel sum; exactly 1 and 0 far from the bands, and at NaN pixels."""
+    import kspec_fluxcal.telluric as telluric
+
+    lsf = LineSpread((5.5, -10.0, 8.4))  # the lake's: sigma 1.0-1.3 A
+    base = np.linspace(3500.0, 8500.0, 4096)
+    rows = base + np.random.default_rng(7).uniform(-0.8, 0.8, (14, 1)) * (1 + base / 1e4)
+    rows[3, :20] = np.nan
+    rows = np.column_stack([np.ones(14), rows])
+    model = telluric._Model(rows, lsf, "telluric_lines")
+    got = np.array(model(*COLUMNS, derivatives=True))
+    monkeypatch.setattr(telluric, "_NODE_SHARE", 0.0)
+    direct = telluric._Model(rows, lsf, "telluric_lines")
+    want = np.array(direct(*COLUMNS, derivatives=True))
+    assert model.nodes is not None and direct.nodes is None
+    assert model.sampler.index.size < direct.sampler.index.size / 2
+    assert want[0].min() < 0.3
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    blue = np.isnan(rows[:, 1:]) | (rows[:, 1:] < 6000.0)
+    assert np.all(got[0][blue] == 1.0) and not got[1:, blue].any()
