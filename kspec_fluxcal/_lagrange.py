@@ -26,18 +26,22 @@ def lagrange_matrix(position, size, order):
     scipy.sparse.csr_matrix
         Row i holds the weights of nodes floor(position[i]) - order / 2 + 1 ... + order / 2.
     """
-    first = np.floor(position).astype(np.intp) - (order // 2 - 1)
-    where = position - first
-    offsets = np.arange(order)
-    # Node m's basis polynomial is the product of (where - n) over the other nodes n (those
-    # before m times those after), over its value at m: 4 (order - 1) passes, not order^2.
-    factors = where - offsets[:, None]
-    before, after = np.ones((2, order, where.size))
-    for m in offsets[1:]:
-        np.multiply(before[m - 1], factors[m - 1], out=before[m])
-        np.multiply(after[-m], factors[-m], out=after[-m - 1])
-    weights = before * after
-    weights /= np.array([np.prod(np.delete(m - offsets, m)) for m in offsets])[:, None]
+    itype = np.int32 if (position.size + 1) * order < 2**31 and size < 2**31 else np.intp
+    first = np.floor(position).astype(itype) - (order // 2 - 1)
+    factors = position - first
+    factors = factors - np.arange(order)[:, None]  # (order, points): position - node
+    # Node m's basis polynomial is the product of (position - node n) over the other nodes
+    # (those before m times those after), over its value at m: 3 order passes, not order^2.
+    weights = np.empty_like(factors)
+    weights[0] = 1.0
+    for m in range(1, order):
+        np.multiply(weights[m - 1], factors[m - 1], out=weights[m])
+    after = np.ones(position.size)
+    for m in range(order - 1, -1, -1):
+        weights[m] *= after
+        weights[m] /= np.prod(np.delete(m - np.arange(order), m))
+        after *= factors[m]
     return scipy.sparse.csr_matrix(
-        (weights.T.ravel(), (first[:, None] + offsets).ravel(),
-         np.arange(0, (where.size + 1) * order, order)), shape=(where.size, size))
+        (weights.T.ravel(), (first[:, None] + np.arange(order, dtype=itype)).ravel(),
+         np.arange(0, (position.size + 1) * order, order, dtype=itype)),
+        shape=(position.size, size))
