@@ -52,13 +52,14 @@ def test_one_outside_the_bands_and_derivatives():
     trans, d_o2, d_h2o = transmission(wave, lsf, *COLUMNS, derivatives=True)
     assert np.all(trans[wave < 6000] == 1.0)
     assert np.all(d_o2[wave < 6000] == 0.0)
-    h = 1e-4
-    num_o2 = (transmission(wave, lsf, COLUMNS[0] + h, COLUMNS[1])
-              - transmission(wave, lsf, COLUMNS[0] - h, COLUMNS[1])) / (2 * h)
-    num_h2o = (transmission(wave, lsf, COLUMNS[0], COLUMNS[1] + h)
-               - transmission(wave, lsf, COLUMNS[0], COLUMNS[1] - h)) / (2 * h)
-    np.testing.assert_allclose(d_o2, num_o2, atol=1e-7)
-    np.testing.assert_allclose(d_h2o, num_h2o, atol=1e-7)
+    # Five-point differences of steps large enough for T's float32 exponentials (~1e-8).
+    h, steps, coeffs = 0.03, np.array([-2, -1, 1, 2]), np.array([1, -8, 8, -1]) / 12
+    num_o2 = sum(c * transmission(wave, lsf, COLUMNS[0] + k * h, COLUMNS[1])
+                 for k, c in zip(steps, coeffs, strict=True)) / h
+    num_h2o = sum(c * transmission(wave, lsf, COLUMNS[0], COLUMNS[1] + k * h)
+                  for k, c in zip(steps, coeffs, strict=True)) / h
+    np.testing.assert_allclose(d_o2, num_o2, atol=2e-7)
+    np.testing.assert_allclose(d_h2o, num_h2o, atol=2e-7)
     assert d_o2.min() < -0.05 and d_h2o.min() < -0.01
 
 
@@ -130,8 +131,9 @@ def test_the_model_is_the_kernel_matrix_applied_to_the_boxes_moments():
     rows = np.stack([base, base + 0.3, base - 0.2])
     model = _Model(np.column_stack([np.ones(3), rows]), lsf, "telluric_lines")
     got = model(*COLUMNS, derivatives=True)
-    sampler, tau = model.sampler, model.tau
-    hr = np.exp(-COLUMNS[0] * tau[0] - COLUMNS[1] * tau[1])
+    sampler, tau = model.sampler, model.tau  # float32, the exponential too
+    hr = np.exp((-COLUMNS[0] * tau[0].astype(np.float64)
+                 - COLUMNS[1] * tau[1].astype(np.float64)).astype(np.float32))
     deficits = np.stack([1.0 - hr, tau[0] * hr, tau[1] * hr])
     moments = deficits.reshape(3, -1, sampler.box) @ sampler.moments
     boxed = np.zeros((3, sampler.active.size, 3))
