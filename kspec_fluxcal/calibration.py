@@ -596,7 +596,7 @@ def calibration_factor(calibration, fiber_wavelength, fiber_lsf_scale=None):
         x_inside = x[inside]  # value and variance: one interpolation each over all pixels
         out[:, inside] = [np.interp(x_inside, ref, value) for value in values]
         # Per count on a reference pixel -> per count on the fiber's own (1 on the grid).
-        width = width_ratio(ref_wave, wave)
+        width = width_ratio(ref_wave, wave, ln=(ref, x))
         out[0], out[1] = out[0] / width, out[1] / width**2
         if model:
             # On the stars' and reference grid's rows, the combination's model (its cache).
