@@ -7,8 +7,8 @@ from kspec_fluxcal.wavelength import width_ratio
 
 def test_width_ratio_with_the_callers_logarithms_is_the_same():
     """1 on the reference pixels, the widths over the reference's there on a compressed grid,
-    1 at a NaN pixel; the caller's
-    logarithms (any value where a pixel has no wavelength) give the same, to the bit."""
+    1 at a NaN pixel; the caller's logarithms (any value where a pixel has no wavelength)
+    give the same, to the bit."""
     reference = np.geomspace(4000.0, 8000.0, 500)
     wave = np.stack([reference, 4000.0 + 2.0 * (reference - 4000.0) / 2.5, reference + 0.3])
     wave[2, 100] = np.nan
