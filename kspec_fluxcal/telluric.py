@@ -520,9 +520,10 @@ class _Nodes(NamedTuple):
             return None
         step, pixels = float(np.min(sigma[finite])) / _NODES_PER_SIGMA, wave[finite]
         lo, hi = float(pixels.min()), float(pixels.max())
-        if not (step > 0 and (hi - lo) / step + _LAGRANGE < _NODE_SHARE * pixels.size):
+        if not (step > 0 and (hi - lo) / step + _LAGRANGE + 2 < _NODE_SHARE * pixels.size):
             return None
-        nodes = lo + (np.arange(int((hi - lo) / step) + _LAGRANGE + 1) - _LAGRANGE // 2 + 1) * step
+        # A node to spare at both ends: a pixel at lo or hi may round to either side of one.
+        nodes = lo + (np.arange(int((hi - lo) / step) + _LAGRANGE + 3) - _LAGRANGE // 2) * step
         return cls(nodes, lsf.fwhm(nodes) * scale[0] / FWHM_PER_SIGMA)
 
     def interpolation(self, reached, wave):
