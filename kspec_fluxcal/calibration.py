@@ -603,8 +603,8 @@ def calibration_factor(calibration, fiber_wavelength, fiber_lsf_scale=None):
                 np.where(inside, wave, np.nan), LineSpread(tuple(attrs["lsf_fwhm_coeffs"])),
                 *columns, scale=scale,
                 source=attrs.get("telluric_lines", "telluric_lines"), derivatives=True)
-            var_t = (d_o2 * errors[0]) ** 2 + (d_h2o * errors[1]) ** 2
-            out[1] = out[1] / trans**2 + out[0] ** 2 * var_t / trans**4
+            var_t, trans2 = (d_o2 * errors[0]) ** 2 + (d_h2o * errors[1]) ** 2, trans**2
+            out[1] = out[1] / trans2 + out[0] ** 2 * var_t / trans2**2  # (pow(T, 4): 100x slower)
             out[0] = out[0] / trans
         return out[0][inverse], out[1][inverse]
 
