@@ -14,8 +14,8 @@ def lagrange_matrix(position, size, order):
     Parameters
     ----------
     position : numpy.ndarray
-        The points in node units (node k at k), each in [order / 2 - 1, size - order / 2]
-        so that its nodes exist.
+        The points in node units (node k at k), each in [order / 2 - 1, size - order / 2)
+        so that its nodes exist (unchecked).
     size : int
         Number of nodes.
     order : int
