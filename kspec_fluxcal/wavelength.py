@@ -115,14 +115,15 @@ def pixel_widths(centres, axis=-1):
     return np.moveaxis(width, -1, axis)
 
 
-def width_ratio(reference, wave):
+def width_ratio(reference, wave, ln=None):
     """Width of each pixel of ``wave`` (..., P) over the width of the ``reference`` grid's
     pixels (P,) at its wavelength (interpolated in ln lambda): how many more counts the pixel
     collects of the same flux density. 1 where a pixel has no width (an isolated
-    wavelength) and exactly 1 on the reference pixels themselves."""
+    wavelength) and exactly 1 on the reference pixels themselves. ``ln``: (ln reference,
+    ln wave) when the caller has them (ln wave free where ``wave`` is not positive)."""
+    ln_reference, ln_wave = (np.log(reference), np.log(wave)) if ln is None else ln
     with np.errstate(invalid="ignore", divide="ignore"):
-        ratio = pixel_widths(wave) / np.interp(np.log(wave), np.log(reference),
-                                               pixel_widths(reference))
+        ratio = pixel_widths(wave) / np.interp(ln_wave, ln_reference, pixel_widths(reference))
     return np.where(np.isfinite(ratio) & (ratio > 0), ratio, 1.0)
 
 
