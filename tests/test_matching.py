@@ -447,3 +447,23 @@ def test_float32_rows_missing_exactly_where_their_float64_sums_are_not_finite():
     assert prepared.missing.tolist() == (~np.isfinite(sums)).tolist()
     assert prepared.missing.tolist() == [False, True, True, True, False, True]
     assert not prepared.tmpl[prepared.missing].any()
+
+
+def test_correction_basis_is_the_pixels_own_spline_basis():
+    """The correction's basis, looked up by the pixels' bytes: spline_basis' for these
+    pixels (a view or a copy of them alike), another for other pixels or another knot
+    spacing, a constant without knots."""
+    from kspec_fluxcal.continuum import spline_basis
+    from kspec_fluxcal.fit.matching import _correction_basis
+
+    wave = np.linspace(4000.0, 9000.0, 600)
+    other = np.geomspace(3900.0, 9100.0, 1200)[::2]  # a strided view; other normalised pixels
+    for pixels, knots in ((wave, 500.0), (wave.copy(), 500.0), (other, 500.0), (wave, 250.0)):
+        got = _correction_basis(pixels, knots)
+        expected = spline_basis(pixels, knots)
+        assert (got[0] != expected[0]).nnz == 0 and got[0].shape == expected[0].shape
+        np.testing.assert_array_equal(got[3], expected[3])
+    assert _correction_basis(wave, 500.0)[0].shape != _correction_basis(wave, 250.0)[0].shape
+    assert (_correction_basis(other, 500.0)[0] != _correction_basis(wave, 500.0)[0]).nnz
+    constant = _correction_basis(wave, None)[0]
+    assert constant.shape == (wave.size, 1) and (constant.toarray() == 1).all()
