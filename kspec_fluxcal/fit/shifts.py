@@ -192,7 +192,7 @@ def sample_rows(spectra, pos, precision=np.float64):
     # The position in table steps, split once: its whole steps give the pixel (their high
     # part) and the table row (their low part), the rest the interpolation. Scaling by a
     # power of two and taking whole parts are exact: _kernel_weights' rows and fractions to
-    # the last bit (half the passes over the points of splitting pixel, then table step).
+    # the last bit, in fewer passes over the points than splitting pixel, then table step.
     x = np.where(np.isfinite(pos), pos, 0.0).ravel()
     x *= _TABLE_STEPS
     steps = np.floor(x)
