@@ -95,6 +95,34 @@ def test_rv_cross_correlation_of_several_stars_at_once():
     assert np.all(np.abs(together - rvs) < 0.3 * pix_kms) and np.all(peaks > 0.8)
 
 
+def test_rv_cross_correlation_of_stars_on_their_own_pixels():
+    """Stars on one wavelength solution (interpolated once) or on their own: each star's
+    velocity is the one it gets alone, to the last bit; the shared row is found only when
+    every row is equal."""
+    from kspec_fluxcal.fit.velocity import _shared_row
+
+    rvs = np.array([-60.0, 40.0, 110.0])
+    obs = np.stack([_lines(BASE_DEPTHS, CENTRES, rv=v) for v in rvs])
+    weight = np.ones_like(obs)
+    weight[2, 500:530] = 0
+    templates = np.stack([_lines(BASE_DEPTHS, CENTRES)] * rvs.size)
+    shared = np.stack([WAVE + 0.3] * rvs.size)
+    assert _shared_row(shared).shape == WAVE.shape
+    own = shared.copy()
+    own[1] += 0.2
+    assert _shared_row(own).shape == own.shape
+    for star_wave in (shared, own):
+        together = cross_correlate_rv(obs, weight, templates, WAVE, star_wavelength=star_wave)
+        for s in range(rvs.size):
+            alone = cross_correlate_rv(obs[[s]], weight[[s]], templates[[s]], WAVE,
+                                       star_wavelength=star_wave[[s]])
+            assert together[0][s] == alone[0][0] and together[1][s] == alone[1][0]
+    # the shared solution is each star's own: the same velocities as on their rows
+    np.testing.assert_array_equal(
+        cross_correlate_rv(obs, weight, templates, WAVE, star_wavelength=shared)[0],
+        cross_correlate_rv(obs, weight, templates, WAVE, star_wavelength=WAVE + 0.3)[0])
+
+
 def test_rv_refinement_of_stars_on_shared_pixels_is_each_stars_own():
     """Stars on one wavelength solution are fitted in one call: the velocities and errors
     are those of each star refined alone, to the last bit; rows grouped by equal values."""
@@ -447,3 +475,23 @@ def test_float32_rows_missing_exactly_where_their_float64_sums_are_not_finite():
     assert prepared.missing.tolist() == (~np.isfinite(sums)).tolist()
     assert prepared.missing.tolist() == [False, True, True, True, False, True]
     assert not prepared.tmpl[prepared.missing].any()
+
+
+def test_correction_basis_is_the_pixels_own_spline_basis():
+    """The correction's basis, looked up by the pixels' bytes: spline_basis' for these
+    pixels (a view or a copy of them alike), another for other pixels or another knot
+    spacing, a constant without knots."""
+    from kspec_fluxcal.continuum import spline_basis
+    from kspec_fluxcal.fit.matching import _correction_basis
+
+    wave = np.linspace(4000.0, 9000.0, 600)
+    other = np.geomspace(3900.0, 9100.0, 1200)[::2]  # a strided view; other normalised pixels
+    for pixels, knots in ((wave, 500.0), (wave.copy(), 500.0), (other, 500.0), (wave, 250.0)):
+        got = _correction_basis(pixels, knots)
+        expected = spline_basis(pixels, knots)
+        assert (got[0] != expected[0]).nnz == 0 and got[0].shape == expected[0].shape
+        np.testing.assert_array_equal(got[3], expected[3])
+    assert _correction_basis(wave, 500.0)[0].shape != _correction_basis(wave, 250.0)[0].shape
+    assert (_correction_basis(other, 500.0)[0] != _correction_basis(wave, 500.0)[0]).nnz
+    constant = _correction_basis(wave, None)[0]
+    assert constant.shape == (wave.size, 1) and (constant.toarray() == 1).all()

@@ -5,6 +5,8 @@ vectorised pass (templates moved to each star's velocity by :mod:`kspec_fluxcal.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import scipy.sparse
 import xarray as xr
@@ -20,8 +22,20 @@ __all__ = ["score_templates", "score_star", "fit_corrected", "star_correction",
 
 def _correction_basis(wavelength, knot_spacing):
     """Basis of the smooth multiplicative correction (a constant when no knot spacing)."""
+    # Looked up by the pixels' bytes: an exposure fits ~15 corrections on a few wavelength
+    # solutions, and spline_basis' own look-up (pixels normalised and rounded first) took
+    # 4x as long.
+    wave = np.ascontiguousarray(wavelength, dtype=np.float64)
+    return _correction_basis_cached(wave.tobytes(), knot_spacing or None)
+
+
+# Entries: an exposure's wavelength solutions (one or a few; ~1 MB each, shared with
+# spline_basis' own cache).
+@functools.lru_cache(maxsize=8)
+def _correction_basis_cached(wave_bytes, knot_spacing):
     from ..continuum import spline_basis
 
+    wavelength = np.frombuffer(wave_bytes, dtype=np.float64)
     if knot_spacing:
         return spline_basis(wavelength, knot_spacing)
     basis = scipy.sparse.csr_matrix(np.ones((len(wavelength), 1)))

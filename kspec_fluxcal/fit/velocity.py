@@ -43,8 +43,9 @@ def cross_correlate_rv(obs_norm, obs_weight, template_norm, wavelength, *, rv_ma
     """
     wave = np.asarray(wavelength, dtype=np.float64)
     ln = np.log(wave)
-    # (P,) when every star is on the templates' pixels or on one solution
-    ln_star = ln if star_wavelength is None else np.log(star_wavelength)
+    # (P,) when every star is on the templates' pixels or on one solution (often all of an
+    # exposure's: their rows interpolated, and their positions split, once)
+    ln_star = ln if star_wavelength is None else np.log(_shared_row(star_wavelength))
     n = oversample * wave.size
     grid = np.linspace(ln[0], ln[-1], n)
     step = grid[1] - grid[0]
@@ -181,6 +182,12 @@ def refine_rv(obs_norm, obs_weight, template_norm, wavelength, rv0, *, half_widt
     vertex = np.clip(vertex, -half_width, half_width)
     err = np.where(ok, h / np.sqrt(np.where(ok, a, 1)), np.nan)
     return rv0 + vertex, err
+
+
+def _shared_row(rows):
+    """``rows`` (S, P) as one row (P,) when they are all equal (or already one row)."""
+    rows = np.asarray(rows)
+    return rows[0] if rows.ndim == 2 and len(rows) and (rows == rows[0]).all() else rows
 
 
 def _same_rows(rows):
