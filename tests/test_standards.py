@@ -264,22 +264,28 @@ def test_interpolated_models_are_the_sum_over_every_corner_to_the_last_bit():
     assert np.isnan(every[0, 7])
 
 
-def test_node_scores_of_several_stars_are_each_stars_own(fitted):
-    """The photometric scores of the grid's nodes (the parameter choice's first scores) for
-    every star in one call are, bit for bit, each star's scores of templates one by one."""
-    import scipy.sparse
-
+def _photometric_score(fitted):
+    """The self-model fit's standards' PhotometricScore, its library and its counts."""
     from kspec_fluxcal.catalog import match_standards
     from kspec_fluxcal.fit.inputs import catalog_priors
     from kspec_fluxcal.fit.model_photometry import PhotometricScore
-    from kspec_fluxcal.templates import library_arrays
 
     library, config = fitted["setup"], SELF_MODEL
     matched = match_standards(fitted["exposure"], fitted["catalog"])
     matched = matched.sel(band=[b for b in config.photometry.bands
                                 if b in matched["band"].values])
     phot = PhotometricScore(matched, library, catalog_priors(matched, library, config), config)
-    nstar, ntemplate = matched.sizes["star"], library.sizes["template"]
+    return phot, library, matched.sizes["star"], library.sizes["template"]
+
+
+def test_node_scores_of_several_stars_are_each_stars_own(fitted):
+    """The photometric scores of the grid's nodes (the parameter choice's first scores) for
+    every star in one call are, bit for bit, each star's scores of templates one by one."""
+    import scipy.sparse
+
+    from kspec_fluxcal.templates import library_arrays
+
+    phot, library, nstar, ntemplate = _photometric_score(fitted)
     assert nstar >= 2
     ids = np.arange(0, ntemplate, 2)
     together = phot.nodes(np.arange(nstar), ids)
@@ -292,7 +298,6 @@ def test_node_scores_of_several_stars_are_each_stars_own(fitted):
             assert together[s, j].tobytes() == alone.tobytes()
 
 
-
 def test_final_photometry_is_each_models_own_fit(fitted):
     """The final models' photometry and the best templates' rms, fitted in one call, are bit
     for bit what each model's own fit gives (NaN rms for a star without a usable template)."""
@@ -300,16 +305,9 @@ def test_final_photometry_is_each_models_own_fit(fitted):
 
     import scipy.sparse
 
-    from kspec_fluxcal.catalog import match_standards
-    from kspec_fluxcal.fit.inputs import catalog_priors
-    from kspec_fluxcal.fit.model_photometry import PhotometricScore, final_photometry
+    from kspec_fluxcal.fit.model_photometry import final_photometry
 
-    library, config = fitted["setup"], SELF_MODEL
-    matched = match_standards(fitted["exposure"], fitted["catalog"])
-    matched = matched.sel(band=[b for b in config.photometry.bands
-                                if b in matched["band"].values])
-    phot = PhotometricScore(matched, library, catalog_priors(matched, library, config), config)
-    nstar, ntemplate = matched.sizes["star"], library.sizes["template"]
+    phot, library, nstar, ntemplate = _photometric_score(fitted)
     rng = np.random.default_rng(3)
     cols = rng.choice(ntemplate, (nstar, 2), replace=False)
     weights = scipy.sparse.csr_matrix((np.tile([0.3, 0.7], nstar),
@@ -326,6 +324,7 @@ def test_final_photometry_is_each_models_own_fit(fitted):
         if scan.usable[s]:
             best = scipy.sparse.csr_matrix(([1.0], ([0], [scan.best[s]])), shape=(1, ntemplate))
             assert rms[s].tobytes() == phot.fit(s, best)["rms"][0].tobytes()
+
 
 def test_model_error_of_each_star_is_its_own_and_solves_its_chi2():
     """The model error sigma_m makes chi^2/dof of a star 1 (0 for a star within its noise,
