@@ -134,13 +134,9 @@ def _refine_from(obs, tm, scan, phot, start, spec_scale, config):
                (lambda row, weights, points: phot(ok[row], weights, points))}
     options["rest_frames"] = star_rest_frames(obs.norm[ok], obs.ivar[ok], scan.rv[ok],
                                               obs.wave, **options)
-    # 3 x 3 x 3 points, not 5 x 5 x 5: a width change of a few % moves the parameters by a
-    # fraction of the span, and the quadratic through 27 points is as well determined (on 100
-    # exposures, 29 re-refined: Teff moved by 0.7 K typically, 13 K at most; calibrated
-    # flux by 5e-4 typically, 2.3e-3 at most) for a fifth of the lattice.
     refined, refined_err, _ = refine_parameters(
         obs.norm[ok], obs.ivar[ok], tm, template_index, axes,
-        {p: params[p][ok] for p in PARAMS}, scan.rv[ok], obs.wave, levels=((3, 1.0 / 3),),
+        {p: params[p][ok] for p in PARAMS}, scan.rv[ok], obs.wave, levels=((5, 1.0 / 3),),
         **options)
     for p in PARAMS[:3]:
         params[p][ok], errors[p][ok] = refined[p], refined_err[p]
