@@ -312,12 +312,12 @@ def test_shift_operator_rows_are_the_tabulated_taps(rv):
     the ends summed (in order) into the end pixels; rows whose source is off the spectrum
     are empty; the absolute weights are abs(matrix); the margin covers the largest shift."""
     from kspec_fluxcal.fit.shifts import (
-        _TAPS, _kernel_weights, _positions, position_margin, shift_operator)
+        _TAPS, _kernel_weights, rest_positions, position_margin, shift_operator)
 
     wave = np.round(np.exp(np.linspace(np.log(4000.0), np.log(9000.0), 300)), 6)  # as keyed
     source = np.round(wave * (1 + 2e-4), 6)
     op = shift_operator(wave, rv, source)
-    pos = _positions(wave, rv, source)
+    pos = rest_positions(wave, rv, source)
     expected = np.zeros((wave.size, source.size))
     for p, x in enumerate(pos):
         if np.isfinite(x):

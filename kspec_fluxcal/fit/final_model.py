@@ -21,7 +21,7 @@ from .acceptance import line_variance
 from .exposure_templates import interpolated_corners
 from .matching import correction_parameters, fit_corrected
 from .model_photometry import final_photometry, model_magnitudes
-from .shifts import _positions, sample_rows
+from .shifts import rest_positions, sample_rows
 from .velocity import refine_rv
 
 __all__ = ["final_model", "outlier_pixels"]
@@ -83,7 +83,7 @@ def _moved(obs, rv, *spectra):
     (:func:`~kspec_fluxcal.fit.shifts.sample_rows`), without an operator built per star."""
     if not obs.nstar:
         return [np.zeros((0, obs.wave.size)) for _ in spectra]
-    pos = np.concatenate([_positions(obs.star_wave, rv, obs.wave)] * len(spectra))
+    pos = np.concatenate([rest_positions(obs.star_wave, rv, obs.wave)] * len(spectra))
     out = sample_rows(np.concatenate(spectra), pos)
     out[~np.isfinite(pos)] = np.nan
     return np.split(out, len(spectra))

@@ -16,7 +16,8 @@ import scipy.sparse
 
 from ..constants import SPEED_OF_LIGHT_KMS
 
-__all__ = ["shift_operator", "ShiftOperator", "shift_spectra", "sample_rows", "position_margin"]
+__all__ = ["shift_operator", "ShiftOperator", "shift_spectra", "sample_rows", "position_margin",
+           "rest_positions"]
 
 _LANCZOS_A = 4
 _TAPS = np.arange(-_LANCZOS_A + 1, _LANCZOS_A + 1)
@@ -55,7 +56,7 @@ def _kernel_weights(frac):
     return weights
 
 
-def _positions(wavelength, rv, source=None):
+def rest_positions(wavelength, rv, source=None):
     """Fractional pixel positions, in a rest-frame spectrum sampled on ``source`` (default:
     ``wavelength``), of the points ``wavelength`` seen at radial velocity ``rv``.
 
@@ -141,7 +142,7 @@ class ShiftOperator:
 def _shift_operator_cached(wave_bytes, source_bytes, rv):
     wavelength = np.frombuffer(wave_bytes, dtype=np.float64)
     source = np.frombuffer(source_bytes, dtype=np.float64)
-    pos = _positions(wavelength, rv, source)
+    pos = rest_positions(wavelength, rv, source)
     n = source.size
     inside = np.isfinite(pos)
     rows = np.flatnonzero(inside)
@@ -237,7 +238,7 @@ def sample_rows(spectra, pos, precision=np.float64):
 
 def position_margin(pos):
     """Pixels at each end whose value, sampled at positions ``pos`` (from
-    :func:`_positions`), leans on extrapolated taps."""
+    :func:`rest_positions`), leans on extrapolated taps."""
     shift = pos - np.arange(pos.shape[-1])
     np.abs(shift, out=shift)
     # np.nanmax's value without its copy (positions off the spectrum are infinite, not NaN)

@@ -7,7 +7,7 @@ import numpy as np
 
 from ..constants import SPEED_OF_LIGHT_KMS
 from .matching import fit_corrected
-from .shifts import _positions, position_margin, sample_rows
+from .shifts import rest_positions, position_margin, sample_rows
 
 __all__ = ["cross_correlate_rv", "refine_rv"]
 
@@ -151,7 +151,7 @@ def refine_rv(obs_norm, obs_weight, template_norm, wavelength, rv0, *, half_widt
     offsets = np.linspace(-half_width, half_width, nstep)
     rv0 = np.asarray(rv0, dtype=np.float64)
     trial = rv0[:, None] + offsets[None, :]  # (S, V)
-    pos = _positions(star_wave[:, None, :], trial, wave)  # (S, V, P)
+    pos = rest_positions(star_wave[:, None, :], trial, wave)  # (S, V, P)
     inside = np.isfinite(pos)
     # Sampled in float32: the chi^2 parabola's vertex moves by ~1e-5 of a km/s.
     shifted = sample_rows(np.nan_to_num(np.asarray(template_norm, dtype=np.float64)), pos,
