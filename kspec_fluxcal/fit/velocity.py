@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..constants import SPEED_OF_LIGHT_KMS
+from ..wavelength import distinct_rows
 from .matching import fit_corrected
 from .shifts import rest_positions, position_margin, sample_rows
 
@@ -191,12 +192,7 @@ def _shared_row(rows):
 
 
 def _same_rows(rows):
-    """Indices of the rows (S, P) grouped by equal values (lists, in order)."""
-    groups = []
-    for s, row in enumerate(rows):
-        group = next((g for g in groups if np.array_equal(rows[g[0]], row)), None)
-        if group is None:
-            groups.append([s])
-        else:
-            group.append(s)
-    return groups
+    """Indices of the rows (S, P) grouped by equal values (lists, in order of first
+    appearance): :func:`~kspec_fluxcal.wavelength.distinct_rows`' grouping."""
+    _, inverse = distinct_rows(rows, None)
+    return [np.flatnonzero(inverse == k).tolist() for k in range(int(inverse.max(initial=-1)) + 1)]
