@@ -21,6 +21,7 @@ from astropy.utils.exceptions import AstropyUserWarning
 
 from ._atomic import check_regular_file
 from .errors import ExposureError, FluxCalWarning
+from .fits_bytes import PlainHDU, plain_table
 
 __all__ = ["open_fits", "find_hdu", "hdu_data", "table_columns", "header_value",
            "check_header_cards", "check_non_ascii", "READ_KEYWORDS", "cards_named",
@@ -164,68 +165,19 @@ def table_columns(hdu, path, label):
     """The binary table ``hdu`` of the file ``path`` as astropy reads it (:func:`hdu_data`,
     ``hdu.columns``): (rows, {name: (values, unit or None)} in the table's order).
 
-    A plain table (scalar columns L, A, B, I, J, K, E, D without scaling, nulls or
-    dimensions, in an uncompressed file) is read from its bytes: astropy's Column objects
-    and record array were ~2 ms of the ~10 of reading a RED file (its FIBRES). Any other
-    (or a card astropy cannot parse) is astropy's to read, with its results and errors."""
+    A plain table (:func:`~kspec_fluxcal.fits_bytes.plain_table`, in an uncompressed file)
+    is read from its bytes (a :class:`~kspec_fluxcal.fits_bytes.PlainHDU`'s was when the file
+    was): astropy's Column objects and record array were ~2 ms of the ~10 of reading a RED
+    file (its FIBRES). Any other (or a card astropy cannot parse) is astropy's to read, with
+    its results and errors."""
+    if isinstance(hdu, PlainHDU):
+        return hdu.table
     with contextlib.suppress(VerifyError, ValueError):  # a damaged card: astropy names it
-        if (plain := _plain_table(hdu, path)) is not None:
+        if isinstance(hdu, fits.BinTableHDU) and (plain := plain_table(
+                hdu.header, lambda size: _data_of(hdu, path, size))) is not None:
             return plain
     data = hdu_data(hdu, path, label)
     return len(data), {col.name: (np.asarray(data[col.name]), col.unit) for col in hdu.columns}
-
-
-#: A plain binary-table format: (repeat) code; A's repeat is its width.
-_PLAIN_FORMAT = re.compile(r"(\d*)([LABIJKED])")
-_PLAIN_TYPES = {"L": "u1", "B": "u1", "I": ">i2", "J": ">i4", "K": ">i8", "E": ">f4", "D": ">f8"}
-#: Column keywords with which astropy's values are not the bytes as they are.
-_COLUMN_SCALING, _COLUMN_NAME = ("TSCAL", "TZERO", "TNULL", "TDIM"), re.compile(r"\w+", re.A)
-
-
-def _plain_table(hdu, path):
-    """:func:`table_columns` of a plain table, read from the file; None for another."""
-    header = hdu.header
-    nfields, nrows = header.get("TFIELDS", 0), header.get("NAXIS2", 0)
-    if not (isinstance(hdu, fits.BinTableHDU) and type(nfields) is int and nfields > 0
-            and type(nrows) is int and nrows > 0 and header.get("PCOUNT", 0) == 0
-            and header.get("GCOUNT", 1) == 1 and "THEAP" not in header):
-        return None
-    fields = [_plain_field(header, k) for k in range(1, nfields + 1)]
-    if None in fields or len({field[0].upper() for field in fields}) < nfields:
-        return None
-    dtype = np.dtype([field[:2] for field in fields])
-    raw = _data_of(hdu, path, nrows * dtype.itemsize)
-    if header.get("NAXIS1") != dtype.itemsize or raw is None:
-        return None
-    rows = np.frombuffer(bytearray(raw), dtype=dtype)  # writable, as astropy's
-    columns = {}
-    for name, _, unit, code in fields:
-        values = rows[name]
-        if code == "L":
-            if not values.all():  # astropy warns about a NUL (undefined) logical
-                return None
-            values = values == ord("T")
-        elif code == "A":
-            values = _table_strings(values)
-        columns[name] = (values, unit)
-    return nrows, columns
-
-
-def _plain_field(header, k):
-    """(name, NumPy type, unit, format code) of the table's column ``k`` if plain, else None."""
-    name, form = header.get(f"TTYPE{k}"), header.get(f"TFORM{k}")
-    found = _PLAIN_FORMAT.fullmatch(form) if isinstance(form, str) else None
-    if (found is None or not isinstance(name, str) or not _COLUMN_NAME.fullmatch(name)
-            or any(f"{key}{k}" in header for key in _COLUMN_SCALING)):
-        return None
-    repeat, code = found.groups()
-    if code == "A" and int(repeat or 1) > 0:
-        kind = f"S{int(repeat or 1)}"
-    elif repeat in ("", "1"):
-        kind = _PLAIN_TYPES[code]
-    else:
-        return None
-    return name, kind, header.get(f"TUNIT{k}"), code
 
 
 def _data_of(hdu, path, size):
@@ -236,14 +188,6 @@ def _data_of(hdu, path, size):
         f.seek(hdu.fileinfo()["datLoc"])
         raw = f.read(size)
     return raw if len(raw) == size else None
-
-
-def _table_strings(values):
-    """A text column as astropy reads it: str where it is ASCII, else its bytes."""
-    try:
-        return np.char.decode(values, "ascii").astype(f"U{values.dtype.itemsize}")
-    except UnicodeDecodeError:
-        return values
 
 
 def header_value(header, keys, path, required, kind=float):

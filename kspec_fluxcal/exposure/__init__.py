@@ -23,6 +23,7 @@ from .. import __version__
 from .._datasets import dataset
 from ..constants import CAL_UNIT, CALIBRATION_KEYWORDS, CONFIGURATION_STEP
 from ..errors import ExposureError
+from ..fits_bytes import read_plain
 from ..fits_file import cards_named, find_hdu, fits_column, hdu_data, open_fits
 from ..lsf import LineSpread
 from ..wavelength import vacuum_to_air
@@ -86,8 +87,10 @@ def _read_hdus(path):
     """The RED file's arrays and metadata, read and checked in one pass over its HDUs:
     (flux, variance, wavelength as read, FIBRES coordinates, metadata, FLUXCAL columns
     or None)."""
+    # A plain file is read from its bytes (fits_bytes: ~1 ms instead of astropy's ~5).
     # cards_named: a damaged card of another HDU's header (WAVELA's BUNIT) met reading it
-    with open_fits(path) as hdul, cards_named(hdul, path):
+    hdul = read_plain(path, FIBRES_EXTNAMES) or open_fits(path)
+    with hdul, cards_named(hdul, path):
         primary = hdul[0]
         flux = hdu_data(primary, path, "PRIMARY")
         if flux.ndim != 2:

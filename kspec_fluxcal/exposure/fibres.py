@@ -10,6 +10,7 @@ from astropy.io import fits
 
 from ..constants import FIBER_TYPES
 from ..errors import ExposureError
+from ..fits_bytes import PlainHDU
 from ..fits_file import table_columns
 
 __all__ = ["fibres_coords", "table_text", "FIBRES_EXTNAMES"]
@@ -32,7 +33,7 @@ def fibres_coords(hdu, nfib, path):
     with its FITS column name, then ``fibres_<column>`` for every other scalar column.
     """
     where = f"HDU {hdu.name}"
-    if not isinstance(hdu, fits.BinTableHDU):
+    if not (isinstance(hdu, fits.BinTableHDU) or isinstance(hdu, PlainHDU) and not hdu.is_image):
         # An ASCII table too: the contract's is binary (typed columns: OBJID int64).
         kind = "an ASCII table" if isinstance(hdu, fits.TableHDU) else "not a table"
         raise ExposureError(path, where, f"is {kind} ({type(hdu).__name__}); expected a "

@@ -1,0 +1,300 @@
+"""Plain FITS files read from their bytes, as astropy reads them, without astropy's objects.
+
+Astropy's ``fits.open`` and the header look-ups that follow were ~5 ms of the ~9 of reading
+a RED file: each card is parsed on first use, and each parse asks astropy's configuration
+(a validated look-up, ~10 us) about whitespace and record-valued cards. A plain file (every
+header printable ASCII, FITS-standard value and commentary cards only; images without
+scaling; binary tables of scalar columns; nothing after the last HDU) is read here from
+its bytes instead, with the values, names, data and header text astropy gives. Any other
+file is left to astropy (:func:`kspec_fluxcal.fits_file.open_fits`), with its results and
+errors: :func:`read_plain` says None for it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+
+import numpy as np
+
+__all__ = ["PlainHeader", "PlainHDU", "PlainFits", "read_plain", "plain_table"]
+
+#: The FITS record: headers and data are padded to a multiple of it.
+BLOCK = 2880
+_END = "END".ljust(80)
+#: Image data types by BITPIX, big-endian as astropy's (unscaled) arrays.
+_IMAGE_TYPES = {8: "u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
+#: A FITS-standard keyword, padded to 8 characters (astropy fixes, or does not parse, others).
+_KEYWORD = re.compile(r"[A-Z0-9_-]+ *")
+#: A value card's value and comment as the FITS standard writes them (astropy's
+#: ``Card._value_FSC_RE`` but its complex numbers and undefined values; a string without a
+#: lone quote inside): a string (quotes doubled), a logical or a number.
+_VALUE = re.compile(r" *(?:'(?P<text>(?:[^']|'')*)'|(?P<logical>[FT])|"
+                    r"(?P<number>[+-]?(?:\.\d+|\d+(?:\.\d*)?)(?:[DE][+-]?\d+)?))"
+                    r" *(?:/ *(?:[!-~][ -~]*)?)?")
+#: Keywords of cards without a value, kept as text only.
+_COMMENTARY = ("COMMENT ", "HISTORY ", "        ")
+#: Keywords astropy reads otherwise whatever follows them.
+_SPECIAL = ("END     ", "CONTINUE")
+#: Header keywords astropy acts on when it reads the data (scaling, blanks, random groups,
+#: compression, a heap): their files are astropy's.
+_ACTED_ON = ("BSCALE", "BZERO", "BLANK", "GROUPS", "ZIMAGE", "ZTABLE", "THEAP")
+
+
+class PlainHeader(dict):
+    """A header read by :func:`read_plain`: keyword -> value (str with trailing blanks
+    removed, bool, int or float, as astropy's ``header[keyword]``; the first of a repeated
+    keyword), keywords in upper case as in the file; commentary cards have no entry.
+
+    ``text`` is the header's cards before END, as in the file.
+    """
+
+    __slots__ = ("text",)
+
+    def tostring(self, sep=""):
+        """The header as astropy's ``Header.tostring(sep)``: its cards joined by ``sep``,
+        then END, padded with blanks to a multiple of 2880 characters."""
+        text = self.text
+        joined = sep.join([text[i:i + 80] for i in range(0, len(text), 80)] + [_END])
+        return joined + " " * (-len(joined) % BLOCK)
+
+
+class PlainHDU:
+    """An HDU read by :func:`read_plain`: what the readers use of astropy's.
+
+    Attributes
+    ----------
+    header : PlainHeader
+    name : str
+        EXTNAME ('PRIMARY' for the primary HDU without one, '' for an extension).
+    is_image : bool
+    data : numpy.ndarray
+        An image's data (big-endian, writable, as astropy's); None for a table.
+    table : tuple or None
+        A table's (rows, columns) as :func:`plain_table` gives them.
+    """
+
+    __slots__ = ("header", "name", "is_image", "data", "table")
+
+    def __init__(self, header, default_name, data=None, table=None):
+        self.header = header
+        self.name = str(header.get("EXTNAME", default_name))
+        self.is_image = table is None
+        self.data = data
+        self.table = table
+
+
+class PlainFits(list):
+    """The :class:`PlainHDU` of a file, in order; a context manager like astropy's HDUList
+    (nothing to close: the file was read whole)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def read_plain(path, tables=()):
+    """The HDUs of the plain FITS file ``path``, read from its bytes; None for another.
+
+    Parameters
+    ----------
+    path : str
+        An uncompressed FITS file.
+    tables : sequence of str
+        Extension names (upper case) that are binary tables: any other extension must be
+        an image, and these must be plain tables (:func:`plain_table`), for the file to be
+        read here.
+
+    Returns
+    -------
+    PlainFits or None
+        Each HDU's name, header, image data or table as astropy reads them; None when the
+        file is not a plain one (module docstring), is not a regular file, or cannot be read:
+        astropy's to read (or refuse, saying why).
+    """
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None  # a FIFO would wait for data that never come
+        with open(path, "rb") as f:
+            raw = bytearray(os.fstat(f.fileno()).st_size)  # writable data, as astropy's
+            if f.readinto(raw) != len(raw) or raw[:9] != b"SIMPLE  =":
+                return None
+    except OSError:
+        return None
+    hdus, start = PlainFits(), 0
+    while start < len(raw):
+        hdu, start = _plain_hdu(raw, start, not hdus, tables)
+        if hdu is None:
+            return None
+        hdus.append(hdu)
+    return hdus
+
+
+def _plain_hdu(raw, start, primary, tables):
+    """(The HDU at byte ``start`` of the file's bytes ``raw``, where the next one starts);
+    (None, None) if it is not plain."""
+    header, data_start = _plain_header(raw, start)
+    if header is None or any(key in header for key in _ACTED_ON):
+        return None, None
+    if primary:
+        kind, default_name = ("IMAGE" if header.get("SIMPLE") is True else None), "PRIMARY"
+    else:  # astropy tells an extension's kind by XTENSION, which the standard puts first
+        kind = header.get("XTENSION") if header.text.startswith("XTENSION") else None
+        default_name = ""
+    name = str(header.get("EXTNAME", default_name)).upper()
+    shape = _data_shape(header, primary)
+    if shape is None or kind != ("BINTABLE" if name in tables and not primary else "IMAGE") \
+            or kind == "BINTABLE" and (len(shape) != 2 or header["BITPIX"] != 8):
+        return None, None
+    dtype = np.dtype(_IMAGE_TYPES[header["BITPIX"]])
+    size = int(np.prod(shape)) * dtype.itemsize
+    end = data_start + size + (-size % BLOCK)
+    if end > len(raw):
+        return None, None  # cut short: astropy says so
+    if kind == "IMAGE":
+        data = np.frombuffer(raw, dtype, int(np.prod(shape)), data_start).reshape(shape)
+        return PlainHDU(header, default_name, data=data), end
+    table = plain_table(header, lambda n: bytes(raw[data_start:data_start + n]))
+    return (None, None) if table is None else (PlainHDU(header, "", table=table), end)
+
+
+def _data_shape(header, primary):
+    """The data's shape (NAXISn reversed, each > 0) if the structure keywords are plain."""
+    naxis, bitpix = header.get("NAXIS"), header.get("BITPIX")
+    if (type(naxis) is not int or not 0 < naxis < 1000 or bitpix not in _IMAGE_TYPES
+            or not primary and (header.get("PCOUNT") != 0 or header.get("GCOUNT") != 1)):
+        return None
+    shape = tuple(header.get(f"NAXIS{k}") for k in range(naxis, 0, -1))
+    if not all(type(n) is int and n > 0 for n in shape):
+        return None
+    return shape
+
+
+def _plain_header(raw, start):
+    """(The header at byte ``start`` of ``raw``, where its data start); (None, None) if it
+    is not plain (module docstring)."""
+    end = raw.find(b"END" + b" " * 77, start)
+    while end >= 0 and (end - start) % 80:
+        end = raw.find(b"END" + b" " * 77, end + 1)
+    if end < 0:
+        return None, None
+    data_start = end + 80 + (-(end + 80 - start) % BLOCK)
+    try:
+        text = raw[start:end].decode("ascii")
+    except UnicodeDecodeError:
+        return None, None
+    if not text.isprintable() or raw[end + 80:data_start].strip(b" ") or data_start > len(raw):
+        return None, None
+    header = PlainHeader()
+    header.text = text
+    for i in range(0, len(text), 80):
+        card = text[i:i + 80]
+        keyword = card[:8]
+        if keyword in _COMMENTARY:
+            continue
+        if card[8:10] != "= " or not _KEYWORD.fullmatch(keyword) or keyword in _SPECIAL:
+            return None, None  # CONTINUE, HIERARCH, a card without "= " or a bad keyword
+        value = _card_value(card[10:])
+        if value is None:
+            return None, None
+        header.setdefault(keyword.rstrip(), value)
+    return header, data_start
+
+
+def _card_value(text):
+    """The value of a value card's ``text`` (after '= ') as astropy reads it; None if it
+    is not one read here (undefined, complex, a record-valued card, a long string's start,
+    a non-standard form that astropy's verification would rewrite)."""
+    found = _VALUE.fullmatch(text)
+    if found is None:
+        return None
+    string, logical, number = found.groups()
+    if string is not None:
+        if ": " in text or string.endswith("&"):
+            return None
+        return string.replace("''", "'").rstrip()
+    if logical is not None:
+        return logical == "T"
+    number = number.replace("D", "E")
+    try:
+        return int(number)
+    except ValueError:
+        return float(number)
+
+
+#: A plain binary-table format: (repeat) code; A's repeat is its width.
+_PLAIN_FORMAT = re.compile(r"(\d*)([LABIJKED])")
+_PLAIN_TYPES = {"L": "u1", "B": "u1", "I": ">i2", "J": ">i4", "K": ">i8", "E": ">f4", "D": ">f8"}
+#: Column keywords with which astropy's values are not the bytes as they are.
+_COLUMN_SCALING, _COLUMN_NAME = ("TSCAL", "TZERO", "TNULL", "TDIM"), re.compile(r"\w+", re.A)
+
+
+def plain_table(header, read):
+    """A plain binary table read from its bytes, as astropy reads it: (rows, {name:
+    (values, unit or None)} in the table's order); None for another table.
+
+    A plain table has scalar columns L, A, B, I, J, K, E, D without scaling, nulls or
+    dimensions, and no heap; a logical column without NUL (undefined) values.
+
+    Parameters
+    ----------
+    header : mapping
+        The table's header (astropy's or a :class:`PlainHeader`).
+    read : callable
+        ``read(size)``: the first ``size`` bytes of the table's data (None if it cannot).
+
+    Returns
+    -------
+    tuple or None
+    """
+    nfields, nrows = header.get("TFIELDS", 0), header.get("NAXIS2", 0)
+    if not (type(nfields) is int and nfields > 0 and type(nrows) is int and nrows > 0
+            and header.get("PCOUNT", 0) == 0 and header.get("GCOUNT", 1) == 1
+            and "THEAP" not in header):
+        return None
+    fields = [_plain_field(header, k) for k in range(1, nfields + 1)]
+    if None in fields or len({field[0].upper() for field in fields}) < nfields:
+        return None
+    dtype = np.dtype([field[:2] for field in fields])
+    if header.get("NAXIS1") != dtype.itemsize or (raw := read(nrows * dtype.itemsize)) is None:
+        return None
+    rows = np.frombuffer(bytearray(raw), dtype=dtype)  # writable, as astropy's
+    columns = {}
+    for name, _, unit, code in fields:
+        values = rows[name]
+        if code == "L":
+            if not values.all():  # astropy warns about a NUL (undefined) logical
+                return None
+            values = values == ord("T")
+        elif code == "A":
+            values = _table_strings(values)
+        columns[name] = (values, unit)
+    return nrows, columns
+
+
+def _plain_field(header, k):
+    """(name, NumPy type, unit, format code) of the table's column ``k`` if plain, else None."""
+    name, form = header.get(f"TTYPE{k}"), header.get(f"TFORM{k}")
+    found = _PLAIN_FORMAT.fullmatch(form) if isinstance(form, str) else None
+    if (found is None or not isinstance(name, str) or not _COLUMN_NAME.fullmatch(name)
+            or any(f"{key}{k}" in header for key in _COLUMN_SCALING)):
+        return None
+    repeat, code = found.groups()
+    if code == "A" and int(repeat or 1) > 0:
+        kind = f"S{int(repeat or 1)}"
+    elif repeat in ("", "1"):
+        kind = _PLAIN_TYPES[code]
+    else:
+        return None
+    return name, kind, header.get(f"TUNIT{k}"), code
+
+
+def _table_strings(values):
+    """A text column as astropy reads it: str where it is ASCII, else its bytes."""
+    try:
+        return np.char.decode(values, "ascii").astype(f"U{values.dtype.itemsize}")
+    except UnicodeDecodeError:
+        return values
