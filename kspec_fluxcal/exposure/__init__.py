@@ -169,10 +169,9 @@ def open_exposure(path, *, chunks=None):
         column or keyword, and the problem.
     """
     flux, variance, wave, fibres, meta, cal = _read(path)
-    flux = flux.astype(np.float64)
     fiber_wave, wave, history = _air_wavelengths(wave, flux.shape[0], path, meta)
     unsolved = unsolved_pixels(fiber_wave, fibres["fiber_type"].values)
-    flux, variance, good = _valid_pixels(flux, variance.astype(np.float64), fiber_wave, path)
+    flux, variance, good = _valid_pixels(flux, variance, fiber_wave, path)
     check_line_spread(meta["lsf"], wave, path)
     ds = _dataset(flux, variance, good, wave, fiber_wave, fibres, meta)
     ds.attrs.update(_exposure_attrs(path, meta, unsolved))
@@ -201,18 +200,21 @@ def _air_wavelengths(wave, nfib, path, meta):
 
 
 def _valid_pixels(flux, variance, fiber_wave, path):
-    """The flux and variance with NaN where they are not finite (and the variance where it
-    is <= 0), and the good-pixel mask (finite flux, finite variance > 0, a wavelength); an
-    exposure without one good pixel is an error."""
-    good = (np.isfinite(flux) & np.isfinite(variance) & (variance > 0)
-            & np.isfinite(fiber_wave))
+    """The flux and variance (as read) in float32 with NaN where they are not finite (and the
+    variance where it is <= 0), and the good-pixel mask (finite flux, finite variance > 0, a
+    wavelength); an exposure without one good pixel is an error.
+
+    In the file's types, not float64: the float32 of a RED file converts exactly (the same
+    values, tests and NaN), others through float64 as before (~0.2 ms of two conversions)."""
+    usable = (variance > 0) & np.isfinite(variance)
+    finite = np.isfinite(flux)
+    good = finite & usable & np.isfinite(fiber_wave)
     # A bad pixel's variance (<= 0 in the file) becomes NaN: arithmetic on it (calibration
     # adds a positive term) must not turn it into a plausible value and the pixel into a good one.
     # An infinite count (the contract's "no data" is NaN) would reach the product as an
     # infinite flux: it is no data too.
-    with np.errstate(invalid="ignore"):
-        variance = np.where((variance > 0) & np.isfinite(variance), variance, np.nan)
-    flux = np.where(np.isfinite(flux), flux, np.nan)
+    variance = np.where(usable, variance, np.nan).astype(np.float32, copy=False)
+    flux = np.where(finite, flux, np.nan).astype(np.float32, copy=False)
     if not good.any():
         raise ExposureError(path, "HDU PRIMARY/VARIANCE",
                             "no valid pixel (every flux is NaN or every variance <= 0)")
@@ -222,14 +224,14 @@ def _valid_pixels(flux, variance, fiber_wave, path):
 def _dataset(flux, variance, good, wave, fiber_wave, fibres, meta):
     """The exposure's Dataset (no attrs yet): flux and variance (float32, in the file's unit),
     good, the wavelength coordinates and the FIBRES coordinates."""
+    flux, variance = flux.astype(np.float32, copy=False), variance.astype(np.float32, copy=False)
     counts = meta["bunit"].strip().lower() in COUNT_UNITS
     units = "count" if counts else meta["bunit"]
     var_units = "count2" if units == "count" else f"({units})**2"
     return dataset(
         {
-            "flux": (("fiber", "wavelength"), flux.astype(np.float32), {"units": units}),
-            "variance": (("fiber", "wavelength"), variance.astype(np.float32),
-                         {"units": var_units}),
+            "flux": (("fiber", "wavelength"), flux, {"units": units}),
+            "variance": (("fiber", "wavelength"), variance, {"units": var_units}),
             "good": (("fiber", "wavelength"), good,
                      {"description": "finite flux and finite variance > 0"}),
         },
