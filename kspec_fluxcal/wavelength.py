@@ -20,8 +20,18 @@ def _morton_index(wave_vac):
     Morton (2000, ApJS 130, 403, eq. 8), the IAU standard conversion (Edlén 1966 as revised by
     Birch & Downs 1994); valid above 2000 Angstrom.
     """
-    sigma2 = (1e4 / np.asarray(wave_vac, dtype=np.float64)) ** 2
-    return 1.0 + 8.34254e-5 + 2.406147e-2 / (130.0 - sigma2) + 1.5998e-4 / (38.9 - sigma2)
+    # 1 + 8.34254e-5 + 2.406147e-2 / (130 - sigma2) + 1.5998e-4 / (38.9 - sigma2) in the
+    # same operations, in place: each temporary of an exposure's 14 x 4096 pixels is a fresh
+    # 0.5 MB (~0.4 -> ~0.2 ms)
+    wave_vac = np.asarray(wave_vac, dtype=np.float64)
+    sigma2 = np.divide(1e4, wave_vac, out=np.empty_like(wave_vac))  # an array, even 0-d
+    np.square(sigma2, out=sigma2)
+    index = np.subtract(130.0, sigma2, out=np.empty_like(sigma2))
+    np.divide(2.406147e-2, index, out=index)
+    np.divide(1.5998e-4, np.subtract(38.9, sigma2, out=sigma2), out=sigma2)
+    index += 1.0 + 8.34254e-5
+    index += sigma2
+    return index
 
 
 def vacuum_to_air(wave_vac):
@@ -38,7 +48,10 @@ def vacuum_to_air(wave_vac):
         Air wavelengths, Angstrom (vacuum below 2000 Angstrom, the BOSZ 2024 convention).
     """
     wave_vac = np.asarray(wave_vac, dtype=np.float64)
-    return np.where(wave_vac >= 2000.0, wave_vac / _morton_index(wave_vac), wave_vac)
+    air = _morton_index(wave_vac)
+    np.divide(wave_vac, air, out=air)
+    np.copyto(air, wave_vac, where=~(wave_vac >= 2000.0))  # NaN too, as np.where kept it
+    return air
 
 
 def air_to_vacuum(wave_air):

@@ -191,12 +191,16 @@ def _air_wavelengths(wave, nfib, path, meta):
     Returns (fiber_wave (nfib, nspec), reference (nspec,), history entries): vacuum
     wavelengths are converted to air, and the conversion recorded.
     """
+    shared = wave.ndim == 1 or wave.shape[0] == 1
     fiber_wave, wave = fiber_wavelengths(wave, nfib, path, meta["wavelength_source"])
     if meta["medium_in"] != "vac":
         return fiber_wave, wave, []
-    return (vacuum_to_air(fiber_wave), vacuum_to_air(wave),
-            ["vacuum wavelengths converted to air (Morton 2000) for the calibration; the "
-             "product keeps the file's own"])
+    wave = vacuum_to_air(wave)
+    # One solution for every fiber: converted once (the conversion is pixel by pixel)
+    fiber_wave = np.broadcast_to(wave, fiber_wave.shape).copy() if shared \
+        else vacuum_to_air(fiber_wave)
+    return (fiber_wave, wave, ["vacuum wavelengths converted to air (Morton 2000) for the "
+                               "calibration; the product keeps the file's own"])
 
 
 def _valid_pixels(flux, variance, fiber_wave, path):

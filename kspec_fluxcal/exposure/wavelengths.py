@@ -144,7 +144,8 @@ def fiber_wavelengths(wave, nfib, path, source="WAVELA"):
     """Each fiber's own pixel wavelengths (nfib, nspec) and the reference grid (nspec,).
 
     A 1-D solution (or a WCS) is every fiber's. Per-fiber rows are kept as they are (no
-    pixel is resampled); a pixel without a wavelength (NaN) is a pixel without data, a row
+    pixel is resampled; per-fiber rows with every pixel solved are returned as ``wave``
+    itself, not copied); a pixel without a wavelength (NaN) is a pixel without data, a row
     without any a fiber without a solution. The reference grid, on which the calibration
     vector is given, is the median of the rows; it needs a wavelength at every pixel.
     """
@@ -154,7 +155,9 @@ def fiber_wavelengths(wave, nfib, path, source="WAVELA"):
         check_wavelength(wave, path, where)
         return np.broadcast_to(wave, (nfib, wave.size)).copy(), wave
     finite = np.isfinite(wave)
-    if np.any(finite & ~(wave > 0)):
+    # Every pixel solved (the usual case): the same checks without the masked copies.
+    solved = bool(finite.all())
+    if np.any(~(wave > 0) if solved else finite & ~(wave > 0)):
         row, col = (int(i[0]) for i in np.nonzero(finite & ~(wave > 0)))
         raise ExposureError(path, f"{where} row {row}",
                             f"wavelength {wave[row, col]!r} of pixel {col} is not positive")
@@ -164,17 +167,19 @@ def fiber_wavelengths(wave, nfib, path, source="WAVELA"):
     # Each row's finite pixels must increase and lie in the plausible range: all rows at
     # once, the first offending row checked alone for its message.
     lo, hi = _PLAUSIBLE_RANGE
-    filled = np.where(finite, wave, np.nan)
+    filled = wave if solved else np.where(finite, wave, np.nan)
     step = np.diff(filled, axis=1)
-    bad = (np.any(step <= 0, axis=1) | (np.nanmin(np.where(finite, wave, np.inf), axis=1) < lo)
-           | (np.nanmax(np.where(finite, wave, -np.inf), axis=1) > hi))
+    low = wave.min(axis=1) if solved else np.nanmin(np.where(finite, wave, np.inf), axis=1)
+    high = wave.max(axis=1) if solved else np.nanmax(np.where(finite, wave, -np.inf), axis=1)
+    bad = np.any(step <= 0, axis=1) | (low < lo) | (high > hi)
     bad &= finite.any(axis=1)
     if bad.any():
         row = int(np.argmax(bad))
         check_wavelength(wave[row][finite[row]], path, f"{where} row {row}")
-    reference = median_of_rows(wave[rows])  # all-NaN columns are reported just below
+    # all-NaN columns are reported just below
+    reference = median_of_rows(wave if rows.size == len(wave) else wave[rows])
     check_wavelength(reference, path, f"{where} (median of the rows)")
-    return np.where(finite, wave, np.nan), reference
+    return filled, reference
 
 
 def median_of_rows(wave):
