@@ -12,6 +12,7 @@ errors: :func:`read_plain` says None for it.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import stat
@@ -25,18 +26,19 @@ BLOCK = 2880
 _END = "END".ljust(80)
 #: Image data types by BITPIX, big-endian as astropy's (unscaled) arrays.
 _IMAGE_TYPES = {8: "u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
-#: A FITS-standard keyword, padded to 8 characters (astropy fixes, or does not parse, others).
-_KEYWORD = re.compile(r"[A-Z0-9_-]+ *")
-#: A value card's value and comment as the FITS standard writes them (astropy's
-#: ``Card._value_FSC_RE`` but its complex numbers and undefined values; a string without a
-#: lone quote inside): a string (quotes doubled), a logical or a number.
-_VALUE = re.compile(r" *(?:'(?P<text>(?:[^']|'')*)'|(?P<logical>[FT])|"
-                    r"(?P<number>[+-]?(?:\.\d+|\d+(?:\.\d*)?)(?:[DE][+-]?\d+)?))"
-                    r" *(?:/ *(?:[!-~][ -~]*)?)?")
+#: A value card as the FITS standard writes it: its keyword (upper case, padded to 8
+#: characters), '= ' and the value and comment as astropy's ``Card._value_FSC_RE`` reads
+#: them (astropy fixes, or does not parse, other forms), but its complex numbers and
+#: undefined values and a string with a lone quote inside: a string (quotes doubled), a
+#: logical, an integer or a real number.
+_CARD = re.compile(r"(?=[A-Z0-9_ -]{8}= )(?P<keyword>[A-Z0-9_-]+) *=  *"
+                   r"(?:'(?P<text>(?:[^']|'')*)'|(?P<logical>[FT])|(?P<integer>[+-]?\d+)|"
+                   r"(?P<real>[+-]?(?:\.\d+|\d+(?:\.\d*)?)(?:[DE][+-]?\d+)?))"
+                   r" *(?:/ *(?:[!-~][ -~]*)?)?")
 #: Keywords of cards without a value, kept as text only.
 _COMMENTARY = ("COMMENT ", "HISTORY ", "        ")
 #: Keywords astropy reads otherwise whatever follows them.
-_SPECIAL = ("END     ", "CONTINUE")
+_SPECIAL = ("END", "CONTINUE")
 #: Header keywords astropy acts on when it reads the data (scaling, blanks, random groups,
 #: compression, a heap): their files are astropy's.
 _ACTED_ON = ("BSCALE", "BZERO", "BLANK", "GROUPS", "ZIMAGE", "ZTABLE", "THEAP")
@@ -150,12 +152,13 @@ def _plain_hdu(raw, start, primary, tables):
             or kind == "BINTABLE" and (len(shape) != 2 or header["BITPIX"] != 8):
         return None, None
     dtype = np.dtype(_IMAGE_TYPES[header["BITPIX"]])
-    size = int(np.prod(shape)) * dtype.itemsize
+    count = math.prod(shape)
+    size = count * dtype.itemsize
     end = data_start + size + (-size % BLOCK)
     if end > len(raw):
         return None, None  # cut short: astropy says so
     if kind == "IMAGE":
-        data = np.frombuffer(raw, dtype, int(np.prod(shape)), data_start).reshape(shape)
+        data = np.frombuffer(raw, dtype, count, data_start).reshape(shape)
         return PlainHDU(header, default_name, data=data), end
     table = plain_table(header, lambda n: bytes(raw[data_start:data_start + n]))
     return (None, None) if table is None else (PlainHDU(header, "", table=table), end)
@@ -191,38 +194,24 @@ def _plain_header(raw, start):
     header = PlainHeader()
     header.text = text
     for i in range(0, len(text), 80):
-        card = text[i:i + 80]
-        keyword = card[:8]
-        if keyword in _COMMENTARY:
+        if text[i:i + 8] in _COMMENTARY:
             continue
-        if card[8:10] != "= " or not _KEYWORD.fullmatch(keyword) or keyword in _SPECIAL:
-            return None, None  # CONTINUE, HIERARCH, a card without "= " or a bad keyword
-        value = _card_value(card[10:])
-        if value is None:
+        card = _CARD.fullmatch(text, i, i + 80)
+        if card is None:
+            return None, None  # HIERARCH, CONTINUE, a card without "= " or not standard
+        keyword, string, logical, integer, real = card.groups()
+        if string is not None:
+            if string.endswith("&") or ": " in card[0]:  # a long or record-valued card
+                return None, None
+            value = string.replace("''", "'").rstrip()
+        elif logical is not None:
+            value = logical == "T"
+        else:
+            value = int(integer) if integer is not None else float(real.replace("D", "E"))
+        if keyword in _SPECIAL:
             return None, None
-        header.setdefault(keyword.rstrip(), value)
+        header.setdefault(keyword, value)
     return header, data_start
-
-
-def _card_value(text):
-    """The value of a value card's ``text`` (after '= ') as astropy reads it; None if it
-    is not one read here (undefined, complex, a record-valued card, a long string's start,
-    a non-standard form that astropy's verification would rewrite)."""
-    found = _VALUE.fullmatch(text)
-    if found is None:
-        return None
-    string, logical, number = found.groups()
-    if string is not None:
-        if ": " in text or string.endswith("&"):
-            return None
-        return string.replace("''", "'").rstrip()
-    if logical is not None:
-        return logical == "T"
-    number = number.replace("D", "E")
-    try:
-        return int(number)
-    except ValueError:
-        return float(number)
 
 
 #: A plain binary-table format: (repeat) code; A's repeat is its width.
