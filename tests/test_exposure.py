@@ -131,13 +131,15 @@ def test_per_fiber_wavelengths_keep_every_fiber_on_its_own_pixels(red_file):
 @pytest.mark.parametrize("nfib", [5, 6])
 def test_reference_grid_is_the_nanmedian_of_the_rows(red_file, nfib):
     """The reference grid of per-fiber solutions, read and planned, is np.nanmedian's of the
-    rows to the last bit, with every wavelength finite or some NaN (odd and even fibers)."""
+    rows to the last bit, with every wavelength finite or some NaN (odd and even fibers),
+    rows in one order at every pixel (taken from the middle rows) or crossing."""
     rng = np.random.default_rng(nfib)
     wave = np.linspace(4000.0, 8000.0, 300) + rng.uniform(-0.5, 0.5, (nfib, 1)) \
         + rng.normal(0.0, 1e-3, (nfib, 300))  # every pixel's median of its own values
     holed = wave.copy()
     holed[1, 20:30] = holed[3, 25:40] = np.nan
-    for k, solution in enumerate((wave, holed)):
+    crossing = wave + rng.normal(0.0, 1.0, wave.shape)
+    for k, solution in enumerate((wave, holed, crossing)):
         path = red_file(nfib, 300, wavelength=solution, name=f"w{nfib}{k}.fits")
         expected = np.nanmedian(solution, axis=0)
         assert open_exposure(path)["wavelength"].values.tobytes() == expected.tobytes()

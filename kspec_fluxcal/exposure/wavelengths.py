@@ -185,7 +185,17 @@ def fiber_wavelengths(wave, nfib, path, source="WAVELA"):
 def median_of_rows(wave):
     """The median of the rows of ``wave`` pixel by pixel, NaN ignored (NaN where a column
     has no value): :func:`kspec_fluxcal.continuum.nanmedian` (np.nanmedian's values, whose
-    masked arrays for so few rows cost 3 times as much)."""
+    masked arrays for so few rows cost 3 times as much).
+
+    Per-fiber solutions are offset from one another and keep their order at every pixel
+    (all those of the lake): rows that do, positive, are ordered once as wholes, and the
+    median is taken from the middle ones, the same values without nanmedian's sort of every
+    column (14 x 4096: ~0.7 -> ~0.1 ms)."""
+    rows = wave[np.argsort(wave[:, 0])]
+    # NaN fails both comparisons; positive: no signed zeros, whose order a sort leaves open
+    if (rows[0] > 0).all() and (rows[1:] >= rows[:-1]).all():
+        n = len(rows)
+        return 0.5 * (rows[(n - 1) // 2] + rows[n // 2])
     from ..continuum import nanmedian  # scipy.sparse, not needed to read a file otherwise
 
     return nanmedian(wave, axis=0)[0]
