@@ -19,7 +19,7 @@ import stat
 
 import numpy as np
 
-__all__ = ["PlainHeader", "PlainHDU", "PlainFits", "read_plain", "plain_table"]
+__all__ = ["PlainHeader", "PlainHDU", "PlainFits", "read_plain", "header_text", "plain_table"]
 
 #: The FITS record: headers and data are padded to a multiple of it.
 BLOCK = 2880
@@ -189,8 +189,16 @@ def _plain_header(raw, start):
         text = raw[start:end].decode("ascii")
     except UnicodeDecodeError:
         return None, None
-    if not text.isprintable() or raw[end + 80:data_start].strip(b" ") or data_start > len(raw):
+    if raw[end + 80:data_start].strip(b" ") or data_start > len(raw):
         return None, None
+    return _parsed(text), data_start
+
+
+def _parsed(text):
+    """The :class:`PlainHeader` of the cards ``text`` (80 characters each, without END);
+    None if it is not plain (module docstring)."""
+    if not (text.isascii() and text.isprintable()) or len(text) % 80:
+        return None
     header = PlainHeader()
     header.text = text
     for i in range(0, len(text), 80):
@@ -198,20 +206,39 @@ def _plain_header(raw, start):
             continue
         card = _CARD.fullmatch(text, i, i + 80)
         if card is None:
-            return None, None  # HIERARCH, CONTINUE, a card without "= " or not standard
+            return None  # HIERARCH, CONTINUE, a card without "= " or not standard
         keyword, string, logical, integer, real = card.groups()
         if string is not None:
             if string.endswith("&") or ": " in card[0]:  # a long or record-valued card
-                return None, None
+                return None
             value = string.replace("''", "'").rstrip()
         elif logical is not None:
             value = logical == "T"
         else:
             value = int(integer) if integer is not None else float(real.replace("D", "E"))
         if keyword in _SPECIAL:
-            return None, None
+            return None
         header.setdefault(keyword, value)
-    return header, data_start
+    return header
+
+
+def header_text(text):
+    """A header as astropy's ``Header.tostring(sep="\\n")`` writes it (a Dataset's
+    ``fits_header``), read as a :class:`PlainHeader`: the values of astropy's
+    ``Header.fromstring(text, sep="\\n")``; None if it is not plain (astropy's to read).
+
+    Parameters
+    ----------
+    text : str
+
+    Returns
+    -------
+    PlainHeader or None
+    """
+    *cards, end = text.split("\n")
+    if end[:80] != _END or end[80:].strip(" ") or any(len(card) != 80 for card in cards):
+        return None  # END last, then the padding's blanks
+    return _parsed("".join(cards))
 
 
 #: A plain binary-table format: (repeat) code; A's repeat is its width.

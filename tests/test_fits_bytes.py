@@ -3,7 +3,7 @@ import gzip
 import numpy as np
 from astropy.io import fits
 
-from kspec_fluxcal.fits_bytes import read_plain
+from kspec_fluxcal.fits_bytes import header_text, read_plain
 
 #: Value and commentary cards read from the bytes: odd spacing, D exponents, leading zeros
 #: and signs, quotes, slashes and leading blanks in strings, a repeated keyword (its first
@@ -40,7 +40,6 @@ OTHER_CARDS = {
     "lower-case keyword": "lower   = 1",
     "lone quote": "O       = 'a' b'",
     "equal sign early": "Q      = 1",
-    "scaled": "BZERO   = 0.0",
     "not ASCII": "P       = 'Jos\xe9'",
 }
 
@@ -83,6 +82,21 @@ def test_other_cards_are_left_to_astropy(tmp_path):
     for name, card in OTHER_CARDS.items():
         path = _primary_file(tmp_path / "p.fits", ["A       = 1", card])
         assert read_plain(path) is None, name
+
+
+def test_header_text_is_read_as_astropy_reads_it(tmp_path):
+    """A Dataset's ``fits_header`` (astropy's tostring with newlines) gives astropy's values;
+    another form, or another card, is astropy's to read."""
+    with fits.open(_primary_file(tmp_path / "p.fits", PLAIN_CARDS)) as hdul:
+        text = hdul[0].header.tostring(sep="\n")
+    header, theirs = header_text(text), fits.Header.fromstring(text, sep="\n")
+    assert header.tostring(sep="\n") == text
+    for key in header:
+        assert type(header[key]) is type(theirs[key]) and header[key] == theirs[key], key
+    assert header_text(text.replace("\n", "")) is None  # not separated by newlines
+    assert header_text(text.rstrip()) is None and header_text("") is None  # no END
+    for name, card in OTHER_CARDS.items():
+        assert header_text(text.replace("F       = T".ljust(80), card.ljust(80))) is None, name
 
 
 def _file(path, tables=True, **changes):

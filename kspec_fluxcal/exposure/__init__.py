@@ -23,7 +23,7 @@ from .. import __version__
 from .._datasets import dataset
 from ..constants import CAL_UNIT, CALIBRATION_KEYWORDS, CONFIGURATION_STEP
 from ..errors import ExposureError
-from ..fits_bytes import read_plain
+from ..fits_bytes import header_text, read_plain
 from ..fits_file import cards_named, find_hdu, fits_column, hdu_data, open_fits
 from ..lsf import LineSpread
 from ..wavelength import vacuum_to_air
@@ -324,7 +324,11 @@ def calibration_marks(ds):
         flux-density units; empty for a RED file. A product stripped of one mark keeps the
         others.
     """
-    header = fits.Header.fromstring(ds.attrs.get("fits_header", ""), sep="\n")
+    text = ds.attrs.get("fits_header", "")
+    # A plain header read by fits_bytes: ~0.05 ms instead of astropy's ~0.4 (every exposure)
+    header = header_text(text)
+    if header is None:
+        header = fits.Header.fromstring(text, sep="\n")
     marks = []
     if "cal" in ds:
         marks.append(("HDU FLUXCAL", "FLUXCAL table present"))
