@@ -203,7 +203,10 @@ def median_of_rows(wave):
 
 def unsolved_pixels(fiber_wave, fiber_type):
     """Fibers (not dead or unused) with pixels that have no wavelength: {fiber: pixels}."""
-    missing = (~np.isfinite(fiber_wave)).sum(axis=1)
+    solved = np.isfinite(fiber_wave)
+    if solved.all():  # the usual case: no count, no fiber type compared (~0.08 ms)
+        return {}
+    missing = (~solved).sum(axis=1)
     live = ~np.isin(fiber_type, ("D", "N", "U"))
     return {int(f): int(missing[f]) for f in np.flatnonzero((missing > 0) & live)}
 
