@@ -358,8 +358,10 @@ def read_exposure_info(path):
         whatever their own arc solutions and line spreads.
     """
     path = os.fspath(path)
+    # A plain file read from its bytes (~0.5 ms instead of astropy's ~4 for a lake file).
     # Header text beyond ASCII that is kept is noted where the exposure is calibrated.
-    with open_fits(path, notes=False) as hdul, cards_named(hdul, path):
+    hdul = read_plain(path, FIBRES_EXTNAMES) or open_fits(path, notes=False)
+    with hdul, cards_named(hdul, path):
         return _exposure_info(hdul, path)
 
 
