@@ -5,7 +5,8 @@ a RED file: each card is parsed on first use, and each parse asks astropy's conf
 (a validated look-up, ~10 us) about whitespace and record-valued cards. A plain file (every
 header printable ASCII, FITS-standard value and commentary cards only; images without
 scaling; binary tables of scalar columns; nothing after the last HDU) is read here from
-its bytes instead, with the values, names, data and header text astropy gives. Any other
+its bytes instead, with the values, names, data and header text astropy gives (with its
+default configuration: string values without their trailing blanks). Any other
 file is left to astropy (:func:`kspec_fluxcal.fits_file.open_fits`), with its results and
 errors: :func:`read_plain` says None for it.
 """
@@ -167,8 +168,11 @@ def _plain_hdu(raw, start, primary, tables):
 def _data_shape(header, primary):
     """The data's shape (NAXISn reversed, each > 0) if the structure keywords are plain."""
     naxis, bitpix = header.get("NAXIS"), header.get("BITPIX")
-    if (type(naxis) is not int or not 0 < naxis < 1000 or bitpix not in _IMAGE_TYPES
-            or not primary and (header.get("PCOUNT") != 0 or header.get("GCOUNT") != 1)):
+    counts = () if primary else (header.get("PCOUNT"), header.get("GCOUNT"))
+    # int, not float or bool (-32.0 and True would pass the comparisons)
+    if (type(naxis) is not int or not 0 < naxis < 1000 or type(bitpix) is not int
+            or bitpix not in _IMAGE_TYPES or counts not in ((), (0, 1))
+            or any(type(n) is not int for n in counts)):
         return None
     shape = tuple(header.get(f"NAXIS{k}") for k in range(naxis, 0, -1))
     if not all(type(n) is int and n > 0 for n in shape):

@@ -151,5 +151,9 @@ def test_unusual_files_are_left_to_astropy(tmp_path):
                          "image named FIBRES": {"h3": fits.ImageHDU(np.zeros(3), name="FIBRES")},
                          }.items():
         assert read_plain(_file(tmp_path / "g.fits", **change), ("FIBRES",)) is None, name
+    real = _primary_file(tmp_path / "real.fits", ()).read_bytes()
+    (tmp_path / "real.fits").write_bytes(real.replace(b"BITPIX  =                  -32",
+                                                      b"BITPIX  =                -32.0"))
+    assert read_plain(tmp_path / "real.fits") is None  # a structure keyword not an integer
     assert read_plain(tmp_path / "missing.fits") is None
     assert read_plain(tmp_path) is None  # a directory
