@@ -493,11 +493,12 @@ def _response(stars, vec, idx, stack, comb, comb_var, measured, smooth, config):
     scale = _per_star(stars, "fiber_lsf_scale", idx)
     scale, n_out = np.where(np.isfinite(scale), scale, 1.0), 0
     star_x, x = np.log(stack.star_wave), np.log(wave)
+    shapes4 = np.square(np.square(stack.shapes))  # (numpy's power of 4: 100x slower)
     for _ in range(2):  # the columns from the response, the response through the bands
         expected = np.interp(star_x, x, smooth_curve)
         with np.errstate(invalid="ignore", divide="ignore"):
             observed = expected / stack.shapes
-            weight = np.where(band_pixels, stack.shapes**4 / (expected**2 * stack.svar), 0.0)
+            weight = np.where(band_pixels, shapes4 / (expected**2 * stack.svar), 0.0)
         fit = fit_telluric(stack.star_wave, observed, np.nan_to_num(weight), lsf, start=start,
                            scale=scale, source=config.telluric.lines)
         # A cosmic ray in a band: out of the next fit and of the response.
