@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import scipy.interpolate
@@ -185,3 +187,27 @@ def test_continuum_robust_scale_is_the_mad_of_the_used_residuals():
         assert np.isinf(got[1:, 0]).all()
         finite += np.isfinite(got[0, 0])
     assert finite > 100
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_nanmedian_of_a_few_values_is_numpys(axis):
+    """Issue 14: medians over 1-3 values (a few stars at every pixel), by a sorting network,
+    are np.nanmedian's to the last bit: NaN anywhere (every count), infinities, ties, signed
+    zeros; longer axes by the sort."""
+    from kspec_fluxcal.continuum import nanmedian
+
+    rng = np.random.default_rng(8)
+    for size in (1, 2, 3, 4, 7):
+        shape = [5, 300]
+        shape[axis] = size
+        values = np.round(rng.normal(size=shape), 1)  # ties
+        special = rng.choice([np.nan, np.inf, -np.inf, 0.0, -0.0], size=values.shape)
+        values = np.where(rng.random(values.shape) < 0.3, special, values)
+        np.moveaxis(values, axis, -1)[0] = np.nan  # a median of none
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices
+            want = np.nanmedian(values, axis=axis, keepdims=True)
+        got = nanmedian(values, axis=axis)
+        assert got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+        assert np.isfinite(want).any() and np.isnan(want).any()
