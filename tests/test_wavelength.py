@@ -21,3 +21,27 @@ def test_width_ratio_with_the_callers_logarithms_is_the_same():
     ln_wave = np.log(np.where(np.isfinite(wave), wave, 1.0))
     np.testing.assert_array_equal(width_ratio(reference, wave, ln=(np.log(reference), ln_wave)),
                                   got)
+
+
+def test_distinct_rows_are_the_rows_equal_in_every_byte_in_order_of_appearance():
+    """Rows (with their scale) are one when all their bytes are: NaN pixels alike, -0 and +0
+    not, rows whose bits sum alike (two pixels swapped) not; numbered as they first appear."""
+    from kspec_fluxcal.wavelength import distinct_rows
+
+    rng = np.random.default_rng(2)
+    base = np.sort(rng.uniform(3500.0, 9000.0, (4, 50)), axis=1)
+    base[1, 3] = np.nan
+    swapped = base[0].copy()
+    swapped[[10, 11]] = swapped[[11, 10]]
+    zero = base[2].copy()
+    zero[0] = 0.0
+    negative = zero.copy()
+    negative[0] = -0.0
+    wave = np.stack([base[1], base[0], swapped, base[1], zero, negative, base[0], base[0]])
+    scale = np.array([1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.1])
+    rows, inverse = distinct_rows(wave.reshape(2, 4, 50), scale.reshape(2, 4))
+    np.testing.assert_array_equal(inverse, [0, 1, 2, 0, 3, 4, 1, 5])
+    np.testing.assert_array_equal(rows[:, 1:], wave[[0, 1, 2, 4, 5, 7]])
+    np.testing.assert_array_equal(rows[:, 0], [1.0, 1.0, 1.0, 1.0, 1.0, 1.1])
+    rows, inverse = distinct_rows(base[0], None)
+    assert rows.shape == (1, 51) and inverse.tolist() == [0]
