@@ -107,6 +107,12 @@ def pixel_widths(centres, axis=-1):
     """
     c = np.moveaxis(np.asarray(centres, dtype=np.float64), axis, -1)
     step = np.diff(c, axis=-1)
+    if c.shape[-1] > 1 and np.isfinite(step).all():  # every pixel has both or its one step
+        width = np.empty_like(c)
+        np.add(step[..., :-1], step[..., 1:], out=width[..., 1:-1])
+        width[..., 1:-1] *= 0.5
+        width[..., 0], width[..., -1] = step[..., 0], step[..., -1]
+        return np.moveaxis(width, -1, axis)
     nan = np.full(c.shape[:-1] + (1,), np.nan)
     before, after = np.concatenate([nan, step], axis=-1), np.concatenate([step, nan], axis=-1)
     # The mean of the two steps where both exist (the edges' distance), else the one there is.
