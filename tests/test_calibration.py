@@ -683,3 +683,17 @@ def test_response_knots_skip_excluded_pixels_and_are_kept_per_mask():
     assert _knots(WAVE.copy(), 100.0, excluded.copy())[1] is knots
     everywhere = _knots(WAVE, 100.0, None)[1]
     assert everywhere.size > knots.size and np.isin(knots, everywhere).all()
+
+
+def test_median_of_all_values_is_numpys():
+    """The combination's median of all values (the stars' deviations, FCALRMS) is
+    np.nanmedian's to the bit: odd and even counts, ties, NaN and infinities, none left."""
+    from kspec_fluxcal.calibration import _nanmedian
+
+    rng = np.random.default_rng(6)
+    for size in (1, 2, 7, 100, 4096):
+        values = np.round(rng.normal(size=(3, size)), 2)
+        values[rng.random(values.shape) < 0.2] = np.nan
+        values[0, 0] = np.inf
+        assert _nanmedian(values, axis=None) == np.nanmedian(values)
+    assert np.isnan(_nanmedian(np.full((2, 5), np.nan), axis=None))
