@@ -405,9 +405,9 @@ class _Sampler:
         # Only the boxes with absorption (the rest transmit 1) within the pixels' reach are
         # computed: on a 3500-8500 A exposure, 30 % of the line list's absorbing points lie
         # beyond it. ``points``: theirs among the boxes' absorbing points (in order).
-        self.boxes = self.matrix.shape[1] // 3 - 1
+        self.absorbing = self.matrix.shape[1] // 3 - 1  # boxes
         start = int(np.count_nonzero(boxes.active[:first])) * self.box
-        self.points = slice(start, start + self.boxes * self.box)
+        self.points = slice(start, start + self.absorbing * self.box)
 
     def sample(self, values, outside):
         """``values`` (k, ``points`` of the boxes' absorbing high-resolution points) seen at
@@ -418,7 +418,7 @@ class _Sampler:
     def sample_deficit(self, deficit, outside):
         """:meth:`sample` of ``outside - values`` given as ``deficit``."""
         k = outside.size
-        boxed = np.zeros((k, self.boxes + 1, 3))
+        boxed = np.zeros((k, self.absorbing + 1, 3))
         np.matmul(deficit.reshape(k, -1, self.box), self.moments, out=boxed[:, :-1])
         full = np.broadcast_to(outside[:, None], (k, int(np.prod(self.shape)))).copy()
         # One product per vector: scipy's product with k vectors at once costs 1.4x as much

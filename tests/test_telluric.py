@@ -136,7 +136,7 @@ def test_the_model_is_the_kernel_matrix_applied_to_the_boxes_moments():
                  - COLUMNS[1] * tau[1].astype(np.float64)).astype(np.float32))
     deficits = np.stack([1.0 - hr, tau[0] * hr, tau[1] * hr])
     moments = deficits.reshape(3, -1, sampler.box) @ sampler.moments
-    boxed = np.zeros((3, sampler.boxes + 1, 3))  # the last box: the matrix's zero columns
+    boxed = np.zeros((3, sampler.absorbing + 1, 3))  # the last box: the matrix's zero columns
     boxed[:, :-1] = moments
     want = np.zeros((3, rows.size))
     want[0] = 1.0
