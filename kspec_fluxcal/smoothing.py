@@ -67,9 +67,9 @@ def _smooth(wave, values, variance, fit, opts, no_knots=None):
     w = np.where(fit, 1.0 / variance, 0.0)
     normal = cached_normal_matrix(x, knots, w)
     rhs = basis.T @ (w * np.nan_to_num(values))
-    diff = np.diff(np.eye(basis.shape[1]), n=2, axis=0)
     # A light second-difference penalty bridges knot intervals without data.
-    normal += 1e-6 * np.trace(normal) / basis.shape[1] * diff.T @ diff
+    normal += 1e-6 * np.trace(normal) / basis.shape[1] * _second_difference_penalty(
+        basis.shape[1])
     if opts.smooth_curvature > 0:
         differences = _cached_second_differences(knots.tobytes(), step)
         normal += _curvature_prior(_solve(normal, rhs), differences, opts.smooth_curvature)
@@ -115,6 +115,16 @@ def _solve(normal, rhs):
         return np.linalg.solve(normal, rhs)
     except np.linalg.LinAlgError:
         return np.linalg.pinv(normal) @ rhs
+
+
+@functools.lru_cache(maxsize=4)
+def _second_difference_penalty(n):
+    """D^T D for the plain second differences D of ``n`` coefficients (the same for every
+    fit of a response: made once, not three times, with its identity and product)."""
+    diff = np.diff(np.eye(n), n=2, axis=0)
+    penalty = diff.T @ diff
+    penalty.flags.writeable = False  # shared by the fits
+    return penalty
 
 
 @functools.lru_cache(maxsize=4)
