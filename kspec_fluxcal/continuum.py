@@ -122,12 +122,29 @@ def nanmedian(values, axis=-1):
     """Median along ``axis`` ignoring NaN, the axis kept (length 1); NaN where there is no
     value. By one sort: np.nanmedian's values, without its Python loop over long axes or
     its masked arrays for short ones (3-7x slower)."""
-    ordered = np.sort(values, axis=axis)  # NaN sort last
+    # NaN sort last; axes of up to 3 values (a few stars at every pixel) by compare-exchanges
+    # over all of them at once, not a sort of every pixel's few (10x slower).
+    few = np.shape(values)[axis] in _NETWORKS
+    ordered = _sorted_few(values, axis) if few else np.sort(values, axis=axis)
     n = np.sum(~np.isnan(values), axis=axis, keepdims=True)
     lo = np.take_along_axis(ordered, np.clip((n - 1) // 2, 0, None), axis=axis)
     hi = np.take_along_axis(ordered, np.clip(n // 2, 0, None), axis=axis)
     with np.errstate(invalid="ignore"):  # inf - inf: NaN, as np.nanmedian
         return np.where(n > 0, 0.5 * (lo + hi), np.nan)
+
+
+#: Sorting networks (the compare-exchanges in turn) of 1, 2 and 3 values.
+_NETWORKS = {1: (), 2: ((0, 1),), 3: ((0, 1), (1, 2), (0, 1))}
+
+
+def _sorted_few(values, axis):
+    """``values`` sorted along an ``axis`` of 1-3 (NaN last, as np.sort puts them) by a
+    sorting network: each compare-exchange's lower np.fmin (which passes over NaN), its
+    upper np.maximum (which keeps it)."""
+    rows = list(np.moveaxis(np.asarray(values), axis, 0))
+    for i, j in _NETWORKS[len(rows)]:
+        rows[i], rows[j] = np.fmin(rows[i], rows[j]), np.maximum(rows[i], rows[j])
+    return np.moveaxis(np.stack(rows), 0, axis)
 
 
 def _robust_scale(resid, use):

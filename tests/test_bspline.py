@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import scipy.interpolate
@@ -39,16 +41,21 @@ def test_design_matrix_with_dropped_knots_in_ln_wavelength():
                                rtol=0, atol=0)
 
 
-def test_cached_normal_matrix_is_the_sparse_product_to_the_last_bit():
-    # The response's normal matrix, from B^T in CSR: the same sums in the same order.
+@pytest.mark.parametrize("order", ["sorted", "shuffled"])
+def test_cached_normal_matrix_is_the_sparse_product(order):
+    # The response's normal matrix, summed over runs of points on the same B-splines: the
+    # sparse product's values to rounding (also when the runs come back: unsorted points).
     rng = np.random.default_rng(5)
     x = np.log(np.linspace(3600.0, 9000.0, 3000))
-    inner = np.delete(np.linspace(x[0], x[-1], 40), [10, 11, 25])
-    knots = np.concatenate([[x[0]] * 3, inner, [x[-1]] * 3])
+    x = x if order == "sorted" else rng.permutation(x)
+    inner = np.delete(np.linspace(x.min(), x.max(), 40), [10, 11, 25])
+    knots = np.concatenate([[x.min()] * 3, inner, [x.max()] * 3])
     weights = np.where(rng.uniform(size=x.size) < 0.1, 0.0, rng.lognormal(0.0, 2.0, x.size))
     basis = cached_design_matrix(x, knots)
     expected = (basis.T @ basis.multiply(weights[:, None])).toarray()
-    assert cached_normal_matrix(x, knots, weights).tobytes() == expected.tobytes()
+    got = cached_normal_matrix(x, knots, weights)
+    np.testing.assert_allclose(got, expected, rtol=1e-13, atol=1e-15 * np.abs(expected).max())
+    assert np.count_nonzero(expected) == np.count_nonzero(got) > 4 * expected.shape[0]
 
 
 @pytest.mark.parametrize("method", ["bspline", "polynomial"])
@@ -180,3 +187,27 @@ def test_continuum_robust_scale_is_the_mad_of_the_used_residuals():
         assert np.isinf(got[1:, 0]).all()
         finite += np.isfinite(got[0, 0])
     assert finite > 100
+
+
+@pytest.mark.parametrize("axis", [0, 1, -1])
+def test_nanmedian_of_a_few_values_is_numpys(axis):
+    """Issue 14: medians over 1-3 values (a few stars at every pixel), by a sorting network,
+    are np.nanmedian's to the last bit: NaN anywhere (every count), infinities, ties, signed
+    zeros; longer axes by the sort."""
+    from kspec_fluxcal.continuum import nanmedian
+
+    rng = np.random.default_rng(8)
+    for size in (1, 2, 3, 4, 7):
+        shape = [5, 300]
+        shape[axis] = size
+        values = np.round(rng.normal(size=shape), 1)  # ties
+        special = rng.choice([np.nan, np.inf, -np.inf, 0.0, -0.0], size=values.shape)
+        values = np.where(rng.random(values.shape) < 0.3, special, values)
+        np.moveaxis(values, axis, -1)[0] = np.nan  # a median of none
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN slices
+            want = np.nanmedian(values, axis=axis, keepdims=True)
+        got = nanmedian(values, axis=axis)
+        assert got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+        assert np.isfinite(want).any() and np.isnan(want).any()

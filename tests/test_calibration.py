@@ -662,3 +662,38 @@ def test_curvature_prior_leaves_straight_lines_alone_across_knot_gaps():
     even = _second_differences(np.concatenate([[0.0] * 3, inner, [1.0] * 3]), 0.05)
     plain = np.diff(np.eye(even.shape[1]), n=2, axis=0)
     assert np.allclose(even[3:-3], plain[3:-3])
+
+
+def test_response_knots_skip_excluded_pixels_and_are_kept_per_mask():
+    """The response's knots: evenly spaced in ln lambda from end to end (ends repeated),
+    none where knots are excluded; the same pixels and mask again give the kept arrays
+    (the three fits of an exposure), another mask its own knots."""
+    from kspec_fluxcal.smoothing import _knots
+
+    excluded = (WAVE > 6800.0) & (WAVE < 7000.0)
+    x, knots, step = _knots(WAVE, 100.0, excluded)
+    np.testing.assert_array_equal(x, np.log(WAVE))
+    assert step == 100.0 / np.median(WAVE)
+    assert np.all(knots[:4] == x[0]) and np.all(knots[-4:] == x[-1])
+    inner = knots[3:-3]
+    assert not np.any((inner > np.log(6800.0)) & (inner < np.log(7000.0)))
+    spacing = np.diff(inner[inner < np.log(6800.0)])
+    np.testing.assert_allclose(spacing, spacing[0], rtol=1e-9)
+    assert spacing[0] <= step < 1.1 * spacing[0]
+    assert _knots(WAVE.copy(), 100.0, excluded.copy())[1] is knots
+    everywhere = _knots(WAVE, 100.0, None)[1]
+    assert everywhere.size > knots.size and np.isin(knots, everywhere).all()
+
+
+def test_median_of_all_values_is_numpys():
+    """The combination's median of all values (the stars' deviations, FCALRMS) is
+    np.nanmedian's to the bit: odd and even counts, ties, NaN and infinities, none left."""
+    from kspec_fluxcal.calibration import _nanmedian
+
+    rng = np.random.default_rng(6)
+    for size in (1, 2, 7, 100, 4096):
+        values = np.round(rng.normal(size=(3, size)), 2)
+        values[rng.random(values.shape) < 0.2] = np.nan
+        values[0, 0] = np.inf
+        assert _nanmedian(values, axis=None) == np.nanmedian(values)
+    assert np.isnan(_nanmedian(np.full((2, 5), np.nan), axis=None))
