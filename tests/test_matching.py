@@ -220,6 +220,26 @@ def test_fast_scores_of_float32_templates_are_summed_in_float64():
                               equal_nan=True)
 
 
+
+def test_fast_scores_of_wanted_templates_only_are_the_full_ones():
+    """With ``wanted`` (the scan's windows), a star's blocks of templates with none wanted
+    are not scored (NaN) and its other scores are those it gets without, to the last bit."""
+    from kspec_fluxcal.fit.matching import _SCORE_BLOCK, score_rest_frame
+
+    _, templates = _templates(3 * _SCORE_BLOCK)
+    rng = np.random.default_rng(15)
+    flux = np.stack([templates[k] + rng.normal(0, 1e-2, WAVE.size) for k in (5, 70)])
+    rest = (flux, np.full(flux.shape, 1e4))
+    wanted = np.zeros((2, templates.shape[0]), bool)
+    wanted[0, :40] = True  # blocks 0 and 1
+    wanted[1, 70:80] = True  # block 2 alone
+    full = score_rest_frame(rest, templates)
+    got = score_rest_frame(rest, templates, wanted)
+    scored = np.zeros_like(wanted)
+    scored[0, :2 * _SCORE_BLOCK] = scored[1, 2 * _SCORE_BLOCK:] = True
+    assert np.array_equal(got[scored], full[scored]) and np.isnan(got[~scored]).all()
+
+
 def test_huber_resists_sky_residual_spikes():
     scales, templates = _templates()
     truth = 3

@@ -252,7 +252,7 @@ def rest_frame_star(obs, ivar, rv, wavelength, correction=None, star_wavelength=
     return _to_rest_frame(f, w, wavelength, rv, star_wavelength)
 
 
-def score_rest_frame(rest, templates):
+def score_rest_frame(rest, templates, wanted=None):
     """:func:`score_star`'s fast-mode scores of rest-frame ``templates`` against stars in
     their rest frames.
 
@@ -263,6 +263,9 @@ def score_rest_frame(rest, templates):
         stacked (S, P).
     templates : numpy.ndarray (N, P) or ScoringTemplates
         The templates; prepared once when scored against several sets of stars.
+    wanted : numpy.ndarray of bool, shape (N,) or (S, N), optional
+        The scores needed (default: all); others may be NaN (blocks of templates with none
+        wanted are not scored).
 
     Returns
     -------
@@ -270,14 +273,14 @@ def score_rest_frame(rest, templates):
     """
     prepared = templates if isinstance(templates, ScoringTemplates) else ScoringTemplates(
         templates)
-    return _fast_chi2(*rest, prepared.tmpl, prepared.missing)
+    return _fast_chi2(*rest, prepared.tmpl, prepared.missing, wanted)
 
 
-def score_rest_frames(rests, templates):
+def score_rest_frames(rests, templates, wanted=None):
     """:func:`score_rest_frame` of several stars' ``rests`` (a list of
     :func:`rest_frame_star`) at once: scores (S, N)."""
     return score_rest_frame((np.stack([f for f, _ in rests]), np.stack([w for _, w in rests])),
-                            templates)
+                            templates, wanted)
 
 
 class ScoringTemplates:
@@ -324,9 +327,11 @@ def _star_arrays(obs, ivar, correction=None):
 _SCORE_BLOCK = 32
 
 
-def _fast_chi2(flux, weight, tmpl, missing):
+def _fast_chi2(flux, weight, tmpl, missing, wanted=None):
     """chi^2 with a free amplitude of every template against rest-frame stars, in two
     matrix-vector products per star: flux, weight (..., P) and tmpl (N, P) give (..., N).
+    With ``wanted`` (..., N), a star's blocks of templates with no score wanted are not
+    scored (NaN); the others' scores are those it gets without ``wanted``.
 
     The stars go to the rest frame once (one spectrum shifted each instead of N templates);
     their pixels' noise correlation, the same for every template, does not change the ranking.
@@ -336,19 +341,25 @@ def _fast_chi2(flux, weight, tmpl, missing):
     (exactly) a block at a time, not copied whole.
     """
     weighted = weight * flux
-    stt = np.empty(weight.shape[:-1] + tmpl.shape[:1])
-    sft = np.empty_like(stt)
+    stt = np.zeros(weight.shape[:-1] + tmpl.shape[:1])  # zero: not scored, not usable
+    sft = np.zeros_like(stt)
     # Star by star (a few): OpenBLAS packs a block for a matrix product of 2-3 stars in
     # about the time a matrix-vector product per star takes to read it (the stars' scores
     # took 1.5-2x as long); each star's scores are then the ones it gets alone.
     stars = list(np.ndindex(weight.shape[:-1]))
     for start in range(0, tmpl.shape[0], _SCORE_BLOCK):
         block = slice(start, start + _SCORE_BLOCK)
+        # A star's Teff window holds 55-100 % of an exposure's candidates (the scan's
+        # windows, 73 % of its scores on 10 lake exposures): blocks outside it are skipped.
+        mine = stars if wanted is None else [star for star in stars
+                                             if wanted[star + (block,)].any()]
+        if not mine:
+            continue
         rows = tmpl[block].astype(np.float64)
-        for star in stars:
+        for star in mine:
             sft[star + (block,)] = weighted[star] @ rows.T
         rows *= rows
-        for star in stars:
+        for star in mine:
             stt[star + (block,)] = weight[star] @ rows.T
     usable = stt > 0
     score = np.sum(weight * flux**2, axis=-1)[..., None] - sft**2 / np.where(usable, stt, np.inf)

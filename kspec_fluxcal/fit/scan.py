@@ -50,6 +50,7 @@ def scan_templates(obs, tm, prior, rv0, config):
     fast = knots and fit.metric == "chi2"
     # The fast mode's scores take the templates as kept (float32) and sum them in float64.
     prepared = ScoringTemplates(tm.stored(cand)) if fast else None
+    wanted = prior.window[:, cand]  # the scores kept: each star's window
     norm_c = None if fast else tm.fetch(cand)
 
     def scores_at(template_ids, rv, once=False):
@@ -59,7 +60,7 @@ def scan_templates(obs, tm, prior, rv0, config):
             # operators made (and kept) for them.
             out[:, cand] = score_rest_frames(sampled_rest_frames(
                 obs.norm, obs.ivar, tm.fetch(template_ids), rv, obs.wave, knots,
-                obs.star_wave), prepared)
+                obs.star_wave), prepared, wanted)
             return np.where(prior.window, out, np.nan)
         corr = None
         if knots:
@@ -69,7 +70,7 @@ def scan_templates(obs, tm, prior, rv0, config):
         if prepared is not None:  # score_templates' fast mode, the candidates prepared once
             out[:, cand] = score_rest_frames(
                 [rest_frame_star(obs.norm[s], obs.ivar[s], rv[s], obs.wave, corr[s],
-                                 obs.star_wave[s]) for s in range(obs.nstar)], prepared)
+                                 obs.star_wave[s]) for s in range(obs.nstar)], prepared, wanted)
             return np.where(prior.window, out, np.nan)
         out[:, cand] = score_templates(
             xr.DataArray(obs.norm, dims=("star", "wavelength"),
