@@ -78,8 +78,14 @@ def keyed_wavelengths(wavelength):
 
 
 def keyed_velocity(rv):
-    """Velocities (km/s) as the shift operators take them: rounded to 1e-9 km/s."""
-    return np.round(np.asarray(rv, dtype=np.float64), 9)
+    """Velocities (km/s, an array) as the shift operators take them: rounded to 1e-9 km/s
+    (by Python's round: np.round can differ in the last bit)."""
+    rv = np.asarray(rv, dtype=np.float64)
+    return np.array([_keyed_rv(v) for v in rv.ravel()]).reshape(rv.shape)
+
+
+def _keyed_rv(rv):
+    return round(float(rv), 9)
 
 
 def _key(wavelength):
@@ -108,7 +114,7 @@ def shift_operator(wavelength, rv, source=None):
         scoring pass.
     """
     source = wavelength if source is None else source
-    return _shift_operator_cached(_key(wavelength), _key(source), float(keyed_velocity(rv)))
+    return _shift_operator_cached(_key(wavelength), _key(source), _keyed_rv(rv))
 
 
 class ShiftOperator:
@@ -206,10 +212,11 @@ def sample_rows(spectra, pos, precision=np.float64):
 def sample_moments(flux, variance, bad, pos):
     """What a shift operator's ``matrix``, ``squared`` and ``absolute`` weights
     (:class:`ShiftOperator`) make of ``flux``, ``variance`` and ``bad`` (S, Q), each row
-    sampled at its positions ``pos`` (S, P) as :func:`sample_rows` does, float64: the same
-    numbers within rounding (the taps summed pairwise, not in order) where no tap is clipped
-    (the pixels within _LANCZOS_A of the spectrum's ends are, as rows merged by the
-    operators are not), without building an operator (for a velocity used once)."""
+    sampled at its positions ``pos`` (S, P) as :func:`sample_rows` does, float64, without
+    building an operator (for a velocity used once): the same numbers within rounding (the
+    taps summed pairwise, not in order) where no tap is clipped (within _LANCZOS_A pixels of
+    the ends the operators square the sum of the clipped taps' weights, this sums their
+    squares: pixels of the margin, which the rest frames do not weigh)."""
     return _sample((flux, variance, bad), (None, np.square, np.abs), pos, np.float64)
 
 
