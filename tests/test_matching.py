@@ -220,6 +220,26 @@ def test_fast_scores_of_float32_templates_are_summed_in_float64():
                               equal_nan=True)
 
 
+
+def test_fast_scores_of_wanted_templates_only_are_the_full_ones():
+    """With ``wanted`` (the scan's windows), a star's blocks of templates with none wanted
+    are not scored (NaN) and its other scores are those it gets without, to the last bit."""
+    from kspec_fluxcal.fit.matching import _SCORE_BLOCK, score_rest_frame
+
+    _, templates = _templates(3 * _SCORE_BLOCK)
+    rng = np.random.default_rng(15)
+    flux = np.stack([templates[k] + rng.normal(0, 1e-2, WAVE.size) for k in (5, 70)])
+    rest = (flux, np.full(flux.shape, 1e4))
+    wanted = np.zeros((2, templates.shape[0]), bool)
+    wanted[0, :40] = True  # blocks 0 and 1
+    wanted[1, 70:80] = True  # block 2 alone
+    full = score_rest_frame(rest, templates)
+    got = score_rest_frame(rest, templates, wanted)
+    scored = np.zeros_like(wanted)
+    scored[0, :2 * _SCORE_BLOCK] = scored[1, 2 * _SCORE_BLOCK:] = True
+    assert np.array_equal(got[scored], full[scored]) and np.isnan(got[~scored]).all()
+
+
 def test_huber_resists_sky_residual_spikes():
     scales, templates = _templates()
     truth = 3
@@ -282,6 +302,52 @@ def test_corrections_of_several_templates_are_each_ones_own():
     one_each = np.stack([star_correction(obs, ivar, t, -25.0, WAVE, 400.0, star_wave)
                          for t in templates])
     assert together.tobytes() == one_each.tobytes()
+
+
+
+def test_sampled_rest_frames_are_the_operators_within_rounding():
+    """sampled_rest_frames (the scan's first pass) gives each star's rest_frame_star divided
+    by its template's star_correction: the same weighted pixels, the values within rounding
+    (the taps summed pairwise); stars on their own pixels and at their own velocities."""
+    from kspec_fluxcal.fit.matching import (
+        rest_frame_star, sampled_rest_frames, star_correction)
+
+    _, templates = _templates(2)
+    rng = np.random.default_rng(13)
+    star_wave = np.stack([WAVE + 0.2 * np.sin(WAVE / 300.0), WAVE])
+    rv = np.array([-25.0, 140.0])
+    obs = np.stack([_lines(BASE_DEPTHS, CENTRES, wave=w, rv=v) for w, v in zip(
+        star_wave, rv, strict=True)]) * (1 + rng.normal(0, 0.01, (2, WAVE.size)))
+    ivar = np.where(rng.uniform(size=obs.shape) < 0.05, 0.0, 1 / 0.01**2)
+    obs[1, 40:50] = np.nan
+    got = sampled_rest_frames(obs, ivar, templates, rv, WAVE, 400.0, star_wave)
+    for s in range(2):
+        corr = star_correction(obs[s], ivar[s], templates[s], rv[s], WAVE, 400.0,
+                               star_wave[s])
+        flux, weight = rest_frame_star(obs[s], ivar[s], rv[s], WAVE, corr, star_wave[s])
+        assert np.array_equal(got[s][1] > 0, weight > 0) and (weight == 0).sum() > 50
+        np.testing.assert_allclose(got[s][0], flux, rtol=1e-12, atol=1e-14)
+        np.testing.assert_allclose(got[s][1], weight, rtol=1e-12, atol=0)
+
+
+def test_sampled_moments_are_the_operators_products_within_rounding():
+    """sample_moments gives what a shift operator's matrix, squared and absolute weights make
+    of three sets of rows, within rounding, where no tap is clipped."""
+    from kspec_fluxcal.fit.shifts import rest_positions, sample_moments, shift_operator
+
+    rng = np.random.default_rng(14)
+    wave = np.round(WAVE, 6)
+    source = np.round(wave * (1 + 1e-4), 6)
+    rows = [rng.normal(size=(1, wave.size)) for _ in range(3)]
+    pos = rest_positions(wave, 37.3, source)[None]
+    op = shift_operator(wave, 37.3, source)
+    got = sample_moments(*rows, pos)
+    inner = np.isfinite(pos[0]) & (pos[0] > 4) & (pos[0] < wave.size - 6)
+    assert inner.sum() > wave.size - 20
+    for g, matrix, r in zip(got, (op.matrix, op.squared, op.absolute), rows, strict=True):
+        assert g.shape == pos.shape
+        np.testing.assert_allclose(g[0, inner], (matrix @ r[0])[inner], rtol=1e-13,
+                                   atol=1e-14)
 
 
 def test_quadratic_minimum():

@@ -14,6 +14,7 @@ from .matching import (
     ScoringTemplates,
     correction_parameters,
     rest_frame_star,
+    sampled_rest_frames,
     score_rest_frames,
     score_templates,
     star_correction,
@@ -49,19 +50,27 @@ def scan_templates(obs, tm, prior, rv0, config):
     fast = knots and fit.metric == "chi2"
     # The fast mode's scores take the templates as kept (float32) and sum them in float64.
     prepared = ScoringTemplates(tm.stored(cand)) if fast else None
+    wanted = prior.window[:, cand]  # the scores kept: each star's window
     norm_c = None if fast else tm.fetch(cand)
 
-    def scores_at(template_ids, rv):
+    def scores_at(template_ids, rv, once=False):
+        out = np.full(prior.window.shape, np.nan)
+        if prepared is not None and once:
+            # The first velocities serve this pass alone: the stars' shifts sampled, no
+            # operators made (and kept) for them.
+            out[:, cand] = score_rest_frames(sampled_rest_frames(
+                obs.norm, obs.ivar, tm.fetch(template_ids), rv, obs.wave, knots,
+                obs.star_wave), prepared, wanted)
+            return np.where(prior.window, out, np.nan)
         corr = None
         if knots:
             corr = np.stack([star_correction(obs.norm[s], obs.ivar[s], tm.fetch([t])[0], rv[s],
                                              obs.wave, knots, obs.star_wave[s])
                              for s, t in enumerate(template_ids)])  # a few stars
-        out = np.full(prior.window.shape, np.nan)
         if prepared is not None:  # score_templates' fast mode, the candidates prepared once
             out[:, cand] = score_rest_frames(
                 [rest_frame_star(obs.norm[s], obs.ivar[s], rv[s], obs.wave, corr[s],
-                                 obs.star_wave[s]) for s in range(obs.nstar)], prepared)
+                                 obs.star_wave[s]) for s in range(obs.nstar)], prepared, wanted)
             return np.where(prior.window, out, np.nan)
         out[:, cand] = score_templates(
             xr.DataArray(obs.norm, dims=("star", "wavelength"),
@@ -76,7 +85,7 @@ def scan_templates(obs, tm, prior, rv0, config):
         return np.where(prior.window, out, np.nan)
 
     ref = reference_templates(tm.library, prior.teff_colour)
-    spec = scores_at(ref, rv0)
+    spec = scores_at(ref, rv0, once=True)
     usable = np.isfinite(spec).any(axis=1)
     best = np.where(usable, np.nanargmin(np.where(np.isfinite(spec), spec, np.inf), axis=1), 0)
     rv, rv_err = refine_rv(obs.norm, obs.ivar, tm.fetch(best), obs.wave, rv0,

@@ -16,8 +16,8 @@ import scipy.sparse
 
 from ..constants import SPEED_OF_LIGHT_KMS
 
-__all__ = ["shift_operator", "ShiftOperator", "shift_spectra", "sample_rows", "position_margin",
-           "rest_positions"]
+__all__ = ["shift_operator", "ShiftOperator", "shift_spectra", "sample_rows", "sample_moments",
+           "position_margin", "rest_positions", "keyed_wavelengths", "keyed_velocity"]
 
 _LANCZOS_A = 4
 _TAPS = np.arange(-_LANCZOS_A + 1, _LANCZOS_A + 1)
@@ -70,10 +70,26 @@ def rest_positions(wavelength, rv, source=None):
     return np.interp(wave / (1.0 + z), src, np.arange(src.size), left=-np.inf, right=np.inf)
 
 
+def keyed_wavelengths(wavelength):
+    """Wavelengths as the shift operators take them: rounded to 1e-6 A (exposures of one
+    setup differ by ~1e-11 A, unit and air/vacuum conversions, and must share cache
+    entries)."""
+    return np.ascontiguousarray(np.round(np.asarray(wavelength, dtype=np.float64), 6))
+
+
+def keyed_velocity(rv):
+    """Velocities (km/s, an array) as the shift operators take them: rounded to 1e-9 km/s
+    (by Python's round: np.round can differ in the last bit)."""
+    rv = np.asarray(rv, dtype=np.float64)
+    return np.array([_keyed_rv(v) for v in rv.ravel()]).reshape(rv.shape)
+
+
+def _keyed_rv(rv):
+    return round(float(rv), 9)
+
+
 def _key(wavelength):
-    # Rounded to 1e-6 A: exposures of one setup differ by ~1e-11 A (unit and air/vacuum
-    # conversions) and must share cache entries.
-    return np.ascontiguousarray(np.round(np.asarray(wavelength, dtype=np.float64), 6)).tobytes()
+    return keyed_wavelengths(wavelength).tobytes()
 
 
 def shift_operator(wavelength, rv, source=None):
@@ -98,7 +114,7 @@ def shift_operator(wavelength, rv, source=None):
         scoring pass.
     """
     source = wavelength if source is None else source
-    return _shift_operator_cached(_key(wavelength), _key(source), round(float(rv), 9))
+    return _shift_operator_cached(_key(wavelength), _key(source), _keyed_rv(rv))
 
 
 class ShiftOperator:
@@ -190,6 +206,23 @@ def sample_rows(spectra, pos, precision=np.float64):
     result is float64 either way): float32 moves half the bytes (gathers: ~0.7x the time)
     and errs by ~2e-7 of the values, what float32 templates hold anyway.
     """
+    return _sample((spectra,), (None,), pos, precision)[0]
+
+
+def sample_moments(flux, variance, bad, pos):
+    """What a shift operator's ``matrix``, ``squared`` and ``absolute`` weights
+    (:class:`ShiftOperator`) make of ``flux``, ``variance`` and ``bad`` (S, Q), each row
+    sampled at its positions ``pos`` (S, P) as :func:`sample_rows` does, float64, without
+    building an operator (for a velocity used once): the same numbers within rounding (the
+    taps summed pairwise, not in order) where no tap is clipped (within _LANCZOS_A pixels of
+    the ends the operators square the sum of the clipped taps' weights, this sums their
+    squares: pixels of the margin, which the rest frames do not weigh)."""
+    return _sample((flux, variance, bad), (None, np.square, np.abs), pos, np.float64)
+
+
+def _sample(spectra, kinds, pos, precision):
+    """:func:`sample_rows` of several sets of rows (S, Q) at the same positions, each with
+    its kernel's weights transformed by its ``kinds`` function (None: as they are)."""
     # The position in table steps, split once: its whole steps give the pixel (their high
     # part) and the table row (their low part), the rest the interpolation. Scaling by a
     # power of two and taking whole parts are exact: _kernel_weights' rows and fractions to
@@ -204,36 +237,42 @@ def sample_rows(spectra, pos, precision=np.float64):
     steps >>= _TABLE_SHIFT
     base = steps.reshape(pos.shape)
     table, step = _SAMPLING_TABLES[np.dtype(precision)]
-    # Rows padded with their end pixels: the taps' clipped values without a clip per tap
-    # (finite positions lie in [0, Q - 1], so taps reach at most _LANCZOS_A - 1 before the
-    # first pixel and _LANCZOS_A past the last).
-    spectra = np.asarray(spectra, dtype=precision)  # products in place: rows of that dtype
-    nrow, n = spectra.shape[0], spectra.shape[-1]
-    left = _LANCZOS_A - 1
-    padded = np.concatenate([np.repeat(spectra[:, :1], left, axis=1), spectra,
-                             np.repeat(spectra[:, -1:], _LANCZOS_A, axis=1)], axis=1).ravel()
-    width = n + left + _LANCZOS_A
+    padded = [_padded(rows, precision) for rows in spectra]
+    nrow, n = np.shape(spectra[0])
+    width = n + _LANCZOS_A - 1 + _LANCZOS_A
     first = (base + (np.arange(nrow) * width).reshape((-1,) + (1,) * (pos.ndim - 1))).ravel()
     # Tap by tap, each a 1-D gather from an offset view (of the padded rows, of the kernel
     # tables' tap-major copies): _kernel_weights' weights, the values the clipped taps read.
     # A block of points at a time, so that the taps' arrays stay in the cache (8192 points:
     # 64 kB each; the whole of a 3-star, 5-velocity scan's 61k points took 1.7x the time).
-    out = np.empty(first.size)
+    out = [np.empty(first.size) for _ in spectra]
     for start in range(0, first.size, _SAMPLE_BLOCK):
         block = slice(start, start + _SAMPLE_BLOCK)
         ib, db, fb = i[block], d[block], first[block]
-        terms = []
+        terms = [[] for _ in spectra]
         for k in range(_TAPS.size):
             weight = step[k].take(ib)
             weight *= db
             weight += table[k].take(ib)
-            value = padded[k:].take(fb)
-            value *= weight
-            terms.append(value)
-        while len(terms) > 1:  # pairwise, as numpy sums the taps of one row
-            terms = [terms[j] + terms[j + 1] for j in range(0, len(terms), 2)]
-        out[block] = terms[0]
-    return out.reshape(pos.shape)
+            for rows, kind, mine in zip(padded, kinds, terms, strict=True):
+                value = rows[k:].take(fb)
+                value *= weight if kind is None else kind(weight)
+                mine.append(value)
+        for total, mine in zip(out, terms, strict=True):
+            while len(mine) > 1:  # pairwise, as numpy sums the taps of one row
+                mine = [mine[j] + mine[j + 1] for j in range(0, len(mine), 2)]
+            total[block] = mine[0]
+    return [total.reshape(pos.shape) for total in out]
+
+
+def _padded(spectra, precision):
+    """Rows (S, Q) of ``precision`` padded with their end pixels, flattened: the taps'
+    clipped values without a clip per tap (finite positions lie in [0, Q - 1], so taps reach
+    at most _LANCZOS_A - 1 before the first pixel and _LANCZOS_A past the last)."""
+    spectra = np.asarray(spectra, dtype=precision)  # products in place: rows of that dtype
+    left = _LANCZOS_A - 1
+    return np.concatenate([np.repeat(spectra[:, :1], left, axis=1), spectra,
+                           np.repeat(spectra[:, -1:], _LANCZOS_A, axis=1)], axis=1).ravel()
 
 
 def position_margin(pos):
