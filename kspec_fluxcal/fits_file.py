@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import bz2
 import contextlib
-import functools
 import gzip
 import io
 import os
@@ -21,6 +20,7 @@ from astropy.utils.exceptions import AstropyUserWarning
 
 from ._atomic import check_regular_file
 from .errors import ExposureError, FluxCalWarning
+from .fits_cards import IMAGE_KEYWORDS, card_image
 
 __all__ = ["open_fits", "find_hdu", "hdu_data", "table_columns", "header_value",
            "check_header_cards", "check_non_ascii", "READ_KEYWORDS", "cards_named",
@@ -411,24 +411,6 @@ def fits_column(name, values, unit=None):
     return fits.Column(name=name, format=fmt, array=values, unit=unit)
 
 
-def card_image(keyword, value=None, comment=None):
-    """The header card as astropy writes it: 80 characters (a multiple for long
-    commentary text).
-
-    Astropy builds a card in ~17 us; a product's extensions have ~250 cards, nearly all the
-    same from one exposure to the next, so their images are made once. Floats are not
-    remembered: 0.0 == -0.0 would share one image.
-    """
-    if isinstance(value, float | np.floating):
-        return fits.Card(keyword, value, comment).image
-    return _card_image(keyword, value, comment)
-
-
-@functools.lru_cache(maxsize=4096, typed=True)
-def _card_image(keyword, value, comment):
-    return fits.Card(keyword, value, comment).image
-
-
 def _extname(name):
     """The EXTNAME card as astropy's ``hdu.name = name`` makes it."""
     return card_image("EXTNAME", name if fits.conf.extension_name_case_sensitive
@@ -532,12 +514,6 @@ def image_bytes(data, name, cards=()):
     return _hdu_bytes(header, data.astype(data.dtype.newbyteorder(">"), copy=False))
 
 
-#: Keywords astropy moves, drops, checks or acts on in an image HDU's header (structure,
-#: scaling, BLANK, EXTNAME): a primary header with one is astropy's to write.
-_IMAGE_KEYWORDS = re.compile(r"SIMPLE|XTENSION|BITPIX|NAXIS.*|EXTEND|PCOUNT|GCOUNT|GROUPS|"
-                             r"BSCALE|BZERO|BLANK|TFIELDS|THEAP|EXTNAME")
-
-
 def primary_bytes(data, header):
     """A primary HDU of a float image (32 or 64 bits) in FITS bytes, as astropy writes
     ``fits.PrimaryHDU(data, header)`` with EXTEND = T, verified (``output_verify=
@@ -548,24 +524,27 @@ def primary_bytes(data, header):
     read from a file and left unchanged is its image as read), the structural ones made
     once (:func:`card_image`): the HDU object, its copy of the header, its updates and the
     HDU's verification were ~2.5 ms of a product's ~10. A keyword astropy acts on
-    (:data:`_IMAGE_KEYWORDS`), a card that does not verify or other data are left to
-    astropy's writer, with its own result or refusal.
+    (:data:`IMAGE_KEYWORDS`), a card that does not verify or other data are left to
+    astropy's writer, with its own result or refusal. ``header`` may also be the images of
+    cards verified without a keyword astropy acts on
+    (:func:`~kspec_fluxcal.fits_cards.edited_cards`), for float data.
     """
     data = np.asarray(data)
     bitpix = _BITPIX.get(f"{data.dtype.kind}{data.dtype.itemsize}")
-    if bitpix is None or any(_IMAGE_KEYWORDS.fullmatch(key) for key in header.keys()):
-        return _astropy_primary(data, header)
-    try:
-        for card in header.cards:
-            card.verify("exception")
-    except (VerifyError, ValueError):
-        return _astropy_primary(data, header)
+    if isinstance(header, fits.Header):
+        if bitpix is None or any(IMAGE_KEYWORDS.fullmatch(key) for key in header.keys()):
+            return _astropy_primary(data, header)
+        try:
+            for card in header.cards:
+                card.verify("exception")
+        except (VerifyError, ValueError):
+            return _astropy_primary(data, header)
+        header = [card.image for card in header.cards]
     cards = [card_image("SIMPLE", True, "conforms to FITS standard"),
              card_image("BITPIX", bitpix, "array data type"),
              card_image("NAXIS", data.ndim, "number of array dimensions"),
              *(card_image(f"NAXIS{k}", n) for k, n in enumerate(reversed(data.shape), 1)),
-             card_image("EXTEND", True, "FITS dataset may contain extensions"),
-             *(card.image for card in header.cards)]
+             card_image("EXTEND", True, "FITS dataset may contain extensions"), *header]
     return _hdu_bytes(cards, data.astype(data.dtype.newbyteorder(">"), copy=False))
 
 

@@ -23,6 +23,7 @@ from ._atomic import atomic_file
 from .constants import CAL_UNIT, CALIBRATION_KEYWORDS, FLUX_UNIT
 from .errors import ExposureError
 from .exposure import _computed, open_exposure
+from .fits_cards import edited_cards
 from .fits_file import (
     card_image,
     check_header_cards,
@@ -57,6 +58,8 @@ def _fibres_table(ds):
 _OWN_EXTENSIONS = ("FLUXCAL", "FCALFAC", "FCALFVAR", "FCALSTAR")
 #: Checksums of the input's data, which the product's data no longer match.
 _CHECKSUMS = ("CHECKSUM", "DATASUM")
+#: The input primary header's keywords of its data, which the product's writer makes.
+_PRIMARY_STRUCTURE = ("SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND")
 
 
 def _input_header(text, structural):
@@ -66,13 +69,6 @@ def _input_header(text, structural):
     for key in (*structural, *_CHECKSUMS):
         header.remove(key, ignore_missing=True, remove_all=True)
     return header
-
-
-def _primary_header(ds):
-    """The input's primary header (its WCS and AIRORVAC as they were), data keywords and
-    checksums removed."""
-    return _input_header(ds.attrs.get("fits_header"),
-                         ("SIMPLE", "BITPIX", "NAXIS", "NAXIS1", "NAXIS2", "EXTEND"))
 
 
 def _variance_hdu(text, variance):
@@ -185,8 +181,8 @@ def _write_fits(path, primary, extensions, compress=False):
 
     The HDUs carrying the input's header keywords (primary, VARIANCE) are as astropy writes
     them: it verifies them (an invalid card is refused) and applies its rules to copied
-    keywords (BSCALE, BLANK, repeated HISTORY...); the primary's cards are verified and
-    rendered by astropy (:func:`~kspec_fluxcal.fits_file.primary_bytes`), VARIANCE's header
+    keywords (BSCALE, BLANK, repeated HISTORY...); the primary's cards are edited and
+    verified as astropy does (:func:`_primary_bytes`), VARIANCE's header
     is astropy's rendering, made once for each input VARIANCE header
     (:func:`_variance_header`), its data the float32 pixels. The extensions made of our own
     values only are rendered directly, as astropy writes them
@@ -233,8 +229,7 @@ def write_calibrated(ds, path, *, overwrite=False, stars=None):
                          "(kspec_fluxcal.apply_calibration)")
     ds = _computed(ds)
     try:
-        header = _product_header(ds)
-        primary = primary_bytes(ds.variables["flux"].values.astype(np.float32), header)
+        primary = _primary_bytes(ds)
         extensions = [*_input_layout(ds, _variance_bytes(ds)), _calibration_table(ds)]
         if "cal_factor" in ds:
             extensions += _factor_hdus(ds)
@@ -260,16 +255,36 @@ def _name_damaged_card(source):
                 check_header_cards(hdu, source, hdu.name or str(k))
 
 
-def _product_header(ds):
-    """The product's primary header: the input's (:func:`_primary_header`) with the flux
-    unit, the calibration keywords (:data:`~kspec_fluxcal.constants.CALIBRATION_KEYWORDS`)
-    and the history of the calibrated Dataset ``ds``."""
-    header = _primary_header(ds)
-    header["BUNIT"] = FLUX_UNIT
+def _primary_bytes(ds):
+    """The product's primary HDU (FITS bytes): the calibrated flux (float32) with the input's
+    primary header (its WCS and AIRORVAC as they were), data keywords and checksums removed,
+    and the product's cards (:func:`_product_cards`), as astropy's Header edits it: made
+    from the cards (:func:`~kspec_fluxcal.fits_cards.edited_cards`), by that Header when
+    they are not plain."""
+    flux = ds.variables["flux"].values.astype(np.float32)
+    text = ds.attrs.get("fits_header")
+    updates, commentary = _product_cards(ds)
+    header = edited_cards(text, (*_PRIMARY_STRUCTURE, *_CHECKSUMS), updates, commentary)
+    if header is None:
+        header = _input_header(text, _PRIMARY_STRUCTURE)
+        for key, value, comment in updates:
+            header[key] = value if comment is None else (value, comment)
+        for key, value in commentary:
+            header[key] = value
+    return primary_bytes(flux, header)
+
+
+def _product_cards(ds):
+    """What the product's primary header adds to the input's, for
+    :func:`~kspec_fluxcal.fits_cards.edited_cards`: the flux unit, the calibration keywords
+    (:data:`~kspec_fluxcal.constants.CALIBRATION_KEYWORDS`) as (keyword, value, comment or
+    None to keep the input's), the history of the calibrated Dataset ``ds`` and a note as
+    (HISTORY or COMMENT, text)."""
+    updates = [("BUNIT", FLUX_UNIT, None)]
     if ds.attrs.get("expid"):
-        header["EXPID"] = str(ds.attrs["expid"])
-    header["FLUXCAL"] = (True, "flux calibrated by kspec-fluxcal")
-    header["FCALVER"] = (__version__, "kspec-fluxcal version")
+        updates.append(("EXPID", str(ds.attrs["expid"]), None))
+    updates += [("FLUXCAL", True, "flux calibrated by kspec-fluxcal"),
+                ("FCALVER", __version__, "kspec-fluxcal version")]
     defaults = {"fcalnstr": 0, "fcalrms": np.nan, "fcalsrc": "standards"}
     for attr, (key, kind, comment) in CALIBRATION_KEYWORDS.items():
         value = ds.attrs.get(attr, defaults.get(attr))
@@ -278,12 +293,12 @@ def _product_header(ds):
         value = kind(value)
         if kind is float and not np.isfinite(value):
             value = -1.0
-        header[key] = (value, comment)
-    for text in ds.attrs.get("history", []):
-        header.add_history(text)
-    header["COMMENT"] = ("Calibrated on each fiber's own pixels; factors in HDU FCALFAC, "
-                         "variance FCALFVAR; per-star fits in FCALSTAR (kspec-fluxcal README)")
-    return header
+        updates.append((key, value, comment))
+    commentary = [("HISTORY", text) for text in ds.attrs.get("history", [])]
+    commentary.append(("COMMENT", "Calibrated on each fiber's own pixels; factors in HDU "
+                       "FCALFAC, variance FCALFVAR; per-star fits in FCALSTAR (kspec-fluxcal "
+                       "README)"))
+    return updates, commentary
 
 
 def star_table(stars):
