@@ -419,8 +419,7 @@ def _extname(name):
 
 
 def _hdu_bytes(cards, data):
-    """An HDU in FITS bytes: the header ``cards`` and END padded with blanks, then the
-    big-endian ``data`` padded with zeros."""
+    """An HDU in FITS bytes: the header of ``cards``, then the data (:func:`_data_bytes`)."""
     return _data_bytes(data, _header_bytes(cards))
 
 
@@ -494,7 +493,11 @@ def _table_layout(specs, nrows, extname, cards):
 
 
 def _field_values(code, values):
-    """A column's ``values`` as its binary-table format ``code`` holds them."""
+    """A column's ``values`` as its binary-table format ``code`` holds them (text by str
+    methods where it can: NumPy's string functions took ~35 us a column of 3 rows)."""
+    if code == "A" and values.dtype.kind == "U" and values.ndim == 1:
+        return np.array([(text.rstrip(" ") or text[:1]).encode("latin-1", "replace")
+                         for text in values.tolist()], dtype=np.bytes_)
     if code == "A":
         # astropy writes the blanks ending a string as NULs, all but a first character
         stripped = np.char.rstrip(values, " ")
