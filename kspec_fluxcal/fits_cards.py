@@ -33,16 +33,19 @@ _SPECIAL = ("CONTINUE", "HIERARCH", "END")
 _KEYWORD = re.compile(r"[A-Z0-9_-]{1,8}")
 #: Printable ASCII: all that FITS (and astropy) allows in a header.
 _PRINTABLE = re.compile(r"[ -~]*")
-#: The value and comment of a card that astropy's verification passes: a string, logical,
-#: integer or real number (FITS fixed format), an optional comment. A subset of what it
-#: passes (not complex or undefined values), which are left to it.
-_PLAIN_VALUE = re.compile(
-    r" *(?:'(?:[^']|'')*'|[TF]|[+-]?(?:\.\d+|\d+(?:\.\d*)?)(?:[DE][+-]?\d+)?) *(?:/.*)?")
+#: A plain card of a header as read: COMMENT or HISTORY text, or a standard keyword with a
+#: value that astropy's verification passes: a string, logical, integer or real number (FITS
+#: fixed format), an optional comment. A subset of what it passes (not complex or undefined
+#: values, nor strings that may be record-valued cards, 'AXIS.1: 1', which astropy files
+#: under another keyword), the rest left to it.
+_PLAIN_CARD = re.compile(
+    r"(?P<commentary>COMMENT|HISTORY) [ -~]*"
+    r"|(?=.{8}= )(?P<keyword>[A-Z0-9_-]{1,8}) *= (?! *'[A-Za-z_][\w.]*: ) *"
+    r"(?:'(?:[ -&(-~]|'')*'|[TF]|[+-]?(?:\.\d+|\d+(?:\.\d*)?)(?:[DE][+-]?\d+)?) *(?:/[ -~]*)?")
 #: A plain string value (quotes inside doubled) and its comment.
 _STRING_VALUE = re.compile(r" *'(?P<text>(?:[^']|'')*)' *(?:/ *(?P<comment>.*))?")
-#: A string value that may be a record-valued keyword card ('AXIS.1: 1'), which astropy
-#: files under another keyword (DP1.AXIS.1).
-_RECORD_VALUED = re.compile(r" *'[A-Za-z_][\w.]*: ")
+#: :data:`IMAGE_KEYWORDS` on lines, for keywords joined by newlines.
+_IMAGE_KEYWORD_LINE = re.compile(f"^(?:{IMAGE_KEYWORDS.pattern})$", re.M)
 
 
 def card_image(keyword, value=None, comment=None):
@@ -87,6 +90,10 @@ def _value_image(keyword, value, comment=None):
     return f"{image:{_LENGTH}}" if len(image) <= _LENGTH else None
 
 
+#: :func:`_value_image` remembered, for values other than floats (0.0 == -0.0).
+_same_image = functools.lru_cache(maxsize=1024, typed=True)(_value_image)
+
+
 def _quoted(text):
     """A FITS string value: quotes doubled, at least 8 characters between the quotes."""
     return f"'{text.replace(chr(39), chr(39) * 2):8}'"
@@ -113,22 +120,15 @@ def _commentary_images(keyword, text):
 
 def _plain_cards(text):
     """The (keyword, image) of each card of a header ``text`` (``fits.Header.tostring`` with
-    ``sep="\\n"``, as read), if every card is plain: COMMENT or HISTORY text, or a standard
-    keyword with a value :data:`_PLAIN_VALUE` in one card; None otherwise."""
+    ``sep="\\n"``, as read), if every card is plain (:data:`_PLAIN_CARD`); None otherwise."""
     cards = []
     for line in text.split("\n") if text else ():
         if line.rstrip() == "END":  # where fits.Header.fromstring stops
             break
-        if len(line) != _LENGTH or not _PRINTABLE.fullmatch(line):
+        plain = _PLAIN_CARD.fullmatch(line) if len(line) == _LENGTH else None
+        if plain is None or plain["keyword"] in _SPECIAL:
             return None
-        keyword = line[:8].rstrip()
-        if keyword in _COMMENTARY:
-            cards.append((keyword, line))
-        elif (_KEYWORD.fullmatch(keyword) and keyword not in _SPECIAL and line[8:10] == "= "
-              and _PLAIN_VALUE.fullmatch(line, 10) and not _RECORD_VALUED.match(line, 10)):
-            cards.append((keyword, line))
-        else:
-            return None
+        cards.append((plain["commentary"] or plain["keyword"], line))
     return cards
 
 
@@ -175,7 +175,7 @@ def edited_cards(text, remove, updates, commentary):
                 return None
             images[keys.index(key)] = image
             continue
-        image = _value_image(key, value, comment)
+        image = (_value_image if isinstance(value, float) else _same_image)(key, value, comment)
         if image is None:
             return None
         keys.insert(end, key)
@@ -188,7 +188,7 @@ def edited_cards(text, remove, updates, commentary):
         at = len(keys) - keys[::-1].index(key) if key in keys else len(keys)
         keys[at:at] = [key] * len(new)
         images[at:at] = new
-    return None if any(IMAGE_KEYWORDS.fullmatch(key) for key in keys) else images
+    return None if _IMAGE_KEYWORD_LINE.search("\n".join(keys)) else images
 
 
 def _updated(image, value, comment):
@@ -197,12 +197,13 @@ def _updated(image, value, comment):
     takes more than one card or does not verify. A string set on a string, the comment kept
     (a RED file's BUNIT and EXPID), is updated here; astropy's Card does the others."""
     old = _STRING_VALUE.fullmatch(image, 10)
-    if old and isinstance(value, str) and fits.conf.strip_header_whitespace:
-        # Astropy's comparisons: trailing blanks of a string are not part of its value.
-        old_comment = (old["comment"] or "").rstrip()
-        if comment is None or comment == old_comment:
-            if old["text"].replace("''", "'").rstrip() == value.rstrip():
-                return image
+    if old and isinstance(value, str):
+        text, old_comment = old["text"].replace("''", "'"), (old["comment"] or "").rstrip()
+        # The same value, or another: which astropy's conf.strip_header_whitespace (trailing
+        # blanks not part of a string) does not decide.
+        if (comment is None or comment == old_comment) and text == value:
+            return image
+        if (comment is None or comment == old_comment) and text.rstrip() != value.rstrip():
             new = _value_image(image[:8].rstrip(), value, old_comment)
             if new is not None:
                 return new

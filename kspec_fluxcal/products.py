@@ -300,21 +300,22 @@ def _product_cards(ds):
     (:data:`~kspec_fluxcal.constants.CALIBRATION_KEYWORDS`) as (keyword, value, comment or
     None to keep the input's), the history of the calibrated Dataset ``ds`` and a note as
     (HISTORY or COMMENT, text)."""
+    attrs = ds.attrs
     updates = [("BUNIT", FLUX_UNIT, None)]
-    if ds.attrs.get("expid"):
-        updates.append(("EXPID", str(ds.attrs["expid"]), None))
+    if attrs.get("expid"):
+        updates.append(("EXPID", str(attrs["expid"]), None))
     updates += [("FLUXCAL", True, "flux calibrated by kspec-fluxcal"),
                 ("FCALVER", __version__, "kspec-fluxcal version")]
     defaults = {"fcalnstr": 0, "fcalrms": np.nan, "fcalsrc": "standards"}
     for attr, (key, kind, comment) in CALIBRATION_KEYWORDS.items():
-        value = ds.attrs.get(attr, defaults.get(attr))
+        value = attrs.get(attr, defaults.get(attr))
         if value is None:
             continue
         value = kind(value)
         if kind is float and not np.isfinite(value):
             value = -1.0
         updates.append((key, value, comment))
-    commentary = [("HISTORY", text) for text in ds.attrs.get("history", [])]
+    commentary = [("HISTORY", text) for text in attrs.get("history", [])]
     commentary.append(("COMMENT", "Calibrated on each fiber's own pixels; factors in HDU "
                        "FCALFAC, variance FCALFVAR; per-star fits in FCALSTAR (kspec-fluxcal "
                        "README)"))
