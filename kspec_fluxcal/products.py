@@ -83,11 +83,11 @@ def _variance_hdu(text, variance):
 
 
 def _variance_bytes(ds):
-    """The VARIANCE extension (FITS bytes): astropy's header (:func:`_variance_header`),
-    then the float32 variance."""
-    variance = ds.variables["variance"].values.astype(np.float32, copy=False)
-    return (_variance_header(ds.attrs.get("variance_header"), variance.shape)
-            + image_data_bytes(variance))
+    """The VARIANCE extension (FITS bytes: its header and data, written one after the other):
+    astropy's header (:func:`_variance_header`), then the float32 variance."""
+    variance = ds.variables["variance"].values.astype(">f4")  # one copy: FITS's byte order
+    return _variance_header(ds.attrs.get("variance_header"), variance.shape), image_data_bytes(
+        variance)
 
 
 @functools.lru_cache(maxsize=16)
@@ -101,7 +101,7 @@ def _variance_header(text, shape):
 def _input_layout(ds, variance):
     """The product's extensions before its own, in FITS bytes: the input file's, in its
     order, verbatim (FIBRES, WAVELA, a SKY image, kspecdr's tables...) but for VARIANCE,
-    which is ``variance`` (bytes). Without a readable input file (an exposure made in
+    which is ``variance`` (its FITS bytes). Without a readable input file (an exposure made in
     memory), the layout is made from the Dataset: VARIANCE, WAVELA (unless the solution is
     a WCS) and the FIBRES columns read."""
     source = ds.attrs.get("source")
@@ -175,8 +175,8 @@ def _factor_hdus(ds):
 
 
 def _write_fits(path, primary, extensions, compress=False):
-    """Write a new FITS file of HDUs in FITS bytes: the ``primary``, then ``extensions``;
-    gzip-compressed with ``compress`` (a product named ``.gz``, e.g. a RED file ``.fits.gz``
+    """Write a new FITS file of HDUs in FITS bytes (each bytes, or a tuple of bytes written
+    one after the other): the ``primary``, then ``extensions``; gzip-compressed with ``compress`` (a product named ``.gz``, e.g. a RED file ``.fits.gz``
     calibrated in place).
 
     The HDUs carrying the input's header keywords (primary, VARIANCE) are as astropy writes
@@ -191,14 +191,16 @@ def _write_fits(path, primary, extensions, compress=False):
     objects, header updates, configuration look-ups); the input's other extensions are
     copied verbatim.
     """
+    parts = [part for hdu in (primary, *extensions)
+             for part in (hdu if isinstance(hdu, tuple) else (hdu,))]
     if compress:
         with gzip.open(path, "wb", compresslevel=6) as fh:
-            for hdu in (primary, *extensions):
-                fh.write(hdu)
+            for part in parts:
+                fh.write(part)
         return
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
     try:
-        _write_all(fd, (primary, *extensions))
+        _write_all(fd, parts)
     finally:
         os.close(fd)
 
@@ -281,7 +283,7 @@ def _primary_bytes(ds):
     and the product's cards (:func:`_product_cards`), as astropy's Header edits it: made
     from the cards (:func:`~kspec_fluxcal.fits_cards.edited_cards`), by that Header when
     they are not plain."""
-    flux = ds.variables["flux"].values.astype(np.float32)
+    flux = ds.variables["flux"].values.astype(">f4")  # one copy: FITS's byte order
     text = ds.attrs.get("fits_header")
     updates, commentary = _product_cards(ds)
     header = edited_cards(text, (*_PRIMARY_STRUCTURE, *_CHECKSUMS), updates, commentary)
