@@ -176,8 +176,8 @@ def _factor_hdus(ds):
 
 def _write_fits(path, primary, extensions, compress=False):
     """Write a new FITS file of HDUs in FITS bytes (each bytes, or a tuple of bytes written
-    one after the other): the ``primary``, then ``extensions``; gzip-compressed with ``compress`` (a product named ``.gz``, e.g. a RED file ``.fits.gz``
-    calibrated in place).
+    one after the other): the ``primary``, then ``extensions``; gzip-compressed with
+    ``compress`` (a product named ``.gz``, e.g. a RED file ``.fits.gz`` calibrated in place).
 
     The HDUs carrying the input's header keywords (primary, VARIANCE) are as astropy writes
     them: it verifies them (an invalid card is refused) and applies its rules to copied
