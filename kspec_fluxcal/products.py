@@ -342,7 +342,7 @@ def _star_columns(stars):
     stars = _computed(stars)
     cols = []
     if "xp_wavelength" in stars.dims:
-        xp_wave = np.asarray(stars["xp_wavelength"].values, dtype=np.float64)
+        xp_wave = np.asarray(stars.variables["xp_wavelength"].values, dtype=np.float64)
         cols.append(("XP_WAVELENGTH", f"{xp_wave.size}D",
                      np.broadcast_to(xp_wave, (stars.sizes["star"], xp_wave.size)), "Angstrom"))
     # Variables, not DataArrays: building a DataArray per column costs more than the file.
@@ -361,7 +361,7 @@ def _star_columns(stars):
                          var.attrs.get("units")))
     cards = []
     if "band" in stars.dims:
-        cards.append(card_image("BANDS", ",".join(str(b) for b in stars["band"].values)))
+        cards.append(card_image("BANDS", ",".join(str(b) for b in stars.variables["band"].values)))
     cards.append(card_image("NWAVE", stars.sizes.get("wavelength", 0)))
     if "xp_wavelength" in stars.dims:
         cards.append(card_image("NXPWAVE", stars.sizes["xp_wavelength"]))
