@@ -86,8 +86,8 @@ def _variance_bytes(ds):
     """The VARIANCE extension (FITS bytes: its header and data, written one after the other):
     astropy's header (:func:`_variance_header`), then the float32 variance."""
     variance = ds.variables["variance"].values.astype(">f4")  # one copy: FITS's byte order
-    return _variance_header(ds.attrs.get("variance_header"), variance.shape), image_data_bytes(
-        variance)
+    header = _variance_header(ds.attrs.get("variance_header"), variance.shape)
+    return header, image_data_bytes(variance)
 
 
 @functools.lru_cache(maxsize=16)
@@ -101,9 +101,9 @@ def _variance_header(text, shape):
 def _input_layout(ds, variance):
     """The product's extensions before its own, in FITS bytes: the input file's, in its
     order, verbatim (FIBRES, WAVELA, a SKY image, kspecdr's tables...) but for VARIANCE,
-    which is ``variance`` (its FITS bytes). Without a readable input file (an exposure made in
-    memory), the layout is made from the Dataset: VARIANCE, WAVELA (unless the solution is
-    a WCS) and the FIBRES columns read."""
+    which is ``variance`` (its FITS bytes). Without a readable input file (an exposure made
+    in memory), the layout is made from the Dataset: VARIANCE, WAVELA (unless the solution
+    is a WCS) and the FIBRES columns read."""
     source = ds.attrs.get("source")
     # VARIANCE is made anew: its place only, not its data.
     carried = (extensions_raw(source, skip=("VARIANCE",)) if source and os.path.isfile(source)
@@ -361,7 +361,8 @@ def _star_columns(stars):
                          var.attrs.get("units")))
     cards = []
     if "band" in stars.dims:
-        cards.append(card_image("BANDS", ",".join(str(b) for b in stars.variables["band"].values)))
+        bands = stars.variables["band"].values
+        cards.append(card_image("BANDS", ",".join(str(b) for b in bands)))
     cards.append(card_image("NWAVE", stars.sizes.get("wavelength", 0)))
     if "xp_wavelength" in stars.dims:
         cards.append(card_image("NXPWAVE", stars.sizes["xp_wavelength"]))
