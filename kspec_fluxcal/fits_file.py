@@ -21,7 +21,8 @@ from astropy.utils.exceptions import AstropyUserWarning
 
 from ._atomic import check_regular_file
 from .errors import ExposureError, FluxCalWarning
-from .fits_bytes import PlainHDU, plain_table
+from .fits_bytes import _END, BLOCK, PlainHDU, plain_table
+from .fits_cards import IMAGE_KEYWORDS, card_image
 
 __all__ = ["open_fits", "find_hdu", "hdu_data", "table_columns", "header_value",
            "check_header_cards", "check_non_ascii", "READ_KEYWORDS", "cards_named",
@@ -29,9 +30,6 @@ __all__ = ["open_fits", "find_hdu", "hdu_data", "table_columns", "header_value",
            "image_bytes", "image_data_bytes", "primary_bytes", "extension_bytes",
            "extension_header", "extension_raw", "extensions_raw"]
 
-#: The FITS record: headers and data are padded to a multiple of it.
-BLOCK = 2880
-_END = "END".ljust(80)
 #: Big-endian NumPy types of the binary-table formats written (A: bytes of its width).
 _FIELD_TYPES = {"L": "S1", "I": ">i2", "K": ">i8", "D": ">f8"}
 _BITPIX = {"f4": -32, "f8": -64}
@@ -355,24 +353,6 @@ def fits_column(name, values, unit=None):
     return fits.Column(name=name, format=fmt, array=values, unit=unit)
 
 
-def card_image(keyword, value=None, comment=None):
-    """The header card as astropy writes it: 80 characters (a multiple for long
-    commentary text).
-
-    Astropy builds a card in ~17 us; a product's extensions have ~250 cards, nearly all the
-    same from one exposure to the next, so their images are made once. Floats are not
-    remembered: 0.0 == -0.0 would share one image.
-    """
-    if isinstance(value, float | np.floating):
-        return fits.Card(keyword, value, comment).image
-    return _card_image(keyword, value, comment)
-
-
-@functools.lru_cache(maxsize=4096, typed=True)
-def _card_image(keyword, value, comment):
-    return fits.Card(keyword, value, comment).image
-
-
 def _extname(name):
     """The EXTNAME card as astropy's ``hdu.name = name`` makes it."""
     return card_image("EXTNAME", name if fits.conf.extension_name_case_sensitive
@@ -380,11 +360,14 @@ def _extname(name):
 
 
 def _hdu_bytes(cards, data):
-    """An HDU in FITS bytes: the header ``cards`` and END padded with blanks, then the
-    big-endian ``data`` padded with zeros."""
+    """An HDU in FITS bytes: the header of ``cards``, then the data (:func:`_data_bytes`)."""
+    return _data_bytes(data, _header_bytes(cards))
+
+
+def _header_bytes(cards):
+    """A header in FITS bytes: the ``cards``, END, blanks to the end of the record."""
     header = "".join(cards) + _END
-    header += " " * (-len(header) % BLOCK)
-    return _data_bytes(data, header.encode("ascii"))
+    return (header + " " * (-len(header) % BLOCK)).encode("ascii")
 
 
 def _data_bytes(data, header=b""):
@@ -415,38 +398,56 @@ def table_bytes(columns, name, cards=()):
     bytes
     """
     nrows = len(columns[0][2]) if columns else 0
-    fields, arrays, column_cards = [], [], []
-    for k, (label, fmt, values, unit) in enumerate(columns, 1):
+    header, dtype = _table_layout(tuple((label, fmt, unit) for label, fmt, _, unit in columns),
+                                  nrows, _extname(name), tuple(cards))
+    data = np.empty(nrows, dtype=dtype)
+    for field, (_, fmt, values, _) in zip(dtype.names or (), columns, strict=True):
+        data[field] = _field_values(fmt[-1], np.asarray(values))
+    return _data_bytes(data, header)
+
+
+@functools.lru_cache(maxsize=64)
+def _table_layout(specs, nrows, extname, cards):
+    """The header (FITS bytes) and record type of the binary table of :func:`table_bytes`
+    with columns ``specs`` (name, format, unit), ``nrows`` rows, the EXTNAME card ``extname``
+    and further ``cards``: the same for every exposure's FCALSTAR table (its ~160 cards were
+    ~0.3 ms of the ~0.8 of making it), made once."""
+    fields, column_cards = [], []
+    for k, (label, fmt, unit) in enumerate(specs, 1):
         count, code = fmt[:-1], fmt[-1]
-        values = np.asarray(values)
-        if code == "A":
-            fields.append((f"f{k}", f"S{count}"))
-            # astropy writes the blanks ending a string as NULs, all but a first character
-            stripped = np.char.rstrip(values, " ")
-            values = np.where((stripped == "") & (np.char.str_len(values) > 0), " ", stripped)
-            if values.dtype.kind == "U":  # text read as Latin-1 goes back as it was read
-                values = np.char.encode(values, "latin-1", "replace")
-        else:
-            fields.append((f"f{k}", _FIELD_TYPES[code], (int(count),) if count else ()))
-            if code == "L":
-                values = np.where(values, b"T", b"F")
-        arrays.append(values)
+        fields.append((f"f{k}", f"S{count}") if code == "A" else
+                      (f"f{k}", _FIELD_TYPES[code], (int(count),) if count else ()))
         column_cards += [card_image(f"TTYPE{k}", label), card_image(f"TFORM{k}", fmt)]
         if unit not in (None, ""):  # as astropy: no TUNIT for an empty unit
             column_cards.append(card_image(f"TUNIT{k}", unit))
-    data = np.empty(nrows, dtype=fields)
-    for (field, *_), values in zip(fields, arrays, strict=True):
-        data[field] = values
+    dtype = np.dtype(fields)
     header = [card_image("XTENSION", "BINTABLE", "binary table extension"),
               card_image("BITPIX", 8, "array data type"),
               card_image("NAXIS", 2, "number of array dimensions"),
-              card_image("NAXIS1", data.dtype.itemsize, "length of dimension 1"),
+              card_image("NAXIS1", dtype.itemsize, "length of dimension 1"),
               card_image("NAXIS2", nrows, "length of dimension 2"),
               card_image("PCOUNT", 0, "number of group parameters"),
               card_image("GCOUNT", 1, "number of groups"),
-              card_image("TFIELDS", len(columns), "number of table fields"),
-              *column_cards, _extname(name), *cards]
-    return _hdu_bytes(header, data)
+              card_image("TFIELDS", len(specs), "number of table fields"),
+              *column_cards, extname, *cards]
+    return _header_bytes(header), dtype
+
+
+def _field_values(code, values):
+    """A column's ``values`` as its binary-table format ``code`` holds them (text by str
+    methods where it can: NumPy's string functions took ~35 us a column of 3 rows)."""
+    if code == "A" and values.dtype.kind == "U" and values.ndim == 1:
+        return np.array([(text.rstrip(" ") or text[:1]).encode("latin-1", "replace")
+                         for text in values.tolist()], dtype=np.bytes_)
+    if code == "A":
+        # astropy writes the blanks ending a string as NULs, all but a first character
+        stripped = np.char.rstrip(values, " ")
+        values = np.where((stripped == "") & (np.char.str_len(values) > 0), " ", stripped)
+        if values.dtype.kind == "U":  # text read as Latin-1 goes back as it was read
+            values = np.char.encode(values, "latin-1", "replace")
+    elif code == "L":
+        values = np.where(values, b"T", b"F")
+    return values
 
 
 def table_hdu(columns, name, cards=()):
@@ -476,12 +477,6 @@ def image_bytes(data, name, cards=()):
     return _hdu_bytes(header, data.astype(data.dtype.newbyteorder(">"), copy=False))
 
 
-#: Keywords astropy moves, drops, checks or acts on in an image HDU's header (structure,
-#: scaling, BLANK, EXTNAME): a primary header with one is astropy's to write.
-_IMAGE_KEYWORDS = re.compile(r"SIMPLE|XTENSION|BITPIX|NAXIS.*|EXTEND|PCOUNT|GCOUNT|GROUPS|"
-                             r"BSCALE|BZERO|BLANK|TFIELDS|THEAP|EXTNAME")
-
-
 def primary_bytes(data, header):
     """A primary HDU of a float image (32 or 64 bits) in FITS bytes, as astropy writes
     ``fits.PrimaryHDU(data, header)`` with EXTEND = T, verified (``output_verify=
@@ -492,24 +487,27 @@ def primary_bytes(data, header):
     read from a file and left unchanged is its image as read), the structural ones made
     once (:func:`card_image`): the HDU object, its copy of the header, its updates and the
     HDU's verification were ~2.5 ms of a product's ~10. A keyword astropy acts on
-    (:data:`_IMAGE_KEYWORDS`), a card that does not verify or other data are left to
-    astropy's writer, with its own result or refusal.
+    (:data:`IMAGE_KEYWORDS`), a card that does not verify or other data are left to
+    astropy's writer, with its own result or refusal. ``header`` may also be the images of
+    cards verified without a keyword astropy acts on
+    (:func:`~kspec_fluxcal.fits_cards.edited_cards`), for float data.
     """
     data = np.asarray(data)
     bitpix = _BITPIX.get(f"{data.dtype.kind}{data.dtype.itemsize}")
-    if bitpix is None or any(_IMAGE_KEYWORDS.fullmatch(key) for key in header.keys()):
-        return _astropy_primary(data, header)
-    try:
-        for card in header.cards:
-            card.verify("exception")
-    except (VerifyError, ValueError):
-        return _astropy_primary(data, header)
+    if isinstance(header, fits.Header):
+        if bitpix is None or any(IMAGE_KEYWORDS.fullmatch(key) for key in header.keys()):
+            return _astropy_primary(data, header)
+        try:
+            for card in header.cards:
+                card.verify("exception")
+        except (VerifyError, ValueError):
+            return _astropy_primary(data, header)
+        header = [card.image for card in header.cards]
     cards = [card_image("SIMPLE", True, "conforms to FITS standard"),
              card_image("BITPIX", bitpix, "array data type"),
              card_image("NAXIS", data.ndim, "number of array dimensions"),
              *(card_image(f"NAXIS{k}", n) for k, n in enumerate(reversed(data.shape), 1)),
-             card_image("EXTEND", True, "FITS dataset may contain extensions"),
-             *(card.image for card in header.cards)]
+             card_image("EXTEND", True, "FITS dataset may contain extensions"), *header]
     return _hdu_bytes(cards, data.astype(data.dtype.newbyteorder(">"), copy=False))
 
 

@@ -184,19 +184,17 @@ def _speclite_weights(filt, wave):
     w = wave[start:stop]
     resp = np.asarray(filt(w), dtype=np.float64)
     # Quadrature points: each is (position, response, index of left pixel, interpolation t).
-    pos, rsp, left, frac = [w], [resp], [np.arange(w.size)], [np.zeros(w.size)]
+    pos, rsp, left, frac = w, resp, None, None
     insert = np.searchsorted(w, rw[1:])
     under = np.flatnonzero(np.diff(insert) == 0) + 1
-    if under.size:
+    if under.size or np.any(w[1:] < w[:-1]):
         x = rw[under]
         k = np.clip(np.searchsorted(w, x) - 1, 0, w.size - 2)
-        pos.append(x)
-        rsp.append(np.asarray(filt.response[under], dtype=np.float64))
-        left.append(k)
-        frac.append((x - w[k]) / (w[k + 1] - w[k]))
-    pos, rsp, left, frac = (np.concatenate(a) for a in (pos, rsp, left, frac))
-    order = np.argsort(pos, kind="stable")
-    pos, rsp, left, frac = pos[order], rsp[order], left[order], frac[order]
+        pos, rsp, left, frac = (np.concatenate(a) for a in (
+            (w, x), (resp, np.asarray(filt.response[under], dtype=np.float64)),
+            (np.arange(w.size), k), (np.zeros(w.size), (x - w[k]) / (w[k + 1] - w[k]))))
+        order = np.argsort(pos, kind="stable")
+        pos, rsp, left, frac = pos[order], rsp[order], left[order], frac[order]
     quad = pos.copy()
     quad[0] = max(quad[0], rw[0])
     quad[-1] = min(quad[-1], rw[-1])
@@ -206,8 +204,11 @@ def _speclite_weights(filt, wave):
     tau[1:] += 0.5 * dx
     coef = tau * (quad / HC_ERG_AA) * rsp
     weights = np.zeros(w.size)
-    np.add.at(weights, left, coef * (1.0 - frac))
-    np.add.at(weights, np.minimum(left + 1, w.size - 1), coef * frac)
+    if left is None:  # the spectrum's own points only, in order (K-SPEC's ~1.2 A pixels, the
+        weights += coef  # curves' 10 A): what np.add.at adds, without its ~40 % of this
+    else:
+        np.add.at(weights, left, coef * (1.0 - frac))
+        np.add.at(weights, np.minimum(left + 1, w.size - 1), coef * frac)
     full = np.zeros(wave.size)
     full[start:stop] = weights / filt.ab_zeropoint
     return full
@@ -262,9 +263,9 @@ def band_weight_values(band, wavelength, medium="air"):
         raise ValueError(f"medium must be 'air' or 'vacuum', not {medium!r}")
     bands = [band] if isinstance(band, str) else list(band)
     wave = np.ascontiguousarray(np.asarray(wavelength, dtype=np.float64))
-    rows = []
+    rows, key = [], wave.tobytes()  # one copy and hash of the grid for every band
     for b in bands:
-        weights = _weights_cached(b, wave.tobytes(), medium)
+        weights = _weights_cached(b, key, medium)
         rows.append(np.full(wave.size, np.nan) if weights is None else weights)
     return np.stack(rows)
 
@@ -306,9 +307,10 @@ def synthetic_mag_values(flux, weights):
     the band weights (band, P) of :func:`band_weights` (values); NaN where a band is not
     covered (its row NaN), where the spectrum has NaN inside a band or where the integrated
     flux is not positive. numpy or Dask arrays (any chunks along P)."""
-    support = (np.nan_to_num(weights) != 0).astype(np.float64)
+    weights = np.nan_to_num(weights)
+    support = (weights != 0).astype(np.float64)
     flux = flux.astype(np.float64)
-    maggies = np.nan_to_num(flux) @ np.nan_to_num(weights).T
+    maggies = np.nan_to_num(flux) @ weights.T
     nan_inside = np.isnan(flux).astype(np.float64) @ support.T
     ok = (nan_inside == 0) & (maggies > 0)
     # The logarithm of good values only: a lazy array computes outside any errstate.

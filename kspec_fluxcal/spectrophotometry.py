@@ -21,7 +21,7 @@ import numpy as np
 
 from .catalog import catalog_lookup
 from .constants import FLUX_UNIT_SCALE, POSITION_MATCH_ARCSEC
-from .continuum import fill_gaps, nanmedian
+from .continuum import fill_few_gaps, nanmedian
 from .photometry import band_weight_values, synthetic_mag_values
 
 __all__ = ["spectrophotometric_check", "check_exposure", "SPHOT_BANDS", "SPHOT_MIN_SNR",
@@ -102,14 +102,22 @@ def _program_stars(calibrated, catalog, radius_arcsec):
     index, _, _ = catalog_lookup(catalog, fibres["objid"].values[program],
                                  fibres["ra"].values[program], fibres["dec"].values[program],
                                  radius_arcsec)
-    # Only these fibers are computed (the exposure may be lazy); Variables: a DataArray's
-    # selection would select its coordinates (fiber_wavelength...) too.
-    flux, variance = (calibrated.variables[name].isel(fiber=program).values.astype(np.float64)
+    flux, variance = (_fiber_rows(calibrated.variables[name], program)
                       for name in ("flux", "variance"))
     with np.errstate(invalid="ignore", divide="ignore"):
         snr = flux / np.sqrt(variance)
     keep = (index >= 0) & _median_reaches(snr, SPHOT_MIN_SNR)
     return program[keep], index[keep], flux[keep]
+
+
+def _fiber_rows(variable, fibers):
+    """The rows ``fibers`` of a (fiber, wavelength) Variable as float64. Only these fibers
+    are computed when it is lazy; NumPy's are indexed directly (a Variable's selection,
+    0.1 ms each, was a sixth of the check)."""
+    data = variable.data
+    if isinstance(data, np.ndarray) and variable.dims == ("fiber", "wavelength"):
+        return np.asarray(data[fibers], dtype=np.float64)
+    return variable.isel(fiber=fibers).values.astype(np.float64)
 
 
 def _median_reaches(values, threshold):
@@ -133,9 +141,7 @@ def _median_reaches(values, threshold):
 def _synthetic(wavelength, flux, bands):
     """AB magnitudes (star, band) of calibrated spectra ``flux`` (star, wavelength)."""
     good = np.isfinite(flux)
-    gaps = np.flatnonzero(~good.all(axis=1))  # only the spectra with a gap are bridged
-    filled = flux.copy()
-    filled[gaps] = fill_gaps(np.where(good[gaps], flux[gaps], 0.0), good[gaps])
+    filled = fill_few_gaps(np.where(good, flux, 0.0), good)  # a few cosmic rays a star
     filled *= FLUX_UNIT_SCALE
     weights = band_weight_values(bands, wavelength, medium="air")
     return synthetic_mag_values(filled, weights)

@@ -56,6 +56,19 @@ def test_record_is_per_angstrom_on_the_common_grid():
     assert rec["star"]["star_status"].shape == (MAX_STARS,)
 
 
+def test_record_ends_on_grid_points():
+    """An exposure's range is found on the grid: grid points at its ends are interpolated
+    (its first and last values), those beyond are NaN; the grid given out is a copy."""
+    grid = archive_grid()
+    wave = np.linspace(grid[100], grid[2000], 800)
+    rec = archive_record(_calibrated("A", 61000.6, wave=wave), _stars(), None)
+    assert np.isfinite(rec["cal"][100:2001]).all() and rec["cal_mask"][100:2001].all()
+    assert np.isnan(rec["cal"][:100]).all() and np.isnan(rec["cal"][2001:]).all()
+    assert not rec["cal_mask"][:100].any() and not rec["cal_mask"][2001:].any()
+    grid[:] = 0.0
+    assert archive_grid()[0] == 3000.0
+
+
 def test_night_names():
     # 2026-11-01 22:00 KST = 13:00 UT is MJD 61345.5417; 04:00 KST next morning is the same night.
     assert night_of(61345.5417, 9.0) == "20261101"

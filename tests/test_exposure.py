@@ -516,6 +516,19 @@ def test_write_calibrated_refuses_overwrite_and_leaves_no_temp(red_file, tmp_pat
     write_calibrated(cal, path, overwrite=True)
 
 
+def test_product_written_whole_when_writes_are_partial(red_file, tmp_path, monkeypatch):
+    """The HDUs go out in one system call; what a call leaves unwritten (a signal) is
+    written by the next: the product is the same file."""
+    import kspec_fluxcal.products as products
+
+    cal = _calibrated(open_exposure(red_file()))
+    whole = write_calibrated(cal, tmp_path / "whole.fits").read_bytes()
+    writev = os.writev
+    monkeypatch.setattr(products.os, "writev", lambda fd, parts: writev(fd, [
+        bytes(b"".join(parts)[:4000])]))  # 4000 bytes a call: across HDUs and records
+    assert write_calibrated(cal, tmp_path / "parts.fits").read_bytes() == whole
+
+
 def test_write_calibrated_needs_calibration(red_file, tmp_path):
     with pytest.raises(ValueError, match="calibrate it first"):
         write_calibrated(open_exposure(red_file()), tmp_path / "x.fits")

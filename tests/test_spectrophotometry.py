@@ -113,3 +113,11 @@ def test_median_threshold_decided_by_counts_as_by_the_median():
         expected = np.nanmedian(values, axis=1) >= 5.0
     np.testing.assert_array_equal(_median_reaches(values, 5.0), expected)
     assert _median_reaches(values, 5.0).sum() not in (0, len(rows))
+
+
+def test_a_lazy_exposure_is_checked_as_its_values(exposure_and_catalog):
+    """The program fibers of a NumPy exposure are read directly, a Dask one's selected (only
+    they are computed): both checks are the same."""
+    ds, catalog = exposure_and_catalog
+    lazy = spectrophotometric_check(ds.chunk({"fiber": 2}), catalog)
+    assert lazy == spectrophotometric_check(ds, catalog) and lazy["sphot_n"] == 4

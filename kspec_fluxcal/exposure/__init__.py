@@ -17,6 +17,7 @@ import os
 import warnings
 
 import numpy as np
+import xarray as xr
 from astropy.io import fits
 
 from .. import __version__
@@ -68,8 +69,10 @@ def add_history(ds, text):
 
 def _computed(ds):
     """``ds`` with its Dask arrays computed; ``ds`` itself when it holds NumPy arrays only
-    (``compute`` would copy every variable: 0.4 ms for a FCALSTAR table or a fit's stars)."""
-    if all(isinstance(v.data, np.ndarray) for v in ds.variables.values()):
+    (``compute`` would copy every variable: 0.4 ms for a FCALSTAR table or a fit's stars).
+    Indexes are pandas' (their ``data`` made an array of each: half of this check's time)."""
+    if all(isinstance(v, xr.IndexVariable) or isinstance(v.data, np.ndarray)
+           for v in ds.variables.values()):
         return ds
     return ds.compute()
 
