@@ -24,7 +24,8 @@ __all__ = ["PlainHeader", "PlainHDU", "PlainFits", "read_plain", "header_text", 
 
 #: The FITS record: headers and data are padded to a multiple of it.
 BLOCK = 2880
-_END = "END".ljust(80)
+#: The END card that closes a header.
+END_CARD = "END".ljust(80)
 #: Image data types by BITPIX, big-endian as astropy's (unscaled) arrays.
 _IMAGE_TYPES = {8: "u1", 16: ">i2", 32: ">i4", 64: ">i8", -32: ">f4", -64: ">f8"}
 #: A value card as the FITS standard writes it: its keyword (upper case, padded to 8
@@ -59,7 +60,7 @@ class PlainHeader(dict):
         """The header as astropy's ``Header.tostring(sep)``: its cards joined by ``sep``,
         then END, padded with blanks to a multiple of 2880 characters."""
         text = self.text
-        joined = sep.join([text[i:i + 80] for i in range(0, len(text), 80)] + [_END])
+        joined = sep.join([text[i:i + 80] for i in range(0, len(text), 80)] + [END_CARD])
         return joined + " " * (-len(joined) % BLOCK)
 
 
@@ -240,7 +241,7 @@ def header_text(text):
     PlainHeader or None
     """
     *cards, end = text.split("\n")
-    if end[:80] != _END or end[80:].strip(" ") or any(len(card) != 80 for card in cards):
+    if end[:80] != END_CARD or end[80:].strip(" ") or any(len(card) != 80 for card in cards):
         return None  # END last, then the padding's blanks
     return _parsed("".join(cards))
 

@@ -21,7 +21,7 @@ from astropy.utils.exceptions import AstropyUserWarning
 
 from ._atomic import check_regular_file
 from .errors import ExposureError, FluxCalWarning
-from .fits_bytes import _END, BLOCK, PlainHDU, plain_table
+from .fits_bytes import END_CARD, BLOCK, PlainHDU, plain_table
 from .fits_cards import IMAGE_KEYWORDS, card_image
 
 __all__ = ["open_fits", "find_hdu", "hdu_data", "table_columns", "header_value",
@@ -366,7 +366,7 @@ def _hdu_bytes(cards, data):
 
 def _header_bytes(cards):
     """A header in FITS bytes: the ``cards``, END, blanks to the end of the record."""
-    header = "".join(cards) + _END
+    header = "".join(cards) + END_CARD
     return (header + " " * (-len(header) % BLOCK)).encode("ascii")
 
 
