@@ -21,7 +21,7 @@ from astropy.utils.exceptions import AstropyUserWarning
 
 from ._atomic import check_regular_file
 from .errors import ExposureError, FluxCalWarning
-from .fits_bytes import END_CARD, BLOCK, PlainHDU, plain_table
+from .fits_bytes import BLOCK, END_CARD, PlainHDU, plain_table
 from .fits_cards import IMAGE_KEYWORDS, card_image
 
 __all__ = ["open_fits", "find_hdu", "hdu_data", "table_columns", "header_value",
