@@ -27,3 +27,24 @@ def test_canonical_weights_are_scipys_matrix_to_the_bit(dtype):
 def test_canonical_weights_without_entries():
     got = canonical_weights(np.zeros(0), np.zeros(0, int), np.zeros(0, int), 3)(4)
     assert got.shape == (3, 4) and got.nnz == 0
+
+
+@pytest.mark.parametrize("axis", [[5.0], [3.5, 4.0], [-1.0, -0.75, -0.5, -0.25, 0.0, 0.25],
+                                  [5250.0, 5500.0, 5750.0, 6000.0, 6250.0],
+                                  [0.1, 0.4, 0.45, 1.3, 1.31, 2.9, 3.0]])
+def test_median_step_is_numpys_median_of_the_steps(axis):
+    from kspec_fluxcal.fit.refinement import _median_step
+
+    expected = np.median(np.diff(axis)) if len(axis) > 1 else 0.0
+    assert np.float64(_median_step(np.array(axis))).tobytes() == np.float64(expected).tobytes()
+
+
+def test_lattice_offsets():
+    from kspec_fluxcal.fit.refinement import _lattice_offsets
+
+    grid = _lattice_offsets(3, 0.5)
+    assert grid.shape == (27, 3) and not grid.flags.writeable
+    assert np.array_equal(grid[0], [-0.5, -0.5, -0.5]) and np.array_equal(grid[1], [-0.5, -0.5, 0])
+    assert np.array_equal(grid[13], [0, 0, 0]) and np.array_equal(grid[3], [-0.5, 0, -0.5])
+    assert np.array_equal(grid[9], [0, -0.5, -0.5])
+    assert len({tuple(row) for row in _lattice_offsets(5, 1.0 / 3)}) == 125

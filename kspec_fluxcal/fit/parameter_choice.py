@@ -83,14 +83,13 @@ def _refine(obs, tm, scan, phot, scores, ok, spec_scale, config):
                "extra_score": None if phot is None else
                (lambda row, weights, points: phot(star_of[row], weights, points))}
     # The starts in their rest frames, once for the lattices and the [alpha/M] line.
-    rest = options["rest_frames"] = star_rest_frames(
-        obs.norm[star_of], obs.ivar[star_of], scan.rv[star_of], obs.wave, **options)
+    norm, ivar, rv = obs.norm[star_of], obs.ivar[star_of], scan.rv[star_of]
+    rest = options["rest_frames"] = star_rest_frames(norm, ivar, rv, obs.wave, **options)
     start = {p: library_arrays(library)[f"template_{p}"][starts.ravel()] for p in PARAMS}
-    refined, refined_err, final = refine_parameters(
-        obs.norm[star_of], obs.ivar[star_of], tm, template_index, axes, start, scan.rv[star_of],
-        obs.wave, **options)
-    pick = np.nanargmin(np.where(np.isfinite(final), final, np.inf).reshape(ok.size, nstart),
-                        axis=1)
+    refined, refined_err, final = refine_parameters(norm, ivar, tm, template_index, axes, start,
+                                                    rv, obs.wave, **options)
+    pick = np.argmin(np.where(np.isfinite(final), final, np.inf).reshape(ok.size, nstart),
+                     axis=1)
     rows = np.arange(ok.size) * nstart + pick
     params = {p: np.asarray(refined[p], dtype=float)[rows] for p in PARAMS}
     errors = {p: (np.asarray(refined_err[p])[rows] if p in refined_err
