@@ -431,7 +431,6 @@ def _corners(axes, positions):
 #: [alpha/M] node is the innermost of :data:`_CORNERS`).
 _CORNER3 = np.arange(_CORNERS.shape[0]) // 2
 _CORNERS3 = _CORNERS[::2, :3]
-_UPPER3 = _CORNERS3.astype(bool)
 #: The two [alpha/M] nodes of a cell, from its lower one.
 _PAIR = np.array([0, 1])
 
@@ -441,16 +440,19 @@ def _cell3(axes, positions):
     corners and the products of their first three factors (npoint, 8), formed as
     :func:`_corners` forms them (left to right), so that one [alpha/M] factor more gives its
     weights to the last bit (:func:`_with_alpha`)."""
-    # Columns filled one by one: np.stack's Python costs more than the values, a few points.
-    lo = np.empty((positions[0][0].shape[0], 3), dtype=np.intp)
-    frac = np.empty(lo.shape)
+    # Columns filled one by one (np.stack's Python costs more than the values, a few points),
+    # each axis' two factors (lower node, upper node) side by side.
+    n = positions[0][0].shape[0]
+    lo = np.empty((n, 3), dtype=np.intp)
+    factor = np.empty((n, 3, 2))
     last = np.empty(3, dtype=np.intp)
-    for d, (p, (node, fraction)) in enumerate(zip(PARAMS[:3], positions, strict=True)):
-        lo[:, d], frac[:, d], last[d] = node, fraction, len(axes[p]) - 1
+    for d, (p, (node, frac)) in enumerate(zip(PARAMS[:3], positions, strict=True)):
+        lo[:, d], last[d] = node, len(axes[p]) - 1
+        factor[:, d, 0], factor[:, d, 1] = 1.0 - frac, frac
     index = np.minimum(lo[:, None, :] + _CORNERS3, last)
-    frac = frac[:, None, :]
-    factor = np.where(_UPPER3, frac, 1.0 - frac)  # (npoint, 8, 3)
-    return index, factor[..., 0] * factor[..., 1] * factor[..., 2]
+    # The 8 products by broadcasting (teff bit outermost, as in _CORNERS3), left to right.
+    raw = factor[:, 0, :, None, None] * factor[:, 1, None, :, None] * factor[:, 2, None, None, :]
+    return index, raw.reshape(n, 8)
 
 
 def _with_alpha(axes, index3, raw3, position):
