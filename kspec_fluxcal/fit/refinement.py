@@ -95,7 +95,8 @@ def score_points(obs_norm, obs_ivar, templates, template_index, axes, points, rv
     """
     nstar, k = points.shape[:2]
     flat = points.reshape(-1, 4)
-    index, weight = alpha_response_weights(axes, template_index >= 0, *flat.T)
+    # Trial points, each asked for once: not kept
+    index, weight = alpha_response_weights(axes, template_index >= 0, *flat.T, keep=False)
     cols = template_index[index[..., 0], index[..., 1], index[..., 2], index[..., 3]]
     # NaN (a point without corners) as 0, as np.nan_to_num (the weights are never infinite)
     weight = np.where((cols >= 0) & ~np.isnan(weight), weight, 0.0)

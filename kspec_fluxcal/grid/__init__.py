@@ -479,7 +479,7 @@ def _renormalised(raw, present):
     return weight / np.where(total > 0, total, np.nan)
 
 
-def alpha_response_weights(axes, exists, teff, logg, feh, alpha):
+def alpha_response_weights(axes, exists, teff, logg, feh, alpha, *, keep=True):
     """Corners and weights of models with [alpha/M] as a response: linear between the
     grid's [alpha/M] nodes, and beyond them, also where the grid lacks a node at the
     point's [M/H].
@@ -500,6 +500,9 @@ def alpha_response_weights(axes, exists, teff, logg, feh, alpha):
     ----------
     axes, exists, teff, logg, feh, alpha
         As for :func:`interpolation_weights` (``alpha`` required).
+    keep : bool
+        Keep the result for points asked for again (False: points asked for once, e.g. a
+        lattice of trial points, neither looked up nor kept).
 
     Returns
     -------
@@ -512,6 +515,8 @@ def alpha_response_weights(axes, exists, teff, logg, feh, alpha):
     t, g, m, a = (np.atleast_1d(np.asarray(v, dtype=np.float64))
                   for v in np.broadcast_arrays(teff, logg, feh, alpha))
     exists = np.asarray(exists, dtype=bool)
+    if not keep:  # no key made of the points' bytes, nor a copy of the result
+        return _alpha_response_weights(axes, exists, t, g, m, a)
     # The fit asks for its chosen parameters' corners twice (the line-spread width's fit
     # and the final model, 2 of 3 exposures the same points): the last few kept.
     key = (exists.shape, exists.tobytes(), t.shape,
