@@ -48,3 +48,23 @@ def test_lattice_offsets():
     assert np.array_equal(grid[13], [0, 0, 0]) and np.array_equal(grid[3], [-0.5, 0, -0.5])
     assert np.array_equal(grid[9], [0, -0.5, -0.5])
     assert len({tuple(row) for row in _lattice_offsets(5, 1.0 / 3)}) == 125
+
+
+def test_alpha_groups_index_each_template_and_group_it_by_alpha():
+    import xarray as xr
+
+    from kspec_fluxcal.fit.parameter_choice import _alpha_groups
+
+    axes = {"teff": [5000.0, 5500.0, 6000.0], "logg": [4.0, 4.5], "feh": [-0.5, 0.0],
+            "alpha": [0.0, 0.4]}
+    # templates in an order of their own: (teff, logg, feh, alpha)
+    params = np.array([(6000.0, 4.5, 0.0, 0.4), (5000.0, 4.0, -0.5, 0.0),
+                       (5500.0, 4.5, -0.5, 0.4), (5500.0, 4.0, 0.0, 0.0)])
+    library = xr.Dataset(
+        {f"template_{p}": ("template", params[:, k]) for k, p in enumerate(axes)}
+        | {"template_index": (tuple(axes), np.full((3, 2, 2, 2), -1))},
+        coords={p: (p, np.array(v)) for p, v in axes.items()})
+    index, groups = _alpha_groups(library)
+    assert np.array_equal(index, [[2, 1, 1], [0, 0, 0], [1, 1, 0], [1, 0, 1]])
+    assert [list(g) for g in groups] == [[1, 3], [0, 2]]
+    assert not index.flags.writeable and not any(g.flags.writeable for g in groups)

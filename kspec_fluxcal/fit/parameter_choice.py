@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._recent import Recent, per_library, read_only
 from ..grid import PARAMS
 from ..templates import library_arrays
 from .exposure_templates import interpolated_corners, lattice
@@ -190,6 +191,21 @@ def _alpha_cover(axes, template_index, feh):
     return np.interp(feh, axes["feh"][good], top[good])
 
 
+#: :func:`_alpha_groups` of the libraries met so far.
+_GROUPS = Recent(8)
+
+
+def _alpha_groups(library):
+    """The templates' grid indices (T, 3) in (teff, logg, [M/H]) and the templates of each
+    [alpha/M] value, as :func:`_distinct_starts` reads them (once per library)."""
+    arrays = library_arrays(library)
+    index = np.stack([np.searchsorted(arrays[p], arrays[f"template_{p}"])
+                      for p in PARAMS[:3]], axis=1)
+    alphas = arrays["template_alpha"]
+    return read_only(index), tuple(read_only(np.flatnonzero(alphas == a))
+                                   for a in np.unique(alphas))
+
+
 def _distinct_starts(library, scores, n):
     """Per star, ``n`` good templates, spread over [alpha/M] values and grid valleys.
 
@@ -199,11 +215,7 @@ def _distinct_starts(library, scores, n):
     lattice refinement (which keeps [alpha/M]) must also start in the other valley. Short
     lists are padded with the best template.
     """
-    arrays = library_arrays(library)
-    index = np.stack([np.searchsorted(arrays[p], arrays[f"template_{p}"])
-                      for p in PARAMS[:3]], axis=1)  # (T, 3) grid indices
-    alphas = arrays["template_alpha"]
-    groups = [np.flatnonzero(alphas == a) for a in np.unique(alphas)]
+    index, groups = per_library(_GROUPS, _alpha_groups, library)
     per_group = int(np.ceil(n / len(groups)))
     finite = np.where(np.isfinite(scores), scores, np.inf)
     starts = np.repeat(np.argmin(finite, axis=1)[:, None], n, axis=1)
