@@ -403,16 +403,23 @@ def test_alpha_response_at_nodes_and_single_alpha_grids_is_plain_interpolation()
         np.testing.assert_array_equal(a, b)
 
 
+def _two_points_with_holes():
+    """A grid without [alpha/M] 0.25 at its largest [M/H], and two points (the first in a
+    cell with that hole)."""
+    exists = np.ones((3, 2, 3, 2), bool)
+    exists[:, :, 2, 1] = False
+    points = (np.array([5200.0, 5700.0]), np.array([4.2, 4.3]), np.array([-0.2, -0.8]),
+              np.array([0.1, 0.3]))
+    return exists, points
+
+
 def test_alpha_response_of_points_asked_again_is_the_same_and_the_callers_own():
     """Points asked for again (the fit's chosen parameters, twice) get what they got, as
     arrays of their own (changing one changes no later answer); another grid, other
     points, other nodes get their own answer."""
     from kspec_fluxcal.grid import _RECENT_WEIGHTS
 
-    exists = np.ones((3, 2, 3, 2), bool)
-    exists[:, :, 2, 1] = False
-    points = (np.array([5200.0, 5700.0]), np.array([4.2, 4.3]), np.array([-0.2, -0.8]),
-              np.array([0.1, 0.3]))
+    exists, points = _two_points_with_holes()
     _RECENT_WEIGHTS.clear()
     first = alpha_response_weights(ALPHA_AXES, exists, *points)
     for a in first:
@@ -430,6 +437,26 @@ def test_alpha_response_of_points_asked_again_is_the_same_and_the_callers_own():
     assert not np.array_equal(moved[1], fresh[1])
     shifted = {**ALPHA_AXES, "teff": ALPHA_AXES["teff"] + 100.0}
     assert not np.array_equal(alpha_response_weights(shifted, exists, *points)[1], fresh[1])
+
+
+def test_alpha_response_not_kept_is_the_same_and_neither_looked_up_nor_kept():
+    """keep=False (trial points asked for once): the same answer, the cache untouched."""
+    from kspec_fluxcal.grid import _RECENT_WEIGHTS
+
+    exists, points = _two_points_with_holes()
+    _RECENT_WEIGHTS.clear()
+    kept = alpha_response_weights(ALPHA_AXES, exists, *points)
+    assert len(_RECENT_WEIGHTS) == 1
+    for a in kept:  # a kept answer changed by its caller ...
+        a[...] = 0
+    fresh = alpha_response_weights(ALPHA_AXES, exists, *points, keep=False)
+    assert len(_RECENT_WEIGHTS) == 1  # ... is not what keep=False gives (nor looked up)
+    _RECENT_WEIGHTS.clear()
+    again = alpha_response_weights(ALPHA_AXES, exists, *points)
+    for a, b in zip(again, fresh, strict=True):
+        assert a.tobytes() == b.tobytes() and a.dtype == b.dtype and a.shape == b.shape
+    alpha_response_weights(ALPHA_AXES, exists, *points[:3], np.array([0.1, 0.2]), keep=False)
+    assert len(_RECENT_WEIGHTS) == 1
 
 
 def test_cell_corners_are_the_product_of_four_factors_to_the_last_bit():

@@ -150,7 +150,8 @@ def interpolated_corners(library, params):
     index, weight = alpha_response_weights(axes, template_index >= 0,
                                            *(params[p] for p in PARAMS))
     corners = template_index[tuple(index[..., k] for k in range(4))]
-    weight = np.where(corners >= 0, np.nan_to_num(weight), 0.0)
+    # NaN (a point without corners) as 0, as np.nan_to_num (the weights are never infinite)
+    weight = np.where((corners >= 0) & ~np.isnan(weight), weight, 0.0)
     # Corners of zero weight name one the row uses: callers fetch (and convolve) only the
     # templates that count, half of the 16 (or 48) corners or fewer.
     used = corners[np.arange(corners.shape[0]), np.argmax(weight != 0, axis=1)]

@@ -83,7 +83,10 @@ class PhotometricScore:
         star cost 1.4 times as much with two stars)."""
         stars, ids = np.asarray(stars), np.asarray(ids)
         n = stars.size * ids.size
-        weights = scipy.sparse.csr_matrix((np.ones(n), (np.arange(n), np.tile(ids, stars.size))),
+        # One entry a row: the CSR arrays themselves (what scipy makes of the (row, column)
+        # pairs, without their sorting and checks)
+        columns = np.tile(ids, stars.size).astype(np.int32)
+        weights = scipy.sparse.csr_matrix((np.ones(n), columns, np.arange(n + 1, dtype=np.int32)),
                                           shape=(n, self.maggies.shape[0]))
         points = np.zeros((n, 4))
         points[:, 1] = np.tile(self.template_logg[ids], stars.size)

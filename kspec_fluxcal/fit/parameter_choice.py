@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._recent import Recent, per_library, read_only
 from ..grid import PARAMS
 from ..templates import library_arrays
 from .exposure_templates import interpolated_corners, lattice
@@ -83,14 +84,13 @@ def _refine(obs, tm, scan, phot, scores, ok, spec_scale, config):
                "extra_score": None if phot is None else
                (lambda row, weights, points: phot(star_of[row], weights, points))}
     # The starts in their rest frames, once for the lattices and the [alpha/M] line.
-    rest = options["rest_frames"] = star_rest_frames(
-        obs.norm[star_of], obs.ivar[star_of], scan.rv[star_of], obs.wave, **options)
+    norm, ivar, rv = obs.norm[star_of], obs.ivar[star_of], scan.rv[star_of]
+    rest = options["rest_frames"] = star_rest_frames(norm, ivar, rv, obs.wave, **options)
     start = {p: library_arrays(library)[f"template_{p}"][starts.ravel()] for p in PARAMS}
-    refined, refined_err, final = refine_parameters(
-        obs.norm[star_of], obs.ivar[star_of], tm, template_index, axes, start, scan.rv[star_of],
-        obs.wave, **options)
-    pick = np.nanargmin(np.where(np.isfinite(final), final, np.inf).reshape(ok.size, nstart),
-                        axis=1)
+    refined, refined_err, final = refine_parameters(norm, ivar, tm, template_index, axes, start,
+                                                    rv, obs.wave, **options)
+    pick = np.argmin(np.where(np.isfinite(final), final, np.inf).reshape(ok.size, nstart),
+                     axis=1)
     rows = np.arange(ok.size) * nstart + pick
     params = {p: np.asarray(refined[p], dtype=float)[rows] for p in PARAMS}
     errors = {p: (np.asarray(refined_err[p])[rows] if p in refined_err
@@ -191,6 +191,21 @@ def _alpha_cover(axes, template_index, feh):
     return np.interp(feh, axes["feh"][good], top[good])
 
 
+#: :func:`_alpha_groups` of the libraries met so far.
+_GROUPS = Recent(8)
+
+
+def _alpha_groups(library):
+    """The templates' grid indices (T, 3) in (teff, logg, [M/H]) and the templates of each
+    [alpha/M] value, as :func:`_distinct_starts` reads them (once per library)."""
+    arrays = library_arrays(library)
+    index = np.stack([np.searchsorted(arrays[p], arrays[f"template_{p}"])
+                      for p in PARAMS[:3]], axis=1)
+    alphas = arrays["template_alpha"]
+    return read_only(index), tuple(read_only(np.flatnonzero(alphas == a))
+                                   for a in np.unique(alphas))
+
+
 def _distinct_starts(library, scores, n):
     """Per star, ``n`` good templates, spread over [alpha/M] values and grid valleys.
 
@@ -200,11 +215,7 @@ def _distinct_starts(library, scores, n):
     lattice refinement (which keeps [alpha/M]) must also start in the other valley. Short
     lists are padded with the best template.
     """
-    arrays = library_arrays(library)
-    index = np.stack([np.searchsorted(arrays[p], arrays[f"template_{p}"])
-                      for p in PARAMS[:3]], axis=1)  # (T, 3) grid indices
-    alphas = arrays["template_alpha"]
-    groups = [np.flatnonzero(alphas == a) for a in np.unique(alphas)]
+    index, groups = per_library(_GROUPS, _alpha_groups, library)
     per_group = int(np.ceil(n / len(groups)))
     finite = np.where(np.isfinite(scores), scores, np.inf)
     starts = np.repeat(np.argmin(finite, axis=1)[:, None], n, axis=1)

@@ -417,8 +417,9 @@ def _position(axis, x):
     if ax.size == 1:
         return np.zeros(x.shape, int), np.zeros(x.shape)
     xc = np.minimum(np.maximum(x, ax[0]), ax[-1])  # np.clip costs more on a few points
-    lo = np.minimum(np.maximum(np.searchsorted(ax, xc, side="right") - 1, 0), ax.size - 2)
-    return lo, (xc - ax[lo]) / (ax[lo + 1] - ax[lo])
+    # xc >= ax[0] (or NaN, sorted last): the node found is never below the first.
+    lo = np.minimum(ax.searchsorted(xc, side="right") - 1, ax.size - 2)
+    return lo, (xc - ax[lo]) / (ax[1:] - ax[:-1])[lo]
 
 
 def _corners(axes, positions):
@@ -430,6 +431,8 @@ def _corners(axes, positions):
 #: [alpha/M] node is the innermost of :data:`_CORNERS`).
 _CORNER3 = np.arange(_CORNERS.shape[0]) // 2
 _CORNERS3 = _CORNERS[::2, :3]
+#: The two [alpha/M] nodes of a cell, from its lower one.
+_PAIR = np.array([0, 1])
 
 
 def _cell3(axes, positions):
@@ -437,12 +440,19 @@ def _cell3(axes, positions):
     corners and the products of their first three factors (npoint, 8), formed as
     :func:`_corners` forms them (left to right), so that one [alpha/M] factor more gives its
     weights to the last bit (:func:`_with_alpha`)."""
-    sizes = np.array([len(axes[p]) for p in PARAMS[:3]])
-    index = np.minimum(np.stack([lo for lo, _ in positions], axis=-1)[:, None, :] + _CORNERS3,
-                       sizes - 1)
-    frac = np.stack([f for _, f in positions], axis=-1)[:, None, :]
-    factor = np.where(_CORNERS3.astype(bool), frac, 1.0 - frac)  # (npoint, 8, 3)
-    return index, factor[..., 0] * factor[..., 1] * factor[..., 2]
+    # Columns filled one by one (np.stack's Python costs more than the values, a few points),
+    # each axis' two factors (lower node, upper node) side by side.
+    n = positions[0][0].shape[0]
+    lo = np.empty((n, 3), dtype=np.intp)
+    factor = np.empty((n, 3, 2))
+    last = np.empty(3, dtype=np.intp)
+    for d, (p, (node, frac)) in enumerate(zip(PARAMS[:3], positions, strict=True)):
+        lo[:, d], last[d] = node, len(axes[p]) - 1
+        factor[:, d, 0], factor[:, d, 1] = 1.0 - frac, frac
+    index = np.minimum(lo[:, None, :] + _CORNERS3, last)
+    # The 8 products by broadcasting (teff bit outermost, as in _CORNERS3), left to right.
+    raw = factor[:, 0, :, None, None] * factor[:, 1, None, :, None] * factor[:, 2, None, None, :]
+    return index, raw.reshape(n, 8)
 
 
 def _with_alpha(axes, index3, raw3, position):
@@ -455,8 +465,9 @@ def _with_alpha(axes, index3, raw3, position):
     # 16 (74 against 86 us for 162 points; the same values, the same products).
     index = np.empty((n, 8, 2, 4), dtype=index3.dtype)
     index[..., :3] = index3[:, :, None, :]
-    index[..., 3] = np.minimum(lo[:, None] + (0, 1), len(axes["alpha"]) - 1)[:, None, :]
-    factor = np.stack([1.0 - frac, frac], axis=-1)
+    index[..., 3] = np.minimum(lo[:, None] + _PAIR, len(axes["alpha"]) - 1)[:, None, :]
+    factor = np.empty(frac.shape + (2,))
+    factor[:, 0], factor[:, 1] = 1.0 - frac, frac
     return index.reshape(n, 16, 4), (raw3[:, :, None] * factor[:, None, :]).reshape(n, 16)
 
 
@@ -464,11 +475,11 @@ def _renormalised(raw, present):
     """Weights of the corners that exist, summing to 1 (NaN where none does)."""
     weight = np.where(present, raw, 0.0)
     total = weight.sum(axis=1, keepdims=True)
-    with np.errstate(invalid="ignore"):
-        return weight / np.where(total > 0, total, np.nan)
+    # No np.errstate (a fifth of the cost on a few points): a quiet NaN divides silently.
+    return weight / np.where(total > 0, total, np.nan)
 
 
-def alpha_response_weights(axes, exists, teff, logg, feh, alpha):
+def alpha_response_weights(axes, exists, teff, logg, feh, alpha, *, keep=True):
     """Corners and weights of models with [alpha/M] as a response: linear between the
     grid's [alpha/M] nodes, and beyond them, also where the grid lacks a node at the
     point's [M/H].
@@ -489,6 +500,9 @@ def alpha_response_weights(axes, exists, teff, logg, feh, alpha):
     ----------
     axes, exists, teff, logg, feh, alpha
         As for :func:`interpolation_weights` (``alpha`` required).
+    keep : bool
+        Keep the result for points asked for again (False: points asked for once, e.g. a
+        lattice of trial points, neither looked up nor kept).
 
     Returns
     -------
@@ -501,6 +515,8 @@ def alpha_response_weights(axes, exists, teff, logg, feh, alpha):
     t, g, m, a = (np.atleast_1d(np.asarray(v, dtype=np.float64))
                   for v in np.broadcast_arrays(teff, logg, feh, alpha))
     exists = np.asarray(exists, dtype=bool)
+    if not keep:  # no key made of the points' bytes, nor a copy of the result
+        return _alpha_response_weights(axes, exists, t, g, m, a)
     # The fit asks for its chosen parameters' corners twice (the line-spread width's fit
     # and the final model, 2 of 3 exposures the same points): the last few kept.
     key = (exists.shape, exists.tobytes(), t.shape,
@@ -521,14 +537,14 @@ def _alpha_response_weights(axes, exists, t, g, m, a):
     nodes = np.asarray(axes["alpha"], dtype=np.float64)
     if nodes.size < 2:
         return interpolation_weights(axes, exists, t, g, m, a)
-    # np.minimum/np.maximum, not np.clip: the same values, a fifth of its cost on a few points
-    k = np.minimum(np.maximum(np.searchsorted(nodes, a, side="right") - 1, 0), nodes.size - 2)
+    at_alpha = _position(nodes, a)
+    k = at_alpha[0]  # the lower node of a, as of a clipped to the nodes
     f = (a - nodes[k]) / (nodes[k + 1] - nodes[k])
     at = [_position(axes[p], x) for p, x in zip(PARAMS[:3], (t, g, m), strict=True)]
     # The (teff, logg, [M/H]) cells once: the base model and the response's two nodes
     # differ only in their [alpha/M] corners.
     index3, raw3 = _cell3(axes, at)
-    index, raw = _with_alpha(axes, index3, raw3, _position(nodes, a))
+    index, raw = _with_alpha(axes, index3, raw3, at_alpha)
     present = exists[index[..., 0], index[..., 1], index[..., 2], index[..., 3]]
     weight = _renormalised(raw, present)
     # Between nodes, beyond them, or at an upper node that a corner of the point's cell
@@ -537,26 +553,29 @@ def _alpha_response_weights(axes, exists, t, g, m, a):
     if not need.any():
         return index, weight
     rows = np.flatnonzero(need)
-    at = [(lo[rows], fr[rows]) for lo, fr in at]
-    base, raw = _with_alpha(axes, index3[rows], raw3[rows], _position(nodes, nodes[k[rows]]))
-    index[rows] = base
-    weight[rows] = _renormalised(raw, exists[base[..., 0], base[..., 1], base[..., 2],
-                                             base[..., 3]])
+    # The base model: the point's cell at its lower node k (the corners it has already, with
+    # the weights of a point at that node, fraction 0).
+    _, raw = _with_alpha(axes, index3[rows], raw3[rows], (k[rows], np.zeros(rows.size)))
+    weight[rows] = _renormalised(raw, present[rows])
+    n = weight.shape[1]
     index = np.concatenate([index] * 3, axis=1)
-    weight = np.concatenate([weight, np.zeros_like(weight), np.zeros_like(weight)], axis=1)
-    n = weight.shape[1] // 3
-    for j in np.unique(k[rows]):
+    weight = np.concatenate([weight, np.zeros((weight.shape[0], 2 * n))], axis=1)
+    lower = k[rows]
+    for j in range(nodes.size - 1):  # the few intervals (not np.unique's calls)
+        sub = np.flatnonzero(lower == j)
+        if not sub.size:
+            continue
         both, fehs = _alpha_pairs(exists, axes["feh"], j)
         if not fehs.size:
             continue
-        sub = np.flatnonzero(k[rows] == j)
         mine = rows[sub]
-        here = [(lo[sub], fr[sub]) for lo, fr in at[:2]]
+        here = [(lo[mine], fr[mine]) for lo, fr in at[:2]]
         here.append(_position(axes["feh"], np.minimum(np.maximum(m[mine], fehs[0]), fehs[-1])))
         here3, here_raw = _cell3(axes, here)
         has = both[here3[..., 0], here3[..., 1], here3[..., 2]][:, _CORNER3]
-        for part, node, sign in ((1, nodes[j + 1], 1.0), (2, nodes[j], -1.0)):
-            at_node = [np.full(mine.shape, v[0]) for v in _position(nodes, node[None])]
+        node_lo, node_frac = _position(nodes, nodes[[j + 1, j]])  # both nodes' positions
+        for part, sign in ((1, 1.0), (2, -1.0)):
+            at_node = (node_lo[part - 1:part], node_frac[part - 1:part])
             i, w = _with_alpha(axes, here3, here_raw, at_node)
             w = _renormalised(w, has)
             cols = slice(part * n, (part + 1) * n)
