@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import xarray as xr
 
-__all__ = ["dataset"]
+__all__ = ["dataset", "with_variables"]
 
 
 def dataset(data_vars, coords, attrs=None, indexes=None):
@@ -36,4 +36,29 @@ def dataset(data_vars, coords, attrs=None, indexes=None):
     result = xr.Coordinates({**data_vars, **coords}, indexes=indexes).to_dataset()
     result = result.reset_coords(list(data_vars))
     result.attrs = dict(attrs or {})
+    return result
+
+
+def with_variables(ds, variables):
+    """``ds.assign(variables)`` for new data variables, the same Dataset, built without the
+    merge (1.46 -> 1.09 ms of CPU for three per-star variables on a fit's ~60).
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+    variables : dict
+        Name: :class:`xarray.Variable` or tuple (dims, data[, attrs]) on dimensions of
+        ``ds`` with its sizes (not checked); none of ``ds``'s names.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``ds``'s variables, in their order, then ``variables``; ``ds``'s indexes and a copy of
+        its attrs.
+    """
+    new = {name: v if isinstance(v, xr.Variable) else xr.Variable(*v)
+           for name, v in variables.items()}
+    result = xr.Coordinates({**ds.variables, **new}, indexes=dict(ds.xindexes)).to_dataset()
+    result = result.reset_coords([*ds.data_vars, *new])
+    result.attrs = dict(ds.attrs)
     return result

@@ -10,6 +10,7 @@ from pathlib import Path
 import xarray as xr
 
 from ._atomic import check_output_directory
+from ._datasets import with_variables
 from .calibration import apply_calibration, combine_vectors
 from .catalog import read_catalog
 from .config import Config, load_config, second_order_options
@@ -135,9 +136,8 @@ def calibrate(exposure, catalog, grid, config=None, *, cache_dir=None, xp=None):
         if not issubclass(w.category, FluxCalWarning):
             warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     calibrated.attrs["history"] = [*calibrated.attrs["history"], *(f"note: {n}" for n in notes)]
-    stars = stars.assign(star_status=("star", calibration["star_status"].values),
-                         grey_level=("star", calibration["grey_level"].values),
-                         used=("star", calibration["used"].values))
+    stars = with_variables(stars, {name: ("star", calibration.variables[name].values)
+                                   for name in ("star_status", "grey_level", "used")})
     return CalibrationResult(calibrated, stars, calibration, None, notes)
 
 

@@ -102,6 +102,29 @@ def test_append_replace_and_reopen(tmp_path):
     assert ArchiveWriter(path).is_current("E5", "new")
 
 
+def test_capacity_grows_with_the_archive_in_whole_blocks(tmp_path):
+    # A resize writes every array's metadata: the larger the archive, the more rows at a
+    # time (as many as it has, up to _GROWTH_MAX), always whole chunks of rows.
+    from kspec_fluxcal.survey.archive import _BLOCK, _GROWTH_MAX, _capacity
+
+    capacity, seen = 0, []
+    for need in range(1, 5000, 37):
+        if need > capacity:
+            capacity = _capacity(need, capacity)
+            seen.append(capacity)
+    assert seen[:5] == [64, 128, 256, 512, 1024] and _GROWTH_MAX == 1024
+    assert set(np.diff(seen[4:])) == {_GROWTH_MAX}
+    assert _capacity(5000, 1024) == 5056 and _capacity(1, 0) == _BLOCK  # enough at once
+    path = tmp_path / "archive.zarr"
+    writer = ArchiveWriter(path)
+    records = [archive_record(_calibrated(f"E{i}", 61000.2 + i), _stars(), None)
+               for i in range(130)]
+    for k in range(0, 130, 64):
+        writer.append(records[k:k + 64])
+    assert {a.shape[0] for a in writer._row_arrays.values()} == {256}
+    assert list(open_archive(path)["expid"].values) == [f"E{i}" for i in range(130)]
+
+
 def test_uncommitted_rows_are_invisible_and_repaired(tmp_path):
     path = tmp_path / "archive.zarr"
     writer = ArchiveWriter(path)

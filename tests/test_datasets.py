@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from kspec_fluxcal._datasets import dataset
+from kspec_fluxcal._datasets import dataset, with_variables
 
 
 def _same(a, b):
@@ -43,3 +43,19 @@ def test_indexes_given_are_the_only_ones():
 def test_a_data_variable_named_after_its_dimension_is_refused():
     with pytest.raises(ValueError):
         dataset({"star": ("star", np.arange(2))}, {})
+
+
+def test_variables_added_as_assign_adds_them():
+    wave = np.linspace(4000.0, 5000.0, 7)
+    ds = xr.Dataset({"cal": (("star", "wavelength"), np.ones((2, 7)), {"units": "x"}),
+                     "mag": (("star", "band"), np.zeros((2, 3)))},
+                    coords={"wavelength": ("wavelength", wave), "band": ["g", "r", "i"],
+                            "fiber": ("star", np.array([4, 9]))}, attrs={"expid": "E"})
+    ds["teff"] = ("star", np.array([5800.0, 6100.0]))  # after a coordinate: order kept
+    new = {"status": ("star", np.array(["used", "outlier"])),
+           "used": xr.Variable("star", np.array([True, False]), {"note": "n"})}
+    built = with_variables(ds, new)
+    _same(built, ds.assign(new))
+    assert list(built.data_vars) == ["cal", "mag", "teff", "status", "used"]
+    assert built.attrs is not ds.attrs and "status" not in ds
+    assert built["mag"].sel(band="r").shape == (2,)  # the index kept

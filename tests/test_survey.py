@@ -255,6 +255,19 @@ def test_discover_skips_hidden_files_and_the_output_directory(tmp_path):
         discover(tmp_path / "none")
 
 
+def test_file_hash_is_the_sha1_of_the_whole_file(tmp_path):
+    # Part of every exposure's input hash (resume): any size, one buffer's worth or more.
+    import hashlib
+
+    from kspec_fluxcal.survey.job import _file_hash
+
+    rng = np.random.default_rng(1)
+    for size in (0, 1, 2880, (1 << 18) + 7, 600_000):
+        path = tmp_path / f"f{size}"
+        path.write_bytes(rng.bytes(size))
+        assert _file_hash(path) == hashlib.sha1(path.read_bytes()).hexdigest()
+
+
 def test_tasks_give_the_free_heap_back_every_few_tasks(monkeypatch):
     # Every TRIM_EVERY-th task, failed or not, ends with malloc_trim(0); without glibc, none.
     from kspec_fluxcal.survey import cluster

@@ -50,7 +50,13 @@ __all__ = ["ARCHIVE_GRID", "archive_grid", "ArchiveWriter", "open_archive", "arc
 ARCHIVE_GRID = {"wave_min": 3000.0, "wave_max": 11000.0, "dlnlambda": 2e-4}
 #: Standard-star slots per exposure in the archive.
 MAX_STARS = 32
-_BLOCK = 64  # rows added to the arrays' capacity at a time
+_BLOCK = 64  # the row arrays' chunk; capacity grows in whole blocks
+#: The arrays' capacity grows by as many rows as it has (at least a block, at most this
+#: many): a resize writes every array's metadata (~50 files, ~47 ms of CPU), which a growth
+#: of one block made once per commit of 64 rows (0.74 ms per exposure; 512 rows appended,
+#: 6 alternations: 2.50 -> 2.22 ms of CPU per row). Pre-allocated rows cost no disk (no
+#: chunk is written for them) and readers skip them (the group's ``rows``).
+_GROWTH_MAX = 1024
 _ROW_CHUNK = 16
 _STAR_FIELDS = {
     "star_objid": (np.int64, -1), "star_fiber": (np.int64, -1), "star_teff": (np.float64, np.nan),
@@ -507,7 +513,7 @@ class ArchiveWriter:
         arrays = self._row_arrays
         capacity = arrays["cal"].shape[0]
         if need > capacity:
-            new = int(np.ceil(need / _BLOCK)) * _BLOCK
+            new = _capacity(need, capacity)
             _together(a.async_array.resize((new,) + a.shape[1:]) for a in arrays.values())
         rows = slice(start, need)
         values = {name: np.stack([r[name] for r in records]) for name in _SPECTRA}
@@ -527,6 +533,14 @@ class ArchiveWriter:
         self.group.attrs.update({"rows": need, "index": index})
         self.rows, self.index = need, index
         self.hashes.update({r["row"]["expid"]: r["row"]["input_hash"] for r in records})
+
+
+def _capacity(need, capacity):
+    """The row arrays' capacity for ``need`` rows, from ``capacity``: whole blocks
+    (:data:`_BLOCK`), grown by as many rows as the capacity has (at most
+    :data:`_GROWTH_MAX`), so that a growing archive is resized ever more rarely."""
+    step = min(max(capacity, _BLOCK), _GROWTH_MAX)
+    return max(-(-need // _BLOCK), -(-(capacity + step) // _BLOCK)) * _BLOCK
 
 
 def _together(operations):
