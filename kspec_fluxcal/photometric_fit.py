@@ -198,10 +198,12 @@ def warp_basis(wavelength, wave_range, degree=3):
 def _legendre(wave, wave_range, degree):
     """Legendre polynomials of degree 1..``degree`` in 1/lambda over ``wave_range``."""
     lo, hi = 1e4 / wave_range[1], 1e4 / wave_range[0]  # 1/um
-    t = np.clip(2.0 * (1e4 / np.asarray(wave, dtype=np.float64) - lo) / (hi - lo) - 1.0,
-                -1.0, 1.0)
-    return np.stack([np.polynomial.legendre.legval(t, np.eye(degree + 1)[k])
-                     for k in range(1, degree + 1)], axis=-1)
+    # np.clip's values by maximum and minimum, without its wrappers
+    t = np.minimum(np.maximum(2.0 * (1e4 / np.asarray(wave, dtype=np.float64) - lo) / (hi - lo)
+                              - 1.0, -1.0), 1.0)
+    # Every degree in one legval call: each polynomial's Clenshaw steps are those of a call
+    # of its own (the same numbers), its Python loop run once instead of per degree.
+    return np.stack(list(np.polynomial.legendre.legval(t, np.eye(degree + 1)[:, 1:])), axis=-1)
 
 
 @functools.lru_cache(maxsize=64)
