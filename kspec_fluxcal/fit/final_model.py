@@ -17,7 +17,7 @@ from ..photometric_fit import band_extinction, fit_warp, warp_basis
 from ..photometry import band_wavelength, catalog_parallax, logg_from_parallax
 from ..reddening import extinction_per_ebv
 from ..xp import xp_level, xp_resolution, xp_rows
-from .acceptance import line_variance
+from .acceptance import line_depth, line_variance
 from .exposure_templates import interpolated_corners
 from .matching import correction_parameters, fit_corrected
 from .model_photometry import final_photometry, model_magnitudes
@@ -252,9 +252,15 @@ class _Residuals(NamedTuple):
 def _residuals(obs, model_nobs):
     w = np.where(np.isfinite(model_nobs) & np.isfinite(obs.norm), obs.ivar, 0.0)
     fit = w > 0
-    resid2 = np.where(fit, (np.nan_to_num(obs.norm) - np.nan_to_num(model_nobs)) ** 2, 0.0)
-    var = np.where(fit, 1.0 / np.where(fit, w, 1.0), np.inf)
-    return _Residuals(fit, resid2, var, np.nan_to_num(model_nobs) ** 2)
+    # Computed where compared only (both finite there), without nan_to_num's copies: the
+    # same numbers in half the time (0.2 ms per call).
+    resid2 = np.zeros(w.shape)
+    np.subtract(obs.norm, model_nobs, out=resid2, where=fit)
+    np.square(resid2, out=resid2)
+    var = np.full(w.shape, np.inf)
+    np.divide(1.0, w, out=var, where=fit)
+    # nan_to_num's squares: 0 for NaN (an infinite model squares to inf either way)
+    return _Residuals(fit, resid2, var, np.where(np.isnan(model_nobs), 0.0, model_nobs) ** 2)
 
 
 def outlier_pixels(obs, model, fit, sigma):
@@ -342,7 +348,7 @@ def _line_error(res, model_nobs):
     star against a real grid 0.4-0.6, another model's line list ~ 1."""
     fit, m2 = res.fit, res.m2
     excess = np.where(fit, res.resid2 - res.var, 0.0)
-    depth2 = np.clip(1.0 - np.nan_to_num(model_nobs, nan=1.0), 0.0, None) ** 2
+    depth2 = line_depth(model_nobs) ** 2
     cont = fit & (depth2 < _CONTINUUM_DEPTH**2)
     with np.errstate(invalid="ignore", divide="ignore"):
         cont_excess = np.where(cont, excess / np.where(cont, m2, 1.0), 0.0).sum(1) / cont.sum(1)
