@@ -123,8 +123,7 @@ def _scaled_model(obs, model_obs, weights, matched, phot, scan, config, xp=None)
     mag_model = reddened - 2.5 * np.log10(scale)[:, None] + warped["band_warp"]
     logg_p, logg_p_err = logg_from_parallax(scale, prior.parallax, prior.parallax_err)
     curve = warped["curve"]
-    model_flux = (scale[:, None] * model_obs * curve * 10.0 ** (-0.4 * ebv[:, None] * a_lambda)
-                  / FLUX_UNIT_SCALE)
+    model_flux = scale[:, None] * model_obs * curve * _attenuation(ebv, a_lambda) / FLUX_UNIT_SCALE
     with np.errstate(invalid="ignore"):
         warp_rms = np.sqrt(np.nanmean((curve - 1.0) ** 2, axis=1)) if obs.nstar else np.zeros(0)
     return {"phot": pf, "scale": scale, "scale_err": scale_err, "ebv": ebv,
@@ -133,6 +132,18 @@ def _scaled_model(obs, model_obs, weights, matched, phot, scan, config, xp=None)
             "has_parallax": catalog_parallax(prior.parallax, prior.parallax_err)[2],
             "phot_rms_spectral": rms_spectral,
             "xp": _xp_outputs(obs, model_flux, compared)}
+
+
+def _flux_factor(mag):
+    """10^(-0.4 ``mag``), by exp: pow is ~3x slower on a spectrum's pixels (0.2 against
+    0.07 ms for 3 x 4096), for a difference of an ulp or two."""
+    return np.exp(-_LN10_04 * mag)
+
+
+def _attenuation(ebv, a_lambda):
+    """The factor 10^(-0.4 E(B-V) A_lambda/E(B-V)) of stars' E(B-V) ``ebv`` (S,) on their
+    pixels ``a_lambda`` (S, P) (:func:`_flux_factor`)."""
+    return np.exp(-_LN10_04 * ebv[:, None] * a_lambda)
 
 
 def _warp(obs, phot, pf, reddened, matched, config, compared):
@@ -176,7 +187,7 @@ def _apply_warp(out, stars, degree, compared, obs, phot, pf, reddened, band_wave
                   pf["used"][rows], warp_sigma=config.fit.warp_sigma,
                   error_floor=config.photometry.error_floor, xp=xp)
     out["mu"][rows], out["mu_err"][rows] = wf["mu"], wf["mu_err"]
-    out["curve"][rows] = 10.0 ** (-0.4 * (pixel_basis @ wf["warp"][:, :, None])[..., 0])
+    out["curve"][rows] = _flux_factor((pixel_basis @ wf["warp"][:, :, None])[..., 0])
     # One basis for all (bands only): the product as it always was, to the last bit.
     out["band_warp"][rows] = ((band_basis[0] @ wf["warp"].T).T if compared is None
                               else np.einsum("sbk,sk->sb", band_basis, wf["warp"]))
@@ -189,7 +200,7 @@ def _xp_comparison(obs, model_obs, pf, a_lambda, matched, xp, config):
     if xp is None:
         return None
     scale = 10.0 ** (-0.4 * pf["mu"])
-    model = scale[:, None] * model_obs * 10.0 ** (-0.4 * pf["ebv"][:, None] * a_lambda)
+    model = scale[:, None] * model_obs * _attenuation(pf["ebv"], a_lambda)
     has = np.isfinite(xp.flux).any(axis=1)
     model_xp = np.full(xp.flux.shape, np.nan)
     if has.any():
