@@ -83,7 +83,9 @@ class PhotometricScore:
         star cost 1.4 times as much with two stars)."""
         stars, ids = np.asarray(stars), np.asarray(ids)
         n = stars.size * ids.size
-        weights = scipy.sparse.csr_matrix((np.ones(n), (np.arange(n), np.tile(ids, stars.size))),
+        # One template per row, given as CSR arrays: the matrix scipy's conversion from
+        # (row, column) pairs made, without it (~0.1 ms).
+        weights = scipy.sparse.csr_matrix((np.ones(n), np.tile(ids, stars.size), np.arange(n + 1)),
                                           shape=(n, self.maggies.shape[0]))
         points = np.zeros((n, 4))
         points[:, 1] = np.tile(self.template_logg[ids], stars.size)
