@@ -56,14 +56,8 @@ def final_model(obs, tm, scan, params, matched, phot, config, xp=None):
     if ok.size:  # the velocity once more, against the final model
         rv[ok], rv_err[ok] = refine_rv(obs.norm[ok], obs.ivar[ok], model_n[ok], obs.wave, rv[ok],
                                        knot_spacing=scan.knots, star_wavelength=obs.star_wave[ok])
-    model_nobs = np.full((nstar, obs.wave.size), np.nan)
     moved_n, model_obs = _moved(obs, rv, model_n, model)
-    for s in range(nstar):  # a few stars: the normalised model as compared with the star
-        shifted = moved_n[s]
-        w = np.where(np.isfinite(shifted), obs.ivar[s], 0.0)
-        model_nobs[s] = fit_corrected(np.nan_to_num(obs.norm[s]), w, np.nan_to_num(shifted)[None],
-                                      obs.star_wave[s], scan.knots)[0]
-        model_nobs[s][~np.isfinite(shifted)] = np.nan
+    model_nobs = _compared(obs, moved_n, scan.knots)
     residuals = _residuals(obs, model_nobs)
     chi2_dof, model_error = _model_error(residuals, obs, scan)
     line_error = _line_error(residuals, model_nobs)
@@ -74,6 +68,22 @@ def final_model(obs, tm, scan, params, matched, phot, config, xp=None):
     return SimpleNamespace(rv=rv, rv_err=rv_err, model_nobs=model_nobs, chi2_dof=chi2_dof,
                            model_error=model_error, line_error=line_error,
                            **scaled)
+
+
+def _compared(obs, moved_n, knots):
+    """The normalised models ``moved_n`` (S, P; :func:`_moved`) as compared with the stars:
+    each with its smooth correction fitted to the star, NaN where the model is. The stars'
+    inputs prepared at once, fitted star by star (one call for the stars of a wavelength
+    solution took as long: the sparse products' cost is per row)."""
+    finite = np.isfinite(moved_n)
+    weight = np.where(finite, obs.ivar, 0.0)
+    flux, shifted = np.nan_to_num(obs.norm), np.nan_to_num(moved_n)
+    model_nobs = np.empty(moved_n.shape)
+    for s in range(obs.nstar):  # a few stars
+        model_nobs[s] = fit_corrected(flux[s], weight[s], shifted[s][None], obs.star_wave[s],
+                                      knots)[0]
+    model_nobs[~finite] = np.nan
+    return model_nobs
 
 
 def _moved(obs, rv, *spectra):
