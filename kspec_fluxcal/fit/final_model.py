@@ -72,9 +72,9 @@ def final_model(obs, tm, scan, params, matched, phot, config, xp=None):
 
 def _compared(obs, moved_n, knots):
     """The normalised models ``moved_n`` (S, P; :func:`_moved`) as compared with the stars:
-    each with its smooth correction fitted to the star, NaN where the model is. The stars'
-    inputs prepared at once, fitted star by star (one call for the stars of a wavelength
-    solution took as long: the sparse products' cost is per row)."""
+    each with its smooth correction fitted to the star, NaN where the model is NaN. The
+    stars' inputs prepared at once, fitted star by star (one call for the stars of a
+    wavelength solution took as long: the sparse products' cost is per row)."""
     finite = np.isfinite(moved_n)
     weight = np.where(finite, obs.ivar, 0.0)
     flux, shifted = np.nan_to_num(obs.norm), np.nan_to_num(moved_n)
