@@ -66,90 +66,104 @@ def fit_photometry(mag_obs, mag_err, mag_model, ext_coeff, *, ext_slope=None, eb
     d = mag_obs - mag_model
     valid = np.isfinite(d) & np.isfinite(mag_err) & np.isfinite(ext_coeff)
     sigma2 = np.where(valid, mag_err**2 + error_floor**2, np.inf)
-    if ebv_prior is None:
-        ebv_prior = np.full(nstar, np.nan)
-    prior_mean = np.where(np.isfinite(ebv_prior), ebv_prior, 0.0)
-    prior_sig = np.where(np.isfinite(ebv_prior), ebv_prior_sigma,
-                         0.1 if ebv_prior_sigma > 0 else 0.0)
-    prior = (np.where(prior_sig > 0, 1.0 / np.maximum(prior_sig, 1e-12) ** 2, 0.0), prior_mean,
-             reddening, ebv_max)
-    inverse = 1.0 / sigma2
+    prior = _prior(np.full(nstar, np.nan) if ebv_prior is None else ebv_prior,
+                   ebv_prior_sigma, reddening, ebv_max)
+    inverse = 1.0 / sigma2  # 0 for an invalid band (1 / inf)
     # A band is an outlier beyond both limits: beyond the larger one.
     limit = np.maximum(outlier_sigma * np.sqrt(sigma2), outlier_mag)
-    most = np.maximum(1, np.count_nonzero(valid, axis=1) // 3)
     used = valid.copy()
     dropped = np.zeros_like(valid)
-    for _ in range(nband):
-        bands = _used_bands(d, inverse, used)
-        mu, ebv, cov = _solve(bands, ext_coeff, used, prior)
-        resid = np.where(used, d - mu[:, None] - ext_coeff * ebv[:, None], np.nan)
-        size = np.abs(resid)
-        bad = used & (size > limit)
-        # Drop a few outlier bands at most: photometry that disagrees in many bands is the
-        # wrong star or the wrong model, and must show in the rms, not be pruned away.
-        drop = bad.any(1)
-        if not drop.any():
-            break
-        drop &= ((np.count_nonzero(used, axis=1) > min_bands)
-                 & (np.count_nonzero(dropped, axis=1) < most))
-        if not drop.any():
-            break
-        # A bad band's residual is finite (beyond its limit): argmax, no NaN to skip.
-        worst = np.argmax(np.where(bad, size, -np.inf), axis=1)
-        rows = np.flatnonzero(drop)
-        used[rows, worst[drop]] = False
-        dropped[rows, worst[drop]] = True
-    else:  # a band dropped in every pass: the sums of those left
-        bands = _used_bands(d, inverse, used)
-    if ext_slope is not None and reddening:
-        slope = np.nan_to_num(ext_slope)
-        for _ in range(_CURVATURE_PASSES):  # the bands are chosen: their sums stay
-            mu, ebv, cov = _solve(bands, _coefficients(ebv[:, None], ext_coeff, slope), used,
-                                  prior)
-        resid = np.where(used, d - mu[:, None] - band_extinction(ebv, ext_coeff, slope), np.nan)
-    mu_err, ebv_err = cov()
+    # Every valid band used: the weights are the inverse variances as they are.
+    bands = _band_sums(inverse, np.where(valid, d, 0.0))
+    # One errstate for all the solves (a row without a band divides by 0), one per solve
+    # was ~6 % of the fit; with the fewer numpy calls here, the fits of 30 lake exposures
+    # took 2.2 instead of 2.8 ms per exposure, the same numbers.
     with np.errstate(divide="ignore", invalid="ignore"):
-        chi2 = np.nansum(np.where(used, resid**2 / sigma2, 0.0), axis=1)
+        for _ in range(nband):
+            mu, ebv, cov = _solve(bands, ext_coeff, used, prior)
+            resid = np.where(used, d - mu[:, None] - ext_coeff * ebv[:, None], np.nan)
+            size = np.abs(resid)
+            bad = size > limit  # NaN (a band not used) is not beyond it
+            # Drop a few outlier bands at most: photometry that disagrees in many bands is
+            # the wrong star or the wrong model, and must show in the rms, not be pruned away.
+            drop = bad.any(1)
+            if not drop.any():
+                break
+            most = np.maximum(1, np.count_nonzero(valid, axis=1) // 3)
+            drop &= ((np.count_nonzero(used, axis=1) > min_bands)
+                     & (np.count_nonzero(dropped, axis=1) < most))
+            if not drop.any():
+                break
+            # A bad band's residual is finite (beyond its limit): argmax, no NaN to skip.
+            worst = np.argmax(np.where(bad, size, -np.inf), axis=1)
+            rows = np.flatnonzero(drop)
+            used[rows, worst[drop]] = False
+            dropped[rows, worst[drop]] = True
+            w = np.where(used, inverse, 0.0)
+            bands = _band_sums(w, np.where(used, d, 0.0))
+        if ext_slope is not None and reddening:
+            # nan_to_num's copy only where a slope is not finite (7 of the 200 calls of 30
+            # lake exposures)
+            slope = ext_slope if np.isfinite(ext_slope).all() else np.nan_to_num(ext_slope)
+            for _ in range(_CURVATURE_PASSES):  # the bands are chosen: their sums stay
+                mu, ebv, cov = _solve(bands, _coefficients(ebv[:, None], ext_coeff, slope),
+                                      used, prior)
+            resid = np.where(used, d - mu[:, None] - band_extinction(ebv, ext_coeff, slope),
+                             np.nan)
+        mu_err, ebv_err = cov()
+        square = np.where(used, resid, 0.0) ** 2
+        chi2 = square / sigma2
+        chi2 = np.sum(np.where(chi2 >= 0.0, chi2, 0.0), axis=1)  # np.nansum's (no NaN)
         if reddening:
-            chi2 = chi2 + prior[0] * (ebv - prior_mean) ** 2
+            chi2 = chi2 + prior[0] * (ebv - prior[1]) ** 2
         n_bands = used.sum(1)
-        rms = np.sqrt(np.sum(np.where(used, resid, 0.0) ** 2, axis=1) / n_bands)
+        rms = np.sqrt(np.sum(square, axis=1) / n_bands)
     return {"mu": mu, "mu_err": mu_err, "ebv": ebv, "ebv_err": ebv_err, "resid": resid,
             "used": used, "dropped": dropped, "n_bands": n_bands, "rms": rms, "chi2": chi2}
 
 
-def _used_bands(d, inverse, used):
-    """What :func:`_solve` needs of the ``used`` bands whatever the coefficients: their
-    weights, the data, and the sums of both (the same for every solve with these bands)."""
-    w = np.where(used, inverse, 0.0)
-    d_ = np.where(used, d, 0.0)
+def _prior(ebv_prior, ebv_prior_sigma, reddening, ebv_max):
+    """The E(B-V) prior as :func:`_solve` takes it: weight and mean per star (NaN: 0 +/- 0.1,
+    no prior when ``ebv_prior_sigma`` is 0), whether to fit E(B-V), its upper bound."""
+    known = np.isfinite(ebv_prior)
+    sigmas = (ebv_prior_sigma, 0.1 if ebv_prior_sigma > 0 else 0.0)  # known, unknown
+    # s * s: what the arrays' squares gave (a power of 2 is a product of the two)
+    weights = [1.0 / (max(s, 1e-12) * max(s, 1e-12)) if s > 0 else 0.0 for s in sigmas]
+    return (np.where(known, *weights), np.where(known, ebv_prior, 0.0), reddening, ebv_max)
+
+
+def _band_sums(w, d_):
+    """What :func:`_solve` needs of the used bands whatever the coefficients: their weights
+    ``w`` (0 for a band not used), the data ``d_`` (0 there), and the sums of both (the same
+    for every solve with these bands)."""
     return w, d_, w.sum(1), (w * d_).sum(1)
 
 
 def _solve(bands, coeff, used, prior):
-    """(mu, E(B-V)) of the ``used`` bands (:func:`_used_bands`) by weighted least squares with
+    """(mu, E(B-V)) of the ``used`` bands (:func:`_band_sums`) by weighted least squares with
     the prior (weight, mean, whether to fit E, its upper bound), and a function giving their
-    errors (the 2x2 normal matrix's inverse; only the last solve's are wanted)."""
+    errors (the 2x2 normal matrix's inverse; only the last solve's are wanted). Under the
+    caller's errstate: a row without a band divides by 0."""
     prior_w, prior_mean, reddening, ebv_max = prior
     w, d_, s0, b0 = bands
     r_ = np.where(used, coeff, 0.0)
     wr = w * r_
     s1, s2, b1 = wr.sum(1), (w * r_**2).sum(1), (wr * d_).sum(1)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        if reddening:
-            a11 = s2 + prior_w
-            det = s0 * a11 - s1**2
-            ebv = np.clip((s0 * (b1 + prior_w * prior_mean) - s1 * b0) / det, 0.0, ebv_max)
-            ebv[np.isnan(ebv)] = 0.0  # a singular system: no reddening
-        else:
-            ebv = np.zeros(s0.shape)
-        mu = (b0 - s1 * ebv) / s0
+    if reddening:
+        a11 = s2 + prior_w
+        det = s0 * a11 - s1**2
+        # np.clip's values (NaN stays NaN), without its wrappers' overhead
+        ebv = np.minimum(np.maximum((s0 * (b1 + prior_w * prior_mean) - s1 * b0) / det, 0.0),
+                         ebv_max)
+        ebv[np.isnan(ebv)] = 0.0  # a singular system: no reddening
+    else:
+        ebv = np.zeros(s0.shape)
+    mu = (b0 - s1 * ebv) / s0
 
     def errors():
-        with np.errstate(divide="ignore", invalid="ignore"):
-            if reddening:
-                return np.sqrt(a11 / det), np.sqrt(s0 / det)
-            return np.sqrt(1.0 / s0), np.full(s0.shape, np.nan)
+        if reddening:
+            return np.sqrt(a11 / det), np.sqrt(s0 / det)
+        return np.sqrt(1.0 / s0), np.full(s0.shape, np.nan)
 
     return mu, ebv, errors
 
@@ -184,10 +198,16 @@ def warp_basis(wavelength, wave_range, degree=3):
 def _legendre(wave, wave_range, degree):
     """Legendre polynomials of degree 1..``degree`` in 1/lambda over ``wave_range``."""
     lo, hi = 1e4 / wave_range[1], 1e4 / wave_range[0]  # 1/um
-    t = np.clip(2.0 * (1e4 / np.asarray(wave, dtype=np.float64) - lo) / (hi - lo) - 1.0,
-                -1.0, 1.0)
-    return np.stack([np.polynomial.legendre.legval(t, np.eye(degree + 1)[k])
-                     for k in range(1, degree + 1)], axis=-1)
+    # np.clip's values by maximum and minimum, without its wrappers
+    t = np.minimum(np.maximum(2.0 * (1e4 / np.asarray(wave, dtype=np.float64) - lo) / (hi - lo)
+                              - 1.0, -1.0), 1.0)
+    # Bonnet's recurrence, n P_n = (2n - 1) t P_n-1 - (n - 1) P_n-2: each degree from the
+    # last two, not a Clenshaw sum per degree (legval's: a final model's warps took 0.57
+    # instead of 0.38 ms; the same polynomials to an ulp or two).
+    polys, before = [t], 1.0
+    for n in range(2, degree + 1):
+        polys, before = polys + [((2 * n - 1) * t * polys[-1] - (n - 1) * before) / n], polys[-1]
+    return np.stack(polys, axis=-1)
 
 
 @functools.lru_cache(maxsize=64)

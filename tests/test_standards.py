@@ -714,6 +714,19 @@ def test_lines_deeper_than_the_templates_weigh_less(fitted):
     assert line_variance(floor) > (0.75 * 0.2) ** 2 > 10 * line_variance(stars)
 
 
+def test_line_depth_is_one_minus_the_model_at_least_0_and_0_without_a_model():
+    from kspec_fluxcal.fit.acceptance import line_depth
+
+    model = np.array([[0.25, 1.0, 1.5, np.nan], [np.nan, 0.0, 0.999, -2.0]])
+    np.testing.assert_array_equal(line_depth(model), [[0.75, 0.0, 0.0, 0.0],
+                                                      [0.0, 1.0, 1.0 - 0.999, 3.0]])
+    rng = np.random.default_rng(2)
+    model = rng.normal(1.0, 0.3, (3, 500))
+    model[rng.random(model.shape) < 0.1] = np.nan
+    expected = np.clip(1.0 - np.nan_to_num(model, nan=1.0), 0.0, None)
+    assert line_depth(model).tobytes() == expected.tobytes()
+
+
 def test_masked_pixels_are_no_longer_good():
     """The outlier passes' masked pixels become bad; the rest, and every other variable and
     attr, are the standards' own."""

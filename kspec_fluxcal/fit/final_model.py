@@ -17,7 +17,7 @@ from ..photometric_fit import band_extinction, fit_warp, warp_basis
 from ..photometry import band_wavelength, catalog_parallax, logg_from_parallax
 from ..reddening import extinction_per_ebv
 from ..xp import xp_level, xp_resolution, xp_rows
-from .acceptance import line_variance
+from .acceptance import line_depth, line_variance
 from .exposure_templates import interpolated_corners
 from .matching import correction_parameters, fit_corrected
 from .model_photometry import final_photometry, model_magnitudes
@@ -56,14 +56,8 @@ def final_model(obs, tm, scan, params, matched, phot, config, xp=None):
     if ok.size:  # the velocity once more, against the final model
         rv[ok], rv_err[ok] = refine_rv(obs.norm[ok], obs.ivar[ok], model_n[ok], obs.wave, rv[ok],
                                        knot_spacing=scan.knots, star_wavelength=obs.star_wave[ok])
-    model_nobs = np.full((nstar, obs.wave.size), np.nan)
     moved_n, model_obs = _moved(obs, rv, model_n, model)
-    for s in range(nstar):  # a few stars: the normalised model as compared with the star
-        shifted = moved_n[s]
-        w = np.where(np.isfinite(shifted), obs.ivar[s], 0.0)
-        model_nobs[s] = fit_corrected(np.nan_to_num(obs.norm[s]), w, np.nan_to_num(shifted)[None],
-                                      obs.star_wave[s], scan.knots)[0]
-        model_nobs[s][~np.isfinite(shifted)] = np.nan
+    model_nobs = _compared(obs, moved_n, scan.knots)
     residuals = _residuals(obs, model_nobs)
     chi2_dof, model_error = _model_error(residuals, obs, scan)
     line_error = _line_error(residuals, model_nobs)
@@ -74,6 +68,22 @@ def final_model(obs, tm, scan, params, matched, phot, config, xp=None):
     return SimpleNamespace(rv=rv, rv_err=rv_err, model_nobs=model_nobs, chi2_dof=chi2_dof,
                            model_error=model_error, line_error=line_error,
                            **scaled)
+
+
+def _compared(obs, moved_n, knots):
+    """The normalised models ``moved_n`` (S, P; :func:`_moved`) as compared with the stars:
+    each with its smooth correction fitted to the star, NaN where the model is NaN. The
+    stars' inputs prepared at once, fitted star by star (one call for the stars of a
+    wavelength solution took as long: the sparse products' cost is per row)."""
+    finite = np.isfinite(moved_n)
+    weight = np.where(finite, obs.ivar, 0.0)
+    flux, shifted = np.nan_to_num(obs.norm), np.nan_to_num(moved_n)
+    model_nobs = np.empty(moved_n.shape)
+    for s in range(obs.nstar):  # a few stars
+        model_nobs[s] = fit_corrected(flux[s], weight[s], shifted[s][None], obs.star_wave[s],
+                                      knots)[0]
+    model_nobs[~finite] = np.nan
+    return model_nobs
 
 
 def _moved(obs, rv, *spectra):
@@ -123,8 +133,7 @@ def _scaled_model(obs, model_obs, weights, matched, phot, scan, config, xp=None)
     mag_model = reddened - 2.5 * np.log10(scale)[:, None] + warped["band_warp"]
     logg_p, logg_p_err = logg_from_parallax(scale, prior.parallax, prior.parallax_err)
     curve = warped["curve"]
-    model_flux = (scale[:, None] * model_obs * curve * 10.0 ** (-0.4 * ebv[:, None] * a_lambda)
-                  / FLUX_UNIT_SCALE)
+    model_flux = scale[:, None] * model_obs * curve * _attenuation(ebv, a_lambda) / FLUX_UNIT_SCALE
     with np.errstate(invalid="ignore"):
         warp_rms = np.sqrt(np.nanmean((curve - 1.0) ** 2, axis=1)) if obs.nstar else np.zeros(0)
     return {"phot": pf, "scale": scale, "scale_err": scale_err, "ebv": ebv,
@@ -133,6 +142,18 @@ def _scaled_model(obs, model_obs, weights, matched, phot, scan, config, xp=None)
             "has_parallax": catalog_parallax(prior.parallax, prior.parallax_err)[2],
             "phot_rms_spectral": rms_spectral,
             "xp": _xp_outputs(obs, model_flux, compared)}
+
+
+def _flux_factor(mag):
+    """10^(-0.4 ``mag``), by exp: pow is ~3x slower on a spectrum's pixels (0.2 against
+    0.07 ms for 3 x 4096), for a difference of an ulp or two."""
+    return np.exp(-_LN10_04 * mag)
+
+
+def _attenuation(ebv, a_lambda):
+    """The factor 10^(-0.4 E(B-V) A_lambda/E(B-V)) of stars' E(B-V) ``ebv`` (S,) on their
+    pixels ``a_lambda`` (S, P) (:func:`_flux_factor`)."""
+    return np.exp(-_LN10_04 * ebv[:, None] * a_lambda)
 
 
 def _warp(obs, phot, pf, reddened, matched, config, compared):
@@ -176,7 +197,7 @@ def _apply_warp(out, stars, degree, compared, obs, phot, pf, reddened, band_wave
                   pf["used"][rows], warp_sigma=config.fit.warp_sigma,
                   error_floor=config.photometry.error_floor, xp=xp)
     out["mu"][rows], out["mu_err"][rows] = wf["mu"], wf["mu_err"]
-    out["curve"][rows] = 10.0 ** (-0.4 * (pixel_basis @ wf["warp"][:, :, None])[..., 0])
+    out["curve"][rows] = _flux_factor((pixel_basis @ wf["warp"][:, :, None])[..., 0])
     # One basis for all (bands only): the product as it always was, to the last bit.
     out["band_warp"][rows] = ((band_basis[0] @ wf["warp"].T).T if compared is None
                               else np.einsum("sbk,sk->sb", band_basis, wf["warp"]))
@@ -189,7 +210,7 @@ def _xp_comparison(obs, model_obs, pf, a_lambda, matched, xp, config):
     if xp is None:
         return None
     scale = 10.0 ** (-0.4 * pf["mu"])
-    model = scale[:, None] * model_obs * 10.0 ** (-0.4 * pf["ebv"][:, None] * a_lambda)
+    model = scale[:, None] * model_obs * _attenuation(pf["ebv"], a_lambda)
     has = np.isfinite(xp.flux).any(axis=1)
     model_xp = np.full(xp.flux.shape, np.nan)
     if has.any():
@@ -252,9 +273,15 @@ class _Residuals(NamedTuple):
 def _residuals(obs, model_nobs):
     w = np.where(np.isfinite(model_nobs) & np.isfinite(obs.norm), obs.ivar, 0.0)
     fit = w > 0
-    resid2 = np.where(fit, (np.nan_to_num(obs.norm) - np.nan_to_num(model_nobs)) ** 2, 0.0)
-    var = np.where(fit, 1.0 / np.where(fit, w, 1.0), np.inf)
-    return _Residuals(fit, resid2, var, np.nan_to_num(model_nobs) ** 2)
+    # Computed where compared only (both finite there), without nan_to_num's copies: the
+    # same numbers in half the time (0.2 ms per call).
+    resid2 = np.zeros(w.shape)
+    np.subtract(obs.norm, model_nobs, out=resid2, where=fit)
+    np.square(resid2, out=resid2)
+    var = np.full(w.shape, np.inf)
+    np.divide(1.0, w, out=var, where=fit)
+    # nan_to_num's squares: 0 for NaN (an infinite model squares to inf either way)
+    return _Residuals(fit, resid2, var, np.where(np.isnan(model_nobs), 0.0, model_nobs) ** 2)
 
 
 def outlier_pixels(obs, model, fit, sigma):
@@ -342,7 +369,7 @@ def _line_error(res, model_nobs):
     star against a real grid 0.4-0.6, another model's line list ~ 1."""
     fit, m2 = res.fit, res.m2
     excess = np.where(fit, res.resid2 - res.var, 0.0)
-    depth2 = np.clip(1.0 - np.nan_to_num(model_nobs, nan=1.0), 0.0, None) ** 2
+    depth2 = line_depth(model_nobs) ** 2
     cont = fit & (depth2 < _CONTINUUM_DEPTH**2)
     with np.errstate(invalid="ignore", divide="ignore"):
         cont_excess = np.where(cont, excess / np.where(cont, m2, 1.0), 0.0).sum(1) / cont.sum(1)

@@ -127,9 +127,14 @@ def final_photometry(phot, weights, scan):
     in one fit_photometry call (its rows are independent: each gets what its own call
     gives)."""
     nstar = weights.shape[0]
-    best = scipy.sparse.csr_matrix((np.ones(nstar), (np.arange(nstar), scan.best)),
-                                   shape=weights.shape)
-    both = photometry_rows(phot, scipy.sparse.vstack([weights, best], format="csr"),
-                           np.tile(np.arange(nstar), 2))
+    weights = weights.tocsr()
+    # The best templates' rows (one 1 each) under the models': the matrix scipy.sparse.vstack
+    # gives, built from its arrays (~0.15 ms less).
+    both = scipy.sparse.csr_matrix(
+        (np.concatenate([weights.data, np.ones(nstar)]),
+         np.concatenate([weights.indices, scan.best]).astype(weights.indices.dtype),
+         np.concatenate([weights.indptr, weights.indptr[-1] + np.arange(1, nstar + 1)])),
+        shape=(2 * nstar, weights.shape[1]))
+    both = photometry_rows(phot, both, np.tile(np.arange(nstar), 2))
     return ({k: v[:nstar] for k, v in both.items()},
             np.where(scan.usable, both["rms"][nstar:], np.nan))
