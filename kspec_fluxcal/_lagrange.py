@@ -36,7 +36,7 @@ def lagrange_matrix(position, size, order):
     # (those before m times those after), over its value at m: 3 order passes, not order^2.
     # Per node on contiguous rows, written once into the (points, order) weights: they and
     # the nodes are the matrix's data and indices as they are (its transposed copy, and the
-    # fresh memory of (order, points) temporaries, were 1/3 of the time).
+    # fresh memory of (order, points) temporaries: 7251 points of order 8, 1.2 -> 0.95 ms).
     before = [np.ones(position.size)]
     for m in range(1, order):
         before.append(before[-1] * factors[m - 1])
