@@ -55,6 +55,5 @@ def dataset(data_vars, coords, attrs=None, indexes=None):
     sizes = {}
     for var in variables.values():
         sizes.update(zip(var.dims, var.shape, strict=True))
-    return xr.Dataset._construct_direct(
-        variables, set(coords), dims=sizes, attrs=dict(attrs or {}),
-        indexes=built if indexes is None else dict(indexes))
+    return xr.Dataset._construct_direct(variables, set(coords), sizes, dict(attrs or {}),
+                                        built if indexes is None else dict(indexes))
