@@ -43,16 +43,3 @@ def test_indexes_given_are_the_only_ones():
 def test_a_data_variable_named_after_its_dimension_is_refused():
     with pytest.raises(ValueError):
         dataset({"star": ("star", np.arange(2))}, {})
-
-
-def test_the_variables_are_the_datasets_own():
-    """Issue 14: a Variable given is not the Dataset's (its attrs are a copy); an index
-    coordinate given without its index is a plain coordinate."""
-    mag = xr.Variable(("star", "band"), np.zeros((2, 3)), {"units": "mag"})
-    band = xr.Coordinates({"band": ["g", "r", "i"]}).variables["band"]
-    built = dataset({"mag": mag}, {"band": band, "fiber": ("star", [1, 2])}, indexes={})
-    _same(built, xr.Dataset({"mag": mag}, coords={"band": band.to_base_variable(),
-                                                  "fiber": ("star", [1, 2])}).drop_indexes("band"))
-    assert type(built.variables["band"]) is xr.Variable and not built.xindexes
-    built["mag"].attrs["units"] = "changed"
-    assert mag.attrs == {"units": "mag"} and built.variables["mag"] is not mag
