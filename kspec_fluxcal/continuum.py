@@ -118,10 +118,20 @@ def spline_basis(wavelength, knot_spacing, degree=3):
                   degree)
 
 
+#: Rows (along the last axis) up to this many: :func:`nanmedian` takes them one by one by
+#: partial sorts (the fit's three stars' 4096 pixels: ~4x faster than one sort of all).
+_PARTITIONED_ROWS = 16
+
+
 def nanmedian(values, axis=-1):
     """Median along ``axis`` ignoring NaN, the axis kept (length 1); NaN where there is no
     value. By one sort: np.nanmedian's values, without its Python loop over long axes or
-    its masked arrays for short ones (3-7x slower)."""
+    its masked arrays for short ones (3-7x slower); a few rows by partial sorts (the same
+    order statistics, so the same values)."""
+    values = np.asarray(values)
+    if (values.ndim == 2 and axis in (-1, 1) and values.dtype.kind == "f"
+            and values.shape[0] <= _PARTITIONED_ROWS):
+        return _row_medians(values)
     # NaN sort last; axes of up to 3 values (a few stars at every pixel) by compare-exchanges
     # over all of them at once, not a sort of every pixel's few (10x slower).
     few = np.shape(values)[axis] in _NETWORKS
@@ -147,6 +157,17 @@ def _sorted_few(values, axis):
     return np.moveaxis(np.stack(rows), 0, axis)
 
 
+def _row_medians(values):
+    """:func:`nanmedian` of each row of ``values`` (rows, P), float."""
+    out = np.full((values.shape[0], 1), np.nan, dtype=values.dtype)
+    with np.errstate(invalid="ignore"):  # inf - inf: NaN, as np.nanmedian
+        for out_row, row in zip(out, values, strict=True):
+            kept = row[~np.isnan(row)]
+            if kept.size:
+                out_row[0] = _median(kept)
+    return out
+
+
 def _robust_scale(resid, use):
     """Per-spectrum 1.4826 * MAD of the residuals over the used pixels, (N, 1); inf where
     there is none or it is 0.
@@ -167,7 +188,7 @@ def _robust_scale(resid, use):
 
 
 def _median(values):
-    """The median of finite ``values`` (1-D, at least one), as :func:`nanmedian` gives it;
+    """The median of ``values`` (1-D, at least one, no NaN), as :func:`nanmedian` gives it;
     ``values`` are reordered."""
     n = values.size
     values.partition(((n - 1) // 2, n // 2))

@@ -211,3 +211,31 @@ def test_nanmedian_of_a_few_values_is_numpys(axis):
         assert got.shape == want.shape
         np.testing.assert_array_equal(got, want)
         assert np.isfinite(want).any() and np.isnan(want).any()
+
+
+def test_nanmedian_of_a_few_rows_is_the_sorted_one():
+    """Issue 14: nanmedian of a few rows, by partial sorts row by row, gives the values and
+    dtype of its sort of many rows and of np.nanmedian (odd and even counts, ties,
+    infinities, rows without a value: NaN)."""
+    from kspec_fluxcal.continuum import _PARTITIONED_ROWS, nanmedian
+
+    rng = np.random.default_rng(11)
+    for trial in range(300):
+        values = rng.normal(size=(int(rng.integers(0, 6)), int(rng.integers(1, 40))))
+        if trial % 3 == 0:
+            values = np.round(values, 1)  # ties
+        for share, fill in ((0.3, np.nan), (0.05, np.inf), (0.05, -np.inf)):
+            values[rng.random(values.shape) < share] = fill
+        if len(values) > 1:
+            values[1] = np.nan
+        for dtype in (np.float64, np.float32):
+            few = values.astype(dtype)
+            many = np.concatenate([few] * (_PARTITIONED_ROWS + 1))  # sorted all at once
+            with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                want = np.nanmedian(few, axis=1, keepdims=True)
+                sorted_all = nanmedian(many)[:len(few)]
+            got = nanmedian(few)
+            assert got.dtype == dtype and got.shape == (len(few), 1)
+            np.testing.assert_array_equal(got, sorted_all)
+            np.testing.assert_array_equal(got, want.astype(dtype))

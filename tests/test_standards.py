@@ -745,3 +745,33 @@ def test_masked_pixels_are_no_longer_good():
     assert out["good"].attrs == {"description": "valid"} and out.attrs == {"expid": "E"}
     assert std["good"].values.sum() == 9  # the input untouched
     xr.testing.assert_identical(out.drop_vars("good"), std.drop_vars("good"))
+
+
+def test_the_standards_rows_are_the_exposures_selection():
+    """Issue 14: the standards' rows, built from the exposure's variables, are its selection
+    (values, order, indexes, attrs; in memory and lazy; without per-fiber wavelengths and
+    with a data variable more), for any fibers."""
+    from kspec_fluxcal.fit.standards import _standard_rows
+
+    rng = np.random.default_rng(2)
+    wave = np.linspace(4000.0, 5000.0, 9)
+    exposure = xr.Dataset(
+        {"flux": (("fiber", "wavelength"), rng.normal(size=(5, 9)).astype(np.float32),
+                  {"units": "count"}),
+         "variance": (("fiber", "wavelength"), rng.uniform(1, 2, (5, 9)).astype(np.float32)),
+         "good": (("fiber", "wavelength"), rng.random((5, 9)) > 0.1),
+         "sky": (("fiber", "wavelength"), np.zeros((5, 9)))},
+        coords={"fiber": np.arange(5), "wavelength": ("wavelength", wave, {"units": "A"}),
+                "fiber_wavelength": (("fiber", "wavelength"), wave + rng.normal(size=(5, 9))),
+                "fiber_name": ("fiber", [f"f{i}" for i in range(5)])},
+        attrs={"expid": "E1"})
+    for ds in (exposure, exposure.drop_vars("fiber_wavelength"),
+               exposure.chunk({"wavelength": -1})):
+        for fibers in ([3, 1], [4], [], [0, 1, 2, 3, 4]):
+            want = ds.isel(fiber=fibers)[["flux", "variance", "good"]]
+            got = _standard_rows(ds, np.array(fibers, dtype=int))
+            assert (got["flux"].chunks is None) == (ds["flux"].chunks is None)
+            xr.testing.assert_identical(got.compute(), want.compute())
+            assert list(got.variables) == list(want.variables)
+            assert got.xindexes["fiber"].equals(want.xindexes["fiber"])
+            assert type(got.variables["fiber"]) is type(want.variables["fiber"])

@@ -83,29 +83,32 @@ def spike_pixels(std, lsf, sigma):
     star_wave = (variables["fiber_wavelength"].values if "fiber_wavelength" in std.coords
                  else np.broadcast_to(wave, variables["flux"].shape))
     good = variables["good"].values
-    flux = np.where(good, variables["flux"].values.astype(np.float64), np.nan)
-    var = np.where(good, variables["variance"].values.astype(np.float64), np.nan)
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         s = (SPIKE_LSF_MARGIN * lsf.fwhm(star_wave)
              / (FWHM_PER_SIGMA * np.abs(np.gradient(star_wave, axis=1))))
         c = np.exp(0.5 / np.maximum(s, 0.3) ** 2)  # s < 0.3 px: C > 250, no test in effect
+    c2 = np.square(c)
+    # Flux and variance between a NaN column before and two after (the neighbours beyond the
+    # ends): at(a, k) is a[i + k] as a view, not a shifted copy of NaN and a (8 of them).
+    npix = good.shape[1]
+    padded = np.full((2,) + good.shape[:1] + (npix + 3,), np.nan)
+    for values, name in zip(padded, ("flux", "variance"), strict=True):
+        np.copyto(values[:, 1:-2], variables[name].values, where=good)
 
-    def shifted(a, k):  # a[i + k], NaN beyond the ends
-        out = np.full(a.shape, np.nan)
-        if k > 0:
-            out[:, :-k] = a[:, k:]
-        else:
-            out[:, -k:] = a[:, :k]
-        return out
+    def at(a, k):
+        return a[:, 1 + k:1 + k + npix]
 
+    flux, var = padded
     with np.errstate(invalid="ignore"):
-        one = flux - c * (shifted(flux, -1) + shifted(flux, 1))
-        one_var = var + c**2 * (shifted(var, -1) + shifted(var, 1))
+        one = at(flux, 0) - c * (at(flux, -1) + at(flux, 1))
+        one_var = at(var, 0) + c2 * (at(var, -1) + at(var, 1))
         spike = one > sigma * np.sqrt(one_var)
         # Pairs among the rest (a single spike would make both of its pairs bright).
-        flux, var = np.where(spike, np.nan, flux), np.where(spike, np.nan, var)
-        pair = flux + shifted(flux, 1) - c**2 * (shifted(flux, -1) + shifted(flux, 2))
-        pair_var = var + shifted(var, 1) + c**4 * (shifted(var, -1) + shifted(var, 2))
+        for values in padded:
+            at(values, 0)[spike] = np.nan
+        pair = at(flux, 0) + at(flux, 1) - c2 * (at(flux, -1) + at(flux, 2))
+        # (c2 squared: c**4 is a power, ~30x slower; within 2e-16 of it)
+        pair_var = at(var, 0) + at(var, 1) + np.square(c2) * (at(var, -1) + at(var, 2))
         pair = pair > sigma * np.sqrt(pair_var)
     spike |= pair
     spike[:, 1:] |= pair[:, :-1]  # the pair's second pixel
