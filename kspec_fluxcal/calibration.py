@@ -33,7 +33,7 @@ from ._datasets import dataset
 from ._inputs import expect_dataset
 from .config import Config
 from .constants import CAL_UNIT, FLUX_UNIT
-from .continuum import _median as _partial_median, nanmedian as _median_kept
+from .continuum import nanmedian as _median_kept
 from .errors import CalibrationError, FluxCalWarning
 from .exposure import _computed, add_history
 from .lsf import LineSpread
@@ -56,10 +56,9 @@ def _nanmedian(values, axis):
     """np.nanmedian without the warning for all-NaN slices (gaps are expected here); along
     an axis by :func:`~kspec_fluxcal.continuum.nanmedian`'s sort (the same values; numpy's
     masked-array path for short axes, the stars and the scatter's blocks, costs 3-7x more);
-    of all values by a partial sort of those not NaN (np.nanmedian's, without its copies)."""
+    of all values as one row's, by a partial sort (np.nanmedian's, without its copies)."""
     if axis is None:
-        kept = values[~np.isnan(values)]
-        return _partial_median(kept) if kept.size else np.nan
+        return _median_kept(np.reshape(values, (1, -1)))[0, 0]
     return np.squeeze(_median_kept(values, axis), axis)
 
 
