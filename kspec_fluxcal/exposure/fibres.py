@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import xarray as xr
-from astropy.io import fits
 
+from .._astropy import fits
 from ..constants import FIBER_TYPES
 from ..errors import ExposureError
 from ..fits_bytes import PlainHDU
@@ -33,9 +33,12 @@ def fibres_coords(hdu, nfib, path):
     with its FITS column name, then ``fibres_<column>`` for every other scalar column.
     """
     where = f"HDU {hdu.name}"
-    if not (isinstance(hdu, fits.BinTableHDU) or isinstance(hdu, PlainHDU) and not hdu.is_image):
+    # A PlainHDU's kind is its own (astropy is not imported for a plain file).
+    if not (not hdu.is_image if isinstance(hdu, PlainHDU) else
+            isinstance(hdu, fits().BinTableHDU)):
         # An ASCII table too: the contract's is binary (typed columns: OBJID int64).
-        kind = "an ASCII table" if isinstance(hdu, fits.TableHDU) else "not a table"
+        kind = ("not a table" if isinstance(hdu, PlainHDU) else
+                "an ASCII table" if isinstance(hdu, fits().TableHDU) else "not a table")
         raise ExposureError(path, where, f"is {kind} ({type(hdu).__name__}); expected a "
                             "binary table with one row per fiber")
     nrows, columns = table_columns(hdu, path, hdu.name)
