@@ -33,12 +33,11 @@ def fibres_coords(hdu, nfib, path):
     with its FITS column name, then ``fibres_<column>`` for every other scalar column.
     """
     where = f"HDU {hdu.name}"
-    # A PlainHDU's kind is its own (astropy is not imported for a plain file).
-    if not (not hdu.is_image if isinstance(hdu, PlainHDU) else
-            isinstance(hdu, fits().BinTableHDU)):
+    plain = isinstance(hdu, PlainHDU)  # read without astropy, which is not imported then
+    if hdu.is_image if plain else not isinstance(hdu, fits().BinTableHDU):
         # An ASCII table too: the contract's is binary (typed columns: OBJID int64).
-        kind = ("not a table" if isinstance(hdu, PlainHDU) else
-                "an ASCII table" if isinstance(hdu, fits().TableHDU) else "not a table")
+        kind = ("an ASCII table" if not plain and isinstance(hdu, fits().TableHDU)
+                else "not a table")
         raise ExposureError(path, where, f"is {kind} ({type(hdu).__name__}); expected a "
                             "binary table with one row per fiber")
     nrows, columns = table_columns(hdu, path, hdu.name)
