@@ -15,8 +15,8 @@ import math
 import re
 
 import numpy as np
-from astropy.io import fits
-from astropy.io.fits.verify import VerifyError
+
+from ._astropy import fits, verify_error
 
 __all__ = ["card_image", "edited_cards", "IMAGE_KEYWORDS"]
 
@@ -49,21 +49,35 @@ _IMAGE_KEYWORD_LINE = re.compile(f"^(?:{IMAGE_KEYWORDS.pattern})$", re.M)
 
 
 def card_image(keyword, value=None, comment=None):
-    """The header card as astropy writes it: 80 characters (a multiple for long
-    commentary text).
+    """The header card as astropy writes it: 80 characters (a multiple for long text or
+    commentary).
 
-    Astropy builds a card in ~17 us; a product's extensions have ~250 cards, nearly all the
-    same from one exposure to the next, so their images are made once. Floats are not
-    remembered (0.0 == -0.0 would share one image): a plain card of one is made here.
+    A plain card (a standard keyword; a str, bool, int or finite float value, or COMMENT or
+    HISTORY text, printable ASCII) is made here, as astropy makes it (the tests compare them
+    over many values): astropy's Card (~17 us a card, and astropy.io.fits imported: ~0.2 s
+    of a command's start-up) makes the others. A product's extensions have ~250 cards,
+    nearly all the same from one exposure to the next: their images are remembered. Floats
+    are not (0.0 == -0.0 would share one image).
     """
     if isinstance(value, float | np.floating):
-        return _value_image(keyword, value, comment) or fits.Card(keyword, value, comment).image
+        return _value_image(keyword, value, comment) or _astropy_image(keyword, value, comment)
     return _card_image(keyword, value, comment)
 
 
 @functools.lru_cache(maxsize=4096, typed=True)
 def _card_image(keyword, value, comment):
-    return fits.Card(keyword, value, comment).image
+    if keyword in _COMMENTARY and not comment:
+        images = _commentary_images(keyword, value)
+        image = "".join(images) if images else None
+    else:
+        image = _value_image(keyword, value, comment) or _long_string_image(keyword, value,
+                                                                            comment)
+    return image or _astropy_image(keyword, value, comment)
+
+
+def _astropy_image(keyword, value, comment):
+    """``fits.Card(keyword, value, comment).image``: astropy's image, or its refusal."""
+    return fits().Card(keyword, value, comment).image
 
 
 def _value_image(keyword, value, comment=None):
@@ -92,6 +106,42 @@ def _value_image(keyword, value, comment=None):
 
 #: :func:`_value_image` remembered, for values other than floats (0.0 == -0.0).
 _same_image = functools.lru_cache(maxsize=1024, typed=True)(_value_image)
+
+
+def _long_string_image(keyword, value, comment):
+    """Astropy's image of a string too long for one card, without a comment: the string (quotes
+    doubled) cut by :func:`_words` into pieces of 67 characters, continued with '&' on
+    CONTINUE cards; None for any other value (and for one that fits one card)."""
+    if (comment or not isinstance(value, str) or not _PRINTABLE.fullmatch(value)
+            or not _KEYWORD.fullmatch(keyword) or keyword in _SPECIAL + _COMMENTARY
+            or len(f"{_quoted(value):20}") <= _LENGTH - 10):
+        return None
+    words = _words(value.replace("'", "''"), _CONTINUED_LENGTH)
+    cards = [f"CONTINUE  '{word}&'".ljust(_LENGTH) for word in words]
+    cards[-1] = f"CONTINUE  '{words[-1]}'".ljust(_LENGTH)  # the last without its '&'
+    cards[0] = f"{keyword:8}= {cards[0][10:]}"
+    return "".join(cards)
+
+
+#: Characters of a long string on each of its cards (astropy's Card._format_long_image).
+_CONTINUED_LENGTH = 67
+
+
+def _words(text, width):
+    """``text`` cut into pieces of at most ``width`` characters, after a blank where it can,
+    as astropy's ``fits.util._words_group`` cuts a long string (a word longer than
+    ``width`` is cut inside)."""
+    blanks = [k for k, char in enumerate(text) if char == " "] + [len(text)]
+    words, start = [], 0
+    while True:
+        before = [b for b in blanks if b < start + width]
+        end = before[-1] + 1 if before else -1
+        if end <= start:
+            end = min(start + width, len(text))
+        words.append(text[start:end])
+        if end >= len(text):
+            return words
+        start = end
 
 
 def _quoted(text):
@@ -132,7 +182,7 @@ def _plain_cards(text):
     return cards
 
 
-def edited_cards(text, remove, updates, commentary):
+def edited_cards(text, remove, updates, commentary, extname=None):
     """The card images of a header read from a file, edited as astropy's Header edits it,
     verified; None where astropy's Header must do it.
 
@@ -149,6 +199,10 @@ def edited_cards(text, remove, updates, commentary):
     commentary : sequence of (str, str)
         ``header[keyword] = text`` for COMMENT or HISTORY, after the updates: after the last
         card of that keyword, else at the end.
+    extname : str, optional
+        The EXTNAME (in upper case) that an image extension made with this header and
+        ``name=extname`` has (``fits.ImageHDU(data, header, name=extname)``): set before
+        the updates, as a new keyword.
 
     Returns
     -------
@@ -156,14 +210,18 @@ def edited_cards(text, remove, updates, commentary):
         The cards' images, as astropy writes them (a card read and left unchanged is its
         image as read). None when a card of ``text`` is not plain (long strings, HIERARCH,
         blank cards, complex or undefined values, a card astropy would refuse or fix...),
-        when a keyword of :data:`IMAGE_KEYWORDS` remains, or a value or text is not one
-        that :func:`card_image` makes here.
+        when a keyword of :data:`IMAGE_KEYWORDS` remains or is updated, or a value or text
+        is not one that :func:`card_image` makes here.
     """
     cards = _plain_cards(text)
     if cards is None:
         return None
     keys = [key for key, _ in cards if key not in remove]
     images = [image for key, image in cards if key not in remove]
+    if _IMAGE_KEYWORD_LINE.search("\n".join((*keys, *(key for key, _, _ in updates)))):
+        return None
+    if extname is not None:
+        updates = [("EXTNAME", extname, "extension name"), *updates]
     # New keywords go after the last card that is not commentary (astropy's Header.append).
     end = next((k + 1 for k in range(len(keys) - 1, -1, -1) if keys[k] not in _COMMENTARY), 0)
     for key, value, comment in updates:
@@ -188,7 +246,7 @@ def edited_cards(text, remove, updates, commentary):
         at = len(keys) - keys[::-1].index(key) if key in keys else len(keys)
         keys[at:at] = [key] * len(new)
         images[at:at] = new
-    return None if _IMAGE_KEYWORD_LINE.search("\n".join(keys)) else images
+    return images
 
 
 def _updated(image, value, comment):
@@ -207,13 +265,13 @@ def _updated(image, value, comment):
             new = _value_image(image[:8].rstrip(), value, old_comment)
             if new is not None:
                 return new
-    card = fits.Card.fromstring(image)
+    card = fits().Card.fromstring(image)
     card.value = value
     if comment is not None:
         card.comment = comment
     try:
         card.verify("exception")
-    except (VerifyError, ValueError):
+    except (verify_error(), ValueError):
         return None
     image = card.image
     return image if len(image) == _LENGTH else None

@@ -15,10 +15,8 @@ import re
 import warnings
 
 import numpy as np
-from astropy.io import fits
-from astropy.io.fits.verify import VerifyError
-from astropy.utils.exceptions import AstropyUserWarning
 
+from ._astropy import fits, loaded_fits, verify_error
 from ._atomic import check_regular_file
 from .errors import ExposureError, FluxCalWarning
 from .fits_bytes import BLOCK, END_CARD, PlainHDU, plain_table
@@ -27,7 +25,7 @@ from .fits_cards import IMAGE_KEYWORDS, card_image
 __all__ = ["open_fits", "find_hdu", "hdu_data", "table_columns", "header_value",
            "check_header_cards", "check_non_ascii", "READ_KEYWORDS", "cards_named",
            "fits_column", "column_format", "card_image", "table_bytes", "table_hdu",
-           "image_bytes", "image_data_bytes", "primary_bytes", "extension_bytes",
+           "image_bytes", "image_header", "image_data_bytes", "primary_bytes", "extension_bytes",
            "extension_header", "extension_raw", "extensions_raw"]
 
 #: Big-endian NumPy types of the binary-table formats written (A: bytes of its width).
@@ -44,13 +42,15 @@ def open_fits(path, notes=True):
     where they do not: see :func:`check_non_ascii`.
     """
     check_regular_file(path, ExposureError)
+    from astropy.utils.exceptions import AstropyUserWarning
+
     try:
         # Astropy's truncation warnings are replaced by the check below, which is an error;
         # its note that header bytes beyond ASCII were read as '?' is kept to say which.
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("ignore", AstropyUserWarning)
             warnings.filterwarnings("always", _NON_ASCII_NOTE, AstropyUserWarning)
-            hdul = fits.open(path, memmap=False, lazy_load_hdus=False)
+            hdul = fits().open(path, memmap=False, lazy_load_hdus=False)
         _pass_on(caught)
     except FileNotFoundError:
         raise ExposureError(path, None, "no such file") from None
@@ -170,8 +170,8 @@ def table_columns(hdu, path, label):
     its results and errors."""
     if isinstance(hdu, PlainHDU):
         return hdu.table
-    with contextlib.suppress(VerifyError, ValueError):  # a damaged card: astropy names it
-        if isinstance(hdu, fits.BinTableHDU) and (plain := plain_table(
+    with contextlib.suppress(verify_error(), ValueError):  # a damaged card: astropy names it
+        if isinstance(hdu, fits().BinTableHDU) and (plain := plain_table(
                 hdu.header, lambda size: _data_of(hdu, path, size))) is not None:
             return plain
     data = hdu_data(hdu, path, label)
@@ -214,11 +214,11 @@ def _card_value(header, key, path):
     """``header[key]``; a card astropy cannot parse is an error naming it."""
     try:
         return header[key]
-    except (VerifyError, ValueError):  # its message advises .verify('fix'); the card's says why
+    except (verify_error(), ValueError):  # its advice is .verify('fix'); the card's says why
         try:
             header.cards[key].verify("exception")
             problem = "unparsable card"
-        except (VerifyError, ValueError) as err:
+        except (verify_error(), ValueError) as err:
             problem = _card_problem(err)
         raise ExposureError(path, f"primary header {key}", problem) from None
 
@@ -313,7 +313,7 @@ def check_header_cards(hdu, path, label):
     for number, card in enumerate(hdu.header.cards, start=1):
         try:
             card.verify("exception")
-        except (VerifyError, ValueError) as err:
+        except (verify_error(), ValueError) as err:
             keyword = card.image[:8].strip() or "(blank)"
             raise ExposureError(path, f"HDU {label} header card {number} ({keyword})",
                                 _card_problem(err)) from None
@@ -327,7 +327,7 @@ def cards_named(hdul, path):
     checked only then (15-25 us a card)."""
     try:
         yield
-    except VerifyError:
+    except verify_error():
         for k, hdu in enumerate(hdul):
             check_header_cards(hdu, path, hdu.name or str(k))
         raise
@@ -350,13 +350,15 @@ def column_format(values):
 def fits_column(name, values, unit=None):
     """A binary-table column of ``values`` (see :func:`column_format`)."""
     fmt, values = column_format(values)
-    return fits.Column(name=name, format=fmt, array=values, unit=unit)
+    return fits().Column(name=name, format=fmt, array=values, unit=unit)
 
 
 def _extname(name):
-    """The EXTNAME card as astropy's ``hdu.name = name`` makes it."""
-    return card_image("EXTNAME", name if fits.conf.extension_name_case_sensitive
-                      else name.upper(), "extension name")
+    """The EXTNAME card as astropy's ``hdu.name = name`` makes it (in upper case, unless its
+    configuration says otherwise: asked only for a name that is not, not to import it)."""
+    if name != name.upper() and not fits().conf.extension_name_case_sensitive:
+        name = name.upper()
+    return card_image("EXTNAME", name, "extension name")
 
 
 def _hdu_bytes(cards, data):
@@ -453,10 +455,11 @@ def _field_values(code, values):
 def table_hdu(columns, name, cards=()):
     """The table of :func:`table_bytes` (same arguments) made by astropy, as a
     ``fits.BinTableHDU``."""
-    hdu = fits.BinTableHDU.from_columns([fits.Column(label, fmt, unit=unit, array=values)
-                                         for label, fmt, values, unit in columns], name=name)
+    module = fits()
+    hdu = module.BinTableHDU.from_columns([module.Column(label, fmt, unit=unit, array=values)
+                                           for label, fmt, values, unit in columns], name=name)
     # Parsed as a header: a long text's image is several cards.
-    for card in fits.Header.fromstring("".join(cards)).cards:
+    for card in module.Header.fromstring("".join(cards)).cards:
         hdu.header.append(card)
     return hdu
 
@@ -466,15 +469,26 @@ def image_bytes(data, name, cards=()):
     ``fits.ImageHDU(data, name=name)`` with ``cards`` (:func:`card_image`, as in
     :func:`table_bytes`) added."""
     data = np.asarray(data)
-    bitpix = _BITPIX[f"{data.dtype.kind}{data.dtype.itemsize}"]
-    header = [card_image("XTENSION", "IMAGE", "Image extension"),
-              card_image("BITPIX", bitpix, "array data type"),
-              card_image("NAXIS", data.ndim, "number of array dimensions"),
-              *(card_image(f"NAXIS{k}", n) for k, n in enumerate(reversed(data.shape), 1)),
-              card_image("PCOUNT", 0, "number of parameters"),
-              card_image("GCOUNT", 1, "number of groups"),
-              _extname(name), *cards]
+    header = [*_image_cards(data.dtype, data.shape), _extname(name), *cards]
     return _hdu_bytes(header, data.astype(data.dtype.newbyteorder(">"), copy=False))
+
+
+def image_header(dtype, shape, cards):
+    """The header of an image extension of floats (32 or 64 bits) of ``dtype`` and ``shape``
+    in FITS bytes (padded), as astropy writes it: its structure's cards, then ``cards``
+    (:func:`card_image`; EXTNAME among them where astropy has it: see
+    :func:`~kspec_fluxcal.fits_cards.edited_cards`)."""
+    return _header_bytes([*_image_cards(np.dtype(dtype), shape), *cards])
+
+
+def _image_cards(dtype, shape):
+    """The structural cards (XTENSION to GCOUNT) of an image extension of floats."""
+    return [card_image("XTENSION", "IMAGE", "Image extension"),
+            card_image("BITPIX", _BITPIX[f"{dtype.kind}{dtype.itemsize}"], "array data type"),
+            card_image("NAXIS", len(shape), "number of array dimensions"),
+            *(card_image(f"NAXIS{k}", n) for k, n in enumerate(reversed(shape), 1)),
+            card_image("PCOUNT", 0, "number of parameters"),
+            card_image("GCOUNT", 1, "number of groups")]
 
 
 def primary_bytes(data, header):
@@ -494,13 +508,13 @@ def primary_bytes(data, header):
     """
     data = np.asarray(data)
     bitpix = _BITPIX.get(f"{data.dtype.kind}{data.dtype.itemsize}")
-    if isinstance(header, fits.Header):
+    if (module := loaded_fits()) is not None and isinstance(header, module.Header):
         if bitpix is None or any(IMAGE_KEYWORDS.fullmatch(key) for key in header.keys()):
             return _astropy_primary(data, header)
         try:
             for card in header.cards:
                 card.verify("exception")
-        except (VerifyError, ValueError):
+        except (verify_error(), ValueError):
             return _astropy_primary(data, header)
         header = [card.image for card in header.cards]
     cards = [card_image("SIMPLE", True, "conforms to FITS standard"),
@@ -513,11 +527,12 @@ def primary_bytes(data, header):
 
 def _astropy_primary(data, header):
     """:func:`primary_bytes` by astropy's writer."""
-    primary = fits.PrimaryHDU(data, header=header)
+    module = fits()
+    primary = module.PrimaryHDU(data, header=header)
     primary.header.set("EXTEND", True, "FITS dataset may contain extensions",
                        after=f"NAXIS{primary.header['NAXIS']}")
     buffer = io.BytesIO()
-    fits.HDUList([primary]).writeto(buffer, output_verify="exception")
+    module.HDUList([primary]).writeto(buffer, output_verify="exception")
     return buffer.getvalue()
 
 
@@ -531,7 +546,8 @@ def image_data_bytes(data):
 def extension_bytes(hdu):
     """An astropy extension HDU in FITS bytes, as astropy writes it (verified)."""
     buffer = io.BytesIO()
-    fits.HDUList([fits.PrimaryHDU(), hdu]).writeto(buffer, output_verify="exception")
+    module = fits()
+    module.HDUList([module.PrimaryHDU(), hdu]).writeto(buffer, output_verify="exception")
     # The empty primary HDU before it is one record: SIMPLE, BITPIX, NAXIS, EXTEND, END.
     return buffer.getvalue()[BLOCK:]
 

@@ -6,12 +6,13 @@ Model
 At high resolution the atmosphere transmits exp(-o2 tau_O2(lambda) - h2o tau_H2O(lambda)),
 tau_s the optical depth of species s at airmass 1 and the reference water column (from a
 line list: Lorentzian lines whose strengths give the listed equivalent widths at unit
-column, through the Lorentzian curve of growth). A fiber sees that transmission convolved
-with its line spread (Gaussian, FWHM(lambda) of the exposure times the fiber's own scale)
-and sampled at its pixels. ``o2`` is ~ the airmass (O2 is well mixed), ``h2o`` ~ the airmass
-times the precipitable water in units of the reference column: reported per exposure, they
-follow water vapour over a night. The fit is Gauss-Newton in (o2, h2o) on the standards'
-observed transmissions, every star on its own pixels.
+column, through the Lorentzian curve of growth, :mod:`kspec_fluxcal.line_growth`). A fiber
+sees that transmission convolved with its line spread (Gaussian, FWHM(lambda) of the
+exposure times the fiber's own scale) and sampled at its pixels. ``o2`` is ~ the airmass
+(O2 is well mixed), ``h2o`` ~ the airmass times the precipitable water in units of the
+reference column: reported per exposure, they follow water vapour over a night. The fit
+is Gauss-Newton in (o2, h2o) on the standards' observed transmissions, every star on its
+own pixels.
 
 The default line list is a synthetic stand-in (see ``data/make_telluric_lines.py``); real
 data want a list from HITRAN for the site, given by the ``[telluric] lines`` option.
@@ -29,12 +30,12 @@ from typing import NamedTuple
 
 import numpy as np
 import scipy.sparse
-import scipy.special
 
 from ._inputs import refuse_repeated_columns
 from ._lagrange import lagrange_matrix
 from .constants import FWHM_PER_SIGMA, PIXEL_OUTLIER_SIGMA
 from .errors import ConfigError
+from .line_growth import lorentz_strength
 from .wavelength import distinct_rows
 
 __all__ = ["telluric_lines", "optical_depths", "line_optical_depth", "high_resolution_grid",
@@ -100,7 +101,7 @@ def telluric_lines(source="telluric_lines"):
     order = np.argsort(wave)
     out = {"wavelength": wave[order], "water": water[order], "ew": ew[order],
            "hwhm": hwhm[order]}
-    out["strength"] = _lorentz_strength(out["ew"], out["hwhm"])
+    out["strength"] = lorentz_strength(out["ew"], out["hwhm"])
     return out
 
 
@@ -193,23 +194,6 @@ def _parse_lines(name, text):
             values[column].append(value)
     return (np.array(values["wavelength"]), np.array(values["species"], dtype=bool),
             np.array(values["ew"]), np.array(values["hwhm"]))
-
-
-def _lorentz_strength(ew, hwhm):
-    """Integrated optical depth A of Lorentzian lines with equivalent widths ``ew``.
-
-    Curve of growth (Ladenburg & Reiche 1913): W = 2 pi g L(u), u = A / (2 pi g),
-    L(u) = u exp(-u) (I0(u) + I1(u)), increasing in u; inverted by bisection in log u.
-    """
-    target = ew / (2.0 * np.pi * hwhm)
-    lo, hi = np.full(ew.shape, -12.0), np.full(ew.shape, 12.0)  # ln u
-    for _ in range(60):
-        mid = 0.5 * (lo + hi)
-        u = np.exp(mid)
-        grow = u * (scipy.special.i0e(u) + scipy.special.i1e(u))
-        below = grow < target
-        lo, hi = np.where(below, mid, lo), np.where(below, hi, mid)
-    return 2.0 * np.pi * hwhm * np.exp(0.5 * (lo + hi))
 
 
 def line_optical_depth(wavelength, centre, strength, hwhm, water):

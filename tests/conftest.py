@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import gzip
 import signal
 import sys
 from pathlib import Path
@@ -84,9 +85,11 @@ def command_inputs(small_grid, tmp_path_factory):
                              setups=[Setup("a", pixels=1024, fibers=8)])
     red = root / "red.fits"
     red.write_bytes(base.red[2])
+    red_gz = root / "red.fits.gz"  # not plain: read by astropy
+    red_gz.write_bytes(gzip.compress(base.red[2]))
     catalog = write_catalog(root / "catalog.csv", base.rows[2])
     return {"bosz": small_grid, "cube": cube, "survey": survey, "red": red,
-            "catalog": catalog}
+            "red_gz": red_gz, "catalog": catalog}
 
 
 #: The command line's entry point, as installed beside this Python.

@@ -14,6 +14,7 @@ from kspec_fluxcal.fits_file import (
     card_image,
     column_format,
     extension_bytes,
+    extension_header,
     extension_raw,
     find_hdu,
     image_bytes,
@@ -572,6 +573,39 @@ def test_extensions_in_bytes_are_what_astropy_writes():
         assert image_bytes(data, "img", [card_image("BUNIT", "adu"),
                                          card_image("COMMENT", "y" * 100)]) == extension_bytes(hdu)
     assert card_image("X", -0.0) != card_image("X", 0.0)  # floats are not cached as equal
+
+
+def _header_text(*cards):
+    """A header as the readers keep it (``fits.Header.tostring(sep="\\n")``)."""
+    return fits.Header.fromstring("\n".join(c.ljust(80) for c in cards),
+                                  sep="\n").tostring(sep="\n")
+
+
+@pytest.mark.parametrize("text", [
+    None,  # an exposure made in memory
+    _header_text("XTENSION= 'IMAGE   '", "BITPIX  =                  -32", "NAXIS   =    2",
+                 "NAXIS1  =                 4096", "NAXIS2  =                   14",
+                 "PCOUNT  =                    0", "GCOUNT  =                    1",
+                 "EXTNAME = 'VARIANCE'           / extension name", "BUNIT   = 'counts**2'"),
+    _header_text("EXTNAME = 'VARIANCE'", "NOISE   =                  3.5 / model",
+                 "HISTORY noise model", "CHECKSUM= 'abc'", "COMMENT at the end"),
+    _header_text("COMMENT only commentary", "HISTORY h"),
+    _header_text("BUNIT   = 'adu**2  '           / unit", "GAIN    =  1.5D0",
+                 "HISTORY x"),
+    _header_text("BSCALE  =                  1.0", "BUNIT   = 'adu'"),  # removed, as astropy
+    _header_text("HIERARCH ESO DET GAIN = 1.5", "BUNIT   = 'adu'"),  # not plain: astropy's
+])
+def test_variance_header_is_what_astropy_writes(text, monkeypatch):
+    """A product's VARIANCE header, made from the input's cards where they are plain (without
+    importing astropy), is astropy's ImageHDU with the input's header, name VARIANCE and the
+    flux density's unit squared, written: EXTNAME and a new BUNIT after the last keyword."""
+    from kspec_fluxcal import products
+
+    shape = (14, 4096)
+    expected = extension_header(products._variance_hdu(text, np.zeros(shape, np.float32)))
+    if "HIERARCH" not in (text or ""):  # made without astropy's HDU
+        monkeypatch.setattr(products, "_variance_hdu", None)
+    assert products._variance_header.__wrapped__(text, shape) == expected
 
 
 def _table_file(path, columns, compress=False, cards=()):

@@ -1,10 +1,13 @@
 """Header cards made without astropy's Card and Header objects (kspec_fluxcal.fits_cards)
 must be astropy's, byte for byte; what is not plain is left to astropy (None)."""
 
+import warnings
+
 import numpy as np
 import pytest
 from astropy.io import fits
 
+from kspec_fluxcal import fits_cards
 from kspec_fluxcal.fits_cards import _value_image, card_image, edited_cards
 from kspec_fluxcal.fits_file import primary_bytes
 
@@ -52,6 +55,49 @@ def test_value_cards_are_astropy_cards():
     assert _value_image("KEY", np.nan) is None
     assert card_image("X", -0.0) == fits.Card("X", -0.0).image != card_image("X", 0.0)
     assert card_image("X", np.float32(0.1)) == fits.Card("X", np.float32(0.1)).image
+
+
+def test_card_images_are_astropy_cards(monkeypatch):
+    """Every card that :func:`card_image` makes without astropy (values of every kind, long
+    strings continued on CONTINUE cards, blanks and quotes where they are cut, COMMENT and
+    HISTORY text over several cards) is astropy's image; the rest is astropy's."""
+    rng = np.random.default_rng(14)
+    alphabet = np.array(list("ab c'  ,-_xyz09&/="))
+    texts = ["".join(rng.choice(alphabet, n)) for n in
+             rng.choice([0, 1, 8, 60, 66, 67, 68, 69, 70, 71, 100, 134, 135, 140, 300], 300)]
+    bands = ("panstarrs-g,gaiadr2-BP,panstarrs-r,gaiadr2-G,panstarrs-i,gaiadr2-RP,"
+             "panstarrs-z,twomass-J,twomass-H,twomass-Ks")  # a product's FCALSTAR BANDS
+    values = [*texts, bands, " " * 100, "'" * 70, "caf\xe9", True, False, 0, -7, 2**62,
+              -(10**19), np.int64(3), np.bool_(True), 0.0, -0.0, 1e300, 1 / 3, np.nan]
+    by_astropy = []
+    astropy_image = fits_cards._astropy_image
+    monkeypatch.setattr(fits_cards, "_astropy_image",
+                        lambda *card: by_astropy.append(card) or astropy_image(*card))
+    fits_cards._card_image.cache_clear()
+    compared = 0
+    for value in values:
+        for keyword in ("BANDS", "TTYPE12", "DATE-OBS", "COMMENT", "HISTORY", "lower"):
+            for comment in (None, "", "a comment", "c" * 50):
+                with warnings.catch_warnings():
+                    warnings.simplefilter("error", fits.verify.VerifyWarning)
+                    try:
+                        expected = fits.Card(keyword, value, comment).image
+                    except ValueError:  # astropy refuses it: so does card_image
+                        with pytest.raises(ValueError):
+                            card_image(keyword, value, comment)
+                        continue
+                    except fits.verify.VerifyWarning:  # a comment cut: astropy's to do
+                        continue
+                assert card_image(keyword, value, comment) == expected, (keyword, value)
+                compared += 1
+    assert compared > 4000
+    # made here: every card of a standard keyword and a plain value without a comment
+    # (commentary cards: of text)
+    assert not [(key, value) for key, value, comment in by_astropy if key != "lower"
+                and not comment and type(value) in (str, bool, int, float)
+                and value == value and value != "caf\xe9"
+                and (type(value) is str or key not in ("COMMENT", "HISTORY"))]
+    fits_cards._card_image.cache_clear()
 
 
 #: A RED file's primary header, as the readers keep it.

@@ -54,12 +54,19 @@ def test_package_import_is_light_and_the_api_whole():
                  # dask (0.4-0.6 s with its array module): xarray imports it to ask whether
                  # data are Dask arrays or collections, and the grid is opened without Dask;
                  # numpy.f2py, numpy.testing (with unittest; 60-90 ms): SciPy asks NumPy for
-                 # them, nothing uses them (deferred, their code never runs)
+                 # them, nothing uses them (deferred, their code never runs);
+                 # astropy (0.2-0.4 s with astropy.units): a plain file is read and its
+                 # product written without it
                  ("distributed", "matplotlib", "bokeh", "scipy.signal", "scipy.stats",
                   "scipy.interpolate", "scipy.optimize", "scipy.ndimage", "scipy.spatial",
                   "speclite", "dask", "numpy.f2py.f2py2e", "numpy.testing._private",
-                  "unittest"),
+                  "unittest", "astropy"),
                  ("scipy",), id="calibrate"),
+    pytest.param(lambda i, t: ("calibrate", i["red_gz"], "--catalog", i["catalog"], "--grid",
+                               i["cube"], "--out", t / "cal"),
+                 # a compressed file is not plain: astropy reads it
+                 ("distributed", "matplotlib", "bokeh", "dask"), ("astropy.io.fits",),
+                 id="calibrate-unusual-file"),
     pytest.param(lambda i, t: ("calibrate", i["red"], "--catalog", i["catalog"], "--grid",
                                i["cube"], "--out", t / "qc", "--qc"),
                  ("distributed", "bokeh"), ("matplotlib",), id="calibrate-qc"),

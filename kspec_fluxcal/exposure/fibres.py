@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 import xarray as xr
-from astropy.io import fits
 
+from .._astropy import fits
 from ..constants import FIBER_TYPES
 from ..errors import ExposureError
 from ..fits_bytes import PlainHDU
@@ -33,9 +33,11 @@ def fibres_coords(hdu, nfib, path):
     with its FITS column name, then ``fibres_<column>`` for every other scalar column.
     """
     where = f"HDU {hdu.name}"
-    if not (isinstance(hdu, fits.BinTableHDU) or isinstance(hdu, PlainHDU) and not hdu.is_image):
+    plain = isinstance(hdu, PlainHDU)  # read without astropy, which is not imported then
+    if hdu.is_image if plain else not isinstance(hdu, fits().BinTableHDU):
         # An ASCII table too: the contract's is binary (typed columns: OBJID int64).
-        kind = "an ASCII table" if isinstance(hdu, fits.TableHDU) else "not a table"
+        kind = ("an ASCII table" if not plain and isinstance(hdu, fits().TableHDU)
+                else "not a table")
         raise ExposureError(path, where, f"is {kind} ({type(hdu).__name__}); expected a "
                             "binary table with one row per fiber")
     nrows, columns = table_columns(hdu, path, hdu.name)
