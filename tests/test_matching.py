@@ -240,6 +240,26 @@ def test_fast_scores_of_wanted_templates_only_are_the_full_ones():
     assert np.array_equal(got[scored], full[scored]) and np.isnan(got[~scored]).all()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_stars_scored_against_their_own_templates_score_as_alone(dtype):
+    """score_own_templates (the lattices' models, each star its own, in one call) gives
+    each star the scores score_rest_frame gives it alone, to the last bit: blocks, one
+    partial, a missing (NaN) model and a star without weight."""
+    from kspec_fluxcal.fit.matching import _SCORE_BLOCK, score_own_templates, score_rest_frame
+
+    _, templates = _templates(3 * (_SCORE_BLOCK + 5))
+    own = templates.reshape(3, _SCORE_BLOCK + 5, -1).astype(dtype)
+    own[1, 7] = np.nan
+    rng = np.random.default_rng(21)
+    rests = [(own[s, 3 * s].astype(np.float64) + rng.normal(0, 1e-2, WAVE.size),
+              np.full(WAVE.size, 1e4 if s < 2 else 0.0)) for s in range(3)]
+    got = score_own_templates(rests, own)
+    assert got.shape == own.shape[:2] and np.isnan(got[1, 7]) and np.isnan(got[2]).all()
+    assert list(np.nanargmin(got[:2], axis=1)) == [0, 3]
+    for s in range(3):
+        assert np.array_equal(got[s], score_rest_frame(rests[s], own[s]), equal_nan=True)
+
+
 def test_huber_resists_sky_residual_spikes():
     scales, templates = _templates()
     truth = 3

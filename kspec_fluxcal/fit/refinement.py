@@ -10,7 +10,7 @@ import scipy.sparse
 
 from ..grid import PARAMS, alpha_response_weights
 from .exposure_templates import ExposureTemplates
-from .matching import fast_mode, rest_frame_star, score_rest_frame, score_star
+from .matching import fast_mode, rest_frame_star, score_own_templates, score_star
 
 __all__ = ["refine_parameters", "score_points", "quadratic_minimum", "star_rest_frames",
            "canonical_weights"]
@@ -116,7 +116,7 @@ def score_points(obs_norm, obs_ivar, templates, template_index, axes, points, rv
                                        knot_spacing=knot_spacing, correction=correction,
                                        star_wavelength=star_wavelength)
     if rest_frames is not None:
-        scores = np.stack([score_rest_frame(rest_frames[s], models[s]) for s in range(nstar)])
+        scores = score_own_templates(rest_frames, models)
     else:
         star_wave = [None] * nstar if star_wavelength is None else star_wavelength
         scores = np.stack([score_star(obs_norm[s], obs_ivar[s], models[s], rv[s], wavelength,
