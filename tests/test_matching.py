@@ -325,6 +325,33 @@ def test_corrections_of_several_templates_are_each_ones_own():
 
 
 
+@pytest.mark.parametrize("own_pixels", [False, True])
+@pytest.mark.parametrize("corrected", [False, True])
+def test_rest_frames_of_several_stars_are_each_stars_own(own_pixels, corrected):
+    """rest_frame_stars gives each star rest_frame_star's (flux, weights), to the last bit:
+    stars on their own pixels or the templates', a star's two starts (the same velocity and
+    pixels, their own corrections) next to each other, masked pixels."""
+    from kspec_fluxcal.fit.matching import rest_frame_star, rest_frame_stars
+
+    rng = np.random.default_rng(17)
+    rv = np.array([-25.0, -25.0, 140.0, 140.0])
+    star_wave = np.stack([WAVE + 0.2 * np.sin(WAVE / 300.0)] * 2 + [WAVE] * 2)
+    obs = np.stack([_lines(BASE_DEPTHS, CENTRES, wave=w, rv=v) for w, v in zip(
+        star_wave, rv, strict=True)]) * (1 + rng.normal(0, 0.01, (4, WAVE.size)))
+    ivar = np.where(rng.uniform(size=obs.shape) < 0.05, 0.0, 1 / 0.01**2)
+    obs[1, 40:50] = np.nan
+    corr = 1 + 0.1 * rng.uniform(size=obs.shape) if corrected else None
+    if corrected:
+        corr[3, 100:110] = np.nan
+    got = rest_frame_stars(obs, ivar, rv, WAVE, corr, star_wave if own_pixels else None)
+    assert len(got) == 4
+    for s in range(4):
+        want = rest_frame_star(obs[s], ivar[s], rv[s], WAVE, None if corr is None else corr[s],
+                               star_wave[s] if own_pixels else None)
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(got[s], want, strict=True))
+        assert (want[1] == 0).sum() > 50
+
+
 def test_sampled_rest_frames_are_the_operators_within_rounding():
     """sampled_rest_frames (the scan's first pass) gives each star's rest_frame_star divided
     by its template's star_correction: the same weighted pixels, the values within rounding

@@ -25,6 +25,7 @@ from .shifts import (
 
 __all__ = ["score_templates", "score_star", "fit_corrected", "star_correction",
            "star_corrections", "correction_parameters", "fast_mode", "rest_frame_star",
+           "rest_frame_stars",
            "score_rest_frame", "score_rest_frames", "score_own_templates", "ScoringTemplates",
            "sampled_rest_frames"]
 
@@ -251,6 +252,27 @@ def rest_frame_star(obs, ivar, rv, wavelength, correction=None, star_wavelength=
     """
     f, w = _star_arrays(obs, ivar, correction)
     return _to_rest_frame(f, w, wavelength, rv, star_wavelength)
+
+
+def rest_frame_stars(obs, ivar, rv, wavelength, correction=None, star_wavelength=None):
+    """:func:`rest_frame_star` of each star (S, P) (``rv`` (S,), ``correction`` and
+    ``star_wavelength`` (S, P) or None): a list, each star's to the last bit.
+
+    The pixel by pixel steps are taken for all stars at once and a star at the velocity and
+    on the pixels of the one before it (a star's refinement starts, each with its own
+    correction) reuses its shift operator (~25 numpy calls and a cache key of 2 x 32 kB
+    fewer a star: 6 starts ~1.4 -> ~1.0 ms).
+    """
+    f, var, bad = _rest_inputs(*_star_arrays(obs, ivar, correction))
+    star_wave = [None] * len(obs) if star_wavelength is None else star_wavelength
+    rests, op = [], None
+    for s in range(len(obs)):
+        if not (s and rv[s] == rv[s - 1] and (star_wavelength is None or np.array_equal(
+                star_wave[s], star_wave[s - 1]))):
+            op = shift_operator(wavelength, _back_velocity(rv[s]), star_wave[s])
+        rests.append(_rest_weighted(op.matrix @ f[s], op.squared @ var[s],
+                                    op.absolute @ bad[s], op.empty, op.margin))
+    return rests
 
 
 def score_rest_frame(rest, templates, wanted=None):

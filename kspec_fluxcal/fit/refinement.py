@@ -10,7 +10,7 @@ import scipy.sparse
 
 from ..grid import PARAMS, alpha_response_weights
 from .exposure_templates import ExposureTemplates
-from .matching import fast_mode, rest_frame_star, score_own_templates, score_star
+from .matching import fast_mode, rest_frame_stars, score_own_templates, score_star
 
 __all__ = ["refine_parameters", "score_points", "quadratic_minimum", "star_rest_frames",
            "canonical_weights"]
@@ -176,10 +176,7 @@ def star_rest_frames(obs_norm, obs_ivar, rv, wavelength, *, metric="chi2", knot_
     Takes the arguments of :func:`score_points` (others ignored)."""
     if not fast_mode(metric, knot_spacing, correction):
         return None
-    star_wave = [None] * len(obs_norm) if star_wavelength is None else star_wavelength
-    return [rest_frame_star(obs_norm[s], obs_ivar[s], rv[s], wavelength,
-                            None if correction is None else correction[s], star_wave[s])
-            for s in range(len(obs_norm))]
+    return rest_frame_stars(obs_norm, obs_ivar, rv, wavelength, correction, star_wavelength)
 
 
 def _median_step(axis):
