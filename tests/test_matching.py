@@ -245,7 +245,8 @@ def test_stars_scored_against_their_own_templates_score_as_alone(dtype):
     """score_own_templates (the lattices' models, each star its own, in one call) gives
     each star the scores score_rest_frame gives it alone, to the last bit: blocks, one
     partial, a missing (NaN) model and a star without weight."""
-    from kspec_fluxcal.fit.matching import _SCORE_BLOCK, score_own_templates, score_rest_frame
+    from kspec_fluxcal.fit.matching import (
+        _SCORE_BLOCK, RestFrame, score_own_templates, score_rest_frame)
 
     _, templates = _templates(3 * (_SCORE_BLOCK + 5))
     own = templates.reshape(3, _SCORE_BLOCK + 5, -1).astype(dtype)
@@ -258,6 +259,10 @@ def test_stars_scored_against_their_own_templates_score_as_alone(dtype):
     assert list(np.nanargmin(got[:2], axis=1)) == [0, 3]
     for s in range(3):
         assert np.array_equal(got[s], score_rest_frame(rests[s], own[s]), equal_nan=True)
+    # Rest frames that keep their sums (RestFrame) score the same, again and again
+    kept = [RestFrame(rest) for rest in rests]
+    for _ in range(2):
+        assert np.array_equal(score_own_templates(kept, own), got, equal_nan=True)
 
 
 def test_huber_resists_sky_residual_spikes():

@@ -25,7 +25,7 @@ from .shifts import (
 
 __all__ = ["score_templates", "score_star", "fit_corrected", "star_correction",
            "star_corrections", "correction_parameters", "fast_mode", "rest_frame_star",
-           "rest_frame_stars",
+           "rest_frame_stars", "RestFrame",
            "score_rest_frame", "score_rest_frames", "score_own_templates", "ScoringTemplates",
            "sampled_rest_frames"]
 
@@ -256,7 +256,8 @@ def rest_frame_star(obs, ivar, rv, wavelength, correction=None, star_wavelength=
 
 def rest_frame_stars(obs, ivar, rv, wavelength, correction=None, star_wavelength=None):
     """:func:`rest_frame_star` of each star (S, P) (``rv`` (S,), ``correction`` and
-    ``star_wavelength`` (S, P) or None): a list, each star's to the last bit.
+    ``star_wavelength`` (S, P) or None): a list of :class:`RestFrame`, each star's to the
+    last bit.
 
     The pixel by pixel steps are taken for all stars at once and a star at the velocity and
     on the pixels of the one before it (a star's refinement starts, each with its own
@@ -270,8 +271,8 @@ def rest_frame_stars(obs, ivar, rv, wavelength, correction=None, star_wavelength
         if not (s and rv[s] == rv[s - 1] and (star_wavelength is None or np.array_equal(
                 star_wave[s], star_wave[s - 1]))):
             op = shift_operator(wavelength, _back_velocity(rv[s]), star_wave[s])
-        rests.append(_rest_weighted(op.matrix @ f[s], op.squared @ var[s],
-                                    op.absolute @ bad[s], op.empty, op.margin))
+        rests.append(RestFrame(_rest_weighted(op.matrix @ f[s], op.squared @ var[s],
+                                              op.absolute @ bad[s], op.empty, op.margin)))
     return rests
 
 
@@ -320,8 +321,9 @@ def score_own_templates(rests, templates):
     missing = ~np.isfinite(templates).all(axis=2)
     sft, stt = np.zeros((nstar, k)), np.zeros((nstar, k))
     buffer = np.empty((min(k, _SCORE_BLOCK), npix))
-    for s, (flux, weight) in enumerate(rests):
-        weighted = weight * flux
+    rests = [rest if isinstance(rest, RestFrame) else RestFrame(rest) for rest in rests]
+    for s, rest in enumerate(rests):
+        weighted, weight = rest.weighted, rest[1]
         for start in range(0, k, _SCORE_BLOCK):
             block = slice(start, start + _SCORE_BLOCK)
             rows = buffer[:len(missing[s, block])]
@@ -331,8 +333,24 @@ def score_own_templates(rests, templates):
             sft[s, block] = weighted @ rows.T
             rows *= rows
             stt[s, block] = weight @ rows.T
-    ff = np.array([np.sum(weight * flux**2) for flux, weight in rests])
+    ff = np.array([rest.flux_norm for rest in rests])
     return _chi2_of_sums(ff, sft, stt, missing)
+
+
+class RestFrame(tuple):
+    """A star's ``(flux, weights)`` in its rest frame (:func:`rest_frame_star`) with what
+    :func:`score_own_templates` takes of them computed once, however many lattices are
+    scored against it (three products and a sum a star and lattice)."""
+
+    @functools.cached_property
+    def weighted(self):
+        """weights * flux (P,)."""
+        return self[1] * self[0]
+
+    @functools.cached_property
+    def flux_norm(self):
+        """The sum of weights * flux^2."""
+        return np.sum(self[1] * self[0] ** 2)
 
 
 class ScoringTemplates:
