@@ -54,12 +54,14 @@ def cross_correlate_rv(obs_norm, obs_weight, template_norm, wavelength, *, rv_ma
     taper = np.ones(n)
     edge = max(1, n // 20)
     taper[:edge] = taper[-edge:][::-1] = 0.5 - 0.5 * np.cos(np.pi * np.arange(edge) / edge)
-    so = _line_signal(obs_norm, use, ln_star, grid) * taper
+    so = _line_signal(obs_norm, use, ln_star, grid)
+    so *= taper
     # The template only where the star has data (its pixels mapped onto the template's).
     star_ok = np.stack([np.interp(ln, row, m.astype(float)) > 0.999 for row, m
                         in zip(np.broadcast_to(ln_star, use.shape), use, strict=True)])
     template_ok = np.isfinite(np.broadcast_to(template_norm, use.shape)) & star_ok
-    st = _line_signal(np.broadcast_to(template_norm, use.shape), template_ok, ln, grid) * taper
+    st = _line_signal(np.broadcast_to(template_norm, use.shape), template_ok, ln, grid)
+    st *= taper
     norm = np.sqrt((so**2).sum(1) * (st**2).sum(1))
     kmax = int(np.ceil(np.log1p(rv_max / SPEED_OF_LIGHT_KMS) / step))
     lags = np.arange(-kmax, kmax + 1)
@@ -86,21 +88,22 @@ def _line_signal(values, mask, ln_rows, grid):
         idx = np.stack([np.interp(grid, row, np.arange(row.size)) for row in ln_rows])
     lo = np.clip(np.floor(idx).astype(int), 0, npix - 2)
     t = idx - lo
-    # Gathers from the flattened rows (take: several times faster than (row, column) pairs)
+    # Gathers from the flattened rows (take: several times faster than (row, column) pairs),
+    # the right neighbours' from the rows one pixel on (no second index array)
     left = lo + npix * np.arange(nrow)[:, None]
-    right = left + 1
     sig = np.where(mask, 1.0 - values, 0.0).ravel()
     # In place: the same products and sums as the expressions, without their temporaries
     out = sig.take(left)
     out *= 1 - t
-    ahead = sig.take(right)
+    ahead = sig[1:].take(left)
     ahead *= t
     out += ahead
     flat_mask = np.ascontiguousarray(mask).ravel()
     m = flat_mask.take(left)
-    m &= flat_mask.take(right)
+    m &= flat_mask[1:].take(left)
     m = m.astype(float)
-    mean = (out * m).sum(1, keepdims=True) / np.maximum(m.sum(1, keepdims=True), 1)
+    np.multiply(out, m, out=ahead)  # ahead's buffer reused for the masked signal
+    mean = ahead.sum(1, keepdims=True) / np.maximum(m.sum(1, keepdims=True), 1)
     out -= mean
     out *= m
     return out
