@@ -62,7 +62,10 @@ def cross_correlate_rv(obs_norm, obs_weight, template_norm, wavelength, *, rv_ma
     template_ok = np.isfinite(np.broadcast_to(template_norm, use.shape)) & star_ok
     st = _line_signal(np.broadcast_to(template_norm, use.shape), template_ok, ln, grid)
     st *= taper
-    norm = np.sqrt((so**2).sum(1) * (st**2).sum(1))
+    squares = so**2
+    power = squares.sum(1)
+    np.square(st, out=squares)  # the same squares and sums, in one temporary
+    norm = np.sqrt(power * squares.sum(1))
     kmax = int(np.ceil(np.log1p(rv_max / SPEED_OF_LIGHT_KMS) / step))
     lags = np.arange(-kmax, kmax + 1)
     # Only the ~60 lags within rv_max: direct sums (one dot product per lag) cost a tenth of
@@ -86,22 +89,24 @@ def _line_signal(values, mask, ln_rows, grid):
         idx = np.interp(grid, ln_rows, np.arange(npix))[None]
     else:
         idx = np.stack([np.interp(grid, row, np.arange(row.size)) for row in ln_rows])
-    lo = np.clip(np.floor(idx).astype(int), 0, npix - 2)
+    lo = idx.astype(int)  # the positions interpolated are >= 0: truncation is the floor
+    np.clip(lo, 0, npix - 2, out=lo)
     t = idx - lo
     # Gathers from the flattened rows (take: several times faster than (row, column) pairs),
     # the right neighbours' from the rows one pixel on (no second index array)
     left = lo + npix * np.arange(nrow)[:, None]
     sig = np.where(mask, 1.0 - values, 0.0).ravel()
     # In place: the same products and sums as the expressions, without their temporaries
+    # (each (S, 4 P) float64 one ~0.4 MB: these steps took ~1.5x the time with them)
     out = sig.take(left)
-    out *= 1 - t
     ahead = sig[1:].take(left)
     ahead *= t
+    np.subtract(1, t, out=t)
+    out *= t
     out += ahead
     flat_mask = np.ascontiguousarray(mask).ravel()
-    m = flat_mask.take(left)
+    m = flat_mask.take(left)  # the products with 0/1 as booleans: no float copy
     m &= flat_mask[1:].take(left)
-    m = m.astype(float)
     np.multiply(out, m, out=ahead)  # ahead's buffer reused for the masked signal
     mean = ahead.sum(1, keepdims=True) / np.maximum(m.sum(1, keepdims=True), 1)
     out -= mean
