@@ -7,7 +7,7 @@ import numpy as np
 
 from ..constants import SPEED_OF_LIGHT_KMS
 from ..wavelength import distinct_rows
-from .matching import _corrections
+from .matching import fit_corrected
 from .shifts import rest_positions, position_margin, sample_rows
 
 __all__ = ["cross_correlate_rv", "refine_rv"]
@@ -97,7 +97,7 @@ def _line_signal(values, mask, ln_rows, grid):
     left = lo + npix * np.arange(nrow)[:, None]
     sig = np.where(mask, 1.0 - values, 0.0).ravel()
     # In place: the same products and sums as the expressions, without their temporaries
-    # (each (S, 4 P) float64 one ~0.4 MB: these steps took ~1.5x the time with them)
+    # (each (S, 4 P) float64 one ~0.4 MB: cross_correlate_rv took ~1.5x the time with them)
     out = sig.take(left)
     ahead = sig[1:].take(left)
     ahead *= t
@@ -191,11 +191,11 @@ def refine_rv(obs_norm, obs_weight, template_norm, wavelength, rv0, *, half_widt
             else group
         flux = np.repeat(f[rows], nstep, axis=0)
         weight, template = (a[rows].reshape(flux.shape) for a in (w, shifted))
-        # w (f - m)^2 in place, m = c t: the same products as the expression (the sign of a
-        # difference squared away), without two of its temporaries of ~0.5 MB; laid out by
-        # rows (the corrections come by columns), as numpy sums them
-        model = np.multiply(_corrections(flux, weight, template, star_wave[group[0]],
-                                         knot_spacing), template, out=np.empty(flux.shape))
+        # w (f - m)^2 in place: the same products as the expression (the sign of a
+        # difference squared away), without its three temporaries of ~0.5 MB; laid out by
+        # rows, as numpy summed the expression's
+        model = np.ascontiguousarray(fit_corrected(flux, weight, template, star_wave[group[0]],
+                                                   knot_spacing))
         model -= flux
         model *= model
         model *= weight
