@@ -240,6 +240,31 @@ def test_fast_scores_of_wanted_templates_only_are_the_full_ones():
     assert np.array_equal(got[scored], full[scored]) and np.isnan(got[~scored]).all()
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_stars_scored_against_their_own_templates_score_as_alone(dtype):
+    """score_own_templates (the lattices' models, each star its own, in one call) gives
+    each star the scores score_rest_frame gives it alone, to the last bit: blocks, one
+    partial, a missing (NaN) model and a star without weight."""
+    from kspec_fluxcal.fit.matching import (
+        _SCORE_BLOCK, RestFrame, score_own_templates, score_rest_frame)
+
+    _, templates = _templates(3 * (_SCORE_BLOCK + 5))
+    own = templates.reshape(3, _SCORE_BLOCK + 5, -1).astype(dtype)
+    own[1, 7] = np.nan
+    rng = np.random.default_rng(21)
+    rests = [(own[s, 3 * s].astype(np.float64) + rng.normal(0, 1e-2, WAVE.size),
+              np.full(WAVE.size, 1e4 if s < 2 else 0.0)) for s in range(3)]
+    got = score_own_templates(rests, own)
+    assert got.shape == own.shape[:2] and np.isnan(got[1, 7]) and np.isnan(got[2]).all()
+    assert list(np.nanargmin(got[:2], axis=1)) == [0, 3]
+    for s in range(3):
+        assert np.array_equal(got[s], score_rest_frame(rests[s], own[s]), equal_nan=True)
+    # Rest frames that keep their sums (RestFrame) score the same, again and again
+    kept = [RestFrame(rest) for rest in rests]
+    for _ in range(2):
+        assert np.array_equal(score_own_templates(kept, own), got, equal_nan=True)
+
+
 def test_huber_resists_sky_residual_spikes():
     scales, templates = _templates()
     truth = 3
@@ -303,6 +328,33 @@ def test_corrections_of_several_templates_are_each_ones_own():
                          for t in templates])
     assert together.tobytes() == one_each.tobytes()
 
+
+
+@pytest.mark.parametrize("own_pixels", [False, True])
+@pytest.mark.parametrize("corrected", [False, True])
+def test_rest_frames_of_several_stars_are_each_stars_own(own_pixels, corrected):
+    """rest_frame_stars gives each star rest_frame_star's (flux, weights), to the last bit:
+    stars on their own pixels or the templates', a star's two starts (the same velocity and
+    pixels, their own corrections) next to each other, masked pixels."""
+    from kspec_fluxcal.fit.matching import rest_frame_star, rest_frame_stars
+
+    rng = np.random.default_rng(17)
+    rv = np.array([-25.0, -25.0, 140.0, 140.0])
+    star_wave = np.stack([WAVE + 0.2 * np.sin(WAVE / 300.0)] * 2 + [WAVE] * 2)
+    obs = np.stack([_lines(BASE_DEPTHS, CENTRES, wave=w, rv=v) for w, v in zip(
+        star_wave, rv, strict=True)]) * (1 + rng.normal(0, 0.01, (4, WAVE.size)))
+    ivar = np.where(rng.uniform(size=obs.shape) < 0.05, 0.0, 1 / 0.01**2)
+    obs[1, 40:50] = np.nan
+    corr = 1 + 0.1 * rng.uniform(size=obs.shape) if corrected else None
+    if corrected:
+        corr[3, 100:110] = np.nan
+    got = rest_frame_stars(obs, ivar, rv, WAVE, corr, star_wave if own_pixels else None)
+    assert len(got) == 4
+    for s in range(4):
+        want = rest_frame_star(obs[s], ivar[s], rv[s], WAVE, None if corr is None else corr[s],
+                               star_wave[s] if own_pixels else None)
+        assert all(a.tobytes() == b.tobytes() for a, b in zip(got[s], want, strict=True))
+        assert (want[1] == 0).sum() > 50
 
 
 def test_sampled_rest_frames_are_the_operators_within_rounding():

@@ -25,7 +25,9 @@ from .shifts import (
 
 __all__ = ["score_templates", "score_star", "fit_corrected", "star_correction",
            "star_corrections", "correction_parameters", "fast_mode", "rest_frame_star",
-           "score_rest_frame", "score_rest_frames", "ScoringTemplates", "sampled_rest_frames"]
+           "rest_frame_stars", "RestFrame",
+           "score_rest_frame", "score_rest_frames", "score_own_templates", "ScoringTemplates",
+           "sampled_rest_frames"]
 
 
 
@@ -252,6 +254,28 @@ def rest_frame_star(obs, ivar, rv, wavelength, correction=None, star_wavelength=
     return _to_rest_frame(f, w, wavelength, rv, star_wavelength)
 
 
+def rest_frame_stars(obs, ivar, rv, wavelength, correction=None, star_wavelength=None):
+    """:func:`rest_frame_star` of each star (S, P) (``rv`` (S,), ``correction`` and
+    ``star_wavelength`` (S, P) or None): a list of :class:`RestFrame`, each star's to the
+    last bit.
+
+    The pixel by pixel steps are taken for all stars at once and a star at the velocity and
+    on the pixels of the one before it (a star's refinement starts, each with its own
+    correction) reuses its shift operator (~25 numpy calls and a cache key of 2 x 32 kB
+    fewer a star: ~6 % of star_rest_frames' time on 15 captured calls).
+    """
+    f, var, bad = _rest_inputs(*_star_arrays(obs, ivar, correction))
+    star_wave = [None] * len(obs) if star_wavelength is None else star_wavelength
+    rests, op = [], None
+    for s in range(len(obs)):
+        if not (s and rv[s] == rv[s - 1] and (star_wavelength is None or np.array_equal(
+                star_wave[s], star_wave[s - 1]))):
+            op = shift_operator(wavelength, _back_velocity(rv[s]), star_wave[s])
+        rests.append(RestFrame(_rest_weighted(op.matrix @ f[s], op.squared @ var[s],
+                                              op.absolute @ bad[s], op.empty, op.margin)))
+    return rests
+
+
 def score_rest_frame(rest, templates, wanted=None):
     """:func:`score_star`'s fast-mode scores of rest-frame ``templates`` against stars in
     their rest frames.
@@ -281,6 +305,53 @@ def score_rest_frames(rests, templates, wanted=None):
     :func:`rest_frame_star`) at once: scores (S, N)."""
     return score_rest_frame((np.stack([f for f, _ in rests]), np.stack([w for _, w in rests])),
                             templates, wanted)
+
+
+def score_own_templates(rests, templates):
+    """:func:`score_rest_frame` of each star against its own templates: ``rests`` (a list
+    of S :func:`rest_frame_star`) and ``templates`` (S, K, P) give scores (S, K), each row
+    the star's own call gives, to the last bit (the same blocks of :data:`_SCORE_BLOCK`
+    templates, converted to float64 and scored by the same matrix-vector products).
+
+    The lattices' models of all stars at once: their NaN rows found in one pass and their
+    blocks converted into one buffer (with a fresh float64 copy of each star's models,
+    ~0.9 MB, and a NaN test star by star, the lattices' scores took ~3.0, now ~2.3 ms an
+    exposure).
+    """
+    nstar, k, npix = templates.shape
+    missing = ~np.isfinite(templates).all(axis=2)
+    sft, stt = np.zeros((nstar, k)), np.zeros((nstar, k))
+    buffer = np.empty((min(k, _SCORE_BLOCK), npix))
+    rests = [rest if isinstance(rest, RestFrame) else RestFrame(rest) for rest in rests]
+    for s, rest in enumerate(rests):
+        weighted, weight = rest.weighted, rest[1]
+        for start in range(0, k, _SCORE_BLOCK):
+            block = slice(start, start + _SCORE_BLOCK)
+            rows = buffer[:len(missing[s, block])]
+            np.copyto(rows, templates[s, block])
+            if missing[s, block].any():  # zeroed as _clean_templates does
+                rows[missing[s, block]] = 0.0
+            sft[s, block] = weighted @ rows.T
+            rows *= rows
+            stt[s, block] = weight @ rows.T
+    ff = np.array([rest.flux_norm for rest in rests])
+    return _chi2_of_sums(ff, sft, stt, missing)
+
+
+class RestFrame(tuple):
+    """A star's ``(flux, weights)`` in its rest frame (:func:`rest_frame_star`) with what
+    :func:`score_own_templates` takes of them computed once, however many lattices are
+    scored against it (three products and a sum a star and lattice)."""
+
+    @functools.cached_property
+    def weighted(self):
+        """weights * flux (P,)."""
+        return self[1] * self[0]
+
+    @functools.cached_property
+    def flux_norm(self):
+        """The sum of weights * flux^2."""
+        return np.sum(self[1] * self[0] ** 2)
 
 
 class ScoringTemplates:
@@ -361,8 +432,14 @@ def _fast_chi2(flux, weight, tmpl, missing, wanted=None):
         rows *= rows
         for star in mine:
             stt[star + (block,)] = weight[star] @ rows.T
+    return _chi2_of_sums(np.sum(weight * flux**2, axis=-1), sft, stt, missing)
+
+
+def _chi2_of_sums(ff, sft, stt, missing):
+    """chi^2 with a free amplitude (..., N) from the sums of w f^2 (...), w f t and w t^2
+    (..., N); NaN for ``missing`` templates and those the star's weights do not see."""
     usable = stt > 0
-    score = np.sum(weight * flux**2, axis=-1)[..., None] - sft**2 / np.where(usable, stt, np.inf)
+    score = ff[..., None] - sft**2 / np.where(usable, stt, np.inf)
     return np.where(missing | ~usable, np.nan, score)
 
 

@@ -10,7 +10,7 @@ import scipy.sparse
 
 from ..grid import PARAMS, alpha_response_weights
 from .exposure_templates import ExposureTemplates
-from .matching import fast_mode, rest_frame_star, score_rest_frame, score_star
+from .matching import fast_mode, rest_frame_stars, score_own_templates, score_star
 
 __all__ = ["refine_parameters", "score_points", "quadratic_minimum", "star_rest_frames",
            "canonical_weights"]
@@ -116,7 +116,7 @@ def score_points(obs_norm, obs_ivar, templates, template_index, axes, points, rv
                                        knot_spacing=knot_spacing, correction=correction,
                                        star_wavelength=star_wavelength)
     if rest_frames is not None:
-        scores = np.stack([score_rest_frame(rest_frames[s], models[s]) for s in range(nstar)])
+        scores = score_own_templates(rest_frames, models)
     else:
         star_wave = [None] * nstar if star_wavelength is None else star_wavelength
         scores = np.stack([score_star(obs_norm[s], obs_ivar[s], models[s], rv[s], wavelength,
@@ -176,10 +176,7 @@ def star_rest_frames(obs_norm, obs_ivar, rv, wavelength, *, metric="chi2", knot_
     Takes the arguments of :func:`score_points` (others ignored)."""
     if not fast_mode(metric, knot_spacing, correction):
         return None
-    star_wave = [None] * len(obs_norm) if star_wavelength is None else star_wavelength
-    return [rest_frame_star(obs_norm[s], obs_ivar[s], rv[s], wavelength,
-                            None if correction is None else correction[s], star_wave[s])
-            for s in range(len(obs_norm))]
+    return rest_frame_stars(obs_norm, obs_ivar, rv, wavelength, correction, star_wavelength)
 
 
 def _median_step(axis):
