@@ -494,13 +494,17 @@ def _model(wavelength, lsf, scale, source):
             while len(_MODELS) > _MODELS_KEPT:
                 _MODELS.popitem(last=False)
 
+    gather = [None, None]  # the last ``pixels`` and theirs in the model (a fit's, each time)
+
     def sample(o2, h2o, derivatives=False, pixels=None):
         out = model(o2, h2o, derivatives)
         if pixels is None:
             out = out[:, inverse].reshape((len(out),) + shape)
         else:  # flat indices into ``wavelength``: those pixels only
-            row, pixel = np.divmod(pixels, shape[-1])
-            out = out.reshape(len(out), -1)[:, inverse[row] * shape[-1] + pixel]
+            if gather[0] is not pixels:
+                row, pixel = np.divmod(pixels, shape[-1])
+                gather[:] = pixels, inverse[row] * shape[-1] + pixel
+            out = out.reshape(len(out), -1)[:, gather[1]]
         return list(out) if derivatives else out[0]
 
     return sample
