@@ -39,8 +39,8 @@ from .errors import ConfigError
 from .wavelength import distinct_rows
 
 __all__ = ["telluric_lines", "optical_depths", "line_optical_depth", "high_resolution_grid",
-           "sample_transmission", "transmission", "fit_telluric", "uncovered_red",
-           "TELLURIC_LINES"]
+           "sample_transmission", "transmission", "divide_transmission", "fit_telluric",
+           "uncovered_red", "TELLURIC_LINES"]
 
 #: Line lists shipped with the package, by name.
 TELLURIC_LINES = ("telluric_lines",)
@@ -534,6 +534,35 @@ def transmission(wavelength, lsf, o2, h2o, *, scale=None, source="telluric_lines
     numpy.ndarray, shaped like ``wavelength`` (or a list of three).
     """
     return _model(wavelength, lsf, scale, source)(o2, h2o, derivatives)
+
+
+def divide_transmission(values, wavelength, lsf, columns, errors, *, scale=None,
+                        source="telluric_lines"):
+    """Divide a factor and its variance by the telluric transmission at their pixels, in place.
+
+    Parameters
+    ----------
+    values : numpy.ndarray, shape (2,) + wavelength's
+        A factor F and its variance V; they become F / T and V / T^2 + F^2 var(T) / T^4,
+        var(T) from the columns' errors through dT/do2 and dT/dh2o.
+    wavelength, lsf, scale, source
+        As for :func:`transmission`.
+    columns, errors : (float, float)
+        (o2, h2o) and their errors.
+    """
+    trans, d_o2, d_h2o = _model(wavelength, lsf, scale, source)(*columns, derivatives=True)
+    # In place, the operations of the formulas in their order: on 14 fibers' own solutions
+    # each fresh temporary is 0.5 MB, whose pages cost ~0.2 ms (pow(T, 4): 100x slower).
+    factor, variance = values
+    var_t, term = np.multiply(d_o2, errors[0]), np.multiply(d_h2o, errors[1])
+    var_t *= var_t
+    var_t += np.square(term, out=term)
+    trans2 = np.square(trans, out=term)
+    variance /= trans2
+    var_t *= np.square(factor)
+    var_t /= np.square(trans2, out=trans2)
+    variance += var_t
+    factor /= trans
 
 
 def fit_telluric(wavelength, observed, weight, lsf, *, start=(1.0, 1.0), scale=None,
