@@ -298,9 +298,8 @@ def _line_list_boxes(source, box):
     return boxes, active
 
 
-def _box_size(hr_wave, wavelength, sigma):
+def _box_size(hr_wave, narrowest):
     """Points per box: a third of the narrowest sigma, at least :data:`_BOX`."""
-    narrowest = np.nanmin(np.where(np.isfinite(wavelength), sigma, np.nan), initial=np.inf)
     if not np.isfinite(narrowest):
         return _BOX
     return max(_BOX, int(narrowest / _BOX_PER_SIGMA / (hr_wave[1] - hr_wave[0])))
@@ -372,12 +371,15 @@ class _Model:
 
     def __init__(self, rows, lsf, source):
         wave, scale = rows[:, 1:], rows[:, 0]
-        fwhm = lsf.fwhm(np.where(np.isfinite(wave), wave, 1.0))
-        sigma = np.where(np.isfinite(wave), fwhm * scale[:, None] / FWHM_PER_SIGMA, np.nan)
-        box = _box_size(optical_depths(source)[0], wave, sigma)
-        boxes, tau = _line_list_boxes(source, box)
+        finite = np.isfinite(wave)
+        fwhm = lsf.fwhm(np.where(finite, wave, 1.0))
+        sigma = np.where(finite, fwhm * scale[:, None] / FWHM_PER_SIGMA, np.nan)
+        # The narrowest (NaN: no wavelength or no scale), once: 14 fibers' own solutions are
+        # 57k pixels, each pass over them ~0.1 ms.
+        narrowest = float(np.nanmin(sigma, initial=np.inf))
+        boxes, tau = _line_list_boxes(source, _box_size(optical_depths(source)[0], narrowest))
         self.shape = wave.shape
-        self.nodes = _Nodes.of(wave, sigma, lsf, scale)
+        self.nodes = _Nodes.of(wave, finite, narrowest, lsf, scale)
         if self.nodes is None:
             self.sampler = _Sampler(boxes, wave, sigma)
         else:
@@ -440,15 +442,16 @@ class _Nodes(NamedTuple):
     matrix: scipy.sparse.csr_matrix = None
 
     @classmethod
-    def of(cls, wave, sigma, lsf, scale):
-        """The nodes of rows ``wave`` (R, P) with ``sigma`` (``lsf``'s times ``scale``, one
-        per row), or None when the scales differ or the nodes would be too many."""
-        finite = np.isfinite(wave)
+    def of(cls, wave, finite, narrowest, lsf, scale):
+        """The nodes of rows ``wave`` (R, P; ``finite`` where they have wavelengths) whose
+        sigmas (``lsf``'s times ``scale``, one per row) are at least ``narrowest``, or None
+        when the scales differ or the nodes would be too many."""
         if not finite.any() or not np.all(scale == scale[0]):
-            return None
-        step, pixels = float(np.min(sigma[finite])) / _NODES_PER_SIGMA, wave[finite]
-        lo, hi = float(pixels.min()), float(pixels.max())
-        if not (step > 0 and (hi - lo) / step + _LAGRANGE + 2 < _NODE_SHARE * pixels.size):
+            return None  # (else the sigmas are NaN only where ``wave`` is)
+        step, count = narrowest / _NODES_PER_SIGMA, np.count_nonzero(finite)
+        lo = float(np.min(wave, where=finite, initial=np.inf))
+        hi = float(np.max(wave, where=finite, initial=-np.inf))
+        if not (step > 0 and (hi - lo) / step + _LAGRANGE + 2 < _NODE_SHARE * count):
             return None
         # A node to spare at both ends: a pixel at lo or hi may round to either side of one.
         nodes = lo + (np.arange(int((hi - lo) / step) + _LAGRANGE + 3) - _LAGRANGE // 2) * step
