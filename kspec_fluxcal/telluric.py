@@ -384,7 +384,7 @@ class _Model:
             self.sampler = _Sampler(boxes, wave, sigma)
         else:
             self.sampler = _Sampler(boxes, self.nodes.wave, self.nodes.sigma)
-            self.nodes = self.nodes.interpolation(self.sampler.index, wave)
+            self.nodes = self.nodes.interpolation(self.sampler.index, wave, finite)
         self.tau = tau[:, self.sampler.points]  # the absorbing points the pixels reach
         # The last evaluation, (o2, h2o) and its rows: a fit ends where the next one starts,
         # and the reference grid and the fibers are evaluated at the fitted columns again (T
@@ -457,15 +457,17 @@ class _Nodes(NamedTuple):
         nodes = lo + (np.arange(int((hi - lo) / step) + _LAGRANGE + 3) - _LAGRANGE // 2) * step
         return cls(nodes, lsf.fwhm(nodes) * scale[0] / FWHM_PER_SIGMA)
 
-    def interpolation(self, reached, wave):
-        """These nodes with the interpolation to the pixels of ``wave`` whose nodes include
-        ``reached`` ones (indices): the others keep the value outside the absorption."""
-        flat = wave.ravel()
-        index = np.flatnonzero(np.isfinite(flat))
-        where = (flat[index] - self.wave[0]) / (self.wave[1] - self.wave[0])
+    def interpolation(self, reached, wave, finite):
+        """These nodes with the interpolation to the pixels of ``wave`` (``finite`` where
+        they have wavelengths) whose nodes include ``reached`` ones (indices): the others
+        keep the value outside the absorption."""
+        index = np.flatnonzero(finite)
+        where = (wave.ravel()[index] - self.wave[0]) / (self.wave[1] - self.wave[0])
         first = np.floor(where).astype(np.intp) - (_LAGRANGE // 2 - 1)
         before = np.bincount(reached + 1, minlength=self.wave.size + 1).cumsum()  # reached
-        near = before[first + _LAGRANGE] > before[first]  # among a pixel's
+        # Whether a pixel's first node is followed by reached ones, per node: one gather per
+        # pixel, not two (57k pixels of 14 fibers' own solutions).
+        near = (before[_LAGRANGE:] > before[:-_LAGRANGE])[first]
         return self._replace(index=index[near], matrix=lagrange_matrix(
             where[near], self.wave.size, _LAGRANGE))
 
