@@ -39,7 +39,7 @@ from .exposure import _computed, add_history
 from .lsf import LineSpread
 from .masks import region_mask
 from .smoothing import _bridge, _smooth, running_median
-from .telluric import fit_telluric, transmission, uncovered_red
+from .telluric import divide_transmission, fit_telluric, transmission, uncovered_red
 from .wavelength import distinct_rows, width_ratio
 
 __all__ = ["combine_vectors", "apply_calibration", "calibration_factor", "running_median",
@@ -593,20 +593,20 @@ def calibration_factor(calibration, fiber_wavelength, fiber_lsf_scale=None):
         # solutions, so each fiber's first or last pixel may lie just outside it) the ends'
         # values hold; beyond, a pixel has no calibration.
         inside = ok & (x >= ref[0] - margin[0]) & (x <= ref[-1] + margin[1])
-        # Value and variance: one interpolation each over all pixels (no gather and scatter).
-        out = np.where(inside, [np.interp(x, ref, value) for value in values], np.nan)
+        # Value and variance: one interpolation each over all pixels (no gather and scatter),
+        # then in place (14 fibers' own solutions: fresh 0.5 MB arrays cost ~0.2 ms each).
+        out = np.array([np.interp(x, ref, value) for value in values])
+        np.copyto(out, np.nan, where=~inside)
         # Per count on a reference pixel -> per count on the fiber's own (1 on the grid).
         width = width_ratio(ref_wave, wave, ln=(ref, x))
-        out[0], out[1] = out[0] / width, out[1] / width**2
-        if model:
-            # On the stars' and reference grid's rows, the combination's model (its cache).
-            trans, d_o2, d_h2o = transmission(
-                np.where(inside, wave, np.nan), LineSpread(tuple(attrs["lsf_fwhm_coeffs"])),
-                *columns, scale=scale,
-                source=attrs.get("telluric_lines", "telluric_lines"), derivatives=True)
-            var_t, trans2 = (d_o2 * errors[0]) ** 2 + (d_h2o * errors[1]) ** 2, trans**2
-            out[1] = out[1] / trans2 + out[0] ** 2 * var_t / trans2**2  # (pow(T, 4): 100x slower)
-            out[0] = out[0] / trans
+        out[0] /= width
+        out[1] /= np.square(width)
+        if model:  # on the stars' and reference grid's rows, the combination's model (cache)
+            divide_transmission(out, np.where(inside, wave, np.nan), LineSpread(tuple(
+                attrs["lsf_fwhm_coeffs"])), columns, errors, scale=scale,
+                source=attrs.get("telluric_lines", "telluric_lines"))
+        if np.array_equal(inverse, np.arange(inverse.size)):  # every row its own: no copy
+            return out[0], out[1]
         return out[0][inverse], out[1][inverse]
 
     factor, variance = xr.apply_ufunc(

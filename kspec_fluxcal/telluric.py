@@ -33,14 +33,15 @@ import scipy.sparse
 
 from ._inputs import refuse_repeated_columns
 from ._lagrange import lagrange_matrix
+from ._telluric_kernels import NSIGMA, kernel_matrix
 from .constants import FWHM_PER_SIGMA, PIXEL_OUTLIER_SIGMA
 from .errors import ConfigError
 from .line_growth import lorentz_strength
 from .wavelength import distinct_rows
 
 __all__ = ["telluric_lines", "optical_depths", "line_optical_depth", "high_resolution_grid",
-           "sample_transmission", "transmission", "fit_telluric", "uncovered_red",
-           "TELLURIC_LINES"]
+           "sample_transmission", "transmission", "divide_transmission", "fit_telluric",
+           "uncovered_red", "TELLURIC_LINES"]
 
 #: Line lists shipped with the package, by name.
 TELLURIC_LINES = ("telluric_lines",)
@@ -55,10 +56,6 @@ _BOX = 10
 _BOX_PER_SIGMA = 3.0
 #: Lorentzian wings are summed this far from each line centre, Angstrom.
 _WING = 6.0
-#: Line-spread kernels reach this many sigma.
-_NSIGMA = 5.0
-#: Rows of a kernel matrix computed at a time (see _kernel_terms).
-_KERNEL_ROWS = 1024
 #: Gauss-Newton iterations of the fit (it converges in 3-4 from the airmass).
 _ITERATIONS = 8
 #: Fits of the columns at most, the outliers of each left out of the next.
@@ -250,74 +247,6 @@ def optical_depths(source="telluric_lines"):
                                     lines["hwhm"], lines["water"])
 
 
-def _kernel_matrix(boxes, wave_out, sigma_out):
-    """Sparse (len(wave_out), 3 m + 3) Gaussian kernels for any (unsorted) output points,
-    each with its own sigma (Angstrom), on the :class:`_Boxes` grid: the kernel and its first
-    and second derivatives (over 1 and 2) at the box centres, which act on the boxes' zeroth,
-    first and second moments of the absorption, normalised over the whole Gaussian (near the
-    grid's ends the caller adds the value beyond it). Columns: term t of the k-th active box
-    from ``first`` (returned, the first reached) at 3 k + t, the moments' layout (no scatter
-    into all boxes: 0.2 ms an evaluation); the others' terms in the last three, kept 0."""
-    wave_in = boxes.centres
-    step = wave_in[1] - wave_in[0]
-    half = int(np.ceil(_NSIGMA * np.max(sigma_out, initial=step) / step))
-    n, width = wave_out.size, 2 * half + 1
-    # Indices in the type scipy would convert them to (after scanning them).
-    itype = np.int32 if max(n * 3 * width, 3 * wave_in.size + width) < 2**31 else np.intp
-    cols = (np.round((wave_out - wave_in[0]) / step).astype(itype)[:, None]
-            + np.arange(-half, half + 1, dtype=itype)[None, :])
-    # Taylor terms of g(x_j + d) in the offset d from a box's centre, each row's three in
-    # turn: the CSR arrays directly. Every row keeps all its entries (zeros beyond reach,
-    # clipped columns at the grid's ends): a fixed row length builds 2-4x faster than
-    # dropping them, and the zeros cost a product only a few per cent.
-    terms = np.empty((n, 3, width))
-    for first in range(0, n, _KERNEL_ROWS):
-        rows = slice(first, first + _KERNEL_ROWS)
-        _kernel_terms(terms[rows], cols[rows], wave_in, wave_out[rows], sigma_out[rows, None])
-    np.clip(cols, 0, wave_in.size - 1, out=cols)
-    # Only the boxes the rows reach have columns (each row's columns increase).
-    first_box = int(cols[:, 0].min()) if n else 0
-    count = int(cols[:, -1].max()) - first_box + 1 if n else 0
-    reached = boxes.active[first_box:first_box + count]
-    m = int(np.count_nonzero(reached))
-    column = np.where(reached, 3 * np.cumsum(reached, dtype=itype) - 3, 3 * m).astype(itype)
-    index = column[cols - first_box][:, None, :] + np.arange(3, dtype=itype)[None, :, None]
-    return scipy.sparse.csr_matrix(
-        (terms.ravel(), index.ravel(), np.arange(0, (n + 1) * 3 * width, 3 * width, dtype=itype)),
-        shape=(wave_out.size, 3 * m + 3)), first_box
-
-
-def _kernel_terms(terms, cols, wave_in, wave_out, sig):
-    """The three Taylor terms (rows, 3, width) of :func:`_kernel_matrix` at columns ``cols``
-    of the rows ``wave_out`` (sigma ``sig``), written into ``terms``, for a thousand rows at
-    a time (their temporaries stay in the processor's cache: 20-30 % faster for an
-    exposure's fibers than all at once, 10-15 % faster than 256 rows)."""
-    step = wave_in[1] - wave_in[0]
-    u = np.multiply(cols, step)  # u = (wave_in[0] + cols * step - wave_out) / sig
-    u += wave_in[0]
-    u -= wave_out[:, None]
-    u /= sig
-    # The terms in float32 once the offsets are known (in float64: they are differences of
-    # wavelengths): numpy vectorises float32's exp (not float64's) on processors without
-    # AVX-512, and every pass moves half the bytes. Their relative errors, ~1e-7 (1e-6 at
-    # the kernel's reach), move no transmission by more than ~1e-7 (the boxes' own: 2e-5).
-    u = u.astype(np.float32)
-    inverse = (1.0 / sig).astype(np.float32)
-    u2 = np.square(u)
-    vals = np.exp(u2 * np.float32(-0.5))
-    vals[u2 > np.float32(_NSIGMA**2)] = 0.0
-    vals /= np.maximum(vals.sum(axis=1, keepdims=True), np.float32(1e-30))
-    vals[(cols < 0) | (cols >= wave_in.size)] = 0.0
-    terms[:, 0] = vals
-    np.multiply(vals, u, out=u)  # first = -vals * u / sig
-    u *= -inverse
-    terms[:, 1] = u
-    u2 -= 1.0  # second = 0.5 * vals * (u**2 - 1.0) / sig**2
-    u2 *= vals
-    u2 *= np.float32(0.5) * inverse**2
-    terms[:, 2] = u2
-
-
 class _Boxes(NamedTuple):
     """A high-resolution grid cut into boxes of ``box`` points (the first ``n`` points)."""
 
@@ -353,9 +282,8 @@ def _line_list_boxes(source, box):
     return boxes, active
 
 
-def _box_size(hr_wave, wavelength, sigma):
+def _box_size(hr_wave, narrowest):
     """Points per box: a third of the narrowest sigma, at least :data:`_BOX`."""
-    narrowest = np.nanmin(np.where(np.isfinite(wavelength), sigma, np.nan), initial=np.inf)
     if not np.isfinite(narrowest):
         return _BOX
     return max(_BOX, int(narrowest / _BOX_PER_SIGMA / (hr_wave[1] - hr_wave[0])))
@@ -378,14 +306,14 @@ class _Sampler:
         self.shape = wave.shape
         flat, sig = wave.ravel(), np.broadcast_to(sigma, wave.shape).ravel()
         ok = np.isfinite(flat) & np.isfinite(sig)
-        reach = np.where(ok, _NSIGMA * sig, 0.0)
+        reach = np.where(ok, NSIGMA * sig, 0.0)
         # A pixel is reached when an absorbing box's centre c has flat - reach <= c < flat +
         # reach: when the first one at or above flat - reach is below flat + reach (one
         # search among the absorbing boxes, an infinite one closing them).
         absorbing = np.append(boxes.centres[boxes.active], np.inf)
         nearest = absorbing[np.searchsorted(absorbing, np.where(ok, flat - reach, np.inf))]
         self.index = np.flatnonzero(ok & (nearest < flat + reach))
-        self.matrix, first = _kernel_matrix(boxes, flat[self.index], sig[self.index])
+        self.matrix, first = kernel_matrix(boxes, flat[self.index], sig[self.index])
         # Only the boxes with absorption (the rest transmit 1) within the pixels' reach are
         # computed: on a 3500-8500 A exposure, 30 % of the line list's absorbing points lie
         # beyond it. ``points``: theirs among the boxes' absorbing points (in order).
@@ -427,17 +355,20 @@ class _Model:
 
     def __init__(self, rows, lsf, source):
         wave, scale = rows[:, 1:], rows[:, 0]
-        fwhm = lsf.fwhm(np.where(np.isfinite(wave), wave, 1.0))
-        sigma = np.where(np.isfinite(wave), fwhm * scale[:, None] / FWHM_PER_SIGMA, np.nan)
-        box = _box_size(optical_depths(source)[0], wave, sigma)
-        boxes, tau = _line_list_boxes(source, box)
+        finite = np.isfinite(wave)
+        fwhm = lsf.fwhm(np.where(finite, wave, 1.0))
+        sigma = np.where(finite, fwhm * scale[:, None] / FWHM_PER_SIGMA, np.nan)
+        # The narrowest (NaN: no wavelength or no scale), once: 14 fibers' own solutions are
+        # 57k pixels, each pass over them ~0.1 ms.
+        narrowest = float(np.nanmin(sigma, initial=np.inf))
+        boxes, tau = _line_list_boxes(source, _box_size(optical_depths(source)[0], narrowest))
         self.shape = wave.shape
-        self.nodes = _Nodes.of(wave, sigma, lsf, scale)
+        self.nodes = _Nodes.of(wave, finite, narrowest, lsf, scale)
         if self.nodes is None:
             self.sampler = _Sampler(boxes, wave, sigma)
         else:
             self.sampler = _Sampler(boxes, self.nodes.wave, self.nodes.sigma)
-            self.nodes = self.nodes.interpolation(self.sampler.index, wave)
+            self.nodes = self.nodes.interpolation(self.sampler.index, wave, finite)
         self.tau = tau[:, self.sampler.points]  # the absorbing points the pixels reach
         # The last evaluation, (o2, h2o) and its rows: a fit ends where the next one starts,
         # and the reference grid and the fibers are evaluated at the fitted columns again (T
@@ -495,29 +426,32 @@ class _Nodes(NamedTuple):
     matrix: scipy.sparse.csr_matrix = None
 
     @classmethod
-    def of(cls, wave, sigma, lsf, scale):
-        """The nodes of rows ``wave`` (R, P) with ``sigma`` (``lsf``'s times ``scale``, one
-        per row), or None when the scales differ or the nodes would be too many."""
-        finite = np.isfinite(wave)
+    def of(cls, wave, finite, narrowest, lsf, scale):
+        """The nodes of rows ``wave`` (R, P; ``finite`` where they have wavelengths) whose
+        sigmas (``lsf``'s times ``scale``, one per row) are at least ``narrowest``, or None
+        when the scales differ or the nodes would be too many."""
         if not finite.any() or not np.all(scale == scale[0]):
-            return None
-        step, pixels = float(np.min(sigma[finite])) / _NODES_PER_SIGMA, wave[finite]
-        lo, hi = float(pixels.min()), float(pixels.max())
-        if not (step > 0 and (hi - lo) / step + _LAGRANGE + 2 < _NODE_SHARE * pixels.size):
+            return None  # (else the sigmas are NaN only where ``wave`` is)
+        step, count = narrowest / _NODES_PER_SIGMA, np.count_nonzero(finite)
+        lo = float(np.min(wave, where=finite, initial=np.inf))
+        hi = float(np.max(wave, where=finite, initial=-np.inf))
+        if not (step > 0 and (hi - lo) / step + _LAGRANGE + 2 < _NODE_SHARE * count):
             return None
         # A node to spare at both ends: a pixel at lo or hi may round to either side of one.
         nodes = lo + (np.arange(int((hi - lo) / step) + _LAGRANGE + 3) - _LAGRANGE // 2) * step
         return cls(nodes, lsf.fwhm(nodes) * scale[0] / FWHM_PER_SIGMA)
 
-    def interpolation(self, reached, wave):
-        """These nodes with the interpolation to the pixels of ``wave`` whose nodes include
-        ``reached`` ones (indices): the others keep the value outside the absorption."""
-        flat = wave.ravel()
-        index = np.flatnonzero(np.isfinite(flat))
-        where = (flat[index] - self.wave[0]) / (self.wave[1] - self.wave[0])
+    def interpolation(self, reached, wave, finite):
+        """These nodes with the interpolation to the pixels of ``wave`` (``finite`` where
+        they have wavelengths) whose nodes include ``reached`` ones (indices): the others
+        keep the value outside the absorption."""
+        index = np.flatnonzero(finite)
+        where = (wave.ravel()[index] - self.wave[0]) / (self.wave[1] - self.wave[0])
         first = np.floor(where).astype(np.intp) - (_LAGRANGE // 2 - 1)
         before = np.bincount(reached + 1, minlength=self.wave.size + 1).cumsum()  # reached
-        near = before[first + _LAGRANGE] > before[first]  # among a pixel's
+        # Whether a pixel's first node is followed by reached ones, per node: one gather per
+        # pixel, not two (57k pixels of 14 fibers' own solutions).
+        near = (before[_LAGRANGE:] > before[:-_LAGRANGE])[first]
         return self._replace(index=index[near], matrix=lagrange_matrix(
             where[near], self.wave.size, _LAGRANGE))
 
@@ -549,13 +483,17 @@ def _model(wavelength, lsf, scale, source):
             while len(_MODELS) > _MODELS_KEPT:
                 _MODELS.popitem(last=False)
 
+    gather = [None, None]  # the last ``pixels`` and theirs in the model (a fit's, each time)
+
     def sample(o2, h2o, derivatives=False, pixels=None):
         out = model(o2, h2o, derivatives)
         if pixels is None:
             out = out[:, inverse].reshape((len(out),) + shape)
         else:  # flat indices into ``wavelength``: those pixels only
-            row, pixel = np.divmod(pixels, shape[-1])
-            out = out.reshape(len(out), -1)[:, inverse[row] * shape[-1] + pixel]
+            if gather[0] is not pixels:
+                row, pixel = np.divmod(pixels, shape[-1])
+                gather[:] = pixels, inverse[row] * shape[-1] + pixel
+            out = out.reshape(len(out), -1)[:, gather[1]]
         return list(out) if derivatives else out[0]
 
     return sample
@@ -585,6 +523,35 @@ def transmission(wavelength, lsf, o2, h2o, *, scale=None, source="telluric_lines
     numpy.ndarray, shaped like ``wavelength`` (or a list of three).
     """
     return _model(wavelength, lsf, scale, source)(o2, h2o, derivatives)
+
+
+def divide_transmission(values, wavelength, lsf, columns, errors, *, scale=None,
+                        source="telluric_lines"):
+    """Divide a factor and its variance by the telluric transmission at their pixels, in place.
+
+    Parameters
+    ----------
+    values : numpy.ndarray, shape (2,) + wavelength's
+        A factor F and its variance V; they become F / T and V / T^2 + F^2 var(T) / T^4,
+        var(T) from the columns' errors through dT/do2 and dT/dh2o.
+    wavelength, lsf, scale, source
+        As for :func:`transmission`.
+    columns, errors : (float, float)
+        (o2, h2o) and their errors.
+    """
+    trans, d_o2, d_h2o = _model(wavelength, lsf, scale, source)(*columns, derivatives=True)
+    # In place, the formulas' operations in their order (T^4 as (T^2)^2: pow(T, 4) is 100x
+    # slower): on 14 fibers' own solutions each fresh temporary is 0.5 MB of new pages.
+    factor, variance = values
+    var_t, term = np.multiply(d_o2, errors[0]), np.multiply(d_h2o, errors[1])
+    var_t *= var_t
+    var_t += np.square(term, out=term)
+    trans2 = np.square(trans, out=term)
+    variance /= trans2
+    var_t *= np.square(factor)
+    var_t /= np.square(trans2, out=trans2)
+    variance += var_t
+    factor /= trans
 
 
 def fit_telluric(wavelength, observed, weight, lsf, *, start=(1.0, 1.0), scale=None,

@@ -8,6 +8,7 @@ from kspec_fluxcal.constants import FWHM_PER_SIGMA
 from kspec_fluxcal.errors import ConfigError
 from kspec_fluxcal.lsf import LineSpread
 from kspec_fluxcal.telluric import (
+    divide_transmission,
     fit_telluric,
     optical_depths,
     sample_transmission,
@@ -143,6 +144,27 @@ def test_the_model_is_the_kernel_matrix_applied_to_the_boxes_moments():
     want[:, sampler.index] -= (sampler.matrix @ boxed.reshape(3, -1).T).T
     assert sampler.index.size > 100
     np.testing.assert_array_equal(np.reshape(got, (3, -1)), want)
+
+
+def test_dividing_by_the_transmission_propagates_the_columns_errors():
+    """In place: F / T and V / T^2 + F^2 var(T) / T^4 with var(T) = (dT/do2 e_o2)^2 +
+    (dT/dh2o e_h2o)^2, on fibers of their own solutions; a pixel without a wavelength (T = 1,
+    no derivative) keeps its values."""
+    lsf = LineSpread.constant(3.0)
+    base = np.linspace(6000.0, 9000.0, 2000)
+    wave = np.stack([base, base + 0.3, base - 0.2])
+    wave[1, 7] = np.nan
+    values = np.random.default_rng(5).uniform(0.5, 2.0, (2,) + wave.shape)
+    factor, variance = values.copy()
+    errors = (0.02, 0.05)
+    trans, d_o2, d_h2o = transmission(wave, lsf, *COLUMNS, derivatives=True)
+    divide_transmission(values, wave, lsf, COLUMNS, errors)
+    var_t = (d_o2 * errors[0]) ** 2 + (d_h2o * errors[1]) ** 2
+    assert trans.min() < 0.5 and np.all(np.isfinite(var_t))
+    np.testing.assert_array_equal(values[0], factor / trans)
+    np.testing.assert_allclose(values[1], variance / trans**2 + factor**2 * var_t / trans**4,
+                               rtol=1e-14)
+    np.testing.assert_array_equal(values[:, 1, 7], [factor[1, 7], variance[1, 7]])
 
 
 def test_the_model_at_some_pixels_is_the_whole_model_there():

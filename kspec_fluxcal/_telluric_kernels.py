@@ -1,0 +1,95 @@
+"""Gaussian line-spread kernels as a sparse matrix acting on the telluric model's boxes'
+moments (see :class:`kspec_fluxcal.telluric._Sampler`)."""
+
+from __future__ import annotations
+
+import numpy as np
+import scipy.sparse
+
+#: Line-spread kernels reach this many sigma.
+NSIGMA = 5.0
+#: Rows of a kernel matrix computed at a time (see _kernel_terms).
+_KERNEL_ROWS = 1024
+
+
+def kernel_matrix(boxes, wave_out, sigma_out):
+    """Gaussian kernels for any (unsorted) output points, each with its own sigma, on a
+    telluric model's boxes: the kernel and its first and second derivatives (over 1 and 2) at
+    the box centres, which act on the boxes' zeroth, first and second moments of the
+    absorption, normalised over the whole Gaussian (near the grid's ends the caller adds the
+    value beyond it).
+
+    Parameters
+    ----------
+    boxes : kspec_fluxcal.telluric._Boxes
+        The high-resolution grid's boxes (their centres and which absorb).
+    wave_out, sigma_out : numpy.ndarray
+        The output points and their Gaussian sigmas, Angstrom.
+
+    Returns
+    -------
+    matrix : scipy.sparse.csr_matrix, shape (len(wave_out), 3 m + 3)
+        Columns: term t of the k-th active box from ``first`` at 3 k + t, the moments' layout
+        (no scatter into all boxes: 0.2 ms an evaluation); the others' terms in the last
+        three, kept 0.
+    first : int
+        The first box reached.
+    """
+    wave_in = boxes.centres
+    step = wave_in[1] - wave_in[0]
+    half = int(np.ceil(NSIGMA * np.max(sigma_out, initial=step) / step))
+    n, width = wave_out.size, 2 * half + 1
+    # Indices in the type scipy would convert them to (after scanning them).
+    itype = np.int32 if max(n * 3 * width, 3 * wave_in.size + width) < 2**31 else np.intp
+    cols = (np.round((wave_out - wave_in[0]) / step).astype(itype)[:, None]
+            + np.arange(-half, half + 1, dtype=itype)[None, :])
+    # Taylor terms of g(x_j + d) in the offset d from a box's centre, each row's three in
+    # turn: the CSR arrays directly. Every row keeps all its entries (zeros beyond reach,
+    # clipped columns at the grid's ends): a fixed row length builds 2-4x faster than
+    # dropping them, and the zeros cost a product only a few per cent.
+    terms = np.empty((n, 3, width))
+    for first in range(0, n, _KERNEL_ROWS):
+        rows = slice(first, first + _KERNEL_ROWS)
+        _kernel_terms(terms[rows], cols[rows], wave_in, wave_out[rows], sigma_out[rows, None])
+    np.clip(cols, 0, wave_in.size - 1, out=cols)
+    # Only the boxes the rows reach have columns (each row's columns increase).
+    first_box = int(cols[:, 0].min()) if n else 0
+    count = int(cols[:, -1].max()) - first_box + 1 if n else 0
+    reached = boxes.active[first_box:first_box + count]
+    m = int(np.count_nonzero(reached))
+    column = np.where(reached, 3 * np.cumsum(reached, dtype=itype) - 3, 3 * m).astype(itype)
+    index = column[cols - first_box][:, None, :] + np.arange(3, dtype=itype)[None, :, None]
+    return scipy.sparse.csr_matrix(
+        (terms.ravel(), index.ravel(), np.arange(0, (n + 1) * 3 * width, 3 * width, dtype=itype)),
+        shape=(wave_out.size, 3 * m + 3)), first_box
+
+
+def _kernel_terms(terms, cols, wave_in, wave_out, sig):
+    """The three Taylor terms (rows, 3, width) of :func:`kernel_matrix` at columns ``cols``
+    of the rows ``wave_out`` (sigma ``sig``), written into ``terms``, for a thousand rows at
+    a time (their temporaries stay in the processor's cache: 20-30 % faster for an
+    exposure's fibers than all at once, 10-15 % faster than 256 rows)."""
+    step = wave_in[1] - wave_in[0]
+    u = np.multiply(cols, step)  # u = (wave_in[0] + cols * step - wave_out) / sig
+    u += wave_in[0]
+    u -= wave_out[:, None]
+    u /= sig
+    # The terms in float32 once the offsets are known (in float64: they are differences of
+    # wavelengths): numpy vectorises float32's exp (not float64's) on processors without
+    # AVX-512, and every pass moves half the bytes. Their relative errors, ~1e-7 (1e-6 at
+    # the kernel's reach), move no transmission by more than ~1e-7 (the boxes' own: 2e-5).
+    u = u.astype(np.float32)
+    inverse = (1.0 / sig).astype(np.float32)
+    u2 = np.square(u)
+    vals = np.exp(u2 * np.float32(-0.5))
+    vals[u2 > np.float32(NSIGMA**2)] = 0.0
+    vals /= np.maximum(vals.sum(axis=1, keepdims=True), np.float32(1e-30))
+    vals[(cols < 0) | (cols >= wave_in.size)] = 0.0
+    terms[:, 0] = vals
+    np.multiply(vals, u, out=u)  # first = -vals * u / sig
+    u *= -inverse
+    terms[:, 1] = u
+    u2 -= 1.0  # second = 0.5 * vals * (u**2 - 1.0) / sig**2
+    u2 *= vals
+    u2 *= np.float32(0.5) * inverse**2
+    terms[:, 2] = u2
