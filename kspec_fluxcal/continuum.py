@@ -212,10 +212,16 @@ def _robust_scale(resid, use):
 
 def _median(values):
     """The median of ``values`` (1-D, at least one, no NaN), as :func:`nanmedian` gives it;
-    ``values`` are reordered."""
+    ``values`` are reordered.
+
+    One partition, the lower middle value of an even count the largest below it: numpy
+    partitions about one index ~3x faster than about two (~7 vs ~21 us for 3700 values, the
+    continuum's clipping passes) and the maximum takes ~1 us; the same order statistics."""
     n = values.size
-    values.partition(((n - 1) // 2, n // 2))
-    return 0.5 * (values[(n - 1) // 2] + values[n // 2])
+    half = n // 2
+    values.partition(half)
+    lower = values[:half].max() if n % 2 == 0 else values[half]
+    return 0.5 * (lower + values[half])
 
 
 def fit_continuum(flux, wavelength, mask=None, *, method="bspline", knot_spacing=200.0,
