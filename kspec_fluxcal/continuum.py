@@ -279,10 +279,13 @@ def fit_continuum(flux, wavelength, mask=None, *, method="bspline", knot_spacing
             rhs = sparse_products(basis_t, w * y)
             diag = np.trace(normal, axis1=1, axis2=2)[:, None, None] / nb
             normal = normal + _PENALTY * np.where(diag > 0, diag, 1.0) * penalty[None]
-            ok = active.sum(axis=1) > nb
-            coef = np.zeros((y.shape[0], nb))
-            if ok.any():
-                coef[ok] = np.linalg.solve(normal[ok], rhs[ok][..., None])[..., 0]
+            ok = np.count_nonzero(active, axis=1) > nb
+            if ok.all():  # the usual case: no copies of the systems (each solved alone)
+                coef = np.linalg.solve(normal, rhs[..., None])[..., 0]
+            else:
+                coef = np.zeros((y.shape[0], nb))
+                if ok.any():
+                    coef[ok] = np.linalg.solve(normal[ok], rhs[ok][..., None])[..., 0]
             cont = np.asarray((basis @ coef.T).T)
             cont[~ok] = np.nan
             if it == iterations:
