@@ -131,12 +131,15 @@ def test_sparse_products_are_scipys_to_the_last_bit():
             assert got.tobytes() == np.ascontiguousarray(expected).tobytes()
 
 
-@pytest.mark.parametrize("size", [1, 2, 7, 64, 999, 1000, 4097, 4096])
+@pytest.mark.parametrize("size", [1, 2, 7, 64, 1023, 1024, 1025, 4096, 4097])
 def test_median_of_one_partition_is_numpys(size):
-    """Issue 14: the median from one partition and the largest value below it is the mean
-    of the middle values of the sorted ones (odd and even counts, ties, infinities; to the
-    last bit but for the sign of a zero, which a partition and a sort may pick either)."""
-    from kspec_fluxcal.continuum import _median
+    """Issue 14: the median from one partition and the largest value below it (many
+    values; fewer: two partitions) is the mean of the middle values of the sorted ones (odd
+    and even counts, ties, infinities; to the last bit but for the sign of a zero, which a
+    partition and a sort may pick either)."""
+    from kspec_fluxcal.continuum import _ONE_PARTITION, _median
+
+    assert 64 < _ONE_PARTITION <= 4096  # both ways among the sizes
 
     rng = np.random.default_rng(size)
     for trial in range(20):
