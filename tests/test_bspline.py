@@ -87,10 +87,12 @@ def test_continuum_basis_and_outer_products_are_the_plain_sparse_ones(method):
     np.testing.assert_array_equal(outer_t.toarray(), np.where(upper[:, None], outer.T, 0.0))
 
 
+@pytest.mark.parametrize("ncol", [2, 5])
 @pytest.mark.parametrize("method", ["bspline", "polynomial"])
-def test_normal_matrices_are_the_full_outer_products_to_the_last_bit(method):
+def test_normal_matrices_are_the_full_outer_products_to_the_last_bit(method, ncol):
     """The normal matrices from the upper outer products, mirrored, are those of the full
-    outer products (the lower triangle's own sums), bit for bit, for columns of weights."""
+    outer products (the lower triangle's own sums), bit for bit, for columns of weights
+    (a few: one by one; more: at once)."""
     from kspec_fluxcal.continuum import _basis, _key, normal_matrices
 
     rng = np.random.default_rng(11)
@@ -101,11 +103,54 @@ def test_normal_matrices_are_the_full_outer_products_to_the_last_bit(method):
     nb = dense.shape[1]
     full = (dense[:, :, None] * dense[:, None, :]).reshape(x.size, -1)
     full_t = scipy.sparse.csr_matrix(full).T.tocsr()
-    columns = rng.lognormal(0.0, 2.0, (x.size, 5)) * (rng.uniform(size=(x.size, 5)) > 0.2)
+    columns = (rng.lognormal(0.0, 2.0, (x.size, ncol))
+               * (rng.uniform(size=(x.size, ncol)) > 0.2))
     expected = (full_t @ columns).T.reshape(-1, nb, nb)
     normal = normal_matrices(outer_t, columns)
-    assert normal.shape == (5, nb, nb)
+    assert normal.shape == (ncol, nb, nb)
     assert normal.tobytes() == expected.tobytes()
+    assert normal_matrices(outer_t, np.ascontiguousarray(columns.T).T).tobytes() == \
+        expected.tobytes()  # the transpose of rows
+
+
+def test_sparse_products_are_scipys_to_the_last_bit():
+    """Issue 14: a sparse matrix's products with a few rows, one by one, and with more, at
+    once, are scipy's product with all of them, bit for bit (wide and tall matrices)."""
+    from kspec_fluxcal.continuum import _ONE_BY_ONE, sparse_products, spline_basis
+
+    rng = np.random.default_rng(12)
+    wave = np.linspace(3600.0, 9000.0, 3000)
+    basis, outer_t, basis_t, _ = spline_basis(wave, 300.0)
+    for matrix in (outer_t, basis_t, basis):
+        for nrow in range(1, _ONE_BY_ONE + 3):
+            rows = rng.lognormal(0.0, 2.0, (nrow, matrix.shape[1])) * (
+                rng.uniform(size=(nrow, matrix.shape[1])) > 0.2)
+            expected = (matrix @ np.ascontiguousarray(rows.T)).T
+            got = sparse_products(matrix, rows)
+            assert got.shape == (nrow, matrix.shape[0])
+            assert got.tobytes() == np.ascontiguousarray(expected).tobytes()
+
+
+@pytest.mark.parametrize("size", [1, 2, 7, 64, 1023, 1024, 1025, 4096, 4097])
+def test_median_of_one_partition_is_numpys(size):
+    """Issue 14: the median from one partition and the largest value below it (many
+    values; fewer: two partitions) is the mean of the middle values of the sorted ones (odd
+    and even counts, ties, infinities; to the last bit but for the sign of a zero, which a
+    partition and a sort may pick either)."""
+    from kspec_fluxcal.continuum import _ONE_PARTITION, _median
+
+    assert 64 < _ONE_PARTITION <= 4096  # both ways among the sizes
+
+    rng = np.random.default_rng(size)
+    for trial in range(20):
+        values = rng.normal(size=size) * 10.0 ** rng.uniform(-3, 3)
+        if trial % 2:
+            values = np.round(values, 1)  # ties
+        if trial % 5 == 0:
+            values[rng.random(size) < 0.1] = rng.choice([np.inf, -np.inf])
+        ordered = np.sort(values)
+        want = 0.5 * (ordered[(size - 1) // 2] + ordered[size // 2])
+        assert _median(values.copy()) == want
 
 
 @pytest.mark.parametrize("on_knots", [False, True])

@@ -357,6 +357,39 @@ def test_rest_frames_of_several_stars_are_each_stars_own(own_pixels, corrected):
         assert (want[1] == 0).sum() > 50
 
 
+def test_stars_corrections_are_each_templates_own_fit_to_the_last_bit():
+    """Issue 14: stars_corrections of several stars (their templates' corrections fitted
+    together per set of normalised pixels) gives each row the fit of its template alone
+    against its star, bit for bit: stars on shared and on their own pixels, at their own
+    velocities, with masked pixels and a template with NaN."""
+    from kspec_fluxcal.fit.matching import _corrections, stars_corrections
+    from kspec_fluxcal.fit.shifts import shift_spectra
+
+    _, templates = _templates(6)
+    templates[4, 100:110] = np.nan
+    rng = np.random.default_rng(14)
+    bent = WAVE + 0.2 * np.sin(WAVE / 300.0)
+    star_wave = np.stack([bent, bent + 0.05, WAVE + 0.3 * np.cos(WAVE / 500.0)])
+    rv = np.array([-25.0, 60.0, 140.0])
+    obs = np.stack([_lines(BASE_DEPTHS, CENTRES, wave=w, rv=v) for w, v in zip(
+        star_wave, rv, strict=True)]) * (1 + rng.normal(0, 0.01, (3, WAVE.size)))
+    ivar = np.where(rng.uniform(size=obs.shape) < 0.05, 0.0, 1 / 0.01**2)
+    obs[1, 40:50] = np.nan
+    mine = [templates[:2], templates[2:5], templates[5:]]
+    got = stars_corrections(obs, ivar, mine, rv, WAVE, 400.0, star_wave)
+    want = []
+    for s, rows in enumerate(mine):
+        for row in rows:
+            shifted = shift_spectra(np.nan_to_num(row)[None], star_wave[s], rv[s], WAVE)
+            w = np.where(np.isfinite(obs[s]) & np.isfinite(shifted) & (ivar[s] > 0), ivar[s],
+                         0.0)
+            corr = _corrections(np.nan_to_num(obs[s]), w, np.nan_to_num(shifted),
+                                star_wave[s], 400.0)[0]
+            want.append(np.where(corr > 0, corr, np.nan))
+    assert got.shape == (6, WAVE.size) and np.isfinite(got).mean() > 0.9
+    assert got.tobytes() == np.stack(want).tobytes()
+
+
 def test_sampled_rest_frames_are_the_operators_within_rounding():
     """sampled_rest_frames (the scan's first pass) gives each star's rest_frame_star divided
     by its template's star_correction: the same weighted pixels, the values within rounding

@@ -24,9 +24,9 @@ from .shifts import (
 )
 
 __all__ = ["score_templates", "score_star", "fit_corrected", "star_correction",
-           "star_corrections", "correction_parameters", "fast_mode", "rest_frame_star",
-           "rest_frame_stars", "RestFrame",
-           "score_rest_frame", "score_rest_frames", "score_own_templates", "ScoringTemplates",
+           "star_corrections", "stars_corrections", "correction_parameters", "fast_mode",
+           "rest_frame_star", "rest_frame_stars", "RestFrame", "score_rest_frame",
+           "score_rest_frames", "score_own_templates", "ScoringTemplates",
            "sampled_rest_frames"]
 
 
@@ -55,18 +55,44 @@ def _correction_basis_cached(wave_bytes, knot_spacing):
 
 def _corrections(flux, weights, templates, wavelength, knot_spacing):
     """Least-squares smooth corrections c such that ``flux ~ c * templates`` (N, P)."""
-    from ..continuum import normal_matrices
+    return _basis_corrections(_correction_basis(wavelength, knot_spacing), flux, weights,
+                              templates)
 
-    basis, outer_t, basis_t, penalty = _correction_basis(wavelength, knot_spacing)
+
+def _grouped_corrections(flux, weights, templates, wavelengths, counts, knot_spacing):
+    """:func:`_corrections` of consecutive groups of rows (``counts`` rows each, on their
+    own ``wavelengths``), those of groups on one basis (a set of normalised pixels: an
+    exposure's stars share it) in one call; (N, P) arrays. Each row as its own call gives it,
+    to the last bit: the rows' sums are their own whatever their number
+    (:func:`~kspec_fluxcal.continuum.sparse_products`) and each system is solved alone; a
+    call's bookkeeping (~70 us) once per basis, not per star."""
+    bases = [_correction_basis(wave, knot_spacing) for wave in wavelengths]
+    first = {}  # each basis' first group, which stands for it
+    owner = np.repeat([first.setdefault(id(b), g) for g, b in enumerate(bases)], counts)
+    out = np.empty(np.shape(templates))
+    for g in first.values():
+        rows = np.flatnonzero(owner == g)
+        if rows.size == owner.size:
+            rows = slice(None)  # all of them (the usual case): no copies
+        out[rows] = _basis_corrections(bases[g], flux[rows], weights[rows], templates[rows])
+    return out
+
+
+def _basis_corrections(basis, flux, weights, templates):
+    """:func:`_corrections` on a basis as :func:`_correction_basis` gives it."""
+    from ..continuum import normal_matrices, sparse_products
+
+    basis, outer_t, basis_t, penalty = basis
     nb = basis.shape[1]
     weights = np.broadcast_to(weights, templates.shape)
-    normal = normal_matrices(outer_t, np.ascontiguousarray((weights * templates**2).T))
-    rhs = (basis_t @ np.ascontiguousarray((weights * flux * templates).T)).T
+    normal = normal_matrices(outer_t, (weights * templates**2).T)
+    rhs = sparse_products(basis_t, weights * flux * templates)
     scale = np.trace(normal, axis1=1, axis2=2) / nb
     scale = np.where(scale > 0, scale, 1.0)
     # A light smoothness penalty (and a tiny ridge) keeps empty knot intervals determined.
     normal = normal + 1e-6 * scale[:, None, None] * penalty[None]
-    normal[:, range(nb), range(nb)] += 1e-12 * scale[:, None]
+    diagonal = normal.reshape(-1, nb * nb)[:, ::nb + 1]  # a view (indexed by ranges: ~10 us)
+    diagonal += 1e-12 * scale[:, None]
     coef = np.linalg.solve(normal, rhs[..., None])[..., 0]
     return np.asarray((basis @ coef.T).T)
 
@@ -150,8 +176,8 @@ def sampled_rest_frames(obs, ivar, templates, rv, wavelength, knot_spacing, star
     shifted[~np.isfinite(pos)] = np.nan
     w = np.where(np.isfinite(obs) & np.isfinite(shifted) & (ivar > 0), ivar, 0.0)
     flux, shifted = np.nan_to_num(obs), np.nan_to_num(shifted)
-    corr = [_corrections(flux[s], w[s], shifted[s:s + 1], star_wavelength[s], knot_spacing)[0]
-            for s in range(len(obs))]
+    corr = _grouped_corrections(flux, w, shifted, star_wavelength, np.ones(len(obs), int),
+                                knot_spacing)
     inputs = [_rest_inputs(*_star_arrays(obs[s], ivar[s], np.where(c > 0, c, np.nan)))
               for s, c in enumerate(corr)]
     back = keyed_velocity(_back_velocity(np.asarray(rv, dtype=np.float64)))
@@ -178,9 +204,43 @@ def star_corrections(obs, ivar, templates, rv, wavelength, knot_spacing, star_wa
     corrections' sparse products sum each template's terms in the same order; the normal
     equations are solved one by one)."""
     star_wave = wavelength if star_wavelength is None else star_wavelength
-    shifted = shift_spectra(np.nan_to_num(templates), star_wave, rv, wavelength)
-    w = np.where(np.isfinite(obs) & np.isfinite(shifted) & (ivar > 0), ivar, 0.0)
-    corr = _corrections(np.nan_to_num(obs), w, np.nan_to_num(shifted), star_wave, knot_spacing)
+    return stars_corrections(np.asarray(obs)[None], np.asarray(ivar)[None],
+                             [templates], np.atleast_1d(rv), wavelength, knot_spacing,
+                             np.asarray(star_wave)[None])
+
+
+def stars_corrections(obs, ivar, templates, rv, wavelength, knot_spacing, star_wavelength):
+    """:func:`star_corrections` of several stars at once, each row as the star's own call
+    gives it, to the last bit (the stars on one basis fitted in one call).
+
+    Parameters
+    ----------
+    obs, ivar, star_wavelength : numpy.ndarray, shape (S, P)
+        The stars, their inverse variances and their pixels' wavelengths.
+    templates : sequence of S numpy.ndarray, shape (N_s, P)
+        Each star's rest-frame templates on ``wavelength``.
+    rv : numpy.ndarray, shape (S,)
+        The stars' velocities, km/s.
+    wavelength : numpy.ndarray, shape (P,)
+        The templates' pixels.
+    knot_spacing : float
+        Knot spacing of the corrections' cubic B-spline (Angstrom).
+
+    Returns
+    -------
+    numpy.ndarray, shape (sum N_s, P)
+        The corrections, star after star; NaN where not positive.
+    """
+    shifted = [shift_spectra(np.nan_to_num(mine), star_wave, v, wavelength)
+               for mine, v, star_wave in zip(templates, rv, star_wavelength, strict=True)]
+    if not shifted:
+        return np.empty((0, np.size(wavelength)))
+    counts = [len(mine) for mine in shifted]
+    shifted = np.concatenate(shifted)
+    good = np.repeat(np.isfinite(obs) & (ivar > 0), counts, axis=0) & np.isfinite(shifted)
+    w = np.where(good, np.repeat(ivar, counts, axis=0), 0.0)
+    corr = _grouped_corrections(np.repeat(np.nan_to_num(obs), counts, axis=0), w,
+                                np.nan_to_num(shifted), star_wavelength, counts, knot_spacing)
     return np.where(corr > 0, corr, np.nan)
 
 

@@ -9,7 +9,7 @@ from .._recent import Recent, per_library, read_only
 from ..grid import PARAMS
 from ..templates import library_arrays
 from .exposure_templates import interpolated_corners, lattice
-from .matching import star_correction, star_corrections
+from .matching import star_correction, stars_corrections
 from .refinement import refine_parameters, score_points, star_rest_frames
 
 __all__ = ["choose_parameters"]
@@ -73,11 +73,11 @@ def _refine(obs, tm, scan, phot, scores, ok, spec_scale, config):
     star_of = np.repeat(ok, nstart)
     corr = None
     if scan.knots:  # each start's own correction, so that valleys compete fairly
-        # a star's starts in one call (the same corrections as one by one, in one shift)
-        corr = np.concatenate([star_corrections(obs.norm[s], obs.ivar[s], tm.fetch(mine),
-                                                scan.rv[s], obs.wave, scan.knots,
-                                                obs.star_wave[s])
-                               for s, mine in zip(ok, starts, strict=True)])
+        # the stars' starts in one call (the same corrections as one by one, in one shift
+        # per star and one fit per set of pixels)
+        corr = stars_corrections(obs.norm[ok], obs.ivar[ok],
+                                 tm.fetch(starts.ravel()).reshape(starts.shape + (-1,)),
+                                 scan.rv[ok], obs.wave, scan.knots, obs.star_wave[ok])
     options = {"metric": fit.metric, "delta": fit.huber_delta, "correction": corr,
                "spec_scale": np.repeat(spec_scale, nstart),
                "star_wavelength": obs.star_wave[star_of],

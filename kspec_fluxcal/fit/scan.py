@@ -17,7 +17,7 @@ from .matching import (
     sampled_rest_frames,
     score_rest_frames,
     score_templates,
-    star_correction,
+    stars_corrections,
 )
 from .velocity import cross_correlate_rv, refine_rv
 
@@ -63,10 +63,9 @@ def scan_templates(obs, tm, prior, rv0, config):
                 obs.star_wave), prepared, wanted)
             return np.where(prior.window, out, np.nan)
         corr = None
-        if knots:
-            corr = np.stack([star_correction(obs.norm[s], obs.ivar[s], tm.fetch([t])[0], rv[s],
-                                             obs.wave, knots, obs.star_wave[s])
-                             for s, t in enumerate(template_ids)])  # a few stars
+        if knots:  # the stars' templates fetched and their corrections fitted at once
+            corr = stars_corrections(obs.norm, obs.ivar, tm.fetch(template_ids)[:, None], rv,
+                                     obs.wave, knots, obs.star_wave)
         if prepared is not None:  # score_templates' fast mode, the candidates prepared once
             out[:, cand] = score_rest_frames(
                 [rest_frame_star(obs.norm[s], obs.ivar[s], rv[s], obs.wave, corr[s],
