@@ -6,7 +6,7 @@ import pytest
 import scipy.sparse
 import xarray as xr
 
-from kspec_fluxcal import convolution, templates
+from kspec_fluxcal import convolution, template_cache, templates
 from kspec_fluxcal.constants import FWHM_PER_SIGMA
 from kspec_fluxcal.errors import FluxCalWarning, GridError
 from kspec_fluxcal.grid import PARAMS, open_grid
@@ -433,7 +433,7 @@ def test_default_cache_location(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_cache_dir(store) == tmp_path / "grids" / ".kspec-cache"
     assert default_cache_dir(None) == tmp_path / "xdg" / "kspec-fluxcal"
-    monkeypatch.setattr(templates.os, "access", lambda path, mode: False)  # a read-only grid
+    monkeypatch.setattr(template_cache.os, "access", lambda path, mode: False)  # a read-only grid
     assert default_cache_dir(store) == tmp_path / "xdg" / "kspec-fluxcal"
 
 
