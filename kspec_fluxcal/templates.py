@@ -474,13 +474,17 @@ def _library_log_sampling(library):
     return tuple(read_only(a) for a in log_sampling(library["wavelength"].values))
 
 
+def _operator_key(library, wave, lsf):  # wave: rounded to 6 decimals, contiguous
+    return (library.attrs.get("library_key", id(library)), wave.tobytes(), lsf.key())
+
+
 def _library_operator(library, wavelength, lsf):
     """The library-to-exposure operator (CSR, SPECTRA_DTYPE) for pixels ``wavelength`` and line
     spread ``lsf``, whether the library is sharper than the LSF, and the prefix of the spectra
     it applies to ('blurred_' for a pre-blurred library's, when they serve ``lsf``: see
     :mod:`kspec_fluxcal.preblur`); built once, kept."""
     wave = np.ascontiguousarray(np.round(np.asarray(wavelength, dtype=np.float64), 6))
-    key = (library.attrs.get("library_key", id(library)), wave.tobytes(), lsf.key())
+    key = _operator_key(library, wave, lsf)
     item = _OPERATORS.get(key)
     if item is not None:
         return item
@@ -577,19 +581,26 @@ def _warn_sharper(library, sharper, stacklevel):
                       "interpolated, not convolved", FluxCalWarning, stacklevel=stacklevel)
 
 
-def library_models(library, wavelength, lsf, templates, weights, factors):
-    """Models ``weights`` (M, len(templates)) ``@`` the ``templates``' normalised spectra as
-    :func:`library_spectra` gives them at ``lsf`` scaled by each of ``factors`` (the width
-    fit's trials), each model convolved once (combined first, in float32), the widths on one
-    set of kernel entries (:func:`~kspec_fluxcal.convolution.gaussian_widths`; a pre-blurred
-    library's by their operators: samples differ). Returns (len(factors), M, P), float64."""
+def library_models(library, wavelength, lsf, templates, weights, factors, kinds=("norm",)):
+    """Models ``weights`` (M, len(templates)) ``@`` the ``templates``' spectra of each of
+    ``kinds`` ('norm', 'flux') as :func:`library_spectra` gives them at ``lsf`` scaled by each
+    of ``factors`` (the width fit's trials, the final model's width), each model convolved
+    once (combined first, in float32), the widths on one set of kernel entries
+    (:func:`~kspec_fluxcal.convolution.gaussian_widths`), or by their operators where each is
+    kept already (a product of a few columns) or the library is pre-blurred (samples differ).
+    Returns (len(factors), len(kinds) * M, P), float64: the kinds' M models in turn."""
     lsf, scaled = _as_lsf(lsf), [_as_lsf(lsf).scaled(f) for f in factors]
-    wave = np.round(np.asarray(wavelength, dtype=np.float64), 6)  # as the operators take it
+    wave = np.ascontiguousarray(np.round(np.asarray(wavelength, dtype=np.float64), 6))
+    rows, cols = np.nonzero(weights)  # sparse: the templates' rows read in place, not gathered
+    combine = scipy.sparse.csr_matrix(
+        (weights[rows, cols].astype(np.float32), (rows, np.asarray(templates)[cols])),
+        shape=(len(weights), library.sizes["template"]))
 
     def models(prefix):  # in float32, as the kernels' products take them
-        return weights.astype(np.float32) @ library[prefix + "norm"].values[templates]
+        return np.concatenate([combine @ library[prefix + kind].values for kind in kinds])
 
-    if "blurred_norm" in library:
+    if "blurred_norm" in library or all(_OPERATORS.get(_operator_key(library, wave, one))
+                                        for one in scaled):
         out = []
         for one in scaled:
             matrix, sharper, prefix = _library_operator(library, wave, one)

@@ -564,6 +564,31 @@ def test_preblurred_templates_equal_the_unblurred_and_narrow_asks_fall_back(cube
         np.testing.assert_array_equal(*both(lsf, "norm"))
 
 
+def test_exposure_templates_models_are_their_templates_combined(cube):
+    """Issue 14: the final models (a few stars' combinations of their corners, flux and
+    norm) are the combination of the templates at the exposure's line spread within
+    float32's rounding: at a line spread whose operator is not kept (a fitted width) no
+    operator is built for them, and where it is kept, its product gives them."""
+    from kspec_fluxcal.fit.exposure_templates import ExposureTemplates, corner_combination
+
+    library = _library(cube, cache_dir=False)
+    wave, lsf = np.linspace(4000.0, 8000.0, 500), LineSpread.constant(7.0)
+    n = library.sizes["template"]
+    corners = np.array([[0, n // 2, 0], [n // 2, n - 1, n - 1]])
+    ids, weights = corner_combination(corners, np.array([[0.2, 0.3, 0.5], [0.1, 0.4, 0.5]]))
+    np.testing.assert_array_equal(ids, [0, n // 2, n - 1])
+    np.testing.assert_allclose(weights, [[0.7, 0.3, 0.0], [0.0, 0.1, 0.9]], rtol=1e-15)
+    tm = ExposureTemplates(library, wave, lsf, [])
+    clear_cache()
+    got = tm.models(ids, weights, ("flux", "norm"))
+    assert len(templates._OPERATORS) == 0
+    want = np.concatenate([weights @ tm.flux(ids), weights @ tm.fetch(ids)])
+    assert got.shape == (4, wave.size) and got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=0)
+    assert len(templates._OPERATORS) == 1
+    np.testing.assert_allclose(tm.models(ids, weights, ("norm",)), want[2:], rtol=1e-6, atol=0)
+
+
 def test_library_models_of_a_preblurred_library_are_its_templates_combined(cube):
     """Issue 14: the width fit's trial models from a pre-blurred library are its templates
     (blurred samples where they serve the width) combined, to float32's rounding."""

@@ -11,7 +11,7 @@ import numpy as np
 
 from ..errors import FluxCalWarning
 from ..templates import library_models
-from .exposure_templates import ExposureTemplates, interpolated_corners
+from .exposure_templates import ExposureTemplates, corner_combination, interpolated_corners
 from .matching import score_star
 from .parameter_choice import choose_parameters
 
@@ -71,10 +71,7 @@ def fit_lsf_scale(obs, tm, scan, params, prior_sigma=None):
     templates, the scan and the chosen ``params`` (dict of (S,) arrays). Returns a namespace:
     ``scale`` and ``err`` (pooled; 1 and NaN without a usable star), ``star`` and
     ``star_err`` (S,), each star's own (without the prior)."""
-    corners, weight = interpolated_corners(tm.library, params)
-    ids, inverse = np.unique(corners, return_inverse=True)
-    combine = np.zeros((obs.nstar, ids.size))  # each star's weights of the templates ids
-    np.add.at(combine, (np.arange(obs.nstar)[:, None], inverse.reshape(corners.shape)), weight)
+    ids, combine = corner_combination(*interpolated_corners(tm.library, params))
     models = np.empty((obs.nstar, _LSF_TRIALS.size, obs.wave.size))
     # At the current width the exposure's own templates (kept, not redone); the others each
     # star's model convolved once, not its templates.
