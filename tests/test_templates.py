@@ -406,6 +406,17 @@ def test_gaussian_widths_are_the_operators_of_each_width(cube):
         assert sharper[k] == frac
         np.testing.assert_allclose(out[k], matrix @ spectra, rtol=1e-6, atol=0)
     assert sharper[0] > 0 == sharper[2]
+    # entries made for a wider width (the trials', taken by the final model's width): the
+    # same products; made for the widest, what gaussian_widths makes itself
+    wider = convolution.width_entries(log_in, ln_out, (1.2 * sig) ** 2)
+    again, again_sharper = convolution.gaussian_widths(log_in, ln_out, excesses, spectra, wider)
+    np.testing.assert_allclose(again, out, rtol=1e-6, atol=0)
+    np.testing.assert_array_equal(again_sharper, sharper)
+    counts, cols, indptr, _ = convolution.width_entries(log_in, ln_out, excesses[2])
+    want = convolution.gaussian_rows(log_in, ln_out, excesses[2])
+    np.testing.assert_array_equal(cols, want[1])
+    np.testing.assert_array_equal(indptr, want[2])
+    np.testing.assert_array_equal(counts, np.diff(want[2]))
 
 
 def test_library_cache_off_and_explicit_directory(cube, tmp_path, monkeypatch):
@@ -587,6 +598,15 @@ def test_exposure_templates_models_are_their_templates_combined(cube):
     np.testing.assert_allclose(got, want, rtol=2e-6, atol=0)
     assert len(templates._OPERATORS) == 1
     np.testing.assert_allclose(tm.models(ids, weights, ("norm",)), want[2:], rtol=1e-6, atol=0)
+    # at a width within the width fit's trials, on their kernel entries (kept, not made again)
+    trials = templates.library_models(library, wave, lsf, ids, weights, [0.9, 1.1])
+    kept = templates._WIDTH_ENTRIES.get(templates._operator_key(library, np.round(wave, 6), None))
+    fitted = ExposureTemplates(library, wave, lsf.scaled(1.04), [])
+    got = fitted.models(ids, weights)
+    assert templates._WIDTH_ENTRIES.get(
+        templates._operator_key(library, np.round(wave, 6), None)) is kept
+    assert len(templates._OPERATORS) == 1 and trials.shape == (2, 2, wave.size)
+    np.testing.assert_allclose(got, weights @ fitted.fetch(ids), rtol=2e-6, atol=0)
 
 
 def test_library_models_of_a_preblurred_library_are_its_templates_combined(cube):
