@@ -13,7 +13,7 @@ import scipy.sparse
 from .constants import FWHM_PER_SIGMA
 
 __all__ = ["convolution_matrix", "convolution_entries", "excess_variance", "gaussian_rows",
-           "gaussian_widths", "log_sampling", "NSIGMA"]
+           "gaussian_widths", "log_sampling", "width_entries", "NSIGMA"]
 
 #: Kernels reach this many sigma on each side.
 NSIGMA = 5.0
@@ -108,14 +108,15 @@ def gaussian_rows(log_in, ln_out, excess, dtype=np.float64):
     return vals, cols, indptr, sharper
 
 
-def gaussian_widths(log_in, ln_out, excesses, spectra):
+def gaussian_widths(log_in, ln_out, excesses, spectra, entries=None):
     """``spectra`` (nin, M) on ``log_in`` convolved as :func:`gaussian_rows` does for each row
     of ``excesses`` (W, nout): a few widths of a few spectra (the line-spread width fit's
     trials of its models), without an operator each.
 
-    The rows' entries span the widest variance's kernels (+-NSIGMA of it: the narrower
-    Gaussians reach further into their tails than :func:`gaussian_rows` takes them, by up to
-    their 1e-6), their offsets squared once for every width, and each row normalised by
+    The rows' entries (:func:`width_entries`) span the widest variance's kernels (+-NSIGMA
+    of it: the narrower Gaussians reach further into their tails than :func:`gaussian_rows`
+    takes them, by up to their 1e-6), or those of ``entries`` (made for wider ones on the
+    same samplings), their offsets squared once for every width, and each row normalised by
     the product of its kernel with the input's steps (a column of the product, instead of a
     pass over the entries). Kernels and products are float32, as the library's operators
     (and float32's exp is SIMD). Returns ``(out, sharper)``: (W, nout, M), float64, and (W,)
@@ -125,21 +126,14 @@ def gaussian_widths(log_in, ln_out, excesses, spectra):
     excesses = np.atleast_2d(excesses)
     sharper = np.mean(excesses <= floor2, axis=1)
     variance = np.maximum(excesses, floor2)
-    reach = NSIGMA * np.sqrt(variance.max(axis=0))
-    lo = np.searchsorted(ln_in, ln_out - reach, side="left")
-    hi = np.searchsorted(ln_in, ln_out + reach, side="right")
-    counts = hi - lo
-    indptr = np.concatenate([[0], np.cumsum(counts)])
-    cols = np.arange(indptr[-1]) - np.repeat(indptr[:-1] - lo, counts)
-    offset2 = ln_in.take(cols) - np.repeat(ln_out, counts)
-    offset2 *= offset2
-    offset2 = offset2.astype(np.float32)
+    if entries is None:
+        entries = width_entries(log_in, ln_out, excesses.max(axis=0))
+    counts, cols, indptr, offset2 = entries
     # The steps weigh the spectra (and, as their last column, give the rows' sums).
     weighted = np.empty((ln_in.size, spectra.shape[1] + 1), dtype=np.float32)
     np.multiply(spectra, dln[:, None], out=weighted[:, :-1])
     weighted[:, -1] = dln
-    matrix = scipy.sparse.csr_matrix((offset2, cols.astype(np.int32), indptr.astype(np.int32)),
-                                     shape=(ln_out.size, ln_in.size))
+    matrix = scipy.sparse.csr_matrix((offset2, cols, indptr), shape=(ln_out.size, ln_in.size))
     out = np.empty((len(excesses), ln_out.size, spectra.shape[1]))
     for k, var in enumerate(variance):
         matrix.data = np.repeat((-0.5 / var).astype(np.float32), counts)
@@ -148,3 +142,20 @@ def gaussian_widths(log_in, ln_out, excesses, spectra):
         sums = matrix @ weighted
         np.divide(sums[:, :-1], sums[:, -1:], out=out[k])
     return out, sharper
+
+
+def width_entries(log_in, ln_out, excess):
+    """The entries :func:`gaussian_widths` takes for Gaussian variances up to ``excess``
+    (nout,; as :func:`gaussian_rows` takes it, at least the input's half step squared):
+    ``(counts, cols, indptr, offset2)``, the rows' entry counts, the CSR columns and row
+    pointers (int32) of their +-NSIGMA reach and their squared offsets (float32)."""
+    ln_in, dln = log_in
+    reach = NSIGMA * np.sqrt(np.maximum(excess, (0.5 * np.interp(ln_out, ln_in, dln)) ** 2))
+    lo = np.searchsorted(ln_in, ln_out - reach, side="left")
+    hi = np.searchsorted(ln_in, ln_out + reach, side="right")
+    counts = hi - lo
+    indptr = np.concatenate([[0], np.cumsum(counts)])
+    cols = np.arange(indptr[-1]) - np.repeat(indptr[:-1] - lo, counts)
+    offset2 = ln_in.take(cols) - np.repeat(ln_out, counts)
+    offset2 *= offset2
+    return counts, cols.astype(np.int32), indptr.astype(np.int32), offset2.astype(np.float32)

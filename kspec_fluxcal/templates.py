@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import types
 import warnings
 from pathlib import Path
@@ -33,9 +32,7 @@ import numpy as np
 import scipy.sparse
 import xarray as xr
 
-from ._atomic import atomic_directory
 from ._recent import Recent, per_library, read_only
-from ._zarr import strings_as_object, strings_as_unicode
 from .config import Config, continuum_options
 from .convolution import (
     NSIGMA,
@@ -44,12 +41,20 @@ from .convolution import (
     excess_variance,
     gaussian_widths,
     log_sampling,
+    width_entries,
 )
 from .errors import FluxCalWarning, GridError
 from .exposure import setup_key
-from .grid import PARAMS, STORE_VARIABLES, check_chunks, load_checked_store
+from .grid import PARAMS
 from .lsf import LineSpread
 from .preblur import blur_plan, blurred_entries, with_blurred
+from .template_cache import (
+    CACHE_ENV,
+    _cache_dir,
+    _read_cached,
+    _write_cached,
+    default_cache_dir,
+)
 
 __all__ = ["convolution_matrix", "prepare_templates", "prepared_templates", "clear_cache",
            "prepare_library", "library_spectra", "library_columns", "library_models",
@@ -79,7 +84,7 @@ def check_coverage(templates, wavelength, lsf, what="grid"):
     GridError
         When ``templates`` (a grid or a library) do not cover it.
     """
-    wave_in = templates["wavelength"].values
+    wave_in = templates.variables["wavelength"].values  # no DataArray (~40 us)
     wave = np.asarray(wavelength, dtype=np.float64)
     margin = NSIGMA * np.max(_as_lsf(lsf).sigma(wave[[0, -1]]))
     need = (wave[0] - margin, wave[-1] + margin)
@@ -171,92 +176,6 @@ def prepare_templates(grid, wavelength, lsf, *, variables=("flux", "continuum"))
     return ds
 
 
-#: Environment variable naming the directory of cached template libraries (and prepared
-#: cubes); ``off`` (or an empty value) disables the disk cache.
-CACHE_ENV = "KSPEC_FLUXCAL_CACHE"
-#: The cache directory created next to a template grid store by default.
-CACHE_NAME = ".kspec-cache"
-#: Values of :data:`CACHE_ENV` (or ``cache_dir``) that turn the disk cache off.
-_CACHE_OFF = ("", "off", "none", "no", "0", "false")
-
-
-def default_cache_dir(grid_store=None):
-    """Where prepared template libraries are kept on disk when no directory is given.
-
-    In order: the environment variable :data:`CACHE_ENV` (``off`` for no disk cache); a
-    ``.kspec-cache`` directory next to the grid store, when it can be written there;
-    ``$XDG_CACHE_HOME/kspec-fluxcal`` (default ``~/.cache/kspec-fluxcal``).
-
-    Parameters
-    ----------
-    grid_store : path-like, optional
-        The template grid's Zarr store (``grid.attrs["store"]`` of :func:`open_grid`).
-
-    Returns
-    -------
-    pathlib.Path or None
-        None when the disk cache is turned off.
-    """
-    value = os.environ.get(CACHE_ENV)
-    if value is not None:
-        return None if value.strip().lower() in _CACHE_OFF else Path(value).expanduser()
-    if grid_store:
-        beside = Path(grid_store).resolve().parent / CACHE_NAME
-        if os.access(beside if beside.is_dir() else beside.parent, os.W_OK | os.X_OK):
-            return beside
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg) / "kspec-fluxcal"
-
-
-def _cache_dir(cache_dir, grid):
-    """The disk cache to use: ``cache_dir`` as given, the default for None, none for False
-    or 'off'."""
-    if cache_dir is None:
-        return default_cache_dir(grid.attrs.get("store"))
-    if cache_dir is False or str(cache_dir).strip().lower() in _CACHE_OFF:
-        return None
-    return Path(cache_dir)
-
-
-def _read_cached(path, names=STORE_VARIABLES, what="prepared-template", check=None):
-    """A cached store, in memory; None (with a note) when it is damaged and must be prepared
-    again: missing chunks would otherwise read as NaN templates. ``check(ds)`` returns a
-    problem of the content (or None)."""
-    try:
-        check_chunks(path, names, hint="")
-        ds = strings_as_unicode(load_checked_store(path, names, hint=""))
-        problem = None if check is None else check(ds)
-        if problem is None:
-            return ds
-    except GridError as err:
-        problem = str(err).removeprefix(f"{path}: ")
-    except Exception as err:  # unreadable metadata: whatever Zarr raises
-        problem = f"{type(err).__name__}: {err}"
-    warnings.warn(f"{path}: damaged {what} cache ({problem}); rebuilt",
-                  FluxCalWarning, stacklevel=4)
-    return None
-
-
-def _write_cached(ds, path):
-    """Keep ``ds`` as the Zarr store ``path``, atomically; never fails the caller's work.
-
-    Concurrent writers each build their own temporary store and rename it into place: a
-    reader sees a complete store or none. When another process published first, its store
-    is kept and ours dropped. A directory that cannot be written costs a note, not the
-    calibration.
-    """
-    try:
-        with atomic_directory(path, overwrite=True) as tmp:
-            # Every chunk written (also all-NaN ones): a missing one means damage.
-            strings_as_object(ds).to_zarr(tmp, mode="w", consolidated=False,
-                                          write_empty_chunks=True)
-    except OSError as err:
-        if not path.is_dir():  # not another writer's rename: the directory is unusable
-            warnings.warn(f"{path.parent}: cannot keep a template cache there ({err}); set "
-                          f"{CACHE_ENV} or --cache to a writable directory",
-                          FluxCalWarning, stacklevel=4)
-
-
 #: Prepared cubes, by grid and setup (also as Zarr stores with a cache directory).
 _PREPARED = Recent(4)
 
@@ -297,6 +216,7 @@ def clear_cache():
     _PREPARED.clear()
     _LIBRARIES.clear()
     _OPERATORS.clear()
+    _WIDTH_ENTRIES.clear()
     _ARRAYS.clear()
     _TRANSPOSED.clear()
 
@@ -556,13 +476,18 @@ def _library_log_sampling(library):
     return tuple(read_only(a) for a in log_sampling(library["wavelength"].values))
 
 
+def _operator_key(library, wave, lsf):  # wave: rounded to 6 decimals, contiguous
+    return (library.attrs.get("library_key", id(library)), wave.tobytes(),
+            None if lsf is None else lsf.key())
+
+
 def _library_operator(library, wavelength, lsf):
     """The library-to-exposure operator (CSR, SPECTRA_DTYPE) for pixels ``wavelength`` and line
     spread ``lsf``, whether the library is sharper than the LSF, and the prefix of the spectra
     it applies to ('blurred_' for a pre-blurred library's, when they serve ``lsf``: see
     :mod:`kspec_fluxcal.preblur`); built once, kept."""
     wave = np.ascontiguousarray(np.round(np.asarray(wavelength, dtype=np.float64), 6))
-    key = (library.attrs.get("library_key", id(library)), wave.tobytes(), lsf.key())
+    key = _operator_key(library, wave, lsf)
     item = _OPERATORS.get(key)
     if item is not None:
         return item
@@ -631,7 +556,7 @@ def library_columns(library, wavelength, lsf, templates=None, *, kind="norm", st
     matrix, sharper, prefix = _library_operator(library, wavelength, lsf)
     _warn_sharper(library, sharper, stacklevel + 1)
     kind = prefix + kind
-    data = library[kind].values
+    data = library.variables[kind].values
     templates = slice(None) if templates is None else templates
     count = len(range(*templates.indices(len(data)))) if isinstance(templates, slice) else \
         np.size(templates)
@@ -659,19 +584,26 @@ def _warn_sharper(library, sharper, stacklevel):
                       "interpolated, not convolved", FluxCalWarning, stacklevel=stacklevel)
 
 
-def library_models(library, wavelength, lsf, templates, weights, factors):
-    """Models ``weights`` (M, len(templates)) ``@`` the ``templates``' normalised spectra as
-    :func:`library_spectra` gives them at ``lsf`` scaled by each of ``factors`` (the width
-    fit's trials), each model convolved once (combined first, in float32), the widths on one
-    set of kernel entries (:func:`~kspec_fluxcal.convolution.gaussian_widths`; a pre-blurred
-    library's by their operators: samples differ). Returns (len(factors), M, P), float64."""
+def library_models(library, wavelength, lsf, templates, weights, factors, kinds=("norm",)):
+    """Models ``weights`` (M, len(templates)) ``@`` the ``templates``' spectra of each of
+    ``kinds`` ('norm', 'flux') as :func:`library_spectra` gives them at ``lsf`` scaled by each
+    of ``factors`` (the width fit's trials, the final model's width), each model convolved
+    once (combined first, in float32), the widths on one set of kernel entries
+    (:func:`~kspec_fluxcal.convolution.gaussian_widths`), or by their operators where each is
+    kept already (a product of a few columns) or the library is pre-blurred (samples differ).
+    Returns (len(factors), len(kinds) * M, P), float64: the kinds' M models in turn."""
     lsf, scaled = _as_lsf(lsf), [_as_lsf(lsf).scaled(f) for f in factors]
-    wave = np.round(np.asarray(wavelength, dtype=np.float64), 6)  # as the operators take it
+    wave = np.ascontiguousarray(np.round(np.asarray(wavelength, dtype=np.float64), 6))
+    rows, cols = np.nonzero(weights)  # sparse: the templates' rows read in place, not gathered
+    combine = scipy.sparse.csr_matrix(
+        (weights[rows, cols].astype(np.float32), (rows, np.asarray(templates)[cols])),
+        shape=(len(weights), library.sizes["template"]))
 
     def models(prefix):  # in float32, as the kernels' products take them
-        return weights.astype(np.float32) @ library[prefix + "norm"].values[templates]
+        return np.concatenate([combine @ library.variables[prefix + kind].values for kind in kinds])
 
-    if "blurred_norm" in library:
+    if "blurred_norm" in library or all(_OPERATORS.get(_operator_key(library, wave, one))
+                                        for one in scaled):
         out = []
         for one in scaled:
             matrix, sharper, prefix = _library_operator(library, wave, one)
@@ -681,11 +613,28 @@ def library_models(library, wavelength, lsf, templates, weights, factors):
     check_coverage(library, wave, scaled[int(np.argmax(factors))], "library")
     excess = [excess_variance(wave, one, float(library.attrs["resolving_power"]))
               for one in scaled]
-    out, sharper = gaussian_widths(per_library(_LOG_SAMPLINGS, _library_log_sampling, library),
-                                   np.log(wave), excess, models("").T)
+    log_in, ln_out = per_library(_LOG_SAMPLINGS, _library_log_sampling, library), np.log(wave)
+    out, sharper = gaussian_widths(log_in, ln_out, excess, models("").T,
+                                   _width_entries(library, wave, log_in, ln_out, excess))
     for fraction in sharper:
         _warn_sharper(library, fraction, 3)
     return out.transpose(0, 2, 1)
+
+
+#: The width fit's kernel entries by (library, pixels): the final model's width, within its
+#: trials' in most exposures, takes them too (~1.3 of ~2 ms of its models, without them).
+_WIDTH_ENTRIES = Recent(2)
+
+
+def _width_entries(library, wave, log_in, ln_out, excess):
+    """The kept kernel entries for pixels ``wave`` when they reach as far as the widest of
+    ``excess`` needs, else those made for it (and kept)."""
+    key, widest = _operator_key(library, wave, None), np.max(excess, axis=0)
+    kept = _WIDTH_ENTRIES.get(key)
+    if kept is None or np.any(widest > kept[0]):
+        kept = (widest, tuple(read_only(a) for a in width_entries(log_in, ln_out, widest)))
+        _WIDTH_ENTRIES.put(key, kept)
+    return kept[1]
 
 
 #: Gathers of at least this many templates take columns of the transposed library.

@@ -242,28 +242,6 @@ def test_rejection_reasons(world, tmp_path, fitted):
     assert len(by_fiber) == 3
 
 
-def test_interpolated_models_are_the_sum_over_every_corner_to_the_last_bit():
-    """The final models summed over the corners of non-zero weight only are, bit for bit,
-    the sum over all corners (those of zero weight naming a template the star uses, as
-    interpolated_corners gives them), also when a template is not finite."""
-    from kspec_fluxcal.fit.final_model import _interpolated
-
-    rng = np.random.default_rng(8)
-    spectra = rng.lognormal(0.0, 1.0, (12, 300))
-    weight = rng.normal(0.3, 1.0, (5, 48)) * (rng.random((5, 48)) < 0.4)
-    weight[0] = np.where(np.arange(48) % 6 == 0, 0.0, 0.05)  # the most corners, a few not
-    weight[3] = 0.0  # a star without a model
-    inverse = rng.integers(0, 12, weight.shape)
-    first = inverse[np.arange(5), np.argmax(weight != 0, axis=1)]
-    inverse = np.where(weight != 0, inverse, first[:, None])
-    infinite = spectra.copy()
-    infinite[first[0], 7] = np.inf  # star 0: inf from its terms, NaN from its zero weights
-    for values in (spectra, infinite):
-        every = np.einsum("sc,scp->sp", weight, values[inverse])
-        assert _interpolated(weight, inverse, values).tobytes() == every.tobytes()
-    assert np.isnan(every[0, 7])
-
-
 def _photometric_score(fitted):
     """The self-model fit's standards' PhotometricScore, its library and its counts."""
     from kspec_fluxcal.catalog import match_standards

@@ -6,7 +6,7 @@ import pytest
 import scipy.sparse
 import xarray as xr
 
-from kspec_fluxcal import convolution, templates
+from kspec_fluxcal import convolution, template_cache, templates
 from kspec_fluxcal.constants import FWHM_PER_SIGMA
 from kspec_fluxcal.errors import FluxCalWarning, GridError
 from kspec_fluxcal.grid import PARAMS, open_grid
@@ -406,6 +406,17 @@ def test_gaussian_widths_are_the_operators_of_each_width(cube):
         assert sharper[k] == frac
         np.testing.assert_allclose(out[k], matrix @ spectra, rtol=1e-6, atol=0)
     assert sharper[0] > 0 == sharper[2]
+    # entries made for a wider width (the trials', taken by the final model's width): the
+    # same products; made for the widest, what gaussian_widths makes itself
+    wider = convolution.width_entries(log_in, ln_out, (1.2 * sig) ** 2)
+    again, again_sharper = convolution.gaussian_widths(log_in, ln_out, excesses, spectra, wider)
+    np.testing.assert_allclose(again, out, rtol=1e-6, atol=0)
+    np.testing.assert_array_equal(again_sharper, sharper)
+    counts, cols, indptr, _ = convolution.width_entries(log_in, ln_out, excesses[2])
+    want = convolution.gaussian_rows(log_in, ln_out, excesses[2])
+    np.testing.assert_array_equal(cols, want[1])
+    np.testing.assert_array_equal(indptr, want[2])
+    np.testing.assert_array_equal(counts, np.diff(want[2]))
 
 
 def test_library_cache_off_and_explicit_directory(cube, tmp_path, monkeypatch):
@@ -433,7 +444,7 @@ def test_default_cache_location(tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert default_cache_dir(store) == tmp_path / "grids" / ".kspec-cache"
     assert default_cache_dir(None) == tmp_path / "xdg" / "kspec-fluxcal"
-    monkeypatch.setattr(templates.os, "access", lambda path, mode: False)  # a read-only grid
+    monkeypatch.setattr(template_cache.os, "access", lambda path, mode: False)  # a read-only grid
     assert default_cache_dir(store) == tmp_path / "xdg" / "kspec-fluxcal"
 
 
@@ -562,6 +573,40 @@ def test_preblurred_templates_equal_the_unblurred_and_narrow_asks_fall_back(cube
         lsf = ISO_LSF.scaled(factor)
         assert templates._library_operator(blurred, ISO_WAVE, lsf)[2] == ""
         np.testing.assert_array_equal(*both(lsf, "norm"))
+
+
+def test_exposure_templates_models_are_their_templates_combined(cube):
+    """Issue 14: the final models (a few stars' combinations of their corners, flux and
+    norm) are the combination of the templates at the exposure's line spread within
+    float32's rounding: at a line spread whose operator is not kept (a fitted width) no
+    operator is built for them, and where it is kept, its product gives them."""
+    from kspec_fluxcal.fit.exposure_templates import ExposureTemplates, corner_combination
+
+    library = _library(cube, cache_dir=False)
+    wave, lsf = np.linspace(4000.0, 8000.0, 500), LineSpread.constant(7.0)
+    n = library.sizes["template"]
+    corners = np.array([[0, n // 2, 0], [n // 2, n - 1, n - 1]])
+    ids, weights = corner_combination(corners, np.array([[0.2, 0.3, 0.5], [0.1, 0.4, 0.5]]))
+    np.testing.assert_array_equal(ids, [0, n // 2, n - 1])
+    np.testing.assert_allclose(weights, [[0.7, 0.3, 0.0], [0.0, 0.1, 0.9]], rtol=1e-15)
+    tm = ExposureTemplates(library, wave, lsf, [])
+    clear_cache()
+    got = tm.models(ids, weights, ("flux", "norm"))
+    assert len(templates._OPERATORS) == 0
+    want = np.concatenate([weights @ tm.flux(ids), weights @ tm.fetch(ids)])
+    assert got.shape == (4, wave.size) and got.dtype == np.float64
+    np.testing.assert_allclose(got, want, rtol=2e-6, atol=0)
+    assert len(templates._OPERATORS) == 1
+    np.testing.assert_allclose(tm.models(ids, weights, ("norm",)), want[2:], rtol=1e-6, atol=0)
+    # at a width within the width fit's trials, on their kernel entries (kept, not made again)
+    trials = templates.library_models(library, wave, lsf, ids, weights, [0.9, 1.1])
+    kept = templates._WIDTH_ENTRIES.get(templates._operator_key(library, np.round(wave, 6), None))
+    fitted = ExposureTemplates(library, wave, lsf.scaled(1.04), [])
+    got = fitted.models(ids, weights)
+    assert templates._WIDTH_ENTRIES.get(
+        templates._operator_key(library, np.round(wave, 6), None)) is kept
+    assert len(templates._OPERATORS) == 1 and trials.shape == (2, 2, wave.size)
+    np.testing.assert_allclose(got, weights @ fitted.fetch(ids), rtol=2e-6, atol=0)
 
 
 def test_library_models_of_a_preblurred_library_are_its_templates_combined(cube):

@@ -15,13 +15,14 @@ from ..templates import (
     is_library,
     library_arrays,
     library_columns,
+    library_models,
     library_range,
     library_spectra,
     prepare_library,
 )
 
 __all__ = ["template_library", "ExposureTemplates", "reference_templates",
-           "interpolated_corners", "lattice"]
+           "interpolated_corners", "corner_combination", "lattice"]
 
 
 def template_library(grid, exposure, config=None, *, cache_dir=None):
@@ -101,6 +102,14 @@ class ExposureTemplates:
         view.flags.writeable = False
         return view
 
+    def models(self, ids, weights, kinds=("norm",)):
+        """Models ``weights`` (M, len(ids)) ``@`` the templates ``ids`` of each of ``kinds``
+        ('norm', 'flux') at the exposure's pixels and line spread: (len(kinds) * M, P),
+        float64, the kinds' models in turn. Combined before they are convolved
+        (:func:`~kspec_fluxcal.templates.library_models`): a few models' product, not every
+        template's, and at a line spread whose operator is not kept, no operator built."""
+        return library_models(self.library, self.wave, self.lsf, ids, weights, [1.0], kinds)[0]
+
     def flux(self, ids):
         """Surface fluxes (len(ids), P) at the exposure's pixels (erg/s/cm^2/A)."""
         return library_spectra(self.library, self.wave, self.lsf, np.asarray(ids), kind="flux")
@@ -141,6 +150,16 @@ def lattice(library):
     grid has no model), read-only."""
     arrays = library_arrays(library)
     return {p: arrays[p] for p in PARAMS}, arrays["template_index"]
+
+
+def corner_combination(corners, weight):
+    """The distinct templates ``ids`` of ``corners`` (S, C) and each row's weights of them
+    (S, len(ids)), a template's weights summed where a row names it more than once."""
+    ids, inverse = np.unique(corners, return_inverse=True)
+    combine = np.zeros((corners.shape[0], ids.size))
+    np.add.at(combine, (np.arange(corners.shape[0])[:, None], inverse.reshape(corners.shape)),
+              weight)
+    return ids, combine
 
 
 def interpolated_corners(library, params):

@@ -18,7 +18,7 @@ from ..photometry import band_wavelength, catalog_parallax, logg_from_parallax
 from ..reddening import extinction_per_ebv
 from ..xp import xp_level, xp_resolution, xp_rows
 from .acceptance import line_depth, line_variance
-from .exposure_templates import interpolated_corners
+from .exposure_templates import corner_combination, interpolated_corners
 from .matching import correction_parameters, fit_corrected
 from .model_photometry import final_photometry, model_magnitudes
 from .shifts import rest_positions, sample_rows
@@ -46,11 +46,11 @@ def final_model(obs, tm, scan, params, matched, phot, config, xp=None):
     :func:`~kspec_fluxcal.fit.model_photometry.final_photometry`)."""
 
     corners, weight = interpolated_corners(tm.library, params)
-    ids, inverse = np.unique(corners, return_inverse=True)
-    inverse = inverse.reshape(corners.shape)
     nstar = obs.nstar
-    model, model_n = (_interpolated(weight, inverse, spectra)
-                      for spectra in (tm.flux(ids), tm.fetch(ids)))
+    # Combined, then convolved: at a fitted width no operator is built for the few templates
+    # (about half the exposures), and each kind is the product of S columns, not of ~25.
+    model, model_n = np.split(tm.models(*corner_combination(corners, weight), ("flux", "norm")),
+                              2)
     rv, rv_err = scan.rv.copy(), scan.rv_err.copy()
     ok = np.flatnonzero(scan.usable)
     if ok.size:  # the velocity once more, against the final model
@@ -97,19 +97,6 @@ def _moved(obs, rv, *spectra):
     out = sample_rows(np.concatenate(spectra), pos)
     out[~np.isfinite(pos)] = np.nan
     return np.split(out, len(spectra))
-
-
-def _interpolated(weight, inverse, spectra):
-    """Each star's model, sum_c weight[s, c] spectra[inverse[s, c]], over its corners of
-    non-zero weight only: 16-24 of 48 with the [alpha/M] response. einsum adds the corners'
-    terms in their order, and a corner of zero weight adds an exact 0 where the spectra are
-    finite, so the sum is the same to the last bit (0.67 instead of 1.0 ms for both models)."""
-    if np.isfinite(spectra).all():
-        first = np.argsort(weight == 0, axis=1, kind="stable")  # non-zero first, in order
-        count = int((weight != 0).sum(axis=1).max(initial=0))
-        weight, inverse = (np.take_along_axis(a, first[:, :count], axis=1)
-                           for a in (weight, inverse))
-    return np.einsum("sc,scp->sp", weight, spectra[inverse])
 
 
 def _scaled_model(obs, model_obs, weights, matched, phot, scan, config, xp=None):

@@ -8,7 +8,7 @@ import numpy as np
 from .._recent import Recent, per_library, read_only
 from ..grid import PARAMS
 from ..templates import library_arrays
-from .exposure_templates import interpolated_corners, lattice
+from .exposure_templates import corner_combination, interpolated_corners, lattice
 from .matching import star_correction, stars_corrections
 from .refinement import refine_parameters, score_points, star_rest_frames
 
@@ -122,9 +122,10 @@ def _refine_from(obs, tm, scan, phot, start, spec_scale, config):
         return params, errors
     corr = None
     if scan.knots:
-        corners, weight = interpolated_corners(library, {p: params[p][ok] for p in PARAMS})
-        ids, inverse = np.unique(corners, return_inverse=True)
-        models = np.einsum("sc,scp->sp", weight, tm.fetch(ids)[inverse.reshape(corners.shape)])
+        # the stars' weights of their distinct corners: no (S, 48, P) gather of the corners
+        ids, combine = corner_combination(*interpolated_corners(
+            library, {p: params[p][ok] for p in PARAMS}))
+        models = combine @ tm.fetch(ids)
         corr = np.stack([star_correction(obs.norm[s], obs.ivar[s], models[k], scan.rv[s],
                                          obs.wave, scan.knots, obs.star_wave[s])
                          for k, s in enumerate(ok)])
