@@ -133,9 +133,8 @@ def _calibration_state(ds):
 
 def _cmd_grid_build(args):
     with _setting_up():  # the build has no Dask array: xarray need not import Dask (0.6 s)
-        from .grid.build import build_grid, scan_bosz
-
         from ._atomic import check_output_directory
+        from .grid.build import build_grid, scan_bosz
 
     out = args.out or (f"store/templates/bosz2024_"  # named by the grid's own resolution
                        f"{scan_bosz(args.bosz_dir, args.resolution)['resolution']}.zarr")

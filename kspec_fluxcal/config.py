@@ -173,8 +173,8 @@ SCHEMA = {
         "extinction_law": Option("F99", "Reddening law (R_V = 3.1); the grid stores each law's "
                                  "band coefficients.", choices=("F99", "CCM89")),
         "ebv_prior_sigma": Option(0.05, "Width of the Gaussian prior on E(B-V) around the "
-                                  "catalog's extinction, mag (a star without one: around 0, 0.1 mag wide); "
-                                  "0 = no prior for any star.", min=0.0),
+                                  "catalog's extinction, mag (a star without one: around 0, "
+                                  "0.1 mag wide); 0 = no prior for any star.", min=0.0),
         "ebv_max": Option(1.0, "Largest E(B-V) fitted, mag.", min=0.0, max=5.0),
         "lsf_prior": Option(0.05, "Width of the Gaussian prior, around 1, on the line-spread "
                             "width the standards show relative to the header's (real spectra "

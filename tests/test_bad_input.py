@@ -629,7 +629,8 @@ def test_no_standard_fiber(base, tmp_path):
     def edit(h):
         h["FIBRES"].data["TYPE"][base.std_fiber[2]] = "P"
     fails(base, tmp_path, CalibrationError,
-          r"no standard-star fiber in the exposure \(HDU FIBRES column TYPE has no 'C'\)", edit=edit)
+          r"no standard-star fiber in the exposure \(HDU FIBRES column TYPE has no 'C'\)",
+          edit=edit)
 
 
 def test_calibrated_file_is_not_calibrated_again(base, tmp_path):

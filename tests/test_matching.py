@@ -198,7 +198,7 @@ def test_fast_scores_of_float32_templates_are_summed_in_float64():
     float64 copy of the candidates), in blocks converted to float64: the same chi^2 as the
     float64 templates at S/N 1000, where float32 sums err by tens (the difference of two sums
     ~1e9)."""
-    from kspec_fluxcal.fit.matching import ScoringTemplates, _SCORE_BLOCK, score_rest_frame
+    from kspec_fluxcal.fit.matching import _SCORE_BLOCK, ScoringTemplates, score_rest_frame
 
     _, templates = _templates(2 * _SCORE_BLOCK + 5)  # blocks, one of them partial
     t32 = templates.astype(np.float32)
@@ -246,7 +246,11 @@ def test_stars_scored_against_their_own_templates_score_as_alone(dtype):
     each star the scores score_rest_frame gives it alone, to the last bit: blocks, one
     partial, a missing (NaN) model and a star without weight."""
     from kspec_fluxcal.fit.matching import (
-        _SCORE_BLOCK, RestFrame, score_own_templates, score_rest_frame)
+        _SCORE_BLOCK,
+        RestFrame,
+        score_own_templates,
+        score_rest_frame,
+    )
 
     _, templates = _templates(3 * (_SCORE_BLOCK + 5))
     own = templates.reshape(3, _SCORE_BLOCK + 5, -1).astype(dtype)
@@ -394,8 +398,7 @@ def test_sampled_rest_frames_are_the_operators_within_rounding():
     """sampled_rest_frames (the scan's first pass) gives each star's rest_frame_star divided
     by its template's star_correction: the same weighted pixels, the values within rounding
     (the taps summed pairwise); stars on their own pixels and at their own velocities."""
-    from kspec_fluxcal.fit.matching import (
-        rest_frame_star, sampled_rest_frames, star_correction)
+    from kspec_fluxcal.fit.matching import rest_frame_star, sampled_rest_frames, star_correction
 
     _, templates = _templates(2)
     rng = np.random.default_rng(13)
@@ -463,7 +466,12 @@ def test_shift_operator_rows_are_the_tabulated_taps(rv):
     the ends summed (in order) into the end pixels; rows whose source is off the spectrum
     are empty; the absolute weights are abs(matrix); the margin covers the largest shift."""
     from kspec_fluxcal.fit.shifts import (
-        _TAPS, _kernel_weights, rest_positions, position_margin, shift_operator)
+        _TAPS,
+        _kernel_weights,
+        position_margin,
+        rest_positions,
+        shift_operator,
+    )
 
     wave = np.round(np.exp(np.linspace(np.log(4000.0), np.log(9000.0), 300)), 6)  # as keyed
     source = np.round(wave * (1 + 2e-4), 6)

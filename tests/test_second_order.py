@@ -6,10 +6,9 @@ import pytest
 import xarray as xr
 from astropy.io import fits
 
-from kspec_fluxcal import open_exposure
+from kspec_fluxcal import correct_second_order, open_exposure
 from kspec_fluxcal.config import Config, load_config
 from kspec_fluxcal.errors import ConfigError
-from kspec_fluxcal import correct_second_order
 from kspec_fluxcal.second_order import MAX_GAP
 from kspec_fluxcal.sim import ISOPLANE_SETUP, GridStars, simulate_exposure
 

@@ -8,6 +8,7 @@ import pytest
 from conftest import FlatStar
 
 from kspec_fluxcal.errors import FluxCalWarning
+from kspec_fluxcal.second_order import blaze_efficiency
 from kspec_fluxcal.sim import (
     ISOPLANE_SETUP,
     GridStars,
@@ -15,7 +16,6 @@ from kspec_fluxcal.sim import (
     simulate_exposure,
     simulate_survey,
 )
-from kspec_fluxcal.second_order import blaze_efficiency
 
 RATIO = 0.05
 

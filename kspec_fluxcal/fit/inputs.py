@@ -11,13 +11,19 @@ from types import SimpleNamespace
 import numpy as np
 import xarray as xr
 
+from .._recent import Recent, per_library
 from ..config import continuum_options
-from ..constants import (A_GAIA_G_PER_EBV, A_PS1_G_PER_EBV, COLOUR_EXCESS_PER_EBV,
-                         FWHM_PER_SIGMA, MIN_VARIANCE_FRACTION, SPIKE_LSF_MARGIN)
-from ..continuum import nanmedian, fit_continuum
+from ..constants import (
+    A_GAIA_G_PER_EBV,
+    A_PS1_G_PER_EBV,
+    COLOUR_EXCESS_PER_EBV,
+    FWHM_PER_SIGMA,
+    MIN_VARIANCE_FRACTION,
+    SPIKE_LSF_MARGIN,
+)
+from ..continuum import fit_continuum, nanmedian
 from ..masks import region_mask
 from ..photometry import _colour_relations, _teff_kernel, colour_teff_table
-from .._recent import Recent, per_library
 from ..templates import library_arrays
 
 __all__ = ["observed_standards", "catalog_priors", "spike_pixels", "implausible_variance"]

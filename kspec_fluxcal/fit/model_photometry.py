@@ -7,9 +7,9 @@ from __future__ import annotations
 import numpy as np
 import scipy.sparse
 
+from .._recent import Recent, per_library, read_only
 from ..photometric_fit import fit_photometry
 from ..photometry import parallax_chi2
-from .._recent import Recent, per_library, read_only
 from ..templates import library_arrays
 
 __all__ = ["PhotometricScore", "model_magnitudes", "photometry_rows", "final_photometry"]

@@ -169,7 +169,8 @@ def _standard_rows(exposure, fibers):
 _STAR_VARS = {  # name: (dtype, units)
     "teff": (np.float64, "K"), "teff_err": (np.float64, "K"), "logg": (np.float64, "dex"),
     "logg_err": (np.float64, "dex"), "feh": (np.float64, "dex"), "feh_err": (np.float64, "dex"),
-    "alpha": (np.float64, "dex"), "alpha_err": (np.float64, "dex"), "teff_colour": (np.float64, "K"), "ebv": (np.float64, "mag"),
+    "alpha": (np.float64, "dex"), "alpha_err": (np.float64, "dex"),
+    "teff_colour": (np.float64, "K"), "ebv": (np.float64, "mag"),
     "ebv_err": (np.float64, "mag"), "ebv_catalog": (np.float64, "mag"),
     "rv": (np.float64, "km/s"), "rv_err": (np.float64, "km/s"), "scale": (np.float64, "1"),
     "scale_err": (np.float64, "1"), "chi2_dof": (np.float64, "1"),

@@ -8,7 +8,7 @@ import numpy as np
 from ..constants import SPEED_OF_LIGHT_KMS
 from ..wavelength import distinct_rows
 from .matching import fit_corrected
-from .shifts import rest_positions, position_margin, sample_rows
+from .shifts import position_margin, rest_positions, sample_rows
 
 __all__ = ["cross_correlate_rv", "refine_rv"]
 

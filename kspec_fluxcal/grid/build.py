@@ -25,6 +25,7 @@ import xarray as xr
 
 from .. import __version__
 from .._atomic import TEMP_PREFIX, foreign_output
+from .._bosz import band_matrix, read_bosz_spectrum, template_reader
 from .._zarr import strings_as_object
 from ..constants import (
     BANDS,
@@ -37,7 +38,6 @@ from ..errors import FluxCalWarning, GridError
 from ..photometry import band_weights
 from ..reddening import LAWS, extinction_per_ebv
 from . import PARAMS
-from .._bosz import band_matrix, read_bosz_spectrum, template_reader
 
 __all__ = [
     "parse_bosz_filename",

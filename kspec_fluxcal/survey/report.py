@@ -200,7 +200,8 @@ def write_notes(out, report):
     lake) to notes (``"notes"``) and to the reason of a failure (``"failed"``). An exposure
     whose standards were fitted in this run (:attr:`SurveyReport.fitted`) gets this run's
     notes only; one only recalibrated with the survey model keeps its notes, but for an
-    earlier model stage's, and gets the new ones added; one skipped as up to date keeps its notes. Failures are this run's and
+    earlier model stage's, and gets the new ones added; one skipped as up to date keeps its
+    notes. Failures are this run's and
     those of the survey's exposures it did not reach (an interrupted run); entries of
     exposures no longer in the lake are dropped.
 
