@@ -9,7 +9,7 @@ from .._recent import Recent, per_library, read_only
 from ..grid import PARAMS
 from ..templates import library_arrays
 from .exposure_templates import corner_combination, interpolated_corners, lattice
-from .matching import star_correction, stars_corrections
+from .matching import stars_corrections
 from .refinement import refine_parameters, score_points, star_rest_frames
 
 __all__ = ["choose_parameters"]
@@ -126,9 +126,8 @@ def _refine_from(obs, tm, scan, phot, start, spec_scale, config):
         ids, combine = corner_combination(*interpolated_corners(
             library, {p: params[p][ok] for p in PARAMS}))
         models = combine @ tm.fetch(ids)
-        corr = np.stack([star_correction(obs.norm[s], obs.ivar[s], models[k], scan.rv[s],
-                                         obs.wave, scan.knots, obs.star_wave[s])
-                         for k, s in enumerate(ok)])
+        corr = stars_corrections(obs.norm[ok], obs.ivar[ok], models[:, None], scan.rv[ok],
+                                 obs.wave, scan.knots, obs.star_wave[ok])
     options = {"metric": fit.metric, "delta": fit.huber_delta, "correction": corr,
                "spec_scale": spec_scale[ok], "star_wavelength": obs.star_wave[ok],
                "extra_score": None if phot is None else

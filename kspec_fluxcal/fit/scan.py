@@ -13,7 +13,7 @@ from .exposure_templates import reference_templates
 from .matching import (
     ScoringTemplates,
     correction_parameters,
-    rest_frame_star,
+    rest_frame_stars,
     sampled_rest_frames,
     score_rest_frames,
     score_templates,
@@ -67,9 +67,8 @@ def scan_templates(obs, tm, prior, rv0, config):
             corr = stars_corrections(obs.norm, obs.ivar, tm.fetch(template_ids)[:, None], rv,
                                      obs.wave, knots, obs.star_wave)
         if prepared is not None:  # score_templates' fast mode, the candidates prepared once
-            out[:, cand] = score_rest_frames(
-                [rest_frame_star(obs.norm[s], obs.ivar[s], rv[s], obs.wave, corr[s],
-                                 obs.star_wave[s]) for s in range(obs.nstar)], prepared, wanted)
+            out[:, cand] = score_rest_frames(rest_frame_stars(
+                obs.norm, obs.ivar, rv, obs.wave, corr, obs.star_wave), prepared, wanted)
             return np.where(prior.window, out, np.nan)
         out[:, cand] = score_templates(
             xr.DataArray(obs.norm, dims=("star", "wavelength"),
