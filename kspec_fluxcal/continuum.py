@@ -20,7 +20,7 @@ import xarray as xr
 from ._bspline import basis_values
 
 __all__ = ["fit_continuum", "normalize_continuum", "spline_basis", "normal_matrices",
-           "sparse_products", "nanmedian", "fill_gaps", "fill_few_gaps"]
+           "sparse_products", "nanmedian", "fill_gaps"]
 
 # Smoothness penalty (second differences of the coefficients) relative to the mean diagonal
 # of the normal matrix: it only matters where knot intervals are empty (masked bands).
@@ -323,56 +323,58 @@ def _running_median(y, use, window, sigma_low, sigma_high, iterations):
 
 
 def fill_gaps(y, use):
-    """Linear interpolation over unusable pixels, row by row, without a Python loop."""
+    """Linear interpolation over unusable pixels, row by row, without a Python loop: each
+    unusable pixel on the line between its row's nearest usable neighbours (the one there is
+    at an end; 0 without any).
+
+    Computed at the unusable pixels only where they are fewer than a third of all (a program
+    star's cosmic rays: ~1 against ~3.6 ms for 14 x 4096 pixels), else along whole rows
+    (at 95 % unusable, 2.9 against 5.2 ms); the same values either way."""
+    if 3 * np.count_nonzero(~use) < use.size:
+        return _fill_at_gaps(y, use)
+    return _fill_rows(y, use)
+
+
+def _fill_rows(y, use):
+    """:func:`fill_gaps` along whole rows: each pixel's neighbours by running extremes."""
     n = y.shape[1]
     idx = np.where(use, np.arange(n)[None, :], -1)
     left = np.maximum.accumulate(idx, axis=1)
     right = np.flip(np.minimum.accumulate(np.flip(np.where(use, np.arange(n), n), axis=1),
                                           axis=1), axis=1)
-    rows = np.arange(y.shape[0])[:, None]
-    lv = np.where(left >= 0, y[rows, np.clip(left, 0, n - 1)], np.nan)
-    rv = np.where(right < n, y[rows, np.clip(right, 0, n - 1)], np.nan)
-    t = np.where((left >= 0) & (right < n) & (right > left),
-                 (np.arange(n)[None, :] - left) / np.maximum(right - left, 1), 0.0)
-    out = np.where(np.isfinite(lv) & np.isfinite(rv), lv + t * (rv - lv),
-                   np.where(np.isfinite(lv), lv, rv))
-    return np.where(use, y, np.nan_to_num(out))
+    return np.where(use, y, _bridged(y, np.arange(y.shape[0])[:, None], np.arange(n)[None, :],
+                                     left, right))
 
 
-def fill_few_gaps(y, use):
-    """:func:`fill_gaps`' result, computed at the unusable pixels only: for rows with a few
-    (a program star's cosmic rays: the whole rows' arrays were ~0.4 ms of the check).
-
-    Parameters
-    ----------
-    y : numpy.ndarray
-        (rows, pixels) values; those not ``use`` are replaced.
-    use : numpy.ndarray of bool
-        Usable pixels, shape of ``y``.
-
-    Returns
-    -------
-    numpy.ndarray
-        As :func:`fill_gaps` returns it, value for value.
-    """
+def _fill_at_gaps(y, use):
+    """:func:`fill_gaps` at the unusable pixels only: their neighbours by a search of the
+    usable ones."""
     n = y.shape[1]
     rows, cols = np.nonzero(~use)
-    usable = np.flatnonzero(use)  # flat indices, increasing: neighbours by a search
+    usable = np.flatnonzero(use)  # flat indices, increasing
     at = np.searchsorted(usable, rows * n + cols)
     before = usable[np.maximum(at - 1, 0)] - rows * n if usable.size else np.full(at.size, -1)
     after = usable[np.minimum(at, usable.size - 1)] - rows * n if usable.size else at + n
-    # Neighbours in the same row only, else none (-1, n), as fill_gaps' running extremes.
+    # Neighbours in the same row only, else none (-1, n), as _fill_rows' running extremes.
     left = np.where((at > 0) & (before >= 0), before, -1)
     right = np.where((at < usable.size) & (after < n), after, n)
+    values = _bridged(y, rows, cols, left, right)
+    filled = np.array(y, dtype=np.result_type(y, values))
+    filled[rows, cols] = values
+    return filled
+
+
+def _bridged(y, rows, cols, left, right):
+    """The values at pixels (``rows``, ``cols``) of ``y`` between their usable neighbours
+    ``left`` (-1: none) and ``right`` (the row's length: none) in their rows."""
+    n = y.shape[1]
     lv = np.where(left >= 0, y[rows, np.clip(left, 0, n - 1)], np.nan)
     rv = np.where(right < n, y[rows, np.clip(right, 0, n - 1)], np.nan)
     t = np.where((left >= 0) & (right < n) & (right > left),
                  (cols - left) / np.maximum(right - left, 1), 0.0)
     out = np.where(np.isfinite(lv) & np.isfinite(rv), lv + t * (rv - lv),
                    np.where(np.isfinite(lv), lv, rv))
-    filled = np.array(y, dtype=np.result_type(y, out))
-    filled[rows, cols] = np.nan_to_num(out)
-    return filled
+    return np.nan_to_num(out)
 
 
 def normalize_continuum(flux, mask=None, *, dim="wavelength", **options):

@@ -21,7 +21,7 @@ import numpy as np
 
 from .catalog import catalog_lookup
 from .constants import FLUX_UNIT_SCALE, POSITION_MATCH_ARCSEC
-from .continuum import fill_few_gaps, nanmedian
+from .continuum import fill_gaps, nanmedian
 from .photometry import band_weight_values, synthetic_mag_values
 
 __all__ = ["spectrophotometric_check", "check_exposure", "SPHOT_BANDS", "SPHOT_MIN_SNR",
@@ -141,7 +141,7 @@ def _median_reaches(values, threshold):
 def _synthetic(wavelength, flux, bands):
     """AB magnitudes (star, band) of calibrated spectra ``flux`` (star, wavelength)."""
     good = np.isfinite(flux)
-    filled = fill_few_gaps(np.where(good, flux, 0.0), good)  # a few cosmic rays a star
+    filled = fill_gaps(np.where(good, flux, 0.0), good)
     filled *= FLUX_UNIT_SCALE
     weights = band_weight_values(bands, wavelength, medium="air")
     return synthetic_mag_values(filled, weights)

@@ -1,9 +1,9 @@
-"""Bridging unusable pixels: fill_few_gaps (at the unusable pixels only) is fill_gaps (whole
-rows), value for value."""
+"""Bridging unusable pixels: fill_gaps at the unusable pixels only is fill_gaps along whole
+rows, value for value."""
 
 import numpy as np
 
-from kspec_fluxcal.continuum import fill_few_gaps, fill_gaps
+from kspec_fluxcal.continuum import _fill_at_gaps, _fill_rows, fill_gaps
 
 
 def test_few_gaps_filled_as_fill_gaps_fills_them():
@@ -18,10 +18,11 @@ def test_few_gaps_filled_as_fill_gaps_fills_them():
         cases.append((values.astype(np.float32) if trial % 3 == 0 else values,
                       rng.random((rows, pixels)) < rng.random()))
     for values, use in cases:
-        expected, filled = fill_gaps(values, use), fill_few_gaps(values, use)
+        expected, filled = _fill_rows(values, use), _fill_at_gaps(values, use)
         assert filled.dtype == expected.dtype and filled.shape == expected.shape
         assert np.array_equal(filled, expected) and np.array_equal(np.signbit(filled),
                                                                    np.signbit(expected))
+        assert np.array_equal(fill_gaps(values, use), expected)  # whichever path it takes
     values = np.array([[1.0, 2.0, 3.0, 4.0]])
-    assert fill_few_gaps(values, np.array([[True, False, False, True]])).tolist() == [
+    assert _fill_at_gaps(values, np.array([[True, False, False, True]])).tolist() == [
         [1.0, 2.0, 3.0, 4.0]]  # a linear ramp bridged
