@@ -33,10 +33,7 @@ def dataset(data_vars, coords, attrs=None, indexes=None):
     -------
     xarray.Dataset
     """
-    result = xr.Coordinates({**data_vars, **coords}, indexes=indexes).to_dataset()
-    result = result.reset_coords(list(data_vars))
-    result.attrs = dict(attrs or {})
-    return result
+    return _built({**data_vars, **coords}, data_vars, attrs, indexes)
 
 
 def with_variables(ds, variables):
@@ -56,9 +53,14 @@ def with_variables(ds, variables):
         ``ds``'s variables, in their order, then ``variables``; ``ds``'s indexes and a copy of
         its attrs.
     """
-    new = {name: v if isinstance(v, xr.Variable) else xr.Variable(*v)
-           for name, v in variables.items()}
-    result = xr.Coordinates({**ds.variables, **new}, indexes=dict(ds.xindexes)).to_dataset()
-    result = result.reset_coords([*ds.data_vars, *new])
-    result.attrs = dict(ds.attrs)
+    return _built({**ds.variables, **variables}, [*ds.data_vars, *variables], ds.attrs,
+                  dict(ds.xindexes))
+
+
+def _built(variables, data_names, attrs, indexes):
+    """The Dataset of ``variables`` (in their order), ``data_names`` its data variables and
+    the others its coordinates: one Coordinates object made into a Dataset (no merge)."""
+    result = xr.Coordinates(variables, indexes=indexes).to_dataset()
+    result = result.reset_coords(list(data_names))
+    result.attrs = dict(attrs or {})
     return result
