@@ -357,15 +357,24 @@ class _Model:
         wave, scale = rows[:, 1:], rows[:, 0]
         finite = np.isfinite(wave)
         fwhm = lsf.fwhm(np.where(finite, wave, 1.0))
-        sigma = np.where(finite, fwhm * scale[:, None] / FWHM_PER_SIGMA, np.nan)
         # The narrowest (NaN: no wavelength or no scale), once: 14 fibers' own solutions are
-        # 57k pixels, each pass over them ~0.1 ms.
-        narrowest = float(np.nanmin(sigma, initial=np.inf))
+        # 57k pixels, each pass over them ~0.1 ms. On one scale, the narrowest FWHM's sigma
+        # (rounding is monotonic: the same value), the pixels' sigmas only if they are sampled.
+        def sigmas():
+            return np.where(finite, fwhm * scale[:, None] / FWHM_PER_SIGMA, np.nan)
+
+        if 0 < scale[0] < np.inf and np.all(scale == scale[0]):
+            narrowest = float(np.fmin.reduce(fwhm, where=finite, initial=np.inf, axis=None)
+                              * scale[0] / FWHM_PER_SIGMA)
+            sigma = None
+        else:
+            sigma = sigmas()
+            narrowest = float(np.nanmin(sigma, initial=np.inf))
         boxes, tau = _line_list_boxes(source, _box_size(optical_depths(source)[0], narrowest))
         self.shape = wave.shape
         self.nodes = _Nodes.of(wave, finite, narrowest, lsf, scale)
         if self.nodes is None:
-            self.sampler = _Sampler(boxes, wave, sigma)
+            self.sampler = _Sampler(boxes, wave, sigmas() if sigma is None else sigma)
         else:
             self.sampler = _Sampler(boxes, self.nodes.wave, self.nodes.sigma)
             self.nodes = self.nodes.interpolation(self.sampler.index, wave, finite)
@@ -463,9 +472,10 @@ _MODELS_LOCK = threading.Lock()  # workers' threads share the cache
 
 def _model(wavelength, lsf, scale, source):
     """The telluric model at these pixels and line spreads: a function of (o2, h2o,
-    derivatives) shaped like ``wavelength``. The :class:`_Model` of their distinct rows is
-    reused while the same ones come back (a fit's iterations, an exposure's stars, reference
-    grid and fibers on a shared solution)."""
+    derivatives, pixels, shared) shaped like ``wavelength`` (``pixels``: only these flat
+    indices; ``shared``: possibly the model's own arrays, read only). The :class:`_Model` of
+    their distinct rows is reused while the same ones come back (a fit's iterations, an
+    exposure's stars, reference grid and fibers on a shared solution)."""
     shape = np.shape(wavelength)
     rows, inverse = distinct_rows(wavelength, scale)
     # Keyed by the sums of the rows' bits (14 fibers' bytes hashed: 0.14 ms), a hit compared.
@@ -484,11 +494,14 @@ def _model(wavelength, lsf, scale, source):
                 _MODELS.popitem(last=False)
 
     gather = [None, None]  # the last ``pixels`` and theirs in the model (a fit's, each time)
+    identity = np.array_equal(inverse, np.arange(inverse.size))
 
-    def sample(o2, h2o, derivatives=False, pixels=None):
+    def sample(o2, h2o, derivatives=False, pixels=None, shared=False):
         out = model(o2, h2o, derivatives)
         if pixels is None:
-            out = out[:, inverse].reshape((len(out),) + shape)
+            # Every row its own (14 fibers' own solutions): the model's rows, not a 1.4 MB
+            # copy, for a caller that only reads them (``shared``).
+            out = (out if shared and identity else out[:, inverse]).reshape((len(out),) + shape)
         else:  # flat indices into ``wavelength``: those pixels only
             if gather[0] is not pixels:
                 row, pixel = np.divmod(pixels, shape[-1])
@@ -539,7 +552,8 @@ def divide_transmission(values, wavelength, lsf, columns, errors, *, scale=None,
     columns, errors : (float, float)
         (o2, h2o) and their errors.
     """
-    trans, d_o2, d_h2o = _model(wavelength, lsf, scale, source)(*columns, derivatives=True)
+    trans, d_o2, d_h2o = _model(wavelength, lsf, scale, source)(*columns, derivatives=True,
+                                                                shared=True)
     # In place, the formulas' operations in their order (T^4 as (T^2)^2: pow(T, 4) is 100x
     # slower): on 14 fibers' own solutions each fresh temporary is 0.5 MB of new pages.
     factor, variance = values
