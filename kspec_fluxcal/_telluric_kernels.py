@@ -29,11 +29,15 @@ def kernel_matrix(boxes, wave_out, sigma_out):
     Returns
     -------
     matrix : scipy.sparse.csr_matrix, shape (len(wave_out), 3 m + 3)
-        Columns: term t of the k-th active box from ``first`` at 3 k + t, the moments' layout
-        (no scatter into all boxes: 0.2 ms an evaluation); the others' terms in the last
-        three, kept 0.
+        Columns: term t of the k-th of the active boxes from ``first`` in ``order`` at 3 k + t,
+        the moments' layout (no scatter into all boxes: 0.2 ms an evaluation); the others'
+        terms in the last three, kept 0.
     first : int
         The first box reached.
+    order : numpy.ndarray or None
+        The reached active boxes (0 the first) by ``boxes.kind``, stable: O2's, both's, then
+        H2O's (a model sums each species' terms over its own boxes only); None without kinds
+        (their order along the grid).
     """
     wave_in = boxes.centres
     step = wave_in[1] - wave_in[0]
@@ -57,11 +61,17 @@ def kernel_matrix(boxes, wave_out, sigma_out):
     count = int(cols[:, -1].max()) - first_box + 1 if n else 0
     reached = boxes.active[first_box:first_box + count]
     m = int(np.count_nonzero(reached))
-    column = np.where(reached, 3 * np.cumsum(reached, dtype=itype) - 3, 3 * m).astype(itype)
+    rank, order = np.cumsum(reached, dtype=itype) - 1, None
+    if boxes.kind is not None:
+        order = np.argsort(boxes.kind[first_box:first_box + count][reached], kind="stable")
+        position = np.empty(m + 1, itype)  # (the last for the boxes before the first active)
+        position[order], position[m] = np.arange(m, dtype=itype), 0
+        rank = position[rank]
+    column = np.where(reached, 3 * rank, 3 * m).astype(itype)
     index = column[cols - first_box][:, None, :] + np.arange(3, dtype=itype)[None, :, None]
     return scipy.sparse.csr_matrix(
         (terms.ravel(), index.ravel(), np.arange(0, (n + 1) * 3 * width, 3 * width, dtype=itype)),
-        shape=(wave_out.size, 3 * m + 3)), first_box
+        shape=(wave_out.size, 3 * m + 3)), first_box, order
 
 
 def _kernel_terms(terms, cols, wave_in, wave_out, sig):

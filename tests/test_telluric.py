@@ -146,6 +146,35 @@ def test_the_model_is_the_kernel_matrix_applied_to_the_boxes_moments():
     np.testing.assert_array_equal(np.reshape(got, (3, -1)), want)
 
 
+def test_each_species_summed_over_its_own_boxes_changes_no_bit(monkeypatch):
+    """A model sums each species' terms over the boxes of that species (O2's, both's, H2O's
+    in turn): T, dT/do2 and dT/dh2o are, to the bit, those of the boxes along the grid
+    without species (every term of both summed everywhere), of boxes all said to have both,
+    and of a random mix; non-finite columns too (NaN there, as everywhere)."""
+    import kspec_fluxcal.telluric as telluric
+
+    lsf = LineSpread.constant(3.0)
+    rows = np.column_stack([np.ones(2), np.stack([np.linspace(6000.0, 9000.0, 2000)] * 2)
+                            + np.array([[0.0], [0.3]])])
+    boxes, tau = telluric._line_list_boxes("telluric_lines", 20)
+    assert set(np.unique(boxes.kind[boxes.active])) == {0, 2}  # the stand-in list's
+    mixed = np.where(np.random.default_rng(5).uniform(size=boxes.kind.size) < 0.3, 1,
+                     boxes.kind)
+    got = {}
+    for name, kind in (("kinds", boxes.kind), ("none", None), ("both", np.ones_like(mixed)),
+                       ("mixed", mixed)):
+        monkeypatch.setattr(telluric, "_line_list_boxes",
+                            lambda source, box, kind=kind: (boxes._replace(kind=kind), tau))
+        model = telluric._Model(rows, lsf, "telluric_lines")
+        assert (model.sampler.order is None) == (kind is None)
+        got[name] = [np.array(model(*COLUMNS, derivatives=True)),
+                     np.array(model(np.nan, 1.0, derivatives=True))]
+    assert got["kinds"][0][0].min() < 0.5 and np.isnan(got["kinds"][1]).any()
+    for name in ("none", "both", "mixed"):
+        for want, have in zip(got[name], got["kinds"], strict=True):
+            np.testing.assert_array_equal(have, want)
+
+
 def test_dividing_by_the_transmission_propagates_the_columns_errors():
     """In place: F / T and V / T^2 + F^2 var(T) / T^4 with var(T) = (dT/do2 e_o2)^2 +
     (dT/dh2o e_h2o)^2, on fibers of their own solutions; a pixel without a wavelength (T = 1,
