@@ -324,8 +324,7 @@ class _Sampler:
         self.absorbing = self.matrix.shape[1] // 3 - 1  # boxes
         start = int(np.count_nonzero(boxes.active[:first]))
         self.points = slice(start * self.box, (start + self.absorbing) * self.box)
-        # The boxes' points from which on (in the sampler's order) they absorb by H2O too, and
-        # by H2O only (None: no species known).
+        # The points from which on (in this order) boxes absorb by H2O too, by H2O only.
         self.split = None if self.order is None else tuple(self.box * np.searchsorted(
             boxes.kind[boxes.active][start:start + self.absorbing][self.order], [1, 2]))
 
@@ -394,8 +393,10 @@ class _Model:
             self.nodes = self.nodes.interpolation(self.sampler.index, wave, finite)
         tau = tau[:, self.sampler.points]  # the absorbing points the pixels reach
         order, box = self.sampler.order, self.sampler.box
-        # In the sampler's order of boxes (its matrix's columns): each species' boxes together.
-        self.tau = tau if order is None else tau.reshape(2, -1, box)[:, order].reshape(2, -1)
+        # In the sampler's order of boxes (its matrix's columns): each species' boxes together
+        # (take: contiguous, not an indexed copy copied again, 0.6 -> 0.15 ms).
+        self.tau = tau if order is None else np.take(tau.reshape(2, -1, box), order, 1)
+        self.tau = self.tau.reshape(2, -1)
         # The last evaluation, (o2, h2o) and its rows: a fit ends where the next one starts,
         # and the reference grid and the fibers are evaluated at the fitted columns again (T
         # alone is the first of the derivatives' rows, the same sums).
