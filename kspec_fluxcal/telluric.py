@@ -422,20 +422,20 @@ class _Model:
         tau, box, n = self.tau, self.sampler.box, self.tau.shape[1]
         split = self.sampler.split is not None and np.isfinite([o2, h2o]).all()
         start, end = self.sampler.split if split else (0, n)  # (the boxes of both species)
-        hr = np.empty(n)
-        np.multiply(tau[0, :end], -o2, dtype=np.float64, out=hr[:end])
-        hr[start:end] -= np.multiply(tau[1, start:end], h2o, dtype=np.float64)
-        np.multiply(tau[1, end:], -h2o, dtype=np.float64, out=hr[end:])
-        hr = np.exp(hr.astype(np.float32))
+        # One buffer for the exponent, T's deficit and the derivatives' terms (1.8 -> 0.7 MB).
+        work = np.empty(n + end - start if derivatives else n)
+        np.multiply(tau[0, :end], -o2, dtype=np.float64, out=work[:end])
+        work[start:end] -= np.multiply(tau[1, start:end], h2o, dtype=np.float64)
+        np.multiply(tau[1, end:], -h2o, dtype=np.float64, out=work[end:n])
+        hr = work[:n].astype(np.float32)
+        np.exp(hr, out=hr)
         boxed = np.zeros((3 if derivatives else 1, n // box + 1, 3))
-        deficit = np.empty(n)
-        np.subtract(1.0, hr, out=deficit)
-        np.matmul(deficit.reshape(-1, box), self.sampler.moments, out=boxed[0, :-1])
+        np.subtract(1.0, hr, out=work[:n])
+        np.matmul(work[:n].reshape(-1, box), self.sampler.moments, out=boxed[0, :-1])
         if derivatives:  # tau_O2 T up to the H2O-only boxes, tau_H2O T from the mixed ones on
-            terms = np.empty(n + end - start)
-            np.multiply(tau[0, :end], hr[:end], out=terms[:end])
-            np.multiply(tau[1, start:], hr[start:], out=terms[end:])
-            sums = terms.reshape(-1, box) @ self.sampler.moments
+            np.multiply(tau[0, :end], hr[:end], out=work[:end])
+            np.multiply(tau[1, start:], hr[start:], out=work[end:])
+            sums = work.reshape(-1, box) @ self.sampler.moments
             boxed[1, :end // box], boxed[2, start // box:-1] = sums[:end // box], sums[end // box:]
         return boxed
 
