@@ -12,6 +12,25 @@ NSIGMA = 5.0
 _KERNEL_ROWS = 1024
 
 
+def reached(boxes, wave, reach, ok):
+    """Flat indices of the points ``wave`` (where ``ok``) that an absorbing box's centre c
+    reaches: wave - reach <= c < wave + reach, i.e. the first centre at or above wave - reach
+    lies below wave + reach (an infinite one closing them).
+
+    The first centres are found by one search per point; for increasing points outnumbering
+    the centres (a fibers' node model's 14k), by one search per centre among them and a
+    count (the same indices: 0.6 -> 0.2 ms)."""
+    absorbing = np.append(boxes.centres[boxes.active], np.inf)
+    lower = np.where(ok, wave - reach, np.inf)
+    if lower.size > absorbing.size and np.all(lower[1:] >= lower[:-1]):
+        # Centres below point i: those whose count of points at or below them is <= i.
+        first = np.bincount(np.searchsorted(lower, absorbing, side="right"),
+                            minlength=lower.size + 1).cumsum()[:-1]
+    else:
+        first = np.searchsorted(absorbing, lower)
+    return np.flatnonzero(ok & (absorbing[first] < wave + reach))
+
+
 def kernel_matrix(boxes, wave_out, sigma_out):
     """Gaussian kernels for any (unsorted) output points, each with its own sigma, on a
     telluric model's boxes: the kernel and its first and second derivatives (over 1 and 2) at

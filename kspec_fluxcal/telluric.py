@@ -33,7 +33,7 @@ import scipy.sparse
 
 from ._inputs import refuse_repeated_columns
 from ._lagrange import lagrange_matrix
-from ._telluric_kernels import NSIGMA, kernel_matrix
+from ._telluric_kernels import NSIGMA, kernel_matrix, reached
 from .constants import FWHM_PER_SIGMA, PIXEL_OUTLIER_SIGMA
 from .errors import ConfigError
 from .line_growth import lorentz_strength
@@ -311,12 +311,7 @@ class _Sampler:
         flat, sig = wave.ravel(), np.broadcast_to(sigma, wave.shape).ravel()
         ok = np.isfinite(flat) & np.isfinite(sig)
         reach = np.where(ok, NSIGMA * sig, 0.0)
-        # A pixel is reached when an absorbing box's centre c has flat - reach <= c < flat +
-        # reach: when the first one at or above flat - reach is below flat + reach (one
-        # search among the absorbing boxes, an infinite one closing them).
-        absorbing = np.append(boxes.centres[boxes.active], np.inf)
-        nearest = absorbing[np.searchsorted(absorbing, np.where(ok, flat - reach, np.inf))]
-        self.index = np.flatnonzero(ok & (nearest < flat + reach))
+        self.index = reached(boxes, flat, reach, ok)
         self.matrix, first, self.order = kernel_matrix(boxes, flat[self.index], sig[self.index])
         # Only the boxes with absorption (the rest transmit 1) within the pixels' reach are
         # computed: on a 3500-8500 A exposure, 30 % of the line list's absorbing points lie

@@ -121,6 +121,29 @@ def test_pixels_modelled_are_those_an_absorbing_box_reaches():
     np.testing.assert_array_equal(sampler.index, want)
 
 
+def test_increasing_points_are_reached_as_by_one_search_each():
+    """Increasing points outnumbering the absorbing boxes (uniform nodes; their reach
+    varying) are found by a search of the boxes among them: the same points as by the
+    definition, including points at the reach's ends of the absorbing runs' boxes."""
+    from kspec_fluxcal._telluric_kernels import reached
+    from kspec_fluxcal.telluric import _line_list_boxes
+
+    boxes, _ = _line_list_boxes("telluric_lines", 20)
+    absorbing = boxes.centres[boxes.active]
+    wave = np.linspace(boxes.centres[0] - 30.0, boxes.centres[-1] + 30.0, 3 * absorbing.size)
+    edges = np.flatnonzero(np.diff(boxes.active.astype(int)))
+    wave = np.sort(np.concatenate([wave, boxes.centres[edges] + 4.0, boxes.centres[edges] - 4.0]))
+    reach = 4.0 + 1e-5 * (wave - wave[0])  # increasing by less than the points
+    ok = np.ones(wave.size, bool)
+    got = reached(boxes, wave, reach, ok)
+    first = np.searchsorted(absorbing, wave - reach)
+    want = np.flatnonzero(np.append(absorbing, np.inf)[first] < wave + reach)
+    assert 0 < want.size < wave.size
+    np.testing.assert_array_equal(got, want)
+    ok[::7] = False  # unusable points (no reach): not reached, and the points not increasing
+    np.testing.assert_array_equal(reached(boxes, wave, reach, ok), want[want % 7 != 0])
+
+
 def test_the_model_is_the_kernel_matrix_applied_to_the_boxes_moments():
     """T, dT/do2 and dT/dh2o (sampled one vector at a time) are, to the bit, the kernel
     matrix's product with the three vectors of the boxes' moments of their deficits at
