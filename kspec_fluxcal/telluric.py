@@ -536,7 +536,7 @@ def _model(wavelength, lsf, scale, source):
             if gather[0] is not pixels:
                 row, pixel = np.divmod(pixels, shape[-1])
                 gather[:] = pixels, inverse[row] * shape[-1] + pixel
-            out = out.reshape(len(out), -1)[:, gather[1]]
+            out = np.take(out.reshape(len(out), -1), gather[1], axis=1)  # (3x faster than [:, .])
         return list(out) if derivatives else out[0]
 
     return sample
