@@ -485,7 +485,9 @@ class _Nodes(NamedTuple):
         they have wavelengths) whose nodes include ``reached`` ones (indices): the others
         keep the value outside the absorption."""
         index = np.flatnonzero(finite)
-        where = (wave.ravel()[index] - self.wave[0]) / (self.wave[1] - self.wave[0])
+        flat = wave.ravel()  # (every pixel has a wavelength, mostly: no gather then)
+        where = flat if index.size == flat.size else flat[index]
+        where = (where - self.wave[0]) / (self.wave[1] - self.wave[0])
         first = np.floor(where).astype(np.intp) - (_LAGRANGE // 2 - 1)
         before = np.bincount(reached + 1, minlength=self.wave.size + 1).cumsum()  # reached
         # Whether a pixel's first node is followed by reached ones, per node: one gather per
