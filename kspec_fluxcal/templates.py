@@ -639,9 +639,12 @@ def library_models(library, wavelength, lsf, templates, weights, factors, kinds=
     Returns (len(factors), len(kinds) * M, P), float64: the kinds' M models in turn."""
     lsf, scaled = _as_lsf(lsf), [_as_lsf(lsf).scaled(f) for f in factors]
     wave = np.ascontiguousarray(np.round(np.asarray(wavelength, dtype=np.float64), 6))
-    rows, cols = np.nonzero(weights)  # sparse: the templates' rows read in place, not gathered
+    # Sparse: the templates' rows read in place, not gathered; its CSR arrays given (scipy's
+    # matrix of the (row, template) pairs, for increasing ids, without their sort: ~60 us)
+    nonzero = weights != 0
     combine = scipy.sparse.csr_matrix(
-        (weights[rows, cols].astype(np.float32), (rows, np.asarray(templates)[cols])),
+        (weights[nonzero].astype(np.float32), np.broadcast_to(templates, nonzero.shape)[nonzero],
+         np.append(0, np.cumsum(nonzero.sum(axis=1)))),
         shape=(len(weights), library.sizes["template"]))
 
     def models(prefix):  # in float32, as the kernels' products take them
