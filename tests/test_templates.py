@@ -309,6 +309,7 @@ def test_library_bands_are_the_columns_by_bands_of_pixels(cube, monkeypatch):
     columns copied into rows while in the cache): the bands cover every pixel once, in
     order, the last one partial, and hold library_columns' values to the bit; a few
     templates come as one product."""
+    clear_cache()  # no operator whose bands were made at another size
     library = _library(cube, cache_dir=False)
     wave, lsf = np.linspace(4000.0, 8000.0, 500), LineSpread.constant(8.0)
     n = library.sizes["template"]
@@ -324,6 +325,7 @@ def test_library_bands_are_the_columns_by_bands_of_pixels(cube, monkeypatch):
     (pixels, columns), = templates.library_bands(library, wave, lsf, [1, 0])
     assert pixels == slice(None)
     np.testing.assert_array_equal(columns, templates.library_columns(library, wave, lsf, [1, 0]))
+    clear_cache()
 
 
 def test_exposure_templates_rows_put_by_bands_of_pixels(cube, monkeypatch):
@@ -331,6 +333,7 @@ def test_exposure_templates_rows_put_by_bands_of_pixels(cube, monkeypatch):
     band by band, exactly library_spectra's, and no other row is touched."""
     from kspec_fluxcal.fit.exposure_templates import ExposureTemplates
 
+    clear_cache()
     library = _library(cube, cache_dir=False)
     wave, lsf = np.linspace(4000.0, 8000.0, 500), LineSpread.constant(8.0)
     n = library.sizes["template"]
@@ -345,6 +348,7 @@ def test_exposure_templates_rows_put_by_bands_of_pixels(cube, monkeypatch):
         assert untouched.size > n // 2  # not the whole library's product
         np.testing.assert_array_equal(tm._data[ids], want[ids])
         assert np.all(tm._data[untouched] == -1.0)
+    clear_cache()
 
 
 def test_exposure_templates_table_prepares_the_rows_asked_for_only(cube):
