@@ -570,7 +570,7 @@ def library_bands(library, wavelength, lsf, templates=None, *, kind="norm", stac
         yield slice(None), matrix @ operand
         return
     if not bands:  # made once per operator, when a product of many templates first needs them
-        bands.extend(_pixel_bands(matrix, _PIXEL_BAND))
+        bands[:] = _pixel_bands(matrix, _PIXEL_BAND)  # whole (threads sharing it: no repeats)
     for pixels, band in bands:
         yield pixels, band @ operand
 
