@@ -304,21 +304,51 @@ def test_exposure_templates_are_kept_in_the_library_dtype(cube):
     np.testing.assert_array_equal(fetched, templates.library_spectra(library, wave, lsf)[::-1])
 
 
-def test_exposure_templates_rows_put_by_blocks_of_pixels(monkeypatch):
-    """Issue 14: the operator's columns are copied into the kept rows a block of pixels at a
-    time: the rows asked for (a slice or scattered ids) get exactly the columns, the last
-    block partial, the other rows untouched."""
-    from kspec_fluxcal.fit import exposure_templates
+def test_library_bands_are_the_columns_by_bands_of_pixels(cube, monkeypatch):
+    """Issue 14: many templates' product comes a band of pixels at a time (each band's
+    columns copied into rows while in the cache): the bands cover every pixel once, in
+    order, the last one partial, and hold library_columns' values to the bit; a few
+    templates come as one product."""
+    clear_cache()  # no operator whose bands were made at another size
+    library = _library(cube, cache_dir=False)
+    wave, lsf = np.linspace(4000.0, 8000.0, 500), LineSpread.constant(8.0)
+    n = library.sizes["template"]
+    monkeypatch.setattr(templates, "_PIXEL_BAND", 7)
+    monkeypatch.setattr(templates, "_TRANSPOSED_FROM", 2)
+    for ids in (slice(None), np.array([n - 1, 0, n // 2])):
+        want = templates.library_columns(library, wave, lsf, ids)
+        bands = list(templates.library_bands(library, wave, lsf, ids))
+        assert [b[0] for b in bands] == [slice(s, min(s + 7, wave.size))
+                                         for s in range(0, wave.size, 7)]
+        np.testing.assert_array_equal(np.concatenate([b[1] for b in bands]), want)
+    monkeypatch.setattr(templates, "_TRANSPOSED_FROM", 4)
+    (pixels, columns), = templates.library_bands(library, wave, lsf, [1, 0])
+    assert pixels == slice(None)
+    np.testing.assert_array_equal(columns, templates.library_columns(library, wave, lsf, [1, 0]))
+    clear_cache()
 
-    monkeypatch.setattr(exposure_templates, "_ROW_BLOCK", 7)
-    rng = np.random.default_rng(3)
-    for index in (slice(2, 6), np.array([5, 0, 3, 8])):
-        rows = np.full((9, 30), -1.0, dtype=np.float32)
-        columns = rng.normal(size=(30, 4)).astype(np.float32)
-        want = rows.copy()
-        want[index] = columns.T
-        exposure_templates._put_rows(rows, index, columns)
-        np.testing.assert_array_equal(rows, want)
+
+def test_exposure_templates_rows_put_by_bands_of_pixels(cube, monkeypatch):
+    """Issue 14: the rows asked for (consecutive: a slice; or scattered) get their templates
+    band by band, exactly library_spectra's, and no other row is touched."""
+    from kspec_fluxcal.fit.exposure_templates import ExposureTemplates
+
+    clear_cache()
+    library = _library(cube, cache_dir=False)
+    wave, lsf = np.linspace(4000.0, 8000.0, 500), LineSpread.constant(8.0)
+    n = library.sizes["template"]
+    monkeypatch.setattr(templates, "_PIXEL_BAND", 7)
+    monkeypatch.setattr(templates, "_TRANSPOSED_FROM", 2)
+    want = templates.library_spectra(library, wave, lsf).astype(templates.SPECTRA_DTYPE)
+    for ids in (np.arange(1, 3), np.array([n - 1, 0])):
+        tm = ExposureTemplates(library, wave, lsf, [])
+        tm._data[:] = -1.0
+        tm._prepare(ids)
+        untouched = np.setdiff1d(np.arange(n), ids)
+        assert untouched.size > n // 2  # not the whole library's product
+        np.testing.assert_array_equal(tm._data[ids], want[ids])
+        assert np.all(tm._data[untouched] == -1.0)
+    clear_cache()
 
 
 def test_exposure_templates_table_prepares_the_rows_asked_for_only(cube):

@@ -554,8 +554,11 @@ def _alpha_response_weights(axes, exists, t, g, m, a):
         return index, weight
     rows = np.flatnonzero(need)
     # The base model: the point's cell at its lower node k (the corners it has already, with
-    # the weights of a point at that node, fraction 0).
-    _, raw = _with_alpha(axes, index3[rows], raw3[rows], (k[rows], np.zeros(rows.size)))
+    # the weights of a point at that node, fraction 0: _with_alpha's products by 1 and 0, the
+    # (teff, logg, [M/H]) products themselves and zeros, formed directly: ~35 us a call).
+    raw = np.zeros((rows.size, 8, 2))
+    raw[:, :, 0] = raw3[rows]
+    raw = raw.reshape(rows.size, 16)
     weight[rows] = _renormalised(raw, present[rows])
     n = weight.shape[1]
     index = np.concatenate([index] * 3, axis=1)
