@@ -195,7 +195,7 @@ def _calibration(stars, status, use, g, level, level_var, resp, measured, qualit
     idx = np.flatnonzero(use)
     grey = np.full(status.size, np.nan)
     grey[idx] = g / level
-    return xr.Dataset(
+    return dataset(
         {
             "cal": ("wavelength", level * resp.curve, {"units": CAL_UNIT}),
             # Pixel to pixel only: the level's error, common to every pixel of every fiber,
@@ -216,17 +216,15 @@ def _calibration(stars, status, use, g, level, level_var, resp, measured, qualit
             "used": ("star", use),
         },
         # Variables: DataArrays would be built with coordinates, then aligned (0.3 ms).
-        coords={"wavelength": stars.variables["wavelength"], "star": np.arange(status.size),
-                **{name: ("star", stars.variables[name].values) for name in ("fiber", "objid")}},
-        attrs={"fcalnstr": int(idx.size), "fcalrms": quality.fcalrms,
-               "single_star": int(idx.size == 1), "fcalqual": quality.fcalqual,
-               "fcalmerr": quality.fcalmerr,
-               "fcallsf": float(stars.attrs.get("lsf_scale", np.nan)),
-               # The level's fractional variance (FCALLERR its square root); the vectors'
-               # variances are the shape's (the survey model's input).
-               "level_variance": float(level_var),
-               "fcallerr": float(np.sqrt(level_var)),
-               **resp.telluric, "lsf_fwhm_coeffs": list(stars.attrs.get("lsf_fwhm_coeffs", []))},
+        {"wavelength": stars.variables["wavelength"], "star": np.arange(status.size),
+         **{name: ("star", stars.variables[name].values) for name in ("fiber", "objid")}},
+        {"fcalnstr": int(idx.size), "fcalrms": quality.fcalrms,
+         "single_star": int(idx.size == 1), "fcalqual": quality.fcalqual,
+         "fcalmerr": quality.fcalmerr, "fcallsf": float(stars.attrs.get("lsf_scale", np.nan)),
+         # The level's fractional variance (FCALLERR its square root); the vectors'
+         # variances are the shape's (the survey model's input).
+         "level_variance": float(level_var), "fcallerr": float(np.sqrt(level_var)),
+         **resp.telluric, "lsf_fwhm_coeffs": list(stars.attrs.get("lsf_fwhm_coeffs", []))},
     )
 
 
