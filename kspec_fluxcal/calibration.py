@@ -29,7 +29,7 @@ from typing import NamedTuple
 import numpy as np
 import xarray as xr
 
-from ._datasets import dataset
+from ._datasets import applied, dataset
 from ._inputs import expect_dataset
 from .config import Config
 from .constants import CAL_UNIT, FLUX_UNIT
@@ -607,7 +607,7 @@ def calibration_factor(calibration, fiber_wavelength, fiber_lsf_scale=None):
             return out[0], out[1]
         return out[0][inverse], out[1][inverse]
 
-    factor, variance = xr.apply_ufunc(
+    factor, variance = applied(kernel, ("fiber", "wavelength"), fiber_wavelength) or xr.apply_ufunc(
         kernel, fiber_wavelength, input_core_dims=[["fiber", "wavelength"]],
         output_core_dims=[["fiber", "wavelength"]] * 2, dask="parallelized",
         output_dtypes=[np.float64, np.float64])
@@ -662,7 +662,8 @@ def apply_calibration(exposure, calibration):
                   else variables["wavelength"].set_dims(flux.dims, flux.shape))
     scale = variables["fibres_lsf_scale"].values if "fibres_lsf_scale" in exposure.coords else None
     factor, factor_var = calibration_factor(calibration, fiber_wave.transpose("fiber", ...), scale)
-    calibrated = dict(zip(("flux", "variance"), xr.apply_ufunc(
+    calibrated = dict(zip(("flux", "variance"), applied(
+        _calibrated, flux.dims, flux, variance, factor, factor_var) or xr.apply_ufunc(
         _calibrated, flux, variance, factor, factor_var, output_core_dims=[[], []],
         dask="parallelized", output_dtypes=[np.float32, np.float32]), strict=True))
     # The exposure's attrs with the new unit (not the factor's: its description is not the flux's).

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from kspec_fluxcal._datasets import dataset, variable, with_variables
+from kspec_fluxcal._datasets import applied, dataset, variable, with_variables
 
 
 def _same(a, b):
@@ -85,3 +85,27 @@ def test_variable_keeps_a_plain_array_itself():
     values = np.array(["ok", "rejected"], dtype=object)
     assert variable("star", values).values is values
     assert variable(("star", "band"), np.zeros((2, 3))).dims == ("star", "band")
+
+
+def _two(a, b):
+    return a * b, (a + b).astype(np.float32)
+
+
+def test_applied_is_apply_ufunc_on_variables_in_memory():
+    dims = ("fiber", "wavelength")
+    a = xr.Variable(dims, np.arange(12.0).reshape(3, 4), {"units": "count"})
+    b = xr.Variable(dims, np.full((3, 4), 2.0), {"units": "other"})
+    made = applied(_two, dims, a, b)
+    expected = xr.apply_ufunc(_two, a, b, output_core_dims=[[], []], dask="parallelized",
+                              output_dtypes=[np.float64, np.float32])
+    assert len(made) == 2
+    for m, e in zip(made, expected, strict=True):
+        assert type(m) is xr.Variable and m.identical(e) and m.dtype == e.dtype
+
+
+def test_applied_leaves_the_rest_to_apply_ufunc():
+    dims = ("fiber", "wavelength")
+    a = xr.Variable(dims, np.ones((3, 4)))
+    assert applied(_two, dims, a, a.transpose()) is None  # other dims
+    assert applied(_two, dims, xr.DataArray(a), a) is None
+    assert applied(_two, dims, a.chunk(), a) is None  # Dask-backed: kept lazy
