@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-__all__ = ["applied", "dataset", "variable", "with_variables"]
+__all__ = ["applied", "dataset", "index_coordinate", "variable", "with_variables"]
 
 
 def variable(dims, data, attrs=None, encoding=None):
@@ -73,6 +73,30 @@ def applied(func, dims, *variables):
         return None
     attrs = variables[0].attrs
     return tuple(variable(dims, out, attrs) for out in func(*arrays))
+
+
+def index_coordinate(like, values, attrs=None):
+    """The dimension coordinate ``(like.dims, values, attrs)`` for :func:`dataset`; ``like``
+    itself (a copy with these attrs) when it is an index coordinate of the same values:
+    its pandas index is reused, not built again from the values (~0.1 ms).
+
+    Parameters
+    ----------
+    like : xarray.Variable
+        A 1-D coordinate, e.g. of the Dataset the values were taken from.
+    values : numpy.ndarray
+    attrs : dict, optional
+
+    Returns
+    -------
+    xarray.IndexVariable or tuple
+    """
+    if (isinstance(like, xr.IndexVariable) and like.dtype == values.dtype
+            and like.shape == values.shape and np.array_equal(like.values, values)):
+        like = like.copy(deep=False)
+        like.attrs, like.encoding = dict(attrs or {}), {}
+        return like
+    return (like.dims, values) if attrs is None else (like.dims, values, attrs)
 
 
 def dataset(data_vars, coords, attrs=None, indexes=None):

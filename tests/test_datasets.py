@@ -5,7 +5,13 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from kspec_fluxcal._datasets import applied, dataset, variable, with_variables
+from kspec_fluxcal._datasets import (
+    applied,
+    dataset,
+    index_coordinate,
+    variable,
+    with_variables,
+)
 
 
 def _same(a, b):
@@ -109,3 +115,28 @@ def test_applied_leaves_the_rest_to_apply_ufunc():
     assert applied(_two, dims, a, a.transpose()) is None  # other dims
     assert applied(_two, dims, xr.DataArray(a), a) is None
     assert applied(_two, dims, a.chunk(), a) is None  # Dask-backed: kept lazy
+
+
+def test_index_coordinate_reuses_an_index_of_the_same_values():
+    wave = np.linspace(4000.0, 5000.0, 7)
+    source = xr.Dataset(coords={"wavelength": ("wavelength", wave.copy(), {"units": "nm"}),
+                                "band": ["g", "r"]})
+    source["wavelength"].encoding = {"dtype": "float32"}
+    data = {"cal": (("star", "wavelength"), np.ones((2, 7)))}
+    attrs = {"units": "Angstrom"}
+    made = index_coordinate(source.variables["wavelength"], wave, attrs)
+    assert isinstance(made, xr.IndexVariable) and made.attrs == attrs and not made.encoding
+    built = dataset(data, {"wavelength": made, "band": index_coordinate(
+        source.variables["band"], np.array(["g", "r"]))})
+    _same(built, xr.Dataset(data, coords={"wavelength": ("wavelength", wave, attrs),
+                                          "band": ("band", np.array(["g", "r"]))}))
+    assert source.variables["wavelength"].attrs == {"units": "nm"}  # the source's untouched
+
+
+def test_index_coordinate_of_other_values_is_a_new_one():
+    source = xr.Coordinates({"band": np.array(["g", "r"])})
+    for values in (np.array(["g", "i"]), np.array(["g", "rr"]), np.array(["g"])):
+        assert index_coordinate(source.variables["band"], values) == (("band",), values)
+    plain = xr.Variable("band", np.array(["g", "r"]))
+    values = np.array(["g", "r"])
+    assert index_coordinate(plain, values, {"a": 1}) == (("band",), values, {"a": 1})

@@ -44,7 +44,7 @@ import warnings
 
 import numpy as np
 
-from .._datasets import dataset, variable
+from .._datasets import dataset, index_coordinate, variable
 from .._inputs import expect_dataset
 from ..catalog import match_standards
 from ..config import Config
@@ -334,12 +334,13 @@ def _result(std, obs, prior, lsf_fit, params, errors, model, vectors, status, fl
     coords.update(fiber=("star", variables["fiber"].values),
                   objid=("star", variables["objid"].values),
                   fiber_name=("star", variables["fiber_name"].values),
-                  wavelength=("wavelength", obs.wave, {"units": "Angstrom", "medium": "air"}),
+                  wavelength=index_coordinate(std.variables["wavelength"], obs.wave,
+                                              {"units": "Angstrom", "medium": "air"}),
                   star_wavelength=(("star", "wavelength"), obs.star_wave,
                                    {"units": "Angstrom", "medium": "air",
                                     "description": "each star's own pixels"}),
                   fiber_lsf_scale=("star", obs.lsf_scale),
-                  band=("band", np.asarray(bands)))
+                  band=index_coordinate(variables["band"], np.asarray(bands)))
     spectra = (("star", "wavelength"))
     xp_data = {}
     if model.xp["arrays"] is not None:
