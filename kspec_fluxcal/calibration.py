@@ -49,8 +49,8 @@ __all__ = ["combine_vectors", "apply_calibration", "calibration_factor", "runnin
 
 def _star_label(stars, s):
     name = str(stars.variables["fiber_name"].values[s]) if "fiber_name" in stars.coords else ""
-    return f"fiber {int(stars['fiber'].values[s])}" + (f" ({name})" if name else "") + \
-        f" objid {int(stars['objid'].values[s])}"
+    fiber, objid = (int(stars.variables[n].values[s]) for n in ("fiber", "objid"))  # not DataArrays
+    return f"fiber {fiber}" + (f" ({name})" if name else "") + f" objid {objid}"
 
 
 def _nanmedian(values, axis):
