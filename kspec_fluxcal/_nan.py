@@ -14,24 +14,29 @@ import numpy as np
 __all__ = ["nan_to_num"]
 
 
-def nan_to_num(values, nan=0.0):
+def nan_to_num(values, nan=None):
     """``np.nan_to_num(values, nan=nan)``: the same values, dtype and memory layout, in a copy.
 
     Parameters
     ----------
     values : array_like
-    nan : float
-        The value of NaN; +inf and -inf become the dtype's largest finite values.
+    nan : float, optional
+        The value of NaN (NumPy's default 0); +inf and -inf become the dtype's largest
+        finite values.
 
     Returns
     -------
     numpy.ndarray or scalar
         As :func:`numpy.nan_to_num` returns it.
     """
-    out = np.array(values, subok=True, copy=True)
-    if out.dtype.kind != "f" or not out.ndim:  # integers, complex numbers, scalars: NumPy's
-        return np.nan_to_num(out, copy=False, nan=nan)
-    np.copyto(out, nan, where=np.isnan(out))
+    given = {} if nan is None else {"nan": nan}  # Dask's nan_to_num takes no nan
+    if type(values) is not np.ndarray and not isinstance(values, list):
+        # Scalars, subclasses and other arrays (Dask's stays lazy): NumPy's, which dispatches
+        return np.nan_to_num(values, **given)
+    out = np.array(values, copy=True)
+    if out.dtype.kind != "f" or not out.ndim:  # integers, complex numbers: NumPy's
+        return np.nan_to_num(out, copy=False, **given)
+    np.copyto(out, 0.0 if nan is None else nan, where=np.isnan(out))
     if np.isinf(out).any():
         np.nan_to_num(out, copy=False)
     return out

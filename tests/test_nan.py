@@ -13,13 +13,15 @@ def _inputs():
     return [x, with_inf, x.astype(np.float32), with_inf.astype(np.float32),
             np.asfortranarray(with_inf), with_inf[:, ::3], np.array([np.nan]), np.array([]),
             np.array(np.nan), np.float64(np.inf), [np.nan, 1.0, np.inf], np.arange(5),
-            np.array([1 + 1j, np.nan + 0j]), rng.normal(size=50)]
+            np.array([1 + 1j, np.nan + 0j]), rng.normal(size=50),
+            np.ma.masked_array(with_inf[0], mask=np.arange(50) % 2 == 0)]
 
 
 @pytest.mark.parametrize("values", _inputs())
-@pytest.mark.parametrize("nan", [0.0, 1.0, 0.05])
+@pytest.mark.parametrize("nan", [None, 0.0, 1.0, 0.05])
 def test_nan_to_num_is_numpys(values, nan):
-    made, expected = nan_to_num(values, nan=nan), np.nan_to_num(values, nan=nan)
+    given = {} if nan is None else {"nan": nan}
+    made, expected = nan_to_num(values, **given), np.nan_to_num(values, **given)
     assert type(made) is type(expected)
     made, expected = np.asarray(made), np.asarray(expected)
     assert made.dtype == expected.dtype and made.shape == expected.shape
@@ -32,3 +34,11 @@ def test_nan_to_num_copies():
     values = np.array([np.nan, 2.0])
     made = nan_to_num(values)
     assert made is not values and np.isnan(values[0]) and made[0] == 0.0
+
+
+def test_nan_to_num_of_a_dask_array_stays_lazy():
+    da = pytest.importorskip("dask.array")
+    values = np.array([[np.nan, 1.0], [np.inf, 2.0]])
+    made = nan_to_num(da.from_array(values, chunks=1))
+    assert isinstance(made, da.Array)
+    np.testing.assert_array_equal(made.compute(), np.nan_to_num(values))
