@@ -463,17 +463,17 @@ def _matched_rows(catalog, index, fiber_coords, fib_objid):
             rows[name] = var
             continue
         var = variable(var.dims, np.take(var.values, take, axis=var.dims.index("star")),
-                          dict(var.attrs))
+                       dict(var.attrs))
         rows[name] = var.where(cond) if masked and name in catalog.data_vars else var
     rows["objid"] = variable("star", np.where(found, rows["objid"].values, fib_objid))
     for name, missing in _MATCHED_COORDS.items():
         rows[name] = variable("star", np.where(found, rows[name].values, missing))
     for name in ("parallax", "parallax_err"):
         rows[name] = variable("star", np.where(found, rows[name].values, np.nan),
-                                 {"units": "mas"})
+                              {"units": "mas"})
     if "source_id" in catalog.coords:
         rows["source_id"] = variable("star", np.where(found, rows["source_id"].values,
-                                                         -1).astype(np.int64))
+                                                      -1).astype(np.int64))
     rows.update({name: variable(*value) for name, value in fiber_coords.items()})
     return dataset({name: rows[name] for name in catalog.data_vars},
                    {name: var for name, var in rows.items()
