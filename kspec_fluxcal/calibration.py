@@ -29,8 +29,9 @@ from typing import NamedTuple
 import numpy as np
 import xarray as xr
 
-from ._datasets import dataset
+from ._datasets import applied, dataset
 from ._inputs import expect_dataset
+from ._nan import nan_to_num
 from .config import Config
 from .constants import CAL_UNIT, FLUX_UNIT
 from .continuum import nanmedian as _median_kept
@@ -48,8 +49,8 @@ __all__ = ["combine_vectors", "apply_calibration", "calibration_factor", "runnin
 
 def _star_label(stars, s):
     name = str(stars.variables["fiber_name"].values[s]) if "fiber_name" in stars.coords else ""
-    return f"fiber {int(stars['fiber'].values[s])}" + (f" ({name})" if name else "") + \
-        f" objid {int(stars['objid'].values[s])}"
+    fiber, objid = (int(stars.variables[n].values[s]) for n in ("fiber", "objid"))  # not DataArrays
+    return f"fiber {fiber}" + (f" ({name})" if name else "") + f" objid {objid}"
 
 
 def _nanmedian(values, axis):
@@ -195,7 +196,7 @@ def _calibration(stars, status, use, g, level, level_var, resp, measured, qualit
     idx = np.flatnonzero(use)
     grey = np.full(status.size, np.nan)
     grey[idx] = g / level
-    return xr.Dataset(
+    return dataset(
         {
             "cal": ("wavelength", level * resp.curve, {"units": CAL_UNIT}),
             # Pixel to pixel only: the level's error, common to every pixel of every fiber,
@@ -216,17 +217,15 @@ def _calibration(stars, status, use, g, level, level_var, resp, measured, qualit
             "used": ("star", use),
         },
         # Variables: DataArrays would be built with coordinates, then aligned (0.3 ms).
-        coords={"wavelength": stars.variables["wavelength"], "star": np.arange(status.size),
-                **{name: ("star", stars.variables[name].values) for name in ("fiber", "objid")}},
-        attrs={"fcalnstr": int(idx.size), "fcalrms": quality.fcalrms,
-               "single_star": int(idx.size == 1), "fcalqual": quality.fcalqual,
-               "fcalmerr": quality.fcalmerr,
-               "fcallsf": float(stars.attrs.get("lsf_scale", np.nan)),
-               # The level's fractional variance (FCALLERR its square root); the vectors'
-               # variances are the shape's (the survey model's input).
-               "level_variance": float(level_var),
-               "fcallerr": float(np.sqrt(level_var)),
-               **resp.telluric, "lsf_fwhm_coeffs": list(stars.attrs.get("lsf_fwhm_coeffs", []))},
+        {"wavelength": stars.variables["wavelength"], "star": np.arange(status.size),
+         **{name: ("star", stars.variables[name].values) for name in ("fiber", "objid")}},
+        {"fcalnstr": int(idx.size), "fcalrms": quality.fcalrms,
+         "single_star": int(idx.size == 1), "fcalqual": quality.fcalqual,
+         "fcalmerr": quality.fcalmerr, "fcallsf": float(stars.attrs.get("lsf_scale", np.nan)),
+         # The level's fractional variance (FCALLERR its square root); the vectors'
+         # variances are the shape's (the survey model's input).
+         "level_variance": float(level_var), "fcallerr": float(np.sqrt(level_var)),
+         **resp.telluric, "lsf_fwhm_coeffs": list(stars.attrs.get("lsf_fwhm_coeffs", []))},
     )
 
 
@@ -326,7 +325,7 @@ def _stack(vec, idx, sigma_clip, opts):
     for _ in range(opts.iterations if idx.size >= 3 else 0):
         w = np.where(m, 1.0 / svar, 0.0)
         with np.errstate(invalid="ignore", divide="ignore"):
-            mean = np.nansum(w * np.nan_to_num(shapes), 0) / w.sum(0)
+            mean = np.nansum(w * nan_to_num(shapes), 0) / w.sum(0)
         new = m & (np.abs(shapes - mean) <= sigma_clip * np.sqrt(svar))
         if np.array_equal(new, m):
             break
@@ -351,7 +350,7 @@ def _mean_shape(stack, method, shapes=None):
                               _MEDIAN_EFFICIENCY[np.minimum(n, _MEDIAN_EFFICIENCY.size - 1)],
                               np.pi / 2)
             return _nanmedian(np.where(stack.m, shapes, np.nan), axis=0), factor / w.sum(0)
-        return np.nansum(w * np.nan_to_num(shapes), 0) / w.sum(0), 1.0 / w.sum(0)
+        return np.nansum(w * nan_to_num(shapes), 0) / w.sum(0), 1.0 / w.sum(0)
 
 
 def _level(stars, idx, g, aperture_scatter):
@@ -363,7 +362,7 @@ def _level(stars, idx, g, aperture_scatter):
     Not the scatter of the standards' own levels: from 2 or 3 values it is an estimate of
     one or two degrees of freedom, which grew the error with the number of standards."""
     scale, scale_err = (stars.variables[name].values[idx] for name in ("scale", "scale_err"))
-    rel = np.nan_to_num(scale_err / scale, nan=0.05)
+    rel = nan_to_num(scale_err / scale, nan=0.05)
     lw = 1.0 / np.maximum(rel, 1e-3) ** 2
     level = np.sum(lw * g) / lw.sum()
     return level, 1.0 / lw.sum() + aperture_scatter**2 / idx.size
@@ -499,7 +498,7 @@ def _response(stars, vec, idx, stack, comb, comb_var, measured, smooth, config):
         with np.errstate(invalid="ignore", divide="ignore"):
             observed = expected / stack.shapes
             weight = np.where(band_pixels, shapes4 / (expected**2 * stack.svar), 0.0)
-        fit = fit_telluric(stack.star_wave, observed, np.nan_to_num(weight), lsf, start=start,
+        fit = fit_telluric(stack.star_wave, observed, nan_to_num(weight), lsf, start=start,
                            scale=scale, source=config.telluric.lines)
         # A cosmic ray in a band: out of the next fit and of the response.
         band_pixels, stack.m = band_pixels & ~fit["outliers"], stack.m & ~fit["outliers"]
@@ -507,7 +506,7 @@ def _response(stars, vec, idx, stack, comb, comb_var, measured, smooth, config):
         columns = np.array([fit["o2"], fit["h2o"]])
         if not np.isfinite(columns).any():
             return _copied_bands(wave, comb, comb_var, measured, bands, smooth_curve, smooth_var())
-        start = tuple(np.nan_to_num(columns))
+        start = tuple(nan_to_num(columns))
         corrected, corrected_var = _mean_shape(stack, "weighted_mean", stack.shapes * fit["model"])
         smooth_curve, smooth_var = _smooth(wave, corrected, corrected_var,
                                            measured & stack.m.any(axis=0), opts, bands_padded)
@@ -579,8 +578,8 @@ def calibration_factor(calibration, fiber_wavelength, fiber_lsf_scale=None):
     ref_wave = calibration.variables["wavelength"].values
     ref = np.log(ref_wave)
     values = np.stack([calibration.variables[n].values for n in names])
-    columns = np.nan_to_num([attrs.get("fcalo2", np.nan), attrs.get("fcalh2o", np.nan)])
-    errors = np.nan_to_num([attrs.get("fcalo2_err", np.nan), attrs.get("fcalh2o_err", np.nan)])
+    columns = nan_to_num([attrs.get("fcalo2", np.nan), attrs.get("fcalh2o", np.nan)])
+    errors = nan_to_num([attrs.get("fcalo2_err", np.nan), attrs.get("fcalh2o_err", np.nan)])
     margin = 0.5 * np.array([ref[1] - ref[0], ref[-1] - ref[-2]]) if ref.size > 1 else (0, 0)
 
     def kernel(fiber_wave):
@@ -609,7 +608,7 @@ def calibration_factor(calibration, fiber_wavelength, fiber_lsf_scale=None):
         own = np.array_equal(inverse, np.arange(inverse.size))  # every row its own: no copy
         return tuple(part if own else part[inverse] for part in out)
 
-    factor, variance = xr.apply_ufunc(
+    factor, variance = applied(kernel, ("fiber", "wavelength"), fiber_wavelength) or xr.apply_ufunc(
         kernel, fiber_wavelength, input_core_dims=[["fiber", "wavelength"]],
         output_core_dims=[["fiber", "wavelength"]] * 2, dask="parallelized",
         output_dtypes=[np.float64, np.float64])
@@ -664,7 +663,8 @@ def apply_calibration(exposure, calibration):
                   else variables["wavelength"].set_dims(flux.dims, flux.shape))
     scale = variables["fibres_lsf_scale"].values if "fibres_lsf_scale" in exposure.coords else None
     factor, factor_var = calibration_factor(calibration, fiber_wave.transpose("fiber", ...), scale)
-    calibrated = dict(zip(("flux", "variance"), xr.apply_ufunc(
+    calibrated = dict(zip(("flux", "variance"), applied(
+        _calibrated, flux.dims, flux, variance, factor, factor_var) or xr.apply_ufunc(
         _calibrated, flux, variance, factor, factor_var, output_core_dims=[[], []],
         dask="parallelized", output_dtypes=[np.float32, np.float32]), strict=True))
     # The exposure's attrs with the new unit (not the factor's: its description is not the flux's).

@@ -18,6 +18,7 @@ import scipy.sparse
 import xarray as xr
 
 from ._bspline import basis_values
+from ._nan import nan_to_num
 
 __all__ = ["fit_continuum", "normalize_continuum", "spline_basis", "normal_matrices",
            "sparse_products", "nanmedian", "fill_gaps"]
@@ -374,7 +375,7 @@ def _bridged(y, rows, cols, left, right):
                  (cols - left) / np.maximum(right - left, 1), 0.0)
     out = np.where(np.isfinite(lv) & np.isfinite(rv), lv + t * (rv - lv),
                    np.where(np.isfinite(lv), lv, rv))
-    return np.nan_to_num(out)
+    return nan_to_num(out)
 
 
 def normalize_continuum(flux, mask=None, *, dim="wavelength", **options):

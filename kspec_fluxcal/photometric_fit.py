@@ -8,6 +8,7 @@ import functools
 
 import numpy as np
 
+from ._nan import nan_to_num
 from .constants import EBV_REFERENCE
 
 __all__ = ["fit_photometry", "band_extinction", "warp_basis", "fit_warp"]
@@ -104,7 +105,7 @@ def fit_photometry(mag_obs, mag_err, mag_model, ext_coeff, *, ext_slope=None, eb
         if ext_slope is not None and reddening:
             # nan_to_num's copy only where a slope is not finite (7 of the 200 calls of 30
             # lake exposures)
-            slope = ext_slope if np.isfinite(ext_slope).all() else np.nan_to_num(ext_slope)
+            slope = ext_slope if np.isfinite(ext_slope).all() else nan_to_num(ext_slope)
             for _ in range(_CURVATURE_PASSES):  # the bands are chosen: their sums stay
                 mu, ebv, cov = _solve(bands, _coefficients(ebv[:, None], ext_coeff, slope),
                                       used, prior)
@@ -264,8 +265,8 @@ def fit_warp(mag_obs, mag_err, mag_model, basis, used, *, warp_sigma, error_floo
     nstar, nband, nk = basis.shape
     sigma2 = mag_err**2 + error_floor**2
     w = np.where(used & np.isfinite(mag_obs - mag_model) & np.isfinite(sigma2), 1.0 / sigma2, 0.0)
-    d = np.nan_to_num(mag_obs - mag_model)
-    design = np.concatenate([np.ones((nstar, nband, 1)), np.nan_to_num(basis)], axis=2)
+    d = nan_to_num(mag_obs - mag_model)
+    design = np.concatenate([np.ones((nstar, nband, 1)), nan_to_num(basis)], axis=2)
     prior = np.concatenate([[1e-9], np.full(nk, 1.0 / warp_sigma**2)])
     if xp is not None:
         design, w, d, prior = _with_xp_rows(design, w, d, prior, xp)
@@ -293,8 +294,8 @@ def _with_xp_rows(design, w, d, prior, xp):
     nxp, m = resid.shape[1], shapes.shape[-1]
     valid = np.isfinite(resid) & np.isfinite(err) & (err > 0)
     band_rows = np.concatenate([design, np.zeros((nstar, nband, 1 + m))], axis=2)
-    xp_rows = np.concatenate([np.zeros((nstar, nxp, 1)), np.nan_to_num(xp["basis"]),
-                              np.ones((nstar, nxp, 1)), np.nan_to_num(shapes)], axis=2)
+    xp_rows = np.concatenate([np.zeros((nstar, nxp, 1)), nan_to_num(xp["basis"]),
+                              np.ones((nstar, nxp, 1)), nan_to_num(shapes)], axis=2)
     w_xp = np.where(valid, 1.0 / np.where(valid, err, 1.0) ** 2, 0.0)
     return (np.concatenate([band_rows, xp_rows], axis=1), np.concatenate([w, w_xp], axis=1),
             np.concatenate([d, np.where(valid, resid, 0.0)], axis=1),

@@ -10,6 +10,7 @@ from importlib import resources
 import numpy as np
 import xarray as xr
 
+from ._nan import nan_to_num
 from .constants import (
     AB_REFERENCE_FNU,
     BANDS,
@@ -307,10 +308,10 @@ def synthetic_mag_values(flux, weights):
     the band weights (band, P) of :func:`band_weights` (values); NaN where a band is not
     covered (its row NaN), where the spectrum has NaN inside a band or where the integrated
     flux is not positive. numpy or Dask arrays (any chunks along P)."""
-    weights = np.nan_to_num(weights)
+    weights = nan_to_num(weights)
     support = (weights != 0).astype(np.float64)
     flux = flux.astype(np.float64)
-    maggies = np.nan_to_num(flux) @ weights.T
+    maggies = nan_to_num(flux) @ weights.T
     nan_inside = np.isnan(flux).astype(np.float64) @ support.T
     ok = (nan_inside == 0) & (maggies > 0)
     # The logarithm of good values only: a lazy array computes outside any errstate.

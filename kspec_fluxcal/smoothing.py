@@ -13,6 +13,7 @@ import functools
 import numpy as np
 
 from ._bspline import cached_curve_variance, cached_design_matrix, cached_normal_matrix
+from ._nan import nan_to_num
 from .continuum import fill_gaps
 
 __all__ = ["running_median"]
@@ -66,7 +67,7 @@ def _smooth(wave, values, variance, fit, opts, no_knots=None):
     basis = cached_design_matrix(x, knots)  # sparse: four B-splines per pixel
     w = np.where(fit, 1.0 / variance, 0.0)
     normal = cached_normal_matrix(x, knots, w)
-    rhs = basis.T @ (w * np.nan_to_num(values))
+    rhs = basis.T @ (w * nan_to_num(values))
     # A light second-difference penalty bridges knot intervals without data.
     normal += 1e-6 * np.trace(normal) / basis.shape[1] * _second_difference_penalty(
         basis.shape[1])

@@ -33,6 +33,7 @@ import scipy.sparse
 
 from ._inputs import refuse_repeated_columns
 from ._lagrange import lagrange_matrix
+from ._nan import nan_to_num
 from ._telluric_kernels import NSIGMA, kernel_matrix, reached
 from .constants import FWHM_PER_SIGMA, PIXEL_OUTLIER_SIGMA
 from .errors import ConfigError
@@ -628,7 +629,7 @@ def fit_telluric(wavelength, observed, weight, lsf, *, start=(1.0, 1.0), scale=N
         (cosmic rays).
     """
     sample = _model(wavelength, lsf, scale, source)
-    y = np.nan_to_num(observed, nan=1.0).ravel()
+    y = nan_to_num(observed, nan=1.0).ravel()
     w = np.where(np.isfinite(observed), weight, 0.0).ravel()
     params = np.array(start, dtype=np.float64)
     rejected = np.zeros(w.shape, bool)

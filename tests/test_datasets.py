@@ -1,8 +1,17 @@
+import datetime
+
 import numpy as np
+import pandas as pd
 import pytest
 import xarray as xr
 
-from kspec_fluxcal._datasets import dataset, with_variables
+from kspec_fluxcal._datasets import (
+    applied,
+    dataset,
+    index_coordinate,
+    variable,
+    with_variables,
+)
 
 
 def _same(a, b):
@@ -59,3 +68,75 @@ def test_variables_added_as_assign_adds_them():
     assert list(built.data_vars) == ["cal", "mag", "teff", "status", "used"]
     assert built.attrs is not ds.attrs and "status" not in ds
     assert built["mag"].sel(band="r").shape == (2,)  # the index kept
+
+
+@pytest.mark.parametrize("data", [
+    np.linspace(0.0, 1.0, 4), np.arange(4, dtype=np.int64), np.array([True, False, True, True]),
+    np.array(["a", "bc", "", "d"]), np.array(["ok", "rejected", "", "x"], dtype=object),
+    np.array(["ok", None, "b", "c"], dtype=object),
+    np.array([datetime.datetime(2026, 1, d) for d in range(1, 5)], dtype=object),
+    np.array(["2026-01-01", "2026-01-02", "2026-01-03", "2026-01-04"], dtype="datetime64[ns]"),
+    np.ma.masked_array([1.0, 2.0, 3.0, 4.0], mask=[False, True, False, False]),
+    pd.Index([1.0, 2.0, 3.0, 4.0]), [1, 2, 3, 4], np.linspace(0.0, 1.0, 8)[::2]])
+def test_variable_is_xarrays(data):
+    attrs, encoding = {"units": "x"}, {"dtype": "float32"}
+    made, expected = variable("star", data, attrs, encoding), xr.Variable("star", data, attrs,
+                                                                          encoding)
+    assert made.identical(expected) and made.encoding == expected.encoding
+    assert type(made._data) is type(expected._data) and made.dtype == expected.dtype
+    assert [type(v) for v in made.values] == [type(v) for v in expected.values]
+
+
+def test_variable_keeps_a_plain_array_itself():
+    values = np.array(["ok", "rejected"], dtype=object)
+    assert variable("star", values).values is values
+    assert variable(("star", "band"), np.zeros((2, 3))).dims == ("star", "band")
+
+
+def _two(a, b):
+    return a * b, (a + b).astype(np.float32)
+
+
+def test_applied_is_apply_ufunc_on_variables_in_memory():
+    dims = ("fiber", "wavelength")
+    a = xr.Variable(dims, np.arange(12.0).reshape(3, 4), {"units": "count"})
+    b = xr.Variable(dims, np.full((3, 4), 2.0), {"units": "other"})
+    made = applied(_two, dims, a, b)
+    expected = xr.apply_ufunc(_two, a, b, output_core_dims=[[], []], dask="parallelized",
+                              output_dtypes=[np.float64, np.float32])
+    assert len(made) == 2
+    for m, e in zip(made, expected, strict=True):
+        assert type(m) is xr.Variable and m.identical(e) and m.dtype == e.dtype
+
+
+def test_applied_leaves_the_rest_to_apply_ufunc():
+    dims = ("fiber", "wavelength")
+    a = xr.Variable(dims, np.ones((3, 4)))
+    assert applied(_two, dims, a, a.transpose()) is None  # other dims
+    assert applied(_two, dims, xr.DataArray(a), a) is None
+    assert applied(_two, dims, a.chunk(), a) is None  # Dask-backed: kept lazy
+
+
+def test_index_coordinate_reuses_an_index_of_the_same_values():
+    wave = np.linspace(4000.0, 5000.0, 7)
+    source = xr.Dataset(coords={"wavelength": ("wavelength", wave.copy(), {"units": "nm"}),
+                                "band": ["g", "r"]})
+    source["wavelength"].encoding = {"dtype": "float32"}
+    data = {"cal": (("star", "wavelength"), np.ones((2, 7)))}
+    attrs = {"units": "Angstrom"}
+    made = index_coordinate(source.variables["wavelength"], wave, attrs)
+    assert isinstance(made, xr.IndexVariable) and made.attrs == attrs and not made.encoding
+    built = dataset(data, {"wavelength": made, "band": index_coordinate(
+        source.variables["band"], np.array(["g", "r"]))})
+    _same(built, xr.Dataset(data, coords={"wavelength": ("wavelength", wave, attrs),
+                                          "band": ("band", np.array(["g", "r"]))}))
+    assert source.variables["wavelength"].attrs == {"units": "nm"}  # the source's untouched
+
+
+def test_index_coordinate_of_other_values_is_a_new_one():
+    source = xr.Coordinates({"band": np.array(["g", "r"])})
+    for values in (np.array(["g", "i"]), np.array(["g", "rr"]), np.array(["g"])):
+        assert index_coordinate(source.variables["band"], values) == (("band",), values)
+    plain = xr.Variable("band", np.array(["g", "r"]))
+    values = np.array(["g", "r"])
+    assert index_coordinate(plain, values, {"a": 1}) == (("band",), values, {"a": 1})

@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from .._nan import nan_to_num
 from ..constants import FLUX_UNIT_SCALE, HC_ERG_AA, MIN_PARALLAX_SNR
 from ..grid import PARAMS, _cell
 from ..masks import load_regions, region_mask
@@ -25,11 +26,11 @@ def star_vectors(obs, model, config, lsf):
     where not computable) and ``cal_mask`` (True = reliable)."""
     line_good = region_mask(obs.star_wave, load_regions(config.masks.lines),
                             pad=0.5 * lsf.fwhm(obs.star_wave))
-    rel_scale = np.nan_to_num(model.scale_err / model.scale)
+    rel_scale = nan_to_num(model.scale_err / model.scale)
     with np.errstate(invalid="ignore", divide="ignore"):
         cal = model.model_flux / obs.flux
         # Photon noise, the model's per-pixel mismatch, its lines' and the photometric scale.
-        cal_var = cal**2 * (obs.var / obs.flux**2 + np.nan_to_num(model.model_error)[:, None] ** 2
+        cal_var = cal**2 * (obs.var / obs.flux**2 + nan_to_num(model.model_error)[:, None] ** 2
                             + line_variance(model, config.fit) + rel_scale[:, None] ** 2)
     cal_ok = obs.good & (obs.flux > 0) & np.isfinite(cal) & np.isfinite(model.model_flux)
     return SimpleNamespace(cal=np.where(cal_ok, cal, np.nan),
@@ -43,7 +44,7 @@ def line_variance(model, fit):
     ``line_error_floor``. Line regions weigh less than continuum in the combination and the
     smooth response where the templates' lines are less certain than the star's noise: a
     soft line mask that adapts to how well the templates fit the star."""
-    k = np.maximum(fit.line_error_floor, fit.line_error_scale * np.nan_to_num(model.line_error))
+    k = np.maximum(fit.line_error_floor, fit.line_error_scale * nan_to_num(model.line_error))
     return (k[:, None] * line_depth(model.model_nobs)) ** 2
 
 

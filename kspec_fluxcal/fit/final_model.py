@@ -11,6 +11,7 @@ from typing import NamedTuple
 import numpy as np
 import scipy.sparse
 
+from .._nan import nan_to_num
 from ..constants import FLUX_UNIT_SCALE
 from ..errors import FluxCalWarning
 from ..photometric_fit import band_extinction, fit_warp, warp_basis
@@ -77,7 +78,7 @@ def _compared(obs, moved_n, knots):
     wavelength solution took as long: the sparse products' cost is per row)."""
     finite = np.isfinite(moved_n)
     weight = np.where(finite, obs.ivar, 0.0)
-    flux, shifted = np.nan_to_num(obs.norm), np.nan_to_num(moved_n)
+    flux, shifted = nan_to_num(obs.norm), nan_to_num(moved_n)
     model_nobs = np.empty(moved_n.shape)
     for s in range(obs.nstar):  # a few stars
         model_nobs[s] = fit_corrected(flux[s], weight[s], shifted[s][None], obs.star_wave[s],
@@ -278,7 +279,7 @@ def outlier_pixels(obs, model, fit, sigma):
     line_variance`, ``fit`` the [fit] options) in quadrature. Template mismatch is in the
     last two: a line the template gets wrong is not an outlier. Returns (S, P) bool."""
     res = _residuals(obs, model.model_nobs)
-    frac = np.nan_to_num(model.model_error)[:, None] ** 2 + line_variance(model, fit)
+    frac = nan_to_num(model.model_error)[:, None] ** 2 + line_variance(model, fit)
     with np.errstate(invalid="ignore", divide="ignore"):
         z2 = res.resid2 / (res.var + frac * res.m2)
     return res.fit & (z2 > sigma**2)
@@ -360,9 +361,9 @@ def _line_error(res, model_nobs):
     cont = fit & (depth2 < _CONTINUUM_DEPTH**2)
     with np.errstate(invalid="ignore", divide="ignore"):
         cont_excess = np.where(cont, excess / np.where(cont, m2, 1.0), 0.0).sum(1) / cont.sum(1)
-    cont_excess = np.where(cont.sum(1) >= 10, np.maximum(np.nan_to_num(cont_excess), 0.0), 0.0)
+    cont_excess = np.where(cont.sum(1) >= 10, np.maximum(nan_to_num(cont_excess), 0.0), 0.0)
     x = np.where(fit, depth2 * m2, 0.0)
     y = np.where(fit, excess - cont_excess[:, None] * m2, 0.0)
     with np.errstate(invalid="ignore", divide="ignore"):
         k2 = np.sum(x * y, axis=1) / np.sum(x * x, axis=1)
-    return np.where(fit.any(axis=1), np.sqrt(np.maximum(np.nan_to_num(k2), 0.0)), np.nan)
+    return np.where(fit.any(axis=1), np.sqrt(np.maximum(nan_to_num(k2), 0.0)), np.nan)

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import numpy as np
 import xarray as xr
 
+from .._nan import nan_to_num
 from .._recent import Recent, per_library
 from ..config import continuum_options
 from ..constants import (
@@ -207,7 +208,7 @@ def catalog_priors(matched, library, config):
     mag = variables["mag"]
     teff_colour = _colour_teff(np.moveaxis(mag.values, mag.dims.index("band"), -1),
                                [str(b) for b in variables["band"].values],
-                               np.nan_to_num(ebv_catalog), library)
+                               nan_to_num(ebv_catalog), library)
     t_templates = library_arrays(library)["template_teff"]
     half = config.fit.teff_window
     lo = np.where(np.isfinite(teff_colour), teff_colour - half, -np.inf)

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
+from .._nan import nan_to_num
 from ..errors import FluxCalWarning
 from ..templates import library_models
 from .exposure_templates import ExposureTemplates, corner_combination, interpolated_corners
@@ -86,7 +87,7 @@ def fit_lsf_scale(obs, tm, scan, params, prior_sigma=None):
                              star_wavelength=obs.star_wave[s], alone=True)
     # The parabola through the three trials by divided differences (what polyfit's least
     # squares give through three points, without its ~0.1 ms).
-    x, y = _LSF_TRIALS - 1.0, np.nan_to_num(chi2, nan=0.0)
+    x, y = _LSF_TRIALS - 1.0, nan_to_num(chi2, nan=0.0)
     slope = np.diff(y, axis=1) / np.diff(x)  # (S, 2)
     a = (slope[:, 1] - slope[:, 0]) / (x[2] - x[0])
     b = slope[:, 0] - a * (x[0] + x[1])

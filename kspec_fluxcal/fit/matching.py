@@ -11,6 +11,7 @@ import numpy as np
 import scipy.sparse
 import xarray as xr
 
+from .._nan import nan_to_num
 from ..constants import SPEED_OF_LIGHT_KMS
 from .shifts import (
     keyed_velocity,
@@ -172,10 +173,10 @@ def sampled_rest_frames(obs, ivar, templates, rv, wavelength, knot_spacing, star
     star_wavelength = np.broadcast_to(star_wavelength, np.shape(obs))
     wave, star_wave = keyed_wavelengths(wavelength), keyed_wavelengths(star_wavelength)
     pos = rest_positions(star_wave, keyed_velocity(rv), wave)  # the templates at the stars
-    shifted = sample_rows(np.nan_to_num(templates), pos)
+    shifted = sample_rows(nan_to_num(templates), pos)
     shifted[~np.isfinite(pos)] = np.nan
     w = np.where(np.isfinite(obs) & np.isfinite(shifted) & (ivar > 0), ivar, 0.0)
-    flux, shifted = np.nan_to_num(obs), np.nan_to_num(shifted)
+    flux, shifted = nan_to_num(obs), nan_to_num(shifted)
     corr = _grouped_corrections(flux, w, shifted, star_wavelength, np.ones(len(obs), int),
                                 knot_spacing)
     inputs = [_rest_inputs(*_star_arrays(obs[s], ivar[s], np.where(c > 0, c, np.nan)))
@@ -231,7 +232,7 @@ def stars_corrections(obs, ivar, templates, rv, wavelength, knot_spacing, star_w
     numpy.ndarray, shape (sum N_s, P)
         The corrections, star after star; NaN where not positive.
     """
-    shifted = [shift_spectra(np.nan_to_num(mine), star_wave, v, wavelength)
+    shifted = [shift_spectra(nan_to_num(mine), star_wave, v, wavelength)
                for mine, v, star_wave in zip(templates, rv, star_wavelength, strict=True)]
     if not shifted:
         return np.empty((0, np.size(wavelength)))
@@ -239,8 +240,8 @@ def stars_corrections(obs, ivar, templates, rv, wavelength, knot_spacing, star_w
     shifted = np.concatenate(shifted)
     good = np.repeat(np.isfinite(obs) & (ivar > 0), counts, axis=0) & np.isfinite(shifted)
     w = np.where(good, np.repeat(ivar, counts, axis=0), 0.0)
-    corr = _grouped_corrections(np.repeat(np.nan_to_num(obs), counts, axis=0), w,
-                                np.nan_to_num(shifted), star_wavelength, counts, knot_spacing)
+    corr = _grouped_corrections(np.repeat(nan_to_num(obs), counts, axis=0), w,
+                                nan_to_num(shifted), star_wavelength, counts, knot_spacing)
     return np.where(corr > 0, corr, np.nan)
 
 
@@ -445,7 +446,7 @@ def _clean_templates(templates, keep_float=False):
 def _star_arrays(obs, ivar, correction=None):
     """A star's flux and weights with masked pixels zeroed, divided by a fixed correction."""
     w = np.where(np.isfinite(obs) & (ivar > 0), ivar, 0.0)
-    f = np.nan_to_num(obs)
+    f = nan_to_num(obs)
     if correction is not None:
         ok = np.isfinite(correction)
         f = np.where(ok, f / np.where(ok, correction, 1.0), 0.0)

@@ -43,9 +43,8 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
-import xarray as xr
 
-from .._datasets import dataset
+from .._datasets import dataset, index_coordinate, variable
 from .._inputs import expect_dataset
 from ..catalog import match_standards
 from ..config import Config
@@ -155,8 +154,8 @@ def _standard_rows(exposure, fibers):
             continue
         if "fiber" in var.dims:
             axis = var.dims.index("fiber")
-            var = (xr.Variable(var.dims, np.take(var.data, fibers, axis=axis), var.attrs,
-                               var.encoding)
+            var = (variable(var.dims, np.take(var.data, fibers, axis=axis), var.attrs,
+                            var.encoding)
                    if isinstance(var.data, np.ndarray) else var.isel(fiber=fibers))
             if name in indexes:
                 indexes[name] = indexes[name].isel({"fiber": fibers})
@@ -335,12 +334,13 @@ def _result(std, obs, prior, lsf_fit, params, errors, model, vectors, status, fl
     coords.update(fiber=("star", variables["fiber"].values),
                   objid=("star", variables["objid"].values),
                   fiber_name=("star", variables["fiber_name"].values),
-                  wavelength=("wavelength", obs.wave, {"units": "Angstrom", "medium": "air"}),
+                  wavelength=index_coordinate(std.variables["wavelength"], obs.wave,
+                                              {"units": "Angstrom", "medium": "air"}),
                   star_wavelength=(("star", "wavelength"), obs.star_wave,
                                    {"units": "Angstrom", "medium": "air",
                                     "description": "each star's own pixels"}),
                   fiber_lsf_scale=("star", obs.lsf_scale),
-                  band=("band", np.asarray(bands)))
+                  band=index_coordinate(variables["band"], np.asarray(bands)))
     spectra = (("star", "wavelength"))
     xp_data = {}
     if model.xp["arrays"] is not None:

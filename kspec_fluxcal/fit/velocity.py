@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .._nan import nan_to_num
 from ..constants import SPEED_OF_LIGHT_KMS
 from ..wavelength import distinct_rows
 from .matching import fit_corrected
@@ -129,7 +130,7 @@ def _peak_lag(window, lags):
         gauss = 0.5 * (lm - lp) / (lm - 2 * l0 + lp)
         para = 0.5 * (cm - cp) / (cm - 2 * c0 + cp)
         delta = np.where(positive, gauss, para)
-    delta = np.clip(np.nan_to_num(delta), -1, 1)
+    delta = np.clip(nan_to_num(delta), -1, 1)
     return lags[k] + delta, c0
 
 
@@ -174,13 +175,13 @@ def refine_rv(obs_norm, obs_weight, template_norm, wavelength, rv0, *, half_widt
     pos = rest_positions(star_wave[:, None, :], trial, wave)  # (S, V, P)
     inside = np.isfinite(pos)
     # Sampled in float32: the chi^2 parabola's vertex moves by ~1e-5 of a km/s.
-    shifted = sample_rows(np.nan_to_num(np.asarray(template_norm, dtype=np.float64)), pos,
+    shifted = sample_rows(nan_to_num(np.asarray(template_norm, dtype=np.float64)), pos,
                           np.float32)
     w = np.where(inside & np.isfinite(obs_norm)[:, None, :], obs_weight[:, None, :], 0.0)
     margin = position_margin(pos)
     w[..., :margin] = 0
     w[..., -margin:] = 0
-    f = np.nan_to_num(obs_norm)
+    f = nan_to_num(obs_norm)
     chi2 = np.empty(trial.shape)
     # The stars of one wavelength solution share the correction's basis: their trials are
     # fitted in one call (each row's products and sums are its own: the same numbers as
