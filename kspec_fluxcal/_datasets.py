@@ -5,9 +5,6 @@ others' dimensions and indexes: ~60 us a variable); the per-exposure results, bu
 arrays already of one shape, do not need it. :class:`xarray.Coordinates` builds its variables
 and default indexes as the constructor does, without the merge; the data variables are then
 reset from coordinates, which copies nothing.
-
-Their variables from NumPy arrays are made by :func:`variable` (``xr.Variable`` without the
-checks such an array needs none of): ~400 Variables are made per exposure.
 """
 
 from __future__ import annotations
@@ -15,36 +12,7 @@ from __future__ import annotations
 import numpy as np
 import xarray as xr
 
-__all__ = ["applied", "dataset", "index_coordinate", "variable", "with_variables"]
-
-
-def variable(dims, data, attrs=None, encoding=None):
-    """``xr.Variable(dims, data, attrs, encoding)``, the same Variable, made faster for a NumPy
-    array that xarray keeps as it is.
-
-    xarray's checks of the data (pandas, masked, Dask arrays; datetimes) cost 2.3 of 3.6 us
-    a Variable, and an object array (the fit's per-star texts) goes through a pandas Series
-    and back: ~90 us. A ``numpy.ndarray`` itself (not a subclass) of numbers, bools or
-    fixed-width strings, or of Python ``str`` objects only, comes out of them as it went in
-    (the Series of strings gives the same strings, in a copy): it is given as it is
-    (``xr.Variable``'s ``fastpath``). Any other data is checked as ``xr.Variable`` checks
-    it.
-
-    Parameters
-    ----------
-    dims : str or sequence of str
-    data : array_like
-    attrs, encoding : dict, optional
-
-    Returns
-    -------
-    xarray.Variable
-    """
-    if type(data) is np.ndarray and (
-            data.dtype.kind not in "OMm"
-            or data.dtype.kind == "O" and all(type(item) is str for item in data.flat)):
-        return xr.Variable(dims, data, attrs, encoding, fastpath=True)
-    return xr.Variable(dims, data, attrs, encoding)
+__all__ = ["applied", "dataset", "index_coordinate", "with_variables"]
 
 
 def applied(func, dims, *variables):
@@ -72,7 +40,7 @@ def applied(func, dims, *variables):
     if not all(isinstance(array, np.ndarray) for array in arrays):
         return None
     attrs = variables[0].attrs
-    return tuple(variable(dims, out, attrs) for out in func(*arrays))
+    return tuple(xr.Variable(dims, out, attrs) for out in func(*arrays))
 
 
 def index_coordinate(like, values, attrs=None):
@@ -144,11 +112,7 @@ def with_variables(ds, variables):
 
 def _built(variables, data_names, attrs, indexes):
     """The Dataset of ``variables`` (in their order), ``data_names`` its data variables and
-    the others its coordinates: one Coordinates object made into a Dataset (no merge). A
-    tuple of a NumPy array is made a Variable here (:func:`variable`); xarray makes the
-    others (its errors name the variable)."""
-    variables = {name: variable(*value) if type(value) is tuple and len(value) in (2, 3, 4)
-                 and type(value[1]) is np.ndarray else value for name, value in variables.items()}
+    the others its coordinates: one Coordinates object made into a Dataset (no merge)."""
     result = xr.Coordinates(variables, indexes=indexes).to_dataset()
     result = result.reset_coords(list(data_names))
     result.attrs = dict(attrs or {})

@@ -13,7 +13,7 @@ import numpy as np
 import xarray as xr
 
 from ._atomic import check_regular_file
-from ._datasets import dataset, variable
+from ._datasets import dataset
 from ._inputs import expect_dataset, refuse_repeated_columns
 from .constants import (
     BANDS,
@@ -456,25 +456,25 @@ def _matched_rows(catalog, index, fiber_coords, fib_objid):
     variables = catalog.variables
     # NaN photometry when unmatched (and float variables); otherwise a no-op
     masked = (~found).any() or any(variables[n].dtype.kind != "f" for n in catalog.data_vars)
-    cond = variable("star", found)
+    cond = xr.Variable("star", found)
     rows = {}
     for name, var in variables.items():
         if name == "star" or "star" not in var.dims:
             rows[name] = var
             continue
-        var = variable(var.dims, np.take(var.values, take, axis=var.dims.index("star")),
-                       dict(var.attrs))
+        var = xr.Variable(var.dims, np.take(var.values, take, axis=var.dims.index("star")),
+                          dict(var.attrs))
         rows[name] = var.where(cond) if masked and name in catalog.data_vars else var
-    rows["objid"] = variable("star", np.where(found, rows["objid"].values, fib_objid))
+    rows["objid"] = xr.Variable("star", np.where(found, rows["objid"].values, fib_objid))
     for name, missing in _MATCHED_COORDS.items():
-        rows[name] = variable("star", np.where(found, rows[name].values, missing))
+        rows[name] = xr.Variable("star", np.where(found, rows[name].values, missing))
     for name in ("parallax", "parallax_err"):
-        rows[name] = variable("star", np.where(found, rows[name].values, np.nan),
-                              {"units": "mas"})
+        rows[name] = xr.Variable("star", np.where(found, rows[name].values, np.nan),
+                                 {"units": "mas"})
     if "source_id" in catalog.coords:
-        rows["source_id"] = variable("star", np.where(found, rows["source_id"].values,
-                                                      -1).astype(np.int64))
-    rows.update({name: variable(*value) for name, value in fiber_coords.items()})
+        rows["source_id"] = xr.Variable("star", np.where(found, rows["source_id"].values,
+                                                         -1).astype(np.int64))
+    rows.update({name: xr.Variable(*value) for name, value in fiber_coords.items()})
     return dataset({name: rows[name] for name in catalog.data_vars},
                    {name: var for name, var in rows.items()
                     if name not in catalog.data_vars and name != "star"},

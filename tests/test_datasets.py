@@ -1,7 +1,5 @@
-import datetime
 
 import numpy as np
-import pandas as pd
 import pytest
 import xarray as xr
 
@@ -9,7 +7,6 @@ from kspec_fluxcal._datasets import (
     applied,
     dataset,
     index_coordinate,
-    variable,
     with_variables,
 )
 
@@ -68,29 +65,6 @@ def test_variables_added_as_assign_adds_them():
     assert list(built.data_vars) == ["cal", "mag", "teff", "status", "used"]
     assert built.attrs is not ds.attrs and "status" not in ds
     assert built["mag"].sel(band="r").shape == (2,)  # the index kept
-
-
-@pytest.mark.parametrize("data", [
-    np.linspace(0.0, 1.0, 4), np.arange(4, dtype=np.int64), np.array([True, False, True, True]),
-    np.array(["a", "bc", "", "d"]), np.array(["ok", "rejected", "", "x"], dtype=object),
-    np.array(["ok", None, "b", "c"], dtype=object),
-    np.array([datetime.datetime(2026, 1, d) for d in range(1, 5)], dtype=object),
-    np.array(["2026-01-01", "2026-01-02", "2026-01-03", "2026-01-04"], dtype="datetime64[ns]"),
-    np.ma.masked_array([1.0, 2.0, 3.0, 4.0], mask=[False, True, False, False]),
-    pd.Index([1.0, 2.0, 3.0, 4.0]), [1, 2, 3, 4], np.linspace(0.0, 1.0, 8)[::2]])
-def test_variable_is_xarrays(data):
-    attrs, encoding = {"units": "x"}, {"dtype": "float32"}
-    made, expected = variable("star", data, attrs, encoding), xr.Variable("star", data, attrs,
-                                                                          encoding)
-    assert made.identical(expected) and made.encoding == expected.encoding
-    assert type(made._data) is type(expected._data) and made.dtype == expected.dtype
-    assert [type(v) for v in made.values] == [type(v) for v in expected.values]
-
-
-def test_variable_keeps_a_plain_array_itself():
-    values = np.array(["ok", "rejected"], dtype=object)
-    assert variable("star", values).values is values
-    assert variable(("star", "band"), np.zeros((2, 3))).dims == ("star", "band")
 
 
 def _two(a, b):

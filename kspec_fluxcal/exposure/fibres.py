@@ -5,9 +5,9 @@ the calibrated file carries the table unchanged)."""
 from __future__ import annotations
 
 import numpy as np
+import xarray as xr
 
 from .._astropy import fits
-from .._datasets import variable
 from ..constants import FIBER_TYPES
 from ..errors import ExposureError
 from ..fits_bytes import PlainHDU
@@ -61,7 +61,7 @@ def fibres_coords(hdu, nfib, path):
         coords["objid"] = np.full(nfib, -1, dtype=np.int64)
     result = {}
     for key, name in _FIBRES_COLUMNS.items():
-        result[name] = variable("fiber", coords[name], {"fits_column": key})
+        result[name] = xr.Variable("fiber", coords[name], {"fits_column": key})
     result["ra"].attrs["units"] = "deg"
     result["dec"].attrs["units"] = "deg"
     return {**result, **_other_columns(columns)}
@@ -121,7 +121,7 @@ def _other_columns(columns):
         attrs = {"fits_column": name}
         if unit:
             attrs["units"] = str(unit)
-        result[f"fibres_{name.lower()}"] = variable("fiber", values, attrs)
+        result[f"fibres_{name.lower()}"] = xr.Variable("fiber", values, attrs)
     return result
 
 

@@ -43,8 +43,9 @@ from __future__ import annotations
 import warnings
 
 import numpy as np
+import xarray as xr
 
-from .._datasets import dataset, index_coordinate, variable
+from .._datasets import dataset, index_coordinate
 from .._inputs import expect_dataset
 from ..catalog import match_standards
 from ..config import Config
@@ -154,8 +155,8 @@ def _standard_rows(exposure, fibers):
             continue
         if "fiber" in var.dims:
             axis = var.dims.index("fiber")
-            var = (variable(var.dims, np.take(var.data, fibers, axis=axis), var.attrs,
-                            var.encoding)
+            var = (xr.Variable(var.dims, np.take(var.data, fibers, axis=axis), var.attrs,
+                               var.encoding)
                    if isinstance(var.data, np.ndarray) else var.isel(fiber=fibers))
             if name in indexes:
                 indexes[name] = indexes[name].isel({"fiber": fibers})
