@@ -25,9 +25,8 @@ from .fits_cards import IMAGE_KEYWORDS, card_image
 __all__ = ["open_fits", "find_hdu", "hdu_data", "table_columns", "header_value",
            "check_header_cards", "check_non_ascii", "READ_KEYWORDS", "cards_named",
            "fits_column", "column_format", "card_image", "table_bytes", "table_hdu",
-           "image_bytes", "image_parts", "image_header", "image_data_bytes", "image_data_parts",
-           "primary_bytes", "primary_parts", "extension_bytes", "extension_header", "extension_raw",
-           "extensions_raw"]
+           "image_bytes", "image_header", "image_data_bytes", "primary_bytes", "extension_bytes",
+           "extension_header", "extension_raw", "extensions_raw"]
 
 #: Big-endian NumPy types of the binary-table formats written (A: bytes of its width).
 _FIELD_TYPES = {"L": "S1", "I": ">i2", "K": ">i8", "D": ">f8"}
@@ -362,10 +361,9 @@ def _extname(name):
     return card_image("EXTNAME", name, "extension name")
 
 
-def _hdu_parts(cards, data):
-    """An HDU in FITS bytes as its parts, written one after the other: the header of
-    ``cards``, then the data (:func:`_data_parts`)."""
-    return (_header_bytes(cards), *_data_parts(data))
+def _hdu_bytes(cards, data):
+    """An HDU in FITS bytes: the header of ``cards``, then the data (:func:`_data_bytes`)."""
+    return _data_bytes(data, _header_bytes(cards))
 
 
 def _header_bytes(cards):
@@ -377,14 +375,8 @@ def _header_bytes(cards):
 def _data_bytes(data, header=b""):
     """Big-endian ``data`` in FITS bytes, padded with zeros, after the bytes ``header`` (one
     copy of the data: a product's are ~2 MB)."""
-    return b"".join((header, *_data_parts(data)))
-
-
-def _data_parts(data):
-    """Big-endian ``data`` in FITS bytes as its parts: the data's own bytes (a view, not a
-    copy) and the zeros padding them to the end of the record."""
     data = np.ascontiguousarray(data)
-    return memoryview(data).cast("B"), bytes(-data.nbytes % BLOCK)
+    return b"".join((header, memoryview(data).cast("B"), bytes(-data.nbytes % BLOCK)))
 
 
 def table_bytes(columns, name, cards=()):
@@ -476,16 +468,9 @@ def image_bytes(data, name, cards=()):
     """An image extension of floats (32 or 64 bits) in FITS bytes, as astropy writes
     ``fits.ImageHDU(data, name=name)`` with ``cards`` (:func:`card_image`, as in
     :func:`table_bytes`) added."""
-    return b"".join(image_parts(data, name, cards))
-
-
-def image_parts(data, name, cards=()):
-    """:func:`image_bytes` as its parts (header, the big-endian data's bytes, padding), to be
-    written one after the other: the data not copied again into one bytes object (a
-    product's FCALFAC and FCALFVAR: 0.46 MB each)."""
     data = np.asarray(data)
     header = [*_image_cards(data.dtype, data.shape), _extname(name), *cards]
-    return _hdu_parts(header, data.astype(data.dtype.newbyteorder(">"), copy=False))
+    return _hdu_bytes(header, data.astype(data.dtype.newbyteorder(">"), copy=False))
 
 
 def image_header(dtype, shape, cards):
@@ -521,30 +506,23 @@ def primary_bytes(data, header):
     cards verified without a keyword astropy acts on
     (:func:`~kspec_fluxcal.fits_cards.edited_cards`), for float data.
     """
-    return b"".join(primary_parts(data, header))
-
-
-def primary_parts(data, header):
-    """:func:`primary_bytes` as its parts (header, the big-endian data's bytes, padding; or
-    astropy's bytes whole), to be written one after the other: the data not copied again
-    into one bytes object."""
     data = np.asarray(data)
     bitpix = _BITPIX.get(f"{data.dtype.kind}{data.dtype.itemsize}")
     if (module := loaded_fits()) is not None and isinstance(header, module.Header):
         if bitpix is None or any(IMAGE_KEYWORDS.fullmatch(key) for key in header.keys()):
-            return (_astropy_primary(data, header),)
+            return _astropy_primary(data, header)
         try:
             for card in header.cards:
                 card.verify("exception")
         except (verify_error(), ValueError):
-            return (_astropy_primary(data, header),)
+            return _astropy_primary(data, header)
         header = [card.image for card in header.cards]
     cards = [card_image("SIMPLE", True, "conforms to FITS standard"),
              card_image("BITPIX", bitpix, "array data type"),
              card_image("NAXIS", data.ndim, "number of array dimensions"),
              *(card_image(f"NAXIS{k}", n) for k, n in enumerate(reversed(data.shape), 1)),
              card_image("EXTEND", True, "FITS dataset may contain extensions"), *header]
-    return _hdu_parts(cards, data.astype(data.dtype.newbyteorder(">"), copy=False))
+    return _hdu_bytes(cards, data.astype(data.dtype.newbyteorder(">"), copy=False))
 
 
 def _astropy_primary(data, header):
@@ -561,14 +539,8 @@ def _astropy_primary(data, header):
 def image_data_bytes(data):
     """The data of an image of floats (32 or 64 bits) in FITS bytes, as astropy writes them
     after the header (:func:`image_bytes`): big-endian, padded with zeros."""
-    return b"".join(image_data_parts(data))
-
-
-def image_data_parts(data):
-    """:func:`image_data_bytes` as its parts (the big-endian data's bytes, padding), to be
-    written one after the other: big-endian data not copied."""
     data = np.asarray(data)
-    return _data_parts(data.astype(data.dtype.newbyteorder(">"), copy=False))
+    return _data_bytes(data.astype(data.dtype.newbyteorder(">"), copy=False))
 
 
 def extension_bytes(hdu):

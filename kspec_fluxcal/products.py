@@ -32,11 +32,11 @@ from .fits_file import (
     extensions_raw,
     find_hdu,
     hdu_data,
-    image_data_parts,
+    image_bytes,
+    image_data_bytes,
     image_header,
-    image_parts,
     open_fits,
-    primary_parts,
+    primary_bytes,
     table_bytes,
     table_hdu,
 )
@@ -93,7 +93,7 @@ def _variance_bytes(ds):
     astropy's header (:func:`_variance_header`), then the float32 variance."""
     variance = ds.variables["variance"].values.astype(">f4")  # one copy: FITS's byte order
     header = _variance_header(ds.attrs.get("variance_header"), variance.shape)
-    return header, *image_data_parts(variance)
+    return header, image_data_bytes(variance)
 
 
 @functools.lru_cache(maxsize=16)
@@ -174,22 +174,22 @@ def _calibration_table(ds):
 
 
 def _factor_hdus(ds):
-    """FCALFAC and FCALFVAR (FITS bytes, each as its parts): the factor applied to every
-    pixel of every fiber, its variance."""
-    factor = image_parts(
+    """FCALFAC and FCALFVAR (FITS bytes): the factor applied to every pixel of every fiber,
+    its variance."""
+    factor = image_bytes(
         np.asarray(ds.variables["cal_factor"].values, dtype=np.float64), "FCALFAC",
         [card_image("BUNIT", CAL_UNIT),
          card_image("COMMENT", "Calibrated flux = counts x FCALFAC, pixel by pixel, each fiber "
                     "on its own wavelengths (HDU WAVELA or the primary WCS).")])
-    variance = image_parts(
+    variance = image_bytes(
         np.asarray(ds.variables["cal_factor_variance"].values, dtype=np.float64), "FCALFVAR",
         [card_image("BUNIT", f"({CAL_UNIT})**2"), card_image("COMMENT", "Variance of FCALFAC.")])
     return [factor, variance]
 
 
 def _write_fits(path, primary, extensions, compress=False):
-    """Write a new FITS file of HDUs in FITS bytes (each bytes, or a tuple of bytes-like parts
-    written one after the other): the ``primary``, then ``extensions``; gzip-compressed with
+    """Write a new FITS file of HDUs in FITS bytes (each bytes, or a tuple of bytes written
+    one after the other): the ``primary``, then ``extensions``; gzip-compressed with
     ``compress`` (a product named ``.gz``, e.g. a RED file ``.fits.gz`` calibrated in place).
 
     The HDUs carrying the input's header keywords (primary, VARIANCE) are as astropy writes
@@ -291,8 +291,7 @@ def _name_damaged_card(source):
 
 
 def _primary_bytes(ds):
-    """The product's primary HDU (FITS bytes, as its parts: the pixels not copied into one
-    bytes object with the header): the calibrated flux (float32) with the input's
+    """The product's primary HDU (FITS bytes): the calibrated flux (float32) with the input's
     primary header (its WCS and AIRORVAC as they were), data keywords and checksums removed,
     and the product's cards (:func:`_product_cards`), as astropy's Header edits it: made
     from the cards (:func:`~kspec_fluxcal.fits_cards.edited_cards`), by that Header when
@@ -307,7 +306,7 @@ def _primary_bytes(ds):
             header[key] = value if comment is None else (value, comment)
         for key, value in commentary:
             header[key] = value
-    return primary_parts(flux, header)
+    return primary_bytes(flux, header)
 
 
 def _product_cards(ds):
