@@ -402,26 +402,6 @@ def test_fit_photometry_recovers_scale_and_reddening():
     assert np.all(off["ebv"] == 0)
 
 
-def test_fit_photometry_counts_and_drops_bands():
-    """An outlier band is dropped (the drop found by its rows only when some band is bad),
-    and ``n_bands`` counts each star's used bands as ``used.sum(1)``, an int64."""
-    rng = np.random.default_rng(3)
-    nstar, nband = 6, 10
-    ext = np.tile(np.linspace(3.8, 0.35, nband), (nstar, 1))
-    model = rng.uniform(-40, -38, (nstar, nband))
-    err = np.full((nstar, nband), 0.01)
-    obs = model + 50.0 + ext * 0.1 + rng.normal(0, 0.005, (nstar, nband))
-    obs[1, 4] += 1.0  # one outlier band
-    obs[2, :3] = np.nan  # three bands not measured
-    res = fit_photometry(obs, err, model, ext, error_floor=0.0)
-    assert res["n_bands"].dtype == np.int64
-    assert np.array_equal(res["n_bands"], res["used"].sum(1))
-    assert list(res["n_bands"]) == [10, 9, 7, 10, 10, 10]
-    assert res["dropped"][1, 4] and res["dropped"].sum() == 1
-    empty = fit_photometry(obs[:0], err[:0], model[:0], ext[:0])
-    assert empty["n_bands"].shape == (0,) and empty["n_bands"].dtype == np.int64
-
-
 def test_ebv_prior_sigma_zero_is_no_prior_for_any_star():
     """``ebv_prior_sigma = 0`` means no prior, also for a star without a catalog extinction
     (which otherwise gets 0 +/- 0.1 mag)."""
