@@ -180,9 +180,6 @@ def _colour_teff(mag, bands, ebv, library):
     teff, _ = _teff_kernel(mag, ebv, bands=bands, relations=own)
     ends = np.array([(t[0], t[-1]) for *_, t in own])  # colours increasing: Teff decreasing
     hot, cool = ends[:, 0].max(), ends[:, 1].min()
-    at_end = (teff >= hot) | (teff <= cool)
-    if not at_end.any():  # the usual case: the wider relation has nothing to say
-        return teff
     wide, _ = _teff_kernel(mag, ebv, bands=bands, relations=_shipped_relations())
     beyond = ((teff >= hot) & (wide > teff)) | ((teff <= cool) & (wide < teff))
     return np.where(beyond, wide, teff)
