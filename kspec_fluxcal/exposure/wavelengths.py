@@ -135,8 +135,8 @@ def raw_wavelength(hdul, path, nfib, nspec):
     if wave.shape not in ((nspec,), (1, nspec), (nfib, nspec)):
         raise ExposureError(path, "HDU WAVELA", f"shape {wave.shape} matches neither "
                             f"({nspec},) nor the primary's {(nfib, nspec)}")
-    wave = wave * _unit_factor(wave_hdu.header.get("BUNIT", "Angstrom"), path,
-                               "HDU WAVELA BUNIT")
+    # In place: the converted copy is this function's own (a per-fiber solution's 0.46 MB)
+    wave *= _unit_factor(wave_hdu.header.get("BUNIT", "Angstrom"), path, "HDU WAVELA BUNIT")
     return wave, "WAVELA", medium, (data.copy(), wave_hdu.header.tostring(sep="\n"))
 
 
