@@ -624,15 +624,34 @@ def _raw_header(f):
         if len(block) < BLOCK:
             return None
         blocks.append(block)
-        cards = (block[i:i + 80] for i in range(0, BLOCK, 80))
-        if any(card.rstrip() == b"END" for card in cards):
+        if _has_end(block):
             return b"".join(blocks)
 
 
+def _has_end(block):
+    """Whether a header record has the END card (a card of END and blanks): only the
+    places where END is found are looked at, not each of its 36 cards (their slices and
+    strips took ~10 us a record)."""
+    at = block.find(b"END")
+    while at >= 0:
+        if at % 80 == 0 and block[at:at + 80].rstrip() == b"END":
+            return True
+        at = block.find(b"END", at + 1)
+    return False
+
+
+#: The keywords an HDU's walk reads (:func:`_raw_data_size`, its EXTNAME; NAXISn too).
+_WALK_KEYWORDS = (b"NAXIS", b"BITPIX  ", b"PCOUNT  ", b"GCOUNT  ", b"EXTNAME ")
+
+
 def _raw_keys(header):
-    """Keyword -> value text (comments dropped) of a header's value cards."""
+    """Keyword -> value text (comments dropped) of a header's value cards that give its
+    data's size or its name (:data:`_WALK_KEYWORDS`): the others are not decoded (a lake
+    file's headers have ~36 cards each: ~0.07 ms of a product's input walked)."""
     keys = {}
     for i in range(0, len(header), 80):
+        if not header.startswith(_WALK_KEYWORDS, i):
+            continue
         card = header[i:i + 80].decode("ascii", "replace")
         if card[8:10] == "= ":
             value = card[10:].strip()

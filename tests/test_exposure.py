@@ -575,6 +575,31 @@ def test_extensions_in_bytes_are_what_astropy_writes():
     assert card_image("X", -0.0) != card_image("X", 0.0)  # floats are not cached as equal
 
 
+def test_raw_header_walk_finds_end_and_the_size_keywords():
+    """The walk over a file's raw headers (extension_raw) finds the END card only where a
+    card is END and blanks, and reads the keywords that give the data's size and name,
+    wherever else their names appear."""
+    from kspec_fluxcal.fits_file import _has_end, _raw_keys
+
+    def record(*cards):
+        text = "".join(c.ljust(80) for c in cards)
+        return text.ljust(2880).encode("ascii")
+
+    assert _has_end(record("SIMPLE  =                    T", "END"))
+    assert not _has_end(record("COMMENT END", "HISTORY the END", "ENDX", "X" * 77 + "END"))
+    assert _has_end(record("COMMENT END", "X" * 77 + "END", "END"))
+    assert not _has_end(record("END      x"))
+    header = record("XTENSION= 'IMAGE   '", "BITPIX  =                  -32 / NAXIS = 9",
+                    "NAXIS   =                    2", "NAXIS1  =                 4096",
+                    "NAXIS2  =                   14", "COMMENT NAXIS3  =                    7",
+                    "OBJECT  = 'NAXIS4  = 5'", "PCOUNT  =                    0",
+                    "GCOUNT  =                    1", "EXTNAME = 'VARIANCE'  / name",
+                    "NAXIS2  =                   99", "END")
+    assert _raw_keys(header) == {"BITPIX": "-32", "NAXIS": "2", "NAXIS1": "4096",
+                                 "NAXIS2": "14", "PCOUNT": "0", "GCOUNT": "1",
+                                 "EXTNAME": "VARIANCE"}
+
+
 def _header_text(*cards):
     """A header as the readers keep it (``fits.Header.tostring(sep="\\n")``)."""
     return fits.Header.fromstring("\n".join(c.ljust(80) for c in cards),

@@ -202,9 +202,12 @@ def _air_wavelengths(wave, nfib, path, meta):
     if meta["medium_in"] != "vac":
         return fiber_wave, wave, []
     wave = vacuum_to_air(wave)
-    # One solution for every fiber: converted once (the conversion is pixel by pixel)
-    fiber_wave = np.broadcast_to(wave, fiber_wave.shape).copy() if shared \
-        else vacuum_to_air(fiber_wave)
+    # One solution for every fiber: converted once (the conversion is pixel by pixel), into
+    # the rows fiber_wavelengths made (not a fresh 0.46 MB array for 14 x 4096)
+    if shared:
+        fiber_wave[...] = wave
+    else:
+        fiber_wave = vacuum_to_air(fiber_wave)
     return (fiber_wave, wave, ["vacuum wavelengths converted to air (Morton 2000) for the "
                                "calibration; the product keeps the file's own"])
 
@@ -215,7 +218,13 @@ def _valid_pixels(flux, variance, fiber_wave, path):
     wavelength); an exposure without one good pixel is an error.
 
     In the file's types, not float64: the float32 of a RED file converts exactly (the same
-    values, tests and NaN), others through float64 as before (~0.2 ms of two conversions)."""
+    values, tests and NaN), others through float64 as before (~0.2 ms of two conversions).
+    A float32 file's (big-endian) arrays are made native first, then tested and set in
+    place: the tests on native values take half the time (0.2 -> 0.1 ms, 14 x 4096)."""
+    own = flux.dtype.kind == variance.dtype.kind == "f" and (
+        flux.dtype.itemsize == variance.dtype.itemsize == 4)
+    if own:
+        flux, variance = (np.array(a, dtype=np.float32) for a in (flux, variance))
     usable = (variance > 0) & np.isfinite(variance)
     finite = np.isfinite(flux)
     good = finite & usable & np.isfinite(fiber_wave)
@@ -223,8 +232,12 @@ def _valid_pixels(flux, variance, fiber_wave, path):
     # adds a positive term) must not turn it into a plausible value and the pixel into a good one.
     # An infinite count (the contract's "no data" is NaN) would reach the product as an
     # infinite flux: it is no data too.
-    variance = np.where(usable, variance, np.nan).astype(np.float32, copy=False)
-    flux = np.where(finite, flux, np.nan).astype(np.float32, copy=False)
+    if own:
+        np.copyto(variance, np.nan, where=~usable)
+        np.copyto(flux, np.nan, where=~finite)
+    else:
+        variance = np.where(usable, variance, np.nan).astype(np.float32, copy=False)
+        flux = np.where(finite, flux, np.nan).astype(np.float32, copy=False)
     if not good.any():
         raise ExposureError(path, "HDU PRIMARY/VARIANCE",
                             "no valid pixel (every flux is NaN or every variance <= 0)")

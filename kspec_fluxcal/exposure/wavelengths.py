@@ -135,8 +135,8 @@ def raw_wavelength(hdul, path, nfib, nspec):
     if wave.shape not in ((nspec,), (1, nspec), (nfib, nspec)):
         raise ExposureError(path, "HDU WAVELA", f"shape {wave.shape} matches neither "
                             f"({nspec},) nor the primary's {(nfib, nspec)}")
-    wave = wave * _unit_factor(wave_hdu.header.get("BUNIT", "Angstrom"), path,
-                               "HDU WAVELA BUNIT")
+    # In place: the converted copy is this function's own (a per-fiber solution's 0.46 MB)
+    wave *= _unit_factor(wave_hdu.header.get("BUNIT", "Angstrom"), path, "HDU WAVELA BUNIT")
     return wave, "WAVELA", medium, (data.copy(), wave_hdu.header.tostring(sep="\n"))
 
 
@@ -168,10 +168,11 @@ def fiber_wavelengths(wave, nfib, path, source="WAVELA"):
     # once, the first offending row checked alone for its message.
     lo, hi = _PLAUSIBLE_RANGE
     filled = wave if solved else np.where(finite, wave, np.nan)
-    step = np.diff(filled, axis=1)
+    # Neighbours compared, not their difference's sign (b - a <= 0 is b <= a for values
+    # without inf, NaN failing both): no 0.46 MB of steps for 14 x 4096
     low = wave.min(axis=1) if solved else np.nanmin(np.where(finite, wave, np.inf), axis=1)
     high = wave.max(axis=1) if solved else np.nanmax(np.where(finite, wave, -np.inf), axis=1)
-    bad = np.any(step <= 0, axis=1) | (low < lo) | (high > hi)
+    bad = np.any(filled[:, 1:] <= filled[:, :-1], axis=1) | (low < lo) | (high > hi)
     bad &= finite.any(axis=1)
     if bad.any():
         row = int(np.argmax(bad))
