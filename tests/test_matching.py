@@ -545,6 +545,28 @@ def test_sampled_rows_are_the_tabulated_taps_summed_pairwise(block, monkeypatch)
 
 
 
+@pytest.mark.parametrize("precision", [np.float64, np.float32])
+def test_sampled_sets_are_each_sets_sampled_rows_to_the_last_bit(precision, monkeypatch):
+    """sample_sets: each set of rows what sample_rows makes of it alone at the same
+    positions (the kernel's weights shared, not changed), in blocks of points too."""
+    from kspec_fluxcal.fit import shifts
+    from kspec_fluxcal.fit.shifts import sample_rows, sample_sets
+
+    monkeypatch.setattr(shifts, "_SAMPLE_BLOCK", 13)
+    rng = np.random.default_rng(7)
+    n = 60
+    sets = [rng.normal(size=(3, n)), 1.0 + rng.random((3, n))]
+    pos = rng.uniform(0, n - 1, size=(3, 50))
+    pos[0, :2] = [0.1, n - 1.4]  # taps past both ends
+    pos[2, 0] = np.inf
+    got = sample_sets(sets, pos, precision)
+    assert len(got) == 2
+    for rows, out in zip(sets, got, strict=True):
+        assert out.shape == pos.shape
+        assert np.array_equal(out, sample_rows(rows, pos, precision))
+    assert not np.array_equal(got[0], got[1])
+
+
 def test_sampled_rows_in_float32_are_the_float64_ones_within_its_rounding():
     from kspec_fluxcal.fit.shifts import sample_rows
 

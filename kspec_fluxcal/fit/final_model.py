@@ -21,7 +21,7 @@ from .acceptance import line_depth, line_variance
 from .exposure_templates import corner_combination, interpolated_corners
 from .matching import correction_parameters, fit_corrected
 from .model_photometry import final_photometry, model_magnitudes
-from .shifts import rest_positions, sample_rows
+from .shifts import rest_positions, sample_sets
 from .velocity import refine_rv
 
 __all__ = ["final_model", "outlier_pixels"]
@@ -89,14 +89,17 @@ def _compared(obs, moved_n, knots):
 def _moved(obs, rv, *spectra):
     """Each star's row of each of ``spectra`` (S, P; on the reference pixels, rest frame)
     moved to the star's velocity ``rv`` and sampled at its own pixels, NaN beyond the ends:
-    the shift operators' kernel applied tap by tap to every row at once
-    (:func:`~kspec_fluxcal.fit.shifts.sample_rows`), without an operator built per star."""
+    the shift operators' kernel applied tap by tap to every row at once, its weights once for
+    all ``spectra`` (:func:`~kspec_fluxcal.fit.shifts.sample_sets`), without an operator
+    built per star."""
     if not obs.nstar:
         return [np.zeros((0, obs.wave.size)) for _ in spectra]
-    pos = np.concatenate([rest_positions(obs.star_wave, rv, obs.wave)] * len(spectra))
-    out = sample_rows(np.concatenate(spectra), pos)
-    out[~np.isfinite(pos)] = np.nan
-    return np.split(out, len(spectra))
+    pos = rest_positions(obs.star_wave, rv, obs.wave)
+    out = sample_sets(spectra, pos)
+    beyond = ~np.isfinite(pos)
+    for moved in out:
+        moved[beyond] = np.nan
+    return out
 
 
 def _scaled_model(obs, model_obs, weights, matched, phot, scan, config, xp=None):

@@ -16,7 +16,8 @@ import scipy.sparse
 
 from ..constants import SPEED_OF_LIGHT_KMS
 
-__all__ = ["shift_operator", "ShiftOperator", "shift_spectra", "sample_rows", "sample_moments",
+__all__ = ["shift_operator", "ShiftOperator", "shift_spectra", "sample_rows", "sample_sets",
+           "sample_moments",
            "position_margin", "rest_positions", "keyed_wavelengths", "keyed_velocity"]
 
 _LANCZOS_A = 4
@@ -206,7 +207,15 @@ def sample_rows(spectra, pos, precision=np.float64):
     result is float64 either way): float32 moves half the bytes (gathers: ~0.7x the time)
     and errs by ~2e-7 of the values, what float32 templates hold anyway.
     """
-    return _sample((spectra,), (None,), pos, precision)[0]
+    return sample_sets((spectra,), pos, precision)[0]
+
+
+def sample_sets(sets, pos, precision=np.float64):
+    """:func:`sample_rows` of each of several ``sets`` of rows (S, Q) at the same positions
+    ``pos``, the kernel's weights computed once for all of them (a star's flux and normalised
+    models: half the weights' passes of one call on the sets stacked). Returns a list, one
+    array per set."""
+    return _sample(tuple(sets), (None,) * len(sets), pos, precision)
 
 
 def sample_moments(flux, variance, bad, pos):
