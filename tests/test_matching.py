@@ -123,6 +123,27 @@ def test_rv_cross_correlation_of_stars_on_their_own_pixels():
         cross_correlate_rv(obs, weight, templates, WAVE, star_wavelength=WAVE + 0.3)[0])
 
 
+def test_rv_cross_correlation_of_stars_on_the_templates_pixels_to_the_last_bit(monkeypatch):
+    """Stars on the templates' own pixels share the templates' taps on the grid and their
+    data mask: the velocities and peaks of each star's pixels interpolated on their own."""
+    from kspec_fluxcal.fit import velocity
+
+    rvs = np.array([-60.0, 40.0])
+    obs = np.stack([_lines(BASE_DEPTHS, CENTRES, rv=v) for v in rvs])
+    weight = np.ones_like(obs)
+    weight[1, 500:530] = 0
+    weight[0, :7] = 0
+    templates = np.stack([_lines(BASE_DEPTHS, CENTRES)] * rvs.size)
+    rows = np.stack([WAVE] * rvs.size)
+    shared = cross_correlate_rv(obs, weight, templates, WAVE, star_wavelength=rows)
+    assert np.array_equal(cross_correlate_rv(obs, weight, templates, WAVE)[0], shared[0])
+    monkeypatch.setattr(velocity, "_shared_row", lambda r: np.asarray(r))  # rows kept
+    own = cross_correlate_rv(obs, weight, templates, WAVE, star_wavelength=rows)
+    for a, b in zip(shared, own, strict=True):
+        assert np.array_equal(a, b)
+    assert np.all(np.abs(shared[0] - rvs) < 10.0)
+
+
 def test_rv_refinement_of_stars_on_shared_pixels_is_each_stars_own():
     """Stars on one wavelength solution are fitted in one call: the velocities and errors
     are those of each star refined alone, to the last bit; rows grouped by equal values."""
