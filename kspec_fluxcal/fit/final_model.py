@@ -43,7 +43,8 @@ def final_model(obs, tm, scan, params, matched, phot, config, xp=None):
     (:func:`_scaled_model`: ``model_flux``, ``scale``, ``ebv``, ``phot``, ``mag_model``,
     ``warp_rms``, ``logg_parallax``, ``xp``...), ``phot_rms_spectral`` (the photometric rms
     of each star's best template by its spectrum alone,
-    :func:`~kspec_fluxcal.fit.model_photometry.final_photometry`)."""
+    :func:`~kspec_fluxcal.fit.model_photometry.final_photometry`) and ``residuals`` (the
+    stars against ``model_nobs``, :class:`_Residuals`, kept for :func:`outlier_pixels`)."""
 
     corners, weight = interpolated_corners(tm.library, params)
     nstar = obs.nstar
@@ -67,7 +68,7 @@ def final_model(obs, tm, scan, params, matched, phot, config, xp=None):
     scaled = _scaled_model(obs, model_obs, weights, matched, phot, scan, config, xp)
     return SimpleNamespace(rv=rv, rv_err=rv_err, model_nobs=model_nobs, chi2_dof=chi2_dof,
                            model_error=model_error, line_error=line_error,
-                           **scaled)
+                           residuals=residuals, **scaled)
 
 
 def _compared(obs, moved_n, knots):
@@ -279,8 +280,11 @@ def outlier_pixels(obs, model, fit, sigma):
     a residual of the normalised spectrum beyond ``sigma`` times the pixel's noise, the
     star's model error and its lines' mismatch (:func:`~kspec_fluxcal.fit.acceptance.
     line_variance`, ``fit`` the [fit] options) in quadrature. Template mismatch is in the
-    last two: a line the template gets wrong is not an outlier. Returns (S, P) bool."""
-    res = _residuals(obs, model.model_nobs)
+    last two: a line the template gets wrong is not an outlier. Returns (S, P) bool.
+
+    ``model`` is :func:`final_model`'s for ``obs``: its ``residuals`` are taken as it kept
+    them (a model without them has them computed)."""
+    res = getattr(model, "residuals", None) or _residuals(obs, model.model_nobs)
     frac = np.nan_to_num(model.model_error)[:, None] ** 2 + line_variance(model, fit)
     with np.errstate(invalid="ignore", divide="ignore"):
         z2 = res.resid2 / (res.var + frac * res.m2)
