@@ -120,19 +120,29 @@ def gaussian_widths(log_in, ln_out, excesses, spectra, entries=None):
     if entries is None:
         entries = width_entries(log_in, ln_out, excesses.max(axis=0))
     counts, cols, indptr, offset2 = entries
-    # The steps weigh the spectra (and, as their last column, give the rows' sums).
-    weighted = np.empty((ln_in.size, spectra.shape[1] + 1), dtype=np.float32)
-    np.multiply(spectra, dln[:, None], out=weighted[:, :-1])
-    weighted[:, -1] = dln
+    # The steps weigh the spectra (and, as the last row, give the rows' sums): one row each.
+    weighted = np.empty((spectra.shape[1] + 1, ln_in.size), dtype=np.float32)
+    np.multiply(np.transpose(spectra), dln, out=weighted[:-1])
+    weighted[-1] = dln
+    # A few rows multiplied one by one: scipy's one-vector kernel adds each row's products
+    # in the same order as its several-vector one (the same sums), at about half its cost per
+    # vector for 2-3 vectors on these matrices (~0.2 ms a vector for 4096 pixels).
+    columns = None if len(weighted) <= _ONE_BY_ONE else np.ascontiguousarray(weighted.T)
     matrix = scipy.sparse.csr_matrix((offset2, cols, indptr), shape=(ln_out.size, ln_in.size))
     out = np.empty((len(excesses), ln_out.size, spectra.shape[1]))
     for k, var in enumerate(variance):
         matrix.data = np.repeat((-0.5 / var).astype(np.float32), counts)
         matrix.data *= offset2
         np.exp(matrix.data, out=matrix.data)
-        sums = matrix @ weighted
+        sums = matrix @ columns if columns is not None else np.stack(
+            [matrix @ row for row in weighted], axis=1)
         np.divide(sums[:, :-1], sums[:, -1:], out=out[k])
     return out, sharper
+
+
+#: :func:`gaussian_widths` multiplies up to this many weighted spectra (their sum's row
+#: included) one by one.
+_ONE_BY_ONE = 4
 
 
 def width_entries(log_in, ln_out, excess):
