@@ -15,6 +15,7 @@ import numpy as np
 import scipy.sparse
 
 from ..constants import SPEED_OF_LIGHT_KMS
+from ..continuum import sparse_products
 
 __all__ = ["shift_operator", "ShiftOperator", "shift_spectra", "sample_rows", "sample_sets",
            "sample_moments",
@@ -187,7 +188,8 @@ def shift_spectra(spectra, wavelength, rv, source=None):
     (km/s, scalar), sampled at ``wavelength`` (P,); NaN beyond the edges."""
     op = shift_operator(wavelength, rv, source)
     flat = np.asarray(spectra, dtype=np.float64).reshape(-1, op.matrix.shape[1])
-    out = (op.matrix @ flat.T).T
+    # (matrix @ flat.T).T, a star's one or two templates one by one (the same sums)
+    out = sparse_products(op.matrix, flat)
     out[:, op.empty] = np.nan
     return out.reshape(np.shape(spectra)[:-1] + (op.matrix.shape[0],))
 
