@@ -158,6 +158,8 @@ def test_rv_refinement_of_stars_on_shared_pixels_is_each_stars_own():
     templates = np.stack([_lines(BASE_DEPTHS, CENTRES)] * rvs.size)
     star_wave = np.stack([WAVE, WAVE + 0.05, WAVE])  # stars 0 and 2 share their pixels
     assert _same_rows(star_wave) == [[0, 2], [1]]
+    assert _same_rows(np.broadcast_to(WAVE, (3, WAVE.size))) == [[0, 1, 2]]
+    assert _same_rows(np.array([[0.0, 1.0], [-0.0, 1.0]])) == [[0], [1]]  # bits, not ==
     rv0 = np.full(rvs.size, 30.0)  # one margin for the stars together and alone
     together = refine_rv(obs, weight, templates, WAVE, rv0, knot_spacing=400.0,
                          star_wavelength=star_wave)

@@ -246,6 +246,10 @@ def _shared_row(rows):
 
 def _same_rows(rows):
     """Indices of the rows (S, P) grouped by equal values (lists, in order of first
-    appearance): :func:`~kspec_fluxcal.wavelength.distinct_rows`' grouping."""
+    appearance): :func:`~kspec_fluxcal.wavelength.distinct_rows`' grouping (equal in every
+    bit), rows all equal (most exposures' stars) found by one comparison."""
+    bits = np.asarray(rows, dtype=np.float64).view(np.int64)
+    if len(bits) and (bits == bits[0]).all():
+        return [list(range(len(bits)))]
     _, inverse = distinct_rows(rows, None)
     return [np.flatnonzero(inverse == k).tolist() for k in range(int(inverse.max(initial=-1)) + 1)]
