@@ -99,6 +99,11 @@ def gaussian_rows(log_in, ln_out, excess, dtype=np.float64):
     return vals, cols, indptr, sharper
 
 
+#: :func:`gaussian_widths` multiplies up to this many weighted spectra (their sum's row
+#: included) one by one.
+_ONE_BY_ONE = 4
+
+
 def gaussian_widths(log_in, ln_out, excesses, spectra, entries=None):
     """``spectra`` (nin, M) on ``log_in`` convolved as :func:`gaussian_rows` does for each row
     of ``excesses`` (W, nout): a few widths of a few spectra (the line-spread width fit's
@@ -138,11 +143,6 @@ def gaussian_widths(log_in, ln_out, excesses, spectra, entries=None):
             [matrix @ row for row in weighted], axis=1)
         np.divide(sums[:, :-1], sums[:, -1:], out=out[k])
     return out, sharper
-
-
-#: :func:`gaussian_widths` multiplies up to this many weighted spectra (their sum's row
-#: included) one by one.
-_ONE_BY_ONE = 4
 
 
 def width_entries(log_in, ln_out, excess):
