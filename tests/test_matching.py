@@ -417,6 +417,23 @@ def test_stars_corrections_are_each_templates_own_fit_to_the_last_bit():
     assert got.tobytes() == np.stack(want).tobytes()
 
 
+def test_shift_operator_keys_of_wavelengths_seen_before():
+    """Wavelengths seen before give the same key object (their rounded bytes); others of the
+    same fingerprint (two pixels swapped: the same sum of bits) their own; exposures of one
+    setup (1e-11 A apart) one key, as before."""
+    from kspec_fluxcal.fit.shifts import _key, keyed_wavelengths, shift_operator
+
+    wave = np.linspace(4000.0, 5000.0, 300) + 1e-9
+    first = _key(wave)
+    assert first == keyed_wavelengths(wave).tobytes()
+    assert _key(wave.copy()) is first
+    swapped = wave.copy()
+    swapped[[3, 7]] = swapped[[7, 3]]
+    assert _key(swapped) == keyed_wavelengths(swapped).tobytes() != first
+    assert _key(wave + 1e-11) == first
+    assert shift_operator(wave + 1e-11, 30.0) is shift_operator(wave, 30.0)
+
+
 def test_sampled_rest_frames_are_the_operators_within_rounding():
     """sampled_rest_frames (the scan's first pass) gives each star's rest_frame_star divided
     by its template's star_correction: the same weighted pixels, the values within rounding

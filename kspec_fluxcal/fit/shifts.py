@@ -96,8 +96,25 @@ def _keyed_rv(rv):
     return round(float(rv), 9)
 
 
+#: Recent wavelengths' keys by the wrapping sum of their bits: the key of wavelengths seen
+#: before, the same bytes object (its hash kept, equal to itself at once), without rounding
+#: them again. An exposure's stars and reference grid are a few; its shift operators are
+#: looked up ~11 times (each lookup rounded and hashed two 32 kB rows: ~40 us).
+_RECENT_KEYS = {}
+_RECENT_KEEP = 8
+
+
 def _key(wavelength):
-    return keyed_wavelengths(wavelength).tobytes()
+    wave = np.ascontiguousarray(wavelength, dtype=np.float64)
+    raw, fingerprint = wave.tobytes(), int(wave.view(np.int64).sum())
+    seen = _RECENT_KEYS.get(fingerprint)
+    if seen is not None and seen[0] == raw:
+        return seen[1]
+    key = keyed_wavelengths(wave).tobytes()
+    if len(_RECENT_KEYS) >= _RECENT_KEEP:
+        _RECENT_KEYS.pop(next(iter(_RECENT_KEYS)), None)
+    _RECENT_KEYS[fingerprint] = (raw, key)
+    return key
 
 
 def shift_operator(wavelength, rv, source=None):
