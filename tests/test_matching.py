@@ -168,6 +168,17 @@ def test_rv_refinement_of_stars_on_shared_pixels_is_each_stars_own():
                           knot_spacing=400.0, star_wavelength=star_wave[[s]])
         assert together[0][s] == alone[0][0] and together[1][s] == alone[1][0]
 
+def test_rv_refinement_pixel_in_kms():
+    """The velocity scan's half width: the median pixel in km/s, kept by the pixels' bytes."""
+    from kspec_fluxcal.constants import SPEED_OF_LIGHT_KMS
+    from kspec_fluxcal.fit.velocity import _pixel_kms
+
+    wave = np.geomspace(4000.0, 8000.0, 500) + np.linspace(0.0, 1.0, 500) ** 2
+    want = SPEED_OF_LIGHT_KMS * np.median(np.diff(np.log(wave)))
+    assert _pixel_kms(wave.tobytes()) == want == _pixel_kms(wave.copy().tobytes())
+    assert _pixel_kms(WAVE.tobytes()) == SPEED_OF_LIGHT_KMS * np.median(np.diff(np.log(WAVE)))
+
+
 def test_shift_matches_analytic_shift():
     rv = 57.0
     shifted = shift_spectra(_lines(BASE_DEPTHS, CENTRES), WAVE, rv)

@@ -190,8 +190,8 @@ def refine_rv(obs_norm, obs_weight, template_norm, wavelength, rv0, *, half_widt
     wave = np.asarray(wavelength, dtype=np.float64)
     star_wave = np.broadcast_to(wave if star_wavelength is None else star_wavelength,
                                 np.shape(obs_norm))
-    pix_kms = SPEED_OF_LIGHT_KMS * np.median(np.diff(np.log(wave)))
-    half_width = pix_kms if half_width is None else half_width
+    half_width = _pixel_kms(np.ascontiguousarray(wave).tobytes()) if half_width is None \
+        else half_width
     offsets = np.linspace(-half_width, half_width, nstep)
     rv0 = np.asarray(rv0, dtype=np.float64)
     trial = rv0[:, None] + offsets[None, :]  # (S, V)
@@ -236,6 +236,14 @@ def refine_rv(obs_norm, obs_weight, template_norm, wavelength, rv0, *, half_widt
     vertex = np.clip(vertex, -half_width, half_width)
     err = np.where(ok, h / np.sqrt(np.where(ok, a, 1)), np.nan)
     return rv0 + vertex, err
+
+
+@functools.lru_cache(maxsize=4)
+def _pixel_kms(wave_bytes):
+    """The median pixel of wavelengths (their bytes) in km/s: an exposure's templates' pixels
+    twice per fit (its log, differences and median ~50 us each time)."""
+    wave = np.frombuffer(wave_bytes, dtype=np.float64)
+    return SPEED_OF_LIGHT_KMS * np.median(np.diff(np.log(wave)))
 
 
 def _shared_row(rows):
