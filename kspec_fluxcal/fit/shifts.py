@@ -112,7 +112,8 @@ def _key(wavelength):
         return seen[1]
     key = keyed_wavelengths(wave).tobytes()
     if len(_RECENT_KEYS) >= _RECENT_KEEP:
-        _RECENT_KEYS.pop(next(iter(_RECENT_KEYS)), None)
+        # Other exposures' keys: cleared in one step (safe while threads look keys up)
+        _RECENT_KEYS.clear()
     _RECENT_KEYS[fingerprint] = (raw, key)
     return key
 
