@@ -168,6 +168,7 @@ def test_rv_refinement_of_stars_on_shared_pixels_is_each_stars_own():
                           knot_spacing=400.0, star_wavelength=star_wave[[s]])
         assert together[0][s] == alone[0][0] and together[1][s] == alone[1][0]
 
+
 def test_rv_refinement_pixel_in_kms():
     """The velocity scan's half width: the median pixel in km/s, kept by the pixels' bytes."""
     from kspec_fluxcal.constants import SPEED_OF_LIGHT_KMS

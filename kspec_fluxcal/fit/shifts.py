@@ -261,10 +261,10 @@ def _sample(spectra, kinds, pos, precision):
     """:func:`sample_rows` of several sets of rows (S, Q) at the same positions, each with
     its kernel's weights transformed by its ``kinds`` function (None: as they are)."""
     # The position in table steps, split once: its whole steps give the pixel (their high
-    # part) and the table row (their low part), the rest the interpolation (float32: none,
-    # the nearest step). Scaling by a power of two and taking whole parts are exact:
-    # _kernel_weights' rows and fractions to the last bit, in fewer passes over the points
-    # than splitting pixel, then table step.
+    # part) and the table row (their low part), the rest the interpolation (float32: the
+    # nearest step, none). Scaling by a
+    # power of two and taking whole parts are exact: _kernel_weights' rows and fractions to
+    # the last bit, in fewer passes over the points than splitting pixel, then table step.
     # Finite positions are >= 0: truncation is the floor (the whole steps as integers at
     # once; the rows' offsets added in place: two fewer temporaries of 8 bytes a point).
     steps, table, step = _SAMPLING_TABLES[np.dtype(precision)]
