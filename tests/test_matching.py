@@ -123,6 +123,27 @@ def test_rv_cross_correlation_of_stars_on_their_own_pixels():
         cross_correlate_rv(obs, weight, templates, WAVE, star_wavelength=WAVE + 0.3)[0])
 
 
+def test_rv_cross_correlation_of_stars_on_the_templates_pixels_to_the_last_bit(monkeypatch):
+    """Stars on the templates' own pixels share the templates' taps on the grid and their
+    data mask: the velocities and peaks of each star's pixels interpolated on their own."""
+    from kspec_fluxcal.fit import velocity
+
+    rvs = np.array([-60.0, 40.0])
+    obs = np.stack([_lines(BASE_DEPTHS, CENTRES, rv=v) for v in rvs])
+    weight = np.ones_like(obs)
+    weight[1, 500:530] = 0
+    weight[0, :7] = 0
+    templates = np.stack([_lines(BASE_DEPTHS, CENTRES)] * rvs.size)
+    rows = np.stack([WAVE] * rvs.size)
+    shared = cross_correlate_rv(obs, weight, templates, WAVE, star_wavelength=rows)
+    assert np.array_equal(cross_correlate_rv(obs, weight, templates, WAVE)[0], shared[0])
+    monkeypatch.setattr(velocity, "_shared_row", lambda r: np.asarray(r))  # rows kept
+    own = cross_correlate_rv(obs, weight, templates, WAVE, star_wavelength=rows)
+    for a, b in zip(shared, own, strict=True):
+        assert np.array_equal(a, b)
+    assert np.all(np.abs(shared[0] - rvs) < 10.0)
+
+
 def test_rv_refinement_of_stars_on_shared_pixels_is_each_stars_own():
     """Stars on one wavelength solution are fitted in one call: the velocities and errors
     are those of each star refined alone, to the last bit; rows grouped by equal values."""
@@ -137,6 +158,8 @@ def test_rv_refinement_of_stars_on_shared_pixels_is_each_stars_own():
     templates = np.stack([_lines(BASE_DEPTHS, CENTRES)] * rvs.size)
     star_wave = np.stack([WAVE, WAVE + 0.05, WAVE])  # stars 0 and 2 share their pixels
     assert _same_rows(star_wave) == [[0, 2], [1]]
+    assert _same_rows(np.broadcast_to(WAVE, (3, WAVE.size))) == [[0, 1, 2]]
+    assert _same_rows(np.array([[0.0, 1.0], [-0.0, 1.0]])) == [[0], [1]]  # bits, not ==
     rv0 = np.full(rvs.size, 30.0)  # one margin for the stars together and alone
     together = refine_rv(obs, weight, templates, WAVE, rv0, knot_spacing=400.0,
                          star_wavelength=star_wave)
@@ -144,6 +167,18 @@ def test_rv_refinement_of_stars_on_shared_pixels_is_each_stars_own():
         alone = refine_rv(obs[[s]], weight[[s]], templates[[s]], WAVE, rv0[[s]],
                           knot_spacing=400.0, star_wavelength=star_wave[[s]])
         assert together[0][s] == alone[0][0] and together[1][s] == alone[1][0]
+
+
+def test_rv_refinement_pixel_in_kms():
+    """The velocity scan's half width: the median pixel in km/s, kept by the pixels' bytes."""
+    from kspec_fluxcal.constants import SPEED_OF_LIGHT_KMS
+    from kspec_fluxcal.fit.velocity import _pixel_kms
+
+    wave = np.geomspace(4000.0, 8000.0, 500) + np.linspace(0.0, 1.0, 500) ** 2
+    want = SPEED_OF_LIGHT_KMS * np.median(np.diff(np.log(wave)))
+    assert _pixel_kms(wave.tobytes()) == want == _pixel_kms(wave.copy().tobytes())
+    assert _pixel_kms(WAVE.tobytes()) == SPEED_OF_LIGHT_KMS * np.median(np.diff(np.log(WAVE)))
+
 
 def test_shift_matches_analytic_shift():
     rv = 57.0
@@ -394,6 +429,23 @@ def test_stars_corrections_are_each_templates_own_fit_to_the_last_bit():
     assert got.tobytes() == np.stack(want).tobytes()
 
 
+def test_shift_operator_keys_of_wavelengths_seen_before():
+    """Wavelengths seen before give the same key object (their rounded bytes); others of the
+    same fingerprint (two pixels swapped: the same sum of bits) their own; exposures of one
+    setup (1e-11 A apart) one key, as before."""
+    from kspec_fluxcal.fit.shifts import _key, keyed_wavelengths, shift_operator
+
+    wave = np.linspace(4000.0, 5000.0, 300) + 1e-9
+    first = _key(wave)
+    assert first == keyed_wavelengths(wave).tobytes()
+    assert _key(wave.copy()) is first
+    swapped = wave.copy()
+    swapped[[3, 7]] = swapped[[7, 3]]
+    assert _key(swapped) == keyed_wavelengths(swapped).tobytes() != first
+    assert _key(wave + 1e-11) == first
+    assert shift_operator(wave + 1e-11, 30.0) is shift_operator(wave, 30.0)
+
+
 def test_sampled_rest_frames_are_the_operators_within_rounding():
     """sampled_rest_frames (the scan's first pass) gives each star's rest_frame_star divided
     by its template's star_correction: the same weighted pixels, the values within rounding
@@ -545,7 +597,31 @@ def test_sampled_rows_are_the_tabulated_taps_summed_pairwise(block, monkeypatch)
 
 
 
-def test_sampled_rows_in_float32_are_the_float64_ones_within_its_rounding():
+@pytest.mark.parametrize("precision", [np.float64, np.float32])
+def test_sampled_sets_are_each_sets_sampled_rows_to_the_last_bit(precision, monkeypatch):
+    """sample_sets: each set of rows what sample_rows makes of it alone at the same
+    positions (the kernel's weights shared, not changed), in blocks of points too."""
+    from kspec_fluxcal.fit import shifts
+    from kspec_fluxcal.fit.shifts import sample_rows, sample_sets
+
+    monkeypatch.setattr(shifts, "_SAMPLE_BLOCK", 13)
+    rng = np.random.default_rng(7)
+    n = 60
+    sets = [rng.normal(size=(3, n)), 1.0 + rng.random((3, n))]
+    pos = rng.uniform(0, n - 1, size=(3, 50))
+    pos[0, :2] = [0.1, n - 1.4]  # taps past both ends
+    pos[2, 0] = np.inf
+    got = sample_sets(sets, pos, precision)
+    assert len(got) == 2
+    for rows, out in zip(sets, got, strict=True):
+        assert out.shape == pos.shape
+        assert np.array_equal(out, sample_rows(rows, pos, precision))
+    assert not np.array_equal(got[0], got[1])
+
+
+def test_sampled_rows_in_float32_are_the_float64_ones_within_its_table():
+    """float32 takes the kernel's weights at the nearest 1/8192 pixel: noise sampled within
+    1e-4 of the float64 interpolation, a smooth line within 1e-5 (float32 alone: ~2e-7)."""
     from kspec_fluxcal.fit.shifts import sample_rows
 
     rng = np.random.default_rng(6)
@@ -553,11 +629,16 @@ def test_sampled_rows_in_float32_are_the_float64_ones_within_its_rounding():
     spectra = 1.0 - 0.5 * rng.random((2, n))
     pos = rng.uniform(0, n - 1, size=(2, 5, 200))
     pos[0, 0, :2] = [0.2, n - 1.3]  # taps past both ends
+    pos[1, 0, :3] = [n - 1.0, n - 1 - 1e-5, 3.0 + 1e-5]  # rounded up to a pixel
     exact = sample_rows(spectra, pos)
     single = sample_rows(spectra, pos, np.float32)
     assert single.dtype == np.float64 and single.shape == pos.shape
     assert not np.array_equal(single, exact)
-    np.testing.assert_allclose(single, exact, rtol=1e-6, atol=0)
+    np.testing.assert_allclose(single, exact, rtol=1e-4, atol=0)
+    np.testing.assert_allclose(single[1, 0, :3], spectra[1, [n - 1, n - 1, 3]], rtol=1e-7)
+    line = 1.0 - 0.3 * np.exp(-0.5 * ((np.arange(n) - 150) / 3.0) ** 2) * np.ones((2, 1))
+    np.testing.assert_allclose(sample_rows(line, pos, np.float32), sample_rows(line, pos),
+                               rtol=1e-5, atol=0)
 
 def _alpha_world(feh_slope=0.05):
     """Templates whose lines deepen linearly with [alpha/M], on a grid that has +0.25 only

@@ -449,6 +449,24 @@ def test_gaussian_widths_are_the_operators_of_each_width(cube):
     np.testing.assert_array_equal(counts, np.diff(want[2]))
 
 
+@pytest.mark.parametrize("count", [1, 3, 6])
+def test_gaussian_widths_of_a_few_spectra_one_by_one_to_the_last_bit(count, monkeypatch):
+    """A few spectra multiplied one by one give what scipy's several-vector product gives
+    them (the same sums in the same order), bit for bit."""
+    rng = np.random.default_rng(3)
+    wave_in = np.exp(np.arange(np.log(3000.0), np.log(9500.0), 1.0 / (2.3 * R_GRID)))
+    log_in = convolution.log_sampling(wave_in)
+    ln_out = np.log(np.linspace(3600.0, 9000.0, 700))
+    spectra = (1.0 - 0.5 * rng.random((count, wave_in.size))).astype(np.float32).T
+    sig = 1.0 / (np.exp(ln_out) / 2.0 * FWHM_PER_SIGMA)
+    excesses = np.stack([(f * sig) ** 2 for f in (0.9, 1.1)])
+    mine = convolution.gaussian_widths(log_in, ln_out, excesses, spectra)
+    monkeypatch.setattr(convolution, "_ONE_BY_ONE", 0)
+    several = convolution.gaussian_widths(log_in, ln_out, excesses, spectra)
+    assert mine[0].shape == (2, ln_out.size, count)
+    assert np.array_equal(mine[0], several[0]) and np.array_equal(mine[1], several[1])
+
+
 def test_library_cache_off_and_explicit_directory(cube, tmp_path, monkeypatch):
     monkeypatch.setenv(CACHE_ENV, "off")
     clear_cache()

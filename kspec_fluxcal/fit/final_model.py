@@ -22,7 +22,7 @@ from .acceptance import line_depth, line_variance
 from .exposure_templates import corner_combination, interpolated_corners
 from .matching import correction_parameters, fit_corrected
 from .model_photometry import final_photometry, model_magnitudes
-from .shifts import rest_positions, sample_rows
+from .shifts import rest_positions, sample_sets
 from .velocity import refine_rv
 
 __all__ = ["final_model", "outlier_pixels"]
@@ -44,7 +44,8 @@ def final_model(obs, tm, scan, params, matched, phot, config, xp=None):
     (:func:`_scaled_model`: ``model_flux``, ``scale``, ``ebv``, ``phot``, ``mag_model``,
     ``warp_rms``, ``logg_parallax``, ``xp``...), ``phot_rms_spectral`` (the photometric rms
     of each star's best template by its spectrum alone,
-    :func:`~kspec_fluxcal.fit.model_photometry.final_photometry`)."""
+    :func:`~kspec_fluxcal.fit.model_photometry.final_photometry`) and ``residuals`` (the
+    stars against ``model_nobs``, :class:`_Residuals`, kept for :func:`outlier_pixels`)."""
 
     corners, weight = interpolated_corners(tm.library, params)
     nstar = obs.nstar
@@ -68,7 +69,7 @@ def final_model(obs, tm, scan, params, matched, phot, config, xp=None):
     scaled = _scaled_model(obs, model_obs, weights, matched, phot, scan, config, xp)
     return SimpleNamespace(rv=rv, rv_err=rv_err, model_nobs=model_nobs, chi2_dof=chi2_dof,
                            model_error=model_error, line_error=line_error,
-                           **scaled)
+                           residuals=residuals, **scaled)
 
 
 def _compared(obs, moved_n, knots):
@@ -90,14 +91,17 @@ def _compared(obs, moved_n, knots):
 def _moved(obs, rv, *spectra):
     """Each star's row of each of ``spectra`` (S, P; on the reference pixels, rest frame)
     moved to the star's velocity ``rv`` and sampled at its own pixels, NaN beyond the ends:
-    the shift operators' kernel applied tap by tap to every row at once
-    (:func:`~kspec_fluxcal.fit.shifts.sample_rows`), without an operator built per star."""
+    the shift operators' kernel applied tap by tap to every row at once, its weights once for
+    all ``spectra`` (:func:`~kspec_fluxcal.fit.shifts.sample_sets`), without an operator
+    built per star."""
     if not obs.nstar:
         return [np.zeros((0, obs.wave.size)) for _ in spectra]
-    pos = np.concatenate([rest_positions(obs.star_wave, rv, obs.wave)] * len(spectra))
-    out = sample_rows(np.concatenate(spectra), pos)
-    out[~np.isfinite(pos)] = np.nan
-    return np.split(out, len(spectra))
+    pos = rest_positions(obs.star_wave, rv, obs.wave)
+    out = sample_sets(spectra, pos)
+    beyond = ~np.isfinite(pos)
+    for moved in out:
+        moved[beyond] = np.nan
+    return out
 
 
 def _scaled_model(obs, model_obs, weights, matched, phot, scan, config, xp=None):
@@ -277,8 +281,11 @@ def outlier_pixels(obs, model, fit, sigma):
     a residual of the normalised spectrum beyond ``sigma`` times the pixel's noise, the
     star's model error and its lines' mismatch (:func:`~kspec_fluxcal.fit.acceptance.
     line_variance`, ``fit`` the [fit] options) in quadrature. Template mismatch is in the
-    last two: a line the template gets wrong is not an outlier. Returns (S, P) bool."""
-    res = _residuals(obs, model.model_nobs)
+    last two: a line the template gets wrong is not an outlier. Returns (S, P) bool.
+
+    ``model`` is :func:`final_model`'s for ``obs``: its ``residuals`` are taken as it kept
+    them (a model without them has them computed)."""
+    res = getattr(model, "residuals", None) or _residuals(obs, model.model_nobs)
     frac = nan_to_num(model.model_error)[:, None] ** 2 + line_variance(model, fit)
     with np.errstate(invalid="ignore", divide="ignore"):
         z2 = res.resid2 / (res.var + frac * res.m2)

@@ -15,14 +15,15 @@ import numpy as np
 import scipy.sparse
 
 from ..constants import SPEED_OF_LIGHT_KMS
+from ..continuum import sparse_products
 
-__all__ = ["shift_operator", "ShiftOperator", "shift_spectra", "sample_rows", "sample_moments",
+__all__ = ["shift_operator", "ShiftOperator", "shift_spectra", "sample_rows", "sample_sets",
+           "sample_moments",
            "position_margin", "rest_positions", "keyed_wavelengths", "keyed_velocity"]
 
 _LANCZOS_A = 4
 _TAPS = np.arange(-_LANCZOS_A + 1, _LANCZOS_A + 1)
 _TABLE_STEPS = 2048  # kernel weights tabulated per 1/2048 pixel: interpolation errs < 1e-6
-_TABLE_SHIFT = _TABLE_STEPS.bit_length() - 1  # a power of two: steps to pixels by a shift
 
 
 def _exact_kernel_weights(frac):
@@ -36,11 +37,18 @@ def _exact_kernel_weights(frac):
 
 _KERNEL_TABLE = _exact_kernel_weights(np.linspace(0.0, 1.0, _TABLE_STEPS + 1))
 _KERNEL_STEP = np.diff(_KERNEL_TABLE, axis=0)  # one gather fewer per interpolation
+#: float32 sampling (the velocity trials') takes the weights at the nearest 1/8192 pixel of
+#: a finer table instead of interpolating: one gather per tap for its weights, not two and
+#: two passes (refine_rv's sampling ~0.6x the time); the weights err by up to ~2e-5 (a
+#: table of 1/65536 pixel, 2 MB, fell out of the cache: 0.9x). A power of two.
+_NEAREST_STEPS = 8192
 # Tap-major copies for :func:`sample_rows`, which works on (taps, points) arrays, in each
-# precision it samples in.
-_SAMPLING_TABLES = {np.dtype(t): (np.ascontiguousarray(_KERNEL_TABLE[:-1].T, dtype=t),
-                                   np.ascontiguousarray(_KERNEL_STEP.T, dtype=t))
-                    for t in (np.float64, np.float32)}
+# precision it samples in: (table steps per pixel, weights, their steps or None: nearest).
+_SAMPLING_TABLES = {
+    np.dtype(np.float64): (_TABLE_STEPS, np.ascontiguousarray(_KERNEL_TABLE[:-1].T),
+                           np.ascontiguousarray(_KERNEL_STEP.T)),
+    np.dtype(np.float32): (_NEAREST_STEPS, np.ascontiguousarray(_exact_kernel_weights(
+        np.linspace(0.0, 1.0, _NEAREST_STEPS + 1))[:-1].T, dtype=np.float32), None)}
 
 
 def _kernel_weights(frac):
@@ -88,8 +96,26 @@ def _keyed_rv(rv):
     return round(float(rv), 9)
 
 
+#: Recent wavelengths' keys by the wrapping sum of their bits: the key of wavelengths seen
+#: before, the same bytes object (its hash kept, equal to itself at once), without rounding
+#: them again. An exposure's stars and reference grid are a few; its shift operators are
+#: looked up ~11 times (each lookup rounded and hashed two 32 kB rows: ~40 us).
+_RECENT_KEYS = {}
+_RECENT_KEEP = 8
+
+
 def _key(wavelength):
-    return keyed_wavelengths(wavelength).tobytes()
+    wave = np.ascontiguousarray(wavelength, dtype=np.float64)
+    raw, fingerprint = wave.tobytes(), int(wave.view(np.int64).sum())
+    seen = _RECENT_KEYS.get(fingerprint)
+    if seen is not None and seen[0] == raw:
+        return seen[1]
+    key = keyed_wavelengths(wave).tobytes()
+    if len(_RECENT_KEYS) >= _RECENT_KEEP:
+        # Other exposures' keys: cleared in one step (safe while threads look keys up)
+        _RECENT_KEYS.clear()
+    _RECENT_KEYS[fingerprint] = (raw, key)
+    return key
 
 
 def shift_operator(wavelength, rv, source=None):
@@ -186,7 +212,8 @@ def shift_spectra(spectra, wavelength, rv, source=None):
     (km/s, scalar), sampled at ``wavelength`` (P,); NaN beyond the edges."""
     op = shift_operator(wavelength, rv, source)
     flat = np.asarray(spectra, dtype=np.float64).reshape(-1, op.matrix.shape[1])
-    out = (op.matrix @ flat.T).T
+    # (matrix @ flat.T).T, a star's one or two templates one by one (the same sums)
+    out = sparse_products(op.matrix, flat)
     out[:, op.empty] = np.nan
     return out.reshape(np.shape(spectra)[:-1] + (op.matrix.shape[0],))
 
@@ -204,9 +231,19 @@ def sample_rows(spectra, pos, precision=np.float64):
 
     ``precision`` is the dtype of the kernel's weights, the values and their sums (the
     result is float64 either way): float32 moves half the bytes (gathers: ~0.7x the time)
-    and errs by ~2e-7 of the values, what float32 templates hold anyway.
+    and takes the weights at the nearest 1/8192 pixel (:data:`_NEAREST_STEPS`), not
+    interpolated: it errs by up to ~2e-5 of the values (a velocity scan's chi^2 parabola
+    hardly moves).
     """
-    return _sample((spectra,), (None,), pos, precision)[0]
+    return sample_sets((spectra,), pos, precision)[0]
+
+
+def sample_sets(sets, pos, precision=np.float64):
+    """:func:`sample_rows` of each of several ``sets`` of rows (S, Q) at the same positions
+    ``pos``, the kernel's weights computed once for all of them (a star's flux and normalised
+    models: half the weights' passes of one call on the sets stacked). Returns a list, one
+    array per set."""
+    return _sample(tuple(sets), (None,) * len(sets), pos, precision)
 
 
 def sample_moments(flux, variance, bad, pos):
@@ -224,19 +261,23 @@ def _sample(spectra, kinds, pos, precision):
     """:func:`sample_rows` of several sets of rows (S, Q) at the same positions, each with
     its kernel's weights transformed by its ``kinds`` function (None: as they are)."""
     # The position in table steps, split once: its whole steps give the pixel (their high
-    # part) and the table row (their low part), the rest the interpolation. Scaling by a
+    # part) and the table row (their low part), the rest the interpolation (float32: the
+    # nearest step, none). Scaling by a
     # power of two and taking whole parts are exact: _kernel_weights' rows and fractions to
     # the last bit, in fewer passes over the points than splitting pixel, then table step.
     # Finite positions are >= 0: truncation is the floor (the whole steps as integers at
     # once; the rows' offsets added in place: two fewer temporaries of 8 bytes a point).
+    steps, table, step = _SAMPLING_TABLES[np.dtype(precision)]
     x = np.where(np.isfinite(pos), pos, 0.0).ravel()
-    x *= _TABLE_STEPS
+    x *= steps
+    if step is None:
+        x += 0.5  # the nearest step (of the next pixel past its last one: exact)
     first = x.astype(np.intp)
-    x -= first
-    d = x.astype(precision, copy=False)
-    i = first & (_TABLE_STEPS - 1)
-    first >>= _TABLE_SHIFT  # each point's pixel, then its first tap in the padded rows
-    table, step = _SAMPLING_TABLES[np.dtype(precision)]
+    if step is not None:  # the interpolation's fractions
+        x -= first
+        x = x.astype(precision, copy=False)
+    i = first & (steps - 1)
+    first >>= steps.bit_length() - 1  # each point's pixel, then its first tap in the rows
     padded = [_padded(rows, precision) for rows in spectra]
     nrow, n = np.shape(spectra[0])
     width = n + _LANCZOS_A - 1 + _LANCZOS_A
@@ -249,12 +290,15 @@ def _sample(spectra, kinds, pos, precision):
     out = [np.empty(first.size) for _ in spectra]
     for start in range(0, first.size, _SAMPLE_BLOCK):
         block = slice(start, start + _SAMPLE_BLOCK)
-        ib, db, fb = i[block], d[block], first[block]
+        ib, db, fb = i[block], x[block], first[block]
         terms = [[] for _ in spectra]
         for k in range(_TAPS.size):
-            weight = step[k].take(ib)
-            weight *= db
-            weight += table[k].take(ib)
+            if step is None:
+                weight = table[k].take(ib)
+            else:
+                weight = step[k].take(ib)
+                weight *= db
+                weight += table[k].take(ib)
             for rows, kind, mine in zip(padded, kinds, terms, strict=True):
                 value = rows[k:].take(fb)
                 value *= weight if kind is None else kind(weight)

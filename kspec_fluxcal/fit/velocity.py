@@ -3,6 +3,8 @@ chi^2 scan against each star's template (shifted with :mod:`kspec_fluxcal.fit.sh
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .._nan import nan_to_num
@@ -52,16 +54,20 @@ def cross_correlate_rv(obs_norm, obs_weight, template_norm, wavelength, *, rv_ma
     grid = np.linspace(ln[0], ln[-1], n)
     step = grid[1] - grid[0]
     use = (obs_weight > 0) & np.isfinite(obs_norm)
-    taper = np.ones(n)
-    edge = max(1, n // 20)
-    taper[:edge] = taper[-edge:][::-1] = 0.5 - 0.5 * np.cos(np.pi * np.arange(edge) / edge)
-    so = _line_signal(obs_norm, use, ln_star, grid)
+    taper = _taper(n)
+    # Stars on the templates' own pixels (often all of an exposure's) share the templates'
+    # taps on the grid, and have data where they do (np.interp gives a node's value exactly).
+    on_template = np.ndim(ln_star) == 1 and np.array_equal(ln_star, ln)
+    taps = _grid_taps(ln, grid, use.shape)
+    so = _line_signal(obs_norm, use, taps if on_template else _grid_taps(ln_star, grid,
+                                                                         use.shape))
     so *= taper
     # The template only where the star has data (its pixels mapped onto the template's).
-    star_ok = np.stack([np.interp(ln, row, m.astype(float)) > 0.999 for row, m
-                        in zip(np.broadcast_to(ln_star, use.shape), use, strict=True)])
+    star_ok = use if on_template else np.stack([
+        np.interp(ln, row, m.astype(float)) > 0.999
+        for row, m in zip(np.broadcast_to(ln_star, use.shape), use, strict=True)])
     template_ok = np.isfinite(np.broadcast_to(template_norm, use.shape)) & star_ok
-    st = _line_signal(np.broadcast_to(template_norm, use.shape), template_ok, ln, grid)
+    st = _line_signal(np.broadcast_to(template_norm, use.shape), template_ok, taps)
     st *= taper
     squares = so**2
     power = squares.sum(1)
@@ -78,14 +84,25 @@ def cross_correlate_rv(obs_norm, obs_weight, template_norm, wavelength, *, rv_ma
     return SPEED_OF_LIGHT_KMS * np.expm1(lag * step), peak
 
 
-def _line_signal(values, mask, ln_rows, grid):
-    """Line depths ``1 - values`` (S, P) on each row's own ln(lambda) pixels ``ln_rows``
-    ((S, P), or (P,) shared by every row), resampled linearly onto the common ln(lambda)
-    ``grid``, masked pixels zeroed and each row's mean removed: (S, len(grid)), ready to
-    correlate."""
-    nrow, npix = values.shape
+@functools.lru_cache(maxsize=4)
+def _taper(n):
+    """The correlation's taper of ``n`` points (read-only): cosine ramps over the first and
+    last twentieth, 1 between (an exposure's length: made once, not per exposure)."""
+    taper = np.ones(n)
+    edge = max(1, n // 20)
+    taper[:edge] = taper[-edge:][::-1] = 0.5 - 0.5 * np.cos(np.pi * np.arange(edge) / edge)
+    taper.flags.writeable = False
+    return taper
+
+
+def _grid_taps(ln_rows, grid, shape):
+    """Where the common ln(lambda) ``grid`` falls on rows (``shape`` (S, P)) of pixels
+    ``ln_rows`` ((S, P), or (P,) shared by every row): ``(left, t, u)``, each grid point's
+    left pixel in the flattened rows (S, len(grid)), and the weights ``t`` of its right
+    and ``u = 1 - t`` of its left neighbour (shared pixels: one row, broadcast)."""
+    nrow, npix = shape
     # Each star on its own pixels: one interpolation per star (a handful); shared pixels
-    # interpolated, and their positions split, once (one row, broadcast by the gathers).
+    # interpolated, and their positions split, once.
     if np.ndim(ln_rows) == 1:
         idx = np.interp(grid, ln_rows, np.arange(npix))[None]
     else:
@@ -96,14 +113,21 @@ def _line_signal(values, mask, ln_rows, grid):
     # Gathers from the flattened rows (take: several times faster than (row, column) pairs),
     # the right neighbours' from the rows one pixel on (no second index array)
     left = lo + npix * np.arange(nrow)[:, None]
+    return left, t, np.subtract(1, t, out=idx)
+
+
+def _line_signal(values, mask, taps):
+    """Line depths ``1 - values`` (S, P), resampled linearly onto the common ln(lambda) grid
+    of ``taps`` (:func:`_grid_taps`), masked pixels zeroed and each row's mean removed:
+    (S, len(grid)), ready to correlate."""
+    left, t, u = taps
     sig = np.where(mask, 1.0 - values, 0.0).ravel()
     # In place: the same products and sums as the expressions, without their temporaries
     # (each (S, 4 P) float64 one ~0.4 MB: cross_correlate_rv took ~1.5x the time with them)
     out = sig.take(left)
     ahead = sig[1:].take(left)
     ahead *= t
-    np.subtract(1, t, out=t)
-    out *= t
+    out *= u
     out += ahead
     flat_mask = np.ascontiguousarray(mask).ravel()
     m = flat_mask.take(left)  # the products with 0/1 as booleans: no float copy
@@ -167,8 +191,8 @@ def refine_rv(obs_norm, obs_weight, template_norm, wavelength, rv0, *, half_widt
     wave = np.asarray(wavelength, dtype=np.float64)
     star_wave = np.broadcast_to(wave if star_wavelength is None else star_wavelength,
                                 np.shape(obs_norm))
-    pix_kms = SPEED_OF_LIGHT_KMS * np.median(np.diff(np.log(wave)))
-    half_width = pix_kms if half_width is None else half_width
+    half_width = _pixel_kms(np.ascontiguousarray(wave).tobytes()) if half_width is None \
+        else half_width
     offsets = np.linspace(-half_width, half_width, nstep)
     rv0 = np.asarray(rv0, dtype=np.float64)
     trial = rv0[:, None] + offsets[None, :]  # (S, V)
@@ -215,6 +239,14 @@ def refine_rv(obs_norm, obs_weight, template_norm, wavelength, rv0, *, half_widt
     return rv0 + vertex, err
 
 
+@functools.lru_cache(maxsize=4)
+def _pixel_kms(wave_bytes):
+    """The median pixel of wavelengths (their bytes) in km/s: an exposure's templates' pixels
+    twice per fit (its log, differences and median ~50 us each time)."""
+    wave = np.frombuffer(wave_bytes, dtype=np.float64)
+    return SPEED_OF_LIGHT_KMS * np.median(np.diff(np.log(wave)))
+
+
 def _shared_row(rows):
     """``rows`` (S, P) as one row (P,) when they are all equal (or already one row)."""
     rows = np.asarray(rows)
@@ -223,6 +255,10 @@ def _shared_row(rows):
 
 def _same_rows(rows):
     """Indices of the rows (S, P) grouped by equal values (lists, in order of first
-    appearance): :func:`~kspec_fluxcal.wavelength.distinct_rows`' grouping."""
+    appearance): :func:`~kspec_fluxcal.wavelength.distinct_rows`' grouping (equal in every
+    bit), rows all equal (most exposures' stars) found by one comparison."""
+    bits = np.asarray(rows, dtype=np.float64).view(np.int64)
+    if len(bits) and (bits == bits[0]).all():
+        return [list(range(len(bits)))]
     _, inverse = distinct_rows(rows, None)
     return [np.flatnonzero(inverse == k).tolist() for k in range(int(inverse.max(initial=-1)) + 1)]
