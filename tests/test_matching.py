@@ -619,9 +619,7 @@ def test_sampled_sets_are_each_sets_sampled_rows_to_the_last_bit(precision, monk
     assert not np.array_equal(got[0], got[1])
 
 
-def test_sampled_rows_in_float32_are_the_float64_ones_within_its_table():
-    """float32 takes the kernel's weights at the nearest 1/8192 pixel: noise sampled within
-    1e-4 of the float64 interpolation, a smooth line within 1e-5 (float32 alone: ~2e-7)."""
+def test_sampled_rows_in_float32_are_the_float64_ones_within_its_rounding():
     from kspec_fluxcal.fit.shifts import sample_rows
 
     rng = np.random.default_rng(6)
@@ -629,16 +627,11 @@ def test_sampled_rows_in_float32_are_the_float64_ones_within_its_table():
     spectra = 1.0 - 0.5 * rng.random((2, n))
     pos = rng.uniform(0, n - 1, size=(2, 5, 200))
     pos[0, 0, :2] = [0.2, n - 1.3]  # taps past both ends
-    pos[1, 0, :3] = [n - 1.0, n - 1 - 1e-5, 3.0 + 1e-5]  # rounded up to a pixel
     exact = sample_rows(spectra, pos)
     single = sample_rows(spectra, pos, np.float32)
     assert single.dtype == np.float64 and single.shape == pos.shape
     assert not np.array_equal(single, exact)
-    np.testing.assert_allclose(single, exact, rtol=1e-4, atol=0)
-    np.testing.assert_allclose(single[1, 0, :3], spectra[1, [n - 1, n - 1, 3]], rtol=1e-7)
-    line = 1.0 - 0.3 * np.exp(-0.5 * ((np.arange(n) - 150) / 3.0) ** 2) * np.ones((2, 1))
-    np.testing.assert_allclose(sample_rows(line, pos, np.float32), sample_rows(line, pos),
-                               rtol=1e-5, atol=0)
+    np.testing.assert_allclose(single, exact, rtol=1e-6, atol=0)
 
 def _alpha_world(feh_slope=0.05):
     """Templates whose lines deepen linearly with [alpha/M], on a grid that has +0.25 only

@@ -24,6 +24,7 @@ __all__ = ["shift_operator", "ShiftOperator", "shift_spectra", "sample_rows", "s
 _LANCZOS_A = 4
 _TAPS = np.arange(-_LANCZOS_A + 1, _LANCZOS_A + 1)
 _TABLE_STEPS = 2048  # kernel weights tabulated per 1/2048 pixel: interpolation errs < 1e-6
+_TABLE_SHIFT = _TABLE_STEPS.bit_length() - 1  # a power of two: steps to pixels by a shift
 
 
 def _exact_kernel_weights(frac):
@@ -37,18 +38,11 @@ def _exact_kernel_weights(frac):
 
 _KERNEL_TABLE = _exact_kernel_weights(np.linspace(0.0, 1.0, _TABLE_STEPS + 1))
 _KERNEL_STEP = np.diff(_KERNEL_TABLE, axis=0)  # one gather fewer per interpolation
-#: float32 sampling (the velocity trials') takes the weights at the nearest 1/8192 pixel of
-#: a finer table instead of interpolating: one gather per tap for its weights, not two and
-#: two passes (refine_rv's sampling ~0.6x the time); the weights err by up to ~2e-5 (a
-#: table of 1/65536 pixel, 2 MB, fell out of the cache: 0.9x). A power of two.
-_NEAREST_STEPS = 8192
 # Tap-major copies for :func:`sample_rows`, which works on (taps, points) arrays, in each
-# precision it samples in: (table steps per pixel, weights, their steps or None: nearest).
-_SAMPLING_TABLES = {
-    np.dtype(np.float64): (_TABLE_STEPS, np.ascontiguousarray(_KERNEL_TABLE[:-1].T),
-                           np.ascontiguousarray(_KERNEL_STEP.T)),
-    np.dtype(np.float32): (_NEAREST_STEPS, np.ascontiguousarray(_exact_kernel_weights(
-        np.linspace(0.0, 1.0, _NEAREST_STEPS + 1))[:-1].T, dtype=np.float32), None)}
+# precision it samples in.
+_SAMPLING_TABLES = {np.dtype(t): (np.ascontiguousarray(_KERNEL_TABLE[:-1].T, dtype=t),
+                                   np.ascontiguousarray(_KERNEL_STEP.T, dtype=t))
+                    for t in (np.float64, np.float32)}
 
 
 def _kernel_weights(frac):
@@ -231,9 +225,7 @@ def sample_rows(spectra, pos, precision=np.float64):
 
     ``precision`` is the dtype of the kernel's weights, the values and their sums (the
     result is float64 either way): float32 moves half the bytes (gathers: ~0.7x the time)
-    and takes the weights at the nearest 1/8192 pixel (:data:`_NEAREST_STEPS`), not
-    interpolated: it errs by up to ~2e-5 of the values (a velocity scan's chi^2 parabola
-    hardly moves).
+    and errs by ~2e-7 of the values, what float32 templates hold anyway.
     """
     return sample_sets((spectra,), pos, precision)[0]
 
@@ -261,23 +253,19 @@ def _sample(spectra, kinds, pos, precision):
     """:func:`sample_rows` of several sets of rows (S, Q) at the same positions, each with
     its kernel's weights transformed by its ``kinds`` function (None: as they are)."""
     # The position in table steps, split once: its whole steps give the pixel (their high
-    # part) and the table row (their low part), the rest the interpolation (float32: the
-    # nearest step, none). Scaling by a
+    # part) and the table row (their low part), the rest the interpolation. Scaling by a
     # power of two and taking whole parts are exact: _kernel_weights' rows and fractions to
     # the last bit, in fewer passes over the points than splitting pixel, then table step.
     # Finite positions are >= 0: truncation is the floor (the whole steps as integers at
     # once; the rows' offsets added in place: two fewer temporaries of 8 bytes a point).
-    steps, table, step = _SAMPLING_TABLES[np.dtype(precision)]
     x = np.where(np.isfinite(pos), pos, 0.0).ravel()
-    x *= steps
-    if step is None:
-        x += 0.5  # the nearest step (of the next pixel past its last one: exact)
+    x *= _TABLE_STEPS
     first = x.astype(np.intp)
-    if step is not None:  # the interpolation's fractions
-        x -= first
-        x = x.astype(precision, copy=False)
-    i = first & (steps - 1)
-    first >>= steps.bit_length() - 1  # each point's pixel, then its first tap in the rows
+    x -= first
+    d = x.astype(precision, copy=False)
+    i = first & (_TABLE_STEPS - 1)
+    first >>= _TABLE_SHIFT  # each point's pixel, then its first tap in the padded rows
+    table, step = _SAMPLING_TABLES[np.dtype(precision)]
     padded = [_padded(rows, precision) for rows in spectra]
     nrow, n = np.shape(spectra[0])
     width = n + _LANCZOS_A - 1 + _LANCZOS_A
@@ -290,15 +278,12 @@ def _sample(spectra, kinds, pos, precision):
     out = [np.empty(first.size) for _ in spectra]
     for start in range(0, first.size, _SAMPLE_BLOCK):
         block = slice(start, start + _SAMPLE_BLOCK)
-        ib, db, fb = i[block], x[block], first[block]
+        ib, db, fb = i[block], d[block], first[block]
         terms = [[] for _ in spectra]
         for k in range(_TAPS.size):
-            if step is None:
-                weight = table[k].take(ib)
-            else:
-                weight = step[k].take(ib)
-                weight *= db
-                weight += table[k].take(ib)
+            weight = step[k].take(ib)
+            weight *= db
+            weight += table[k].take(ib)
             for rows, kind, mine in zip(padded, kinds, terms, strict=True):
                 value = rows[k:].take(fb)
                 value *= weight if kind is None else kind(weight)
