@@ -8,7 +8,7 @@ import threading
 
 import numpy as np
 
-__all__ = ["Recent", "per_library", "read_only"]
+__all__ = ["Recent", "RecentKeys", "per_library", "read_only"]
 
 
 class Recent:
@@ -41,6 +41,36 @@ class Recent:
 
     def __len__(self):
         return len(self._items)
+
+
+class RecentKeys:
+    """Cache keys of arrays (e.g. a wavelength row), each made by ``make`` (the array as
+    float64, C-contiguous -> a hashable key) once and given again while recently seen.
+
+    Recent arrays are found by the wrapping sum of their bits, then checked byte for byte:
+    the same key object again, its hash kept (a fresh 32 kB bytes key is hashed anew on every
+    look-up: ~11 us, and rounded first for most keys: ~7 us more), equal to itself at once.
+    Shared by threads: a look-up reads the table, a miss adds to it (or clears it when full,
+    in one step).
+    """
+
+    def __init__(self, make, keep=8):
+        self._make = make
+        self._keep = keep
+        self._seen = {}
+
+    def __call__(self, array):
+        """The key of ``array``."""
+        array = np.ascontiguousarray(array, dtype=np.float64)
+        raw, fingerprint = array.tobytes(), int(array.view(np.int64).sum())
+        seen = self._seen.get(fingerprint)
+        if seen is not None and seen[0] == raw:
+            return seen[1]
+        key = self._make(array)
+        if len(self._seen) >= self._keep:
+            self._seen.clear()  # other exposures' keys
+        self._seen[fingerprint] = (raw, key)
+        return key
 
 
 def per_library(cache, build, library, *args):

@@ -55,6 +55,7 @@ from .template_cache import (
     _write_cached,
     default_cache_dir,
 )
+from .wavelength import keyed_wavelengths, wavelength_key
 
 __all__ = ["convolution_matrix", "prepare_templates", "prepared_templates", "clear_cache",
            "prepare_library", "library_spectra", "library_columns", "library_bands",
@@ -476,8 +477,8 @@ def _library_log_sampling(library):
     return tuple(read_only(a) for a in log_sampling(library["wavelength"].values))
 
 
-def _operator_key(library, wave, lsf):  # wave: rounded to 6 decimals, contiguous
-    return (library.attrs.get("library_key", id(library)), wave.tobytes(),
+def _operator_key(library, wavelength, lsf):
+    return (library.attrs.get("library_key", id(library)), wavelength_key(wavelength),
             None if lsf is None else lsf.key())
 
 
@@ -487,11 +488,11 @@ def _library_operator(library, wavelength, lsf):
     it applies to ('blurred_' for a pre-blurred library's, when they serve ``lsf``: see
     :mod:`kspec_fluxcal.preblur`) and its bands of pixels (:func:`library_bands`: a list,
     filled when first asked for); built once, kept."""
-    wave = np.ascontiguousarray(np.round(np.asarray(wavelength, dtype=np.float64), 6))
-    key = _operator_key(library, wave, lsf)
+    key = _operator_key(library, wavelength, lsf)
     item = _OPERATORS.get(key)
     if item is not None:
         return item
+    wave = keyed_wavelengths(wavelength)
     entries, prefix = blurred_entries(library, wave, lsf), "blurred_"
     if entries is None:  # the library's own spectra
         check_coverage(library, wave, lsf, "library")
@@ -638,7 +639,6 @@ def library_models(library, wavelength, lsf, templates, weights, factors, kinds=
     kept already (a product of a few columns) or the library is pre-blurred (samples differ).
     Returns (len(factors), len(kinds) * M, P), float64: the kinds' M models in turn."""
     lsf, scaled = _as_lsf(lsf), [_as_lsf(lsf).scaled(f) for f in factors]
-    wave = np.ascontiguousarray(np.round(np.asarray(wavelength, dtype=np.float64), 6))
     # Sparse: the templates' rows read in place, not gathered; its CSR arrays given (scipy's
     # matrix of the (row, template) pairs, for increasing ids, without their sort: ~60 us)
     nonzero = weights != 0
@@ -650,14 +650,15 @@ def library_models(library, wavelength, lsf, templates, weights, factors, kinds=
     def models(prefix):  # in float32, as the kernels' products take them
         return np.concatenate([combine @ library.variables[prefix + kind].values for kind in kinds])
 
-    if "blurred_norm" in library or all(_OPERATORS.get(_operator_key(library, wave, one))
+    if "blurred_norm" in library or all(_OPERATORS.get(_operator_key(library, wavelength, one))
                                         for one in scaled):
         out = []
         for one in scaled:
-            matrix, sharper, prefix, _ = _library_operator(library, wave, one)
+            matrix, sharper, prefix, _ = _library_operator(library, wavelength, one)
             _warn_sharper(library, sharper, 3)
             out.append((matrix @ models(prefix).T).T)
         return np.stack(out, dtype=np.float64)
+    wave = keyed_wavelengths(wavelength)
     check_coverage(library, wave, scaled[int(np.argmax(factors))], "library")
     excess = [excess_variance(wave, one, float(library.attrs["resolving_power"]))
               for one in scaled]

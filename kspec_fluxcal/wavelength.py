@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ._recent import RecentKeys
+
 __all__ = [
     "vacuum_to_air",
     "air_to_vacuum",
@@ -11,6 +13,8 @@ __all__ = [
     "pixel_widths",
     "width_ratio",
     "distinct_rows",
+    "keyed_wavelengths",
+    "wavelength_key",
 ]
 
 
@@ -168,3 +172,17 @@ def distinct_rows(wavelength, scale):
             first.append(i)
         inverse[i] = same[0] if same else len(first) - 1
     return rows[first], inverse
+
+
+def keyed_wavelengths(wavelength):
+    """Wavelengths as the cached operators (shifts, the library's convolution) take them:
+    rounded to 1e-6 A (exposures of one setup differ by ~1e-11 A, unit and air/vacuum
+    conversions, and must share cache entries)."""
+    return np.ascontiguousarray(np.round(np.asarray(wavelength, dtype=np.float64), 6))
+
+
+#: ``wavelength_key(wavelength)``: the bytes of :func:`keyed_wavelengths`, the same key
+#: object for wavelengths seen recently (rounded and hashed once: a 32 kB row took ~20 us a
+#: look-up). An exposure's few rows of pixels are looked up ~17 times (shift and library
+#: operators).
+wavelength_key = RecentKeys(lambda wave: keyed_wavelengths(wave).tobytes(), keep=16)

@@ -12,6 +12,7 @@ import scipy.sparse
 import xarray as xr
 
 from .._nan import nan_to_num
+from .._recent import RecentKeys
 from ..constants import SPEED_OF_LIGHT_KMS
 from .shifts import (
     keyed_velocity,
@@ -37,8 +38,11 @@ def _correction_basis(wavelength, knot_spacing):
     # Looked up by the pixels' bytes: an exposure fits ~15 corrections on a few wavelength
     # solutions, and spline_basis' own look-up (pixels normalised and rounded first) took
     # 4x as long.
-    wave = np.ascontiguousarray(wavelength, dtype=np.float64)
-    return _correction_basis_cached(wave.tobytes(), knot_spacing or None)
+    return _correction_basis_cached(_basis_key(wavelength), knot_spacing or None)
+
+
+#: The pixels' bytes, the same key object for pixels seen recently (hashed once).
+_basis_key = RecentKeys(lambda wave: wave.tobytes())
 
 
 # Entries: an exposure's wavelength solutions (one or a few; ~1 MB each, shared with

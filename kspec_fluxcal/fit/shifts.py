@@ -16,6 +16,7 @@ import scipy.sparse
 
 from ..constants import SPEED_OF_LIGHT_KMS
 from ..continuum import sparse_products
+from ..wavelength import keyed_wavelengths, wavelength_key
 
 __all__ = ["shift_operator", "ShiftOperator", "shift_spectra", "sample_rows", "sample_sets",
            "sample_moments",
@@ -72,13 +73,6 @@ def rest_positions(wavelength, rv, source=None):
     return np.interp(wave / (1.0 + z), src, np.arange(src.size), left=-np.inf, right=np.inf)
 
 
-def keyed_wavelengths(wavelength):
-    """Wavelengths as the shift operators take them: rounded to 1e-6 A (exposures of one
-    setup differ by ~1e-11 A, unit and air/vacuum conversions, and must share cache
-    entries)."""
-    return np.ascontiguousarray(np.round(np.asarray(wavelength, dtype=np.float64), 6))
-
-
 def keyed_velocity(rv):
     """Velocities (km/s, an array) as the shift operators take them: rounded to 1e-9 km/s
     (by Python's round: np.round can differ in the last bit)."""
@@ -90,26 +84,9 @@ def _keyed_rv(rv):
     return round(float(rv), 9)
 
 
-#: Recent wavelengths' keys by the wrapping sum of their bits: the key of wavelengths seen
-#: before, the same bytes object (its hash kept, equal to itself at once), without rounding
-#: them again. An exposure's stars and reference grid are a few; its shift operators are
-#: looked up ~11 times (each lookup rounded and hashed two 32 kB rows: ~40 us).
-_RECENT_KEYS = {}
-_RECENT_KEEP = 8
-
-
-def _key(wavelength):
-    wave = np.ascontiguousarray(wavelength, dtype=np.float64)
-    raw, fingerprint = wave.tobytes(), int(wave.view(np.int64).sum())
-    seen = _RECENT_KEYS.get(fingerprint)
-    if seen is not None and seen[0] == raw:
-        return seen[1]
-    key = keyed_wavelengths(wave).tobytes()
-    if len(_RECENT_KEYS) >= _RECENT_KEEP:
-        # Other exposures' keys: cleared in one step (safe while threads look keys up)
-        _RECENT_KEYS.clear()
-    _RECENT_KEYS[fingerprint] = (raw, key)
-    return key
+#: The operators' keys of wavelengths: an exposure's stars and reference grid are a few; its
+#: shift operators are looked up ~11 times (each rounded and hashed two 32 kB rows: ~40 us).
+_key = wavelength_key
 
 
 def shift_operator(wavelength, rv, source=None):
