@@ -66,3 +66,20 @@ def test_pixel_widths_are_the_mean_of_the_two_steps_or_the_one_there_is():
     assert got[1, 9] == step[1, 8] and got[1, 11] == step[1, 11]
     np.testing.assert_array_equal(got[1, 12:], want[1, 12:])
     assert pixel_widths(np.array([5000.0, 5001.5])).tolist() == [1.5, 1.5]
+
+
+def test_wavelength_keys_are_the_rounded_and_the_exact_pixels_bytes():
+    """wavelength_key: the bytes of the pixels rounded to 1e-6 A (exposures of one setup,
+    1e-11 A apart, one key; the same key object for pixels seen before); pixels_key: their
+    own bytes (float64, whatever the dtype and layout given)."""
+    from kspec_fluxcal.wavelength import keyed_wavelengths, pixels_key, wavelength_key
+
+    wave = np.linspace(4000.0, 5000.0, 257) + 1e-9
+    key = wavelength_key(wave)
+    assert key == np.round(wave, 6).tobytes() == keyed_wavelengths(wave).tobytes()
+    assert wavelength_key(wave.copy()) is key and wavelength_key(wave + 1e-11) == key
+    exact = pixels_key(wave)
+    assert exact == wave.tobytes() and pixels_key(list(wave)) is exact
+    assert pixels_key(wave + 1e-11) == (wave + 1e-11).tobytes() != exact
+    assert pixels_key(wave.astype(np.float32)) == wave.astype(np.float32).astype(
+        np.float64).tobytes()

@@ -12,8 +12,8 @@ import scipy.sparse
 import xarray as xr
 
 from .._nan import nan_to_num
-from .._recent import RecentKeys
 from ..constants import SPEED_OF_LIGHT_KMS
+from ..wavelength import pixels_key
 from .shifts import (
     keyed_velocity,
     keyed_wavelengths,
@@ -38,11 +38,7 @@ def _correction_basis(wavelength, knot_spacing):
     # Looked up by the pixels' bytes: an exposure fits ~15 corrections on a few wavelength
     # solutions, and spline_basis' own look-up (pixels normalised and rounded first) took
     # 4x as long.
-    return _correction_basis_cached(_basis_key(wavelength), knot_spacing or None)
-
-
-#: The pixels' bytes, the same key object for pixels seen recently (hashed once).
-_basis_key = RecentKeys(lambda wave: wave.tobytes())
+    return _correction_basis_cached(pixels_key(wavelength), knot_spacing or None)
 
 
 # Entries: an exposure's wavelength solutions (one or a few; ~1 MB each, shared with

@@ -9,7 +9,7 @@ import numpy as np
 
 from .._nan import nan_to_num
 from ..constants import SPEED_OF_LIGHT_KMS
-from ..wavelength import distinct_rows
+from ..wavelength import distinct_rows, pixels_key
 from .matching import fit_corrected
 from .shifts import position_margin, rest_positions, sample_rows
 
@@ -191,7 +191,7 @@ def refine_rv(obs_norm, obs_weight, template_norm, wavelength, rv0, *, half_widt
     wave = np.asarray(wavelength, dtype=np.float64)
     star_wave = np.broadcast_to(wave if star_wavelength is None else star_wavelength,
                                 np.shape(obs_norm))
-    half_width = _pixel_kms(np.ascontiguousarray(wave).tobytes()) if half_width is None \
+    half_width = _pixel_kms(pixels_key(wave)) if half_width is None \
         else half_width
     offsets = np.linspace(-half_width, half_width, nstep)
     rv0 = np.asarray(rv0, dtype=np.float64)
