@@ -1,4 +1,5 @@
-"""Wavelength axes: air/vacuum conversion, pixel edges and widths, distinct rows of pixels."""
+"""Wavelength axes: air/vacuum conversion, pixel edges and widths, distinct rows of pixels,
+the caches' keys of pixels."""
 
 from __future__ import annotations
 
