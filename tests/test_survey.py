@@ -268,6 +268,29 @@ def test_file_hash_is_the_sha1_of_the_whole_file(tmp_path):
         assert _file_hash(path) == hashlib.sha1(path.read_bytes()).hexdigest()
 
 
+
+def test_plan_reads_each_file_once_and_hashes_what_it_read(red_file, tmp_path, monkeypatch):
+    # Each file's bytes are read once and hashed, a plain file's parsed (astropy reads one
+    # with a long string's CONTINUE cards): the same info and hash as read apart.
+    import pickle
+
+    from kspec_fluxcal import fits_bytes
+    from kspec_fluxcal.exposure import read_exposure_info
+    from kspec_fluxcal.survey.job import _file_hash, read_for_plan
+
+    plain, other = red_file(name="plain.fits"), red_file(name="other.fits",
+                                                         header={"OBSERVER": "x" * 100})
+    assert fits_bytes.read_plain(str(plain), ("FIBRES",)) is not None
+    assert fits_bytes.read_plain(str(other), ("FIBRES",)) is None
+    expected = [(read_exposure_info(p), _file_hash(p), None) for p in (plain, other)]
+    reads = []
+    monkeypatch.setattr(fits_bytes, "read_bytes", lambda path, read=fits_bytes.read_bytes: (
+        reads.append(path), read(path))[1])
+    got = read_for_plan([plain, other, tmp_path / "missing.fits"])
+    assert pickle.dumps(got[:2]) == pickle.dumps(expected)
+    assert reads[:3] == [plain, other, tmp_path / "missing.fits"]  # once each
+    assert got[2][:2] == (None, None) and "missing.fits" in got[2][2]
+
 def test_tasks_give_the_free_heap_back_every_few_tasks(monkeypatch):
     # Every TRIM_EVERY-th task, failed or not, ends with malloc_trim(0); without glibc, none.
     from kspec_fluxcal.survey import cluster
