@@ -257,7 +257,7 @@ class _Record(dict):
     result, sent to the client), a spectrum that is its fill value outside the exposure's
     range is sent inside it only (a third of the archive grid lies outside a 3500-8500 A
     exposure), ``own_smooth`` by name when it is ``cal_smooth`` (a calibration by the
-    exposure's own standards), the mask as bits: ~72 kB instead of ~140 kB, sent by the
+    exposure's own standards), the mask as bits: ~75 kB instead of ~140 kB, sent by the
     worker and received by the client (twice when gathered through the scheduler).
     Unpickled (:func:`_received`), it is the same row, bit for bit.
 
