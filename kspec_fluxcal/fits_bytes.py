@@ -20,7 +20,8 @@ import stat
 
 import numpy as np
 
-__all__ = ["PlainHeader", "PlainHDU", "PlainFits", "read_plain", "header_text", "plain_table"]
+__all__ = ["PlainHeader", "PlainHDU", "PlainFits", "read_plain", "read_bytes", "header_text",
+           "plain_table"]
 
 #: The FITS record: headers and data are padded to a multiple of it.
 BLOCK = 2880
@@ -100,7 +101,7 @@ class PlainFits(list):
         return False
 
 
-def read_plain(path, tables=()):
+def read_plain(path, tables=(), content=None):
     """The HDUs of the plain FITS file ``path``, read from its bytes; None for another.
 
     Parameters
@@ -111,6 +112,9 @@ def read_plain(path, tables=()):
         Extension names (upper case) that are binary tables: any other extension must be
         an image, and these must be plain tables (:func:`plain_table`), for the file to be
         read here.
+    content : bytearray, optional
+        The file's bytes, when the caller has read them (:func:`read_bytes`): not read
+        again. The images are views of them.
 
     Returns
     -------
@@ -119,14 +123,8 @@ def read_plain(path, tables=()):
         file is not a plain one (module docstring), is not a regular file, or cannot be read:
         astropy's to read (or refuse, saying why).
     """
-    try:
-        if not stat.S_ISREG(os.stat(path).st_mode):
-            return None  # a FIFO would wait for data that never come
-        with open(path, "rb") as f:
-            raw = bytearray(os.fstat(f.fileno()).st_size)  # writable data, as astropy's
-            if f.readinto(raw) != len(raw) or raw[:9] != b"SIMPLE  =":
-                return None
-    except OSError:
+    raw = read_bytes(path) if content is None else content
+    if raw is None or raw[:9] != b"SIMPLE  =":
         return None
     hdus, start = PlainFits(), 0
     while start < len(raw):
@@ -135,6 +133,20 @@ def read_plain(path, tables=()):
             return None
         hdus.append(hdu)
     return hdus
+
+
+def read_bytes(path):
+    """The bytes of the regular file ``path`` (a bytearray: the images :func:`read_plain`
+    makes of them are writable, as astropy's); None for another kind of file (a FIFO would
+    wait for data that never come) or one that cannot be read whole."""
+    try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
+        with open(path, "rb") as f:
+            raw = bytearray(os.fstat(f.fileno()).st_size)
+            return raw if f.readinto(raw) == len(raw) else None
+    except OSError:
+        return None
 
 
 def _plain_hdu(raw, start, primary, tables):

@@ -412,3 +412,43 @@ def test_throughput_plots_mark_the_model_predictions(with_model_rows):
     inside = (grid > 4000) & (grid < 8000)
     np.testing.assert_allclose(rel[:, inside].mean(axis=1), [1 / 1.05, 1.1 / 1.05, 2 / 1.05,
                                                              2 / 1.05], rtol=1e-4)
+
+
+def _same_record(a, b):
+    """Equal archive records: the same keys in order, spectra bit for bit."""
+    import pickle
+
+    assert list(a) == list(b)
+    for name in a:
+        if isinstance(a[name], np.ndarray):
+            assert a[name].dtype == b[name].dtype and a[name].tobytes() == b[name].tobytes()
+        else:
+            assert pickle.dumps(a[name]) == pickle.dumps(b[name]), name
+
+
+def test_records_travel_lean_and_arrive_whole():
+    """Pickled (a task's result), a record sends its spectra inside the exposure's range,
+    own_smooth by name when it is cal_smooth, the mask as bits; one whose spectrum is not
+    its fill value outside the range (a NaN of another sign too) sends that one whole.
+    Unpickled, each is the record sent, bit for bit."""
+    import pickle
+
+    wave = np.linspace(3600.0, 8400.0, 800)
+    rec = archive_record(_calibrated("A", 61000.6, wave=wave), _stars(), None)
+    rec["cal_mask"][2000:2100:3] = False
+    rec["cal_smooth"] = rec["own_smooth"] = rec["cal"] * 1.5
+    whole = pickle.dumps({k: v.copy() if isinstance(v, np.ndarray) else v  # as before
+                          for k, v in rec.items()}, protocol=pickle.HIGHEST_PROTOCOL)
+    lean = pickle.dumps(rec, protocol=pickle.HIGHEST_PROTOCOL)
+    assert len(lean) < 0.6 * len(whole)
+    back = pickle.loads(lean)
+    _same_record(rec, back)
+    assert back["own_smooth"] is back["cal_smooth"]
+    own = {"own_smooth": rec["cal"].copy(), "own_smooth_variance": rec["cal"].copy(),
+           "star": rec["star"]}
+    own["own_smooth"][0] = 1.0
+    own["own_smooth_variance"][-1] = -np.nan
+    other = archive_record(_calibrated("A", 61000.6, wave=wave), None, None, own=own)
+    sent = pickle.dumps(other, protocol=pickle.HIGHEST_PROTOCOL)
+    assert len(lean) < len(sent) < len(whole)
+    _same_record(other, pickle.loads(sent))

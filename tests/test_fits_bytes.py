@@ -157,3 +157,25 @@ def test_unusual_files_are_left_to_astropy(tmp_path):
     assert read_plain(tmp_path / "real.fits") is None  # a structure keyword not an integer
     assert read_plain(tmp_path / "missing.fits") is None
     assert read_plain(tmp_path) is None  # a directory
+
+
+def test_bytes_read_once_are_read_as_the_file(tmp_path):
+    """``read_bytes`` gives a regular file's bytes (writable), None for anything else;
+    ``read_plain`` of them is the file's reading, without reading it again."""
+    import os
+
+    from kspec_fluxcal.fits_bytes import read_bytes
+
+    path = _file(tmp_path / "f.fits")
+    content = read_bytes(path)
+    assert type(content) is bytearray and content == path.read_bytes()
+    from_bytes = read_plain(tmp_path / "gone.fits", ("FIBRES",), content)  # not opened
+    for ours, theirs in zip(from_bytes, read_plain(path, ("FIBRES",)), strict=True):
+        assert ours.name == theirs.name and ours.header == theirs.header
+        assert (ours.data is None) == (theirs.data is None)
+        if ours.data is not None:
+            assert ours.data.flags.writeable and ours.data.tobytes() == theirs.data.tobytes()
+    assert read_plain(path, ("FIBRES",), bytearray(b"x" * 2880)) is None  # not FITS
+    os.mkfifo(tmp_path / "fifo")
+    for other in (tmp_path, tmp_path / "missing.fits", tmp_path / "fifo"):
+        assert read_bytes(other) is None

@@ -268,6 +268,29 @@ def test_file_hash_is_the_sha1_of_the_whole_file(tmp_path):
         assert _file_hash(path) == hashlib.sha1(path.read_bytes()).hexdigest()
 
 
+
+def test_plan_reads_each_file_once_and_hashes_what_it_read(red_file, tmp_path, monkeypatch):
+    # Each file's bytes are read once and hashed, a plain file's parsed (astropy reads one
+    # with a long string's CONTINUE cards): the same info and hash as read apart.
+    import pickle
+
+    from kspec_fluxcal import fits_bytes
+    from kspec_fluxcal.exposure import read_exposure_info
+    from kspec_fluxcal.survey.job import _file_hash, read_for_plan
+
+    plain, other = red_file(name="plain.fits"), red_file(name="other.fits",
+                                                         header={"OBSERVER": "x" * 100})
+    assert fits_bytes.read_plain(str(plain), ("FIBRES",)) is not None
+    assert fits_bytes.read_plain(str(other), ("FIBRES",)) is None
+    expected = [(read_exposure_info(p), _file_hash(p), None) for p in (plain, other)]
+    reads = []
+    monkeypatch.setattr(fits_bytes, "read_bytes", lambda path, read=fits_bytes.read_bytes: (
+        reads.append(path), read(path))[1])
+    got = read_for_plan([plain, other, tmp_path / "missing.fits"])
+    assert pickle.dumps(got[:2]) == pickle.dumps(expected)
+    assert reads[:3] == [plain, other, tmp_path / "missing.fits"]  # once each
+    assert got[2][:2] == (None, None) and "missing.fits" in got[2][2]
+
 def test_tasks_give_the_free_heap_back_every_few_tasks(monkeypatch):
     # Every TRIM_EVERY-th task, failed or not, ends with malloc_trim(0); without glibc, none.
     from kspec_fluxcal.survey import cluster
@@ -383,6 +406,68 @@ def test_commits_end_on_the_archives_chunk_boundaries(monkeypatch):
     assert commits(37, 200, 64) == [27, 64, 64, 45]
     assert commits(60, 20, 6) == [4, 6, 6, 4]
 
+
+
+def _fails(x):
+    raise ValueError(f"bad {x}")
+
+
+@pytest.mark.cluster
+def test_results_are_gathered_as_as_completed_gives_them(client):
+    """Finished, failed and cancelled tasks' (future, result) pairs, gathered in batches
+    (straight from the workers of this machine's cluster), are as_completed's with results;
+    left early, the tasks still to run are cancelled."""
+    from distributed import as_completed
+
+    from kspec_fluxcal.survey.cluster import as_completed_pairs, gather_directly
+
+    def submitted(tag):
+        futures = client.map(lambda x: x * 2, range(6), key=[f"double-{tag}-{k}" for k in range(6)])
+        futures.append(client.submit(_fails, 7, key=f"fails-{tag}"))
+        futures.append(client.submit(time.sleep, 30, key=f"sleeps-{tag}"))
+        client.cancel(futures[-1])
+        return futures
+
+    def seen(pairs):  # a failure's (type, exception, traceback): the traceback apart
+        return sorted((f.key, f.status, repr(r[:2] if isinstance(r, tuple) else r))
+                      for f, r in pairs)
+
+    assert gather_directly(client)
+    expected = seen(as_completed(submitted("a"), loop=client.loop, with_results=True,
+                                 raise_errors=False))
+    with as_completed_pairs(client, submitted("b")) as pairs:
+        assert seen(pairs) == [(key.replace("-a", "-b"), status, result.replace("-a", "-b"))
+                               for key, status, result in expected]
+    assert [status for _, status, _ in expected] == ["finished"] * 6 + ["error", "cancelled"]
+    slow = client.map(time.sleep, [0.01, 30], key=["nap-c", "sleeps-c"])
+    with pytest.raises(KeyboardInterrupt), as_completed_pairs(client, slow) as pairs:
+        next(pairs)
+        raise KeyboardInterrupt
+    client.gather(client.map(time.sleep, [0.01], key=["after-c"]))  # a worker free again
+    assert slow[1].status == "cancelled"
+
+
+def test_results_are_gathered_straight_from_workers_on_this_machine_only():
+    from types import SimpleNamespace
+
+    from kspec_fluxcal.survey.cluster import gather_directly
+
+    def client(scheduler, workers, direct=None):
+        def info(n_workers):
+            if workers is None:
+                raise OSError("no answer")
+            return {"workers": dict.fromkeys(workers, {})}
+        return SimpleNamespace(direct_to_workers=direct, scheduler_info=info,
+                               scheduler=SimpleNamespace(address=scheduler))
+
+    local = ["tcp://127.0.0.1:4001", "tcp://[::1]:4002", "tcp://localhost:4003",
+             "inproc://10.1.2.3/77/1"]
+    assert gather_directly(client("tcp://127.0.0.1:8786", local))
+    assert not gather_directly(client("tcp://127.0.0.1:8786", [*local, "tcp://10.0.0.5:4004"]))
+    assert not gather_directly(client("tcp://node7:8786", local))  # a host name: unknown
+    assert not gather_directly(client("tcp://127.0.0.1:8786", None))
+    assert gather_directly(client("tcp://10.0.0.5:8786", [], direct=True))  # as it was told
+    assert not gather_directly(client("tcp://127.0.0.1:8786", local, direct=False))
 
 def test_a_directory_that_is_not_an_archive_is_refused(tmp_path):
     (tmp_path / "archive.zarr").mkdir()

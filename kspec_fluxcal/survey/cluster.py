@@ -10,14 +10,16 @@ import ctypes
 import itertools
 import logging
 import os
+import time
 import traceback
 from pathlib import Path
 
 from .._signals import starting_workers
 from ..errors import ConfigError, FluxCalError
 
-__all__ = ["local_cluster", "on_cluster", "as_completed_pairs", "quiet_known_messages",
-           "dask_setup", "check_scheduler_address", "check_performance_report",
+__all__ = ["local_cluster", "on_cluster", "as_completed_pairs", "gather_directly",
+           "quiet_known_messages", "dask_setup", "check_scheduler_address",
+           "check_performance_report",
            "WORKER_MALLOC_ENV", "TRIM_EVERY", "trim_heap"]
 
 
@@ -329,6 +331,15 @@ def on_cluster(work, *, client, scheduler, workers, threads_per_worker, dashboar
 def as_completed_pairs(client, futures):
     """(future, result or exception) as they finish, never raising for a failed task.
 
+    The results of tasks finishing close together are gathered at once (:data:`GATHER_WINDOW`),
+    straight from the workers when they are on this machine (:func:`gather_directly`): each
+    gathered alone through the scheduler was sent twice in the client's process (to the
+    scheduler, then to the client, on its one event loop), after a request of its own. Tasks
+    of 0.12 s returning a 75 kB record, 2 workers, 4 alternations of 100: the client's
+    process 6.6 ms of CPU per task, 5.9 gathered straight from the workers, 3.8 in batches;
+    the workers' 5.8, 5.4, 4.2 ms (gathering alone straight from the workers was measured
+    before, without gain: the batches make the difference).
+
     Left early (Ctrl-C, SIGTERM, a lost scheduler), the tasks still to run are cancelled:
     closed under running tasks and pending results, the cluster would log each of them as
     lost work, with tracebacks, after the one-line message of the interruption.
@@ -338,10 +349,92 @@ def as_completed_pairs(client, futures):
     futures = list(futures)
     # The client's loop: as_completed would otherwise look for a default client, and the
     # caller's client need not be one (Client(..., set_as_default=False)).
-    pairs = (as_completed(futures, loop=client.loop, with_results=True, raise_errors=False)
-             if futures else iter(()))
+    done = as_completed(futures, loop=client.loop) if futures else None
     try:
-        yield pairs
+        yield _gathered(client, done, gather_directly(client)) if done else iter(())
     except BaseException:
         client.cancel(futures)
         raise
+
+
+#: The results of tasks that finish within this many seconds of each other (looked for every
+#: :data:`GATHER_POLL` s while tasks still run) are gathered together: each gathering asks the
+#: scheduler where its results are, then each worker holding some of them for them.
+GATHER_WINDOW, GATHER_POLL = 0.5, 0.05
+
+
+def _gathered(client, done, direct, window=GATHER_WINDOW):
+    """(future, result) of each future of ``done`` (``distributed.as_completed``) as it
+    finishes: the finished ones' results gathered in batches, a failed or cancelled task's
+    exception as ``as_completed(with_results=True, raise_errors=False)`` gives it."""
+    for batch in _batches(done, window):
+        finished = [f for f in batch if f.status == "finished"]
+        try:
+            results = dict(zip(finished, client.gather(finished, direct=direct), strict=True))
+        except (Exception, asyncio.CancelledError):  # one failed since: each asked for alone
+            results = {}
+        for future in batch:
+            yield future, results[future] if future in results else _alone(client, future)
+
+
+def _alone(client, future):
+    """The result of ``future``, or its exception (as ``as_completed`` gives it)."""
+    from concurrent.futures import CancelledError
+
+    try:  # what as_completed(with_results=True) asks of each future
+        return client.sync(future._result, raiseit=False)
+    except CancelledError as err:
+        return err
+
+
+def _batches(done, window):
+    """Lists of the futures of ``done`` that finished within ``window`` seconds of the first
+    of each (sooner when no task is left running)."""
+    while True:
+        try:
+            batch = done.next_batch(block=True)
+        except StopIteration:
+            return
+        end = time.monotonic() + window
+        while done.count() and time.monotonic() < end:
+            time.sleep(GATHER_POLL)
+            batch += done.next_batch(block=False)
+        yield batch
+
+
+def gather_directly(client):
+    """Whether ``client`` is to gather results straight from the workers: as it was told
+    (``direct_to_workers``), else when its scheduler and every worker are on this machine
+    (loopback or in-process addresses). A remote scheduler's workers may be out of the
+    client's reach, which is why Dask gathers through the scheduler by default.
+
+    Parameters
+    ----------
+    client : distributed.Client
+
+    Returns
+    -------
+    bool
+    """
+    if client.direct_to_workers is not None:
+        return bool(client.direct_to_workers)
+    try:
+        workers = list(client.scheduler_info(n_workers=-1)["workers"])
+    except Exception:  # a scheduler that does not answer: Dask's default
+        return False
+    return all(_on_this_machine(address) for address in [client.scheduler.address, *workers])
+
+
+def _on_this_machine(address):
+    """Whether a Dask address (``tcp://127.0.0.1:8786``, ``inproc://...``) is this machine's."""
+    import ipaddress
+
+    from distributed.comm import get_address_host, parse_address
+
+    try:
+        if parse_address(address)[0] == "inproc":
+            return True
+        host = get_address_host(address)
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: not known to be this machine
+        return False
