@@ -413,10 +413,11 @@ def _fails(x):
 
 
 @pytest.mark.cluster
-def test_results_are_gathered_as_as_completed_gives_them(client):
+def test_results_are_gathered_as_as_completed_gives_them(client, monkeypatch):
     """Finished, failed and cancelled tasks' (future, result) pairs, gathered in batches
-    (straight from the workers of this machine's cluster), are as_completed's with results;
-    left early, the tasks still to run are cancelled."""
+    (straight from the workers of this machine's cluster) or, when a batch cannot be
+    gathered, one by one, are as_completed's with results; left early, the tasks still to
+    run are cancelled."""
     from distributed import as_completed
 
     from kspec_fluxcal.survey.cluster import as_completed_pairs, gather_directly
@@ -439,6 +440,15 @@ def test_results_are_gathered_as_as_completed_gives_them(client):
         assert seen(pairs) == [(key.replace("-a", "-b"), status, result.replace("-a", "-b"))
                                for key, status, result in expected]
     assert [status for _, status, _ in expected] == ["finished"] * 6 + ["error", "cancelled"]
+
+    def gather_fails(*args, **kwargs):  # e.g. a worker holding a result died since
+        raise OSError("lost")
+
+    monkeypatch.setattr(client, "gather", gather_fails)  # each result then asked for alone
+    with as_completed_pairs(client, submitted("d")) as pairs:
+        assert seen(pairs) == [(key.replace("-a", "-d"), status, result.replace("-a", "-d"))
+                               for key, status, result in expected]
+    monkeypatch.undo()
     slow = client.map(time.sleep, [0.01, 30], key=["nap-c", "sleeps-c"])
     with pytest.raises(KeyboardInterrupt), as_completed_pairs(client, slow) as pairs:
         next(pairs)

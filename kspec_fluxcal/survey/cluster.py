@@ -374,15 +374,20 @@ def _gathered(client, done, direct, window=GATHER_WINDOW):
         except (Exception, asyncio.CancelledError):  # one failed since: each asked for alone
             results = {}
         for future in batch:
-            yield future, results[future] if future in results else _alone(client, future)
+            yield future, results[future] if future in results else _alone(future)
 
 
-def _alone(client, future):
-    """The result of ``future``, or its exception (as ``as_completed`` gives it)."""
+def _alone(future):
+    """The result of ``future``, or what ``as_completed(with_results=True,
+    raise_errors=False)`` gives for a failed task (its exception's type, the exception and
+    its traceback) or a cancelled one (the CancelledError)."""
     from concurrent.futures import CancelledError
 
-    try:  # what as_completed(with_results=True) asks of each future
-        return client.sync(future._result, raiseit=False)
+    try:
+        if future.status != "error":
+            return future.result()
+        err = future.exception()
+        return type(err), err, future.traceback()
     except CancelledError as err:
         return err
 
