@@ -214,12 +214,8 @@ def prepared_templates(grid, wavelength, lsf, *, cache_dir=None, variables=("flu
 def clear_cache():
     """Forget the prepared cubes, template libraries and operators held in memory (the disk
     cache stays)."""
-    _PREPARED.clear()
-    _LIBRARIES.clear()
-    _OPERATORS.clear()
-    _WIDTH_ENTRIES.clear()
-    _ARRAYS.clear()
-    _TRANSPOSED.clear()
+    for kept in (_PREPARED, _LIBRARIES, _OPERATORS, _WIDTH_ENTRIES, _ARRAYS, _TRANSPOSED):
+        kept.clear()
 
 
 # ----------------------------------------------------------------------------- libraries
@@ -566,9 +562,10 @@ def library_bands(library, wavelength, lsf, templates=None, *, kind="norm", stac
     product, to the last bit (each pixel's sums are its own); a few templates in one band.
 
     Takes the arguments of :func:`library_columns`."""
-    matrix, operand, bands = _operands(library, wavelength, lsf, templates, kind, stacklevel + 1)
-    if operand.shape[1] < _TRANSPOSED_FROM:  # a small product: its copy is cheap
-        yield slice(None), matrix @ operand
+    matrix, operand, bands = _operands(library, wavelength, lsf, templates, kind, stacklevel + 1,
+                                       rows=True)
+    if isinstance(operand, list):  # a few rows one by one: 25-60 in ~60 % of gather+copy+product
+        yield slice(None), sparse_products(matrix, operand, SPECTRA_DTYPE, len(operand)).T
         return
     if not bands:  # made once per operator, when a product of many templates first needs them
         bands[:] = _pixel_bands(matrix, _PIXEL_BAND)  # whole (threads sharing it: no repeats)
@@ -594,10 +591,10 @@ def _pixel_bands(matrix, size):
     return bands
 
 
-def _operands(library, wavelength, lsf, templates, kind, stacklevel):
+def _operands(library, wavelength, lsf, templates, kind, stacklevel, rows=False):
     """The operator of :func:`library_columns`, the library's spectra it multiplies (C order,
-    one column per template) and the operator's bands (:func:`library_bands`; a list, empty
-    until made)."""
+    one column per template; ``rows``: a few as a list of their rows, see library_bands) and
+    the operator's bands (:func:`library_bands`; a list, empty until made)."""
     lsf = _as_lsf(lsf)
     matrix, sharper, prefix, bands = _library_operator(library, wavelength, lsf)
     _warn_sharper(library, sharper, stacklevel + 1)
@@ -607,6 +604,8 @@ def _operands(library, wavelength, lsf, templates, kind, stacklevel):
     count = len(range(*templates.indices(len(data)))) if isinstance(templates, slice) else \
         np.size(templates)
     if count < _TRANSPOSED_FROM:  # a few corners: gathering rows is cheaper
+        if rows:  # views (library_bands)
+            return matrix, [data[t] for t in np.arange(len(data))[templates].tolist()], bands
         return matrix, np.ascontiguousarray(data[templates].T), bands
     # Many templates (an exposure's candidates): columns of the library kept transposed,
     # one gather instead of a gather and a transposing copy (~3 of ~8 ms for 200).
