@@ -42,6 +42,7 @@ from .convolution import (
     excess_variance,
     gaussian_widths,
     log_sampling,
+    pixel_bands,
     width_entries,
 )
 from .errors import FluxCalWarning, GridError
@@ -214,8 +215,12 @@ def prepared_templates(grid, wavelength, lsf, *, cache_dir=None, variables=("flu
 def clear_cache():
     """Forget the prepared cubes, template libraries and operators held in memory (the disk
     cache stays)."""
-    for kept in (_PREPARED, _LIBRARIES, _OPERATORS, _WIDTH_ENTRIES, _ARRAYS, _TRANSPOSED):
-        kept.clear()
+    _PREPARED.clear()
+    _LIBRARIES.clear()
+    _OPERATORS.clear()
+    _WIDTH_ENTRIES.clear()
+    _ARRAYS.clear()
+    _TRANSPOSED.clear()
 
 
 # ----------------------------------------------------------------------------- libraries
@@ -564,11 +569,14 @@ def library_bands(library, wavelength, lsf, templates=None, *, kind="norm", stac
     Takes the arguments of :func:`library_columns`."""
     matrix, operand, bands = _operands(library, wavelength, lsf, templates, kind, stacklevel + 1,
                                        rows=True)
-    if isinstance(operand, list):  # a few rows one by one: 25-60 in ~60 % of gather+copy+product
+    if isinstance(operand, list):  # some templates' rows, one by one (_ROWS_FROM)
         yield slice(None), sparse_products(matrix, operand, SPECTRA_DTYPE, len(operand)).T
         return
+    if operand.shape[1] < _TRANSPOSED_FROM:  # a small product: its copy is cheap
+        yield slice(None), matrix @ operand
+        return
     if not bands:  # made once per operator, when a product of many templates first needs them
-        bands[:] = _pixel_bands(matrix, _PIXEL_BAND)  # whole (threads sharing it: no repeats)
+        bands[:] = pixel_bands(matrix, _PIXEL_BAND)  # whole (threads sharing it: no repeats)
     for pixels, band in bands:
         yield pixels, band @ operand
 
@@ -578,22 +586,9 @@ def library_bands(library, wavelength, lsf, templates=None, *, kind="norm", stac
 _PIXEL_BAND = 512
 
 
-def _pixel_bands(matrix, size):
-    """The rows of a CSR ``matrix`` by bands of ``size``: pairs (slice, CSR matrix)."""
-    indptr = matrix.indptr
-    bands = []
-    for start in range(0, matrix.shape[0], size):
-        stop = min(start + size, matrix.shape[0])
-        first, last = indptr[start], indptr[stop]
-        bands.append((slice(start, stop), scipy.sparse.csr_matrix(
-            (matrix.data[first:last], matrix.indices[first:last],
-             indptr[start:stop + 1] - first), shape=(stop - start, matrix.shape[1]))))
-    return bands
-
-
 def _operands(library, wavelength, lsf, templates, kind, stacklevel, rows=False):
     """The operator of :func:`library_columns`, the library's spectra it multiplies (C order,
-    one column per template; ``rows``: a few as a list of their rows, see library_bands) and
+    one column per template; ``rows``: some as a list of their rows, see _ROWS_FROM) and
     the operator's bands (:func:`library_bands`; a list, empty until made)."""
     lsf = _as_lsf(lsf)
     matrix, sharper, prefix, bands = _library_operator(library, wavelength, lsf)
@@ -604,7 +599,7 @@ def _operands(library, wavelength, lsf, templates, kind, stacklevel, rows=False)
     count = len(range(*templates.indices(len(data)))) if isinstance(templates, slice) else \
         np.size(templates)
     if count < _TRANSPOSED_FROM:  # a few corners: gathering rows is cheaper
-        if rows:  # views (library_bands)
+        if rows and count >= _ROWS_FROM:  # views (library_bands)
             return matrix, [data[t] for t in np.arange(len(data))[templates].tolist()], bands
         return matrix, np.ascontiguousarray(data[templates].T), bands
     # Many templates (an exposure's candidates): columns of the library kept transposed,
@@ -688,6 +683,9 @@ def _width_entries(library, wave, log_in, ln_out, excess):
 
 #: Gathers of at least this many templates take columns of the transposed library.
 _TRANSPOSED_FROM = 64
+#: From this many, library_bands multiplies their rows one by one, ~0.06 ms each (gathered and
+#: transposed: ~0.45 ms for 8-16, the product included, but ~2.0 for 25, ~3.4 for 40).
+_ROWS_FROM = 17
 #: (wavelength, template) copies of the libraries' spectra (``norm``, the fit's), ~10-50 MB
 #: each: as many as libraries are kept (_LIBRARIES), so that a survey interleaving
 #: configurations does not remake them.
