@@ -110,12 +110,12 @@ def sparse_products(matrix, rows, dtype=np.float64, few=_ONE_BY_ONE):
     as the matrix's values are)."""
     rows = [np.asarray(row, dtype=dtype) for row in rows] if isinstance(rows, list) else \
         np.asarray(rows, dtype=dtype)
-    if len(rows) <= few:
-        out = np.empty((len(rows), matrix.shape[0]), np.result_type(matrix.dtype, dtype))
+    if len(rows) <= few:  # (np.promote_types: ~0.1 us, np.result_type ~0.8, ~36 calls a fit)
+        out = np.empty((len(rows), matrix.shape[0]), np.promote_types(matrix.dtype, dtype))
         for target, row in zip(out, rows, strict=True):
             target[:] = matrix @ row
         return out
-    return (matrix @ np.ascontiguousarray(np.transpose(rows))).T
+    return (matrix @ np.ascontiguousarray(np.asarray(rows).T)).T
 
 
 @functools.cache
