@@ -13,7 +13,7 @@ import scipy.sparse
 from .constants import FWHM_PER_SIGMA
 
 __all__ = ["convolution_matrix", "convolution_entries", "excess_variance", "gaussian_rows",
-           "gaussian_widths", "log_sampling", "width_entries", "pixel_bands", "NSIGMA"]
+           "gaussian_widths", "log_sampling", "width_entries", "NSIGMA"]
 
 #: Kernels reach this many sigma on each side.
 NSIGMA = 5.0
@@ -155,20 +155,6 @@ def width_entries(log_in, ln_out, excess):
     counts, cols, indptr, offset2 = _reach_entries(ln_in, ln_out, reach)
     offset2 *= offset2
     return counts, cols.astype(np.int32), indptr.astype(np.int32), offset2.astype(np.float32)
-
-
-def pixel_bands(matrix, size):
-    """The rows (output pixels) of a CSR operator ``matrix`` by bands of ``size``: a list of
-    pairs (slice of the pixels, CSR matrix of those rows, sharing the operator's arrays)."""
-    indptr = matrix.indptr
-    bands = []
-    for start in range(0, matrix.shape[0], size):
-        stop = min(start + size, matrix.shape[0])
-        first, last = indptr[start], indptr[stop]
-        bands.append((slice(start, stop), scipy.sparse.csr_matrix(
-            (matrix.data[first:last], matrix.indices[first:last],
-             indptr[start:stop + 1] - first), shape=(stop - start, matrix.shape[1]))))
-    return bands
 
 
 def _reach_entries(ln_in, ln_out, reach):

@@ -42,7 +42,6 @@ from .convolution import (
     excess_variance,
     gaussian_widths,
     log_sampling,
-    pixel_bands,
     width_entries,
 )
 from .errors import FluxCalWarning, GridError
@@ -567,16 +566,12 @@ def library_bands(library, wavelength, lsf, templates=None, *, kind="norm", stac
     product, to the last bit (each pixel's sums are its own); a few templates in one band.
 
     Takes the arguments of :func:`library_columns`."""
-    matrix, operand, bands = _operands(library, wavelength, lsf, templates, kind, stacklevel + 1,
-                                       rows=True)
-    if isinstance(operand, list):  # some templates' rows, one by one (_ROWS_FROM)
-        yield slice(None), sparse_products(matrix, operand, SPECTRA_DTYPE, len(operand)).T
-        return
+    matrix, operand, bands = _operands(library, wavelength, lsf, templates, kind, stacklevel + 1)
     if operand.shape[1] < _TRANSPOSED_FROM:  # a small product: its copy is cheap
         yield slice(None), matrix @ operand
         return
     if not bands:  # made once per operator, when a product of many templates first needs them
-        bands[:] = pixel_bands(matrix, _PIXEL_BAND)  # whole (threads sharing it: no repeats)
+        bands[:] = _pixel_bands(matrix, _PIXEL_BAND)  # whole (threads sharing it: no repeats)
     for pixels, band in bands:
         yield pixels, band @ operand
 
@@ -586,10 +581,23 @@ def library_bands(library, wavelength, lsf, templates=None, *, kind="norm", stac
 _PIXEL_BAND = 512
 
 
-def _operands(library, wavelength, lsf, templates, kind, stacklevel, rows=False):
+def _pixel_bands(matrix, size):
+    """The rows of a CSR ``matrix`` by bands of ``size``: pairs (slice, CSR matrix)."""
+    indptr = matrix.indptr
+    bands = []
+    for start in range(0, matrix.shape[0], size):
+        stop = min(start + size, matrix.shape[0])
+        first, last = indptr[start], indptr[stop]
+        bands.append((slice(start, stop), scipy.sparse.csr_matrix(
+            (matrix.data[first:last], matrix.indices[first:last],
+             indptr[start:stop + 1] - first), shape=(stop - start, matrix.shape[1]))))
+    return bands
+
+
+def _operands(library, wavelength, lsf, templates, kind, stacklevel):
     """The operator of :func:`library_columns`, the library's spectra it multiplies (C order,
-    one column per template; ``rows``: some as a list of their rows, see _ROWS_FROM) and
-    the operator's bands (:func:`library_bands`; a list, empty until made)."""
+    one column per template) and the operator's bands (:func:`library_bands`; a list, empty
+    until made)."""
     lsf = _as_lsf(lsf)
     matrix, sharper, prefix, bands = _library_operator(library, wavelength, lsf)
     _warn_sharper(library, sharper, stacklevel + 1)
@@ -599,8 +607,6 @@ def _operands(library, wavelength, lsf, templates, kind, stacklevel, rows=False)
     count = len(range(*templates.indices(len(data)))) if isinstance(templates, slice) else \
         np.size(templates)
     if count < _TRANSPOSED_FROM:  # a few corners: gathering rows is cheaper
-        if rows and count >= _ROWS_FROM:  # views (library_bands)
-            return matrix, [data[t] for t in np.arange(len(data))[templates].tolist()], bands
         return matrix, np.ascontiguousarray(data[templates].T), bands
     # Many templates (an exposure's candidates): columns of the library kept transposed,
     # one gather instead of a gather and a transposing copy (~3 of ~8 ms for 200).
@@ -683,9 +689,6 @@ def _width_entries(library, wave, log_in, ln_out, excess):
 
 #: Gathers of at least this many templates take columns of the transposed library.
 _TRANSPOSED_FROM = 64
-#: From this many, library_bands multiplies their rows one by one, ~0.06 ms each (gathered and
-#: transposed: ~0.45 ms for 8-16, the product included, but ~2.0 for 25, ~3.4 for 40).
-_ROWS_FROM = 17
 #: (wavelength, template) copies of the libraries' spectra (``norm``, the fit's), ~10-50 MB
 #: each: as many as libraries are kept (_LIBRARIES), so that a survey interleaving
 #: configurations does not remake them.

@@ -308,8 +308,7 @@ def test_library_bands_are_the_columns_by_bands_of_pixels(cube, monkeypatch):
     """Issue 14: many templates' product comes a band of pixels at a time (each band's
     columns copied into rows while in the cache): the bands cover every pixel once, in
     order, the last one partial, and hold library_columns' values to the bit; a few
-    templates (scattered, or a slice) come as one product, their rows one by one or
-    gathered."""
+    templates come as one product."""
     clear_cache()  # no operator whose bands were made at another size
     library = _library(cube, cache_dir=False)
     wave, lsf = np.linspace(4000.0, 8000.0, 500), LineSpread.constant(8.0)
@@ -323,13 +322,9 @@ def test_library_bands_are_the_columns_by_bands_of_pixels(cube, monkeypatch):
                                          for s in range(0, wave.size, 7)]
         np.testing.assert_array_equal(np.concatenate([b[1] for b in bands]), want)
     monkeypatch.setattr(templates, "_TRANSPOSED_FROM", 4)
-    for rows_from in (2, 4):  # their rows one by one, or gathered
-        monkeypatch.setattr(templates, "_ROWS_FROM", rows_from)
-        for ids in ([1, 0], slice(1, 4)):
-            (pixels, columns), = templates.library_bands(library, wave, lsf, ids)
-            assert pixels == slice(None) and columns.dtype == templates.SPECTRA_DTYPE
-            np.testing.assert_array_equal(columns,
-                                          templates.library_columns(library, wave, lsf, ids))
+    (pixels, columns), = templates.library_bands(library, wave, lsf, [1, 0])
+    assert pixels == slice(None)
+    np.testing.assert_array_equal(columns, templates.library_columns(library, wave, lsf, [1, 0]))
     clear_cache()
 
 
