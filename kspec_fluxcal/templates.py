@@ -34,6 +34,7 @@ import xarray as xr
 
 from ._recent import Recent, per_library, read_only
 from .config import Config, continuum_options
+from .continuum import sparse_products
 from .convolution import (
     NSIGMA,
     convolution_entries,
@@ -656,7 +657,8 @@ def library_models(library, wavelength, lsf, templates, weights, factors, kinds=
         for one in scaled:
             matrix, sharper, prefix, _ = _library_operator(library, wavelength, one)
             _warn_sharper(library, sharper, 3)
-            out.append((matrix @ models(prefix).T).T)
+            # a few models one by one: 2 in ~0.12 instead of ~0.32 ms (alone; fit: -15 %)
+            out.append(sparse_products(matrix, models(prefix), SPECTRA_DTYPE, few=4))
         return np.stack(out, dtype=np.float64)
     wave = keyed_wavelengths(wavelength)
     check_coverage(library, wave, scaled[int(np.argmax(factors))], "library")

@@ -131,6 +131,23 @@ def test_sparse_products_are_scipys_to_the_last_bit():
             assert got.tobytes() == np.ascontiguousarray(expected).tobytes()
 
 
+def test_sparse_products_keep_float32_to_the_last_bit():
+    """Issue 14: a float32 operator's products with float32 rows (a library's operator and
+    a few models), one by one up to ``few`` and at once beyond, are scipy's float32 product
+    with all of them, bit for bit."""
+    from kspec_fluxcal.continuum import sparse_products
+
+    rng = np.random.default_rng(13)
+    matrix = scipy.sparse.random(400, 1500, density=0.02, format="csr", random_state=rng,
+                                 dtype=np.float32)
+    for nrow in range(1, 7):
+        rows = rng.lognormal(0.0, 2.0, (nrow, matrix.shape[1])).astype(np.float32)
+        expected = np.ascontiguousarray((matrix @ np.ascontiguousarray(rows.T)).T)
+        got = sparse_products(matrix, rows, np.float32, few=4)
+        assert got.dtype == expected.dtype == np.float32
+        assert got.tobytes() == expected.tobytes()
+
+
 @pytest.mark.parametrize("size", [1, 2, 7, 64, 1023, 1024, 1025, 4096, 4097])
 def test_median_of_one_partition_is_numpys(size):
     """Issue 14: the median from one partition and the largest value below it (many

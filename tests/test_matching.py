@@ -279,7 +279,7 @@ def test_fast_scores_of_wanted_templates_only_are_the_full_ones():
 def test_stars_scored_against_their_own_templates_score_as_alone(dtype):
     """score_own_templates (the lattices' models, each star its own, in one call) gives
     each star the scores score_rest_frame gives it alone, to the last bit: blocks, one
-    partial, a missing (NaN) model and a star without weight."""
+    partial, missing (NaN, infinite) models and a star without weight."""
     from kspec_fluxcal.fit.matching import (
         _SCORE_BLOCK,
         RestFrame,
@@ -290,11 +290,14 @@ def test_stars_scored_against_their_own_templates_score_as_alone(dtype):
     _, templates = _templates(3 * (_SCORE_BLOCK + 5))
     own = templates.reshape(3, _SCORE_BLOCK + 5, -1).astype(dtype)
     own[1, 7] = np.nan
+    own[0, 5, 100] = np.inf  # where the star has weight: an infinite sum of squares
+    own[2, 4, 10] = -np.inf  # where it has none: a NaN one
     rng = np.random.default_rng(21)
     rests = [(own[s, 3 * s].astype(np.float64) + rng.normal(0, 1e-2, WAVE.size),
               np.full(WAVE.size, 1e4 if s < 2 else 0.0)) for s in range(3)]
     got = score_own_templates(rests, own)
     assert got.shape == own.shape[:2] and np.isnan(got[1, 7]) and np.isnan(got[2]).all()
+    assert np.isnan(got[0, 5]) and np.isfinite(np.delete(got[0], 5)).all()
     assert list(np.nanargmin(got[:2], axis=1)) == [0, 3]
     for s in range(3):
         assert np.array_equal(got[s], score_rest_frame(rests[s], own[s]), equal_nan=True)

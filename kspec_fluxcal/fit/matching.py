@@ -374,27 +374,31 @@ def score_own_templates(rests, templates):
     the star's own call gives, to the last bit (the same blocks of :data:`_SCORE_BLOCK`
     templates, converted to float64 and scored by the same matrix-vector products).
 
-    The lattices' models of all stars at once: their NaN rows found in one pass and their
-    blocks converted into one buffer (with a fresh float64 copy of each star's models,
-    ~0.9 MB, and a NaN test star by star, the lattices' scores took ~3.0, now ~2.3 ms an
-    exposure).
+    The lattices' models of all stars at once: their missing (NaN) rows found by their
+    sums and their blocks converted into one buffer (with a fresh float64 copy of each
+    star's models, ~0.9 MB, and a NaN test star by star, the lattices' scores took ~3.0,
+    then ~2.3 ms an exposure).
     """
     nstar, k, npix = templates.shape
-    missing = ~np.isfinite(templates).all(axis=2)
     sft, stt = np.zeros((nstar, k)), np.zeros((nstar, k))
     buffer = np.empty((min(k, _SCORE_BLOCK), npix))
     rests = [rest if isinstance(rest, RestFrame) else RestFrame(rest) for rest in rests]
-    for s, rest in enumerate(rests):
-        weighted, weight = rest.weighted, rest[1]
-        for start in range(0, k, _SCORE_BLOCK):
-            block = slice(start, start + _SCORE_BLOCK)
-            rows = buffer[:len(missing[s, block])]
-            np.copyto(rows, templates[s, block])
-            if missing[s, block].any():  # zeroed as _clean_templates does
-                rows[missing[s, block]] = 0.0
-            sft[s, block] = weighted @ rows.T
-            rows *= rows
-            stt[s, block] = weight @ rows.T
+    with np.errstate(invalid="ignore"):  # a missing model's sums (inf - inf, 0 * inf)
+        for s, rest in enumerate(rests):
+            weighted, weight = rest.weighted, rest[1]
+            for start in range(0, k, _SCORE_BLOCK):
+                block = slice(start, start + _SCORE_BLOCK)
+                rows = buffer[:min(k - start, _SCORE_BLOCK)]
+                np.copyto(rows, templates[s, block])
+                sft[s, block] = weighted @ rows.T
+                rows *= rows
+                stt[s, block] = weight @ rows.T
+    # A model with a NaN or an infinity has a NaN or infinite sum of squares (the weights are
+    # finite and >= 0; a finite model's squares, float32 in float64, cannot overflow): found
+    # by its sums, not by a pass over every model (~0.15 ms for 2 stars' 125), and given the
+    # sums of _clean_templates' zeroed row. Each sum is its row's own dot product.
+    missing = ~np.isfinite(stt)
+    sft[missing] = stt[missing] = 0.0
     ff = np.array([rest.flux_norm for rest in rests])
     return _chi2_of_sums(ff, sft, stt, missing)
 
