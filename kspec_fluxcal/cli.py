@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import os
 import signal
 import sys
@@ -13,8 +12,7 @@ import traceback
 import warnings
 from pathlib import Path
 
-from ._dask_on_demand import defer_dask_lookup
-from ._numpy_on_demand import defer_numpy_submodules
+from ._startup import setting_up
 from ._stdout import stdout_may_close
 from .errors import ConfigError, FluxCalError, FluxCalWarning, InputError
 
@@ -60,23 +58,6 @@ def _internal_error(err):
     """The line that reports an unexpected exception (a bug) without its traceback."""
     return (f"internal error ({type(err).__name__}: {err}); please report it with the output "
             "of --traceback")
-
-
-@contextlib.contextmanager
-def _setting_up():
-    """Imports and inputs opened without unused modules (Dask's, NumPy's) nor the cyclic
-    garbage collector, whose passes over the ~10^6 long-lived objects the imports create are
-    ~0.15 s of a 1 s start-up; those objects are then frozen (never scanned again)."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        defer_dask_lookup()  # first: before xarray makes a variable (it imports xarray)
-        defer_numpy_submodules()  # before SciPy copies NumPy's namespace
-        yield
-    finally:
-        gc.freeze()
-        if enabled:
-            gc.enable()
 
 
 # ----------------------------------------------------------------------------- commands
@@ -132,7 +113,7 @@ def _calibration_state(ds):
 
 
 def _cmd_grid_build(args):
-    with _setting_up():  # the build has no Dask array: xarray need not import Dask (0.6 s)
+    with setting_up():  # the build has no Dask array: xarray need not import Dask (0.6 s)
         from ._atomic import check_output_directory
         from .grid.build import build_grid, scan_bosz
 
@@ -185,7 +166,7 @@ def _cmd_simulate(args):
 
 
 def _cmd_calibrate(args):
-    with _setting_up():
+    with setting_up():
         from .catalog import read_catalog
         from .config import load_config
         from .grid import open_grid

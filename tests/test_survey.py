@@ -485,6 +485,21 @@ def test_a_directory_that_is_not_an_archive_is_refused(tmp_path):
         ArchiveWriter(tmp_path / "archive.zarr")
 
 
+def test_cluster_settings_give_way_to_the_users():
+    """The survey's cluster settings replace distributed's defaults, not a user's values."""
+    import dask
+    import distributed  # noqa: F401 (its defaults)
+
+    from kspec_fluxcal.survey.cluster import TUNED, _tuned
+
+    assert _tuned() == TUNED
+    key = "distributed.admin.system-monitor.interval"
+    with dask.config.set({key: "3s"}):
+        assert _tuned() == {k: v for k, v in TUNED.items() if k != key}
+    with dask.config.set({key: dask.config.get(key)}):  # distributed's own: ours
+        assert _tuned() == TUNED
+
+
 @pytest.mark.cluster
 def test_survey_on_local_cluster(survey, reference, client):
     """Every exposure calibrated once, archived once, and calibrated correctly."""
@@ -515,6 +530,16 @@ def test_survey_on_local_cluster(survey, reference, client):
         every = client.run(lambda dask_worker: dask_worker.periodic_callbacks[
             "memory_monitor"].callback_time, nanny=nanny)
         assert set(every.values()) == {1000 * parse_timedelta(MEMORY_MONITOR_INTERVAL)}, every
+    # ... sampling the system every SYSTEM_MONITOR_INTERVAL, and with the modules of their
+    # tasks imported and frozen as they started (a worker's full garbage collections scan only
+    # what came later).
+    from kspec_fluxcal.survey.cluster import SYSTEM_MONITOR_INTERVAL
+
+    sampled = client.run(lambda dask_worker: dask_worker.periodic_callbacks[
+        "monitor"].callback_time)
+    assert set(sampled.values()) == {1000 * parse_timedelta(SYSTEM_MONITOR_INTERVAL)}, sampled
+    frozen = client.run(lambda: __import__("gc").get_freeze_count())
+    assert all(n > 10_000 for n in frozen.values()), frozen
     expids = _expids(survey)
     assert report.ok, report.failed
     assert sorted(report.calibrated) == sorted(expids)
