@@ -191,8 +191,7 @@ def refine_rv(obs_norm, obs_weight, template_norm, wavelength, rv0, *, half_widt
     wave = np.asarray(wavelength, dtype=np.float64)
     star_wave = np.broadcast_to(wave if star_wavelength is None else star_wavelength,
                                 np.shape(obs_norm))
-    half_width = _pixel_kms(pixels_key(wave)) if half_width is None \
-        else half_width
+    half_width = _pixel_kms(pixels_key(wave)) if half_width is None else half_width
     offsets = np.linspace(-half_width, half_width, nstep)
     rv0 = np.asarray(rv0, dtype=np.float64)
     trial = rv0[:, None] + offsets[None, :]  # (S, V)
