@@ -12,6 +12,8 @@ import functools
 import numpy as np
 import scipy.sparse
 
+from .wavelength import pixels_key
+
 __all__ = ["design_matrix", "cached_design_matrix", "cached_normal_matrix",
            "cached_curve_variance", "basis_values"]
 
@@ -90,25 +92,12 @@ def cached_curve_variance(x, knots, cov, degree=3):
     return variance
 
 
-#: The last read-only (x, knots) looked up (kept: their identity is theirs) and their key.
-_LAST_KEY = (None, None, None)
-
-
 def _key(x, knots, degree):
-    """The caches' key: the bytes of (x, knots) and the degree. For the read-only arrays
-    that own their data of the last lookup (smoothing's cached knots: an exposure's response
-    fitted three times, 2-3 lookups each), its bytes objects again, whose hashes Python
-    keeps (32 kB copied and hashed: ~35 us a lookup)."""
-    global _LAST_KEY
-    last_x, last_knots, key = _LAST_KEY  # one read: threads may share it
-    if x is last_x and knots is last_knots and key[2] == degree:
-        return key
-    key = tuple(np.ascontiguousarray(a, dtype=np.float64).tobytes() for a in (x, knots)) + (
-        degree,)
-    if all(isinstance(a, np.ndarray) and a.base is None and not a.flags.writeable
-           for a in (x, knots)):
-        _LAST_KEY = (x, knots, key)
-    return key
+    """The caches' key: the bytes of (x, knots) as float64 and the degree; arrays seen
+    recently give the same bytes objects again, whose hashes Python keeps
+    (:data:`~kspec_fluxcal.wavelength.pixels_key`; an exposure's response is fitted three
+    times, 2-3 look-ups each: 32 kB copied and hashed anew took ~35 us a look-up)."""
+    return pixels_key(x), pixels_key(knots), degree
 
 
 @functools.lru_cache(maxsize=4)
