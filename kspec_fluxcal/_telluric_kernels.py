@@ -78,15 +78,15 @@ def kernel_matrix(boxes, wave_out, sigma_out):
     # Only the boxes the rows reach have columns (each row's columns increase).
     first_box = int(cols[:, 0].min()) if n else 0
     count = int(cols[:, -1].max()) - first_box + 1 if n else 0
-    reached = boxes.active[first_box:first_box + count]
-    m = int(np.count_nonzero(reached))
-    rank, order = np.cumsum(reached, dtype=itype) - 1, None
+    in_reach = boxes.active[first_box:first_box + count]
+    m = int(np.count_nonzero(in_reach))
+    rank, order = np.cumsum(in_reach, dtype=itype) - 1, None
     if boxes.kind is not None:
-        order = np.argsort(boxes.kind[first_box:first_box + count][reached], kind="stable")
+        order = np.argsort(boxes.kind[first_box:first_box + count][in_reach], kind="stable")
         position = np.empty(m + 1, itype)  # (the last for the boxes before the first active)
         position[order], position[m] = np.arange(m, dtype=itype), 0
         rank = position[rank]
-    column = np.where(reached, 3 * rank, 3 * m).astype(itype)
+    column = np.where(in_reach, 3 * rank, 3 * m).astype(itype)
     index = column[cols - first_box][:, None, :] + np.arange(3, dtype=itype)[None, :, None]
     return scipy.sparse.csr_matrix(
         (terms.ravel(), index.ravel(), np.arange(0, (n + 1) * 3 * width, 3 * width, dtype=itype)),
