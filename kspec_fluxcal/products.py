@@ -19,6 +19,7 @@ import xarray as xr
 from . import __version__
 from ._astropy import fits, verify_error
 from ._atomic import atomic_file
+from ._page_cache import release_earlier, written
 from .constants import CAL_UNIT, CALIBRATION_KEYWORDS, FLUX_UNIT
 from .errors import ExposureError
 from .exposure import _computed, open_exposure
@@ -271,8 +272,10 @@ def write_calibrated(ds, path, *, overwrite=False, stars=None):
         if stars is not None:
             extensions.append(stars if isinstance(stars, bytes)
                               else table_bytes(*_star_columns(stars)))
+        release_earlier()  # the earlier products' pages, for this one's (see _page_cache)
         with atomic_file(path, overwrite=overwrite) as tmp:
             _write_fits(tmp, primary, extensions, compress=Path(path).suffix.lower() == ".gz")
+        written(path)
     except verify_error():
         _name_damaged_card(ds.attrs.get("source"))
         raise

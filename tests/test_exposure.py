@@ -1,5 +1,6 @@
 import os
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -448,6 +449,21 @@ def _rich_red_file(path, compress=False):
     out = path.with_suffix(".fits.gz" if compress else ".rich.fits")
     rich.writeto(out, checksum=True)
     return out
+
+
+def test_products_pages_are_released_once_in_place(red_file, tmp_path, monkeypatch):
+    """Each product is given to the page-cache release (kspec_fluxcal._page_cache) once it is
+    in place under its name; the earlier products' pages are released before it is written."""
+    from kspec_fluxcal import products
+
+    calls = []
+    monkeypatch.setattr(products, "release_earlier", lambda: calls.append("release"))
+    monkeypatch.setattr(products, "written",
+                        lambda path: calls.append((Path(path).name, Path(path).is_file())))
+    cal = _calibrated(open_exposure(red_file(wavelength=None)))
+    write_calibrated(cal, tmp_path / "a_fluxcal.fits")
+    write_calibrated(cal, tmp_path / "b_fluxcal.fits.gz")
+    assert calls == ["release", ("a_fluxcal.fits", True), "release", ("b_fluxcal.fits.gz", True)]
 
 
 @pytest.mark.parametrize("compress", [False, True])
