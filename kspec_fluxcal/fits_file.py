@@ -19,7 +19,7 @@ import numpy as np
 from ._astropy import fits, loaded_fits, verify_error
 from ._atomic import check_regular_file
 from .errors import ExposureError, FluxCalWarning
-from .fits_bytes import BLOCK, END_CARD, PlainHDU, plain_table
+from .fits_bytes import BLOCK, END_CARD, PlainHDU, kept_extensions, plain_table
 from .fits_cards import IMAGE_KEYWORDS, card_image
 
 __all__ = ["open_fits", "find_hdu", "hdu_data", "table_columns", "header_value",
@@ -571,9 +571,16 @@ def extension_raw(path, name):
 def extensions_raw(path, skip=()):
     """Every extension of a FITS file (gzip-compressed or not), in order, as (EXTNAME in
     upper case, '' without one; its bytes, verbatim, or None for the names in ``skip``,
-    not read); None when the file cannot be walked (missing, not FITS, cut short)."""
+    not read); None when the file cannot be walked (missing, not FITS, cut short). The
+    bytes are a read-only view of the file's kept when it was read and is unchanged
+    (:func:`~kspec_fluxcal.fits_bytes.kept_extensions`: a plain RED file opened)."""
+    skip = tuple(n.upper() for n in skip)
+    kept = kept_extensions(path)
+    if kept is not None:  # named as by the walk (a plain header's bytes are ASCII)
+        return [(name, None if name in skip else hdu) for name, hdu in
+                ((_raw_keys(bytes(cards)).get("EXTNAME", "").upper(), hdu) for cards, hdu in kept)]
     try:
-        return _walk(path, skip=tuple(n.upper() for n in skip))
+        return _walk(path, skip=skip)
     except OSError:  # unreadable, or a damaged gzip stream
         return None
 

@@ -309,11 +309,18 @@ def synthetic_mag_values(flux, weights):
     covered (its row NaN), where the spectrum has NaN inside a band or where the integrated
     flux is not positive. numpy or Dask arrays (any chunks along P)."""
     weights = nan_to_num(weights)
-    support = (weights != 0).astype(np.float64)
-    flux = flux.astype(np.float64)
-    maggies = nan_to_num(flux) @ weights.T
-    nan_inside = np.isnan(flux).astype(np.float64) @ support.T
-    ok = (nan_inside == 0) & (maggies > 0)
+    if type(flux) is np.ndarray and flux.flags.c_contiguous and np.isfinite(flux).all():
+        # Spectra without NaN (the check's, gaps bridged): no band has NaN inside and
+        # nan_to_num would change nothing (its copy and the NaN product were ~0.06 of 0.18
+        # ms); contiguous, the product's layout is the copy's: the same sums
+        maggies = flux.astype(np.float64, copy=False) @ weights.T
+        ok = maggies > 0
+    else:
+        support = (weights != 0).astype(np.float64)
+        flux = flux.astype(np.float64)
+        maggies = nan_to_num(flux) @ weights.T
+        nan_inside = np.isnan(flux).astype(np.float64) @ support.T
+        ok = (nan_inside == 0) & (maggies > 0)
     # The logarithm of good values only: a lazy array computes outside any errstate.
     return np.where(ok, -2.5 * np.log10(np.where(ok, maggies, 1.0)), np.nan)
 

@@ -120,6 +120,10 @@ def correct_second_order(exposure, ratio, blaze=0.0):
         A ratio or blaze out of range (the message names the option).
     """
     ratio, blaze = float(ratio), float(blaze) if blaze else None
+    if ratio == 0.0 and blaze is None:
+        # Nothing to remove, and no blaze for the blue end to bound: the fiber wavelengths
+        # unread (a DataArray of them and their minimum: ~0.15 ms of every calibration)
+        return exposure
     wave = exposure["fiber_wavelength"]
     blue = float(np.nanmin(wave.values))
     problem = second_order_problem(ratio, blaze, blue, "the exposure's")

@@ -179,3 +179,40 @@ def test_bytes_read_once_are_read_as_the_file(tmp_path):
     os.mkfifo(tmp_path / "fifo")
     for other in (tmp_path, tmp_path / "missing.fits", tmp_path / "fifo"):
         assert read_bytes(other) is None
+
+
+def test_kept_extensions_are_the_files_while_it_is_unchanged(tmp_path):
+    """The extensions kept from a plain file's reading are the walk's of the file, bytes
+    and names (a lower-case EXTNAME, a table), as long as the file is unchanged: rewritten
+    (same size), replaced or removed, it is read again; bytes given by the caller or another
+    file's reading are not kept."""
+    import os
+
+    from kspec_fluxcal.fits_bytes import keep_extensions, kept_extensions, read_bytes
+    from kspec_fluxcal.fits_file import _walk, extensions_raw
+
+    path = _file(tmp_path / "f.fits")
+    keep_extensions(path, read_plain(path, ("FIBRES",)))
+    kept = extensions_raw(path, skip=("variance",))
+    assert [(name, hdu if hdu is None else bytes(hdu)) for name, hdu in kept] == \
+        _walk(path, skip=("VARIANCE",))
+    assert [name for name, _ in kept] == ["VARIANCE", "WAVELA", "FIBRES"]
+    assert kept[1][1].readonly and kept_extensions(tmp_path / "g.fits") is None
+    # Rewritten in place with other data, the same size: read from the file again.
+    raw = path.read_bytes().replace(np.linspace(4000.0, 5000.0, 4).astype(">f8").tobytes(),
+                                    np.linspace(4000.0, 6000.0, 4).astype(">f8").tobytes())
+    stat = os.stat(path)
+    path.write_bytes(raw)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # even with its time put back
+    assert kept_extensions(path) is None
+    assert bytes(extensions_raw(path)[1][1]) == _walk(path)[1][1]
+    assert np.linspace(4000.0, 6000.0, 4).astype(">f8").tobytes() in extensions_raw(path)[1][1]
+    keep_extensions(path, read_plain(path, ("FIBRES",), read_bytes(path)))  # caller's bytes
+    assert kept_extensions(path) is None
+    keep_extensions(path, read_plain(path, ("FIBRES",)))
+    assert kept_extensions(path) is not None
+    os.replace(_file(tmp_path / "h.fits"), path)
+    assert kept_extensions(path) is None
+    keep_extensions(path, read_plain(path, ("FIBRES",)))
+    os.remove(path)
+    assert kept_extensions(path) is None and extensions_raw(path) is None

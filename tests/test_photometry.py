@@ -76,6 +76,27 @@ def test_nan_when_not_covered_or_nan_inside():
     assert np.isnan(mags[0]) and np.isfinite(mags[1])
 
 
+def test_finite_spectra_give_the_general_paths_magnitudes():
+    """Spectra without NaN (contiguous: the shortcut without the NaN product) have the
+    magnitudes of the same spectra taken by the general path (a NaN outside every band, or
+    another memory layout): not covered NaN, a flux that is not positive NaN."""
+    from kspec_fluxcal.photometry import band_weight_values, synthetic_mag_values
+
+    spectra = _spectra(n=3, lo=3500, hi=9500)
+    wave = spectra["wavelength"].values
+    flux = spectra.values.copy()
+    flux[2] *= -1.0
+    weights = band_weight_values(["panstarrs-g", "panstarrs-r", "twomass-J"], wave)
+    fast = synthetic_mag_values(flux, weights)
+    holes = flux.copy()
+    holes[:, 0] = np.nan  # at 3500 A: in none of the bands
+    np.testing.assert_allclose(fast, synthetic_mag_values(holes, weights), rtol=1e-13)
+    np.testing.assert_allclose(fast, synthetic_mag_values(np.asfortranarray(flux), weights),
+                               rtol=1e-13)
+    assert np.isfinite(fast[:2, :2]).all() and np.isnan(fast[:, 2]).all()
+    assert np.isnan(fast[2]).all()
+
+
 def test_lazy_and_same_as_eager(raise_if_computes):
     spectra = _spectra(n=4)
     lazy = spectra.chunk({"star": 2})

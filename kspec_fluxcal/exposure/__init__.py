@@ -24,7 +24,7 @@ from .._astropy import fits
 from .._datasets import dataset
 from ..constants import CAL_UNIT, CALIBRATION_KEYWORDS, CONFIGURATION_STEP
 from ..errors import ExposureError
-from ..fits_bytes import header_text, read_plain
+from ..fits_bytes import header_text, keep_extensions, read_plain
 from ..fits_file import cards_named, find_hdu, fits_column, hdu_data, open_fits
 from ..lsf import LineSpread
 from ..wavelength import vacuum_to_air
@@ -84,7 +84,11 @@ def _read(path):
     # without importing astropy.
     hdul = read_plain(path, FIBRES_EXTNAMES)
     if hdul is not None:
-        return _read_hdus(hdul, path)
+        read = _read_hdus(hdul, path)
+        # Its bytes, which the arrays read copy and do not modify, for the product's copy of
+        # its extensions (products.write_calibrated)
+        keep_extensions(path, hdul)
+        return read
     # Astropy warns about damaged files before failing; the failure becomes our error.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", fits().verify.VerifyWarning)
