@@ -146,12 +146,12 @@ def _band_sums(w, d_):
     return w, d_, _row_sums(w), _row_sums(w * d_)
 
 
-
 def _solve(bands, coeff, used, prior):
     """(mu, E(B-V)) of the ``used`` bands (:func:`_band_sums`) by weighted least squares with
-    the prior (weight, mean, whether to fit E, its upper bound), and a function giving their
-    errors (the 2x2 normal matrix's inverse; only the last solve's are wanted). Under the
-    caller's errstate: a row without a band divides by 0."""
+    the prior (:func:`_prior`'s: weight, mean, whether to fit E, its upper bound, weight x
+    mean), and a function giving their errors (the 2x2 normal matrix's inverse; only the
+    last solve's are wanted). Under the caller's errstate: a row without a band divides by
+    0."""
     prior_w, _, reddening, ebv_max, prior_b = prior
     w, d_, s0, b0 = bands
     r_ = np.where(used, coeff, 0.0)
