@@ -576,16 +576,29 @@ def _alpha_response_weights(axes, exists, t, g, m, a):
         here.append(_position(axes["feh"], np.minimum(np.maximum(m[mine], fehs[0]), fehs[-1])))
         here3, here_raw = _cell3(axes, here)
         has = both[here3[..., 0], here3[..., 1], here3[..., 2]][:, _CORNER3]
-        node_lo, node_frac = _position(nodes, nodes[[j + 1, j]])  # both nodes' positions
-        for part, sign in ((1, 1.0), (2, -1.0)):
-            at_node = (node_lo[part - 1:part], node_frac[part - 1:part])
-            i, w = _with_alpha(axes, here3, here_raw, at_node)
-            w = _renormalised(w, has)
-            cols = slice(part * n, (part + 1) * n)
-            index[mine, cols] = i
-            # NaN (no corner has both nodes) to 0: np.nan_to_num's values (no infinity here)
-            weight[mine, cols] = sign * f[mine, None] * np.where(np.isnan(w), 0.0, w)
+        # The upper node's cells and the lower's in one pass (each row's values its own: ~25
+        # numpy calls fewer), at the nodes' positions as _position gives them (fraction 0,
+        # 1 at the last node).
+        top = nodes.size - 2
+        at_nodes = (np.repeat([min(j + 1, top), j], mine.size),
+                    np.repeat([float(j + 1 > top), 0.0], mine.size))
+        i, w = _with_alpha(axes, np.concatenate([here3, here3]),
+                           np.concatenate([here_raw, here_raw]), at_nodes)
+        w = _renormalised(w, np.concatenate([has, has]))
+        index[mine, n:] = _side_by_side(i.reshape((2, mine.size) + i.shape[1:]))
+        # NaN (no corner has both nodes) to 0: np.nan_to_num's values (no infinity here)
+        weight[mine, n:] = _side_by_side(_RESPONSE_SIGNS * f[mine, None] * np.where(
+            np.isnan(w), 0.0, w).reshape(2, mine.size, n))
     return index, weight
+
+
+#: The signs of the response's upper and lower node (:func:`_alpha_response_weights`).
+_RESPONSE_SIGNS = np.array([1.0, -1.0])[:, None, None]
+
+
+def _side_by_side(parts):
+    """Two blocks (2, n, C, ...) side by side (n, 2 C, ...)."""
+    return np.concatenate([parts[0], parts[1]], axis=1)
 
 
 def _alpha_pairs(exists, fehs, j):
