@@ -580,10 +580,9 @@ _PIXEL_BAND = 512
 
 
 def _pixel_bands(matrix, size):
-    """The rows of a CSR ``matrix`` by bands of ``size``: pairs (slice, CSR matrix), each
-    band's matrix valid until the next is asked for. One matrix of each band size, its
-    arrays replaced by the next band's views: scipy's checks of a new matrix took ~35 us, a
-    tenth of a band's product (an exposure's 8 bands: ~0.27 against ~0.02 ms)."""
+    """The rows of a CSR ``matrix`` by bands of ``size``: pairs (slice, CSR matrix), a band's
+    matrix valid until the next is asked for (one per band size, its arrays replaced: scipy's
+    checks of a new one take ~35 us; an exposure's 8 bands ~0.27 against ~0.02 ms)."""
     indptr, band = matrix.indptr, None
     for start in range(0, matrix.shape[0], size):
         stop = min(start + size, matrix.shape[0])
