@@ -485,7 +485,7 @@ def _fast_chi2(flux, weight, tmpl, missing, wanted=None):
     stars = list(np.ndindex(weight.shape[:-1]))
     # The blocks converted into one buffer (a new 1 MB array per block cost its allocation)
     # and multiplied as rows @ star (as star @ rows.T: the same sums, ~20 % more time):
-    # ~2.0 -> ~1.1 ms a scan's scoring of 2 stars against 153-225 templates.
+    # ~2.0 -> ~1.1 ms a scan's scoring of 2 stars, 153-225 templates, alone (fit: -10 %).
     buffer = np.empty((min(tmpl.shape[0], _SCORE_BLOCK), tmpl.shape[-1]))
     for start in range(0, tmpl.shape[0], _SCORE_BLOCK):
         block = slice(start, start + _SCORE_BLOCK)
