@@ -487,8 +487,7 @@ def _library_operator(library, wavelength, lsf):
     """The library-to-exposure operator (CSR, SPECTRA_DTYPE) for pixels ``wavelength`` and line
     spread ``lsf``, whether the library is sharper than the LSF, and the prefix of the spectra
     it applies to ('blurred_' for a pre-blurred library's, when they serve ``lsf``: see
-    :mod:`kspec_fluxcal.preblur`) and its bands of pixels (:func:`library_bands`: a list,
-    filled when first asked for); built once, kept."""
+    :mod:`kspec_fluxcal.preblur`); built once, kept."""
     key = _operator_key(library, wavelength, lsf)
     item = _OPERATORS.get(key)
     if item is not None:
@@ -507,7 +506,7 @@ def _library_operator(library, wavelength, lsf):
     matrix = scipy.sparse.csr_matrix(
         (vals.astype(SPECTRA_DTYPE, copy=False), cols.astype(np.int32), indptr.astype(np.int32)),
         shape=(wave.size, library.sizes[prefix + "wavelength"]))
-    item = (matrix, sharper, prefix, [])  # its bands (library_bands) made when first asked for
+    item = (matrix, sharper, prefix)
     _OPERATORS.put(key, item)
     return item
 
@@ -555,7 +554,7 @@ def library_columns(library, wavelength, lsf, templates=None, *, kind="norm", st
     numpy.ndarray, shape (npix, ntemplate)
         :data:`SPECTRA_DTYPE`, one column per template.
     """
-    matrix, operand, _ = _operands(library, wavelength, lsf, templates, kind, stacklevel + 1)
+    matrix, operand = _operands(library, wavelength, lsf, templates, kind, stacklevel + 1)
     return matrix @ operand
 
 
@@ -567,13 +566,11 @@ def library_bands(library, wavelength, lsf, templates=None, *, kind="norm", stac
     product, to the last bit (each pixel's sums are its own); a few templates in one band.
 
     Takes the arguments of :func:`library_columns`."""
-    matrix, operand, bands = _operands(library, wavelength, lsf, templates, kind, stacklevel + 1)
+    matrix, operand = _operands(library, wavelength, lsf, templates, kind, stacklevel + 1)
     if operand.shape[1] < _TRANSPOSED_FROM:  # a small product: its copy is cheap
         yield slice(None), matrix @ operand
         return
-    if not bands:  # made once per operator, when a product of many templates first needs them
-        bands[:] = _pixel_bands(matrix, _PIXEL_BAND)  # whole (threads sharing it: no repeats)
-    for pixels, band in bands:
+    for pixels, band in _pixel_bands(matrix, _PIXEL_BAND):
         yield pixels, band @ operand
 
 
@@ -583,24 +580,27 @@ _PIXEL_BAND = 512
 
 
 def _pixel_bands(matrix, size):
-    """The rows of a CSR ``matrix`` by bands of ``size``: pairs (slice, CSR matrix)."""
-    indptr = matrix.indptr
-    bands = []
+    """The rows of a CSR ``matrix`` by bands of ``size``: pairs (slice, CSR matrix), a band's
+    matrix valid until the next is asked for (one per band size, its arrays replaced: scipy's
+    checks of a new one take ~35 us; an exposure's 8 bands ~0.27 against ~0.02 ms)."""
+    indptr, band = matrix.indptr, None
     for start in range(0, matrix.shape[0], size):
         stop = min(start + size, matrix.shape[0])
         first, last = indptr[start], indptr[stop]
-        bands.append((slice(start, stop), scipy.sparse.csr_matrix(
-            (matrix.data[first:last], matrix.indices[first:last],
-             indptr[start:stop + 1] - first), shape=(stop - start, matrix.shape[1]))))
-    return bands
+        arrays = (matrix.data[first:last], matrix.indices[first:last],
+                  indptr[start:stop + 1] - first)
+        if band is None or band.shape[0] != stop - start:
+            band = scipy.sparse.csr_matrix(arrays, shape=(stop - start, matrix.shape[1]))
+        else:
+            band.data, band.indices, band.indptr = arrays
+        yield slice(start, stop), band
 
 
 def _operands(library, wavelength, lsf, templates, kind, stacklevel):
     """The operator of :func:`library_columns`, the library's spectra it multiplies (C order,
-    one column per template) and the operator's bands (:func:`library_bands`; a list, empty
-    until made)."""
+    one column per template)."""
     lsf = _as_lsf(lsf)
-    matrix, sharper, prefix, bands = _library_operator(library, wavelength, lsf)
+    matrix, sharper, prefix = _library_operator(library, wavelength, lsf)
     _warn_sharper(library, sharper, stacklevel + 1)
     kind = prefix + kind
     data = library.variables[kind].values
@@ -608,17 +608,17 @@ def _operands(library, wavelength, lsf, templates, kind, stacklevel):
     count = len(range(*templates.indices(len(data)))) if isinstance(templates, slice) else \
         np.size(templates)
     if count < _TRANSPOSED_FROM:  # a few corners: gathering rows is cheaper
-        return matrix, np.ascontiguousarray(data[templates].T), bands
+        return matrix, np.ascontiguousarray(data[templates].T)
     # Many templates (an exposure's candidates): columns of the library kept transposed,
     # one gather instead of a gather and a transposing copy (~3 of ~8 ms for 200).
     columns = per_library(_TRANSPOSED, _transposed, library, kind)
     if isinstance(templates, slice):
         if templates.indices(columns.shape[1]) == (0, columns.shape[1], 1):
-            return matrix, columns, bands
+            return matrix, columns
         templates = np.arange(*templates.indices(columns.shape[1]))
     # take, not columns[:, templates]: that returns an F-ordered array (and a slice a
     # strided view), which scipy's product first copies to C order.
-    return matrix, np.take(columns, templates, axis=1), bands
+    return matrix, np.take(columns, templates, axis=1)
 
 
 def _warn_sharper(library, sharper, stacklevel):
@@ -655,7 +655,7 @@ def library_models(library, wavelength, lsf, templates, weights, factors, kinds=
                                         for one in scaled):
         out = []
         for one in scaled:
-            matrix, sharper, prefix, _ = _library_operator(library, wavelength, one)
+            matrix, sharper, prefix = _library_operator(library, wavelength, one)
             _warn_sharper(library, sharper, 3)
             # a few models one by one: 2 in ~0.12 instead of ~0.32 ms (alone; fit: -15 %)
             out.append(sparse_products(matrix, models(prefix), SPECTRA_DTYPE, few=4))

@@ -701,3 +701,24 @@ def test_preblur_rungs_follow_the_narrowest_line_spread_served(cube):
                  ("wide", [wide], None),
                  ("configured", [ISO_LSF], Config().replace(instrument__fwhm=14.0)))}
     assert rungs["both"] == rungs["narrow"] != rungs["wide"] == rungs["configured"]
+
+
+def test_reference_templates_nearest_to_teff_or_the_median_without_one(cube):
+    """Issue 14: a star's reference is the template nearest (Teff, 4.5, 0, 0), a star
+    without Teff the one at the library's median Teff (taken only then), the same either way
+    the stars come."""
+    from kspec_fluxcal.fit.exposure_templates import reference_templates
+
+    library = _library(cube, cache_dir=False)
+    arrays = library_arrays(library)
+    t, g, m, a = (arrays[f"template_{p}"] for p in PARAMS)
+
+    def nearest(teff):
+        return np.argmin(((t - teff) / 250.0) ** 2 + ((g - 4.5) / 0.5) ** 2 + (m / 0.25) ** 2
+                         + (a / 0.25) ** 2)
+
+    teff = np.array([t.min(), t.max(), np.nan])
+    want = [nearest(t.min()), nearest(t.max()), nearest(np.median(t))]
+    assert reference_templates(library, teff).tolist() == want
+    assert reference_templates(library, teff[:2]).tolist() == want[:2]
+    assert reference_templates(library, [float(t.max())]).tolist() == want[1:2]
