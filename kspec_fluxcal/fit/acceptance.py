@@ -14,6 +14,7 @@ from ..constants import FLUX_UNIT_SCALE, HC_ERG_AA, MIN_PARALLAX_SNR
 from ..grid import PARAMS, _cell
 from ..masks import load_regions, region_mask
 from ..templates import library_arrays
+from ..wavelength import central_steps
 
 __all__ = ["star_vectors", "line_variance", "line_depth", "implied_throughput", "acceptance",
            "star_flags"]
@@ -63,7 +64,7 @@ def implied_throughput(obs, model, vectors, config):
     counts per pixel / (photons per pixel above the atmosphere), 90th percentile over its
     reliable pixels (gain taken as 1 e-/count). Photometry of another star shows here: 1 mag
     too faint implies 2.5 times the instrument's throughput."""
-    width = np.gradient(obs.star_wave, axis=1)
+    width = central_steps(obs.star_wave)
     photons = (model.model_flux * FLUX_UNIT_SCALE * obs.exptime
                * config.instrument.collecting_area * width * obs.star_wave / HC_ERG_AA)
     peak = np.full(obs.nstar, np.nan)
