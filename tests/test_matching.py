@@ -731,3 +731,26 @@ def test_correction_basis_is_the_pixels_own_spline_basis():
     assert (_correction_basis(other, 500.0)[0] != _correction_basis(wave, 500.0)[0]).nnz
     constant = _correction_basis(wave, None)[0]
     assert constant.shape == (wave.size, 1) and (constant.toarray() == 1).all()
+
+
+@pytest.mark.parametrize("knots", [None, 300.0])
+def test_corrected_chi2_is_the_fitted_models_residuals(knots):
+    """corrected_chi2 from the normal equations: sum w (f - m)^2 of fit_corrected's models,
+    within rounding of sum w f^2, masked pixels and an empty row included."""
+    from kspec_fluxcal.fit.matching import corrected_chi2, fit_corrected
+
+    rng = np.random.default_rng(11)
+    wave = np.linspace(4000.0, 9000.0, 800)
+    templates = 1.0 - 0.3 * rng.random((4, wave.size))
+    slope = 1.0 + 0.2 * (wave - 6500.0) / 2500.0
+    flux = templates * slope * 1.1 + rng.normal(0.0, 0.02, templates.shape)
+    weights = np.full(templates.shape, 2500.0)
+    weights[1, 100:300] = 0.0
+    weights[3] = 0.0  # nothing to fit
+    model = fit_corrected(flux, weights, templates, wave, knots)
+    expected = np.sum(weights * (flux - model) ** 2, axis=1)
+    got = corrected_chi2(flux, weights, templates, wave, knots)
+    scale = np.sum(weights * flux**2, axis=1)
+    assert got.shape == (4,)
+    assert np.all(np.abs(got - expected) <= 1e-12 * scale + 1e-300)
+    assert got[3] == 0.0 and expected[0] > 100.0  # the fits are not trivial

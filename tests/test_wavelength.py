@@ -1,8 +1,8 @@
-"""Pixel widths over the reference grid's, with and without the caller's logarithms."""
+"""Pixel widths over the reference grid's, with and without the caller's logarithms; pixel steps."""
 
 import numpy as np
 
-from kspec_fluxcal.wavelength import width_ratio
+from kspec_fluxcal.wavelength import central_steps, width_ratio
 
 
 def test_width_ratio_with_the_callers_logarithms_is_the_same():
@@ -83,3 +83,13 @@ def test_wavelength_keys_are_the_rounded_and_the_exact_pixels_bytes():
     assert pixels_key(wave + 1e-11) == (wave + 1e-11).tobytes() != exact
     assert pixels_key(wave.astype(np.float32)) == wave.astype(np.float32).astype(
         np.float64).tobytes()
+
+
+def test_central_steps_are_numpys_gradient_to_the_last_bit():
+    rng = np.random.default_rng(4)
+    rows = np.cumsum(rng.random((3, 500)) * 3.7, axis=1) + 3600.0
+    for values in (rows, rows[0], rows[:, :2], np.broadcast_to(rows[1], (2, 500))):
+        expected = np.gradient(values, axis=-1)
+        got = central_steps(values)
+        assert got.shape == expected.shape
+        assert got.tobytes() == expected.tobytes()

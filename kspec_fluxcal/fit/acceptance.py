@@ -4,6 +4,7 @@ the reason for rejection or 'ok', and notes on accepted fits."""
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,6 +14,7 @@ from ..constants import FLUX_UNIT_SCALE, HC_ERG_AA, MIN_PARALLAX_SNR
 from ..grid import PARAMS, _cell
 from ..masks import load_regions, region_mask
 from ..templates import library_arrays
+from ..wavelength import central_steps
 
 __all__ = ["star_vectors", "line_variance", "line_depth", "implied_throughput", "acceptance",
            "star_flags"]
@@ -62,16 +64,35 @@ def implied_throughput(obs, model, vectors, config):
     counts per pixel / (photons per pixel above the atmosphere), 90th percentile over its
     reliable pixels (gain taken as 1 e-/count). Photometry of another star shows here: 1 mag
     too faint implies 2.5 times the instrument's throughput."""
-    width = np.gradient(obs.star_wave, axis=1)
+    width = central_steps(obs.star_wave)
     photons = (model.model_flux * FLUX_UNIT_SCALE * obs.exptime
                * config.instrument.collecting_area * width * obs.star_wave / HC_ERG_AA)
+    peak = np.full(obs.nstar, np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
         ratio = np.where(vectors.cal_mask & (photons > 0), obs.flux / photons, np.nan)
-        ok = np.isfinite(ratio).any(axis=1)
-        peak = np.full(obs.nstar, np.nan)
-        if ok.any():
-            peak[ok] = np.nanpercentile(ratio[ok], 90, axis=1)
+        for s, row in enumerate(ratio):  # a few stars
+            if np.isfinite(row).any():
+                peak[s] = _percentile(row[~np.isnan(row)], 90.0)
     return peak
+
+
+def _percentile(values, q):
+    """``np.percentile(values, q)`` (its default, linear method) of 1-D ``values`` without
+    NaN, the same number (the same order statistics and interpolation), by one partition
+    about the two values it needs (np.nanpercentile's loop over rows and generic steps:
+    :func:`implied_throughput` of three stars took 0.66 ms with it, 0.38 ms with this).
+    ``values`` are reordered."""
+    n = values.size
+    virtual = (n - 1) * (q / 100)
+    below = min(math.floor(virtual), n - 1)
+    above = min(below + 1, n - 1)
+    values.partition((below, above))
+    a, b = values[below], values[above]
+    # numpy's _lerp: from the nearer end (the fraction past the lower value measured as it
+    # measures it, from its whole index, -1 beyond the end, where a and b are one value)
+    t = virtual - (below if virtual < n - 1 else -1)
+    diff = b - a
+    return b - diff * (1 - t) if t >= 0.5 else a + diff * t
 
 
 def _throughput_verdict(value, config):

@@ -26,6 +26,7 @@ from ..continuum import fit_continuum, nanmedian
 from ..masks import region_mask
 from ..photometry import _colour_relations, _teff_kernel, colour_teff_table
 from ..templates import library_arrays
+from ..wavelength import central_steps
 
 __all__ = ["observed_standards", "catalog_priors", "spike_pixels", "implausible_variance"]
 
@@ -92,7 +93,7 @@ def spike_pixels(std, lsf, sigma):
     good = variables["good"].values
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         s = (SPIKE_LSF_MARGIN * lsf.fwhm(star_wave)
-             / (FWHM_PER_SIGMA * np.abs(np.gradient(star_wave, axis=1))))
+             / (FWHM_PER_SIGMA * np.abs(central_steps(star_wave))))
         c = np.exp(0.5 / np.maximum(s, 0.3) ** 2)  # s < 0.3 px: C > 250, no test in effect
     c2 = np.square(c)
     # Flux and variance between a NaN column before and two after (the neighbours beyond the

@@ -10,7 +10,7 @@ import numpy as np
 from .._nan import nan_to_num
 from ..constants import SPEED_OF_LIGHT_KMS
 from ..wavelength import distinct_rows, pixels_key
-from .matching import fit_corrected
+from .matching import corrected_chi2
 from .shifts import position_margin, rest_positions, sample_rows
 
 __all__ = ["cross_correlate_rv", "refine_rv"]
@@ -215,15 +215,8 @@ def refine_rv(obs_norm, obs_weight, template_norm, wavelength, rv0, *, half_widt
             else group
         flux = np.repeat(f[rows], nstep, axis=0)
         weight, template = (a[rows].reshape(flux.shape) for a in (w, shifted))
-        # w (f - m)^2 in place: the same products as the expression (the sign of a
-        # difference squared away), without its three temporaries of ~0.5 MB; laid out by
-        # rows, as numpy summed the expression's
-        model = np.ascontiguousarray(fit_corrected(flux, weight, template, star_wave[group[0]],
-                                                   knot_spacing))
-        model -= flux
-        model *= model
-        model *= weight
-        chi2[rows] = np.sum(model, axis=1).reshape(len(group), nstep)
+        chi2[rows] = corrected_chi2(flux, weight, template, star_wave[group[0]],
+                                    knot_spacing).reshape(len(group), nstep)
     best = np.clip(np.argmin(chi2, axis=1), 2, nstep - 3)
     # Least-squares parabola through the 5 points u = -2..2 around the minimum (closed form).
     u = np.arange(-2, 3)
