@@ -467,8 +467,8 @@ _MODELS_LOCK = threading.Lock()  # workers' threads share the cache
 
 def _model(wavelength, lsf, scale, source):
     """The telluric model at these pixels and line spreads: a function of (o2, h2o,
-    derivatives, pixels, shared) shaped like ``wavelength`` (``pixels``: only these flat
-    indices; ``shared``: possibly the model's own arrays, read only). The :class:`_Model` of
+    derivatives, pixels) shaped like ``wavelength`` (``pixels``: only these flat indices),
+    its arrays new ones, the caller's to change. The :class:`_Model` of
     their distinct rows is reused while the same ones come back (a fit's iterations, an
     exposure's stars, reference grid and fibers on a shared solution)."""
     shape = np.shape(wavelength)
@@ -491,12 +491,11 @@ def _model(wavelength, lsf, scale, source):
     gather = [None, None]  # the last ``pixels`` and theirs in the model (a fit's, each time)
     identity = np.array_equal(inverse, np.arange(inverse.size))
 
-    def sample(o2, h2o, derivatives=False, pixels=None, shared=False):
+    def sample(o2, h2o, derivatives=False, pixels=None):
         if pixels is None:
             out = model(o2, h2o, derivatives)
-            # Every row its own (14 fibers' own solutions): the model's rows, not a 1.4 MB
-            # copy, for a caller that only reads them (``shared``).
-            out = (out if shared and identity else out[:, inverse]).reshape((len(out),) + shape)
+            # Every row its own (14 fibers' own solutions): the model's rows, not a 1.4 MB copy.
+            out = (out if identity else out[:, inverse]).reshape((len(out),) + shape)
         else:  # flat indices into ``wavelength``: those pixels only
             if gather[0] is not pixels:
                 row, pixel = np.divmod(pixels, shape[-1])
@@ -547,12 +546,13 @@ def divide_transmission(values, wavelength, lsf, columns, errors, *, scale=None,
     columns, errors : (float, float)
         (o2, h2o) and their errors.
     """
-    trans, d_o2, d_h2o = _model(wavelength, lsf, scale, source)(*columns, derivatives=True,
-                                                                shared=True)
+    trans, d_o2, d_h2o = _model(wavelength, lsf, scale, source)(*columns, derivatives=True)
     # In place, the formulas' operations in their order (T^4 as (T^2)^2: pow(T, 4) is 100x
-    # slower): on 14 fibers' own solutions each fresh temporary is 0.5 MB of new pages.
+    # slower), in the derivatives' own arrays: on 14 fibers' own solutions each fresh
+    # temporary is 0.5 MB of new pages.
     factor, variance = values
-    var_t, term = np.multiply(d_o2, errors[0]), np.multiply(d_h2o, errors[1])
+    var_t = np.multiply(d_o2, errors[0], out=d_o2)
+    term = np.multiply(d_h2o, errors[1], out=d_h2o)
     var_t *= var_t
     var_t += np.square(term, out=term)
     trans2 = np.square(trans, out=term)
