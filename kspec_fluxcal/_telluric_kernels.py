@@ -1,5 +1,5 @@
 """Gaussian line-spread kernels as a sparse matrix acting on the telluric model's boxes'
-moments (see :class:`kspec_fluxcal.telluric._Sampler`)."""
+moments, and the sampler of high-resolution spectra at pixels built on it (:class:`_Sampler`)."""
 
 from __future__ import annotations
 
@@ -122,3 +122,58 @@ def _kernel_terms(terms, cols, wave_in, wave_out, sig):
     u2 *= vals
     u2 *= np.float32(0.5) * inverse**2
     terms[:, 2] = u2
+
+
+class _Sampler:
+    """High-resolution spectra sampled at pixels through Gaussian line spreads: which pixels
+    the absorption reaches, and the kernel matrix from the boxes' moments to them.
+
+    Each box of the high-resolution grid (:class:`kspec_fluxcal.telluric._Boxes`) is
+    represented by the zeroth, first and second moments of the absorption (outside level
+    minus the values) about its centre: the Gaussian's Taylor expansion over a box then errs
+    by third-order terms only, so boxes a third of the narrowest sigma wide (adaptive box
+    size) change no transmission by more than 2e-5 against the full high-resolution sum.
+    """
+
+    def __init__(self, boxes, wavelength, sigma):
+        wave = np.asarray(wavelength, dtype=np.float64)
+        self.box, self.n, self.moments = boxes.box, boxes.n, boxes.moments
+        self.shape = wave.shape
+        flat, sig = wave.ravel(), np.broadcast_to(sigma, wave.shape).ravel()
+        ok = np.isfinite(flat) & np.isfinite(sig)
+        reach = np.where(ok, NSIGMA * sig, 0.0)
+        self.index = reached(boxes, flat, reach, ok)
+        self.matrix, first, self.order = kernel_matrix(boxes, flat[self.index], sig[self.index])
+        # Only the boxes with absorption (the rest transmit 1) within the pixels' reach are
+        # computed: on a 3500-8500 A exposure, 30 % of the line list's absorbing points lie
+        # beyond it. ``points``: theirs among the boxes' absorbing points (in order).
+        self.absorbing = self.matrix.shape[1] // 3 - 1  # boxes
+        start = int(np.count_nonzero(boxes.active[:first]))
+        self.points = slice(start * self.box, (start + self.absorbing) * self.box)
+        # The points from which on (in this order) boxes absorb by H2O too, by H2O only.
+        self.split = None if self.order is None else tuple(self.box * np.searchsorted(
+            boxes.kind[boxes.active][start:start + self.absorbing][self.order], [1, 2]))
+
+    def sample(self, values, outside):
+        """``values`` (k, ``points`` of the boxes' absorbing high-resolution points) seen at
+        the pixels: (k,) + shape; ``outside`` (k,) where the absorption does not reach."""
+        outside = np.asarray(outside, dtype=np.float64)
+        return self.sample_deficit(outside[:, None] - values, outside)
+
+    def sample_deficit(self, deficit, outside):
+        """:meth:`sample` of ``outside - values`` given as ``deficit``."""
+        k = outside.size
+        boxed = np.zeros((k, self.absorbing + 1, 3))
+        np.matmul(deficit.reshape(k, -1, self.box), self.moments, out=boxed[:, :-1])
+        return self.sample_moments(boxed, outside)
+
+    def sample_moments(self, boxed, outside):
+        """:meth:`sample_deficit` of the deficits' moments ``boxed`` (k, absorbing + 1, 3),
+        the last box's zero."""
+        k = outside.size
+        full = np.broadcast_to(outside[:, None], (k, int(np.prod(self.shape)))).copy()
+        # One product per vector: scipy's product with k vectors at once costs 1.4x as much
+        # (each row's sum is the same, its terms in turn).
+        for row, vector in zip(full, boxed.reshape(k, -1), strict=True):
+            row[self.index] -= self.matrix @ vector
+        return full.reshape((k,) + self.shape)

@@ -212,8 +212,7 @@ def _calibration(stars, status, use, g, level, level_var, resp, measured, qualit
             "transmission": ("wavelength", resp.transmission,
                              {"units": "1", "description": "telluric model at the exposure's "
                               "line spread (1: none)"}),
-            "star_status": ("star", status.astype(str)),
-            "grey_level": ("star", grey),
+            "star_status": ("star", status.astype(str)), "grey_level": ("star", grey),
             "used": ("star", use),
         },
         # Variables: DataArrays would be built with coordinates, then aligned (0.3 ms).
@@ -226,6 +225,9 @@ def _calibration(stars, status, use, g, level, level_var, resp, measured, qualit
          # variances are the shape's (the survey model's input).
          "level_variance": float(level_var), "fcallerr": float(np.sqrt(level_var)),
          **resp.telluric, "lsf_fwhm_coeffs": list(stars.attrs.get("lsf_fwhm_coeffs", []))},
+        # The stars' wavelength index, not built again from its 4k values (0.16 -> 0.03 ms).
+        {"wavelength": stars.xindexes["wavelength"],
+         "star": xr.indexes.PandasIndex(np.arange(status.size), "star")},
     )
 
 
@@ -233,9 +235,8 @@ def _smoothing_text(smooth, opts):
     """How the response was smoothed, for the history entry."""
     if not smooth:
         return ", unsmoothed"
-    if opts.smooth_method == "bspline":
-        return f", B-spline knots {opts.smooth_scale:g} A"
-    return f", Savitzky-Golay {opts.smooth_scale:g} A"
+    kind = "B-spline knots" if opts.smooth_method == "bspline" else "Savitzky-Golay"
+    return f", {kind} {opts.smooth_scale:g} A"
 
 
 class _StarVectors:
@@ -330,8 +331,7 @@ def _stack(vec, idx, sigma_clip, opts):
         if np.array_equal(new, m):
             break
         m = new
-    return SimpleNamespace(g=g, shapes=shapes, svar=svar, m=m,
-                           star_wave=vec.star_wave[idx])
+    return SimpleNamespace(g=g, shapes=shapes, svar=svar, m=m, star_wave=vec.star_wave[idx])
 
 
 #: Variance of the median of n normal values over that of their mean, n = 0..7 (Gaussian

@@ -34,7 +34,7 @@ import scipy.sparse
 from ._inputs import refuse_repeated_columns
 from ._lagrange import lagrange_matrix
 from ._nan import nan_to_num
-from ._telluric_kernels import NSIGMA, kernel_matrix, reached
+from ._telluric_kernels import _Sampler
 from .constants import FWHM_PER_SIGMA, PIXEL_OUTLIER_SIGMA
 from .errors import ConfigError
 from .line_growth import lorentz_strength
@@ -294,61 +294,6 @@ def _box_size(hr_wave, narrowest):
     return max(_BOX, int(narrowest / _BOX_PER_SIGMA / (hr_wave[1] - hr_wave[0])))
 
 
-class _Sampler:
-    """High-resolution spectra sampled at pixels through Gaussian line spreads: which pixels
-    the absorption reaches, and the kernel matrix from the boxes' moments to them.
-
-    Each box of the high-resolution grid (:class:`_Boxes`) is represented by the zeroth,
-    first and second moments of the absorption (outside level minus the values) about its
-    centre: the Gaussian's Taylor expansion over a box then errs by third-order terms only,
-    so boxes a third of the narrowest sigma wide (adaptive box size) change no transmission
-    by more than 2e-5 against the full high-resolution sum.
-    """
-
-    def __init__(self, boxes, wavelength, sigma):
-        wave = np.asarray(wavelength, dtype=np.float64)
-        self.box, self.n, self.moments = boxes.box, boxes.n, boxes.moments
-        self.shape = wave.shape
-        flat, sig = wave.ravel(), np.broadcast_to(sigma, wave.shape).ravel()
-        ok = np.isfinite(flat) & np.isfinite(sig)
-        reach = np.where(ok, NSIGMA * sig, 0.0)
-        self.index = reached(boxes, flat, reach, ok)
-        self.matrix, first, self.order = kernel_matrix(boxes, flat[self.index], sig[self.index])
-        # Only the boxes with absorption (the rest transmit 1) within the pixels' reach are
-        # computed: on a 3500-8500 A exposure, 30 % of the line list's absorbing points lie
-        # beyond it. ``points``: theirs among the boxes' absorbing points (in order).
-        self.absorbing = self.matrix.shape[1] // 3 - 1  # boxes
-        start = int(np.count_nonzero(boxes.active[:first]))
-        self.points = slice(start * self.box, (start + self.absorbing) * self.box)
-        # The points from which on (in this order) boxes absorb by H2O too, by H2O only.
-        self.split = None if self.order is None else tuple(self.box * np.searchsorted(
-            boxes.kind[boxes.active][start:start + self.absorbing][self.order], [1, 2]))
-
-    def sample(self, values, outside):
-        """``values`` (k, ``points`` of the boxes' absorbing high-resolution points) seen at
-        the pixels: (k,) + shape; ``outside`` (k,) where the absorption does not reach."""
-        outside = np.asarray(outside, dtype=np.float64)
-        return self.sample_deficit(outside[:, None] - values, outside)
-
-    def sample_deficit(self, deficit, outside):
-        """:meth:`sample` of ``outside - values`` given as ``deficit``."""
-        k = outside.size
-        boxed = np.zeros((k, self.absorbing + 1, 3))
-        np.matmul(deficit.reshape(k, -1, self.box), self.moments, out=boxed[:, :-1])
-        return self.sample_moments(boxed, outside)
-
-    def sample_moments(self, boxed, outside):
-        """:meth:`sample_deficit` of the deficits' moments ``boxed`` (k, absorbing + 1, 3),
-        the last box's zero."""
-        k = outside.size
-        full = np.broadcast_to(outside[:, None], (k, int(np.prod(self.shape)))).copy()
-        # One product per vector: scipy's product with k vectors at once costs 1.4x as much
-        # (each row's sum is the same, its terms in turn).
-        for row, vector in zip(full, boxed.reshape(k, -1), strict=True):
-            row[self.index] -= self.matrix @ vector
-        return full.reshape((k,) + self.shape)
-
-
 def sample_transmission(hr_wave, hr_transmission, wavelength, sigma):
     """A high-resolution transmission (uniform grid) seen at pixels through Gaussian line
     spreads of ``sigma`` (Angstrom, per pixel or one); 1 where it is 1 within reach."""
@@ -393,19 +338,37 @@ class _Model:
         # (take: contiguous, not an indexed copy copied again, 0.6 -> 0.15 ms).
         self.tau = tau if order is None else np.take(tau.reshape(2, -1, box), order, 1)
         self.tau = self.tau.reshape(2, -1)
-        # The last evaluation, (o2, h2o) and its rows: a fit ends where the next one starts,
-        # and the reference grid and the fibers are evaluated at the fitted columns again (T
-        # alone is the first of the derivatives' rows, the same sums).
+        self._reach = self.sampler.index if self.nodes is None else self.nodes.index
+        # The last evaluation, (o2, h2o) and its changes (:meth:`_changes`): a fit ends where
+        # the next one starts, and the reference grid and the fibers are evaluated at the
+        # fitted columns again (T alone is the first of the derivatives' rows, the same sums).
         self._last = (None, None)
 
-    def __call__(self, o2, h2o, derivatives=False):
-        """T (rows, pixels), or the list of T, dT/do2 and dT/dh2o."""
-        columns, out = self._last  # one read: threads may share the model
-        if columns != (float(o2), float(h2o)) or (derivatives and len(out) == 1):
-            out = self._sample(self._moments(float(o2), float(h2o), derivatives),
-                               np.array([1.0, 0.0, 0.0][:3 if derivatives else 1]))
-            self._last = ((float(o2), float(h2o)), out)
-        return out if derivatives else out[:1]
+    def __call__(self, o2, h2o, derivatives=False, where=None):
+        """T (rows, pixels), or the list of T, dT/do2 and dT/dh2o; with ``where``
+        (:meth:`positions` of flat pixel indices), at those pixels only (k, pixels)."""
+        columns, changes = self._last  # one read: threads may share the model
+        if columns != (float(o2), float(h2o)) or (derivatives and len(changes) == 1):
+            changes = self._changes(self._moments(float(o2), float(h2o), derivatives))
+            self._last = ((float(o2), float(h2o)), changes)
+        outside = (1.0, 0.0, 0.0)[:3 if derivatives else 1]
+        # The values outside the absorption plus its changes where it reaches; a fit's ~1k
+        # pixels without whole rows to gather them from (two stars' 8k: 60 -> 15 us).
+        size, reach, source = (int(np.prod(self.shape)), self._reach, slice(None)) \
+            if where is None else where
+        out = np.empty((len(outside), size))
+        for row, value, change in zip(out, outside, changes, strict=False):
+            row.fill(value)
+            row[reach] += change[source]
+        return out if where is not None else out.reshape((len(outside),) + self.shape)
+
+    def positions(self, flat):
+        """The pixels ``flat`` (indices into the rows) as :meth:`__call__`'s ``where``: their
+        number, those the absorption reaches (among them) and their places among its."""
+        reach = self._reach
+        place = np.minimum(np.searchsorted(reach, flat), max(reach.size - 1, 0))
+        hit = np.flatnonzero(reach[place] == flat) if reach.size else np.zeros(0, np.intp)
+        return flat.size, hit, place[hit]
 
     def _moments(self, o2, h2o, derivatives):
         """The boxes' moments (k, boxes + 1, 3) of the deficits (outside - values) of T, and
@@ -435,17 +398,16 @@ class _Model:
             boxed[1, :end // box], boxed[2, start // box:-1] = sums[:end // box], sums[end // box:]
         return boxed
 
-    def _sample(self, boxed, outside):
-        """The rows' values of the deficits' (outside - values) moments ``boxed``."""
-        if self.nodes is None:
-            return self.sampler.sample_moments(boxed, outside)
-        # Minus the deficits' sums at the nodes, interpolated: outside + (-sum) is outside -
-        # sum to the bit, so pixels beyond the absorption's reach keep the outside value.
-        at_nodes = self.sampler.sample_moments(boxed, np.zeros(outside.size))
-        full = np.broadcast_to(outside[:, None], (outside.size, int(np.prod(self.shape)))).copy()
-        for row, values in zip(full, at_nodes, strict=True):
-            row[self.nodes.index] += self.nodes.matrix @ values
-        return full.reshape((outside.size,) + self.shape)
+    def _changes(self, boxed):
+        """The changes (k, reach) to the values outside the absorption at the pixels it
+        reaches (``_reach``), from the deficits' (outside - values) moments ``boxed``."""
+        if self.nodes is None:  # outside + (-sum) is outside - sum to the bit
+            return [np.negative(self.sampler.matrix @ vector)
+                    for vector in boxed.reshape(len(boxed), -1)]
+        # Minus the deficits' sums at the nodes, interpolated: pixels beyond the absorption's
+        # reach keep the outside value.
+        at_nodes = self.sampler.sample_moments(boxed, np.zeros(len(boxed)))
+        return [self.nodes.matrix @ values for values in at_nodes]
 
 
 #: Rows on one line spread (their scales equal) are sampled at uniform nodes, this many per
@@ -505,8 +467,8 @@ _MODELS_LOCK = threading.Lock()  # workers' threads share the cache
 
 def _model(wavelength, lsf, scale, source):
     """The telluric model at these pixels and line spreads: a function of (o2, h2o,
-    derivatives, pixels, shared) shaped like ``wavelength`` (``pixels``: only these flat
-    indices; ``shared``: possibly the model's own arrays, read only). The :class:`_Model` of
+    derivatives, pixels) shaped like ``wavelength`` (``pixels``: only these flat indices),
+    its arrays new ones, the caller's to change. The :class:`_Model` of
     their distinct rows is reused while the same ones come back (a fit's iterations, an
     exposure's stars, reference grid and fibers on a shared solution)."""
     shape = np.shape(wavelength)
@@ -529,17 +491,16 @@ def _model(wavelength, lsf, scale, source):
     gather = [None, None]  # the last ``pixels`` and theirs in the model (a fit's, each time)
     identity = np.array_equal(inverse, np.arange(inverse.size))
 
-    def sample(o2, h2o, derivatives=False, pixels=None, shared=False):
-        out = model(o2, h2o, derivatives)
+    def sample(o2, h2o, derivatives=False, pixels=None):
         if pixels is None:
-            # Every row its own (14 fibers' own solutions): the model's rows, not a 1.4 MB
-            # copy, for a caller that only reads them (``shared``).
-            out = (out if shared and identity else out[:, inverse]).reshape((len(out),) + shape)
+            out = model(o2, h2o, derivatives)
+            # Every row its own (14 fibers' own solutions): the model's rows, not a 1.4 MB copy.
+            out = (out if identity else out[:, inverse]).reshape((len(out),) + shape)
         else:  # flat indices into ``wavelength``: those pixels only
             if gather[0] is not pixels:
                 row, pixel = np.divmod(pixels, shape[-1])
-                gather[:] = pixels, inverse[row] * shape[-1] + pixel
-            out = np.take(out.reshape(len(out), -1), gather[1], axis=1)  # (3x faster than [:, .])
+                gather[:] = pixels, model.positions(inverse[row] * shape[-1] + pixel)
+            out = model(o2, h2o, derivatives, where=gather[1])
         return list(out) if derivatives else out[0]
 
     return sample
@@ -585,12 +546,13 @@ def divide_transmission(values, wavelength, lsf, columns, errors, *, scale=None,
     columns, errors : (float, float)
         (o2, h2o) and their errors.
     """
-    trans, d_o2, d_h2o = _model(wavelength, lsf, scale, source)(*columns, derivatives=True,
-                                                                shared=True)
+    trans, d_o2, d_h2o = _model(wavelength, lsf, scale, source)(*columns, derivatives=True)
     # In place, the formulas' operations in their order (T^4 as (T^2)^2: pow(T, 4) is 100x
-    # slower): on 14 fibers' own solutions each fresh temporary is 0.5 MB of new pages.
+    # slower), in the derivatives' own arrays: on 14 fibers' own solutions each fresh
+    # temporary is 0.5 MB of new pages.
     factor, variance = values
-    var_t, term = np.multiply(d_o2, errors[0]), np.multiply(d_h2o, errors[1])
+    var_t = np.multiply(d_o2, errors[0], out=d_o2)
+    term = np.multiply(d_h2o, errors[1], out=d_h2o)
     var_t *= var_t
     var_t += np.square(term, out=term)
     trans2 = np.square(trans, out=term)

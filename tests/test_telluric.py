@@ -221,18 +221,24 @@ def test_dividing_by_the_transmission_propagates_the_columns_errors():
     np.testing.assert_array_equal(values[:, 1, 7], [factor[1, 7], variance[1, 7]])
 
 
-def test_the_model_at_some_pixels_is_the_whole_model_there():
+@pytest.mark.parametrize("nodes", [False, True])
+def test_the_model_at_some_pixels_is_the_whole_model_there(nodes):
     """The fit samples only its weighted pixels (flat indices into its rows): the whole
-    model's values there, on rows sharing pixels and rows of their own."""
-    from kspec_fluxcal.telluric import _model
+    model's values there, on rows sharing pixels and rows of their own, sampled at their
+    pixels or interpolated from nodes (14 fibers' own solutions)."""
+    from kspec_fluxcal import telluric
 
     base = np.linspace(6800.0, 7800.0, 500)
-    rows = np.stack([base, base + 0.5, base, base - 0.3])
-    sample = _model(rows, LineSpread.constant(4.0), None, "telluric_lines")
+    rows, lsf = np.stack([base, base + 0.5, base, base - 0.3]), LineSpread.constant(4.0)
+    if nodes:
+        lsf, base = LineSpread((5.5, -10.0, 8.4)), np.linspace(3500.0, 8500.0, 4096)
+        rows = base + np.random.default_rng(7).uniform(-0.8, 0.8, (14, 1))
+    sample = telluric._model(rows, lsf, None, "telluric_lines")
+    assert (next(reversed(telluric._MODELS.values()))[1].nodes is not None) == nodes
     whole = sample(*COLUMNS, derivatives=True)
-    pixels = np.random.default_rng(5).choice(rows.size, 300, replace=False)
+    pixels = np.random.default_rng(5).choice(rows.size, rows.size // 4, replace=False)
     some = sample(*COLUMNS, derivatives=True, pixels=pixels)
-    assert whole[0].min() < 0.6
+    assert whole[0].min() < 0.6 and some[0].min() < 0.6 and np.any(some[0] == 1.0)
     for got, want in zip(some, whole, strict=True):
         np.testing.assert_array_equal(got, want.ravel()[pixels])
 
