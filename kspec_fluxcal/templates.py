@@ -501,10 +501,10 @@ def _library_operator(library, wavelength, lsf):
                                       SPECTRA_DTYPE)
         prefix = ""
     vals, cols, indptr, sharper = entries
-    # The library's dtype and int32 (what scipy would make of the float64 matrix) given at
-    # once: no float64 matrix built, checked and copied first
+    # The library's dtype and int32 given (the entries' own): no matrix converted and copied
     matrix = scipy.sparse.csr_matrix(
-        (vals.astype(SPECTRA_DTYPE, copy=False), cols.astype(np.int32), indptr.astype(np.int32)),
+        (vals.astype(SPECTRA_DTYPE, copy=False), cols.astype(np.int32, copy=False),
+         indptr.astype(np.int32, copy=False)),
         shape=(wave.size, library.sizes[prefix + "wavelength"]))
     item = (matrix, sharper, prefix)
     _OPERATORS.put(key, item)

@@ -186,9 +186,11 @@ def _alpha_cover(axes, template_index, feh):
     """The largest [alpha/M] the grid has at each [M/H] ``feh`` (linear between its nodes):
     above it a model is a response transferred from other [M/H], or extrapolated."""
     has = (template_index >= 0).any(axis=(0, 1))  # (feh, alpha)
-    top = np.array([axes["alpha"][np.flatnonzero(h)[-1]] if h.any() else np.nan for h in has])
-    good = np.isfinite(top)
-    return np.interp(feh, axes["feh"][good], top[good])
+    # Each [M/H]'s last alpha with a model (argmax of the reversed row: its first), in whole
+    # arrays (a loop over the nodes cost 75 instead of 30 us a call)
+    good = has.any(axis=1)
+    top = has.shape[1] - 1 - np.argmax(has[:, ::-1], axis=1)
+    return np.interp(feh, axes["feh"][good], axes["alpha"][top[good]])
 
 
 #: :func:`_alpha_groups` of the libraries met so far.
