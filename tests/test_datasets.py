@@ -7,6 +7,7 @@ from kspec_fluxcal._datasets import (
     applied,
     dataset,
     index_coordinate,
+    string_variables,
     with_variables,
 )
 
@@ -114,3 +115,23 @@ def test_index_coordinate_of_other_values_is_a_new_one():
     plain = xr.Variable("band", np.array(["g", "r"]))
     values = np.array(["g", "r"])
     assert index_coordinate(plain, values, {"a": 1}) == (("band",), values, {"a": 1})
+
+
+def test_string_variables_are_the_constructors():
+    columns = {"status": (["ok", "rejected: few pixels"], {"units": ""}),
+               "flags": (np.array(["", "at the grid edge"], dtype=object), {}),
+               "when": ([np.datetime64("2026-01-01T00:00"), None], {"note": "x"})}
+    got = string_variables("star", columns)
+    assert list(got) == list(columns)
+    for name, (values, attrs) in columns.items():
+        want = xr.Variable("star", np.asarray(values, dtype=object), attrs)
+        assert type(got[name]) is xr.Variable and got[name].dims == ("star",)
+        assert got[name].dtype == want.dtype  # object; datetime64 as xarray makes it
+        xr.testing.assert_identical(got[name], want)
+    assert got["status"].data.base is got["flags"].data.base is not None  # one conversion
+    assert got["when"].dtype.kind == "M" and got["status"].dtype == object
+    got["flags"].attrs["units"] = "1"  # each Variable has its own attrs
+    assert got["status"].attrs == {"units": ""} and columns["flags"][1] == {}
+    assert string_variables("star", {}) == {}
+    empty = string_variables("star", {"a": ([], {}), "b": ([], {})})
+    assert empty["a"].shape == (0,) and empty["b"].dtype == object

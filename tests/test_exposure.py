@@ -43,6 +43,18 @@ def test_open_exposure_layout(red_file):
     assert ds["good"].all()
 
 
+def test_fiber_coordinate_is_the_rows_and_each_exposures_own(red_file):
+    path = red_file()
+    first, second = open_exposure(path), open_exposure(path)
+    want = xr.Variable("fiber", np.arange(6), {"description": "row of the primary image"})
+    xr.testing.assert_identical(first["fiber"].variable.to_base_variable(), want)
+    assert first["fiber"].dtype == np.int64 and list(first.xindexes) == ["fiber", "wavelength"]
+    first["fiber"].attrs["description"] = "changed"  # the shared index, not the attrs
+    assert second["fiber"].attrs == {"description": "row of the primary image"}
+    assert open_exposure(path)["fiber"].attrs == {"description": "row of the primary image"}
+    assert first.sel(fiber=[5, 2])["fiber_type"].values.tolist() == ["S", "P"]
+
+
 def test_fwhm_polynomial_takes_precedence(red_file):
     ds = open_exposure(red_file(header={"FWHMPC0": 5.0, "FWHMPC1": 4.0}))
     assert ds.attrs["lsf_fwhm_coeffs"] == [5.0, 4.0]

@@ -121,3 +121,23 @@ def test_a_lazy_exposure_is_checked_as_its_values(exposure_and_catalog):
     ds, catalog = exposure_and_catalog
     lazy = spectrophotometric_check(ds.chunk({"fiber": 2}), catalog)
     assert lazy == spectrophotometric_check(ds, catalog) and lazy["sphot_n"] == 4
+
+
+def test_band_medians_are_each_bands_with_or_without_a_missing_magnitude(
+        exposure_and_catalog, catalog_file):
+    """Each band's median is that of its stars' offsets, the same whether every star has
+    every band (one median for all bands) or a star lacks one (its other bands counted)."""
+    ds, _ = exposure_and_catalog
+    errors = np.array([0.03, -0.01, 0.0, 0.05])
+    ds["flux"] = ds["flux"] * xr.DataArray(
+        np.append(10 ** (-0.4 * errors), [1.0, 1.0]), dims="fiber")
+    mags = [16.0, 16.2, 16.4, 16.6]
+    for missing in (False, True):
+        rows = [catalog_row(11 + k, 150.0 + 0.01 * k, 2.0, g=m, r=m + 0.1 * k,
+                            i="" if missing and k == 1 else m) for k, m in enumerate(mags)]
+        check = spectrophotometric_check(ds, read_catalog(catalog_file(rows)))
+        offsets = {b: np.array([s[b] for s in check["stars"]]) for b in "gri"}
+        assert np.isnan(offsets["i"][1]) == missing and check["sphot_n"] == 4
+        for band, values in offsets.items():
+            assert check[f"sphot_{band}"] == float(np.median(values[np.isfinite(values)]))
+        assert check["sphot_r"] < check["sphot_g"] - 0.1  # the bands differ: not mixed up

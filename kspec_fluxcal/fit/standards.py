@@ -45,7 +45,7 @@ import warnings
 import numpy as np
 import xarray as xr
 
-from .._datasets import dataset, index_coordinate
+from .._datasets import dataset, index_coordinate, string_variables
 from .._inputs import expect_dataset
 from ..catalog import match_standards
 from ..config import Config
@@ -186,6 +186,7 @@ _STAR_VARS = {  # name: (dtype, units)
     "xp_used": (bool, ""), "xp_ratio": (np.float64, "1"), "xp_rms": (np.float64, "1"),
     "xp_match": (object, ""),
 }
+_STAR_ATTRS = {name: {"units": units} if units else {} for name, (_, units) in _STAR_VARS.items()}
 #: Per-star XP spectra of the result (star, xp_wavelength), with ``xp``.
 _XP_ARRAYS = ("xp_flux", "xp_flux_error", "xp_model", "xp_model_warped")
 _XP_DESCRIPTIONS = {
@@ -329,9 +330,12 @@ def _result(std, obs, prior, lsf_fit, params, errors, model, vectors, status, fl
         "xp_used": model.xp["used"], "xp_ratio": model.xp["ratio"], "xp_rms": model.xp["rms"],
         "xp_match": model.xp["match"],
     }
-    coords = {name: ("star", np.asarray(per_star[name], dtype=dtype),
-                     {"units": units} if units else {})
-              for name, (dtype, units) in _STAR_VARS.items()}
+    strings = string_variables("star", {name: (per_star[name], _STAR_ATTRS[name])
+                                        for name, (dtype, _) in _STAR_VARS.items()
+                                        if dtype is object})
+    coords = {name: strings[name] if dtype is object
+              else ("star", np.asarray(per_star[name], dtype=dtype), _STAR_ATTRS[name])
+              for name, (dtype, _) in _STAR_VARS.items()}
     coords.update(fiber=("star", variables["fiber"].values),
                   objid=("star", variables["objid"].values),
                   fiber_name=("star", variables["fiber_name"].values),
