@@ -112,8 +112,13 @@ def normal_matrices(outer_t, columns):
     entries are the lower triangle's (the same terms summed in the same order). ``columns``
     may be the transpose of (N, P) rows, not copied (:func:`sparse_products`)."""
     nb = math.isqrt(outer_t.shape[0])
-    upper = sparse_products(outer_t, np.transpose(columns))
-    return upper[:, _mirror(nb)].reshape(-1, nb, nb)
+    return _mirrored(sparse_products(outer_t, np.transpose(columns)), nb)
+
+
+def _mirrored(upper, nb):
+    """The (N, nb, nb) matrices whose upper triangles are the first nb^2 columns of ``upper``
+    (N, >= nb^2) (np.take: ~4 against ~9 us for the same copy by indexing)."""
+    return np.take(upper, _mirror(nb), axis=1).reshape(-1, nb, nb)
 
 
 #: Rows up to this many: :func:`sparse_products` multiplies them one by one. scipy's kernel
@@ -319,11 +324,13 @@ def _clipped_fit(y, use, basis, system, penalty, sigma_low, sigma_high, iteratio
         np.copyto(weights, active)
         np.multiply(weights, y, out=weighted)
         sums = sparse_products(system, columns)
-        normal = sums[:, _mirror(nb)].reshape(-1, nb, nb)  # a new array: added to in place
-        diag = np.trace(normal, axis1=1, axis2=2)[:, None, None] / nb
-        normal += _PENALTY * np.where(diag > 0, diag, 1.0) * penalty
+        normal = _mirrored(sums, nb)  # a new array: added to in place
+        # (np.trace's sums, not np.trace's ~5 us of wrapping; np.count_nonzero with an
+        # axis: ~14 us, ~1 a row without)
+        diag = normal.diagonal(0, 1, 2).sum(-1) / nb
+        normal += (_PENALTY * np.where(diag > 0, diag, 1.0))[:, None, None] * penalty
         rhs = sums[:, nb * nb:]
-        ok = np.count_nonzero(active, axis=1) > nb
+        ok = np.array([np.count_nonzero(row) for row in active], dtype=np.intp) > nb
         every = ok.all()
         if every:  # the usual case: no copies of the systems (each solved alone)
             coef = np.linalg.solve(normal, rhs[..., None])[..., 0]
