@@ -102,7 +102,7 @@ def _inside(wave, lo, hi):
     a comparison with every region)."""
     if not lo.size:
         return np.zeros(wave.shape, bool)
-    if lo.size <= _FEW_REGIONS and wave.size and _increasing(wave, hi):
+    if lo.size <= _FEW_REGIONS and wave.ndim and wave.size and _increasing(wave, hi):
         return _inside_rows(wave, lo, hi)
     order = np.argsort(lo, kind="stable")
     reach = np.maximum.accumulate(hi[order])

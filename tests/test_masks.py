@@ -113,3 +113,5 @@ def test_region_mask_of_increasing_rows_is_every_region_against_every_pixel():
     gap[1, 7] = np.nan
     assert not _increasing(gap, regions[:, 1])
     np.testing.assert_array_equal(region_mask(gap, regions), every(gap, regions))
+    # a scalar wavelength (no rows: the search per pixel)
+    assert region_mask(3990.0, [[4000.0, 4100.0]]) and not region_mask(4000.0, [[4000.0, 4100.0]])
