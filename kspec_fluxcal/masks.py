@@ -102,10 +102,41 @@ def _inside(wave, lo, hi):
     a comparison with every region)."""
     if not lo.size:
         return np.zeros(wave.shape, bool)
+    if lo.size <= _FEW_REGIONS and wave.ndim and wave.size and _increasing(wave, hi):
+        return _inside_rows(wave, lo, hi)
     order = np.argsort(lo, kind="stable")
     reach = np.maximum.accumulate(hi[order])
     started = np.searchsorted(lo[order], wave, side="right")
     return (started > 0) & (reach[np.maximum(started - 1, 0)] >= wave)
+
+
+#: Regions up to this many: :func:`_inside` finds the pixels of increasing rows inside each
+#: region by a search of its ends in the rows (~5 for a telluric mask: ~0.06 ms for three
+#: stars' 4096 pixels by a search per pixel, ~0.02 ms by the regions' ends, a slice per
+#: region).
+_FEW_REGIONS = 32
+
+
+def _increasing(wave, hi):
+    """Whether every row of ``wave`` (at least 1-D) is non-decreasing (a NaN fails a
+    comparison; a row of one NaN is inside nothing either way) and no region ends at NaN
+    (:func:`_inside`'s running farthest end would be NaN from there on): what
+    :func:`_inside_rows` needs."""
+    return bool(np.all(wave[..., 1:] >= wave[..., :-1]) and not np.isnan(hi).any())
+
+
+def _inside_rows(wave, lo, hi):
+    """:func:`_inside` of rows (along the last axis) of non-decreasing wavelengths: each
+    region's pixels a slice of each row, between the searches of its ends (lo <= w <= hi,
+    the same comparisons)."""
+    rows = wave.reshape(-1, wave.shape[-1])
+    inside = np.zeros(rows.shape, bool)
+    for row, out in zip(rows, inside, strict=True):
+        starts = np.searchsorted(row, lo, side="left").tolist()
+        ends = np.searchsorted(row, hi, side="right").tolist()
+        for start, end in zip(starts, ends, strict=True):
+            out[start:end] = True
+    return inside.reshape(wave.shape)
 
 
 def _inside_padded(wave, pad, lo, hi):

@@ -81,3 +81,37 @@ def test_region_mask_pad_per_pixel_is_every_region_against_every_pixel():
         region_mask(wave, regions, pad=pad[0]),
         region_mask(wave, regions, pad=np.broadcast_to(pad[0], wave.shape).copy()))
     assert region_mask(wave, [], pad=pad).all()
+
+
+def test_region_mask_of_increasing_rows_is_every_region_against_every_pixel():
+    """Issue 14: rows of increasing wavelengths (the slices between each region's ends) and
+    any other wavelengths (a search per pixel) give the mask of comparing each pixel with
+    every region: overlapping, nested, empty (hi < lo) and repeated regions, pixels on the
+    ends, repeated wavelengths, infinite ends; NaN pixels and a region starting at NaN
+    contain nothing, and a region ending at NaN stops the rows' path."""
+    from kspec_fluxcal.masks import _increasing
+
+    rng = np.random.default_rng(11)
+    lo = rng.choice(np.arange(4000.0, 6000.0, 25.0), 20)
+    regions = np.column_stack([lo, lo + rng.choice([-25.0, 0.0, 25.0, 100.0], lo.size)])
+    regions = np.concatenate([regions, regions[:3], [[-np.inf, 3950.0], [5990.0, np.inf]]])
+    wave = np.sort(rng.choice(np.arange(3900.0, 6100.0, 5.0), (3, 500)), axis=1)
+
+    def every(w, r):
+        with np.errstate(invalid="ignore"):
+            return ~((w[..., None] >= r[:, 0]) & (w[..., None] <= r[:, 1])).any(axis=-1)
+
+    assert _increasing(wave, regions[:, 1]) and _increasing(wave[0], regions[:, 1])
+    for w in (wave, wave[1], wave[:, ::-1]):  # (reversed rows: a search per pixel)
+        got = region_mask(w, regions)
+        assert got.shape == w.shape and 0.1 < got.mean() < 0.9
+        np.testing.assert_array_equal(got, every(w, regions))
+    nan_start = np.concatenate([regions, [[np.nan, 5000.0]]])
+    np.testing.assert_array_equal(region_mask(wave, nan_start), every(wave, regions))
+    assert not _increasing(wave, np.array([5000.0, np.nan]))
+    gap = wave.copy()
+    gap[1, 7] = np.nan
+    assert not _increasing(gap, regions[:, 1])
+    np.testing.assert_array_equal(region_mask(gap, regions), every(gap, regions))
+    # a scalar wavelength (no rows: the search per pixel)
+    assert region_mask(3990.0, [[4000.0, 4100.0]]) and not region_mask(4000.0, [[4000.0, 4100.0]])

@@ -51,6 +51,29 @@ def test_continuum_ignores_masked_and_nonpositive_pixels():
     np.testing.assert_allclose(cont, 5.0, rtol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["bspline", "polynomial"])
+def test_continuum_normal_system_is_both_products(method):
+    """One product of the side-by-side system with weights then weighted flux gives the
+    normal matrices' upper triangles and the right-hand sides bit for bit (1, 3 and 5 rows:
+    one by one and at once)."""
+    from kspec_fluxcal.continuum import _basis, _key, _normal_system, sparse_products
+
+    wave = np.sort(RNG.uniform(3800.0, 8200.0, 700))
+    key = (wave.size, _key(wave), method, 11 if method == "bspline" else 0,
+           3 if method == "bspline" else 8)
+    _, outer_t, basis_t, _ = _basis(*key)
+    system = _normal_system(*key)
+    for rows in (1, 3, 5):
+        weights = (RNG.random((rows, wave.size)) < 0.8).astype(float)
+        weighted = weights * RNG.lognormal(size=(rows, wave.size))
+        sums = sparse_products(system, np.concatenate([weights, weighted], axis=1))
+        nn = outer_t.shape[0]
+        expected = [np.stack([outer_t @ w for w in weights]),
+                    np.stack([basis_t @ w for w in weighted])]
+        assert np.array_equal(sums[:, :nn], expected[0])
+        assert np.array_equal(sums[:, nn:], expected[1])
+
+
 @pytest.mark.parametrize("method", ["bspline", "polynomial", "running_median"])
 def test_normalize_methods_and_laziness(method, raise_if_computes):
     flux = xr.DataArray(np.stack([3.0 * _lines(BASE_DEPTHS, CENTRES)] * 4),

@@ -182,6 +182,8 @@ def _colour_teff(mag, bands, ebv, library):
     teff, _ = _teff_kernel(mag, ebv, bands=bands, relations=own)
     ends = np.array([(t[0], t[-1]) for *_, t in own])  # colours increasing: Teff decreasing
     hot, cool = ends[:, 0].max(), ends[:, 1].min()
+    if not np.any((teff >= hot) | (teff <= cool)):  # the usual case: no star at an end
+        return teff
     wide, _ = _teff_kernel(mag, ebv, bands=bands, relations=_shipped_relations())
     beyond = ((teff >= hot) & (wide > teff)) | ((teff <= cool) & (wide < teff))
     return np.where(beyond, wide, teff)
@@ -207,9 +209,10 @@ def catalog_priors(matched, library, config):
     # teff_from_color's numpy core, given the library's relations (its xarray steps were
     # most of this function's time; a DataArray's transpose and band coordinate 0.4 ms)
     mag = variables["mag"]
+    # (the band index's names: its coordinate's values are ~30 us of pandas conversion)
+    bands = matched.indexes["band"] if "band" in matched.indexes else variables["band"].values
     teff_colour = _colour_teff(np.moveaxis(mag.values, mag.dims.index("band"), -1),
-                               [str(b) for b in variables["band"].values],
-                               nan_to_num(ebv_catalog), library)
+                               [str(b) for b in bands], nan_to_num(ebv_catalog), library)
     t_templates = library_arrays(library)["template_teff"]
     half = config.fit.teff_window
     lo = np.where(np.isfinite(teff_colour), teff_colour - half, -np.inf)
