@@ -230,9 +230,9 @@ def long_lived_frozen():
     (:func:`gc.freeze`): the client's process makes objects fast (the graph, Dask's
     messages, Zarr's commits), and each full collection scanned them all: 2-3 in 500
     exposures on two workers, 0.1-0.15 s each (0.40-0.95 ms of CPU per exposure; frozen,
-    0.01-0.04). They are given back to the collector when the work ends, unless the process had
-    frozen objects itself before (the command line's start-up, a worker sharing the
-    process): those are left as they were."""
+    0.01-0.04). They are given back to the collector when the work ends, unless the process
+    had frozen objects itself before (a worker sharing the process, which freezes what its
+    start-up made): then every frozen object stays frozen, as the process chose."""
     own = gc.get_freeze_count() == 0
     gc.freeze()
     try:
