@@ -350,6 +350,30 @@ def test_task_results_travel_pickled_once():
     assert report.notes == {"e1": ["a note"]}
 
 
+def test_long_lived_objects_frozen_while_the_job_works():
+    # The job's work runs with the objects alive before it frozen (not scanned by full
+    # collections), given back to the collector after it, also when it fails; a process
+    # that froze objects itself keeps them frozen.
+    import gc
+
+    from kspec_fluxcal.survey.tasks import long_lived_frozen
+
+    gc.unfreeze()
+    try:
+        alive = [object() for _ in range(1000)]
+        with pytest.raises(RuntimeError), long_lived_frozen():
+            assert gc.get_freeze_count() >= len(alive)
+            raise RuntimeError("the work failed")
+        assert gc.get_freeze_count() == 0
+        gc.freeze()
+        frozen = gc.get_freeze_count()
+        with long_lived_frozen():
+            assert gc.get_freeze_count() >= frozen
+        assert gc.get_freeze_count() >= frozen > 0
+    finally:
+        gc.unfreeze()
+
+
 def test_library_task_prepares_the_library_pre_blurred_for_its_exposures(cube):
     """The job's library task gets the line spreads of its configuration's exposures: the
     library the workers receive is pre-blurred for the narrowest (issue 14)."""

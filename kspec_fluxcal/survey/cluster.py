@@ -42,10 +42,12 @@ WORKER_MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(64 << 20),
 #: above, up to 64 MiB freed by a task stay with the worker, in each of its threads' heaps; a
 #: lone worker's RSS rose in steps of 25-40 MB at random points (+2 to +16 % from 50 to 500
 #: exposures, eight runs). Trimmed every 25 tasks, its RSS at 50 ... 500 exposures stayed
-#: within 3 % (three runs; without: +13, -7 and +18 %), at no CPU cost measurable (a trim
-#: takes ~1 ms and its pages fault in again once, against 25 x 0.2 s of work; trimming after
-#: every task, 0.190 -> 0.207 s per exposure).
-TRIM_EVERY = 25
+#: within 3 % (three runs; without: +13, -7 and +18 %). The trimmed pages fault in again
+#: (~3.5 us each on this project's VMs): tasks of ~0.1 s, 60-150 exposures in one process,
+#: faulted 346-393 pages per task trimmed every 25, 210 every 50, 95-189 never (~0.5 ms of
+#: CPU per task less every 50 than every 25); the survey's workers' RSS by exposures done,
+#: 50 -> 400, every 50: +4 % (one and two workers), every 25 in the same hour: +3 and +6 %.
+TRIM_EVERY = 50
 _tasks_done = itertools.count(1)
 
 
@@ -405,8 +407,11 @@ def as_completed_pairs(client, futures):
 
 #: The results of tasks that finish within this many seconds of each other (looked for every
 #: :data:`GATHER_POLL` s while tasks still run) are gathered together: each gathering asks the
-#: scheduler where its results are, then each worker holding some of them for them.
-GATHER_WINDOW, GATHER_POLL = 0.5, 0.05
+#: scheduler where its results are, then each worker holding some of them for them. At
+#: ~20 results a second (two workers), 1.5 s instead of 0.5: the client's event loop 2.22-2.24
+#: instead of 2.34-2.36 ms of CPU per exposure, its process 4.0-4.5 instead of 4.6-4.8 (500
+#: exposures, 2 alternated pairs); results wait on their workers ~1 s longer (~75 kB each).
+GATHER_WINDOW, GATHER_POLL = 1.5, 0.05
 
 
 def _gathered(client, done, direct, window=GATHER_WINDOW):

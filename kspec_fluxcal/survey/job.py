@@ -57,6 +57,7 @@ from .tasks import (
     Progress,
     check_scheduler,
     collect,
+    long_lived_frozen,
     run_task,
     scheduler_lost,
     task_failure,
@@ -457,7 +458,8 @@ def _work(client, job, inputs, config, out, progress, flush):
     """The job's work on the cluster: the first pass, the survey model, the fallback (a
     lost scheduler, whatever Dask raised for it, is said as such)."""
     try:
-        _first_pass_and_model(client, job, inputs, config, out, progress, flush)
+        with long_lived_frozen():
+            _first_pass_and_model(client, job, inputs, config, out, progress, flush)
     except SchedulerLostError:
         raise
     except Exception as err:

@@ -12,6 +12,8 @@ mean equal work.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import pickle
 import sys
@@ -24,7 +26,7 @@ from ..errors import CalibrationError, FluxCalError, FluxCalWarning, SchedulerLo
 from .cluster import as_completed_pairs, trim_heap
 
 __all__ = ["token", "run_task", "Packed", "task_notes", "internal_error", "collect", "outcome",
-           "task_failure", "check_scheduler", "scheduler_lost", "Progress"]
+           "task_failure", "check_scheduler", "scheduler_lost", "Progress", "long_lived_frozen"]
 
 
 def token(*parts):
@@ -219,6 +221,25 @@ def collect(client, futures, writer, report, handle, flush=(FLUSH_EVERY, FLUSH_I
         # Also on Ctrl-C or a lost scheduler: keep what has finished.
         batch, pending = pending, []
         writer.append(batch)
+
+
+@contextlib.contextmanager
+def long_lived_frozen():
+    """The objects alive as a job's work on the cluster starts (modules, the plan, the
+    cluster's own) left out of the cyclic garbage collector's passes while it runs
+    (:func:`gc.freeze`): the client's process makes objects fast (the graph, Dask's
+    messages, Zarr's commits), and each full collection scanned them all: 2-3 in 500
+    exposures on two workers, 0.1-0.15 s each (0.40-0.95 ms of CPU per exposure; frozen,
+    0.01-0.04). They are given back to the collector when the work ends, unless the process
+    had frozen objects itself before (a worker sharing the process, which freezes what its
+    start-up made): then every frozen object stays frozen, as the process chose."""
+    own = gc.get_freeze_count() == 0
+    gc.freeze()
+    try:
+        yield
+    finally:
+        if own:
+            gc.unfreeze()
 
 
 def check_scheduler(client, future, result):
