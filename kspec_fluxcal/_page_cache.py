@@ -4,15 +4,16 @@ A process that writes one product after another (a survey worker, ``calibrate`` 
 files) never reads them again. Left alone, the kernel keeps every product's pages cached, and
 each new product takes fresh pages. On a virtual machine whose kernel reports its free
 memory to the host (free page reporting: the Firecracker VMs this project's CI and benchmarks
-run on), a fresh page is one the host maps and zeroes first: writing a 2.2 MB product (a
-4096-pixel, 14-fiber exposure) cost 7-9 ms of CPU, against 1.0-1.4 ms when the pages of the
-product before it had been given back (three alternated runs of 100 products, with
-computation between them; the whole machine's CPU 3-8 ms less per product, the writeback
-included). Hence, after each product: its writeback started at once (``POSIX_FADV_DONTNEED``
-on dirty pages starts it, without waiting), and at the next product the pages of the earlier
-ones, on disk by then, dropped from the cache for the new one to reuse. Products are
-unchanged; a reader of one reads it from disk instead of the cache. Where the system has no
-``posix_fadvise`` (macOS, Windows) nothing is done.
+run on), a fresh page is one the host maps and zeroes first (~15 us a page): writing a 2.2 MB
+product (a 4096-pixel, 14-fiber exposure, each calibrated between the writes) took 8.0-8.7
+ms of CPU, against 3.7-3.8 ms when the pages of the products before it had been given back
+(alternated runs of 100 products; the whole machine's CPU ~5 ms less per product, the
+writeback included); on another such machine, fresh, 8.9 against 5.3 ms (mean of 100 each,
+alternated by tens). Hence, after each product: its writeback started at once
+(``POSIX_FADV_DONTNEED`` on dirty pages starts it, without waiting), and at the next product
+the pages of the earlier ones, on disk by then, dropped from the cache for the new one to
+reuse. Products are unchanged; a reader of one reads it from disk instead of the cache.
+Where the system has no ``posix_fadvise`` (macOS, Windows) nothing is done.
 """
 
 from __future__ import annotations
