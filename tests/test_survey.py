@@ -436,20 +436,31 @@ def _fails(x):
     raise ValueError(f"bad {x}")
 
 
+def _held(name):
+    """Runs until the Dask Event ``name`` is set (a task that is still running when the test
+    cancels it, and frees its worker when told to)."""
+    from distributed import Event
+
+    Event(name).wait(60)
+
+
 @pytest.mark.cluster
 def test_results_are_gathered_as_as_completed_gives_them(client, monkeypatch):
     """Finished, failed and cancelled tasks' (future, result) pairs, gathered in batches
     (straight from the workers of this machine's cluster) or, when a batch cannot be
     gathered, one by one, are as_completed's with results; left early, the tasks still to
     run are cancelled."""
-    from distributed import as_completed
+    from distributed import Event, as_completed
 
     from kspec_fluxcal.survey.cluster import as_completed_pairs, gather_directly
 
     def submitted(tag):
         futures = client.map(lambda x: x * 2, range(6), key=[f"double-{tag}-{k}" for k in range(6)])
         futures.append(client.submit(_fails, 7, key=f"fails-{tag}"))
-        futures.append(client.submit(time.sleep, 30, key=f"sleeps-{tag}"))
+        # Cancelled while waiting for a worker it may not have (a sleep started before the
+        # cancellation reached its worker held it for 30 s, and as_completed waited for it)
+        futures.append(client.submit(time.sleep, 30, key=f"sleeps-{tag}",
+                                     workers=["tcp://127.0.0.1:9"], allow_other_workers=False))
         client.cancel(futures[-1])
         return futures
 
@@ -473,12 +484,17 @@ def test_results_are_gathered_as_as_completed_gives_them(client, monkeypatch):
         assert seen(pairs) == [(key.replace("-a", "-d"), status, result.replace("-a", "-d"))
                                for key, status, result in expected]
     monkeypatch.undo()
-    slow = client.map(time.sleep, [0.01, 30], key=["nap-c", "sleeps-c"])
-    with pytest.raises(KeyboardInterrupt), as_completed_pairs(client, slow) as pairs:
-        next(pairs)
-        raise KeyboardInterrupt
-    client.gather(client.map(time.sleep, [0.01], key=["after-c"]))  # a worker free again
-    assert slow[1].status == "cancelled"
+    release = Event("release-c", client=client)
+    slow = [client.submit(time.sleep, 0.01, key="nap-c"),
+            client.submit(_held, "release-c", key="sleeps-c")]
+    try:
+        with pytest.raises(KeyboardInterrupt), as_completed_pairs(client, slow) as pairs:
+            next(pairs)
+            raise KeyboardInterrupt
+        client.gather(client.map(time.sleep, [0.01], key=["after-c"]))  # a worker free again
+        assert slow[1].status == "cancelled"
+    finally:
+        release.set()  # the cancelled task's worker free for the next tests
 
 
 def test_results_are_gathered_straight_from_workers_on_this_machine_only():
