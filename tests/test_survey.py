@@ -457,8 +457,8 @@ def test_results_are_gathered_as_as_completed_gives_them(client, monkeypatch):
     def submitted(tag):
         futures = client.map(lambda x: x * 2, range(6), key=[f"double-{tag}-{k}" for k in range(6)])
         futures.append(client.submit(_fails, 7, key=f"fails-{tag}"))
-        # Cancelled while waiting for a worker it may not have (a sleep started before the
-        # cancellation reached its worker held it for 30 s, and as_completed waited for it)
+        # Kept for a worker that does not exist: cancelled before it can run (a sleep started
+        # before the cancellation reached its worker held it for 30 s, as_completed waiting)
         futures.append(client.submit(time.sleep, 30, key=f"sleeps-{tag}",
                                      workers=["tcp://127.0.0.1:9"], allow_other_workers=False))
         client.cancel(futures[-1])
